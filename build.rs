@@ -1,0 +1,153 @@
+//! Compiles `kernels/*.cu` into a static library with nvcc and generates the Rust FFI from the
+//! C headers in `kernels/include/longattn/`. Without nvcc the crate builds CPU-only (one
+//! cargo warning says how to get a toolkit); `LONGATTN_REQUIRE_CUDA=1` makes that an error.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+const DEFAULT_ARCHS: &str = "80,90a";
+/// Where `scripts/install-cuda-toolkit.sh` puts the pinned PyPI toolkit.
+const LOCAL_TOOLKIT: &str = ".cuda-venv/lib/python3.11/site-packages/nvidia/cu13";
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(longattn_cuda)");
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "LONGATTN_CUDA_ARCHS",
+        "LONGATTN_REQUIRE_CUDA",
+        "LONGATTN_NO_CUDA",
+        "LONGATTN_PTXAS_VERBOSE",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    println!("cargo::rerun-if-changed=kernels");
+    println!("cargo::rerun-if-changed=build.rs");
+
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let require = env::var("LONGATTN_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    let disabled = env::var("LONGATTN_NO_CUDA").is_ok_and(|v| v == "1");
+    let nvcc = if disabled { None } else { find_nvcc(&manifest_dir) };
+    let Some(nvcc) = nvcc else {
+        if require {
+            panic!(
+                "LONGATTN_REQUIRE_CUDA=1 but nvcc was not found (looked at NVCC, CUDA_HOME, \
+                 CUDA_PATH, PATH, {LOCAL_TOOLKIT}, /usr/local/cuda). Run \
+                 scripts/install-cuda-toolkit.sh or set NVCC."
+            );
+        }
+        println!(
+            "cargo::warning=longattn: nvcc not found, building the CPU-only crate (GPU calls \
+             return Error::CudaNotCompiled). To build the CUDA kernels run \
+             scripts/install-cuda-toolkit.sh (pinned CUDA 13.0 from PyPI, no root) or set NVCC."
+        );
+        return;
+    };
+
+    let kernels = manifest_dir.join("kernels");
+    let include = kernels.join("include");
+    let toolkit_root = nvcc.parent().and_then(Path::parent).unwrap().to_path_buf();
+    compile_kernels(&nvcc, &kernels, &include, &toolkit_root);
+    generate_bindings(&include);
+    println!("cargo::rustc-cfg=longattn_cuda");
+}
+
+fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(nvcc) = env::var_os("NVCC") {
+        candidates.push(nvcc.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env::var_os(var) {
+            candidates.push(Path::new(&root).join("bin/nvcc"));
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        candidates.extend(env::split_paths(&path).map(|dir| dir.join("nvcc")));
+    }
+    candidates.push(manifest_dir.join(LOCAL_TOOLKIT).join("bin/nvcc"));
+    candidates.push("/usr/local/cuda/bin/nvcc".into());
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &Path) {
+    let archs = env::var("LONGATTN_CUDA_ARCHS").unwrap_or_else(|_| DEFAULT_ARCHS.to_string());
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .expect("kernels/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+
+    // cc locates nvcc through the NVCC variable only (`compiler()` would make it pass gcc
+    // flags); build scripts are single-threaded, so setting it here is sound.
+    unsafe { env::set_var("NVCC", nvcc) };
+    let mut build = cc::Build::new();
+    build
+        .cuda(true)
+        // The dev profile would otherwise pass -G (unoptimised device code).
+        .debug(false)
+        .opt_level(3)
+        .include(include)
+        .flag("-std=c++17")
+        .flag("--threads=0")
+        .flag("-lineinfo")
+        // A spill or local-memory use fails the build; LONGATTN_PTXAS_VERBOSE=1 prints the
+        // full register/shared-memory report.
+        .flag("-Xptxas=-warn-spills,-warn-lmem-usage,-Werror")
+        .flag("--expt-relaxed-constexpr")
+        .warnings(false);
+    if env::var("LONGATTN_PTXAS_VERBOSE").is_ok_and(|v| v == "1") {
+        build.flag("-Xptxas=-v");
+    }
+    for arch in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let digits = arch.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+            panic!("LONGATTN_CUDA_ARCHS entry {arch:?} is not of the form 80 or 90a");
+        }
+        build.flag(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+    }
+    for source in &sources {
+        build.file(source);
+    }
+    build.compile("longattn_kernels");
+
+    for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
+        let dir = toolkit_root.join(lib_dir);
+        if dir.is_dir() {
+            println!("cargo::rustc-link-search=native={}", dir.display());
+        }
+    }
+    println!("cargo::rustc-link-lib=static=cudart_static");
+    for lib in ["dl", "rt", "pthread", "stdc++"] {
+        println!("cargo::rustc-link-lib={lib}");
+    }
+}
+
+fn generate_bindings(include: &Path) {
+    let mut headers: Vec<PathBuf> = std::fs::read_dir(include.join("longattn"))
+        .expect("kernels/include/longattn exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "h"))
+        .collect();
+    headers.sort();
+    let wrapper: String = headers
+        .iter()
+        .map(|h| format!("#include \"{}\"\n", h.display()))
+        .collect();
+    let bindings = bindgen::Builder::default()
+        .header_contents("longattn_all.h", &wrapper)
+        .allowlist_function("la_.*")
+        .allowlist_type("La.*")
+        .rustified_enum("La.*")
+        .derive_default(true)
+        .derive_debug(true)
+        .generate_comments(true)
+        .layout_tests(true)
+        .generate()
+        .expect("bindgen failed on kernels/include/longattn/*.h (is libclang installed?)");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("ffi.rs");
+    bindings.write_to_file(out).expect("write ffi.rs");
+}

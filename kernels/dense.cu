@@ -1,0 +1,247 @@
+// Dense attention: the public dispatcher and the portable CUDA-core (SIMT) kernel.
+//
+// SIMT kernel: a block of 4 warps owns 16 query rows (4 per warp) of one (batch, head).
+// Key tiles of 32 keys are staged in shared memory; in the score phase lane j computes the
+// scores of key j for the warp's 4 rows, then the online softmax runs per row with warp
+// reductions, and in the PV phase each lane owns head-dim pairs {2*lane + 64*c}. Only the
+// key tiles that the mask leaves visible are visited (Mask::key_tiles).
+
+#include "longattn/common.cuh"
+#include "longattn/dispatch.cuh"
+
+namespace longattn {
+namespace {
+
+constexpr int kSimtWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kSimtThreads = kSimtWarps * 32;
+constexpr int kSimtBlockM = kSimtWarps * kRowsPerWarp;
+constexpr int kSimtBlockN = 32;  // one key per lane in the score phase
+constexpr int kVec = 8;          // elements per 16-byte load
+
+// Shared memory of one block for head dim d:
+//   q_s [kSimtBlockM][d] f32, k_s [kSimtBlockN][d + 2] T, v_s [kSimtBlockN][d] T.
+// The +2 elements (one 32-bit word) per key row put the 32 lanes' key rows in 32 different
+// banks when each lane walks its own row.
+__host__ __device__ constexpr int simt_k_pitch(int d) { return d + 2; }
+inline size_t simt_smem_bytes(int d) {
+  return sizeof(float) * kSimtBlockM * d + 2 * (size_t)kSimtBlockN * simt_k_pitch(d) +
+         2 * (size_t)kSimtBlockN * d;
+}
+
+template <typename T, int kMaxDim>
+__global__ void __launch_bounds__(kSimtThreads)
+    dense_simt_kernel(const __grid_constant__ LaDenseParams p) {
+  static_assert(kMaxDim % 64 == 0, "each lane owns kMaxDim / 64 head-dim pairs");
+  constexpr int kPairsPerLane = kMaxDim / 64;
+  using E = Elem<T>;
+  using Pair = typename E::Pair;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int d = p.head_dim;
+  const int k_pitch = simt_k_pitch(d);
+  float *q_s = reinterpret_cast<float *>(smem_raw);
+  T *k_s = reinterpret_cast<T *>(q_s + kSimtBlockM * d);
+  T *v_s = k_s + kSimtBlockN * k_pitch;
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b, h);
+  const int m0 = blockIdx.x * kSimtBlockM;
+  if (m0 >= s.sq) return;
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + s.q_row0 * p.q_row_stride +
+               h * p.q_head_stride;
+  const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + s.k_row0 * p.k_row_stride +
+               kvh * p.k_head_stride;
+  const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + s.k_row0 * p.v_row_stride +
+               kvh * p.v_head_stride;
+  T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + s.q_row0 * p.o_row_stride +
+         h * p.o_head_stride;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int vecs_per_row = d / kVec;
+
+  // Q tile -> f32 shared memory (rows past the sequence are zero).
+  for (int c = tid; c < kSimtBlockM * vecs_per_row; c += kSimtThreads) {
+    const int r = c / vecs_per_row, col = (c % vecs_per_row) * kVec, i = m0 + r;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (i < s.sq) raw = *reinterpret_cast<const uint4 *>(q + i * p.q_row_stride + col);
+    const Pair *pairs = reinterpret_cast<const Pair *>(&raw);
+    float *dst = q_s + r * d + col;
+#pragma unroll
+    for (int x = 0; x < kVec / 2; ++x) {
+      const float2 f = E::to_float2(pairs[x]);
+      dst[2 * x] = f.x;
+      dst[2 * x + 1] = f.y;
+    }
+  }
+
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  const int row_end = min(m0 + kSimtBlockM, s.sq);
+  int sink_tiles, first, last;
+  mask.key_tiles(m0, row_end, s.sq, s.sk, kSimtBlockN, sink_tiles, first, last);
+  const int n_tiles = sink_tiles + (last - first);
+
+  float m[kRowsPerWarp], l[kRowsPerWarp];
+  float2 acc[kRowsPerWarp][kPairsPerLane];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kPairsPerLane; ++c) acc[r][c] = make_float2(0.0f, 0.0f);
+  }
+
+  for (int t = 0; t < n_tiles; ++t) {
+    const int n0 = (t < sink_tiles ? t : first + (t - sink_tiles)) * kSimtBlockN;
+    __syncthreads();  // the previous tile's readers are done (and Q is staged)
+    for (int c = tid; c < kSimtBlockN * vecs_per_row; c += kSimtThreads) {
+      const int r = c / vecs_per_row, col = (c % vecs_per_row) * kVec, j = n0 + r;
+      // Zero-fill keys past the end: p = 0 there, and 0 * garbage could be NaN.
+      uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
+      if (j < s.sk) {
+        kr = *reinterpret_cast<const uint4 *>(k + j * p.k_row_stride + col);
+        vr = *reinterpret_cast<const uint4 *>(v + j * p.v_row_stride + col);
+      }
+      uint32_t *kd = reinterpret_cast<uint32_t *>(k_s + r * k_pitch + col);
+      kd[0] = kr.x;
+      kd[1] = kr.y;
+      kd[2] = kr.z;
+      kd[3] = kr.w;
+      *reinterpret_cast<uint4 *>(v_s + r * d + col) = vr;
+    }
+    __syncthreads();
+
+    // Scores: lane = key.
+    float sc[kRowsPerWarp] = {};
+    const Pair *krow = reinterpret_cast<const Pair *>(k_s + lane * k_pitch);
+    const float *qrow = q_s + warp * kRowsPerWarp * d;
+    for (int c2 = 0; c2 < d / 2; ++c2) {
+      const float2 kf = E::to_float2(krow[c2]);
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const float2 qf = *reinterpret_cast<const float2 *>(qrow + r * d + 2 * c2);
+        sc[r] = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, sc[r]));
+      }
+    }
+    const int j = n0 + lane;
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = m0 + warp * kRowsPerWarp + r;
+      float x = kNegInf;
+      if (mask.visible(i, j, s.sq, s.sk)) {
+        x = sc[r] * p.scale;
+        if (p.softcap > 0.0f) x = p.softcap * tanhf(x / p.softcap);
+        x *= kLog2e;
+      }
+      const float m_new = fmaxf(m[r], warp_max(x));
+      const float alpha = rescale_factor(m[r], m_new);
+      const float pr = x == kNegInf ? 0.0f : exp2f(x - m_new);
+      l[r] = l[r] * alpha + warp_sum(pr);
+#pragma unroll
+      for (int c = 0; c < kPairsPerLane; ++c) {
+        acc[r][c].x *= alpha;
+        acc[r][c].y *= alpha;
+      }
+      m[r] = m_new;
+      sc[r] = pr;
+    }
+
+    // PV: lane owns pairs lane + 32 * c.
+    const int n_keys = min(kSimtBlockN, s.sk - n0);
+    for (int jj = 0; jj < n_keys; ++jj) {
+      const Pair *vrow = reinterpret_cast<const Pair *>(v_s + jj * d);
+      float pj[kRowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) pj[r] = __shfl_sync(0xffffffffu, sc[r], jj);
+#pragma unroll
+      for (int c = 0; c < kPairsPerLane; ++c) {
+        const int pair = lane + 32 * c;
+        if (2 * pair < d) {
+          const float2 vf = E::to_float2(vrow[pair]);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r) {
+            acc[r][c].x = fmaf(pj[r], vf.x, acc[r][c].x);
+            acc[r][c].y = fmaf(pj[r], vf.y, acc[r][c].y);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int i = m0 + warp * kRowsPerWarp + r;
+    if (i >= s.sq) continue;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    Pair *orow = reinterpret_cast<Pair *>(o + i * p.o_row_stride);
+#pragma unroll
+    for (int c = 0; c < kPairsPerLane; ++c) {
+      const int pair = lane + 32 * c;
+      if (2 * pair < d) orow[pair] = E::from_float2(make_float2(acc[r][c].x * inv, acc[r][c].y * inv));
+    }
+    if (lane == 0 && p.lse != nullptr) p.lse[s.lse_base + i] = lse_from_log2(m[r], l[r]);
+  }
+}
+
+template <typename T, int kMaxDim>
+cudaError_t launch_simt(const LaDenseParams &p, cudaStream_t stream) {
+  const size_t smem = simt_smem_bytes(p.head_dim);
+  auto kernel = dense_simt_kernel<T, kMaxDim>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.seqlen_q + kSimtBlockM - 1) / kSimtBlockM, p.heads_q, p.batch);
+  kernel<<<grid, kSimtThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_simt_for_dim(const LaDenseParams &p, cudaStream_t stream) {
+  if (p.head_dim <= 64) return launch_simt<T, 64>(p, stream);
+  if (p.head_dim <= 128) return launch_simt<T, 128>(p, stream);
+  return launch_simt<T, 256>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
+  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % kVec != 0) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case LA_F16: return launch_simt_for_dim<__half>(p, stream);
+    case LA_BF16: return launch_simt_for_dim<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace longattn
+
+extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
+  switch (kernel) {
+    case LA_DENSE_AUTO:
+    case LA_DENSE_SIMT:
+      return params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
+             params->dtype != LA_F32;
+    case LA_DENSE_MMA: return longattn::dense_mma_supports(*params);
+  }
+  return 0;
+}
+
+extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel,
+                                cudaStream_t stream) {
+  using namespace longattn;
+  const LaDenseParams &p = *params;
+  if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
+  switch (kernel) {
+    case LA_DENSE_AUTO:
+      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : dense_simt_forward(p, stream);
+    case LA_DENSE_SIMT: return dense_simt_forward(p, stream);
+    case LA_DENSE_MMA:
+      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : cudaErrorInvalidValue;
+  }
+  return cudaErrorInvalidValue;
+}
+
+extern "C" const char *la_error_string(int error) {
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}

@@ -1,0 +1,94 @@
+/* longattn dense (flash) attention and merge: the C ABI shared by the CUDA
+ * launchers and the Rust side (bindgen generates src/ffi.rs from this file).
+ *
+ * Conventions (see semantics.md):
+ *   q:   [batch, seqlen_q, heads_q,  head_dim]   element strides, last dim contiguous
+ *   k,v: [batch, seqlen_k, heads_kv, head_dim]
+ *   o:   like q
+ *   lse: [batch, heads_q, seqlen_q] f32, natural log; with varlen [heads_q, total_q]
+ * Windows use FlashAttention's (left, right) with -1 meaning unbounded; causal is (-1, 0).
+ * No CUDA header is included here so that bindgen needs only a plain C toolchain. */
+#ifndef LONGATTN_DENSE_H
+#define LONGATTN_DENSE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifndef __CUDACC__
+typedef struct CUstream_st *cudaStream_t;
+#endif
+
+/* Element type of q/k/v/o (and of the merge's o). */
+typedef enum LaDtype { LA_F16 = 0, LA_BF16 = 1, LA_F32 = 2 } LaDtype;
+
+typedef struct LaDenseParams {
+  const void *q;
+  const void *k;
+  const void *v;
+  void *o;
+  /* Optional (NULL: not written). */
+  float *lse;
+  /* Optional packed-batch offsets, length batch + 1 (NULL: fixed lengths). */
+  const int32_t *cu_seqlens_q;
+  const int32_t *cu_seqlens_k;
+
+  /* Element strides; the head_dim stride is 1. Unused batch strides are 0 with varlen. */
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+
+  int32_t batch;
+  /* Fixed lengths, or the maximum over the batch with varlen. */
+  int32_t seqlen_q, seqlen_k;
+  int32_t heads_q, heads_kv, head_dim;
+  /* Total packed query rows (varlen LSE row stride); seqlen_q otherwise. */
+  int32_t total_q;
+
+  /* Mask: window (-1 = unbounded side) plus `sinks` leading keys, causal-clipped. */
+  int32_t window_left, window_right, sinks;
+  /* Softmax scale applied to q.k; softcap <= 0 disables the tanh cap. */
+  float scale, softcap;
+  LaDtype dtype;
+} LaDenseParams;
+
+/* Merges two partial results over disjoint key sets, row by row:
+ *   o:   [rows, heads, head_dim] contiguous (rows = batch * seqlen)
+ *   lse: [batch, heads, seqlen] f32 natural log
+ * out_o/out_lse may alias a_o/a_lse (in-place accumulation). */
+typedef struct LaMergeParams {
+  const void *a_o;
+  const float *a_lse;
+  const void *b_o;
+  const float *b_lse;
+  void *out_o;
+  float *out_lse;
+  int32_t batch, seqlen, heads, head_dim;
+  LaDtype dtype;
+} LaMergeParams;
+
+/* Kernel variants the dense dispatcher may run. */
+typedef enum LaDenseKernel {
+  /* Pick the fastest kernel that supports the problem. */
+  LA_DENSE_AUTO = 0,
+  /* Portable CUDA-core kernel: any head_dim multiple of 8 up to 256. */
+  LA_DENSE_SIMT = 1,
+  /* Tensor-core kernel (mma.sync, sm_80+): head_dim 64, 128, 256. */
+  LA_DENSE_MMA = 2
+} LaDenseKernel;
+
+/* All launchers return a cudaError_t value (0 on success) and never synchronize. */
+int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel, cudaStream_t stream);
+int la_merge(const LaMergeParams *params, cudaStream_t stream);
+/* Whether `kernel` (not AUTO) supports these params on the current device. */
+int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel);
+const char *la_error_string(int error);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

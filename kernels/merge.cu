@@ -1,0 +1,66 @@
+// Merge of two partial attention results (o, lse) over disjoint key sets; one warp per
+// (row, head). Lane 0 alone reads and writes the LSE values so that out may alias a.
+
+#include "longattn/common.cuh"
+
+namespace longattn {
+namespace {
+
+constexpr int kMergeWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_constant__ LaMergeParams p) {
+  const long long item = (long long)blockIdx.x * kMergeWarps + threadIdx.x / 32;
+  const long long rows = (long long)p.batch * p.seqlen;
+  if (item >= rows * p.heads) return;
+  const int lane = threadIdx.x % 32;
+  const long long r = item / p.heads;
+  const int h = (int)(item % p.heads);
+  const long long b = r / p.seqlen, sidx = r % p.seqlen;
+  const long long li = (b * p.heads + h) * p.seqlen + sidx;
+
+  float wa = 0.0f, wb = 0.0f, lse = kNegInf;
+  if (lane == 0) {
+    const float la = p.a_lse[li], lb = p.b_lse[li];
+    const float mx = fmaxf(la, lb);
+    if (mx != kNegInf) {  // both empty stays (0, -inf) instead of NaN
+      lse = mx + logf(expf(la - mx) + expf(lb - mx));
+      wa = expf(la - lse);
+      wb = expf(lb - lse);
+    }
+  }
+  wa = __shfl_sync(0xffffffffu, wa, 0);
+  wb = __shfl_sync(0xffffffffu, wb, 0);
+  const long long base = item * p.head_dim;
+  const T *ao = static_cast<const T *>(p.a_o) + base;
+  const T *bo = static_cast<const T *>(p.b_o) + base;
+  T *oo = static_cast<T *>(p.out_o) + base;
+  for (int x = lane; x < p.head_dim; x += 32) {
+    const float v = wa * Elem<T>::to_float(ao[x]) + wb * Elem<T>::to_float(bo[x]);
+    oo[x] = Elem<T>::from_float(v);
+  }
+  if (lane == 0) p.out_lse[li] = lse;
+}
+
+template <typename T>
+cudaError_t launch_merge(const LaMergeParams &p, cudaStream_t stream) {
+  const long long items = (long long)p.batch * p.seqlen * p.heads;
+  const long long blocks = (items + kMergeWarps - 1) / kMergeWarps;
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  merge_kernel<T><<<(unsigned)blocks, kMergeWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_merge(const LaMergeParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  switch (params->dtype) {
+    case LA_F16: return launch_merge<__half>(*params, stream);
+    case LA_BF16: return launch_merge<__nv_bfloat16>(*params, stream);
+    case LA_F32: return launch_merge<float>(*params, stream);
+  }
+  return cudaErrorInvalidValue;
+}

@@ -1,0 +1,176 @@
+//! `FlashAttention::forward_gpu`: validation, then the dense launcher.
+
+use crate::dense::{DenseKernel, FlashAttention};
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::layout::Strided;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::sync::Arc;
+
+/// Largest head dim of any dense kernel.
+pub const GPU_MAX_HEAD_DIM: usize = 256;
+
+impl FlashAttention {
+    /// GPU forward pass on `stream` (the caller's; nothing is synchronized).
+    ///
+    /// `q`, `k`, `v`, `out` are device buffers with element strides as for the CPU path;
+    /// on the GPU pointers must be 16-byte aligned, strides multiples of 8 elements and
+    /// `head_dim` a multiple of 8 up to 256; f16 and bf16 only. `lse`, when given, receives
+    /// the natural-log LSE in the layout of [`FlashAttention::lse_len`]. Varlen offsets are
+    /// copied to the device on `stream`.
+    pub fn forward_gpu<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        self.check_buffers(
+            (q.data.len(), &q.strides),
+            (k.data.len(), &k.strides),
+            (v.data.len(), &v.strides),
+            (out.data.len(), &out.strides),
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        if T::DTYPE == DType::F32 {
+            return Err(Error::Unsupported(
+                "dense attention on the GPU takes f16 or bf16 (f32 runs on the CPU path)".into(),
+            ));
+        }
+        if self.head_dim % 8 != 0 || self.head_dim > GPU_MAX_HEAD_DIM {
+            return Err(Error::Unsupported(format!(
+                "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
+                self.head_dim
+            )));
+        }
+        if self.kernel == DenseKernel::TensorCore && ![64, 128, 256].contains(&self.head_dim) {
+            return Err(Error::Unsupported(format!(
+                "the tensor-core kernel takes head_dim 64, 128 or 256, not {}",
+                self.head_dim
+            )));
+        }
+        launch(self, stream, q, k, v, out, lse)
+    }
+}
+
+#[cfg(not(longattn_cuda))]
+fn launch<T, I, O>(
+    _attn: &FlashAttention,
+    _stream: &Arc<CudaStream>,
+    _q: Strided<&I>,
+    _k: Strided<&I>,
+    _v: Strided<&I>,
+    _out: Strided<&mut O>,
+    _lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    Err(Error::CudaNotCompiled)
+}
+
+#[cfg(longattn_cuda)]
+fn launch<T, I, O>(
+    attn: &FlashAttention,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use super::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
+    if attn.total_q == 0 {
+        return Ok(());
+    }
+    let bytes = dtype_bytes(T::DTYPE);
+    let (q_ptr, _q_sync) = q.data.device_ptr(stream);
+    let (k_ptr, _k_sync) = k.data.device_ptr(stream);
+    let (v_ptr, _v_sync) = v.data.device_ptr(stream);
+    let (o_ptr, _o_sync) = out.data.device_ptr_mut(stream);
+    check_vector_access("q", q_ptr, &q.strides, bytes)?;
+    check_vector_access("k", k_ptr, &k.strides, bytes)?;
+    check_vector_access("v", v_ptr, &v.strides, bytes)?;
+    check_vector_access("out", o_ptr, &out.strides, bytes)?;
+    let cu = match &attn.varlen {
+        Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+        None => None,
+    };
+    let (cu_q, _cq_sync, cu_k, _ck_sync) = match &cu {
+        Some((cq, ck)) => {
+            let (a, sa) = cq.device_ptr(stream);
+            let (b, sb) = ck.device_ptr(stream);
+            (a, Some(sa), b, Some(sb))
+        }
+        None => (0, None, 0, None),
+    };
+    let mut lse = lse;
+    let (lse_ptr, _lse_sync) = match lse.as_deref_mut() {
+        Some(l) => {
+            let (p, s) = l.device_ptr_mut(stream);
+            (p, Some(s))
+        }
+        None => (0, None),
+    };
+    let (window_left, window_right) = attn.mask.window.to_flash();
+    let varlen = attn.varlen.is_some();
+    let batch_stride = |s: i64| if varlen { 0 } else { s };
+    let params = ffi::LaDenseParams {
+        q: q_ptr as *const _,
+        k: k_ptr as *const _,
+        v: v_ptr as *const _,
+        o: o_ptr as *mut _,
+        lse: lse_ptr as *mut f32,
+        cu_seqlens_q: cu_q as *const i32,
+        cu_seqlens_k: cu_k as *const i32,
+        q_batch_stride: batch_stride(q.strides.batch),
+        q_row_stride: q.strides.seq,
+        q_head_stride: q.strides.head,
+        k_batch_stride: batch_stride(k.strides.batch),
+        k_row_stride: k.strides.seq,
+        k_head_stride: k.strides.head,
+        v_batch_stride: batch_stride(v.strides.batch),
+        v_row_stride: v.strides.seq,
+        v_head_stride: v.strides.head,
+        o_batch_stride: batch_stride(out.strides.batch),
+        o_row_stride: out.strides.seq,
+        o_head_stride: out.strides.head,
+        batch: attn.batch as i32,
+        seqlen_q: attn.max_seqlen_q as i32,
+        seqlen_k: attn.max_seqlen_k as i32,
+        heads_q: attn.heads_q as i32,
+        heads_kv: attn.heads_kv as i32,
+        head_dim: attn.head_dim as i32,
+        total_q: attn.total_q as i32,
+        window_left: window_left as i32,
+        window_right: window_right as i32,
+        sinks: attn.mask.sinks as i32,
+        scale: attn.scale,
+        softcap: attn.softcap.unwrap_or(0.0),
+        dtype: la_dtype(T::DTYPE),
+    };
+    let kernel = match attn.kernel {
+        DenseKernel::Auto => ffi::LaDenseKernel::LA_DENSE_AUTO,
+        DenseKernel::Simt => ffi::LaDenseKernel::LA_DENSE_SIMT,
+        DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
+    };
+    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
+    // the strides above; the launch is ordered on `stream`, and the sync guards keep
+    // cudarc's event tracking correct until the launch is queued.
+    let code = unsafe { ffi::la_dense_forward(&params, kernel, stream.cu_stream() as _) };
+    check_launch("la_dense_forward", code)
+}

@@ -1,0 +1,427 @@
+//! Dense (flash) attention: the validated problem, the CPU path (tiled online softmax, the
+//! same algorithm and tile schedule as the CUDA kernels) and the GPU entry point.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{SeqLens, SeqSpan, Strided, Strides, check_cu_seqlens, check_extent, check_no_overlap};
+use crate::mask::{Mask, Window};
+use crate::softmax::OnlineSoftmax;
+use rayon::prelude::*;
+
+/// Query rows per CPU tile; equal to the CUDA-core kernel's rows per block, so the CPU path
+/// exercises the same key-tile schedule.
+pub const CPU_TILE_M: usize = 16;
+/// Keys per CPU tile (the CUDA-core kernel's key tile).
+pub const CPU_TILE_N: usize = 32;
+
+/// Which GPU kernel runs a dense problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DenseKernel {
+    /// The fastest kernel that supports the problem.
+    #[default]
+    Auto,
+    /// CUDA-core kernel: any head_dim multiple of 8 up to 256.
+    Simt,
+    /// Tensor-core kernel (`mma.sync`, sm_80+): head_dim 64, 128 or 256.
+    TensorCore,
+}
+
+/// Options shared by every attention family, on the CPU and the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AttentionOptions {
+    /// Multiplier of `q.k`; `None` is `1/sqrt(head_dim)`.
+    pub scale: Option<f32>,
+    /// Window and sinks (causal is `Window::CAUSAL`).
+    pub mask: Mask,
+    /// Gemma-2 softcap: `s = cap * tanh(scale * q.k / cap)`; `None` disables it.
+    pub softcap: Option<f32>,
+}
+
+impl AttentionOptions {
+    pub fn causal() -> Self {
+        Self::default().with_window(Window::CAUSAL)
+    }
+    pub fn with_window(mut self, window: Window) -> Self {
+        self.mask.window = window;
+        self
+    }
+    pub fn with_sinks(mut self, sinks: usize) -> Self {
+        self.mask.sinks = sinks;
+        self
+    }
+    pub fn with_softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+    pub fn with_scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Checks the option values themselves and resolves the scale for `head_dim`.
+    pub(crate) fn resolve_scale(&self, head_dim: usize) -> Result<f32> {
+        let scale = self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        if !scale.is_finite() {
+            return Err(Error::InvalidOption(format!("scale = {scale} is not finite")));
+        }
+        if let Some(cap) = self.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(Error::InvalidOption(format!(
+                "softcap = {cap}: must be finite and > 0 (None disables it)"
+            )));
+        }
+        for (name, v) in [
+            ("window left", self.mask.window.left),
+            ("window right", self.mask.window.right),
+            ("sinks", Some(self.mask.sinks)),
+        ] {
+            if let Some(v) = v
+                && v > i32::MAX as usize
+            {
+                return Err(Error::InvalidOption(format!(
+                    "{name} = {v} exceeds {}",
+                    i32::MAX
+                )));
+            }
+        }
+        Ok(scale)
+    }
+}
+
+/// Problem dimensions: `q: [batch, seqlen_q, heads_q, head_dim]`,
+/// `k, v: [batch, seqlen_k, heads_kv, head_dim]` (or packed with varlen lengths).
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape<'a> {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    pub seqlens: SeqLens<'a>,
+}
+
+/// A validated dense attention problem. Build it once per call (cheap), then run it on
+/// the CPU ([`FlashAttention::forward_cpu`]) or a GPU ([`FlashAttention::forward_gpu`]).
+///
+/// LSE (optional output) is f32, natural log, `[batch, heads_q, seqlen_q]` for fixed
+/// lengths and `[heads_q, total_q]` for varlen; an empty row gives output 0 and LSE `-inf`.
+#[derive(Debug, Clone)]
+pub struct FlashAttention {
+    pub(crate) batch: usize,
+    pub(crate) heads_q: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) head_dim: usize,
+    pub(crate) spans: Vec<SeqSpan>,
+    pub(crate) varlen: Option<(Vec<i32>, Vec<i32>)>,
+    pub(crate) max_seqlen_q: usize,
+    pub(crate) max_seqlen_k: usize,
+    pub(crate) total_q: usize,
+    pub(crate) total_k: usize,
+    pub(crate) scale: f32,
+    pub(crate) softcap: Option<f32>,
+    pub(crate) mask: Mask,
+    pub(crate) kernel: DenseKernel,
+}
+
+impl FlashAttention {
+    pub fn new(shape: &AttentionShape, options: &AttentionOptions) -> Result<Self> {
+        let AttentionShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+            seqlens,
+        } = *shape;
+        if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
+            return Err(Error::Shape(format!(
+                "batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) and head_dim \
+                 ({head_dim}) must all be >= 1"
+            )));
+        }
+        if heads_q % heads_kv != 0 {
+            return Err(Error::Shape(format!(
+                "GQA needs heads_q % heads_kv == 0, got heads_q = {heads_q}, heads_kv = {heads_kv}"
+            )));
+        }
+        let scale = options.resolve_scale(head_dim)?;
+        let limit = i32::MAX as usize;
+        let (spans, varlen) = match seqlens {
+            SeqLens::Fixed { seqlen_q, seqlen_k } => {
+                if seqlen_q > limit || seqlen_k > limit {
+                    return Err(Error::Shape(format!(
+                        "seqlen_q = {seqlen_q}, seqlen_k = {seqlen_k}: must fit in i32"
+                    )));
+                }
+                let span = SeqSpan {
+                    q_start: 0,
+                    seqlen_q,
+                    k_start: 0,
+                    seqlen_k,
+                };
+                (vec![span; batch], None)
+            }
+            SeqLens::Varlen {
+                cu_seqlens_q,
+                cu_seqlens_k,
+            } => {
+                check_cu_seqlens(cu_seqlens_q, batch, "cu_seqlens_q")?;
+                check_cu_seqlens(cu_seqlens_k, batch, "cu_seqlens_k")?;
+                let spans = (0..batch)
+                    .map(|b| SeqSpan {
+                        q_start: cu_seqlens_q[b] as usize,
+                        seqlen_q: (cu_seqlens_q[b + 1] - cu_seqlens_q[b]) as usize,
+                        k_start: cu_seqlens_k[b] as usize,
+                        seqlen_k: (cu_seqlens_k[b + 1] - cu_seqlens_k[b]) as usize,
+                    })
+                    .collect();
+                (spans, Some((cu_seqlens_q.to_vec(), cu_seqlens_k.to_vec())))
+            }
+        };
+        let max_seqlen_q = spans.iter().map(|s| s.seqlen_q).max().unwrap_or(0);
+        let max_seqlen_k = spans.iter().map(|s| s.seqlen_k).max().unwrap_or(0);
+        let (total_q, total_k) = match &varlen {
+            Some((cq, ck)) => (cq[batch] as usize, ck[batch] as usize),
+            None => (max_seqlen_q, max_seqlen_k),
+        };
+        Ok(FlashAttention {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+            spans,
+            varlen,
+            max_seqlen_q,
+            max_seqlen_k,
+            total_q,
+            total_k,
+            scale,
+            softcap: options.softcap,
+            mask: options.mask,
+            kernel: DenseKernel::Auto,
+        })
+    }
+
+    /// Forces one GPU kernel (tests and benches compare them); `Auto` by default.
+    pub fn with_kernel(mut self, kernel: DenseKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn heads_q(&self) -> usize {
+        self.heads_q
+    }
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn softcap(&self) -> Option<f32> {
+        self.softcap
+    }
+    pub fn mask(&self) -> Mask {
+        self.mask
+    }
+    pub fn is_varlen(&self) -> bool {
+        self.varlen.is_some()
+    }
+    /// Per-sequence row placement.
+    pub fn spans(&self) -> &[SeqSpan] {
+        &self.spans
+    }
+    pub fn max_seqlen_q(&self) -> usize {
+        self.max_seqlen_q
+    }
+    pub fn max_seqlen_k(&self) -> usize {
+        self.max_seqlen_k
+    }
+    /// Packed query rows (varlen), or seqlen_q.
+    pub fn total_q(&self) -> usize {
+        self.total_q
+    }
+    /// Number of LSE values: `batch * heads_q * seqlen_q`, or `heads_q * total_q` (varlen).
+    pub fn lse_len(&self) -> usize {
+        match self.varlen {
+            Some(_) => self.heads_q * self.total_q,
+            None => self.batch * self.heads_q * self.max_seqlen_q,
+        }
+    }
+    /// Elements of a contiguous output (or q) buffer.
+    pub fn out_len(&self) -> usize {
+        let rows = if self.varlen.is_some() {
+            self.total_q
+        } else {
+            self.batch * self.max_seqlen_q
+        };
+        rows * self.heads_q * self.head_dim
+    }
+    /// Query head `h` reads kv head `h / (heads_q / heads_kv)`.
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads_q / self.heads_kv)
+    }
+
+    /// Element offset of row `i` (of sequence `b`, starting at packed row `start`), head `h`.
+    pub(crate) fn row_offset(&self, s: &Strides, b: usize, start: usize, i: usize, h: usize) -> usize {
+        let batch = if self.varlen.is_some() { 0 } else { b as i64 * s.batch };
+        (batch + (start + i) as i64 * s.seq + h as i64 * s.head) as usize
+    }
+
+    /// Index of the LSE value of (sequence `b`, head `h`, row `i`).
+    pub(crate) fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+        match self.varlen {
+            Some(_) => h * self.total_q + self.spans[b].q_start + i,
+            None => (b * self.heads_q + h) * self.max_seqlen_q + i,
+        }
+    }
+
+    /// Dims `[outer, rows, heads, head_dim]` of q/out (`is_q`) or k/v for extent checks.
+    fn dims(&self, is_q: bool) -> [usize; 4] {
+        let heads = if is_q { self.heads_q } else { self.heads_kv };
+        match (self.varlen.is_some(), is_q) {
+            (true, true) => [1, self.total_q, heads, self.head_dim],
+            (true, false) => [1, self.total_k, heads, self.head_dim],
+            (false, true) => [self.batch, self.max_seqlen_q, heads, self.head_dim],
+            (false, false) => [self.batch, self.max_seqlen_k, heads, self.head_dim],
+        }
+    }
+
+    /// Validates buffer lengths and strides of every tensor argument.
+    pub(crate) fn check_buffers(
+        &self,
+        q: (usize, &Strides),
+        k: (usize, &Strides),
+        v: (usize, &Strides),
+        out: (usize, &Strides),
+        lse: Option<usize>,
+    ) -> Result<()> {
+        check_extent("q", q.1, self.dims(true), q.0)?;
+        check_extent("k", k.1, self.dims(false), k.0)?;
+        check_extent("v", v.1, self.dims(false), v.0)?;
+        check_extent("out", out.1, self.dims(true), out.0)?;
+        check_no_overlap("out", out.1, self.dims(true))?;
+        if let Some(len) = lse
+            && len < self.lse_len()
+        {
+            return Err(Error::Shape(format!(
+                "lse holds {len} values but {} are needed ({})",
+                self.lse_len(),
+                if self.is_varlen() {
+                    "heads_q * total_q"
+                } else {
+                    "batch * heads_q * seqlen_q"
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// The attention score of one (already scaled) logit: applies the softcap.
+    pub(crate) fn score(&self, scaled_qk: f32) -> f32 {
+        match self.softcap {
+            Some(cap) => cap * (scaled_qk / cap).tanh(),
+            None => scaled_qk,
+        }
+    }
+
+    /// CPU forward pass (also the fallback when no GPU is present): the tiled online
+    /// softmax, f32 accumulation, parallel over (batch, head).
+    pub fn forward_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.check_buffers(
+            (q.data.len(), &q.strides),
+            (k.data.len(), &k.strides),
+            (v.data.len(), &v.strides),
+            (out.data.len(), &out.strides),
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        let d = self.head_dim;
+        let tasks: Vec<(usize, usize)> = (0..self.batch)
+            .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
+            .collect();
+        let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(b, h)| {
+                let span = self.spans[b];
+                let load = |t: &Strided<&[T]>, start: usize, rows: usize, head: usize| {
+                    let mut buf = Vec::with_capacity(rows * d);
+                    for i in 0..rows {
+                        let off = self.row_offset(&t.strides, b, start, i, head);
+                        buf.extend(t.data[off..off + d].iter().map(|x| x.to_f32()));
+                    }
+                    buf
+                };
+                let kvh = self.kv_head(h);
+                let qh = load(&q, span.q_start, span.seqlen_q, h);
+                let kh = load(&k, span.k_start, span.seqlen_k, kvh);
+                let vh = load(&v, span.k_start, span.seqlen_k, kvh);
+                self.tiled_head(&qh, &kh, &vh, span.seqlen_q, span.seqlen_k)
+            })
+            .collect();
+        let Strided {
+            data: out_data,
+            strides: out_strides,
+        } = out;
+        let mut lse = lse;
+        for (&(b, h), (o, l)) in tasks.iter().zip(results) {
+            let span = self.spans[b];
+            for i in 0..span.seqlen_q {
+                let off = self.row_offset(&out_strides, b, span.q_start, i, h);
+                for (dst, &x) in out_data[off..off + d].iter_mut().zip(&o[i * d..(i + 1) * d]) {
+                    *dst = T::from_f32(x);
+                }
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[self.lse_index(b, h, i)] = l[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
+    /// the mask leaves visible, tile by tile like the kernels. Returns `(o [sq, d], lse [sq])`.
+    fn tiled_head(&self, q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.head_dim;
+        let mut out = vec![0.0; sq * d];
+        let mut lse = vec![f32::NEG_INFINITY; sq];
+        let mut scores = vec![0.0f32; CPU_TILE_N];
+        for row0 in (0..sq).step_by(CPU_TILE_M) {
+            let rows = row0..(row0 + CPU_TILE_M).min(sq);
+            let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);
+            for i in rows {
+                let qi = &q[i * d..(i + 1) * d];
+                let mut state = OnlineSoftmax::new(d);
+                for t in tiles.iter() {
+                    let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
+                    let n = keys.len();
+                    for (s, j) in scores.iter_mut().zip(keys.clone()) {
+                        *s = if self.mask.visible(i, j, sq, sk) {
+                            let kj = &k[j * d..(j + 1) * d];
+                            let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                            self.score(dot * self.scale)
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                    }
+                    let base = keys.start;
+                    state.update(&scores[..n], |j| &v[(base + j) * d..(base + j + 1) * d]);
+                }
+                let (o, l) = state.finish();
+                out[i * d..(i + 1) * d].copy_from_slice(&o);
+                lse[i] = l;
+            }
+        }
+        (out, lse)
+    }
+}

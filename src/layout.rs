@@ -1,0 +1,178 @@
+//! Tensor layouts: element strides over a flat buffer, and sequence lengths (fixed or
+//! packed "varlen"). Validation here is shared by the CPU and GPU paths.
+
+use crate::error::{Error, Result};
+
+/// Element strides of a `[batch, seq, heads, head_dim]` tensor; the head_dim stride is 1.
+/// With varlen lengths the buffer is `[total_tokens, heads, head_dim]` and `batch` is unused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strides {
+    pub batch: i64,
+    pub seq: i64,
+    pub head: i64,
+}
+
+impl Strides {
+    /// Strides of a contiguous `[batch, seqlen, heads, head_dim]` tensor.
+    pub fn contiguous(seqlen: usize, heads: usize, head_dim: usize) -> Self {
+        Strides {
+            batch: (seqlen * heads * head_dim) as i64,
+            seq: (heads * head_dim) as i64,
+            head: head_dim as i64,
+        }
+    }
+}
+
+/// A tensor argument: a buffer (host slice or device slice) and its strides.
+#[derive(Debug)]
+pub struct Strided<D> {
+    pub data: D,
+    pub strides: Strides,
+}
+
+impl<D> Strided<D> {
+    pub fn new(data: D, strides: Strides) -> Self {
+        Strided { data, strides }
+    }
+}
+
+/// Sequence lengths of a batch.
+#[derive(Debug, Clone, Copy)]
+pub enum SeqLens<'a> {
+    /// Every sequence has `seqlen_q` queries and `seqlen_k` keys.
+    Fixed { seqlen_q: usize, seqlen_k: usize },
+    /// Packed batch: sequence `b` holds rows `cu[b]..cu[b + 1]` of a `[total, heads, dim]`
+    /// buffer. Both arrays have length `batch + 1`, start at 0 and never decrease.
+    Varlen {
+        cu_seqlens_q: &'a [i32],
+        cu_seqlens_k: &'a [i32],
+    },
+}
+
+/// Per-sequence placement: the first packed row and the length, for q and for k.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub q_start: usize,
+    pub seqlen_q: usize,
+    pub k_start: usize,
+    pub seqlen_k: usize,
+}
+
+pub(crate) fn check_cu_seqlens(cu: &[i32], batch: usize, name: &str) -> Result<()> {
+    if cu.len() != batch + 1 {
+        return Err(Error::Index(format!(
+            "{name} has length {} but batch + 1 = {} was expected",
+            cu.len(),
+            batch + 1
+        )));
+    }
+    if cu[0] != 0 {
+        return Err(Error::Index(format!("{name}[0] = {} but must be 0", cu[0])));
+    }
+    if let Some(b) = cu.windows(2).position(|w| w[1] < w[0]) {
+        return Err(Error::Index(format!(
+            "{name} decreases at index {}: {} > {}",
+            b + 1,
+            cu[b],
+            cu[b + 1]
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that every element of a `[outer, seq, heads, head_dim]` view lies inside a buffer of
+/// `len` elements. `outer` is the batch for fixed lengths and 1 for packed (varlen) buffers.
+pub(crate) fn check_extent(
+    name: &str,
+    strides: &Strides,
+    dims: [usize; 4],
+    len: usize,
+) -> Result<()> {
+    let [outer, seq, heads, head_dim] = dims;
+    for (s, n) in [
+        (strides.batch, "batch"),
+        (strides.seq, "seq"),
+        (strides.head, "head"),
+    ] {
+        if s < 0 {
+            return Err(Error::Stride(format!(
+                "{name} {n} stride is {s}; negative strides are not supported"
+            )));
+        }
+    }
+    if dims.contains(&0) {
+        return Ok(());
+    }
+    let last = (outer as i128 - 1) * strides.batch as i128
+        + (seq as i128 - 1) * strides.seq as i128
+        + (heads as i128 - 1) * strides.head as i128
+        + head_dim as i128
+        - 1;
+    if last >= len as i128 {
+        return Err(Error::Shape(format!(
+            "{name} reaches element {last} (dims {dims:?}, strides {strides:?}) but its \
+             buffer holds {len} elements"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that no two elements of an output view share an address (a written tensor must
+/// not overlap itself): sorted by stride, each stride must cover the extent of the dims
+/// inside it.
+pub(crate) fn check_no_overlap(name: &str, strides: &Strides, dims: [usize; 4]) -> Result<()> {
+    let [outer, seq, heads, head_dim] = dims;
+    let mut axes: Vec<(i64, usize)> = [
+        (strides.batch, outer),
+        (strides.seq, seq),
+        (strides.head, heads),
+    ]
+    .into_iter()
+    .filter(|&(_, n)| n > 1)
+    .collect();
+    axes.sort();
+    let mut extent = head_dim as i64;
+    for (stride, n) in axes {
+        if stride < extent {
+            return Err(Error::Stride(format!(
+                "{name} strides {strides:?} make elements overlap for dims {dims:?}; an \
+                 output must not alias itself"
+            )));
+        }
+        extent = stride * (n as i64 - 1) + extent;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extent_and_overlap() {
+        let s = Strides::contiguous(4, 2, 8);
+        assert!(check_extent("q", &s, [3, 4, 2, 8], 3 * 64).is_ok());
+        assert!(check_extent("q", &s, [3, 4, 2, 8], 3 * 64 - 1).is_err());
+        assert!(check_no_overlap("o", &s, [3, 4, 2, 8]).is_ok());
+        let bad = Strides {
+            batch: 64,
+            seq: 16,
+            head: 4,
+        };
+        assert!(check_no_overlap("o", &bad, [3, 4, 2, 8]).is_err());
+        let neg = Strides {
+            batch: -1,
+            seq: 16,
+            head: 8,
+        };
+        assert!(check_extent("q", &neg, [3, 4, 2, 8], 1000).is_err());
+    }
+
+    #[test]
+    fn cu_seqlens_checks() {
+        assert!(check_cu_seqlens(&[0, 3, 3, 7], 3, "cu").is_ok());
+        assert!(check_cu_seqlens(&[0, 3, 7], 3, "cu").is_err());
+        assert!(check_cu_seqlens(&[1, 3, 3, 7], 3, "cu").is_err());
+        assert!(check_cu_seqlens(&[0, 3, 2, 7], 3, "cu").is_err());
+    }
+}

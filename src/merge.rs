@@ -1,0 +1,116 @@
+//! Merging partial attention results over disjoint key sets (split-KV decode, ring steps,
+//! cascades), per `semantics.md`:
+//! `lse = M + ln(exp(lse_a - M) + exp(lse_b - M))`, `o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b`
+//! with `M = max(lse_a, lse_b)`; two empty rows give `o = 0`, `lse = -inf`.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::softmax::merge_weights;
+
+/// Layout of the partial results being merged:
+/// `o: [batch, seqlen, heads, head_dim]` contiguous, `lse: [batch, heads, seqlen]` f32,
+/// natural log (the dense kernels' output layout; for a varlen result use `batch = 1`,
+/// `seqlen = total_q`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeShape {
+    pub batch: usize,
+    pub seqlen: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+/// One partial result: output and its LSE.
+#[derive(Debug)]
+pub struct Partial<O, L> {
+    pub o: O,
+    pub lse: L,
+}
+
+impl MergeShape {
+    pub fn o_len(&self) -> usize {
+        self.batch * self.seqlen * self.heads * self.head_dim
+    }
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads * self.seqlen
+    }
+
+    pub(crate) fn check(&self, name: &str, o_len: usize, lse_len: usize) -> Result<()> {
+        if self.head_dim == 0 {
+            return Err(Error::Shape("merge head_dim must be >= 1".into()));
+        }
+        if [self.batch, self.seqlen, self.heads, self.head_dim]
+            .iter()
+            .any(|&x| x > i32::MAX as usize)
+        {
+            return Err(Error::Shape(format!("merge shape {self:?} must fit in i32")));
+        }
+        if o_len != self.o_len() {
+            return Err(Error::Shape(format!(
+                "{name}.o holds {o_len} elements but [batch, seqlen, heads, head_dim] = {:?} needs {}",
+                [self.batch, self.seqlen, self.heads, self.head_dim],
+                self.o_len()
+            )));
+        }
+        if lse_len != self.lse_len() {
+            return Err(Error::Shape(format!(
+                "{name}.lse holds {lse_len} values but [batch, heads, seqlen] needs {}",
+                self.lse_len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Index of the LSE value of row `r = b * seqlen + s`, head `h`.
+    fn lse_index(&self, r: usize, h: usize) -> usize {
+        let (b, s) = (r / self.seqlen, r % self.seqlen);
+        (b * self.heads + h) * self.seqlen + s
+    }
+
+    /// `out = merge(a, b)` on the CPU.
+    pub fn merge_cpu<T: Element>(
+        &self,
+        a: Partial<&[T], &[f32]>,
+        b: Partial<&[T], &[f32]>,
+        out: Partial<&mut [T], &mut [f32]>,
+    ) -> Result<()> {
+        self.check("a", a.o.len(), a.lse.len())?;
+        self.check("b", b.o.len(), b.lse.len())?;
+        self.check("out", out.o.len(), out.lse.len())?;
+        let d = self.head_dim;
+        for r in 0..self.batch * self.seqlen {
+            for h in 0..self.heads {
+                let li = self.lse_index(r, h);
+                let (wa, wb, lse) = merge_weights(a.lse[li], b.lse[li]);
+                let base = (r * self.heads + h) * d;
+                for x in base..base + d {
+                    out.o[x] = T::from_f32(wa * a.o[x].to_f32() + wb * b.o[x].to_f32());
+                }
+                out.lse[li] = lse;
+            }
+        }
+        Ok(())
+    }
+
+    /// `acc = merge(acc, part)` in place on the CPU.
+    pub fn merge_into_cpu<T: Element>(
+        &self,
+        acc: Partial<&mut [T], &mut [f32]>,
+        part: Partial<&[T], &[f32]>,
+    ) -> Result<()> {
+        self.check("acc", acc.o.len(), acc.lse.len())?;
+        self.check("part", part.o.len(), part.lse.len())?;
+        let d = self.head_dim;
+        for r in 0..self.batch * self.seqlen {
+            for h in 0..self.heads {
+                let li = self.lse_index(r, h);
+                let (wa, wb, lse) = merge_weights(acc.lse[li], part.lse[li]);
+                let base = (r * self.heads + h) * d;
+                for x in base..base + d {
+                    acc.o[x] = T::from_f32(wa * acc.o[x].to_f32() + wb * part.o[x].to_f32());
+                }
+                acc.lse[li] = lse;
+            }
+        }
+        Ok(())
+    }
+}

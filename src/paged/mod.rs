@@ -1,0 +1,1 @@
+//! Paged sparse decode (in progress).

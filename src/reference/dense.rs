@@ -1,0 +1,82 @@
+//! Two-pass f64 dense attention over every key (no tile skipping).
+
+use crate::dense::FlashAttention;
+use crate::element::Element;
+use crate::error::Result;
+use crate::layout::Strided;
+
+/// Reference output of `attn`: `out` contiguous `[rows, heads_q, head_dim]` (rows =
+/// `batch * seqlen_q`, or `total_q` with varlen) and LSE in the problem's LSE layout.
+/// Empty rows give 0 and `-inf`.
+pub fn dense_attention_f64<T: Element>(
+    attn: &FlashAttention,
+    q: Strided<&[T]>,
+    k: Strided<&[T]>,
+    v: Strided<&[T]>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let out_strides = crate::layout::Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
+    let out_strides = if attn.is_varlen() {
+        crate::layout::Strides { batch: 0, ..out_strides }
+    } else {
+        out_strides
+    };
+    attn.check_buffers(
+        (q.data.len(), &q.strides),
+        (k.data.len(), &k.strides),
+        (v.data.len(), &v.strides),
+        (attn.out_len(), &out_strides),
+        None,
+    )?;
+    let d = attn.head_dim();
+    let mut out = vec![0.0f64; attn.out_len()];
+    let mut lse = vec![f64::NEG_INFINITY; attn.lse_len()];
+    let scale = attn.scale() as f64;
+    let mask = attn.mask();
+    for (b, span) in attn.spans().iter().enumerate() {
+        let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+        for h in 0..attn.heads_q() {
+            let kvh = attn.kv_head(h);
+            for i in 0..sq {
+                let qo = attn.row_offset(&q.strides, b, span.q_start, i, h);
+                let qi = &q.data[qo..qo + d];
+                let scores: Vec<Option<f64>> = (0..sk)
+                    .map(|j| {
+                        mask.visible(i, j, sq, sk).then(|| {
+                            let ko = attn.row_offset(&k.strides, b, span.k_start, j, kvh);
+                            let dot: f64 = qi
+                                .iter()
+                                .zip(&k.data[ko..ko + d])
+                                .map(|(a, b)| a.to_f64() * b.to_f64())
+                                .sum();
+                            match attn.softcap() {
+                                Some(cap) => {
+                                    let cap = cap as f64;
+                                    cap * (dot * scale / cap).tanh()
+                                }
+                                None => dot * scale,
+                            }
+                        })
+                    })
+                    .collect();
+                let m = scores.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue; // no visible key: output stays 0, LSE -inf
+                }
+                let l: f64 = scores.iter().flatten().map(|s| (s - m).exp()).sum();
+                let oo = attn.row_offset(&out_strides, b, span.q_start, i, h);
+                let o = &mut out[oo..oo + d];
+                for (j, s) in scores.iter().enumerate() {
+                    if let Some(s) = s {
+                        let p = (s - m).exp() / l;
+                        let vo = attn.row_offset(&v.strides, b, span.k_start, j, kvh);
+                        for (acc, x) in o.iter_mut().zip(&v.data[vo..vo + d]) {
+                            *acc += p * x.to_f64();
+                        }
+                    }
+                }
+                lse[attn.lse_index(b, h, i)] = m + l.ln();
+            }
+        }
+    }
+    Ok((out, lse))
+}

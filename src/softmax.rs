@@ -1,0 +1,100 @@
+//! The one online-softmax state. It merges key tiles inside the CPU tiled reference, and in
+//! its `(o, lse)` form it merges split-KV partials and ring steps. LSE is the natural log
+//! throughout the crate.
+//!
+//! Empty rows (no visible key) are `(o = 0, lse = -inf)`; every merge keeps that form instead
+//! of producing `NaN` from `-inf - -inf`.
+
+/// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
+/// un-normalised output `acc = sum exp(s - m) * v`.
+#[derive(Debug, Clone)]
+pub struct OnlineSoftmax {
+    pub m: f32,
+    pub l: f32,
+    pub acc: Vec<f32>,
+}
+
+impl OnlineSoftmax {
+    pub fn new(head_dim: usize) -> Self {
+        OnlineSoftmax {
+            m: f32::NEG_INFINITY,
+            l: 0.0,
+            acc: vec![0.0; head_dim],
+        }
+    }
+
+    /// Folds in one tile: `scores[j]` (already scaled, `-inf` where masked) and the matching
+    /// value rows `values(j)`.
+    pub fn update<'v>(&mut self, scores: &[f32], mut values: impl FnMut(usize) -> &'v [f32]) {
+        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let new_m = self.m.max(tile_max);
+        if new_m == f32::NEG_INFINITY {
+            // Fully masked so far: exp(-inf - -inf) would be NaN.
+            return;
+        }
+        let alpha = (self.m - new_m).exp();
+        self.l *= alpha;
+        self.acc.iter_mut().for_each(|a| *a *= alpha);
+        for (j, &s) in scores.iter().enumerate() {
+            if s == f32::NEG_INFINITY {
+                continue;
+            }
+            let p = (s - new_m).exp();
+            self.l += p;
+            for (a, &v) in self.acc.iter_mut().zip(values(j)) {
+                *a += p * v;
+            }
+        }
+        self.m = new_m;
+    }
+
+    /// Normalised output and natural-log LSE; an empty row gives `(0, -inf)`.
+    pub fn finish(&self) -> (Vec<f32>, f32) {
+        if self.l == 0.0 {
+            return (vec![0.0; self.acc.len()], f32::NEG_INFINITY);
+        }
+        let inv = 1.0 / self.l;
+        (
+            self.acc.iter().map(|a| a * inv).collect(),
+            self.m + self.l.ln(),
+        )
+    }
+}
+
+/// Weights `(w_a, w_b, lse)` that merge two partial results over disjoint key sets:
+/// `o = w_a * o_a + w_b * o_b`. Both empty gives `(0, 0, -inf)`.
+pub fn merge_weights(lse_a: f32, lse_b: f32) -> (f32, f32, f32) {
+    let m = lse_a.max(lse_b);
+    if m == f32::NEG_INFINITY {
+        return (0.0, 0.0, f32::NEG_INFINITY);
+    }
+    let ea = (lse_a - m).exp();
+    let eb = (lse_b - m).exp();
+    let lse = m + (ea + eb).ln();
+    ((lse_a - lse).exp(), (lse_b - lse).exp(), lse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_weights_edge_cases() {
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(merge_weights(ninf, ninf), (0.0, 0.0, ninf));
+        let (wa, wb, lse) = merge_weights(1.5, ninf);
+        assert_eq!((wa, wb, lse), (1.0, 0.0, 1.5));
+        let (wa, wb, lse) = merge_weights(0.0, 0.0);
+        assert!((wa - 0.5).abs() < 1e-7 && (wb - 0.5).abs() < 1e-7);
+        assert!((lse - 2f32.ln()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn fully_masked_state_is_zero_and_neg_inf() {
+        let mut s = OnlineSoftmax::new(3);
+        s.update(&[f32::NEG_INFINITY; 4], |_| &[1.0, 2.0, 3.0]);
+        let (o, lse) = s.finish();
+        assert_eq!(o, vec![0.0; 3]);
+        assert_eq!(lse, f32::NEG_INFINITY);
+    }
+}
