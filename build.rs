@@ -29,7 +29,11 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let require = env::var("LONGATTN_REQUIRE_CUDA").is_ok_and(|v| v == "1");
     let disabled = env::var("LONGATTN_NO_CUDA").is_ok_and(|v| v == "1");
-    let nvcc = if disabled { None } else { find_nvcc(&manifest_dir) };
+    let nvcc = if disabled {
+        None
+    } else {
+        find_nvcc(&manifest_dir)
+    };
     let Some(nvcc) = nvcc else {
         if require {
             panic!(

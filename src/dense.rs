@@ -3,7 +3,9 @@
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{SeqLens, SeqSpan, Strided, Strides, check_cu_seqlens, check_extent, check_no_overlap};
+use crate::layout::{
+    SeqLens, SeqSpan, Strided, Strides, check_cu_seqlens, check_extent, check_no_overlap,
+};
 use crate::mask::{Mask, Window};
 use crate::softmax::OnlineSoftmax;
 use rayon::prelude::*;
@@ -62,7 +64,9 @@ impl AttentionOptions {
     pub(crate) fn resolve_scale(&self, head_dim: usize) -> Result<f32> {
         let scale = self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !scale.is_finite() {
-            return Err(Error::InvalidOption(format!("scale = {scale} is not finite")));
+            return Err(Error::InvalidOption(format!(
+                "scale = {scale} is not finite"
+            )));
         }
         if let Some(cap) = self.softcap
             && !(cap.is_finite() && cap > 0.0)
@@ -267,8 +271,19 @@ impl FlashAttention {
     }
 
     /// Element offset of row `i` (of sequence `b`, starting at packed row `start`), head `h`.
-    pub(crate) fn row_offset(&self, s: &Strides, b: usize, start: usize, i: usize, h: usize) -> usize {
-        let batch = if self.varlen.is_some() { 0 } else { b as i64 * s.batch };
+    pub(crate) fn row_offset(
+        &self,
+        s: &Strides,
+        b: usize,
+        start: usize,
+        i: usize,
+        h: usize,
+    ) -> usize {
+        let batch = if self.varlen.is_some() {
+            0
+        } else {
+            b as i64 * s.batch
+        };
         (batch + (start + i) as i64 * s.seq + h as i64 * s.head) as usize
     }
 
@@ -378,7 +393,10 @@ impl FlashAttention {
             let span = self.spans[b];
             for i in 0..span.seqlen_q {
                 let off = self.row_offset(&out_strides, b, span.q_start, i, h);
-                for (dst, &x) in out_data[off..off + d].iter_mut().zip(&o[i * d..(i + 1) * d]) {
+                for (dst, &x) in out_data[off..off + d]
+                    .iter_mut()
+                    .zip(&o[i * d..(i + 1) * d])
+                {
                     *dst = T::from_f32(x);
                 }
                 if let Some(lse) = lse.as_deref_mut() {
@@ -391,7 +409,14 @@ impl FlashAttention {
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
     /// the mask leaves visible, tile by tile like the kernels. Returns `(o [sq, d], lse [sq])`.
-    fn tiled_head(&self, q: &[f32], k: &[f32], v: &[f32], sq: usize, sk: usize) -> (Vec<f32>, Vec<f32>) {
+    fn tiled_head(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sq: usize,
+        sk: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = self.head_dim;
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];

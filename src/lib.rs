@@ -32,7 +32,7 @@ pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention};
 pub use device::Device;
 pub use element::{DType, Element};
 pub use error::{Error, Result};
+pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
-pub use half::{bf16, f16};

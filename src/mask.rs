@@ -234,7 +234,10 @@ mod tests {
         assert!(Window::from_flash(0, -5).is_err());
         assert!(Window::from_flash(i64::MAX, 0).is_err());
         assert_eq!(Window::from_flash(-1, 0).unwrap(), Window::CAUSAL);
-        assert_eq!(Window::causal_tokens(1).unwrap(), Window::new(Some(0), Some(0)));
+        assert_eq!(
+            Window::causal_tokens(1).unwrap(),
+            Window::new(Some(0), Some(0))
+        );
         assert!(Window::causal_tokens(0).is_err());
     }
 

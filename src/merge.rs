@@ -42,7 +42,9 @@ impl MergeShape {
             .iter()
             .any(|&x| x > i32::MAX as usize)
         {
-            return Err(Error::Shape(format!("merge shape {self:?} must fit in i32")));
+            return Err(Error::Shape(format!(
+                "merge shape {self:?} must fit in i32"
+            )));
         }
         if o_len != self.o_len() {
             return Err(Error::Shape(format!(

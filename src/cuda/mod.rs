@@ -75,7 +75,10 @@ pub(crate) fn check_launch(what: &str, code: i32) -> Result<()> {
     }
     // SAFETY: la_error_string returns a static NUL-terminated string for any code.
     let msg = unsafe { std::ffi::CStr::from_ptr(ffi::la_error_string(code)) };
-    Err(Error::Cuda(format!("{what}: {} (code {code})", msg.to_string_lossy())))
+    Err(Error::Cuda(format!(
+        "{what}: {} (code {code})",
+        msg.to_string_lossy()
+    )))
 }
 
 #[cfg(longattn_cuda)]

@@ -14,9 +14,13 @@ pub fn dense_attention_f64<T: Element>(
     k: Strided<&[T]>,
     v: Strided<&[T]>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let out_strides = crate::layout::Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
+    let out_strides =
+        crate::layout::Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
     let out_strides = if attn.is_varlen() {
-        crate::layout::Strides { batch: 0, ..out_strides }
+        crate::layout::Strides {
+            batch: 0,
+            ..out_strides
+        }
     } else {
         out_strides
     };
@@ -58,7 +62,11 @@ pub fn dense_attention_f64<T: Element>(
                         })
                     })
                     .collect();
-                let m = scores.iter().flatten().copied().fold(f64::NEG_INFINITY, f64::max);
+                let m = scores
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max);
                 if m == f64::NEG_INFINITY {
                     continue; // no visible key: output stays 0, LSE -inf
                 }

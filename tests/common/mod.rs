@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests: seeded random inputs, error metrics, and the
+//! GPU gate that skips loudly (or fails under LONGATTN_REQUIRE_GPU=1).
+#![allow(dead_code)]
+
+use longattn::Element;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+pub fn rng(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed)
+}
+
+/// Uniform values in [-1, 1) (never all zeros).
+pub fn random_vec<T: Element>(rng: &mut SmallRng, n: usize) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
+        .collect()
+}
+
+/// `||got - want|| / ||want||`; NaN anywhere (or a NaN/inf mismatch) gives +inf.
+pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if g.is_nan() || w.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if den == 0.0 {
+        return if num == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    (num / den).sqrt()
+}
+
+/// Checks LSE values: same `-inf` pattern, max abs error elsewhere under `tol`.
+pub fn check_lse(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lse length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}: lse[{i}] is NaN");
+        if w == f64::NEG_INFINITY {
+            assert_eq!(g, f32::NEG_INFINITY, "{what}: lse[{i}] should be -inf");
+        } else {
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "{what}: lse[{i}] = {g}, want {w}"
+            );
+        }
+    }
+}
+
+pub fn to_f64<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// Opens GPU 0 for a GPU test. Without one it prints a skip line and returns None, unless
+/// LONGATTN_REQUIRE_GPU=1, where it fails the test.
+pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
+    match longattn::device::open_gpu(0) {
+        Ok(ctx) => Some(ctx),
+        Err(e) => {
+            if longattn::device::gpu_required() {
+                panic!("{test}: LONGATTN_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            println!("SKIP (no GPU) {test}: {e}");
+            None
+        }
+    }
+}
