@@ -1,8 +1,445 @@
-// Tensor-core dense kernel (mma.sync m16n8k16, sm_80+): not yet written; AUTO falls back
-// to the SIMT kernel while dense_mma_supports returns false.
+// Tensor-core dense attention forward (mma.sync m16n8k16, f32 accumulation, sm_80+).
+//
+// FlashAttention-2 structure: a block of 4 warps owns kBlockM = 64 query rows of one
+// (batch, head); warp w owns rows 16w..16w+15 and keeps its S tile, P and O accumulator in
+// registers, so no reduction crosses warps. Key/value tiles of kBlockN keys stream through a
+// kStages-deep cp.async ring in shared memory (rows past the sequence are zero-filled by the
+// copy itself). Per tile: S = Q K^T (ldmatrix from swizzled shared memory), scale (or softcap)
+// into log2 units, mask only when the tile is not fully visible to the warp's rows, online
+// softmax with exp2, then O += P V (P re-packed from the S accumulators as A fragments, V read
+// with ldmatrix.trans). Only the tiles that Mask::key_tiles leaves visible are visited: sink
+// tiles first, then the window tiles. Semantics are exactly those of the SIMT kernel in
+// dense.cu (see semantics.md).
+
+#include "longattn/common.cuh"
 #include "longattn/dispatch.cuh"
+#include "longattn/mma.cuh"
 
 namespace longattn {
-bool dense_mma_supports(const LaDenseParams &) { return false; }
-cudaError_t dense_mma_forward(const LaDenseParams &, cudaStream_t) { return cudaErrorNotSupported; }
+namespace {
+
+// Tile configuration of one head dim.
+template <int kHeadDim_, int kBlockN_, int kStages_, bool kQInRegs_>
+struct MmaTraits {
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kBlockM = 16 * kWarps;  // one m16 MMA row block per warp
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  // Q fragments held in registers across key tiles (else re-read from shared memory per tile,
+  // which keeps the hd256 O accumulator of 128 registers clear of spills).
+  static constexpr bool kQInRegs = kQInRegs_;
+
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
+  static constexpr int kSBlocks = kBlockN / 8;        // n8 blocks of S per warp: (16, kBlockN)
+  static constexpr int kOBlocks = kHeadDim / 8;       // n8 blocks of O per warp: (16, kHeadDim)
+  static constexpr int kQkSteps = kHeadDim / 16;      // k16 steps of Q K^T
+  static constexpr int kPvSteps = kBlockN / 16;       // k16 steps of P V
+
+  // Shared memory (elements): Q (kBlockM, kHeadDim), then K and V rings
+  // (kStages, kBlockN, kHeadDim) each. Q's rows double as the staging area of O.
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKvElems = kBlockN * kHeadDim;
+  static constexpr size_t kSmemBytes = 2 * ((size_t)kQElems + 2 * (size_t)kStages * kKvElems);
+
+  static_assert(kHeadDim % 64 == 0, "the XOR swizzle permutes 8 chunks of 16 bytes per row");
+  static_assert(kBlockN % 16 == 0, "ldmatrix.x4 loads two n8 blocks of K per k16 step");
+  static_assert(kHeadDim % 16 == 0, "ldmatrix.x4.trans loads two n8 blocks of V per k16 step");
+  static_assert(kThreads % kChunksPerRow == 0, "a copy pass covers whole rows");
+  static_assert(kBlockN % (kThreads / kChunksPerRow) == 0, "K/V tiles are whole copy passes");
+  static_assert(kBlockM % (kThreads / kChunksPerRow) == 0, "Q tiles are whole copy passes");
+  static_assert((16 * kChunksPerRow) % 32 == 0, "O write-back is whole warp passes");
+  static_assert(kStages >= 2 && kStages <= 4, "cp.async ring depth");
+};
+
+using Traits64 = MmaTraits<64, 64, 3, true>;     // 56 KB shared
+using Traits128 = MmaTraits<128, 64, 2, true>;   // 80 KB shared
+using Traits256 = MmaTraits<256, 32, 2, false>;  // 96 KB shared
+
+// Element offset of 16-byte chunk `chunk` of `row` in a row-major (rows, kHeadDim) tile.
+// Chunks are XOR-swizzled with the row's low 3 bits so that the 8 row addresses of one
+// ldmatrix 8x8 matrix (same chunk, 8 consecutive rows) fall in 8 different bank groups.
+template <int kHeadDim>
+__device__ __forceinline__ int swizzle(int row, int chunk) {
+  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
+}
+
+// Copies rows [row0, row0 + kRows) of a (rows, kHeadDim) global tile with element row stride
+// `stride` into shared memory via cp.async; rows >= valid_rows are zero-filled (no read).
+template <class Tr, int kRows, typename T>
+__device__ __forceinline__ void load_tile(T *dst, const T *src, long long stride, int row0,
+                                          int valid_rows, int tid) {
+  constexpr int kCpr = Tr::kChunksPerRow;
+  constexpr int kRowsPerPass = Tr::kThreads / kCpr;
+  const int chunk = tid % kCpr, r0 = tid / kCpr;
+  // One running pointer (advanced by kRowsPerPass rows per pass) rather than one 64-bit
+  // address per pass, which the compiler would otherwise keep live across the tile loop.
+  const long long step = kRowsPerPass * stride;
+  const T *g = src + (long long)(row0 + r0) * stride + chunk * 8;
+  const uint32_t base = mma::smem_addr(dst);
+#pragma unroll
+  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
+    const int r = r0 + pass * kRowsPerPass;
+    const bool ok = row0 + r < valid_rows;
+    mma::cp_async_16(base + swizzle<Tr::kHeadDim>(r, chunk) * (int)sizeof(T), ok ? g : src, ok);
+    g += step;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads)
+    dense_mma_kernel(const __grid_constant__ LaDenseParams p) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T *q_s = reinterpret_cast<T *>(smem_raw);
+  T *k_s = q_s + Tr::kQElems;
+  T *v_s = k_s + kStages * Tr::kKvElems;
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b, h);
+  // Reverse order: with a causal mask the last query tiles have the most keys; start them
+  // first so that the short tail tiles fill in at the end.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  if (m0 >= s.sq) return;
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + s.q_row0 * p.q_row_stride +
+               h * p.q_head_stride;
+  const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + s.k_row0 * p.k_row_stride +
+               kvh * p.k_head_stride;
+  const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + s.k_row0 * p.v_row_stride +
+               kvh * p.v_head_stride;
+  T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + s.q_row0 * p.o_row_stride +
+         h * p.o_head_stride;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, tq = lane % 4;  // MMA fragment row group / thread in group
+
+  // Group 0: the Q tile (rows past the sequence are zero).
+  load_tile<Tr, BM>(q_s, q, p.q_row_stride, m0, s.sq, tid);
+  mma::cp_async_commit();
+
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  int sink_tiles, first, last;
+  mask.key_tiles(m0, min(m0 + BM, s.sq), s.sq, s.sk, BN, sink_tiles, first, last);
+  const int n_tiles = sink_tiles + (last - first);
+  auto tile_n0 = [&](int t) { return (t < sink_tiles ? t : first + (t - sink_tiles)) * BN; };
+  auto load_kv = [&](int t) {
+    const int stage = t % kStages, n0 = tile_n0(t);
+    load_tile<Tr, BN>(k_s + stage * Tr::kKvElems, k, p.k_row_stride, n0, s.sk, tid);
+    load_tile<Tr, BN>(v_s + stage * Tr::kKvElems, v, p.v_row_stride, n0, s.sk, tid);
+  };
+
+  // Groups 1..kStages-1: the first key tiles (empty groups keep the count uniform).
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < n_tiles) load_kv(t);
+    mma::cp_async_commit();
+  }
+
+  // Per-lane parts of the ldmatrix addresses (bytes):
+  //   Q (A, x4):       row 16*warp + lane%16,            chunk 2*kk + lane/16
+  //   K (B, x4):       row 16*nb2 + lane%8 + 8*(lane/16), chunk 2*kk + (lane/8)%2
+  //   V (B, x4.trans): row 16*kk + lane%16,              chunk 2*db2 + lane/16
+  // In all three the row's low 3 bits are lane % 8, and the swizzle only touches the low 3
+  // bits of the chunk, so chunk c = 8*(c/8) + (c%8) maps to 8*(c/8) + ((c%8) ^ lane%8):
+  // four per-lane offsets (c%8 = 2j + bit, j < 4) plus compile-time immediates. (Computing
+  // the XOR per address instead keeps one register per distinct chunk alive.)
+  const int sw = lane & 7;
+  uint32_t q_off[4], k_off[4], v_off[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    q_off[j] = ((16 * warp + (lane & 15)) * D + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
+    k_off[j] = (((lane & 7) + ((lane >> 4) << 3)) * D + (((2 * j + ((lane >> 3) & 1)) ^ sw) << 3)) *
+               sizeof(T);
+    v_off[j] = ((lane & 15) * D + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
+  }
+  // Byte offset of chunk pair `c2` (chunks 2*c2, 2*c2 + 1) given the per-lane offsets.
+  constexpr uint32_t kChunk8Bytes = 64 * sizeof(T);  // 8 chunks of 8 elements
+  const uint32_t q_base = mma::smem_addr(q_s);
+  const uint32_t k_base = mma::smem_addr(k_s), v_base = mma::smem_addr(v_s);
+  auto q_addr = [&](int kk) { return q_base + q_off[kk % 4] + (kk / 4) * kChunk8Bytes; };
+
+  uint32_t qf[Tr::kQInRegs ? Tr::kQkSteps : 1][4];
+  if constexpr (Tr::kQInRegs) {
+    mma::cp_async_wait<kStages - 1>();  // the Q group has landed
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < Tr::kQkSteps; ++kk) mma::ldmatrix_x4(qf[kk], q_addr(kk));
+  }
+
+  // This thread's two rows (g and g + 8 of the warp's 16) and their visible key range:
+  // key j is visible iff j <= hi && (j >= lo || j < sinks), which is Mask::visible for
+  // 0 <= j (hi folds in j < sk; lo is clamped to [0, sk]).
+  const int warp_row0 = m0 + 16 * warp;
+  int hi[2], lo[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
+    long long hr = s.sk - 1;
+    if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
+    long long lr = 0;
+    if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
+    hi[r] = (int)max(hr, -1LL);
+    lo[r] = (int)lr;
+  }
+  // The same bounds for the warp's first and last valid rows decide whether a tile needs
+  // per-element masking at all (hi grows with the row, lo too).
+  const int warp_last = min(warp_row0 + 15, s.sq - 1);
+  const long long diag_first = (long long)warp_row0 + s.sk - s.sq;
+  const long long diag_last = (long long)warp_last + s.sk - s.sq;
+
+  const float scale_log2 = p.scale * kLog2e;
+  const bool softcap = p.softcap > 0.0f;
+  const float cap_pre = softcap ? p.scale / p.softcap : 0.0f;  // tanh argument per q.k
+  const float cap_post = p.softcap * kLog2e;                   // cap, in log2 units
+
+  float m[2] = {kNegInf, kNegInf};  // row max, log2 units
+  float l[2] = {0.0f, 0.0f};        // this thread's partial row sum (quad-reduced at the end)
+  float acc[Tr::kOBlocks][4];       // O: (16, kHeadDim) per warp
+#pragma unroll
+  for (int i = 0; i < Tr::kOBlocks; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+
+  for (int t = 0; t < n_tiles; ++t) {
+    // Tile t (and Q) have landed for every thread, and every warp is done with tile t - 1,
+    // whose stage the prefetch below overwrites.
+    mma::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (t + kStages - 1 < n_tiles) load_kv(t + kStages - 1);
+    mma::cp_async_commit();
+
+    const int stage = t % kStages, n0 = tile_n0(t);
+    const uint32_t ks = k_base + (uint32_t)(stage * Tr::kKvElems * sizeof(T));
+    const uint32_t vs = v_base + (uint32_t)(stage * Tr::kKvElems * sizeof(T));
+
+    // S = Q K^T: (16, kBlockN) per warp.
+    float sc[Tr::kSBlocks][4];
+#pragma unroll
+    for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[i][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
+      uint32_t a[4];
+      if constexpr (Tr::kQInRegs) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[e] = qf[kk][e];
+      } else {
+        mma::ldmatrix_x4(a, q_addr(kk));
+      }
+#pragma unroll
+      for (int nb2 = 0; nb2 < Tr::kSBlocks / 2; ++nb2) {
+        uint32_t bk[4];
+        mma::ldmatrix_x4(bk, ks + k_off[kk % 4] + (kk / 4) * kChunk8Bytes +
+                                 (uint32_t)(16 * nb2 * D * sizeof(T)));
+        mma::Mma<T>::run(sc[2 * nb2], a, bk[0], bk[1]);
+        mma::Mma<T>::run(sc[2 * nb2 + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // Scores in log2 units: scale * log2(e) folded into one multiply, or the softcap.
+    if (softcap) {
+#pragma unroll
+      for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[i][e] = cap_post * tanhf(sc[i][e] * cap_pre);
+    } else {
+#pragma unroll
+      for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[i][e] *= scale_log2;
+    }
+
+    // Interior tiles (every key visible to every valid row of the warp) skip the mask;
+    // boundary tiles, including the ragged last tile whose zero-filled keys are past sk,
+    // mask per element.
+    const int n_end = n0 + BN;
+    const bool interior =
+        n_end <= s.sk &&
+        (p.window_right < 0 || (long long)n_end - 1 <= diag_first + p.window_right) &&
+        (p.window_left < 0 || (long long)n0 >= diag_last - p.window_left || n_end <= p.sinks);
+    if (!interior) {
+#pragma unroll
+      for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
+          if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sc[i][e] = kNegInf;
+        }
+    }
+
+    // Online softmax per row; the 4 threads of a quad share a row.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m[r];
+#pragma unroll
+      for (int i = 0; i < Tr::kSBlocks; ++i) mx = fmaxf(mx, fmaxf(sc[i][2 * r], sc[i][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float alpha = rescale_factor(m[r], mx);
+      // A row with nothing visible yet has mx = -inf: subtract 0 instead, so that masked
+      // scores give exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN.
+      const float base = mx == kNegInf ? 0.0f : mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < Tr::kSBlocks; ++i) {
+        sc[i][2 * r] = mma::fast_exp2(sc[i][2 * r] - base);
+        sc[i][2 * r + 1] = mma::fast_exp2(sc[i][2 * r + 1] - base);
+        sum += sc[i][2 * r] + sc[i][2 * r + 1];
+      }
+      l[r] = l[r] * alpha + sum;
+      m[r] = mx;
+#pragma unroll
+      for (int i = 0; i < Tr::kOBlocks; ++i) {
+        acc[i][2 * r] *= alpha;
+        acc[i][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V. The S accumulators of n8 blocks 2kk and 2kk+1 are exactly the A fragment of
+    // k16 step kk (a0: row g, a1: row g+8, a2/a3: the same 8 columns further).
+#pragma unroll
+    for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
+      const uint32_t a[4] = {pack2<T>(sc[2 * kk][0], sc[2 * kk][1]),
+                             pack2<T>(sc[2 * kk][2], sc[2 * kk][3]),
+                             pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                             pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+      for (int db2 = 0; db2 < Tr::kOBlocks / 2; ++db2) {
+        uint32_t bv[4];
+        mma::ldmatrix_x4_trans(bv, vs + v_off[db2 % 4] + (db2 / 4) * kChunk8Bytes +
+                                       (uint32_t)(16 * kk * D * sizeof(T)));
+        mma::Mma<T>::run(acc[2 * db2], a, bv[0], bv[1]);
+        mma::Mma<T>::run(acc[2 * db2 + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+
+  // Epilogue. Drain the ring (only empty groups can be pending, plus Q when no tile ran) and
+  // make every thread's Q copies complete before the warps reuse their Q rows for O.
+  mma::cp_async_wait<0>();
+  __syncthreads();
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // empty row: output 0
+  }
+  // Stage the warp's (16, kHeadDim) O tile in its own Q rows (same swizzle), then write
+  // 16-byte vectors to global memory.
+#pragma unroll
+  for (int i = 0; i < Tr::kOBlocks; ++i)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * warp + g + 8 * r;
+      *reinterpret_cast<uint32_t *>(q_s + swizzle<D>(row, i) + 2 * tq) =
+          pack2<T>(acc[i][2 * r] * inv[r], acc[i][2 * r + 1] * inv[r]);
+    }
+  __syncwarp();
+  constexpr int kCpr = Tr::kChunksPerRow;
+#pragma unroll
+  for (int pass = 0; pass < 16 * kCpr / 32; ++pass) {
+    const int idx = lane + 32 * pass, r = idx / kCpr, chunk = idx % kCpr;
+    const int i = warp_row0 + r;
+    if (i < s.sq) {
+      const uint4 val = *reinterpret_cast<const uint4 *>(q_s + swizzle<D>(16 * warp + r, chunk));
+      *reinterpret_cast<uint4 *>(o + i * p.o_row_stride + chunk * 8) = val;
+    }
+  }
+  if (p.lse != nullptr && tq == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = warp_row0 + g + 8 * r;
+      if (i < s.sq) p.lse[s.lse_base + i] = lse_from_log2(m[r], l[r]);
+    }
+  }
+}
+
+template <typename T, class Tr>
+cudaError_t launch_mma(const LaDenseParams &p, cudaStream_t stream) {
+  auto kernel = dense_mma_kernel<T, Tr>;
+  constexpr size_t smem = Tr::kSmemBytes;
+  if (smem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
+  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class X> struct Tag { using type = X; };
+
+// The one dtype x head-dim switch: calls f(Tag<T>{}, Tag<Traits>{}), or returns false for a
+// configuration this kernel does not have.
+template <class F>
+bool with_config(const LaDenseParams &p, F &&f) {
+  switch (p.dtype) {
+    case LA_F16:
+      switch (p.head_dim) {
+        case 64: f(Tag<__half>{}, Tag<Traits64>{}); return true;
+        case 128: f(Tag<__half>{}, Tag<Traits128>{}); return true;
+        case 256: f(Tag<__half>{}, Tag<Traits256>{}); return true;
+      }
+      return false;
+    case LA_BF16:
+      switch (p.head_dim) {
+        case 64: f(Tag<__nv_bfloat16>{}, Tag<Traits64>{}); return true;
+        case 128: f(Tag<__nv_bfloat16>{}, Tag<Traits128>{}); return true;
+        case 256: f(Tag<__nv_bfloat16>{}, Tag<Traits256>{}); return true;
+      }
+      return false;
+    default: return false;
+  }
+}
+
+}  // namespace
+
+bool dense_mma_supports(const LaDenseParams &p) {
+  size_t smem = 0;
+  const void *kernel = nullptr;
+  const bool known = with_config(p, [&](auto t, auto tr) {
+    using T = typename decltype(t)::type;
+    using Tr = typename decltype(tr)::type;
+    smem = Tr::kSmemBytes;
+    kernel = reinterpret_cast<const void *>(dense_mma_kernel<T, Tr>);
+  });
+  if (!known) return false;
+  int dev = 0, major = 0, smem_optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
+          cudaSuccess) {
+    cudaGetLastError();  // do not leave a stale error for the fallback launch to report
+    return false;
+  }
+  if (major < 8 || (size_t)smem_optin < smem) return false;
+  // The fatbinary holds sm_80 and sm_90a code only: check that this device can run it.
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  with_config(p, [&](auto t, auto tr) {
+    err = launch_mma<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
+  });
+  return err;
+}
+
 }  // namespace longattn

@@ -28,6 +28,7 @@ pub mod paged;
 pub mod reference;
 pub mod softmax;
 
+pub use cudarc;
 pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention};
 pub use device::Device;
 pub use element::{DType, Element};

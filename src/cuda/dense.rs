@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 /// Largest head dim of any dense kernel.
 pub const GPU_MAX_HEAD_DIM: usize = 256;
+/// Grid y/z limit: heads and batch index the grid.
+const GRID_LIMIT: usize = 65535;
 
 impl FlashAttention {
     /// GPU forward pass on `stream` (the caller's; nothing is synchronized).
@@ -48,6 +50,12 @@ impl FlashAttention {
             return Err(Error::Unsupported(format!(
                 "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
                 self.head_dim
+            )));
+        }
+        if self.batch > GRID_LIMIT || self.heads_q > GRID_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
+                self.batch, self.heads_q
             )));
         }
         if self.kernel == DenseKernel::TensorCore && ![64, 128, 256].contains(&self.head_dim) {

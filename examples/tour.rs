@@ -1,0 +1,295 @@
+//! The main job: runs every implemented kernel family on the best device (GPU when present,
+//! else the CPU path), checks each result against the f64 reference and prints a table.
+//!
+//! `cargo run --release --example tour`
+
+use longattn::cudarc::driver::sys::CUevent_flags;
+use longattn::reference::dense_attention_f64;
+use longattn::*;
+use std::time::Instant;
+
+struct Row {
+    family: &'static str,
+    shape: String,
+    options: String,
+    device: String,
+    max_err: f64,
+    rel_err: f64,
+    ms: f64,
+}
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+fn random(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n).map(|_| bf16::from_f32(lcg(&mut s))).collect()
+}
+
+fn errors(got: &[f64], want: &[f64]) -> (f64, f64) {
+    let mut max = 0.0f64;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (g, w) in got.iter().zip(want) {
+        let e = if g.is_nan() {
+            f64::INFINITY
+        } else {
+            (g - w).abs()
+        };
+        max = max.max(e);
+        num += e * e;
+        den += w * w;
+    }
+    (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+fn dense_case(
+    device: &Device,
+    (b, sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize, usize),
+    opts: AttentionOptions,
+    label: &str,
+) -> Result<Row> {
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &opts)?;
+    let qs = Strides::contiguous(sq, hq, d);
+    let ks = Strides::contiguous(sk, hkv, d);
+    let q = random(b * sq * hq * d, 1);
+    let k = random(b * sk * hkv * d, 2);
+    let v = random(b * sk * hkv * d, 3);
+    let (want, _) = dense_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )?;
+    let (out, ms) = match device {
+        Device::Cpu => {
+            let mut out = vec![bf16::from_f32(f32::NAN); attn.out_len()];
+            let t = Instant::now();
+            attn.forward_cpu(
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks),
+                Strided::new(&v[..], ks),
+                Strided::new(&mut out[..], qs),
+                None,
+            )?;
+            (out, t.elapsed().as_secs_f64() * 1e3)
+        }
+        Device::Cuda(ctx) => {
+            let stream = ctx.default_stream();
+            let (dq, dk, dv) = (
+                stream.clone_htod(&q)?,
+                stream.clone_htod(&k)?,
+                stream.clone_htod(&v)?,
+            );
+            let mut dout = stream.clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])?;
+            let mut run = |dout: &mut longattn::cudarc::driver::CudaSlice<bf16>| {
+                attn.forward_gpu(
+                    &stream,
+                    Strided::new(&dq, qs),
+                    Strided::new(&dk, ks),
+                    Strided::new(&dv, ks),
+                    Strided::new(dout, qs),
+                    None,
+                )
+            };
+            run(&mut dout)?;
+            let out = stream.clone_dtoh(&dout)?;
+            let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            let reps = 10;
+            for _ in 0..reps {
+                run(&mut dout)?;
+            }
+            let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            end.synchronize()?;
+            (out, start.elapsed_ms(&end)? as f64 / reps as f64)
+        }
+    };
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let (max_err, rel_err) = errors(&got, &want);
+    Ok(Row {
+        family: "dense",
+        shape: format!("b{b} sq{sq} sk{sk} h{hq}/{hkv} d{d}"),
+        options: label.to_string(),
+        device: device.describe(),
+        max_err,
+        rel_err,
+        ms,
+    })
+}
+
+fn merge_case(device: &Device) -> Result<Row> {
+    // Split the keys of one problem in two, attend to each half, merge, compare with the
+    // unsplit f64 reference.
+    let (b, sq, sk, h, d) = (2, 64, 256, 4, 64);
+    let full = |seqlen_k| AttentionShape {
+        batch: b,
+        heads_q: h,
+        heads_kv: h,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k,
+        },
+    };
+    let opts = AttentionOptions::default();
+    let q: Vec<f32> = random(b * sq * h * d, 4)
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let k: Vec<f32> = random(b * sk * h * d, 5)
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let v: Vec<f32> = random(b * sk * h * d, 6)
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let qs = Strides::contiguous(sq, h, d);
+    let ks = Strides::contiguous(sk, h, d);
+    let whole = FlashAttention::new(&full(sk), &opts)?;
+    let (want, _) = dense_attention_f64(
+        &whole,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )?;
+    let half = FlashAttention::new(&full(sk / 2), &opts)?;
+    let hs = Strides {
+        batch: ks.batch,
+        ..Strides::contiguous(sk / 2, h, d)
+    };
+    let shape = MergeShape {
+        batch: b,
+        seqlen: sq,
+        heads: h,
+        head_dim: d,
+    };
+    let mut parts = Vec::new();
+    for off in [0, sk / 2 * h * d] {
+        let mut o = vec![0.0f32; half.out_len()];
+        let mut l = vec![0.0f32; half.lse_len()];
+        half.forward_cpu(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[off..], hs),
+            Strided::new(&v[off..], hs),
+            Strided::new(&mut o[..], qs),
+            Some(&mut l),
+        )?;
+        parts.push((o, l));
+    }
+    let mut out = vec![f32::NAN; shape.o_len()];
+    let mut lse = vec![f32::NAN; shape.lse_len()];
+    let t = Instant::now();
+    match device {
+        Device::Cpu => shape.merge_cpu(
+            Partial {
+                o: &parts[0].0[..],
+                lse: &parts[0].1[..],
+            },
+            Partial {
+                o: &parts[1].0[..],
+                lse: &parts[1].1[..],
+            },
+            Partial {
+                o: &mut out[..],
+                lse: &mut lse[..],
+            },
+        )?,
+        Device::Cuda(ctx) => {
+            let s = ctx.default_stream();
+            let (ao, al) = (s.clone_htod(&parts[0].0)?, s.clone_htod(&parts[0].1)?);
+            let (bo, bl) = (s.clone_htod(&parts[1].0)?, s.clone_htod(&parts[1].1)?);
+            let mut oo = s.clone_htod(&out)?;
+            let mut ol = s.clone_htod(&lse)?;
+            shape.merge_gpu(
+                &s,
+                Partial { o: &ao, lse: &al },
+                Partial { o: &bo, lse: &bl },
+                Partial {
+                    o: &mut oo,
+                    lse: &mut ol,
+                },
+            )?;
+            out = s.clone_dtoh(&oo)?;
+        }
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+    let (max_err, rel_err) = errors(&got, &want);
+    Ok(Row {
+        family: "merge",
+        shape: format!("b{b} s{sq} h{h} d{d}, keys split {}+{}", sk / 2, sk / 2),
+        options: "split-KV merge (f32)".into(),
+        device: device.describe(),
+        max_err,
+        rel_err,
+        ms,
+    })
+}
+
+fn main() -> Result<()> {
+    let device = Device::best()?;
+    println!("longattn tour on {}", device.describe());
+    if !longattn::device::cuda_compiled() {
+        println!("(built without nvcc: GPU kernels are not compiled in; CPU path only)");
+    }
+    let causal = AttentionOptions::causal();
+    let cases: Vec<(_, AttentionOptions, &str)> = vec![
+        ((1, 512, 512, 4, 4, 64), AttentionOptions::default(), "full"),
+        ((1, 512, 512, 8, 2, 128), causal, "causal, GQA 4:1"),
+        ((2, 300, 700, 4, 4, 64), causal, "causal sq!=sk"),
+        (
+            (1, 1024, 1024, 4, 4, 64),
+            AttentionOptions::default()
+                .with_window(Window::causal_tokens(128).unwrap())
+                .with_sinks(4),
+            "window 128 + 4 sinks",
+        ),
+        (
+            (1, 256, 256, 2, 1, 256),
+            causal.with_softcap(30.0),
+            "causal softcap 30, MQA",
+        ),
+        (
+            (1, 64, 64, 4, 4, 96),
+            AttentionOptions::default().with_window(Window::new(Some(8), Some(8))),
+            "window (8, 8)",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (dims, opts, label) in cases {
+        rows.push(dense_case(&device, dims, opts, label)?);
+    }
+    rows.push(merge_case(&device)?);
+    println!(
+        "{:<6} {:<40} {:<26} {:<28} {:>10} {:>10} {:>10}",
+        "family", "shape", "options", "device", "max err", "rel err", "ms"
+    );
+    let mut ok = true;
+    for r in &rows {
+        println!(
+            "{:<6} {:<40} {:<26} {:<28} {:>10.2e} {:>10.2e} {:>10.3}",
+            r.family, r.shape, r.options, r.device, r.max_err, r.rel_err, r.ms
+        );
+        ok &= r.rel_err < 2e-2;
+    }
+    if !ok {
+        eprintln!("tour: some result differs from the f64 reference by more than 2e-2");
+        std::process::exit(1);
+    }
+    println!("all results match the f64 reference (rel L2 < 2e-2)");
+    Ok(())
+}

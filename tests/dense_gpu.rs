@@ -1,0 +1,563 @@
+//! GPU dense attention and merge against the f64 reference. Without a GPU every test prints
+//! a `SKIP (no GPU)` line; with `LONGATTN_REQUIRE_GPU=1` a missing GPU fails instead.
+
+mod common;
+
+use common::*;
+use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::reference::dense_attention_f64;
+use longattn::*;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+}
+
+fn fixed_shape(x: Dims) -> AttentionShape<'static> {
+    AttentionShape {
+        batch: x.b,
+        heads_q: x.hq,
+        heads_kv: x.hkv,
+        head_dim: x.d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: x.sq,
+            seqlen_k: x.sk,
+        },
+    }
+}
+
+fn tolerance<T: Element>() -> f64 {
+    match T::DTYPE {
+        DType::BF16 => 2e-2,
+        DType::F16 => 4e-3,
+        DType::F32 => 1e-5,
+    }
+}
+
+/// Runs one fixed-length case on the GPU with kernel `kernel`; returns the relative error.
+fn run_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    x: Dims,
+    opts: &AttentionOptions,
+    kernel: DenseKernel,
+) -> f64 {
+    let mut r = rng(seed);
+    let q: Vec<T> = random_vec(&mut r, x.b * x.sq * x.hq * x.d);
+    let k: Vec<T> = random_vec(&mut r, x.b * x.sk * x.hkv * x.d);
+    let v: Vec<T> = random_vec(&mut r, x.b * x.sk * x.hkv * x.d);
+    let attn = FlashAttention::new(&fixed_shape(x), opts)
+        .unwrap()
+        .with_kernel(kernel);
+    let qs = Strides::contiguous(x.sq, x.hq, x.d);
+    let ks = Strides::contiguous(x.sk, x.hkv, x.d);
+    let (want, want_lse) = dense_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+    let dq = stream.clone_htod(&q).unwrap();
+    let dk = stream.clone_htod(&k).unwrap();
+    let dv = stream.clone_htod(&v).unwrap();
+    let mut dout = stream
+        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
+        .unwrap();
+    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    attn.forward_gpu(
+        stream,
+        Strided::new(&dq, qs),
+        Strided::new(&dk, ks),
+        Strided::new(&dv, ks),
+        Strided::new(&mut dout, qs),
+        Some(&mut dlse),
+    )
+    .unwrap();
+    let out = stream.clone_dtoh(&dout).unwrap();
+    let lse = stream.clone_dtoh(&dlse).unwrap();
+    let got = to_f64(&out);
+    let nan = got.iter().filter(|x| x.is_nan()).count();
+    assert_eq!(
+        nan, 0,
+        "{x:?} {opts:?} {kernel:?}: {nan} outputs unwritten or NaN"
+    );
+    let err = rel_l2(&got, &want);
+    assert!(
+        err < tolerance::<T>(),
+        "{x:?} {opts:?} {kernel:?} {}: rel err {err}",
+        T::DTYPE
+    );
+    let lse_tol = 2e-3
+        * (1.0
+            + want_lse
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, |a, &b| a.max(b.abs())));
+    check_lse(
+        &lse,
+        &want_lse,
+        lse_tol,
+        &format!("{x:?} {opts:?} {kernel:?}"),
+    );
+    err
+}
+
+fn options() -> Vec<AttentionOptions> {
+    let w = |l, r| AttentionOptions::default().with_window(Window::new(l, r));
+    vec![
+        AttentionOptions::default(),
+        AttentionOptions::causal(),
+        w(Some(0), Some(0)),
+        w(Some(1), Some(0)),
+        w(Some(100), Some(0)),
+        w(Some(37), Some(21)),
+        AttentionOptions::causal().with_sinks(4),
+        w(Some(64), Some(0)).with_sinks(3),
+        AttentionOptions::causal().with_softcap(0.5).with_scale(3.0),
+    ]
+}
+
+fn kernels_for(d: usize) -> Vec<DenseKernel> {
+    let mut k = vec![DenseKernel::Simt];
+    if [64, 128, 256].contains(&d) {
+        k.push(DenseKernel::TensorCore);
+    }
+    k
+}
+
+#[test]
+fn gpu_dense_matches_reference_sweep() {
+    let Some(ctx) = gpu_or_skip("gpu_dense_matches_reference_sweep") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let dims = [
+        Dims {
+            b: 1,
+            sq: 1,
+            sk: 1,
+            hq: 1,
+            hkv: 1,
+            d: 64,
+        },
+        Dims {
+            b: 2,
+            sq: 2,
+            sk: 2,
+            hq: 4,
+            hkv: 2,
+            d: 128,
+        },
+        Dims {
+            b: 1,
+            sq: 17,
+            sk: 17,
+            hq: 2,
+            hkv: 2,
+            d: 64,
+        },
+        Dims {
+            b: 2,
+            sq: 1,
+            sk: 300,
+            hq: 8,
+            hkv: 1,
+            d: 128,
+        },
+        Dims {
+            b: 1,
+            sq: 77,
+            sk: 13,
+            hq: 2,
+            hkv: 1,
+            d: 256,
+        },
+        Dims {
+            b: 1,
+            sq: 130,
+            sk: 257,
+            hq: 3,
+            hkv: 3,
+            d: 96,
+        },
+        Dims {
+            b: 2,
+            sq: 33,
+            sk: 65,
+            hq: 2,
+            hkv: 2,
+            d: 40,
+        },
+    ];
+    let mut worst = 0.0f64;
+    for (n, &x) in dims.iter().enumerate() {
+        for (o, opts) in options().iter().enumerate() {
+            for kernel in kernels_for(x.d) {
+                let seed = (n * 100 + o) as u64;
+                worst = worst.max(run_case::<bf16>(&stream, seed, x, opts, kernel));
+                worst = worst.max(run_case::<f16>(&stream, seed + 7, x, opts, kernel));
+            }
+        }
+    }
+    println!("gpu_dense_matches_reference_sweep: worst rel err {worst:.3e}");
+}
+
+#[test]
+fn gpu_dense_long_sequences() {
+    let Some(ctx) = gpu_or_skip("gpu_dense_long_sequences") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    for (x, opts) in [
+        (
+            Dims {
+                b: 1,
+                sq: 1031,
+                sk: 1031,
+                hq: 2,
+                hkv: 1,
+                d: 128,
+            },
+            AttentionOptions::causal(),
+        ),
+        (
+            Dims {
+                b: 1,
+                sq: 1200,
+                sk: 1500,
+                hq: 2,
+                hkv: 2,
+                d: 64,
+            },
+            AttentionOptions::default(),
+        ),
+        (
+            Dims {
+                b: 1,
+                sq: 1500,
+                sk: 1500,
+                hq: 2,
+                hkv: 2,
+                d: 128,
+            },
+            AttentionOptions::default()
+                .with_window(Window::causal_tokens(256).unwrap())
+                .with_sinks(4),
+        ),
+        (
+            Dims {
+                b: 1,
+                sq: 1100,
+                sk: 1100,
+                hq: 1,
+                hkv: 1,
+                d: 256,
+            },
+            AttentionOptions::causal(),
+        ),
+    ] {
+        for kernel in kernels_for(x.d) {
+            let err = run_case::<bf16>(&stream, 5, x, &opts, kernel);
+            println!("long {x:?} {kernel:?}: rel err {err:.3e}");
+        }
+    }
+}
+
+#[test]
+fn gpu_varlen_strided_and_untouched_padding() {
+    let Some(ctx) = gpu_or_skip("gpu_varlen_strided_and_untouched_padding") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (hq, hkv) = (4, 2);
+    for d in [64, 128] {
+        let lens_q = [5usize, 1, 0, 130, 64];
+        let lens_k = [7usize, 1, 9, 130, 3];
+        let cu = |l: &[usize]| -> Vec<i32> {
+            std::iter::once(0)
+                .chain(l.iter().scan(0, |a, &x| {
+                    *a += x as i32;
+                    Some(*a)
+                }))
+                .collect()
+        };
+        let (cq, ck) = (cu(&lens_q), cu(&lens_k));
+        let (tq, tk) = (cq[5] as usize, ck[5] as usize);
+        let mut r = rng(d as u64);
+        // Packed fused-QKV layout: per token [q heads | k heads | v heads], plus 8 padding
+        // elements per token that no kernel may write.
+        let row = (hq + 2 * hkv) * d + 8;
+        let ntok = tq.max(tk);
+        let qkv: Vec<bf16> = random_vec(&mut r, ntok * row);
+        let s = Strides {
+            batch: 0,
+            seq: row as i64,
+            head: d as i64,
+        };
+        let out_row = hq * d + 8;
+        let os = Strides {
+            batch: 0,
+            seq: out_row as i64,
+            head: d as i64,
+        };
+        for opts in options() {
+            for kernel in kernels_for(d) {
+                let attn = FlashAttention::new(
+                    &AttentionShape {
+                        batch: 5,
+                        heads_q: hq,
+                        heads_kv: hkv,
+                        head_dim: d,
+                        seqlens: SeqLens::Varlen {
+                            cu_seqlens_q: &cq,
+                            cu_seqlens_k: &ck,
+                        },
+                    },
+                    &opts,
+                )
+                .unwrap()
+                .with_kernel(kernel);
+                let (want, want_lse) = dense_attention_f64(
+                    &attn,
+                    Strided::new(&qkv[..], s),
+                    Strided::new(&qkv[hq * d..], s),
+                    Strided::new(&qkv[(hq + hkv) * d..], s),
+                )
+                .unwrap();
+                let dqkv = stream.clone_htod(&qkv).unwrap();
+                let mut dout = stream
+                    .clone_htod(&vec![bf16::from_f32(f32::NAN); tq * out_row])
+                    .unwrap();
+                let mut dlse: CudaSlice<f32> = stream.clone_htod(&vec![f32::NAN; hq * tq]).unwrap();
+                attn.forward_gpu(
+                    &stream,
+                    Strided::new(&dqkv.slice(..), s),
+                    Strided::new(&dqkv.slice(hq * d..), s),
+                    Strided::new(&dqkv.slice((hq + hkv) * d..), s),
+                    Strided::new(&mut dout, os),
+                    Some(&mut dlse),
+                )
+                .unwrap();
+                let out = stream.clone_dtoh(&dout).unwrap();
+                let lse = stream.clone_dtoh(&dlse).unwrap();
+                let mut got = Vec::with_capacity(tq * hq * d);
+                for t in 0..tq {
+                    let r = &out[t * out_row..(t + 1) * out_row];
+                    got.extend(r[..hq * d].iter().map(|x| x.to_f64()));
+                    assert!(
+                        r[hq * d..].iter().all(|x| x.is_nan()),
+                        "padding of token {t} was written"
+                    );
+                }
+                let err = rel_l2(&got, &want);
+                assert!(err < 2e-2, "varlen d={d} {opts:?} {kernel:?}: {err}");
+                check_lse(&lse, &want_lse, 5e-3 * 10.0, "varlen lse");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_merge_matches_cpu() {
+    let Some(ctx) = gpu_or_skip("gpu_merge_matches_cpu") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let shape = MergeShape {
+        batch: 2,
+        seqlen: 37,
+        heads: 3,
+        head_dim: 72,
+    };
+    let mut r = rng(3);
+    let a_o: Vec<f32> = random_vec(&mut r, shape.o_len());
+    let b_o: Vec<f32> = random_vec(&mut r, shape.o_len());
+    let mut a_l: Vec<f32> = random_vec(&mut r, shape.lse_len());
+    let mut b_l: Vec<f32> = random_vec(&mut r, shape.lse_len());
+    // Empty partials on some rows, both empty on others.
+    for i in (0..shape.lse_len()).step_by(5) {
+        a_l[i] = f32::NEG_INFINITY;
+    }
+    for i in (0..shape.lse_len()).step_by(10) {
+        b_l[i] = f32::NEG_INFINITY;
+    }
+    let mut want_o = vec![0.0f32; shape.o_len()];
+    let mut want_l = vec![0.0f32; shape.lse_len()];
+    shape
+        .merge_cpu(
+            Partial {
+                o: &a_o[..],
+                lse: &a_l[..],
+            },
+            Partial {
+                o: &b_o[..],
+                lse: &b_l[..],
+            },
+            Partial {
+                o: &mut want_o[..],
+                lse: &mut want_l[..],
+            },
+        )
+        .unwrap();
+    let (da_o, da_l) = (
+        stream.clone_htod(&a_o).unwrap(),
+        stream.clone_htod(&a_l).unwrap(),
+    );
+    let (db_o, db_l) = (
+        stream.clone_htod(&b_o).unwrap(),
+        stream.clone_htod(&b_l).unwrap(),
+    );
+    let mut out_o = stream.clone_htod(&vec![f32::NAN; shape.o_len()]).unwrap();
+    let mut out_l = stream.clone_htod(&vec![f32::NAN; shape.lse_len()]).unwrap();
+    shape
+        .merge_gpu(
+            &stream,
+            Partial {
+                o: &da_o,
+                lse: &da_l,
+            },
+            Partial {
+                o: &db_o,
+                lse: &db_l,
+            },
+            Partial {
+                o: &mut out_o,
+                lse: &mut out_l,
+            },
+        )
+        .unwrap();
+    let got_o = stream.clone_dtoh(&out_o).unwrap();
+    let got_l = stream.clone_dtoh(&out_l).unwrap();
+    assert!(rel_l2(&to_f64(&got_o), &to_f64(&want_o)) < 1e-6);
+    check_lse(&got_l, &to_f64(&want_l), 1e-5, "merge lse");
+    // In place, bf16.
+    let a16: Vec<bf16> = a_o.iter().map(|&x| bf16::from_f32(x)).collect();
+    let b16: Vec<bf16> = b_o.iter().map(|&x| bf16::from_f32(x)).collect();
+    let mut acc_o = stream.clone_htod(&a16).unwrap();
+    let mut acc_l = stream.clone_htod(&a_l).unwrap();
+    let db16 = stream.clone_htod(&b16).unwrap();
+    shape
+        .merge_into_gpu(
+            &stream,
+            Partial {
+                o: &mut acc_o,
+                lse: &mut acc_l,
+            },
+            Partial {
+                o: &db16,
+                lse: &db_l,
+            },
+        )
+        .unwrap();
+    let got = stream.clone_dtoh(&acc_o).unwrap();
+    assert!(rel_l2(&to_f64(&got), &to_f64(&want_o)) < 1e-2);
+    check_lse(
+        &stream.clone_dtoh(&acc_l).unwrap(),
+        &to_f64(&want_l),
+        1e-5,
+        "merge_into lse",
+    );
+}
+
+#[test]
+fn gpu_rejects_bad_inputs() {
+    let Some(ctx) = gpu_or_skip("gpu_rejects_bad_inputs") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let x = Dims {
+        b: 1,
+        sq: 8,
+        sk: 8,
+        hq: 2,
+        hkv: 2,
+        d: 64,
+    };
+    let attn = FlashAttention::new(&fixed_shape(x), &AttentionOptions::default()).unwrap();
+    let s = Strides::contiguous(8, 2, 64);
+    let buf: CudaSlice<bf16> = stream
+        .clone_htod(&vec![bf16::from_f32(0.5); 1024 + 8])
+        .unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(1024 + 8).unwrap();
+    // Misaligned pointer (offset by one element).
+    let r = attn.forward_gpu(
+        &stream,
+        Strided::new(&buf.slice(1..), s),
+        Strided::new(&buf.slice(..), s),
+        Strided::new(&buf.slice(..), s),
+        Strided::new(&mut out, s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Stride(_))), "{r:?}");
+    // Stride not a multiple of 8 elements.
+    let odd = Strides { seq: 130, ..s };
+    let r = attn.forward_gpu(
+        &stream,
+        Strided::new(&buf, odd),
+        Strided::new(&buf, s),
+        Strided::new(&buf, s),
+        Strided::new(&mut out, s),
+        None,
+    );
+    assert!(
+        matches!(r, Err(Error::Stride(_)) | Err(Error::Shape(_))),
+        "{r:?}"
+    );
+    // f32 is CPU-only for dense attention.
+    let f: CudaSlice<f32> = stream.alloc_zeros(1024).unwrap();
+    let mut fo: CudaSlice<f32> = stream.alloc_zeros(1024).unwrap();
+    let r = attn.forward_gpu(
+        &stream,
+        Strided::new(&f, s),
+        Strided::new(&f, s),
+        Strided::new(&f, s),
+        Strided::new(&mut fo, s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    // Head dim not a multiple of 8; tensor-core kernel with an unsupported head dim.
+    let x12 = Dims { d: 12, ..x };
+    let a12 = FlashAttention::new(&fixed_shape(x12), &AttentionOptions::default()).unwrap();
+    let s12 = Strides::contiguous(8, 2, 12);
+    let r = a12.forward_gpu(
+        &stream,
+        Strided::new(&buf, s12),
+        Strided::new(&buf, s12),
+        Strided::new(&buf, s12),
+        Strided::new(&mut out, s12),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let x40 = Dims { d: 40, ..x };
+    let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
+        .unwrap()
+        .with_kernel(DenseKernel::TensorCore);
+    let s40 = Strides::contiguous(8, 2, 40);
+    let r = a40.forward_gpu(
+        &stream,
+        Strided::new(&buf, s40),
+        Strided::new(&buf, s40),
+        Strided::new(&buf, s40),
+        Strided::new(&mut out, s40),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    // Output buffer too small.
+    let mut small: CudaSlice<bf16> = stream.alloc_zeros(100).unwrap();
+    let r = attn.forward_gpu(
+        &stream,
+        Strided::new(&buf, s),
+        Strided::new(&buf, s),
+        Strided::new(&buf, s),
+        Strided::new(&mut small, s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+}
