@@ -1,1 +1,126 @@
-fn main() {}
+//! Criterion benches of dense attention: the CPU path always, the GPU kernels when a GPU is
+//! present. Throughput is reported as "elements/s" where one element is one FLOP
+//! (`4 * head_dim` per visible query-key pair and head), i.e. FLOP/s.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use longattn::cudarc::driver::CudaSlice;
+use longattn::*;
+
+fn fill(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+fn flops(mask: &Mask, b: usize, h: usize, d: usize, s: usize) -> u64 {
+    let pairs: usize = (0..s)
+        .map(|i| (0..s).filter(|&j| mask.visible(i, j, s, s)).count())
+        .sum();
+    4 * (b * h * d * pairs) as u64
+}
+
+fn problem(b: usize, s: usize, h: usize, d: usize, opts: AttentionOptions) -> FlashAttention {
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: h,
+        heads_kv: h,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: s,
+            seqlen_k: s,
+        },
+    };
+    FlashAttention::new(&shape, &opts).expect("valid problem")
+}
+
+fn cases() -> Vec<(&'static str, AttentionOptions)> {
+    vec![
+        ("full", AttentionOptions::default()),
+        ("causal", AttentionOptions::causal()),
+        (
+            "window128",
+            AttentionOptions::default().with_window(Window::causal_tokens(128).unwrap()),
+        ),
+    ]
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    let mut group = c.benchmark_group("dense_cpu_bf16");
+    group.sample_size(10);
+    let (b, s, h, d) = (1, 512, 4, 64);
+    let st = Strides::contiguous(s, h, d);
+    let (q, k, v) = (
+        fill(b * s * h * d, 1),
+        fill(b * s * h * d, 2),
+        fill(b * s * h * d, 3),
+    );
+    let mut out = vec![bf16::ZERO; b * s * h * d];
+    for (name, opts) in cases() {
+        let attn = problem(b, s, h, d, opts);
+        group.throughput(Throughput::Elements(flops(&opts.mask, b, h, d, s)));
+        group.bench_function(BenchmarkId::new(name, format!("s{s}_h{h}_d{d}")), |bench| {
+            bench.iter(|| {
+                attn.forward_cpu(
+                    Strided::new(&q[..], st),
+                    Strided::new(&k[..], st),
+                    Strided::new(&v[..], st),
+                    Strided::new(&mut out[..], st),
+                    None,
+                )
+                .unwrap()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn bench_gpu(c: &mut Criterion) {
+    let ctx = match longattn::device::open_gpu(0) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            println!("SKIP (no GPU) dense GPU benches: {e}");
+            return;
+        }
+    };
+    let stream = ctx.default_stream();
+    let mut group = c.benchmark_group("dense_gpu_bf16");
+    group.sample_size(10);
+    let (b, s, h, d) = (4, 4096, 16, 128);
+    let st = Strides::contiguous(s, h, d);
+    let n = b * s * h * d;
+    let q: CudaSlice<bf16> = stream.clone_htod(&fill(n, 1)).unwrap();
+    let k: CudaSlice<bf16> = stream.clone_htod(&fill(n, 2)).unwrap();
+    let v: CudaSlice<bf16> = stream.clone_htod(&fill(n, 3)).unwrap();
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(n).unwrap();
+    for (name, opts) in cases() {
+        for kernel in [DenseKernel::TensorCore, DenseKernel::Simt] {
+            let attn = problem(b, s, h, d, opts).with_kernel(kernel);
+            group.throughput(Throughput::Elements(flops(&opts.mask, b, h, d, s)));
+            let id = BenchmarkId::new(format!("{name}_{kernel:?}"), format!("b{b}_s{s}_h{h}_d{d}"));
+            group.bench_function(id, |bench| {
+                bench.iter(|| {
+                    attn.forward_gpu(
+                        &stream,
+                        Strided::new(&q, st),
+                        Strided::new(&k, st),
+                        Strided::new(&v, st),
+                        Strided::new(&mut o, st),
+                        None,
+                    )
+                    .unwrap();
+                    stream.synchronize().unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_cpu, bench_gpu);
+criterion_main!(benches);

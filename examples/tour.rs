@@ -95,7 +95,7 @@ fn dense_case(
                 stream.clone_htod(&v)?,
             );
             let mut dout = stream.clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])?;
-            let mut run = |dout: &mut longattn::cudarc::driver::CudaSlice<bf16>| {
+            let run = |dout: &mut longattn::cudarc::driver::CudaSlice<bf16>| {
                 attn.forward_gpu(
                     &stream,
                     Strided::new(&dq, qs),

@@ -160,7 +160,6 @@ __global__ void __launch_bounds__(Tr::kThreads)
                sizeof(T);
     v_off[j] = ((lane & 15) * D + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
   }
-  // Byte offset of chunk pair `c2` (chunks 2*c2, 2*c2 + 1) given the per-lane offsets.
   constexpr uint32_t kChunk8Bytes = 64 * sizeof(T);  // 8 chunks of 8 elements
   const uint32_t q_base = mma::smem_addr(q_s);
   const uint32_t k_base = mma::smem_addr(k_s), v_base = mma::smem_addr(v_s);

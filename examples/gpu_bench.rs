@@ -1,0 +1,162 @@
+//! GPU throughput of the dense kernels on the shapes of the perf notes. Prints one
+//! `BENCH {json}` line per (shape, kernel) so that scripts/bench_summary.py can join them
+//! with the PyTorch baselines measured in the same run.
+//!
+//! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
+//! `cargo run --release --example gpu_bench [-- --quick]`
+
+use longattn::cudarc::driver::sys::CUevent_flags;
+use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::*;
+use std::sync::Arc;
+
+/// Visible (query, key) pairs of one head of one sequence.
+fn visible_pairs(mask: &Mask, sq: usize, sk: usize) -> u64 {
+    (0..sq)
+        .map(|i| {
+            let w = mask.window_range(i, sq, sk);
+            let s = mask.sink_range_rows(i..i + 1, sq, sk);
+            let both = w.end.min(s.end).saturating_sub(w.start.max(s.start));
+            (w.len() + s.len() - both) as u64
+        })
+        .sum()
+}
+
+fn lcg_fill(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+        })
+        .collect()
+}
+
+struct Case {
+    name: String,
+    b: usize,
+    s: usize,
+    h: usize,
+    d: usize,
+    opts: AttentionOptions,
+}
+
+fn time_case(stream: &Arc<CudaStream>, c: &Case, kernel: DenseKernel) -> Result<(f64, f64)> {
+    let shape = AttentionShape {
+        batch: c.b,
+        heads_q: c.h,
+        heads_kv: c.h,
+        head_dim: c.d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: c.s,
+            seqlen_k: c.s,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &c.opts)?.with_kernel(kernel);
+    let st = Strides::contiguous(c.s, c.h, c.d);
+    let n = c.b * c.s * c.h * c.d;
+    let q: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 1))?;
+    let k: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 2))?;
+    let v: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 3))?;
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(n)?;
+    let mut run = || {
+        attn.forward_gpu(
+            stream,
+            Strided::new(&q, st),
+            Strided::new(&k, st),
+            Strided::new(&v, st),
+            Strided::new(&mut o, st),
+            None,
+        )
+    };
+    run()?; // warm-up (module load)
+    let ev = |s: &CudaStream| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+    // Size the repetitions from one timed run: about 0.3 s per case, 3..=50 runs.
+    let (a, b) = (ev(stream)?, {
+        run()?;
+        ev(stream)?
+    });
+    b.synchronize()?;
+    let once = a.elapsed_ms(&b)? as f64;
+    let reps = ((300.0 / once.max(1e-3)) as usize).clamp(3, 50);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = ev(stream)?;
+        run()?;
+        let b = ev(stream)?;
+        b.synchronize()?;
+        times.push(a.elapsed_ms(&b)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    let ms = times[times.len() / 2];
+    let flops = 4.0 * (c.b * c.h * c.d) as f64 * visible_pairs(&c.opts.mask, c.s, c.s) as f64;
+    Ok((ms, flops / ms / 1e9))
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let ctx = longattn::device::open_gpu(0)?;
+    let stream = ctx.default_stream();
+    println!("# gpu_bench on {}", Device::Cuda(ctx.clone()).describe());
+    let mut cases = Vec::new();
+    // Dense: 16k tokens per batch (batch * seqlen = 16k), 2048 / d heads, as in FA's plots.
+    let seqs: &[usize] = if quick {
+        &[1024, 16384]
+    } else {
+        &[1024, 4096, 16384]
+    };
+    for &d in &[64usize, 128, 256] {
+        for &s in seqs {
+            for causal in [false, true] {
+                let opts = if causal {
+                    AttentionOptions::causal()
+                } else {
+                    AttentionOptions::default()
+                };
+                cases.push(Case {
+                    name: format!("dense_d{d}_s{s}_{}", if causal { "causal" } else { "full" }),
+                    b: 16384 / s,
+                    s,
+                    h: 2048 / d,
+                    d,
+                    opts,
+                });
+            }
+        }
+    }
+    // Sliding windows (causal, W tokens) at 16k and 64k, d = 128.
+    for &s in &[16384usize, 65536] {
+        for &w in &[256usize, 1024, 4096] {
+            cases.push(Case {
+                name: format!("window{w}_d128_s{s}"),
+                b: 1,
+                s,
+                h: 16,
+                d: 128,
+                opts: AttentionOptions::default().with_window(Window::causal_tokens(w)?),
+            });
+        }
+    }
+    for c in &cases {
+        for kernel in [DenseKernel::TensorCore, DenseKernel::Simt] {
+            let label = match kernel {
+                DenseKernel::TensorCore => "longattn-mma",
+                _ => "longattn-simt",
+            };
+            // The SIMT kernel is a correctness baseline: time it on the smaller cases only.
+            if kernel == DenseKernel::Simt && c.s > 4096 && !c.name.starts_with("window") {
+                continue;
+            }
+            match time_case(&stream, c, kernel) {
+                Ok((ms, tflops)) => println!(
+                    "BENCH {{\"name\":\"{}\",\"impl\":\"{label}\",\"b\":{},\"s\":{},\"h\":{},\"d\":{},\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}",
+                    c.name, c.b, c.s, c.h, c.d
+                ),
+                Err(e) => println!("# {} {label}: {e}", c.name),
+            }
+        }
+    }
+    Ok(())
+}

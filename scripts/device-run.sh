@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On a GPU machine (no Rust needed), from the folder made by scripts/device-build.sh:
+#   dist/device-run.sh OUT_DIR [--quick]
+# Runs the GPU tests with LONGATTN_REQUIRE_GPU=1, compute-sanitizer memcheck on the GPU
+# tests, the tour, the kernel benchmarks and the PyTorch baselines; writes full logs to
+# OUT_DIR and prints a short table last.
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${1:?usage: device-run.sh OUT_DIR [--quick]}
+QUICK=${2:-}
+mkdir -p "$OUT"
+export LONGATTN_REQUIRE_GPU=1
+declare -a SUMMARY
+step() { # name, timeout, command...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-28s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
+    "$(grep -E 'test result|ERROR SUMMARY|all results' "$OUT/$name.log" | tail -1)")")
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.log" 2>&1
+
+for t in "$HERE"/tests/*; do
+  step "test-$(basename "$t")" 300 "$t" --test-threads=4 --nocapture
+done
+
+if command -v compute-sanitizer > /dev/null; then
+  for t in dense_gpu paged; do
+    [ -x "$HERE/tests/$t" ] || continue
+    step "memcheck-$t" 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$HERE/tests/$t" --test-threads=1 --skip long --skip bad_inputs
+  done
+else
+  SUMMARY+=("compute-sanitizer not found")
+fi
+
+step tour 120 "$HERE/examples/tour"
+BENCH_ARGS=()
+[ "$QUICK" = "--quick" ] && BENCH_ARGS=(--quick)
+step gpu_bench 240 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
+[ -x "$HERE/examples/paged_bench" ] && step paged_bench 120 "$HERE/examples/paged_bench"
+step torch_baseline 300 python3 "$HERE/torch_baseline.py" --budget 150 "${BENCH_ARGS[@]}"
+python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" > "$OUT/summary.log" 2>&1
+
+echo "=== logs in $OUT ==="
+cat "$OUT/nvidia-smi.log"
+printf '%s\n' "${SUMMARY[@]}"
+grep -h "rel err\|worst" "$OUT"/test-*.log | head -20
+cat "$OUT/tour.log" | tail -12
+cat "$OUT/summary.log"

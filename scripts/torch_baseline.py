@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""PyTorch baselines on the shapes of examples/gpu_bench.rs, printed as `BENCH {json}` lines.
+
+SDPA with the flash and cuDNN backends (full and causal), FlexAttention with causal and
+sliding-window block masks. TFLOP/s counts 4*d FLOPs per visible (query, key) pair and
+head, like gpu_bench. Run on the GPU machine: python3 torch_baseline.py [--budget SECONDS]
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def visible_pairs(s, window=None, causal=False):
+    if window is not None:  # causal window of `window` tokens
+        w = window
+        return sum(min(i + 1, w) for i in range(s))
+    return s * (s + 1) // 2 if causal else s * s
+
+
+def bench(fn, reps=None):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(); fn(); end.record(); end.synchronize()
+    once = start.elapsed_time(end)
+    reps = reps or max(3, min(50, int(300 / max(once, 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record(); fn(); end.record(); end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def emit(name, impl, b, s, h, d, ms, pairs):
+    tflops = 4.0 * b * h * d * pairs / ms / 1e9
+    print("BENCH " + json.dumps(dict(name=name, impl=impl, b=b, s=s, h=h, d=d,
+                                     ms=round(ms, 4), tflops=round(tflops, 2))), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=240.0, help="seconds before FlexAttention cases are skipped")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    t0 = time.time()
+    dev = torch.device("cuda")
+    print(f"# torch {torch.__version__} on {torch.cuda.get_device_name()}", flush=True)
+    seqs = [1024, 16384] if args.quick else [1024, 4096, 16384]
+    for d in (64, 128, 256):
+        for s in seqs:
+            b, h = 16384 // s, 2048 // d
+            q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            for causal in (False, True):
+                name = f"dense_d{d}_s{s}_{'causal' if causal else 'full'}"
+                for impl, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                      ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    try:
+                        with sdpa_kernel(backend):
+                            ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                        emit(name, impl, b, s, h, d, ms, visible_pairs(s, causal=causal))
+                    except Exception as e:  # backend not available for this shape
+                        print(f"# {name} {impl}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            del q, k, v
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception as e:
+        print(f"# flex unavailable: {e}")
+        return
+    cases = [("dense_d128_s16384_causal", 16384, None)]
+    for s in (16384, 65536):
+        for w in (256, 1024, 4096):
+            cases.append((f"window{w}_d128_s{s}", s, w))
+    for name, s, w in cases:
+        if time.time() - t0 > args.budget:
+            print(f"# {name} flex: skipped (time budget)", flush=True)
+            continue
+        b, h, d = (16384 // s if w is None else 1), (16 if w is not None else 2048 // 128), 128
+        if w is None:
+            def mask_mod(bi, hi, qi, ki):
+                return qi >= ki
+        else:
+            def mask_mod(bi, hi, qi, ki, w=w):
+                return (qi >= ki) & (qi - ki < w)
+        try:
+            bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=s, KV_LEN=s, device="cuda")
+            q, k, v = (torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            ms = bench(lambda: flex(q, k, v, block_mask=bm))
+            emit(name, "flex", b, s, h, d, ms, visible_pairs(s, window=w, causal=True))
+            del q, k, v
+        except Exception as e:
+            print(f"# {name} flex: {type(e).__name__}: {str(e)[:160]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
