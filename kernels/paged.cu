@@ -183,7 +183,7 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
   cand.newest = sk > 0 ? (sk - 1) / ps : -1;
   const int n_pages = (sk + ps - 1) / ps;
 
-  for (int pg = tid; pg < n_pages; pg += kQuestThreads) scores[pg] = kNegInf;
+  for (int pg = tid; pg < c.max_pages_per_seq; pg += kQuestThreads) scores[pg] = kNegInf;
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
@@ -357,9 +357,11 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
     mask.key_tiles(qi_lo, qi_hi, sq, sk, ps, sink_pages, first, last);
     n_work = sink_pages + (last - first);
   }
-  const long long w0 = (long long)split * n_work / p.num_splits;
-  const long long w1 = (long long)(split + 1) * n_work / p.num_splits;
-  const long long v_end = w1 * ps;  // virtual keys: the tokens of this split's pages in order
+  // Virtual keys: the tokens of this split's pages in order (max_pages_per_seq * page_size
+  // fits in i32, checked on the host).
+  const int w0 = (int)((long long)split * n_work / p.num_splits);
+  const int w1 = (int)((long long)(split + 1) * n_work / p.num_splits);
+  const int v_end = w1 * ps;
   const int32_t *table = c.block_table + (long long)b * c.max_pages_per_seq;
 
   float m[kRows], l[kRows], acc[kRows][kVec];
@@ -376,19 +378,18 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
   __syncthreads();  // q_s staged
 
   // The loop bound is per warp (uniform), so the lane-group shuffles below are safe.
-  const long long step = (long long)n_slots * kKeysPerStep;
-  for (long long vw = w0 * ps + (long long)warp * slots_per_warp * kKeysPerStep; vw < v_end;
-       vw += step) {
-    const long long v0 = vw + (long long)ty * kKeysPerStep;
+  const int step = n_slots * kKeysPerStep;
+  for (int vw = w0 * ps + warp * slots_per_warp * kKeysPerStep; vw < v_end; vw += step) {
+    const int v0 = vw + ty * kKeysPerStep;
     uint4 kr[kKeysPerStep], vr[kKeysPerStep];
     int j[kKeysPerStep];
 #pragma unroll
     for (int t = 0; t < kKeysPerStep; ++t) {
-      const long long v = v0 + t;
+      const int v = v0 + t;
       j[t] = -1;
       kr[t] = vr[t] = make_uint4(0, 0, 0, 0);
       if (v < v_end) {
-        const int w = (int)(v / ps), slot = (int)(v % ps);
+        const int w = v / ps, slot = v - w * ps;
         const int page = listed ? list[w] : (w < sink_pages ? w : first + (w - sink_pages));
         const int key = page * ps + slot;
         if (key < sk) {

@@ -1,0 +1,340 @@
+//! The paged KV cache: geometry, validated tables, and appending new tokens with their
+//! Quest page metadata.
+
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{Strided, Strides, check_cu_seqlens, check_extent};
+use std::collections::HashMap;
+
+/// Geometry of the cache buffers: `k_cache, v_cache: [num_pages, page_size, heads_kv,
+/// head_dim]` (NHD, contiguous) and the Quest metadata `kmin, kmax: [num_pages, heads_kv,
+/// head_dim]` f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PagedLayout {
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+}
+
+impl PagedLayout {
+    /// Elements of one of `k_cache`, `v_cache`.
+    pub fn cache_len(&self) -> usize {
+        self.num_pages * self.page_size * self.heads_kv * self.head_dim
+    }
+    /// Values of one of `kmin`, `kmax`.
+    pub fn meta_len(&self) -> usize {
+        self.num_pages * self.heads_kv * self.head_dim
+    }
+    /// Element offset of (physical page, slot, kv head, channel 0) in the cache.
+    pub fn slot_offset(&self, page: usize, slot: usize, kv_head: usize) -> usize {
+        ((page * self.page_size + slot) * self.heads_kv + kv_head) * self.head_dim
+    }
+    /// Offset of (physical page, kv head, channel 0) in `kmin`/`kmax`.
+    pub fn meta_offset(&self, page: usize, kv_head: usize) -> usize {
+        (page * self.heads_kv + kv_head) * self.head_dim
+    }
+}
+
+/// The tables of a batch: `block_table: [batch, max_pages_per_seq]` physical page ids (row
+/// `b` maps logical page `t / page_size` of sequence `b`), `seqlens_k: [batch]` tokens per
+/// sequence. Entries of a row past the sequence's last page are ignored (may be -1).
+#[derive(Debug, Clone, Copy)]
+pub struct PageTable<'a> {
+    pub block_table: &'a [i32],
+    pub max_pages_per_seq: usize,
+    pub seqlens_k: &'a [i32],
+}
+
+/// K and V buffers of one cache (host slices, device buffers, shared or mutable).
+#[derive(Debug)]
+pub struct KvPages<D> {
+    pub k: D,
+    pub v: D,
+}
+
+/// Quest metadata: per-page, per-kv-head, per-channel bounds of the keys written so far,
+/// `kmin, kmax: [num_pages, heads_kv, head_dim]` f32.
+#[derive(Debug)]
+pub struct PageMeta<D> {
+    pub kmin: D,
+    pub kmax: D,
+}
+
+/// A validated paged KV cache description: the geometry plus a copy of the tables.
+/// Every page id a sequence uses (tokens `0..seqlens_k[b]`) is in `0..num_pages`, so the
+/// CPU and GPU paths index the buffers without further checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagedCache {
+    pub(crate) layout: PagedLayout,
+    pub(crate) batch: usize,
+    pub(crate) max_pages_per_seq: usize,
+    pub(crate) block_table: Vec<i32>,
+    pub(crate) seqlens_k: Vec<i32>,
+}
+
+impl PagedCache {
+    pub fn new(layout: PagedLayout, table: PageTable) -> Result<Self> {
+        let PagedLayout {
+            num_pages,
+            page_size,
+            heads_kv,
+            head_dim,
+        } = layout;
+        if page_size == 0 || heads_kv == 0 || head_dim == 0 {
+            return Err(Error::Shape(format!(
+                "page_size ({page_size}), heads_kv ({heads_kv}) and head_dim ({head_dim}) must \
+                 all be >= 1"
+            )));
+        }
+        let limit = i32::MAX as usize;
+        if num_pages > limit || table.max_pages_per_seq == 0 {
+            return Err(Error::Shape(format!(
+                "num_pages = {num_pages} must fit in i32 and max_pages_per_seq = {} be >= 1",
+                table.max_pages_per_seq
+            )));
+        }
+        // The kernels index tokens of one sequence with i32.
+        if table.max_pages_per_seq.checked_mul(page_size).is_none_or(|n| n > limit) {
+            return Err(Error::Shape(format!(
+                "max_pages_per_seq ({}) * page_size ({page_size}) must fit in i32",
+                table.max_pages_per_seq
+            )));
+        }
+        if (num_pages as u128) * (page_size as u128) * (heads_kv as u128) * (head_dim as u128)
+            > i64::MAX as u128
+        {
+            return Err(Error::Shape(format!("cache {layout:?} is too large to index")));
+        }
+        let batch = table.seqlens_k.len();
+        if batch == 0 {
+            return Err(Error::Shape("seqlens_k is empty: batch must be >= 1".into()));
+        }
+        if table.block_table.len() != batch * table.max_pages_per_seq {
+            return Err(Error::Shape(format!(
+                "block_table holds {} entries but [batch, max_pages_per_seq] = [{batch}, {}] \
+                 needs {}",
+                table.block_table.len(),
+                table.max_pages_per_seq,
+                batch * table.max_pages_per_seq
+            )));
+        }
+        for (b, &sk) in table.seqlens_k.iter().enumerate() {
+            if sk < 0 {
+                return Err(Error::Index(format!("seqlens_k[{b}] = {sk} is negative")));
+            }
+            let pages = (sk as usize).div_ceil(page_size);
+            if pages > table.max_pages_per_seq {
+                return Err(Error::Index(format!(
+                    "sequence {b} holds {sk} tokens = {pages} pages of {page_size} but its \
+                     block_table row has only {} entries",
+                    table.max_pages_per_seq
+                )));
+            }
+            let row = &table.block_table[b * table.max_pages_per_seq..][..pages];
+            if let Some((lp, &id)) = row
+                .iter()
+                .enumerate()
+                .find(|&(_, &id)| id < 0 || id as usize >= num_pages)
+            {
+                return Err(Error::Index(format!(
+                    "block_table[{b}][{lp}] = {id} is not a page id in 0..{num_pages}"
+                )));
+            }
+        }
+        Ok(PagedCache {
+            layout,
+            batch,
+            max_pages_per_seq: table.max_pages_per_seq,
+            block_table: table.block_table.to_vec(),
+            seqlens_k: table.seqlens_k.to_vec(),
+        })
+    }
+
+    pub fn layout(&self) -> PagedLayout {
+        self.layout
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn page_size(&self) -> usize {
+        self.layout.page_size
+    }
+    pub fn heads_kv(&self) -> usize {
+        self.layout.heads_kv
+    }
+    pub fn head_dim(&self) -> usize {
+        self.layout.head_dim
+    }
+    pub fn max_pages_per_seq(&self) -> usize {
+        self.max_pages_per_seq
+    }
+    pub fn block_table(&self) -> &[i32] {
+        &self.block_table
+    }
+    pub fn seqlens_k(&self) -> &[i32] {
+        &self.seqlens_k
+    }
+    /// Tokens of sequence `b`.
+    pub fn seqlen(&self, b: usize) -> usize {
+        self.seqlens_k[b] as usize
+    }
+    /// Logical pages sequence `b` uses: `ceil(seqlen / page_size)`.
+    pub fn pages_of(&self, b: usize) -> usize {
+        self.seqlen(b).div_ceil(self.layout.page_size)
+    }
+    /// Physical page of logical page `lp` of sequence `b` (`lp < pages_of(b)`).
+    pub fn page_id(&self, b: usize, lp: usize) -> usize {
+        self.block_table[b * self.max_pages_per_seq + lp] as usize
+    }
+    /// Element offset of key/value token `j` of sequence `b`, kv head `kvh`, channel 0.
+    pub fn token_offset(&self, b: usize, j: usize, kvh: usize) -> usize {
+        let ps = self.layout.page_size;
+        self.layout.slot_offset(self.page_id(b, j / ps), j % ps, kvh)
+    }
+
+    pub(crate) fn check_kv(&self, k_len: usize, v_len: usize) -> Result<()> {
+        for (name, len) in [("k_cache", k_len), ("v_cache", v_len)] {
+            if len != self.layout.cache_len() {
+                return Err(Error::Shape(format!(
+                    "{name} holds {len} elements but [num_pages, page_size, heads_kv, head_dim] \
+                     = {:?} needs {}",
+                    [
+                        self.layout.num_pages,
+                        self.layout.page_size,
+                        self.layout.heads_kv,
+                        self.layout.head_dim
+                    ],
+                    self.layout.cache_len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_meta(&self, kmin_len: usize, kmax_len: usize) -> Result<()> {
+        for (name, len) in [("kmin", kmin_len), ("kmax", kmax_len)] {
+            if len != self.layout.meta_len() {
+                return Err(Error::Shape(format!(
+                    "{name} holds {len} values but [num_pages, heads_kv, head_dim] needs {}",
+                    self.layout.meta_len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates an append of `cu_seqlens_new` (length batch + 1) new tokens per sequence
+    /// (counted in `seqlens_k` already) and the `[total_new, heads_kv, head_dim]` inputs.
+    /// Returns the most pages one sequence's new tokens touch.
+    pub(crate) fn check_append(
+        &self,
+        cu_seqlens_new: &[i32],
+        k_new: (usize, &Strides),
+        v_new: (usize, &Strides),
+    ) -> Result<usize> {
+        check_cu_seqlens(cu_seqlens_new, self.batch, "cu_seqlens_new")?;
+        let total = cu_seqlens_new[self.batch] as usize;
+        let dims = [1, total, self.layout.heads_kv, self.layout.head_dim];
+        check_extent("k_new", k_new.1, dims, k_new.0)?;
+        check_extent("v_new", v_new.1, dims, v_new.0)?;
+        let ps = self.layout.page_size;
+        let mut owner: HashMap<usize, (usize, usize)> = HashMap::new();
+        let mut max_touched = 0;
+        for b in 0..self.batch {
+            let n = (cu_seqlens_new[b + 1] - cu_seqlens_new[b]) as usize;
+            let end = self.seqlen(b);
+            if n > end {
+                return Err(Error::Index(format!(
+                    "sequence {b} appends {n} tokens but seqlens_k[{b}] = {end}; seqlens_k must \
+                     count the new tokens"
+                )));
+            }
+            if n == 0 {
+                continue;
+            }
+            let pages = (end - n) / ps..end.div_ceil(ps);
+            max_touched = max_touched.max(pages.len());
+            // Two writers of one page would race on its slots and its kmin/kmax.
+            for lp in pages {
+                let id = self.page_id(b, lp);
+                if let Some(&(b0, lp0)) = owner.get(&id) {
+                    return Err(Error::Index(format!(
+                        "page {id} is written by sequence {b0} (logical page {lp0}) and by \
+                         sequence {b} (logical page {lp}) in one append"
+                    )));
+                }
+                owner.insert(id, (b, lp));
+            }
+        }
+        Ok(max_touched)
+    }
+
+    /// Writes new tokens into their slots and updates the pages' Quest bounds (CPU path).
+    ///
+    /// `k_new, v_new: [total_new, heads_kv, head_dim]` (element strides; `batch` unused),
+    /// sequence `b`'s rows `cu_seqlens_new[b]..cu_seqlens_new[b + 1]` go to positions
+    /// `seqlens_k[b] - n_b ..seqlens_k[b]` (this cache's `seqlens_k` already counts them).
+    ///
+    /// Metadata definition: `kmin/kmax` of a page are the per-channel bounds over the slots
+    /// written so far (slots `0..=last written`; a partially filled page has bounds over its
+    /// filled prefix only). An append that writes slot 0 restarts the page: its bounds are
+    /// those of the new tokens alone, so a page reused by another sequence forgets its previous
+    /// owner. Otherwise the existing bounds are widened. Both equal min/max recomputed over
+    /// slots `0..=last` as long as pages are filled in order, which the tables guarantee.
+    pub fn append_cpu<T: Element>(
+        &self,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&[T]>,
+        v_new: Strided<&[T]>,
+        cache: KvPages<&mut [T]>,
+        meta: Option<PageMeta<&mut [f32]>>,
+    ) -> Result<()> {
+        self.check_append(
+            cu_seqlens_new,
+            (k_new.data.len(), &k_new.strides),
+            (v_new.data.len(), &v_new.strides),
+        )?;
+        self.check_kv(cache.k.len(), cache.v.len())?;
+        if let Some(m) = &meta {
+            self.check_meta(m.kmin.len(), m.kmax.len())?;
+        }
+        let KvPages { k: k_cache, v: v_cache } = cache;
+        let mut meta = meta;
+        let (ps, hkv, d) = (self.layout.page_size, self.layout.heads_kv, self.layout.head_dim);
+        let row = |s: &Strides, t: usize, h: usize| t * s.seq as usize + h * s.head as usize;
+        for b in 0..self.batch {
+            let t0 = cu_seqlens_new[b] as usize;
+            let n = cu_seqlens_new[b + 1] as usize - t0;
+            let end = self.seqlen(b);
+            let start = end - n;
+            for pos in start..end {
+                let (lp, slot) = (pos / ps, pos % ps);
+                let id = self.page_id(b, lp);
+                let t = t0 + pos - start;
+                for h in 0..hkv {
+                    let dst = self.layout.slot_offset(id, slot, h);
+                    let ks = row(&k_new.strides, t, h);
+                    let vs = row(&v_new.strides, t, h);
+                    k_cache[dst..dst + d].copy_from_slice(&k_new.data[ks..ks + d]);
+                    v_cache[dst..dst + d].copy_from_slice(&v_new.data[vs..vs + d]);
+                    if let Some(m) = meta.as_mut() {
+                        let mo = self.layout.meta_offset(id, h);
+                        let fresh = slot == 0;
+                        for c in 0..d {
+                            let x = k_new.data[ks + c].to_f32();
+                            let (lo, hi) = (&mut m.kmin[mo + c], &mut m.kmax[mo + c]);
+                            if fresh {
+                                (*lo, *hi) = (x, x);
+                            } else {
+                                *lo = lo.min(x);
+                                *hi = hi.max(x);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
