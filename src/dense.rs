@@ -142,7 +142,7 @@ impl FlashAttention {
                  ({head_dim}) must all be >= 1"
             )));
         }
-        if heads_q % heads_kv != 0 {
+        if !heads_q.is_multiple_of(heads_kv) {
             return Err(Error::Shape(format!(
                 "GQA needs heads_q % heads_kv == 0, got heads_q = {heads_q}, heads_kv = {heads_kv}"
             )));
@@ -420,7 +420,7 @@ impl FlashAttention {
         let d = self.head_dim;
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];
-        let mut scores = vec![0.0f32; CPU_TILE_N];
+        let mut scores = [0.0f32; CPU_TILE_N];
         for row0 in (0..sq).step_by(CPU_TILE_M) {
             let rows = row0..(row0 + CPU_TILE_M).min(sq);
             let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);

@@ -139,7 +139,7 @@ pub(crate) fn check_no_overlap(name: &str, strides: &Strides, dims: [usize; 4]) 
                  output must not alias itself"
             )));
         }
-        extent = stride * (n as i64 - 1) + extent;
+        extent += stride * (n as i64 - 1);
     }
     Ok(())
 }

@@ -46,7 +46,7 @@ impl FlashAttention {
                 "dense attention on the GPU takes f16 or bf16 (f32 runs on the CPU path)".into(),
             ));
         }
-        if self.head_dim % 8 != 0 || self.head_dim > GPU_MAX_HEAD_DIM {
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > GPU_MAX_HEAD_DIM {
             return Err(Error::Unsupported(format!(
                 "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
                 self.head_dim

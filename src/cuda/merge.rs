@@ -64,6 +64,7 @@ impl MergeShape {
 /// `ptrs`: a.o, a.lse, b.o, b.lse, out.o, out.lse (out may alias a).
 #[cfg(not(longattn_cuda))]
 fn launch<T: Element>(_: &MergeShape, _: &Arc<CudaStream>, _ptrs: [u64; 6]) -> Result<()> {
+    let _ = T::DTYPE;
     Err(Error::CudaNotCompiled)
 }
 
