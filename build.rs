@@ -85,38 +85,73 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
         .collect();
     sources.sort();
 
-    // cc locates nvcc through the NVCC variable only (`compiler()` would make it pass gcc
-    // flags); build scripts are single-threaded, so setting it here is sound.
-    unsafe { env::set_var("NVCC", nvcc) };
-    let mut build = cc::Build::new();
-    build
-        .cuda(true)
-        // The dev profile would otherwise pass -G (unoptimised device code).
-        .debug(false)
-        .opt_level(3)
-        .include(include)
-        .flag("-std=c++17")
-        .flag("--threads=0")
-        .flag("-lineinfo")
+    // nvcc is run directly, one process per file in parallel, with whole-program device
+    // compilation: cc's CUDA mode adds --device-c, under which warp shuffles become calls and
+    // the largest kernels spill. cc only archives the objects.
+    let mut flags: Vec<String> = [
+        "-c",
+        "-std=c++17",
+        "-O3",
+        "-Xcompiler=-fPIC",
+        "--threads=0",
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
         // A spill or local-memory use fails the build; LONGATTN_PTXAS_VERBOSE=1 prints the
         // full register/shared-memory report.
-        .flag("-Xptxas=-warn-spills,-warn-lmem-usage,-Werror")
-        .flag("--expt-relaxed-constexpr")
-        .warnings(false);
+        "-Xptxas=-warn-spills,-warn-lmem-usage,-Werror",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.push(format!("-I{}", include.display()));
     if env::var("LONGATTN_PTXAS_VERBOSE").is_ok_and(|v| v == "1") {
-        build.flag("-Xptxas=-v");
+        flags.push("-Xptxas=-v".into());
     }
     for arch in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let digits = arch.trim_end_matches(|c: char| c.is_ascii_alphabetic());
         if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
             panic!("LONGATTN_CUDA_ARCHS entry {arch:?} is not of the form 80 or 90a");
         }
-        build.flag(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
+        flags.push(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
     }
-    for source in &sources {
-        build.file(source);
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let jobs: Vec<_> = sources
+        .iter()
+        .map(|source| {
+            let object = out_dir
+                .join(source.file_stem().unwrap())
+                .with_extension("o");
+            let child = std::process::Command::new(nvcc)
+                .args(&flags)
+                .arg(source)
+                .arg("-o")
+                .arg(&object)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+            (source, object, child)
+        })
+        .collect();
+    let mut archive = cc::Build::new();
+    let mut failed = Vec::new();
+    for (source, object, child) in jobs {
+        let output = child.wait_with_output().expect("nvcc ran");
+        for line in String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .chain(String::from_utf8_lossy(&output.stdout).lines())
+        {
+            println!("cargo::warning={line}");
+        }
+        if !output.status.success() {
+            failed.push(source.display().to_string());
+        }
+        archive.object(object);
     }
-    build.compile("longattn_kernels");
+    if !failed.is_empty() {
+        panic!("nvcc failed on {}", failed.join(", "));
+    }
+    archive.compile("longattn_kernels");
 
     for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
         let dir = toolkit_root.join(lib_dir);
@@ -143,6 +178,7 @@ fn generate_bindings(include: &Path) {
         .collect();
     let bindings = bindgen::Builder::default()
         .header_contents("longattn_all.h", &wrapper)
+        .clang_arg(format!("-I{}", include.display()))
         .allowlist_function("la_.*")
         .allowlist_type("La.*")
         .rustified_enum("La.*")

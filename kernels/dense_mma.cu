@@ -19,7 +19,7 @@ namespace longattn {
 namespace {
 
 // Tile configuration of one head dim.
-template <int kHeadDim_, int kBlockN_, int kStages_, bool kQInRegs_>
+template <int kHeadDim_, int kBlockN_, int kStages_, bool kQInRegs_, int kMinBlocks_>
 struct MmaTraits {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
@@ -30,6 +30,9 @@ struct MmaTraits {
   // Q fragments held in registers across key tiles (else re-read from shared memory per tile,
   // which keeps the hd256 O accumulator of 128 registers clear of spills).
   static constexpr bool kQInRegs = kQInRegs_;
+  // Resident blocks per SM asked of ptxas (__launch_bounds__): caps registers at
+  // 65536 / (kThreads * kMinBlocks), matching what shared memory allows anyway.
+  static constexpr int kMinBlocks = kMinBlocks_;
 
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
   static constexpr int kSBlocks = kBlockN / 8;        // n8 blocks of S per warp: (16, kBlockN)
@@ -53,9 +56,9 @@ struct MmaTraits {
   static_assert(kStages >= 2 && kStages <= 4, "cp.async ring depth");
 };
 
-using Traits64 = MmaTraits<64, 64, 3, true>;     // 56 KB shared
-using Traits128 = MmaTraits<128, 64, 2, true>;   // 80 KB shared
-using Traits256 = MmaTraits<256, 32, 2, false>;  // 96 KB shared
+using Traits64 = MmaTraits<64, 64, 3, true, 3>;     // 56 KB shared, <= 170 registers
+using Traits128 = MmaTraits<128, 64, 2, true, 2>;   // 80 KB shared, <= 255 registers
+using Traits256 = MmaTraits<256, 32, 2, false, 1>;  // 96 KB shared, <= 255 registers
 
 // Element offset of 16-byte chunk `chunk` of `row` in a row-major (rows, kHeadDim) tile.
 // Chunks are XOR-swizzled with the row's low 3 bits so that the 8 row addresses of one
@@ -94,7 +97,7 @@ __device__ __forceinline__ uint32_t pack2(float x, float y) {
 }
 
 template <typename T, class Tr>
-__global__ void __launch_bounds__(Tr::kThreads)
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     dense_mma_kernel(const __grid_constant__ LaDenseParams p) {
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -196,8 +199,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
 
   const float scale_log2 = p.scale * kLog2e;
   const bool softcap = p.softcap > 0.0f;
-  const float cap_pre = softcap ? p.scale / p.softcap : 0.0f;  // tanh argument per q.k
-  const float cap_post = p.softcap * kLog2e;                   // cap, in log2 units
+  const float cap_pre = softcap ? __fdividef(p.scale, p.softcap) : 0.0f;  // tanh arg per q.k
+  const float cap_post = p.softcap * kLog2e;  // cap, in log2 units
 
   float m[2] = {kNegInf, kNegInf};  // row max, log2 units
   float l[2] = {0.0f, 0.0f};        // this thread's partial row sum (quad-reduced at the end)
@@ -281,8 +284,8 @@ __global__ void __launch_bounds__(Tr::kThreads)
       float mx = m[r];
 #pragma unroll
       for (int i = 0; i < Tr::kSBlocks; ++i) mx = fmaxf(mx, fmaxf(sc[i][2 * r], sc[i][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, mma::shfl_xor<1>(mx));
+      mx = fmaxf(mx, mma::shfl_xor<2>(mx));
       const float alpha = rescale_factor(m[r], mx);
       // A row with nothing visible yet has mx = -inf: subtract 0 instead, so that masked
       // scores give exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN.
@@ -330,9 +333,9 @@ __global__ void __launch_bounds__(Tr::kThreads)
   float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    inv[r] = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // empty row: output 0
+    l[r] += mma::shfl_xor<1>(l[r]);
+    l[r] += mma::shfl_xor<2>(l[r]);
+    inv[r] = l[r] > 0.0f ? __fdividef(1.0f, l[r]) : 0.0f;  // empty row: output 0
   }
   // Stage the warp's (16, kHeadDim) O tile in its own Q rows (same swizzle), then write
   // 16-byte vectors to global memory.
@@ -344,7 +347,7 @@ __global__ void __launch_bounds__(Tr::kThreads)
       *reinterpret_cast<uint32_t *>(q_s + swizzle<D>(row, i) + 2 * tq) =
           pack2<T>(acc[i][2 * r] * inv[r], acc[i][2 * r + 1] * inv[r]);
     }
-  __syncwarp();
+  mma::syncwarp();
   constexpr int kCpr = Tr::kChunksPerRow;
 #pragma unroll
   for (int pass = 0; pass < 16 * kCpr / 32; ++pass) {

@@ -6,7 +6,9 @@
 // cover one key row and a warp holds 32 / G key "slots". A block of 4 warps serves one
 // (sequence, kv head, group of up to 8 query rows), where the rows are the (query position,
 // query head of the group) pairs: every K/V vector loaded feeds all rows of the group, so a
-// page is read once per GQA group. Each slot runs its own online-softmax state over its keys
+// page is read once per GQA group. With more than 4 rows the warps form two teams of 4 rows
+// each that walk the same keys (the second load of a vector is an L1 hit; 8 rows per warp
+// would spill). Each slot runs its own online-softmax state over its keys
 // (4 keys per step, so 8 independent 16-byte loads are in flight per lane) and the slots'
 // states are merged in shared memory at the end. Split-KV divides the block's page list
 // into num_splits contiguous parts (blockIdx.x) whose (o, lse) a merge kernel combines.
@@ -20,6 +22,9 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = LA_PAGED_DECODE_ROWS;  // query rows per decode block
+constexpr int kWarpRows = 4;                 // query rows per warp (registers: 4 x 8 accumulators)
+constexpr int kTeams = kRows / kWarpRows;    // warp teams when a block holds > 4 rows
+static_assert(kRows % kWarpRows == 0 && kWarps % kTeams == 0, "warps split evenly into teams");
 constexpr int kVec = 8;                      // elements per 16-byte load
 constexpr int kKeysPerStep = 4;              // keys a slot loads before one softmax rescale
 constexpr int kQuestWarps = 8;
@@ -50,6 +55,18 @@ __device__ __forceinline__ void unpack8(const uint4 &raw, float (&f)[kVec]) {
     f[2 * x] = v.x;
     f[2 * x + 1] = v.y;
   }
+}
+
+// A shared-memory vector load the compiler may not hoist out of the key loop: the decode
+// block's query rows (kRows x 8 floats per lane) would otherwise be kept in registers next to
+// the accumulators and spill.
+__device__ __forceinline__ float4 lds128_volatile(const float *ptr) {
+  float4 v;
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(ptr);
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr));
+  return v;
 }
 
 __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys, int slot,
@@ -304,7 +321,7 @@ inline size_t decode_smem_bytes(int d) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+__global__ void __launch_bounds__(kThreads, 2) decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
   const LaPagedCache &c = p.cache;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int d = c.head_dim, ps = c.page_size;
@@ -364,9 +381,16 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
   const int v_end = w1 * ps;
   const int32_t *table = c.block_table + (long long)b * c.max_pages_per_seq;
 
-  float m[kRows], l[kRows], acc[kRows][kVec];
+  // Teams: with nrows > kWarpRows, warp team t owns rows [t * kWarpRows, (t + 1) * kWarpRows)
+  // and walks all keys with its warps; otherwise one team of every warp owns all rows.
+  const int teams = nrows > kWarpRows ? kTeams : 1;
+  const int team_warps = kWarps / teams;
+  const int team = warp / team_warps, team_warp = warp % team_warps;
+  const int team_slots = team_warps * slots_per_warp;
+  const int wrow0 = team * kWarpRows;  // first block row of this warp
+  float m[kWarpRows], l[kWarpRows], acc[kWarpRows][kVec];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kWarpRows; ++r) {
     m[r] = kNegInf;
     l[r] = 0.0f;
 #pragma unroll
@@ -378,8 +402,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
   __syncthreads();  // q_s staged
 
   // The loop bound is per warp (uniform), so the lane-group shuffles below are safe.
-  const int step = n_slots * kKeysPerStep;
-  for (int vw = w0 * ps + warp * slots_per_warp * kKeysPerStep; vw < v_end; vw += step) {
+  const int step = team_slots * kKeysPerStep;
+  for (int vw = w0 * ps + team_warp * slots_per_warp * kKeysPerStep; vw < v_end; vw += step) {
     const int v0 = vw + ty * kKeysPerStep;
     uint4 kr[kKeysPerStep], vr[kKeysPerStep];
     int j[kKeysPerStep];
@@ -402,23 +426,25 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
         }
       }
     }
-    float kf[kKeysPerStep][kVec];
 #pragma unroll
-    for (int t = 0; t < kKeysPerStep; ++t) unpack8<T>(kr[t], kf[t]);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r >= nrows) break;
-      const int qi = (row0 + r) / group;
-      float qv[kVec];
-#pragma unroll
-      for (int x = 0; x < kVec; ++x) qv[x] = lane_active ? q_s[r * d + col + x] : 0.0f;
+    for (int r = 0; r < kWarpRows; ++r) {
+      if (wrow0 + r < nrows) {
+      const int qi = (row0 + wrow0 + r) / group;
+      // Inactive lanes (col >= d) read row r's first channels: their K is zero anyway.
+      const float *qrow = q_s + (wrow0 + r) * d + (lane_active ? col : 0);
+      const float4 qa = lds128_volatile(qrow), qb = lds128_volatile(qrow + 4);
+      const float qv[kVec] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
       float s[kKeysPerStep];
       float tile_max = kNegInf;
 #pragma unroll
       for (int t = 0; t < kKeysPerStep; ++t) {
+        // K stays packed in registers and is widened per row: ALU is cheap here, registers
+        // are not (8 rows x 8 accumulators per lane already).
+        float kf[kVec];
+        unpack8<T>(kr[t], kf);
         float dot = 0.0f;
 #pragma unroll
-        for (int x = 0; x < kVec; ++x) dot = fmaf(qv[x], kf[t][x], dot);
+        for (int x = 0; x < kVec; ++x) dot = fmaf(qv[x], kf[x], dot);
         dot = reduce_sum_lanes(dot, g_lanes);
         float xs = kNegInf;
         if (j[t] >= 0 && mask.visible(qi, j[t], sq, sk)) {
@@ -429,8 +455,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
         s[t] = xs;
         tile_max = fmaxf(tile_max, xs);
       }
+      // Nothing visible yet keeps (m, l, acc) = (-inf, 0, 0): rescale_factor gives 1 and
+      // every p is 0.
       const float m_new = fmaxf(m[r], tile_max);
-      if (m_new == kNegInf) continue;  // nothing visible yet: keep (m, l, acc) = (-inf, 0, 0)
       const float alpha = rescale_factor(m[r], m_new);
       l[r] *= alpha;
 #pragma unroll
@@ -445,20 +472,23 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
         for (int x = 0; x < kVec; ++x) acc[r][x] = fmaf(pr, vf[x], acc[r][x]);
       }
       m[r] = m_new;
+      }
     }
   }
 
   // Merge the slots' states (the same (m, l, acc) algebra as OnlineSoftmax / merge_weights).
-  const int slot_id = warp * slots_per_warp + ty;
+  // Slot sl of a team writes rows of that team only, so [slot][kRows] holds both teams.
+  const int slot_id = team_warp * slots_per_warp + ty;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kWarpRows; ++r) {
+    const int row = wrow0 + r;
     if (tx == 0) {
-      m_s[slot_id * kRows + r] = m[r];
-      l_s[slot_id * kRows + r] = l[r];
+      m_s[slot_id * kRows + row] = m[r];
+      l_s[slot_id * kRows + row] = l[r];
     }
     if (lane_active) {
 #pragma unroll
-      for (int x = 0; x < kVec; ++x) acc_s[(slot_id * kRows + r) * d + col + x] = acc[r][x];
+      for (int x = 0; x < kVec; ++x) acc_s[(slot_id * kRows + row) * d + col + x] = acc[r][x];
     }
   }
   __syncthreads();
@@ -466,9 +496,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const __grid_constant_
   for (int e = tid; e < nrows * d; e += kThreads) {
     const int r = e / d, ch = e % d;
     float m_all = kNegInf;
-    for (int sl = 0; sl < n_slots; ++sl) m_all = fmaxf(m_all, m_s[sl * kRows + r]);
+    for (int sl = 0; sl < team_slots; ++sl) m_all = fmaxf(m_all, m_s[sl * kRows + r]);
     float l_all = 0.0f, a_all = 0.0f;
-    for (int sl = 0; sl < n_slots; ++sl) {
+    for (int sl = 0; sl < team_slots; ++sl) {
       const float ms = m_s[sl * kRows + r];
       // An empty slot (m = -inf) contributes nothing; -inf - -inf would be NaN.
       const float f = ms == kNegInf ? 0.0f : exp2f(ms - m_all);

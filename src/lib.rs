@@ -37,3 +37,7 @@ pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
+pub use paged::{
+    HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
+    QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
+};

@@ -6,6 +6,7 @@
 
 pub mod dense;
 pub mod merge;
+pub mod paged;
 
 #[cfg(longattn_cuda)]
 #[allow(

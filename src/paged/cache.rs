@@ -95,7 +95,11 @@ impl PagedCache {
             )));
         }
         // The kernels index tokens of one sequence with i32.
-        if table.max_pages_per_seq.checked_mul(page_size).is_none_or(|n| n > limit) {
+        if table
+            .max_pages_per_seq
+            .checked_mul(page_size)
+            .is_none_or(|n| n > limit)
+        {
             return Err(Error::Shape(format!(
                 "max_pages_per_seq ({}) * page_size ({page_size}) must fit in i32",
                 table.max_pages_per_seq
@@ -104,11 +108,15 @@ impl PagedCache {
         if (num_pages as u128) * (page_size as u128) * (heads_kv as u128) * (head_dim as u128)
             > i64::MAX as u128
         {
-            return Err(Error::Shape(format!("cache {layout:?} is too large to index")));
+            return Err(Error::Shape(format!(
+                "cache {layout:?} is too large to index"
+            )));
         }
         let batch = table.seqlens_k.len();
         if batch == 0 {
-            return Err(Error::Shape("seqlens_k is empty: batch must be >= 1".into()));
+            return Err(Error::Shape(
+                "seqlens_k is empty: batch must be >= 1".into(),
+            ));
         }
         if table.block_table.len() != batch * table.max_pages_per_seq {
             return Err(Error::Shape(format!(
@@ -190,7 +198,8 @@ impl PagedCache {
     /// Element offset of key/value token `j` of sequence `b`, kv head `kvh`, channel 0.
     pub fn token_offset(&self, b: usize, j: usize, kvh: usize) -> usize {
         let ps = self.layout.page_size;
-        self.layout.slot_offset(self.page_id(b, j / ps), j % ps, kvh)
+        self.layout
+            .slot_offset(self.page_id(b, j / ps), j % ps, kvh)
     }
 
     pub(crate) fn check_kv(&self, k_len: usize, v_len: usize) -> Result<()> {
@@ -299,9 +308,16 @@ impl PagedCache {
         if let Some(m) = &meta {
             self.check_meta(m.kmin.len(), m.kmax.len())?;
         }
-        let KvPages { k: k_cache, v: v_cache } = cache;
+        let KvPages {
+            k: k_cache,
+            v: v_cache,
+        } = cache;
         let mut meta = meta;
-        let (ps, hkv, d) = (self.layout.page_size, self.layout.heads_kv, self.layout.head_dim);
+        let (ps, hkv, d) = (
+            self.layout.page_size,
+            self.layout.heads_kv,
+            self.layout.head_dim,
+        );
         let row = |s: &Strides, t: usize, h: usize| t * s.seq as usize + h * s.head as usize;
         for b in 0..self.batch {
             let t0 = cu_seqlens_new[b] as usize;

@@ -3,5 +3,6 @@
 //! against the mask, no tiling.
 
 pub mod dense;
+pub mod paged;
 
 pub use dense::dense_attention_f64;

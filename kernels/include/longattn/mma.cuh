@@ -81,5 +81,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Warp primitives as inline PTX. The build compiles with relocatable device code (cc passes
+// --device-c), where __shfl_xor_sync and __syncwarp become calls into the device runtime
+// (__cuda_sm70_shflsync_bfly_p, __cuda_sm70_warpsync) whose ABI costs registers and spills.
+template <int kLaneMask> __device__ __forceinline__ float shfl_xor(float x) {
+  float y;
+  asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;\n"
+               : "=f"(y)
+               : "f"(x), "n"(kLaneMask));
+  return y;
+}
+__device__ __forceinline__ void syncwarp() {
+  asm volatile("bar.warp.sync 0xffffffff;\n" ::: "memory");
+}
+
 }  // namespace mma
 }  // namespace longattn

@@ -17,7 +17,8 @@
 
 #include <stdint.h>
 
-#include "longattn/dense.h"
+/* Relative to this file, so that bindgen (which has no include path) finds it too. */
+#include "dense.h"
 
 #ifdef __cplusplus
 extern "C" {

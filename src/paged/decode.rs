@@ -1,0 +1,558 @@
+//! Decode attention over the paged cache: the validated problem, Quest selection and the CPU
+//! path (split-KV with the same page partition and merge as the kernels).
+
+use super::cache::{KvPages, PageMeta, PagedCache};
+use super::select::{Candidates, HeadPolicy, PageLists, QuestSelection, SparsePolicy, select_top};
+use crate::dense::AttentionOptions;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
+use crate::mask::{Mask, Window};
+use crate::softmax::{OnlineSoftmax, merge_weights};
+use rayon::prelude::*;
+
+/// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
+/// (`LA_PAGED_DECODE_ROWS` in paged.h): a page is read once per block.
+pub const DECODE_ROWS_PER_BLOCK: usize = 8;
+/// Largest `q_len` (speculative decoding drafts).
+pub const MAX_Q_LEN: usize = 16;
+/// Split-KV never gives a split fewer keys than this (the merge would cost more than the
+/// parallelism gains).
+pub const MIN_KEYS_PER_SPLIT: usize = 256;
+/// Upper bound on splits.
+pub const MAX_SPLITS: usize = 64;
+
+/// A validated decode problem over a paged cache.
+///
+/// `q, out: [batch, q_len, heads_q, head_dim]` (element strides), causal among the new
+/// tokens by default (bottom-right aligned: the last query row sees all `seqlens_k[b]` keys),
+/// `lse: [batch, heads_q, q_len]` f32, natural log. A row that sees nothing gives output 0 and
+/// LSE `-inf`. Query head `h` reads kv head `h / (heads_q / heads_kv)`.
+///
+/// Key `j` is read by query row `i` of kv head `g` iff the head's mask (the options' mask, or
+/// the streaming mask for [`HeadPolicy::Streaming`]) makes it visible and, for
+/// [`HeadPolicy::Quest`] / [`HeadPolicy::Listed`] heads, its page `j / page_size` is selected.
+#[derive(Debug, Clone)]
+pub struct PagedDecode {
+    pub(crate) cache: PagedCache,
+    pub(crate) heads_q: usize,
+    pub(crate) q_len: usize,
+    pub(crate) scale: f32,
+    pub(crate) softcap: Option<f32>,
+    pub(crate) mask: Mask,
+    pub(crate) policy: SparsePolicy,
+    pub(crate) lists: Option<PageLists>,
+    pub(crate) num_splits: Option<usize>,
+}
+
+impl PagedDecode {
+    /// `options` gives scale, softcap and the base mask; decode usually wants
+    /// `AttentionOptions::causal()`.
+    pub fn new(
+        cache: &PagedCache,
+        heads_q: usize,
+        q_len: usize,
+        options: &AttentionOptions,
+    ) -> Result<Self> {
+        let heads_kv = cache.heads_kv();
+        if heads_q == 0 || heads_q % heads_kv != 0 {
+            return Err(Error::Shape(format!(
+                "heads_q = {heads_q} must be a positive multiple of the cache's heads_kv = \
+                 {heads_kv}"
+            )));
+        }
+        if heads_q > i32::MAX as usize {
+            return Err(Error::Shape(format!("heads_q = {heads_q} must fit in i32")));
+        }
+        if !(1..=MAX_Q_LEN).contains(&q_len) {
+            return Err(Error::Shape(format!(
+                "q_len = {q_len}: decode takes 1..={MAX_Q_LEN} new tokens per sequence"
+            )));
+        }
+        let scale = options.resolve_scale(cache.head_dim())?;
+        Ok(PagedDecode {
+            cache: cache.clone(),
+            heads_q,
+            q_len,
+            scale,
+            softcap: options.softcap,
+            mask: options.mask,
+            policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
+            lists: None,
+            num_splits: None,
+        })
+    }
+
+    /// Per-kv-head policy (`policy.heads.len() == heads_kv`).
+    pub fn with_policy(mut self, policy: SparsePolicy) -> Result<Self> {
+        if policy.heads.len() != self.cache.heads_kv() {
+            return Err(Error::Shape(format!(
+                "policy has {} heads but the cache has heads_kv = {}",
+                policy.heads.len(),
+                self.cache.heads_kv()
+            )));
+        }
+        let s = policy.streaming;
+        if policy.heads.contains(&HeadPolicy::Streaming)
+            && (s.window == 0 || s.window > i32::MAX as usize || s.sinks > i32::MAX as usize)
+        {
+            return Err(Error::InvalidOption(format!(
+                "streaming window = {} must be in 1..={} and sinks = {} fit in i32",
+                s.window,
+                i32::MAX,
+                s.sinks
+            )));
+        }
+        let q = policy.quest;
+        if policy.heads.contains(&HeadPolicy::Quest)
+            && (q.token_budget == 0
+                || q.token_budget > i32::MAX as usize
+                || q.sink_pages > i32::MAX as usize)
+        {
+            return Err(Error::InvalidOption(format!(
+                "quest token_budget = {} must be in 1..={} and sink_pages = {} fit in i32",
+                q.token_budget,
+                i32::MAX,
+                q.sink_pages
+            )));
+        }
+        self.policy = policy;
+        Ok(self)
+    }
+
+    /// Explicit pages for the [`HeadPolicy::Listed`] heads; every page must be one of the
+    /// sequence's pages (`< ceil(seqlens_k[b] / page_size)`).
+    pub fn with_page_lists(mut self, lists: PageLists) -> Result<Self> {
+        if lists.batch != self.cache.batch() || lists.heads_kv != self.cache.heads_kv() {
+            return Err(Error::Shape(format!(
+                "page lists are [{}, {}] but the cache is [batch, heads_kv] = [{}, {}]",
+                lists.batch,
+                lists.heads_kv,
+                self.cache.batch(),
+                self.cache.heads_kv()
+            )));
+        }
+        for b in 0..lists.batch {
+            let pages = self.cache.pages_of(b);
+            for kvh in 0..lists.heads_kv {
+                if let Some(&p) = lists.get(b, kvh).iter().find(|&&p| p as usize >= pages) {
+                    return Err(Error::Index(format!(
+                        "page list of sequence {b}, kv head {kvh} names page {p} but the \
+                         sequence has {pages} pages"
+                    )));
+                }
+            }
+        }
+        self.lists = Some(lists);
+        Ok(self)
+    }
+
+    /// Forces the number of KV splits (1 = no split); `None` (default) lets the GPU path
+    /// pick with [`PagedDecode::splits_for`]; the CPU path then uses 1.
+    pub fn with_splits(mut self, splits: Option<usize>) -> Result<Self> {
+        if let Some(s) = splits
+            && !(1..=65535).contains(&s)
+        {
+            return Err(Error::InvalidOption(format!(
+                "num_splits = {s} must be in 1..=65535"
+            )));
+        }
+        self.num_splits = splits;
+        Ok(self)
+    }
+
+    pub fn cache(&self) -> &PagedCache {
+        &self.cache
+    }
+    pub fn heads_q(&self) -> usize {
+        self.heads_q
+    }
+    pub fn q_len(&self) -> usize {
+        self.q_len
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    pub fn softcap(&self) -> Option<f32> {
+        self.softcap
+    }
+    pub fn policy(&self) -> &SparsePolicy {
+        &self.policy
+    }
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads_q / self.cache.heads_kv()
+    }
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / self.group()
+    }
+    /// Elements of a contiguous q or out: `batch * q_len * heads_q * head_dim`.
+    pub fn out_len(&self) -> usize {
+        self.cache.batch() * self.q_len * self.heads_q * self.cache.head_dim()
+    }
+    /// LSE values: `batch * heads_q * q_len`.
+    pub fn lse_len(&self) -> usize {
+        self.cache.batch() * self.heads_q * self.q_len
+    }
+    pub(crate) fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.heads_q + h) * self.q_len + i
+    }
+    /// Whether some head needs the Quest metadata.
+    pub fn needs_meta(&self) -> bool {
+        self.policy.heads.contains(&HeadPolicy::Quest)
+    }
+
+    /// The options' mask (Full, Quest and Listed heads; Quest candidates).
+    pub fn base_mask(&self) -> Mask {
+        self.mask
+    }
+
+    /// The mask kv head `kvh` applies (streaming heads use their own).
+    pub fn mask_of(&self, kvh: usize) -> Mask {
+        match self.policy.heads[kvh] {
+            HeadPolicy::Streaming => Mask {
+                window: Window::new(Some(self.policy.streaming.window - 1), Some(0)),
+                sinks: self.policy.streaming.sinks,
+            },
+            _ => self.mask,
+        }
+    }
+
+    /// Candidate pages of sequence `b` for Quest: those with a key the base mask leaves
+    /// visible to some row.
+    pub(crate) fn candidates(&self, b: usize) -> Candidates {
+        let sk = self.cache.seqlen(b);
+        let tiles = self
+            .mask
+            .key_tiles(0..self.q_len, self.q_len, sk, self.cache.page_size());
+        Candidates {
+            sink_pages: tiles.sink_tiles.end,
+            window: tiles.window_tiles,
+            newest: (sk > 0).then(|| (sk - 1) / self.cache.page_size()),
+        }
+    }
+
+    /// Split count for the GPU: enough blocks to fill `sm_count` SMs about twice over, never
+    /// splits of fewer than [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`]. A forced
+    /// count ([`PagedDecode::with_splits`]) wins.
+    pub fn splits_for(&self, sm_count: usize) -> usize {
+        if let Some(s) = self.num_splits {
+            return s;
+        }
+        let rows = self.q_len * self.group();
+        let blocks =
+            self.cache.batch() * self.cache.heads_kv() * rows.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let target = 2 * sm_count.max(1);
+        if blocks >= target {
+            return 1;
+        }
+        let max_keys = (0..self.cache.batch())
+            .map(|b| self.cache.seqlen(b))
+            .max()
+            .unwrap_or(0);
+        let by_keys = max_keys / MIN_KEYS_PER_SPLIT;
+        target.div_ceil(blocks).min(by_keys).clamp(1, MAX_SPLITS)
+    }
+
+    /// Bytes of K and V the kernels read (each selected page once per (sequence, kv head,
+    /// row block)), for throughput reports.
+    pub fn kv_bytes_read(&self, elem_bytes: usize) -> usize {
+        let rows = self.q_len * self.group();
+        let blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let lists = self.lists.as_ref();
+        let mut tokens = 0;
+        for b in 0..self.cache.batch() {
+            for kvh in 0..self.cache.heads_kv() {
+                let pages = match self.policy.heads[kvh] {
+                    HeadPolicy::Listed => lists.map_or(0, |l| l.get(b, kvh).len()),
+                    HeadPolicy::Quest => {
+                        let c = self.candidates(b);
+                        let n = c.iter().count();
+                        self.policy
+                            .quest
+                            .budget_pages(self.cache.page_size())
+                            .min(n)
+                    }
+                    _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
+                };
+                tokens += pages * self.cache.page_size();
+            }
+        }
+        tokens * blocks * 2 * self.cache.head_dim() * elem_bytes
+    }
+
+    /// Logical pages (ascending) that rows `rows` of (sequence `b`, kv head `kvh`) read, in
+    /// the kernels' order: sink pages, then window pages; or the selected list.
+    pub(crate) fn work_pages(
+        &self,
+        b: usize,
+        kvh: usize,
+        rows: std::ops::Range<usize>,
+        selected: Option<&PageLists>,
+    ) -> Vec<u32> {
+        match self.policy.heads[kvh] {
+            HeadPolicy::Quest | HeadPolicy::Listed => {
+                selected.map_or_else(Vec::new, |l| l.get(b, kvh).to_vec())
+            }
+            HeadPolicy::Full | HeadPolicy::Streaming => {
+                let sk = self.cache.seqlen(b);
+                let t = self
+                    .mask_of(kvh)
+                    .key_tiles(rows, self.q_len, sk, self.cache.page_size());
+                t.iter().map(|p| p as u32).collect()
+            }
+        }
+    }
+
+    pub(crate) fn check_io(
+        &self,
+        q: (usize, &Strides),
+        out: Option<(usize, &Strides)>,
+        lse: Option<usize>,
+    ) -> Result<()> {
+        let dims = [
+            self.cache.batch(),
+            self.q_len,
+            self.heads_q,
+            self.cache.head_dim(),
+        ];
+        check_extent("q", q.1, dims, q.0)?;
+        if let Some((len, s)) = out {
+            check_extent("out", s, dims, len)?;
+            check_no_overlap("out", s, dims)?;
+        }
+        if let Some(len) = lse
+            && len < self.lse_len()
+        {
+            return Err(Error::Shape(format!(
+                "lse holds {len} values but batch * heads_q * q_len = {} are needed",
+                self.lse_len()
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_policy_inputs(&self, has_meta: bool) -> Result<()> {
+        if self.needs_meta() && !has_meta {
+            return Err(Error::InvalidOption(
+                "Quest heads need the page metadata (kmin, kmax)".into(),
+            ));
+        }
+        if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
+            return Err(Error::InvalidOption(
+                "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn q_row<T: Element>(&self, q: &Strided<&[T]>, b: usize, i: usize, h: usize) -> Vec<f32> {
+        let s = &q.strides;
+        let off = (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+        q.data[off..off + self.cache.head_dim()]
+            .iter()
+            .map(|x| x.to_f32())
+            .collect()
+    }
+
+    /// Quest selection on the CPU: scores and the selected pages of every Quest head.
+    /// `q: [batch, q_len, heads_q, head_dim]`; metadata as written by the append.
+    pub fn select_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        meta: PageMeta<&[f32]>,
+    ) -> Result<QuestSelection> {
+        self.check_io((q.data.len(), &q.strides), None, None)?;
+        self.cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
+        let (hkv, d, mp) = (
+            self.cache.heads_kv(),
+            self.cache.head_dim(),
+            self.cache.max_pages_per_seq(),
+        );
+        let layout = self.cache.layout();
+        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        let per: Vec<(Vec<f32>, Vec<u32>)> = (0..self.cache.batch() * hkv)
+            .into_par_iter()
+            .map(|bg| {
+                let (b, kvh) = (bg / hkv, bg % hkv);
+                let mut scores = vec![f32::NEG_INFINITY; mp];
+                if self.policy.heads[kvh] != HeadPolicy::Quest {
+                    return (scores, Vec::new());
+                }
+                let rows: Vec<Vec<f32>> = (0..self.q_len)
+                    .flat_map(|i| (0..self.group()).map(move |gh| (i, gh)))
+                    .map(|(i, gh)| self.q_row(&q, b, i, kvh * self.group() + gh))
+                    .collect();
+                let cand = self.candidates(b);
+                for p in cand.iter() {
+                    let mo = layout.meta_offset(self.cache.page_id(b, p), kvh);
+                    let (lo, hi) = (&meta.kmin[mo..mo + d], &meta.kmax[mo..mo + d]);
+                    scores[p] = rows
+                        .iter()
+                        .map(|qr| {
+                            (0..d)
+                                .map(|c| (qr[c] * hi[c]).max(qr[c] * lo[c]))
+                                .sum::<f32>()
+                        })
+                        .fold(f32::NEG_INFINITY, f32::max);
+                }
+                let sel = select_top(&cand, &scores, self.policy.quest.sink_pages, budget);
+                (scores, sel)
+            })
+            .collect();
+        let mut scores = Vec::with_capacity(self.cache.batch() * hkv * mp);
+        let mut lists = Vec::with_capacity(per.len());
+        for (s, l) in per {
+            scores.extend(s);
+            lists.push(l);
+        }
+        Ok(QuestSelection {
+            scores,
+            pages: PageLists {
+                batch: self.cache.batch(),
+                heads_kv: hkv,
+                lists,
+            },
+        })
+    }
+
+    /// Selected pages of the Quest and Listed heads (Quest from `select_cpu`).
+    fn selected_pages<T: Element>(
+        &self,
+        q: &Strided<&[T]>,
+        meta: Option<&PageMeta<&[f32]>>,
+    ) -> Result<Option<PageLists>> {
+        if !self.needs_meta() && self.lists.is_none() {
+            return Ok(None);
+        }
+        let hkv = self.cache.heads_kv();
+        let mut lists = match meta {
+            Some(m) if self.needs_meta() => {
+                let q = Strided::new(q.data, q.strides);
+                self.select_cpu(
+                    q,
+                    PageMeta {
+                        kmin: m.kmin,
+                        kmax: m.kmax,
+                    },
+                )?
+                .pages
+            }
+            _ => PageLists {
+                batch: self.cache.batch(),
+                heads_kv: hkv,
+                lists: vec![Vec::new(); self.cache.batch() * hkv],
+            },
+        };
+        if let Some(given) = &self.lists {
+            for b in 0..self.cache.batch() {
+                for kvh in 0..hkv {
+                    if self.policy.heads[kvh] == HeadPolicy::Listed {
+                        lists.lists[b * hkv + kvh] = given.get(b, kvh).to_vec();
+                    }
+                }
+            }
+        }
+        Ok(Some(lists))
+    }
+
+    /// CPU decode (also the fallback without a GPU): f32 accumulation, the page list split
+    /// into `num_splits` contiguous parts (forced count, else 1) as on the GPU, each part an
+    /// online softmax over its pages, merged with [`merge_weights`].
+    pub fn forward_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        kv: KvPages<&[T]>,
+        meta: Option<PageMeta<&[f32]>>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.check_io(
+            (q.data.len(), &q.strides),
+            Some((out.data.len(), &out.strides)),
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        self.cache.check_kv(kv.k.len(), kv.v.len())?;
+        if let Some(m) = &meta {
+            self.cache.check_meta(m.kmin.len(), m.kmax.len())?;
+        }
+        self.check_policy_inputs(meta.is_some())?;
+        let selected = self.selected_pages(&q, meta.as_ref())?;
+        let splits = self.num_splits.unwrap_or(1);
+        let (d, ps) = (self.cache.head_dim(), self.cache.page_size());
+        let tasks: Vec<(usize, usize, usize)> = (0..self.cache.batch())
+            .flat_map(|b| {
+                (0..self.q_len).flat_map(move |i| (0..self.heads_q).map(move |h| (b, i, h)))
+            })
+            .collect();
+        let results: Vec<(Vec<f32>, f32)> = tasks
+            .par_iter()
+            .map(|&(b, i, h)| {
+                let kvh = self.kv_head(h);
+                let mask = self.mask_of(kvh);
+                let sk = self.cache.seqlen(b);
+                let qi = self.q_row(&q, b, i, h);
+                let pages = self.work_pages(b, kvh, i..i + 1, selected.as_ref());
+                let n = pages.len();
+                let mut acc = (vec![0.0f32; d], f32::NEG_INFINITY);
+                let mut scores = vec![0.0f32; ps];
+                let mut vrows = vec![0.0f32; ps * d];
+                for s in 0..splits {
+                    let part = &pages[s * n / splits..(s + 1) * n / splits];
+                    let mut state = OnlineSoftmax::new(d);
+                    for &p in part {
+                        let p = p as usize;
+                        let keys = p * ps..((p + 1) * ps).min(sk);
+                        for (t, j) in keys.clone().enumerate() {
+                            let off = self.cache.token_offset(b, j, kvh);
+                            scores[t] = if mask.visible(i, j, self.q_len, sk) {
+                                let dot: f32 = qi
+                                    .iter()
+                                    .zip(&kv.k[off..off + d])
+                                    .map(|(a, k)| a * k.to_f32())
+                                    .sum();
+                                let x = dot * self.scale;
+                                match self.softcap {
+                                    Some(cap) => cap * (x / cap).tanh(),
+                                    None => x,
+                                }
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                            for (dst, x) in vrows[t * d..(t + 1) * d]
+                                .iter_mut()
+                                .zip(&kv.v[off..off + d])
+                            {
+                                *dst = x.to_f32();
+                            }
+                        }
+                        state.update(&scores[..keys.len()], |t| &vrows[t * d..(t + 1) * d]);
+                    }
+                    let (o, l) = state.finish();
+                    let (wa, wb, lse) = merge_weights(acc.1, l);
+                    acc.0
+                        .iter_mut()
+                        .zip(&o)
+                        .for_each(|(a, x)| *a = wa * *a + wb * x);
+                    acc.1 = lse;
+                }
+                acc
+            })
+            .collect();
+        let Strided {
+            data: out_data,
+            strides: os,
+        } = out;
+        let mut lse = lse;
+        for (&(b, i, h), (o, l)) in tasks.iter().zip(results) {
+            let off = (b as i64 * os.batch + i as i64 * os.seq + h as i64 * os.head) as usize;
+            for (dst, x) in out_data[off..off + d].iter_mut().zip(&o) {
+                *dst = T::from_f32(*x);
+            }
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[self.lse_index(b, h, i)] = l;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,194 @@
+//! Sparse page selection: per-head policies (DuoAttention/RazorAttention style), explicit
+//! page lists, and Quest scoring with top-B selection.
+//!
+//! Quest score of logical page `p` for one query row `q` and kv head `g`:
+//! `S(p) = sum_c max(q_c * kmax_c, q_c * kmin_c)` (no `1/sqrt(d)`; it cannot change the
+//! order). **GQA aggregation: the max** over the group's query heads and over the `q_len`
+//! rows, so a page that any of them would attend to strongly is kept (the pages are shared
+//! by the group, and the max never lets one head's strong page be outvoted).
+//!
+//! Selection per (sequence, kv head): candidates are the pages holding a key that the base
+//! mask leaves visible to at least one row. Always kept: the page holding the newest token and
+//! the first `sink_pages` pages (when candidates). `K = min(max(B, #kept), #candidates)` pages
+//! are taken with `B = max(1, token_budget / page_size)`: kept pages first, then higher score,
+//! then lower page index (ties are deterministic). Lists are in ascending page order.
+
+use crate::error::{Error, Result};
+
+/// How one kv head reads the cache; one launch serves any mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum HeadPolicy {
+    /// Every page the base mask leaves visible ("retrieval" head, dense).
+    #[default]
+    Full,
+    /// Sinks plus the most recent window only ([`StreamingConfig`]); its mask replaces the
+    /// base mask for this head.
+    Streaming,
+    /// Quest top-B pages ("retrieval" head, sparse); needs the page metadata.
+    Quest,
+    /// The pages of an explicit [`PageLists`] entry for (sequence, kv head).
+    Listed,
+}
+
+/// Mask of streaming heads: causal window of `window` tokens (the current one included)
+/// plus the first `sinks` tokens, i.e. `Mask { window: (window - 1, 0), sinks }`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamingConfig {
+    pub sinks: usize,
+    pub window: usize,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            sinks: 4,
+            window: 1024,
+        }
+    }
+}
+
+/// Quest budget: `token_budget / page_size` pages (at least 1) per (sequence, kv head), plus
+/// the always-kept pages if they do not fit; `sink_pages` leading pages are always kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct QuestConfig {
+    pub token_budget: usize,
+    pub sink_pages: usize,
+}
+
+impl QuestConfig {
+    pub fn budget_pages(&self, page_size: usize) -> usize {
+        (self.token_budget / page_size.max(1)).max(1)
+    }
+}
+
+/// Per-kv-head policy of a decode call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct SparsePolicy {
+    /// `[heads_kv]`.
+    pub heads: Vec<HeadPolicy>,
+    pub streaming: StreamingConfig,
+    pub quest: QuestConfig,
+}
+
+impl SparsePolicy {
+    /// Every kv head follows `policy`.
+    pub fn uniform(heads_kv: usize, policy: HeadPolicy) -> Self {
+        SparsePolicy {
+            heads: vec![policy; heads_kv],
+            ..Default::default()
+        }
+    }
+    pub fn with_streaming(mut self, streaming: StreamingConfig) -> Self {
+        self.streaming = streaming;
+        self
+    }
+    pub fn with_quest(mut self, quest: QuestConfig) -> Self {
+        self.quest = quest;
+        self
+    }
+}
+
+/// Logical page indices per (sequence, kv head), ascending and unique: entry
+/// `b * heads_kv + kvh`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageLists {
+    pub(crate) batch: usize,
+    pub(crate) heads_kv: usize,
+    pub(crate) lists: Vec<Vec<u32>>,
+}
+
+impl PageLists {
+    /// `lists[b * heads_kv + kvh]` (any order, duplicates removed).
+    pub fn new(batch: usize, heads_kv: usize, lists: Vec<Vec<usize>>) -> Result<Self> {
+        if lists.len() != batch * heads_kv {
+            return Err(Error::Shape(format!(
+                "page lists: {} lists given but batch * heads_kv = {}",
+                lists.len(),
+                batch * heads_kv
+            )));
+        }
+        let lists = lists
+            .into_iter()
+            .map(|mut l| {
+                l.sort_unstable();
+                l.dedup();
+                l.into_iter()
+                    .map(|p| {
+                        u32::try_from(p)
+                            .ok()
+                            .filter(|&p| p <= i32::MAX as u32)
+                            .ok_or_else(|| {
+                                Error::Index(format!("page index {p} does not fit in i32"))
+                            })
+                    })
+                    .collect::<Result<Vec<u32>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PageLists {
+            batch,
+            heads_kv,
+            lists,
+        })
+    }
+
+    /// Pages of (sequence `b`, kv head `kvh`), ascending.
+    pub fn get(&self, b: usize, kvh: usize) -> &[u32] {
+        &self.lists[b * self.heads_kv + kvh]
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+    /// Longest list.
+    pub fn max_len(&self) -> usize {
+        self.lists.iter().map(Vec::len).max().unwrap_or(0)
+    }
+}
+
+/// Result of Quest selection: `scores: [batch, heads_kv, max_pages_per_seq]` (the aggregated
+/// score, `-inf` for pages that are not candidates and for non-Quest heads) and the selected
+/// pages per (sequence, kv head) (empty for non-Quest heads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuestSelection {
+    pub scores: Vec<f32>,
+    pub pages: PageLists,
+}
+
+/// Candidate logical pages of a (sequence, kv head) under the base mask.
+#[derive(Debug, Clone)]
+pub(crate) struct Candidates {
+    pub sink_pages: usize,
+    pub window: std::ops::Range<usize>,
+    pub newest: Option<usize>,
+}
+
+impl Candidates {
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.sink_pages).chain(self.window.clone())
+    }
+}
+
+/// Top-`K` selection with the documented order, from scores of candidate pages.
+/// `kept(p)` marks always-kept pages. Returns pages ascending.
+pub(crate) fn select_top(
+    cand: &Candidates,
+    scores: &[f32],
+    sink_pages: usize,
+    budget: usize,
+) -> Vec<u32> {
+    let kept = |p: usize| p < sink_pages || Some(p) == cand.newest;
+    let mut all: Vec<usize> = cand.iter().collect();
+    let n_kept = all.iter().filter(|&&p| kept(p)).count();
+    let k = budget.max(n_kept).min(all.len());
+    all.sort_by(|&a, &b| {
+        kept(b)
+            .cmp(&kept(a))
+            .then(scores[b].total_cmp(&scores[a]))
+            .then(a.cmp(&b))
+    });
+    let mut out: Vec<u32> = all[..k].iter().map(|&p| p as u32).collect();
+    out.sort_unstable();
+    out
+}

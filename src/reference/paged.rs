@@ -1,0 +1,199 @@
+//! Naive f64 references of the paged family: decode over an explicit visibility predicate
+//! (every key of the sequence tested), Quest scores of every page, brute-force top-B, and
+//! page bounds recomputed from the cache contents.
+
+use crate::element::Element;
+use crate::error::Result;
+use crate::layout::Strided;
+use crate::paged::{HeadPolicy, KvPages, PageLists, PageMeta, PagedCache, PagedDecode};
+
+/// The visibility rule of [`PagedDecode`] spelled out: key `j` of sequence `b` is read by
+/// query row `i` of kv head `kvh` iff the head's mask makes it visible and, for Quest/Listed
+/// heads, its page is in `selected`.
+pub fn decode_visible<'a>(
+    decode: &'a PagedDecode,
+    selected: Option<&'a PageLists>,
+) -> impl Fn(usize, usize, usize, usize) -> bool + 'a {
+    move |b, kvh, i, j| {
+        let sk = decode.cache().seqlen(b);
+        let in_mask = decode.mask_of(kvh).visible(i, j, decode.q_len(), sk);
+        let page = (j / decode.cache().page_size()) as u32;
+        in_mask
+            && match decode.policy().heads[kvh] {
+                HeadPolicy::Quest | HeadPolicy::Listed => {
+                    selected.is_some_and(|s| s.get(b, kvh).contains(&page))
+                }
+                _ => true,
+            }
+    }
+}
+
+/// Two-pass f64 decode: `out: [batch, q_len, heads_q, head_dim]` contiguous, `lse:
+/// [batch, heads_q, q_len]` natural log; rows with no visible key give 0 and `-inf`.
+/// `visible(b, kvh, i, j)` decides which keys each row reads.
+pub fn paged_decode_f64<T: Element>(
+    decode: &PagedDecode,
+    q: Strided<&[T]>,
+    kv: KvPages<&[T]>,
+    visible: impl Fn(usize, usize, usize, usize) -> bool,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let cache = decode.cache();
+    decode.check_io((q.data.len(), &q.strides), None, None)?;
+    cache.check_kv(kv.k.len(), kv.v.len())?;
+    let (d, hq, sq) = (cache.head_dim(), decode.heads_q(), decode.q_len());
+    let mut out = vec![0.0f64; decode.out_len()];
+    let mut lse = vec![f64::NEG_INFINITY; decode.lse_len()];
+    let scale = decode.scale() as f64;
+    for b in 0..cache.batch() {
+        let sk = cache.seqlen(b);
+        for i in 0..sq {
+            for h in 0..hq {
+                let kvh = decode.kv_head(h);
+                let s = &q.strides;
+                let qo = (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+                let qi = &q.data[qo..qo + d];
+                let scores: Vec<Option<f64>> = (0..sk)
+                    .map(|j| {
+                        visible(b, kvh, i, j).then(|| {
+                            let ko = cache.token_offset(b, j, kvh);
+                            let dot: f64 = qi
+                                .iter()
+                                .zip(&kv.k[ko..ko + d])
+                                .map(|(a, k)| a.to_f64() * k.to_f64())
+                                .sum();
+                            match decode.softcap() {
+                                Some(cap) => cap as f64 * (dot * scale / cap as f64).tanh(),
+                                None => dot * scale,
+                            }
+                        })
+                    })
+                    .collect();
+                let m = scores
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let l: f64 = scores.iter().flatten().map(|s| (s - m).exp()).sum();
+                let oo = ((b * sq + i) * hq + h) * d;
+                for (j, s) in scores.iter().enumerate() {
+                    if let Some(s) = s {
+                        let p = (s - m).exp() / l;
+                        let vo = cache.token_offset(b, j, kvh);
+                        for (acc, x) in out[oo..oo + d].iter_mut().zip(&kv.v[vo..vo + d]) {
+                            *acc += p * x.to_f64();
+                        }
+                    }
+                }
+                lse[(b * hq + h) * sq + i] = m + l.ln();
+            }
+        }
+    }
+    Ok((out, lse))
+}
+
+/// Quest scores in f64 of every page of every sequence and kv head, aggregated by max over
+/// the group's query heads and the q rows: `[batch, heads_kv, max_pages_per_seq]`, `-inf`
+/// past the sequence's pages.
+pub fn quest_scores_f64<T: Element>(
+    decode: &PagedDecode,
+    q: Strided<&[T]>,
+    meta: PageMeta<&[f32]>,
+) -> Result<Vec<f64>> {
+    let cache = decode.cache();
+    decode.check_io((q.data.len(), &q.strides), None, None)?;
+    cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
+    let (hkv, d, mp, g) = (
+        cache.heads_kv(),
+        cache.head_dim(),
+        cache.max_pages_per_seq(),
+        decode.group(),
+    );
+    let mut scores = vec![f64::NEG_INFINITY; cache.batch() * hkv * mp];
+    for b in 0..cache.batch() {
+        for kvh in 0..hkv {
+            for p in 0..cache.pages_of(b) {
+                let mo = cache.layout().meta_offset(cache.page_id(b, p), kvh);
+                let mut best = f64::NEG_INFINITY;
+                for i in 0..decode.q_len() {
+                    for h in kvh * g..(kvh + 1) * g {
+                        let s = &q.strides;
+                        let qo =
+                            (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+                        let sc: f64 = (0..d)
+                            .map(|c| {
+                                let x = q.data[qo + c].to_f64();
+                                (x * meta.kmax[mo + c] as f64).max(x * meta.kmin[mo + c] as f64)
+                            })
+                            .sum();
+                        best = best.max(sc);
+                    }
+                }
+                scores[(b * hkv + kvh) * mp + p] = best;
+            }
+        }
+    }
+    Ok(scores)
+}
+
+/// Brute-force Quest selection of one (sequence, kv head): candidate pages are those with a
+/// key visible to some row under `decode`'s base mask (every key tested); a candidate is
+/// selected iff fewer than `K` candidates beat it (kept first, then higher score, then lower
+/// index), `K = min(max(B, #kept), #candidates)`. Returns pages ascending.
+pub fn quest_select_brute(decode: &PagedDecode, b: usize, scores: &[f64]) -> Vec<u32> {
+    let cache = decode.cache();
+    let (ps, sk, sq) = (cache.page_size(), cache.seqlen(b), decode.q_len());
+    let base = decode.base_mask();
+    let cand: Vec<usize> = (0..cache.pages_of(b))
+        .filter(|&p| {
+            (p * ps..((p + 1) * ps).min(sk)).any(|j| (0..sq).any(|i| base.visible(i, j, sq, sk)))
+        })
+        .collect();
+    let quest = decode.policy().quest;
+    let newest = (sk > 0).then(|| (sk - 1) / ps);
+    let kept = |p: usize| p < quest.sink_pages || Some(p) == newest;
+    let n_kept = cand.iter().filter(|&&p| kept(p)).count();
+    let k = quest.budget_pages(ps).max(n_kept).min(cand.len());
+    let beats = |a: usize, x: usize| {
+        (kept(a), scores[a]) > (kept(x), scores[x])
+            || (kept(a) == kept(x) && scores[a] == scores[x] && a < x)
+    };
+    cand.iter()
+        .filter(|&&x| cand.iter().filter(|&&a| a != x && beats(a, x)).count() < k)
+        .map(|&p| p as u32)
+        .collect()
+}
+
+/// Per-page key bounds recomputed from the cache: for every page some sequence uses, over its
+/// filled slots `0..min(page_size, seqlen - lp * page_size)`. Returns
+/// `(page id, kv head, kmin [head_dim], kmax [head_dim])` per used (page, kv head).
+pub fn page_bounds<T: Element>(
+    cache: &PagedCache,
+    k_cache: &[T],
+) -> Vec<(usize, usize, Vec<f32>, Vec<f32>)> {
+    let (ps, d, layout) = (cache.page_size(), cache.head_dim(), cache.layout());
+    let mut out = Vec::new();
+    for b in 0..cache.batch() {
+        let sk = cache.seqlen(b);
+        for lp in 0..cache.pages_of(b) {
+            let id = cache.page_id(b, lp);
+            let filled = ps.min(sk - lp * ps);
+            for kvh in 0..cache.heads_kv() {
+                let mut lo = vec![f32::INFINITY; d];
+                let mut hi = vec![f32::NEG_INFINITY; d];
+                for slot in 0..filled {
+                    let o = layout.slot_offset(id, slot, kvh);
+                    for c in 0..d {
+                        let x = k_cache[o + c].to_f32();
+                        lo[c] = lo[c].min(x);
+                        hi[c] = hi[c].max(x);
+                    }
+                }
+                out.push((id, kvh, lo, hi));
+            }
+        }
+    }
+    out
+}
