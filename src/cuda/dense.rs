@@ -126,8 +126,7 @@ where
         }
         None => (0, None, 0, None),
     };
-    let mut lse = lse;
-    let (lse_ptr, _lse_sync) = match lse.as_deref_mut() {
+    let (lse_ptr, _lse_sync) = match lse {
         Some(l) => {
             let (p, s) = l.device_ptr_mut(stream);
             (p, Some(s))

@@ -39,7 +39,7 @@ pub(crate) fn check_vector_access(
     strides: &Strides,
     elem_bytes: usize,
 ) -> Result<()> {
-    if ptr % ALIGN_BYTES != 0 {
+    if !ptr.is_multiple_of(ALIGN_BYTES) {
         return Err(Error::Stride(format!(
             "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
         )));

@@ -30,7 +30,7 @@ fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
         ));
     }
     let d = cache.head_dim();
-    if d % 8 != 0 || d > GPU_MAX_HEAD_DIM {
+    if !d.is_multiple_of(8) || d > GPU_MAX_HEAD_DIM {
         return Err(Error::Unsupported(format!(
             "head_dim {d} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}"
         )));
@@ -135,6 +135,13 @@ impl PagedDecode {
         }
         self.check_policy_inputs(meta.is_some())?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
+        let row_blocks = (self.q_len * self.group()).div_ceil(crate::paged::DECODE_ROWS_PER_BLOCK);
+        if self.cache.heads_kv() * row_blocks > 65535 {
+            return Err(Error::Unsupported(format!(
+                "heads_kv ({}) * row blocks ({row_blocks}) exceeds the grid limit 65535",
+                self.cache.heads_kv()
+            )));
+        }
         imp::decode::<T, I, O>(self, stream, q, kv, meta, out, lse)
     }
 }
@@ -153,7 +160,11 @@ mod imp {
         _: KvPages<&mut O>,
         _: Option<PageMeta<&mut CudaSlice<f32>>>,
         _: usize,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
         Err(Error::CudaNotCompiled)
     }
 
@@ -162,7 +173,10 @@ mod imp {
         _: &Arc<CudaStream>,
         _: Strided<&I>,
         _: PageMeta<&CudaSlice<f32>>,
-    ) -> Result<GpuSelection> {
+    ) -> Result<GpuSelection>
+    where
+        I: DevicePtr<T>,
+    {
         Err(Error::CudaNotCompiled)
     }
 
@@ -174,7 +188,11 @@ mod imp {
         _: Option<PageMeta<&CudaSlice<f32>>>,
         _: Strided<&mut O>,
         _: Option<&mut CudaSlice<f32>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
         Err(Error::CudaNotCompiled)
     }
 }
@@ -188,7 +206,7 @@ mod imp {
     use cudarc::driver::sys::CUdevice_attribute;
 
     fn check_aligned(name: &str, ptr: u64) -> Result<()> {
-        if ptr % ALIGN_BYTES != 0 {
+        if !ptr.is_multiple_of(ALIGN_BYTES) {
             return Err(Error::Stride(format!(
                 "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
             )));
@@ -308,6 +326,7 @@ mod imp {
     }
 
     /// Runs the Quest kernel into `page_list`/`page_count` (and returns the scores).
+    #[allow(clippy::too_many_arguments)]
     fn quest_into<T, I>(
         decode: &PagedDecode,
         stream: &Arc<CudaStream>,
@@ -421,11 +440,7 @@ mod imp {
         let kinds_host = head_kinds(decode);
         let kinds = stream.clone_htod(&kinds_host)?;
         // Page lists: explicit lists for Listed heads; Quest heads' rows come from the kernel.
-        let listed = decode
-            .policy()
-            .heads
-            .iter()
-            .any(|&p| p == HeadPolicy::Listed);
+        let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
         let mut lists: Option<(CudaSlice<i32>, CudaSlice<i32>)> = None;
         if listed || decode.needs_meta() {
             let mut pl = vec![0i32; cache.batch() * hkv * mp];
@@ -473,8 +488,7 @@ mod imp {
         check_vector_access("out", op, &out.strides, bytes)?;
         check_aligned("k_cache", kc)?;
         check_aligned("v_cache", vc)?;
-        let mut lse = lse;
-        let (lp, _s5) = match lse.as_deref_mut() {
+        let (lp, _s5) = match lse {
             Some(l) => {
                 let (p, s) = l.device_ptr_mut(stream);
                 (p, Some(s))

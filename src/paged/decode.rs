@@ -55,7 +55,7 @@ impl PagedDecode {
         options: &AttentionOptions,
     ) -> Result<Self> {
         let heads_kv = cache.heads_kv();
-        if heads_q == 0 || heads_q % heads_kv != 0 {
+        if heads_q == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(Error::Shape(format!(
                 "heads_q = {heads_q} must be a positive multiple of the cache's heads_kv = \
                  {heads_kv}"

@@ -1,0 +1,1397 @@
+//! Paged sparse decode: append + metadata, Quest selection, decode over the paged cache.
+//! Oracles: paged decode == dense attention over the same tokens laid out contiguously;
+//! Quest selection == brute-force top-B; sparse decode == dense attention over the selected
+//! pages' tokens; appended metadata == bounds recomputed from the cache. GPU tests run when a
+//! GPU is usable, print `SKIP (no GPU)` otherwise, and fail under LONGATTN_REQUIRE_GPU=1.
+
+use longattn::reference::dense_attention_f64;
+use longattn::reference::paged::{
+    decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
+};
+use longattn::{
+    AttentionOptions, AttentionShape, Element, Error, FlashAttention, HeadPolicy, KvPages,
+    PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, QuestConfig, SeqLens,
+    SparsePolicy, StreamingConfig, Strided, Strides, Window, bf16, f16,
+};
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+fn rng(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed)
+}
+
+fn random_vec<T: Element>(rng: &mut SmallRng, n: usize) -> Vec<T> {
+    (0..n)
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
+        .collect()
+}
+
+/// `||got - want|| / ||want||`; NaN anywhere gives +inf.
+fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        if g.is_nan() || w.is_nan() {
+            return f64::INFINITY;
+        }
+        num += (g - w) * (g - w);
+        den += w * w;
+    }
+    if den == 0.0 {
+        return if num == 0.0 { 0.0 } else { f64::INFINITY };
+    }
+    (num / den).sqrt()
+}
+
+fn check_lse(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lse length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(!g.is_nan(), "{what}: lse[{i}] is NaN");
+        if w == f64::NEG_INFINITY {
+            assert_eq!(g, f32::NEG_INFINITY, "{what}: lse[{i}] should be -inf");
+        } else {
+            assert!(
+                (g as f64 - w).abs() <= tol,
+                "{what}: lse[{i}] = {g}, want {w}"
+            );
+        }
+    }
+}
+
+fn to_f64<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+/// A filled paged cache: pages scattered by a random permutation, K/V written through
+/// `append_cpu` in chunks (a prefill chunk then decode-sized steps), and the same tokens
+/// contiguous per sequence (`tokens[b]: [seqlen, heads_kv, head_dim]` for K and V).
+struct Scenario<T> {
+    cache: PagedCache,
+    k_cache: Vec<T>,
+    v_cache: Vec<T>,
+    kmin: Vec<f32>,
+    kmax: Vec<f32>,
+    k_tokens: Vec<Vec<T>>,
+    v_tokens: Vec<Vec<T>>,
+}
+
+fn table_for(
+    seqlens: &[usize],
+    page_size: usize,
+    extra_pages: usize,
+    rng: &mut SmallRng,
+) -> (usize, usize, Vec<i32>) {
+    let pages: Vec<usize> = seqlens.iter().map(|s| s.div_ceil(page_size)).collect();
+    let max_pages = pages.iter().copied().max().unwrap_or(0).max(1) + 1;
+    let num_pages = pages.iter().sum::<usize>() + extra_pages;
+    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+    ids.shuffle(rng);
+    let mut table = vec![-1i32; seqlens.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in pages.iter().enumerate() {
+        for lp in 0..n {
+            table[b * max_pages + lp] = ids[next];
+            next += 1;
+        }
+    }
+    (num_pages.max(1), max_pages, table)
+}
+
+fn scenario<T: Element>(
+    seqlens: &[usize],
+    page_size: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    seed: u64,
+) -> Scenario<T> {
+    let mut r = rng(seed);
+    let (num_pages, max_pages, table) = table_for(seqlens, page_size, 3, &mut r);
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv,
+        head_dim,
+    };
+    let row = heads_kv * head_dim;
+    let k_tokens: Vec<Vec<T>> = seqlens
+        .iter()
+        .map(|&s| random_vec(&mut r, s * row))
+        .collect();
+    let v_tokens: Vec<Vec<T>> = seqlens
+        .iter()
+        .map(|&s| random_vec(&mut r, s * row))
+        .collect();
+    // Garbage in every slot and in the bounds first: nothing unwritten may leak into results,
+    // and bounds must be restarted (not widened) when a page starts.
+    let mut k_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
+    let mut v_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
+    let mut kmin = vec![0.5f32; layout.meta_len()];
+    let mut kmax = vec![-0.5f32; layout.meta_len()];
+    // Append schedule: first chunk up to 37 tokens, then steps of 1..=3.
+    let mut done = vec![0usize; seqlens.len()];
+    loop {
+        let chunk: Vec<usize> = seqlens
+            .iter()
+            .zip(&done)
+            .map(|(&s, &d)| {
+                let want = if d == 0 { 37 } else { r.random_range(1..=3) };
+                want.min(s - d)
+            })
+            .collect();
+        if chunk.iter().all(|&c| c == 0) {
+            break;
+        }
+        let now: Vec<i32> = done
+            .iter()
+            .zip(&chunk)
+            .map(|(d, c)| (d + c) as i32)
+            .collect();
+        let cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &now,
+            },
+        )
+        .unwrap();
+        let mut cu = vec![0i32];
+        let mut kn = Vec::new();
+        let mut vn = Vec::new();
+        for b in 0..seqlens.len() {
+            kn.extend_from_slice(&k_tokens[b][done[b] * row..(done[b] + chunk[b]) * row]);
+            vn.extend_from_slice(&v_tokens[b][done[b] * row..(done[b] + chunk[b]) * row]);
+            cu.push(cu[b] + chunk[b] as i32);
+        }
+        let s = Strides::contiguous(1, heads_kv, head_dim);
+        cache
+            .append_cpu(
+                &cu,
+                Strided::new(&kn[..], s),
+                Strided::new(&vn[..], s),
+                KvPages {
+                    k: &mut k_cache[..],
+                    v: &mut v_cache[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut kmin[..],
+                    kmax: &mut kmax[..],
+                }),
+            )
+            .unwrap();
+        for b in 0..seqlens.len() {
+            done[b] += chunk[b];
+        }
+    }
+    let sl: Vec<i32> = seqlens.iter().map(|&s| s as i32).collect();
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: max_pages,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap();
+    Scenario {
+        cache,
+        k_cache,
+        v_cache,
+        kmin,
+        kmax,
+        k_tokens,
+        v_tokens,
+    }
+}
+
+impl<T: Element> Scenario<T> {
+    fn kv(&self) -> KvPages<&[T]> {
+        KvPages {
+            k: &self.k_cache,
+            v: &self.v_cache,
+        }
+    }
+    fn meta(&self) -> PageMeta<&[f32]> {
+        PageMeta {
+            kmin: &self.kmin,
+            kmax: &self.kmax,
+        }
+    }
+}
+
+/// Dense f64 reference over the contiguous tokens (varlen batch): out `[batch * q_len,
+/// heads_q, d]` and LSE re-laid out as `[batch, heads_q, q_len]`.
+fn dense_reference<T: Element>(
+    sc: &Scenario<T>,
+    q: &[T],
+    heads_q: usize,
+    q_len: usize,
+    options: &AttentionOptions,
+) -> (Vec<f64>, Vec<f64>) {
+    let (hkv, d) = (sc.cache.heads_kv(), sc.cache.head_dim());
+    let batch = sc.cache.batch();
+    let cu_q: Vec<i32> = (0..=batch).map(|b| (b * q_len) as i32).collect();
+    let mut cu_k = vec![0i32];
+    for b in 0..batch {
+        cu_k.push(cu_k[b] + sc.cache.seqlen(b) as i32);
+    }
+    let k: Vec<T> = sc.k_tokens.concat();
+    let v: Vec<T> = sc.v_tokens.concat();
+    let attn = FlashAttention::new(
+        &AttentionShape {
+            batch,
+            heads_q,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Varlen {
+                cu_seqlens_q: &cu_q,
+                cu_seqlens_k: &cu_k,
+            },
+        },
+        options,
+    )
+    .unwrap();
+    let qs = Strides {
+        batch: 0,
+        ..Strides::contiguous(1, heads_q, d)
+    };
+    let ks = Strides {
+        batch: 0,
+        ..Strides::contiguous(1, hkv, d)
+    };
+    let (out, lse_v) = dense_attention_f64(
+        &attn,
+        Strided::new(q, qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+    // Varlen LSE is [heads_q, total_q]; paged is [batch, heads_q, q_len].
+    let total_q = batch * q_len;
+    let mut lse = vec![0.0; batch * heads_q * q_len];
+    for b in 0..batch {
+        for h in 0..heads_q {
+            for i in 0..q_len {
+                lse[(b * heads_q + h) * q_len + i] = lse_v[h * total_q + b * q_len + i];
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn q_strides(q_len: usize, heads_q: usize, d: usize) -> Strides {
+    Strides::contiguous(q_len, heads_q, d)
+}
+
+fn run_cpu<T: Element>(decode: &PagedDecode, sc: &Scenario<T>, q: &[T]) -> (Vec<T>, Vec<f32>) {
+    let (hq, ql, d) = (decode.heads_q(), decode.q_len(), sc.cache.head_dim());
+    let mut out = vec![T::from_f32(f32::NAN); decode.out_len()];
+    let mut lse = vec![f32::NAN; decode.lse_len()];
+    decode
+        .forward_cpu(
+            Strided::new(q, q_strides(ql, hq, d)),
+            sc.kv(),
+            Some(sc.meta()),
+            Strided::new(&mut out[..], q_strides(ql, hq, d)),
+            Some(&mut lse[..]),
+        )
+        .unwrap();
+    (out, lse)
+}
+
+fn masks() -> Vec<(&'static str, AttentionOptions)> {
+    vec![
+        ("causal", AttentionOptions::causal()),
+        (
+            "window1",
+            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
+        ),
+        (
+            "window2+sinks3",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(2).unwrap())
+                .with_sinks(3),
+        ),
+        (
+            "window37+sinks1+softcap",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(37).unwrap())
+                .with_sinks(1)
+                .with_softcap(5.0),
+        ),
+        ("full+scale", AttentionOptions::default().with_scale(0.3)),
+    ]
+}
+
+#[test]
+fn validation_errors_not_panics() {
+    let layout = PagedLayout {
+        num_pages: 4,
+        page_size: 16,
+        heads_kv: 2,
+        head_dim: 8,
+    };
+    let table = [0, 1, 2, 3];
+    let ok = |l: PagedLayout, bt: &[i32], mp: usize, sl: &[i32]| {
+        PagedCache::new(
+            l,
+            PageTable {
+                block_table: bt,
+                max_pages_per_seq: mp,
+                seqlens_k: sl,
+            },
+        )
+    };
+    assert!(ok(layout, &table, 4, &[64]).is_ok());
+    // Page id out of range.
+    assert!(matches!(
+        ok(layout, &[0, 9, 2, 3], 4, &[20]),
+        Err(Error::Index(_))
+    ));
+    // -1 past the sequence's pages is fine; inside it is not.
+    assert!(ok(layout, &[0, -1, -1, -1], 4, &[16]).is_ok());
+    assert!(matches!(
+        ok(layout, &[0, -1, -1, -1], 4, &[17]),
+        Err(Error::Index(_))
+    ));
+    // Sequence longer than its table row.
+    assert!(matches!(ok(layout, &table, 4, &[65]), Err(Error::Index(_))));
+    assert!(matches!(ok(layout, &table, 4, &[-1]), Err(Error::Index(_))));
+    // Page size 0, zero heads.
+    assert!(matches!(
+        ok(
+            PagedLayout {
+                page_size: 0,
+                ..layout
+            },
+            &table,
+            4,
+            &[1]
+        ),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        ok(
+            PagedLayout {
+                heads_kv: 0,
+                ..layout
+            },
+            &table,
+            4,
+            &[1]
+        ),
+        Err(Error::Shape(_))
+    ));
+    // Table length mismatch.
+    assert!(matches!(
+        ok(layout, &table[..3], 4, &[1]),
+        Err(Error::Shape(_))
+    ));
+    let cache = ok(layout, &table, 4, &[40]).unwrap();
+    // Head mismatch: heads_q not a multiple of heads_kv.
+    assert!(matches!(
+        PagedDecode::new(&cache, 3, 1, &AttentionOptions::causal()),
+        Err(Error::Shape(_))
+    ));
+    assert!(PagedDecode::new(&cache, 4, 0, &AttentionOptions::causal()).is_err());
+    assert!(PagedDecode::new(&cache, 4, 17, &AttentionOptions::causal()).is_err());
+    let dec = PagedDecode::new(&cache, 4, 1, &AttentionOptions::causal()).unwrap();
+    // Policy length mismatch, list out of range, zero splits.
+    assert!(
+        dec.clone()
+            .with_policy(SparsePolicy::uniform(3, HeadPolicy::Full))
+            .is_err()
+    );
+    let lists = PageLists::new(1, 2, vec![vec![0, 3], vec![1]]).unwrap();
+    assert!(matches!(
+        dec.clone().with_page_lists(lists),
+        Err(Error::Index(_))
+    ));
+    assert!(dec.clone().with_splits(Some(0)).is_err());
+    let streaming =
+        SparsePolicy::uniform(2, HeadPolicy::Streaming).with_streaming(StreamingConfig {
+            sinks: 0,
+            window: 0,
+        });
+    assert!(dec.clone().with_policy(streaming).is_err());
+    // Quest without metadata.
+    let quest = dec
+        .clone()
+        .with_policy(
+            SparsePolicy::uniform(2, HeadPolicy::Quest).with_quest(QuestConfig {
+                token_budget: 16,
+                sink_pages: 0,
+            }),
+        )
+        .unwrap();
+    let q = [0.0f32; 4 * 8];
+    let kv = vec![0.0f32; layout.cache_len()];
+    let mut out = [0.0f32; 4 * 8];
+    let s = Strides::contiguous(1, 4, 8);
+    let r = quest.forward_cpu(
+        Strided::new(&q[..], s),
+        KvPages {
+            k: &kv[..],
+            v: &kv[..],
+        },
+        None,
+        Strided::new(&mut out[..], s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::InvalidOption(_))));
+    // Wrong cache length, short q, short lse.
+    let r = dec.forward_cpu(
+        Strided::new(&q[..], s),
+        KvPages {
+            k: &kv[1..],
+            v: &kv[..],
+        },
+        None,
+        Strided::new(&mut out[..], s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))));
+    let r = dec.forward_cpu(
+        Strided::new(&q[1..], s),
+        KvPages {
+            k: &kv[..],
+            v: &kv[..],
+        },
+        None,
+        Strided::new(&mut out[..], s),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))));
+    let mut lse = [0.0f32; 3];
+    let r = dec.forward_cpu(
+        Strided::new(&q[..], s),
+        KvPages {
+            k: &kv[..],
+            v: &kv[..],
+        },
+        None,
+        Strided::new(&mut out[..], s),
+        Some(&mut lse[..]),
+    );
+    assert!(matches!(r, Err(Error::Shape(_))));
+    // Append: more new tokens than seqlens_k, and two writers of one page.
+    let mut kc = kv.clone();
+    let mut vc = kv.clone();
+    let kn = vec![0.0f32; 41 * 16];
+    let ns = Strides::contiguous(1, 2, 8);
+    let r = cache.append_cpu(
+        &[0, 41],
+        Strided::new(&kn[..], ns),
+        Strided::new(&kn[..], ns),
+        KvPages {
+            k: &mut kc[..],
+            v: &mut vc[..],
+        },
+        None,
+    );
+    assert!(matches!(r, Err(Error::Index(_))));
+    let shared = ok(layout, &[0, 1, 0, 2], 2, &[3, 3]).unwrap();
+    let r = shared.append_cpu(
+        &[0, 1, 2],
+        Strided::new(&kn[..], ns),
+        Strided::new(&kn[..], ns),
+        KvPages {
+            k: &mut kc[..],
+            v: &mut vc[..],
+        },
+        None,
+    );
+    assert!(matches!(r, Err(Error::Index(_))));
+}
+
+#[test]
+fn appended_metadata_equals_recomputed_bounds() {
+    for ps in [1, 16, 64, 256] {
+        let sc = scenario::<f32>(&[0, 1, 300, 77, 16], ps, 2, 16, 11 + ps as u64);
+        let (layout, cache) = (sc.cache.layout(), &sc.cache);
+        // Cache contents equal the contiguous tokens.
+        for b in 0..cache.batch() {
+            for j in 0..cache.seqlen(b) {
+                for h in 0..cache.heads_kv() {
+                    let o = cache.token_offset(b, j, h);
+                    let c = (j * cache.heads_kv() + h) * cache.head_dim();
+                    assert_eq!(&sc.k_cache[o..o + 16], &sc.k_tokens[b][c..c + 16]);
+                    assert_eq!(&sc.v_cache[o..o + 16], &sc.v_tokens[b][c..c + 16]);
+                }
+            }
+        }
+        let bounds = page_bounds(cache, &sc.k_cache);
+        assert!(!bounds.is_empty());
+        for (page, kvh, lo, hi) in bounds {
+            let mo = layout.meta_offset(page, kvh);
+            assert_eq!(&sc.kmin[mo..mo + 16], &lo[..], "ps {ps} page {page} kmin");
+            assert_eq!(&sc.kmax[mo..mo + 16], &hi[..], "ps {ps} page {page} kmax");
+        }
+    }
+}
+
+#[test]
+fn reused_page_forgets_its_previous_owner() {
+    // Sequence A fills 5 slots of page 0; the page is freed and reused by sequence B, whose
+    // first 2 tokens land in slots 0..2: the bounds must be B's alone.
+    let layout = PagedLayout {
+        num_pages: 1,
+        page_size: 8,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let mut kc = vec![0.0f32; layout.cache_len()];
+    let mut vc = kc.clone();
+    let mut kmin = [0.0f32; 8];
+    let mut kmax = [0.0f32; 8];
+    let s = Strides::contiguous(1, 1, 8);
+    let big: Vec<f32> = (0..40).map(|x| 100.0 + x as f32).collect();
+    let small: Vec<f32> = (0..16).map(|x| -(x as f32) / 16.0).collect();
+    for (tokens, data) in [(5usize, &big), (2, &small)] {
+        let cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &[0],
+                max_pages_per_seq: 1,
+                seqlens_k: &[tokens as i32],
+            },
+        )
+        .unwrap();
+        cache
+            .append_cpu(
+                &[0, tokens as i32],
+                Strided::new(&data[..], s),
+                Strided::new(&data[..], s),
+                KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut kmin[..],
+                    kmax: &mut kmax[..],
+                }),
+            )
+            .unwrap();
+    }
+    for c in 0..8 {
+        assert_eq!(kmin[c], small[c].min(small[8 + c]));
+        assert_eq!(kmax[c], small[c].max(small[8 + c]));
+    }
+}
+
+#[test]
+fn paged_decode_equals_dense_attention() {
+    let seqlens = [0usize, 1, 5, 130, 300];
+    for ps in [1, 16, 64, 256] {
+        for (hkv, ratio) in [(2, 1), (1, 4), (2, 4)] {
+            let d = 16;
+            let sc = scenario::<f32>(&seqlens, ps, hkv, d, 100 + ps as u64 + ratio);
+            let hq = hkv * ratio as usize;
+            for q_len in [1, 3] {
+                let mut r = rng(7 * ps as u64 + q_len as u64);
+                let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                for (name, opts) in masks() {
+                    let what = format!("ps {ps} hkv {hkv} ratio {ratio} q_len {q_len} {name}");
+                    let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &opts);
+                    let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    // The naive paged reference agrees with the dense reference to f64 rounding.
+                    let (ref_out, ref_lse) = paged_decode_f64(
+                        &dec,
+                        Strided::new(&q[..], q_strides(q_len, hq, d)),
+                        sc.kv(),
+                        decode_visible(&dec, None),
+                    )
+                    .unwrap();
+                    assert!(rel_l2(&ref_out, &want) < 1e-12, "{what}: f64 paged ref");
+                    for (a, b) in ref_lse.iter().zip(&want_lse) {
+                        assert!(a == b || (a - b).abs() < 1e-9, "{what}: f64 lse {a} vs {b}");
+                    }
+                    for splits in [1, 3] {
+                        let dec = dec.clone().with_splits(Some(splits)).unwrap();
+                        let (out, lse) = run_cpu(&dec, &sc, &q);
+                        let err = rel_l2(&to_f64(&out), &want);
+                        assert!(err < 1e-5, "{what} splits {splits}: rel L2 {err}");
+                        check_lse(&lse, &want_lse, 1e-4, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn half_precision_cpu_path() {
+    fn case<T: Element>(seed: u64) {
+        let seqlens = [3usize, 200, 64];
+        let (hkv, hq, d, q_len) = (2, 8, 32, 2);
+        let sc = scenario::<T>(&seqlens, 16, hkv, d, seed);
+        let mut r = rng(seed);
+        let q: Vec<T> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+        let opts = AttentionOptions::causal().with_softcap(3.0);
+        let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &opts);
+        let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+        let (out, lse) = run_cpu(&dec, &sc, &q);
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < 2e-2, "{:?}: rel L2 {err}", T::DTYPE);
+        check_lse(&lse, &want_lse, 1e-3, "half");
+    }
+    case::<bf16>(1);
+    case::<f16>(2);
+}
+
+fn quest_policy(hkv: usize, budget: usize, sink_pages: usize) -> SparsePolicy {
+    SparsePolicy::uniform(hkv, HeadPolicy::Quest).with_quest(QuestConfig {
+        token_budget: budget,
+        sink_pages,
+    })
+}
+
+#[test]
+fn quest_selection_equals_brute_force_top_b() {
+    let seqlens = [1usize, 40, 300, 517];
+    for ps in [1, 16, 64, 256] {
+        for (hkv, ratio) in [(2, 1), (2, 4)] {
+            let d = 16;
+            let sc = scenario::<f32>(&seqlens, ps, hkv, d, 300 + ps as u64 + ratio as u64);
+            let hq = hkv * ratio;
+            for q_len in [1, 4] {
+                for (budget, sink_pages) in [(ps, 0), (4 * ps, 1), (64, 2), (100_000, 0)] {
+                    for opts in [
+                        AttentionOptions::causal(),
+                        AttentionOptions::causal()
+                            .with_window(Window::causal_tokens(100).unwrap())
+                            .with_sinks(2),
+                    ] {
+                        let what = format!(
+                            "ps {ps} hkv {hkv} ratio {ratio} q_len {q_len} budget {budget} sinks {sink_pages} {:?}",
+                            opts.mask
+                        );
+                        let mut r = rng(ps as u64 * 31 + q_len as u64 + budget as u64);
+                        let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                        let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+                            .unwrap()
+                            .with_policy(quest_policy(hkv, budget, sink_pages))
+                            .unwrap();
+                        let qs = Strided::new(&q[..], q_strides(q_len, hq, d));
+                        let sel = dec
+                            .select_cpu(Strided::new(&q[..], q_strides(q_len, hq, d)), sc.meta())
+                            .unwrap();
+                        let ref_scores = quest_scores_f64(&dec, qs, sc.meta()).unwrap();
+                        let mp = sc.cache.max_pages_per_seq();
+                        for b in 0..seqlens.len() {
+                            for kvh in 0..hkv {
+                                let row = (b * hkv + kvh) * mp;
+                                let scores = &ref_scores[row..row + mp];
+                                let want = quest_select_brute(&dec, b, scores);
+                                assert_eq!(
+                                    sel.pages.get(b, kvh),
+                                    &want[..],
+                                    "{what}: b {b} kvh {kvh}"
+                                );
+                                for &p in &want {
+                                    let (g, w) =
+                                        (sel.scores[row + p as usize] as f64, scores[p as usize]);
+                                    assert!(
+                                        (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                                        "{what}: score {g} vs {w}"
+                                    );
+                                }
+                                // The newest page is always selected.
+                                let sk = sc.cache.seqlen(b);
+                                let newest = ((sk - 1) / ps) as u32;
+                                if opts.mask.window == Window::CAUSAL {
+                                    assert!(want.contains(&newest), "{what}: newest page missing");
+                                    let k = (budget / ps).max(1);
+                                    let cand = sc.cache.pages_of(b);
+                                    assert!(want.len() >= k.min(cand), "{what}: budget not used");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quest_aggregates_the_group_by_max() {
+    // Two query heads share one kv head; each strongly prefers a different page. With the
+    // max aggregation both pages score high; a budget of 3 pages (newest + 2) keeps both.
+    let (ps, d) = (4usize, 8usize);
+    let layout = PagedLayout {
+        num_pages: 6,
+        page_size: ps,
+        heads_kv: 1,
+        head_dim: d,
+    };
+    let table: Vec<i32> = (0..6).collect();
+    let sl = [24i32];
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: 6,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap();
+    let mut k = vec![0.0f32; 24 * d];
+    for t in 0..4 {
+        k[(4 + t) * d] = 10.0; // page 1: channel 0
+        k[(12 + t) * d + 1] = 10.0; // page 3: channel 1
+    }
+    let mut kc = vec![0.0f32; layout.cache_len()];
+    let mut vc = kc.clone();
+    let mut kmin = vec![0.0f32; layout.meta_len()];
+    let mut kmax = kmin.clone();
+    let s = Strides::contiguous(1, 1, d);
+    cache
+        .append_cpu(
+            &[0, 24],
+            Strided::new(&k[..], s),
+            Strided::new(&k[..], s),
+            KvPages {
+                k: &mut kc[..],
+                v: &mut vc[..],
+            },
+            Some(PageMeta {
+                kmin: &mut kmin[..],
+                kmax: &mut kmax[..],
+            }),
+        )
+        .unwrap();
+    let mut q = vec![0.0f32; 2 * d];
+    q[0] = 1.0; // head 0 wants page 1
+    q[d + 1] = 1.0; // head 1 wants page 3
+    let dec = PagedDecode::new(&cache, 2, 1, &AttentionOptions::causal())
+        .unwrap()
+        .with_policy(quest_policy(1, 3 * ps, 0))
+        .unwrap();
+    let sel = dec
+        .select_cpu(
+            Strided::new(&q[..], Strides::contiguous(1, 2, d)),
+            PageMeta {
+                kmin: &kmin[..],
+                kmax: &kmax[..],
+            },
+        )
+        .unwrap();
+    assert_eq!(sel.pages.get(0, 0), &[1, 3, 5]);
+    // Ties (all other pages score 0) break towards the lower page index.
+    let dec = dec.with_policy(quest_policy(1, 4 * ps, 0)).unwrap();
+    let sel = dec
+        .select_cpu(
+            Strided::new(&q[..], Strides::contiguous(1, 2, d)),
+            PageMeta {
+                kmin: &kmin[..],
+                kmax: &kmax[..],
+            },
+        )
+        .unwrap();
+    assert_eq!(sel.pages.get(0, 0), &[0, 1, 3, 5]);
+}
+
+/// Sparse decode equals dense attention over the selected pages' tokens, gathered
+/// contiguously per (sequence, kv head) (q_len = 1: every gathered key is visible).
+#[test]
+fn sparse_decode_equals_dense_over_selected_tokens() {
+    let seqlens = [50usize, 300, 129];
+    for ps in [1, 16, 64] {
+        let (hkv, ratio, d) = (2, 4, 16);
+        let hq = hkv * ratio;
+        let sc = scenario::<f32>(&seqlens, ps, hkv, d, 900 + ps as u64);
+        let mut r = rng(ps as u64);
+        let q: Vec<f32> = random_vec(&mut r, seqlens.len() * hq * d);
+        let dec = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
+            .unwrap()
+            .with_policy(quest_policy(hkv, 64, 1))
+            .unwrap();
+        let sel = dec
+            .select_cpu(Strided::new(&q[..], q_strides(1, hq, d)), sc.meta())
+            .unwrap();
+        let (out, lse) = run_cpu(&dec, &sc, &q);
+        for b in 0..seqlens.len() {
+            for kvh in 0..hkv {
+                let pages = sel.pages.get(b, kvh);
+                let sk = sc.cache.seqlen(b);
+                let tokens: Vec<usize> = pages
+                    .iter()
+                    .flat_map(|&p| p as usize * ps..((p as usize + 1) * ps).min(sk))
+                    .collect();
+                let gather = |src: &Vec<f32>| -> Vec<f32> {
+                    tokens
+                        .iter()
+                        .flat_map(|&j| src[(j * hkv + kvh) * d..][..d].to_vec())
+                        .collect()
+                };
+                let (k, v) = (gather(&sc.k_tokens[b]), gather(&sc.v_tokens[b]));
+                let qg: Vec<f32> =
+                    q[(b * hq + kvh * ratio) * d..(b * hq + (kvh + 1) * ratio) * d].to_vec();
+                let attn = FlashAttention::new(
+                    &AttentionShape {
+                        batch: 1,
+                        heads_q: ratio,
+                        heads_kv: 1,
+                        head_dim: d,
+                        seqlens: SeqLens::Fixed {
+                            seqlen_q: 1,
+                            seqlen_k: tokens.len(),
+                        },
+                    },
+                    &AttentionOptions::default(),
+                )
+                .unwrap();
+                let (want, want_lse) = dense_attention_f64(
+                    &attn,
+                    Strided::new(&qg[..], Strides::contiguous(1, ratio, d)),
+                    Strided::new(&k[..], Strides::contiguous(tokens.len(), 1, d)),
+                    Strided::new(&v[..], Strides::contiguous(tokens.len(), 1, d)),
+                )
+                .unwrap();
+                let got: Vec<f64> = out
+                    [(b * hq + kvh * ratio) * d..(b * hq + (kvh + 1) * ratio) * d]
+                    .iter()
+                    .map(|&x| x as f64)
+                    .collect();
+                let err = rel_l2(&got, &want);
+                assert!(err < 1e-5, "ps {ps} b {b} kvh {kvh}: rel L2 {err}");
+                let got_lse = &lse[b * hq + kvh * ratio..b * hq + (kvh + 1) * ratio];
+                check_lse(got_lse, &want_lse, 1e-4, "sparse");
+            }
+        }
+    }
+}
+
+fn mixed_decode(
+    cache: &PagedCache,
+    hq: usize,
+    q_len: usize,
+    opts: &AttentionOptions,
+) -> PagedDecode {
+    // kv heads: Full, Streaming, Quest, Listed.
+    let policy = SparsePolicy {
+        heads: vec![
+            HeadPolicy::Full,
+            HeadPolicy::Streaming,
+            HeadPolicy::Quest,
+            HeadPolicy::Listed,
+        ],
+        streaming: StreamingConfig {
+            sinks: 3,
+            window: 20,
+        },
+        quest: QuestConfig {
+            token_budget: 48,
+            sink_pages: 1,
+        },
+    };
+    let lists: Vec<Vec<usize>> = (0..cache.batch())
+        .flat_map(|b| {
+            let n = cache.pages_of(b);
+            (0..4).map(move |h| {
+                if h == 3 {
+                    (0..n).filter(|p| p % 3 != 1).collect()
+                } else {
+                    vec![]
+                }
+            })
+        })
+        .collect();
+    PagedDecode::new(cache, hq, q_len, opts)
+        .unwrap()
+        .with_policy(policy)
+        .unwrap()
+        .with_page_lists(PageLists::new(cache.batch(), 4, lists).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn mixed_head_policies_in_one_call() {
+    let seqlens = [0usize, 7, 250, 97];
+    for ps in [1, 16, 64, 256] {
+        for q_len in [1, 5] {
+            let (hkv, ratio, d) = (4, 2, 16);
+            let hq = hkv * ratio;
+            let sc = scenario::<f32>(&seqlens, ps, hkv, d, 1234 + ps as u64);
+            let mut r = rng(ps as u64 + 99);
+            let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+            let dec = mixed_decode(
+                &sc.cache,
+                hq,
+                q_len,
+                &AttentionOptions::causal().with_softcap(4.0),
+            );
+            // The reference's page sets: the CPU Quest selection for head 2 (checked against
+            // brute force elsewhere) and the explicit lists of head 3.
+            let quest = dec
+                .select_cpu(Strided::new(&q[..], q_strides(q_len, hq, d)), sc.meta())
+                .unwrap();
+            let mut lists: Vec<Vec<usize>> = Vec::new();
+            for b in 0..seqlens.len() {
+                for h in 0..hkv {
+                    lists.push(if h == 3 {
+                        (0..sc.cache.pages_of(b)).filter(|p| p % 3 != 1).collect()
+                    } else {
+                        quest.pages.get(b, h).iter().map(|&p| p as usize).collect()
+                    });
+                }
+            }
+            let sel = PageLists::new(seqlens.len(), hkv, lists).unwrap();
+            let (want, want_lse) = paged_decode_f64(
+                &dec,
+                Strided::new(&q[..], q_strides(q_len, hq, d)),
+                sc.kv(),
+                decode_visible(&dec, Some(&sel)),
+            )
+            .unwrap();
+            for splits in [1, 4] {
+                let dec = dec.clone().with_splits(Some(splits)).unwrap();
+                let (out, lse) = run_cpu(&dec, &sc, &q);
+                let err = rel_l2(&to_f64(&out), &want);
+                assert!(
+                    err < 1e-5,
+                    "ps {ps} q_len {q_len} splits {splits}: rel L2 {err}"
+                );
+                check_lse(&lse, &want_lse, 1e-4, "mixed");
+            }
+            // Streaming head == dense with the streaming mask (sinks 3, window 20).
+            let sopts = AttentionOptions::causal()
+                .with_window(Window::causal_tokens(20).unwrap())
+                .with_sinks(3)
+                .with_softcap(4.0);
+            let (dense, _) = dense_reference(&sc, &q, hq, q_len, &sopts);
+            for row in 0..seqlens.len() * q_len {
+                for h in 2..4 {
+                    let o = (row * hq + h) * d;
+                    assert!(
+                        rel_l2(&want[o..o + d], &dense[o..o + d]) < 1e-12
+                            || dense[o..o + d].iter().all(|&x| x == 0.0)
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_visible_rows_give_zero_and_neg_inf() {
+    // seqlen 0; q_len > seqlen under causal (the first rows see nothing); an empty list.
+    let seqlens = [0usize, 2, 40];
+    let (hkv, hq, d, q_len) = (4, 4, 16, 4);
+    let sc = scenario::<f32>(&seqlens, 16, hkv, d, 5);
+    let mut r = rng(5);
+    let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+    let lists: Vec<Vec<usize>> = (0..seqlens.len() * hkv).map(|_| vec![]).collect();
+    let policy = SparsePolicy {
+        heads: vec![
+            HeadPolicy::Full,
+            HeadPolicy::Listed,
+            HeadPolicy::Streaming,
+            HeadPolicy::Full,
+        ],
+        streaming: StreamingConfig {
+            sinks: 0,
+            window: 1,
+        },
+        quest: QuestConfig::default(),
+    };
+    let dec = PagedDecode::new(&sc.cache, hq, q_len, &AttentionOptions::causal())
+        .unwrap()
+        .with_policy(policy)
+        .unwrap()
+        .with_page_lists(PageLists::new(seqlens.len(), hkv, lists).unwrap())
+        .unwrap();
+    for splits in [1, 3] {
+        let (out, lse) = run_cpu(&dec.clone().with_splits(Some(splits)).unwrap(), &sc, &q);
+        assert!(out.iter().all(|x| !x.is_nan()));
+        assert!(lse.iter().all(|x| !x.is_nan()));
+        for b in 0..seqlens.len() {
+            for i in 0..q_len {
+                for h in 0..hq {
+                    let visible = i + seqlens[b] >= q_len && h != 1;
+                    let l = lse[(b * hq + h) * q_len + i];
+                    let o = &out[((b * q_len + i) * hq + h) * d..][..d];
+                    if visible {
+                        assert!(l.is_finite(), "b {b} i {i} h {h}");
+                    } else {
+                        assert_eq!(l, f32::NEG_INFINITY, "b {b} i {i} h {h}");
+                        assert!(o.iter().all(|&x| x == 0.0));
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- GPU ---------------------------------------------------------------------------------
+
+mod gpu {
+    use super::*;
+    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+    use std::sync::Arc;
+
+    fn stream() -> Option<Arc<CudaStream>> {
+        match longattn::device::open_gpu(0) {
+            Ok(ctx) => Some(ctx.default_stream()),
+            Err(e) if longattn::device::gpu_required() => panic!("LONGATTN_REQUIRE_GPU=1: {e}"),
+            Err(e) => {
+                println!("SKIP (no GPU): {e}");
+                None
+            }
+        }
+    }
+
+    fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
+        s.clone_htod(x).unwrap()
+    }
+
+    /// bf16/f16 inputs, f32 accumulation: relative L2 bound vs the f64 reference.
+    const HALF_TOL: f64 = 2e-2;
+
+    fn run_gpu<T: Element + DeviceRepr>(
+        s: &Arc<CudaStream>,
+        dec: &PagedDecode,
+        sc: &Scenario<T>,
+        q: &[T],
+    ) -> (Vec<T>, Vec<f32>) {
+        let (hq, ql, d) = (dec.heads_q(), dec.q_len(), sc.cache.head_dim());
+        let st = q_strides(ql, hq, d);
+        let qd = up(s, q);
+        let kd = up(s, &sc.k_cache);
+        let vd = up(s, &sc.v_cache);
+        let mind = up(s, &sc.kmin);
+        let maxd = up(s, &sc.kmax);
+        // Poison: every element must be written.
+        let mut od = up(s, &vec![T::from_f32(f32::NAN); dec.out_len()]);
+        let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
+        dec.forward_gpu(
+            s,
+            Strided::new(&qd, st),
+            KvPages { k: &kd, v: &vd },
+            Some(PageMeta {
+                kmin: &mind,
+                kmax: &maxd,
+            }),
+            Strided::new(&mut od, st),
+            Some(&mut ld),
+        )
+        .unwrap();
+        let out = s.clone_dtoh(&od).unwrap();
+        let lse = s.clone_dtoh(&ld).unwrap();
+        assert!(
+            out.iter().all(|x| !x.to_f32().is_nan()),
+            "unwritten (NaN) output"
+        );
+        assert!(lse.iter().all(|x| !x.is_nan()), "unwritten (NaN) lse");
+        (out, lse)
+    }
+
+    fn decode_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
+        let seqlens = [0usize, 1, 77, 300, 1030];
+        for ps in [1, 16, 64, 256] {
+            for (hkv, ratio, d) in [(2, 1, 128), (2, 4, 64), (1, 4, 128), (2, 8, 32)] {
+                let hq = hkv * ratio;
+                let sc = scenario::<T>(&seqlens, ps, hkv, d, 77 + ps as u64 + d as u64);
+                for q_len in [1, 4] {
+                    let mut r = rng(ps as u64 * 3 + q_len as u64);
+                    let q: Vec<T> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                    for (name, opts) in masks() {
+                        let what = format!(
+                            "{:?} ps {ps} hkv {hkv} ratio {ratio} d {d} q_len {q_len} {name}",
+                            T::DTYPE
+                        );
+                        let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+                        let (want, want_lse) = paged_decode_f64(
+                            &dec,
+                            Strided::new(&q[..], q_strides(q_len, hq, d)),
+                            sc.kv(),
+                            decode_visible(&dec, None),
+                        )
+                        .unwrap();
+                        for splits in [None, Some(1), Some(5)] {
+                            let dec = dec.clone().with_splits(splits).unwrap();
+                            let (out, lse) = run_gpu(s, &dec, &sc, &q);
+                            let err = rel_l2(&to_f64(&out), &want);
+                            assert!(err < HALF_TOL, "{what} splits {splits:?}: rel L2 {err}");
+                            check_lse(&lse, &want_lse, 2e-2, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_decode_matches_reference() {
+        let Some(s) = stream() else { return };
+        decode_sweep::<bf16>(&s);
+        decode_sweep::<f16>(&s);
+    }
+
+    #[test]
+    fn gpu_append_matches_cpu() {
+        let Some(s) = stream() else { return };
+        for ps in [1, 16, 64, 256] {
+            let (hkv, d) = (2, 64);
+            let sc = scenario::<bf16>(&[3, 200, 0, 513], ps, hkv, d, 4 + ps as u64);
+            // Replay: from garbage, append everything in one prefill then one decode step, on
+            // both paths; caches and metadata must be identical.
+            let layout = sc.cache.layout();
+            let mut r = rng(ps as u64);
+            let garbage: Vec<bf16> = random_vec(&mut r, layout.cache_len());
+            let seqlens: Vec<usize> = (0..sc.cache.batch()).map(|b| sc.cache.seqlen(b)).collect();
+            let row = hkv * d;
+            let mut cpu_k = garbage.clone();
+            let mut cpu_v = garbage.clone();
+            let mut cpu_min = vec![0.0f32; layout.meta_len()];
+            let mut cpu_max = vec![0.0f32; layout.meta_len()];
+            let mut kd = up(&s, &garbage);
+            let mut vd = up(&s, &garbage);
+            let mut mind = up(&s, &vec![f32::NAN; layout.meta_len()]);
+            let mut maxd = up(&s, &vec![f32::NAN; layout.meta_len()]);
+            for step in 0..2 {
+                let upto: Vec<usize> = seqlens
+                    .iter()
+                    .map(|&n| if step == 0 { n.saturating_sub(1) } else { n })
+                    .collect();
+                let from: Vec<usize> = seqlens
+                    .iter()
+                    .map(|&n| if step == 0 { 0 } else { n.saturating_sub(1) })
+                    .collect();
+                let sl: Vec<i32> = upto.iter().map(|&x| x as i32).collect();
+                let cache = PagedCache::new(
+                    layout,
+                    PageTable {
+                        block_table: sc.cache.block_table(),
+                        max_pages_per_seq: sc.cache.max_pages_per_seq(),
+                        seqlens_k: &sl,
+                    },
+                )
+                .unwrap();
+                let mut cu = vec![0i32];
+                let mut kn = Vec::new();
+                let mut vn = Vec::new();
+                for b in 0..seqlens.len() {
+                    kn.extend_from_slice(&sc.k_tokens[b][from[b] * row..upto[b] * row]);
+                    vn.extend_from_slice(&sc.v_tokens[b][from[b] * row..upto[b] * row]);
+                    cu.push(cu[b] + (upto[b] - from[b]) as i32);
+                }
+                let st = Strides::contiguous(1, hkv, d);
+                cache
+                    .append_cpu(
+                        &cu,
+                        Strided::new(&kn[..], st),
+                        Strided::new(&vn[..], st),
+                        KvPages {
+                            k: &mut cpu_k[..],
+                            v: &mut cpu_v[..],
+                        },
+                        Some(PageMeta {
+                            kmin: &mut cpu_min[..],
+                            kmax: &mut cpu_max[..],
+                        }),
+                    )
+                    .unwrap();
+                let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
+                cache
+                    .append_gpu(
+                        &s,
+                        &cu,
+                        Strided::new(&knd, st),
+                        Strided::new(&vnd, st),
+                        KvPages {
+                            k: &mut kd,
+                            v: &mut vd,
+                        },
+                        Some(PageMeta {
+                            kmin: &mut mind,
+                            kmax: &mut maxd,
+                        }),
+                    )
+                    .unwrap();
+            }
+            let gk: Vec<bf16> = s.clone_dtoh(&kd).unwrap();
+            let gv: Vec<bf16> = s.clone_dtoh(&vd).unwrap();
+            assert!(gk == cpu_k && gv == cpu_v, "ps {ps}: cache contents differ");
+            let gmin = s.clone_dtoh(&mind).unwrap();
+            let gmax = s.clone_dtoh(&maxd).unwrap();
+            for (page, kvh, lo, hi) in page_bounds(&sc.cache, &gk) {
+                let mo = layout.meta_offset(page, kvh);
+                assert_eq!(&gmin[mo..mo + d], &lo[..], "ps {ps} page {page}");
+                assert_eq!(&gmax[mo..mo + d], &hi[..], "ps {ps} page {page}");
+                assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_quest_selection_is_top_b_of_its_scores() {
+        let Some(s) = stream() else { return };
+        let seqlens = [1usize, 40, 300, 2050];
+        for ps in [1, 16, 64, 256] {
+            let (hkv, ratio, d) = (2, 4, 64);
+            let hq = hkv * ratio;
+            let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 55 + ps as u64);
+            for q_len in [1, 3] {
+                for (budget, sinkp) in [(ps, 0), (8 * ps, 1), (256, 2)] {
+                    let mut r = rng(ps as u64 + budget as u64);
+                    let q: Vec<bf16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                    let dec = PagedDecode::new(&sc.cache, hq, q_len, &AttentionOptions::causal())
+                        .unwrap()
+                        .with_policy(quest_policy(hkv, budget, sinkp))
+                        .unwrap();
+                    let st = q_strides(q_len, hq, d);
+                    let qd = up(&s, &q);
+                    let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
+                    let g = dec
+                        .select_gpu(
+                            &s,
+                            Strided::new(&qd, st),
+                            PageMeta {
+                                kmin: &mind,
+                                kmax: &maxd,
+                            },
+                        )
+                        .unwrap();
+                    let scores = s.clone_dtoh(&g.scores).unwrap();
+                    let list = s.clone_dtoh(&g.page_list).unwrap();
+                    let count = s.clone_dtoh(&g.page_count).unwrap();
+                    let ref_scores =
+                        quest_scores_f64(&dec, Strided::new(&q[..], st), sc.meta()).unwrap();
+                    let mp = sc.cache.max_pages_per_seq();
+                    for b in 0..seqlens.len() {
+                        for kvh in 0..hkv {
+                            let row = (b * hkv + kvh) * mp;
+                            let gs: Vec<f64> =
+                                scores[row..row + mp].iter().map(|&x| x as f64).collect();
+                            for p in 0..sc.cache.pages_of(b) {
+                                let w = ref_scores[row + p];
+                                assert!(
+                                    (gs[p] - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                                    "score {} vs {w}",
+                                    gs[p]
+                                );
+                            }
+                            let want = quest_select_brute(&dec, b, &gs);
+                            let n = count[b * hkv + kvh] as usize;
+                            let got: Vec<u32> =
+                                list[row..row + n].iter().map(|&p| p as u32).collect();
+                            assert_eq!(
+                                got, want,
+                                "ps {ps} q_len {q_len} budget {budget} b {b} kvh {kvh}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_mixed_policies_match_reference() {
+        let Some(s) = stream() else { return };
+        let seqlens = [0usize, 7, 250, 97, 1500];
+        for ps in [1, 16, 64, 256] {
+            for q_len in [1, 5] {
+                let (hkv, ratio, d) = (4, 2, 128);
+                let hq = hkv * ratio;
+                let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 4321 + ps as u64);
+                let mut r = rng(ps as u64 + 7);
+                let q: Vec<bf16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal());
+                let st = q_strides(q_len, hq, d);
+                // The GPU's own Quest selection defines the visible pages of the Quest head.
+                let qd = up(&s, &q);
+                let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
+                let g = dec
+                    .select_gpu(
+                        &s,
+                        Strided::new(&qd, st),
+                        PageMeta {
+                            kmin: &mind,
+                            kmax: &maxd,
+                        },
+                    )
+                    .unwrap();
+                let list = s.clone_dtoh(&g.page_list).unwrap();
+                let count = s.clone_dtoh(&g.page_count).unwrap();
+                let mp = sc.cache.max_pages_per_seq();
+                let mut lists = Vec::new();
+                for b in 0..seqlens.len() {
+                    for h in 0..hkv {
+                        let row = (b * hkv + h) * mp;
+                        lists.push(match h {
+                            2 => list[row..row + count[b * hkv + h] as usize]
+                                .iter()
+                                .map(|&p| p as usize)
+                                .collect(),
+                            3 => (0..sc.cache.pages_of(b)).filter(|p| p % 3 != 1).collect(),
+                            _ => vec![],
+                        });
+                    }
+                }
+                let sel = PageLists::new(seqlens.len(), hkv, lists).unwrap();
+                let (want, want_lse) = paged_decode_f64(
+                    &dec,
+                    Strided::new(&q[..], st),
+                    sc.kv(),
+                    decode_visible(&dec, Some(&sel)),
+                )
+                .unwrap();
+                for splits in [None, Some(3)] {
+                    let dec = dec.clone().with_splits(splits).unwrap();
+                    let (out, lse) = run_gpu(&s, &dec, &sc, &q);
+                    let err = rel_l2(&to_f64(&out), &want);
+                    assert!(
+                        err < 2e-2,
+                        "ps {ps} q_len {q_len} splits {splits:?}: rel L2 {err}"
+                    );
+                    check_lse(&lse, &want_lse, 2e-2, "gpu mixed");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_rejects_bad_inputs() {
+        let Some(s) = stream() else { return };
+        let sc = scenario::<f32>(&[10], 16, 1, 8, 1);
+        let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
+        let q = up(&s, &[0.0f32; 8]);
+        let mut o = up(&s, &[0.0f32; 8]);
+        let k = up(&s, &sc.k_cache);
+        let st = Strides::contiguous(1, 1, 8);
+        let r = dec.forward_gpu(
+            &s,
+            Strided::new(&q, st),
+            KvPages { k: &k, v: &k },
+            None,
+            Strided::new(&mut o, st),
+            None,
+        );
+        assert!(
+            matches!(r, Err(Error::Unsupported(_))),
+            "f32 must be rejected on the GPU"
+        );
+        let sc = scenario::<bf16>(&[10], 16, 1, 12, 1);
+        let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
+        let q = up(&s, &[bf16::from_f32(0.0); 12]);
+        let mut o = up(&s, &[bf16::from_f32(0.0); 12]);
+        let k = up(&s, &sc.k_cache);
+        let st = Strides::contiguous(1, 1, 12);
+        let r = dec.forward_gpu(
+            &s,
+            Strided::new(&q, st),
+            KvPages { k: &k, v: &k },
+            None,
+            Strided::new(&mut o, st),
+            None,
+        );
+        assert!(
+            matches!(r, Err(Error::Unsupported(_))),
+            "head_dim 12 must be rejected"
+        );
+    }
+}
