@@ -13,55 +13,12 @@ use longattn::{
     PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, QuestConfig, SeqLens,
     SparsePolicy, StreamingConfig, Strided, Strides, Window, bf16, f16,
 };
+use rand::Rng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 
-fn rng(seed: u64) -> SmallRng {
-    SmallRng::seed_from_u64(seed)
-}
-
-fn random_vec<T: Element>(rng: &mut SmallRng, n: usize) -> Vec<T> {
-    (0..n)
-        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)))
-        .collect()
-}
-
-/// `||got - want|| / ||want||`; NaN anywhere gives +inf.
-fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        if g.is_nan() || w.is_nan() {
-            return f64::INFINITY;
-        }
-        num += (g - w) * (g - w);
-        den += w * w;
-    }
-    if den == 0.0 {
-        return if num == 0.0 { 0.0 } else { f64::INFINITY };
-    }
-    (num / den).sqrt()
-}
-
-fn check_lse(got: &[f32], want: &[f64], tol: f64, what: &str) {
-    assert_eq!(got.len(), want.len(), "{what}: lse length");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{what}: lse[{i}] is NaN");
-        if w == f64::NEG_INFINITY {
-            assert_eq!(g, f32::NEG_INFINITY, "{what}: lse[{i}] should be -inf");
-        } else {
-            assert!(
-                (g as f64 - w).abs() <= tol,
-                "{what}: lse[{i}] = {g}, want {w}"
-            );
-        }
-    }
-}
-
-fn to_f64<T: Element>(x: &[T]) -> Vec<f64> {
-    x.iter().map(|v| v.to_f64()).collect()
-}
+mod common;
+use common::*;
 
 /// A filled paged cache: pages scattered by a random permutation, K/V written through
 /// `append_cpu` in chunks (a prefill chunk then decode-sized steps), and the same tokens
@@ -1033,14 +990,7 @@ mod gpu {
     use std::sync::Arc;
 
     fn stream() -> Option<Arc<CudaStream>> {
-        match longattn::device::open_gpu(0) {
-            Ok(ctx) => Some(ctx.default_stream()),
-            Err(e) if longattn::device::gpu_required() => panic!("LONGATTN_REQUIRE_GPU=1: {e}"),
-            Err(e) => {
-                println!("SKIP (no GPU): {e}");
-                None
-            }
-        }
+        gpu_or_skip("paged GPU test").map(|ctx| ctx.default_stream())
     }
 
     fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {

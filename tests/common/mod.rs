@@ -63,7 +63,10 @@ pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaCont
             if longattn::device::gpu_required() {
                 panic!("{test}: LONGATTN_REQUIRE_GPU=1 but no GPU: {e}");
             }
-            println!("SKIP (no GPU) {test}: {e}");
+            // Written to the stderr handle, not through eprintln!, so that the test
+            // harness's output capture does not hide the skip.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIP (no GPU) {test}: {e}");
             None
         }
     }
