@@ -240,6 +240,206 @@ fn merge_case(device: &Device) -> Result<Row> {
     })
 }
 
+/// Paged decode over a cache filled by the append kernel (pages scattered by a
+/// permutation): a full decode checked against dense attention over the same tokens laid out
+/// contiguously, and a mixed-policy decode (kv head 0 streaming, kv head 1 Quest top-B)
+/// checked against the f64 paged reference restricted to the CPU's Quest selection.
+fn paged_cases(device: &Device) -> Result<Vec<Row>> {
+    use longattn::reference::paged::{decode_visible, paged_decode_f64};
+    let (page_size, hkv, hq, d) = (16usize, 2usize, 8usize, 64usize);
+    let lens = [1500usize, 333];
+    let layout = PagedLayout {
+        num_pages: 128,
+        page_size,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let max_pages = lens
+        .iter()
+        .map(|l| l.div_ceil(page_size))
+        .max()
+        .unwrap_or(0);
+    // Page ids handed out in a scrambled order (17 is coprime with 128).
+    let mut next = 0usize;
+    let mut block_table = vec![-1i32; lens.len() * max_pages];
+    for (b, len) in lens.iter().enumerate() {
+        for lp in 0..len.div_ceil(page_size) {
+            block_table[b * max_pages + lp] = ((next * 17) % layout.num_pages) as i32;
+            next += 1;
+        }
+    }
+    let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &block_table,
+            max_pages_per_seq: max_pages,
+            seqlens_k: &seqlens,
+        },
+    )?;
+    let total: usize = lens.iter().sum();
+    let cu_new = [0, lens[0] as i32, total as i32];
+    let kv_strides = Strides {
+        batch: 0,
+        seq: (hkv * d) as i64,
+        head: d as i64,
+    };
+    let k_new = random(total * hkv * d, 7);
+    let v_new = random(total * hkv * d, 8);
+    let q = random(lens.len() * hq * d, 9);
+    let q_strides = Strides::contiguous(1, hq, d);
+    // Host cache and metadata: the reference's input (and the CPU path's).
+    let mut k_cache = vec![bf16::ZERO; layout.cache_len()];
+    let mut v_cache = vec![bf16::ZERO; layout.cache_len()];
+    let mut kmin = vec![0f32; layout.meta_len()];
+    let mut kmax = vec![0f32; layout.meta_len()];
+    cache.append_cpu(
+        &cu_new,
+        Strided::new(&k_new[..], kv_strides),
+        Strided::new(&v_new[..], kv_strides),
+        KvPages {
+            k: &mut k_cache[..],
+            v: &mut v_cache[..],
+        },
+        Some(PageMeta {
+            kmin: &mut kmin[..],
+            kmax: &mut kmax[..],
+        }),
+    )?;
+
+    let full = PagedDecode::new(&cache, hq, 1, &AttentionOptions::causal())?;
+    let policy = SparsePolicy {
+        heads: vec![HeadPolicy::Streaming, HeadPolicy::Quest],
+        streaming: StreamingConfig {
+            sinks: 4,
+            window: 256,
+        },
+        quest: QuestConfig {
+            token_budget: 256,
+            sink_pages: 1,
+        },
+    };
+    let mixed = full.clone().with_policy(policy)?;
+
+    // Oracles.
+    let dense = FlashAttention::new(
+        &AttentionShape {
+            batch: lens.len(),
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Varlen {
+                cu_seqlens_q: &[0, 1, 2],
+                cu_seqlens_k: &cu_new,
+            },
+        },
+        &AttentionOptions::causal(),
+    )?;
+    let packed_q = Strides {
+        batch: 0,
+        ..q_strides
+    };
+    let (want_full, _) = dense_attention_f64(
+        &dense,
+        Strided::new(&q[..], packed_q),
+        Strided::new(&k_new[..], kv_strides),
+        Strided::new(&v_new[..], kv_strides),
+    )?;
+    let selection = mixed.select_cpu(
+        Strided::new(&q[..], q_strides),
+        PageMeta {
+            kmin: &kmin[..],
+            kmax: &kmax[..],
+        },
+    )?;
+    let (want_mixed, _) = paged_decode_f64(
+        &mixed,
+        Strided::new(&q[..], q_strides),
+        KvPages {
+            k: &k_cache[..],
+            v: &v_cache[..],
+        },
+        decode_visible(&mixed, Some(&selection.pages)),
+    )?;
+
+    let mut rows = Vec::new();
+    for (decode, want, label) in [
+        (&full, &want_full, "full decode, causal"),
+        (&mixed, &want_mixed, "streaming + Quest 256 tok"),
+    ] {
+        let t = Instant::now();
+        let out = match device {
+            Device::Cpu => {
+                let mut out = vec![bf16::from_f32(f32::NAN); decode.out_len()];
+                decode.forward_cpu(
+                    Strided::new(&q[..], q_strides),
+                    KvPages {
+                        k: &k_cache[..],
+                        v: &v_cache[..],
+                    },
+                    Some(PageMeta {
+                        kmin: &kmin[..],
+                        kmax: &kmax[..],
+                    }),
+                    Strided::new(&mut out[..], q_strides),
+                    None,
+                )?;
+                out
+            }
+            Device::Cuda(ctx) => {
+                let s = ctx.default_stream();
+                // The device cache is filled by the GPU append kernel.
+                let mut dk = s.alloc_zeros::<bf16>(layout.cache_len())?;
+                let mut dv = s.alloc_zeros::<bf16>(layout.cache_len())?;
+                let mut dmin = s.alloc_zeros::<f32>(layout.meta_len())?;
+                let mut dmax = s.alloc_zeros::<f32>(layout.meta_len())?;
+                let (kn, vn) = (s.clone_htod(&k_new)?, s.clone_htod(&v_new)?);
+                cache.append_gpu(
+                    &s,
+                    &cu_new,
+                    Strided::new(&kn, kv_strides),
+                    Strided::new(&vn, kv_strides),
+                    KvPages {
+                        k: &mut dk,
+                        v: &mut dv,
+                    },
+                    Some(PageMeta {
+                        kmin: &mut dmin,
+                        kmax: &mut dmax,
+                    }),
+                )?;
+                let dq = s.clone_htod(&q)?;
+                let mut dout = s.clone_htod(&vec![bf16::from_f32(f32::NAN); decode.out_len()])?;
+                decode.forward_gpu(
+                    &s,
+                    Strided::new(&dq, q_strides),
+                    KvPages { k: &dk, v: &dv },
+                    Some(PageMeta {
+                        kmin: &dmin,
+                        kmax: &dmax,
+                    }),
+                    Strided::new(&mut dout, q_strides),
+                    None,
+                )?;
+                s.clone_dtoh(&dout)?
+            }
+        };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+        let (max_err, rel_err) = errors(&got, want);
+        rows.push(Row {
+            family: "paged",
+            shape: format!("b2 sk{lens:?} h{hq}/{hkv} d{d} page{page_size}"),
+            options: label.to_string(),
+            device: device.describe(),
+            max_err,
+            rel_err,
+            ms,
+        });
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<()> {
     let device = Device::best()?;
     println!("longattn tour on {}", device.describe());
@@ -274,6 +474,7 @@ fn main() -> Result<()> {
         rows.push(dense_case(&device, dims, opts, label)?);
     }
     rows.push(merge_case(&device)?);
+    rows.extend(paged_cases(&device)?);
     println!(
         "{:<6} {:<40} {:<26} {:<28} {:>10} {:>10} {:>10}",
         "family", "shape", "options", "device", "max err", "rel err", "ms"
