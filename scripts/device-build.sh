@@ -5,35 +5,39 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export LONGATTN_REQUIRE_CUDA=1
-export LONGATTN_CUDA_ARCHS=${LONGATTN_CUDA_ARCHS:-80,90a}
+# The GPU machines are Hopper (H100/H200): sm_90a only keeps the binaries small (all that
+# travels must stay under 64 MiB). Set LONGATTN_CUDA_ARCHS=80,90a for an Ampere card.
+export LONGATTN_CUDA_ARCHS=${LONGATTN_CUDA_ARCHS:-90a}
+export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
 DIST=${DIST:-dist}
 rm -rf "$DIST"
 mkdir -p "$DIST/tests" "$DIST/benches" "$DIST/examples"
 
-copy_executables() { # $1 = dest dir; stdin = cargo JSON messages
+copy_executables() { # $1 = dest dir, $2 = target kinds; stdin = cargo JSON messages
   python3 -c '
 import json, shutil, sys, os
 dest = sys.argv[1]
+allowed = sys.argv[2].split(",")
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
     exe = m.get("executable")
-    if m.get("reason") == "compiler-artifact" and exe:
-        kind = m["target"]["kind"][0]
+    kind = m.get("target", {}).get("kind", [""])[0]
+    # `cargo test --no-run` also builds examples as test targets: keep real tests only.
+    if m.get("reason") == "compiler-artifact" and exe and kind in allowed:
         name = m["target"]["name"] if kind != "lib" else "lib"
         shutil.copy2(exe, os.path.join(dest, name))
         print(f"  {dest}/{name}")
-' "$1"
+' "$1" "$2"
 }
 
 echo "test binaries:"
-cargo test --release --no-run --message-format=json | copy_executables "$DIST/tests"
+cargo test --release --no-run --message-format=json | copy_executables "$DIST/tests" lib,test
 echo "bench binaries:"
-cargo bench --no-run --message-format=json | copy_executables "$DIST/benches"
-rm -f "$DIST/benches/lib"
+cargo bench --no-run --message-format=json | copy_executables "$DIST/benches" bench
 echo "examples:"
-cargo build --release --examples --message-format=json | copy_executables "$DIST/examples"
+cargo build --release --examples --message-format=json | copy_executables "$DIST/examples" example
 cp scripts/device-run.sh scripts/torch_baseline.py scripts/bench_summary.py "$DIST/"
 du -sh "$DIST"

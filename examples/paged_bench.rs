@@ -1,0 +1,533 @@
+//! GPU bandwidth of paged decode against a device-to-device copy measured in the same run.
+//! Prints one `BENCH {json}` line per case (scripts/bench_summary.py joins them with the
+//! PyTorch SDPA decode baseline of scripts/torch_decode_baseline.py) and a plain-text table
+//! with the issue's targets last.
+//!
+//! Shapes (decode step, q_len 1, 32 query heads / 8 kv heads, head_dim 128, bf16):
+//! batch 1 x 64k and 128k tokens, batch 64 x 1k and 8k tokens; page size 16 and 64. Each
+//! cache has a shuffled page table (a sequence's pages are scattered over the pool) and is
+//! filled with `append_gpu` from a random source buffer, so the Quest metadata is real.
+//! Modes: full decode (automatic split count), Quest top-2048 tokens (selection + decode;
+//! selection alone via `select_gpu`), streaming (4 sinks + 2048-token window) for reference.
+//!
+//! Bandwidth convention: `kv_bytes` is [`PagedDecode::kv_bytes_read`] (K and V bytes of the
+//! selected pages; Quest's kmin/kmax reads are reported apart as `meta_bytes`), `gbs` =
+//! kv_bytes / time. The ceiling `copy_gbs` is a `memcpy_dtod` of a 2 GiB buffer counted as
+//! (bytes read + bytes written) / time, i.e. the DRAM traffic of the copy; a read-only
+//! kernel can reach about that figure, so `frac_of_copy = gbs / copy_gbs`. The one-way
+//! figure (bytes copied / time) is printed too as `copy_oneway_gbs`.
+//!
+//! Timing: CUDA events around one call, after a 256 MiB device copy that keeps the GPU busy
+//! while the host enqueues the call (hides launch latency and evicts the KV from L2), 3
+//! warm-up calls, median of 15. Every call is the public API as an engine would call it,
+//! per-call table uploads included; `uploads_ms` times those uploads alone and `loop_ms`
+//! is the mean of 15 back-to-back calls (host-bound if the host side is the bottleneck).
+//!
+//! `cargo run --release --example paged_bench`; exits 1 with a message without a usable GPU.
+//! A watchdog ends the process (exit 3) after `PAGED_BENCH_TIMEOUT_S` seconds (default 100).
+
+use longattn::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HQ: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+const WARMUP: usize = 3;
+const REPS: usize = 15;
+const FILLER_BYTES: usize = 256 << 20;
+const COPY_BYTES: usize = 2 << 30;
+const QUEST_BUDGET: usize = 2048;
+const STREAM_WINDOW: usize = 2048;
+const STREAM_SINKS: usize = 4;
+/// Host random chunk replicated on the device to fill the source buffer.
+const CHUNK: usize = 16 << 20;
+
+/// Issue targets.
+const FULL_FRAC_TARGET: f64 = 0.85;
+const QUEST_SPEEDUP_TARGET: f64 = 6.0;
+const SELECT_FRAC_TARGET: f64 = 0.15;
+
+fn lcg(s: &mut u64) -> u64 {
+    *s = s
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    *s >> 33
+}
+
+fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| bf16::from_f32((lcg(&mut s) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0))
+        .collect()
+}
+
+/// A permutation of `0..n` (Fisher-Yates).
+fn shuffled(n: usize, seed: u64) -> Vec<i32> {
+    let mut v: Vec<i32> = (0..n as i32).collect();
+    let mut s = seed;
+    for i in (1..n).rev() {
+        let j = (lcg(&mut s) % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    /// Median of per-call event timings.
+    ms: f64,
+    min_ms: f64,
+    /// Mean of back-to-back calls.
+    loop_ms: f64,
+}
+
+struct Timer {
+    stream: Arc<CudaStream>,
+    filler_src: CudaSlice<u8>,
+    filler_dst: CudaSlice<u8>,
+}
+
+impl Timer {
+    fn new(stream: &Arc<CudaStream>) -> Result<Self> {
+        Ok(Timer {
+            stream: stream.clone(),
+            filler_src: stream.alloc_zeros::<u8>(FILLER_BYTES)?,
+            filler_dst: stream.alloc_zeros::<u8>(FILLER_BYTES)?,
+        })
+    }
+
+    fn event(&self) -> Result<longattn::cudarc::driver::CudaEvent> {
+        Ok(self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?)
+    }
+
+    fn busy(&mut self) -> Result<()> {
+        self.stream
+            .memcpy_dtod(&self.filler_src, &mut self.filler_dst)?;
+        Ok(())
+    }
+
+    fn time(&mut self, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
+        for _ in 0..WARMUP {
+            f()?;
+        }
+        self.stream.synchronize()?;
+        let mut times = Vec::with_capacity(REPS);
+        for _ in 0..REPS {
+            self.busy()?;
+            let a = self.event()?;
+            f()?;
+            let b = self.event()?;
+            times.push(a.elapsed_ms(&b)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        self.busy()?;
+        let a = self.event()?;
+        for _ in 0..REPS {
+            f()?;
+        }
+        let b = self.event()?;
+        let loop_ms = a.elapsed_ms(&b)? as f64 / REPS as f64;
+        Ok(Timing {
+            ms: times[REPS / 2],
+            min_ms: times[0],
+            loop_ms,
+        })
+    }
+}
+
+/// Device-to-device copy bandwidth: (read + write) bytes per second, and one-way.
+fn copy_bandwidth(
+    stream: &Arc<CudaStream>,
+    timer: &mut Timer,
+    src: &CudaSlice<bf16>,
+) -> Result<(f64, f64)> {
+    let n = COPY_BYTES / 2;
+    let src = src.slice(0..n);
+    let mut dst = stream.alloc_zeros::<bf16>(n)?;
+    let t = timer.time(|| Ok(stream.memcpy_dtod(&src, &mut dst)?))?;
+    let bytes = (n * 2) as f64;
+    Ok((2.0 * bytes / t.ms / 1e6, bytes / t.ms / 1e6))
+}
+
+struct Row {
+    name: String,
+    ms: f64,
+    gbs: f64,
+    frac: f64,
+    splits: usize,
+    extra: String,
+    target: String,
+}
+
+struct Ctx {
+    stream: Arc<CudaStream>,
+    sm_count: usize,
+    copy_gbs: f64,
+    kv_src: CudaSlice<bf16>,
+    rows: Vec<Row>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit(
+    ctx: &mut Ctx,
+    name: &str,
+    dec: &PagedDecode,
+    t: Timing,
+    uploads: Timing,
+    extra_json: &str,
+    extra_txt: String,
+    target: String,
+) {
+    let kv_bytes = dec.kv_bytes_read(2);
+    let gbs = kv_bytes as f64 / t.ms / 1e6;
+    let frac = gbs / ctx.copy_gbs;
+    let splits = dec.splits_for(ctx.sm_count);
+    let c = dec.cache();
+    println!(
+        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn\",\"b\":{},\"s\":{},\"hq\":{HQ},\"hkv\":{HKV},\"d\":{D},\"page\":{},\"splits\":{splits},\"ms\":{:.5},\"min_ms\":{:.5},\"loop_ms\":{:.5},\"uploads_ms\":{:.5},\"gbs\":{gbs:.1},\"kv_bytes\":{kv_bytes},\"copy_gbs\":{:.1},\"frac_of_copy\":{frac:.3}{extra_json}}}",
+        c.batch(),
+        c.seqlen(0),
+        c.page_size(),
+        t.ms,
+        t.min_ms,
+        t.loop_ms,
+        uploads.ms,
+        ctx.copy_gbs,
+    );
+    ctx.rows.push(Row {
+        name: name.to_string(),
+        ms: t.ms,
+        gbs,
+        frac,
+        splits,
+        extra: extra_txt,
+        target,
+    });
+}
+
+fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
+    let stream = ctx.stream.clone();
+    let shape = format!("b{b}_s{s}_p{page}");
+    let pages_per_seq = s.div_ceil(page);
+    let num_pages = b * pages_per_seq;
+    let layout = PagedLayout {
+        num_pages,
+        page_size: page,
+        heads_kv: HKV,
+        head_dim: D,
+    };
+    let table = shuffled(num_pages, 0x5eed ^ (b * s * page) as u64);
+    let seqlens = vec![s as i32; b];
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: pages_per_seq,
+            seqlens_k: &seqlens,
+        },
+    )?;
+    let n = layout.cache_len();
+    let need = 2 * n * 2 + 2 * layout.meta_len() * 4 + (256 << 20);
+    let (free, _) = stream.context().mem_get_info()?;
+    if free < need {
+        println!(
+            "# paged_{shape}: skipped, needs {} MiB of GPU memory, {} MiB free",
+            need >> 20,
+            free >> 20
+        );
+        return Ok(());
+    }
+    // Fill the cache (and the Quest metadata) from the random source with one append.
+    let mut kc = stream.alloc_zeros::<bf16>(n)?;
+    let mut vc = stream.alloc_zeros::<bf16>(n)?;
+    let mut kmin = stream.alloc_zeros::<f32>(layout.meta_len())?;
+    let mut kmax = stream.alloc_zeros::<f32>(layout.meta_len())?;
+    {
+        let half = ctx.kv_src.len() / 2;
+        let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
+        let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
+        let new_st = Strides::contiguous(b * s, HKV, D);
+        cache.append_gpu(
+            &stream,
+            &cu,
+            Strided::new(&k_src, new_st),
+            Strided::new(&v_src, new_st),
+            KvPages {
+                k: &mut kc,
+                v: &mut vc,
+            },
+            Some(PageMeta {
+                kmin: &mut kmin,
+                kmax: &mut kmax,
+            }),
+        )?;
+    }
+    stream.synchronize()?;
+
+    let q_st = Strides::contiguous(1, HQ, D);
+    let q: CudaSlice<bf16> = stream.clone_htod(&random_bf16(b * HQ * D, 7 + s as u64))?;
+    let mut out = stream.alloc_zeros::<bf16>(b * HQ * D)?;
+    let opts = AttentionOptions::causal();
+    let kinds = vec![0i32; HKV];
+
+    // Full decode.
+    let full = PagedDecode::new(&cache, HQ, 1, &opts)?;
+    let t_full = timer.time(|| {
+        full.forward_gpu(
+            &stream,
+            Strided::new(&q, q_st),
+            KvPages { k: &kc, v: &vc },
+            None,
+            Strided::new(&mut out, q_st),
+            None,
+        )
+    })?;
+    // The per-call uploads alone (block table, seqlens, head kinds), for reference.
+    let up_full = timer.time(|| {
+        let _a = stream.clone_htod(cache.block_table())?;
+        let _b = stream.clone_htod(cache.seqlens_k())?;
+        let _c = stream.clone_htod(&kinds)?;
+        Ok(())
+    })?;
+    let host_out = stream.clone_dtoh(&out)?;
+    let bad = host_out.iter().filter(|x| !x.to_f32().is_finite()).count();
+    if bad > 0 {
+        println!("# paged_{shape}_full: {bad} non-finite outputs");
+    }
+    let target = if (b, s) == (1, 65536) || (b, s) == (64, 8192) {
+        let frac = full.kv_bytes_read(2) as f64 / t_full.ms / 1e6 / ctx.copy_gbs;
+        if frac >= FULL_FRAC_TARGET {
+            format!("ok (frac >= {FULL_FRAC_TARGET})")
+        } else {
+            format!("MISS (frac >= {FULL_FRAC_TARGET})")
+        }
+    } else {
+        String::new()
+    };
+    emit(
+        ctx,
+        &format!("paged_{shape}_full"),
+        &full,
+        t_full,
+        up_full,
+        "",
+        String::new(),
+        target,
+    );
+
+    // Quest top-2048 tokens: selection + decode, and the selection alone.
+    if s >= 8192 {
+        let quest = PagedDecode::new(&cache, HQ, 1, &opts)?.with_policy(
+            SparsePolicy::uniform(HKV, HeadPolicy::Quest).with_quest(QuestConfig {
+                token_budget: QUEST_BUDGET,
+                sink_pages: 1,
+            }),
+        )?;
+        let t_quest = timer.time(|| {
+            quest.forward_gpu(
+                &stream,
+                Strided::new(&q, q_st),
+                KvPages { k: &kc, v: &vc },
+                Some(PageMeta {
+                    kmin: &kmin,
+                    kmax: &kmax,
+                }),
+                Strided::new(&mut out, q_st),
+                None,
+            )
+        })?;
+        let t_sel = timer.time(|| {
+            quest
+                .select_gpu::<bf16, _>(
+                    &stream,
+                    Strided::new(&q, q_st),
+                    PageMeta {
+                        kmin: &kmin,
+                        kmax: &kmax,
+                    },
+                )
+                .map(drop)
+        })?;
+        let lists = vec![0i32; b * HKV * pages_per_seq];
+        let counts = vec![0i32; b * HKV];
+        let up_quest = timer.time(|| {
+            let _a = stream.clone_htod(cache.block_table())?;
+            let _b = stream.clone_htod(cache.seqlens_k())?;
+            let _c = stream.clone_htod(&kinds)?;
+            let _d = stream.clone_htod(&lists)?;
+            let _e = stream.clone_htod(&counts)?;
+            Ok(())
+        })?;
+        // Selection sanity: every (sequence, kv head) keeps min(budget, pages) pages.
+        let sel = quest.select_gpu::<bf16, _>(
+            &stream,
+            Strided::new(&q, q_st),
+            PageMeta {
+                kmin: &kmin,
+                kmax: &kmax,
+            },
+        )?;
+        let counts_dev = stream.clone_dtoh(&sel.page_count)?;
+        let expect = (QUEST_BUDGET / page).clamp(1, pages_per_seq) as i32;
+        if let Some(c) = counts_dev.iter().find(|&&c| c != expect) {
+            println!("# paged_{shape}_quest: page_count {c}, expected {expect}");
+        }
+        let speedup = t_full.ms / t_quest.ms;
+        let sel_frac = t_sel.ms / t_quest.ms;
+        let meta_bytes = b * pages_per_seq * HKV * D * 4 * 2;
+        let target = if b == 1 && (s == 65536 || s == 131072) {
+            let ok = speedup >= QUEST_SPEEDUP_TARGET && sel_frac <= SELECT_FRAC_TARGET;
+            format!(
+                "{} (speedup >= {QUEST_SPEEDUP_TARGET}, select <= {SELECT_FRAC_TARGET})",
+                if ok { "ok" } else { "MISS" }
+            )
+        } else {
+            String::new()
+        };
+        emit(
+            ctx,
+            &format!("paged_{shape}_quest"),
+            &quest,
+            t_quest,
+            up_quest,
+            &format!(
+                ",\"token_budget\":{QUEST_BUDGET},\"select_ms\":{:.5},\"select_frac\":{sel_frac:.3},\"speedup_vs_full\":{speedup:.2},\"meta_bytes\":{meta_bytes}",
+                t_sel.ms
+            ),
+            format!(
+                "x{speedup:.2} vs full, select {:.4} ms = {:.0}%",
+                t_sel.ms,
+                100.0 * sel_frac
+            ),
+            target,
+        );
+    }
+
+    // Streaming heads (4 sinks + 2048-token window), for reference.
+    let streaming = PagedDecode::new(&cache, HQ, 1, &opts)?.with_policy(
+        SparsePolicy::uniform(HKV, HeadPolicy::Streaming).with_streaming(StreamingConfig {
+            sinks: STREAM_SINKS,
+            window: STREAM_WINDOW,
+        }),
+    )?;
+    let t_stream = timer.time(|| {
+        streaming.forward_gpu(
+            &stream,
+            Strided::new(&q, q_st),
+            KvPages { k: &kc, v: &vc },
+            None,
+            Strided::new(&mut out, q_st),
+            None,
+        )
+    })?;
+    let speedup = t_full.ms / t_stream.ms;
+    emit(
+        ctx,
+        &format!("paged_{shape}_streaming"),
+        &streaming,
+        t_stream,
+        up_full,
+        &format!(
+            ",\"window\":{STREAM_WINDOW},\"sinks\":{STREAM_SINKS},\"speedup_vs_full\":{speedup:.2}"
+        ),
+        format!("x{speedup:.2} vs full"),
+        String::new(),
+    );
+    stream.synchronize()?;
+    Ok(())
+}
+
+fn run() -> Result<()> {
+    let ctx = longattn::device::open_gpu(0)?;
+    let stream = ctx.default_stream();
+    let sm_count =
+        ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+    println!(
+        "# paged_bench on {} ({sm_count} SMs), hq {HQ} hkv {HKV} d {D} bf16, q_len 1",
+        Device::Cuda(ctx.clone()).describe()
+    );
+    let t0 = Instant::now();
+    // Random source for K (first half) and V (second half): the largest cache's tokens.
+    let max_tokens = 64 * 8192;
+    let half = max_tokens * HKV * D;
+    let mut kv_src = stream.alloc_zeros::<bf16>(2 * half)?;
+    for (part, seed) in [(0usize, 1u64), (1, 2)] {
+        let chunk: CudaSlice<bf16> = stream.clone_htod(&random_bf16(CHUNK, seed))?;
+        let mut off = part * half;
+        while off < (part + 1) * half {
+            let len = CHUNK.min((part + 1) * half - off);
+            let src = chunk.slice(0..len);
+            stream.memcpy_dtod(&src, &mut kv_src.slice_mut(off..off + len))?;
+            off += len;
+        }
+    }
+    stream.synchronize()?;
+    let mut timer = Timer::new(&stream)?;
+    // Copy ceiling: (read + write) bytes / time; see the module docs.
+    let (copy_gbs, oneway) = copy_bandwidth(&stream, &mut timer, &kv_src)?;
+    println!(
+        "BENCH {{\"name\":\"d2d_copy_2GiB\",\"impl\":\"cudarc-memcpy_dtod\",\"copy_gbs\":{copy_gbs:.1},\"copy_oneway_gbs\":{oneway:.1},\"bytes\":{COPY_BYTES}}}"
+    );
+    println!(
+        "# setup {:.1} s; copy ceiling {copy_gbs:.0} GB/s (read+write), {oneway:.0} GB/s one-way",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut bench = Ctx {
+        stream: stream.clone(),
+        sm_count,
+        copy_gbs,
+        kv_src,
+        rows: Vec::new(),
+    };
+    for (b, s) in [(1usize, 65536usize), (1, 131072), (64, 1024), (64, 8192)] {
+        for page in [16usize, 64] {
+            if let Err(e) = run_case(&mut bench, &mut timer, b, s, page) {
+                println!("# paged_b{b}_s{s}_p{page}: error: {e}");
+                // A sticky CUDA error (a faulting kernel) poisons the context: stop instead of
+                // failing every later case. Out-of-memory and the like leave it usable.
+                if let Err(sticky) = stream.synchronize() {
+                    println!("# paged_bench: the CUDA context is unusable ({sticky}); stopping");
+                    return Err(e);
+                }
+            }
+        }
+    }
+    println!();
+    println!(
+        "paged decode, copy ceiling {copy_gbs:.0} GB/s (read+write) -- {} s total",
+        t0.elapsed().as_secs()
+    );
+    println!(
+        "{:<34}{:>10}{:>9}{:>7}{:>7}  {:<40}target",
+        "case", "ms", "GB/s", "frac", "splits", "notes"
+    );
+    for r in &bench.rows {
+        println!(
+            "{:<34}{:>10.4}{:>9.0}{:>7.2}{:>7}  {:<40}{}",
+            r.name, r.ms, r.gbs, r.frac, r.splits, r.extra, r.target
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let limit: u64 = std::env::var("PAGED_BENCH_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(limit));
+        println!("# paged_bench: watchdog: still running after {limit} s, exiting");
+        std::process::exit(3);
+    });
+    if let Err(e) = run() {
+        println!("# paged_bench: error: {e}");
+        eprintln!("paged_bench: {e}");
+        std::process::exit(1);
+    }
+}
