@@ -180,7 +180,15 @@ template <typename T>
 __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
   const LaPagedCache &c = p.cache;
   const int kvh = blockIdx.x, b = blockIdx.y;
-  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
+  float *scores = p.scores + row_base;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) {
+    // Documented output: -inf scores for heads that are not Quest heads (the buffer is not
+    // necessarily pre-filled).
+    for (int pg = tid; pg < c.max_pages_per_seq; pg += kQuestThreads) scores[pg] = kNegInf;
+    return;
+  }
   __shared__ __align__(16) float q_s[kQuestRows * kMaxDim];
   __shared__ int hist[256];
   __shared__ unsigned long long sel_prefix;
@@ -190,9 +198,6 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
   const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
   const int group = p.heads_q / c.heads_kv;
   const int rows = p.q_len * group;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
-  float *scores = p.scores + row_base;
 
   const Mask mask{p.window_left, p.window_right, p.sinks};
   QuestCandidates cand;

@@ -39,5 +39,6 @@ echo "bench binaries:"
 cargo bench --no-run --message-format=json | copy_executables "$DIST/benches" bench
 echo "examples:"
 cargo build --release --examples --message-format=json | copy_executables "$DIST/examples" example
-cp scripts/device-run.sh scripts/torch_baseline.py scripts/bench_summary.py "$DIST/"
+cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline.py \
+  scripts/bench_summary.py "$DIST/"
 du -sh "$DIST"

@@ -44,7 +44,9 @@ BENCH_ARGS=()
 step gpu_bench 240 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
 [ -x "$HERE/examples/paged_bench" ] && step paged_bench 120 "$HERE/examples/paged_bench"
 step torch_baseline 300 python3 "$HERE/torch_baseline.py" --budget 150 "${BENCH_ARGS[@]}"
-python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" > "$OUT/summary.log" 2>&1
+[ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 240 python3 "$HERE/torch_decode_baseline.py" --flex-budget 120
+python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
+  "$OUT/torch_decode_baseline.log" > "$OUT/summary.log" 2>&1
 
 echo "=== logs in $OUT ==="
 cat "$OUT/nvidia-smi.log"
