@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
   const float scale_log2 = p.scale * kLog2e;
   const bool softcap = p.softcap > 0.0f;
-  const float cap_pre = softcap ? __fdividef(p.scale, p.softcap) : 0.0f;  // tanh arg per q.k
+  const float cap_pre = softcap ? (p.scale / p.softcap) : 0.0f;  // tanh arg per q.k
   const float cap_post = p.softcap * kLog2e;  // cap, in log2 units
 
   float m[2] = {kNegInf, kNegInf};  // row max, log2 units

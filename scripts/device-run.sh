@@ -25,26 +25,26 @@ step() { # name, timeout, command...
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.log" 2>&1
 
 for t in "$HERE"/tests/*; do
-  step "test-$(basename "$t")" 300 "$t" --test-threads=4 --nocapture
+  step "test-$(basename "$t")" 150 "$t" --test-threads=4 --nocapture
 done
 
 if command -v compute-sanitizer > /dev/null; then
   for t in dense_gpu paged; do
     [ -x "$HERE/tests/$t" ] || continue
-    step "memcheck-$t" 240 compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "$HERE/tests/$t" --test-threads=1 --skip long --skip bad_inputs
+    step "memcheck-$t" 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$HERE/tests/$t" gpu --test-threads=1 --skip long --skip bad_inputs
   done
 else
   SUMMARY+=("compute-sanitizer not found")
 fi
 
-step tour 120 "$HERE/examples/tour"
+step tour 90 "$HERE/examples/tour"
 BENCH_ARGS=()
 [ "$QUICK" = "--quick" ] && BENCH_ARGS=(--quick)
-step gpu_bench 240 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
-[ -x "$HERE/examples/paged_bench" ] && step paged_bench 120 "$HERE/examples/paged_bench"
-step torch_baseline 300 python3 "$HERE/torch_baseline.py" --budget 150 "${BENCH_ARGS[@]}"
-[ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 240 python3 "$HERE/torch_decode_baseline.py" --flex-budget 120
+step gpu_bench 150 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
+[ -x "$HERE/examples/paged_bench" ] && step paged_bench 90 "$HERE/examples/paged_bench"
+step torch_baseline 200 python3 "$HERE/torch_baseline.py" --budget 100 "${BENCH_ARGS[@]}"
+[ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 120 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
   "$OUT/torch_decode_baseline.log" > "$OUT/summary.log" 2>&1
 
