@@ -6,16 +6,11 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use longattn::cudarc::driver::CudaSlice;
 use longattn::*;
 
+#[path = "../examples/support/mod.rs"]
+mod support;
+
 fn fill(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
+    support::uniform(n, seed)
 }
 
 fn flops(mask: &Mask, b: usize, h: usize, d: usize, s: usize) -> u64 {

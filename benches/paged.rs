@@ -7,17 +7,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use longattn::cudarc::driver::CudaSlice;
 use longattn::*;
 
-fn fill<T: Element>(n: usize, seed: u64) -> Vec<T> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            T::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
-}
+#[path = "../examples/support/mod.rs"]
+mod support;
+use support::uniform as fill;
 
 /// A full cache: `batch` sequences of `seqlen` tokens, pages assigned in reverse order so
 /// that a sequence's pages are not contiguous in memory.

@@ -22,16 +22,10 @@ fn visible_pairs(mask: &Mask, sq: usize, sk: usize) -> u64 {
         .sum()
 }
 
+mod support;
+
 fn lcg_fill(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            bf16::from_f32(((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        })
-        .collect()
+    support::uniform(n, seed)
 }
 
 struct Case {

@@ -50,18 +50,11 @@ const FULL_FRAC_TARGET: f64 = 0.85;
 const QUEST_SPEEDUP_TARGET: f64 = 6.0;
 const SELECT_FRAC_TARGET: f64 = 0.15;
 
-fn lcg(s: &mut u64) -> u64 {
-    *s = s
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    *s >> 33
-}
+mod support;
+use support::lcg;
 
 fn random_bf16(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| bf16::from_f32((lcg(&mut s) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0))
-        .collect()
+    support::uniform(n, seed)
 }
 
 /// A permutation of `0..n` (Fisher-Yates).
@@ -69,7 +62,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<i32> {
     let mut v: Vec<i32> = (0..n as i32).collect();
     let mut s = seed;
     for i in (1..n).rev() {
-        let j = (lcg(&mut s) % (i as u64 + 1)) as usize;
+        let j = ((lcg(&mut s) >> 33) % (i as u64 + 1)) as usize;
         v.swap(i, j);
     }
     v

@@ -18,16 +18,10 @@ struct Row {
     ms: f64,
 }
 
-fn lcg(seed: &mut u64) -> f32 {
-    *seed = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
+mod support;
 
 fn random(n: usize, seed: u64) -> Vec<bf16> {
-    let mut s = seed;
-    (0..n).map(|_| bf16::from_f32(lcg(&mut s))).collect()
+    support::uniform(n, seed)
 }
 
 fn errors(got: &[f64], want: &[f64]) -> (f64, f64) {

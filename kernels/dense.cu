@@ -48,15 +48,9 @@ __global__ void __launch_bounds__(kSimtThreads)
   const SeqInfo s = seq_info(p, b, h);
   const int m0 = blockIdx.x * kSimtBlockM;
   if (m0 >= s.sq) return;
-  const int kvh = h / (p.heads_q / p.heads_kv);
-  const T *q = static_cast<const T *>(p.q) + b * p.q_batch_stride + s.q_row0 * p.q_row_stride +
-               h * p.q_head_stride;
-  const T *k = static_cast<const T *>(p.k) + b * p.k_batch_stride + s.k_row0 * p.k_row_stride +
-               kvh * p.k_head_stride;
-  const T *v = static_cast<const T *>(p.v) + b * p.v_batch_stride + s.k_row0 * p.v_row_stride +
-               kvh * p.v_head_stride;
-  T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + s.q_row0 * p.o_row_stride +
-         h * p.o_head_stride;
+  const HeadTensors<T> head = head_tensors<T>(p, s, b, h);
+  const T *q = head.q, *k = head.k, *v = head.v;
+  T *o = head.o;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int vecs_per_row = d / kVec;

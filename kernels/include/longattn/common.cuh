@@ -127,4 +127,28 @@ __device__ __forceinline__ SeqInfo seq_info(const LaDenseParams &p, int b, int h
   return s;
 }
 
+// Base pointers of one (sequence b, query head h) for the dense kernels: row i of q and o is
+// at `q + i * q_row_stride`, key j of the matching kv head at `k + j * k_row_stride`.
+template <typename T>
+struct HeadTensors {
+  const T *q, *k, *v;
+  T *o;
+};
+
+template <typename T>
+__device__ __forceinline__ HeadTensors<T> head_tensors(const LaDenseParams &p, const SeqInfo &s,
+                                                       int b, int h) {
+  const int kvh = h / (p.heads_q / p.heads_kv);
+  HeadTensors<T> t;
+  t.q = static_cast<const T *>(p.q) + b * p.q_batch_stride + s.q_row0 * p.q_row_stride +
+        h * p.q_head_stride;
+  t.k = static_cast<const T *>(p.k) + b * p.k_batch_stride + s.k_row0 * p.k_row_stride +
+        kvh * p.k_head_stride;
+  t.v = static_cast<const T *>(p.v) + b * p.v_batch_stride + s.k_row0 * p.v_row_stride +
+        kvh * p.v_head_stride;
+  t.o = static_cast<T *>(p.o) + b * p.o_batch_stride + s.q_row0 * p.o_row_stride +
+        h * p.o_head_stride;
+  return t;
+}
+
 }  // namespace longattn
