@@ -4,6 +4,7 @@ use crate::dense::FlashAttention;
 use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
+use crate::reference::attend_row;
 
 /// Reference output of `attn`: `out` contiguous `[rows, heads_q, head_dim]` (rows =
 /// `batch * seqlen_q`, or `total_q` with varlen) and LSE in the problem's LSE layout.
@@ -43,46 +44,22 @@ pub fn dense_attention_f64<T: Element>(
             for i in 0..sq {
                 let qo = attn.row_offset(&q.strides, b, span.q_start, i, h);
                 let qi = &q.data[qo..qo + d];
-                let scores: Vec<Option<f64>> = (0..sk)
-                    .map(|j| {
-                        mask.visible(i, j, sq, sk).then(|| {
-                            let ko = attn.row_offset(&k.strides, b, span.k_start, j, kvh);
-                            let dot: f64 = qi
-                                .iter()
-                                .zip(&k.data[ko..ko + d])
-                                .map(|(a, b)| a.to_f64() * b.to_f64())
-                                .sum();
-                            match attn.softcap() {
-                                Some(cap) => {
-                                    let cap = cap as f64;
-                                    cap * (dot * scale / cap).tanh()
-                                }
-                                None => dot * scale,
-                            }
-                        })
-                    })
-                    .collect();
-                let m = scores
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if m == f64::NEG_INFINITY {
-                    continue; // no visible key: output stays 0, LSE -inf
-                }
-                let l: f64 = scores.iter().flatten().map(|s| (s - m).exp()).sum();
                 let oo = attn.row_offset(&out_strides, b, span.q_start, i, h);
-                let o = &mut out[oo..oo + d];
-                for (j, s) in scores.iter().enumerate() {
-                    if let Some(s) = s {
-                        let p = (s - m).exp() / l;
-                        let vo = attn.row_offset(&v.strides, b, span.k_start, j, kvh);
-                        for (acc, x) in o.iter_mut().zip(&v.data[vo..vo + d]) {
-                            *acc += p * x.to_f64();
-                        }
-                    }
-                }
-                lse[attn.lse_index(b, h, i)] = m + l.ln();
+                let (kd, vd) = (k.data, v.data);
+                let key_at = |j: usize| attn.row_offset(&k.strides, b, span.k_start, j, kvh);
+                let value_at = |j: usize| attn.row_offset(&v.strides, b, span.k_start, j, kvh);
+                lse[attn.lse_index(b, h, i)] = attend_row(
+                    qi,
+                    sk,
+                    |j| {
+                        mask.visible(i, j, sq, sk)
+                            .then(|| &kd[key_at(j)..key_at(j) + d])
+                    },
+                    |j| &vd[value_at(j)..value_at(j) + d],
+                    scale,
+                    attn.softcap(),
+                    &mut out[oo..oo + d],
+                );
             }
         }
     }

@@ -6,3 +6,49 @@ pub mod dense;
 pub mod paged;
 
 pub use dense::dense_attention_f64;
+
+use crate::element::Element;
+
+/// One query row `q` over keys `0..n`, two passes in f64: `key(j)` is key `j`'s row, or
+/// `None` where the mask hides it; `value(j)` its value row. Adds the normalised output into
+/// `out` (left untouched for a row with no visible key) and returns the natural-log LSE
+/// (`-inf` for an empty row).
+pub(crate) fn attend_row<'a, T: Element>(
+    q: &[T],
+    n: usize,
+    key: impl Fn(usize) -> Option<&'a [T]>,
+    value: impl Fn(usize) -> &'a [T],
+    scale: f64,
+    softcap: Option<f32>,
+    out: &mut [f64],
+) -> f64 {
+    let scores: Vec<Option<f64>> = (0..n)
+        .map(|j| {
+            key(j).map(|k| {
+                let dot: f64 = q.iter().zip(k).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                match softcap {
+                    Some(cap) => cap as f64 * (dot * scale / cap as f64).tanh(),
+                    None => dot * scale,
+                }
+            })
+        })
+        .collect();
+    let m = scores
+        .iter()
+        .flatten()
+        .copied()
+        .fold(f64::NEG_INFINITY, f64::max);
+    if m == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    let l: f64 = scores.iter().flatten().map(|s| (s - m).exp()).sum();
+    for (j, s) in scores.iter().enumerate() {
+        if let Some(s) = s {
+            let p = (s - m).exp() / l;
+            for (acc, x) in out.iter_mut().zip(value(j)) {
+                *acc += p * x.to_f64();
+            }
+        }
+    }
+    m + l.ln()
+}

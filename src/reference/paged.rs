@@ -6,6 +6,7 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
 use crate::paged::{HeadPolicy, KvPages, PageLists, PageMeta, PagedCache, PagedDecode};
+use crate::reference::attend_row;
 
 /// The visibility rule of [`PagedDecode`] spelled out: key `j` of sequence `b` is read by
 /// query row `i` of kv head `kvh` iff the head's mask makes it visible and, for Quest/Listed
@@ -52,42 +53,18 @@ pub fn paged_decode_f64<T: Element>(
                 let s = &q.strides;
                 let qo = (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
                 let qi = &q.data[qo..qo + d];
-                let scores: Vec<Option<f64>> = (0..sk)
-                    .map(|j| {
-                        visible(b, kvh, i, j).then(|| {
-                            let ko = cache.token_offset(b, j, kvh);
-                            let dot: f64 = qi
-                                .iter()
-                                .zip(&kv.k[ko..ko + d])
-                                .map(|(a, k)| a.to_f64() * k.to_f64())
-                                .sum();
-                            match decode.softcap() {
-                                Some(cap) => cap as f64 * (dot * scale / cap as f64).tanh(),
-                                None => dot * scale,
-                            }
-                        })
-                    })
-                    .collect();
-                let m = scores
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if m == f64::NEG_INFINITY {
-                    continue;
-                }
-                let l: f64 = scores.iter().flatten().map(|s| (s - m).exp()).sum();
                 let oo = ((b * sq + i) * hq + h) * d;
-                for (j, s) in scores.iter().enumerate() {
-                    if let Some(s) = s {
-                        let p = (s - m).exp() / l;
-                        let vo = cache.token_offset(b, j, kvh);
-                        for (acc, x) in out[oo..oo + d].iter_mut().zip(&kv.v[vo..vo + d]) {
-                            *acc += p * x.to_f64();
-                        }
-                    }
-                }
-                lse[(b * hq + h) * sq + i] = m + l.ln();
+                let (kd, vd) = (kv.k, kv.v);
+                let at = |j: usize| cache.token_offset(b, j, kvh);
+                lse[(b * hq + h) * sq + i] = attend_row(
+                    qi,
+                    sk,
+                    |j| visible(b, kvh, i, j).then(|| &kd[at(j)..at(j) + d]),
+                    |j| &vd[at(j)..at(j) + d],
+                    scale,
+                    decode.softcap(),
+                    &mut out[oo..oo + d],
+                );
             }
         }
     }
