@@ -134,8 +134,13 @@ fn main() -> Result<()> {
         }
     }
     for c in &cases {
-        for kernel in [DenseKernel::TensorCore, DenseKernel::Simt] {
+        for kernel in [
+            DenseKernel::Hopper,
+            DenseKernel::TensorCore,
+            DenseKernel::Simt,
+        ] {
             let label = match kernel {
+                DenseKernel::Hopper => "longattn-wgmma",
                 DenseKernel::TensorCore => "longattn-mma",
                 _ => "longattn-simt",
             };

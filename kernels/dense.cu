@@ -217,6 +217,7 @@ extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKern
       return params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
              params->dtype != LA_F32;
     case LA_DENSE_MMA: return longattn::dense_mma_supports(*params);
+    case LA_DENSE_WGMMA: return longattn::dense_wgmma_supports(*params);
   }
   return 0;
 }
@@ -228,10 +229,13 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
   if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
   switch (kernel) {
     case LA_DENSE_AUTO:
+      if (dense_wgmma_supports(p)) return dense_wgmma_forward(p, stream);
       return dense_mma_supports(p) ? dense_mma_forward(p, stream) : dense_simt_forward(p, stream);
     case LA_DENSE_SIMT: return dense_simt_forward(p, stream);
     case LA_DENSE_MMA:
       return dense_mma_supports(p) ? dense_mma_forward(p, stream) : cudaErrorInvalidValue;
+    case LA_DENSE_WGMMA:
+      return dense_wgmma_supports(p) ? dense_wgmma_forward(p, stream) : cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;
 }

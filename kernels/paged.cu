@@ -1,19 +1,14 @@
 // Paged KV cache family: append (+ Quest kmin/kmax metadata), Quest page selection and
 // split-KV decode attention. Mirrors src/paged/ (CPU path) exactly.
 //
-// Decode layout (FlashInfer-style, no shared-memory staging of K/V): a lane owns 8
-// consecutive channels (one 16-byte vector) of a key, so G = next_pow2(head_dim / 8) lanes
-// cover one key row and a warp holds 32 / G key "slots". A block of 4 warps serves one
-// (sequence, kv head, group of up to 8 query rows), where the rows are the (query position,
-// query head of the group) pairs: every K/V vector loaded feeds all rows of the group, so a
-// page is read once per GQA group. With more than 4 rows the warps form two teams of 4 rows
-// each that walk the same keys (the second load of a vector is an L1 hit; 8 rows per warp
-// would spill). Each slot runs its own online-softmax state over its keys
-// (4 keys per step, so 8 independent 16-byte loads are in flight per lane) and the slots'
-// states are merged in shared memory at the end. Split-KV divides the block's page list
+// Decode (FlashInfer-style): one block per (sequence, kv head, group of up to 8 query rows,
+// split) serves every query row of the GQA group, so a page is read once per group. The
+// block's page ids are staged in shared memory, K/V tiles stream through a cp.async ring and
+// the math reads shared memory (see "decode" below). Split-KV divides the block's page list
 // into num_splits contiguous parts (blockIdx.x) whose (o, lse) a merge kernel combines.
 
 #include "longattn/common.cuh"
+#include "longattn/mma.cuh"
 #include "longattn/paged.h"
 
 namespace longattn {
@@ -22,28 +17,12 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = LA_PAGED_DECODE_ROWS;  // query rows per decode block
-constexpr int kWarpRows = 4;                 // query rows per warp (registers: 4 x 8 accumulators)
-constexpr int kTeams = kRows / kWarpRows;    // warp teams when a block holds > 4 rows
-static_assert(kRows % kWarpRows == 0 && kWarps % kTeams == 0, "warps split evenly into teams");
 constexpr int kVec = 8;                      // elements per 16-byte load
-constexpr int kKeysPerStep = 4;              // keys a slot loads before one softmax rescale
 constexpr int kQuestWarps = 8;
 constexpr int kQuestThreads = kQuestWarps * 32;
 constexpr int kQuestRows = 16;   // query rows staged per scoring pass
 constexpr int kMaxDim = 256;
 static_assert(kMaxDim / kVec <= 32, "one warp must cover a key row");
-
-// Lanes per key row: the smallest power of two covering head_dim / 8 vectors.
-__host__ __device__ __forceinline__ int lanes_per_key(int d) {
-  int g = 1;
-  while (g * kVec < d) g <<= 1;
-  return g;
-}
-
-__device__ __forceinline__ float reduce_sum_lanes(float x, int g) {
-  for (int o = g >> 1; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4 &raw, float (&f)[kVec]) {
@@ -173,39 +152,36 @@ struct QuestCandidates {
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
 
-// Grid (heads_kv, batch): one block per (sequence, kv head). Scores go to global memory
-// (also an output), then an 8-pass radix select over the unique 64-bit keys finds the
-// K-th largest key and a block scan writes the selected pages in ascending order.
+// Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
+// kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
+// the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
+// the buffer is not necessarily pre-filled).
+constexpr int kQuestChunk = 64;
+
 template <typename T>
-__global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+__global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
   const LaPagedCache &c = p.cache;
-  const int kvh = blockIdx.x, b = blockIdx.y;
+  const int kvh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   float *scores = p.scores + row_base;
-  if (p.head_kind[kvh] != LA_HEAD_QUEST) {
-    // Documented output: -inf scores for heads that are not Quest heads (the buffer is not
-    // necessarily pre-filled).
-    for (int pg = tid; pg < c.max_pages_per_seq; pg += kQuestThreads) scores[pg] = kNegInf;
-    return;
-  }
+  const int pg0 = blockIdx.x * kQuestChunk;
+  const int pg1 = min(pg0 + kQuestChunk, c.max_pages_per_seq);
+  for (int pg = pg0 + tid; pg < pg1; pg += kQuestThreads) scores[pg] = kNegInf;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
   __shared__ __align__(16) float q_s[kQuestRows * kMaxDim];
-  __shared__ int hist[256];
-  __shared__ unsigned long long sel_prefix;
-  __shared__ int sel_remaining;
-  __shared__ int warp_base[kQuestWarps];
 
   const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
   const int group = p.heads_q / c.heads_kv;
   const int rows = p.q_len * group;
-
   const Mask mask{p.window_left, p.window_right, p.sinks};
   QuestCandidates cand;
   mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
   cand.newest = sk > 0 ? (sk - 1) / ps : -1;
   const int n_pages = (sk + ps - 1) / ps;
+  const int pg_end = min(pg1, n_pages);
+  if (pg0 >= pg_end) return;
 
-  for (int pg = tid; pg < c.max_pages_per_seq; pg += kQuestThreads) scores[pg] = kNegInf;
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
@@ -221,7 +197,7 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
     }
     __syncthreads();
     // Warp per page; lane owns channels 4 * lane + 128 * x.
-    for (int pg = warp; pg < n_pages; pg += kQuestWarps) {
+    for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
       if (!cand.contains(pg)) continue;
       const int phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
       const long long m_off = ((long long)phys * c.heads_kv + kvh) * d;
@@ -249,9 +225,34 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
         }
         best = fmaxf(best, warp_sum(s));
       }
+      __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
       if (lane == 0) scores[pg] = best;
     }
   }
+}
+
+// Selection, grid (heads_kv, batch): one block per (sequence, kv head) of a Quest head, on
+// the scores of quest_score_kernel. An 8-pass radix select over the unique 64-bit keys finds
+// the K-th largest key and a block scan writes the selected pages in ascending order.
+template <typename T>
+__global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+  const LaPagedCache &c = p.cache;
+  const int kvh = blockIdx.x, b = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
+  const float *scores = p.scores + row_base;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
+  __shared__ int hist[256];
+  __shared__ unsigned long long sel_prefix;
+  __shared__ int sel_remaining;
+  __shared__ int warp_base[kQuestWarps];
+
+  const int ps = c.page_size, sk = c.seqlens_k[b];
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  QuestCandidates cand;
+  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
+  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
+  const int n_pages = (sk + ps - 1) / ps;
 
   // How many pages to take: the budget, or every kept page if more, at most the candidates.
   int n_kept = 0;
@@ -279,14 +280,33 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
         if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1);
       }
       __syncthreads();
-      if (tid == 0) {
-        int cum = 0, digit = 255;
-        for (; digit > 0; --digit) {
-          if (cum + hist[digit] >= remaining) break;
-          cum += hist[digit];
+      if (warp == 0) {
+        // Digit search from 255 down (first digit whose running count reaches `remaining`,
+        // else 0), as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
+        int cnt[8], own = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          cnt[k] = hist[255 - 8 * lane - k];
+          own += cnt[k];
         }
-        sel_remaining = remaining - cum;
-        sel_prefix = prefix | ((unsigned long long)digit << shift);
+        int incl = own;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
+        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
+          int cum = incl - own, digit = 255 - 8 * lane;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            digit = 255 - 8 * lane - k;
+            if (digit == 0 || cum + cnt[k] >= remaining) break;
+            cum += cnt[k];
+          }
+          sel_remaining = remaining - cum;
+          sel_prefix = prefix | ((unsigned long long)digit << shift);
+        }
       }
       __syncthreads();
       remaining = sel_remaining;
@@ -317,26 +337,98 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
 }
 
 // ---- decode ------------------------------------------------------------------------
-// Shared memory of a decode block for head dim d: q_s [kRows][d] f32, then the per-slot
-// softmax states for the final merge: m_s, l_s [slots][kRows], acc_s [slots][kRows][d].
-inline size_t decode_smem_bytes(int d) {
-  const int slots = kWarps * (32 / lanes_per_key(d));
-  return sizeof(float) * ((size_t)kRows * d + 2 * (size_t)slots * kRows +
-                          (size_t)slots * kRows * d);
+// One block of 4 warps per (sequence, kv head, group of up to kRows query rows, split). The
+// block's keys are the tokens of its pages, in order: "virtual key" u in [0, n_keys) is slot
+// u % page_size of the block's work page u / page_size. Their page ids (logical and
+// physical) are staged in shared memory up front, in chunks of kPageChunk pages, so no K/V
+// load waits on a table lookup. K and V tiles of kN keys stream through a kStages-deep
+// cp.async ring (16-byte cp.async.cg, zero-fill past the end / for channels >= head_dim);
+// all math reads shared memory, f32 in registers.
+//   q.k: warp w owns tile keys [w * kKW, (w + 1) * kKW); lane = (kq = lane % 8, part =
+//        lane / 8): the part owns vectors part + 4c of keys kq + 8i; two xor-shuffles sum the
+//        parts. Each warp keeps its own online-softmax state (m uniform over the warp, l per
+//        lane), so no block barrier is needed per tile besides the ring's.
+//   p.v: lane = (cv = lane % kVR, kg = lane / kVR) accumulates channels 8cv..8cv+7 of every
+//        row over the warp's keys kg + kKG * j (P goes through shared memory per warp).
+// Shared-memory rows are XOR-swizzled by 16-byte vector (vector v of tile key t lives at
+// v ^ (t & 7)), which makes both access patterns conflict-free. At the end the warps'
+// (m, l, acc) are merged through shared memory (aliasing the ring).
+constexpr int kPageChunk = 256;  // pages staged per refill
+static_assert(kRows == 8, "P is stored and read as two float4 per key");
+
+template <int DB>
+struct DecodeCfg {
+  static constexpr int kVR = DB / kVec;                 // 16-byte vectors per key row
+  static constexpr int kN = DB <= 64 ? 64 : 32;         // keys per tile
+  static constexpr int kStages = DB <= 128 ? 4 : 3;     // cp.async ring depth
+  static constexpr int kMinBlocks = DB <= 128 ? 3 : 2;  // __launch_bounds__ blocks per SM
+  static constexpr int kKW = kN / kWarps;               // keys per warp per tile
+  static constexpr int kKPT = kKW / 8;                  // keys per lane in q.k
+  static constexpr int kVPP = kVR / 4;                  // vectors per part in q.k
+  static constexpr int kKG = 32 / kVR;                  // key groups per warp in p.v
+  static constexpr int kPVK = kKW / kKG;                // keys per lane in p.v
+  static constexpr int kLoadKeys = kThreads / (kVR / 2);  // keys per loader pass (2 vectors each)
+  static constexpr int kLPT = kN / kLoadKeys;             // loader passes per tile
+  static constexpr int kTileElems = kN * DB;
+  static_assert(kVR >= 8 && kVR <= 32 && kKW % 8 == 0 && kKW % kKG == 0 && kN % kLoadKeys == 0,
+                "tile shape");
+  static_assert(kPageChunk >= kN + 1, "a tile's pages fit in one chunk (page size 1)");
+  // Shared memory layout (bytes): ring, q rows, P, key positions, page chunk, row bounds.
+  static constexpr size_t kRingBytes = (size_t)kStages * 2 * kTileElems * 2;
+  static constexpr size_t kMergeBytes = sizeof(float) * kWarps * kKG * kRows * DB;
+  static_assert(kMergeBytes <= kRingBytes, "the merge aliases the ring");
+  static constexpr size_t kQOff = kRingBytes;
+  static constexpr size_t kPOff = kQOff + sizeof(float) * kRows * DB;
+  static constexpr size_t kKeyOff = kPOff + sizeof(float) * kWarps * kKW * kRows;
+  static constexpr size_t kPageOff = kKeyOff + sizeof(int) * kStages * kN;  // byte offsets
+  static constexpr size_t kKeyBaseOff = kPageOff + sizeof(long long) * kPageChunk;
+  static constexpr size_t kBoundsOff = kKeyBaseOff + sizeof(int) * kPageChunk;  // lo, hi [kRows]
+  static constexpr size_t kMlOff = kBoundsOff + sizeof(int) * 2 * kRows;      // m, l [warps][rows]
+  static constexpr size_t kSmemBytes = kMlOff + sizeof(float) * 2 * kWarps * kRows;
+};
+
+// Exact u / d for u < 2^31 and 1 <= d < 2^31: m = ceil(2^(31+l) / d), l = ceil(log2 d),
+// u / d = (u * m) >> (31 + l) (checked exhaustively for small d on the host).
+struct FastDiv {
+  uint32_t mul;
+  int shift;
+  __device__ __forceinline__ explicit FastDiv(int d) {
+    int l = 0;
+    while ((1u << l) < (uint32_t)d) ++l;
+    mul = (uint32_t)(((1ull << (31 + l)) + (uint64_t)d - 1) / (uint64_t)d);
+    shift = 31 + l;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t u) const {
+    return (uint32_t)(((uint64_t)u * mul) >> shift);
+  }
+};
+
+__device__ __forceinline__ uint4 lds128(const void *ptr) {
+  return *reinterpret_cast<const uint4 *>(ptr);
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+template <typename T, int DB>
+__global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
+    decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+  using Cfg = DecodeCfg<DB>;
+  constexpr int kN = Cfg::kN, kStages = Cfg::kStages, kKW = Cfg::kKW, kKPT = Cfg::kKPT;
+  constexpr int kVR = Cfg::kVR, kVPP = Cfg::kVPP, kKG = Cfg::kKG, kPVK = Cfg::kPVK;
+  constexpr int kLoadKeys = Cfg::kLoadKeys, kLPT = Cfg::kLPT, kTileElems = Cfg::kTileElems;
   const LaPagedCache &c = p.cache;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int d = c.head_dim, ps = c.page_size;
-  const int g_lanes = lanes_per_key(d);
-  const int slots_per_warp = 32 / g_lanes, n_slots = kWarps * slots_per_warp;
-  float *q_s = reinterpret_cast<float *>(smem_raw);
-  float *m_s = q_s + kRows * d;
-  float *l_s = m_s + n_slots * kRows;
-  float *acc_s = l_s + n_slots * kRows;
+  T *ring = reinterpret_cast<T *>(smem_raw);
+  float *q_s = reinterpret_cast<float *>(smem_raw + Cfg::kQOff);
+  float *p_s = reinterpret_cast<float *>(smem_raw + Cfg::kPOff);
+  int *keypos_s = reinterpret_cast<int *>(smem_raw + Cfg::kKeyOff);
+  long long *page_s = reinterpret_cast<long long *>(smem_raw + Cfg::kPageOff);
+  int *keybase_s = reinterpret_cast<int *>(smem_raw + Cfg::kKeyBaseOff);
+  int *lo_s = reinterpret_cast<int *>(smem_raw + Cfg::kBoundsOff);
+  int *hi_s = lo_s + kRows;
+  float *m_s = reinterpret_cast<float *>(smem_raw + Cfg::kMlOff);
+  float *l_s = m_s + kWarps * kRows;
+  float *acc_s = reinterpret_cast<float *>(smem_raw);  // after the loop only
 
+  const int d = c.head_dim, ps = c.page_size, dv = d / kVec;
   const int split = blockIdx.x, b = blockIdx.z;
   const int group = p.heads_q / c.heads_kv;
   const int rows_total = p.q_len * group;
@@ -345,28 +437,40 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const __grid_consta
   const int nrows = min(kRows, rows_total - row0);
   const int sq = p.q_len, sk = c.seqlens_k[b];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int tx = lane % g_lanes, ty = lane / g_lanes;
-  const int col = tx * kVec;
-  const bool lane_active = col < d;
-
-  // Query rows -> f32 shared memory; row rr is (query position rr / group, head of the group
-  // rr % group).
-  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
-  for (int e = tid; e < kRows * (d / kVec); e += kThreads) {
-    const int r = e / (d / kVec), cc = (e % (d / kVec)) * kVec;
-    float f[kVec] = {};
-    if (r < nrows) {
-      const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
-      unpack8<T>(*reinterpret_cast<const uint4 *>(q + qi * p.q_row_stride + h * p.q_head_stride + cc), f);
-    }
-#pragma unroll
-    for (int x = 0; x < kVec; ++x) q_s[r * d + cc + x] = f[x];
-  }
 
   const int kind = p.head_kind != nullptr ? p.head_kind[kvh] : (int)LA_HEAD_FULL;
   const Mask mask = kind == LA_HEAD_STREAMING
                         ? Mask{p.streaming_window - 1, 0, p.streaming_sinks}
                         : Mask{p.window_left, p.window_right, p.sinks};
+
+  // Query rows -> f32 shared memory (zero past nrows and past head_dim); row rr is (query
+  // position rr / group, head of the group rr % group). Per row, the visible keys are
+  // [lo, hi] plus the sinks below hi (Mask::visible, with hi < sk folded in).
+  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  for (int e = tid; e < kRows * kVR; e += kThreads) {
+    const int r = e / kVR, cv = e % kVR;
+    float f[kVec] = {};
+    if (r < nrows && cv < dv) {
+      const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
+      unpack8<T>(*reinterpret_cast<const uint4 *>(q + qi * p.q_row_stride + h * p.q_head_stride +
+                                                  cv * kVec),
+                 f);
+    }
+#pragma unroll
+    for (int x = 0; x < kVec; ++x) q_s[r * DB + cv * kVec + x] = f[x];
+  }
+  if (tid < kRows) {
+    const int qi = (row0 + min(tid, nrows - 1)) / group;
+    const long long diag = (long long)qi + sk - sq;
+    long long hi = sk - 1;
+    if (mask.right >= 0) hi = min(hi, diag + mask.right);
+    long long lo = 0;
+    if (mask.left >= 0) lo = max(lo, min(diag - mask.left, (long long)sk));
+    lo_s[tid] = (int)lo;
+    hi_s[tid] = (int)max(hi, -1ll);
+  }
+
+  // The block's work pages (same enumeration as Mask::key_tiles / the CPU path).
   const bool listed = kind == LA_HEAD_PAGES || kind == LA_HEAD_QUEST;
   const int qi_lo = row0 / group, qi_hi = (row0 + nrows - 1) / group + 1;
   int sink_pages = 0, first = 0, last = 0, n_work;
@@ -379,136 +483,255 @@ __global__ void __launch_bounds__(kThreads, 2) decode_kernel(const __grid_consta
     mask.key_tiles(qi_lo, qi_hi, sq, sk, ps, sink_pages, first, last);
     n_work = sink_pages + (last - first);
   }
-  // Virtual keys: the tokens of this split's pages in order (max_pages_per_seq * page_size
-  // fits in i32, checked on the host).
   const int w0 = (int)((long long)split * n_work / p.num_splits);
   const int w1 = (int)((long long)(split + 1) * n_work / p.num_splits);
-  const int v_end = w1 * ps;
+  // max_pages_per_seq * page_size fits in i32 (checked on the host).
+  const uint32_t n_keys = (uint32_t)(w1 - w0) * (uint32_t)ps;
+  const int n_tiles = (int)((n_keys + kN - 1) / kN);
   const int32_t *table = c.block_table + (long long)b * c.max_pages_per_seq;
+  const FastDiv page_div(ps);
 
-  // Teams: with nrows > kWarpRows, warp team t owns rows [t * kWarpRows, (t + 1) * kWarpRows)
-  // and walks all keys with its warps; otherwise one team of every warp owns all rows.
-  const int teams = nrows > kWarpRows ? kTeams : 1;
-  const int team_warps = kWarps / teams;
-  const int team = warp / team_warps, team_warp = warp % team_warps;
-  const int team_slots = team_warps * slots_per_warp;
-  const int wrow0 = team * kWarpRows;  // first block row of this warp
-  float m[kWarpRows], l[kWarpRows], acc[kWarpRows][kVec];
+  // Page chunk: for entries [chunk_base, chunk_base + kPageChunk) of the block's pages, the
+  // byte offset of (page, slot 0, kvh) in k_cache / v_cache and the page's first key index.
+  const uint32_t slot_bytes = (uint32_t)c.heads_kv * d * (uint32_t)sizeof(T);  // < 2^25
+  int chunk_base = 0;
+  auto refill = [&](int base) {
+    __syncthreads();  // no thread still reads the previous chunk
+    for (int i = tid; i < kPageChunk; i += kThreads) {
+      const int w = w0 + base + i;
+      if (w < w1) {
+        const int lp = listed ? list[w] : (w < sink_pages ? w : first + (w - sink_pages));
+        keybase_s[i] = lp * ps;
+        page_s[i] = slot_offset(c, table[lp], 0, kvh) * (long long)sizeof(T);
+      }
+    }
+    __syncthreads();
+    chunk_base = base;
+  };
+
+  const char *k_cache = static_cast<const char *>(c.k_cache);
+  const char *v_cache = static_cast<const char *>(c.v_cache);
+  // Loader: thread copies vectors ld_v and ld_v + kVR / 2 of keys ld_k + i * kLoadKeys (a
+  // quarter warp writes 8 consecutive vectors of one key for kVR >= 16: conflict-free).
+  const int ld_v = tid % (kVR / 2), ld_k = tid / (kVR / 2);
+  // Issues the cp.async copies of tile `tile` (if any) into its ring slot; the caller
+  // commits. Uniform over the block.
+  auto issue = [&](int tile) {
+    if (tile >= n_tiles) return;
+    const uint32_t u0 = (uint32_t)tile * kN;
+    const uint32_t u_last = min(u0 + kN, n_keys) - 1;
+    if ((int)page_div.div(u_last) - chunk_base >= kPageChunk) refill((int)page_div.div(u0));
+    const int st = tile % kStages;
+    T *ks = ring + (size_t)st * 2 * kTileElems;
+    T *vs = ks + kTileElems;
 #pragma unroll
-  for (int r = 0; r < kWarpRows; ++r) {
+    for (int i = 0; i < kLPT; ++i) {
+      const int kk = ld_k + i * kLoadKeys;
+      const uint32_t u = u0 + kk;
+      int key = -1;
+      long long off = ld_v * 16;
+      if (u < n_keys) {
+        const uint32_t wr = page_div.div(u);
+        const int slot = (int)(u - wr * (uint32_t)ps);
+        const int idx = (int)wr - chunk_base;
+        const int k = keybase_s[idx] + slot;
+        if (k < sk) {
+          key = k;
+          off += page_s[idx] + (long long)((uint64_t)(uint32_t)slot * slot_bytes);
+        }
+      }
+      const int v1 = ld_v + kVR / 2;
+      const bool pred0 = key >= 0 && ld_v < dv, pred1 = key >= 0 && v1 < dv;
+      const int so0 = kk * DB + ((ld_v ^ (kk & 7)) * kVec);
+      const int so1 = kk * DB + ((v1 ^ (kk & 7)) * kVec);
+      const long long off1 = off + (kVR / 2) * 16;
+      mma::cp_async_16(mma::smem_addr(ks + so0), k_cache + (pred0 ? off : 0), pred0);
+      mma::cp_async_16(mma::smem_addr(vs + so0), v_cache + (pred0 ? off : 0), pred0);
+      mma::cp_async_16(mma::smem_addr(ks + so1), k_cache + (pred1 ? off1 : 0), pred1);
+      mma::cp_async_16(mma::smem_addr(vs + so1), v_cache + (pred1 ? off1 : 0), pred1);
+      if (ld_v == 0) keypos_s[st * kN + kk] = key;
+    }
+  };
+
+  if (n_tiles > 0) refill(0);
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    issue(t);
+    mma::cp_async_commit();
+  }
+
+  // Per-warp softmax state: m uniform over the warp, l per lane (lanes of part 0 sum their
+  // own keys' p), acc per p.v lane. Log2 units.
+  const int kq = lane % 8, part = lane / 8;
+  const int cv = lane % kVR, kg = lane / kVR;
+  float m[kRows], l[kRows], acc[kRows][kVec];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
     m[r] = kNegInf;
     l[r] = 0.0f;
 #pragma unroll
     for (int x = 0; x < kVec; ++x) acc[r][x] = 0.0f;
   }
-  const T *k_cache = static_cast<const T *>(c.k_cache);
-  const T *v_cache = static_cast<const T *>(c.v_cache);
-  const float score_scale = p.scale;
-  __syncthreads();  // q_s staged
+  const float score_scale = p.scale, softcap = p.softcap;
+  float *pw = p_s + warp * kKW * kRows;  // this warp's P [kKW][kRows]
 
-  // The loop bound is per warp (uniform), so the lane-group shuffles below are safe.
-  const int step = team_slots * kKeysPerStep;
-  for (int vw = w0 * ps + team_warp * slots_per_warp * kKeysPerStep; vw < v_end; vw += step) {
-    const int v0 = vw + ty * kKeysPerStep;
-    uint4 kr[kKeysPerStep], vr[kKeysPerStep];
-    int j[kKeysPerStep];
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    mma::cp_async_wait<kStages - 2>();  // this thread's copies of `tile` landed
+    __syncthreads();  // everyone's copies visible; everyone done with the slot refilled next
+    issue(tile + kStages - 1);
+    mma::cp_async_commit();  // always (possibly empty): keeps the group count per tile
+
+    const int st = tile % kStages;
+    const T *ks = ring + (size_t)st * 2 * kTileElems;
+    const T *vs = ks + kTileElems;
+    const int *kp = keypos_s + st * kN;
+    const int tk0 = warp * kKW;  // first tile key of this warp
+
+    // q.k: partial dots over this lane's part, then the sum over the 4 parts.
+    float s[kKPT][kRows];
 #pragma unroll
-    for (int t = 0; t < kKeysPerStep; ++t) {
-      const int v = v0 + t;
-      j[t] = -1;
-      kr[t] = vr[t] = make_uint4(0, 0, 0, 0);
-      if (v < v_end) {
-        const int w = v / ps, slot = v - w * ps;
-        const int page = listed ? list[w] : (w < sink_pages ? w : first + (w - sink_pages));
-        const int key = page * ps + slot;
-        if (key < sk) {
-          j[t] = key;
-          if (lane_active) {
-            const long long off = slot_offset(c, table[page], slot, kvh) + col;
-            kr[t] = *reinterpret_cast<const uint4 *>(k_cache + off);
-            vr[t] = *reinterpret_cast<const uint4 *>(v_cache + off);
+    for (int i = 0; i < kKPT; ++i)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) s[i][r] = 0.0f;
+#pragma unroll
+    for (int cc = 0; cc < kVPP; ++cc) {
+      const int v = part + 4 * cc;
+      float kf[kKPT][kVec];
+#pragma unroll
+      for (int i = 0; i < kKPT; ++i) {
+        const int tk = tk0 + kq + 8 * i;  // tk & 7 == kq
+        unpack8<T>(lds128(ks + tk * DB + ((v ^ kq) * kVec)), kf[i]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < nrows) {
+          const float4 qa = lds128_volatile(q_s + r * DB + v * kVec);
+          const float4 qb = lds128_volatile(q_s + r * DB + v * kVec + 4);
+          const float qv[kVec] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+          for (int i = 0; i < kKPT; ++i)
+#pragma unroll
+            for (int x = 0; x < kVec; ++x) s[i][r] = fmaf(qv[x], kf[i][x], s[i][r]);
+        }
+      }
+    }
+    int key[kKPT];
+#pragma unroll
+    for (int i = 0; i < kKPT; ++i) key[i] = kp[tk0 + kq + 8 * i];
+    float alpha[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      alpha[r] = 1.0f;
+      if (r < nrows) {
+        const int lo = lo_s[r], hi = hi_s[r];
+        float tmax = kNegInf;
+#pragma unroll
+        for (int i = 0; i < kKPT; ++i) {
+          float dot = s[i][r];
+          dot += __shfl_xor_sync(0xffffffffu, dot, 8);
+          dot += __shfl_xor_sync(0xffffffffu, dot, 16);
+          const int j = key[i];
+          float xs = kNegInf;
+          // Mask::visible with the row's bounds (j = -1 marks no key).
+          if (j >= 0 && j <= hi && (j >= lo || j < mask.sinks)) {
+            xs = dot * score_scale;
+            if (softcap > 0.0f) xs = softcap * tanhf(xs / softcap);
+            xs *= kLog2e;  // log2 units: exp2f is one MUFU op
           }
+          s[i][r] = xs;
+          tmax = fmaxf(tmax, xs);
+        }
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
+        // Nothing visible yet keeps (m, l, acc) = (-inf, 0, 0): the factor is 1, p is 0.
+        const float m_new = fmaxf(m[r], tmax);
+        alpha[r] = rescale_factor(m[r], m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+#pragma unroll
+        for (int i = 0; i < kKPT; ++i) {
+          const float pr = s[i][r] == kNegInf ? 0.0f : exp2f(s[i][r] - m_new);
+          s[i][r] = pr;
+          if (part == 0) l[r] += pr;
         }
       }
     }
+    if (part == 0) {
 #pragma unroll
-    for (int r = 0; r < kWarpRows; ++r) {
-      if (wrow0 + r < nrows) {
-      const int qi = (row0 + wrow0 + r) / group;
-      // Inactive lanes (col >= d) read row r's first channels: their K is zero anyway.
-      const float *qrow = q_s + (wrow0 + r) * d + (lane_active ? col : 0);
-      const float4 qa = lds128_volatile(qrow), qb = lds128_volatile(qrow + 4);
-      const float qv[kVec] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-      float s[kKeysPerStep];
-      float tile_max = kNegInf;
-#pragma unroll
-      for (int t = 0; t < kKeysPerStep; ++t) {
-        // K stays packed in registers and is widened per row: ALU is cheap here, registers
-        // are not (8 rows x 8 accumulators per lane already).
-        float kf[kVec];
-        unpack8<T>(kr[t], kf);
-        float dot = 0.0f;
-#pragma unroll
-        for (int x = 0; x < kVec; ++x) dot = fmaf(qv[x], kf[x], dot);
-        dot = reduce_sum_lanes(dot, g_lanes);
-        float xs = kNegInf;
-        if (j[t] >= 0 && mask.visible(qi, j[t], sq, sk)) {
-          xs = dot * score_scale;
-          if (p.softcap > 0.0f) xs = p.softcap * tanhf(xs / p.softcap);
-          xs *= kLog2e;  // log2 units: exp2f is one MUFU op
-        }
-        s[t] = xs;
-        tile_max = fmaxf(tile_max, xs);
-      }
-      // Nothing visible yet keeps (m, l, acc) = (-inf, 0, 0): rescale_factor gives 1 and
-      // every p is 0.
-      const float m_new = fmaxf(m[r], tile_max);
-      const float alpha = rescale_factor(m[r], m_new);
-      l[r] *= alpha;
-#pragma unroll
-      for (int x = 0; x < kVec; ++x) acc[r][x] *= alpha;
-#pragma unroll
-      for (int t = 0; t < kKeysPerStep; ++t) {
-        const float pr = s[t] == kNegInf ? 0.0f : exp2f(s[t] - m_new);
-        l[r] += pr;
-        float vf[kVec];
-        unpack8<T>(vr[t], vf);
-#pragma unroll
-        for (int x = 0; x < kVec; ++x) acc[r][x] = fmaf(pr, vf[x], acc[r][x]);
-      }
-      m[r] = m_new;
+      for (int i = 0; i < kKPT; ++i) {
+        float4 *dst = reinterpret_cast<float4 *>(pw + (kq + 8 * i) * kRows);
+        dst[0] = make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
+        if (nrows > 4) dst[1] = make_float4(s[i][4], s[i][5], s[i][6], s[i][7]);
       }
     }
-  }
+    __syncwarp();
 
-  // Merge the slots' states (the same (m, l, acc) algebra as OnlineSoftmax / merge_weights).
-  // Slot sl of a team writes rows of that team only, so [slot][kRows] holds both teams.
-  const int slot_id = team_warp * slots_per_warp + ty;
+    // p.v over the warp's keys kg + kKG * j.
 #pragma unroll
-  for (int r = 0; r < kWarpRows; ++r) {
-    const int row = wrow0 + r;
-    if (tx == 0) {
-      m_s[slot_id * kRows + row] = m[r];
-      l_s[slot_id * kRows + row] = l[r];
-    }
-    if (lane_active) {
+    for (int r = 0; r < kRows; ++r) {
+      if (r < nrows && alpha[r] != 1.0f) {  // warp-uniform; 1 once the row max settles
 #pragma unroll
-      for (int x = 0; x < kVec; ++x) acc_s[(slot_id * kRows + row) * d + col + x] = acc[r][x];
+        for (int x = 0; x < kVec; ++x) acc[r][x] *= alpha[r];
+      }
     }
+#pragma unroll
+    for (int j = 0; j < kPVK; ++j) {
+      const int kw = kg + kKG * j, tk = tk0 + kw;
+      float vf[kVec];
+      unpack8<T>(lds128(vs + tk * DB + ((cv ^ (tk & 7)) * kVec)), vf);
+      const float4 pa = *reinterpret_cast<const float4 *>(pw + kw * kRows);
+      float pr[kRows] = {pa.x, pa.y, pa.z, pa.w, 0.0f, 0.0f, 0.0f, 0.0f};
+      if (nrows > 4) {
+        const float4 pb = *reinterpret_cast<const float4 *>(pw + kw * kRows + 4);
+        pr[4] = pb.x;
+        pr[5] = pb.y;
+        pr[6] = pb.z;
+        pr[7] = pb.w;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (r < nrows) {
+#pragma unroll
+          for (int x = 0; x < kVec; ++x) acc[r][x] = fmaf(pr[r], vf[x], acc[r][x]);
+        }
+      }
+    }
+    __syncwarp();  // P read before the next tile overwrites it
+  }
+  mma::cp_async_wait<0>();  // only empty groups can remain; the ring is reused below
+  __syncthreads();
+
+  // Merge the warps' states (the OnlineSoftmax / merge_weights algebra) and the p.v key
+  // groups (which share their warp's m).
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    const float lw = warp_sum(l[r]);
+    if (lane == 0) {
+      m_s[warp * kRows + r] = m[r];
+      l_s[warp * kRows + r] = lw;
+    }
+#pragma unroll
+    for (int x = 0; x < kVec; ++x) acc_s[((warp * kKG + kg) * kRows + r) * DB + cv * kVec + x] = acc[r][x];
   }
   __syncthreads();
   T *o = static_cast<T *>(p.o) + (long long)b * p.o_batch_stride;
   for (int e = tid; e < nrows * d; e += kThreads) {
     const int r = e / d, ch = e % d;
     float m_all = kNegInf;
-    for (int sl = 0; sl < team_slots; ++sl) m_all = fmaxf(m_all, m_s[sl * kRows + r]);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, m_s[w * kRows + r]);
     float l_all = 0.0f, a_all = 0.0f;
-    for (int sl = 0; sl < team_slots; ++sl) {
-      const float ms = m_s[sl * kRows + r];
-      // An empty slot (m = -inf) contributes nothing; -inf - -inf would be NaN.
-      const float f = ms == kNegInf ? 0.0f : exp2f(ms - m_all);
-      l_all += f * l_s[sl * kRows + r];
-      a_all += f * acc_s[(sl * kRows + r) * d + ch];
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = m_s[w * kRows + r];
+      // An empty warp (m = -inf) contributes nothing; -inf - -inf would be NaN.
+      const float f = mw == kNegInf ? 0.0f : exp2f(mw - m_all);
+      float a = 0.0f;
+#pragma unroll
+      for (int g = 0; g < kKG; ++g) a += acc_s[((w * kKG + g) * kRows + r) * DB + ch];
+      l_all += f * l_s[w * kRows + r];
+      a_all += f * a;
     }
     const float out = l_all > 0.0f ? a_all / l_all : 0.0f;
     const float lse = lse_from_log2(m_all, l_all);
@@ -570,8 +793,27 @@ cudaError_t launch_append(const LaPagedAppendParams &p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
-  const dim3 grid(p.cache.heads_kv, p.cache.batch);
-  quest_kernel<T><<<grid, kQuestThreads, 0, stream>>>(p);
+  const int chunks = (p.cache.max_pages_per_seq + kQuestChunk - 1) / kQuestChunk;
+  quest_score_kernel<T>
+      <<<dim3(chunks, p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  quest_kernel<T><<<dim3(p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int DB>
+cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
+  constexpr size_t smem = DecodeCfg<DB>::kSmemBytes;
+  auto kernel = decode_kernel<T, DB>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  // Ask for the largest shared-memory carveout so that kMinBlocks blocks fit per SM.
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             (int)cudaSharedmemCarveoutMaxShared);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -581,14 +823,11 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
   const int row_groups = (rows + kRows - 1) / kRows;
   const long long gy = (long long)p.cache.heads_kv * row_groups;
   if (gy > 65535 || p.num_splits < 1 || p.num_splits > 65535) return cudaErrorInvalidConfiguration;
-  const size_t smem = decode_smem_bytes(p.cache.head_dim);
-  auto kernel = decode_kernel<T>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
   const dim3 grid(p.num_splits, (unsigned)gy, p.cache.batch);
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
+  const int d = p.cache.head_dim;
+  cudaError_t err = d <= 64    ? launch_decode_kernel<T, 64>(p, grid, stream)
+                    : d <= 128 ? launch_decode_kernel<T, 128>(p, grid, stream)
+                               : launch_decode_kernel<T, 256>(p, grid, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const long long merge_rows = (long long)p.cache.batch * p.heads_q * p.q_len;
   const long long blocks = (merge_rows + kWarps - 1) / kWarps;

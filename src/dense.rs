@@ -26,6 +26,9 @@ pub enum DenseKernel {
     Simt,
     /// Tensor-core kernel (`mma.sync`, sm_80+): head_dim 64, 128 or 256.
     TensorCore,
+    /// Hopper tensor-core kernel (`wgmma`, sm_90a: compute capability 9.0 only): head_dim 64,
+    /// 128 or 256. `Auto` prefers it where it runs.
+    Hopper,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU.

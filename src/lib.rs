@@ -12,6 +12,47 @@
 //! dim; causal is bottom-right aligned; LSE is the natural log; a row with no visible key
 //! gives output 0 and LSE `-inf`.
 //!
+//! ```
+//! use longattn::*;
+//!
+//! // 1 sequence, 5 queries over 7 keys, 4 query heads sharing 2 kv heads (GQA), head_dim 8.
+//! let (sq, sk, hq, hkv, d) = (5, 7, 4, 2, 8);
+//! let shape = AttentionShape {
+//!     batch: 1,
+//!     heads_q: hq,
+//!     heads_kv: hkv,
+//!     head_dim: d,
+//!     seqlens: SeqLens::Fixed { seqlen_q: sq, seqlen_k: sk },
+//! };
+//! // Causal sliding window of 3 tokens plus 1 attention sink.
+//! let opts = AttentionOptions::default()
+//!     .with_window(Window::causal_tokens(3)?)
+//!     .with_sinks(1);
+//! let attn = FlashAttention::new(&shape, &opts)?;
+//! let q: Vec<f32> = (0..sq * hq * d).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let k: Vec<f32> = (0..sk * hkv * d).map(|i| (i as f32 * 0.11).cos()).collect();
+//! let v: Vec<f32> = (0..sk * hkv * d).map(|i| (i as f32 * 0.23).sin()).collect();
+//! let (qs, ks) = (Strides::contiguous(sq, hq, d), Strides::contiguous(sk, hkv, d));
+//! let mut out = vec![0.0f32; attn.out_len()];
+//! let mut lse = vec![0.0f32; attn.lse_len()]; // [batch, heads_q, seqlen_q], natural log
+//! attn.forward_cpu(
+//!     Strided::new(&q[..], qs),
+//!     Strided::new(&k[..], ks),
+//!     Strided::new(&v[..], ks),
+//!     Strided::new(&mut out[..], qs),
+//!     Some(&mut lse),
+//! )?;
+//! // The f64 reference agrees.
+//! let (want, _) = reference::dense_attention_f64(
+//!     &attn,
+//!     Strided::new(&q[..], qs),
+//!     Strided::new(&k[..], ks),
+//!     Strided::new(&v[..], ks),
+//! )?;
+//! assert!(out.iter().zip(&want).all(|(a, b)| (*a as f64 - b).abs() < 1e-5));
+//! # Ok::<(), longattn::Error>(())
+//! ```
+//!
 //! Layers: generated FFI (`kernels/include/longattn/*.h` through bindgen) -> checked
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.

@@ -124,10 +124,24 @@ fn options() -> Vec<AttentionOptions> {
     ]
 }
 
+/// Whether GPU 0 is a Hopper (compute capability 9.0), where the wgmma kernel runs.
+fn is_hopper() -> bool {
+    static HOPPER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOPPER.get_or_init(|| {
+        longattn::device::open_gpu(0)
+            .ok()
+            .and_then(|ctx| ctx.compute_capability().ok())
+            == Some((9, 0))
+    })
+}
+
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![DenseKernel::Simt];
     if [64, 128, 256].contains(&d) {
         k.push(DenseKernel::TensorCore);
+        if is_hopper() {
+            k.push(DenseKernel::Hopper);
+        }
     }
     k
 }

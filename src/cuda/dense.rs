@@ -58,9 +58,11 @@ impl FlashAttention {
                 self.batch, self.heads_q
             )));
         }
-        if self.kernel == DenseKernel::TensorCore && ![64, 128, 256].contains(&self.head_dim) {
+        if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper)
+            && ![64, 128, 256].contains(&self.head_dim)
+        {
             return Err(Error::Unsupported(format!(
-                "the tensor-core kernel takes head_dim 64, 128 or 256, not {}",
+                "the tensor-core kernels take head_dim 64, 128 or 256, not {}",
                 self.head_dim
             )));
         }
@@ -174,6 +176,7 @@ where
         DenseKernel::Auto => ffi::LaDenseKernel::LA_DENSE_AUTO,
         DenseKernel::Simt => ffi::LaDenseKernel::LA_DENSE_SIMT,
         DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
+        DenseKernel::Hopper => ffi::LaDenseKernel::LA_DENSE_WGMMA,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep

@@ -77,7 +77,10 @@ typedef enum LaDenseKernel {
   /* Portable CUDA-core kernel: any head_dim multiple of 8 up to 256. */
   LA_DENSE_SIMT = 1,
   /* Tensor-core kernel (mma.sync, sm_80+): head_dim 64, 128, 256. */
-  LA_DENSE_MMA = 2
+  LA_DENSE_MMA = 2,
+  /* Hopper tensor-core kernel (wgmma, sm_90a: compute capability 9.0 only): head_dim 64, 128,
+   * 256. */
+  LA_DENSE_WGMMA = 3
 } LaDenseKernel;
 
 /* All launchers return a cudaError_t value (0 on success) and never synchronize. */
