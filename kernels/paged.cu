@@ -339,10 +339,11 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
 // ---- decode ------------------------------------------------------------------------
 // One block of 4 warps per (sequence, kv head, group of up to kRows query rows, split). The
 // block's keys are the tokens of its pages, in order: "virtual key" u in [0, n_keys) is slot
-// u % page_size of the block's work page u / page_size. Their page ids (logical and
-// physical) are staged in shared memory up front, in chunks of kPageChunk pages, so no K/V
-// load waits on a table lookup. K and V tiles of kN keys stream through a kStages-deep
-// cp.async ring (16-byte cp.async.cg, zero-fill past the end / for channels >= head_dim);
+// u % page_size of the block's work page u / page_size. Per page, its first key index and
+// the byte offset of (physical page, kv head) are staged in shared memory up front, in
+// chunks of kPageChunk pages, so no K/V load waits on a table lookup. K and V tiles of kN
+// keys stream through a kStages-deep cp.async ring (16-byte cp.async.cg, zero-fill past the
+// end / for channels >= head_dim);
 // all math reads shared memory, f32 in registers.
 //   q.k: warp w owns tile keys [w * kKW, (w + 1) * kKW); lane = (kq = lane % 8, part =
 //        lane / 8): the part owns vectors part + 4c of keys kq + 8i; two xor-shuffles sum the

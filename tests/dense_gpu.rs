@@ -550,19 +550,21 @@ fn gpu_rejects_bad_inputs() {
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let x40 = Dims { d: 40, ..x };
-    let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
-        .unwrap()
-        .with_kernel(DenseKernel::TensorCore);
     let s40 = Strides::contiguous(8, 2, 40);
-    let r = a40.forward_gpu(
-        &stream,
-        Strided::new(&buf, s40),
-        Strided::new(&buf, s40),
-        Strided::new(&buf, s40),
-        Strided::new(&mut out, s40),
-        None,
-    );
-    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    for kernel in [DenseKernel::TensorCore, DenseKernel::Hopper] {
+        let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
+            .unwrap()
+            .with_kernel(kernel);
+        let r = a40.forward_gpu(
+            &stream,
+            Strided::new(&buf, s40),
+            Strided::new(&buf, s40),
+            Strided::new(&buf, s40),
+            Strided::new(&mut out, s40),
+            None,
+        );
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{kernel:?}: {r:?}");
+    }
     // Output buffer too small.
     let mut small: CudaSlice<bf16> = stream.alloc_zeros(100).unwrap();
     let r = attn.forward_gpu(
