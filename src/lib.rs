@@ -69,6 +69,7 @@ pub mod paged;
 pub mod reference;
 pub mod softmax;
 
+pub use cuda::paged::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use cudarc;
 pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention};
 pub use device::Device;

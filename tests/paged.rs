@@ -4,6 +4,7 @@
 //! pages' tokens; appended metadata == bounds recomputed from the cache. GPU tests run when a
 //! GPU is usable, print `SKIP (no GPU)` otherwise, and fail under LONGATTN_REQUIRE_GPU=1.
 
+use longattn::paged::DECODE_ROWS_PER_BLOCK;
 use longattn::reference::dense_attention_f64;
 use longattn::reference::paged::{
     decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
@@ -982,11 +983,181 @@ fn empty_visible_rows_give_zero_and_neg_inf() {
     }
 }
 
+/// A cache description without buffers: `batch` sequences of `seqlen` tokens.
+fn big_cache(batch: usize, seqlen: usize, page_size: usize, hkv: usize) -> PagedCache {
+    let pages = seqlen.div_ceil(page_size);
+    let table: Vec<i32> = (0..(batch * pages) as i32).collect();
+    let seqlens = vec![seqlen as i32; batch];
+    PagedCache::new(
+        PagedLayout {
+            num_pages: batch * pages,
+            page_size,
+            heads_kv: hkv,
+            head_dim: 128,
+        },
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: pages,
+            seqlens_k: &seqlens,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn split_heuristic_counts_visited_pages() {
+    // The bench's shape: batch 1, 64k tokens, page 16, 32 q / 8 kv heads, q_len 1, 132 SMs:
+    // 8 blocks, target 264 -> at most 33 splits, each of at least 256 keys of the block's
+    // work list.
+    let (hq, hkv, sms) = (32, 8, 132);
+    let cache = big_cache(1, 65536, 16, hkv);
+    let opts = AttentionOptions::causal();
+    let base = PagedDecode::new(&cache, hq, 1, &opts).unwrap();
+    let with = |p: SparsePolicy| base.clone().with_policy(p).unwrap();
+    // Full: 4096 pages -> 33 (the SM target binds).
+    assert_eq!(base.max_block_work_pages(), 4096);
+    assert_eq!(base.splits_for(sms), 33);
+    // Quest, 2048-token budget: 128 pages = 2048 keys -> 8 splits of 16 pages (was 33 of ~4).
+    let quest = with(quest_policy(hkv, 2048, 1));
+    assert_eq!(quest.max_block_work_pages(), 128);
+    assert_eq!(quest.splits_for(sms), 8);
+    // Streaming, 4 sinks + 2048-token window: 1 sink page + 128 window pages -> 8.
+    let streaming = with(
+        SparsePolicy::uniform(hkv, HeadPolicy::Streaming).with_streaming(StreamingConfig {
+            sinks: 4,
+            window: 2048,
+        }),
+    );
+    assert_eq!(streaming.max_block_work_pages(), 129);
+    assert_eq!(streaming.splits_for(sms), 8);
+    // Full heads under a 1024-token causal window: 64 pages -> 4.
+    let windowed = PagedDecode::new(
+        &cache,
+        hq,
+        1,
+        &AttentionOptions::causal().with_window(Window::causal_tokens(1024).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(windowed.max_block_work_pages(), 64);
+    assert_eq!(windowed.splits_for(sms), 4);
+    // Listed heads: the longest list (35 pages = 560 keys) -> 2.
+    let lists: Vec<Vec<usize>> = (0..hkv).map(|h| (0..5 * h).collect()).collect();
+    let listed = with(SparsePolicy::uniform(hkv, HeadPolicy::Listed))
+        .with_page_lists(PageLists::new(1, hkv, lists).unwrap())
+        .unwrap();
+    assert_eq!(listed.max_block_work_pages(), 35);
+    assert_eq!(listed.splits_for(sms), 2);
+    // A mix is sized by its largest block (the Full head here).
+    let mut mixed = quest_policy(hkv, 2048, 1);
+    mixed.heads[3] = HeadPolicy::Full;
+    assert_eq!(with(mixed).splits_for(sms), 33);
+    // Tiny budgets do not split; a split never gets less than a page (page 1024, 1 page).
+    assert_eq!(with(quest_policy(hkv, 256, 0)).splits_for(sms), 1);
+    let big_pages = big_cache(1, 65536, 1024, hkv);
+    let one_page = PagedDecode::new(&big_pages, hq, 1, &opts)
+        .unwrap()
+        .with_policy(quest_policy(hkv, 1024, 0))
+        .unwrap();
+    assert_eq!(one_page.max_block_work_pages(), 1);
+    assert_eq!(one_page.splits_for(sms), 1);
+    // Enough blocks already: no split; a forced count wins.
+    let wide = PagedDecode::new(&big_cache(64, 8192, 16, hkv), hq, 1, &opts).unwrap();
+    assert_eq!(wide.splits_for(sms), 1);
+    assert_eq!(
+        quest.clone().with_splits(Some(5)).unwrap().splits_for(sms),
+        5
+    );
+    // Query rows past one block: q_len 4 x group 4 = 16 rows = 2 row blocks of 8.
+    let two_blocks = PagedDecode::new(
+        &cache,
+        hq,
+        4,
+        &AttentionOptions::causal().with_window(Window::causal_tokens(1024).unwrap()),
+    )
+    .unwrap();
+    // Rows 0..8 are queries 0..2, rows 8..16 queries 2..4: each block's union of windows
+    // spans 65 pages (the windows end 1-3 tokens before the last key).
+    assert_eq!(two_blocks.max_block_work_pages(), 65);
+    assert_eq!(two_blocks.splits_for(sms), 4);
+}
+
+#[test]
+fn split_heuristic_work_pages_match_the_selection() {
+    // The closed-form Quest count equals the CPU selection's longest list; Listed and
+    // streaming counts equal the pages the reference visits.
+    let seqlens = [0usize, 1, 40, 300, 517];
+    for ps in [1, 16, 64, 256] {
+        let (hkv, ratio, d) = (2, 4, 16);
+        let hq = hkv * ratio;
+        let sc = scenario::<f32>(&seqlens, ps, hkv, d, 31 + ps as u64);
+        for q_len in [1, 3] {
+            let mut r = rng(ps as u64 + q_len as u64);
+            let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+            let st = q_strides(q_len, hq, d);
+            for (budget, sinkp) in [(1, 0), (ps, 1), (8 * ps, 2), (100, 0), (4096, 3)] {
+                for opts in [
+                    AttentionOptions::causal(),
+                    AttentionOptions::causal()
+                        .with_window(Window::causal_tokens(50).unwrap())
+                        .with_sinks(5),
+                ] {
+                    let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+                        .unwrap()
+                        .with_policy(quest_policy(hkv, budget, sinkp))
+                        .unwrap();
+                    let sel = dec.select_cpu(Strided::new(&q[..], st), sc.meta()).unwrap();
+                    let want = (0..seqlens.len())
+                        .flat_map(|b| (0..hkv).map(move |h| (b, h)))
+                        .map(|(b, h)| sel.pages.get(b, h).len())
+                        .max()
+                        .unwrap();
+                    assert_eq!(
+                        dec.max_block_work_pages(),
+                        want,
+                        "ps {ps} q_len {q_len} budget {budget} sink pages {sinkp}"
+                    );
+                }
+            }
+            // Streaming heads: the pages holding a key some row of the block sees.
+            let dec = PagedDecode::new(&sc.cache, hq, q_len, &AttentionOptions::causal())
+                .unwrap()
+                .with_policy(
+                    SparsePolicy::uniform(hkv, HeadPolicy::Streaming).with_streaming(
+                        StreamingConfig {
+                            sinks: 3,
+                            window: 70,
+                        },
+                    ),
+                )
+                .unwrap();
+            let mask = dec.mask_of(0);
+            let group = hq / hkv;
+            let rows = q_len * group;
+            let mut want = 0;
+            for &sk in &seqlens {
+                for r0 in (0..rows).step_by(DECODE_ROWS_PER_BLOCK) {
+                    let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
+                    let qi = r0 / group..(r1 - 1) / group + 1;
+                    let n = (0..sk.div_ceil(ps))
+                        .filter(|&p| {
+                            (p * ps..((p + 1) * ps).min(sk))
+                                .any(|j| qi.clone().any(|i| mask.visible(i, j, q_len, sk)))
+                        })
+                        .count();
+                    want = want.max(n);
+                }
+            }
+            assert_eq!(dec.max_block_work_pages(), want, "streaming ps {ps}");
+        }
+    }
+}
+
 // ---- GPU ---------------------------------------------------------------------------------
 
 mod gpu {
     use super::*;
     use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+    use longattn::PagedDecodePlan;
     use std::sync::Arc;
 
     fn stream() -> Option<Arc<CudaStream>> {
@@ -1302,6 +1473,249 @@ mod gpu {
                 }
             }
         }
+    }
+
+    /// Decode through a plan: (out, lse) read back after the call.
+    fn plan_forward<T: Element + DeviceRepr>(
+        s: &Arc<CudaStream>,
+        plan: &mut PagedDecodePlan,
+        bufs: &GpuBufs<T>,
+        q: &CudaSlice<T>,
+    ) -> (Vec<T>, Vec<f32>) {
+        let dec = plan.decode().clone();
+        let st = q_strides(dec.q_len(), dec.heads_q(), dec.cache().head_dim());
+        let mut od = up(s, &vec![T::from_f32(f32::NAN); dec.out_len()]);
+        let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
+        plan.forward(
+            Strided::new(q, st),
+            KvPages {
+                k: &bufs.k,
+                v: &bufs.v,
+            },
+            Some(PageMeta {
+                kmin: &bufs.kmin,
+                kmax: &bufs.kmax,
+            }),
+            Strided::new(&mut od, st),
+            Some(&mut ld),
+        )
+        .unwrap();
+        (s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap())
+    }
+
+    struct GpuBufs<T> {
+        k: CudaSlice<T>,
+        v: CudaSlice<T>,
+        kmin: CudaSlice<f32>,
+        kmax: CudaSlice<f32>,
+    }
+
+    fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &str) {
+        assert!(
+            got.0.iter().all(|x| !x.to_f32().is_nan()),
+            "{what}: unwritten output"
+        );
+        let err = rel_l2(&to_f64(&got.0), &to_f64(&want.0));
+        assert!(err <= 1e-6, "{what}: plan vs one-shot rel L2 {err}");
+        for (a, b) in got.1.iter().zip(&want.1) {
+            assert!(
+                a == b || (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                "{what}: lse {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn gpu_plan_reuse_matches_one_shot() {
+        let Some(s) = stream() else { return };
+        let sms = s
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap() as usize;
+        let seqlens = [0usize, 7, 250, 1500, 4100];
+        let (hkv, ratio, d, ps) = (4, 2, 128, 16);
+        let hq = hkv * ratio;
+        let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 2024);
+        let bufs = GpuBufs {
+            k: up(&s, &sc.k_cache),
+            v: up(&s, &sc.v_cache),
+            kmin: up(&s, &sc.kmin),
+            kmax: up(&s, &sc.kmax),
+        };
+        for q_len in [1, 3] {
+            let n = seqlens.len() * q_len * hq * d;
+            let q1: Vec<bf16> = random_vec(&mut rng(71 + q_len as u64), n);
+            let q2: Vec<bf16> = random_vec(&mut rng(97 + q_len as u64), n);
+            let (qd1, qd2) = (up(&s, &q1), up(&s, &q2));
+            let opts = AttentionOptions::causal();
+            let quest = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+                .unwrap()
+                .with_policy(quest_policy(hkv, 1024, 1))
+                .unwrap();
+            let streaming = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+                .unwrap()
+                .with_policy(
+                    SparsePolicy::uniform(hkv, HeadPolicy::Streaming).with_streaming(
+                        StreamingConfig {
+                            sinks: 4,
+                            window: 1000,
+                        },
+                    ),
+                )
+                .unwrap();
+            let cases = [
+                ("mixed", mixed_decode(&sc.cache, hq, q_len, &opts)),
+                ("quest", quest),
+                ("streaming", streaming),
+                (
+                    "full",
+                    PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap(),
+                ),
+                (
+                    "mixed forced 3",
+                    mixed_decode(&sc.cache, hq, q_len, &opts)
+                        .with_splits(Some(3))
+                        .unwrap(),
+                ),
+            ];
+            for (name, dec) in cases {
+                let what = format!("{name} q_len {q_len}");
+                let mut plan = dec.plan_gpu(&s).unwrap();
+                assert_eq!(plan.splits(), dec.splits_for(sms), "{what}");
+                if matches!(name, "quest" | "streaming") && 2 * sms > 20 {
+                    // Sparse heads alone still split (20 blocks; 4100 tokens: Quest 64
+                    // pages, streaming 65 pages = 4 splits of >= 256 keys).
+                    assert!(plan.splits() > 1, "{what}: {} splits", plan.splits());
+                }
+                let one1 = run_gpu(&s, &dec, &sc, &q1);
+                let one2 = run_gpu(&s, &dec, &sc, &q2);
+                // Two calls with q1, one with q2, q1 again: scratch and selection reuse
+                // must not leak between calls.
+                same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+                same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+                same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
+                same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+                if dec.needs_meta() {
+                    // The plan's selection equals the one-shot selection (both q).
+                    let st = q_strides(q_len, hq, d);
+                    let meta = || PageMeta {
+                        kmin: &bufs.kmin,
+                        kmax: &bufs.kmax,
+                    };
+                    for qd in [&qd2, &qd1] {
+                        let g = dec
+                            .select_gpu::<bf16, _>(&s, Strided::new(qd, st), meta())
+                            .unwrap();
+                        let sel = plan
+                            .select::<bf16, _>(Strided::new(qd, st), meta())
+                            .unwrap();
+                        let count = s.clone_dtoh(sel.page_count).unwrap();
+                        let list = s.clone_dtoh(sel.page_list).unwrap();
+                        let scores = s.clone_dtoh(sel.scores).unwrap();
+                        let want_count = s.clone_dtoh(&g.page_count).unwrap();
+                        let want_list = s.clone_dtoh(&g.page_list).unwrap();
+                        assert_eq!(scores, s.clone_dtoh(&g.scores).unwrap(), "{what}");
+                        let mp = sc.cache.max_pages_per_seq();
+                        for b in 0..seqlens.len() {
+                            for h in 0..hkv {
+                                if dec.policy().heads[h] != HeadPolicy::Quest {
+                                    continue;
+                                }
+                                let i = b * hkv + h;
+                                assert_eq!(count[i], want_count[i], "{what} b {b} h {h}");
+                                let row = i * mp..i * mp + count[i] as usize;
+                                assert_eq!(&list[row.clone()], &want_list[row], "{what}");
+                            }
+                        }
+                    }
+                    // A decode after a standalone selection still selects for its own q.
+                    same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
+                } else {
+                    let st = q_strides(q_len, hq, d);
+                    let r = plan.select::<bf16, _>(
+                        Strided::new(&qd1, st),
+                        PageMeta {
+                            kmin: &bufs.kmin,
+                            kmax: &bufs.kmax,
+                        },
+                    );
+                    assert!(r.is_err(), "{what}: select without Quest heads");
+                }
+                // Bad tensors are still rejected per call.
+                let short = up(&s, &[bf16::from_f32(0.0); 8]);
+                let mut od = up(&s, &vec![bf16::from_f32(0.0); dec.out_len()]);
+                let st = q_strides(q_len, hq, d);
+                let r = plan.forward(
+                    Strided::new(&short, st),
+                    KvPages {
+                        k: &bufs.k,
+                        v: &bufs.v,
+                    },
+                    Some(PageMeta {
+                        kmin: &bufs.kmin,
+                        kmax: &bufs.kmax,
+                    }),
+                    Strided::new(&mut od, st),
+                    None,
+                );
+                assert!(matches!(r, Err(Error::Shape(_))), "{what}: short q");
+            }
+        }
+        // Append through a plan (twice: the offsets are uploaded once) == one-shot append.
+        let layout = sc.cache.layout();
+        let garbage: Vec<bf16> = random_vec(&mut rng(5), layout.cache_len());
+        let row = hkv * d;
+        let mut cu = vec![0i32];
+        let (mut kn, mut vn) = (Vec::new(), Vec::new());
+        for (b, &n) in seqlens.iter().enumerate() {
+            kn.extend_from_slice(&sc.k_tokens[b][..n * row]);
+            vn.extend_from_slice(&sc.v_tokens[b][..n * row]);
+            cu.push(cu[b] + n as i32);
+        }
+        let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
+        let st = Strides::contiguous(1, hkv, d);
+        let nan = vec![f32::NAN; layout.meta_len()];
+        let run = |plan: Option<&mut PagedDecodePlan>| {
+            let (mut k, mut v) = (up(&s, &garbage), up(&s, &garbage));
+            let (mut lo, mut hi) = (up(&s, &nan), up(&s, &nan));
+            let reps = if plan.is_some() { 2 } else { 1 };
+            let mut plan = plan;
+            for _ in 0..reps {
+                let kv = KvPages {
+                    k: &mut k,
+                    v: &mut v,
+                };
+                let meta = Some(PageMeta {
+                    kmin: &mut lo,
+                    kmax: &mut hi,
+                });
+                let (a, b) = (Strided::new(&knd, st), Strided::new(&vnd, st));
+                match plan.as_deref_mut() {
+                    Some(p) => p.append(&cu, a, b, kv, meta).unwrap(),
+                    None => sc.cache.append_gpu(&s, &cu, a, b, kv, meta).unwrap(),
+                }
+            }
+            (
+                s.clone_dtoh(&k).unwrap(),
+                s.clone_dtoh(&v).unwrap(),
+                s.clone_dtoh(&lo).unwrap(),
+                s.clone_dtoh(&hi).unwrap(),
+            )
+        };
+        let mut plan = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
+            .unwrap()
+            .plan_gpu(&s)
+            .unwrap();
+        let want = run(None);
+        let got = run(Some(&mut plan));
+        assert!(
+            got.0 == want.0 && got.1 == want.1,
+            "plan append: cache differs"
+        );
+        assert_eq!(got.2, want.2, "plan append: kmin differs");
+        assert_eq!(got.3, want.3, "plan append: kmax differs");
     }
 
     #[test]

@@ -1,11 +1,29 @@
 //! GPU entry points of the paged family: `PagedCache::append_gpu`,
-//! `PagedDecode::select_gpu` and `PagedDecode::forward_gpu`: validation, then the launchers
-//! of `kernels/paged.cu`. The tables are copied to the device on the caller's stream.
+//! `PagedDecode::select_gpu` and `PagedDecode::forward_gpu` (one-shot), and the plan/run
+//! split behind them: [`PagedDecode::plan_gpu`] validates the tables, uploads them once and
+//! allocates the scratch; [`PagedDecodePlan::forward`] / [`PagedDecodePlan::select`] /
+//! [`PagedDecodePlan::append`] then only validate the tensor arguments and launch (no
+//! host-to-device copy, no allocation). The one-shot methods build a temporary plan, so
+//! there is one code path.
+//!
+//! # Lifetimes and stream ordering
+//!
+//! A plan owns its device buffers (tables, head kinds, page lists, Quest scores, split
+//! partials) and the stream they were allocated on, and launches only on that stream. Its
+//! buffers outlive every launch queued with them because (1) each kernel is queued on the
+//! plan's stream, (2) cudarc frees a `CudaSlice` on drop with `cuMemFreeAsync` on the stream
+//! that allocated it (the plan's stream), which the driver orders after the kernels queued
+//! there before the drop (without stream-ordered allocation cudarc synchronizes that stream
+//! before freeing), and (3) in cudarc's multi-stream mode every pointer taken here records
+//! the usual read/write events, which a drop waits for too. Dropping a plan (or a one-shot
+//! call returning) right after queueing its launches is therefore safe. Runs of one plan
+//! take `&mut self`: calls are serialized on the host and, being on one stream, on the
+//! device, so reusing the scratch between calls never races.
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Strided;
-use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
+use crate::paged::{HeadPolicy, KvPages, PageMeta, PagedCache, PagedDecode};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use std::sync::Arc;
 
@@ -23,12 +41,72 @@ pub struct GpuSelection {
     pub page_count: CudaSlice<i32>,
 }
 
+/// A plan's Quest selection buffers (layout as [`GpuSelection`]); valid once the selection
+/// launched by [`PagedDecodePlan::select`] or [`PagedDecodePlan::forward`] has run on the
+/// plan's stream, overwritten by the plan's next run.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuSelectionRef<'a> {
+    pub scores: &'a CudaSlice<f32>,
+    pub page_list: &'a CudaSlice<i32>,
+    pub page_count: &'a CudaSlice<i32>,
+}
+
+/// A [`PagedDecode`] bound to device-resident tables and scratch on one stream (FlashInfer's
+/// plan/run split): built once per step by [`PagedDecode::plan_gpu`] (validation, table,
+/// head-kind and page-list uploads, scratch allocation, split count), then run per layer
+/// with [`PagedDecodePlan::forward`] / [`PagedDecodePlan::select`] /
+/// [`PagedDecodePlan::append`], which copy nothing host-to-device and allocate nothing.
+///
+/// The plan snapshots the decode problem (tables, policy, page lists) at creation: build a
+/// new plan when `seqlens_k`, the block table or the lists change. See the module docs for
+/// why its buffers outlive the launches queued with them.
+#[derive(Debug)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+pub struct PagedDecodePlan {
+    decode: PagedDecode,
+    stream: Arc<CudaStream>,
+    what: PlanFor,
+    splits: usize,
+    block_table: CudaSlice<i32>,
+    seqlens_k: CudaSlice<i32>,
+    head_kind: CudaSlice<i32>,
+    /// `[batch, heads_kv, max_pages_per_seq]` page lists and `[batch, heads_kv]` counts:
+    /// Listed rows uploaded at plan time, Quest rows written by the selection kernel.
+    lists: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    /// Quest scores `[batch, heads_kv, max_pages_per_seq]`.
+    scores: Option<CudaSlice<f32>>,
+    /// Split-KV scratch `[splits, batch, heads_q, q_len, head_dim]` and `[splits, batch,
+    /// heads_q, q_len]` when `splits > 1`.
+    partial: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
+    /// The last append's `cu_seqlens_new` (host copy and device buffer).
+    append_cu: Option<(Vec<i32>, CudaSlice<i32>)>,
+}
+
+/// What a plan allocates scratch for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+enum PlanFor {
+    /// Decode (and selection, when there are Quest heads).
+    Decode,
+    /// Selection only (the one-shot `select_gpu`): scores and lists, no split partials.
+    Select,
+}
+
 fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
+    check_gpu_dtype(dtype)?;
+    check_gpu_shape(cache)
+}
+
+fn check_gpu_dtype(dtype: DType) -> Result<()> {
     if dtype == DType::F32 {
         return Err(Error::Unsupported(
             "the paged kernels take f16 or bf16 (f32 runs on the CPU path)".into(),
         ));
     }
+    Ok(())
+}
+
+fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
     let d = cache.head_dim();
     if !d.is_multiple_of(8) || d > GPU_MAX_HEAD_DIM {
         return Err(Error::Unsupported(format!(
@@ -45,10 +123,39 @@ fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// Validates an append's arguments (shared by the one-shot and the plan path); returns the
+/// most pages one sequence's new tokens touch.
+fn validate_append<T, I, O>(
+    cache: &PagedCache,
+    cu_seqlens_new: &[i32],
+    k_new: &Strided<&I>,
+    v_new: &Strided<&I>,
+    kv: &KvPages<&mut O>,
+    meta: &Option<PageMeta<&mut CudaSlice<f32>>>,
+) -> Result<usize>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    let max_touched = cache.check_append(
+        cu_seqlens_new,
+        (k_new.data.len(), &k_new.strides),
+        (v_new.data.len(), &v_new.strides),
+    )?;
+    cache.check_kv(kv.k.len(), kv.v.len())?;
+    if let Some(m) = meta {
+        cache.check_meta(m.kmin.len(), m.kmax.len())?;
+    }
+    check_gpu_dims(cache, T::DTYPE)?;
+    Ok(max_touched)
+}
+
 impl PagedCache {
     /// GPU append (see [`PagedCache::append_cpu`] for the semantics and the metadata
     /// definition). `cu_seqlens_new` is a host array; `k_new, v_new: [total_new, heads_kv,
-    /// head_dim]` device buffers with strides that are multiples of 8 elements.
+    /// head_dim]` device buffers with strides that are multiples of 8 elements. Uploads the
+    /// tables on every call; [`PagedDecodePlan::append`] reuses a plan's.
     pub fn append_gpu<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,
@@ -63,17 +170,12 @@ impl PagedCache {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
-        let max_touched = self.check_append(
-            cu_seqlens_new,
-            (k_new.data.len(), &k_new.strides),
-            (v_new.data.len(), &v_new.strides),
-        )?;
-        self.check_kv(cache.k.len(), cache.v.len())?;
-        if let Some(m) = &meta {
-            self.check_meta(m.kmin.len(), m.kmax.len())?;
+        let max_touched =
+            validate_append::<T, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
+        if max_touched == 0 {
+            return Ok(());
         }
-        check_gpu_dims(self, T::DTYPE)?;
-        imp::append::<T, I, O>(
+        imp::append_oneshot::<T, I, O>(
             self,
             stream,
             cu_seqlens_new,
@@ -87,8 +189,43 @@ impl PagedCache {
 }
 
 impl PagedDecode {
+    /// Builds a [`PagedDecodePlan`] on `stream`: validates the problem for the GPU (head dim,
+    /// batch/heads and grid limits, page lists present for Listed heads), uploads the block
+    /// table, `seqlens_k`, head kinds and the Listed heads' page lists, allocates the Quest
+    /// scores/page lists (worst case `max_pages_per_seq` per (sequence, kv head)) and the
+    /// split-KV partials for [`PagedDecode::splits_for`] the device's SM count. The uploads
+    /// are queued on `stream` (pageable host memory: staged synchronously by the driver).
+    pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<PagedDecodePlan> {
+        self.plan_gpu_for(stream, PlanFor::Decode)
+    }
+
+    fn plan_gpu_for(&self, stream: &Arc<CudaStream>, what: PlanFor) -> Result<PagedDecodePlan> {
+        check_gpu_shape(&self.cache)?;
+        if what == PlanFor::Decode {
+            if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
+                return Err(Error::InvalidOption(
+                    "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
+                ));
+            }
+            self.check_grid()?;
+        }
+        imp::plan(self, stream, what)
+    }
+
+    fn check_grid(&self) -> Result<()> {
+        let row_blocks = (self.q_len * self.group()).div_ceil(crate::paged::DECODE_ROWS_PER_BLOCK);
+        if self.cache.heads_kv() * row_blocks > 65535 {
+            return Err(Error::Unsupported(format!(
+                "heads_kv ({}) * row blocks ({row_blocks}) exceeds the grid limit 65535",
+                self.cache.heads_kv()
+            )));
+        }
+        Ok(())
+    }
+
     /// Quest scoring and top-B selection on the GPU (same selection as
-    /// [`PagedDecode::select_cpu`]; scores may differ by float summation order).
+    /// [`PagedDecode::select_cpu`]; scores may differ by float summation order). One-shot:
+    /// builds a temporary plan; [`PagedDecodePlan::select`] reuses one.
     pub fn select_gpu<T, I>(
         &self,
         stream: &Arc<CudaStream>,
@@ -102,14 +239,18 @@ impl PagedDecode {
         self.check_io((q.data.len(), &q.strides), None, None)?;
         self.cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
-        imp::select::<T, I>(self, stream, q, meta)
+        let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
+        plan.select::<T, I>(q, meta)?;
+        plan.into_selection()
     }
 
     /// GPU decode on `stream` (nothing is synchronized). Buffers as for
     /// [`PagedDecode::forward_cpu`], on the device: q/out strides multiples of 8 elements,
     /// 16-byte aligned pointers, f16 or bf16, head_dim a multiple of 8 up to 256. Quest heads
     /// run the selection kernel first; the split count is [`PagedDecode::splits_for`] the
-    /// device's SM count.
+    /// device's SM count. One-shot: builds a temporary [`PagedDecodePlan`] (table uploads and
+    /// scratch allocation per call); engines calling decode per layer with the same tables
+    /// should build the plan once with [`PagedDecode::plan_gpu`].
     pub fn forward_gpu<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,
@@ -124,25 +265,168 @@ impl PagedDecode {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
+        // The tensor checks first (same error precedence as before the plan existed).
+        self.validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
+        let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
+        plan.forward(q, kv, meta, out, lse)
+    }
+
+    fn validate_forward<T, I, O>(
+        &self,
+        q: &Strided<&I>,
+        kv: &KvPages<&I>,
+        meta: &Option<PageMeta<&CudaSlice<f32>>>,
+        out: &Strided<&mut O>,
+        lse: &Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
         self.check_io(
             (q.data.len(), &q.strides),
             Some((out.data.len(), &out.strides)),
             lse.as_ref().map(|l| l.len()),
         )?;
         self.cache.check_kv(kv.k.len(), kv.v.len())?;
-        if let Some(m) = &meta {
+        if let Some(m) = meta {
             self.cache.check_meta(m.kmin.len(), m.kmax.len())?;
         }
         self.check_policy_inputs(meta.is_some())?;
-        check_gpu_dims(&self.cache, T::DTYPE)?;
-        let row_blocks = (self.q_len * self.group()).div_ceil(crate::paged::DECODE_ROWS_PER_BLOCK);
-        if self.cache.heads_kv() * row_blocks > 65535 {
-            return Err(Error::Unsupported(format!(
-                "heads_kv ({}) * row blocks ({row_blocks}) exceeds the grid limit 65535",
-                self.cache.heads_kv()
-            )));
+        check_gpu_dims(&self.cache, T::DTYPE)
+    }
+}
+
+impl PagedDecodePlan {
+    /// The decode problem the plan was built for (a snapshot of the tables and policy).
+    pub fn decode(&self) -> &PagedDecode {
+        &self.decode
+    }
+    /// The stream every run of this plan launches on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Split count of [`PagedDecodePlan::forward`] (1 for a selection-only plan).
+    pub fn splits(&self) -> usize {
+        self.splits
+    }
+    /// Device copies of the block table and `seqlens_k`.
+    pub fn tables(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>) {
+        (&self.block_table, &self.seqlens_k)
+    }
+    /// The Quest selection buffers (`None` without Quest heads): what the last
+    /// [`PagedDecodePlan::select`] or [`PagedDecodePlan::forward`] queued on the plan's
+    /// stream writes there (read them after that work, e.g. with a `clone_dtoh` on the same
+    /// stream).
+    pub fn selection(&self) -> Option<GpuSelectionRef<'_>> {
+        let scores = self.scores.as_ref()?;
+        let (page_list, page_count) = self.lists.as_ref()?;
+        Some(GpuSelectionRef {
+            scores,
+            page_list,
+            page_count,
+        })
+    }
+
+    fn into_selection(self) -> Result<GpuSelection> {
+        match (self.scores, self.lists) {
+            (Some(scores), Some((page_list, page_count))) => Ok(GpuSelection {
+                scores,
+                page_list,
+                page_count,
+            }),
+            _ => Err(Error::InvalidOption(
+                "the plan has no Quest selection buffers".into(),
+            )),
         }
-        imp::decode::<T, I, O>(self, stream, q, kv, meta, out, lse)
+    }
+
+    /// Quest scoring and top-B selection into the plan's buffers (see
+    /// [`PagedDecode::select_gpu`]), on the plan's stream; no copy, no allocation. Errors
+    /// when the plan has no Quest heads (a decode plan allocates selection buffers only for
+    /// them).
+    pub fn select<T, I>(
+        &mut self,
+        q: Strided<&I>,
+        meta: PageMeta<&CudaSlice<f32>>,
+    ) -> Result<GpuSelectionRef<'_>>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+    {
+        self.decode
+            .check_io((q.data.len(), &q.strides), None, None)?;
+        self.decode
+            .cache
+            .check_meta(meta.kmin.len(), meta.kmax.len())?;
+        check_gpu_dtype(T::DTYPE)?;
+        if self.scores.is_none() || self.lists.is_none() {
+            return Err(Error::InvalidOption(
+                "this plan has no Quest heads to select pages for".into(),
+            ));
+        }
+        imp::select::<T, I>(self, &q, &meta)?;
+        Ok(self.selection().expect("checked above"))
+    }
+
+    /// Decode on the plan's stream (nothing is synchronized; see
+    /// [`PagedDecode::forward_gpu`] for the buffers), reusing the plan's tables and scratch:
+    /// no host-to-device copy, no allocation. The tensor arguments are validated on every
+    /// call. Quest heads run the selection into the plan's buffers first.
+    pub fn forward<T, I, O>(
+        &mut self,
+        q: Strided<&I>,
+        kv: KvPages<&I>,
+        meta: Option<PageMeta<&CudaSlice<f32>>>,
+        out: Strided<&mut O>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        self.decode
+            .validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
+        if self.what != PlanFor::Decode {
+            return Err(Error::InvalidOption(
+                "a selection-only plan cannot run the decode".into(),
+            ));
+        }
+        imp::decode::<T, I, O>(self, q, kv, meta, out, lse)
+    }
+
+    /// Append on the plan's stream with the plan's device tables (see
+    /// [`PagedCache::append_gpu`]; the plan's `seqlens_k` must already count the new
+    /// tokens, as for the one-shot call). `cu_seqlens_new` is validated on the host and
+    /// uploaded only when it differs from the previous append's (an engine appends with the
+    /// same offsets for every layer of a step).
+    pub fn append<T, I, O>(
+        &mut self,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&I>,
+        v_new: Strided<&I>,
+        cache: KvPages<&mut O>,
+        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        let max_touched = validate_append::<T, I, O>(
+            &self.decode.cache,
+            cu_seqlens_new,
+            &k_new,
+            &v_new,
+            &cache,
+            &meta,
+        )?;
+        if max_touched == 0 {
+            return Ok(());
+        }
+        imp::append_plan::<T, I, O>(self, cu_seqlens_new, k_new, v_new, cache, meta, max_touched)
     }
 }
 
@@ -151,7 +435,7 @@ mod imp {
     use super::*;
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn append<T, I, O>(
+    pub(super) fn append_oneshot<T, I, O>(
         _: &PagedCache,
         _: &Arc<CudaStream>,
         _: &[i32],
@@ -168,12 +452,35 @@ mod imp {
         Err(Error::CudaNotCompiled)
     }
 
-    pub(super) fn select<T, I>(
+    pub(super) fn append_plan<T, I, O>(
+        _: &mut PagedDecodePlan,
+        _: &[i32],
+        _: Strided<&I>,
+        _: Strided<&I>,
+        _: KvPages<&mut O>,
+        _: Option<PageMeta<&mut CudaSlice<f32>>>,
+        _: usize,
+    ) -> Result<()>
+    where
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        Err(Error::CudaNotCompiled)
+    }
+
+    pub(super) fn plan(
         _: &PagedDecode,
         _: &Arc<CudaStream>,
-        _: Strided<&I>,
-        _: PageMeta<&CudaSlice<f32>>,
-    ) -> Result<GpuSelection>
+        _: PlanFor,
+    ) -> Result<PagedDecodePlan> {
+        Err(Error::CudaNotCompiled)
+    }
+
+    pub(super) fn select<T, I>(
+        _: &mut PagedDecodePlan,
+        _: &Strided<&I>,
+        _: &PageMeta<&CudaSlice<f32>>,
+    ) -> Result<()>
     where
         I: DevicePtr<T>,
     {
@@ -181,8 +488,7 @@ mod imp {
     }
 
     pub(super) fn decode<T, I, O>(
-        _: &PagedDecode,
-        _: &Arc<CudaStream>,
+        _: &mut PagedDecodePlan,
         _: Strided<&I>,
         _: KvPages<&I>,
         _: Option<PageMeta<&CudaSlice<f32>>>,
@@ -202,7 +508,6 @@ mod imp {
     use super::*;
     use crate::cuda::{ALIGN_BYTES, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
     use crate::layout::Strides;
-    use crate::paged::HeadPolicy;
     use cudarc::driver::sys::CUdevice_attribute;
 
     fn check_aligned(name: &str, ptr: u64) -> Result<()> {
@@ -212,19 +517,6 @@ mod imp {
             )));
         }
         Ok(())
-    }
-
-    /// Device copies of the tables; kept alive until the launches are queued.
-    struct Tables {
-        block_table: CudaSlice<i32>,
-        seqlens_k: CudaSlice<i32>,
-    }
-
-    fn upload_tables(cache: &PagedCache, stream: &Arc<CudaStream>) -> Result<Tables> {
-        Ok(Tables {
-            block_table: stream.clone_htod(cache.block_table())?,
-            seqlens_k: stream.clone_htod(cache.seqlens_k())?,
-        })
     }
 
     fn la_cache(cache: &PagedCache, k: u64, v: u64, bt: u64, sl: u64) -> ffi::LaPagedCache {
@@ -256,17 +548,110 @@ mod imp {
             .collect()
     }
 
+    /// Host page lists: the Listed heads' explicit lists (Quest rows left for the kernel).
+    fn listed_rows(decode: &PagedDecode) -> (Vec<i32>, Vec<i32>) {
+        let cache = decode.cache();
+        let (hkv, mp) = (cache.heads_kv(), cache.max_pages_per_seq());
+        let mut pl = vec![0i32; cache.batch() * hkv * mp];
+        let mut pc = vec![0i32; cache.batch() * hkv];
+        if let Some(given) = decode.lists.as_ref() {
+            for b in 0..cache.batch() {
+                for kvh in 0..hkv {
+                    if decode.policy().heads[kvh] == HeadPolicy::Listed {
+                        let l = given.get(b, kvh);
+                        let row = (b * hkv + kvh) * mp;
+                        for (dst, &p) in pl[row..row + l.len()].iter_mut().zip(l) {
+                            *dst = p as i32;
+                        }
+                        pc[b * hkv + kvh] = l.len() as i32;
+                    }
+                }
+            }
+        }
+        (pl, pc)
+    }
+
+    pub(super) fn plan(
+        decode: &PagedDecode,
+        stream: &Arc<CudaStream>,
+        what: PlanFor,
+    ) -> Result<PagedDecodePlan> {
+        let cache = decode.cache();
+        let (hkv, mp) = (cache.heads_kv(), cache.max_pages_per_seq());
+        let n = cache.batch() * hkv;
+        let block_table = stream.clone_htod(cache.block_table())?;
+        let seqlens_k = stream.clone_htod(cache.seqlens_k())?;
+        let head_kind = stream.clone_htod(&head_kinds(decode))?;
+        let quest = decode.needs_meta();
+        let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
+        let (lists, scores, splits, partial) = match what {
+            PlanFor::Select => (
+                Some((
+                    stream.alloc_zeros::<i32>(n * mp)?,
+                    stream.alloc_zeros::<i32>(n)?,
+                )),
+                Some(stream.alloc_zeros::<f32>(n * mp)?),
+                1,
+                None,
+            ),
+            PlanFor::Decode => {
+                let lists = if listed || quest {
+                    let (pl, pc) = listed_rows(decode);
+                    Some((stream.clone_htod(&pl)?, stream.clone_htod(&pc)?))
+                } else {
+                    None
+                };
+                let scores = if quest {
+                    Some(stream.alloc_zeros::<f32>(n * mp)?)
+                } else {
+                    None
+                };
+                let sm_count = stream
+                    .context()
+                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+                    as usize;
+                let splits = decode.splits_for(sm_count);
+                let partial = if splits > 1 {
+                    let rows = splits * decode.lse_len();
+                    Some((
+                        stream.alloc_zeros::<f32>(rows * cache.head_dim())?,
+                        stream.alloc_zeros::<f32>(rows)?,
+                    ))
+                } else {
+                    None
+                };
+                (lists, scores, splits, partial)
+            }
+        };
+        Ok(PagedDecodePlan {
+            decode: decode.clone(),
+            stream: stream.clone(),
+            what,
+            splits,
+            block_table,
+            seqlens_k,
+            head_kind,
+            lists,
+            scores,
+            partial,
+            append_cu: None,
+        })
+    }
+
     /// Strides of a `[rows, heads, dim]` packed tensor checked for 16-byte vectors (the
     /// batch stride is unused).
     fn packed(s: &Strides) -> Strides {
         Strides { batch: 0, ..*s }
     }
 
+    /// The append launch, with device tables and offsets already on `stream`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn append<T, I, O>(
+    fn append_launch<T, I, O>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
-        cu_seqlens_new: &[i32],
+        block_table: &CudaSlice<i32>,
+        seqlens_k: &CudaSlice<i32>,
+        cu: &CudaSlice<i32>,
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
@@ -278,12 +663,7 @@ mod imp {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
-        if max_touched == 0 {
-            return Ok(());
-        }
         let bytes = dtype_bytes(T::DTYPE);
-        let tables = upload_tables(cache, stream)?;
-        let cu = stream.clone_htod(cu_seqlens_new)?;
         let (kn, _s1) = k_new.data.device_ptr(stream);
         let (vn, _s2) = v_new.data.device_ptr(stream);
         check_vector_access("k_new", kn, &packed(&k_new.strides), bytes)?;
@@ -293,8 +673,8 @@ mod imp {
         let (vc, _s4) = v.device_ptr_mut(stream);
         check_aligned("k_cache", kc)?;
         check_aligned("v_cache", vc)?;
-        let (bt, _s5) = tables.block_table.device_ptr(stream);
-        let (sl, _s6) = tables.seqlens_k.device_ptr(stream);
+        let (bt, _s5) = block_table.device_ptr(stream);
+        let (sl, _s6) = seqlens_k.device_ptr(stream);
         let (cu_ptr, _s7) = cu.device_ptr(stream);
         let mut meta = meta;
         let (kmin, kmax, _s8, _s9) = match meta.as_mut() {
@@ -320,38 +700,126 @@ mod imp {
             dtype: la_dtype(T::DTYPE),
         };
         // SAFETY: extents, page ids and writer uniqueness were validated on the host; the
-        // launch is ordered on `stream` after the table uploads.
+        // launch is ordered on `stream` after the uploads of the tables and offsets.
         let code = unsafe { ffi::la_paged_append(&params, stream.cu_stream() as _) };
         check_launch("la_paged_append", code)
     }
 
-    /// Runs the Quest kernel into `page_list`/`page_count` (and returns the scores).
     #[allow(clippy::too_many_arguments)]
-    fn quest_into<T, I>(
-        decode: &PagedDecode,
+    pub(super) fn append_oneshot<T, I, O>(
+        cache: &PagedCache,
         stream: &Arc<CudaStream>,
-        tables: &Tables,
-        kinds: &CudaSlice<i32>,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&I>,
+        v_new: Strided<&I>,
+        kv: KvPages<&mut O>,
+        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        max_touched: usize,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        // Temporaries freed stream-ordered after the launch (see the module docs).
+        let bt = stream.clone_htod(cache.block_table())?;
+        let sl = stream.clone_htod(cache.seqlens_k())?;
+        let cu = stream.clone_htod(cu_seqlens_new)?;
+        append_launch::<T, I, O>(
+            cache,
+            stream,
+            &bt,
+            &sl,
+            &cu,
+            k_new,
+            v_new,
+            kv,
+            meta,
+            max_touched,
+        )
+    }
+
+    pub(super) fn append_plan<T, I, O>(
+        plan: &mut PagedDecodePlan,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&I>,
+        v_new: Strided<&I>,
+        kv: KvPages<&mut O>,
+        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        max_touched: usize,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        let stale = plan
+            .append_cu
+            .as_ref()
+            .is_none_or(|(host, _)| host.as_slice() != cu_seqlens_new);
+        if stale {
+            // Replacing the buffer frees the old one stream-ordered, after earlier appends.
+            let dev = plan.stream.clone_htod(cu_seqlens_new)?;
+            plan.append_cu = Some((cu_seqlens_new.to_vec(), dev));
+        }
+        let PagedDecodePlan {
+            decode,
+            stream,
+            block_table,
+            seqlens_k,
+            append_cu,
+            ..
+        } = plan;
+        let (_, cu) = append_cu.as_ref().expect("uploaded above");
+        append_launch::<T, I, O>(
+            &decode.cache,
+            stream,
+            block_table,
+            seqlens_k,
+            cu,
+            k_new,
+            v_new,
+            kv,
+            meta,
+            max_touched,
+        )
+    }
+
+    /// Runs the Quest kernel into the plan's scores, page lists and counts.
+    pub(super) fn select<T, I>(
+        plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
         meta: &PageMeta<&CudaSlice<f32>>,
-        page_list: &mut CudaSlice<i32>,
-        page_count: &mut CudaSlice<i32>,
-    ) -> Result<CudaSlice<f32>>
+    ) -> Result<()>
     where
         T: Element + DeviceRepr,
         I: DevicePtr<T>,
     {
+        let PagedDecodePlan {
+            decode,
+            stream,
+            block_table,
+            seqlens_k,
+            head_kind,
+            lists,
+            scores,
+            ..
+        } = plan;
+        let (Some(scores), Some((page_list, page_count))) = (scores.as_mut(), lists.as_mut())
+        else {
+            return Err(Error::InvalidOption(
+                "this plan has no Quest selection buffers".into(),
+            ));
+        };
         let cache = decode.cache();
-        let n = cache.batch() * cache.heads_kv() * cache.max_pages_per_seq();
-        let mut scores = stream.alloc_zeros::<f32>(n)?;
         let (qp, _s1) = q.data.device_ptr(stream);
-        let (bt, _s2) = tables.block_table.device_ptr(stream);
-        let (sl, _s3) = tables.seqlens_k.device_ptr(stream);
+        let (bt, _s2) = block_table.device_ptr(stream);
+        let (sl, _s3) = seqlens_k.device_ptr(stream);
         let (kmin, _s4) = meta.kmin.device_ptr(stream);
         let (kmax, _s5) = meta.kmax.device_ptr(stream);
         check_aligned("kmin", kmin)?;
         check_aligned("kmax", kmax)?;
-        let (kd, _s6) = kinds.device_ptr(stream);
+        let (kd, _s6) = head_kind.device_ptr(stream);
         let (sc, _s7) = scores.device_ptr_mut(stream);
         let (pl, _s8) = page_list.device_ptr_mut(stream);
         let (pc, _s9) = page_count.device_ptr_mut(stream);
@@ -379,49 +847,14 @@ mod imp {
             dtype: la_dtype(T::DTYPE),
         };
         // SAFETY: q extent and the metadata length were validated; the kernel writes only
-        // rows of Quest heads within [batch, heads_kv, max_pages_per_seq].
+        // within the plan's [batch, heads_kv, max_pages_per_seq] buffers (Quest heads' rows
+        // of the lists), ordered on the plan's stream.
         let code = unsafe { ffi::la_paged_quest_select(&params, stream.cu_stream() as _) };
-        check_launch("la_paged_quest_select", code)?;
-        drop((_s7, _s8, _s9));
-        Ok(scores)
-    }
-
-    pub(super) fn select<T, I>(
-        decode: &PagedDecode,
-        stream: &Arc<CudaStream>,
-        q: Strided<&I>,
-        meta: PageMeta<&CudaSlice<f32>>,
-    ) -> Result<GpuSelection>
-    where
-        T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-    {
-        let cache = decode.cache();
-        let tables = upload_tables(cache, stream)?;
-        let kinds = stream.clone_htod(&head_kinds(decode))?;
-        let n = cache.batch() * cache.heads_kv();
-        let mut page_list = stream.alloc_zeros::<i32>(n * cache.max_pages_per_seq())?;
-        let mut page_count = stream.alloc_zeros::<i32>(n)?;
-        let scores = quest_into::<T, I>(
-            decode,
-            stream,
-            &tables,
-            &kinds,
-            &q,
-            &meta,
-            &mut page_list,
-            &mut page_count,
-        )?;
-        Ok(GpuSelection {
-            scores,
-            page_list,
-            page_count,
-        })
+        check_launch("la_paged_quest_select", code)
     }
 
     pub(super) fn decode<T, I, O>(
-        decode: &PagedDecode,
-        stream: &Arc<CudaStream>,
+        plan: &mut PagedDecodePlan,
         q: Strided<&I>,
         kv: KvPages<&I>,
         meta: Option<PageMeta<&CudaSlice<f32>>>,
@@ -433,53 +866,25 @@ mod imp {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
+        if plan.decode.needs_meta() {
+            let m = meta.as_ref().expect("validated: Quest heads have metadata");
+            select::<T, I>(plan, &q, m)?;
+        }
+        let PagedDecodePlan {
+            decode,
+            stream,
+            splits,
+            block_table,
+            seqlens_k,
+            head_kind,
+            lists,
+            partial,
+            ..
+        } = plan;
+        let splits = *splits;
         let cache = decode.cache();
         let bytes = dtype_bytes(T::DTYPE);
-        let (hkv, mp) = (cache.heads_kv(), cache.max_pages_per_seq());
-        let tables = upload_tables(cache, stream)?;
-        let kinds_host = head_kinds(decode);
-        let kinds = stream.clone_htod(&kinds_host)?;
-        // Page lists: explicit lists for Listed heads; Quest heads' rows come from the kernel.
-        let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
-        let mut lists: Option<(CudaSlice<i32>, CudaSlice<i32>)> = None;
-        if listed || decode.needs_meta() {
-            let mut pl = vec![0i32; cache.batch() * hkv * mp];
-            let mut pc = vec![0i32; cache.batch() * hkv];
-            if let Some(given) = decode.lists.as_ref() {
-                for b in 0..cache.batch() {
-                    for kvh in 0..hkv {
-                        if decode.policy().heads[kvh] == HeadPolicy::Listed {
-                            let l = given.get(b, kvh);
-                            let row = (b * hkv + kvh) * mp;
-                            for (dst, &p) in pl[row..row + l.len()].iter_mut().zip(l) {
-                                *dst = p as i32;
-                            }
-                            pc[b * hkv + kvh] = l.len() as i32;
-                        }
-                    }
-                }
-            }
-            lists = Some((stream.clone_htod(&pl)?, stream.clone_htod(&pc)?));
-        }
-        if let (Some(m), Some((pl, pc))) = (meta.as_ref(), lists.as_mut())
-            && decode.needs_meta()
-        {
-            quest_into::<T, I>(decode, stream, &tables, &kinds, &q, m, pl, pc)?;
-        }
-        let sm_count = stream
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-            as usize;
-        let splits = decode.splits_for(sm_count);
-        let partial = if splits > 1 {
-            let rows = splits * decode.lse_len();
-            Some((
-                stream.alloc_zeros::<f32>(rows * cache.head_dim())?,
-                stream.alloc_zeros::<f32>(rows)?,
-            ))
-        } else {
-            None
-        };
+        let mp = cache.max_pages_per_seq();
         let (qp, _s1) = q.data.device_ptr(stream);
         let (kc, _s2) = kv.k.device_ptr(stream);
         let (vc, _s3) = kv.v.device_ptr(stream);
@@ -495,9 +900,9 @@ mod imp {
             }
             None => (0, None),
         };
-        let (bt, _s6) = tables.block_table.device_ptr(stream);
-        let (sl, _s7) = tables.seqlens_k.device_ptr(stream);
-        let (kd, _s8) = kinds.device_ptr(stream);
+        let (bt, _s6) = block_table.device_ptr(stream);
+        let (sl, _s7) = seqlens_k.device_ptr(stream);
+        let (kd, _s8) = head_kind.device_ptr(stream);
         let (pl, _s9, pc, _s10) = match lists.as_ref() {
             Some((pl, pc)) => {
                 let (a, sa) = pl.device_ptr(stream);
@@ -506,14 +911,13 @@ mod imp {
             }
             None => (0, None, 0, None),
         };
-        let mut partial = partial;
         let (opart, _s11, lpart, _s12) = match partial.as_mut() {
-            Some((o, l)) => {
+            Some((o, l)) if splits > 1 => {
                 let (a, sa) = o.device_ptr_mut(stream);
                 let (b, sb) = l.device_ptr_mut(stream);
                 (a, Some(sa), b, Some(sb))
             }
-            None => (0, None, 0, None),
+            _ => (0, None, 0, None),
         };
         let (wl, wr) = decode.base_mask().window.to_flash();
         let streaming = decode.policy().streaming;
@@ -551,9 +955,11 @@ mod imp {
             lse_partial: lpart as *mut f32,
             dtype: la_dtype(T::DTYPE),
         };
-        // SAFETY: every extent, page id and page list was validated on the host; the
-        // kernels read the cache and write out/lse (and the split scratch) only, ordered on
-        // `stream` after the uploads and the Quest selection.
+        // SAFETY: every extent, page id and page list was validated on the host (at plan
+        // creation for the tables and lists, per call for the tensors); the split scratch
+        // was sized for `splits` at plan creation; the kernels read the cache and write
+        // out/lse (and the scratch) only, ordered on the plan's stream after its uploads and
+        // the Quest selection.
         let code = unsafe { ffi::la_paged_decode(&params, stream.cu_stream() as _) };
         check_launch("la_paged_decode", code)
     }

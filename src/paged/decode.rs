@@ -235,6 +235,11 @@ impl PagedDecode {
     /// Split count for the GPU: enough blocks to fill `sm_count` SMs about twice over, never
     /// splits of fewer than [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`]. A forced
     /// count ([`PagedDecode::with_splits`]) wins.
+    ///
+    /// Sparsity-aware: the keys that bound the split count are those of the largest block's
+    /// *work list* ([`PagedDecode::max_block_work_pages`] pages), not the sequence length, so
+    /// a Quest head at 64k tokens with a 2,048-token budget splits like a 2k-token sequence,
+    /// and a split never gets less than one page.
     pub fn splits_for(&self, sm_count: usize) -> usize {
         if let Some(s) = self.num_splits {
             return s;
@@ -246,12 +251,76 @@ impl PagedDecode {
         if blocks >= target {
             return 1;
         }
-        let max_keys = (0..self.cache.batch())
-            .map(|b| self.cache.seqlen(b))
-            .max()
-            .unwrap_or(0);
-        let by_keys = max_keys / MIN_KEYS_PER_SPLIT;
-        target.div_ceil(blocks).min(by_keys).clamp(1, MAX_SPLITS)
+        let pages = self.max_block_work_pages();
+        let by_keys = pages * self.cache.page_size() / MIN_KEYS_PER_SPLIT;
+        target
+            .div_ceil(blocks)
+            .min(by_keys)
+            .min(pages)
+            .clamp(1, MAX_SPLITS)
+    }
+
+    /// Most pages one GPU decode block (sequence, kv head, block of
+    /// [`DECODE_ROWS_PER_BLOCK`] query rows) visits: Full heads the pages of the base mask's
+    /// window/sinks for the block's rows, streaming heads their sinks + window pages, Listed
+    /// heads their list, Quest heads the pages the selection keeps
+    /// (`min(max(budget, #always-kept), #candidates)`, the exact selected count).
+    pub fn max_block_work_pages(&self) -> usize {
+        let group = self.group();
+        let rows = self.q_len * group;
+        let row_blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
+        let ps = self.cache.page_size();
+        let mut most = 0;
+        for b in 0..self.cache.batch() {
+            let sk = self.cache.seqlen(b);
+            // Per-sequence values shared by the heads of one kind.
+            let quest = self
+                .policy
+                .heads
+                .contains(&HeadPolicy::Quest)
+                .then(|| self.quest_selected_count(b));
+            for kvh in 0..self.cache.heads_kv() {
+                let n = match self.policy.heads[kvh] {
+                    HeadPolicy::Quest => quest.unwrap_or(0),
+                    HeadPolicy::Listed => self.lists.as_ref().map_or(0, |l| l.get(b, kvh).len()),
+                    HeadPolicy::Full | HeadPolicy::Streaming => {
+                        let mask = self.mask_of(kvh);
+                        (0..row_blocks)
+                            .map(|rb| {
+                                let r0 = rb * DECODE_ROWS_PER_BLOCK;
+                                let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
+                                let qi = r0 / group..(r1 - 1) / group + 1;
+                                mask.key_tiles(qi, self.q_len, sk, ps).count()
+                            })
+                            .max()
+                            .unwrap_or(0)
+                    }
+                };
+                most = most.max(n);
+            }
+        }
+        most
+    }
+
+    /// Pages the Quest selection keeps for sequence `b` (the count [`select_top`] takes:
+    /// `min(max(budget, #kept), #candidates)`), in closed form.
+    fn quest_selected_count(&self, b: usize) -> usize {
+        let cand = self.candidates(b);
+        let sink_pages = self.policy.quest.sink_pages;
+        let n_cand = cand.sink_pages + cand.window.len();
+        // Kept candidates: those below `sink_pages` (in the sink range or the window, which
+        // are disjoint), plus the newest page when it is a candidate not counted yet.
+        let below = cand.sink_pages.min(sink_pages)
+            + cand
+                .window
+                .end
+                .min(sink_pages)
+                .saturating_sub(cand.window.start);
+        let newest = cand
+            .newest
+            .is_some_and(|p| p >= sink_pages && (p < cand.sink_pages || cand.window.contains(&p)));
+        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        budget.max(below + usize::from(newest)).min(n_cand)
     }
 
     /// Bytes of K and V the kernels read (each selected page once per (sequence, kv head,
@@ -265,14 +334,7 @@ impl PagedDecode {
             for kvh in 0..self.cache.heads_kv() {
                 let pages = match self.policy.heads[kvh] {
                     HeadPolicy::Listed => lists.map_or(0, |l| l.get(b, kvh).len()),
-                    HeadPolicy::Quest => {
-                        let c = self.candidates(b);
-                        let n = c.iter().count();
-                        self.policy
-                            .quest
-                            .budget_pages(self.cache.page_size())
-                            .min(n)
-                    }
+                    HeadPolicy::Quest => self.quest_selected_count(b),
                     _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
                 };
                 tokens += pages * self.cache.page_size();
