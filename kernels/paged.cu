@@ -36,18 +36,6 @@ __device__ __forceinline__ void unpack8(const uint4 &raw, float (&f)[kVec]) {
   }
 }
 
-// A shared-memory vector load the compiler may not hoist out of the key loop: the decode
-// block's query rows (kRows x 8 floats per lane) would otherwise be kept in registers next to
-// the accumulators and spill.
-__device__ __forceinline__ float4 lds128_volatile(const float *ptr) {
-  float4 v;
-  const unsigned addr = (unsigned)__cvta_generic_to_shared(ptr);
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr));
-  return v;
-}
-
 __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys, int slot,
                                                  int kvh) {
   return (((long long)phys * c.page_size + slot) * c.heads_kv + kvh) * c.head_dim;
@@ -343,49 +331,60 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
 // the byte offset of (physical page, kv head) are staged in shared memory up front, in
 // chunks of kPageChunk pages, so no K/V load waits on a table lookup. K and V tiles of kN
 // keys stream through a kStages-deep cp.async ring (16-byte cp.async.cg, zero-fill past the
-// end / for channels >= head_dim);
-// all math reads shared memory, f32 in registers.
-//   q.k: warp w owns tile keys [w * kKW, (w + 1) * kKW); lane = (kq = lane % 8, part =
-//        lane / 8): the part owns vectors part + 4c of keys kq + 8i; two xor-shuffles sum the
-//        parts. Each warp keeps its own online-softmax state (m uniform over the warp, l per
-//        lane), so no block barrier is needed per tile besides the ring's.
-//   p.v: lane = (cv = lane % kVR, kg = lane / kVR) accumulates channels 8cv..8cv+7 of every
-//        row over the warp's keys kg + kKG * j (P goes through shared memory per warp).
-// Shared-memory rows are XOR-swizzled by 16-byte vector (vector v of tile key t lives at
-// v ^ (t & 7)), which makes both access patterns conflict-free. At the end the warps'
-// (m, l, acc) are merged through shared memory (aliasing the ring).
+// end / for channels >= head_dim). Shared-memory rows are XOR-swizzled by 16-byte vector
+// (vector v of tile key t lives at v ^ (t & 7)), so every ldmatrix below is conflict-free.
+//
+// The math runs on tensor cores (mma.sync m16n8k16, f32 accumulation), transposed so that
+// the block's <= 8 query rows are the n8 side: warp w owns the 16 tile keys of key group
+// kw = w % kKeyWarps and, per tile,
+//   S^T (16 keys x 8 rows)  = K (16 x DB, ldmatrix) . Q^T (DB x 8, B fragments in registers)
+//   O^T (kDH dims x 8 rows) += V^T (ldmatrix.trans) . P^T (16 keys x 8 rows)
+// where P^T's B fragment is the S^T accumulator packed to 16 bits and transposed per 8x8
+// (movmatrix). A lane holds keys g, g + 8 (g = lane / 4) of rows 2t, 2t + 1 (t = lane % 4), so
+// the online softmax of a row reduces over lanes xor 4, 8, 16. Each warp keeps its own
+// (m, l, O^T) state, so no block barrier is needed per tile besides the ring's; at the end the
+// key groups' states are merged through shared memory (aliasing the ring). For DB = 256 the
+// warps pair up (kDimSplit = 2): both warps of a key group compute the same S (identical
+// instructions on identical data, hence identical m and l) and each accumulates half of O's
+// channels, which keeps the tile at 16 KB of K and the accumulators at 32 registers.
+// Channels >= head_dim are zero in the ring and in q_s, so they add nothing to S. Q and K
+// enter the mma as stored (T); P is rounded to T for P.V, as in dense_mma.cu.
 constexpr int kPageChunk = 256;  // pages staged per refill
-static_assert(kRows == 8, "P is stored and read as two float4 per key");
+static_assert(kRows == 8, "the query rows are the n8 side of the mma");
 
 template <int DB>
 struct DecodeCfg {
   static constexpr int kVR = DB / kVec;                 // 16-byte vectors per key row
-  static constexpr int kN = DB <= 64 ? 64 : 32;         // keys per tile
-  static constexpr int kStages = DB <= 128 ? 4 : 3;     // cp.async ring depth
-  static constexpr int kMinBlocks = DB <= 128 ? 3 : 2;  // __launch_bounds__ blocks per SM
-  static constexpr int kKW = kN / kWarps;               // keys per warp per tile
-  static constexpr int kKPT = kKW / 8;                  // keys per lane in q.k
-  static constexpr int kVPP = kVR / 4;                  // vectors per part in q.k
-  static constexpr int kKG = 32 / kVR;                  // key groups per warp in p.v
-  static constexpr int kPVK = kKW / kKG;                // keys per lane in p.v
+  static constexpr int kDimSplit = DB > 128 ? 2 : 1;    // warps sharing a key group
+  static constexpr int kKeyWarps = kWarps / kDimSplit;  // key groups of 16 keys per tile
+  static constexpr int kN = 16 * kKeyWarps;             // keys per tile
+  static constexpr int kDH = DB / kDimSplit;            // O channels per warp
+  static constexpr int kQkSteps = DB / 16;              // k16 steps of S^T
+  static constexpr int kPvSteps = kDH / 16;             // m16 blocks of O^T
+  static constexpr int kStages = DB <= 64 ? 4 : 3;      // cp.async ring depth
+  // __launch_bounds__ blocks per SM (register cap 255). ptxas stays near 100 registers for
+  // DB = 64, so where shared memory allows 3 such blocks (sm_90) registers do too.
+  static constexpr int kMinBlocks = 2;
   static constexpr int kLoadKeys = kThreads / (kVR / 2);  // keys per loader pass (2 vectors each)
   static constexpr int kLPT = kN / kLoadKeys;             // loader passes per tile
   static constexpr int kTileElems = kN * DB;
-  static_assert(kVR >= 8 && kVR <= 32 && kKW % 8 == 0 && kKW % kKG == 0 && kN % kLoadKeys == 0,
-                "tile shape");
+  static_assert(kVR >= 8 && kVR <= 32 && kN % kLoadKeys == 0, "tile shape");
+  static_assert(kDH % 64 == 0 && DB % 64 == 0, "ldmatrix offsets: whole 8-vector swizzle rows");
   static_assert(kPageChunk >= kN + 1, "a tile's pages fit in one chunk (page size 1)");
-  // Shared memory layout (bytes): ring, q rows, P, key positions, page chunk, row bounds.
-  static constexpr size_t kRingBytes = (size_t)kStages * 2 * kTileElems * 2;
-  static constexpr size_t kMergeBytes = sizeof(float) * kWarps * kKG * kRows * DB;
+  // Shared memory layout (bytes): ring, q rows (T), key positions, page chunk, row bounds,
+  // per key group (m, l).
+  static constexpr size_t kTileBytes = (size_t)kTileElems * 2;
+  static constexpr size_t kRingBytes = (size_t)kStages * 2 * kTileBytes;
+  static constexpr size_t kMergeBytes = sizeof(float) * kKeyWarps * kRows * DB;
   static_assert(kMergeBytes <= kRingBytes, "the merge aliases the ring");
   static constexpr size_t kQOff = kRingBytes;
-  static constexpr size_t kPOff = kQOff + sizeof(float) * kRows * DB;
-  static constexpr size_t kKeyOff = kPOff + sizeof(float) * kWarps * kKW * kRows;
+  static constexpr size_t kKeyOff = kQOff + 2 * kRows * DB;
   static constexpr size_t kPageOff = kKeyOff + sizeof(int) * kStages * kN;  // byte offsets
   static constexpr size_t kKeyBaseOff = kPageOff + sizeof(long long) * kPageChunk;
   static constexpr size_t kBoundsOff = kKeyBaseOff + sizeof(int) * kPageChunk;  // lo, hi [kRows]
-  static constexpr size_t kMlOff = kBoundsOff + sizeof(int) * 2 * kRows;      // m, l [warps][rows]
-  static constexpr size_t kSmemBytes = kMlOff + sizeof(float) * 2 * kWarps * kRows;
+  static constexpr size_t kMlOff = kBoundsOff + sizeof(int) * 2 * kRows;  // m, l [groups][rows]
+  static constexpr size_t kSmemBytes = kMlOff + sizeof(float) * 2 * kKeyWarps * kRows;
+  static_assert(kPageOff % 8 == 0, "page offsets are 8-byte aligned");
 };
 
 // Exact u / d for u < 2^31 and 1 <= d < 2^31: m = ceil(2^(31+l) / d), l = ceil(log2 d),
@@ -404,29 +403,50 @@ struct FastDiv {
   }
 };
 
-__device__ __forceinline__ uint4 lds128(const void *ptr) {
-  return *reinterpret_cast<const uint4 *>(ptr);
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+// Transpose of an 8x8 16-bit matrix held as one m8n8 fragment (lane: row lane / 4, columns
+// 2 * (lane % 4), +1): afterwards the lane holds the same positions of the transpose.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// True on every lane if x is true on some lane of the (converged) warp.
+__device__ __forceinline__ bool warp_any(bool x) {
+  uint32_t r;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n vote.sync.any.pred q, p, 0xffffffff;\n"
+      " selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(r)
+      : "r"((uint32_t)x));
+  return r != 0;
 }
 
 template <typename T, int DB>
 __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
   using Cfg = DecodeCfg<DB>;
-  constexpr int kN = Cfg::kN, kStages = Cfg::kStages, kKW = Cfg::kKW, kKPT = Cfg::kKPT;
-  constexpr int kVR = Cfg::kVR, kVPP = Cfg::kVPP, kKG = Cfg::kKG, kPVK = Cfg::kPVK;
+  constexpr int kN = Cfg::kN, kStages = Cfg::kStages, kKeyWarps = Cfg::kKeyWarps;
+  constexpr int kVR = Cfg::kVR, kDH = Cfg::kDH, kQkSteps = Cfg::kQkSteps;
+  constexpr int kPvSteps = Cfg::kPvSteps;
   constexpr int kLoadKeys = Cfg::kLoadKeys, kLPT = Cfg::kLPT, kTileElems = Cfg::kTileElems;
   const LaPagedCache &c = p.cache;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T *ring = reinterpret_cast<T *>(smem_raw);
-  float *q_s = reinterpret_cast<float *>(smem_raw + Cfg::kQOff);
-  float *p_s = reinterpret_cast<float *>(smem_raw + Cfg::kPOff);
+  T *q_s = reinterpret_cast<T *>(smem_raw + Cfg::kQOff);
   int *keypos_s = reinterpret_cast<int *>(smem_raw + Cfg::kKeyOff);
   long long *page_s = reinterpret_cast<long long *>(smem_raw + Cfg::kPageOff);
   int *keybase_s = reinterpret_cast<int *>(smem_raw + Cfg::kKeyBaseOff);
   int *lo_s = reinterpret_cast<int *>(smem_raw + Cfg::kBoundsOff);
   int *hi_s = lo_s + kRows;
   float *m_s = reinterpret_cast<float *>(smem_raw + Cfg::kMlOff);
-  float *l_s = m_s + kWarps * kRows;
+  float *l_s = m_s + kKeyWarps * kRows;
   float *acc_s = reinterpret_cast<float *>(smem_raw);  // after the loop only
 
   const int d = c.head_dim, ps = c.page_size, dv = d / kVec;
@@ -438,27 +458,27 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   const int nrows = min(kRows, rows_total - row0);
   const int sq = p.q_len, sk = c.seqlens_k[b];
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t4 = lane % 4;  // fragment row group / thread in group
+  const int kw = warp % kKeyWarps, dh = warp / kKeyWarps;
 
   const int kind = p.head_kind != nullptr ? p.head_kind[kvh] : (int)LA_HEAD_FULL;
   const Mask mask = kind == LA_HEAD_STREAMING
                         ? Mask{p.streaming_window - 1, 0, p.streaming_sinks}
                         : Mask{p.window_left, p.window_right, p.sinks};
 
-  // Query rows -> f32 shared memory (zero past nrows and past head_dim); row rr is (query
+  // Query rows -> shared memory as T (zero past nrows and past head_dim); row rr is (query
   // position rr / group, head of the group rr % group). Per row, the visible keys are
   // [lo, hi] plus the sinks below hi (Mask::visible, with hi < sk folded in).
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   for (int e = tid; e < kRows * kVR; e += kThreads) {
     const int r = e / kVR, cv = e % kVR;
-    float f[kVec] = {};
+    uint4 raw = make_uint4(0u, 0u, 0u, 0u);
     if (r < nrows && cv < dv) {
       const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
-      unpack8<T>(*reinterpret_cast<const uint4 *>(q + qi * p.q_row_stride + h * p.q_head_stride +
-                                                  cv * kVec),
-                 f);
+      raw = *reinterpret_cast<const uint4 *>(q + qi * p.q_row_stride + h * p.q_head_stride +
+                                             cv * kVec);
     }
-#pragma unroll
-    for (int x = 0; x < kVec; ++x) q_s[r * DB + cv * kVec + x] = f[x];
+    *reinterpret_cast<uint4 *>(q_s + r * DB + cv * kVec) = raw;
   }
   if (tid < kRows) {
     const int qi = (row0 + min(tid, nrows - 1)) / group;
@@ -470,6 +490,17 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     lo_s[tid] = (int)lo;
     hi_s[tid] = (int)max(hi, -1ll);
   }
+  __syncthreads();
+  // Q^T as B fragments (k = channel, n = row): b0 = channels 16kk + 2t, +1 of row g, b1 the
+  // same 8 channels further. This lane's rows are 2t and 2t + 1.
+  uint32_t qf[kQkSteps][2];
+#pragma unroll
+  for (int kk = 0; kk < kQkSteps; ++kk) {
+    qf[kk][0] = *reinterpret_cast<const uint32_t *>(q_s + g * DB + 16 * kk + 2 * t4);
+    qf[kk][1] = *reinterpret_cast<const uint32_t *>(q_s + g * DB + 16 * kk + 8 + 2 * t4);
+  }
+  const int lo0 = lo_s[2 * t4], lo1 = lo_s[2 * t4 + 1];
+  const int hi0 = hi_s[2 * t4], hi1 = hi_s[2 * t4 + 1];
 
   // The block's work pages (same enumeration as Mask::key_tiles / the CPU path).
   const bool listed = kind == LA_HEAD_PAGES || kind == LA_HEAD_QUEST;
@@ -561,21 +592,37 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     mma::cp_async_commit();
   }
 
-  // Per-warp softmax state: m uniform over the warp, l per lane (lanes of part 0 sum their
-  // own keys' p), acc per p.v lane. Log2 units.
-  const int kq = lane % 8, part = lane / 8;
-  const int cv = lane % kVR, kg = lane / kVR;
-  float m[kRows], l[kRows], acc[kRows][kVec];
+  // Per-lane parts of the ldmatrix addresses (bytes) within a K or V tile:
+  //   K (A, x4):       key 16kw + lane % 16,                   chunk 2kk + lane / 16
+  //   V (A = V^T, x4.trans): key 16kw + lane % 8 + 8 (lane / 16), chunk 2i + (lane / 8) % 2
+  //                    (+ the warp's channel half)
+  // Both keys have low 3 bits lane % 8 and the swizzle only touches the low 3 bits of the
+  // chunk, so chunk c maps to 8 (c / 8) + ((c % 8) ^ lane % 8): four per-lane offsets
+  // (c % 8 = 2j + bit) plus compile-time immediates.
+  const int sw = lane & 7;
+  uint32_t k_off[4], v_off[4];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.0f;
-#pragma unroll
-    for (int x = 0; x < kVec; ++x) acc[r][x] = 0.0f;
+  for (int j = 0; j < 4; ++j) {
+    k_off[j] = ((16 * kw + (lane & 15)) * DB + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
+    v_off[j] = ((16 * kw + (lane & 7) + ((lane >> 4) << 3)) * DB + dh * kDH +
+                (((2 * j + ((lane >> 3) & 1)) ^ sw) << 3)) *
+               sizeof(T);
   }
-  const float score_scale = p.scale, softcap = p.softcap;
-  float *pw = p_s + warp * kKW * kRows;  // this warp's P [kKW][kRows]
+  constexpr uint32_t kChunk8Bytes = 64 * sizeof(T);  // 8 chunks of 8 elements
+  const uint32_t ring_base = mma::smem_addr(ring);
 
+  // Per-warp softmax state of this lane's rows 2t, 2t + 1: m (uniform over the lanes of a
+  // row), l (this lane's keys only, summed at the end), O^T accumulators (channel 16i + g
+  // (+8) of the warp's half, rows 2t, 2t + 1). Log2 units.
+  float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+  float acc[kPvSteps][4];
+#pragma unroll
+  for (int i = 0; i < kPvSteps; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+  const float score_scale = p.scale, softcap = p.softcap;
+
+#pragma unroll 1
   for (int tile = 0; tile < n_tiles; ++tile) {
     mma::cp_async_wait<kStages - 2>();  // this thread's copies of `tile` landed
     __syncthreads();  // everyone's copies visible; everyone done with the slot refilled next
@@ -583,156 +630,106 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     mma::cp_async_commit();  // always (possibly empty): keeps the group count per tile
 
     const int st = tile % kStages;
-    const T *ks = ring + (size_t)st * 2 * kTileElems;
-    const T *vs = ks + kTileElems;
-    const int *kp = keypos_s + st * kN;
-    const int tk0 = warp * kKW;  // first tile key of this warp
+    const uint32_t ks = ring_base + (uint32_t)(st * 2 * Cfg::kTileBytes);
+    const uint32_t vs = ks + (uint32_t)Cfg::kTileBytes;
+    const int *kp = keypos_s + st * kN + 16 * kw;
 
-    // q.k: partial dots over this lane's part, then the sum over the 4 parts.
-    float s[kKPT][kRows];
+    // S^T = K Q^T: c0, c1 = key g, rows 2t, 2t + 1; c2, c3 = key g + 8. Two accumulator
+    // chains (even / odd k16 steps) for latency.
+    float sa[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int i = 0; i < kKPT; ++i)
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) s[i][r] = 0.0f;
-#pragma unroll
-    for (int cc = 0; cc < kVPP; ++cc) {
-      const int v = part + 4 * cc;
-      float kf[kKPT][kVec];
-#pragma unroll
-      for (int i = 0; i < kKPT; ++i) {
-        const int tk = tk0 + kq + 8 * i;  // tk & 7 == kq
-        unpack8<T>(lds128(ks + tk * DB + ((v ^ kq) * kVec)), kf[i]);
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < nrows) {
-          const float4 qa = lds128_volatile(q_s + r * DB + v * kVec);
-          const float4 qb = lds128_volatile(q_s + r * DB + v * kVec + 4);
-          const float qv[kVec] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
-#pragma unroll
-          for (int i = 0; i < kKPT; ++i)
-#pragma unroll
-            for (int x = 0; x < kVec; ++x) s[i][r] = fmaf(qv[x], kf[i][x], s[i][r]);
-        }
-      }
+    for (int kk = 0; kk < kQkSteps; ++kk) {
+      uint32_t a[4];
+      mma::ldmatrix_x4(a, ks + k_off[kk % 4] + (kk / 4) * kChunk8Bytes);
+      if (kk % 2 == 0)
+        mma::Mma<T>::run(sa, a, qf[kk][0], qf[kk][1]);
+      else
+        mma::Mma<T>::run(sb, a, qf[kk][0], qf[kk][1]);
     }
-    int key[kKPT];
+    const int key0 = kp[g], key1 = kp[g + 8];
+    float x[4];
 #pragma unroll
-    for (int i = 0; i < kKPT; ++i) key[i] = kp[tk0 + kq + 8 * i];
-    float alpha[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      alpha[r] = 1.0f;
-      if (r < nrows) {
-        const int lo = lo_s[r], hi = hi_s[r];
-        float tmax = kNegInf;
-#pragma unroll
-        for (int i = 0; i < kKPT; ++i) {
-          float dot = s[i][r];
-          dot += __shfl_xor_sync(0xffffffffu, dot, 8);
-          dot += __shfl_xor_sync(0xffffffffu, dot, 16);
-          const int j = key[i];
-          float xs = kNegInf;
-          // Mask::visible with the row's bounds (j = -1 marks no key).
-          if (j >= 0 && j <= hi && (j >= lo || j < mask.sinks)) {
-            xs = dot * score_scale;
-            if (softcap > 0.0f) xs = softcap * tanhf(xs / softcap);
-            xs *= kLog2e;  // log2 units: exp2f is one MUFU op
-          }
-          s[i][r] = xs;
-          tmax = fmaxf(tmax, xs);
-        }
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
-        // Nothing visible yet keeps (m, l, acc) = (-inf, 0, 0): the factor is 1, p is 0.
-        const float m_new = fmaxf(m[r], tmax);
-        alpha[r] = rescale_factor(m[r], m_new);
-        m[r] = m_new;
-        l[r] *= alpha[r];
-#pragma unroll
-        for (int i = 0; i < kKPT; ++i) {
-          const float pr = s[i][r] == kNegInf ? 0.0f : exp2f(s[i][r] - m_new);
-          s[i][r] = pr;
-          if (part == 0) l[r] += pr;
-        }
+    for (int e = 0; e < 4; ++e) {
+      const int j = e < 2 ? key0 : key1;
+      const int lo = (e & 1) ? lo1 : lo0, hi = (e & 1) ? hi1 : hi0;
+      float xs = kNegInf;
+      // Mask::visible with the row's bounds (j = -1 marks no key).
+      if (j >= 0 && j <= hi && (j >= lo || j < mask.sinks)) {
+        xs = (sa[e] + sb[e]) * score_scale;
+        if (softcap > 0.0f) xs = softcap * tanhf(xs / softcap);
+        xs *= kLog2e;  // log2 units: exp2 is one MUFU op
       }
+      x[e] = xs;
     }
-    if (part == 0) {
+    float alpha[2], pr[4];
 #pragma unroll
-      for (int i = 0; i < kKPT; ++i) {
-        float4 *dst = reinterpret_cast<float4 *>(pw + (kq + 8 * i) * kRows);
-        dst[0] = make_float4(s[i][0], s[i][1], s[i][2], s[i][3]);
-        if (nrows > 4) dst[1] = make_float4(s[i][4], s[i][5], s[i][6], s[i][7]);
-      }
+    for (int r = 0; r < 2; ++r) {
+      float tmax = fmaxf(x[r], x[r + 2]);
+      tmax = fmaxf(tmax, mma::shfl_xor<4>(tmax));
+      tmax = fmaxf(tmax, mma::shfl_xor<8>(tmax));
+      tmax = fmaxf(tmax, mma::shfl_xor<16>(tmax));
+      // Nothing visible yet keeps (m, l, acc) = (-inf, 0, 0): the factor is 1, p is 0.
+      const float m_new = fmaxf(m[r], tmax);
+      alpha[r] = rescale_factor(m[r], m_new);
+      m[r] = m_new;
+      pr[r] = x[r] == kNegInf ? 0.0f : mma::fast_exp2(x[r] - m_new);
+      pr[r + 2] = x[r + 2] == kNegInf ? 0.0f : mma::fast_exp2(x[r + 2] - m_new);
+      l[r] = l[r] * alpha[r] + (pr[r] + pr[r + 2]);
     }
-    __syncwarp();
+    if (warp_any(alpha[0] != 1.0f || alpha[1] != 1.0f)) {  // rare once the row max settles
+#pragma unroll
+      for (int i = 0; i < kPvSteps; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] *= alpha[e & 1];
+    }
 
-    // p.v over the warp's keys kg + kKG * j.
+    // P^T as the B fragment (k = key, n = row): b0 = keys 2t, 2t + 1 of row g, b1 = keys
+    // 2t + 8, +9: the transposes of the 8x8 blocks (keys 0-7 | 8-15) x rows of S^T.
+    const uint32_t b0 = movmatrix_trans(pack2<T>(pr[0], pr[1]));
+    const uint32_t b1 = movmatrix_trans(pack2<T>(pr[2], pr[3]));
+    // O^T += V^T P^T over this warp's channel blocks.
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      if (r < nrows && alpha[r] != 1.0f) {  // warp-uniform; 1 once the row max settles
-#pragma unroll
-        for (int x = 0; x < kVec; ++x) acc[r][x] *= alpha[r];
-      }
+    for (int i = 0; i < kPvSteps; ++i) {
+      uint32_t a[4];
+      mma::ldmatrix_x4_trans(a, vs + v_off[i % 4] + (i / 4) * kChunk8Bytes);
+      mma::Mma<T>::run(acc[i], a, b0, b1);
     }
-#pragma unroll
-    for (int j = 0; j < kPVK; ++j) {
-      const int kw = kg + kKG * j, tk = tk0 + kw;
-      float vf[kVec];
-      unpack8<T>(lds128(vs + tk * DB + ((cv ^ (tk & 7)) * kVec)), vf);
-      const float4 pa = *reinterpret_cast<const float4 *>(pw + kw * kRows);
-      float pr[kRows] = {pa.x, pa.y, pa.z, pa.w, 0.0f, 0.0f, 0.0f, 0.0f};
-      if (nrows > 4) {
-        const float4 pb = *reinterpret_cast<const float4 *>(pw + kw * kRows + 4);
-        pr[4] = pb.x;
-        pr[5] = pb.y;
-        pr[6] = pb.z;
-        pr[7] = pb.w;
-      }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r < nrows) {
-#pragma unroll
-          for (int x = 0; x < kVec; ++x) acc[r][x] = fmaf(pr[r], vf[x], acc[r][x]);
-        }
-      }
-    }
-    __syncwarp();  // P read before the next tile overwrites it
   }
   mma::cp_async_wait<0>();  // only empty groups can remain; the ring is reused below
   __syncthreads();
 
-  // Merge the warps' states (the OnlineSoftmax / merge_weights algebra) and the p.v key
-  // groups (which share their warp's m).
+  // Merge the key groups' states (the OnlineSoftmax / merge_weights algebra). The two warps
+  // of a key group (kDimSplit = 2) hold the same (m, l); the first one publishes them.
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const float lw = warp_sum(l[r]);
-    if (lane == 0) {
-      m_s[warp * kRows + r] = m[r];
-      l_s[warp * kRows + r] = lw;
+  for (int r = 0; r < 2; ++r) {
+    l[r] += mma::shfl_xor<4>(l[r]);
+    l[r] += mma::shfl_xor<8>(l[r]);
+    l[r] += mma::shfl_xor<16>(l[r]);
+    if (dh == 0 && g == 0) {
+      m_s[kw * kRows + 2 * t4 + r] = m[r];
+      l_s[kw * kRows + 2 * t4 + r] = l[r];
     }
-#pragma unroll
-    for (int x = 0; x < kVec; ++x) acc_s[((warp * kKG + kg) * kRows + r) * DB + cv * kVec + x] = acc[r][x];
   }
+#pragma unroll
+  for (int i = 0; i < kPvSteps; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      acc_s[(kw * kRows + 2 * t4 + (e & 1)) * DB + dh * kDH + 16 * i + g + 8 * (e >> 1)] = acc[i][e];
   __syncthreads();
   T *o = static_cast<T *>(p.o) + (long long)b * p.o_batch_stride;
   for (int e = tid; e < nrows * d; e += kThreads) {
     const int r = e / d, ch = e % d;
     float m_all = kNegInf;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, m_s[w * kRows + r]);
+    for (int w = 0; w < kKeyWarps; ++w) m_all = fmaxf(m_all, m_s[w * kRows + r]);
     float l_all = 0.0f, a_all = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < kKeyWarps; ++w) {
       const float mw = m_s[w * kRows + r];
-      // An empty warp (m = -inf) contributes nothing; -inf - -inf would be NaN.
+      // An empty key group (m = -inf) contributes nothing; -inf - -inf would be NaN.
       const float f = mw == kNegInf ? 0.0f : exp2f(mw - m_all);
-      float a = 0.0f;
-#pragma unroll
-      for (int g = 0; g < kKG; ++g) a += acc_s[((w * kKG + g) * kRows + r) * DB + ch];
       l_all += f * l_s[w * kRows + r];
-      a_all += f * a;
+      a_all += f * acc_s[(w * kRows + r) * DB + ch];
     }
     const float out = l_all > 0.0f ? a_all / l_all : 0.0f;
     const float lse = lse_from_log2(m_all, l_all);
