@@ -1714,8 +1714,10 @@ mod gpu {
             got.0 == want.0 && got.1 == want.1,
             "plan append: cache differs"
         );
-        assert_eq!(got.2, want.2, "plan append: kmin differs");
-        assert_eq!(got.3, want.3, "plan append: kmax differs");
+        // Bitwise: pages no sequence uses keep their NaN poison in both runs.
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&got.2) == bits(&want.2), "plan append: kmin differs");
+        assert!(bits(&got.3) == bits(&want.3), "plan append: kmax differs");
     }
 
     #[test]
