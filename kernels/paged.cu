@@ -804,10 +804,18 @@ template <typename T, int DB>
 cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
   constexpr size_t smem = DecodeCfg<DB>::kSmemBytes;
   auto kernel = decode_kernel<T, DB>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  // Cards with ~99 KB per block (sm_86/sm_89) cannot hold the larger rings: say so plainly
+  // instead of failing the attribute call with "invalid argument".
+  int dev = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess)
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  // Ask for the largest shared-memory carveout so that kMinBlocks blocks fit per SM.
+  if (smem > (size_t)optin) return cudaErrorNotSupported;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  // Ask for the largest shared-memory carveout so that as many blocks as possible fit per SM
+  // (kMinBlocks on H100/H200; fewer on A100 for the 128 and 256 buckets).
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
