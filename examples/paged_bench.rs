@@ -297,6 +297,29 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             None,
         )
     })?;
+    // Optional split-count sweep of the full decode (PAGED_BENCH_SPLITS=8,33,66): tunes
+    // `splits_for` on a new card.
+    if let Ok(list) = std::env::var("PAGED_BENCH_SPLITS") {
+        for n in list
+            .split(',')
+            .filter_map(|x| x.trim().parse::<usize>().ok())
+        {
+            let mut plan = full.clone().with_splits(Some(n))?.plan_gpu(&stream)?;
+            let t = timer.time(|| {
+                plan.forward(
+                    Strided::new(&q, q_st),
+                    KvPages { k: &kc, v: &vc },
+                    None,
+                    Strided::new(&mut out, q_st),
+                    None,
+                )
+            })?;
+            println!(
+                "# split sweep b{b} s{s} p{page}: splits {n}: {:.4} ms (loop {:.4})",
+                t.ms, t.loop_ms
+            );
+        }
+    }
     // The per-call uploads alone (block table, seqlens, head kinds), for reference.
     let up_full = timer.time(|| {
         let _a = stream.clone_htod(cache.block_table())?;

@@ -232,9 +232,11 @@ impl PagedDecode {
         }
     }
 
-    /// Split count for the GPU: enough blocks to fill `sm_count` SMs about twice over, never
-    /// splits of fewer than [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`]. A forced
-    /// count ([`PagedDecode::with_splits`]) wins.
+    /// Split count for the GPU: about 1.5 blocks per SM (`sm_count`), never splits of fewer
+    /// than [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`]. A forced count
+    /// ([`PagedDecode::with_splits`]) wins. The 1.5 comes from a split sweep on an H200
+    /// (batch 1 x 64k/128k, 8 kv heads: 24 splits beat 33 by 5-7% and 16 or 48 splits), see
+    /// docs/perf-notes.md.
     ///
     /// Sparsity-aware: the keys that bound the split count are those of the largest block's
     /// *work list* ([`PagedDecode::max_block_work_pages`] pages), not the sequence length, so
@@ -247,7 +249,7 @@ impl PagedDecode {
         let rows = self.q_len * self.group();
         let blocks =
             self.cache.batch() * self.cache.heads_kv() * rows.div_ceil(DECODE_ROWS_PER_BLOCK);
-        let target = 2 * sm_count.max(1);
+        let target = (3 * sm_count.max(1)).div_ceil(2);
         if blocks >= target {
             return 1;
         }
