@@ -69,10 +69,6 @@ impl Window {
         let f = |v: Option<usize>| v.map_or(-1, |x| x as i64);
         (f(self.left), f(self.right))
     }
-
-    pub fn is_causal(self) -> bool {
-        self == Window::CAUSAL
-    }
 }
 
 /// A window plus `sinks` always-visible leading keys.
@@ -94,6 +90,7 @@ impl KeyTiles {
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.sink_tiles.clone().chain(self.window_tiles.clone())
     }
+    /// Number of tiles visited.
     pub fn count(&self) -> usize {
         self.sink_tiles.len() + self.window_tiles.len()
     }
