@@ -1,7 +1,7 @@
 //! GPU bandwidth of paged decode against a device-to-device copy measured in the same run.
 //! Prints one `BENCH {json}` line per case (scripts/bench_summary.py joins them with the
 //! PyTorch SDPA decode baseline of scripts/torch_decode_baseline.py) and a plain-text table
-//! with the issue's targets last.
+//! with the performance targets last.
 //!
 //! Shapes (decode step, q_len 1, 32 query heads / 8 kv heads, head_dim 128, bf16):
 //! batch 1 x 64k and 128k tokens, batch 64 x 1k and 8k tokens; page size 16 and 64. Each
@@ -48,7 +48,7 @@ const STREAM_SINKS: usize = 4;
 /// Host random chunk replicated on the device to fill the source buffer.
 const CHUNK: usize = 16 << 20;
 
-/// Issue targets.
+/// Performance targets of the paged family (docs/perf-notes.md).
 const FULL_FRAC_TARGET: f64 = 0.85;
 const QUEST_SPEEDUP_TARGET: f64 = 6.0;
 const SELECT_FRAC_TARGET: f64 = 0.15;
