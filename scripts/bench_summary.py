@@ -7,13 +7,13 @@
 2. Paged decode (rows with "gbs"): KV GB/s of longattn, its fraction of the device-to-device
    copy bandwidth measured in the same run, the ratio to the PyTorch baselines (SDPA,
    FlexAttention) over the same tokens, Quest's speedup over full decode and the selection's
-   share of the Quest time, and the issue's targets (examples/paged_bench.rs,
+   share of the Quest time, and the performance targets (examples/paged_bench.rs,
    torch_decode_baseline.py).
 """
 import json
 import sys
 
-# Issue targets for paged decode.
+# Performance targets for paged decode.
 FULL_FRAC_TARGET = 0.85  # full decode at batch 1 x 64k and batch 64 x 8k
 QUEST_SPEEDUP_TARGET = 6.0  # Quest top-2048 at 64k and 128k, vs full decode
 SELECT_FRAC_TARGET = 0.15  # selection share of the Quest decode time
