@@ -67,7 +67,7 @@ def dense_table():
 
 
 def target(r):
-    """The issue's check for a longattn paged row, or ''."""
+    """The target check for a longattn paged row, or ''."""
     name, b, s = r.get("name", ""), r.get("b"), r.get("s")
     if name.endswith("_full") and (b, s) in ((1, 65536), (64, 8192)):
         frac = r.get("frac_of_copy")

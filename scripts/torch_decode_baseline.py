@@ -117,7 +117,7 @@ def flex_cases(dev, timer, budget):
     except Exception as e:
         note(f"flex unavailable: {type(e).__name__}: {str(e)[:160]}")
         return
-    # The headline shapes first: the budget may run out.
+    # The headline shapes first: the budget may run out.
     order = [(1, 65536), (64, 8192), (1, 131072), (64, 1024)]
     for b, s in order:
         if time.time() - t0 > budget:
