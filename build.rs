@@ -20,6 +20,7 @@ fn main() {
         "LONGATTN_REQUIRE_CUDA",
         "LONGATTN_NO_CUDA",
         "LONGATTN_PTXAS_VERBOSE",
+        "LONGATTN_LINEINFO",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -94,7 +95,6 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
         "-O3",
         "-Xcompiler=-fPIC",
         "--threads=0",
-        "-lineinfo",
         "--expt-relaxed-constexpr",
         // A spill or local-memory use fails the build; LONGATTN_PTXAS_VERBOSE=1 prints the
         // full register/shared-memory report.
@@ -106,6 +106,11 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
     flags.push(format!("-I{}", include.display()));
     if env::var("LONGATTN_PTXAS_VERBOSE").is_ok_and(|v| v == "1") {
         flags.push("-Xptxas=-v".into());
+    }
+    // Source-line tables for profilers (about 2.5x larger device code); LONGATTN_LINEINFO=0
+    // drops them where binary size matters (the GPU-machine bundle).
+    if !env::var("LONGATTN_LINEINFO").is_ok_and(|v| v == "0") {
+        flags.push("-lineinfo".into());
     }
     for arch in archs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
         let digits = arch.trim_end_matches(|c: char| c.is_ascii_alphabetic());

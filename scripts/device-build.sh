@@ -9,6 +9,8 @@ export LONGATTN_REQUIRE_CUDA=1
 # travels must stay under 64 MiB). Set LONGATTN_CUDA_ARCHS=80,90a for an Ampere card.
 export LONGATTN_CUDA_ARCHS=${LONGATTN_CUDA_ARCHS:-90a}
 export CARGO_PROFILE_RELEASE_STRIP=symbols CARGO_PROFILE_BENCH_STRIP=symbols
+# No source-line tables in the device code: 2.5x smaller binaries (set 1 for ncu source views).
+export LONGATTN_LINEINFO=${LONGATTN_LINEINFO:-0}
 DIST=${DIST:-dist}
 rm -rf "$DIST"
 mkdir -p "$DIST/tests" "$DIST/benches" "$DIST/examples"
