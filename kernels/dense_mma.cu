@@ -375,29 +375,9 @@ cudaError_t launch_mma(const LaDenseParams &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class X> struct Tag { using type = X; };
-
-// The one dtype x head-dim switch: calls f(Tag<T>{}, Tag<Traits>{}), or returns false for a
-// configuration this kernel does not have.
 template <class F>
 bool with_config(const LaDenseParams &p, F &&f) {
-  switch (p.dtype) {
-    case LA_F16:
-      switch (p.head_dim) {
-        case 64: f(Tag<__half>{}, Tag<Traits64>{}); return true;
-        case 128: f(Tag<__half>{}, Tag<Traits128>{}); return true;
-        case 256: f(Tag<__half>{}, Tag<Traits256>{}); return true;
-      }
-      return false;
-    case LA_BF16:
-      switch (p.head_dim) {
-        case 64: f(Tag<__nv_bfloat16>{}, Tag<Traits64>{}); return true;
-        case 128: f(Tag<__nv_bfloat16>{}, Tag<Traits128>{}); return true;
-        case 256: f(Tag<__nv_bfloat16>{}, Tag<Traits256>{}); return true;
-      }
-      return false;
-    default: return false;
-  }
+  return with_head_dim_config<Traits64, Traits128, Traits256>(p, static_cast<F &&>(f));
 }
 
 }  // namespace
@@ -412,22 +392,8 @@ bool dense_mma_supports(const LaDenseParams &p) {
     kernel = reinterpret_cast<const void *>(dense_mma_kernel<T, Tr>);
   });
   if (!known) return false;
-  int dev = 0, major = 0, smem_optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-          cudaSuccess) {
-    cudaGetLastError();  // do not leave a stale error for the fallback launch to report
-    return false;
-  }
-  if (major < 8 || (size_t)smem_optin < smem) return false;
-  // The fatbinary holds sm_80 and sm_90a code only: check that this device can run it.
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return true;
+  // Ampere or newer; device_runs also checks that the sm_80/sm_90a fatbinary has code for it.
+  return device_runs(kernel, smem, [](int major, int) { return major >= 8; });
 }
 
 cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream) {

@@ -391,29 +391,9 @@ cudaError_t launch_wgmma(const LaDenseParams &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class X> struct Tag { using type = X; };
-
-// The one dtype x head-dim switch: calls f(Tag<T>{}, Tag<Traits>{}), or returns false for a
-// configuration this kernel does not have.
 template <class F>
 bool with_config(const LaDenseParams &p, F &&f) {
-  switch (p.dtype) {
-    case LA_F16:
-      switch (p.head_dim) {
-        case 64: f(Tag<__half>{}, Tag<Wg64>{}); return true;
-        case 128: f(Tag<__half>{}, Tag<Wg128>{}); return true;
-        case 256: f(Tag<__half>{}, Tag<Wg256>{}); return true;
-      }
-      return false;
-    case LA_BF16:
-      switch (p.head_dim) {
-        case 64: f(Tag<__nv_bfloat16>{}, Tag<Wg64>{}); return true;
-        case 128: f(Tag<__nv_bfloat16>{}, Tag<Wg128>{}); return true;
-        case 256: f(Tag<__nv_bfloat16>{}, Tag<Wg256>{}); return true;
-      }
-      return false;
-    default: return false;
-  }
+  return with_head_dim_config<Wg64, Wg128, Wg256>(p, static_cast<F &&>(f));
 }
 
 }  // namespace
@@ -428,24 +408,9 @@ bool dense_wgmma_supports(const LaDenseParams &p) {
     kernel = reinterpret_cast<const void *>(dense_wgmma_kernel<T, Tr>);
   });
   if (!known) return false;
-  int dev = 0, major = 0, minor = 0, smem_optin = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
-          cudaSuccess) {
-    cudaGetLastError();  // do not leave a stale error for the fallback launch to report
-    return false;
-  }
-  // sm_90a code runs on compute capability 9.0 only; other devices would load the empty
-  // sm_80 body.
-  if (major != 9 || minor != 0 || (size_t)smem_optin < smem) return false;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return true;
+  // sm_90a code runs on compute capability 9.0 only; other devices would load the
+  // empty sm_80 body.
+  return device_runs(kernel, smem, [](int major, int minor) { return major == 9 && minor == 0; });
 }
 
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream) {
