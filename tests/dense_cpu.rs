@@ -319,15 +319,7 @@ fn varlen_equals_per_sequence_calls() {
     let (hq, hkv, d) = (4, 2, 16);
     let lens_q = [3usize, 1, 0, 17, 8];
     let lens_k = [5usize, 1, 4, 17, 2];
-    let cu = |l: &[usize]| -> Vec<i32> {
-        std::iter::once(0)
-            .chain(l.iter().scan(0, |a, &x| {
-                *a += x as i32;
-                Some(*a)
-            }))
-            .collect()
-    };
-    let (cq, ck) = (cu(&lens_q), cu(&lens_k));
+    let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
     let (tq, tk) = (cq[5] as usize, ck[5] as usize);
     let mut r = rng(21);
     let q: Vec<f32> = random_vec(&mut r, tq * hq * d);

@@ -294,15 +294,7 @@ fn gpu_varlen_strided_and_untouched_padding() {
     for d in [64, 128] {
         let lens_q = [5usize, 1, 0, 130, 64];
         let lens_k = [7usize, 1, 9, 130, 3];
-        let cu = |l: &[usize]| -> Vec<i32> {
-            std::iter::once(0)
-                .chain(l.iter().scan(0, |a, &x| {
-                    *a += x as i32;
-                    Some(*a)
-                }))
-                .collect()
-        };
-        let (cq, ck) = (cu(&lens_q), cu(&lens_k));
+        let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
         let (tq, tk) = (cq[5] as usize, ck[5] as usize);
         let mut r = rng(d as u64);
         // Packed fused-QKV layout: per token [q heads | k heads | v heads], plus 8 padding

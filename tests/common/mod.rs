@@ -50,6 +50,16 @@ pub fn check_lse(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// Packed-batch offsets `[0, l0, l0 + l1, ...]` (length `lens.len() + 1`) of a varlen batch.
+pub fn cu_seqlens(lens: &[usize]) -> Vec<i32> {
+    std::iter::once(0)
+        .chain(lens.iter().scan(0, |acc, &l| {
+            *acc += l as i32;
+            Some(*acc)
+        }))
+        .collect()
+}
+
 pub fn to_f64<T: Element>(x: &[T]) -> Vec<f64> {
     x.iter().map(|v| v.to_f64()).collect()
 }
