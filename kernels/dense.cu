@@ -180,14 +180,8 @@ __global__ void __launch_bounds__(kSimtThreads)
 
 template <typename T, int kMaxDim>
 cudaError_t launch_simt(const LaDenseParams &p, cudaStream_t stream) {
-  const size_t smem = simt_smem_bytes(p.head_dim);
-  auto kernel = dense_simt_kernel<T, kMaxDim>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((p.seqlen_q + kSimtBlockM - 1) / kSimtBlockM, p.heads_q, p.batch);
-  kernel<<<grid, kSimtThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_query_tiles(dense_simt_kernel<T, kMaxDim>, simt_smem_bytes(p.head_dim),
+                            kSimtBlockM, kSimtThreads, p, stream);
 }
 
 template <typename T>

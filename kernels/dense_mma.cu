@@ -363,16 +363,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
 template <typename T, class Tr>
 cudaError_t launch_mma(const LaDenseParams &p, cudaStream_t stream) {
-  auto kernel = dense_mma_kernel<T, Tr>;
-  constexpr size_t smem = Tr::kSmemBytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_query_tiles(dense_mma_kernel<T, Tr>, Tr::kSmemBytes, Tr::kBlockM,
+                            Tr::kThreads, p, stream);
 }
 
 template <class F>
@@ -383,17 +375,13 @@ bool with_config(const LaDenseParams &p, F &&f) {
 }  // namespace
 
 bool dense_mma_supports(const LaDenseParams &p) {
-  size_t smem = 0;
-  const void *kernel = nullptr;
-  const bool known = with_config(p, [&](auto t, auto tr) {
-    using T = typename decltype(t)::type;
-    using Tr = typename decltype(tr)::type;
-    smem = Tr::kSmemBytes;
-    kernel = reinterpret_cast<const void *>(dense_mma_kernel<T, Tr>);
-  });
-  if (!known) return false;
+  const auto kernel_of = [](auto t, auto tr) {
+    return reinterpret_cast<const void *>(
+        dense_mma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
+  };
   // Ampere or newer; device_runs also checks that the sm_80/sm_90a fatbinary has code for it.
-  return device_runs(kernel, smem, [](int major, int) { return major >= 8; });
+  return tensor_core_supports<Traits64, Traits128, Traits256>(
+      p, kernel_of, [](int major, int) { return major >= 8; });
 }
 
 cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream) {

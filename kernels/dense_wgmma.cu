@@ -381,14 +381,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
 template <typename T, class Tr>
 cudaError_t launch_wgmma(const LaDenseParams &p, cudaStream_t stream) {
-  auto kernel = dense_wgmma_kernel<T, Tr>;
-  constexpr size_t smem = Tr::kSmemBytes;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_query_tiles(dense_wgmma_kernel<T, Tr>, Tr::kSmemBytes, Tr::kBlockM,
+                            Tr::kThreads, p, stream);
 }
 
 template <class F>
@@ -399,18 +393,14 @@ bool with_config(const LaDenseParams &p, F &&f) {
 }  // namespace
 
 bool dense_wgmma_supports(const LaDenseParams &p) {
-  size_t smem = 0;
-  const void *kernel = nullptr;
-  const bool known = with_config(p, [&](auto t, auto tr) {
-    using T = typename decltype(t)::type;
-    using Tr = typename decltype(tr)::type;
-    smem = Tr::kSmemBytes;
-    kernel = reinterpret_cast<const void *>(dense_wgmma_kernel<T, Tr>);
-  });
-  if (!known) return false;
+  const auto kernel_of = [](auto t, auto tr) {
+    return reinterpret_cast<const void *>(
+        dense_wgmma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
+  };
   // sm_90a code runs on compute capability 9.0 only; other devices would load the
   // empty sm_80 body.
-  return device_runs(kernel, smem, [](int major, int minor) { return major == 9 && minor == 0; });
+  return tensor_core_supports<Wg64, Wg128, Wg256>(
+      p, kernel_of, [](int major, int minor) { return major == 9 && minor == 0; });
 }
 
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream) {

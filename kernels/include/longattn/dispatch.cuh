@@ -65,4 +65,32 @@ cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream);
 // Hopper wgmma kernel (sm_90a code only): false unless the device is compute capability 9.0.
 bool dense_wgmma_supports(const LaDenseParams &p);
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
+// Whether a tensor-core kernel has a configuration for `p` that this device can run:
+// `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the compute
+// capabilities it accepts.
+template <class Traits64, class Traits128, class Traits256, class KernelOf, class CcOk>
+bool tensor_core_supports(const LaDenseParams &p, KernelOf &&kernel_of, CcOk &&cc_ok) {
+  size_t smem = 0;
+  const void *kernel = nullptr;
+  const bool known =
+      with_head_dim_config<Traits64, Traits128, Traits256>(p, [&](auto t, auto tr) {
+        smem = decltype(tr)::type::kSmemBytes;
+        kernel = kernel_of(t, tr);
+      });
+  return known && device_runs(kernel, smem, static_cast<CcOk &&>(cc_ok));
+}
+
+// Launches `kernel` over one block per (block_m query rows, query head, sequence) with
+// `smem` bytes of dynamic shared memory (the opt-in limit raised to it first).
+template <class Kernel>
+cudaError_t launch_query_tiles(Kernel kernel, size_t smem, int block_m, int threads,
+                               const LaDenseParams &p, cudaStream_t stream) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((p.seqlen_q + block_m - 1) / block_m, p.heads_q, p.batch);
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace longattn
