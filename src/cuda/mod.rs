@@ -32,6 +32,17 @@ use crate::{
 pub(crate) const ALIGN_BYTES: u64 = 16;
 
 #[cfg(longattn_cuda)]
+/// Checks a device pointer for the kernels' 16-byte vector loads.
+pub(crate) fn check_aligned(name: &str, ptr: u64) -> Result<()> {
+    if !ptr.is_multiple_of(ALIGN_BYTES) {
+        return Err(Error::Stride(format!(
+            "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(longattn_cuda)]
 /// Checks a device pointer and strides for the kernels' 16-byte vector loads.
 pub(crate) fn check_vector_access(
     name: &str,
@@ -39,11 +50,7 @@ pub(crate) fn check_vector_access(
     strides: &Strides,
     elem_bytes: usize,
 ) -> Result<()> {
-    if !ptr.is_multiple_of(ALIGN_BYTES) {
-        return Err(Error::Stride(format!(
-            "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
-        )));
-    }
+    check_aligned(name, ptr)?;
     let per_vec = ALIGN_BYTES as i64 / elem_bytes as i64;
     for (s, n) in [
         (strides.batch, "batch"),

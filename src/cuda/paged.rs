@@ -506,18 +506,11 @@ mod imp {
 #[cfg(longattn_cuda)]
 mod imp {
     use super::*;
-    use crate::cuda::{ALIGN_BYTES, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
+    use crate::cuda::{
+        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
+    };
     use crate::layout::Strides;
     use cudarc::driver::sys::CUdevice_attribute;
-
-    fn check_aligned(name: &str, ptr: u64) -> Result<()> {
-        if !ptr.is_multiple_of(ALIGN_BYTES) {
-            return Err(Error::Stride(format!(
-                "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
-            )));
-        }
-        Ok(())
-    }
 
     fn la_cache(cache: &PagedCache, k: u64, v: u64, bt: u64, sl: u64) -> ffi::LaPagedCache {
         ffi::LaPagedCache {
