@@ -165,6 +165,7 @@ where
         heads_kv: attn.heads_kv as i32,
         head_dim: attn.head_dim as i32,
         total_q: attn.total_q as i32,
+        total_k: attn.total_k as i32,
         window_left: window_left as i32,
         window_right: window_right as i32,
         sinks: attn.mask.sinks as i32,

@@ -45,8 +45,9 @@ typedef struct LaDenseParams {
   /* Fixed lengths, or the maximum over the batch with varlen. */
   int32_t seqlen_q, seqlen_k;
   int32_t heads_q, heads_kv, head_dim;
-  /* Total packed query rows (varlen LSE row stride); seqlen_q otherwise. */
-  int32_t total_q;
+  /* Total packed query / key rows with varlen (the LSE row stride, and the row extents the
+   * Hopper kernel's tensor maps cover); seqlen_q / seqlen_k otherwise. */
+  int32_t total_q, total_k;
 
   /* Mask: window (-1 = unbounded side) plus `sinks` leading keys, causal-clipped. */
   int32_t window_left, window_right, sinks;
