@@ -77,6 +77,8 @@ struct WgTraits {
   static_assert(kSmemBytes <= 232448, "fits the 227 KB a Hopper block may opt in to");
   static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536,
                 "the register budgets fit the register file");
+  static_assert(kStagingBarrier >= kTurnBarrier + kConsumers && kStagingBarrier + kConsumers <= 16,
+                "distinct named barrier ids, at most 16");
 };
 
 using Wg64 = WgTraits<64, 128, 4>;    // 145 KB shared
