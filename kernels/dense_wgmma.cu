@@ -68,7 +68,7 @@ struct WgTraits {
   static constexpr uint32_t kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr size_t kSmemBytes = (size_t)kBarrierOffset + kBarrierBytes + 1024;
 
-  static_assert(kHeadDim % 64 == 0, "the head dim is split into 64-element swizzle panels");
+  static_assert(kPanels * 64 == kHeadDim, "the head dim is split into 64-element swizzle panels");
   static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "the key tile is the n of S = Q K^T");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "a TMA box has at most 256 rows");
   static_assert((64 * kChunksPerRow) % 128 == 0, "O write-back is whole passes per consumer");
