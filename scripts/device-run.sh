@@ -42,7 +42,9 @@ step tour 90 "$HERE/examples/tour"
 BENCH_ARGS=()
 [ "$QUICK" = "--quick" ] && BENCH_ARGS=(--quick)
 step gpu_bench 150 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
-[ -x "$HERE/examples/paged_bench" ] && step paged_bench 90 "$HERE/examples/paged_bench"
+# The split sweep re-tunes splits_for (printed as "# split sweep" lines in the log).
+[ -x "$HERE/examples/paged_bench" ] && step paged_bench 120 env PAGED_BENCH_SPLITS=16,24,33,48,66 \
+  "$HERE/examples/paged_bench"
 step torch_baseline 200 python3 "$HERE/torch_baseline.py" --budget 100 "${BENCH_ARGS[@]}"
 [ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 120 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
