@@ -7,6 +7,8 @@
 // the math reads shared memory (see "decode" below). Split-KV divides the block's page list
 // into num_splits contiguous parts (blockIdx.x) whose (o, lse) a merge kernel combines.
 
+#include <atomic>
+
 #include "longattn/common.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/paged.h"
@@ -745,35 +747,129 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   }
 }
 
-// One warp per (b, h, qi) row merges the num_splits partial results.
+// Merge of the split partials, one block of kWarps warps per (b, h, qi) row: warp w
+// accumulates splits w, w + kWarps, ... with lane owning the float4 channel vectors lane and
+// lane + 32 of o_partial ([num_splits, batch, heads_q, q_len, head_dim]). Every load of a
+// batch of kMergeBatch splits is issued before any is used, and the first batch before the
+// row's max and weight sum are known, so the row costs about two memory round trips instead
+// of one per split. Weights exp(lse_s - max) (an empty split, lse = -inf, weighs 0); o =
+// sum_s w_s o_s / sum_s w_s and lse = max + ln(sum_s w_s), or o = 0 and lse = -inf for a row
+// no split saw (the merge_weights algebra of src/softmax.rs applied to all splits at once).
+constexpr int kMergeBatch = 8;                 // splits per warp in flight together
+constexpr int kMergeLaneVecs = kMaxDim / 128;  // float4 vectors per lane (d <= kMaxDim)
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) split_merge_kernel(const __grid_constant__ LaPagedDecodeParams p) {
   const LaPagedCache &c = p.cache;
   const long long rows = (long long)c.batch * p.heads_q * p.q_len;
-  const long long row = (long long)blockIdx.x * kWarps + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32, d = c.head_dim;
-  float m_all = kNegInf;
-  for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, p.lse_partial[s * rows + row]);
+  const long long row = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n_splits = p.num_splits, vecs = c.head_dim / 4;
+  __shared__ float warp_red[kWarps];
+  __shared__ float4 warp_acc[kWarps - 1][kMaxDim / 4];
+  const float *lse_part = p.lse_partial + row;  // split s at s * rows
+  const float4 *o_part = reinterpret_cast<const float4 *>(p.o_partial + row * c.head_dim);
+  const long long split_vecs = rows * vecs;  // float4 stride between splits
+
+  // Loads the o vectors of this warp's splits s0 + kWarps * j (zero past the last split and
+  // past head_dim).
+  float4 batch[kMergeBatch][kMergeLaneVecs];
+  auto load_batch = [&](int s0) {
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const int s = s0 + kWarps * j;
+#pragma unroll
+      for (int x = 0; x < kMergeLaneVecs; ++x) {
+        const int v = lane + 32 * x;
+        batch[j][x] = s < n_splits && v < vecs ? o_part[s * split_vecs + v]
+                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+    }
+  };
+  load_batch(warp);
+
+  // Row max, then weight sum, over all splits (block reductions).
+  auto block_reduce = [&](float x, bool is_max) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = is_max ? fmaxf(x, y) : x + y;
+    }
+    if (lane == 0) warp_red[warp] = x;
+    __syncthreads();
+    float all = warp_red[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) all = is_max ? fmaxf(all, warp_red[w]) : all + warp_red[w];
+    __syncthreads();  // warp_red is reused by the next reduction
+    return all;
+  };
+  float m = kNegInf;
+  for (int s = tid; s < n_splits; s += kThreads) m = fmaxf(m, lse_part[s * rows]);
+  m = block_reduce(m, true);
+  auto weight = [&](int s) {
+    const float ls = lse_part[s * rows];
+    return ls == kNegInf ? 0.0f : expf(ls - m);
+  };
   float wsum = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float ls = p.lse_partial[s * rows + row];
-    wsum += ls == kNegInf ? 0.0f : expf(ls - m_all);
+  for (int s = tid; s < n_splits; s += kThreads) wsum += weight(s);
+  wsum = block_reduce(wsum, false);
+
+  float4 acc[kMergeLaneVecs];
+#pragma unroll
+  for (int x = 0; x < kMergeLaneVecs; ++x) acc[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  auto add_batch = [&](int s0) {
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const int s = s0 + kWarps * j;
+      if (s >= n_splits) break;
+      const float w = weight(s);
+#pragma unroll
+      for (int x = 0; x < kMergeLaneVecs; ++x) {
+        acc[x].x += w * batch[j][x].x;
+        acc[x].y += w * batch[j][x].y;
+        acc[x].z += w * batch[j][x].z;
+        acc[x].w += w * batch[j][x].w;
+      }
+    }
+  };
+  add_batch(warp);
+  for (int s0 = warp + kWarps * kMergeBatch; s0 < n_splits; s0 += kWarps * kMergeBatch) {
+    load_batch(s0);
+    add_batch(s0);
   }
+
+  // Warps 1.. hand their sums to warp 0, which writes o and lse.
+  if (warp > 0) {
+#pragma unroll
+    for (int x = 0; x < kMergeLaneVecs; ++x)
+      if (lane + 32 * x < vecs) warp_acc[warp - 1][lane + 32 * x] = acc[x];
+  }
+  __syncthreads();
+  if (warp > 0) return;
   const int qi = (int)(row % p.q_len);
   const int h = (int)((row / p.q_len) % p.heads_q);
   const long long b = row / ((long long)p.q_len * p.heads_q);
   T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + qi * p.o_row_stride + h * p.o_head_stride;
-  for (int ch = lane; ch < d; ch += 32) {
-    float a = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float ls = p.lse_partial[s * rows + row];
-      if (ls != kNegInf) a += expf(ls - m_all) * p.o_partial[(s * rows + row) * d + ch];
+  using Pair = typename Elem<T>::Pair;
+  const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+#pragma unroll
+  for (int x = 0; x < kMergeLaneVecs; ++x) {
+    const int v = lane + 32 * x;
+    if (v >= vecs) continue;
+    float4 a = acc[x];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 y = warp_acc[w - 1][v];
+      a.x += y.x;
+      a.y += y.y;
+      a.z += y.z;
+      a.w += y.w;
     }
-    o[ch] = Elem<T>::from_float(wsum > 0.0f ? a / wsum : 0.0f);
+    Pair *dst = reinterpret_cast<Pair *>(o + 4 * v);  // 8-byte aligned: strides are multiples of 8
+    dst[0] = Elem<T>::from_float2(make_float2(a.x * inv, a.y * inv));
+    dst[1] = Elem<T>::from_float2(make_float2(a.z * inv, a.w * inv));
   }
-  if (lane == 0 && p.lse != nullptr)
-    p.lse[row] = wsum > 0.0f ? m_all + logf(wsum) : kNegInf;
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = wsum > 0.0f ? m + logf(wsum) : kNegInf;
 }
 
 bool dims_ok(const LaPagedCache &c) {
@@ -800,18 +896,37 @@ cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// Devices whose decode launch attributes are remembered (higher ordinals set them per call).
+constexpr int kMaxCachedDevices = 64;
+enum KernelSetup : int { kSetupPending = 0, kSetupDone = 1, kSetupTooLarge = 2 };
+
+// One-time (per instantiation and device) preparation of a decode kernel: checks the card's
+// opt-in shared memory per block and sets the kernel's dynamic shared-memory size and
+// carveout. The attribute calls are idempotent, so two threads racing on a device's first
+// launch both set the same values; the result is published with release/acquire.
 template <typename T, int DB>
-cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
+cudaError_t prepare_decode_kernel() {
   constexpr size_t smem = DecodeCfg<DB>::kSmemBytes;
-  auto kernel = decode_kernel<T, DB>;
+  static std::atomic<int> setup[kMaxCachedDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxCachedDevices;
+  if (cached) {
+    const int state = setup[dev].load(std::memory_order_acquire);
+    if (state == kSetupDone) return cudaSuccess;
+    if (state == kSetupTooLarge) return cudaErrorNotSupported;
+  }
   // Cards with ~99 KB per block (sm_86/sm_89) cannot hold the larger rings: say so plainly
   // instead of failing the attribute call with "invalid argument".
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  if (smem > (size_t)optin) return cudaErrorNotSupported;
+  if (smem > (size_t)optin) {
+    if (cached) setup[dev].store(kSetupTooLarge, std::memory_order_release);
+    return cudaErrorNotSupported;
+  }
+  auto kernel = decode_kernel<T, DB>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as possible fit per SM
@@ -819,7 +934,15 @@ cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaSt
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  if (cached) setup[dev].store(kSetupDone, std::memory_order_release);
+  return cudaSuccess;
+}
+
+template <typename T, int DB>
+cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
+  const cudaError_t err = prepare_decode_kernel<T, DB>();
+  if (err != cudaSuccess) return err;
+  decode_kernel<T, DB><<<grid, kThreads, DecodeCfg<DB>::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -836,9 +959,8 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
                                : launch_decode_kernel<T, 256>(p, grid, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const long long merge_rows = (long long)p.cache.batch * p.heads_q * p.q_len;
-  const long long blocks = (merge_rows + kWarps - 1) / kWarps;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  split_merge_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(p);
+  if (merge_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  split_merge_kernel<T><<<(unsigned)merge_rows, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
