@@ -38,6 +38,16 @@ __device__ __forceinline__ void unpack8(const uint4 &raw, float (&f)[kVec]) {
   }
 }
 
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&f)[kVec]) {
+  using Pair = typename Elem<T>::Pair;
+  uint4 raw;
+  Pair *pairs = reinterpret_cast<Pair *>(&raw);
+#pragma unroll
+  for (int x = 0; x < kVec / 2; ++x) pairs[x] = Elem<T>::from_float2(make_float2(f[2 * x], f[2 * x + 1]));
+  return raw;
+}
+
 __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys, int slot,
                                                  int kvh) {
   return (((long long)phys * c.page_size + slot) * c.heads_kv + kvh) * c.head_dim;
@@ -91,30 +101,24 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
       }
     }
     if (p.kmin == nullptr) continue;
+    // Bounds are stored as T: the min/max of T values is a T value, so nothing is rounded.
     const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
-    float4 *kmin = reinterpret_cast<float4 *>(p.kmin + m_off);
-    float4 *kmax = reinterpret_cast<float4 *>(p.kmax + m_off);
+    uint4 *kmin = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmin) + m_off);
+    uint4 *kmax = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmax) + m_off);
     if (s0 > 0) {
       // The page already holds slots 0..s0: widen its bounds. (s0 == 0 restarts the page,
       // which is how a reused page drops the bounds of its previous owner.)
+      float a[kVec], z[kVec];
+      unpack8<T>(*kmin, a);
+      unpack8<T>(*kmax, z);
 #pragma unroll
-      for (int x = 0; x < kVec / 4; ++x) {
-        const float4 a = kmin[x], z = kmax[x];
-        mn[4 * x] = fminf(mn[4 * x], a.x);
-        mn[4 * x + 1] = fminf(mn[4 * x + 1], a.y);
-        mn[4 * x + 2] = fminf(mn[4 * x + 2], a.z);
-        mn[4 * x + 3] = fminf(mn[4 * x + 3], a.w);
-        mx[4 * x] = fmaxf(mx[4 * x], z.x);
-        mx[4 * x + 1] = fmaxf(mx[4 * x + 1], z.y);
-        mx[4 * x + 2] = fmaxf(mx[4 * x + 2], z.z);
-        mx[4 * x + 3] = fmaxf(mx[4 * x + 3], z.w);
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], a[x]);
+        mx[x] = fmaxf(mx[x], z[x]);
       }
     }
-#pragma unroll
-    for (int x = 0; x < kVec / 4; ++x) {
-      kmin[x] = make_float4(mn[4 * x], mn[4 * x + 1], mn[4 * x + 2], mn[4 * x + 3]);
-      kmax[x] = make_float4(mx[4 * x], mx[4 * x + 1], mx[4 * x + 2], mx[4 * x + 3]);
-    }
+    *kmin = pack8<T>(mn);
+    *kmax = pack8<T>(mx);
   }
 }
 
@@ -141,6 +145,16 @@ struct QuestCandidates {
   }
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
+
+// Four consecutive elements (8-byte aligned) as floats.
+template <typename T>
+__device__ __forceinline__ float4 load4(const T *src) {
+  using Pair = typename Elem<T>::Pair;
+  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
+  const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+  const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
 // kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
@@ -173,6 +187,7 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   if (pg0 >= pg_end) return;
 
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
@@ -197,8 +212,8 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
         const int ch = 4 * lane + 128 * x;
         lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (ch < d) {
-          lo[x] = *reinterpret_cast<const float4 *>(p.kmin + m_off + ch);
-          hi[x] = *reinterpret_cast<const float4 *>(p.kmax + m_off + ch);
+          lo[x] = load4<T>(kmin + m_off + ch);
+          hi[x] = load4<T>(kmax + m_off + ch);
         }
       }
       float best = scores[pg];

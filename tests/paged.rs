@@ -28,8 +28,8 @@ struct Scenario<T> {
     cache: PagedCache,
     k_cache: Vec<T>,
     v_cache: Vec<T>,
-    kmin: Vec<f32>,
-    kmax: Vec<f32>,
+    kmin: Vec<T>,
+    kmax: Vec<T>,
     k_tokens: Vec<Vec<T>>,
     v_tokens: Vec<Vec<T>>,
 }
@@ -84,8 +84,8 @@ fn scenario<T: Element>(
     // and bounds must be restarted (not widened) when a page starts.
     let mut k_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
     let mut v_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
-    let mut kmin = vec![0.5f32; layout.meta_len()];
-    let mut kmax = vec![-0.5f32; layout.meta_len()];
+    let mut kmin = vec![T::from_f32(0.5); layout.meta_len()];
+    let mut kmax = vec![T::from_f32(-0.5); layout.meta_len()];
     // Append schedule: first chunk up to 37 tokens, then steps of 1..=3.
     let mut done = vec![0usize; seqlens.len()];
     loop {
@@ -170,7 +170,7 @@ impl<T: Element> Scenario<T> {
             v: &self.v_cache,
         }
     }
-    fn meta(&self) -> PageMeta<&[f32]> {
+    fn meta(&self) -> PageMeta<&[T]> {
         PageMeta {
             kmin: &self.kmin,
             kmax: &self.kmax,
@@ -1266,12 +1266,12 @@ mod gpu {
             let row = hkv * d;
             let mut cpu_k = garbage.clone();
             let mut cpu_v = garbage.clone();
-            let mut cpu_min = vec![0.0f32; layout.meta_len()];
-            let mut cpu_max = vec![0.0f32; layout.meta_len()];
+            let mut cpu_min = vec![bf16::ZERO; layout.meta_len()];
+            let mut cpu_max = vec![bf16::ZERO; layout.meta_len()];
             let mut kd = up(&s, &garbage);
             let mut vd = up(&s, &garbage);
-            let mut mind = up(&s, &vec![f32::NAN; layout.meta_len()]);
-            let mut maxd = up(&s, &vec![f32::NAN; layout.meta_len()]);
+            let mut mind = up(&s, &vec![bf16::NAN; layout.meta_len()]);
+            let mut maxd = up(&s, &vec![bf16::NAN; layout.meta_len()]);
             for step in 0..2 {
                 let upto: Vec<usize> = seqlens
                     .iter()
@@ -1506,8 +1506,8 @@ mod gpu {
     struct GpuBufs<T> {
         k: CudaSlice<T>,
         v: CudaSlice<T>,
-        kmin: CudaSlice<f32>,
-        kmax: CudaSlice<f32>,
+        kmin: CudaSlice<T>,
+        kmax: CudaSlice<T>,
     }
 
     fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &str) {
@@ -1676,7 +1676,7 @@ mod gpu {
         }
         let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
         let st = Strides::contiguous(1, hkv, d);
-        let nan = vec![f32::NAN; layout.meta_len()];
+        let nan = vec![bf16::NAN; layout.meta_len()];
         let run = |plan: Option<&mut PagedDecodePlan>| {
             let (mut k, mut v) = (up(&s, &garbage), up(&s, &garbage));
             let (mut lo, mut hi) = (up(&s, &nan), up(&s, &nan));
@@ -1715,7 +1715,7 @@ mod gpu {
             "plan append: cache differs"
         );
         // Bitwise: pages no sequence uses keep their NaN poison in both runs.
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert!(bits(&got.2) == bits(&want.2), "plan append: kmin differs");
         assert!(bits(&got.3) == bits(&want.3), "plan append: kmax differs");
     }
