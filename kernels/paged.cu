@@ -129,14 +129,6 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Unique 64-bit selection key: kept pages above every score, then score, then lower page
-// index first. 0 marks a page that is not a candidate.
-__device__ __forceinline__ uint64_t select_key(bool candidate, bool kept, float score, int page) {
-  if (!candidate) return 0;
-  const uint64_t hi = kept ? 0xffffffffull : (uint64_t)ordered_bits(score);
-  return (hi << 32) | (uint64_t)(0xffffffffu - (uint32_t)page);
-}
-
 struct QuestCandidates {
   int sink_pages, first, last;  // candidates: [0, sink_pages) and [first, last)
   int newest;                   // page of the newest token, -1 if none
@@ -236,21 +228,39 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   }
 }
 
-// Selection, grid (heads_kv, batch): one block per (sequence, kv head) of a Quest head, on
-// the scores of quest_score_kernel. An 8-pass radix select over the unique 64-bit keys finds
-// the K-th largest key and a block scan writes the selected pages in ascending order.
-template <typename T>
-__global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+// Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
+// a Quest head, on the scores of quest_score_kernel. The order is: kept pages, then higher
+// score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
+// every kept page is taken and the other candidates ("ranked" pages) compete for the
+// take_ranked = k_sel - #kept remaining places:
+// 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
+//    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
+//    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
+//    and of those at kth the ties_taken lowest page indices. Histograms are counted with
+//    one shared atomic per distinct digit per warp (__match_any_sync).
+// 2. Compaction in ascending page order: thread t owns the contiguous pages [t * per,
+//    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
+//    gives each taken page its output position: #taken non-ties before it plus
+//    min(#ties before it, ties_taken).
+// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
+// tokens at page 16) and recomputed from the scores (L2) otherwise.
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kStagedPages = 8192;  // 32 KB of keys
+static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
+
+__global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
   const LaPagedCache &c = p.cache;
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   const float *scores = p.scores + row_base;
   if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
-  __shared__ int hist[256];
-  __shared__ unsigned long long sel_prefix;
+  __shared__ uint32_t keys_s[kStagedPages];
+  __shared__ int hist[2][256];
+  __shared__ uint32_t sel_prefix;
   __shared__ int sel_remaining;
-  __shared__ int warp_base[kQuestWarps];
+  __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
 
   const int ps = c.page_size, sk = c.seqlens_k[b];
   const Mask mask{p.window_left, p.window_right, p.sinks};
@@ -265,33 +275,46 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
   if (cand.newest >= p.sink_pages && cand.contains(cand.newest)) ++n_kept;
   const int n_cand = cand.count();
   const int k_sel = min(max(p.budget_pages, n_kept), n_cand);
+  const int n_ranked = n_cand - n_kept, take_ranked = k_sel - n_kept;
   auto kept = [&](int pg) { return pg < p.sink_pages || pg == cand.newest; };
-  auto key_of = [&](int pg) {
-    return select_key(cand.contains(pg), kept(pg), scores[pg], pg);
-  };
+  // Only a partial take of the ranked pages needs their keys (uniform over the block).
+  const bool partial = take_ranked > 0 && take_ranked < n_ranked;
+  const bool staged = n_pages <= kStagedPages;
+  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
 
-  // Radix select of the k_sel-th largest key (keys are unique, so exactly k_sel keys are
-  // >= it). Every candidate is taken when k_sel == n_cand.
-  unsigned long long kth = 1;
-  if (k_sel < n_cand) {
-    unsigned long long prefix = 0, prefix_mask = 0;
-    int remaining = k_sel;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-      __syncthreads();  // scores written; previous pass's readers of hist done
-      for (int x = tid; x < 256; x += kQuestThreads) hist[x] = 0;
-      __syncthreads();
-      for (int pg = tid; pg < n_pages; pg += kQuestThreads) {
-        const unsigned long long key = key_of(pg);
-        if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1);
+  uint32_t kth = 0;
+  int ties_taken = 0;
+  if (partial) {
+    if (staged)
+      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
+    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
+    __syncthreads();  // keys staged, histograms cleared
+    uint32_t prefix = 0, prefix_mask = 0;
+    int remaining = take_ranked;
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      int *h = hist[pass & 1];
+      for (int base = 0; base < n_pages; base += kSelectThreads) {
+        const int pg = base + tid;
+        uint32_t digit = 256;  // not counted
+        if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
+          const uint32_t key = key_of(pg);
+          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
       }
-      __syncthreads();
+      __syncthreads();  // histogram complete
+      // Clear the next pass's histogram: its last reader, the previous pass's digit search,
+      // finished before the previous pass's final barrier.
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
       if (warp == 0) {
-        // Digit search from 255 down (first digit whose running count reaches `remaining`,
-        // else 0), as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
+        // Digit search from 255 down (first digit whose running count reaches `remaining`),
+        // as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
         int cnt[8], own = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          cnt[k] = hist[255 - 8 * lane - k];
+          cnt[k] = h[255 - 8 * lane - k];
           own += cnt[k];
         }
         int incl = own;
@@ -310,35 +333,74 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
             cum += cnt[k];
           }
           sel_remaining = remaining - cum;
-          sel_prefix = prefix | ((unsigned long long)digit << shift);
+          sel_prefix = prefix | ((uint32_t)digit << shift);
         }
       }
       __syncthreads();
       remaining = sel_remaining;
       prefix = sel_prefix;
-      prefix_mask |= 0xffull << shift;
+      prefix_mask |= 0xffu << shift;
     }
     kth = prefix;
+    ties_taken = remaining;
   }
 
-  // Compaction in ascending page order: ballot within warps, warp offsets through smem.
-  int base = 0;
-  __syncthreads();
-  for (int p0 = 0; p0 < n_pages; p0 += kQuestThreads) {
-    const int pg = p0 + tid;
-    const bool take = pg < n_pages && key_of(pg) >= kth && key_of(pg) != 0;
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    if (lane == 0) warp_base[warp] = __popc(ballot);
-    __syncthreads();
-    int offset = base;
-    for (int w = 0; w < warp; ++w) offset += warp_base[w];
-    int total = 0;
-    for (int w = 0; w < kQuestWarps; ++w) total += warp_base[w];
-    if (take) p.page_list[row_base + offset + __popc(ballot & ((1u << lane) - 1u))] = pg;
-    base += total;
-    __syncthreads();
+  // Per page: taken outright (kept, or ranked above the threshold / every ranked page when
+  // all are taken) or a tie at the threshold.
+  auto classify = [&](int pg, bool &taken, bool &tie) {
+    taken = tie = false;
+    if (!cand.contains(pg)) return;
+    if (kept(pg)) {
+      taken = true;
+    } else if (!partial) {
+      taken = take_ranked > 0;
+    } else {
+      const uint32_t key = key_of(pg);
+      taken = key > kth;
+      tie = key == kth;
+    }
+  };
+  const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
+  const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
+  uint32_t n_taken = 0, n_tie = 0;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    n_taken += taken;
+    n_tie += tie;
   }
-  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = base;
+  // Exclusive block scan of both counts: warp scans, then every warp scans the warp totals
+  // and takes its own offset.
+  auto warp_incl_scan = [&](uint32_t x) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    return x;
+  };
+  const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
+  if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
+  __syncthreads();
+  const uint2 total = warp_total[lane];  // kSelectWarps == 32: lane L reads warp L's
+  const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
+  const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
+  uint32_t taken_before =
+      __shfl_sync(0xffffffffu, taken_warps, warp) + taken_incl - n_taken;
+  int tie_before = (int)(__shfl_sync(0xffffffffu, tie_warps, warp) + tie_incl - n_tie);
+  int32_t *out = p.page_list + row_base;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    if (taken) {
+      out[taken_before + min(tie_before, ties_taken)] = pg;
+      ++taken_before;
+    } else if (tie) {
+      if (tie_before < ties_taken) out[taken_before + tie_before] = pg;
+      ++tie_before;
+    }
+  }
+  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
 }
 
 // ---- decode ------------------------------------------------------------------------
@@ -907,7 +969,7 @@ cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
       <<<dim3(chunks, p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  quest_kernel<T><<<dim3(p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
+  quest_kernel<<<dim3(p.cache.heads_kv, p.cache.batch), kSelectThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
