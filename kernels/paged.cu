@@ -540,7 +540,12 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   const int g = lane / 4, t4 = lane % 4;  // fragment row group / thread in group
   const int kw = warp % kKeyWarps, dh = warp / kKeyWarps;
 
+  // Independent global loads first, so their DRAM round trips overlap: the head kind, the
+  // page count of a listed head (read whenever lists exist; used only by listed heads) and,
+  // below, the query rows.
+  const long long list_row = (long long)b * c.heads_kv + kvh;
   const int kind = p.head_kind != nullptr ? p.head_kind[kvh] : (int)LA_HEAD_FULL;
+  const int listed_count = p.page_count != nullptr ? p.page_count[list_row] : 0;
   const Mask mask = kind == LA_HEAD_STREAMING
                         ? Mask{p.streaming_window - 1, 0, p.streaming_sinks}
                         : Mask{p.window_left, p.window_right, p.sinks};
@@ -587,9 +592,8 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   int sink_pages = 0, first = 0, last = 0, n_work;
   const int32_t *list = nullptr;
   if (listed) {
-    const long long lb = (long long)b * c.heads_kv + kvh;
-    list = p.page_list + lb * p.page_list_stride;
-    n_work = p.page_count[lb];
+    list = p.page_list + list_row * p.page_list_stride;
+    n_work = listed_count;
   } else {
     mask.key_tiles(qi_lo, qi_hi, sq, sk, ps, sink_pages, first, last);
     n_work = sink_pages + (last - first);

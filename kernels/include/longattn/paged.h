@@ -112,7 +112,8 @@ typedef struct LaPagedDecodeParams {
   /* Optional [heads_kv] LaHeadKind values (NULL: every head LA_HEAD_FULL). */
   const int32_t *head_kind;
   /* [batch, heads_kv, page_list_stride] ascending logical page indices and
-   * [batch, heads_kv] counts, read by LA_HEAD_PAGES and LA_HEAD_QUEST heads. */
+   * [batch, heads_kv] counts, used by LA_HEAD_PAGES and LA_HEAD_QUEST heads (NULL when no
+   * head is one; a non-NULL page_count is read by every block, early in its prologue). */
   const int32_t *page_list;
   const int32_t *page_count;
   int32_t page_list_stride;
