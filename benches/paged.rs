@@ -71,11 +71,14 @@ fn bench_cpu(c: &mut Criterion) {
     let layout = cache.layout();
     let k: Vec<bf16> = fill(layout.cache_len(), 1);
     let v: Vec<bf16> = fill(layout.cache_len(), 2);
-    let kmin: Vec<f32> = fill::<f32>(layout.meta_len(), 3)
+    let kmin: Vec<bf16> = fill::<f32>(layout.meta_len(), 3)
         .iter()
-        .map(|x| x - 1.0)
+        .map(|x| bf16::from_f32(x - 1.0))
         .collect();
-    let kmax: Vec<f32> = kmin.iter().map(|x| x + 2.0).collect();
+    let kmax: Vec<bf16> = kmin
+        .iter()
+        .map(|x| bf16::from_f32(x.to_f32() + 2.0))
+        .collect();
     let q: Vec<bf16> = fill(b * hq * d, 4);
     let st = Strides::contiguous(1, hq, d);
     let mut out = vec![bf16::ZERO; b * hq * d];
@@ -130,11 +133,14 @@ fn bench_gpu(c: &mut Criterion) {
         let v: CudaSlice<bf16> = stream
             .clone_htod(&fill::<bf16>(layout.cache_len(), 2))
             .unwrap();
-        let kmin_h: Vec<f32> = fill::<f32>(layout.meta_len(), 3)
+        let kmin_h: Vec<bf16> = fill::<f32>(layout.meta_len(), 3)
             .iter()
-            .map(|x| x - 1.0)
+            .map(|x| bf16::from_f32(x - 1.0))
             .collect();
-        let kmax_h: Vec<f32> = kmin_h.iter().map(|x| x + 2.0).collect();
+        let kmax_h: Vec<bf16> = kmin_h
+            .iter()
+            .map(|x| bf16::from_f32(x.to_f32() + 2.0))
+            .collect();
         let kmin = stream.clone_htod(&kmin_h).unwrap();
         let kmax = stream.clone_htod(&kmax_h).unwrap();
         let q: CudaSlice<bf16> = stream.clone_htod(&fill::<bf16>(b * hq * d, 4)).unwrap();

@@ -11,8 +11,8 @@
 //! selection alone via `PagedDecodePlan::select`), streaming (4 sinks + 2048-token window) for reference.
 //!
 //! Bandwidth convention: `kv_bytes` is [`PagedDecode::kv_bytes_read`] (K and V bytes of the
-//! selected pages; Quest's kmin/kmax reads are reported apart as `meta_bytes`), `gbs` =
-//! kv_bytes / time. The ceiling `copy_gbs` is a `memcpy_dtod` of a 2 GiB buffer counted as
+//! selected pages; Quest's kmin/kmax reads, bf16 like the cache, are reported apart as
+//! `meta_bytes`), `gbs` = kv_bytes / time. The ceiling `copy_gbs` is a `memcpy_dtod` of a 2 GiB buffer counted as
 //! (bytes read + bytes written) / time, i.e. the DRAM traffic of the copy; a read-only
 //! kernel can reach about that figure, so `frac_of_copy = gbs / copy_gbs`. The one-way
 //! figure (bytes copied / time) is printed too as `copy_oneway_gbs`.
@@ -232,7 +232,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         },
     )?;
     let n = layout.cache_len();
-    let need = 2 * n * 2 + 2 * layout.meta_len() * 4 + (256 << 20);
+    let need = 2 * n * 2 + 2 * layout.meta_len() * 2 + (256 << 20);
     let (free, _) = stream.context().mem_get_info()?;
     if free < need {
         println!(
@@ -245,8 +245,8 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
     // Fill the cache (and the Quest metadata) from the random source with one append.
     let mut kc = stream.alloc_zeros::<bf16>(n)?;
     let mut vc = stream.alloc_zeros::<bf16>(n)?;
-    let mut kmin = stream.alloc_zeros::<f32>(layout.meta_len())?;
-    let mut kmax = stream.alloc_zeros::<f32>(layout.meta_len())?;
+    let mut kmin = stream.alloc_zeros::<bf16>(layout.meta_len())?;
+    let mut kmax = stream.alloc_zeros::<bf16>(layout.meta_len())?;
     {
         let half = ctx.kv_src.len() / 2;
         let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
@@ -425,7 +425,8 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         }
         let speedup = t_full.ms / t_quest.ms;
         let sel_frac = t_sel.ms / t_quest.ms;
-        let meta_bytes = b * pages_per_seq * HKV * D * 4 * 2;
+        // kmin and kmax, bf16 like the cache.
+        let meta_bytes = b * pages_per_seq * HKV * D * 2 * 2;
         let target = if b == 1 && (s == 65536 || s == 131072) {
             let ok = speedup >= QUEST_SPEEDUP_TARGET && sel_frac <= SELECT_FRAC_TARGET;
             format!(

@@ -285,8 +285,8 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
     // Host cache and metadata: the reference's input (and the CPU path's).
     let mut k_cache = vec![bf16::ZERO; layout.cache_len()];
     let mut v_cache = vec![bf16::ZERO; layout.cache_len()];
-    let mut kmin = vec![0f32; layout.meta_len()];
-    let mut kmax = vec![0f32; layout.meta_len()];
+    let mut kmin = vec![bf16::ZERO; layout.meta_len()];
+    let mut kmax = vec![bf16::ZERO; layout.meta_len()];
     cache.append_cpu(
         &cu_new,
         Strided::new(&k_new[..], kv_strides),
@@ -385,8 +385,8 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
                 // The device cache is filled by the GPU append kernel.
                 let mut dk = s.alloc_zeros::<bf16>(layout.cache_len())?;
                 let mut dv = s.alloc_zeros::<bf16>(layout.cache_len())?;
-                let mut dmin = s.alloc_zeros::<f32>(layout.meta_len())?;
-                let mut dmax = s.alloc_zeros::<f32>(layout.meta_len())?;
+                let mut dmin = s.alloc_zeros::<bf16>(layout.meta_len())?;
+                let mut dmax = s.alloc_zeros::<bf16>(layout.meta_len())?;
                 let (kn, vn) = (s.clone_htod(&k_new)?, s.clone_htod(&v_new)?);
                 cache.append_gpu(
                     &s,

@@ -7,6 +7,8 @@
 // the math reads shared memory (see "decode" below). Split-KV divides the block's page list
 // into num_splits contiguous parts (blockIdx.x) whose (o, lse) a merge kernel combines.
 
+#include <atomic>
+
 #include "longattn/common.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/paged.h"
@@ -34,6 +36,16 @@ __device__ __forceinline__ void unpack8(const uint4 &raw, float (&f)[kVec]) {
     f[2 * x] = v.x;
     f[2 * x + 1] = v.y;
   }
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 pack8(const float (&f)[kVec]) {
+  using Pair = typename Elem<T>::Pair;
+  uint4 raw;
+  Pair *pairs = reinterpret_cast<Pair *>(&raw);
+#pragma unroll
+  for (int x = 0; x < kVec / 2; ++x) pairs[x] = Elem<T>::from_float2(make_float2(f[2 * x], f[2 * x + 1]));
+  return raw;
 }
 
 __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys, int slot,
@@ -89,30 +101,24 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
       }
     }
     if (p.kmin == nullptr) continue;
+    // Bounds are stored as T: the min/max of T values is a T value, so nothing is rounded.
     const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
-    float4 *kmin = reinterpret_cast<float4 *>(p.kmin + m_off);
-    float4 *kmax = reinterpret_cast<float4 *>(p.kmax + m_off);
+    uint4 *kmin = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmin) + m_off);
+    uint4 *kmax = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmax) + m_off);
     if (s0 > 0) {
       // The page already holds slots 0..s0: widen its bounds. (s0 == 0 restarts the page,
       // which is how a reused page drops the bounds of its previous owner.)
+      float a[kVec], z[kVec];
+      unpack8<T>(*kmin, a);
+      unpack8<T>(*kmax, z);
 #pragma unroll
-      for (int x = 0; x < kVec / 4; ++x) {
-        const float4 a = kmin[x], z = kmax[x];
-        mn[4 * x] = fminf(mn[4 * x], a.x);
-        mn[4 * x + 1] = fminf(mn[4 * x + 1], a.y);
-        mn[4 * x + 2] = fminf(mn[4 * x + 2], a.z);
-        mn[4 * x + 3] = fminf(mn[4 * x + 3], a.w);
-        mx[4 * x] = fmaxf(mx[4 * x], z.x);
-        mx[4 * x + 1] = fmaxf(mx[4 * x + 1], z.y);
-        mx[4 * x + 2] = fmaxf(mx[4 * x + 2], z.z);
-        mx[4 * x + 3] = fmaxf(mx[4 * x + 3], z.w);
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], a[x]);
+        mx[x] = fmaxf(mx[x], z[x]);
       }
     }
-#pragma unroll
-    for (int x = 0; x < kVec / 4; ++x) {
-      kmin[x] = make_float4(mn[4 * x], mn[4 * x + 1], mn[4 * x + 2], mn[4 * x + 3]);
-      kmax[x] = make_float4(mx[4 * x], mx[4 * x + 1], mx[4 * x + 2], mx[4 * x + 3]);
-    }
+    *kmin = pack8<T>(mn);
+    *kmax = pack8<T>(mx);
   }
 }
 
@@ -123,14 +129,6 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Unique 64-bit selection key: kept pages above every score, then score, then lower page
-// index first. 0 marks a page that is not a candidate.
-__device__ __forceinline__ uint64_t select_key(bool candidate, bool kept, float score, int page) {
-  if (!candidate) return 0;
-  const uint64_t hi = kept ? 0xffffffffull : (uint64_t)ordered_bits(score);
-  return (hi << 32) | (uint64_t)(0xffffffffu - (uint32_t)page);
-}
-
 struct QuestCandidates {
   int sink_pages, first, last;  // candidates: [0, sink_pages) and [first, last)
   int newest;                   // page of the newest token, -1 if none
@@ -139,6 +137,16 @@ struct QuestCandidates {
   }
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
+
+// Four consecutive elements (8-byte aligned) as floats.
+template <typename T>
+__device__ __forceinline__ float4 load4(const T *src) {
+  using Pair = typename Elem<T>::Pair;
+  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
+  const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+  const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
 // kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
@@ -171,6 +179,7 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   if (pg0 >= pg_end) return;
 
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
@@ -195,8 +204,8 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
         const int ch = 4 * lane + 128 * x;
         lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (ch < d) {
-          lo[x] = *reinterpret_cast<const float4 *>(p.kmin + m_off + ch);
-          hi[x] = *reinterpret_cast<const float4 *>(p.kmax + m_off + ch);
+          lo[x] = load4<T>(kmin + m_off + ch);
+          hi[x] = load4<T>(kmax + m_off + ch);
         }
       }
       float best = scores[pg];
@@ -219,21 +228,39 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   }
 }
 
-// Selection, grid (heads_kv, batch): one block per (sequence, kv head) of a Quest head, on
-// the scores of quest_score_kernel. An 8-pass radix select over the unique 64-bit keys finds
-// the K-th largest key and a block scan writes the selected pages in ascending order.
-template <typename T>
-__global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+// Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
+// a Quest head, on the scores of quest_score_kernel. The order is: kept pages, then higher
+// score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
+// every kept page is taken and the other candidates ("ranked" pages) compete for the
+// take_ranked = k_sel - #kept remaining places:
+// 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
+//    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
+//    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
+//    and of those at kth the ties_taken lowest page indices. Histograms are counted with
+//    one shared atomic per distinct digit per warp (__match_any_sync).
+// 2. Compaction in ascending page order: thread t owns the contiguous pages [t * per,
+//    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
+//    gives each taken page its output position: #taken non-ties before it plus
+//    min(#ties before it, ties_taken).
+// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
+// tokens at page 16) and recomputed from the scores (L2) otherwise.
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kStagedPages = 8192;  // 32 KB of keys
+static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
+
+__global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
   const LaPagedCache &c = p.cache;
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   const float *scores = p.scores + row_base;
   if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
-  __shared__ int hist[256];
-  __shared__ unsigned long long sel_prefix;
+  __shared__ uint32_t keys_s[kStagedPages];
+  __shared__ int hist[2][256];
+  __shared__ uint32_t sel_prefix;
   __shared__ int sel_remaining;
-  __shared__ int warp_base[kQuestWarps];
+  __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
 
   const int ps = c.page_size, sk = c.seqlens_k[b];
   const Mask mask{p.window_left, p.window_right, p.sinks};
@@ -248,33 +275,46 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
   if (cand.newest >= p.sink_pages && cand.contains(cand.newest)) ++n_kept;
   const int n_cand = cand.count();
   const int k_sel = min(max(p.budget_pages, n_kept), n_cand);
+  const int n_ranked = n_cand - n_kept, take_ranked = k_sel - n_kept;
   auto kept = [&](int pg) { return pg < p.sink_pages || pg == cand.newest; };
-  auto key_of = [&](int pg) {
-    return select_key(cand.contains(pg), kept(pg), scores[pg], pg);
-  };
+  // Only a partial take of the ranked pages needs their keys (uniform over the block).
+  const bool partial = take_ranked > 0 && take_ranked < n_ranked;
+  const bool staged = n_pages <= kStagedPages;
+  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
 
-  // Radix select of the k_sel-th largest key (keys are unique, so exactly k_sel keys are
-  // >= it). Every candidate is taken when k_sel == n_cand.
-  unsigned long long kth = 1;
-  if (k_sel < n_cand) {
-    unsigned long long prefix = 0, prefix_mask = 0;
-    int remaining = k_sel;
-    for (int shift = 56; shift >= 0; shift -= 8) {
-      __syncthreads();  // scores written; previous pass's readers of hist done
-      for (int x = tid; x < 256; x += kQuestThreads) hist[x] = 0;
-      __syncthreads();
-      for (int pg = tid; pg < n_pages; pg += kQuestThreads) {
-        const unsigned long long key = key_of(pg);
-        if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xff], 1);
+  uint32_t kth = 0;
+  int ties_taken = 0;
+  if (partial) {
+    if (staged)
+      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
+    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
+    __syncthreads();  // keys staged, histograms cleared
+    uint32_t prefix = 0, prefix_mask = 0;
+    int remaining = take_ranked;
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      int *h = hist[pass & 1];
+      for (int base = 0; base < n_pages; base += kSelectThreads) {
+        const int pg = base + tid;
+        uint32_t digit = 256;  // not counted
+        if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
+          const uint32_t key = key_of(pg);
+          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
       }
-      __syncthreads();
+      __syncthreads();  // histogram complete
+      // Clear the next pass's histogram: its last reader, the previous pass's digit search,
+      // finished before the previous pass's final barrier.
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
       if (warp == 0) {
-        // Digit search from 255 down (first digit whose running count reaches `remaining`,
-        // else 0), as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
+        // Digit search from 255 down (first digit whose running count reaches `remaining`),
+        // as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
         int cnt[8], own = 0;
 #pragma unroll
         for (int k = 0; k < 8; ++k) {
-          cnt[k] = hist[255 - 8 * lane - k];
+          cnt[k] = h[255 - 8 * lane - k];
           own += cnt[k];
         }
         int incl = own;
@@ -293,35 +333,74 @@ __global__ void __launch_bounds__(kQuestThreads) quest_kernel(const __grid_const
             cum += cnt[k];
           }
           sel_remaining = remaining - cum;
-          sel_prefix = prefix | ((unsigned long long)digit << shift);
+          sel_prefix = prefix | ((uint32_t)digit << shift);
         }
       }
       __syncthreads();
       remaining = sel_remaining;
       prefix = sel_prefix;
-      prefix_mask |= 0xffull << shift;
+      prefix_mask |= 0xffu << shift;
     }
     kth = prefix;
+    ties_taken = remaining;
   }
 
-  // Compaction in ascending page order: ballot within warps, warp offsets through smem.
-  int base = 0;
-  __syncthreads();
-  for (int p0 = 0; p0 < n_pages; p0 += kQuestThreads) {
-    const int pg = p0 + tid;
-    const bool take = pg < n_pages && key_of(pg) >= kth && key_of(pg) != 0;
-    const unsigned ballot = __ballot_sync(0xffffffffu, take);
-    if (lane == 0) warp_base[warp] = __popc(ballot);
-    __syncthreads();
-    int offset = base;
-    for (int w = 0; w < warp; ++w) offset += warp_base[w];
-    int total = 0;
-    for (int w = 0; w < kQuestWarps; ++w) total += warp_base[w];
-    if (take) p.page_list[row_base + offset + __popc(ballot & ((1u << lane) - 1u))] = pg;
-    base += total;
-    __syncthreads();
+  // Per page: taken outright (kept, or ranked above the threshold / every ranked page when
+  // all are taken) or a tie at the threshold.
+  auto classify = [&](int pg, bool &taken, bool &tie) {
+    taken = tie = false;
+    if (!cand.contains(pg)) return;
+    if (kept(pg)) {
+      taken = true;
+    } else if (!partial) {
+      taken = take_ranked > 0;
+    } else {
+      const uint32_t key = key_of(pg);
+      taken = key > kth;
+      tie = key == kth;
+    }
+  };
+  const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
+  const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
+  uint32_t n_taken = 0, n_tie = 0;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    n_taken += taken;
+    n_tie += tie;
   }
-  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = base;
+  // Exclusive block scan of both counts: warp scans, then every warp scans the warp totals
+  // and takes its own offset.
+  auto warp_incl_scan = [&](uint32_t x) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    return x;
+  };
+  const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
+  if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
+  __syncthreads();
+  const uint2 total = warp_total[lane];  // kSelectWarps == 32: lane L reads warp L's
+  const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
+  const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
+  uint32_t taken_before =
+      __shfl_sync(0xffffffffu, taken_warps, warp) + taken_incl - n_taken;
+  int tie_before = (int)(__shfl_sync(0xffffffffu, tie_warps, warp) + tie_incl - n_tie);
+  int32_t *out = p.page_list + row_base;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    if (taken) {
+      out[taken_before + min(tie_before, ties_taken)] = pg;
+      ++taken_before;
+    } else if (tie) {
+      if (tie_before < ties_taken) out[taken_before + tie_before] = pg;
+      ++tie_before;
+    }
+  }
+  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
 }
 
 // ---- decode ------------------------------------------------------------------------
@@ -461,7 +540,12 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   const int g = lane / 4, t4 = lane % 4;  // fragment row group / thread in group
   const int kw = warp % kKeyWarps, dh = warp / kKeyWarps;
 
+  // Independent global loads first, so their DRAM round trips overlap: the head kind, the
+  // page count of a listed head (read whenever lists exist; used only by listed heads) and,
+  // below, the query rows.
+  const long long list_row = (long long)b * c.heads_kv + kvh;
   const int kind = p.head_kind != nullptr ? p.head_kind[kvh] : (int)LA_HEAD_FULL;
+  const int listed_count = p.page_count != nullptr ? p.page_count[list_row] : 0;
   const Mask mask = kind == LA_HEAD_STREAMING
                         ? Mask{p.streaming_window - 1, 0, p.streaming_sinks}
                         : Mask{p.window_left, p.window_right, p.sinks};
@@ -508,9 +592,8 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   int sink_pages = 0, first = 0, last = 0, n_work;
   const int32_t *list = nullptr;
   if (listed) {
-    const long long lb = (long long)b * c.heads_kv + kvh;
-    list = p.page_list + lb * p.page_list_stride;
-    n_work = p.page_count[lb];
+    list = p.page_list + list_row * p.page_list_stride;
+    n_work = listed_count;
   } else {
     mask.key_tiles(qi_lo, qi_hi, sq, sk, ps, sink_pages, first, last);
     n_work = sink_pages + (last - first);
@@ -745,35 +828,129 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   }
 }
 
-// One warp per (b, h, qi) row merges the num_splits partial results.
+// Merge of the split partials, one block of kWarps warps per (b, h, qi) row: warp w
+// accumulates splits w, w + kWarps, ... with lane owning the float4 channel vectors lane and
+// lane + 32 of o_partial ([num_splits, batch, heads_q, q_len, head_dim]). Every load of a
+// batch of kMergeBatch splits is issued before any is used, and the first batch before the
+// row's max and weight sum are known, so the row costs about two memory round trips instead
+// of one per split. Weights exp(lse_s - max) (an empty split, lse = -inf, weighs 0); o =
+// sum_s w_s o_s / sum_s w_s and lse = max + ln(sum_s w_s), or o = 0 and lse = -inf for a row
+// no split saw (the merge_weights algebra of src/softmax.rs applied to all splits at once).
+constexpr int kMergeBatch = 8;                 // splits per warp in flight together
+constexpr int kMergeLaneVecs = kMaxDim / 128;  // float4 vectors per lane (d <= kMaxDim)
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) split_merge_kernel(const __grid_constant__ LaPagedDecodeParams p) {
   const LaPagedCache &c = p.cache;
   const long long rows = (long long)c.batch * p.heads_q * p.q_len;
-  const long long row = (long long)blockIdx.x * kWarps + threadIdx.x / 32;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % 32, d = c.head_dim;
-  float m_all = kNegInf;
-  for (int s = 0; s < p.num_splits; ++s) m_all = fmaxf(m_all, p.lse_partial[s * rows + row]);
+  const long long row = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n_splits = p.num_splits, vecs = c.head_dim / 4;
+  __shared__ float warp_red[kWarps];
+  __shared__ float4 warp_acc[kWarps - 1][kMaxDim / 4];
+  const float *lse_part = p.lse_partial + row;  // split s at s * rows
+  const float4 *o_part = reinterpret_cast<const float4 *>(p.o_partial + row * c.head_dim);
+  const long long split_vecs = rows * vecs;  // float4 stride between splits
+
+  // Loads the o vectors of this warp's splits s0 + kWarps * j (zero past the last split and
+  // past head_dim).
+  float4 batch[kMergeBatch][kMergeLaneVecs];
+  auto load_batch = [&](int s0) {
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const int s = s0 + kWarps * j;
+#pragma unroll
+      for (int x = 0; x < kMergeLaneVecs; ++x) {
+        const int v = lane + 32 * x;
+        batch[j][x] = s < n_splits && v < vecs ? o_part[s * split_vecs + v]
+                                                : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+    }
+  };
+  load_batch(warp);
+
+  // Row max, then weight sum, over all splits (block reductions).
+  auto block_reduce = [&](float x, bool is_max) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float y = __shfl_xor_sync(0xffffffffu, x, o);
+      x = is_max ? fmaxf(x, y) : x + y;
+    }
+    if (lane == 0) warp_red[warp] = x;
+    __syncthreads();
+    float all = warp_red[0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) all = is_max ? fmaxf(all, warp_red[w]) : all + warp_red[w];
+    __syncthreads();  // warp_red is reused by the next reduction
+    return all;
+  };
+  float m = kNegInf;
+  for (int s = tid; s < n_splits; s += kThreads) m = fmaxf(m, lse_part[s * rows]);
+  m = block_reduce(m, true);
+  auto weight = [&](int s) {
+    const float ls = lse_part[s * rows];
+    return ls == kNegInf ? 0.0f : expf(ls - m);
+  };
   float wsum = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float ls = p.lse_partial[s * rows + row];
-    wsum += ls == kNegInf ? 0.0f : expf(ls - m_all);
+  for (int s = tid; s < n_splits; s += kThreads) wsum += weight(s);
+  wsum = block_reduce(wsum, false);
+
+  float4 acc[kMergeLaneVecs];
+#pragma unroll
+  for (int x = 0; x < kMergeLaneVecs; ++x) acc[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  auto add_batch = [&](int s0) {
+#pragma unroll
+    for (int j = 0; j < kMergeBatch; ++j) {
+      const int s = s0 + kWarps * j;
+      if (s >= n_splits) break;
+      const float w = weight(s);
+#pragma unroll
+      for (int x = 0; x < kMergeLaneVecs; ++x) {
+        acc[x].x += w * batch[j][x].x;
+        acc[x].y += w * batch[j][x].y;
+        acc[x].z += w * batch[j][x].z;
+        acc[x].w += w * batch[j][x].w;
+      }
+    }
+  };
+  add_batch(warp);
+  for (int s0 = warp + kWarps * kMergeBatch; s0 < n_splits; s0 += kWarps * kMergeBatch) {
+    load_batch(s0);
+    add_batch(s0);
   }
+
+  // Warps 1.. hand their sums to warp 0, which writes o and lse.
+  if (warp > 0) {
+#pragma unroll
+    for (int x = 0; x < kMergeLaneVecs; ++x)
+      if (lane + 32 * x < vecs) warp_acc[warp - 1][lane + 32 * x] = acc[x];
+  }
+  __syncthreads();
+  if (warp > 0) return;
   const int qi = (int)(row % p.q_len);
   const int h = (int)((row / p.q_len) % p.heads_q);
   const long long b = row / ((long long)p.q_len * p.heads_q);
   T *o = static_cast<T *>(p.o) + b * p.o_batch_stride + qi * p.o_row_stride + h * p.o_head_stride;
-  for (int ch = lane; ch < d; ch += 32) {
-    float a = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float ls = p.lse_partial[s * rows + row];
-      if (ls != kNegInf) a += expf(ls - m_all) * p.o_partial[(s * rows + row) * d + ch];
+  using Pair = typename Elem<T>::Pair;
+  const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+#pragma unroll
+  for (int x = 0; x < kMergeLaneVecs; ++x) {
+    const int v = lane + 32 * x;
+    if (v >= vecs) continue;
+    float4 a = acc[x];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) {
+      const float4 y = warp_acc[w - 1][v];
+      a.x += y.x;
+      a.y += y.y;
+      a.z += y.z;
+      a.w += y.w;
     }
-    o[ch] = Elem<T>::from_float(wsum > 0.0f ? a / wsum : 0.0f);
+    Pair *dst = reinterpret_cast<Pair *>(o + 4 * v);  // 8-byte aligned: strides are multiples of 8
+    dst[0] = Elem<T>::from_float2(make_float2(a.x * inv, a.y * inv));
+    dst[1] = Elem<T>::from_float2(make_float2(a.z * inv, a.w * inv));
   }
-  if (lane == 0 && p.lse != nullptr)
-    p.lse[row] = wsum > 0.0f ? m_all + logf(wsum) : kNegInf;
+  if (lane == 0 && p.lse != nullptr) p.lse[row] = wsum > 0.0f ? m + logf(wsum) : kNegInf;
 }
 
 bool dims_ok(const LaPagedCache &c) {
@@ -796,22 +973,41 @@ cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
       <<<dim3(chunks, p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  quest_kernel<T><<<dim3(p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
+  quest_kernel<<<dim3(p.cache.heads_kv, p.cache.batch), kSelectThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
+// Devices whose decode launch attributes are remembered (higher ordinals set them per call).
+constexpr int kMaxCachedDevices = 64;
+enum KernelSetup : int { kSetupPending = 0, kSetupDone = 1, kSetupTooLarge = 2 };
+
+// One-time (per instantiation and device) preparation of a decode kernel: checks the card's
+// opt-in shared memory per block and sets the kernel's dynamic shared-memory size and
+// carveout. The attribute calls are idempotent, so two threads racing on a device's first
+// launch both set the same values; the result is published with release/acquire.
 template <typename T, int DB>
-cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
+cudaError_t prepare_decode_kernel() {
   constexpr size_t smem = DecodeCfg<DB>::kSmemBytes;
-  auto kernel = decode_kernel<T, DB>;
+  static std::atomic<int> setup[kMaxCachedDevices];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const bool cached = dev >= 0 && dev < kMaxCachedDevices;
+  if (cached) {
+    const int state = setup[dev].load(std::memory_order_acquire);
+    if (state == kSetupDone) return cudaSuccess;
+    if (state == kSetupTooLarge) return cudaErrorNotSupported;
+  }
   // Cards with ~99 KB per block (sm_86/sm_89) cannot hold the larger rings: say so plainly
   // instead of failing the attribute call with "invalid argument".
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess)
-    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
   if (err != cudaSuccess) return err;
-  if (smem > (size_t)optin) return cudaErrorNotSupported;
+  if (smem > (size_t)optin) {
+    if (cached) setup[dev].store(kSetupTooLarge, std::memory_order_release);
+    return cudaErrorNotSupported;
+  }
+  auto kernel = decode_kernel<T, DB>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as possible fit per SM
@@ -819,7 +1015,15 @@ cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaSt
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                              (int)cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  if (cached) setup[dev].store(kSetupDone, std::memory_order_release);
+  return cudaSuccess;
+}
+
+template <typename T, int DB>
+cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
+  const cudaError_t err = prepare_decode_kernel<T, DB>();
+  if (err != cudaSuccess) return err;
+  decode_kernel<T, DB><<<grid, kThreads, DecodeCfg<DB>::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -836,9 +1040,8 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
                                : launch_decode_kernel<T, 256>(p, grid, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const long long merge_rows = (long long)p.cache.batch * p.heads_q * p.q_len;
-  const long long blocks = (merge_rows + kWarps - 1) / kWarps;
-  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  split_merge_kernel<T><<<(unsigned)blocks, kThreads, 0, stream>>>(p);
+  if (merge_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  split_merge_kernel<T><<<(unsigned)merge_rows, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -28,8 +28,8 @@ struct Scenario<T> {
     cache: PagedCache,
     k_cache: Vec<T>,
     v_cache: Vec<T>,
-    kmin: Vec<f32>,
-    kmax: Vec<f32>,
+    kmin: Vec<T>,
+    kmax: Vec<T>,
     k_tokens: Vec<Vec<T>>,
     v_tokens: Vec<Vec<T>>,
 }
@@ -84,8 +84,8 @@ fn scenario<T: Element>(
     // and bounds must be restarted (not widened) when a page starts.
     let mut k_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
     let mut v_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
-    let mut kmin = vec![0.5f32; layout.meta_len()];
-    let mut kmax = vec![-0.5f32; layout.meta_len()];
+    let mut kmin = vec![T::from_f32(0.5); layout.meta_len()];
+    let mut kmax = vec![T::from_f32(-0.5); layout.meta_len()];
     // Append schedule: first chunk up to 37 tokens, then steps of 1..=3.
     let mut done = vec![0usize; seqlens.len()];
     loop {
@@ -170,7 +170,7 @@ impl<T: Element> Scenario<T> {
             v: &self.v_cache,
         }
     }
-    fn meta(&self) -> PageMeta<&[f32]> {
+    fn meta(&self) -> PageMeta<&[T]> {
         PageMeta {
             kmin: &self.kmin,
             kmax: &self.kmax,
@@ -1266,12 +1266,12 @@ mod gpu {
             let row = hkv * d;
             let mut cpu_k = garbage.clone();
             let mut cpu_v = garbage.clone();
-            let mut cpu_min = vec![0.0f32; layout.meta_len()];
-            let mut cpu_max = vec![0.0f32; layout.meta_len()];
+            let mut cpu_min = vec![bf16::ZERO; layout.meta_len()];
+            let mut cpu_max = vec![bf16::ZERO; layout.meta_len()];
             let mut kd = up(&s, &garbage);
             let mut vd = up(&s, &garbage);
-            let mut mind = up(&s, &vec![f32::NAN; layout.meta_len()]);
-            let mut maxd = up(&s, &vec![f32::NAN; layout.meta_len()]);
+            let mut mind = up(&s, &vec![bf16::NAN; layout.meta_len()]);
+            let mut maxd = up(&s, &vec![bf16::NAN; layout.meta_len()]);
             for step in 0..2 {
                 let upto: Vec<usize> = seqlens
                     .iter()
@@ -1343,6 +1343,108 @@ mod gpu {
                 assert_eq!(&gmin[mo..mo + d], &lo[..], "ps {ps} page {page}");
                 assert_eq!(&gmax[mo..mo + d], &hi[..], "ps {ps} page {page}");
                 assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
+            }
+        }
+    }
+
+    /// The documented selection order restated as a sort (kept pages, then higher score in
+    /// the float total order, then lower page index), for rows too long for the brute-force
+    /// oracle; every page is a candidate (q_len 1, causal, no window).
+    fn top_pages_by_sort(
+        n_pages: usize,
+        scores: &[f32],
+        sink_pages: usize,
+        budget: usize,
+    ) -> Vec<u32> {
+        let kept = |p: usize| p < sink_pages || p + 1 == n_pages;
+        let mut all: Vec<usize> = (0..n_pages).collect();
+        let n_kept = all.iter().filter(|&&p| kept(p)).count();
+        let k = budget.max(n_kept).min(n_pages);
+        all.sort_by(|&a, &b| {
+            kept(b)
+                .cmp(&kept(a))
+                .then(scores[b].total_cmp(&scores[a]))
+                .then(a.cmp(&b))
+        });
+        let mut out: Vec<u32> = all[..k].iter().map(|&p| p as u32).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Page size 1 with rows longer than the selection kernel stages in shared memory, and
+    /// scores with many exact ties (bounds in {-1, 0, 1}, q all ones: small integer sums; q
+    /// zero: every score 0), where the lowest page indices must win.
+    #[test]
+    fn gpu_quest_selection_long_rows_and_ties() {
+        let Some(s) = stream() else { return };
+        let seqlens = [3000usize, 9000, 20000];
+        let (hkv, ratio, d, ps) = (2, 2, 8, 1);
+        let hq = hkv * ratio;
+        let mut r = rng(4242);
+        let (num_pages, max_pages, table) = table_for(&seqlens, ps, 0, &mut r);
+        let layout = PagedLayout {
+            num_pages,
+            page_size: ps,
+            heads_kv: hkv,
+            head_dim: d,
+        };
+        let sl: Vec<i32> = seqlens.iter().map(|&n| n as i32).collect();
+        let cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &sl,
+            },
+        )
+        .unwrap();
+        let kmin: Vec<bf16> = (0..layout.meta_len())
+            .map(|_| bf16::from_f32(r.random_range(-1i32..=1) as f32))
+            .collect();
+        let kmax = kmin.clone();
+        let (mind, maxd) = (up(&s, &kmin), up(&s, &kmax));
+        let n_q = seqlens.len() * hq * d;
+        let queries: [Vec<bf16>; 3] = [
+            random_vec(&mut r, n_q),
+            vec![bf16::ONE; n_q],
+            vec![bf16::ZERO; n_q],
+        ];
+        for (qi, q) in queries.iter().enumerate() {
+            for (budget, sinkp) in [(1, 0), (2048, 3), (8191, 0), (12000, 1)] {
+                let dec = PagedDecode::new(&cache, hq, 1, &AttentionOptions::causal())
+                    .unwrap()
+                    .with_policy(quest_policy(hkv, budget, sinkp))
+                    .unwrap();
+                let qd = up(&s, q);
+                let g = dec
+                    .select_gpu(
+                        &s,
+                        Strided::new(&qd, q_strides(1, hq, d)),
+                        PageMeta {
+                            kmin: &mind,
+                            kmax: &maxd,
+                        },
+                    )
+                    .unwrap();
+                let scores = s.clone_dtoh(&g.scores).unwrap();
+                let list = s.clone_dtoh(&g.page_list).unwrap();
+                let count = s.clone_dtoh(&g.page_count).unwrap();
+                for (b, &n_pages) in seqlens.iter().enumerate() {
+                    for kvh in 0..hkv {
+                        let row = (b * hkv + kvh) * max_pages;
+                        let want =
+                            top_pages_by_sort(n_pages, &scores[row..row + n_pages], sinkp, budget);
+                        let n = count[b * hkv + kvh] as usize;
+                        let got: Vec<u32> = list[row..row + n].iter().map(|&p| p as u32).collect();
+                        assert!(
+                            got == want,
+                            "query {qi} budget {budget} sink pages {sinkp} b {b} kvh {kvh}: \
+                             {} pages selected, {} expected",
+                            got.len(),
+                            want.len()
+                        );
+                    }
+                }
             }
         }
     }
@@ -1506,8 +1608,8 @@ mod gpu {
     struct GpuBufs<T> {
         k: CudaSlice<T>,
         v: CudaSlice<T>,
-        kmin: CudaSlice<f32>,
-        kmax: CudaSlice<f32>,
+        kmin: CudaSlice<T>,
+        kmax: CudaSlice<T>,
     }
 
     fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &str) {
@@ -1676,7 +1778,7 @@ mod gpu {
         }
         let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
         let st = Strides::contiguous(1, hkv, d);
-        let nan = vec![f32::NAN; layout.meta_len()];
+        let nan = vec![bf16::NAN; layout.meta_len()];
         let run = |plan: Option<&mut PagedDecodePlan>| {
             let (mut k, mut v) = (up(&s, &garbage), up(&s, &garbage));
             let (mut lo, mut hi) = (up(&s, &nan), up(&s, &nan));
@@ -1715,7 +1817,7 @@ mod gpu {
             "plan append: cache differs"
         );
         // Bitwise: pages no sequence uses keep their NaN poison in both runs.
-        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert!(bits(&got.2) == bits(&want.2), "plan append: kmin differs");
         assert!(bits(&got.3) == bits(&want.3), "plan append: kmax differs");
     }

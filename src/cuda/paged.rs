@@ -131,7 +131,7 @@ fn validate_append<T, I, O>(
     k_new: &Strided<&I>,
     v_new: &Strided<&I>,
     kv: &KvPages<&mut O>,
-    meta: &Option<PageMeta<&mut CudaSlice<f32>>>,
+    meta: &Option<PageMeta<&mut CudaSlice<T>>>,
 ) -> Result<usize>
 where
     T: Element + DeviceRepr,
@@ -163,7 +163,7 @@ impl PagedCache {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         cache: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        meta: Option<PageMeta<&mut CudaSlice<T>>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -230,7 +230,7 @@ impl PagedDecode {
         &self,
         stream: &Arc<CudaStream>,
         q: Strided<&I>,
-        meta: PageMeta<&CudaSlice<f32>>,
+        meta: PageMeta<&CudaSlice<T>>,
     ) -> Result<GpuSelection>
     where
         T: Element + DeviceRepr,
@@ -256,7 +256,7 @@ impl PagedDecode {
         stream: &Arc<CudaStream>,
         q: Strided<&I>,
         kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<f32>>>,
+        meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()>
@@ -275,7 +275,7 @@ impl PagedDecode {
         &self,
         q: &Strided<&I>,
         kv: &KvPages<&I>,
-        meta: &Option<PageMeta<&CudaSlice<f32>>>,
+        meta: &Option<PageMeta<&CudaSlice<T>>>,
         out: &Strided<&mut O>,
         lse: &Option<&mut CudaSlice<f32>>,
     ) -> Result<()>
@@ -349,7 +349,7 @@ impl PagedDecodePlan {
     pub fn select<T, I>(
         &mut self,
         q: Strided<&I>,
-        meta: PageMeta<&CudaSlice<f32>>,
+        meta: PageMeta<&CudaSlice<T>>,
     ) -> Result<GpuSelectionRef<'_>>
     where
         T: Element + DeviceRepr,
@@ -378,7 +378,7 @@ impl PagedDecodePlan {
         &mut self,
         q: Strided<&I>,
         kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<f32>>>,
+        meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()>
@@ -408,7 +408,7 @@ impl PagedDecodePlan {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         cache: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        meta: Option<PageMeta<&mut CudaSlice<T>>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -442,7 +442,7 @@ mod imp {
         _: Strided<&I>,
         _: Strided<&I>,
         _: KvPages<&mut O>,
-        _: Option<PageMeta<&mut CudaSlice<f32>>>,
+        _: Option<PageMeta<&mut CudaSlice<T>>>,
         _: usize,
     ) -> Result<()>
     where
@@ -458,7 +458,7 @@ mod imp {
         _: Strided<&I>,
         _: Strided<&I>,
         _: KvPages<&mut O>,
-        _: Option<PageMeta<&mut CudaSlice<f32>>>,
+        _: Option<PageMeta<&mut CudaSlice<T>>>,
         _: usize,
     ) -> Result<()>
     where
@@ -479,7 +479,7 @@ mod imp {
     pub(super) fn select<T, I>(
         _: &mut PagedDecodePlan,
         _: &Strided<&I>,
-        _: &PageMeta<&CudaSlice<f32>>,
+        _: &PageMeta<&CudaSlice<T>>,
     ) -> Result<()>
     where
         I: DevicePtr<T>,
@@ -491,7 +491,7 @@ mod imp {
         _: &mut PagedDecodePlan,
         _: Strided<&I>,
         _: KvPages<&I>,
-        _: Option<PageMeta<&CudaSlice<f32>>>,
+        _: Option<PageMeta<&CudaSlice<T>>>,
         _: Strided<&mut O>,
         _: Option<&mut CudaSlice<f32>>,
     ) -> Result<()>
@@ -648,7 +648,7 @@ mod imp {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        meta: Option<PageMeta<&mut CudaSlice<T>>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -678,6 +678,10 @@ mod imp {
             }
             None => (0, 0, None, None),
         };
+        if _s8.is_some() {
+            check_aligned("kmin", kmin)?;
+            check_aligned("kmax", kmax)?;
+        }
         let params = ffi::LaPagedAppendParams {
             cache: la_cache(cache, kc, vc, bt, sl),
             k_new: kn as *const _,
@@ -687,8 +691,8 @@ mod imp {
             v_new_row_stride: v_new.strides.seq,
             v_new_head_stride: v_new.strides.head,
             cu_seqlens_new: cu_ptr as *const i32,
-            kmin: kmin as *mut f32,
-            kmax: kmax as *mut f32,
+            kmin: kmin as *mut _,
+            kmax: kmax as *mut _,
             max_pages_touched: max_touched as i32,
             dtype: la_dtype(T::DTYPE),
         };
@@ -706,7 +710,7 @@ mod imp {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        meta: Option<PageMeta<&mut CudaSlice<T>>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -738,7 +742,7 @@ mod imp {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<f32>>>,
+        meta: Option<PageMeta<&mut CudaSlice<T>>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -782,7 +786,7 @@ mod imp {
     pub(super) fn select<T, I>(
         plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
-        meta: &PageMeta<&CudaSlice<f32>>,
+        meta: &PageMeta<&CudaSlice<T>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -826,8 +830,8 @@ mod imp {
             q_head_stride: q.strides.head,
             q_len: decode.q_len() as i32,
             heads_q: decode.heads_q() as i32,
-            kmin: kmin as *const f32,
-            kmax: kmax as *const f32,
+            kmin: kmin as *const _,
+            kmax: kmax as *const _,
             head_kind: kd as *const i32,
             scores: sc as *mut f32,
             page_list: pl as *mut i32,
@@ -850,7 +854,7 @@ mod imp {
         plan: &mut PagedDecodePlan,
         q: Strided<&I>,
         kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<f32>>>,
+        meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
         lse: Option<&mut CudaSlice<f32>>,
     ) -> Result<()>

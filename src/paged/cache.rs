@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 /// Geometry of the cache buffers: `k_cache, v_cache: [num_pages, page_size, heads_kv,
 /// head_dim]` (NHD, contiguous) and the Quest metadata `kmin, kmax: [num_pages, heads_kv,
-/// head_dim]` f32.
+/// head_dim]` in the cache's element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PagedLayout {
     pub num_pages: usize,
@@ -54,7 +54,9 @@ pub struct KvPages<D> {
 }
 
 /// Quest metadata: per-page, per-kv-head, per-channel bounds of the keys written so far,
-/// `kmin, kmax: [num_pages, heads_kv, head_dim]` f32.
+/// `kmin, kmax: [num_pages, heads_kv, head_dim]` in the cache's element type `T`. The min and
+/// max of `T` values are `T` values, so storing them as `T` loses nothing, and the Quest
+/// scoring reads half the bytes of f32 bounds for f16/bf16 caches (it converts to f32).
 #[derive(Debug)]
 pub struct PageMeta<D> {
     pub kmin: D,
@@ -297,7 +299,7 @@ impl PagedCache {
         k_new: Strided<&[T]>,
         v_new: Strided<&[T]>,
         cache: KvPages<&mut [T]>,
-        meta: Option<PageMeta<&mut [f32]>>,
+        meta: Option<PageMeta<&mut [T]>>,
     ) -> Result<()> {
         self.check_append(
             cu_seqlens_new,
@@ -338,13 +340,14 @@ impl PagedCache {
                         let mo = self.layout.meta_offset(id, h);
                         let fresh = slot == 0;
                         for c in 0..d {
-                            let x = k_new.data[ks + c].to_f32();
+                            let x = k_new.data[ks + c];
                             let (lo, hi) = (&mut m.kmin[mo + c], &mut m.kmax[mo + c]);
                             if fresh {
                                 (*lo, *hi) = (x, x);
                             } else {
-                                *lo = lo.min(x);
-                                *hi = hi.max(x);
+                                // Exact: the min/max of two T values is one of them.
+                                *lo = T::from_f32(lo.to_f32().min(x.to_f32()));
+                                *hi = T::from_f32(hi.to_f32().max(x.to_f32()));
                             }
                         }
                     }

@@ -424,7 +424,7 @@ impl PagedDecode {
     pub fn select_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
-        meta: PageMeta<&[f32]>,
+        meta: PageMeta<&[T]>,
     ) -> Result<QuestSelection> {
         self.check_io((q.data.len(), &q.strides), None, None)?;
         self.cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
@@ -455,7 +455,7 @@ impl PagedDecode {
                         .iter()
                         .map(|qr| {
                             (0..d)
-                                .map(|c| (qr[c] * hi[c]).max(qr[c] * lo[c]))
+                                .map(|c| (qr[c] * hi[c].to_f32()).max(qr[c] * lo[c].to_f32()))
                                 .sum::<f32>()
                         })
                         .fold(f32::NEG_INFINITY, f32::max);
@@ -484,7 +484,7 @@ impl PagedDecode {
     fn selected_pages<T: Element>(
         &self,
         q: &Strided<&[T]>,
-        meta: Option<&PageMeta<&[f32]>>,
+        meta: Option<&PageMeta<&[T]>>,
     ) -> Result<Option<PageLists>> {
         if !self.needs_meta() && self.lists.is_none() {
             return Ok(None);
@@ -527,7 +527,7 @@ impl PagedDecode {
         &self,
         q: Strided<&[T]>,
         kv: KvPages<&[T]>,
-        meta: Option<PageMeta<&[f32]>>,
+        meta: Option<PageMeta<&[T]>>,
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {

@@ -77,7 +77,7 @@ pub fn paged_decode_f64<T: Element>(
 pub fn quest_scores_f64<T: Element>(
     decode: &PagedDecode,
     q: Strided<&[T]>,
-    meta: PageMeta<&[f32]>,
+    meta: PageMeta<&[T]>,
 ) -> Result<Vec<f64>> {
     let cache = decode.cache();
     decode.check_io((q.data.len(), &q.strides), None, None)?;
@@ -102,7 +102,7 @@ pub fn quest_scores_f64<T: Element>(
                         let sc: f64 = (0..d)
                             .map(|c| {
                                 let x = q.data[qo + c].to_f64();
-                                (x * meta.kmax[mo + c] as f64).max(x * meta.kmin[mo + c] as f64)
+                                (x * meta.kmax[mo + c].to_f64()).max(x * meta.kmin[mo + c].to_f64())
                             })
                             .sum();
                         best = best.max(sc);
@@ -145,11 +145,12 @@ pub fn quest_select_brute(decode: &PagedDecode, b: usize, scores: &[f64]) -> Vec
 
 /// Per-page key bounds recomputed from the cache: for every page some sequence uses, over its
 /// filled slots `0..min(page_size, seqlen - lp * page_size)`. Returns
-/// `(page id, kv head, kmin [head_dim], kmax [head_dim])` per used (page, kv head).
+/// `(page id, kv head, kmin [head_dim], kmax [head_dim])` per used (page, kv head), in `T`
+/// like the metadata (the bounds of `T` values are `T` values: the conversion is exact).
 pub fn page_bounds<T: Element>(
     cache: &PagedCache,
     k_cache: &[T],
-) -> Vec<(usize, usize, Vec<f32>, Vec<f32>)> {
+) -> Vec<(usize, usize, Vec<T>, Vec<T>)> {
     let (ps, d, layout) = (cache.page_size(), cache.head_dim(), cache.layout());
     let mut out = Vec::new();
     for b in 0..cache.batch() {
@@ -168,7 +169,8 @@ pub fn page_bounds<T: Element>(
                         hi[c] = hi[c].max(x);
                     }
                 }
-                out.push((id, kvh, lo, hi));
+                let to_t = |v: Vec<f32>| v.into_iter().map(T::from_f32).collect();
+                out.push((id, kvh, to_t(lo), to_t(hi)));
             }
         }
     }

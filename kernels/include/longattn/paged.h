@@ -7,7 +7,8 @@
  *   block_table:      [batch, max_pages_per_seq] i32 physical page ids
  *   seqlens_k:        [batch] i32; token t of sequence b lives in page
  *                     block_table[b][t / page_size], slot t % page_size
- *   kmin, kmax:       [num_pages, heads_kv, head_dim] f32 per-page, per-channel key bounds
+ *   kmin, kmax:       [num_pages, heads_kv, head_dim] per-page, per-channel key bounds in the
+ *                     cache's dtype (the bounds of f16/bf16 keys are f16/bf16 values)
  *   q, o:             [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
  *   lse:              [batch, heads_q, q_len] f32, natural log
  * Windows use FlashAttention's (left, right) with -1 meaning unbounded; causal is (-1, 0).
@@ -62,9 +63,9 @@ typedef struct LaPagedAppendParams {
   int64_t v_new_row_stride, v_new_head_stride;
   /* [batch + 1] offsets into k_new/v_new. */
   const int32_t *cu_seqlens_new;
-  /* Optional (NULL: no metadata kept). */
-  float *kmin;
-  float *kmax;
+  /* Optional (NULL: no metadata kept), dtype of the cache. */
+  void *kmin;
+  void *kmax;
   /* Most pages any one sequence's new tokens touch (grid x). */
   int32_t max_pages_touched;
   LaDtype dtype;
@@ -82,8 +83,9 @@ typedef struct LaQuestParams {
   const void *q;
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int32_t q_len, heads_q;
-  const float *kmin;
-  const float *kmax;
+  /* Dtype of the cache; the score is computed in f32. */
+  const void *kmin;
+  const void *kmax;
   /* [heads_kv] LaHeadKind values; only LA_HEAD_QUEST heads are scored. */
   const int32_t *head_kind;
   /* [batch, heads_kv, max_pages_per_seq]; -inf for pages that are not candidates. */
@@ -110,7 +112,8 @@ typedef struct LaPagedDecodeParams {
   /* Optional [heads_kv] LaHeadKind values (NULL: every head LA_HEAD_FULL). */
   const int32_t *head_kind;
   /* [batch, heads_kv, page_list_stride] ascending logical page indices and
-   * [batch, heads_kv] counts, read by LA_HEAD_PAGES and LA_HEAD_QUEST heads. */
+   * [batch, heads_kv] counts, used by LA_HEAD_PAGES and LA_HEAD_QUEST heads (NULL when no
+   * head is one; a non-NULL page_count is read by every block, early in its prologue). */
   const int32_t *page_list;
   const int32_t *page_count;
   int32_t page_list_stride;
