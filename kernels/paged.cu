@@ -6,10 +6,14 @@
 // block's page ids are staged in shared memory, K/V tiles stream through a cp.async ring and
 // the math reads shared memory (see "decode" below). Split-KV divides the block's page list
 // into num_splits contiguous parts (blockIdx.x) whose (o, lse) a merge kernel combines.
+// Every kernel here is launched as a programmatic dependent of the previous one in the stream
+// (launch.cuh): on Hopper the Quest score -> select -> decode -> merge chain overlaps each
+// launch with the previous kernel's tail instead of paying it in series.
 
 #include <atomic>
 
 #include "longattn/common.cuh"
+#include "longattn/launch.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/paged.h"
 
@@ -138,24 +142,31 @@ struct QuestCandidates {
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
 
-// Four consecutive elements (8-byte aligned) as floats.
+// Four consecutive elements, loaded as one 8-byte word, as floats.
 template <typename T>
-__device__ __forceinline__ float4 load4(const T *src) {
+__device__ __forceinline__ float4 unpack4(const uint2 raw) {
   using Pair = typename Elem<T>::Pair;
-  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
   const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
   const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
-// kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
-// the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
-// the buffer is not necessarily pre-filled).
-constexpr int kQuestChunk = 64;
+// kQuestChunk pages), warp w scoring pages w, w + kQuestWarps, ... of the chunk, so even
+// batch 1 spreads over the whole GPU. A warp first reads its pages' table entries (one lane
+// each), then requests every bound vector of those pages before using any: two memory round
+// trips per warp instead of two per page. Writes the chunk's scores (-inf where not a
+// candidate or not a Quest head: the documented output, the buffer is not necessarily
+// pre-filled).
+constexpr int kQuestChunk = 32;
+constexpr int kPagesPerWarp = kQuestChunk / kQuestWarps;
+constexpr int kBoundVecs = kMaxDim / 128;  // 4-channel bound vectors per lane
+static_assert(kPagesPerWarp <= 32, "a lane reads each page's table entry");
 
 template <typename T>
 __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const LaPagedCache &c = p.cache;
   const int kvh = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -178,8 +189,38 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   const int pg_end = min(pg1, n_pages);
   if (pg0 >= pg_end) return;
 
-  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  // Page j of this warp is pg0 + warp + kQuestWarps * j; lane j reads its physical id (-1:
+  // past the sequence or not a candidate).
+  int lane_phys = -1;
+  if (lane < kPagesPerWarp) {
+    const int pg = pg0 + warp + kQuestWarps * lane;
+    if (pg < pg_end && cand.contains(pg))
+      lane_phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
+  }
   const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
+  // Bounds of channels 4 * lane + 128 * x, as stored (T).
+  uint2 lo[kPagesPerWarp][kBoundVecs], hi[kPagesPerWarp][kBoundVecs];
+  bool scored[kPagesPerWarp];
+#pragma unroll
+  for (int j = 0; j < kPagesPerWarp; ++j) {
+    const int phys = __shfl_sync(0xffffffffu, lane_phys, j);
+    scored[j] = phys >= 0;
+    const long long m_off = ((long long)max(phys, 0) * c.heads_kv + kvh) * d;
+#pragma unroll
+    for (int x = 0; x < kBoundVecs; ++x) {
+      const int ch = 4 * lane + 128 * x;
+      lo[j][x] = hi[j][x] = make_uint2(0u, 0u);
+      if (scored[j] && ch < d) {
+        lo[j][x] = *reinterpret_cast<const uint2 *>(kmin + m_off + ch);
+        hi[j][x] = *reinterpret_cast<const uint2 *>(kmax + m_off + ch);
+      }
+    }
+  }
+
+  float best[kPagesPerWarp];
+#pragma unroll
+  for (int j = 0; j < kPagesPerWarp; ++j) best[j] = kNegInf;
+  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
@@ -193,38 +234,29 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
       q_s[r * d + ch] = x;
     }
     __syncthreads();
-    // Warp per page; lane owns channels 4 * lane + 128 * x.
-    for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
-      if (!cand.contains(pg)) continue;
-      const int phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
-      const long long m_off = ((long long)phys * c.heads_kv + kvh) * d;
-      float4 lo[kMaxDim / 128], hi[kMaxDim / 128];
 #pragma unroll
-      for (int x = 0; x < kMaxDim / 128; ++x) {
-        const int ch = 4 * lane + 128 * x;
-        lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (ch < d) {
-          lo[x] = load4<T>(kmin + m_off + ch);
-          hi[x] = load4<T>(kmax + m_off + ch);
-        }
-      }
-      float best = scores[pg];
+    for (int j = 0; j < kPagesPerWarp; ++j) {
+      if (!scored[j]) continue;  // uniform over the warp
       for (int r = 0; r < nr; ++r) {
         float s = 0.0f;
 #pragma unroll
-        for (int x = 0; x < kMaxDim / 128; ++x) {
+        for (int x = 0; x < kBoundVecs; ++x) {
           const int ch = 4 * lane + 128 * x;
           if (ch < d) {
             const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
-            s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
-                 fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
+            const float4 l4 = unpack4<T>(lo[j][x]), h4 = unpack4<T>(hi[j][x]);
+            s += fmaxf(qv.x * h4.x, qv.x * l4.x) + fmaxf(qv.y * h4.y, qv.y * l4.y) +
+                 fmaxf(qv.z * h4.z, qv.z * l4.z) + fmaxf(qv.w * h4.w, qv.w * l4.w);
           }
         }
-        best = fmaxf(best, warp_sum(s));
+        best[j] = fmaxf(best[j], warp_sum(s));
       }
-      __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
-      if (lane == 0) scores[pg] = best;
     }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int j = 0; j < kPagesPerWarp; ++j)
+      if (scored[j]) scores[pg0 + warp + kQuestWarps * j] = best[j];
   }
 }
 
@@ -250,6 +282,8 @@ constexpr int kStagedPages = 8192;  // 32 KB of keys
 static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
 
 __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const LaPagedCache &c = p.cache;
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -510,6 +544,8 @@ __device__ __forceinline__ bool warp_any(bool x) {
 template <typename T, int DB>
 __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
   using Cfg = DecodeCfg<DB>;
   constexpr int kN = Cfg::kN, kStages = Cfg::kStages, kKeyWarps = Cfg::kKeyWarps;
   constexpr int kVR = Cfg::kVR, kDH = Cfg::kDH, kQkSteps = Cfg::kQkSteps;
@@ -841,6 +877,8 @@ constexpr int kMergeLaneVecs = kMaxDim / 128;  // float4 vectors per lane (d <= 
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) split_merge_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
   const LaPagedCache &c = p.cache;
   const long long rows = (long long)c.batch * p.heads_q * p.q_len;
   const long long row = blockIdx.x;
@@ -969,12 +1007,12 @@ cudaError_t launch_append(const LaPagedAppendParams &p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
   const int chunks = (p.cache.max_pages_per_seq + kQuestChunk - 1) / kQuestChunk;
-  quest_score_kernel<T>
-      <<<dim3(chunks, p.cache.heads_kv, p.cache.batch), kQuestThreads, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err =
+      launch_dependent(quest_score_kernel<T>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
+                       dim3(kQuestThreads), 0, stream, p);
   if (err != cudaSuccess) return err;
-  quest_kernel<<<dim3(p.cache.heads_kv, p.cache.batch), kSelectThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_dependent(quest_kernel, dim3(p.cache.heads_kv, p.cache.batch),
+                          dim3(kSelectThreads), 0, stream, p);
 }
 
 // Devices whose decode launch attributes are remembered (higher ordinals set them per call).
@@ -1023,8 +1061,8 @@ template <typename T, int DB>
 cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
   const cudaError_t err = prepare_decode_kernel<T, DB>();
   if (err != cudaSuccess) return err;
-  decode_kernel<T, DB><<<grid, kThreads, DecodeCfg<DB>::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_dependent(decode_kernel<T, DB>, grid, dim3(kThreads), DecodeCfg<DB>::kSmemBytes,
+                          stream, p);
 }
 
 template <typename T>
@@ -1041,8 +1079,8 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const long long merge_rows = (long long)p.cache.batch * p.heads_q * p.q_len;
   if (merge_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  split_merge_kernel<T><<<(unsigned)merge_rows, kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_dependent(split_merge_kernel<T>, dim3((unsigned)merge_rows), dim3(kThreads), 0,
+                          stream, p);
 }
 
 }  // namespace

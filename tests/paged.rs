@@ -1007,16 +1007,16 @@ fn big_cache(batch: usize, seqlen: usize, page_size: usize, hkv: usize) -> Paged
 #[test]
 fn split_heuristic_counts_visited_pages() {
     // The bench's shape: batch 1, 64k tokens, page 16, 32 q / 8 kv heads, q_len 1, 132 SMs:
-    // 8 blocks, target 198 -> at most 25 splits, each of at least 256 keys of the block's
+    // 8 blocks, target 264 -> at most 33 splits, each of at least 256 keys of the block's
     // work list.
     let (hq, hkv, sms) = (32, 8, 132);
     let cache = big_cache(1, 65536, 16, hkv);
     let opts = AttentionOptions::causal();
     let base = PagedDecode::new(&cache, hq, 1, &opts).unwrap();
     let with = |p: SparsePolicy| base.clone().with_policy(p).unwrap();
-    // Full: 4096 pages -> 25 (the SM target binds).
+    // Full: 4096 pages -> 33 (the SM target binds).
     assert_eq!(base.max_block_work_pages(), 4096);
-    assert_eq!(base.splits_for(sms), 25);
+    assert_eq!(base.splits_for(sms), 33);
     // Quest, 2048-token budget: 128 pages = 2048 keys -> 8 splits of 16 pages (not 25 of ~5).
     let quest = with(quest_policy(hkv, 2048, 1));
     assert_eq!(quest.max_block_work_pages(), 128);
@@ -1050,7 +1050,7 @@ fn split_heuristic_counts_visited_pages() {
     // A mix is sized by its largest block (the Full head here).
     let mut mixed = quest_policy(hkv, 2048, 1);
     mixed.heads[3] = HeadPolicy::Full;
-    assert_eq!(with(mixed).splits_for(sms), 25);
+    assert_eq!(with(mixed).splits_for(sms), 33);
     // Tiny budgets do not split; a split never gets less than a page (page 1024, 1 page).
     assert_eq!(with(quest_policy(hkv, 256, 0)).splits_for(sms), 1);
     let big_pages = big_cache(1, 65536, 1024, hkv);

@@ -232,10 +232,11 @@ impl PagedDecode {
         }
     }
 
-    /// Split count for the GPU: about 1.5 blocks per SM (`sm_count`), never splits of fewer
-    /// than [`MIN_KEYS_PER_SPLIT`] keys, at most [`MAX_SPLITS`]. A forced count
-    /// ([`PagedDecode::with_splits`]) wins. The 1.5 comes from a split sweep on an H200
-    /// (batch 1 x 64k/128k, 8 kv heads: 24 splits beat 33 by 5-7% and 16 or 48 splits), see
+    /// Split count for the GPU: about 2 blocks per SM (`sm_count`; one wave at the decode
+    /// kernel's 2 resident blocks per SM), never splits of fewer than [`MIN_KEYS_PER_SPLIT`]
+    /// keys, at most [`MAX_SPLITS`]. A forced count ([`PagedDecode::with_splits`]) wins. The 2
+    /// comes from split sweeps on an H200 with the one-block-per-row merge (batch 1 x
+    /// 64k/128k, 8 kv heads: 33 splits beat 24 by 3-4% and 16, 48 or 66 splits by 8-17%), see
     /// docs/perf-notes.md.
     ///
     /// Sparsity-aware: the keys that bound the split count are those of the largest block's
@@ -249,7 +250,7 @@ impl PagedDecode {
         let rows = self.q_len * self.group();
         let blocks =
             self.cache.batch() * self.cache.heads_kv() * rows.div_ceil(DECODE_ROWS_PER_BLOCK);
-        let target = (3 * sm_count.max(1)).div_ceil(2);
+        let target = 2 * sm_count.max(1);
         if blocks >= target {
             return 1;
         }
