@@ -142,26 +142,21 @@ struct QuestCandidates {
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
 
-// Four consecutive elements, loaded as one 8-byte word, as floats.
+// Four consecutive elements (8-byte aligned) as floats.
 template <typename T>
-__device__ __forceinline__ float4 unpack4(const uint2 raw) {
+__device__ __forceinline__ float4 load4(const T *src) {
   using Pair = typename Elem<T>::Pair;
+  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
   const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
   const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
   return make_float4(a.x, a.y, b.x, b.y);
 }
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
-// kQuestChunk pages), warp w scoring pages w, w + kQuestWarps, ... of the chunk, so even
-// batch 1 spreads over the whole GPU. A warp first reads its pages' table entries (one lane
-// each), then requests every bound vector of those pages before using any: two memory round
-// trips per warp instead of two per page. Writes the chunk's scores (-inf where not a
-// candidate or not a Quest head: the documented output, the buffer is not necessarily
-// pre-filled).
-constexpr int kQuestChunk = 32;
-constexpr int kPagesPerWarp = kQuestChunk / kQuestWarps;
-constexpr int kBoundVecs = kMaxDim / 128;  // 4-channel bound vectors per lane
-static_assert(kPagesPerWarp <= 32, "a lane reads each page's table entry");
+// kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
+// the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
+// the buffer is not necessarily pre-filled).
+constexpr int kQuestChunk = 64;
 
 template <typename T>
 __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
@@ -189,38 +184,8 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   const int pg_end = min(pg1, n_pages);
   if (pg0 >= pg_end) return;
 
-  // Page j of this warp is pg0 + warp + kQuestWarps * j; lane j reads its physical id (-1:
-  // past the sequence or not a candidate).
-  int lane_phys = -1;
-  if (lane < kPagesPerWarp) {
-    const int pg = pg0 + warp + kQuestWarps * lane;
-    if (pg < pg_end && cand.contains(pg))
-      lane_phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
-  }
-  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
-  // Bounds of channels 4 * lane + 128 * x, as stored (T).
-  uint2 lo[kPagesPerWarp][kBoundVecs], hi[kPagesPerWarp][kBoundVecs];
-  bool scored[kPagesPerWarp];
-#pragma unroll
-  for (int j = 0; j < kPagesPerWarp; ++j) {
-    const int phys = __shfl_sync(0xffffffffu, lane_phys, j);
-    scored[j] = phys >= 0;
-    const long long m_off = ((long long)max(phys, 0) * c.heads_kv + kvh) * d;
-#pragma unroll
-    for (int x = 0; x < kBoundVecs; ++x) {
-      const int ch = 4 * lane + 128 * x;
-      lo[j][x] = hi[j][x] = make_uint2(0u, 0u);
-      if (scored[j] && ch < d) {
-        lo[j][x] = *reinterpret_cast<const uint2 *>(kmin + m_off + ch);
-        hi[j][x] = *reinterpret_cast<const uint2 *>(kmax + m_off + ch);
-      }
-    }
-  }
-
-  float best[kPagesPerWarp];
-#pragma unroll
-  for (int j = 0; j < kPagesPerWarp; ++j) best[j] = kNegInf;
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
@@ -234,29 +199,38 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
       q_s[r * d + ch] = x;
     }
     __syncthreads();
+    // Warp per page; lane owns channels 4 * lane + 128 * x.
+    for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
+      if (!cand.contains(pg)) continue;
+      const int phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
+      const long long m_off = ((long long)phys * c.heads_kv + kvh) * d;
+      float4 lo[kMaxDim / 128], hi[kMaxDim / 128];
 #pragma unroll
-    for (int j = 0; j < kPagesPerWarp; ++j) {
-      if (!scored[j]) continue;  // uniform over the warp
+      for (int x = 0; x < kMaxDim / 128; ++x) {
+        const int ch = 4 * lane + 128 * x;
+        lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (ch < d) {
+          lo[x] = load4<T>(kmin + m_off + ch);
+          hi[x] = load4<T>(kmax + m_off + ch);
+        }
+      }
+      float best = scores[pg];
       for (int r = 0; r < nr; ++r) {
         float s = 0.0f;
 #pragma unroll
-        for (int x = 0; x < kBoundVecs; ++x) {
+        for (int x = 0; x < kMaxDim / 128; ++x) {
           const int ch = 4 * lane + 128 * x;
           if (ch < d) {
             const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
-            const float4 l4 = unpack4<T>(lo[j][x]), h4 = unpack4<T>(hi[j][x]);
-            s += fmaxf(qv.x * h4.x, qv.x * l4.x) + fmaxf(qv.y * h4.y, qv.y * l4.y) +
-                 fmaxf(qv.z * h4.z, qv.z * l4.z) + fmaxf(qv.w * h4.w, qv.w * l4.w);
+            s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
+                 fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
           }
         }
-        best[j] = fmaxf(best[j], warp_sum(s));
+        best = fmaxf(best, warp_sum(s));
       }
+      __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
+      if (lane == 0) scores[pg] = best;
     }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int j = 0; j < kPagesPerWarp; ++j)
-      if (scored[j]) scores[pg0 + warp + kQuestWarps * j] = best[j];
   }
 }
 
