@@ -69,7 +69,7 @@ struct WgTraits {
   static constexpr size_t kSmemBytes = (size_t)kBarrierOffset + kBarrierBytes + 1024;
 
   static_assert(kPanels * 64 == kHeadDim, "the head dim is split into 64-element swizzle panels");
-  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "the key tile is the n of S = Q K^T");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "the key tile is the n of S = Q K^T");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "a TMA box has at most 256 rows");
   static_assert((64 * kChunksPerRow) % 128 == 0, "O write-back is whole passes per consumer");
   static_assert(kSRegs % 8 == 0 && kORegs % 4 == 0, "whole n8 accumulator blocks");
@@ -84,6 +84,10 @@ struct WgTraits {
 using Wg64 = WgTraits<64, 128, 4>;    // 145 KB shared
 using Wg128 = WgTraits<128, 128, 3>;  // 225 KB shared
 using Wg256 = WgTraits<256, 64, 2>;   // 193 KB shared
+// d128 with every key visible (no window): 176-key tiles spread each tile's fixed costs
+// (barrier waits, turns, the row-max reduction) over more keys; masked problems keep 128-key
+// tiles, where a boundary tile wastes less.
+using Wg128Wide = WgTraits<128, 176, 2>;  // 209 KB shared
 
 // The three tensor maps (Q, K, V as [batch, rows, heads, head_dim] with element strides,
 // boxes of 64 channels x kBlockM or kBlockN rows), passed by value.
@@ -365,12 +369,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         wgmma::wait<0>();
         wgmma::fence_operands(oacc);
         tma::arrive(v_empty((t - 1) % kStages));
+        // Once the row maxima settle most tiles change none of the warp's rows (alpha is
+        // exactly 1): skip the multiply then (same bits either way).
+        if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
-        for (int i = 0; i < Tr::kORegs / 4; ++i) {
-          oacc[4 * i + 0] *= alpha[0];
-          oacc[4 * i + 1] *= alpha[0];
-          oacc[4 * i + 2] *= alpha[1];
-          oacc[4 * i + 3] *= alpha[1];
+          for (int i = 0; i < Tr::kORegs / 4; ++i) {
+            oacc[4 * i + 0] *= alpha[0];
+            oacc[4 * i + 1] *= alpha[0];
+            oacc[4 * i + 2] *= alpha[1];
+            oacc[4 * i + 3] *= alpha[1];
+          }
         }
         pack_p();
       }
@@ -536,6 +544,13 @@ cudaError_t launch_wgmma(const LaDenseParams &p, cudaStream_t stream) {
 
 template <class F>
 bool with_config(const LaDenseParams &p, F &&f) {
+  if (p.head_dim == 128 && p.window_left < 0 && p.window_right < 0) {
+    switch (p.dtype) {
+      case LA_F16: f(Tag<__half>{}, Tag<Wg128Wide>{}); return true;
+      case LA_BF16: f(Tag<__nv_bfloat16>{}, Tag<Wg128Wide>{}); return true;
+      default: return false;
+    }
+  }
   return with_head_dim_config<Wg64, Wg128, Wg256>(p, static_cast<F &&>(f));
 }
 
