@@ -3,7 +3,8 @@
 //! with the PyTorch baselines measured in the same run.
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
-//! `cargo run --release --example gpu_bench [-- --quick]`
+//! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt`
+//! (default: all three) picks the kernels to time.
 
 use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
@@ -133,17 +134,19 @@ fn main() -> Result<()> {
             });
         }
     }
+    // GPU_BENCH_KERNELS=wgmma,mma,simt (default: all) picks the kernels to time.
+    let wanted = std::env::var("GPU_BENCH_KERNELS").unwrap_or_else(|_| "wgmma,mma,simt".into());
+    let kernels: Vec<(DenseKernel, &str)> = [
+        (DenseKernel::Hopper, "wgmma"),
+        (DenseKernel::TensorCore, "mma"),
+        (DenseKernel::Simt, "simt"),
+    ]
+    .into_iter()
+    .filter(|(_, name)| wanted.split(',').any(|w| w.trim() == *name))
+    .collect();
     for c in &cases {
-        for kernel in [
-            DenseKernel::Hopper,
-            DenseKernel::TensorCore,
-            DenseKernel::Simt,
-        ] {
-            let label = match kernel {
-                DenseKernel::Hopper => "longattn-wgmma",
-                DenseKernel::TensorCore => "longattn-mma",
-                _ => "longattn-simt",
-            };
+        for &(kernel, name) in &kernels {
+            let label = format!("longattn-{name}");
             // The SIMT kernel is a correctness baseline: time it on the smaller cases only.
             if kernel == DenseKernel::Simt && c.s > 4096 && !c.name.starts_with("window") {
                 continue;
