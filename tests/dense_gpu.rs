@@ -284,6 +284,102 @@ fn gpu_dense_long_sequences() {
     }
 }
 
+/// The Hopper kernel is persistent (one block per SM walking work tiles i, i + #SMs, ...):
+/// enough work tiles that blocks take several, some with no rows (short or empty sequences)
+/// and some fully masked, so the K/V rings, the Q barrier phases and the turn barriers carry
+/// over from one work tile to the next. Varlen, GQA 4:1, sq != sk, every head-dim
+/// configuration (d 128 unmasked takes the 176-key tiles).
+#[test]
+fn gpu_hopper_many_work_tiles_per_block() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_many_work_tiles_per_block") else {
+        return;
+    };
+    if !is_hopper() {
+        println!("SKIP gpu_hopper_many_work_tiles_per_block: not compute capability 9.0");
+        return;
+    }
+    let stream = ctx.default_stream();
+    let lens_q = [600usize, 0, 450, 129, 1, 300];
+    let lens_k = [600usize, 7, 520, 129, 1, 0];
+    let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
+    let n = lens_q.len();
+    let (tq, tk) = (cq[n] as usize, ck[n] as usize);
+    let opts = [
+        AttentionOptions::default(),
+        AttentionOptions::causal().with_sinks(4),
+        AttentionOptions::default().with_window(Window::new(Some(200), Some(0))),
+    ];
+    for (d, hq, hkv) in [(64usize, 8usize, 2usize), (128, 8, 2), (256, 4, 1)] {
+        let mut r = rng(1000 + d as u64);
+        let q: Vec<bf16> = random_vec(&mut r, tq * hq * d);
+        let k: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
+        let v: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
+        let qs = Strides {
+            batch: 0,
+            seq: (hq * d) as i64,
+            head: d as i64,
+        };
+        let ks = Strides {
+            batch: 0,
+            seq: (hkv * d) as i64,
+            head: d as i64,
+        };
+        let dq = stream.clone_htod(&q).unwrap();
+        let dk = stream.clone_htod(&k).unwrap();
+        let dv = stream.clone_htod(&v).unwrap();
+        for o in &opts {
+            let attn = FlashAttention::new(
+                &AttentionShape {
+                    batch: n,
+                    heads_q: hq,
+                    heads_kv: hkv,
+                    head_dim: d,
+                    seqlens: SeqLens::Varlen {
+                        cu_seqlens_q: &cq,
+                        cu_seqlens_k: &ck,
+                    },
+                },
+                o,
+            )
+            .unwrap()
+            .with_kernel(DenseKernel::Hopper);
+            let (want, want_lse) = dense_attention_f64(
+                &attn,
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks),
+                Strided::new(&v[..], ks),
+            )
+            .unwrap();
+            let mut dout = stream
+                .clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])
+                .unwrap();
+            let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+            attn.forward_gpu(
+                &stream,
+                Strided::new(&dq, qs),
+                Strided::new(&dk, ks),
+                Strided::new(&dv, ks),
+                Strided::new(&mut dout, qs),
+                Some(&mut dlse),
+            )
+            .unwrap();
+            let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
+            let lse = stream.clone_dtoh(&dlse).unwrap();
+            let nan = got.iter().filter(|x| x.is_nan()).count();
+            assert_eq!(nan, 0, "d={d} {o:?}: {nan} outputs unwritten or NaN");
+            let err = rel_l2(&got, &want);
+            assert!(err < 2e-2, "d={d} {o:?}: rel err {err}");
+            check_lse(
+                &lse,
+                &want_lse,
+                2e-2,
+                &format!("many work tiles d={d} {o:?}"),
+            );
+            println!("many work tiles d={d} {o:?}: rel err {err:.3e}");
+        }
+    }
+}
+
 #[test]
 fn gpu_varlen_strided_and_untouched_padding() {
     let Some(ctx) = gpu_or_skip("gpu_varlen_strided_and_untouched_padding") else {
