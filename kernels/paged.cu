@@ -330,21 +330,30 @@ __global__ void __launch_bounds__(kQuestThreads, kQuestMinBlocks)
 // score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
 // every kept page is taken and the other candidates ("ranked" pages) compete for the
 // take_ranked = k_sel - #kept remaining places:
-// 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
-//    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
-//    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
-//    and of those at kth the ties_taken lowest page indices. Histograms are counted with
-//    one shared atomic per distinct digit per warp (__match_any_sync).
+// 1. A radix select (8-bit digits, most significant first, at most 4 passes) over the
+//    ranked pages' 32-bit keys finds a threshold prefix kth of the top `kth_bits` bits and
+//    how many of the pages whose key prefix equals kth are taken (ties_taken): pages above
+//    kth are all taken, and of those at kth the ties_taken lowest page indices. A pass whose
+//    threshold digit's bin holds exactly the places left ends the search early (the whole
+//    bin is taken, so no lower digit can change the selection). Histograms are counted
+//    with one shared atomic per distinct digit per warp (__match_any_sync); each pass has
+//    its own histogram, all cleared up front, and every warp finds the threshold digit
+//    itself, so a pass costs one block barrier.
 // 2. Compaction in ascending page order: thread t owns the contiguous pages [t * per,
 //    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
 //    gives each taken page its output position: #taken non-ties before it plus
 //    min(#ties before it, ties_taken).
-// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
-// tokens at page 16) and recomputed from the scores (L2) otherwise.
+// The block is latency bound (8 blocks at batch 1), so its first loads (head kind, sequence
+// length and every score it stages) are issued together. Keys are staged in shared memory
+// when the sequence has at most kStagedPages pages (128k tokens at page 16) and recomputed
+// from the scores (L2) otherwise.
 constexpr int kSelectThreads = 1024;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kStagedPages = 8192;  // 32 KB of keys
+constexpr int kStagedPerThread = kStagedPages / kSelectThreads;
+constexpr int kRadixPasses = 4;
 static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
+static_assert(kRadixPasses * 256 == kSelectThreads, "one histogram bin cleared per thread");
 
 __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
   wait_for_previous_grid();
@@ -354,14 +363,31 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   const float *scores = p.scores + row_base;
-  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
   __shared__ uint32_t keys_s[kStagedPages];
-  __shared__ int hist[2][256];
-  __shared__ uint32_t sel_prefix;
-  __shared__ int sel_remaining;
+  __shared__ __align__(16) int hist[kRadixPasses][256];
   __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
 
-  const int ps = c.page_size, sk = c.seqlens_k[b];
+  // Every row is staged before the head kind and length are known (a non-Quest head's
+  // scores are -inf, still in bounds): the loads go out in one round trip.
+  const int kind = p.head_kind[kvh];
+  const int sk = c.seqlens_k[b];
+  const int stage_end = min(c.max_pages_per_seq, kStagedPages);
+  uint32_t staged_key[kStagedPerThread];
+#pragma unroll
+  for (int i = 0; i < kStagedPerThread; ++i) {
+    const int pg = i * kSelectThreads + tid;
+    staged_key[i] = pg < stage_end ? ordered_bits(scores[pg]) : 0u;
+  }
+#pragma unroll
+  for (int i = 0; i < kStagedPerThread; ++i) {
+    const int pg = i * kSelectThreads + tid;
+    if (pg < stage_end) keys_s[pg] = staged_key[i];
+  }
+  (&hist[0][0])[tid] = 0;
+  if (kind != LA_HEAD_QUEST) return;
+  __syncthreads();  // keys staged, histograms cleared
+
+  const int ps = c.page_size;
   const Mask mask{p.window_left, p.window_right, p.sinks};
   QuestCandidates cand;
   mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
@@ -381,66 +407,64 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   const bool staged = n_pages <= kStagedPages;
   auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
 
-  uint32_t kth = 0;
+  uint32_t kth = 0, kth_mask = 0;
   int ties_taken = 0;
   if (partial) {
-    if (staged)
-      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
-    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
-    __syncthreads();  // keys staged, histograms cleared
-    uint32_t prefix = 0, prefix_mask = 0;
     int remaining = take_ranked;
-    for (int pass = 0; pass < 4; ++pass) {
+    bool settled = false;  // a whole bin was taken: the remaining passes change nothing
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
       const int shift = 24 - 8 * pass;
-      int *h = hist[pass & 1];
-      for (int base = 0; base < n_pages; base += kSelectThreads) {
+      int *h = hist[pass];
+      // A settled search still runs the (cheap) search on its empty histogram and discards
+      // it: with a data-dependent exit around the shuffles, sm_80 code calls a shuffle
+      // helper that spills.
+      for (int base = 0; base < (settled ? 0 : n_pages); base += kSelectThreads) {
         const int pg = base + tid;
         uint32_t digit = 256;  // not counted
         if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
           const uint32_t key = key_of(pg);
-          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
+          if ((key & kth_mask) == kth) digit = (key >> shift) & 0xffu;
         }
         const unsigned peers = __match_any_sync(0xffffffffu, digit);
         if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
       }
-      __syncthreads();  // histogram complete
-      // Clear the next pass's histogram: its last reader, the previous pass's digit search,
-      // finished before the previous pass's final barrier.
-      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
-      if (warp == 0) {
-        // Digit search from 255 down (first digit whose running count reaches `remaining`),
-        // as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
-        int cnt[8], own = 0;
+      __syncthreads();  // histogram complete; no thread writes it again
+      // Digit search from 255 down (first digit whose running count reaches `remaining`),
+      // as a warp scan in every warp: lane L owns digits 255 - 8L down to 248 - 8L.
+      const int4 low4 = *reinterpret_cast<const int4 *>(h + 248 - 8 * lane);
+      const int4 high4 = *reinterpret_cast<const int4 *>(h + 252 - 8 * lane);
+      const int cnt[8] = {high4.w, high4.z, high4.y, high4.x, low4.w, low4.z, low4.y, low4.x};
+      const int own = cnt[0] + cnt[1] + cnt[2] + cnt[3] + cnt[4] + cnt[5] + cnt[6] + cnt[7];
+      int incl = own;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          cnt[k] = h[255 - 8 * lane - k];
-          own += cnt[k];
-        }
-        int incl = own;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += y;
-        }
-        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
-        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
-          int cum = incl - own, digit = 255 - 8 * lane;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            digit = 255 - 8 * lane - k;
-            if (digit == 0 || cum + cnt[k] >= remaining) break;
-            cum += cnt[k];
-          }
-          sel_remaining = remaining - cum;
-          sel_prefix = prefix | ((uint32_t)digit << shift);
-        }
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
       }
-      __syncthreads();
-      remaining = sel_remaining;
-      prefix = sel_prefix;
-      prefix_mask |= 0xffu << shift;
+      const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
+      const int src = hit != 0 ? __ffs(hit) - 1 : 31;
+      int cum = incl - own, digit = 255 - 8 * lane, bin = cnt[0];
+      bool found = false;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        if (found) continue;
+        digit = 255 - 8 * lane - k;
+        bin = cnt[k];
+        if (digit == 0 || cum + cnt[k] >= remaining)
+          found = true;
+        else
+          cum += cnt[k];
+      }
+      digit = __shfl_sync(0xffffffffu, digit, src);
+      cum = __shfl_sync(0xffffffffu, cum, src);
+      bin = __shfl_sync(0xffffffffu, bin, src);
+      if (!settled) {
+        remaining -= cum;
+        kth |= (uint32_t)digit << shift;
+        kth_mask |= 0xffu << shift;
+        settled = bin == remaining;  // the whole bin is taken
+      }
     }
-    kth = prefix;
     ties_taken = remaining;
   }
 
@@ -454,9 +478,9 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
     } else if (!partial) {
       taken = take_ranked > 0;
     } else {
-      const uint32_t key = key_of(pg);
-      taken = key > kth;
-      tie = key == kth;
+      const uint32_t prefix = key_of(pg) & kth_mask;
+      taken = prefix > kth;
+      tie = prefix == kth;
     }
   };
   const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
