@@ -196,7 +196,7 @@ __device__ __forceinline__ void stage_quest_rows(float *q_s, const LaQuestParams
 
 // Full warp sums of the per-lane partials `part_of(j)` of the warp's P pages, with one
 // reduce-scatter: at each of the first log2(P) xor steps a lane keeps half of its pages and
-// adds its partner's values of them, so the P sums cost 2P - 1 + log2(32 / P) shuffles
+// adds its partner's values of them, so the P sums cost P - 1 + log2(32 / P) shuffles
 // instead of 5P. The association is warp_sum's (offsets 16, 8, ..., 1; own value plus
 // partner's), so the sums are bit-identical to it. The first step consumes the partials in
 // pairs as they are computed, so only P / 2 are live at once. Returns the sum of page
