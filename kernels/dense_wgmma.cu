@@ -1,22 +1,19 @@
 // Hopper dense attention forward (wgmma.mma_async + TMA, warp-specialised, sm_90a only).
 //
-// Persistent: one block of three warpgroups (384 threads) per SM walks work tiles of kBlockM =
-// 128 query rows of one (batch, head), largest query blocks first. Warpgroup 0 is the
-// producer: it gives most of its registers away (setmaxnreg) and one of its threads issues
-// every load as a bulk tensor copy (TMA) that completes on an mbarrier, running ahead into the
-// next work tile's Q and K/V while the consumers finish the current one. Warpgroups 1 and 2
-// are the consumers: consumer c owns rows 64c..64c+63 and keeps its S tile, P and O
-// accumulator in registers (warp w of the group: rows 16w + lane/4 and +8, as in the mma.sync
-// kernel), so no reduction crosses warps and no block-wide barrier runs after the setup; O
-// and the LSE are written straight from registers.
+// A block of three warpgroups (384 threads) owns kBlockM = 128 query rows of one (batch,
+// head). Warpgroup 0 is the producer: it gives most of its registers away (setmaxnreg) and
+// one of its threads issues every load as a bulk tensor copy (TMA) that completes on an
+// mbarrier. Warpgroups 1 and 2 are the consumers: consumer c owns rows 64c..64c+63 and keeps
+// its S tile, P and O accumulator in registers (warp w of the group: rows 16w + lane/4 and
+// +8, as in the mma.sync kernel), so no reduction crosses warps and no block-wide barrier
+// runs inside the key loop.
 //
 // Shared memory holds Q, and kStages-deep rings of K and V tiles, each in the 128-byte swizzle
 // layout that both the copy engine (CU_TENSOR_MAP_SWIZZLE_128B) and the wgmma descriptors use:
 // the head dim is split into panels of 64 elements (128 bytes), each panel a (rows, 128 B)
-// array whose 16-byte chunk c of row r sits at chunk c ^ (r % 8). Q and every ring stage have
-// a "full" barrier (the producer's expect_tx arrival + the copy's bytes) and an "empty"
-// barrier (one arrival per consumer thread once its wgmmas have read it; Q is released after
-// a work tile's last S).
+// array whose 16-byte chunk c of row r sits at chunk c ^ (r % 8). Every ring stage has a
+// "full" barrier (the producer's expect_tx arrival + the copy's bytes) and an "empty" barrier
+// (one arrival per consumer thread once its wgmmas have read the stage).
 //
 // Per key tile t a consumer issues S_t = Q K_t^T and O += P_{t-1} V_{t-1} back to back, waits
 // for S_t only, computes the scale/softcap, mask (boundary tiles only) and online softmax
@@ -49,43 +46,44 @@ struct WgTraits {
   // setmaxnreg budgets: 128 x 24 + 256 x 240 <= 64K registers.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
-  // Named barriers: 0 is __syncthreads; the turn of consumer c is 1 + c.
+  // Named barriers: 0 is __syncthreads; the turn of consumer c is 1 + c; consumer c's O
+  // staging is 3 + c.
   static constexpr uint32_t kTurnBarrier = 1;
+  static constexpr uint32_t kStagingBarrier = 3;
 
   static constexpr int kPanels = kHeadDim / 64;
-  static constexpr int kSRegs = kBlockN / 2;      // S: (64, kBlockN) f32 per consumer
-  static constexpr int kORegs = kHeadDim / 2;     // O: (64, kHeadDim) f32 per consumer
-  static constexpr int kQkSteps = kHeadDim / 16;  // k16 steps of Q K^T
-  static constexpr int kPvSteps = kBlockN / 16;   // k16 steps of P V
+  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
+  static constexpr int kSRegs = kBlockN / 2;          // S: (64, kBlockN) f32 per consumer
+  static constexpr int kORegs = kHeadDim / 2;         // O: (64, kHeadDim) f32 per consumer
+  static constexpr int kQkSteps = kHeadDim / 16;      // k16 steps of Q K^T
+  static constexpr int kPvSteps = kBlockN / 16;       // k16 steps of P V
 
   // Shared memory (bytes): Q (kBlockM, kHeadDim), the K ring and the V ring (kStages,
-  // kBlockN, kHeadDim) each, the mbarriers (Q full, Q empty; K full, V full, K empty, V empty
-  // per stage), plus slack to align the base to 1024 bytes (the swizzle atom).
+  // kBlockN, kHeadDim) each, the mbarriers (Q full; K full, V full, K empty, V empty per
+  // stage), plus slack to align the base to 1024 bytes (the swizzle atom). Each consumer's
+  // Q rows double as the staging area of its O rows.
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim * 2;
   static constexpr uint32_t kKvBytes = kBlockN * kHeadDim * 2;
   static constexpr uint32_t kBarrierOffset = kQBytes + 2 * kStages * kKvBytes;
-  static constexpr uint32_t kBarrierBytes = 8 * (2 + 4 * kStages);
+  static constexpr uint32_t kBarrierBytes = 8 * (1 + 4 * kStages);
   static constexpr size_t kSmemBytes = (size_t)kBarrierOffset + kBarrierBytes + 1024;
 
   static_assert(kPanels * 64 == kHeadDim, "the head dim is split into 64-element swizzle panels");
-  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "the key tile is the n of S = Q K^T");
+  static_assert(kBlockN % 64 == 0 && kBlockN <= 256, "the key tile is the n of S = Q K^T");
   static_assert(kBlockM <= 256 && kBlockN <= 256, "a TMA box has at most 256 rows");
+  static_assert((64 * kChunksPerRow) % 128 == 0, "O write-back is whole passes per consumer");
   static_assert(kSRegs % 8 == 0 && kORegs % 4 == 0, "whole n8 accumulator blocks");
   static_assert(kQkSteps % 4 == 0 && kPvSteps * 8 == kSRegs, "k16 steps cover whole panels");
   static_assert(kSmemBytes <= 232448, "fits the 227 KB a Hopper block may opt in to");
   static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536,
                 "the register budgets fit the register file");
-  static_assert(kTurnBarrier >= 1 && kTurnBarrier + kConsumers <= 16,
-                "named barrier ids 1..15 (0 is __syncthreads)");
+  static_assert(kStagingBarrier >= kTurnBarrier + kConsumers && kStagingBarrier + kConsumers <= 16,
+                "distinct named barrier ids, at most 16");
 };
 
 using Wg64 = WgTraits<64, 128, 4>;    // 145 KB shared
 using Wg128 = WgTraits<128, 128, 3>;  // 225 KB shared
 using Wg256 = WgTraits<256, 64, 2>;   // 193 KB shared
-// d128 with every key visible (no window): 176-key tiles spread each tile's fixed costs
-// (barrier waits, turns, the row-max reduction) over more keys; masked problems keep 128-key
-// tiles, where a boundary tile wastes less.
-using Wg128Wide = WgTraits<128, 176, 2>;  // 209 KB shared
 
 // The three tensor maps (Q, K, V as [batch, rows, heads, head_dim] with element strides,
 // boxes of 64 channels x kBlockM or kBlockN rows), passed by value.
@@ -93,43 +91,18 @@ struct WgTensorMaps {
   CUtensorMap q, k, v;
 };
 
+// Byte offset of 16-byte chunk `chunk` of `row` in a (kRows, kHeadDim) tile in the panel
+// layout (see the file comment).
+template <int kRows>
+__device__ __forceinline__ uint32_t panel_offset(int row, int chunk) {
+  return (uint32_t)((chunk >> 3) * (kRows * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
+}
+
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float x, float y) {
   const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
   return *reinterpret_cast<const uint32_t *>(&v);
 }
-
-// Work tile `tile` of the persistent schedule: tiles run in order of decreasing query block
-// (with a causal mask the last query blocks see the most keys), and within one query block
-// over (batch, head) with the heads of a GQA group adjacent, so their K/V stay in L2.
-struct WorkTile {
-  int m0, h, b;
-};
-template <class Tr>
-__device__ __forceinline__ WorkTile work_tile(const LaDenseParams &p, long long tile,
-                                              int m_blocks) {
-  const long long bh = (long long)p.heads_q * p.batch;
-  const int mb = m_blocks - 1 - (int)(tile / bh);
-  const long long rem = tile % bh;
-  return {mb * Tr::kBlockM, (int)(rem % p.heads_q), (int)(rem / p.heads_q)};
-}
-
-// One query tile's key tiles (Mask::key_tiles): sink tiles, then the window; tile t starts at
-// key n0(t).
-template <class Tr>
-struct TileRange {
-  int sink_tiles, first, n_tiles;
-  __device__ __forceinline__ TileRange(const LaDenseParams &p, const SeqInfo &s, int m0) {
-    const Mask mask{p.window_left, p.window_right, p.sinks};
-    int last;
-    mask.key_tiles(m0, min(m0 + Tr::kBlockM, s.sq), s.sq, s.sk, Tr::kBlockN, sink_tiles, first,
-                   last);
-    n_tiles = sink_tiles + (last - first);
-  }
-  __device__ __forceinline__ int n0(int t) const {
-    return (t < sink_tiles ? t : first + (t - sink_tiles)) * Tr::kBlockN;
-  }
-};
 
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
@@ -143,26 +116,33 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = mma::smem_addr(smem_raw);
   const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+  unsigned char *smem = smem_raw + pad;
   const uint32_t q_base = raw_addr + pad;
   const uint32_t k_base = q_base + Tr::kQBytes;
   const uint32_t v_base = k_base + kStages * Tr::kKvBytes;
-  // mbarriers (8 bytes each): Q full, Q empty, then per stage K full, V full, K empty, V empty.
+  // mbarriers (8 bytes each): Q full, then per stage K full, V full, K empty, V empty.
   const uint32_t bar_base = q_base + Tr::kBarrierOffset;
-  const uint32_t q_full = bar_base, q_empty = bar_base + 8u;
-  auto k_full = [&](int st) { return bar_base + 8u * (2 + st); };
-  auto v_full = [&](int st) { return bar_base + 8u * (2 + kStages + st); };
-  auto k_empty = [&](int st) { return bar_base + 8u * (2 + 2 * kStages + st); };
-  auto v_empty = [&](int st) { return bar_base + 8u * (2 + 3 * kStages + st); };
+  const uint32_t q_full = bar_base;
+  auto k_full = [&](int st) { return bar_base + 8u * (1 + st); };
+  auto v_full = [&](int st) { return bar_base + 8u * (1 + kStages + st); };
+  auto k_empty = [&](int st) { return bar_base + 8u * (1 + 2 * kStages + st); };
+  auto v_empty = [&](int st) { return bar_base + 8u * (1 + 3 * kStages + st); };
 
-  // Persistent schedule: block i takes work tiles i, i + gridDim.x, ... Every role walks the
-  // same sequence; tiles with no key to visit take no load and no barrier.
-  const int m_blocks = (p.seqlen_q + BM - 1) / BM;
-  const long long n_work = (long long)m_blocks * p.heads_q * p.batch;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b, h);
+  // Reverse order: with a causal mask the last query tiles have the most keys.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+  if (m0 >= s.sq) return;  // uniform over the block, before any barrier
+
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  int sink_tiles, first, last;
+  mask.key_tiles(m0, min(m0 + BM, s.sq), s.sq, s.sk, BN, sink_tiles, first, last);
+  const int n_tiles = sink_tiles + (last - first);
+  auto tile_n0 = [&](int t) { return (t < sink_tiles ? t : first + (t - sink_tiles)) * BN; };
 
   const int tid = threadIdx.x;
   if (tid == 0) {
     tma::barrier_init(q_full, 1);
-    tma::barrier_init(q_empty, Tr::kConsumerThreads);
     for (int st = 0; st < kStages; ++st) {
       tma::barrier_init(k_full(st), 1);
       tma::barrier_init(v_full(st), 1);
@@ -176,56 +156,64 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (tid < 128) {
     // ---- producer warpgroup: one thread issues every copy --------------------------------
     tma::release_registers<Tr::kProducerRegs>();
-    if (tid == 0) {
-      tma::prefetch_map(&maps.q);
+    if (tid == 0 && n_tiles > 0) {
+      // Tensor coordinates: (channel, row, head, batch); packed (varlen) rows are absolute.
+      const int batch_coord = p.cu_seqlens_q != nullptr ? 0 : b;
+      const int kvh = h / (p.heads_q / p.heads_kv);
+      const int q_row = (int)s.q_row0 + m0, k_row0 = (int)s.k_row0;
       tma::prefetch_map(&maps.k);
       tma::prefetch_map(&maps.v);
-      const int batch_coord_packed = p.cu_seqlens_q != nullptr;
-      int items = 0;        // work tiles loaded so far (Q phases)
-      long long loads = 0;  // K/V tiles loaded so far over every work tile (ring position)
-      for (long long w = blockIdx.x; w < n_work; w += gridDim.x) {
-        const WorkTile wt = work_tile<Tr>(p, w, m_blocks);
-        const SeqInfo s = seq_info(p, wt.b, wt.h);
-        if (wt.m0 >= s.sq) continue;
-        const TileRange<Tr> range(p, s, wt.m0);
-        if (range.n_tiles == 0) continue;
-        // Tensor coordinates: (channel, row, head, batch); packed (varlen) rows are absolute.
-        const int batch_coord = batch_coord_packed ? 0 : wt.b;
-        const int kvh = wt.h / (p.heads_q / p.heads_kv);
-        // The consumers release Q once their last S of the previous work tile is done.
-        if (items > 0) tma::wait(q_empty, (uint32_t)((items - 1) & 1));
-        tma::arrive_expect_tx(q_full, Tr::kQBytes);
+      tma::arrive_expect_tx(q_full, Tr::kQBytes);
+#pragma unroll
+      for (int pn = 0; pn < Tr::kPanels; ++pn)
+        tma::load_4d(q_base + pn * (BM * 128), &maps.q, q_full, 64 * pn, q_row, h, batch_coord);
+      for (int t = 0; t < n_tiles; ++t) {
+        const int st = t % kStages;
+        const uint32_t reuse_parity = ((t / kStages) - 1) & 1;  // previous use's release
+        const int row = k_row0 + tile_n0(t);
+        if (t >= kStages) tma::wait(k_empty(st), reuse_parity);
+        tma::arrive_expect_tx(k_full(st), Tr::kKvBytes);
 #pragma unroll
         for (int pn = 0; pn < Tr::kPanels; ++pn)
-          tma::load_4d(q_base + pn * (BM * 128), &maps.q, q_full, 64 * pn,
-                       (int)s.q_row0 + wt.m0, wt.h, batch_coord);
-        for (int t = 0; t < range.n_tiles; ++t) {
-          const long long g = loads + t;
-          const int st = (int)(g % kStages);
-          const uint32_t reuse_parity = (uint32_t)((g / kStages - 1) & 1);  // previous use
-          const int row = (int)s.k_row0 + range.n0(t);
-          if (g >= kStages) tma::wait(k_empty(st), reuse_parity);
-          tma::arrive_expect_tx(k_full(st), Tr::kKvBytes);
+          tma::load_4d(k_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.k, k_full(st), 64 * pn,
+                       row, kvh, batch_coord);
+        if (t >= kStages) tma::wait(v_empty(st), reuse_parity);
+        tma::arrive_expect_tx(v_full(st), Tr::kKvBytes);
 #pragma unroll
-          for (int pn = 0; pn < Tr::kPanels; ++pn)
-            tma::load_4d(k_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.k, k_full(st),
-                         64 * pn, row, kvh, batch_coord);
-          if (g >= kStages) tma::wait(v_empty(st), reuse_parity);
-          tma::arrive_expect_tx(v_full(st), Tr::kKvBytes);
-#pragma unroll
-          for (int pn = 0; pn < Tr::kPanels; ++pn)
-            tma::load_4d(v_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.v, v_full(st),
-                         64 * pn, row, kvh, batch_coord);
-        }
-        loads += range.n_tiles;
-        ++items;
+        for (int pn = 0; pn < Tr::kPanels; ++pn)
+          tma::load_4d(v_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.v, v_full(st), 64 * pn,
+                       row, kvh, batch_coord);
       }
     }
   } else {
     // ---- consumer warpgroups -----------------------------------------------------------
     tma::claim_registers<Tr::kConsumerRegs>();
     const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32;
+    const int ctid = tid - 128 * (wg + 1);  // thread index within the consumer
     const int g = lane / 4, tq = lane % 4;
+    T *o = head_tensors<T>(p, s, b, h).o;
+
+    // This thread's two rows (16w + g and +8 of its consumer's 64) and their visible key
+    // range: key j is visible iff j <= hi && (j >= lo || j < sinks), which is Mask::visible
+    // for j >= 0.
+    const int warp_row0 = m0 + 64 * wg + 16 * warp;
+    int hi[2], lo[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
+      long long hr = s.sk - 1;
+      if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
+      long long lr = 0;
+      if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
+      hi[r] = (int)max(hr, -1LL);
+      lo[r] = (int)lr;
+    }
+    // The same bounds for the warp's first and last valid rows decide whether a tile needs
+    // per-element masking at all.
+    const int warp_last = min(warp_row0 + 15, s.sq - 1);
+    const long long diag_first = (long long)warp_row0 + s.sk - s.sq;
+    const long long diag_last = (long long)warp_last + s.sk - s.sq;
+
     const float scale_log2 = p.scale * kLog2e;
     const bool softcap = p.softcap > 0.0f;
     const float cap_pre = softcap ? (p.scale / p.softcap) : 0.0f;
@@ -245,16 +233,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     auto v_desc = [&](uint32_t vs, int kk) {
       return wgmma::make_desc(vs + kk * 2048, BN * 128, 1024);
     };
-    // Turns: consumer wg issues its wgmmas between take_turn() and pass_turn(); the other
-    // consumer's turn starts when this one passes.
-    auto take_turn = [&]() { tma::named_sync(Tr::kTurnBarrier + wg, Tr::kConsumerThreads); };
-    auto pass_turn = [&]() {
-      tma::named_arrive(Tr::kTurnBarrier + (1 - wg), Tr::kConsumerThreads);
-    };
 
+    float m[2] = {kNegInf, kNegInf};  // row max, log2 units
+    float l[2] = {0.0f, 0.0f};        // this thread's partial row sum (quad-reduced at the end)
     float oacc[Tr::kORegs];
     float sacc[Tr::kSRegs];
     uint32_t pf[Tr::kPvSteps][4];  // P of the previous tile, A fragments per k16 step
+#pragma unroll
+    for (int i = 0; i < Tr::kORegs; ++i) oacc[i] = 0.0f;
 #pragma unroll
     for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = 0.0f;
 #pragma unroll
@@ -262,207 +248,177 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 4; ++e) pf[kk][e] = 0u;
 
-    int items = 0;        // work tiles with keys done so far (Q phases)
-    long long loads = 0;  // K/V tiles consumed so far over every work tile (ring position)
-    for (long long w = blockIdx.x; w < n_work; w += gridDim.x) {
-      const WorkTile wt = work_tile<Tr>(p, w, m_blocks);
-      const SeqInfo s = seq_info(p, wt.b, wt.h);
-      if (wt.m0 >= s.sq) continue;
-      const TileRange<Tr> range(p, s, wt.m0);
-      const int n_tiles = range.n_tiles;
-      T *o = head_tensors<T>(p, s, wt.b, wt.h).o;
-
-      // This thread's two rows (16w + g and +8 of its consumer's 64) and their visible key
-      // range: key j is visible iff j <= hi && (j >= lo || j < sinks), which is Mask::visible
-      // for j >= 0.
-      const int warp_row0 = wt.m0 + 64 * wg + 16 * warp;
-      int hi[2], lo[2];
+    auto parity = [&](int t) { return (uint32_t)((t / kStages) & 1); };
+    // Turns: consumer wg issues its wgmmas between take_turn() and pass_turn(); the other
+    // consumer's turn starts when this one passes.
+    auto take_turn = [&]() { tma::named_sync(Tr::kTurnBarrier + wg, Tr::kConsumerThreads); };
+    auto pass_turn = [&]() { tma::named_arrive(Tr::kTurnBarrier + (1 - wg), Tr::kConsumerThreads); };
+    auto issue_s = [&](int t) {
+      const uint32_t ks = k_base + (t % kStages) * Tr::kKvBytes;
+#pragma unroll
+      for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
+        if (kk == 0) {
+          SMma::template ss<0>(sacc, q_desc(kk), k_desc(ks, kk));
+        } else {
+          SMma::template ss<1>(sacc, q_desc(kk), k_desc(ks, kk));
+        }
+      }
+      wgmma::commit();
+    };
+    auto issue_pv = [&](int t) {  // O += P_t V_t
+      const uint32_t vs = v_base + (t % kStages) * Tr::kKvBytes;
+#pragma unroll
+      for (int kk = 0; kk < Tr::kPvSteps; ++kk) OMma::rs_bt(oacc, pf[kk], v_desc(vs, kk));
+      wgmma::commit();
+    };
+    // Scores of tile t (S_t waited) -> exponentials in sacc, running max/sum, rescale factors.
+    auto softmax = [&](int t, float (&alpha)[2]) {
+      const int n0 = tile_n0(t);
+      if (softcap) {
+#pragma unroll
+        for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
+      } else {
+#pragma unroll
+        for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
+      }
+      // Interior tiles (every key visible to every valid row of the warp) skip the mask;
+      // boundary tiles, including the ragged last tile whose keys past sk are zeros or the
+      // next packed sequence's, mask per element.
+      const int n_end = n0 + BN;
+      const bool interior =
+          n_end <= s.sk &&
+          (p.window_right < 0 || (long long)n_end - 1 <= diag_first + p.window_right) &&
+          (p.window_left < 0 || (long long)n0 >= diag_last - p.window_left || n_end <= p.sinks);
+      if (!interior) {
+#pragma unroll
+        for (int i = 0; i < Tr::kSRegs / 4; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
+            if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
+          }
+      }
+      // Online softmax per row; the 4 threads of a quad share a row.
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
-        long long hr = s.sk - 1;
-        if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
-        long long lr = 0;
-        if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
-        hi[r] = (int)max(hr, -1LL);
-        lo[r] = (int)lr;
+        float mx = m[r];
+#pragma unroll
+        for (int i = 0; i < Tr::kSRegs / 4; ++i)
+          mx = fmaxf(mx, fmaxf(sacc[4 * i + 2 * r], sacc[4 * i + 2 * r + 1]));
+        mx = fmaxf(mx, mma::shfl_xor<1>(mx));
+        mx = fmaxf(mx, mma::shfl_xor<2>(mx));
+        alpha[r] = rescale_factor(m[r], mx);
+        // Nothing visible yet (mx = -inf): subtract 0 so that masked scores give 0, not NaN.
+        const float base = mx == kNegInf ? 0.0f : mx;
+        float sum = 0.0f;
+#pragma unroll
+        for (int i = 0; i < Tr::kSRegs / 4; ++i) {
+          sacc[4 * i + 2 * r] = mma::fast_exp2(sacc[4 * i + 2 * r] - base);
+          sacc[4 * i + 2 * r + 1] = mma::fast_exp2(sacc[4 * i + 2 * r + 1] - base);
+          sum += sacc[4 * i + 2 * r] + sacc[4 * i + 2 * r + 1];
+        }
+        l[r] = l[r] * alpha[r] + sum;
+        m[r] = mx;
       }
-      // The same bounds for the warp's first and last valid rows decide whether a tile needs
-      // per-element masking at all.
-      const int warp_last = min(warp_row0 + 15, s.sq - 1);
-      const long long diag_first = (long long)warp_row0 + s.sk - s.sq;
-      const long long diag_last = (long long)warp_last + s.sk - s.sq;
+    };
+    // The S accumulators of n8 blocks 2kk and 2kk+1 are the A fragment of k16 step kk.
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
+        pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+        pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+        pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+        pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+      }
+    };
 
-      float m[2] = {kNegInf, kNegInf};  // row max, log2 units
-      float l[2] = {0.0f, 0.0f};        // this thread's partial row sum (quad-reduced below)
-#pragma unroll
-      for (int i = 0; i < Tr::kORegs; ++i) oacc[i] = 0.0f;
-
-      auto stage = [&](int t) { return (int)((loads + t) % kStages); };
-      auto parity = [&](int t) { return (uint32_t)(((loads + t) / kStages) & 1); };
-      auto issue_s = [&](int t) {
-        const uint32_t ks = k_base + stage(t) * Tr::kKvBytes;
-#pragma unroll
-        for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
-          if (kk == 0) {
-            SMma::template ss<0>(sacc, q_desc(kk), k_desc(ks, kk));
-          } else {
-            SMma::template ss<1>(sacc, q_desc(kk), k_desc(ks, kk));
-          }
-        }
-        wgmma::commit();
-      };
-      auto issue_pv = [&](int t) {  // O += P_t V_t
-        const uint32_t vs = v_base + stage(t) * Tr::kKvBytes;
-#pragma unroll
-        for (int kk = 0; kk < Tr::kPvSteps; ++kk) OMma::rs_bt(oacc, pf[kk], v_desc(vs, kk));
-        wgmma::commit();
-      };
-      // Scores of tile t (S_t waited) -> exponentials in sacc, running max/sum, rescale
-      // factors.
-      auto softmax = [&](int t, float (&alpha)[2]) {
-        const int n0 = range.n0(t);
-        if (softcap) {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-        } else {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-        }
-        // Interior tiles (every key visible to every valid row of the warp) skip the mask;
-        // boundary tiles, including the ragged last tile whose keys past sk are zeros or the
-        // next packed sequence's, mask per element.
-        const int n_end = n0 + BN;
-        const bool interior =
-            n_end <= s.sk &&
-            (p.window_right < 0 || (long long)n_end - 1 <= diag_first + p.window_right) &&
-            (p.window_left < 0 || (long long)n0 >= diag_last - p.window_left ||
-             n_end <= p.sinks);
-        if (!interior) {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs / 4; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-              if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
-            }
-        }
-        // Online softmax per row; the 4 threads of a quad share a row.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = m[r];
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs / 4; ++i)
-            mx = fmaxf(mx, fmaxf(sacc[4 * i + 2 * r], sacc[4 * i + 2 * r + 1]));
-          mx = fmaxf(mx, mma::shfl_xor<1>(mx));
-          mx = fmaxf(mx, mma::shfl_xor<2>(mx));
-          alpha[r] = rescale_factor(m[r], mx);
-          // Nothing visible yet (mx = -inf): subtract 0 so that masked scores give 0, not
-          // NaN.
-          const float base = mx == kNegInf ? 0.0f : mx;
-          float sum = 0.0f;
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs / 4; ++i) {
-            sacc[4 * i + 2 * r] = mma::fast_exp2(sacc[4 * i + 2 * r] - base);
-            sacc[4 * i + 2 * r + 1] = mma::fast_exp2(sacc[4 * i + 2 * r + 1] - base);
-            sum += sacc[4 * i + 2 * r] + sacc[4 * i + 2 * r + 1];
-          }
-          l[r] = l[r] * alpha[r] + sum;
-          m[r] = mx;
-        }
-      };
-      // The S accumulators of n8 blocks 2kk and 2kk+1 are the A fragment of k16 step kk.
-      auto pack_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
-          pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-          pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-          pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-          pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-        }
-      };
-
-      if (n_tiles > 0) {
-        // Per work tile: consumer 0 takes the first turn, and consumer 1 passes none after
-        // its last wgmmas, so the turn barriers carry nothing into the next work tile.
-        if (wg == 1) pass_turn();
-        // Tile 0: S only (O is zero, nothing to rescale).
-        float alpha[2];
-        tma::wait(q_full, (uint32_t)(items & 1));
-        tma::wait(k_full(stage(0)), parity(0));
+    if (n_tiles > 0) {
+      // Consumer 0 takes the first turn.
+      if (wg == 1) pass_turn();
+      // Tile 0: S only (O is zero, nothing to rescale).
+      float alpha[2];
+      tma::wait(q_full, 0);
+      tma::wait(k_full(0), 0);
+      take_turn();
+      wgmma::fence();
+      issue_s(0);
+      pass_turn();
+      wgmma::wait<0>();
+      wgmma::fence_operands(sacc);
+      tma::arrive(k_empty(0));
+      softmax(0, alpha);
+      pack_p();
+      // Tiles 1..n-1: issue S_t, then O += P_{t-1} V_{t-1}; the exponentials of S_t overlap
+      // the PV wgmma, which is waited before O is rescaled and P overwritten.
+      for (int t = 1; t < n_tiles; ++t) {
+        tma::wait(k_full(t % kStages), parity(t));
+        tma::wait(v_full((t - 1) % kStages), parity(t - 1));
         take_turn();
         wgmma::fence();
-        issue_s(0);
+        issue_s(t);
+        issue_pv(t - 1);
         pass_turn();
-        wgmma::wait<0>();
+        wgmma::wait<1>();
         wgmma::fence_operands(sacc);
-        tma::arrive(k_empty(stage(0)));
-        if (n_tiles == 1) tma::arrive(q_empty);  // this work tile's last read of Q
-        softmax(0, alpha);
-        pack_p();
-        // Tiles 1..n-1: issue S_t, then O += P_{t-1} V_{t-1}; the exponentials of S_t overlap
-        // the PV wgmma, which is waited before O is rescaled and P overwritten.
-        for (int t = 1; t < n_tiles; ++t) {
-          tma::wait(k_full(stage(t)), parity(t));
-          tma::wait(v_full(stage(t - 1)), parity(t - 1));
-          take_turn();
-          wgmma::fence();
-          issue_s(t);
-          issue_pv(t - 1);
-          pass_turn();
-          wgmma::wait<1>();
-          wgmma::fence_operands(sacc);
-          tma::arrive(k_empty(stage(t)));
-          if (t == n_tiles - 1) tma::arrive(q_empty);
-          softmax(t, alpha);
-          wgmma::wait<0>();
-          wgmma::fence_operands(oacc);
-          tma::arrive(v_empty(stage(t - 1)));
-          // Once the row maxima settle most tiles change none of the warp's rows (alpha is
-          // exactly 1): skip the multiply then (same bits either way).
-          if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-            for (int i = 0; i < Tr::kORegs / 4; ++i) {
-              oacc[4 * i + 0] *= alpha[0];
-              oacc[4 * i + 1] *= alpha[0];
-              oacc[4 * i + 2] *= alpha[1];
-              oacc[4 * i + 3] *= alpha[1];
-            }
-          }
-          pack_p();
-        }
-        // The last PV.
-        tma::wait(v_full(stage(n_tiles - 1)), parity(n_tiles - 1));
-        take_turn();
-        wgmma::fence();
-        issue_pv(n_tiles - 1);
-        if (wg == 0) pass_turn();
+        tma::arrive(k_empty(t % kStages));
+        softmax(t, alpha);
         wgmma::wait<0>();
         wgmma::fence_operands(oacc);
-        tma::arrive(v_empty(stage(n_tiles - 1)));
-        loads += n_tiles;
-        ++items;
+        tma::arrive(v_empty((t - 1) % kStages));
+#pragma unroll
+        for (int i = 0; i < Tr::kORegs / 4; ++i) {
+          oacc[4 * i + 0] *= alpha[0];
+          oacc[4 * i + 1] *= alpha[0];
+          oacc[4 * i + 2] *= alpha[1];
+          oacc[4 * i + 3] *= alpha[1];
+        }
+        pack_p();
       }
+      // The last PV. Consumer 1 passes no turn after it: consumer 0 takes no further one.
+      tma::wait(v_full((n_tiles - 1) % kStages), parity(n_tiles - 1));
+      take_turn();
+      wgmma::fence();
+      issue_pv(n_tiles - 1);
+      if (wg == 0) pass_turn();
+      wgmma::wait<0>();
+      wgmma::fence_operands(oacc);
+    }
 
-      // Epilogue straight from registers (4-byte pairs; the output is small next to the
-      // work), so shared memory is free for the next work tile's loads.
-      float inv[2];
+    // Epilogue. This consumer's wgmmas are done (and the Q copy, if any, was waited), so its
+    // own Q rows can hold its O rows.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += mma::shfl_xor<1>(l[r]);
+      l[r] += mma::shfl_xor<2>(l[r]);
+      inv[r] = l[r] > 0.0f ? __fdividef(1.0f, l[r]) : 0.0f;  // empty row: output 0
+    }
+    // Stage O in Q's shared memory (same panel layout, conflict-free), then write 16-byte
+    // vectors to global memory.
+#pragma unroll
+    for (int i = 0; i < Tr::kORegs / 4; ++i)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        l[r] += mma::shfl_xor<1>(l[r]);
-        l[r] += mma::shfl_xor<2>(l[r]);
-        inv[r] = l[r] > 0.0f ? __fdividef(1.0f, l[r]) : 0.0f;  // empty row: output 0
+        const int row = 64 * wg + 16 * warp + g + 8 * r;
+        *reinterpret_cast<uint32_t *>(smem + panel_offset<BM>(row, i) + 4 * tq) =
+            pack2<T>(oacc[4 * i + 2 * r] * inv[r], oacc[4 * i + 2 * r + 1] * inv[r]);
       }
+    tma::named_sync(Tr::kStagingBarrier + wg, 128);
+    constexpr int kCpr = Tr::kChunksPerRow;
+#pragma unroll
+    for (int pass = 0; pass < 64 * kCpr / 128; ++pass) {
+      const int idx = ctid + 128 * pass, r = 64 * wg + idx / kCpr, chunk = idx % kCpr;
+      const int i = m0 + r;
+      if (i < s.sq) {
+        const uint4 val = *reinterpret_cast<const uint4 *>(smem + panel_offset<BM>(r, chunk));
+        *reinterpret_cast<uint4 *>(o + i * p.o_row_stride + chunk * 8) = val;
+      }
+    }
+    if (p.lse != nullptr && tq == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = warp_row0 + g + 8 * r;
-        if (i >= s.sq) continue;
-        T *orow = o + i * p.o_row_stride + 2 * tq;
-#pragma unroll
-        for (int c = 0; c < Tr::kORegs / 4; ++c)
-          *reinterpret_cast<uint32_t *>(orow + 8 * c) =
-              pack2<T>(oacc[4 * c + 2 * r] * inv[r], oacc[4 * c + 2 * r + 1] * inv[r]);
-        if (p.lse != nullptr && tq == 0) p.lse[s.lse_base + i] = lse_from_log2(m[r], l[r]);
+        if (i < s.sq) p.lse[s.lse_base + i] = lse_from_log2(m[r], l[r]);
       }
     }
   }
@@ -570,31 +526,16 @@ cudaError_t launch_wgmma(const LaDenseParams &p, cudaStream_t stream) {
                       p.dtype, Tr::kHeadDim, Tr::kBlockN))
     return cudaErrorNotSupported;
   auto kernel = dense_wgmma_kernel<T, Tr>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)Tr::kSmemBytes);
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  // Persistent: one block per SM (the shared memory allows no second one), at most one per
-  // work tile.
-  int dev = 0, sms = 0;
-  err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err != cudaSuccess) return err;
-  const long long work = (long long)((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM) * p.heads_q *
-                         p.batch;
-  const dim3 grid((unsigned)min(work, (long long)sms));
+  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
 
 template <class F>
 bool with_config(const LaDenseParams &p, F &&f) {
-  if (p.head_dim == 128 && p.window_left < 0 && p.window_right < 0) {
-    switch (p.dtype) {
-      case LA_F16: f(Tag<__half>{}, Tag<Wg128Wide>{}); return true;
-      case LA_BF16: f(Tag<__nv_bfloat16>{}, Tag<Wg128Wide>{}); return true;
-      default: return false;
-    }
-  }
   return with_head_dim_config<Wg64, Wg128, Wg256>(p, static_cast<F &&>(f));
 }
 

@@ -142,96 +142,24 @@ struct QuestCandidates {
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
 
-// Contribution of one lane's four channels to a page score for one query row:
-// sum of max(q_c * kmax_c, q_c * kmin_c) over the four, bounds packed as 4 elements of T.
+// Four consecutive elements (8-byte aligned) as floats.
 template <typename T>
-__device__ __forceinline__ float bound_dot(const float4 &qv, const uint2 &lo_raw, const uint2 &hi_raw) {
+__device__ __forceinline__ float4 load4(const T *src) {
   using Pair = typename Elem<T>::Pair;
-  const float2 lo_a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&lo_raw.x));
-  const float2 lo_b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&lo_raw.y));
-  const float2 hi_a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&hi_raw.x));
-  const float2 hi_b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&hi_raw.y));
-  return fmaxf(qv.x * hi_a.x, qv.x * lo_a.x) + fmaxf(qv.y * hi_a.y, qv.y * lo_a.y) +
-         fmaxf(qv.z * hi_b.x, qv.z * lo_b.x) + fmaxf(qv.w * hi_b.y, qv.w * lo_b.y);
+  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
+  const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+  const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
 }
 
-// Scoring, grid (page chunks, heads_kv, batch), for head dims up to DB. A block scores a
-// chunk of kChunk pages of one (sequence, kv head); warp w takes its kWarpPages consecutive
-// pages at once, lane L owning channels 4 * L + 128 * x of each. The score kernel is bound
-// by memory latency, not bytes, so the block asks for everything it needs in two round
-// trips: first the head kind, sequence length, the chunk's table entries (one coalesced
-// load into shared memory) and the first query rows together, then every metadata vector
-// of the warp's pages before any is used (16 packed uint2 per lane in both buckets: DB 256
-// takes half the pages per warp). That register budget keeps 4 blocks per SM, so batch 1 x
-// 64k tokens x page 16 x 8 kv heads (512 blocks of 64 pages) runs in one wave on 132 SMs.
-// Writes every score of the chunk (-inf where not a candidate or not a Quest head: the
-// documented output, the buffer is not necessarily pre-filled).
-template <int DB>
-struct QuestScoreCfg {
-  static constexpr int kBoundVecs = DB / 128;         // 4-channel vectors per lane per bound
-  static constexpr int kWarpPages = 8 / kBoundVecs;   // pages a warp scores at once
-  static constexpr int kChunk = kQuestWarps * kWarpPages;
-  static constexpr int kLanesPerPage = 32 / kWarpPages;  // lanes holding a page's sum
-  static_assert(DB == 128 || DB == 256, "head-dim buckets of the score kernel");
-  static_assert(kChunk <= kQuestThreads, "one table entry per thread");
-};
-constexpr int kQuestMinBlocks = 4;  // blocks per SM the score kernel's registers allow
+// Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
+// kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
+// the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
+// the buffer is not necessarily pre-filled).
+constexpr int kQuestChunk = 64;
 
-// Stages query rows [r0, r0 + nr) of kv head kvh's group as floats (row r at q_s + r * d),
-// 8 elements per load: the Rust side checks that q's strides are multiples of 8 elements.
 template <typename T>
-__device__ __forceinline__ void stage_quest_rows(float *q_s, const LaQuestParams &p, const T *q,
-                                                 int kvh, int group, int r0, int nr) {
-  const int d = p.cache.head_dim, vecs = d / kVec;
-  for (int e = threadIdx.x; e < nr * vecs; e += kQuestThreads) {
-    const int r = e / vecs, col = (e % vecs) * kVec;
-    const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
-    float f[kVec];
-    unpack8<T>(*reinterpret_cast<const uint4 *>(q + qi * p.q_row_stride + h * p.q_head_stride + col), f);
-    float4 *dst = reinterpret_cast<float4 *>(q_s + r * d + col);
-    dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-    dst[1] = make_float4(f[4], f[5], f[6], f[7]);
-  }
-}
-
-// Full warp sums of the per-lane partials `part_of(j)` of the warp's P pages, with one
-// reduce-scatter: at each of the first log2(P) xor steps a lane keeps half of its pages and
-// adds its partner's values of them, so the P sums cost P - 1 + log2(32 / P) shuffles
-// instead of 5P. The association is warp_sum's (offsets 16, 8, ..., 1; own value plus
-// partner's), so the sums are bit-identical to it. The first step consumes the partials in
-// pairs as they are computed, so only P / 2 are live at once. Returns the sum of page
-// lane / (32 / P).
-template <int P, class PartOf>
-__device__ __forceinline__ float warp_page_sums(const PartOf &part_of, int lane) {
-  static_assert(P >= 2 && P <= 32 && (P & (P - 1)) == 0, "pages per warp: a power of two");
-  float part[P / 2];
-  const bool upper16 = (lane & 16) != 0;
-#pragma unroll
-  for (int i = 0; i < P / 2; ++i) {
-    const float low = part_of(i), high = part_of(i + P / 2);
-    part[i] = (upper16 ? high : low) + __shfl_xor_sync(0xffffffffu, upper16 ? low : high, 16);
-  }
-#pragma unroll
-  for (int half = P / 4, o = 8; half >= 1; half /= 2, o /= 2) {
-    const bool upper = (lane & o) != 0;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const float keep = upper ? part[i + half] : part[i];
-      const float send = upper ? part[i] : part[i + half];
-      part[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-    }
-  }
-  float s = part[0];
-#pragma unroll
-  for (int o = 16 / P; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
-}
-
-template <typename T, int DB>
-__global__ void __launch_bounds__(kQuestThreads, kQuestMinBlocks)
-    quest_score_kernel(const __grid_constant__ LaQuestParams p) {
-  using Cfg = QuestScoreCfg<DB>;
-  constexpr int kWarpPages = Cfg::kWarpPages, kBoundVecs = Cfg::kBoundVecs;
+__global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
   wait_for_previous_grid();
   allow_next_grid();
   const LaPagedCache &c = p.cache;
@@ -239,90 +167,71 @@ __global__ void __launch_bounds__(kQuestThreads, kQuestMinBlocks)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   float *scores = p.scores + row_base;
-  const int pg0 = blockIdx.x * Cfg::kChunk;
-  const int pg1 = min(pg0 + Cfg::kChunk, c.max_pages_per_seq);
-  __shared__ __align__(16) float q_s[kQuestRows * DB];
-  __shared__ int phys_s[Cfg::kChunk];
+  const int pg0 = blockIdx.x * kQuestChunk;
+  const int pg1 = min(pg0 + kQuestChunk, c.max_pages_per_seq);
+  for (int pg = pg0 + tid; pg < pg1; pg += kQuestThreads) scores[pg] = kNegInf;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
+  __shared__ __align__(16) float q_s[kQuestRows * kMaxDim];
 
-  // First round trip: all of these are independent, so they are requested together.
-  const int d = c.head_dim, ps = c.page_size;
-  const int group = p.heads_q / c.heads_kv, rows = p.q_len * group;
-  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
-  const int kind = p.head_kind[kvh];
-  const int sk = c.seqlens_k[b];
-  if (pg0 + tid < pg1) phys_s[tid] = c.block_table[(long long)b * c.max_pages_per_seq + pg0 + tid];
-  stage_quest_rows<T>(q_s, p, q, kvh, group, 0, min(kQuestRows, rows));
-  __syncthreads();  // table entries and first rows staged
-
+  const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
+  const int group = p.heads_q / c.heads_kv;
+  const int rows = p.q_len * group;
   const Mask mask{p.window_left, p.window_right, p.sinks};
   QuestCandidates cand;
   mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
   cand.newest = sk > 0 ? (sk - 1) / ps : -1;
   const int n_pages = (sk + ps - 1) / ps;
   const int pg_end = min(pg1, n_pages);
-  if (kind != LA_HEAD_QUEST || pg0 >= pg_end) {
-    for (int pg = pg0 + tid; pg < pg1; pg += kQuestThreads) scores[pg] = kNegInf;
-    return;
-  }
+  if (pg0 >= pg_end) return;
 
-  // Second round trip: every metadata vector of the warp's pages.
-  const int warp_pg0 = pg0 + warp * kWarpPages;
-  auto scored = [&](int pg) { return pg < pg_end && cand.contains(pg); };
+  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
-  uint2 lo[kWarpPages][kBoundVecs], hi[kWarpPages][kBoundVecs];
-#pragma unroll
-  for (int j = 0; j < kWarpPages; ++j) {
-    const int pg = warp_pg0 + j;
-    const bool live = scored(pg);
-    const long long m_off = live ? ((long long)phys_s[pg - pg0] * c.heads_kv + kvh) * d : 0;
-#pragma unroll
-    for (int x = 0; x < kBoundVecs; ++x) {
-      const int ch = 4 * lane + 128 * x;
-      lo[j][x] = hi[j][x] = make_uint2(0u, 0u);
-      if (live && ch < d) {
-        lo[j][x] = *reinterpret_cast<const uint2 *>(kmin + m_off + ch);
-        hi[j][x] = *reinterpret_cast<const uint2 *>(kmax + m_off + ch);
-      }
-    }
-  }
-
-  // Max over the group's rows of each page's score; after warp_page_sums lane L holds page
-  // warp_pg0 + L / kLanesPerPage (its candidacy is settled now, to free registers).
-  const int lane_pg = warp_pg0 + lane / Cfg::kLanesPerPage;
-  const bool lane_writes = lane % Cfg::kLanesPerPage == 0 && lane_pg < pg1;
-  const bool lane_scored = scored(lane_pg);
-  float best = kNegInf;
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
-    if (r0 > 0) {
-      __syncthreads();  // every warp is done with the previous rows
-      stage_quest_rows<T>(q_s, p, q, kvh, group, r0, nr);
-      __syncthreads();
-    }
-    for (int r = 0; r < nr; ++r) {
-      float4 qv[kBoundVecs];
-#pragma unroll
-      for (int x = 0; x < kBoundVecs; ++x) {
-        const int ch = 4 * lane + 128 * x;
-        qv[x] = ch < d ? *reinterpret_cast<const float4 *>(q_s + r * d + ch)
-                       : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
+    for (int e = tid; e < kQuestRows * d; e += kQuestThreads) {
+      const int r = e / d, ch = e % d;
+      float x = 0.0f;
+      if (r < nr) {
+        const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
+        x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
       }
-      auto part_of = [&](int j) {
-        // Opaque to the optimiser, so the bounds stay packed: converting them once, outside
-        // the row loop, would take 64 registers of floats and halve the blocks per SM.
+      q_s[r * d + ch] = x;
+    }
+    __syncthreads();
+    // Warp per page; lane owns channels 4 * lane + 128 * x.
+    for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
+      if (!cand.contains(pg)) continue;
+      const int phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
+      const long long m_off = ((long long)phys * c.heads_kv + kvh) * d;
+      float4 lo[kMaxDim / 128], hi[kMaxDim / 128];
 #pragma unroll
-        for (int x = 0; x < kBoundVecs; ++x)
-          asm volatile("" : "+r"(lo[j][x].x), "+r"(lo[j][x].y), "+r"(hi[j][x].x), "+r"(hi[j][x].y));
+      for (int x = 0; x < kMaxDim / 128; ++x) {
+        const int ch = 4 * lane + 128 * x;
+        lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (ch < d) {
+          lo[x] = load4<T>(kmin + m_off + ch);
+          hi[x] = load4<T>(kmax + m_off + ch);
+        }
+      }
+      float best = scores[pg];
+      for (int r = 0; r < nr; ++r) {
         float s = 0.0f;
 #pragma unroll
-        for (int x = 0; x < kBoundVecs; ++x)
-          if (4 * lane + 128 * x < d) s += bound_dot<T>(qv[x], lo[j][x], hi[j][x]);
-        return s;
-      };
-      best = fmaxf(best, warp_page_sums<kWarpPages>(part_of, lane));
+        for (int x = 0; x < kMaxDim / 128; ++x) {
+          const int ch = 4 * lane + 128 * x;
+          if (ch < d) {
+            const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
+            s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
+                 fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
+          }
+        }
+        best = fmaxf(best, warp_sum(s));
+      }
+      __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
+      if (lane == 0) scores[pg] = best;
     }
   }
-  if (lane_writes) scores[lane_pg] = lane_scored ? best : kNegInf;
 }
 
 // Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
@@ -330,30 +239,21 @@ __global__ void __launch_bounds__(kQuestThreads, kQuestMinBlocks)
 // score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
 // every kept page is taken and the other candidates ("ranked" pages) compete for the
 // take_ranked = k_sel - #kept remaining places:
-// 1. A radix select (8-bit digits, most significant first, at most 4 passes) over the
-//    ranked pages' 32-bit keys finds a threshold prefix kth of the top `kth_bits` bits and
-//    how many of the pages whose key prefix equals kth are taken (ties_taken): pages above
-//    kth are all taken, and of those at kth the ties_taken lowest page indices. A pass whose
-//    threshold digit's bin holds exactly the places left ends the search early (the whole
-//    bin is taken, so no lower digit can change the selection). Histograms are counted
-//    with one shared atomic per distinct digit per warp (__match_any_sync); each pass has
-//    its own histogram, all cleared up front, and every warp finds the threshold digit
-//    itself, so a pass costs one block barrier.
+// 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
+//    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
+//    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
+//    and of those at kth the ties_taken lowest page indices. Histograms are counted with
+//    one shared atomic per distinct digit per warp (__match_any_sync).
 // 2. Compaction in ascending page order: thread t owns the contiguous pages [t * per,
 //    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
 //    gives each taken page its output position: #taken non-ties before it plus
 //    min(#ties before it, ties_taken).
-// The block is latency bound (8 blocks at batch 1), so its first loads (head kind, sequence
-// length and every score it stages) are issued together. Keys are staged in shared memory
-// when the sequence has at most kStagedPages pages (128k tokens at page 16) and recomputed
-// from the scores (L2) otherwise.
+// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
+// tokens at page 16) and recomputed from the scores (L2) otherwise.
 constexpr int kSelectThreads = 1024;
 constexpr int kSelectWarps = kSelectThreads / 32;
 constexpr int kStagedPages = 8192;  // 32 KB of keys
-constexpr int kStagedPerThread = kStagedPages / kSelectThreads;
-constexpr int kRadixPasses = 4;
 static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
-static_assert(kRadixPasses * 256 == kSelectThreads, "one histogram bin cleared per thread");
 
 __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
   wait_for_previous_grid();
@@ -363,31 +263,14 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   const float *scores = p.scores + row_base;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
   __shared__ uint32_t keys_s[kStagedPages];
-  __shared__ __align__(16) int hist[kRadixPasses][256];
+  __shared__ int hist[2][256];
+  __shared__ uint32_t sel_prefix;
+  __shared__ int sel_remaining;
   __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
 
-  // Every row is staged before the head kind and length are known (a non-Quest head's
-  // scores are -inf, still in bounds): the loads go out in one round trip.
-  const int kind = p.head_kind[kvh];
-  const int sk = c.seqlens_k[b];
-  const int stage_end = min(c.max_pages_per_seq, kStagedPages);
-  uint32_t staged_key[kStagedPerThread];
-#pragma unroll
-  for (int i = 0; i < kStagedPerThread; ++i) {
-    const int pg = i * kSelectThreads + tid;
-    staged_key[i] = pg < stage_end ? ordered_bits(scores[pg]) : 0u;
-  }
-#pragma unroll
-  for (int i = 0; i < kStagedPerThread; ++i) {
-    const int pg = i * kSelectThreads + tid;
-    if (pg < stage_end) keys_s[pg] = staged_key[i];
-  }
-  (&hist[0][0])[tid] = 0;
-  if (kind != LA_HEAD_QUEST) return;
-  __syncthreads();  // keys staged, histograms cleared
-
-  const int ps = c.page_size;
+  const int ps = c.page_size, sk = c.seqlens_k[b];
   const Mask mask{p.window_left, p.window_right, p.sinks};
   QuestCandidates cand;
   mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
@@ -407,64 +290,66 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   const bool staged = n_pages <= kStagedPages;
   auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
 
-  uint32_t kth = 0, kth_mask = 0;
+  uint32_t kth = 0;
   int ties_taken = 0;
   if (partial) {
+    if (staged)
+      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
+    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
+    __syncthreads();  // keys staged, histograms cleared
+    uint32_t prefix = 0, prefix_mask = 0;
     int remaining = take_ranked;
-    bool settled = false;  // a whole bin was taken: the remaining passes change nothing
-    for (int pass = 0; pass < kRadixPasses; ++pass) {
+    for (int pass = 0; pass < 4; ++pass) {
       const int shift = 24 - 8 * pass;
-      int *h = hist[pass];
-      // A settled search still runs the (cheap) search on its empty histogram and discards
-      // it: with a data-dependent exit around the shuffles, sm_80 code calls a shuffle
-      // helper that spills.
-      for (int base = 0; base < (settled ? 0 : n_pages); base += kSelectThreads) {
+      int *h = hist[pass & 1];
+      for (int base = 0; base < n_pages; base += kSelectThreads) {
         const int pg = base + tid;
         uint32_t digit = 256;  // not counted
         if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
           const uint32_t key = key_of(pg);
-          if ((key & kth_mask) == kth) digit = (key >> shift) & 0xffu;
+          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
         }
         const unsigned peers = __match_any_sync(0xffffffffu, digit);
         if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
       }
-      __syncthreads();  // histogram complete; no thread writes it again
-      // Digit search from 255 down (first digit whose running count reaches `remaining`),
-      // as a warp scan in every warp: lane L owns digits 255 - 8L down to 248 - 8L.
-      const int4 low4 = *reinterpret_cast<const int4 *>(h + 248 - 8 * lane);
-      const int4 high4 = *reinterpret_cast<const int4 *>(h + 252 - 8 * lane);
-      const int cnt[8] = {high4.w, high4.z, high4.y, high4.x, low4.w, low4.z, low4.y, low4.x};
-      const int own = cnt[0] + cnt[1] + cnt[2] + cnt[3] + cnt[4] + cnt[5] + cnt[6] + cnt[7];
-      int incl = own;
+      __syncthreads();  // histogram complete
+      // Clear the next pass's histogram: its last reader, the previous pass's digit search,
+      // finished before the previous pass's final barrier.
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
+      if (warp == 0) {
+        // Digit search from 255 down (first digit whose running count reaches `remaining`),
+        // as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
+        int cnt[8], own = 0;
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
-      const int src = hit != 0 ? __ffs(hit) - 1 : 31;
-      int cum = incl - own, digit = 255 - 8 * lane, bin = cnt[0];
-      bool found = false;
+        for (int k = 0; k < 8; ++k) {
+          cnt[k] = h[255 - 8 * lane - k];
+          own += cnt[k];
+        }
+        int incl = own;
 #pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        if (found) continue;
-        digit = 255 - 8 * lane - k;
-        bin = cnt[k];
-        if (digit == 0 || cum + cnt[k] >= remaining)
-          found = true;
-        else
-          cum += cnt[k];
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
+        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
+          int cum = incl - own, digit = 255 - 8 * lane;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            digit = 255 - 8 * lane - k;
+            if (digit == 0 || cum + cnt[k] >= remaining) break;
+            cum += cnt[k];
+          }
+          sel_remaining = remaining - cum;
+          sel_prefix = prefix | ((uint32_t)digit << shift);
+        }
       }
-      digit = __shfl_sync(0xffffffffu, digit, src);
-      cum = __shfl_sync(0xffffffffu, cum, src);
-      bin = __shfl_sync(0xffffffffu, bin, src);
-      if (!settled) {
-        remaining -= cum;
-        kth |= (uint32_t)digit << shift;
-        kth_mask |= 0xffu << shift;
-        settled = bin == remaining;  // the whole bin is taken
-      }
+      __syncthreads();
+      remaining = sel_remaining;
+      prefix = sel_prefix;
+      prefix_mask |= 0xffu << shift;
     }
+    kth = prefix;
     ties_taken = remaining;
   }
 
@@ -478,9 +363,9 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
     } else if (!partial) {
       taken = take_ranked > 0;
     } else {
-      const uint32_t prefix = key_of(pg) & kth_mask;
-      taken = prefix > kth;
-      tie = prefix == kth;
+      const uint32_t key = key_of(pg);
+      taken = key > kth;
+      tie = key == kth;
     }
   };
   const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
@@ -1093,18 +978,12 @@ cudaError_t launch_append(const LaPagedAppendParams &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int DB>
-cudaError_t launch_quest_score(const LaQuestParams &p, cudaStream_t stream) {
-  constexpr int chunk = QuestScoreCfg<DB>::kChunk;
-  const int chunks = (p.cache.max_pages_per_seq + chunk - 1) / chunk;
-  return launch_dependent(quest_score_kernel<T, DB>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
-                          dim3(kQuestThreads), 0, stream, p);
-}
-
 template <typename T>
 cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
-  const cudaError_t err = p.cache.head_dim <= 128 ? launch_quest_score<T, 128>(p, stream)
-                                                  : launch_quest_score<T, 256>(p, stream);
+  const int chunks = (p.cache.max_pages_per_seq + kQuestChunk - 1) / kQuestChunk;
+  const cudaError_t err =
+      launch_dependent(quest_score_kernel<T>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
+                       dim3(kQuestThreads), 0, stream, p);
   if (err != cudaSuccess) return err;
   return launch_dependent(quest_kernel, dim3(p.cache.heads_kv, p.cache.batch),
                           dim3(kSelectThreads), 0, stream, p);

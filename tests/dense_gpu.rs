@@ -284,18 +284,17 @@ fn gpu_dense_long_sequences() {
     }
 }
 
-/// The Hopper kernel is persistent (one block per SM walking work tiles i, i + #SMs, ...):
-/// enough work tiles that blocks take several, some with no rows (short or empty sequences)
-/// and some fully masked, so the K/V rings, the Q barrier phases and the turn barriers carry
-/// over from one work tile to the next. Varlen, GQA 4:1, sq != sk, every head-dim
-/// configuration (d 128 unmasked takes the 176-key tiles).
+/// The Hopper kernel over more query tiles than the GPU has SMs, in a varlen batch with an
+/// empty sequence, a sequence without keys (fully masked rows: 0 and LSE -inf) and short
+/// ones, GQA 4:1, sq != sk, every head-dim configuration: the shapes where a kernel that
+/// carries state from one query tile to the next (a persistent schedule) would go wrong.
 #[test]
-fn gpu_hopper_many_work_tiles_per_block() {
-    let Some(ctx) = gpu_or_skip("gpu_hopper_many_work_tiles_per_block") else {
+fn gpu_hopper_varlen_many_query_tiles() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_varlen_many_query_tiles") else {
         return;
     };
     if !is_hopper() {
-        println!("SKIP gpu_hopper_many_work_tiles_per_block: not compute capability 9.0");
+        println!("SKIP gpu_hopper_varlen_many_query_tiles: not compute capability 9.0");
         return;
     }
     let stream = ctx.default_stream();
@@ -373,9 +372,9 @@ fn gpu_hopper_many_work_tiles_per_block() {
                 &lse,
                 &want_lse,
                 2e-2,
-                &format!("many work tiles d={d} {o:?}"),
+                &format!("many query tiles d={d} {o:?}"),
             );
-            println!("many work tiles d={d} {o:?}: rel err {err:.3e}");
+            println!("many query tiles d={d} {o:?}: rel err {err:.3e}");
         }
     }
 }

@@ -224,9 +224,8 @@ impl PagedDecode {
     }
 
     /// Quest scoring and top-B selection on the GPU (same selection as
-    /// [`PagedDecode::select_cpu`]; scores may differ by float summation order). q as for
-    /// [`PagedDecode::forward_gpu`]: strides multiples of 8 elements, 16-byte aligned
-    /// pointer. One-shot: builds a temporary plan; [`PagedDecodePlan::select`] reuses one.
+    /// [`PagedDecode::select_cpu`]; scores may differ by float summation order). One-shot:
+    /// builds a temporary plan; [`PagedDecodePlan::select`] reuses one.
     pub fn select_gpu<T, I>(
         &self,
         stream: &Arc<CudaStream>,
@@ -811,8 +810,6 @@ mod imp {
         };
         let cache = decode.cache();
         let (qp, _s1) = q.data.device_ptr(stream);
-        // The score kernel stages query rows with 16-byte loads.
-        check_vector_access("q", qp, &q.strides, dtype_bytes(T::DTYPE))?;
         let (bt, _s2) = block_table.device_ptr(stream);
         let (sl, _s3) = seqlens_k.device_ptr(stream);
         let (kmin, _s4) = meta.kmin.device_ptr(stream);
