@@ -379,6 +379,76 @@ fn gpu_hopper_varlen_many_query_tiles() {
     }
 }
 
+/// K and V shared by every sequence of the batch (batch stride 0): legal strides that the
+/// Hopper kernel's copy engine cannot address. `Auto` must fall back to a kernel that can and
+/// match the reference; asking for the Hopper kernel by name must be a named error.
+#[test]
+fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
+    let Some(ctx) = gpu_or_skip("gpu_broadcast_kv_falls_back_from_the_hopper_kernel") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (b, s, hq, hkv, d) = (2usize, 200usize, 4usize, 2usize, 128usize);
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: s,
+            seqlen_k: s,
+        },
+    };
+    let mut r = rng(77);
+    let q: Vec<bf16> = random_vec(&mut r, b * s * hq * d);
+    let k: Vec<bf16> = random_vec(&mut r, s * hkv * d);
+    let v: Vec<bf16> = random_vec(&mut r, s * hkv * d);
+    let qs = Strides::contiguous(s, hq, d);
+    let ks = Strides {
+        batch: 0,
+        ..Strides::contiguous(s, hkv, d)
+    };
+    let (dq, dk, dv) = (
+        stream.clone_htod(&q).unwrap(),
+        stream.clone_htod(&k).unwrap(),
+        stream.clone_htod(&v).unwrap(),
+    );
+    let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+    let (want, _) = dense_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+    let mut kernels = vec![DenseKernel::Auto, DenseKernel::TensorCore];
+    if is_hopper() {
+        kernels.push(DenseKernel::Hopper);
+    }
+    for kernel in kernels {
+        let mut dout = stream
+            .clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])
+            .unwrap();
+        let r = attn.clone().with_kernel(kernel).forward_gpu(
+            &stream,
+            Strided::new(&dq, qs),
+            Strided::new(&dk, ks),
+            Strided::new(&dv, ks),
+            Strided::new(&mut dout, qs),
+            None,
+        );
+        if kernel == DenseKernel::Hopper {
+            assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+            continue;
+        }
+        r.unwrap();
+        let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
+        let err = rel_l2(&got, &want);
+        assert!(!err.is_nan() && err < 2e-2, "{kernel:?}: rel err {err}");
+        println!("broadcast kv {kernel:?}: rel err {err:.3e}");
+    }
+}
+
 #[test]
 fn gpu_varlen_strided_and_untouched_padding() {
     let Some(ctx) = gpu_or_skip("gpu_varlen_strided_and_untouched_padding") else {

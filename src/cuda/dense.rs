@@ -179,6 +179,24 @@ where
         DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
         DenseKernel::Hopper => ffi::LaDenseKernel::LA_DENSE_WGMMA,
     };
+    // An explicitly chosen kernel that cannot take this problem here gets a named error
+    // instead of the launcher's bare "invalid argument" (Auto always finds one).
+    // SAFETY: reads the params struct only (device attributes, no pointer dereference).
+    if attn.kernel != DenseKernel::Auto
+        && unsafe { ffi::la_dense_kernel_supports(&params, kernel) } == 0
+    {
+        let needs = match attn.kernel {
+            DenseKernel::Hopper => {
+                "a compute capability 9.0 device and q/k/v strides the TMA copy engine can \
+                 address (positive multiples of 16 bytes for every dimension longer than 1)"
+            }
+            _ => "a device with the kernel's shared memory (sm_80 or newer)",
+        };
+        return Err(Error::Unsupported(format!(
+            "the {:?} dense kernel cannot run this problem here: it needs {needs}",
+            attn.kernel
+        )));
+    }
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
     // cudarc's event tracking correct until the launch is queued.
