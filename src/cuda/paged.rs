@@ -23,7 +23,7 @@
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::Strided;
-use crate::paged::{HeadPolicy, KvPages, PageMeta, PagedCache, PagedDecode};
+use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use std::sync::Arc;
 
@@ -142,11 +142,9 @@ where
         cu_seqlens_new,
         (k_new.data.len(), &k_new.strides),
         (v_new.data.len(), &v_new.strides),
+        (kv.k.len(), kv.v.len()),
+        meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
-    cache.check_kv(kv.k.len(), kv.v.len())?;
-    if let Some(m) = meta {
-        cache.check_meta(m.kmin.len(), m.kmax.len())?;
-    }
     check_gpu_dims(cache, T::DTYPE)?;
     Ok(max_touched)
 }
@@ -202,11 +200,7 @@ impl PagedDecode {
     fn plan_gpu_for(&self, stream: &Arc<CudaStream>, what: PlanFor) -> Result<PagedDecodePlan> {
         check_gpu_shape(&self.cache)?;
         if what == PlanFor::Decode {
-            if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
-                return Err(Error::InvalidOption(
-                    "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
-                ));
-            }
+            self.check_lists_given()?;
             self.check_grid()?;
         }
         imp::plan(self, stream, what)
@@ -236,11 +230,13 @@ impl PagedDecode {
         T: Element + DeviceRepr,
         I: DevicePtr<T>,
     {
-        self.check_io((q.data.len(), &q.strides), None, None)?;
-        self.cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
+        self.check_select(
+            (q.data.len(), &q.strides),
+            (meta.kmin.len(), meta.kmax.len()),
+        )?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        plan.select::<T, I>(q, meta)?;
+        imp::select::<T, I>(&mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
@@ -265,10 +261,10 @@ impl PagedDecode {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
-        // The tensor checks first (same error precedence as before the plan existed).
+        // The tensor checks first, then the plan (tables, grid), then the launches.
         self.validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
-        plan.forward(q, kv, meta, out, lse)
+        imp::decode::<T, I, O>(&mut plan, q, kv, meta, out, lse)
     }
 
     fn validate_forward<T, I, O>(
@@ -284,16 +280,13 @@ impl PagedDecode {
         I: DevicePtr<T>,
         O: DevicePtrMut<T>,
     {
-        self.check_io(
+        self.check_forward(
             (q.data.len(), &q.strides),
-            Some((out.data.len(), &out.strides)),
+            (out.data.len(), &out.strides),
             lse.as_ref().map(|l| l.len()),
+            (kv.k.len(), kv.v.len()),
+            meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        self.cache.check_kv(kv.k.len(), kv.v.len())?;
-        if let Some(m) = meta {
-            self.cache.check_meta(m.kmin.len(), m.kmax.len())?;
-        }
-        self.check_policy_inputs(meta.is_some())?;
         check_gpu_dims(&self.cache, T::DTYPE)
     }
 }
@@ -355,11 +348,10 @@ impl PagedDecodePlan {
         T: Element + DeviceRepr,
         I: DevicePtr<T>,
     {
-        self.decode
-            .check_io((q.data.len(), &q.strides), None, None)?;
-        self.decode
-            .cache
-            .check_meta(meta.kmin.len(), meta.kmax.len())?;
+        self.decode.check_select(
+            (q.data.len(), &q.strides),
+            (meta.kmin.len(), meta.kmax.len()),
+        )?;
         check_gpu_dtype(T::DTYPE)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
@@ -510,6 +502,7 @@ mod imp {
         check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
     };
     use crate::layout::Strides;
+    use crate::paged::HeadPolicy;
     use cudarc::driver::sys::CUdevice_attribute;
 
     fn la_cache(cache: &PagedCache, k: u64, v: u64, bt: u64, sl: u64) -> ffi::LaPagedCache {
@@ -674,14 +667,12 @@ mod imp {
             Some(m) => {
                 let (a, sa) = m.kmin.device_ptr_mut(stream);
                 let (b, sb) = m.kmax.device_ptr_mut(stream);
+                check_aligned("kmin", a)?;
+                check_aligned("kmax", b)?;
                 (a, b, Some(sa), Some(sb))
             }
             None => (0, 0, None, None),
         };
-        if _s8.is_some() {
-            check_aligned("kmin", kmin)?;
-            check_aligned("kmax", kmax)?;
-        }
         let params = ffi::LaPagedAppendParams {
             cache: la_cache(cache, kc, vc, bt, sl),
             k_new: kn as *const _,

@@ -235,14 +235,17 @@ impl PagedCache {
         Ok(())
     }
 
-    /// Validates an append of `cu_seqlens_new` (length batch + 1) new tokens per sequence
-    /// (counted in `seqlens_k` already) and the `[total_new, heads_kv, head_dim]` inputs.
-    /// Returns the most pages one sequence's new tokens touch.
+    /// Validates an append (CPU or GPU) of `cu_seqlens_new` (length batch + 1) new tokens per
+    /// sequence (counted in `seqlens_k` already), the `[total_new, heads_kv, head_dim]`
+    /// inputs and the cache and metadata lengths. Returns the most pages one sequence's new
+    /// tokens touch.
     pub(crate) fn check_append(
         &self,
         cu_seqlens_new: &[i32],
         k_new: (usize, &Strides),
         v_new: (usize, &Strides),
+        kv: (usize, usize),
+        meta: Option<(usize, usize)>,
     ) -> Result<usize> {
         check_cu_seqlens(cu_seqlens_new, self.batch, "cu_seqlens_new")?;
         let total = cu_seqlens_new[self.batch] as usize;
@@ -278,6 +281,10 @@ impl PagedCache {
                 owner.insert(id, (b, lp));
             }
         }
+        self.check_kv(kv.0, kv.1)?;
+        if let Some((kmin, kmax)) = meta {
+            self.check_meta(kmin, kmax)?;
+        }
         Ok(max_touched)
     }
 
@@ -305,11 +312,9 @@ impl PagedCache {
             cu_seqlens_new,
             (k_new.data.len(), &k_new.strides),
             (v_new.data.len(), &v_new.strides),
+            (cache.k.len(), cache.v.len()),
+            meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        self.check_kv(cache.k.len(), cache.v.len())?;
-        if let Some(m) = &meta {
-            self.check_meta(m.kmin.len(), m.kmax.len())?;
-        }
         let KvPages {
             k: k_cache,
             v: v_cache,

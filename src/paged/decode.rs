@@ -397,12 +397,38 @@ impl PagedDecode {
         Ok(())
     }
 
-    pub(crate) fn check_policy_inputs(&self, has_meta: bool) -> Result<()> {
-        if self.needs_meta() && !has_meta {
+    /// Validates the inputs of a Quest selection: `q` and the metadata lengths.
+    pub(crate) fn check_select(&self, q: (usize, &Strides), meta: (usize, usize)) -> Result<()> {
+        self.check_io(q, None, None)?;
+        self.cache.check_meta(meta.0, meta.1)
+    }
+
+    /// Validates the inputs of a decode (CPU or GPU): `q`, `out`, `lse`, the K/V cache and
+    /// metadata lengths, and what the policy needs (metadata for Quest heads, lists for
+    /// Listed heads).
+    pub(crate) fn check_forward(
+        &self,
+        q: (usize, &Strides),
+        out: (usize, &Strides),
+        lse: Option<usize>,
+        kv: (usize, usize),
+        meta: Option<(usize, usize)>,
+    ) -> Result<()> {
+        self.check_io(q, Some(out), lse)?;
+        self.cache.check_kv(kv.0, kv.1)?;
+        if let Some((kmin, kmax)) = meta {
+            self.cache.check_meta(kmin, kmax)?;
+        }
+        if self.needs_meta() && meta.is_none() {
             return Err(Error::InvalidOption(
                 "Quest heads need the page metadata (kmin, kmax)".into(),
             ));
         }
+        self.check_lists_given()
+    }
+
+    /// Listed heads need their page lists.
+    pub(crate) fn check_lists_given(&self) -> Result<()> {
         if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
@@ -427,8 +453,10 @@ impl PagedDecode {
         q: Strided<&[T]>,
         meta: PageMeta<&[T]>,
     ) -> Result<QuestSelection> {
-        self.check_io((q.data.len(), &q.strides), None, None)?;
-        self.cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
+        self.check_select(
+            (q.data.len(), &q.strides),
+            (meta.kmin.len(), meta.kmax.len()),
+        )?;
         let (hkv, d, mp) = (
             self.cache.heads_kv(),
             self.cache.head_dim(),
@@ -532,16 +560,13 @@ impl PagedDecode {
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
-        self.check_io(
+        self.check_forward(
             (q.data.len(), &q.strides),
-            Some((out.data.len(), &out.strides)),
+            (out.data.len(), &out.strides),
             lse.as_ref().map(|l| l.len()),
+            (kv.k.len(), kv.v.len()),
+            meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        self.cache.check_kv(kv.k.len(), kv.v.len())?;
-        if let Some(m) = &meta {
-            self.cache.check_meta(m.kmin.len(), m.kmax.len())?;
-        }
-        self.check_policy_inputs(meta.is_some())?;
         let selected = self.selected_pages(&q, meta.as_ref())?;
         let splits = self.num_splits.unwrap_or(1);
         let (d, ps) = (self.cache.head_dim(), self.cache.page_size());

@@ -80,8 +80,10 @@ pub fn quest_scores_f64<T: Element>(
     meta: PageMeta<&[T]>,
 ) -> Result<Vec<f64>> {
     let cache = decode.cache();
-    decode.check_io((q.data.len(), &q.strides), None, None)?;
-    cache.check_meta(meta.kmin.len(), meta.kmax.len())?;
+    decode.check_select(
+        (q.data.len(), &q.strides),
+        (meta.kmin.len(), meta.kmax.len()),
+    )?;
     let (hkv, d, mp, g) = (
         cache.heads_kv(),
         cache.head_dim(),
