@@ -339,14 +339,6 @@ impl FlashAttention {
         Ok(())
     }
 
-    /// The attention score of one (already scaled) logit: applies the softcap.
-    pub(crate) fn score(&self, scaled_qk: f32) -> f32 {
-        match self.softcap {
-            Some(cap) => cap * (scaled_qk / cap).tanh(),
-            None => scaled_qk,
-        }
-    }
-
     /// CPU forward pass (also the fallback when no GPU is present): the tiled online
     /// softmax, f32 accumulation, parallel over (batch, head).
     pub fn forward_cpu<T: Element>(
@@ -437,7 +429,7 @@ impl FlashAttention {
                         *s = if self.mask.visible(i, j, sq, sk) {
                             let kj = &k[j * d..(j + 1) * d];
                             let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                            self.score(dot * self.scale)
+                            crate::softmax::softcapped(dot * self.scale, self.softcap)
                         } else {
                             f32::NEG_INFINITY
                         };

@@ -8,7 +8,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, merge_weights};
+use crate::softmax::{OnlineSoftmax, merge_weights, softcapped};
 use rayon::prelude::*;
 
 /// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
@@ -601,11 +601,7 @@ impl PagedDecode {
                                     .zip(&kv.k[off..off + d])
                                     .map(|(a, k)| a * k.to_f32())
                                     .sum();
-                                let x = dot * self.scale;
-                                match self.softcap {
-                                    Some(cap) => cap * (x / cap).tanh(),
-                                    None => x,
-                                }
+                                softcapped(dot * self.scale, self.softcap)
                             } else {
                                 f32::NEG_INFINITY
                             };
