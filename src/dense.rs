@@ -7,7 +7,7 @@ use crate::layout::{
     SeqLens, SeqSpan, Strided, Strides, check_cu_seqlens, check_extent, check_no_overlap,
 };
 use crate::mask::{Mask, Window};
-use crate::softmax::OnlineSoftmax;
+use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
 
 /// Query rows per CPU tile; equal to the CUDA-core kernel's rows per block, so the CPU path
@@ -429,7 +429,7 @@ impl FlashAttention {
                         *s = if self.mask.visible(i, j, sq, sk) {
                             let kj = &k[j * d..(j + 1) * d];
                             let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                            crate::softmax::softcapped(dot * self.scale, self.softcap)
+                            softcapped(dot * self.scale, self.softcap)
                         } else {
                             f32::NEG_INFINITY
                         };
