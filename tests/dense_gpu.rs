@@ -40,6 +40,35 @@ fn tolerance<T: Element>() -> f64 {
     }
 }
 
+/// Uploads host `q`, `k`, `v` (strides `qs` for q and out, `ks` for k and v), runs `attn` on
+/// the GPU into NaN-poisoned output and LSE buffers and returns them (output as f64), or the
+/// call's error.
+fn gpu_forward<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    attn: &FlashAttention,
+    (q, k, v): (&[T], &[T], &[T]),
+    qs: Strides,
+    ks: Strides,
+) -> Result<(Vec<f64>, Vec<f32>)> {
+    let dq = stream.clone_htod(q).unwrap();
+    let dk = stream.clone_htod(k).unwrap();
+    let dv = stream.clone_htod(v).unwrap();
+    let mut dout = stream
+        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
+        .unwrap();
+    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    attn.forward_gpu(
+        stream,
+        Strided::new(&dq, qs),
+        Strided::new(&dk, ks),
+        Strided::new(&dv, ks),
+        Strided::new(&mut dout, qs),
+        Some(&mut dlse),
+    )?;
+    let out = stream.clone_dtoh(&dout).unwrap();
+    Ok((to_f64(&out), stream.clone_dtoh(&dlse).unwrap()))
+}
+
 /// Runs one fixed-length case on the GPU with kernel `kernel`; returns the relative error.
 fn run_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
     stream: &Arc<CudaStream>,
@@ -64,25 +93,7 @@ fn run_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
         Strided::new(&v[..], ks),
     )
     .unwrap();
-    let dq = stream.clone_htod(&q).unwrap();
-    let dk = stream.clone_htod(&k).unwrap();
-    let dv = stream.clone_htod(&v).unwrap();
-    let mut dout = stream
-        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
-        .unwrap();
-    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
-    attn.forward_gpu(
-        stream,
-        Strided::new(&dq, qs),
-        Strided::new(&dk, ks),
-        Strided::new(&dv, ks),
-        Strided::new(&mut dout, qs),
-        Some(&mut dlse),
-    )
-    .unwrap();
-    let out = stream.clone_dtoh(&dout).unwrap();
-    let lse = stream.clone_dtoh(&dlse).unwrap();
-    let got = to_f64(&out);
+    let (got, lse) = gpu_forward(stream, &attn, (&q, &k, &v), qs, ks).unwrap();
     let nan = got.iter().filter(|x| x.is_nan()).count();
     assert_eq!(
         nan, 0,
@@ -323,9 +334,6 @@ fn gpu_hopper_varlen_many_query_tiles() {
             seq: (hkv * d) as i64,
             head: d as i64,
         };
-        let dq = stream.clone_htod(&q).unwrap();
-        let dk = stream.clone_htod(&k).unwrap();
-        let dv = stream.clone_htod(&v).unwrap();
         for o in &opts {
             let attn = FlashAttention::new(
                 &AttentionShape {
@@ -349,21 +357,7 @@ fn gpu_hopper_varlen_many_query_tiles() {
                 Strided::new(&v[..], ks),
             )
             .unwrap();
-            let mut dout = stream
-                .clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])
-                .unwrap();
-            let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
-            attn.forward_gpu(
-                &stream,
-                Strided::new(&dq, qs),
-                Strided::new(&dk, ks),
-                Strided::new(&dv, ks),
-                Strided::new(&mut dout, qs),
-                Some(&mut dlse),
-            )
-            .unwrap();
-            let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
-            let lse = stream.clone_dtoh(&dlse).unwrap();
+            let (got, lse) = gpu_forward(&stream, &attn, (&q, &k, &v), qs, ks).unwrap();
             let nan = got.iter().filter(|x| x.is_nan()).count();
             assert_eq!(nan, 0, "d={d} {o:?}: {nan} outputs unwritten or NaN");
             let err = rel_l2(&got, &want);
@@ -408,11 +402,6 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
         batch: 0,
         ..Strides::contiguous(s, hkv, d)
     };
-    let (dq, dk, dv) = (
-        stream.clone_htod(&q).unwrap(),
-        stream.clone_htod(&k).unwrap(),
-        stream.clone_htod(&v).unwrap(),
-    );
     let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
     let (want, _) = dense_attention_f64(
         &attn,
@@ -426,23 +415,18 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
         kernels.push(DenseKernel::Hopper);
     }
     for kernel in kernels {
-        let mut dout = stream
-            .clone_htod(&vec![bf16::from_f32(f32::NAN); attn.out_len()])
-            .unwrap();
-        let r = attn.clone().with_kernel(kernel).forward_gpu(
+        let r = gpu_forward(
             &stream,
-            Strided::new(&dq, qs),
-            Strided::new(&dk, ks),
-            Strided::new(&dv, ks),
-            Strided::new(&mut dout, qs),
-            None,
+            &attn.clone().with_kernel(kernel),
+            (&q, &k, &v),
+            qs,
+            ks,
         );
         if kernel == DenseKernel::Hopper {
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
             continue;
         }
-        r.unwrap();
-        let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
+        let (got, _) = r.unwrap();
         let err = rel_l2(&got, &want);
         assert!(!err.is_nan() && err < 2e-2, "{kernel:?}: rel err {err}");
         println!("broadcast kv {kernel:?}: rel err {err:.3e}");
