@@ -33,6 +33,20 @@ enum Outcome {
     Ok,
 }
 
+/// A forward call's outcome; an `Ok` one must have written no NaN.
+fn outcome_of(done: Result<()>, out: &[bf16], lse: &[f32], case: u64) -> Outcome {
+    match done {
+        Ok(()) => {
+            assert!(
+                out.iter().all(|x| !x.to_f32().is_nan()) && !lse.iter().any(|x| x.is_nan()),
+                "case {case}: NaN in an Ok result"
+            );
+            Outcome::Ok
+        }
+        Err(_) => Outcome::ForwardError,
+    }
+}
+
 fn tally(outcomes: &mut [usize; 3], o: Outcome) {
     outcomes[o as usize] += 1;
 }
@@ -132,16 +146,7 @@ fn dense_api_never_panics_on_random_input() {
                 Strided::new(&mut out[..], qs),
                 Some(&mut lse[..]),
             );
-            match done {
-                Ok(()) => {
-                    assert!(
-                        out.iter().all(|x| !x.to_f32().is_nan()) && !lse.iter().any(|x| x.is_nan()),
-                        "case {case}: NaN in an Ok result"
-                    );
-                    Outcome::Ok
-                }
-                Err(_) => Outcome::ForwardError,
-            }
+            outcome_of(done, &out, &lse, case)
         }));
         match run {
             Ok(o) => tally(&mut outcomes, o),
@@ -261,16 +266,7 @@ fn paged_api_never_panics_on_random_input() {
                 Strided::new(&mut out[..], qs),
                 Some(&mut lse[..]),
             );
-            match done {
-                Ok(()) => {
-                    assert!(
-                        out.iter().all(|x| !x.to_f32().is_nan()) && !lse.iter().any(|x| x.is_nan()),
-                        "case {case}: NaN in an Ok result"
-                    );
-                    Outcome::Ok
-                }
-                Err(_) => Outcome::ForwardError,
-            }
+            outcome_of(done, &out, &lse, case)
         }));
         match run {
             Ok(o) => tally(&mut outcomes, o),
