@@ -210,6 +210,76 @@ fn emit(
     });
 }
 
+/// The decode inputs every mode of one cache shares (`q: [batch, 1, HQ, D]`).
+struct DecodeInputs<'a> {
+    q: &'a CudaSlice<bf16>,
+    q_st: Strides,
+    kv: KvPages<&'a CudaSlice<bf16>>,
+    meta: PageMeta<&'a CudaSlice<bf16>>,
+}
+
+impl<'a> DecodeInputs<'a> {
+    /// The metadata, for problems with Quest heads.
+    fn meta_for(&self, decode: &PagedDecode) -> Option<PageMeta<&'a CudaSlice<bf16>>> {
+        decode.needs_meta().then_some(PageMeta {
+            kmin: self.meta.kmin,
+            kmax: self.meta.kmax,
+        })
+    }
+}
+
+/// Times decode runs of a plan built once (no uploads per call).
+fn time_plan(
+    timer: &mut Timer,
+    plan: &mut PagedDecodePlan,
+    inputs: &DecodeInputs,
+    out: &mut CudaSlice<bf16>,
+) -> Result<Timing> {
+    let meta = inputs.meta_for(plan.decode());
+    timer.time(|| {
+        plan.forward(
+            Strided::new(inputs.q, inputs.q_st),
+            KvPages {
+                k: inputs.kv.k,
+                v: inputs.kv.v,
+            },
+            meta.as_ref().map(|m| PageMeta {
+                kmin: m.kmin,
+                kmax: m.kmax,
+            }),
+            Strided::new(&mut *out, inputs.q_st),
+            None,
+        )
+    })
+}
+
+/// Times the one-shot `forward_gpu` (a plan built inside every call).
+fn time_oneshot(
+    timer: &mut Timer,
+    stream: &Arc<CudaStream>,
+    decode: &PagedDecode,
+    inputs: &DecodeInputs,
+    out: &mut CudaSlice<bf16>,
+) -> Result<Timing> {
+    let meta = inputs.meta_for(decode);
+    timer.time(|| {
+        decode.forward_gpu(
+            stream,
+            Strided::new(inputs.q, inputs.q_st),
+            KvPages {
+                k: inputs.kv.k,
+                v: inputs.kv.v,
+            },
+            meta.as_ref().map(|m| PageMeta {
+                kmin: m.kmin,
+                kmax: m.kmax,
+            }),
+            Strided::new(&mut *out, inputs.q_st),
+            None,
+        )
+    })
+}
+
 fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
     let stream = ctx.stream.clone();
     let shape = format!("b{b}_s{s}_p{page}");
@@ -274,29 +344,20 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
     let mut out = stream.alloc_zeros::<bf16>(b * HQ * D)?;
     let opts = AttentionOptions::causal();
     let kinds = vec![0i32; HKV];
+    let inputs = DecodeInputs {
+        q: &q,
+        q_st,
+        kv: KvPages { k: &kc, v: &vc },
+        meta: PageMeta {
+            kmin: &kmin,
+            kmax: &kmax,
+        },
+    };
 
     // Full decode.
     let full = PagedDecode::new(&cache, HQ, 1, &opts)?;
-    let mut full_plan = full.plan_gpu(&stream)?;
-    let t_full = timer.time(|| {
-        full_plan.forward(
-            Strided::new(&q, q_st),
-            KvPages { k: &kc, v: &vc },
-            None,
-            Strided::new(&mut out, q_st),
-            None,
-        )
-    })?;
-    let one_full = timer.time(|| {
-        full.forward_gpu(
-            &stream,
-            Strided::new(&q, q_st),
-            KvPages { k: &kc, v: &vc },
-            None,
-            Strided::new(&mut out, q_st),
-            None,
-        )
-    })?;
+    let t_full = time_plan(timer, &mut full.plan_gpu(&stream)?, &inputs, &mut out)?;
+    let one_full = time_oneshot(timer, &stream, &full, &inputs, &mut out)?;
     // Optional split-count sweep of the full decode (PAGED_BENCH_SPLITS=8,33,66): tunes
     // `splits_for` on a new card.
     if let Ok(list) = std::env::var("PAGED_BENCH_SPLITS") {
@@ -305,15 +366,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             .filter_map(|x| x.trim().parse::<usize>().ok())
         {
             let mut plan = full.clone().with_splits(Some(n))?.plan_gpu(&stream)?;
-            let t = timer.time(|| {
-                plan.forward(
-                    Strided::new(&q, q_st),
-                    KvPages { k: &kc, v: &vc },
-                    None,
-                    Strided::new(&mut out, q_st),
-                    None,
-                )
-            })?;
+            let t = time_plan(timer, &mut plan, &inputs, &mut out)?;
             println!(
                 "# split sweep b{b} s{s} p{page}: splits {n}: {:.4} ms (loop {:.4})",
                 t.ms, t.loop_ms
@@ -363,31 +416,8 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             }),
         )?;
         let mut quest_plan = quest.plan_gpu(&stream)?;
-        let t_quest = timer.time(|| {
-            quest_plan.forward(
-                Strided::new(&q, q_st),
-                KvPages { k: &kc, v: &vc },
-                Some(PageMeta {
-                    kmin: &kmin,
-                    kmax: &kmax,
-                }),
-                Strided::new(&mut out, q_st),
-                None,
-            )
-        })?;
-        let one_quest = timer.time(|| {
-            quest.forward_gpu(
-                &stream,
-                Strided::new(&q, q_st),
-                KvPages { k: &kc, v: &vc },
-                Some(PageMeta {
-                    kmin: &kmin,
-                    kmax: &kmax,
-                }),
-                Strided::new(&mut out, q_st),
-                None,
-            )
-        })?;
+        let t_quest = time_plan(timer, &mut quest_plan, &inputs, &mut out)?;
+        let one_quest = time_oneshot(timer, &stream, &quest, &inputs, &mut out)?;
         let t_sel = timer.time(|| {
             quest_plan
                 .select::<bf16, _>(
@@ -463,26 +493,8 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             window: STREAM_WINDOW,
         }),
     )?;
-    let mut stream_plan = streaming.plan_gpu(&stream)?;
-    let t_stream = timer.time(|| {
-        stream_plan.forward(
-            Strided::new(&q, q_st),
-            KvPages { k: &kc, v: &vc },
-            None,
-            Strided::new(&mut out, q_st),
-            None,
-        )
-    })?;
-    let one_stream = timer.time(|| {
-        streaming.forward_gpu(
-            &stream,
-            Strided::new(&q, q_st),
-            KvPages { k: &kc, v: &vc },
-            None,
-            Strided::new(&mut out, q_st),
-            None,
-        )
-    })?;
+    let t_stream = time_plan(timer, &mut streaming.plan_gpu(&stream)?, &inputs, &mut out)?;
+    let one_stream = time_oneshot(timer, &stream, &streaming, &inputs, &mut out)?;
     let speedup = t_full.ms / t_stream.ms;
     emit(
         ctx,
