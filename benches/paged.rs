@@ -63,6 +63,19 @@ fn policies(heads_kv: usize) -> Vec<(&'static str, SparsePolicy)> {
     ]
 }
 
+/// Valid Quest bounds for `len` metadata values: `kmin` random, `kmax = kmin + 2`.
+fn bounds(len: usize) -> (Vec<bf16>, Vec<bf16>) {
+    let kmin: Vec<bf16> = fill::<f32>(len, 3)
+        .iter()
+        .map(|x| bf16::from_f32(x - 1.0))
+        .collect();
+    let kmax = kmin
+        .iter()
+        .map(|x| bf16::from_f32(x.to_f32() + 2.0))
+        .collect();
+    (kmin, kmax)
+}
+
 fn bench_cpu(c: &mut Criterion) {
     let mut group = c.benchmark_group("paged_decode_cpu_bf16");
     group.sample_size(10);
@@ -71,14 +84,7 @@ fn bench_cpu(c: &mut Criterion) {
     let layout = cache.layout();
     let k: Vec<bf16> = fill(layout.cache_len(), 1);
     let v: Vec<bf16> = fill(layout.cache_len(), 2);
-    let kmin: Vec<bf16> = fill::<f32>(layout.meta_len(), 3)
-        .iter()
-        .map(|x| bf16::from_f32(x - 1.0))
-        .collect();
-    let kmax: Vec<bf16> = kmin
-        .iter()
-        .map(|x| bf16::from_f32(x.to_f32() + 2.0))
-        .collect();
+    let (kmin, kmax) = bounds(layout.meta_len());
     let q: Vec<bf16> = fill(b * hq * d, 4);
     let st = Strides::contiguous(1, hq, d);
     let mut out = vec![bf16::ZERO; b * hq * d];
@@ -133,14 +139,7 @@ fn bench_gpu(c: &mut Criterion) {
         let v: CudaSlice<bf16> = stream
             .clone_htod(&fill::<bf16>(layout.cache_len(), 2))
             .unwrap();
-        let kmin_h: Vec<bf16> = fill::<f32>(layout.meta_len(), 3)
-            .iter()
-            .map(|x| bf16::from_f32(x - 1.0))
-            .collect();
-        let kmax_h: Vec<bf16> = kmin_h
-            .iter()
-            .map(|x| bf16::from_f32(x.to_f32() + 2.0))
-            .collect();
+        let (kmin_h, kmax_h) = bounds(layout.meta_len());
         let kmin = stream.clone_htod(&kmin_h).unwrap();
         let kmax = stream.clone_htod(&kmax_h).unwrap();
         let q: CudaSlice<bf16> = stream.clone_htod(&fill::<bf16>(b * hq * d, 4)).unwrap();
