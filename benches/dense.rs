@@ -94,7 +94,12 @@ fn bench_gpu(c: &mut Criterion) {
     let v: CudaSlice<bf16> = stream.clone_htod(&fill(n, 3)).unwrap();
     let mut o: CudaSlice<bf16> = stream.alloc_zeros(n).unwrap();
     for (name, opts) in cases() {
-        for kernel in [DenseKernel::TensorCore, DenseKernel::Simt] {
+        // Auto is the Hopper kernel on compute capability 9.0, the tensor-core kernel elsewhere.
+        for kernel in [
+            DenseKernel::Auto,
+            DenseKernel::TensorCore,
+            DenseKernel::Simt,
+        ] {
             let attn = problem(b, s, h, d, opts).with_kernel(kernel);
             group.throughput(Throughput::Elements(flops(&opts.mask, b, h, d, s)));
             let id = BenchmarkId::new(format!("{name}_{kernel:?}"), format!("b{b}_s{s}_h{h}_d{d}"));
