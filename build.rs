@@ -186,6 +186,7 @@ fn generate_bindings(include: &Path) {
         .clang_arg(format!("-I{}", include.display()))
         .allowlist_function("la_.*")
         .allowlist_type("La.*")
+        .allowlist_var("LA_.*")
         .rustified_enum("La.*")
         .derive_default(true)
         .derive_debug(true)

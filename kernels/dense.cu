@@ -219,6 +219,8 @@ extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKern
 extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel,
                                 cudaStream_t stream) {
   using namespace longattn;
+  constexpr int kKernelUnsupported = LA_DENSE_KERNEL_UNSUPPORTED;
+  static_assert(kKernelUnsupported == cudaErrorNotSupported, "documented in dense.h");
   const LaDenseParams &p = *params;
   if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
   switch (kernel) {
@@ -227,9 +229,9 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
       return dense_mma_supports(p) ? dense_mma_forward(p, stream) : dense_simt_forward(p, stream);
     case LA_DENSE_SIMT: return dense_simt_forward(p, stream);
     case LA_DENSE_MMA:
-      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : cudaErrorInvalidValue;
+      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : kKernelUnsupported;
     case LA_DENSE_WGMMA:
-      return dense_wgmma_supports(p) ? dense_wgmma_forward(p, stream) : cudaErrorInvalidValue;
+      return dense_wgmma_supports(p) ? dense_wgmma_forward(p, stream) : kKernelUnsupported;
   }
   return cudaErrorInvalidValue;
 }

@@ -179,12 +179,12 @@ where
         DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
         DenseKernel::Hopper => ffi::LaDenseKernel::LA_DENSE_WGMMA,
     };
-    // An explicitly chosen kernel that cannot take this problem here gets a named error
-    // instead of the launcher's bare "invalid argument" (Auto always finds one).
-    // SAFETY: reads the params struct only (device attributes, no pointer dereference).
-    if attn.kernel != DenseKernel::Auto
-        && unsafe { ffi::la_dense_kernel_supports(&params, kernel) } == 0
-    {
+    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
+    // the strides above; the launch is ordered on `stream`, and the sync guards keep
+    // cudarc's event tracking correct until the launch is queued.
+    let code = unsafe { ffi::la_dense_forward(&params, kernel, stream.cu_stream() as _) };
+    // A kernel chosen by name that cannot take this problem here (Auto always finds one).
+    if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
         let needs = match attn.kernel {
             DenseKernel::Hopper => {
                 "a compute capability 9.0 device and q/k/v strides the TMA copy engine can \
@@ -197,9 +197,5 @@ where
             attn.kernel
         )));
     }
-    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
-    // the strides above; the launch is ordered on `stream`, and the sync guards keep
-    // cudarc's event tracking correct until the launch is queued.
-    let code = unsafe { ffi::la_dense_forward(&params, kernel, stream.cu_stream() as _) };
     check_launch("la_dense_forward", code)
 }

@@ -505,6 +505,12 @@ mod imp {
     use crate::paged::HeadPolicy;
     use cudarc::driver::sys::CUdevice_attribute;
 
+    // The host's split and grid arithmetic assumes the kernel's rows per decode block.
+    const _: () = assert!(
+        ffi::LA_PAGED_DECODE_ROWS as usize == crate::paged::DECODE_ROWS_PER_BLOCK,
+        "DECODE_ROWS_PER_BLOCK must equal LA_PAGED_DECODE_ROWS (paged.h)"
+    );
+
     fn la_cache(cache: &PagedCache, k: u64, v: u64, bt: u64, sl: u64) -> ffi::LaPagedCache {
         ffi::LaPagedCache {
             k_cache: k as *mut _,

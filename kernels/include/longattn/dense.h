@@ -84,6 +84,10 @@ typedef enum LaDenseKernel {
   LA_DENSE_WGMMA = 3
 } LaDenseKernel;
 
+/* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these
+ * params on the current device (equals cudaErrorNotSupported). */
+#define LA_DENSE_KERNEL_UNSUPPORTED 801
+
 /* All launchers return a cudaError_t value (0 on success) and never synchronize. */
 int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel, cudaStream_t stream);
 int la_merge(const LaMergeParams *params, cudaStream_t stream);
