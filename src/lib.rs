@@ -5,7 +5,10 @@
 //!
 //! Families: dense/flash attention ([`FlashAttention`]) with causal, sliding-window
 //! `(left, right)`, sinks, softcap, GQA/MQA, varlen and LSE output; the LSE merge
-//! ([`MergeShape`]) that split-KV decode and ring attention build on.
+//! ([`MergeShape`]) that split-KV decode and ring attention build on; paged KV-cache decode
+//! ([`PagedDecode`]: split-KV, Quest top-k pages, streaming/retrieval heads); ring
+//! (sequence-parallel) attention over simulated ranks ([`RingAttention`]: contiguous, zigzag
+//! and stripe sharding, global-position masks, skipped steps and transfers).
 //!
 //! Conventions (FlashAttention's): `q: [batch, seqlen_q, heads_q, head_dim]`,
 //! `k, v: [batch, seqlen_k, heads_kv, head_dim]`, element strides with a contiguous last
@@ -67,6 +70,7 @@ pub mod mask;
 pub mod merge;
 pub mod paged;
 pub mod reference;
+pub mod ring;
 pub mod softmax;
 
 pub use cuda::paged::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
@@ -83,3 +87,4 @@ pub use paged::{
     HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
     QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
+pub use ring::{RingAttention, RingLayout, RingSchedule, RingShape, Sharding};

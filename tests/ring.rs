@@ -1,0 +1,455 @@
+//! Ring attention (CPU, simulated ranks): layouts partition the sequence, the schedule skips
+//! exactly the masked steps and unneeded transfers, zigzag balances causal work, and the
+//! ring result equals single-device attention (the f64 reference over the whole sequence)
+//! for every sharding, world size, mask and GQA ratio.
+
+mod common;
+
+use common::{check_lse, random_vec, rel_l2, rng};
+use longattn::reference::dense_attention_f64;
+use longattn::*;
+
+fn layouts(seqlen: usize, world: usize) -> Vec<RingLayout> {
+    [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe]
+        .into_iter()
+        .map(|s| RingLayout::new(seqlen, world, s).unwrap())
+        .collect()
+}
+
+fn masks() -> Vec<(&'static str, AttentionOptions)> {
+    let w = |l, r| Window::new(l, r);
+    vec![
+        ("full", AttentionOptions::default()),
+        ("causal", AttentionOptions::causal()),
+        (
+            "W1",
+            AttentionOptions::default().with_window(Window::causal_tokens(1).unwrap()),
+        ),
+        (
+            "W2",
+            AttentionOptions::default().with_window(Window::causal_tokens(2).unwrap()),
+        ),
+        (
+            "W5+2sinks",
+            AttentionOptions::default()
+                .with_window(Window::causal_tokens(5).unwrap())
+                .with_sinks(2),
+        ),
+        (
+            "(3,2)",
+            AttentionOptions::default().with_window(w(Some(3), Some(2))),
+        ),
+        (
+            "(-1,4)+sinks",
+            AttentionOptions::default()
+                .with_window(w(None, Some(4)))
+                .with_sinks(3),
+        ),
+        (
+            "(6,-1)",
+            AttentionOptions::default().with_window(w(Some(6), None)),
+        ),
+        (
+            "causal softcap",
+            AttentionOptions::causal().with_softcap(5.0),
+        ),
+    ]
+}
+
+/// Rows of a contiguous `[batch, seqlen, heads, d]` tensor at `positions` -> `[batch,
+/// positions.len(), heads, d]`.
+fn gather<T: Copy>(
+    x: &[T],
+    batch: usize,
+    seqlen: usize,
+    row: usize,
+    positions: &[usize],
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(batch * positions.len() * row);
+    for b in 0..batch {
+        for &p in positions {
+            let off = (b * seqlen + p) * row;
+            out.extend_from_slice(&x[off..off + row]);
+        }
+    }
+    out
+}
+
+/// Runs the ring on the CPU and compares every rank's rows with the reference rows of
+/// their global positions.
+fn check_ring<T: Element>(
+    layout: RingLayout,
+    shape: RingShape,
+    opts: &AttentionOptions,
+    seed: u64,
+    tol: f64,
+    what: &str,
+) {
+    let RingShape {
+        batch,
+        heads_q,
+        heads_kv,
+        head_dim: d,
+    } = shape;
+    let s = layout.seqlen();
+    let mut r = rng(seed);
+    let q: Vec<T> = random_vec(&mut r, batch * s * heads_q * d);
+    let k: Vec<T> = random_vec(&mut r, batch * s * heads_kv * d);
+    let v: Vec<T> = random_vec(&mut r, batch * s * heads_kv * d);
+    let dense = FlashAttention::new(
+        &AttentionShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: s,
+                seqlen_k: s,
+            },
+        },
+        opts,
+    )
+    .unwrap();
+    let (qs, ks) = (
+        Strides::contiguous(s, heads_q, d),
+        Strides::contiguous(s, heads_kv, d),
+    );
+    let (want, want_lse) = dense_attention_f64(
+        &dense,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+
+    let ring = RingAttention::new(layout, shape, opts).unwrap();
+    let world = layout.world();
+    let pos: Vec<Vec<usize>> = (0..world).map(|r| layout.positions(r)).collect();
+    let qsh: Vec<Vec<T>> = pos
+        .iter()
+        .map(|p| gather(&q, batch, s, heads_q * d, p))
+        .collect();
+    let ksh: Vec<Vec<T>> = pos
+        .iter()
+        .map(|p| gather(&k, batch, s, heads_kv * d, p))
+        .collect();
+    let vsh: Vec<Vec<T>> = pos
+        .iter()
+        .map(|p| gather(&v, batch, s, heads_kv * d, p))
+        .collect();
+    // Poisoned outputs: every element must be written.
+    let mut osh: Vec<Vec<T>> = (0..world)
+        .map(|r| vec![T::from_f32(f32::NAN); ring.out_len(r)])
+        .collect();
+    let mut lsh: Vec<Vec<f32>> = (0..world)
+        .map(|r| vec![f32::NAN; ring.lse_len(r)])
+        .collect();
+    let st = |r: usize, heads: usize| Strides::contiguous(pos[r].len(), heads, d);
+    let qv: Vec<_> = (0..world)
+        .map(|r| Strided::new(&qsh[r][..], st(r, heads_q)))
+        .collect();
+    let kv: Vec<_> = (0..world)
+        .map(|r| Strided::new(&ksh[r][..], st(r, heads_kv)))
+        .collect();
+    let vv: Vec<_> = (0..world)
+        .map(|r| Strided::new(&vsh[r][..], st(r, heads_kv)))
+        .collect();
+    let mut ov: Vec<_> = osh
+        .iter_mut()
+        .enumerate()
+        .map(|(r, o)| Strided::new(&mut o[..], st(r, heads_q)))
+        .collect();
+    let mut lv: Vec<&mut [f32]> = lsh.iter_mut().map(|l| &mut l[..]).collect();
+    ring.forward_cpu(&qv, &kv, &vv, &mut ov, Some(&mut lv))
+        .unwrap();
+
+    // Reassemble in global order and compare with the single-device reference.
+    let mut got = vec![f64::NAN; want.len()];
+    let mut got_lse = vec![f32::NAN; want_lse.len()];
+    for r in 0..world {
+        let lr = pos[r].len();
+        for b in 0..batch {
+            for (i, &p) in pos[r].iter().enumerate() {
+                let row = heads_q * d;
+                let src = &osh[r][(b * lr + i) * row..(b * lr + i + 1) * row];
+                for (g, x) in got[(b * s + p) * row..(b * s + p + 1) * row]
+                    .iter_mut()
+                    .zip(src)
+                {
+                    *g = x.to_f64();
+                }
+                for h in 0..heads_q {
+                    got_lse[(b * heads_q + h) * s + p] = lsh[r][(b * heads_q + h) * lr + i];
+                }
+            }
+        }
+    }
+    let err = rel_l2(&got, &want);
+    assert!(err < tol, "{what}: rel L2 {err}");
+    check_lse(&got_lse, &want_lse, 1e-3, what);
+}
+
+#[test]
+fn layouts_partition_the_sequence() {
+    for s in [1, 2, 7, 16, 33, 100] {
+        for world in [1, 2, 3, 4, 8] {
+            for layout in layouts(s, world) {
+                let mut seen = vec![0u32; s];
+                for r in 0..world {
+                    let p = layout.positions(r);
+                    assert!(
+                        p.windows(2).all(|w| w[0] < w[1]),
+                        "{layout:?} rank {r} not ascending"
+                    );
+                    assert_eq!(p.len(), layout.shard_len(r));
+                    for &t in &p {
+                        seen[t] += 1;
+                    }
+                }
+                assert!(seen.iter().all(|&c| c == 1), "{layout:?}: not a partition");
+            }
+        }
+    }
+    // The definitions themselves.
+    let z = RingLayout::new(16, 4, Sharding::Zigzag).unwrap();
+    assert_eq!(z.positions(0), vec![0, 1, 14, 15]);
+    assert_eq!(z.positions(3), vec![6, 7, 8, 9]);
+    let st = RingLayout::new(10, 3, Sharding::Stripe).unwrap();
+    assert_eq!(st.positions(1), vec![1, 4, 7]);
+    let c = RingLayout::new(10, 3, Sharding::Contiguous).unwrap();
+    assert_eq!(c.positions(2), vec![6, 7, 8, 9]);
+    // At step t rank r holds the shard of rank r - t.
+    assert_eq!(c.kv_source(0, 1), 2);
+    assert_eq!(c.kv_source(2, 2), 0);
+}
+
+#[test]
+fn ring_equals_single_device_attention() {
+    let shapes = [
+        RingShape {
+            batch: 1,
+            heads_q: 2,
+            heads_kv: 2,
+            head_dim: 16,
+        },
+        RingShape {
+            batch: 2,
+            heads_q: 4,
+            heads_kv: 1,
+            head_dim: 8,
+        },
+    ];
+    let mut seed = 0;
+    for s in [1, 2, 7, 33, 64] {
+        for world in [1, 2, 3, 4] {
+            for layout in layouts(s, world) {
+                for shape in shapes {
+                    for (name, opts) in masks() {
+                        seed += 1;
+                        let what = format!("{layout:?} {shape:?} {name}");
+                        check_ring::<f32>(layout, shape, &opts, seed, 2e-5, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_half_precision_matches() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 32,
+    };
+    for layout in layouts(130, 4) {
+        for (name, opts) in masks() {
+            let what = format!("{layout:?} {name}");
+            check_ring::<bf16>(layout, shape, &opts, 11, 1e-2, &format!("bf16 {what}"));
+            check_ring::<f16>(layout, shape, &opts, 12, 2e-3, &format!("f16 {what}"));
+        }
+    }
+}
+
+#[test]
+fn schedule_skips_masked_steps_and_transfers() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    // Causal, contiguous: rank r sees shards 0..=r, i.e. steps 0..=r; shard s is needed by
+    // ranks s..world, so it is sent on only while it has not reached the last rank.
+    let world = 4;
+    let layout = RingLayout::new(64, world, Sharding::Contiguous).unwrap();
+    let ring = RingAttention::new(layout, shape, &AttentionOptions::causal()).unwrap();
+    let sch = ring.schedule();
+    for r in 0..world {
+        for t in 0..world {
+            assert_eq!(sch.compute[r][t], t <= r, "rank {r} step {t}");
+        }
+    }
+    for t in 0..world - 1 {
+        for s in 0..world {
+            assert_eq!(sch.send[t][s], s + t < world - 1, "step {t} shard {s}");
+        }
+    }
+    // Full attention: every step computes and every transfer is needed.
+    let full = RingAttention::new(layout, shape, &AttentionOptions::default())
+        .unwrap()
+        .schedule();
+    assert!(full.compute.iter().flatten().all(|&c| c));
+    assert!(full.send.iter().flatten().all(|&c| c));
+    // A 16-token causal window on 16-token shards: each rank sees its own and the previous
+    // shard only (rank 0 only its own); no shard travels further than one hop.
+    let win = AttentionOptions::default().with_window(Window::causal_tokens(16).unwrap());
+    let w = RingAttention::new(layout, shape, &win).unwrap().schedule();
+    for r in 0..world {
+        for t in 0..world {
+            assert_eq!(
+                w.compute[r][t],
+                t == 0 || (t == 1 && r >= 1),
+                "window rank {r} step {t}"
+            );
+        }
+    }
+    for s in 0..world {
+        assert_eq!(w.send[0][s], s + 1 < world, "window shard {s}");
+        assert!(
+            (1..world - 1).all(|t| !w.send[t][s]),
+            "window shard {s} sent twice"
+        );
+    }
+    // Sinks make shard 0 visible to every rank again.
+    let sinks = RingAttention::new(layout, shape, &win.with_sinks(4))
+        .unwrap()
+        .schedule();
+    for r in 0..world {
+        assert!(sinks.compute[r][r], "rank {r} must read the sink shard");
+    }
+    // Pairs per rank add up to the single-device visible pairs.
+    let s = layout.seqlen();
+    let mask = ring.mask();
+    let total: u64 = (0..s)
+        .map(|i| (0..s).filter(|&j| mask.visible(i, j, s, s)).count() as u64)
+        .sum();
+    assert_eq!(sch.pairs.iter().sum::<u64>(), total);
+}
+
+#[test]
+fn zigzag_balances_causal_work() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let world = 8;
+    let imbalance = |sharding| {
+        let layout = RingLayout::new(4096, world, sharding).unwrap();
+        RingAttention::new(layout, shape, &AttentionOptions::causal())
+            .unwrap()
+            .schedule()
+            .imbalance()
+    };
+    let (contiguous, zigzag, stripe) = (
+        imbalance(Sharding::Contiguous),
+        imbalance(Sharding::Zigzag),
+        imbalance(Sharding::Stripe),
+    );
+    // Contiguous: the last rank does (2N - 1) / N of the mean work.
+    assert!(
+        (contiguous - 15.0 / 8.0).abs() < 0.01,
+        "contiguous {contiguous}"
+    );
+    assert!(zigzag < 1.001, "zigzag {zigzag}");
+    assert!(stripe < 1.01, "stripe {stripe}");
+}
+
+#[test]
+fn bad_ring_inputs_are_errors() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 8,
+    };
+    let opts = AttentionOptions::causal();
+    assert!(matches!(
+        RingLayout::new(0, 2, Sharding::Zigzag),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        RingLayout::new(8, 0, Sharding::Stripe),
+        Err(Error::Shape(_))
+    ));
+    let layout = RingLayout::new(8, 2, Sharding::Zigzag).unwrap();
+    let bad_gqa = RingShape {
+        heads_kv: 3,
+        ..shape
+    };
+    assert!(matches!(
+        RingAttention::new(layout, bad_gqa, &opts),
+        Err(Error::Shape(_))
+    ));
+    let zero = RingShape {
+        head_dim: 0,
+        ..shape
+    };
+    assert!(matches!(
+        RingAttention::new(layout, zero, &opts),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        RingAttention::new(layout, shape, &opts.with_softcap(-1.0)),
+        Err(Error::InvalidOption(_))
+    ));
+    let ring = RingAttention::new(layout, shape, &opts).unwrap();
+    let q = vec![0.5f32; ring.out_len(0)];
+    let kv = vec![0.5f32; ring.kv_len(0)];
+    let qs = Strides::contiguous(4, 4, 8);
+    let ks = Strides::contiguous(4, 2, 8);
+    let mut o0 = vec![0.0f32; ring.out_len(0)];
+    let mut o1 = vec![0.0f32; ring.out_len(1)];
+    // One shard for two ranks.
+    {
+        let mut out = vec![Strided::new(&mut o0[..], qs)];
+        let r = ring.forward_cpu(
+            &[Strided::new(&q[..], qs)],
+            &[Strided::new(&kv[..], ks)],
+            &[Strided::new(&kv[..], ks)],
+            &mut out,
+            None,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    }
+    // A k shard one element short.
+    let short = vec![0.5f32; ring.kv_len(1) - 1];
+    let mut out = vec![Strided::new(&mut o0[..], qs), Strided::new(&mut o1[..], qs)];
+    let qv = [Strided::new(&q[..], qs), Strided::new(&q[..], qs)];
+    let vv = [Strided::new(&kv[..], ks), Strided::new(&kv[..], ks)];
+    let kshort = [Strided::new(&kv[..], ks), Strided::new(&short[..], ks)];
+    let r = ring.forward_cpu(&qv, &kshort, &vv, &mut out, None);
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    // An lse too short, and an output aliasing itself.
+    let mut l0 = vec![0.0f32; ring.lse_len(0)];
+    let mut l1 = vec![0.0f32; ring.lse_len(1) - 1];
+    let mut lse: Vec<&mut [f32]> = vec![&mut l0[..], &mut l1[..]];
+    let r = ring.forward_cpu(&qv, &vv, &vv, &mut out, Some(&mut lse));
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let alias = Strides { seq: 4, ..qs };
+    let mut out = vec![
+        Strided::new(&mut o0[..], alias),
+        Strided::new(&mut o1[..], qs),
+    ];
+    let r = ring.forward_cpu(&qv, &vv, &vv, &mut out, None);
+    assert!(matches!(r, Err(Error::Stride(_))), "{r:?}");
+    // Negative strides.
+    let neg = Strides { batch: -1, ..ks };
+    let mut out = vec![Strided::new(&mut o0[..], qs), Strided::new(&mut o1[..], qs)];
+    let kneg = [Strided::new(&kv[..], neg), Strided::new(&kv[..], ks)];
+    let r = ring.forward_cpu(&qv, &kneg, &vv, &mut out, None);
+    assert!(matches!(r, Err(Error::Stride(_))), "{r:?}");
+}
