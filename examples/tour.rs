@@ -434,6 +434,114 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Ring attention over simulated ranks (CPU path; no CUDA ring kernel yet): a sequence
+/// sharded over 4 ranks, every rank's rows checked against the f64 reference of
+/// single-device attention over the whole sequence.
+fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<Row> {
+    let (b, s, hq, hkv, d, world) = (1, 1024, 8, 2, 64, 4);
+    let (q, k, v) = (
+        random(b * s * hq * d, 31),
+        random(b * s * hkv * d, 32),
+        random(b * s * hkv * d, 33),
+    );
+    let dense = FlashAttention::new(
+        &AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: s,
+                seqlen_k: s,
+            },
+        },
+        &opts,
+    )?;
+    let (qs, ks) = (
+        Strides::contiguous(s, hq, d),
+        Strides::contiguous(s, hkv, d),
+    );
+    let (want, _) = dense_attention_f64(
+        &dense,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )?;
+    let layout = RingLayout::new(s, world, sharding)?;
+    let shape = RingShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let ring = RingAttention::new(layout, shape, &opts)?;
+    let pos: Vec<Vec<usize>> = (0..world).map(|r| layout.positions(r)).collect();
+    // b = 1: a shard is the token rows at its positions.
+    let gather = |x: &[bf16], row: usize, p: &[usize]| -> Vec<bf16> {
+        p.iter()
+            .flat_map(|&t| x[t * row..(t + 1) * row].iter().copied())
+            .collect()
+    };
+    let qsh: Vec<_> = pos.iter().map(|p| gather(&q, hq * d, p)).collect();
+    let ksh: Vec<_> = pos.iter().map(|p| gather(&k, hkv * d, p)).collect();
+    let vsh: Vec<_> = pos.iter().map(|p| gather(&v, hkv * d, p)).collect();
+    let mut osh: Vec<Vec<bf16>> = (0..world)
+        .map(|r| vec![bf16::NAN; ring.out_len(r)])
+        .collect();
+    let st = |r: usize, h: usize| Strides::contiguous(pos[r].len(), h, d);
+    let t = Instant::now();
+    ring.forward_cpu(
+        &(0..world)
+            .map(|r| Strided::new(&qsh[r][..], st(r, hq)))
+            .collect::<Vec<_>>(),
+        &(0..world)
+            .map(|r| Strided::new(&ksh[r][..], st(r, hkv)))
+            .collect::<Vec<_>>(),
+        &(0..world)
+            .map(|r| Strided::new(&vsh[r][..], st(r, hkv)))
+            .collect::<Vec<_>>(),
+        &mut osh
+            .iter_mut()
+            .enumerate()
+            .map(|(r, o)| Strided::new(&mut o[..], st(r, hq)))
+            .collect::<Vec<_>>(),
+        None,
+    )?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut got = vec![f64::NAN; want.len()];
+    for (r, p) in pos.iter().enumerate() {
+        for (i, &tok) in p.iter().enumerate() {
+            let row = hq * d;
+            for (g, x) in got[tok * row..(tok + 1) * row]
+                .iter_mut()
+                .zip(&osh[r][i * row..(i + 1) * row])
+            {
+                *g = x.to_f64();
+            }
+        }
+    }
+    let (max_err, rel_err) = errors(&got, &want);
+    let sch = ring.schedule();
+    let computed = sch.compute.iter().flatten().filter(|&&c| c).count();
+    let sent = sch.send.iter().flatten().filter(|&&c| c).count();
+    Ok(Row {
+        family: "ring",
+        shape: format!(
+            "s{s} h{hq}/{hkv} d{d} {world} ranks {sharding:?} imb {:.2}",
+            sch.imbalance()
+        ),
+        options: format!(
+            "{label}; {computed}/{} steps {sent}/{} sends",
+            world * world,
+            world * (world - 1)
+        ),
+        device: "CPU (simulated ranks)".into(),
+        max_err,
+        rel_err,
+        ms,
+    })
+}
+
 fn main() -> Result<()> {
     let device = Device::best()?;
     println!("longattn tour on {}", device.describe());
@@ -469,6 +577,14 @@ fn main() -> Result<()> {
     }
     rows.push(merge_case(&device)?);
     rows.extend(paged_cases(&device)?);
+    rows.push(ring_case(Sharding::Zigzag, causal, "causal")?);
+    rows.push(ring_case(
+        Sharding::Contiguous,
+        AttentionOptions::default()
+            .with_window(Window::causal_tokens(200).unwrap())
+            .with_sinks(4),
+        "W200+4 sinks",
+    )?);
     println!(
         "{:<6} {:<40} {:<26} {:<28} {:>10} {:>10} {:>10}",
         "family", "shape", "options", "device", "max err", "rel err", "ms"
