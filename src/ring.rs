@@ -173,6 +173,16 @@ impl RingAttention {
                 "ring: heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})"
             )));
         }
+        let elems = [batch, layout.seqlen, heads_q.max(heads_kv), head_dim]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+            .filter(|&n| n <= i64::MAX as usize);
+        if elems.is_none() {
+            return Err(Error::Shape(format!(
+                "ring: {shape:?} over {} tokens has more elements than an i64 can index",
+                layout.seqlen
+            )));
+        }
         let scale = options.resolve_scale(head_dim)?;
         Ok(RingAttention {
             layout,

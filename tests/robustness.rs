@@ -1,8 +1,8 @@
 //! Randomised robustness of the public CPU API: thousands of shapes, options, tables, policies
 //! and buffer lengths, most of them invalid, drawn from a fixed seed. Each call must return
 //! `Ok` or a named `Error`: never panic (overflow checks are on in the test profile), and an
-//! `Ok` result never holds NaN. The explicit bad-input cases live in `dense_cpu.rs` and
-//! `paged.rs`; this sweeps the combinations between them.
+//! `Ok` result never holds NaN. The explicit bad-input cases live in `dense_cpu.rs`,
+//! `paged.rs` and `ring.rs`; this sweeps the combinations between them.
 
 mod common;
 
@@ -278,6 +278,93 @@ fn paged_api_never_panics_on_random_input() {
         }
     }
     println!("paged outcomes (rejected, forward error, ok): {outcomes:?}");
+    assert!(
+        outcomes[Outcome::Ok as usize] > 100,
+        "too few valid cases: {outcomes:?}"
+    );
+}
+
+#[test]
+fn ring_api_never_panics_on_random_input() {
+    let mut r = rng(11);
+    let mut outcomes = [0usize; 3];
+    let shardings = [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe];
+    for case in 0..3000u64 {
+        let seqlen = pick(&mut r, &[0, 1, 2, 7, 7, 33, 33]);
+        let world = pick(&mut r, &[0, 1, 2, 3, 3, 5, 5]);
+        let sharding = shardings[r.random_range(0..3)];
+        let shape = RingShape {
+            batch: pick(&mut r, &[0, 1, 1, 2, 2]),
+            heads_q: pick(&mut r, &[0, 2, 4, 4, 4]),
+            heads_kv: pick(&mut r, &[0, 1, 2, 2, 3]),
+            head_dim: pick(&mut r, &[0, 1, 8, 8, 24, 24, usize::MAX]),
+        };
+        let side = |r: &mut SmallRng| {
+            r.random_bool(0.5)
+                .then(|| pick(r, &[0, 1, 5, 5, 9, usize::MAX]))
+        };
+        let (left, right) = (side(&mut r), side(&mut r));
+        let mut opts = AttentionOptions::default()
+            .with_window(Window::new(left, right))
+            .with_sinks(pick(&mut r, &[0, 0, 1, 4, usize::MAX]));
+        let odd = [0.0f32, -1.0, f32::NAN, f32::INFINITY, 0.1, 30.0];
+        if r.random_bool(0.1) {
+            opts = opts.with_softcap(odd[r.random_range(0..odd.len())]);
+        }
+        // Shard counts off by one now and then.
+        let shards = (world as i64 + [0, 0, 0, -1, 1][r.random_range(0..5)]).max(0) as usize;
+        let mut rr = rng(case);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let Ok(layout) = RingLayout::new(seqlen, world, sharding) else {
+                return Outcome::Rejected;
+            };
+            let Ok(ring) = RingAttention::new(layout, shape, &opts) else {
+                return Outcome::Rejected;
+            };
+            let d = shape.head_dim;
+            let st = |rank: usize, h: usize| Strides::contiguous(layout.shard_len(rank), h, d);
+            let q: Vec<Vec<bf16>> = (0..shards)
+                .map(|k| random_vec(&mut rr, ring.out_len(k)))
+                .collect();
+            let kv: Vec<Vec<bf16>> = (0..shards)
+                .map(|k| {
+                    let n = maybe_short(&mut rr, ring.kv_len(k), 0.05);
+                    random_vec(&mut rr, n)
+                })
+                .collect();
+            let mut out: Vec<Vec<bf16>> = (0..shards)
+                .map(|k| vec![bf16::ZERO; maybe_short(&mut rr, ring.out_len(k), 0.05)])
+                .collect();
+            let mut lse: Vec<Vec<f32>> = (0..shards)
+                .map(|k| vec![0f32; maybe_short(&mut rr, ring.lse_len(k), 0.05)])
+                .collect();
+            let qv: Vec<_> = (0..shards)
+                .map(|k| Strided::new(&q[k][..], st(k, shape.heads_q)))
+                .collect();
+            let kvv: Vec<_> = (0..shards)
+                .map(|k| Strided::new(&kv[k][..], st(k, shape.heads_kv)))
+                .collect();
+            let mut ov: Vec<_> = out
+                .iter_mut()
+                .enumerate()
+                .map(|(k, o)| Strided::new(&mut o[..], st(k, shape.heads_q)))
+                .collect();
+            let mut lv: Vec<&mut [f32]> = lse.iter_mut().map(|l| &mut l[..]).collect();
+            let done = ring.forward_cpu(&qv, &kvv, &kvv, &mut ov, Some(&mut lv));
+            drop(ov);
+            let flat_out: Vec<bf16> = out.concat();
+            let flat_lse: Vec<f32> = lse.concat();
+            outcome_of(done, &flat_out, &flat_lse, case)
+        }));
+        match run {
+            Ok(o) => tally(&mut outcomes, o),
+            Err(_) => panic!(
+                "case {case} panicked: seqlen={seqlen} world={world} {sharding:?} {shape:?} \
+                 shards={shards} {opts:?}"
+            ),
+        }
+    }
+    println!("ring outcomes (rejected, forward error, ok): {outcomes:?}");
     assert!(
         outcomes[Outcome::Ok as usize] > 100,
         "too few valid cases: {outcomes:?}"
