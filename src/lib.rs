@@ -8,7 +8,9 @@
 //! ([`MergeShape`]) that split-KV decode and ring attention build on; paged KV-cache decode
 //! ([`PagedDecode`]: split-KV, Quest top-k pages, streaming/retrieval heads); ring
 //! (sequence-parallel) attention over simulated ranks ([`RingAttention`]: contiguous, zigzag
-//! and stripe sharding, global-position masks, skipped steps and transfers).
+//! and stripe sharding, global-position masks, skipped steps and transfers); neighborhood
+//! attention in 1-D/2-D/3-D with NATTEN's semantics ([`NeighborhoodAttention`]: kernel size,
+//! dilation, causal and stride per dim).
 //!
 //! Conventions (FlashAttention's): `q: [batch, seqlen_q, heads_q, head_dim]`,
 //! `k, v: [batch, seqlen_k, heads_kv, head_dim]`, element strides with a contiguous last
@@ -68,6 +70,7 @@ pub mod error;
 pub mod layout;
 pub mod mask;
 pub mod merge;
+pub mod neighborhood;
 pub mod paged;
 pub mod reference;
 pub mod ring;
@@ -83,6 +86,7 @@ pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
+pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
 pub use paged::{
     HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
     QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,

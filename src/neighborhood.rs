@@ -1,0 +1,365 @@
+//! Neighborhood attention in 1-D, 2-D and 3-D with NATTEN's semantics (`semantics.md`,
+//! "Neighborhood attention"): every query token of a grid attends to the keys of its
+//! neighborhood, the product over the grid's dims of a per-dim window set by a kernel size,
+//! a dilation and a causal flag (and a stride for non-causal dims).
+//!
+//! Per dim of length `L`, kernel `k`, dilation `d`, position `x`: dilation group
+//! `g = x mod d`, in-group index `i = x div d`, group length `Lg = ceil((L - g) / d)`,
+//! `left = k div 2`, `right = k div 2 + (k mod 2) - 1`.
+//! - Non-causal: `start = max(c - left, 0) + (c + right >= Lg ? Lg - right - c - 1 : 0)`,
+//!   `end = start + k` with `c = min((i div s) * s + s div 2, Lg - 1)` for stride `s`
+//!   (`c = i` when `s = 1`): the window shifts at the borders so that every query sees
+//!   exactly `k` keys per dim (requires `k * d <= L`).
+//! - Causal: `start = max(i - k + 1, 0)`, `end = i + 1` (fewer keys near the start).
+//!
+//! In-group key index `j` is position `j * d + g`. With `k = L`, no dilation and no causal
+//! dim this is full self-attention.
+
+use crate::dense::AttentionOptions;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
+use crate::mask::Mask;
+use crate::softmax::{OnlineSoftmax, softcapped};
+use rayon::prelude::*;
+use std::ops::Range;
+
+/// Most grid dims (1-D, 2-D or 3-D).
+pub const MAX_NEIGHBORHOOD_DIMS: usize = 3;
+
+/// One grid dim: its length and how its neighborhood is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NeighborhoodDim {
+    /// Tokens along this dim (`L`).
+    pub length: usize,
+    /// Keys per query along this dim (`k`; fewer near the start of a causal dim).
+    pub kernel: usize,
+    /// Distance between neighbors (`d`); the dim splits into `d` interleaved groups.
+    pub dilation: usize,
+    /// Keys only at or before the query along this dim.
+    pub causal: bool,
+    /// Queries of a run of `stride` in-group positions share one window, centred on the
+    /// run (non-causal dims only).
+    pub stride: usize,
+}
+
+impl NeighborhoodDim {
+    /// A non-causal dim of `length` tokens with kernel size `kernel`, no dilation, stride 1.
+    pub fn new(length: usize, kernel: usize) -> Self {
+        NeighborhoodDim {
+            length,
+            kernel,
+            dilation: 1,
+            causal: false,
+            stride: 1,
+        }
+    }
+    pub fn with_dilation(mut self, dilation: usize) -> Self {
+        self.dilation = dilation;
+        self
+    }
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    pub fn with_stride(mut self, stride: usize) -> Self {
+        self.stride = stride;
+        self
+    }
+
+    fn check(&self, axis: usize) -> Result<()> {
+        let NeighborhoodDim {
+            length: l,
+            kernel: k,
+            dilation: d,
+            causal,
+            stride: s,
+        } = *self;
+        let bad = |msg: String| {
+            Err(Error::InvalidOption(format!(
+                "neighborhood dim {axis}: {msg}"
+            )))
+        };
+        if l == 0 || l > i32::MAX as usize {
+            return bad(format!("length {l} must be in 1..={}", i32::MAX));
+        }
+        if k == 0 || d == 0 || s == 0 {
+            return bad(format!(
+                "kernel ({k}), dilation ({d}) and stride ({s}) must be >= 1"
+            ));
+        }
+        if k.checked_mul(d).is_none_or(|kd| kd > l) {
+            return bad(format!(
+                "kernel * dilation = {k} * {d} exceeds the length {l} (every dilation group \
+                 needs at least `kernel` tokens)"
+            ));
+        }
+        if s > k {
+            return bad(format!("stride {s} exceeds the kernel size {k}"));
+        }
+        if causal && s > 1 {
+            return bad(format!(
+                "stride {s} on a causal dim (strided windows are defined for non-causal dims)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Positions along this dim that position `x` attends to: `range` of in-group indices,
+    /// key position `j * dilation + group` for `j` in `range`.
+    pub fn window(&self, x: usize) -> (Range<usize>, usize) {
+        let (l, k, d, s) = (self.length, self.kernel, self.dilation, self.stride);
+        let g = x % d;
+        let i = x / d;
+        let lg = (l - g).div_ceil(d);
+        if self.causal {
+            return ((i + 1).saturating_sub(k)..i + 1, g);
+        }
+        let (left, right) = (k / 2, k / 2 + k % 2 - 1);
+        let c = ((i / s) * s + s / 2).min(lg - 1);
+        let start = if c + right >= lg {
+            // Shifted left at the end border: the window ends at the group's last index.
+            lg - k
+        } else {
+            c.saturating_sub(left)
+        };
+        (start..start + k, g)
+    }
+}
+
+/// Problem dimensions: `q, out: [batch, tokens, heads_q, head_dim]`, `k, v: [batch, tokens,
+/// heads_kv, head_dim]`, where `tokens = prod(dims[a].length)` is the grid in row-major
+/// order (the last dim fastest), i.e. `[batch, X, (Y, (Z,)) heads, head_dim]` with the grid
+/// flattened into the token axis; element strides over (batch, token, head), last dim
+/// contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct NeighborhoodShape<'a> {
+    pub batch: usize,
+    pub heads_q: usize,
+    pub heads_kv: usize,
+    pub head_dim: usize,
+    /// 1 to 3 grid dims, outermost first.
+    pub dims: &'a [NeighborhoodDim],
+}
+
+/// Validated neighborhood attention.
+#[derive(Debug, Clone)]
+pub struct NeighborhoodAttention {
+    batch: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    dims: Vec<NeighborhoodDim>,
+    tokens: usize,
+    scale: f32,
+    softcap: Option<f32>,
+}
+
+impl NeighborhoodAttention {
+    /// `options` gives the scale and softcap; its mask must stay unset (the neighborhood is
+    /// the mask).
+    pub fn new(shape: &NeighborhoodShape, options: &AttentionOptions) -> Result<Self> {
+        let NeighborhoodShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+            dims,
+        } = *shape;
+        if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
+            return Err(Error::Shape(format!(
+                "neighborhood: batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) \
+                 and head_dim ({head_dim}) must all be >= 1"
+            )));
+        }
+        if heads_q % heads_kv != 0 {
+            return Err(Error::Shape(format!(
+                "neighborhood: heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})"
+            )));
+        }
+        if dims.is_empty() || dims.len() > MAX_NEIGHBORHOOD_DIMS {
+            return Err(Error::Shape(format!(
+                "neighborhood: {} grid dims given, 1 to {MAX_NEIGHBORHOOD_DIMS} supported",
+                dims.len()
+            )));
+        }
+        for (axis, dim) in dims.iter().enumerate() {
+            dim.check(axis)?;
+        }
+        if options.mask != Mask::default() {
+            return Err(Error::InvalidOption(format!(
+                "neighborhood: the kernel sizes define the mask; window and sinks must be \
+                 unset (got {:?})",
+                options.mask
+            )));
+        }
+        let tokens = dims
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(d.length))
+            .filter(|&t| {
+                [batch, t, heads_q.max(heads_kv), head_dim]
+                    .iter()
+                    .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+                    .is_some_and(|n| n <= i64::MAX as usize)
+            })
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "neighborhood: the grid {dims:?} has more elements than an i64 can index"
+                ))
+            })?;
+        let scale = options.resolve_scale(head_dim)?;
+        Ok(NeighborhoodAttention {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+            dims: dims.to_vec(),
+            tokens,
+            scale,
+            softcap: options.softcap,
+        })
+    }
+
+    pub fn dims(&self) -> &[NeighborhoodDim] {
+        &self.dims
+    }
+    /// Grid tokens per sequence (the product of the dim lengths).
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+    /// Elements of a contiguous q or out.
+    pub fn out_len(&self) -> usize {
+        self.batch * self.tokens * self.heads_q * self.head_dim
+    }
+    /// Values of the LSE, `[batch, heads_q, tokens]`.
+    pub fn lse_len(&self) -> usize {
+        self.batch * self.heads_q * self.tokens
+    }
+
+    /// Grid coordinates of flat token `t` (row-major, last dim fastest).
+    fn coords(&self, mut t: usize) -> [usize; MAX_NEIGHBORHOOD_DIMS] {
+        let mut c = [0; MAX_NEIGHBORHOOD_DIMS];
+        for (a, dim) in self.dims.iter().enumerate().rev() {
+            c[a] = t % dim.length;
+            t /= dim.length;
+        }
+        c
+    }
+
+    /// Flat token indices of the keys query token `token` attends to, in ascending order.
+    pub fn neighbors(&self, token: usize) -> Vec<usize> {
+        let c = self.coords(token);
+        let mut keys = vec![0usize];
+        for (a, dim) in self.dims.iter().enumerate() {
+            let (range, g) = dim.window(c[a]);
+            keys = keys
+                .iter()
+                .flat_map(|&base| {
+                    range
+                        .clone()
+                        .map(move |j| base * dim.length + j * dim.dilation + g)
+                })
+                .collect();
+        }
+        keys
+    }
+
+    /// CPU forward pass (also the fallback without a GPU): per query token the online
+    /// softmax over its neighborhood, f32 accumulation, parallel over (batch, head). A
+    /// query always sees at least itself, so no row is empty.
+    pub fn forward_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let (n, d) = (self.tokens, self.head_dim);
+        let qd = [self.batch, n, self.heads_q, d];
+        let kd = [self.batch, n, self.heads_kv, d];
+        check_extent("q", &q.strides, qd, q.data.len())?;
+        check_extent("k", &k.strides, kd, k.data.len())?;
+        check_extent("v", &v.strides, kd, v.data.len())?;
+        check_extent("out", &out.strides, qd, out.data.len())?;
+        check_no_overlap("out", &out.strides, qd)?;
+        if let Some(l) = lse.as_deref()
+            && l.len() < self.lse_len()
+        {
+            return Err(Error::Shape(format!(
+                "lse holds {} values but [batch, heads_q, tokens] needs {}",
+                l.len(),
+                self.lse_len()
+            )));
+        }
+        let row = |st: &Strides, b: usize, t: usize, h: usize| {
+            (b as i64 * st.batch + t as i64 * st.seq + h as i64 * st.head) as usize
+        };
+        let group = self.heads_q / self.heads_kv;
+        let neighbors: Vec<Vec<usize>> =
+            (0..n).into_par_iter().map(|t| self.neighbors(t)).collect();
+        let tasks: Vec<(usize, usize)> = (0..self.batch)
+            .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
+            .collect();
+        let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+            .par_iter()
+            .map(|&(b, h)| {
+                let load = |x: &Strided<&[T]>, head: usize| {
+                    let mut buf = Vec::with_capacity(n * d);
+                    for t in 0..n {
+                        let off = row(&x.strides, b, t, head);
+                        buf.extend(x.data[off..off + d].iter().map(|e| e.to_f32()));
+                    }
+                    buf
+                };
+                let (qh, kh, vh) = (load(&q, h), load(&k, h / group), load(&v, h / group));
+                let mut o = vec![0.0f32; n * d];
+                let mut l = vec![f32::NEG_INFINITY; n];
+                let mut scores = Vec::new();
+                for t in 0..n {
+                    let qt = &qh[t * d..(t + 1) * d];
+                    scores.clear();
+                    scores.extend(neighbors[t].iter().map(|&j| {
+                        let dot: f32 = qt
+                            .iter()
+                            .zip(&kh[j * d..(j + 1) * d])
+                            .map(|(a, b)| a * b)
+                            .sum();
+                        softcapped(dot * self.scale, self.softcap)
+                    }));
+                    let mut state = OnlineSoftmax::new(d);
+                    let keys = &neighbors[t];
+                    state.update(&scores, |i| &vh[keys[i] * d..(keys[i] + 1) * d]);
+                    let (ot, lt) = state.finish();
+                    o[t * d..(t + 1) * d].copy_from_slice(&ot);
+                    l[t] = lt;
+                }
+                (o, l)
+            })
+            .collect();
+        let Strided {
+            data: out_data,
+            strides: out_strides,
+        } = out;
+        let mut lse = lse;
+        for (&(b, h), (o, l)) in tasks.iter().zip(results) {
+            for t in 0..n {
+                let off = row(&out_strides, b, t, h);
+                for (y, &x) in out_data[off..off + d]
+                    .iter_mut()
+                    .zip(&o[t * d..(t + 1) * d])
+                {
+                    *y = T::from_f32(x);
+                }
+            }
+            if let Some(lse) = lse.as_deref_mut() {
+                let base = (b * self.heads_q + h) * n;
+                lse[base..base + n].copy_from_slice(&l);
+            }
+        }
+        Ok(())
+    }
+}
