@@ -542,6 +542,82 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
     })
 }
 
+/// Neighborhood attention (CPU path; no CUDA kernel yet) on a 2-D grid, checked against an
+/// f64 softmax over each query's neighbors (`NeighborhoodAttention::neighbors`).
+fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
+    let (b, hq, hkv, d) = (1, 4, 2, 32);
+    let na = NeighborhoodAttention::new(
+        &NeighborhoodShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            dims,
+        },
+        &AttentionOptions::default(),
+    )?;
+    let n = na.tokens();
+    let (q, k, v) = (
+        random(n * hq * d, 41),
+        random(n * hkv * d, 42),
+        random(n * hkv * d, 43),
+    );
+    let mut out = vec![bf16::NAN; na.out_len()];
+    let (qs, ks) = (
+        Strides::contiguous(n, hq, d),
+        Strides::contiguous(n, hkv, d),
+    );
+    let t = Instant::now();
+    na.forward_cpu(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        Strided::new(&mut out[..], qs),
+        None,
+    )?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut want = vec![0.0f64; out.len()];
+    for tok in 0..n {
+        let keys = na.neighbors(tok);
+        for h in 0..hq {
+            let (qo, kh) = ((tok * hq + h) * d, h / (hq / hkv));
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|&j| {
+                    let ko = (j * hkv + kh) * d;
+                    (0..d)
+                        .map(|c| q[qo + c].to_f64() * k[ko + c].to_f64())
+                        .sum::<f64>()
+                        * na.scale() as f64
+                })
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for c in 0..d {
+                want[qo + c] = keys
+                    .iter()
+                    .zip(&w)
+                    .map(|(&j, wj)| wj * v[(j * hkv + kh) * d + c].to_f64())
+                    .sum::<f64>()
+                    / z;
+            }
+        }
+    }
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let (max_err, rel_err) = errors(&got, &want);
+    let grid: Vec<String> = dims.iter().map(|x| x.length.to_string()).collect();
+    Ok(Row {
+        family: "natten",
+        shape: format!("b{b} grid {} h{hq}/{hkv} d{d}", grid.join("x")),
+        options: label.into(),
+        device: "CPU".into(),
+        max_err,
+        rel_err,
+        ms,
+    })
+}
+
 fn main() -> Result<()> {
     let device = Device::best()?;
     println!("longattn tour on {}", device.describe());
@@ -584,6 +660,21 @@ fn main() -> Result<()> {
             .with_window(Window::causal_tokens(200).unwrap())
             .with_sinks(4),
         "W200+4 sinks",
+    )?);
+    rows.push(neighborhood_case(
+        &[
+            NeighborhoodDim::new(32, 7),
+            NeighborhoodDim::new(24, 5).with_dilation(2),
+        ],
+        "k 7x5, dilation 1x2",
+    )?);
+    rows.push(neighborhood_case(
+        &[
+            NeighborhoodDim::new(8, 3).with_causal(true),
+            NeighborhoodDim::new(12, 5),
+            NeighborhoodDim::new(10, 4).with_stride(2),
+        ],
+        "3-D k 3x5x4, causal x, stride z 2",
     )?);
     println!(
         "{:<6} {:<40} {:<26} {:<28} {:>10} {:>10} {:>10}",

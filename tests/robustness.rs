@@ -2,7 +2,7 @@
 //! and buffer lengths, most of them invalid, drawn from a fixed seed. Each call must return
 //! `Ok` or a named `Error`: never panic (overflow checks are on in the test profile), and an
 //! `Ok` result never holds NaN. The explicit bad-input cases live in `dense_cpu.rs`,
-//! `paged.rs` and `ring.rs`; this sweeps the combinations between them.
+//! `paged.rs`, `ring.rs` and `neighborhood.rs`; this sweeps the combinations between them.
 
 mod common;
 
@@ -365,6 +365,75 @@ fn ring_api_never_panics_on_random_input() {
         }
     }
     println!("ring outcomes (rejected, forward error, ok): {outcomes:?}");
+    assert!(
+        outcomes[Outcome::Ok as usize] > 100,
+        "too few valid cases: {outcomes:?}"
+    );
+}
+
+#[test]
+fn neighborhood_api_never_panics_on_random_input() {
+    let mut r = rng(13);
+    let mut outcomes = [0usize; 3];
+    for case in 0..8000u64 {
+        let ndims = pick(&mut r, &[0, 1, 1, 1, 2, 2, 3, 4]);
+        let dims: Vec<NeighborhoodDim> = (0..ndims)
+            .map(|_| {
+                NeighborhoodDim::new(
+                    pick(&mut r, &[0, 1, 3, 6, 9]),
+                    pick(&mut r, &[0, 1, 2, 3, 5]),
+                )
+                .with_dilation(pick(&mut r, &[0, 1, 1, 1, 1, 2, 3]))
+                .with_causal(r.random_bool(0.2))
+                .with_stride(pick(&mut r, &[0, 1, 1, 1, 1, 1, 2, 3]))
+            })
+            .collect();
+        let shape = NeighborhoodShape {
+            batch: pick(&mut r, &[0, 1, 1, 2]),
+            heads_q: pick(&mut r, &[0, 2, 4, 4]),
+            heads_kv: pick(&mut r, &[0, 1, 2, 2, 2, 3]),
+            head_dim: pick(&mut r, &[0, 8, 8, 24, 24, usize::MAX]),
+            dims: &dims,
+        };
+        let mut opts = AttentionOptions::default();
+        if r.random_bool(0.1) {
+            opts = opts.with_sinks(1);
+        }
+        let odd = [0.0f32, -1.0, f32::NAN, f32::INFINITY, 0.1, 30.0];
+        if r.random_bool(0.1) {
+            opts = opts.with_softcap(odd[r.random_range(0..odd.len())]);
+        }
+        let mut rr = rng(case);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let Ok(na) = NeighborhoodAttention::new(&shape, &opts) else {
+                return Outcome::Rejected;
+            };
+            let (n, d) = (na.tokens(), shape.head_dim);
+            let (qs, ks) = (
+                Strides::contiguous(n, shape.heads_q, d),
+                Strides::contiguous(n, shape.heads_kv, d),
+            );
+            let kv_len = maybe_short(&mut rr, shape.batch * n * shape.heads_kv * d, 0.1);
+            let q: Vec<bf16> = random_vec(&mut rr, na.out_len());
+            let k: Vec<bf16> = random_vec(&mut rr, kv_len);
+            let v: Vec<bf16> = random_vec(&mut rr, kv_len);
+            let mut out = vec![bf16::ZERO; maybe_short(&mut rr, na.out_len(), 0.1)];
+            let mut lse = vec![0f32; maybe_short(&mut rr, na.lse_len(), 0.1)];
+            let done = na.forward_cpu(
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks),
+                Strided::new(&v[..], ks),
+                Strided::new(&mut out[..], qs),
+                Some(&mut lse[..]),
+            );
+            outcome_of(done, &out, &lse, case)
+        }));
+        match run {
+            Ok(o) => tally(&mut outcomes, o),
+            Err(_) => panic!("case {case} panicked: {dims:?} {shape:?} {opts:?}"),
+        }
+    }
+    println!("neighborhood outcomes (rejected, forward error, ok): {outcomes:?}");
     assert!(
         outcomes[Outcome::Ok as usize] > 100,
         "too few valid cases: {outcomes:?}"
