@@ -280,9 +280,19 @@ fn time_oneshot(
     })
 }
 
-fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
-    let stream = ctx.stream.clone();
-    let shape = format!("b{b}_s{s}_p{page}");
+/// A bench cache: `b` sequences of `s` tokens in pages of `page`, a shuffled page table,
+/// K/V and Quest metadata filled by one `append_gpu` from the random source.
+struct BenchCache {
+    cache: PagedCache,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    kmin: CudaSlice<bf16>,
+    kmax: CudaSlice<bf16>,
+}
+
+/// Builds the cache, or `None` (with a printed line) when GPU memory is short.
+fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<BenchCache>> {
+    let stream = &ctx.stream;
     let pages_per_seq = s.div_ceil(page);
     let num_pages = b * pages_per_seq;
     let layout = PagedLayout {
@@ -306,38 +316,114 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
     let (free, _) = stream.context().mem_get_info()?;
     if free < need {
         println!(
-            "# paged_{shape}: skipped, needs {} MiB of GPU memory, {} MiB free",
+            "# paged_b{b}_s{s}_p{page}: skipped, needs {} MiB of GPU memory, {} MiB free",
             need >> 20,
             free >> 20
         );
-        return Ok(());
+        return Ok(None);
     }
-    // Fill the cache (and the Quest metadata) from the random source with one append.
-    let mut kc = stream.alloc_zeros::<bf16>(n)?;
-    let mut vc = stream.alloc_zeros::<bf16>(n)?;
+    let mut k = stream.alloc_zeros::<bf16>(n)?;
+    let mut v = stream.alloc_zeros::<bf16>(n)?;
     let mut kmin = stream.alloc_zeros::<bf16>(layout.meta_len())?;
     let mut kmax = stream.alloc_zeros::<bf16>(layout.meta_len())?;
-    {
-        let half = ctx.kv_src.len() / 2;
-        let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
-        let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
-        let new_st = Strides::contiguous(b * s, HKV, D);
-        cache.append_gpu(
-            &stream,
-            &cu,
-            Strided::new(&k_src, new_st),
-            Strided::new(&v_src, new_st),
-            KvPages {
-                k: &mut kc,
-                v: &mut vc,
-            },
-            Some(PageMeta {
-                kmin: &mut kmin,
-                kmax: &mut kmax,
-            }),
-        )?;
-    }
+    let half = ctx.kv_src.len() / 2;
+    let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
+    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
+    let new_st = Strides::contiguous(b * s, HKV, D);
+    cache.append_gpu(
+        stream,
+        &cu,
+        Strided::new(&k_src, new_st),
+        Strided::new(&v_src, new_st),
+        KvPages {
+            k: &mut k,
+            v: &mut v,
+        },
+        Some(PageMeta {
+            kmin: &mut kmin,
+            kmax: &mut kmax,
+        }),
+    )?;
     stream.synchronize()?;
+    Ok(Some(BenchCache {
+        cache,
+        k,
+        v,
+        kmin,
+        kmax,
+    }))
+}
+
+/// Fixed cost and streaming rate of the full decode at batch 1 (page 16): times the plan at
+/// contexts from 1 to 128k tokens and fits `ms = F + kv_bytes / BW` by least squares over
+/// the contexts >= 8k (printed as "# fixed-cost fit" lines). F is what separates batch-1
+/// decode from the copy ceiling: launch, prologue, pipeline fill, tail and split merge.
+fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
+    let stream = ctx.stream.clone();
+    let q_st = Strides::contiguous(1, HQ, D);
+    let q: CudaSlice<bf16> = stream.clone_htod(&random_bf16(HQ * D, 3))?;
+    let mut out = stream.alloc_zeros::<bf16>(HQ * D)?;
+    let mut points = Vec::new();
+    for s in [1usize, 2048, 8192, 16384, 32768, 65536, 131072] {
+        let Some(bc) = build_cache(ctx, 1, s, 16)? else {
+            continue;
+        };
+        let inputs = DecodeInputs {
+            q: &q,
+            q_st,
+            kv: KvPages { k: &bc.k, v: &bc.v },
+            meta: PageMeta {
+                kmin: &bc.kmin,
+                kmax: &bc.kmax,
+            },
+        };
+        let full = PagedDecode::new(&bc.cache, HQ, 1, &AttentionOptions::causal())?;
+        let t = time_plan(timer, &mut full.plan_gpu(&stream)?, &inputs, &mut out)?;
+        let bytes = full.kv_bytes_read(2) as f64;
+        println!(
+            "# fixed-cost fit point: s {s}: {:.4} ms, {} splits, {:.0} GB/s",
+            t.ms,
+            full.splits_for(ctx.sm_count),
+            bytes / t.ms / 1e6
+        );
+        if s >= 8192 {
+            points.push((bytes, t.ms));
+        }
+    }
+    if points.len() >= 2 {
+        let n = points.len() as f64;
+        let (sx, sy) = points
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let sxx: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+        let sxy: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+        let slope = sxy / sxx; // ms per byte
+        let fixed_ms = my - slope * mx;
+        println!(
+            "# fixed-cost fit: F = {:.1} us, streaming rate {:.0} GB/s ({} points, s >= 8k)",
+            fixed_ms * 1e3,
+            1.0 / slope / 1e6,
+            points.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
+    let stream = ctx.stream.clone();
+    let shape = format!("b{b}_s{s}_p{page}");
+    let pages_per_seq = s.div_ceil(page);
+    let Some(bc) = build_cache(ctx, b, s, page)? else {
+        return Ok(());
+    };
+    let BenchCache {
+        cache,
+        k: kc,
+        v: vc,
+        kmin,
+        kmax,
+    } = bc;
 
     let q_st = Strides::contiguous(1, HQ, D);
     let q: CudaSlice<bf16> = stream.clone_htod(&random_bf16(b * HQ * D, 7 + s as u64))?;
@@ -555,6 +641,9 @@ fn run() -> Result<()> {
         kv_src,
         rows: Vec::new(),
     };
+    if let Err(e) = fixed_cost_fit(&bench, &mut timer) {
+        println!("# fixed-cost fit: error: {e}");
+    }
     for (b, s) in [(1usize, 65536usize), (1, 131072), (64, 1024), (64, 8192)] {
         for page in [16usize, 64] {
             if let Err(e) = run_case(&mut bench, &mut timer, b, s, page) {
