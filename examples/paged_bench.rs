@@ -410,6 +410,36 @@ fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
     Ok(())
 }
 
+/// Optional split-count sweep (`var` = "8,33,66", forced counts), printed as "# split sweep"
+/// lines: tunes `splits_for` on a new card.
+fn sweep_splits(
+    var: &str,
+    label: &str,
+    timer: &mut Timer,
+    decode: &PagedDecode,
+    inputs: &DecodeInputs,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    let Ok(list) = std::env::var(var) else {
+        return Ok(());
+    };
+    for n in list
+        .split(',')
+        .filter_map(|x| x.trim().parse::<usize>().ok())
+    {
+        let mut plan = decode
+            .clone()
+            .with_splits(Some(n))?
+            .plan_gpu(&timer.stream)?;
+        let t = time_plan(timer, &mut plan, inputs, out)?;
+        println!(
+            "# split sweep {label}: splits {n}: {:.4} ms (loop {:.4})",
+            t.ms, t.loop_ms
+        );
+    }
+    Ok(())
+}
+
 fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
     let stream = ctx.stream.clone();
     let shape = format!("b{b}_s{s}_p{page}");
@@ -444,21 +474,14 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
     let full = PagedDecode::new(&cache, HQ, 1, &opts)?;
     let t_full = time_plan(timer, &mut full.plan_gpu(&stream)?, &inputs, &mut out)?;
     let one_full = time_oneshot(timer, &stream, &full, &inputs, &mut out)?;
-    // Optional split-count sweep of the full decode (PAGED_BENCH_SPLITS=8,33,66): tunes
-    // `splits_for` on a new card.
-    if let Ok(list) = std::env::var("PAGED_BENCH_SPLITS") {
-        for n in list
-            .split(',')
-            .filter_map(|x| x.trim().parse::<usize>().ok())
-        {
-            let mut plan = full.clone().with_splits(Some(n))?.plan_gpu(&stream)?;
-            let t = time_plan(timer, &mut plan, &inputs, &mut out)?;
-            println!(
-                "# split sweep b{b} s{s} p{page}: splits {n}: {:.4} ms (loop {:.4})",
-                t.ms, t.loop_ms
-            );
-        }
-    }
+    sweep_splits(
+        "PAGED_BENCH_SPLITS",
+        &format!("b{b} s{s} p{page}"),
+        timer,
+        &full,
+        &inputs,
+        &mut out,
+    )?;
     // The per-call uploads alone (block table, seqlens, head kinds), for reference.
     let up_full = timer.time(|| {
         let _a = stream.clone_htod(cache.block_table())?;
@@ -501,6 +524,17 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
                 sink_pages: 1,
             }),
         )?;
+        if b == 1 {
+            let label = format!("b{b} s{s} p{page} quest");
+            sweep_splits(
+                "PAGED_BENCH_SPARSE_SPLITS",
+                &label,
+                timer,
+                &quest,
+                &inputs,
+                &mut out,
+            )?;
+        }
         let mut quest_plan = quest.plan_gpu(&stream)?;
         let t_quest = time_plan(timer, &mut quest_plan, &inputs, &mut out)?;
         let one_quest = time_oneshot(timer, &stream, &quest, &inputs, &mut out)?;
@@ -579,6 +613,17 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             window: STREAM_WINDOW,
         }),
     )?;
+    if b == 1 {
+        let label = format!("b{b} s{s} p{page} streaming");
+        sweep_splits(
+            "PAGED_BENCH_SPARSE_SPLITS",
+            &label,
+            timer,
+            &streaming,
+            &inputs,
+            &mut out,
+        )?;
+    }
     let t_stream = time_plan(timer, &mut streaming.plan_gpu(&stream)?, &inputs, &mut out)?;
     let one_stream = time_oneshot(timer, &stream, &streaming, &inputs, &mut out)?;
     let speedup = t_full.ms / t_stream.ms;

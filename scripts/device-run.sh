@@ -52,10 +52,12 @@ if [ "$DENSE_OK" = 1 ]; then
   step tour 90 "$HERE/examples/tour"
   step gpu_bench 150 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
 fi
-# The split sweep re-tunes splits_for (printed as "# split sweep" lines in the log); the
-# "# fixed-cost fit" lines split batch-1 decode time into a fixed cost and a streaming rate.
-[ -x "$HERE/examples/paged_bench" ] && step paged_bench 150 env PAGED_BENCH_TIMEOUT_S=140 \
-  PAGED_BENCH_SPLITS=16,24,33,48,66 "$HERE/examples/paged_bench"
+# The split sweeps re-tune splits_for (printed as "# split sweep" lines in the log): full
+# decode at every shape, Quest and streaming heads at batch 1. The "# fixed-cost fit" lines
+# split batch-1 decode time into a fixed cost and a streaming rate.
+[ -x "$HERE/examples/paged_bench" ] && step paged_bench 170 env PAGED_BENCH_TIMEOUT_S=160 \
+  PAGED_BENCH_SPLITS=16,24,33,48,66 PAGED_BENCH_SPARSE_SPLITS=4,8,16,32,64 \
+  "$HERE/examples/paged_bench"
 [ "$DENSE_OK" = 1 ] && step torch_baseline 200 python3 "$HERE/torch_baseline.py" --budget 100 "${BENCH_ARGS[@]}"
 [ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 120 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
