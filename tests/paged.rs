@@ -278,8 +278,39 @@ fn masks() -> Vec<(&'static str, AttentionOptions)> {
                 .with_sinks(1)
                 .with_softcap(5.0),
         ),
-        ("full+scale", AttentionOptions::default().with_scale(0.3)),
+        (
+            "default (causal)+scale",
+            AttentionOptions::default().with_scale(0.3),
+        ),
     ]
+}
+
+/// Decode queries are causal among the new tokens: the default options (no window) and any
+/// window without a right bound decode causally; an explicit right bound is kept.
+#[test]
+fn decode_is_causal_among_new_tokens_unless_told_otherwise() {
+    let sc = scenario::<f32>(&[0, 3, 40], 4, 2, 8, 9);
+    let causal = AttentionOptions::causal();
+    let cases = [
+        (AttentionOptions::default(), causal),
+        (
+            AttentionOptions::default().with_window(Window::new(Some(5), None)),
+            causal.with_window(Window::new(Some(5), Some(0))),
+        ),
+        (
+            AttentionOptions::default().with_window(Window::new(None, Some(2))),
+            AttentionOptions::default().with_window(Window::new(None, Some(2))),
+        ),
+    ];
+    for (given, means) in cases {
+        let dec = PagedDecode::new(&sc.cache, 4, 4, &given).unwrap();
+        assert_eq!(dec.base_mask(), means.mask, "{given:?}");
+        let q: Vec<f32> = random_vec(&mut rng(3), 3 * 4 * 4 * 8);
+        let (out, lse) = run_cpu(&dec, &sc, &q);
+        let (want, want_lse) = dense_reference(&sc, &q, 4, 4, &means);
+        assert!(rel_l2(&to_f64(&out), &want) < 1e-5, "{given:?}");
+        check_lse(&lse, &want_lse, 1e-4, "causal decode");
+    }
 }
 
 #[test]
@@ -551,8 +582,13 @@ fn paged_decode_equals_dense_attention() {
                 let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
                 for (name, opts) in masks() {
                     let what = format!("ps {ps} hkv {hkv} ratio {ratio} q_len {q_len} {name}");
-                    let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &opts);
                     let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    // Dense attention with the decode's mask (causal among the new tokens).
+                    let dense_opts = AttentionOptions {
+                        mask: dec.base_mask(),
+                        ..opts
+                    };
+                    let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &dense_opts);
                     // The naive paged reference agrees with the dense reference to f64 rounding.
                     let (ref_out, ref_lse) = paged_decode_f64(
                         &dec,

@@ -25,7 +25,8 @@ pub const MAX_SPLITS: usize = 64;
 /// A validated decode problem over a paged cache.
 ///
 /// `q, out: [batch, q_len, heads_q, head_dim]` (element strides), causal among the new
-/// tokens by default (bottom-right aligned: the last query row sees all `seqlens_k[b]` keys),
+/// tokens (bottom-right aligned: the last query row sees all `seqlens_k[b]` keys) unless the
+/// options set an explicit right bound,
 /// `lse: [batch, heads_q, q_len]` f32, natural log. A row that sees nothing gives output 0 and
 /// LSE `-inf`. Query head `h` reads kv head `h / (heads_q / heads_kv)`.
 ///
@@ -46,8 +47,11 @@ pub struct PagedDecode {
 }
 
 impl PagedDecode {
-    /// `options` gives scale, softcap and the base mask; decode usually wants
-    /// `AttentionOptions::causal()`.
+    /// `options` gives scale, softcap and the base mask. Decode queries are causal among the
+    /// new tokens (semantics.md): an unbounded right side (`AttentionOptions::default()`,
+    /// any `(left, -1)` window) becomes `0`, so the default options decode causally and a
+    /// sliding window `(W - 1, 0)` or `(W - 1, -1)` keeps its left bound. An explicit right
+    /// bound `r > 0` is kept (query row `i` then sees `r` keys past its own position).
     pub fn new(
         cache: &PagedCache,
         heads_q: usize,
@@ -76,7 +80,13 @@ impl PagedDecode {
             q_len,
             scale,
             softcap: options.softcap,
-            mask: options.mask,
+            mask: Mask {
+                window: Window::new(
+                    options.mask.window.left,
+                    Some(options.mask.window.right.unwrap_or(0)),
+                ),
+                ..options.mask
+            },
             policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
             lists: None,
             num_splits: None,
