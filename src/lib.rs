@@ -91,4 +91,7 @@ pub use paged::{
     HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
     QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
-pub use ring::{RingAttention, RingLayout, RingSchedule, RingShape, Sharding};
+pub use ring::{
+    GlobalBlock, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape, Sharding,
+    block_pieces,
+};

@@ -8,16 +8,19 @@
 //!
 //! Here: the sharding schemes ([`Sharding`]: contiguous, zigzag, stripe), the ring
 //! schedule ([`RingAttention::schedule`]: which steps compute, which transfers are needed,
-//! the work per rank), and the CPU driver over simulated ranks
-//! ([`RingAttention::forward_cpu`]), whose result equals single-device attention over the
-//! whole sequence with the same mask.
+//! the work per rank), the decomposition of a step into plain dense attention calls
+//! ([`RingAttention::pieces`], [`block_pieces`]: a query block and a key block at global
+//! positions become at most two [`FlashAttention`](crate::FlashAttention) problems whose
+//! local `(left, right)` windows reproduce the global mask exactly), and the CPU driver over
+//! simulated ranks ([`RingAttention::forward_cpu`]), which runs those pieces and merges them,
+//! and equals single-device attention over the whole sequence with the same mask.
 
-use crate::dense::AttentionOptions;
+use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
-use crate::mask::Mask;
-use crate::softmax::{OnlineSoftmax, merge_weights, softcapped};
+use crate::layout::{SeqLens, Strided, Strides, check_extent, check_no_overlap};
+use crate::mask::{Mask, Window};
+use crate::softmax::merge_weights;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -100,6 +103,133 @@ impl RingLayout {
     pub fn kv_source(&self, rank: usize, step: usize) -> usize {
         (rank + self.world - step % self.world) % self.world
     }
+}
+
+/// Rows of a shard that hold evenly spaced global positions: local rows `row0..row0 + len`
+/// are tokens `pos0, pos0 + stride, ...` (a contiguous or zigzag chunk has stride 1, a
+/// stripe shard stride `world`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GlobalBlock {
+    pub row0: usize,
+    pub len: usize,
+    pub pos0: usize,
+    pub stride: usize,
+}
+
+/// One plain dense attention problem of a ring step: the query rows `q_rows` of the rank's
+/// shard against the key rows `k_rows` of the shard it holds, with `mask` in the local,
+/// bottom-right aligned coordinates of that problem (`sq = q_rows.len()`, `sk =
+/// k_rows.len()`). Its rows see exactly the keys of `k_rows` the global mask shows them; rows
+/// past `q_rows` see none of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingPiece {
+    pub q_rows: Range<usize>,
+    pub k_rows: Range<usize>,
+    pub mask: Mask,
+}
+
+impl RingLayout {
+    /// Rank `rank`'s shard as runs of evenly spaced positions (local rows in order).
+    pub fn blocks(&self, rank: usize) -> Vec<GlobalBlock> {
+        let (s, n) = (self.seqlen, self.world);
+        if rank >= n {
+            return Vec::new();
+        }
+        let cut = |parts: usize, c: usize| (c * s / parts, (c + 1) * s / parts);
+        let runs = match self.sharding {
+            Sharding::Contiguous => vec![cut(n, rank)],
+            Sharding::Zigzag => vec![cut(2 * n, rank), cut(2 * n, 2 * n - 1 - rank)],
+            Sharding::Stripe => {
+                let len = (s - rank.min(s)).div_ceil(n);
+                return vec![GlobalBlock {
+                    row0: 0,
+                    len,
+                    pos0: rank,
+                    stride: n,
+                }];
+            }
+        };
+        let mut row0 = 0;
+        runs.into_iter()
+            .map(|(a, b)| {
+                let blk = GlobalBlock {
+                    row0,
+                    len: b - a,
+                    pos0: a,
+                    stride: 1,
+                };
+                row0 += b - a;
+                blk
+            })
+            .collect()
+    }
+}
+
+/// Query rows `0..lq` against key rows `0..lk` where key `j` is visible to row `i` iff `lo
+/// <= j - i <= hi` (`None`: unbounded): the rows and keys that can see anything, as a dense
+/// problem with its local window. Trailing keys no row reaches and trailing rows that reach
+/// no key are cut, which makes both window sides non-negative; `None` if nothing is visible.
+fn band_piece(
+    lq: usize,
+    lk: usize,
+    lo: Option<i64>,
+    hi: Option<i64>,
+) -> Option<(usize, usize, Window)> {
+    let (lq, lk) = (lq as i64, lk as i64);
+    let lk = hi.map_or(lk, |c| lk.min(lq + c));
+    let lq = lo.map_or(lq, |a| lq.min(lk - a));
+    if lq <= 0 || lk <= 0 || matches!((lo, hi), (Some(a), Some(c)) if a > c) {
+        return None;
+    }
+    let diag = lk - lq; // the local diagonal's offset j - i
+    let left = lo.map(|a| (diag - a) as usize);
+    let right = hi.map(|c| (c - diag) as usize);
+    Some((lq as usize, lk as usize, Window::new(left, right)))
+}
+
+/// The dense problems that compute attention of query block `q` over key block `k` (both at
+/// global positions of one sequence of `seqlen` tokens, same stride) under `mask` (global,
+/// `seqlen_q == seqlen_k == seqlen`): one piece for the window, plus one for the sink keys
+/// when the window has a left bound (sinks left of it are visible too, up to the right
+/// bound). Every returned piece has `sinks == 0` and window sides >= 0 (or unbounded), so
+/// any dense kernel runs it; an empty list means the blocks see nothing of each other.
+pub fn block_pieces(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Vec<RingPiece> {
+    if q.len == 0 || k.len == 0 || q.stride != k.stride || q.stride == 0 {
+        return Vec::new();
+    }
+    // Global: p_i - left <= t_j <= p_i + right with p_i = pos0_q + s i, t_j = pos0_k + s j,
+    // i.e. ceil((dq - left) / s) <= j - i <= floor((dq + right) / s), dq = pos0_q - pos0_k.
+    let s = q.stride as i64;
+    let dq = q.pos0 as i64 - k.pos0 as i64;
+    let lo = mask
+        .window
+        .left
+        .map(|l| (dq - l as i64).div_euclid(s) + i64::from((dq - l as i64).rem_euclid(s) != 0));
+    let hi = mask.window.right.map(|r| (dq + r as i64).div_euclid(s));
+    // Sink keys t_j < sinks: j < ceil((sinks - pos0_k) / s).
+    let sink_keys = if mask.window.left.is_some() && mask.sinks > k.pos0 {
+        (mask.sinks - k.pos0).div_ceil(q.stride).min(k.len)
+    } else {
+        0
+    };
+    let mut pieces = Vec::new();
+    let mut push = |k_first: usize, lk: usize, lo: Option<i64>, hi: Option<i64>| {
+        let shift = k_first as i64; // band of j - i relative to the sub-block's first key
+        if let Some((lq, lk, window)) =
+            band_piece(q.len, lk, lo.map(|a| a - shift), hi.map(|c| c - shift))
+        {
+            pieces.push(RingPiece {
+                q_rows: q.row0..q.row0 + lq,
+                k_rows: k.row0 + k_first..k.row0 + k_first + lk,
+                mask: Mask::new(window, 0),
+            });
+        }
+    };
+    if sink_keys > 0 {
+        push(0, sink_keys, None, hi);
+    }
+    push(sink_keys, k.len - sink_keys, lo, hi);
+    pieces
 }
 
 /// What the ring does, decided from the layout and the mask alone.
@@ -326,10 +456,23 @@ impl RingAttention {
         Ok(())
     }
 
+    /// The dense problems rank `rank` runs at ring step `step` (none when the step is
+    /// skipped): [`block_pieces`] of each of its query blocks against each block of the
+    /// shard it holds then ([`RingLayout::kv_source`]).
+    pub fn pieces(&self, rank: usize, step: usize) -> Vec<RingPiece> {
+        let kv = self.layout.blocks(self.layout.kv_source(rank, step));
+        self.layout
+            .blocks(rank)
+            .into_iter()
+            .flat_map(|q| kv.iter().flat_map(move |&k| block_pieces(q, k, self.mask)))
+            .collect()
+    }
+
     /// CPU ring over simulated ranks (also the fallback without a GPU): every rank runs the
-    /// ring steps of [`RingAttention::schedule`] in order, computing each step's partial
-    /// attention at global positions (online softmax, f32) and merging it into its running
-    /// `(o, lse)`; parallel over (rank, batch, head). A query with no visible key gives 0
+    /// ring steps in order; each step's [`RingAttention::pieces`] are plain
+    /// [`FlashAttention::forward_cpu`] calls on row ranges of the shards, whose `(o, lse)`
+    /// are merged into the rank's running f32 state (the LSE merge). Parallel over ranks
+    /// (and over (batch, head) inside each dense call). A query with no visible key gives 0
     /// and LSE `-inf`.
     pub fn forward_cpu<T: Element>(
         &self,
@@ -340,108 +483,110 @@ impl RingAttention {
         mut lse: Option<&mut [&mut [f32]]>,
     ) -> Result<()> {
         self.check_shards(q, k, v, out, lse.as_deref())?;
-        let n = self.layout.world;
+        let RingShape {
+            heads_q, head_dim, ..
+        } = self.shape;
+        let states: Vec<(Vec<f32>, Vec<f32>)> = (0..self.layout.world)
+            .into_par_iter()
+            .map(|r| self.rank_cpu(r, q, k, v))
+            .collect::<Result<_>>()?;
+        for (r, (o, l)) in states.into_iter().enumerate() {
+            let len = self.layout.shard_len(r);
+            let dst = &mut out[r];
+            for b in 0..self.shape.batch {
+                for i in 0..len {
+                    for h in 0..heads_q {
+                        let st = &dst.strides;
+                        let off =
+                            (b as i64 * st.batch + i as i64 * st.seq + h as i64 * st.head) as usize;
+                        let src = ((b * len + i) * heads_q + h) * head_dim;
+                        for (y, &x) in dst.data[off..off + head_dim]
+                            .iter_mut()
+                            .zip(&o[src..src + head_dim])
+                        {
+                            *y = T::from_f32(x);
+                        }
+                    }
+                }
+            }
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[r][..l.len()].copy_from_slice(&l);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `row0..` of a shard tensor as a tensor of its own (strides are >= 0).
+    fn from_row<'a, T>(t: &Strided<&'a [T]>, row0: usize) -> Strided<&'a [T]> {
+        Strided::new(&t.data[(row0 as i64 * t.strides.seq) as usize..], t.strides)
+    }
+
+    /// One rank's ring on the CPU: the running `(o [batch, L_r, heads_q, head_dim], lse
+    /// [batch, heads_q, L_r])` after every step.
+    fn rank_cpu<T: Element>(
+        &self,
+        r: usize,
+        q: &[Strided<&[T]>],
+        k: &[Strided<&[T]>],
+        v: &[Strided<&[T]>],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let RingShape {
             batch,
             heads_q,
             heads_kv,
             head_dim: d,
         } = self.shape;
-        let group = heads_q / heads_kv;
-        let pos: Vec<Vec<usize>> = (0..n).map(|r| self.layout.positions(r)).collect();
-        let schedule = self.schedule();
-        let row = |st: &Strides, b: usize, i: usize, h: usize| {
-            (b as i64 * st.batch + i as i64 * st.seq + h as i64 * st.head) as usize
-        };
-        let tasks: Vec<(usize, usize, usize)> = (0..n)
-            .flat_map(|r| (0..batch).flat_map(move |b| (0..heads_q).map(move |h| (r, b, h))))
-            .collect();
-        let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
-            .par_iter()
-            .map(|&(r, b, h)| {
-                let load = |t: &Strided<&[T]>, len: usize, head: usize| {
-                    let mut buf = Vec::with_capacity(len * d);
-                    for i in 0..len {
-                        let off = row(&t.strides, b, i, head);
-                        buf.extend(t.data[off..off + d].iter().map(|x| x.to_f32()));
-                    }
-                    buf
-                };
-                let lq = pos[r].len();
-                let qh = load(&q[r], lq, h);
-                let mut o = vec![0.0f32; lq * d];
-                let mut l = vec![f32::NEG_INFINITY; lq];
-                for step in 0..n {
-                    if !schedule.compute[r][step] {
-                        continue;
-                    }
-                    let s = self.layout.kv_source(r, step);
-                    let ls = pos[s].len();
-                    let kh = load(&k[s], ls, h / group);
-                    let vh = load(&v[s], ls, h / group);
-                    for (i, &gi) in pos[r].iter().enumerate() {
-                        let (po, pl) =
-                            self.partial_row(&qh[i * d..(i + 1) * d], gi, &pos[s], &kh, &vh);
-                        let (wa, wb, merged) = merge_weights(l[i], pl);
-                        for (a, &x) in o[i * d..(i + 1) * d].iter_mut().zip(&po) {
-                            *a = wa * *a + wb * x;
+        let len = self.layout.shard_len(r);
+        let mut o = vec![0.0f32; batch * len * heads_q * d];
+        let mut l = vec![f32::NEG_INFINITY; batch * heads_q * len];
+        for step in 0..self.layout.world {
+            let s = self.layout.kv_source(r, step);
+            for piece in self.pieces(r, step) {
+                let (sq, sk) = (piece.q_rows.len(), piece.k_rows.len());
+                let attn = FlashAttention::new(
+                    &AttentionShape {
+                        batch,
+                        heads_q,
+                        heads_kv,
+                        head_dim: d,
+                        seqlens: SeqLens::Fixed {
+                            seqlen_q: sq,
+                            seqlen_k: sk,
+                        },
+                    },
+                    &AttentionOptions {
+                        scale: Some(self.scale),
+                        mask: piece.mask,
+                        softcap: self.softcap,
+                    },
+                )?;
+                let mut po = vec![T::default(); attn.out_len()];
+                let mut pl = vec![0.0f32; attn.lse_len()];
+                attn.forward_cpu(
+                    Self::from_row(&q[r], piece.q_rows.start),
+                    Self::from_row(&k[s], piece.k_rows.start),
+                    Self::from_row(&v[s], piece.k_rows.start),
+                    Strided::new(&mut po[..], Strides::contiguous(sq, heads_q, d)),
+                    Some(&mut pl[..]),
+                )?;
+                for b in 0..batch {
+                    for h in 0..heads_q {
+                        for i in 0..sq {
+                            let row = piece.q_rows.start + i;
+                            let li = (b * heads_q + h) * len + row;
+                            let (wa, wb, merged) =
+                                merge_weights(l[li], pl[(b * heads_q + h) * sq + i]);
+                            l[li] = merged;
+                            let dst = ((b * len + row) * heads_q + h) * d;
+                            let src = ((b * sq + i) * heads_q + h) * d;
+                            for (a, x) in o[dst..dst + d].iter_mut().zip(&po[src..src + d]) {
+                                *a = wa * *a + wb * x.to_f32();
+                            }
                         }
-                        l[i] = merged;
                     }
                 }
-                (o, l)
-            })
-            .collect();
-        for (&(r, b, h), (o, l)) in tasks.iter().zip(results) {
-            let lq = pos[r].len();
-            let dst = &mut out[r];
-            for i in 0..lq {
-                let off = row(&dst.strides, b, i, h);
-                for (y, &x) in dst.data[off..off + d]
-                    .iter_mut()
-                    .zip(&o[i * d..(i + 1) * d])
-                {
-                    *y = T::from_f32(x);
-                }
-            }
-            if let Some(lse) = lse.as_deref_mut() {
-                lse[r][(b * heads_q + h) * lq..(b * heads_q + h + 1) * lq].copy_from_slice(&l);
             }
         }
-        Ok(())
-    }
-
-    /// One query row (global position `gi`, `q: [d]`) against one shard (`keys`: global
-    /// positions, `k, v: [len, d]`): the partial `(o, lse)` over the keys it sees there.
-    fn partial_row(
-        &self,
-        q: &[f32],
-        gi: usize,
-        keys: &[usize],
-        k: &[f32],
-        v: &[f32],
-    ) -> (Vec<f32>, f32) {
-        let d = q.len();
-        let s = self.layout.seqlen;
-        let mut state = OnlineSoftmax::new(d);
-        let mut scores = Vec::new();
-        for range in self.visible_ranges(gi, keys) {
-            scores.clear();
-            scores.extend(range.clone().map(|j| {
-                if self.mask.visible(gi, keys[j], s, s) {
-                    let dot: f32 = q
-                        .iter()
-                        .zip(&k[j * d..(j + 1) * d])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    softcapped(dot * self.scale, self.softcap)
-                } else {
-                    f32::NEG_INFINITY
-                }
-            }));
-            let base = range.start;
-            state.update(&scores, |j| &v[(base + j) * d..(base + j + 1) * d]);
-        }
-        state.finish()
+        Ok((o, l))
     }
 }

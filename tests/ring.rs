@@ -453,3 +453,115 @@ fn bad_ring_inputs_are_errors() {
     let r = ring.forward_cpu(&qv, &kneg, &vv, &mut out, None);
     assert!(matches!(r, Err(Error::Stride(_))), "{r:?}");
 }
+
+/// `block_pieces` reproduces the global mask exactly: for query and key blocks at global
+/// positions (any offsets, stride 1 or a stripe stride), key `j` is visible to row `i` iff
+/// exactly one piece covers `(i, j)` and shows it under its local window; pieces never carry
+/// sinks and their key ranges are disjoint.
+#[test]
+fn block_pieces_reproduce_the_global_mask() {
+    let w = |l, r| Window::new(l, r);
+    let windows = [
+        Window::FULL,
+        Window::CAUSAL,
+        w(Some(0), Some(0)),
+        w(Some(1), Some(0)),
+        w(Some(7), Some(0)),
+        w(Some(3), Some(2)),
+        w(None, Some(5)),
+        w(Some(4), None),
+        w(Some(20), Some(1)),
+    ];
+    let s = 64;
+    for &window in &windows {
+        for sinks in [0usize, 1, 3, 9] {
+            let mask = Mask::new(window, sinks);
+            for stride in [1usize, 3] {
+                for (qp, ql, kp, kl) in [
+                    (0, 5, 0, 5),
+                    (10, 6, 0, 7),
+                    (0, 4, 12, 9),
+                    (20, 1, 2, 16),
+                    (30, 11, 26, 3),
+                    (1, 9, 0, 12),
+                ] {
+                    let q = GlobalBlock {
+                        row0: 2,
+                        len: ql,
+                        pos0: qp,
+                        stride,
+                    };
+                    let k = GlobalBlock {
+                        row0: 5,
+                        len: kl,
+                        pos0: kp,
+                        stride,
+                    };
+                    if qp + stride * (ql - 1) >= s || kp + stride * (kl - 1) >= s {
+                        continue;
+                    }
+                    let pieces = block_pieces(q, k, mask);
+                    for p in &pieces {
+                        assert_eq!(p.mask.sinks, 0);
+                    }
+                    for (a, b) in pieces.iter().zip(pieces.iter().skip(1)) {
+                        assert!(
+                            a.k_rows.end <= b.k_rows.start,
+                            "{mask:?}: key ranges overlap"
+                        );
+                    }
+                    for i in 0..ql {
+                        for j in 0..kl {
+                            let want = mask.visible(qp + stride * i, kp + stride * j, s, s);
+                            let (row, key) = (q.row0 + i, k.row0 + j);
+                            let seen = pieces
+                                .iter()
+                                .filter(|p| p.q_rows.contains(&row) && p.k_rows.contains(&key))
+                                .filter(|p| {
+                                    let (sq, sk) = (p.q_rows.len(), p.k_rows.len());
+                                    p.mask.visible(
+                                        row - p.q_rows.start,
+                                        key - p.k_rows.start,
+                                        sq,
+                                        sk,
+                                    )
+                                })
+                                .count();
+                            assert_eq!(
+                                seen,
+                                usize::from(want),
+                                "{mask:?} stride {stride} q {q:?} k {k:?}: ({i}, {j})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A step computes iff it has pieces.
+#[test]
+fn pieces_match_the_schedule() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    for layout in layouts(37, 3).into_iter().chain(layouts(64, 4)) {
+        for (name, opts) in masks() {
+            let ring = RingAttention::new(layout, shape, &opts).unwrap();
+            let sch = ring.schedule();
+            for r in 0..layout.world() {
+                for t in 0..layout.world() {
+                    assert_eq!(
+                        !ring.pieces(r, t).is_empty(),
+                        sch.compute[r][t],
+                        "{layout:?} {name} rank {r} step {t}"
+                    );
+                }
+            }
+        }
+    }
+}
