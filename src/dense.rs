@@ -273,21 +273,10 @@ impl FlashAttention {
         h / (self.heads_q / self.heads_kv)
     }
 
-    /// Element offset of row `i` (of sequence `b`, starting at packed row `start`), head `h`.
-    pub(crate) fn row_offset(
-        &self,
-        s: &Strides,
-        b: usize,
-        start: usize,
-        i: usize,
-        h: usize,
-    ) -> usize {
-        let batch = if self.varlen.is_some() {
-            0
-        } else {
-            b as i64 * s.batch
-        };
-        (batch + (start + i) as i64 * s.seq + h as i64 * s.head) as usize
+    /// The batch index of sequence `b` in its tensors: `b`, or 0 for a packed (varlen) batch,
+    /// whose sequences are row ranges of one `[total, heads, head_dim]` tensor.
+    pub(crate) fn batch_entry(&self, b: usize) -> usize {
+        if self.varlen.is_some() { 0 } else { b }
     }
 
     /// Index of the LSE value of (sequence `b`, head `h`, row `i`).
@@ -364,38 +353,25 @@ impl FlashAttention {
             .par_iter()
             .map(|&(b, h)| {
                 let span = self.spans[b];
-                let load = |t: &Strided<&[T]>, start: usize, rows: usize, head: usize| {
-                    let mut buf = Vec::with_capacity(rows * d);
-                    for i in 0..rows {
-                        let off = self.row_offset(&t.strides, b, start, i, head);
-                        buf.extend(t.data[off..off + d].iter().map(|x| x.to_f32()));
-                    }
-                    buf
-                };
+                let bb = self.batch_entry(b);
                 let kvh = self.kv_head(h);
-                let qh = load(&q, span.q_start, span.seqlen_q, h);
-                let kh = load(&k, span.k_start, span.seqlen_k, kvh);
-                let vh = load(&v, span.k_start, span.seqlen_k, kvh);
+                let q_rows = span.q_start..span.q_start + span.seqlen_q;
+                let k_rows = span.k_start..span.k_start + span.seqlen_k;
+                let qh = q.head_rows_f32(bb, q_rows, h, d);
+                let kh = k.head_rows_f32(bb, k_rows.clone(), kvh, d);
+                let vh = v.head_rows_f32(bb, k_rows, kvh, d);
                 self.tiled_head(&qh, &kh, &vh, span.seqlen_q, span.seqlen_k)
             })
             .collect();
-        let Strided {
-            data: out_data,
-            strides: out_strides,
-        } = out;
+        let mut out = out;
         let mut lse = lse;
         for (&(b, h), (o, l)) in tasks.iter().zip(results) {
             let span = self.spans[b];
-            for i in 0..span.seqlen_q {
-                let off = self.row_offset(&out_strides, b, span.q_start, i, h);
-                for (dst, &x) in out_data[off..off + d]
-                    .iter_mut()
-                    .zip(&o[i * d..(i + 1) * d])
-                {
-                    *dst = T::from_f32(x);
-                }
-                if let Some(lse) = lse.as_deref_mut() {
-                    lse[self.lse_index(b, h, i)] = l[i];
+            let rows = span.q_start..span.q_start + span.seqlen_q;
+            out.store_head_rows(self.batch_entry(b), rows, h, d, &o);
+            if let Some(lse) = lse.as_deref_mut() {
+                for (i, &x) in l.iter().enumerate() {
+                    lse[self.lse_index(b, h, i)] = x;
                 }
             }
         }

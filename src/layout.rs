@@ -1,7 +1,9 @@
 //! Tensor layouts: element strides over a flat buffer, and sequence lengths (fixed or
 //! packed "varlen"). Validation here is shared by the CPU and GPU paths.
 
+use crate::element::Element;
 use crate::error::{Error, Result};
+use std::ops::Range;
 
 /// Element strides of a `[batch, seq, heads, head_dim]` tensor; the head_dim stride is 1.
 /// With varlen lengths the buffer is `[total_tokens, heads, head_dim]` and `batch` is unused.
@@ -23,6 +25,13 @@ impl Strides {
     }
 }
 
+impl Strides {
+    /// Element offset of `[b, row, head, 0]` (strides are validated non-negative first).
+    pub(crate) fn offset(&self, b: usize, row: usize, head: usize) -> usize {
+        (b as i64 * self.batch + row as i64 * self.seq + head as i64 * self.head) as usize
+    }
+}
+
 /// A tensor argument: a buffer (host slice or device slice) and its strides.
 #[derive(Debug)]
 pub struct Strided<D> {
@@ -33,6 +42,45 @@ pub struct Strided<D> {
 impl<D> Strided<D> {
     pub fn new(data: D, strides: Strides) -> Self {
         Strided { data, strides }
+    }
+}
+
+impl<T: Element> Strided<&[T]> {
+    /// Rows `rows` of head `head` of batch entry `b` as f32, `[rows.len(), head_dim]` (the
+    /// CPU paths' working copy of one (sequence, head)).
+    pub(crate) fn head_rows_f32(
+        &self,
+        b: usize,
+        rows: Range<usize>,
+        head: usize,
+        head_dim: usize,
+    ) -> Vec<f32> {
+        let mut buf = Vec::with_capacity(rows.len() * head_dim);
+        for row in rows {
+            let off = self.strides.offset(b, row, head);
+            buf.extend(self.data[off..off + head_dim].iter().map(|x| x.to_f32()));
+        }
+        buf
+    }
+}
+
+impl<T: Element> Strided<&mut [T]> {
+    /// Writes `src: [rows.len(), head_dim]` (f32) into rows `rows` of head `head` of batch
+    /// entry `b`.
+    pub(crate) fn store_head_rows(
+        &mut self,
+        b: usize,
+        rows: Range<usize>,
+        head: usize,
+        head_dim: usize,
+        src: &[f32],
+    ) {
+        for (row, x) in rows.zip(src.chunks_exact(head_dim)) {
+            let off = self.strides.offset(b, row, head);
+            for (y, &v) in self.data[off..off + head_dim].iter_mut().zip(x) {
+                *y = T::from_f32(v);
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
+use crate::layout::{Strided, check_extent, check_no_overlap};
 use crate::mask::Mask;
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
@@ -295,9 +295,6 @@ impl NeighborhoodAttention {
                 self.lse_len()
             )));
         }
-        let row = |st: &Strides, b: usize, t: usize, h: usize| {
-            (b as i64 * st.batch + t as i64 * st.seq + h as i64 * st.head) as usize
-        };
         let group = self.heads_q / self.heads_kv;
         let neighbors: Vec<Vec<usize>> =
             (0..n).into_par_iter().map(|t| self.neighbors(t)).collect();
@@ -307,15 +304,12 @@ impl NeighborhoodAttention {
         let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
             .map(|&(b, h)| {
-                let load = |x: &Strided<&[T]>, head: usize| {
-                    let mut buf = Vec::with_capacity(n * d);
-                    for t in 0..n {
-                        let off = row(&x.strides, b, t, head);
-                        buf.extend(x.data[off..off + d].iter().map(|e| e.to_f32()));
-                    }
-                    buf
-                };
-                let (qh, kh, vh) = (load(&q, h), load(&k, h / group), load(&v, h / group));
+                let kvh = h / group;
+                let qh = q.head_rows_f32(b, 0..n, h, d);
+                let (kh, vh) = (
+                    k.head_rows_f32(b, 0..n, kvh, d),
+                    v.head_rows_f32(b, 0..n, kvh, d),
+                );
                 let mut o = vec![0.0f32; n * d];
                 let mut l = vec![f32::NEG_INFINITY; n];
                 let mut scores = Vec::new();
@@ -340,21 +334,10 @@ impl NeighborhoodAttention {
                 (o, l)
             })
             .collect();
-        let Strided {
-            data: out_data,
-            strides: out_strides,
-        } = out;
+        let mut out = out;
         let mut lse = lse;
         for (&(b, h), (o, l)) in tasks.iter().zip(results) {
-            for t in 0..n {
-                let off = row(&out_strides, b, t, h);
-                for (y, &x) in out_data[off..off + d]
-                    .iter_mut()
-                    .zip(&o[t * d..(t + 1) * d])
-                {
-                    *y = T::from_f32(x);
-                }
-            }
+            out.store_head_rows(b, 0..n, h, d, &o);
             if let Some(lse) = lse.as_deref_mut() {
                 let base = (b * self.heads_q + h) * n;
                 lse[base..base + n].copy_from_slice(&l);

@@ -492,21 +492,10 @@ impl RingAttention {
             .collect::<Result<_>>()?;
         for (r, (o, l)) in states.into_iter().enumerate() {
             let len = self.layout.shard_len(r);
-            let dst = &mut out[r];
             for b in 0..self.shape.batch {
-                for i in 0..len {
-                    for h in 0..heads_q {
-                        let st = &dst.strides;
-                        let off =
-                            (b as i64 * st.batch + i as i64 * st.seq + h as i64 * st.head) as usize;
-                        let src = ((b * len + i) * heads_q + h) * head_dim;
-                        for (y, &x) in dst.data[off..off + head_dim]
-                            .iter_mut()
-                            .zip(&o[src..src + head_dim])
-                        {
-                            *y = T::from_f32(x);
-                        }
-                    }
+                for h in 0..heads_q {
+                    let src = (b * heads_q + h) * len * head_dim;
+                    out[r].store_head_rows(b, 0..len, h, head_dim, &o[src..src + len * head_dim]);
                 }
             }
             if let Some(lse) = lse.as_deref_mut() {
@@ -521,7 +510,7 @@ impl RingAttention {
         Strided::new(&t.data[(row0 as i64 * t.strides.seq) as usize..], t.strides)
     }
 
-    /// One rank's ring on the CPU: the running `(o [batch, L_r, heads_q, head_dim], lse
+    /// One rank's ring on the CPU: the running `(o [batch, heads_q, L_r, head_dim], lse
     /// [batch, heads_q, L_r])` after every step.
     fn rank_cpu<T: Element>(
         &self,
@@ -577,7 +566,7 @@ impl RingAttention {
                             let (wa, wb, merged) =
                                 merge_weights(l[li], pl[(b * heads_q + h) * sq + i]);
                             l[li] = merged;
-                            let dst = ((b * len + row) * heads_q + h) * d;
+                            let dst = li * d;
                             let src = ((b * sq + i) * heads_q + h) * d;
                             for (a, x) in o[dst..dst + d].iter_mut().zip(&po[src..src + d]) {
                                 *a = wa * *a + wb * x.to_f32();

@@ -449,7 +449,7 @@ impl PagedDecode {
 
     fn q_row<T: Element>(&self, q: &Strided<&[T]>, b: usize, i: usize, h: usize) -> Vec<f32> {
         let s = &q.strides;
-        let off = (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+        let off = s.offset(b, i, h);
         q.data[off..off + self.cache.head_dim()]
             .iter()
             .map(|x| x.to_f32())
@@ -641,7 +641,7 @@ impl PagedDecode {
         } = out;
         let mut lse = lse;
         for (&(b, i, h), (o, l)) in tasks.iter().zip(results) {
-            let off = (b as i64 * os.batch + i as i64 * os.seq + h as i64 * os.head) as usize;
+            let off = os.offset(b, i, h);
             for (dst, x) in out_data[off..off + d].iter_mut().zip(&o) {
                 *dst = T::from_f32(*x);
             }

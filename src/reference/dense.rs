@@ -39,15 +39,16 @@ pub fn dense_attention_f64<T: Element>(
     let mask = attn.mask();
     for (b, span) in attn.spans().iter().enumerate() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+        let bb = attn.batch_entry(b);
         for h in 0..attn.heads_q() {
             let kvh = attn.kv_head(h);
             for i in 0..sq {
-                let qo = attn.row_offset(&q.strides, b, span.q_start, i, h);
+                let qo = q.strides.offset(bb, span.q_start + i, h);
                 let qi = &q.data[qo..qo + d];
-                let oo = attn.row_offset(&out_strides, b, span.q_start, i, h);
+                let oo = out_strides.offset(bb, span.q_start + i, h);
                 let (kd, vd) = (k.data, v.data);
-                let key_at = |j: usize| attn.row_offset(&k.strides, b, span.k_start, j, kvh);
-                let value_at = |j: usize| attn.row_offset(&v.strides, b, span.k_start, j, kvh);
+                let key_at = |j: usize| k.strides.offset(bb, span.k_start + j, kvh);
+                let value_at = |j: usize| v.strides.offset(bb, span.k_start + j, kvh);
                 lse[attn.lse_index(b, h, i)] = attend_row(
                     qi,
                     sk,

@@ -51,7 +51,7 @@ pub fn paged_decode_f64<T: Element>(
             for h in 0..hq {
                 let kvh = decode.kv_head(h);
                 let s = &q.strides;
-                let qo = (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+                let qo = s.offset(b, i, h);
                 let qi = &q.data[qo..qo + d];
                 let oo = ((b * sq + i) * hq + h) * d;
                 let (kd, vd) = (kv.k, kv.v);
@@ -99,8 +99,7 @@ pub fn quest_scores_f64<T: Element>(
                 for i in 0..decode.q_len() {
                     for h in kvh * g..(kvh + 1) * g {
                         let s = &q.strides;
-                        let qo =
-                            (b as i64 * s.batch + i as i64 * s.seq + h as i64 * s.head) as usize;
+                        let qo = s.offset(b, i, h);
                         let sc: f64 = (0..d)
                             .map(|c| {
                                 let x = q.data[qo + c].to_f64();
