@@ -80,55 +80,12 @@ impl RingLayout {
     /// Global positions of rank `rank`'s tokens, ascending: its shard's row `i` is token
     /// `positions(rank)[i]` of the sequence.
     pub fn positions(&self, rank: usize) -> Vec<usize> {
-        let (s, n) = (self.seqlen, self.world);
-        if rank >= n {
-            return Vec::new();
-        }
-        let cut = |parts: usize, c: usize| c * s / parts..(c + 1) * s / parts;
-        match self.sharding {
-            Sharding::Contiguous => cut(n, rank).collect(),
-            Sharding::Zigzag => cut(2 * n, rank)
-                .chain(cut(2 * n, 2 * n - 1 - rank))
-                .collect(),
-            Sharding::Stripe => (rank..s).step_by(n).collect(),
-        }
+        self.blocks(rank)
+            .iter()
+            .flat_map(|b| (0..b.len).map(move |i| b.pos0 + i * b.stride))
+            .collect()
     }
 
-    /// Tokens held by rank `rank`.
-    pub fn shard_len(&self, rank: usize) -> usize {
-        self.positions(rank).len()
-    }
-
-    /// The shard rank `rank` holds at ring step `step`: `(rank - step) mod world`.
-    pub fn kv_source(&self, rank: usize, step: usize) -> usize {
-        (rank + self.world - step % self.world) % self.world
-    }
-}
-
-/// Rows of a shard that hold evenly spaced global positions: local rows `row0..row0 + len`
-/// are tokens `pos0, pos0 + stride, ...` (a contiguous or zigzag chunk has stride 1, a
-/// stripe shard stride `world`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct GlobalBlock {
-    pub row0: usize,
-    pub len: usize,
-    pub pos0: usize,
-    pub stride: usize,
-}
-
-/// One plain dense attention problem of a ring step: the query rows `q_rows` of the rank's
-/// shard against the key rows `k_rows` of the shard it holds, with `mask` in the local,
-/// bottom-right aligned coordinates of that problem (`sq = q_rows.len()`, `sk =
-/// k_rows.len()`). Its rows see exactly the keys of `k_rows` the global mask shows them; rows
-/// past `q_rows` see none of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RingPiece {
-    pub q_rows: Range<usize>,
-    pub k_rows: Range<usize>,
-    pub mask: Mask,
-}
-
-impl RingLayout {
     /// Rank `rank`'s shard as runs of evenly spaced positions (local rows in order).
     pub fn blocks(&self, rank: usize) -> Vec<GlobalBlock> {
         let (s, n) = (self.seqlen, self.world);
@@ -163,6 +120,39 @@ impl RingLayout {
             })
             .collect()
     }
+
+    /// Tokens held by rank `rank`.
+    pub fn shard_len(&self, rank: usize) -> usize {
+        self.blocks(rank).iter().map(|b| b.len).sum()
+    }
+
+    /// The shard rank `rank` holds at ring step `step`: `(rank - step) mod world`.
+    pub fn kv_source(&self, rank: usize, step: usize) -> usize {
+        (rank + self.world - step % self.world) % self.world
+    }
+}
+
+/// Rows of a shard that hold evenly spaced global positions: local rows `row0..row0 + len`
+/// are tokens `pos0, pos0 + stride, ...` (a contiguous or zigzag chunk has stride 1, a
+/// stripe shard stride `world`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GlobalBlock {
+    pub row0: usize,
+    pub len: usize,
+    pub pos0: usize,
+    pub stride: usize,
+}
+
+/// One plain dense attention problem of a ring step: the query rows `q_rows` of the rank's
+/// shard against the key rows `k_rows` of the shard it holds, with `mask` in the local,
+/// bottom-right aligned coordinates of that problem (`sq = q_rows.len()`, `sk =
+/// k_rows.len()`). Its rows see exactly the keys of `k_rows` the global mask shows them; rows
+/// past `q_rows` see none of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingPiece {
+    pub q_rows: Range<usize>,
+    pub k_rows: Range<usize>,
+    pub mask: Mask,
 }
 
 /// Query rows `0..lq` against key rows `0..lk` where key `j` is visible to row `i` iff `lo
