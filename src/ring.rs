@@ -395,13 +395,15 @@ impl RingAttention {
         }
     }
 
-    fn check_shards<T: Element>(
+    /// Validates the per-rank arguments: `(elements, strides)` of every q, k, v and out
+    /// shard and the length of every LSE buffer (shared by the CPU and GPU drivers).
+    pub(crate) fn check_shards(
         &self,
-        q: &[Strided<&[T]>],
-        k: &[Strided<&[T]>],
-        v: &[Strided<&[T]>],
-        out: &[Strided<&mut [T]>],
-        lse: Option<&[&mut [f32]]>,
+        q: &[(usize, Strides)],
+        k: &[(usize, Strides)],
+        v: &[(usize, Strides)],
+        out: &[(usize, Strides)],
+        lse: Option<&[usize]>,
     ) -> Result<()> {
         let n = self.layout.world;
         for (name, count) in [
@@ -427,18 +429,17 @@ impl RingAttention {
             let len = self.layout.shard_len(r);
             let qd = [batch, len, heads_q, head_dim];
             let kd = [batch, len, heads_kv, head_dim];
-            check_extent(&format!("q[{r}]"), &q[r].strides, qd, q[r].data.len())?;
-            check_extent(&format!("k[{r}]"), &k[r].strides, kd, k[r].data.len())?;
-            check_extent(&format!("v[{r}]"), &v[r].strides, kd, v[r].data.len())?;
-            let o = &out[r];
-            check_extent(&format!("out[{r}]"), &o.strides, qd, o.data.len())?;
-            check_no_overlap(&format!("out[{r}]"), &o.strides, qd)?;
+            check_extent(&format!("q[{r}]"), &q[r].1, qd, q[r].0)?;
+            check_extent(&format!("k[{r}]"), &k[r].1, kd, k[r].0)?;
+            check_extent(&format!("v[{r}]"), &v[r].1, kd, v[r].0)?;
+            check_extent(&format!("out[{r}]"), &out[r].1, qd, out[r].0)?;
+            check_no_overlap(&format!("out[{r}]"), &out[r].1, qd)?;
             if let Some(l) = lse
-                && l[r].len() < self.lse_len(r)
+                && l[r] < self.lse_len(r)
             {
                 return Err(Error::Shape(format!(
                     "lse[{r}] holds {} values but [batch, heads_q, L_r] needs {}",
-                    l[r].len(),
+                    l[r],
                     self.lse_len(r)
                 )));
             }
@@ -472,7 +473,15 @@ impl RingAttention {
         out: &mut [Strided<&mut [T]>],
         mut lse: Option<&mut [&mut [f32]]>,
     ) -> Result<()> {
-        self.check_shards(q, k, v, out, lse.as_deref())?;
+        let dims = |t: &[Strided<&[T]>]| {
+            t.iter()
+                .map(|x| (x.data.len(), x.strides))
+                .collect::<Vec<_>>()
+        };
+        let out_dims: Vec<_> = out.iter().map(|x| (x.data.len(), x.strides)).collect();
+        let lse_lens: Option<Vec<usize>> =
+            lse.as_deref().map(|l| l.iter().map(|x| x.len()).collect());
+        self.check_shards(&dims(q), &dims(k), &dims(v), &out_dims, lse_lens.as_deref())?;
         let RingShape {
             heads_q, head_dim, ..
         } = self.shape;
@@ -495,6 +504,34 @@ impl RingAttention {
         Ok(())
     }
 
+    /// The dense problem of one piece: its rows and keys, its local mask, the ring's scale
+    /// and softcap.
+    pub(crate) fn piece_attention(&self, piece: &RingPiece) -> Result<FlashAttention> {
+        let RingShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+        } = self.shape;
+        FlashAttention::new(
+            &AttentionShape {
+                batch,
+                heads_q,
+                heads_kv,
+                head_dim,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: piece.q_rows.len(),
+                    seqlen_k: piece.k_rows.len(),
+                },
+            },
+            &AttentionOptions {
+                scale: Some(self.scale),
+                mask: piece.mask,
+                softcap: self.softcap,
+            },
+        )
+    }
+
     /// Rows `row0..` of a shard tensor as a tensor of its own (strides are >= 0).
     fn from_row<'a, T>(t: &Strided<&'a [T]>, row0: usize) -> Strided<&'a [T]> {
         Strided::new(&t.data[(row0 as i64 * t.strides.seq) as usize..], t.strides)
@@ -512,8 +549,8 @@ impl RingAttention {
         let RingShape {
             batch,
             heads_q,
-            heads_kv,
             head_dim: d,
+            ..
         } = self.shape;
         let len = self.layout.shard_len(r);
         let mut o = vec![0.0f32; batch * len * heads_q * d];
@@ -521,24 +558,8 @@ impl RingAttention {
         for step in 0..self.layout.world {
             let s = self.layout.kv_source(r, step);
             for piece in self.pieces(r, step) {
-                let (sq, sk) = (piece.q_rows.len(), piece.k_rows.len());
-                let attn = FlashAttention::new(
-                    &AttentionShape {
-                        batch,
-                        heads_q,
-                        heads_kv,
-                        head_dim: d,
-                        seqlens: SeqLens::Fixed {
-                            seqlen_q: sq,
-                            seqlen_k: sk,
-                        },
-                    },
-                    &AttentionOptions {
-                        scale: Some(self.scale),
-                        mask: piece.mask,
-                        softcap: self.softcap,
-                    },
-                )?;
+                let sq = piece.q_rows.len();
+                let attn = self.piece_attention(&piece)?;
                 let mut po = vec![T::default(); attn.out_len()];
                 let mut pl = vec![0.0f32; attn.lse_len()];
                 attn.forward_cpu(
