@@ -172,8 +172,10 @@ fn band_piece(
         return None;
     }
     let diag = lk - lq; // the local diagonal's offset j - i
-    let left = lo.map(|a| (diag - a) as usize);
-    let right = hi.map(|c| (c - diag) as usize);
+    // A left side >= lk - 1 (right side >= lq - 1) already shows every key to every row:
+    // clamped there, the sides fit in i32 like the shard lengths, whatever the global window.
+    let left = lo.map(|a| (diag - a).min(lk) as usize);
+    let right = hi.map(|c| (c - diag).min(lq) as usize);
     Some((lq as usize, lk as usize, Window::new(left, right)))
 }
 

@@ -565,3 +565,46 @@ fn pieces_match_the_schedule() {
         }
     }
 }
+
+/// Windows as wide as the API allows (i32::MAX sides) map onto pieces whose local windows
+/// every dense problem accepts, and the ring still equals single-device attention.
+#[test]
+fn huge_windows_map_onto_valid_pieces() {
+    let max = i32::MAX as usize;
+    let w = |l, r| Window::new(l, r);
+    for (window, sinks) in [
+        (w(Some(max), None), 0),
+        (w(None, Some(max)), 0),
+        (w(Some(0), Some(max)), 1),
+        (w(Some(max), Some(max)), 3),
+    ] {
+        let opts = AttentionOptions::default()
+            .with_window(window)
+            .with_sinks(sinks);
+        for layout in layouts(9, 2).into_iter().chain(layouts(4, 2)) {
+            let shape = RingShape {
+                batch: 1,
+                heads_q: 2,
+                heads_kv: 1,
+                head_dim: 8,
+            };
+            let ring = RingAttention::new(layout, shape, &opts).unwrap();
+            for r in 0..layout.world() {
+                for t in 0..layout.world() {
+                    for p in ring.pieces(r, t) {
+                        let l = |x: Option<usize>| x.is_none_or(|v| v <= max);
+                        assert!(l(p.mask.window.left) && l(p.mask.window.right), "{p:?}");
+                    }
+                }
+            }
+            check_ring::<f32>(
+                layout,
+                shape,
+                &opts,
+                5,
+                2e-5,
+                &format!("{layout:?} {window:?}"),
+            );
+        }
+    }
+}
