@@ -184,7 +184,8 @@ fn band_piece(
 /// `seqlen_q == seqlen_k == seqlen`): one piece for the window, plus one for the sink keys
 /// when the window has a left bound (sinks left of it are visible too, up to the right
 /// bound). Every returned piece has `sinks == 0` and window sides >= 0 (or unbounded), so
-/// any dense kernel runs it; an empty list means the blocks see nothing of each other.
+/// any dense kernel runs it; an empty list means the blocks see nothing of each other (or
+/// that they do not share one positive stride: both blocks must come from one sharding).
 pub fn block_pieces(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Vec<RingPiece> {
     if q.len == 0 || k.len == 0 || q.stride != k.stride || q.stride == 0 {
         return Vec::new();
