@@ -3,9 +3,7 @@
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{
-    SeqLens, SeqSpan, Strided, Strides, check_cu_seqlens, check_extent, check_no_overlap,
-};
+use crate::layout::{SeqLens, SeqSpan, Strided, Strides, check_attention_args, check_cu_seqlens};
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
@@ -307,25 +305,18 @@ impl FlashAttention {
         out: (usize, &Strides),
         lse: Option<usize>,
     ) -> Result<()> {
-        check_extent("q", q.1, self.dims(true), q.0)?;
-        check_extent("k", k.1, self.dims(false), k.0)?;
-        check_extent("v", v.1, self.dims(false), v.0)?;
-        check_extent("out", out.1, self.dims(true), out.0)?;
-        check_no_overlap("out", out.1, self.dims(true))?;
-        if let Some(len) = lse
-            && len < self.lse_len()
-        {
-            return Err(Error::Shape(format!(
-                "lse holds {len} values but {} are needed ({})",
-                self.lse_len(),
-                if self.is_varlen() {
-                    "heads_q * total_q"
-                } else {
-                    "batch * heads_q * seqlen_q"
-                }
-            )));
-        }
-        Ok(())
+        let layout = if self.is_varlen() {
+            "[heads_q, total_q]"
+        } else {
+            "[batch, heads_q, seqlen_q]"
+        };
+        check_attention_args(
+            "",
+            [q, k, v, out],
+            self.dims(true),
+            self.dims(false),
+            lse.map(|len| (len, self.lse_len(), layout)),
+        )
     }
 
     /// CPU forward pass (also the fallback when no GPU is present): the tiled online

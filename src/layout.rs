@@ -165,6 +165,32 @@ pub(crate) fn check_extent(
     Ok(())
 }
 
+/// The checks every attention call runs on its tensor arguments (`(elements, strides)` of q,
+/// k, v and out): each covers its dims (`q_dims` for q and out, `kv_dims` for k and v), out
+/// does not overlap itself, and the LSE buffer, when given as `(elements, needed, layout)`,
+/// is long enough. `tag` follows the argument names in messages (e.g. `"[2]"` for rank 2).
+pub(crate) fn check_attention_args(
+    tag: &str,
+    [q, k, v, out]: [(usize, &Strides); 4],
+    q_dims: [usize; 4],
+    kv_dims: [usize; 4],
+    lse: Option<(usize, usize, &str)>,
+) -> Result<()> {
+    check_extent(&format!("q{tag}"), q.1, q_dims, q.0)?;
+    check_extent(&format!("k{tag}"), k.1, kv_dims, k.0)?;
+    check_extent(&format!("v{tag}"), v.1, kv_dims, v.0)?;
+    check_extent(&format!("out{tag}"), out.1, q_dims, out.0)?;
+    check_no_overlap(&format!("out{tag}"), out.1, q_dims)?;
+    if let Some((have, need, layout)) = lse
+        && have < need
+    {
+        return Err(Error::Shape(format!(
+            "lse{tag} holds {have} values but {layout} needs {need}"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks that no two elements of an output view share an address (a written tensor must
 /// not overlap itself): sorted by stride, each stride must cover the extent of the dims
 /// inside it.

@@ -18,7 +18,7 @@
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{Strided, check_extent, check_no_overlap};
+use crate::layout::{Strided, check_attention_args};
 use crate::mask::Mask;
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
@@ -279,22 +279,19 @@ impl NeighborhoodAttention {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         let (n, d) = (self.tokens, self.head_dim);
-        let qd = [self.batch, n, self.heads_q, d];
-        let kd = [self.batch, n, self.heads_kv, d];
-        check_extent("q", &q.strides, qd, q.data.len())?;
-        check_extent("k", &k.strides, kd, k.data.len())?;
-        check_extent("v", &v.strides, kd, v.data.len())?;
-        check_extent("out", &out.strides, qd, out.data.len())?;
-        check_no_overlap("out", &out.strides, qd)?;
-        if let Some(l) = lse.as_deref()
-            && l.len() < self.lse_len()
-        {
-            return Err(Error::Shape(format!(
-                "lse holds {} values but [batch, heads_q, tokens] needs {}",
-                l.len(),
-                self.lse_len()
-            )));
-        }
+        check_attention_args(
+            "",
+            [
+                (q.data.len(), &q.strides),
+                (k.data.len(), &k.strides),
+                (v.data.len(), &v.strides),
+                (out.data.len(), &out.strides),
+            ],
+            [self.batch, n, self.heads_q, d],
+            [self.batch, n, self.heads_kv, d],
+            lse.as_ref()
+                .map(|l| (l.len(), self.lse_len(), "[batch, heads_q, tokens]")),
+        )?;
         let group = self.heads_q / self.heads_kv;
         let neighbors: Vec<Vec<usize>> =
             (0..n).into_par_iter().map(|t| self.neighbors(t)).collect();

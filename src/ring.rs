@@ -18,7 +18,7 @@
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{SeqLens, Strided, Strides, check_extent, check_no_overlap};
+use crate::layout::{SeqLens, Strided, Strides, check_attention_args};
 use crate::mask::{Mask, Window};
 use crate::softmax::merge_weights;
 use rayon::prelude::*;
@@ -430,22 +430,18 @@ impl RingAttention {
         } = self.shape;
         for r in 0..n {
             let len = self.layout.shard_len(r);
-            let qd = [batch, len, heads_q, head_dim];
-            let kd = [batch, len, heads_kv, head_dim];
-            check_extent(&format!("q[{r}]"), &q[r].1, qd, q[r].0)?;
-            check_extent(&format!("k[{r}]"), &k[r].1, kd, k[r].0)?;
-            check_extent(&format!("v[{r}]"), &v[r].1, kd, v[r].0)?;
-            check_extent(&format!("out[{r}]"), &out[r].1, qd, out[r].0)?;
-            check_no_overlap(&format!("out[{r}]"), &out[r].1, qd)?;
-            if let Some(l) = lse
-                && l[r] < self.lse_len(r)
-            {
-                return Err(Error::Shape(format!(
-                    "lse[{r}] holds {} values but [batch, heads_q, L_r] needs {}",
-                    l[r],
-                    self.lse_len(r)
-                )));
-            }
+            check_attention_args(
+                &format!("[{r}]"),
+                [
+                    (q[r].0, &q[r].1),
+                    (k[r].0, &k[r].1),
+                    (v[r].0, &v[r].1),
+                    (out[r].0, &out[r].1),
+                ],
+                [batch, len, heads_q, head_dim],
+                [batch, len, heads_kv, head_dim],
+                lse.map(|l| (l[r], self.lse_len(r), "[batch, heads_q, L_r]")),
+            )?;
         }
         Ok(())
     }
