@@ -542,8 +542,8 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
     })
 }
 
-/// Neighborhood attention (CPU path; no CUDA kernel yet) on a 2-D grid, checked against an
-/// f64 softmax over each query's neighbors (`NeighborhoodAttention::neighbors`).
+/// Neighborhood attention (CPU path; no CUDA kernel yet) on a 2-D or 3-D grid, checked
+/// against an f64 softmax over each query's neighbors (`NeighborhoodAttention::neighbors`).
 fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
     let (b, hq, hkv, d) = (1, 4, 2, 32);
     let na = NeighborhoodAttention::new(
@@ -578,7 +578,7 @@ fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let mut want = vec![0.0f64; out.len()];
     for tok in 0..n {
-        let keys = na.neighbors(tok);
+        let keys = na.neighbors(tok)?;
         for h in 0..hq {
             let (qo, kh) = ((tok * hq + h) * d, h / (hq / hkv));
             let s: Vec<f64> = keys

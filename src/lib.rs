@@ -92,6 +92,6 @@ pub use paged::{
     QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
 pub use ring::{
-    GlobalBlock, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape, Sharding,
-    block_pieces,
+    GlobalBlock, MAX_RING_WORLD, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape,
+    Sharding, block_pieces,
 };

@@ -81,7 +81,10 @@ impl NeighborhoodDim {
             )))
         };
         if l == 0 || l > i32::MAX as usize {
-            return bad(format!("length {l} must be in 1..={}", i32::MAX));
+            return Err(Error::Shape(format!(
+                "neighborhood dim {axis}: length {l} must be in 1..={}",
+                i32::MAX
+            )));
         }
         if k == 0 || d == 0 || s == 0 {
             return bad(format!(
@@ -106,8 +109,21 @@ impl NeighborhoodDim {
     }
 
     /// Positions along this dim that position `x` attends to: `range` of in-group indices,
-    /// key position `j * dilation + group` for `j` in `range`.
-    pub fn window(&self, x: usize) -> (Range<usize>, usize) {
+    /// key position `j * dilation + group` for `j` in `range`. Errors on an invalid dim or
+    /// `x >= length`.
+    pub fn window(&self, x: usize) -> Result<(Range<usize>, usize)> {
+        self.check(0)?;
+        if x >= self.length {
+            return Err(Error::Index(format!(
+                "position {x} outside a dim of length {}",
+                self.length
+            )));
+        }
+        Ok(self.window_unchecked(x))
+    }
+
+    /// [`NeighborhoodDim::window`] of a validated dim and an in-range position.
+    fn window_unchecked(&self, x: usize) -> (Range<usize>, usize) {
         let (l, k, d, s) = (self.length, self.kernel, self.dilation, self.stride);
         let g = x % d;
         let i = x / d;
@@ -250,11 +266,23 @@ impl NeighborhoodAttention {
     }
 
     /// Flat token indices of the keys query token `token` attends to, in ascending order.
-    pub fn neighbors(&self, token: usize) -> Vec<usize> {
+    /// Errors when `token >= tokens()`.
+    pub fn neighbors(&self, token: usize) -> Result<Vec<usize>> {
+        if token >= self.tokens {
+            return Err(Error::Index(format!(
+                "token {token} outside a grid of {} tokens",
+                self.tokens
+            )));
+        }
+        Ok(self.neighbors_unchecked(token))
+    }
+
+    /// [`NeighborhoodAttention::neighbors`] of an in-range token.
+    fn neighbors_unchecked(&self, token: usize) -> Vec<usize> {
         let c = self.coords(token);
         let mut keys = vec![0usize];
         for (a, dim) in self.dims.iter().enumerate() {
-            let (range, g) = dim.window(c[a]);
+            let (range, g) = dim.window_unchecked(c[a]);
             keys = keys
                 .iter()
                 .flat_map(|&base| {
@@ -267,7 +295,7 @@ impl NeighborhoodAttention {
         keys
     }
 
-    /// CPU forward pass (also the fallback without a GPU): per query token the online
+    /// CPU forward pass: per query token the online
     /// softmax over its neighborhood, f32 accumulation, parallel over (batch, head). A
     /// query always sees at least itself, so no row is empty.
     pub fn forward_cpu<T: Element>(
@@ -293,8 +321,6 @@ impl NeighborhoodAttention {
                 .map(|l| (l.len(), self.lse_len(), "[batch, heads_q, tokens]")),
         )?;
         let group = self.heads_q / self.heads_kv;
-        let neighbors: Vec<Vec<usize>> =
-            (0..n).into_par_iter().map(|t| self.neighbors(t)).collect();
         let tasks: Vec<(usize, usize)> = (0..self.batch)
             .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
             .collect();
@@ -311,9 +337,12 @@ impl NeighborhoodAttention {
                 let mut l = vec![f32::NEG_INFINITY; n];
                 let mut scores = Vec::new();
                 for t in 0..n {
+                    // Recomputed per (batch, head): a few index operations per key against
+                    // `head_dim` multiply-adds, and no memory that grows with tokens * keys.
+                    let keys = self.neighbors_unchecked(t);
                     let qt = &qh[t * d..(t + 1) * d];
                     scores.clear();
-                    scores.extend(neighbors[t].iter().map(|&j| {
+                    scores.extend(keys.iter().map(|&j| {
                         let dot: f32 = qt
                             .iter()
                             .zip(&kh[j * d..(j + 1) * d])
@@ -322,7 +351,6 @@ impl NeighborhoodAttention {
                         softcapped(dot * self.scale, self.softcap)
                     }));
                     let mut state = OnlineSoftmax::new(d);
-                    let keys = &neighbors[t];
                     state.update(&scores, |i| &vh[keys[i] * d..(keys[i] + 1) * d]);
                     let (ot, lt) = state.finish();
                     o[t * d..(t + 1) * d].copy_from_slice(&ot);

@@ -24,6 +24,9 @@ use crate::softmax::merge_weights;
 use rayon::prelude::*;
 use std::ops::Range;
 
+/// Most ranks of a ring (the schedule holds `world^2` entries per table).
+pub const MAX_RING_WORLD: usize = 4096;
+
 /// How the tokens of the sequence are dealt to the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sharding {
@@ -55,9 +58,10 @@ impl RingLayout {
                 "ring layout: seqlen ({seqlen}) and world ({world}) must be >= 1"
             )));
         }
-        if seqlen > i32::MAX as usize || world > i32::MAX as usize {
+        if seqlen > i32::MAX as usize || world > MAX_RING_WORLD {
             return Err(Error::Shape(format!(
-                "ring layout: seqlen ({seqlen}) and world ({world}) must fit in i32"
+                "ring layout: seqlen ({seqlen}) must fit in i32 and world ({world}) be at most \
+                 {MAX_RING_WORLD}"
             )));
         }
         Ok(RingLayout {
@@ -126,9 +130,11 @@ impl RingLayout {
         self.blocks(rank).iter().map(|b| b.len).sum()
     }
 
-    /// The shard rank `rank` holds at ring step `step`: `(rank - step) mod world`.
+    /// The shard rank `rank` holds at ring step `step`: `(rank - step) mod world` (ranks and
+    /// steps are taken modulo `world`).
     pub fn kv_source(&self, rank: usize, step: usize) -> usize {
-        (rank + self.world - step % self.world) % self.world
+        let n = self.world;
+        (rank % n + n - step % n) % n
     }
 }
 
@@ -184,10 +190,48 @@ fn band_piece(
 /// `seqlen_q == seqlen_k == seqlen`): one piece for the window, plus one for the sink keys
 /// when the window has a left bound (sinks left of it are visible too, up to the right
 /// bound). Every returned piece has `sinks == 0` and window sides >= 0 (or unbounded), so
-/// any dense kernel runs it; an empty list means the blocks see nothing of each other (or
-/// that they do not share one positive stride: both blocks must come from one sharding).
-pub fn block_pieces(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Vec<RingPiece> {
-    if q.len == 0 || k.len == 0 || q.stride != k.stride || q.stride == 0 {
+/// any dense kernel runs it; an empty list means the blocks see nothing of each other.
+///
+/// Errors: blocks that do not share one positive stride (both must come from one sharding),
+/// positions, rows, lengths or strides past `i32::MAX`, window sides or sinks past
+/// `i32::MAX` (the dense problems' limits).
+pub fn block_pieces(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Result<Vec<RingPiece>> {
+    if q.stride != k.stride || q.stride == 0 {
+        return Err(Error::Shape(format!(
+            "block_pieces: strides {} and {} must be equal and >= 1",
+            q.stride, k.stride
+        )));
+    }
+    let lim = i32::MAX as usize;
+    for (name, b) in [("q", q), ("k", k)] {
+        let end_row = b.row0.checked_add(b.len);
+        let last_pos = b
+            .len
+            .checked_sub(1)
+            .map(|n| n.checked_mul(b.stride).and_then(|x| x.checked_add(b.pos0)));
+        if end_row.is_none_or(|e| e > lim)
+            || last_pos.is_some_and(|p| p.is_none_or(|p| p > lim))
+            || b.pos0 > lim
+            || b.stride > lim
+        {
+            return Err(Error::Shape(format!(
+                "block_pieces: {name} block {b:?} reaches past {lim} rows or positions"
+            )));
+        }
+    }
+    let sides = [mask.window.left, mask.window.right, Some(mask.sinks)];
+    if sides.iter().flatten().any(|&x| x > lim) {
+        return Err(Error::InvalidOption(format!(
+            "block_pieces: window {:?} and sinks {} must be at most {lim}",
+            mask.window, mask.sinks
+        )));
+    }
+    Ok(pieces_unchecked(q, k, mask))
+}
+
+/// [`block_pieces`] for validated blocks and mask (all values within `i32::MAX`).
+fn pieces_unchecked(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Vec<RingPiece> {
+    if q.len == 0 || k.len == 0 {
         return Vec::new();
     }
     // Global: p_i - left <= t_j <= p_i + right with p_i = pos0_q + s i, t_j = pos0_k + s j,
@@ -339,9 +383,9 @@ impl RingAttention {
         self.shape.batch * self.shape.heads_q * self.layout.shard_len(rank)
     }
 
-    /// Keys of the (sorted) global positions `keys` that global query `i` sees: the
-    /// window's index range, and the sink keys left of it (every sink key inside the
-    /// window's range is in the first range already).
+    /// Keys of the (sorted) global positions `keys` that global query `i` sees, as two index
+    /// ranges: the sink keys left of the window, then the window's range (which already
+    /// holds every sink key inside it).
     fn visible_ranges(&self, i: usize, keys: &[usize]) -> [Range<usize>; 2] {
         let s = self.layout.seqlen;
         let local = |r: Range<usize>| {
@@ -399,7 +443,7 @@ impl RingAttention {
     }
 
     /// Validates the per-rank arguments: `(elements, strides)` of every q, k, v and out
-    /// shard and the length of every LSE buffer (shared by the CPU and GPU drivers).
+    /// shard and the length of every LSE buffer (any buffer kind: host or device).
     pub(crate) fn check_shards(
         &self,
         q: &[(usize, Strides)],
@@ -450,18 +494,24 @@ impl RingAttention {
     /// skipped): [`block_pieces`] of each of its query blocks against each block of the
     /// shard it holds then ([`RingLayout::kv_source`]).
     pub fn pieces(&self, rank: usize, step: usize) -> Vec<RingPiece> {
+        if rank >= self.layout.world || step >= self.layout.world {
+            return Vec::new();
+        }
         let kv = self.layout.blocks(self.layout.kv_source(rank, step));
         self.layout
             .blocks(rank)
             .into_iter()
-            .flat_map(|q| kv.iter().flat_map(move |&k| block_pieces(q, k, self.mask)))
+            .flat_map(|q| {
+                kv.iter()
+                    .flat_map(move |&k| pieces_unchecked(q, k, self.mask))
+            })
             .collect()
     }
 
-    /// CPU ring over simulated ranks (also the fallback without a GPU): every rank runs the
-    /// ring steps in order; each step's [`RingAttention::pieces`] are plain
-    /// [`FlashAttention::forward_cpu`] calls on row ranges of the shards, whose `(o, lse)`
-    /// are merged into the rank's running f32 state (the LSE merge). Parallel over ranks
+    /// CPU ring over simulated ranks: every rank runs the ring steps in order; each step's
+    /// [`RingAttention::pieces`] are plain [`FlashAttention::forward_cpu`] calls on row
+    /// ranges of the shards, whose `(o, lse)` (the output rounded to `T`, as a dense call
+    /// returns it) are merged into the rank's running f32 state (the LSE merge). Parallel over ranks
     /// (and over (batch, head) inside each dense call). A query with no visible key gives 0
     /// and LSE `-inf`.
     pub fn forward_cpu<T: Element>(

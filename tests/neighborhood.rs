@@ -181,7 +181,7 @@ fn windows_follow_natten_rules_and_see_k_keys() {
             NeighborhoodAttention::new(&shape_of(&dims, 1, 1, 1, 8), &AttentionOptions::default())
                 .unwrap();
         for t in 0..na.tokens() {
-            let got = na.neighbors(t);
+            let got = na.neighbors(t).unwrap();
             let mut sorted = got.clone();
             sorted.sort();
             assert_eq!(sorted, got, "{dims:?} token {t}: not ascending");
@@ -199,14 +199,17 @@ fn windows_follow_natten_rules_and_see_k_keys() {
     }
     // The border shift by hand: L = 7, k = 3: position 0 sees {0, 1, 2}, 6 sees {4, 5, 6}.
     let dim = NeighborhoodDim::new(7, 3);
-    assert_eq!(dim.window(0), (0..3, 0));
-    assert_eq!(dim.window(6), (4..7, 0));
-    assert_eq!(dim.window(3), (2..5, 0));
+    assert_eq!(dim.window(0).unwrap(), (0..3, 0));
+    assert_eq!(dim.window(6).unwrap(), (4..7, 0));
+    assert_eq!(dim.window(3).unwrap(), (2..5, 0));
     // Even k has one fewer on the right: k = 4 at 3 sees 1..=4.
-    assert_eq!(NeighborhoodDim::new(9, 4).window(3), (1..5, 0));
+    assert_eq!(NeighborhoodDim::new(9, 4).window(3).unwrap(), (1..5, 0));
     // Dilation 2, L = 9: position 5 is group 1, index 2 of a group of length 4.
     assert_eq!(
-        NeighborhoodDim::new(9, 3).with_dilation(2).window(5),
+        NeighborhoodDim::new(9, 3)
+            .with_dilation(2)
+            .window(5)
+            .unwrap(),
         (1..4, 1)
     );
 }
@@ -424,7 +427,16 @@ fn bad_neighborhood_inputs_are_errors() {
         Err(Error::Shape(_))
     ));
 
+    // The public per-dim window and neighbor list check their inputs too.
+    assert!(matches!(
+        nd(5, 3).with_dilation(0).window(0),
+        Err(Error::InvalidOption(_))
+    ));
+    assert!(matches!(nd(5, 0).window(0), Err(Error::InvalidOption(_))));
+    assert!(matches!(nd(3, 5).window(2), Err(Error::InvalidOption(_))));
+    assert!(matches!(nd(5, 3).window(5), Err(Error::Index(_))));
     let na = NeighborhoodAttention::new(&shape_of(&dims, 1, 2, 2, 8), &opts).unwrap();
+    assert!(matches!(na.neighbors(na.tokens()), Err(Error::Index(_))));
     let x = vec![0.5f32; na.out_len()];
     let st = Strides::contiguous(6, 2, 8);
     let mut out = vec![0.0f32; na.out_len()];

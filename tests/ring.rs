@@ -500,7 +500,7 @@ fn block_pieces_reproduce_the_global_mask() {
                     if qp + stride * (ql - 1) >= s || kp + stride * (kl - 1) >= s {
                         continue;
                     }
-                    let pieces = block_pieces(q, k, mask);
+                    let pieces = block_pieces(q, k, mask).unwrap();
                     for p in &pieces {
                         assert_eq!(p.mask.sinks, 0);
                     }
@@ -607,4 +607,57 @@ fn huge_windows_map_onto_valid_pieces() {
             );
         }
     }
+}
+
+/// Bad blocks and out-of-range ranks get errors or nothing, never a panic or a wrong list.
+#[test]
+fn block_pieces_and_pieces_check_their_inputs() {
+    let b = |len, pos0, stride| GlobalBlock {
+        row0: 0,
+        len,
+        pos0,
+        stride,
+    };
+    let mask = Mask::new(Window::CAUSAL, 0);
+    assert!(matches!(
+        block_pieces(b(2, 4, 1), b(2, 0, 2), mask),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        block_pieces(b(2, 4, 0), b(2, 0, 0), mask),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        block_pieces(b(2, usize::MAX, 1), b(2, 0, 1), mask),
+        Err(Error::Shape(_))
+    ));
+    let huge = Mask::new(Window::new(Some(usize::MAX), None), 0);
+    assert!(matches!(
+        block_pieces(b(1, 5, 1), b(1, 0, 1), huge),
+        Err(Error::InvalidOption(_))
+    ));
+    let wide = Mask::new(Window::new(None, Some(i64::MAX as usize)), 0);
+    assert!(matches!(
+        block_pieces(b(1, 1, 1), b(1, 0, 1), wide),
+        Err(Error::InvalidOption(_))
+    ));
+    assert_eq!(block_pieces(b(0, 4, 1), b(2, 0, 1), mask).unwrap(), vec![]);
+    let layout = RingLayout::new(16, 4, Sharding::Zigzag).unwrap();
+    assert!(matches!(
+        RingLayout::new(16, MAX_RING_WORLD + 1, Sharding::Stripe),
+        Err(Error::Shape(_))
+    ));
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let ring = RingAttention::new(layout, shape, &AttentionOptions::causal()).unwrap();
+    assert!(ring.pieces(usize::MAX, 0).is_empty());
+    assert!(ring.pieces(0, usize::MAX).is_empty());
+    assert_eq!(
+        layout.kv_source(usize::MAX, usize::MAX),
+        (usize::MAX % 4 + 4 - usize::MAX % 4) % 4
+    );
 }
