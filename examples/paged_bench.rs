@@ -26,6 +26,11 @@
 //! one-shot path pays, alone, and `loop_ms` is the mean of 15 back-to-back plan calls
 //! (host-bound if the host side is the bottleneck).
 //!
+//! Diagnostics: "# fixed-cost fit" lines time the full decode at batch 1 for 1 to 128k
+//! tokens and fit `ms = F + kv_bytes / rate`; `PAGED_BENCH_SPLITS=16,33,66` (every shape) and
+//! `PAGED_BENCH_SPARSE_SPLITS=4,8,16` (Quest and streaming heads at batch 1) add
+//! "# split sweep" lines with forced split counts.
+//!
 //! `cargo run --release --example paged_bench`; exits 1 with a message without a usable GPU.
 //! A watchdog ends the process (exit 3) after `PAGED_BENCH_TIMEOUT_S` seconds (default 100).
 
@@ -327,6 +332,12 @@ fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<Benc
     let mut kmin = stream.alloc_zeros::<bf16>(layout.meta_len())?;
     let mut kmax = stream.alloc_zeros::<bf16>(layout.meta_len())?;
     let half = ctx.kv_src.len() / 2;
+    if n > half {
+        return Err(Error::Shape(format!(
+            "paged_b{b}_s{s}_p{page}: the cache ({n} elements) is larger than the random source \
+             ({half})"
+        )));
+    }
     let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
     let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
     let new_st = Strides::contiguous(b * s, HKV, D);
@@ -410,27 +421,34 @@ fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
     Ok(())
 }
 
-/// Optional split-count sweep (`var` = "8,33,66", forced counts), printed as "# split sweep"
-/// lines: tunes `splits_for` on a new card.
+/// Optional split-count sweep: the environment variable `env_var` lists forced split counts
+/// ("8,33,66"); each is timed and printed as a "# split sweep" line (tunes `splits_for` on a
+/// new card). An entry that is not a valid count is reported and skipped.
 fn sweep_splits(
-    var: &str,
+    env_var: &str,
     label: &str,
     timer: &mut Timer,
     decode: &PagedDecode,
     inputs: &DecodeInputs,
     out: &mut CudaSlice<bf16>,
 ) -> Result<()> {
-    let Ok(list) = std::env::var(var) else {
+    let Ok(list) = std::env::var(env_var) else {
         return Ok(());
     };
-    for n in list
-        .split(',')
-        .filter_map(|x| x.trim().parse::<usize>().ok())
-    {
-        let mut plan = decode
-            .clone()
-            .with_splits(Some(n))?
-            .plan_gpu(&timer.stream)?;
+    for entry in list.split(',') {
+        let forced = entry
+            .trim()
+            .parse::<usize>()
+            .map_err(|e| Error::InvalidOption(format!("{env_var} entry {entry:?}: {e}")))
+            .and_then(|n| decode.clone().with_splits(Some(n)).map(|d| (n, d)));
+        let (n, forced) = match forced {
+            Ok(x) => x,
+            Err(e) => {
+                println!("# split sweep {label}: skipped: {e}");
+                continue;
+            }
+        };
+        let mut plan = forced.plan_gpu(&timer.stream)?;
         let t = time_plan(timer, &mut plan, inputs, out)?;
         println!(
             "# split sweep {label}: splits {n}: {:.4} ms (loop {:.4})",

@@ -7,6 +7,8 @@ use std::ops::Range;
 
 /// Element strides of a `[batch, seq, heads, head_dim]` tensor; the head_dim stride is 1.
 /// With varlen lengths the buffer is `[total_tokens, heads, head_dim]` and `batch` is unused.
+/// Strides may be 0 (broadcast inputs) but not negative: a negative stride is a `Stride`
+/// error (element `[0, 0, 0, 0]` is the start of the buffer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Strides {
     pub batch: i64,
@@ -23,9 +25,7 @@ impl Strides {
             head: head_dim as i64,
         }
     }
-}
 
-impl Strides {
     /// Element offset of `[b, row, head, 0]` (strides are validated non-negative first).
     pub(crate) fn offset(&self, b: usize, row: usize, head: usize) -> usize {
         (b as i64 * self.batch + row as i64 * self.seq + head as i64 * self.head) as usize

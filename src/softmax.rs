@@ -61,11 +61,9 @@ impl OnlineSoftmax {
     }
 }
 
-/// Weights `(w_a, w_b, lse)` that merge two partial results over disjoint key sets:
-/// `o = w_a * o_a + w_b * o_b`. Both empty gives `(0, 0, -inf)`.
 /// The attention score of one scaled logit `x = scale * q.k`: Gemma 2's softcap
-/// `cap * tanh(x / cap)` when a cap is given, else `x` (shared by the dense and paged CPU
-/// paths).
+/// `cap * tanh(x / cap)` when a cap is given, else `x` (shared by the dense, paged and
+/// neighborhood CPU paths).
 pub(crate) fn softcapped(x: f32, softcap: Option<f32>) -> f32 {
     match softcap {
         Some(cap) => cap * (x / cap).tanh(),
@@ -73,6 +71,8 @@ pub(crate) fn softcapped(x: f32, softcap: Option<f32>) -> f32 {
     }
 }
 
+/// Weights `(w_a, w_b, lse)` that merge two partial results over disjoint key sets:
+/// `o = w_a * o_a + w_b * o_b`. Both empty gives `(0, 0, -inf)`.
 pub fn merge_weights(lse_a: f32, lse_b: f32) -> (f32, f32, f32) {
     let m = lse_a.max(lse_b);
     if m == f32::NEG_INFINITY {

@@ -661,3 +661,107 @@ fn block_pieces_and_pieces_check_their_inputs() {
         (usize::MAX % 4 + 4 - usize::MAX % 4) % 4
     );
 }
+
+/// Shards given as strided views of fused per-rank buffers (per token `[q heads | k heads |
+/// v heads | padding]`, padded outputs) give the same result as contiguous shards, and the
+/// padding stays untouched.
+#[test]
+fn strided_shards_match_contiguous_shards() {
+    let (b, hq, hkv, d, pad) = (2, 4, 2, 8, 8);
+    let shape = RingShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let opts = AttentionOptions::default()
+        .with_window(Window::causal_tokens(9).unwrap())
+        .with_sinks(2);
+    for layout in layouts(45, 3) {
+        let ring = RingAttention::new(layout, shape, &opts).unwrap();
+        let world = layout.world();
+        let lens: Vec<usize> = (0..world).map(|r| layout.shard_len(r)).collect();
+        let row = (hq + 2 * hkv) * d + pad;
+        let fused: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(r, &l)| random_vec(&mut rng(40 + r as u64), b * l * row))
+            .collect();
+        let fst = |l: usize| Strides {
+            batch: (l * row) as i64,
+            seq: row as i64,
+            head: d as i64,
+        };
+        let ost = |l: usize| Strides {
+            batch: (l * (hq * d + pad)) as i64,
+            seq: (hq * d + pad) as i64,
+            head: d as i64,
+        };
+        // Strided run.
+        let mut outs: Vec<Vec<f32>> = lens
+            .iter()
+            .map(|&l| vec![f32::NAN; b * l * (hq * d + pad)])
+            .collect();
+        {
+            let q: Vec<_> = (0..world)
+                .map(|r| Strided::new(&fused[r][..], fst(lens[r])))
+                .collect();
+            let k: Vec<_> = (0..world)
+                .map(|r| Strided::new(&fused[r][hq * d..], fst(lens[r])))
+                .collect();
+            let v: Vec<_> = (0..world)
+                .map(|r| Strided::new(&fused[r][(hq + hkv) * d..], fst(lens[r])))
+                .collect();
+            let mut o: Vec<_> = outs
+                .iter_mut()
+                .enumerate()
+                .map(|(r, x)| Strided::new(&mut x[..], ost(lens[r])))
+                .collect();
+            ring.forward_cpu(&q, &k, &v, &mut o, None).unwrap();
+        }
+        // Contiguous copies of the same shards.
+        let pick = |r: usize, first: usize, heads: usize| -> Vec<f32> {
+            (0..b * lens[r])
+                .flat_map(|t| fused[r][t * row + first..t * row + first + heads * d].to_vec())
+                .collect()
+        };
+        let qc: Vec<_> = (0..world).map(|r| pick(r, 0, hq)).collect();
+        let kc: Vec<_> = (0..world).map(|r| pick(r, hq * d, hkv)).collect();
+        let vc: Vec<_> = (0..world).map(|r| pick(r, (hq + hkv) * d, hkv)).collect();
+        let mut oc: Vec<Vec<f32>> = (0..world)
+            .map(|r| vec![f32::NAN; ring.out_len(r)])
+            .collect();
+        {
+            let st = |r: usize, h: usize| Strides::contiguous(lens[r], h, d);
+            let q: Vec<_> = (0..world)
+                .map(|r| Strided::new(&qc[r][..], st(r, hq)))
+                .collect();
+            let k: Vec<_> = (0..world)
+                .map(|r| Strided::new(&kc[r][..], st(r, hkv)))
+                .collect();
+            let v: Vec<_> = (0..world)
+                .map(|r| Strided::new(&vc[r][..], st(r, hkv)))
+                .collect();
+            let mut o: Vec<_> = oc
+                .iter_mut()
+                .enumerate()
+                .map(|(r, x)| Strided::new(&mut x[..], st(r, hq)))
+                .collect();
+            ring.forward_cpu(&q, &k, &v, &mut o, None).unwrap();
+        }
+        for r in 0..world {
+            for t in 0..b * lens[r] {
+                let strided = &outs[r][t * (hq * d + pad)..(t + 1) * (hq * d + pad)];
+                assert_eq!(
+                    &strided[..hq * d],
+                    &oc[r][t * hq * d..(t + 1) * hq * d],
+                    "{layout:?} rank {r} row {t}"
+                );
+                assert!(
+                    strided[hq * d..].iter().all(|x| x.is_nan()),
+                    "{layout:?}: padding written"
+                );
+            }
+        }
+    }
+}

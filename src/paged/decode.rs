@@ -30,8 +30,9 @@ pub const MAX_SPLITS: usize = 64;
 /// `lse: [batch, heads_q, q_len]` f32, natural log. A row that sees nothing gives output 0 and
 /// LSE `-inf`. Query head `h` reads kv head `h / (heads_q / heads_kv)`.
 ///
-/// Key `j` is read by query row `i` of kv head `g` iff the head's mask (the options' mask, or
-/// the streaming mask for [`HeadPolicy::Streaming`]) makes it visible and, for
+/// Key `j` is read by query row `i` of kv head `g` iff the head's mask
+/// ([`PagedDecode::base_mask`], or the streaming mask for [`HeadPolicy::Streaming`]) makes
+/// it visible and, for
 /// [`HeadPolicy::Quest`] / [`HeadPolicy::Listed`] heads, its page `j / page_size` is selected.
 #[derive(Debug, Clone)]
 pub struct PagedDecode {
@@ -51,7 +52,8 @@ impl PagedDecode {
     /// new tokens (semantics.md): an unbounded right side (`AttentionOptions::default()`,
     /// any `(left, -1)` window) becomes `0`, so the default options decode causally and a
     /// sliding window `(W - 1, 0)` or `(W - 1, -1)` keeps its left bound. An explicit right
-    /// bound `r > 0` is kept (query row `i` then sees `r` keys past its own position).
+    /// bound `r > 0` is kept (new token `i` then also sees up to `r` of the new tokens after
+    /// it: an extension of the semantics, which define decode as causal).
     pub fn new(
         cache: &PagedCache,
         heads_q: usize,
@@ -212,7 +214,9 @@ impl PagedDecode {
         self.policy.heads.contains(&HeadPolicy::Quest)
     }
 
-    /// The options' mask (Full, Quest and Listed heads; Quest candidates).
+    /// The decode mask of Full, Quest and Listed heads (and of the Quest candidates): the
+    /// options' mask with an unbounded right side replaced by 0 (causal among the new
+    /// tokens).
     pub fn base_mask(&self) -> Mask {
         self.mask
     }
@@ -448,12 +452,7 @@ impl PagedDecode {
     }
 
     fn q_row<T: Element>(&self, q: &Strided<&[T]>, b: usize, i: usize, h: usize) -> Vec<f32> {
-        let s = &q.strides;
-        let off = s.offset(b, i, h);
-        q.data[off..off + self.cache.head_dim()]
-            .iter()
-            .map(|x| x.to_f32())
-            .collect()
+        q.head_rows_f32(b, i..i + 1, h, self.cache.head_dim())
     }
 
     /// Quest selection on the CPU: scores and the selected pages of every Quest head.
@@ -635,16 +634,10 @@ impl PagedDecode {
                 acc
             })
             .collect();
-        let Strided {
-            data: out_data,
-            strides: os,
-        } = out;
+        let mut out = out;
         let mut lse = lse;
         for (&(b, i, h), (o, l)) in tasks.iter().zip(results) {
-            let off = os.offset(b, i, h);
-            for (dst, x) in out_data[off..off + d].iter_mut().zip(&o) {
-                *dst = T::from_f32(*x);
-            }
+            out.store_head_rows(b, i..i + 1, h, d, &o);
             if let Some(lse) = lse.as_deref_mut() {
                 lse[self.lse_index(b, h, i)] = l;
             }
