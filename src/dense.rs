@@ -3,7 +3,9 @@
 
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{SeqLens, SeqSpan, Strided, Strides, check_attention_args, check_cu_seqlens};
+use crate::layout::{
+    SeqLens, SeqSpan, Strided, Strides, check_attention_args, check_cu_seqlens, check_heads,
+};
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
@@ -137,17 +139,7 @@ impl FlashAttention {
             head_dim,
             seqlens,
         } = *shape;
-        if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
-            return Err(Error::Shape(format!(
-                "batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) and head_dim \
-                 ({head_dim}) must all be >= 1"
-            )));
-        }
-        if !heads_q.is_multiple_of(heads_kv) {
-            return Err(Error::Shape(format!(
-                "GQA needs heads_q % heads_kv == 0, got heads_q = {heads_q}, heads_kv = {heads_kv}"
-            )));
-        }
+        check_heads("", batch, heads_q, heads_kv, head_dim)?;
         let scale = options.resolve_scale(head_dim)?;
         let limit = i32::MAX as usize;
         let (spans, varlen) = match seqlens {

@@ -165,6 +165,31 @@ pub(crate) fn check_extent(
     Ok(())
 }
 
+/// The head layout every attention problem checks: `batch`, `heads_q`, `heads_kv` and
+/// `head_dim` at least 1, and `heads_q` a multiple of `heads_kv` (GQA/MQA). `family` starts
+/// the messages.
+pub(crate) fn check_heads(
+    family: &str,
+    batch: usize,
+    heads_q: usize,
+    heads_kv: usize,
+    head_dim: usize,
+) -> Result<()> {
+    if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
+        return Err(Error::Shape(format!(
+            "{family}batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) and head_dim \
+             ({head_dim}) must all be >= 1"
+        )));
+    }
+    if !heads_q.is_multiple_of(heads_kv) {
+        return Err(Error::Shape(format!(
+            "{family}GQA needs heads_q % heads_kv == 0, got heads_q = {heads_q}, heads_kv = \
+             {heads_kv}"
+        )));
+    }
+    Ok(())
+}
+
 /// The checks every attention call runs on its tensor arguments (`(elements, strides)` of q,
 /// k, v and out): each covers its dims (`q_dims` for q and out, `kv_dims` for k and v), out
 /// does not overlap itself, and the LSE buffer, when given as `(elements, needed, layout)`,

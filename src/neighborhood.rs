@@ -18,7 +18,7 @@
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{Strided, check_attention_args};
+use crate::layout::{Strided, check_attention_args, check_heads};
 use crate::mask::Mask;
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
@@ -182,17 +182,7 @@ impl NeighborhoodAttention {
             head_dim,
             dims,
         } = *shape;
-        if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
-            return Err(Error::Shape(format!(
-                "neighborhood: batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) \
-                 and head_dim ({head_dim}) must all be >= 1"
-            )));
-        }
-        if heads_q % heads_kv != 0 {
-            return Err(Error::Shape(format!(
-                "neighborhood: heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})"
-            )));
-        }
+        check_heads("neighborhood: ", batch, heads_q, heads_kv, head_dim)?;
         if dims.is_empty() || dims.len() > MAX_NEIGHBORHOOD_DIMS {
             return Err(Error::Shape(format!(
                 "neighborhood: {} grid dims given, 1 to {MAX_NEIGHBORHOOD_DIMS} supported",

@@ -18,7 +18,7 @@
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::layout::{SeqLens, Strided, Strides, check_attention_args};
+use crate::layout::{SeqLens, Strided, Strides, check_attention_args, check_heads};
 use crate::mask::{Mask, Window};
 use crate::softmax::merge_weights;
 use rayon::prelude::*;
@@ -329,17 +329,7 @@ impl RingAttention {
             heads_kv,
             head_dim,
         } = shape;
-        if batch == 0 || heads_q == 0 || heads_kv == 0 || head_dim == 0 {
-            return Err(Error::Shape(format!(
-                "ring: batch ({batch}), heads_q ({heads_q}), heads_kv ({heads_kv}) and \
-                 head_dim ({head_dim}) must all be >= 1"
-            )));
-        }
-        if heads_q % heads_kv != 0 {
-            return Err(Error::Shape(format!(
-                "ring: heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})"
-            )));
-        }
+        check_heads("ring: ", batch, heads_q, heads_kv, head_dim)?;
         let elems = [batch, layout.seqlen, heads_q.max(heads_kv), head_dim]
             .iter()
             .try_fold(1usize, |acc, &x| acc.checked_mul(x))
