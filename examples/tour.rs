@@ -4,7 +4,7 @@
 //! `cargo run --release --example tour`
 
 use longattn::cudarc::driver::sys::CUevent_flags;
-use longattn::reference::dense_attention_f64;
+use longattn::reference::{dense_attention_f64, neighborhood_attention_f64};
 use longattn::*;
 use std::time::Instant;
 
@@ -543,7 +543,7 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
 }
 
 /// Neighborhood attention (CPU path; no CUDA kernel yet) on a 2-D or 3-D grid, checked
-/// against an f64 softmax over each query's neighbors (`NeighborhoodAttention::neighbors`).
+/// against the f64 reference (`reference::neighborhood_attention_f64`).
 fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
     let (b, hq, hkv, d) = (1, 4, 2, 32);
     let na = NeighborhoodAttention::new(
@@ -576,34 +576,12 @@ fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
         None,
     )?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut want = vec![0.0f64; out.len()];
-    for tok in 0..n {
-        let keys = na.neighbors(tok)?;
-        for h in 0..hq {
-            let (qo, kh) = ((tok * hq + h) * d, h / (hq / hkv));
-            let s: Vec<f64> = keys
-                .iter()
-                .map(|&j| {
-                    let ko = (j * hkv + kh) * d;
-                    (0..d)
-                        .map(|c| q[qo + c].to_f64() * k[ko + c].to_f64())
-                        .sum::<f64>()
-                        * na.scale() as f64
-                })
-                .collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            for c in 0..d {
-                want[qo + c] = keys
-                    .iter()
-                    .zip(&w)
-                    .map(|(&j, wj)| wj * v[(j * hkv + kh) * d + c].to_f64())
-                    .sum::<f64>()
-                    / z;
-            }
-        }
-    }
+    let (want, _) = neighborhood_attention_f64(
+        &na,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )?;
     let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
     let (max_err, rel_err) = errors(&got, &want);
     let grid: Vec<String> = dims.iter().map(|x| x.length.to_string()).collect();

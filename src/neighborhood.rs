@@ -226,6 +226,21 @@ impl NeighborhoodAttention {
         })
     }
 
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn heads_q(&self) -> usize {
+        self.heads_q
+    }
+    pub fn heads_kv(&self) -> usize {
+        self.heads_kv
+    }
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    pub fn softcap(&self) -> Option<f32> {
+        self.softcap
+    }
     pub fn dims(&self) -> &[NeighborhoodDim] {
         &self.dims
     }

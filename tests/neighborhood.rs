@@ -7,7 +7,7 @@
 mod common;
 
 use common::{check_lse, random_vec, rel_l2, rng, to_f64};
-use longattn::reference::dense_attention_f64;
+use longattn::reference::{dense_attention_f64, neighborhood_attention_f64};
 use longattn::*;
 
 /// NATTEN's per-dim rule, transcribed literally (signed arithmetic, as written).
@@ -233,6 +233,24 @@ fn output_matches_f64_oracle() {
             let (want, want_lse) = oracle(&na, (batch, hq, hkv, d), &q, &k, &v, |t| {
                 natten_keys(&dims, t)
             });
+            let st = |h: usize| Strides::contiguous(na.tokens(), h, d);
+            let (reference, reference_lse) = neighborhood_attention_f64(
+                &na,
+                Strided::new(&q[..], st(hq)),
+                Strided::new(&k[..], st(hkv)),
+                Strided::new(&v[..], st(hkv)),
+            )
+            .unwrap();
+            assert!(
+                rel_l2(&reference, &want) < 1e-12,
+                "{dims:?}: crate reference"
+            );
+            for (a, b) in reference_lse.iter().zip(&want_lse) {
+                assert!(
+                    (a - b).abs() < 1e-9,
+                    "{dims:?}: crate reference lse {a} vs {b}"
+                );
+            }
             let (out, lse) = run(&na, (batch, hq, hkv, d), &q, &k, &v);
             let err = rel_l2(&to_f64(&out), &want);
             assert!(err < 1e-5, "{dims:?} b{batch} h{hq}/{hkv}: rel L2 {err}");
@@ -254,34 +272,16 @@ fn output_matches_f64_oracle() {
     let k: Vec<bf16> = random_vec(&mut r, n * 32);
     let v: Vec<bf16> = random_vec(&mut r, n * 32);
     let (out, _) = run(&na, (1, 2, 1, 32), &q, &k, &v);
-    // The oracle with the softcap applied to the scaled score: 2 tanh(0.3 q.k / 2).
-    let mut want = vec![0.0f64; out.len()];
-    for t in 0..n {
-        let ks = natten_keys(&dims, t);
-        for h in 0..2 {
-            let qo = (t * 2 + h) * 32;
-            let s: Vec<f64> = ks
-                .iter()
-                .map(|&j| {
-                    let dot: f64 = (0..32)
-                        .map(|c| q[qo + c].to_f64() * k[j * 32 + c].to_f64())
-                        .sum();
-                    2.0 * (0.3 * dot / 2.0).tanh()
-                })
-                .collect();
-            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            for c in 0..32 {
-                want[qo + c] = ks
-                    .iter()
-                    .zip(&w)
-                    .map(|(&j, wj)| wj * v[j * 32 + c].to_f64())
-                    .sum::<f64>()
-                    / z;
-            }
-        }
-    }
+    // The crate's f64 reference (checked against the literal oracle above) with the softcap
+    // 2 tanh(0.3 q.k / 2).
+    let st = |h: usize| Strides::contiguous(n, h, 32);
+    let (want, _) = neighborhood_attention_f64(
+        &na,
+        Strided::new(&q[..], st(2)),
+        Strided::new(&k[..], st(1)),
+        Strided::new(&v[..], st(1)),
+    )
+    .unwrap();
     let err = rel_l2(&to_f64(&out), &want);
     assert!(err < 1e-2, "bf16 softcap: rel L2 {err}");
 }

@@ -3,9 +3,11 @@
 //! against the mask, no tiling.
 
 pub mod dense;
+pub mod neighborhood;
 pub mod paged;
 
 pub use dense::dense_attention_f64;
+pub use neighborhood::neighborhood_attention_f64;
 
 use crate::element::Element;
 
