@@ -476,15 +476,9 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
     };
     let ring = RingAttention::new(layout, shape, &opts)?;
     let pos: Vec<Vec<usize>> = (0..world).map(|r| layout.positions(r)).collect();
-    // b = 1: a shard is the token rows at its positions.
-    let gather = |x: &[bf16], row: usize, p: &[usize]| -> Vec<bf16> {
-        p.iter()
-            .flat_map(|&t| x[t * row..(t + 1) * row].iter().copied())
-            .collect()
-    };
-    let qsh: Vec<_> = pos.iter().map(|p| gather(&q, hq * d, p)).collect();
-    let ksh: Vec<_> = pos.iter().map(|p| gather(&k, hkv * d, p)).collect();
-    let vsh: Vec<_> = pos.iter().map(|p| gather(&v, hkv * d, p)).collect();
+    let qsh = layout.shard(&q, b, hq * d)?;
+    let ksh = layout.shard(&k, b, hkv * d)?;
+    let vsh = layout.shard(&v, b, hkv * d)?;
     let mut osh: Vec<Vec<bf16>> = (0..world)
         .map(|r| vec![bf16::NAN; ring.out_len(r)])
         .collect();
@@ -508,18 +502,11 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
         None,
     )?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
-    let mut got = vec![f64::NAN; want.len()];
-    for (r, p) in pos.iter().enumerate() {
-        for (i, &tok) in p.iter().enumerate() {
-            let row = hq * d;
-            for (g, x) in got[tok * row..(tok + 1) * row]
-                .iter_mut()
-                .zip(&osh[r][i * row..(i + 1) * row])
-            {
-                *g = x.to_f64();
-            }
-        }
-    }
+    let got: Vec<f64> = layout
+        .unshard(&osh, b, hq * d)?
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
     let (max_err, rel_err) = errors(&got, &want);
     let sch = ring.schedule();
     let computed = sch.compute.iter().flatten().filter(|&&c| c).count();

@@ -125,6 +125,76 @@ impl RingLayout {
             .collect()
     }
 
+    /// Splits a contiguous `[batch, seqlen, row]` host tensor (`row` elements per token, e.g.
+    /// `heads * head_dim`) into the ranks' contiguous `[batch, L_r, row]` shards.
+    pub fn shard<T: Copy>(&self, x: &[T], batch: usize, row: usize) -> Result<Vec<Vec<T>>> {
+        let need = self.whole_len(batch, row)?;
+        if x.len() != need {
+            return Err(Error::Shape(format!(
+                "shard: the tensor holds {} elements, [batch, seqlen, row] = [{batch}, {}, {row}] \
+                 needs {need}",
+                x.len(),
+                self.seqlen
+            )));
+        }
+        Ok((0..self.world)
+            .map(|r| {
+                let pos = self.positions(r);
+                let mut out = Vec::with_capacity(batch * pos.len() * row);
+                for b in 0..batch {
+                    for &p in &pos {
+                        let off = (b * self.seqlen + p) * row;
+                        out.extend_from_slice(&x[off..off + row]);
+                    }
+                }
+                out
+            })
+            .collect())
+    }
+
+    /// The inverse of [`RingLayout::shard`]: the ranks' `[batch, L_r, row]` shards back into
+    /// one contiguous `[batch, seqlen, row]` tensor.
+    pub fn unshard<T: Copy + Default>(
+        &self,
+        shards: &[Vec<T>],
+        batch: usize,
+        row: usize,
+    ) -> Result<Vec<T>> {
+        if shards.len() != self.world {
+            return Err(Error::Shape(format!(
+                "unshard: {} shards for a world of {} ranks",
+                shards.len(),
+                self.world
+            )));
+        }
+        let mut x = vec![T::default(); self.whole_len(batch, row)?];
+        for (r, shard) in shards.iter().enumerate() {
+            let pos = self.positions(r);
+            if shard.len() != batch * pos.len() * row {
+                return Err(Error::Shape(format!(
+                    "unshard: shard {r} holds {} elements, [batch, L_r, row] needs {}",
+                    shard.len(),
+                    batch * pos.len() * row
+                )));
+            }
+            for b in 0..batch {
+                for (i, &p) in pos.iter().enumerate() {
+                    let (src, dst) = ((b * pos.len() + i) * row, (b * self.seqlen + p) * row);
+                    x[dst..dst + row].copy_from_slice(&shard[src..src + row]);
+                }
+            }
+        }
+        Ok(x)
+    }
+
+    /// Elements of a whole `[batch, seqlen, row]` tensor (an error if the count overflows).
+    fn whole_len(&self, batch: usize, row: usize) -> Result<usize> {
+        batch
+            .checked_mul(self.seqlen)
+            .and_then(|n| n.checked_mul(row))
+            .ok_or_else(|| Error::Shape(format!("[{batch}, {}, {row}] overflows", self.seqlen)))
+    }
+
     /// Tokens held by rank `rank`.
     pub fn shard_len(&self, rank: usize) -> usize {
         self.blocks(rank).iter().map(|b| b.len).sum()

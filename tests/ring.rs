@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{check_lse, random_vec, rel_l2, rng};
+use common::{check_lse, random_vec, rel_l2, rng, to_f64};
 use longattn::reference::dense_attention_f64;
 use longattn::*;
 
@@ -56,27 +56,6 @@ fn masks() -> Vec<(&'static str, AttentionOptions)> {
     ]
 }
 
-/// Rows of a contiguous `[batch, seqlen, heads, d]` tensor at `positions` -> `[batch,
-/// positions.len(), heads, d]`.
-fn gather<T: Copy>(
-    x: &[T],
-    batch: usize,
-    seqlen: usize,
-    row: usize,
-    positions: &[usize],
-) -> Vec<T> {
-    let mut out = Vec::with_capacity(batch * positions.len() * row);
-    for b in 0..batch {
-        for &p in positions {
-            let off = (b * seqlen + p) * row;
-            out.extend_from_slice(&x[off..off + row]);
-        }
-    }
-    out
-}
-
-/// Runs the ring on the CPU and compares every rank's rows with the reference rows of
-/// their global positions.
 fn check_ring<T: Element>(
     layout: RingLayout,
     shape: RingShape,
@@ -125,18 +104,9 @@ fn check_ring<T: Element>(
     let ring = RingAttention::new(layout, shape, opts).unwrap();
     let world = layout.world();
     let pos: Vec<Vec<usize>> = (0..world).map(|r| layout.positions(r)).collect();
-    let qsh: Vec<Vec<T>> = pos
-        .iter()
-        .map(|p| gather(&q, batch, s, heads_q * d, p))
-        .collect();
-    let ksh: Vec<Vec<T>> = pos
-        .iter()
-        .map(|p| gather(&k, batch, s, heads_kv * d, p))
-        .collect();
-    let vsh: Vec<Vec<T>> = pos
-        .iter()
-        .map(|p| gather(&v, batch, s, heads_kv * d, p))
-        .collect();
+    let qsh = layout.shard(&q, batch, heads_q * d).unwrap();
+    let ksh = layout.shard(&k, batch, heads_kv * d).unwrap();
+    let vsh = layout.shard(&v, batch, heads_kv * d).unwrap();
     // Poisoned outputs: every element must be written.
     let mut osh: Vec<Vec<T>> = (0..world)
         .map(|r| vec![T::from_f32(f32::NAN); ring.out_len(r)])
@@ -164,20 +134,12 @@ fn check_ring<T: Element>(
         .unwrap();
 
     // Reassemble in global order and compare with the single-device reference.
-    let mut got = vec![f64::NAN; want.len()];
+    let got = to_f64(&layout.unshard(&osh, batch, heads_q * d).unwrap());
     let mut got_lse = vec![f32::NAN; want_lse.len()];
     for r in 0..world {
         let lr = pos[r].len();
         for b in 0..batch {
             for (i, &p) in pos[r].iter().enumerate() {
-                let row = heads_q * d;
-                let src = &osh[r][(b * lr + i) * row..(b * lr + i + 1) * row];
-                for (g, x) in got[(b * s + p) * row..(b * s + p + 1) * row]
-                    .iter_mut()
-                    .zip(src)
-                {
-                    *g = x.to_f64();
-                }
                 for h in 0..heads_q {
                     got_lse[(b * heads_q + h) * s + p] = lsh[r][(b * heads_q + h) * lr + i];
                 }
@@ -763,5 +725,42 @@ fn strided_shards_match_contiguous_shards() {
                 );
             }
         }
+    }
+}
+
+/// `shard` deals a whole tensor's token rows to the ranks by the layout's positions and
+/// `unshard` puts them back; wrong lengths are errors.
+#[test]
+fn shard_and_unshard_round_trip() {
+    let (b, row) = (2, 3);
+    for layout in layouts(11, 3) {
+        let x: Vec<u32> = (0..(b * 11 * row) as u32).collect();
+        let shards = layout.shard(&x, b, row).unwrap();
+        for (r, sh) in shards.iter().enumerate() {
+            let pos = layout.positions(r);
+            assert_eq!(sh.len(), b * pos.len() * row);
+            for bb in 0..b {
+                for (i, &p) in pos.iter().enumerate() {
+                    let want = ((bb * 11 + p) * row) as u32;
+                    assert_eq!(sh[(bb * pos.len() + i) * row], want, "{layout:?} rank {r}");
+                }
+            }
+        }
+        assert_eq!(layout.unshard(&shards, b, row).unwrap(), x);
+        assert!(matches!(
+            layout.shard(&x[1..], b, row),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            layout.unshard(&shards[1..], b, row),
+            Err(Error::Shape(_))
+        ));
+        let mut bad = shards.clone();
+        bad[0].pop();
+        assert!(matches!(layout.unshard(&bad, b, row), Err(Error::Shape(_))));
+        assert!(matches!(
+            layout.shard(&x, usize::MAX, row),
+            Err(Error::Shape(_))
+        ));
     }
 }
