@@ -20,7 +20,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{SeqLens, Strided, Strides, check_attention_args, check_heads};
 use crate::mask::{Mask, Window};
-use crate::softmax::merge_weights;
+use crate::softmax::merge_into_row;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -681,16 +681,14 @@ impl RingAttention {
                 for b in 0..batch {
                     for h in 0..heads_q {
                         for i in 0..sq {
-                            let row = piece.q_rows.start + i;
-                            let li = (b * heads_q + h) * len + row;
-                            let (wa, wb, merged) =
-                                merge_weights(l[li], pl[(b * heads_q + h) * sq + i]);
-                            l[li] = merged;
-                            let dst = li * d;
+                            let li = (b * heads_q + h) * len + piece.q_rows.start + i;
                             let src = ((b * sq + i) * heads_q + h) * d;
-                            for (a, x) in o[dst..dst + d].iter_mut().zip(&po[src..src + d]) {
-                                *a = wa * *a + wb * x.to_f32();
-                            }
+                            merge_into_row(
+                                &mut o[li * d..(li + 1) * d],
+                                &mut l[li],
+                                po[src..src + d].iter().map(|x| x.to_f32()),
+                                pl[(b * heads_q + h) * sq + i],
+                            );
                         }
                     }
                 }

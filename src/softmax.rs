@@ -84,6 +84,21 @@ pub fn merge_weights(lse_a: f32, lse_b: f32) -> (f32, f32, f32) {
     ((lse_a - lse).exp(), (lse_b - lse).exp(), lse)
 }
 
+/// Folds a partial result `(part, part_lse)` over keys disjoint from those already in the
+/// running f32 state `(acc, acc_lse)` into that state (the [`merge_weights`] algebra).
+pub(crate) fn merge_into_row(
+    acc: &mut [f32],
+    acc_lse: &mut f32,
+    part: impl IntoIterator<Item = f32>,
+    part_lse: f32,
+) {
+    let (wa, wb, lse) = merge_weights(*acc_lse, part_lse);
+    for (a, x) in acc.iter_mut().zip(part) {
+        *a = wa * *a + wb * x;
+    }
+    *acc_lse = lse;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

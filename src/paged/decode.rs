@@ -8,7 +8,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, merge_weights, softcapped};
+use crate::softmax::{OnlineSoftmax, merge_into_row, softcapped};
 use rayon::prelude::*;
 
 /// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
@@ -560,7 +560,7 @@ impl PagedDecode {
 
     /// CPU decode (also the fallback without a GPU): f32 accumulation, the page list split
     /// into `num_splits` contiguous parts (forced count, else 1) as on the GPU, each part an
-    /// online softmax over its pages, merged with [`merge_weights`].
+    /// online softmax over its pages, merged with [`merge_weights`](crate::softmax::merge_weights).
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
@@ -624,12 +624,7 @@ impl PagedDecode {
                         state.update(&scores[..keys.len()], |t| &vrows[t * d..(t + 1) * d]);
                     }
                     let (o, l) = state.finish();
-                    let (wa, wb, lse) = merge_weights(acc.1, l);
-                    acc.0
-                        .iter_mut()
-                        .zip(&o)
-                        .for_each(|(a, x)| *a = wa * *a + wb * x);
-                    acc.1 = lse;
+                    merge_into_row(&mut acc.0, &mut acc.1, o, l);
                 }
                 acc
             })
