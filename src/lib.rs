@@ -62,11 +62,11 @@
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.
 
-pub mod cuda;
 pub mod dense;
 pub mod device;
 pub mod element;
 pub mod error;
+mod gpu;
 pub mod layout;
 pub mod mask;
 pub mod merge;
@@ -76,7 +76,6 @@ pub mod reference;
 pub mod ring;
 pub mod softmax;
 
-pub use cuda::paged::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use cudarc;
 pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention};
 pub use device::Device;
@@ -88,8 +87,9 @@ pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
 pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
 pub use paged::{
-    HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
-    QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
+    GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
+    PagedDecode, PagedDecodePlan, PagedLayout, QuestConfig, QuestSelection, SparsePolicy,
+    StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, MAX_RING_WORLD, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape,

@@ -14,10 +14,12 @@
 
 mod cache;
 mod decode;
+mod gpu;
 mod select;
 
 pub use cache::{KvPages, PageMeta, PageTable, PagedCache, PagedLayout};
 pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
+pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use select::{
     HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };

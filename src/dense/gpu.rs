@@ -103,7 +103,7 @@ where
     I: DevicePtr<T>,
     O: DevicePtrMut<T>,
 {
-    use super::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
+    use crate::gpu::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
     if attn.total_q == 0 {
         return Ok(());
     }

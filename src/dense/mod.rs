@@ -1,6 +1,10 @@
 //! Dense (flash) attention: the validated problem, the CPU path (tiled online softmax, the
 //! same algorithm and tile schedule as the CUDA kernels) and the GPU entry point.
 
+mod gpu;
+
+pub use gpu::GPU_MAX_HEAD_DIM;
+
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{

@@ -1,12 +1,9 @@
-//! GPU glue: the generated FFI, checked launcher wrappers and the device-side checks that
-//! every GPU entry point runs before a pointer reaches a kernel.
+//! Shared GPU glue: the generated FFI and the device-side checks that every family's GPU
+//! entry point (`dense/gpu.rs`, `merge/gpu.rs`, `paged/gpu.rs`) runs before a pointer
+//! reaches a kernel.
 //!
 //! Layering (like cudarc): `ffi` (bindgen from `kernels/include/longattn/*.h`) -> this
 //! module's checked launchers -> the safe `forward_gpu`/`merge_gpu` methods.
-
-pub mod dense;
-pub mod merge;
-pub mod paged;
 
 #[cfg(longattn_cuda)]
 #[allow(

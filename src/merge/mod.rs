@@ -3,6 +3,8 @@
 //! `lse = M + ln(exp(lse_a - M) + exp(lse_b - M))`, `o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b`
 //! with `M = max(lse_a, lse_b)`; two empty rows give `o = 0`, `lse = -inf`.
 
+mod gpu;
+
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::softmax::merge_weights;

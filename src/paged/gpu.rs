@@ -498,7 +498,7 @@ mod imp {
 #[cfg(longattn_cuda)]
 mod imp {
     use super::*;
-    use crate::cuda::{
+    use crate::gpu::{
         check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
     };
     use crate::layout::Strides;

@@ -71,7 +71,7 @@ fn launch<T: Element>(_: &MergeShape, _: &Arc<CudaStream>, _ptrs: [u64; 6]) -> R
 /// `ptrs`: a.o, a.lse, b.o, b.lse, out.o, out.lse (out may alias a).
 #[cfg(longattn_cuda)]
 fn launch<T: Element>(shape: &MergeShape, stream: &Arc<CudaStream>, ptrs: [u64; 6]) -> Result<()> {
-    use super::{check_launch, ffi, la_dtype};
+    use crate::gpu::{check_launch, ffi, la_dtype};
     if shape.lse_len() == 0 {
         return Ok(());
     }
