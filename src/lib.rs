@@ -62,6 +62,7 @@
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.
 
+pub mod capi;
 pub mod dense;
 pub mod device;
 pub mod element;

@@ -1,0 +1,86 @@
+// Runs dense attention through the C API on the CPU and compares it with the f64 reference
+// values the Rust side wrote (`cargo run --example c_fixture -- FILE`); then checks that a
+// bad argument comes back as a status code with a message. Exit code 0 only if both hold.
+//
+// Fixture (little-endian): 8 u64 [batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim,
+// window_left + 1, causal], then f32 q, k, v (contiguous) and the f64 reference output.
+#include <longattn.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+template <typename T> static bool read_vec(std::ifstream &f, std::vector<T> &v, size_t n) {
+  v.resize(n);
+  return bool(f.read(reinterpret_cast<char *>(v.data()), std::streamsize(n * sizeof(T))));
+}
+
+int main(int argc, char **argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s FIXTURE\n", argv[0]);
+    return 2;
+  }
+  std::printf("longattn %s (header %s)\n", longattn_version(), LONGATTN_VERSION_STRING);
+  std::ifstream f(argv[1], std::ios::binary);
+  std::vector<uint64_t> dims;
+  if (!read_vec(f, dims, 8)) {
+    std::fprintf(stderr, "cannot read %s\n", argv[1]);
+    return 2;
+  }
+  const size_t b = dims[0], sq = dims[1], sk = dims[2], hq = dims[3], hkv = dims[4], d = dims[5];
+  std::vector<float> q, k, v;
+  std::vector<double> want;
+  if (!read_vec(f, q, b * sq * hq * d) || !read_vec(f, k, b * sk * hkv * d) ||
+      !read_vec(f, v, b * sk * hkv * d) || !read_vec(f, want, b * sq * hq * d)) {
+    std::fprintf(stderr, "short fixture\n");
+    return 2;
+  }
+
+  longattn_dense_desc desc = {};
+  desc.batch = b;
+  desc.heads_q = hq;
+  desc.heads_kv = hkv;
+  desc.head_dim = d;
+  desc.seqlen_q = sq;
+  desc.seqlen_k = sk;
+  desc.window_left = int64_t(dims[6]) - 1;
+  desc.window_right = -1;
+  desc.causal = int32_t(dims[7]);
+  size_t out_len = 0, lse_len = 0;
+  if (longattn_dense_sizes(&desc, &out_len, &lse_len) != LONGATTN_OK) {
+    std::fprintf(stderr, "sizes: %s\n", longattn_last_error());
+    return 1;
+  }
+  std::vector<float> out(out_len, NAN), lse(lse_len, NAN);
+  const longattn_strides qs = {int64_t(sq * hq * d), int64_t(hq * d), int64_t(d)};
+  const longattn_strides ks = {int64_t(sk * hkv * d), int64_t(hkv * d), int64_t(d)};
+  longattn_status st = longattn_dense_forward_cpu(
+      &desc, LONGATTN_F32, {q.data(), q.size(), qs}, {k.data(), k.size(), ks},
+      {v.data(), v.size(), ks}, {out.data(), out.size(), qs}, lse.data(), lse.size());
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "forward: status %d: %s\n", int(st), longattn_last_error());
+    return 1;
+  }
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (std::isnan(out[i])) {
+      std::fprintf(stderr, "NaN at %zu\n", i);
+      return 1;
+    }
+    num += (out[i] - want[i]) * (out[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  const double err = std::sqrt(num / den);
+  std::printf("dense cpu: %zu x %zu x %zu heads, rel L2 vs the Rust f64 reference %.3e\n", b, sq,
+              hq, err);
+
+  longattn_dense_desc bad = desc;
+  bad.heads_kv = 0;
+  st = longattn_dense_sizes(&bad, &out_len, &lse_len);
+  std::printf("heads_kv = 0: status %d (%s)\n", int(st), longattn_last_error());
+  const bool ok = err < 1e-5 && st == LONGATTN_ERR_SHAPE;
+  std::printf("%s\n", ok ? "OK" : "FAILED");
+  return ok ? 0 : 1;
+}

@@ -1,0 +1,112 @@
+/* longattn: the validated C API for C and C++ programs.
+ *
+ * Every entry point runs the same checks as the Rust API (shapes, strides, options, buffer
+ * lengths, overlap) before any pointer is read, returns a status code and never aborts: a
+ * failed call leaves a message for longattn_last_error() on the calling thread.
+ *
+ * Conventions (docs/semantics.md): q, out: [batch, seqlen_q, heads_q, head_dim];
+ * k, v: [batch, seqlen_k, heads_kv, head_dim] (or packed [total, heads, head_dim] with
+ * cu_seqlens); element strides, last dim contiguous; causal is bottom-right aligned;
+ * LSE is f32, natural log, [batch, heads_q, seqlen_q] (varlen: [heads_q, total_q]);
+ * a row with no visible key gives output 0 and LSE -inf.
+ *
+ * Link: -llongattn (pkg-config longattn, or CMake find_package(longattn)). */
+#ifndef LONGATTN_H
+#define LONGATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define LONGATTN_VERSION_MAJOR 0
+#define LONGATTN_VERSION_MINOR 1
+#define LONGATTN_VERSION_PATCH 0
+#define LONGATTN_VERSION_STRING "0.1.0"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Status codes; one per Rust error variant. */
+typedef enum longattn_status {
+  LONGATTN_OK = 0,
+  LONGATTN_ERR_SHAPE = 1,           /* a shape or buffer length does not match */
+  LONGATTN_ERR_STRIDE = 2,          /* a stride is negative, non-contiguous or out of the buffer */
+  LONGATTN_ERR_INVALID_OPTION = 3,  /* window, scale, softcap, sinks out of their domain */
+  LONGATTN_ERR_INDEX = 4,           /* cu_seqlens, block tables or page ids malformed */
+  LONGATTN_ERR_UNSUPPORTED = 5,     /* valid, but no kernel implements it */
+  LONGATTN_ERR_CUDA_NOT_COMPILED = 6,
+  LONGATTN_ERR_NO_GPU = 7,
+  LONGATTN_ERR_CUDA = 8,
+  LONGATTN_ERR_NULL_POINTER = 9,    /* a required pointer argument is NULL */
+  LONGATTN_ERR_INTERNAL = 10        /* a bug in longattn (caught, never unwound into C) */
+} longattn_status;
+
+typedef enum longattn_dtype {
+  LONGATTN_F32 = 0,
+  LONGATTN_F16 = 1,
+  LONGATTN_BF16 = 2
+} longattn_dtype;
+
+/* Element strides of a [batch, seq, heads, head_dim] tensor (head_dim stride is 1). */
+typedef struct longattn_strides {
+  int64_t batch;
+  int64_t seq;
+  int64_t head;
+} longattn_strides;
+
+/* A tensor on the host: data, its length in elements (the buffer the strides may reach)
+ * and its strides. */
+typedef struct longattn_tensor {
+  const void *data;
+  size_t len;
+  longattn_strides strides;
+} longattn_tensor;
+
+typedef struct longattn_tensor_mut {
+  void *data;
+  size_t len;
+  longattn_strides strides;
+} longattn_tensor_mut;
+
+/* A dense attention problem. Options follow FlashAttention-2: window_left/right = -1 is
+ * unbounded; causal sets the right bound to min(right, 0) and keeps the left bound;
+ * scale 0 means 1/sqrt(head_dim); softcap 0 means off. */
+typedef struct longattn_dense_desc {
+  size_t batch;
+  size_t heads_q;
+  size_t heads_kv;
+  size_t head_dim;
+  size_t seqlen_q;               /* fixed lengths; ignored when cu_seqlens_q != NULL */
+  size_t seqlen_k;
+  const int32_t *cu_seqlens_q;   /* varlen: host arrays of batch + 1 offsets, or NULL */
+  const int32_t *cu_seqlens_k;
+  float scale;
+  float softcap;
+  int64_t window_left;
+  int64_t window_right;
+  int32_t causal;
+  size_t sinks;
+} longattn_dense_desc;
+
+/* "0.1.0": the library's version, to compare with LONGATTN_VERSION_STRING. */
+const char *longattn_version(void);
+
+/* The message of the last failed call on this thread ("" if none). Valid until the next
+ * longattn call on this thread. */
+const char *longattn_last_error(void);
+
+/* Elements of the output and of the LSE of a problem (so callers size buffers). */
+longattn_status longattn_dense_sizes(const longattn_dense_desc *desc, size_t *out_len,
+                                     size_t *lse_len);
+
+/* Dense attention on the CPU (f32, f16 or bf16 host buffers; lse may be NULL). */
+longattn_status longattn_dense_forward_cpu(const longattn_dense_desc *desc, longattn_dtype dtype,
+                                           longattn_tensor q, longattn_tensor k,
+                                           longattn_tensor v, longattn_tensor_mut out,
+                                           float *lse, size_t lse_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LONGATTN_H */

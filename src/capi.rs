@@ -1,0 +1,425 @@
+//! The validated C API declared in `include/longattn.h`, built into the static and shared
+//! libraries (`liblongattn.a`, `liblongattn.so`).
+//!
+//! Each entry point turns its C arguments into the safe Rust types (null pointers and
+//! lengths checked first), runs the very same validation as the Rust API, returns a
+//! `longattn_status` and leaves the error message for `longattn_last_error()` on the calling
+//! thread. A panic (a bug) is caught and reported as `LONGATTN_ERR_INTERNAL`: nothing
+//! unwinds into C.
+
+use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+use crate::element::Element;
+use crate::error::Error;
+use crate::layout::{SeqLens, Strided, Strides};
+use crate::mask::Window;
+use half::{bf16, f16};
+use std::cell::RefCell;
+use std::ffi::{CString, c_char};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+/// `longattn_status` (see `include/longattn.h`).
+pub type Status = i32;
+/// Success.
+pub const LONGATTN_OK: Status = 0;
+/// A required pointer argument is NULL.
+pub const LONGATTN_ERR_NULL_POINTER: Status = 9;
+/// A caught panic (a bug in longattn).
+pub const LONGATTN_ERR_INTERNAL: Status = 10;
+
+/// `longattn_dtype`.
+pub type DTypeCode = i32;
+
+/// `longattn_strides`: element strides of `[batch, seq, heads, head_dim]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CStrides {
+    /// Batch stride in elements.
+    pub batch: i64,
+    /// Sequence stride in elements.
+    pub seq: i64,
+    /// Head stride in elements.
+    pub head: i64,
+}
+
+/// `longattn_tensor`: a read-only host buffer of `len` elements with its strides.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CTensor {
+    /// First element.
+    pub data: *const std::ffi::c_void,
+    /// Elements the buffer holds.
+    pub len: usize,
+    /// Element strides.
+    pub strides: CStrides,
+}
+
+/// `longattn_tensor_mut`: a writable host buffer of `len` elements with its strides.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CTensorMut {
+    /// First element.
+    pub data: *mut std::ffi::c_void,
+    /// Elements the buffer holds.
+    pub len: usize,
+    /// Element strides.
+    pub strides: CStrides,
+}
+
+/// `longattn_dense_desc`: shape and options of a dense problem.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CDenseDesc {
+    /// Sequences.
+    pub batch: usize,
+    /// Query heads.
+    pub heads_q: usize,
+    /// Key/value heads (divides `heads_q`).
+    pub heads_kv: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Queries per sequence (fixed lengths).
+    pub seqlen_q: usize,
+    /// Keys per sequence (fixed lengths).
+    pub seqlen_k: usize,
+    /// Varlen query offsets (`batch + 1` host values) or NULL.
+    pub cu_seqlens_q: *const i32,
+    /// Varlen key offsets (`batch + 1` host values) or NULL.
+    pub cu_seqlens_k: *const i32,
+    /// `q.k` multiplier; 0 means `1/sqrt(head_dim)`.
+    pub scale: f32,
+    /// Softcap; 0 means off.
+    pub softcap: f32,
+    /// Window left bound, -1 unbounded.
+    pub window_left: i64,
+    /// Window right bound, -1 unbounded.
+    pub window_right: i64,
+    /// Nonzero: causal, composed with the window as in FlashAttention-2.
+    pub causal: i32,
+    /// Always-visible leading keys.
+    pub sinks: usize,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last_error(msg: &str) {
+    let msg = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = msg);
+}
+
+/// The C status code of a Rust error.
+pub fn status_of(err: &Error) -> Status {
+    match err {
+        Error::Shape(_) => 1,
+        Error::Stride(_) => 2,
+        Error::InvalidOption(_) => 3,
+        Error::Index(_) => 4,
+        Error::Unsupported(_) => 5,
+        Error::CudaNotCompiled => 6,
+        Error::NoGpu(_) => 7,
+        Error::Cuda(_) => 8,
+    }
+}
+
+/// Why a C call failed before reaching the Rust API.
+enum CallError {
+    Null(&'static str),
+    Api(Error),
+}
+
+impl From<Error> for CallError {
+    fn from(e: Error) -> Self {
+        CallError::Api(e)
+    }
+}
+
+/// Runs `body`, records its error for `longattn_last_error` and maps it to a status.
+fn guarded(body: impl FnOnce() -> Result<(), CallError>) -> Status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => {
+            set_last_error("");
+            LONGATTN_OK
+        }
+        Ok(Err(CallError::Null(name))) => {
+            set_last_error(&format!("{name} is NULL"));
+            LONGATTN_ERR_NULL_POINTER
+        }
+        Ok(Err(CallError::Api(e))) => {
+            set_last_error(&e.to_string());
+            status_of(&e)
+        }
+        Err(_) => {
+            set_last_error("internal error (a panic inside longattn; please report it)");
+            LONGATTN_ERR_INTERNAL
+        }
+    }
+}
+
+/// `longattn_version()`: the crate version as a static C string.
+#[unsafe(no_mangle)]
+pub extern "C" fn longattn_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// `longattn_last_error()`: the last failure's message on this thread ("" if none).
+#[unsafe(no_mangle)]
+pub extern "C" fn longattn_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Builds the validated problem from a C descriptor.
+///
+/// # Safety
+/// `desc.cu_seqlens_q/k`, when not NULL, point to `batch + 1` readable `i32`s.
+unsafe fn dense_problem(desc: &CDenseDesc) -> Result<FlashAttention, CallError> {
+    let varlen = match (desc.cu_seqlens_q.is_null(), desc.cu_seqlens_k.is_null()) {
+        (true, true) => None,
+        (false, false) => {
+            let n = desc.batch.checked_add(1).ok_or_else(|| {
+                Error::Shape(format!("batch = {} overflows batch + 1", desc.batch))
+            })?;
+            // Bounded before the slices are formed: `n` i32s must be addressable.
+            if n > isize::MAX as usize / 4 {
+                return Err(Error::Shape(format!("batch = {} is too large", desc.batch)).into());
+            }
+            // SAFETY: the caller guarantees `n` readable values behind each pointer.
+            unsafe {
+                Some((
+                    std::slice::from_raw_parts(desc.cu_seqlens_q, n),
+                    std::slice::from_raw_parts(desc.cu_seqlens_k, n),
+                ))
+            }
+        }
+        (true, false) => return Err(CallError::Null("cu_seqlens_q (cu_seqlens_k is set)")),
+        (false, true) => return Err(CallError::Null("cu_seqlens_k (cu_seqlens_q is set)")),
+    };
+    let seqlens = match varlen {
+        Some((cu_seqlens_q, cu_seqlens_k)) => SeqLens::Varlen {
+            cu_seqlens_q,
+            cu_seqlens_k,
+        },
+        None => SeqLens::Fixed {
+            seqlen_q: desc.seqlen_q,
+            seqlen_k: desc.seqlen_k,
+        },
+    };
+    let shape = AttentionShape {
+        batch: desc.batch,
+        heads_q: desc.heads_q,
+        heads_kv: desc.heads_kv,
+        head_dim: desc.head_dim,
+        seqlens,
+    };
+    let mut window = Window::from_flash(desc.window_left, desc.window_right)?;
+    if desc.causal != 0 {
+        // FlashAttention-2: causal sets the right bound to min(right, 0), keeps the left.
+        window.right = Some(0);
+    }
+    let mut options = AttentionOptions::default()
+        .with_window(window)
+        .with_sinks(desc.sinks);
+    if desc.scale != 0.0 {
+        options = options.with_scale(desc.scale);
+    }
+    if desc.softcap != 0.0 {
+        options = options.with_softcap(desc.softcap);
+    }
+    Ok(FlashAttention::new(&shape, &options)?)
+}
+
+fn strides(s: CStrides) -> Strides {
+    Strides {
+        batch: s.batch,
+        seq: s.seq,
+        head: s.head,
+    }
+}
+
+/// `longattn_dense_sizes()`: output and LSE lengths in elements.
+///
+/// # Safety
+/// `desc` points to a valid descriptor (see [`CDenseDesc`]); `out_len`/`lse_len` are NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_dense_sizes(
+    desc: *const CDenseDesc,
+    out_len: *mut usize,
+    lse_len: *mut usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
+        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
+        // SAFETY: as above.
+        let attn = unsafe { dense_problem(desc) }?;
+        if !out_len.is_null() {
+            // SAFETY: non-NULL and writable by the contract.
+            unsafe { *out_len = attn.out_len() };
+        }
+        if !lse_len.is_null() {
+            // SAFETY: as above.
+            unsafe { *lse_len = attn.lse_len() };
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// Each tensor's `data` points to `len` readable (writable for `out`) elements of `T`.
+unsafe fn dense_cpu_typed<T: Element>(
+    attn: &FlashAttention,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    out: CTensorMut,
+    lse: Option<&mut [f32]>,
+) -> Result<(), CallError> {
+    // A `&mut` slice must not alias any other slice of the call: refuse overlapping buffers
+    // before forming them (the Rust API gets this guarantee from the borrow checker).
+    let bytes = std::mem::size_of::<T>();
+    let out_range = byte_range(out.data, out.len, bytes);
+    for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
+        disjoint(out_range, byte_range(t.data, t.len, bytes), "out", name)?;
+    }
+    if let Some(l) = &lse {
+        disjoint(
+            out_range,
+            byte_range(l.as_ptr().cast(), l.len(), 4),
+            "out",
+            "lse",
+        )?;
+        for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
+            disjoint(
+                byte_range(l.as_ptr().cast(), l.len(), 4),
+                byte_range(t.data, t.len, bytes),
+                "lse",
+                name,
+            )?;
+        }
+    }
+    // SAFETY (all four): `len` elements by the contract, checked non-overlapping above.
+    let (q_s, k_s, v_s, out_s) = unsafe {
+        (
+            host_slice::<T>(q.data, q.len, "q")?,
+            host_slice::<T>(k.data, k.len, "k")?,
+            host_slice::<T>(v.data, v.len, "v")?,
+            host_slice_mut::<T>(out.data, out.len, "out")?,
+        )
+    };
+    attn.forward_cpu(
+        Strided::new(q_s, strides(q.strides)),
+        Strided::new(k_s, strides(k.strides)),
+        Strided::new(v_s, strides(v.strides)),
+        Strided::new(out_s, strides(out.strides)),
+        lse,
+    )?;
+    Ok(())
+}
+
+/// `[start, end)` byte addresses of a buffer (saturating: sizes are bounded later).
+fn byte_range(data: *const std::ffi::c_void, len: usize, elem_bytes: usize) -> (usize, usize) {
+    let start = data as usize;
+    (start, start.saturating_add(len.saturating_mul(elem_bytes)))
+}
+
+fn disjoint(
+    a: (usize, usize),
+    b: (usize, usize),
+    a_name: &str,
+    b_name: &str,
+) -> Result<(), CallError> {
+    if a.0 < b.1 && b.0 < a.1 {
+        return Err(Error::Shape(format!("{a_name} overlaps {b_name}")).into());
+    }
+    Ok(())
+}
+
+/// Checks the pointer, the alignment and the byte size, then forms the slice.
+///
+/// # Safety
+/// `data` points to `len` readable elements of `T`.
+unsafe fn host_slice<'a, T>(
+    data: *const std::ffi::c_void,
+    len: usize,
+    name: &'static str,
+) -> Result<&'a [T], CallError> {
+    check_host_buffer::<T>(data, len, name)?;
+    // SAFETY: non-NULL, aligned, size bounded; the caller guarantees the elements.
+    Ok(unsafe { std::slice::from_raw_parts(data.cast::<T>(), len) })
+}
+
+/// # Safety
+/// `data` points to `len` writable elements of `T`, aliased by nothing else in the call.
+unsafe fn host_slice_mut<'a, T>(
+    data: *mut std::ffi::c_void,
+    len: usize,
+    name: &'static str,
+) -> Result<&'a mut [T], CallError> {
+    check_host_buffer::<T>(data, len, name)?;
+    // SAFETY: as for `host_slice`, plus exclusive access by the contract.
+    Ok(unsafe { std::slice::from_raw_parts_mut(data.cast::<T>(), len) })
+}
+
+fn check_host_buffer<T>(
+    data: *const std::ffi::c_void,
+    len: usize,
+    name: &'static str,
+) -> Result<(), CallError> {
+    if data.is_null() {
+        return Err(CallError::Null(name));
+    }
+    if !(data as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(Error::Stride(format!(
+            "{name} is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        ))
+        .into());
+    }
+    if len > isize::MAX as usize / std::mem::size_of::<T>() {
+        return Err(Error::Shape(format!("{name} length {len} is too large")).into());
+    }
+    Ok(())
+}
+
+/// `longattn_dense_forward_cpu()`: dense attention on host buffers.
+///
+/// # Safety
+/// `desc` is a valid descriptor; each tensor's `data` points to `len` elements of `dtype`
+/// (`out` writable and not overlapping the inputs); `lse`, when not NULL, points to
+/// `lse_len` writable floats.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_dense_forward_cpu(
+    desc: *const CDenseDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
+        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
+        // SAFETY: as above.
+        let attn = unsafe { dense_problem(desc) }?;
+        let lse = if lse.is_null() {
+            None
+        } else {
+            // SAFETY: `lse_len` writable floats by the contract.
+            Some(unsafe { host_slice_mut::<f32>(lse.cast(), lse_len, "lse") }?)
+        };
+        // SAFETY: the tensors hold `len` elements of `dtype` by the contract.
+        unsafe {
+            match dtype {
+                0 => dense_cpu_typed::<f32>(&attn, q, k, v, out, lse),
+                1 => dense_cpu_typed::<f16>(&attn, q, k, v, out, lse),
+                2 => dense_cpu_typed::<bf16>(&attn, q, k, v, out, lse),
+                d => Err(Error::Unsupported(format!(
+                    "dtype code {d}: expected LONGATTN_F32 (0), LONGATTN_F16 (1) or LONGATTN_BF16 (2)"
+                ))
+                .into()),
+            }
+        }
+    })
+}

@@ -1,0 +1,371 @@
+//! The C API (`include/longattn.h`, `src/capi.rs`) on the CPU: results equal the Rust API's,
+//! and every bad argument (NULL pointers, bad shapes, options, lengths, dtype codes,
+//! overlapping buffers) returns its status code with a message instead of crashing.
+
+mod common;
+
+use common::{random_vec, rel_l2, rng};
+use longattn::capi::*;
+use longattn::*;
+use std::ffi::CStr;
+use std::ptr;
+
+fn desc(batch: usize, sq: usize, sk: usize, hq: usize, hkv: usize, d: usize) -> CDenseDesc {
+    CDenseDesc {
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlen_q: sq,
+        seqlen_k: sk,
+        cu_seqlens_q: ptr::null(),
+        cu_seqlens_k: ptr::null(),
+        scale: 0.0,
+        softcap: 0.0,
+        window_left: -1,
+        window_right: -1,
+        causal: 0,
+        sinks: 0,
+    }
+}
+
+fn cstrides(s: Strides) -> CStrides {
+    CStrides {
+        batch: s.batch,
+        seq: s.seq,
+        head: s.head,
+    }
+}
+
+fn tensor<T>(data: &[T], s: Strides) -> CTensor {
+    CTensor {
+        data: data.as_ptr().cast(),
+        len: data.len(),
+        strides: cstrides(s),
+    }
+}
+
+fn tensor_mut<T>(data: &mut [T], s: Strides) -> CTensorMut {
+    CTensorMut {
+        data: data.as_mut_ptr().cast(),
+        len: data.len(),
+        strides: cstrides(s),
+    }
+}
+
+fn last_error() -> String {
+    // SAFETY: longattn_last_error returns a valid NUL-terminated string.
+    unsafe { CStr::from_ptr(longattn_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+struct Case {
+    d: CDenseDesc,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    qs: Strides,
+    ks: Strides,
+}
+
+fn case(seed: u64, d: CDenseDesc) -> Case {
+    let mut r = rng(seed);
+    let (qs, ks) = (
+        Strides::contiguous(d.seqlen_q, d.heads_q, d.head_dim),
+        Strides::contiguous(d.seqlen_k, d.heads_kv, d.head_dim),
+    );
+    Case {
+        q: random_vec(&mut r, d.batch * d.seqlen_q * d.heads_q * d.head_dim),
+        k: random_vec(&mut r, d.batch * d.seqlen_k * d.heads_kv * d.head_dim),
+        v: random_vec(&mut r, d.batch * d.seqlen_k * d.heads_kv * d.head_dim),
+        d,
+        qs,
+        ks,
+    }
+}
+
+/// Runs the C entry point; returns the status, the output and the LSE.
+fn run_c(c: &Case) -> (i32, Vec<f32>, Vec<f32>) {
+    let (mut out_len, mut lse_len) = (0usize, 0usize);
+    // SAFETY: valid descriptor and writable lengths.
+    let st = unsafe { longattn_dense_sizes(&c.d, &mut out_len, &mut lse_len) };
+    if st != LONGATTN_OK {
+        return (st, vec![], vec![]);
+    }
+    let mut out = vec![f32::NAN; out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: every buffer holds `len` f32s; out and lse are distinct allocations.
+    let st = unsafe {
+        longattn_dense_forward_cpu(
+            &c.d,
+            0,
+            tensor(&c.q, c.qs),
+            tensor(&c.k, c.ks),
+            tensor(&c.v, c.ks),
+            tensor_mut(&mut out, c.qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    (st, out, lse)
+}
+
+#[test]
+fn c_api_matches_the_f64_reference() {
+    // Causal + window + sinks + softcap, GQA, sq != sk; then the FA2 composition of causal
+    // with an unbounded-right window.
+    let mut d = desc(2, 5, 9, 4, 2, 16);
+    d.window_left = 3;
+    d.window_right = -1;
+    d.causal = 1;
+    d.sinks = 1;
+    d.softcap = 20.0;
+    let c = case(1, d);
+    let (st, out, lse) = run_c(&c);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let opts = AttentionOptions::default()
+        .with_window(Window::new(Some(3), Some(0)))
+        .with_sinks(1)
+        .with_softcap(20.0);
+    let shape = AttentionShape {
+        batch: 2,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 16,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: 5,
+            seqlen_k: 9,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &opts).unwrap();
+    let (want, want_lse) = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&c.q[..], c.qs),
+        Strided::new(&c.k[..], c.ks),
+        Strided::new(&c.v[..], c.ks),
+    )
+    .unwrap();
+    let got: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+    let err = rel_l2(&got, &want);
+    assert!(err < 1e-5, "rel L2 {err}");
+    for (g, w) in lse.iter().zip(&want_lse) {
+        assert!(
+            (*g as f64 - w).abs() < 1e-4 || (g.is_infinite() && w.is_infinite()),
+            "lse {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn c_api_varlen_and_bf16() {
+    let cu_q = [0i32, 3, 3, 10];
+    let cu_k = [0i32, 4, 9, 9];
+    let mut d = desc(3, 0, 0, 2, 1, 8);
+    d.cu_seqlens_q = cu_q.as_ptr();
+    d.cu_seqlens_k = cu_k.as_ptr();
+    d.causal = 1;
+    let mut r = rng(2);
+    let (qs, ks) = (Strides::contiguous(10, 2, 8), Strides::contiguous(9, 1, 8));
+    let q: Vec<bf16> = random_vec(&mut r, 10 * 2 * 8);
+    let k: Vec<bf16> = random_vec(&mut r, 9 * 8);
+    let v: Vec<bf16> = random_vec(&mut r, 9 * 8);
+    let mut out = vec![bf16::NAN; 10 * 2 * 8];
+    // SAFETY: buffers hold `len` bf16s; no LSE.
+    let st = unsafe {
+        longattn_dense_forward_cpu(
+            &d,
+            2,
+            tensor(&q, qs),
+            tensor(&k, ks),
+            tensor(&v, ks),
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let shape = AttentionShape {
+        batch: 3,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 8,
+        seqlens: SeqLens::Varlen {
+            cu_seqlens_q: &cu_q,
+            cu_seqlens_k: &cu_k,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+    let (want, _) = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let err = rel_l2(&got, &want);
+    assert!(err < 1e-2, "rel L2 {err}");
+    // Sequence 2 has queries but no keys: its rows are exactly 0 (poison overwritten).
+    assert!(out[3 * 16..].iter().all(|x| x.to_f32() == 0.0));
+}
+
+#[test]
+fn c_api_rejects_bad_arguments_with_codes() {
+    let good = desc(1, 4, 4, 2, 1, 8);
+    let c = case(3, good);
+    let cases: Vec<(&str, CDenseDesc, i32)> = vec![
+        (
+            "heads_kv 0",
+            CDenseDesc {
+                heads_kv: 0,
+                ..good
+            },
+            1,
+        ),
+        (
+            "gqa ratio",
+            CDenseDesc {
+                heads_kv: 3,
+                ..good
+            },
+            1,
+        ),
+        (
+            "head_dim 0",
+            CDenseDesc {
+                head_dim: 0,
+                ..good
+            },
+            1,
+        ),
+        (
+            "window -2",
+            CDenseDesc {
+                window_left: -2,
+                ..good
+            },
+            3,
+        ),
+        (
+            "scale nan",
+            CDenseDesc {
+                scale: f32::NAN,
+                ..good
+            },
+            3,
+        ),
+        (
+            "softcap inf",
+            CDenseDesc {
+                softcap: f32::INFINITY,
+                ..good
+            },
+            3,
+        ),
+        (
+            "batch huge",
+            CDenseDesc {
+                batch: usize::MAX,
+                ..good
+            },
+            1,
+        ),
+    ];
+    for (name, d, want) in cases {
+        let bad = Case {
+            d,
+            q: c.q.clone(),
+            k: c.k.clone(),
+            v: c.v.clone(),
+            qs: c.qs,
+            ks: c.ks,
+        };
+        let (st, _, _) = run_c(&bad);
+        assert_eq!(st, want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // One-sided varlen.
+    let cu = [0i32, 4];
+    let d = CDenseDesc {
+        cu_seqlens_q: cu.as_ptr(),
+        ..good
+    };
+    // SAFETY: valid descriptor; NULL outputs are allowed.
+    let st = unsafe { longattn_dense_sizes(&d, ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, LONGATTN_ERR_NULL_POINTER, "{}", last_error());
+    // NULL descriptor, NULL data, unknown dtype, short buffers, overlapping out.
+    // SAFETY: NULL descriptor is checked before use.
+    let st = unsafe { longattn_dense_sizes(ptr::null(), ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, LONGATTN_ERR_NULL_POINTER);
+    let mut out = vec![0f32; c.q.len()];
+    let call = |q: CTensor, out: CTensorMut, dtype: i32| {
+        // SAFETY: every non-NULL tensor holds `len` f32s.
+        unsafe {
+            longattn_dense_forward_cpu(
+                &good,
+                dtype,
+                q,
+                tensor(&c.k, c.ks),
+                tensor(&c.v, c.ks),
+                out,
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    let null_q = CTensor {
+        data: ptr::null(),
+        ..tensor(&c.q, c.qs)
+    };
+    assert_eq!(
+        call(null_q, tensor_mut(&mut out, c.qs), 0),
+        LONGATTN_ERR_NULL_POINTER
+    );
+    assert_eq!(
+        call(tensor(&c.q, c.qs), tensor_mut(&mut out, c.qs), 7),
+        5,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        call(tensor(&c.q[..3], c.qs), tensor_mut(&mut out, c.qs), 0),
+        1,
+        "{}",
+        last_error()
+    );
+    // out aliasing q: refused before any slice is formed.
+    let mut shared = c.q.clone();
+    let q_view = tensor(&shared, c.qs);
+    let out_view = tensor_mut(&mut shared, c.qs);
+    assert_eq!(call(q_view, out_view, 0), 1, "{}", last_error());
+    assert!(last_error().contains("overlaps"), "{}", last_error());
+    // A good call clears the message.
+    assert_eq!(call(tensor(&c.q, c.qs), tensor_mut(&mut out, c.qs), 0), 0);
+    assert_eq!(last_error(), "");
+}
+
+#[test]
+fn c_header_version_matches_the_crate() {
+    let header = include_str!("../include/longattn.h");
+    let field = |name: &str| -> String {
+        let line = header
+            .lines()
+            .find(|l| l.starts_with(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} missing"));
+        line.split_whitespace()
+            .nth(2)
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    };
+    let want = env!("CARGO_PKG_VERSION");
+    let parts: Vec<&str> = want.split('.').collect();
+    assert_eq!(field("LONGATTN_VERSION_MAJOR"), parts[0]);
+    assert_eq!(field("LONGATTN_VERSION_MINOR"), parts[1]);
+    assert_eq!(field("LONGATTN_VERSION_PATCH"), parts[2]);
+    assert_eq!(field("LONGATTN_VERSION_STRING"), want);
+    // SAFETY: static NUL-terminated string.
+    let lib = unsafe { CStr::from_ptr(longattn_version()) };
+    assert_eq!(lib.to_str().unwrap(), want);
+}
