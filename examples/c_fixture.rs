@@ -1,5 +1,7 @@
-//! Writes the fixture that `examples/c/dense_check.cpp` checks the C library against: a
-//! random causal-window problem and its f64 reference output (format in that file).
+//! Writes the fixture that `examples/c/check.cpp` checks the C library against: a random
+//! causal-window dense problem and a paged decode step (pages in scrambled order), each with
+//! its f64 reference output (the paged one computed densely over the gathered tokens).
+//! Format in `examples/c/check.cpp`.
 //!
 //! `cargo run --example c_fixture -- FILE`
 
@@ -52,7 +54,88 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     for x in &want {
         f.write_all(&x.to_le_bytes())?;
     }
+    write_paged(&mut f, &mut random)?;
     f.flush()?;
     println!("wrote {path}: {b} x {sq} queries x {sk} keys, {hq}/{hkv} heads, d {d}");
+    Ok(())
+}
+
+/// A paged decode step: 3 sequences over 10 pages of 3 tokens, 2 new tokens each.
+fn write_paged(
+    f: &mut impl Write,
+    random: &mut impl FnMut(usize) -> Vec<f32>,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let (num_pages, page_size, hkv, d, max_pages, hq, q_len) = (10, 3, 2, 16, 3, 4, 2);
+    let seqlens = [7i32, 2, 9];
+    let order = [7i32, 2, 9, 0, 4, 1, 8, 3, 5];
+    let mut table = vec![-1i32; seqlens.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in seqlens.iter().enumerate() {
+        for p in 0..(n as usize).div_ceil(page_size) {
+            table[b * max_pages + p] = order[next];
+            next += 1;
+        }
+    }
+    let cache = num_pages * page_size * hkv * d;
+    let rows = q_len * hq * d;
+    let (q, kc, vc) = (random(seqlens.len() * rows), random(cache), random(cache));
+    let mut want = Vec::new();
+    for (b, &n) in seqlens.iter().enumerate() {
+        let n = n as usize;
+        let gather = |c: &[f32]| -> Vec<f32> {
+            (0..n)
+                .flat_map(|t| {
+                    let page = table[b * max_pages + t / page_size] as usize;
+                    let off = (page * page_size + t % page_size) * hkv * d;
+                    c[off..off + hkv * d].to_vec()
+                })
+                .collect()
+        };
+        let (k, v) = (gather(&kc), gather(&vc));
+        let shape = AttentionShape {
+            batch: 1,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: q_len,
+                seqlen_k: n,
+            },
+        };
+        // Decode: the new tokens are causal among themselves (bottom-right).
+        let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?;
+        let (qs, ks) = (
+            Strides::contiguous(q_len, hq, d),
+            Strides::contiguous(n, hkv, d),
+        );
+        let (o, _) = reference::dense_attention_f64(
+            &attn,
+            Strided::new(&q[b * rows..(b + 1) * rows], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )?;
+        want.extend(o);
+    }
+    for x in [
+        num_pages,
+        page_size,
+        hkv,
+        d,
+        seqlens.len(),
+        max_pages,
+        hq,
+        q_len,
+    ] {
+        f.write_all(&(x as u64).to_le_bytes())?;
+    }
+    for x in table.iter().chain(&seqlens) {
+        f.write_all(&x.to_le_bytes())?;
+    }
+    for x in q.iter().chain(&kc).chain(&vc) {
+        f.write_all(&x.to_le_bytes())?;
+    }
+    for x in &want {
+        f.write_all(&x.to_le_bytes())?;
+    }
     Ok(())
 }

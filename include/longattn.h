@@ -105,6 +105,40 @@ longattn_status longattn_dense_forward_cpu(const longattn_dense_desc *desc, long
                                            longattn_tensor v, longattn_tensor_mut out,
                                            float *lse, size_t lse_len);
 
+/* A paged KV cache and one decode step. k_cache, v_cache: [num_pages, page_size, heads_kv,
+ * head_dim] (contiguous); block_table: [batch, max_pages_per_seq] page ids (host);
+ * seqlens_k: [batch] tokens per sequence (host), including the q_len new tokens, whose
+ * K/V are already in the cache. q, out: [batch, q_len, heads_q, head_dim]. The new tokens
+ * are causal among themselves (bottom-right): a right bound of -1 becomes 0. Every head
+ * reads all its visible pages (the Quest and streaming policies are Rust-only for now). */
+typedef struct longattn_paged_desc {
+  size_t num_pages;
+  size_t page_size;
+  size_t heads_kv;
+  size_t head_dim;
+  size_t batch;
+  const int32_t *block_table;
+  size_t max_pages_per_seq;
+  const int32_t *seqlens_k;
+  size_t heads_q;
+  size_t q_len;
+  float scale;   /* 0: 1/sqrt(head_dim) */
+  float softcap; /* 0: off */
+  int64_t window_left;
+  int64_t window_right;
+  size_t sinks;
+} longattn_paged_desc;
+
+/* Elements of one of k_cache / v_cache, of the output and of the LSE. */
+longattn_status longattn_paged_sizes(const longattn_paged_desc *desc, size_t *cache_len,
+                                     size_t *out_len, size_t *lse_len);
+
+/* Paged decode on the CPU (host buffers of dtype; lse may be NULL). */
+longattn_status longattn_paged_decode_cpu(const longattn_paged_desc *desc, longattn_dtype dtype,
+                                          longattn_tensor q, const void *k_cache,
+                                          const void *v_cache, size_t cache_len,
+                                          longattn_tensor_mut out, float *lse, size_t lse_len);
+
 #ifdef __cplusplus
 }
 #endif

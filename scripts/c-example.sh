@@ -10,9 +10,9 @@ scripts/install-c-lib.sh "$work/prefix" "${1:-}" > /dev/null
 cargo run -q --example c_fixture -- "$work/fixture.bin"
 cmake -S examples/c -B "$work/build" -DCMAKE_PREFIX_PATH="$work/prefix" > /dev/null
 cmake --build "$work/build" > /dev/null
-"$work/build/dense_check" "$work/fixture.bin"
+"$work/build/longattn_check" "$work/fixture.bin"
 # The same program through pkg-config, linked statically.
 PKG_CONFIG_PATH="$work/prefix/lib/pkgconfig" sh -c \
-  'c++ -std=c++17 examples/c/dense_check.cpp -o "$0/dense_check_static" $(pkg-config --cflags longattn) \
+  'c++ -std=c++17 examples/c/check.cpp -o "$0/longattn_check_static" $(pkg-config --cflags longattn) \
      "$(pkg-config --variable=libdir longattn)/liblongattn.a" $(pkg-config --libs-only-l --static longattn | sed "s/-llongattn//")' "$work"
-"$work/dense_check_static" "$work/fixture.bin"
+"$work/longattn_check_static" "$work/fixture.bin"

@@ -12,6 +12,7 @@ use crate::element::Element;
 use crate::error::Error;
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
+use crate::paged::{KvPages, PageTable, PagedCache, PagedDecode, PagedLayout};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::ffi::{CString, c_char};
@@ -415,11 +416,241 @@ pub unsafe extern "C" fn longattn_dense_forward_cpu(
                 0 => dense_cpu_typed::<f32>(&attn, q, k, v, out, lse),
                 1 => dense_cpu_typed::<f16>(&attn, q, k, v, out, lse),
                 2 => dense_cpu_typed::<bf16>(&attn, q, k, v, out, lse),
-                d => Err(Error::Unsupported(format!(
-                    "dtype code {d}: expected LONGATTN_F32 (0), LONGATTN_F16 (1) or LONGATTN_BF16 (2)"
-                ))
-                .into()),
+                d => Err(unknown_dtype(d)),
             }
         }
     })
+}
+
+/// `longattn_paged_desc`: a paged cache's geometry and tables, and one decode step.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CPagedDesc {
+    /// Pages in the cache.
+    pub num_pages: usize,
+    /// Tokens per page.
+    pub page_size: usize,
+    /// Key/value heads.
+    pub heads_kv: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// `[batch, max_pages_per_seq]` page ids (host).
+    pub block_table: *const i32,
+    /// Columns of `block_table`.
+    pub max_pages_per_seq: usize,
+    /// `[batch]` tokens per sequence (host), the new ones included.
+    pub seqlens_k: *const i32,
+    /// Query heads.
+    pub heads_q: usize,
+    /// New tokens per sequence.
+    pub q_len: usize,
+    /// `q.k` multiplier; 0 means `1/sqrt(head_dim)`.
+    pub scale: f32,
+    /// Softcap; 0 means off.
+    pub softcap: f32,
+    /// Window left bound, -1 unbounded.
+    pub window_left: i64,
+    /// Window right bound, -1 unbounded (decode: becomes 0, causal among the new tokens).
+    pub window_right: i64,
+    /// Always-visible leading keys.
+    pub sinks: usize,
+}
+
+/// Forms a host slice of `n` `i32`s from a C table pointer (NULL and size checked).
+///
+/// # Safety
+/// `data`, when not NULL, points to `n` readable values.
+unsafe fn table<'a>(
+    data: *const i32,
+    n: usize,
+    name: &'static str,
+) -> Result<&'a [i32], CallError> {
+    // SAFETY: forwarded contract.
+    unsafe { host_slice::<i32>(data.cast(), n, name) }
+}
+
+/// Builds the validated decode step from a C descriptor.
+///
+/// # Safety
+/// `block_table` and `seqlens_k` point to `batch * max_pages_per_seq` and `batch` values.
+unsafe fn paged_problem(desc: &CPagedDesc) -> Result<PagedDecode, CallError> {
+    let entries = desc
+        .batch
+        .checked_mul(desc.max_pages_per_seq)
+        .ok_or_else(|| Error::Shape("batch * max_pages_per_seq overflows".into()))?;
+    // SAFETY: sizes as documented; NULL and size checked inside.
+    let (block_table, seqlens_k) = unsafe {
+        (
+            table(desc.block_table, entries, "block_table")?,
+            table(desc.seqlens_k, desc.batch, "seqlens_k")?,
+        )
+    };
+    let layout = PagedLayout {
+        num_pages: desc.num_pages,
+        page_size: desc.page_size,
+        heads_kv: desc.heads_kv,
+        head_dim: desc.head_dim,
+    };
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table,
+            max_pages_per_seq: desc.max_pages_per_seq,
+            seqlens_k,
+        },
+    )?;
+    let mut options = AttentionOptions::default()
+        .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
+        .with_sinks(desc.sinks);
+    if desc.scale != 0.0 {
+        options = options.with_scale(desc.scale);
+    }
+    if desc.softcap != 0.0 {
+        options = options.with_softcap(desc.softcap);
+    }
+    Ok(PagedDecode::new(
+        &cache,
+        desc.heads_q,
+        desc.q_len,
+        &options,
+    )?)
+}
+
+/// `longattn_paged_sizes()`: elements of a cache buffer, the output and the LSE.
+///
+/// # Safety
+/// `desc` is a valid descriptor (see [`CPagedDesc`]); the outputs are NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_paged_sizes(
+    desc: *const CPagedDesc,
+    cache_len: *mut usize,
+    out_len: *mut usize,
+    lse_len: *mut usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
+        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
+        // SAFETY: as above.
+        let decode = unsafe { paged_problem(desc) }?;
+        let cache = decode.cache().layout().cache_len();
+        for (ptr, value) in [
+            (cache_len, cache),
+            (out_len, decode.out_len()),
+            (lse_len, decode.lse_len()),
+        ] {
+            if !ptr.is_null() {
+                // SAFETY: non-NULL and writable by the contract.
+                unsafe { *ptr = value };
+            }
+        }
+        Ok(())
+    })
+}
+
+/// # Safety
+/// As [`longattn_paged_decode_cpu`], with `T` the element type of `dtype`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_cpu_typed<T: Element>(
+    decode: &PagedDecode,
+    q: CTensor,
+    k_cache: *const std::ffi::c_void,
+    v_cache: *const std::ffi::c_void,
+    cache_len: usize,
+    out: CTensorMut,
+    lse: Option<&mut [f32]>,
+) -> Result<(), CallError> {
+    let bytes = std::mem::size_of::<T>();
+    let out_range = byte_range(out.data, out.len, bytes);
+    let inputs = [
+        (byte_range(q.data, q.len, bytes), "q"),
+        (byte_range(k_cache, cache_len, bytes), "k_cache"),
+        (byte_range(v_cache, cache_len, bytes), "v_cache"),
+    ];
+    for (range, name) in inputs {
+        disjoint(out_range, range, "out", name)?;
+        if let Some(l) = &lse {
+            disjoint(
+                byte_range(l.as_ptr().cast(), l.len(), 4),
+                range,
+                "lse",
+                name,
+            )?;
+        }
+    }
+    if let Some(l) = &lse {
+        disjoint(
+            out_range,
+            byte_range(l.as_ptr().cast(), l.len(), 4),
+            "out",
+            "lse",
+        )?;
+    }
+    // SAFETY: `len` elements each by the contract; `out` checked disjoint from the rest.
+    let (q_s, k_s, v_s, out_s) = unsafe {
+        (
+            host_slice::<T>(q.data, q.len, "q")?,
+            host_slice::<T>(k_cache, cache_len, "k_cache")?,
+            host_slice::<T>(v_cache, cache_len, "v_cache")?,
+            host_slice_mut::<T>(out.data, out.len, "out")?,
+        )
+    };
+    decode.forward_cpu(
+        Strided::new(q_s, strides(q.strides)),
+        KvPages { k: k_s, v: v_s },
+        None,
+        Strided::new(out_s, strides(out.strides)),
+        lse,
+    )?;
+    Ok(())
+}
+
+/// `longattn_paged_decode_cpu()`: one decode step over a paged cache on host buffers.
+///
+/// # Safety
+/// `desc` is a valid descriptor; `q` and `out` hold `len` elements of `dtype` (`out`
+/// writable, not overlapping the inputs); `k_cache` and `v_cache` hold `cache_len` elements;
+/// `lse`, when not NULL, `lse_len` writable floats.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_paged_decode_cpu(
+    desc: *const CPagedDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    k_cache: *const std::ffi::c_void,
+    v_cache: *const std::ffi::c_void,
+    cache_len: usize,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
+        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
+        // SAFETY: as above.
+        let decode = unsafe { paged_problem(desc) }?;
+        let lse = if lse.is_null() {
+            None
+        } else {
+            // SAFETY: `lse_len` writable floats by the contract.
+            Some(unsafe { host_slice_mut::<f32>(lse.cast(), lse_len, "lse") }?)
+        };
+        // SAFETY: buffers as documented for `dtype`.
+        unsafe {
+            match dtype {
+                0 => paged_cpu_typed::<f32>(&decode, q, k_cache, v_cache, cache_len, out, lse),
+                1 => paged_cpu_typed::<f16>(&decode, q, k_cache, v_cache, cache_len, out, lse),
+                2 => paged_cpu_typed::<bf16>(&decode, q, k_cache, v_cache, cache_len, out, lse),
+                d => Err(unknown_dtype(d)),
+            }
+        }
+    })
+}
+
+fn unknown_dtype(code: DTypeCode) -> CallError {
+    Error::Unsupported(format!(
+        "dtype code {code}: expected LONGATTN_F32 (0), LONGATTN_F16 (1) or LONGATTN_BF16 (2)"
+    ))
+    .into()
 }

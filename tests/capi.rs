@@ -369,3 +369,162 @@ fn c_header_version_matches_the_crate() {
     let lib = unsafe { CStr::from_ptr(longattn_version()) };
     assert_eq!(lib.to_str().unwrap(), want);
 }
+
+/// A paged problem and its dense twin: sequence `b`'s tokens gathered into contiguous K/V.
+struct PagedCase {
+    desc: CPagedDesc,
+    _tables: (Vec<i32>, Vec<i32>),
+    q: Vec<f32>,
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+}
+
+fn paged_case(seed: u64) -> PagedCase {
+    let (page_size, hkv, hq, d, q_len) = (3usize, 2usize, 4usize, 8usize, 2usize);
+    let seqlens = vec![7i32, 2, 9];
+    let max_pages = 3usize;
+    let num_pages = 10usize;
+    // Pages handed out in a scrambled order; unused entries are -1.
+    let order = [7i32, 2, 9, 0, 4, 1, 8, 3, 5];
+    let mut block_table = vec![-1i32; seqlens.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in seqlens.iter().enumerate() {
+        for p in 0..(n as usize).div_ceil(page_size) {
+            block_table[b * max_pages + p] = order[next];
+            next += 1;
+        }
+    }
+    let mut r = rng(seed);
+    let cache_len = num_pages * page_size * hkv * d;
+    let desc = CPagedDesc {
+        num_pages,
+        page_size,
+        heads_kv: hkv,
+        head_dim: d,
+        batch: seqlens.len(),
+        block_table: block_table.as_ptr(),
+        max_pages_per_seq: max_pages,
+        seqlens_k: seqlens.as_ptr(),
+        heads_q: hq,
+        q_len,
+        scale: 0.0,
+        softcap: 0.0,
+        window_left: -1,
+        window_right: -1,
+        sinks: 0,
+    };
+    PagedCase {
+        desc,
+        q: random_vec(&mut r, seqlens.len() * q_len * hq * d),
+        k_cache: random_vec(&mut r, cache_len),
+        v_cache: random_vec(&mut r, cache_len),
+        _tables: (block_table, seqlens),
+    }
+}
+
+#[test]
+fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
+    let c = paged_case(11);
+    let d = c.desc;
+    let (mut cache_len, mut out_len, mut lse_len) = (0, 0, 0);
+    // SAFETY: valid descriptor (tables alive in `c`), writable outputs.
+    let st = unsafe { longattn_paged_sizes(&d, &mut cache_len, &mut out_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!(cache_len, c.k_cache.len());
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![f32::NAN; out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: buffers sized by longattn_paged_sizes; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            c.k_cache.as_ptr().cast(),
+            c.v_cache.as_ptr().cast(),
+            cache_len,
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    // Dense twin per sequence: causal (bottom-right) over the gathered tokens.
+    let (ps, hkv, hd) = (d.page_size, d.heads_kv, d.head_dim);
+    let (table, seqlens) = (&c._tables.0, &c._tables.1);
+    for (b, &n) in seqlens.iter().enumerate() {
+        let n = n as usize;
+        let mut k = Vec::with_capacity(n * hkv * hd);
+        let mut v = Vec::with_capacity(n * hkv * hd);
+        for t in 0..n {
+            let page = table[b * d.max_pages_per_seq + t / ps] as usize;
+            let off = ((page * ps + t % ps) * hkv) * hd;
+            k.extend_from_slice(&c.k_cache[off..off + hkv * hd]);
+            v.extend_from_slice(&c.v_cache[off..off + hkv * hd]);
+        }
+        let shape = AttentionShape {
+            batch: 1,
+            heads_q: d.heads_q,
+            heads_kv: hkv,
+            head_dim: hd,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: d.q_len,
+                seqlen_k: n,
+            },
+        };
+        let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+        let rows = d.q_len * d.heads_q * hd;
+        let ks = Strides::contiguous(n, hkv, hd);
+        let (want, _) = reference::dense_attention_f64(
+            &attn,
+            Strided::new(&c.q[b * rows..(b + 1) * rows], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )
+        .unwrap();
+        let got: Vec<f64> = out[b * rows..(b + 1) * rows]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = rel_l2(&got, &want);
+        assert!(err < 1e-5, "sequence {b}: rel L2 {err}");
+    }
+    // Bad tables and arguments come back as codes.
+    let mut bad_table = c._tables.0.clone();
+    bad_table[0] = 10; // page id == num_pages
+    let bad = CPagedDesc {
+        block_table: bad_table.as_ptr(),
+        ..d
+    };
+    // SAFETY: valid descriptor.
+    let st =
+        unsafe { longattn_paged_sizes(&bad, ptr::null_mut(), ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, 4, "{}", last_error());
+    for (name, bad, want) in [
+        ("heads_q", CPagedDesc { heads_q: 3, ..d }, 1),
+        ("q_len 0", CPagedDesc { q_len: 0, ..d }, 1),
+        ("page_size 0", CPagedDesc { page_size: 0, ..d }, 1),
+        (
+            "null table",
+            CPagedDesc {
+                block_table: ptr::null(),
+                ..d
+            },
+            LONGATTN_ERR_NULL_POINTER,
+        ),
+        (
+            "overflow",
+            CPagedDesc {
+                max_pages_per_seq: usize::MAX,
+                ..d
+            },
+            1,
+        ),
+    ] {
+        // SAFETY: valid descriptor or NULL tables (checked).
+        let st = unsafe {
+            longattn_paged_sizes(&bad, ptr::null_mut(), ptr::null_mut(), ptr::null_mut())
+        };
+        assert_eq!(st, want, "{name}: {}", last_error());
+    }
+}

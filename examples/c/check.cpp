@@ -1,0 +1,141 @@
+// Runs dense attention and a paged decode step through the C API on the CPU and compares
+// them with the f64 reference values the Rust side wrote (`cargo run --example c_fixture --
+// FILE`); then checks that a bad argument comes back as a status code with a message. Exit
+// code 0 only if all hold.
+//
+// Fixture (little-endian):
+// dense: 8 u64 [batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window_left + 1,
+//        causal], then f32 q, k, v (contiguous) and the f64 reference output;
+// paged: 8 u64 [num_pages, page_size, heads_kv, head_dim, batch, max_pages_per_seq, heads_q,
+//        q_len], i32 block_table, i32 seqlens_k, f32 q, k_cache, v_cache, f64 reference.
+#include <longattn.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <vector>
+
+static double rel_l2(const std::vector<float> &got, const std::vector<double> &want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::isnan(got[i])) return INFINITY;
+    num += (got[i] - want[i]) * (got[i] - want[i]);
+    den += want[i] * want[i];
+  }
+  return std::sqrt(num / den);
+}
+
+template <typename T> static bool read_vec(std::ifstream &f, std::vector<T> &v, size_t n) {
+  v.resize(n);
+  return bool(f.read(reinterpret_cast<char *>(v.data()), std::streamsize(n * sizeof(T))));
+}
+
+int main(int argc, char **argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s FIXTURE\n", argv[0]);
+    return 2;
+  }
+  std::printf("longattn %s (header %s)\n", longattn_version(), LONGATTN_VERSION_STRING);
+  std::ifstream f(argv[1], std::ios::binary);
+  std::vector<uint64_t> dims;
+  if (!read_vec(f, dims, 8)) {
+    std::fprintf(stderr, "cannot read %s\n", argv[1]);
+    return 2;
+  }
+  const size_t b = dims[0], sq = dims[1], sk = dims[2], hq = dims[3], hkv = dims[4], d = dims[5];
+  std::vector<float> q, k, v;
+  std::vector<double> want;
+  if (!read_vec(f, q, b * sq * hq * d) || !read_vec(f, k, b * sk * hkv * d) ||
+      !read_vec(f, v, b * sk * hkv * d) || !read_vec(f, want, b * sq * hq * d)) {
+    std::fprintf(stderr, "short fixture\n");
+    return 2;
+  }
+
+  longattn_dense_desc desc = {};
+  desc.batch = b;
+  desc.heads_q = hq;
+  desc.heads_kv = hkv;
+  desc.head_dim = d;
+  desc.seqlen_q = sq;
+  desc.seqlen_k = sk;
+  desc.window_left = int64_t(dims[6]) - 1;
+  desc.window_right = -1;
+  desc.causal = int32_t(dims[7]);
+  size_t out_len = 0, lse_len = 0;
+  if (longattn_dense_sizes(&desc, &out_len, &lse_len) != LONGATTN_OK) {
+    std::fprintf(stderr, "sizes: %s\n", longattn_last_error());
+    return 1;
+  }
+  std::vector<float> out(out_len, NAN), lse(lse_len, NAN);
+  const longattn_strides qs = {int64_t(sq * hq * d), int64_t(hq * d), int64_t(d)};
+  const longattn_strides ks = {int64_t(sk * hkv * d), int64_t(hkv * d), int64_t(d)};
+  longattn_status st = longattn_dense_forward_cpu(
+      &desc, LONGATTN_F32, {q.data(), q.size(), qs}, {k.data(), k.size(), ks},
+      {v.data(), v.size(), ks}, {out.data(), out.size(), qs}, lse.data(), lse.size());
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "forward: status %d: %s\n", int(st), longattn_last_error());
+    return 1;
+  }
+  const double err = rel_l2(out, want);
+  std::printf("dense cpu: %zu x %zu x %zu heads, rel L2 vs the Rust f64 reference %.3e\n", b, sq,
+              hq, err);
+
+  longattn_dense_desc bad = desc;
+  bad.heads_kv = 0;
+  st = longattn_dense_sizes(&bad, &out_len, &lse_len);
+  std::printf("heads_kv = 0: status %d (%s)\n", int(st), longattn_last_error());
+  bool ok = err < 1e-5 && st == LONGATTN_ERR_SHAPE;
+
+  // Paged decode.
+  std::vector<uint64_t> pd;
+  if (!read_vec(f, pd, 8)) {
+    std::fprintf(stderr, "short fixture (paged)\n");
+    return 2;
+  }
+  longattn_paged_desc paged = {};
+  paged.num_pages = pd[0];
+  paged.page_size = pd[1];
+  paged.heads_kv = pd[2];
+  paged.head_dim = pd[3];
+  paged.batch = pd[4];
+  paged.max_pages_per_seq = pd[5];
+  paged.heads_q = pd[6];
+  paged.q_len = pd[7];
+  paged.window_left = -1;
+  paged.window_right = -1;
+  std::vector<int32_t> table, seqlens;
+  std::vector<float> pq, kc, vc;
+  std::vector<double> pwant;
+  const size_t cache = pd[0] * pd[1] * pd[2] * pd[3], rows = pd[4] * pd[7] * pd[6] * pd[3];
+  if (!read_vec(f, table, pd[4] * pd[5]) || !read_vec(f, seqlens, pd[4]) ||
+      !read_vec(f, pq, rows) || !read_vec(f, kc, cache) || !read_vec(f, vc, cache) ||
+      !read_vec(f, pwant, rows)) {
+    std::fprintf(stderr, "short fixture (paged)\n");
+    return 2;
+  }
+  paged.block_table = table.data();
+  paged.seqlens_k = seqlens.data();
+  size_t cache_len = 0, pout_len = 0, plse_len = 0;
+  if (longattn_paged_sizes(&paged, &cache_len, &pout_len, &plse_len) != LONGATTN_OK ||
+      cache_len != cache) {
+    std::fprintf(stderr, "paged sizes: %s\n", longattn_last_error());
+    return 1;
+  }
+  std::vector<float> pout(pout_len, NAN);
+  const longattn_strides ps = {int64_t(pd[7] * pd[6] * pd[3]), int64_t(pd[6] * pd[3]),
+                               int64_t(pd[3])};
+  st = longattn_paged_decode_cpu(&paged, LONGATTN_F32, {pq.data(), pq.size(), ps}, kc.data(),
+                                 vc.data(), cache_len, {pout.data(), pout.size(), ps}, nullptr, 0);
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "paged decode: status %d: %s\n", int(st), longattn_last_error());
+    return 1;
+  }
+  const double perr = rel_l2(pout, pwant);
+  std::printf("paged decode cpu: %zu sequences, page %zu, q_len %zu, rel L2 vs the Rust f64 "
+              "reference %.3e\n",
+              size_t(pd[4]), size_t(pd[1]), size_t(pd[7]), perr);
+  ok = ok && perr < 1e-5;
+  std::printf("%s\n", ok ? "OK" : "FAILED");
+  return ok ? 0 : 1;
+}
