@@ -100,6 +100,31 @@ pub struct CDenseDesc {
     pub sinks: usize,
 }
 
+/// The one dtype dispatch of the C API: runs `$body` with `$t` bound to the element type of
+/// the `longattn_dtype` code, or returns `Unsupported` for an unknown code.
+macro_rules! with_dtype {
+    ($code:expr, $t:ident => $body:expr) => {
+        match $code {
+            0 => {
+                type $t = f32;
+                $body
+            }
+            1 => {
+                type $t = f16;
+                $body
+            }
+            2 => {
+                type $t = bf16;
+                $body
+            }
+            code => Err(Error::Unsupported(format!(
+                "dtype code {code}: expected LONGATTN_F32 (0), LONGATTN_F16 (1) or LONGATTN_BF16 (2)"
+            ))
+            .into()),
+        }
+    };
+}
+
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
@@ -172,8 +197,11 @@ pub extern "C" fn longattn_last_error() -> *const c_char {
 /// Builds the validated problem from a C descriptor.
 ///
 /// # Safety
-/// `desc.cu_seqlens_q/k`, when not NULL, point to `batch + 1` readable `i32`s.
-unsafe fn dense_problem(desc: &CDenseDesc) -> Result<FlashAttention, CallError> {
+/// `desc` is NULL or valid; its `cu_seqlens_q/k`, when not NULL, point to `batch + 1`
+/// readable `i32`s.
+unsafe fn dense_problem(desc: *const CDenseDesc) -> Result<FlashAttention, CallError> {
+    // SAFETY: NULL or valid by the contract.
+    let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
     let varlen = match (desc.cu_seqlens_q.is_null(), desc.cu_seqlens_k.is_null()) {
         (true, true) => None,
         (false, false) => {
@@ -229,6 +257,33 @@ unsafe fn dense_problem(desc: &CDenseDesc) -> Result<FlashAttention, CallError> 
     Ok(FlashAttention::new(&shape, &options)?)
 }
 
+/// Writes each `(pointer, value)` whose pointer is not NULL.
+///
+/// # Safety
+/// Each pointer is NULL or writable.
+unsafe fn write_sizes(sizes: &[(*mut usize, usize)]) {
+    for &(ptr, value) in sizes {
+        if !ptr.is_null() {
+            // SAFETY: non-NULL and writable by the contract.
+            unsafe { *ptr = value };
+        }
+    }
+}
+
+/// The optional LSE output.
+///
+/// # Safety
+/// `lse` is NULL or points to `len` writable floats.
+unsafe fn lse_slice<'a>(lse: *mut f32, len: usize) -> Result<Option<&'a mut [f32]>, CallError> {
+    if lse.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded contract.
+    Ok(Some(unsafe {
+        host_slice_mut::<f32>(lse.cast(), len, "lse")
+    }?))
+}
+
 fn strides(s: CStrides) -> Strides {
     Strides {
         batch: s.batch,
@@ -249,18 +304,10 @@ pub unsafe extern "C" fn longattn_dense_sizes(
     lse_len: *mut usize,
 ) -> Status {
     guarded(|| {
-        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
-        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
-        // SAFETY: as above.
+        // SAFETY: NULL or a valid descriptor by the contract.
         let attn = unsafe { dense_problem(desc) }?;
-        if !out_len.is_null() {
-            // SAFETY: non-NULL and writable by the contract.
-            unsafe { *out_len = attn.out_len() };
-        }
-        if !lse_len.is_null() {
-            // SAFETY: as above.
-            unsafe { *lse_len = attn.lse_len() };
-        }
+        // SAFETY: NULL or writable by the contract.
+        unsafe { write_sizes(&[(out_len, attn.out_len()), (lse_len, attn.lse_len())]) };
         Ok(())
     })
 }
@@ -275,29 +322,16 @@ unsafe fn dense_cpu_typed<T: Element>(
     out: CTensorMut,
     lse: Option<&mut [f32]>,
 ) -> Result<(), CallError> {
-    // A `&mut` slice must not alias any other slice of the call: refuse overlapping buffers
-    // before forming them (the Rust API gets this guarantee from the borrow checker).
     let bytes = std::mem::size_of::<T>();
-    let out_range = byte_range(out.data, out.len, bytes);
-    for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
-        disjoint(out_range, byte_range(t.data, t.len, bytes), "out", name)?;
-    }
-    if let Some(l) = &lse {
-        disjoint(
-            out_range,
-            byte_range(l.as_ptr().cast(), l.len(), 4),
-            "out",
-            "lse",
-        )?;
-        for (t, name) in [(q, "q"), (k, "k"), (v, "v")] {
-            disjoint(
-                byte_range(l.as_ptr().cast(), l.len(), 4),
-                byte_range(t.data, t.len, bytes),
-                "lse",
-                name,
-            )?;
-        }
-    }
+    check_writes_disjoint(
+        byte_range(out.data, out.len, bytes),
+        lse.as_deref(),
+        &[
+            (byte_range(q.data, q.len, bytes), "q"),
+            (byte_range(k.data, k.len, bytes), "k"),
+            (byte_range(v.data, v.len, bytes), "v"),
+        ],
+    )?;
     // SAFETY (all four): `len` elements by the contract, checked non-overlapping above.
     let (q_s, k_s, v_s, out_s) = unsafe {
         (
@@ -323,14 +357,23 @@ fn byte_range(data: *const std::ffi::c_void, len: usize, elem_bytes: usize) -> (
     (start, start.saturating_add(len.saturating_mul(elem_bytes)))
 }
 
-fn disjoint(
-    a: (usize, usize),
-    b: (usize, usize),
-    a_name: &str,
-    b_name: &str,
+/// A `&mut` slice must not alias any other slice of the call (the Rust API gets this from
+/// the borrow checker): refuses an output (`out`, `lse`) that overlaps an input or the other
+/// output, before any slice of them is formed.
+fn check_writes_disjoint(
+    out: (usize, usize),
+    lse: Option<&[f32]>,
+    inputs: &[((usize, usize), &str)],
 ) -> Result<(), CallError> {
-    if a.0 < b.1 && b.0 < a.1 {
-        return Err(Error::Shape(format!("{a_name} overlaps {b_name}")).into());
+    let lse = lse.map(|l| byte_range(l.as_ptr().cast(), l.len(), 4));
+    let writes = [Some((out, "out")), lse.map(|r| (r, "lse"))];
+    let others = inputs.iter().copied().chain(lse.map(|r| (r, "lse")));
+    for (w, w_name) in writes.into_iter().flatten() {
+        for (r, r_name) in others.clone() {
+            if w_name != r_name && w.0 < r.1 && r.0 < w.1 {
+                return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
+            }
+        }
     }
     Ok(())
 }
@@ -400,25 +443,12 @@ pub unsafe extern "C" fn longattn_dense_forward_cpu(
     lse_len: usize,
 ) -> Status {
     guarded(|| {
-        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
-        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
-        // SAFETY: as above.
+        // SAFETY: NULL or a valid descriptor by the contract.
         let attn = unsafe { dense_problem(desc) }?;
-        let lse = if lse.is_null() {
-            None
-        } else {
-            // SAFETY: `lse_len` writable floats by the contract.
-            Some(unsafe { host_slice_mut::<f32>(lse.cast(), lse_len, "lse") }?)
-        };
+        // SAFETY: NULL or `lse_len` writable floats by the contract.
+        let lse = unsafe { lse_slice(lse, lse_len) }?;
         // SAFETY: the tensors hold `len` elements of `dtype` by the contract.
-        unsafe {
-            match dtype {
-                0 => dense_cpu_typed::<f32>(&attn, q, k, v, out, lse),
-                1 => dense_cpu_typed::<f16>(&attn, q, k, v, out, lse),
-                2 => dense_cpu_typed::<bf16>(&attn, q, k, v, out, lse),
-                d => Err(unknown_dtype(d)),
-            }
-        }
+        unsafe { with_dtype!(dtype, T => dense_cpu_typed::<T>(&attn, q, k, v, out, lse)) }
     })
 }
 
@@ -474,8 +504,11 @@ unsafe fn table<'a>(
 /// Builds the validated decode step from a C descriptor.
 ///
 /// # Safety
-/// `block_table` and `seqlens_k` point to `batch * max_pages_per_seq` and `batch` values.
-unsafe fn paged_problem(desc: &CPagedDesc) -> Result<PagedDecode, CallError> {
+/// `desc` is NULL or valid: its `block_table` and `seqlens_k` point to
+/// `batch * max_pages_per_seq` and `batch` values.
+unsafe fn paged_problem(desc: *const CPagedDesc) -> Result<PagedDecode, CallError> {
+    // SAFETY: NULL or valid by the contract.
+    let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
     let entries = desc
         .batch
         .checked_mul(desc.max_pages_per_seq)
@@ -530,21 +563,17 @@ pub unsafe extern "C" fn longattn_paged_sizes(
     lse_len: *mut usize,
 ) -> Status {
     guarded(|| {
-        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
-        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
-        // SAFETY: as above.
+        // SAFETY: NULL or a valid descriptor by the contract.
         let decode = unsafe { paged_problem(desc) }?;
         let cache = decode.cache().layout().cache_len();
-        for (ptr, value) in [
-            (cache_len, cache),
-            (out_len, decode.out_len()),
-            (lse_len, decode.lse_len()),
-        ] {
-            if !ptr.is_null() {
-                // SAFETY: non-NULL and writable by the contract.
-                unsafe { *ptr = value };
-            }
-        }
+        // SAFETY: NULL or writable by the contract.
+        unsafe {
+            write_sizes(&[
+                (cache_len, cache),
+                (out_len, decode.out_len()),
+                (lse_len, decode.lse_len()),
+            ])
+        };
         Ok(())
     })
 }
@@ -562,31 +591,15 @@ unsafe fn paged_cpu_typed<T: Element>(
     lse: Option<&mut [f32]>,
 ) -> Result<(), CallError> {
     let bytes = std::mem::size_of::<T>();
-    let out_range = byte_range(out.data, out.len, bytes);
-    let inputs = [
-        (byte_range(q.data, q.len, bytes), "q"),
-        (byte_range(k_cache, cache_len, bytes), "k_cache"),
-        (byte_range(v_cache, cache_len, bytes), "v_cache"),
-    ];
-    for (range, name) in inputs {
-        disjoint(out_range, range, "out", name)?;
-        if let Some(l) = &lse {
-            disjoint(
-                byte_range(l.as_ptr().cast(), l.len(), 4),
-                range,
-                "lse",
-                name,
-            )?;
-        }
-    }
-    if let Some(l) = &lse {
-        disjoint(
-            out_range,
-            byte_range(l.as_ptr().cast(), l.len(), 4),
-            "out",
-            "lse",
-        )?;
-    }
+    check_writes_disjoint(
+        byte_range(out.data, out.len, bytes),
+        lse.as_deref(),
+        &[
+            (byte_range(q.data, q.len, bytes), "q"),
+            (byte_range(k_cache, cache_len, bytes), "k_cache"),
+            (byte_range(v_cache, cache_len, bytes), "v_cache"),
+        ],
+    )?;
     // SAFETY: `len` elements each by the contract; `out` checked disjoint from the rest.
     let (q_s, k_s, v_s, out_s) = unsafe {
         (
@@ -626,31 +639,13 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
     lse_len: usize,
 ) -> Status {
     guarded(|| {
-        // SAFETY: checked for NULL; the caller guarantees a valid descriptor.
-        let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
-        // SAFETY: as above.
+        // SAFETY: NULL or a valid descriptor by the contract.
         let decode = unsafe { paged_problem(desc) }?;
-        let lse = if lse.is_null() {
-            None
-        } else {
-            // SAFETY: `lse_len` writable floats by the contract.
-            Some(unsafe { host_slice_mut::<f32>(lse.cast(), lse_len, "lse") }?)
-        };
+        // SAFETY: NULL or `lse_len` writable floats by the contract.
+        let lse = unsafe { lse_slice(lse, lse_len) }?;
         // SAFETY: buffers as documented for `dtype`.
         unsafe {
-            match dtype {
-                0 => paged_cpu_typed::<f32>(&decode, q, k_cache, v_cache, cache_len, out, lse),
-                1 => paged_cpu_typed::<f16>(&decode, q, k_cache, v_cache, cache_len, out, lse),
-                2 => paged_cpu_typed::<bf16>(&decode, q, k_cache, v_cache, cache_len, out, lse),
-                d => Err(unknown_dtype(d)),
-            }
+            with_dtype!(dtype, T => paged_cpu_typed::<T>(&decode, q, k_cache, v_cache, cache_len, out, lse))
         }
     })
-}
-
-fn unknown_dtype(code: DTypeCode) -> CallError {
-    Error::Unsupported(format!(
-        "dtype code {code}: expected LONGATTN_F32 (0), LONGATTN_F16 (1) or LONGATTN_BF16 (2)"
-    ))
-    .into()
 }
