@@ -194,7 +194,7 @@ fn emit(
     println!(
         "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn\",\"b\":{},\"s\":{},\"hq\":{HQ},\"hkv\":{HKV},\"d\":{D},\"page\":{},\"splits\":{splits},\"ms\":{:.5},\"min_ms\":{:.5},\"loop_ms\":{:.5},\"oneshot_ms\":{:.5},\"uploads_ms\":{:.5},\"gbs\":{gbs:.1},\"kv_bytes\":{kv_bytes},\"copy_gbs\":{:.1},\"frac_of_copy\":{frac:.3}{extra_json}}}",
         c.batch(),
-        c.seqlen(0),
+        c.seqlen(0).unwrap(),
         c.page_size(),
         t.ms,
         t.min_ms,

@@ -17,13 +17,26 @@ pub struct Strides {
 }
 
 impl Strides {
-    /// Strides of a contiguous `[batch, seqlen, heads, head_dim]` tensor.
+    /// Strides of a contiguous `[batch, seqlen, heads, head_dim]` tensor. Products that do
+    /// not fit in an i64 saturate at `i64::MAX`, which every extent check then refuses
+    /// (never a panic or a wrapped stride); [`Strides::try_contiguous`] reports them.
     pub fn contiguous(seqlen: usize, heads: usize, head_dim: usize) -> Self {
+        let sat = |dims: &[usize]| -> i64 {
+            dims.iter()
+                .try_fold(1i64, |acc, &x| acc.checked_mul(i64::try_from(x).ok()?))
+                .unwrap_or(i64::MAX)
+        };
         Strides {
-            batch: (seqlen * heads * head_dim) as i64,
-            seq: (heads * head_dim) as i64,
-            head: head_dim as i64,
+            batch: sat(&[seqlen, heads, head_dim]),
+            seq: sat(&[heads, head_dim]),
+            head: sat(&[head_dim]),
         }
+    }
+
+    /// [`Strides::contiguous`], with a `Shape` error where a stride does not fit in an i64.
+    pub fn try_contiguous(seqlen: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        checked_elems(&[seqlen, heads, head_dim], "contiguous strides")?;
+        Ok(Self::contiguous(seqlen, heads, head_dim))
     }
 
     /// Element offset of `[b, row, head, 0]` (strides are validated non-negative first).
@@ -106,12 +119,24 @@ pub struct SeqSpan {
     pub seqlen_k: usize,
 }
 
+/// The one element-count helper: the product of `dims`, or a `Shape` error naming `what`
+/// when it overflows or exceeds `i64::MAX` (the kernels index elements with i64).
+pub(crate) fn checked_elems(dims: &[usize], what: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .filter(|&n| n <= i64::MAX as usize)
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "{what}: the product of {dims:?} does not fit in an i64 element index"
+            ))
+        })
+}
+
 pub(crate) fn check_cu_seqlens(cu: &[i32], batch: usize, name: &str) -> Result<()> {
-    if cu.len() != batch + 1 {
+    if batch.checked_add(1) != Some(cu.len()) {
         return Err(Error::Index(format!(
-            "{name} has length {} but batch + 1 = {} was expected",
+            "{name} has length {} but batch + 1 (batch = {batch}) was expected",
             cu.len(),
-            batch + 1
         )));
     }
     if cu[0] != 0 {

@@ -78,7 +78,7 @@ pub mod ring;
 pub mod softmax;
 
 pub use cudarc;
-pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention};
+pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention, MAX_SCALE};
 pub use device::Device;
 pub use element::{DType, Element};
 pub use error::{Error, Result};
@@ -86,7 +86,7 @@ pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
-pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
+pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, Neighbors};
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
     PagedDecode, PagedDecodePlan, PagedLayout, QuestConfig, QuestSelection, SparsePolicy,

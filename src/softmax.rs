@@ -25,7 +25,21 @@ impl OnlineSoftmax {
 
     /// Folds in one tile: `scores[j]` (already scaled, `-inf` where masked) and the matching
     /// value rows `values(j)`.
+    ///
+    /// NaN policy (docs/semantics.md): a NaN score (a NaN in q or in a visible key) makes the
+    /// whole row NaN, output and LSE, and stays NaN through later tiles; a NaN in a visible
+    /// value row makes the affected output elements NaN. `f32::max` ignores NaN, so the NaN
+    /// is caught explicitly instead of being skipped.
     pub fn update<'v>(&mut self, scores: &[f32], mut values: impl FnMut(usize) -> &'v [f32]) {
+        if self.l.is_nan() {
+            return;
+        }
+        if scores.iter().any(|s| s.is_nan()) {
+            self.m = f32::NAN;
+            self.l = f32::NAN;
+            self.acc.iter_mut().for_each(|a| *a = f32::NAN);
+            return;
+        }
         let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let new_m = self.m.max(tile_max);
         if new_m == f32::NEG_INFINITY {
@@ -48,8 +62,12 @@ impl OnlineSoftmax {
         self.m = new_m;
     }
 
-    /// Normalised output and natural-log LSE; an empty row gives `(0, -inf)`.
+    /// Normalised output and natural-log LSE; an empty row gives `(0, -inf)`, a row that
+    /// met a NaN score `(NaN, NaN)`.
     pub fn finish(&self) -> (Vec<f32>, f32) {
+        if self.l.is_nan() {
+            return (vec![f32::NAN; self.acc.len()], f32::NAN);
+        }
         if self.l == 0.0 {
             return (vec![0.0; self.acc.len()], f32::NEG_INFINITY);
         }
@@ -72,8 +90,12 @@ pub(crate) fn softcapped(x: f32, softcap: Option<f32>) -> f32 {
 }
 
 /// Weights `(w_a, w_b, lse)` that merge two partial results over disjoint key sets:
-/// `o = w_a * o_a + w_b * o_b`. Both empty gives `(0, 0, -inf)`.
+/// `o = w_a * o_a + w_b * o_b`. Both empty gives `(0, 0, -inf)`; a NaN LSE on either side
+/// gives NaN weights and LSE (the NaN policy: `max` alone would drop it).
 pub fn merge_weights(lse_a: f32, lse_b: f32) -> (f32, f32, f32) {
+    if lse_a.is_nan() || lse_b.is_nan() {
+        return (f32::NAN, f32::NAN, f32::NAN);
+    }
     let m = lse_a.max(lse_b);
     if m == f32::NEG_INFINITY {
         return (0.0, 0.0, f32::NEG_INFINITY);
@@ -112,6 +134,17 @@ mod tests {
         let (wa, wb, lse) = merge_weights(0.0, 0.0);
         assert!((wa - 0.5).abs() < 1e-7 && (wb - 0.5).abs() < 1e-7);
         assert!((lse - 2f32.ln()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn nan_scores_poison_the_row_and_stay() {
+        let mut s = OnlineSoftmax::new(2);
+        s.update(&[f32::NAN, f32::NAN], |_| &[1.0, 2.0]);
+        s.update(&[0.5, 1.0], |_| &[1.0, 2.0]);
+        let (o, lse) = s.finish();
+        assert!(o.iter().all(|x| x.is_nan()) && lse.is_nan());
+        let (wa, wb, lse) = merge_weights(f32::NAN, f32::NEG_INFINITY);
+        assert!(wa.is_nan() && wb.is_nan() && lse.is_nan());
     }
 
     #[test]

@@ -546,12 +546,17 @@ fn bad_inputs_get_errors() {
         FlashAttention::new(&shape(1, 2, 2, 0, fixed), &o),
         Err(Error::Shape(_))
     ));
-    // Options.
+    // Options. A softcap of 0 is off, as in every peer library (issue 12).
+    let off = FlashAttention::new(&shape(1, 2, 2, 8, fixed), &o.with_softcap(0.0)).unwrap();
+    assert_eq!(off.softcap(), None);
     for bad in [
         o.with_scale(f32::NAN),
         o.with_scale(f32::INFINITY),
-        o.with_softcap(0.0),
         o.with_softcap(-1.0),
+        o.with_softcap(1e-40), // subnormal: scale / softcap overflows f32
+        o.with_scale(0.0),
+        o.with_scale(-1.0),
+        o.with_scale(f32::MAX),
         o.with_softcap(f32::NAN),
         o.with_window(Window::new(Some(usize::MAX), None)),
         o.with_sinks(usize::MAX),

@@ -181,7 +181,7 @@ fn windows_follow_natten_rules_and_see_k_keys() {
             NeighborhoodAttention::new(&shape_of(&dims, 1, 1, 1, 8), &AttentionOptions::default())
                 .unwrap();
         for t in 0..na.tokens() {
-            let got = na.neighbors(t).unwrap();
+            let got: Vec<usize> = na.neighbors(t).unwrap().collect();
             let mut sorted = got.clone();
             sorted.sort();
             assert_eq!(sorted, got, "{dims:?} token {t}: not ascending");

@@ -192,7 +192,7 @@ fn dense_reference<T: Element>(
     let cu_q: Vec<i32> = (0..=batch).map(|b| (b * q_len) as i32).collect();
     let mut cu_k = vec![0i32];
     for b in 0..batch {
-        cu_k.push(cu_k[b] + sc.cache.seqlen(b) as i32);
+        cu_k.push(cu_k[b] + sc.cache.seqlen(b).unwrap() as i32);
     }
     let k: Vec<T> = sc.k_tokens.concat();
     let v: Vec<T> = sc.v_tokens.concat();
@@ -501,9 +501,9 @@ fn appended_metadata_equals_recomputed_bounds() {
         let (layout, cache) = (sc.cache.layout(), &sc.cache);
         // Cache contents equal the contiguous tokens.
         for b in 0..cache.batch() {
-            for j in 0..cache.seqlen(b) {
+            for j in 0..cache.seqlen(b).unwrap() {
                 for h in 0..cache.heads_kv() {
-                    let o = cache.token_offset(b, j, h);
+                    let o = cache.token_offset(b, j, h).unwrap();
                     let c = (j * cache.heads_kv() + h) * cache.head_dim();
                     assert_eq!(&sc.k_cache[o..o + 16], &sc.k_tokens[b][c..c + 16]);
                     assert_eq!(&sc.v_cache[o..o + 16], &sc.v_tokens[b][c..c + 16]);
@@ -513,7 +513,7 @@ fn appended_metadata_equals_recomputed_bounds() {
         let bounds = page_bounds(cache, &sc.k_cache);
         assert!(!bounds.is_empty());
         for (page, kvh, lo, hi) in bounds {
-            let mo = layout.meta_offset(page, kvh);
+            let mo = layout.meta_offset(page, kvh).unwrap();
             assert_eq!(&sc.kmin[mo..mo + 16], &lo[..], "ps {ps} page {page} kmin");
             assert_eq!(&sc.kmax[mo..mo + 16], &hi[..], "ps {ps} page {page} kmax");
         }
@@ -679,7 +679,7 @@ fn quest_selection_equals_brute_force_top_b() {
                                 let scores = &ref_scores[row..row + mp];
                                 let want = quest_select_brute(&dec, b, scores);
                                 assert_eq!(
-                                    sel.pages.get(b, kvh),
+                                    sel.pages.get(b, kvh).unwrap(),
                                     &want[..],
                                     "{what}: b {b} kvh {kvh}"
                                 );
@@ -692,12 +692,12 @@ fn quest_selection_equals_brute_force_top_b() {
                                     );
                                 }
                                 // The newest page is always selected.
-                                let sk = sc.cache.seqlen(b);
+                                let sk = sc.cache.seqlen(b).unwrap();
                                 let newest = ((sk - 1) / ps) as u32;
                                 if opts.mask.window == Window::CAUSAL {
                                     assert!(want.contains(&newest), "{what}: newest page missing");
                                     let k = (budget / ps).max(1);
-                                    let cand = sc.cache.pages_of(b);
+                                    let cand = sc.cache.pages_of(b).unwrap();
                                     assert!(want.len() >= k.min(cand), "{what}: budget not used");
                                 }
                             }
@@ -772,7 +772,7 @@ fn quest_aggregates_the_group_by_max() {
             },
         )
         .unwrap();
-    assert_eq!(sel.pages.get(0, 0), &[1, 3, 5]);
+    assert_eq!(sel.pages.get(0, 0).unwrap(), &[1, 3, 5]);
     // Ties (all other pages score 0) break towards the lower page index.
     let dec = dec.with_policy(quest_policy(1, 4 * ps, 0)).unwrap();
     let sel = dec
@@ -784,7 +784,7 @@ fn quest_aggregates_the_group_by_max() {
             },
         )
         .unwrap();
-    assert_eq!(sel.pages.get(0, 0), &[0, 1, 3, 5]);
+    assert_eq!(sel.pages.get(0, 0).unwrap(), &[0, 1, 3, 5]);
 }
 
 /// Sparse decode equals dense attention over the selected pages' tokens, gathered
@@ -808,8 +808,8 @@ fn sparse_decode_equals_dense_over_selected_tokens() {
         let (out, lse) = run_cpu(&dec, &sc, &q);
         for b in 0..seqlens.len() {
             for kvh in 0..hkv {
-                let pages = sel.pages.get(b, kvh);
-                let sk = sc.cache.seqlen(b);
+                let pages = sel.pages.get(b, kvh).unwrap();
+                let sk = sc.cache.seqlen(b).unwrap();
                 let tokens: Vec<usize> = pages
                     .iter()
                     .flat_map(|&p| p as usize * ps..((p as usize + 1) * ps).min(sk))
@@ -883,7 +883,7 @@ fn mixed_decode(
     };
     let lists: Vec<Vec<usize>> = (0..cache.batch())
         .flat_map(|b| {
-            let n = cache.pages_of(b);
+            let n = cache.pages_of(b).unwrap();
             (0..4).map(move |h| {
                 if h == 3 {
                     (0..n).filter(|p| p % 3 != 1).collect()
@@ -926,9 +926,17 @@ fn mixed_head_policies_in_one_call() {
             for b in 0..seqlens.len() {
                 for h in 0..hkv {
                     lists.push(if h == 3 {
-                        (0..sc.cache.pages_of(b)).filter(|p| p % 3 != 1).collect()
+                        (0..sc.cache.pages_of(b).unwrap())
+                            .filter(|p| p % 3 != 1)
+                            .collect()
                     } else {
-                        quest.pages.get(b, h).iter().map(|&p| p as usize).collect()
+                        quest
+                            .pages
+                            .get(b, h)
+                            .unwrap()
+                            .iter()
+                            .map(|&p| p as usize)
+                            .collect()
                     });
                 }
             }
@@ -1144,7 +1152,7 @@ fn split_heuristic_work_pages_match_the_selection() {
                     let sel = dec.select_cpu(Strided::new(&q[..], st), sc.meta()).unwrap();
                     let want = (0..seqlens.len())
                         .flat_map(|b| (0..hkv).map(move |h| (b, h)))
-                        .map(|(b, h)| sel.pages.get(b, h).len())
+                        .map(|(b, h)| sel.pages.get(b, h).unwrap().len())
                         .max()
                         .unwrap();
                     assert_eq!(
@@ -1298,7 +1306,9 @@ mod gpu {
             let layout = sc.cache.layout();
             let mut r = rng(ps as u64);
             let garbage: Vec<bf16> = random_vec(&mut r, layout.cache_len());
-            let seqlens: Vec<usize> = (0..sc.cache.batch()).map(|b| sc.cache.seqlen(b)).collect();
+            let seqlens: Vec<usize> = (0..sc.cache.batch())
+                .map(|b| sc.cache.seqlen(b).unwrap())
+                .collect();
             let row = hkv * d;
             let mut cpu_k = garbage.clone();
             let mut cpu_v = garbage.clone();
@@ -1375,7 +1385,7 @@ mod gpu {
             let gmin = s.clone_dtoh(&mind).unwrap();
             let gmax = s.clone_dtoh(&maxd).unwrap();
             for (page, kvh, lo, hi) in page_bounds(&sc.cache, &gk) {
-                let mo = layout.meta_offset(page, kvh);
+                let mo = layout.meta_offset(page, kvh).unwrap();
                 assert_eq!(&gmin[mo..mo + d], &lo[..], "ps {ps} page {page}");
                 assert_eq!(&gmax[mo..mo + d], &hi[..], "ps {ps} page {page}");
                 assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
@@ -1525,7 +1535,7 @@ mod gpu {
                             let row = (b * hkv + kvh) * mp;
                             let gs: Vec<f64> =
                                 scores[row..row + mp].iter().map(|&x| x as f64).collect();
-                            for p in 0..sc.cache.pages_of(b) {
+                            for p in 0..sc.cache.pages_of(b).unwrap() {
                                 let w = ref_scores[row + p];
                                 assert!(
                                     (gs[p] - w).abs() <= 1e-3 * (1.0 + w.abs()),
@@ -1586,7 +1596,9 @@ mod gpu {
                                 .iter()
                                 .map(|&p| p as usize)
                                 .collect(),
-                            3 => (0..sc.cache.pages_of(b)).filter(|p| p % 3 != 1).collect(),
+                            3 => (0..sc.cache.pages_of(b).unwrap())
+                                .filter(|p| p % 3 != 1)
+                                .collect(),
                             _ => vec![],
                         });
                     }

@@ -452,7 +452,8 @@ fn dense_fixed_lengths_match_oracle() {
     let scorings = [
         PLAIN,
         Scoring {
-            scale: Some(-0.8),
+            // Scales are positive (issue 11: a non-positive scale is refused).
+            scale: Some(0.8),
             cap: None,
         },
         Scoring {
@@ -503,7 +504,7 @@ fn dense_random_sweep() {
         let m = spec(side(&mut r), side(&mut r), sinks);
         let s = if r.random_range(0..3) == 0 {
             Scoring {
-                scale: Some(r.random_range(-2.0..2.0)),
+                scale: Some(r.random_range(0.01..2.0)),
                 cap: Some(r.random_range(0.2..5.0)),
             }
         } else {
@@ -1419,7 +1420,13 @@ fn check_quest(case: &DecodeCase, base: Spec, cfg: QuestConfig, what: &str) {
     }
     for b in 0..p.seqlens.len() {
         for g in 0..hkv {
-            let got_pages: Vec<usize> = got.pages.get(b, g).iter().map(|&x| x as usize).collect();
+            let got_pages: Vec<usize> = got
+                .pages
+                .get(b, g)
+                .unwrap()
+                .iter()
+                .map(|&x| x as usize)
+                .collect();
             assert_eq!(
                 got_pages,
                 want_sel[b * hkv + g],

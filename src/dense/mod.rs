@@ -9,6 +9,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{
     SeqLens, SeqSpan, Strided, Strides, check_attention_args, check_cu_seqlens, check_heads,
+    checked_elems,
 };
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmax, softcapped};
@@ -42,9 +43,16 @@ pub struct AttentionOptions {
     pub scale: Option<f32>,
     /// Window and sinks (causal is `Window::CAUSAL`).
     pub mask: Mask,
-    /// Gemma-2 softcap: `s = cap * tanh(scale * q.k / cap)`; `None` disables it.
+    /// Gemma-2 softcap: `s = cap * tanh(scale * q.k / cap)`; `None` or `Some(0.0)` disables
+    /// it.
     pub softcap: Option<f32>,
 }
+
+/// Largest accepted `scale`. Scores are `scale * q.k` in f32: beyond this the softmax is an
+/// argmax in all but name, and values like `f32::MAX` overflow the scores of ordinary
+/// inputs (inputs whose scaled scores still overflow f32 give NaN rows, per the NaN policy
+/// in docs/semantics.md).
+pub const MAX_SCALE: f32 = 65536.0;
 
 impl AttentionOptions {
     pub fn causal() -> Self {
@@ -68,18 +76,29 @@ impl AttentionOptions {
     }
 
     /// Checks the option values themselves and resolves the scale for `head_dim`.
+    ///
+    /// `scale` must be finite, > 0 and at most [`MAX_SCALE`]; a softcap of `0` is off (as in
+    /// every peer library), any other softcap must be finite and > 0 with `scale / softcap`
+    /// finite (a subnormal cap would overflow it, and `0 * inf` in the kernels' tanh
+    /// argument is NaN).
+    /// The softcap in force: `Some(0.0)` is off, like `None`.
+    pub(crate) fn effective_softcap(&self) -> Option<f32> {
+        self.softcap.filter(|&cap| cap != 0.0)
+    }
+
     pub(crate) fn resolve_scale(&self, head_dim: usize) -> Result<f32> {
         let scale = self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-        if !scale.is_finite() {
+        if !(scale.is_finite() && scale > 0.0 && scale <= MAX_SCALE) {
             return Err(Error::InvalidOption(format!(
-                "scale = {scale} is not finite"
+                "scale = {scale}: must be finite, > 0 and at most {MAX_SCALE}"
             )));
         }
-        if let Some(cap) = self.softcap
-            && !(cap.is_finite() && cap > 0.0)
+        if let Some(cap) = self.effective_softcap()
+            && !(cap.is_finite() && cap > 0.0 && (scale / cap).is_finite())
         {
             return Err(Error::InvalidOption(format!(
-                "softcap = {cap}: must be finite and > 0 (None disables it)"
+                "softcap = {cap:e}: must be finite and > 0 with scale / softcap finite \
+                 (0 or None disables it)"
             )));
         }
         for (name, v) in [
@@ -122,7 +141,12 @@ pub struct FlashAttention {
     pub(crate) heads_q: usize,
     pub(crate) heads_kv: usize,
     pub(crate) head_dim: usize,
+    /// Varlen: one span per sequence (bounded by the caller's `cu_seqlens`).
     pub(crate) spans: Vec<SeqSpan>,
+    /// Fixed lengths: the span every sequence shares.
+    pub(crate) fixed: Option<SeqSpan>,
+    pub(crate) out_len: usize,
+    pub(crate) lse_len: usize,
     pub(crate) varlen: Option<(Vec<i32>, Vec<i32>)>,
     pub(crate) max_seqlen_q: usize,
     pub(crate) max_seqlen_k: usize,
@@ -146,7 +170,14 @@ impl FlashAttention {
         check_heads("", batch, heads_q, heads_kv, head_dim)?;
         let scale = options.resolve_scale(head_dim)?;
         let limit = i32::MAX as usize;
-        let (spans, varlen) = match seqlens {
+        if batch > limit || heads_q > limit || head_dim > limit {
+            return Err(Error::Shape(format!(
+                "batch ({batch}), heads_q ({heads_q}) and head_dim ({head_dim}) must fit in i32"
+            )));
+        }
+        // Fixed lengths keep one span for every sequence: nothing here is proportional to
+        // `batch` (which only the caller's buffers bound, and only at forward time).
+        let (spans, varlen, fixed) = match seqlens {
             SeqLens::Fixed { seqlen_q, seqlen_k } => {
                 if seqlen_q > limit || seqlen_k > limit {
                     return Err(Error::Shape(format!(
@@ -159,12 +190,14 @@ impl FlashAttention {
                     k_start: 0,
                     seqlen_k,
                 };
-                (vec![span; batch], None)
+                (Vec::new(), None, Some(span))
             }
             SeqLens::Varlen {
                 cu_seqlens_q,
                 cu_seqlens_k,
             } => {
+                // Checked against the lengths of the caller's arrays before anything is
+                // allocated: `batch` is bounded by them.
                 check_cu_seqlens(cu_seqlens_q, batch, "cu_seqlens_q")?;
                 check_cu_seqlens(cu_seqlens_k, batch, "cu_seqlens_k")?;
                 let spans = (0..batch)
@@ -175,28 +208,52 @@ impl FlashAttention {
                         seqlen_k: (cu_seqlens_k[b + 1] - cu_seqlens_k[b]) as usize,
                     })
                     .collect();
-                (spans, Some((cu_seqlens_q.to_vec(), cu_seqlens_k.to_vec())))
+                (
+                    spans,
+                    Some((cu_seqlens_q.to_vec(), cu_seqlens_k.to_vec())),
+                    None,
+                )
             }
         };
-        let max_seqlen_q = spans.iter().map(|s| s.seqlen_q).max().unwrap_or(0);
-        let max_seqlen_k = spans.iter().map(|s| s.seqlen_k).max().unwrap_or(0);
+        let (max_seqlen_q, max_seqlen_k) = match fixed {
+            Some(span) => (span.seqlen_q, span.seqlen_k),
+            None => (
+                spans.iter().map(|s| s.seqlen_q).max().unwrap_or(0),
+                spans.iter().map(|s| s.seqlen_k).max().unwrap_or(0),
+            ),
+        };
         let (total_q, total_k) = match &varlen {
             Some((cq, ck)) => (cq[batch] as usize, ck[batch] as usize),
             None => (max_seqlen_q, max_seqlen_k),
         };
+        // Every element count the problem implies, checked once (i64 indexing in the
+        // kernels); the accessors then return these values without arithmetic.
+        let (q_rows, k_rows) = match &varlen {
+            Some(_) => (total_q, total_k),
+            None => (
+                checked_elems(&[batch, max_seqlen_q], "batch * seqlen_q")?,
+                checked_elems(&[batch, max_seqlen_k], "batch * seqlen_k")?,
+            ),
+        };
+        let out_len = checked_elems(&[q_rows, heads_q, head_dim], "q/out elements")?;
+        checked_elems(&[k_rows, heads_kv, head_dim], "k/v elements")?;
+        let lse_len = checked_elems(&[q_rows, heads_q], "LSE values")?;
         Ok(FlashAttention {
             batch,
             heads_q,
             heads_kv,
             head_dim,
             spans,
+            fixed,
             varlen,
+            out_len,
+            lse_len,
             max_seqlen_q,
             max_seqlen_k,
             total_q,
             total_k,
             scale,
-            softcap: options.softcap,
+            softcap: options.effective_softcap(),
             mask: options.mask,
             kernel: DenseKernel::Auto,
         })
@@ -232,9 +289,20 @@ impl FlashAttention {
     pub fn is_varlen(&self) -> bool {
         self.varlen.is_some()
     }
-    /// Per-sequence row placement.
-    pub fn spans(&self) -> &[SeqSpan] {
-        &self.spans
+    /// Row placement of sequence `b`, or `None` when `b >= batch`.
+    pub fn span(&self, b: usize) -> Option<SeqSpan> {
+        match self.fixed {
+            Some(span) => (b < self.batch).then_some(span),
+            None => self.spans.get(b).copied(),
+        }
+    }
+    /// Row placement of every sequence, in order.
+    pub fn spans(&self) -> impl ExactSizeIterator<Item = SeqSpan> + '_ {
+        (0..self.batch).map(|b| self.span_of(b))
+    }
+    /// Span of a sequence index already known to be in range.
+    fn span_of(&self, b: usize) -> SeqSpan {
+        self.fixed.unwrap_or_else(|| self.spans[b])
     }
     pub fn max_seqlen_q(&self) -> usize {
         self.max_seqlen_q
@@ -248,19 +316,11 @@ impl FlashAttention {
     }
     /// Number of LSE values: `batch * heads_q * seqlen_q`, or `heads_q * total_q` (varlen).
     pub fn lse_len(&self) -> usize {
-        match self.varlen {
-            Some(_) => self.heads_q * self.total_q,
-            None => self.batch * self.heads_q * self.max_seqlen_q,
-        }
+        self.lse_len
     }
     /// Elements of a contiguous output (or q) buffer.
     pub fn out_len(&self) -> usize {
-        let rows = if self.varlen.is_some() {
-            self.total_q
-        } else {
-            self.batch * self.max_seqlen_q
-        };
-        rows * self.heads_q * self.head_dim
+        self.out_len
     }
     /// Query head `h` reads kv head `h / (heads_q / heads_kv)`.
     pub fn kv_head(&self, h: usize) -> usize {
@@ -333,13 +393,25 @@ impl FlashAttention {
             lse.as_ref().map(|l| l.len()),
         )?;
         let d = self.head_dim;
-        let tasks: Vec<(usize, usize)> = (0..self.batch)
-            .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
+        // Only (sequence, head) pairs with query rows: their count is bounded by the q
+        // buffer just checked (an empty sequence does no work, however many there are).
+        let with_rows: Vec<usize> = if self.max_seqlen_q == 0 {
+            Vec::new()
+        } else if self.fixed.is_some() {
+            (0..self.batch).collect()
+        } else {
+            (0..self.batch)
+                .filter(|&b| self.spans[b].seqlen_q > 0)
+                .collect()
+        };
+        let tasks: Vec<(usize, usize)> = with_rows
+            .iter()
+            .flat_map(|&b| (0..self.heads_q).map(move |h| (b, h)))
             .collect();
         let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
             .map(|&(b, h)| {
-                let span = self.spans[b];
+                let span = self.span_of(b);
                 let bb = self.batch_entry(b);
                 let kvh = self.kv_head(h);
                 let q_rows = span.q_start..span.q_start + span.seqlen_q;
@@ -353,7 +425,7 @@ impl FlashAttention {
         let mut out = out;
         let mut lse = lse;
         for (&(b, h), (o, l)) in tasks.iter().zip(results) {
-            let span = self.spans[b];
+            let span = self.span_of(b);
             let rows = span.q_start..span.q_start + span.seqlen_q;
             out.store_head_rows(self.batch_entry(b), rows, h, d, &o);
             if let Some(lse) = lse.as_deref_mut() {

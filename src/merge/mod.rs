@@ -7,6 +7,7 @@ mod gpu;
 
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::layout::checked_elems;
 use crate::softmax::merge_weights;
 
 /// Layout of the partial results being merged:
@@ -29,11 +30,15 @@ pub struct Partial<O, L> {
 }
 
 impl MergeShape {
+    /// Elements of an `o` buffer; saturates at `usize::MAX` for a shape whose product
+    /// overflows (such a shape fails every merge's validation, never wraps around).
     pub fn o_len(&self) -> usize {
-        self.batch * self.seqlen * self.heads * self.head_dim
+        checked_elems(&[self.batch, self.seqlen, self.heads, self.head_dim], "")
+            .unwrap_or(usize::MAX)
     }
+    /// Values of an `lse` buffer (saturating like [`MergeShape::o_len`]).
     pub fn lse_len(&self) -> usize {
-        self.batch * self.heads * self.seqlen
+        checked_elems(&[self.batch, self.heads, self.seqlen], "").unwrap_or(usize::MAX)
     }
 
     pub(crate) fn check(&self, name: &str, o_len: usize, lse_len: usize) -> Result<()> {
@@ -48,6 +53,12 @@ impl MergeShape {
                 "merge shape {self:?} must fit in i32"
             )));
         }
+        // The products are checked before any length is compared: a wrapped product could
+        // otherwise match a small buffer and send the kernel out of bounds.
+        checked_elems(
+            &[self.batch, self.seqlen, self.heads, self.head_dim],
+            "merge o elements",
+        )?;
         if o_len != self.o_len() {
             return Err(Error::Shape(format!(
                 "{name}.o holds {o_len} elements but [batch, seqlen, heads, head_dim] = {:?} needs {}",

@@ -143,6 +143,56 @@ impl NeighborhoodDim {
     }
 }
 
+/// One dim of a neighborhood: in-group indices `range` of dilation group `group`.
+#[derive(Debug, Clone, Default)]
+struct Axis {
+    range: Range<usize>,
+    group: usize,
+    dilation: usize,
+    length: usize,
+}
+
+/// The keys of one query's neighborhood in ascending flat-token order (row-major over the
+/// per-dim windows), produced lazily; see [`NeighborhoodAttention::neighbors`].
+#[derive(Debug, Clone)]
+pub struct Neighbors {
+    axes: [Axis; MAX_NEIGHBORHOOD_DIMS],
+    rank: usize,
+    /// The per-dim in-group indices of the next key.
+    next: [usize; MAX_NEIGHBORHOOD_DIMS],
+    remaining: usize,
+}
+
+impl Iterator for Neighbors {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        let axes = &self.axes[..self.rank];
+        let key = axes.iter().zip(&self.next).fold(0, |flat, (x, &j)| {
+            flat * x.length + j * x.dilation + x.group
+        });
+        // Advance like an odometer, the last dim fastest.
+        for a in (0..self.rank).rev() {
+            self.next[a] += 1;
+            if self.next[a] < axes[a].range.end {
+                break;
+            }
+            self.next[a] = axes[a].range.start;
+        }
+        Some(key)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl ExactSizeIterator for Neighbors {}
+
 /// Problem dimensions: `q, out: [batch, tokens, heads_q, head_dim]`, `k, v: [batch, tokens,
 /// heads_kv, head_dim]`, where `tokens = prod(dims[a].length)` is the grid in row-major
 /// order (the last dim fastest), i.e. `[batch, X, (Y, (Z,)) heads, head_dim]` with the grid
@@ -222,7 +272,7 @@ impl NeighborhoodAttention {
             dims: dims.to_vec(),
             tokens,
             scale,
-            softcap: options.softcap,
+            softcap: options.effective_softcap(),
         })
     }
 
@@ -270,9 +320,10 @@ impl NeighborhoodAttention {
         c
     }
 
-    /// Flat token indices of the keys query token `token` attends to, in ascending order.
+    /// Flat token indices of the keys query token `token` attends to, in ascending order, as
+    /// a lazy iterator (a neighborhood may hold up to `tokens()` keys: nothing is allocated).
     /// Errors when `token >= tokens()`.
-    pub fn neighbors(&self, token: usize) -> Result<Vec<usize>> {
+    pub fn neighbors(&self, token: usize) -> Result<Neighbors> {
         if token >= self.tokens {
             return Err(Error::Index(format!(
                 "token {token} outside a grid of {} tokens",
@@ -283,21 +334,29 @@ impl NeighborhoodAttention {
     }
 
     /// [`NeighborhoodAttention::neighbors`] of an in-range token.
-    fn neighbors_unchecked(&self, token: usize) -> Vec<usize> {
+    fn neighbors_unchecked(&self, token: usize) -> Neighbors {
         let c = self.coords(token);
-        let mut keys = vec![0usize];
+        let mut axes: [Axis; MAX_NEIGHBORHOOD_DIMS] = Default::default();
         for (a, dim) in self.dims.iter().enumerate() {
-            let (range, g) = dim.window_unchecked(c[a]);
-            keys = keys
-                .iter()
-                .flat_map(|&base| {
-                    range
-                        .clone()
-                        .map(move |j| base * dim.length + j * dim.dilation + g)
-                })
-                .collect();
+            let (range, group) = dim.window_unchecked(c[a]);
+            axes[a] = Axis {
+                range,
+                group,
+                dilation: dim.dilation,
+                length: dim.length,
+            };
         }
-        keys
+        let remaining = axes[..self.dims.len()]
+            .iter()
+            .map(|x| x.range.len())
+            .product();
+        let next = axes.each_ref().map(|x| x.range.start);
+        Neighbors {
+            axes,
+            rank: self.dims.len(),
+            next,
+            remaining,
+        }
     }
 
     /// CPU forward pass: per query token the online
@@ -340,11 +399,12 @@ impl NeighborhoodAttention {
                 );
                 let mut o = vec![0.0f32; n * d];
                 let mut l = vec![f32::NEG_INFINITY; n];
-                let mut scores = Vec::new();
+                let (mut scores, mut keys) = (Vec::new(), Vec::new());
                 for t in 0..n {
                     // Recomputed per (batch, head): a few index operations per key against
                     // `head_dim` multiply-adds, and no memory that grows with tokens * keys.
-                    let keys = self.neighbors_unchecked(t);
+                    keys.clear();
+                    keys.extend(self.neighbors_unchecked(t));
                     let qt = &qh[t * d..(t + 1) * d];
                     scores.clear();
                     scores.extend(keys.iter().map(|&j| {

@@ -3,6 +3,7 @@
 
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_cu_seqlens, check_extent};
 use std::collections::HashMap;
 
@@ -18,20 +19,36 @@ pub struct PagedLayout {
 }
 
 impl PagedLayout {
-    /// Elements of one of `k_cache`, `v_cache`.
+    /// Elements of one of `k_cache`, `v_cache` (saturates at `usize::MAX` for a layout too
+    /// large to index, which [`PagedCache::new`] refuses).
     pub fn cache_len(&self) -> usize {
-        self.num_pages * self.page_size * self.heads_kv * self.head_dim
+        checked_elems(
+            &[self.num_pages, self.page_size, self.heads_kv, self.head_dim],
+            "",
+        )
+        .unwrap_or(usize::MAX)
     }
-    /// Values of one of `kmin`, `kmax`.
+    /// Values of one of `kmin`, `kmax` (saturating like [`PagedLayout::cache_len`]).
     pub fn meta_len(&self) -> usize {
-        self.num_pages * self.heads_kv * self.head_dim
+        checked_elems(&[self.num_pages, self.heads_kv, self.head_dim], "").unwrap_or(usize::MAX)
     }
-    /// Element offset of (physical page, slot, kv head, channel 0) in the cache.
-    pub fn slot_offset(&self, page: usize, slot: usize, kv_head: usize) -> usize {
+    /// Element offset of (physical page, slot, kv head, channel 0) in the cache; `None` when
+    /// an index is out of range.
+    pub fn slot_offset(&self, page: usize, slot: usize, kv_head: usize) -> Option<usize> {
+        (page < self.num_pages && slot < self.page_size && kv_head < self.heads_kv)
+            .then(|| self.slot_at(page, slot, kv_head))
+    }
+    /// Offset of (physical page, kv head, channel 0) in `kmin`/`kmax`; `None` when an index
+    /// is out of range.
+    pub fn meta_offset(&self, page: usize, kv_head: usize) -> Option<usize> {
+        (page < self.num_pages && kv_head < self.heads_kv).then(|| self.meta_at(page, kv_head))
+    }
+    /// [`PagedLayout::slot_offset`] of indices known to be in range (validated layout).
+    pub(crate) fn slot_at(&self, page: usize, slot: usize, kv_head: usize) -> usize {
         ((page * self.page_size + slot) * self.heads_kv + kv_head) * self.head_dim
     }
-    /// Offset of (physical page, kv head, channel 0) in `kmin`/`kmax`.
-    pub fn meta_offset(&self, page: usize, kv_head: usize) -> usize {
+    /// [`PagedLayout::meta_offset`] of indices known to be in range (validated layout).
+    pub(crate) fn meta_at(&self, page: usize, kv_head: usize) -> usize {
         (page * self.heads_kv + kv_head) * self.head_dim
     }
 }
@@ -107,7 +124,12 @@ impl PagedCache {
                 table.max_pages_per_seq
             )));
         }
-        if (num_pages as u128) * (page_size as u128) * (heads_kv as u128) * (head_dim as u128)
+        // Checked with at least one page: an empty cache still fixes the size of a page,
+        // which the offsets of every later append are computed from.
+        if (num_pages.max(1) as u128)
+            * (page_size as u128)
+            * (heads_kv as u128)
+            * (head_dim as u128)
             > i64::MAX as u128
         {
             return Err(Error::Shape(format!(
@@ -185,23 +207,42 @@ impl PagedCache {
     pub fn seqlens_k(&self) -> &[i32] {
         &self.seqlens_k
     }
-    /// Tokens of sequence `b`.
-    pub fn seqlen(&self, b: usize) -> usize {
+    /// Tokens of sequence `b`; `None` when `b >= batch`.
+    pub fn seqlen(&self, b: usize) -> Option<usize> {
+        (b < self.batch).then(|| self.seqlen_of(b))
+    }
+    /// Logical pages sequence `b` uses, `ceil(seqlen / page_size)`; `None` when `b >= batch`.
+    pub fn pages_of(&self, b: usize) -> Option<usize> {
+        (b < self.batch).then(|| self.pages_in(b))
+    }
+    /// Physical page of logical page `lp` of sequence `b`; `None` unless `b < batch` and
+    /// `lp < pages_of(b)`.
+    pub fn page_id(&self, b: usize, lp: usize) -> Option<usize> {
+        (b < self.batch && lp < self.pages_in(b)).then(|| self.page_at(b, lp))
+    }
+    /// Element offset of key/value token `j` of sequence `b`, kv head `kvh`, channel 0;
+    /// `None` unless `b < batch`, `j < seqlen(b)` and `kvh < heads_kv`.
+    pub fn token_offset(&self, b: usize, j: usize, kvh: usize) -> Option<usize> {
+        (b < self.batch && j < self.seqlen_of(b) && kvh < self.layout.heads_kv)
+            .then(|| self.token_at(b, j, kvh))
+    }
+
+    /// [`PagedCache::seqlen`] of a sequence known to exist.
+    pub(crate) fn seqlen_of(&self, b: usize) -> usize {
         self.seqlens_k[b] as usize
     }
-    /// Logical pages sequence `b` uses: `ceil(seqlen / page_size)`.
-    pub fn pages_of(&self, b: usize) -> usize {
-        self.seqlen(b).div_ceil(self.layout.page_size)
+    /// [`PagedCache::pages_of`] of a sequence known to exist.
+    pub(crate) fn pages_in(&self, b: usize) -> usize {
+        self.seqlen_of(b).div_ceil(self.layout.page_size)
     }
-    /// Physical page of logical page `lp` of sequence `b` (`lp < pages_of(b)`).
-    pub fn page_id(&self, b: usize, lp: usize) -> usize {
+    /// [`PagedCache::page_id`] of indices known to be in range (ids validated by `new`).
+    pub(crate) fn page_at(&self, b: usize, lp: usize) -> usize {
         self.block_table[b * self.max_pages_per_seq + lp] as usize
     }
-    /// Element offset of key/value token `j` of sequence `b`, kv head `kvh`, channel 0.
-    pub fn token_offset(&self, b: usize, j: usize, kvh: usize) -> usize {
+    /// [`PagedCache::token_offset`] of indices known to be in range.
+    pub(crate) fn token_at(&self, b: usize, j: usize, kvh: usize) -> usize {
         let ps = self.layout.page_size;
-        self.layout
-            .slot_offset(self.page_id(b, j / ps), j % ps, kvh)
+        self.layout.slot_at(self.page_at(b, j / ps), j % ps, kvh)
     }
 
     pub(crate) fn check_kv(&self, k_len: usize, v_len: usize) -> Result<()> {
@@ -257,7 +298,7 @@ impl PagedCache {
         let mut max_touched = 0;
         for b in 0..self.batch {
             let n = (cu_seqlens_new[b + 1] - cu_seqlens_new[b]) as usize;
-            let end = self.seqlen(b);
+            let end = self.seqlen_of(b);
             if n > end {
                 return Err(Error::Index(format!(
                     "sequence {b} appends {n} tokens but seqlens_k[{b}] = {end}; seqlens_k must \
@@ -271,7 +312,7 @@ impl PagedCache {
             max_touched = max_touched.max(pages.len());
             // Two writers of one page would race on its slots and its kmin/kmax.
             for lp in pages {
-                let id = self.page_id(b, lp);
+                let id = self.page_at(b, lp);
                 if let Some(&(b0, lp0)) = owner.get(&id) {
                     return Err(Error::Index(format!(
                         "page {id} is written by sequence {b0} (logical page {lp0}) and by \
@@ -329,20 +370,20 @@ impl PagedCache {
         for b in 0..self.batch {
             let t0 = cu_seqlens_new[b] as usize;
             let n = cu_seqlens_new[b + 1] as usize - t0;
-            let end = self.seqlen(b);
+            let end = self.seqlen_of(b);
             let start = end - n;
             for pos in start..end {
                 let (lp, slot) = (pos / ps, pos % ps);
-                let id = self.page_id(b, lp);
+                let id = self.page_at(b, lp);
                 let t = t0 + pos - start;
                 for h in 0..hkv {
-                    let dst = self.layout.slot_offset(id, slot, h);
+                    let dst = self.layout.slot_at(id, slot, h);
                     let ks = row(&k_new.strides, t, h);
                     let vs = row(&v_new.strides, t, h);
                     k_cache[dst..dst + d].copy_from_slice(&k_new.data[ks..ks + d]);
                     v_cache[dst..dst + d].copy_from_slice(&v_new.data[vs..vs + d]);
                     if let Some(m) = meta.as_mut() {
-                        let mo = self.layout.meta_offset(id, h);
+                        let mo = self.layout.meta_at(id, h);
                         let fresh = slot == 0;
                         for c in 0..d {
                             let x = k_new.data[ks + c];

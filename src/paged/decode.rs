@@ -6,6 +6,7 @@ use super::select::{Candidates, HeadPolicy, PageLists, QuestSelection, SparsePol
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmax, merge_into_row, softcapped};
@@ -76,12 +77,16 @@ impl PagedDecode {
             )));
         }
         let scale = options.resolve_scale(cache.head_dim())?;
+        checked_elems(
+            &[cache.batch(), q_len, heads_q, cache.head_dim()],
+            "decode q/out elements",
+        )?;
         Ok(PagedDecode {
             cache: cache.clone(),
             heads_q,
             q_len,
             scale,
-            softcap: options.softcap,
+            softcap: options.effective_softcap(),
             mask: Mask {
                 window: Window::new(
                     options.mask.window.left,
@@ -145,9 +150,9 @@ impl PagedDecode {
             )));
         }
         for b in 0..lists.batch {
-            let pages = self.cache.pages_of(b);
+            let pages = self.cache.pages_in(b);
             for kvh in 0..lists.heads_kv {
-                if let Some(&p) = lists.get(b, kvh).iter().find(|&&p| p as usize >= pages) {
+                if let Some(&p) = lists.list(b, kvh).iter().find(|&&p| p as usize >= pages) {
                     return Err(Error::Index(format!(
                         "page list of sequence {b}, kv head {kvh} names page {p} but the \
                          sequence has {pages} pages"
@@ -235,7 +240,7 @@ impl PagedDecode {
     /// Candidate pages of sequence `b` for Quest: those with a key the base mask leaves
     /// visible to some row.
     pub(crate) fn candidates(&self, b: usize) -> Candidates {
-        let sk = self.cache.seqlen(b);
+        let sk = self.cache.seqlen_of(b);
         let tiles = self
             .mask
             .key_tiles(0..self.q_len, self.q_len, sk, self.cache.page_size());
@@ -289,7 +294,7 @@ impl PagedDecode {
         let ps = self.cache.page_size();
         let mut most = 0;
         for b in 0..self.cache.batch() {
-            let sk = self.cache.seqlen(b);
+            let sk = self.cache.seqlen_of(b);
             // Per-sequence values shared by the heads of one kind.
             let quest = self
                 .policy
@@ -299,7 +304,7 @@ impl PagedDecode {
             for kvh in 0..self.cache.heads_kv() {
                 let n = match self.policy.heads[kvh] {
                     HeadPolicy::Quest => quest.unwrap_or(0),
-                    HeadPolicy::Listed => self.lists.as_ref().map_or(0, |l| l.get(b, kvh).len()),
+                    HeadPolicy::Listed => self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()),
                     HeadPolicy::Full | HeadPolicy::Streaming => {
                         let mask = self.mask_of(kvh);
                         (0..row_blocks)
@@ -350,7 +355,7 @@ impl PagedDecode {
         for b in 0..self.cache.batch() {
             for kvh in 0..self.cache.heads_kv() {
                 let pages = match self.policy.heads[kvh] {
-                    HeadPolicy::Listed => lists.map_or(0, |l| l.get(b, kvh).len()),
+                    HeadPolicy::Listed => lists.map_or(0, |l| l.list(b, kvh).len()),
                     HeadPolicy::Quest => self.quest_selected_count(b),
                     _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
                 };
@@ -371,10 +376,10 @@ impl PagedDecode {
     ) -> Vec<u32> {
         match self.policy.heads[kvh] {
             HeadPolicy::Quest | HeadPolicy::Listed => {
-                selected.map_or_else(Vec::new, |l| l.get(b, kvh).to_vec())
+                selected.map_or_else(Vec::new, |l| l.list(b, kvh).to_vec())
             }
             HeadPolicy::Full | HeadPolicy::Streaming => {
-                let sk = self.cache.seqlen(b);
+                let sk = self.cache.seqlen_of(b);
                 let t = self
                     .mask_of(kvh)
                     .key_tiles(rows, self.q_len, sk, self.cache.page_size());
@@ -487,7 +492,7 @@ impl PagedDecode {
                     .collect();
                 let cand = self.candidates(b);
                 for p in cand.iter() {
-                    let mo = layout.meta_offset(self.cache.page_id(b, p), kvh);
+                    let mo = layout.meta_at(self.cache.page_at(b, p), kvh);
                     let (lo, hi) = (&meta.kmin[mo..mo + d], &meta.kmax[mo..mo + d]);
                     scores[p] = rows
                         .iter()
@@ -550,7 +555,7 @@ impl PagedDecode {
             for b in 0..self.cache.batch() {
                 for kvh in 0..hkv {
                     if self.policy.heads[kvh] == HeadPolicy::Listed {
-                        lists.lists[b * hkv + kvh] = given.get(b, kvh).to_vec();
+                        lists.lists[b * hkv + kvh] = given.list(b, kvh).to_vec();
                     }
                 }
             }
@@ -589,13 +594,16 @@ impl PagedDecode {
             .map(|&(b, i, h)| {
                 let kvh = self.kv_head(h);
                 let mask = self.mask_of(kvh);
-                let sk = self.cache.seqlen(b);
+                let sk = self.cache.seqlen_of(b);
                 let qi = self.q_row(&q, b, i, h);
                 let pages = self.work_pages(b, kvh, i..i + 1, selected.as_ref());
                 let n = pages.len();
                 let mut acc = (vec![0.0f32; d], f32::NEG_INFINITY);
-                let mut scores = vec![0.0f32; ps];
-                let mut vrows = vec![0.0f32; ps * d];
+                // A page holds at most `min(page_size, seqlen)` of this sequence's keys: the
+                // working rows are sized by what the step reads, not by the page size.
+                let per_page = ps.min(sk);
+                let mut scores = vec![0.0f32; per_page];
+                let mut vrows = vec![0.0f32; per_page * d];
                 for s in 0..splits {
                     let part = &pages[s * n / splits..(s + 1) * n / splits];
                     let mut state = OnlineSoftmax::new(d);
@@ -603,7 +611,7 @@ impl PagedDecode {
                         let p = p as usize;
                         let keys = p * ps..((p + 1) * ps).min(sk);
                         for (t, j) in keys.clone().enumerate() {
-                            let off = self.cache.token_offset(b, j, kvh);
+                            let off = self.cache.token_at(b, j, kvh);
                             scores[t] = if mask.visible(i, j, self.q_len, sk) {
                                 let dot: f32 = qi
                                     .iter()

@@ -550,7 +550,7 @@ mod imp {
             for b in 0..cache.batch() {
                 for kvh in 0..hkv {
                     if decode.policy().heads[kvh] == HeadPolicy::Listed {
-                        let l = given.get(b, kvh);
+                        let l = given.list(b, kvh);
                         let row = (b * hkv + kvh) * mp;
                         for (dst, &p) in pl[row..row + l.len()].iter_mut().zip(l) {
                             *dst = p as i32;

@@ -131,8 +131,13 @@ impl PageLists {
         })
     }
 
-    /// Pages of (sequence `b`, kv head `kvh`), ascending.
-    pub fn get(&self, b: usize, kvh: usize) -> &[u32] {
+    /// Pages of (sequence `b`, kv head `kvh`), ascending; `None` when an index is out of
+    /// range.
+    pub fn get(&self, b: usize, kvh: usize) -> Option<&[u32]> {
+        (b < self.batch && kvh < self.heads_kv).then(|| self.list(b, kvh))
+    }
+    /// [`PageLists::get`] of indices known to be in range.
+    pub(crate) fn list(&self, b: usize, kvh: usize) -> &[u32] {
         &self.lists[b * self.heads_kv + kvh]
     }
     pub fn batch(&self) -> usize {

@@ -35,6 +35,11 @@ pub(crate) fn attend_row<'a, T: Element>(
             })
         })
         .collect();
+    // NaN policy (docs/semantics.md): a NaN score of a visible key makes the row NaN.
+    if scores.iter().flatten().any(|s| s.is_nan()) {
+        out.iter_mut().for_each(|o| *o = f64::NAN);
+        return f64::NAN;
+    }
     let m = scores
         .iter()
         .flatten()

@@ -39,7 +39,7 @@ pub fn neighborhood_attention_f64<T: Element>(
     let mut lse = vec![f64::NEG_INFINITY; na.lse_len()];
     for bb in 0..b {
         for t in 0..n {
-            let keys = na.neighbors(t)?;
+            let keys: Vec<usize> = na.neighbors(t)?.collect();
             for h in 0..hq {
                 let kvh = h / (hq / hkv);
                 let qo = q.strides.offset(bb, t, h);

@@ -16,13 +16,13 @@ pub fn decode_visible<'a>(
     selected: Option<&'a PageLists>,
 ) -> impl Fn(usize, usize, usize, usize) -> bool + 'a {
     move |b, kvh, i, j| {
-        let sk = decode.cache().seqlen(b);
+        let sk = decode.cache().seqlen_of(b);
         let in_mask = decode.mask_of(kvh).visible(i, j, decode.q_len(), sk);
         let page = (j / decode.cache().page_size()) as u32;
         in_mask
             && match decode.policy().heads[kvh] {
                 HeadPolicy::Quest | HeadPolicy::Listed => {
-                    selected.is_some_and(|s| s.get(b, kvh).contains(&page))
+                    selected.is_some_and(|s| s.list(b, kvh).contains(&page))
                 }
                 _ => true,
             }
@@ -46,7 +46,7 @@ pub fn paged_decode_f64<T: Element>(
     let mut lse = vec![f64::NEG_INFINITY; decode.lse_len()];
     let scale = decode.scale() as f64;
     for b in 0..cache.batch() {
-        let sk = cache.seqlen(b);
+        let sk = cache.seqlen_of(b);
         for i in 0..sq {
             for h in 0..hq {
                 let kvh = decode.kv_head(h);
@@ -55,7 +55,7 @@ pub fn paged_decode_f64<T: Element>(
                 let qi = &q.data[qo..qo + d];
                 let oo = ((b * sq + i) * hq + h) * d;
                 let (kd, vd) = (kv.k, kv.v);
-                let at = |j: usize| cache.token_offset(b, j, kvh);
+                let at = |j: usize| cache.token_at(b, j, kvh);
                 lse[(b * hq + h) * sq + i] = attend_row(
                     qi,
                     sk,
@@ -93,8 +93,8 @@ pub fn quest_scores_f64<T: Element>(
     let mut scores = vec![f64::NEG_INFINITY; cache.batch() * hkv * mp];
     for b in 0..cache.batch() {
         for kvh in 0..hkv {
-            for p in 0..cache.pages_of(b) {
-                let mo = cache.layout().meta_offset(cache.page_id(b, p), kvh);
+            for p in 0..cache.pages_in(b) {
+                let mo = cache.layout().meta_at(cache.page_at(b, p), kvh);
                 let mut best = f64::NEG_INFINITY;
                 for i in 0..decode.q_len() {
                     for h in kvh * g..(kvh + 1) * g {
@@ -122,9 +122,9 @@ pub fn quest_scores_f64<T: Element>(
 /// index), `K = min(max(B, #kept), #candidates)`. Returns pages ascending.
 pub fn quest_select_brute(decode: &PagedDecode, b: usize, scores: &[f64]) -> Vec<u32> {
     let cache = decode.cache();
-    let (ps, sk, sq) = (cache.page_size(), cache.seqlen(b), decode.q_len());
+    let (ps, sk, sq) = (cache.page_size(), cache.seqlen_of(b), decode.q_len());
     let base = decode.base_mask();
-    let cand: Vec<usize> = (0..cache.pages_of(b))
+    let cand: Vec<usize> = (0..cache.pages_in(b))
         .filter(|&p| {
             (p * ps..((p + 1) * ps).min(sk)).any(|j| (0..sq).any(|i| base.visible(i, j, sq, sk)))
         })
@@ -155,15 +155,15 @@ pub fn page_bounds<T: Element>(
     let (ps, d, layout) = (cache.page_size(), cache.head_dim(), cache.layout());
     let mut out = Vec::new();
     for b in 0..cache.batch() {
-        let sk = cache.seqlen(b);
-        for lp in 0..cache.pages_of(b) {
-            let id = cache.page_id(b, lp);
+        let sk = cache.seqlen_of(b);
+        for lp in 0..cache.pages_in(b) {
+            let id = cache.page_at(b, lp);
             let filled = ps.min(sk - lp * ps);
             for kvh in 0..cache.heads_kv() {
                 let mut lo = vec![f32::INFINITY; d];
                 let mut hi = vec![f32::NEG_INFINITY; d];
                 for slot in 0..filled {
-                    let o = layout.slot_offset(id, slot, kvh);
+                    let o = layout.slot_at(id, slot, kvh);
                     for c in 0..d {
                         let x = k_cache[o + c].to_f32();
                         lo[c] = lo[c].min(x);

@@ -167,16 +167,21 @@ impl RingLayout {
                 self.world
             )));
         }
-        let mut x = vec![T::default(); self.whole_len(batch, row)?];
+        let whole = self.whole_len(batch, row)?;
+        // Every shard is checked before anything is allocated; the output is then exactly
+        // as large as the shards the caller passed.
         for (r, shard) in shards.iter().enumerate() {
-            let pos = self.positions(r);
-            if shard.len() != batch * pos.len() * row {
+            let need = self.shard_len(r) * batch * row; // <= whole: cannot overflow
+            if shard.len() != need {
                 return Err(Error::Shape(format!(
-                    "unshard: shard {r} holds {} elements, [batch, L_r, row] needs {}",
+                    "unshard: shard {r} holds {} elements, [batch, L_r, row] needs {need}",
                     shard.len(),
-                    batch * pos.len() * row
                 )));
             }
+        }
+        let mut x = vec![T::default(); whole];
+        for (r, shard) in shards.iter().enumerate() {
+            let pos = self.positions(r);
             for b in 0..batch {
                 for (i, &p) in pos.iter().enumerate() {
                     let (src, dst) = ((b * pos.len() + i) * row, (b * self.seqlen + p) * row);
@@ -217,6 +222,30 @@ pub struct GlobalBlock {
     pub len: usize,
     pub pos0: usize,
     pub stride: usize,
+}
+
+impl GlobalBlock {
+    /// The global positions of the block's rows, in order.
+    pub fn positions(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len).map(|k| self.pos0 + k * self.stride)
+    }
+
+    /// How many of the block's positions lie in `range` (O(1)).
+    pub fn count_in(&self, range: &Range<usize>) -> usize {
+        if self.len == 0 || range.is_empty() {
+            return 0;
+        }
+        let stride = self.stride.max(1);
+        // First index k with pos0 + k*stride >= range.start, first with >= range.end.
+        let first_at_least = |x: usize| -> usize {
+            if x <= self.pos0 {
+                0
+            } else {
+                (x - self.pos0).div_ceil(stride).min(self.len)
+            }
+        };
+        first_at_least(range.end) - first_at_least(range.start)
+    }
 }
 
 /// One plain dense attention problem of a ring step: the query rows `q_rows` of the rank's
@@ -416,7 +445,7 @@ impl RingAttention {
             shape,
             mask: options.mask,
             scale,
-            softcap: options.softcap,
+            softcap: options.effective_softcap(),
         })
     }
 
@@ -443,14 +472,11 @@ impl RingAttention {
         self.shape.batch * self.shape.heads_q * self.layout.shard_len(rank)
     }
 
-    /// Keys of the (sorted) global positions `keys` that global query `i` sees, as two index
-    /// ranges: the sink keys left of the window, then the window's range (which already
-    /// holds every sink key inside it).
-    fn visible_ranges(&self, i: usize, keys: &[usize]) -> [Range<usize>; 2] {
+    /// Keys of shard `blocks` that global query `i` sees: the sink keys left of the window
+    /// plus the window's keys (which already hold every sink key inside it), counted per
+    /// block in O(1) without listing positions.
+    fn visible_count(&self, i: usize, blocks: &[GlobalBlock]) -> u64 {
         let s = self.layout.seqlen;
-        let local = |r: Range<usize>| {
-            keys.partition_point(|&p| p < r.start)..keys.partition_point(|&p| p < r.end)
-        };
         let window = self.mask.window_range(i, s, s);
         let sinks = self.mask.sink_range_rows(i..i + 1, s, s);
         let sinks_left = if window.is_empty() {
@@ -458,24 +484,30 @@ impl RingAttention {
         } else {
             0..sinks.end.min(window.start)
         };
-        [local(sinks_left), local(window)]
+        blocks
+            .iter()
+            .map(|b| (b.count_in(&sinks_left) + b.count_in(&window)) as u64)
+            .sum()
     }
 
     /// The schedule: which steps compute, which transfers are needed, work per rank.
+    ///
+    /// Cost: O(world * seqlen) time (every query position against every shard's blocks,
+    /// O(1) each) and O(world²) memory (the `[rank][step]` and `[step][shard]` tables, at
+    /// most [`MAX_RING_WORLD`]² entries each); nothing proportional to the sequence is
+    /// allocated.
     pub fn schedule(&self) -> RingSchedule {
         let n = self.layout.world;
-        let pos: Vec<Vec<usize>> = (0..n).map(|r| self.layout.positions(r)).collect();
+        let blocks: Vec<Vec<GlobalBlock>> = (0..n).map(|r| self.layout.blocks(r)).collect();
         // pairs[r][s]: visible pairs between rank r's queries and shard s's keys.
         let pairs: Vec<Vec<u64>> = (0..n)
             .map(|r| {
                 (0..n)
                     .map(|s| {
-                        pos[r]
+                        blocks[r]
                             .iter()
-                            .map(|&i| {
-                                let [a, b] = self.visible_ranges(i, &pos[s]);
-                                (a.len() + b.len()) as u64
-                            })
+                            .flat_map(|b| b.positions())
+                            .map(|i| self.visible_count(i, &blocks[s]))
                             .sum()
                     })
                     .collect()
@@ -488,12 +520,18 @@ impl RingAttention {
                     .collect()
             })
             .collect();
-        let send = (0..n.saturating_sub(1))
-            .map(|t| {
-                (0..n)
-                    .map(|s| (t + 1..n).any(|later| pairs[(s + later) % n][s] > 0))
-                    .collect()
+        // Shard s reaches rank (s + d) mod n after d steps; it is sent on after step t iff a
+        // rank it reaches later (d > t) needs it: `last_need[s]` is the largest such d.
+        let last_need: Vec<usize> = (0..n)
+            .map(|s| {
+                (1..n)
+                    .rev()
+                    .find(|&d| pairs[(s + d) % n][s] > 0)
+                    .unwrap_or(0)
             })
+            .collect();
+        let send = (0..n.saturating_sub(1))
+            .map(|t| (0..n).map(|s| last_need[s] > t).collect())
             .collect();
         RingSchedule {
             compute,
