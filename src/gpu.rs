@@ -31,8 +31,9 @@ pub(crate) const ALIGN_BYTES: u64 = 16;
 #[cfg(longattn_cuda)]
 /// Checks a device pointer for the kernels' 16-byte vector loads.
 pub(crate) fn check_aligned(name: &str, ptr: u64) -> Result<()> {
+    // A valid layout the kernels cannot address: Unsupported (the CPU path takes it).
     if !ptr.is_multiple_of(ALIGN_BYTES) {
-        return Err(Error::Stride(format!(
+        return Err(Error::Unsupported(format!(
             "{name} device pointer {ptr:#x} is not {ALIGN_BYTES}-byte aligned"
         )));
     }
@@ -55,7 +56,7 @@ pub(crate) fn check_vector_access(
         (strides.head, "head"),
     ] {
         if s % per_vec != 0 {
-            return Err(Error::Stride(format!(
+            return Err(Error::Unsupported(format!(
                 "{name} {n} stride {s} must be a multiple of {per_vec} elements on the GPU"
             )));
         }

@@ -230,7 +230,7 @@ pub(crate) fn check_attention_args(
     check_extent(&format!("k{tag}"), k.1, kv_dims, k.0)?;
     check_extent(&format!("v{tag}"), v.1, kv_dims, v.0)?;
     check_extent(&format!("out{tag}"), out.1, q_dims, out.0)?;
-    check_no_overlap(&format!("out{tag}"), out.1, q_dims)?;
+    check_no_overlap(&format!("out{tag}"), out.1, q_dims, out.0)?;
     if let Some((have, need, layout)) = lse
         && have < need
     {
@@ -242,9 +242,20 @@ pub(crate) fn check_attention_args(
 }
 
 /// Checks that no two elements of an output view share an address (a written tensor must
-/// not overlap itself): sorted by stride, each stride must cover the extent of the dims
-/// inside it.
-pub(crate) fn check_no_overlap(name: &str, strides: &Strides, dims: [usize; 4]) -> Result<()> {
+/// not overlap itself). Exact: any layout whose rows are disjoint is accepted, including
+/// disjoint interleaved views of one buffer.
+///
+/// Fast path: sorted by stride, each stride covers the extent of the dims inside it (nested
+/// strides, every usual layout). Otherwise the rows are checked one by one: after the extent
+/// check every element lies in `0..len`, so more than `len / head_dim` rows must collide
+/// (pigeonhole); up to that bound the row starts are sorted and must be `head_dim` apart, in
+/// memory no larger than the buffer the caller passed.
+pub(crate) fn check_no_overlap(
+    name: &str,
+    strides: &Strides,
+    dims: [usize; 4],
+    len: usize,
+) -> Result<()> {
     let [outer, seq, heads, head_dim] = dims;
     if dims.contains(&0) {
         return Ok(()); // no element, nothing can overlap
@@ -259,14 +270,35 @@ pub(crate) fn check_no_overlap(name: &str, strides: &Strides, dims: [usize; 4]) 
     .collect();
     axes.sort();
     let mut extent = head_dim as i64;
-    for (stride, n) in axes {
-        if stride < extent {
-            return Err(Error::Stride(format!(
-                "{name} strides {strides:?} make elements overlap for dims {dims:?}; an \
-                 output must not alias itself"
-            )));
+    let nested = axes.iter().all(|&(stride, n)| {
+        let ok = stride >= extent;
+        extent = extent.saturating_add(stride.saturating_mul(n as i64 - 1));
+        ok
+    });
+    if nested {
+        return Ok(());
+    }
+    let overlap = || {
+        Err(Error::Stride(format!(
+            "{name} strides {strides:?} make elements overlap for dims {dims:?}; an output \
+             must not alias itself"
+        )))
+    };
+    let rows = outer.saturating_mul(seq).saturating_mul(heads);
+    if rows.saturating_mul(head_dim) > len {
+        return overlap();
+    }
+    let mut starts: Vec<usize> = Vec::with_capacity(rows);
+    for b in 0..outer {
+        for s in 0..seq {
+            for h in 0..heads {
+                starts.push(strides.offset(b, s, h));
+            }
         }
-        extent += stride * (n as i64 - 1);
+    }
+    starts.sort_unstable();
+    if starts.windows(2).any(|w| w[1] - w[0] < head_dim) {
+        return overlap();
     }
     Ok(())
 }
@@ -280,13 +312,26 @@ mod tests {
         let s = Strides::contiguous(4, 2, 8);
         assert!(check_extent("q", &s, [3, 4, 2, 8], 3 * 64).is_ok());
         assert!(check_extent("q", &s, [3, 4, 2, 8], 3 * 64 - 1).is_err());
-        assert!(check_no_overlap("o", &s, [3, 4, 2, 8]).is_ok());
+        assert!(check_no_overlap("o", &s, [3, 4, 2, 8], 3 * 64).is_ok());
         let bad = Strides {
             batch: 64,
             seq: 16,
             head: 4,
         };
-        assert!(check_no_overlap("o", &bad, [3, 4, 2, 8]).is_err());
+        assert!(check_no_overlap("o", &bad, [3, 4, 2, 8], 1000).is_err());
+        // Disjoint but not nested: rows of head 1 sit between rows of head 0.
+        let interleaved = Strides {
+            batch: 0,
+            seq: 16,
+            head: 24,
+        };
+        assert!(check_no_overlap("o", &interleaved, [1, 3, 2, 8], 64).is_ok());
+        let clash = Strides {
+            batch: 0,
+            seq: 16,
+            head: 20,
+        };
+        assert!(check_no_overlap("o", &clash, [1, 3, 2, 8], 64).is_err());
         let neg = Strides {
             batch: -1,
             seq: 16,

@@ -650,7 +650,8 @@ fn gpu_rejects_bad_inputs() {
         Strided::new(&mut out, s),
         None,
     );
-    assert!(matches!(r, Err(Error::Stride(_))), "{r:?}");
+    // Valid, but not what the kernels' 16-byte loads can address (issue 11, finding 10).
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     // Stride not a multiple of 8 elements.
     let odd = Strides { seq: 130, ..s };
     let r = attn.forward_gpu(
@@ -662,7 +663,7 @@ fn gpu_rejects_bad_inputs() {
         None,
     );
     assert!(
-        matches!(r, Err(Error::Stride(_)) | Err(Error::Shape(_))),
+        matches!(r, Err(Error::Unsupported(_)) | Err(Error::Shape(_))),
         "{r:?}"
     );
     // f32 is CPU-only for dense attention.

@@ -607,7 +607,7 @@ fn block_pieces_and_pieces_check_their_inputs() {
     let layout = RingLayout::new(16, 4, Sharding::Zigzag).unwrap();
     assert!(matches!(
         RingLayout::new(16, MAX_RING_WORLD + 1, Sharding::Stripe),
-        Err(Error::Shape(_))
+        Err(Error::Unsupported(_))
     ));
     let shape = RingShape {
         batch: 1,

@@ -233,7 +233,13 @@ impl NeighborhoodAttention {
             dims,
         } = *shape;
         check_heads("neighborhood: ", batch, heads_q, heads_kv, head_dim)?;
-        if dims.is_empty() || dims.len() > MAX_NEIGHBORHOOD_DIMS {
+        if dims.len() > MAX_NEIGHBORHOOD_DIMS {
+            return Err(Error::Unsupported(format!(
+                "neighborhood: {} grid dims, at most {MAX_NEIGHBORHOOD_DIMS} supported",
+                dims.len()
+            )));
+        }
+        if dims.is_empty() {
             return Err(Error::Shape(format!(
                 "neighborhood: {} grid dims given, 1 to {MAX_NEIGHBORHOOD_DIMS} supported",
                 dims.len()

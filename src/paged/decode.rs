@@ -71,8 +71,11 @@ impl PagedDecode {
         if heads_q > i32::MAX as usize {
             return Err(Error::Shape(format!("heads_q = {heads_q} must fit in i32")));
         }
-        if !(1..=MAX_Q_LEN).contains(&q_len) {
-            return Err(Error::Shape(format!(
+        if q_len == 0 {
+            return Err(Error::Shape("q_len = 0: a decode step needs a new token".into()));
+        }
+        if q_len > MAX_Q_LEN {
+            return Err(Error::Unsupported(format!(
                 "q_len = {q_len}: decode takes 1..={MAX_Q_LEN} new tokens per sequence"
             )));
         }
@@ -403,7 +406,7 @@ impl PagedDecode {
         check_extent("q", q.1, dims, q.0)?;
         if let Some((len, s)) = out {
             check_extent("out", s, dims, len)?;
-            check_no_overlap("out", s, dims)?;
+            check_no_overlap("out", s, dims, len)?;
         }
         if let Some(len) = lse
             && len < self.lse_len()

@@ -58,10 +58,14 @@ impl RingLayout {
                 "ring layout: seqlen ({seqlen}) and world ({world}) must be >= 1"
             )));
         }
-        if seqlen > i32::MAX as usize || world > MAX_RING_WORLD {
+        if world > MAX_RING_WORLD {
+            return Err(Error::Unsupported(format!(
+                "ring layout: world ({world}) above MAX_RING_WORLD = {MAX_RING_WORLD}"
+            )));
+        }
+        if seqlen > i32::MAX as usize {
             return Err(Error::Shape(format!(
-                "ring layout: seqlen ({seqlen}) must fit in i32 and world ({world}) be at most \
-                 {MAX_RING_WORLD}"
+                "ring layout: seqlen ({seqlen}) must fit in i32"
             )));
         }
         Ok(RingLayout {
