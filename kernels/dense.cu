@@ -6,6 +6,7 @@
 // reductions, and in the PV phase each lane owns head-dim pairs {2*lane + 64*c}. Only the
 // key tiles that the mask leaves visible are visited (Mask::key_tiles).
 
+#include "longattn/check.cuh"
 #include "longattn/common.cuh"
 #include "longattn/dispatch.cuh"
 
@@ -204,7 +205,33 @@ cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
 
 }  // namespace longattn
 
+namespace longattn {
+namespace {
+
+// Every scalar of the params the Rust API validates, and the pointers a launch reads.
+bool dense_params_ok(const LaDenseParams *p) {
+  if (p == nullptr || !check::dtype(p->dtype)) return false;
+  if (p->batch < 0 || p->seqlen_q < 0 || p->seqlen_k < 0 || p->total_q < 0 || p->total_k < 0)
+    return false;
+  if (!check::heads(p->heads_q, p->heads_kv, p->head_dim)) return false;
+  if (!check::mask(p->window_left, p->window_right, p->sinks)) return false;
+  if (!check::scoring(p->scale, p->softcap)) return false;
+  if (!check::strides(p->q_batch_stride, p->q_row_stride, p->q_head_stride) ||
+      !check::strides(p->k_batch_stride, p->k_row_stride, p->k_head_stride) ||
+      !check::strides(p->v_batch_stride, p->v_row_stride, p->v_head_stride) ||
+      !check::strides(p->o_batch_stride, p->o_row_stride, p->o_head_stride))
+    return false;
+  if ((p->cu_seqlens_q == nullptr) != (p->cu_seqlens_k == nullptr)) return false;
+  const bool work = p->batch > 0 && p->seqlen_q > 0;
+  return !work || (p->q != nullptr && p->o != nullptr &&
+                   (p->seqlen_k == 0 || (p->k != nullptr && p->v != nullptr)));
+}
+
+}  // namespace
+}  // namespace longattn
+
 extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
+  if (!longattn::dense_params_ok(params)) return 0;
   switch (kernel) {
     case LA_DENSE_AUTO:
     case LA_DENSE_SIMT:
@@ -221,6 +248,7 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
   using namespace longattn;
   constexpr int kKernelUnsupported = LA_DENSE_KERNEL_UNSUPPORTED;
   static_assert(kKernelUnsupported == cudaErrorNotSupported, "documented in dense.h");
+  if (!dense_params_ok(params)) return cudaErrorInvalidValue;
   const LaDenseParams &p = *params;
   if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
   switch (kernel) {

@@ -1,6 +1,7 @@
 // Merge of two partial attention results (o, lse) over disjoint key sets; one warp per
 // (row, head). Lane 0 alone reads and writes the LSE values so that out may alias a.
 
+#include "longattn/check.cuh"
 #include "longattn/common.cuh"
 
 namespace longattn {
@@ -57,6 +58,14 @@ cudaError_t launch_merge(const LaMergeParams &p, cudaStream_t stream) {
 
 extern "C" int la_merge(const LaMergeParams *params, cudaStream_t stream) {
   using namespace longattn;
+  if (params == nullptr || !check::dtype(params->dtype) || params->batch < 0 ||
+      params->seqlen < 0 || params->heads < 0 || params->head_dim <= 0)
+    return cudaErrorInvalidValue;
+  const bool work = (long long)params->batch * params->seqlen * params->heads > 0;
+  if (work && (params->a_o == nullptr || params->a_lse == nullptr || params->b_o == nullptr ||
+               params->b_lse == nullptr || params->out_o == nullptr ||
+               params->out_lse == nullptr))
+    return cudaErrorInvalidValue;
   switch (params->dtype) {
     case LA_F16: return launch_merge<__half>(*params, stream);
     case LA_BF16: return launch_merge<__nv_bfloat16>(*params, stream);

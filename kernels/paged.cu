@@ -12,6 +12,7 @@
 
 #include <atomic>
 
+#include "longattn/check.cuh"
 #include "longattn/common.cuh"
 #include "longattn/launch.cuh"
 #include "longattn/mma.cuh"
@@ -967,7 +968,9 @@ __global__ void __launch_bounds__(kThreads) split_merge_kernel(const __grid_cons
 
 bool dims_ok(const LaPagedCache &c) {
   return c.head_dim > 0 && c.head_dim <= kMaxDim && c.head_dim % kVec == 0 && c.page_size > 0 &&
-         c.heads_kv > 0 && c.batch > 0 && c.batch <= 65535;
+         c.heads_kv > 0 && c.batch > 0 && c.batch <= 65535 && c.num_pages >= 0 &&
+         c.max_pages_per_seq > 0 && c.block_table != nullptr && c.seqlens_k != nullptr &&
+         (c.num_pages == 0 || (c.k_cache != nullptr && c.v_cache != nullptr));
 }
 
 template <typename T>
@@ -1062,7 +1065,14 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
 
 extern "C" int la_paged_append(const LaPagedAppendParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (!dims_ok(params->cache)) return cudaErrorInvalidValue;
+  if (params == nullptr || !dims_ok(params->cache) ||
+      (params->max_pages_touched > 0 &&
+       (params->k_new == nullptr || params->v_new == nullptr ||
+        params->cu_seqlens_new == nullptr)) ||
+      (params->kmin == nullptr) != (params->kmax == nullptr) ||
+      !check::strides(params->k_new_row_stride, params->k_new_head_stride, 0) ||
+      !check::strides(params->v_new_row_stride, params->v_new_head_stride, 0))
+    return cudaErrorInvalidValue;
   switch (params->dtype) {
     case LA_F16: return launch_append<__half>(*params, stream);
     case LA_BF16: return launch_append<__nv_bfloat16>(*params, stream);
@@ -1072,7 +1082,14 @@ extern "C" int la_paged_append(const LaPagedAppendParams *params, cudaStream_t s
 
 extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (!dims_ok(params->cache) || params->q_len <= 0 || params->head_kind == nullptr)
+  if (params == nullptr || !dims_ok(params->cache) || params->q_len <= 0 ||
+      params->head_kind == nullptr || params->q == nullptr || params->kmin == nullptr ||
+      params->kmax == nullptr || params->scores == nullptr || params->page_list == nullptr ||
+      params->page_count == nullptr ||
+      !check::heads(params->heads_q, params->cache.heads_kv, params->cache.head_dim) ||
+      !check::mask(params->window_left, params->window_right, params->sinks) ||
+      params->budget_pages < 0 || params->sink_pages < 0 ||
+      !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride))
     return cudaErrorInvalidValue;
   if (params->cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
   switch (params->dtype) {
@@ -1084,7 +1101,17 @@ extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t s
 
 extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (!dims_ok(params->cache) || params->q_len <= 0) return cudaErrorInvalidValue;
+  if (params == nullptr || !dims_ok(params->cache) || params->q_len <= 0 ||
+      params->q == nullptr || params->o == nullptr ||
+      !check::heads(params->heads_q, params->cache.heads_kv, params->cache.head_dim) ||
+      !check::mask(params->window_left, params->window_right, params->sinks) ||
+      params->streaming_window < 0 || params->streaming_sinks < 0 ||
+      !check::scoring(params->scale, params->softcap) || params->num_splits < 1 ||
+      (params->num_splits > 1 && (params->o_partial == nullptr || params->lse_partial == nullptr)) ||
+      (params->page_list == nullptr) != (params->page_count == nullptr) ||
+      !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride) ||
+      !check::strides(params->o_batch_stride, params->o_row_stride, params->o_head_stride))
+    return cudaErrorInvalidValue;
   switch (params->dtype) {
     case LA_F16: return launch_decode<__half>(*params, stream);
     case LA_BF16: return launch_decode<__nv_bfloat16>(*params, stream);

@@ -5,6 +5,31 @@
 //! Layering (like cudarc): `ffi` (bindgen from `kernels/include/longattn/*.h`) -> this
 //! module's checked launchers -> the safe `forward_gpu`/`merge_gpu` methods.
 
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+mod sealed {
+    /// Implemented only for cudarc's own buffer types.
+    pub trait Sealed {}
+}
+
+/// A device buffer the GPU entry points read: cudarc's `CudaSlice`, `CudaView` or
+/// `CudaViewMut`. The length checks of every entry point trust `len()`; cudarc's
+/// `DevicePtr` is a safe trait that any type can implement with a wrong length, so the
+/// entry points take only these sealed types (memory safety through the safe API).
+pub trait DeviceBuffer<T>: DevicePtr<T> + sealed::Sealed {}
+
+/// A device buffer the GPU entry points write: cudarc's `CudaSlice` or `CudaViewMut`.
+pub trait DeviceBufferMut<T>: DevicePtrMut<T> + sealed::Sealed {}
+
+impl<T> sealed::Sealed for CudaSlice<T> {}
+impl<T> sealed::Sealed for CudaView<'_, T> {}
+impl<T> sealed::Sealed for CudaViewMut<'_, T> {}
+impl<T> DeviceBuffer<T> for CudaSlice<T> {}
+impl<T> DeviceBuffer<T> for CudaView<'_, T> {}
+impl<T> DeviceBuffer<T> for CudaViewMut<'_, T> {}
+impl<T> DeviceBufferMut<T> for CudaSlice<T> {}
+impl<T> DeviceBufferMut<T> for CudaViewMut<'_, T> {}
+
 #[cfg(longattn_cuda)]
 #[allow(
     non_camel_case_types,
@@ -93,5 +118,221 @@ pub(crate) fn dtype_bytes(dtype: DType) -> usize {
     match dtype {
         DType::F16 | DType::BF16 => 2,
         DType::F32 => 4,
+    }
+}
+
+/// The C launchers refuse bad arguments before any CUDA call, so these run without a GPU.
+#[cfg(all(test, longattn_cuda))]
+mod c_entry_checks {
+    use super::ffi;
+
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    fn dense() -> ffi::LaDenseParams {
+        ffi::LaDenseParams {
+            batch: 1,
+            seqlen_q: 4,
+            seqlen_k: 4,
+            heads_q: 2,
+            heads_kv: 1,
+            head_dim: 64,
+            total_q: 4,
+            total_k: 4,
+            window_left: -1,
+            window_right: -1,
+            scale: 0.125,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dense_entry_refuses_what_the_rust_api_refuses() {
+        let cases: Vec<(&str, ffi::LaDenseParams)> = vec![
+            (
+                "heads_kv 0",
+                ffi::LaDenseParams {
+                    heads_kv: 0,
+                    ..dense()
+                },
+            ),
+            (
+                "gqa ratio",
+                ffi::LaDenseParams {
+                    heads_kv: 3,
+                    ..dense()
+                },
+            ),
+            (
+                "head_dim 0",
+                ffi::LaDenseParams {
+                    head_dim: 0,
+                    ..dense()
+                },
+            ),
+            (
+                "batch < 0",
+                ffi::LaDenseParams {
+                    batch: -1,
+                    ..dense()
+                },
+            ),
+            (
+                "window -2",
+                ffi::LaDenseParams {
+                    window_left: -2,
+                    ..dense()
+                },
+            ),
+            (
+                "sinks < 0",
+                ffi::LaDenseParams {
+                    sinks: -1,
+                    ..dense()
+                },
+            ),
+            (
+                "scale nan",
+                ffi::LaDenseParams {
+                    scale: f32::NAN,
+                    ..dense()
+                },
+            ),
+            (
+                "scale 0",
+                ffi::LaDenseParams {
+                    scale: 0.0,
+                    ..dense()
+                },
+            ),
+            (
+                "softcap nan",
+                ffi::LaDenseParams {
+                    softcap: f32::NAN,
+                    ..dense()
+                },
+            ),
+            (
+                "softcap 1e-40",
+                ffi::LaDenseParams {
+                    softcap: 1e-40,
+                    ..dense()
+                },
+            ),
+            (
+                "stride < 0",
+                ffi::LaDenseParams {
+                    q_row_stride: -8,
+                    ..dense()
+                },
+            ),
+            // Null q/k/v/o with work to do.
+            ("null pointers", dense()),
+        ];
+        for (name, p) in cases {
+            // SAFETY: the params are refused before any pointer is read or CUDA is called.
+            let code = unsafe {
+                ffi::la_dense_forward(&p, ffi::LaDenseKernel::LA_DENSE_AUTO, std::ptr::null_mut())
+            };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+            // SAFETY: as above.
+            let ok =
+                unsafe { ffi::la_dense_kernel_supports(&p, ffi::LaDenseKernel::LA_DENSE_SIMT) };
+            assert_eq!(ok, 0, "{name}");
+        }
+        // SAFETY: a NULL params pointer is refused.
+        let code = unsafe {
+            ffi::la_dense_forward(
+                std::ptr::null(),
+                ffi::LaDenseKernel::LA_DENSE_AUTO,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(code, INVALID_VALUE);
+    }
+
+    #[test]
+    fn merge_and_paged_entries_refuse_bad_arguments() {
+        let merge = ffi::LaMergeParams {
+            batch: 1,
+            seqlen: 2,
+            heads: 1,
+            head_dim: 0,
+            dtype: ffi::LaDtype::LA_F16,
+            ..Default::default()
+        };
+        // SAFETY: refused before any pointer is read.
+        assert_eq!(
+            unsafe { ffi::la_merge(&merge, std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+        let merge = ffi::LaMergeParams {
+            head_dim: 8,
+            ..merge
+        }; // NULL buffers with work
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ffi::la_merge(&merge, std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ffi::la_merge(std::ptr::null(), std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+
+        let decode = ffi::LaPagedDecodeParams {
+            q_len: 1,
+            heads_q: 4,
+            num_splits: 1,
+            scale: 0.1,
+            window_left: -1,
+            window_right: 0,
+            streaming_window: 1,
+            dtype: ffi::LaDtype::LA_BF16,
+            cache: ffi::LaPagedCache {
+                batch: 1,
+                num_pages: 1,
+                page_size: 16,
+                heads_kv: 0, // divides heads_q
+                head_dim: 64,
+                max_pages_per_seq: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        // SAFETY: refused before any pointer is read.
+        assert_eq!(
+            unsafe { ffi::la_paged_decode(&decode, std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ffi::la_paged_decode(std::ptr::null(), std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+        let append = ffi::LaPagedAppendParams {
+            cache: decode.cache,
+            max_pages_touched: 1,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ffi::la_paged_append(&append, std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
+        let quest = ffi::LaQuestParams {
+            cache: decode.cache,
+            q_len: 1,
+            heads_q: 4,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { ffi::la_paged_quest_select(&quest, std::ptr::null_mut()) },
+            INVALID_VALUE
+        );
     }
 }

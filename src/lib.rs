@@ -82,6 +82,7 @@ pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention, M
 pub use device::Device;
 pub use element::{DType, Element};
 pub use error::{Error, Result};
+pub use gpu::{DeviceBuffer, DeviceBufferMut};
 pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};

@@ -3,8 +3,9 @@
 use crate::dense::{DenseKernel, FlashAttention};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use crate::layout::Strided;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Largest head dim of any dense kernel.
@@ -31,8 +32,8 @@ impl FlashAttention {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         self.check_buffers(
             (q.data.len(), &q.strides),
@@ -82,8 +83,8 @@ fn launch<T, I, O>(
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     Err(Error::CudaNotCompiled)
 }
@@ -100,10 +101,11 @@ fn launch<T, I, O>(
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
     if attn.total_q == 0 {
         return Ok(());
     }

@@ -75,17 +75,17 @@ impl AttentionOptions {
         self
     }
 
-    /// Checks the option values themselves and resolves the scale for `head_dim`.
-    ///
-    /// `scale` must be finite, > 0 and at most [`MAX_SCALE`]; a softcap of `0` is off (as in
-    /// every peer library), any other softcap must be finite and > 0 with `scale / softcap`
-    /// finite (a subnormal cap would overflow it, and `0 * inf` in the kernels' tanh
-    /// argument is NaN).
     /// The softcap in force: `Some(0.0)` is off, like `None`.
     pub(crate) fn effective_softcap(&self) -> Option<f32> {
         self.softcap.filter(|&cap| cap != 0.0)
     }
 
+    /// Checks the option values themselves and resolves the scale for `head_dim`.
+    ///
+    /// `scale` must be finite, > 0 and at most [`MAX_SCALE`]; a softcap of `0` is off (as in
+    /// every peer library), any other softcap must be finite, normal (not subnormal: GPUs
+    /// may flush it to 0) and > 0 with `scale / softcap` finite (`0 * inf` in the kernels'
+    /// tanh argument is NaN).
     pub(crate) fn resolve_scale(&self, head_dim: usize) -> Result<f32> {
         let scale = self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !(scale.is_finite() && scale > 0.0 && scale <= MAX_SCALE) {
@@ -94,7 +94,7 @@ impl AttentionOptions {
             )));
         }
         if let Some(cap) = self.effective_softcap()
-            && !(cap.is_finite() && cap > 0.0 && (scale / cap).is_finite())
+            && !(cap.is_finite() && cap >= f32::MIN_POSITIVE && (scale / cap).is_finite())
         {
             return Err(Error::InvalidOption(format!(
                 "softcap = {cap:e}: must be finite and > 0 with scale / softcap finite \

@@ -4,8 +4,9 @@ use crate::element::Element;
 #[cfg(not(longattn_cuda))]
 use crate::error::Error;
 use crate::error::Result;
+use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use crate::merge::{MergeShape, Partial};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 impl MergeShape {
@@ -20,10 +21,10 @@ impl MergeShape {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        L: DevicePtr<f32>,
-        O: DevicePtrMut<T>,
-        M: DevicePtrMut<f32>,
+        I: DeviceBuffer<T>,
+        L: DeviceBuffer<f32>,
+        O: DeviceBufferMut<T>,
+        M: DeviceBufferMut<f32>,
     {
         self.check("a", a.o.len(), a.lse.len())?;
         self.check("b", b.o.len(), b.lse.len())?;
@@ -46,10 +47,10 @@ impl MergeShape {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        A: DevicePtrMut<T>,
-        L: DevicePtrMut<f32>,
-        P: DevicePtr<T>,
-        Q: DevicePtr<f32>,
+        A: DeviceBufferMut<T>,
+        L: DeviceBufferMut<f32>,
+        P: DeviceBuffer<T>,
+        Q: DeviceBuffer<f32>,
     {
         self.check("acc", acc.o.len(), acc.lse.len())?;
         self.check("part", part.o.len(), part.lse.len())?;

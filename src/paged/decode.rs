@@ -72,7 +72,9 @@ impl PagedDecode {
             return Err(Error::Shape(format!("heads_q = {heads_q} must fit in i32")));
         }
         if q_len == 0 {
-            return Err(Error::Shape("q_len = 0: a decode step needs a new token".into()));
+            return Err(Error::Shape(
+                "q_len = 0: a decode step needs a new token".into(),
+            ));
         }
         if q_len > MAX_Q_LEN {
             return Err(Error::Unsupported(format!(
@@ -272,7 +274,7 @@ impl PagedDecode {
         let rows = self.q_len * self.group();
         let blocks =
             self.cache.batch() * self.cache.heads_kv() * rows.div_ceil(DECODE_ROWS_PER_BLOCK);
-        let target = 2 * sm_count.max(1);
+        let target = sm_count.max(1).saturating_mul(2);
         if blocks >= target {
             return 1;
         }

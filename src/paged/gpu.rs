@@ -22,9 +22,10 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use crate::layout::Strided;
 use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Largest head dim of the paged kernels (one warp covers a key row with 16-byte loads).
@@ -135,8 +136,8 @@ fn validate_append<T, I, O>(
 ) -> Result<usize>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     let max_touched = cache.check_append(
         cu_seqlens_new,
@@ -165,8 +166,8 @@ impl PagedCache {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         let max_touched =
             validate_append::<T, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
@@ -228,7 +229,7 @@ impl PagedDecode {
     ) -> Result<GpuSelection>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
+        I: DeviceBuffer<T>,
     {
         self.check_select(
             (q.data.len(), &q.strides),
@@ -258,8 +259,8 @@ impl PagedDecode {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         // The tensor checks first, then the plan (tables, grid), then the launches.
         self.validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
@@ -277,8 +278,8 @@ impl PagedDecode {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         self.check_forward(
             (q.data.len(), &q.strides),
@@ -346,7 +347,7 @@ impl PagedDecodePlan {
     ) -> Result<GpuSelectionRef<'_>>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
+        I: DeviceBuffer<T>,
     {
         self.decode.check_select(
             (q.data.len(), &q.strides),
@@ -376,8 +377,8 @@ impl PagedDecodePlan {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         self.decode
             .validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
@@ -404,8 +405,8 @@ impl PagedDecodePlan {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         let max_touched = validate_append::<T, I, O>(
             &self.decode.cache,
@@ -438,8 +439,8 @@ mod imp {
         _: usize,
     ) -> Result<()>
     where
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         Err(Error::CudaNotCompiled)
     }
@@ -454,8 +455,8 @@ mod imp {
         _: usize,
     ) -> Result<()>
     where
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         Err(Error::CudaNotCompiled)
     }
@@ -474,7 +475,7 @@ mod imp {
         _: &PageMeta<&CudaSlice<T>>,
     ) -> Result<()>
     where
-        I: DevicePtr<T>,
+        I: DeviceBuffer<T>,
     {
         Err(Error::CudaNotCompiled)
     }
@@ -488,8 +489,8 @@ mod imp {
         _: Option<&mut CudaSlice<f32>>,
     ) -> Result<()>
     where
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         Err(Error::CudaNotCompiled)
     }
@@ -504,6 +505,7 @@ mod imp {
     use crate::layout::Strides;
     use crate::paged::HeadPolicy;
     use cudarc::driver::sys::CUdevice_attribute;
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
 
     // The host's split and grid arithmetic assumes the kernel's rows per decode block.
     const _: () = assert!(
@@ -652,8 +654,8 @@ mod imp {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         let bytes = dtype_bytes(T::DTYPE);
         let (kn, _s1) = k_new.data.device_ptr(stream);
@@ -712,8 +714,8 @@ mod imp {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         // Temporaries freed stream-ordered after the launch (see the module docs).
         let bt = stream.clone_htod(cache.block_table())?;
@@ -744,8 +746,8 @@ mod imp {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         let stale = plan
             .append_cu
@@ -787,7 +789,7 @@ mod imp {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
+        I: DeviceBuffer<T>,
     {
         let PagedDecodePlan {
             decode,
@@ -857,8 +859,8 @@ mod imp {
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         if plan.decode.needs_meta() {
             let m = meta.as_ref().expect("validated: Quest heads have metadata");

@@ -1,0 +1,363 @@
+//! One named regression test per finding of the hostile-input audit (issue 11). Each failed
+//! (panic, abort, wrong `Ok` or wrong error) on the code before the fix. Allocation bounds
+//! (findings 2 and 5) are checked in `tests/alloc_bounds.rs`, which counts allocations;
+//! finding 8 (sealed GPU buffers) is a `compile_fail` doc test on `DeviceBuffer`.
+
+mod common;
+
+use common::{random_vec, rel_l2, rng};
+use longattn::*;
+
+fn fixed(
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+) -> AttentionShape<'static> {
+    AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    }
+}
+
+/// Finding 1: `rows * heads * head_dim` wrapped to 0, so empty buffers passed the length
+/// check and the merge indexed out of bounds.
+#[test]
+fn finding1_merge_shape_products_are_checked() {
+    let shape = MergeShape {
+        batch: 1 << 30,
+        seqlen: 1 << 30,
+        heads: 1 << 4,
+        head_dim: 1,
+    };
+    let (o, l): (Vec<f32>, Vec<f32>) = (vec![], vec![]);
+    let (mut oo, mut ol): (Vec<f32>, Vec<f32>) = (vec![], vec![]);
+    let r = shape.merge_cpu(
+        Partial {
+            o: &o[..],
+            lse: &l[..],
+        },
+        Partial {
+            o: &o[..],
+            lse: &l[..],
+        },
+        Partial {
+            o: &mut oo[..],
+            lse: &mut ol[..],
+        },
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    assert_eq!(
+        shape.o_len(),
+        usize::MAX,
+        "o_len saturates instead of wrapping"
+    );
+}
+
+/// Finding 2: a batch near `1 << 40` aborted on allocation; now refused by its bound, and
+/// the largest accepted batch costs nothing until a forward pass sees real buffers.
+#[test]
+fn finding2_huge_batch_and_heads_are_bounded() {
+    let r = FlashAttention::new(&fixed(1 << 40, 1, 1, 1, 1, 8), &AttentionOptions::default());
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let attn = FlashAttention::new(
+        &fixed(i32::MAX as usize, 0, 4, 1, 1, 8),
+        &AttentionOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(attn.out_len(), 0);
+    assert_eq!(attn.span(i32::MAX as usize), None);
+    // 2^30 heads over empty sequences: no work, no memory.
+    let attn =
+        FlashAttention::new(&fixed(1, 0, 0, 1 << 30, 1, 8), &AttentionOptions::default()).unwrap();
+    let s = Strides::contiguous(0, 1 << 30, 8);
+    let kv = Strides::contiguous(0, 1, 8);
+    let empty: Vec<f32> = vec![];
+    let mut out: Vec<f32> = vec![];
+    attn.forward_cpu(
+        Strided::new(&empty[..], s),
+        Strided::new(&empty[..], kv),
+        Strided::new(&empty[..], kv),
+        Strided::new(&mut out[..], s),
+        None,
+    )
+    .unwrap();
+}
+
+/// Finding 3: `unshard` allocated the whole tensor before checking the shards; `neighbors`
+/// built an unbounded list; `schedule` was cubic in the world size.
+#[test]
+fn finding3_ring_and_neighborhood_helpers_are_bounded() {
+    let layout = RingLayout::new(i32::MAX as usize, 2, Sharding::Contiguous).unwrap();
+    let shards: Vec<Vec<u8>> = vec![vec![], vec![]];
+    let r = layout.unshard(&shards, 1 << 20, 1 << 10);
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    // A 1-D grid of 2^31 - 1 tokens with a full-length kernel: 2^31 - 1 neighbors per query,
+    // listed lazily.
+    let l = i32::MAX as usize;
+    let dims = [NeighborhoodDim::new(l, l)];
+    let na = NeighborhoodAttention::new(
+        &NeighborhoodShape {
+            batch: 1,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: 1,
+            dims: &dims,
+        },
+        &AttentionOptions::default(),
+    )
+    .unwrap();
+    let mut keys = na.neighbors(l / 2).unwrap();
+    assert_eq!(keys.len(), l);
+    assert_eq!(keys.next(), Some(0));
+    assert_eq!(keys.next(), Some(1));
+    // The schedule at the largest world: linear tables, every rank computes its own step.
+    let layout = RingLayout::new(MAX_RING_WORLD * 2, MAX_RING_WORLD, Sharding::Zigzag).unwrap();
+    let ring = RingAttention::new(
+        layout,
+        RingShape {
+            batch: 1,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: 8,
+        },
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    let sched = ring.schedule();
+    assert!(sched.compute.iter().all(|steps| steps[0]));
+    assert!(
+        (sched.imbalance() - 1.0).abs() < 1e-9,
+        "{}",
+        sched.imbalance()
+    );
+}
+
+/// Finding 4: size helpers overflowed (panic in debug, wrap in release) and index accessors
+/// panicked on out-of-range indices.
+#[test]
+fn finding4_size_helpers_and_accessors_never_panic() {
+    let s = Strides::contiguous(usize::MAX, 2, 2);
+    assert_eq!(s.batch, i64::MAX);
+    assert!(matches!(
+        Strides::try_contiguous(usize::MAX, 2, 2),
+        Err(Error::Shape(_))
+    ));
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages: 4,
+            page_size: 2,
+            heads_kv: 1,
+            head_dim: 8,
+        },
+        PageTable {
+            block_table: &[0, 1],
+            max_pages_per_seq: 2,
+            seqlens_k: &[3],
+        },
+    )
+    .unwrap();
+    assert_eq!(cache.seqlen(1), None);
+    assert_eq!(cache.pages_of(7), None);
+    assert_eq!(cache.page_id(0, 2), None);
+    assert_eq!(cache.token_offset(0, 3, 0), None);
+    assert_eq!(cache.token_offset(0, 2, 0), Some(16)); // logical page 1 = page 1, slot 0
+    assert_eq!(cache.layout().slot_offset(4, 0, 0), None);
+    let decode = PagedDecode::new(&cache, 2, 1, &AttentionOptions::default()).unwrap();
+    assert!(decode.splits_for(usize::MAX) >= 1);
+    let lists = PageLists::new(1, 1, vec![vec![0]]).unwrap();
+    assert_eq!(lists.get(1, 0), None);
+    let attn = FlashAttention::new(&fixed(2, 3, 3, 1, 1, 8), &AttentionOptions::default()).unwrap();
+    assert_eq!(attn.span(2), None);
+}
+
+/// Finding 5: a cache with no pages skipped its size check.
+#[test]
+fn finding5_empty_cache_is_size_checked() {
+    let r = PagedCache::new(
+        PagedLayout {
+            num_pages: 0,
+            page_size: 1 << 30,
+            heads_kv: 1 << 20,
+            head_dim: 1 << 20,
+        },
+        PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[0],
+        },
+    );
+    assert!(r.is_err(), "{r:?}");
+}
+
+/// Finding 6: `scale = f32::MAX` returned Ok with NaN; a NaN input gave other rows on the
+/// CPU (NaN scores skipped) than on the GPU (NaN propagated).
+#[test]
+fn finding6_scale_bound_and_nan_propagation() {
+    let o = AttentionOptions::default().with_scale(f32::MAX);
+    let r = FlashAttention::new(&fixed(1, 4, 4, 1, 1, 8), &o);
+    assert!(matches!(r, Err(Error::InvalidOption(_))), "{r:?}");
+
+    // q = k = v, 64 tokens, bf16, one NaN in row 3: every row that sees key 3 is NaN
+    // (all rows without a mask, rows >= 3 with causal), the others stay finite.
+    let (n, d) = (64usize, 16usize);
+    let s = Strides::contiguous(n, 1, d);
+    let mut x: Vec<bf16> = random_vec(&mut rng(6), n * d);
+    x[3 * d + 5] = bf16::NAN;
+    for (opts, first_nan) in [
+        (AttentionOptions::default(), 0usize),
+        (AttentionOptions::causal(), 3),
+    ] {
+        let attn = FlashAttention::new(&fixed(1, n, n, 1, 1, d), &opts).unwrap();
+        let mut out = vec![bf16::ZERO; n * d];
+        let mut lse = vec![0f32; n];
+        attn.forward_cpu(
+            Strided::new(&x[..], s),
+            Strided::new(&x[..], s),
+            Strided::new(&x[..], s),
+            Strided::new(&mut out[..], s),
+            Some(&mut lse),
+        )
+        .unwrap();
+        for i in 0..n {
+            let row_nan = out[i * d..(i + 1) * d].iter().all(|v| v.is_nan());
+            let row_finite = out[i * d..(i + 1) * d].iter().all(|v| v.is_finite());
+            if i >= first_nan {
+                assert!(row_nan && lse[i].is_nan(), "row {i} should be NaN");
+            } else {
+                assert!(row_finite && lse[i].is_finite(), "row {i} should be finite");
+            }
+        }
+    }
+    // A NaN only in q row 3: only row 3 is NaN.
+    let mut q: Vec<f32> = random_vec(&mut rng(7), n * d);
+    let kv: Vec<f32> = random_vec(&mut rng(8), n * d);
+    q[3 * d] = f32::NAN;
+    let attn = FlashAttention::new(&fixed(1, n, n, 1, 1, d), &AttentionOptions::default()).unwrap();
+    let mut out = vec![0f32; n * d];
+    attn.forward_cpu(
+        Strided::new(&q[..], s),
+        Strided::new(&kv[..], s),
+        Strided::new(&kv[..], s),
+        Strided::new(&mut out[..], s),
+        None,
+    )
+    .unwrap();
+    let nan_rows: Vec<usize> = (0..n)
+        .filter(|&i| out[i * d..(i + 1) * d].iter().any(|v| v.is_nan()))
+        .collect();
+    assert_eq!(nan_rows, vec![3]);
+}
+
+/// Finding 7: a subnormal softcap made `scale / softcap` overflow (NaN on the GPU).
+#[test]
+fn finding7_overflowing_softcap_is_refused() {
+    for cap in [
+        1e-40f32,
+        f32::MIN_POSITIVE / 4.0,
+        -1.0,
+        f32::NAN,
+        f32::INFINITY,
+    ] {
+        let o = AttentionOptions::default().with_softcap(cap);
+        let r = FlashAttention::new(&fixed(1, 4, 4, 1, 1, 8), &o);
+        assert!(matches!(r, Err(Error::InvalidOption(_))), "{cap:e}: {r:?}");
+    }
+    // 0 is off, as in every peer library.
+    let o = AttentionOptions::default().with_softcap(0.0);
+    let attn = FlashAttention::new(&fixed(1, 4, 4, 1, 1, 8), &o).unwrap();
+    assert_eq!(attn.softcap(), None);
+}
+
+/// Finding 9: disjoint strided views of one buffer were refused as overlapping.
+#[test]
+fn finding9_disjoint_interleaved_output_is_accepted() {
+    // Two heads whose rows interleave in one buffer: head 0 at rows 0, 16, 32 and head 1 at
+    // 24, 40, 56 (d = 8): disjoint, but the strides are not nested.
+    let (n, h, d) = (3usize, 2usize, 8usize);
+    let attn = FlashAttention::new(&fixed(1, n, n, h, h, d), &AttentionOptions::default()).unwrap();
+    let s = Strides::contiguous(n, h, d);
+    let mut r = rng(9);
+    let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        random_vec(&mut r, n * h * d),
+        random_vec(&mut r, n * h * d),
+        random_vec(&mut r, n * h * d),
+    );
+    let out_s = Strides {
+        batch: 0,
+        seq: 16,
+        head: 24,
+    };
+    let mut out = vec![f32::NAN; 64];
+    attn.forward_cpu(
+        Strided::new(&q[..], s),
+        Strided::new(&k[..], s),
+        Strided::new(&v[..], s),
+        Strided::new(&mut out[..], out_s),
+        None,
+    )
+    .unwrap();
+    let (want, _) = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&q[..], s),
+        Strided::new(&k[..], s),
+        Strided::new(&v[..], s),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    for i in 0..n {
+        for hh in 0..h {
+            let o = i * 16 + hh * 24;
+            got.extend(out[o..o + d].iter().map(|&x| x as f64));
+        }
+    }
+    assert!(rel_l2(&got, &want) < 1e-5);
+}
+
+/// Finding 10: valid requests beyond what is implemented came back as shape errors.
+#[test]
+fn finding10_unsupported_requests_say_so() {
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages: 2,
+            page_size: 16,
+            heads_kv: 1,
+            head_dim: 8,
+        },
+        PageTable {
+            block_table: &[0, 1],
+            max_pages_per_seq: 2,
+            seqlens_k: &[20],
+        },
+    )
+    .unwrap();
+    let r = PagedDecode::new(
+        &cache,
+        1,
+        paged::MAX_Q_LEN + 1,
+        &AttentionOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let r = RingLayout::new(1 << 20, MAX_RING_WORLD + 1, Sharding::Zigzag);
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let dims = [NeighborhoodDim::new(4, 3); 4];
+    let r = NeighborhoodAttention::new(
+        &NeighborhoodShape {
+            batch: 1,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: 8,
+            dims: &dims,
+        },
+        &AttentionOptions::default(),
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}
