@@ -16,6 +16,13 @@ mod sealed {
 /// `CudaViewMut`. The length checks of every entry point trust `len()`; cudarc's
 /// `DevicePtr` is a safe trait that any type can implement with a wrong length, so the
 /// entry points take only these sealed types (memory safety through the safe API).
+///
+/// No other type can be made one (the seal is private to this crate):
+///
+/// ```compile_fail
+/// struct Pretender; // would report any length it likes
+/// impl longattn::DeviceBuffer<f32> for Pretender {}
+/// ```
 pub trait DeviceBuffer<T>: DevicePtr<T> + sealed::Sealed {}
 
 /// A device buffer the GPU entry points write: cudarc's `CudaSlice` or `CudaViewMut`.

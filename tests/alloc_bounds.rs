@@ -1,0 +1,135 @@
+//! Allocation bounds (issue 11, findings 2 and 5): nothing is allocated in proportion to a
+//! size that validation did not bound. A counting global allocator records the largest
+//! single allocation while each case runs; one test function runs the cases in turn so that
+//! no other test of this binary allocates meanwhile.
+
+use longattn::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Counting;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only records sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: forwarded contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f` and returns the largest single allocation (bytes) it made.
+fn largest_allocation(f: impl FnOnce()) -> usize {
+    LARGEST.store(0, Ordering::Relaxed);
+    f();
+    LARGEST.load(Ordering::Relaxed)
+}
+
+const MIB: usize = 1 << 20;
+
+#[test]
+fn no_allocation_proportional_to_unvalidated_sizes() {
+    // Finding 2: a problem of 2^26 sequences is described, not materialised (the old code
+    // kept one 32-byte span per sequence: 2 GiB).
+    let bytes = largest_allocation(|| {
+        let shape = AttentionShape {
+            batch: 1 << 26,
+            heads_q: 4,
+            heads_kv: 4,
+            head_dim: 8,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: 1,
+                seqlen_k: 1,
+            },
+        };
+        FlashAttention::new(&shape, &AttentionOptions::default()).unwrap();
+    });
+    assert!(bytes < MIB, "FlashAttention::new allocated {bytes} bytes");
+
+    // Finding 2: 2^24 heads over empty sequences do no work and hold no per-head memory.
+    let bytes = largest_allocation(|| {
+        let shape = AttentionShape {
+            batch: 4,
+            heads_q: 1 << 24,
+            heads_kv: 1,
+            head_dim: 8,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: 0,
+                seqlen_k: 3,
+            },
+        };
+        let attn = FlashAttention::new(&shape, &AttentionOptions::default()).unwrap();
+        let kv = vec![0.5f32; 4 * 3 * 8];
+        let (qs, ks) = (
+            Strides::contiguous(0, 1 << 24, 8),
+            Strides::contiguous(3, 1, 8),
+        );
+        let mut out: Vec<f32> = vec![];
+        attn.forward_cpu(
+            Strided::new(&out.clone()[..], qs),
+            Strided::new(&kv[..], ks),
+            Strided::new(&kv[..], ks),
+            Strided::new(&mut out[..], qs),
+            None,
+        )
+        .unwrap();
+    });
+    assert!(
+        bytes < MIB,
+        "empty-sequence forward allocated {bytes} bytes"
+    );
+
+    // Finding 5: the CPU decode's working rows follow the keys a page holds, not the page
+    // size (the old code took page_size * head_dim floats per row: 32 MiB here for a
+    // 3-token sequence).
+    let (page_size, d) = (1usize << 20, 8usize);
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages: 1,
+            page_size,
+            heads_kv: 1,
+            head_dim: d,
+        },
+        PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[3],
+        },
+    )
+    .unwrap();
+    let decode = PagedDecode::new(&cache, 1, 1, &AttentionOptions::default()).unwrap();
+    let kv = vec![f16::from_f32(0.25); cache.layout().cache_len()];
+    let q = vec![f16::from_f32(0.5); d];
+    let mut out = vec![f16::ZERO; d];
+    let qs = Strides::contiguous(1, 1, d);
+    let bytes = largest_allocation(|| {
+        decode
+            .forward_cpu(
+                Strided::new(&q[..], qs),
+                KvPages {
+                    k: &kv[..],
+                    v: &kv[..],
+                },
+                None,
+                Strided::new(&mut out[..], qs),
+                None,
+            )
+            .unwrap();
+    });
+    assert!(bytes < MIB, "paged decode allocated {bytes} bytes");
+    assert!((out[0].to_f32() - 0.25).abs() < 1e-3);
+}
