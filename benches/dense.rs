@@ -58,7 +58,13 @@ fn bench_cpu(c: &mut Criterion) {
     let mut out = vec![bf16::ZERO; b * s * h * d];
     for (name, opts) in cases() {
         let attn = problem(b, s, h, d, opts);
-        group.throughput(Throughput::Elements(flops(&opts.mask, b, h, d, s)));
+        group.throughput(Throughput::Elements(flops(
+            &opts.effective_mask(),
+            b,
+            h,
+            d,
+            s,
+        )));
         group.bench_function(BenchmarkId::new(name, format!("s{s}_h{h}_d{d}")), |bench| {
             bench.iter(|| {
                 attn.forward_cpu(
@@ -101,7 +107,13 @@ fn bench_gpu(c: &mut Criterion) {
             DenseKernel::Simt,
         ] {
             let attn = problem(b, s, h, d, opts).with_kernel(kernel);
-            group.throughput(Throughput::Elements(flops(&opts.mask, b, h, d, s)));
+            group.throughput(Throughput::Elements(flops(
+                &opts.effective_mask(),
+                b,
+                h,
+                d,
+                s,
+            )));
             let id = BenchmarkId::new(format!("{name}_{kernel:?}"), format!("b{b}_s{s}_h{h}_d{d}"));
             group.bench_function(id, |bench| {
                 bench.iter(|| {

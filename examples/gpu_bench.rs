@@ -86,7 +86,8 @@ fn time_case(stream: &Arc<CudaStream>, c: &Case, kernel: DenseKernel) -> Result<
     }
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
-    let flops = 4.0 * (c.b * c.h * c.d) as f64 * visible_pairs(&c.opts.mask, c.s, c.s) as f64;
+    let flops =
+        4.0 * (c.b * c.h * c.d) as f64 * visible_pairs(&c.opts.effective_mask(), c.s, c.s) as f64;
     Ok((ms, flops / ms / 1e9))
 }
 

@@ -240,13 +240,9 @@ unsafe fn dense_problem(desc: *const CDenseDesc) -> Result<FlashAttention, CallE
         head_dim: desc.head_dim,
         seqlens,
     };
-    let mut window = Window::from_flash(desc.window_left, desc.window_right)?;
-    if desc.causal != 0 {
-        // FlashAttention-2: causal sets the right bound to min(right, 0), keeps the left.
-        window.right = Some(0);
-    }
     let mut options = AttentionOptions::default()
-        .with_window(window)
+        .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
+        .with_causal(desc.causal != 0)
         .with_sinks(desc.sinks);
     if desc.scale != 0.0 {
         options = options.with_scale(desc.scale);

@@ -693,3 +693,33 @@ fn bad_inputs_get_errors() {
     );
     assert!(matches!(r, Err(Error::Shape(_))));
 }
+
+/// `causal` composes with a window as in FlashAttention-2 (issue 12): it sets the right
+/// bound to min(right, 0) and keeps the left bound and the sinks; the default is full
+/// attention.
+#[test]
+fn causal_flag_composes_with_windows() {
+    let o = AttentionOptions::default();
+    assert_eq!(o.effective_mask(), Mask::default());
+    for (window, want) in [
+        (Window::new(Some(3), None), Window::new(Some(3), Some(0))),
+        (Window::new(Some(3), Some(5)), Window::new(Some(3), Some(0))),
+        (Window::new(None, None), Window::CAUSAL),
+        (Window::new(Some(0), Some(0)), Window::new(Some(0), Some(0))),
+    ] {
+        let got = o.with_window(window).with_sinks(2).with_causal(true);
+        assert_eq!(got.effective_mask(), Mask::new(want, 2), "{window:?}");
+        assert_eq!(
+            o.with_causal(true)
+                .with_window(window)
+                .effective_mask()
+                .window,
+            want,
+            "order of the setters does not matter"
+        );
+    }
+    assert_eq!(
+        AttentionOptions::causal().effective_mask().window,
+        Window::CAUSAL
+    );
+}

@@ -304,7 +304,7 @@ fn decode_is_causal_among_new_tokens_unless_told_otherwise() {
     ];
     for (given, means) in cases {
         let dec = PagedDecode::new(&sc.cache, 4, 4, &given).unwrap();
-        assert_eq!(dec.base_mask(), means.mask, "{given:?}");
+        assert_eq!(dec.base_mask(), means.effective_mask(), "{given:?}");
         let q: Vec<f32> = random_vec(&mut rng(3), 3 * 4 * 4 * 8);
         let (out, lse) = run_cpu(&dec, &sc, &q);
         let (want, want_lse) = dense_reference(&sc, &q, 4, 4, &means);
@@ -694,7 +694,7 @@ fn quest_selection_equals_brute_force_top_b() {
                                 // The newest page is always selected.
                                 let sk = sc.cache.seqlen(b).unwrap();
                                 let newest = ((sk - 1) / ps) as u32;
-                                if opts.mask.window == Window::CAUSAL {
+                                if opts.effective_mask().window == Window::CAUSAL {
                                     assert!(want.contains(&newest), "{what}: newest page missing");
                                     let k = (budget / ps).max(1);
                                     let cand = sc.cache.pages_of(b).unwrap();

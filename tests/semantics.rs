@@ -369,7 +369,10 @@ fn window_constructors_match_flash_integers() {
         Window::from_flash(0, -1).unwrap(),
         Window::new(Some(0), None)
     );
-    assert_eq!(AttentionOptions::causal().mask, spec(-1, 0, 0).mask());
+    assert_eq!(
+        AttentionOptions::causal().effective_mask(),
+        spec(-1, 0, 0).mask()
+    );
 }
 
 /// W = 1 and W = 2 windows, computed by hand: with `(0, 0)` row `i` (sq = sk) sees key `i`

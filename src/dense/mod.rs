@@ -36,13 +36,20 @@ pub enum DenseKernel {
     Hopper,
 }
 
-/// Options shared by every attention family, on the CPU and the GPU.
+/// Options shared by every attention family, on the CPU and the GPU. The default is full
+/// (non-causal) attention, unscaled by anything but `1/sqrt(head_dim)`, in every family.
+///
+/// The mask in force is `mask` composed with `causal` exactly as FlashAttention-2 does:
+/// `causal` sets the window's right bound to `min(right, 0)` (0 when unbounded) and keeps
+/// the left bound and the sinks, so `causal` + `(W - 1, -1)` is the causal sliding window.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct AttentionOptions {
     /// Multiplier of `q.k`; `None` is `1/sqrt(head_dim)`.
     pub scale: Option<f32>,
-    /// Window and sinks (causal is `Window::CAUSAL`).
+    /// Window and sinks.
     pub mask: Mask,
+    /// Causal (bottom-right aligned), composed with `mask` as described above.
+    pub causal: bool,
     /// Gemma-2 softcap: `s = cap * tanh(scale * q.k / cap)`; `None` or `Some(0.0)` disables
     /// it.
     pub softcap: Option<f32>,
@@ -55,8 +62,22 @@ pub struct AttentionOptions {
 pub const MAX_SCALE: f32 = 65536.0;
 
 impl AttentionOptions {
+    /// Causal attention: `default().with_causal(true)`.
     pub fn causal() -> Self {
-        Self::default().with_window(Window::CAUSAL)
+        Self::default().with_causal(true)
+    }
+    /// Sets the causal flag (it composes with any window, see [`AttentionOptions`]).
+    pub fn with_causal(mut self, causal: bool) -> Self {
+        self.causal = causal;
+        self
+    }
+    /// The mask in force: `mask` with the right bound clipped to 0 when `causal`.
+    pub fn effective_mask(&self) -> Mask {
+        let mut mask = self.mask;
+        if self.causal {
+            mask.window.right = Some(0);
+        }
+        mask
     }
     pub fn with_window(mut self, window: Window) -> Self {
         self.mask.window = window;
@@ -254,7 +275,7 @@ impl FlashAttention {
             total_k,
             scale,
             softcap: options.effective_softcap(),
-            mask: options.mask,
+            mask: options.effective_mask(),
             kernel: DenseKernel::Auto,
         })
     }

@@ -248,11 +248,11 @@ impl NeighborhoodAttention {
         for (axis, dim) in dims.iter().enumerate() {
             dim.check(axis)?;
         }
-        if options.mask != Mask::default() {
+        if options.effective_mask() != Mask::default() {
             return Err(Error::InvalidOption(format!(
                 "neighborhood: the kernel sizes define the mask; window and sinks must be \
                  unset (got {:?})",
-                options.mask
+                options.effective_mask()
             )));
         }
         let tokens = dims

@@ -94,10 +94,10 @@ impl PagedDecode {
             softcap: options.effective_softcap(),
             mask: Mask {
                 window: Window::new(
-                    options.mask.window.left,
-                    Some(options.mask.window.right.unwrap_or(0)),
+                    options.effective_mask().window.left,
+                    Some(options.effective_mask().window.right.unwrap_or(0)),
                 ),
-                ..options.mask
+                ..options.effective_mask()
             },
             policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
             lists: None,

@@ -447,7 +447,7 @@ impl RingAttention {
         Ok(RingAttention {
             layout,
             shape,
-            mask: options.mask,
+            mask: options.effective_mask(),
             scale,
             softcap: options.effective_softcap(),
         })
@@ -677,7 +677,8 @@ impl RingAttention {
             },
             &AttentionOptions {
                 scale: Some(self.scale),
-                mask: piece.mask,
+                mask: piece.mask, // already in local coordinates, causality included
+                causal: false,
                 softcap: self.softcap,
             },
         )
