@@ -78,7 +78,9 @@ pub mod ring;
 pub mod softmax;
 
 pub use cudarc;
-pub use dense::{AttentionOptions, AttentionShape, DenseKernel, FlashAttention, MAX_SCALE};
+pub use dense::{
+    AttentionOptions, AttentionShape, DenseGpuPlan, DenseKernel, FlashAttention, MAX_SCALE,
+};
 pub use device::Device;
 pub use element::{DType, Element};
 pub use error::{Error, Result};

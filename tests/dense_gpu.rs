@@ -779,3 +779,89 @@ fn gpu_nan_rows_match_the_cpu() {
         }
     }
 }
+
+/// CUDA-graph safety (issue 12): a varlen plan's forward is captured once into a graph
+/// (no upload, no allocation inside), then the graph is replayed with new q/k/v contents
+/// and each replay is checked against the f64 reference. Outputs are poisoned before each
+/// replay.
+#[test]
+fn gpu_dense_varlen_plan_replays_in_a_cuda_graph() {
+    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(ctx) = gpu_or_skip("gpu_dense_varlen_plan_replays_in_a_cuda_graph") else {
+        return;
+    };
+    // Capture needs a non-default stream; event tracking would record cross-stream waits.
+    // SAFETY: this test uses one stream only.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let cu_q = [0i32, 37, 37, 200];
+    let cu_k = [0i32, 50, 81, 300];
+    let (hq, hkv, d) = (4usize, 2usize, 128usize);
+    let shape = AttentionShape {
+        batch: 3,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Varlen {
+            cu_seqlens_q: &cu_q,
+            cu_seqlens_k: &cu_k,
+        },
+    };
+    let opts = AttentionOptions::causal()
+        .with_window(Window::new(Some(64), None))
+        .with_sinks(2);
+    let attn = FlashAttention::new(&shape, &opts).unwrap();
+    let (qs, ks) = (
+        Strides::contiguous(200, hq, d),
+        Strides::contiguous(300, hkv, d),
+    );
+    let (nq, nk) = (200 * hq * d, 300 * hkv * d);
+    let mut dq = stream.alloc_zeros::<bf16>(nq).unwrap();
+    let mut dk = stream.alloc_zeros::<bf16>(nk).unwrap();
+    let mut dv = stream.alloc_zeros::<bf16>(nk).unwrap();
+    let mut dout = stream.alloc_zeros::<bf16>(attn.out_len()).unwrap();
+    let mut dlse = stream.alloc_zeros::<f32>(attn.lse_len()).unwrap();
+    let plan = attn.plan_gpu(&stream).unwrap();
+    stream.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    plan.forward(
+        &stream,
+        Strided::new(&dq, qs),
+        Strided::new(&dk, ks),
+        Strided::new(&dv, ks),
+        Strided::new(&mut dout, qs),
+        Some(&mut dlse),
+    )
+    .unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the forward pass was captured");
+    for round in 0..3u64 {
+        let mut r = rng(100 + round);
+        let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+            random_vec(&mut r, nq),
+            random_vec(&mut r, nk),
+            random_vec(&mut r, nk),
+        );
+        stream.memcpy_htod(&q, &mut dq).unwrap();
+        stream.memcpy_htod(&k, &mut dk).unwrap();
+        stream.memcpy_htod(&v, &mut dv).unwrap();
+        stream
+            .memcpy_htod(&vec![bf16::NAN; attn.out_len()], &mut dout)
+            .unwrap();
+        graph.launch().unwrap();
+        let out = stream.clone_dtoh(&dout).unwrap();
+        let (want, _) = dense_attention_f64(
+            &attn,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )
+        .unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < tolerance::<bf16>(), "replay {round}: rel L2 {err}");
+    }
+}

@@ -19,8 +19,10 @@ impl FlashAttention {
     /// `q`, `k`, `v`, `out` are device buffers with element strides as for the CPU path;
     /// on the GPU pointers must be 16-byte aligned, strides multiples of 8 elements and
     /// `head_dim` a multiple of 8 up to 256; f16 and bf16 only. `lse`, when given, receives
-    /// the natural-log LSE in the layout of [`FlashAttention::lse_len`]. Varlen offsets are
-    /// copied to the device on `stream`.
+    /// the natural-log LSE in the layout of [`FlashAttention::lse_len`] (a `CudaSlice` or a
+    /// view of a larger buffer). Varlen offsets are copied to the device on `stream` on every
+    /// call; for CUDA-graph capture build a [`DenseGpuPlan`] once and call
+    /// [`DenseGpuPlan::forward`], which copies and allocates nothing.
     pub fn forward_gpu<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,
@@ -28,7 +30,37 @@ impl FlashAttention {
         k: Strided<&I>,
         v: Strided<&I>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check_gpu(&q, &k, &v, &out, lse.as_deref().map(|l| l.len()))?;
+        launch(self, stream, None, q, k, v, out, lse)
+    }
+
+    /// Uploads the varlen offsets (if any) once, on `stream`, for [`DenseGpuPlan::forward`].
+    pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<DenseGpuPlan> {
+        let cu_seqlens = match &self.varlen {
+            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+            None => None,
+        };
+        Ok(DenseGpuPlan {
+            attn: self.clone(),
+            cu_seqlens,
+        })
+    }
+
+    /// Every check of a GPU call: buffer extents and strides, dtype, head dim, grid limits.
+    fn check_gpu<T, I, O>(
+        &self,
+        q: &Strided<&I>,
+        k: &Strided<&I>,
+        v: &Strided<&I>,
+        out: &Strided<&mut O>,
+        lse_len: Option<usize>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -40,7 +72,7 @@ impl FlashAttention {
             (k.data.len(), &k.strides),
             (v.data.len(), &v.strides),
             (out.data.len(), &out.strides),
-            lse.as_ref().map(|l| l.len()),
+            lse_len,
         )?;
         if T::DTYPE == DType::F32 {
             return Err(Error::Unsupported(
@@ -67,19 +99,69 @@ impl FlashAttention {
                 self.head_dim
             )));
         }
-        launch(self, stream, q, k, v, out, lse)
+        Ok(())
+    }
+}
+
+/// A dense problem bound to device-resident varlen offsets (FlashInfer's plan/run split):
+/// [`DenseGpuPlan::forward`] makes no allocation and no host-device copy, so a CUDA graph
+/// can capture it and replay it with new q/k/v contents (same shapes, same buffers or buffers
+/// of the same extents). The offsets live on the stream that built the plan; use the plan on
+/// that stream (or order other streams after it).
+#[derive(Debug)]
+pub struct DenseGpuPlan {
+    attn: FlashAttention,
+    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+impl DenseGpuPlan {
+    /// The validated problem.
+    pub fn attention(&self) -> &FlashAttention {
+        &self.attn
+    }
+
+    /// [`FlashAttention::forward_gpu`] without the per-call upload: validation (host only,
+    /// no device call) and one launch on `stream`.
+    pub fn forward<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.attn
+            .check_gpu(&q, &k, &v, &out, lse.as_deref().map(|l| l.len()))?;
+        launch(
+            &self.attn,
+            stream,
+            self.cu_seqlens.as_ref(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+        )
     }
 }
 
 #[cfg(not(longattn_cuda))]
+#[allow(clippy::too_many_arguments)]
 fn launch<T, I, O>(
     _attn: &FlashAttention,
     _stream: &Arc<CudaStream>,
+    _cu_seqlens: Option<&(CudaSlice<i32>, CudaSlice<i32>)>,
     _q: Strided<&I>,
     _k: Strided<&I>,
     _v: Strided<&I>,
     _out: Strided<&mut O>,
-    _lse: Option<&mut CudaSlice<f32>>,
+    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
@@ -90,14 +172,16 @@ where
 }
 
 #[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
 fn launch<T, I, O>(
     attn: &FlashAttention,
     stream: &Arc<CudaStream>,
+    planned: Option<&(CudaSlice<i32>, CudaSlice<i32>)>,
     q: Strided<&I>,
     k: Strided<&I>,
     v: Strided<&I>,
     out: Strided<&mut O>,
-    lse: Option<&mut CudaSlice<f32>>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
@@ -105,7 +189,7 @@ where
     O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use cudarc::driver::DevicePtr;
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -118,11 +202,12 @@ where
     check_vector_access("k", k_ptr, &k.strides, bytes)?;
     check_vector_access("v", v_ptr, &v.strides, bytes)?;
     check_vector_access("out", o_ptr, &out.strides, bytes)?;
-    let cu = match &attn.varlen {
-        Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-        None => None,
+    // A plan's offsets are already on the device; a one-shot call uploads them here.
+    let uploaded = match (&attn.varlen, planned) {
+        (Some((cq, ck)), None) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+        _ => None,
     };
-    let (cu_q, _cq_sync, cu_k, _ck_sync) = match &cu {
+    let (cu_q, _cq_sync, cu_k, _ck_sync) = match planned.or(uploaded.as_ref()) {
         Some((cq, ck)) => {
             let (a, sa) = cq.device_ptr(stream);
             let (b, sb) = ck.device_ptr(stream);

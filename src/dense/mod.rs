@@ -3,7 +3,7 @@
 
 mod gpu;
 
-pub use gpu::GPU_MAX_HEAD_DIM;
+pub use gpu::{DenseGpuPlan, GPU_MAX_HEAD_DIM};
 
 use crate::element::Element;
 use crate::error::{Error, Result};

@@ -255,7 +255,7 @@ impl PagedDecode {
         kv: KvPages<&I>,
         meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -274,7 +274,7 @@ impl PagedDecode {
         kv: &KvPages<&I>,
         meta: &Option<PageMeta<&CudaSlice<T>>>,
         out: &Strided<&mut O>,
-        lse: &Option<&mut CudaSlice<f32>>,
+        lse: &Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -373,7 +373,7 @@ impl PagedDecodePlan {
         kv: KvPages<&I>,
         meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
@@ -486,7 +486,7 @@ mod imp {
         _: KvPages<&I>,
         _: Option<PageMeta<&CudaSlice<T>>>,
         _: Strided<&mut O>,
-        _: Option<&mut CudaSlice<f32>>,
+        _: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         I: DeviceBuffer<T>,
@@ -855,7 +855,7 @@ mod imp {
         kv: KvPages<&I>,
         meta: Option<PageMeta<&CudaSlice<T>>>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
