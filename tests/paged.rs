@@ -1675,6 +1675,73 @@ mod gpu {
         }
     }
 
+    /// CUDA-graph safety (issue 12): a decode plan with every head kind (Full, Streaming,
+    /// Quest with its in-plan selection, Listed) and forced splits (the merge kernel) is
+    /// captured once into a graph on its stream, then replayed with new queries; each replay
+    /// equals the plan's own uncaptured call with the same queries.
+    #[test]
+    fn gpu_paged_plan_replays_in_a_cuda_graph() {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let Some(ctx) = gpu_or_skip("gpu_paged_plan_replays_in_a_cuda_graph") else {
+            return;
+        };
+        // SAFETY: one stream only (event tracking would record cross-stream waits).
+        unsafe { ctx.disable_event_tracking() };
+        let s = ctx.new_stream().unwrap();
+        let seqlens = [7usize, 250, 1500];
+        let (hkv, ratio, d, ps, q_len) = (4, 2, 128, 16, 2);
+        let hq = hkv * ratio;
+        let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 77);
+        let bufs = GpuBufs {
+            k: up(&s, &sc.k_cache),
+            v: up(&s, &sc.v_cache),
+            kmin: up(&s, &sc.kmin),
+            kmax: up(&s, &sc.kmax),
+        };
+        let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal())
+            .with_splits(Some(3))
+            .unwrap();
+        let mut plan = dec.plan_gpu(&s).unwrap();
+        let n = seqlens.len() * q_len * hq * d;
+        let st = q_strides(q_len, hq, d);
+        let mut qd = up(&s, &vec![bf16::ZERO; n]);
+        let mut od = up(&s, &vec![bf16::ZERO; dec.out_len()]);
+        let mut ld = up(&s, &vec![0f32; dec.lse_len()]);
+        s.synchronize().unwrap();
+        s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .unwrap();
+        plan.forward(
+            Strided::new(&qd, st),
+            KvPages {
+                k: &bufs.k,
+                v: &bufs.v,
+            },
+            Some(PageMeta {
+                kmin: &bufs.kmin,
+                kmax: &bufs.kmax,
+            }),
+            Strided::new(&mut od, st),
+            Some(&mut ld),
+        )
+        .unwrap();
+        let graph = s
+            .end_capture(CUgraphInstantiate_flags(0))
+            .unwrap()
+            .expect("the decode was captured");
+        for round in 0..3u64 {
+            let q: Vec<bf16> = random_vec(&mut rng(300 + round), n);
+            s.memcpy_htod(&q, &mut qd).unwrap();
+            s.memcpy_htod(&vec![bf16::NAN; dec.out_len()], &mut od)
+                .unwrap();
+            s.memcpy_htod(&vec![f32::NAN; dec.lse_len()], &mut ld)
+                .unwrap();
+            graph.launch().unwrap();
+            let got = (s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap());
+            let want = plan_forward(&s, &mut plan, &bufs, &qd);
+            same(&got, &want, &format!("graph replay {round}"));
+        }
+    }
+
     #[test]
     fn gpu_plan_reuse_matches_one_shot() {
         let Some(s) = stream() else { return };
