@@ -1,13 +1,35 @@
 //! Compiles `kernels/*.cu` into a static library with nvcc and generates the Rust FFI from the
 //! C headers in `kernels/include/longattn/`. Without nvcc the crate builds CPU-only (one
-//! cargo warning says how to get a toolkit); `LONGATTN_REQUIRE_CUDA=1` makes that an error.
+//! cargo warning says how to get a toolkit); `LONGATTN_REQUIRE_CUDA=1` makes that an error and
+//! `LONGATTN_NO_CUDA=1` skips the search (CPU-only build even where nvcc exists).
+//! nvcc runs at most `NUM_JOBS` (cargo's `-j`) processes at a time, each with `--threads=1`
+//! unless spare jobs remain for its gencodes.
 
 use std::env;
 use std::path::{Path, PathBuf};
 
 const DEFAULT_ARCHS: &str = "80,90a";
-/// Where `scripts/install-cuda-toolkit.sh` puts the pinned PyPI toolkit.
-const LOCAL_TOOLKIT: &str = ".cuda-venv/lib/python3.11/site-packages/nvidia/cu13";
+/// Where `scripts/install-cuda-toolkit.sh` puts the pinned PyPI toolkit:
+/// `.cuda-venv/lib/python3.*/site-packages/nvidia/cu13` (any Python minor version).
+const LOCAL_TOOLKIT: &str = ".cuda-venv/lib/python3.*/site-packages/nvidia/cu13";
+
+/// The PyPI toolkit's root under the local venv, whatever the venv's Python version.
+fn local_toolkit(manifest_dir: &Path) -> Option<PathBuf> {
+    let lib = manifest_dir.join(".cuda-venv/lib");
+    let mut roots: Vec<PathBuf> = std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("python3"))
+        })
+        .map(|p| p.join("site-packages/nvidia/cu13"))
+        .filter(|p| p.join("bin/nvcc").is_file())
+        .collect();
+    roots.sort();
+    roots.pop()
+}
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(longattn_cuda)");
@@ -21,6 +43,7 @@ fn main() {
         "LONGATTN_NO_CUDA",
         "LONGATTN_PTXAS_VERBOSE",
         "LONGATTN_LINEINFO",
+        "NUM_JOBS",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -72,7 +95,9 @@ fn find_nvcc(manifest_dir: &Path) -> Option<PathBuf> {
     if let Some(path) = env::var_os("PATH") {
         candidates.extend(env::split_paths(&path).map(|dir| dir.join("nvcc")));
     }
-    candidates.push(manifest_dir.join(LOCAL_TOOLKIT).join("bin/nvcc"));
+    if let Some(root) = local_toolkit(manifest_dir) {
+        candidates.push(root.join("bin/nvcc"));
+    }
     candidates.push("/usr/local/cuda/bin/nvcc".into());
     candidates.into_iter().find(|p| p.is_file())
 }
@@ -94,7 +119,6 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
         "-std=c++17",
         "-O3",
         "-Xcompiler=-fPIC",
-        "--threads=0",
         "--expt-relaxed-constexpr",
         // A spill or local-memory use fails the build; LONGATTN_PTXAS_VERBOSE=1 prints the
         // full register/shared-memory report.
@@ -119,46 +143,65 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
         }
         flags.push(format!("-gencode=arch=compute_{arch},code=sm_{arch}"));
     }
+    // Bounded parallelism: at most `jobs` nvcc processes at once (cargo's NUM_JOBS, else the
+    // available parallelism), and nvcc's own gencode threads share what is left.
+    let jobs = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|j| j.parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
+        .max(1);
+    let processes = jobs.min(sources.len()).max(1);
+    flags.push(format!("--threads={}", (jobs / processes).max(1)));
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let jobs: Vec<_> = sources
-        .iter()
-        .map(|source| {
-            let object = out_dir
-                .join(source.file_stem().unwrap())
-                .with_extension("o");
-            let child = std::process::Command::new(nvcc)
-                .args(&flags)
-                .arg(source)
-                .arg("-o")
-                .arg(&object)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-            (source, object, child)
-        })
-        .collect();
     let mut archive = cc::Build::new();
     let mut failed = Vec::new();
-    for (source, object, child) in jobs {
-        let output = child.wait_with_output().expect("nvcc ran");
-        for line in String::from_utf8_lossy(&output.stderr)
-            .lines()
-            .chain(String::from_utf8_lossy(&output.stdout).lines())
-        {
-            println!("cargo::warning={line}");
+    for batch in sources.chunks(processes) {
+        let running: Vec<_> = batch
+            .iter()
+            .map(|source| {
+                let object = out_dir
+                    .join(source.file_stem().unwrap())
+                    .with_extension("o");
+                let child = std::process::Command::new(nvcc)
+                    .args(&flags)
+                    .arg(source)
+                    .arg("-o")
+                    .arg(&object)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+                (source, object, child)
+            })
+            .collect();
+        for (source, object, child) in running {
+            let output = child.wait_with_output().expect("nvcc ran");
+            for line in String::from_utf8_lossy(&output.stderr)
+                .lines()
+                .chain(String::from_utf8_lossy(&output.stdout).lines())
+            {
+                println!("cargo::warning={line}");
+            }
+            if !output.status.success() {
+                failed.push(source.display().to_string());
+            }
+            archive.object(object);
         }
-        if !output.status.success() {
-            failed.push(source.display().to_string());
-        }
-        archive.object(object);
     }
     if !failed.is_empty() {
         panic!("nvcc failed on {}", failed.join(", "));
     }
     archive.compile("longattn_kernels");
 
-    for lib_dir in ["lib", "lib64", "targets/x86_64-linux/lib"] {
+    // x86_64 and aarch64 (GH200: targets/sbsa-linux) layouts of a system toolkit and the wheel.
+    for lib_dir in [
+        "lib",
+        "lib64",
+        "targets/x86_64-linux/lib",
+        "targets/sbsa-linux/lib",
+        "targets/aarch64-linux/lib",
+    ] {
         let dir = toolkit_root.join(lib_dir);
         if dir.is_dir() {
             println!("cargo::rustc-link-search=native={}", dir.display());

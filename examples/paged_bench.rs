@@ -53,7 +53,7 @@ const STREAM_SINKS: usize = 4;
 /// Host random chunk replicated on the device to fill the source buffer.
 const CHUNK: usize = 16 << 20;
 
-/// Performance targets of the paged family (docs/perf-notes.md).
+/// Performance targets of the paged family (docs/benchmarks.md).
 const FULL_FRAC_TARGET: f64 = 0.85;
 const QUEST_SPEEDUP_TARGET: f64 = 6.0;
 const SELECT_FRAC_TARGET: f64 = 0.15;

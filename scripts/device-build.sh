@@ -42,5 +42,5 @@ cargo bench --no-run --message-format=json | copy_executables "$DIST/benches" be
 echo "examples:"
 cargo build --release --examples --message-format=json | copy_executables "$DIST/examples" example
 cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline.py \
-  scripts/bench_summary.py "$DIST/"
+  scripts/bench_summary.py scripts/plot_bench.py "$DIST/"
 du -sh "$DIST"

@@ -3,7 +3,7 @@
 #   dist/device-run.sh OUT_DIR [--quick]
 # Runs the GPU tests with LONGATTN_REQUIRE_GPU=1, compute-sanitizer memcheck on the GPU
 # tests, the tour, the kernel benchmarks and the PyTorch baselines; writes full logs to
-# OUT_DIR and prints a short table last.
+# OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a short table last.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: device-run.sh OUT_DIR [--quick]}
@@ -62,6 +62,10 @@ fi
 [ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 120 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
   "$OUT/torch_decode_baseline.log" > "$OUT/summary.log" 2>&1
+# SVG bar charts (stdlib only) of TFLOP/s and GB/s vs the PyTorch baselines, and the numbers
+# as CSV: OUT/plots/dense_tflops.svg, OUT/plots/decode_gbps.svg, OUT/bench.csv.
+python3 "$HERE/plot_bench.py" "$OUT/summary.log" "$OUT/plots" --csv "$OUT/bench.csv" \
+  > "$OUT/plots.log" 2>&1 || echo "plot_bench.py failed: see $OUT/plots.log"
 
 echo "=== logs in $OUT ==="
 cat "$OUT/nvidia-smi.log"

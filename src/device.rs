@@ -29,6 +29,9 @@ pub fn open_gpu(ordinal: usize) -> Result<Arc<CudaContext>> {
         return Err(Error::CudaNotCompiled);
     }
     // SAFETY: only probes for the driver library; cudarc panics on first use without it.
+    // With `dynamic-linking`/`static-linking` (chosen by the top crate) libcuda is linked and
+    // the probe does not exist: a binary without libcuda does not start.
+    #[cfg(feature = "dynamic-loading")]
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::NoGpu("libcuda could not be loaded".into()));
     }

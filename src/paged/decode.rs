@@ -261,7 +261,7 @@ impl PagedDecode {
     /// keys, at most [`MAX_SPLITS`]. A forced count ([`PagedDecode::with_splits`]) wins. The 2
     /// comes from split sweeps on an H200 with the one-block-per-row merge (batch 1 x
     /// 64k/128k, 8 kv heads: 33 splits beat 24 by 3-4% and 16, 48 or 66 splits by 8-17%), see
-    /// docs/perf-notes.md.
+    /// docs/benchmarks.md.
     ///
     /// Sparsity-aware: the keys that bound the split count are those of the largest block's
     /// *work list* ([`PagedDecode::max_block_work_pages`] pages), not the sequence length, so
