@@ -255,7 +255,7 @@ fn random_lists_match_the_reference() {
             let mask = bs.block_mask().clone();
             let em = opts.mask;
             let naive = case.naive(bs.attention().scale() as f64, |b, h, i, j| {
-                mask.list(b, h, i / bm).iter().any(|(kb, kind)| {
+                mask.list(b, h, i / bm).unwrap().iter().any(|(kb, kind)| {
                     kb == j / bn && (kind == BlockKind::Full || em.visible(i, j, sq, sk))
                 })
             });
@@ -642,7 +642,7 @@ fn moba_query_block_selection_matches_brute_force() {
                 .chain(diag)
                 .collect();
             want.sort_unstable();
-            let got: Vec<usize> = mask.list(0, h, qb).iter().map(|x| x.0).collect();
+            let got: Vec<usize> = mask.list(0, h, qb).unwrap().iter().map(|x| x.0).collect();
             assert_eq!(got, want, "head {h} block {qb}");
         }
     }
@@ -780,6 +780,18 @@ fn bad_lists_are_named_errors() {
         RowBlocks::new(16, 0, vec![]),
         Err(BlockMaskError::BadDim { name: "top_k", .. })
     ));
+    // Per-tile unions from malformed rows are refused too.
+    let mut big = vec![-1; n];
+    big[0] = 7;
+    assert!(matches!(
+        moba_block_mask(&attn, &rows(big), 16),
+        Err(BlockMaskError::BadRow { row: 0, .. })
+    ));
+    // Out-of-range list lookups are None, broadcast dims serve every index.
+    let m = ok(good);
+    assert!(m.list(0, 0, 2).is_none() && m.list(2, 0, 0).is_none() && m.list(0, 2, 0).is_none());
+    let bcast = ok(BlockMaskDims::for_lengths(1, 1, 32, 48, 16, 16).unwrap());
+    assert!(bcast.list(5, 9, 1).is_some());
     // Errors convert into the crate's Error for `?`.
     let e: Error = BlockMaskError::Duplicate {
         list: id(0),

@@ -198,19 +198,7 @@ pub fn moba_block_mask(
         block_m,
         block_n,
     )?;
-    let expected = attn
-        .lse_len()
-        .checked_mul(rows.top_k())
-        .ok_or(BlockMaskError::TooLarge {
-            what: "rows x top_k",
-        })?;
-    if rows.blocks().len() != expected {
-        return Err(BlockMaskError::Mismatch {
-            what: "row selection length",
-            got: rows.blocks().len(),
-            want: expected,
-        });
-    }
+    super::check_row_blocks(attn, rows)?;
     let mask = attn.mask();
     BlockMask::from_lists(
         dims,

@@ -408,19 +408,28 @@ impl BlockMask {
         }
     }
 
-    /// The list of (batch entry `b`, query head `h`, query block `qb`), broadcasting a
-    /// mask with `batch == 1` or `heads == 1`. Panics if `qb >= num_q_blocks`.
-    pub fn list(&self, b: usize, h: usize, qb: usize) -> BlockList<'_> {
+    /// The list of (batch entry `b`, query head `h`, query block `qb`); a mask with
+    /// `batch == 1` or `heads == 1` serves every `b` or `h`. `None` when out of range.
+    pub fn list(&self, b: usize, h: usize, qb: usize) -> Option<BlockList<'_>> {
         let d = self.dims;
-        assert!(qb < d.num_q_blocks, "query block {qb} out of range");
         let b = if d.batch == 1 { 0 } else { b };
         let h = if d.heads == 1 { 0 } else { h };
+        if b >= d.batch || h >= d.heads || qb >= d.num_q_blocks {
+            return None;
+        }
         let l = (b * d.heads + h) * d.num_q_blocks + qb;
         let r = self.offsets[l] as usize..self.offsets[l + 1] as usize;
-        BlockList {
+        Some(BlockList {
             indices: &self.indices[r.clone()],
             full: &self.full[r],
-        }
+        })
+    }
+
+    /// [`BlockMask::list`] for indices a bound problem guarantees in range (its dims were
+    /// checked against the problem in [`BlockSparseAttention::new`]).
+    pub(crate) fn bound_list(&self, b: usize, h: usize, qb: usize) -> BlockList<'_> {
+        self.list(b, h, qb)
+            .expect("block mask dims were checked against the problem")
     }
 }
 
@@ -520,6 +529,50 @@ impl RowBlocks {
     }
 }
 
+/// Checks per-row lists against `attn`: one padded list per LSE row, each strictly
+/// increasing, in range for its sequence, `-1` only as trailing padding. O(rows x top_k).
+pub(crate) fn check_row_blocks(
+    attn: &FlashAttention,
+    rows: &RowBlocks,
+) -> Result<(), BlockMaskError> {
+    let want = attn
+        .lse_len()
+        .checked_mul(rows.top_k)
+        .ok_or(BlockMaskError::TooLarge {
+            what: "rows x top_k",
+        })?;
+    if rows.blocks.len() != want {
+        return Err(BlockMaskError::Mismatch {
+            what: "row selection length",
+            got: rows.blocks.len(),
+            want,
+        });
+    }
+    let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
+    for (b, span) in attn.spans().iter().enumerate() {
+        let nk = span.seqlen_k.div_ceil(rows.block_n);
+        for h in 0..attn.heads_q() {
+            for i in 0..span.seqlen_q {
+                let r = attn.lse_index(b, h, i);
+                let padded = &rows.blocks[r * rows.top_k..(r + 1) * rows.top_k];
+                let n = padded.iter().position(|&x| x < 0).unwrap_or(rows.top_k);
+                if padded[n..].iter().any(|&x| x != -1) {
+                    return Err(bad(r, "padding must be -1 and only at the end".into()));
+                }
+                for (p, &kb) in padded[..n].iter().enumerate() {
+                    if kb as usize >= nk {
+                        return Err(bad(r, format!("key block {kb} outside 0..{nk}")));
+                    }
+                    if p > 0 && kb <= padded[p - 1] {
+                        return Err(bad(r, "not strictly increasing".into()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A dense attention problem restricted to the blocks of a [`BlockMask`] (and, for MoBA, to
 /// each row's own [`RowBlocks`]). Scale, softcap, GQA, varlen and the element mask come from
 /// the [`FlashAttention`] problem.
@@ -576,7 +629,7 @@ impl BlockSparseAttention {
                     let nk = span.seqlen_k.div_ceil(d.block_n);
                     for h in 0..d.heads {
                         for qb in 0..d.num_q_blocks {
-                            let list = mask.list(b, h, qb);
+                            let list = mask.bound_list(b, h, qb);
                             let id = ListId {
                                 batch: b,
                                 head: h,
@@ -617,42 +670,7 @@ impl BlockSparseAttention {
                 want: self.mask.dims.block_n,
             });
         }
-        let want = self
-            .attn
-            .lse_len()
-            .checked_mul(rows.top_k)
-            .ok_or(BlockMaskError::TooLarge {
-                what: "rows x top_k",
-            })?;
-        if rows.blocks.len() != want {
-            return Err(BlockMaskError::Mismatch {
-                what: "row selection length",
-                got: rows.blocks.len(),
-                want,
-            });
-        }
-        let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
-        for (b, span) in self.attn.spans().iter().enumerate() {
-            let nk = span.seqlen_k.div_ceil(rows.block_n);
-            for h in 0..self.attn.heads_q() {
-                for i in 0..span.seqlen_q {
-                    let r = self.attn.lse_index(b, h, i);
-                    let padded = &rows.blocks[r * rows.top_k..(r + 1) * rows.top_k];
-                    let n = padded.iter().position(|&x| x < 0).unwrap_or(rows.top_k);
-                    if padded[n..].iter().any(|&x| x != -1) {
-                        return Err(bad(r, "padding must be -1 and only at the end".into()));
-                    }
-                    for (p, &kb) in padded[..n].iter().enumerate() {
-                        if kb as usize >= nk {
-                            return Err(bad(r, format!("key block {kb} outside 0..{nk}")));
-                        }
-                        if p > 0 && kb <= padded[p - 1] {
-                            return Err(bad(r, "not strictly increasing".into()));
-                        }
-                    }
-                }
-            }
-        }
+        check_row_blocks(&self.attn, &rows)?;
         self.rows = Some(rows);
         Ok(self)
     }
@@ -714,7 +732,7 @@ impl BlockSparseAttention {
         let mut lse = vec![f32::NEG_INFINITY; sq];
         let mut scores = [0.0f32; CPU_TILE_N];
         for qb in 0..sq.div_ceil(block_m) {
-            let list = self.mask.list(b, h, qb);
+            let list = self.mask.bound_list(b, h, qb);
             for i in qb * block_m..((qb + 1) * block_m).min(sq) {
                 let qi = &q[i * d..(i + 1) * d];
                 let selected = self.rows.as_ref().map(|r| r.row(attn.lse_index(b, h, i)));

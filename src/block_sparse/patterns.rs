@@ -15,6 +15,7 @@
 use super::moba::classify;
 use super::{BlockMask, BlockMaskDims, BlockMaskError, ListId};
 use crate::mask::Mask;
+use std::cell::RefCell;
 
 /// What every pattern needs: lengths, heads (lists are per query head where the pattern
 /// varies by head, else broadcast), the square block size and the options' element mask.
@@ -131,6 +132,9 @@ pub fn bigbird_random_blocks(
     out
 }
 
+/// The random blocks of one list: `((head, query block position), blocks)`.
+type Draw = ((usize, usize), Vec<usize>);
+
 /// BigBird (Zaheer et al. 2020, "Big Bird: Transformers for Longer Sequences"): the
 /// [`longformer`] window and global blocks plus `random` random key blocks per (head, query
 /// block) from [`bigbird_random_blocks`] with `seed` (per head: lists are per query head).
@@ -142,23 +146,18 @@ pub fn bigbird(
     seed: u64,
 ) -> Result<BlockMask, BlockMaskError> {
     let nk = shape.num_k_blocks();
-    let draws: Vec<Vec<Vec<usize>>> = (0..shape.heads)
-        .map(|h| {
-            (0..shape.seqlen_q.div_ceil(shape.block.max(1)))
-                .map(|qb| {
-                    let qpos =
-                        qb + (shape.seqlen_k.saturating_sub(shape.seqlen_q)) / shape.block.max(1);
-                    bigbird_random_blocks(seed, h, qpos, nk, random)
-                })
-                .collect()
-        })
-        .collect();
-    let shift = shape.seqlen_k.saturating_sub(shape.seqlen_q) / shape.block.max(1);
+    // `build` asks list by list, so only the current list's draw is kept.
+    let draw: RefCell<Option<Draw>> = RefCell::new(None);
     build(shape, true, |h, qb, kb| {
-        qb.abs_diff(kb) <= window
-            || kb < global
-            || qb < global
-            || draws[h][qb - shift].binary_search(&kb).is_ok()
+        if qb.abs_diff(kb) <= window || kb < global || qb < global {
+            return true;
+        }
+        let mut draw = draw.borrow_mut();
+        if draw.as_ref().is_none_or(|(at, _)| *at != (h, qb)) {
+            *draw = Some(((h, qb), bigbird_random_blocks(seed, h, qb, nk, random)));
+        }
+        draw.as_ref()
+            .is_some_and(|(_, d)| d.binary_search(&kb).is_ok())
     })
 }
 

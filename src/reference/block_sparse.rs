@@ -43,7 +43,7 @@ pub fn block_sparse_attention_f64<T: Element>(
             for i in 0..sq {
                 // kind[kb]: how key block kb is listed for row i's query block, if at all.
                 let mut kind = vec![None; dims.num_k_blocks];
-                for (kb, kd) in bs.block_mask().list(b, h, i / dims.block_m).iter() {
+                for (kb, kd) in bs.block_mask().bound_list(b, h, i / dims.block_m).iter() {
                     kind[kb] = Some(kd);
                 }
                 let row = attn.lse_index(b, h, i);
