@@ -62,6 +62,7 @@
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.
 
+pub mod block_sparse;
 pub mod capi;
 pub mod dense;
 pub mod device;
@@ -77,6 +78,9 @@ pub mod reference;
 pub mod ring;
 pub mod softmax;
 
+pub use block_sparse::{
+    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, RowBlocks,
+};
 pub use cudarc;
 pub use dense::{
     AttentionOptions, AttentionShape, DenseGpuPlan, DenseKernel, FlashAttention, MAX_SCALE,

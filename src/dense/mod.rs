@@ -14,6 +14,7 @@ use crate::layout::{
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmax, softcapped};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Query rows per CPU tile; equal to the CUDA-core kernel's rows per block, so the CPU path
 /// exercises the same key-tile schedule.
@@ -413,6 +414,26 @@ impl FlashAttention {
             (out.data.len(), &out.strides),
             lse.as_ref().map(|l| l.len()),
         )?;
+        self.run_heads_cpu(q, k, v, out, lse, |_, _, qh, kh, vh, sq, sk| {
+            self.tiled_head(qh, kh, vh, sq, sk)
+        });
+        Ok(())
+    }
+
+    /// The CPU driver shared by the dense and block-sparse paths (buffers already checked):
+    /// gathers each (sequence `b`, query head `h`) as f32 (`q: [sq, d]`, `k, v: [sk, d]`),
+    /// runs `head(b, h, q, k, v, sq, sk) -> (o [sq, d], lse [sq])` in parallel over
+    /// (batch, head), and stores the results.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn run_heads_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+        head: impl Fn(usize, usize, &[f32], &[f32], &[f32], usize, usize) -> (Vec<f32>, Vec<f32>) + Sync,
+    ) {
         let d = self.head_dim;
         // Only (sequence, head) pairs with query rows: their count is bounded by the q
         // buffer just checked (an empty sequence does no work, however many there are).
@@ -440,7 +461,7 @@ impl FlashAttention {
                 let qh = q.head_rows_f32(bb, q_rows, h, d);
                 let kh = k.head_rows_f32(bb, k_rows.clone(), kvh, d);
                 let vh = v.head_rows_f32(bb, k_rows, kvh, d);
-                self.tiled_head(&qh, &kh, &vh, span.seqlen_q, span.seqlen_k)
+                head(b, h, &qh, &kh, &vh, span.seqlen_q, span.seqlen_k)
             })
             .collect();
         let mut out = out;
@@ -455,7 +476,29 @@ impl FlashAttention {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Scores of row `i` (`qi: [d]`) against keys `keys` (`k: [sk, d]`) into `scores`
+    /// (`[keys.len()]`): scaled, softcapped, and `-inf` where `visible(j)` is false. One tile
+    /// of the online softmax, shared by the dense and block-sparse CPU paths.
+    pub(crate) fn tile_scores(
+        &self,
+        qi: &[f32],
+        k: &[f32],
+        keys: Range<usize>,
+        visible: impl Fn(usize) -> bool,
+        scores: &mut [f32],
+    ) {
+        let d = self.head_dim;
+        for (s, j) in scores.iter_mut().zip(keys) {
+            *s = if visible(j) {
+                let kj = &k[j * d..(j + 1) * d];
+                let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
+                softcapped(dot * self.scale, self.softcap)
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
@@ -481,15 +524,13 @@ impl FlashAttention {
                 for t in tiles.iter() {
                     let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
                     let n = keys.len();
-                    for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                        *s = if self.mask.visible(i, j, sq, sk) {
-                            let kj = &k[j * d..(j + 1) * d];
-                            let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                            softcapped(dot * self.scale, self.softcap)
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                    }
+                    self.tile_scores(
+                        qi,
+                        k,
+                        keys.clone(),
+                        |j| self.mask.visible(i, j, sq, sk),
+                        &mut scores,
+                    );
                     let base = keys.start;
                     state.update(&scores[..n], |j| &v[(base + j) * d..(base + j + 1) * d]);
                 }

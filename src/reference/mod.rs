@@ -2,10 +2,12 @@
 //! against. They favour obviousness over speed: two passes per row, every key tested
 //! against the mask, no tiling.
 
+pub mod block_sparse;
 pub mod dense;
 pub mod neighborhood;
 pub mod paged;
 
+pub use block_sparse::block_sparse_attention_f64;
 pub use dense::dense_attention_f64;
 pub use neighborhood::neighborhood_attention_f64;
 

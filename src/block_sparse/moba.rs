@@ -1,0 +1,340 @@
+//! MoBA block selection on the CPU (Lu et al. 2025, "MoBA: Mixture of Block Attention for
+//! Long-Context LLMs", `moba_attn_varlen_naive` in MoonshotAI/MoBA).
+//!
+//! Keys are split into blocks of `block_n` ("chunk size"); each block is represented by the
+//! mean of its keys (per kv head). A query at position `p` (bottom-right aligned:
+//! `p = i + seqlen_k - seqlen_q`; a row with `p < 0` sees nothing) gates on
+//! `s(kb) = q . mean(k[kb])` (no scale: it does not change the ranking) and attends to:
+//! - its own block `p / block_n`, always, causally inside it (MoBA's gate is `+inf` there);
+//! - the `top_k - 1` highest-scoring blocks among the blocks strictly before its own (MoBA's
+//!   gate is `-inf` for its own-and-later blocks before the `+inf` override, so future blocks
+//!   are never chosen); all of them when fewer exist.
+//!
+//! **Ties**: higher score first; equal scores go to the lower block index (`torch.topk` leaves
+//! ties unspecified). A NaN score ranks as `-inf` (it is still chosen when slots remain, as
+//! `torch.topk` would fill them). Scores and pooled keys are computed in f64 from the
+//! elements, so the CPU selection is the reference a GPU selection is checked against.
+//!
+//! With GQA each query head selects on its kv head's pooled keys, independently of the other
+//! heads of its group.
+
+use super::{
+    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks,
+};
+use crate::dense::FlashAttention;
+use crate::element::Element;
+use crate::error::Result;
+use crate::layout::Strided;
+use crate::mask::Mask;
+use std::cmp::Ordering;
+
+/// MoBA's two knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MobaConfig {
+    /// Keys per block (MoBA's `moba_chunk_size`); the key block size of the mask.
+    pub block_n: usize,
+    /// Blocks per query, its own block included (MoBA's `moba_topk`); >= 1.
+    pub top_k: usize,
+}
+
+impl MobaConfig {
+    fn check(&self) -> Result<(), BlockMaskError> {
+        for (name, value) in [("block_n", self.block_n), ("top_k", self.top_k)] {
+            if value == 0 {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be >= 1",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ranking of the tie rule: higher score first, then lower block index.
+fn rank(a: &(f64, usize), b: &(f64, usize)) -> Ordering {
+    let key = |s: f64| if s.is_nan() { f64::NEG_INFINITY } else { s };
+    key(b.0).total_cmp(&key(a.0)).then(a.1.cmp(&b.1))
+}
+
+/// The `n` best of `cands` (score, block) under [`rank`], returned as block indices.
+fn top_n(mut cands: Vec<(f64, usize)>, n: usize) -> Vec<usize> {
+    cands.sort_by(rank);
+    cands.into_iter().take(n).map(|(_, kb)| kb).collect()
+}
+
+/// Per-(sequence, kv head) means of each key block, `[num_blocks, d]` in f64.
+fn pooled<T: Element>(
+    attn: &FlashAttention,
+    x: &Strided<&[T]>,
+    b: usize,
+    head: usize,
+    start: usize,
+    len: usize,
+    block: usize,
+) -> Vec<f64> {
+    let d = attn.head_dim();
+    let mut out = vec![0.0f64; len.div_ceil(block) * d];
+    for (blk, acc) in out.chunks_exact_mut(d).enumerate() {
+        let rows = blk * block..((blk + 1) * block).min(len);
+        let n = rows.len() as f64;
+        for r in rows {
+            let o = x.strides.offset(attn.batch_entry(b), start + r, head);
+            for (a, e) in acc.iter_mut().zip(&x.data[o..o + d]) {
+                *a += e.to_f64();
+            }
+        }
+        acc.iter_mut().for_each(|a| *a /= n);
+    }
+    out
+}
+
+fn dot<T: Element>(q: &[T], pooled: &[f64]) -> f64 {
+    q.iter().zip(pooled).map(|(a, b)| a.to_f64() * b).sum()
+}
+
+fn check_qk<T: Element>(attn: &FlashAttention, q: &Strided<&[T]>, k: &Strided<&[T]>) -> Result<()> {
+    let (qa, ka) = ((q.data.len(), &q.strides), (k.data.len(), &k.strides));
+    attn.check_buffers(qa, ka, ka, qa, None)
+}
+
+/// MoBA's per-token selection for every (sequence, query head, row) of `attn`: padded
+/// [`RowBlocks`] (`top_k` slots, increasing block indices, `-1` padding).
+pub fn moba_select_cpu<T: Element>(
+    attn: &FlashAttention,
+    config: &MobaConfig,
+    q: Strided<&[T]>,
+    k: Strided<&[T]>,
+) -> Result<RowBlocks> {
+    config.check()?;
+    check_qk(attn, &q, &k)?;
+    let MobaConfig { block_n, top_k } = *config;
+    let d = attn.head_dim();
+    let len = attn
+        .lse_len()
+        .checked_mul(top_k)
+        .ok_or(BlockMaskError::TooLarge {
+            what: "rows x top_k",
+        })?;
+    let mut blocks = vec![-1i32; len];
+    for (b, span) in attn.spans().iter().enumerate() {
+        let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+        for kvh in 0..attn.heads_kv() {
+            let pk = pooled(attn, &k, b, kvh, span.k_start, sk, block_n);
+            for h in (0..attn.heads_q()).filter(|&h| attn.kv_head(h) == kvh) {
+                for i in 0..sq {
+                    let Some(p) = (i + sk).checked_sub(sq) else {
+                        continue;
+                    };
+                    let own = p / block_n;
+                    let qo = q.strides.offset(attn.batch_entry(b), span.q_start + i, h);
+                    let qi = &q.data[qo..qo + d];
+                    let cands = (0..own)
+                        .map(|kb| (dot(qi, &pk[kb * d..(kb + 1) * d]), kb))
+                        .collect();
+                    let mut sel = top_n(cands, top_k - 1);
+                    sel.push(own);
+                    sel.sort_unstable();
+                    let r = attn.lse_index(b, h, i);
+                    for (slot, kb) in blocks[r * top_k..].iter_mut().zip(sel) {
+                        *slot = kb as i32;
+                    }
+                }
+            }
+        }
+    }
+    Ok(RowBlocks::new(block_n, top_k, blocks)?)
+}
+
+/// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
+/// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
+/// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
+pub(crate) fn classify(
+    mask: &Mask,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    sq: usize,
+    sk: usize,
+) -> Option<BlockKind> {
+    let keys = keys.start..keys.end.min(sk);
+    if keys.is_empty() || rows.is_empty() {
+        return None;
+    }
+    let (mut any, mut all) = (false, true);
+    for i in rows {
+        let w = mask.window_range(i, sq, sk);
+        let s = mask.sink_range_rows(i..i + 1, sq, sk);
+        let overlap = |r: &std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
+        any |= overlap(&w) || overlap(&s);
+        // The union of the sink prefix and the window covers `keys` iff the window covers
+        // what the sinks leave of it.
+        let rest = keys.start.max(s.end)..keys.end;
+        all &= rest.is_empty() || (w.start <= rest.start && rest.end <= w.end);
+    }
+    match (any, all) {
+        (_, true) => Some(BlockKind::Full),
+        (true, false) => Some(BlockKind::Partial),
+        (false, false) => None,
+    }
+}
+
+/// The block mask of per-tile unions for per-row selections `rows` (from
+/// [`moba_select_cpu`]): query block `qb` (of `block_m` rows) lists the union of its rows'
+/// blocks, each `Full` when the options' element mask shows all of it to every row of the
+/// tile, else `Partial`. With `rows` attached (see [`moba_attention`]) each row is then masked
+/// to its own selection.
+pub fn moba_block_mask(
+    attn: &FlashAttention,
+    rows: &RowBlocks,
+    block_m: usize,
+) -> Result<BlockMask, BlockMaskError> {
+    let block_n = rows.block_n();
+    let dims = BlockMaskDims::for_lengths(
+        attn.batch(),
+        attn.heads_q(),
+        attn.max_seqlen_q(),
+        attn.max_seqlen_k(),
+        block_m,
+        block_n,
+    )?;
+    super::check_row_blocks(attn, rows)?;
+    let mask = attn.mask();
+    BlockMask::from_lists(
+        dims,
+        |ListId {
+             batch,
+             head,
+             q_block,
+         }| {
+            let span = attn.spans()[batch];
+            let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+            let tile = q_block * block_m..((q_block + 1) * block_m).min(sq);
+            let mut union: Vec<usize> = tile
+                .clone()
+                .flat_map(|i| rows.row(attn.lse_index(batch, head, i)).iter())
+                .map(|&kb| kb as usize)
+                .collect();
+            union.sort_unstable();
+            union.dedup();
+            union
+                .into_iter()
+                .filter_map(|kb| {
+                    classify(
+                        &mask,
+                        tile.clone(),
+                        kb * block_n..(kb + 1) * block_n,
+                        sq,
+                        sk,
+                    )
+                    .map(|kind| (kb, kind))
+                })
+                .collect()
+        },
+    )
+}
+
+/// MoBA attention as a block-sparse problem: the per-token selection, its per-tile block
+/// mask (query tiles of `block_m` rows) and the per-row masks, bound to `attn` (whose options
+/// should be causal, as MoBA's are).
+pub fn moba_attention<T: Element>(
+    attn: &FlashAttention,
+    config: &MobaConfig,
+    block_m: usize,
+    q: Strided<&[T]>,
+    k: Strided<&[T]>,
+) -> Result<BlockSparseAttention> {
+    let rows = moba_select_cpu(attn, config, q, k)?;
+    let mask = moba_block_mask(attn, &rows, block_m)?;
+    Ok(BlockSparseAttention::new(attn.clone(), mask)?.with_row_blocks(rows)?)
+}
+
+/// MoBA's selection at query-block granularity: each query block of `block_m` rows gates on
+/// the mean of its queries (f64) against the pooled keys. Its rows occupy positions
+/// `p0..=p1` (bottom-right aligned, clamped at 0); the key blocks meeting `[p0, p1]` are
+/// always listed (the diagonal blocks), and `top_k` minus their number (saturating) more are
+/// chosen among the blocks ending at or before `p0` with the same ranking and tie rule. A
+/// block whose rows all lie before key 0 (`p1 < 0`) lists nothing. Kinds follow the options'
+/// element mask as in [`moba_block_mask`].
+pub fn moba_select_blocks_cpu<T: Element>(
+    attn: &FlashAttention,
+    config: &MobaConfig,
+    block_m: usize,
+    q: Strided<&[T]>,
+    k: Strided<&[T]>,
+) -> Result<BlockMask> {
+    config.check()?;
+    check_qk(attn, &q, &k)?;
+    let MobaConfig { block_n, top_k } = *config;
+    let dims = BlockMaskDims::for_lengths(
+        attn.batch(),
+        attn.heads_q(),
+        attn.max_seqlen_q(),
+        attn.max_seqlen_k(),
+        block_m,
+        block_n,
+    )?;
+    let mask = attn.mask();
+    let d = attn.head_dim();
+    Ok(BlockMask::from_lists(
+        dims,
+        |ListId {
+             batch,
+             head,
+             q_block,
+         }| {
+            let span = attn.spans()[batch];
+            let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+            let tile = q_block * block_m..((q_block + 1) * block_m).min(sq);
+            let (Some(p1), false) = ((tile.end + sk).checked_sub(sq + 1), tile.is_empty()) else {
+                return Vec::new();
+            };
+            let p0 = (tile.start + sk).saturating_sub(sq);
+            // Pooled keys are recomputed per list: cheap next to attention, and no per-mask cache.
+            let pk = pooled(
+                attn,
+                &k,
+                batch,
+                attn.kv_head(head),
+                span.k_start,
+                sk,
+                block_n,
+            );
+            let pq = pooled(
+                attn,
+                &q,
+                batch,
+                head,
+                span.q_start + tile.start,
+                tile.len(),
+                block_m,
+            );
+            let diag = p0 / block_n..p1 / block_n + 1;
+            let cands = (0..p0 / block_n)
+                .map(|kb| {
+                    let s: f64 = pq
+                        .iter()
+                        .zip(&pk[kb * d..(kb + 1) * d])
+                        .map(|(a, b)| a * b)
+                        .sum();
+                    (s, kb)
+                })
+                .collect();
+            let mut sel = top_n(cands, top_k.saturating_sub(diag.len()));
+            sel.extend(diag);
+            sel.sort_unstable();
+            sel.into_iter()
+                .filter_map(|kb| {
+                    classify(
+                        &mask,
+                        tile.clone(),
+                        kb * block_n..(kb + 1) * block_n,
+                        sq,
+                        sk,
+                    )
+                    .map(|kind| (kb, kind))
+                })
+                .collect()
+        },
+    )?)
+}

@@ -1,0 +1,765 @@
+//! Block-sparse attention (issue 15): attention computed only on listed blocks of the score
+//! matrix, as FlexAttention's `BlockMask` and FlashInfer's BSR prefill do.
+//!
+//! A [`BlockMask`] holds, for each (batch, query head, query block), the sorted list of key
+//! blocks to visit in CSR form (offsets + indices), each entry marked [`BlockKind::Full`] or
+//! [`BlockKind::Partial`]. Query blocks are `block_m` query rows, key blocks `block_n` keys,
+//! counted from row 0 and key 0 of each sequence (the last block of each may be short).
+//!
+//! Visibility of key `j` for query row `i` (query block `i / block_m`, key block
+//! `j / block_n`), with the problem's element mask `mask` (window, sinks, causal):
+//! - the key block is not listed for the query block: hidden;
+//! - listed as `Full`: visible (the element mask is **not** applied: FlexAttention's
+//!   "full blocks skip `mask_mod`"; the pattern constructors mark a block full only when every
+//!   element of it is visible under the options' mask, so for them `Full` is a pure hint);
+//! - listed as `Partial`: visible iff `mask.visible(i, j)`;
+//! - with a per-row selection ([`RowBlocks`], MoBA), the key block must also be in row `i`'s
+//!   own list; the selection filters blocks and does not change `Full`/`Partial`.
+//!
+//! A row with no visible key gives output 0 and LSE `-inf`, as everywhere in the crate.
+//!
+//! The CPU path here and `reference::block_sparse_attention_f64` implement exactly this; the
+//! GPU kernels (not built yet) will iterate the same lists as a key-tile schedule.
+
+pub mod moba;
+pub mod patterns;
+
+use crate::dense::{CPU_TILE_N, FlashAttention};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::Strided;
+use crate::softmax::OnlineSoftmax;
+use std::fmt;
+
+/// Default query and key block size in tokens (FlexAttention's and FlashInfer's default).
+pub const DEFAULT_BLOCK: usize = 128;
+/// Block sizes the GPU kernels will accept are multiples of this (the CPU path and the
+/// reference accept any block size >= 1).
+pub const GPU_BLOCK_MULTIPLE: usize = 64;
+/// Upper bound on the number of lists and of listed blocks: offsets and indices are `i32`
+/// (the C ABI of the kernels).
+pub const MAX_BLOCK_ENTRIES: usize = i32::MAX as usize;
+
+/// How the element mask applies inside a listed key block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockKind {
+    /// Every element of the block is visible; the options' mask is not applied.
+    Full,
+    /// The options' element mask (causal, window, sinks) applies inside the block.
+    Partial,
+}
+
+/// One list of a [`BlockMask`]: (batch entry, query head, query block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListId {
+    pub batch: usize,
+    pub head: usize,
+    pub q_block: usize,
+}
+
+impl fmt::Display for ListId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "(batch {}, head {}, query block {})",
+            self.batch, self.head, self.q_block
+        )
+    }
+}
+
+/// Named errors of block masks and per-row selections. Converts into
+/// [`Error::Index`] (or [`Error::InvalidOption`] for option values) for `?`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockMaskError {
+    /// A block size, count or `top_k` is out of its domain.
+    #[error("block mask: {name} = {value} {why}")]
+    BadDim {
+        name: &'static str,
+        value: usize,
+        why: &'static str,
+    },
+    /// The number of lists or listed blocks does not fit in `i32`.
+    #[error("block mask: {what} overflows the i32 limit {MAX_BLOCK_ENTRIES}")]
+    TooLarge { what: &'static str },
+    /// `offsets` does not have one entry per list plus one.
+    #[error("block mask: offsets has length {got}, want lists + 1 = {want}")]
+    OffsetsLength { got: usize, want: usize },
+    /// `offsets[0] != 0`, or an offset decreases, or the last one is not `indices.len()`.
+    #[error("block mask: offsets[{at}] = {value} is invalid ({why})")]
+    BadOffset {
+        at: usize,
+        value: i64,
+        why: &'static str,
+    },
+    /// `full` flags and `indices` differ in length.
+    #[error("block mask: {got} full/partial flags for {want} indices")]
+    FlagsLength { got: usize, want: usize },
+    /// A key block index is negative or `>= num_k_blocks` (of the mask, or of a varlen
+    /// sequence).
+    #[error("block mask: list {list} holds key block {index}, outside 0..{num_k_blocks}")]
+    IndexOutOfRange {
+        list: ListId,
+        index: i64,
+        num_k_blocks: usize,
+    },
+    /// A list is not in increasing order.
+    #[error("block mask: list {list} is not sorted at position {position}")]
+    Unsorted { list: ListId, position: usize },
+    /// A key block appears twice in one list.
+    #[error("block mask: list {list} lists key block {index} twice")]
+    Duplicate { list: ListId, index: i64 },
+    /// A varlen sequence has fewer query blocks than the mask, and a list past its end is
+    /// not empty.
+    #[error("block mask: list {list} lies past the sequence's last query block but is not empty")]
+    ListPastEnd { list: ListId },
+    /// The mask's dims do not match the attention problem.
+    #[error("block mask: {what} = {got} does not match the problem's {want}")]
+    Mismatch {
+        what: &'static str,
+        got: usize,
+        want: usize,
+    },
+    /// A per-row selection is malformed (MoBA's [`RowBlocks`]).
+    #[error("row selection: row {row}: {why}")]
+    BadRow { row: usize, why: String },
+}
+
+impl From<BlockMaskError> for Error {
+    fn from(e: BlockMaskError) -> Self {
+        match e {
+            BlockMaskError::BadDim { .. } => Error::InvalidOption(e.to_string()),
+            BlockMaskError::Mismatch { .. } | BlockMaskError::TooLarge { .. } => {
+                Error::Shape(e.to_string())
+            }
+            _ => Error::Index(e.to_string()),
+        }
+    }
+}
+
+/// Shape of a [`BlockMask`]: `batch x heads x num_q_blocks` lists over `num_k_blocks` key
+/// blocks. `batch` and `heads` may be 1 to broadcast one set of lists over every batch entry
+/// or every query head (as FlexAttention's `B = 1` / `H = 1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockMaskDims {
+    pub batch: usize,
+    pub heads: usize,
+    pub num_q_blocks: usize,
+    pub num_k_blocks: usize,
+    /// Query rows per query block.
+    pub block_m: usize,
+    /// Keys per key block.
+    pub block_n: usize,
+}
+
+impl BlockMaskDims {
+    /// Dims covering `seqlen_q` x `seqlen_k` with the given block sizes (the block counts
+    /// round up: the last block of each side may be short).
+    pub fn for_lengths(
+        batch: usize,
+        heads: usize,
+        seqlen_q: usize,
+        seqlen_k: usize,
+        block_m: usize,
+        block_n: usize,
+    ) -> Result<Self, BlockMaskError> {
+        for (name, value) in [("block_m", block_m), ("block_n", block_n)] {
+            if value == 0 {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be >= 1",
+                });
+            }
+        }
+        let dims = BlockMaskDims {
+            batch,
+            heads,
+            num_q_blocks: seqlen_q.div_ceil(block_m),
+            num_k_blocks: seqlen_k.div_ceil(block_n),
+            block_m,
+            block_n,
+        };
+        dims.check()?;
+        Ok(dims)
+    }
+
+    /// Number of lists, checked against [`MAX_BLOCK_ENTRIES`].
+    pub fn num_lists(&self) -> Result<usize, BlockMaskError> {
+        self.batch
+            .checked_mul(self.heads)
+            .and_then(|x| x.checked_mul(self.num_q_blocks))
+            .filter(|&n| n <= MAX_BLOCK_ENTRIES)
+            .ok_or(BlockMaskError::TooLarge {
+                what: "the number of lists",
+            })
+    }
+
+    fn check(&self) -> Result<(), BlockMaskError> {
+        for (name, value) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("block_m", self.block_m),
+            ("block_n", self.block_n),
+        ] {
+            if value == 0 {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be >= 1",
+                });
+            }
+        }
+        if self.num_k_blocks > MAX_BLOCK_ENTRIES {
+            return Err(BlockMaskError::TooLarge {
+                what: "num_k_blocks",
+            });
+        }
+        self.block_m
+            .checked_mul(self.num_q_blocks)
+            .zip(self.block_n.checked_mul(self.num_k_blocks))
+            .ok_or(BlockMaskError::TooLarge {
+                what: "block size x block count",
+            })?;
+        self.num_lists().map(|_| ())
+    }
+
+    fn list_id(&self, list: usize) -> ListId {
+        let q_block = list % self.num_q_blocks.max(1);
+        let bh = list / self.num_q_blocks.max(1);
+        ListId {
+            batch: bh / self.heads,
+            head: bh % self.heads,
+            q_block,
+        }
+    }
+}
+
+/// Block-sparse mask in CSR form: list `(b, h, qb)` (row-major over
+/// `[batch, heads, num_q_blocks]`) is `indices[offsets[l]..offsets[l + 1]]`, strictly
+/// increasing key block indices, with `full[e] != 0` marking entry `e` as [`BlockKind::Full`].
+/// The arrays are `i32`/`u8` as the kernels will read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockMask {
+    dims: BlockMaskDims,
+    offsets: Vec<i32>,
+    indices: Vec<i32>,
+    full: Vec<u8>,
+}
+
+/// One list of a [`BlockMask`]: key block indices and their kinds.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockList<'a> {
+    pub indices: &'a [i32],
+    pub full: &'a [u8],
+}
+
+impl<'a> BlockList<'a> {
+    pub fn len(&self) -> usize {
+        self.indices.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.indices.is_empty()
+    }
+    /// `(key block, kind)` in increasing key block order.
+    pub fn iter(&self) -> impl Iterator<Item = (usize, BlockKind)> + 'a {
+        self.indices.iter().zip(self.full).map(|(&kb, &f)| {
+            let kind = if f != 0 {
+                BlockKind::Full
+            } else {
+                BlockKind::Partial
+            };
+            (kb as usize, kind)
+        })
+    }
+}
+
+impl BlockMask {
+    /// A mask from CSR arrays, validated: `offsets` has `lists + 1` entries, starts at 0,
+    /// never decreases and ends at `indices.len()`; every list is strictly increasing
+    /// (unsorted and duplicated entries are distinct errors) and in `0..num_k_blocks`;
+    /// `full` has one flag per index. Costs one pass over the arrays and allocates nothing.
+    pub fn from_csr(
+        dims: BlockMaskDims,
+        offsets: Vec<i32>,
+        indices: Vec<i32>,
+        full: Vec<bool>,
+    ) -> Result<Self, BlockMaskError> {
+        dims.check()?;
+        let lists = dims.num_lists()?;
+        if indices.len() > MAX_BLOCK_ENTRIES {
+            return Err(BlockMaskError::TooLarge {
+                what: "the number of listed blocks",
+            });
+        }
+        if offsets.len() != lists + 1 {
+            return Err(BlockMaskError::OffsetsLength {
+                got: offsets.len(),
+                want: lists + 1,
+            });
+        }
+        if full.len() != indices.len() {
+            return Err(BlockMaskError::FlagsLength {
+                got: full.len(),
+                want: indices.len(),
+            });
+        }
+        if offsets[0] != 0 {
+            return Err(BlockMaskError::BadOffset {
+                at: 0,
+                value: offsets[0] as i64,
+                why: "must be 0",
+            });
+        }
+        for (l, w) in offsets.windows(2).enumerate() {
+            if w[1] < w[0] {
+                return Err(BlockMaskError::BadOffset {
+                    at: l + 1,
+                    value: w[1] as i64,
+                    why: "offsets decrease",
+                });
+            }
+        }
+        if offsets[lists] as usize != indices.len() {
+            return Err(BlockMaskError::BadOffset {
+                at: lists,
+                value: offsets[lists] as i64,
+                why: "the last offset must equal the number of indices",
+            });
+        }
+        for l in 0..lists {
+            let list = &indices[offsets[l] as usize..offsets[l + 1] as usize];
+            check_list(list, dims.num_k_blocks, || dims.list_id(l))?;
+        }
+        let full = full.into_iter().map(u8::from).collect();
+        Ok(BlockMask {
+            dims,
+            offsets,
+            indices,
+            full,
+        })
+    }
+
+    /// A mask from a function giving each list as `(key block, kind)` pairs (validated like
+    /// [`BlockMask::from_csr`]). Memory grows with the lists produced, not with the dims.
+    pub fn from_lists(
+        dims: BlockMaskDims,
+        mut list: impl FnMut(ListId) -> Vec<(usize, BlockKind)>,
+    ) -> Result<Self, BlockMaskError> {
+        dims.check()?;
+        let lists = dims.num_lists()?;
+        let mut offsets = vec![0i32];
+        let mut indices = Vec::new();
+        let mut full = Vec::new();
+        for l in 0..lists {
+            let id = dims.list_id(l);
+            for (kb, kind) in list(id) {
+                let kb = i32::try_from(kb).map_err(|_| BlockMaskError::IndexOutOfRange {
+                    list: id,
+                    index: i64::try_from(kb).unwrap_or(i64::MAX),
+                    num_k_blocks: dims.num_k_blocks,
+                })?;
+                indices.push(kb);
+                full.push(kind == BlockKind::Full);
+                if indices.len() > MAX_BLOCK_ENTRIES {
+                    return Err(BlockMaskError::TooLarge {
+                        what: "the number of listed blocks",
+                    });
+                }
+            }
+            offsets.push(indices.len() as i32);
+        }
+        Self::from_csr(dims, offsets, indices, full)
+    }
+
+    /// Every key block listed for every query block, all of kind `kind` (with `Partial` this
+    /// is dense attention under the options' mask).
+    pub fn dense(dims: BlockMaskDims, kind: BlockKind) -> Result<Self, BlockMaskError> {
+        Self::from_lists(dims, |_| {
+            (0..dims.num_k_blocks).map(|kb| (kb, kind)).collect()
+        })
+    }
+
+    pub fn dims(&self) -> BlockMaskDims {
+        self.dims
+    }
+    /// CSR offsets, `[batch * heads * num_q_blocks + 1]`.
+    pub fn offsets(&self) -> &[i32] {
+        &self.offsets
+    }
+    /// Key block indices of all lists, concatenated.
+    pub fn indices(&self) -> &[i32] {
+        &self.indices
+    }
+    /// One flag per index: 1 = full, 0 = partial.
+    pub fn full_flags(&self) -> &[u8] {
+        &self.full
+    }
+    /// Number of listed blocks.
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+    /// Fraction of (query block, key block) pairs listed, over all lists.
+    pub fn density(&self) -> f64 {
+        let pairs = self.offsets.len().saturating_sub(1) as f64 * self.dims.num_k_blocks as f64;
+        if pairs == 0.0 {
+            0.0
+        } else {
+            self.nnz() as f64 / pairs
+        }
+    }
+
+    /// The list of (batch entry `b`, query head `h`, query block `qb`); a mask with
+    /// `batch == 1` or `heads == 1` serves every `b` or `h`. `None` when out of range.
+    pub fn list(&self, b: usize, h: usize, qb: usize) -> Option<BlockList<'_>> {
+        let d = self.dims;
+        let b = if d.batch == 1 { 0 } else { b };
+        let h = if d.heads == 1 { 0 } else { h };
+        if b >= d.batch || h >= d.heads || qb >= d.num_q_blocks {
+            return None;
+        }
+        let l = (b * d.heads + h) * d.num_q_blocks + qb;
+        let r = self.offsets[l] as usize..self.offsets[l + 1] as usize;
+        Some(BlockList {
+            indices: &self.indices[r.clone()],
+            full: &self.full[r],
+        })
+    }
+
+    /// [`BlockMask::list`] for indices a bound problem guarantees in range (its dims were
+    /// checked against the problem in [`BlockSparseAttention::new`]).
+    pub(crate) fn bound_list(&self, b: usize, h: usize, qb: usize) -> BlockList<'_> {
+        self.list(b, h, qb)
+            .expect("block mask dims were checked against the problem")
+    }
+}
+
+/// Checks one list: in range, strictly increasing (unsorted vs duplicate told apart).
+fn check_list(
+    list: &[i32],
+    num_k_blocks: usize,
+    id: impl Fn() -> ListId,
+) -> Result<(), BlockMaskError> {
+    for (p, &kb) in list.iter().enumerate() {
+        if kb < 0 || kb as usize >= num_k_blocks {
+            return Err(BlockMaskError::IndexOutOfRange {
+                list: id(),
+                index: kb as i64,
+                num_k_blocks,
+            });
+        }
+        if p > 0 {
+            let prev = list[p - 1];
+            if kb == prev {
+                return Err(BlockMaskError::Duplicate {
+                    list: id(),
+                    index: kb as i64,
+                });
+            }
+            if kb < prev {
+                return Err(BlockMaskError::Unsorted {
+                    list: id(),
+                    position: p,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-row block selection (MoBA's per-token top-k): for every query row, at most `top_k`
+/// key blocks (of `block_n` keys) in increasing order, padded at the end with `-1`.
+///
+/// Layout: `blocks[r * top_k..(r + 1) * top_k]` for the row whose LSE index is `r`
+/// (`[batch, heads_q, seqlen_q]`, or `[heads_q, total_q]` with varlen). Memory is
+/// `rows x heads x top_k x 4` bytes: 128 MiB at 128k tokens, 32 heads, top-8, growing
+/// linearly with the sequence, whereas a per-(row, key block) bitmask would grow with its
+/// square (512 MiB at 128k with 128-key blocks, 32 GiB at 1M). A kernel walks a row's list
+/// with a cursor while it walks its tile's (sorted) union list, so the membership test is
+/// O(top_k) per row per tile in total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowBlocks {
+    pub(crate) block_n: usize,
+    pub(crate) top_k: usize,
+    pub(crate) blocks: Vec<i32>,
+}
+
+impl RowBlocks {
+    /// Wraps per-row lists (validated against a problem when attached with
+    /// [`BlockSparseAttention::with_row_blocks`]).
+    pub fn new(block_n: usize, top_k: usize, blocks: Vec<i32>) -> Result<Self, BlockMaskError> {
+        for (name, value) in [("block_n", block_n), ("top_k", top_k)] {
+            if value == 0 {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be >= 1",
+                });
+            }
+        }
+        if !blocks.len().is_multiple_of(top_k) {
+            return Err(BlockMaskError::BadRow {
+                row: blocks.len() / top_k,
+                why: format!(
+                    "{} entries are not a multiple of top_k = {top_k}",
+                    blocks.len()
+                ),
+            });
+        }
+        Ok(RowBlocks {
+            block_n,
+            top_k,
+            blocks,
+        })
+    }
+    pub fn block_n(&self) -> usize {
+        self.block_n
+    }
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+    /// All rows' padded lists.
+    pub fn blocks(&self) -> &[i32] {
+        &self.blocks
+    }
+    /// Row `r`'s selected key blocks (padding removed).
+    pub fn row(&self, r: usize) -> &[i32] {
+        let row = &self.blocks[r * self.top_k..(r + 1) * self.top_k];
+        let n = row.iter().position(|&x| x < 0).unwrap_or(self.top_k);
+        &row[..n]
+    }
+}
+
+/// Checks per-row lists against `attn`: one padded list per LSE row, each strictly
+/// increasing, in range for its sequence, `-1` only as trailing padding. O(rows x top_k).
+pub(crate) fn check_row_blocks(
+    attn: &FlashAttention,
+    rows: &RowBlocks,
+) -> Result<(), BlockMaskError> {
+    let want = attn
+        .lse_len()
+        .checked_mul(rows.top_k)
+        .ok_or(BlockMaskError::TooLarge {
+            what: "rows x top_k",
+        })?;
+    if rows.blocks.len() != want {
+        return Err(BlockMaskError::Mismatch {
+            what: "row selection length",
+            got: rows.blocks.len(),
+            want,
+        });
+    }
+    let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
+    for (b, span) in attn.spans().iter().enumerate() {
+        let nk = span.seqlen_k.div_ceil(rows.block_n);
+        for h in 0..attn.heads_q() {
+            for i in 0..span.seqlen_q {
+                let r = attn.lse_index(b, h, i);
+                let padded = &rows.blocks[r * rows.top_k..(r + 1) * rows.top_k];
+                let n = padded.iter().position(|&x| x < 0).unwrap_or(rows.top_k);
+                if padded[n..].iter().any(|&x| x != -1) {
+                    return Err(bad(r, "padding must be -1 and only at the end".into()));
+                }
+                for (p, &kb) in padded[..n].iter().enumerate() {
+                    if kb as usize >= nk {
+                        return Err(bad(r, format!("key block {kb} outside 0..{nk}")));
+                    }
+                    if p > 0 && kb <= padded[p - 1] {
+                        return Err(bad(r, "not strictly increasing".into()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A dense attention problem restricted to the blocks of a [`BlockMask`] (and, for MoBA, to
+/// each row's own [`RowBlocks`]). Scale, softcap, GQA, varlen and the element mask come from
+/// the [`FlashAttention`] problem.
+#[derive(Debug, Clone)]
+pub struct BlockSparseAttention {
+    attn: FlashAttention,
+    mask: BlockMask,
+    rows: Option<RowBlocks>,
+}
+
+impl BlockSparseAttention {
+    /// Binds `mask` to `attn`: `batch` and `heads` equal the problem's (or 1, broadcast),
+    /// `num_q_blocks = ceil(max_seqlen_q / block_m)`, `num_k_blocks = ceil(max_seqlen_k /
+    /// block_n)`. With varlen lengths each sequence uses the leading blocks of its own
+    /// length: lists past its last query block must be empty and indices must lie below its
+    /// own key block count.
+    pub fn new(attn: FlashAttention, mask: BlockMask) -> Result<Self, BlockMaskError> {
+        let d = mask.dims;
+        for (what, got, want) in [
+            ("batch", d.batch, attn.batch()),
+            ("heads", d.heads, attn.heads_q()),
+        ] {
+            if got != 1 && got != want {
+                return Err(BlockMaskError::Mismatch { what, got, want });
+            }
+        }
+        for (what, got, want) in [
+            (
+                "num_q_blocks",
+                d.num_q_blocks,
+                attn.max_seqlen_q().div_ceil(d.block_m),
+            ),
+            (
+                "num_k_blocks",
+                d.num_k_blocks,
+                attn.max_seqlen_k().div_ceil(d.block_n),
+            ),
+        ] {
+            if got != want {
+                return Err(BlockMaskError::Mismatch { what, got, want });
+            }
+        }
+        if attn.is_varlen() {
+            let mb = if d.batch == 1 { 1 } else { attn.batch() };
+            for b in 0..mb {
+                // A broadcast mask must fit the shortest sequence.
+                let spans: Vec<_> = if d.batch == 1 {
+                    attn.spans().to_vec()
+                } else {
+                    vec![attn.spans()[b]]
+                };
+                for span in spans {
+                    let nq = span.seqlen_q.div_ceil(d.block_m);
+                    let nk = span.seqlen_k.div_ceil(d.block_n);
+                    for h in 0..d.heads {
+                        for qb in 0..d.num_q_blocks {
+                            let list = mask.bound_list(b, h, qb);
+                            let id = ListId {
+                                batch: b,
+                                head: h,
+                                q_block: qb,
+                            };
+                            if qb >= nq && !list.is_empty() {
+                                return Err(BlockMaskError::ListPastEnd { list: id });
+                            }
+                            if let Some(&last) = list.indices.last()
+                                && last as usize >= nk
+                            {
+                                return Err(BlockMaskError::IndexOutOfRange {
+                                    list: id,
+                                    index: last as i64,
+                                    num_k_blocks: nk,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(BlockSparseAttention {
+            attn,
+            mask,
+            rows: None,
+        })
+    }
+
+    /// Attaches a per-row selection (MoBA): one padded list per LSE row, `block_n` equal to
+    /// the mask's, each list strictly increasing, in range for its sequence, `-1` only as
+    /// trailing padding.
+    pub fn with_row_blocks(mut self, rows: RowBlocks) -> Result<Self, BlockMaskError> {
+        if rows.block_n != self.mask.dims.block_n {
+            return Err(BlockMaskError::Mismatch {
+                what: "row selection block_n",
+                got: rows.block_n,
+                want: self.mask.dims.block_n,
+            });
+        }
+        check_row_blocks(&self.attn, &rows)?;
+        self.rows = Some(rows);
+        Ok(self)
+    }
+
+    pub fn attention(&self) -> &FlashAttention {
+        &self.attn
+    }
+    pub fn block_mask(&self) -> &BlockMask {
+        &self.mask
+    }
+    pub fn row_blocks(&self) -> Option<&RowBlocks> {
+        self.rows.as_ref()
+    }
+
+    /// CPU forward pass: the dense path's tiled online softmax (f32, `CPU_TILE_N`-key tiles,
+    /// parallel over (batch, head)) visiting only the listed key blocks of each query block,
+    /// in list order. Buffers as for [`FlashAttention::forward_cpu`].
+    pub fn forward_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        let attn = &self.attn;
+        attn.check_buffers(
+            (q.data.len(), &q.strides),
+            (k.data.len(), &k.strides),
+            (v.data.len(), &v.strides),
+            (out.data.len(), &out.strides),
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        attn.run_heads_cpu(q, k, v, out, lse, |b, h, qh, kh, vh, sq, sk| {
+            self.head_cpu(b, h, qh, kh, vh, sq, sk)
+        });
+        Ok(())
+    }
+
+    /// One (sequence `b`, head `h`): `q: [sq, d]`, `k, v: [sk, d]` in f32.
+    #[allow(clippy::too_many_arguments)]
+    fn head_cpu(
+        &self,
+        b: usize,
+        h: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        sq: usize,
+        sk: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let attn = &self.attn;
+        let d = attn.head_dim();
+        let element = attn.mask();
+        let BlockMaskDims {
+            block_m, block_n, ..
+        } = self.mask.dims;
+        let mut out = vec![0.0; sq * d];
+        let mut lse = vec![f32::NEG_INFINITY; sq];
+        let mut scores = [0.0f32; CPU_TILE_N];
+        for qb in 0..sq.div_ceil(block_m) {
+            let list = self.mask.bound_list(b, h, qb);
+            for i in qb * block_m..((qb + 1) * block_m).min(sq) {
+                let qi = &q[i * d..(i + 1) * d];
+                let selected = self.rows.as_ref().map(|r| r.row(attn.lse_index(b, h, i)));
+                let mut state = OnlineSoftmax::new(d);
+                for (kb, kind) in list.iter() {
+                    if selected.is_some_and(|s| s.binary_search(&(kb as i32)).is_err()) {
+                        continue;
+                    }
+                    let block = kb * block_n..((kb + 1) * block_n).min(sk);
+                    for t in block.clone().step_by(CPU_TILE_N) {
+                        let keys = t..(t + CPU_TILE_N).min(block.end);
+                        let n = keys.len();
+                        attn.tile_scores(
+                            qi,
+                            k,
+                            keys,
+                            |j| kind == BlockKind::Full || element.visible(i, j, sq, sk),
+                            &mut scores,
+                        );
+                        state.update(&scores[..n], |j| &v[(t + j) * d..(t + j + 1) * d]);
+                    }
+                }
+                let (o, l) = state.finish();
+                out[i * d..(i + 1) * d].copy_from_slice(&o);
+                lse[i] = l;
+            }
+        }
+        (out, lse)
+    }
+}
