@@ -118,7 +118,7 @@ pub fn moba_select_cpu<T: Element>(
             what: "rows x top_k",
         })?;
     let mut blocks = vec![-1i32; len];
-    for (b, span) in attn.spans().iter().enumerate() {
+    for (b, span) in attn.spans().enumerate() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);
         for kvh in 0..attn.heads_kv() {
             let pk = pooled(attn, &k, b, kvh, span.k_start, sk, block_n);
@@ -207,7 +207,7 @@ pub fn moba_block_mask(
              head,
              q_block,
          }| {
-            let span = attn.spans()[batch];
+            let span = attn.span_of(batch);
             let (sq, sk) = (span.seqlen_q, span.seqlen_k);
             let tile = q_block * block_m..((q_block + 1) * block_m).min(sq);
             let mut union: Vec<usize> = tile
@@ -283,7 +283,7 @@ pub fn moba_select_blocks_cpu<T: Element>(
              head,
              q_block,
          }| {
-            let span = attn.spans()[batch];
+            let span = attn.span_of(batch);
             let (sq, sk) = (span.seqlen_q, span.seqlen_k);
             let tile = q_block * block_m..((q_block + 1) * block_m).min(sq);
             let (Some(p1), false) = ((tile.end + sk).checked_sub(sq + 1), tile.is_empty()) else {

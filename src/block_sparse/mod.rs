@@ -549,7 +549,7 @@ pub(crate) fn check_row_blocks(
         });
     }
     let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
-    for (b, span) in attn.spans().iter().enumerate() {
+    for (b, span) in attn.spans().enumerate() {
         let nk = span.seqlen_k.div_ceil(rows.block_n);
         for h in 0..attn.heads_q() {
             for i in 0..span.seqlen_q {
@@ -620,9 +620,9 @@ impl BlockSparseAttention {
             for b in 0..mb {
                 // A broadcast mask must fit the shortest sequence.
                 let spans: Vec<_> = if d.batch == 1 {
-                    attn.spans().to_vec()
+                    attn.spans().collect()
                 } else {
-                    vec![attn.spans()[b]]
+                    vec![attn.span_of(b)]
                 };
                 for span in spans {
                     let nq = span.seqlen_q.div_ceil(d.block_m);

@@ -323,7 +323,7 @@ impl FlashAttention {
         (0..self.batch).map(|b| self.span_of(b))
     }
     /// Span of a sequence index already known to be in range.
-    fn span_of(&self, b: usize) -> SeqSpan {
+    pub(crate) fn span_of(&self, b: usize) -> SeqSpan {
         self.fixed.unwrap_or_else(|| self.spans[b])
     }
     pub fn max_seqlen_q(&self) -> usize {
