@@ -194,6 +194,21 @@ impl BlockMaskDims {
             })
     }
 
+    /// Whether the GPU kernels (not yet built: not yet verified on a GPU) will take these
+    /// block sizes: multiples of [`GPU_BLOCK_MULTIPLE`]. The CPU path takes any size.
+    pub fn check_gpu_block_sizes(&self) -> Result<(), BlockMaskError> {
+        for (name, value) in [("block_m", self.block_m), ("block_n", self.block_n)] {
+            if value == 0 || !value.is_multiple_of(GPU_BLOCK_MULTIPLE) {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be a multiple of 64 for the GPU kernels",
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), BlockMaskError> {
         for (name, value) in [
             ("batch", self.batch),
@@ -425,12 +440,49 @@ impl BlockMask {
         })
     }
 
+    /// The mask in FlexAttention's `BlockMask.from_kv_blocks` form (for benches and
+    /// interop): each list split by kind, partial blocks as `kv_num_blocks` / `kv_indices`
+    /// and full blocks as `full_kv_num_blocks` / `full_kv_indices`; counts are
+    /// `[batch, heads, num_q_blocks]` and indices `[batch, heads, num_q_blocks, num_k_blocks]`
+    /// with the unused tail of each row set to 0. Allocates `2 x lists x num_k_blocks` i32.
+    pub fn to_flex_parts(&self) -> FlexParts {
+        let nk = self.dims.num_k_blocks;
+        let lists = self.offsets.len() - 1;
+        let mut parts = FlexParts {
+            kv_num_blocks: vec![0; lists],
+            kv_indices: vec![0; lists * nk],
+            full_kv_num_blocks: vec![0; lists],
+            full_kv_indices: vec![0; lists * nk],
+        };
+        for l in 0..lists {
+            for e in self.offsets[l] as usize..self.offsets[l + 1] as usize {
+                let (count, indices) = if self.full[e] != 0 {
+                    (&mut parts.full_kv_num_blocks, &mut parts.full_kv_indices)
+                } else {
+                    (&mut parts.kv_num_blocks, &mut parts.kv_indices)
+                };
+                indices[l * nk + count[l] as usize] = self.indices[e];
+                count[l] += 1;
+            }
+        }
+        parts
+    }
+
     /// [`BlockMask::list`] for indices a bound problem guarantees in range (its dims were
     /// checked against the problem in [`BlockSparseAttention::new`]).
     pub(crate) fn bound_list(&self, b: usize, h: usize, qb: usize) -> BlockList<'_> {
         self.list(b, h, qb)
             .expect("block mask dims were checked against the problem")
     }
+}
+
+/// FlexAttention's four block-mask tensors (see [`BlockMask::to_flex_parts`]), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlexParts {
+    pub kv_num_blocks: Vec<i32>,
+    pub kv_indices: Vec<i32>,
+    pub full_kv_num_blocks: Vec<i32>,
+    pub full_kv_indices: Vec<i32>,
 }
 
 /// Checks one list: in range, strictly increasing (unsorted vs duplicate told apart).
