@@ -562,6 +562,11 @@ fn moba_selection_matches_brute_force() {
                 assert_eq!(got, want, "case {n} head {h} row {i}");
             }
         }
+        assert_eq!(
+            rows.top_k(),
+            top_k.min(nblk),
+            "slots are capped by the block count"
+        );
         if quant {
             // All pooled keys equal: ties go to the lower block index.
             let got = rows.row(sq - 1);

@@ -28,6 +28,7 @@ use crate::dense::{CPU_TILE_N, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::Strided;
+use crate::mask::Mask;
 use crate::softmax::OnlineSoftmax;
 use std::fmt;
 
@@ -483,6 +484,38 @@ pub struct FlexParts {
     pub kv_indices: Vec<i32>,
     pub full_kv_num_blocks: Vec<i32>,
     pub full_kv_indices: Vec<i32>,
+}
+
+/// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
+/// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
+/// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
+pub(crate) fn classify(
+    mask: &Mask,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    sq: usize,
+    sk: usize,
+) -> Option<BlockKind> {
+    let keys = keys.start..keys.end.min(sk);
+    if keys.is_empty() || rows.is_empty() {
+        return None;
+    }
+    let (mut any, mut all) = (false, true);
+    for i in rows {
+        let w = mask.window_range(i, sq, sk);
+        let s = mask.sink_range_rows(i..i + 1, sq, sk);
+        let overlap = |r: &std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
+        any |= overlap(&w) || overlap(&s);
+        // The union of the sink prefix and the window covers `keys` iff the window covers
+        // what the sinks leave of it.
+        let rest = keys.start.max(s.end)..keys.end;
+        all &= rest.is_empty() || (w.start <= rest.start && rest.end <= w.end);
+    }
+    match (any, all) {
+        (_, true) => Some(BlockKind::Full),
+        (true, false) => Some(BlockKind::Partial),
+        (false, false) => None,
+    }
 }
 
 /// Checks one list: in range, strictly increasing (unsorted vs duplicate told apart).
