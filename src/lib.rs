@@ -10,7 +10,9 @@
 //! (sequence-parallel) attention over simulated ranks ([`RingAttention`]: contiguous, zigzag
 //! and stripe sharding, global-position masks, skipped steps and transfers); neighborhood
 //! attention in 1-D/2-D/3-D with NATTEN's semantics ([`NeighborhoodAttention`]: kernel size,
-//! dilation, causal and stride per dim).
+//! dilation, causal and stride per dim); block-sparse attention over CSR block lists
+//! ([`BlockSparseAttention`]: FlexAttention-style full/partial blocks, MoBA selection, pattern
+//! constructors; CPU path and reference, GPU kernels not built yet).
 //!
 //! Conventions (FlashAttention's): `q: [batch, seqlen_q, heads_q, head_dim]`,
 //! `k, v: [batch, seqlen_k, heads_kv, head_dim]`, element strides with a contiguous last
@@ -79,7 +81,7 @@ pub mod ring;
 pub mod softmax;
 
 pub use block_sparse::{
-    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, RowBlocks,
+    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, FlexParts, RowBlocks,
 };
 pub use cudarc;
 pub use dense::{

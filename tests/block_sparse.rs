@@ -562,6 +562,11 @@ fn moba_selection_matches_brute_force() {
                 assert_eq!(got, want, "case {n} head {h} row {i}");
             }
         }
+        assert_eq!(
+            rows.top_k(),
+            top_k.min(nblk),
+            "slots are capped by the block count"
+        );
         if quant {
             // All pooled keys equal: ties go to the lower block index.
             let got = rows.row(sq - 1);
@@ -792,6 +797,20 @@ fn bad_lists_are_named_errors() {
     assert!(m.list(0, 0, 2).is_none() && m.list(2, 0, 0).is_none() && m.list(0, 2, 0).is_none());
     let bcast = ok(BlockMaskDims::for_lengths(1, 1, 32, 48, 16, 16).unwrap());
     assert!(bcast.list(5, 9, 1).is_some());
+    // GPU block sizes are multiples of 64.
+    assert!(
+        BlockMaskDims::for_lengths(1, 1, 256, 256, 128, 64)
+            .unwrap()
+            .check_gpu_block_sizes()
+            .is_ok()
+    );
+    assert!(matches!(
+        good.check_gpu_block_sizes(),
+        Err(BlockMaskError::BadDim {
+            name: "block_m",
+            ..
+        })
+    ));
     // Errors convert into the crate's Error for `?`.
     let e: Error = BlockMaskError::Duplicate {
         list: id(0),
@@ -799,6 +818,28 @@ fn bad_lists_are_named_errors() {
     }
     .into();
     assert!(matches!(e, Error::Index(_)));
+}
+
+#[test]
+fn flex_parts_split_lists_by_kind() {
+    let dims = BlockMaskDims::for_lengths(1, 2, 32, 48, 16, 16).unwrap();
+    let mask = BlockMask::from_lists(dims, |id| match (id.head, id.q_block) {
+        (0, 0) => vec![(0, BlockKind::Full), (2, BlockKind::Partial)],
+        (1, 1) => vec![
+            (0, BlockKind::Partial),
+            (1, BlockKind::Full),
+            (2, BlockKind::Full),
+        ],
+        _ => vec![],
+    })
+    .unwrap();
+    let p = mask.to_flex_parts();
+    assert_eq!(p.kv_num_blocks, vec![1, 0, 0, 1]);
+    assert_eq!(p.full_kv_num_blocks, vec![1, 0, 0, 2]);
+    assert_eq!(&p.kv_indices[..3], &[2, 0, 0]);
+    assert_eq!(&p.kv_indices[9..], &[0, 0, 0]);
+    assert_eq!(&p.full_kv_indices[9..], &[1, 2, 0]);
+    assert!((mask.density() - 5.0 / 12.0).abs() < 1e-12);
 }
 
 #[test]

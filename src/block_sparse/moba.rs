@@ -19,13 +19,12 @@
 //! heads of its group.
 
 use super::{
-    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks,
+    BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks, classify,
 };
 use crate::dense::FlashAttention;
 use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
-use crate::mask::Mask;
 use std::cmp::Ordering;
 
 /// MoBA's two knobs.
@@ -100,7 +99,7 @@ fn check_qk<T: Element>(attn: &FlashAttention, q: &Strided<&[T]>, k: &Strided<&[
 }
 
 /// MoBA's per-token selection for every (sequence, query head, row) of `attn`: padded
-/// [`RowBlocks`] (`top_k` slots, increasing block indices, `-1` padding).
+/// [`RowBlocks`] with `min(top_k, num_k_blocks)` slots per row (increasing block indices, `-1` padding).
 pub fn moba_select_cpu<T: Element>(
     attn: &FlashAttention,
     config: &MobaConfig,
@@ -110,6 +109,9 @@ pub fn moba_select_cpu<T: Element>(
     config.check()?;
     check_qk(attn, &q, &k)?;
     let MobaConfig { block_n, top_k } = *config;
+    // No row can select more blocks than exist (MoBA's `min(moba_topk, num_block)`), so the
+    // slots, and the allocation, are bounded by the problem, not by `top_k`.
+    let top_k = top_k.min(attn.max_seqlen_k().div_ceil(block_n)).max(1);
     let d = attn.head_dim();
     let len = attn
         .lse_len()
@@ -145,38 +147,6 @@ pub fn moba_select_cpu<T: Element>(
         }
     }
     Ok(RowBlocks::new(block_n, top_k, blocks)?)
-}
-
-/// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
-/// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
-/// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
-pub(crate) fn classify(
-    mask: &Mask,
-    rows: std::ops::Range<usize>,
-    keys: std::ops::Range<usize>,
-    sq: usize,
-    sk: usize,
-) -> Option<BlockKind> {
-    let keys = keys.start..keys.end.min(sk);
-    if keys.is_empty() || rows.is_empty() {
-        return None;
-    }
-    let (mut any, mut all) = (false, true);
-    for i in rows {
-        let w = mask.window_range(i, sq, sk);
-        let s = mask.sink_range_rows(i..i + 1, sq, sk);
-        let overlap = |r: &std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
-        any |= overlap(&w) || overlap(&s);
-        // The union of the sink prefix and the window covers `keys` iff the window covers
-        // what the sinks leave of it.
-        let rest = keys.start.max(s.end)..keys.end;
-        all &= rest.is_empty() || (w.start <= rest.start && rest.end <= w.end);
-    }
-    match (any, all) {
-        (_, true) => Some(BlockKind::Full),
-        (true, false) => Some(BlockKind::Partial),
-        (false, false) => None,
-    }
 }
 
 /// The block mask of per-tile unions for per-row selections `rows` (from

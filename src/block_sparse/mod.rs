@@ -28,6 +28,7 @@ use crate::dense::{CPU_TILE_N, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::Strided;
+use crate::mask::Mask;
 use crate::softmax::OnlineSoftmax;
 use std::fmt;
 
@@ -192,6 +193,21 @@ impl BlockMaskDims {
             .ok_or(BlockMaskError::TooLarge {
                 what: "the number of lists",
             })
+    }
+
+    /// Whether the GPU kernels (not yet built: not yet verified on a GPU) will take these
+    /// block sizes: multiples of [`GPU_BLOCK_MULTIPLE`]. The CPU path takes any size.
+    pub fn check_gpu_block_sizes(&self) -> Result<(), BlockMaskError> {
+        for (name, value) in [("block_m", self.block_m), ("block_n", self.block_n)] {
+            if value == 0 || !value.is_multiple_of(GPU_BLOCK_MULTIPLE) {
+                return Err(BlockMaskError::BadDim {
+                    name,
+                    value,
+                    why: "must be a multiple of 64 for the GPU kernels",
+                });
+            }
+        }
+        Ok(())
     }
 
     fn check(&self) -> Result<(), BlockMaskError> {
@@ -425,11 +441,80 @@ impl BlockMask {
         })
     }
 
+    /// The mask in FlexAttention's `BlockMask.from_kv_blocks` form (for benches and
+    /// interop): each list split by kind, partial blocks as `kv_num_blocks` / `kv_indices`
+    /// and full blocks as `full_kv_num_blocks` / `full_kv_indices`; counts are
+    /// `[batch, heads, num_q_blocks]` and indices `[batch, heads, num_q_blocks, num_k_blocks]`
+    /// with the unused tail of each row set to 0. Allocates `2 x lists x num_k_blocks` i32.
+    pub fn to_flex_parts(&self) -> FlexParts {
+        let nk = self.dims.num_k_blocks;
+        let lists = self.offsets.len() - 1;
+        let mut parts = FlexParts {
+            kv_num_blocks: vec![0; lists],
+            kv_indices: vec![0; lists * nk],
+            full_kv_num_blocks: vec![0; lists],
+            full_kv_indices: vec![0; lists * nk],
+        };
+        for l in 0..lists {
+            for e in self.offsets[l] as usize..self.offsets[l + 1] as usize {
+                let (count, indices) = if self.full[e] != 0 {
+                    (&mut parts.full_kv_num_blocks, &mut parts.full_kv_indices)
+                } else {
+                    (&mut parts.kv_num_blocks, &mut parts.kv_indices)
+                };
+                indices[l * nk + count[l] as usize] = self.indices[e];
+                count[l] += 1;
+            }
+        }
+        parts
+    }
+
     /// [`BlockMask::list`] for indices a bound problem guarantees in range (its dims were
     /// checked against the problem in [`BlockSparseAttention::new`]).
     pub(crate) fn bound_list(&self, b: usize, h: usize, qb: usize) -> BlockList<'_> {
         self.list(b, h, qb)
             .expect("block mask dims were checked against the problem")
+    }
+}
+
+/// FlexAttention's four block-mask tensors (see [`BlockMask::to_flex_parts`]), row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlexParts {
+    pub kv_num_blocks: Vec<i32>,
+    pub kv_indices: Vec<i32>,
+    pub full_kv_num_blocks: Vec<i32>,
+    pub full_kv_indices: Vec<i32>,
+}
+
+/// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
+/// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
+/// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
+pub(crate) fn classify(
+    mask: &Mask,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    sq: usize,
+    sk: usize,
+) -> Option<BlockKind> {
+    let keys = keys.start..keys.end.min(sk);
+    if keys.is_empty() || rows.is_empty() {
+        return None;
+    }
+    let (mut any, mut all) = (false, true);
+    for i in rows {
+        let w = mask.window_range(i, sq, sk);
+        let s = mask.sink_range_rows(i..i + 1, sq, sk);
+        let overlap = |r: &std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
+        any |= overlap(&w) || overlap(&s);
+        // The union of the sink prefix and the window covers `keys` iff the window covers
+        // what the sinks leave of it.
+        let rest = keys.start.max(s.end)..keys.end;
+        all &= rest.is_empty() || (w.start <= rest.start && rest.end <= w.end);
+    }
+    match (any, all) {
+        (_, true) => Some(BlockKind::Full),
+        (true, false) => Some(BlockKind::Partial),
+        (false, false) => None,
     }
 }
 

@@ -12,8 +12,7 @@
 //! the constructors require `seqlen_q <= seqlen_k` with a block-aligned difference (prefill,
 //! or chunked prefill with block-aligned chunks). "Distance" below is `qb + shift - kb`.
 
-use super::moba::classify;
-use super::{BlockMask, BlockMaskDims, BlockMaskError, ListId};
+use super::{BlockMask, BlockMaskDims, BlockMaskError, ListId, classify};
 use crate::mask::Mask;
 use std::cell::RefCell;
 
