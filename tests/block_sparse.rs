@@ -253,7 +253,7 @@ fn random_lists_match_the_reference() {
             check(&case.cpu(&bs), &want, &format!("shape {n} opts {o}"));
             // The reference follows the definition: check it against the naive one too.
             let mask = bs.block_mask().clone();
-            let em = opts.mask;
+            let em = opts.effective_mask();
             let naive = case.naive(bs.attention().scale() as f64, |b, h, i, j| {
                 mask.list(b, h, i / bm).unwrap().iter().any(|(kb, kind)| {
                     kb == j / bn && (kind == BlockKind::Full || em.visible(i, j, sq, sk))
@@ -409,7 +409,7 @@ fn patterns_equal_their_element_masks() {
             seqlen_q: sq,
             seqlen_k: sk,
             block: bl,
-            mask: opts.mask,
+            mask: opts.effective_mask(),
         };
         let passages = [2, 3, 1, 2];
         let ends = [2, 5, 6, 8];
@@ -460,7 +460,7 @@ fn patterns_equal_their_element_masks() {
         ];
         for (name, mask, pred) in cases {
             let bs = BlockSparseAttention::new(case.attn(&opts), mask).unwrap();
-            let em = opts.mask;
+            let em = opts.effective_mask();
             let want = case.naive(bs.attention().scale() as f64, |_, h, i, j| {
                 pred(h, i / bl + shift, j / bl) && em.visible(i, j, sq, sk)
             });
