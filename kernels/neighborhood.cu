@@ -13,10 +13,8 @@
 // Rank-generic by padding: the host fills leading dims with (1, 1, 1, 1, non-causal), whose
 // window is always {0}, so the per-dim loops are unrolled over LA_NA_DIMS dims.
 
-#include <math.h>
-
 #include "longattn/common.cuh"
-#include "longattn/neighborhood.h"
+#include "longattn/neighborhood.cuh"
 
 namespace longattn {
 namespace {
@@ -24,38 +22,6 @@ namespace {
 constexpr int kNaWarps = 4;
 constexpr int kNaThreads = kNaWarps * 32;
 constexpr int kVec = 8;  // elements per 16-byte load
-
-// Window of position x along dim a: in-group indices [start, start + len) of group `group`
-// (key position j * dilation + group). Mirrors NeighborhoodDim::window in Rust.
-__device__ __forceinline__ void na_window(const LaNeighborhoodParams &p, int a, int x,
-                                          int &start, int &len, int &group) {
-  const int d = p.dilation[a], k = p.kernel[a], s = p.stride[a];
-  const int g = x % d, i = x / d;
-  const int lg = (int)(((long long)p.length[a] - g + d - 1) / d);
-  group = g;
-  if (p.causal[a]) {
-    start = max(i - k + 1, 0);
-    len = i + 1 - start;
-    return;
-  }
-  const int left = k / 2, right = k / 2 + k % 2 - 1;
-  const int c = (int)min((long long)(i / s) * s + s / 2, (long long)lg - 1);
-  // Shifted left at the end border so that the window always holds k keys.
-  start = (long long)c + right >= lg ? lg - k : max(c - left, 0);
-  len = k;
-}
-
-// n / d and n % d, in 32-bit arithmetic whenever n fits (the common case).
-__device__ __forceinline__ long long divmod(long long n, int d, int &rem) {
-  if ((n >> 32) == 0) {
-    const unsigned q = (unsigned)n / (unsigned)d;
-    rem = (int)((unsigned)n - q * (unsigned)d);
-    return q;
-  }
-  const long long q = n / d;
-  rem = (int)(n - q * d);
-  return q;
-}
 
 template <typename T, int kLanes>
 __global__ void __launch_bounds__(kNaThreads)
@@ -81,9 +47,9 @@ __global__ void __launch_bounds__(kNaThreads)
     long long rest = t;
     int x[LA_NA_DIMS];
 #pragma unroll
-    for (int a = LA_NA_DIMS - 1; a >= 0; --a) rest = divmod(rest, p.length[a], x[a]);
+    for (int a = LA_NA_DIMS - 1; a >= 0; --a) rest = na::divmod(rest, p.length[a], x[a]);
 #pragma unroll
-    for (int a = 0; a < LA_NA_DIMS; ++a) na_window(p, a, x[a], start[a], len[a], group[a]);
+    for (int a = 0; a < LA_NA_DIMS; ++a) na::window(p, a, x[a], start[a], len[a], group[a]);
   }
   const long long n_keys = (long long)len[0] * len[1] * len[2];
 
@@ -116,13 +82,11 @@ __global__ void __launch_bounds__(kNaThreads)
     const bool valid = n < n_keys;
     uint4 kr = make_uint4(0, 0, 0, 0), vr = make_uint4(0, 0, 0, 0);
     if (valid && owns) {
-      int j2, j1;
-      const int j0 = (int)divmod(divmod(n, len[2], j2), len[1], j1);
-      const long long key =
-          (((long long)(start[0] + j0) * p.dilation[0] + group[0]) * p.length[1] +
-           (long long)(start[1] + j1) * p.dilation[1] + group[1]) *
-              p.length[2] +
-          (long long)(start[2] + j2) * p.dilation[2] + group[2];
+      int j[LA_NA_DIMS];
+      j[0] = (int)na::divmod(na::divmod(n, len[2], j[2]), len[1], j[1]);
+#pragma unroll
+      for (int a = 0; a < LA_NA_DIMS; ++a) j[a] += start[a];
+      const long long key = na::token(p, j, group);
       kr = *reinterpret_cast<const uint4 *>(k + key * p.k_row_stride);
       vr = *reinterpret_cast<const uint4 *>(v + key * p.v_row_stride);
     }
@@ -207,41 +171,12 @@ cudaError_t launch_for_dim(const LaNeighborhoodParams &p, cudaStream_t stream) {
   return launch<T, 32>(p, stream);
 }
 
-// The checks of the Rust API that need no device memory (NeighborhoodAttention::new,
-// forward_gpu): a C caller gets cudaErrorInvalidValue instead of an out-of-bounds kernel.
-bool params_ok(const LaNeighborhoodParams &p) {
-  if (p.batch < 0 || p.heads_q <= 0 || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 ||
-      p.heads_q > 65535 || p.batch > 65535)
-    return false;
-  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % kVec != 0) return false;
-  if (p.dtype != LA_F16 && p.dtype != LA_BF16) return false;
-  if (!(isfinite(p.scale) && p.scale > 0.0f) || isnan(p.softcap)) return false;
-  if (p.softcap > 0.0f && !(isfinite(p.softcap) && isfinite(p.scale / p.softcap))) return false;
-  long long tokens = 1;
-  for (int a = 0; a < LA_NA_DIMS; ++a) {
-    const long long L = p.length[a], k = p.kernel[a], d = p.dilation[a], s = p.stride[a];
-    if (L < 1 || k < 1 || d < 1 || k * d > L || s < 1 || s > k) return false;
-    if (p.causal[a] != 0 && (p.causal[a] != 1 || s != 1)) return false;
-    if (tokens > (1LL << 62) / L) return false;  // no overflow: L <= 2^31
-    tokens *= L;
-  }
-  if (tokens != p.tokens || (tokens + kNaWarps - 1) / kNaWarps > 0x7fffffffLL) return false;
-  const int64_t strides[] = {p.q_batch_stride, p.q_row_stride, p.q_head_stride,
-                             p.k_batch_stride, p.k_row_stride, p.k_head_stride,
-                             p.v_batch_stride, p.v_row_stride, p.v_head_stride,
-                             p.o_batch_stride, p.o_row_stride, p.o_head_stride};
-  for (int64_t s : strides)
-    if (s < 0) return false;
-  const bool work = p.batch > 0 && p.tokens > 0;
-  return !work || (p.q != nullptr && p.k != nullptr && p.v != nullptr && p.o != nullptr);
-}
-
 }  // namespace
 }  // namespace longattn
 
 extern "C" int la_neighborhood_forward(const LaNeighborhoodParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (params == nullptr || !params_ok(*params)) return cudaErrorInvalidValue;
+  if (params == nullptr || !na::params_ok(*params)) return cudaErrorInvalidValue;
   const LaNeighborhoodParams &p = *params;
   if (p.batch == 0 || p.tokens == 0) return cudaSuccess;
   switch (p.dtype) {

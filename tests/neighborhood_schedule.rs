@@ -75,7 +75,11 @@ fn check(attn: &NeighborhoodAttention, sched: &NeighborhoodSchedule, what: &str)
             .map(|j| sched.key_token(tile, j))
             .collect();
         let box_set: HashSet<usize> = box_keys.iter().copied().collect();
-        assert_eq!(box_set.len(), box_keys.len(), "{what}: duplicate keys in a box");
+        assert_eq!(
+            box_set.len(),
+            box_keys.len(),
+            "{what}: duplicate keys in a box"
+        );
         let mut seen_by_some: HashSet<usize> = HashSet::new();
         let mut rows = Vec::new();
         for r in 0..sched.rows {
@@ -96,7 +100,11 @@ fn check(attn: &NeighborhoodAttention, sched: &NeighborhoodSchedule, what: &str)
             seen_by_some.extend(keys.iter().copied());
             rows.push(keys);
         }
-        assert_eq!(rows.len(), tile.valid_rows(), "{what}: tile {ti} valid rows");
+        assert_eq!(
+            rows.len(),
+            tile.valid_rows(),
+            "{what}: tile {ti} valid rows"
+        );
         assert_eq!(
             seen_by_some.len(),
             box_set.len(),
@@ -118,7 +126,11 @@ fn check(attn: &NeighborhoodAttention, sched: &NeighborhoodSchedule, what: &str)
         owner.iter().all(|&o| o != usize::MAX),
         "{what}: some token is in no tile"
     );
-    assert_eq!(visible as u128, visible_pairs(attn), "{what}: visible_pairs");
+    assert_eq!(
+        visible as u128,
+        visible_pairs(attn),
+        "{what}: visible_pairs"
+    );
     (sched.computed_pairs(), visible)
 }
 
@@ -142,9 +154,15 @@ fn schedule_on_fixed_shapes_and_explicit_tiles() {
     let cases: Vec<(Vec<NeighborhoodDim>, [usize; 3])> = vec![
         // kernel == length (full attention), odd and even kernels.
         (vec![NeighborhoodDim::new(37, 37)], [1, 1, 16]),
-        (vec![NeighborhoodDim::new(20, 6), NeighborhoodDim::new(23, 7)], [1, 4, 8]),
+        (
+            vec![NeighborhoodDim::new(20, 6), NeighborhoodDim::new(23, 7)],
+            [1, 4, 8],
+        ),
         // Large kernel against a small tile: interior key tiles exist.
-        (vec![NeighborhoodDim::new(40, 31), NeighborhoodDim::new(40, 31)], [1, 4, 4]),
+        (
+            vec![NeighborhoodDim::new(40, 31), NeighborhoodDim::new(40, 31)],
+            [1, 4, 4],
+        ),
         // Dilation not dividing the length, causal and strided dims.
         (
             vec![

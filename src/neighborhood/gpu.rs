@@ -58,6 +58,47 @@ impl NeighborhoodAttention {
         launch(self, stream, q, k, v, out, lse)
     }
 
+    /// GPU forward pass with the fused tensor-core kernel (`kernels/neighborhood_mma.cu`,
+    /// `mma.sync`, sm_80+): 64-row query tiles of a compact box of one dilation group, only
+    /// the key tiles of the [`NeighborhoodSchedule`](super::schedule::NeighborhoodSchedule)
+    /// (built on the host and copied to the device on `stream` per call), element mask on
+    /// boundary key tiles only. **Compiled, not yet verified on a GPU; explicit opt-in
+    /// only** (nothing calls it for you). Same arguments and checks as
+    /// [`NeighborhoodAttention::forward_gpu`]; `head_dim` 64 or 128, and a device of compute
+    /// capability 8.0 or newer, else `Error::Unsupported`.
+    pub fn forward_gpu_fused<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        self.check_gpu_args::<T>(
+            [
+                (q.data.len(), &q.strides),
+                (k.data.len(), &k.strides),
+                (v.data.len(), &v.strides),
+                (out.data.len(), &out.strides),
+            ],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        if ![64, 128].contains(&self.head_dim) {
+            return Err(Error::Unsupported(format!(
+                "the fused neighborhood kernel takes head_dim 64 or 128, not {}",
+                self.head_dim
+            )));
+        }
+        let sched = FusedSchedule::new(self)?;
+        launch_fused(self, &sched, stream, q, k, v, out, lse)
+    }
+
     /// Every check of `forward_gpu` that needs no device pointer: the CPU path's argument
     /// check, then what the kernel supports.
     fn check_gpu_args<T: Element>(
@@ -99,6 +140,131 @@ impl NeighborhoodAttention {
         }
         Ok(())
     }
+}
+
+/// The fused kernel's schedule as the C ABI lays it out (`LaNaTile`, `LaNaSchedule` in
+/// `kernels/include/longattn/neighborhood.h`), dims padded to three.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct FusedSchedule {
+    /// Per query tile: group, origin, valid, key_start, key_extent (3 each), then the first
+    /// key tile and the key-tile count.
+    tiles: Vec<[i32; 17]>,
+    interior: Vec<u8>,
+    tile_log2: [i32; 3],
+}
+
+impl FusedSchedule {
+    fn new(attn: &NeighborhoodAttention) -> Result<Self> {
+        use super::schedule::{MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule};
+        let sched = NeighborhoodSchedule::new(attn, MMA_QUERY_ROWS, MMA_KEY_TILE)?;
+        let too_big = |what: &str| {
+            Error::Unsupported(format!(
+                "the fused neighborhood kernel indexes {what} with 32-bit integers; this \
+                 problem needs more (the portable kernel takes it)"
+            ))
+        };
+        let int = |x: usize| i32::try_from(x).ok();
+        if int(sched.tiles.len()).is_none() || int(sched.key_tiles.len()).is_none() {
+            return Err(too_big("query and key tiles"));
+        }
+        let mut tiles = Vec::with_capacity(sched.tiles.len());
+        for t in &sched.tiles {
+            // The kernel's key index n and n + key_tile stay below 2^31.
+            if t.key_count()
+                .checked_add(MMA_KEY_TILE)
+                .and_then(int)
+                .is_none()
+            {
+                return Err(too_big("a query tile's key box"));
+            }
+            let mut rec = [0i32; 17];
+            for a in 0..3 {
+                // In-group indices and extents are below the dim's length (an i32).
+                rec[a] = t.group[a] as i32;
+                rec[3 + a] = t.origin[a] as i32;
+                rec[6 + a] = t.valid[a] as i32;
+                rec[9 + a] = t.keys[a].start as i32;
+                rec[12 + a] = t.keys[a].len() as i32;
+            }
+            rec[15] = t.key_tiles.start as i32;
+            rec[16] = t.key_tiles.len() as i32;
+            tiles.push(rec);
+        }
+        Ok(FusedSchedule {
+            tiles,
+            interior: sched.key_tiles.iter().map(|k| k.interior as u8).collect(),
+            tile_log2: sched.tile.map(|t| t.trailing_zeros() as i32),
+        })
+    }
+}
+
+#[cfg(not(longattn_cuda))]
+#[allow(clippy::too_many_arguments)]
+fn launch_fused<T, I, O>(
+    _attn: &NeighborhoodAttention,
+    _sched: &FusedSchedule,
+    _stream: &Arc<CudaStream>,
+    _q: Strided<&I>,
+    _k: Strided<&I>,
+    _v: Strided<&I>,
+    _out: Strided<&mut O>,
+    _lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    Err(Error::CudaNotCompiled)
+}
+
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_fused<T, I, O>(
+    attn: &NeighborhoodAttention,
+    sched: &FusedSchedule,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use crate::gpu::{check_launch, ffi};
+    if attn.out_len() == 0 || sched.tiles.is_empty() {
+        return Ok(());
+    }
+    let flat: Vec<i32> = sched.tiles.iter().flatten().copied().collect();
+    let tiles = stream.clone_htod(&flat)?;
+    let interior = stream.clone_htod(&sched.interior)?;
+    let (tiles_ptr, _tiles_sync) = tiles.device_ptr(stream);
+    let (interior_ptr, _interior_sync) = interior.device_ptr(stream);
+    let schedule = ffi::LaNaSchedule {
+        tiles: tiles_ptr as *const ffi::LaNaTile,
+        interior: interior_ptr as *const u8,
+        num_tiles: sched.tiles.len() as i32,
+        tile_log2: sched.tile_log2,
+        key_tile: super::schedule::MMA_KEY_TILE as i32,
+    };
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: as in `launch`; the schedule's device arrays stay alive (and their sync
+        // guards in scope) until the launch is queued on `stream`.
+        let code = unsafe { ffi::la_neighborhood_mma_forward(params, &schedule, cu_stream) };
+        if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+            return Err(Error::Unsupported(
+                "the fused neighborhood kernel needs a device of compute capability 8.0 or \
+                 newer with its shared memory"
+                    .into(),
+            ));
+        }
+        check_launch("la_neighborhood_mma_forward", code)
+    })
 }
 
 #[cfg(not(longattn_cuda))]
@@ -159,7 +325,40 @@ where
     I: DevicePtr<T>,
     O: DevicePtrMut<T>,
 {
-    use crate::gpu::{check_launch, check_vector_access, dtype_bytes, ffi};
+    use crate::gpu::{check_launch, ffi};
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: every pointer in `params` comes from a live cudarc buffer whose extent was
+        // checked against the strides; the launch is ordered on `stream`, and the sync
+        // guards keep cudarc's event tracking correct until the launch is queued.
+        let code = unsafe { ffi::la_neighborhood_forward(params, cu_stream) };
+        check_launch("la_neighborhood_forward", code)
+    })
+}
+
+/// Checks the device pointers of `q`, `k`, `v`, `out` for the kernels' 16-byte vector
+/// access, fills the params and runs `call` with them and `stream`'s CUDA stream while the
+/// buffers' sync guards are alive.
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_with<T, I, O>(
+    attn: &NeighborhoodAttention,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+    call: impl FnOnce(
+        &crate::gpu::ffi::LaNeighborhoodParams,
+        crate::gpu::ffi::cudaStream_t,
+    ) -> Result<()>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use crate::gpu::{check_vector_access, dtype_bytes, ffi};
     if attn.out_len() == 0 {
         return Ok(());
     }
@@ -199,11 +398,7 @@ where
         o_head_stride: out.strides.head,
         ..params(attn, T::DTYPE)
     };
-    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
-    // the strides above; the launch is ordered on `stream`, and the sync guards keep
-    // cudarc's event tracking correct until the launch is queued.
-    let code = unsafe { ffi::la_neighborhood_forward(&params, stream.cu_stream() as _) };
-    check_launch("la_neighborhood_forward", code)
+    call(&params, stream.cu_stream() as _)
 }
 
 /// The C launcher refuses what the Rust API refuses before any CUDA call, so this runs
@@ -255,8 +450,14 @@ mod c_entry_checks {
             ("null pointers with work", v),
             ("heads_kv 0", ffi::LaNeighborhoodParams { heads_kv: 0, ..v }),
             ("gqa ratio", ffi::LaNeighborhoodParams { heads_kv: 3, ..v }),
-            ("head_dim 12", ffi::LaNeighborhoodParams { head_dim: 12, ..v }),
-            ("head_dim 264", ffi::LaNeighborhoodParams { head_dim: 264, ..v }),
+            (
+                "head_dim 12",
+                ffi::LaNeighborhoodParams { head_dim: 12, ..v },
+            ),
+            (
+                "head_dim 264",
+                ffi::LaNeighborhoodParams { head_dim: 264, ..v },
+            ),
             ("batch < 0", ffi::LaNeighborhoodParams { batch: -1, ..v }),
             (
                 "f32",
@@ -265,11 +466,29 @@ mod c_entry_checks {
                     ..v
                 },
             ),
-            ("scale nan", ffi::LaNeighborhoodParams { scale: f32::NAN, ..v }),
+            (
+                "scale nan",
+                ffi::LaNeighborhoodParams {
+                    scale: f32::NAN,
+                    ..v
+                },
+            ),
             ("scale 0", ffi::LaNeighborhoodParams { scale: 0.0, ..v }),
-            ("softcap nan", ffi::LaNeighborhoodParams { softcap: f32::NAN, ..v }),
+            (
+                "softcap nan",
+                ffi::LaNeighborhoodParams {
+                    softcap: f32::NAN,
+                    ..v
+                },
+            ),
             ("tokens", ffi::LaNeighborhoodParams { tokens: 64, ..v }),
-            ("stride < 0", ffi::LaNeighborhoodParams { k_row_stride: -8, ..v }),
+            (
+                "stride < 0",
+                ffi::LaNeighborhoodParams {
+                    k_row_stride: -8,
+                    ..v
+                },
+            ),
         ];
         let mut dim = |name: &'static str, f: &dyn Fn(&mut ffi::LaNeighborhoodParams)| {
             let mut p = v;
@@ -298,10 +517,10 @@ mod c_entry_checks {
 #[cfg(test)]
 mod host_checks {
     use crate::dense::AttentionOptions;
-    use half::{bf16, f16};
     use crate::error::Error;
     use crate::layout::Strides;
     use crate::neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
+    use half::{bf16, f16};
 
     fn attn(head_dim: usize, batch: usize) -> NeighborhoodAttention {
         let dims = [NeighborhoodDim::new(6, 3), NeighborhoodDim::new(5, 2)];
@@ -342,6 +561,39 @@ mod host_checks {
             let a = attn(d, 2);
             check::<bf16>(&a, None).unwrap();
             check::<f16>(&a, Some(a.lse_len())).unwrap();
+        }
+    }
+
+    #[test]
+    fn fused_schedule_records() {
+        use super::FusedSchedule;
+        use crate::neighborhood::schedule::NeighborhoodSchedule;
+        let dims = [
+            NeighborhoodDim::new(20, 5).with_dilation(2),
+            NeighborhoodDim::new(30, 7).with_causal(true),
+        ];
+        let a = NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: 1,
+                heads_q: 1,
+                heads_kv: 1,
+                head_dim: 64,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap();
+        let f = FusedSchedule::new(&a).unwrap();
+        let s = NeighborhoodSchedule::new(&a, 64, 64).unwrap();
+        assert_eq!(f.tile_log2.iter().sum::<i32>(), 6);
+        assert_eq!(f.tile_log2[0], 0, "rank 2: the padded dim has extent 1");
+        assert_eq!(f.tiles.len(), s.tiles.len());
+        assert_eq!(f.interior.len(), s.key_tiles.len());
+        for (rec, t) in f.tiles.iter().zip(&s.tiles) {
+            assert_eq!(rec[1..3], [t.group[1] as i32, t.group[2] as i32]);
+            assert_eq!(rec[13] * rec[14], t.key_count() as i32);
+            assert_eq!(rec[16] as usize, t.key_count().div_ceil(64));
+            assert_eq!(rec[15] as usize, t.key_tiles.start);
         }
     }
 

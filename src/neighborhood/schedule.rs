@@ -116,7 +116,9 @@ pub struct NeighborhoodSchedule {
 
 /// The problem's dims padded in front to rank 3 with dims of length 1 (no effect on windows
 /// or flat token indices), so that every rank runs the same code.
-pub(crate) fn padded_dims(attn: &NeighborhoodAttention) -> [NeighborhoodDim; MAX_NEIGHBORHOOD_DIMS] {
+pub(crate) fn padded_dims(
+    attn: &NeighborhoodAttention,
+) -> [NeighborhoodDim; MAX_NEIGHBORHOOD_DIMS] {
     let mut dims = [NeighborhoodDim::new(1, 1); MAX_NEIGHBORHOOD_DIMS];
     let off = MAX_NEIGHBORHOOD_DIMS - attn.dims.len();
     dims[off..].copy_from_slice(&attn.dims);
@@ -331,17 +333,17 @@ impl NeighborhoodSchedule {
         if (0..MAX_NEIGHBORHOOD_DIMS).any(|a| c[a] >= tile.valid[a]) {
             return None;
         }
-        Some(self.token(
-            &tile.group,
-            std::array::from_fn(|a| tile.origin[a] + c[a]),
-        ))
+        Some(self.token(&tile.group, std::array::from_fn(|a| tile.origin[a] + c[a])))
     }
 
     /// Flat token of key `n` (row-major) of `tile`'s key box.
     pub fn key_token(&self, tile: &QueryTile, n: usize) -> usize {
         let ext = tile.keys.each_ref().map(|r| r.len());
         let c = unravel(n, ext);
-        self.token(&tile.group, std::array::from_fn(|a| tile.keys[a].start + c[a]))
+        self.token(
+            &tile.group,
+            std::array::from_fn(|a| tile.keys[a].start + c[a]),
+        )
     }
 
     /// (row, key) pairs the fused kernel computes per (batch, head): `rows * key_tile` per
@@ -430,9 +432,7 @@ pub fn flop_bound_ratio(attn: &NeighborhoodAttention) -> f64 {
 /// Forward FLOPs over visible pairs (`4 * head_dim` per pair: Q K^T and P V), all batches
 /// and heads.
 pub fn visible_flops(attn: &NeighborhoodAttention) -> f64 {
-    4.0 * attn.head_dim as f64
-        * visible_pairs(attn) as f64
-        * (attn.batch * attn.heads_q) as f64
+    4.0 * attn.head_dim as f64 * visible_pairs(attn) as f64 * (attn.batch * attn.heads_q) as f64
 }
 
 #[cfg(test)]

@@ -56,6 +56,41 @@ typedef struct LaNeighborhoodParams {
  * params the Rust API refuses, before any CUDA call) and never synchronizes. */
 int la_neighborhood_forward(const LaNeighborhoodParams *params, cudaStream_t stream);
 
+/* One query tile of the tensor-core kernel's schedule (src/neighborhood/schedule.rs): a box
+ * of in-group positions of one dilation group, and the box of keys its rows' neighborhoods
+ * cover, cut into key tiles of `key_tile` keys (row-major over the key box). */
+typedef struct LaNaTile {
+  /* Dilation group, first row and valid rows (in-group) per dim. */
+  int32_t group[LA_NA_DIMS];
+  int32_t origin[LA_NA_DIMS];
+  int32_t valid[LA_NA_DIMS];
+  /* Key box: first in-group key index and extent per dim. */
+  int32_t key_start[LA_NA_DIMS];
+  int32_t key_extent[LA_NA_DIMS];
+  /* This tile's key tiles: entries [first_key_tile, first_key_tile + num_key_tiles) of
+   * LaNaSchedule::interior. */
+  int32_t first_key_tile, num_key_tiles;
+} LaNaTile;
+
+typedef struct LaNaSchedule {
+  /* Device arrays: num_tiles tiles, and one flag per key tile (1: every valid row of its
+   * query tile sees every key of it, no element mask). */
+  const LaNaTile *tiles;
+  const uint8_t *interior;
+  int32_t num_tiles;
+  /* log2 of the query tile's extent per dim (the extents multiply to 64 rows). */
+  int32_t tile_log2[LA_NA_DIMS];
+  /* Keys per key tile: 64. */
+  int32_t key_tile;
+} LaNaSchedule;
+
+/* Tensor-core kernel (mma.sync, sm_80+; not yet verified on a GPU): head_dim 64 or 128,
+ * f16 or bf16, 64-row query tiles and 64-key tiles from `schedule`. Returns
+ * LA_DENSE_KERNEL_UNSUPPORTED when the device or the params are outside what it covers,
+ * cudaErrorInvalidValue for invalid params. */
+int la_neighborhood_mma_forward(const LaNeighborhoodParams *params, const LaNaSchedule *schedule,
+                                cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
