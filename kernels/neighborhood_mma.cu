@@ -95,6 +95,19 @@ __device__ __forceinline__ void key_coords(int n, const LaNaTile &tile, int (&c)
   c[1] = rest - c[0] * tile.key_extent[1];
 }
 
+// Moves box coordinates c forward by `by` keys (row-major), carrying into the outer dims;
+// cheaper than key_coords' two divisions when `by` is at most a few rows of the box.
+__device__ __forceinline__ void advance(int (&c)[LA_NA_DIMS], int by, const LaNaTile &tile) {
+  c[2] += by;
+  while (c[2] >= tile.key_extent[2]) {
+    c[2] -= tile.key_extent[2];
+    if (++c[1] >= tile.key_extent[1]) {
+      c[1] = 0;
+      ++c[0];
+    }
+  }
+}
+
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     neighborhood_mma_kernel(const __grid_constant__ LaNeighborhoodParams p,
@@ -254,14 +267,18 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     }
 
     // Boundary key tiles: per element, the key's box coordinates against the row's window.
+    // This thread's columns are n0 + 8 i + 2 tq + e2: one division pair for the first, then
+    // steps of 1 and 8 keys with carries (coordinates past n_keys are never compared).
     if (!sched.interior[tile.first_key_tile + t]) {
+      int cb[LA_NA_DIMS];
+      key_coords(n0 + 2 * tq, tile, cb);
 #pragma unroll
-      for (int i = 0; i < Tr::kSBlocks; ++i)
+      for (int i = 0; i < Tr::kSBlocks; ++i) {
+        int c[LA_NA_DIMS] = {cb[0], cb[1], cb[2]};
 #pragma unroll
         for (int e2 = 0; e2 < 2; ++e2) {
+          if (e2 == 1) advance(c, 1, tile);
           const int n = n0 + 8 * i + 2 * tq + e2;
-          int c[LA_NA_DIMS];
-          key_coords(n, tile, c);
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             bool vis = n < n_keys;
@@ -270,6 +287,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
             if (!vis) sc[i][2 * r + e2] = kNegInf;
           }
         }
+        if (i + 1 < Tr::kSBlocks) advance(cb, 8, tile);
+      }
     }
 
 #pragma unroll
