@@ -215,6 +215,65 @@ fn sweep() -> Vec<Case> {
     cases
 }
 
+/// Problems with interior key tiles for the fused kernel (kernels larger than its 64-row
+/// query tile) and several query tiles per grid.
+fn fused_extra() -> Vec<Case> {
+    let nd = NeighborhoodDim::new;
+    vec![
+        case(vec![nd(40, 31), nd(37, 29)], 64),
+        case(vec![nd(300, 200)], 128),
+        case(vec![nd(6, 5), nd(20, 17), nd(19, 16)], 128),
+    ]
+}
+
+/// Runs without a GPU: every case of the sweeps is a valid problem, and the CPU path agrees
+/// with the f64 reference on it (so a GPU failure points at the GPU path).
+#[test]
+fn sweep_cases_are_valid_problems() {
+    for (i, c) in sweep().iter().chain(&fused_extra()).enumerate() {
+        let shape = NeighborhoodShape {
+            batch: c.batch,
+            heads_q: c.hq,
+            heads_kv: c.hkv,
+            head_dim: c.d,
+            dims: &c.dims,
+        };
+        let mut opts = AttentionOptions::default();
+        if let Some(cap) = c.softcap {
+            opts = opts.with_softcap(cap);
+        }
+        let attn = NeighborhoodAttention::new(&shape, &opts).unwrap();
+        let n = attn.tokens();
+        let (qs, ks) = (
+            strides(n, c.hq, c.d, c.row_pad),
+            strides(n, c.hkv, c.d, c.row_pad),
+        );
+        let mut r = rng(7000 + i as u64);
+        let q: Vec<f32> = random_vec(&mut r, c.batch * qs.batch as usize);
+        let k: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
+        let v: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
+        let (want, _) = neighborhood_attention_f64(
+            &attn,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )
+        .unwrap();
+        let os = Strides::contiguous(n, c.hq, c.d);
+        let mut out = vec![0.0f32; attn.out_len()];
+        attn.forward_cpu(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+            Strided::new(&mut out[..], os),
+            None,
+        )
+        .unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < 1e-5, "{c:?}: CPU rel err {err}");
+    }
+}
+
 #[test]
 fn gpu_neighborhood_matches_reference_bf16() {
     let Some(ctx) = gpu_or_skip("gpu_neighborhood_matches_reference_bf16") else {
@@ -241,22 +300,19 @@ fn gpu_neighborhood_matches_reference_f16() {
     eprintln!("neighborhood gpu f16: worst rel err {worst:.2e}");
 }
 
-/// The fused tensor-core kernel (head_dim 64 and 128) on the same sweep, plus problems with
-/// interior key tiles (kernels larger than the 64-row query tile) and several query tiles.
+/// The fused tensor-core kernel (head_dim 64 and 128) on the same sweep plus
+/// [`fused_extra`].
 #[test]
 fn gpu_neighborhood_fused_matches_reference() {
     let Some(ctx) = gpu_or_skip("gpu_neighborhood_fused_matches_reference") else {
         return;
     };
     let stream = ctx.default_stream();
-    let nd = NeighborhoodDim::new;
     let mut cases: Vec<Case> = sweep()
         .into_iter()
         .filter(|c| c.d == 64 || c.d == 128)
         .collect();
-    cases.push(case(vec![nd(40, 31), nd(37, 29)], 64));
-    cases.push(case(vec![nd(300, 200)], 128));
-    cases.push(case(vec![nd(6, 5), nd(20, 17), nd(19, 16)], 128));
+    cases.extend(fused_extra());
     let mut worst: f64 = 0.0;
     for (i, c) in cases.iter().enumerate() {
         worst = worst.max(run_case::<bf16>(&stream, 900 + i as u64, c, true));
