@@ -15,6 +15,9 @@
 //! In-group key index `j` is position `j * d + g`. With `k = L`, no dilation and no causal
 //! dim this is full self-attention.
 
+mod gpu;
+pub mod schedule;
+
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};

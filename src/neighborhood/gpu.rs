@@ -1,0 +1,622 @@
+//! `NeighborhoodAttention::forward_gpu`: validation, then the portable neighborhood kernel
+//! (`kernels/neighborhood.cu`).
+//!
+//! **Not yet verified on a GPU**: the kernel compiles for sm_80 and sm_90a without spills and
+//! its launcher refuses bad params on the CPU, but no GPU run has checked its output yet
+//! (`tests/neighborhood_gpu.rs` does, on a machine with one). It runs only when a caller
+//! asks for it by calling `forward_gpu`; nothing in the crate picks it automatically.
+
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::layout::{Strided, check_attention_args};
+use crate::neighborhood::NeighborhoodAttention;
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use std::sync::Arc;
+
+/// Largest head dim of the neighborhood kernel.
+pub const GPU_MAX_HEAD_DIM: usize = 256;
+/// Grid y/z limit: heads and batch index the grid.
+const GRID_LIMIT: usize = 65535;
+/// Query tokens per block of the kernel (one warp each); the grid's x extent is the token
+/// count over this, at most `i32::MAX`.
+const TOKENS_PER_BLOCK: usize = 4;
+
+impl NeighborhoodAttention {
+    /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Compiled, not
+    /// yet verified on a GPU.**
+    ///
+    /// `q`, `k`, `v`, `out` are device buffers laid out as for
+    /// [`NeighborhoodAttention::forward_cpu`] (`[batch, X, (Y, (Z,)) heads, head_dim]` with
+    /// element strides over (batch, token, head)); on the GPU pointers must be 16-byte
+    /// aligned, strides multiples of 8 elements, `head_dim` a multiple of 8 up to 256; f16
+    /// and bf16 only. `lse`, when given, receives the natural-log LSE in the layout of
+    /// [`NeighborhoodAttention::lse_len`]. Every valid problem runs (any rank, kernel,
+    /// dilation, causal and stride per dim, GQA, softcap) on the portable CUDA-core kernel.
+    pub fn forward_gpu<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        self.check_gpu_args::<T>(
+            [
+                (q.data.len(), &q.strides),
+                (k.data.len(), &k.strides),
+                (v.data.len(), &v.strides),
+                (out.data.len(), &out.strides),
+            ],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        launch(self, stream, q, k, v, out, lse)
+    }
+
+    /// GPU forward pass with the fused tensor-core kernel (`kernels/neighborhood_mma.cu`,
+    /// `mma.sync`, sm_80+): 64-row query tiles of a compact box of one dilation group, only
+    /// the key tiles of the [`NeighborhoodSchedule`](super::schedule::NeighborhoodSchedule)
+    /// (built on the host and copied to the device on `stream` per call), element mask on
+    /// boundary key tiles only. **Compiled, not yet verified on a GPU; explicit opt-in
+    /// only** (nothing calls it for you). Same arguments and checks as
+    /// [`NeighborhoodAttention::forward_gpu`]; `head_dim` 64 or 128, and a device of compute
+    /// capability 8.0 or newer, else `Error::Unsupported`.
+    pub fn forward_gpu_fused<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut CudaSlice<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DevicePtr<T>,
+        O: DevicePtrMut<T>,
+    {
+        self.check_gpu_args::<T>(
+            [
+                (q.data.len(), &q.strides),
+                (k.data.len(), &k.strides),
+                (v.data.len(), &v.strides),
+                (out.data.len(), &out.strides),
+            ],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        if ![64, 128].contains(&self.head_dim) {
+            return Err(Error::Unsupported(format!(
+                "the fused neighborhood kernel takes head_dim 64 or 128, not {}",
+                self.head_dim
+            )));
+        }
+        let sched = FusedSchedule::new(self)?;
+        launch_fused(self, &sched, stream, q, k, v, out, lse)
+    }
+
+    /// Every check of `forward_gpu` that needs no device pointer: the CPU path's argument
+    /// check, then what the kernel supports.
+    fn check_gpu_args<T: Element>(
+        &self,
+        bufs: [(usize, &crate::layout::Strides); 4],
+        lse_len: Option<usize>,
+    ) -> Result<()> {
+        let n = self.tokens;
+        check_attention_args(
+            "",
+            bufs,
+            [self.batch, n, self.heads_q, self.head_dim],
+            [self.batch, n, self.heads_kv, self.head_dim],
+            lse_len.map(|l| (l, self.lse_len(), "[batch, heads_q, tokens]")),
+        )?;
+        if T::DTYPE == DType::F32 {
+            return Err(Error::Unsupported(
+                "neighborhood attention on the GPU takes f16 or bf16 (f32 runs on the CPU path)"
+                    .into(),
+            ));
+        }
+        if !self.head_dim.is_multiple_of(8) || self.head_dim > GPU_MAX_HEAD_DIM {
+            return Err(Error::Unsupported(format!(
+                "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
+                self.head_dim
+            )));
+        }
+        if self.batch > GRID_LIMIT || self.heads_q > GRID_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
+                self.batch, self.heads_q
+            )));
+        }
+        if n.div_ceil(TOKENS_PER_BLOCK) > i32::MAX as usize {
+            return Err(Error::Unsupported(format!(
+                "{n} grid tokens: at most {} on the GPU",
+                i32::MAX as usize * TOKENS_PER_BLOCK
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The fused kernel's schedule as the C ABI lays it out (`LaNaTile`, `LaNaSchedule` in
+/// `kernels/include/longattn/neighborhood.h`), dims padded to three.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct FusedSchedule {
+    /// Per query tile: group, origin, valid, key_start, key_extent (3 each), then the first
+    /// key tile and the key-tile count.
+    tiles: Vec<[i32; 17]>,
+    interior: Vec<u8>,
+    tile_log2: [i32; 3],
+}
+
+impl FusedSchedule {
+    fn new(attn: &NeighborhoodAttention) -> Result<Self> {
+        use super::schedule::{MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule};
+        let sched = NeighborhoodSchedule::new(attn, MMA_QUERY_ROWS, MMA_KEY_TILE)?;
+        let too_big = |what: &str| {
+            Error::Unsupported(format!(
+                "the fused neighborhood kernel indexes {what} with 32-bit integers; this \
+                 problem needs more (the portable kernel takes it)"
+            ))
+        };
+        let int = |x: usize| i32::try_from(x).ok();
+        if int(sched.tiles.len()).is_none() || int(sched.key_tiles.len()).is_none() {
+            return Err(too_big("query and key tiles"));
+        }
+        let mut tiles = Vec::with_capacity(sched.tiles.len());
+        for t in &sched.tiles {
+            // The kernel's key index n and n + key_tile stay below 2^31.
+            if t.key_count()
+                .checked_add(MMA_KEY_TILE)
+                .and_then(int)
+                .is_none()
+            {
+                return Err(too_big("a query tile's key box"));
+            }
+            let mut rec = [0i32; 17];
+            for a in 0..3 {
+                // In-group indices and extents are below the dim's length (an i32).
+                rec[a] = t.group[a] as i32;
+                rec[3 + a] = t.origin[a] as i32;
+                rec[6 + a] = t.valid[a] as i32;
+                rec[9 + a] = t.keys[a].start as i32;
+                rec[12 + a] = t.keys[a].len() as i32;
+            }
+            rec[15] = t.key_tiles.start as i32;
+            rec[16] = t.key_tiles.len() as i32;
+            tiles.push(rec);
+        }
+        Ok(FusedSchedule {
+            tiles,
+            interior: sched.key_tiles.iter().map(|k| k.interior as u8).collect(),
+            tile_log2: sched.tile.map(|t| t.trailing_zeros() as i32),
+        })
+    }
+}
+
+#[cfg(not(longattn_cuda))]
+#[allow(clippy::too_many_arguments)]
+fn launch_fused<T, I, O>(
+    _attn: &NeighborhoodAttention,
+    _sched: &FusedSchedule,
+    _stream: &Arc<CudaStream>,
+    _q: Strided<&I>,
+    _k: Strided<&I>,
+    _v: Strided<&I>,
+    _out: Strided<&mut O>,
+    _lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    Err(Error::CudaNotCompiled)
+}
+
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_fused<T, I, O>(
+    attn: &NeighborhoodAttention,
+    sched: &FusedSchedule,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use crate::gpu::{check_launch, ffi};
+    if attn.out_len() == 0 || sched.tiles.is_empty() {
+        return Ok(());
+    }
+    let flat: Vec<i32> = sched.tiles.iter().flatten().copied().collect();
+    let tiles = stream.clone_htod(&flat)?;
+    let interior = stream.clone_htod(&sched.interior)?;
+    let (tiles_ptr, _tiles_sync) = tiles.device_ptr(stream);
+    let (interior_ptr, _interior_sync) = interior.device_ptr(stream);
+    let schedule = ffi::LaNaSchedule {
+        tiles: tiles_ptr as *const ffi::LaNaTile,
+        interior: interior_ptr as *const u8,
+        num_tiles: sched.tiles.len() as i32,
+        tile_log2: sched.tile_log2,
+        key_tile: super::schedule::MMA_KEY_TILE as i32,
+    };
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: as in `launch`; the schedule's device arrays stay alive (and their sync
+        // guards in scope) until the launch is queued on `stream`.
+        let code = unsafe { ffi::la_neighborhood_mma_forward(params, &schedule, cu_stream) };
+        if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+            return Err(Error::Unsupported(
+                "the fused neighborhood kernel needs a device of compute capability 8.0 or \
+                 newer with its shared memory"
+                    .into(),
+            ));
+        }
+        check_launch("la_neighborhood_mma_forward", code)
+    })
+}
+
+#[cfg(not(longattn_cuda))]
+fn launch<T, I, O>(
+    _attn: &NeighborhoodAttention,
+    _stream: &Arc<CudaStream>,
+    _q: Strided<&I>,
+    _k: Strided<&I>,
+    _v: Strided<&I>,
+    _out: Strided<&mut O>,
+    _lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    Err(Error::CudaNotCompiled)
+}
+
+/// The kernel's params with null pointers: dims padded in front to three (see
+/// `kernels/include/longattn/neighborhood.h`), strides and options from `attn`.
+#[cfg(longattn_cuda)]
+fn params(attn: &NeighborhoodAttention, dtype: DType) -> crate::gpu::ffi::LaNeighborhoodParams {
+    use super::schedule::padded_dims;
+    let dims = padded_dims(attn);
+    let per = |f: &dyn Fn(&super::NeighborhoodDim) -> usize| dims.each_ref().map(|d| f(d) as i32);
+    crate::gpu::ffi::LaNeighborhoodParams {
+        batch: attn.batch as i32,
+        heads_q: attn.heads_q as i32,
+        heads_kv: attn.heads_kv as i32,
+        head_dim: attn.head_dim as i32,
+        length: per(&|d| d.length),
+        kernel: per(&|d| d.kernel),
+        dilation: per(&|d| d.dilation),
+        stride: per(&|d| d.stride),
+        causal: per(&|d| d.causal as usize),
+        tokens: attn.tokens as i64,
+        scale: attn.scale,
+        softcap: attn.softcap.unwrap_or(0.0),
+        dtype: crate::gpu::la_dtype(dtype),
+        ..Default::default()
+    }
+}
+
+#[cfg(longattn_cuda)]
+fn launch<T, I, O>(
+    attn: &NeighborhoodAttention,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use crate::gpu::{check_launch, ffi};
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: every pointer in `params` comes from a live cudarc buffer whose extent was
+        // checked against the strides; the launch is ordered on `stream`, and the sync
+        // guards keep cudarc's event tracking correct until the launch is queued.
+        let code = unsafe { ffi::la_neighborhood_forward(params, cu_stream) };
+        check_launch("la_neighborhood_forward", code)
+    })
+}
+
+/// Checks the device pointers of `q`, `k`, `v`, `out` for the kernels' 16-byte vector
+/// access, fills the params and runs `call` with them and `stream`'s CUDA stream while the
+/// buffers' sync guards are alive.
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_with<T, I, O>(
+    attn: &NeighborhoodAttention,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut CudaSlice<f32>>,
+    call: impl FnOnce(
+        &crate::gpu::ffi::LaNeighborhoodParams,
+        crate::gpu::ffi::cudaStream_t,
+    ) -> Result<()>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DevicePtr<T>,
+    O: DevicePtrMut<T>,
+{
+    use crate::gpu::{check_vector_access, dtype_bytes, ffi};
+    if attn.out_len() == 0 {
+        return Ok(());
+    }
+    let bytes = dtype_bytes(T::DTYPE);
+    let (q_ptr, _q_sync) = q.data.device_ptr(stream);
+    let (k_ptr, _k_sync) = k.data.device_ptr(stream);
+    let (v_ptr, _v_sync) = v.data.device_ptr(stream);
+    let (o_ptr, _o_sync) = out.data.device_ptr_mut(stream);
+    check_vector_access("q", q_ptr, &q.strides, bytes)?;
+    check_vector_access("k", k_ptr, &k.strides, bytes)?;
+    check_vector_access("v", v_ptr, &v.strides, bytes)?;
+    check_vector_access("out", o_ptr, &out.strides, bytes)?;
+    let (lse_ptr, _lse_sync) = match lse {
+        Some(l) => {
+            let (p, s) = l.device_ptr_mut(stream);
+            (p, Some(s))
+        }
+        None => (0, None),
+    };
+    let params = ffi::LaNeighborhoodParams {
+        q: q_ptr as *const _,
+        k: k_ptr as *const _,
+        v: v_ptr as *const _,
+        o: o_ptr as *mut _,
+        lse: lse_ptr as *mut f32,
+        q_batch_stride: q.strides.batch,
+        q_row_stride: q.strides.seq,
+        q_head_stride: q.strides.head,
+        k_batch_stride: k.strides.batch,
+        k_row_stride: k.strides.seq,
+        k_head_stride: k.strides.head,
+        v_batch_stride: v.strides.batch,
+        v_row_stride: v.strides.seq,
+        v_head_stride: v.strides.head,
+        o_batch_stride: out.strides.batch,
+        o_row_stride: out.strides.seq,
+        o_head_stride: out.strides.head,
+        ..params(attn, T::DTYPE)
+    };
+    call(&params, stream.cu_stream() as _)
+}
+
+/// The C launcher refuses what the Rust API refuses before any CUDA call, so this runs
+/// without a GPU.
+#[cfg(all(test, longattn_cuda))]
+mod c_entry_checks {
+    use super::params;
+    use crate::dense::AttentionOptions;
+    use crate::element::DType;
+    use crate::gpu::ffi;
+    use crate::neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
+
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    fn valid() -> ffi::LaNeighborhoodParams {
+        let dims = [
+            NeighborhoodDim::new(9, 3).with_dilation(2),
+            NeighborhoodDim::new(7, 4).with_causal(true),
+        ];
+        let attn = NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: 2,
+                heads_q: 4,
+                heads_kv: 2,
+                head_dim: 64,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap();
+        params(&attn, DType::BF16)
+    }
+
+    #[test]
+    fn params_are_padded_to_three_dims() {
+        let p = valid();
+        assert_eq!(p.length, [1, 9, 7]);
+        assert_eq!(p.kernel, [1, 3, 4]);
+        assert_eq!(p.dilation, [1, 2, 1]);
+        assert_eq!(p.stride, [1, 1, 1]);
+        assert_eq!(p.causal, [0, 0, 1]);
+        assert_eq!(p.tokens, 63);
+    }
+
+    #[test]
+    fn entry_refuses_bad_params() {
+        let v = valid();
+        let mut cases: Vec<(&str, ffi::LaNeighborhoodParams)> = vec![
+            ("null pointers with work", v),
+            ("heads_kv 0", ffi::LaNeighborhoodParams { heads_kv: 0, ..v }),
+            ("gqa ratio", ffi::LaNeighborhoodParams { heads_kv: 3, ..v }),
+            (
+                "head_dim 12",
+                ffi::LaNeighborhoodParams { head_dim: 12, ..v },
+            ),
+            (
+                "head_dim 264",
+                ffi::LaNeighborhoodParams { head_dim: 264, ..v },
+            ),
+            ("batch < 0", ffi::LaNeighborhoodParams { batch: -1, ..v }),
+            (
+                "f32",
+                ffi::LaNeighborhoodParams {
+                    dtype: ffi::LaDtype::LA_F32,
+                    ..v
+                },
+            ),
+            (
+                "scale nan",
+                ffi::LaNeighborhoodParams {
+                    scale: f32::NAN,
+                    ..v
+                },
+            ),
+            ("scale 0", ffi::LaNeighborhoodParams { scale: 0.0, ..v }),
+            (
+                "softcap nan",
+                ffi::LaNeighborhoodParams {
+                    softcap: f32::NAN,
+                    ..v
+                },
+            ),
+            ("tokens", ffi::LaNeighborhoodParams { tokens: 64, ..v }),
+            (
+                "stride < 0",
+                ffi::LaNeighborhoodParams {
+                    k_row_stride: -8,
+                    ..v
+                },
+            ),
+        ];
+        let mut dim = |name: &'static str, f: &dyn Fn(&mut ffi::LaNeighborhoodParams)| {
+            let mut p = v;
+            f(&mut p);
+            cases.push((name, p));
+        };
+        dim("kernel * dilation > length", &|p| p.kernel[1] = 5);
+        dim("kernel 0", &|p| p.kernel[2] = 0);
+        dim("dilation 0", &|p| p.dilation[0] = 0);
+        dim("stride > kernel", &|p| p.stride[1] = 4);
+        dim("stride on a causal dim", &|p| p.stride[2] = 2);
+        dim("causal 2", &|p| p.causal[1] = 2);
+        dim("length 0", &|p| p.length[0] = 0);
+        for (name, p) in cases {
+            // SAFETY: the params are refused before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_neighborhood_forward(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+        }
+        // SAFETY: a NULL params pointer is refused.
+        let code = unsafe { ffi::la_neighborhood_forward(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+    }
+}
+
+/// The host-side checks of `forward_gpu`, which need no device.
+#[cfg(test)]
+mod host_checks {
+    use crate::dense::AttentionOptions;
+    use crate::error::Error;
+    use crate::layout::Strides;
+    use crate::neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape};
+    use half::{bf16, f16};
+
+    fn attn(head_dim: usize, batch: usize) -> NeighborhoodAttention {
+        let dims = [NeighborhoodDim::new(6, 3), NeighborhoodDim::new(5, 2)];
+        NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch,
+                heads_q: 2,
+                heads_kv: 1,
+                head_dim,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn bufs(a: &NeighborhoodAttention) -> (usize, Strides, usize, Strides) {
+        let (n, d) = (a.tokens(), a.head_dim());
+        (
+            a.out_len(),
+            Strides::contiguous(n, a.heads_q(), d),
+            a.batch() * n * a.heads_kv() * d,
+            Strides::contiguous(n, a.heads_kv(), d),
+        )
+    }
+
+    fn check<T: crate::element::Element>(
+        a: &NeighborhoodAttention,
+        lse: Option<usize>,
+    ) -> crate::error::Result<()> {
+        let (ql, qs, kl, ks) = bufs(a);
+        a.check_gpu_args::<T>([(ql, &qs), (kl, &ks), (kl, &ks), (ql, &qs)], lse)
+    }
+
+    #[test]
+    fn supported_problems_pass() {
+        for d in [8, 24, 32, 64, 128, 136, 256] {
+            let a = attn(d, 2);
+            check::<bf16>(&a, None).unwrap();
+            check::<f16>(&a, Some(a.lse_len())).unwrap();
+        }
+    }
+
+    #[test]
+    fn fused_schedule_records() {
+        use super::FusedSchedule;
+        use crate::neighborhood::schedule::NeighborhoodSchedule;
+        let dims = [
+            NeighborhoodDim::new(20, 5).with_dilation(2),
+            NeighborhoodDim::new(30, 7).with_causal(true),
+        ];
+        let a = NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: 1,
+                heads_q: 1,
+                heads_kv: 1,
+                head_dim: 64,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap();
+        let f = FusedSchedule::new(&a).unwrap();
+        let s = NeighborhoodSchedule::new(&a, 64, 64).unwrap();
+        assert_eq!(f.tile_log2.iter().sum::<i32>(), 6);
+        assert_eq!(f.tile_log2[0], 0, "rank 2: the padded dim has extent 1");
+        assert_eq!(f.tiles.len(), s.tiles.len());
+        assert_eq!(f.interior.len(), s.key_tiles.len());
+        for (rec, t) in f.tiles.iter().zip(&s.tiles) {
+            assert_eq!(rec[1..3], [t.group[1] as i32, t.group[2] as i32]);
+            assert_eq!(rec[13] * rec[14], t.key_count() as i32);
+            assert_eq!(rec[16] as usize, t.key_count().div_ceil(64));
+            assert_eq!(rec[15] as usize, t.key_tiles.start);
+        }
+    }
+
+    #[test]
+    fn unsupported_problems_are_refused() {
+        let a = attn(64, 1);
+        assert!(matches!(check::<f32>(&a, None), Err(Error::Unsupported(_))));
+        for d in [12, 264] {
+            assert!(matches!(
+                check::<bf16>(&attn(d, 1), None),
+                Err(Error::Unsupported(_))
+            ));
+        }
+        assert!(matches!(
+            check::<bf16>(&attn(8, 65536), None),
+            Err(Error::Unsupported(_))
+        ));
+        // Wrong LSE length and short buffers: the CPU path's argument errors.
+        assert!(check::<bf16>(&a, Some(a.lse_len() - 1)).is_err());
+        let (ql, qs, kl, ks) = bufs(&a);
+        assert!(
+            a.check_gpu_args::<bf16>([(ql, &qs), (kl - 1, &ks), (kl, &ks), (ql, &qs)], None)
+                .is_err()
+        );
+    }
+}

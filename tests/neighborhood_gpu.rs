@@ -1,0 +1,393 @@
+//! GPU neighborhood attention (`NeighborhoodAttention::forward_gpu`, the portable kernel in
+//! `kernels/neighborhood.cu`) against the f64 reference over a sweep: ranks 1/2/3, odd and
+//! even kernels, kernel == length, dilation > 1 with lengths it does not divide, causal per
+//! dim, stride, GQA, softcap, grids that are not multiples of any tile, head dims 8 to 256,
+//! f16 and bf16, padded strides. Outputs and LSE are NaN-poisoned before each run. Without
+//! a GPU every test prints a `SKIP (no GPU)` line; with `LONGATTN_REQUIRE_GPU=1` a missing
+//! GPU fails instead.
+
+mod common;
+
+use common::*;
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use longattn::reference::neighborhood_attention_f64;
+use longattn::*;
+use std::sync::Arc;
+
+fn tolerance<T: Element>() -> f64 {
+    match T::DTYPE {
+        DType::BF16 => 2e-2,
+        DType::F16 => 4e-3,
+        DType::F32 => 1e-5,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    dims: Vec<NeighborhoodDim>,
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    softcap: Option<f32>,
+    /// Extra elements per token row (a multiple of 8): non-contiguous rows.
+    row_pad: usize,
+}
+
+fn case(dims: Vec<NeighborhoodDim>, d: usize) -> Case {
+    Case {
+        dims,
+        batch: 1,
+        hq: 2,
+        hkv: 2,
+        d,
+        softcap: None,
+        row_pad: 0,
+    }
+}
+
+fn strides(n: usize, heads: usize, d: usize, pad: usize) -> Strides {
+    let row = heads * d + pad;
+    Strides {
+        batch: (n * row) as i64,
+        seq: row as i64,
+        head: d as i64,
+    }
+}
+
+/// Runs `c` on the GPU (the fused tensor-core kernel when `fused`, else the portable one)
+/// and the f64 reference; returns the relative error.
+fn run_case<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    c: &Case,
+    fused: bool,
+) -> f64 {
+    let shape = NeighborhoodShape {
+        batch: c.batch,
+        heads_q: c.hq,
+        heads_kv: c.hkv,
+        head_dim: c.d,
+        dims: &c.dims,
+    };
+    let mut opts = AttentionOptions::default();
+    if let Some(cap) = c.softcap {
+        opts = opts.with_softcap(cap);
+    }
+    let attn = NeighborhoodAttention::new(&shape, &opts).unwrap();
+    let n = attn.tokens();
+    let (qs, ks) = (
+        strides(n, c.hq, c.d, c.row_pad),
+        strides(n, c.hkv, c.d, c.row_pad),
+    );
+    let mut r = rng(seed);
+    let q: Vec<T> = random_vec(&mut r, c.batch * qs.batch as usize);
+    let k: Vec<T> = random_vec(&mut r, c.batch * ks.batch as usize);
+    let v: Vec<T> = random_vec(&mut r, c.batch * ks.batch as usize);
+    let (want, want_lse) = neighborhood_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )
+    .unwrap();
+
+    let dq = stream.clone_htod(&q).unwrap();
+    let dk = stream.clone_htod(&k).unwrap();
+    let dv = stream.clone_htod(&v).unwrap();
+    // Poisoned: every element the kernel should write is NaN before the run (padding too,
+    // which must stay NaN).
+    let mut dout = stream
+        .clone_htod(&vec![T::from_f32(f32::NAN); c.batch * qs.batch as usize])
+        .unwrap();
+    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    let run = if fused {
+        NeighborhoodAttention::forward_gpu_fused::<T, CudaSlice<T>, CudaSlice<T>>
+    } else {
+        NeighborhoodAttention::forward_gpu::<T, CudaSlice<T>, CudaSlice<T>>
+    };
+    run(
+        &attn,
+        stream,
+        Strided::new(&dq, qs),
+        Strided::new(&dk, ks),
+        Strided::new(&dv, ks),
+        Strided::new(&mut dout, qs),
+        Some(&mut dlse),
+    )
+    .unwrap();
+    let out = stream.clone_dtoh(&dout).unwrap();
+    let lse = stream.clone_dtoh(&dlse).unwrap();
+    // Gather the written rows into the reference's contiguous layout.
+    let mut got = vec![0.0f64; attn.out_len()];
+    let mut pad_written = 0;
+    for b in 0..c.batch {
+        for t in 0..n {
+            let row = b * qs.batch as usize + t * qs.seq as usize;
+            for h in 0..c.hq {
+                for x in 0..c.d {
+                    got[((b * n + t) * c.hq + h) * c.d + x] = out[row + h * c.d + x].to_f64();
+                }
+            }
+            pad_written += out[row + c.hq * c.d..row + qs.seq as usize]
+                .iter()
+                .filter(|x| !x.to_f64().is_nan())
+                .count();
+        }
+    }
+    assert_eq!(pad_written, 0, "{c:?}: wrote into the row padding");
+    let nan = got.iter().filter(|x| x.is_nan()).count();
+    assert_eq!(
+        nan,
+        0,
+        "{c:?} fused {fused} {}: {nan} outputs unwritten or NaN",
+        T::DTYPE
+    );
+    let err = rel_l2(&got, &want);
+    assert!(
+        err < tolerance::<T>(),
+        "{c:?} fused {fused} {}: rel err {err}",
+        T::DTYPE
+    );
+    let lse_tol = 2e-3
+        * (1.0
+            + want_lse
+                .iter()
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, |a, &b| a.max(b.abs())));
+    check_lse(&lse, &want_lse, lse_tol, &format!("{c:?} fused {fused}"));
+    err
+}
+
+fn sweep() -> Vec<Case> {
+    let nd = NeighborhoodDim::new;
+    let mut cases = vec![
+        // 1-D: odd/even kernels, kernel == length, dilation not dividing the length, causal,
+        // stride.
+        case(vec![nd(100, 7)], 64),
+        case(vec![nd(77, 8)], 32),
+        case(vec![nd(64, 64)], 128),
+        case(vec![nd(50, 6).with_dilation(3)], 64),
+        case(vec![nd(45, 9).with_causal(true)], 128),
+        case(vec![nd(61, 7).with_stride(3)], 32),
+        // 2-D.
+        case(vec![nd(13, 5), nd(17, 4)], 64),
+        case(
+            vec![nd(11, 3).with_dilation(2), nd(14, 4).with_dilation(3)],
+            128,
+        ),
+        case(vec![nd(12, 5).with_causal(true), nd(10, 3)], 32),
+        case(vec![nd(15, 5).with_stride(2), nd(9, 9)], 64),
+        case(vec![nd(8, 8), nd(9, 9)], 32),
+        // 3-D.
+        case(vec![nd(5, 3), nd(6, 3), nd(7, 4)], 64),
+        case(
+            vec![
+                nd(6, 2).with_causal(true),
+                nd(9, 3).with_dilation(2),
+                nd(10, 5).with_stride(5),
+            ],
+            128,
+        ),
+        case(
+            vec![
+                nd(4, 4),
+                nd(7, 2).with_causal(true),
+                nd(11, 3).with_dilation(3),
+            ],
+            32,
+        ),
+    ];
+    // GQA, softcap, batch > 1, padded rows, every lanes-per-key width (d 8..256).
+    let mut gqa = case(vec![nd(9, 3), nd(10, 4).with_dilation(2)], 64);
+    (gqa.batch, gqa.hq, gqa.hkv) = (2, 4, 2);
+    cases.push(gqa);
+    let mut cap = case(vec![nd(30, 5).with_causal(true)], 128);
+    cap.softcap = Some(5.0);
+    cap.hq = 4;
+    cap.hkv = 1;
+    cases.push(cap);
+    for d in [8, 16, 24, 40, 96, 136, 256] {
+        let mut c = case(vec![nd(7, 3), nd(6, 4)], d);
+        c.row_pad = 8;
+        cases.push(c);
+    }
+    cases
+}
+
+/// Problems with interior key tiles for the fused kernel (kernels larger than its 64-row
+/// query tile) and several query tiles per grid.
+fn fused_extra() -> Vec<Case> {
+    let nd = NeighborhoodDim::new;
+    vec![
+        case(vec![nd(40, 31), nd(37, 29)], 64),
+        case(vec![nd(300, 200)], 128),
+        case(vec![nd(6, 5), nd(20, 17), nd(19, 16)], 128),
+    ]
+}
+
+/// Runs without a GPU: every case of the sweeps is a valid problem, and the CPU path agrees
+/// with the f64 reference on it (so a GPU failure points at the GPU path).
+#[test]
+fn sweep_cases_are_valid_problems() {
+    for (i, c) in sweep().iter().chain(&fused_extra()).enumerate() {
+        let shape = NeighborhoodShape {
+            batch: c.batch,
+            heads_q: c.hq,
+            heads_kv: c.hkv,
+            head_dim: c.d,
+            dims: &c.dims,
+        };
+        let mut opts = AttentionOptions::default();
+        if let Some(cap) = c.softcap {
+            opts = opts.with_softcap(cap);
+        }
+        let attn = NeighborhoodAttention::new(&shape, &opts).unwrap();
+        let n = attn.tokens();
+        let (qs, ks) = (
+            strides(n, c.hq, c.d, c.row_pad),
+            strides(n, c.hkv, c.d, c.row_pad),
+        );
+        let mut r = rng(7000 + i as u64);
+        let q: Vec<f32> = random_vec(&mut r, c.batch * qs.batch as usize);
+        let k: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
+        let v: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
+        let (want, _) = neighborhood_attention_f64(
+            &attn,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )
+        .unwrap();
+        let os = Strides::contiguous(n, c.hq, c.d);
+        let mut out = vec![0.0f32; attn.out_len()];
+        attn.forward_cpu(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+            Strided::new(&mut out[..], os),
+            None,
+        )
+        .unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < 1e-5, "{c:?}: CPU rel err {err}");
+    }
+}
+
+#[test]
+fn gpu_neighborhood_matches_reference_bf16() {
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_matches_reference_bf16") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut worst: f64 = 0.0;
+    for (i, c) in sweep().iter().enumerate() {
+        worst = worst.max(run_case::<bf16>(&stream, 100 + i as u64, c, false));
+    }
+    eprintln!("neighborhood gpu bf16: worst rel err {worst:.2e}");
+}
+
+#[test]
+fn gpu_neighborhood_matches_reference_f16() {
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_matches_reference_f16") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut worst: f64 = 0.0;
+    for (i, c) in sweep().iter().enumerate() {
+        worst = worst.max(run_case::<f16>(&stream, 500 + i as u64, c, false));
+    }
+    eprintln!("neighborhood gpu f16: worst rel err {worst:.2e}");
+}
+
+/// The fused tensor-core kernel (head_dim 64 and 128) on the same sweep plus
+/// [`fused_extra`].
+#[test]
+fn gpu_neighborhood_fused_matches_reference() {
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_fused_matches_reference") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut cases: Vec<Case> = sweep()
+        .into_iter()
+        .filter(|c| c.d == 64 || c.d == 128)
+        .collect();
+    cases.extend(fused_extra());
+    let mut worst: f64 = 0.0;
+    for (i, c) in cases.iter().enumerate() {
+        worst = worst.max(run_case::<bf16>(&stream, 900 + i as u64, c, true));
+        worst = worst.max(run_case::<f16>(&stream, 1900 + i as u64, c, true));
+    }
+    eprintln!("neighborhood gpu fused: worst rel err {worst:.2e}");
+}
+
+#[test]
+fn gpu_neighborhood_refuses_what_it_cannot_run() {
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_refuses_what_it_cannot_run") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let dims = [NeighborhoodDim::new(8, 3)];
+    let attn = |d| {
+        NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: 1,
+                heads_q: 1,
+                heads_kv: 1,
+                head_dim: d,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap()
+    };
+    // f32 and head_dim 12 are CPU-only; a misaligned stride is refused before the launch.
+    let a = attn(16);
+    let buf32 = stream.alloc_zeros::<f32>(a.out_len()).unwrap();
+    let mut out32 = stream.alloc_zeros::<f32>(a.out_len()).unwrap();
+    let s = Strides::contiguous(8, 1, 16);
+    assert!(
+        a.forward_gpu(
+            &stream,
+            Strided::new(&buf32, s),
+            Strided::new(&buf32, s),
+            Strided::new(&buf32, s),
+            Strided::new(&mut out32, s),
+            None,
+        )
+        .is_err()
+    );
+    let a12 = attn(12);
+    let s12 = Strides::contiguous(8, 1, 12);
+    let b12 = stream.alloc_zeros::<bf16>(a12.out_len()).unwrap();
+    let mut o12 = stream.alloc_zeros::<bf16>(a12.out_len()).unwrap();
+    assert!(
+        a12.forward_gpu(
+            &stream,
+            Strided::new(&b12, s12),
+            Strided::new(&b12, s12),
+            Strided::new(&b12, s12),
+            Strided::new(&mut o12, s12),
+            None,
+        )
+        .is_err()
+    );
+    let odd = Strides {
+        batch: 8 * 20,
+        seq: 20,
+        head: 16,
+    };
+    let b = stream.alloc_zeros::<bf16>(8 * 20).unwrap();
+    let mut o = stream.alloc_zeros::<bf16>(8 * 20).unwrap();
+    assert!(
+        a.forward_gpu(
+            &stream,
+            Strided::new(&b, odd),
+            Strided::new(&b, odd),
+            Strided::new(&b, odd),
+            Strided::new(&mut o, odd),
+            None,
+        )
+        .is_err()
+    );
+}
