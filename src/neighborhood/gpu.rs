@@ -10,7 +10,9 @@ use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{Strided, check_attention_args};
 use crate::neighborhood::NeighborhoodAttention;
+#[allow(unused_imports)] // device_ptr methods are used by the CUDA build only
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use std::sync::Arc;
 
 /// Largest head dim of the neighborhood kernel.
@@ -39,12 +41,12 @@ impl NeighborhoodAttention {
         k: Strided<&I>,
         v: Strided<&I>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         self.check_gpu_args::<T>(
             [
@@ -73,12 +75,12 @@ impl NeighborhoodAttention {
         k: Strided<&I>,
         v: Strided<&I>,
         out: Strided<&mut O>,
-        lse: Option<&mut CudaSlice<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DevicePtr<T>,
-        O: DevicePtrMut<T>,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
     {
         self.check_gpu_args::<T>(
             [
@@ -209,12 +211,12 @@ fn launch_fused<T, I, O>(
     _k: Strided<&I>,
     _v: Strided<&I>,
     _out: Strided<&mut O>,
-    _lse: Option<&mut CudaSlice<f32>>,
+    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     Err(Error::CudaNotCompiled)
 }
@@ -229,12 +231,12 @@ fn launch_fused<T, I, O>(
     k: Strided<&I>,
     v: Strided<&I>,
     out: Strided<&mut O>,
-    lse: Option<&mut CudaSlice<f32>>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_launch, ffi};
     if attn.out_len() == 0 || sched.tiles.is_empty() {
@@ -275,12 +277,12 @@ fn launch<T, I, O>(
     _k: Strided<&I>,
     _v: Strided<&I>,
     _out: Strided<&mut O>,
-    _lse: Option<&mut CudaSlice<f32>>,
+    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     Err(Error::CudaNotCompiled)
 }
@@ -318,12 +320,12 @@ fn launch<T, I, O>(
     k: Strided<&I>,
     v: Strided<&I>,
     out: Strided<&mut O>,
-    lse: Option<&mut CudaSlice<f32>>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_launch, ffi};
     launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
@@ -347,7 +349,7 @@ fn launch_with<T, I, O>(
     k: Strided<&I>,
     v: Strided<&I>,
     out: Strided<&mut O>,
-    lse: Option<&mut CudaSlice<f32>>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
     call: impl FnOnce(
         &crate::gpu::ffi::LaNeighborhoodParams,
         crate::gpu::ffi::cudaStream_t,
@@ -355,8 +357,8 @@ fn launch_with<T, I, O>(
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
-    I: DevicePtr<T>,
-    O: DevicePtrMut<T>,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_vector_access, dtype_bytes, ffi};
     if attn.out_len() == 0 {
