@@ -93,6 +93,6 @@ pub use paged::{
     StreamingConfig,
 };
 pub use ring::{
-    GlobalBlock, MAX_RING_WORLD, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape,
-    Sharding, block_pieces,
+    GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,
+    RingPiece, RingSchedule, RingShape, Sharding, Transfer, TransferCount, block_pieces,
 };
