@@ -131,11 +131,11 @@ fn planned_equals_ring<T: Element>(seqlen: usize, world: usize, sharding: Shardi
     let qv: Vec<_> = (0..world)
         .map(|r| Strided::new(&qs[r][..], Strides::contiguous(layout.shard_len(r), heads_q, d)))
         .collect();
-    let kvs = |x: &Vec<Vec<T>>| -> Vec<Strided<&[T]>> {
-        (0..world)
+    fn kvs_of<'a, T>(x: &'a [Vec<T>], attn: &RingAttention) -> Vec<Strided<&'a [T]>> {
+        (0..x.len())
             .map(|r| Strided::new(&x[r][..], attn.kv_strides(r)))
-            .collect()
-    };
+            .collect::<Vec<_>>()
+    }
     let mut want: Vec<Vec<T>> = (0..world).map(|r| vec![T::default(); attn.out_len(r)]).collect();
     let mut want_lse: Vec<Vec<f32>> = (0..world).map(|r| vec![0.0; attn.lse_len(r)]).collect();
     {
@@ -145,7 +145,7 @@ fn planned_equals_ring<T: Element>(seqlen: usize, world: usize, sharding: Shardi
             .map(|(r, o)| Strided::new(&mut o[..], Strides::contiguous(layout.shard_len(r), heads_q, d)))
             .collect();
         let mut l: Vec<&mut [f32]> = want_lse.iter_mut().map(|x| &mut x[..]).collect();
-        attn.forward_cpu(&qv, &kvs(&ks), &kvs(&vs), &mut outs, Some(&mut l)).unwrap();
+        attn.forward_cpu(&qv, &kvs_of(&ks, &attn), &kvs_of(&vs, &attn), &mut outs, Some(&mut l)).unwrap();
     }
     let mut got: Vec<Vec<T>> = (0..world).map(|r| vec![T::default(); attn.out_len(r)]).collect();
     let mut got_lse: Vec<Vec<f32>> = (0..world).map(|r| vec![0.0; attn.lse_len(r)]).collect();
