@@ -24,8 +24,12 @@ use crate::softmax::merge_into_row;
 use rayon::prelude::*;
 use std::ops::Range;
 
+pub mod comm;
+pub mod gpu;
 pub mod plan;
 
+pub use comm::{Bootstrap, RingComm, SelfComm};
+pub use gpu::{RankBuffers, RingElement, RingGpuReport, RingRank};
 pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
 
 /// Most ranks of a ring (the schedule holds `world^2` entries per table).
