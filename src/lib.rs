@@ -94,5 +94,6 @@ pub use paged::{
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,
-    RingPiece, RingSchedule, RingShape, Sharding, Transfer, TransferCount, block_pieces,
+    RingPiece, RingSchedule, RingShape, Sharding, StarAttention, Transfer, TransferCount,
+    block_pieces,
 };

@@ -198,3 +198,64 @@ fn planned_execution_equals_cpu_ring() {
     planned_equals_ring::<f16>(50, 4, Sharding::Zigzag, &AttentionOptions::causal(), shape);
     planned_equals_ring::<bf16>(35, 3, Sharding::Stripe, &window(7), shape);
 }
+
+/// The torchrun-style bootstrap on 127.0.0.1: rank 0 hands its id to three other ranks
+/// (bounded in time; no NCCL needed).
+#[test]
+fn bootstrap_shares_the_id_over_tcp() {
+    use longattn::ring::comm::{Bootstrap, NCCL_ID_BYTES};
+    use std::time::Duration;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let world = 4;
+    let boot = |rank: usize| {
+        let vars = [
+            ("RANK", rank.to_string()),
+            ("WORLD_SIZE", world.to_string()),
+            ("MASTER_ADDR", "127.0.0.1".to_string()),
+            ("MASTER_PORT", port.to_string()),
+        ];
+        Bootstrap::from_vars(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+            .unwrap()
+    };
+    assert_eq!(boot(2).local_rank, 2);
+    let id: [u8; NCCL_ID_BYTES] = std::array::from_fn(|i| (i * 7 + 3) as u8);
+    let timeout = Duration::from_secs(20);
+    let clients: Vec<_> = (1..world)
+        .map(|r| {
+            let b = boot(r);
+            std::thread::spawn(move || b.fetch_id(timeout))
+        })
+        .collect();
+    boot(0).serve_id(&listener, id, timeout).unwrap();
+    for c in clients {
+        assert_eq!(c.join().unwrap().unwrap(), id);
+    }
+}
+
+#[test]
+fn bootstrap_reads_torchrun_variables_and_rejects_bad_ones() {
+    use longattn::ring::comm::Bootstrap;
+    let get = |vars: &'static [(&'static str, &'static str)]| {
+        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    let b = Bootstrap::from_vars(get(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")]))
+        .unwrap();
+    assert_eq!((b.rank, b.world, b.local_rank, b.master_port), (3, 8, 1, 29500));
+    assert_eq!(b.master_addr, "127.0.0.1");
+    assert!(Bootstrap::from_vars(get(&[("RANK", "8"), ("WORLD_SIZE", "8")])).is_err());
+    assert!(Bootstrap::from_vars(get(&[("WORLD_SIZE", "8")])).is_err());
+    assert!(Bootstrap::from_vars(get(&[("RANK", "x"), ("WORLD_SIZE", "8")])).is_err());
+    assert!(
+        Bootstrap::from_vars(get(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")]))
+            .is_err()
+    );
+    // A rank that never gets an answer times out instead of hanging.
+    let lonely = Bootstrap::from_vars(get(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_PORT", "9"),
+    ]))
+    .unwrap();
+    assert!(lonely.fetch_id(std::time::Duration::from_millis(300)).is_err());
+}

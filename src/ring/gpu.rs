@@ -19,6 +19,7 @@
 
 use super::plan::{KvBuffer, PlannedStep, RankPlan, TransferCount};
 use super::{RingAttention, RingShape};
+use crate::dense::FlashAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{Strided, Strides};
@@ -79,6 +80,84 @@ pub(crate) struct MergeState<T> {
     piece_lse: CudaSlice<f32>,
 }
 
+impl<T: RingElement> MergeState<T> {
+    /// An empty state of `len` rows (per batch entry and head) with scratch for pieces of up
+    /// to `piece_rows` rows, allocated and initialised on `stream`.
+    pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        shape: RingShape,
+        len: usize,
+        piece_rows: usize,
+    ) -> Result<Self> {
+        let RingShape {
+            batch,
+            heads_q,
+            head_dim: d,
+            ..
+        } = shape;
+        let rows = batch * heads_q * len;
+        let piece_rows = piece_rows.max(1);
+        let mut acc = MergeState {
+            acc_o: stream.alloc_zeros::<f32>((rows * d).max(1))?,
+            acc_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
+            piece_o: stream.alloc_zeros::<T>(batch * piece_rows * heads_q * d)?,
+            piece_lse: stream.alloc_zeros::<f32>(batch * heads_q * piece_rows)?,
+        };
+        launch::state_init(stream, &mut acc.acc_o, &mut acc.acc_lse, rows, d)?;
+        Ok(acc)
+    }
+
+    /// Runs `attn` (its queries are rows `row0..row0 + sq` of the state) into the scratch
+    /// and merges its `(o, lse)` into the state, on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_piece<I: DevicePtr<T>>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        attn: &FlashAttention,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        shape: RingShape,
+        row0: usize,
+        len: usize,
+    ) -> Result<()> {
+        let sq = attn.max_seqlen_q();
+        let po_strides = Strides::contiguous(sq, shape.heads_q, shape.head_dim);
+        attn.forward_gpu::<T, _, _>(
+            stream,
+            q,
+            k,
+            v,
+            Strided::new(&mut self.piece_o, po_strides),
+            Some(&mut self.piece_lse),
+        )?;
+        launch::merge::<T>(
+            stream,
+            &self.piece_o,
+            po_strides,
+            &self.piece_lse,
+            &mut self.acc_o,
+            &mut self.acc_lse,
+            shape,
+            sq,
+            len,
+            row0,
+        )
+    }
+
+    /// Writes the state (`len` rows) into `out` (and `lse`) on `stream`.
+    pub(crate) fn finalize(
+        &self,
+        stream: &Arc<CudaStream>,
+        out: &mut Strided<&mut CudaSlice<T>>,
+        lse: Option<&mut CudaSlice<f32>>,
+        shape: RingShape,
+        len: usize,
+    ) -> Result<()> {
+        launch::finalize::<T>(stream, &self.acc_o, &self.acc_lse, out, lse, shape, len)
+    }
+}
+
 impl RingAttention {
     /// Checks the GPU ring's arguments: [`RingAttention::check_shards`] (K/V taken as
     /// contiguous shards) and f16 or bf16.
@@ -120,26 +199,17 @@ impl RingAttention {
         plan: &RankPlan,
         stream: &Arc<CudaStream>,
     ) -> Result<RankState<T>> {
-        let RingShape {
-            batch,
-            heads_q,
-            head_dim: d,
-            ..
-        } = self.shape;
-        let rows = self.lse_len(r);
         let cap = (0..self.layout.world())
             .map(|s| self.kv_len(s))
             .max()
             .unwrap_or(0)
             .max(1);
-        let piece_rows = plan.max_piece_rows().max(1);
-        let mut acc = MergeState {
-            acc_o: stream.alloc_zeros::<f32>((rows * d).max(1))?,
-            acc_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
-            piece_o: stream.alloc_zeros::<T>(batch * piece_rows * heads_q * d)?,
-            piece_lse: stream.alloc_zeros::<f32>(batch * heads_q * piece_rows)?,
-        };
-        launch::state_init(stream, &mut acc.acc_o, &mut acc.acc_lse, rows, d)?;
+        let acc = MergeState::new(
+            stream,
+            self.shape,
+            self.layout.shard_len(r),
+            plan.max_piece_rows(),
+        )?;
         Ok(RankState {
             acc,
             ring_k: [stream.alloc_zeros::<T>(cap)?, stream.alloc_zeros::<T>(cap)?],
@@ -160,60 +230,26 @@ impl RingAttention {
         v: CudaView<'_, T>,
         st: &mut MergeState<T>,
     ) -> Result<usize> {
-        let RingShape {
-            heads_q, head_dim: d, ..
-        } = self.shape;
         let ks = self.kv_strides(step.source);
         let row = |s: &Strides, r0: usize| (r0 as i64 * s.seq) as usize;
+        let len = self.layout.shard_len(r);
         for piece in &step.pieces {
-            let sq = piece.q_rows.len();
             let attn = self.piece_attention(piece)?;
-            let po_strides = Strides::contiguous(sq, heads_q, d);
             let qv = q.data.slice(row(&q.strides, piece.q_rows.start)..);
             let kv = k.slice(row(&ks, piece.k_rows.start)..);
             let vv = v.slice(row(&ks, piece.k_rows.start)..);
-            attn.forward_gpu::<T, _, _>(
+            st.add_piece(
                 stream,
+                &attn,
                 Strided::new(&qv, q.strides),
                 Strided::new(&kv, ks),
                 Strided::new(&vv, ks),
-                Strided::new(&mut st.piece_o, po_strides),
-                Some(&mut st.piece_lse),
-            )?;
-            launch::merge::<T>(
-                stream,
-                &st.piece_o,
-                po_strides,
-                &st.piece_lse,
-                &mut st.acc_o,
-                &mut st.acc_lse,
                 self.shape,
-                sq,
-                self.layout.shard_len(r),
                 piece.q_rows.start,
+                len,
             )?;
         }
         Ok(step.pieces.len())
-    }
-
-    /// Writes rank `r`'s running state into `out` (and `lse`) on `stream`.
-    pub(crate) fn gpu_finalize<T: RingElement>(
-        &self,
-        r: usize,
-        stream: &Arc<CudaStream>,
-        st: &MergeState<T>,
-        out: &mut Strided<&mut CudaSlice<T>>,
-        lse: Option<&mut CudaSlice<f32>>,
-    ) -> Result<()> {
-        launch::finalize::<T>(
-            stream,
-            &st.acc_o,
-            &st.acc_lse,
-            out,
-            lse,
-            self.shape,
-            self.layout.shard_len(r),
-        )
     }
 
     /// **Not yet verified on a GPU.** The whole ring on one GPU: rank `r`'s buffers are
@@ -324,7 +360,8 @@ impl RingAttention {
             }
         }
         for (r, b) in ranks.iter_mut().enumerate() {
-            self.gpu_finalize(r, &compute[r], &states[r].acc, &mut b.out, b.lse.as_deref_mut())?;
+            let len = self.layout.shard_len(r);
+            states[r].acc.finalize(&compute[r], &mut b.out, b.lse.as_deref_mut(), self.shape, len)?;
             stream.join(&compute[r])?;
             stream.join(&comm[r])?;
         }
@@ -498,7 +535,8 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                 computed[t] = Some(stream.record_event(None)?);
             }
         }
-        attn.gpu_finalize(r, stream, &st.acc, &mut bufs.out, bufs.lse.as_deref_mut())?;
+        st.acc
+            .finalize(stream, &mut bufs.out, bufs.lse.as_deref_mut(), attn.shape, len)?;
         stream.join(m)?;
         Ok(launched)
     }

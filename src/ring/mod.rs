@@ -27,10 +27,12 @@ use std::ops::Range;
 pub mod comm;
 pub mod gpu;
 pub mod plan;
+pub mod star;
 
 pub use comm::{Bootstrap, RingComm, SelfComm};
 pub use gpu::{RankBuffers, RingElement, RingGpuReport, RingRank};
 pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
+pub use star::StarAttention;
 
 /// Most ranks of a ring (the schedule holds `world^2` entries per table).
 pub const MAX_RING_WORLD: usize = 4096;
