@@ -80,7 +80,11 @@ fn full_mask_moves_every_shard_and_buffers_ping_pong() {
                     assert_ne!(rv.buffer, s.kv);
                     assert_eq!(rv.buffer, KvBuffer::Ring(s.step % 2));
                     let expect = s.step.checked_sub(1).filter(|&t| t >= 1);
-                    assert_eq!(s.recv_after_compute, expect, "rank {} step {}", p.rank, s.step);
+                    assert_eq!(
+                        s.recv_after_compute, expect,
+                        "rank {} step {}",
+                        p.rank, s.step
+                    );
                 }
                 assert_eq!(s.compute_after_recv, s.step > 0 && s.computes());
             }
@@ -96,7 +100,9 @@ fn every_planned_compute_has_its_shard_delivered() {
         window(3),
         window(11).with_sinks(2),
         AttentionOptions::default().with_window(Window::new(Some(4), Some(6))),
-        AttentionOptions::default().with_window(Window::new(None, Some(2))).with_sinks(1),
+        AttentionOptions::default()
+            .with_window(Window::new(None, Some(2)))
+            .with_sinks(1),
     ];
     for sharding in [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe] {
         for world in [1, 2, 3, 4, 7] {
@@ -112,7 +118,13 @@ fn every_planned_compute_has_its_shard_delivered() {
 
 /// Executes the plans over CPU buffers and checks against forward_cpu: identical bits (the
 /// same pieces merged in the same order).
-fn planned_equals_ring<T: Element>(seqlen: usize, world: usize, sharding: Sharding, o: &AttentionOptions, shape: RingShape) {
+fn planned_equals_ring<T: Element>(
+    seqlen: usize,
+    world: usize,
+    sharding: Sharding,
+    o: &AttentionOptions,
+    shape: RingShape,
+) {
     let layout = RingLayout::new(seqlen, world, sharding).unwrap();
     let attn = RingAttention::new(layout, shape, o).unwrap();
     let RingShape {
@@ -129,36 +141,63 @@ fn planned_equals_ring<T: Element>(seqlen: usize, world: usize, sharding: Shardi
     let ks = layout.shard(&k, batch, heads_kv * d).unwrap();
     let vs = layout.shard(&v, batch, heads_kv * d).unwrap();
     let qv: Vec<_> = (0..world)
-        .map(|r| Strided::new(&qs[r][..], Strides::contiguous(layout.shard_len(r), heads_q, d)))
+        .map(|r| {
+            Strided::new(
+                &qs[r][..],
+                Strides::contiguous(layout.shard_len(r), heads_q, d),
+            )
+        })
         .collect();
     fn kvs_of<'a, T>(x: &'a [Vec<T>], attn: &RingAttention) -> Vec<Strided<&'a [T]>> {
         (0..x.len())
             .map(|r| Strided::new(&x[r][..], attn.kv_strides(r)))
             .collect::<Vec<_>>()
     }
-    let mut want: Vec<Vec<T>> = (0..world).map(|r| vec![T::default(); attn.out_len(r)]).collect();
+    let mut want: Vec<Vec<T>> = (0..world)
+        .map(|r| vec![T::default(); attn.out_len(r)])
+        .collect();
     let mut want_lse: Vec<Vec<f32>> = (0..world).map(|r| vec![0.0; attn.lse_len(r)]).collect();
     {
         let mut outs: Vec<_> = want
             .iter_mut()
             .enumerate()
-            .map(|(r, o)| Strided::new(&mut o[..], Strides::contiguous(layout.shard_len(r), heads_q, d)))
+            .map(|(r, o)| {
+                Strided::new(
+                    &mut o[..],
+                    Strides::contiguous(layout.shard_len(r), heads_q, d),
+                )
+            })
             .collect();
         let mut l: Vec<&mut [f32]> = want_lse.iter_mut().map(|x| &mut x[..]).collect();
-        attn.forward_cpu(&qv, &kvs_of(&ks, &attn), &kvs_of(&vs, &attn), &mut outs, Some(&mut l)).unwrap();
+        attn.forward_cpu(
+            &qv,
+            &kvs_of(&ks, &attn),
+            &kvs_of(&vs, &attn),
+            &mut outs,
+            Some(&mut l),
+        )
+        .unwrap();
     }
-    let mut got: Vec<Vec<T>> = (0..world).map(|r| vec![T::default(); attn.out_len(r)]).collect();
+    let mut got: Vec<Vec<T>> = (0..world)
+        .map(|r| vec![T::default(); attn.out_len(r)])
+        .collect();
     let mut got_lse: Vec<Vec<f32>> = (0..world).map(|r| vec![0.0; attn.lse_len(r)]).collect();
     let count = {
         let mut outs: Vec<_> = got
             .iter_mut()
             .enumerate()
-            .map(|(r, o)| Strided::new(&mut o[..], Strides::contiguous(layout.shard_len(r), heads_q, d)))
+            .map(|(r, o)| {
+                Strided::new(
+                    &mut o[..],
+                    Strides::contiguous(layout.shard_len(r), heads_q, d),
+                )
+            })
             .collect();
         let mut l: Vec<&mut [f32]> = got_lse.iter_mut().map(|x| &mut x[..]).collect();
         let kr: Vec<&[T]> = ks.iter().map(|x| &x[..]).collect();
         let vr: Vec<&[T]> = vs.iter().map(|x| &x[..]).collect();
-        attn.forward_cpu_planned(&qv, &kr, &vr, &mut outs, Some(&mut l)).unwrap()
+        attn.forward_cpu_planned(&qv, &kr, &vr, &mut outs, Some(&mut l))
+            .unwrap()
     };
     assert!(count.total <= count.unskipped);
     let what = format!("{sharding:?} world {world} seqlen {seqlen} {o:?}");
@@ -237,18 +276,33 @@ fn bootstrap_shares_the_id_over_tcp() {
 fn bootstrap_reads_torchrun_variables_and_rejects_bad_ones() {
     use longattn::ring::comm::Bootstrap;
     let get = |vars: &'static [(&'static str, &'static str)]| {
-        move |k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k: &str| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     };
-    let b = Bootstrap::from_vars(get(&[("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "1")]))
-        .unwrap();
-    assert_eq!((b.rank, b.world, b.local_rank, b.master_port), (3, 8, 1, 29500));
+    let b = Bootstrap::from_vars(get(&[
+        ("RANK", "3"),
+        ("WORLD_SIZE", "8"),
+        ("LOCAL_RANK", "1"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        (b.rank, b.world, b.local_rank, b.master_port),
+        (3, 8, 1, 29500)
+    );
     assert_eq!(b.master_addr, "127.0.0.1");
     assert!(Bootstrap::from_vars(get(&[("RANK", "8"), ("WORLD_SIZE", "8")])).is_err());
     assert!(Bootstrap::from_vars(get(&[("WORLD_SIZE", "8")])).is_err());
     assert!(Bootstrap::from_vars(get(&[("RANK", "x"), ("WORLD_SIZE", "8")])).is_err());
     assert!(
-        Bootstrap::from_vars(get(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "70000")]))
-            .is_err()
+        Bootstrap::from_vars(get(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "70000")
+        ]))
+        .is_err()
     );
     // A rank that never gets an answer times out instead of hanging.
     let lonely = Bootstrap::from_vars(get(&[
@@ -257,5 +311,9 @@ fn bootstrap_reads_torchrun_variables_and_rejects_bad_ones() {
         ("MASTER_PORT", "9"),
     ]))
     .unwrap();
-    assert!(lonely.fetch_id(std::time::Duration::from_millis(300)).is_err());
+    assert!(
+        lonely
+            .fetch_id(std::time::Duration::from_millis(300))
+            .is_err()
+    );
 }

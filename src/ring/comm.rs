@@ -281,6 +281,12 @@ pub struct NcclComm {
     stream: Arc<CudaStream>,
 }
 
+// SAFETY: an NCCL communicator may be used from any thread as long as no two threads use
+// it at once (NCCL's rule); `NcclComm` is not `Sync`, so moving it to the thread that
+// drives its rank (one thread per GPU, `local_ring`) keeps every use on one thread.
+#[cfg(feature = "nccl")]
+unsafe impl Send for NcclComm {}
+
 #[cfg(feature = "nccl")]
 impl NcclComm {
     /// A fresh NCCL unique id (rank 0 makes it and shares it with [`Bootstrap::share_id`]).

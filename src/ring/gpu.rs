@@ -24,8 +24,8 @@ use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{Strided, Strides};
 use cudarc::driver::{
-    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
-    DeviceRepr, ValidAsZeroBits,
+    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    ValidAsZeroBits,
 };
 use std::sync::Arc;
 
@@ -167,8 +167,14 @@ impl RingAttention {
                 "the GPU ring takes f16 or bf16 (f32 runs on the CPU ring)".into(),
             ));
         }
-        let qd: Vec<_> = ranks.iter().map(|b| (b.q.data.len(), b.q.strides)).collect();
-        let od: Vec<_> = ranks.iter().map(|b| (b.out.data.len(), b.out.strides)).collect();
+        let qd: Vec<_> = ranks
+            .iter()
+            .map(|b| (b.q.data.len(), b.q.strides))
+            .collect();
+        let od: Vec<_> = ranks
+            .iter()
+            .map(|b| (b.out.data.len(), b.out.strides))
+            .collect();
         let kd: Vec<_> = ranks
             .iter()
             .enumerate()
@@ -179,7 +185,10 @@ impl RingAttention {
             .enumerate()
             .map(|(r, b)| (b.v.len(), self.kv_strides(r)))
             .collect();
-        let lse: Vec<usize> = ranks.iter().filter_map(|b| b.lse.as_ref().map(|l| l.len())).collect();
+        let lse: Vec<usize> = ranks
+            .iter()
+            .filter_map(|b| b.lse.as_ref().map(|l| l.len()))
+            .collect();
         let lse = match lse.len() {
             0 => None,
             x if x == ranks.len() => Some(lse),
@@ -286,8 +295,10 @@ impl RingAttention {
         }
         // [rank]: the event recorded after the receive of the shard of step t (t >= 1), and
         // after each computing step.
-        let mut arrived: Vec<Vec<Option<CudaEvent>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-        let mut computed: Vec<Vec<Option<CudaEvent>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut arrived: Vec<Vec<Option<CudaEvent>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut computed: Vec<Vec<Option<CudaEvent>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
         let (mut pieces, mut computing_steps) = (0, 0);
         for t in 0..n {
             // Transfers of step t first, so that the copies start with the compute.
@@ -347,7 +358,11 @@ impl RingAttention {
                     })?;
                     c.wait(e)?;
                 }
-                let RankState { acc, ring_k, ring_v } = &mut states[r];
+                let RankState {
+                    acc,
+                    ring_k,
+                    ring_v,
+                } = &mut states[r];
                 let len = self.kv_len(st.source);
                 let (k, v) = match st.kv {
                     KvBuffer::Local => (ranks[r].k.slice(..len), ranks[r].v.slice(..len)),
@@ -361,7 +376,13 @@ impl RingAttention {
         }
         for (r, b) in ranks.iter_mut().enumerate() {
             let len = self.layout.shard_len(r);
-            states[r].acc.finalize(&compute[r], &mut b.out, b.lse.as_deref_mut(), self.shape, len)?;
+            states[r].acc.finalize(
+                &compute[r],
+                &mut b.out,
+                b.lse.as_deref_mut(),
+                self.shape,
+                len,
+            )?;
             stream.join(&compute[r])?;
             stream.join(&comm[r])?;
         }
@@ -493,7 +514,8 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                 let [rk0, rk1] = ring_k;
                 let [rv0, rv1] = ring_v;
                 // The send's buffer and the receive's buffer are never the same one.
-                let (send_k, send_v, recv_k, recv_v) = match (step.kv, step.recv.map(|x| x.buffer)) {
+                let (send_k, send_v, recv_k, recv_v) = match (step.kv, step.recv.map(|x| x.buffer))
+                {
                     (KvBuffer::Local, Some(KvBuffer::Ring(0)) | None) => {
                         (bufs.k.slice(..len_s), bufs.v.slice(..len_s), rk0, rv0)
                     }
@@ -526,7 +548,11 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                     stream.wait(e)?;
                 }
                 let len = attn.kv_len(step.source);
-                let RankState { acc, ring_k, ring_v } = &mut st;
+                let RankState {
+                    acc,
+                    ring_k,
+                    ring_v,
+                } = &mut st;
                 let (k, v) = match step.kv {
                     KvBuffer::Local => (bufs.k.slice(..len), bufs.v.slice(..len)),
                     KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
@@ -535,8 +561,13 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                 computed[t] = Some(stream.record_event(None)?);
             }
         }
-        st.acc
-            .finalize(stream, &mut bufs.out, bufs.lse.as_deref_mut(), attn.shape, len)?;
+        st.acc.finalize(
+            stream,
+            &mut bufs.out,
+            bufs.lse.as_deref_mut(),
+            attn.shape,
+            len,
+        )?;
         stream.join(m)?;
         Ok(launched)
     }

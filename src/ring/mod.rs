@@ -606,7 +606,13 @@ impl RingAttention {
             .map(|r| self.rank_cpu(r, q, k, v))
             .collect::<Result<_>>()?;
         for (r, (o, l)) in states.into_iter().enumerate() {
-            self.store_state_cpu(r, &o, &l, &mut out[r], lse.as_deref_mut().map(|x| &mut *x[r]));
+            self.store_state_cpu(
+                r,
+                &o,
+                &l,
+                &mut out[r],
+                lse.as_deref_mut().map(|x| &mut *x[r]),
+            );
         }
         Ok(())
     }
@@ -648,7 +654,10 @@ impl RingAttention {
     /// `lse [batch, heads_q, L_r]` `-inf`.
     pub(crate) fn empty_state(&self, rank: usize) -> (Vec<f32>, Vec<f32>) {
         let n = self.lse_len(rank);
-        (vec![0.0f32; n * self.shape.head_dim], vec![f32::NEG_INFINITY; n])
+        (
+            vec![0.0f32; n * self.shape.head_dim],
+            vec![f32::NEG_INFINITY; n],
+        )
     }
 
     /// Runs one piece on the CPU (rank `r`'s queries `q`, the held shard's `k`, `v`) and

@@ -346,7 +346,9 @@ impl RingAttention {
             }
             for ((r, _, buf, _), (shard, kk, vv)) in moves.into_iter().zip(staged) {
                 let KvBuffer::Ring(b) = buf else {
-                    return Err(Error::Shape("ring plan: receive into the local shard".into()));
+                    return Err(Error::Shape(
+                        "ring plan: receive into the local shard".into(),
+                    ));
                 };
                 let slot = &mut ring[r][b];
                 slot.0 = Some(shard);
@@ -355,7 +357,13 @@ impl RingAttention {
             }
         }
         for (r, (o, l)) in states.into_iter().enumerate() {
-            self.store_state_cpu(r, &o, &l, &mut out[r], lse.as_deref_mut().map(|x| &mut *x[r]));
+            self.store_state_cpu(
+                r,
+                &o,
+                &l,
+                &mut out[r],
+                lse.as_deref_mut().map(|x| &mut *x[r]),
+            );
         }
         Ok(count)
     }

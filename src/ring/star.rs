@@ -128,7 +128,11 @@ impl StarAttention {
     /// alone on rank 0), causal, bottom-right aligned (every anchor key is visible).
     pub fn context_attention(&self, rank: usize) -> Result<FlashAttention> {
         let lr = self.block(rank).len();
-        let sk = if rank == 0 { lr } else { self.block(0).len() + lr };
+        let sk = if rank == 0 {
+            lr
+        } else {
+            self.block(0).len() + lr
+        };
         self.dense(lr, sk, true)
     }
 
@@ -180,10 +184,7 @@ impl StarAttention {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         if rank >= self.world {
-            return Err(Error::Shape(format!(
-                "star: rank {rank} of {}",
-                self.world
-            )));
+            return Err(Error::Shape(format!("star: rank {rank} of {}", self.world)));
         }
         let attn = self.context_attention(rank)?;
         let lr = self.block(rank).len();
@@ -234,8 +235,14 @@ impl StarAttention {
         let def = self.query_definition()?;
         def.check_buffers(
             (q.data.len(), &q.strides),
-            (self.kv_elems(self.context_len + nq), &Strides::contiguous(self.context_len + nq, heads_kv, d)),
-            (self.kv_elems(self.context_len + nq), &Strides::contiguous(self.context_len + nq, heads_kv, d)),
+            (
+                self.kv_elems(self.context_len + nq),
+                &Strides::contiguous(self.context_len + nq, heads_kv, d),
+            ),
+            (
+                self.kv_elems(self.context_len + nq),
+                &Strides::contiguous(self.context_len + nq, heads_kv, d),
+            ),
             (out.data.len(), &out.strides),
             lse.as_ref().map(|l| l.len()),
         )?;
@@ -244,7 +251,12 @@ impl StarAttention {
         let mut parts: Vec<(FlashAttention, &[T], &[T], usize)> = Vec::new();
         for r in 0..self.world {
             let lr = self.block(r).len();
-            self.check_kv(&format!("block {r}"), lr, k_blocks[r].len(), v_blocks[r].len())?;
+            self.check_kv(
+                &format!("block {r}"),
+                lr,
+                k_blocks[r].len(),
+                v_blocks[r].len(),
+            )?;
             parts.push((self.query_partial(r)?, k_blocks[r], v_blocks[r], lr));
         }
         self.check_kv("query", nq, kq.len(), vq.len())?;
@@ -331,7 +343,14 @@ impl StarAttention {
         let (hkv, d) = (self.shape.heads_kv, self.shape.head_dim);
         if rank == 0 {
             let s = Strides::contiguous(lr, hkv, d);
-            return attn.forward_gpu::<T, _, _>(stream, q, Strided::new(k, s), Strided::new(v, s), out, lse);
+            return attn.forward_gpu::<T, _, _>(
+                stream,
+                q,
+                Strided::new(k, s),
+                Strided::new(v, s),
+                out,
+                lse,
+            );
         }
         let la = self.block(0).len();
         self.check_kv("anchor", la, anchor_k.len(), anchor_v.len())?;
@@ -352,7 +371,14 @@ impl StarAttention {
             }
         }
         let s = Strides::contiguous(la + lr, hkv, d);
-        attn.forward_gpu::<T, _, _>(stream, q, Strided::new(&kc, s), Strided::new(&vc, s), out, lse)
+        attn.forward_gpu::<T, _, _>(
+            stream,
+            q,
+            Strided::new(&kc, s),
+            Strided::new(&vc, s),
+            out,
+            lse,
+        )
     }
 
     /// **Not yet verified on a GPU.** Phase 2 on the GPU on `stream`, the distributed way on
@@ -378,7 +404,11 @@ impl StarAttention {
                 self.world
             )));
         }
-        let RingShape { heads_kv, head_dim: d, .. } = self.shape;
+        let RingShape {
+            heads_kv,
+            head_dim: d,
+            ..
+        } = self.shape;
         let nq = self.query_len;
         let all = self.context_len + nq;
         let s_all = Strides::contiguous(all, heads_kv, d);
@@ -392,7 +422,12 @@ impl StarAttention {
         let mut parts = Vec::with_capacity(self.world + 1);
         for r in 0..self.world {
             let lr = self.block(r).len();
-            self.check_kv(&format!("block {r}"), lr, k_blocks[r].len(), v_blocks[r].len())?;
+            self.check_kv(
+                &format!("block {r}"),
+                lr,
+                k_blocks[r].len(),
+                v_blocks[r].len(),
+            )?;
             parts.push((self.query_partial(r)?, k_blocks[r], v_blocks[r], lr));
         }
         self.check_kv("query", nq, kq.len(), vq.len())?;
