@@ -161,8 +161,8 @@ fn run_in_process<T: RingElement>(
     // LSE [batch, heads_q, L_r] per rank back into [batch, heads_q, seqlen].
     let s = layout.seqlen();
     let mut got_lse = vec![f32::NAN; c.want_lse.len()];
-    for r in 0..world {
-        let l = stream.clone_dtoh(&dlse[r]).unwrap();
+    for (r, dl) in dlse.iter().enumerate() {
+        let l = stream.clone_dtoh(dl).unwrap();
         let pos = layout.positions(r);
         for bh in 0..batch * heads_q {
             for (i, &p) in pos.iter().enumerate() {

@@ -229,6 +229,7 @@ impl RingAttention {
     /// Queues one planned step's pieces of rank `r` on `stream`: each piece as a dense call on
     /// row views of `q` and of the held shard `(k, v)` (whose shard is `step.source`), into
     /// the scratch output, then merged into the running state. Returns the launches.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn gpu_step<T: RingElement>(
         &self,
         r: usize,
@@ -339,7 +340,6 @@ impl RingAttention {
                 // The source views borrow another rank's state: take their addresses (the
                 // use is recorded on `m`) before borrowing the receiver's buffers.
                 let (sk_ptr, sv_ptr) = (dev_ptr(&src_k, m), dev_ptr(&src_v, m));
-                drop((src_k, src_v));
                 let RankState { ring_k, ring_v, .. } = &mut states[r];
                 let (mut dk, mut dv) = (ring_k[dst].slice_mut(..), ring_v[dst].slice_mut(..));
                 copy_dtod::<T>(m, sk_ptr, &mut dk, len)?;

@@ -277,7 +277,8 @@ impl RingAttention {
         let count = Self::check_plans(&plans)?;
         let cap = (0..n).map(|r| self.kv_len(r)).max().unwrap_or(0);
         // [rank][buffer]: (shard held, k, v).
-        let mut ring: Vec<[(Option<usize>, Vec<T>, Vec<T>); 2]> = (0..n)
+        type Slot<T> = (Option<usize>, Vec<T>, Vec<T>);
+        let mut ring: Vec<[Slot<T>; 2]> = (0..n)
             .map(|_| {
                 std::array::from_fn(|_| (None, vec![T::default(); cap], vec![T::default(); cap]))
             })
