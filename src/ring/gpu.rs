@@ -328,22 +328,20 @@ impl RingAttention {
                     m.wait(e)?;
                 }
                 let len = self.kv_len(send.shard);
-                // The sender's buffers and the receiver's ring buffer belong to different
-                // ranks (from != r when a transfer exists, world >= 2).
+                // The sender's buffers and the receiver's ring buffers belong to different
+                // ranks (a transfer needs world >= 2, and goes from r - 1 to r).
+                let (src_state, dst_state) = pair_mut(&mut states, from, r)?;
                 let (src_k, src_v): (CudaView<'_, T>, CudaView<'_, T>) = match send.buffer {
                     KvBuffer::Local => (ranks[from].k.slice(..len), ranks[from].v.slice(..len)),
                     KvBuffer::Ring(b) => (
-                        states[from].ring_k[b].slice(..len),
-                        states[from].ring_v[b].slice(..len),
+                        src_state.ring_k[b].slice(..len),
+                        src_state.ring_v[b].slice(..len),
                     ),
                 };
-                // The source views borrow another rank's state: take their addresses (the
-                // use is recorded on `m`) before borrowing the receiver's buffers.
-                let (sk_ptr, sv_ptr) = (dev_ptr(&src_k, m), dev_ptr(&src_v, m));
-                let RankState { ring_k, ring_v, .. } = &mut states[r];
+                let RankState { ring_k, ring_v, .. } = dst_state;
                 let (mut dk, mut dv) = (ring_k[dst].slice_mut(..), ring_v[dst].slice_mut(..));
-                copy_dtod::<T>(m, sk_ptr, &mut dk, len)?;
-                copy_dtod::<T>(m, sv_ptr, &mut dv, len)?;
+                copy_dtod::<T>(m, &src_k, &mut dk, len)?;
+                copy_dtod::<T>(m, &src_v, &mut dv, len)?;
                 arrived[r][t + 1] = Some(m.record_event(None)?);
             }
             for r in 0..n {
@@ -394,32 +392,43 @@ impl RingAttention {
     }
 }
 
-/// The raw device address of a view, ordered on `stream` (cudarc's event tracking records
-/// the use on `stream` when the guard drops).
-fn dev_ptr<T>(v: &CudaView<'_, T>, stream: &Arc<CudaStream>) -> u64 {
-    let (p, _guard) = v.device_ptr(stream);
-    p
+/// `(&xs[a], &mut xs[b])` for `a != b`.
+fn pair_mut<X>(xs: &mut [X], a: usize, b: usize) -> Result<(&X, &mut X)> {
+    if a == b || a.max(b) >= xs.len() {
+        return Err(Error::Shape(format!(
+            "ring transfer from rank {a} to rank {b}: not two distinct ranks"
+        )));
+    }
+    if a < b {
+        let (lo, hi) = xs.split_at_mut(b);
+        Ok((&lo[a], &mut hi[0]))
+    } else {
+        let (lo, hi) = xs.split_at_mut(a);
+        Ok((&hi[0], &mut lo[b]))
+    }
 }
 
-/// `len` elements from device address `src` into `dst` on `stream`.
+/// `len` elements of `src` into `dst` on `stream`; the uses of both buffers are recorded on
+/// `stream` after the copy (cudarc's event tracking).
 fn copy_dtod<T>(
     stream: &Arc<CudaStream>,
-    src: u64,
+    src: &CudaView<'_, T>,
     dst: &mut CudaViewMut<'_, T>,
     len: usize,
 ) -> Result<()> {
-    if dst.len() < len {
+    if dst.len() < len || src.len() < len {
         return Err(Error::Shape(format!(
-            "ring transfer: {len} elements into a buffer of {}",
+            "ring transfer: {len} elements from a buffer of {} into one of {}",
+            src.len(),
             dst.len()
         )));
     }
-    let (d, _guard) = dst.device_ptr_mut(stream);
+    let (s, _src_guard) = src.device_ptr(stream);
+    let (d, _dst_guard) = dst.device_ptr_mut(stream);
     let bytes = len * std::mem::size_of::<T>();
-    // SAFETY: `src` points at a live buffer of at least `len` elements of the same
-    // context (checked by the caller's slicing), `dst` holds at least `len` elements, and
-    // the copy is ordered on `stream` after the events that make `src` ready.
-    unsafe { cudarc::driver::result::memcpy_dtod_async(d, src, bytes, stream.cu_stream()) }?;
+    // SAFETY: both views hold at least `len` elements of the same context, and the copy is
+    // ordered on `stream` after the events that make `src` ready and `dst` free.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, stream.cu_stream()) }?;
     Ok(())
 }
 
