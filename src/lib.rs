@@ -102,6 +102,7 @@ pub use paged::{
     StreamingConfig,
 };
 pub use ring::{
-    GlobalBlock, MAX_RING_WORLD, RingAttention, RingLayout, RingPiece, RingSchedule, RingShape,
-    Sharding, block_pieces,
+    GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,
+    RingPiece, RingSchedule, RingShape, Sharding, StarAttention, Transfer, TransferCount,
+    block_pieces,
 };

@@ -24,6 +24,16 @@ use crate::softmax::merge_into_row;
 use rayon::prelude::*;
 use std::ops::Range;
 
+pub mod comm;
+pub mod gpu;
+pub mod plan;
+pub mod star;
+
+pub use comm::{Bootstrap, RingComm, SelfComm};
+pub use gpu::{RankBuffers, RingElement, RingGpuReport, RingRank};
+pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
+pub use star::StarAttention;
+
 /// Most ranks of a ring (the schedule holds `world^2` entries per table).
 pub const MAX_RING_WORLD: usize = 4096;
 
@@ -633,24 +643,18 @@ impl RingAttention {
         let lse_lens: Option<Vec<usize>> =
             lse.as_deref().map(|l| l.iter().map(|x| x.len()).collect());
         self.check_shards(&dims(q), &dims(k), &dims(v), &out_dims, lse_lens.as_deref())?;
-        let RingShape {
-            heads_q, head_dim, ..
-        } = self.shape;
         let states: Vec<(Vec<f32>, Vec<f32>)> = (0..self.layout.world)
             .into_par_iter()
             .map(|r| self.rank_cpu(r, q, k, v))
             .collect::<Result<_>>()?;
         for (r, (o, l)) in states.into_iter().enumerate() {
-            let len = self.layout.shard_len(r);
-            for b in 0..self.shape.batch {
-                for h in 0..heads_q {
-                    let src = (b * heads_q + h) * len * head_dim;
-                    out[r].store_head_rows(b, 0..len, h, head_dim, &o[src..src + len * head_dim]);
-                }
-            }
-            if let Some(lse) = lse.as_deref_mut() {
-                lse[r][..l.len()].copy_from_slice(&l);
-            }
+            self.store_state_cpu(
+                r,
+                &o,
+                &l,
+                &mut out[r],
+                lse.as_deref_mut().map(|x| &mut *x[r]),
+            );
         }
         Ok(())
     }
@@ -689,6 +693,92 @@ impl RingAttention {
         Strided::new(&t.data[(row0 as i64 * t.strides.seq) as usize..], t.strides)
     }
 
+    /// An empty running state of rank `rank`: `o [batch, heads_q, L_r, head_dim]` zeros and
+    /// `lse [batch, heads_q, L_r]` `-inf`.
+    pub(crate) fn empty_state(&self, rank: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.lse_len(rank);
+        (
+            vec![0.0f32; n * self.shape.head_dim],
+            vec![f32::NEG_INFINITY; n],
+        )
+    }
+
+    /// Runs one piece on the CPU (rank `r`'s queries `q`, the held shard's `k`, `v`) and
+    /// merges its `(o, lse)` (the output rounded to `T`, as a dense call returns it) into
+    /// the rank's running state `(o, l)` of [`RingAttention::empty_state`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn merge_piece_cpu<T: Element>(
+        &self,
+        r: usize,
+        piece: &RingPiece,
+        q: &Strided<&[T]>,
+        k: &Strided<&[T]>,
+        v: &Strided<&[T]>,
+        o: &mut [f32],
+        l: &mut [f32],
+    ) -> Result<()> {
+        let RingShape {
+            batch,
+            heads_q,
+            head_dim: d,
+            ..
+        } = self.shape;
+        let len = self.layout.shard_len(r);
+        let sq = piece.q_rows.len();
+        let attn = self.piece_attention(piece)?;
+        let mut po = vec![T::default(); attn.out_len()];
+        let mut pl = vec![0.0f32; attn.lse_len()];
+        attn.forward_cpu(
+            Self::from_row(q, piece.q_rows.start),
+            Self::from_row(k, piece.k_rows.start),
+            Self::from_row(v, piece.k_rows.start),
+            Strided::new(&mut po[..], Strides::contiguous(sq, heads_q, d)),
+            Some(&mut pl[..]),
+        )?;
+        for b in 0..batch {
+            for h in 0..heads_q {
+                for i in 0..sq {
+                    let li = (b * heads_q + h) * len + piece.q_rows.start + i;
+                    let src = ((b * sq + i) * heads_q + h) * d;
+                    merge_into_row(
+                        &mut o[li * d..(li + 1) * d],
+                        &mut l[li],
+                        po[src..src + d].iter().map(|x| x.to_f32()),
+                        pl[(b * heads_q + h) * sq + i],
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes rank `r`'s final state into its output (rounded to `T`) and LSE.
+    pub(crate) fn store_state_cpu<T: Element>(
+        &self,
+        r: usize,
+        o: &[f32],
+        l: &[f32],
+        out: &mut Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) {
+        let RingShape {
+            batch,
+            heads_q,
+            head_dim,
+            ..
+        } = self.shape;
+        let len = self.layout.shard_len(r);
+        for b in 0..batch {
+            for h in 0..heads_q {
+                let src = (b * heads_q + h) * len * head_dim;
+                out.store_head_rows(b, 0..len, h, head_dim, &o[src..src + len * head_dim]);
+            }
+        }
+        if let Some(lse) = lse {
+            lse[..l.len()].copy_from_slice(l);
+        }
+    }
+
     /// One rank's ring on the CPU: the running `(o [batch, heads_q, L_r, head_dim], lse
     /// [batch, heads_q, L_r])` after every step.
     fn rank_cpu<T: Element>(
@@ -698,43 +788,11 @@ impl RingAttention {
         k: &[Strided<&[T]>],
         v: &[Strided<&[T]>],
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let RingShape {
-            batch,
-            heads_q,
-            head_dim: d,
-            ..
-        } = self.shape;
-        let len = self.layout.shard_len(r);
-        let mut o = vec![0.0f32; batch * len * heads_q * d];
-        let mut l = vec![f32::NEG_INFINITY; batch * heads_q * len];
+        let (mut o, mut l) = self.empty_state(r);
         for step in 0..self.layout.world {
             let s = self.layout.kv_source(r, step);
             for piece in self.pieces(r, step) {
-                let sq = piece.q_rows.len();
-                let attn = self.piece_attention(&piece)?;
-                let mut po = vec![T::default(); attn.out_len()];
-                let mut pl = vec![0.0f32; attn.lse_len()];
-                attn.forward_cpu(
-                    Self::from_row(&q[r], piece.q_rows.start),
-                    Self::from_row(&k[s], piece.k_rows.start),
-                    Self::from_row(&v[s], piece.k_rows.start),
-                    Strided::new(&mut po[..], Strides::contiguous(sq, heads_q, d)),
-                    Some(&mut pl[..]),
-                )?;
-                for b in 0..batch {
-                    for h in 0..heads_q {
-                        for i in 0..sq {
-                            let li = (b * heads_q + h) * len + piece.q_rows.start + i;
-                            let src = ((b * sq + i) * heads_q + h) * d;
-                            merge_into_row(
-                                &mut o[li * d..(li + 1) * d],
-                                &mut l[li],
-                                po[src..src + d].iter().map(|x| x.to_f32()),
-                                pl[(b * heads_q + h) * sq + i],
-                            );
-                        }
-                    }
-                }
+                self.merge_piece_cpu(r, &piece, &q[r], &k[s], &v[s], &mut o, &mut l)?;
             }
         }
         Ok((o, l))

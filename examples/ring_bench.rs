@@ -1,0 +1,189 @@
+//! The in-process GPU ring (every rank on one GPU, **not yet verified on a GPU**) against one
+//! dense call over the same sequence, in the same run: 2, 4 and 8 ranks over 32k to 128k
+//! tokens, causal zigzag and a 4k causal window (contiguous). Prints one `BENCH {json}` line
+//! per case in the style of gpu_bench:
+//! - `ring_ms`, `dense_ms`, `overhead_pct` = ring over dense - 1 (the cost of piece launches,
+//!   merges and copies: on one GPU the ranks share the device, so the ring does the dense
+//!   call's work plus that overhead);
+//! - `pieces` (dense launches, one merge each), `transfers` / `unskipped` (shards moved);
+//! - `copy_ms`: the plan's copies alone, serially on one stream; `overlap` = the share of
+//!   `copy_ms` hidden under compute, `(dense_ms + copy_ms - ring_ms) / copy_ms` clamped to
+//!   [0, 1] (an estimate: it charges all non-copy overhead to the compute).
+//!
+//! `cargo run --release --example ring_bench [-- --quick]` (quick: 32k tokens only).
+
+use longattn::cudarc::driver::sys::CUevent_flags;
+use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::ring::RankBuffers;
+use longattn::*;
+use std::sync::Arc;
+
+mod support;
+
+const REPS: usize = 3;
+
+/// Mean milliseconds of `f` over REPS runs after one warm-up, timed with events on `stream`.
+fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream.record_event(flags)?;
+    for _ in 0..REPS {
+        f()?;
+    }
+    let end = stream.record_event(flags)?;
+    end.synchronize()?;
+    Ok(start.elapsed_ms(&end)? as f64 / REPS as f64)
+}
+
+fn bench(
+    stream: &Arc<CudaStream>,
+    name: &str,
+    seqlen: usize,
+    world: usize,
+    sharding: Sharding,
+    opts: &AttentionOptions,
+) -> Result<String> {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 16,
+        heads_kv: 4,
+        head_dim: 128,
+    };
+    let (hq, hkv, d) = (shape.heads_q, shape.heads_kv, shape.head_dim);
+    let layout = RingLayout::new(seqlen, world, sharding)?;
+    let ring = RingAttention::new(layout, shape, opts)?;
+    let dense = FlashAttention::new(
+        &AttentionShape {
+            batch: 1,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: seqlen,
+                seqlen_k: seqlen,
+            },
+        },
+        opts,
+    )?;
+    let q: Vec<bf16> = support::uniform(seqlen * hq * d, 1);
+    let k: Vec<bf16> = support::uniform(seqlen * hkv * d, 2);
+    let v: Vec<bf16> = support::uniform(seqlen * hkv * d, 3);
+    // Dense over the whole sequence.
+    let (dq, dk, dv) = (
+        stream.clone_htod(&q)?,
+        stream.clone_htod(&k)?,
+        stream.clone_htod(&v)?,
+    );
+    let mut dout: CudaSlice<bf16> = stream.alloc_zeros(dense.out_len())?;
+    let (qs, ks) = (
+        Strides::contiguous(seqlen, hq, d),
+        Strides::contiguous(seqlen, hkv, d),
+    );
+    let dense_ms = time_ms(stream, || {
+        dense.forward_gpu::<bf16, _, _>(
+            stream,
+            Strided::new(&dq, qs),
+            Strided::new(&dk, ks),
+            Strided::new(&dv, ks),
+            Strided::new(&mut dout, qs),
+            None,
+        )
+    })?;
+    drop((dq, dk, dv, dout));
+    // The ring.
+    let up = |x: Vec<Vec<bf16>>| -> Result<Vec<CudaSlice<bf16>>> {
+        x.iter().map(|s| Ok(stream.clone_htod(s)?)).collect()
+    };
+    let rq = up(layout.shard(&q, 1, hq * d)?)?;
+    let rk = up(layout.shard(&k, 1, hkv * d)?)?;
+    let rv = up(layout.shard(&v, 1, hkv * d)?)?;
+    let mut ro: Vec<CudaSlice<bf16>> = (0..world)
+        .map(|r| Ok(stream.alloc_zeros(ring.out_len(r))?))
+        .collect::<Result<_>>()?;
+    let mut report = None;
+    let ring_ms = time_ms(stream, || {
+        let mut ranks: Vec<RankBuffers<'_, bf16>> = ro
+            .iter_mut()
+            .enumerate()
+            .map(|(r, o)| {
+                let st = Strides::contiguous(layout.shard_len(r), hq, d);
+                RankBuffers {
+                    q: Strided::new(&rq[r], st),
+                    k: &rk[r],
+                    v: &rv[r],
+                    out: Strided::new(o, st),
+                    lse: None,
+                }
+            })
+            .collect();
+        report = Some(ring.forward_gpu_in_process(stream, &mut ranks)?);
+        Ok(())
+    })?;
+    let report = report.expect("the ring ran");
+    // The plan's copies alone, serially.
+    let plans = ring.plans()?;
+    let mut scratch: CudaSlice<bf16> =
+        stream.alloc_zeros((0..world).map(|r| ring.kv_len(r)).max().unwrap_or(1))?;
+    let copy_ms = time_ms(stream, || {
+        for p in &plans {
+            for s in p.steps.iter().filter_map(|s| s.recv) {
+                let n = ring.kv_len(s.shard);
+                for src in [&rk[s.shard], &rv[s.shard]] {
+                    stream.memcpy_dtod(&src.slice(..n), &mut scratch.slice_mut(..n))?;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    let overlap = if copy_ms > 0.0 {
+        ((dense_ms + copy_ms - ring_ms) / copy_ms).clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
+    Ok(format!(
+        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-ring-inprocess\",\"s\":{seqlen},\"world\":{world},\"h\":{hq},\"hkv\":{hkv},\"d\":{d},\"ring_ms\":{ring_ms:.4},\"dense_ms\":{dense_ms:.4},\"overhead_pct\":{:.1},\"pieces\":{},\"transfers\":{},\"unskipped\":{},\"copy_ms\":{copy_ms:.4},\"overlap\":{overlap:.2}}}",
+        (ring_ms / dense_ms - 1.0) * 100.0,
+        report.pieces,
+        report.transfers.total,
+        report.transfers.unskipped,
+    ))
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let ctx = longattn::device::open_gpu(0)?;
+    let stream = ctx.default_stream();
+    println!(
+        "# ring_bench on {} (in-process ring, unverified)",
+        Device::Cuda(ctx.clone()).describe()
+    );
+    let seqs: &[usize] = if quick {
+        &[32768]
+    } else {
+        &[32768, 65536, 131072]
+    };
+    for &s in seqs {
+        for world in [2usize, 4, 8] {
+            let cases = [
+                (
+                    "causal_zigzag",
+                    Sharding::Zigzag,
+                    AttentionOptions::causal(),
+                ),
+                (
+                    "window4096_contiguous",
+                    Sharding::Contiguous,
+                    AttentionOptions::default().with_window(Window::causal_tokens(4096)?),
+                ),
+            ];
+            for (name, sharding, opts) in cases {
+                let name = format!("ring_{name}_s{s}_w{world}");
+                match bench(&stream, &name, s, world, sharding, &opts) {
+                    Ok(line) => println!("{line}"),
+                    Err(e) => println!("# {name}: {e}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

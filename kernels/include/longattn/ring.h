@@ -1,0 +1,57 @@
+/* longattn ring attention: the running-state merge of a ring rank (C ABI shared by the CUDA
+ * launchers and the Rust side through bindgen).
+ *
+ * A rank's running state is f32, laid out per (batch, head) like the CPU ring's:
+ *   acc_o:   [batch, heads, len, head_dim] f32
+ *   acc_lse: [batch, heads, len] f32, natural log; -inf = no key seen yet (acc_o row 0)
+ * A ring piece covers query rows [row0, row0 + rows) of the shard; its dense call wrote
+ *   o:   [batch, rows, heads, head_dim] in the output dtype, element strides below
+ *   lse: [batch, heads, rows] f32
+ * The merge is the LSE merge of semantics.md with the CPU's empty-state rule (both -inf
+ * stays o = 0, lse = -inf). */
+#ifndef LONGATTN_RING_H
+#define LONGATTN_RING_H
+
+#include <stdint.h>
+
+#include "longattn/dense.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct LaRingMergeParams {
+  const void *o;
+  const float *lse;
+  float *acc_o;
+  float *acc_lse;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int32_t batch, heads, head_dim;
+  /* Rows of the piece, rows of the shard (the state's row extent), the piece's first row. */
+  int32_t rows, len, row0;
+  LaDtype dtype;
+} LaRingMergeParams;
+
+/* Writes the running state into the output (dtype, element strides) and, when lse is not
+ * NULL, the natural-log LSE [batch, heads, len]. */
+typedef struct LaRingFinalizeParams {
+  const float *acc_o;
+  const float *acc_lse;
+  void *out;
+  float *lse;
+  int64_t out_batch_stride, out_row_stride, out_head_stride;
+  int32_t batch, heads, len, head_dim;
+  LaDtype dtype;
+} LaRingFinalizeParams;
+
+/* acc_o[0 .. rows * head_dim) = 0, acc_lse[0 .. rows) = -inf. */
+int la_ring_state_init(float *acc_o, float *acc_lse, int64_t rows, int32_t head_dim,
+                       cudaStream_t stream);
+int la_ring_merge(const LaRingMergeParams *params, cudaStream_t stream);
+int la_ring_finalize(const LaRingFinalizeParams *params, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

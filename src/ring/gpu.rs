@@ -1,0 +1,743 @@
+//! The GPU ring (**not yet verified on a GPU**; opt-in only, nothing else calls it): the
+//! per-rank step plans of [`super::plan`] executed with the dense kernels on row views of the
+//! shards, each piece's `(o, lse)` merged into an f32 running state on the GPU
+//! (`kernels/ring_merge.cu`), the final write in the output dtype.
+//!
+//! Two drivers execute the same plans with the same step code ([`RingAttention::gpu_step`]):
+//! - [`RingAttention::forward_gpu_in_process`]: every rank on one GPU (its own compute and
+//!   communication streams, its own ring buffers), the transfers as device-to-device copies
+//!   on the receiver's communication stream. The whole ring, overlap included, on one GPU.
+//! - [`RingRank::run`]: one rank of a real ring, its transfers through a [`RingComm`]
+//!   (NCCL with the `nccl` feature, see [`super::comm`]).
+//!
+//! Streams and events: step `t`'s transfers are queued on the communication stream before
+//! step `t`'s pieces on the compute stream; a receive waits (event) for the compute that last
+//! read its target buffer, a computing step waits (event) for the receive that delivered its
+//! shard. No host synchronisation inside the loop; the caller's stream joins both streams at
+//! the end. K/V shards must be contiguous `[batch, L_r, heads_kv, head_dim]` (they travel as
+//! flat buffers); q and out take any strides the dense kernels take.
+
+use super::plan::{KvBuffer, PlannedStep, RankPlan, TransferCount};
+use super::{RingAttention, RingShape};
+use crate::dense::FlashAttention;
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::layout::{Strided, Strides};
+use cudarc::driver::{
+    CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    ValidAsZeroBits,
+};
+use std::sync::Arc;
+
+/// Element types of the GPU ring: f16 and bf16 (the dense kernels' types); with the `nccl`
+/// feature also NCCL's element types.
+#[cfg(not(feature = "nccl"))]
+pub trait RingElement: Element + DeviceRepr + ValidAsZeroBits {}
+#[cfg(not(feature = "nccl"))]
+impl<T: Element + DeviceRepr + ValidAsZeroBits> RingElement for T {}
+/// Element types of the GPU ring: f16 and bf16 (the dense kernels' types); with the `nccl`
+/// feature also NCCL's element types.
+#[cfg(feature = "nccl")]
+pub trait RingElement: Element + DeviceRepr + ValidAsZeroBits + cudarc::nccl::NcclType {}
+#[cfg(feature = "nccl")]
+impl<T: Element + DeviceRepr + ValidAsZeroBits + cudarc::nccl::NcclType> RingElement for T {}
+
+/// One rank's device arguments: `q`, `out` `[batch, L_r, heads_q, head_dim]` (strides),
+/// `k`, `v` contiguous `[batch, L_r, heads_kv, head_dim]`, `lse` `[batch, heads_q, L_r]`.
+pub struct RankBuffers<'a, T> {
+    pub q: Strided<&'a CudaSlice<T>>,
+    pub k: &'a CudaSlice<T>,
+    pub v: &'a CudaSlice<T>,
+    pub out: Strided<&'a mut CudaSlice<T>>,
+    pub lse: Option<&'a mut CudaSlice<f32>>,
+}
+
+/// What a GPU ring launched (host-side counts; timings are the bench's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingGpuReport {
+    pub transfers: TransferCount,
+    /// Dense piece launches (one merge launch each), all ranks.
+    pub pieces: usize,
+    /// Steps that computed, all ranks.
+    pub computing_steps: usize,
+}
+
+/// A rank's device-side working set: the f32 running state, one piece's scratch output, the
+/// two ring buffers for K and V.
+pub(crate) struct RankState<T> {
+    acc: MergeState<T>,
+    ring_k: [CudaSlice<T>; 2],
+    ring_v: [CudaSlice<T>; 2],
+}
+
+/// The f32 running state `(o [batch, heads_q, L_r, head_dim], lse [batch, heads_q, L_r])`
+/// and one piece's scratch `(o [batch, rows, heads_q, head_dim], lse [batch, heads_q,
+/// rows])` for the largest piece.
+pub(crate) struct MergeState<T> {
+    acc_o: CudaSlice<f32>,
+    acc_lse: CudaSlice<f32>,
+    piece_o: CudaSlice<T>,
+    piece_lse: CudaSlice<f32>,
+}
+
+impl<T: RingElement> MergeState<T> {
+    /// An empty state of `len` rows (per batch entry and head) with scratch for pieces of up
+    /// to `piece_rows` rows, allocated and initialised on `stream`.
+    pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        shape: RingShape,
+        len: usize,
+        piece_rows: usize,
+    ) -> Result<Self> {
+        let RingShape {
+            batch,
+            heads_q,
+            head_dim: d,
+            ..
+        } = shape;
+        let rows = batch * heads_q * len;
+        let piece_rows = piece_rows.max(1);
+        let mut acc = MergeState {
+            acc_o: stream.alloc_zeros::<f32>((rows * d).max(1))?,
+            acc_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
+            piece_o: stream.alloc_zeros::<T>(batch * piece_rows * heads_q * d)?,
+            piece_lse: stream.alloc_zeros::<f32>(batch * heads_q * piece_rows)?,
+        };
+        launch::state_init(stream, &mut acc.acc_o, &mut acc.acc_lse, rows, d)?;
+        Ok(acc)
+    }
+
+    /// Runs `attn` (its queries are rows `row0..row0 + sq` of the state) into the scratch
+    /// and merges its `(o, lse)` into the state, on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_piece<I: DevicePtr<T>>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        attn: &FlashAttention,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        shape: RingShape,
+        row0: usize,
+        len: usize,
+    ) -> Result<()> {
+        let sq = attn.max_seqlen_q();
+        let po_strides = Strides::contiguous(sq, shape.heads_q, shape.head_dim);
+        attn.forward_gpu::<T, _, _>(
+            stream,
+            q,
+            k,
+            v,
+            Strided::new(&mut self.piece_o, po_strides),
+            Some(&mut self.piece_lse),
+        )?;
+        launch::merge::<T>(
+            stream,
+            &self.piece_o,
+            po_strides,
+            &self.piece_lse,
+            &mut self.acc_o,
+            &mut self.acc_lse,
+            shape,
+            sq,
+            len,
+            row0,
+        )
+    }
+
+    /// Writes the state (`len` rows) into `out` (and `lse`) on `stream`.
+    pub(crate) fn finalize(
+        &self,
+        stream: &Arc<CudaStream>,
+        out: &mut Strided<&mut CudaSlice<T>>,
+        lse: Option<&mut CudaSlice<f32>>,
+        shape: RingShape,
+        len: usize,
+    ) -> Result<()> {
+        launch::finalize::<T>(stream, &self.acc_o, &self.acc_lse, out, lse, shape, len)
+    }
+}
+
+impl RingAttention {
+    /// Checks the GPU ring's arguments: [`RingAttention::check_shards`] (K/V taken as
+    /// contiguous shards) and f16 or bf16.
+    fn check_gpu<T: Element>(&self, ranks: &[RankBuffers<'_, T>]) -> Result<()> {
+        if T::DTYPE == DType::F32 {
+            return Err(Error::Unsupported(
+                "the GPU ring takes f16 or bf16 (f32 runs on the CPU ring)".into(),
+            ));
+        }
+        let qd: Vec<_> = ranks
+            .iter()
+            .map(|b| (b.q.data.len(), b.q.strides))
+            .collect();
+        let od: Vec<_> = ranks
+            .iter()
+            .map(|b| (b.out.data.len(), b.out.strides))
+            .collect();
+        let kd: Vec<_> = ranks
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (b.k.len(), self.kv_strides(r)))
+            .collect();
+        let vd: Vec<_> = ranks
+            .iter()
+            .enumerate()
+            .map(|(r, b)| (b.v.len(), self.kv_strides(r)))
+            .collect();
+        let lse: Vec<usize> = ranks
+            .iter()
+            .filter_map(|b| b.lse.as_ref().map(|l| l.len()))
+            .collect();
+        let lse = match lse.len() {
+            0 => None,
+            x if x == ranks.len() => Some(lse),
+            _ => {
+                return Err(Error::Shape(
+                    "ring: give an lse buffer for every rank or for none".into(),
+                ));
+            }
+        };
+        self.check_shards(&qd, &kd, &vd, &od, lse.as_deref())
+    }
+
+    /// Allocates rank `r`'s working set on `stream` and sets its state to empty.
+    pub(crate) fn rank_state<T: RingElement>(
+        &self,
+        r: usize,
+        plan: &RankPlan,
+        stream: &Arc<CudaStream>,
+    ) -> Result<RankState<T>> {
+        let cap = (0..self.layout.world())
+            .map(|s| self.kv_len(s))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let acc = MergeState::new(
+            stream,
+            self.shape,
+            self.layout.shard_len(r),
+            plan.max_piece_rows(),
+        )?;
+        Ok(RankState {
+            acc,
+            ring_k: [stream.alloc_zeros::<T>(cap)?, stream.alloc_zeros::<T>(cap)?],
+            ring_v: [stream.alloc_zeros::<T>(cap)?, stream.alloc_zeros::<T>(cap)?],
+        })
+    }
+
+    /// Queues one planned step's pieces of rank `r` on `stream`: each piece as a dense call on
+    /// row views of `q` and of the held shard `(k, v)` (whose shard is `step.source`), into
+    /// the scratch output, then merged into the running state. Returns the launches.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gpu_step<T: RingElement>(
+        &self,
+        r: usize,
+        step: &PlannedStep,
+        stream: &Arc<CudaStream>,
+        q: &Strided<&CudaSlice<T>>,
+        k: CudaView<'_, T>,
+        v: CudaView<'_, T>,
+        st: &mut MergeState<T>,
+    ) -> Result<usize> {
+        let ks = self.kv_strides(step.source);
+        let row = |s: &Strides, r0: usize| (r0 as i64 * s.seq) as usize;
+        let len = self.layout.shard_len(r);
+        for piece in &step.pieces {
+            let attn = self.piece_attention(piece)?;
+            let qv = q.data.slice(row(&q.strides, piece.q_rows.start)..);
+            let kv = k.slice(row(&ks, piece.k_rows.start)..);
+            let vv = v.slice(row(&ks, piece.k_rows.start)..);
+            st.add_piece(
+                stream,
+                &attn,
+                Strided::new(&qv, q.strides),
+                Strided::new(&kv, ks),
+                Strided::new(&vv, ks),
+                self.shape,
+                piece.q_rows.start,
+                len,
+            )?;
+        }
+        Ok(step.pieces.len())
+    }
+
+    /// **Not yet verified on a GPU.** The whole ring on one GPU: rank `r`'s buffers are
+    /// `ranks[r]`; each rank gets its own compute and communication streams and ring
+    /// buffers, and the transfers are device-to-device copies on the receiver's
+    /// communication stream, overlapping the compute exactly as a multi-GPU ring would.
+    /// Ordered after the work already queued on `stream`; `stream` waits for the whole ring
+    /// (nothing is synchronised on the host). Equal to single-device attention over the
+    /// whole sequence within the dense tolerance.
+    pub fn forward_gpu_in_process<T: RingElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        ranks: &mut [RankBuffers<'_, T>],
+    ) -> Result<RingGpuReport> {
+        self.check_gpu::<T>(ranks)?;
+        let n = self.layout.world();
+        let plans = self.plans()?;
+        let transfers = Self::check_plans(&plans)?;
+        let ctx = stream.context();
+        let start = stream.record_event(None)?;
+        let mut compute = Vec::with_capacity(n);
+        let mut comm = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n);
+        for (r, plan) in plans.iter().enumerate() {
+            let (c, m) = (ctx.new_stream()?, ctx.new_stream()?);
+            c.wait(&start)?;
+            m.wait(&start)?;
+            states.push(self.rank_state::<T>(r, plan, &c)?);
+            // The ring buffers are written on the communication stream: after their
+            // allocation and the state init on the compute stream.
+            m.join(&c)?;
+            compute.push(c);
+            comm.push(m);
+        }
+        // [rank]: the event recorded after the receive of the shard of step t (t >= 1), and
+        // after each computing step.
+        let mut arrived: Vec<Vec<Option<CudaEvent>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let mut computed: Vec<Vec<Option<CudaEvent>>> =
+            (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+        let (mut pieces, mut computing_steps) = (0, 0);
+        for t in 0..n {
+            // Transfers of step t first, so that the copies start with the compute.
+            for r in 0..n {
+                let st = &plans[r].steps[t];
+                let Some(rv) = st.recv else { continue };
+                let from = rv.peer;
+                let send = plans[from].steps[t].send.ok_or_else(|| {
+                    Error::Shape(format!("ring plan: rank {from} step {t} sends nothing"))
+                })?;
+                let KvBuffer::Ring(dst) = rv.buffer else {
+                    return Err(Error::Shape("ring plan: receive into a local shard".into()));
+                };
+                let m = &comm[r];
+                if let Some(e) = st.recv_after_compute.and_then(|x| computed[r][x].as_ref()) {
+                    m.wait(e)?;
+                }
+                // The copy out of the target buffer into the next rank at step t - 1.
+                if t >= 1
+                    && let Some(e) = arrived[(r + 1) % n][t].as_ref()
+                {
+                    m.wait(e)?;
+                }
+                // The sender's buffer is filled.
+                if let (KvBuffer::Ring(_), Some(e)) = (send.buffer, arrived[from][t].as_ref()) {
+                    m.wait(e)?;
+                }
+                let len = self.kv_len(send.shard);
+                // The sender's buffers and the receiver's ring buffers belong to different
+                // ranks (a transfer needs world >= 2, and goes from r - 1 to r).
+                let (src_state, dst_state) = pair_mut(&mut states, from, r)?;
+                let (src_k, src_v): (CudaView<'_, T>, CudaView<'_, T>) = match send.buffer {
+                    KvBuffer::Local => (ranks[from].k.slice(..len), ranks[from].v.slice(..len)),
+                    KvBuffer::Ring(b) => (
+                        src_state.ring_k[b].slice(..len),
+                        src_state.ring_v[b].slice(..len),
+                    ),
+                };
+                let RankState { ring_k, ring_v, .. } = dst_state;
+                let (mut dk, mut dv) = (ring_k[dst].slice_mut(..), ring_v[dst].slice_mut(..));
+                copy_dtod::<T>(m, &src_k, &mut dk, len)?;
+                copy_dtod::<T>(m, &src_v, &mut dv, len)?;
+                arrived[r][t + 1] = Some(m.record_event(None)?);
+            }
+            for r in 0..n {
+                let st = &plans[r].steps[t];
+                if !st.computes() {
+                    continue;
+                }
+                let c = &compute[r];
+                if st.compute_after_recv {
+                    let e = arrived[r][t].as_ref().ok_or_else(|| {
+                        Error::Shape(format!("ring plan: rank {r} step {t} has no receive"))
+                    })?;
+                    c.wait(e)?;
+                }
+                let RankState {
+                    acc,
+                    ring_k,
+                    ring_v,
+                } = &mut states[r];
+                let len = self.kv_len(st.source);
+                let (k, v) = match st.kv {
+                    KvBuffer::Local => (ranks[r].k.slice(..len), ranks[r].v.slice(..len)),
+                    KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
+                };
+                let launched = self.gpu_step(r, st, c, &ranks[r].q, k, v, acc)?;
+                pieces += launched;
+                computing_steps += 1;
+                computed[r][t] = Some(c.record_event(None)?);
+            }
+        }
+        for (r, b) in ranks.iter_mut().enumerate() {
+            let len = self.layout.shard_len(r);
+            states[r].acc.finalize(
+                &compute[r],
+                &mut b.out,
+                b.lse.as_deref_mut(),
+                self.shape,
+                len,
+            )?;
+            stream.join(&compute[r])?;
+            stream.join(&comm[r])?;
+        }
+        Ok(RingGpuReport {
+            transfers,
+            pieces,
+            computing_steps,
+        })
+    }
+}
+
+/// `(&xs[a], &mut xs[b])` for `a != b`.
+fn pair_mut<X>(xs: &mut [X], a: usize, b: usize) -> Result<(&X, &mut X)> {
+    if a == b || a.max(b) >= xs.len() {
+        return Err(Error::Shape(format!(
+            "ring transfer from rank {a} to rank {b}: not two distinct ranks"
+        )));
+    }
+    if a < b {
+        let (lo, hi) = xs.split_at_mut(b);
+        Ok((&lo[a], &mut hi[0]))
+    } else {
+        let (lo, hi) = xs.split_at_mut(a);
+        Ok((&hi[0], &mut lo[b]))
+    }
+}
+
+/// `len` elements of `src` into `dst` on `stream`; the uses of both buffers are recorded on
+/// `stream` after the copy (cudarc's event tracking).
+fn copy_dtod<T>(
+    stream: &Arc<CudaStream>,
+    src: &CudaView<'_, T>,
+    dst: &mut CudaViewMut<'_, T>,
+    len: usize,
+) -> Result<()> {
+    if dst.len() < len || src.len() < len {
+        return Err(Error::Shape(format!(
+            "ring transfer: {len} elements from a buffer of {} into one of {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    let (s, _src_guard) = src.device_ptr(stream);
+    let (d, _dst_guard) = dst.device_ptr_mut(stream);
+    let bytes = len * std::mem::size_of::<T>();
+    // SAFETY: both views hold at least `len` elements of the same context, and the copy is
+    // ordered on `stream` after the events that make `src` ready and `dst` free.
+    unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, stream.cu_stream()) }?;
+    Ok(())
+}
+
+/// One rank of a real ring (one process per GPU, or one thread per GPU of a process): its
+/// plan, streams and working set. **Not yet verified on a GPU.**
+pub struct RingRank<'c, C: super::comm::RingComm> {
+    attn: RingAttention,
+    comm: &'c C,
+    plan: RankPlan,
+}
+
+impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
+    /// Rank `comm.rank()` of `attn`'s ring (the world must be the communicator's).
+    pub fn new(attn: &RingAttention, comm: &'c C) -> Result<Self> {
+        if comm.world() != attn.layout.world() {
+            return Err(Error::Shape(format!(
+                "ring rank: communicator world {} for a layout of {} ranks",
+                comm.world(),
+                attn.layout.world()
+            )));
+        }
+        Ok(RingRank {
+            attn: attn.clone(),
+            comm,
+            plan: attn.rank_plan(comm.rank())?,
+        })
+    }
+
+    pub fn plan(&self) -> &RankPlan {
+        &self.plan
+    }
+
+    /// **Not yet verified on a GPU.** Runs this rank's ring: pieces on `stream` (ordered
+    /// after the work queued there), transfers on the communicator's stream; `stream` waits
+    /// for both at the end. Every rank of the world must call it (the transfers pair up).
+    pub fn run<T: RingElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        mut bufs: RankBuffers<'_, T>,
+    ) -> Result<usize> {
+        let attn = &self.attn;
+        let r = self.plan.rank;
+        let kv_len = attn.kv_len(r);
+        let (ql, ol) = (bufs.q.data.len(), bufs.out.data.len());
+        let (kl, vl) = (bufs.k.len(), bufs.v.len());
+        let lse_len = bufs.lse.as_ref().map(|l| l.len());
+        if kl != kv_len || vl != kv_len {
+            return Err(Error::Shape(format!(
+                "ring rank {r}: k and v must hold the contiguous shard ({kv_len} elements), not \
+                 {kl} and {vl}"
+            )));
+        }
+        if T::DTYPE == DType::F32 {
+            return Err(Error::Unsupported("the GPU ring takes f16 or bf16".into()));
+        }
+        let len = attn.layout.shard_len(r);
+        let RingShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+        } = attn.shape;
+        crate::layout::check_attention_args(
+            &format!("[{r}]"),
+            [
+                (ql, &bufs.q.strides),
+                (kl, &attn.kv_strides(r)),
+                (vl, &attn.kv_strides(r)),
+                (ol, &bufs.out.strides),
+            ],
+            [batch, len, heads_q, head_dim],
+            [batch, len, heads_kv, head_dim],
+            lse_len.map(|l| (l, attn.lse_len(r), "[batch, heads_q, L_r]")),
+        )?;
+        let m = self.comm.stream();
+        let start = stream.record_event(None)?;
+        m.wait(&start)?;
+        let mut st = attn.rank_state::<T>(r, &self.plan, stream)?;
+        m.join(stream)?;
+        let n = self.plan.world;
+        let mut arrived: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
+        let mut computed: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
+        let mut launched = 0;
+        for (t, step) in self.plan.steps.iter().enumerate() {
+            if let Some(e) = step.recv_after_compute.and_then(|x| computed[x].as_ref()) {
+                m.wait(e)?;
+            }
+            if step.send.is_some() || step.recv.is_some() {
+                let len_s = step.send.map(|s| attn.kv_len(s.shard)).unwrap_or(0);
+                let len_r = step.recv.map(|s| attn.kv_len(s.shard)).unwrap_or(0);
+                let RankState { ring_k, ring_v, .. } = &mut st;
+                let [rk0, rk1] = ring_k;
+                let [rv0, rv1] = ring_v;
+                // The send's buffer and the receive's buffer are never the same one.
+                let (send_k, send_v, recv_k, recv_v) = match (step.kv, step.recv.map(|x| x.buffer))
+                {
+                    (KvBuffer::Local, Some(KvBuffer::Ring(0)) | None) => {
+                        (bufs.k.slice(..len_s), bufs.v.slice(..len_s), rk0, rv0)
+                    }
+                    (KvBuffer::Ring(0), Some(KvBuffer::Ring(1)) | None) => {
+                        (rk0.slice(..len_s), rv0.slice(..len_s), rk1, rv1)
+                    }
+                    (KvBuffer::Ring(1), Some(KvBuffer::Ring(0)) | None) => {
+                        (rk1.slice(..len_s), rv1.slice(..len_s), rk0, rv0)
+                    }
+                    other => {
+                        return Err(Error::Shape(format!(
+                            "ring rank {r} step {t}: buffers {other:?}"
+                        )));
+                    }
+                };
+                self.comm.exchange(
+                    step.send.map(|_| [send_k, send_v]),
+                    step.recv
+                        .map(|_| [recv_k.slice_mut(..len_r), recv_v.slice_mut(..len_r)]),
+                )?;
+                if step.recv.is_some() && t + 1 < n {
+                    arrived[t + 1] = Some(m.record_event(None)?);
+                }
+            }
+            if step.computes() {
+                if step.compute_after_recv {
+                    let e = arrived[t].as_ref().ok_or_else(|| {
+                        Error::Shape(format!("ring plan: rank {r} step {t} has no receive"))
+                    })?;
+                    stream.wait(e)?;
+                }
+                let len = attn.kv_len(step.source);
+                let RankState {
+                    acc,
+                    ring_k,
+                    ring_v,
+                } = &mut st;
+                let (k, v) = match step.kv {
+                    KvBuffer::Local => (bufs.k.slice(..len), bufs.v.slice(..len)),
+                    KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
+                };
+                launched += attn.gpu_step(r, step, stream, &bufs.q, k, v, acc)?;
+                computed[t] = Some(stream.record_event(None)?);
+            }
+        }
+        st.acc.finalize(
+            stream,
+            &mut bufs.out,
+            bufs.lse.as_deref_mut(),
+            attn.shape,
+            len,
+        )?;
+        stream.join(m)?;
+        Ok(launched)
+    }
+}
+
+#[cfg(longattn_cuda)]
+mod launch {
+    use super::{RingElement, RingShape};
+    use crate::error::Result;
+    use crate::gpu::{check_launch, ffi, la_dtype};
+    use crate::layout::{Strided, Strides};
+    use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+    use std::sync::Arc;
+
+    pub(super) fn state_init(
+        stream: &Arc<CudaStream>,
+        acc_o: &mut CudaSlice<f32>,
+        acc_lse: &mut CudaSlice<f32>,
+        rows: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (o, _s1) = acc_o.device_ptr_mut(stream);
+        let (l, _s2) = acc_lse.device_ptr_mut(stream);
+        // SAFETY: acc_o holds rows * head_dim floats and acc_lse rows (rank_state sizes
+        // them); ordered on `stream`.
+        let code = unsafe {
+            ffi::la_ring_state_init(
+                o as *mut f32,
+                l as *mut f32,
+                rows as i64,
+                head_dim as i32,
+                stream.cu_stream() as _,
+            )
+        };
+        check_launch("la_ring_state_init", code)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn merge<T: RingElement>(
+        stream: &Arc<CudaStream>,
+        piece_o: &CudaSlice<T>,
+        o_strides: Strides,
+        piece_lse: &CudaSlice<f32>,
+        acc_o: &mut CudaSlice<f32>,
+        acc_lse: &mut CudaSlice<f32>,
+        shape: RingShape,
+        rows: usize,
+        len: usize,
+        row0: usize,
+    ) -> Result<()> {
+        let (po, _s1) = piece_o.device_ptr(stream);
+        let (pl, _s2) = piece_lse.device_ptr(stream);
+        let (ao, _s3) = acc_o.device_ptr_mut(stream);
+        let (al, _s4) = acc_lse.device_ptr_mut(stream);
+        let params = ffi::LaRingMergeParams {
+            o: po as *const _,
+            lse: pl as *const f32,
+            acc_o: ao as *mut f32,
+            acc_lse: al as *mut f32,
+            o_batch_stride: o_strides.batch,
+            o_row_stride: o_strides.seq,
+            o_head_stride: o_strides.head,
+            batch: shape.batch as i32,
+            heads: shape.heads_q as i32,
+            head_dim: shape.head_dim as i32,
+            rows: rows as i32,
+            len: len as i32,
+            row0: row0 as i32,
+            dtype: la_dtype(T::DTYPE),
+        };
+        // SAFETY: the piece buffers hold [batch, rows, heads_q, head_dim] / [batch, heads_q,
+        // rows] (the dense call's extents were checked), the state [batch, heads_q, len,
+        // head_dim] with row0 + rows <= len (pieces lie in the shard).
+        let code = unsafe { ffi::la_ring_merge(&params, stream.cu_stream() as _) };
+        check_launch("la_ring_merge", code)
+    }
+
+    pub(super) fn finalize<T: RingElement>(
+        stream: &Arc<CudaStream>,
+        acc_o: &CudaSlice<f32>,
+        acc_lse: &CudaSlice<f32>,
+        out: &mut Strided<&mut CudaSlice<T>>,
+        lse: Option<&mut CudaSlice<f32>>,
+        shape: RingShape,
+        len: usize,
+    ) -> Result<()> {
+        let (ao, _s1) = acc_o.device_ptr(stream);
+        let (al, _s2) = acc_lse.device_ptr(stream);
+        let strides = out.strides;
+        let (op, _s3) = out.data.device_ptr_mut(stream);
+        let (lp, _s4) = match lse {
+            Some(l) => {
+                let (p, s) = l.device_ptr_mut(stream);
+                (p, Some(s))
+            }
+            None => (0, None),
+        };
+        let params = ffi::LaRingFinalizeParams {
+            acc_o: ao as *const f32,
+            acc_lse: al as *const f32,
+            out: op as *mut _,
+            lse: lp as *mut f32,
+            out_batch_stride: strides.batch,
+            out_row_stride: strides.seq,
+            out_head_stride: strides.head,
+            batch: shape.batch as i32,
+            heads: shape.heads_q as i32,
+            len: len as i32,
+            head_dim: shape.head_dim as i32,
+            dtype: la_dtype(T::DTYPE),
+        };
+        // SAFETY: out's extent was checked against [batch, len, heads_q, head_dim] and its
+        // strides, lse's length against [batch, heads_q, len]; the state is that size.
+        let code = unsafe { ffi::la_ring_finalize(&params, stream.cu_stream() as _) };
+        check_launch("la_ring_finalize", code)
+    }
+}
+
+#[cfg(not(longattn_cuda))]
+mod launch {
+    use super::{RingElement, RingShape};
+    use crate::error::{Error, Result};
+    use crate::layout::{Strided, Strides};
+    use cudarc::driver::{CudaSlice, CudaStream};
+    use std::sync::Arc;
+
+    pub(super) fn state_init(
+        _: &Arc<CudaStream>,
+        _: &mut CudaSlice<f32>,
+        _: &mut CudaSlice<f32>,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn merge<T: RingElement>(
+        _: &Arc<CudaStream>,
+        _: &CudaSlice<T>,
+        _: Strides,
+        _: &CudaSlice<f32>,
+        _: &mut CudaSlice<f32>,
+        _: &mut CudaSlice<f32>,
+        _: RingShape,
+        _: usize,
+        _: usize,
+        _: usize,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+
+    pub(super) fn finalize<T: RingElement>(
+        _: &Arc<CudaStream>,
+        _: &CudaSlice<f32>,
+        _: &CudaSlice<f32>,
+        _: &mut Strided<&mut CudaSlice<T>>,
+        _: Option<&mut CudaSlice<f32>>,
+        _: RingShape,
+        _: usize,
+    ) -> Result<()> {
+        Err(Error::CudaNotCompiled)
+    }
+}
