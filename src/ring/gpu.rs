@@ -23,6 +23,7 @@ use crate::dense::FlashAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::{Strided, Strides};
+use crate::gpu::DeviceBuffer;
 use cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
     ValidAsZeroBits,
@@ -110,7 +111,7 @@ impl<T: RingElement> MergeState<T> {
     /// Runs `attn` (its queries are rows `row0..row0 + sq` of the state) into the scratch
     /// and merges its `(o, lse)` into the state, on `stream`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add_piece<I: DevicePtr<T>>(
+    pub(crate) fn add_piece<I: DeviceBuffer<T>>(
         &mut self,
         stream: &Arc<CudaStream>,
         attn: &FlashAttention,

@@ -19,6 +19,7 @@
 
 use super::RingShape;
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+use crate::gpu::DeviceBufferMut;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{SeqLens, Strided, Strides, check_heads};
@@ -119,6 +120,7 @@ impl StarAttention {
                 } else {
                     Mask::default()
                 },
+                causal: false, // the mask above says it
                 softcap: self.softcap,
             },
         )
@@ -349,7 +351,7 @@ impl StarAttention {
                 Strided::new(k, s),
                 Strided::new(v, s),
                 out,
-                lse,
+                lse.map(|l| l as &mut dyn DeviceBufferMut<f32>),
             );
         }
         let la = self.block(0).len();
@@ -377,7 +379,7 @@ impl StarAttention {
             Strided::new(&kc, s),
             Strided::new(&vc, s),
             out,
-            lse,
+            lse.map(|l| l as &mut dyn DeviceBufferMut<f32>),
         )
     }
 
