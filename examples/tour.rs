@@ -748,14 +748,23 @@ fn main() -> Result<()> {
             ran.dedup();
             let mut dtypes: Vec<&str> = of.iter().map(|r| r.dtype).collect();
             dtypes.dedup();
-            let worst = of.iter().map(|r| r.rel_err).fold(0.0f64, f64::max);
+            // NaN-aware: a NaN error is the worst.
+            let worst = of
+                .iter()
+                .map(|r| r.rel_err)
+                .fold(0.0f64, |w, e| if e.is_nan() || e > w { e } else { w });
             vec![
                 f.to_string(),
                 of.len().to_string(),
                 dtypes.join(", "),
                 ran.join("; "),
                 format!("{worst:.2e}"),
-                if worst < TOLERANCE { "ok" } else { "FAIL" }.to_string(),
+                if of.iter().all(|r| r.rel_err < TOLERANCE) {
+                    "ok"
+                } else {
+                    "FAIL"
+                }
+                .to_string(),
             ]
         })
         .collect();
