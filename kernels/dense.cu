@@ -7,6 +7,7 @@
 // key tiles that the mask leaves visible are visited (Mask::key_tiles).
 
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 
 namespace longattn {
@@ -195,11 +196,9 @@ cudaError_t launch_simt_for_dim(const LaDenseParams &p, cudaStream_t stream) {
 
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % kVec != 0) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case LA_F16: return launch_simt_for_dim<__half>(p, stream);
-    case LA_BF16: return launch_simt_for_dim<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_simt_for_dim<typename decltype(t)::type>(p, stream);
+  });
 }
 
 }  // namespace longattn

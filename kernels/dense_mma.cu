@@ -12,6 +12,7 @@
 // dense.cu (see semantics.md).
 
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mma.cuh"
 

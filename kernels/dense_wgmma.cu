@@ -26,6 +26,7 @@
 #include <cuda.h>
 
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/tma.cuh"

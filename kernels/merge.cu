@@ -2,6 +2,8 @@
 // (row, head). Lane 0 alone reads and writes the LSE values so that out may alias a.
 
 #include "longattn/common.cuh"
+#include "longattn/dtype.cuh"
+#include "longattn/merge.h"
 
 namespace longattn {
 namespace {
@@ -57,10 +59,7 @@ cudaError_t launch_merge(const LaMergeParams &p, cudaStream_t stream) {
 
 extern "C" int la_merge(const LaMergeParams *params, cudaStream_t stream) {
   using namespace longattn;
-  switch (params->dtype) {
-    case LA_F16: return launch_merge<__half>(*params, stream);
-    case LA_BF16: return launch_merge<__nv_bfloat16>(*params, stream);
-    case LA_F32: return launch_merge<float>(*params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16, float>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_merge<typename decltype(t)::type>(*params, stream); });
 }

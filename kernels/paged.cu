@@ -13,6 +13,7 @@
 #include <atomic>
 
 #include "longattn/common.cuh"
+#include "longattn/dtype.cuh"
 #include "longattn/launch.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/paged.h"
@@ -1063,11 +1064,9 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
 extern "C" int la_paged_append(const LaPagedAppendParams *params, cudaStream_t stream) {
   using namespace longattn;
   if (!dims_ok(params->cache)) return cudaErrorInvalidValue;
-  switch (params->dtype) {
-    case LA_F16: return launch_append<__half>(*params, stream);
-    case LA_BF16: return launch_append<__nv_bfloat16>(*params, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_append<typename decltype(t)::type>(*params, stream); });
 }
 
 extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
@@ -1075,19 +1074,15 @@ extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t s
   if (!dims_ok(params->cache) || params->q_len <= 0 || params->head_kind == nullptr)
     return cudaErrorInvalidValue;
   if (params->cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
-  switch (params->dtype) {
-    case LA_F16: return launch_quest<__half>(*params, stream);
-    case LA_BF16: return launch_quest<__nv_bfloat16>(*params, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_quest<typename decltype(t)::type>(*params, stream); });
 }
 
 extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t stream) {
   using namespace longattn;
   if (!dims_ok(params->cache) || params->q_len <= 0) return cudaErrorInvalidValue;
-  switch (params->dtype) {
-    case LA_F16: return launch_decode<__half>(*params, stream);
-    case LA_BF16: return launch_decode<__nv_bfloat16>(*params, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_decode<typename decltype(t)::type>(*params, stream); });
 }

@@ -7,13 +7,9 @@
 #include <cuda_runtime.h>
 
 #include "longattn/dense.h"
+#include "longattn/dtype.cuh"
 
 namespace longattn {
-
-template <class X>
-struct Tag {
-  using type = X;
-};
 
 // The dtype x head-dim switch of the tensor-core kernels (head_dim 64/128/256, f16/bf16):
 // calls f(Tag<T>{}, Tag<Traits>{}) with the kernel's traits for that head dim, or returns
@@ -28,11 +24,7 @@ bool with_head_dim_config(const LaDenseParams &p, F &&f) {
     }
     return false;
   };
-  switch (p.dtype) {
-    case LA_F16: return by_dim(Tag<__half>{});
-    case LA_BF16: return by_dim(Tag<__nv_bfloat16>{});
-    default: return false;
-  }
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, false, by_dim);
 }
 
 // Whether the current device can run `kernel` with `smem` bytes of dynamic shared memory:
