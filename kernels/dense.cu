@@ -203,16 +203,23 @@ cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
 
 }  // namespace longattn
 
-extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
+extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *params,
+                                                          LaDenseKernel kernel) {
   switch (kernel) {
     case LA_DENSE_AUTO:
     case LA_DENSE_SIMT:
-      return params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
-             params->dtype != LA_F32;
-    case LA_DENSE_MMA: return longattn::dense_mma_supports(*params);
-    case LA_DENSE_WGMMA: return longattn::dense_wgmma_supports(*params);
+      if (params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
+          params->dtype != LA_F32)
+        return nullptr;
+      return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
+    case LA_DENSE_MMA: return longattn::dense_mma_unsupported_reason(*params);
+    case LA_DENSE_WGMMA: return longattn::dense_wgmma_unsupported_reason(*params);
   }
-  return 0;
+  return "unknown kernel";
+}
+
+extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
+  return la_dense_kernel_unsupported_reason(params, kernel) == nullptr;
 }
 
 extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel,

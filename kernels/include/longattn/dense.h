@@ -74,6 +74,9 @@ typedef enum LaDenseKernel {
 int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel, cudaStream_t stream);
 /* Whether `kernel` (not AUTO) supports these params on the current device. */
 int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel);
+/* Why `kernel` cannot run these params on the current device, completing "the kernel cannot
+ * run this problem here: ..." (a static string), or NULL when it can. */
+const char *la_dense_kernel_unsupported_reason(const LaDenseParams *params, LaDenseKernel kernel);
 const char *la_error_string(int error);
 
 #ifdef __cplusplus
