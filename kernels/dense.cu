@@ -8,6 +8,7 @@
 
 #include "longattn/check.cuh"
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 
 namespace longattn {
@@ -196,11 +197,9 @@ cudaError_t launch_simt_for_dim(const LaDenseParams &p, cudaStream_t stream) {
 
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
   if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % kVec != 0) return cudaErrorInvalidValue;
-  switch (p.dtype) {
-    case LA_F16: return launch_simt_for_dim<__half>(p, stream);
-    case LA_BF16: return launch_simt_for_dim<__nv_bfloat16>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_simt_for_dim<typename decltype(t)::type>(p, stream);
+  });
 }
 
 }  // namespace longattn
@@ -230,17 +229,24 @@ bool dense_params_ok(const LaDenseParams *p) {
 }  // namespace
 }  // namespace longattn
 
-extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
-  if (!longattn::dense_params_ok(params)) return 0;
+extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *params,
+                                                          LaDenseKernel kernel) {
+  if (!longattn::dense_params_ok(params)) return "its parameters are invalid";
   switch (kernel) {
     case LA_DENSE_AUTO:
     case LA_DENSE_SIMT:
-      return params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
-             params->dtype != LA_F32;
-    case LA_DENSE_MMA: return longattn::dense_mma_supports(*params);
-    case LA_DENSE_WGMMA: return longattn::dense_wgmma_supports(*params);
+      if (params->head_dim > 0 && params->head_dim <= 256 && params->head_dim % 8 == 0 &&
+          params->dtype != LA_F32)
+        return nullptr;
+      return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
+    case LA_DENSE_MMA: return longattn::dense_mma_unsupported_reason(*params);
+    case LA_DENSE_WGMMA: return longattn::dense_wgmma_unsupported_reason(*params);
   }
-  return 0;
+  return "unknown kernel";
+}
+
+extern "C" int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel) {
+  return la_dense_kernel_unsupported_reason(params, kernel) == nullptr;
 }
 
 extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel,

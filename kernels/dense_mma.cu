@@ -12,6 +12,7 @@
 // dense.cu (see semantics.md).
 
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mma.cuh"
 
@@ -374,13 +375,13 @@ bool with_config(const LaDenseParams &p, F &&f) {
 
 }  // namespace
 
-bool dense_mma_supports(const LaDenseParams &p) {
+const char *dense_mma_unsupported_reason(const LaDenseParams &p) {
   const auto kernel_of = [](auto t, auto tr) {
     return reinterpret_cast<const void *>(
         dense_mma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
   };
   // Ampere or newer; device_runs also checks that the sm_80/sm_90a fatbinary has code for it.
-  return tensor_core_supports<Traits64, Traits128, Traits256>(
+  return tensor_core_unsupported_reason<Traits64, Traits128, Traits256>(
       p, kernel_of, [](int major, int) { return major >= 8; });
 }
 

@@ -26,6 +26,7 @@
 #include <cuda.h>
 
 #include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/tma.cuh"
@@ -541,16 +542,20 @@ bool with_config(const LaDenseParams &p, F &&f) {
 
 }  // namespace
 
-bool dense_wgmma_supports(const LaDenseParams &p) {
+const char *dense_wgmma_unsupported_reason(const LaDenseParams &p) {
   const auto kernel_of = [](auto t, auto tr) {
     return reinterpret_cast<const void *>(
         dense_wgmma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
   };
   // sm_90a code runs on compute capability 9.0 only; other devices would load the
   // empty sm_80 body. The copy engine must be able to address every operand.
-  return tensor_core_supports<Wg64, Wg128, Wg256>(
-             p, kernel_of, [](int major, int minor) { return major == 9 && minor == 0; }) &&
-         tensors_mappable(p);
+  const char *why = tensor_core_unsupported_reason<Wg64, Wg128, Wg256>(
+      p, kernel_of, [](int major, int minor) { return major == 9 && minor == 0; });
+  if (why != nullptr) return why;
+  if (!tensors_mappable(p))
+    return "the TMA copy engine cannot address q/k/v with these strides (it needs positive "
+           "multiples of 16 bytes for every dimension longer than 1)";
+  return nullptr;
 }
 
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream) {

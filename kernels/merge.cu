@@ -3,6 +3,8 @@
 
 #include "longattn/check.cuh"
 #include "longattn/common.cuh"
+#include "longattn/dtype.cuh"
+#include "longattn/merge.h"
 
 namespace longattn {
 namespace {
@@ -66,10 +68,7 @@ extern "C" int la_merge(const LaMergeParams *params, cudaStream_t stream) {
                params->b_lse == nullptr || params->out_o == nullptr ||
                params->out_lse == nullptr))
     return cudaErrorInvalidValue;
-  switch (params->dtype) {
-    case LA_F16: return launch_merge<__half>(*params, stream);
-    case LA_BF16: return launch_merge<__nv_bfloat16>(*params, stream);
-    case LA_F32: return launch_merge<float>(*params, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16, float>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_merge<typename decltype(t)::type>(*params, stream); });
 }

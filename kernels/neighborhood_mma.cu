@@ -380,7 +380,7 @@ const void *kernel_ptr() {
 template <typename T, class Tr>
 cudaError_t launch(const LaNeighborhoodParams &p, const LaNaSchedule &s, cudaStream_t stream) {
   auto kernel = neighborhood_mma_kernel<T, Tr>;
-  if (!device_runs(kernel_ptr<T, Tr>(), Tr::kSmemBytes, [](int major, int) { return major >= 8; }))
+  if (device_unsupported_reason(kernel_ptr<T, Tr>(), Tr::kSmemBytes, [](int major, int) { return major >= 8; }) != nullptr)
     return cudaErrorNotSupported;
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);

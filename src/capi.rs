@@ -144,7 +144,7 @@ pub fn status_of(err: &Error) -> Status {
         Error::Unsupported(_) => 5,
         Error::CudaNotCompiled => 6,
         Error::NoGpu(_) => 7,
-        Error::Cuda(_) => 8,
+        Error::Cuda(_) | Error::CudaCall { .. } => 8,
     }
 }
 

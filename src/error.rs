@@ -32,6 +32,18 @@ pub enum Error {
     /// A CUDA driver or runtime call failed.
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// A launcher (`la_*` C entry point) returned a CUDA error: the operation, the
+    /// `cudaError_t` code and the runtime's message for it, so that a caller can tell an
+    /// out-of-memory or a sticky launch failure from a bad argument without parsing text.
+    #[error("CUDA error in {op}: {message} (cudaError_t {code})")]
+    CudaCall {
+        /// The C entry point that failed, e.g. `la_dense_forward`.
+        op: String,
+        /// The `cudaError_t` value it returned.
+        code: i32,
+        /// `cudaGetErrorString(code)`.
+        message: String,
+    },
 }
 
 /// Crate-wide result type.

@@ -105,18 +105,34 @@ pub(crate) fn la_dtype(dtype: DType) -> ffi::LaDtype {
     }
 }
 
-/// Turns a launcher's `cudaError_t` into a `Result`.
+/// `cudaErrorNotSupported`: a launcher's answer when the device cannot run the kernel it
+/// needs (compute capability, opt-in shared memory per block, no code in the fatbinary).
+#[cfg(longattn_cuda)]
+const CUDA_ERROR_NOT_SUPPORTED: i32 = 801;
+
+/// Turns a launcher's `cudaError_t` into a `Result` that keeps the operation and the code:
+/// `cudaErrorNotSupported` (the device's shared-memory or architecture limits) is
+/// [`Error::Unsupported`], any other code [`Error::CudaCall`].
 #[cfg(longattn_cuda)]
 pub(crate) fn check_launch(what: &str, code: i32) -> Result<()> {
     if code == 0 {
         return Ok(());
     }
     // SAFETY: la_error_string returns a static NUL-terminated string for any code.
-    let msg = unsafe { std::ffi::CStr::from_ptr(ffi::la_error_string(code)) };
-    Err(Error::Cuda(format!(
-        "{what}: {} (code {code})",
-        msg.to_string_lossy()
-    )))
+    let message = unsafe { std::ffi::CStr::from_ptr(ffi::la_error_string(code)) }
+        .to_string_lossy()
+        .into_owned();
+    if code == CUDA_ERROR_NOT_SUPPORTED {
+        return Err(Error::Unsupported(format!(
+            "{what}: this device cannot run the kernel (shared memory per block or compute \
+             capability): {message}"
+        )));
+    }
+    Err(Error::CudaCall {
+        op: what.to_string(),
+        code,
+        message,
+    })
 }
 
 #[cfg(longattn_cuda)]

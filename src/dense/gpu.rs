@@ -272,15 +272,18 @@ where
     let code = unsafe { ffi::la_dense_forward(&params, kernel, stream.cu_stream() as _) };
     // A kernel chosen by name that cannot take this problem here (Auto always finds one).
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
-        let needs = match attn.kernel {
-            DenseKernel::Hopper => {
-                "a compute capability 9.0 device and q/k/v strides the TMA copy engine can \
-                 address (positive multiples of 16 bytes for every dimension longer than 1)"
-            }
-            _ => "a device with the kernel's shared memory (sm_80 or newer)",
+        // SAFETY: `params` is the struct just launched with; the query reads only its scalars
+        // and pointer values (for the TMA descriptors), never device memory, and returns a
+        // static NUL-terminated string or NULL.
+        let reason = unsafe { ffi::la_dense_kernel_unsupported_reason(&params, kernel) };
+        let why = if reason.is_null() {
+            "the device rejected it".into()
+        } else {
+            // SAFETY: non-null, static and NUL-terminated (see above).
+            unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
         };
         return Err(Error::Unsupported(format!(
-            "the {:?} dense kernel cannot run this problem here: it needs {needs}",
+            "the {:?} dense kernel cannot run this problem here: {why}",
             attn.kernel
         )));
     }

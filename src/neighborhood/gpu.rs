@@ -8,11 +8,11 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use crate::layout::{Strided, check_attention_args};
 use crate::neighborhood::NeighborhoodAttention;
 #[allow(unused_imports)] // device_ptr methods are used by the CUDA build only
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut};
 use std::sync::Arc;
 
 /// Largest head dim of the neighborhood kernel.

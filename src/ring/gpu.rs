@@ -22,8 +22,8 @@ use super::{RingAttention, RingShape};
 use crate::dense::FlashAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::layout::{Strided, Strides};
 use crate::gpu::DeviceBuffer;
+use crate::layout::{Strided, Strides};
 use cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
     ValidAsZeroBits,

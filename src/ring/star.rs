@@ -19,9 +19,9 @@
 
 use super::RingShape;
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
-use crate::gpu::DeviceBufferMut;
 use crate::element::Element;
 use crate::error::{Error, Result};
+use crate::gpu::DeviceBufferMut;
 use crate::layout::{SeqLens, Strided, Strides, check_heads};
 use crate::mask::{Mask, Window};
 use crate::softmax::merge_into_row;

@@ -9,7 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#include "longattn/dense.h"
+#include "longattn/types.h"
 
 namespace longattn {
 namespace check {

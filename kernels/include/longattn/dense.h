@@ -1,4 +1,4 @@
-/* longattn dense (flash) attention and merge: the C ABI shared by the CUDA
+/* longattn dense (flash) attention: the C ABI shared by the CUDA
  * launchers and the Rust side (bindgen generates src/ffi.rs from this file).
  *
  * Conventions (see semantics.md):
@@ -13,16 +13,13 @@
 
 #include <stdint.h>
 
+/* Relative to this file, so that bindgen (which has no include path) finds it too. The merge
+ * ABI (la_merge) has its own header, merge.h. */
+#include "types.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-#ifndef __CUDACC__
-typedef struct CUstream_st *cudaStream_t;
-#endif
-
-/* Element type of q/k/v/o (and of the merge's o). */
-typedef enum LaDtype { LA_F16 = 0, LA_BF16 = 1, LA_F32 = 2 } LaDtype;
 
 typedef struct LaDenseParams {
   const void *q;
@@ -56,21 +53,6 @@ typedef struct LaDenseParams {
   LaDtype dtype;
 } LaDenseParams;
 
-/* Merges two partial results over disjoint key sets, row by row:
- *   o:   [rows, heads, head_dim] contiguous (rows = batch * seqlen)
- *   lse: [batch, heads, seqlen] f32 natural log
- * out_o/out_lse may alias a_o/a_lse (in-place accumulation). */
-typedef struct LaMergeParams {
-  const void *a_o;
-  const float *a_lse;
-  const void *b_o;
-  const float *b_lse;
-  void *out_o;
-  float *out_lse;
-  int32_t batch, seqlen, heads, head_dim;
-  LaDtype dtype;
-} LaMergeParams;
-
 /* Kernel variants the dense dispatcher may run. */
 typedef enum LaDenseKernel {
   /* Pick the fastest kernel that supports the problem. */
@@ -90,9 +72,11 @@ typedef enum LaDenseKernel {
 
 /* All launchers return a cudaError_t value (0 on success) and never synchronize. */
 int la_dense_forward(const LaDenseParams *params, LaDenseKernel kernel, cudaStream_t stream);
-int la_merge(const LaMergeParams *params, cudaStream_t stream);
 /* Whether `kernel` (not AUTO) supports these params on the current device. */
 int la_dense_kernel_supports(const LaDenseParams *params, LaDenseKernel kernel);
+/* Why `kernel` cannot run these params on the current device, completing "the kernel cannot
+ * run this problem here: ..." (a static string), or NULL when it can. */
+const char *la_dense_kernel_unsupported_reason(const LaDenseParams *params, LaDenseKernel kernel);
 const char *la_error_string(int error);
 
 #ifdef __cplusplus

@@ -7,13 +7,9 @@
 #include <cuda_runtime.h>
 
 #include "longattn/dense.h"
+#include "longattn/dtype.cuh"
 
 namespace longattn {
-
-template <class X>
-struct Tag {
-  using type = X;
-};
 
 // The dtype x head-dim switch of the tensor-core kernels (head_dim 64/128/256, f16/bf16):
 // calls f(Tag<T>{}, Tag<Traits>{}) with the kernel's traits for that head dim, or returns
@@ -28,19 +24,15 @@ bool with_head_dim_config(const LaDenseParams &p, F &&f) {
     }
     return false;
   };
-  switch (p.dtype) {
-    case LA_F16: return by_dim(Tag<__half>{});
-    case LA_BF16: return by_dim(Tag<__nv_bfloat16>{});
-    default: return false;
-  }
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, false, by_dim);
 }
 
-// Whether the current device can run `kernel` with `smem` bytes of dynamic shared memory:
-// `cc_ok(major, minor)` accepts its compute capability, the opt-in shared-memory limit holds
-// `smem`, and the fatbinary has code for it. Clears any error it causes, so that a fallback
-// kernel's launch does not report a stale one.
+// Why the current device cannot run `kernel` with `smem` bytes of dynamic shared memory, or
+// nullptr when it can: `cc_ok(major, minor)` accepts its compute capability, the opt-in
+// shared-memory limit holds `smem`, and the fatbinary has code for it. Clears any error it
+// causes, so that a fallback kernel's launch does not report a stale one.
 template <class CcOk>
-bool device_runs(const void *kernel, size_t smem, CcOk &&cc_ok) {
+const char *device_unsupported_reason(const void *kernel, size_t smem, CcOk &&cc_ok) {
   int dev = 0, major = 0, minor = 0, smem_optin = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
@@ -48,28 +40,38 @@ bool device_runs(const void *kernel, size_t smem, CcOk &&cc_ok) {
       cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) !=
           cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return "the current device's attributes cannot be read";
   }
-  if (!cc_ok(major, minor) || (size_t)smem_optin < smem) return false;
+  if (!cc_ok(major, minor)) return "the current device's compute capability is not one it runs on";
+  if ((size_t)smem_optin < smem)
+    return "it needs more shared memory per block than the current device allows";
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return "the library has no code for the current device's architecture";
   }
-  return true;
+  return nullptr;
 }
 
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream);
-bool dense_mma_supports(const LaDenseParams &p);
+// Why the kernel cannot run `p` on the current device (a static string), or nullptr.
+const char *dense_mma_unsupported_reason(const LaDenseParams &p);
+inline bool dense_mma_supports(const LaDenseParams &p) {
+  return dense_mma_unsupported_reason(p) == nullptr;
+}
 cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream);
 // Hopper wgmma kernel (sm_90a code only): false unless the device is compute capability 9.0.
-bool dense_wgmma_supports(const LaDenseParams &p);
+const char *dense_wgmma_unsupported_reason(const LaDenseParams &p);
+inline bool dense_wgmma_supports(const LaDenseParams &p) {
+  return dense_wgmma_unsupported_reason(p) == nullptr;
+}
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
-// Whether a tensor-core kernel has a configuration for `p` that this device can run:
-// `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the compute
-// capabilities it accepts.
+// Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr
+// when it has: `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the
+// compute capabilities it accepts.
 template <class Traits64, class Traits128, class Traits256, class KernelOf, class CcOk>
-bool tensor_core_supports(const LaDenseParams &p, KernelOf &&kernel_of, CcOk &&cc_ok) {
+const char *tensor_core_unsupported_reason(const LaDenseParams &p, KernelOf &&kernel_of,
+                                           CcOk &&cc_ok) {
   size_t smem = 0;
   const void *kernel = nullptr;
   const bool known =
@@ -77,7 +79,8 @@ bool tensor_core_supports(const LaDenseParams &p, KernelOf &&kernel_of, CcOk &&c
         smem = decltype(tr)::type::kSmemBytes;
         kernel = kernel_of(t, tr);
       });
-  return known && device_runs(kernel, smem, static_cast<CcOk &&>(cc_ok));
+  if (!known) return "it takes f16 or bf16 with head_dim 64, 128 or 256 only";
+  return device_unsupported_reason(kernel, smem, static_cast<CcOk &&>(cc_ok));
 }
 
 // Launches `kernel` over one block per (block_m query rows, query head, sequence) with

@@ -12,14 +12,14 @@
  *   q, o:             [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
  *   lse:              [batch, heads_q, q_len] f32, natural log
  * Windows use FlashAttention's (left, right) with -1 meaning unbounded; causal is (-1, 0).
- * No CUDA header is included here: LaDtype and cudaStream_t come from dense.h. */
+ * No CUDA header is included here: LaDtype and cudaStream_t come from types.h. */
 #ifndef LONGATTN_PAGED_H
 #define LONGATTN_PAGED_H
 
 #include <stdint.h>
 
 /* Relative to this file, so that bindgen (which has no include path) finds it too. */
-#include "dense.h"
+#include "types.h"
 
 #ifdef __cplusplus
 extern "C" {

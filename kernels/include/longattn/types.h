@@ -1,0 +1,13 @@
+/* longattn: the C types every family's params share (element types, the stream handle).
+ * No CUDA header is included here so that bindgen needs only a plain C toolchain. */
+#ifndef LONGATTN_TYPES_H
+#define LONGATTN_TYPES_H
+
+#ifndef __CUDACC__
+typedef struct CUstream_st *cudaStream_t;
+#endif
+
+/* Element type of a params struct's tensors (q/k/v/o, a cache, the merge's o). */
+typedef enum LaDtype { LA_F16 = 0, LA_BF16 = 1, LA_F32 = 2 } LaDtype;
+
+#endif

@@ -1,0 +1,103 @@
+// Paged KV cache append: writes new K/V rows into their pages and updates the pages' Quest
+// kmin/kmax metadata. Mirrors src/paged/ (CPU path) exactly.
+#include "longattn/check.cuh"
+#include "longattn/dtype.cuh"
+#include "longattn/paged_common.cuh"
+
+namespace longattn {
+namespace {
+
+// ---- append -------------------------------------------------------------------------
+// Grid (max_pages_touched, batch): one block per (sequence, page touched by its new tokens).
+// A thread owns one (kv head, 8-channel vector) and walks the page's new slots in order, so
+// the page's metadata needs no atomics and is deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant__ LaPagedAppendParams p) {
+  const LaPagedCache &c = p.cache;
+  const int b = blockIdx.y;
+  const int n_new = p.cu_seqlens_new[b + 1] - p.cu_seqlens_new[b];
+  if (n_new <= 0) return;
+  const int end = c.seqlens_k[b], start = end - n_new;
+  const int ps = c.page_size;
+  const int lp = start / ps + blockIdx.x;
+  if ((long long)lp * ps >= end) return;
+  const int s0 = max(start - lp * ps, 0);
+  const int s1 = min(end - lp * ps, ps);  // exclusive
+  const int phys = c.block_table[(long long)b * c.max_pages_per_seq + lp];
+  const int vecs = c.head_dim / kVec;
+  const T *k_new = static_cast<const T *>(p.k_new);
+  const T *v_new = static_cast<const T *>(p.v_new);
+  T *k_cache = static_cast<T *>(c.k_cache);
+  T *v_cache = static_cast<T *>(c.v_cache);
+  for (int item = threadIdx.x; item < c.heads_kv * vecs; item += kThreads) {
+    const int h = item / vecs, col = (item % vecs) * kVec;
+    float mn[kVec], mx[kVec];
+#pragma unroll
+    for (int x = 0; x < kVec; ++x) {
+      mn[x] = -kNegInf;
+      mx[x] = kNegInf;
+    }
+    for (int slot = s0; slot < s1; ++slot) {
+      const long long t = p.cu_seqlens_new[b] + (lp * ps + slot - start);
+      const uint4 kr = *reinterpret_cast<const uint4 *>(k_new + t * p.k_new_row_stride +
+                                                        h * p.k_new_head_stride + col);
+      const uint4 vr = *reinterpret_cast<const uint4 *>(v_new + t * p.v_new_row_stride +
+                                                        h * p.v_new_head_stride + col);
+      const long long dst = slot_offset(c, phys, slot, h) + col;
+      *reinterpret_cast<uint4 *>(k_cache + dst) = kr;
+      *reinterpret_cast<uint4 *>(v_cache + dst) = vr;
+      float f[kVec];
+      unpack8<T>(kr, f);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], f[x]);
+        mx[x] = fmaxf(mx[x], f[x]);
+      }
+    }
+    if (p.kmin == nullptr) continue;
+    // Bounds are stored as T: the min/max of T values is a T value, so nothing is rounded.
+    const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
+    uint4 *kmin = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmin) + m_off);
+    uint4 *kmax = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmax) + m_off);
+    if (s0 > 0) {
+      // The page already holds slots 0..s0: widen its bounds. (s0 == 0 restarts the page,
+      // which is how a reused page drops the bounds of its previous owner.)
+      float a[kVec], z[kVec];
+      unpack8<T>(*kmin, a);
+      unpack8<T>(*kmax, z);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], a[x]);
+        mx[x] = fmaxf(mx[x], z[x]);
+      }
+    }
+    *kmin = pack8<T>(mn);
+    *kmax = pack8<T>(mx);
+  }
+}
+
+template <typename T>
+cudaError_t launch_append(const LaPagedAppendParams &p, cudaStream_t stream) {
+  if (p.max_pages_touched <= 0) return cudaSuccess;
+  const dim3 grid(p.max_pages_touched, p.cache.batch);
+  append_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_paged_append(const LaPagedAppendParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr || !dims_ok(params->cache) ||
+      (params->max_pages_touched > 0 &&
+       (params->k_new == nullptr || params->v_new == nullptr ||
+        params->cu_seqlens_new == nullptr)) ||
+      (params->kmin == nullptr) != (params->kmax == nullptr) ||
+      !check::strides(params->k_new_row_stride, params->k_new_head_stride, 0) ||
+      !check::strides(params->v_new_row_stride, params->v_new_head_stride, 0))
+    return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_append<typename decltype(t)::type>(*params, stream); });
+}

@@ -1,0 +1,326 @@
+// Quest page selection: per-page scores from the kmin/kmax metadata, then the top pages per
+// (sequence, kv head). Both kernels are launched as programmatic dependents of the previous
+// kernel in the stream (launch.cuh). Mirrors src/paged/ (CPU path) exactly.
+#include "longattn/check.cuh"
+#include "longattn/dtype.cuh"
+#include "longattn/launch.cuh"
+#include "longattn/paged_common.cuh"
+
+namespace longattn {
+namespace {
+
+// ---- Quest selection ----------------------------------------------------------------
+// Order-preserving map of a float onto uint32 (larger float -> larger integer).
+__device__ __forceinline__ uint32_t ordered_bits(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct QuestCandidates {
+  int sink_pages, first, last;  // candidates: [0, sink_pages) and [first, last)
+  int newest;                   // page of the newest token, -1 if none
+  __device__ __forceinline__ bool contains(int page) const {
+    return page < sink_pages || (page >= first && page < last);
+  }
+  __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
+};
+
+// Four consecutive elements (8-byte aligned) as floats.
+template <typename T>
+__device__ __forceinline__ float4 load4(const T *src) {
+  using Pair = typename Elem<T>::Pair;
+  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
+  const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+  const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
+// kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
+// the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
+// the buffer is not necessarily pre-filled).
+constexpr int kQuestChunk = 64;
+
+template <typename T>
+__global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
+  const LaPagedCache &c = p.cache;
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
+  float *scores = p.scores + row_base;
+  const int pg0 = blockIdx.x * kQuestChunk;
+  const int pg1 = min(pg0 + kQuestChunk, c.max_pages_per_seq);
+  for (int pg = pg0 + tid; pg < pg1; pg += kQuestThreads) scores[pg] = kNegInf;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
+  __shared__ __align__(16) float q_s[kQuestRows * kMaxDim];
+
+  const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
+  const int group = p.heads_q / c.heads_kv;
+  const int rows = p.q_len * group;
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  QuestCandidates cand;
+  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
+  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
+  const int n_pages = (sk + ps - 1) / ps;
+  const int pg_end = min(pg1, n_pages);
+  if (pg0 >= pg_end) return;
+
+  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
+  for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
+    const int nr = min(kQuestRows, rows - r0);
+    __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
+    for (int e = tid; e < kQuestRows * d; e += kQuestThreads) {
+      const int r = e / d, ch = e % d;
+      float x = 0.0f;
+      if (r < nr) {
+        const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
+        x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
+      }
+      q_s[r * d + ch] = x;
+    }
+    __syncthreads();
+    // Warp per page; lane owns channels 4 * lane + 128 * x.
+    for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
+      if (!cand.contains(pg)) continue;
+      const int phys = c.block_table[(long long)b * c.max_pages_per_seq + pg];
+      const long long m_off = ((long long)phys * c.heads_kv + kvh) * d;
+      float4 lo[kMaxDim / 128], hi[kMaxDim / 128];
+#pragma unroll
+      for (int x = 0; x < kMaxDim / 128; ++x) {
+        const int ch = 4 * lane + 128 * x;
+        lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (ch < d) {
+          lo[x] = load4<T>(kmin + m_off + ch);
+          hi[x] = load4<T>(kmax + m_off + ch);
+        }
+      }
+      float best = scores[pg];
+      for (int r = 0; r < nr; ++r) {
+        float s = 0.0f;
+#pragma unroll
+        for (int x = 0; x < kMaxDim / 128; ++x) {
+          const int ch = 4 * lane + 128 * x;
+          if (ch < d) {
+            const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
+            s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
+                 fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
+          }
+        }
+        best = fmaxf(best, warp_sum(s));
+      }
+      __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
+      if (lane == 0) scores[pg] = best;
+    }
+  }
+}
+
+// Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
+// a Quest head, on the scores of quest_score_kernel. The order is: kept pages, then higher
+// score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
+// every kept page is taken and the other candidates ("ranked" pages) compete for the
+// take_ranked = k_sel - #kept remaining places:
+// 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
+//    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
+//    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
+//    and of those at kth the ties_taken lowest page indices. Histograms are counted with
+//    one shared atomic per distinct digit per warp (__match_any_sync).
+// 2. Compaction in ascending page order: thread t owns the contiguous pages [t * per,
+//    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
+//    gives each taken page its output position: #taken non-ties before it plus
+//    min(#ties before it, ties_taken).
+// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
+// tokens at page 16) and recomputed from the scores (L2) otherwise.
+constexpr int kSelectThreads = 1024;
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kStagedPages = 8192;  // 32 KB of keys
+static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
+
+__global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
+  const LaPagedCache &c = p.cache;
+  const int kvh = blockIdx.x, b = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
+  const float *scores = p.scores + row_base;
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
+  __shared__ uint32_t keys_s[kStagedPages];
+  __shared__ int hist[2][256];
+  __shared__ uint32_t sel_prefix;
+  __shared__ int sel_remaining;
+  __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
+
+  const int ps = c.page_size, sk = c.seqlens_k[b];
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  QuestCandidates cand;
+  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
+  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
+  const int n_pages = (sk + ps - 1) / ps;
+
+  // How many pages to take: the budget, or every kept page if more, at most the candidates.
+  int n_kept = 0;
+  for (int pg = 0; pg < min(p.sink_pages, n_pages); ++pg) n_kept += cand.contains(pg);
+  if (cand.newest >= p.sink_pages && cand.contains(cand.newest)) ++n_kept;
+  const int n_cand = cand.count();
+  const int k_sel = min(max(p.budget_pages, n_kept), n_cand);
+  const int n_ranked = n_cand - n_kept, take_ranked = k_sel - n_kept;
+  auto kept = [&](int pg) { return pg < p.sink_pages || pg == cand.newest; };
+  // Only a partial take of the ranked pages needs their keys (uniform over the block).
+  const bool partial = take_ranked > 0 && take_ranked < n_ranked;
+  const bool staged = n_pages <= kStagedPages;
+  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
+
+  uint32_t kth = 0;
+  int ties_taken = 0;
+  if (partial) {
+    if (staged)
+      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
+    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
+    __syncthreads();  // keys staged, histograms cleared
+    uint32_t prefix = 0, prefix_mask = 0;
+    int remaining = take_ranked;
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      int *h = hist[pass & 1];
+      for (int base = 0; base < n_pages; base += kSelectThreads) {
+        const int pg = base + tid;
+        uint32_t digit = 256;  // not counted
+        if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
+          const uint32_t key = key_of(pg);
+          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
+      }
+      __syncthreads();  // histogram complete
+      // Clear the next pass's histogram: its last reader, the previous pass's digit search,
+      // finished before the previous pass's final barrier.
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
+      if (warp == 0) {
+        // Digit search from 255 down (first digit whose running count reaches `remaining`),
+        // as a warp scan: lane L owns digits 255 - 8L down to 248 - 8L.
+        int cnt[8], own = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          cnt[k] = h[255 - 8 * lane - k];
+          own += cnt[k];
+        }
+        int incl = own;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
+        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
+          int cum = incl - own, digit = 255 - 8 * lane;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            digit = 255 - 8 * lane - k;
+            if (digit == 0 || cum + cnt[k] >= remaining) break;
+            cum += cnt[k];
+          }
+          sel_remaining = remaining - cum;
+          sel_prefix = prefix | ((uint32_t)digit << shift);
+        }
+      }
+      __syncthreads();
+      remaining = sel_remaining;
+      prefix = sel_prefix;
+      prefix_mask |= 0xffu << shift;
+    }
+    kth = prefix;
+    ties_taken = remaining;
+  }
+
+  // Per page: taken outright (kept, or ranked above the threshold / every ranked page when
+  // all are taken) or a tie at the threshold.
+  auto classify = [&](int pg, bool &taken, bool &tie) {
+    taken = tie = false;
+    if (!cand.contains(pg)) return;
+    if (kept(pg)) {
+      taken = true;
+    } else if (!partial) {
+      taken = take_ranked > 0;
+    } else {
+      const uint32_t key = key_of(pg);
+      taken = key > kth;
+      tie = key == kth;
+    }
+  };
+  const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
+  const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
+  uint32_t n_taken = 0, n_tie = 0;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    n_taken += taken;
+    n_tie += tie;
+  }
+  // Exclusive block scan of both counts: warp scans, then every warp scans the warp totals
+  // and takes its own offset.
+  auto warp_incl_scan = [&](uint32_t x) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    return x;
+  };
+  const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
+  if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
+  __syncthreads();
+  const uint2 total = warp_total[lane];  // kSelectWarps == 32: lane L reads warp L's
+  const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
+  const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
+  uint32_t taken_before =
+      __shfl_sync(0xffffffffu, taken_warps, warp) + taken_incl - n_taken;
+  int tie_before = (int)(__shfl_sync(0xffffffffu, tie_warps, warp) + tie_incl - n_tie);
+  int32_t *out = p.page_list + row_base;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    if (taken) {
+      out[taken_before + min(tie_before, ties_taken)] = pg;
+      ++taken_before;
+    } else if (tie) {
+      if (tie_before < ties_taken) out[taken_before + tie_before] = pg;
+      ++tie_before;
+    }
+  }
+  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
+}
+
+template <typename T>
+cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
+  const int chunks = (p.cache.max_pages_per_seq + kQuestChunk - 1) / kQuestChunk;
+  const cudaError_t err =
+      launch_dependent(quest_score_kernel<T>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
+                       dim3(kQuestThreads), 0, stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_dependent(quest_kernel, dim3(p.cache.heads_kv, p.cache.batch),
+                          dim3(kSelectThreads), 0, stream, p);
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr || !dims_ok(params->cache) || params->q_len <= 0 ||
+      params->head_kind == nullptr || params->q == nullptr || params->kmin == nullptr ||
+      params->kmax == nullptr || params->scores == nullptr || params->page_list == nullptr ||
+      params->page_count == nullptr ||
+      !check::heads(params->heads_q, params->cache.heads_kv, params->cache.head_dim) ||
+      !check::mask(params->window_left, params->window_right, params->sinks) ||
+      params->budget_pages < 0 || params->sink_pages < 0 ||
+      !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride))
+    return cudaErrorInvalidValue;
+  if (params->cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
+  return with_dtype<__half, __nv_bfloat16>(
+      params->dtype, cudaErrorInvalidValue,
+      [&](auto t) { return launch_quest<typename decltype(t)::type>(*params, stream); });
+}
