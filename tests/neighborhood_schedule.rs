@@ -89,7 +89,7 @@ fn check(attn: &NeighborhoodAttention, sched: &NeighborhoodSchedule, what: &str)
             assert!(t < n);
             assert_eq!(owner[t], usize::MAX, "{what}: token {t} in two tiles");
             owner[t] = ti;
-            let keys: HashSet<usize> = attn.neighbors(t).unwrap().into_iter().collect();
+            let keys: HashSet<usize> = attn.neighbors(t).unwrap().collect();
             visible += keys.len() as u64;
             for &k in &keys {
                 assert!(
