@@ -35,7 +35,8 @@ pub(crate) fn make_options(
     let (left, right) = window.unwrap_or((-1, -1));
     let mut w = Window::from_flash(left, right).map_err(err)?;
     if causal {
-        w.right = Some(w.right.map_or(0, |r| r.min(0)));
+        // FA2: right = min(right, 0), and right >= 0 (or unbounded) here.
+        w.right = Some(0);
     }
     let mut o = AttentionOptions::default().with_window(w).with_sinks(sinks);
     o.scale = scale;
