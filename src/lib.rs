@@ -62,6 +62,8 @@
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.
 
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod dense;
 pub mod device;
 pub mod element;
