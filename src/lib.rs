@@ -65,6 +65,8 @@
 //! any pointer is touched.
 
 pub mod block_sparse;
+#[cfg(feature = "candle")]
+pub mod candle;
 pub mod capi;
 pub mod dense;
 pub mod device;

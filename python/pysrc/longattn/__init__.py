@@ -1,0 +1,88 @@
+"""longattn: hand-written CUDA attention kernels with f64-checked CPU references.
+
+CPU functions take numpy arrays (float32 or float16) and return new arrays:
+``dense``, ``dense_varlen``, ``paged_decode``, ``neighborhood``.
+
+CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
+CuPy arrays; float16) and write into a caller-allocated ``out`` on the tensors' current
+stream (or an explicit ``stream`` handle): ``dense_cuda``, ``dense_varlen_cuda``,
+``paged_decode_cuda``.
+
+Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
+seqlen_k, heads_kv, head_dim)``; windows are ``(left, right)`` with ``-1`` unbounded and
+``causal`` sets ``right = min(right, 0)``; a row with no visible key gives 0.
+"""
+
+from ._longattn import (
+    dense,
+    dense_varlen,
+    paged_decode,
+    dense_cuda as _dense_cuda,
+    dense_varlen_cuda as _dense_varlen_cuda,
+    paged_decode_cuda as _paged_decode_cuda,
+)
+from ._longattn import neighborhood as _neighborhood
+
+__all__ = [
+    "dense",
+    "dense_varlen",
+    "paged_decode",
+    "neighborhood",
+    "dense_cuda",
+    "dense_varlen_cuda",
+    "paged_decode_cuda",
+]
+
+
+def _per_dim(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def neighborhood(q, k, v, kernel_size, *, dilation=1, causal=False, stride=1, scale=None,
+                 softcap=None):
+    """Neighborhood attention (NATTEN semantics) on numpy ``(batch, *grid, heads, head_dim)``
+    arrays; ``kernel_size``, ``dilation``, ``causal``, ``stride``: an int/bool or one per dim."""
+    return _neighborhood(q, k, v, _per_dim(kernel_size), dilation=_per_dim(dilation),
+                         causal=_per_dim(causal), stride=_per_dim(stride), scale=scale,
+                         softcap=softcap)
+
+
+def _device_of(t, device):
+    if device is not None:
+        return device
+    dev = getattr(t, "device", None)
+    index = getattr(dev, "index", None)  # torch
+    if index is None:
+        index = getattr(dev, "id", None)  # CuPy
+    return 0 if index is None else int(index)
+
+
+def _ints(x):
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def dense_cuda(q, k, v, out, *, scale=None, causal=False, window=None, softcap=None, sinks=0,
+               stream=None, device=None):
+    """Dense attention on CUDA tensors into ``out`` (shaped like ``q``)."""
+    _dense_cuda(q, k, v, out, scale=scale, causal=causal, window=window, softcap=softcap,
+                sinks=sinks, stream=stream, device=_device_of(q, device))
+    return out
+
+
+def dense_varlen_cuda(q, k, v, out, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
+                      window=None, softcap=None, sinks=0, stream=None, device=None):
+    """Varlen dense attention on packed CUDA tensors into ``out``; offsets may live anywhere
+    (they are read on the host)."""
+    _dense_varlen_cuda(q, k, v, out, _ints(cu_seqlens_q), _ints(cu_seqlens_k), scale=scale,
+                       causal=causal, window=window, softcap=softcap, sinks=sinks,
+                       stream=stream, device=_device_of(q, device))
+    return out
+
+
+def paged_decode_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None,
+                      window_left=-1, softcap=None, sinks=0, stream=None, device=None):
+    """Paged decode on CUDA tensors into ``out``; the tables are read on the host."""
+    _paged_decode_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
+                       scale=scale, window_left=window_left, softcap=softcap, sinks=sinks,
+                       stream=stream, device=_device_of(q, device))
+    return out

@@ -1,0 +1,470 @@
+//! `longattn._longattn`: numpy entry points through the CPU path, and CUDA entry points over
+//! raw device pointers taken from `__cuda_array_interface__` (see `cuda.rs`).
+//!
+//! Layouts are FlashAttention's: `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch,
+//! seqlen_k, heads_kv, head_dim)`; varlen packs `(total, heads, head_dim)`; paged caches are
+//! `(num_pages, page_size, heads_kv, head_dim)`; neighborhood grids `(batch, *grid, heads,
+//! head_dim)`. Windows are FA2 `(left, right)` integers with `-1` unbounded; `causal` composes
+//! as in FA2 (right = min(right, 0), left kept).
+
+mod cuda;
+
+use longattn::{
+    AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
+    NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode, PagedLayout, SeqLens,
+    Strided, Strides, Window, f16,
+};
+use numpy::ndarray::{ArrayD, IxDyn};
+use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyAny;
+
+pub(crate) fn err(e: longattn::Error) -> PyErr {
+    PyValueError::new_err(format!("longattn: {e}"))
+}
+
+/// FA2 window integers plus `causal` into options (semantics.md composition).
+pub(crate) fn make_options(
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+) -> PyResult<AttentionOptions> {
+    let (left, right) = window.unwrap_or((-1, -1));
+    let mut w = Window::from_flash(left, right).map_err(err)?;
+    if causal {
+        // FA2: right = min(right, 0), and right >= 0 (or unbounded) here.
+        w.right = Some(0);
+    }
+    let mut o = AttentionOptions::default().with_window(w).with_sinks(sinks);
+    o.scale = scale;
+    o.softcap = softcap.filter(|&c| c != 0.0);
+    Ok(o)
+}
+
+/// A numpy array as a contiguous host buffer of `T` and its dims.
+struct Host<T> {
+    data: Vec<T>,
+    dims: Vec<usize>,
+}
+
+fn host<T: numpy::Element + Copy>(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Host<T>> {
+    let arr: PyReadonlyArrayDyn<T> = a.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy array of the same dtype as q (float32 or float16)"
+        ))
+    })?;
+    let dims = arr.shape().to_vec();
+    let view = arr.as_array();
+    let data = match view.as_slice() {
+        Some(s) => s.to_vec(),
+        None => view.iter().copied().collect(),
+    };
+    Ok(Host { data, dims })
+}
+
+fn ints(name: &str, a: &Bound<'_, PyAny>) -> PyResult<(Vec<i32>, Vec<usize>)> {
+    let arr: PyReadonlyArrayDyn<i32> = a
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy int32 array")))?;
+    let dims = arr.shape().to_vec();
+    Ok((arr.as_array().iter().copied().collect(), dims))
+}
+
+fn dims_n<const N: usize>(name: &str, d: &[usize]) -> PyResult<[usize; N]> {
+    d.try_into()
+        .map_err(|_| PyValueError::new_err(format!("{name} must have {N} dims, got shape {d:?}")))
+}
+
+fn to_py<'py, T: numpy::Element>(
+    py: Python<'py>,
+    data: Vec<T>,
+    dims: &[usize],
+) -> PyResult<Bound<'py, PyAny>> {
+    let a = ArrayD::from_shape_vec(IxDyn(dims), data)
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(a.into_pyarray(py).into_any())
+}
+
+fn is_f16(q: &Bound<'_, PyAny>) -> bool {
+    q.extract::<PyReadonlyArrayDyn<f16>>().is_ok()
+}
+
+/// Output (and LSE when asked) of a dense problem on host buffers.
+#[allow(clippy::too_many_arguments)]
+fn dense_impl<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    cu: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
+    opts: AttentionOptions,
+    return_lse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (q, k, v) = (host::<T>("q", q)?, host::<T>("k", k)?, host::<T>("v", v)?);
+    if k.dims != v.dims {
+        return Err(PyValueError::new_err(format!(
+            "k {:?} and v {:?} must have the same shape",
+            k.dims, v.dims
+        )));
+    }
+    let cu = match cu {
+        Some((a, b)) => Some((ints("cu_seqlens_q", a)?.0, ints("cu_seqlens_k", b)?.0)),
+        None => None,
+    };
+    let (shape, qs, ks) = match &cu {
+        None => {
+            let [b, sq, hq, d] = dims_n::<4>("q", &q.dims)?;
+            let [bk, sk, hkv, dk] = dims_n::<4>("k", &k.dims)?;
+            if (bk, dk) != (b, d) {
+                return Err(PyValueError::new_err(format!(
+                    "q {:?} and k {:?}: batch and head_dim must match",
+                    q.dims, k.dims
+                )));
+            }
+            let shape = AttentionShape {
+                batch: b,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                },
+            };
+            (
+                shape,
+                Strides::contiguous(sq, hq, d),
+                Strides::contiguous(sk, hkv, d),
+            )
+        }
+        Some((cq, ck)) => {
+            let [_, hq, d] = dims_n::<3>("q", &q.dims)?;
+            let [_, hkv, dk] = dims_n::<3>("k", &k.dims)?;
+            if dk != d || cq.is_empty() {
+                return Err(PyValueError::new_err(format!(
+                    "q {:?} and k {:?}: head_dim must match, cu_seqlens non-empty",
+                    q.dims, k.dims
+                )));
+            }
+            let shape = AttentionShape {
+                batch: cq.len() - 1,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+                seqlens: SeqLens::Varlen {
+                    cu_seqlens_q: cq,
+                    cu_seqlens_k: ck,
+                },
+            };
+            let packed = |h: usize| Strides {
+                batch: 0,
+                seq: (h * d) as i64,
+                head: d as i64,
+            };
+            (shape, packed(hq), packed(hkv))
+        }
+    };
+    let attn = FlashAttention::new(&shape, &opts).map_err(err)?;
+    let mut out = vec![T::default(); attn.out_len()];
+    let mut lse = vec![0.0f32; attn.lse_len()];
+    py.detach(|| {
+        attn.forward_cpu(
+            Strided::new(&q.data[..], qs),
+            Strided::new(&k.data[..], ks),
+            Strided::new(&v.data[..], ks),
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse[..]),
+        )
+    })
+    .map_err(err)?;
+    let o = to_py(py, out, &q.dims)?;
+    if !return_lse {
+        return Ok(o);
+    }
+    let lse_dims = match cu {
+        None => vec![attn.batch(), attn.heads_q(), attn.max_seqlen_q()],
+        Some(_) => vec![attn.heads_q(), attn.total_q()],
+    };
+    let l = to_py(py, lse, &lse_dims)?;
+    Ok((o, l).into_pyobject(py)?.into_any())
+}
+
+/// Dense attention on numpy arrays (CPU): `q (b, sq, hq, d)`, `k, v (b, sk, hkv, d)`,
+/// float32 or float16. Returns `out` like q, or `(out, lse)` with natural-log
+/// `lse (b, hq, sq)` float32 when `return_lse`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, *, scale=None, causal=false, window=None, softcap=None, sinks=0, return_lse=false))]
+#[allow(clippy::too_many_arguments)]
+fn dense<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    return_lse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    if is_f16(q) {
+        dense_impl::<f16>(py, q, k, v, None, opts, return_lse)
+    } else {
+        dense_impl::<f32>(py, q, k, v, None, opts, return_lse)
+    }
+}
+
+/// Varlen dense attention on packed numpy arrays (CPU): `q (total_q, hq, d)`, `k, v
+/// (total_k, hkv, d)`, `cu_seqlens_q`, `cu_seqlens_k` int32 `(batch + 1,)` from 0. LSE (when
+/// asked) is `(hq, total_q)`.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=false, window=None, softcap=None, sinks=0, return_lse=false))]
+#[allow(clippy::too_many_arguments)]
+fn dense_varlen<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    cu_seqlens_q: &Bound<'py, PyAny>,
+    cu_seqlens_k: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    return_lse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    let cu = Some((cu_seqlens_q, cu_seqlens_k));
+    if is_f16(q) {
+        dense_impl::<f16>(py, q, k, v, cu, opts, return_lse)
+    } else {
+        dense_impl::<f32>(py, q, k, v, cu, opts, return_lse)
+    }
+}
+
+/// The validated decode problem from host tables.
+pub(crate) fn decode_problem(
+    q_dims: &[usize],
+    cache_dims: &[usize],
+    block_table: (Vec<i32>, Vec<usize>),
+    seqlens_k: Vec<i32>,
+    opts: &AttentionOptions,
+) -> PyResult<PagedDecode> {
+    let [b, q_len, hq, d] = dims_n::<4>("q", q_dims)?;
+    let [num_pages, page_size, hkv, dk] = dims_n::<4>("k_cache", cache_dims)?;
+    let [bt_b, max_pages] = dims_n::<2>("block_table", &block_table.1)?;
+    if dk != d || bt_b != b || seqlens_k.len() != b {
+        return Err(PyValueError::new_err(format!(
+            "q {q_dims:?}, cache {cache_dims:?}, block_table {:?}, seqlens_k ({}): head_dim and \
+             batch must agree",
+            block_table.1,
+            seqlens_k.len()
+        )));
+    }
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let table = PageTable {
+        block_table: &block_table.0,
+        max_pages_per_seq: max_pages,
+        seqlens_k: &seqlens_k,
+    };
+    let cache = PagedCache::new(layout, table).map_err(err)?;
+    PagedDecode::new(&cache, hq, q_len, opts).map_err(err)
+}
+
+fn paged_impl<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k_cache: &Bound<'py, PyAny>,
+    v_cache: &Bound<'py, PyAny>,
+    block_table: &Bound<'py, PyAny>,
+    seqlens_k: &Bound<'py, PyAny>,
+    opts: AttentionOptions,
+) -> PyResult<Bound<'py, PyAny>> {
+    let q = host::<T>("q", q)?;
+    let (k, v) = (
+        host::<T>("k_cache", k_cache)?,
+        host::<T>("v_cache", v_cache)?,
+    );
+    if k.dims != v.dims {
+        return Err(PyValueError::new_err(
+            "k_cache and v_cache must have the same shape",
+        ));
+    }
+    let decode = decode_problem(
+        &q.dims,
+        &k.dims,
+        ints("block_table", block_table)?,
+        ints("seqlens_k", seqlens_k)?.0,
+        &opts,
+    )?;
+    let [_, q_len, hq, d] = dims_n::<4>("q", &q.dims)?;
+    let qs = Strides::contiguous(q_len, hq, d);
+    let mut out = vec![T::default(); decode.out_len()];
+    py.detach(|| {
+        decode.forward_cpu(
+            Strided::new(&q.data[..], qs),
+            KvPages {
+                k: &k.data[..],
+                v: &v.data[..],
+            },
+            None,
+            Strided::new(&mut out[..], qs),
+            None,
+        )
+    })
+    .map_err(err)?;
+    to_py(py, out, &q.dims)
+}
+
+/// Decode over a paged KV cache on numpy arrays (CPU): `q (b, q_len, hq, d)` new tokens,
+/// `k_cache, v_cache (num_pages, page_size, hkv, d)`, `block_table (b, max_pages)` int32,
+/// `seqlens_k (b,)` int32 counting the new tokens. Causal among the new tokens; `window_left`
+/// bounds the window (`W - 1` for W tokens, -1 unbounded).
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0))]
+#[allow(clippy::too_many_arguments)]
+fn paged_decode<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k_cache: &Bound<'py, PyAny>,
+    v_cache: &Bound<'py, PyAny>,
+    block_table: &Bound<'py, PyAny>,
+    seqlens_k: &Bound<'py, PyAny>,
+    scale: Option<f32>,
+    window_left: i64,
+    softcap: Option<f32>,
+    sinks: usize,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
+    if is_f16(q) {
+        paged_impl::<f16>(py, q, k_cache, v_cache, block_table, seqlens_k, opts)
+    } else {
+        paged_impl::<f32>(py, q, k_cache, v_cache, block_table, seqlens_k, opts)
+    }
+}
+
+fn per_dim<T: Copy>(name: &str, v: Vec<T>, n: usize) -> PyResult<Vec<T>> {
+    match v.len() {
+        1 => Ok(vec![v[0]; n]),
+        m if m == n => Ok(v),
+        m => Err(PyValueError::new_err(format!(
+            "{name} has {m} values for {n} grid dims"
+        ))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn neighborhood_impl<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    kernel_size: Vec<usize>,
+    dilation: Vec<usize>,
+    causal: Vec<bool>,
+    stride: Vec<usize>,
+    opts: AttentionOptions,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (q, k, v) = (host::<T>("q", q)?, host::<T>("k", k)?, host::<T>("v", v)?);
+    let r = q.dims.len();
+    if !(4..=6).contains(&r) || k.dims.len() != r || k.dims != v.dims {
+        return Err(PyValueError::new_err(format!(
+            "q {:?}, k {:?}, v {:?}: (batch, *grid, heads, head_dim) with 1 to 3 grid dims, k \
+             and v alike",
+            q.dims, k.dims, v.dims
+        )));
+    }
+    let grid = &q.dims[1..r - 2];
+    if k.dims[..r - 2] != q.dims[..r - 2] || k.dims[r - 1] != q.dims[r - 1] {
+        return Err(PyValueError::new_err(
+            "q and k must share batch, grid and head_dim",
+        ));
+    }
+    let n = grid.len();
+    let (ks, ds, cs, ss) = (
+        per_dim("kernel_size", kernel_size, n)?,
+        per_dim("dilation", dilation, n)?,
+        per_dim("causal", causal, n)?,
+        per_dim("stride", stride, n)?,
+    );
+    let dims: Vec<NeighborhoodDim> = (0..n)
+        .map(|i| {
+            NeighborhoodDim::new(grid[i], ks[i])
+                .with_dilation(ds[i])
+                .with_causal(cs[i])
+                .with_stride(ss[i])
+        })
+        .collect();
+    let (hq, hkv, d) = (q.dims[r - 2], k.dims[r - 2], q.dims[r - 1]);
+    let shape = NeighborhoodShape {
+        batch: q.dims[0],
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        dims: &dims,
+    };
+    let attn = NeighborhoodAttention::new(&shape, &opts).map_err(err)?;
+    let tokens: usize = grid.iter().product();
+    let (qs, kvs) = (
+        Strides::contiguous(tokens, hq, d),
+        Strides::contiguous(tokens, hkv, d),
+    );
+    let mut out = vec![T::default(); attn.out_len()];
+    py.detach(|| {
+        attn.forward_cpu(
+            Strided::new(&q.data[..], qs),
+            Strided::new(&k.data[..], kvs),
+            Strided::new(&v.data[..], kvs),
+            Strided::new(&mut out[..], qs),
+            None,
+        )
+    })
+    .map_err(err)?;
+    to_py(py, out, &q.dims)
+}
+
+/// Neighborhood attention (NATTEN semantics) on numpy arrays (CPU): `q, k, v (batch, *grid,
+/// heads, head_dim)` with a 1-D, 2-D or 3-D grid. `kernel_size`, `dilation`, `causal`,
+/// `stride`: one value for every dim or one per dim.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, kernel_size, *, dilation=vec![1], causal=vec![false], stride=vec![1], scale=None, softcap=None))]
+#[allow(clippy::too_many_arguments)]
+fn neighborhood<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    kernel_size: Vec<usize>,
+    dilation: Vec<usize>,
+    causal: Vec<bool>,
+    stride: Vec<usize>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, false, None, softcap, 0)?;
+    if is_f16(q) {
+        neighborhood_impl::<f16>(py, q, k, v, kernel_size, dilation, causal, stride, opts)
+    } else {
+        neighborhood_impl::<f32>(py, q, k, v, kernel_size, dilation, causal, stride, opts)
+    }
+}
+
+#[pymodule]
+fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(dense, m)?)?;
+    m.add_function(wrap_pyfunction!(dense_varlen, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
+    cuda::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,735 @@
+//! candle ops with the arguments and layouts of `candle-flash-attn`, so that a model switches
+//! by changing one import (`use longattn::candle as candle_flash_attn;`).
+//!
+//! - [`flash_attn`], [`flash_attn_windowed`], [`flash_attn_alibi_windowed_softcap`]:
+//!   `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch, seqlen_k, heads_kv, head_dim)`,
+//!   output like `q`.
+//! - [`flash_attn_varlen`], [`flash_attn_varlen_windowed`],
+//!   [`flash_attn_varlen_alibi_windowed_softcap`]: packed `q: (total_q, heads_q, head_dim)`,
+//!   `k, v: (total_k, heads_kv, head_dim)` with cumulative `seqlens_q`, `seqlens_k`
+//!   (`u32` or `i32`, length `batch + 1`, starting at 0).
+//! - [`paged_attn_decode`]: decode over a paged KV cache with `block_table` and `seqlens_k`
+//!   tensors (the cache layout of [`crate::PagedCache`]: `(num_pages, page_size, heads_kv,
+//!   head_dim)`).
+//!
+//! Semantics are FlashAttention-2's (`semantics.md`): `window_size_left/right` of `None` are
+//! unbounded, `Some(n)` keeps keys `i + sk - sq - left ..= i + sk - sq + right` (bottom-right
+//! aligned); `causal` is the window `(None, Some(0))`; a row with no visible key gives 0.
+//! A window side larger than the longest key sequence is unbounded, as in candle-flash-attn.
+//! `softcap` of `0.0` disables it (FA2's convention); ALiBi is not supported (an `alibi_slopes`
+//! of `Some` is an error).
+//!
+//! Any strides with a contiguous last dim are accepted, and f32, f16 and bf16. The ops run on
+//! candle CPU tensors through [`FlashAttention::forward_cpu`] / [`PagedDecode::forward_cpu`]
+//! (f32 accumulation). No CUDA dispatch yet: candle-core's `cuda` feature enables cudarc's
+//! `dynamic-linking`, which cudarc refuses together with this crate's `dynamic-loading`, so
+//! on a candle CUDA tensor these ops return candle's "no cuda implementation" error.
+//! Invalid inputs give a candle error, never a panic. Forward only: no backward.
+
+use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+use crate::element::Element;
+use crate::layout::{SeqLens, Strided, Strides};
+use crate::mask::Window;
+use crate::paged::{KvPages, PageTable, PagedCache, PagedDecode, PagedLayout};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+
+fn wrap(e: crate::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("longattn: {e}")).bt()
+}
+
+/// Element strides `(batch, seq, head)` of a rank-4 `(b, s, h, d)` layout or, with `packed`,
+/// of a rank-3 `(total, h, d)` layout (batch stride 0); the last dim must be contiguous.
+fn strides_of(name: &str, l: &Layout, packed: bool) -> Result<Strides> {
+    let (dims, st) = (l.dims(), l.stride());
+    let rank = if packed { 3 } else { 4 };
+    if dims.len() != rank {
+        bail!(
+            "longattn: {name} must have rank {rank}, got shape {:?}",
+            l.shape()
+        )
+    }
+    if st[rank - 1] != 1 && dims[rank - 1] > 1 {
+        bail!("longattn: the last dim of {name} must be contiguous, strides {st:?}")
+    }
+    let s = |i: usize| st[i] as i64;
+    Ok(if packed {
+        Strides {
+            batch: 0,
+            seq: s(0),
+            head: s(1),
+        }
+    } else {
+        Strides {
+            batch: s(0),
+            seq: s(1),
+            head: s(2),
+        }
+    })
+}
+
+/// A storage's slice from the layout's start offset (its strides are checked later).
+fn cpu_slice<'a, T: candle_core::WithDType>(
+    name: &str,
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match data.get(l.start_offset()..) {
+        Some(d) => Ok(d),
+        None => bail!("longattn: {name} starts past its storage"),
+    }
+}
+
+/// An integer rank-1 tensor (`u32`/`i32`/`i64`) as host i32 values: cumulative lengths, page
+/// ids, lengths.
+fn host_i32(name: &str, t: &Tensor) -> Result<Vec<i32>> {
+    if t.rank() != 1 {
+        bail!(
+            "longattn: {name} must have rank 1, got shape {:?}",
+            t.shape()
+        )
+    }
+    let v: Vec<i64> = match t.dtype() {
+        DType::U32 => t.to_vec1::<u32>()?.into_iter().map(i64::from).collect(),
+        DType::I32 => t.to_vec1::<i32>()?.into_iter().map(i64::from).collect(),
+        DType::I64 => t.to_vec1::<i64>()?,
+        dt => bail!("longattn: {name} must be u32, i32 or i64, got {dt:?}"),
+    };
+    v.into_iter()
+        .map(|x| {
+            i32::try_from(x).map_err(|_| {
+                candle_core::Error::Msg(format!("longattn: {name} value {x} exceeds i32"))
+            })
+        })
+        .collect()
+}
+
+/// The FA2 window with candle-flash-attn's clamp: a side longer than `max_seqlen_k` is
+/// unbounded (which also keeps it in range of the kernels' i32).
+fn window(left: Option<usize>, right: Option<usize>, max_seqlen_k: usize) -> Window {
+    let clamp = |w: Option<usize>| w.filter(|&w| w <= max_seqlen_k);
+    Window::new(clamp(left), clamp(right))
+}
+
+fn options(
+    scale: f32,
+    left: Option<usize>,
+    right: Option<usize>,
+    softcap: Option<f32>,
+    max_seqlen_k: usize,
+) -> AttentionOptions {
+    AttentionOptions {
+        scale: Some(scale),
+        softcap: softcap.filter(|&c| c != 0.0),
+        ..AttentionOptions::default()
+    }
+    .with_window(window(left, right, max_seqlen_k))
+}
+
+/// Dense attention with fixed lengths (`q: (b, sq, hq, d)`, `k, v: (b, sk, hkv, d)`), as the
+/// `CustomOp3` that [`flash_attn`] and friends apply.
+#[derive(Debug, Clone)]
+pub struct FlashAttn {
+    pub softmax_scale: f32,
+    pub window_size_left: Option<usize>,
+    pub window_size_right: Option<usize>,
+    /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
+    pub softcap: Option<f32>,
+}
+
+/// Dense attention over packed sequences (`q: (total_q, hq, d)`, `k, v: (total_k, hkv, d)`),
+/// as the `CustomOp3` that [`flash_attn_varlen`] and friends apply.
+#[derive(Debug, Clone)]
+pub struct FlashAttnVarlen {
+    pub softmax_scale: f32,
+    pub window_size_left: Option<usize>,
+    pub window_size_right: Option<usize>,
+    pub softcap: Option<f32>,
+    /// Cumulative query lengths, `batch + 1` values from 0.
+    pub cu_seqlens_q: Vec<i32>,
+    /// Cumulative key lengths, `batch + 1` values from 0.
+    pub cu_seqlens_k: Vec<i32>,
+    /// Accepted for candle-flash-attn compatibility; the lengths come from the offsets.
+    pub max_seqlen_q: usize,
+    pub max_seqlen_k: usize,
+}
+
+/// The validated problem and the strides of q, k, v, plus the output shape.
+struct Problem {
+    attn: FlashAttention,
+    q: Strides,
+    k: Strides,
+    v: Strides,
+    out_shape: Shape,
+}
+
+impl FlashAttn {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
+        let (qs, ks, vs) = (
+            strides_of("q", q_l, false)?,
+            strides_of("k", k_l, false)?,
+            strides_of("v", v_l, false)?,
+        );
+        let (b, sq, hq, d) = q_l.shape().dims4()?;
+        let (bk, sk, hkv, dk) = k_l.shape().dims4()?;
+        if (bk, dk) != (b, d) {
+            bail!(
+                "longattn: shape mismatch q {:?} and k {:?}",
+                q_l.shape(),
+                k_l.shape()
+            )
+        }
+        if v_l.shape() != k_l.shape() {
+            bail!(
+                "longattn: shape mismatch k {:?} and v {:?}",
+                k_l.shape(),
+                v_l.shape()
+            )
+        }
+        let shape = AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: sq,
+                seqlen_k: sk,
+            },
+        };
+        let opts = options(
+            self.softmax_scale,
+            self.window_size_left,
+            self.window_size_right,
+            self.softcap,
+            sk,
+        );
+        let attn = FlashAttention::new(&shape, &opts).map_err(wrap)?;
+        Ok(Problem {
+            attn,
+            q: qs,
+            k: ks,
+            v: vs,
+            out_shape: q_l.shape().clone(),
+        })
+    }
+}
+
+impl FlashAttnVarlen {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
+        let (qs, ks, vs) = (
+            strides_of("q", q_l, true)?,
+            strides_of("k", k_l, true)?,
+            strides_of("v", v_l, true)?,
+        );
+        let (_, hq, d) = q_l.shape().dims3()?;
+        let (_, hkv, dk) = k_l.shape().dims3()?;
+        if dk != d {
+            bail!(
+                "longattn: shape mismatch q {:?} and k {:?}",
+                q_l.shape(),
+                k_l.shape()
+            )
+        }
+        if v_l.shape() != k_l.shape() {
+            bail!(
+                "longattn: shape mismatch k {:?} and v {:?}",
+                k_l.shape(),
+                v_l.shape()
+            )
+        }
+        if self.cu_seqlens_q.is_empty() || self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
+            bail!(
+                "longattn: seqlens_q ({}) and seqlens_k ({}) must both have batch + 1 >= 1 values",
+                self.cu_seqlens_q.len(),
+                self.cu_seqlens_k.len()
+            )
+        }
+        let shape = AttentionShape {
+            batch: self.cu_seqlens_q.len() - 1,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Varlen {
+                cu_seqlens_q: &self.cu_seqlens_q,
+                cu_seqlens_k: &self.cu_seqlens_k,
+            },
+        };
+        // Clamp the window by the real longest key sequence (the argument is advisory).
+        let max_k = self
+            .cu_seqlens_k
+            .windows(2)
+            .map(|w| (w[1] as i64 - w[0] as i64).max(0) as usize)
+            .max()
+            .unwrap_or(0)
+            .max(self.max_seqlen_k);
+        let opts = options(
+            self.softmax_scale,
+            self.window_size_left,
+            self.window_size_right,
+            self.softcap,
+            max_k,
+        );
+        let attn = FlashAttention::new(&shape, &opts).map_err(wrap)?;
+        Ok(Problem {
+            attn,
+            q: qs,
+            k: ks,
+            v: vs,
+            out_shape: q_l.shape().clone(),
+        })
+    }
+}
+
+fn dense_cpu_t<T: Element + candle_core::WithDType>(
+    p: &Problem,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let q = cpu_slice::<T>("q", q.0, q.1)?;
+    let k = cpu_slice::<T>("k", k.0, k.1)?;
+    let v = cpu_slice::<T>("v", v.0, v.1)?;
+    let mut out = vec![T::default(); p.attn.out_len()];
+    let out_strides = contiguous_out(&p.attn, &p.out_shape);
+    p.attn
+        .forward_cpu(
+            Strided::new(q, p.q),
+            Strided::new(k, p.k),
+            Strided::new(v, p.v),
+            Strided::new(&mut out[..], out_strides),
+            None,
+        )
+        .map_err(wrap)?;
+    Ok(out)
+}
+
+/// Strides of the contiguous output (shape of q).
+fn contiguous_out(attn: &FlashAttention, out_shape: &Shape) -> Strides {
+    let (hq, d) = (attn.heads_q(), attn.head_dim());
+    match out_shape.rank() {
+        3 => Strides {
+            batch: 0,
+            seq: (hq * d) as i64,
+            head: d as i64,
+        },
+        _ => Strides::contiguous(attn.max_seqlen_q(), hq, d),
+    }
+}
+
+fn dense_cpu(
+    name: &str,
+    p: Problem,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    let out = match (q.0, k.0, v.0) {
+        (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            CpuStorage::F32(dense_cpu_t::<f32>(&p, q, k, v)?)
+        }
+        (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => {
+            CpuStorage::F16(dense_cpu_t::<half::f16>(&p, q, k, v)?)
+        }
+        (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+            CpuStorage::BF16(dense_cpu_t::<half::bf16>(&p, q, k, v)?)
+        }
+        (a, b, c) => bail!(
+            "longattn {name}: q, k, v must share one of f32, f16, bf16; got {:?}, {:?}, {:?}",
+            a.dtype(),
+            b.dtype(),
+            c.dtype()
+        ),
+    };
+    Ok((out, p.out_shape))
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        "longattn-flash-attn"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.problem(q_l, k_l, v_l)?;
+        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+    }
+}
+
+impl CustomOp3 for FlashAttnVarlen {
+    fn name(&self) -> &'static str {
+        "longattn-flash-attn-varlen"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = self.problem(q_l, k_l, v_l)?;
+        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+    }
+}
+
+fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
+    if alibi_slopes.is_some() {
+        bail!("longattn: ALiBi slopes are not supported")
+    }
+    Ok(())
+}
+
+/// FlashAttention-2: `softmax(q k^T * softmax_scale) v`, causal (bottom-right aligned) or
+/// not. `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch, seqlen_k, heads_kv,
+/// head_dim)` with `heads_q % heads_kv == 0`; the result has the shape of `q`.
+pub fn flash_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let right = causal.then_some(0);
+    flash_attn_windowed(q, k, v, softmax_scale, None, right)
+}
+
+/// [`flash_attn`] with a sliding window: `None` is unbounded on that side; causal is
+/// `(None, Some(0))`, a causal window of `W` tokens `(Some(W - 1), Some(0))`.
+pub fn flash_attn_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    let op = FlashAttn {
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap: None,
+    };
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// [`flash_attn_windowed`] with a softcap (`0.0` disables it); `alibi_slopes` must be `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<Tensor> {
+    no_alibi(alibi_slopes)?;
+    let op = FlashAttn {
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap: Some(softcap),
+    };
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// Varlen FlashAttention-2 over packed sequences: `q: (total_q, heads_q, head_dim)`,
+/// `k, v: (total_k, heads_kv, head_dim)`; sequence `b` holds rows `seqlens_q[b]..seqlens_q[b
+/// + 1]` of q (likewise k, v). `seqlens_q`, `seqlens_k`: cumulative lengths (`u32` as in
+/// candle-flash-attn, or `i32`/`i64`), `batch + 1` values from 0. Result: `(total_q, heads_q,
+/// head_dim)`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let right = causal.then_some(0);
+    flash_attn_varlen_windowed(
+        q,
+        k,
+        v,
+        seqlens_q,
+        seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        None,
+        right,
+    )
+}
+
+/// [`flash_attn_varlen`] with a sliding window (see [`flash_attn_windowed`]).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    varlen(
+        q,
+        k,
+        v,
+        seqlens_q,
+        seqlens_k,
+        (max_seqlen_q, max_seqlen_k),
+        softmax_scale,
+        (window_size_left, window_size_right),
+        None,
+    )
+}
+
+/// [`flash_attn_varlen_windowed`] with a softcap (`0.0` disables it); `alibi_slopes` must be
+/// `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_varlen_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    max_seqlen_q: usize,
+    max_seqlen_k: usize,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: f32,
+) -> Result<Tensor> {
+    no_alibi(alibi_slopes)?;
+    varlen(
+        q,
+        k,
+        v,
+        seqlens_q,
+        seqlens_k,
+        (max_seqlen_q, max_seqlen_k),
+        softmax_scale,
+        (window_size_left, window_size_right),
+        Some(softcap),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens_q: &Tensor,
+    seqlens_k: &Tensor,
+    (max_seqlen_q, max_seqlen_k): (usize, usize),
+    softmax_scale: f32,
+    (window_size_left, window_size_right): (Option<usize>, Option<usize>),
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let op = FlashAttnVarlen {
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap,
+        cu_seqlens_q: host_i32("seqlens_q", seqlens_q)?,
+        cu_seqlens_k: host_i32("seqlens_k", seqlens_k)?,
+        max_seqlen_q,
+        max_seqlen_k,
+    };
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// Decode over a paged KV cache, as the `CustomOp3` on `(q, k_cache, v_cache)` that
+/// [`paged_attn_decode`] applies. The tables are host copies.
+#[derive(Debug, Clone)]
+pub struct PagedAttnDecode {
+    pub softmax_scale: f32,
+    pub window_size_left: Option<usize>,
+    pub softcap: Option<f32>,
+    /// `(batch, max_pages_per_seq)` physical page ids, row-major.
+    pub block_table: Vec<i32>,
+    pub max_pages_per_seq: usize,
+    /// Tokens in the cache per sequence, the new ones included.
+    pub seqlens_k: Vec<i32>,
+}
+
+impl PagedAttnDecode {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<(PagedDecode, Strides)> {
+        let qs = strides_of("q", q_l, false)?;
+        let (b, q_len, hq, d) = q_l.shape().dims4()?;
+        let (num_pages, page_size, hkv, dk) = k_l.shape().dims4()?;
+        if dk != d {
+            bail!(
+                "longattn: head_dim mismatch q {:?} and k_cache {:?}",
+                q_l.shape(),
+                k_l.shape()
+            )
+        }
+        if v_l.shape() != k_l.shape() {
+            bail!(
+                "longattn: shape mismatch k_cache {:?} and v_cache {:?}",
+                k_l.shape(),
+                v_l.shape()
+            )
+        }
+        for (name, l) in [("k_cache", k_l), ("v_cache", v_l)] {
+            if !l.is_contiguous() {
+                bail!(
+                    "longattn: {name} must be contiguous (num_pages, page_size, heads_kv, head_dim)"
+                )
+            }
+        }
+        if self.seqlens_k.len() != b {
+            bail!(
+                "longattn: seqlens_k has {} values but q has batch {b}",
+                self.seqlens_k.len()
+            )
+        }
+        let layout = PagedLayout {
+            num_pages,
+            page_size,
+            heads_kv: hkv,
+            head_dim: d,
+        };
+        let table = PageTable {
+            block_table: &self.block_table,
+            max_pages_per_seq: self.max_pages_per_seq,
+            seqlens_k: &self.seqlens_k,
+        };
+        let cache = PagedCache::new(layout, table).map_err(wrap)?;
+        let max_k = self
+            .seqlens_k
+            .iter()
+            .map(|&s| s.max(0) as usize)
+            .max()
+            .unwrap_or(0);
+        let opts = options(
+            self.softmax_scale,
+            self.window_size_left,
+            Some(0),
+            self.softcap,
+            max_k,
+        );
+        let decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        Ok((decode, qs))
+    }
+}
+
+fn paged_cpu_t<T: Element + candle_core::WithDType>(
+    decode: &PagedDecode,
+    qs: Strides,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let q = cpu_slice::<T>("q", q.0, q.1)?;
+    let k = cpu_slice::<T>("k_cache", k.0, k.1)?;
+    let v = cpu_slice::<T>("v_cache", v.0, v.1)?;
+    let (hq, d) = (decode.heads_q(), decode.cache().head_dim());
+    let mut out = vec![T::default(); decode.out_len()];
+    decode
+        .forward_cpu(
+            Strided::new(q, qs),
+            KvPages { k, v },
+            None,
+            Strided::new(&mut out[..], Strides::contiguous(decode.q_len(), hq, d)),
+            None,
+        )
+        .map_err(wrap)?;
+    Ok(out)
+}
+
+impl CustomOp3 for PagedAttnDecode {
+    fn name(&self) -> &'static str {
+        "longattn-paged-attn-decode"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (decode, qs) = self.problem(q_l, k_l, v_l)?;
+        let (q, k, v) = ((q, q_l), (k, k_l), (v, v_l));
+        let out = match (q.0, k.0, v.0) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(paged_cpu_t::<f32>(&decode, qs, q, k, v)?)
+            }
+            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => {
+                CpuStorage::F16(paged_cpu_t::<half::f16>(&decode, qs, q, k, v)?)
+            }
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+                CpuStorage::BF16(paged_cpu_t::<half::bf16>(&decode, qs, q, k, v)?)
+            }
+            (a, b, c) => bail!(
+                "longattn paged decode: q, k_cache, v_cache must share one of f32, f16, bf16; \
+                 got {:?}, {:?}, {:?}",
+                a.dtype(),
+                b.dtype(),
+                c.dtype()
+            ),
+        };
+        Ok((out, q_l.shape().clone()))
+    }
+}
+
+/// Decode attention over a paged KV cache (FlashAttention's `flash_attn_with_kvcache` with a
+/// `block_table`, cache already appended): `q: (batch, q_len, heads_q, head_dim)` new tokens
+/// (`q_len` 1..=16), `k_cache, v_cache: (num_pages, page_size, heads_kv, head_dim)`
+/// contiguous, `block_table: (batch, max_pages_per_seq)` page ids, `seqlens_k: (batch,)`
+/// tokens per sequence counting the new ones (integer dtypes `u32`, `i32`, `i64`). Queries are
+/// causal among the new tokens (bottom-right aligned); `window_size_left` bounds the window
+/// (`Some(W - 1)` for `W` tokens); `softcap` `None` or `0.0` disables it. Result: the shape
+/// of `q`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_decode(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    if block_table.rank() != 2 {
+        bail!(
+            "longattn: block_table must be (batch, max_pages_per_seq), got {:?}",
+            block_table.shape()
+        )
+    }
+    let max_pages_per_seq = block_table.dim(1)?;
+    let op = PagedAttnDecode {
+        softmax_scale,
+        window_size_left,
+        softcap,
+        block_table: host_i32("block_table", &block_table.flatten_all()?)?,
+        max_pages_per_seq,
+        seqlens_k: host_i32("seqlens_k", seqlens_k)?,
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}

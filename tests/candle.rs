@@ -1,0 +1,437 @@
+//! `longattn::candle` on candle CPU tensors against the f64 reference (relative L2 error).
+#![cfg(feature = "candle")]
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use longattn::candle as fa;
+use longattn::*;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // Deterministic pseudo-random values in [-1, 1) (no RNG state shared between tests).
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Reference for contiguous `(b, s, h, d)` (or packed `(total, h, d)`) tensors.
+fn reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqlens: SeqLens,
+    opts: AttentionOptions,
+) -> Vec<f64> {
+    let (hq, d) = (q.dim(q.rank() - 2).unwrap(), q.dim(q.rank() - 1).unwrap());
+    let hkv = k.dim(k.rank() - 2).unwrap();
+    let batch = match seqlens {
+        SeqLens::Fixed { .. } => q.dim(0).unwrap(),
+        SeqLens::Varlen { cu_seqlens_q, .. } => cu_seqlens_q.len() - 1,
+    };
+    let shape = AttentionShape {
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens,
+    };
+    let attn = FlashAttention::new(&shape, &opts).unwrap();
+    let (sq, sk) = (attn.max_seqlen_q(), attn.max_seqlen_k());
+    let (mut qs, mut ks) = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    if attn.is_varlen() {
+        qs.batch = 0;
+        ks.batch = 0;
+    }
+    let (qv, kv, vv) = (flat(q), flat(k), flat(v));
+    let (out, _) = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&qv[..], qs),
+        Strided::new(&kv[..], ks),
+        Strided::new(&vv[..], ks),
+    )
+    .unwrap();
+    out
+}
+
+const SCALE: f32 = 0.3;
+
+fn opts(left: Option<usize>, right: Option<usize>, softcap: Option<f32>) -> AttentionOptions {
+    let o = AttentionOptions::default()
+        .with_scale(SCALE)
+        .with_window(Window::new(left, right));
+    match softcap {
+        Some(c) => o.with_softcap(c),
+        None => o,
+    }
+}
+
+#[test]
+fn fixed_lengths_causal_windows_gqa() {
+    // seqlen_q != seqlen_k both ways, GQA 4:2 and MHA.
+    for (case, &(b, sq, sk, hq, hkv, d)) in [
+        (2, 5, 9, 4, 2, 16),
+        (1, 9, 5, 2, 2, 8),
+        (3, 33, 40, 6, 1, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let q = randn(&[b, sq, hq, d], 1 + case as u64);
+        let k = randn(&[b, sk, hkv, d], 11 + case as u64);
+        let v = randn(&[b, sk, hkv, d], 21 + case as u64);
+        let fixed = SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        };
+        for causal in [false, true] {
+            let got = fa::flash_attn(&q, &k, &v, SCALE, causal).unwrap();
+            assert_eq!(got.dims(), q.dims());
+            let right = causal.then_some(0);
+            let want = reference(&q, &k, &v, fixed, opts(None, right, None));
+            let err = rel_l2(&flat(&got), &want);
+            assert!(err < 1e-5, "case {case} causal {causal}: rel L2 {err}");
+        }
+        // Windows incl. W = 1 and W = 2 tokens, a two-sided one and one wider than sk.
+        for (left, right) in [
+            (Some(0), Some(0)),
+            (Some(1), Some(0)),
+            (Some(3), Some(2)),
+            (None, Some(1)),
+            (Some(2), None),
+            (Some(1000), Some(0)),
+        ] {
+            let got = fa::flash_attn_windowed(&q, &k, &v, SCALE, left, right).unwrap();
+            let want = reference(&q, &k, &v, fixed, opts(left, right, None));
+            let err = rel_l2(&flat(&got), &want);
+            assert!(err < 1e-5, "case {case} window {left:?},{right:?}: {err}");
+        }
+        // Softcap with a causal window; 0.0 disables it.
+        let got =
+            fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, None, SCALE, Some(4), Some(0), 0.5)
+                .unwrap();
+        let want = reference(&q, &k, &v, fixed, opts(Some(4), Some(0), Some(0.5)));
+        let err = rel_l2(&flat(&got), &want);
+        assert!(err < 1e-5, "case {case} softcap: {err}");
+        let got = fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, None, SCALE, None, None, 0.0)
+            .unwrap();
+        let want = reference(&q, &k, &v, fixed, opts(None, None, None));
+        assert!(rel_l2(&flat(&got), &want) < 1e-5);
+    }
+}
+
+#[test]
+fn strided_inputs_and_half_types() {
+    let (b, sq, sk, hq, hkv, d) = (2, 7, 12, 4, 2, 16);
+    // q as the transpose of a (b, h, s, d) tensor; k, v slices of a fused kv buffer.
+    let q_bhsd = randn(&[b, hq, sq, d], 5);
+    let q = q_bhsd.transpose(1, 2).unwrap();
+    assert!(!q.is_contiguous());
+    let kv = randn(&[b, sk, 2 * hkv, d], 6);
+    let k = kv.narrow(2, 0, hkv).unwrap();
+    let v = kv.narrow(2, hkv, hkv).unwrap();
+    let got = fa::flash_attn(&q, &k, &v, SCALE, true).unwrap();
+    let (qc, kc, vc) = (
+        q.contiguous().unwrap(),
+        k.contiguous().unwrap(),
+        v.contiguous().unwrap(),
+    );
+    let fixed = SeqLens::Fixed {
+        seqlen_q: sq,
+        seqlen_k: sk,
+    };
+    let want = reference(&qc, &kc, &vc, fixed, opts(None, Some(0), None));
+    assert!(rel_l2(&flat(&got), &want) < 1e-5);
+    // A view with a start offset (batch entry 1 only).
+    let q1 = q.i(1..2).unwrap();
+    let (k1, v1) = (k.i(1..2).unwrap(), v.i(1..2).unwrap());
+    let got = fa::flash_attn(&q1, &k1, &v1, SCALE, true).unwrap();
+    let n1 = sq * hq * d;
+    assert!(rel_l2(&flat(&got), &want[n1..]) < 1e-5);
+    for dt in [DType::F16, DType::BF16] {
+        let (qh, kh, vh) = (
+            qc.to_dtype(dt).unwrap(),
+            kc.to_dtype(dt).unwrap(),
+            vc.to_dtype(dt).unwrap(),
+        );
+        let got = fa::flash_attn(&qh, &kh, &vh, SCALE, true).unwrap();
+        assert_eq!(got.dtype(), dt);
+        // Reference on the rounded inputs.
+        let want = reference(&qh, &kh, &vh, fixed, opts(None, Some(0), None));
+        let err = rel_l2(&flat(&got), &want);
+        assert!(err < 1e-2, "{dt:?}: {err}");
+    }
+}
+
+#[test]
+fn varlen_matches_reference() {
+    let (hq, hkv, d) = (4, 2, 8);
+    let cu_q: Vec<u32> = vec![0, 3, 8, 8, 17];
+    let cu_k: Vec<u32> = vec![0, 5, 5, 9, 29];
+    let (tq, tk) = (
+        *cu_q.last().unwrap() as usize,
+        *cu_k.last().unwrap() as usize,
+    );
+    let q = randn(&[tq, hq, d], 31);
+    let k = randn(&[tk, hkv, d], 32);
+    let v = randn(&[tk, hkv, d], 33);
+    let sq_t = Tensor::new(&cu_q[..], &Device::Cpu).unwrap();
+    let sk_t = Tensor::new(&cu_k[..], &Device::Cpu).unwrap();
+    let cq: Vec<i32> = cu_q.iter().map(|&x| x as i32).collect();
+    let ck: Vec<i32> = cu_k.iter().map(|&x| x as i32).collect();
+    let varlen = SeqLens::Varlen {
+        cu_seqlens_q: &cq,
+        cu_seqlens_k: &ck,
+    };
+    for causal in [false, true] {
+        let got = fa::flash_attn_varlen(&q, &k, &v, &sq_t, &sk_t, 9, 20, SCALE, causal).unwrap();
+        assert_eq!(got.dims(), q.dims());
+        let want = reference(&q, &k, &v, varlen, opts(None, causal.then_some(0), None));
+        let err = rel_l2(&flat(&got), &want);
+        assert!(err < 1e-5, "varlen causal {causal}: {err}");
+    }
+    for (left, right) in [(Some(0), Some(0)), (Some(2), Some(0)), (Some(3), Some(1))] {
+        let got =
+            fa::flash_attn_varlen_windowed(&q, &k, &v, &sq_t, &sk_t, 9, 20, SCALE, left, right)
+                .unwrap();
+        let want = reference(&q, &k, &v, varlen, opts(left, right, None));
+        assert!(rel_l2(&flat(&got), &want) < 1e-5, "{left:?} {right:?}");
+    }
+    let got = fa::flash_attn_varlen_alibi_windowed_softcap(
+        &q,
+        &k,
+        &v,
+        None,
+        &sq_t,
+        &sk_t,
+        9,
+        20,
+        SCALE,
+        Some(5),
+        Some(0),
+        0.7,
+    )
+    .unwrap();
+    let want = reference(&q, &k, &v, varlen, opts(Some(5), Some(0), Some(0.7)));
+    assert!(rel_l2(&flat(&got), &want) < 1e-5);
+    // The sequence with no keys gives zeros, never NaN.
+    let rows = flat(&got.i(0..3).unwrap());
+    assert!(rows.iter().all(|x| x.is_finite()));
+    // i32 offsets are accepted too.
+    let sq_i = Tensor::new(&cq[..], &Device::Cpu).unwrap();
+    let sk_i = Tensor::new(&ck[..], &Device::Cpu).unwrap();
+    let got = fa::flash_attn_varlen(&q, &k, &v, &sq_i, &sk_i, 9, 20, SCALE, true).unwrap();
+    let want = reference(&q, &k, &v, varlen, opts(None, Some(0), None));
+    assert!(rel_l2(&flat(&got), &want) < 1e-5);
+}
+
+#[test]
+fn paged_decode_matches_dense_reference() {
+    let (b, q_len, hq, hkv, d, page_size) = (3, 2, 4, 2, 16, 4);
+    let lens = [9usize, 1, 14];
+    let max_pages = 4;
+    let num_pages = 12;
+    // Scatter each sequence's keys into shuffled pages.
+    let perm: Vec<usize> = (0..num_pages).map(|p| (p * 5 + 3) % num_pages).collect();
+    let mut table = vec![-1i32; b * max_pages];
+    let mut next = 0;
+    let dense_k: Vec<Tensor> = (0..b)
+        .map(|s| randn(&[lens[s], hkv, d], 40 + s as u64))
+        .collect();
+    let dense_v: Vec<Tensor> = (0..b)
+        .map(|s| randn(&[lens[s], hkv, d], 50 + s as u64))
+        .collect();
+    let mut kc = vec![0.0f32; num_pages * page_size * hkv * d];
+    let mut vc = kc.clone();
+    for s in 0..b {
+        let (kf, vf) = (flat(&dense_k[s]), flat(&dense_v[s]));
+        for t in 0..lens[s] {
+            let lp = t / page_size;
+            if t % page_size == 0 {
+                table[s * max_pages + lp] = perm[next] as i32;
+                next += 1;
+            }
+            let page = table[s * max_pages + lp] as usize;
+            let off = (page * page_size + t % page_size) * hkv * d;
+            kc[off..off + hkv * d].copy_from_slice(&kf[t * hkv * d..(t + 1) * hkv * d]);
+            vc[off..off + hkv * d].copy_from_slice(&vf[t * hkv * d..(t + 1) * hkv * d]);
+        }
+    }
+    let shape = [num_pages, page_size, hkv, d];
+    let k_cache = Tensor::from_vec(kc, &shape, &Device::Cpu).unwrap();
+    let v_cache = Tensor::from_vec(vc, &shape, &Device::Cpu).unwrap();
+    let bt = Tensor::from_vec(table, (b, max_pages), &Device::Cpu).unwrap();
+    let lens_i: Vec<i32> = lens.iter().map(|&x| x as i32).collect();
+    let sl = Tensor::new(&lens_i[..], &Device::Cpu).unwrap();
+    // Sequence 1 has one key but two new queries: its first query sees nothing.
+    let q = randn(&[b, q_len, hq, d], 60);
+    for (left, softcap) in [(None, None), (Some(2), None), (Some(0), Some(0.8))] {
+        let got =
+            fa::paged_attn_decode(&q, &k_cache, &v_cache, &bt, &sl, SCALE, left, softcap).unwrap();
+        assert_eq!(got.dims(), q.dims());
+        let got = flat(&got);
+        for s in 0..b {
+            let qs = q.i(s..s + 1).unwrap();
+            let ks = dense_k[s].unsqueeze(0).unwrap();
+            let vs = dense_v[s].unsqueeze(0).unwrap();
+            let fixed = SeqLens::Fixed {
+                seqlen_q: q_len,
+                seqlen_k: lens[s],
+            };
+            let want = reference(&qs, &ks, &vs, fixed, opts(left, Some(0), softcap));
+            let n = q_len * hq * d;
+            let err = rel_l2(&got[s * n..(s + 1) * n], &want);
+            assert!(err < 1e-5, "seq {s} left {left:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_candle_errors() {
+    let q = randn(&[1, 4, 4, 8], 1);
+    let k = randn(&[1, 6, 2, 8], 2);
+    let v = randn(&[1, 6, 2, 8], 3);
+    let k3 = randn(&[1, 6, 3, 8], 4);
+    let ok = |r: candle_core::Result<Tensor>| r.is_ok();
+    assert!(ok(fa::flash_attn(&q, &k, &v, 1.0, true)));
+    // heads_q not a multiple of heads_kv
+    assert!(fa::flash_attn(&q, &k3, &k3, 1.0, true).is_err());
+    // k and v shapes differ
+    assert!(fa::flash_attn(&q, &k, &k3, 1.0, true).is_err());
+    // batch / head_dim mismatch
+    assert!(
+        fa::flash_attn(
+            &q,
+            &randn(&[2, 6, 2, 8], 5),
+            &randn(&[2, 6, 2, 8], 6),
+            1.0,
+            false
+        )
+        .is_err()
+    );
+    assert!(
+        fa::flash_attn(
+            &q,
+            &randn(&[1, 6, 2, 4], 5),
+            &randn(&[1, 6, 2, 4], 6),
+            1.0,
+            false
+        )
+        .is_err()
+    );
+    // rank
+    let q3 = randn(&[4, 4, 8], 7);
+    assert!(fa::flash_attn(&q3, &k, &v, 1.0, false).is_err());
+    // dtype mismatch and unsupported dtype
+    let vh = v.to_dtype(DType::F16).unwrap();
+    assert!(fa::flash_attn(&q, &k, &vh, 1.0, false).is_err());
+    let (qd, kd, vd) = (
+        q.to_dtype(DType::F64).unwrap(),
+        k.to_dtype(DType::F64).unwrap(),
+        v.to_dtype(DType::F64).unwrap(),
+    );
+    assert!(fa::flash_attn(&qd, &kd, &vd, 1.0, false).is_err());
+    // non-contiguous last dim
+    let qt = randn(&[1, 4, 8, 4], 8).transpose(2, 3).unwrap();
+    assert!(fa::flash_attn(&qt, &k, &v, 1.0, false).is_err());
+    // non-finite scale, negative softcap, ALiBi
+    assert!(fa::flash_attn(&q, &k, &v, f32::NAN, false).is_err());
+    assert!(
+        fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, None, 1.0, None, None, -1.0).is_err()
+    );
+    let slopes = randn(&[4], 9);
+    assert!(
+        fa::flash_attn_alibi_windowed_softcap(&q, &k, &v, Some(&slopes), 1.0, None, None, 0.0)
+            .is_err()
+    );
+    // varlen: offsets too long for the rows, decreasing, wrong dtype, batch mismatch
+    let (qp, kp, vp) = (
+        randn(&[5, 4, 8], 10),
+        randn(&[6, 2, 8], 11),
+        randn(&[6, 2, 8], 12),
+    );
+    let t = |x: &[u32]| Tensor::new(x, &Device::Cpu).unwrap();
+    assert!(
+        fa::flash_attn_varlen(&qp, &kp, &vp, &t(&[0, 5]), &t(&[0, 6]), 5, 6, 1.0, true).is_ok()
+    );
+    assert!(
+        fa::flash_attn_varlen(&qp, &kp, &vp, &t(&[0, 9]), &t(&[0, 6]), 9, 6, 1.0, true).is_err()
+    );
+    assert!(
+        fa::flash_attn_varlen(
+            &qp,
+            &kp,
+            &vp,
+            &t(&[0, 3, 2]),
+            &t(&[0, 3, 6]),
+            5,
+            6,
+            1.0,
+            true
+        )
+        .is_err()
+    );
+    assert!(
+        fa::flash_attn_varlen(&qp, &kp, &vp, &t(&[0, 5]), &t(&[0, 3, 6]), 5, 6, 1.0, true).is_err()
+    );
+    assert!(
+        fa::flash_attn_varlen(&qp, &kp, &vp, &t(&[1, 5]), &t(&[0, 6]), 5, 6, 1.0, true).is_err()
+    );
+    let f = Tensor::new(&[0.0f32, 5.0], &Device::Cpu).unwrap();
+    assert!(fa::flash_attn_varlen(&qp, &kp, &vp, &f, &t(&[0, 6]), 5, 6, 1.0, true).is_err());
+    // paged: page id out of range, seqlen beyond the table, batch mismatch, q_len too long
+    let kc = randn(&[3, 4, 2, 8], 13);
+    let qd1 = randn(&[1, 1, 4, 8], 14);
+    let bt = |x: &[i32]| Tensor::from_vec(x.to_vec(), (1, x.len()), &Device::Cpu).unwrap();
+    let sl = |x: &[i32]| Tensor::new(x, &Device::Cpu).unwrap();
+    assert!(
+        fa::paged_attn_decode(&qd1, &kc, &kc, &bt(&[2, 0]), &sl(&[6]), 1.0, None, None).is_ok()
+    );
+    assert!(
+        fa::paged_attn_decode(&qd1, &kc, &kc, &bt(&[3, 0]), &sl(&[6]), 1.0, None, None).is_err()
+    );
+    assert!(
+        fa::paged_attn_decode(&qd1, &kc, &kc, &bt(&[2, 0]), &sl(&[9]), 1.0, None, None).is_err()
+    );
+    assert!(
+        fa::paged_attn_decode(&qd1, &kc, &kc, &bt(&[2, 0]), &sl(&[6, 6]), 1.0, None, None).is_err()
+    );
+    let qlong = randn(&[1, 17, 4, 8], 15);
+    assert!(
+        fa::paged_attn_decode(&qlong, &kc, &kc, &bt(&[2, 0]), &sl(&[6]), 1.0, None, None).is_err()
+    );
+    let kct = randn(&[4, 3, 2, 8], 16).transpose(0, 1).unwrap();
+    assert!(
+        fa::paged_attn_decode(&qd1, &kct, &kct, &bt(&[2, 0]), &sl(&[6]), 1.0, None, None).is_err()
+    );
+}
