@@ -7,6 +7,9 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
+/// Grid y/z limit: the dense and neighborhood kernels index heads and the batch with them.
+pub(crate) const GRID_LIMIT: usize = 65535;
+
 mod sealed {
     /// Implemented only for cudarc's own buffer types.
     pub trait Sealed {}

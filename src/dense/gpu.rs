@@ -3,15 +3,13 @@
 use crate::dense::{DenseKernel, FlashAttention};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT};
 use crate::layout::Strided;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Largest head dim of any dense kernel.
 pub const GPU_MAX_HEAD_DIM: usize = 256;
-/// Grid y/z limit: heads and batch index the grid.
-const GRID_LIMIT: usize = 65535;
 
 impl FlashAttention {
     /// GPU forward pass on `stream` (the caller's; nothing is synchronized).

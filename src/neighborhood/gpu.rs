@@ -6,19 +6,16 @@
 //! (`tests/neighborhood_gpu.rs` does, on a machine with one). It runs only when a caller
 //! asks for it by calling `forward_gpu`; nothing in the crate picks it automatically.
 
+use crate::dense::GPU_MAX_HEAD_DIM;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT};
 use crate::layout::{Strided, check_attention_args};
 use crate::neighborhood::NeighborhoodAttention;
 #[allow(unused_imports)] // device_ptr methods are used by the CUDA build only
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use std::sync::Arc;
 
-/// Largest head dim of the neighborhood kernel.
-pub const GPU_MAX_HEAD_DIM: usize = 256;
-/// Grid y/z limit: heads and batch index the grid.
-const GRID_LIMIT: usize = 65535;
 /// Query tokens per block of the kernel (one warp each); the grid's x extent is the token
 /// count over this, at most `i32::MAX`.
 const TOKENS_PER_BLOCK: usize = 4;
