@@ -10,6 +10,8 @@
 #include "longattn/common.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
+#include "longattn/mask.cuh"
+#include "longattn/softmax.cuh"
 
 namespace longattn {
 namespace {

@@ -14,97 +14,24 @@
 #include "longattn/common.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
-#include "longattn/mma.cuh"
+#include "longattn/mask.cuh"
+#include "longattn/mma_mainloop.cuh"
+#include "longattn/schedule.cuh"
 
 namespace longattn {
 namespace {
 
-// Tile configuration of one head dim.
-template <int kHeadDim_, int kBlockN_, int kStages_, bool kQInRegs_, int kMinBlocks_>
-struct MmaTraits {
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = 16 * kWarps;  // one m16 MMA row block per warp
-  static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockN = kBlockN_;
-  static constexpr int kStages = kStages_;
-  // Q fragments held in registers across key tiles (else re-read from shared memory per tile,
-  // which keeps the hd256 O accumulator of 128 registers clear of spills).
-  static constexpr bool kQInRegs = kQInRegs_;
-  // Resident blocks per SM asked of ptxas (__launch_bounds__): caps registers at
-  // 65536 / (kThreads * kMinBlocks), matching what shared memory allows anyway.
-  static constexpr int kMinBlocks = kMinBlocks_;
-
-  static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of one row
-  static constexpr int kSBlocks = kBlockN / 8;        // n8 blocks of S per warp: (16, kBlockN)
-  static constexpr int kOBlocks = kHeadDim / 8;       // n8 blocks of O per warp: (16, kHeadDim)
-  static constexpr int kQkSteps = kHeadDim / 16;      // k16 steps of Q K^T
-  static constexpr int kPvSteps = kBlockN / 16;       // k16 steps of P V
-
-  // Shared memory (elements): Q (kBlockM, kHeadDim), then K and V rings
-  // (kStages, kBlockN, kHeadDim) each. Q's rows double as the staging area of O.
-  static constexpr int kQElems = kBlockM * kHeadDim;
-  static constexpr int kKvElems = kBlockN * kHeadDim;
-  static constexpr size_t kSmemBytes = 2 * ((size_t)kQElems + 2 * (size_t)kStages * kKvElems);
-
-  static_assert(kHeadDim % 64 == 0, "the XOR swizzle permutes 8 chunks of 16 bytes per row");
-  static_assert(kBlockN % 16 == 0, "ldmatrix.x4 loads two n8 blocks of K per k16 step");
-  static_assert(kHeadDim % 16 == 0, "ldmatrix.x4.trans loads two n8 blocks of V per k16 step");
-  static_assert(kThreads % kChunksPerRow == 0, "a copy pass covers whole rows");
-  static_assert(kBlockN % (kThreads / kChunksPerRow) == 0, "K/V tiles are whole copy passes");
-  static_assert(kBlockM % (kThreads / kChunksPerRow) == 0, "Q tiles are whole copy passes");
-  static_assert((16 * kChunksPerRow) % 32 == 0, "O write-back is whole warp passes");
-  static_assert(kStages >= 2 && kStages <= 4, "cp.async ring depth");
-};
-
 using Traits64 = MmaTraits<64, 64, 3, true, 3>;     // 56 KB shared, <= 170 registers
 using Traits128 = MmaTraits<128, 64, 2, true, 2>;   // 80 KB shared, <= 255 registers
 using Traits256 = MmaTraits<256, 32, 2, false, 1>;  // 96 KB shared, <= 255 registers
-
-// Element offset of 16-byte chunk `chunk` of `row` in a row-major (rows, kHeadDim) tile.
-// Chunks are XOR-swizzled with the row's low 3 bits so that the 8 row addresses of one
-// ldmatrix 8x8 matrix (same chunk, 8 consecutive rows) fall in 8 different bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int swizzle(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) << 3);
-}
-
-// Copies rows [row0, row0 + kRows) of a (rows, kHeadDim) global tile with element row stride
-// `stride` into shared memory via cp.async; rows >= valid_rows are zero-filled (no read).
-template <class Tr, int kRows, typename T>
-__device__ __forceinline__ void load_tile(T *dst, const T *src, long long stride, int row0,
-                                          int valid_rows, int tid) {
-  constexpr int kCpr = Tr::kChunksPerRow;
-  constexpr int kRowsPerPass = Tr::kThreads / kCpr;
-  const int chunk = tid % kCpr, r0 = tid / kCpr;
-  // One running pointer (advanced by kRowsPerPass rows per pass) rather than one 64-bit
-  // address per pass, which the compiler would otherwise keep live across the tile loop.
-  const long long step = kRowsPerPass * stride;
-  const T *g = src + (long long)(row0 + r0) * stride + chunk * 8;
-  const uint32_t base = mma::smem_addr(dst);
-#pragma unroll
-  for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
-    const int r = r0 + pass * kRowsPerPass;
-    const bool ok = row0 + r < valid_rows;
-    mma::cp_async_16(base + swizzle<Tr::kHeadDim>(r, chunk) * (int)sizeof(T), ok ? g : src, ok);
-    g += step;
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
-  return *reinterpret_cast<const uint32_t *>(&v);
-}
 
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     dense_mma_kernel(const __grid_constant__ LaDenseParams p) {
   constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T *q_s = reinterpret_cast<T *>(smem_raw);
-  T *k_s = q_s + Tr::kQElems;
-  T *v_s = k_s + kStages * Tr::kKvElems;
+  MmaSmem<T, Tr> &sm = *reinterpret_cast<MmaSmem<T, Tr> *>(smem_raw);
+  T *q_s = sm.q, *k_s = sm.k[0], *v_s = sm.v[0];
 
   const int b = blockIdx.z, h = blockIdx.y;
   const SeqInfo s = seq_info(p, b, h);
@@ -120,18 +47,17 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   const int g = lane / 4, tq = lane % 4;  // MMA fragment row group / thread in group
 
   // Group 0: the Q tile (rows past the sequence are zero).
-  load_tile<Tr, BM>(q_s, q, p.q_row_stride, m0, s.sq, tid);
+  load_rows<Tr, BM>(mma::smem_addr(q_s), q, p.q_row_stride, m0, s.sq, tid);
   mma::cp_async_commit();
 
   const Mask mask{p.window_left, p.window_right, p.sinks};
-  int sink_tiles, first, last;
-  mask.key_tiles(m0, min(m0 + BM, s.sq), s.sq, s.sk, BN, sink_tiles, first, last);
-  const int n_tiles = sink_tiles + (last - first);
-  auto tile_n0 = [&](int t) { return (t < sink_tiles ? t : first + (t - sink_tiles)) * BN; };
+  const WindowTiles tiles = WindowTiles::of(mask, m0, min(m0 + BM, s.sq), s.sq, s.sk, BN);
+  const int n_tiles = tiles.count();
+  auto tile_n0 = [&](int t) { return tiles.key0(t); };
   auto load_kv = [&](int t) {
     const int stage = t % kStages, n0 = tile_n0(t);
-    load_tile<Tr, BN>(k_s + stage * Tr::kKvElems, k, p.k_row_stride, n0, s.sk, tid);
-    load_tile<Tr, BN>(v_s + stage * Tr::kKvElems, v, p.v_row_stride, n0, s.sk, tid);
+    load_rows<Tr, BN>(mma::smem_addr(sm.k[stage]), k, p.k_row_stride, n0, s.sk, tid);
+    load_rows<Tr, BN>(mma::smem_addr(sm.v[stage]), v, p.v_row_stride, n0, s.sk, tid);
   };
 
   // Groups 1..kStages-1: the first key tiles (empty groups keep the count uniform).
@@ -149,14 +75,12 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   // bits of the chunk, so chunk c = 8*(c/8) + (c%8) maps to 8*(c/8) + ((c%8) ^ lane%8):
   // four per-lane offsets (c%8 = 2j + bit, j < 4) plus compile-time immediates. (Computing
   // the XOR per address instead keeps one register per distinct chunk alive.)
-  const int sw = lane & 7;
   uint32_t q_off[4], k_off[4], v_off[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    q_off[j] = ((16 * warp + (lane & 15)) * D + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
-    k_off[j] = (((lane & 7) + ((lane >> 4) << 3)) * D + (((2 * j + ((lane >> 3) & 1)) ^ sw) << 3)) *
-               sizeof(T);
-    v_off[j] = ((lane & 15) * D + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
+    q_off[j] = ldmatrix_offset_rows16<D, T>(lane, 16 * warp, j);
+    k_off[j] = ldmatrix_offset_rows8x2<D, T>(lane, 0, 0, j);
+    v_off[j] = ldmatrix_offset_rows16<D, T>(lane, 0, j);
   }
   constexpr uint32_t kChunk8Bytes = 64 * sizeof(T);  // 8 chunks of 8 elements
   const uint32_t q_base = mma::smem_addr(q_s);
@@ -276,29 +200,8 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     // Online softmax per row; the 4 threads of a quad share a row.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int i = 0; i < Tr::kSBlocks; ++i) mx = fmaxf(mx, fmaxf(sc[i][2 * r], sc[i][2 * r + 1]));
-      mx = fmaxf(mx, mma::shfl_xor<1>(mx));
-      mx = fmaxf(mx, mma::shfl_xor<2>(mx));
-      const float alpha = rescale_factor(m[r], mx);
-      // A row with nothing visible yet has mx = -inf: subtract 0 instead, so that masked
-      // scores give exp2(-inf) = 0 rather than exp2(-inf - -inf) = NaN.
-      const float base = mx == kNegInf ? 0.0f : mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int i = 0; i < Tr::kSBlocks; ++i) {
-        sc[i][2 * r] = mma::fast_exp2(sc[i][2 * r] - base);
-        sc[i][2 * r + 1] = mma::fast_exp2(sc[i][2 * r + 1] - base);
-        sum += sc[i][2 * r] + sc[i][2 * r + 1];
-      }
-      l[r] = l[r] * alpha + sum;
-      m[r] = mx;
-#pragma unroll
-      for (int i = 0; i < Tr::kOBlocks; ++i) {
-        acc[i][2 * r] *= alpha;
-        acc[i][2 * r + 1] *= alpha;
-      }
+      const float alpha = softmax_update(m[r], l[r], r, sc);
+      scale_row(acc, r, alpha);
     }
 
     // O += P V. The S accumulators of n8 blocks 2kk and 2kk+1 are exactly the A fragment of
@@ -326,12 +229,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   __syncthreads();
 
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += mma::shfl_xor<1>(l[r]);
-    l[r] += mma::shfl_xor<2>(l[r]);
-    inv[r] = l[r] > 0.0f ? __fdividef(1.0f, l[r]) : 0.0f;  // empty row: output 0
-  }
+  softmax_finalize(l, inv);
   // Stage the warp's (16, kHeadDim) O tile in its own Q rows (same swizzle), then write
   // 16-byte vectors to global memory.
 #pragma unroll
@@ -339,7 +237,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = 16 * warp + g + 8 * r;
-      *reinterpret_cast<uint32_t *>(q_s + swizzle<D>(row, i) + 2 * tq) =
+      *reinterpret_cast<uint32_t *>(q_s + swizzled_elem<D>(row, i) + 2 * tq) =
           pack2<T>(acc[i][2 * r] * inv[r], acc[i][2 * r + 1] * inv[r]);
     }
   mma::syncwarp();
@@ -349,7 +247,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     const int idx = lane + 32 * pass, r = idx / kCpr, chunk = idx % kCpr;
     const int i = warp_row0 + r;
     if (i < s.sq) {
-      const uint4 val = *reinterpret_cast<const uint4 *>(q_s + swizzle<D>(16 * warp + r, chunk));
+      const uint4 val = *reinterpret_cast<const uint4 *>(q_s + swizzled_elem<D>(16 * warp + r, chunk));
       *reinterpret_cast<uint4 *>(o + i * p.o_row_stride + chunk * 8) = val;
     }
   }

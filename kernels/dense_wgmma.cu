@@ -28,7 +28,11 @@
 #include "longattn/common.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
+#include "longattn/mask.cuh"
 #include "longattn/mma.cuh"
+#include "longattn/schedule.cuh"
+#include "longattn/softmax.cuh"
+#include "longattn/swizzle.cuh"
 #include "longattn/tma.cuh"
 #include "longattn/wgmma.cuh"
 
@@ -92,19 +96,6 @@ struct WgTensorMaps {
   CUtensorMap q, k, v;
 };
 
-// Byte offset of 16-byte chunk `chunk` of `row` in a (kRows, kHeadDim) tile in the panel
-// layout (see the file comment).
-template <int kRows>
-__device__ __forceinline__ uint32_t panel_offset(int row, int chunk) {
-  return (uint32_t)((chunk >> 3) * (kRows * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4));
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
-  return *reinterpret_cast<const uint32_t *>(&v);
-}
-
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     dense_wgmma_kernel(const __grid_constant__ LaDenseParams p,
@@ -136,10 +127,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (m0 >= s.sq) return;  // uniform over the block, before any barrier
 
   const Mask mask{p.window_left, p.window_right, p.sinks};
-  int sink_tiles, first, last;
-  mask.key_tiles(m0, min(m0 + BM, s.sq), s.sq, s.sk, BN, sink_tiles, first, last);
-  const int n_tiles = sink_tiles + (last - first);
-  auto tile_n0 = [&](int t) { return (t < sink_tiles ? t : first + (t - sink_tiles)) * BN; };
+  const WindowTiles tiles = WindowTiles::of(mask, m0, min(m0 + BM, s.sq), s.sq, s.sk, BN);
+  const int n_tiles = tiles.count();
+  auto tile_n0 = [&](int t) { return tiles.key0(t); };
 
   const int tid = threadIdx.x;
   if (tid == 0) {
@@ -299,28 +289,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
           }
       }
-      // Online softmax per row; the 4 threads of a quad share a row.
+      // Online softmax per row; the 4 threads of a quad share a row. sacc is the m16n8
+      // layout of n8 blocks (4 registers each), as softmax.cuh expects.
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = m[r];
-#pragma unroll
-        for (int i = 0; i < Tr::kSRegs / 4; ++i)
-          mx = fmaxf(mx, fmaxf(sacc[4 * i + 2 * r], sacc[4 * i + 2 * r + 1]));
-        mx = fmaxf(mx, mma::shfl_xor<1>(mx));
-        mx = fmaxf(mx, mma::shfl_xor<2>(mx));
-        alpha[r] = rescale_factor(m[r], mx);
-        // Nothing visible yet (mx = -inf): subtract 0 so that masked scores give 0, not NaN.
-        const float base = mx == kNegInf ? 0.0f : mx;
-        float sum = 0.0f;
-#pragma unroll
-        for (int i = 0; i < Tr::kSRegs / 4; ++i) {
-          sacc[4 * i + 2 * r] = mma::fast_exp2(sacc[4 * i + 2 * r] - base);
-          sacc[4 * i + 2 * r + 1] = mma::fast_exp2(sacc[4 * i + 2 * r + 1] - base);
-          sum += sacc[4 * i + 2 * r] + sacc[4 * i + 2 * r + 1];
-        }
-        l[r] = l[r] * alpha[r] + sum;
-        m[r] = mx;
-      }
+      for (int r = 0; r < 2; ++r)
+        alpha[r] = softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
     };
     // The S accumulators of n8 blocks 2kk and 2kk+1 are the A fragment of k16 step kk.
     auto pack_p = [&]() {
@@ -388,12 +361,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // Epilogue. This consumer's wgmmas are done (and the Q copy, if any, was waited), so its
     // own Q rows can hold its O rows.
     float inv[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += mma::shfl_xor<1>(l[r]);
-      l[r] += mma::shfl_xor<2>(l[r]);
-      inv[r] = l[r] > 0.0f ? __fdividef(1.0f, l[r]) : 0.0f;  // empty row: output 0
-    }
+    softmax_finalize(l, inv);
     // Stage O in Q's shared memory (same panel layout, conflict-free), then write 16-byte
     // vectors to global memory.
 #pragma unroll

@@ -5,6 +5,7 @@
 #include "longattn/common.cuh"
 #include "longattn/dtype.cuh"
 #include "longattn/merge.h"
+#include "longattn/softmax.cuh"
 
 namespace longattn {
 namespace {
@@ -23,15 +24,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32) merge_kernel(const __grid_co
   const long long li = (b * p.heads + h) * p.seqlen + sidx;
 
   float wa = 0.0f, wb = 0.0f, lse = kNegInf;
-  if (lane == 0) {
-    const float la = p.a_lse[li], lb = p.b_lse[li];
-    const float mx = fmaxf(la, lb);
-    if (mx != kNegInf) {  // both empty stays (0, -inf) instead of NaN
-      lse = mx + logf(expf(la - mx) + expf(lb - mx));
-      wa = expf(la - lse);
-      wb = expf(lb - lse);
-    }
-  }
+  if (lane == 0) merge_weights(p.a_lse[li], p.b_lse[li], wa, wb, lse);
   wa = __shfl_sync(0xffffffffu, wa, 0);
   wb = __shfl_sync(0xffffffffu, wb, 0);
   const long long base = item * p.head_dim;

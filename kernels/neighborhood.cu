@@ -15,6 +15,7 @@
 
 #include "longattn/common.cuh"
 #include "longattn/neighborhood.cuh"
+#include "longattn/softmax.cuh"
 
 namespace longattn {
 namespace {

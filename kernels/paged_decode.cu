@@ -13,8 +13,11 @@
 #include "longattn/check.cuh"
 #include "longattn/dtype.cuh"
 #include "longattn/launch.cuh"
+#include "longattn/mask.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/paged_common.cuh"
+#include "longattn/softmax.cuh"
+#include "longattn/swizzle.cuh"
 
 namespace longattn {
 namespace {
@@ -97,12 +100,6 @@ struct FastDiv {
     return (uint32_t)(((uint64_t)u * mul) >> shift);
   }
 };
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float x, float y) {
-  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
-  return *reinterpret_cast<const uint32_t *>(&v);
-}
 
 // Transpose of an 8x8 16-bit matrix held as one m8n8 fragment (lane: row lane / 4, columns
 // 2 * (lane % 4), +1): afterwards the lane holds the same positions of the transpose.
@@ -275,8 +272,7 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
       }
       const int v1 = ld_v + kVR / 2;
       const bool pred0 = key >= 0 && ld_v < dv, pred1 = key >= 0 && v1 < dv;
-      const int so0 = kk * DB + ((ld_v ^ (kk & 7)) * kVec);
-      const int so1 = kk * DB + ((v1 ^ (kk & 7)) * kVec);
+      const int so0 = swizzled_elem<DB>(kk, ld_v), so1 = swizzled_elem<DB>(kk, v1);
       const long long off1 = off + (kVR / 2) * 16;
       mma::cp_async_16(mma::smem_addr(ks + so0), k_cache + (pred0 ? off : 0), pred0);
       mma::cp_async_16(mma::smem_addr(vs + so0), v_cache + (pred0 ? off : 0), pred0);
@@ -300,14 +296,11 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   // Both keys have low 3 bits lane % 8 and the swizzle only touches the low 3 bits of the
   // chunk, so chunk c maps to 8 (c / 8) + ((c % 8) ^ lane % 8): four per-lane offsets
   // (c % 8 = 2j + bit) plus compile-time immediates.
-  const int sw = lane & 7;
   uint32_t k_off[4], v_off[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    k_off[j] = ((16 * kw + (lane & 15)) * DB + (((2 * j + (lane >> 4)) ^ sw) << 3)) * sizeof(T);
-    v_off[j] = ((16 * kw + (lane & 7) + ((lane >> 4) << 3)) * DB + dh * kDH +
-                (((2 * j + ((lane >> 3) & 1)) ^ sw) << 3)) *
-               sizeof(T);
+    k_off[j] = ldmatrix_offset_rows16<DB, T>(lane, 16 * kw, j);
+    v_off[j] = ldmatrix_offset_rows8x2<DB, T>(lane, 16 * kw, dh * kDH, j);
   }
   constexpr uint32_t kChunk8Bytes = 64 * sizeof(T);  // 8 chunks of 8 elements
   const uint32_t ring_base = mma::smem_addr(ring);

@@ -4,6 +4,7 @@
 #include "longattn/check.cuh"
 #include "longattn/dtype.cuh"
 #include "longattn/launch.cuh"
+#include "longattn/mask.cuh"
 #include "longattn/paged_common.cuh"
 
 namespace longattn {

@@ -5,28 +5,15 @@
 // may share rows; they are merged one launch after the other on the compute stream).
 
 #include "longattn/common.cuh"
+#include "longattn/dtype.cuh"
 #include "longattn/ring.h"
+#include "longattn/softmax.cuh"
 
 namespace longattn {
 namespace {
 
 constexpr int kRingWarps = 8;
 constexpr int kInitThreads = 256;
-
-// (wa, wb, lse) of merging lse_a with lse_b, as src/softmax.rs merge_weights.
-__device__ __forceinline__ void merge_weights(float la, float lb, float &wa, float &wb,
-                                              float &lse) {
-  const float m = fmaxf(la, lb);
-  if (m == kNegInf) {  // both empty: stay (0, -inf) instead of NaN
-    wa = 0.0f;
-    wb = 0.0f;
-    lse = kNegInf;
-    return;
-  }
-  lse = m + logf(expf(la - m) + expf(lb - m));
-  wa = expf(la - lse);
-  wb = expf(lb - lse);
-}
 
 __global__ void __launch_bounds__(kInitThreads)
     state_init_kernel(float *acc_o, float *acc_lse, long long rows, int head_dim) {
@@ -114,18 +101,14 @@ extern "C" int la_ring_state_init(float *acc_o, float *acc_lse, int64_t rows, in
 // f16 and bf16 only: the GPU ring's dense pieces take no other dtype.
 extern "C" int la_ring_merge(const LaRingMergeParams *params, cudaStream_t stream) {
   using namespace longattn;
-  switch (params->dtype) {
-    case LA_F16: return launch_ring_merge<__half>(*params, stream);
-    case LA_BF16: return launch_ring_merge<__nv_bfloat16>(*params, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_ring_merge<typename decltype(t)::type>(*params, stream);
+  });
 }
 
 extern "C" int la_ring_finalize(const LaRingFinalizeParams *params, cudaStream_t stream) {
   using namespace longattn;
-  switch (params->dtype) {
-    case LA_F16: return launch_ring_finalize<__half>(*params, stream);
-    case LA_BF16: return launch_ring_finalize<__nv_bfloat16>(*params, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_ring_finalize<typename decltype(t)::type>(*params, stream);
+  });
 }

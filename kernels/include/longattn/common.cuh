@@ -1,6 +1,6 @@
-// Device-side building blocks shared by every family: element conversion, the mask
-// (window + sinks, causal is a window) and the online-softmax state. Mirrors src/mask.rs and
-// src/softmax.rs exactly.
+// Device-side basics shared by every family: element conversion, the log2/ln constants and
+// warp reductions. The mask (mask.cuh), the online softmax (softmax.cuh) and the
+// shared-memory swizzle (swizzle.cuh) build on it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,57 +35,11 @@ template <> struct Elem<float> {
   static __device__ __forceinline__ float to_float(float x) { return x; }
 };
 
-// ---- mask ---------------------------------------------------------------------------
-// FlashAttention window (left, right), -1 = unbounded, plus `sinks` leading keys that obey
-// the right bound. `diag = i + sk - sq` aligns the diagonal bottom-right.
-struct Mask {
-  int left, right, sinks;
-
-  __host__ __device__ __forceinline__ bool visible(int i, int j, int sq, int sk) const {
-    if (j < 0 || j >= sk) return false;
-    const long long diag = (long long)i + sk - sq;
-    if (right >= 0 && j > diag + right) return false;
-    const bool in_left = left < 0 || j >= diag - left;
-    return in_left || j < sinks;
-  }
-
-  // Key tiles that rows [row_begin, row_end) must visit, as two ranges of tile indices:
-  // sink tiles [0, sink_tiles) then window tiles [first, last). Mirrors Mask::key_tiles.
-  __host__ __device__ __forceinline__ void key_tiles(int row_begin, int row_end, int sq, int sk,
-                                                     int block_n, int &sink_tiles, int &first,
-                                                     int &last) const {
-    const long long d = (long long)sk - sq;
-    long long lo = left >= 0 ? (long long)row_begin + d - left : 0;
-    if (lo < 0) lo = 0;
-    long long hi = right >= 0 ? (long long)row_end - 1 + d + right + 1 : sk;
-    if (hi > sk) hi = sk;
-    long long sink_end = sinks < sk ? sinks : sk;
-    if (right >= 0 && sink_end > (long long)row_end - 1 + d + right + 1)
-      sink_end = (long long)row_end - 1 + d + right + 1;
-    if (sink_end < 0) sink_end = 0;
-    sink_tiles = (int)((sink_end + block_n - 1) / block_n);
-    if (hi <= lo || row_end <= row_begin) {
-      first = last = sink_tiles;
-      return;
-    }
-    first = (int)(lo / block_n);
-    if (first < sink_tiles) first = sink_tiles;
-    last = (int)((hi + block_n - 1) / block_n);
-    if (last < first) last = first;
-  }
-};
-
-// ---- online softmax -----------------------------------------------------------------
-// Scores are kept in log2 units (scale * log2(e) folded in) so that exp2f maps to one MUFU
-// instruction; LSE is converted back to natural log on output.
-__device__ __forceinline__ float rescale_factor(float m_old, float m_new) {
-  // m_new == -inf means everything so far is masked: keep the state (avoid -inf - -inf).
-  return m_new == kNegInf ? 1.0f : exp2f(m_old - m_new);
-}
-
-// Natural-log LSE of a finished row in log2 units; -inf for an empty row.
-__device__ __forceinline__ float lse_from_log2(float m_log2, float l) {
-  return l > 0.0f ? (m_log2 + __log2f(l)) * kLn2 : kNegInf;
+// Two floats rounded to T and packed into one 32-bit register (an mma fragment element).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  const typename Elem<T>::Pair v = Elem<T>::from_float2(make_float2(x, y));
+  return *reinterpret_cast<const uint32_t *>(&v);
 }
 
 __device__ __forceinline__ float warp_max(float x) {
