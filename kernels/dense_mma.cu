@@ -9,7 +9,10 @@
 // softmax with exp2, then O += P V (P re-packed from the S accumulators as A fragments, V read
 // with ldmatrix.trans). Only the tiles that Mask::key_tiles leaves visible are visited: sink
 // tiles first, then the window tiles. Semantics are exactly those of the SIMT kernel in
-// dense.cu (see semantics.md).
+// dense.cu (see docs/semantics.md). Traits, shared-memory layout (MmaSmem), row loader,
+// swizzle, key-tile schedule (WindowTiles) and online softmax come from the shared headers;
+// the loop itself stays written out here until it can move onto mma_attention
+// (mma_mainloop.cuh explains why).
 
 #include "longattn/common.cuh"
 #include "longattn/dense_tensors.cuh"
