@@ -473,7 +473,7 @@ impl PagedDecode {
         meta: PageMeta<&[T]>,
     ) -> Result<QuestSelection> {
         self.check_select(
-            (q.data.len(), &q.strides),
+            q.extent(),
             (meta.kmin.len(), meta.kmax.len()),
         )?;
         let (hkv, d, mp) = (
@@ -580,8 +580,8 @@ impl PagedDecode {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         self.check_forward(
-            (q.data.len(), &q.strides),
-            (out.data.len(), &out.strides),
+            q.extent(),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
