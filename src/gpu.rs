@@ -11,9 +11,9 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 #[cfg(longattn_cuda)]
 use crate::layout::{Strided, Strides};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 #[cfg(longattn_cuda)]
 use cudarc::driver::{CudaStream, SyncOnDrop};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
 
 /// Grid y/z limit: the dense and neighborhood kernels index heads and the batch with them.
 pub(crate) const GRID_LIMIT: usize = 65535;
@@ -58,7 +58,11 @@ pub(crate) fn check_attention_gpu(
     batch: usize,
     heads_q: usize,
 ) -> Result<()> {
-    check_half(dtype, &format!("{family} attention on the GPU takes"), "path")?;
+    check_half(
+        dtype,
+        &format!("{family} attention on the GPU takes"),
+        "path",
+    )?;
     check_head_dim(head_dim, crate::dense::GPU_MAX_HEAD_DIM)?;
     check_grid_yz(batch, ("heads_q", heads_q))
 }
@@ -150,7 +154,6 @@ impl<T> DeviceBufferMut<T> for CudaViewMut<'_, T> {}
 pub(crate) mod ffi {
     include!(concat!(env!("OUT_DIR"), "/ffi.rs"));
 }
-
 
 #[cfg(longattn_cuda)]
 /// Vector loads in the kernels move 16 bytes: pointers and strides must allow that.

@@ -66,13 +66,7 @@ impl FlashAttention {
         O: DeviceBufferMut<T>,
     {
         self.check_buffers(q.extent(), k.extent(), v.extent(), out.extent(), lse_len)?;
-        check_attention_gpu(
-            "dense",
-            T::DTYPE,
-            self.head_dim,
-            self.batch,
-            self.heads_q,
-        )?;
+        check_attention_gpu("dense", T::DTYPE, self.head_dim, self.batch, self.heads_q)?;
         if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper)
             && ![64, 128, 256].contains(&self.head_dim)
         {

@@ -56,7 +56,12 @@ impl MergeShape {
         let (acc_l, _s2) = acc.lse.device_ptr_mut(stream);
         let (p_o, _s3) = part.o.device_ptr(stream);
         let (p_l, _s4) = part.lse.device_ptr(stream);
-        cuda_call!(launch::<T>, self, stream, [acc_o, acc_l, p_o, p_l, acc_o, acc_l])
+        cuda_call!(
+            launch::<T>,
+            self,
+            stream,
+            [acc_o, acc_l, p_o, p_l, acc_o, acc_l]
+        )
     }
 }
 

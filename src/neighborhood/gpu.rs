@@ -6,9 +6,9 @@
 //! (`tests/neighborhood_gpu.rs` does, on a machine with one). It runs only when a caller
 //! asks for it by calling `forward_gpu`; nothing in the crate picks it automatically.
 
-use crate::element::Element;
 #[cfg(longattn_cuda)]
 use crate::element::DType;
+use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
 use crate::layout::{Strided, check_attention_args};
@@ -287,7 +287,7 @@ fn launch_with<T, I, O>(
     q: Strided<&I>,
     k: Strided<&I>,
     v: Strided<&I>,
-    mut out: Strided<&mut O>,
+    out: Strided<&mut O>,
     lse: Option<&mut dyn DeviceBufferMut<f32>>,
     call: impl FnOnce(
         &crate::gpu::ffi::LaNeighborhoodParams,

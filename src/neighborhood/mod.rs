@@ -382,12 +382,7 @@ impl NeighborhoodAttention {
         let (n, d) = (self.tokens, self.head_dim);
         check_attention_args(
             "",
-            [
-                q.extent(),
-                k.extent(),
-                v.extent(),
-                out.extent(),
-            ],
+            [q.extent(), k.extent(), v.extent(), out.extent()],
             [self.batch, n, self.heads_q, d],
             [self.batch, n, self.heads_kv, d],
             lse.as_ref()

@@ -472,10 +472,7 @@ impl PagedDecode {
         q: Strided<&[T]>,
         meta: PageMeta<&[T]>,
     ) -> Result<QuestSelection> {
-        self.check_select(
-            q.extent(),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         let (hkv, d, mp) = (
             self.cache.heads_kv(),
             self.cache.head_dim(),

@@ -23,8 +23,7 @@
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
-    DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim,
-    cuda_call,
+    DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim, cuda_call,
 };
 use crate::layout::Strided;
 use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
@@ -218,10 +217,7 @@ impl PagedDecode {
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
-        self.check_select(
-            q.extent(),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
         let () = cuda_call!(imp::select::<T, I>, &mut plan, &q, &meta)?;
@@ -336,10 +332,8 @@ impl PagedDecodePlan {
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
-        self.decode.check_select(
-            q.extent(),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.decode
+            .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dtype(T::DTYPE)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(

@@ -80,10 +80,7 @@ pub fn quest_scores_f64<T: Element>(
     meta: PageMeta<&[T]>,
 ) -> Result<Vec<f64>> {
     let cache = decode.cache();
-    decode.check_select(
-        q.extent(),
-        (meta.kmin.len(), meta.kmax.len()),
-    )?;
+    decode.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
     let (hkv, d, mp, g) = (
         cache.heads_kv(),
         cache.head_dim(),
