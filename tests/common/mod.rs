@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod paged;
+pub mod ring;
 
 use longattn::Element;
 use rand::rngs::SmallRng;
