@@ -140,7 +140,7 @@ fn launch<T, I, O>(
     q: Strided<&I>,
     k: Strided<&I>,
     v: Strided<&I>,
-    mut out: Strided<&mut O>,
+    out: Strided<&mut O>,
     lse: Option<&mut dyn DeviceBufferMut<f32>>,
 ) -> Result<()>
 where
