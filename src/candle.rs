@@ -164,16 +164,24 @@ struct Problem {
     out_shape: Shape,
 }
 
-impl FlashAttn {
-    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
-        let (qs, ks, vs) = (
-            strides_of("q", q_l, false)?,
-            strides_of("k", k_l, false)?,
-            strides_of("v", v_l, false)?,
-        );
-        let (b, sq, hq, d) = q_l.shape().dims4()?;
-        let (bk, sk, hkv, dk) = k_l.shape().dims4()?;
-        if (bk, dk) != (b, d) {
+impl Problem {
+    /// The strides of q, k, v (rank 4, or rank 3 with `packed`; last dim contiguous).
+    fn strides(
+        q_l: &Layout,
+        k_l: &Layout,
+        v_l: &Layout,
+        packed: bool,
+    ) -> Result<(Strides, Strides, Strides)> {
+        Ok((
+            strides_of("q", q_l, packed)?,
+            strides_of("k", k_l, packed)?,
+            strides_of("v", v_l, packed)?,
+        ))
+    }
+
+    /// Errors unless `same` (q and k agree where they must) and v has the shape of k.
+    fn check_shapes(same: bool, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<()> {
+        if !same {
             bail!(
                 "longattn: shape mismatch q {:?} and k {:?}",
                 q_l.shape(),
@@ -187,6 +195,39 @@ impl FlashAttn {
                 v_l.shape()
             )
         }
+        Ok(())
+    }
+
+    /// Validates `shape` with the op's options (window clamped by `max_seqlen_k`); the output
+    /// has the shape of q.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        shape: &AttentionShape,
+        (q, k, v): (Strides, Strides, Strides),
+        q_l: &Layout,
+        scale: f32,
+        (left, right): (Option<usize>, Option<usize>),
+        softcap: Option<f32>,
+        max_seqlen_k: usize,
+    ) -> Result<Problem> {
+        let opts = options(scale, left, right, softcap, max_seqlen_k);
+        let attn = FlashAttention::new(shape, &opts).map_err(wrap)?;
+        Ok(Problem {
+            attn,
+            q,
+            k,
+            v,
+            out_shape: q_l.shape().clone(),
+        })
+    }
+}
+
+impl FlashAttn {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
+        let strides = Problem::strides(q_l, k_l, v_l, false)?;
+        let (b, sq, hq, d) = q_l.shape().dims4()?;
+        let (bk, sk, hkv, dk) = k_l.shape().dims4()?;
+        Problem::check_shapes((bk, dk) == (b, d), q_l, k_l, v_l)?;
         let shape = AttentionShape {
             batch: b,
             heads_q: hq,
@@ -197,47 +238,24 @@ impl FlashAttn {
                 seqlen_k: sk,
             },
         };
-        let opts = options(
+        Problem::new(
+            &shape,
+            strides,
+            q_l,
             self.softmax_scale,
-            self.window_size_left,
-            self.window_size_right,
+            (self.window_size_left, self.window_size_right),
             self.softcap,
             sk,
-        );
-        let attn = FlashAttention::new(&shape, &opts).map_err(wrap)?;
-        Ok(Problem {
-            attn,
-            q: qs,
-            k: ks,
-            v: vs,
-            out_shape: q_l.shape().clone(),
-        })
+        )
     }
 }
 
 impl FlashAttnVarlen {
     fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
-        let (qs, ks, vs) = (
-            strides_of("q", q_l, true)?,
-            strides_of("k", k_l, true)?,
-            strides_of("v", v_l, true)?,
-        );
+        let strides = Problem::strides(q_l, k_l, v_l, true)?;
         let (_, hq, d) = q_l.shape().dims3()?;
         let (_, hkv, dk) = k_l.shape().dims3()?;
-        if dk != d {
-            bail!(
-                "longattn: shape mismatch q {:?} and k {:?}",
-                q_l.shape(),
-                k_l.shape()
-            )
-        }
-        if v_l.shape() != k_l.shape() {
-            bail!(
-                "longattn: shape mismatch k {:?} and v {:?}",
-                k_l.shape(),
-                v_l.shape()
-            )
-        }
+        Problem::check_shapes(dk == d, q_l, k_l, v_l)?;
         if self.cu_seqlens_q.is_empty() || self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
             bail!(
                 "longattn: seqlens_q ({}) and seqlens_k ({}) must both have batch + 1 >= 1 values",
@@ -263,21 +281,15 @@ impl FlashAttnVarlen {
             .max()
             .unwrap_or(0)
             .max(self.max_seqlen_k);
-        let opts = options(
+        Problem::new(
+            &shape,
+            strides,
+            q_l,
             self.softmax_scale,
-            self.window_size_left,
-            self.window_size_right,
+            (self.window_size_left, self.window_size_right),
             self.softcap,
             max_k,
-        );
-        let attn = FlashAttention::new(&shape, &opts).map_err(wrap)?;
-        Ok(Problem {
-            attn,
-            q: qs,
-            k: ks,
-            v: vs,
-            out_shape: q_l.shape().clone(),
-        })
+        )
     }
 }
 

@@ -5,14 +5,117 @@
 //! Layering (like cudarc): `ffi` (bindgen from `kernels/include/longattn/*.h`) -> this
 //! module's checked launchers -> the safe `forward_gpu`/`merge_gpu` methods.
 
+use crate::element::DType;
+#[cfg(longattn_cuda)]
+use crate::element::Element;
+use crate::error::{Error, Result};
+#[cfg(longattn_cuda)]
+use crate::layout::{Strided, Strides};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+#[cfg(longattn_cuda)]
+use cudarc::driver::{CudaStream, SyncOnDrop};
 
 /// Grid y/z limit: the dense and neighborhood kernels index heads and the batch with them.
 pub(crate) const GRID_LIMIT: usize = 65535;
 
+/// Refuses f32 on the GPU: `"{who} f16 or bf16 (f32 runs on the CPU {cpu})"`.
+pub(crate) fn check_half(dtype: DType, who: &str, cpu: &str) -> Result<()> {
+    if dtype == DType::F32 {
+        return Err(Error::Unsupported(format!(
+            "{who} f16 or bf16 (f32 runs on the CPU {cpu})"
+        )));
+    }
+    Ok(())
+}
+
+/// The GPU kernels' head dims: multiples of 8 (16-byte rows) up to `max`.
+pub(crate) fn check_head_dim(head_dim: usize, max: usize) -> Result<()> {
+    if !head_dim.is_multiple_of(8) || head_dim > max {
+        return Err(Error::Unsupported(format!(
+            "head_dim {head_dim} on the GPU: must be a multiple of 8 and at most {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// The batch and a head count index grid y/z: at most [`GRID_LIMIT`] each.
+pub(crate) fn check_grid_yz(batch: usize, (heads_name, heads): (&str, usize)) -> Result<()> {
+    if batch > GRID_LIMIT || heads > GRID_LIMIT {
+        return Err(Error::Unsupported(format!(
+            "batch ({batch}) and {heads_name} ({heads}) must be at most {GRID_LIMIT} on the GPU"
+        )));
+    }
+    Ok(())
+}
+
+/// The checks the dense and neighborhood entry points share, in this order: f16/bf16
+/// (`"{family} attention on the GPU takes ..."`), the head dim (up to
+/// [`crate::dense::GPU_MAX_HEAD_DIM`]), batch and `heads_q` within the grid.
+pub(crate) fn check_attention_gpu(
+    family: &str,
+    dtype: DType,
+    head_dim: usize,
+    batch: usize,
+    heads_q: usize,
+) -> Result<()> {
+    check_half(
+        dtype,
+        &format!("{family} attention on the GPU takes"),
+        "path",
+    )?;
+    check_head_dim(head_dim, crate::dense::GPU_MAX_HEAD_DIM)?;
+    check_grid_yz(batch, ("heads_q", heads_q))
+}
+
+/// Calls a launcher of the CUDA build: `cuda_call!(f, args...)` is `f(args...)`. In the
+/// CPU-only build the launchers do not exist; the call only borrows its arguments and is
+/// `Err(Error::CudaNotCompiled)`.
+#[cfg(longattn_cuda)]
+macro_rules! cuda_call {
+    ($f:expr $(, $arg:expr)* $(,)?) => {
+        $f($($arg),*)
+    };
+}
+#[cfg(not(longattn_cuda))]
+macro_rules! cuda_call {
+    ($f:expr $(, $arg:expr)* $(,)?) => {{
+        let _ = ($(&$arg,)*);
+        Err($crate::error::Error::CudaNotCompiled)
+    }};
+}
+pub(crate) use cuda_call;
+
 mod sealed {
     /// Implemented only for cudarc's own buffer types.
-    pub trait Sealed {}
+    pub trait Sealed: Elements {}
+
+    /// A buffer's length in elements: host slices and cudarc's buffer types (see
+    /// [`crate::layout::Strided::extent`]).
+    pub trait Elements {
+        fn elements(&self) -> usize;
+    }
+}
+pub(crate) use sealed::Elements;
+
+impl<T> Elements for [T] {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+}
+impl<T> Elements for CudaSlice<T> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+}
+impl<T> Elements for CudaView<'_, T> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
+}
+impl<T> Elements for CudaViewMut<'_, T> {
+    fn elements(&self) -> usize {
+        self.len()
+    }
 }
 
 /// A device buffer the GPU entry points read: cudarc's `CudaSlice`, `CudaView` or
@@ -51,13 +154,6 @@ impl<T> DeviceBufferMut<T> for CudaViewMut<'_, T> {}
 pub(crate) mod ffi {
     include!(concat!(env!("OUT_DIR"), "/ffi.rs"));
 }
-
-#[cfg(longattn_cuda)]
-use crate::{
-    element::DType,
-    error::{Error, Result},
-    layout::Strides,
-};
 
 #[cfg(longattn_cuda)]
 /// Vector loads in the kernels move 16 bytes: pointers and strides must allow that.
@@ -144,6 +240,91 @@ pub(crate) fn dtype_bytes(dtype: DType) -> usize {
     match dtype {
         DType::F16 | DType::BF16 => 2,
         DType::F32 => 4,
+    }
+}
+
+/// Device pointers of an attention call's `q`, `k`, `v`, `out`, each checked for the kernels'
+/// 16-byte vector access, with the sync guards that keep cudarc's event tracking correct
+/// until the launch is queued (keep the value alive until then).
+#[cfg(longattn_cuda)]
+pub(crate) struct QkvoPtrs<'a> {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    _sync: [SyncOnDrop<'a>; 4],
+}
+
+#[cfg(longattn_cuda)]
+impl<'a> QkvoPtrs<'a> {
+    /// Takes the pointers of `q`, `k`, `v`, `out` (in that order) on `stream`, then checks
+    /// them and their strides (in that order).
+    pub(crate) fn new<T, I, O>(
+        stream: &'a CudaStream,
+        q: &'a Strided<&I>,
+        k: &'a Strided<&I>,
+        v: &'a Strided<&I>,
+        (out, out_strides): (&'a mut O, &Strides),
+    ) -> Result<Self>
+    where
+        T: Element,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        let bytes = dtype_bytes(T::DTYPE);
+        let (q_ptr, q_sync) = q.data.device_ptr(stream);
+        let (k_ptr, k_sync) = k.data.device_ptr(stream);
+        let (v_ptr, v_sync) = v.data.device_ptr(stream);
+        let (o_ptr, o_sync) = out.device_ptr_mut(stream);
+        check_vector_access("q", q_ptr, &q.strides, bytes)?;
+        check_vector_access("k", k_ptr, &k.strides, bytes)?;
+        check_vector_access("v", v_ptr, &v.strides, bytes)?;
+        check_vector_access("out", o_ptr, out_strides, bytes)?;
+        Ok(QkvoPtrs {
+            q: q_ptr,
+            k: k_ptr,
+            v: v_ptr,
+            o: o_ptr,
+            _sync: [q_sync, k_sync, v_sync, o_sync],
+        })
+    }
+}
+
+/// The device pointer of an optional read buffer and its sync guard: `(0, None)` (a null
+/// pointer for the kernel) when absent.
+#[cfg(longattn_cuda)]
+pub(crate) fn ptr_or_null<'a, T, B>(
+    buf: Option<&'a B>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>)
+where
+    B: DevicePtr<T> + ?Sized,
+{
+    match buf {
+        Some(b) => {
+            let (p, s) = b.device_ptr(stream);
+            (p, Some(s))
+        }
+        None => (0, None),
+    }
+}
+
+/// The device pointer of an optional written buffer (an LSE output, scratch) and its sync
+/// guard: `(0, None)` (a null pointer for the kernel) when absent.
+#[cfg(longattn_cuda)]
+pub(crate) fn ptr_mut_or_null<'a, T, B>(
+    buf: Option<&'a mut B>,
+    stream: &'a CudaStream,
+) -> (u64, Option<SyncOnDrop<'a>>)
+where
+    B: DevicePtrMut<T> + ?Sized,
+{
+    match buf {
+        Some(b) => {
+            let (p, s) = b.device_ptr_mut(stream);
+            (p, Some(s))
+        }
+        None => (0, None),
     }
 }
 

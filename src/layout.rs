@@ -56,6 +56,16 @@ impl<D> Strided<D> {
     pub fn new(data: D, strides: Strides) -> Self {
         Strided { data, strides }
     }
+
+    /// `(elements, strides)`: the buffer's length and the strides, as the argument checks
+    /// take them.
+    pub(crate) fn extent(&self) -> (usize, &Strides)
+    where
+        D: std::ops::Deref<Target: crate::gpu::Elements>,
+    {
+        use crate::gpu::Elements;
+        (self.data.elements(), &self.strides)
+    }
 }
 
 impl<T: Element> Strided<&[T]> {

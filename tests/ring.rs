@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::ring::{RingInputs, ring_inputs};
 use common::{check_lse, random_vec, rel_l2, rng, to_f64};
 use longattn::reference::dense_attention_f64;
 use longattn::*;
@@ -70,29 +71,15 @@ fn check_ring<T: Element>(
         heads_kv,
         head_dim: d,
     } = shape;
+    let RingInputs {
+        q,
+        k,
+        v,
+        dense,
+        qs,
+        ks,
+    } = ring_inputs::<T>(layout, shape, opts, seed);
     let s = layout.seqlen();
-    let mut r = rng(seed);
-    let q: Vec<T> = random_vec(&mut r, batch * s * heads_q * d);
-    let k: Vec<T> = random_vec(&mut r, batch * s * heads_kv * d);
-    let v: Vec<T> = random_vec(&mut r, batch * s * heads_kv * d);
-    let dense = FlashAttention::new(
-        &AttentionShape {
-            batch,
-            heads_q,
-            heads_kv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: s,
-                seqlen_k: s,
-            },
-        },
-        opts,
-    )
-    .unwrap();
-    let (qs, ks) = (
-        Strides::contiguous(s, heads_q, d),
-        Strides::contiguous(s, heads_kv, d),
-    );
     let (want, want_lse) = dense_attention_f64(
         &dense,
         Strided::new(&q[..], qs),

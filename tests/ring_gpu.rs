@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::ring::{RingInputs, ring_inputs};
 use common::*;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::ring::{RankBuffers, RingElement, RingGpuReport, RingRank, SelfComm};
@@ -47,29 +48,14 @@ fn case<T: RingElement>(
         heads_kv,
         head_dim: d,
     } = shape;
-    let s = layout.seqlen();
-    let mut g = rng(seed);
-    let q: Vec<T> = random_vec(&mut g, batch * s * heads_q * d);
-    let k: Vec<T> = random_vec(&mut g, batch * s * heads_kv * d);
-    let v: Vec<T> = random_vec(&mut g, batch * s * heads_kv * d);
-    let dense = FlashAttention::new(
-        &AttentionShape {
-            batch,
-            heads_q,
-            heads_kv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: s,
-                seqlen_k: s,
-            },
-        },
-        opts,
-    )
-    .unwrap();
-    let (qs, ks) = (
-        Strides::contiguous(s, heads_q, d),
-        Strides::contiguous(s, heads_kv, d),
-    );
+    let RingInputs {
+        q,
+        k,
+        v,
+        dense,
+        qs,
+        ks,
+    } = ring_inputs::<T>(layout, shape, opts, seed);
     let (dq, dk, dv) = (
         stream.clone_htod(&q).unwrap(),
         stream.clone_htod(&k).unwrap(),

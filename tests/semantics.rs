@@ -17,6 +17,7 @@
 
 mod common;
 
+use common::paged::shuffled_block_table;
 use common::{cu_seqlens, random_vec, rng};
 use longattn::{
     AttentionOptions, AttentionShape, FlashAttention, HeadPolicy, KvPages, Mask, MergeShape,
@@ -26,7 +27,6 @@ use longattn::{
 };
 use rand::Rng;
 use rand::rngs::SmallRng;
-use rand::seq::SliceRandom;
 
 const TOL: f64 = 1e-4;
 
@@ -1056,16 +1056,7 @@ fn paged_from(
     let pages: Vec<usize> = seqlens.iter().map(|s| s.div_ceil(ps)).collect();
     let max_pages = pages.iter().copied().max().unwrap_or(0) + 2;
     let num_pages = pages.iter().sum::<usize>() + 4;
-    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
-    ids.shuffle(r);
-    let mut table = vec![-1i32; seqlens.len() * max_pages];
-    let mut next = 0;
-    for (b, &n) in pages.iter().enumerate() {
-        for lp in 0..n {
-            table[b * max_pages + lp] = ids[next];
-            next += 1;
-        }
-    }
+    let table = shuffled_block_table(&pages, max_pages, num_pages, r);
     let layout = PagedLayout {
         num_pages,
         page_size: ps,

@@ -94,7 +94,7 @@ fn dot<T: Element>(q: &[T], pooled: &[f64]) -> f64 {
 }
 
 fn check_qk<T: Element>(attn: &FlashAttention, q: &Strided<&[T]>, k: &Strided<&[T]>) -> Result<()> {
-    let (qa, ka) = ((q.data.len(), &q.strides), (k.data.len(), &k.strides));
+    let (qa, ka) = (q.extent(), k.extent());
     attn.check_buffers(qa, ka, ka, qa, None)
 }
 

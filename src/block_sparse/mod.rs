@@ -783,10 +783,10 @@ impl BlockSparseAttention {
     ) -> Result<()> {
         let attn = &self.attn;
         attn.check_buffers(
-            (q.data.len(), &q.strides),
-            (k.data.len(), &k.strides),
-            (v.data.len(), &v.strides),
-            (out.data.len(), &out.strides),
+            q.extent(),
+            k.extent(),
+            v.extent(),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
         )?;
         attn.run_heads_cpu(q, k, v, out, lse, |b, h, qh, kh, vh, sq, sk| {

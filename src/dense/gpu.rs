@@ -1,9 +1,9 @@
 //! `FlashAttention::forward_gpu`: validation, then the dense launcher.
 
 use crate::dense::{DenseKernel, FlashAttention};
-use crate::element::{DType, Element};
+use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
 use crate::layout::Strided;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
@@ -36,7 +36,7 @@ impl FlashAttention {
         O: DeviceBufferMut<T>,
     {
         self.check_gpu(&q, &k, &v, &out, lse.as_deref().map(|l| l.len()))?;
-        launch(self, stream, None, q, k, v, out, lse)
+        cuda_call!(launch, self, stream, None::<&CuSeqlens>, q, k, v, out, lse)
     }
 
     /// Uploads the varlen offsets (if any) once, on `stream`, for [`DenseGpuPlan::forward`].
@@ -65,30 +65,8 @@ impl FlashAttention {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<T>,
     {
-        self.check_buffers(
-            (q.data.len(), &q.strides),
-            (k.data.len(), &k.strides),
-            (v.data.len(), &v.strides),
-            (out.data.len(), &out.strides),
-            lse_len,
-        )?;
-        if T::DTYPE == DType::F32 {
-            return Err(Error::Unsupported(
-                "dense attention on the GPU takes f16 or bf16 (f32 runs on the CPU path)".into(),
-            ));
-        }
-        if !self.head_dim.is_multiple_of(8) || self.head_dim > GPU_MAX_HEAD_DIM {
-            return Err(Error::Unsupported(format!(
-                "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
-                self.head_dim
-            )));
-        }
-        if self.batch > GRID_LIMIT || self.heads_q > GRID_LIMIT {
-            return Err(Error::Unsupported(format!(
-                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
-                self.batch, self.heads_q
-            )));
-        }
+        self.check_buffers(q.extent(), k.extent(), v.extent(), out.extent(), lse_len)?;
+        check_attention_gpu("dense", T::DTYPE, self.head_dim, self.batch, self.heads_q)?;
         if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper)
             && ![64, 128, 256].contains(&self.head_dim)
         {
@@ -109,8 +87,11 @@ impl FlashAttention {
 #[derive(Debug)]
 pub struct DenseGpuPlan {
     attn: FlashAttention,
-    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    cu_seqlens: Option<CuSeqlens>,
 }
+
+/// Varlen offsets on the device: `cu_seqlens_q`, `cu_seqlens_k`.
+type CuSeqlens = (CudaSlice<i32>, CudaSlice<i32>);
 
 impl DenseGpuPlan {
     /// The validated problem.
@@ -136,7 +117,8 @@ impl DenseGpuPlan {
     {
         self.attn
             .check_gpu(&q, &k, &v, &out, lse.as_deref().map(|l| l.len()))?;
-        launch(
+        cuda_call!(
+            launch,
             &self.attn,
             stream,
             self.cu_seqlens.as_ref(),
@@ -149,32 +131,12 @@ impl DenseGpuPlan {
     }
 }
 
-#[cfg(not(longattn_cuda))]
-#[allow(clippy::too_many_arguments)]
-fn launch<T, I, O>(
-    _attn: &FlashAttention,
-    _stream: &Arc<CudaStream>,
-    _cu_seqlens: Option<&(CudaSlice<i32>, CudaSlice<i32>)>,
-    _q: Strided<&I>,
-    _k: Strided<&I>,
-    _v: Strided<&I>,
-    _out: Strided<&mut O>,
-    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
-) -> Result<()>
-where
-    T: Element + DeviceRepr,
-    I: DeviceBuffer<T>,
-    O: DeviceBufferMut<T>,
-{
-    Err(Error::CudaNotCompiled)
-}
-
 #[cfg(longattn_cuda)]
 #[allow(clippy::too_many_arguments)]
 fn launch<T, I, O>(
     attn: &FlashAttention,
     stream: &Arc<CudaStream>,
-    planned: Option<&(CudaSlice<i32>, CudaSlice<i32>)>,
+    planned: Option<&CuSeqlens>,
     q: Strided<&I>,
     k: Strided<&I>,
     v: Strided<&I>,
@@ -186,48 +148,28 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::gpu::{check_launch, check_vector_access, dtype_bytes, ffi, la_dtype};
-    use cudarc::driver::DevicePtr;
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, la_dtype, ptr_mut_or_null, ptr_or_null};
     if attn.total_q == 0 {
         return Ok(());
     }
-    let bytes = dtype_bytes(T::DTYPE);
-    let (q_ptr, _q_sync) = q.data.device_ptr(stream);
-    let (k_ptr, _k_sync) = k.data.device_ptr(stream);
-    let (v_ptr, _v_sync) = v.data.device_ptr(stream);
-    let (o_ptr, _o_sync) = out.data.device_ptr_mut(stream);
-    check_vector_access("q", q_ptr, &q.strides, bytes)?;
-    check_vector_access("k", k_ptr, &k.strides, bytes)?;
-    check_vector_access("v", v_ptr, &v.strides, bytes)?;
-    check_vector_access("out", o_ptr, &out.strides, bytes)?;
+    let ptrs = QkvoPtrs::new(stream, &q, &k, &v, (&mut *out.data, &out.strides))?;
     // A plan's offsets are already on the device; a one-shot call uploads them here.
     let uploaded = match (&attn.varlen, planned) {
         (Some((cq, ck)), None) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
         _ => None,
     };
-    let (cu_q, _cq_sync, cu_k, _ck_sync) = match planned.or(uploaded.as_ref()) {
-        Some((cq, ck)) => {
-            let (a, sa) = cq.device_ptr(stream);
-            let (b, sb) = ck.device_ptr(stream);
-            (a, Some(sa), b, Some(sb))
-        }
-        None => (0, None, 0, None),
-    };
-    let (lse_ptr, _lse_sync) = match lse {
-        Some(l) => {
-            let (p, s) = l.device_ptr_mut(stream);
-            (p, Some(s))
-        }
-        None => (0, None),
-    };
+    let cu_seqlens = planned.or(uploaded.as_ref());
+    let (cu_q, _cq_sync) = ptr_or_null(cu_seqlens.map(|(cq, _)| cq), stream);
+    let (cu_k, _ck_sync) = ptr_or_null(cu_seqlens.map(|(_, ck)| ck), stream);
+    let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
     let (window_left, window_right) = attn.mask.window.to_flash();
     let varlen = attn.varlen.is_some();
     let batch_stride = |s: i64| if varlen { 0 } else { s };
     let params = ffi::LaDenseParams {
-        q: q_ptr as *const _,
-        k: k_ptr as *const _,
-        v: v_ptr as *const _,
-        o: o_ptr as *mut _,
+        q: ptrs.q as *const _,
+        k: ptrs.k as *const _,
+        v: ptrs.v as *const _,
+        o: ptrs.o as *mut _,
         lse: lse_ptr as *mut f32,
         cu_seqlens_q: cu_q as *const i32,
         cu_seqlens_k: cu_k as *const i32,

@@ -408,10 +408,10 @@ impl FlashAttention {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         self.check_buffers(
-            (q.data.len(), &q.strides),
-            (k.data.len(), &k.strides),
-            (v.data.len(), &v.strides),
-            (out.data.len(), &out.strides),
+            q.extent(),
+            k.extent(),
+            v.extent(),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
         )?;
         self.run_heads_cpu(q, k, v, out, lse, |_, _, qh, kh, vh, sq, sk| {

@@ -1,10 +1,8 @@
 //! `MergeShape::merge_gpu` / `merge_into_gpu`: validation, then the merge launcher.
 
 use crate::element::Element;
-#[cfg(not(longattn_cuda))]
-use crate::error::Error;
 use crate::error::Result;
-use crate::gpu::{DeviceBuffer, DeviceBufferMut};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, cuda_call};
 use crate::merge::{MergeShape, Partial};
 use cudarc::driver::{CudaStream, DeviceRepr};
 use std::sync::Arc;
@@ -35,7 +33,7 @@ impl MergeShape {
         let (b_l, _s4) = b.lse.device_ptr(stream);
         let (o_o, _s5) = out.o.device_ptr_mut(stream);
         let (o_l, _s6) = out.lse.device_ptr_mut(stream);
-        launch::<T>(self, stream, [a_o, a_l, b_o, b_l, o_o, o_l])
+        cuda_call!(launch::<T>, self, stream, [a_o, a_l, b_o, b_l, o_o, o_l])
     }
 
     /// `acc = merge(acc, part)` in place on `stream`.
@@ -58,15 +56,13 @@ impl MergeShape {
         let (acc_l, _s2) = acc.lse.device_ptr_mut(stream);
         let (p_o, _s3) = part.o.device_ptr(stream);
         let (p_l, _s4) = part.lse.device_ptr(stream);
-        launch::<T>(self, stream, [acc_o, acc_l, p_o, p_l, acc_o, acc_l])
+        cuda_call!(
+            launch::<T>,
+            self,
+            stream,
+            [acc_o, acc_l, p_o, p_l, acc_o, acc_l]
+        )
     }
-}
-
-/// `ptrs`: a.o, a.lse, b.o, b.lse, out.o, out.lse (out may alias a).
-#[cfg(not(longattn_cuda))]
-fn launch<T: Element>(_: &MergeShape, _: &Arc<CudaStream>, _ptrs: [u64; 6]) -> Result<()> {
-    let _ = T::DTYPE;
-    Err(Error::CudaNotCompiled)
 }
 
 /// `ptrs`: a.o, a.lse, b.o, b.lse, out.o, out.lse (out may alias a).

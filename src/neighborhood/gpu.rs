@@ -6,14 +6,14 @@
 //! (`tests/neighborhood_gpu.rs` does, on a machine with one). It runs only when a caller
 //! asks for it by calling `forward_gpu`; nothing in the crate picks it automatically.
 
-use crate::dense::GPU_MAX_HEAD_DIM;
-use crate::element::{DType, Element};
+#[cfg(longattn_cuda)]
+use crate::element::DType;
+use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
 use crate::layout::{Strided, check_attention_args};
 use crate::neighborhood::NeighborhoodAttention;
-#[allow(unused_imports)] // device_ptr methods are used by the CUDA build only
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Query tokens per block of the kernel (one warp each); the grid's x extent is the token
@@ -46,15 +46,10 @@ impl NeighborhoodAttention {
         O: DeviceBufferMut<T>,
     {
         self.check_gpu_args::<T>(
-            [
-                (q.data.len(), &q.strides),
-                (k.data.len(), &k.strides),
-                (v.data.len(), &v.strides),
-                (out.data.len(), &out.strides),
-            ],
+            [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
-        launch(self, stream, q, k, v, out, lse)
+        cuda_call!(launch, self, stream, q, k, v, out, lse)
     }
 
     /// GPU forward pass with the fused tensor-core kernel (`kernels/neighborhood_mma.cu`,
@@ -80,12 +75,7 @@ impl NeighborhoodAttention {
         O: DeviceBufferMut<T>,
     {
         self.check_gpu_args::<T>(
-            [
-                (q.data.len(), &q.strides),
-                (k.data.len(), &k.strides),
-                (v.data.len(), &v.strides),
-                (out.data.len(), &out.strides),
-            ],
+            [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
         if ![64, 128].contains(&self.head_dim) {
@@ -95,7 +85,7 @@ impl NeighborhoodAttention {
             )));
         }
         let sched = FusedSchedule::new(self)?;
-        launch_fused(self, &sched, stream, q, k, v, out, lse)
+        cuda_call!(launch_fused, self, &sched, stream, q, k, v, out, lse)
     }
 
     /// Every check of `forward_gpu` that needs no device pointer: the CPU path's argument
@@ -113,24 +103,13 @@ impl NeighborhoodAttention {
             [self.batch, n, self.heads_kv, self.head_dim],
             lse_len.map(|l| (l, self.lse_len(), "[batch, heads_q, tokens]")),
         )?;
-        if T::DTYPE == DType::F32 {
-            return Err(Error::Unsupported(
-                "neighborhood attention on the GPU takes f16 or bf16 (f32 runs on the CPU path)"
-                    .into(),
-            ));
-        }
-        if !self.head_dim.is_multiple_of(8) || self.head_dim > GPU_MAX_HEAD_DIM {
-            return Err(Error::Unsupported(format!(
-                "head_dim {} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}",
-                self.head_dim
-            )));
-        }
-        if self.batch > GRID_LIMIT || self.heads_q > GRID_LIMIT {
-            return Err(Error::Unsupported(format!(
-                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
-                self.batch, self.heads_q
-            )));
-        }
+        check_attention_gpu(
+            "neighborhood",
+            T::DTYPE,
+            self.head_dim,
+            self.batch,
+            self.heads_q,
+        )?;
         if n.div_ceil(TOKENS_PER_BLOCK) > i32::MAX as usize {
             return Err(Error::Unsupported(format!(
                 "{n} grid tokens: at most {} on the GPU",
@@ -198,26 +177,6 @@ impl FusedSchedule {
     }
 }
 
-#[cfg(not(longattn_cuda))]
-#[allow(clippy::too_many_arguments)]
-fn launch_fused<T, I, O>(
-    _attn: &NeighborhoodAttention,
-    _sched: &FusedSchedule,
-    _stream: &Arc<CudaStream>,
-    _q: Strided<&I>,
-    _k: Strided<&I>,
-    _v: Strided<&I>,
-    _out: Strided<&mut O>,
-    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
-) -> Result<()>
-where
-    T: Element + DeviceRepr,
-    I: DeviceBuffer<T>,
-    O: DeviceBufferMut<T>,
-{
-    Err(Error::CudaNotCompiled)
-}
-
 #[cfg(longattn_cuda)]
 #[allow(clippy::too_many_arguments)]
 fn launch_fused<T, I, O>(
@@ -236,6 +195,7 @@ where
     O: DeviceBufferMut<T>,
 {
     use crate::gpu::{check_launch, ffi};
+    use cudarc::driver::DevicePtr;
     if attn.out_len() == 0 || sched.tiles.is_empty() {
         return Ok(());
     }
@@ -264,24 +224,6 @@ where
         }
         check_launch("la_neighborhood_mma_forward", code)
     })
-}
-
-#[cfg(not(longattn_cuda))]
-fn launch<T, I, O>(
-    _attn: &NeighborhoodAttention,
-    _stream: &Arc<CudaStream>,
-    _q: Strided<&I>,
-    _k: Strided<&I>,
-    _v: Strided<&I>,
-    _out: Strided<&mut O>,
-    _lse: Option<&mut dyn DeviceBufferMut<f32>>,
-) -> Result<()>
-where
-    T: Element + DeviceRepr,
-    I: DeviceBuffer<T>,
-    O: DeviceBufferMut<T>,
-{
-    Err(Error::CudaNotCompiled)
 }
 
 /// The kernel's params with null pointers: dims padded in front to three (see
@@ -357,31 +299,17 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::gpu::{check_vector_access, dtype_bytes, ffi};
+    use crate::gpu::{QkvoPtrs, ffi, ptr_mut_or_null};
     if attn.out_len() == 0 {
         return Ok(());
     }
-    let bytes = dtype_bytes(T::DTYPE);
-    let (q_ptr, _q_sync) = q.data.device_ptr(stream);
-    let (k_ptr, _k_sync) = k.data.device_ptr(stream);
-    let (v_ptr, _v_sync) = v.data.device_ptr(stream);
-    let (o_ptr, _o_sync) = out.data.device_ptr_mut(stream);
-    check_vector_access("q", q_ptr, &q.strides, bytes)?;
-    check_vector_access("k", k_ptr, &k.strides, bytes)?;
-    check_vector_access("v", v_ptr, &v.strides, bytes)?;
-    check_vector_access("out", o_ptr, &out.strides, bytes)?;
-    let (lse_ptr, _lse_sync) = match lse {
-        Some(l) => {
-            let (p, s) = l.device_ptr_mut(stream);
-            (p, Some(s))
-        }
-        None => (0, None),
-    };
+    let ptrs = QkvoPtrs::new(stream, &q, &k, &v, (&mut *out.data, &out.strides))?;
+    let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
     let params = ffi::LaNeighborhoodParams {
-        q: q_ptr as *const _,
-        k: k_ptr as *const _,
-        v: v_ptr as *const _,
-        o: o_ptr as *mut _,
+        q: ptrs.q as *const _,
+        k: ptrs.k as *const _,
+        v: ptrs.v as *const _,
+        o: ptrs.o as *mut _,
         lse: lse_ptr as *mut f32,
         q_batch_stride: q.strides.batch,
         q_row_stride: q.strides.seq,

@@ -382,12 +382,7 @@ impl NeighborhoodAttention {
         let (n, d) = (self.tokens, self.head_dim);
         check_attention_args(
             "",
-            [
-                (q.data.len(), &q.strides),
-                (k.data.len(), &k.strides),
-                (v.data.len(), &v.strides),
-                (out.data.len(), &out.strides),
-            ],
+            [q.extent(), k.extent(), v.extent(), out.extent()],
             [self.batch, n, self.heads_q, d],
             [self.batch, n, self.heads_kv, d],
             lse.as_ref()

@@ -351,8 +351,8 @@ impl PagedCache {
     ) -> Result<()> {
         self.check_append(
             cu_seqlens_new,
-            (k_new.data.len(), &k_new.strides),
-            (v_new.data.len(), &v_new.strides),
+            k_new.extent(),
+            v_new.extent(),
             (cache.k.len(), cache.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;

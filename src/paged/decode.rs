@@ -472,10 +472,7 @@ impl PagedDecode {
         q: Strided<&[T]>,
         meta: PageMeta<&[T]>,
     ) -> Result<QuestSelection> {
-        self.check_select(
-            (q.data.len(), &q.strides),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         let (hkv, d, mp) = (
             self.cache.heads_kv(),
             self.cache.head_dim(),
@@ -580,8 +577,8 @@ impl PagedDecode {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         self.check_forward(
-            (q.data.len(), &q.strides),
-            (out.data.len(), &out.strides),
+            q.extent(),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),

@@ -22,7 +22,9 @@
 
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut};
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim, cuda_call,
+};
 use crate::layout::Strided;
 use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
@@ -99,29 +101,12 @@ fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
 }
 
 fn check_gpu_dtype(dtype: DType) -> Result<()> {
-    if dtype == DType::F32 {
-        return Err(Error::Unsupported(
-            "the paged kernels take f16 or bf16 (f32 runs on the CPU path)".into(),
-        ));
-    }
-    Ok(())
+    check_half(dtype, "the paged kernels take", "path")
 }
 
 fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
-    let d = cache.head_dim();
-    if !d.is_multiple_of(8) || d > GPU_MAX_HEAD_DIM {
-        return Err(Error::Unsupported(format!(
-            "head_dim {d} on the GPU: must be a multiple of 8 and at most {GPU_MAX_HEAD_DIM}"
-        )));
-    }
-    if cache.batch() > 65535 || cache.heads_kv() > 65535 {
-        return Err(Error::Unsupported(format!(
-            "batch ({}) and heads_kv ({}) must be at most 65535 on the GPU",
-            cache.batch(),
-            cache.heads_kv()
-        )));
-    }
-    Ok(())
+    check_head_dim(cache.head_dim(), GPU_MAX_HEAD_DIM)?;
+    check_grid_yz(cache.batch(), ("heads_kv", cache.heads_kv()))
 }
 
 /// Validates an append's arguments (shared by the one-shot and the plan path); returns the
@@ -141,8 +126,8 @@ where
 {
     let max_touched = cache.check_append(
         cu_seqlens_new,
-        (k_new.data.len(), &k_new.strides),
-        (v_new.data.len(), &v_new.strides),
+        k_new.extent(),
+        v_new.extent(),
         (kv.k.len(), kv.v.len()),
         meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
@@ -174,7 +159,8 @@ impl PagedCache {
         if max_touched == 0 {
             return Ok(());
         }
-        imp::append_oneshot::<T, I, O>(
+        cuda_call!(
+            imp::append_oneshot::<T, I, O>,
             self,
             stream,
             cu_seqlens_new,
@@ -204,14 +190,14 @@ impl PagedDecode {
             self.check_lists_given()?;
             self.check_grid()?;
         }
-        imp::plan(self, stream, what)
+        cuda_call!(imp::plan, self, stream, what)
     }
 
     fn check_grid(&self) -> Result<()> {
         let row_blocks = (self.q_len * self.group()).div_ceil(crate::paged::DECODE_ROWS_PER_BLOCK);
-        if self.cache.heads_kv() * row_blocks > 65535 {
+        if self.cache.heads_kv() * row_blocks > GRID_LIMIT {
             return Err(Error::Unsupported(format!(
-                "heads_kv ({}) * row blocks ({row_blocks}) exceeds the grid limit 65535",
+                "heads_kv ({}) * row blocks ({row_blocks}) exceeds the grid limit {GRID_LIMIT}",
                 self.cache.heads_kv()
             )));
         }
@@ -231,13 +217,10 @@ impl PagedDecode {
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
-        self.check_select(
-            (q.data.len(), &q.strides),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        imp::select::<T, I>(&mut plan, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, I>, &mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
@@ -265,7 +248,7 @@ impl PagedDecode {
         // The tensor checks first, then the plan (tables, grid), then the launches.
         self.validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
-        imp::decode::<T, I, O>(&mut plan, q, kv, meta, out, lse)
+        cuda_call!(imp::decode::<T, I, O>, &mut plan, q, kv, meta, out, lse)
     }
 
     fn validate_forward<T, I, O>(
@@ -282,8 +265,8 @@ impl PagedDecode {
         O: DeviceBufferMut<T>,
     {
         self.check_forward(
-            (q.data.len(), &q.strides),
-            (out.data.len(), &out.strides),
+            q.extent(),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
@@ -349,17 +332,15 @@ impl PagedDecodePlan {
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
-        self.decode.check_select(
-            (q.data.len(), &q.strides),
-            (meta.kmin.len(), meta.kmax.len()),
-        )?;
+        self.decode
+            .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dtype(T::DTYPE)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "this plan has no Quest heads to select pages for".into(),
             ));
         }
-        imp::select::<T, I>(self, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, I>, self, &q, &meta)?;
         Ok(self.selection().expect("checked above"))
     }
 
@@ -387,7 +368,7 @@ impl PagedDecodePlan {
                 "a selection-only plan cannot run the decode".into(),
             ));
         }
-        imp::decode::<T, I, O>(self, q, kv, meta, out, lse)
+        cuda_call!(imp::decode::<T, I, O>, self, q, kv, meta, out, lse)
     }
 
     /// Append on the plan's stream with the plan's device tables (see
@@ -419,80 +400,16 @@ impl PagedDecodePlan {
         if max_touched == 0 {
             return Ok(());
         }
-        imp::append_plan::<T, I, O>(self, cu_seqlens_new, k_new, v_new, cache, meta, max_touched)
-    }
-}
-
-#[cfg(not(longattn_cuda))]
-mod imp {
-    use super::*;
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn append_oneshot<T, I, O>(
-        _: &PagedCache,
-        _: &Arc<CudaStream>,
-        _: &[i32],
-        _: Strided<&I>,
-        _: Strided<&I>,
-        _: KvPages<&mut O>,
-        _: Option<PageMeta<&mut CudaSlice<T>>>,
-        _: usize,
-    ) -> Result<()>
-    where
-        I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
-    {
-        Err(Error::CudaNotCompiled)
-    }
-
-    pub(super) fn append_plan<T, I, O>(
-        _: &mut PagedDecodePlan,
-        _: &[i32],
-        _: Strided<&I>,
-        _: Strided<&I>,
-        _: KvPages<&mut O>,
-        _: Option<PageMeta<&mut CudaSlice<T>>>,
-        _: usize,
-    ) -> Result<()>
-    where
-        I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
-    {
-        Err(Error::CudaNotCompiled)
-    }
-
-    pub(super) fn plan(
-        _: &PagedDecode,
-        _: &Arc<CudaStream>,
-        _: PlanFor,
-    ) -> Result<PagedDecodePlan> {
-        Err(Error::CudaNotCompiled)
-    }
-
-    pub(super) fn select<T, I>(
-        _: &mut PagedDecodePlan,
-        _: &Strided<&I>,
-        _: &PageMeta<&CudaSlice<T>>,
-    ) -> Result<()>
-    where
-        I: DeviceBuffer<T>,
-    {
-        Err(Error::CudaNotCompiled)
-    }
-
-    pub(super) fn decode<T, I, O>(
-        _: &mut PagedDecodePlan,
-        _: Strided<&I>,
-        _: KvPages<&I>,
-        _: Option<PageMeta<&CudaSlice<T>>>,
-        _: Strided<&mut O>,
-        _: Option<&mut dyn DeviceBufferMut<f32>>,
-    ) -> Result<()>
-    where
-        I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
-    {
-        Err(Error::CudaNotCompiled)
+        cuda_call!(
+            imp::append_plan::<T, I, O>,
+            self,
+            cu_seqlens_new,
+            k_new,
+            v_new,
+            cache,
+            meta,
+            max_touched
+        )
     }
 }
 
@@ -501,6 +418,7 @@ mod imp {
     use super::*;
     use crate::gpu::{
         check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
+        ptr_mut_or_null, ptr_or_null,
     };
     use crate::layout::Strides;
     use crate::paged::HeadPolicy;
@@ -889,24 +807,13 @@ mod imp {
         check_vector_access("out", op, &out.strides, bytes)?;
         check_aligned("k_cache", kc)?;
         check_aligned("v_cache", vc)?;
-        let (lp, _s5) = match lse {
-            Some(l) => {
-                let (p, s) = l.device_ptr_mut(stream);
-                (p, Some(s))
-            }
-            None => (0, None),
-        };
+        let (lp, _s5) = ptr_mut_or_null(lse, stream);
         let (bt, _s6) = block_table.device_ptr(stream);
         let (sl, _s7) = seqlens_k.device_ptr(stream);
         let (kd, _s8) = head_kind.device_ptr(stream);
-        let (pl, _s9, pc, _s10) = match lists.as_ref() {
-            Some((pl, pc)) => {
-                let (a, sa) = pl.device_ptr(stream);
-                let (b, sb) = pc.device_ptr(stream);
-                (a, Some(sa), b, Some(sb))
-            }
-            None => (0, None, 0, None),
-        };
+        let lists = lists.as_ref();
+        let (pl, _s9) = ptr_or_null(lists.map(|(pl, _)| pl), stream);
+        let (pc, _s10) = ptr_or_null(lists.map(|(_, pc)| pc), stream);
         let (opart, _s11, lpart, _s12) = match partial.as_mut() {
             Some((o, l)) if splits > 1 => {
                 let (a, sa) = o.device_ptr_mut(stream);

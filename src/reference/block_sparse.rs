@@ -24,9 +24,9 @@ pub fn block_sparse_attention_f64<T: Element>(
         out_strides.batch = 0;
     }
     attn.check_buffers(
-        (q.data.len(), &q.strides),
-        (k.data.len(), &k.strides),
-        (v.data.len(), &v.strides),
+        q.extent(),
+        k.extent(),
+        v.extent(),
         (attn.out_len(), &out_strides),
         None,
     )?;

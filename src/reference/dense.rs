@@ -26,9 +26,9 @@ pub fn dense_attention_f64<T: Element>(
         out_strides
     };
     attn.check_buffers(
-        (q.data.len(), &q.strides),
-        (k.data.len(), &k.strides),
-        (v.data.len(), &v.strides),
+        q.extent(),
+        k.extent(),
+        v.extent(),
         (attn.out_len(), &out_strides),
         None,
     )?;

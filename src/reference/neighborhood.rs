@@ -26,9 +26,9 @@ pub fn neighborhood_attention_f64<T: Element>(
     check_attention_args(
         "",
         [
-            (q.data.len(), &q.strides),
-            (k.data.len(), &k.strides),
-            (v.data.len(), &v.strides),
+            q.extent(),
+            k.extent(),
+            v.extent(),
             (na.out_len(), &out_strides),
         ],
         [b, n, hq, d],

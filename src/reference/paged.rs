@@ -39,7 +39,7 @@ pub fn paged_decode_f64<T: Element>(
     visible: impl Fn(usize, usize, usize, usize) -> bool,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let cache = decode.cache();
-    decode.check_io((q.data.len(), &q.strides), None, None)?;
+    decode.check_io(q.extent(), None, None)?;
     cache.check_kv(kv.k.len(), kv.v.len())?;
     let (d, hq, sq) = (cache.head_dim(), decode.heads_q(), decode.q_len());
     let mut out = vec![0.0f64; decode.out_len()];
@@ -80,10 +80,7 @@ pub fn quest_scores_f64<T: Element>(
     meta: PageMeta<&[T]>,
 ) -> Result<Vec<f64>> {
     let cache = decode.cache();
-    decode.check_select(
-        (q.data.len(), &q.strides),
-        (meta.kmin.len(), meta.kmax.len()),
-    )?;
+    decode.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
     let (hkv, d, mp, g) = (
         cache.heads_kv(),
         cache.head_dim(),

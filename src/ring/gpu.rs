@@ -22,7 +22,7 @@ use super::{RingAttention, RingShape};
 use crate::dense::FlashAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::gpu::DeviceBuffer;
+use crate::gpu::{DeviceBuffer, check_half, cuda_call};
 use crate::layout::{Strided, Strides};
 use cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -104,7 +104,14 @@ impl<T: RingElement> MergeState<T> {
             piece_o: stream.alloc_zeros::<T>(batch * piece_rows * heads_q * d)?,
             piece_lse: stream.alloc_zeros::<f32>(batch * heads_q * piece_rows)?,
         };
-        launch::state_init(stream, &mut acc.acc_o, &mut acc.acc_lse, rows, d)?;
+        let () = cuda_call!(
+            launch::state_init,
+            stream,
+            &mut acc.acc_o,
+            &mut acc.acc_lse,
+            rows,
+            d
+        )?;
         Ok(acc)
     }
 
@@ -132,7 +139,8 @@ impl<T: RingElement> MergeState<T> {
             Strided::new(&mut self.piece_o, po_strides),
             Some(&mut self.piece_lse),
         )?;
-        launch::merge::<T>(
+        cuda_call!(
+            launch::merge::<T>,
             stream,
             &self.piece_o,
             po_strides,
@@ -155,7 +163,16 @@ impl<T: RingElement> MergeState<T> {
         shape: RingShape,
         len: usize,
     ) -> Result<()> {
-        launch::finalize::<T>(stream, &self.acc_o, &self.acc_lse, out, lse, shape, len)
+        cuda_call!(
+            launch::finalize::<T>,
+            stream,
+            &self.acc_o,
+            &self.acc_lse,
+            out,
+            lse,
+            shape,
+            len
+        )
     }
 }
 
@@ -163,11 +180,7 @@ impl RingAttention {
     /// Checks the GPU ring's arguments: [`RingAttention::check_shards`] (K/V taken as
     /// contiguous shards) and f16 or bf16.
     fn check_gpu<T: Element>(&self, ranks: &[RankBuffers<'_, T>]) -> Result<()> {
-        if T::DTYPE == DType::F32 {
-            return Err(Error::Unsupported(
-                "the GPU ring takes f16 or bf16 (f32 runs on the CPU ring)".into(),
-            ));
-        }
+        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
         let qd: Vec<_> = ranks
             .iter()
             .map(|b| (b.q.data.len(), b.q.strides))
@@ -587,7 +600,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
 mod launch {
     use super::{RingElement, RingShape};
     use crate::error::Result;
-    use crate::gpu::{check_launch, ffi, la_dtype};
+    use crate::gpu::{check_launch, ffi, la_dtype, ptr_mut_or_null};
     use crate::layout::{Strided, Strides};
     use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
     use std::sync::Arc;
@@ -668,13 +681,7 @@ mod launch {
         let (al, _s2) = acc_lse.device_ptr(stream);
         let strides = out.strides;
         let (op, _s3) = out.data.device_ptr_mut(stream);
-        let (lp, _s4) = match lse {
-            Some(l) => {
-                let (p, s) = l.device_ptr_mut(stream);
-                (p, Some(s))
-            }
-            None => (0, None),
-        };
+        let (lp, _s4) = ptr_mut_or_null(lse, stream);
         let params = ffi::LaRingFinalizeParams {
             acc_o: ao as *const f32,
             acc_lse: al as *const f32,
@@ -693,52 +700,5 @@ mod launch {
         // strides, lse's length against [batch, heads_q, len]; the state is that size.
         let code = unsafe { ffi::la_ring_finalize(&params, stream.cu_stream() as _) };
         check_launch("la_ring_finalize", code)
-    }
-}
-
-#[cfg(not(longattn_cuda))]
-mod launch {
-    use super::{RingElement, RingShape};
-    use crate::error::{Error, Result};
-    use crate::layout::{Strided, Strides};
-    use cudarc::driver::{CudaSlice, CudaStream};
-    use std::sync::Arc;
-
-    pub(super) fn state_init(
-        _: &Arc<CudaStream>,
-        _: &mut CudaSlice<f32>,
-        _: &mut CudaSlice<f32>,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
-        Err(Error::CudaNotCompiled)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn merge<T: RingElement>(
-        _: &Arc<CudaStream>,
-        _: &CudaSlice<T>,
-        _: Strides,
-        _: &CudaSlice<f32>,
-        _: &mut CudaSlice<f32>,
-        _: &mut CudaSlice<f32>,
-        _: RingShape,
-        _: usize,
-        _: usize,
-        _: usize,
-    ) -> Result<()> {
-        Err(Error::CudaNotCompiled)
-    }
-
-    pub(super) fn finalize<T: RingElement>(
-        _: &Arc<CudaStream>,
-        _: &CudaSlice<f32>,
-        _: &CudaSlice<f32>,
-        _: &mut Strided<&mut CudaSlice<T>>,
-        _: Option<&mut CudaSlice<f32>>,
-        _: RingShape,
-        _: usize,
-    ) -> Result<()> {
-        Err(Error::CudaNotCompiled)
     }
 }

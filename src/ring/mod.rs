@@ -418,6 +418,41 @@ pub struct RingShape {
     pub head_dim: usize,
 }
 
+impl RingShape {
+    /// The dense problem of `seqlen_q` queries over `seqlen_k` keys with these heads:
+    /// `mask` as given (`causal` off: the mask says it), `scale` and `softcap`.
+    pub(crate) fn attention(
+        &self,
+        seqlen_q: usize,
+        seqlen_k: usize,
+        mask: Mask,
+        scale: f32,
+        softcap: Option<f32>,
+    ) -> Result<FlashAttention> {
+        let RingShape {
+            batch,
+            heads_q,
+            heads_kv,
+            head_dim,
+        } = *self;
+        FlashAttention::new(
+            &AttentionShape {
+                batch,
+                heads_q,
+                heads_kv,
+                head_dim,
+                seqlens: SeqLens::Fixed { seqlen_q, seqlen_k },
+            },
+            &AttentionOptions {
+                scale: Some(scale),
+                mask,
+                causal: false,
+                softcap,
+            },
+        )
+    }
+}
+
 /// Validated ring self-attention over `layout.seqlen()` tokens (the same sequence gives the
 /// queries and the keys, so `seqlen_q == seqlen_k` and the diagonal is the main one).
 ///
@@ -662,29 +697,13 @@ impl RingAttention {
     /// The dense problem of one piece: its rows and keys, its local mask, the ring's scale
     /// and softcap.
     pub(crate) fn piece_attention(&self, piece: &RingPiece) -> Result<FlashAttention> {
-        let RingShape {
-            batch,
-            heads_q,
-            heads_kv,
-            head_dim,
-        } = self.shape;
-        FlashAttention::new(
-            &AttentionShape {
-                batch,
-                heads_q,
-                heads_kv,
-                head_dim,
-                seqlens: SeqLens::Fixed {
-                    seqlen_q: piece.q_rows.len(),
-                    seqlen_k: piece.k_rows.len(),
-                },
-            },
-            &AttentionOptions {
-                scale: Some(self.scale),
-                mask: piece.mask, // already in local coordinates, causality included
-                causal: false,
-                softcap: self.softcap,
-            },
+        // The piece's mask is already in local coordinates, causality included.
+        self.shape.attention(
+            piece.q_rows.len(),
+            piece.k_rows.len(),
+            piece.mask,
+            self.scale,
+            self.softcap,
         )
     }
 

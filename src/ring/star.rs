@@ -18,11 +18,11 @@
 //! per rank, merged).
 
 use super::RingShape;
-use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+use crate::dense::{AttentionOptions, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::DeviceBufferMut;
-use crate::layout::{SeqLens, Strided, Strides, check_heads};
+use crate::layout::{Strided, Strides, check_heads};
 use crate::mask::{Mask, Window};
 use crate::softmax::merge_into_row;
 use std::ops::Range;
@@ -96,34 +96,12 @@ impl StarAttention {
     }
 
     fn dense(&self, sq: usize, sk: usize, causal: bool) -> Result<FlashAttention> {
-        let RingShape {
-            batch,
-            heads_q,
-            heads_kv,
-            head_dim,
-        } = self.shape;
-        FlashAttention::new(
-            &AttentionShape {
-                batch,
-                heads_q,
-                heads_kv,
-                head_dim,
-                seqlens: SeqLens::Fixed {
-                    seqlen_q: sq,
-                    seqlen_k: sk,
-                },
-            },
-            &AttentionOptions {
-                scale: Some(self.scale),
-                mask: if causal {
-                    Mask::new(Window::new(None, Some(0)), 0)
-                } else {
-                    Mask::default()
-                },
-                causal: false, // the mask above says it
-                softcap: self.softcap,
-            },
-        )
+        let mask = if causal {
+            Mask::new(Window::new(None, Some(0)), 0)
+        } else {
+            Mask::default()
+        };
+        self.shape.attention(sq, sk, mask, self.scale, self.softcap)
     }
 
     /// Phase 1 of rank `rank`: its block's queries over the keys `anchor ++ block` (`block`
@@ -153,6 +131,54 @@ impl StarAttention {
     /// Phase 2's partial over the query's own keys (on the last rank), causal.
     pub fn query_self_partial(&self) -> Result<FlashAttention> {
         self.dense(self.query_len, self.query_len, true)
+    }
+
+    /// Phase 2's argument checks (block count, the buffers against
+    /// [`StarAttention::query_definition`], each block's and the query's own K/V length) and
+    /// its partials: one per rank over its block, then one over the query's own keys, each
+    /// as `(problem, k, v, key count)`. `len` is a K/V buffer's element count.
+    #[allow(clippy::type_complexity)]
+    fn query_parts<B: Copy>(
+        &self,
+        q: (usize, &Strides),
+        (k_blocks, v_blocks): (&[B], &[B]),
+        (kq, vq): (B, B),
+        out: (usize, &Strides),
+        lse_len: Option<usize>,
+        len: impl Fn(B) -> usize,
+    ) -> Result<Vec<(FlashAttention, B, B, usize)>> {
+        if k_blocks.len() != self.world || v_blocks.len() != self.world {
+            return Err(Error::Shape(format!(
+                "star: {} k and {} v blocks for {} ranks",
+                k_blocks.len(),
+                v_blocks.len(),
+                self.world
+            )));
+        }
+        let nq = self.query_len;
+        let all = self.context_len + nq;
+        let s_all = Strides::contiguous(all, self.shape.heads_kv, self.shape.head_dim);
+        self.query_definition()?.check_buffers(
+            q,
+            (self.kv_elems(all), &s_all),
+            (self.kv_elems(all), &s_all),
+            out,
+            lse_len,
+        )?;
+        let mut parts = Vec::with_capacity(self.world + 1);
+        for r in 0..self.world {
+            let lr = self.block(r).len();
+            self.check_kv(
+                &format!("block {r}"),
+                lr,
+                len(k_blocks[r]),
+                len(v_blocks[r]),
+            )?;
+            parts.push((self.query_partial(r)?, k_blocks[r], v_blocks[r], lr));
+        }
+        self.check_kv("query", nq, len(kq), len(vq))?;
+        parts.push((self.query_self_partial()?, kq, vq, nq));
+        Ok(parts)
     }
 
     /// Elements of a contiguous K/V block of `len` tokens.
@@ -219,14 +245,6 @@ impl StarAttention {
         mut out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
-        if k_blocks.len() != self.world || v_blocks.len() != self.world {
-            return Err(Error::Shape(format!(
-                "star: {} k and {} v blocks for {} ranks",
-                k_blocks.len(),
-                v_blocks.len(),
-                self.world
-            )));
-        }
         let RingShape {
             batch,
             heads_q,
@@ -234,35 +252,16 @@ impl StarAttention {
             head_dim: d,
         } = self.shape;
         let nq = self.query_len;
-        let def = self.query_definition()?;
-        def.check_buffers(
-            (q.data.len(), &q.strides),
-            (
-                self.kv_elems(self.context_len + nq),
-                &Strides::contiguous(self.context_len + nq, heads_kv, d),
-            ),
-            (
-                self.kv_elems(self.context_len + nq),
-                &Strides::contiguous(self.context_len + nq, heads_kv, d),
-            ),
-            (out.data.len(), &out.strides),
+        let parts = self.query_parts(
+            q.extent(),
+            (k_blocks, v_blocks),
+            (kq, vq),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
+            |x| x.len(),
         )?;
         let mut o = vec![0.0f32; batch * heads_q * nq * d];
         let mut l = vec![f32::NEG_INFINITY; batch * heads_q * nq];
-        let mut parts: Vec<(FlashAttention, &[T], &[T], usize)> = Vec::new();
-        for r in 0..self.world {
-            let lr = self.block(r).len();
-            self.check_kv(
-                &format!("block {r}"),
-                lr,
-                k_blocks[r].len(),
-                v_blocks[r].len(),
-            )?;
-            parts.push((self.query_partial(r)?, k_blocks[r], v_blocks[r], lr));
-        }
-        self.check_kv("query", nq, kq.len(), vq.len())?;
-        parts.push((self.query_self_partial()?, kq, vq, nq));
         for (attn, k, v, lk) in parts {
             let s = Strides::contiguous(lk, heads_kv, d);
             let mut po = vec![T::default(); attn.out_len()];
@@ -398,42 +397,20 @@ impl StarAttention {
         mut out: Strided<&mut cudarc::driver::CudaSlice<T>>,
         lse: Option<&mut cudarc::driver::CudaSlice<f32>>,
     ) -> Result<()> {
-        if k_blocks.len() != self.world || v_blocks.len() != self.world {
-            return Err(Error::Shape(format!(
-                "star: {} k and {} v blocks for {} ranks",
-                k_blocks.len(),
-                v_blocks.len(),
-                self.world
-            )));
-        }
         let RingShape {
             heads_kv,
             head_dim: d,
             ..
         } = self.shape;
         let nq = self.query_len;
-        let all = self.context_len + nq;
-        let s_all = Strides::contiguous(all, heads_kv, d);
-        self.query_definition()?.check_buffers(
-            (q.data.len(), &q.strides),
-            (self.kv_elems(all), &s_all),
-            (self.kv_elems(all), &s_all),
-            (out.data.len(), &out.strides),
+        let parts = self.query_parts(
+            q.extent(),
+            (k_blocks, v_blocks),
+            (kq, vq),
+            out.extent(),
             lse.as_ref().map(|l| l.len()),
+            |x| x.len(),
         )?;
-        let mut parts = Vec::with_capacity(self.world + 1);
-        for r in 0..self.world {
-            let lr = self.block(r).len();
-            self.check_kv(
-                &format!("block {r}"),
-                lr,
-                k_blocks[r].len(),
-                v_blocks[r].len(),
-            )?;
-            parts.push((self.query_partial(r)?, k_blocks[r], v_blocks[r], lr));
-        }
-        self.check_kv("query", nq, kq.len(), vq.len())?;
-        parts.push((self.query_self_partial()?, kq, vq, nq));
         let mut state = super::gpu::MergeState::<T>::new(stream, self.shape, nq, nq)?;
         for (attn, k, v, lk) in parts {
             let s = Strides::contiguous(lk, heads_kv, d);

@@ -2,6 +2,9 @@
 //! GPU gate that skips loudly (or fails under LONGATTN_REQUIRE_GPU=1).
 #![allow(dead_code)]
 
+pub mod paged;
+pub mod ring;
+
 use longattn::Element;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};

@@ -1,0 +1,261 @@
+//! The paged-cache fixtures of the paged tests (`paged_cpu.rs`, `paged_gpu.rs`) and the
+//! shuffled block table that the semantics tests' hand-built cache uses too.
+
+use super::{random_vec, rng};
+use longattn::{
+    AttentionOptions, Element, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
+    PagedDecode, PagedLayout, QuestConfig, SparsePolicy, StreamingConfig, Strided, Strides, Window,
+};
+use rand::Rng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+
+/// A block table `[pages.len(), max_pages]` (-1 past each sequence's pages): the page ids are
+/// a random permutation of `0..num_pages`, handed out in order, `pages[b]` to sequence `b`.
+pub fn shuffled_block_table(
+    pages: &[usize],
+    max_pages: usize,
+    num_pages: usize,
+    rng: &mut SmallRng,
+) -> Vec<i32> {
+    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+    ids.shuffle(rng);
+    let mut table = vec![-1i32; pages.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in pages.iter().enumerate() {
+        for lp in 0..n {
+            table[b * max_pages + lp] = ids[next];
+            next += 1;
+        }
+    }
+    table
+}
+
+/// A filled paged cache: pages scattered by a random permutation, K/V written through
+/// `append_cpu` in chunks (a prefill chunk then decode-sized steps), and the same tokens
+/// contiguous per sequence (`tokens[b]: [seqlen, heads_kv, head_dim]` for K and V).
+pub struct Scenario<T> {
+    pub cache: PagedCache,
+    pub k_cache: Vec<T>,
+    pub v_cache: Vec<T>,
+    pub kmin: Vec<T>,
+    pub kmax: Vec<T>,
+    pub k_tokens: Vec<Vec<T>>,
+    pub v_tokens: Vec<Vec<T>>,
+}
+
+pub fn table_for(
+    seqlens: &[usize],
+    page_size: usize,
+    extra_pages: usize,
+    rng: &mut SmallRng,
+) -> (usize, usize, Vec<i32>) {
+    let pages: Vec<usize> = seqlens.iter().map(|s| s.div_ceil(page_size)).collect();
+    let max_pages = pages.iter().copied().max().unwrap_or(0).max(1) + 1;
+    let num_pages = pages.iter().sum::<usize>() + extra_pages;
+    let table = shuffled_block_table(&pages, max_pages, num_pages, rng);
+    (num_pages.max(1), max_pages, table)
+}
+
+pub fn scenario<T: Element>(
+    seqlens: &[usize],
+    page_size: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    seed: u64,
+) -> Scenario<T> {
+    let mut r = rng(seed);
+    let (num_pages, max_pages, table) = table_for(seqlens, page_size, 3, &mut r);
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv,
+        head_dim,
+    };
+    let row = heads_kv * head_dim;
+    let k_tokens: Vec<Vec<T>> = seqlens
+        .iter()
+        .map(|&s| random_vec(&mut r, s * row))
+        .collect();
+    let v_tokens: Vec<Vec<T>> = seqlens
+        .iter()
+        .map(|&s| random_vec(&mut r, s * row))
+        .collect();
+    // Garbage in every slot and in the bounds first: nothing unwritten may leak into results,
+    // and bounds must be restarted (not widened) when a page starts.
+    let mut k_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
+    let mut v_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
+    let mut kmin = vec![T::from_f32(0.5); layout.meta_len()];
+    let mut kmax = vec![T::from_f32(-0.5); layout.meta_len()];
+    // Append schedule: first chunk up to 37 tokens, then steps of 1..=3.
+    let mut done = vec![0usize; seqlens.len()];
+    loop {
+        let chunk: Vec<usize> = seqlens
+            .iter()
+            .zip(&done)
+            .map(|(&s, &d)| {
+                let want = if d == 0 { 37 } else { r.random_range(1..=3) };
+                want.min(s - d)
+            })
+            .collect();
+        if chunk.iter().all(|&c| c == 0) {
+            break;
+        }
+        let now: Vec<i32> = done
+            .iter()
+            .zip(&chunk)
+            .map(|(d, c)| (d + c) as i32)
+            .collect();
+        let cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &now,
+            },
+        )
+        .unwrap();
+        let mut cu = vec![0i32];
+        let mut kn = Vec::new();
+        let mut vn = Vec::new();
+        for b in 0..seqlens.len() {
+            kn.extend_from_slice(&k_tokens[b][done[b] * row..(done[b] + chunk[b]) * row]);
+            vn.extend_from_slice(&v_tokens[b][done[b] * row..(done[b] + chunk[b]) * row]);
+            cu.push(cu[b] + chunk[b] as i32);
+        }
+        let s = Strides::contiguous(1, heads_kv, head_dim);
+        cache
+            .append_cpu(
+                &cu,
+                Strided::new(&kn[..], s),
+                Strided::new(&vn[..], s),
+                KvPages {
+                    k: &mut k_cache[..],
+                    v: &mut v_cache[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut kmin[..],
+                    kmax: &mut kmax[..],
+                }),
+            )
+            .unwrap();
+        for b in 0..seqlens.len() {
+            done[b] += chunk[b];
+        }
+    }
+    let sl: Vec<i32> = seqlens.iter().map(|&s| s as i32).collect();
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: max_pages,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap();
+    Scenario {
+        cache,
+        k_cache,
+        v_cache,
+        kmin,
+        kmax,
+        k_tokens,
+        v_tokens,
+    }
+}
+
+impl<T: Element> Scenario<T> {
+    pub fn kv(&self) -> KvPages<&[T]> {
+        KvPages {
+            k: &self.k_cache,
+            v: &self.v_cache,
+        }
+    }
+    pub fn meta(&self) -> PageMeta<&[T]> {
+        PageMeta {
+            kmin: &self.kmin,
+            kmax: &self.kmax,
+        }
+    }
+}
+
+pub fn q_strides(q_len: usize, heads_q: usize, d: usize) -> Strides {
+    Strides::contiguous(q_len, heads_q, d)
+}
+
+pub fn masks() -> Vec<(&'static str, AttentionOptions)> {
+    vec![
+        ("causal", AttentionOptions::causal()),
+        (
+            "window1",
+            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
+        ),
+        (
+            "window2+sinks3",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(2).unwrap())
+                .with_sinks(3),
+        ),
+        (
+            "window37+sinks1+softcap",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(37).unwrap())
+                .with_sinks(1)
+                .with_softcap(5.0),
+        ),
+        (
+            "default (causal)+scale",
+            AttentionOptions::default().with_scale(0.3),
+        ),
+    ]
+}
+
+pub fn quest_policy(hkv: usize, budget: usize, sink_pages: usize) -> SparsePolicy {
+    SparsePolicy::uniform(hkv, HeadPolicy::Quest).with_quest(QuestConfig {
+        token_budget: budget,
+        sink_pages,
+    })
+}
+
+pub fn mixed_decode(
+    cache: &PagedCache,
+    hq: usize,
+    q_len: usize,
+    opts: &AttentionOptions,
+) -> PagedDecode {
+    // kv heads: Full, Streaming, Quest, Listed.
+    let policy = SparsePolicy {
+        heads: vec![
+            HeadPolicy::Full,
+            HeadPolicy::Streaming,
+            HeadPolicy::Quest,
+            HeadPolicy::Listed,
+        ],
+        streaming: StreamingConfig {
+            sinks: 3,
+            window: 20,
+        },
+        quest: QuestConfig {
+            token_budget: 48,
+            sink_pages: 1,
+        },
+    };
+    let lists: Vec<Vec<usize>> = (0..cache.batch())
+        .flat_map(|b| {
+            let n = cache.pages_of(b).unwrap();
+            (0..4).map(move |h| {
+                if h == 3 {
+                    (0..n).filter(|p| p % 3 != 1).collect()
+                } else {
+                    vec![]
+                }
+            })
+        })
+        .collect();
+    PagedDecode::new(cache, hq, q_len, opts)
+        .unwrap()
+        .with_policy(policy)
+        .unwrap()
+        .with_page_lists(PageLists::new(cache.batch(), 4, lists).unwrap())
+        .unwrap()
+}

@@ -1,0 +1,787 @@
+//! Paged sparse decode on the GPU: append, Quest selection, decode and the plan/run split,
+//! each against the CPU path or the f64 references (fixtures in `common/paged.rs`). The tests
+//! run when a GPU is usable, print `SKIP (no GPU)` otherwise, and fail under
+//! LONGATTN_REQUIRE_GPU=1.
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use longattn::PagedDecodePlan;
+use longattn::reference::paged::{
+    decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
+};
+use longattn::{
+    AttentionOptions, Element, Error, HeadPolicy, KvPages, PageLists, PageMeta, PageTable,
+    PagedCache, PagedDecode, PagedLayout, SparsePolicy, StreamingConfig, Strided, Strides, bf16,
+    f16,
+};
+use rand::Rng;
+use std::sync::Arc;
+
+mod common;
+use common::paged::*;
+use common::*;
+
+fn stream() -> Option<Arc<CudaStream>> {
+    gpu_or_skip("paged GPU test").map(|ctx| ctx.default_stream())
+}
+
+fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
+    s.clone_htod(x).unwrap()
+}
+
+/// bf16/f16 inputs, f32 accumulation: relative L2 bound vs the f64 reference.
+const HALF_TOL: f64 = 2e-2;
+
+fn run_gpu<T: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    dec: &PagedDecode,
+    sc: &Scenario<T>,
+    q: &[T],
+) -> (Vec<T>, Vec<f32>) {
+    let (hq, ql, d) = (dec.heads_q(), dec.q_len(), sc.cache.head_dim());
+    let st = q_strides(ql, hq, d);
+    let qd = up(s, q);
+    let kd = up(s, &sc.k_cache);
+    let vd = up(s, &sc.v_cache);
+    let mind = up(s, &sc.kmin);
+    let maxd = up(s, &sc.kmax);
+    // Poison: every element must be written.
+    let mut od = up(s, &vec![T::from_f32(f32::NAN); dec.out_len()]);
+    let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
+    dec.forward_gpu(
+        s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &vd },
+        Some(PageMeta {
+            kmin: &mind,
+            kmax: &maxd,
+        }),
+        Strided::new(&mut od, st),
+        Some(&mut ld),
+    )
+    .unwrap();
+    let out = s.clone_dtoh(&od).unwrap();
+    let lse = s.clone_dtoh(&ld).unwrap();
+    assert!(
+        out.iter().all(|x| !x.to_f32().is_nan()),
+        "unwritten (NaN) output"
+    );
+    assert!(lse.iter().all(|x| !x.is_nan()), "unwritten (NaN) lse");
+    (out, lse)
+}
+
+fn decode_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
+    let seqlens = [0usize, 1, 77, 300, 1030];
+    for ps in [1, 16, 64, 256] {
+        for (hkv, ratio, d) in [(2, 1, 128), (2, 4, 64), (1, 4, 128), (2, 8, 32)] {
+            let hq = hkv * ratio;
+            let sc = scenario::<T>(&seqlens, ps, hkv, d, 77 + ps as u64 + d as u64);
+            for q_len in [1, 4] {
+                let mut r = rng(ps as u64 * 3 + q_len as u64);
+                let q: Vec<T> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                for (name, opts) in masks() {
+                    let what = format!(
+                        "{:?} ps {ps} hkv {hkv} ratio {ratio} d {d} q_len {q_len} {name}",
+                        T::DTYPE
+                    );
+                    let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    let (want, want_lse) = paged_decode_f64(
+                        &dec,
+                        Strided::new(&q[..], q_strides(q_len, hq, d)),
+                        sc.kv(),
+                        decode_visible(&dec, None),
+                    )
+                    .unwrap();
+                    for splits in [None, Some(1), Some(5)] {
+                        let dec = dec.clone().with_splits(splits).unwrap();
+                        let (out, lse) = run_gpu(s, &dec, &sc, &q);
+                        let err = rel_l2(&to_f64(&out), &want);
+                        assert!(err < HALF_TOL, "{what} splits {splits:?}: rel L2 {err}");
+                        check_lse(&lse, &want_lse, 2e-2, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_decode_matches_reference() {
+    let Some(s) = stream() else { return };
+    decode_sweep::<bf16>(&s);
+    decode_sweep::<f16>(&s);
+}
+
+#[test]
+fn gpu_append_matches_cpu() {
+    let Some(s) = stream() else { return };
+    for ps in [1, 16, 64, 256] {
+        let (hkv, d) = (2, 64);
+        let sc = scenario::<bf16>(&[3, 200, 0, 513], ps, hkv, d, 4 + ps as u64);
+        // Replay: from garbage, append everything in one prefill then one decode step, on
+        // both paths; caches and metadata must be identical.
+        let layout = sc.cache.layout();
+        let mut r = rng(ps as u64);
+        let garbage: Vec<bf16> = random_vec(&mut r, layout.cache_len());
+        let seqlens: Vec<usize> = (0..sc.cache.batch())
+            .map(|b| sc.cache.seqlen(b).unwrap())
+            .collect();
+        let row = hkv * d;
+        let mut cpu_k = garbage.clone();
+        let mut cpu_v = garbage.clone();
+        let mut cpu_min = vec![bf16::ZERO; layout.meta_len()];
+        let mut cpu_max = vec![bf16::ZERO; layout.meta_len()];
+        let mut kd = up(&s, &garbage);
+        let mut vd = up(&s, &garbage);
+        let mut mind = up(&s, &vec![bf16::NAN; layout.meta_len()]);
+        let mut maxd = up(&s, &vec![bf16::NAN; layout.meta_len()]);
+        for step in 0..2 {
+            let upto: Vec<usize> = seqlens
+                .iter()
+                .map(|&n| if step == 0 { n.saturating_sub(1) } else { n })
+                .collect();
+            let from: Vec<usize> = seqlens
+                .iter()
+                .map(|&n| if step == 0 { 0 } else { n.saturating_sub(1) })
+                .collect();
+            let sl: Vec<i32> = upto.iter().map(|&x| x as i32).collect();
+            let cache = PagedCache::new(
+                layout,
+                PageTable {
+                    block_table: sc.cache.block_table(),
+                    max_pages_per_seq: sc.cache.max_pages_per_seq(),
+                    seqlens_k: &sl,
+                },
+            )
+            .unwrap();
+            let mut cu = vec![0i32];
+            let mut kn = Vec::new();
+            let mut vn = Vec::new();
+            for b in 0..seqlens.len() {
+                kn.extend_from_slice(&sc.k_tokens[b][from[b] * row..upto[b] * row]);
+                vn.extend_from_slice(&sc.v_tokens[b][from[b] * row..upto[b] * row]);
+                cu.push(cu[b] + (upto[b] - from[b]) as i32);
+            }
+            let st = Strides::contiguous(1, hkv, d);
+            cache
+                .append_cpu(
+                    &cu,
+                    Strided::new(&kn[..], st),
+                    Strided::new(&vn[..], st),
+                    KvPages {
+                        k: &mut cpu_k[..],
+                        v: &mut cpu_v[..],
+                    },
+                    Some(PageMeta {
+                        kmin: &mut cpu_min[..],
+                        kmax: &mut cpu_max[..],
+                    }),
+                )
+                .unwrap();
+            let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
+            cache
+                .append_gpu(
+                    &s,
+                    &cu,
+                    Strided::new(&knd, st),
+                    Strided::new(&vnd, st),
+                    KvPages {
+                        k: &mut kd,
+                        v: &mut vd,
+                    },
+                    Some(PageMeta {
+                        kmin: &mut mind,
+                        kmax: &mut maxd,
+                    }),
+                )
+                .unwrap();
+        }
+        let gk: Vec<bf16> = s.clone_dtoh(&kd).unwrap();
+        let gv: Vec<bf16> = s.clone_dtoh(&vd).unwrap();
+        assert!(gk == cpu_k && gv == cpu_v, "ps {ps}: cache contents differ");
+        let gmin = s.clone_dtoh(&mind).unwrap();
+        let gmax = s.clone_dtoh(&maxd).unwrap();
+        for (page, kvh, lo, hi) in page_bounds(&sc.cache, &gk) {
+            let mo = layout.meta_offset(page, kvh).unwrap();
+            assert_eq!(&gmin[mo..mo + d], &lo[..], "ps {ps} page {page}");
+            assert_eq!(&gmax[mo..mo + d], &hi[..], "ps {ps} page {page}");
+            assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
+        }
+    }
+}
+
+/// The documented selection order restated as a sort (kept pages, then higher score in
+/// the float total order, then lower page index), for rows too long for the brute-force
+/// oracle; every page is a candidate (q_len 1, causal, no window).
+fn top_pages_by_sort(n_pages: usize, scores: &[f32], sink_pages: usize, budget: usize) -> Vec<u32> {
+    let kept = |p: usize| p < sink_pages || p + 1 == n_pages;
+    let mut all: Vec<usize> = (0..n_pages).collect();
+    let n_kept = all.iter().filter(|&&p| kept(p)).count();
+    let k = budget.max(n_kept).min(n_pages);
+    all.sort_by(|&a, &b| {
+        kept(b)
+            .cmp(&kept(a))
+            .then(scores[b].total_cmp(&scores[a]))
+            .then(a.cmp(&b))
+    });
+    let mut out: Vec<u32> = all[..k].iter().map(|&p| p as u32).collect();
+    out.sort_unstable();
+    out
+}
+
+/// Page size 1 with rows longer than the selection kernel stages in shared memory, and
+/// scores with many exact ties (bounds in {-1, 0, 1}, q all ones: small integer sums; q
+/// zero: every score 0), where the lowest page indices must win.
+#[test]
+fn gpu_quest_selection_long_rows_and_ties() {
+    let Some(s) = stream() else { return };
+    let seqlens = [3000usize, 9000, 20000];
+    let (hkv, ratio, d, ps) = (2, 2, 8, 1);
+    let hq = hkv * ratio;
+    let mut r = rng(4242);
+    let (num_pages, max_pages, table) = table_for(&seqlens, ps, 0, &mut r);
+    let layout = PagedLayout {
+        num_pages,
+        page_size: ps,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let sl: Vec<i32> = seqlens.iter().map(|&n| n as i32).collect();
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: max_pages,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap();
+    let kmin: Vec<bf16> = (0..layout.meta_len())
+        .map(|_| bf16::from_f32(r.random_range(-1i32..=1) as f32))
+        .collect();
+    let kmax = kmin.clone();
+    let (mind, maxd) = (up(&s, &kmin), up(&s, &kmax));
+    let n_q = seqlens.len() * hq * d;
+    let queries: [Vec<bf16>; 3] = [
+        random_vec(&mut r, n_q),
+        vec![bf16::ONE; n_q],
+        vec![bf16::ZERO; n_q],
+    ];
+    for (qi, q) in queries.iter().enumerate() {
+        for (budget, sinkp) in [(1, 0), (2048, 3), (8191, 0), (12000, 1)] {
+            let dec = PagedDecode::new(&cache, hq, 1, &AttentionOptions::causal())
+                .unwrap()
+                .with_policy(quest_policy(hkv, budget, sinkp))
+                .unwrap();
+            let qd = up(&s, q);
+            let g = dec
+                .select_gpu(
+                    &s,
+                    Strided::new(&qd, q_strides(1, hq, d)),
+                    PageMeta {
+                        kmin: &mind,
+                        kmax: &maxd,
+                    },
+                )
+                .unwrap();
+            let scores = s.clone_dtoh(&g.scores).unwrap();
+            let list = s.clone_dtoh(&g.page_list).unwrap();
+            let count = s.clone_dtoh(&g.page_count).unwrap();
+            for (b, &n_pages) in seqlens.iter().enumerate() {
+                for kvh in 0..hkv {
+                    let row = (b * hkv + kvh) * max_pages;
+                    let want =
+                        top_pages_by_sort(n_pages, &scores[row..row + n_pages], sinkp, budget);
+                    let n = count[b * hkv + kvh] as usize;
+                    let got: Vec<u32> = list[row..row + n].iter().map(|&p| p as u32).collect();
+                    assert!(
+                        got == want,
+                        "query {qi} budget {budget} sink pages {sinkp} b {b} kvh {kvh}: \
+                         {} pages selected, {} expected",
+                        got.len(),
+                        want.len()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_quest_selection_is_top_b_of_its_scores() {
+    let Some(s) = stream() else { return };
+    let seqlens = [1usize, 40, 300, 2050];
+    for ps in [1, 16, 64, 256] {
+        let (hkv, ratio, d) = (2, 4, 64);
+        let hq = hkv * ratio;
+        let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 55 + ps as u64);
+        for q_len in [1, 3] {
+            for (budget, sinkp) in [(ps, 0), (8 * ps, 1), (256, 2)] {
+                let mut r = rng(ps as u64 + budget as u64);
+                let q: Vec<bf16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                let dec = PagedDecode::new(&sc.cache, hq, q_len, &AttentionOptions::causal())
+                    .unwrap()
+                    .with_policy(quest_policy(hkv, budget, sinkp))
+                    .unwrap();
+                let st = q_strides(q_len, hq, d);
+                let qd = up(&s, &q);
+                let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
+                let g = dec
+                    .select_gpu(
+                        &s,
+                        Strided::new(&qd, st),
+                        PageMeta {
+                            kmin: &mind,
+                            kmax: &maxd,
+                        },
+                    )
+                    .unwrap();
+                let scores = s.clone_dtoh(&g.scores).unwrap();
+                let list = s.clone_dtoh(&g.page_list).unwrap();
+                let count = s.clone_dtoh(&g.page_count).unwrap();
+                let ref_scores =
+                    quest_scores_f64(&dec, Strided::new(&q[..], st), sc.meta()).unwrap();
+                let mp = sc.cache.max_pages_per_seq();
+                for b in 0..seqlens.len() {
+                    for kvh in 0..hkv {
+                        let row = (b * hkv + kvh) * mp;
+                        let gs: Vec<f64> =
+                            scores[row..row + mp].iter().map(|&x| x as f64).collect();
+                        for p in 0..sc.cache.pages_of(b).unwrap() {
+                            let w = ref_scores[row + p];
+                            assert!(
+                                (gs[p] - w).abs() <= 1e-3 * (1.0 + w.abs()),
+                                "score {} vs {w}",
+                                gs[p]
+                            );
+                        }
+                        let want = quest_select_brute(&dec, b, &gs);
+                        let n = count[b * hkv + kvh] as usize;
+                        let got: Vec<u32> = list[row..row + n].iter().map(|&p| p as u32).collect();
+                        assert_eq!(
+                            got, want,
+                            "ps {ps} q_len {q_len} budget {budget} b {b} kvh {kvh}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_mixed_policies_match_reference() {
+    let Some(s) = stream() else { return };
+    let seqlens = [0usize, 7, 250, 97, 1500];
+    for ps in [1, 16, 64, 256] {
+        for q_len in [1, 5] {
+            let (hkv, ratio, d) = (4, 2, 128);
+            let hq = hkv * ratio;
+            let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 4321 + ps as u64);
+            let mut r = rng(ps as u64 + 7);
+            let q: Vec<bf16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+            let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal());
+            let st = q_strides(q_len, hq, d);
+            // The GPU's own Quest selection defines the visible pages of the Quest head.
+            let qd = up(&s, &q);
+            let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
+            let g = dec
+                .select_gpu(
+                    &s,
+                    Strided::new(&qd, st),
+                    PageMeta {
+                        kmin: &mind,
+                        kmax: &maxd,
+                    },
+                )
+                .unwrap();
+            let list = s.clone_dtoh(&g.page_list).unwrap();
+            let count = s.clone_dtoh(&g.page_count).unwrap();
+            let mp = sc.cache.max_pages_per_seq();
+            let mut lists = Vec::new();
+            for b in 0..seqlens.len() {
+                for h in 0..hkv {
+                    let row = (b * hkv + h) * mp;
+                    lists.push(match h {
+                        2 => list[row..row + count[b * hkv + h] as usize]
+                            .iter()
+                            .map(|&p| p as usize)
+                            .collect(),
+                        3 => (0..sc.cache.pages_of(b).unwrap())
+                            .filter(|p| p % 3 != 1)
+                            .collect(),
+                        _ => vec![],
+                    });
+                }
+            }
+            let sel = PageLists::new(seqlens.len(), hkv, lists).unwrap();
+            let (want, want_lse) = paged_decode_f64(
+                &dec,
+                Strided::new(&q[..], st),
+                sc.kv(),
+                decode_visible(&dec, Some(&sel)),
+            )
+            .unwrap();
+            for splits in [None, Some(3)] {
+                let dec = dec.clone().with_splits(splits).unwrap();
+                let (out, lse) = run_gpu(&s, &dec, &sc, &q);
+                let err = rel_l2(&to_f64(&out), &want);
+                assert!(
+                    err < 2e-2,
+                    "ps {ps} q_len {q_len} splits {splits:?}: rel L2 {err}"
+                );
+                check_lse(&lse, &want_lse, 2e-2, "gpu mixed");
+            }
+        }
+    }
+}
+
+/// Decode through a plan: (out, lse) read back after the call.
+fn plan_forward<T: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    plan: &mut PagedDecodePlan,
+    bufs: &GpuBufs<T>,
+    q: &CudaSlice<T>,
+) -> (Vec<T>, Vec<f32>) {
+    let dec = plan.decode().clone();
+    let st = q_strides(dec.q_len(), dec.heads_q(), dec.cache().head_dim());
+    let mut od = up(s, &vec![T::from_f32(f32::NAN); dec.out_len()]);
+    let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
+    plan.forward(
+        Strided::new(q, st),
+        KvPages {
+            k: &bufs.k,
+            v: &bufs.v,
+        },
+        Some(PageMeta {
+            kmin: &bufs.kmin,
+            kmax: &bufs.kmax,
+        }),
+        Strided::new(&mut od, st),
+        Some(&mut ld),
+    )
+    .unwrap();
+    (s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap())
+}
+
+struct GpuBufs<T> {
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    kmin: CudaSlice<T>,
+    kmax: CudaSlice<T>,
+}
+
+fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &str) {
+    assert!(
+        got.0.iter().all(|x| !x.to_f32().is_nan()),
+        "{what}: unwritten output"
+    );
+    let err = rel_l2(&to_f64(&got.0), &to_f64(&want.0));
+    assert!(err <= 1e-6, "{what}: plan vs one-shot rel L2 {err}");
+    for (a, b) in got.1.iter().zip(&want.1) {
+        assert!(
+            a == b || (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+            "{what}: lse {a} vs {b}"
+        );
+    }
+}
+
+/// CUDA-graph safety (issue 12): a decode plan with every head kind (Full, Streaming,
+/// Quest with its in-plan selection, Listed) and forced splits (the merge kernel) is
+/// captured once into a graph on its stream, then replayed with new queries; each replay
+/// equals the plan's own uncaptured call with the same queries.
+#[test]
+fn gpu_paged_plan_replays_in_a_cuda_graph() {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(ctx) = gpu_or_skip("gpu_paged_plan_replays_in_a_cuda_graph") else {
+        return;
+    };
+    // SAFETY: one stream only (event tracking would record cross-stream waits).
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let seqlens = [7usize, 250, 1500];
+    let (hkv, ratio, d, ps, q_len) = (4, 2, 128, 16, 2);
+    let hq = hkv * ratio;
+    let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 77);
+    let bufs = GpuBufs {
+        k: up(&s, &sc.k_cache),
+        v: up(&s, &sc.v_cache),
+        kmin: up(&s, &sc.kmin),
+        kmax: up(&s, &sc.kmax),
+    };
+    let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal())
+        .with_splits(Some(3))
+        .unwrap();
+    let mut plan = dec.plan_gpu(&s).unwrap();
+    let n = seqlens.len() * q_len * hq * d;
+    let st = q_strides(q_len, hq, d);
+    let mut qd = up(&s, &vec![bf16::ZERO; n]);
+    let mut od = up(&s, &vec![bf16::ZERO; dec.out_len()]);
+    let mut ld = up(&s, &vec![0f32; dec.lse_len()]);
+    s.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    plan.forward(
+        Strided::new(&qd, st),
+        KvPages {
+            k: &bufs.k,
+            v: &bufs.v,
+        },
+        Some(PageMeta {
+            kmin: &bufs.kmin,
+            kmax: &bufs.kmax,
+        }),
+        Strided::new(&mut od, st),
+        Some(&mut ld),
+    )
+    .unwrap();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the decode was captured");
+    for round in 0..3u64 {
+        let q: Vec<bf16> = random_vec(&mut rng(300 + round), n);
+        s.memcpy_htod(&q, &mut qd).unwrap();
+        s.memcpy_htod(&vec![bf16::NAN; dec.out_len()], &mut od)
+            .unwrap();
+        s.memcpy_htod(&vec![f32::NAN; dec.lse_len()], &mut ld)
+            .unwrap();
+        graph.launch().unwrap();
+        let got = (s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap());
+        let want = plan_forward(&s, &mut plan, &bufs, &qd);
+        same(&got, &want, &format!("graph replay {round}"));
+    }
+}
+
+#[test]
+fn gpu_plan_reuse_matches_one_shot() {
+    let Some(s) = stream() else { return };
+    let sms = s
+        .context()
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as usize;
+    let seqlens = [0usize, 7, 250, 1500, 4100];
+    let (hkv, ratio, d, ps) = (4, 2, 128, 16);
+    let hq = hkv * ratio;
+    let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 2024);
+    let bufs = GpuBufs {
+        k: up(&s, &sc.k_cache),
+        v: up(&s, &sc.v_cache),
+        kmin: up(&s, &sc.kmin),
+        kmax: up(&s, &sc.kmax),
+    };
+    for q_len in [1, 3] {
+        let n = seqlens.len() * q_len * hq * d;
+        let q1: Vec<bf16> = random_vec(&mut rng(71 + q_len as u64), n);
+        let q2: Vec<bf16> = random_vec(&mut rng(97 + q_len as u64), n);
+        let (qd1, qd2) = (up(&s, &q1), up(&s, &q2));
+        let opts = AttentionOptions::causal();
+        let quest = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+            .unwrap()
+            .with_policy(quest_policy(hkv, 1024, 1))
+            .unwrap();
+        let streaming = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+            .unwrap()
+            .with_policy(
+                SparsePolicy::uniform(hkv, HeadPolicy::Streaming).with_streaming(StreamingConfig {
+                    sinks: 4,
+                    window: 1000,
+                }),
+            )
+            .unwrap();
+        let cases = [
+            ("mixed", mixed_decode(&sc.cache, hq, q_len, &opts)),
+            ("quest", quest),
+            ("streaming", streaming),
+            (
+                "full",
+                PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap(),
+            ),
+            (
+                "mixed forced 3",
+                mixed_decode(&sc.cache, hq, q_len, &opts)
+                    .with_splits(Some(3))
+                    .unwrap(),
+            ),
+        ];
+        for (name, dec) in cases {
+            let what = format!("{name} q_len {q_len}");
+            let mut plan = dec.plan_gpu(&s).unwrap();
+            assert_eq!(plan.splits(), dec.splits_for(sms), "{what}");
+            if matches!(name, "quest" | "streaming") && 2 * sms > 20 {
+                // Sparse heads alone still split (20 blocks; 4100 tokens: Quest 64
+                // pages, streaming 65 pages = 4 splits of >= 256 keys).
+                assert!(plan.splits() > 1, "{what}: {} splits", plan.splits());
+            }
+            let one1 = run_gpu(&s, &dec, &sc, &q1);
+            let one2 = run_gpu(&s, &dec, &sc, &q2);
+            // Two calls with q1, one with q2, q1 again: scratch and selection reuse
+            // must not leak between calls.
+            same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+            same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+            same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
+            same(&plan_forward(&s, &mut plan, &bufs, &qd1), &one1, &what);
+            if dec.needs_meta() {
+                // The plan's selection equals the one-shot selection (both q).
+                let st = q_strides(q_len, hq, d);
+                let meta = || PageMeta {
+                    kmin: &bufs.kmin,
+                    kmax: &bufs.kmax,
+                };
+                for qd in [&qd2, &qd1] {
+                    let g = dec
+                        .select_gpu::<bf16, _>(&s, Strided::new(qd, st), meta())
+                        .unwrap();
+                    let sel = plan
+                        .select::<bf16, _>(Strided::new(qd, st), meta())
+                        .unwrap();
+                    let count = s.clone_dtoh(sel.page_count).unwrap();
+                    let list = s.clone_dtoh(sel.page_list).unwrap();
+                    let scores = s.clone_dtoh(sel.scores).unwrap();
+                    let want_count = s.clone_dtoh(&g.page_count).unwrap();
+                    let want_list = s.clone_dtoh(&g.page_list).unwrap();
+                    assert_eq!(scores, s.clone_dtoh(&g.scores).unwrap(), "{what}");
+                    let mp = sc.cache.max_pages_per_seq();
+                    for b in 0..seqlens.len() {
+                        for h in 0..hkv {
+                            if dec.policy().heads[h] != HeadPolicy::Quest {
+                                continue;
+                            }
+                            let i = b * hkv + h;
+                            assert_eq!(count[i], want_count[i], "{what} b {b} h {h}");
+                            let row = i * mp..i * mp + count[i] as usize;
+                            assert_eq!(&list[row.clone()], &want_list[row], "{what}");
+                        }
+                    }
+                }
+                // A decode after a standalone selection still selects for its own q.
+                same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
+            } else {
+                let st = q_strides(q_len, hq, d);
+                let r = plan.select::<bf16, _>(
+                    Strided::new(&qd1, st),
+                    PageMeta {
+                        kmin: &bufs.kmin,
+                        kmax: &bufs.kmax,
+                    },
+                );
+                assert!(r.is_err(), "{what}: select without Quest heads");
+            }
+            // Bad tensors are still rejected per call.
+            let short = up(&s, &[bf16::from_f32(0.0); 8]);
+            let mut od = up(&s, &vec![bf16::from_f32(0.0); dec.out_len()]);
+            let st = q_strides(q_len, hq, d);
+            let r = plan.forward(
+                Strided::new(&short, st),
+                KvPages {
+                    k: &bufs.k,
+                    v: &bufs.v,
+                },
+                Some(PageMeta {
+                    kmin: &bufs.kmin,
+                    kmax: &bufs.kmax,
+                }),
+                Strided::new(&mut od, st),
+                None,
+            );
+            assert!(matches!(r, Err(Error::Shape(_))), "{what}: short q");
+        }
+    }
+    // Append through a plan (twice: the offsets are uploaded once) == one-shot append.
+    let layout = sc.cache.layout();
+    let garbage: Vec<bf16> = random_vec(&mut rng(5), layout.cache_len());
+    let row = hkv * d;
+    let mut cu = vec![0i32];
+    let (mut kn, mut vn) = (Vec::new(), Vec::new());
+    for (b, &n) in seqlens.iter().enumerate() {
+        kn.extend_from_slice(&sc.k_tokens[b][..n * row]);
+        vn.extend_from_slice(&sc.v_tokens[b][..n * row]);
+        cu.push(cu[b] + n as i32);
+    }
+    let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
+    let st = Strides::contiguous(1, hkv, d);
+    let nan = vec![bf16::NAN; layout.meta_len()];
+    let run = |plan: Option<&mut PagedDecodePlan>| {
+        let (mut k, mut v) = (up(&s, &garbage), up(&s, &garbage));
+        let (mut lo, mut hi) = (up(&s, &nan), up(&s, &nan));
+        let reps = if plan.is_some() { 2 } else { 1 };
+        let mut plan = plan;
+        for _ in 0..reps {
+            let kv = KvPages {
+                k: &mut k,
+                v: &mut v,
+            };
+            let meta = Some(PageMeta {
+                kmin: &mut lo,
+                kmax: &mut hi,
+            });
+            let (a, b) = (Strided::new(&knd, st), Strided::new(&vnd, st));
+            match plan.as_deref_mut() {
+                Some(p) => p.append(&cu, a, b, kv, meta).unwrap(),
+                None => sc.cache.append_gpu(&s, &cu, a, b, kv, meta).unwrap(),
+            }
+        }
+        (
+            s.clone_dtoh(&k).unwrap(),
+            s.clone_dtoh(&v).unwrap(),
+            s.clone_dtoh(&lo).unwrap(),
+            s.clone_dtoh(&hi).unwrap(),
+        )
+    };
+    let mut plan = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
+        .unwrap()
+        .plan_gpu(&s)
+        .unwrap();
+    let want = run(None);
+    let got = run(Some(&mut plan));
+    assert!(
+        got.0 == want.0 && got.1 == want.1,
+        "plan append: cache differs"
+    );
+    // Bitwise: pages no sequence uses keep their NaN poison in both runs.
+    let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert!(bits(&got.2) == bits(&want.2), "plan append: kmin differs");
+    assert!(bits(&got.3) == bits(&want.3), "plan append: kmax differs");
+}
+
+#[test]
+fn gpu_rejects_bad_inputs() {
+    let Some(s) = stream() else { return };
+    let sc = scenario::<f32>(&[10], 16, 1, 8, 1);
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
+    let q = up(&s, &[0.0f32; 8]);
+    let mut o = up(&s, &[0.0f32; 8]);
+    let k = up(&s, &sc.k_cache);
+    let st = Strides::contiguous(1, 1, 8);
+    let r = dec.forward_gpu(
+        &s,
+        Strided::new(&q, st),
+        KvPages { k: &k, v: &k },
+        None,
+        Strided::new(&mut o, st),
+        None,
+    );
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "f32 must be rejected on the GPU"
+    );
+    let sc = scenario::<bf16>(&[10], 16, 1, 12, 1);
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
+    let q = up(&s, &[bf16::from_f32(0.0); 12]);
+    let mut o = up(&s, &[bf16::from_f32(0.0); 12]);
+    let k = up(&s, &sc.k_cache);
+    let st = Strides::contiguous(1, 1, 12);
+    let r = dec.forward_gpu(
+        &s,
+        Strided::new(&q, st),
+        KvPages { k: &k, v: &k },
+        None,
+        Strided::new(&mut o, st),
+        None,
+    );
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "head_dim 12 must be rejected"
+    );
+}
