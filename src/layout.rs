@@ -21,9 +21,11 @@ impl Strides {
     /// not fit in an i64 saturate at `i64::MAX`, which every extent check then refuses
     /// (never a panic or a wrapped stride); [`Strides::try_contiguous`] reports them.
     pub fn contiguous(seqlen: usize, heads: usize, head_dim: usize) -> Self {
+        // The exact product (a zero dim makes it 0 whatever the others), then saturated.
         let sat = |dims: &[usize]| -> i64 {
             dims.iter()
-                .try_fold(1i64, |acc, &x| acc.checked_mul(i64::try_from(x).ok()?))
+                .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+                .and_then(|n| i64::try_from(n).ok())
                 .unwrap_or(i64::MAX)
         };
         Strides {
@@ -36,6 +38,7 @@ impl Strides {
     /// [`Strides::contiguous`], with a `Shape` error where a stride does not fit in an i64.
     pub fn try_contiguous(seqlen: usize, heads: usize, head_dim: usize) -> Result<Self> {
         checked_elems(&[seqlen, heads, head_dim], "contiguous strides")?;
+        checked_elems(&[heads, head_dim], "contiguous seq stride")?;
         Ok(Self::contiguous(seqlen, heads, head_dim))
     }
 

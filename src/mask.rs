@@ -106,14 +106,14 @@ impl Mask {
         if j >= sk {
             return false;
         }
-        let diag = i as i64 + sk as i64 - sq as i64;
-        let j = j as i64;
-        let right_ok = self.window.right.is_none_or(|r| j <= diag + r as i64);
+        let diag = i as i128 + sk as i128 - sq as i128;
+        let j = j as i128;
+        let right_ok = self.window.right.is_none_or(|r| j <= diag + r as i128);
         if !right_ok {
             return false;
         }
-        let left_ok = self.window.left.is_none_or(|l| j >= diag - l as i64);
-        left_ok || j < self.sinks as i64
+        let left_ok = self.window.left.is_none_or(|l| j >= diag - l as i128);
+        left_ok || j < self.sinks as i128
     }
 
     /// Keys `[lo, hi)` visible through the window alone for row `i` (may be empty).
@@ -127,14 +127,14 @@ impl Mask {
         if rows.is_empty() || sk == 0 {
             return 0..0;
         }
-        let diag = sk as i64 - sq as i64;
+        let diag = sk as i128 - sq as i128;
         let lo = match self.window.left {
-            Some(l) => (rows.start as i64 + diag - l as i64).max(0),
+            Some(l) => (rows.start as i128 + diag - l as i128).max(0),
             None => 0,
         };
         let hi = match self.window.right {
-            Some(r) => (rows.end as i64 - 1 + diag + r as i64 + 1).min(sk as i64),
-            None => sk as i64,
+            Some(r) => (rows.end as i128 - 1 + diag + r as i128 + 1).min(sk as i128),
+            None => sk as i128,
         };
         if hi <= lo {
             0..0
@@ -148,10 +148,10 @@ impl Mask {
         if rows.is_empty() {
             return 0..0;
         }
-        let mut end = self.sinks.min(sk) as i64;
+        let mut end = self.sinks.min(sk) as i128;
         if let Some(r) = self.window.right {
-            let diag = sk as i64 - sq as i64;
-            end = end.min(rows.end as i64 - 1 + diag + r as i64 + 1);
+            let diag = sk as i128 - sq as i128;
+            end = end.min(rows.end as i128 - 1 + diag + r as i128 + 1);
         }
         0..end.max(0) as usize
     }

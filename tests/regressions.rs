@@ -361,3 +361,155 @@ fn finding10_unsupported_requests_say_so() {
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
 }
+
+/// Found by `tests/properties.rs`: `Strides::contiguous` saturated a product with a zero dim
+/// (`0 * usize::MAX`) to `i64::MAX` instead of 0, and `try_contiguous` accepted a seq stride
+/// (`heads * head_dim`) that overflows when `seqlen` is 0.
+#[test]
+fn props_contiguous_strides_with_a_zero_dim() {
+    let s = Strides::contiguous(0, usize::MAX, 0);
+    assert_eq!((s.batch, s.seq, s.head), (0, 0, 0));
+    assert_eq!(Strides::try_contiguous(0, usize::MAX, 0), Ok(s));
+    assert!(matches!(
+        Strides::try_contiguous(0, usize::MAX, 2),
+        Err(Error::Shape(_))
+    ));
+    assert_eq!(Strides::contiguous(0, usize::MAX, 2).seq, i64::MAX);
+}
+
+/// Found by `tests/properties.rs`: a merge with an empty dim (`heads = 0`) passed the length
+/// check with empty buffers and then walked `batch * seqlen` rows (2^62 for i32 dims).
+#[test]
+fn props_empty_merge_does_not_walk_rows() {
+    let m = MergeShape {
+        batch: i32::MAX as usize,
+        seqlen: i32::MAX as usize,
+        heads: 0,
+        head_dim: 1,
+    };
+    let (o, l): (Vec<f32>, Vec<f32>) = (vec![], vec![]);
+    let (mut oo, mut ll): (Vec<f32>, Vec<f32>) = (vec![], vec![]);
+    let part = || Partial {
+        o: &o[..],
+        lse: &l[..],
+    };
+    let out = Partial {
+        o: &mut oo[..],
+        lse: &mut ll[..],
+    };
+    assert_eq!(m.merge_cpu(part(), part(), out), Ok(()));
+    let acc = Partial {
+        o: &mut oo[..],
+        lse: &mut ll[..],
+    };
+    assert_eq!(m.merge_into_cpu(acc, part()), Ok(()));
+}
+
+/// Found by `tests/properties.rs`: sharding an empty tensor (`row = 0`) of a long layout
+/// listed every position (16 GiB at `i32::MAX` tokens) and walked `batch x positions`;
+/// `rank_plan` of a rank outside the ring computed the whole schedule before refusing it.
+#[test]
+fn props_ring_empty_tensors_and_bad_ranks_cost_nothing() {
+    let layout = RingLayout::new(i32::MAX as usize, 4, Sharding::Stripe).unwrap();
+    let shards = layout.shard::<u8>(&[], 1, 0).unwrap();
+    assert!(shards.len() == 4 && shards.iter().all(|s| s.is_empty()));
+    let empty = vec![Vec::<u8>::new(); 4];
+    assert_eq!(
+        layout.unshard(&empty, 1 << 20, 0).unwrap(),
+        Vec::<u8>::new()
+    );
+    let ring = RingAttention::new(
+        layout,
+        RingShape {
+            batch: 1,
+            heads_q: 1,
+            heads_kv: 1,
+            head_dim: 1,
+        },
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    assert!(matches!(ring.rank_plan(4), Err(Error::Shape(_))));
+}
+
+/// Found by `tests/properties.rs`: size and offset helpers of the paged family overflowed
+/// (panics with overflow checks): `PageLists::new` (`batch * heads_kv`), `PagedCache::new`
+/// (a u128 product of four usize dims), `PagedLayout::slot_offset`/`meta_offset` of a layout
+/// `new` refuses, and `PagedDecode::kv_bytes_read` with a large element size.
+#[test]
+fn props_paged_helpers_never_overflow() {
+    assert!(matches!(
+        PageLists::new(usize::MAX, 2, vec![]),
+        Err(Error::Shape(_))
+    ));
+    let huge = PagedLayout {
+        num_pages: 2,
+        page_size: 2,
+        heads_kv: usize::MAX,
+        head_dim: usize::MAX,
+    };
+    let table = PageTable {
+        block_table: &[0],
+        max_pages_per_seq: 1,
+        seqlens_k: &[1],
+    };
+    assert!(matches!(PagedCache::new(huge, table), Err(Error::Shape(_))));
+    assert_eq!(huge.slot_offset(1, 1, 1), None);
+    assert_eq!(huge.meta_offset(1, 1), None);
+    let layout = PagedLayout {
+        num_pages: 2,
+        page_size: 2,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let cache = PagedCache::new(layout, table).unwrap();
+    let decode = PagedDecode::new(&cache, 1, 1, &AttentionOptions::default()).unwrap();
+    assert_eq!(decode.kv_bytes_read(usize::MAX), usize::MAX);
+    assert_eq!(decode.kv_bytes_read(2), 2 * 2 * 8 * 2);
+}
+
+/// Found by `tests/properties.rs`: `StarAttention::new` added `context_len + query_len`
+/// unchecked and `block(rank)` multiplied `rank * context_len` unchecked.
+#[test]
+fn props_star_sizes_never_overflow() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 4,
+    };
+    let opts = AttentionOptions::causal();
+    assert!(matches!(
+        StarAttention::new(4, 2, usize::MAX, shape, &opts),
+        Err(Error::Shape(_))
+    ));
+    let star = StarAttention::new(5, 2, 1, shape, &opts).unwrap();
+    assert_eq!((star.block(0), star.block(1)), (0..2, 2..5));
+    assert!(star.block(usize::MAX).is_empty());
+    assert!(star.query_partial(usize::MAX).is_ok()); // an empty block: nothing to attend
+}
+
+/// Found by `tests/properties.rs`: the block patterns overflowed on caller values:
+/// `sparse_transformer_fixed` (`kb % stride + summary`), `block_attention` with no passage
+/// over no key block (`len - 1`), and a pattern mask whose window side is past `i64::MAX`
+/// (`Mask` range arithmetic in i64).
+#[test]
+fn props_block_patterns_never_overflow() {
+    use longattn::block_sparse::patterns::{self, PatternShape};
+    let shape = |sq, sk, mask| PatternShape {
+        heads: 1,
+        seqlen_q: sq,
+        seqlen_k: sk,
+        block: 2,
+        mask,
+    };
+    let causal = AttentionOptions::causal().effective_mask();
+    let m = patterns::sparse_transformer_fixed(&shape(8, 8, causal), 2, usize::MAX).unwrap();
+    assert_eq!(m.nnz(), 10); // every block up to the diagonal
+    assert!(patterns::block_attention(&shape(0, 0, causal), &[]).is_ok());
+    let wide = Mask::new(Window::new(Some(usize::MAX), Some(usize::MAX)), usize::MAX);
+    let full = patterns::longformer(&shape(4, 4, wide), 8, 0).unwrap();
+    assert_eq!(full.nnz(), 4);
+    assert!(wide.visible(3, 0, 4, 4));
+    assert_eq!(wide.window_range(3, 4, 4), 0..4);
+}

@@ -184,7 +184,7 @@ pub fn sparse_transformer_fixed(
 ) -> Result<BlockMask, BlockMaskError> {
     at_least_one("stride", stride)?;
     build(shape, false, |_, qb, kb| {
-        kb <= qb && (kb / stride == qb / stride || kb % stride + summary >= stride)
+        kb <= qb && (kb / stride == qb / stride || summary >= stride - kb % stride)
     })
 }
 
@@ -217,7 +217,7 @@ pub fn block_attention(
         })
         .collect();
     let passage = |kb: usize| ends.partition_point(|&e| e <= kb);
-    let last = passages.len() - 1;
+    let last = passages.len().saturating_sub(1); // no passage: no key block to test
     build(shape, false, |_, qb, kb| {
         let pq = passage(qb);
         pq == last || pq == passage(kb)

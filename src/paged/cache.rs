@@ -35,13 +35,27 @@ impl PagedLayout {
     /// Element offset of (physical page, slot, kv head, channel 0) in the cache; `None` when
     /// an index is out of range.
     pub fn slot_offset(&self, page: usize, slot: usize, kv_head: usize) -> Option<usize> {
+        // Checked: the layout itself may be one that `PagedCache::new` would refuse.
         (page < self.num_pages && slot < self.page_size && kv_head < self.heads_kv)
-            .then(|| self.slot_at(page, slot, kv_head))
+            .then(|| {
+                page.checked_mul(self.page_size)?
+                    .checked_add(slot)?
+                    .checked_mul(self.heads_kv)?
+                    .checked_add(kv_head)?
+                    .checked_mul(self.head_dim)
+            })
+            .flatten()
     }
     /// Offset of (physical page, kv head, channel 0) in `kmin`/`kmax`; `None` when an index
     /// is out of range.
     pub fn meta_offset(&self, page: usize, kv_head: usize) -> Option<usize> {
-        (page < self.num_pages && kv_head < self.heads_kv).then(|| self.meta_at(page, kv_head))
+        (page < self.num_pages && kv_head < self.heads_kv)
+            .then(|| {
+                page.checked_mul(self.heads_kv)?
+                    .checked_add(kv_head)?
+                    .checked_mul(self.head_dim)
+            })
+            .flatten()
     }
     /// [`PagedLayout::slot_offset`] of indices known to be in range (validated layout).
     pub(crate) fn slot_at(&self, page: usize, slot: usize, kv_head: usize) -> usize {
@@ -126,12 +140,8 @@ impl PagedCache {
         }
         // Checked with at least one page: an empty cache still fixes the size of a page,
         // which the offsets of every later append are computed from.
-        if (num_pages.max(1) as u128)
-            * (page_size as u128)
-            * (heads_kv as u128)
-            * (head_dim as u128)
-            > i64::MAX as u128
-        {
+        // (Checked products: four usize factors can overflow even a u128.)
+        if checked_elems(&[num_pages.max(1), page_size, heads_kv, head_dim], "").is_err() {
             return Err(Error::Shape(format!(
                 "cache {layout:?} is too large to index"
             )));

@@ -351,7 +351,7 @@ impl PagedDecode {
     }
 
     /// Bytes of K and V the kernels read (each selected page once per (sequence, kv head,
-    /// row block)), for throughput reports.
+    /// row block)), for throughput reports; saturates at `usize::MAX`.
     pub fn kv_bytes_read(&self, elem_bytes: usize) -> usize {
         let rows = self.q_len * self.group();
         let blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
@@ -367,7 +367,10 @@ impl PagedDecode {
                 tokens += pages * self.cache.page_size();
             }
         }
-        tokens * blocks * 2 * self.cache.head_dim() * elem_bytes
+        // Saturating: `elem_bytes` is the caller's (a report, never a size to allocate).
+        [blocks, 2, self.cache.head_dim(), elem_bytes]
+            .iter()
+            .fold(tokens, |acc, &x| acc.saturating_mul(x))
     }
 
     /// Logical pages (ascending) that rows `rows` of (sequence `b`, kv head `kvh`) read, in

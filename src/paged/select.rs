@@ -100,11 +100,10 @@ pub struct PageLists {
 impl PageLists {
     /// `lists[b * heads_kv + kvh]` (any order, duplicates removed).
     pub fn new(batch: usize, heads_kv: usize, lists: Vec<Vec<usize>>) -> Result<Self> {
-        if lists.len() != batch * heads_kv {
+        if batch.checked_mul(heads_kv) != Some(lists.len()) {
             return Err(Error::Shape(format!(
-                "page lists: {} lists given but batch * heads_kv = {}",
+                "page lists: {} lists given but batch * heads_kv = {batch} * {heads_kv}",
                 lists.len(),
-                batch * heads_kv
             )));
         }
         let lists = lists

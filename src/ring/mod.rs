@@ -151,6 +151,10 @@ impl RingLayout {
                 self.seqlen
             )));
         }
+        if need == 0 {
+            // No element (batch or row 0): nothing proportional to the sequence is built.
+            return Ok(vec![Vec::new(); self.world]);
+        }
         Ok((0..self.world)
             .map(|r| {
                 let pos = self.positions(r);
@@ -192,6 +196,9 @@ impl RingLayout {
                     shard.len(),
                 )));
             }
+        }
+        if whole == 0 {
+            return Ok(Vec::new()); // no element: no walk over batch x positions
         }
         let mut x = vec![T::default(); whole];
         for (r, shard) in shards.iter().enumerate() {

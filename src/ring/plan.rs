@@ -126,6 +126,13 @@ pub struct TransferCount {
 impl RingAttention {
     /// The step plan of rank `rank` (see the module docs of [`super::plan`]).
     pub fn rank_plan(&self, rank: usize) -> Result<RankPlan> {
+        let n = self.layout.world();
+        if rank >= n {
+            // Refused before the schedule (O(world * seqlen)) is computed.
+            return Err(Error::Shape(format!(
+                "ring plan: rank {rank} of a world of {n}"
+            )));
+        }
         self.rank_plan_with(rank, &self.schedule())
     }
 

@@ -57,7 +57,12 @@ impl StarAttention {
             shape.heads_kv,
             shape.head_dim,
         )?;
-        if world == 0 || context_len < world || context_len + query_len > i32::MAX as usize {
+        if world == 0
+            || context_len < world
+            || context_len
+                .checked_add(query_len)
+                .is_none_or(|n| n > i32::MAX as usize)
+        {
             return Err(Error::Shape(format!(
                 "star: {context_len} context tokens over {world} ranks (every rank needs one) \
                  plus {query_len} query tokens must fit in i32"
@@ -91,8 +96,10 @@ impl StarAttention {
 
     /// Context tokens of rank `rank`'s block.
     pub fn block(&self, rank: usize) -> Range<usize> {
-        let (c, n) = (self.context_len, self.world);
-        rank * c / n..(rank + 1) * c / n
+        // Past the last rank: empty (u128: `rank * context_len` may not fit in usize).
+        let (c, n) = (self.context_len as u128, self.world as u128);
+        let r = (rank as u128).min(n);
+        (r * c / n) as usize..((r + 1).min(n) * c / n) as usize
     }
 
     fn dense(&self, sq: usize, sk: usize, causal: bool) -> Result<FlashAttention> {
