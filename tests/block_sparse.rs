@@ -558,7 +558,12 @@ fn moba_selection_matches_brute_force() {
                     .map(|kb| (0..d).map(|c| qi[c] as f64 * mean(kb, c)).sum())
                     .collect();
                 let want = moba_brute(&gate, p, bn, nblk, top_k);
-                let got: Vec<usize> = rows.row((h * sq) + i).iter().map(|&x| x as usize).collect();
+                let got: Vec<usize> = rows
+                    .row((h * sq) + i)
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as usize)
+                    .collect();
                 assert_eq!(got, want, "case {n} head {h} row {i}");
             }
         }
@@ -569,7 +574,7 @@ fn moba_selection_matches_brute_force() {
         );
         if quant {
             // All pooled keys equal: ties go to the lower block index.
-            let got = rows.row(sq - 1);
+            let got = rows.row(sq - 1).unwrap();
             assert_eq!(got, &[0, 1, 2, 3, 9][..]);
         }
     }
@@ -588,7 +593,11 @@ fn moba_attention_is_masked_per_row() {
     for bm in [16, 64] {
         let bs = moba_attention(&attn, &cfg, bm, q(), k()).unwrap();
         let want = case.naive(attn.scale() as f64, |b, h, i, j| {
-            j <= i + sk - sq && rows.row((b * hq + h) * sq + i).contains(&((j / bn) as i32))
+            j <= i + sk - sq
+                && rows
+                    .row((b * hq + h) * sq + i)
+                    .unwrap()
+                    .contains(&((j / bn) as i32))
         });
         check(&case.cpu(&bs), &want, "moba");
         assert!(rel_l2(&case.reference(&bs).0, &want.0) < 1e-12);

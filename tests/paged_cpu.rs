@@ -934,7 +934,7 @@ fn split_heuristic_work_pages_match_the_selection() {
                     ),
                 )
                 .unwrap();
-            let mask = dec.mask_of(0);
+            let mask = dec.mask_of(0).unwrap();
             let group = hq / hkv;
             let rows = q_len * group;
             let mut want = 0;

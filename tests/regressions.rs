@@ -466,6 +466,15 @@ fn props_paged_helpers_never_overflow() {
     let decode = PagedDecode::new(&cache, 1, 1, &AttentionOptions::default()).unwrap();
     assert_eq!(decode.kv_bytes_read(usize::MAX), usize::MAX);
     assert_eq!(decode.kv_bytes_read(2), 2 * 2 * 8 * 2);
+    // Accessors past the last kv head / row say so instead of panicking.
+    assert!(decode.mask_of(0).is_some());
+    assert_eq!(decode.mask_of(1), None);
+    assert_eq!(decode.mask_of(usize::MAX), None);
+    let rows = longattn::block_sparse::RowBlocks::new(64, 2, vec![0, -1, 1, 2]).unwrap();
+    assert_eq!(rows.row(0), Some(&[0][..]));
+    assert_eq!(rows.row(1), Some(&[1, 2][..]));
+    assert_eq!(rows.row(2), None);
+    assert_eq!(rows.row(usize::MAX), None);
 }
 
 /// Found by `tests/properties.rs`: `StarAttention::new` added `context_len + query_len`

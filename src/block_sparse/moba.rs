@@ -182,7 +182,7 @@ pub fn moba_block_mask(
             let tile = q_block * block_m..((q_block + 1) * block_m).min(sq);
             let mut union: Vec<usize> = tile
                 .clone()
-                .flat_map(|i| rows.row(attn.lse_index(batch, head, i)).iter())
+                .flat_map(|i| rows.row_at(attn.lse_index(batch, head, i)).iter())
                 .map(|&kb| kb as usize)
                 .collect();
             union.sort_unstable();

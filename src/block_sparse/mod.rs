@@ -606,8 +606,13 @@ impl RowBlocks {
     pub fn blocks(&self) -> &[i32] {
         &self.blocks
     }
-    /// Row `r`'s selected key blocks (padding removed).
-    pub fn row(&self, r: usize) -> &[i32] {
+    /// Row `r`'s selected key blocks (padding removed); `None` past the last row.
+    pub fn row(&self, r: usize) -> Option<&[i32]> {
+        (r < self.blocks.len() / self.top_k).then(|| self.row_at(r))
+    }
+
+    /// [`Self::row`] for a row the caller has checked.
+    pub(crate) fn row_at(&self, r: usize) -> &[i32] {
         let row = &self.blocks[r * self.top_k..(r + 1) * self.top_k];
         let n = row.iter().position(|&x| x < 0).unwrap_or(self.top_k);
         &row[..n]
@@ -820,7 +825,10 @@ impl BlockSparseAttention {
             let list = self.mask.bound_list(b, h, qb);
             for i in qb * block_m..((qb + 1) * block_m).min(sq) {
                 let qi = &q[i * d..(i + 1) * d];
-                let selected = self.rows.as_ref().map(|r| r.row(attn.lse_index(b, h, i)));
+                let selected = self
+                    .rows
+                    .as_ref()
+                    .map(|r| r.row_at(attn.lse_index(b, h, i)));
                 let mut state = OnlineSoftmax::new(d);
                 for (kb, kind) in list.iter() {
                     if selected.is_some_and(|s| s.binary_search(&(kb as i32)).is_err()) {

@@ -231,8 +231,14 @@ impl PagedDecode {
         self.mask
     }
 
-    /// The mask kv head `kvh` applies (streaming heads use their own).
-    pub fn mask_of(&self, kvh: usize) -> Mask {
+    /// The mask kv head `kvh` applies (streaming heads use their own); `None` when `kvh` is
+    /// not a kv head of the cache.
+    pub fn mask_of(&self, kvh: usize) -> Option<Mask> {
+        (kvh < self.policy.heads.len()).then(|| self.mask_at(kvh))
+    }
+
+    /// [`Self::mask_of`] for a kv head the caller has checked.
+    pub(crate) fn mask_at(&self, kvh: usize) -> Mask {
         match self.policy.heads[kvh] {
             HeadPolicy::Streaming => Mask {
                 window: Window::new(Some(self.policy.streaming.window - 1), Some(0)),
@@ -311,7 +317,7 @@ impl PagedDecode {
                     HeadPolicy::Quest => quest.unwrap_or(0),
                     HeadPolicy::Listed => self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()),
                     HeadPolicy::Full | HeadPolicy::Streaming => {
-                        let mask = self.mask_of(kvh);
+                        let mask = self.mask_at(kvh);
                         (0..row_blocks)
                             .map(|rb| {
                                 let r0 = rb * DECODE_ROWS_PER_BLOCK;
@@ -389,7 +395,7 @@ impl PagedDecode {
             HeadPolicy::Full | HeadPolicy::Streaming => {
                 let sk = self.cache.seqlen_of(b);
                 let t = self
-                    .mask_of(kvh)
+                    .mask_at(kvh)
                     .key_tiles(rows, self.q_len, sk, self.cache.page_size());
                 t.iter().map(|p| p as u32).collect()
             }
@@ -598,7 +604,7 @@ impl PagedDecode {
             .par_iter()
             .map(|&(b, i, h)| {
                 let kvh = self.kv_head(h);
-                let mask = self.mask_of(kvh);
+                let mask = self.mask_at(kvh);
                 let sk = self.cache.seqlen_of(b);
                 let qi = self.q_row(&q, b, i, h);
                 let pages = self.work_pages(b, kvh, i..i + 1, selected.as_ref());

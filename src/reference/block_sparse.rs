@@ -48,7 +48,7 @@ pub fn block_sparse_attention_f64<T: Element>(
                 }
                 let row = attn.lse_index(b, h, i);
                 if let Some(rows) = bs.row_blocks() {
-                    let own = rows.row(row);
+                    let own = rows.row_at(row);
                     for (kb, slot) in kind.iter_mut().enumerate() {
                         if !own.contains(&(kb as i32)) {
                             *slot = None;

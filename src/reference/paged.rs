@@ -17,7 +17,7 @@ pub fn decode_visible<'a>(
 ) -> impl Fn(usize, usize, usize, usize) -> bool + 'a {
     move |b, kvh, i, j| {
         let sk = decode.cache().seqlen_of(b);
-        let in_mask = decode.mask_of(kvh).visible(i, j, decode.q_len(), sk);
+        let in_mask = decode.mask_at(kvh).visible(i, j, decode.q_len(), sk);
         let page = (j / decode.cache().page_size()) as u32;
         in_mask
             && match decode.policy().heads[kvh] {
