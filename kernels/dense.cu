@@ -243,6 +243,7 @@ extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *p
       return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
     case LA_DENSE_MMA: return longattn::dense_mma_unsupported_reason(*params);
     case LA_DENSE_WGMMA: return longattn::dense_wgmma_unsupported_reason(*params);
+    case LA_DENSE_MMA_PADDED: return longattn::dense_mma_padded_unsupported_reason(*params);
   }
   return "unknown kernel";
 }
@@ -268,6 +269,9 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
       return dense_mma_supports(p) ? dense_mma_forward(p, stream) : kKernelUnsupported;
     case LA_DENSE_WGMMA:
       return dense_wgmma_supports(p) ? dense_wgmma_forward(p, stream) : kKernelUnsupported;
+    case LA_DENSE_MMA_PADDED:
+      return dense_mma_padded_unsupported_reason(p) == nullptr ? dense_mma_padded_forward(p, stream)
+                                                               : kKernelUnsupported;
   }
   return cudaErrorInvalidValue;
 }

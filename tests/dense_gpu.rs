@@ -146,8 +146,10 @@ fn is_hopper() -> bool {
     })
 }
 
+/// The kernels that run head dim `d`. `TensorCorePadded` (not yet verified on a GPU) runs
+/// every head dim of the sweeps, each a multiple of 8.
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
-    let mut k = vec![DenseKernel::Simt];
+    let mut k = vec![DenseKernel::Simt, DenseKernel::TensorCorePadded];
     if [64, 128, 256].contains(&d) {
         k.push(DenseKernel::TensorCore);
         if is_hopper() {

@@ -205,6 +205,7 @@ where
         DenseKernel::Simt => ffi::LaDenseKernel::LA_DENSE_SIMT,
         DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
         DenseKernel::Hopper => ffi::LaDenseKernel::LA_DENSE_WGMMA,
+        DenseKernel::TensorCorePadded => ffi::LaDenseKernel::LA_DENSE_MMA_PADDED,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep

@@ -35,6 +35,10 @@ pub enum DenseKernel {
     /// Hopper tensor-core kernel (`wgmma`, sm_90a: compute capability 9.0 only): head_dim 64,
     /// 128 or 256. `Auto` prefers it where it runs.
     Hopper,
+    /// Tensor-core kernel on the shared mainloop (`mma.sync`, sm_80+): any head_dim multiple
+    /// of 8 up to 256, padded inside the kernel to 64, 128 or 256. **Not yet verified on a
+    /// GPU**: `Auto` never picks it; only naming it runs it.
+    TensorCorePadded,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

@@ -63,7 +63,10 @@ typedef enum LaDenseKernel {
   LA_DENSE_MMA = 2,
   /* Hopper tensor-core kernel (wgmma, sm_90a: compute capability 9.0 only): head_dim 64, 128,
    * 256. */
-  LA_DENSE_WGMMA = 3
+  LA_DENSE_WGMMA = 3,
+  /* Tensor-core kernel on the shared mainloop (mma.sync, sm_80+): any head_dim multiple of 8
+   * up to 256, padded inside the kernel. Not yet verified on a GPU: AUTO never picks it. */
+  LA_DENSE_MMA_PADDED = 4
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these

@@ -66,6 +66,10 @@ inline bool dense_wgmma_supports(const LaDenseParams &p) {
   return dense_wgmma_unsupported_reason(p) == nullptr;
 }
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
+// Tensor-core kernel on the shared mainloop, any head_dim multiple of 8 up to 256 (padded in
+// the kernel); not yet verified on a GPU, so never picked by AUTO.
+const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr
 // when it has: `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the
 // compute capabilities it accepts.

@@ -87,14 +87,17 @@ struct MmaSmem {
 };
 
 // Copies rows [row0, row0 + kRows) of a (rows, kHeadDim) global tile with element row stride
-// `stride` into the swizzled shared tile at `dst` via cp.async; rows >= valid_rows are
+// `stride` into the swizzled shared tile at `dst` via cp.async; rows >= valid_rows, and the
+// 16-byte chunks >= valid_chunks of every row (a head dim padded up to kHeadDim), are
 // zero-filled (no read).
 template <class Tr, int kRows, typename T>
 __device__ __forceinline__ void load_rows(uint32_t dst, const T *src, long long stride, int row0,
-                                          int valid_rows, int tid) {
+                                          int valid_rows, int tid,
+                                          int valid_chunks = Tr::kChunksPerRow) {
   constexpr int kCpr = Tr::kChunksPerRow;
   constexpr int kRowsPerPass = Tr::kRowsPerPass;
   const int chunk = tid % kCpr, r0 = tid / kCpr;
+  const bool chunk_ok = chunk < valid_chunks;
   // One running pointer (advanced by kRowsPerPass rows per pass) rather than one 64-bit
   // address per pass, which the compiler would otherwise keep live across the tile loop.
   const long long step = kRowsPerPass * stride;
@@ -102,7 +105,7 @@ __device__ __forceinline__ void load_rows(uint32_t dst, const T *src, long long 
 #pragma unroll
   for (int pass = 0; pass < kRows / kRowsPerPass; ++pass) {
     const int r = r0 + pass * kRowsPerPass;
-    const bool ok = row0 + r < valid_rows;
+    const bool ok = chunk_ok && row0 + r < valid_rows;
     mma::cp_async_16(dst + swizzled_elem<Tr::kHeadDim>(r, chunk) * (int)sizeof(T), ok ? g : src,
                      ok);
     g += step;

@@ -1,0 +1,156 @@
+// Tensor-core dense attention on the shared mainloop (mma.sync m16n8k16, sm_80+), for any
+// head_dim that is a multiple of 8 up to 256. NOT YET VERIFIED ON A GPU: compiled without
+// spills, reachable only through the explicit LA_DENSE_MMA_PADDED (DenseKernel::
+// TensorCorePadded); AUTO never picks it.
+//
+// The dense problem for mma_attention (longattn/mma_mainloop.cuh): 64 query rows of one
+// (sequence, head), key tiles from the mask's schedule (WindowTiles: sink tiles, then the
+// window), per-element masking only on tiles that are not fully visible to the warp's rows.
+// The head dim is padded inside the kernel to the tile's (64, 128 or 256), as
+// FlashAttention-2 does: the 16-byte chunks past head_dim are zero-filled by the copies
+// (they add 0 to Q K^T and give 0 columns of O) and are never written back, so the caller's
+// tensors are read and written at their own head_dim. At head_dim 64/128/256 it computes
+// what dense_mma.cu computes; it is also the dense kernel's path onto the shared mainloop
+// (docs/design/kernels.md).
+
+#include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
+#include "longattn/dispatch.cuh"
+#include "longattn/mask.cuh"
+#include "longattn/mma_mainloop.cuh"
+#include "longattn/schedule.cuh"
+
+namespace longattn {
+namespace {
+
+// The dense kernel's tile shapes: head dims up to 64, 128 and 256.
+using Traits64 = MmaTraits<64, 64, 3, true, 3>;
+using Traits128 = MmaTraits<128, 64, 2, true, 2>;
+using Traits256 = MmaTraits<256, 32, 2, false, 1>;
+
+// Query rows [m0, m0 + kBlockM) of one (sequence, head) against its keys under the mask.
+template <typename T, class Tr>
+struct DenseProblem {
+  const LaDenseParams &p;
+  SeqInfo s;
+  HeadTensors<T> head;
+  int m0;
+  int chunks;  // 16-byte chunks of the caller's rows: head_dim / 8 <= Tr::kChunksPerRow
+  float scale = p.scale, softcap = p.softcap;
+  WindowTiles tiles;         // schedule()
+  int lo[2], hi[2];          // this thread's two rows: key j visible iff j <= hi && (j >= lo || j < sinks)
+  int warp_row0;             // the warp's first row
+  long long diag_first, diag_last;  // the warp's first and last valid rows' diagonals
+
+  __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
+    // Rows past the sequence and chunks past head_dim are zero.
+    load_rows<Tr, Tr::kBlockM>(q_smem, head.q, p.q_row_stride, m0, s.sq, tid, chunks);
+  }
+  __device__ __forceinline__ int schedule() {
+    const Mask mask{p.window_left, p.window_right, p.sinks};
+    tiles = WindowTiles::of(mask, m0, min(m0 + Tr::kBlockM, s.sq), s.sq, s.sk, Tr::kBlockN);
+    return tiles.count();
+  }
+  __device__ __forceinline__ int key0(int t) const { return tiles.key0(t); }
+  __device__ __forceinline__ void load_kv(uint32_t k_smem, uint32_t v_smem, int t, int tid) {
+    const int n0 = key0(t);
+    load_rows<Tr, Tr::kBlockN>(k_smem, head.k, p.k_row_stride, n0, s.sk, tid, chunks);
+    load_rows<Tr, Tr::kBlockN>(v_smem, head.v, p.v_row_stride, n0, s.sk, tid, chunks);
+  }
+  __device__ __forceinline__ void prepare_rows(int warp, int g) {
+    warp_row0 = m0 + 16 * warp;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
+      long long hr = s.sk - 1;
+      if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
+      long long lr = 0;
+      if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
+      hi[r] = (int)max(hr, -1LL);
+      lo[r] = (int)lr;
+    }
+    diag_first = (long long)warp_row0 + s.sk - s.sq;
+    diag_last = (long long)min(warp_row0 + 15, s.sq - 1) + s.sk - s.sq;
+  }
+  // Interior tiles (every key visible to every valid row of the warp) skip the mask;
+  // boundary tiles, including the ragged last tile whose zero-filled keys are past sk, mask
+  // per element.
+  __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int, int n0,
+                                            int tq) const {
+    const int n_end = n0 + Tr::kBlockN;
+    const bool interior =
+        n_end <= s.sk &&
+        (p.window_right < 0 || (long long)n_end - 1 <= diag_first + p.window_right) &&
+        (p.window_left < 0 || (long long)n0 >= diag_last - p.window_left || n_end <= p.sinks);
+    if (interior) return;
+#pragma unroll
+    for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
+        if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sc[i][e] = kNegInf;
+      }
+  }
+  __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
+    const int i = m0 + row;
+    if (i < s.sq && chunk < chunks)
+      *reinterpret_cast<uint4 *>(head.o + i * p.o_row_stride + chunk * 8) = *staged;
+  }
+  __device__ __forceinline__ bool has_lse() const { return p.lse != nullptr; }
+  __device__ __forceinline__ void store_lse(int row, float lse) {
+    const int i = m0 + row;
+    if (i < s.sq) p.lse[s.lse_base + i] = lse;
+  }
+};
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
+    dense_mma_padded_kernel(const __grid_constant__ LaDenseParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b, h);
+  // Reverse order: with a causal mask the last query tiles have the most keys.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBlockM;
+  if (m0 >= s.sq) return;
+  DenseProblem<T, Tr> pb{p, s, head_tensors<T>(p, s, b, h), m0, p.head_dim / 8};
+  mma_attention<T, Tr>(pb, smem_raw);
+}
+
+// The dtype x padded-head-dim configuration of `p` (head_dim a multiple of 8 in [8, 256]):
+// calls f(Tag<T>{}, Tag<Traits>{}), or returns false.
+template <class F>
+bool with_config(const LaDenseParams &p, F &&f) {
+  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) return false;
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, false, [&](auto t) {
+    if (p.head_dim <= 64) f(t, Tag<Traits64>{});
+    else if (p.head_dim <= 128) f(t, Tag<Traits128>{});
+    else f(t, Tag<Traits256>{});
+    return true;
+  });
+}
+
+}  // namespace
+
+const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p) {
+  size_t smem = 0;
+  const void *kernel = nullptr;
+  const bool known = with_config(p, [&](auto t, auto tr) {
+    using Tr = typename decltype(tr)::type;
+    smem = Tr::kSmemBytes;
+    kernel = reinterpret_cast<const void *>(dense_mma_padded_kernel<typename decltype(t)::type, Tr>);
+  });
+  if (!known) return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
+  return device_unsupported_reason(kernel, smem, [](int major, int) { return major >= 8; });
+}
+
+cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  with_config(p, [&](auto t, auto tr) {
+    using Tr = typename decltype(tr)::type;
+    err = launch_query_tiles(dense_mma_padded_kernel<typename decltype(t)::type, Tr>,
+                             Tr::kSmemBytes, Tr::kBlockM, Tr::kThreads, p, stream);
+  });
+  return err;
+}
+
+}  // namespace longattn
