@@ -403,7 +403,6 @@ mod tests {
             num_k_blocks: 4,
             block_m: 64,
             block_n: 64,
-            ..Default::default()
         };
         let cases: Vec<(&str, ffi::LaBlockSparseParams)> = vec![
             (
