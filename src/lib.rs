@@ -83,7 +83,8 @@ pub mod ring;
 pub mod softmax;
 
 pub use block_sparse::{
-    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, FlexParts, RowBlocks,
+    BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, BlockSparseGpuPlan,
+    FlexParts, RowBlocks,
 };
 pub use cudarc;
 pub use dense::{

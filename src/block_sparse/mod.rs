@@ -19,10 +19,15 @@
 //! A row with no visible key gives output 0 and LSE `-inf`, as everywhere in the crate.
 //!
 //! The CPU path here and `reference::block_sparse_attention_f64` implement exactly this; the
-//! GPU kernels (not built yet) will iterate the same lists as a key-tile schedule.
+//! GPU path ([`BlockSparseAttention::forward_gpu`], explicit opt-in, **not yet verified on a
+//! GPU**) iterates the same lists as the key-tile schedule of the shared tensor-core
+//! mainloop (`kernels/block_sparse_mma.cu`); per-row selections run on the CPU only.
 
+mod gpu;
 pub mod moba;
 pub mod patterns;
+
+pub use gpu::{BlockSparseGpuPlan, GPU_HEAD_DIMS};
 
 use crate::dense::{CPU_TILE_N, FlashAttention};
 use crate::element::Element;
@@ -34,7 +39,7 @@ use std::fmt;
 
 /// Default query and key block size in tokens (FlexAttention's and FlashInfer's default).
 pub const DEFAULT_BLOCK: usize = 128;
-/// Block sizes the GPU kernels will accept are multiples of this (the CPU path and the
+/// Block sizes the GPU kernel accepts are multiples of this (the CPU path and the
 /// reference accept any block size >= 1).
 pub const GPU_BLOCK_MULTIPLE: usize = 64;
 /// Upper bound on the number of lists and of listed blocks: offsets and indices are `i32`
@@ -195,8 +200,8 @@ impl BlockMaskDims {
             })
     }
 
-    /// Whether the GPU kernels (not yet built: not yet verified on a GPU) will take these
-    /// block sizes: multiples of [`GPU_BLOCK_MULTIPLE`]. The CPU path takes any size.
+    /// Whether the GPU kernel (not yet verified on a GPU) takes these block sizes: multiples
+    /// of [`GPU_BLOCK_MULTIPLE`]. The CPU path takes any size.
     pub fn check_gpu_block_sizes(&self) -> Result<(), BlockMaskError> {
         for (name, value) in [("block_m", self.block_m), ("block_n", self.block_n)] {
             if value == 0 || !value.is_multiple_of(GPU_BLOCK_MULTIPLE) {

@@ -148,7 +148,7 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, la_dtype, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -162,44 +162,8 @@ where
     let (cu_q, _cq_sync) = ptr_or_null(cu_seqlens.map(|(cq, _)| cq), stream);
     let (cu_k, _ck_sync) = ptr_or_null(cu_seqlens.map(|(_, ck)| ck), stream);
     let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
-    let (window_left, window_right) = attn.mask.window.to_flash();
-    let varlen = attn.varlen.is_some();
-    let batch_stride = |s: i64| if varlen { 0 } else { s };
-    let params = ffi::LaDenseParams {
-        q: ptrs.q as *const _,
-        k: ptrs.k as *const _,
-        v: ptrs.v as *const _,
-        o: ptrs.o as *mut _,
-        lse: lse_ptr as *mut f32,
-        cu_seqlens_q: cu_q as *const i32,
-        cu_seqlens_k: cu_k as *const i32,
-        q_batch_stride: batch_stride(q.strides.batch),
-        q_row_stride: q.strides.seq,
-        q_head_stride: q.strides.head,
-        k_batch_stride: batch_stride(k.strides.batch),
-        k_row_stride: k.strides.seq,
-        k_head_stride: k.strides.head,
-        v_batch_stride: batch_stride(v.strides.batch),
-        v_row_stride: v.strides.seq,
-        v_head_stride: v.strides.head,
-        o_batch_stride: batch_stride(out.strides.batch),
-        o_row_stride: out.strides.seq,
-        o_head_stride: out.strides.head,
-        batch: attn.batch as i32,
-        seqlen_q: attn.max_seqlen_q as i32,
-        seqlen_k: attn.max_seqlen_k as i32,
-        heads_q: attn.heads_q as i32,
-        heads_kv: attn.heads_kv as i32,
-        head_dim: attn.head_dim as i32,
-        total_q: attn.total_q as i32,
-        total_k: attn.total_k as i32,
-        window_left: window_left as i32,
-        window_right: window_right as i32,
-        sinks: attn.mask.sinks as i32,
-        scale: attn.scale,
-        softcap: attn.softcap.unwrap_or(0.0),
-        dtype: la_dtype(T::DTYPE),
-    };
+    let strides = [&q.strides, &k.strides, &v.strides, &out.strides];
+    let params = ffi_params::<T>(attn, &ptrs, strides, (cu_q, cu_k), lse_ptr);
     let kernel = match attn.kernel {
         DenseKernel::Auto => ffi::LaDenseKernel::LA_DENSE_AUTO,
         DenseKernel::Simt => ffi::LaDenseKernel::LA_DENSE_SIMT,
@@ -229,4 +193,55 @@ where
         )));
     }
     check_launch("la_dense_forward", code)
+}
+
+/// The dense kernels' params for `attn` (also the dense part of the block-sparse params):
+/// the checked pointers of `ptrs`, the strides of q, k, v, out (in that order; batch strides
+/// 0 with varlen), device varlen offsets `cu` (0 = null: fixed lengths) and `lse` (0 = none).
+#[cfg(longattn_cuda)]
+pub(crate) fn ffi_params<T: Element>(
+    attn: &FlashAttention,
+    ptrs: &crate::gpu::QkvoPtrs<'_>,
+    [qs, ks, vs, os]: [&crate::layout::Strides; 4],
+    (cu_q, cu_k): (u64, u64),
+    lse: u64,
+) -> crate::gpu::ffi::LaDenseParams {
+    let (window_left, window_right) = attn.mask.window.to_flash();
+    let varlen = attn.varlen.is_some();
+    let batch_stride = |s: i64| if varlen { 0 } else { s };
+    crate::gpu::ffi::LaDenseParams {
+        q: ptrs.q as *const _,
+        k: ptrs.k as *const _,
+        v: ptrs.v as *const _,
+        o: ptrs.o as *mut _,
+        lse: lse as *mut f32,
+        cu_seqlens_q: cu_q as *const i32,
+        cu_seqlens_k: cu_k as *const i32,
+        q_batch_stride: batch_stride(qs.batch),
+        q_row_stride: qs.seq,
+        q_head_stride: qs.head,
+        k_batch_stride: batch_stride(ks.batch),
+        k_row_stride: ks.seq,
+        k_head_stride: ks.head,
+        v_batch_stride: batch_stride(vs.batch),
+        v_row_stride: vs.seq,
+        v_head_stride: vs.head,
+        o_batch_stride: batch_stride(os.batch),
+        o_row_stride: os.seq,
+        o_head_stride: os.head,
+        batch: attn.batch as i32,
+        seqlen_q: attn.max_seqlen_q as i32,
+        seqlen_k: attn.max_seqlen_k as i32,
+        heads_q: attn.heads_q as i32,
+        heads_kv: attn.heads_kv as i32,
+        head_dim: attn.head_dim as i32,
+        total_q: attn.total_q as i32,
+        total_k: attn.total_k as i32,
+        window_left: window_left as i32,
+        window_right: window_right as i32,
+        sinks: attn.mask.sinks as i32,
+        scale: attn.scale,
+        softcap: attn.softcap.unwrap_or(0.0),
+        dtype: crate::gpu::la_dtype(T::DTYPE),
+    }
 }

@@ -1,7 +1,7 @@
 //! Dense (flash) attention: the validated problem, the CPU path (tiled online softmax, the
 //! same algorithm and tile schedule as the CUDA kernels) and the GPU entry point.
 
-mod gpu;
+pub(crate) mod gpu;
 
 pub use gpu::{DenseGpuPlan, GPU_MAX_HEAD_DIM};
 

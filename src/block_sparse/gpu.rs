@@ -1,0 +1,520 @@
+//! `BlockSparseAttention::forward_gpu`: validation, then the block-sparse tensor-core kernel
+//! (`kernels/block_sparse_mma.cu`, the shared mma.sync mainloop iterating each query block's
+//! listed key blocks).
+//!
+//! **Not yet verified on a GPU**: the kernel compiles for sm_80 and sm_90a without spills and
+//! its launcher refuses bad params on the CPU, but no GPU run has checked its output yet
+//! (`tests/block_sparse_gpu.rs` does, on a machine with one). It runs only when a caller asks
+//! for it by calling [`BlockSparseAttention::forward_gpu`] or a [`BlockSparseGpuPlan`];
+//! nothing in the crate picks it automatically.
+
+use super::BlockSparseAttention;
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
+use crate::layout::{Strided, Strides};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use std::sync::Arc;
+
+/// Head dims of the block-sparse kernel.
+pub const GPU_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+impl BlockSparseAttention {
+    /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Compiled, not
+    /// yet verified on a GPU; explicit opt-in only.**
+    ///
+    /// Buffers as for [`FlashAttention::forward_gpu`](crate::FlashAttention::forward_gpu):
+    /// device buffers with element strides, pointers 16-byte aligned, strides multiples of 8
+    /// elements; f16 and bf16; `head_dim` 64, 128 or 256; block sizes multiples of
+    /// [`GPU_BLOCK_MULTIPLE`](super::GPU_BLOCK_MULTIPLE); a device of compute capability 8.0
+    /// or newer. A per-row selection ([`RowBlocks`](super::RowBlocks), MoBA) runs on the CPU
+    /// only. Anything else the kernel does not take is `Error::Unsupported` (checked before
+    /// any pointer is touched).
+    ///
+    /// The block mask (CSR offsets, indices, full flags) and the varlen offsets are copied to
+    /// the device on `stream` on every call; [`BlockSparseAttention::plan_gpu`] copies them
+    /// once for repeated calls (and CUDA-graph capture).
+    pub fn forward_gpu<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check_gpu(
+            T::DTYPE,
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        cuda_call!(launch, self, stream, None::<&DeviceMask>, q, k, v, out, lse)
+    }
+
+    /// Checks what the GPU kernel supports (everything but the buffers) and copies the block
+    /// mask and the varlen offsets to the device once, on `stream`, for
+    /// [`BlockSparseGpuPlan::forward`].
+    pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<BlockSparseGpuPlan> {
+        self.check_gpu_problem()?;
+        Ok(BlockSparseGpuPlan {
+            bs: self.clone(),
+            mask: DeviceMask::upload(self, stream)?,
+        })
+    }
+
+    /// What the kernel takes, independent of the buffers: no per-row selection, block sizes
+    /// multiples of 64, head dim 64/128/256.
+    fn check_gpu_problem(&self) -> Result<()> {
+        if self.rows.is_some() {
+            return Err(Error::Unsupported(
+                "per-row block selection runs on the CPU only".into(),
+            ));
+        }
+        self.mask
+            .dims
+            .check_gpu_block_sizes()
+            .map_err(|e| Error::Unsupported(e.to_string()))?;
+        let d = self.attn.head_dim;
+        if !GPU_HEAD_DIMS.contains(&d) {
+            return Err(Error::Unsupported(format!(
+                "the block-sparse kernel takes head_dim 64, 128 or 256, not {d}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every check of a GPU call that needs no device pointer, in this order: the problem
+    /// ([`Self::check_gpu_problem`]), the buffers' extents and strides (as the CPU path), then
+    /// dtype, head dim and grid limits.
+    pub(crate) fn check_gpu(
+        &self,
+        dtype: DType,
+        bufs: [(usize, &Strides); 4],
+        lse_len: Option<usize>,
+    ) -> Result<()> {
+        self.check_gpu_problem()?;
+        let a = &self.attn;
+        a.check_buffers(bufs[0], bufs[1], bufs[2], bufs[3], lse_len)?;
+        check_attention_gpu("block-sparse", dtype, a.head_dim, a.batch, a.heads_q)
+    }
+}
+
+/// A block-sparse problem bound to its device-resident block mask and varlen offsets:
+/// [`BlockSparseGpuPlan::forward`] makes no allocation and no host-device copy, so a CUDA
+/// graph can capture it. The arrays live on the stream that built the plan; use the plan on
+/// that stream (or order other streams after it). **Not yet verified on a GPU.**
+#[derive(Debug)]
+pub struct BlockSparseGpuPlan {
+    bs: BlockSparseAttention,
+    mask: DeviceMask,
+}
+
+impl BlockSparseGpuPlan {
+    /// The validated problem.
+    pub fn problem(&self) -> &BlockSparseAttention {
+        &self.bs
+    }
+
+    /// [`BlockSparseAttention::forward_gpu`] without the per-call uploads: validation (host
+    /// only) and one launch on `stream`.
+    pub fn forward<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.bs.check_gpu(
+            T::DTYPE,
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        cuda_call!(
+            launch,
+            &self.bs,
+            stream,
+            Some(&self.mask),
+            q,
+            k,
+            v,
+            out,
+            lse
+        )
+    }
+}
+
+/// The block mask's CSR arrays and the varlen offsets on the device. `indices` and `full`
+/// hold at least one element (a mask with no listed block uploads one unused entry), so
+/// the kernel never sees a null array.
+#[derive(Debug)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct DeviceMask {
+    offsets: CudaSlice<i32>,
+    indices: CudaSlice<i32>,
+    full: CudaSlice<u8>,
+    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+impl DeviceMask {
+    fn upload(bs: &BlockSparseAttention, stream: &Arc<CudaStream>) -> Result<Self> {
+        let m = &bs.mask;
+        let (indices, full) = if m.indices.is_empty() {
+            (stream.clone_htod(&[0i32])?, stream.clone_htod(&[0u8])?)
+        } else {
+            (stream.clone_htod(&m.indices)?, stream.clone_htod(&m.full)?)
+        };
+        let cu_seqlens = match &bs.attn.varlen {
+            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+            None => None,
+        };
+        Ok(DeviceMask {
+            offsets: stream.clone_htod(&m.offsets)?,
+            indices,
+            full,
+            cu_seqlens,
+        })
+    }
+}
+
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch<T, I, O>(
+    bs: &BlockSparseAttention,
+    stream: &Arc<CudaStream>,
+    planned: Option<&DeviceMask>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
+{
+    use crate::dense::gpu::ffi_params;
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use cudarc::driver::DevicePtr;
+    let attn = &bs.attn;
+    if attn.total_q == 0 {
+        return Ok(());
+    }
+    let ptrs = QkvoPtrs::new(stream, &q, &k, &v, (&mut *out.data, &out.strides))?;
+    // A plan's arrays are already on the device; a one-shot call uploads them here.
+    let uploaded = match planned {
+        Some(_) => None,
+        None => Some(DeviceMask::upload(bs, stream)?),
+    };
+    let dm = planned.or(uploaded.as_ref()).expect("planned or uploaded");
+    let cu = dm.cu_seqlens.as_ref();
+    let (cu_q, _cq_sync) = ptr_or_null(cu.map(|(cq, _)| cq), stream);
+    let (cu_k, _ck_sync) = ptr_or_null(cu.map(|(_, ck)| ck), stream);
+    let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
+    let (offsets, _off_sync) = dm.offsets.device_ptr(stream);
+    let (indices, _idx_sync) = dm.indices.device_ptr(stream);
+    let (full, _full_sync) = dm.full.device_ptr(stream);
+    let strides = [&q.strides, &k.strides, &v.strides, &out.strides];
+    let d = bs.mask.dims;
+    // Dims fit i32: BlockMaskDims::num_lists and the problem's lengths are checked.
+    let params = ffi::LaBlockSparseParams {
+        dense: ffi_params::<T>(attn, &ptrs, strides, (cu_q, cu_k), lse_ptr),
+        offsets: offsets as *const i32,
+        indices: indices as *const i32,
+        full: full as *const u8,
+        mask_batch: d.batch as i32,
+        mask_heads: d.heads as i32,
+        num_q_blocks: d.num_q_blocks as i32,
+        num_k_blocks: d.num_k_blocks as i32,
+        block_m: d.block_m as i32,
+        block_n: d.block_n as i32,
+    };
+    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
+    // the strides (q, k, v, out, lse) or that holds the validated block mask of `bs` (whose
+    // dims were checked against the problem in `BlockSparseAttention::new`); the launch is
+    // ordered on `stream`, and the sync guards keep cudarc's event tracking correct until it
+    // is queued.
+    let code = unsafe { ffi::la_block_sparse_mma_forward(&params, stream.cu_stream() as _) };
+    if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+        return Err(Error::Unsupported(
+            "the block-sparse kernel needs a device of compute capability 8.0 or newer with \
+             its shared memory"
+                .into(),
+        ));
+    }
+    check_launch("la_block_sparse_mma_forward", code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_sparse::{BlockKind, BlockMask, BlockMaskDims, RowBlocks};
+    use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+    use crate::layout::SeqLens;
+
+    fn problem(sq: usize, sk: usize, d: usize, block: (usize, usize)) -> BlockSparseAttention {
+        let attn = FlashAttention::new(
+            &AttentionShape {
+                batch: 2,
+                heads_q: 4,
+                heads_kv: 2,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                },
+            },
+            &AttentionOptions::causal(),
+        )
+        .unwrap();
+        let dims = BlockMaskDims::for_lengths(1, 4, sq, sk, block.0, block.1).unwrap();
+        let mask = BlockMask::dense(dims, BlockKind::Partial).unwrap();
+        BlockSparseAttention::new(attn, mask).unwrap()
+    }
+
+    fn check(bs: &BlockSparseAttention, dtype: DType) -> Result<()> {
+        let a = bs.attention();
+        let qs = Strides::contiguous(a.max_seqlen_q(), a.heads_q(), a.head_dim());
+        let ks = Strides::contiguous(a.max_seqlen_k(), a.heads_kv(), a.head_dim());
+        let (nq, nk) = (
+            a.out_len(),
+            a.batch() * a.max_seqlen_k() * a.heads_kv() * a.head_dim(),
+        );
+        bs.check_gpu(
+            dtype,
+            [(nq, &qs), (nk, &ks), (nk, &ks), (nq, &qs)],
+            Some(a.lse_len()),
+        )
+    }
+
+    #[test]
+    fn gpu_checks_accept_what_the_kernel_runs() {
+        for d in GPU_HEAD_DIMS {
+            for block in [(64, 64), (128, 128), (64, 192), (256, 64)] {
+                let bs = problem(200, 300, d, block);
+                check(&bs, DType::BF16).unwrap();
+                check(&bs, DType::F16).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_checks_refuse_before_any_device_call() {
+        // Block sizes the CPU path takes but the kernel does not.
+        for block in [(32, 64), (64, 96), (100, 128)] {
+            let r = check(&problem(200, 300, 64, block), DType::BF16);
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains("multiple of 64")),
+                "{block:?}: {r:?}"
+            );
+        }
+        // f32 is CPU-only; head dims without a kernel configuration.
+        let r = check(&problem(64, 64, 64, (64, 64)), DType::F32);
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+        for d in [32, 96, 40] {
+            let r = check(&problem(64, 64, d, (64, 64)), DType::BF16);
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains("head_dim")),
+                "{d}: {r:?}"
+            );
+        }
+        // Buffers too small.
+        let bs = problem(200, 300, 64, (64, 64));
+        let a = bs.attention();
+        let qs = Strides::contiguous(200, 4, 64);
+        let ks = Strides::contiguous(300, 2, 64);
+        let r = bs.check_gpu(
+            DType::BF16,
+            [
+                (10, &qs),
+                (a.out_len(), &ks),
+                (a.out_len(), &ks),
+                (a.out_len(), &qs),
+            ],
+            None,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+        // Wrong LSE length.
+        let nk = 2 * 300 * 2 * 64;
+        let r = bs.check_gpu(
+            DType::BF16,
+            [(a.out_len(), &qs), (nk, &ks), (nk, &ks), (a.out_len(), &qs)],
+            Some(a.lse_len() - 1),
+        );
+        assert!(r.is_err(), "{r:?}");
+        // Per-row selection (MoBA) stays on the CPU.
+        let rows = RowBlocks::new(64, 1, vec![-1; a.lse_len()]).unwrap();
+        let moba = bs.clone().with_row_blocks(rows).unwrap();
+        let r = check(&moba, DType::BF16);
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("CPU only")),
+            "{r:?}"
+        );
+    }
+
+    /// The C launcher refuses bad params before any CUDA call (so this runs without a GPU).
+    #[cfg(longattn_cuda)]
+    #[test]
+    fn c_entry_refuses_bad_params() {
+        use crate::gpu::ffi;
+        const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+        // Dangling but non-null: every case below is refused for its own reason before a
+        // pointer is read.
+        let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
+        let dense = ffi::LaDenseParams {
+            q: fake as *const _,
+            k: fake as *const _,
+            v: fake as *const _,
+            o: fake as *mut _,
+            batch: 1,
+            seqlen_q: 100,
+            seqlen_k: 200,
+            heads_q: 2,
+            heads_kv: 1,
+            head_dim: 64,
+            total_q: 100,
+            total_k: 200,
+            window_left: -1,
+            window_right: 0,
+            scale: 0.125,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        let ok = ffi::LaBlockSparseParams {
+            dense,
+            offsets: fake as *const i32,
+            indices: fake as *const i32,
+            full: fake as *const u8,
+            mask_batch: 1,
+            mask_heads: 2,
+            num_q_blocks: 2,
+            num_k_blocks: 4,
+            block_m: 64,
+            block_n: 64,
+        };
+        let cases: Vec<(&str, ffi::LaBlockSparseParams)> = vec![
+            (
+                "null offsets",
+                ffi::LaBlockSparseParams {
+                    offsets: std::ptr::null(),
+                    ..ok
+                },
+            ),
+            (
+                "null q",
+                ffi::LaBlockSparseParams {
+                    dense: ffi::LaDenseParams {
+                        q: std::ptr::null(),
+                        ..dense
+                    },
+                    ..ok
+                },
+            ),
+            (
+                "block_m 32",
+                ffi::LaBlockSparseParams {
+                    block_m: 32,
+                    num_q_blocks: 4,
+                    ..ok
+                },
+            ),
+            (
+                "block_n 96",
+                ffi::LaBlockSparseParams {
+                    block_n: 96,
+                    num_k_blocks: 3,
+                    ..ok
+                },
+            ),
+            ("block_n 0", ffi::LaBlockSparseParams { block_n: 0, ..ok }),
+            (
+                "num_q_blocks",
+                ffi::LaBlockSparseParams {
+                    num_q_blocks: 3,
+                    ..ok
+                },
+            ),
+            (
+                "num_k_blocks",
+                ffi::LaBlockSparseParams {
+                    num_k_blocks: 3,
+                    ..ok
+                },
+            ),
+            (
+                "mask_heads 3",
+                ffi::LaBlockSparseParams {
+                    mask_heads: 3,
+                    ..ok
+                },
+            ),
+            (
+                "mask_batch 0",
+                ffi::LaBlockSparseParams {
+                    mask_batch: 0,
+                    ..ok
+                },
+            ),
+            (
+                "heads_kv 0",
+                ffi::LaBlockSparseParams {
+                    dense: ffi::LaDenseParams {
+                        heads_kv: 0,
+                        ..dense
+                    },
+                    ..ok
+                },
+            ),
+            (
+                "scale nan",
+                ffi::LaBlockSparseParams {
+                    dense: ffi::LaDenseParams {
+                        scale: f32::NAN,
+                        ..dense
+                    },
+                    ..ok
+                },
+            ),
+            (
+                "window -2",
+                ffi::LaBlockSparseParams {
+                    dense: ffi::LaDenseParams {
+                        window_left: -2,
+                        ..dense
+                    },
+                    ..ok
+                },
+            ),
+        ];
+        for (name, p) in cases {
+            // SAFETY: the params are refused before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_block_sparse_mma_forward(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+        }
+        // SAFETY: a NULL params pointer is refused.
+        let code =
+            unsafe { ffi::la_block_sparse_mma_forward(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // No work (batch 0): success without a launch, whatever the pointers.
+        let empty = ffi::LaBlockSparseParams {
+            dense: ffi::LaDenseParams { batch: 0, ..dense },
+            mask_batch: 1,
+            ..ok
+        };
+        // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
+        let code = unsafe { ffi::la_block_sparse_mma_forward(&empty, std::ptr::null_mut()) };
+        assert_eq!(code, 0);
+    }
+}
