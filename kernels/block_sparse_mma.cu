@@ -18,8 +18,8 @@
 //   dense mma kernel), else applies j <= hi && (j >= lo || j < sinks) per element.
 
 #include "longattn/block_sparse.h"
-#include "longattn/check.cuh"
 #include "longattn/common.cuh"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mma_mainloop.cuh"
@@ -48,11 +48,7 @@ struct BlockSparseProblem {
   const int32_t *indices;
   const uint8_t *full;
   int count;
-  // This thread's two rows: key j is visible iff j <= hi && (j >= lo || j < sinks) (the
-  // dense mma kernel's bounds); the warp's first and last rows' diagonals for the
-  // interior-tile test.
-  int hi[2], lo[2];
-  long long diag_first, diag_last;
+  WarpWindowMask<Tr> window;  // prepare_rows(): the options' mask of this warp's rows
 
   __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
     load_rows<Tr, Tr::kBlockM>(q_smem, q, p.dense.q_row_stride, m0, sq, tid);
@@ -90,47 +86,21 @@ struct BlockSparseProblem {
     load_rows<Tr, BN>(v_smem, v, p.dense.v_row_stride, n0, sk, tid);
   }
   __device__ __forceinline__ void prepare_rows(int warp, int g) {
-    const int warp_row0 = m0 + 16 * warp;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const long long diag = (long long)(warp_row0 + g + 8 * r) + sk - sq;
-      long long hr = sk - 1;
-      if (p.dense.window_right >= 0) hr = min(hr, diag + p.dense.window_right);
-      long long lr = 0;
-      if (p.dense.window_left >= 0)
-        lr = min(max(diag - p.dense.window_left, 0LL), (long long)sk);
-      hi[r] = (int)max(hr, -1LL);
-      lo[r] = (int)lr;
-    }
-    const int warp_last = min(warp_row0 + 15, sq - 1);
-    diag_first = (long long)warp_row0 + sk - sq;
-    diag_last = (long long)warp_last + sk - sq;
+    window.prepare(p.dense, m0 + 16 * warp, g, sq, sk);
   }
   __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int t, int n0,
                                             int tq) const {
-    const int n_end = n0 + BN;
-    if (full[t / tiles_per_block] != 0) {
-      // Full block: every key of it up to the sequence's end.
-      if (n_end <= sk) return;
-#pragma unroll
-      for (int i = 0; i < Tr::kSBlocks; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (n0 + 8 * i + 2 * tq + (e & 1) >= sk) sc[i][e] = kNegInf;
+    if (full[t / tiles_per_block] == 0) {
+      window.apply(sc, n0, tq);  // partial block: the options' mask
       return;
     }
-    // Partial block: the window/sinks mask, skipped on tiles interior for the warp's rows.
-    const int wl = p.dense.window_left, wr = p.dense.window_right, sinks = p.dense.sinks;
-    const bool interior = n_end <= sk && (wr < 0 || (long long)n_end - 1 <= diag_first + wr) &&
-                          (wl < 0 || (long long)n0 >= diag_last - wl || n_end <= sinks);
-    if (interior) return;
+    // Full block: every key of it up to the sequence's end.
+    if (n0 + BN <= sk) return;
 #pragma unroll
     for (int i = 0; i < Tr::kSBlocks; ++i)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-        if (!(j <= hi[r] && (j >= lo[r] || j < sinks))) sc[i][e] = kNegInf;
-      }
+      for (int e = 0; e < 4; ++e)
+        if (n0 + 8 * i + 2 * tq + (e & 1) >= sk) sc[i][e] = kNegInf;
   }
   __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
     const int i = m0 + row;
@@ -189,32 +159,12 @@ cudaError_t launch(const LaBlockSparseParams &p, cudaStream_t stream) {
 
 constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)
 
-// The dense params' checks (la_dense_forward's), with the pointers a launch reads.
-bool dense_ok(const LaDenseParams &p) {
-  if (!check::dtype(p.dtype)) return false;
-  if (p.batch < 0 || p.seqlen_q < 0 || p.seqlen_k < 0 || p.total_q < 0 || p.total_k < 0)
-    return false;
-  if (p.batch > kGridLimit || p.heads_q > kGridLimit) return false;
-  if (!check::heads(p.heads_q, p.heads_kv, p.head_dim)) return false;
-  if (!check::mask(p.window_left, p.window_right, p.sinks)) return false;
-  if (!check::scoring(p.scale, p.softcap)) return false;
-  if (!check::strides(p.q_batch_stride, p.q_row_stride, p.q_head_stride) ||
-      !check::strides(p.k_batch_stride, p.k_row_stride, p.k_head_stride) ||
-      !check::strides(p.v_batch_stride, p.v_row_stride, p.v_head_stride) ||
-      !check::strides(p.o_batch_stride, p.o_row_stride, p.o_head_stride))
-    return false;
-  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr)) return false;
-  const bool work = p.batch > 0 && p.seqlen_q > 0;
-  return !work || (p.q != nullptr && p.o != nullptr &&
-                   (p.seqlen_k == 0 || (p.k != nullptr && p.v != nullptr)));
-}
-
 long long blocks_of(int32_t len, int32_t block) { return ((long long)len + block - 1) / block; }
 
 // Every check that needs no device memory (the lists' contents are the Rust side's).
 bool params_ok(const LaBlockSparseParams &p) {
   const LaDenseParams &d = p.dense;
-  if (!dense_ok(d)) return false;
+  if (!dense_params_ok(&d) || d.batch > kGridLimit || d.heads_q > kGridLimit) return false;
   if (p.block_m <= 0 || p.block_n <= 0 || p.block_m % 64 != 0 || p.block_n % 64 != 0)
     return false;
   if (p.mask_batch < 1 || (p.mask_batch != 1 && p.mask_batch != d.batch)) return false;

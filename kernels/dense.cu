@@ -207,7 +207,6 @@ cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream) {
 }  // namespace longattn
 
 namespace longattn {
-namespace {
 
 // Every scalar of the params the Rust API validates, and the pointers a launch reads.
 bool dense_params_ok(const LaDenseParams *p) {
@@ -228,7 +227,6 @@ bool dense_params_ok(const LaDenseParams *p) {
                    (p->seqlen_k == 0 || (p->k != nullptr && p->v != nullptr)));
 }
 
-}  // namespace
 }  // namespace longattn
 
 extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *params,

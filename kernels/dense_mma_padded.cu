@@ -14,6 +14,7 @@
 // (docs/design/kernels.md).
 
 #include "longattn/common.cuh"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
@@ -38,9 +39,7 @@ struct DenseProblem {
   int chunks;  // 16-byte chunks of the caller's rows: head_dim / 8 <= Tr::kChunksPerRow
   float scale = p.scale, softcap = p.softcap;
   WindowTiles tiles;         // schedule()
-  int lo[2], hi[2];          // this thread's two rows: key j visible iff j <= hi && (j >= lo || j < sinks)
-  int warp_row0;             // the warp's first row
-  long long diag_first, diag_last;  // the warp's first and last valid rows' diagonals
+  WarpWindowMask<Tr> window;  // prepare_rows()
 
   __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
     // Rows past the sequence and chunks past head_dim are zero.
@@ -58,38 +57,11 @@ struct DenseProblem {
     load_rows<Tr, Tr::kBlockN>(v_smem, head.v, p.v_row_stride, n0, s.sk, tid, chunks);
   }
   __device__ __forceinline__ void prepare_rows(int warp, int g) {
-    warp_row0 = m0 + 16 * warp;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
-      long long hr = s.sk - 1;
-      if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
-      long long lr = 0;
-      if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
-      hi[r] = (int)max(hr, -1LL);
-      lo[r] = (int)lr;
-    }
-    diag_first = (long long)warp_row0 + s.sk - s.sq;
-    diag_last = (long long)min(warp_row0 + 15, s.sq - 1) + s.sk - s.sq;
+    window.prepare(p, m0 + 16 * warp, g, s.sq, s.sk);
   }
-  // Interior tiles (every key visible to every valid row of the warp) skip the mask;
-  // boundary tiles, including the ragged last tile whose zero-filled keys are past sk, mask
-  // per element.
   __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int, int n0,
                                             int tq) const {
-    const int n_end = n0 + Tr::kBlockN;
-    const bool interior =
-        n_end <= s.sk &&
-        (p.window_right < 0 || (long long)n_end - 1 <= diag_first + p.window_right) &&
-        (p.window_left < 0 || (long long)n0 >= diag_last - p.window_left || n_end <= p.sinks);
-    if (interior) return;
-#pragma unroll
-    for (int i = 0; i < Tr::kSBlocks; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-        if (!(j <= hi[r] && (j >= lo[r] || j < p.sinks))) sc[i][e] = kNegInf;
-      }
+    window.apply(sc, n0, tq);
   }
   __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
     const int i = m0 + row;

@@ -53,6 +53,10 @@ const char *device_unsupported_reason(const void *kernel, size_t smem, CcOk &&cc
   return nullptr;
 }
 
+// Every scalar of the params the Rust API validates, and the pointers a launch reads
+// (la_dense_forward's check; kernels/dense.cu). Null is not ok.
+bool dense_params_ok(const LaDenseParams *p);
+
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why the kernel cannot run `p` on the current device (a static string), or nullptr.
 const char *dense_mma_unsupported_reason(const LaDenseParams &p);
