@@ -54,7 +54,9 @@ struct PagedPrefillProblem {
     load_rows<Tr, Tr::kBlockM>(q_smem, q, q_row_stride, m0, sq, tid);
   }
   __device__ __forceinline__ int schedule() {
-    tiles = WindowTiles::of(mask, m0, min(m0 + Tr::kBlockM, sq), sq, sk, Tr::kBlockN);
+    // (64-bit: m0 + kBlockM may pass INT_MAX for q_len near it.)
+    const int row_end = (int)min((long long)m0 + Tr::kBlockM, (long long)sq);
+    tiles = WindowTiles::of(mask, m0, row_end, sq, sk, Tr::kBlockN);
     return tiles.count();
   }
   __device__ __forceinline__ int key0(int t) const { return tiles.key0(t); }
@@ -161,7 +163,7 @@ cudaError_t launch(const LaPagedPrefillParams &p, cudaStream_t stream) {
   const cudaError_t err = cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 grid((unsigned)((p.q_len + Tr::kBlockM - 1) / Tr::kBlockM), p.heads_q,
+  const dim3 grid((unsigned)(((long long)p.q_len + Tr::kBlockM - 1) / Tr::kBlockM), p.heads_q,
                   p.cache.batch);
   kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

@@ -155,3 +155,87 @@ mod imp {
         check_launch("la_paged_prefill", code)
     }
 }
+
+/// The C launcher refuses bad scalar arguments before any CUDA call, so these run without a
+/// GPU.
+#[cfg(all(test, longattn_cuda))]
+mod c_entry_checks {
+    use crate::gpu::ffi;
+
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    fn valid() -> ffi::LaPagedPrefillParams {
+        // Dangling but non-null, aligned pointers: a refused call never touches them.
+        let p = 256usize as *mut std::ffi::c_void;
+        ffi::LaPagedPrefillParams {
+            cache: ffi::LaPagedCache {
+                k_cache: p,
+                v_cache: p,
+                block_table: p as *const i32,
+                seqlens_k: p as *const i32,
+                batch: 2,
+                num_pages: 4,
+                page_size: 16,
+                heads_kv: 2,
+                head_dim: 128,
+                max_pages_per_seq: 2,
+            },
+            q: p,
+            o: p,
+            lse: std::ptr::null_mut(),
+            q_batch_stride: 4 * 128 * 8,
+            q_row_stride: 4 * 128,
+            q_head_stride: 128,
+            o_batch_stride: 4 * 128 * 8,
+            o_row_stride: 4 * 128,
+            o_head_stride: 128,
+            q_len: 8,
+            heads_q: 4,
+            window_left: -1,
+            window_right: 0,
+            sinks: 0,
+            scale: 0.088,
+            softcap: 0.0,
+            dtype: ffi::LaDtype::LA_BF16,
+        }
+    }
+
+    #[test]
+    fn paged_prefill_entry_refuses_bad_arguments() {
+        let mut cases: Vec<(&str, ffi::LaPagedPrefillParams)> = Vec::new();
+        let mut add = |name, f: &dyn Fn(&mut ffi::LaPagedPrefillParams)| {
+            let mut p = valid();
+            f(&mut p);
+            cases.push((name, p));
+        };
+        add("q_len 0", &|p| p.q_len = 0);
+        add("heads_q 0", &|p| p.heads_q = 0);
+        add("gqa ratio", &|p| p.heads_q = 3);
+        add("heads_q > grid", &|p| {
+            p.heads_q = 65536;
+            p.cache.heads_kv = 1;
+        });
+        add("head_dim 96", &|p| p.cache.head_dim = 96);
+        add("head_dim 32", &|p| p.cache.head_dim = 32);
+        add("page_size 0", &|p| p.cache.page_size = 0);
+        add("batch 0", &|p| p.cache.batch = 0);
+        add("null q", &|p| p.q = std::ptr::null());
+        add("null o", &|p| p.o = std::ptr::null_mut());
+        add("null table", &|p| p.cache.block_table = std::ptr::null());
+        add("window -2", &|p| p.window_left = -2);
+        add("sinks < 0", &|p| p.sinks = -1);
+        add("scale 0", &|p| p.scale = 0.0);
+        add("scale NaN", &|p| p.scale = f32::NAN);
+        add("softcap NaN", &|p| p.softcap = f32::NAN);
+        add("negative stride", &|p| p.q_row_stride = -1);
+        add("f32", &|p| p.dtype = ffi::LaDtype::LA_F32);
+        for (name, p) in &cases {
+            // SAFETY: the launcher rejects these before reading any pointer.
+            let code = unsafe { ffi::la_paged_prefill(p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+        }
+        // SAFETY: a null params pointer is refused.
+        let code = unsafe { ffi::la_paged_prefill(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE, "null params");
+    }
+}
