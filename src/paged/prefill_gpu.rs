@@ -80,7 +80,7 @@ mod imp {
     use crate::gpu::{
         check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
     };
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use cudarc::driver::DevicePtr;
 
     const _: () = assert!(
         ffi::LA_PAGED_PREFILL_ROWS as usize == PREFILL_ROWS_PER_BLOCK,
