@@ -101,8 +101,8 @@ pub use merge::{MergeShape, Partial};
 pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, Neighbors};
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
-    PagedDecode, PagedDecodePlan, PagedLayout, QuestConfig, QuestSelection, SparsePolicy,
-    StreamingConfig,
+    PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, QuestConfig, QuestSelection,
+    SparsePolicy, StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,

@@ -507,7 +507,9 @@ impl FlashAttention {
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
     /// the mask leaves visible, tile by tile like the kernels. Returns `(o [sq, d], lse [sq])`.
-    fn tiled_head(
+    /// Uses only the problem's head dim, scale, softcap and mask (paged prefill runs it on
+    /// K/V gathered from the pages).
+    pub(crate) fn tiled_head(
         &self,
         q: &[f32],
         k: &[f32],

@@ -11,15 +11,21 @@
 //! Typical step: build a [`PagedCache`] from the tables (with `seqlens_k` counting the new
 //! tokens), [`PagedCache::append_cpu`] / `append_gpu` the new K/V, then run a [`PagedDecode`]
 //! over the same cache.
+//!
+//! Chunked prefill / prefix caching: append the chunk's K/V the same way, then run a
+//! [`PagedPrefill`] (any `q_len`; exactly dense attention over the gathered tokens).
 
 mod cache;
 mod decode;
 mod gpu;
+mod prefill;
+mod prefill_gpu;
 mod select;
 
 pub use cache::{KvPages, PageMeta, PageTable, PagedCache, PagedLayout};
 pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
 pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
+pub use prefill::PagedPrefill;
 pub use select::{
     HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };

@@ -1,11 +1,13 @@
 //! Naive f64 references of the paged family: decode over an explicit visibility predicate
-//! (every key of the sequence tested), Quest scores of every page, brute-force top-B, and
-//! page bounds recomputed from the cache contents.
+//! (every key of the sequence tested), Quest scores of every page, brute-force top-B, page
+//! bounds recomputed from the cache contents, and prefill over every key of the sequence.
 
 use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
-use crate::paged::{HeadPolicy, KvPages, PageLists, PageMeta, PagedCache, PagedDecode};
+use crate::paged::{
+    HeadPolicy, KvPages, PageLists, PageMeta, PagedCache, PagedDecode, PagedPrefill,
+};
 use crate::reference::attend_row;
 
 /// The visibility rule of [`PagedDecode`] spelled out: key `j` of sequence `b` is read by
@@ -173,4 +175,52 @@ pub fn page_bounds<T: Element>(
         }
     }
     out
+}
+
+/// Two-pass f64 paged prefill: every key `0..seqlens_k[b]` of the sequence read through the
+/// block table and tested with the dense mask rule (`Mask::visible(i, j, q_len, sk)`).
+/// `out: [batch, q_len, heads_q, head_dim]` contiguous, `lse: [batch, heads_q, q_len]`
+/// natural log; rows with no visible key give 0 and `-inf`.
+pub fn paged_prefill_f64<T: Element>(
+    prefill: &PagedPrefill,
+    q: Strided<&[T]>,
+    kv: KvPages<&[T]>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let cache = prefill.cache();
+    let out_strides =
+        crate::layout::Strides::contiguous(prefill.q_len(), prefill.heads_q(), cache.head_dim());
+    prefill.check_forward(
+        q.extent(),
+        (prefill.out_len(), &out_strides),
+        None,
+        (kv.k.len(), kv.v.len()),
+    )?;
+    let (d, hq, sq) = (cache.head_dim(), prefill.heads_q(), prefill.q_len());
+    let mut out = vec![0.0f64; prefill.out_len()];
+    let mut lse = vec![f64::NEG_INFINITY; prefill.lse_len()];
+    let scale = prefill.scale() as f64;
+    let mask = prefill.mask();
+    for b in 0..cache.batch() {
+        let sk = cache.seqlen_of(b);
+        for i in 0..sq {
+            for h in 0..hq {
+                let kvh = prefill.kv_head(h);
+                let qo = q.strides.offset(b, i, h);
+                let qi = &q.data[qo..qo + d];
+                let oo = out_strides.offset(b, i, h);
+                let (kd, vd) = (kv.k, kv.v);
+                let at = |j: usize| cache.token_at(b, j, kvh);
+                lse[(b * hq + h) * sq + i] = attend_row(
+                    qi,
+                    sk,
+                    |j| mask.visible(i, j, sq, sk).then(|| &kd[at(j)..at(j) + d]),
+                    |j| &vd[at(j)..at(j) + d],
+                    scale,
+                    prefill.softcap(),
+                    &mut out[oo..oo + d],
+                );
+            }
+        }
+    }
+    Ok((out, lse))
 }

@@ -1,0 +1,56 @@
+/* longattn paged prefill: attention of q_len new query tokens per sequence over the
+ * sequence's K/V in the paged cache (which already holds the new tokens), as dense
+ * attention with seqlen_q = q_len, seqlen_k = seqlens_k[b] over the gathered tokens
+ * (chunked prefill, prefix caching). The C ABI shared by the CUDA launcher and the Rust side
+ * (bindgen generates the FFI from this file).
+ *
+ * Conventions (see semantics.md, "Extension: paged prefill"):
+ *   cache:  as in paged.h (LaPagedCache: NHD pages, block_table, seqlens_k)
+ *   q, o:   [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
+ *   lse:    [batch, heads_q, q_len] f32, natural log
+ * The window is FlashAttention's (left, right), -1 unbounded, aligned bottom-right: query
+ * row i of sequence b sits at position seqlens_k[b] - q_len + i. NOT YET VERIFIED ON A GPU. */
+#ifndef LONGATTN_PAGED_PREFILL_H
+#define LONGATTN_PAGED_PREFILL_H
+
+#include <stdint.h>
+
+/* Relative to this file, so that bindgen (which has no include path) finds them too. */
+#include "paged.h"
+#include "types.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct LaPagedPrefillParams {
+  /* Read only (k_cache, v_cache, block_table, seqlens_k). Validated on the host: page ids
+   * in range for every token below seqlens_k, seqlens_k within the table row. */
+  LaPagedCache cache;
+  const void *q;
+  void *o;
+  /* Optional (NULL: not written). */
+  float *lse;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int32_t q_len, heads_q;
+  /* Window (-1 = unbounded side) plus `sinks` leading keys (they obey the right bound). */
+  int32_t window_left, window_right, sinks;
+  /* Softmax scale applied to q.k; softcap <= 0 disables the tanh cap. */
+  float scale, softcap;
+  LaDtype dtype;
+} LaPagedPrefillParams;
+
+/* Query rows one prefill block serves (grid x = ceil(q_len / LA_PAGED_PREFILL_ROWS)). */
+#define LA_PAGED_PREFILL_ROWS 64
+
+/* Tensor cores (mma.sync, sm_80+); f16/bf16, head_dim 64, 128 or 256. Returns a cudaError_t
+ * value (0 on success; cudaErrorInvalidValue for bad arguments, cudaErrorNotSupported when
+ * the device cannot run it) and never synchronizes. */
+int la_paged_prefill(const LaPagedPrefillParams *params, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,204 @@
+// Tensor-core prefill over the paged KV cache (mma.sync m16n8k16, f32 accumulation, sm_80+).
+// NOT YET VERIFIED ON A GPU: compiled without spills, reachable only through the explicit
+// PagedPrefill::forward_gpu.
+//
+// Semantics: dense attention (dense_mma.cu) with seqlen_q = q_len, seqlen_k = seqlens_k[b]
+// over sequence b's tokens in the pages; token j lives in page block_table[b][j / page_size],
+// slot j % page_size. The shared FlashAttention-2 mainloop (longattn/mma_mainloop.cuh) with
+// the paged prefill problem, which is all this file writes:
+// - a block owns 64 query rows of one (sequence, query head); Q rows are contiguous (loaded
+//   like dense);
+// - schedule: dense's WindowTiles over keys [0, sk) with the bottom-right mask (the q rows are
+//   the last q_len positions);
+// - load_kv: each thread copies whole 16-byte chunks of key rows; a row's address goes
+//   through the page table (any page size), rows past sk are zero-filled by cp.async;
+// - mask_tile: dense's row-bounds rule (j <= hi && (j >= lo || j < sinks)) with the interior
+//   shortcut.
+
+#include "longattn/check.cuh"
+#include "longattn/common.cuh"
+#include "longattn/dispatch.cuh"
+#include "longattn/mask.cuh"
+#include "longattn/mma_mainloop.cuh"
+#include "longattn/paged_common.cuh"
+#include "longattn/paged_prefill.h"
+#include "longattn/schedule.cuh"
+
+namespace longattn {
+namespace {
+
+// Dense mma's configurations (dense_mma.cu): 64 query rows, key tiles of 64 (32 for hd256).
+using Traits64 = MmaTraits<64, 64, 3, true, 3>;
+using Traits128 = MmaTraits<128, 64, 2, true, 2>;
+using Traits256 = MmaTraits<256, 32, 2, false, 1>;
+static_assert(Traits64::kBlockM == LA_PAGED_PREFILL_ROWS, "rows per block (paged_prefill.h)");
+
+template <typename T, class Tr>
+struct PagedPrefillProblem {
+  const T *q;            // row 0 of this (sequence, query head)
+  T *o;                  // row 0 of this (sequence, query head)
+  float *lse;            // LSE of row 0 of this (sequence, query head), or nullptr
+  const T *kc, *vc;      // cache base + kv head offset
+  const int32_t *pages;  // this sequence's block-table row
+  long long q_row_stride, o_row_stride;
+  int page_size, slot_stride;  // slot_stride = heads_kv * head_dim
+  int m0, sq, sk;
+  Mask mask;
+  float scale, softcap;
+  WindowTiles tiles;
+  // This thread's two rows: key j is visible iff j <= hi && (j >= lo || j < sinks).
+  int hi[2], lo[2];
+  long long diag_first, diag_last;
+
+  __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
+    load_rows<Tr, Tr::kBlockM>(q_smem, q, q_row_stride, m0, sq, tid);
+  }
+  __device__ __forceinline__ int schedule() {
+    // (64-bit: m0 + kBlockM may pass INT_MAX for q_len near it.)
+    const int row_end = (int)min((long long)m0 + Tr::kBlockM, (long long)sq);
+    tiles = WindowTiles::of(mask, m0, row_end, sq, sk, Tr::kBlockN);
+    return tiles.count();
+  }
+  __device__ __forceinline__ int key0(int t) const { return tiles.key0(t); }
+  // Tile t: keys [n0, n0 + kBlockN), each row's address through the page table.
+  __device__ __forceinline__ void load_kv(uint32_t k_smem, uint32_t v_smem, int t, int tid) {
+    const int chunk = tid % Tr::kChunksPerRow, r0 = tid / Tr::kChunksPerRow;
+    const int n0 = key0(t);
+#pragma unroll
+    for (int pass = 0; pass < Tr::kBlockN / Tr::kRowsPerPass; ++pass) {
+      const int r = r0 + pass * Tr::kRowsPerPass, j = n0 + r;
+      const bool ok = j < sk;
+      long long off = 0;
+      if (ok) {
+        const int lp = j / page_size;
+        off = ((long long)pages[lp] * page_size + (j - lp * page_size)) * slot_stride + chunk * 8;
+      }
+      const uint32_t dst = swizzled_elem<Tr::kHeadDim>(r, chunk) * (int)sizeof(T);
+      mma::cp_async_16(k_smem + dst, kc + off, ok);
+      mma::cp_async_16(v_smem + dst, vc + off, ok);
+    }
+  }
+  __device__ __forceinline__ void prepare_rows(int warp, int g) {
+    const int warp_row0 = m0 + 16 * warp;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const long long diag = (long long)(warp_row0 + g + 8 * r) + sk - sq;
+      long long hr = sk - 1;
+      if (mask.right >= 0) hr = min(hr, diag + mask.right);
+      long long lr = 0;
+      if (mask.left >= 0) lr = min(max(diag - mask.left, 0LL), (long long)sk);
+      hi[r] = (int)max(hr, -1LL);
+      lo[r] = (int)lr;
+    }
+    const int warp_last = min(warp_row0 + 15, sq - 1);
+    diag_first = (long long)warp_row0 + sk - sq;
+    diag_last = (long long)warp_last + sk - sq;
+  }
+  // Interior tiles (every key visible to every valid row of the warp) skip the mask;
+  // boundary tiles, including the ragged last tile whose zero-filled keys are past sk, mask
+  // per element.
+  __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int, int n0,
+                                            int tq) const {
+    const int n_end = n0 + Tr::kBlockN;
+    const bool interior =
+        n_end <= sk && (mask.right < 0 || (long long)n_end - 1 <= diag_first + mask.right) &&
+        (mask.left < 0 || (long long)n0 >= diag_last - mask.left || n_end <= mask.sinks);
+    if (interior) return;
+#pragma unroll
+    for (int i = 0; i < Tr::kSBlocks; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
+        if (!(j <= hi[r] && (j >= lo[r] || j < mask.sinks))) sc[i][e] = kNegInf;
+      }
+  }
+  __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
+    const int i = m0 + row;
+    if (i < sq) *reinterpret_cast<uint4 *>(o + i * o_row_stride + chunk * 8) = *staged;
+  }
+  __device__ __forceinline__ bool has_lse() const { return lse != nullptr; }
+  __device__ __forceinline__ void store_lse(int row, float value) {
+    const int i = m0 + row;
+    if (i < sq) lse[i] = value;
+  }
+};
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
+    paged_prefill_kernel(const __grid_constant__ LaPagedPrefillParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int b = blockIdx.z, h = blockIdx.y;
+  // Reverse order: under a causal mask the last query tiles have the most keys; start them
+  // first so that the short tail tiles fill in at the end.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBlockM;
+  const LaPagedCache &c = p.cache;
+  const int kvh = h / (p.heads_q / c.heads_kv);
+  const long long kv_head_off = (long long)kvh * c.head_dim;
+  PagedPrefillProblem<T, Tr> pb;
+  pb.q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  pb.o = static_cast<T *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
+  pb.lse = p.lse != nullptr ? p.lse + ((long long)b * p.heads_q + h) * p.q_len : nullptr;
+  pb.kc = static_cast<const T *>(c.k_cache) + kv_head_off;
+  pb.vc = static_cast<const T *>(c.v_cache) + kv_head_off;
+  pb.pages = c.block_table + (long long)b * c.max_pages_per_seq;
+  pb.q_row_stride = p.q_row_stride;
+  pb.o_row_stride = p.o_row_stride;
+  pb.page_size = c.page_size;
+  pb.slot_stride = c.heads_kv * c.head_dim;
+  pb.m0 = m0;
+  pb.sq = p.q_len;
+  pb.sk = c.seqlens_k[b];
+  pb.mask = Mask{p.window_left, p.window_right, p.sinks};
+  pb.scale = p.scale;
+  pb.softcap = p.softcap;
+  mma_attention<T, Tr>(pb, smem_raw);
+}
+
+template <typename T, class Tr>
+cudaError_t launch(const LaPagedPrefillParams &p, cudaStream_t stream) {
+  auto kernel = paged_prefill_kernel<T, Tr>;
+  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
+                                [](int major, int) { return major >= 8; }) != nullptr)
+    return cudaErrorNotSupported;
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const dim3 grid((unsigned)(((long long)p.q_len + Tr::kBlockM - 1) / Tr::kBlockM), p.heads_q,
+                  p.cache.batch);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_for_dim(const LaPagedPrefillParams &p, cudaStream_t stream) {
+  switch (p.cache.head_dim) {
+    case 64: return launch<T, Traits64>(p, stream);
+    case 128: return launch<T, Traits128>(p, stream);
+    case 256: return launch<T, Traits256>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// The scalar arguments the Rust API validates (what lives in device memory, the tables,
+// cannot be checked here; see check.cuh).
+bool params_ok(const LaPagedPrefillParams &p) {
+  const LaPagedCache &c = p.cache;
+  const int d = c.head_dim;
+  return dims_ok(c) && (d == 64 || d == 128 || d == 256) && p.q_len > 0 && p.q != nullptr &&
+         p.o != nullptr && p.heads_q <= 65535 && check::heads(p.heads_q, c.heads_kv, d) &&
+         check::mask(p.window_left, p.window_right, p.sinks) &&
+         check::scoring(p.scale, p.softcap) &&
+         check::strides(p.q_batch_stride, p.q_row_stride, p.q_head_stride) &&
+         check::strides(p.o_batch_stride, p.o_row_stride, p.o_head_stride);
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_paged_prefill(const LaPagedPrefillParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr || !params_ok(*params)) return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_for_dim<typename decltype(t)::type>(*params, stream);
+  });
+}

@@ -1,0 +1,246 @@
+//! Prefill attention over the paged cache (chunked prefill, prefix caching): `q_len` new
+//! query tokens per sequence attend to the sequence's K/V in the pages, which already hold
+//! the new tokens (appended before, as engines do). FlashInfer's batch prefill with paged KV,
+//! FlashAttention's `flash_attn_with_kvcache` with a block table.
+
+use super::cache::{KvPages, PagedCache};
+use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::layout::{SeqLens, Strided, Strides, check_extent, check_no_overlap, checked_elems};
+use crate::mask::Mask;
+use rayon::prelude::*;
+
+/// A validated prefill problem over a paged cache (fixed `q_len` for every sequence).
+///
+/// `q, out: [batch, q_len, heads_q, head_dim]` (element strides), `lse: [batch, heads_q,
+/// q_len]` f32, natural log. Semantics: exactly dense attention ([`FlashAttention`]) with
+/// `seqlen_q = q_len`, `seqlen_k = seqlens_k[b]` over sequence `b`'s tokens gathered from the
+/// pages (token `t` in page `block_table[b][t / page_size]`, slot `t % page_size`): the same
+/// options, the same mask composition (`causal` is bottom-right aligned, so query row `i` sees
+/// keys up to `seqlens_k[b] - q_len + i`: the new tokens are the last `q_len` positions),
+/// windows, sinks, softcap, GQA (query head `h` reads kv head `h / (heads_q / heads_kv)`).
+/// Unlike [`PagedDecode`](crate::PagedDecode), the default options are not causal (as in
+/// every other family): pass `AttentionOptions::causal()` for a causal prefill. A row that
+/// sees nothing gives output 0 and LSE `-inf`. A sequence with fewer tokens than `q_len`
+/// (its new tokens not appended) follows dense's rule for `seqlen_q > seqlen_k`.
+#[derive(Debug, Clone)]
+pub struct PagedPrefill {
+    pub(crate) cache: PagedCache,
+    pub(crate) heads_q: usize,
+    pub(crate) q_len: usize,
+    pub(crate) out_len: usize,
+    pub(crate) lse_len: usize,
+    /// The per-head dense problem (scale, softcap, mask, head dim) the CPU path runs on the
+    /// gathered K/V of each sequence.
+    pub(crate) dense: FlashAttention,
+}
+
+impl PagedPrefill {
+    /// Validates the problem once: `heads_q` a positive multiple of the cache's `heads_kv`,
+    /// `q_len >= 1`, both fitting in i32, the options (scale, softcap, window, sinks) and
+    /// every size the buffers imply (checked arithmetic). Nothing is allocated before the
+    /// checks pass.
+    pub fn new(
+        cache: &PagedCache,
+        heads_q: usize,
+        q_len: usize,
+        options: &AttentionOptions,
+    ) -> Result<Self> {
+        let heads_kv = cache.heads_kv();
+        if heads_q == 0 || !heads_q.is_multiple_of(heads_kv) {
+            return Err(Error::Shape(format!(
+                "heads_q = {heads_q} must be a positive multiple of the cache's heads_kv = \
+                 {heads_kv}"
+            )));
+        }
+        let limit = i32::MAX as usize;
+        if heads_q > limit {
+            return Err(Error::Shape(format!("heads_q = {heads_q} must fit in i32")));
+        }
+        if q_len == 0 {
+            return Err(Error::Shape(
+                "q_len = 0: a prefill needs at least one query token".into(),
+            ));
+        }
+        if q_len > limit {
+            return Err(Error::Shape(format!("q_len = {q_len} must fit in i32")));
+        }
+        let d = cache.head_dim();
+        let out_len = checked_elems(
+            &[cache.batch(), q_len, heads_q, d],
+            "paged prefill q/out elements",
+        )?;
+        let lse_len = checked_elems(&[cache.batch(), heads_q, q_len], "paged prefill LSE")?;
+        // The longest sequence bounds every per-sequence dense problem (the cache checked
+        // that it fits in i32).
+        let max_sk = cache
+            .seqlens_k()
+            .iter()
+            .map(|&s| s as usize)
+            .max()
+            .unwrap_or(0);
+        // Options (scale, softcap, window, sinks) are validated by the dense constructor,
+        // which allocates nothing for fixed lengths.
+        let dense = FlashAttention::new(
+            &AttentionShape {
+                batch: 1,
+                heads_q,
+                heads_kv,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: q_len,
+                    seqlen_k: max_sk,
+                },
+            },
+            options,
+        )?;
+        Ok(PagedPrefill {
+            cache: cache.clone(),
+            heads_q,
+            q_len,
+            out_len,
+            lse_len,
+            dense,
+        })
+    }
+
+    pub fn cache(&self) -> &PagedCache {
+        &self.cache
+    }
+    pub fn heads_q(&self) -> usize {
+        self.heads_q
+    }
+    pub fn q_len(&self) -> usize {
+        self.q_len
+    }
+    pub fn scale(&self) -> f32 {
+        self.dense.scale()
+    }
+    pub fn softcap(&self) -> Option<f32> {
+        self.dense.softcap()
+    }
+    /// The mask in force (the options' mask composed with `causal`, as for dense).
+    pub fn mask(&self) -> Mask {
+        self.dense.mask()
+    }
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads_q / self.cache.heads_kv()
+    }
+    /// Query head `h` reads kv head `h / group()`.
+    pub fn kv_head(&self, h: usize) -> usize {
+        h / self.group()
+    }
+    /// Elements of a contiguous q or out: `batch * q_len * heads_q * head_dim`.
+    pub fn out_len(&self) -> usize {
+        self.out_len
+    }
+    /// LSE values: `batch * heads_q * q_len`.
+    pub fn lse_len(&self) -> usize {
+        self.lse_len
+    }
+    /// Index of the LSE value of (sequence `b`, query head `h`, row `i`).
+    pub(crate) fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
+        (b * self.heads_q + h) * self.q_len + i
+    }
+
+    /// Validates the tensor arguments of a forward (CPU or GPU): `q` and `out` cover
+    /// `[batch, q_len, heads_q, head_dim]`, `out` does not overlap itself, `lse` holds
+    /// `batch * heads_q * q_len` values, and the K/V buffers match the cache layout.
+    pub(crate) fn check_forward(
+        &self,
+        q: (usize, &Strides),
+        out: (usize, &Strides),
+        lse: Option<usize>,
+        kv: (usize, usize),
+    ) -> Result<()> {
+        let dims = [
+            self.cache.batch(),
+            self.q_len,
+            self.heads_q,
+            self.cache.head_dim(),
+        ];
+        check_extent("q", q.1, dims, q.0)?;
+        check_extent("out", out.1, dims, out.0)?;
+        check_no_overlap("out", out.1, dims, out.0)?;
+        if let Some(len) = lse
+            && len < self.lse_len
+        {
+            return Err(Error::Shape(format!(
+                "lse holds {len} values but [batch, heads_q, q_len] needs {}",
+                self.lse_len
+            )));
+        }
+        self.cache.check_kv(kv.0, kv.1)
+    }
+
+    /// Keys `0..seqlen_k[b]` of kv head `kvh` of sequence `b` gathered from the pages as f32,
+    /// `(k, v)` each `[seqlen, head_dim]`.
+    fn gather_f32<T: Element>(&self, kv: &KvPages<&[T]>, b: usize, kvh: usize) -> [Vec<f32>; 2] {
+        let (sk, d) = (self.cache.seqlen_of(b), self.cache.head_dim());
+        let mut k = Vec::with_capacity(sk * d);
+        let mut v = Vec::with_capacity(sk * d);
+        for j in 0..sk {
+            let off = self.cache.token_at(b, j, kvh);
+            k.extend(kv.k[off..off + d].iter().map(|x| x.to_f32()));
+            v.extend(kv.v[off..off + d].iter().map(|x| x.to_f32()));
+        }
+        [k, v]
+    }
+
+    /// CPU prefill (also the fallback without a GPU): per (sequence, kv head) the K/V rows
+    /// are gathered from the pages, then each query head of the group runs the dense CPU
+    /// path's tiled online softmax (f32 accumulation) over them, so the result equals
+    /// [`FlashAttention::forward_cpu`] on the gathered tokens bit for bit.
+    pub fn forward_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        kv: KvPages<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> Result<()> {
+        self.check_forward(
+            q.extent(),
+            out.extent(),
+            lse.as_ref().map(|l| l.len()),
+            (kv.k.len(), kv.v.len()),
+        )?;
+        let (hkv, d, sq, group) = (
+            self.cache.heads_kv(),
+            self.cache.head_dim(),
+            self.q_len,
+            self.group(),
+        );
+        let tasks: Vec<(usize, usize)> = (0..self.cache.batch())
+            .flat_map(|b| (0..hkv).map(move |kvh| (b, kvh)))
+            .collect();
+        let results: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
+            .par_iter()
+            .map(|&(b, kvh)| {
+                let sk = self.cache.seqlen_of(b);
+                let [kh, vh] = self.gather_f32(&kv, b, kvh);
+                (kvh * group..(kvh + 1) * group)
+                    .map(|h| {
+                        let qh = q.head_rows_f32(b, 0..sq, h, d);
+                        self.dense.tiled_head(&qh, &kh, &vh, sq, sk)
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut out = out;
+        let mut lse = lse;
+        for (&(b, kvh), heads) in tasks.iter().zip(results) {
+            for (gh, (o, l)) in heads.into_iter().enumerate() {
+                let h = kvh * group + gh;
+                out.store_head_rows(b, 0..sq, h, d, &o);
+                if let Some(lse) = lse.as_deref_mut() {
+                    for (i, &x) in l.iter().enumerate() {
+                        lse[self.lse_index(b, h, i)] = x;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

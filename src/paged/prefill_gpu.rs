@@ -1,0 +1,241 @@
+//! GPU entry point of paged prefill: `PagedPrefill::forward_gpu`, the tensor-core kernel in
+//! `kernels/paged_prefill.cu`. NOT YET VERIFIED ON A GPU: reachable only through this
+//! explicit call (nothing picks it automatically).
+//!
+//! Stream ordering: the block table and `seqlens_k` are uploaded to temporaries on the
+//! caller's stream and the kernel is queued after them on the same stream; cudarc frees the
+//! temporaries stream-ordered after the launch (see `paged/gpu.rs`).
+
+use super::prefill::PagedPrefill;
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_half, cuda_call};
+use crate::layout::Strided;
+use crate::paged::KvPages;
+use cudarc::driver::{CudaStream, DeviceRepr};
+use std::sync::Arc;
+
+/// Query rows per prefill block (`LA_PAGED_PREFILL_ROWS` in paged_prefill.h).
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+pub(crate) const PREFILL_ROWS_PER_BLOCK: usize = 64;
+
+impl PagedPrefill {
+    /// GPU prefill on `stream` (nothing is synchronized): buffers as for
+    /// [`PagedPrefill::forward_cpu`], on the device; f16 or bf16, head_dim 64, 128 or 256,
+    /// q/out strides multiples of 8 elements, 16-byte aligned pointers. Uploads the block
+    /// table and `seqlens_k` on every call. Every argument is validated before any device
+    /// pointer is taken.
+    ///
+    /// Not yet verified on a GPU (compiled without spills; see the README): an explicit
+    /// opt-in, never chosen automatically.
+    pub fn forward_gpu<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        kv: KvPages<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check_forward(
+            q.extent(),
+            out.extent(),
+            lse.as_ref().map(|l| l.len()),
+            (kv.k.len(), kv.v.len()),
+        )?;
+        self.check_gpu(T::DTYPE)?;
+        cuda_call!(imp::forward::<T, I, O>, self, stream, q, kv, out, lse)
+    }
+
+    /// What the kernel supports: f16/bf16, head_dim 64/128/256, batch and heads_q within the
+    /// grid's y/z limits.
+    fn check_gpu(&self, dtype: DType) -> Result<()> {
+        check_half(dtype, "paged prefill on the GPU takes", "path")?;
+        let d = self.cache.head_dim();
+        if ![64, 128, 256].contains(&d) {
+            return Err(Error::Unsupported(format!(
+                "paged prefill on the GPU takes head_dim 64, 128 or 256, not {d} (the CPU path \
+                 takes any)"
+            )));
+        }
+        if self.cache.batch() > GRID_LIMIT || self.heads_q > GRID_LIMIT {
+            return Err(Error::Unsupported(format!(
+                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
+                self.cache.batch(),
+                self.heads_q
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(longattn_cuda)]
+mod imp {
+    use super::*;
+    use crate::gpu::ptr_mut_or_null;
+    use crate::gpu::{
+        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
+    };
+    use cudarc::driver::DevicePtr;
+
+    const _: () = assert!(
+        ffi::LA_PAGED_PREFILL_ROWS as usize == PREFILL_ROWS_PER_BLOCK,
+        "PREFILL_ROWS_PER_BLOCK must equal LA_PAGED_PREFILL_ROWS (paged_prefill.h)"
+    );
+
+    pub(super) fn forward<T, I, O>(
+        pf: &PagedPrefill,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        kv: KvPages<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        let cache = pf.cache();
+        // Temporaries freed stream-ordered after the launch.
+        let block_table = stream.clone_htod(cache.block_table())?;
+        let seqlens_k = stream.clone_htod(cache.seqlens_k())?;
+        let bytes = dtype_bytes(T::DTYPE);
+        let (qp, _s1) = q.data.device_ptr(stream);
+        let (kc, _s2) = kv.k.device_ptr(stream);
+        let (vc, _s3) = kv.v.device_ptr(stream);
+        let (op, _s4) = out.data.device_ptr_mut(stream);
+        check_vector_access("q", qp, &q.strides, bytes)?;
+        check_vector_access("out", op, &out.strides, bytes)?;
+        check_aligned("k_cache", kc)?;
+        check_aligned("v_cache", vc)?;
+        let (lp, _s5) = ptr_mut_or_null(lse, stream);
+        let (bt, _s6) = block_table.device_ptr(stream);
+        let (sl, _s7) = seqlens_k.device_ptr(stream);
+        let (wl, wr) = pf.mask().window.to_flash();
+        let params = ffi::LaPagedPrefillParams {
+            cache: ffi::LaPagedCache {
+                k_cache: kc as *mut _,
+                v_cache: vc as *mut _,
+                block_table: bt as *const i32,
+                seqlens_k: sl as *const i32,
+                batch: cache.batch() as i32,
+                num_pages: cache.layout().num_pages as i32,
+                page_size: cache.page_size() as i32,
+                heads_kv: cache.heads_kv() as i32,
+                head_dim: cache.head_dim() as i32,
+                max_pages_per_seq: cache.max_pages_per_seq() as i32,
+            },
+            q: qp as *const _,
+            o: op as *mut _,
+            lse: lp as *mut f32,
+            q_batch_stride: q.strides.batch,
+            q_row_stride: q.strides.seq,
+            q_head_stride: q.strides.head,
+            o_batch_stride: out.strides.batch,
+            o_row_stride: out.strides.seq,
+            o_head_stride: out.strides.head,
+            q_len: pf.q_len() as i32,
+            heads_q: pf.heads_q() as i32,
+            window_left: wl as i32,
+            window_right: wr as i32,
+            sinks: pf.mask().sinks as i32,
+            scale: pf.scale(),
+            softcap: pf.softcap().unwrap_or(0.0),
+            dtype: la_dtype(T::DTYPE),
+        };
+        // SAFETY: q/out extents, the LSE length, the cache lengths and every page id below
+        // seqlens_k were validated on the host; the kernel reads q and the cache and writes
+        // out/lse only, ordered on `stream` after the table uploads.
+        let code = unsafe { ffi::la_paged_prefill(&params, stream.cu_stream() as _) };
+        check_launch("la_paged_prefill", code)
+    }
+}
+
+/// The C launcher refuses bad scalar arguments before any CUDA call, so these run without a
+/// GPU.
+#[cfg(all(test, longattn_cuda))]
+mod c_entry_checks {
+    use crate::gpu::ffi;
+
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    fn valid() -> ffi::LaPagedPrefillParams {
+        // Dangling but non-null, aligned pointers: a refused call never touches them.
+        let p = 256usize as *mut std::ffi::c_void;
+        ffi::LaPagedPrefillParams {
+            cache: ffi::LaPagedCache {
+                k_cache: p,
+                v_cache: p,
+                block_table: p as *const i32,
+                seqlens_k: p as *const i32,
+                batch: 2,
+                num_pages: 4,
+                page_size: 16,
+                heads_kv: 2,
+                head_dim: 128,
+                max_pages_per_seq: 2,
+            },
+            q: p,
+            o: p,
+            lse: std::ptr::null_mut(),
+            q_batch_stride: 4 * 128 * 8,
+            q_row_stride: 4 * 128,
+            q_head_stride: 128,
+            o_batch_stride: 4 * 128 * 8,
+            o_row_stride: 4 * 128,
+            o_head_stride: 128,
+            q_len: 8,
+            heads_q: 4,
+            window_left: -1,
+            window_right: 0,
+            sinks: 0,
+            scale: 0.088,
+            softcap: 0.0,
+            dtype: ffi::LaDtype::LA_BF16,
+        }
+    }
+
+    #[test]
+    fn paged_prefill_entry_refuses_bad_arguments() {
+        let mut cases: Vec<(&str, ffi::LaPagedPrefillParams)> = Vec::new();
+        let mut add = |name, f: &dyn Fn(&mut ffi::LaPagedPrefillParams)| {
+            let mut p = valid();
+            f(&mut p);
+            cases.push((name, p));
+        };
+        add("q_len 0", &|p| p.q_len = 0);
+        add("heads_q 0", &|p| p.heads_q = 0);
+        add("gqa ratio", &|p| p.heads_q = 3);
+        add("heads_q > grid", &|p| {
+            p.heads_q = 65536;
+            p.cache.heads_kv = 1;
+        });
+        add("head_dim 96", &|p| p.cache.head_dim = 96);
+        add("head_dim 32", &|p| p.cache.head_dim = 32);
+        add("page_size 0", &|p| p.cache.page_size = 0);
+        add("batch 0", &|p| p.cache.batch = 0);
+        add("null q", &|p| p.q = std::ptr::null());
+        add("null o", &|p| p.o = std::ptr::null_mut());
+        add("null table", &|p| p.cache.block_table = std::ptr::null());
+        add("window -2", &|p| p.window_left = -2);
+        add("sinks < 0", &|p| p.sinks = -1);
+        add("scale 0", &|p| p.scale = 0.0);
+        add("scale NaN", &|p| p.scale = f32::NAN);
+        add("softcap NaN", &|p| p.softcap = f32::NAN);
+        add("negative stride", &|p| p.q_row_stride = -1);
+        add("f32", &|p| p.dtype = ffi::LaDtype::LA_F32);
+        for (name, p) in &cases {
+            // SAFETY: the launcher rejects these before reading any pointer.
+            let code = unsafe { ffi::la_paged_prefill(p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+        }
+        // SAFETY: a null params pointer is refused.
+        let code = unsafe { ffi::la_paged_prefill(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE, "null params");
+    }
+}

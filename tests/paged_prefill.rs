@@ -1,0 +1,531 @@
+//! Paged prefill (`PagedPrefill`): the CPU path against the f64 reference and, bit for bit,
+//! against dense attention (`FlashAttention::forward_cpu`) over the tokens gathered from the
+//! pages; argument refusals; and the GPU kernel against the f64 reference (skipped without a
+//! GPU, fails under LONGATTN_REQUIRE_GPU=1). Caches come from the shared fixture
+//! (`common/paged.rs`): pages in a random order, K/V written through `append_cpu`.
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use longattn::reference::paged::paged_prefill_f64;
+use longattn::{
+    AttentionOptions, AttentionShape, Element, Error, FlashAttention, KvPages, PageTable,
+    PagedCache, PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, bf16, f16,
+};
+use std::sync::Arc;
+
+mod common;
+use common::paged::*;
+use common::*;
+
+/// Masks of a prefill: causal, non-causal, windows with and without sinks (rows that see
+/// nothing come from sequences shorter than `q_len`), softcap, an explicit scale.
+fn prefill_masks() -> Vec<(&'static str, AttentionOptions)> {
+    vec![
+        ("causal", AttentionOptions::causal()),
+        ("full", AttentionOptions::default()),
+        (
+            "causal window 1",
+            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
+        ),
+        (
+            "causal window 5 + sinks 2",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(5).unwrap())
+                .with_sinks(2),
+        ),
+        (
+            "window (3, 2) + sinks 1 + softcap",
+            AttentionOptions::default()
+                .with_window(Window::new(Some(3), Some(2)))
+                .with_sinks(1)
+                .with_softcap(4.0),
+        ),
+        (
+            "causal window 70 + softcap + scale",
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(70).unwrap())
+                .with_softcap(8.0)
+                .with_scale(0.3),
+        ),
+    ]
+}
+
+/// Sequence lengths for a prefill of `q_len` tokens: an empty sequence and one shorter than
+/// `q_len` (rows that see nothing under causal), `q_len == sk`, and longer prefixes.
+fn seqlens_for(q_len: usize) -> Vec<usize> {
+    vec![0, q_len / 2, q_len, q_len + 45, q_len + 300]
+}
+
+fn run_cpu<T: Element>(
+    pf: &PagedPrefill,
+    sc: &Scenario<T>,
+    q: &[T],
+    st: Strides,
+    out_len: usize,
+) -> (Vec<T>, Vec<f32>) {
+    // Poison: every element must be written.
+    let mut out = vec![T::from_f32(f32::NAN); out_len];
+    let mut lse = vec![f32::NAN; pf.lse_len()];
+    pf.forward_cpu(
+        Strided::new(q, st),
+        sc.kv(),
+        Strided::new(&mut out[..], st),
+        Some(&mut lse),
+    )
+    .unwrap();
+    (out, lse)
+}
+
+/// Output values of the `[batch, q_len, heads_q, head_dim]` view `st` of `out`, contiguous.
+fn view<T: Element>(out: &[T], st: Strides, dims: [usize; 4]) -> Vec<f64> {
+    let [bn, sq, hq, d] = dims;
+    let mut v = Vec::with_capacity(bn * sq * hq * d);
+    for b in 0..bn {
+        for i in 0..sq {
+            for h in 0..hq {
+                let o = (b as i64 * st.batch + i as i64 * st.seq + h as i64 * st.head) as usize;
+                v.extend(out[o..o + d].iter().map(|x| x.to_f64()));
+            }
+        }
+    }
+    v
+}
+
+/// Dense attention of sequence `b` alone over its contiguous tokens (batch 1,
+/// `seqlen_q = q_len`, `seqlen_k = seqlens_k[b]`): `(out [q_len, heads_q, d], lse [heads_q,
+/// q_len])`.
+fn dense_of_sequence<T: Element>(
+    pf: &PagedPrefill,
+    sc: &Scenario<T>,
+    q: &[T],
+    b: usize,
+    opts: &AttentionOptions,
+) -> (Vec<T>, Vec<f32>) {
+    let c = pf.cache();
+    let (hq, hkv, d, sq) = (pf.heads_q(), c.heads_kv(), c.head_dim(), pf.q_len());
+    let sk = c.seqlen(b).unwrap();
+    let attn = FlashAttention::new(
+        &AttentionShape {
+            batch: 1,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: sq,
+                seqlen_k: sk,
+            },
+        },
+        opts,
+    )
+    .unwrap();
+    let per_q = sq * hq * d;
+    let mut out = vec![T::from_f32(f32::NAN); per_q];
+    let mut lse = vec![f32::NAN; hq * sq];
+    let qs = Strides::contiguous(sq, hq, d);
+    let ks = Strides::contiguous(sk, hkv, d);
+    attn.forward_cpu(
+        Strided::new(&q[b * per_q..(b + 1) * per_q], qs),
+        Strided::new(&sc.k_tokens[b][..], ks),
+        Strided::new(&sc.v_tokens[b][..], ks),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    (out, lse)
+}
+
+#[test]
+fn cpu_matches_reference_and_dense_over_gathered_tokens() {
+    let mut cases = 0;
+    for ps in [1, 16, 64, 256] {
+        for q_len in [1, 7, 64, 97] {
+            for (hkv, ratio, d) in [(2, 1, 16), (1, 4, 8), (2, 3, 24)] {
+                let hq = hkv * ratio;
+                let seqlens = seqlens_for(q_len);
+                let seed = 1000 + ps as u64 * 7 + q_len as u64 * 13 + d as u64;
+                let sc = scenario::<f32>(&seqlens, ps, hkv, d, seed);
+                let mut r = rng(seed + 1);
+                let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                let st = q_strides(q_len, hq, d);
+                for (name, opts) in prefill_masks() {
+                    let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    let what = format!("ps {ps} q_len {q_len} hkv {hkv} hq {hq} d {d} {name}");
+                    let (out, lse) = run_cpu(&pf, &sc, &q, st, pf.out_len());
+                    let (want, want_lse) =
+                        paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+                    let err = rel_l2(&to_f64(&out), &want);
+                    assert!(err < 1e-5, "{what}: rel err {err}");
+                    check_lse(&lse, &want_lse, 1e-4, &what);
+                    // Dense over the gathered tokens, sequence by sequence: identical bits.
+                    let per_q = q_len * hq * d;
+                    for b in 0..seqlens.len() {
+                        let (dout, dlse) = dense_of_sequence(&pf, &sc, &q, b, &opts);
+                        let got = &out[b * per_q..(b + 1) * per_q];
+                        assert!(
+                            got.iter()
+                                .zip(&dout)
+                                .all(|(a, x)| a.to_bits() == x.to_bits()),
+                            "{what}: sequence {b} differs from dense"
+                        );
+                        let got_lse = &lse[b * hq * q_len..(b + 1) * hq * q_len];
+                        assert!(
+                            got_lse
+                                .iter()
+                                .zip(&dlse)
+                                .all(|(a, x)| a.to_bits() == x.to_bits()),
+                            "{what}: sequence {b} LSE differs from dense"
+                        );
+                    }
+                    cases += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 4 * 4 * 3 * prefill_masks().len());
+}
+
+#[test]
+fn cpu_rows_that_see_nothing_give_zero_and_neg_inf() {
+    // Sequence 0 is empty, sequence 1 holds 3 tokens for q_len 7: under causal the first 4
+    // rows of sequence 1 see nothing.
+    let (q_len, hq, d) = (7, 2, 8);
+    let sc = scenario::<f32>(&[0, 3, 9], 4, 1, d, 5);
+    let q: Vec<f32> = random_vec(&mut rng(6), 3 * q_len * hq * d);
+    let pf = PagedPrefill::new(&sc.cache, hq, q_len, &AttentionOptions::causal()).unwrap();
+    let st = q_strides(q_len, hq, d);
+    let (out, lse) = run_cpu(&pf, &sc, &q, st, pf.out_len());
+    for h in 0..hq {
+        for i in 0..q_len {
+            let empty = [(0, true), (1, i < 4), (2, false)];
+            for (b, is_empty) in empty {
+                let l = lse[(b * hq + h) * q_len + i];
+                let o = &out[((b * q_len + i) * hq + h) * d..][..d];
+                if is_empty {
+                    assert_eq!(l, f32::NEG_INFINITY, "b {b} h {h} i {i}");
+                    assert!(o.iter().all(|&x| x == 0.0), "b {b} h {h} i {i}");
+                } else {
+                    assert!(l.is_finite(), "b {b} h {h} i {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_strided_views_and_half_types() {
+    // q/out with padded rows and heads (a [batch, q_len, heads + 1, d + 8] view), bf16 and
+    // f16 against the f64 reference of the same rounded inputs.
+    fn check<T: Element>(tol: f64) {
+        let (q_len, hkv, hq, d, ps) = (13, 2, 4, 32, 16);
+        let sc = scenario::<T>(&[40, 13, 100], ps, hkv, d, 21);
+        let st = Strides {
+            batch: (q_len * (hq + 1) * (d + 8)) as i64,
+            seq: ((hq + 1) * (d + 8)) as i64,
+            head: (d + 8) as i64,
+        };
+        let len = 3 * st.batch as usize;
+        let q: Vec<T> = random_vec(&mut rng(22), len);
+        for (name, opts) in prefill_masks() {
+            let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
+            let (out, lse) = run_cpu(&pf, &sc, &q, st, len);
+            let (want, want_lse) =
+                paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+            let got = view(&out, st, [3, q_len, hq, d]);
+            let err = rel_l2(&got, &want);
+            assert!(err < tol, "{name}: rel err {err}");
+            check_lse(&lse, &want_lse, 1e-3, name);
+        }
+    }
+    check::<f32>(1e-5);
+    check::<bf16>(1e-2);
+    check::<f16>(2e-3);
+}
+
+fn small_cache() -> PagedCache {
+    PagedCache::new(
+        PagedLayout {
+            num_pages: 4,
+            page_size: 4,
+            heads_kv: 2,
+            head_dim: 8,
+        },
+        PageTable {
+            block_table: &[2, 0, 1, 3],
+            max_pages_per_seq: 2,
+            seqlens_k: &[6, 8],
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn constructor_refuses_bad_problems() {
+    let c = small_cache();
+    let o = AttentionOptions::causal();
+    let shape = |r: longattn::Result<PagedPrefill>| matches!(r, Err(Error::Shape(_)));
+    let option = |r: longattn::Result<PagedPrefill>| matches!(r, Err(Error::InvalidOption(_)));
+    assert!(shape(PagedPrefill::new(&c, 0, 4, &o)), "heads_q 0");
+    assert!(shape(PagedPrefill::new(&c, 3, 4, &o)), "heads_q % heads_kv");
+    assert!(shape(PagedPrefill::new(&c, 4, 0, &o)), "q_len 0");
+    assert!(
+        shape(PagedPrefill::new(&c, 4, i32::MAX as usize + 1, &o)),
+        "q_len > i32"
+    );
+    assert!(
+        shape(PagedPrefill::new(&c, usize::MAX - 1, 4, &o)),
+        "heads_q > i32"
+    );
+    // q/out element counts that overflow.
+    assert!(shape(PagedPrefill::new(
+        &c,
+        i32::MAX as usize - 1,
+        i32::MAX as usize,
+        &o
+    )));
+    assert!(
+        option(PagedPrefill::new(&c, 4, 4, &o.with_scale(0.0))),
+        "scale 0"
+    );
+    assert!(
+        option(PagedPrefill::new(&c, 4, 4, &o.with_scale(f32::NAN))),
+        "scale NaN"
+    );
+    assert!(
+        option(PagedPrefill::new(&c, 4, 4, &o.with_softcap(-1.0))),
+        "softcap < 0"
+    );
+    assert!(
+        option(PagedPrefill::new(
+            &c,
+            4,
+            4,
+            &o.with_sinks(i32::MAX as usize + 1)
+        )),
+        "sinks > i32"
+    );
+    assert!(
+        option(PagedPrefill::new(
+            &c,
+            4,
+            4,
+            &o.with_window(Window::new(Some(i32::MAX as usize + 1), None))
+        )),
+        "window > i32"
+    );
+    let pf = PagedPrefill::new(&c, 4, 3, &o).unwrap();
+    assert_eq!(pf.group(), 2);
+    assert_eq!(pf.kv_head(3), 1);
+    assert_eq!(pf.out_len(), 2 * 3 * 4 * 8);
+    assert_eq!(pf.lse_len(), 2 * 4 * 3);
+    assert_eq!(pf.mask().window, Window::CAUSAL);
+    // Default options are not causal (as dense), unlike decode.
+    let full = PagedPrefill::new(&c, 4, 3, &AttentionOptions::default()).unwrap();
+    assert_eq!(full.mask().window, Window::FULL);
+}
+
+#[test]
+fn forward_cpu_refuses_bad_buffers() {
+    let c = small_cache();
+    let pf = PagedPrefill::new(&c, 4, 3, &AttentionOptions::causal()).unwrap();
+    let n = pf.out_len();
+    let st = Strides::contiguous(3, 4, 8);
+    let q = vec![0.5f32; n];
+    let kc = vec![0.25f32; c.layout().cache_len()];
+    let kv = || KvPages {
+        k: &kc[..],
+        v: &kc[..],
+    };
+    let mut out = vec![0.0f32; n];
+    let mut lse = vec![0.0f32; pf.lse_len()];
+    // Short q, short out, short lse, wrong cache length, overlapping out, negative stride.
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..n - 1], st),
+            kv(),
+            Strided::new(&mut out[..], st),
+            None
+        ),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..], st),
+            kv(),
+            Strided::new(&mut out[..n - 1], st),
+            None
+        ),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..], st),
+            kv(),
+            Strided::new(&mut out[..], st),
+            Some(&mut lse[1..])
+        ),
+        Err(Error::Shape(_))
+    ));
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..], st),
+            KvPages {
+                k: &kc[1..],
+                v: &kc[..]
+            },
+            Strided::new(&mut out[..], st),
+            None
+        ),
+        Err(Error::Shape(_))
+    ));
+    let aliased = Strides { head: 0, ..st };
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..], st),
+            kv(),
+            Strided::new(&mut out[..], aliased),
+            None
+        ),
+        Err(Error::Stride(_))
+    ));
+    let negative = Strides { seq: -1, ..st };
+    assert!(matches!(
+        pf.forward_cpu(
+            Strided::new(&q[..], negative),
+            kv(),
+            Strided::new(&mut out[..], st),
+            None
+        ),
+        Err(Error::Stride(_))
+    ));
+    // Nothing was written by a refused call.
+    assert!(out.iter().all(|&x| x == 0.0));
+    pf.forward_cpu(
+        Strided::new(&q[..], st),
+        kv(),
+        Strided::new(&mut out[..], st),
+        Some(&mut lse),
+    )
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// GPU (explicit opt-in kernel; skipped without a GPU).
+
+fn stream() -> Option<Arc<CudaStream>> {
+    gpu_or_skip("paged prefill GPU test").map(|ctx| ctx.default_stream())
+}
+
+fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
+    s.clone_htod(x).unwrap()
+}
+
+fn run_gpu<T: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    pf: &PagedPrefill,
+    sc: &Scenario<T>,
+    q: &[T],
+) -> (Vec<T>, Vec<f32>) {
+    let c = pf.cache();
+    let st = q_strides(pf.q_len(), pf.heads_q(), c.head_dim());
+    let qd = up(s, q);
+    let kd = up(s, &sc.k_cache);
+    let vd = up(s, &sc.v_cache);
+    // Poison: every element must be written.
+    let mut od = up(s, &vec![T::from_f32(f32::NAN); pf.out_len()]);
+    let mut ld = up(s, &vec![f32::NAN; pf.lse_len()]);
+    pf.forward_gpu(
+        s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &vd },
+        Strided::new(&mut od, st),
+        Some(&mut ld),
+    )
+    .unwrap();
+    let out = s.clone_dtoh(&od).unwrap();
+    let lse = s.clone_dtoh(&ld).unwrap();
+    assert!(
+        out.iter().all(|x| !x.to_f32().is_nan()),
+        "unwritten (NaN) output"
+    );
+    assert!(lse.iter().all(|x| !x.is_nan()), "unwritten (NaN) lse");
+    (out, lse)
+}
+
+fn gpu_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
+    for ps in [1, 16, 64, 256] {
+        for (hkv, ratio, d) in [(2, 1, 128), (1, 4, 64), (2, 2, 256)] {
+            for q_len in [1, 37, 64, 130] {
+                let hq = hkv * ratio;
+                let seqlens = seqlens_for(q_len);
+                let seed = 4000 + ps as u64 + d as u64 * 3 + q_len as u64 * 5;
+                let sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
+                let q: Vec<T> = random_vec(&mut rng(seed + 1), seqlens.len() * q_len * hq * d);
+                let st = q_strides(q_len, hq, d);
+                for (name, opts) in prefill_masks() {
+                    let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    let what = format!("gpu ps {ps} hkv {hkv} hq {hq} d {d} q_len {q_len} {name}");
+                    let (out, lse) = run_gpu(s, &pf, &sc, &q);
+                    let (want, want_lse) =
+                        paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+                    let err = rel_l2(&to_f64(&out), &want);
+                    assert!(err < 2e-2, "{what}: rel err {err}");
+                    check_lse(&lse, &want_lse, 2e-2, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_prefill_matches_reference_bf16() {
+    let Some(s) = stream() else { return };
+    gpu_sweep::<bf16>(&s);
+}
+
+#[test]
+fn gpu_prefill_matches_reference_f16() {
+    let Some(s) = stream() else { return };
+    gpu_sweep::<f16>(&s);
+}
+
+#[test]
+fn gpu_prefill_refuses_what_it_cannot_run() {
+    let Some(s) = stream() else { return };
+    // f32 and head dims other than 64/128/256 run on the CPU only.
+    let sc = scenario::<f32>(&[10, 20], 16, 1, 64, 3);
+    let pf = PagedPrefill::new(&sc.cache, 2, 5, &AttentionOptions::causal()).unwrap();
+    let st = q_strides(5, 2, 64);
+    let qd = up(&s, &vec![0.0f32; pf.out_len()]);
+    let kd = up(&s, &sc.k_cache);
+    let mut od = up(&s, &vec![0.0f32; pf.out_len()]);
+    let r = pf.forward_gpu(
+        &s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &kd },
+        Strided::new(&mut od, st),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let sc = scenario::<bf16>(&[10, 20], 16, 1, 32, 3);
+    let pf = PagedPrefill::new(&sc.cache, 2, 5, &AttentionOptions::causal()).unwrap();
+    let st = q_strides(5, 2, 32);
+    let qd = up(&s, &vec![bf16::ZERO; pf.out_len()]);
+    let kd = up(&s, &sc.k_cache);
+    let mut od = up(&s, &vec![bf16::ZERO; pf.out_len()]);
+    let r = pf.forward_gpu(
+        &s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &kd },
+        Strided::new(&mut od, st),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    // A short output buffer is refused before any pointer is taken.
+    let r = pf.forward_gpu(
+        &s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &kd },
+        Strided::new(&mut od.slice_mut(1..), st),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+}
