@@ -86,7 +86,8 @@ struct BlockSparseProblem {
     load_rows<Tr, BN>(v_smem, v, p.dense.v_row_stride, n0, sk, tid);
   }
   __device__ __forceinline__ void prepare_rows(int warp, int g) {
-    window.prepare(p.dense, m0 + 16 * warp, g, sq, sk);
+    const LaDenseParams &d = p.dense;
+    window.prepare(Mask{d.window_left, d.window_right, d.sinks}, m0 + 16 * warp, g, sq, sk);
   }
   __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int t, int n0,
                                             int tq) const {

@@ -57,7 +57,7 @@ struct DenseProblem {
     load_rows<Tr, Tr::kBlockN>(v_smem, head.v, p.v_row_stride, n0, s.sk, tid, chunks);
   }
   __device__ __forceinline__ void prepare_rows(int warp, int g) {
-    window.prepare(p, m0 + 16 * warp, g, s.sq, s.sk);
+    window.prepare(Mask{p.window_left, p.window_right, p.sinks}, m0 + 16 * warp, g, s.sq, s.sk);
   }
   __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int, int n0,
                                             int tq) const {

@@ -17,6 +17,7 @@
 
 #include "longattn/check.cuh"
 #include "longattn/common.cuh"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
 #include "longattn/mma_mainloop.cuh"
@@ -46,9 +47,7 @@ struct PagedPrefillProblem {
   Mask mask;
   float scale, softcap;
   WindowTiles tiles;
-  // This thread's two rows: key j is visible iff j <= hi && (j >= lo || j < sinks).
-  int hi[2], lo[2];
-  long long diag_first, diag_last;
+  WarpWindowMask<Tr> window;  // prepare_rows(): the mask of this warp's rows
 
   __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
     load_rows<Tr, Tr::kBlockM>(q_smem, q, q_row_stride, m0, sq, tid);
@@ -79,38 +78,11 @@ struct PagedPrefillProblem {
     }
   }
   __device__ __forceinline__ void prepare_rows(int warp, int g) {
-    const int warp_row0 = m0 + 16 * warp;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const long long diag = (long long)(warp_row0 + g + 8 * r) + sk - sq;
-      long long hr = sk - 1;
-      if (mask.right >= 0) hr = min(hr, diag + mask.right);
-      long long lr = 0;
-      if (mask.left >= 0) lr = min(max(diag - mask.left, 0LL), (long long)sk);
-      hi[r] = (int)max(hr, -1LL);
-      lo[r] = (int)lr;
-    }
-    const int warp_last = min(warp_row0 + 15, sq - 1);
-    diag_first = (long long)warp_row0 + sk - sq;
-    diag_last = (long long)warp_last + sk - sq;
+    window.prepare(mask, m0 + 16 * warp, g, sq, sk);
   }
-  // Interior tiles (every key visible to every valid row of the warp) skip the mask;
-  // boundary tiles, including the ragged last tile whose zero-filled keys are past sk, mask
-  // per element.
   __device__ __forceinline__ void mask_tile(float (&sc)[Tr::kSBlocks][4], int, int n0,
                                             int tq) const {
-    const int n_end = n0 + Tr::kBlockN;
-    const bool interior =
-        n_end <= sk && (mask.right < 0 || (long long)n_end - 1 <= diag_first + mask.right) &&
-        (mask.left < 0 || (long long)n0 >= diag_last - mask.left || n_end <= mask.sinks);
-    if (interior) return;
-#pragma unroll
-    for (int i = 0; i < Tr::kSBlocks; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-        if (!(j <= hi[r] && (j >= lo[r] || j < mask.sinks))) sc[i][e] = kNegInf;
-      }
+    window.apply(sc, n0, tq);
   }
   __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
     const int i = m0 + row;

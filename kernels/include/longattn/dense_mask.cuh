@@ -7,7 +7,7 @@
 #pragma once
 
 #include "longattn/common.cuh"
-#include "longattn/dense.h"
+#include "longattn/mask.cuh"
 
 namespace longattn {
 
@@ -20,12 +20,12 @@ struct WarpWindowMask {
   long long diag_first, diag_last;
   int left, right, sinks, sk;
 
-  // Rows warp_row0 + g (+8) of a sequence with sq query rows and sk keys.
-  __device__ __forceinline__ void prepare(const LaDenseParams &p, int warp_row0, int g, int sq,
+  // Rows warp_row0 + g (+8) of a sequence with sq query rows and sk keys under `mask`.
+  __device__ __forceinline__ void prepare(const Mask &mask, int warp_row0, int g, int sq,
                                           int sk_) {
-    left = p.window_left;
-    right = p.window_right;
-    sinks = p.sinks;
+    left = mask.left;
+    right = mask.right;
+    sinks = mask.sinks;
     sk = sk_;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
