@@ -27,10 +27,9 @@
 namespace longattn {
 namespace {
 
-// The dense mma kernel's configurations (kernels/dense_mma.cu).
-using Traits64 = MmaTraits<64, 64, 3, true, 3>;     // 56 KB shared
-using Traits128 = MmaTraits<128, 64, 2, true, 2>;   // 80 KB shared
-using Traits256 = MmaTraits<256, 32, 2, false, 1>;  // 96 KB shared
+using Traits64 = DenseTraits64;
+using Traits128 = DenseTraits128;
+using Traits256 = DenseTraits256;
 
 // Query rows [m0, m0 + 64) of one (sequence, query head) over the listed key blocks.
 template <typename T, class Tr>
@@ -145,17 +144,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
 template <typename T, class Tr>
 cudaError_t launch(const LaBlockSparseParams &p, cudaStream_t stream) {
-  auto kernel = block_sparse_mma_kernel<T, Tr>;
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
-                                [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.dense.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.dense.heads_q,
                   p.dense.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_mma_kernel<Tr>(block_sparse_mma_kernel<T, Tr>, grid, stream, p);
 }
 
 constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)

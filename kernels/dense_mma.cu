@@ -24,9 +24,9 @@
 namespace longattn {
 namespace {
 
-using Traits64 = MmaTraits<64, 64, 3, true, 3>;     // 56 KB shared, <= 170 registers
-using Traits128 = MmaTraits<128, 64, 2, true, 2>;   // 80 KB shared, <= 255 registers
-using Traits256 = MmaTraits<256, 32, 2, false, 1>;  // 96 KB shared, <= 255 registers
+using Traits64 = DenseTraits64;
+using Traits128 = DenseTraits128;
+using Traits256 = DenseTraits256;
 
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)

@@ -24,10 +24,9 @@
 namespace longattn {
 namespace {
 
-// The dense kernel's tile shapes: head dims up to 64, 128 and 256.
-using Traits64 = MmaTraits<64, 64, 3, true, 3>;
-using Traits128 = MmaTraits<128, 64, 2, true, 2>;
-using Traits256 = MmaTraits<256, 32, 2, false, 1>;
+using Traits64 = DenseTraits64;
+using Traits128 = DenseTraits128;
+using Traits256 = DenseTraits256;
 
 // Query rows [m0, m0 + kBlockM) of one (sequence, head) against its keys under the mask.
 template <typename T, class Tr>

@@ -201,21 +201,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 }
 
 template <typename T, class Tr>
-const void *kernel_ptr() {
-  return reinterpret_cast<const void *>(neighborhood_mma_kernel<T, Tr>);
-}
-
-template <typename T, class Tr>
 cudaError_t launch(const LaNeighborhoodParams &p, const LaNaSchedule &s, cudaStream_t stream) {
-  auto kernel = neighborhood_mma_kernel<T, Tr>;
-  if (device_unsupported_reason(kernel_ptr<T, Tr>(), Tr::kSmemBytes, [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(s.num_tiles, p.heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, s);
-  return cudaGetLastError();
+  return launch_mma_kernel<Tr>(neighborhood_mma_kernel<T, Tr>,
+                               dim3(s.num_tiles, p.heads_q, p.batch), stream, p, s);
 }
 
 template <typename T>

@@ -28,10 +28,9 @@
 namespace longattn {
 namespace {
 
-// Dense mma's configurations (dense_mma.cu): 64 query rows, key tiles of 64 (32 for hd256).
-using Traits64 = MmaTraits<64, 64, 3, true, 3>;
-using Traits128 = MmaTraits<128, 64, 2, true, 2>;
-using Traits256 = MmaTraits<256, 32, 2, false, 1>;
+using Traits64 = DenseTraits64;
+using Traits128 = DenseTraits128;
+using Traits256 = DenseTraits256;
 static_assert(Traits64::kBlockM == LA_PAGED_PREFILL_ROWS, "rows per block (paged_prefill.h)");
 
 template <typename T, class Tr>
@@ -128,17 +127,9 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 
 template <typename T, class Tr>
 cudaError_t launch(const LaPagedPrefillParams &p, cudaStream_t stream) {
-  auto kernel = paged_prefill_kernel<T, Tr>;
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
-                                [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)(((long long)p.q_len + Tr::kBlockM - 1) / Tr::kBlockM), p.heads_q,
                   p.cache.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_mma_kernel<Tr>(paged_prefill_kernel<T, Tr>, grid, stream, p);
 }
 
 template <typename T>

@@ -57,6 +57,23 @@ const char *device_unsupported_reason(const void *kernel, size_t smem, CcOk &&cc
 // (la_dense_forward's check; kernels/dense.cu). Null is not ok.
 bool dense_params_ok(const LaDenseParams *p);
 
+// Launches a kernel of the mma.sync mainloop (mma_mainloop.cuh) with traits Tr over `grid`:
+// cudaErrorNotSupported where the device cannot run it (below sm_80, too little shared
+// memory, no code for it), else raises its dynamic shared-memory limit and launches
+// kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args...).
+template <class Tr, class Kernel, class... Args>
+cudaError_t launch_mma_kernel(Kernel kernel, dim3 grid, cudaStream_t stream,
+                              const Args &...args) {
+  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
+                                [](int major, int) { return major >= 8; }) != nullptr)
+    return cudaErrorNotSupported;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why the kernel cannot run `p` on the current device (a static string), or nullptr.
 const char *dense_mma_unsupported_reason(const LaDenseParams &p);

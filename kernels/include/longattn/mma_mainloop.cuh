@@ -77,6 +77,13 @@ struct MmaTraits {
   static_assert(kStages >= 2 && kStages <= 4, "cp.async ring depth");
 };
 
+// The dense tile shapes (kernels/dense_mma.cu's, verified on an H200), used by every problem
+// whose rows and keys are a sequence's positions: dense, padded dense, block-sparse, paged
+// prefill. Shared memory 56 / 80 / 96 KB; Q fragments in registers except at d256.
+using DenseTraits64 = MmaTraits<64, 64, 3, true, 3>;
+using DenseTraits128 = MmaTraits<128, 64, 2, true, 2>;
+using DenseTraits256 = MmaTraits<256, 32, 2, false, 1>;
+
 // Shared memory of the mainloop, for 2-byte T.
 template <typename T, class Tr>
 struct MmaSmem {
