@@ -457,10 +457,10 @@ pub fn flash_attn_alibi_windowed_softcap(
 }
 
 /// Varlen FlashAttention-2 over packed sequences: `q: (total_q, heads_q, head_dim)`,
-/// `k, v: (total_k, heads_kv, head_dim)`; sequence `b` holds rows `seqlens_q[b]..seqlens_q[b
-/// + 1]` of q (likewise k, v). `seqlens_q`, `seqlens_k`: cumulative lengths (`u32` as in
-/// candle-flash-attn, or `i32`/`i64`), `batch + 1` values from 0. Result: `(total_q, heads_q,
-/// head_dim)`.
+/// `k, v: (total_k, heads_kv, head_dim)`; sequence `b` holds rows
+/// `seqlens_q[b]..seqlens_q[b + 1]` of q (likewise k, v). `seqlens_q`, `seqlens_k`:
+/// cumulative lengths (`u32` as in candle-flash-attn, or `i32`/`i64`), `batch + 1` values
+/// from 0. Result: `(total_q, heads_q, head_dim)`.
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attn_varlen(
     q: &Tensor,
