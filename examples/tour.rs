@@ -478,10 +478,120 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
             ms,
         });
     }
+
+    // Paged prefill (chunked prefill over the cache): the last 64 appended tokens of each
+    // sequence as queries, causal bottom-right, on the CPU path (the GPU kernel is not yet
+    // verified on a GPU).
+    let q_len = 64;
+    let prefill = PagedPrefill::new(&cache, hq, q_len, &AttentionOptions::causal())?;
+    let pq = random(lens.len() * q_len * hq * d, 10);
+    let pq_strides = Strides::contiguous(q_len, hq, d);
+    let kv = || KvPages {
+        k: &k_cache[..],
+        v: &v_cache[..],
+    };
+    let mut out = vec![bf16::NAN; prefill.out_len()];
+    let t = Instant::now();
+    prefill.forward_cpu(
+        Strided::new(&pq[..], pq_strides),
+        kv(),
+        Strided::new(&mut out[..], pq_strides),
+        None,
+    )?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let (want, _) = longattn::reference::paged::paged_prefill_f64(
+        &prefill,
+        Strided::new(&pq[..], pq_strides),
+        kv(),
+    )?;
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let (max_err, rel_err) = errors(&got, &want);
+    rows.push(Row {
+        family: "paged",
+        dtype: "bf16",
+        shape: format!("b2 sk{lens:?} q{q_len} h{hq}/{hkv} d{d} page{page_size}"),
+        options: "prefill, causal".into(),
+        device: "CPU (GPU kernel not yet verified)".into(),
+        max_err,
+        rel_err,
+        ms,
+    });
     Ok(rows)
 }
 
-/// Ring attention over simulated ranks (CPU path; no CUDA ring kernel yet): a sequence
+/// Block-sparse prefill on the CPU path (the GPU kernel is not yet verified on a GPU): a
+/// BigBird mask (window + global + random blocks) intersected with causal.
+fn block_sparse_case() -> Result<Row> {
+    use longattn::block_sparse::patterns::{self, PatternShape};
+    let (b, s, hq, hkv, d, block) = (1, 1024, 4, 2, 64, 128);
+    let opts = AttentionOptions::causal();
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: s,
+            seqlen_k: s,
+        },
+    };
+    let mask = patterns::bigbird(
+        &PatternShape {
+            heads: hq,
+            seqlen_q: s,
+            seqlen_k: s,
+            block,
+            mask: opts.effective_mask(),
+        },
+        1,
+        1,
+        2,
+        7,
+    )
+    .map_err(Error::from)?;
+    let density = mask.density();
+    let bs = BlockSparseAttention::new(FlashAttention::new(&shape, &opts)?, mask)
+        .map_err(Error::from)?;
+    let (qs, ks) = (
+        Strides::contiguous(s, hq, d),
+        Strides::contiguous(s, hkv, d),
+    );
+    let (q, k, v) = (
+        random(b * s * hq * d, 51),
+        random(b * s * hkv * d, 52),
+        random(b * s * hkv * d, 53),
+    );
+    let mut out = vec![bf16::NAN; b * s * hq * d];
+    let t = Instant::now();
+    bs.forward_cpu(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        Strided::new(&mut out[..], qs),
+        None,
+    )?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let (want, _) = longattn::reference::block_sparse_attention_f64(
+        &bs,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+    )?;
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let (max_err, rel_err) = errors(&got, &want);
+    Ok(Row {
+        family: "blocksparse",
+        dtype: "bf16",
+        shape: format!("b{b} s{s} h{hq}/{hkv} d{d} block{block}"),
+        options: format!("BigBird w1 g1 r2 + causal, density {:.0}%", density * 100.0),
+        device: "CPU (GPU kernel not yet verified)".into(),
+        max_err,
+        rel_err,
+        ms,
+    })
+}
+
+/// Ring attention over simulated ranks (CPU path; the GPU ring is not yet verified): a sequence
 /// sharded over 4 ranks, every rank's rows checked against the f64 reference of
 /// single-device attention over the whole sequence.
 fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<Row> {
@@ -570,7 +680,7 @@ fn ring_case(sharding: Sharding, opts: AttentionOptions, label: &str) -> Result<
             world * world,
             world * (world - 1)
         ),
-        device: "CPU (simulated ranks; no GPU ring yet)".into(),
+        device: "CPU (simulated ranks; GPU ring not yet verified)".into(),
         max_err,
         rel_err,
         ms,
@@ -625,7 +735,7 @@ fn neighborhood_case(dims: &[NeighborhoodDim], label: &str) -> Result<Row> {
         dtype: "bf16",
         shape: format!("b{b} grid {} h{hq}/{hkv} d{d}", grid.join("x")),
         options: label.into(),
-        device: "CPU (no CUDA kernel yet)".into(),
+        device: "CPU (GPU kernels not yet verified)".into(),
         max_err,
         rel_err,
         ms,
@@ -674,6 +784,7 @@ fn main() -> Result<()> {
     }
     rows.push(merge_case(&device)?);
     rows.extend(paged_cases(&device)?);
+    rows.push(block_sparse_case()?);
     rows.push(ring_case(Sharding::Zigzag, causal, "causal")?);
     rows.push(ring_case(
         Sharding::Contiguous,
@@ -784,7 +895,8 @@ fn main() -> Result<()> {
     println!("legend:");
     for line in [
         "  shape        b batch, sq/sk query/key tokens, s tokens, h q/kv heads, d head dim,",
-        "               page = tokens per page, grid = the token grid (neighborhood attention)",
+        "               page = tokens per page, q = new query tokens (paged prefill), block =",
+        "               block size (block-sparse), grid = the token grid (neighborhood attention)",
         "  ring         imb = load imbalance of the schedule (busiest rank's work / mean work,",
         "               1.00 = balanced); steps computed / all steps, sends needed / all sends",
         "  natten       neighborhood attention (NATTEN semantics)",
