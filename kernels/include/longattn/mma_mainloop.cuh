@@ -1,13 +1,15 @@
 // The FlashAttention-2 mainloop on mma.sync (m16n8k16, f32 accumulation, sm_80+) for every
-// tensor-core kernel that streams key tiles through a cp.async ring: the neighborhood kernel
-// (kernels/neighborhood_mma.cu) today, block-sparse and paged prefill next. What differs
+// tensor-core kernel that streams key tiles through a cp.async ring: neighborhood
+// (neighborhood_mma.cu), padded dense (dense_mma_padded.cu), block-sparse
+// (block_sparse_mma.cu) and paged prefill (paged_prefill.cu). What differs
 // between them is a Problem type (below): which query rows the block owns, which key tiles
 // it visits (its key-tile schedule, schedule.cuh), how a tile's rows are fetched, the mask of
 // a boundary tile, and where output rows go. The dense mma kernel (kernels/dense_mma.cu)
 // shares the traits, shared-memory layout, row loader, swizzle and softmax pieces but still
 // spells its loop out: expressed as a Problem its SASS changes (ptxas assigns registers
 // differently; measured with scripts/sass-diff.sh), and it is verified on an H200, so it
-// moves onto mma_attention in a session that can re-verify it.
+// moves onto mma_attention (as dense_mma_padded.cu, which computes the same at d 64/128/256)
+// in a session that can re-verify it.
 //
 // A block of 4 warps owns kBlockM = 64 query rows; warp w owns rows 16w..16w+15 and keeps its
 // S tile, P and O accumulator in registers, so no reduction crosses warps. K/V tiles of
