@@ -131,8 +131,11 @@ fn options(
 /// `CustomOp3` that [`flash_attn`] and friends apply.
 #[derive(Debug, Clone)]
 pub struct FlashAttn {
+    /// Multiplier on `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub softmax_scale: f32,
+    /// Keys visible to the left of the diagonal; `None` is unbounded.
     pub window_size_left: Option<usize>,
+    /// Keys visible to the right of the diagonal; `None` is unbounded, `Some(0)` is causal.
     pub window_size_right: Option<usize>,
     /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
     pub softcap: Option<f32>,
@@ -142,9 +145,13 @@ pub struct FlashAttn {
 /// as the `CustomOp3` that [`flash_attn_varlen`] and friends apply.
 #[derive(Debug, Clone)]
 pub struct FlashAttnVarlen {
+    /// Multiplier on `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub softmax_scale: f32,
+    /// Keys visible to the left of the diagonal; `None` is unbounded.
     pub window_size_left: Option<usize>,
+    /// Keys visible to the right of the diagonal; `None` is unbounded, `Some(0)` is causal.
     pub window_size_right: Option<usize>,
+    /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
     pub softcap: Option<f32>,
     /// Cumulative query lengths, `batch + 1` values from 0.
     pub cu_seqlens_q: Vec<i32>,
@@ -152,6 +159,7 @@ pub struct FlashAttnVarlen {
     pub cu_seqlens_k: Vec<i32>,
     /// Accepted for candle-flash-attn compatibility; the lengths come from the offsets.
     pub max_seqlen_q: usize,
+    /// Longest key sequence, used (with the offsets) to clamp the window sides.
     pub max_seqlen_k: usize,
 }
 
@@ -575,11 +583,15 @@ fn varlen(
 /// [`paged_attn_decode`] applies. The tables are host copies.
 #[derive(Debug, Clone)]
 pub struct PagedAttnDecode {
+    /// Multiplier on `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
     pub softmax_scale: f32,
+    /// Keys visible to the left of the diagonal (the right side is causal); `None` is unbounded.
     pub window_size_left: Option<usize>,
+    /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
     pub softcap: Option<f32>,
     /// `(batch, max_pages_per_seq)` physical page ids, row-major.
     pub block_table: Vec<i32>,
+    /// Columns of `block_table`: page slots per sequence.
     pub max_pages_per_seq: usize,
     /// Tokens in the cache per sequence, the new ones included.
     pub seqlens_k: Vec<i32>,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 /// Where a call runs.
 #[derive(Debug, Clone)]
 pub enum Device {
+    /// The host CPU (the reference-semantics fallback).
     Cpu,
+    /// A CUDA device, through its driver context.
     Cuda(Arc<CudaContext>),
 }
 

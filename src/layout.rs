@@ -11,8 +11,11 @@ use std::ops::Range;
 /// error (element `[0, 0, 0, 0]` is the start of the buffer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Strides {
+    /// Elements between consecutive batch entries (unused with varlen).
     pub batch: i64,
+    /// Elements between consecutive tokens.
     pub seq: i64,
+    /// Elements between consecutive heads.
     pub head: i64,
 }
 
@@ -51,11 +54,14 @@ impl Strides {
 /// A tensor argument: a buffer (host slice or device slice) and its strides.
 #[derive(Debug)]
 pub struct Strided<D> {
+    /// The buffer, starting at element `[0, 0, 0, 0]`.
     pub data: D,
+    /// Element strides of the tensor in `data`.
     pub strides: Strides,
 }
 
 impl<D> Strided<D> {
+    /// Pairs a buffer with its strides (checked when a forward pass takes it).
     pub fn new(data: D, strides: Strides) -> Self {
         Strided { data, strides }
     }
@@ -114,11 +120,18 @@ impl<T: Element> Strided<&mut [T]> {
 #[derive(Debug, Clone, Copy)]
 pub enum SeqLens<'a> {
     /// Every sequence has `seqlen_q` queries and `seqlen_k` keys.
-    Fixed { seqlen_q: usize, seqlen_k: usize },
+    Fixed {
+        /// Queries per sequence.
+        seqlen_q: usize,
+        /// Keys per sequence.
+        seqlen_k: usize,
+    },
     /// Packed batch: sequence `b` holds rows `cu[b]..cu[b + 1]` of a `[total, heads, dim]`
     /// buffer. Both arrays have length `batch + 1`, start at 0 and never decrease.
     Varlen {
+        /// Cumulative query lengths, `batch + 1` values.
         cu_seqlens_q: &'a [i32],
+        /// Cumulative key lengths, `batch + 1` values.
         cu_seqlens_k: &'a [i32],
     },
 }
@@ -126,9 +139,13 @@ pub enum SeqLens<'a> {
 /// Per-sequence placement: the first packed row and the length, for q and for k.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqSpan {
+    /// First query row of the sequence in the packed buffer (0 with fixed lengths).
     pub q_start: usize,
+    /// Queries in the sequence.
     pub seqlen_q: usize,
+    /// First key row of the sequence in the packed buffer (0 with fixed lengths).
     pub k_start: usize,
+    /// Keys in the sequence.
     pub seqlen_k: usize,
 }
 

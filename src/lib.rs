@@ -64,6 +64,8 @@
 //! launchers -> the safe API here, which validates every shape, stride and option before
 //! any pointer is touched.
 
+#![warn(missing_docs)]
+
 pub mod block_sparse;
 #[cfg(feature = "candle")]
 pub mod candle;

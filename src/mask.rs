@@ -11,7 +11,9 @@ use std::ops::Range;
 /// Sliding window `(left, right)` in keys around the aligned diagonal; `None` is unbounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Window {
+    /// Keys visible before the aligned diagonal; `None` is unbounded.
     pub left: Option<usize>,
+    /// Keys visible after the aligned diagonal; `None` is unbounded, `Some(0)` is causal.
     pub right: Option<usize>,
 }
 
@@ -27,6 +29,7 @@ impl Window {
         right: Some(0),
     };
 
+    /// A window from its two bounds (`None` is unbounded).
     pub fn new(left: Option<usize>, right: Option<usize>) -> Self {
         Window { left, right }
     }
@@ -74,7 +77,9 @@ impl Window {
 /// A window plus `sinks` always-visible leading keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Mask {
+    /// The sliding window.
     pub window: Window,
+    /// Leading keys visible to every query row (still subject to the right bound).
     pub sinks: usize,
 }
 
@@ -82,11 +87,14 @@ pub struct Mask {
 /// (which start after the sink tiles so that no tile is visited twice).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyTiles {
+    /// Key tile indices holding sink keys.
     pub sink_tiles: Range<usize>,
+    /// Key tile indices of the window, starting after the sink tiles.
     pub window_tiles: Range<usize>,
 }
 
 impl KeyTiles {
+    /// Tile indices in visiting order: sink tiles, then window tiles.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.sink_tiles.clone().chain(self.window_tiles.clone())
     }
@@ -97,6 +105,7 @@ impl KeyTiles {
 }
 
 impl Mask {
+    /// A mask from a window and a sink count.
     pub fn new(window: Window, sinks: usize) -> Self {
         Mask { window, sinks }
     }

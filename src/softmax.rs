@@ -9,12 +9,16 @@
 /// un-normalised output `acc = sum exp(s - m) * v`.
 #[derive(Debug, Clone)]
 pub struct OnlineSoftmax {
+    /// Running max score (`-inf` before any key).
     pub m: f32,
+    /// Running sum of `exp(s - m)`.
     pub l: f32,
+    /// Un-normalised output `sum exp(s - m) * v`, `[head_dim]`.
     pub acc: Vec<f32>,
 }
 
 impl OnlineSoftmax {
+    /// The empty state for a row of `head_dim` channels: `m = -inf`, `l = 0`, `acc = 0`.
     pub fn new(head_dim: usize) -> Self {
         OnlineSoftmax {
             m: f32::NEG_INFINITY,

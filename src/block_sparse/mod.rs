@@ -58,8 +58,11 @@ pub enum BlockKind {
 /// One list of a [`BlockMask`]: (batch entry, query head, query block).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListId {
+    /// Batch entry (0 when the mask broadcasts over the batch).
     pub batch: usize,
+    /// Query head (0 when the mask broadcasts over the heads).
     pub head: usize,
+    /// Query block index.
     pub q_block: usize,
 }
 
@@ -80,54 +83,97 @@ pub enum BlockMaskError {
     /// A block size, count or `top_k` is out of its domain.
     #[error("block mask: {name} = {value} {why}")]
     BadDim {
+        /// Name of the offending parameter.
         name: &'static str,
+        /// Its value.
         value: usize,
+        /// Why the value is rejected.
         why: &'static str,
     },
     /// The number of lists or listed blocks does not fit in `i32`.
     #[error("block mask: {what} overflows the i32 limit {MAX_BLOCK_ENTRIES}")]
-    TooLarge { what: &'static str },
+    TooLarge {
+        /// What overflowed (lists or listed blocks).
+        what: &'static str,
+    },
     /// `offsets` does not have one entry per list plus one.
     #[error("block mask: offsets has length {got}, want lists + 1 = {want}")]
-    OffsetsLength { got: usize, want: usize },
+    OffsetsLength {
+        /// Length of `offsets` given.
+        got: usize,
+        /// Expected length (number of lists + 1).
+        want: usize,
+    },
     /// `offsets[0] != 0`, or an offset decreases, or the last one is not `indices.len()`.
     #[error("block mask: offsets[{at}] = {value} is invalid ({why})")]
     BadOffset {
+        /// Position in `offsets`.
         at: usize,
+        /// The offset found there.
         value: i64,
+        /// Why it is invalid.
         why: &'static str,
     },
     /// `full` flags and `indices` differ in length.
     #[error("block mask: {got} full/partial flags for {want} indices")]
-    FlagsLength { got: usize, want: usize },
+    FlagsLength {
+        /// Number of `full` flags.
+        got: usize,
+        /// Number of `indices` (one flag each).
+        want: usize,
+    },
     /// A key block index is negative or `>= num_k_blocks` (of the mask, or of a varlen
     /// sequence).
     #[error("block mask: list {list} holds key block {index}, outside 0..{num_k_blocks}")]
     IndexOutOfRange {
+        /// The list holding the index.
         list: ListId,
+        /// The out-of-range key block index.
         index: i64,
+        /// Number of key blocks the index must be below.
         num_k_blocks: usize,
     },
     /// A list is not in increasing order.
     #[error("block mask: list {list} is not sorted at position {position}")]
-    Unsorted { list: ListId, position: usize },
+    Unsorted {
+        /// The unsorted list.
+        list: ListId,
+        /// Position within the list where the order breaks.
+        position: usize,
+    },
     /// A key block appears twice in one list.
     #[error("block mask: list {list} lists key block {index} twice")]
-    Duplicate { list: ListId, index: i64 },
+    Duplicate {
+        /// The list holding the duplicate.
+        list: ListId,
+        /// The key block index listed twice.
+        index: i64,
+    },
     /// A varlen sequence has fewer query blocks than the mask, and a list past its end is
     /// not empty.
     #[error("block mask: list {list} lies past the sequence's last query block but is not empty")]
-    ListPastEnd { list: ListId },
+    ListPastEnd {
+        /// The non-empty list past the sequence's end.
+        list: ListId,
+    },
     /// The mask's dims do not match the attention problem.
     #[error("block mask: {what} = {got} does not match the problem's {want}")]
     Mismatch {
+        /// Which dim mismatches.
         what: &'static str,
+        /// The mask's value.
         got: usize,
+        /// The problem's value.
         want: usize,
     },
     /// A per-row selection is malformed (MoBA's [`RowBlocks`]).
     #[error("row selection: row {row}: {why}")]
-    BadRow { row: usize, why: String },
+    BadRow {
+        /// LSE row index of the malformed list.
+        row: usize,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 impl From<BlockMaskError> for Error {
@@ -147,9 +193,13 @@ impl From<BlockMaskError> for Error {
 /// or every query head (as FlexAttention's `B = 1` / `H = 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockMaskDims {
+    /// Batch entries (1 broadcasts over the batch).
     pub batch: usize,
+    /// Query heads (1 broadcasts over the heads).
     pub heads: usize,
+    /// Query blocks per sequence (lists per (batch, head)).
     pub num_q_blocks: usize,
+    /// Key blocks per sequence (key block indices lie in `0..num_k_blocks`).
     pub num_k_blocks: usize,
     /// Query rows per query block.
     pub block_m: usize,
@@ -270,14 +320,18 @@ pub struct BlockMask {
 /// One list of a [`BlockMask`]: key block indices and their kinds.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockList<'a> {
+    /// Key block indices, strictly increasing.
     pub indices: &'a [i32],
+    /// Per-index flag: nonzero marks the block [`BlockKind::Full`], 0 [`BlockKind::Partial`].
     pub full: &'a [u8],
 }
 
 impl<'a> BlockList<'a> {
+    /// Number of listed key blocks.
     pub fn len(&self) -> usize {
         self.indices.len()
     }
+    /// Whether the list holds no key block.
     pub fn is_empty(&self) -> bool {
         self.indices.is_empty()
     }
@@ -400,6 +454,7 @@ impl BlockMask {
         })
     }
 
+    /// The mask's dims.
     pub fn dims(&self) -> BlockMaskDims {
         self.dims
     }
@@ -485,9 +540,13 @@ impl BlockMask {
 /// FlexAttention's four block-mask tensors (see [`BlockMask::to_flex_parts`]), row-major.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlexParts {
+    /// Partial-block counts per list, `[batch, heads, num_q_blocks]`.
     pub kv_num_blocks: Vec<i32>,
+    /// Partial key block indices, `[batch, heads, num_q_blocks, num_k_blocks]`, unused tail 0.
     pub kv_indices: Vec<i32>,
+    /// Full-block counts per list, `[batch, heads, num_q_blocks]`.
     pub full_kv_num_blocks: Vec<i32>,
+    /// Full key block indices, `[batch, heads, num_q_blocks, num_k_blocks]`, unused tail 0.
     pub full_kv_indices: Vec<i32>,
 }
 
@@ -601,9 +660,11 @@ impl RowBlocks {
             blocks,
         })
     }
+    /// Keys per key block.
     pub fn block_n(&self) -> usize {
         self.block_n
     }
+    /// Maximum key blocks per row (the padded list length).
     pub fn top_k(&self) -> usize {
         self.top_k
     }
@@ -770,12 +831,15 @@ impl BlockSparseAttention {
         Ok(self)
     }
 
+    /// The underlying dense problem (shape, options, mask).
     pub fn attention(&self) -> &FlashAttention {
         &self.attn
     }
+    /// The block mask.
     pub fn block_mask(&self) -> &BlockMask {
         &self.mask
     }
+    /// The per-row selection, if one was attached with [`BlockSparseAttention::with_row_blocks`].
     pub fn row_blocks(&self) -> Option<&RowBlocks> {
         self.rows.as_ref()
     }

@@ -20,9 +20,13 @@ use std::cell::RefCell;
 /// varies by head, else broadcast), the square block size and the options' element mask.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PatternShape {
+    /// Query heads (1 when the pattern is the same for every head).
     pub heads: usize,
+    /// Query tokens per sequence.
     pub seqlen_q: usize,
+    /// Key tokens per sequence.
     pub seqlen_k: usize,
+    /// Square block size in tokens (query and key blocks).
     pub block: usize,
     /// The element mask of the `AttentionOptions` the mask will be used with.
     pub mask: Mask,

@@ -84,18 +84,22 @@ impl AttentionOptions {
         }
         mask
     }
+    /// Sets the window (left, right bounds) of the mask, keeping the sinks.
     pub fn with_window(mut self, window: Window) -> Self {
         self.mask.window = window;
         self
     }
+    /// Sets the number of attention sinks: leading keys every query row always sees.
     pub fn with_sinks(mut self, sinks: usize) -> Self {
         self.mask.sinks = sinks;
         self
     }
+    /// Sets the Gemma-2 softcap (`0.0` disables it).
     pub fn with_softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
         self
     }
+    /// Sets the multiplier of `q.k` (instead of `1/sqrt(head_dim)`).
     pub fn with_scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
         self
@@ -149,10 +153,15 @@ impl AttentionOptions {
 /// `k, v: [batch, seqlen_k, heads_kv, head_dim]` (or packed with varlen lengths).
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape<'a> {
+    /// Sequences in the batch (for varlen, the number of packed sequences).
     pub batch: usize,
+    /// Query heads; a multiple of `heads_kv`.
     pub heads_q: usize,
+    /// Key/value heads (fewer than `heads_q` for GQA/MQA).
     pub heads_kv: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
+    /// Fixed or varlen (packed) sequence lengths.
     pub seqlens: SeqLens<'a>,
 }
 
@@ -185,6 +194,8 @@ pub struct FlashAttention {
 }
 
 impl FlashAttention {
+    /// Validates `shape` and `options` (dims, scale, softcap, window, varlen offsets) and
+    /// builds the problem.
     pub fn new(shape: &AttentionShape, options: &AttentionOptions) -> Result<Self> {
         let AttentionShape {
             batch,
@@ -291,27 +302,35 @@ impl FlashAttention {
         self
     }
 
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.batch
     }
+    /// Query heads.
     pub fn heads_q(&self) -> usize {
         self.heads_q
     }
+    /// Key/value heads.
     pub fn heads_kv(&self) -> usize {
         self.heads_kv
     }
+    /// Elements per head vector.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
+    /// The resolved multiplier of `q.k`.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The softcap in force (`None` when off).
     pub fn softcap(&self) -> Option<f32> {
         self.softcap
     }
+    /// The element mask in force (window, sinks, causal folded in).
     pub fn mask(&self) -> Mask {
         self.mask
     }
+    /// Whether the sequences are packed with `cu_seqlens` offsets.
     pub fn is_varlen(&self) -> bool {
         self.varlen.is_some()
     }
@@ -330,9 +349,11 @@ impl FlashAttention {
     pub(crate) fn span_of(&self, b: usize) -> SeqSpan {
         self.fixed.unwrap_or_else(|| self.spans[b])
     }
+    /// Longest query sequence.
     pub fn max_seqlen_q(&self) -> usize {
         self.max_seqlen_q
     }
+    /// Longest key sequence.
     pub fn max_seqlen_k(&self) -> usize {
         self.max_seqlen_k
     }

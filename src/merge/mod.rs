@@ -16,16 +16,22 @@ use crate::softmax::merge_weights;
 /// `seqlen = total_q`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MergeShape {
+    /// Batch entries (1 for a varlen result).
     pub batch: usize,
+    /// Query rows per batch entry (`total_q` for a varlen result).
     pub seqlen: usize,
+    /// Heads.
     pub heads: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
 }
 
 /// One partial result: output and its LSE.
 #[derive(Debug)]
 pub struct Partial<O, L> {
+    /// Output, `[batch, seqlen, heads, head_dim]`.
     pub o: O,
+    /// Log-sum-exp of the scores (natural log), `[batch, heads, seqlen]`, f32.
     pub lse: L,
 }
 

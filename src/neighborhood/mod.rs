@@ -57,14 +57,17 @@ impl NeighborhoodDim {
             stride: 1,
         }
     }
+    /// Sets the dilation (distance between neighbors).
     pub fn with_dilation(mut self, dilation: usize) -> Self {
         self.dilation = dilation;
         self
     }
+    /// Sets whether the dim is causal (keys only at or before the query).
     pub fn with_causal(mut self, causal: bool) -> Self {
         self.causal = causal;
         self
     }
+    /// Sets the stride (queries per shared window; non-causal dims only).
     pub fn with_stride(mut self, stride: usize) -> Self {
         self.stride = stride;
         self
@@ -203,9 +206,13 @@ impl ExactSizeIterator for Neighbors {}
 /// contiguous.
 #[derive(Debug, Clone, Copy)]
 pub struct NeighborhoodShape<'a> {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Query heads; a multiple of `heads_kv`.
     pub heads_q: usize,
+    /// Key/value heads.
     pub heads_kv: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
     /// 1 to 3 grid dims, outermost first.
     pub dims: &'a [NeighborhoodDim],
@@ -285,21 +292,27 @@ impl NeighborhoodAttention {
         })
     }
 
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.batch
     }
+    /// Query heads.
     pub fn heads_q(&self) -> usize {
         self.heads_q
     }
+    /// Key/value heads.
     pub fn heads_kv(&self) -> usize {
         self.heads_kv
     }
+    /// Elements per head vector.
     pub fn head_dim(&self) -> usize {
         self.head_dim
     }
+    /// The softcap in force (`None` when off).
     pub fn softcap(&self) -> Option<f32> {
         self.softcap
     }
+    /// The grid dims, outermost first.
     pub fn dims(&self) -> &[NeighborhoodDim] {
         &self.dims
     }
@@ -307,6 +320,7 @@ impl NeighborhoodAttention {
     pub fn tokens(&self) -> usize {
         self.tokens
     }
+    /// The resolved multiplier of `q.k`.
     pub fn scale(&self) -> f32 {
         self.scale
     }

@@ -63,7 +63,9 @@ fn group_len(dim: &NeighborhoodDim, g: usize) -> usize {
 /// row-major order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyTile {
+    /// Offset of the tile's first key in the query tile's key box (row-major).
     pub start: usize,
+    /// Keys in the tile (at most the schedule's `key_tile`).
     pub len: usize,
     /// Every valid row of the query tile sees every key of this tile: no element mask.
     pub interior: bool,
@@ -107,10 +109,13 @@ pub struct NeighborhoodSchedule {
     dims: [NeighborhoodDim; MAX_NEIGHBORHOOD_DIMS],
     /// Query tile extents per (padded) dim; their product is `rows`.
     pub tile: [usize; MAX_NEIGHBORHOOD_DIMS],
+    /// Query rows per tile (the product of `tile`).
     pub rows: usize,
+    /// Keys per key tile.
     pub key_tile: usize,
     /// Non-empty query tiles, group-major then row-major over tile coordinates.
     pub tiles: Vec<QueryTile>,
+    /// Key tiles of all query tiles, concatenated (see [`QueryTile::key_tiles`]).
     pub key_tiles: Vec<KeyTile>,
 }
 

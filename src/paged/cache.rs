@@ -12,9 +12,13 @@ use std::collections::HashMap;
 /// head_dim]` in the cache's element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PagedLayout {
+    /// Physical pages in the cache.
     pub num_pages: usize,
+    /// Token slots per page.
     pub page_size: usize,
+    /// Key/value heads.
     pub heads_kv: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
 }
 
@@ -72,15 +76,20 @@ impl PagedLayout {
 /// sequence. Entries of a row past the sequence's last page are ignored (may be -1).
 #[derive(Debug, Clone, Copy)]
 pub struct PageTable<'a> {
+    /// Physical page ids, `[batch, max_pages_per_seq]` row-major.
     pub block_table: &'a [i32],
+    /// Columns of `block_table`: page slots per sequence.
     pub max_pages_per_seq: usize,
+    /// Tokens in the cache per sequence, `[batch]`.
     pub seqlens_k: &'a [i32],
 }
 
 /// K and V buffers of one cache (host slices, device buffers, shared or mutable).
 #[derive(Debug)]
 pub struct KvPages<D> {
+    /// Key cache, `[num_pages, page_size, heads_kv, head_dim]`.
     pub k: D,
+    /// Value cache, `[num_pages, page_size, heads_kv, head_dim]`.
     pub v: D,
 }
 
@@ -90,7 +99,9 @@ pub struct KvPages<D> {
 /// scoring reads half the bytes of f32 bounds for f16/bf16 caches (it converts to f32).
 #[derive(Debug)]
 pub struct PageMeta<D> {
+    /// Per-channel minimum of each page's keys, `[num_pages, heads_kv, head_dim]`.
     pub kmin: D,
+    /// Per-channel maximum of each page's keys, `[num_pages, heads_kv, head_dim]`.
     pub kmax: D,
 }
 
@@ -107,6 +118,7 @@ pub struct PagedCache {
 }
 
 impl PagedCache {
+    /// Validates `layout` and copies `table`, checking that every page id in use is in range.
     pub fn new(layout: PagedLayout, table: PageTable) -> Result<Self> {
         let PagedLayout {
             num_pages,
@@ -193,27 +205,35 @@ impl PagedCache {
         })
     }
 
+    /// The cache geometry.
     pub fn layout(&self) -> PagedLayout {
         self.layout
     }
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.batch
     }
+    /// Token slots per page.
     pub fn page_size(&self) -> usize {
         self.layout.page_size
     }
+    /// Key/value heads.
     pub fn heads_kv(&self) -> usize {
         self.layout.heads_kv
     }
+    /// Elements per head vector.
     pub fn head_dim(&self) -> usize {
         self.layout.head_dim
     }
+    /// Columns of the block table: page slots per sequence.
     pub fn max_pages_per_seq(&self) -> usize {
         self.max_pages_per_seq
     }
+    /// Physical page ids, `[batch, max_pages_per_seq]` row-major.
     pub fn block_table(&self) -> &[i32] {
         &self.block_table
     }
+    /// Tokens in the cache per sequence, `[batch]`.
     pub fn seqlens_k(&self) -> &[i32] {
         &self.seqlens_k
     }

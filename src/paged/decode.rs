@@ -183,21 +183,27 @@ impl PagedDecode {
         Ok(self)
     }
 
+    /// The validated cache description.
     pub fn cache(&self) -> &PagedCache {
         &self.cache
     }
+    /// Query heads.
     pub fn heads_q(&self) -> usize {
         self.heads_q
     }
+    /// New query tokens per sequence (1 for plain decode).
     pub fn q_len(&self) -> usize {
         self.q_len
     }
+    /// The resolved multiplier of `q.k`.
     pub fn scale(&self) -> f32 {
         self.scale
     }
+    /// The softcap in force (`None` when off).
     pub fn softcap(&self) -> Option<f32> {
         self.softcap
     }
+    /// The sparse page-selection policy (streaming heads, Quest).
     pub fn policy(&self) -> &SparsePolicy {
         &self.policy
     }
@@ -205,6 +211,7 @@ impl PagedDecode {
     pub fn group(&self) -> usize {
         self.heads_q / self.cache.heads_kv()
     }
+    /// The kv head that query head `h` reads.
     pub fn kv_head(&self, h: usize) -> usize {
         h / self.group()
     }

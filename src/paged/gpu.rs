@@ -39,8 +39,11 @@ pub const GPU_MAX_HEAD_DIM: usize = 256;
 /// logical pages, ascending; only Quest heads' rows are written).
 #[derive(Debug)]
 pub struct GpuSelection {
+    /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`.
     pub scores: CudaSlice<f32>,
+    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`, first `page_count` entries valid.
     pub page_list: CudaSlice<i32>,
+    /// Selected pages per (sequence, kv head), `[batch, heads_kv]`.
     pub page_count: CudaSlice<i32>,
 }
 
@@ -49,8 +52,11 @@ pub struct GpuSelection {
 /// plan's stream, overwritten by the plan's next run.
 #[derive(Debug, Clone, Copy)]
 pub struct GpuSelectionRef<'a> {
+    /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`.
     pub scores: &'a CudaSlice<f32>,
+    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`, first `page_count` entries valid.
     pub page_list: &'a CudaSlice<i32>,
+    /// Selected pages per (sequence, kv head), `[batch, heads_kv]`.
     pub page_count: &'a CudaSlice<i32>,
 }
 

@@ -105,18 +105,23 @@ impl PagedPrefill {
         })
     }
 
+    /// The validated cache description.
     pub fn cache(&self) -> &PagedCache {
         &self.cache
     }
+    /// Query heads.
     pub fn heads_q(&self) -> usize {
         self.heads_q
     }
+    /// New query tokens per sequence (the last `q_len` positions of each sequence).
     pub fn q_len(&self) -> usize {
         self.q_len
     }
+    /// The resolved multiplier of `q.k`.
     pub fn scale(&self) -> f32 {
         self.dense.scale()
     }
+    /// The softcap in force (`None` when off).
     pub fn softcap(&self) -> Option<f32> {
         self.dense.softcap()
     }

@@ -34,7 +34,9 @@ pub enum HeadPolicy {
 /// plus the first `sinks` tokens, i.e. `Mask { window: (window - 1, 0), sinks }`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StreamingConfig {
+    /// Leading tokens always visible.
     pub sinks: usize,
+    /// Recent tokens visible, the current one included (`>= 1`).
     pub window: usize,
 }
 
@@ -51,11 +53,14 @@ impl Default for StreamingConfig {
 /// the always-kept pages if they do not fit; `sink_pages` leading pages are always kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct QuestConfig {
+    /// Tokens to keep per (sequence, kv head); divided by the page size into the page budget.
     pub token_budget: usize,
+    /// Leading pages always kept.
     pub sink_pages: usize,
 }
 
 impl QuestConfig {
+    /// Pages selected per (sequence, kv head): `max(1, token_budget / page_size)`.
     pub fn budget_pages(&self, page_size: usize) -> usize {
         (self.token_budget / page_size.max(1)).max(1)
     }
@@ -66,7 +71,9 @@ impl QuestConfig {
 pub struct SparsePolicy {
     /// `[heads_kv]`.
     pub heads: Vec<HeadPolicy>,
+    /// Mask of the [`HeadPolicy::Streaming`] heads.
     pub streaming: StreamingConfig,
+    /// Budget of the [`HeadPolicy::Quest`] heads.
     pub quest: QuestConfig,
 }
 
@@ -78,10 +85,12 @@ impl SparsePolicy {
             ..Default::default()
         }
     }
+    /// Sets the mask of the streaming heads.
     pub fn with_streaming(mut self, streaming: StreamingConfig) -> Self {
         self.streaming = streaming;
         self
     }
+    /// Sets the Quest budget.
     pub fn with_quest(mut self, quest: QuestConfig) -> Self {
         self.quest = quest;
         self
@@ -139,9 +148,11 @@ impl PageLists {
     pub(crate) fn list(&self, b: usize, kvh: usize) -> &[u32] {
         &self.lists[b * self.heads_kv + kvh]
     }
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.batch
     }
+    /// Key/value heads.
     pub fn heads_kv(&self) -> usize {
         self.heads_kv
     }
@@ -156,7 +167,9 @@ impl PageLists {
 /// pages per (sequence, kv head) (empty for non-Quest heads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuestSelection {
+    /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`; `-inf` where not a candidate.
     pub scores: Vec<f32>,
+    /// Selected logical pages per (sequence, kv head), ascending.
     pub pages: PageLists,
 }
 

@@ -34,7 +34,9 @@ use super::gpu::RingElement;
 
 /// A rank's transport for the ring.
 pub trait RingComm {
+    /// This rank's index in the ring, `0..world`.
     fn rank(&self) -> usize;
+    /// Number of ranks in the ring.
     fn world(&self) -> usize;
     /// The stream the transfers are queued on (the rank driver orders it with events).
     fn stream(&self) -> &Arc<CudaStream>;
@@ -54,6 +56,7 @@ pub struct SelfComm {
 }
 
 impl SelfComm {
+    /// The single rank, queuing (nothing) on `stream`.
     pub fn new(stream: Arc<CudaStream>) -> Self {
         SelfComm { stream }
     }
@@ -90,11 +93,15 @@ pub const NCCL_ID_BYTES: usize = 128;
 /// NCCL and no GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bootstrap {
+    /// This process's rank (`RANK`).
     pub rank: usize,
+    /// Number of ranks (`WORLD_SIZE`).
     pub world: usize,
     /// The GPU of this rank on its node.
     pub local_rank: usize,
+    /// Address of rank 0 (`MASTER_ADDR`), which serves the NCCL id.
     pub master_addr: String,
+    /// Port of rank 0's id server (`MASTER_PORT`).
     pub master_port: u16,
 }
 

@@ -46,16 +46,22 @@ impl<T: Element + DeviceRepr + ValidAsZeroBits + cudarc::nccl::NcclType> RingEle
 /// One rank's device arguments: `q`, `out` `[batch, L_r, heads_q, head_dim]` (strides),
 /// `k`, `v` contiguous `[batch, L_r, heads_kv, head_dim]`, `lse` `[batch, heads_q, L_r]`.
 pub struct RankBuffers<'a, T> {
+    /// This rank's queries, `[batch, L_r, heads_q, head_dim]` with strides.
     pub q: Strided<&'a CudaSlice<T>>,
+    /// This rank's keys, contiguous `[batch, L_r, heads_kv, head_dim]`.
     pub k: &'a CudaSlice<T>,
+    /// This rank's values, contiguous `[batch, L_r, heads_kv, head_dim]`.
     pub v: &'a CudaSlice<T>,
+    /// This rank's output, `[batch, L_r, heads_q, head_dim]` with strides.
     pub out: Strided<&'a mut CudaSlice<T>>,
+    /// Optional LSE output, `[batch, heads_q, L_r]` f32, natural log.
     pub lse: Option<&'a mut CudaSlice<f32>>,
 }
 
 /// What a GPU ring launched (host-side counts; timings are the bench's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingGpuReport {
+    /// K/V shard transfers, all ranks.
     pub transfers: TransferCount,
     /// Dense piece launches (one merge launch each), all ranks.
     pub pieces: usize,
@@ -471,6 +477,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         })
     }
 
+    /// This rank's step plan.
     pub fn plan(&self) -> &RankPlan {
         &self.plan
     }

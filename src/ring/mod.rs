@@ -85,12 +85,15 @@ impl RingLayout {
         })
     }
 
+    /// Tokens in the whole sequence.
     pub fn seqlen(&self) -> usize {
         self.seqlen
     }
+    /// Number of ranks.
     pub fn world(&self) -> usize {
         self.world
     }
+    /// How the sequence is split across the ranks.
     pub fn sharding(&self) -> Sharding {
         self.sharding
     }
@@ -239,9 +242,13 @@ impl RingLayout {
 /// stripe shard stride `world`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct GlobalBlock {
+    /// First local row of the block in the shard.
     pub row0: usize,
+    /// Rows in the block.
     pub len: usize,
+    /// Global position of the block's first row.
     pub pos0: usize,
+    /// Global position step between consecutive rows.
     pub stride: usize,
 }
 
@@ -276,8 +283,11 @@ impl GlobalBlock {
 /// past `q_rows` see none of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingPiece {
+    /// Query rows of the rank's shard.
     pub q_rows: Range<usize>,
+    /// Key rows of the held K/V shard.
     pub k_rows: Range<usize>,
+    /// The element mask in the piece's local coordinates.
     pub mask: Mask,
 }
 
@@ -419,9 +429,13 @@ impl RingSchedule {
 /// Problem dimensions of a ring attention call (the sequence length is the layout's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingShape {
+    /// Sequences in the batch.
     pub batch: usize,
+    /// Query heads; a multiple of `heads_kv`.
     pub heads_q: usize,
+    /// Key/value heads.
     pub heads_kv: usize,
+    /// Elements per head vector.
     pub head_dim: usize,
 }
 
@@ -477,6 +491,7 @@ pub struct RingAttention {
 }
 
 impl RingAttention {
+    /// Validates `shape` and `options` over `layout` (heads, element counts, scale).
     pub fn new(layout: RingLayout, shape: RingShape, options: &AttentionOptions) -> Result<Self> {
         let RingShape {
             batch,
@@ -505,12 +520,15 @@ impl RingAttention {
         })
     }
 
+    /// How the sequence is sharded over the ranks.
     pub fn layout(&self) -> &RingLayout {
         &self.layout
     }
+    /// The problem dimensions.
     pub fn shape(&self) -> RingShape {
         self.shape
     }
+    /// The global mask in force (the options' mask with `causal` folded in).
     pub fn mask(&self) -> Mask {
         self.mask
     }

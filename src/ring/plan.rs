@@ -45,6 +45,7 @@ pub struct Transfer {
 /// What one rank does at one ring step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedStep {
+    /// Step index, `0..world`.
     pub step: usize,
     /// The shard the rank holds at this step ([`super::RingLayout::kv_source`]).
     pub source: usize,
@@ -66,6 +67,7 @@ pub struct PlannedStep {
 }
 
 impl PlannedStep {
+    /// Whether the step launches any piece (not skipped).
     pub fn computes(&self) -> bool {
         !self.pieces.is_empty()
     }
@@ -74,8 +76,11 @@ impl PlannedStep {
 /// One rank's whole ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RankPlan {
+    /// The rank this plan belongs to.
     pub rank: usize,
+    /// Number of ranks.
     pub world: usize,
+    /// One entry per ring step, in order.
     pub steps: Vec<PlannedStep>,
 }
 

@@ -84,12 +84,15 @@ impl StarAttention {
         })
     }
 
+    /// Number of ranks the context is split over.
     pub fn world(&self) -> usize {
         self.world
     }
+    /// The problem dimensions.
     pub fn shape(&self) -> RingShape {
         self.shape
     }
+    /// Query tokens appended after the context (positions `context_len..context_len + query_len`).
     pub fn query_len(&self) -> usize {
         self.query_len
     }
