@@ -248,9 +248,13 @@ pub(crate) fn dtype_bytes(dtype: DType) -> usize {
 /// until the launch is queued (keep the value alive until then).
 #[cfg(longattn_cuda)]
 pub(crate) struct QkvoPtrs<'a> {
+    /// Device pointer of `q`.
     pub q: u64,
+    /// Device pointer of `k`.
     pub k: u64,
+    /// Device pointer of `v`.
     pub v: u64,
+    /// Device pointer of `out`.
     pub o: u64,
     _sync: [SyncOnDrop<'a>; 4],
 }

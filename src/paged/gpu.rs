@@ -41,7 +41,8 @@ pub const GPU_MAX_HEAD_DIM: usize = 256;
 pub struct GpuSelection {
     /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`.
     pub scores: CudaSlice<f32>,
-    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`, first `page_count` entries valid.
+    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`; the first `page_count`
+    /// entries of a row are valid.
     pub page_list: CudaSlice<i32>,
     /// Selected pages per (sequence, kv head), `[batch, heads_kv]`.
     pub page_count: CudaSlice<i32>,
@@ -54,7 +55,8 @@ pub struct GpuSelection {
 pub struct GpuSelectionRef<'a> {
     /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`.
     pub scores: &'a CudaSlice<f32>,
-    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`, first `page_count` entries valid.
+    /// Selected logical pages, `[batch, heads_kv, max_pages_per_seq]`; the first `page_count`
+    /// entries of a row are valid.
     pub page_list: &'a CudaSlice<i32>,
     /// Selected pages per (sequence, kv head), `[batch, heads_kv]`.
     pub page_count: &'a CudaSlice<i32>,

@@ -167,7 +167,8 @@ impl PageLists {
 /// pages per (sequence, kv head) (empty for non-Quest heads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QuestSelection {
-    /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`; `-inf` where not a candidate.
+    /// Aggregated Quest score per page, `[batch, heads_kv, max_pages_per_seq]`; `-inf` where
+    /// not a candidate.
     pub scores: Vec<f32>,
     /// Selected logical pages per (sequence, kv head), ascending.
     pub pages: PageLists,
@@ -176,12 +177,16 @@ pub struct QuestSelection {
 /// Candidate logical pages of a (sequence, kv head) under the base mask.
 #[derive(Debug, Clone)]
 pub(crate) struct Candidates {
+    /// Leading logical pages holding visible sink keys (`0..sink_pages`).
     pub sink_pages: usize,
+    /// Logical pages of the visible window (after the sink pages).
     pub window: std::ops::Range<usize>,
+    /// The logical page holding the newest token (`None` for an empty sequence).
     pub newest: Option<usize>,
 }
 
 impl Candidates {
+    /// Candidate logical pages, ascending: the sink pages, then the window pages.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.sink_pages).chain(self.window.clone())
     }
