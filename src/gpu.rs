@@ -48,6 +48,21 @@ pub(crate) fn check_grid_yz(batch: usize, (heads_name, heads): (&str, usize)) ->
     Ok(())
 }
 
+/// Head dims of the tensor-core kernels' tile configurations (`DenseTraits*` in
+/// `kernels/include/longattn/mma_mainloop.cuh`, and the Hopper kernel's).
+pub(crate) const TENSOR_CORE_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
+/// `Error::Unsupported` unless `head_dim` is one of [`TENSOR_CORE_HEAD_DIMS`]:
+/// "`{what}` take(s) head_dim 64, 128 or 256, not `{head_dim}`".
+pub(crate) fn check_tensor_core_head_dim(what: &str, head_dim: usize) -> Result<()> {
+    if TENSOR_CORE_HEAD_DIMS.contains(&head_dim) {
+        return Ok(());
+    }
+    Err(Error::Unsupported(format!(
+        "{what} head_dim 64, 128 or 256, not {head_dim}"
+    )))
+}
+
 /// The checks the dense and neighborhood entry points share, in this order: f16/bf16
 /// (`"{family} attention on the GPU takes ..."`), the head dim (up to
 /// [`crate::dense::GPU_MAX_HEAD_DIM`]), batch and `heads_q` within the grid.

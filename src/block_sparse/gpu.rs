@@ -11,13 +11,15 @@
 use super::BlockSparseAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
+};
 use crate::layout::{Strided, Strides};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Head dims of the block-sparse kernel.
-pub const GPU_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+pub const GPU_HEAD_DIMS: [usize; 3] = crate::gpu::TENSOR_CORE_HEAD_DIMS;
 
 impl BlockSparseAttention {
     /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Compiled, not
@@ -79,13 +81,7 @@ impl BlockSparseAttention {
             .dims
             .check_gpu_block_sizes()
             .map_err(|e| Error::Unsupported(e.to_string()))?;
-        let d = self.attn.head_dim;
-        if !GPU_HEAD_DIMS.contains(&d) {
-            return Err(Error::Unsupported(format!(
-                "the block-sparse kernel takes head_dim 64, 128 or 256, not {d}"
-            )));
-        }
-        Ok(())
+        check_tensor_core_head_dim("the block-sparse kernel takes", self.attn.head_dim)
     }
 
     /// Every check of a GPU call that needs no device pointer, in this order: the problem

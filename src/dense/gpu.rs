@@ -2,8 +2,10 @@
 
 use crate::dense::{DenseKernel, FlashAttention};
 use crate::element::Element;
-use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
+use crate::error::Result;
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
+};
 use crate::layout::Strided;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
@@ -67,13 +69,8 @@ impl FlashAttention {
     {
         self.check_buffers(q.extent(), k.extent(), v.extent(), out.extent(), lse_len)?;
         check_attention_gpu("dense", T::DTYPE, self.head_dim, self.batch, self.heads_q)?;
-        if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper)
-            && ![64, 128, 256].contains(&self.head_dim)
-        {
-            return Err(Error::Unsupported(format!(
-                "the tensor-core kernels take head_dim 64, 128 or 256, not {}",
-                self.head_dim
-            )));
+        if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
+            check_tensor_core_head_dim("the tensor-core kernels take", self.head_dim)?;
         }
         Ok(())
     }
@@ -148,6 +145,7 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
+    use crate::error::Error;
     use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
     if attn.total_q == 0 {
         return Ok(());

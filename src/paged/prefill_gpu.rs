@@ -8,8 +8,10 @@
 
 use super::prefill::PagedPrefill;
 use crate::element::{DType, Element};
-use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_half, cuda_call};
+use crate::error::Result;
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
+};
 use crate::layout::Strided;
 use crate::paged::KvPages;
 use cudarc::driver::{CudaStream, DeviceRepr};
@@ -51,25 +53,12 @@ impl PagedPrefill {
         cuda_call!(imp::forward::<T, I, O>, self, stream, q, kv, out, lse)
     }
 
-    /// What the kernel supports: f16/bf16, head_dim 64/128/256, batch and heads_q within the
-    /// grid's y/z limits.
+    /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
+    /// (the dense checks), head_dim 64/128/256 (the CPU path takes any).
     fn check_gpu(&self, dtype: DType) -> Result<()> {
-        check_half(dtype, "paged prefill on the GPU takes", "path")?;
         let d = self.cache.head_dim();
-        if ![64, 128, 256].contains(&d) {
-            return Err(Error::Unsupported(format!(
-                "paged prefill on the GPU takes head_dim 64, 128 or 256, not {d} (the CPU path \
-                 takes any)"
-            )));
-        }
-        if self.cache.batch() > GRID_LIMIT || self.heads_q > GRID_LIMIT {
-            return Err(Error::Unsupported(format!(
-                "batch ({}) and heads_q ({}) must be at most {GRID_LIMIT} on the GPU",
-                self.cache.batch(),
-                self.heads_q
-            )));
-        }
-        Ok(())
+        check_attention_gpu("paged prefill", dtype, d, self.cache.batch(), self.heads_q)?;
+        check_tensor_core_head_dim("paged prefill on the GPU takes", d)
     }
 }
 
