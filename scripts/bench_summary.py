@@ -127,5 +127,26 @@ def paged_table():
           f"mode ms; select = selection share of the Quest time; {misses} target(s) missed)")
 
 
+def family_table():
+    """The opt-in kernels of examples/family_bench.rs and torch_family_baseline.py: every
+    implementation of each case, and ours over the best PyTorch one."""
+    prefixes = ("padded_", "bsparse_", "pprefill_")
+    names = [n for n in order if n.startswith(prefixes)]
+    if not names:
+        return
+    print()
+    for name in names:
+        by = rows[name]
+        cells = "  ".join(f"{i}={by[i]['tflops']:.1f}" for i in by if "tflops" in by[i])
+        ours = max((r["tflops"] for i, r in by.items() if i.startswith("longattn")), default=None)
+        theirs = max((r["tflops"] for i, r in by.items()
+                      if not i.startswith("longattn") and "tflops" in r), default=None)
+        ratio = f"  best ours/torch={ours / theirs:.2f}" if ours and theirs else ""
+        print(f"{name:<40}{cells}{ratio}")
+    print("(TFLOP/s over visible pairs, bf16, same run; bsparse torch = FlexAttention on a "
+          "random mask of the same density)")
+
+
 dense_table()
 paged_table()
+family_table()

@@ -27,6 +27,8 @@ for line in sys.stdin:
         continue
     exe = m.get("executable")
     kind = m.get("target", {}).get("kind", [""])[0]
+    # The unit tests of the library report its crate type first ("rlib").
+    kind = "lib" if kind in ("rlib", "staticlib", "cdylib") else kind
     # `cargo test --no-run` also builds examples as test targets: keep real tests only.
     if m.get("reason") == "compiler-artifact" and exe and kind in allowed:
         name = m["target"]["name"] if kind != "lib" else "lib"
@@ -42,5 +44,6 @@ cargo bench --no-run --message-format=json | copy_executables "$DIST/benches" be
 echo "examples:"
 cargo build --release --examples --message-format=json | copy_executables "$DIST/examples" example
 cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline.py \
+  scripts/torch_family_baseline.py scripts/torch_neighborhood_baseline.py \
   scripts/bench_summary.py scripts/plot_bench.py "$DIST/"
 du -sh "$DIST"

@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
 # On a GPU machine (no Rust needed), from the folder made by scripts/device-build.sh:
 #   dist/device-run.sh OUT_DIR [--quick]
-# Runs the GPU tests with LONGATTN_REQUIRE_GPU=1, compute-sanitizer memcheck on the GPU
-# tests, the tour, the kernel benchmarks and the PyTorch baselines; writes full logs to
-# OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a short table last.
+# Runs, most important first, inside one time budget (DEVICE_RUN_BUDGET_S seconds, default
+# 480; each step is cut to what is left): the GPU tests with LONGATTN_REQUIRE_GPU=1 (the
+# kernels that never ran on a GPU first), compute-sanitizer memcheck on every GPU test binary
+# and racecheck on the opt-in kernels, the tour, the benchmarks of every family and the
+# PyTorch baselines. Writes full logs to OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a
+# short table last.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: device-run.sh OUT_DIR [--quick]}
 QUICK=${2:-}
+BUDGET=${DEVICE_RUN_BUDGET_S:-480}
 mkdir -p "$OUT"
 export LONGATTN_REQUIRE_GPU=1
 declare -a SUMMARY
-step() { # name, timeout, command...
+step() { # name, timeout, command...: runs it with the smaller of timeout and what is left
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - SECONDS))
+  if [ "$left" -lt 10 ]; then
+    SUMMARY+=("$(printf '%-28s skipped (time budget)' "$name")")
+    return 125
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   SUMMARY+=("$(printf '%-28s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - t0))" \
-    "$(grep -E 'test result|ERROR SUMMARY|all results' "$OUT/$name.log" | tail -1)")")
+    "$(grep -E 'test result|ERROR SUMMARY|RACECHECK SUMMARY|all results' "$OUT/$name.log" | tail -1)")")
   return $rc
 }
 
@@ -27,20 +37,38 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 # A dense kernel that hangs (rc 124 from timeout) must not eat the rest of the device time:
 # the dense steps after the tests are then skipped and the paged ones still run.
 DENSE_OK=1
-for t in "$HERE"/tests/*; do
-  name=$(basename "$t")
-  step "test-$name" 120 "$t" --test-threads=4 --nocapture
+FIRST="block_sparse_gpu paged_prefill neighborhood_gpu ring_gpu dense_gpu paged_gpu"
+REST=$(for f in "$HERE"/tests/*; do
+  case " $FIRST " in *" $(basename "$f") "*) ;; *) basename "$f" ;; esac
+done)
+for name in $FIRST $REST; do
+  t="$HERE/tests/$name"
+  [ -x "$t" ] || continue
+  step "test-$name" 90 "$t" --test-threads=4 --nocapture
   rc=$?
   [ "$name" = dense_gpu ] && [ "$rc" = 124 ] && DENSE_OK=0
 done
 [ "$DENSE_OK" = 1 ] || SUMMARY+=("dense_gpu timed out: dense memcheck, tour and dense benches skipped")
 
 if command -v compute-sanitizer > /dev/null; then
-  for t in dense_gpu paged; do
+  # Test-name filters: the GPU tests of each binary (all of ring_gpu's need the GPU).
+  for spec in block_sparse_gpu:gpu paged_prefill:gpu neighborhood_gpu:gpu ring_gpu: \
+    dense_gpu:gpu; do
+    t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     [ "$t" = dense_gpu ] && [ "$DENSE_OK" = 0 ] && continue
-    step "memcheck-$t" 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-      "$HERE/tests/$t" gpu --test-threads=1 --skip long --skip bad_inputs
+    step "memcheck-$t" 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$HERE/tests/$t" "${spec#*:}" --test-threads=1 --skip long --skip bad_inputs
+  done
+  # Shared-memory hazards of the opt-in kernels on the shared mainloop (one test each; a
+  # timeout still reports the hazards found until then).
+  for spec in block_sparse_gpu:gpu_block_sparse_plan_matches_one_shot \
+    neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
+    paged_prefill:gpu_prefill_matches_reference_f16; do
+    t=${spec%%:*}
+    [ -x "$HERE/tests/$t" ] || continue
+    step "racecheck-$t" 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
+      "$HERE/tests/$t" "${spec#*:}" --exact --test-threads=1
   done
 else
   SUMMARY+=("compute-sanitizer not found")
@@ -48,28 +76,41 @@ fi
 
 BENCH_ARGS=()
 [ "$QUICK" = "--quick" ] && BENCH_ARGS=(--quick)
+# Unverified families first (the opt-in kernels, neighborhood, the in-process ring), then the
+# verified dense and paged kernels again with their PyTorch baselines.
 if [ "$DENSE_OK" = 1 ]; then
-  step tour 90 "$HERE/examples/tour"
-  step gpu_bench 150 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
+  step tour 60 "$HERE/examples/tour"
+  step family_bench 90 "$HERE/examples/family_bench"
+  step torch_family_baseline 100 python3 "$HERE/torch_family_baseline.py" --budget 60
+  step neighborhood_bench 60 "$HERE/examples/neighborhood_bench" --quick
+  step torch_neighborhood_baseline 60 python3 "$HERE/torch_neighborhood_baseline.py" --quick --budget 40
+  step ring_bench 60 "$HERE/examples/ring_bench" --quick
+  step gpu_bench 120 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
+  step torch_baseline 150 python3 "$HERE/torch_baseline.py" --budget 80 "${BENCH_ARGS[@]}"
 fi
 # The split sweeps re-tune splits_for (printed as "# split sweep" lines in the log): full
 # decode at every shape, Quest and streaming heads at batch 1. The "# fixed-cost fit" lines
 # split batch-1 decode time into a fixed cost and a streaming rate.
-[ -x "$HERE/examples/paged_bench" ] && step paged_bench 170 env PAGED_BENCH_TIMEOUT_S=160 \
+[ -x "$HERE/examples/paged_bench" ] && step paged_bench 100 env PAGED_BENCH_TIMEOUT_S=90 \
   PAGED_BENCH_SPLITS=16,24,33,48,66 PAGED_BENCH_SPARSE_SPLITS=4,8,16,32,64 \
   "$HERE/examples/paged_bench"
-[ "$DENSE_OK" = 1 ] && step torch_baseline 200 python3 "$HERE/torch_baseline.py" --budget 100 "${BENCH_ARGS[@]}"
-[ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 120 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
+[ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 100 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
+command -v compute-sanitizer > /dev/null && [ -x "$HERE/tests/paged_gpu" ] &&
+  step memcheck-paged_gpu 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$HERE/tests/paged_gpu" gpu --test-threads=1 --skip long --skip bad_inputs
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
-  "$OUT/torch_decode_baseline.log" > "$OUT/summary.log" 2>&1
+  "$OUT/torch_decode_baseline.log" "$OUT/family_bench.log" "$OUT/torch_family_baseline.log" \
+  "$OUT/neighborhood_bench.log" "$OUT/torch_neighborhood_baseline.log" \
+  > "$OUT/summary.log" 2>&1
 # SVG bar charts (stdlib only) of TFLOP/s and GB/s vs the PyTorch baselines, and the numbers
 # as CSV: OUT/plots/dense_tflops.svg, OUT/plots/decode_gbps.svg, OUT/bench.csv.
 python3 "$HERE/plot_bench.py" "$OUT/summary.log" "$OUT/plots" --csv "$OUT/bench.csv" \
   > "$OUT/plots.log" 2>&1 || echo "plot_bench.py failed: see $OUT/plots.log"
 
-echo "=== logs in $OUT ==="
+echo "=== logs in $OUT ($SECONDS s of a $BUDGET s budget) ==="
 cat "$OUT/nvidia-smi.log"
 printf '%s\n' "${SUMMARY[@]}"
 grep -h "rel err\|worst" "$OUT"/test-*.log | head -20
 cat "$OUT/tour.log" | tail -12
 cat "$OUT/summary.log"
+grep -h "^NA \|^BENCH.*ring" "$OUT/neighborhood_bench.log" "$OUT/ring_bench.log" 2>/dev/null | head -40

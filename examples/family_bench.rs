@@ -1,0 +1,315 @@
+//! GPU throughput of the opt-in kernels on the shared tensor-core mainloop, each against the
+//! dense kernels on the same work in the same run (bf16). Prints one `BENCH {json}` line per
+//! (case, implementation), in the style of gpu_bench:
+//! - `padded_*`: `DenseKernel::TensorCorePadded` at head dims 64..256 (96 and 192 padded to
+//!   128 and 256) against `TensorCore` and `Hopper` where they serve the head dim;
+//! - `bsparse_*`: `BlockSparseAttention` through a plan (128 x 128 blocks, random lists of a
+//!   given density, all blocks Full) against dense full attention on the same sequence;
+//!   `tflops` counts the visible pairs only, so equal TFLOP/s means time in proportion to
+//!   density;
+//! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256) against the
+//!   dense tensor-core kernel on the same (contiguous) tokens and mask.
+//!
+//! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
+//! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
+//! (default: all) picks the groups.
+
+use longattn::cudarc::driver::sys::CUevent_flags;
+use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::*;
+use std::sync::Arc;
+
+mod support;
+
+/// Median milliseconds of `run` over about 0.3 s (3..=50 runs) after one warm-up.
+fn time_ms(stream: &Arc<CudaStream>, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+    run()?;
+    let ev = |s: &CudaStream| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+    let a = ev(stream)?;
+    run()?;
+    let b = ev(stream)?;
+    b.synchronize()?;
+    let once = a.elapsed_ms(&b)? as f64;
+    let reps = ((300.0 / once.max(1e-3)) as usize).clamp(3, 50);
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let a = ev(stream)?;
+        run()?;
+        let b = ev(stream)?;
+        b.synchronize()?;
+        times.push(a.elapsed_ms(&b)? as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Visible (query, key) pairs of one head of one sequence under `mask`.
+fn visible_pairs(mask: &Mask, sq: usize, sk: usize) -> u64 {
+    (0..sq)
+        .map(|i| {
+            let w = mask.window_range(i, sq, sk);
+            let s = mask.sink_range_rows(i..i + 1, sq, sk);
+            let both = w.end.min(s.end).saturating_sub(w.start.max(s.start));
+            (w.len() + s.len() - both) as u64
+        })
+        .sum()
+}
+
+fn emit(name: &str, imp: &str, (b, s, h, d): (usize, usize, usize, usize), ms: f64, flops: f64) {
+    println!(
+        "BENCH {{\"name\":\"{name}\",\"impl\":\"{imp}\",\"b\":{b},\"s\":{s},\"h\":{h},\"d\":{d},\"ms\":{ms:.4},\"tflops\":{:.2}}}",
+        flops / ms / 1e9
+    );
+}
+
+fn upload(stream: &Arc<CudaStream>, n: usize, seed: u64) -> Result<CudaSlice<bf16>> {
+    Ok(stream.clone_htod(&support::uniform::<bf16>(n, seed))?)
+}
+
+/// Times one dense kernel on `shape` (fixed lengths, heads_q = heads_kv) under `opts`.
+fn dense_ms(
+    stream: &Arc<CudaStream>,
+    shape: &AttentionShape,
+    opts: &AttentionOptions,
+    kernel: DenseKernel,
+) -> Result<f64> {
+    let SeqLens::Fixed { seqlen_q, seqlen_k } = shape.seqlens else {
+        unreachable!("fixed lengths only")
+    };
+    let (b, hq, hkv, d) = (shape.batch, shape.heads_q, shape.heads_kv, shape.head_dim);
+    let attn = FlashAttention::new(shape, opts)?.with_kernel(kernel);
+    let (qs, ks) = (
+        Strides::contiguous(seqlen_q, hq, d),
+        Strides::contiguous(seqlen_k, hkv, d),
+    );
+    let q = upload(stream, b * seqlen_q * hq * d, 1)?;
+    let k = upload(stream, b * seqlen_k * hkv * d, 2)?;
+    let v = upload(stream, b * seqlen_k * hkv * d, 3)?;
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(b * seqlen_q * hq * d)?;
+    time_ms(stream, || {
+        attn.forward_gpu(
+            stream,
+            Strided::new(&q, qs),
+            Strided::new(&k, ks),
+            Strided::new(&v, ks),
+            Strided::new(&mut o, qs),
+            None,
+        )
+    })
+}
+
+/// The padded tensor-core kernel at every head dim it adds, against the kernels that serve
+/// the head dim today, on 16k tokens (4 x 4096) and 2048 / d heads (rounded).
+fn padded(stream: &Arc<CudaStream>) {
+    let s = 4096;
+    for d in [64usize, 96, 128, 192, 256] {
+        for causal in [false, true] {
+            let h = 2048usize.div_ceil(d);
+            let shape = AttentionShape {
+                batch: 4,
+                heads_q: h,
+                heads_kv: h,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: s,
+                    seqlen_k: s,
+                },
+            };
+            let opts = if causal {
+                AttentionOptions::causal()
+            } else {
+                AttentionOptions::default()
+            };
+            let name = format!(
+                "padded_d{d}_s{s}_{}",
+                if causal { "causal" } else { "full" }
+            );
+            let flops =
+                4.0 * (4 * h * d) as f64 * visible_pairs(&opts.effective_mask(), s, s) as f64;
+            for (kernel, imp) in [
+                (DenseKernel::TensorCorePadded, "longattn-mma-padded"),
+                (DenseKernel::TensorCore, "longattn-mma"),
+                (DenseKernel::Hopper, "longattn-wgmma"),
+                (DenseKernel::Simt, "longattn-simt"),
+            ] {
+                // SIMT only where no tensor-core kernel but the padded one serves the dim.
+                if kernel == DenseKernel::Simt && [64, 128, 256].contains(&d) {
+                    continue;
+                }
+                match dense_ms(stream, &shape, &opts, kernel) {
+                    Ok(ms) => emit(&name, imp, (4, s, h, d), ms, flops),
+                    Err(e) => println!("# {name} {imp}: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// Random 128 x 128 block lists of `density` over one 16k sequence, 16 heads, d 128; every
+/// listed block Full (no element mask), one list set per head.
+fn block_sparse(stream: &Arc<CudaStream>) -> Result<()> {
+    let (s, h, d, blk) = (16384usize, 16usize, 128usize, 128usize);
+    let shape = AttentionShape {
+        batch: 1,
+        heads_q: h,
+        heads_kv: h,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: s,
+            seqlen_k: s,
+        },
+    };
+    let opts = AttentionOptions::default();
+    let st = Strides::contiguous(s, h, d);
+    let n = s * h * d;
+    let (q, k, v) = (
+        upload(stream, n, 1)?,
+        upload(stream, n, 2)?,
+        upload(stream, n, 3)?,
+    );
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(n)?;
+    let dense_flops = 4.0 * (h * d) as f64 * (s * s) as f64;
+    for (kernel, imp) in [
+        (DenseKernel::TensorCore, "longattn-mma"),
+        (DenseKernel::Hopper, "longattn-wgmma"),
+    ] {
+        match dense_ms(stream, &shape, &opts, kernel) {
+            Ok(ms) => emit("bsparse_dense_s16384", imp, (1, s, h, d), ms, dense_flops),
+            Err(e) => println!("# bsparse_dense {imp}: {e}"),
+        }
+    }
+    for density in [0.05f64, 0.1, 0.25, 0.5, 1.0] {
+        let dims = BlockMaskDims::for_lengths(1, h, s, s, blk, blk)?;
+        let nk = dims.num_k_blocks;
+        let mut state = 7u64 + (density * 1000.0) as u64;
+        let mut listed = 0u64;
+        let mask = BlockMask::from_lists(dims, |_| {
+            let kept: Vec<(usize, BlockKind)> = (0..nk)
+                .filter(|_| {
+                    (support::lcg(&mut state) >> 11) as f64 / (1u64 << 53) as f64 <= density
+                })
+                .map(|kb| (kb, BlockKind::Full))
+                .collect();
+            listed += kept.len() as u64;
+            kept
+        })?;
+        let bs = BlockSparseAttention::new(FlashAttention::new(&shape, &opts)?, mask)?;
+        let plan = bs.plan_gpu(stream)?;
+        let flops = 4.0 * d as f64 * (listed * (blk * blk) as u64) as f64;
+        let name = format!("bsparse_b128_density{}_s{s}", (density * 100.0).round());
+        let ms = time_ms(stream, || {
+            plan.forward::<bf16, _, _>(
+                stream,
+                Strided::new(&q, st),
+                Strided::new(&k, st),
+                Strided::new(&v, st),
+                Strided::new(&mut o, st),
+                None,
+            )
+        })?;
+        emit(&name, "longattn-bsparse-mma", (1, s, h, d), ms, flops);
+    }
+    Ok(())
+}
+
+/// Paged prefill of a `q_len`-token chunk at the end of a `context`-token sequence (causal,
+/// GQA 32/8, d 128) over pages in shuffled order, against the dense tensor-core kernel on the
+/// same tokens stored contiguously.
+fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
+    let (hq, hkv, d) = (32usize, 8usize, 128usize);
+    let opts = AttentionOptions::causal();
+    for (batch, q_len, context) in [(1usize, 2048usize, 16384usize), (2, 8192, 8192)] {
+        let flops = 4.0
+            * (batch * hq * d) as f64
+            * visible_pairs(&opts.effective_mask(), q_len, context) as f64;
+        let name = format!("pprefill_q{q_len}_ctx{context}_b{batch}");
+        let shape = AttentionShape {
+            batch,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: q_len,
+                seqlen_k: context,
+            },
+        };
+        match dense_ms(stream, &shape, &opts, DenseKernel::TensorCore) {
+            Ok(ms) => emit(&name, "longattn-mma", (batch, q_len, hq, d), ms, flops),
+            Err(e) => println!("# {name} dense: {e}"),
+        }
+        for page_size in [1usize, 16, 64, 256] {
+            let per_seq = context.div_ceil(page_size);
+            let num_pages = batch * per_seq;
+            // Pages in a fixed pseudo-random order (a Fisher-Yates shuffle of 0..num_pages).
+            let mut table: Vec<i32> = (0..num_pages as i32).collect();
+            let mut state = page_size as u64;
+            for i in (1..num_pages).rev() {
+                let j = (support::lcg(&mut state) >> 33) as usize % (i + 1);
+                table.swap(i, j);
+            }
+            let layout = PagedLayout {
+                num_pages,
+                page_size,
+                heads_kv: hkv,
+                head_dim: d,
+            };
+            let seqlens = vec![i32::try_from(context).expect("context fits i32"); batch];
+            let cache = PagedCache::new(
+                layout,
+                PageTable {
+                    block_table: &table,
+                    max_pages_per_seq: per_seq,
+                    seqlens_k: &seqlens,
+                },
+            )?;
+            let pf = PagedPrefill::new(&cache, hq, q_len, &opts)?;
+            let kc = upload(stream, layout.cache_len(), 2)?;
+            let vc = upload(stream, layout.cache_len(), 3)?;
+            let qs = Strides::contiguous(q_len, hq, d);
+            let q = upload(stream, pf.out_len(), 1)?;
+            let mut o: CudaSlice<bf16> = stream.alloc_zeros(pf.out_len())?;
+            let ms = time_ms(stream, || {
+                pf.forward_gpu::<bf16, _, _>(
+                    stream,
+                    Strided::new(&q, qs),
+                    KvPages { k: &kc, v: &vc },
+                    Strided::new(&mut o, qs),
+                    None,
+                )
+            })?;
+            emit(
+                &format!("{name}_ps{page_size}"),
+                "longattn-pprefill-mma",
+                (batch, q_len, hq, d),
+                ms,
+                flops,
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let ctx = longattn::device::open_gpu(0)?;
+    let stream = ctx.default_stream();
+    println!(
+        "# family_bench on {} (opt-in kernels, first GPU runs)",
+        Device::Cuda(ctx.clone()).describe()
+    );
+    let wanted = std::env::var("FAMILY_BENCH").unwrap_or_else(|_| "padded,bsparse,pprefill".into());
+    let on = |g: &str| wanted.split(',').any(|w| w.trim() == g);
+    if on("padded") {
+        padded(&stream);
+    }
+    if on("bsparse")
+        && let Err(e) = block_sparse(&stream)
+    {
+        println!("# bsparse: {e}");
+    }
+    if on("pprefill")
+        && let Err(e) = paged_prefill(&stream)
+    {
+        println!("# pprefill: {e}");
+    }
+    Ok(())
+}
