@@ -311,7 +311,7 @@ cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
 
 extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (params == nullptr || !dims_ok(params->cache) || params->q_len <= 0 ||
+  if (params == nullptr || !table_ok(params->cache) || params->q_len <= 0 ||
       params->head_kind == nullptr || params->q == nullptr || params->kmin == nullptr ||
       params->kmax == nullptr || params->scores == nullptr || params->page_list == nullptr ||
       params->page_count == nullptr ||

@@ -561,4 +561,53 @@ mod c_entry_checks {
             INVALID_VALUE
         );
     }
+
+    /// Quest selection reads the page table and key metadata, never K/V: a call without K/V
+    /// pointers passes the argument check (the H200 run of 2026-12-04 caught the check
+    /// refusing it). Without a GPU the call then fails in CUDA with another code; with one,
+    /// tests/paged_gpu.rs runs the selection itself.
+    #[test]
+    fn quest_select_needs_no_kv_pointers() {
+        if crate::device::open_gpu(0).is_ok() {
+            return;
+        }
+        let (table, seqlens, kind) = ([0i32], [16i32], [3i32]); // LA_HEAD_QUEST
+        let (q, meta) = ([0u16; 64], [0u16; 64]);
+        let (mut scores, mut list, mut count) = ([0f32; 1], [0i32; 1], [0i32; 1]);
+        let quest = ffi::LaQuestParams {
+            cache: ffi::LaPagedCache {
+                batch: 1,
+                num_pages: 1,
+                page_size: 16,
+                heads_kv: 1,
+                head_dim: 64,
+                max_pages_per_seq: 1,
+                block_table: table.as_ptr(),
+                seqlens_k: seqlens.as_ptr(),
+                ..Default::default()
+            },
+            q: q.as_ptr().cast(),
+            q_row_stride: 64,
+            q_head_stride: 64,
+            q_batch_stride: 64,
+            q_len: 1,
+            heads_q: 1,
+            kmin: meta.as_ptr().cast(),
+            kmax: meta.as_ptr().cast(),
+            head_kind: kind.as_ptr(),
+            scores: scores.as_mut_ptr(),
+            page_list: list.as_mut_ptr(),
+            page_count: count.as_mut_ptr(),
+            budget_pages: 1,
+            window_left: -1,
+            window_right: 0,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        // SAFETY: no GPU is usable, so no kernel runs and no pointer is read on a device; the
+        // host check reads only the params struct.
+        let code = unsafe { ffi::la_paged_quest_select(&quest, std::ptr::null_mut()) };
+        assert_ne!(code, INVALID_VALUE, "valid Quest arguments refused");
+        assert_ne!(code, 0, "a launch without a GPU cannot succeed");
+    }
 }

@@ -79,6 +79,7 @@ typedef struct LaPagedAppendParams {
  * candidates). Selected: max(budget_pages, #kept) pages, kept ones first, then higher score,
  * then lower page index (deterministic). page_list lists them in ascending page order. */
 typedef struct LaQuestParams {
+  /* Dimensions and page table; k_cache/v_cache are not read (may be NULL). */
   LaPagedCache cache;
   const void *q;
   int64_t q_batch_stride, q_row_stride, q_head_stride;

@@ -45,12 +45,17 @@ __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys
   return (((long long)phys * c.page_size + slot) * c.heads_kv + kvh) * c.head_dim;
 }
 
-// The cache dimensions every paged kernel supports.
-inline bool dims_ok(const LaPagedCache &c) {
+// The cache dimensions every paged kernel supports, and its page table (what Quest
+// selection reads: it scores pages from their key metadata and never touches K/V).
+inline bool table_ok(const LaPagedCache &c) {
   return c.head_dim > 0 && c.head_dim <= kMaxDim && c.head_dim % kVec == 0 && c.page_size > 0 &&
          c.heads_kv > 0 && c.batch > 0 && c.batch <= 65535 && c.num_pages >= 0 &&
-         c.max_pages_per_seq > 0 && c.block_table != nullptr && c.seqlens_k != nullptr &&
-         (c.num_pages == 0 || (c.k_cache != nullptr && c.v_cache != nullptr));
+         c.max_pages_per_seq > 0 && c.block_table != nullptr && c.seqlens_k != nullptr;
+}
+
+// table_ok, and the K/V pages that append, decode and prefill read or write.
+inline bool dims_ok(const LaPagedCache &c) {
+  return table_ok(c) && (c.num_pages == 0 || (c.k_cache != nullptr && c.v_cache != nullptr));
 }
 
 }  // namespace longattn
