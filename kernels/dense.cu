@@ -260,8 +260,12 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
   if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
   switch (kernel) {
     case LA_DENSE_AUTO:
+      // Fastest first (H200, 2026-12-04): wgmma, mma.sync, the padded mma.sync kernel for the
+      // other head dims (18x the SIMT kernel at d96), SIMT where no tensor core runs.
       if (dense_wgmma_supports(p)) return dense_wgmma_forward(p, stream);
-      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : dense_simt_forward(p, stream);
+      if (dense_mma_supports(p)) return dense_mma_forward(p, stream);
+      if (dense_mma_padded_unsupported_reason(p) == nullptr) return dense_mma_padded_forward(p, stream);
+      return dense_simt_forward(p, stream);
     case LA_DENSE_SIMT: return dense_simt_forward(p, stream);
     case LA_DENSE_MMA:
       return dense_mma_supports(p) ? dense_mma_forward(p, stream) : kKernelUnsupported;

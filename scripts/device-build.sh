@@ -47,3 +47,9 @@ cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline
   scripts/torch_family_baseline.py scripts/torch_neighborhood_baseline.py \
   scripts/bench_summary.py scripts/plot_bench.py "$DIST/"
 du -sh "$DIST"
+# The device tool carries at most 64 MiB and every binary embeds the same fatbinary: one xz
+# archive (dictionary larger than a binary) of what device-run.sh runs is ~5 MB. Carry
+# `devpack` and start the command with `tar xJf devpack/dist.tar.xz -C /tmp/w`.
+mkdir -p devpack
+tar cf - --exclude="$DIST/benches" "$DIST" | xz -9 -T2 > devpack/dist.tar.xz
+du -sh devpack/dist.tar.xz

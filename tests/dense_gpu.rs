@@ -146,10 +146,14 @@ fn is_hopper() -> bool {
     })
 }
 
-/// The kernels that run head dim `d`. `TensorCorePadded` (not yet verified on a GPU) runs
-/// every head dim of the sweeps, each a multiple of 8.
+/// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt` and `TensorCorePadded`
+/// at every head dim of the sweeps (each a multiple of 8), the others at 64, 128, 256.
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
-    let mut k = vec![DenseKernel::Simt, DenseKernel::TensorCorePadded];
+    let mut k = vec![
+        DenseKernel::Auto,
+        DenseKernel::Simt,
+        DenseKernel::TensorCorePadded,
+    ];
     if [64, 128, 256].contains(&d) {
         k.push(DenseKernel::TensorCore);
         if is_hopper() {

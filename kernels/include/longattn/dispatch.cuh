@@ -88,7 +88,7 @@ inline bool dense_wgmma_supports(const LaDenseParams &p) {
 }
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
 // Tensor-core kernel on the shared mainloop, any head_dim multiple of 8 up to 256 (padded in
-// the kernel); not yet verified on a GPU, so never picked by AUTO.
+// the kernel); AUTO picks it for the head dims the other tensor-core kernels lack.
 const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr
