@@ -85,22 +85,6 @@ struct DecodeCfg {
   static_assert(kPageOff % 8 == 0, "page offsets are 8-byte aligned");
 };
 
-// Exact u / d for u < 2^31 and 1 <= d < 2^31: m = ceil(2^(31+l) / d), l = ceil(log2 d),
-// u / d = (u * m) >> (31 + l) (checked exhaustively for small d on the host).
-struct FastDiv {
-  uint32_t mul;
-  int shift;
-  __device__ __forceinline__ explicit FastDiv(int d) {
-    int l = 0;
-    while ((1u << l) < (uint32_t)d) ++l;
-    mul = (uint32_t)(((1ull << (31 + l)) + (uint64_t)d - 1) / (uint64_t)d);
-    shift = 31 + l;
-  }
-  __device__ __forceinline__ uint32_t div(uint32_t u) const {
-    return (uint32_t)(((uint64_t)u * mul) >> shift);
-  }
-};
-
 // Transpose of an 8x8 16-bit matrix held as one m8n8 fragment (lane: row lane / 4, columns
 // 2 * (lane % 4), +1): afterwards the lane holds the same positions of the transpose.
 __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {

@@ -8,7 +8,7 @@
 
 use super::prefill::PagedPrefill;
 use crate::element::{DType, Element};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{
     DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
 };
@@ -54,11 +54,25 @@ impl PagedPrefill {
     }
 
     /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
-    /// (the dense checks), head_dim 64/128/256 (the CPU path takes any).
+    /// (the dense checks), head_dim 64/128/256 (the CPU path takes any), and at most
+    /// `i32::MAX` token slots in the cache (the kernel keeps a row's slot in 32 bits; at
+    /// head_dim >= 64 that is a K cache of 256 GiB).
     fn check_gpu(&self, dtype: DType) -> Result<()> {
         let d = self.cache.head_dim();
         check_attention_gpu("paged prefill", dtype, d, self.cache.batch(), self.heads_q)?;
-        check_tensor_core_head_dim("paged prefill on the GPU takes", d)
+        check_tensor_core_head_dim("paged prefill on the GPU takes", d)?;
+        let layout = self.cache.layout();
+        let slots = layout.num_pages.checked_mul(layout.page_size);
+        if slots.is_none_or(|n| n > i32::MAX as usize) {
+            return Err(Error::Unsupported(format!(
+                "paged prefill on the GPU addresses at most {} token slots; this cache has \
+                 {} pages of {}",
+                i32::MAX,
+                layout.num_pages,
+                layout.page_size
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -145,6 +159,43 @@ mod imp {
     }
 }
 
+/// The slot limit of `check_gpu` (a cache of 2^32 slots cannot be allocated, so no buffer
+/// test reaches it).
+#[cfg(test)]
+mod slot_limit {
+    use crate::paged::{PageTable, PagedCache, PagedLayout, PagedPrefill};
+    use crate::{AttentionOptions, DType, Error};
+
+    fn prefill(num_pages: usize, page_size: usize) -> PagedPrefill {
+        let layout = PagedLayout {
+            num_pages,
+            page_size,
+            heads_kv: 1,
+            head_dim: 64,
+        };
+        let table = PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[1],
+        };
+        let cache = PagedCache::new(layout, table).unwrap();
+        PagedPrefill::new(&cache, 1, 1, &AttentionOptions::causal()).unwrap()
+    }
+
+    #[test]
+    fn gpu_path_refuses_caches_past_i32_slots() {
+        let err = prefill(1 << 30, 4).check_gpu(DType::BF16).unwrap_err();
+        assert!(
+            matches!(&err, Error::Unsupported(m) if m.contains("token slots")),
+            "{err}"
+        );
+        // At the limit the slot check passes (what fails then, if anything, is not it).
+        if let Err(e) = prefill((i32::MAX as usize) / 4, 4).check_gpu(DType::BF16) {
+            assert!(!e.to_string().contains("token slots"), "{e}");
+        }
+    }
+}
+
 /// The C launcher refuses bad scalar arguments before any CUDA call, so these run without a
 /// GPU.
 #[cfg(all(test, longattn_cuda))]
@@ -218,6 +269,10 @@ mod c_entry_checks {
         add("softcap NaN", &|p| p.softcap = f32::NAN);
         add("negative stride", &|p| p.q_row_stride = -1);
         add("f32", &|p| p.dtype = ffi::LaDtype::LA_F32);
+        add("slots > i32", &|p| {
+            p.cache.num_pages = 1 << 30;
+            p.cache.page_size = 4;
+        });
         for (name, p) in &cases {
             // SAFETY: the launcher rejects these before reading any pointer.
             let code = unsafe { ffi::la_paged_prefill(p, std::ptr::null_mut()) };

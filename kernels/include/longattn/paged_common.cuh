@@ -45,6 +45,24 @@ __device__ __forceinline__ long long slot_offset(const LaPagedCache &c, int phys
   return (((long long)phys * c.page_size + slot) * c.heads_kv + kvh) * c.head_dim;
 }
 
+// Division by the page size without a divide per token (decode and prefill): exact u / d
+// for u < 2^31 and 1 <= d < 2^31: m = ceil(2^(31+l) / d), l = ceil(log2 d),
+// u / d = (u * m) >> (31 + l) (checked exhaustively for small d on the host).
+struct FastDiv {
+  uint32_t mul;
+  int shift;
+  FastDiv() = default;
+  __device__ __forceinline__ explicit FastDiv(int d) {
+    int l = 0;
+    while ((1u << l) < (uint32_t)d) ++l;
+    mul = (uint32_t)(((1ull << (31 + l)) + (uint64_t)d - 1) / (uint64_t)d);
+    shift = 31 + l;
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t u) const {
+    return (uint32_t)(((uint64_t)u * mul) >> shift);
+  }
+};
+
 // The cache dimensions every paged kernel supports, and its page table (what Quest
 // selection reads: it scores pages from their key metadata and never touches K/V).
 inline bool table_ok(const LaPagedCache &c) {
