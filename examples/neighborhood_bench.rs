@@ -186,7 +186,7 @@ fn main() -> Result<()> {
     let ctx = longattn::device::open_gpu(0)?;
     let stream = ctx.default_stream();
     println!(
-        "# neighborhood_bench on {} (neighborhood: portable kernel, not yet verified on a GPU)",
+        "# neighborhood_bench on {} (neighborhood: portable and fused kernels)",
         Device::Cuda(ctx.clone()).describe()
     );
     for p in problems(quick) {

@@ -1,4 +1,5 @@
-//! Ring attention over every visible GPU (**not yet verified on a GPU**). Three modes:
+//! Ring attention over every visible GPU (the in-process ring is verified on an H200,
+//! 2026-12-04; the **NCCL modes are not verified**: never run on a GPU). Three modes:
 //! - torchrun-style, one process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //!   `MASTER_PORT` set; needs `--features nccl`): rank 0 hands out the NCCL id over TCP,
 //!   every rank runs its shard and checks it against single-device attention on its GPU;

@@ -1,6 +1,7 @@
 // Fused tensor-core neighborhood attention (mma.sync m16n8k16, f32 accumulation, sm_80+).
-// NOT YET VERIFIED ON A GPU: compiled without spills, reachable only through the explicit
-// NeighborhoodAttention::forward_gpu_fused.
+// Verified on an H200 (sm_90a build) on 2026-12-04: GPU tests and compute-sanitizer memcheck
+// clean (racecheck cut off by its time limit, incomplete); the sm_80 build has not run on a
+// GPU. Reachable only through the explicit NeighborhoodAttention::forward_gpu_fused.
 //
 // The shared FlashAttention-2 mainloop (longattn/mma_mainloop.cuh, as the dense mma kernel)
 // with the neighborhood problem, which is all this file writes:

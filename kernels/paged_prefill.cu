@@ -1,6 +1,7 @@
 // Tensor-core prefill over the paged KV cache (mma.sync m16n8k16, f32 accumulation, sm_80+).
-// NOT YET VERIFIED ON A GPU: compiled without spills, reachable only through the explicit
-// PagedPrefill::forward_gpu.
+// The version before load_kv's table-reads-first / FastDiv change passed the GPU tests and
+// memcheck on an H200 (sm_90a, 2026-12-04); THIS VERSION IS NOT YET VERIFIED ON A GPU, nor is
+// any sm_80 build. Reachable only through the explicit PagedPrefill::forward_gpu.
 //
 // Semantics: dense attention (dense_mma.cu) with seqlen_q = q_len, seqlen_k = seqlens_k[b]
 // over sequence b's tokens in the pages; token j lives in page block_table[b][j / page_size],

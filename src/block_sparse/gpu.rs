@@ -2,11 +2,11 @@
 //! (`kernels/block_sparse_mma.cu`, the shared mma.sync mainloop iterating each query block's
 //! listed key blocks).
 //!
-//! **Not yet verified on a GPU**: the kernel compiles for sm_80 and sm_90a without spills and
-//! its launcher refuses bad params on the CPU, but no GPU run has checked its output yet
-//! (`tests/block_sparse_gpu.rs` does, on a machine with one). It runs only when a caller asks
-//! for it by calling [`BlockSparseAttention::forward_gpu`] or a [`BlockSparseGpuPlan`];
-//! nothing in the crate picks it automatically.
+//! **Verified on an H200 (sm_90a build) on 2026-12-04**: `tests/block_sparse_gpu.rs` passed
+//! (worst rel. error bf16 2.38e-3, f16 3.03e-4), compute-sanitizer memcheck clean, racecheck
+//! of the plan test 0 hazards. The sm_80 (Ampere) build has not run on a GPU. It runs only
+//! when a caller asks for it by calling [`BlockSparseAttention::forward_gpu`] or a
+//! [`BlockSparseGpuPlan`]; nothing in the crate picks it automatically.
 
 use super::BlockSparseAttention;
 use crate::element::{DType, Element};
@@ -22,8 +22,8 @@ use std::sync::Arc;
 pub const GPU_HEAD_DIMS: [usize; 3] = crate::gpu::TENSOR_CORE_HEAD_DIMS;
 
 impl BlockSparseAttention {
-    /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Compiled, not
-    /// yet verified on a GPU; explicit opt-in only.**
+    /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Verified on an
+    /// H200 (2026-12-04; sm_80 not run); explicit opt-in only.**
     ///
     /// Buffers as for [`FlashAttention::forward_gpu`](crate::FlashAttention::forward_gpu):
     /// device buffers with element strides, pointers 16-byte aligned, strides multiples of 8
@@ -103,7 +103,7 @@ impl BlockSparseAttention {
 /// A block-sparse problem bound to its device-resident block mask and varlen offsets:
 /// [`BlockSparseGpuPlan::forward`] makes no allocation and no host-device copy, so a CUDA
 /// graph can capture it. The arrays live on the stream that built the plan; use the plan on
-/// that stream (or order other streams after it). **Not yet verified on a GPU.**
+/// that stream (or order other streams after it). **Verified on an H200 (2026-12-04).**
 #[derive(Debug)]
 pub struct BlockSparseGpuPlan {
     bs: BlockSparseAttention,

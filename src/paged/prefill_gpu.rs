@@ -1,6 +1,8 @@
 //! GPU entry point of paged prefill: `PagedPrefill::forward_gpu`, the tensor-core kernel in
-//! `kernels/paged_prefill.cu`. NOT YET VERIFIED ON A GPU: reachable only through this
-//! explicit call (nothing picks it automatically).
+//! `kernels/paged_prefill.cu`. Its previous version passed the GPU tests and memcheck on an
+//! H200 (sm_90a build, 2026-12-04); the current `load_kv` (table reads before copies,
+//! FastDiv) is **not yet verified on a GPU**, nor is the sm_80 build. Reachable only through
+//! this explicit call (nothing picks it automatically).
 //!
 //! Stream ordering: the block table and `seqlens_k` are uploaded to temporaries on the
 //! caller's stream and the kernel is queued after them on the same stream; cudarc frees the
@@ -28,8 +30,8 @@ impl PagedPrefill {
     /// table and `seqlens_k` on every call. Every argument is validated before any device
     /// pointer is taken.
     ///
-    /// Not yet verified on a GPU (compiled without spills; see the README): an explicit
-    /// opt-in, never chosen automatically.
+    /// Not yet verified on a GPU in its current form (the previous kernel was, on an H200,
+    /// 2026-12-04; see the README): an explicit opt-in, never chosen automatically.
     pub fn forward_gpu<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,

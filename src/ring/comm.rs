@@ -1,5 +1,6 @@
-//! The communicator seam of the GPU ring (**not yet verified on a GPU**) and the torchrun-style
-//! bootstrap of real ranks.
+//! The communicator seam of the GPU ring and the torchrun-style bootstrap of real ranks.
+//! [`SelfComm`] (world 1) is **verified on an H200 (2026-12-04)**; the NCCL backend has
+//! **not been built or run on a GPU** (unverified).
 //!
 //! [`RingComm`] is what a rank driver ([`super::gpu::RingRank`]) needs from a transport: its
 //! rank, the world, the stream transfers run on, and one `exchange` per step (send the held
@@ -281,7 +282,7 @@ fn require_nccl() -> Result<()> {
     ))
 }
 
-/// NCCL transport of one rank (cargo feature `nccl`). **Not yet verified on a GPU.**
+/// NCCL transport of one rank (cargo feature `nccl`). **Not verified: never run on a GPU.**
 #[cfg(feature = "nccl")]
 pub struct NcclComm {
     comm: cudarc::nccl::Comm,

@@ -1,4 +1,6 @@
-//! The GPU ring (**not yet verified on a GPU**; opt-in only, nothing else calls it): the
+//! The GPU ring (opt-in only, nothing else calls it; the in-process ring, `ring_merge.cu` and
+//! a world-one [`RingRank`] are **verified on an H200 (2026-12-04)**, the NCCL ring over
+//! several GPUs is **not verified**): the
 //! per-rank step plans of [`super::plan`] executed with the dense kernels on row views of the
 //! shards, each piece's `(o, lse)` merged into an f32 running state on the GPU
 //! (`kernels/ring_merge.cu`), the final write in the output dtype.
@@ -282,7 +284,7 @@ impl RingAttention {
         Ok(step.pieces.len())
     }
 
-    /// **Not yet verified on a GPU.** The whole ring on one GPU: rank `r`'s buffers are
+    /// **Verified on an H200 (2026-12-04).** The whole ring on one GPU: rank `r`'s buffers are
     /// `ranks[r]`; each rank gets its own compute and communication streams and ring
     /// buffers, and the transfers are device-to-device copies on the receiver's
     /// communication stream, overlapping the compute exactly as a multi-GPU ring would.
@@ -453,7 +455,8 @@ fn copy_dtod<T>(
 }
 
 /// One rank of a real ring (one process per GPU, or one thread per GPU of a process): its
-/// plan, streams and working set. **Not yet verified on a GPU.**
+/// plan, streams and working set. **Verified on an H200 (2026-12-04) for world 1
+/// ([`super::SelfComm`]) only; the NCCL ring over several GPUs is not verified.**
 pub struct RingRank<'c, C: super::comm::RingComm> {
     attn: RingAttention,
     comm: &'c C,
@@ -482,9 +485,10 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         &self.plan
     }
 
-    /// **Not yet verified on a GPU.** Runs this rank's ring: pieces on `stream` (ordered
-    /// after the work queued there), transfers on the communicator's stream; `stream` waits
-    /// for both at the end. Every rank of the world must call it (the transfers pair up).
+    /// **Verified on an H200 for world 1 only (NCCL multi-GPU not verified).** Runs this
+    /// rank's ring: pieces on `stream` (ordered after the work queued there), transfers on
+    /// the communicator's stream; `stream` waits for both at the end. Every rank of the world
+    /// must call it (the transfers pair up).
     pub fn run<T: RingElement>(
         &self,
         stream: &Arc<CudaStream>,

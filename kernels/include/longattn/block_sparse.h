@@ -37,7 +37,7 @@ typedef struct LaBlockSparseParams {
   int32_t block_m, block_n;
 } LaBlockSparseParams;
 
-/* Tensor-core kernel (mma.sync, sm_80+; not yet verified on a GPU): head_dim 64, 128 or
+/* Tensor-core kernel (mma.sync, sm_80+; verified on an H200, sm_80 not run): head_dim 64, 128 or
  * 256, f16 or bf16, fixed or varlen batches. Returns a cudaError_t value and never
  * synchronizes: cudaErrorInvalidValue for invalid params (checked before any CUDA call;
  * the list contents live on the device and are not read here: the Rust API validates

@@ -9,7 +9,8 @@
  *   q, o:   [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
  *   lse:    [batch, heads_q, q_len] f32, natural log
  * The window is FlashAttention's (left, right), -1 unbounded, aligned bottom-right: query
- * row i of sequence b sits at position seqlens_k[b] - q_len + i. NOT YET VERIFIED ON A GPU. */
+ * row i of sequence b sits at position seqlens_k[b] - q_len + i. The kernel's previous
+ * version passed on an H200 (sm_90a, 2026-12-04); the current one is not yet verified. */
 #ifndef LONGATTN_PAGED_PREFILL_H
 #define LONGATTN_PAGED_PREFILL_H
 
