@@ -70,7 +70,7 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     let v: CudaSlice<bf16> = stream.clone_htod(&support::uniform(len, 3))?;
     let mut o: CudaSlice<bf16> = stream.alloc_zeros(len)?;
     let na_ms = time_ms(stream, || {
-        na.forward_gpu(
+        na.forward_gpu_portable(
             stream,
             Strided::new(&q, st),
             Strided::new(&k, st),

@@ -869,7 +869,7 @@ fn neighborhood_cases(device: &Device, dims: &[NeighborhoodDim], label: &str) ->
         if fused {
             na.forward_gpu_fused(&st, gq, gk, gv, gout, None)?;
         } else {
-            na.forward_gpu(&st, gq, gk, gv, gout, None)?;
+            na.forward_gpu_portable(&st, gq, gk, gv, gout, None)?;
         }
         let out = st.clone_dtoh(&dout)?;
         let ms = t.elapsed().as_secs_f64() * 1e3;

@@ -1,7 +1,8 @@
-//! GPU neighborhood attention (`NeighborhoodAttention::forward_gpu`, the portable kernel in
-//! `kernels/neighborhood.cu`) against the f64 reference over a sweep: ranks 1/2/3, odd and
-//! even kernels, kernel == length, dilation > 1 with lengths it does not divide, causal per
-//! dim, stride, GQA, softcap, grids that are not multiples of any tile, head dims 8 to 256,
+//! GPU neighborhood attention (`forward_gpu_portable`, the portable kernel in
+//! `kernels/neighborhood.cu`; `forward_gpu_fused`; `forward_gpu`, which picks one) against
+//! the f64 reference over a sweep: ranks 1/2/3, odd and even kernels, kernel == length,
+//! dilation > 1 with lengths it does not divide, causal per dim, stride, GQA, softcap, grids
+//! that are not multiples of any tile, head dims 8 to 256,
 //! f16 and bf16, padded strides. Outputs and LSE are NaN-poisoned before each run. Without
 //! a GPU every test prints a `SKIP (no GPU)` line; with `LONGATTN_REQUIRE_GPU=1` a missing
 //! GPU fails instead.
@@ -55,13 +56,24 @@ fn strides(n: usize, heads: usize, d: usize, pad: usize) -> Strides {
     }
 }
 
-/// Runs `c` on the GPU (the fused tensor-core kernel when `fused`, else the portable one)
+/// Which entry point a GPU run takes.
+#[derive(Debug, Clone, Copy)]
+enum Kernel {
+    /// `forward_gpu`: the fused kernel where it runs, else the portable one.
+    Auto,
+    /// `forward_gpu_portable`.
+    Portable,
+    /// `forward_gpu_fused`.
+    Fused,
+}
+
+/// Runs `c` on the GPU through `kernel`
 /// and the f64 reference; returns the relative error.
 fn run_case<T: Element + DeviceRepr>(
     stream: &Arc<CudaStream>,
     seed: u64,
     c: &Case,
-    fused: bool,
+    kernel: Kernel,
 ) -> f64 {
     let shape = NeighborhoodShape {
         batch: c.batch,
@@ -101,10 +113,12 @@ fn run_case<T: Element + DeviceRepr>(
         .clone_htod(&vec![T::from_f32(f32::NAN); c.batch * qs.batch as usize])
         .unwrap();
     let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
-    let run = if fused {
-        NeighborhoodAttention::forward_gpu_fused::<T, CudaSlice<T>, CudaSlice<T>>
-    } else {
-        NeighborhoodAttention::forward_gpu::<T, CudaSlice<T>, CudaSlice<T>>
+    let run = match kernel {
+        Kernel::Fused => NeighborhoodAttention::forward_gpu_fused::<T, CudaSlice<T>, CudaSlice<T>>,
+        Kernel::Portable => {
+            NeighborhoodAttention::forward_gpu_portable::<T, CudaSlice<T>, CudaSlice<T>>
+        }
+        Kernel::Auto => NeighborhoodAttention::forward_gpu::<T, CudaSlice<T>, CudaSlice<T>>,
     };
     run(
         &attn,
@@ -140,13 +154,13 @@ fn run_case<T: Element + DeviceRepr>(
     assert_eq!(
         nan,
         0,
-        "{c:?} fused {fused} {}: {nan} outputs unwritten or NaN",
+        "{c:?} {kernel:?} {}: {nan} outputs unwritten or NaN",
         T::DTYPE
     );
     let err = rel_l2(&got, &want);
     assert!(
         err < tolerance::<T>(),
-        "{c:?} fused {fused} {}: rel err {err}",
+        "{c:?} {kernel:?} {}: rel err {err}",
         T::DTYPE
     );
     let lse_tol = 2e-3
@@ -155,7 +169,7 @@ fn run_case<T: Element + DeviceRepr>(
                 .iter()
                 .filter(|x| x.is_finite())
                 .fold(0.0f64, |a, &b| a.max(b.abs())));
-    check_lse(&lse, &want_lse, lse_tol, &format!("{c:?} fused {fused}"));
+    check_lse(&lse, &want_lse, lse_tol, &format!("{c:?} {kernel:?}"));
     err
 }
 
@@ -282,7 +296,14 @@ fn gpu_neighborhood_matches_reference_bf16() {
     let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in sweep().iter().enumerate() {
-        worst = worst.max(run_case::<bf16>(&stream, 100 + i as u64, c, false));
+        worst = worst.max(run_case::<bf16>(
+            &stream,
+            100 + i as u64,
+            c,
+            Kernel::Portable,
+        ));
+        // What forward_gpu picks (fused at d64/128) on the same problem.
+        worst = worst.max(run_case::<bf16>(&stream, 300 + i as u64, c, Kernel::Auto));
     }
     eprintln!("neighborhood gpu bf16: worst rel err {worst:.2e}");
 }
@@ -295,7 +316,12 @@ fn gpu_neighborhood_matches_reference_f16() {
     let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in sweep().iter().enumerate() {
-        worst = worst.max(run_case::<f16>(&stream, 500 + i as u64, c, false));
+        worst = worst.max(run_case::<f16>(
+            &stream,
+            500 + i as u64,
+            c,
+            Kernel::Portable,
+        ));
     }
     eprintln!("neighborhood gpu f16: worst rel err {worst:.2e}");
 }
@@ -315,8 +341,8 @@ fn gpu_neighborhood_fused_matches_reference() {
     cases.extend(fused_extra());
     let mut worst: f64 = 0.0;
     for (i, c) in cases.iter().enumerate() {
-        worst = worst.max(run_case::<bf16>(&stream, 900 + i as u64, c, true));
-        worst = worst.max(run_case::<f16>(&stream, 1900 + i as u64, c, true));
+        worst = worst.max(run_case::<bf16>(&stream, 900 + i as u64, c, Kernel::Fused));
+        worst = worst.max(run_case::<f16>(&stream, 1900 + i as u64, c, Kernel::Fused));
     }
     eprintln!("neighborhood gpu fused: worst rel err {worst:.2e}");
 }

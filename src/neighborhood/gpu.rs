@@ -1,12 +1,10 @@
-//! `NeighborhoodAttention::forward_gpu`: validation, then the portable neighborhood kernel
-//! (`kernels/neighborhood.cu`).
+//! `NeighborhoodAttention::forward_gpu`: validation, then the fused tensor-core kernel
+//! (`kernels/neighborhood_mma.cu`) where it runs, else the portable one
+//! (`kernels/neighborhood.cu`); `forward_gpu_fused` and `forward_gpu_portable` name one.
 //!
-//! **Verified on an H200 (sm_90a build) on 2026-12-04**, with the fused tensor-core kernel
-//! (`kernels/neighborhood_mma.cu`): `tests/neighborhood_gpu.rs` passed and compute-sanitizer
-//! memcheck was clean (racecheck of the fused test was cut off by its time limit:
-//! incomplete). The sm_80 (Ampere) build has not run on a GPU. Both run only when a caller
-//! asks for them (`forward_gpu`, `forward_gpu_fused`); nothing in the crate picks them
-//! automatically.
+//! **Verified on an H200 (sm_90a build) on 2026-12-04**: `tests/neighborhood_gpu.rs` passed
+//! and compute-sanitizer memcheck was clean (racecheck of the fused test was cut off by its
+//! time limit: incomplete). The sm_80 (Ampere) build has not run on a GPU.
 
 #[cfg(longattn_cuda)]
 use crate::element::DType;
@@ -22,18 +20,62 @@ use std::sync::Arc;
 /// count over this, at most `i32::MAX`.
 const TOKENS_PER_BLOCK: usize = 4;
 
+/// Head dims of the fused tensor-core kernel.
+const FUSED_HEAD_DIMS: [usize; 2] = [64, 128];
+
 impl NeighborhoodAttention {
-    /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Verified on an
-    /// H200 (2026-12-04; sm_80 not run); explicit opt-in only.**
+    /// GPU forward pass on `stream` (the caller's; nothing is synchronized) with the fastest
+    /// kernel that takes the problem: the fused tensor-core kernel
+    /// ([`NeighborhoodAttention::forward_gpu_fused`]) at head_dim 64 and 128 on sm_80+
+    /// (4-30x the portable kernel on an H200, 2026-12-04), else the portable one
+    /// ([`NeighborhoodAttention::forward_gpu_portable`]). Both verified on an H200 (2026-12-04,
+    /// sm_90a build; sm_80 not run).
     ///
     /// `q`, `k`, `v`, `out` are device buffers laid out as for
     /// [`NeighborhoodAttention::forward_cpu`] (`[batch, X, (Y, (Z,)) heads, head_dim]` with
     /// element strides over (batch, token, head)); on the GPU pointers must be 16-byte
     /// aligned, strides multiples of 8 elements, `head_dim` a multiple of 8 up to 256; f16
     /// and bf16 only. `lse`, when given, receives the natural-log LSE in the layout of
-    /// [`NeighborhoodAttention::lse_len`]. Every valid problem runs (any rank, kernel,
-    /// dilation, causal and stride per dim, GQA, softcap) on the portable CUDA-core kernel.
+    /// [`NeighborhoodAttention::lse_len`].
     pub fn forward_gpu<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        mut lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        if FUSED_HEAD_DIMS.contains(&self.head_dim) {
+            // Unsupported here means the device (below sm_80, no code for it): fall back.
+            let lse_again: Option<&mut dyn DeviceBufferMut<f32>> = match &mut lse {
+                Some(l) => Some(&mut **l),
+                None => None,
+            };
+            let out_again = Strided::new(&mut *out.data, out.strides);
+            let (q2, k2, v2) = (
+                Strided::new(q.data, q.strides),
+                Strided::new(k.data, k.strides),
+                Strided::new(v.data, v.strides),
+            );
+            match self.forward_gpu_fused(stream, q2, k2, v2, out_again, lse_again) {
+                Err(Error::Unsupported(_)) => {}
+                done => return done,
+            }
+        }
+        self.forward_gpu_portable(stream, q, k, v, out, lse)
+    }
+
+    /// GPU forward pass on the portable CUDA-core kernel (`kernels/neighborhood.cu`), whatever
+    /// [`NeighborhoodAttention::forward_gpu`] would pick: every valid problem runs (any rank,
+    /// kernel, dilation, causal and stride per dim, GQA, softcap, head_dim a multiple of 8 up
+    /// to 256). Same arguments and checks as `forward_gpu`.
+    pub fn forward_gpu_portable<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,
         q: Strided<&I>,
@@ -58,10 +100,10 @@ impl NeighborhoodAttention {
     /// `mma.sync`, sm_80+): 64-row query tiles of a compact box of one dilation group, only
     /// the key tiles of the [`NeighborhoodSchedule`](super::schedule::NeighborhoodSchedule)
     /// (built on the host and copied to the device on `stream` per call), element mask on
-    /// boundary key tiles only. **Verified on an H200 (2026-12-04; racecheck incomplete,
-    /// sm_80 not run); explicit opt-in only** (nothing calls it for you). Same arguments and
-    /// checks as [`NeighborhoodAttention::forward_gpu`]; `head_dim` 64 or 128, and a device of
-    /// compute capability 8.0 or newer, else `Error::Unsupported`.
+    /// boundary key tiles only. Verified on an H200 (2026-12-04; racecheck incomplete, sm_80
+    /// not run); [`NeighborhoodAttention::forward_gpu`] picks it where it runs. Same arguments
+    /// and checks as `forward_gpu`; `head_dim` 64 or 128, and a device of compute capability
+    /// 8.0 or newer, else `Error::Unsupported`.
     pub fn forward_gpu_fused<T, I, O>(
         &self,
         stream: &Arc<CudaStream>,
@@ -80,7 +122,7 @@ impl NeighborhoodAttention {
             [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
-        if ![64, 128].contains(&self.head_dim) {
+        if !FUSED_HEAD_DIMS.contains(&self.head_dim) {
             return Err(Error::Unsupported(format!(
                 "the fused neighborhood kernel takes head_dim 64 or 128, not {}",
                 self.head_dim
