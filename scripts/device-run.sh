@@ -82,6 +82,15 @@ if [ "$DENSE_OK" = 1 ]; then
   step tour 60 "$HERE/examples/tour"
   step family_bench 90 "$HERE/examples/family_bench"
   step torch_family_baseline 100 python3 "$HERE/torch_family_baseline.py" --budget 60
+  # Why paged prefill trails the dense kernel on the same tokens (issue 17): one launch of
+  # each under ncu (issue stalls, instruction counts, memory traffic), clocks left alone.
+  if command -v ncu > /dev/null; then
+    for k in paged_prefill_kernel dense_mma_kernel; do
+      step "ncu-$k" 60 env FAMILY_BENCH=pprefill ncu --clock-control none -k "regex:$k" -c 1 \
+        --section SpeedOfLight --section WarpStateStats --section InstructionStats \
+        --section MemoryWorkloadAnalysis --section Occupancy "$HERE/examples/family_bench"
+    done
+  fi
   step neighborhood_bench 60 "$HERE/examples/neighborhood_bench" --quick
   step torch_neighborhood_baseline 60 python3 "$HERE/torch_neighborhood_baseline.py" --quick --budget 40
   step ring_bench 60 "$HERE/examples/ring_bench" --quick
