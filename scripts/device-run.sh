@@ -2,7 +2,7 @@
 # On a GPU machine (no Rust needed), from the folder made by scripts/device-build.sh:
 #   dist/device-run.sh OUT_DIR [--quick]
 # Runs, most important first, inside one time budget (DEVICE_RUN_BUDGET_S seconds, default
-# 480; each step is cut to what is left): the GPU tests with LONGATTN_REQUIRE_GPU=1 (the
+# 540; each step is cut to what is left): the GPU tests with LONGATTN_REQUIRE_GPU=1 (the
 # kernels that never ran on a GPU first), compute-sanitizer memcheck on every GPU test binary
 # and racecheck on the opt-in kernels, the tour, the benchmarks of every family and the
 # PyTorch baselines. Writes full logs to OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a
@@ -11,7 +11,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: device-run.sh OUT_DIR [--quick]}
 QUICK=${2:-}
-BUDGET=${DEVICE_RUN_BUDGET_S:-480}
+BUDGET=${DEVICE_RUN_BUDGET_S:-540}
 mkdir -p "$OUT"
 export LONGATTN_REQUIRE_GPU=1
 declare -a SUMMARY
@@ -62,9 +62,12 @@ if command -v compute-sanitizer > /dev/null; then
   done
   # Shared-memory hazards of the opt-in kernels on the shared mainloop (one test each; a
   # timeout still reports the hazards found until then).
+  # Then one test of every other GPU test binary (wgmma's mbarrier rings, decode, the ring).
   for spec in block_sparse_gpu:gpu_block_sparse_plan_matches_one_shot \
     neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
-    paged_prefill:gpu_prefill_matches_reference_f16; do
+    paged_prefill:gpu_prefill_matches_reference_f16 \
+    dense_gpu:gpu_hopper_varlen_many_query_tiles paged_gpu:gpu_plan_reuse_matches_one_shot \
+    ring_gpu:in_process_ring_moves_only_the_needed_shards; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     step "racecheck-$t" 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
