@@ -6,7 +6,8 @@
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head, for dense the
 //! whole grid squared. Both neighborhood kernels are timed (`longattn-na-simt`, the portable
-//! one; `longattn-na-mma`, the fused tensor-core one, head_dim 64/128); the `NA` line's
+//! one; `longattn-na-mma`, the fused tensor-core one, head_dim 64/128, one-shot, and
+//! `longattn-na-mma-plan`, the same through `plan_gpu`); the `NA` line's
 //! speedup uses the faster, and gives the 64-row schedule's computed / visible pair ratio
 //! (the fused kernel's overhead in FLOPs).
 //! `cargo run --release --example neighborhood_bench [-- --quick]`.
@@ -93,6 +94,22 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     } else {
         None
     };
+    // The planned call (schedule built and uploaded once): what an engine runs per layer.
+    let plan = na.plan_gpu(stream)?;
+    let plan_ms = if plan.uses_fused() {
+        Some(time_ms(stream, || {
+            plan.forward(
+                stream,
+                Strided::new(&q, st),
+                Strided::new(&k, st),
+                Strided::new(&v, st),
+                Strided::new(&mut o, st),
+                None,
+            )
+        })?)
+    } else {
+        None
+    };
     let na_flops = visible_flops(&na);
     let line = |imp: &str, ms: f64, flops: f64| {
         println!(
@@ -106,6 +123,9 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     line("longattn-na-simt", na_ms, na_flops);
     if let Some(ms) = fused_ms {
         line("longattn-na-mma", ms, na_flops);
+    }
+    if let Some(ms) = plan_ms {
+        line("longattn-na-mma-plan", ms, na_flops);
     }
 
     let dense = FlashAttention::new(
@@ -135,7 +155,10 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     line("longattn-dense", dense_ms, dense_flops);
 
     let ratio = flop_bound_ratio(&na);
-    let best_ms = fused_ms.map_or(na_ms, |f| f.min(na_ms));
+    let best_ms = [fused_ms, plan_ms]
+        .into_iter()
+        .flatten()
+        .fold(na_ms, f64::min);
     let speedup = dense_ms / best_ms;
     let sched = NeighborhoodSchedule::new(&na, MMA_QUERY_ROWS, MMA_KEY_TILE)?;
     let computed = sched.computed_pairs() as f64 * (p.heads) as f64 * 4.0 * p.d as f64;

@@ -100,7 +100,9 @@ pub use half::{bf16, f16};
 pub use layout::{SeqLens, SeqSpan, Strided, Strides};
 pub use mask::{Mask, Window};
 pub use merge::{MergeShape, Partial};
-pub use neighborhood::{NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, Neighbors};
+pub use neighborhood::{
+    NeighborhoodAttention, NeighborhoodDim, NeighborhoodGpuPlan, NeighborhoodShape, Neighbors,
+};
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
     PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, QuestConfig, QuestSelection,

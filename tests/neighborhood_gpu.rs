@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use longattn::cudarc::driver::{CudaStream, DeviceRepr};
 use longattn::reference::neighborhood_attention_f64;
 use longattn::*;
 use std::sync::Arc;
@@ -65,6 +65,9 @@ enum Kernel {
     Portable,
     /// `forward_gpu_fused`.
     Fused,
+    /// `plan_gpu` then `NeighborhoodGpuPlan::forward` (what `forward_gpu` picks, schedule
+    /// uploaded once).
+    Plan,
 }
 
 /// Runs `c` on the GPU through `kernel`
@@ -113,22 +116,22 @@ fn run_case<T: Element + DeviceRepr>(
         .clone_htod(&vec![T::from_f32(f32::NAN); c.batch * qs.batch as usize])
         .unwrap();
     let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
-    let run = match kernel {
-        Kernel::Fused => NeighborhoodAttention::forward_gpu_fused::<T, CudaSlice<T>, CudaSlice<T>>,
-        Kernel::Portable => {
-            NeighborhoodAttention::forward_gpu_portable::<T, CudaSlice<T>, CudaSlice<T>>
-        }
-        Kernel::Auto => NeighborhoodAttention::forward_gpu::<T, CudaSlice<T>, CudaSlice<T>>,
-    };
-    run(
-        &attn,
-        stream,
+    let (gq, gk, gv) = (
         Strided::new(&dq, qs),
         Strided::new(&dk, ks),
         Strided::new(&dv, ks),
-        Strided::new(&mut dout, qs),
-        Some(&mut dlse),
-    )
+    );
+    let gout = Strided::new(&mut dout, qs);
+    match kernel {
+        Kernel::Fused => attn.forward_gpu_fused(stream, gq, gk, gv, gout, Some(&mut dlse)),
+        Kernel::Portable => attn.forward_gpu_portable(stream, gq, gk, gv, gout, Some(&mut dlse)),
+        Kernel::Auto => attn.forward_gpu(stream, gq, gk, gv, gout, Some(&mut dlse)),
+        Kernel::Plan => {
+            let plan = attn.plan_gpu(stream).unwrap();
+            assert_eq!(plan.uses_fused(), [64, 128].contains(&c.d), "{c:?}");
+            plan.forward(stream, gq, gk, gv, gout, Some(&mut dlse))
+        }
+    }
     .unwrap();
     let out = stream.clone_dtoh(&dout).unwrap();
     let lse = stream.clone_dtoh(&dlse).unwrap();
@@ -302,8 +305,9 @@ fn gpu_neighborhood_matches_reference_bf16() {
             c,
             Kernel::Portable,
         ));
-        // What forward_gpu picks (fused at d64/128) on the same problem.
+        // What forward_gpu picks (fused at d64/128) on the same problem, one-shot and planned.
         worst = worst.max(run_case::<bf16>(&stream, 300 + i as u64, c, Kernel::Auto));
+        worst = worst.max(run_case::<bf16>(&stream, 700 + i as u64, c, Kernel::Plan));
     }
     eprintln!("neighborhood gpu bf16: worst rel err {worst:.2e}");
 }
@@ -416,4 +420,78 @@ fn gpu_neighborhood_refuses_what_it_cannot_run() {
         )
         .is_err()
     );
+}
+
+/// A plan (fused kernel, schedule on the device) captured once in a CUDA graph and replayed
+/// over fresh inputs: no upload or allocation happens inside `NeighborhoodGpuPlan::forward`.
+#[test]
+fn gpu_neighborhood_plan_replays_in_a_cuda_graph() {
+    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_plan_replays_in_a_cuda_graph") else {
+        return;
+    };
+    // Capture needs a non-default stream; event tracking would record cross-stream waits.
+    // SAFETY: this test uses one stream only.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let nd = NeighborhoodDim::new;
+    let dims = [nd(37, 7).with_causal(true), nd(70, 13).with_dilation(2)];
+    let (hq, hkv, d) = (4usize, 2usize, 64usize);
+    let shape = NeighborhoodShape {
+        batch: 2,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        dims: &dims,
+    };
+    let attn = NeighborhoodAttention::new(&shape, &AttentionOptions::default()).unwrap();
+    let n = attn.tokens();
+    let (qs, ks) = (strides(n, hq, d, 0), strides(n, hkv, d, 0));
+    let (nq, nk) = (2 * qs.batch as usize, 2 * ks.batch as usize);
+    let mut dq = stream.alloc_zeros::<bf16>(nq).unwrap();
+    let mut dk = stream.alloc_zeros::<bf16>(nk).unwrap();
+    let mut dv = stream.alloc_zeros::<bf16>(nk).unwrap();
+    let mut dout = stream.alloc_zeros::<bf16>(nq).unwrap();
+    let plan = attn.plan_gpu(&stream).unwrap();
+    assert!(plan.uses_fused());
+    stream.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    plan.forward(
+        &stream,
+        Strided::new(&dq, qs),
+        Strided::new(&dk, ks),
+        Strided::new(&dv, ks),
+        Strided::new(&mut dout, qs),
+        None,
+    )
+    .unwrap();
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the forward pass was captured");
+    for round in 0..3u64 {
+        let mut r = rng(200 + round);
+        let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+            random_vec(&mut r, nq),
+            random_vec(&mut r, nk),
+            random_vec(&mut r, nk),
+        );
+        stream.memcpy_htod(&q, &mut dq).unwrap();
+        stream.memcpy_htod(&k, &mut dk).unwrap();
+        stream.memcpy_htod(&v, &mut dv).unwrap();
+        stream.memcpy_htod(&vec![bf16::NAN; nq], &mut dout).unwrap();
+        graph.launch().unwrap();
+        let out = stream.clone_dtoh(&dout).unwrap();
+        let (want, _) = neighborhood_attention_f64(
+            &attn,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        )
+        .unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < tolerance::<bf16>(), "replay {round}: rel L2 {err}");
+    }
 }

@@ -16,6 +16,7 @@
 //! dim this is full self-attention.
 
 mod gpu;
+pub use gpu::NeighborhoodGpuPlan;
 pub mod schedule;
 
 use crate::dense::AttentionOptions;
