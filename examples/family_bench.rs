@@ -7,8 +7,9 @@
 //!   given density, all blocks Full) against dense full attention on the same sequence;
 //!   `tflops` counts the visible pairs only, so equal TFLOP/s means time in proportion to
 //!   density;
-//! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256) against the
-//!   dense tensor-core kernel on the same (contiguous) tokens and mask.
+//! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256), one-shot
+//!   (tables uploaded per call) and through a plan, against the dense tensor-core kernel on
+//!   the same (contiguous) tokens and mask.
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
@@ -280,6 +281,24 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
             emit(
                 &format!("{name}_ps{page_size}"),
                 "longattn-pprefill-mma",
+                (batch, q_len, hq, d),
+                ms,
+                flops,
+            );
+            // Through a plan (tables uploaded once): what an engine runs per layer.
+            let plan = pf.plan_gpu(stream)?;
+            let ms = time_ms(stream, || {
+                plan.forward::<bf16, _, _>(
+                    stream,
+                    Strided::new(&q, qs),
+                    KvPages { k: &kc, v: &vc },
+                    Strided::new(&mut o, qs),
+                    None,
+                )
+            })?;
+            emit(
+                &format!("{name}_ps{page_size}"),
+                "longattn-pprefill-mma-plan",
                 (batch, q_len, hq, d),
                 ms,
                 flops,

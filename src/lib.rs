@@ -105,8 +105,8 @@ pub use neighborhood::{
 };
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
-    PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, QuestConfig, QuestSelection,
-    SparsePolicy, StreamingConfig,
+    PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillPlan, QuestConfig,
+    QuestSelection, SparsePolicy, StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,

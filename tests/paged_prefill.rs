@@ -418,11 +418,14 @@ fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
     s.clone_htod(x).unwrap()
 }
 
+/// Runs `pf` on the GPU into NaN-poisoned output and LSE, one-shot (`forward_gpu`) or
+/// through a plan (`plan_gpu` + `PagedPrefillPlan::forward`).
 fn run_gpu<T: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     pf: &PagedPrefill,
     sc: &Scenario<T>,
     q: &[T],
+    planned: bool,
 ) -> (Vec<T>, Vec<f32>) {
     let c = pf.cache();
     let st = q_strides(pf.q_len(), pf.heads_q(), c.head_dim());
@@ -432,14 +435,17 @@ fn run_gpu<T: Element + DeviceRepr>(
     // Poison: every element must be written.
     let mut od = up(s, &vec![T::from_f32(f32::NAN); pf.out_len()]);
     let mut ld = up(s, &vec![f32::NAN; pf.lse_len()]);
-    pf.forward_gpu(
-        s,
+    let (gq, kv, gout) = (
         Strided::new(&qd, st),
         KvPages { k: &kd, v: &vd },
         Strided::new(&mut od, st),
-        Some(&mut ld),
-    )
-    .unwrap();
+    );
+    if planned {
+        let plan = pf.plan_gpu(s).unwrap();
+        plan.forward(s, gq, kv, gout, Some(&mut ld)).unwrap();
+    } else {
+        pf.forward_gpu(s, gq, kv, gout, Some(&mut ld)).unwrap();
+    }
     let out = s.clone_dtoh(&od).unwrap();
     let lse = s.clone_dtoh(&ld).unwrap();
     assert!(
@@ -463,7 +469,20 @@ fn gpu_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
                 for (name, opts) in prefill_masks() {
                     let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
                     let what = format!("gpu ps {ps} hkv {hkv} hq {hq} d {d} q_len {q_len} {name}");
-                    let (out, lse) = run_gpu(s, &pf, &sc, &q);
+                    let (out, lse) = run_gpu(s, &pf, &sc, &q, false);
+                    // The plan runs the same kernel on the same tables: bit-identical.
+                    if ps == 16 {
+                        let planned = run_gpu(s, &pf, &sc, &q, true);
+                        let same = planned
+                            .0
+                            .iter()
+                            .zip(&out)
+                            .all(|(a, b)| a.to_f32().to_bits() == b.to_f32().to_bits());
+                        assert!(
+                            same && planned.1 == lse,
+                            "{what}: plan differs from one-shot"
+                        );
+                    }
                     let (want, want_lse) =
                         paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
                     let err = rel_l2(&to_f64(&out), &want);
@@ -485,6 +504,54 @@ fn gpu_prefill_matches_reference_bf16() {
 fn gpu_prefill_matches_reference_f16() {
     let Some(s) = stream() else { return };
     gpu_sweep::<f16>(&s);
+}
+
+/// A prefill plan captured once in a CUDA graph and replayed over fresh queries: no upload or
+/// allocation happens inside `PagedPrefillPlan::forward`.
+#[test]
+fn gpu_prefill_plan_replays_in_a_cuda_graph() {
+    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Some(ctx) = gpu_or_skip("gpu_prefill_plan_replays_in_a_cuda_graph") else {
+        return;
+    };
+    // Capture needs a non-default stream; event tracking would record cross-stream waits.
+    // SAFETY: this test uses one stream only.
+    unsafe { ctx.disable_event_tracking() };
+    let s = ctx.new_stream().unwrap();
+    let (q_len, hkv, hq, d) = (70usize, 2usize, 4usize, 128usize);
+    let sc = scenario::<bf16>(&seqlens_for(q_len), 16, hkv, d, 77);
+    let pf = PagedPrefill::new(&sc.cache, hq, q_len, &AttentionOptions::causal()).unwrap();
+    let st = q_strides(q_len, hq, d);
+    let (kd, vd) = (up(&s, &sc.k_cache), up(&s, &sc.v_cache));
+    let mut qd = s.alloc_zeros::<bf16>(pf.out_len()).unwrap();
+    let mut od = s.alloc_zeros::<bf16>(pf.out_len()).unwrap();
+    let plan = pf.plan_gpu(&s).unwrap();
+    s.synchronize().unwrap();
+    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    plan.forward(
+        &s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &vd },
+        Strided::new(&mut od, st),
+        None,
+    )
+    .unwrap();
+    let graph = s
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the forward pass was captured");
+    for round in 0..3u64 {
+        let q: Vec<bf16> = random_vec(&mut rng(300 + round), pf.out_len());
+        s.memcpy_htod(&q, &mut qd).unwrap();
+        s.memcpy_htod(&vec![bf16::NAN; pf.out_len()], &mut od)
+            .unwrap();
+        graph.launch().unwrap();
+        let out = s.clone_dtoh(&od).unwrap();
+        let (want, _) = paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < 2e-2, "replay {round}: rel L2 {err}");
+    }
 }
 
 #[test]

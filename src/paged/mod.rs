@@ -26,6 +26,7 @@ pub use cache::{KvPages, PageMeta, PageTable, PagedCache, PagedLayout};
 pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
 pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use prefill::PagedPrefill;
+pub use prefill_gpu::PagedPrefillPlan;
 pub use select::{
     HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };

@@ -4,9 +4,10 @@
 //! FastDiv) is **not yet verified on a GPU**, nor is the sm_80 build. Reachable only through
 //! this explicit call (nothing picks it automatically).
 //!
-//! Stream ordering: the block table and `seqlens_k` are uploaded to temporaries on the
-//! caller's stream and the kernel is queued after them on the same stream; cudarc frees the
-//! temporaries stream-ordered after the launch (see `paged/gpu.rs`).
+//! Stream ordering: `forward_gpu` uploads the block table and `seqlens_k` to temporaries on
+//! the caller's stream and queues the kernel after them on the same stream; cudarc frees the
+//! temporaries stream-ordered after the launch (see `paged/gpu.rs`). `plan_gpu` uploads them
+//! once into a [`PagedPrefillPlan`].
 
 use super::prefill::PagedPrefill;
 use crate::element::{DType, Element};
@@ -16,7 +17,7 @@ use crate::gpu::{
 };
 use crate::layout::Strided;
 use crate::paged::KvPages;
-use cudarc::driver::{CudaStream, DeviceRepr};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
 /// Query rows per prefill block (`LA_PAGED_PREFILL_ROWS` in paged_prefill.h).
@@ -52,7 +53,28 @@ impl PagedPrefill {
             (kv.k.len(), kv.v.len()),
         )?;
         self.check_gpu(T::DTYPE)?;
-        cuda_call!(imp::forward::<T, I, O>, self, stream, q, kv, out, lse)
+        let tables = PrefillTables::upload(self, stream)?;
+        cuda_call!(
+            imp::forward::<T, I, O>,
+            self,
+            &tables,
+            stream,
+            q,
+            kv,
+            out,
+            lse
+        )
+    }
+
+    /// Checks what the GPU kernel takes (dtype aside: f16/bf16 is checked per call) and
+    /// copies the block table and `seqlens_k` to the device once, on `stream`, for
+    /// [`PagedPrefillPlan::forward`]: one plan per step (chunk), one `forward` per layer.
+    pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<PagedPrefillPlan> {
+        self.check_gpu(DType::BF16)?;
+        Ok(PagedPrefillPlan {
+            pf: self.clone(),
+            tables: PrefillTables::upload(self, stream)?,
+        })
     }
 
     /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
@@ -78,6 +100,78 @@ impl PagedPrefill {
     }
 }
 
+/// A [`PagedPrefill`] bound to device copies of its block table and `seqlens_k` (a snapshot
+/// at creation, as [`crate::paged::PagedDecodePlan`]: build a new plan when they change):
+/// [`PagedPrefillPlan::forward`] makes no allocation and no host-device copy, so a CUDA
+/// graph can capture it. The tables live on the stream that built the plan; use the plan on
+/// that stream (or order other streams after it). Not yet verified on a GPU.
+#[derive(Debug)]
+pub struct PagedPrefillPlan {
+    pf: PagedPrefill,
+    tables: PrefillTables,
+}
+
+impl PagedPrefillPlan {
+    /// The validated problem.
+    pub fn problem(&self) -> &PagedPrefill {
+        &self.pf
+    }
+
+    /// [`PagedPrefill::forward_gpu`] without the per-call table uploads: validation (host
+    /// only) and one launch on `stream`.
+    pub fn forward<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        kv: KvPages<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        let pf = &self.pf;
+        pf.check_forward(
+            q.extent(),
+            out.extent(),
+            lse.as_ref().map(|l| l.len()),
+            (kv.k.len(), kv.v.len()),
+        )?;
+        pf.check_gpu(T::DTYPE)?;
+        cuda_call!(
+            imp::forward::<T, I, O>,
+            pf,
+            &self.tables,
+            stream,
+            q,
+            kv,
+            out,
+            lse
+        )
+    }
+}
+
+/// Device copies of a prefill's block table (`[batch, max_pages_per_seq]`) and `seqlens_k`
+/// (`[batch]`).
+#[derive(Debug)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct PrefillTables {
+    block_table: CudaSlice<i32>,
+    seqlens_k: CudaSlice<i32>,
+}
+
+impl PrefillTables {
+    fn upload(pf: &PagedPrefill, stream: &Arc<CudaStream>) -> Result<Self> {
+        let cache = pf.cache();
+        Ok(PrefillTables {
+            block_table: stream.clone_htod(cache.block_table())?,
+            seqlens_k: stream.clone_htod(cache.seqlens_k())?,
+        })
+    }
+}
+
 #[cfg(longattn_cuda)]
 mod imp {
     use super::*;
@@ -94,6 +188,7 @@ mod imp {
 
     pub(super) fn forward<T, I, O>(
         pf: &PagedPrefill,
+        tables: &PrefillTables,
         stream: &Arc<CudaStream>,
         q: Strided<&I>,
         kv: KvPages<&I>,
@@ -106,9 +201,6 @@ mod imp {
         O: DeviceBufferMut<T>,
     {
         let cache = pf.cache();
-        // Temporaries freed stream-ordered after the launch.
-        let block_table = stream.clone_htod(cache.block_table())?;
-        let seqlens_k = stream.clone_htod(cache.seqlens_k())?;
         let bytes = dtype_bytes(T::DTYPE);
         let (qp, _s1) = q.data.device_ptr(stream);
         let (kc, _s2) = kv.k.device_ptr(stream);
@@ -119,8 +211,8 @@ mod imp {
         check_aligned("k_cache", kc)?;
         check_aligned("v_cache", vc)?;
         let (lp, _s5) = ptr_mut_or_null(lse, stream);
-        let (bt, _s6) = block_table.device_ptr(stream);
-        let (sl, _s7) = seqlens_k.device_ptr(stream);
+        let (bt, _s6) = tables.block_table.device_ptr(stream);
+        let (sl, _s7) = tables.seqlens_k.device_ptr(stream);
         let (wl, wr) = pf.mask().window.to_flash();
         let params = ffi::LaPagedPrefillParams {
             cache: ffi::LaPagedCache {
