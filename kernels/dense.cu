@@ -239,7 +239,10 @@ extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *p
           params->dtype != LA_F32)
         return nullptr;
       return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
-    case LA_DENSE_MMA: return longattn::dense_mma_unsupported_reason(*params);
+    case LA_DENSE_MMA:
+      if (!longattn::tensor_core_head_dim(params->head_dim))
+        return "the tensor-core kernels take head_dim 64, 128 or 256 only";
+      return longattn::dense_mma_padded_unsupported_reason(*params);
     case LA_DENSE_WGMMA: return longattn::dense_wgmma_unsupported_reason(*params);
     case LA_DENSE_MMA_PADDED: return longattn::dense_mma_padded_unsupported_reason(*params);
   }
@@ -260,15 +263,16 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
   if (p.seqlen_q == 0 || p.batch == 0) return cudaSuccess;
   switch (kernel) {
     case LA_DENSE_AUTO:
-      // Fastest first (H200, 2026-12-04): wgmma, mma.sync, the padded mma.sync kernel for the
-      // other head dims (18x the SIMT kernel at d96), SIMT where no tensor core runs.
+      // Fastest first (H200, 2026-12-04): wgmma, then the mma.sync kernel (any head dim, padded
+      // to the tile: 18x the SIMT kernel at d96), SIMT where no tensor core runs.
       if (dense_wgmma_supports(p)) return dense_wgmma_forward(p, stream);
-      if (dense_mma_supports(p)) return dense_mma_forward(p, stream);
       if (dense_mma_padded_unsupported_reason(p) == nullptr) return dense_mma_padded_forward(p, stream);
       return dense_simt_forward(p, stream);
     case LA_DENSE_SIMT: return dense_simt_forward(p, stream);
-    case LA_DENSE_MMA:
-      return dense_mma_supports(p) ? dense_mma_forward(p, stream) : kKernelUnsupported;
+    case LA_DENSE_MMA:  // the mma.sync kernel at the head dims it needs no padding for
+      return tensor_core_head_dim(p.head_dim) && dense_mma_padded_unsupported_reason(p) == nullptr
+                 ? dense_mma_padded_forward(p, stream)
+                 : kKernelUnsupported;
     case LA_DENSE_WGMMA:
       return dense_wgmma_supports(p) ? dense_wgmma_forward(p, stream) : kKernelUnsupported;
     case LA_DENSE_MMA_PADDED:

@@ -1,7 +1,7 @@
 // Tensor-core dense attention on the shared mainloop (mma.sync m16n8k16, sm_80+), for any
-// head_dim that is a multiple of 8 up to 256. NOT YET VERIFIED ON A GPU: compiled without
-// spills, reachable only through the explicit LA_DENSE_MMA_PADDED (DenseKernel::
-// TensorCorePadded); AUTO never picks it.
+// head_dim that is a multiple of 8 up to 256: LA_DENSE_MMA (head dims 64/128/256),
+// LA_DENSE_MMA_PADDED (any), and AUTO wherever the Hopper kernel does not run. Verified on an
+// H200 (sm_90a build, 2026-12-04: GPU tests and memcheck; the sm_80 build has not run).
 //
 // The dense problem for mma_attention (longattn/mma_mainloop.cuh): 64 query rows of one
 // (sequence, head), key tiles from the mask's schedule (WindowTiles: sink tiles, then the
@@ -9,9 +9,7 @@
 // The head dim is padded inside the kernel to the tile's (64, 128 or 256), as
 // FlashAttention-2 does: the 16-byte chunks past head_dim are zero-filled by the copies
 // (they add 0 to Q K^T and give 0 columns of O) and are never written back, so the caller's
-// tensors are read and written at their own head_dim. At head_dim 64/128/256 it computes
-// what dense_mma.cu computes; it is also the dense kernel's path onto the shared mainloop
-// (docs/design/kernels.md).
+// tensors are read and written at their own head_dim (docs/design/kernels.md).
 
 #include "longattn/common.cuh"
 #include "longattn/dense_mask.cuh"

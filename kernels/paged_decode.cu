@@ -46,7 +46,7 @@ namespace {
 // instructions on identical data, hence identical m and l) and each accumulates half of O's
 // channels, which keeps the tile at 16 KB of K and the accumulators at 32 registers.
 // Channels >= head_dim are zero in the ring and in q_s, so they add nothing to S. Q and K
-// enter the mma as stored (T); P is rounded to T for P.V, as in dense_mma.cu.
+// enter the mma as stored (T); P is rounded to T for P.V, as in dense_mma_padded.cu.
 constexpr int kPageChunk = 256;  // pages staged per refill
 static_assert(kRows == 8, "the query rows are the n8 side of the mma");
 

@@ -3,7 +3,7 @@
 // memcheck on an H200 (sm_90a, 2026-12-04); THIS VERSION IS NOT YET VERIFIED ON A GPU, nor is
 // any sm_80 build. Reachable only through the explicit PagedPrefill::forward_gpu.
 //
-// Semantics: dense attention (dense_mma.cu) with seqlen_q = q_len, seqlen_k = seqlens_k[b]
+// Semantics: dense attention (dense_mma_padded.cu) with seqlen_q = q_len, seqlen_k = seqlens_k[b]
 // over sequence b's tokens in the pages; token j lives in page block_table[b][j / page_size],
 // slot j % page_size. The shared FlashAttention-2 mainloop (longattn/mma_mainloop.cuh) with
 // the paged prefill problem, which is all this file writes:

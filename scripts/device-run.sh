@@ -88,7 +88,7 @@ if [ "$DENSE_OK" = 1 ]; then
   # Why paged prefill trails the dense kernel on the same tokens (issue 17): one launch of
   # each under ncu (issue stalls, instruction counts, memory traffic), clocks left alone.
   if command -v ncu > /dev/null; then
-    for k in paged_prefill_kernel dense_mma_kernel; do
+    for k in paged_prefill_kernel dense_mma_padded_kernel; do
       step "ncu-$k" 60 env FAMILY_BENCH=pprefill ncu --clock-control none -k "regex:$k" -c 1 \
         --section SpeedOfLight --section WarpStateStats --section InstructionStats \
         --section MemoryWorkloadAnalysis --section Occupancy "$HERE/examples/family_bench"

@@ -30,15 +30,16 @@ pub enum DenseKernel {
     Auto,
     /// CUDA-core kernel: any head_dim multiple of 8 up to 256.
     Simt,
-    /// Tensor-core kernel (`mma.sync`, sm_80+): head_dim 64, 128 or 256.
+    /// Tensor-core kernel (`mma.sync`, sm_80+) at the head dims it needs no padding for: 64,
+    /// 128 or 256 (the `TensorCorePadded` kernel, refusing other head dims).
     TensorCore,
     /// Hopper tensor-core kernel (`wgmma`, sm_90a: compute capability 9.0 only): head_dim 64,
     /// 128 or 256. `Auto` prefers it where it runs.
     Hopper,
     /// Tensor-core kernel on the shared mainloop (`mma.sync`, sm_80+): any head_dim multiple
-    /// of 8 up to 256, padded inside the kernel to 64, 128 or 256. `Auto` picks it for the
-    /// head dims `TensorCore` and `Hopper` lack (d96 on an H200: 236 TFLOP/s, 18x `Simt`).
-    /// Verified on an H200 (2026-12-04); its sm_80 code has not run on an Ampere card.
+    /// of 8 up to 256, padded inside the kernel to 64, 128 or 256. `Auto` picks it wherever
+    /// `Hopper` does not run (d96 on an H200: 236 TFLOP/s, 18x `Simt`). Verified on an H200
+    /// (2026-12-04); its sm_80 code has not run on an Ampere card.
     TensorCorePadded,
 }
 

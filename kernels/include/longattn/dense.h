@@ -59,14 +59,15 @@ typedef enum LaDenseKernel {
   LA_DENSE_AUTO = 0,
   /* Portable CUDA-core kernel: any head_dim multiple of 8 up to 256. */
   LA_DENSE_SIMT = 1,
-  /* Tensor-core kernel (mma.sync, sm_80+): head_dim 64, 128, 256. */
+  /* Tensor-core kernel (mma.sync, sm_80+) at head_dim 64, 128, 256: LA_DENSE_MMA_PADDED's
+   * kernel, refusing the head dims it would pad. */
   LA_DENSE_MMA = 2,
   /* Hopper tensor-core kernel (wgmma, sm_90a: compute capability 9.0 only): head_dim 64, 128,
    * 256. */
   LA_DENSE_WGMMA = 3,
   /* Tensor-core kernel on the shared mainloop (mma.sync, sm_80+): any head_dim multiple of 8
-   * up to 256, padded inside the kernel (verified on an H200, 2026-12-04). AUTO picks it for
-   * head dims other than 64, 128, 256 on sm_80+. */
+   * up to 256, padded inside the kernel (verified on an H200, 2026-12-04). AUTO picks it on
+   * sm_80+ wherever LA_DENSE_WGMMA does not run. */
   LA_DENSE_MMA_PADDED = 4
 } LaDenseKernel;
 

@@ -3,7 +3,7 @@
 // (mma_mainloop.cuh) whose keys are the sequence's positions: dense, block-sparse, paged
 // prefill. A thread holds rows g and g + 8 of the warp (g = lane / 4); element [i][e] of a
 // score tile starting at key n0 is row g + 8 (e / 2), key n0 + 8 i + 2 tq + e % 2.
-// (dense_mma.cu and dense_wgmma.cu spell the same rule out inline: their SASS is verified.)
+// (dense_wgmma.cu spells the same rule out inline: its SASS is verified.)
 #pragma once
 
 #include "longattn/common.cuh"

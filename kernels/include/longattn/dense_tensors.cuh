@@ -1,6 +1,6 @@
 // Placement of one (sequence, query head) in the dense params: per-sequence lengths and row
 // offsets for fixed or packed (varlen) batches, and the head's q/k/v/o base pointers. Used by
-// the three dense kernels (dense.cu, dense_mma.cu, dense_wgmma.cu).
+// the three dense kernels (dense.cu, dense_mma_padded.cu, dense_wgmma.cu).
 #pragma once
 
 #include "longattn/dense.h"

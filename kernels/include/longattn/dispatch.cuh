@@ -75,20 +75,18 @@ cudaError_t launch_mma_kernel(Kernel kernel, dim3 grid, cudaStream_t stream,
 }
 
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream);
-// Why the kernel cannot run `p` on the current device (a static string), or nullptr.
-const char *dense_mma_unsupported_reason(const LaDenseParams &p);
-inline bool dense_mma_supports(const LaDenseParams &p) {
-  return dense_mma_unsupported_reason(p) == nullptr;
-}
-cudaError_t dense_mma_forward(const LaDenseParams &p, cudaStream_t stream);
 // Hopper wgmma kernel (sm_90a code only): false unless the device is compute capability 9.0.
+// The *_unsupported_reason functions say why a kernel cannot run `p` on the current device
+// (a static string), or return nullptr.
 const char *dense_wgmma_unsupported_reason(const LaDenseParams &p);
 inline bool dense_wgmma_supports(const LaDenseParams &p) {
   return dense_wgmma_unsupported_reason(p) == nullptr;
 }
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
-// Tensor-core kernel on the shared mainloop, any head_dim multiple of 8 up to 256 (padded in
-// the kernel); AUTO picks it for the head dims the other tensor-core kernels lack.
+// Head dims the tensor-core kernels have tiles for (others are padded up to one).
+inline bool tensor_core_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
+// The mma.sync kernel on the shared mainloop, any head_dim multiple of 8 up to 256 (padded in
+// the kernel): LA_DENSE_MMA (at 64/128/256), LA_DENSE_MMA_PADDED, and AUTO below sm_90.
 const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr

@@ -4,12 +4,9 @@
 // (block_sparse_mma.cu) and paged prefill (paged_prefill.cu). What differs
 // between them is a Problem type (below): which query rows the block owns, which key tiles
 // it visits (its key-tile schedule, schedule.cuh), how a tile's rows are fetched, the mask of
-// a boundary tile, and where output rows go. The dense mma kernel (kernels/dense_mma.cu)
-// shares the traits, shared-memory layout, row loader, swizzle and softmax pieces but still
-// spells its loop out: expressed as a Problem its SASS changes (ptxas assigns registers
-// differently; measured with scripts/sass-diff.sh), and it is verified on an H200, so it
-// moves onto mma_attention (as dense_mma_padded.cu, which computes the same at d 64/128/256)
-// in a session that can re-verify it.
+// a boundary tile, and where output rows go. The dense mma.sync kernel is
+// dense_mma_padded.cu (at head dims 64/128/256 it is the former dense_mma.cu's problem, 1-4%
+// faster on an H200, 2026-12-04).
 //
 // A block of 4 warps owns kBlockM = 64 query rows; warp w owns rows 16w..16w+15 and keeps its
 // S tile, P and O accumulator in registers, so no reduction crosses warps. K/V tiles of
@@ -79,7 +76,7 @@ struct MmaTraits {
   static_assert(kStages >= 2 && kStages <= 4, "cp.async ring depth");
 };
 
-// The dense tile shapes (kernels/dense_mma.cu's, verified on an H200), used by every problem
+// The dense tile shapes (verified on an H200), used by every problem
 // whose rows and keys are a sequence's positions: dense, padded dense, block-sparse, paged
 // prefill. Shared memory 56 / 80 / 96 KB; Q fragments in registers except at d256.
 using DenseTraits64 = MmaTraits<64, 64, 3, true, 3>;
