@@ -15,7 +15,6 @@
 //! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
 //! (default: all) picks the groups.
 
-use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
 use std::sync::Arc;
@@ -23,37 +22,8 @@ use std::sync::Arc;
 mod support;
 
 /// Median milliseconds of `run` over about 0.3 s (3..=50 runs) after one warm-up.
-fn time_ms(stream: &Arc<CudaStream>, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
-    run()?;
-    let ev = |s: &CudaStream| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-    let a = ev(stream)?;
-    run()?;
-    let b = ev(stream)?;
-    b.synchronize()?;
-    let once = a.elapsed_ms(&b)? as f64;
-    let reps = ((300.0 / once.max(1e-3)) as usize).clamp(3, 50);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let a = ev(stream)?;
-        run()?;
-        let b = ev(stream)?;
-        b.synchronize()?;
-        times.push(a.elapsed_ms(&b)? as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
-/// Visible (query, key) pairs of one head of one sequence under `mask`.
-fn visible_pairs(mask: &Mask, sq: usize, sk: usize) -> u64 {
-    (0..sq)
-        .map(|i| {
-            let w = mask.window_range(i, sq, sk);
-            let s = mask.sink_range_rows(i..i + 1, sq, sk);
-            let both = w.end.min(s.end).saturating_sub(w.start.max(s.start));
-            (w.len() + s.len() - both) as u64
-        })
-        .sum()
+fn time_ms(stream: &Arc<CudaStream>, run: impl FnMut() -> Result<()>) -> Result<f64> {
+    support::time_ms(stream, 300.0, 50, run)
 }
 
 fn emit(name: &str, imp: &str, (b, s, h, d): (usize, usize, usize, usize), ms: f64, flops: f64) {
@@ -125,8 +95,9 @@ fn padded(stream: &Arc<CudaStream>) {
                 "padded_d{d}_s{s}_{}",
                 if causal { "causal" } else { "full" }
             );
-            let flops =
-                4.0 * (4 * h * d) as f64 * visible_pairs(&opts.effective_mask(), s, s) as f64;
+            let flops = 4.0
+                * (4 * h * d) as f64
+                * support::visible_pairs(&opts.effective_mask(), s, s) as f64;
             for (kernel, imp) in [
                 (DenseKernel::TensorCorePadded, "longattn-mma-padded"),
                 (DenseKernel::TensorCore, "longattn-mma"),
@@ -222,7 +193,7 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
     for (batch, q_len, context) in [(1usize, 2048usize, 16384usize), (2, 8192, 8192)] {
         let flops = 4.0
             * (batch * hq * d) as f64
-            * visible_pairs(&opts.effective_mask(), q_len, context) as f64;
+            * support::visible_pairs(&opts.effective_mask(), q_len, context) as f64;
         let name = format!("pprefill_q{q_len}_ctx{context}_b{batch}");
         let shape = AttentionShape {
             batch,

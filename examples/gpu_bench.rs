@@ -6,22 +6,9 @@
 //! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt`
 //! (default: all three) picks the kernels to time.
 
-use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
 use std::sync::Arc;
-
-/// Visible (query, key) pairs of one head of one sequence.
-fn visible_pairs(mask: &Mask, sq: usize, sk: usize) -> u64 {
-    (0..sq)
-        .map(|i| {
-            let w = mask.window_range(i, sq, sk);
-            let s = mask.sink_range_rows(i..i + 1, sq, sk);
-            let both = w.end.min(s.end).saturating_sub(w.start.max(s.start));
-            (w.len() + s.len() - both) as u64
-        })
-        .sum()
-}
 
 mod support;
 
@@ -56,7 +43,7 @@ fn time_case(stream: &Arc<CudaStream>, c: &Case, kernel: DenseKernel) -> Result<
     let k: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 2))?;
     let v: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 3))?;
     let mut o: CudaSlice<bf16> = stream.alloc_zeros(n)?;
-    let mut run = || {
+    let ms = support::time_ms(stream, 300.0, 50, || {
         attn.forward_gpu(
             stream,
             Strided::new(&q, st),
@@ -65,29 +52,10 @@ fn time_case(stream: &Arc<CudaStream>, c: &Case, kernel: DenseKernel) -> Result<
             Strided::new(&mut o, st),
             None,
         )
-    };
-    run()?; // warm-up (module load)
-    let ev = |s: &CudaStream| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-    // Size the repetitions from one timed run: about 0.3 s per case, 3..=50 runs.
-    let (a, b) = (ev(stream)?, {
-        run()?;
-        ev(stream)?
-    });
-    b.synchronize()?;
-    let once = a.elapsed_ms(&b)? as f64;
-    let reps = ((300.0 / once.max(1e-3)) as usize).clamp(3, 50);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let a = ev(stream)?;
-        run()?;
-        let b = ev(stream)?;
-        b.synchronize()?;
-        times.push(a.elapsed_ms(&b)? as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    let ms = times[times.len() / 2];
-    let flops =
-        4.0 * (c.b * c.h * c.d) as f64 * visible_pairs(&c.opts.effective_mask(), c.s, c.s) as f64;
+    })?;
+    let flops = 4.0
+        * (c.b * c.h * c.d) as f64
+        * support::visible_pairs(&c.opts.effective_mask(), c.s, c.s) as f64;
     Ok((ms, flops / ms / 1e9))
 }
 

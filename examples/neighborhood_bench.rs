@@ -12,7 +12,6 @@
 //! (the fused kernel's overhead in FLOPs).
 //! `cargo run --release --example neighborhood_bench [-- --quick]`.
 
-use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::neighborhood::schedule::{
     MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule, flop_bound_ratio, visible_flops,
@@ -31,25 +30,8 @@ struct Problem {
 
 /// Median milliseconds of `run` on `stream`: one warm-up, then repetitions sized to about
 /// 0.2 s (3..=20).
-fn time_ms(stream: &Arc<CudaStream>, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
-    run()?;
-    let ev = |s: &CudaStream| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-    let a = ev(stream)?;
-    run()?;
-    let b = ev(stream)?;
-    b.synchronize()?;
-    let once = a.elapsed_ms(&b)? as f64;
-    let reps = ((200.0 / once.max(1e-3)) as usize).clamp(3, 20);
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let a = ev(stream)?;
-        run()?;
-        let b = ev(stream)?;
-        b.synchronize()?;
-        times.push(a.elapsed_ms(&b)? as f64);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+fn time_ms(stream: &Arc<CudaStream>, run: impl FnMut() -> Result<()>) -> Result<f64> {
+    support::time_ms(stream, 200.0, 20, run)
 }
 
 fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {

@@ -792,14 +792,10 @@ fn gpu_nan_rows_match_the_cpu() {
 /// replay.
 #[test]
 fn gpu_dense_varlen_plan_replays_in_a_cuda_graph() {
-    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let Some(ctx) = gpu_or_skip("gpu_dense_varlen_plan_replays_in_a_cuda_graph") else {
         return;
     };
-    // Capture needs a non-default stream; event tracking would record cross-stream waits.
-    // SAFETY: this test uses one stream only.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().unwrap();
+    let stream = capture_stream(&ctx);
     let cu_q = [0i32, 37, 37, 200];
     let cu_k = [0i32, 50, 81, 300];
     let (hq, hkv, d) = (4usize, 2usize, 128usize);
@@ -828,23 +824,17 @@ fn gpu_dense_varlen_plan_replays_in_a_cuda_graph() {
     let mut dout = stream.alloc_zeros::<bf16>(attn.out_len()).unwrap();
     let mut dlse = stream.alloc_zeros::<f32>(attn.lse_len()).unwrap();
     let plan = attn.plan_gpu(&stream).unwrap();
-    stream.synchronize().unwrap();
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    let graph = capture_graph(&stream, || {
+        plan.forward(
+            &stream,
+            Strided::new(&dq, qs),
+            Strided::new(&dk, ks),
+            Strided::new(&dv, ks),
+            Strided::new(&mut dout, qs),
+            Some(&mut dlse),
+        )
         .unwrap();
-    plan.forward(
-        &stream,
-        Strided::new(&dq, qs),
-        Strided::new(&dk, ks),
-        Strided::new(&dv, ks),
-        Strided::new(&mut dout, qs),
-        Some(&mut dlse),
-    )
-    .unwrap();
-    let graph = stream
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the forward pass was captured");
+    });
     for round in 0..3u64 {
         let mut r = rng(100 + round);
         let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (

@@ -426,14 +426,10 @@ fn gpu_neighborhood_refuses_what_it_cannot_run() {
 /// over fresh inputs: no upload or allocation happens inside `NeighborhoodGpuPlan::forward`.
 #[test]
 fn gpu_neighborhood_plan_replays_in_a_cuda_graph() {
-    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let Some(ctx) = gpu_or_skip("gpu_neighborhood_plan_replays_in_a_cuda_graph") else {
         return;
     };
-    // Capture needs a non-default stream; event tracking would record cross-stream waits.
-    // SAFETY: this test uses one stream only.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().unwrap();
+    let stream = capture_stream(&ctx);
     let nd = NeighborhoodDim::new;
     let dims = [nd(37, 7).with_causal(true), nd(70, 13).with_dilation(2)];
     let (hq, hkv, d) = (4usize, 2usize, 64usize);
@@ -454,23 +450,17 @@ fn gpu_neighborhood_plan_replays_in_a_cuda_graph() {
     let mut dout = stream.alloc_zeros::<bf16>(nq).unwrap();
     let plan = attn.plan_gpu(&stream).unwrap();
     assert!(plan.uses_fused());
-    stream.synchronize().unwrap();
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    let graph = capture_graph(&stream, || {
+        plan.forward(
+            &stream,
+            Strided::new(&dq, qs),
+            Strided::new(&dk, ks),
+            Strided::new(&dv, ks),
+            Strided::new(&mut dout, qs),
+            None,
+        )
         .unwrap();
-    plan.forward(
-        &stream,
-        Strided::new(&dq, qs),
-        Strided::new(&dk, ks),
-        Strided::new(&dv, ks),
-        Strided::new(&mut dout, qs),
-        None,
-    )
-    .unwrap();
-    let graph = stream
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the forward pass was captured");
+    });
     for round in 0..3u64 {
         let mut r = rng(200 + round);
         let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (

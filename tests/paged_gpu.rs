@@ -491,13 +491,10 @@ fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &
 /// equals the plan's own uncaptured call with the same queries.
 #[test]
 fn gpu_paged_plan_replays_in_a_cuda_graph() {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let Some(ctx) = gpu_or_skip("gpu_paged_plan_replays_in_a_cuda_graph") else {
         return;
     };
-    // SAFETY: one stream only (event tracking would record cross-stream waits).
-    unsafe { ctx.disable_event_tracking() };
-    let s = ctx.new_stream().unwrap();
+    let s = capture_stream(&ctx);
     let seqlens = [7usize, 250, 1500];
     let (hkv, ratio, d, ps, q_len) = (4, 2, 128, 16, 2);
     let hq = hkv * ratio;
@@ -517,27 +514,22 @@ fn gpu_paged_plan_replays_in_a_cuda_graph() {
     let mut qd = up(&s, &vec![bf16::ZERO; n]);
     let mut od = up(&s, &vec![bf16::ZERO; dec.out_len()]);
     let mut ld = up(&s, &vec![0f32; dec.lse_len()]);
-    s.synchronize().unwrap();
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    let graph = capture_graph(&s, || {
+        plan.forward(
+            Strided::new(&qd, st),
+            KvPages {
+                k: &bufs.k,
+                v: &bufs.v,
+            },
+            Some(PageMeta {
+                kmin: &bufs.kmin,
+                kmax: &bufs.kmax,
+            }),
+            Strided::new(&mut od, st),
+            Some(&mut ld),
+        )
         .unwrap();
-    plan.forward(
-        Strided::new(&qd, st),
-        KvPages {
-            k: &bufs.k,
-            v: &bufs.v,
-        },
-        Some(PageMeta {
-            kmin: &bufs.kmin,
-            kmax: &bufs.kmax,
-        }),
-        Strided::new(&mut od, st),
-        Some(&mut ld),
-    )
-    .unwrap();
-    let graph = s
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the decode was captured");
+    });
     for round in 0..3u64 {
         let q: Vec<bf16> = random_vec(&mut rng(300 + round), n);
         s.memcpy_htod(&q, &mut qd).unwrap();

@@ -510,14 +510,10 @@ fn gpu_prefill_matches_reference_f16() {
 /// allocation happens inside `PagedPrefillPlan::forward`.
 #[test]
 fn gpu_prefill_plan_replays_in_a_cuda_graph() {
-    use longattn::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let Some(ctx) = gpu_or_skip("gpu_prefill_plan_replays_in_a_cuda_graph") else {
         return;
     };
-    // Capture needs a non-default stream; event tracking would record cross-stream waits.
-    // SAFETY: this test uses one stream only.
-    unsafe { ctx.disable_event_tracking() };
-    let s = ctx.new_stream().unwrap();
+    let s = capture_stream(&ctx);
     let (q_len, hkv, hq, d) = (70usize, 2usize, 4usize, 128usize);
     let sc = scenario::<bf16>(&seqlens_for(q_len), 16, hkv, d, 77);
     let pf = PagedPrefill::new(&sc.cache, hq, q_len, &AttentionOptions::causal()).unwrap();
@@ -526,21 +522,16 @@ fn gpu_prefill_plan_replays_in_a_cuda_graph() {
     let mut qd = s.alloc_zeros::<bf16>(pf.out_len()).unwrap();
     let mut od = s.alloc_zeros::<bf16>(pf.out_len()).unwrap();
     let plan = pf.plan_gpu(&s).unwrap();
-    s.synchronize().unwrap();
-    s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    let graph = capture_graph(&s, || {
+        plan.forward(
+            &s,
+            Strided::new(&qd, st),
+            KvPages { k: &kd, v: &vd },
+            Strided::new(&mut od, st),
+            None,
+        )
         .unwrap();
-    plan.forward(
-        &s,
-        Strided::new(&qd, st),
-        KvPages { k: &kd, v: &vd },
-        Strided::new(&mut od, st),
-        None,
-    )
-    .unwrap();
-    let graph = s
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("the forward pass was captured");
+    });
     for round in 0..3u64 {
         let q: Vec<bf16> = random_vec(&mut rng(300 + round), pf.out_len());
         s.memcpy_htod(&q, &mut qd).unwrap();

@@ -44,31 +44,19 @@ impl NeighborhoodAttention {
         k: Strided<&I>,
         v: Strided<&I>,
         out: Strided<&mut O>,
-        mut lse: Option<&mut dyn DeviceBufferMut<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<T>,
     {
-        if FUSED_HEAD_DIMS.contains(&self.head_dim) {
-            // Unsupported here means the device (below sm_80, no code for it): fall back.
-            let lse_again: Option<&mut dyn DeviceBufferMut<f32>> = match &mut lse {
-                Some(l) => Some(&mut **l),
-                None => None,
-            };
-            let out_again = Strided::new(&mut *out.data, out.strides);
-            let (q2, k2, v2) = (
-                Strided::new(q.data, q.strides),
-                Strided::new(k.data, k.strides),
-                Strided::new(v.data, v.strides),
-            );
-            match self.forward_gpu_fused(stream, q2, k2, v2, out_again, lse_again) {
-                Err(Error::Unsupported(_)) => {}
-                done => return done,
-            }
-        }
-        self.forward_gpu_portable(stream, q, k, v, out, lse)
+        self.check_gpu_args::<T>(
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        let schedule = self.device_schedule(stream)?;
+        self.run_picked(schedule.as_ref(), stream, q, k, v, out, lse)
     }
 
     /// GPU forward pass on the portable CUDA-core kernel (`kernels/neighborhood.cu`), whatever
@@ -138,20 +126,71 @@ impl NeighborhoodAttention {
     /// schedule build (0.5 ms for 1-D 32k tokens, 2 ms for 3-D 16x64x64 on a slow CPU) and
     /// the upload, and makes the call capturable in a CUDA graph.
     pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<NeighborhoodGpuPlan> {
-        let schedule = if FUSED_HEAD_DIMS.contains(&self.head_dim) {
-            match FusedSchedule::new(self) {
-                Ok(s) => Some(DeviceSchedule::upload(&s, stream)?),
-                // Past the fused kernel's 32-bit indexing: the portable kernel takes it.
-                Err(Error::Unsupported(_)) => None,
-                Err(e) => return Err(e),
-            }
-        } else {
-            None
-        };
         Ok(NeighborhoodGpuPlan {
             attn: self.clone(),
-            schedule,
+            schedule: self.device_schedule(stream)?,
         })
+    }
+
+    /// The fused kernel's schedule on the device, or `None` where the fused kernel does not
+    /// apply (head dim, or past its 32-bit indexing: the portable kernel takes those).
+    fn device_schedule(&self, stream: &Arc<CudaStream>) -> Result<Option<DeviceSchedule>> {
+        if !FUSED_HEAD_DIMS.contains(&self.head_dim) {
+            return Ok(None);
+        }
+        match FusedSchedule::new(self) {
+            Ok(s) => Ok(Some(DeviceSchedule::upload(&s, stream)?)),
+            Err(Error::Unsupported(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The fused kernel with `schedule` when given and the device runs it, else the portable
+    /// kernel; the arguments are already checked (`check_gpu_args`).
+    #[allow(clippy::too_many_arguments)]
+    fn run_picked<T, I, O>(
+        &self,
+        schedule: Option<&DeviceSchedule>,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        mut lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        if let Some(sched) = schedule {
+            // Unsupported here means the device (below sm_80, no code for it): fall back.
+            let lse_again: Option<&mut dyn DeviceBufferMut<f32>> = match &mut lse {
+                Some(l) => Some(&mut **l),
+                None => None,
+            };
+            let out_again = Strided::new(&mut *out.data, out.strides);
+            let (q2, k2, v2) = (
+                Strided::new(q.data, q.strides),
+                Strided::new(k.data, k.strides),
+                Strided::new(v.data, v.strides),
+            );
+            match cuda_call!(
+                launch_fused,
+                self,
+                sched,
+                stream,
+                q2,
+                k2,
+                v2,
+                out_again,
+                lse_again
+            ) {
+                Err(Error::Unsupported(_)) => {}
+                done => return done,
+            }
+        }
+        cuda_call!(launch, self, stream, q, k, v, out, lse)
     }
 
     /// Every check of `forward_gpu` that needs no device pointer: the CPU path's argument
@@ -219,46 +258,19 @@ impl NeighborhoodGpuPlan {
         k: Strided<&I>,
         v: Strided<&I>,
         out: Strided<&mut O>,
-        mut lse: Option<&mut dyn DeviceBufferMut<f32>>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<T>,
     {
-        let attn = &self.attn;
-        attn.check_gpu_args::<T>(
+        self.attn.check_gpu_args::<T>(
             [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
-        if let Some(sched) = &self.schedule {
-            // Unsupported here means the device (below sm_80, no code for it): fall back.
-            let lse_again: Option<&mut dyn DeviceBufferMut<f32>> = match &mut lse {
-                Some(l) => Some(&mut **l),
-                None => None,
-            };
-            let out_again = Strided::new(&mut *out.data, out.strides);
-            let (q2, k2, v2) = (
-                Strided::new(q.data, q.strides),
-                Strided::new(k.data, k.strides),
-                Strided::new(v.data, v.strides),
-            );
-            match cuda_call!(
-                launch_fused,
-                attn,
-                sched,
-                stream,
-                q2,
-                k2,
-                v2,
-                out_again,
-                lse_again
-            ) {
-                Err(Error::Unsupported(_)) => {}
-                done => return done,
-            }
-        }
-        cuda_call!(launch, attn, stream, q, k, v, out, lse)
+        let schedule = self.schedule.as_ref();
+        self.attn.run_picked(schedule, stream, q, k, v, out, lse)
     }
 }
 

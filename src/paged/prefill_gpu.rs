@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{
     DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
 };
-use crate::layout::Strided;
+use crate::layout::{Strided, Strides};
 use crate::paged::KvPages;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
@@ -46,13 +46,7 @@ impl PagedPrefill {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<T>,
     {
-        self.check_forward(
-            q.extent(),
-            out.extent(),
-            lse.as_ref().map(|l| l.len()),
-            (kv.k.len(), kv.v.len()),
-        )?;
-        self.check_gpu(T::DTYPE)?;
+        self.check_gpu_call::<T>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
         let tables = PrefillTables::upload(self, stream)?;
         cuda_call!(
             imp::forward::<T, I, O>,
@@ -75,6 +69,19 @@ impl PagedPrefill {
             pf: self.clone(),
             tables: PrefillTables::upload(self, stream)?,
         })
+    }
+
+    /// Every check of a GPU call that needs no device pointer: the buffers (as the CPU path),
+    /// then what the kernel supports.
+    fn check_gpu_call<T: Element>(
+        &self,
+        q: (usize, &Strides),
+        kv: &KvPages<&impl DeviceBuffer<T>>,
+        out: (usize, &Strides),
+        lse_len: Option<usize>,
+    ) -> Result<()> {
+        self.check_forward(q, out, lse_len, (kv.k.len(), kv.v.len()))?;
+        self.check_gpu(T::DTYPE)
     }
 
     /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
@@ -133,13 +140,7 @@ impl PagedPrefillPlan {
         O: DeviceBufferMut<T>,
     {
         let pf = &self.pf;
-        pf.check_forward(
-            q.extent(),
-            out.extent(),
-            lse.as_ref().map(|l| l.len()),
-            (kv.k.len(), kv.v.len()),
-        )?;
-        pf.check_gpu(T::DTYPE)?;
+        pf.check_gpu_call::<T>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
         cuda_call!(
             imp::forward::<T, I, O>,
             pf,

@@ -84,3 +84,33 @@ pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaCont
         }
     }
 }
+
+/// A fresh stream on `ctx` for CUDA-graph capture (capture needs a non-default stream), with
+/// the context's event tracking off (it would record cross-stream waits into the graph).
+/// Tests that call this use that one stream only.
+pub fn capture_stream(
+    ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+) -> std::sync::Arc<cudarc::driver::CudaStream> {
+    // SAFETY: the calling test uses the returned stream only, so no cross-stream ordering is
+    // lost by not tracking events.
+    unsafe { ctx.disable_event_tracking() };
+    ctx.new_stream().unwrap()
+}
+
+/// Captures what `record` queues on `stream` (after finishing the work already queued) into
+/// an instantiated CUDA graph; panics if nothing was captured.
+pub fn capture_graph(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    record: impl FnOnce(),
+) -> cudarc::driver::CudaGraph {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    stream.synchronize().unwrap();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .unwrap();
+    record();
+    stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("the work was captured")
+}
