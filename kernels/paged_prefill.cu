@@ -113,13 +113,23 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   // Reverse order: under a causal mask the last query tiles have the most keys; start them
   // first so that the short tail tiles fill in at the end.
   const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBlockM;
+  // Varlen: this sequence's rows start at cu_seqlens_q[b]; blocks past its count leave
+  // (the whole block at once, before any barrier).
+  const bool varlen = p.cu_seqlens_q != nullptr;
+  const int q0 = varlen ? p.cu_seqlens_q[b] : 0;
+  const int sq = varlen ? p.cu_seqlens_q[b + 1] - q0 : p.q_len;
+  if (m0 >= sq) return;
   const LaPagedCache &c = p.cache;
   const int kvh = h / (p.heads_q / c.heads_kv);
   const long long kv_head_off = (long long)kvh * c.head_dim;
   PagedPrefillProblem<T, Tr> pb;
-  pb.q = static_cast<const T *>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  pb.o = static_cast<T *>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-  pb.lse = p.lse != nullptr ? p.lse + ((long long)b * p.heads_q + h) * p.q_len : nullptr;
+  const long long q_base = varlen ? (long long)q0 * p.q_row_stride : b * p.q_batch_stride;
+  const long long o_base = varlen ? (long long)q0 * p.o_row_stride : b * p.o_batch_stride;
+  pb.q = static_cast<const T *>(p.q) + q_base + h * p.q_head_stride;
+  pb.o = static_cast<T *>(p.o) + o_base + h * p.o_head_stride;
+  const long long lse_base =
+      varlen ? (long long)h * p.total_q + q0 : ((long long)b * p.heads_q + h) * p.q_len;
+  pb.lse = p.lse != nullptr ? p.lse + lse_base : nullptr;
   pb.kc = static_cast<const T *>(c.k_cache) + kv_head_off;
   pb.vc = static_cast<const T *>(c.v_cache) + kv_head_off;
   pb.pages = c.block_table + (long long)b * c.max_pages_per_seq;
@@ -129,7 +139,7 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   pb.page_div = FastDiv(c.page_size);
   pb.slot_stride = c.heads_kv * c.head_dim;
   pb.m0 = m0;
-  pb.sq = p.q_len;
+  pb.sq = sq;
   pb.sk = c.seqlens_k[b];
   pb.mask = Mask{p.window_left, p.window_right, p.sinks};
   pb.scale = p.scale;
@@ -162,6 +172,7 @@ bool params_ok(const LaPagedPrefillParams &p) {
   // Slots (page * page_size + offset) are 32-bit in load_kv.
   return dims_ok(c) && (long long)c.num_pages * c.page_size <= INT_MAX &&
          (d == 64 || d == 128 || d == 256) && p.q_len > 0 && p.q != nullptr &&
+         (p.cu_seqlens_q == nullptr || p.total_q >= 0) &&
          p.o != nullptr && p.heads_q <= 65535 && check::heads(p.heads_q, c.heads_kv, d) &&
          check::mask(p.window_left, p.window_right, p.sinks) &&
          check::scoring(p.scale, p.softcap) &&

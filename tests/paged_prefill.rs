@@ -183,6 +183,123 @@ fn cpu_matches_reference_and_dense_over_gathered_tokens() {
     assert_eq!(cases, 4 * 4 * 3 * prefill_masks().len());
 }
 
+/// Row offsets of packed queries with these per-sequence counts.
+fn cu_of(lens: &[usize]) -> Vec<i32> {
+    std::iter::once(0)
+        .chain(lens.iter().scan(0i32, |acc, &l| {
+            *acc += l as i32;
+            Some(*acc)
+        }))
+        .collect()
+}
+
+/// Sequence `b` of `sc` alone: a one-sequence cache over the same pages.
+fn single_sequence(sc_cache: &PagedCache, b: usize) -> PagedCache {
+    let m = sc_cache.max_pages_per_seq();
+    PagedCache::new(
+        sc_cache.layout(),
+        PageTable {
+            block_table: &sc_cache.block_table()[b * m..(b + 1) * m],
+            max_pages_per_seq: m,
+            seqlens_k: &sc_cache.seqlens_k()[b..b + 1],
+        },
+    )
+    .unwrap()
+}
+
+/// Varlen prefill (a count per sequence, 0 included, some longer than the sequence's keys)
+/// against the f64 reference, and each sequence's rows and LSE against the fixed-`q_len`
+/// problem of that sequence alone (its own one-sequence cache): the packed layout, the
+/// per-sequence bottom-right alignment and the `[heads_q, total_q]` LSE are all checked
+/// against a problem that has no varlen in it.
+#[test]
+fn cpu_varlen_matches_each_sequence_alone() {
+    for ps in [1, 16, 64] {
+        for (hkv, ratio, d) in [(2, 1, 16), (1, 4, 8)] {
+            let hq = hkv * ratio;
+            let seqlens = [0usize, 5, 40, 100, 333];
+            let lens = [0usize, 9, 40, 1, 97];
+            let cu = cu_of(&lens);
+            let total = cu[lens.len()] as usize;
+            let seed = 5000 + ps as u64 + d as u64;
+            let sc = scenario::<f32>(&seqlens, ps, hkv, d, seed);
+            let q: Vec<f32> = random_vec(&mut rng(seed + 1), total * hq * d);
+            let st = Strides::contiguous(total, hq, d);
+            for (name, opts) in prefill_masks() {
+                let what = format!("varlen ps {ps} hkv {hkv} hq {hq} d {d} {name}");
+                let pf = PagedPrefill::new_varlen(&sc.cache, hq, &cu, &opts).unwrap();
+                assert_eq!((pf.q_len(), pf.total_q()), (97, total), "{what}");
+                let (out, lse) = run_cpu(&pf, &sc, &q, st, pf.out_len());
+                let (want, want_lse) =
+                    paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+                let err = rel_l2(&to_f64(&out), &want);
+                assert!(err < 1e-5, "{what}: rel err {err}");
+                check_lse(&lse, &want_lse, 1e-4, &what);
+                for (b, &len) in lens.iter().enumerate().filter(|(_, l)| **l > 0) {
+                    let one = single_sequence(&sc.cache, b);
+                    let alone = PagedPrefill::new(&one, hq, len, &opts).unwrap();
+                    let r0 = cu[b] as usize;
+                    let qb = &q[r0 * hq * d..(r0 + len) * hq * d];
+                    let st1 = Strides::contiguous(len, hq, d);
+                    let (w1, l1) =
+                        paged_prefill_f64(&alone, Strided::new(qb, st1), sc.kv()).unwrap();
+                    let got = &want[r0 * hq * d..(r0 + len) * hq * d];
+                    let diff = got.iter().zip(&w1).map(|(a, x)| (a - x).abs());
+                    assert!(
+                        diff.fold(0.0, f64::max) < 1e-12,
+                        "{what}: sequence {b} rows"
+                    );
+                    for h in 0..hq {
+                        for i in 0..len {
+                            let (a, x) = (want_lse[h * total + r0 + i], l1[h * len + i]);
+                            assert!(
+                                a == x || (a - x).abs() < 1e-12,
+                                "{what}: sequence {b} head {h} row {i} lse {a} vs {x}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn varlen_constructor_refuses_bad_offsets() {
+    let c = small_cache();
+    let opts = AttentionOptions::causal();
+    for (cu, why) in [
+        (vec![0, 3], "entries"),
+        (vec![0, 3, 5, 6], "entries"),
+        (vec![1, 3, 5], "must be 0"),
+        (vec![0, 4, 2], "decrease"),
+        (vec![0, 0, 0], "total_q = 0"),
+    ] {
+        let err = PagedPrefill::new_varlen(&c, 2, &cu, &opts).unwrap_err();
+        assert!(
+            matches!(&err, Error::Shape(m) if m.contains(why)),
+            "{cu:?}: {err}"
+        );
+    }
+    let pf = PagedPrefill::new_varlen(&c, 2, &[0, 0, 5], &opts).unwrap();
+    assert_eq!((pf.q_len(), pf.total_q(), pf.lse_len()), (5, 5, 10));
+    // q/out are [total_q, heads_q, head_dim]: a [batch, q_len, ...] sized buffer is too
+    // large to be refused, a packed one of 4 rows too small.
+    let st = Strides::contiguous(4, 2, 8);
+    let (q, mut out) = (vec![0f32; 4 * 2 * 8], vec![0f32; 4 * 2 * 8]);
+    let kv = (vec![0f32; 4 * 4 * 2 * 8], vec![0f32; 4 * 4 * 2 * 8]);
+    let r = pf.forward_cpu(
+        Strided::new(&q[..], st),
+        KvPages {
+            k: &kv.0[..],
+            v: &kv.1[..],
+        },
+        Strided::new(&mut out[..], st),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+}
+
 #[test]
 fn cpu_rows_that_see_nothing_give_zero_and_neg_inf() {
     // Sequence 0 is empty, sequence 1 holds 3 tokens for q_len 7: under causal the first 4
@@ -427,8 +544,19 @@ fn run_gpu<T: Element + DeviceRepr>(
     q: &[T],
     planned: bool,
 ) -> (Vec<T>, Vec<f32>) {
-    let c = pf.cache();
-    let st = q_strides(pf.q_len(), pf.heads_q(), c.head_dim());
+    let st = q_strides(pf.q_len(), pf.heads_q(), pf.cache().head_dim());
+    run_gpu_strided(s, pf, sc, q, st, planned)
+}
+
+/// [`run_gpu`] with q/out strides `st`.
+fn run_gpu_strided<T: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    pf: &PagedPrefill,
+    sc: &Scenario<T>,
+    q: &[T],
+    st: Strides,
+    planned: bool,
+) -> (Vec<T>, Vec<f32>) {
     let qd = up(s, q);
     let kd = up(s, &sc.k_cache);
     let vd = up(s, &sc.v_cache);
@@ -494,10 +622,41 @@ fn gpu_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
     }
 }
 
+/// Varlen prefill on the GPU (counts 0, 1, odd, a full tile, more than a tile; some longer
+/// than the sequence's keys), one-shot and planned, against the f64 reference.
+fn gpu_varlen_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
+    let seqlens = [3usize, 5, 100, 64, 400];
+    let lens = [0usize, 9, 64, 1, 130];
+    let cu = cu_of(&lens);
+    let total = cu[lens.len()] as usize;
+    for ps in [1, 16, 64, 256] {
+        for (hkv, ratio, d) in [(2, 1, 128), (1, 4, 64), (2, 2, 256)] {
+            let hq = hkv * ratio;
+            let seed = 6000 + ps as u64 + d as u64;
+            let sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
+            let q: Vec<T> = random_vec(&mut rng(seed + 1), total * hq * d);
+            let st = Strides::contiguous(total, hq, d);
+            for (name, opts) in prefill_masks() {
+                let pf = PagedPrefill::new_varlen(&sc.cache, hq, &cu, &opts).unwrap();
+                let (want, want_lse) =
+                    paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+                for planned in [false, true] {
+                    let what = format!("gpu varlen ps {ps} hq {hq} d {d} {name} plan {planned}");
+                    let (out, lse) = run_gpu_strided(s, &pf, &sc, &q, st, planned);
+                    let err = rel_l2(&to_f64(&out), &want);
+                    assert!(err < 2e-2, "{what}: rel err {err}");
+                    check_lse(&lse, &want_lse, 2e-2, &what);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn gpu_prefill_matches_reference_bf16() {
     let Some(s) = stream() else { return };
     gpu_sweep::<bf16>(&s);
+    gpu_varlen_sweep::<bf16>(&s);
 }
 
 #[test]

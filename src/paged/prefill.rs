@@ -11,10 +11,13 @@ use crate::layout::{SeqLens, Strided, Strides, check_extent, check_no_overlap, c
 use crate::mask::Mask;
 use rayon::prelude::*;
 
-/// A validated prefill problem over a paged cache (fixed `q_len` for every sequence).
+/// A validated prefill problem over a paged cache: `q_len` new tokens for every sequence
+/// ([`PagedPrefill::new`]) or a count per sequence ([`PagedPrefill::new_varlen`]).
 ///
 /// `q, out: [batch, q_len, heads_q, head_dim]` (element strides), `lse: [batch, heads_q,
-/// q_len]` f32, natural log. Semantics: exactly dense attention ([`FlashAttention`]) with
+/// q_len]` f32, natural log; varlen: `q, out: [total_q, heads_q, head_dim]` packed rows
+/// (sequence `b`'s rows `cu_seqlens_q[b]..cu_seqlens_q[b + 1]`; the batch stride is unused)
+/// and `lse: [heads_q, total_q]`, as dense varlen. Semantics: exactly dense attention ([`FlashAttention`]) with
 /// `seqlen_q = q_len`, `seqlen_k = seqlens_k[b]` over sequence `b`'s tokens gathered from the
 /// pages (token `t` in page `block_table[b][t / page_size]`, slot `t % page_size`): the same
 /// options, the same mask composition (`causal` is bottom-right aligned, so query row `i` sees
@@ -28,7 +31,10 @@ use rayon::prelude::*;
 pub struct PagedPrefill {
     pub(crate) cache: PagedCache,
     pub(crate) heads_q: usize,
+    /// Rows per sequence; with `cu_q`, the longest sequence's.
     pub(crate) q_len: usize,
+    /// Varlen: `[batch + 1]` row offsets of the packed queries.
+    pub(crate) cu_q: Option<Vec<i32>>,
     pub(crate) out_len: usize,
     pub(crate) lse_len: usize,
     /// The per-head dense problem (scale, softcap, mask, head dim) the CPU path runs on the
@@ -47,6 +53,73 @@ impl PagedPrefill {
         q_len: usize,
         options: &AttentionOptions,
     ) -> Result<Self> {
+        if q_len == 0 {
+            return Err(Error::Shape(
+                "q_len = 0: a prefill needs at least one query token".into(),
+            ));
+        }
+        Self::build(cache, heads_q, q_len, None, options)
+    }
+
+    /// A prefill with `cu_seqlens_q[b + 1] - cu_seqlens_q[b]` new tokens for sequence `b`
+    /// (chunks of different lengths in one batch; 0 skips a sequence): `cu_seqlens_q` has
+    /// `batch + 1` nondecreasing entries from 0, and `total_q = cu_seqlens_q[batch] >= 1`.
+    /// Query rows are packed (see the type's docs). Validated as [`PagedPrefill::new`].
+    pub fn new_varlen(
+        cache: &PagedCache,
+        heads_q: usize,
+        cu_seqlens_q: &[i32],
+        options: &AttentionOptions,
+    ) -> Result<Self> {
+        let batch = cache.batch();
+        if cu_seqlens_q.len() != batch + 1 {
+            return Err(Error::Shape(format!(
+                "cu_seqlens_q has {} entries; the cache's batch {batch} needs {}",
+                cu_seqlens_q.len(),
+                batch + 1
+            )));
+        }
+        if cu_seqlens_q[0] != 0 {
+            return Err(Error::Shape(format!(
+                "cu_seqlens_q[0] = {} must be 0",
+                cu_seqlens_q[0]
+            )));
+        }
+        let mut max_len = 0usize;
+        for (b, w) in cu_seqlens_q.windows(2).enumerate() {
+            if w[1] < w[0] {
+                return Err(Error::Shape(format!(
+                    "cu_seqlens_q must not decrease: entry {} = {} < entry {b} = {}",
+                    b + 1,
+                    w[1],
+                    w[0]
+                )));
+            }
+            max_len = max_len.max((w[1] - w[0]) as usize);
+        }
+        if cu_seqlens_q[batch] == 0 {
+            return Err(Error::Shape(
+                "cu_seqlens_q: total_q = 0, a prefill needs at least one query token".into(),
+            ));
+        }
+        Self::build(
+            cache,
+            heads_q,
+            max_len,
+            Some(cu_seqlens_q.to_vec()),
+            options,
+        )
+    }
+
+    /// The checks shared by both constructors; `q_len` >= 1 (the longest sequence's rows
+    /// with `cu_q`), `cu_q` already checked (nondecreasing from 0, entries i32).
+    fn build(
+        cache: &PagedCache,
+        heads_q: usize,
+        q_len: usize,
+        cu_q: Option<Vec<i32>>,
+        options: &AttentionOptions,
+    ) -> Result<Self> {
         let heads_kv = cache.heads_kv();
         if heads_q == 0 || !heads_q.is_multiple_of(heads_kv) {
             return Err(Error::Shape(format!(
@@ -58,20 +131,17 @@ impl PagedPrefill {
         if heads_q > limit {
             return Err(Error::Shape(format!("heads_q = {heads_q} must fit in i32")));
         }
-        if q_len == 0 {
-            return Err(Error::Shape(
-                "q_len = 0: a prefill needs at least one query token".into(),
-            ));
-        }
         if q_len > limit {
             return Err(Error::Shape(format!("q_len = {q_len} must fit in i32")));
         }
         let d = cache.head_dim();
-        let out_len = checked_elems(
-            &[cache.batch(), q_len, heads_q, d],
-            "paged prefill q/out elements",
-        )?;
-        let lse_len = checked_elems(&[cache.batch(), heads_q, q_len], "paged prefill LSE")?;
+        // Rows of q/out: batch * q_len, or total_q packed.
+        let rows = match &cu_q {
+            Some(cu) => cu[cu.len() - 1] as usize,
+            None => checked_elems(&[cache.batch(), q_len], "paged prefill query rows")?,
+        };
+        let out_len = checked_elems(&[rows, heads_q, d], "paged prefill q/out elements")?;
+        let lse_len = checked_elems(&[heads_q, rows], "paged prefill LSE")?;
         // The longest sequence bounds every per-sequence dense problem (the cache checked
         // that it fits in i32).
         let max_sk = cache
@@ -99,6 +169,7 @@ impl PagedPrefill {
             cache: cache.clone(),
             heads_q,
             q_len,
+            cu_q,
             out_len,
             lse_len,
             dense,
@@ -113,9 +184,29 @@ impl PagedPrefill {
     pub fn heads_q(&self) -> usize {
         self.heads_q
     }
-    /// New query tokens per sequence (the last `q_len` positions of each sequence).
+    /// New query tokens per sequence (the last `q_len` positions of each sequence); varlen:
+    /// the longest sequence's count.
     pub fn q_len(&self) -> usize {
         self.q_len
+    }
+    /// The varlen row offsets (`[batch + 1]`), or `None` for a fixed `q_len`.
+    pub fn cu_seqlens_q(&self) -> Option<&[i32]> {
+        self.cu_q.as_deref()
+    }
+    /// Query rows of q/out: `batch * q_len`, or `total_q` (varlen).
+    pub fn total_q(&self) -> usize {
+        match &self.cu_q {
+            Some(cu) => cu[cu.len() - 1] as usize,
+            None => self.cache.batch() * self.q_len,
+        }
+    }
+    /// Sequence `b`'s query rows: `(batch index, first row, count)` in the strided q/out
+    /// (varlen: batch index 0, rows packed).
+    pub(crate) fn rows_of(&self, b: usize) -> (usize, usize, usize) {
+        match &self.cu_q {
+            Some(cu) => (0, cu[b] as usize, (cu[b + 1] - cu[b]) as usize),
+            None => (b, 0, self.q_len),
+        }
     }
     /// The resolved multiplier of `q.k`.
     pub fn scale(&self) -> f32 {
@@ -137,17 +228,30 @@ impl PagedPrefill {
     pub fn kv_head(&self, h: usize) -> usize {
         h / self.group()
     }
-    /// Elements of a contiguous q or out: `batch * q_len * heads_q * head_dim`.
+    /// Elements of a contiguous q or out: `batch * q_len * heads_q * head_dim` (varlen:
+    /// `total_q * heads_q * head_dim`).
     pub fn out_len(&self) -> usize {
         self.out_len
     }
-    /// LSE values: `batch * heads_q * q_len`.
+    /// LSE values: `batch * heads_q * q_len` (varlen: `heads_q * total_q`).
     pub fn lse_len(&self) -> usize {
         self.lse_len
     }
     /// Index of the LSE value of (sequence `b`, query head `h`, row `i`).
     pub(crate) fn lse_index(&self, b: usize, h: usize, i: usize) -> usize {
-        (b * self.heads_q + h) * self.q_len + i
+        match &self.cu_q {
+            Some(cu) => h * self.total_q() + cu[b] as usize + i,
+            None => (b * self.heads_q + h) * self.q_len + i,
+        }
+    }
+
+    /// Dims `[outer, rows, heads_q, head_dim]` of q and out for the extent checks.
+    pub(crate) fn q_dims(&self) -> [usize; 4] {
+        let (hq, d) = (self.heads_q, self.cache.head_dim());
+        match &self.cu_q {
+            Some(_) => [1, self.total_q(), hq, d],
+            None => [self.cache.batch(), self.q_len, hq, d],
+        }
     }
 
     /// Validates the tensor arguments of a forward (CPU or GPU): `q` and `out` cover
@@ -160,12 +264,7 @@ impl PagedPrefill {
         lse: Option<usize>,
         kv: (usize, usize),
     ) -> Result<()> {
-        let dims = [
-            self.cache.batch(),
-            self.q_len,
-            self.heads_q,
-            self.cache.head_dim(),
-        ];
+        let dims = self.q_dims();
         check_extent("q", q.1, dims, q.0)?;
         check_extent("out", out.1, dims, out.0)?;
         check_no_overlap("out", out.1, dims, out.0)?;
@@ -173,7 +272,8 @@ impl PagedPrefill {
             && len < self.lse_len
         {
             return Err(Error::Shape(format!(
-                "lse holds {len} values but [batch, heads_q, q_len] needs {}",
+                "lse holds {len} values but [batch, heads_q, q_len] ([heads_q, total_q] \
+                 varlen) needs {}",
                 self.lse_len
             )));
         }
@@ -211,12 +311,7 @@ impl PagedPrefill {
             lse.as_ref().map(|l| l.len()),
             (kv.k.len(), kv.v.len()),
         )?;
-        let (hkv, d, sq, group) = (
-            self.cache.heads_kv(),
-            self.cache.head_dim(),
-            self.q_len,
-            self.group(),
-        );
+        let (hkv, d, group) = (self.cache.heads_kv(), self.cache.head_dim(), self.group());
         let tasks: Vec<(usize, usize)> = (0..self.cache.batch())
             .flat_map(|b| (0..hkv).map(move |kvh| (b, kvh)))
             .collect();
@@ -224,10 +319,11 @@ impl PagedPrefill {
             .par_iter()
             .map(|&(b, kvh)| {
                 let sk = self.cache.seqlen_of(b);
+                let (qb, r0, sq) = self.rows_of(b);
                 let [kh, vh] = self.gather_f32(&kv, b, kvh);
                 (kvh * group..(kvh + 1) * group)
                     .map(|h| {
-                        let qh = q.head_rows_f32(b, 0..sq, h, d);
+                        let qh = q.head_rows_f32(qb, r0..r0 + sq, h, d);
                         self.dense.tiled_head(&qh, &kh, &vh, sq, sk)
                     })
                     .collect()
@@ -238,7 +334,8 @@ impl PagedPrefill {
         for (&(b, kvh), heads) in tasks.iter().zip(results) {
             for (gh, (o, l)) in heads.into_iter().enumerate() {
                 let h = kvh * group + gh;
-                out.store_head_rows(b, 0..sq, h, d, &o);
+                let (qb, r0, sq) = self.rows_of(b);
+                out.store_head_rows(qb, r0..r0 + sq, h, d, &o);
                 if let Some(lse) = lse.as_deref_mut() {
                     for (i, &x) in l.iter().enumerate() {
                         lse[self.lse_index(b, h, i)] = x;

@@ -154,13 +154,14 @@ impl PagedPrefillPlan {
     }
 }
 
-/// Device copies of a prefill's block table (`[batch, max_pages_per_seq]`) and `seqlens_k`
-/// (`[batch]`).
+/// Device copies of a prefill's block table (`[batch, max_pages_per_seq]`), `seqlens_k`
+/// (`[batch]`) and, varlen, `cu_seqlens_q` (`[batch + 1]`).
 #[derive(Debug)]
 #[cfg_attr(not(longattn_cuda), allow(dead_code))]
 struct PrefillTables {
     block_table: CudaSlice<i32>,
     seqlens_k: CudaSlice<i32>,
+    cu_seqlens_q: Option<CudaSlice<i32>>,
 }
 
 impl PrefillTables {
@@ -169,6 +170,10 @@ impl PrefillTables {
         Ok(PrefillTables {
             block_table: stream.clone_htod(cache.block_table())?,
             seqlens_k: stream.clone_htod(cache.seqlens_k())?,
+            cu_seqlens_q: match pf.cu_seqlens_q() {
+                Some(cu) => Some(stream.clone_htod(cu)?),
+                None => None,
+            },
         })
     }
 }
@@ -214,6 +219,7 @@ mod imp {
         let (lp, _s5) = ptr_mut_or_null(lse, stream);
         let (bt, _s6) = tables.block_table.device_ptr(stream);
         let (sl, _s7) = tables.seqlens_k.device_ptr(stream);
+        let (cu, _s8) = crate::gpu::ptr_or_null(tables.cu_seqlens_q.as_ref(), stream);
         let (wl, wr) = pf.mask().window.to_flash();
         let params = ffi::LaPagedPrefillParams {
             cache: ffi::LaPagedCache {
@@ -238,6 +244,9 @@ mod imp {
             o_row_stride: out.strides.seq,
             o_head_stride: out.strides.head,
             q_len: pf.q_len() as i32,
+            cu_seqlens_q: cu as *const i32,
+            // Read with cu_seqlens_q only: its last entry (an i32).
+            total_q: pf.cu_seqlens_q().map_or(0, |cu| cu[cu.len() - 1]),
             heads_q: pf.heads_q() as i32,
             window_left: wl as i32,
             window_right: wr as i32,
@@ -326,6 +335,8 @@ mod c_entry_checks {
             o_head_stride: 128,
             q_len: 8,
             heads_q: 4,
+            cu_seqlens_q: std::ptr::null(),
+            total_q: 0,
             window_left: -1,
             window_right: 0,
             sinks: 0,
@@ -364,6 +375,10 @@ mod c_entry_checks {
         add("softcap NaN", &|p| p.softcap = f32::NAN);
         add("negative stride", &|p| p.q_row_stride = -1);
         add("f32", &|p| p.dtype = ffi::LaDtype::LA_F32);
+        add("varlen total_q < 0", &|p| {
+            p.cu_seqlens_q = 256usize as *const i32;
+            p.total_q = -1;
+        });
         add("slots > i32", &|p| {
             p.cache.num_pages = 1 << 30;
             p.cache.page_size = 4;

@@ -187,30 +187,31 @@ pub fn paged_prefill_f64<T: Element>(
     kv: KvPages<&[T]>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let cache = prefill.cache();
-    let out_strides =
-        crate::layout::Strides::contiguous(prefill.q_len(), prefill.heads_q(), cache.head_dim());
+    let [_, rows, hq, d] = prefill.q_dims();
+    // Contiguous [batch, q_len, hq, d], or packed [total_q, hq, d] (varlen).
+    let out_strides = crate::layout::Strides::contiguous(rows, hq, d);
     prefill.check_forward(
         q.extent(),
         (prefill.out_len(), &out_strides),
         None,
         (kv.k.len(), kv.v.len()),
     )?;
-    let (d, hq, sq) = (cache.head_dim(), prefill.heads_q(), prefill.q_len());
     let mut out = vec![0.0f64; prefill.out_len()];
     let mut lse = vec![f64::NEG_INFINITY; prefill.lse_len()];
     let scale = prefill.scale() as f64;
     let mask = prefill.mask();
     for b in 0..cache.batch() {
         let sk = cache.seqlen_of(b);
+        let (qb, r0, sq) = prefill.rows_of(b);
         for i in 0..sq {
             for h in 0..hq {
                 let kvh = prefill.kv_head(h);
-                let qo = q.strides.offset(b, i, h);
+                let qo = q.strides.offset(qb, r0 + i, h);
                 let qi = &q.data[qo..qo + d];
-                let oo = out_strides.offset(b, i, h);
+                let oo = out_strides.offset(qb, r0 + i, h);
                 let (kd, vd) = (kv.k, kv.v);
                 let at = |j: usize| cache.token_at(b, j, kvh);
-                lse[(b * hq + h) * sq + i] = attend_row(
+                lse[prefill.lse_index(b, h, i)] = attend_row(
                     qi,
                     sk,
                     |j| mask.visible(i, j, sq, sk).then(|| &kd[at(j)..at(j) + d]),

@@ -1,15 +1,16 @@
-/* longattn paged prefill: attention of q_len new query tokens per sequence over the
- * sequence's K/V in the paged cache (which already holds the new tokens), as dense
- * attention with seqlen_q = q_len, seqlen_k = seqlens_k[b] over the gathered tokens
- * (chunked prefill, prefix caching). The C ABI shared by the CUDA launcher and the Rust side
+/* longattn paged prefill: attention of q_len new query tokens per sequence (or
+ * cu_seqlens_q[b + 1] - cu_seqlens_q[b] of them, varlen) over the sequence's K/V in the
+ * paged cache (which already holds the new tokens), as dense attention with seqlen_q = that
+ * count, seqlen_k = seqlens_k[b] over the gathered tokens (chunked prefill, prefix caching). The C ABI shared by the CUDA launcher and the Rust side
  * (bindgen generates the FFI from this file).
  *
  * Conventions (see semantics.md, "Extension: paged prefill"):
  *   cache:  as in paged.h (LaPagedCache: NHD pages, block_table, seqlens_k)
- *   q, o:   [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
- *   lse:    [batch, heads_q, q_len] f32, natural log
+ *   q, o:   [batch, q_len, heads_q, head_dim] element strides, last dim contiguous; varlen:
+ *           [total_q, heads_q, head_dim] packed rows (batch strides unused)
+ *   lse:    [batch, heads_q, q_len] f32, natural log; varlen: [heads_q, total_q]
  * The window is FlashAttention's (left, right), -1 unbounded, aligned bottom-right: query
- * row i of sequence b sits at position seqlens_k[b] - q_len + i. The kernel's previous
+ * row i of sequence b sits at position seqlens_k[b] - q_len_b + i. The kernel's previous
  * version passed on an H200 (sm_90a, 2026-12-04); the current one is not yet verified. */
 #ifndef LONGATTN_PAGED_PREFILL_H
 #define LONGATTN_PAGED_PREFILL_H
@@ -34,7 +35,13 @@ typedef struct LaPagedPrefillParams {
   float *lse;
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t o_batch_stride, o_row_stride, o_head_stride;
+  /* q_len: rows per sequence, or with cu_seqlens_q the longest sequence's (grid x). */
   int32_t q_len, heads_q;
+  /* Optional (NULL: every sequence has q_len rows): [batch + 1] row offsets of the packed
+   * queries, nondecreasing from 0, and total_q = cu_seqlens_q[batch] (validated on the
+   * host). */
+  const int32_t *cu_seqlens_q;
+  int32_t total_q;
   /* Window (-1 = unbounded side) plus `sinks` leading keys (they obey the right bound). */
   int32_t window_left, window_right, sinks;
   /* Softmax scale applied to q.k; softcap <= 0 disables the tanh cap. */
