@@ -105,6 +105,19 @@ longattn_status longattn_dense_forward_cpu(const longattn_dense_desc *desc, long
                                            longattn_tensor v, longattn_tensor_mut out,
                                            float *lse, size_t lse_len);
 
+/* Dense attention on the GPU: q, k, v, out (and lse, when not NULL) are device allocations of
+ * GPU `device` holding `len` elements of dtype (f16 or bf16; f32 is refused); the work is
+ * queued on `stream` (a cudaStream_t/CUstream of that device's primary context, the one the
+ * CUDA runtime and PyTorch use; NULL: the legacy default stream) and nothing is
+ * synchronized. Every argument is validated first (as longattn_dense_forward_cpu, plus the
+ * kernels' limits: alignment, head dims). Varlen offsets stay host arrays. Buffers must
+ * stay alive until the queued work completes. Returns LONGATTN_ERR_NO_GPU without a GPU. */
+longattn_status longattn_dense_forward_cuda(const longattn_dense_desc *desc,
+                                            longattn_dtype dtype, longattn_tensor q,
+                                            longattn_tensor k, longattn_tensor v,
+                                            longattn_tensor_mut out, float *lse,
+                                            size_t lse_len, int32_t device, void *stream);
+
 /* A paged KV cache and one decode step. k_cache, v_cache: [num_pages, page_size, heads_kv,
  * head_dim] (contiguous); block_table: [batch, max_pages_per_seq] page ids (host);
  * seqlens_k: [batch] tokens per sequence (host), including the q_len new tokens, whose

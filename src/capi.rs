@@ -448,6 +448,155 @@ pub unsafe extern "C" fn longattn_dense_forward_cpu(
     })
 }
 
+/// A caller's device buffer seen as a cudarc slice for one call: never freed by longattn
+/// (dropped through [`CudaSlice::leak`], which releases only cudarc's own bookkeeping).
+struct Borrowed<T>(Option<cudarc::driver::CudaSlice<T>>);
+
+impl<T> Borrowed<T> {
+    fn get(&self) -> &cudarc::driver::CudaSlice<T> {
+        self.0.as_ref().expect("borrowed until dropped")
+    }
+    fn get_mut(&mut self) -> &mut cudarc::driver::CudaSlice<T> {
+        self.0.as_mut().expect("borrowed until dropped")
+    }
+}
+
+impl<T> Drop for Borrowed<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.leak();
+        }
+    }
+}
+
+/// # Safety
+/// `data` is NULL (refused) or a device allocation of the stream's context holding `len`
+/// elements of `T`, alive for the call.
+unsafe fn borrow_device<T>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    data: *const std::ffi::c_void,
+    len: usize,
+    name: &'static str,
+) -> Result<Borrowed<T>, CallError> {
+    if data.is_null() {
+        return Err(CallError::Null(name));
+    }
+    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(Error::Shape(format!("{name} length {len} is too large")).into());
+    }
+    // SAFETY: a live allocation of `len` elements by the contract; never freed (Borrowed).
+    Ok(Borrowed(Some(unsafe {
+        stream.upgrade_device_ptr::<T>(data as u64, len)
+    })))
+}
+
+/// # Safety
+/// As [`longattn_dense_forward_cuda`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
+    attn: &FlashAttention,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Result<(), CallError> {
+    let bytes = std::mem::size_of::<T>();
+    let lse_range = (!lse.is_null()).then(|| byte_range(lse.cast(), lse_len, 4));
+    for (w, w_name) in [
+        (Some(byte_range(out.data, out.len, bytes)), "out"),
+        (lse_range, "lse"),
+    ] {
+        let Some(w) = w else { continue };
+        for (r, r_name) in [
+            (byte_range(q.data, q.len, bytes), "q"),
+            (byte_range(k.data, k.len, bytes), "k"),
+            (byte_range(v.data, v.len, bytes), "v"),
+        ] {
+            if w.0 < r.1 && r.0 < w.1 {
+                return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
+            }
+        }
+    }
+    // SAFETY (all): device allocations of `len` elements by the contract.
+    let (bq, bk, bv, mut bo) = unsafe {
+        (
+            borrow_device::<T>(stream, q.data, q.len, "q")?,
+            borrow_device::<T>(stream, k.data, k.len, "k")?,
+            borrow_device::<T>(stream, v.data, v.len, "v")?,
+            borrow_device::<T>(stream, out.data, out.len, "out")?,
+        )
+    };
+    let mut bl = if lse.is_null() {
+        None
+    } else {
+        // SAFETY: `lse_len` device floats by the contract.
+        Some(unsafe { borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")? })
+    };
+    let lse_slice = bl
+        .as_mut()
+        .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
+    attn.forward_gpu(
+        stream,
+        Strided::new(bq.get(), strides(q.strides)),
+        Strided::new(bk.get(), strides(k.strides)),
+        Strided::new(bv.get(), strides(v.strides)),
+        Strided::new(bo.get_mut(), strides(out.strides)),
+        lse_slice,
+    )?;
+    Ok(())
+}
+
+/// `longattn_dense_forward_cuda()`: dense attention on device buffers of GPU `device`,
+/// queued on `stream` (a `CUstream`/`cudaStream_t` of that device's primary context, the one
+/// the CUDA runtime and PyTorch use; NULL: the legacy default stream); nothing is
+/// synchronized. Validated as `longattn_dense_forward_cpu` (plus the GPU kernels' limits)
+/// before any device pointer is touched. f16 or bf16.
+///
+/// # Safety
+/// `desc` is a valid descriptor (its varlen offsets are host arrays); each tensor's `data`
+/// is a device allocation of `device` holding `len` elements of `dtype` (`out` not
+/// overlapping the inputs), alive until the queued work completes; `lse`, when not NULL, a
+/// device allocation of `lse_len` floats; `stream` is NULL or a live stream of that context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_dense_forward_cuda(
+    desc: *const CDenseDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor by the contract.
+        let attn = unsafe { dense_problem(desc) }?;
+        for (data, name) in [(q.data, "q"), (k.data, "k"), (v.data, "v")] {
+            if data.is_null() {
+                return Err(CallError::Null(name));
+            }
+        }
+        if out.data.is_null() {
+            return Err(CallError::Null("out"));
+        }
+        let ordinal = usize::try_from(device)
+            .map_err(|_| Error::NoGpu(format!("device {device} is not a device ordinal")))?;
+        let ctx = crate::device::open_gpu(ordinal)?;
+        // SAFETY: NULL (the legacy default stream) or a live stream of this context by the
+        // contract; the wrapper does not own it.
+        let stream = unsafe { ctx.wrap_borrowed_stream(stream as _) };
+        // SAFETY: the tensors are device allocations of `dtype` by the contract.
+        unsafe {
+            with_dtype!(dtype, T => dense_cuda_typed::<T>(&attn, &stream, q, k, v, out, lse, lse_len))
+        }
+    })
+}
+
 /// `longattn_paged_desc`: a paged cache's geometry and tables, and one decode step.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]

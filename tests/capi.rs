@@ -528,3 +528,120 @@ fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
         assert_eq!(st, want, "{name}: {}", last_error());
     }
 }
+
+/// `longattn_dense_forward_cuda` checks its arguments before it opens a GPU: a bad
+/// descriptor or a NULL buffer is refused with its own status on any machine; valid
+/// arguments without a usable GPU give `NoGpu` (7) or, in a CPU-only build,
+/// `CudaNotCompiled` (6). (Pointers are never dereferenced on the host.)
+#[test]
+fn c_api_cuda_refuses_before_touching_a_gpu() {
+    let c = case(3, desc(1, 4, 4, 2, 2, 64));
+    let (q, mut out) = (vec![bf16::ZERO; c.q.len()], vec![bf16::ZERO; c.q.len()]);
+    let call = |d: &CDenseDesc, q: CTensor, out: CTensorMut| {
+        // SAFETY: refused before any pointer is used (or, without a GPU, never used).
+        unsafe {
+            longattn_dense_forward_cuda(d, 2, q, q, q, out, ptr::null_mut(), 0, 0, ptr::null_mut())
+        }
+    };
+    let bad = CDenseDesc { heads_kv: 0, ..c.d };
+    assert_eq!(call(&bad, tensor(&q, c.qs), tensor_mut(&mut out, c.qs)), 1);
+    let null_q = CTensor {
+        data: ptr::null(),
+        ..tensor(&q, c.qs)
+    };
+    assert_eq!(call(&c.d, null_q, tensor_mut(&mut out, c.qs)), 9);
+    assert!(last_error().contains('q'), "{}", last_error());
+    if longattn::device::open_gpu(0).is_err() {
+        let st = call(&c.d, tensor(&q, c.qs), tensor_mut(&mut out, c.qs));
+        assert!(st == 6 || st == 7, "status {st}: {}", last_error());
+    }
+}
+
+/// The CUDA entry point on device buffers allocated by another library (cudarc here, as
+/// PyTorch or a C++ server would) and that library's stream, against the f64 reference.
+#[test]
+fn c_api_cuda_matches_the_f64_reference() {
+    use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let Some(ctx) = common::gpu_or_skip("c_api_cuda_matches_the_f64_reference") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    for (n, d) in [
+        desc(2, 37, 70, 4, 2, 64),
+        CDenseDesc {
+            causal: 1,
+            window_left: 20,
+            sinks: 2,
+            ..desc(1, 130, 130, 2, 1, 128)
+        },
+        desc(1, 9, 300, 2, 2, 96),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let c = case(40 + n as u64, d);
+        let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+        let (q, k, v) = (to_bf16(&c.q), to_bf16(&c.k), to_bf16(&c.v));
+        let dq = stream.clone_htod(&q).unwrap();
+        let dk = stream.clone_htod(&k).unwrap();
+        let dv = stream.clone_htod(&v).unwrap();
+        let mut dout = stream.clone_htod(&vec![bf16::NAN; q.len()]).unwrap();
+        let lse_len = d.batch * d.heads_q * d.seqlen_q;
+        let mut dlse = stream.clone_htod(&vec![f32::NAN; lse_len]).unwrap();
+        let raw = |p: u64, len: usize, s: Strides| CTensor {
+            data: p as *const _,
+            len,
+            strides: cstrides(s),
+        };
+        let st = {
+            let (pq, _g1) = dq.device_ptr(&stream);
+            let (pk, _g2) = dk.device_ptr(&stream);
+            let (pv, _g3) = dv.device_ptr(&stream);
+            let (po, _g4) = dout.device_ptr_mut(&stream);
+            let (pl, _g5) = dlse.device_ptr_mut(&stream);
+            // SAFETY: live device allocations of the stated lengths on this context and
+            // stream; out and lse are distinct allocations.
+            unsafe {
+                longattn_dense_forward_cuda(
+                    &d,
+                    2,
+                    raw(pq, q.len(), c.qs),
+                    raw(pk, k.len(), c.ks),
+                    raw(pv, v.len(), c.ks),
+                    CTensorMut {
+                        data: po as *mut _,
+                        len: q.len(),
+                        strides: cstrides(c.qs),
+                    },
+                    pl as *mut f32,
+                    lse_len,
+                    0,
+                    stream.cu_stream() as *mut _,
+                )
+            }
+        };
+        assert_eq!(st, LONGATTN_OK, "case {n}: {}", last_error());
+        let out: Vec<f32> = stream
+            .clone_dtoh(&dout)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        // The C API's CPU path (checked against the f64 reference above) on the same
+        // bf16-rounded inputs.
+        let rounded = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let c_bf16 = Case {
+            q: rounded(&q),
+            k: rounded(&k),
+            v: rounded(&v),
+            ..c
+        };
+        let (cpu_st, cpu_out, _) = run_c(&c_bf16);
+        assert_eq!(cpu_st, LONGATTN_OK, "case {n}: {}", last_error());
+        let want: Vec<f64> = cpu_out.iter().map(|&x| x as f64).collect();
+        let err = rel_l2(&out.iter().map(|&x| x as f64).collect::<Vec<_>>(), &want);
+        assert!(err < 2e-2, "case {n}: rel L2 {err} vs the CPU path");
+        let lse = stream.clone_dtoh(&dlse).unwrap();
+        assert!(lse.iter().all(|x| !x.is_nan()), "case {n}: LSE not written");
+    }
+}
