@@ -60,9 +60,8 @@ if command -v compute-sanitizer > /dev/null; then
     step "memcheck-$t" 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
       "$HERE/tests/$t" "${spec#*:}" --test-threads=1 --skip long --skip bad_inputs
   done
-  # Shared-memory hazards of the opt-in kernels on the shared mainloop (one test each; a
-  # timeout still reports the hazards found until then).
-  # Then one test of every other GPU test binary (wgmma's mbarrier rings, decode, the ring).
+  # Shared-memory hazards: one test of each GPU test binary (the mainloop kernels, wgmma's
+  # mbarrier rings, decode, the ring); a timeout still reports the hazards found until then.
   for spec in block_sparse_gpu:gpu_block_sparse_plan_matches_one_shot \
     neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
     paged_prefill:gpu_prefill_matches_reference_f16 \
