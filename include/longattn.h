@@ -152,6 +152,16 @@ longattn_status longattn_paged_decode_cpu(const longattn_paged_desc *desc, longa
                                           const void *v_cache, size_t cache_len,
                                           longattn_tensor_mut out, float *lse, size_t lse_len);
 
+/* Paged decode on the GPU: q, out, k_cache, v_cache (cache_len elements each) and lse (NULL
+ * or lse_len floats) are device allocations of GPU `device` of dtype (f16 or bf16); the
+ * descriptor's block_table and seqlens_k stay host arrays (validated, uploaded on `stream`
+ * per call). Stream, validation and lifetimes as longattn_dense_forward_cuda. */
+longattn_status longattn_paged_decode_cuda(const longattn_paged_desc *desc, longattn_dtype dtype,
+                                           longattn_tensor q, const void *k_cache,
+                                           const void *v_cache, size_t cache_len,
+                                           longattn_tensor_mut out, float *lse, size_t lse_len,
+                                           int32_t device, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -490,6 +490,40 @@ unsafe fn borrow_device<T>(
     })))
 }
 
+/// Device outputs (`out`, and `lse` when not NULL) must not overlap the inputs (addresses
+/// only: nothing is read).
+fn check_device_writes_disjoint(
+    out: (usize, usize),
+    (lse, lse_len): (*mut f32, usize),
+    inputs: &[((usize, usize), &str)],
+) -> Result<(), CallError> {
+    let lse_range = (!lse.is_null()).then(|| byte_range(lse.cast(), lse_len, 4));
+    for (w, w_name) in [(Some(out), "out"), (lse_range, "lse")] {
+        let Some(w) = w else { continue };
+        for &(r, r_name) in inputs {
+            if w.0 < r.1 && r.0 < w.1 {
+                return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The caller's stream on GPU `device` (its primary context), wrapped without ownership.
+///
+/// # Safety
+/// `stream` is NULL (the legacy default stream) or a live stream of that context.
+unsafe fn caller_stream(
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Result<std::sync::Arc<cudarc::driver::CudaStream>, CallError> {
+    let ordinal = usize::try_from(device)
+        .map_err(|_| Error::NoGpu(format!("device {device} is not a device ordinal")))?;
+    let ctx = crate::device::open_gpu(ordinal)?;
+    // SAFETY: by the contract; the wrapper does not own the stream.
+    Ok(unsafe { ctx.wrap_borrowed_stream(stream as _) })
+}
+
 /// # Safety
 /// As [`longattn_dense_forward_cuda`].
 #[allow(clippy::too_many_arguments)]
@@ -504,22 +538,15 @@ unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
     lse_len: usize,
 ) -> Result<(), CallError> {
     let bytes = std::mem::size_of::<T>();
-    let lse_range = (!lse.is_null()).then(|| byte_range(lse.cast(), lse_len, 4));
-    for (w, w_name) in [
-        (Some(byte_range(out.data, out.len, bytes)), "out"),
-        (lse_range, "lse"),
-    ] {
-        let Some(w) = w else { continue };
-        for (r, r_name) in [
+    check_device_writes_disjoint(
+        byte_range(out.data, out.len, bytes),
+        (lse, lse_len),
+        &[
             (byte_range(q.data, q.len, bytes), "q"),
             (byte_range(k.data, k.len, bytes), "k"),
             (byte_range(v.data, v.len, bytes), "v"),
-        ] {
-            if w.0 < r.1 && r.0 < w.1 {
-                return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
-            }
-        }
-    }
+        ],
+    )?;
     // SAFETY (all): device allocations of `len` elements by the contract.
     let (bq, bk, bv, mut bo) = unsafe {
         (
@@ -584,12 +611,8 @@ pub unsafe extern "C" fn longattn_dense_forward_cuda(
         if out.data.is_null() {
             return Err(CallError::Null("out"));
         }
-        let ordinal = usize::try_from(device)
-            .map_err(|_| Error::NoGpu(format!("device {device} is not a device ordinal")))?;
-        let ctx = crate::device::open_gpu(ordinal)?;
-        // SAFETY: NULL (the legacy default stream) or a live stream of this context by the
-        // contract; the wrapper does not own it.
-        let stream = unsafe { ctx.wrap_borrowed_stream(stream as _) };
+        // SAFETY: NULL or a live stream of that device's primary context by the contract.
+        let stream = unsafe { caller_stream(device, stream) }?;
         // SAFETY: the tensors are device allocations of `dtype` by the contract.
         unsafe {
             with_dtype!(dtype, T => dense_cuda_typed::<T>(&attn, &stream, q, k, v, out, lse, lse_len))
@@ -791,6 +814,103 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
         // SAFETY: buffers as documented for `dtype`.
         unsafe {
             with_dtype!(dtype, T => paged_cpu_typed::<T>(&decode, q, k_cache, v_cache, cache_len, out, lse))
+        }
+    })
+}
+
+/// # Safety
+/// As [`longattn_paged_decode_cuda`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn paged_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
+    decode: &PagedDecode,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    q: CTensor,
+    (k_cache, v_cache, cache_len): (*const std::ffi::c_void, *const std::ffi::c_void, usize),
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Result<(), CallError> {
+    let bytes = std::mem::size_of::<T>();
+    check_device_writes_disjoint(
+        byte_range(out.data, out.len, bytes),
+        (lse, lse_len),
+        &[
+            (byte_range(q.data, q.len, bytes), "q"),
+            (byte_range(k_cache, cache_len, bytes), "k_cache"),
+            (byte_range(v_cache, cache_len, bytes), "v_cache"),
+        ],
+    )?;
+    // SAFETY (all): device allocations of the stated lengths by the contract.
+    let (bq, bk, bv, mut bo) = unsafe {
+        (
+            borrow_device::<T>(stream, q.data, q.len, "q")?,
+            borrow_device::<T>(stream, k_cache, cache_len, "k_cache")?,
+            borrow_device::<T>(stream, v_cache, cache_len, "v_cache")?,
+            borrow_device::<T>(stream, out.data, out.len, "out")?,
+        )
+    };
+    let mut bl = if lse.is_null() {
+        None
+    } else {
+        // SAFETY: `lse_len` device floats by the contract.
+        Some(unsafe { borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")? })
+    };
+    let lse_slice = bl
+        .as_mut()
+        .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
+    decode.forward_gpu(
+        stream,
+        Strided::new(bq.get(), strides(q.strides)),
+        KvPages {
+            k: bk.get(),
+            v: bv.get(),
+        },
+        None,
+        Strided::new(bo.get_mut(), strides(out.strides)),
+        lse_slice,
+    )?;
+    Ok(())
+}
+
+/// `longattn_paged_decode_cuda()`: paged decode on device buffers of GPU `device`, queued on
+/// `stream` (as [`longattn_dense_forward_cuda`]); the descriptor's block table and
+/// `seqlens_k` stay host arrays (validated, then uploaded on `stream` per call). f16 or bf16.
+///
+/// # Safety
+/// `desc` is a valid descriptor; `q`, `out` (not overlapping the inputs), `k_cache`,
+/// `v_cache` (`cache_len` elements each) and `lse` (NULL or `lse_len` floats) are device
+/// allocations of `device` holding elements of `dtype`, alive until the queued work
+/// completes; `stream` is NULL or a live stream of that device's primary context.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_paged_decode_cuda(
+    desc: *const CPagedDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    k_cache: *const std::ffi::c_void,
+    v_cache: *const std::ffi::c_void,
+    cache_len: usize,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor by the contract.
+        let decode = unsafe { paged_problem(desc) }?;
+        for (data, name) in [(q.data, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")] {
+            if data.is_null() {
+                return Err(CallError::Null(name));
+            }
+        }
+        if out.data.is_null() {
+            return Err(CallError::Null("out"));
+        }
+        // SAFETY: NULL or a live stream of that device's primary context by the contract.
+        let stream = unsafe { caller_stream(device, stream) }?;
+        // SAFETY: device buffers as documented for `dtype`.
+        unsafe {
+            with_dtype!(dtype, T => paged_cuda_typed::<T>(&decode, &stream, q, (k_cache, v_cache, cache_len), out, lse, lse_len))
         }
     })
 }

@@ -645,3 +645,121 @@ fn c_api_cuda_matches_the_f64_reference() {
         assert!(lse.iter().all(|x| !x.is_nan()), "case {n}: LSE not written");
     }
 }
+
+/// `longattn_paged_decode_cuda`: arguments refused before a GPU is opened; on a GPU, the
+/// same decode as the C CPU path on the same (bf16-rounded) values, on buffers and a stream
+/// owned by another library.
+#[test]
+fn c_api_paged_decode_cuda() {
+    use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let c = paged_case(12);
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let (q, kc, vc) = (to_bf16(&c.q), to_bf16(&c.k_cache), to_bf16(&c.v_cache));
+    let mut out = vec![bf16::NAN; q.len()];
+    let call = |d: &CPagedDesc, q: CTensor, k: *const bf16, out: CTensorMut, stream| {
+        // SAFETY: host pointers are refused (or, without a GPU, never used); device pointers
+        // below are live allocations of the stated lengths.
+        unsafe {
+            longattn_paged_decode_cuda(
+                d,
+                2,
+                q,
+                k.cast(),
+                k.cast(),
+                kc.len(),
+                out,
+                ptr::null_mut(),
+                0,
+                0,
+                stream,
+            )
+        }
+    };
+    let bad = CPagedDesc { heads_q: 3, ..d };
+    let st = call(
+        &bad,
+        tensor(&q, qs),
+        kc.as_ptr(),
+        tensor_mut(&mut out, qs),
+        ptr::null_mut(),
+    );
+    assert_eq!(st, 1, "{}", last_error());
+    let st = call(
+        &d,
+        tensor(&q, qs),
+        ptr::null(),
+        tensor_mut(&mut out, qs),
+        ptr::null_mut(),
+    );
+    assert_eq!(st, 9, "{}", last_error());
+    let Some(ctx) = common::gpu_or_skip("c_api_paged_decode_cuda") else {
+        let (q_t, out_t) = (tensor(&q, qs), tensor_mut(&mut out, qs));
+        let st = call(&d, q_t, kc.as_ptr(), out_t, ptr::null_mut());
+        assert!(st == 6 || st == 7, "status {st}: {}", last_error());
+        return;
+    };
+    let s = ctx.default_stream();
+    let (dq, dk) = (s.clone_htod(&q).unwrap(), s.clone_htod(&kc).unwrap());
+    let dv = s.clone_htod(&vc).unwrap();
+    let mut dout = s.clone_htod(&out).unwrap();
+    let st = {
+        let (pq, _g1) = dq.device_ptr(&s);
+        let (pk, _g2) = dk.device_ptr(&s);
+        let (pv, _g3) = dv.device_ptr(&s);
+        let (po, _g4) = dout.device_ptr_mut(&s);
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe {
+            longattn_paged_decode_cuda(
+                &d,
+                2,
+                CTensor {
+                    data: pq as *const _,
+                    len: q.len(),
+                    strides: cstrides(qs),
+                },
+                pk as *const _,
+                pv as *const _,
+                kc.len(),
+                CTensorMut {
+                    data: po as *mut _,
+                    len: q.len(),
+                    strides: cstrides(qs),
+                },
+                ptr::null_mut(),
+                0,
+                0,
+                s.cu_stream() as *mut _,
+            )
+        }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let got: Vec<f64> = s
+        .clone_dtoh(&dout)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
+    let rounded = |x: &[bf16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+    let (qr, kr, vr) = (rounded(&q), rounded(&kc), rounded(&vc));
+    let mut want = vec![f32::NAN; q.len()];
+    // SAFETY: host buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&qr, qs),
+            kr.as_ptr().cast(),
+            vr.as_ptr().cast(),
+            kr.len(),
+            tensor_mut(&mut want, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let want: Vec<f64> = want.iter().map(|&x| x as f64).collect();
+    let err = rel_l2(&got, &want);
+    assert!(err < 2e-2, "rel L2 {err} vs the CPU path");
+}
