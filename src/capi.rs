@@ -509,6 +509,50 @@ fn check_device_writes_disjoint(
     Ok(())
 }
 
+/// The device buffers of one C GPU call, borrowed for it: three inputs, the output and the
+/// optional LSE.
+struct DeviceCall<T> {
+    inputs: [Borrowed<T>; 3],
+    out: Borrowed<T>,
+    lse: Option<Borrowed<f32>>,
+}
+
+/// Checks that the outputs do not overlap the inputs, then borrows every buffer of the call.
+///
+/// # Safety
+/// Each `(data, len, _)` input and `out` are device allocations of the stream's context
+/// holding `len` elements of `T`; `lse` is NULL or `lse_len` device floats; all alive for
+/// the call.
+unsafe fn borrow_call<T>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    inputs: [(*const std::ffi::c_void, usize, &'static str); 3],
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+) -> Result<DeviceCall<T>, CallError> {
+    let bytes = std::mem::size_of::<T>();
+    check_device_writes_disjoint(
+        byte_range(out.data, out.len, bytes),
+        (lse, lse_len),
+        &inputs.map(|(data, len, name)| (byte_range(data, len, bytes), name)),
+    )?;
+    let [a, b, c] = inputs;
+    // SAFETY (all): device allocations of the stated lengths by the contract.
+    unsafe {
+        Ok(DeviceCall {
+            inputs: [
+                borrow_device::<T>(stream, a.0, a.1, a.2)?,
+                borrow_device::<T>(stream, b.0, b.1, b.2)?,
+                borrow_device::<T>(stream, c.0, c.1, c.2)?,
+            ],
+            out: borrow_device::<T>(stream, out.data, out.len, "out")?,
+            lse: match lse.is_null() {
+                true => None,
+                false => Some(borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")?),
+            },
+        })
+    }
+}
+
 /// The caller's stream on GPU `device` (its primary context), wrapped without ownership.
 ///
 /// # Safety
@@ -537,32 +581,16 @@ unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
     lse: *mut f32,
     lse_len: usize,
 ) -> Result<(), CallError> {
-    let bytes = std::mem::size_of::<T>();
-    check_device_writes_disjoint(
-        byte_range(out.data, out.len, bytes),
-        (lse, lse_len),
-        &[
-            (byte_range(q.data, q.len, bytes), "q"),
-            (byte_range(k.data, k.len, bytes), "k"),
-            (byte_range(v.data, v.len, bytes), "v"),
-        ],
-    )?;
-    // SAFETY (all): device allocations of `len` elements by the contract.
-    let (bq, bk, bv, mut bo) = unsafe {
-        (
-            borrow_device::<T>(stream, q.data, q.len, "q")?,
-            borrow_device::<T>(stream, k.data, k.len, "k")?,
-            borrow_device::<T>(stream, v.data, v.len, "v")?,
-            borrow_device::<T>(stream, out.data, out.len, "out")?,
-        )
-    };
-    let mut bl = if lse.is_null() {
-        None
-    } else {
-        // SAFETY: `lse_len` device floats by the contract.
-        Some(unsafe { borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")? })
-    };
-    let lse_slice = bl
+    let inputs = [
+        (q.data, q.len, "q"),
+        (k.data, k.len, "k"),
+        (v.data, v.len, "v"),
+    ];
+    // SAFETY: device allocations as documented by the caller's contract.
+    let mut call = unsafe { borrow_call::<T>(stream, inputs, out, (lse, lse_len)) }?;
+    let [bq, bk, bv] = &call.inputs;
+    let lse_slice = call
+        .lse
         .as_mut()
         .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
     attn.forward_gpu(
@@ -570,7 +598,7 @@ unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
         Strided::new(bq.get(), strides(q.strides)),
         Strided::new(bk.get(), strides(k.strides)),
         Strided::new(bv.get(), strides(v.strides)),
-        Strided::new(bo.get_mut(), strides(out.strides)),
+        Strided::new(call.out.get_mut(), strides(out.strides)),
         lse_slice,
     )?;
     Ok(())
@@ -830,32 +858,16 @@ unsafe fn paged_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
     lse: *mut f32,
     lse_len: usize,
 ) -> Result<(), CallError> {
-    let bytes = std::mem::size_of::<T>();
-    check_device_writes_disjoint(
-        byte_range(out.data, out.len, bytes),
-        (lse, lse_len),
-        &[
-            (byte_range(q.data, q.len, bytes), "q"),
-            (byte_range(k_cache, cache_len, bytes), "k_cache"),
-            (byte_range(v_cache, cache_len, bytes), "v_cache"),
-        ],
-    )?;
-    // SAFETY (all): device allocations of the stated lengths by the contract.
-    let (bq, bk, bv, mut bo) = unsafe {
-        (
-            borrow_device::<T>(stream, q.data, q.len, "q")?,
-            borrow_device::<T>(stream, k_cache, cache_len, "k_cache")?,
-            borrow_device::<T>(stream, v_cache, cache_len, "v_cache")?,
-            borrow_device::<T>(stream, out.data, out.len, "out")?,
-        )
-    };
-    let mut bl = if lse.is_null() {
-        None
-    } else {
-        // SAFETY: `lse_len` device floats by the contract.
-        Some(unsafe { borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")? })
-    };
-    let lse_slice = bl
+    let inputs = [
+        (q.data, q.len, "q"),
+        (k_cache, cache_len, "k_cache"),
+        (v_cache, cache_len, "v_cache"),
+    ];
+    // SAFETY: device allocations as documented by the caller's contract.
+    let mut call = unsafe { borrow_call::<T>(stream, inputs, out, (lse, lse_len)) }?;
+    let [bq, bk, bv] = &call.inputs;
+    let lse_slice = call
+        .lse
         .as_mut()
         .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
     decode.forward_gpu(
@@ -866,7 +878,7 @@ unsafe fn paged_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
             v: bv.get(),
         },
         None,
-        Strided::new(bo.get_mut(), strides(out.strides)),
+        Strided::new(call.out.get_mut(), strides(out.strides)),
         lse_slice,
     )?;
     Ok(())
