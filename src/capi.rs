@@ -553,14 +553,20 @@ unsafe fn borrow_call<T>(
     }
 }
 
-/// The caller's stream on GPU `device` (its primary context), wrapped without ownership.
+/// The caller's stream on GPU `device` (its primary context), wrapped without ownership,
+/// once every required buffer pointer is known non-NULL (so a NULL is refused before the
+/// GPU is opened).
 ///
 /// # Safety
 /// `stream` is NULL (the legacy default stream) or a live stream of that context.
 unsafe fn caller_stream(
+    buffers: &[(*const std::ffi::c_void, &'static str)],
     device: i32,
     stream: *mut std::ffi::c_void,
 ) -> Result<std::sync::Arc<cudarc::driver::CudaStream>, CallError> {
+    if let Some(&(_, name)) = buffers.iter().find(|(data, _)| data.is_null()) {
+        return Err(CallError::Null(name));
+    }
     let ordinal = usize::try_from(device)
         .map_err(|_| Error::NoGpu(format!("device {device} is not a device ordinal")))?;
     let ctx = crate::device::open_gpu(ordinal)?;
@@ -631,16 +637,14 @@ pub unsafe extern "C" fn longattn_dense_forward_cuda(
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
         let attn = unsafe { dense_problem(desc) }?;
-        for (data, name) in [(q.data, "q"), (k.data, "k"), (v.data, "v")] {
-            if data.is_null() {
-                return Err(CallError::Null(name));
-            }
-        }
-        if out.data.is_null() {
-            return Err(CallError::Null("out"));
-        }
+        let buffers = [
+            (q.data, "q"),
+            (k.data, "k"),
+            (v.data, "v"),
+            (out.data, "out"),
+        ];
         // SAFETY: NULL or a live stream of that device's primary context by the contract.
-        let stream = unsafe { caller_stream(device, stream) }?;
+        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
         // SAFETY: the tensors are device allocations of `dtype` by the contract.
         unsafe {
             with_dtype!(dtype, T => dense_cuda_typed::<T>(&attn, &stream, q, k, v, out, lse, lse_len))
@@ -910,16 +914,14 @@ pub unsafe extern "C" fn longattn_paged_decode_cuda(
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
         let decode = unsafe { paged_problem(desc) }?;
-        for (data, name) in [(q.data, "q"), (k_cache, "k_cache"), (v_cache, "v_cache")] {
-            if data.is_null() {
-                return Err(CallError::Null(name));
-            }
-        }
-        if out.data.is_null() {
-            return Err(CallError::Null("out"));
-        }
+        let buffers = [
+            (q.data, "q"),
+            (k_cache, "k_cache"),
+            (v_cache, "v_cache"),
+            (out.data, "out"),
+        ];
         // SAFETY: NULL or a live stream of that device's primary context by the contract.
-        let stream = unsafe { caller_stream(device, stream) }?;
+        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
         // SAFETY: device buffers as documented for `dtype`.
         unsafe {
             with_dtype!(dtype, T => paged_cuda_typed::<T>(&decode, &stream, q, (k_cache, v_cache, cache_len), out, lse, lse_len))
