@@ -7,12 +7,10 @@
 //! the call returns; the launch is asynchronous and ordered on the stream, as for any CUDA
 //! library call); the stream handle belongs to that device's primary context (the one torch
 //! and CuPy use, which `CudaContext::new` retains). Nothing here allocates or frees the
-//! caller's memory: `RawDevice` only hands its pointer to the launchers.
+//! caller's memory: `RawDevice` borrows it for one call.
 
 use crate::{decode_problem, dims_n, err, make_options};
-use longattn::cudarc::driver::{
-    CudaContext, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop, sys,
-};
+use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 use longattn::{
     AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, SeqLens, Strided, Strides,
     f16,
@@ -20,39 +18,28 @@ use longattn::{
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyAny, PyDict};
-use std::marker::PhantomData;
 use std::sync::Arc;
 
-/// A borrowed device buffer: `len` elements of `T` from `ptr`, never freed here.
-struct RawDevice<T> {
-    ptr: sys::CUdeviceptr,
-    len: usize,
-    stream: Arc<CudaStream>,
-    _t: PhantomData<T>,
-}
+/// A borrowed device buffer: `len` elements of `T` from the interface's pointer, seen as a
+/// cudarc slice for one call and never freed here (dropped through [`CudaSlice::leak`], which
+/// releases only cudarc's own bookkeeping). The GPU entry points take only cudarc's buffer
+/// types, whose lengths they trust, so the borrow goes through cudarc's own constructor.
+struct RawDevice<T>(Option<CudaSlice<T>>);
 
-impl<T> DeviceSlice<T> for RawDevice<T> {
-    fn len(&self) -> usize {
-        self.len
+impl<T> RawDevice<T> {
+    fn get(&self) -> &CudaSlice<T> {
+        self.0.as_ref().expect("borrowed until dropped")
     }
-    fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    fn get_mut(&mut self) -> &mut CudaSlice<T> {
+        self.0.as_mut().expect("borrowed until dropped")
     }
 }
 
-// No cudarc event tracking: ordering with the caller's other work is the stream's.
-impl<T> DevicePtr<T> for RawDevice<T> {
-    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
-        (self.ptr, SyncOnDrop::Record(None))
-    }
-}
-
-impl<T> DevicePtrMut<T> for RawDevice<T> {
-    fn device_ptr_mut<'a>(
-        &'a mut self,
-        _stream: &'a CudaStream,
-    ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
-        (self.ptr, SyncOnDrop::Record(None))
+impl<T> Drop for RawDevice<T> {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.leak();
+        }
     }
 }
 
@@ -176,12 +163,11 @@ fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<Arc<Cud
 }
 
 fn raw<T>(c: &Cai, stream: &Arc<CudaStream>) -> RawDevice<T> {
-    RawDevice {
-        ptr: c.ptr as sys::CUdeviceptr,
-        len: c.extent(),
-        stream: stream.clone(),
-        _t: PhantomData,
-    }
+    // SAFETY: the interface describes live device memory of this extent on the stream's
+    // device (see the module docs); `RawDevice` never frees it.
+    RawDevice(Some(unsafe {
+        stream.upgrade_device_ptr::<T>(c.ptr as sys::CUdeviceptr, c.extent())
+    }))
 }
 
 fn check_same(name: &str, q: &Cai, x: &Cai) -> PyResult<()> {
@@ -211,10 +197,10 @@ fn dense_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
     let mut ro = raw::<T>(o, stream);
     attn.forward_gpu::<T, _, _>(
         stream,
-        Strided::new(&rq, qs),
-        Strided::new(&rk, ks),
-        Strided::new(&rv, vs),
-        Strided::new(&mut ro, os),
+        Strided::new(rq.get(), qs),
+        Strided::new(rk.get(), ks),
+        Strided::new(rv.get(), vs),
+        Strided::new(ro.get_mut(), os),
         None,
     )
     .map_err(err)
@@ -421,10 +407,13 @@ fn paged_decode_cuda(
             decode
                 .forward_gpu::<f16, _, _>(
                     &s,
-                    Strided::new(&rq, qs),
-                    KvPages { k: &rk, v: &rv },
+                    Strided::new(rq.get(), qs),
+                    KvPages {
+                        k: rk.get(),
+                        v: rv.get(),
+                    },
                     None,
-                    Strided::new(&mut ro, os),
+                    Strided::new(ro.get_mut(), os),
                     None,
                 )
                 .map_err(err)
