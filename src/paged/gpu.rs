@@ -620,6 +620,8 @@ mod imp {
             kmax: kmax as *mut _,
             max_pages_touched: max_touched as i32,
             dtype: la_dtype(T::DTYPE),
+            kv_dtype: la_dtype(T::DTYPE),
+            kv_scales: std::ptr::null(),
         };
         // SAFETY: extents, page ids and writer uniqueness were validated on the host; the
         // launch is ordered on `stream` after the uploads of the tables and offsets.
@@ -865,6 +867,8 @@ mod imp {
             o_partial: opart as *mut f32,
             lse_partial: lpart as *mut f32,
             dtype: la_dtype(T::DTYPE),
+            kv_dtype: la_dtype(T::DTYPE),
+            kv_scales: std::ptr::null(),
         };
         // SAFETY: every extent, page id and page list was validated on the host (at plan
         // creation for the tables and lists, per call for the tensors); the split scratch

@@ -11,6 +11,11 @@
  *                     cache's dtype (the bounds of f16/bf16 keys are f16/bf16 values)
  *   q, o:             [batch, q_len, heads_q, head_dim] element strides, last dim contiguous
  *   lse:              [batch, heads_q, q_len] f32, natural log
+ *   kv_dtype:         the cache's element type (k_cache, v_cache, kmin, kmax): dtype, or
+ *                     LA_F8E4M3 with kv_scales [2, heads_kv] f32 (k scales, then v scales):
+ *                     a cached value is e4m3 * scale; append stores
+ *                     e4m3_rne_satfinite(x / scale) (f32 division; NaN stays NaN, +-inf and
+ *                     |x / scale| > 448 saturate to +-448)
  * Windows use FlashAttention's (left, right) with -1 meaning unbounded; causal is (-1, 0).
  * No CUDA header is included here: LaDtype and cudaStream_t come from types.h. */
 #ifndef LONGATTN_PAGED_H
@@ -68,7 +73,12 @@ typedef struct LaPagedAppendParams {
   void *kmax;
   /* Most pages any one sequence's new tokens touch (grid x). */
   int32_t max_pages_touched;
+  /* Element type of k_new / v_new. */
   LaDtype dtype;
+  /* Element type of the cache and its metadata: dtype, or LA_F8E4M3 (then kv_scales, see
+   * above, is required and the metadata holds the bounds of the stored e4m3 values). */
+  LaDtype kv_dtype;
+  const float *kv_scales;
 } LaPagedAppendParams;
 
 /* Quest scoring and top-B page selection for the LA_HEAD_QUEST kv heads.
@@ -129,7 +139,12 @@ typedef struct LaPagedDecodeParams {
    * f32 scratch, used when num_splits > 1. */
   float *o_partial;
   float *lse_partial;
+  /* Element type of q / o. */
   LaDtype dtype;
+  /* Element type of the cache: dtype, or LA_F8E4M3 (then kv_scales, see above, is
+   * required: scores use k * k_scale[kv head], outputs v * v_scale[kv head]). */
+  LaDtype kv_dtype;
+  const float *kv_scales;
 } LaPagedDecodeParams;
 
 /* Query rows (q_len * heads_q / heads_kv) one decode block serves; more rows take more

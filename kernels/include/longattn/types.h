@@ -7,7 +7,9 @@
 typedef struct CUstream_st *cudaStream_t;
 #endif
 
-/* Element type of a params struct's tensors (q/k/v/o, a cache, the merge's o). */
-typedef enum LaDtype { LA_F16 = 0, LA_BF16 = 1, LA_F32 = 2 } LaDtype;
+/* Element type of a params struct's tensors (q/k/v/o, a cache, the merge's o).
+ * LA_F8E4M3 (OCP FP8 e4m3, "e4m3fn": no infinities, max 448) is a cache type only (kv_dtype
+ * of the paged params), with a dequantisation scale per kv head. */
+typedef enum LaDtype { LA_F16 = 0, LA_BF16 = 1, LA_F32 = 2, LA_F8E4M3 = 3 } LaDtype;
 
 #endif
