@@ -11,6 +11,8 @@ pub enum DType {
     BF16,
     /// IEEE 754 single precision.
     F32,
+    /// OCP FP8 e4m3 ([`F8E4M3`]): a KV-cache element type (with a scale per kv head).
+    F8E4M3,
 }
 
 impl std::fmt::Display for DType {
@@ -19,6 +21,7 @@ impl std::fmt::Display for DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::F32 => "f32",
+            DType::F8E4M3 => "f8e4m3",
         })
     }
 }
@@ -65,5 +68,80 @@ impl Element for bf16 {
     }
     fn from_f32(x: f32) -> Self {
         bf16::from_f32(x)
+    }
+}
+
+/// An OCP FP8 e4m3 value ("e4m3fn", as `torch.float8_e4m3fn` and CUDA's `__nv_fp8_e4m3`):
+/// 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, one NaN per sign
+/// (`0x7f`/`0xff`), largest finite value 448, smallest subnormal 2^-9.
+///
+/// The paged KV cache stores it with a dequantisation scale per kv head
+/// ([`KvScales`](crate::paged::KvScales)); every e4m3 value is exact in f16, bf16 and f32.
+/// [`Element::from_f32`] rounds to nearest, ties to even, and saturates: finite values beyond
+/// +-448 and +-inf become +-448, NaN stays NaN (CUDA's `cvt.rn.satfinite.e4m3x2.f32`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[repr(transparent)]
+pub struct F8E4M3(u8);
+
+impl F8E4M3 {
+    /// Largest finite value.
+    pub const MAX: f32 = 448.0;
+
+    /// The value with this bit pattern.
+    pub const fn from_bits(bits: u8) -> Self {
+        F8E4M3(bits)
+    }
+    /// The bit pattern.
+    pub const fn to_bits(self) -> u8 {
+        self.0
+    }
+    /// Whether this is one of the two NaN patterns.
+    pub const fn is_nan(self) -> bool {
+        self.0 & 0x7f == 0x7f
+    }
+}
+
+// SAFETY: `F8E4M3` is `repr(transparent)` over `u8`: every bit pattern is a value (zero too).
+#[cfg(longattn_cuda)]
+unsafe impl cudarc::driver::DeviceRepr for F8E4M3 {}
+// SAFETY: as above.
+#[cfg(longattn_cuda)]
+unsafe impl cudarc::driver::ValidAsZeroBits for F8E4M3 {}
+
+impl Element for F8E4M3 {
+    const DTYPE: DType = DType::F8E4M3;
+    fn to_f32(self) -> f32 {
+        let sign = if self.0 & 0x80 != 0 { -1.0 } else { 1.0 };
+        let (exp, man) = (i32::from((self.0 >> 3) & 0xf), f32::from(self.0 & 7));
+        if self.is_nan() {
+            return f32::NAN.copysign(sign);
+        }
+        // Exact: at most 4 significant bits, exponents -9..=8.
+        sign * if exp == 0 {
+            man * 2f32.powi(-9)
+        } else {
+            (8.0 + man) * 2f32.powi(exp - 10)
+        }
+    }
+    fn from_f32(x: f32) -> Self {
+        let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+        if x.is_nan() {
+            return F8E4M3(0x7f | sign);
+        }
+        // Values of at least 464 (448 plus half its spacing of 32, where the tie goes to
+        // 448's even mantissa) and infinities saturate.
+        let a = f64::from(x.abs());
+        if a >= 464.0 {
+            return F8E4M3(0x7e | sign);
+        }
+        // Exponent of the binade (from the bits: exact), clamped to -6: below 2^-6 the
+        // spacing stays 2^-9 (subnormals). In units of the binade's spacing 2^(e-3) the value
+        // is exact in f64; rounded to nearest even it is 8..=16 (normal) or 0..=8 (below
+        // 2^-6), and `(e + 7) * 8 + units - 8` is the code either way: 16 units carry into
+        // the next exponent, and with e = -6 the code is the count of 2^-9 units.
+        let e = (((x.abs().to_bits() >> 23) as i32) - 127).max(-6);
+        let units = (a * 2f64.powi(3 - e)).round_ties_even() as i32;
+        let code = ((e + 7) * 8 + units - 8) as u8;
+        F8E4M3(code | sign)
     }
 }

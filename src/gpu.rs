@@ -18,11 +18,12 @@ use cudarc::driver::{CudaStream, SyncOnDrop};
 /// Grid y/z limit: the dense and neighborhood kernels index heads and the batch with them.
 pub(crate) const GRID_LIMIT: usize = 65535;
 
-/// Refuses f32 on the GPU: `"{who} f16 or bf16 (f32 runs on the CPU {cpu})"`.
+/// Refuses every element type but f16 and bf16 on the GPU:
+/// `"{who} f16 or bf16 ({dtype} runs on the CPU {cpu})"`.
 pub(crate) fn check_half(dtype: DType, who: &str, cpu: &str) -> Result<()> {
-    if dtype == DType::F32 {
+    if !matches!(dtype, DType::F16 | DType::BF16) {
         return Err(Error::Unsupported(format!(
-            "{who} f16 or bf16 (f32 runs on the CPU {cpu})"
+            "{who} f16 or bf16 ({dtype} runs on the CPU {cpu})"
         )));
     }
     Ok(())
@@ -216,6 +217,7 @@ pub(crate) fn la_dtype(dtype: DType) -> ffi::LaDtype {
         DType::F16 => ffi::LaDtype::LA_F16,
         DType::BF16 => ffi::LaDtype::LA_BF16,
         DType::F32 => ffi::LaDtype::LA_F32,
+        DType::F8E4M3 => ffi::LaDtype::LA_F8E4M3,
     }
 }
 
@@ -253,6 +255,7 @@ pub(crate) fn check_launch(what: &str, code: i32) -> Result<()> {
 /// Bytes per element of `dtype`.
 pub(crate) fn dtype_bytes(dtype: DType) -> usize {
     match dtype {
+        DType::F8E4M3 => 1,
         DType::F16 | DType::BF16 => 2,
         DType::F32 => 4,
     }

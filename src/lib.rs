@@ -93,7 +93,7 @@ pub use dense::{
     AttentionOptions, AttentionShape, DenseGpuPlan, DenseKernel, FlashAttention, MAX_SCALE,
 };
 pub use device::Device;
-pub use element::{DType, Element};
+pub use element::{DType, Element, F8E4M3};
 pub use error::{Error, Result};
 pub use gpu::{DeviceBuffer, DeviceBufferMut};
 pub use half::{bf16, f16};
@@ -104,9 +104,9 @@ pub use neighborhood::{
     NeighborhoodAttention, NeighborhoodDim, NeighborhoodGpuPlan, NeighborhoodShape, Neighbors,
 };
 pub use paged::{
-    GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
-    PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillPlan, QuestConfig,
-    QuestSelection, SparsePolicy, StreamingConfig,
+    GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
+    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillPlan,
+    QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,

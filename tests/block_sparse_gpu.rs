@@ -19,14 +19,6 @@ use longattn::*;
 use rand::Rng;
 use std::sync::Arc;
 
-fn tolerance<T: Element>() -> f64 {
-    match T::DTYPE {
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        DType::F32 => 1e-5,
-    }
-}
-
 /// A problem: per-sequence `(seqlen_q, seqlen_k)` (fixed when `!varlen`: all equal), heads,
 /// head dim, options, and its block mask (built from the bound dims).
 struct Case {

@@ -32,14 +32,6 @@ fn fixed_shape(x: Dims) -> AttentionShape<'static> {
     }
 }
 
-fn tolerance<T: Element>() -> f64 {
-    match T::DTYPE {
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        DType::F32 => 1e-5,
-    }
-}
-
 /// Uploads host `q`, `k`, `v` (strides `qs` for q and out, `ks` for k and v), runs `attn` on
 /// the GPU into NaN-poisoned output and LSE buffers and returns them (output as f64), or the
 /// call's error.

@@ -15,14 +15,6 @@ use longattn::reference::neighborhood_attention_f64;
 use longattn::*;
 use std::sync::Arc;
 
-fn tolerance<T: Element>() -> f64 {
-    match T::DTYPE {
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        DType::F32 => 1e-5,
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Case {
     dims: Vec<NeighborhoodDim>,

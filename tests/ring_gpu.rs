@@ -18,14 +18,6 @@ use longattn::ring::{RankBuffers, RingElement, RingGpuReport, RingRank, SelfComm
 use longattn::*;
 use std::sync::Arc;
 
-fn tolerance<T: Element>() -> f64 {
-    match T::DTYPE {
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        DType::F32 => 1e-5,
-    }
-}
-
 struct Case<T> {
     ring: RingAttention,
     q: Vec<Vec<T>>,

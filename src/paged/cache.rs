@@ -1,7 +1,7 @@
 //! The paged KV cache: geometry, validated tables, and appending new tokens with their
 //! Quest page metadata.
 
-use crate::element::Element;
+use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_cu_seqlens, check_extent};
@@ -105,7 +105,75 @@ pub struct PageMeta<D> {
     pub kmax: D,
 }
 
-/// A validated paged KV cache description: the geometry plus a copy of the tables.
+/// Dequantisation scales of an FP8 ([`F8E4M3`](crate::element::F8E4M3)) cache: one f32 per
+/// kv head for K and one for V. A stored key `x` of kv head `g` means `x * k[g]` (V alike);
+/// an append stores `F8E4M3::from_f32(value / k[g])` (f32 division, round to nearest even,
+/// saturating at +-448).
+///
+/// Why per kv head and fixed: an append never rewrites earlier tokens, so a scale chosen per
+/// page would be fixed by the page's first token (later, larger tokens would saturate) or
+/// force a requantisation of the page; engines calibrate K/V scales per layer (vLLM's
+/// `k_scale`/`v_scale`) or per head instead, which is this type (equal values for per-layer
+/// scales). The Quest bounds of an FP8 cache are the bounds of the stored e4m3 values.
+#[derive(Debug, Clone)]
+pub struct KvScales {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvScales {
+    /// Per-kv-head scales, `k, v: [heads_kv]`, each finite and > 0.
+    pub fn new(k: Vec<f32>, v: Vec<f32>) -> Result<Self> {
+        if k.is_empty() || k.len() != v.len() {
+            return Err(Error::Shape(format!(
+                "kv scales: k has {} and v {} values; one per kv head (>= 1) each",
+                k.len(),
+                v.len()
+            )));
+        }
+        for (name, xs) in [("k", &k), ("v", &v)] {
+            if let Some((g, x)) = xs
+                .iter()
+                .enumerate()
+                .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+            {
+                return Err(Error::InvalidOption(format!(
+                    "kv scales: {name}[{g}] = {x} must be finite and > 0"
+                )));
+            }
+        }
+        Ok(KvScales { k, v })
+    }
+    /// The same scales for every one of `heads_kv` heads (a per-layer scale).
+    pub fn uniform(heads_kv: usize, k: f32, v: f32) -> Result<Self> {
+        if heads_kv > i32::MAX as usize {
+            return Err(Error::Shape(format!(
+                "heads_kv = {heads_kv} must fit in i32"
+            )));
+        }
+        Self::new(vec![k; heads_kv], vec![v; heads_kv])
+    }
+    /// K scales, `[heads_kv]`.
+    pub fn k(&self) -> &[f32] {
+        &self.k
+    }
+    /// V scales, `[heads_kv]`.
+    pub fn v(&self) -> &[f32] {
+        &self.v
+    }
+}
+
+/// Equal when every scale has the same bits (the scales are finite: no NaN).
+impl PartialEq for KvScales {
+    fn eq(&self, other: &Self) -> bool {
+        let bits = |xs: &[f32]| xs.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        bits(&self.k) == bits(&other.k) && bits(&self.v) == bits(&other.v)
+    }
+}
+impl Eq for KvScales {}
+
+/// A validated paged KV cache description: the geometry plus a copy of the tables, and the
+/// dequantisation scales of an FP8 cache ([`PagedCache::with_kv_scales`]).
 /// Every page id a sequence uses (tokens `0..seqlens_k[b]`) is in `0..num_pages`, so the
 /// CPU and GPU paths index the buffers without further checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +183,7 @@ pub struct PagedCache {
     pub(crate) max_pages_per_seq: usize,
     pub(crate) block_table: Vec<i32>,
     pub(crate) seqlens_k: Vec<i32>,
+    pub(crate) kv_scales: Option<KvScales>,
 }
 
 impl PagedCache {
@@ -202,7 +271,39 @@ impl PagedCache {
             max_pages_per_seq: table.max_pages_per_seq,
             block_table: table.block_table.to_vec(),
             seqlens_k: table.seqlens_k.to_vec(),
+            kv_scales: None,
         })
+    }
+
+    /// Sets the dequantisation scales of an FP8 cache (one per kv head). Without them an FP8
+    /// cache is read and written with scale 1; caches of other element types refuse scales
+    /// (at append or decode time, where the element type is known).
+    pub fn with_kv_scales(mut self, scales: KvScales) -> Result<Self> {
+        if scales.k.len() != self.layout.heads_kv {
+            return Err(Error::Shape(format!(
+                "kv scales hold {} heads but the cache has heads_kv = {}",
+                scales.k.len(),
+                self.layout.heads_kv
+            )));
+        }
+        self.kv_scales = Some(scales);
+        Ok(self)
+    }
+    /// The FP8 dequantisation scales, if set.
+    pub fn kv_scales(&self) -> Option<&KvScales> {
+        self.kv_scales.as_ref()
+    }
+    /// (k, v) scales of kv head `kvh` for a cache of element type `cache`: those set for an
+    /// FP8 cache (1 when none are), 1 for any other type, which refuses scales.
+    pub(crate) fn scales_for(&self, cache: DType) -> Result<Vec<(f32, f32)>> {
+        let heads = self.layout.heads_kv;
+        match (&self.kv_scales, cache) {
+            (Some(s), DType::F8E4M3) => Ok(s.k.iter().copied().zip(s.v.iter().copied()).collect()),
+            (None, _) => Ok(vec![(1.0, 1.0); heads]),
+            (Some(_), other) => Err(Error::InvalidOption(format!(
+                "kv scales describe an FP8 (f8e4m3) cache, but this cache holds {other}"
+            ))),
+        }
     }
 
     /// The cache geometry.
@@ -371,13 +472,17 @@ impl PagedCache {
     /// those of the new tokens alone, so a page reused by another sequence forgets its previous
     /// owner. Otherwise the existing bounds are widened. Both equal min/max recomputed over
     /// slots `0..=last` as long as pages are filled in order, which the tables guarantee.
-    pub fn append_cpu<T: Element>(
+    ///
+    /// The cache's element type `C` may differ from the new tokens' `T`: a value is stored as
+    /// `C::from_f32(x / scale)` (the [`KvScales`] of its kv head for an FP8 cache, else 1, so
+    /// `T == C` copies exactly), and the bounds are those of the stored values.
+    pub fn append_cpu<T: Element, C: Element>(
         &self,
         cu_seqlens_new: &[i32],
         k_new: Strided<&[T]>,
         v_new: Strided<&[T]>,
-        cache: KvPages<&mut [T]>,
-        meta: Option<PageMeta<&mut [T]>>,
+        cache: KvPages<&mut [C]>,
+        meta: Option<PageMeta<&mut [C]>>,
     ) -> Result<()> {
         self.check_append(
             cu_seqlens_new,
@@ -386,16 +491,13 @@ impl PagedCache {
             (cache.k.len(), cache.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
+        let scales = self.scales_for(C::DTYPE)?;
         let KvPages {
             k: k_cache,
             v: v_cache,
         } = cache;
         let mut meta = meta;
-        let (ps, hkv, d) = (
-            self.layout.page_size,
-            self.layout.heads_kv,
-            self.layout.head_dim,
-        );
+        let (ps, d) = (self.layout.page_size, self.layout.head_dim);
         let row = |s: &Strides, t: usize, h: usize| t * s.seq as usize + h * s.head as usize;
         for b in 0..self.batch {
             let t0 = cu_seqlens_new[b] as usize;
@@ -406,24 +508,35 @@ impl PagedCache {
                 let (lp, slot) = (pos / ps, pos % ps);
                 let id = self.page_at(b, lp);
                 let t = t0 + pos - start;
-                for h in 0..hkv {
+                for (h, &(k_scale, v_scale)) in scales.iter().enumerate() {
                     let dst = self.layout.slot_at(id, slot, h);
                     let ks = row(&k_new.strides, t, h);
                     let vs = row(&v_new.strides, t, h);
-                    k_cache[dst..dst + d].copy_from_slice(&k_new.data[ks..ks + d]);
-                    v_cache[dst..dst + d].copy_from_slice(&v_new.data[vs..vs + d]);
+                    let store = |x: &T, s: f32| C::from_f32(x.to_f32() / s);
+                    for (c, x) in k_cache[dst..dst + d]
+                        .iter_mut()
+                        .zip(&k_new.data[ks..ks + d])
+                    {
+                        *c = store(x, k_scale);
+                    }
+                    for (c, x) in v_cache[dst..dst + d]
+                        .iter_mut()
+                        .zip(&v_new.data[vs..vs + d])
+                    {
+                        *c = store(x, v_scale);
+                    }
                     if let Some(m) = meta.as_mut() {
                         let mo = self.layout.meta_at(id, h);
                         let fresh = slot == 0;
                         for c in 0..d {
-                            let x = k_new.data[ks + c];
+                            let x = k_cache[dst + c];
                             let (lo, hi) = (&mut m.kmin[mo + c], &mut m.kmax[mo + c]);
                             if fresh {
                                 (*lo, *hi) = (x, x);
                             } else {
-                                // Exact: the min/max of two T values is one of them.
-                                *lo = T::from_f32(lo.to_f32().min(x.to_f32()));
-                                *hi = T::from_f32(hi.to_f32().max(x.to_f32()));
+                                // Exact: the min/max of two C values is one of them.
+                                *lo = C::from_f32(lo.to_f32().min(x.to_f32()));
+                                *hi = C::from_f32(hi.to_f32().max(x.to_f32()));
                             }
                         }
                     }

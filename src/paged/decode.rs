@@ -482,13 +482,15 @@ impl PagedDecode {
     }
 
     /// Quest selection on the CPU: scores and the selected pages of every Quest head.
-    /// `q: [batch, q_len, heads_q, head_dim]`; metadata as written by the append.
-    pub fn select_cpu<T: Element>(
+    /// `q: [batch, q_len, heads_q, head_dim]`; metadata as written by the append, in the
+    /// cache's element type `C` (an FP8 cache's bounds are scaled by its K scales).
+    pub fn select_cpu<T: Element, C: Element>(
         &self,
         q: Strided<&[T]>,
-        meta: PageMeta<&[T]>,
+        meta: PageMeta<&[C]>,
     ) -> Result<QuestSelection> {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
+        let scales = self.cache.scales_for(C::DTYPE)?;
         let (hkv, d, mp) = (
             self.cache.heads_kv(),
             self.cache.head_dim(),
@@ -512,6 +514,8 @@ impl PagedDecode {
                 for p in cand.iter() {
                     let mo = layout.meta_at(self.cache.page_at(b, p), kvh);
                     let (lo, hi) = (&meta.kmin[mo..mo + d], &meta.kmax[mo..mo + d]);
+                    // The bounds of the dequantised keys are the stored bounds times the
+                    // (positive) K scale, which factors out of the sum.
                     scores[p] = rows
                         .iter()
                         .map(|qr| {
@@ -519,7 +523,8 @@ impl PagedDecode {
                                 .map(|c| (qr[c] * hi[c].to_f32()).max(qr[c] * lo[c].to_f32()))
                                 .sum::<f32>()
                         })
-                        .fold(f32::NEG_INFINITY, f32::max);
+                        .fold(f32::NEG_INFINITY, f32::max)
+                        * scales[kvh].0;
                 }
                 let sel = select_top(&cand, &scores, self.policy.quest.sink_pages, budget);
                 (scores, sel)
@@ -542,10 +547,10 @@ impl PagedDecode {
     }
 
     /// Selected pages of the Quest and Listed heads (Quest from `select_cpu`).
-    fn selected_pages<T: Element>(
+    fn selected_pages<T: Element, C: Element>(
         &self,
         q: &Strided<&[T]>,
-        meta: Option<&PageMeta<&[T]>>,
+        meta: Option<&PageMeta<&[C]>>,
     ) -> Result<Option<PageLists>> {
         if !self.needs_meta() && self.lists.is_none() {
             return Ok(None);
@@ -584,11 +589,16 @@ impl PagedDecode {
     /// CPU decode (also the fallback without a GPU): f32 accumulation, the page list split
     /// into `num_splits` contiguous parts (forced count, else 1) as on the GPU, each part an
     /// online softmax over its pages, merged with [`merge_weights`](crate::softmax::merge_weights).
-    pub fn forward_cpu<T: Element>(
+    ///
+    /// The cache's element type `C` may differ from `T` (q/out): keys and values are read as
+    /// `C` times the kv head's [`KvScales`](super::KvScales) for an FP8 cache (the K scale
+    /// folded into the score scale, the V scale applied to the output row), as stored for any
+    /// other type.
+    pub fn forward_cpu<T: Element, C: Element>(
         &self,
         q: Strided<&[T]>,
-        kv: KvPages<&[T]>,
-        meta: Option<PageMeta<&[T]>>,
+        kv: KvPages<&[C]>,
+        meta: Option<PageMeta<&[C]>>,
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
@@ -599,6 +609,7 @@ impl PagedDecode {
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
+        let scales = self.cache.scales_for(C::DTYPE)?;
         let selected = self.selected_pages(&q, meta.as_ref())?;
         let splits = self.num_splits.unwrap_or(1);
         let (d, ps) = (self.cache.head_dim(), self.cache.page_size());
@@ -611,6 +622,8 @@ impl PagedDecode {
             .par_iter()
             .map(|&(b, i, h)| {
                 let kvh = self.kv_head(h);
+                let (k_scale, v_scale) = scales[kvh];
+                let score_scale = self.scale * k_scale;
                 let mask = self.mask_at(kvh);
                 let sk = self.cache.seqlen_of(b);
                 let qi = self.q_row(&q, b, i, h);
@@ -636,7 +649,7 @@ impl PagedDecode {
                                     .zip(&kv.k[off..off + d])
                                     .map(|(a, k)| a * k.to_f32())
                                     .sum();
-                                softcapped(dot * self.scale, self.softcap)
+                                softcapped(dot * score_scale, self.softcap)
                             } else {
                                 f32::NEG_INFINITY
                             };
@@ -652,6 +665,7 @@ impl PagedDecode {
                     let (o, l) = state.finish();
                     merge_into_row(&mut acc.0, &mut acc.1, o, l);
                 }
+                acc.0.iter_mut().for_each(|x| *x *= v_scale);
                 acc
             })
             .collect();

@@ -22,7 +22,7 @@ mod prefill;
 mod prefill_gpu;
 mod select;
 
-pub use cache::{KvPages, PageMeta, PageTable, PagedCache, PagedLayout};
+pub use cache::{KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedLayout};
 pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
 pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use prefill::PagedPrefill;

@@ -280,16 +280,22 @@ impl PagedPrefill {
         self.cache.check_kv(kv.0, kv.1)
     }
 
-    /// Keys `0..seqlen_k[b]` of kv head `kvh` of sequence `b` gathered from the pages as f32,
-    /// `(k, v)` each `[seqlen, head_dim]`.
-    fn gather_f32<T: Element>(&self, kv: &KvPages<&[T]>, b: usize, kvh: usize) -> [Vec<f32>; 2] {
+    /// Keys `0..seqlen_k[b]` of kv head `kvh` of sequence `b` gathered from the pages as f32
+    /// and times the head's `(k, v)` scales, `(k, v)` each `[seqlen, head_dim]`.
+    fn gather_f32<C: Element>(
+        &self,
+        kv: &KvPages<&[C]>,
+        b: usize,
+        kvh: usize,
+        (k_scale, v_scale): (f32, f32),
+    ) -> [Vec<f32>; 2] {
         let (sk, d) = (self.cache.seqlen_of(b), self.cache.head_dim());
         let mut k = Vec::with_capacity(sk * d);
         let mut v = Vec::with_capacity(sk * d);
         for j in 0..sk {
             let off = self.cache.token_at(b, j, kvh);
-            k.extend(kv.k[off..off + d].iter().map(|x| x.to_f32()));
-            v.extend(kv.v[off..off + d].iter().map(|x| x.to_f32()));
+            k.extend(kv.k[off..off + d].iter().map(|x| x.to_f32() * k_scale));
+            v.extend(kv.v[off..off + d].iter().map(|x| x.to_f32() * v_scale));
         }
         [k, v]
     }
@@ -297,11 +303,13 @@ impl PagedPrefill {
     /// CPU prefill (also the fallback without a GPU): per (sequence, kv head) the K/V rows
     /// are gathered from the pages, then each query head of the group runs the dense CPU
     /// path's tiled online softmax (f32 accumulation) over them, so the result equals
-    /// [`FlashAttention::forward_cpu`] on the gathered tokens bit for bit.
-    pub fn forward_cpu<T: Element>(
+    /// [`FlashAttention::forward_cpu`] on the gathered tokens bit for bit (cache type `C ==
+    /// T`). An FP8 cache's K/V are dequantised with its [`KvScales`](super::KvScales) as they
+    /// are gathered.
+    pub fn forward_cpu<T: Element, C: Element>(
         &self,
         q: Strided<&[T]>,
-        kv: KvPages<&[T]>,
+        kv: KvPages<&[C]>,
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
@@ -312,6 +320,7 @@ impl PagedPrefill {
             (kv.k.len(), kv.v.len()),
         )?;
         let (hkv, d, group) = (self.cache.heads_kv(), self.cache.head_dim(), self.group());
+        let scales = self.cache.scales_for(C::DTYPE)?;
         let tasks: Vec<(usize, usize)> = (0..self.cache.batch())
             .flat_map(|b| (0..hkv).map(move |kvh| (b, kvh)))
             .collect();
@@ -320,7 +329,7 @@ impl PagedPrefill {
             .map(|&(b, kvh)| {
                 let sk = self.cache.seqlen_of(b);
                 let (qb, r0, sq) = self.rows_of(b);
-                let [kh, vh] = self.gather_f32(&kv, b, kvh);
+                let [kh, vh] = self.gather_f32(&kv, b, kvh, scales[kvh]);
                 (kvh * group..(kvh + 1) * group)
                     .map(|h| {
                         let qh = q.head_rows_f32(qb, r0..r0 + sq, h, d);

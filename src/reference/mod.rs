@@ -26,10 +26,30 @@ pub(crate) fn attend_row<'a, T: Element>(
     softcap: Option<f32>,
     out: &mut [f64],
 ) -> f64 {
+    attend_row_dequant(q, n, key, value, (1.0, 1.0), scale, softcap, out)
+}
+
+/// [`attend_row`] over stored keys and values of another element type `C` that mean
+/// `stored * kv_scale.0` (keys) and `stored * kv_scale.1` (values): an FP8 cache.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend_row_dequant<'a, T: Element, C: Element>(
+    q: &[T],
+    n: usize,
+    key: impl Fn(usize) -> Option<&'a [C]>,
+    value: impl Fn(usize) -> &'a [C],
+    (k_scale, v_scale): (f64, f64),
+    scale: f64,
+    softcap: Option<f32>,
+    out: &mut [f64],
+) -> f64 {
     let scores: Vec<Option<f64>> = (0..n)
         .map(|j| {
             key(j).map(|k| {
-                let dot: f64 = q.iter().zip(k).map(|(a, b)| a.to_f64() * b.to_f64()).sum();
+                let dot: f64 = q
+                    .iter()
+                    .zip(k)
+                    .map(|(a, b)| a.to_f64() * (b.to_f64() * k_scale))
+                    .sum();
                 match softcap {
                     Some(cap) => cap as f64 * (dot * scale / cap as f64).tanh(),
                     None => dot * scale,
@@ -55,7 +75,7 @@ pub(crate) fn attend_row<'a, T: Element>(
         if let Some(s) = s {
             let p = (s - m).exp() / l;
             for (acc, x) in out.iter_mut().zip(value(j)) {
-                *acc += p * x.to_f64();
+                *acc += p * (x.to_f64() * v_scale);
             }
         }
     }

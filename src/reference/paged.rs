@@ -8,7 +8,7 @@ use crate::layout::Strided;
 use crate::paged::{
     HeadPolicy, KvPages, PageLists, PageMeta, PagedCache, PagedDecode, PagedPrefill,
 };
-use crate::reference::attend_row;
+use crate::reference::attend_row_dequant;
 
 /// The visibility rule of [`PagedDecode`] spelled out: key `j` of sequence `b` is read by
 /// query row `i` of kv head `kvh` iff the head's mask makes it visible and, for Quest/Listed
@@ -33,16 +33,18 @@ pub fn decode_visible<'a>(
 
 /// Two-pass f64 decode: `out: [batch, q_len, heads_q, head_dim]` contiguous, `lse:
 /// [batch, heads_q, q_len]` natural log; rows with no visible key give 0 and `-inf`.
-/// `visible(b, kvh, i, j)` decides which keys each row reads.
-pub fn paged_decode_f64<T: Element>(
+/// `visible(b, kvh, i, j)` decides which keys each row reads. The cache (element type `C`)
+/// is dequantised in f64 with its [`KvScales`](crate::paged::KvScales) (FP8).
+pub fn paged_decode_f64<T: Element, C: Element>(
     decode: &PagedDecode,
     q: Strided<&[T]>,
-    kv: KvPages<&[T]>,
+    kv: KvPages<&[C]>,
     visible: impl Fn(usize, usize, usize, usize) -> bool,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let cache = decode.cache();
     decode.check_io(q.extent(), None, None)?;
     cache.check_kv(kv.k.len(), kv.v.len())?;
+    let scales = f64_scales::<C>(cache)?;
     let (d, hq, sq) = (cache.head_dim(), decode.heads_q(), decode.q_len());
     let mut out = vec![0.0f64; decode.out_len()];
     let mut lse = vec![f64::NEG_INFINITY; decode.lse_len()];
@@ -58,11 +60,12 @@ pub fn paged_decode_f64<T: Element>(
                 let oo = ((b * sq + i) * hq + h) * d;
                 let (kd, vd) = (kv.k, kv.v);
                 let at = |j: usize| cache.token_at(b, j, kvh);
-                lse[(b * hq + h) * sq + i] = attend_row(
+                lse[(b * hq + h) * sq + i] = attend_row_dequant(
                     qi,
                     sk,
                     |j| visible(b, kvh, i, j).then(|| &kd[at(j)..at(j) + d]),
                     |j| &vd[at(j)..at(j) + d],
+                    scales[kvh],
                     scale,
                     decode.softcap(),
                     &mut out[oo..oo + d],
@@ -75,14 +78,15 @@ pub fn paged_decode_f64<T: Element>(
 
 /// Quest scores in f64 of every page of every sequence and kv head, aggregated by max over
 /// the group's query heads and the q rows: `[batch, heads_kv, max_pages_per_seq]`, `-inf`
-/// past the sequence's pages.
-pub fn quest_scores_f64<T: Element>(
+/// past the sequence's pages. The bounds (element type `C`) are dequantised with the K scales.
+pub fn quest_scores_f64<T: Element, C: Element>(
     decode: &PagedDecode,
     q: Strided<&[T]>,
-    meta: PageMeta<&[T]>,
+    meta: PageMeta<&[C]>,
 ) -> Result<Vec<f64>> {
     let cache = decode.cache();
     decode.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
+    let scales = f64_scales::<C>(cache)?;
     let (hkv, d, mp, g) = (
         cache.heads_kv(),
         cache.head_dim(),
@@ -102,7 +106,9 @@ pub fn quest_scores_f64<T: Element>(
                         let sc: f64 = (0..d)
                             .map(|c| {
                                 let x = q.data[qo + c].to_f64();
-                                (x * meta.kmax[mo + c].to_f64()).max(x * meta.kmin[mo + c].to_f64())
+                                let ks = scales[kvh].0;
+                                (x * (meta.kmax[mo + c].to_f64() * ks))
+                                    .max(x * (meta.kmin[mo + c].to_f64() * ks))
                             })
                             .sum();
                         best = best.max(sc);
@@ -177,16 +183,27 @@ pub fn page_bounds<T: Element>(
     out
 }
 
+/// The cache's `(k, v)` dequantisation scales per kv head in f64 (1 for a cache without
+/// [`KvScales`](crate::paged::KvScales)).
+fn f64_scales<C: Element>(cache: &PagedCache) -> Result<Vec<(f64, f64)>> {
+    Ok(cache
+        .scales_for(C::DTYPE)?
+        .into_iter()
+        .map(|(k, v)| (f64::from(k), f64::from(v)))
+        .collect())
+}
+
 /// Two-pass f64 paged prefill: every key `0..seqlens_k[b]` of the sequence read through the
 /// block table and tested with the dense mask rule (`Mask::visible(i, j, q_len, sk)`).
 /// `out: [batch, q_len, heads_q, head_dim]` contiguous, `lse: [batch, heads_q, q_len]`
 /// natural log; rows with no visible key give 0 and `-inf`.
-pub fn paged_prefill_f64<T: Element>(
+pub fn paged_prefill_f64<T: Element, C: Element>(
     prefill: &PagedPrefill,
     q: Strided<&[T]>,
-    kv: KvPages<&[T]>,
+    kv: KvPages<&[C]>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let cache = prefill.cache();
+    let scales = f64_scales::<C>(cache)?;
     let [_, rows, hq, d] = prefill.q_dims();
     // Contiguous [batch, q_len, hq, d], or packed [total_q, hq, d] (varlen).
     let out_strides = crate::layout::Strides::contiguous(rows, hq, d);
@@ -211,11 +228,12 @@ pub fn paged_prefill_f64<T: Element>(
                 let oo = out_strides.offset(qb, r0 + i, h);
                 let (kd, vd) = (kv.k, kv.v);
                 let at = |j: usize| cache.token_at(b, j, kvh);
-                lse[prefill.lse_index(b, h, i)] = attend_row(
+                lse[prefill.lse_index(b, h, i)] = attend_row_dequant(
                     qi,
                     sk,
                     |j| mask.visible(i, j, sq, sk).then(|| &kd[at(j)..at(j) + d]),
                     |j| &vd[at(j)..at(j) + d],
+                    scales[kvh],
                     scale,
                     prefill.softcap(),
                     &mut out[oo..oo + d],

@@ -5,7 +5,7 @@
 pub mod paged;
 pub mod ring;
 
-use longattn::Element;
+use longattn::{DType, Element};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -21,6 +21,17 @@ pub fn random_vec<T: Element>(rng: &mut SmallRng, n: usize) -> Vec<T> {
 }
 
 /// `||got - want|| / ||want||`; NaN anywhere (or a NaN/inf mismatch) gives +inf.
+/// Relative L2 tolerance of a GPU result in element type `T` (q/out) against the f64
+/// reference: f16/bf16 rounding of the inputs, P and the output dominate.
+pub fn tolerance<T: Element>() -> f64 {
+    match T::DTYPE {
+        DType::BF16 => 2e-2,
+        DType::F16 => 4e-3,
+        DType::F32 => 1e-5,
+        DType::F8E4M3 => unreachable!("f8e4m3 is a KV-cache type, never q"),
+    }
+}
+
 pub fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let (mut num, mut den) = (0.0f64, 0.0f64);

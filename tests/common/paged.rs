@@ -3,8 +3,9 @@
 
 use super::{random_vec, rng};
 use longattn::{
-    AttentionOptions, Element, HeadPolicy, KvPages, PageLists, PageMeta, PageTable, PagedCache,
-    PagedDecode, PagedLayout, QuestConfig, SparsePolicy, StreamingConfig, Strided, Strides, Window,
+    AttentionOptions, Element, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
+    PagedCache, PagedDecode, PagedLayout, QuestConfig, SparsePolicy, StreamingConfig, Strided,
+    Strides, Window,
 };
 use rand::Rng;
 use rand::rngs::SmallRng;
@@ -33,13 +34,14 @@ pub fn shuffled_block_table(
 
 /// A filled paged cache: pages scattered by a random permutation, K/V written through
 /// `append_cpu` in chunks (a prefill chunk then decode-sized steps), and the same tokens
-/// contiguous per sequence (`tokens[b]: [seqlen, heads_kv, head_dim]` for K and V).
-pub struct Scenario<T> {
+/// contiguous per sequence (`tokens[b]: [seqlen, heads_kv, head_dim]` for K and V) in the
+/// new tokens' type `T`; the cache holds `C` (an FP8 cache quantises them on append).
+pub struct Scenario<T, C = T> {
     pub cache: PagedCache,
-    pub k_cache: Vec<T>,
-    pub v_cache: Vec<T>,
-    pub kmin: Vec<T>,
-    pub kmax: Vec<T>,
+    pub k_cache: Vec<C>,
+    pub v_cache: Vec<C>,
+    pub kmin: Vec<C>,
+    pub kmax: Vec<C>,
     pub k_tokens: Vec<Vec<T>>,
     pub v_tokens: Vec<Vec<T>>,
 }
@@ -64,6 +66,22 @@ pub fn scenario<T: Element>(
     head_dim: usize,
     seed: u64,
 ) -> Scenario<T> {
+    scenario_with::<T, T>(seqlens, page_size, heads_kv, head_dim, seed, None)
+}
+
+/// [`scenario`] with a cache of element type `C` and, for an FP8 cache, its scales.
+pub fn scenario_with<T: Element, C: Element>(
+    seqlens: &[usize],
+    page_size: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    seed: u64,
+    scales: Option<KvScales>,
+) -> Scenario<T, C> {
+    let with_scales = |cache: PagedCache| match &scales {
+        Some(s) => cache.with_kv_scales(s.clone()).unwrap(),
+        None => cache,
+    };
     let mut r = rng(seed);
     let (num_pages, max_pages, table) = table_for(seqlens, page_size, 3, &mut r);
     let layout = PagedLayout {
@@ -83,10 +101,10 @@ pub fn scenario<T: Element>(
         .collect();
     // Garbage in every slot and in the bounds first: nothing unwritten may leak into results,
     // and bounds must be restarted (not widened) when a page starts.
-    let mut k_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
-    let mut v_cache: Vec<T> = random_vec(&mut r, layout.cache_len());
-    let mut kmin = vec![T::from_f32(0.5); layout.meta_len()];
-    let mut kmax = vec![T::from_f32(-0.5); layout.meta_len()];
+    let mut k_cache: Vec<C> = random_vec(&mut r, layout.cache_len());
+    let mut v_cache: Vec<C> = random_vec(&mut r, layout.cache_len());
+    let mut kmin = vec![C::from_f32(0.5); layout.meta_len()];
+    let mut kmax = vec![C::from_f32(-0.5); layout.meta_len()];
     // Append schedule: first chunk up to 37 tokens, then steps of 1..=3.
     let mut done = vec![0usize; seqlens.len()];
     loop {
@@ -106,15 +124,17 @@ pub fn scenario<T: Element>(
             .zip(&chunk)
             .map(|(d, c)| (d + c) as i32)
             .collect();
-        let cache = PagedCache::new(
-            layout,
-            PageTable {
-                block_table: &table,
-                max_pages_per_seq: max_pages,
-                seqlens_k: &now,
-            },
-        )
-        .unwrap();
+        let cache = with_scales(
+            PagedCache::new(
+                layout,
+                PageTable {
+                    block_table: &table,
+                    max_pages_per_seq: max_pages,
+                    seqlens_k: &now,
+                },
+            )
+            .unwrap(),
+        );
         let mut cu = vec![0i32];
         let mut kn = Vec::new();
         let mut vn = Vec::new();
@@ -144,15 +164,17 @@ pub fn scenario<T: Element>(
         }
     }
     let sl: Vec<i32> = seqlens.iter().map(|&s| s as i32).collect();
-    let cache = PagedCache::new(
-        layout,
-        PageTable {
-            block_table: &table,
-            max_pages_per_seq: max_pages,
-            seqlens_k: &sl,
-        },
-    )
-    .unwrap();
+    let cache = with_scales(
+        PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &sl,
+            },
+        )
+        .unwrap(),
+    );
     Scenario {
         cache,
         k_cache,
@@ -164,14 +186,14 @@ pub fn scenario<T: Element>(
     }
 }
 
-impl<T: Element> Scenario<T> {
-    pub fn kv(&self) -> KvPages<&[T]> {
+impl<T, C: Element> Scenario<T, C> {
+    pub fn kv(&self) -> KvPages<&[C]> {
         KvPages {
             k: &self.k_cache,
             v: &self.v_cache,
         }
     }
-    pub fn meta(&self) -> PageMeta<&[T]> {
+    pub fn meta(&self) -> PageMeta<&[C]> {
         PageMeta {
             kmin: &self.kmin,
             kmax: &self.kmax,

@@ -1,0 +1,425 @@
+//! FP8 (e4m3) KV cache on the CPU path: the e4m3 conversion against a brute-force
+//! nearest-value oracle, append (per-kv-head scales, saturation, stored bounds), and decode,
+//! Quest selection and paged prefill against the f64 references of the dequantised cache.
+//! The FP8 GPU kernels are tested against this path in `paged_gpu.rs`.
+
+use longattn::reference::paged::{
+    decode_visible, page_bounds, paged_decode_f64, paged_prefill_f64, quest_scores_f64,
+    quest_select_brute,
+};
+use longattn::{
+    AttentionOptions, Element, Error, F8E4M3, KvScales, PagedDecode, PagedPrefill, Strided, f16,
+};
+
+mod common;
+use common::paged::*;
+use common::*;
+
+/// The finite non-negative e4m3 values with their codes, ascending (codes 0x00..=0x7e).
+fn finite_codes() -> Vec<(u8, f64)> {
+    (0u8..0x7f)
+        .map(|c| {
+            let (e, m) = (i32::from(c >> 3), f64::from(c & 7));
+            // Written from the format's definition, not from the crate's conversion.
+            let v = if e == 0 {
+                m / 8.0 * 2f64.powi(-6)
+            } else {
+                (1.0 + m / 8.0) * 2f64.powi(e - 7)
+            };
+            (c, v)
+        })
+        .collect()
+}
+
+/// Round to nearest e4m3, ties to the even code, saturating at 448 (every finite value
+/// beyond is nearest to 448): a linear scan over the codes.
+fn nearest_code(x: f32, codes: &[(u8, f64)]) -> u8 {
+    if x.is_nan() {
+        return 0x7f | if x.is_sign_negative() { 0x80 } else { 0 };
+    }
+    let a = f64::from(x.abs());
+    let mut best = codes[0];
+    for &(c, v) in &codes[1..] {
+        let (d, db) = ((v - a).abs(), (best.1 - a).abs());
+        if d < db || (d == db && c % 2 == 0) {
+            best = (c, v);
+        }
+    }
+    best.0 | if x.is_sign_negative() { 0x80 } else { 0 }
+}
+
+#[test]
+fn e4m3_conversion_is_round_to_nearest_even_with_saturation() {
+    let codes = finite_codes();
+    // Every code decodes to its value (both signs), NaN to NaN, and encodes back.
+    for bits in 0..=255u8 {
+        let x = F8E4M3::from_bits(bits);
+        let v = x.to_f32();
+        if bits & 0x7f == 0x7f {
+            assert!(v.is_nan() && x.is_nan(), "{bits:#x}");
+            continue;
+        }
+        let want = codes[usize::from(bits & 0x7f)].1 * if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+        assert_eq!(f64::from(v), want, "decode {bits:#x}");
+        assert_eq!(F8E4M3::from_f32(v).to_bits(), bits, "round trip {bits:#x}");
+    }
+    // Midpoints between neighbours and one f32 ulp either side, saturation, infinities.
+    let mut probes = vec![0.0f32, -0.0, 448.0, 463.99, 464.0, 464.01, 1e30, f32::MAX];
+    probes.extend([
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        1e-45,
+        2e-3,
+        9.7e-4,
+    ]);
+    for w in codes.windows(2) {
+        let mid = ((w[0].1 + w[1].1) / 2.0) as f32; // exact: 5 significant bits
+        probes.extend([mid, mid.next_up(), mid.next_down(), -mid]);
+    }
+    // A sweep of f32 bit patterns over the whole range (both signs).
+    probes.extend((0..=u32::MAX).step_by(65_521).map(f32::from_bits));
+    for x in probes {
+        let got = F8E4M3::from_f32(x).to_bits();
+        let want = nearest_code(x, &codes);
+        assert_eq!(
+            got,
+            want,
+            "{x:e} ({:#x}): {got:#x} vs {want:#x}",
+            x.to_bits()
+        );
+    }
+    assert_eq!(F8E4M3::from_f32(f32::INFINITY).to_f32(), F8E4M3::MAX);
+    assert_eq!(F8E4M3::from_f32(-1e9).to_f32(), -F8E4M3::MAX);
+}
+
+/// Scales per kv head for inputs in (-1, 1): `1 / scale` from about 200 to 720, rising with
+/// the head for K and falling for V, so the first V head and the third K head saturate
+/// (|x| / scale beyond 448 for |x| > 0.65) and every head uses most of e4m3's range.
+fn scales(hkv: usize, seed: u64) -> KvScales {
+    let inv = |g: usize| 200.0 + 250.0 * g as f32 + (seed % 23) as f32;
+    KvScales::new(
+        (0..hkv).map(|g| 1.0 / inv(g)).collect(),
+        (0..hkv)
+            .map(|g| 1.0 / inv(2usize.saturating_sub(g)))
+            .collect(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn fp8_append_quantizes_per_kv_head_and_keeps_stored_bounds() {
+    let codes = finite_codes();
+    for ps in [1, 16, 64] {
+        let hkv = 3;
+        let sc = scenario_with::<f16, F8E4M3>(&[0, 1, 300, 77], ps, hkv, 16, ps as u64, {
+            Some(scales(hkv, ps as u64))
+        });
+        let (cache, s) = (&sc.cache, sc.cache.kv_scales().unwrap());
+        let mut saturated = 0;
+        for b in 0..cache.batch() {
+            for j in 0..cache.seqlen(b).unwrap() {
+                for h in 0..hkv {
+                    let o = cache.token_offset(b, j, h).unwrap();
+                    let c = (j * hkv + h) * 16;
+                    for ch in 0..16 {
+                        for (stored, tokens, scale) in [
+                            (&sc.k_cache, &sc.k_tokens, s.k()[h]),
+                            (&sc.v_cache, &sc.v_tokens, s.v()[h]),
+                        ] {
+                            let x = tokens[b][c + ch].to_f32() / scale;
+                            saturated += usize::from(x.abs() > 464.0);
+                            assert_eq!(
+                                stored[o + ch].to_bits(),
+                                nearest_code(x, &codes),
+                                "ps {ps} b {b} token {j} head {h} channel {ch}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            saturated > 0,
+            "ps {ps}: the scales were meant to saturate some values"
+        );
+        // Bounds: those of the stored e4m3 values.
+        for (page, kvh, lo, hi) in page_bounds(cache, &sc.k_cache) {
+            let mo = cache.layout().meta_offset(page, kvh).unwrap();
+            assert_eq!(&sc.kmin[mo..mo + 16], &lo[..], "ps {ps} page {page} kmin");
+            assert_eq!(&sc.kmax[mo..mo + 16], &hi[..], "ps {ps} page {page} kmax");
+        }
+    }
+}
+
+fn run_decode(dec: &PagedDecode, sc: &Scenario<f16, F8E4M3>, q: &[f16]) -> (Vec<f16>, Vec<f32>) {
+    let (hq, ql, d) = (dec.heads_q(), dec.q_len(), sc.cache.head_dim());
+    let mut out = vec![f16::from_f32(f32::NAN); dec.out_len()];
+    let mut lse = vec![f32::NAN; dec.lse_len()];
+    dec.forward_cpu(
+        Strided::new(q, q_strides(ql, hq, d)),
+        sc.kv(),
+        Some(sc.meta()),
+        Strided::new(&mut out[..], q_strides(ql, hq, d)),
+        Some(&mut lse[..]),
+    )
+    .unwrap();
+    (out, lse)
+}
+
+#[test]
+fn fp8_decode_equals_the_reference_of_the_dequantized_cache() {
+    let seqlens = [0usize, 1, 5, 130, 300];
+    let mut cases = 0;
+    for ps in [1, 16, 64] {
+        for (hkv, ratio, d) in [(2, 1, 16), (1, 4, 8), (2, 3, 24)] {
+            let seed = 40 + ps as u64 + d as u64;
+            let sc = scenario_with::<f16, F8E4M3>(&seqlens, ps, hkv, d, seed, {
+                Some(scales(hkv, seed))
+            });
+            let hq = hkv * ratio;
+            for q_len in [1, 3] {
+                let mut r = rng(seed * 3 + q_len as u64);
+                let q: Vec<f16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+                for (name, opts) in masks() {
+                    let what = format!("ps {ps} hkv {hkv} hq {hq} d {d} q_len {q_len} {name}");
+                    let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
+                    let (want, want_lse) = paged_decode_f64(
+                        &dec,
+                        Strided::new(&q[..], q_strides(q_len, hq, d)),
+                        sc.kv(),
+                        decode_visible(&dec, None),
+                    )
+                    .unwrap();
+                    for splits in [1, 3] {
+                        let dec = dec.clone().with_splits(Some(splits)).unwrap();
+                        let (out, lse) = run_decode(&dec, &sc, &q);
+                        let err = rel_l2(&to_f64(&out), &want);
+                        // f16 output rounding (2^-11) dominates.
+                        assert!(err < 2e-3, "{what} splits {splits}: rel L2 {err}");
+                        check_lse(&lse, &want_lse, 1e-4, &what);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(cases, 3 * 3 * 2 * masks().len() * 2);
+}
+
+#[test]
+fn fp8_decode_approximates_the_f16_cache_and_applies_both_scales() {
+    let seqlens = [3usize, 200, 64];
+    let (hkv, hq, d, q_len) = (2, 8, 32, 2);
+    // Calibrated as engines do: the largest |value| (< 1 here) maps to e4m3's 448.
+    let s = KvScales::uniform(hkv, 1.0 / 448.0, 1.0 / 448.0).unwrap();
+    let fp8 = scenario_with::<f16, F8E4M3>(&seqlens, 16, hkv, d, 9, Some(s.clone()));
+    let half = scenario::<f16>(&seqlens, 16, hkv, d, 9); // the same tokens, kept in f16
+    assert_eq!(fp8.k_tokens, half.k_tokens);
+    let mut r = rng(10);
+    let q: Vec<f16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+    let opts = AttentionOptions::causal().with_softcap(3.0);
+    let dec = PagedDecode::new(&fp8.cache, hq, q_len, &opts).unwrap();
+    let (out, lse) = run_decode(&dec, &fp8, &q);
+    let dec16 = PagedDecode::new(&half.cache, hq, q_len, &opts).unwrap();
+    let (want, want_lse) = paged_decode_f64(
+        &dec16,
+        Strided::new(&q[..], q_strides(q_len, hq, d)),
+        half.kv(),
+        decode_visible(&dec16, None),
+    )
+    .unwrap();
+    // e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per value); the output averages
+    // many of them.
+    let err = rel_l2(&to_f64(&out), &want);
+    assert!(err < 6e-2, "fp8 vs f16 cache: rel L2 {err}");
+    assert!(
+        err > 1e-4,
+        "fp8 vs f16 cache: rel L2 {err}: was anything quantised?"
+    );
+    check_lse(&lse, &want_lse, 5e-2, "fp8 vs f16 lse");
+
+    // Scales enter exactly as defined: doubling every V scale doubles the output; doubling
+    // every K scale is doubling the softmax scale (both exact in f32: identical bits).
+    let with = |k: f32, v: f32| {
+        let s = KvScales::new(
+            s.k().iter().map(|x| x * k).collect(),
+            s.v().iter().map(|x| x * v).collect(),
+        )
+        .unwrap();
+        let cache = fp8.cache.clone().with_kv_scales(s).unwrap();
+        Scenario {
+            cache,
+            k_cache: fp8.k_cache.clone(),
+            v_cache: fp8.v_cache.clone(),
+            kmin: fp8.kmin.clone(),
+            kmax: fp8.kmax.clone(),
+            k_tokens: Vec::new(),
+            v_tokens: Vec::new(),
+        }
+    };
+    let twice_v = with(1.0, 2.0);
+    let dec_v = PagedDecode::new(&twice_v.cache, hq, q_len, &opts).unwrap();
+    let (out_v, lse_v) = run_decode(&dec_v, &twice_v, &q);
+    for (a, b) in out_v.iter().zip(&out) {
+        // Exact doubling in f32; f16's rounding commutes with it above its subnormals.
+        let (a, b) = (a.to_f32(), 2.0 * b.to_f32());
+        assert!(a == b || (b.abs() < 2f32.powi(-13) && (a - b).abs() <= 2f32.powi(-24)));
+    }
+    assert_eq!(lse_v, lse);
+    let twice_k = with(2.0, 1.0);
+    let dec_k = PagedDecode::new(&twice_k.cache, hq, q_len, &opts).unwrap();
+    let opts2 = opts.with_scale(2.0 / (d as f32).sqrt());
+    let dec_s = PagedDecode::new(&fp8.cache, hq, q_len, &opts2).unwrap();
+    let (out_k, lse_k) = run_decode(&dec_k, &twice_k, &q);
+    let (out_s, lse_s) = run_decode(&dec_s, &fp8, &q);
+    assert!(
+        out_k
+            .iter()
+            .zip(&out_s)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    assert!(
+        lse_k
+            .iter()
+            .zip(&lse_s)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    assert!(
+        rel_l2(&to_f64(&out_k), &to_f64(&out)) > 1e-3,
+        "k scale had no effect"
+    );
+}
+
+#[test]
+fn fp8_quest_selection_equals_brute_force_on_scaled_bounds() {
+    let seqlens = [1usize, 40, 300, 517];
+    for ps in [1, 16, 64] {
+        let (hkv, hq, d) = (2, 8, 16);
+        let seed = 70 + ps as u64;
+        let sc = scenario_with::<f16, F8E4M3>(&seqlens, ps, hkv, d, seed, Some(scales(hkv, seed)));
+        for q_len in [1, 4] {
+            let mut r = rng(seed + q_len as u64);
+            let q: Vec<f16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+            let dec = PagedDecode::new(&sc.cache, hq, q_len, &AttentionOptions::causal())
+                .unwrap()
+                .with_policy(quest_policy(hkv, 4 * ps, 1))
+                .unwrap();
+            let qs = || Strided::new(&q[..], q_strides(q_len, hq, d));
+            let sel = dec.select_cpu(qs(), sc.meta()).unwrap();
+            let ref_scores = quest_scores_f64(&dec, qs(), sc.meta()).unwrap();
+            let mp = sc.cache.max_pages_per_seq();
+            for b in 0..seqlens.len() {
+                for kvh in 0..hkv {
+                    let row = (b * hkv + kvh) * mp;
+                    let scores = &ref_scores[row..row + mp];
+                    let want = quest_select_brute(&dec, b, scores);
+                    let what = format!("ps {ps} q_len {q_len} b {b} kvh {kvh}");
+                    assert_eq!(sel.pages.get(b, kvh).unwrap(), &want[..], "{what}");
+                    for &p in &want {
+                        let (g, w) = (sel.scores[row + p as usize] as f64, scores[p as usize]);
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{what}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+            // Quest decode over the FP8 cache equals the reference over the selected pages.
+            let (want, _) =
+                paged_decode_f64(&dec, qs(), sc.kv(), decode_visible(&dec, Some(&sel.pages)))
+                    .unwrap();
+            let (out, _) = run_decode(&dec, &sc, &q);
+            let err = rel_l2(&to_f64(&out), &want);
+            assert!(
+                err < 2e-3,
+                "ps {ps} q_len {q_len}: quest decode rel L2 {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fp8_paged_prefill_equals_the_reference_of_the_dequantized_cache() {
+    for ps in [1, 16, 64] {
+        for q_len in [1, 7, 64] {
+            let (hkv, hq, d) = (2, 6, 24);
+            let seqlens = [q_len, q_len + 90, q_len + 5];
+            let seed = 90 + ps as u64 + q_len as u64;
+            let sc =
+                scenario_with::<f16, F8E4M3>(&seqlens, ps, hkv, d, seed, Some(scales(hkv, seed)));
+            let mut r = rng(seed);
+            let q: Vec<f16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
+            let st = q_strides(q_len, hq, d);
+            for (name, opts) in masks() {
+                let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
+                let mut out = vec![f16::from_f32(f32::NAN); pf.out_len()];
+                let mut lse = vec![f32::NAN; pf.lse_len()];
+                pf.forward_cpu(
+                    Strided::new(&q[..], st),
+                    sc.kv(),
+                    Strided::new(&mut out[..], st),
+                    Some(&mut lse[..]),
+                )
+                .unwrap();
+                let (want, want_lse) =
+                    paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();
+                let what = format!("ps {ps} q_len {q_len} {name}");
+                let err = rel_l2(&to_f64(&out), &want);
+                assert!(err < 2e-3, "{what}: rel L2 {err}");
+                check_lse(&lse, &want_lse, 1e-4, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_scales_are_validated() {
+    for (k, v) in [
+        (vec![], vec![]),
+        (vec![1.0], vec![1.0, 1.0]),
+        (vec![0.0], vec![1.0]),
+        (vec![1.0], vec![-1.0]),
+        (vec![f32::NAN], vec![1.0]),
+        (vec![1.0], vec![f32::INFINITY]),
+    ] {
+        assert!(KvScales::new(k.clone(), v.clone()).is_err(), "{k:?} {v:?}");
+    }
+    assert!(KvScales::uniform(usize::MAX, 1.0, 1.0).is_err());
+    let sc = scenario::<f16>(&[5, 9], 4, 2, 8, 1);
+    // One scale per kv head.
+    let three = KvScales::uniform(3, 1.0, 1.0).unwrap();
+    assert!(matches!(
+        sc.cache.clone().with_kv_scales(three),
+        Err(Error::Shape(_))
+    ));
+    // Scales describe an FP8 cache: an f16 cache refuses them when it is read or written.
+    let scaled = sc
+        .cache
+        .clone()
+        .with_kv_scales(KvScales::uniform(2, 0.5, 0.5).unwrap())
+        .unwrap();
+    let dec = PagedDecode::new(&scaled, 2, 1, &AttentionOptions::causal()).unwrap();
+    let q = vec![f16::from_f32(0.1); 2 * 2 * 8];
+    let mut out = q.clone();
+    let r = dec.forward_cpu(
+        Strided::new(&q[..], q_strides(1, 2, 8)),
+        sc.kv(),
+        None,
+        Strided::new(&mut out[..], q_strides(1, 2, 8)),
+        None,
+    );
+    assert!(matches!(r, Err(Error::InvalidOption(_))), "{r:?}");
+    // Without scales an FP8 cache reads its values as they are (scale 1).
+    let raw = scenario_with::<f16, F8E4M3>(&[5, 9], 4, 2, 8, 1, None);
+    let dec = PagedDecode::new(&raw.cache, 2, 1, &AttentionOptions::causal()).unwrap();
+    let (want, _) = paged_decode_f64(
+        &dec,
+        Strided::new(&q[..], q_strides(1, 2, 8)),
+        raw.kv(),
+        decode_visible(&dec, None),
+    )
+    .unwrap();
+    let (got, _) = run_decode(&dec, &raw, &q);
+    assert!(rel_l2(&to_f64(&got), &want) < 2e-3);
+}
