@@ -25,10 +25,38 @@ constexpr int kFp8Vec = 8;  // e4m3 values per 8-byte vector
 template <typename KV> inline constexpr bool kIsFp8 = false;
 template <> inline constexpr bool kIsFp8<__nv_fp8_e4m3> = true;
 
+// Two e4m3 values (bits 0-15 of x2, byte 0 = element 0) -> f16x2 bits (element 0 in the low
+// half), exact; NaN becomes the f16 NaN 0x7fff, as <cuda_fp8.h>'s conversion. Branch-free
+// integer form for devices without the cvt.f16x2.e4m3x2 instruction (below sm_89, where
+// <cuda_fp8.h> normalises subnormals in a loop): the sign goes to bit 15 and the 7 other bits
+// to bits 7-13, which reads as the e4m3 value / 2^8 (exponent bias 15 instead of 7, the same
+// for subnormals: 2^-14 * 0.mmm = 2^-6 * 0.mmm / 2^8), times 2^8 exactly; then the NaN code
+// (all 7 bits set, read as 1.875 * 2^8) is replaced.
+__host__ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2_bits_sw(uint32_t x2) {
+  const uint32_t lanes = (x2 & 0xffu) | ((x2 & 0xff00u) << 8);  // a byte per 16-bit lane
+  const uint32_t mag = lanes & 0x007f007fu;
+  const uint32_t bits = (mag << 7) | ((lanes & 0x00800080u) << 8);
+  const __half2 h = __hmul2(*reinterpret_cast<const __half2 *>(&bits), __half2(__half_raw{0x5c00}, __half_raw{0x5c00}));
+  const uint32_t v = *reinterpret_cast<const uint32_t *>(&h);
+  const uint32_t nan = (((mag + 0x00010001u) & 0x00800080u) >> 7) * 0xffffu;  // lanes == 0x7f
+  return (v & ~nan) | (0x7fff7fffu & nan);
+}
+
+// The same (the cvt instruction where the device has it).
+__host__ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2_bits(uint32_t x2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+  return e4m3x2_to_f16x2_bits_sw(x2);
+#else
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x2, __NV_E4M3);
+  return (uint32_t)h.x | ((uint32_t)h.y << 16);
+#endif
+}
+
 // Two e4m3 values (byte 0 = element 0) -> two floats, exact.
 __host__ __device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t x2) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x2, __NV_E4M3);
-  return make_float2(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
+  const uint32_t h = e4m3x2_to_f16x2_bits(x2);
+  return make_float2(__half2float(__half(__half_raw{(unsigned short)(h & 0xffffu)})),
+                     __half2float(__half(__half_raw{(unsigned short)(h >> 16)})));
 }
 
 // 8 e4m3 values -> 8 floats, exact.
@@ -72,12 +100,12 @@ __host__ __device__ __forceinline__ uint2 quantize_e4m3x8(const float (&f)[kFp8V
 // Two e4m3 values -> one packed T pair (an mma fragment register), exact.
 template <typename T>
 __device__ __forceinline__ uint32_t e4m3x2_to_pair(uint32_t x2) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)x2, __NV_E4M3);
   if constexpr (std::is_same_v<T, __half>) {
-    return (uint32_t)h.x | ((uint32_t)h.y << 16);
+    return e4m3x2_to_f16x2_bits(x2);
   } else {
     // f16 -> f32 -> bf16 is exact for e4m3 values (3 mantissa bits, exponents 2^-9..2^8).
-    return pack2<T>(__half2float(__half(__half_raw{h.x})), __half2float(__half(__half_raw{h.y})));
+    const float2 f = e4m3x2_to_float2(x2);
+    return pack2<T>(f.x, f.y);
   }
 }
 
