@@ -60,14 +60,17 @@ namespace {
 // barrier the math above reads them unchanged. Scores take k_scale[kvh] folded into the
 // softmax scale ((q . k) * (scale * k_scale)); outputs and split partials are multiplied by
 // v_scale[kvh], the LSE is not. The stage count is the T kernel's: half the ring bytes plus
-// the 2 converted tiles keep every bucket within the T kernel's shared memory.
+// the 2 converted tiles keep every bucket within the T kernel's shared memory (bytes per
+// block, DB 64 / 128 / 256: 54592 / 88128 / 89664 against 70976 / 104512 / 106048; blocks
+// per SM by shared memory 4 / 2 / 2 on sm_90, 3 / 1 / 1 on sm_80). The fp8 path reads every
+// cache row with 8-byte copies, so it needs k_cache and v_cache 8-byte aligned only.
 constexpr int kPageChunk = 256;  // pages staged per refill
 static_assert(kRows == 8, "the query rows are the n8 side of the mma");
 
 // kKvBytes: bytes of a cache element (2: the T cache; 1: e4m3, see above).
 template <int DB, int kKvBytes = 2>
 struct DecodeCfg {
-  static constexpr int kVR = DB / kVec;                 // 16-byte vectors per key row
+  static constexpr int kVR = DB / kVec;                 // 8-channel vectors per key row
   static constexpr int kDimSplit = DB > 128 ? 2 : 1;    // warps sharing a key group
   static constexpr int kKeyWarps = kWarps / kDimSplit;  // key groups of 16 keys per tile
   static constexpr int kN = 16 * kKeyWarps;             // keys per tile
