@@ -2,17 +2,99 @@
 // kmin/kmax metadata. Mirrors src/paged/ (CPU path) exactly.
 #include "longattn/check.cuh"
 #include "longattn/dtype.cuh"
+#include "longattn/fp8.cuh"
 #include "longattn/paged_common.cuh"
 
 namespace longattn {
 namespace {
 
+// The fp8-cache body of append_kernel<T, __nv_fp8_e4m3> (see there): same walk, the rows
+// quantized on their way into the cache.
+template <typename T>
+__device__ __forceinline__ void append_fp8(const LaPagedAppendParams &p) {
+  const LaPagedCache &c = p.cache;
+  const int b = blockIdx.y;
+  const int n_new = p.cu_seqlens_new[b + 1] - p.cu_seqlens_new[b];
+  if (n_new <= 0) return;
+  const int end = c.seqlens_k[b], start = end - n_new;
+  const int ps = c.page_size;
+  const int lp = start / ps + blockIdx.x;
+  if ((long long)lp * ps >= end) return;
+  const int s0 = max(start - lp * ps, 0);
+  const int s1 = min(end - lp * ps, ps);  // exclusive
+  const int phys = c.block_table[(long long)b * c.max_pages_per_seq + lp];
+  const int vecs = c.head_dim / kVec;
+  const T *k_new = static_cast<const T *>(p.k_new);
+  const T *v_new = static_cast<const T *>(p.v_new);
+  uint8_t *k_cache = static_cast<uint8_t *>(c.k_cache);
+  uint8_t *v_cache = static_cast<uint8_t *>(c.v_cache);
+  for (int item = threadIdx.x; item < c.heads_kv * vecs; item += kThreads) {
+    const int h = item / vecs, col = (item % vecs) * kVec;
+    const float k_scale = p.kv_scales[h], v_scale = p.kv_scales[c.heads_kv + h];
+    float mn[kVec], mx[kVec];
+#pragma unroll
+    for (int x = 0; x < kVec; ++x) {
+      mn[x] = -kNegInf;
+      mx[x] = kNegInf;
+    }
+    for (int slot = s0; slot < s1; ++slot) {
+      const long long t = p.cu_seqlens_new[b] + (lp * ps + slot - start);
+      const uint4 kr = *reinterpret_cast<const uint4 *>(k_new + t * p.k_new_row_stride +
+                                                        h * p.k_new_head_stride + col);
+      const uint4 vr = *reinterpret_cast<const uint4 *>(v_new + t * p.v_new_row_stride +
+                                                        h * p.v_new_head_stride + col);
+      float f[kVec];
+      unpack8<T>(kr, f);
+      const uint2 kq = quantize_e4m3x8(f, k_scale);
+      unpack8<T>(vr, f);
+      const uint2 vq = quantize_e4m3x8(f, v_scale);
+      const long long dst = slot_offset(c, phys, slot, h) + col;  // bytes: 1-byte elements
+      *reinterpret_cast<uint2 *>(k_cache + dst) = kq;
+      *reinterpret_cast<uint2 *>(v_cache + dst) = vq;
+      e4m3x8_to_float(kq, f);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], f[x]);
+        mx[x] = fmaxf(mx[x], f[x]);
+      }
+    }
+    if (p.kmin == nullptr) continue;
+    // As e4m3: exact for every bound that is an e4m3 value; the one other value, +-inf (all
+    // of the page's keys in this channel NaN), saturates to +-448.
+    const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
+    uint2 *kmin = reinterpret_cast<uint2 *>(static_cast<uint8_t *>(p.kmin) + m_off);
+    uint2 *kmax = reinterpret_cast<uint2 *>(static_cast<uint8_t *>(p.kmax) + m_off);
+    if (s0 > 0) {
+      float a[kVec], z[kVec];
+      e4m3x8_to_float(*kmin, a);
+      e4m3x8_to_float(*kmax, z);
+#pragma unroll
+      for (int x = 0; x < kVec; ++x) {
+        mn[x] = fminf(mn[x], a[x]);
+        mx[x] = fmaxf(mx[x], z[x]);
+      }
+    }
+    *kmin = float_to_e4m3x8(mn);
+    *kmax = float_to_e4m3x8(mx);
+  }
+}
+
 // ---- append -------------------------------------------------------------------------
 // Grid (max_pages_touched, batch): one block per (sequence, page touched by its new tokens).
 // A thread owns one (kv head, 8-channel vector) and walks the page's new slots in order, so
 // the page's metadata needs no atomics and is deterministic.
-template <typename T>
+//
+// KV = __nv_fp8_e4m3 (an fp8 cache, kv_dtype LA_F8E4M3): the thread's 8 new channels (16
+// bytes of T) are quantized with the kv head's scale (kv_scales [2, heads_kv]: k scales,
+// then v scales) to 8 e4m3 bytes, one 8-byte store per row (slot offsets are multiples of
+// head_dim, head_dim % 8 == 0, so 8-byte aligned). The metadata are the bounds of the stored
+// e4m3 values, kept as e4m3 too (a min/max of e4m3 values is one, so nothing is rounded).
+template <typename T, typename KV = T>
 __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant__ LaPagedAppendParams p) {
+  if constexpr (kIsFp8<KV>) {
+    append_fp8<T>(p);
+    return;
+  }
   const LaPagedCache &c = p.cache;
   const int b = blockIdx.y;
   const int n_new = p.cu_seqlens_new[b + 1] - p.cu_seqlens_new[b];
@@ -76,11 +158,11 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
   }
 }
 
-template <typename T>
+template <typename T, typename KV>
 cudaError_t launch_append(const LaPagedAppendParams &p, cudaStream_t stream) {
   if (p.max_pages_touched <= 0) return cudaSuccess;
   const dim3 grid(p.max_pages_touched, p.cache.batch);
-  append_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  append_kernel<T, KV><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -97,7 +179,12 @@ extern "C" int la_paged_append(const LaPagedAppendParams *params, cudaStream_t s
       !check::strides(params->k_new_row_stride, params->k_new_head_stride, 0) ||
       !check::strides(params->v_new_row_stride, params->v_new_head_stride, 0))
     return cudaErrorInvalidValue;
-  return with_dtype<__half, __nv_bfloat16>(
-      params->dtype, cudaErrorInvalidValue,
-      [&](auto t) { return launch_append<typename decltype(t)::type>(*params, stream); });
+  // The cache holds the new rows' dtype, or e4m3 with its scales.
+  const bool fp8 = params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr;
+  if (params->kv_dtype != params->dtype && !fp8) return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return fp8 ? launch_append<T, __nv_fp8_e4m3>(*params, stream)
+               : launch_append<T, T>(*params, stream);
+  });
 }

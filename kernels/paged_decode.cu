@@ -12,6 +12,7 @@
 
 #include "longattn/check.cuh"
 #include "longattn/dtype.cuh"
+#include "longattn/fp8.cuh"
 #include "longattn/launch.cuh"
 #include "longattn/mask.cuh"
 #include "longattn/mma.cuh"
@@ -47,12 +48,29 @@ namespace {
 // channels, which keeps the tile at 16 KB of K and the accumulators at 32 registers.
 // Channels >= head_dim are zero in the ring and in q_s, so they add nothing to S. Q and K
 // enter the mma as stored (T); P is rounded to T for P.V, as in dense_mma_padded.cu.
+//
+// FP8 cache (KV = __nv_fp8_e4m3, kv_dtype LA_F8E4M3; decode_kernel<T, DB, __nv_fp8_e4m3>):
+// the ring holds the raw e4m3 tiles (half the bytes of a T tile), copied 8 channels (8 bytes)
+// at a time with cp.async.ca (8-byte rows of head_dim % 16 == 8 are only 8-byte aligned), zero
+// past the end and past head_dim as above. A raw tile is [2 halves][kN keys][DB / 2 channels]
+// (channel chunks 0..kVR/2-1 of every key, then the rest), so both the loader's copies and the
+// conversion's reads of one warp cover 256 contiguous bytes. After the ring wait the block
+// converts the slot's K and V (exact: every e4m3 value is a T value) into one pair of T tiles
+// in the swizzled layout of a T ring slot, at the start of shared memory, and after a second
+// barrier the math above reads them unchanged. Scores take k_scale[kvh] folded into the
+// softmax scale ((q . k) * (scale * k_scale)); outputs and split partials are multiplied by
+// v_scale[kvh], the LSE is not. The stage count is the T kernel's: half the ring bytes plus
+// the 2 converted tiles keep every bucket within the T kernel's shared memory (bytes per
+// block, DB 64 / 128 / 256: 54592 / 88128 / 89664 against 70976 / 104512 / 106048; blocks
+// per SM by shared memory 4 / 2 / 2 on sm_90, 3 / 1 / 1 on sm_80). The fp8 path reads every
+// cache row with 8-byte copies, so it needs k_cache and v_cache 8-byte aligned only.
 constexpr int kPageChunk = 256;  // pages staged per refill
 static_assert(kRows == 8, "the query rows are the n8 side of the mma");
 
-template <int DB>
+// kKvBytes: bytes of a cache element (2: the T cache; 1: e4m3, see above).
+template <int DB, int kKvBytes = 2>
 struct DecodeCfg {
-  static constexpr int kVR = DB / kVec;                 // 16-byte vectors per key row
+  static constexpr int kVR = DB / kVec;                 // 8-channel vectors per key row
   static constexpr int kDimSplit = DB > 128 ? 2 : 1;    // warps sharing a key group
   static constexpr int kKeyWarps = kWarps / kDimSplit;  // key groups of 16 keys per tile
   static constexpr int kN = 16 * kKeyWarps;             // keys per tile
@@ -69,10 +87,15 @@ struct DecodeCfg {
   static_assert(kVR >= 8 && kVR <= 32 && kN % kLoadKeys == 0, "tile shape");
   static_assert(kDH % 64 == 0 && DB % 64 == 0, "ldmatrix offsets: whole 8-vector swizzle rows");
   static_assert(kPageChunk >= kN + 1, "a tile's pages fit in one chunk (page size 1)");
-  // Shared memory layout (bytes): ring, q rows (T), key positions, page chunk, row bounds,
-  // per key group (m, l).
-  static constexpr size_t kTileBytes = (size_t)kTileElems * 2;
-  static constexpr size_t kRingBytes = (size_t)kStages * 2 * kTileBytes;
+  // Shared memory layout (bytes): [e4m3: converted K, V tiles (T)], ring, q rows (T), key
+  // positions, page chunk, row bounds, per key group (m, l).
+  static constexpr bool kFp8 = kKvBytes == 1;
+  static_assert(kKvBytes == 1 || kKvBytes == 2, "cache element size");
+  static constexpr size_t kTileBytes = (size_t)kTileElems * 2;  // a T tile (what the math reads)
+  static constexpr size_t kRawTileBytes = (size_t)kTileElems * kKvBytes;  // a ring tile
+  static constexpr size_t kRawOff = kFp8 ? 2 * kTileBytes : 0;           // the ring
+  static constexpr size_t kRingBytes = kRawOff + (size_t)kStages * 2 * kRawTileBytes;
+  static_assert(!kFp8 || (kN * kVR) % kThreads == 0, "whole conversion passes");
   static constexpr size_t kMergeBytes = sizeof(float) * kKeyWarps * kRows * DB;
   static_assert(kMergeBytes <= kRingBytes, "the merge aliases the ring");
   static constexpr size_t kQOff = kRingBytes;
@@ -104,12 +127,14 @@ __device__ __forceinline__ bool warp_any(bool x) {
   return r != 0;
 }
 
-template <typename T, int DB>
-__global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
+template <typename T, int DB, typename KV = T>
+__global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
     decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
   wait_for_previous_grid();
   allow_next_grid();
-  using Cfg = DecodeCfg<DB>;
+  using Cfg = DecodeCfg<DB, sizeof(KV)>;
+  constexpr bool kFp8 = kIsFp8<KV>;
+  static_assert(kFp8 == Cfg::kFp8 && (kFp8 || std::is_same_v<KV, T>), "cache type");
   constexpr int kN = Cfg::kN, kStages = Cfg::kStages, kKeyWarps = Cfg::kKeyWarps;
   constexpr int kVR = Cfg::kVR, kDH = Cfg::kDH, kQkSteps = Cfg::kQkSteps;
   constexpr int kPvSteps = Cfg::kPvSteps;
@@ -145,6 +170,11 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   const long long list_row = (long long)b * c.heads_kv + kvh;
   const int kind = p.head_kind != nullptr ? p.head_kind[kvh] : (int)LA_HEAD_FULL;
   const int listed_count = p.page_count != nullptr ? p.page_count[list_row] : 0;
+  float k_scale = 1.0f, v_scale = 1.0f;  // e4m3 cache: its scales (kv_scales [2, heads_kv])
+  if constexpr (kFp8) {
+    k_scale = p.kv_scales[kvh];
+    v_scale = p.kv_scales[c.heads_kv + kvh];
+  }
   const Mask mask = kind == LA_HEAD_STREAMING
                         ? Mask{p.streaming_window - 1, 0, p.streaming_sinks}
                         : Mask{p.window_left, p.window_right, p.sinks};
@@ -207,7 +237,7 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
 
   // Page chunk: for entries [chunk_base, chunk_base + kPageChunk) of the block's pages, the
   // byte offset of (page, slot 0, kvh) in k_cache / v_cache and the page's first key index.
-  const uint32_t slot_bytes = (uint32_t)c.heads_kv * d * (uint32_t)sizeof(T);  // < 2^25
+  const uint32_t slot_bytes = (uint32_t)c.heads_kv * d * (uint32_t)sizeof(KV);  // < 2^25
   int chunk_base = 0;
   auto refill = [&](int base) {
     __syncthreads();  // no thread still reads the previous chunk
@@ -216,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
       if (w < w1) {
         const int lp = listed ? list[w] : (w < sink_pages ? w : first + (w - sink_pages));
         keybase_s[i] = lp * ps;
-        page_s[i] = slot_offset(c, table[lp], 0, kvh) * (long long)sizeof(T);
+        page_s[i] = slot_offset(c, table[lp], 0, kvh) * (long long)sizeof(KV);
       }
     }
     __syncthreads();
@@ -226,8 +256,11 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   const char *k_cache = static_cast<const char *>(c.k_cache);
   const char *v_cache = static_cast<const char *>(c.v_cache);
   // Loader: thread copies vectors ld_v and ld_v + kVR / 2 of keys ld_k + i * kLoadKeys (a
-  // quarter warp writes 8 consecutive vectors of one key for kVR >= 16: conflict-free).
+  // quarter warp writes 8 consecutive vectors of one key for kVR >= 16: conflict-free). A
+  // vector is 8 channels: kVecBytes of the cache.
   const int ld_v = tid % (kVR / 2), ld_k = tid / (kVR / 2);
+  constexpr int kVecBytes = kVec * (int)sizeof(KV);
+  unsigned char *raw_ring = smem_raw + Cfg::kRawOff;  // e4m3 only
   // Issues the cp.async copies of tile `tile` (if any) into its ring slot; the caller
   // commits. Uniform over the block.
   auto issue = [&](int tile) {
@@ -243,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
       const int kk = ld_k + i * kLoadKeys;
       const uint32_t u = u0 + kk;
       int key = -1;
-      long long off = ld_v * 16;
+      long long off = ld_v * kVecBytes;
       if (u < n_keys) {
         const uint32_t wr = page_div.div(u);
         const int slot = (int)(u - wr * (uint32_t)ps);
@@ -256,12 +289,23 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
       }
       const int v1 = ld_v + kVR / 2;
       const bool pred0 = key >= 0 && ld_v < dv, pred1 = key >= 0 && v1 < dv;
-      const int so0 = swizzled_elem<DB>(kk, ld_v), so1 = swizzled_elem<DB>(kk, v1);
-      const long long off1 = off + (kVR / 2) * 16;
-      mma::cp_async_16(mma::smem_addr(ks + so0), k_cache + (pred0 ? off : 0), pred0);
-      mma::cp_async_16(mma::smem_addr(vs + so0), v_cache + (pred0 ? off : 0), pred0);
-      mma::cp_async_16(mma::smem_addr(ks + so1), k_cache + (pred1 ? off1 : 0), pred1);
-      mma::cp_async_16(mma::smem_addr(vs + so1), v_cache + (pred1 ? off1 : 0), pred1);
+      const long long off1 = off + (kVR / 2) * kVecBytes;
+      if constexpr (kFp8) {
+        // Raw tile [2 halves][kN keys][DB / 2 bytes]: vector ld_v of the key's half.
+        unsigned char *kr = raw_ring + (size_t)st * 2 * Cfg::kRawTileBytes;
+        unsigned char *vr = kr + Cfg::kRawTileBytes;
+        const int ro0 = kk * (DB / 2) + ld_v * kVecBytes, ro1 = ro0 + kN * (DB / 2);
+        mma::cp_async_8(mma::smem_addr(kr + ro0), k_cache + (pred0 ? off : 0), pred0);
+        mma::cp_async_8(mma::smem_addr(vr + ro0), v_cache + (pred0 ? off : 0), pred0);
+        mma::cp_async_8(mma::smem_addr(kr + ro1), k_cache + (pred1 ? off1 : 0), pred1);
+        mma::cp_async_8(mma::smem_addr(vr + ro1), v_cache + (pred1 ? off1 : 0), pred1);
+      } else {
+        const int so0 = swizzled_elem<DB>(kk, ld_v), so1 = swizzled_elem<DB>(kk, v1);
+        mma::cp_async_16(mma::smem_addr(ks + so0), k_cache + (pred0 ? off : 0), pred0);
+        mma::cp_async_16(mma::smem_addr(vs + so0), v_cache + (pred0 ? off : 0), pred0);
+        mma::cp_async_16(mma::smem_addr(ks + so1), k_cache + (pred1 ? off1 : 0), pred1);
+        mma::cp_async_16(mma::smem_addr(vs + so1), v_cache + (pred1 ? off1 : 0), pred1);
+      }
       if (ld_v == 0) keypos_s[st * kN + kk] = key;
     }
   };
@@ -298,7 +342,9 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
   for (int i = 0; i < kPvSteps; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
-  const float score_scale = p.scale, softcap = p.softcap;
+  float score_scale = p.scale;
+  if constexpr (kFp8) score_scale *= k_scale;  // (q . k_e4m3) * (scale * k_scale)
+  const float softcap = p.softcap;
 
 #pragma unroll 1
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -308,7 +354,26 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
     mma::cp_async_commit();  // always (possibly empty): keeps the group count per tile
 
     const int st = tile % kStages;
-    const uint32_t ks = ring_base + (uint32_t)(st * 2 * Cfg::kTileBytes);
+    if constexpr (kFp8) {
+      // Slot st (raw e4m3) -> the T tiles at the start of shared memory (the previous tile's
+      // readers passed the barrier above). Vector (key, cv) of K and V per step: a warp reads
+      // 256 contiguous raw bytes, a quarter warp writes 8 vectors of one swizzled row.
+      const unsigned char *kr = raw_ring + (size_t)st * 2 * Cfg::kRawTileBytes;
+      const unsigned char *vr = kr + Cfg::kRawTileBytes;
+      T *kt = ring, *vt = ring + kTileElems;
+#pragma unroll
+      for (int j = 0; j < kN * kVR / kThreads; ++j) {
+        const int e = tid + j * kThreads, key = e / kVR, cv = e % kVR;
+        const int ro = (cv / (kVR / 2)) * (kN * (DB / 2)) + key * (DB / 2) + (cv % (kVR / 2)) * kVec;
+        const int so = swizzled_elem<DB>(key, cv);
+        const uint2 kraw = *reinterpret_cast<const uint2 *>(kr + ro);
+        const uint2 vraw = *reinterpret_cast<const uint2 *>(vr + ro);
+        *reinterpret_cast<uint4 *>(kt + so) = e4m3x8_to_pack8<T>(kraw);
+        *reinterpret_cast<uint4 *>(vt + so) = e4m3x8_to_pack8<T>(vraw);
+      }
+      __syncthreads();
+    }
+    const uint32_t ks = ring_base + (uint32_t)((kFp8 ? 0 : st) * 2 * Cfg::kTileBytes);
     const uint32_t vs = ks + (uint32_t)Cfg::kTileBytes;
     const int *kp = keypos_s + st * kN + 16 * kw;
 
@@ -409,7 +474,8 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB>::kMinBlocks)
       l_all += f * l_s[w * kRows + r];
       a_all += f * acc_s[(w * kRows + r) * DB + ch];
     }
-    const float out = l_all > 0.0f ? a_all / l_all : 0.0f;
+    float out = l_all > 0.0f ? a_all / l_all : 0.0f;
+    if constexpr (kFp8) out *= v_scale;
     const float lse = lse_from_log2(m_all, l_all);
     const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
     if (p.num_splits == 1) {
@@ -558,9 +624,9 @@ enum KernelSetup : int { kSetupPending = 0, kSetupDone = 1, kSetupTooLarge = 2 }
 // opt-in shared memory per block and sets the kernel's dynamic shared-memory size and
 // carveout. The attribute calls are idempotent, so two threads racing on a device's first
 // launch both set the same values; the result is published with release/acquire.
-template <typename T, int DB>
+template <typename T, int DB, typename KV>
 cudaError_t prepare_decode_kernel() {
-  constexpr size_t smem = DecodeCfg<DB>::kSmemBytes;
+  constexpr size_t smem = DecodeCfg<DB, sizeof(KV)>::kSmemBytes;
   static std::atomic<int> setup[kMaxCachedDevices];
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -580,7 +646,7 @@ cudaError_t prepare_decode_kernel() {
     if (cached) setup[dev].store(kSetupTooLarge, std::memory_order_release);
     return cudaErrorNotSupported;
   }
-  auto kernel = decode_kernel<T, DB>;
+  auto kernel = decode_kernel<T, DB, KV>;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as possible fit per SM
@@ -592,15 +658,16 @@ cudaError_t prepare_decode_kernel() {
   return cudaSuccess;
 }
 
-template <typename T, int DB>
+template <typename T, int DB, typename KV>
 cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaStream_t stream) {
-  const cudaError_t err = prepare_decode_kernel<T, DB>();
+  const cudaError_t err = prepare_decode_kernel<T, DB, KV>();
   if (err != cudaSuccess) return err;
-  return launch_dependent(decode_kernel<T, DB>, grid, dim3(kThreads), DecodeCfg<DB>::kSmemBytes,
-                          stream, p);
+  return launch_dependent(decode_kernel<T, DB, KV>, grid, dim3(kThreads),
+                          DecodeCfg<DB, sizeof(KV)>::kSmemBytes, stream, p);
 }
 
-template <typename T>
+// KV: the cache's element type, T or __nv_fp8_e4m3.
+template <typename T, typename KV>
 cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
   const int rows = p.q_len * (p.heads_q / p.cache.heads_kv);
   const int row_groups = (rows + kRows - 1) / kRows;
@@ -608,9 +675,9 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
   if (gy > 65535 || p.num_splits < 1 || p.num_splits > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(p.num_splits, (unsigned)gy, p.cache.batch);
   const int d = p.cache.head_dim;
-  cudaError_t err = d <= 64    ? launch_decode_kernel<T, 64>(p, grid, stream)
-                    : d <= 128 ? launch_decode_kernel<T, 128>(p, grid, stream)
-                               : launch_decode_kernel<T, 256>(p, grid, stream);
+  cudaError_t err = d <= 64    ? launch_decode_kernel<T, 64, KV>(p, grid, stream)
+                    : d <= 128 ? launch_decode_kernel<T, 128, KV>(p, grid, stream)
+                               : launch_decode_kernel<T, 256, KV>(p, grid, stream);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const long long merge_rows = (long long)p.cache.batch * p.heads_q * p.q_len;
   if (merge_rows > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
@@ -634,7 +701,12 @@ extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t s
       !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride) ||
       !check::strides(params->o_batch_stride, params->o_row_stride, params->o_head_stride))
     return cudaErrorInvalidValue;
-  return with_dtype<__half, __nv_bfloat16>(
-      params->dtype, cudaErrorInvalidValue,
-      [&](auto t) { return launch_decode<typename decltype(t)::type>(*params, stream); });
+  // The cache holds q's dtype, or e4m3 with its scales.
+  const bool fp8 = params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr;
+  if (params->kv_dtype != params->dtype && !fp8) return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return fp8 ? launch_decode<T, __nv_fp8_e4m3>(*params, stream)
+               : launch_decode<T, T>(*params, stream);
+  });
 }

@@ -5,6 +5,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include "longattn/types.h"
 
@@ -23,6 +24,9 @@ template <> inline constexpr bool kHasDtype<__nv_bfloat16> = true;
 template <> inline constexpr LaDtype kDtypeOf<__nv_bfloat16> = LA_BF16;
 template <> inline constexpr bool kHasDtype<float> = true;
 template <> inline constexpr LaDtype kDtypeOf<float> = LA_F32;
+// OCP e4m3 ("e4m3fn"): a paged-cache element type only (kv_dtype), see fp8.cuh.
+template <> inline constexpr bool kHasDtype<__nv_fp8_e4m3> = true;
+template <> inline constexpr LaDtype kDtypeOf<__nv_fp8_e4m3> = LA_F8E4M3;
 
 // Calls f(Tag<T>{}) for the T among Ts whose LaDtype is `dtype` and returns its result, or
 // returns `unsupported` when no T matches:

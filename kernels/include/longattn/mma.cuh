@@ -1,4 +1,4 @@
-// Thin inline-PTX wrappers for the sm_80+ tensor-core path: cp.async (16-byte, zero-fill),
+// Thin inline-PTX wrappers for the sm_80+ tensor-core path: cp.async (16- and 8-byte, zero-fill),
 // ldmatrix (x4, plain and transposed) and mma.sync m16n8k16 with f32 accumulation.
 //
 // Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
@@ -26,6 +26,14 @@ __device__ __forceinline__ uint32_t smem_addr(const void *p) {
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void *src, bool pred) {
   const int src_bytes = pred ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+// 8 bytes global -> shared (through L1: .cg takes 16-byte copies only); pred == false writes 8
+// zero bytes and reads nothing. The fp8 decode ring's copies (8 e4m3 channels).
+__device__ __forceinline__ void cp_async_8(uint32_t dst, const void *src, bool pred) {
+  const int src_bytes = pred ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes)
                : "memory");
 }
