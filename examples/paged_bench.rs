@@ -7,8 +7,10 @@
 //! batch 1 x 64k and 128k tokens, batch 64 x 1k and 8k tokens; page size 16 and 64. Each
 //! cache has a shuffled page table (a sequence's pages are scattered over the pool) and is
 //! filled with `append_gpu` from a random source buffer, so the Quest metadata is real.
-//! Modes: full decode (automatic split count), Quest top-2048 tokens (selection + decode;
-//! selection alone via `PagedDecodePlan::select`), streaming (4 sinks + 2048-token window) for reference.
+//! Modes: full decode (automatic split count), full decode over an FP8 e4m3 copy of the cache
+//! (`_full_fp8`: appended with `append_gpu` at scale 1/448, half the bytes; target >= 1.8x the
+//! bf16 full decode at batch 64 x 8k), Quest top-2048 tokens (selection + decode; selection
+//! alone via `PagedDecodePlan::select`), streaming (4 sinks + 2048-token window) for reference.
 //!
 //! Bandwidth convention: `kv_bytes` is [`PagedDecode::kv_bytes_read`] (K and V bytes of the
 //! selected pages; Quest's kmin/kmax reads, bf16 like the cache, are reported apart as
@@ -35,7 +37,7 @@
 //! A watchdog ends the process (exit 3) after `PAGED_BENCH_TIMEOUT_S` seconds (default 100).
 
 use longattn::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use longattn::cudarc::driver::{CudaSlice, CudaStream};
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +57,7 @@ const CHUNK: usize = 16 << 20;
 
 /// Performance targets of the paged family (docs/benchmarks.md).
 const FULL_FRAC_TARGET: f64 = 0.85;
+const FP8_SPEEDUP_TARGET: f64 = 1.8;
 const QUEST_SPEEDUP_TARGET: f64 = 6.0;
 const SELECT_FRAC_TARGET: f64 = 0.15;
 
@@ -179,6 +182,7 @@ fn emit(
     ctx: &mut Ctx,
     name: &str,
     dec: &PagedDecode,
+    elem_bytes: usize,
     t: Timing,
     oneshot: Timing,
     uploads: Timing,
@@ -186,7 +190,7 @@ fn emit(
     extra_txt: String,
     target: String,
 ) {
-    let kv_bytes = dec.kv_bytes_read(2);
+    let kv_bytes = dec.kv_bytes_read(elem_bytes);
     let gbs = kv_bytes as f64 / t.ms / 1e6;
     let frac = gbs / ctx.copy_gbs;
     let splits = dec.splits_for(ctx.sm_count);
@@ -215,17 +219,18 @@ fn emit(
     });
 }
 
-/// The decode inputs every mode of one cache shares (`q: [batch, 1, HQ, D]`).
-struct DecodeInputs<'a> {
+/// The decode inputs every mode of one cache shares (`q: [batch, 1, HQ, D]`), over a cache
+/// of element type `C`.
+struct DecodeInputs<'a, C = bf16> {
     q: &'a CudaSlice<bf16>,
     q_st: Strides,
-    kv: KvPages<&'a CudaSlice<bf16>>,
-    meta: PageMeta<&'a CudaSlice<bf16>>,
+    kv: KvPages<&'a CudaSlice<C>>,
+    meta: PageMeta<&'a CudaSlice<C>>,
 }
 
-impl<'a> DecodeInputs<'a> {
+impl<'a, C> DecodeInputs<'a, C> {
     /// The metadata, for problems with Quest heads.
-    fn meta_for(&self, decode: &PagedDecode) -> Option<PageMeta<&'a CudaSlice<bf16>>> {
+    fn meta_for(&self, decode: &PagedDecode) -> Option<PageMeta<&'a CudaSlice<C>>> {
         decode.needs_meta().then_some(PageMeta {
             kmin: self.meta.kmin,
             kmax: self.meta.kmax,
@@ -234,10 +239,10 @@ impl<'a> DecodeInputs<'a> {
 }
 
 /// Times decode runs of a plan built once (no uploads per call).
-fn time_plan(
+fn time_plan<C: Element + DeviceRepr>(
     timer: &mut Timer,
     plan: &mut PagedDecodePlan,
-    inputs: &DecodeInputs,
+    inputs: &DecodeInputs<C>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<Timing> {
     let meta = inputs.meta_for(plan.decode());
@@ -259,11 +264,11 @@ fn time_plan(
 }
 
 /// Times the one-shot `forward_gpu` (a plan built inside every call).
-fn time_oneshot(
+fn time_oneshot<C: Element + DeviceRepr>(
     timer: &mut Timer,
     stream: &Arc<CudaStream>,
     decode: &PagedDecode,
-    inputs: &DecodeInputs,
+    inputs: &DecodeInputs<C>,
     out: &mut CudaSlice<bf16>,
 ) -> Result<Timing> {
     let meta = inputs.meta_for(decode);
@@ -458,6 +463,97 @@ fn sweep_splits(
     Ok(())
 }
 
+/// Full decode over an FP8 e4m3 copy of the cache (scale 1/448: the random source is in
+/// (-1, 1)), filled by `append_gpu` from the same source, against the bf16 full decode's
+/// `bf16_ms`.
+fn fp8_full(
+    ctx: &mut Ctx,
+    timer: &mut Timer,
+    cache: &PagedCache,
+    (b, s): (usize, usize),
+    q: &CudaSlice<bf16>,
+    q_st: Strides,
+    bf16_ms: f64,
+) -> Result<()> {
+    let stream = ctx.stream.clone();
+    let layout = cache.layout();
+    let page = layout.page_size;
+    let shape = format!("b{b}_s{s}_p{page}");
+    let cache = cache
+        .clone()
+        .with_kv_scales(KvScales::uniform(HKV, 1.0 / 448.0, 1.0 / 448.0)?)?;
+    let n = layout.cache_len();
+    let mut k = stream.alloc_zeros::<F8E4M3>(n)?;
+    let mut v = stream.alloc_zeros::<F8E4M3>(n)?;
+    let mut kmin = stream.alloc_zeros::<F8E4M3>(layout.meta_len())?;
+    let mut kmax = stream.alloc_zeros::<F8E4M3>(layout.meta_len())?;
+    let half = ctx.kv_src.len() / 2;
+    let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
+    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
+    let new_st = Strides::contiguous(b * s, HKV, D);
+    cache.append_gpu(
+        &stream,
+        &cu,
+        Strided::new(&k_src, new_st),
+        Strided::new(&v_src, new_st),
+        KvPages {
+            k: &mut k,
+            v: &mut v,
+        },
+        Some(PageMeta {
+            kmin: &mut kmin,
+            kmax: &mut kmax,
+        }),
+    )?;
+    let inputs = DecodeInputs {
+        q,
+        q_st,
+        kv: KvPages { k: &k, v: &v },
+        meta: PageMeta {
+            kmin: &kmin,
+            kmax: &kmax,
+        },
+    };
+    let mut out = stream.alloc_zeros::<bf16>(b * HQ * D)?;
+    let full = PagedDecode::new(&cache, HQ, 1, &AttentionOptions::causal())?;
+    let t = time_plan(timer, &mut full.plan_gpu(&stream)?, &inputs, &mut out)?;
+    let one = time_oneshot(timer, &stream, &full, &inputs, &mut out)?;
+    let bad = stream
+        .clone_dtoh(&out)?
+        .iter()
+        .filter(|x| !x.to_f32().is_finite())
+        .count();
+    if bad > 0 {
+        println!("# paged_{shape}_full_fp8: {bad} non-finite outputs");
+    }
+    let speedup = bf16_ms / t.ms;
+    let target = if (b, s) == (64, 8192) {
+        let verdict = if speedup >= FP8_SPEEDUP_TARGET { "ok" } else { "MISS" };
+        format!("{verdict} (x{FP8_SPEEDUP_TARGET} vs bf16)")
+    } else {
+        String::new()
+    };
+    let none = Timing {
+        ms: 0.0,
+        min_ms: 0.0,
+        loop_ms: 0.0,
+    };
+    emit(
+        ctx,
+        &format!("paged_{shape}_full_fp8"),
+        &full,
+        1,
+        t,
+        one,
+        none,
+        &format!(",\"kv_dtype\":\"f8e4m3\",\"speedup_vs_bf16\":{speedup:.2}"),
+        format!("x{speedup:.2} vs bf16 full"),
+        target,
+    );
+    stream.synchronize()?;
+    Ok(())
+}
+
 fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -> Result<()> {
     let stream = ctx.stream.clone();
     let shape = format!("b{b}_s{s}_p{page}");
@@ -526,6 +622,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         ctx,
         &format!("paged_{shape}_full"),
         &full,
+        2,
         t_full,
         one_full,
         up_full,
@@ -533,6 +630,8 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         String::new(),
         target,
     );
+
+    fp8_full(ctx, timer, &cache, (b, s), &q, q_st, t_full.ms)?;
 
     // Quest top-2048 tokens: selection + decode, and the selection alone.
     if s >= 8192 {
@@ -608,6 +707,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             ctx,
             &format!("paged_{shape}_quest"),
             &quest,
+            2,
             t_quest,
             one_quest,
             up_quest,
@@ -649,6 +749,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         ctx,
         &format!("paged_{shape}_streaming"),
         &streaming,
+        2,
         t_stream,
         one_stream,
         up_full,

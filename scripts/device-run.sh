@@ -66,10 +66,10 @@ if command -v compute-sanitizer > /dev/null; then
     neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
     paged_prefill:gpu_prefill_matches_reference_f16 \
     dense_gpu:gpu_hopper_varlen_many_query_tiles paged_gpu:gpu_plan_reuse_matches_one_shot \
-    ring_gpu:in_process_ring_moves_only_the_needed_shards; do
+    paged_gpu:gpu_fp8_decode_one_case ring_gpu:in_process_ring_moves_only_the_needed_shards; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
-    step "racecheck-$t" 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    step "racecheck-$t-${spec#*:}" 25 compute-sanitizer --tool racecheck --error-exitcode 9 \
       "$HERE/tests/$t" "${spec#*:}" --exact --test-threads=1
   done
 else
@@ -108,7 +108,8 @@ fi
 [ -f "$HERE/torch_decode_baseline.py" ] && step torch_decode_baseline 100 python3 "$HERE/torch_decode_baseline.py" --flex-budget 40
 command -v compute-sanitizer > /dev/null && [ -x "$HERE/tests/paged_gpu" ] &&
   step memcheck-paged_gpu 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$HERE/tests/paged_gpu" gpu --test-threads=1 --skip long --skip bad_inputs
+    "$HERE/tests/paged_gpu" gpu --test-threads=1 --skip long --skip bad_inputs \
+    --skip fp8_decode_matches
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
   "$OUT/torch_decode_baseline.log" "$OUT/family_bench.log" "$OUT/torch_family_baseline.log" \
   "$OUT/neighborhood_bench.log" "$OUT/torch_neighborhood_baseline.log" \

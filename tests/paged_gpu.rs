@@ -9,9 +9,9 @@ use longattn::reference::paged::{
     decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
 };
 use longattn::{
-    AttentionOptions, Element, Error, HeadPolicy, KvPages, PageLists, PageMeta, PageTable,
-    PagedCache, PagedDecode, PagedLayout, SparsePolicy, StreamingConfig, Strided, Strides, bf16,
-    f16,
+    AttentionOptions, Element, Error, F8E4M3, HeadPolicy, KvPages, KvScales, PageLists, PageMeta,
+    PageTable, PagedCache, PagedDecode, PagedLayout, SparsePolicy, StreamingConfig, Strided,
+    Strides, bf16, f16,
 };
 use rand::Rng;
 use std::sync::Arc;
@@ -31,10 +31,10 @@ fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
 /// bf16/f16 inputs, f32 accumulation: relative L2 bound vs the f64 reference.
 const HALF_TOL: f64 = 2e-2;
 
-fn run_gpu<T: Element + DeviceRepr>(
+fn run_gpu<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     dec: &PagedDecode,
-    sc: &Scenario<T>,
+    sc: &Scenario<T, C>,
     q: &[T],
 ) -> (Vec<T>, Vec<f32>) {
     let (hq, ql, d) = (dec.heads_q(), dec.q_len(), sc.cache.head_dim());
@@ -70,18 +70,34 @@ fn run_gpu<T: Element + DeviceRepr>(
 }
 
 fn decode_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
+    decode_sweep_over::<T, T>(
+        s,
+        &[(2, 1, 128), (2, 4, 64), (1, 4, 128), (2, 8, 32)],
+        |_| None,
+    );
+}
+
+/// The decode sweep over a cache of element type `C` (`scales(heads_kv)` for an FP8 one).
+fn decode_sweep_over<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    heads_dims: &[(usize, usize, usize)],
+    scales: impl Fn(usize) -> Option<KvScales>,
+) {
     let seqlens = [0usize, 1, 77, 300, 1030];
     for ps in [1, 16, 64, 256] {
-        for (hkv, ratio, d) in [(2, 1, 128), (2, 4, 64), (1, 4, 128), (2, 8, 32)] {
+        for &(hkv, ratio, d) in heads_dims {
             let hq = hkv * ratio;
-            let sc = scenario::<T>(&seqlens, ps, hkv, d, 77 + ps as u64 + d as u64);
+            let seed = 77 + ps as u64 + d as u64;
+            let sc = scenario_with::<T, C>(&seqlens, ps, hkv, d, seed, scales(hkv));
             for q_len in [1, 4] {
                 let mut r = rng(ps as u64 * 3 + q_len as u64);
                 let q: Vec<T> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
                 for (name, opts) in masks() {
                     let what = format!(
-                        "{:?} ps {ps} hkv {hkv} ratio {ratio} d {d} q_len {q_len} {name}",
-                        T::DTYPE
+                        "{:?} ({} cache) ps {ps} hkv {hkv} ratio {ratio} d {d} q_len {q_len} \
+                         {name}",
+                        T::DTYPE,
+                        C::DTYPE
                     );
                     let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
                     let (want, want_lse) = paged_decode_f64(
@@ -111,29 +127,94 @@ fn gpu_decode_matches_reference() {
     decode_sweep::<f16>(&s);
 }
 
+/// FP8 e4m3 cache (kernels not yet run on a GPU): the same sweep against the f64 reference
+/// of the dequantised cache, head dims that are and are not multiples of 16 (the e4m3 ring
+/// copies 8 bytes = 8 channels at a time), per-kv-head scales that saturate some values.
+#[test]
+fn gpu_fp8_decode_matches_reference() {
+    let Some(s) = stream() else { return };
+    let dims = [(2, 1, 128), (1, 4, 256), (2, 8, 72), (2, 2, 40)];
+    decode_sweep_over::<bf16, F8E4M3>(&s, &dims, |hkv| Some(fp8_scales(hkv)));
+    decode_sweep_over::<f16, F8E4M3>(&s, &dims, |hkv| Some(fp8_scales(hkv)));
+}
+
+/// One small FP8 decode (d 72: the 8-byte copies' partial 16-byte rows; 3 splits; window +
+/// sinks) for compute-sanitizer's racecheck in the device script.
+#[test]
+fn gpu_fp8_decode_one_case() {
+    let Some(s) = stream() else { return };
+    let (hkv, hq, d, q_len) = (2, 8, 72, 2);
+    let sc = scenario_with::<bf16, F8E4M3>(&[300, 45], 16, hkv, d, 3, Some(fp8_scales(hkv)));
+    let mut r = rng(5);
+    let q: Vec<bf16> = random_vec(&mut r, 2 * q_len * hq * d);
+    let opts = AttentionOptions::causal()
+        .with_window(longattn::Window::causal_tokens(100).unwrap())
+        .with_sinks(3);
+    let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+        .unwrap()
+        .with_splits(Some(3))
+        .unwrap();
+    let (want, want_lse) = paged_decode_f64(
+        &dec,
+        Strided::new(&q[..], q_strides(q_len, hq, d)),
+        sc.kv(),
+        decode_visible(&dec, None),
+    )
+    .unwrap();
+    let (out, lse) = run_gpu(&s, &dec, &sc, &q);
+    let err = rel_l2(&to_f64(&out), &want);
+    assert!(err < HALF_TOL, "fp8 one case: rel L2 {err}");
+    check_lse(&lse, &want_lse, 2e-2, "fp8 one case");
+}
+
+/// Scales for inputs in (-1, 1): the largest maps to about 300-700 (some values saturate).
+fn fp8_scales(hkv: usize) -> KvScales {
+    let k: Vec<f32> = (0..hkv).map(|g| 1.0 / (300.0 + 200.0 * g as f32)).collect();
+    let v: Vec<f32> = (0..hkv).map(|g| 1.0 / (700.0 - 150.0 * g as f32)).collect();
+    KvScales::new(k, v).unwrap()
+}
+
 #[test]
 fn gpu_append_matches_cpu() {
     let Some(s) = stream() else { return };
+    append_replay::<bf16, bf16>(&s, |_| None);
+}
+
+/// FP8 append (kernel not yet run on a GPU): bit-exact with the CPU path, bounds included.
+#[test]
+fn gpu_fp8_append_matches_cpu() {
+    let Some(s) = stream() else { return };
+    append_replay::<bf16, F8E4M3>(&s, |hkv| Some(fp8_scales(hkv)));
+    append_replay::<f16, F8E4M3>(&s, |hkv| Some(fp8_scales(hkv)));
+}
+
+/// Appends from garbage on both paths (a prefill, then a decode step) into a cache of type
+/// `C`; caches and metadata must be identical.
+fn append_replay<T: Element + DeviceRepr + PartialEq, C: Element + DeviceRepr + PartialEq>(
+    s: &Arc<CudaStream>,
+    scales: impl Fn(usize) -> Option<KvScales>,
+) {
+    let s = s.clone();
     for ps in [1, 16, 64, 256] {
         let (hkv, d) = (2, 64);
-        let sc = scenario::<bf16>(&[3, 200, 0, 513], ps, hkv, d, 4 + ps as u64);
+        let sc = scenario::<T>(&[3, 200, 0, 513], ps, hkv, d, 4 + ps as u64);
         // Replay: from garbage, append everything in one prefill then one decode step, on
         // both paths; caches and metadata must be identical.
         let layout = sc.cache.layout();
         let mut r = rng(ps as u64);
-        let garbage: Vec<bf16> = random_vec(&mut r, layout.cache_len());
+        let garbage: Vec<C> = random_vec(&mut r, layout.cache_len());
         let seqlens: Vec<usize> = (0..sc.cache.batch())
             .map(|b| sc.cache.seqlen(b).unwrap())
             .collect();
         let row = hkv * d;
         let mut cpu_k = garbage.clone();
         let mut cpu_v = garbage.clone();
-        let mut cpu_min = vec![bf16::ZERO; layout.meta_len()];
-        let mut cpu_max = vec![bf16::ZERO; layout.meta_len()];
+        let mut cpu_min = vec![C::from_f32(0.0); layout.meta_len()];
+        let mut cpu_max = vec![C::from_f32(0.0); layout.meta_len()];
         let mut kd = up(&s, &garbage);
         let mut vd = up(&s, &garbage);
-        let mut mind = up(&s, &vec![bf16::NAN; layout.meta_len()]);
-        let mut maxd = up(&s, &vec![bf16::NAN; layout.meta_len()]);
+        let mut mind = up(&s, &vec![C::from_f32(f32::NAN); layout.meta_len()]);
+        let mut maxd = up(&s, &vec![C::from_f32(f32::NAN); layout.meta_len()]);
         for step in 0..2 {
             let upto: Vec<usize> = seqlens
                 .iter()
@@ -153,6 +234,10 @@ fn gpu_append_matches_cpu() {
                 },
             )
             .unwrap();
+            let cache = match scales(hkv) {
+                Some(x) => cache.with_kv_scales(x).unwrap(),
+                None => cache,
+            };
             let mut cu = vec![0i32];
             let mut kn = Vec::new();
             let mut vn = Vec::new();
@@ -195,9 +280,13 @@ fn gpu_append_matches_cpu() {
                 )
                 .unwrap();
         }
-        let gk: Vec<bf16> = s.clone_dtoh(&kd).unwrap();
-        let gv: Vec<bf16> = s.clone_dtoh(&vd).unwrap();
-        assert!(gk == cpu_k && gv == cpu_v, "ps {ps}: cache contents differ");
+        let gk: Vec<C> = s.clone_dtoh(&kd).unwrap();
+        let gv: Vec<C> = s.clone_dtoh(&vd).unwrap();
+        assert!(
+            gk == cpu_k && gv == cpu_v,
+            "{} cache ps {ps}: cache contents differ",
+            C::DTYPE
+        );
         let gmin = s.clone_dtoh(&mind).unwrap();
         let gmax = s.clone_dtoh(&maxd).unwrap();
         for (page, kvh, lo, hi) in page_bounds(&sc.cache, &gk) {
@@ -775,5 +864,56 @@ fn gpu_rejects_bad_inputs() {
     assert!(
         matches!(r, Err(Error::Unsupported(_))),
         "head_dim 12 must be rejected"
+    );
+
+    // Cache types: an f32 cache under bf16 queries, Quest heads over an FP8 cache (the
+    // selection kernel reads bounds of the query type), scales on a bf16 cache.
+    let sc = scenario_with::<bf16, F8E4M3>(&[40], 16, 1, 8, 1, Some(fp8_scales(1)));
+    let q = up(&s, &[bf16::from_f32(0.1); 8]);
+    let mut o = up(&s, &[bf16::from_f32(0.0); 8]);
+    let st = Strides::contiguous(1, 1, 8);
+    let k32 = up(&s, &vec![0.0f32; sc.cache.layout().cache_len()]);
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
+    let r = dec.forward_gpu(
+        &s,
+        Strided::new(&q, st),
+        KvPages { k: &k32, v: &k32 },
+        None,
+        Strided::new(&mut o, st),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "f32 cache: {r:?}");
+    let (k8, mn, mx) = (up(&s, &sc.k_cache), up(&s, &sc.kmin), up(&s, &sc.kmax));
+    let quest = dec.clone().with_policy(quest_policy(1, 16, 0)).unwrap();
+    let r = quest.forward_gpu(
+        &s,
+        Strided::new(&q, st),
+        KvPages { k: &k8, v: &k8 },
+        Some(PageMeta {
+            kmin: &mn,
+            kmax: &mx,
+        }),
+        Strided::new(&mut o, st),
+        None,
+    );
+    assert!(
+        matches!(r, Err(Error::Unsupported(_))),
+        "Quest over FP8: {r:?}"
+    );
+    let half = scenario::<bf16>(&[40], 16, 1, 8, 1);
+    let scaled = half.cache.clone().with_kv_scales(fp8_scales(1)).unwrap();
+    let kh = up(&s, &half.k_cache);
+    let dec = PagedDecode::new(&scaled, 1, 1, &AttentionOptions::causal()).unwrap();
+    let r = dec.forward_gpu(
+        &s,
+        Strided::new(&q, st),
+        KvPages { k: &kh, v: &kh },
+        None,
+        Strided::new(&mut o, st),
+        None,
+    );
+    assert!(
+        matches!(r, Err(Error::InvalidOption(_))),
+        "scales on bf16: {r:?}"
     );
 }

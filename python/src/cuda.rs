@@ -405,7 +405,7 @@ fn paged_decode_cuda(
             );
             let mut ro = raw::<f16>(&co, &s);
             decode
-                .forward_gpu::<f16, _, _>(
+                .forward_gpu::<f16, f16, _, _, _>(
                     &s,
                     Strided::new(rq.get(), qs),
                     KvPages {

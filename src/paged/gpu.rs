@@ -91,6 +91,8 @@ pub struct PagedDecodePlan {
     partial: Option<(CudaSlice<f32>, CudaSlice<f32>)>,
     /// The last append's `cu_seqlens_new` (host copy and device buffer).
     append_cu: Option<(Vec<i32>, CudaSlice<i32>)>,
+    /// `[2, heads_kv]` K then V scales of an FP8 cache (ones when the cache has none).
+    kv_scales: CudaSlice<f32>,
 }
 
 /// What a plan allocates scratch for.
@@ -112,6 +114,17 @@ fn check_gpu_dtype(dtype: DType) -> Result<()> {
     check_half(dtype, "the paged kernels take", "path")
 }
 
+/// The cache element types of the paged GPU kernels: the q type itself, or FP8 e4m3 (append
+/// and decode; the Quest kernel reads bounds of the q type), with scales only for FP8.
+fn check_gpu_cache(cache: &PagedCache, q: DType, kv: DType) -> Result<()> {
+    if kv != q && kv != DType::F8E4M3 {
+        return Err(Error::Unsupported(format!(
+            "a {kv} cache with {q} queries on the GPU: the cache holds the query type or f8e4m3"
+        )));
+    }
+    cache.scales_for(kv).map(|_| ())
+}
+
 fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
     check_head_dim(cache.head_dim(), GPU_MAX_HEAD_DIM)?;
     check_grid_yz(cache.batch(), ("heads_kv", cache.heads_kv()))
@@ -119,18 +132,19 @@ fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
 
 /// Validates an append's arguments (shared by the one-shot and the plan path); returns the
 /// most pages one sequence's new tokens touch.
-fn validate_append<T, I, O>(
+fn validate_append<T, C, I, O>(
     cache: &PagedCache,
     cu_seqlens_new: &[i32],
     k_new: &Strided<&I>,
     v_new: &Strided<&I>,
     kv: &KvPages<&mut O>,
-    meta: &Option<PageMeta<&mut CudaSlice<T>>>,
+    meta: &Option<PageMeta<&mut CudaSlice<C>>>,
 ) -> Result<usize>
 where
     T: Element + DeviceRepr,
+    C: Element + DeviceRepr,
     I: DeviceBuffer<T>,
-    O: DeviceBufferMut<T>,
+    O: DeviceBufferMut<C>,
 {
     let max_touched = cache.check_append(
         cu_seqlens_new,
@@ -140,35 +154,39 @@ where
         meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
     check_gpu_dims(cache, T::DTYPE)?;
+    check_gpu_cache(cache, T::DTYPE, C::DTYPE)?;
     Ok(max_touched)
 }
 
 impl PagedCache {
     /// GPU append (see [`PagedCache::append_cpu`] for the semantics and the metadata
     /// definition). `cu_seqlens_new` is a host array; `k_new, v_new: [total_new, heads_kv,
-    /// head_dim]` device buffers with strides that are multiples of 8 elements. Uploads the
-    /// tables on every call; [`PagedDecodePlan::append`] reuses a plan's.
-    pub fn append_gpu<T, I, O>(
+    /// head_dim]` device buffers with strides that are multiples of 8 elements. The cache
+    /// holds `T` (copied) or [`F8E4M3`](crate::F8E4M3) (quantised with the cache's
+    /// [`KvScales`](super::KvScales); **not yet run on a GPU**). Uploads the tables on every
+    /// call; [`PagedDecodePlan::append`] reuses a plan's.
+    pub fn append_gpu<T, C, I, O>(
         &self,
         stream: &Arc<CudaStream>,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         cache: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<T>>>,
+        meta: Option<PageMeta<&mut CudaSlice<C>>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<C>,
     {
         let max_touched =
-            validate_append::<T, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
+            validate_append::<T, C, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
         if max_touched == 0 {
             return Ok(());
         }
         cuda_call!(
-            imp::append_oneshot::<T, I, O>,
+            imp::append_oneshot::<T, C, I, O>,
             self,
             stream,
             cu_seqlens_new,
@@ -228,48 +246,63 @@ impl PagedDecode {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        let () = cuda_call!(imp::select::<T, I>, &mut plan, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, T, I>, &mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
     /// GPU decode on `stream` (nothing is synchronized). Buffers as for
     /// [`PagedDecode::forward_cpu`], on the device: q/out strides multiples of 8 elements,
-    /// 16-byte aligned pointers, f16 or bf16, head_dim a multiple of 8 up to 256. Quest heads
-    /// run the selection kernel first; the split count is [`PagedDecode::splits_for`] the
-    /// device's SM count. One-shot: builds a temporary [`PagedDecodePlan`] (table uploads and
-    /// scratch allocation per call); engines calling decode per layer with the same tables
-    /// should build the plan once with [`PagedDecode::plan_gpu`].
-    pub fn forward_gpu<T, I, O>(
+    /// 16-byte aligned pointers, f16 or bf16, head_dim a multiple of 8 up to 256; the cache
+    /// (type `C`) holds `T` or [`F8E4M3`](crate::F8E4M3) with the cache's
+    /// [`KvScales`](super::KvScales) (the FP8 kernels are **not yet run on a GPU**; Quest
+    /// heads need a `T` cache). Quest heads run the selection kernel first; the split count
+    /// is [`PagedDecode::splits_for`] the device's SM count. One-shot: builds a temporary
+    /// [`PagedDecodePlan`] (table uploads and scratch allocation per call); engines calling
+    /// decode per layer with the same tables should build the plan once with
+    /// [`PagedDecode::plan_gpu`].
+    pub fn forward_gpu<T, C, Q, K, O>(
         &self,
         stream: &Arc<CudaStream>,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<T>>>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
+        meta: Option<PageMeta<&CudaSlice<C>>>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         // The tensor checks first, then the plan (tables, grid), then the launches.
-        self.validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
+        self.validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
-        cuda_call!(imp::decode::<T, I, O>, &mut plan, q, kv, meta, out, lse)
+        cuda_call!(
+            imp::decode::<T, C, Q, K, O>,
+            &mut plan,
+            q,
+            kv,
+            meta,
+            out,
+            lse
+        )
     }
 
-    fn validate_forward<T, I, O>(
+    fn validate_forward<T, C, Q, K, O>(
         &self,
-        q: &Strided<&I>,
-        kv: &KvPages<&I>,
-        meta: &Option<PageMeta<&CudaSlice<T>>>,
+        q: &Strided<&Q>,
+        kv: &KvPages<&K>,
+        meta: &Option<PageMeta<&CudaSlice<C>>>,
         out: &Strided<&mut O>,
         lse: &Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         self.check_forward(
@@ -279,7 +312,16 @@ impl PagedDecode {
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        check_gpu_dims(&self.cache, T::DTYPE)
+        check_gpu_dims(&self.cache, T::DTYPE)?;
+        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
+        if self.needs_meta() && C::DTYPE != T::DTYPE {
+            return Err(Error::Unsupported(format!(
+                "Quest heads over a {} cache on the GPU: the selection kernel reads {} page                  bounds (the CPU path selects over any cache type)",
+                C::DTYPE,
+                T::DTYPE
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -348,7 +390,7 @@ impl PagedDecodePlan {
                 "this plan has no Quest heads to select pages for".into(),
             ));
         }
-        let () = cuda_call!(imp::select::<T, I>, self, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, T, I>, self, &q, &meta)?;
         Ok(self.selection().expect("checked above"))
     }
 
@@ -356,27 +398,29 @@ impl PagedDecodePlan {
     /// [`PagedDecode::forward_gpu`] for the buffers), reusing the plan's tables and scratch:
     /// no host-to-device copy, no allocation. The tensor arguments are validated on every
     /// call. Quest heads run the selection into the plan's buffers first.
-    pub fn forward<T, I, O>(
+    pub fn forward<T, C, Q, K, O>(
         &mut self,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<T>>>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
+        meta: Option<PageMeta<&CudaSlice<C>>>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         self.decode
-            .validate_forward::<T, I, O>(&q, &kv, &meta, &out, &lse)?;
+            .validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
         if self.what != PlanFor::Decode {
             return Err(Error::InvalidOption(
                 "a selection-only plan cannot run the decode".into(),
             ));
         }
-        cuda_call!(imp::decode::<T, I, O>, self, q, kv, meta, out, lse)
+        cuda_call!(imp::decode::<T, C, Q, K, O>, self, q, kv, meta, out, lse)
     }
 
     /// Append on the plan's stream with the plan's device tables (see
@@ -384,20 +428,21 @@ impl PagedDecodePlan {
     /// tokens, as for the one-shot call). `cu_seqlens_new` is validated on the host and
     /// uploaded only when it differs from the previous append's (an engine appends with the
     /// same offsets for every layer of a step).
-    pub fn append<T, I, O>(
+    pub fn append<T, C, I, O>(
         &mut self,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         cache: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<T>>>,
+        meta: Option<PageMeta<&mut CudaSlice<C>>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<C>,
     {
-        let max_touched = validate_append::<T, I, O>(
+        let max_touched = validate_append::<T, C, I, O>(
             &self.decode.cache,
             cu_seqlens_new,
             &k_new,
@@ -409,7 +454,7 @@ impl PagedDecodePlan {
             return Ok(());
         }
         cuda_call!(
-            imp::append_plan::<T, I, O>,
+            imp::append_plan::<T, C, I, O>,
             self,
             cu_seqlens_new,
             k_new,
@@ -502,6 +547,7 @@ mod imp {
         let block_table = stream.clone_htod(cache.block_table())?;
         let seqlens_k = stream.clone_htod(cache.seqlens_k())?;
         let head_kind = stream.clone_htod(&head_kinds(decode))?;
+        let kv_scales = stream.clone_htod(&scales_host(cache))?;
         let quest = decode.needs_meta();
         let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
         let (lists, scores, splits, partial) = match what {
@@ -555,7 +601,31 @@ mod imp {
             scores,
             partial,
             append_cu: None,
+            kv_scales,
         })
+    }
+
+    /// The `[2, heads_kv]` K then V scales the kernels read for an FP8 cache (ones without
+    /// [`KvScales`](crate::paged::KvScales)).
+    fn scales_host(cache: &PagedCache) -> Vec<f32> {
+        match cache.kv_scales() {
+            Some(s) => [s.k(), s.v()].concat(),
+            None => vec![1.0; 2 * cache.heads_kv()],
+        }
+    }
+
+    /// `kv_dtype` and `kv_scales` of the append and decode params for a cache of type `C`
+    /// (the scales pointer only for FP8; the kernels of a `T` cache never read it).
+    fn kv_params<C: Element>(scales: u64) -> (ffi::LaDtype, *const f32) {
+        let fp8 = C::DTYPE == DType::F8E4M3;
+        (
+            la_dtype(C::DTYPE),
+            if fp8 {
+                scales as *const f32
+            } else {
+                std::ptr::null()
+            },
+        )
     }
 
     /// Strides of a `[rows, heads, dim]` packed tensor checked for 16-byte vectors (the
@@ -566,22 +636,22 @@ mod imp {
 
     /// The append launch, with device tables and offsets already on `stream`.
     #[allow(clippy::too_many_arguments)]
-    fn append_launch<T, I, O>(
+    fn append_launch<T, C, I, O>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
-        block_table: &CudaSlice<i32>,
-        seqlens_k: &CudaSlice<i32>,
+        (block_table, seqlens_k, kv_scales): (&CudaSlice<i32>, &CudaSlice<i32>, &CudaSlice<f32>),
         cu: &CudaSlice<i32>,
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<T>>>,
+        meta: Option<PageMeta<&mut CudaSlice<C>>>,
         max_touched: usize,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<C>,
     {
         let bytes = dtype_bytes(T::DTYPE);
         let (kn, _s1) = k_new.data.device_ptr(stream);
@@ -596,6 +666,8 @@ mod imp {
         let (bt, _s5) = block_table.device_ptr(stream);
         let (sl, _s6) = seqlens_k.device_ptr(stream);
         let (cu_ptr, _s7) = cu.device_ptr(stream);
+        let (ks, _s10) = kv_scales.device_ptr(stream);
+        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let mut meta = meta;
         let (kmin, kmax, _s8, _s9) = match meta.as_mut() {
             Some(m) => {
@@ -620,8 +692,8 @@ mod imp {
             kmax: kmax as *mut _,
             max_pages_touched: max_touched as i32,
             dtype: la_dtype(T::DTYPE),
-            kv_dtype: la_dtype(T::DTYPE),
-            kv_scales: std::ptr::null(),
+            kv_dtype,
+            kv_scales,
         };
         // SAFETY: extents, page ids and writer uniqueness were validated on the host; the
         // launch is ordered on `stream` after the uploads of the tables and offsets.
@@ -630,30 +702,31 @@ mod imp {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn append_oneshot<T, I, O>(
+    pub(super) fn append_oneshot<T, C, I, O>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<T>>>,
+        meta: Option<PageMeta<&mut CudaSlice<C>>>,
         max_touched: usize,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<C>,
     {
         // Temporaries freed stream-ordered after the launch (see the module docs).
         let bt = stream.clone_htod(cache.block_table())?;
         let sl = stream.clone_htod(cache.seqlens_k())?;
+        let scales = stream.clone_htod(&scales_host(cache))?;
         let cu = stream.clone_htod(cu_seqlens_new)?;
-        append_launch::<T, I, O>(
+        append_launch::<T, C, I, O>(
             cache,
             stream,
-            &bt,
-            &sl,
+            (&bt, &sl, &scales),
             &cu,
             k_new,
             v_new,
@@ -663,19 +736,20 @@ mod imp {
         )
     }
 
-    pub(super) fn append_plan<T, I, O>(
+    pub(super) fn append_plan<T, C, I, O>(
         plan: &mut PagedDecodePlan,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<T>>>,
+        meta: Option<PageMeta<&mut CudaSlice<C>>>,
         max_touched: usize,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<C>,
     {
         let stale = plan
             .append_cu
@@ -692,14 +766,14 @@ mod imp {
             block_table,
             seqlens_k,
             append_cu,
+            kv_scales,
             ..
         } = plan;
         let (_, cu) = append_cu.as_ref().expect("uploaded above");
-        append_launch::<T, I, O>(
+        append_launch::<T, C, I, O>(
             &decode.cache,
             stream,
-            block_table,
-            seqlens_k,
+            (block_table, seqlens_k, kv_scales),
             cu,
             k_new,
             v_new,
@@ -709,16 +783,25 @@ mod imp {
         )
     }
 
-    /// Runs the Quest kernel into the plan's scores, page lists and counts.
-    pub(super) fn select<T, I>(
+    /// Runs the Quest kernel into the plan's scores, page lists and counts. The bounds'
+    /// type `C` is the q type `T` (checked by every caller; the kernel reads both as `T`).
+    pub(super) fn select<T, C, I>(
         plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
-        meta: &PageMeta<&CudaSlice<T>>,
+        meta: &PageMeta<&CudaSlice<C>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
+        if C::DTYPE != T::DTYPE {
+            return Err(Error::Unsupported(format!(
+                "Quest selection on the GPU over {} bounds with {} queries",
+                C::DTYPE,
+                T::DTYPE
+            )));
+        }
         let PagedDecodePlan {
             decode,
             stream,
@@ -777,22 +860,25 @@ mod imp {
         check_launch("la_paged_quest_select", code)
     }
 
-    pub(super) fn decode<T, I, O>(
+    pub(super) fn decode<T, C, Q, K, O>(
         plan: &mut PagedDecodePlan,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
-        meta: Option<PageMeta<&CudaSlice<T>>>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
+        meta: Option<PageMeta<&CudaSlice<C>>>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         if plan.decode.needs_meta() {
             let m = meta.as_ref().expect("validated: Quest heads have metadata");
-            select::<T, I>(plan, &q, m)?;
+            // Validated: Quest heads on the GPU have bounds of the q type (C == T).
+            select::<T, C, Q>(plan, &q, m)?;
         }
         let PagedDecodePlan {
             decode,
@@ -803,6 +889,7 @@ mod imp {
             head_kind,
             lists,
             partial,
+            kv_scales,
             ..
         } = plan;
         let splits = *splits;
@@ -821,6 +908,8 @@ mod imp {
         let (bt, _s6) = block_table.device_ptr(stream);
         let (sl, _s7) = seqlens_k.device_ptr(stream);
         let (kd, _s8) = head_kind.device_ptr(stream);
+        let (ks, _s13) = kv_scales.device_ptr(stream);
+        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let lists = lists.as_ref();
         let (pl, _s9) = ptr_or_null(lists.map(|(pl, _)| pl), stream);
         let (pc, _s10) = ptr_or_null(lists.map(|(_, pc)| pc), stream);
@@ -867,8 +956,8 @@ mod imp {
             o_partial: opart as *mut f32,
             lse_partial: lpart as *mut f32,
             dtype: la_dtype(T::DTYPE),
-            kv_dtype: la_dtype(T::DTYPE),
-            kv_scales: std::ptr::null(),
+            kv_dtype,
+            kv_scales,
         };
         // SAFETY: every extent, page id and page list was validated on the host (at plan
         // creation for the tables and lists, per call for the tensors); the split scratch
@@ -877,5 +966,54 @@ mod imp {
         // the Quest selection.
         let code = unsafe { ffi::la_paged_decode(&params, stream.cu_stream() as _) };
         check_launch("la_paged_decode", code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paged::{KvScales, PageTable, PagedLayout};
+
+    fn cache() -> PagedCache {
+        let layout = PagedLayout {
+            num_pages: 2,
+            page_size: 4,
+            heads_kv: 2,
+            head_dim: 8,
+        };
+        let table = PageTable {
+            block_table: &[0, 1],
+            max_pages_per_seq: 2,
+            seqlens_k: &[6],
+        };
+        PagedCache::new(layout, table).unwrap()
+    }
+
+    /// The GPU's cache types: the query type, or FP8 (with or without scales); scales only
+    /// on FP8; no other pairing.
+    #[test]
+    fn gpu_cache_types() {
+        let plain = cache();
+        let scaled = plain
+            .clone()
+            .with_kv_scales(KvScales::uniform(2, 0.5, 0.25).unwrap())
+            .unwrap();
+        for q in [DType::F16, DType::BF16] {
+            assert!(check_gpu_cache(&plain, q, q).is_ok());
+            assert!(check_gpu_cache(&plain, q, DType::F8E4M3).is_ok());
+            assert!(check_gpu_cache(&scaled, q, DType::F8E4M3).is_ok());
+            assert!(matches!(
+                check_gpu_cache(&scaled, q, q),
+                Err(Error::InvalidOption(_))
+            ));
+            assert!(matches!(
+                check_gpu_cache(&plain, q, DType::F32),
+                Err(Error::Unsupported(_))
+            ));
+        }
+        assert!(check_gpu_cache(&plain, DType::F16, DType::BF16).is_err());
+        // The query side stays f16/bf16 only, whatever the cache.
+        assert!(check_gpu_dtype(DType::F8E4M3).is_err());
+        assert!(check_gpu_dtype(DType::F32).is_err());
     }
 }
