@@ -528,7 +528,11 @@ fn fp8_full(
     }
     let speedup = bf16_ms / t.ms;
     let target = if (b, s) == (64, 8192) {
-        let verdict = if speedup >= FP8_SPEEDUP_TARGET { "ok" } else { "MISS" };
+        let verdict = if speedup >= FP8_SPEEDUP_TARGET {
+            "ok"
+        } else {
+            "MISS"
+        };
         format!("{verdict} (x{FP8_SPEEDUP_TARGET} vs bf16)")
     } else {
         String::new()
