@@ -79,6 +79,7 @@ impl Element for bf16 {
 /// ([`KvScales`](crate::paged::KvScales)); every e4m3 value is exact in f16, bf16 and f32.
 /// [`Element::from_f32`] rounds to nearest, ties to even, and saturates: finite values beyond
 /// +-448 and +-inf become +-448, NaN stays NaN (CUDA's `cvt.rn.satfinite.e4m3x2.f32`).
+/// Equality compares bits (a stored cache compares equal to itself, NaN included; `-0 != 0`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 #[repr(transparent)]
 pub struct F8E4M3(u8);
@@ -102,10 +103,8 @@ impl F8E4M3 {
 }
 
 // SAFETY: `F8E4M3` is `repr(transparent)` over `u8`: every bit pattern is a value (zero too).
-#[cfg(longattn_cuda)]
 unsafe impl cudarc::driver::DeviceRepr for F8E4M3 {}
 // SAFETY: as above.
-#[cfg(longattn_cuda)]
 unsafe impl cudarc::driver::ValidAsZeroBits for F8E4M3 {}
 
 impl Element for F8E4M3 {
