@@ -852,6 +852,8 @@ mod imp {
             window_right: wr as i32,
             sinks: decode.base_mask().sinks as i32,
             dtype: la_dtype(T::DTYPE),
+            kv_dtype: la_dtype(T::DTYPE),
+            kv_scales: std::ptr::null(),
         };
         // SAFETY: q extent and the metadata length were validated; the kernel writes only
         // within the plan's [batch, heads_kv, max_pages_per_seq] buffers (Quest heads' rows

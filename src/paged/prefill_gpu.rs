@@ -254,6 +254,8 @@ mod imp {
             scale: pf.scale(),
             softcap: pf.softcap().unwrap_or(0.0),
             dtype: la_dtype(T::DTYPE),
+            kv_dtype: la_dtype(T::DTYPE),
+            kv_scales: std::ptr::null(),
         };
         // SAFETY: q/out extents, the LSE length, the cache lengths and every page id below
         // seqlens_k were validated on the host; the kernel reads q and the cache and writes
@@ -343,6 +345,8 @@ mod c_entry_checks {
             scale: 0.088,
             softcap: 0.0,
             dtype: ffi::LaDtype::LA_BF16,
+            kv_dtype: ffi::LaDtype::LA_BF16,
+            kv_scales: std::ptr::null(),
         }
     }
 

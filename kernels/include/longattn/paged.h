@@ -106,7 +106,13 @@ typedef struct LaQuestParams {
   int32_t *page_count;
   int32_t budget_pages, sink_pages;
   int32_t window_left, window_right, sinks;
+  /* Element type of q. */
   LaDtype dtype;
+  /* Element type of kmin/kmax (the cache's): dtype, or LA_F8E4M3 (then kv_scales, see
+   * above, is required and a page's score is k_scale[kv head] times the sum over the
+   * stored bounds). */
+  LaDtype kv_dtype;
+  const float *kv_scales;
 } LaQuestParams;
 
 /* Decode attention over the paged cache, split-KV when num_splits > 1 (then o_partial and

@@ -46,7 +46,12 @@ typedef struct LaPagedPrefillParams {
   int32_t window_left, window_right, sinks;
   /* Softmax scale applied to q.k; softcap <= 0 disables the tanh cap. */
   float scale, softcap;
+  /* Element type of q / o. */
   LaDtype dtype;
+  /* Element type of the cache: dtype, or LA_F8E4M3 with kv_scales [2, heads_kv] f32 (k
+   * scales, then v scales; a cached value is e4m3 * scale, see paged.h). */
+  LaDtype kv_dtype;
+  const float *kv_scales;
 } LaPagedPrefillParams;
 
 /* Query rows one prefill block serves (grid x = ceil(q_len / LA_PAGED_PREFILL_ROWS)). */
