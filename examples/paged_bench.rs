@@ -37,7 +37,7 @@
 //! A watchdog ends the process (exit 3) after `PAGED_BENCH_TIMEOUT_S` seconds (default 100).
 
 use longattn::cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
-use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use longattn::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -300,6 +300,46 @@ struct BenchCache {
     kmax: CudaSlice<bf16>,
 }
 
+/// K, V, kmin and kmax of `cache` (element type `C`: bf16, or FP8 with the cache's scales)
+/// filled by one `append_gpu` of `b` sequences of `s` tokens from the random source.
+fn filled<C: Element + DeviceRepr + ValidAsZeroBits>(
+    ctx: &Ctx,
+    cache: &PagedCache,
+    (b, s): (usize, usize),
+) -> Result<[CudaSlice<C>; 4]> {
+    let stream = &ctx.stream;
+    let layout = cache.layout();
+    let n = layout.cache_len();
+    let half = ctx.kv_src.len() / 2;
+    if n > half {
+        return Err(Error::Shape(format!(
+            "b{b} s{s}: the cache ({n} elements) is larger than the random source ({half})"
+        )));
+    }
+    let mut k = stream.alloc_zeros::<C>(n)?;
+    let mut v = stream.alloc_zeros::<C>(n)?;
+    let mut kmin = stream.alloc_zeros::<C>(layout.meta_len())?;
+    let mut kmax = stream.alloc_zeros::<C>(layout.meta_len())?;
+    let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
+    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
+    let new_st = Strides::contiguous(b * s, HKV, D);
+    cache.append_gpu(
+        stream,
+        &cu,
+        Strided::new(&k_src, new_st),
+        Strided::new(&v_src, new_st),
+        KvPages {
+            k: &mut k,
+            v: &mut v,
+        },
+        Some(PageMeta {
+            kmin: &mut kmin,
+            kmax: &mut kmax,
+        }),
+    )?;
+    Ok([k, v, kmin, kmax])
+}
+
 /// Builds the cache, or `None` (with a printed line) when GPU memory is short.
 fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<BenchCache>> {
     let stream = &ctx.stream;
@@ -332,34 +372,7 @@ fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<Benc
         );
         return Ok(None);
     }
-    let mut k = stream.alloc_zeros::<bf16>(n)?;
-    let mut v = stream.alloc_zeros::<bf16>(n)?;
-    let mut kmin = stream.alloc_zeros::<bf16>(layout.meta_len())?;
-    let mut kmax = stream.alloc_zeros::<bf16>(layout.meta_len())?;
-    let half = ctx.kv_src.len() / 2;
-    if n > half {
-        return Err(Error::Shape(format!(
-            "paged_b{b}_s{s}_p{page}: the cache ({n} elements) is larger than the random source \
-             ({half})"
-        )));
-    }
-    let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
-    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
-    let new_st = Strides::contiguous(b * s, HKV, D);
-    cache.append_gpu(
-        stream,
-        &cu,
-        Strided::new(&k_src, new_st),
-        Strided::new(&v_src, new_st),
-        KvPages {
-            k: &mut k,
-            v: &mut v,
-        },
-        Some(PageMeta {
-            kmin: &mut kmin,
-            kmax: &mut kmax,
-        }),
-    )?;
+    let [k, v, kmin, kmax] = filled::<bf16>(ctx, &cache, (b, s))?;
     stream.synchronize()?;
     Ok(Some(BenchCache {
         cache,
@@ -482,29 +495,7 @@ fn fp8_full(
     let cache = cache
         .clone()
         .with_kv_scales(KvScales::uniform(HKV, 1.0 / 448.0, 1.0 / 448.0)?)?;
-    let n = layout.cache_len();
-    let mut k = stream.alloc_zeros::<F8E4M3>(n)?;
-    let mut v = stream.alloc_zeros::<F8E4M3>(n)?;
-    let mut kmin = stream.alloc_zeros::<F8E4M3>(layout.meta_len())?;
-    let mut kmax = stream.alloc_zeros::<F8E4M3>(layout.meta_len())?;
-    let half = ctx.kv_src.len() / 2;
-    let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
-    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
-    let new_st = Strides::contiguous(b * s, HKV, D);
-    cache.append_gpu(
-        &stream,
-        &cu,
-        Strided::new(&k_src, new_st),
-        Strided::new(&v_src, new_st),
-        KvPages {
-            k: &mut k,
-            v: &mut v,
-        },
-        Some(PageMeta {
-            kmin: &mut kmin,
-            kmax: &mut kmax,
-        }),
-    )?;
+    let [k, v, kmin, kmax] = filled::<F8E4M3>(ctx, &cache, (b, s))?;
     let inputs = DecodeInputs {
         q,
         q_st,

@@ -6,9 +6,7 @@
 
 use longattn::paged::DECODE_ROWS_PER_BLOCK;
 use longattn::reference::dense_attention_f64;
-use longattn::reference::paged::{
-    decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
-};
+use longattn::reference::paged::{page_bounds, quest_scores_f64, quest_select_brute};
 use longattn::{
     AttentionOptions, AttentionShape, Element, Error, FlashAttention, HeadPolicy, KvPages,
     PageLists, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, QuestConfig, SeqLens,
@@ -79,22 +77,6 @@ fn dense_reference<T: Element>(
     (out, lse)
 }
 
-fn run_cpu<T: Element>(decode: &PagedDecode, sc: &Scenario<T>, q: &[T]) -> (Vec<T>, Vec<f32>) {
-    let (hq, ql, d) = (decode.heads_q(), decode.q_len(), sc.cache.head_dim());
-    let mut out = vec![T::from_f32(f32::NAN); decode.out_len()];
-    let mut lse = vec![f32::NAN; decode.lse_len()];
-    decode
-        .forward_cpu(
-            Strided::new(q, q_strides(ql, hq, d)),
-            sc.kv(),
-            Some(sc.meta()),
-            Strided::new(&mut out[..], q_strides(ql, hq, d)),
-            Some(&mut lse[..]),
-        )
-        .unwrap();
-    (out, lse)
-}
-
 /// Decode queries are causal among the new tokens: the default options (no window) and any
 /// window without a right bound decode causally; an explicit right bound is kept.
 #[test]
@@ -116,7 +98,7 @@ fn decode_is_causal_among_new_tokens_unless_told_otherwise() {
         let dec = PagedDecode::new(&sc.cache, 4, 4, &given).unwrap();
         assert_eq!(dec.base_mask(), means.effective_mask(), "{given:?}");
         let q: Vec<f32> = random_vec(&mut rng(3), 3 * 4 * 4 * 8);
-        let (out, lse) = run_cpu(&dec, &sc, &q);
+        let (out, lse) = decode_cpu(&dec, &sc, &q);
         let (want, want_lse) = dense_reference(&sc, &q, 4, 4, &means);
         assert!(rel_l2(&to_f64(&out), &want) < 1e-5, "{given:?}");
         check_lse(&lse, &want_lse, 1e-4, "causal decode");
@@ -400,20 +382,14 @@ fn paged_decode_equals_dense_attention() {
                     };
                     let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &dense_opts);
                     // The naive paged reference agrees with the dense reference to f64 rounding.
-                    let (ref_out, ref_lse) = paged_decode_f64(
-                        &dec,
-                        Strided::new(&q[..], q_strides(q_len, hq, d)),
-                        sc.kv(),
-                        decode_visible(&dec, None),
-                    )
-                    .unwrap();
+                    let (ref_out, ref_lse) = decode_reference(&dec, &sc, &q, None);
                     assert!(rel_l2(&ref_out, &want) < 1e-12, "{what}: f64 paged ref");
                     for (a, b) in ref_lse.iter().zip(&want_lse) {
                         assert!(a == b || (a - b).abs() < 1e-9, "{what}: f64 lse {a} vs {b}");
                     }
                     for splits in [1, 3] {
                         let dec = dec.clone().with_splits(Some(splits)).unwrap();
-                        let (out, lse) = run_cpu(&dec, &sc, &q);
+                        let (out, lse) = decode_cpu(&dec, &sc, &q);
                         let err = rel_l2(&to_f64(&out), &want);
                         assert!(err < 1e-5, "{what} splits {splits}: rel L2 {err}");
                         check_lse(&lse, &want_lse, 1e-4, &what);
@@ -435,7 +411,7 @@ fn half_precision_cpu_path() {
         let opts = AttentionOptions::causal().with_softcap(3.0);
         let (want, want_lse) = dense_reference(&sc, &q, hq, q_len, &opts);
         let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
-        let (out, lse) = run_cpu(&dec, &sc, &q);
+        let (out, lse) = decode_cpu(&dec, &sc, &q);
         let err = rel_l2(&to_f64(&out), &want);
         assert!(err < 2e-2, "{:?}: rel L2 {err}", T::DTYPE);
         check_lse(&lse, &want_lse, 1e-3, "half");
@@ -608,7 +584,7 @@ fn sparse_decode_equals_dense_over_selected_tokens() {
         let sel = dec
             .select_cpu(Strided::new(&q[..], q_strides(1, hq, d)), sc.meta())
             .unwrap();
-        let (out, lse) = run_cpu(&dec, &sc, &q);
+        let (out, lse) = decode_cpu(&dec, &sc, &q);
         for b in 0..seqlens.len() {
             for kvh in 0..hkv {
                 let pages = sel.pages.get(b, kvh).unwrap();
@@ -701,16 +677,10 @@ fn mixed_head_policies_in_one_call() {
                 }
             }
             let sel = PageLists::new(seqlens.len(), hkv, lists).unwrap();
-            let (want, want_lse) = paged_decode_f64(
-                &dec,
-                Strided::new(&q[..], q_strides(q_len, hq, d)),
-                sc.kv(),
-                decode_visible(&dec, Some(&sel)),
-            )
-            .unwrap();
+            let (want, want_lse) = decode_reference(&dec, &sc, &q, Some(&sel));
             for splits in [1, 4] {
                 let dec = dec.clone().with_splits(Some(splits)).unwrap();
-                let (out, lse) = run_cpu(&dec, &sc, &q);
+                let (out, lse) = decode_cpu(&dec, &sc, &q);
                 let err = rel_l2(&to_f64(&out), &want);
                 assert!(
                     err < 1e-5,
@@ -766,7 +736,7 @@ fn empty_visible_rows_give_zero_and_neg_inf() {
         .with_page_lists(PageLists::new(seqlens.len(), hkv, lists).unwrap())
         .unwrap();
     for splits in [1, 3] {
-        let (out, lse) = run_cpu(&dec.clone().with_splits(Some(splits)).unwrap(), &sc, &q);
+        let (out, lse) = decode_cpu(&dec.clone().with_splits(Some(splits)).unwrap(), &sc, &q);
         assert!(out.iter().all(|x| !x.is_nan()));
         assert!(lse.iter().all(|x| !x.is_nan()));
         for b in 0..seqlens.len() {

@@ -4,8 +4,7 @@
 //! The FP8 GPU kernels are tested against this path in `paged_gpu.rs`.
 
 use longattn::reference::paged::{
-    decode_visible, page_bounds, paged_decode_f64, paged_prefill_f64, quest_scores_f64,
-    quest_select_brute,
+    page_bounds, paged_prefill_f64, quest_scores_f64, quest_select_brute,
 };
 use longattn::{
     AttentionOptions, Element, Error, F8E4M3, KvScales, PagedDecode, PagedPrefill, Strided, f16,
@@ -152,21 +151,6 @@ fn fp8_append_quantizes_per_kv_head_and_keeps_stored_bounds() {
     }
 }
 
-fn run_decode(dec: &PagedDecode, sc: &Scenario<f16, F8E4M3>, q: &[f16]) -> (Vec<f16>, Vec<f32>) {
-    let (hq, ql, d) = (dec.heads_q(), dec.q_len(), sc.cache.head_dim());
-    let mut out = vec![f16::from_f32(f32::NAN); dec.out_len()];
-    let mut lse = vec![f32::NAN; dec.lse_len()];
-    dec.forward_cpu(
-        Strided::new(q, q_strides(ql, hq, d)),
-        sc.kv(),
-        Some(sc.meta()),
-        Strided::new(&mut out[..], q_strides(ql, hq, d)),
-        Some(&mut lse[..]),
-    )
-    .unwrap();
-    (out, lse)
-}
-
 #[test]
 fn fp8_decode_equals_the_reference_of_the_dequantized_cache() {
     let seqlens = [0usize, 1, 5, 130, 300];
@@ -184,16 +168,10 @@ fn fp8_decode_equals_the_reference_of_the_dequantized_cache() {
                 for (name, opts) in masks() {
                     let what = format!("ps {ps} hkv {hkv} hq {hq} d {d} q_len {q_len} {name}");
                     let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
-                    let (want, want_lse) = paged_decode_f64(
-                        &dec,
-                        Strided::new(&q[..], q_strides(q_len, hq, d)),
-                        sc.kv(),
-                        decode_visible(&dec, None),
-                    )
-                    .unwrap();
+                    let (want, want_lse) = decode_reference(&dec, &sc, &q, None);
                     for splits in [1, 3] {
                         let dec = dec.clone().with_splits(Some(splits)).unwrap();
-                        let (out, lse) = run_decode(&dec, &sc, &q);
+                        let (out, lse) = decode_cpu(&dec, &sc, &q);
                         let err = rel_l2(&to_f64(&out), &want);
                         // f16 output rounding (2^-11) dominates.
                         assert!(err < 2e-3, "{what} splits {splits}: rel L2 {err}");
@@ -220,15 +198,9 @@ fn fp8_decode_approximates_the_f16_cache_and_applies_both_scales() {
     let q: Vec<f16> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
     let opts = AttentionOptions::causal().with_softcap(3.0);
     let dec = PagedDecode::new(&fp8.cache, hq, q_len, &opts).unwrap();
-    let (out, lse) = run_decode(&dec, &fp8, &q);
+    let (out, lse) = decode_cpu(&dec, &fp8, &q);
     let dec16 = PagedDecode::new(&half.cache, hq, q_len, &opts).unwrap();
-    let (want, want_lse) = paged_decode_f64(
-        &dec16,
-        Strided::new(&q[..], q_strides(q_len, hq, d)),
-        half.kv(),
-        decode_visible(&dec16, None),
-    )
-    .unwrap();
+    let (want, want_lse) = decode_reference(&dec16, &half, &q, None);
     // e4m3 keeps 3 mantissa bits (relative rounding <= 2^-4 per value); the output averages
     // many of them.
     let err = rel_l2(&to_f64(&out), &want);
@@ -260,7 +232,7 @@ fn fp8_decode_approximates_the_f16_cache_and_applies_both_scales() {
     };
     let twice_v = with(1.0, 2.0);
     let dec_v = PagedDecode::new(&twice_v.cache, hq, q_len, &opts).unwrap();
-    let (out_v, lse_v) = run_decode(&dec_v, &twice_v, &q);
+    let (out_v, lse_v) = decode_cpu(&dec_v, &twice_v, &q);
     for (a, b) in out_v.iter().zip(&out) {
         // Exact doubling in f32; f16's rounding commutes with it above its subnormals.
         let (a, b) = (a.to_f32(), 2.0 * b.to_f32());
@@ -271,8 +243,8 @@ fn fp8_decode_approximates_the_f16_cache_and_applies_both_scales() {
     let dec_k = PagedDecode::new(&twice_k.cache, hq, q_len, &opts).unwrap();
     let opts2 = opts.with_scale(2.0 / (d as f32).sqrt());
     let dec_s = PagedDecode::new(&fp8.cache, hq, q_len, &opts2).unwrap();
-    let (out_k, lse_k) = run_decode(&dec_k, &twice_k, &q);
-    let (out_s, lse_s) = run_decode(&dec_s, &fp8, &q);
+    let (out_k, lse_k) = decode_cpu(&dec_k, &twice_k, &q);
+    let (out_s, lse_s) = decode_cpu(&dec_s, &fp8, &q);
     assert!(
         out_k
             .iter()
@@ -326,10 +298,8 @@ fn fp8_quest_selection_equals_brute_force_on_scaled_bounds() {
                 }
             }
             // Quest decode over the FP8 cache equals the reference over the selected pages.
-            let (want, _) =
-                paged_decode_f64(&dec, qs(), sc.kv(), decode_visible(&dec, Some(&sel.pages)))
-                    .unwrap();
-            let (out, _) = run_decode(&dec, &sc, &q);
+            let (want, _) = decode_reference(&dec, &sc, &q, Some(&sel.pages));
+            let (out, _) = decode_cpu(&dec, &sc, &q);
             let err = rel_l2(&to_f64(&out), &want);
             assert!(
                 err < 2e-3,
@@ -373,6 +343,70 @@ fn fp8_paged_prefill_equals_the_reference_of_the_dequantized_cache() {
     }
 }
 
+/// A channel whose keys in a page are all NaN: bounds (+inf, -inf) as the kernels and the
+/// reference fold them (+-448 in e4m3), not NaN; a NaN among numbers is skipped (fmin).
+#[test]
+fn nan_keys_leave_the_bounds_of_the_others() {
+    fn case<C: Element + PartialEq>() {
+        let layout = longattn::PagedLayout {
+            num_pages: 1,
+            page_size: 4,
+            heads_kv: 1,
+            head_dim: 8,
+        };
+        let cache = longattn::PagedCache::new(
+            layout,
+            longattn::PageTable {
+                block_table: &[0],
+                max_pages_per_seq: 1,
+                seqlens_k: &[3],
+            },
+        )
+        .unwrap();
+        // Channel 0 all NaN; channel 1 NaN in the first token only; others numbers.
+        let mut k = vec![f16::from_f32(0.25); 3 * 8];
+        for t in 0..3 {
+            k[t * 8] = f16::NAN;
+            k[t * 8 + 2] = f16::from_f32(t as f32 - 1.0);
+        }
+        k[1] = f16::NAN;
+        let (mut kc, mut vc) = (vec![C::default(); 32], vec![C::default(); 32]);
+        let (mut lo, mut hi) = (vec![C::default(); 8], vec![C::default(); 8]);
+        let st = longattn::Strides::contiguous(1, 1, 8);
+        cache
+            .append_cpu(
+                &[0, 3],
+                Strided::new(&k[..], st),
+                Strided::new(&k[..], st),
+                longattn::KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                Some(longattn::PageMeta {
+                    kmin: &mut lo[..],
+                    kmax: &mut hi[..],
+                }),
+            )
+            .unwrap();
+        let (_, _, want_lo, want_hi) = page_bounds(&cache, &kc).remove(0);
+        assert!(
+            lo == want_lo && hi == want_hi,
+            "{:?}: {lo:?} {hi:?}",
+            C::DTYPE
+        );
+        assert!(
+            !lo[0].to_f32().is_nan() && lo[0].to_f32() > 0.0,
+            "{:?}",
+            C::DTYPE
+        );
+        assert_eq!((lo[1].to_f32(), hi[1].to_f32()), (0.25, 0.25));
+        assert_eq!((lo[2].to_f32(), hi[2].to_f32()), (-1.0, 1.0));
+    }
+    case::<f32>();
+    case::<f16>();
+    case::<F8E4M3>();
+}
+
 #[test]
 fn kv_scales_are_validated() {
     for (k, v) in [
@@ -413,13 +447,7 @@ fn kv_scales_are_validated() {
     // Without scales an FP8 cache reads its values as they are (scale 1).
     let raw = scenario_with::<f16, F8E4M3>(&[5, 9], 4, 2, 8, 1, None);
     let dec = PagedDecode::new(&raw.cache, 2, 1, &AttentionOptions::causal()).unwrap();
-    let (want, _) = paged_decode_f64(
-        &dec,
-        Strided::new(&q[..], q_strides(1, 2, 8)),
-        raw.kv(),
-        decode_visible(&dec, None),
-    )
-    .unwrap();
-    let (got, _) = run_decode(&dec, &raw, &q);
+    let (want, _) = decode_reference(&dec, &raw, &q, None);
+    let (got, _) = decode_cpu(&dec, &raw, &q);
     assert!(rel_l2(&to_f64(&got), &want) < 2e-3);
 }

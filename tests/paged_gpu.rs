@@ -5,9 +5,7 @@
 
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::PagedDecodePlan;
-use longattn::reference::paged::{
-    decode_visible, page_bounds, paged_decode_f64, quest_scores_f64, quest_select_brute,
-};
+use longattn::reference::paged::{page_bounds, quest_scores_f64, quest_select_brute};
 use longattn::{
     AttentionOptions, Element, Error, F8E4M3, HeadPolicy, KvPages, KvScales, PageLists, PageMeta,
     PageTable, PagedCache, PagedDecode, PagedLayout, SparsePolicy, StreamingConfig, Strided,
@@ -100,13 +98,7 @@ fn decode_sweep_over<T: Element + DeviceRepr, C: Element + DeviceRepr>(
                         C::DTYPE
                     );
                     let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts).unwrap();
-                    let (want, want_lse) = paged_decode_f64(
-                        &dec,
-                        Strided::new(&q[..], q_strides(q_len, hq, d)),
-                        sc.kv(),
-                        decode_visible(&dec, None),
-                    )
-                    .unwrap();
+                    let (want, want_lse) = decode_reference(&dec, &sc, &q, None);
                     for splits in [None, Some(1), Some(5)] {
                         let dec = dec.clone().with_splits(splits).unwrap();
                         let (out, lse) = run_gpu(s, &dec, &sc, &q);
@@ -154,13 +146,7 @@ fn gpu_fp8_decode_one_case() {
         .unwrap()
         .with_splits(Some(3))
         .unwrap();
-    let (want, want_lse) = paged_decode_f64(
-        &dec,
-        Strided::new(&q[..], q_strides(q_len, hq, d)),
-        sc.kv(),
-        decode_visible(&dec, None),
-    )
-    .unwrap();
+    let (want, want_lse) = decode_reference(&dec, &sc, &q, None);
     let (out, lse) = run_gpu(&s, &dec, &sc, &q);
     let err = rel_l2(&to_f64(&out), &want);
     assert!(err < HALF_TOL, "fp8 one case: rel L2 {err}");
@@ -503,13 +489,7 @@ fn gpu_mixed_policies_match_reference() {
                 }
             }
             let sel = PageLists::new(seqlens.len(), hkv, lists).unwrap();
-            let (want, want_lse) = paged_decode_f64(
-                &dec,
-                Strided::new(&q[..], st),
-                sc.kv(),
-                decode_visible(&dec, Some(&sel)),
-            )
-            .unwrap();
+            let (want, want_lse) = decode_reference(&dec, &sc, &q, Some(&sel));
             for splits in [None, Some(3)] {
                 let dec = dec.clone().with_splits(splits).unwrap();
                 let (out, lse) = run_gpu(&s, &dec, &sc, &q);
@@ -826,41 +806,43 @@ fn gpu_plan_reuse_matches_one_shot() {
     assert!(bits(&got.3) == bits(&want.3), "plan append: kmax differs");
 }
 
+/// A decode over `q` (one token per sequence) and the cache `k` (as K and V), with optional
+/// bounds: what the GPU entry point answers.
+fn decode_answer<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    dec: &PagedDecode,
+    q: &[T],
+    k: &[C],
+    bounds: Option<(&[C], &[C])>,
+) -> Result<(), Error> {
+    let st = Strides::contiguous(1, dec.heads_q(), dec.cache().head_dim());
+    let (qd, kd) = (up(s, q), up(s, k));
+    let bounds = bounds.map(|(a, b)| (up(s, a), up(s, b)));
+    let mut o = up(s, &vec![T::from_f32(0.0); dec.out_len()]);
+    dec.forward_gpu(
+        s,
+        Strided::new(&qd, st),
+        KvPages { k: &kd, v: &kd },
+        bounds.as_ref().map(|(a, b)| PageMeta { kmin: a, kmax: b }),
+        Strided::new(&mut o, st),
+        None,
+    )
+}
+
 #[test]
 fn gpu_rejects_bad_inputs() {
     let Some(s) = stream() else { return };
+    let causal = AttentionOptions::causal();
     let sc = scenario::<f32>(&[10], 16, 1, 8, 1);
-    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
-    let q = up(&s, &[0.0f32; 8]);
-    let mut o = up(&s, &[0.0f32; 8]);
-    let k = up(&s, &sc.k_cache);
-    let st = Strides::contiguous(1, 1, 8);
-    let r = dec.forward_gpu(
-        &s,
-        Strided::new(&q, st),
-        KvPages { k: &k, v: &k },
-        None,
-        Strided::new(&mut o, st),
-        None,
-    );
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &causal).unwrap();
+    let r = decode_answer(&s, &dec, &[0.0f32; 8], &sc.k_cache, None);
     assert!(
         matches!(r, Err(Error::Unsupported(_))),
         "f32 must be rejected on the GPU"
     );
     let sc = scenario::<bf16>(&[10], 16, 1, 12, 1);
-    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
-    let q = up(&s, &[bf16::from_f32(0.0); 12]);
-    let mut o = up(&s, &[bf16::from_f32(0.0); 12]);
-    let k = up(&s, &sc.k_cache);
-    let st = Strides::contiguous(1, 1, 12);
-    let r = dec.forward_gpu(
-        &s,
-        Strided::new(&q, st),
-        KvPages { k: &k, v: &k },
-        None,
-        Strided::new(&mut o, st),
-        None,
-    );
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &causal).unwrap();
+    let r = decode_answer(&s, &dec, &[bf16::from_f32(0.0); 12], &sc.k_cache, None);
     assert!(
         matches!(r, Err(Error::Unsupported(_))),
         "head_dim 12 must be rejected"
@@ -869,49 +851,21 @@ fn gpu_rejects_bad_inputs() {
     // Cache types: an f32 cache under bf16 queries, Quest heads over an FP8 cache (the
     // selection kernel reads bounds of the query type), scales on a bf16 cache.
     let sc = scenario_with::<bf16, F8E4M3>(&[40], 16, 1, 8, 1, Some(fp8_scales(1)));
-    let q = up(&s, &[bf16::from_f32(0.1); 8]);
-    let mut o = up(&s, &[bf16::from_f32(0.0); 8]);
-    let st = Strides::contiguous(1, 1, 8);
-    let k32 = up(&s, &vec![0.0f32; sc.cache.layout().cache_len()]);
-    let dec = PagedDecode::new(&sc.cache, 1, 1, &AttentionOptions::causal()).unwrap();
-    let r = dec.forward_gpu(
-        &s,
-        Strided::new(&q, st),
-        KvPages { k: &k32, v: &k32 },
-        None,
-        Strided::new(&mut o, st),
-        None,
-    );
+    let q = [bf16::from_f32(0.1); 8];
+    let dec = PagedDecode::new(&sc.cache, 1, 1, &causal).unwrap();
+    let k32 = vec![0.0f32; sc.cache.layout().cache_len()];
+    let r = decode_answer(&s, &dec, &q, &k32, None);
     assert!(matches!(r, Err(Error::Unsupported(_))), "f32 cache: {r:?}");
-    let (k8, mn, mx) = (up(&s, &sc.k_cache), up(&s, &sc.kmin), up(&s, &sc.kmax));
     let quest = dec.clone().with_policy(quest_policy(1, 16, 0)).unwrap();
-    let r = quest.forward_gpu(
-        &s,
-        Strided::new(&q, st),
-        KvPages { k: &k8, v: &k8 },
-        Some(PageMeta {
-            kmin: &mn,
-            kmax: &mx,
-        }),
-        Strided::new(&mut o, st),
-        None,
-    );
+    let r = decode_answer(&s, &quest, &q, &sc.k_cache, Some((&sc.kmin, &sc.kmax)));
     assert!(
         matches!(r, Err(Error::Unsupported(_))),
         "Quest over FP8: {r:?}"
     );
     let half = scenario::<bf16>(&[40], 16, 1, 8, 1);
     let scaled = half.cache.clone().with_kv_scales(fp8_scales(1)).unwrap();
-    let kh = up(&s, &half.k_cache);
-    let dec = PagedDecode::new(&scaled, 1, 1, &AttentionOptions::causal()).unwrap();
-    let r = dec.forward_gpu(
-        &s,
-        Strided::new(&q, st),
-        KvPages { k: &kh, v: &kh },
-        None,
-        Strided::new(&mut o, st),
-        None,
-    );
+    let dec = PagedDecode::new(&scaled, 1, 1, &causal).unwrap();
+    let r = decode_answer(&s, &dec, &q, &half.k_cache, None);
     assert!(
         matches!(r, Err(Error::InvalidOption(_))),
         "scales on bf16: {r:?}"

@@ -532,7 +532,11 @@ impl PagedCache {
                             let x = k_cache[dst + c];
                             let (lo, hi) = (&mut m.kmin[mo + c], &mut m.kmax[mo + c]);
                             if fresh {
-                                (*lo, *hi) = (x, x);
+                                // From (+inf, -inf) as the kernels and the reference fold:
+                                // x itself, or (+inf, -inf) (saturated for FP8) for NaN.
+                                let xf = x.to_f32();
+                                *lo = C::from_f32(f32::INFINITY.min(xf));
+                                *hi = C::from_f32(f32::NEG_INFINITY.max(xf));
                             } else {
                                 // Exact: the min/max of two C values is one of them.
                                 *lo = C::from_f32(lo.to_f32().min(x.to_f32()));

@@ -2,6 +2,7 @@
 //! shuffled block table that the semantics tests' hand-built cache uses too.
 
 use super::{random_vec, rng};
+use longattn::reference::paged::{decode_visible, paged_decode_f64};
 use longattn::{
     AttentionOptions, Element, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
     PagedCache, PagedDecode, PagedLayout, QuestConfig, SparsePolicy, StreamingConfig, Strided,
@@ -78,10 +79,6 @@ pub fn scenario_with<T: Element, C: Element>(
     seed: u64,
     scales: Option<KvScales>,
 ) -> Scenario<T, C> {
-    let with_scales = |cache: PagedCache| match &scales {
-        Some(s) => cache.with_kv_scales(s.clone()).unwrap(),
-        None => cache,
-    };
     let mut r = rng(seed);
     let (num_pages, max_pages, table) = table_for(seqlens, page_size, 3, &mut r);
     let layout = PagedLayout {
@@ -89,6 +86,19 @@ pub fn scenario_with<T: Element, C: Element>(
         page_size,
         heads_kv,
         head_dim,
+    };
+    // The cache description with `seqlens_k` tokens per sequence (and the scales).
+    let cache_at = |seqlens_k: &[i32]| {
+        let table = PageTable {
+            block_table: &table,
+            max_pages_per_seq: max_pages,
+            seqlens_k,
+        };
+        let cache = PagedCache::new(layout, table).unwrap();
+        match &scales {
+            Some(s) => cache.with_kv_scales(s.clone()).unwrap(),
+            None => cache,
+        }
     };
     let row = heads_kv * head_dim;
     let k_tokens: Vec<Vec<T>> = seqlens
@@ -124,17 +134,7 @@ pub fn scenario_with<T: Element, C: Element>(
             .zip(&chunk)
             .map(|(d, c)| (d + c) as i32)
             .collect();
-        let cache = with_scales(
-            PagedCache::new(
-                layout,
-                PageTable {
-                    block_table: &table,
-                    max_pages_per_seq: max_pages,
-                    seqlens_k: &now,
-                },
-            )
-            .unwrap(),
-        );
+        let cache = cache_at(&now);
         let mut cu = vec![0i32];
         let mut kn = Vec::new();
         let mut vn = Vec::new();
@@ -164,17 +164,7 @@ pub fn scenario_with<T: Element, C: Element>(
         }
     }
     let sl: Vec<i32> = seqlens.iter().map(|&s| s as i32).collect();
-    let cache = with_scales(
-        PagedCache::new(
-            layout,
-            PageTable {
-                block_table: &table,
-                max_pages_per_seq: max_pages,
-                seqlens_k: &sl,
-            },
-        )
-        .unwrap(),
-    );
+    let cache = cache_at(&sl);
     Scenario {
         cache,
         k_cache,
@@ -203,6 +193,45 @@ impl<T, C: Element> Scenario<T, C> {
 
 pub fn q_strides(q_len: usize, heads_q: usize, d: usize) -> Strides {
     Strides::contiguous(q_len, heads_q, d)
+}
+
+/// The f64 reference of `decode` over the scenario's cache (`q: [batch, q_len, heads_q, d]`
+/// contiguous), reading the keys `selected` leaves visible (`None`: the mask's).
+pub fn decode_reference<T: Element, C: Element>(
+    decode: &PagedDecode,
+    sc: &Scenario<T, C>,
+    q: &[T],
+    selected: Option<&PageLists>,
+) -> (Vec<f64>, Vec<f64>) {
+    let st = q_strides(decode.q_len(), decode.heads_q(), sc.cache.head_dim());
+    paged_decode_f64(
+        decode,
+        Strided::new(q, st),
+        sc.kv(),
+        decode_visible(decode, selected),
+    )
+    .unwrap()
+}
+
+/// The CPU decode into outputs poisoned with NaN (every element must be written).
+pub fn decode_cpu<T: Element, C: Element>(
+    decode: &PagedDecode,
+    sc: &Scenario<T, C>,
+    q: &[T],
+) -> (Vec<T>, Vec<f32>) {
+    let st = q_strides(decode.q_len(), decode.heads_q(), sc.cache.head_dim());
+    let mut out = vec![T::from_f32(f32::NAN); decode.out_len()];
+    let mut lse = vec![f32::NAN; decode.lse_len()];
+    decode
+        .forward_cpu(
+            Strided::new(q, st),
+            sc.kv(),
+            Some(sc.meta()),
+            Strided::new(&mut out[..], st),
+            Some(&mut lse[..]),
+        )
+        .unwrap();
+    (out, lse)
 }
 
 pub fn masks() -> Vec<(&'static str, AttentionOptions)> {
