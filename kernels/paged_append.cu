@@ -8,77 +8,6 @@
 namespace longattn {
 namespace {
 
-// The fp8-cache body of append_kernel<T, __nv_fp8_e4m3> (see there): same walk, the rows
-// quantized on their way into the cache.
-template <typename T>
-__device__ __forceinline__ void append_fp8(const LaPagedAppendParams &p) {
-  const LaPagedCache &c = p.cache;
-  const int b = blockIdx.y;
-  const int n_new = p.cu_seqlens_new[b + 1] - p.cu_seqlens_new[b];
-  if (n_new <= 0) return;
-  const int end = c.seqlens_k[b], start = end - n_new;
-  const int ps = c.page_size;
-  const int lp = start / ps + blockIdx.x;
-  if ((long long)lp * ps >= end) return;
-  const int s0 = max(start - lp * ps, 0);
-  const int s1 = min(end - lp * ps, ps);  // exclusive
-  const int phys = c.block_table[(long long)b * c.max_pages_per_seq + lp];
-  const int vecs = c.head_dim / kVec;
-  const T *k_new = static_cast<const T *>(p.k_new);
-  const T *v_new = static_cast<const T *>(p.v_new);
-  uint8_t *k_cache = static_cast<uint8_t *>(c.k_cache);
-  uint8_t *v_cache = static_cast<uint8_t *>(c.v_cache);
-  for (int item = threadIdx.x; item < c.heads_kv * vecs; item += kThreads) {
-    const int h = item / vecs, col = (item % vecs) * kVec;
-    const float k_scale = p.kv_scales[h], v_scale = p.kv_scales[c.heads_kv + h];
-    float mn[kVec], mx[kVec];
-#pragma unroll
-    for (int x = 0; x < kVec; ++x) {
-      mn[x] = -kNegInf;
-      mx[x] = kNegInf;
-    }
-    for (int slot = s0; slot < s1; ++slot) {
-      const long long t = p.cu_seqlens_new[b] + (lp * ps + slot - start);
-      const uint4 kr = *reinterpret_cast<const uint4 *>(k_new + t * p.k_new_row_stride +
-                                                        h * p.k_new_head_stride + col);
-      const uint4 vr = *reinterpret_cast<const uint4 *>(v_new + t * p.v_new_row_stride +
-                                                        h * p.v_new_head_stride + col);
-      float f[kVec];
-      unpack8<T>(kr, f);
-      const uint2 kq = quantize_e4m3x8(f, k_scale);
-      unpack8<T>(vr, f);
-      const uint2 vq = quantize_e4m3x8(f, v_scale);
-      const long long dst = slot_offset(c, phys, slot, h) + col;  // bytes: 1-byte elements
-      *reinterpret_cast<uint2 *>(k_cache + dst) = kq;
-      *reinterpret_cast<uint2 *>(v_cache + dst) = vq;
-      e4m3x8_to_float(kq, f);
-#pragma unroll
-      for (int x = 0; x < kVec; ++x) {
-        mn[x] = fminf(mn[x], f[x]);
-        mx[x] = fmaxf(mx[x], f[x]);
-      }
-    }
-    if (p.kmin == nullptr) continue;
-    // As e4m3: exact for every bound that is an e4m3 value; the one other value, +-inf (all
-    // of the page's keys in this channel NaN), saturates to +-448.
-    const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
-    uint2 *kmin = reinterpret_cast<uint2 *>(static_cast<uint8_t *>(p.kmin) + m_off);
-    uint2 *kmax = reinterpret_cast<uint2 *>(static_cast<uint8_t *>(p.kmax) + m_off);
-    if (s0 > 0) {
-      float a[kVec], z[kVec];
-      e4m3x8_to_float(*kmin, a);
-      e4m3x8_to_float(*kmax, z);
-#pragma unroll
-      for (int x = 0; x < kVec; ++x) {
-        mn[x] = fminf(mn[x], a[x]);
-        mx[x] = fmaxf(mx[x], z[x]);
-      }
-    }
-    *kmin = float_to_e4m3x8(mn);
-    *kmax = float_to_e4m3x8(mx);
-  }
-}
-
 // ---- append -------------------------------------------------------------------------
 // Grid (max_pages_touched, batch): one block per (sequence, page touched by its new tokens).
 // A thread owns one (kv head, 8-channel vector) and walks the page's new slots in order, so
@@ -88,13 +17,13 @@ __device__ __forceinline__ void append_fp8(const LaPagedAppendParams &p) {
 // bytes of T) are quantized with the kv head's scale (kv_scales [2, heads_kv]: k scales,
 // then v scales) to 8 e4m3 bytes, one 8-byte store per row (slot offsets are multiples of
 // head_dim, head_dim % 8 == 0, so 8-byte aligned). The metadata are the bounds of the stored
-// e4m3 values, kept as e4m3 too (a min/max of e4m3 values is one, so nothing is rounded).
+// e4m3 values, kept as e4m3 too (a min/max of e4m3 values is one, so nothing is rounded; the
+// one other value, +-inf when all of a channel's keys are NaN, saturates to +-448).
 template <typename T, typename KV = T>
 __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant__ LaPagedAppendParams p) {
-  if constexpr (kIsFp8<KV>) {
-    append_fp8<T>(p);
-    return;
-  }
+  constexpr bool kFp8 = kIsFp8<KV>;
+  // 8 cached channels: 16 bytes of T, or 8 e4m3 bytes.
+  using Vec8 = std::conditional_t<kFp8, uint2, uint4>;
   const LaPagedCache &c = p.cache;
   const int b = blockIdx.y;
   const int n_new = p.cu_seqlens_new[b + 1] - p.cu_seqlens_new[b];
@@ -109,10 +38,15 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
   const int vecs = c.head_dim / kVec;
   const T *k_new = static_cast<const T *>(p.k_new);
   const T *v_new = static_cast<const T *>(p.v_new);
-  T *k_cache = static_cast<T *>(c.k_cache);
-  T *v_cache = static_cast<T *>(c.v_cache);
+  KV *k_cache = static_cast<KV *>(c.k_cache);
+  KV *v_cache = static_cast<KV *>(c.v_cache);
   for (int item = threadIdx.x; item < c.heads_kv * vecs; item += kThreads) {
     const int h = item / vecs, col = (item % vecs) * kVec;
+    float k_scale = 1.0f, v_scale = 1.0f;
+    if constexpr (kFp8) {
+      k_scale = p.kv_scales[h];
+      v_scale = p.kv_scales[c.heads_kv + h];
+    }
     float mn[kVec], mx[kVec];
 #pragma unroll
     for (int x = 0; x < kVec; ++x) {
@@ -126,10 +60,20 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
       const uint4 vr = *reinterpret_cast<const uint4 *>(v_new + t * p.v_new_row_stride +
                                                         h * p.v_new_head_stride + col);
       const long long dst = slot_offset(c, phys, slot, h) + col;
-      *reinterpret_cast<uint4 *>(k_cache + dst) = kr;
-      *reinterpret_cast<uint4 *>(v_cache + dst) = vr;
       float f[kVec];
-      unpack8<T>(kr, f);
+      if constexpr (kFp8) {
+        unpack8<T>(kr, f);
+        const uint2 kq = quantize_e4m3x8(f, k_scale);
+        unpack8<T>(vr, f);
+        const uint2 vq = quantize_e4m3x8(f, v_scale);
+        *reinterpret_cast<uint2 *>(k_cache + dst) = kq;
+        *reinterpret_cast<uint2 *>(v_cache + dst) = vq;
+        e4m3x8_to_float(kq, f);  // the bounds are those of the stored values
+      } else {
+        *reinterpret_cast<uint4 *>(k_cache + dst) = kr;
+        *reinterpret_cast<uint4 *>(v_cache + dst) = vr;
+        unpack8<T>(kr, f);
+      }
 #pragma unroll
       for (int x = 0; x < kVec; ++x) {
         mn[x] = fminf(mn[x], f[x]);
@@ -137,24 +81,34 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
       }
     }
     if (p.kmin == nullptr) continue;
-    // Bounds are stored as T: the min/max of T values is a T value, so nothing is rounded.
+    // Bounds are stored as KV: the min/max of KV values is a KV value, so nothing is rounded.
     const long long m_off = ((long long)phys * c.heads_kv + h) * c.head_dim + col;
-    uint4 *kmin = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmin) + m_off);
-    uint4 *kmax = reinterpret_cast<uint4 *>(static_cast<T *>(p.kmax) + m_off);
+    Vec8 *kmin = reinterpret_cast<Vec8 *>(static_cast<KV *>(p.kmin) + m_off);
+    Vec8 *kmax = reinterpret_cast<Vec8 *>(static_cast<KV *>(p.kmax) + m_off);
     if (s0 > 0) {
       // The page already holds slots 0..s0: widen its bounds. (s0 == 0 restarts the page,
       // which is how a reused page drops the bounds of its previous owner.)
       float a[kVec], z[kVec];
-      unpack8<T>(*kmin, a);
-      unpack8<T>(*kmax, z);
+      if constexpr (kFp8) {
+        e4m3x8_to_float(*kmin, a);
+        e4m3x8_to_float(*kmax, z);
+      } else {
+        unpack8<T>(*kmin, a);
+        unpack8<T>(*kmax, z);
+      }
 #pragma unroll
       for (int x = 0; x < kVec; ++x) {
         mn[x] = fminf(mn[x], a[x]);
         mx[x] = fmaxf(mx[x], z[x]);
       }
     }
-    *kmin = pack8<T>(mn);
-    *kmax = pack8<T>(mx);
+    if constexpr (kFp8) {
+      *kmin = float_to_e4m3x8(mn);
+      *kmax = float_to_e4m3x8(mx);
+    } else {
+      *kmin = pack8<T>(mn);
+      *kmax = pack8<T>(mx);
+    }
   }
 }
 

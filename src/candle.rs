@@ -10,7 +10,8 @@
 //!   (`u32` or `i32`, length `batch + 1`, starting at 0).
 //! - [`paged_attn_decode`]: decode over a paged KV cache with `block_table` and `seqlens_k`
 //!   tensors (the cache layout of [`crate::PagedCache`]: `(num_pages, page_size, heads_kv,
-//!   head_dim)`).
+//!   head_dim)`); [`paged_attn_decode_fp8`] over a candle `F8E4M3` cache with per-kv-head
+//!   `k_scale`/`v_scale` (semantics.md, "FP8 KV cache").
 //!
 //! Semantics are FlashAttention-2's (`semantics.md`): `window_size_left/right` of `None` are
 //! unbounded, `Some(n)` keeps keys `i + sk - sq - left ..= i + sk - sq + right` (bottom-right
@@ -27,10 +28,10 @@
 //! Invalid inputs give a candle error, never a panic. Forward only: no backward.
 
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
-use crate::element::Element;
+use crate::element::{Element, F8E4M3};
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
-use crate::paged::{KvPages, PageTable, PagedCache, PagedDecode, PagedLayout};
+use crate::paged::{KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
@@ -595,9 +596,36 @@ pub struct PagedAttnDecode {
     pub max_pages_per_seq: usize,
     /// Tokens in the cache per sequence, the new ones included.
     pub seqlens_k: Vec<i32>,
+    /// Dequantisation scales of an `F8E4M3` cache (`None`: scale 1; refused for other
+    /// cache dtypes).
+    pub kv_scales: Option<KvScales>,
 }
 
 impl PagedAttnDecode {
+    /// The op's tables from `block_table: (batch, max_pages_per_seq)` and `seqlens_k:
+    /// (batch,)` tensors (scale, window and softcap set by the caller).
+    fn from_tables(
+        block_table: &Tensor,
+        seqlens_k: &Tensor,
+        kv_scales: Option<KvScales>,
+    ) -> Result<Self> {
+        if block_table.rank() != 2 {
+            bail!(
+                "longattn: block_table must be (batch, max_pages_per_seq), got {:?}",
+                block_table.shape()
+            )
+        }
+        Ok(PagedAttnDecode {
+            softmax_scale: 0.0,
+            window_size_left: None,
+            softcap: None,
+            block_table: host_i32("block_table", &block_table.flatten_all()?)?,
+            max_pages_per_seq: block_table.dim(1)?,
+            seqlens_k: host_i32("seqlens_k", seqlens_k)?,
+            kv_scales,
+        })
+    }
+
     fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<(PagedDecode, Strides)> {
         let qs = strides_of("q", q_l, false)?;
         let (b, q_len, hq, d) = q_l.shape().dims4()?;
@@ -641,6 +669,10 @@ impl PagedAttnDecode {
             seqlens_k: &self.seqlens_k,
         };
         let cache = PagedCache::new(layout, table).map_err(wrap)?;
+        let cache = match &self.kv_scales {
+            Some(s) => cache.with_kv_scales(s.clone()).map_err(wrap)?,
+            None => cache,
+        };
         let max_k = self
             .seqlens_k
             .iter()
@@ -666,9 +698,43 @@ fn paged_cpu_t<T: Element + candle_core::WithDType>(
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
 ) -> Result<Vec<T>> {
-    let q = cpu_slice::<T>("q", q.0, q.1)?;
     let k = cpu_slice::<T>("k_cache", k.0, k.1)?;
     let v = cpu_slice::<T>("v_cache", v.0, v.1)?;
+    paged_cpu_kv(decode, qs, q, KvPages { k, v })
+}
+
+/// An `F8E4M3` cache (candle's float8 type) as this crate's [`F8E4M3`], bit for bit.
+fn fp8_cache(name: &str, s: &CpuStorage, l: &Layout) -> Result<Vec<F8E4M3>> {
+    let CpuStorage::F8E4M3(data) = s else {
+        bail!("longattn: {name} must be f8e4m3, got {:?}", s.dtype())
+    };
+    match data.get(l.start_offset()..) {
+        Some(d) => Ok(d.iter().map(|x| F8E4M3::from_bits(x.to_bits())).collect()),
+        None => bail!("longattn: {name} starts past its storage"),
+    }
+}
+
+fn paged_cpu_fp8<T: Element + candle_core::WithDType>(
+    decode: &PagedDecode,
+    qs: Strides,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> Result<Vec<T>> {
+    let k = fp8_cache("k_cache", k.0, k.1)?;
+    let v = fp8_cache("v_cache", v.0, v.1)?;
+    paged_cpu_kv(decode, qs, q, KvPages { k: &k, v: &v })
+}
+
+/// The CPU decode of `q` (type `T`) over a cache of type `C`.
+fn paged_cpu_kv<T: Element + candle_core::WithDType, C: Element>(
+    decode: &PagedDecode,
+    qs: Strides,
+    q: (&CpuStorage, &Layout),
+    kv: KvPages<&[C]>,
+) -> Result<Vec<T>> {
+    let q = cpu_slice::<T>("q", q.0, q.1)?;
+    let KvPages { k, v } = kv;
     let (hq, d) = (decode.heads_q(), decode.cache().head_dim());
     let mut out = vec![T::default(); decode.out_len()];
     decode
@@ -709,9 +775,18 @@ impl CustomOp3 for PagedAttnDecode {
             (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
                 CpuStorage::BF16(paged_cpu_t::<half::bf16>(&decode, qs, q, k, v)?)
             }
+            (CpuStorage::F32(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
+                CpuStorage::F32(paged_cpu_fp8::<f32>(&decode, qs, q, k, v)?)
+            }
+            (CpuStorage::F16(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
+                CpuStorage::F16(paged_cpu_fp8::<half::f16>(&decode, qs, q, k, v)?)
+            }
+            (CpuStorage::BF16(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
+                CpuStorage::BF16(paged_cpu_fp8::<half::bf16>(&decode, qs, q, k, v)?)
+            }
             (a, b, c) => bail!(
-                "longattn paged decode: q, k_cache, v_cache must share one of f32, f16, bf16; \
-                 got {:?}, {:?}, {:?}",
+                "longattn paged decode: q, k_cache, v_cache must share one of f32, f16, bf16, \
+                 or the cache be f8e4m3; got {:?}, {:?}, {:?}",
                 a.dtype(),
                 b.dtype(),
                 c.dtype()
@@ -740,20 +815,44 @@ pub fn paged_attn_decode(
     window_size_left: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    if block_table.rank() != 2 {
-        bail!(
-            "longattn: block_table must be (batch, max_pages_per_seq), got {:?}",
-            block_table.shape()
-        )
-    }
-    let max_pages_per_seq = block_table.dim(1)?;
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, None)?;
     let op = PagedAttnDecode {
         softmax_scale,
         window_size_left,
         softcap,
-        block_table: host_i32("block_table", &block_table.flatten_all()?)?,
-        max_pages_per_seq,
-        seqlens_k: host_i32("seqlens_k", seqlens_k)?,
+        ..op
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// [`paged_attn_decode`] over an FP8 cache: `k_cache, v_cache` of dtype `F8E4M3` (q and the
+/// result f32, f16 or bf16), a stored value meaning `value * k_scales[kv head]` (keys) or
+/// `value * v_scales[kv head]` (values), `k_scales, v_scales: [heads_kv]` finite and > 0
+/// (vLLM's `k_scale`/`v_scale`, per head; repeat one value for a per-layer scale).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_decode_fp8(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    (k_scales, v_scales): (&[f32], &[f32]),
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    for (name, t) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        if t.dtype() != DType::F8E4M3 {
+            bail!("longattn: {name} must be f8e4m3, got {:?}", t.dtype())
+        }
+    }
+    let scales = KvScales::new(k_scales.to_vec(), v_scales.to_vec()).map_err(wrap)?;
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales))?;
+    let op = PagedAttnDecode {
+        softmax_scale,
+        window_size_left,
+        softcap,
+        ..op
     };
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }

@@ -316,6 +316,63 @@ fn paged_decode_matches_dense_reference() {
     }
 }
 
+/// An F8E4M3 cache (candle's dtype, converted by candle) with per-kv-head scales equals the
+/// f32 decode over the dequantised cache (`stored * scale` computed with candle's tensors).
+#[test]
+fn paged_decode_over_an_fp8_cache_with_scales() {
+    let (b, q_len, hq, hkv, d, page_size, num_pages) = (2, 2, 4, 2, 16, 4, 6);
+    let shape = [num_pages, page_size, hkv, d];
+    let k8 = randn(&shape, 70).to_dtype(DType::F8E4M3).unwrap();
+    let v8 = randn(&shape, 71).to_dtype(DType::F8E4M3).unwrap();
+    let bt = Tensor::new(&[[4i32, 1, 3], [0, 5, 2]], &Device::Cpu).unwrap();
+    let sl = Tensor::new(&[10i32, 7], &Device::Cpu).unwrap();
+    let q = randn(&[b, q_len, hq, d], 72);
+    let (ks, vs) = ([0.5f32, 2.0], [0.25f32, 4.0]);
+    let per_head = |x: &[f32]| {
+        Tensor::new(x, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, hkv, 1))
+    };
+    let dequant = |t: &Tensor, s: &[f32]| {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .broadcast_mul(&per_head(s).unwrap())
+            .unwrap()
+    };
+    let (kd, vd) = (dequant(&k8, &ks), dequant(&v8, &vs));
+    for (left, softcap) in [(None, None), (Some(3), Some(0.9))] {
+        let got =
+            fa::paged_attn_decode_fp8(&q, &k8, &v8, &bt, &sl, (&ks, &vs), SCALE, left, softcap)
+                .unwrap();
+        let want = fa::paged_attn_decode(&q, &kd, &vd, &bt, &sl, SCALE, left, softcap).unwrap();
+        let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+        let err = rel_l2(&flat(&got), &want);
+        assert!(err < 1e-5, "left {left:?}: {err}");
+    }
+    // Without scales an FP8 cache reads its stored values (scale 1).
+    let got = fa::paged_attn_decode(&q, &k8, &v8, &bt, &sl, SCALE, None, None).unwrap();
+    let ones = fa::paged_attn_decode_fp8(
+        &q,
+        &k8,
+        &v8,
+        &bt,
+        &sl,
+        (&[1.0; 2], &[1.0; 2]),
+        SCALE,
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(flat(&got), flat(&ones));
+    // Refused: scales on an f32 cache, one scale per kv head, non-positive scales.
+    let bad = |k: &Tensor, s: (&[f32], &[f32])| {
+        fa::paged_attn_decode_fp8(&q, k, k, &bt, &sl, s, SCALE, None, None).is_err()
+    };
+    assert!(bad(&kd, (&ks, &vs)));
+    assert!(bad(&k8, (&[1.0], &[1.0])));
+    assert!(bad(&k8, (&[1.0, 0.0], &[1.0, 1.0])));
+}
+
 #[test]
 fn bad_inputs_are_candle_errors() {
     let q = randn(&[1, 4, 4, 8], 1);

@@ -364,7 +364,7 @@ fn nan_keys_leave_the_bounds_of_the_others() {
         )
         .unwrap();
         // Channel 0 all NaN; channel 1 NaN in the first token only; others numbers.
-        let mut k = vec![f16::from_f32(0.25); 3 * 8];
+        let mut k = [f16::from_f32(0.25); 3 * 8];
         for t in 0..3 {
             k[t * 8] = f16::NAN;
             k[t * 8 + 2] = f16::from_f32(t as f32 - 1.0);
