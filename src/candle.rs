@@ -765,31 +765,29 @@ impl CustomOp3 for PagedAttnDecode {
     ) -> Result<(CpuStorage, Shape)> {
         let (decode, qs) = self.problem(q_l, k_l, v_l)?;
         let (q, k, v) = ((q, q_l), (k, k_l), (v, v_l));
-        let out = match (q.0, k.0, v.0) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(paged_cpu_t::<f32>(&decode, qs, q, k, v)?)
-            }
-            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => {
-                CpuStorage::F16(paged_cpu_t::<half::f16>(&decode, qs, q, k, v)?)
-            }
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                CpuStorage::BF16(paged_cpu_t::<half::bf16>(&decode, qs, q, k, v)?)
-            }
-            (CpuStorage::F32(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
-                CpuStorage::F32(paged_cpu_fp8::<f32>(&decode, qs, q, k, v)?)
-            }
-            (CpuStorage::F16(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
-                CpuStorage::F16(paged_cpu_fp8::<half::f16>(&decode, qs, q, k, v)?)
-            }
-            (CpuStorage::BF16(_), CpuStorage::F8E4M3(_), CpuStorage::F8E4M3(_)) => {
-                CpuStorage::BF16(paged_cpu_fp8::<half::bf16>(&decode, qs, q, k, v)?)
-            }
-            (a, b, c) => bail!(
-                "longattn paged decode: q, k_cache, v_cache must share one of f32, f16, bf16, \
-                 or the cache be f8e4m3; got {:?}, {:?}, {:?}",
-                a.dtype(),
-                b.dtype(),
-                c.dtype()
+        // The cache holds q's dtype, or f8e4m3; `$run::<T>` for q's element type `T`.
+        macro_rules! by_q_dtype {
+            ($run:ident) => {
+                match q.0 {
+                    CpuStorage::F32(_) => CpuStorage::F32($run::<f32>(&decode, qs, q, k, v)?),
+                    CpuStorage::F16(_) => CpuStorage::F16($run::<half::f16>(&decode, qs, q, k, v)?),
+                    CpuStorage::BF16(_) => {
+                        CpuStorage::BF16($run::<half::bf16>(&decode, qs, q, k, v)?)
+                    }
+                    other => bail!(
+                        "longattn paged decode: q must be f32, f16 or bf16, got {:?}",
+                        other.dtype()
+                    ),
+                }
+            };
+        }
+        let out = match (k.0.dtype(), v.0.dtype()) {
+            (DType::F8E4M3, DType::F8E4M3) => by_q_dtype!(paged_cpu_fp8),
+            (a, b) if a == q.0.dtype() && b == a => by_q_dtype!(paged_cpu_t),
+            (a, b) => bail!(
+                "longattn paged decode: k_cache, v_cache must be of q's dtype ({:?}) or both \
+                 f8e4m3; got {a:?}, {b:?}",
+                q.0.dtype()
             ),
         };
         Ok((out, q_l.shape().clone()))

@@ -387,13 +387,7 @@ fn paged_decode_equals_dense_attention() {
                     for (a, b) in ref_lse.iter().zip(&want_lse) {
                         assert!(a == b || (a - b).abs() < 1e-9, "{what}: f64 lse {a} vs {b}");
                     }
-                    for splits in [1, 3] {
-                        let dec = dec.clone().with_splits(Some(splits)).unwrap();
-                        let (out, lse) = decode_cpu(&dec, &sc, &q);
-                        let err = rel_l2(&to_f64(&out), &want);
-                        assert!(err < 1e-5, "{what} splits {splits}: rel L2 {err}");
-                        check_lse(&lse, &want_lse, 1e-4, &what);
-                    }
+                    check_cpu_splits(&dec, &sc, &q, (&want, &want_lse), 1e-5, &what);
                 }
             }
         }

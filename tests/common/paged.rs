@@ -213,6 +213,26 @@ pub fn decode_reference<T: Element, C: Element>(
     .unwrap()
 }
 
+/// Runs the CPU decode with 1 and 3 splits against `(want, want_lse)` (relative L2 of the
+/// output below `tol`, LSE within 1e-4); returns the number of runs.
+pub fn check_cpu_splits<T: Element, C: Element>(
+    decode: &PagedDecode,
+    sc: &Scenario<T, C>,
+    q: &[T],
+    (want, want_lse): (&[f64], &[f64]),
+    tol: f64,
+    what: &str,
+) -> usize {
+    for splits in [1, 3] {
+        let dec = decode.clone().with_splits(Some(splits)).unwrap();
+        let (out, lse) = decode_cpu(&dec, sc, q);
+        let err = super::rel_l2(&super::to_f64(&out), want);
+        assert!(err < tol, "{what} splits {splits}: rel L2 {err}");
+        super::check_lse(&lse, want_lse, 1e-4, what);
+    }
+    2
+}
+
 /// The CPU decode into outputs poisoned with NaN (every element must be written).
 pub fn decode_cpu<T: Element, C: Element>(
     decode: &PagedDecode,
