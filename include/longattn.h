@@ -162,6 +162,37 @@ longattn_status longattn_paged_decode_cuda(const longattn_paged_desc *desc, long
                                            longattn_tensor_mut out, float *lse, size_t lse_len,
                                            int32_t device, void *stream);
 
+/* An FP8 e4m3 paged cache (docs/semantics.md, "FP8 KV cache": OCP e4m3fn, max 448):
+ * k_cache, v_cache hold cache_len e4m3 bytes each ([num_pages, page_size, heads_kv,
+ * head_dim]); a stored value means value * k_scales[kv head] (keys) or value *
+ * v_scales[kv head] (values). The scales are host arrays of heads_kv floats, finite and > 0,
+ * or both NULL (scale 1). */
+typedef struct longattn_fp8_cache {
+  const void *k_cache;
+  const void *v_cache;
+  size_t cache_len;
+  const float *k_scales;
+  const float *v_scales;
+} longattn_fp8_cache;
+
+/* Paged decode over an FP8 cache on the CPU (q, out of dtype: f32, f16 or bf16). */
+longattn_status longattn_paged_decode_fp8_cpu(const longattn_paged_desc *desc, longattn_dtype dtype,
+                                              longattn_tensor q, longattn_fp8_cache cache,
+                                              longattn_tensor_mut out, float *lse, size_t lse_len);
+
+/* Paged decode over an FP8 cache on the GPU (q, out, the caches and lse device allocations
+ * of `device`; q/out f16 or bf16; the scales stay host arrays). As
+ * longattn_paged_decode_cuda otherwise. The FP8 kernel is not yet verified on a GPU. */
+longattn_status longattn_paged_decode_fp8_cuda(const longattn_paged_desc *desc, longattn_dtype dtype,
+                                               longattn_tensor q, longattn_fp8_cache cache,
+                                               longattn_tensor_mut out, float *lse, size_t lse_len,
+                                               int32_t device, void *stream);
+
+/* dst[i] = e4m3(src[i] / scale) for i < n (round to nearest even, saturating at +-448, NaN
+ * kept): the bytes an FP8 cache holds for these values, as the crate's append writes them.
+ * scale finite and > 0; dst must not overlap src. */
+longattn_status longattn_fp8_quantize(const float *src, size_t n, float scale, uint8_t *dst);
+
 #ifdef __cplusplus
 }
 #endif

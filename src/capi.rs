@@ -8,11 +8,11 @@
 //! unwinds into C.
 
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
-use crate::element::Element;
+use crate::element::{Element, F8E4M3};
 use crate::error::Error;
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
-use crate::paged::{KvPages, PageTable, PagedCache, PagedDecode, PagedLayout};
+use crate::paged::{KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::ffi::{CString, c_char};
@@ -511,8 +511,9 @@ fn check_device_writes_disjoint(
 
 /// The device buffers of one C GPU call, borrowed for it: three inputs, the output and the
 /// optional LSE.
-struct DeviceCall<T> {
-    inputs: [Borrowed<T>; 3],
+struct DeviceCall<T, K> {
+    /// q, then k and v (or the two caches) of element type `K`.
+    inputs: (Borrowed<T>, [Borrowed<K>; 2]),
     out: Borrowed<T>,
     lse: Option<Borrowed<f32>>,
 }
@@ -523,27 +524,34 @@ struct DeviceCall<T> {
 /// Each `(data, len, _)` input and `out` are device allocations of the stream's context
 /// holding `len` elements of `T`; `lse` is NULL or `lse_len` device floats; all alive for
 /// the call.
-unsafe fn borrow_call<T>(
+unsafe fn borrow_call<T, K>(
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-    inputs: [(*const std::ffi::c_void, usize, &'static str); 3],
+    q: (*const std::ffi::c_void, usize, &'static str),
+    kv: [(*const std::ffi::c_void, usize, &'static str); 2],
     out: CTensorMut,
     (lse, lse_len): (*mut f32, usize),
-) -> Result<DeviceCall<T>, CallError> {
-    let bytes = std::mem::size_of::<T>();
+) -> Result<DeviceCall<T, K>, CallError> {
+    let (bytes, kv_bytes) = (std::mem::size_of::<T>(), std::mem::size_of::<K>());
+    let [k, v] = kv;
     check_device_writes_disjoint(
         byte_range(out.data, out.len, bytes),
         (lse, lse_len),
-        &inputs.map(|(data, len, name)| (byte_range(data, len, bytes), name)),
+        &[
+            (byte_range(q.0, q.1, bytes), q.2),
+            (byte_range(k.0, k.1, kv_bytes), k.2),
+            (byte_range(v.0, v.1, kv_bytes), v.2),
+        ],
     )?;
-    let [a, b, c] = inputs;
     // SAFETY (all): device allocations of the stated lengths by the contract.
     unsafe {
         Ok(DeviceCall {
-            inputs: [
-                borrow_device::<T>(stream, a.0, a.1, a.2)?,
-                borrow_device::<T>(stream, b.0, b.1, b.2)?,
-                borrow_device::<T>(stream, c.0, c.1, c.2)?,
-            ],
+            inputs: (
+                borrow_device::<T>(stream, q.0, q.1, q.2)?,
+                [
+                    borrow_device::<K>(stream, k.0, k.1, k.2)?,
+                    borrow_device::<K>(stream, v.0, v.1, v.2)?,
+                ],
+            ),
             out: borrow_device::<T>(stream, out.data, out.len, "out")?,
             lse: match lse.is_null() {
                 true => None,
@@ -587,14 +595,11 @@ unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
     lse: *mut f32,
     lse_len: usize,
 ) -> Result<(), CallError> {
-    let inputs = [
-        (q.data, q.len, "q"),
-        (k.data, k.len, "k"),
-        (v.data, v.len, "v"),
-    ];
+    let kv = [(k.data, k.len, "k"), (v.data, v.len, "v")];
     // SAFETY: device allocations as documented by the caller's contract.
-    let mut call = unsafe { borrow_call::<T>(stream, inputs, out, (lse, lse_len)) }?;
-    let [bq, bk, bv] = &call.inputs;
+    let mut call =
+        unsafe { borrow_call::<T, T>(stream, (q.data, q.len, "q"), kv, out, (lse, lse_len)) }?;
+    let (bq, [bk, bv]) = &call.inputs;
     let lse_slice = call
         .lse
         .as_mut()
@@ -707,6 +712,18 @@ unsafe fn table<'a>(
 /// `desc` is NULL or valid: its `block_table` and `seqlens_k` point to
 /// `batch * max_pages_per_seq` and `batch` values.
 unsafe fn paged_problem(desc: *const CPagedDesc) -> Result<PagedDecode, CallError> {
+    // SAFETY: forwarded contract.
+    unsafe { paged_problem_with(desc, None) }
+}
+
+/// [`paged_problem`] over a cache with FP8 dequantisation scales.
+///
+/// # Safety
+/// As [`paged_problem`].
+unsafe fn paged_problem_with(
+    desc: *const CPagedDesc,
+    scales: Option<KvScales>,
+) -> Result<PagedDecode, CallError> {
     // SAFETY: NULL or valid by the contract.
     let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
     let entries = desc
@@ -734,6 +751,10 @@ unsafe fn paged_problem(desc: *const CPagedDesc) -> Result<PagedDecode, CallErro
             seqlens_k,
         },
     )?;
+    let cache = match scales {
+        Some(s) => cache.with_kv_scales(s)?,
+        None => cache,
+    };
     let mut options = AttentionOptions::default()
         .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
         .with_sinks(desc.sinks);
@@ -781,31 +802,29 @@ pub unsafe extern "C" fn longattn_paged_sizes(
 /// # Safety
 /// As [`longattn_paged_decode_cpu`], with `T` the element type of `dtype`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_cpu_typed<T: Element>(
+unsafe fn paged_cpu_typed<T: Element, C: Element>(
     decode: &PagedDecode,
     q: CTensor,
-    k_cache: *const std::ffi::c_void,
-    v_cache: *const std::ffi::c_void,
-    cache_len: usize,
+    (k_cache, v_cache, cache_len): (*const std::ffi::c_void, *const std::ffi::c_void, usize),
     out: CTensorMut,
     lse: Option<&mut [f32]>,
 ) -> Result<(), CallError> {
-    let bytes = std::mem::size_of::<T>();
+    let (bytes, cache_bytes) = (std::mem::size_of::<T>(), std::mem::size_of::<C>());
     check_writes_disjoint(
         byte_range(out.data, out.len, bytes),
         lse.as_deref(),
         &[
             (byte_range(q.data, q.len, bytes), "q"),
-            (byte_range(k_cache, cache_len, bytes), "k_cache"),
-            (byte_range(v_cache, cache_len, bytes), "v_cache"),
+            (byte_range(k_cache, cache_len, cache_bytes), "k_cache"),
+            (byte_range(v_cache, cache_len, cache_bytes), "v_cache"),
         ],
     )?;
     // SAFETY: `len` elements each by the contract; `out` checked disjoint from the rest.
     let (q_s, k_s, v_s, out_s) = unsafe {
         (
             host_slice::<T>(q.data, q.len, "q")?,
-            host_slice::<T>(k_cache, cache_len, "k_cache")?,
-            host_slice::<T>(v_cache, cache_len, "v_cache")?,
+            host_slice::<C>(k_cache, cache_len, "k_cache")?,
+            host_slice::<C>(v_cache, cache_len, "v_cache")?,
             host_slice_mut::<T>(out.data, out.len, "out")?,
         )
     };
@@ -845,7 +864,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
         let lse = unsafe { lse_slice(lse, lse_len) }?;
         // SAFETY: buffers as documented for `dtype`.
         unsafe {
-            with_dtype!(dtype, T => paged_cpu_typed::<T>(&decode, q, k_cache, v_cache, cache_len, out, lse))
+            with_dtype!(dtype, T => paged_cpu_typed::<T, T>(&decode, q, (k_cache, v_cache, cache_len), out, lse))
         }
     })
 }
@@ -853,7 +872,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
 /// # Safety
 /// As [`longattn_paged_decode_cuda`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn paged_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
+unsafe fn paged_cuda_typed<T, C>(
     decode: &PagedDecode,
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
     q: CTensor,
@@ -861,15 +880,19 @@ unsafe fn paged_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
     out: CTensorMut,
     lse: *mut f32,
     lse_len: usize,
-) -> Result<(), CallError> {
-    let inputs = [
-        (q.data, q.len, "q"),
+) -> Result<(), CallError>
+where
+    T: Element + cudarc::driver::DeviceRepr,
+    C: Element + cudarc::driver::DeviceRepr,
+{
+    let kv = [
         (k_cache, cache_len, "k_cache"),
         (v_cache, cache_len, "v_cache"),
     ];
     // SAFETY: device allocations as documented by the caller's contract.
-    let mut call = unsafe { borrow_call::<T>(stream, inputs, out, (lse, lse_len)) }?;
-    let [bq, bk, bv] = &call.inputs;
+    let mut call =
+        unsafe { borrow_call::<T, C>(stream, (q.data, q.len, "q"), kv, out, (lse, lse_len)) }?;
+    let (bq, [bk, bv]) = &call.inputs;
     let lse_slice = call
         .lse
         .as_mut()
@@ -924,7 +947,164 @@ pub unsafe extern "C" fn longattn_paged_decode_cuda(
         let stream = unsafe { caller_stream(&buffers, device, stream) }?;
         // SAFETY: device buffers as documented for `dtype`.
         unsafe {
-            with_dtype!(dtype, T => paged_cuda_typed::<T>(&decode, &stream, q, (k_cache, v_cache, cache_len), out, lse, lse_len))
+            with_dtype!(dtype, T => paged_cuda_typed::<T, T>(&decode, &stream, q, (k_cache, v_cache, cache_len), out, lse, lse_len))
         }
+    })
+}
+
+/// `longattn_fp8_cache`: a paged K/V cache in FP8 e4m3 (docs/semantics.md, "FP8 KV cache"):
+/// `k_cache`, `v_cache` hold `cache_len` e4m3 bytes each (`[num_pages, page_size, heads_kv,
+/// head_dim]`); a stored value means `value * k_scales[kv head]` (keys) or
+/// `value * v_scales[kv head]` (values). The scales are host arrays of `heads_kv` floats,
+/// finite and > 0, or both NULL (scale 1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CFp8Cache {
+    /// Key cache, `cache_len` e4m3 codes.
+    pub k_cache: *const std::ffi::c_void,
+    /// Value cache, `cache_len` e4m3 codes.
+    pub v_cache: *const std::ffi::c_void,
+    /// Codes in each of `k_cache`, `v_cache`.
+    pub cache_len: usize,
+    /// `[heads_kv]` key scales (host), or NULL with `v_scales` NULL.
+    pub k_scales: *const f32,
+    /// `[heads_kv]` value scales (host), or NULL with `k_scales` NULL.
+    pub v_scales: *const f32,
+}
+
+/// The decode step of `desc` over the FP8 cache's scales.
+///
+/// # Safety
+/// `desc` as [`paged_problem`]; the cache's scales NULL or `heads_kv` readable floats.
+unsafe fn fp8_problem(
+    desc: *const CPagedDesc,
+    cache: &CFp8Cache,
+) -> Result<PagedDecode, CallError> {
+    // SAFETY: NULL or valid by the contract.
+    let heads_kv = unsafe { desc.as_ref() }
+        .ok_or(CallError::Null("desc"))?
+        .heads_kv;
+    let scales = match (cache.k_scales.is_null(), cache.v_scales.is_null()) {
+        (true, true) => None,
+        (false, true) => return Err(CallError::Null("v_scales (k_scales is set)")),
+        (true, false) => return Err(CallError::Null("k_scales (v_scales is set)")),
+        (false, false) => {
+            // SAFETY: `heads_kv` floats each by the contract (a wrong `heads_kv` is refused
+            // by the descriptor's own checks only after this read: the caller's contract).
+            let (k, v) = unsafe {
+                (
+                    host_slice::<f32>(cache.k_scales.cast(), heads_kv, "k_scales")?,
+                    host_slice::<f32>(cache.v_scales.cast(), heads_kv, "v_scales")?,
+                )
+            };
+            Some(KvScales::new(k.to_vec(), v.to_vec())?)
+        }
+    };
+    // SAFETY: forwarded contract.
+    unsafe { paged_problem_with(desc, scales) }
+}
+
+/// `longattn_paged_decode_fp8_cpu()`: [`longattn_paged_decode_cpu`] over an FP8 e4m3 cache
+/// (`q`, `out` of `dtype`: f32, f16 or bf16).
+///
+/// # Safety
+/// `desc` is a valid descriptor; `q` and `out` hold `len` elements of `dtype` (`out`
+/// writable, not overlapping the inputs); the cache as documented on [`CFp8Cache`]; `lse`,
+/// when not NULL, `lse_len` writable floats.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_paged_decode_fp8_cpu(
+    desc: *const CPagedDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    cache: CFp8Cache,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor and scales by the contract.
+        let decode = unsafe { fp8_problem(desc, &cache) }?;
+        // SAFETY: NULL or `lse_len` writable floats by the contract.
+        let lse = unsafe { lse_slice(lse, lse_len) }?;
+        let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
+        // SAFETY: buffers as documented.
+        unsafe { with_dtype!(dtype, T => paged_cpu_typed::<T, F8E4M3>(&decode, q, kv, out, lse)) }
+    })
+}
+
+/// `longattn_paged_decode_fp8_cuda()`: [`longattn_paged_decode_cuda`] over an FP8 e4m3 cache
+/// on the device (`q`, `out` f16 or bf16; the scales stay host arrays, uploaded per call).
+/// The FP8 decode kernel is **not yet verified on a GPU**.
+///
+/// # Safety
+/// As [`longattn_paged_decode_cuda`], with `k_cache` and `v_cache` device allocations of
+/// `cache_len` e4m3 bytes and the scales as documented on [`CFp8Cache`].
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_paged_decode_fp8_cuda(
+    desc: *const CPagedDesc,
+    dtype: DTypeCode,
+    q: CTensor,
+    cache: CFp8Cache,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor and scales by the contract.
+        let decode = unsafe { fp8_problem(desc, &cache) }?;
+        let buffers = [
+            (q.data, "q"),
+            (cache.k_cache, "k_cache"),
+            (cache.v_cache, "v_cache"),
+            (out.data, "out"),
+        ];
+        // SAFETY: NULL or a live stream of that device's primary context by the contract.
+        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
+        let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
+        // SAFETY: device buffers as documented.
+        unsafe {
+            with_dtype!(dtype, T => paged_cuda_typed::<T, F8E4M3>(&decode, &stream, q, kv, out, lse, lse_len))
+        }
+    })
+}
+
+/// `longattn_fp8_quantize()`: `dst[i] = e4m3(src[i] / scale)` for `i < n` (round to nearest
+/// even, saturating at +-448, NaN kept): the bytes an FP8 cache holds for `src`, as the
+/// crate's own append writes them.
+///
+/// # Safety
+/// `src` holds `n` readable floats, `dst` `n` writable bytes (not overlapping `src`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_fp8_quantize(
+    src: *const f32,
+    n: usize,
+    scale: f32,
+    dst: *mut u8,
+) -> Status {
+    guarded(|| {
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(
+                Error::InvalidOption(format!("scale {scale} must be finite and > 0")).into(),
+            );
+        }
+        check_writes_disjoint(
+            byte_range(dst.cast(), n, 1),
+            None,
+            &[(byte_range(src.cast(), n, 4), "src")],
+        )?;
+        // SAFETY: `n` floats and `n` bytes by the contract, checked disjoint.
+        let (src, dst) = unsafe {
+            (
+                host_slice::<f32>(src.cast(), n, "src")?,
+                host_slice_mut::<u8>(dst.cast(), n, "dst")?,
+            )
+        };
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = F8E4M3::from_f32(x / scale).to_bits();
+        }
+        Ok(())
     })
 }

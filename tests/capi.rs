@@ -763,3 +763,161 @@ fn c_api_paged_decode_cuda() {
     let err = rel_l2(&got, &want);
     assert!(err < 2e-2, "rel L2 {err} vs the CPU path");
 }
+
+/// The FP8 C entry points: `longattn_fp8_quantize` writes the crate's e4m3 bytes, and the CPU
+/// decode over them equals the Rust API over the same cache (bit for bit); bad scales, a
+/// lone NULL scale array and unknown dtypes are refused with their codes; the CUDA entry
+/// point refuses before touching a GPU and, with one, matches the CPU path.
+#[test]
+fn c_api_fp8_cache() {
+    let c = paged_case(21);
+    let d = c.desc;
+    let n = c.k_cache.len();
+    let (ks, vs) = ([0.004f32, 0.002], [0.003f32, 0.005]);
+    let quantize = |src: &[f32], scales: &[f32]| {
+        let row = d.heads_kv * d.head_dim;
+        let mut out = vec![0u8; n];
+        for (t, (src, dst)) in src.chunks(row).zip(out.chunks_mut(row)).enumerate() {
+            for h in 0..d.heads_kv {
+                let r = h * d.head_dim..(h + 1) * d.head_dim;
+                // SAFETY: head_dim floats and bytes, distinct allocations.
+                let st = unsafe {
+                    longattn_fp8_quantize(
+                        src[r.clone()].as_ptr(),
+                        d.head_dim,
+                        scales[h],
+                        dst[r].as_mut_ptr(),
+                    )
+                };
+                assert_eq!(st, LONGATTN_OK, "token {t}: {}", last_error());
+            }
+        }
+        out
+    };
+    let (k8, v8) = (quantize(&c.k_cache, &ks), quantize(&c.v_cache, &vs));
+    let row = d.heads_kv * d.head_dim;
+    for (i, (&x, &b)) in c.k_cache.iter().zip(&k8).enumerate() {
+        assert_eq!(
+            F8E4M3::from_f32(x / ks[(i % row) / d.head_dim]).to_bits(),
+            b
+        );
+    }
+    let cache = CFp8Cache {
+        k_cache: k8.as_ptr().cast(),
+        v_cache: v8.as_ptr().cast(),
+        cache_len: n,
+        k_scales: ks.as_ptr(),
+        v_scales: vs.as_ptr(),
+    };
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![f32::NAN; c.q.len()];
+    let mut lse = vec![f32::NAN; d.batch * d.heads_q * d.q_len];
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_fp8_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            cache,
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    // The Rust API over the same bytes.
+    let (table, seqlens) = (&c._tables.0, &c._tables.1);
+    let layout = PagedLayout {
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        heads_kv: d.heads_kv,
+        head_dim: d.head_dim,
+    };
+    let pt = PageTable {
+        block_table: table,
+        max_pages_per_seq: d.max_pages_per_seq,
+        seqlens_k: seqlens,
+    };
+    let scales = KvScales::new(ks.to_vec(), vs.to_vec()).unwrap();
+    let rcache = PagedCache::new(layout, pt)
+        .unwrap()
+        .with_kv_scales(scales)
+        .unwrap();
+    let dec = PagedDecode::new(&rcache, d.heads_q, d.q_len, &AttentionOptions::default()).unwrap();
+    let as_fp8 = |b: &[u8]| b.iter().map(|&x| F8E4M3::from_bits(x)).collect::<Vec<_>>();
+    let (kf, vf) = (as_fp8(&k8), as_fp8(&v8));
+    let mut want = vec![f32::NAN; c.q.len()];
+    let mut want_lse = vec![f32::NAN; lse.len()];
+    dec.forward_cpu(
+        Strided::new(&c.q[..], qs),
+        KvPages {
+            k: &kf[..],
+            v: &vf[..],
+        },
+        None,
+        Strided::new(&mut want[..], qs),
+        Some(&mut want_lse[..]),
+    )
+    .unwrap();
+    assert!(
+        out.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+    assert!(
+        lse.iter()
+            .zip(&want_lse)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
+
+    // Refusals: a lone NULL scale array, a non-positive scale, an unknown dtype code.
+    let call = |cache: CFp8Cache, dtype: i32, out: &mut [f32]| {
+        // SAFETY: as above.
+        unsafe {
+            longattn_paged_decode_fp8_cpu(
+                &d,
+                dtype,
+                tensor(&c.q, qs),
+                cache,
+                tensor_mut(out, qs),
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    let lone = CFp8Cache {
+        v_scales: ptr::null(),
+        ..cache
+    };
+    assert_eq!(call(lone, 0, &mut out), 9, "{}", last_error());
+    let zero = [0.0f32, 1.0];
+    let bad_scale = CFp8Cache {
+        k_scales: zero.as_ptr(),
+        ..cache
+    };
+    assert_eq!(call(bad_scale, 0, &mut out), 3, "{}", last_error());
+    assert_eq!(call(cache, 7, &mut out), 5, "{}", last_error());
+    // SAFETY: a zero scale is refused before any pointer is read.
+    let st = unsafe { longattn_fp8_quantize(c.q.as_ptr(), 4, 0.0, k8.as_ptr().cast_mut()) };
+    assert_eq!(st, 3, "{}", last_error());
+
+    // CUDA: refused before touching a GPU (host pointers are never dereferenced there).
+    // SAFETY: a NULL cache pointer is refused before the GPU is opened.
+    let st = unsafe {
+        longattn_paged_decode_fp8_cuda(
+            &d,
+            2,
+            tensor(&c.q, qs),
+            CFp8Cache {
+                k_cache: ptr::null(),
+                ..cache
+            },
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+            0,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, 9, "{}", last_error());
+}
