@@ -69,9 +69,9 @@ static_assert(Traits64::kBlockM == LA_PAGED_PREFILL_ROWS, "rows per block (paged
 // KB per SM with 1 KB reserved per block, and by registers), registers (sm_90a / sm_80):
 //   d64:  kBlockN 64, 2 stages: 40960 + 16384 =  57344: 3 / 2, 168 / 168
 //         (T kernel: 3 stages, 57344: 3 / 2, 167 / 167)
-//   d128: kBlockN 64, 2 stages: 81920 + 32768 = 114688: 2 / 1, 242 / 244
+//   d128: kBlockN 64, 2 stages: 81920 + 32768 = 114688: 2 / 1, 254 / 247-251
 //         (T kernel: 81920: 2 / 2, 246 / 248)
-//   d256: kBlockN 16, 2 stages: 65536 + 16384 =  81920: 2 / 2, 235 / 247
+//   d256: kBlockN 16, 2 stages: 65536 + 16384 =  81920: 2 / 2, 239-240 / 244
 //         (T kernel: kBlockN 32, 98304: 2 / 1, 255 / 255)
 // d64 trades a T stage for the raw ring (1 tile of raw lookahead plus 1 of T ring equal the T
 // kernel's 3-stage prefetch distance, at the same shared memory); d256 halves kBlockN, which
@@ -159,22 +159,28 @@ struct PagedPrefillProblem {
       mma::cp_async_16(v_smem + dst, vc + off, ok);
     }
   }
-  // Physical slot (page * page_size + offset) of this thread's rows of tile t, -1 past sk.
+  // Physical slot (page * page_size + offset) of this thread's rows of tile t, -1 for keys
+  // at or past `limit` (<= sk; 0: every row -1 without a table read, whatever key0(t) is).
   static constexpr int kPasses = Tr::kBlockN / Tr::kRowsPerPass;
-  __device__ __forceinline__ void tile_slots(int t, int r0, int (&slot)[kPasses]) const {
+  __device__ __forceinline__ void tile_slots(int t, int r0, int limit,
+                                             int (&slot)[kPasses]) const {
     const int n0 = key0(t);
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int j = n0 + r0 + pass * Tr::kRowsPerPass;
       const int lp = (int)page_div.div((uint32_t)j);
-      slot[pass] = j < sk ? pages[lp] * page_size + (j - lp * page_size) : -1;
+      slot[pass] = (uint32_t)j < (uint32_t)limit ? pages[lp] * page_size + (j - lp * page_size) : -1;
     }
   }
   // FP8 cache (see the file comment): T tile t into (k_smem, v_smem), synchronously for the
   // prologue's tiles, else from the raw ring; then the raw copies of tile t + kStages - 1.
-  // The shared loads and stores are volatile asm without a "memory" clobber, as ldmatrix
-  // (mma.cuh): kept in order with the ring's cp.async / barrier asm, and the table reads of
-  // the next raw tile, written first, are not held behind them.
+  // Order: the table reads of the raw tile, then every load of tile t (so their latencies
+  // overlap: one round trip, not one per vector), then the conversions and 16-byte stores,
+  // then the copies. The shared loads and stores are volatile asm, kept in order with the
+  // ring's cp.async / barrier asm; the loads carry a "memory" clobber so that the table reads
+  // stay above them. The whole function is one branch-free block: with the table reads and
+  // the copies each under `if (t + kStages - 1 < n_tiles)`, ptxas merged the two and issued
+  // the table reads after the conversion (their latency then stalls the copies).
   __device__ __forceinline__ void load_kv_fp8(uint32_t k_smem, uint32_t v_smem, int t, int tid) {
     constexpr int kAhead = Tr::kStages - 1;
     constexpr uint32_t kVecBytes = 8 * Tr::kThreads;  // one pass of raw vectors
@@ -183,28 +189,15 @@ struct PagedPrefillProblem {
       return raw_smem + (uint32_t)(((tile % Tr::kRawSlots) * 2 + kv) * Tr::kRawTileBytes) +
              (uint32_t)pass * kVecBytes + (uint32_t)tid * 8;
     };
-    auto dst_of = [&](int pass) {
-      return (uint32_t)(swizzled_elem<Tr::kHeadDim>(r0 + pass * Tr::kRowsPerPass, chunk) *
-                        (int)sizeof(T));
-    };
-    auto store = [&](uint32_t dst, const uint2 &raw) {
-      const uint4 x = e4m3x8_to_pack8<T>(raw);
-      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(dst), "r"(x.x), "r"(x.y),
-                   "r"(x.z), "r"(x.w));
-    };
-    auto load_raw = [&](uint32_t src) {
-      uint2 r;
-      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n" : "=r"(r.x), "=r"(r.y) : "r"(src));
-      return r;
-    };
+    // Tile ta's rows (none past the last tile: its copies then zero-fill a slot nobody reads;
+    // one branch-free block, so the table reads issue first).
     const int ta = t + kAhead;
-    const bool ahead = ta < n_tiles;
     int slot_a[kPasses];
-    if (ahead) tile_slots(ta, r0, slot_a);
+    tile_slots(ta, r0, ta < n_tiles ? sk : 0, slot_a);
+    uint2 kr[kPasses], vr[kPasses];
     if (t < kAhead) {
       int slot[kPasses];
-      tile_slots(t, r0, slot);
-      uint2 kr[kPasses], vr[kPasses];
+      tile_slots(t, r0, sk, slot);
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass) {
         kr[pass] = vr[pass] = make_uint2(0u, 0u);
@@ -214,27 +207,35 @@ struct PagedPrefillProblem {
           vr[pass] = *reinterpret_cast<const uint2 *>(vc + off);
         }
       }
-#pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        store(k_smem + dst_of(pass), kr[pass]);
-        store(v_smem + dst_of(pass), vr[pass]);
-      }
     } else {
 #pragma unroll
       for (int pass = 0; pass < kPasses; ++pass) {
-        const uint2 kr = load_raw(raw_addr(t, 0, pass)), vr = load_raw(raw_addr(t, 1, pass));
-        store(k_smem + dst_of(pass), kr);
-        store(v_smem + dst_of(pass), vr);
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(kr[pass].x), "=r"(kr[pass].y)
+                     : "r"(raw_addr(t, 0, pass))
+                     : "memory");
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];\n"
+                     : "=r"(vr[pass].x), "=r"(vr[pass].y)
+                     : "r"(raw_addr(t, 1, pass))
+                     : "memory");
       }
     }
-    if (ahead) {
 #pragma unroll
-      for (int pass = 0; pass < kPasses; ++pass) {
-        const bool ok = slot_a[pass] >= 0;
-        const long long off = ok ? (long long)slot_a[pass] * slot_stride + chunk * 8 : 0;
-        mma::cp_async_8(raw_addr(ta, 0, pass), kc + off, ok);
-        mma::cp_async_8(raw_addr(ta, 1, pass), vc + off, ok);
-      }
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const uint32_t dst = (uint32_t)(
+          swizzled_elem<Tr::kHeadDim>(r0 + pass * Tr::kRowsPerPass, chunk) * (int)sizeof(T));
+      const uint4 kx = e4m3x8_to_pack8<T>(kr[pass]), vx = e4m3x8_to_pack8<T>(vr[pass]);
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(k_smem + dst), "r"(kx.x),
+                   "r"(kx.y), "r"(kx.z), "r"(kx.w));
+      asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(v_smem + dst), "r"(vx.x),
+                   "r"(vx.y), "r"(vx.z), "r"(vx.w));
+    }
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const bool ok = slot_a[pass] >= 0;
+      const long long off = ok ? (long long)slot_a[pass] * slot_stride + chunk * 8 : 0;
+      mma::cp_async_8(raw_addr(ta, 0, pass), kc + off, ok);
+      mma::cp_async_8(raw_addr(ta, 1, pass), vc + off, ok);
     }
   }
   __device__ __forceinline__ void load_kv(uint32_t k_smem, uint32_t v_smem, int t, int tid) {
