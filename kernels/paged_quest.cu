@@ -1,8 +1,17 @@
 // Quest page selection: per-page scores from the kmin/kmax metadata, then the top pages per
 // (sequence, kv head). Both kernels are launched as programmatic dependents of the previous
 // kernel in the stream (launch.cuh). Mirrors src/paged/ (CPU path) exactly.
+//
+// FP8 cache (kv_dtype LA_F8E4M3; quest_score_kernel<T, __nv_fp8_e4m3>; compiled only, NOT YET
+// RUN ON A GPU): kmin/kmax [num_pages, heads_kv, head_dim] hold the bounds of the stored e4m3
+// values, one byte each. A lane reads its 4 channels as one 4-byte load and converts them
+// exactly (fp8.cuh); the per-row sum over the stored bounds is multiplied by k_scale[kvh] in
+// f32 (sum * k_scale, as the CPU path: the scale is > 0, so it factors out of every max) and
+// the scores buffer holds these scaled scores. Selection (quest_kernel) reads only the scores
+// and is the same kernel for both caches. kmin/kmax need 4-byte alignment.
 #include "longattn/check.cuh"
 #include "longattn/dtype.cuh"
+#include "longattn/fp8.cuh"
 #include "longattn/launch.cuh"
 #include "longattn/mask.cuh"
 #include "longattn/paged_common.cuh"
@@ -35,14 +44,22 @@ __device__ __forceinline__ float4 load4(const T *src) {
   const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
   return make_float4(a.x, a.y, b.x, b.y);
 }
+// Four consecutive e4m3 values (4-byte aligned) as floats, exact.
+template <>
+__device__ __forceinline__ float4 load4<__nv_fp8_e4m3>(const __nv_fp8_e4m3 *src) {
+  const uint32_t raw = *reinterpret_cast<const uint32_t *>(src);
+  const float2 a = e4m3x2_to_float2(raw), b = e4m3x2_to_float2(raw >> 16);
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
 // kQuestChunk pages), a warp per page, so even batch 1 spreads over the whole GPU. Writes
 // the chunk's scores (-inf where not a candidate or not a Quest head: the documented output,
-// the buffer is not necessarily pre-filled).
+// the buffer is not necessarily pre-filled). KV: the type of kmin/kmax, T or __nv_fp8_e4m3
+// (then scores are k_scale[kvh] * the sum, see the file comment).
 constexpr int kQuestChunk = 64;
 
-template <typename T>
+template <typename T, typename KV>
 __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid_constant__ LaQuestParams p) {
   wait_for_previous_grid();
   allow_next_grid();
@@ -69,7 +86,11 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   if (pg0 >= pg_end) return;
 
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
-  const T *kmin = static_cast<const T *>(p.kmin), *kmax = static_cast<const T *>(p.kmax);
+  constexpr bool kFp8 = kIsFp8<KV>;
+  static_assert(kFp8 || std::is_same_v<KV, T>, "metadata type");
+  const KV *kmin = static_cast<const KV *>(p.kmin), *kmax = static_cast<const KV *>(p.kmax);
+  float k_scale = 1.0f;  // e4m3 bounds: kv_scales [2, heads_kv], k scales first
+  if constexpr (kFp8) k_scale = p.kv_scales[kvh];
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
@@ -94,8 +115,8 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
         const int ch = 4 * lane + 128 * x;
         lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (ch < d) {
-          lo[x] = load4<T>(kmin + m_off + ch);
-          hi[x] = load4<T>(kmax + m_off + ch);
+          lo[x] = load4<KV>(kmin + m_off + ch);
+          hi[x] = load4<KV>(kmax + m_off + ch);
         }
       }
       float best = scores[pg];
@@ -110,7 +131,11 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
                  fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
           }
         }
-        best = fmaxf(best, warp_sum(s));
+        if constexpr (kFp8) {
+          best = fmaxf(best, warp_sum(s) * k_scale);
+        } else {
+          best = fmaxf(best, warp_sum(s));
+        }
       }
       __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
       if (lane == 0) scores[pg] = best;
@@ -295,11 +320,12 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
 }
 
-template <typename T>
+// KV: the type of kmin/kmax, T or __nv_fp8_e4m3.
+template <typename T, typename KV>
 cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
   const int chunks = (p.cache.max_pages_per_seq + kQuestChunk - 1) / kQuestChunk;
   const cudaError_t err =
-      launch_dependent(quest_score_kernel<T>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
+      launch_dependent(quest_score_kernel<T, KV>, dim3(chunks, p.cache.heads_kv, p.cache.batch),
                        dim3(kQuestThreads), 0, stream, p);
   if (err != cudaSuccess) return err;
   return launch_dependent(quest_kernel, dim3(p.cache.heads_kv, p.cache.batch),
@@ -320,8 +346,13 @@ extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t s
       params->budget_pages < 0 || params->sink_pages < 0 ||
       !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride))
     return cudaErrorInvalidValue;
+  // The metadata holds q's dtype, or e4m3 with the cache's scales.
+  const bool fp8 = params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr;
+  if (params->kv_dtype != params->dtype && !fp8) return cudaErrorInvalidValue;
   if (params->cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
-  return with_dtype<__half, __nv_bfloat16>(
-      params->dtype, cudaErrorInvalidValue,
-      [&](auto t) { return launch_quest<typename decltype(t)::type>(*params, stream); });
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return fp8 ? launch_quest<T, __nv_fp8_e4m3>(*params, stream)
+               : launch_quest<T, T>(*params, stream);
+  });
 }

@@ -26,9 +26,13 @@
 //   void mask_tile(float (&s)[kSBlocks][4], int t, int n0, int tq);  // -inf where masked
 //   void store_o(int row, int chunk, const uint4 *staged);  // tile row (< kBlockM): 8 elements
 //   bool has_lse() const; void store_lse(int row, float lse);
-// plus `scale` and `softcap` (0 = off) members. Shared memory addresses are 32-bit
+// plus `scale` and `softcap` (0 = off) members. Optional: `static constexpr bool kOutScale =
+// true` with `float out_scale() const` multiplies every output row by out_scale() in f32,
+// before the rounding to T (the LSE is not scaled; the FP8 cache's v_scale, paged_prefill.cu). Shared memory addresses are 32-bit
 // shared-window addresses (mma::smem_addr) of row-major swizzled tiles (swizzle.cuh).
 #pragma once
+
+#include <type_traits>
 
 #include "longattn/common.cuh"
 #include "longattn/mma.cuh"
@@ -91,6 +95,12 @@ struct MmaSmem {
   T v[Tr::kStages][Tr::kKvElems];     // V ring
   static_assert(sizeof(T) == 2, "16-bit operands");
 };
+
+// Whether Problem scales its output rows (Problem::kOutScale, see the file comment).
+template <class P, class = void>
+inline constexpr bool kHasOutScale = false;
+template <class P>
+inline constexpr bool kHasOutScale<P, std::enable_if_t<P::kOutScale>> = true;
 
 // Copies rows [row0, row0 + kRows) of a (rows, kHeadDim) global tile with element row stride
 // `stride` into the swizzled shared tile at `dst` via cp.async; rows >= valid_rows, and the
@@ -273,6 +283,11 @@ __device__ __forceinline__ void mma_attention(Problem &pb, unsigned char *smem_r
 
   float inv[2];
   softmax_finalize(l, inv);
+  if constexpr (kHasOutScale<Problem>) {
+    const float os = pb.out_scale();
+    inv[0] *= os;
+    inv[1] *= os;
+  }
   // Stage the warp's (16, kHeadDim) O tile in its own Q rows (same swizzle), then write
   // 16-byte vectors to global memory.
 #pragma unroll
