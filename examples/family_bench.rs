@@ -241,7 +241,7 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
             let q = upload(stream, pf.out_len(), 1)?;
             let mut o: CudaSlice<bf16> = stream.alloc_zeros(pf.out_len())?;
             let ms = time_ms(stream, || {
-                pf.forward_gpu::<bf16, _, _>(
+                pf.forward_gpu::<bf16, bf16, _, _, _>(
                     stream,
                     Strided::new(&q, qs),
                     KvPages { k: &kc, v: &vc },
@@ -259,7 +259,7 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
             // Through a plan (tables uploaded once): what an engine runs per layer.
             let plan = pf.plan_gpu(stream)?;
             let ms = time_ms(stream, || {
-                plan.forward::<bf16, _, _>(
+                plan.forward::<bf16, bf16, _, _, _>(
                     stream,
                     Strided::new(&q, qs),
                     KvPages { k: &kc, v: &vc },

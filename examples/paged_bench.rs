@@ -652,7 +652,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         let one_quest = time_oneshot(timer, &stream, &quest, &inputs, &mut out)?;
         let t_sel = timer.time(|| {
             quest_plan
-                .select::<bf16, _>(
+                .select::<bf16, bf16, _>(
                     Strided::new(&q, q_st),
                     PageMeta {
                         kmin: &kmin,
@@ -672,7 +672,7 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
             Ok(())
         })?;
         // Selection sanity: every (sequence, kv head) keeps min(budget, pages) pages.
-        let sel = quest.select_gpu::<bf16, _>(
+        let sel = quest.select_gpu::<bf16, bf16, _>(
             &stream,
             Strided::new(&q, q_st),
             PageMeta {

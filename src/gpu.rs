@@ -221,6 +221,21 @@ pub(crate) fn la_dtype(dtype: DType) -> ffi::LaDtype {
     }
 }
 
+/// `kv_dtype` and `kv_scales` of the paged params for a cache of type `C` (the scales'
+/// device pointer only for FP8; the kernels of a cache of the query type never read it).
+#[cfg(longattn_cuda)]
+pub(crate) fn kv_params<C: Element>(scales: u64) -> (ffi::LaDtype, *const f32) {
+    let fp8 = C::DTYPE == DType::F8E4M3;
+    (
+        la_dtype(C::DTYPE),
+        if fp8 {
+            scales as *const f32
+        } else {
+            std::ptr::null()
+        },
+    )
+}
+
 /// `cudaErrorNotSupported`: a launcher's answer when the device cannot run the kernel it
 /// needs (compute capability, opt-in shared memory per block, no code in the fatbinary).
 #[cfg(longattn_cuda)]

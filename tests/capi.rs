@@ -778,14 +778,14 @@ fn c_api_fp8_cache() {
         let row = d.heads_kv * d.head_dim;
         let mut out = vec![0u8; n];
         for (t, (src, dst)) in src.chunks(row).zip(out.chunks_mut(row)).enumerate() {
-            for h in 0..d.heads_kv {
+            for (h, &scale) in scales.iter().enumerate() {
                 let r = h * d.head_dim..(h + 1) * d.head_dim;
                 // SAFETY: head_dim floats and bytes, distinct allocations.
                 let st = unsafe {
                     longattn_fp8_quantize(
                         src[r.clone()].as_ptr(),
                         d.head_dim,
-                        scales[h],
+                        scale,
                         dst[r].as_mut_ptr(),
                     )
                 };

@@ -130,6 +130,71 @@ fn gpu_fp8_decode_matches_reference() {
     decode_sweep_over::<f16, F8E4M3>(&s, &dims, |hkv| Some(fp8_scales(hkv)));
 }
 
+/// Quest over an FP8 cache (kernel not yet run on a GPU): the GPU scores equal the CPU ones
+/// (scaled e4m3 bounds) up to summation order, the GPU selection is the top-B of its own
+/// scores, and the Quest decode equals the reference over the pages it selected.
+#[test]
+fn gpu_fp8_quest_matches_cpu() {
+    let Some(s) = stream() else { return };
+    let seqlens = [40usize, 300, 1030];
+    let (hkv, hq, d) = (2, 8, 128);
+    for ps in [16, 64] {
+        let sc = scenario_with::<bf16, F8E4M3>(&seqlens, ps, hkv, d, 9, Some(fp8_scales(hkv)));
+        let mut r = rng(ps as u64);
+        let q: Vec<bf16> = random_vec(&mut r, seqlens.len() * hq * d);
+        let dec = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
+            .unwrap()
+            .with_policy(quest_policy(hkv, 4 * ps, 1))
+            .unwrap();
+        let st = q_strides(1, hq, d);
+        let cpu = dec.select_cpu(Strided::new(&q[..], st), sc.meta()).unwrap();
+        let (qd, mn, mx) = (up(&s, &q), up(&s, &sc.kmin), up(&s, &sc.kmax));
+        let gpu = dec
+            .select_gpu(
+                &s,
+                Strided::new(&qd, st),
+                PageMeta {
+                    kmin: &mn,
+                    kmax: &mx,
+                },
+            )
+            .unwrap();
+        let scores = s.clone_dtoh(&gpu.scores).unwrap();
+        let (pl, pc) = (
+            s.clone_dtoh(&gpu.page_list).unwrap(),
+            s.clone_dtoh(&gpu.page_count).unwrap(),
+        );
+        let mp = sc.cache.max_pages_per_seq();
+        let mut lists = Vec::new();
+        for b in 0..seqlens.len() {
+            let n_pages = sc.cache.pages_of(b).unwrap();
+            for kvh in 0..hkv {
+                let row = (b * hkv + kvh) * mp;
+                for p in 0..n_pages {
+                    let (g, c) = (scores[row + p], cpu.scores[row + p]);
+                    assert!(
+                        (g - c).abs() <= 1e-3 * (1.0 + c.abs()),
+                        "ps {ps} score {g} vs {c}"
+                    );
+                }
+                let got: Vec<u32> = pl[row..row + pc[b * hkv + kvh] as usize]
+                    .iter()
+                    .map(|&p| p as u32)
+                    .collect();
+                let want = top_pages_by_sort(n_pages, &scores[row..row + mp], 1, 4);
+                assert_eq!(got, want, "ps {ps} b {b} kvh {kvh}");
+                lists.push(got.iter().map(|&p| p as usize).collect::<Vec<_>>());
+            }
+        }
+        let selected = PageLists::new(seqlens.len(), hkv, lists).unwrap();
+        let (want, want_lse) = decode_reference(&dec, &sc, &q, Some(&selected));
+        let (out, lse) = run_gpu(&s, &dec, &sc, &q);
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < HALF_TOL, "ps {ps}: quest decode rel L2 {err}");
+        check_lse(&lse, &want_lse, 2e-2, "fp8 quest");
+    }
+}
+
 /// One small FP8 decode (d 72: the 8-byte copies' partial 16-byte rows; 3 splits; window +
 /// sinks) for compute-sanitizer's racecheck in the device script.
 #[test]
@@ -692,10 +757,10 @@ fn gpu_plan_reuse_matches_one_shot() {
                 };
                 for qd in [&qd2, &qd1] {
                     let g = dec
-                        .select_gpu::<bf16, _>(&s, Strided::new(qd, st), meta())
+                        .select_gpu::<bf16, bf16, _>(&s, Strided::new(qd, st), meta())
                         .unwrap();
                     let sel = plan
-                        .select::<bf16, _>(Strided::new(qd, st), meta())
+                        .select::<bf16, bf16, _>(Strided::new(qd, st), meta())
                         .unwrap();
                     let count = s.clone_dtoh(sel.page_count).unwrap();
                     let list = s.clone_dtoh(sel.page_list).unwrap();
@@ -720,7 +785,7 @@ fn gpu_plan_reuse_matches_one_shot() {
                 same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
             } else {
                 let st = q_strides(q_len, hq, d);
-                let r = plan.select::<bf16, _>(
+                let r = plan.select::<bf16, bf16, _>(
                     Strided::new(&qd1, st),
                     PageMeta {
                         kmin: &bufs.kmin,
@@ -848,20 +913,13 @@ fn gpu_rejects_bad_inputs() {
         "head_dim 12 must be rejected"
     );
 
-    // Cache types: an f32 cache under bf16 queries, Quest heads over an FP8 cache (the
-    // selection kernel reads bounds of the query type), scales on a bf16 cache.
+    // Cache types: an f32 cache under bf16 queries, scales on a bf16 cache.
     let sc = scenario_with::<bf16, F8E4M3>(&[40], 16, 1, 8, 1, Some(fp8_scales(1)));
     let q = [bf16::from_f32(0.1); 8];
     let dec = PagedDecode::new(&sc.cache, 1, 1, &causal).unwrap();
     let k32 = vec![0.0f32; sc.cache.layout().cache_len()];
     let r = decode_answer(&s, &dec, &q, &k32, None);
     assert!(matches!(r, Err(Error::Unsupported(_))), "f32 cache: {r:?}");
-    let quest = dec.clone().with_policy(quest_policy(1, 16, 0)).unwrap();
-    let r = decode_answer(&s, &quest, &q, &sc.k_cache, Some((&sc.kmin, &sc.kmax)));
-    assert!(
-        matches!(r, Err(Error::Unsupported(_))),
-        "Quest over FP8: {r:?}"
-    );
     let half = scenario::<bf16>(&[40], 16, 1, 8, 1);
     let scaled = half.cache.clone().with_kv_scales(fp8_scales(1)).unwrap();
     let dec = PagedDecode::new(&scaled, 1, 1, &causal).unwrap();

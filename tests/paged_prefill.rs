@@ -7,8 +7,8 @@
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::reference::paged::paged_prefill_f64;
 use longattn::{
-    AttentionOptions, AttentionShape, Element, Error, FlashAttention, KvPages, PageTable,
-    PagedCache, PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, bf16, f16,
+    AttentionOptions, AttentionShape, Element, Error, F8E4M3, FlashAttention, KvPages, KvScales,
+    PageTable, PagedCache, PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, bf16, f16,
 };
 use std::sync::Arc;
 
@@ -537,10 +537,10 @@ fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
 
 /// Runs `pf` on the GPU into NaN-poisoned output and LSE, one-shot (`forward_gpu`) or
 /// through a plan (`plan_gpu` + `PagedPrefillPlan::forward`).
-fn run_gpu<T: Element + DeviceRepr>(
+fn run_gpu<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     pf: &PagedPrefill,
-    sc: &Scenario<T>,
+    sc: &Scenario<T, C>,
     q: &[T],
     planned: bool,
 ) -> (Vec<T>, Vec<f32>) {
@@ -549,10 +549,10 @@ fn run_gpu<T: Element + DeviceRepr>(
 }
 
 /// [`run_gpu`] with q/out strides `st`.
-fn run_gpu_strided<T: Element + DeviceRepr>(
+fn run_gpu_strided<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     pf: &PagedPrefill,
-    sc: &Scenario<T>,
+    sc: &Scenario<T, C>,
     q: &[T],
     st: Strides,
     planned: bool,
@@ -585,13 +585,23 @@ fn run_gpu_strided<T: Element + DeviceRepr>(
 }
 
 fn gpu_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
-    for ps in [1, 16, 64, 256] {
+    gpu_sweep_over::<T, T>(s, &[1, 16, 64, 256], &[1, 37, 64, 130], |_| None);
+}
+
+/// The prefill sweep over a cache of type `C` (`scales(heads_kv)` for an FP8 one).
+fn gpu_sweep_over<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    page_sizes: &[usize],
+    q_lens: &[usize],
+    scales: impl Fn(usize) -> Option<KvScales>,
+) {
+    for &ps in page_sizes {
         for (hkv, ratio, d) in [(2, 1, 128), (1, 4, 64), (2, 2, 256)] {
-            for q_len in [1, 37, 64, 130] {
+            for &q_len in q_lens {
                 let hq = hkv * ratio;
                 let seqlens = seqlens_for(q_len);
                 let seed = 4000 + ps as u64 + d as u64 * 3 + q_len as u64 * 5;
-                let sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
+                let sc = scenario_with::<T, C>(&seqlens, ps, hkv, d, seed, scales(hkv));
                 let q: Vec<T> = random_vec(&mut rng(seed + 1), seqlens.len() * q_len * hq * d);
                 let st = q_strides(q_len, hq, d);
                 for (name, opts) in prefill_masks() {
@@ -663,6 +673,20 @@ fn gpu_prefill_matches_reference_bf16() {
 fn gpu_prefill_matches_reference_f16() {
     let Some(s) = stream() else { return };
     gpu_sweep::<f16>(&s);
+}
+
+/// Paged prefill over an FP8 e4m3 cache (kernels not yet run on a GPU) against the f64
+/// reference of the dequantised cache; per-kv-head scales that saturate some values.
+#[test]
+fn gpu_fp8_prefill_matches_reference() {
+    let Some(s) = stream() else { return };
+    let scales = |hkv: usize| {
+        let k = (0..hkv).map(|g| 1.0 / (300.0 + 200.0 * g as f32)).collect();
+        let v = (0..hkv).map(|g| 1.0 / (700.0 - 150.0 * g as f32)).collect();
+        Some(KvScales::new(k, v).unwrap())
+    };
+    gpu_sweep_over::<bf16, F8E4M3>(&s, &[1, 16, 64], &[1, 37, 130], scales);
+    gpu_sweep_over::<f16, F8E4M3>(&s, &[16], &[64], scales);
 }
 
 /// A prefill plan captured once in a CUDA graph and replayed over fresh queries: no upload or

@@ -293,6 +293,15 @@ impl PagedCache {
     pub fn kv_scales(&self) -> Option<&KvScales> {
         self.kv_scales.as_ref()
     }
+    /// The `[2, heads_kv]` K then V scales the kernels read for an FP8 cache (ones without
+    /// [`KvScales`]).
+    #[cfg_attr(not(longattn_cuda), allow(dead_code))]
+    pub(crate) fn kv_scales_flat(&self) -> Vec<f32> {
+        match &self.kv_scales {
+            Some(s) => [s.k(), s.v()].concat(),
+            None => vec![1.0; 2 * self.layout.heads_kv],
+        }
+    }
     /// (k, v) scales of kv head `kvh` for a cache of element type `cache`: those set for an
     /// FP8 cache (1 when none are), 1 for any other type, which refuses scales.
     pub(crate) fn scales_for(&self, cache: DType) -> Result<Vec<(f32, f32)>> {

@@ -116,7 +116,7 @@ fn check_gpu_dtype(dtype: DType) -> Result<()> {
 
 /// The cache element types of the paged GPU kernels: the q type itself, or FP8 e4m3 (append
 /// and decode; the Quest kernel reads bounds of the q type), with scales only for FP8.
-fn check_gpu_cache(cache: &PagedCache, q: DType, kv: DType) -> Result<()> {
+pub(super) fn check_gpu_cache(cache: &PagedCache, q: DType, kv: DType) -> Result<()> {
     if kv != q && kv != DType::F8E4M3 {
         return Err(Error::Unsupported(format!(
             "a {kv} cache with {q} queries on the GPU: the cache holds the query type or f8e4m3"
@@ -233,20 +233,22 @@ impl PagedDecode {
     /// Quest scoring and top-B selection on the GPU (same selection as
     /// [`PagedDecode::select_cpu`]; scores may differ by float summation order). One-shot:
     /// builds a temporary plan; [`PagedDecodePlan::select`] reuses one.
-    pub fn select_gpu<T, I>(
+    pub fn select_gpu<T, C, I>(
         &self,
         stream: &Arc<CudaStream>,
         q: Strided<&I>,
-        meta: PageMeta<&CudaSlice<T>>,
+        meta: PageMeta<&CudaSlice<C>>,
     ) -> Result<GpuSelection>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
+        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        let () = cuda_call!(imp::select::<T, T, I>, &mut plan, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I>, &mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
@@ -254,8 +256,7 @@ impl PagedDecode {
     /// [`PagedDecode::forward_cpu`], on the device: q/out strides multiples of 8 elements,
     /// 16-byte aligned pointers, f16 or bf16, head_dim a multiple of 8 up to 256; the cache
     /// (type `C`) holds `T` or [`F8E4M3`](crate::F8E4M3) with the cache's
-    /// [`KvScales`](super::KvScales) (the FP8 kernels are **not yet run on a GPU**; Quest
-    /// heads need a `T` cache). Quest heads run the selection kernel first; the split count
+    /// [`KvScales`](super::KvScales) (the FP8 kernels are **not yet run on a GPU**). Quest heads run the selection kernel first; the split count
     /// is [`PagedDecode::splits_for`] the device's SM count. One-shot: builds a temporary
     /// [`PagedDecodePlan`] (table uploads and scratch allocation per call); engines calling
     /// decode per layer with the same tables should build the plan once with
@@ -313,15 +314,7 @@ impl PagedDecode {
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
         check_gpu_dims(&self.cache, T::DTYPE)?;
-        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
-        if self.needs_meta() && C::DTYPE != T::DTYPE {
-            return Err(Error::Unsupported(format!(
-                "Quest heads over a {} cache on the GPU: the selection kernel reads {} page                  bounds (the CPU path selects over any cache type)",
-                C::DTYPE,
-                T::DTYPE
-            )));
-        }
-        Ok(())
+        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)
     }
 }
 
@@ -373,24 +366,26 @@ impl PagedDecodePlan {
     /// [`PagedDecode::select_gpu`]), on the plan's stream; no copy, no allocation. Errors
     /// when the plan has no Quest heads (a decode plan allocates selection buffers only for
     /// them).
-    pub fn select<T, I>(
+    pub fn select<T, C, I>(
         &mut self,
         q: Strided<&I>,
-        meta: PageMeta<&CudaSlice<T>>,
+        meta: PageMeta<&CudaSlice<C>>,
     ) -> Result<GpuSelectionRef<'_>>
     where
         T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
         self.decode
             .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_dtype(T::DTYPE)?;
+        check_gpu_cache(&self.decode.cache, T::DTYPE, C::DTYPE)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "this plan has no Quest heads to select pages for".into(),
             ));
         }
-        let () = cuda_call!(imp::select::<T, T, I>, self, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I>, self, &q, &meta)?;
         Ok(self.selection().expect("checked above"))
     }
 
@@ -470,7 +465,7 @@ impl PagedDecodePlan {
 mod imp {
     use super::*;
     use crate::gpu::{
-        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
+        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, kv_params, la_dtype,
         ptr_mut_or_null, ptr_or_null,
     };
     use crate::layout::Strides;
@@ -547,7 +542,7 @@ mod imp {
         let block_table = stream.clone_htod(cache.block_table())?;
         let seqlens_k = stream.clone_htod(cache.seqlens_k())?;
         let head_kind = stream.clone_htod(&head_kinds(decode))?;
-        let kv_scales = stream.clone_htod(&scales_host(cache))?;
+        let kv_scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let quest = decode.needs_meta();
         let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
         let (lists, scores, splits, partial) = match what {
@@ -603,29 +598,6 @@ mod imp {
             append_cu: None,
             kv_scales,
         })
-    }
-
-    /// The `[2, heads_kv]` K then V scales the kernels read for an FP8 cache (ones without
-    /// [`KvScales`](crate::paged::KvScales)).
-    fn scales_host(cache: &PagedCache) -> Vec<f32> {
-        match cache.kv_scales() {
-            Some(s) => [s.k(), s.v()].concat(),
-            None => vec![1.0; 2 * cache.heads_kv()],
-        }
-    }
-
-    /// `kv_dtype` and `kv_scales` of the append and decode params for a cache of type `C`
-    /// (the scales pointer only for FP8; the kernels of a `T` cache never read it).
-    fn kv_params<C: Element>(scales: u64) -> (ffi::LaDtype, *const f32) {
-        let fp8 = C::DTYPE == DType::F8E4M3;
-        (
-            la_dtype(C::DTYPE),
-            if fp8 {
-                scales as *const f32
-            } else {
-                std::ptr::null()
-            },
-        )
     }
 
     /// Strides of a `[rows, heads, dim]` packed tensor checked for 16-byte vectors (the
@@ -721,7 +693,7 @@ mod imp {
         // Temporaries freed stream-ordered after the launch (see the module docs).
         let bt = stream.clone_htod(cache.block_table())?;
         let sl = stream.clone_htod(cache.seqlens_k())?;
-        let scales = stream.clone_htod(&scales_host(cache))?;
+        let scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let cu = stream.clone_htod(cu_seqlens_new)?;
         append_launch::<T, C, I, O>(
             cache,
@@ -783,8 +755,8 @@ mod imp {
         )
     }
 
-    /// Runs the Quest kernel into the plan's scores, page lists and counts. The bounds'
-    /// type `C` is the q type `T` (checked by every caller; the kernel reads both as `T`).
+    /// Runs the Quest kernel into the plan's scores, page lists and counts; the bounds are
+    /// of the cache's type `C` (`T` or FP8, checked by every caller).
     pub(super) fn select<T, C, I>(
         plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
@@ -795,13 +767,6 @@ mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
     {
-        if C::DTYPE != T::DTYPE {
-            return Err(Error::Unsupported(format!(
-                "Quest selection on the GPU over {} bounds with {} queries",
-                C::DTYPE,
-                T::DTYPE
-            )));
-        }
         let PagedDecodePlan {
             decode,
             stream,
@@ -810,6 +775,7 @@ mod imp {
             head_kind,
             lists,
             scores,
+            kv_scales,
             ..
         } = plan;
         let (Some(scores), Some((page_list, page_count))) = (scores.as_mut(), lists.as_mut())
@@ -830,6 +796,8 @@ mod imp {
         let (sc, _s7) = scores.device_ptr_mut(stream);
         let (pl, _s8) = page_list.device_ptr_mut(stream);
         let (pc, _s9) = page_count.device_ptr_mut(stream);
+        let (ks, _s10) = kv_scales.device_ptr(stream);
+        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let (wl, wr) = decode.base_mask().window.to_flash();
         let quest = decode.policy().quest;
         let params = ffi::LaQuestParams {
@@ -852,8 +820,8 @@ mod imp {
             window_right: wr as i32,
             sinks: decode.base_mask().sinks as i32,
             dtype: la_dtype(T::DTYPE),
-            kv_dtype: la_dtype(T::DTYPE),
-            kv_scales: std::ptr::null(),
+            kv_dtype,
+            kv_scales,
         };
         // SAFETY: q extent and the metadata length were validated; the kernel writes only
         // within the plan's [batch, heads_kv, max_pages_per_seq] buffers (Quest heads' rows
@@ -879,7 +847,6 @@ mod imp {
     {
         if plan.decode.needs_meta() {
             let m = meta.as_ref().expect("validated: Quest heads have metadata");
-            // Validated: Quest heads on the GPU have bounds of the q type (C == T).
             select::<T, C, Q>(plan, &q, m)?;
         }
         let PagedDecodePlan {

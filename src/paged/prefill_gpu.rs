@@ -1,8 +1,8 @@
 //! GPU entry point of paged prefill: `PagedPrefill::forward_gpu`, the tensor-core kernel in
 //! `kernels/paged_prefill.cu`. Its previous version passed the GPU tests and memcheck on an
 //! H200 (sm_90a build, 2026-12-04); the current `load_kv` (table reads before copies,
-//! FastDiv) is **not yet verified on a GPU**, nor is the sm_80 build. Reachable only through
-//! this explicit call (nothing picks it automatically).
+//! FastDiv) is **not yet verified on a GPU**, nor is the sm_80 build, nor the FP8 (e4m3)
+//! cache kernels. Reachable only through this explicit call (nothing picks it automatically).
 //!
 //! Stream ordering: `forward_gpu` uploads the block table and `seqlens_k` to temporaries on
 //! the caller's stream and queues the kernel after them on the same stream; cudarc frees the
@@ -31,25 +31,31 @@ impl PagedPrefill {
     /// table and `seqlens_k` on every call. Every argument is validated before any device
     /// pointer is taken.
     ///
+    /// The cache (type `C`) holds `T`, or [`F8E4M3`](crate::F8E4M3) with the cache's
+    /// [`KvScales`](super::KvScales) (dequantised in the kernel).
+    ///
     /// Not yet verified on a GPU in its current form (the previous kernel was, on an H200,
-    /// 2026-12-04; see the README): an explicit opt-in, never chosen automatically.
-    pub fn forward_gpu<T, I, O>(
+    /// 2026-12-04; the FP8 kernels never ran; see the README): an explicit opt-in, never
+    /// chosen automatically.
+    pub fn forward_gpu<T, C, Q, K, O>(
         &self,
         stream: &Arc<CudaStream>,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
-        self.check_gpu_call::<T>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
+        self.check_gpu_call::<T, C>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
         let tables = PrefillTables::upload(self, stream)?;
         cuda_call!(
-            imp::forward::<T, I, O>,
+            imp::forward::<T, C, Q, K, O>,
             self,
             &tables,
             stream,
@@ -73,15 +79,16 @@ impl PagedPrefill {
 
     /// Every check of a GPU call that needs no device pointer: the buffers (as the CPU path),
     /// then what the kernel supports.
-    fn check_gpu_call<T: Element>(
+    fn check_gpu_call<T: Element, C: Element>(
         &self,
         q: (usize, &Strides),
-        kv: &KvPages<&impl DeviceBuffer<T>>,
+        kv: &KvPages<&impl DeviceBuffer<C>>,
         out: (usize, &Strides),
         lse_len: Option<usize>,
     ) -> Result<()> {
         self.check_forward(q, out, lse_len, (kv.k.len(), kv.v.len()))?;
-        self.check_gpu(T::DTYPE)
+        self.check_gpu(T::DTYPE)?;
+        super::gpu::check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)
     }
 
     /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
@@ -126,23 +133,25 @@ impl PagedPrefillPlan {
 
     /// [`PagedPrefill::forward_gpu`] without the per-call table uploads: validation (host
     /// only) and one launch on `stream`.
-    pub fn forward<T, I, O>(
+    pub fn forward<T, C, Q, K, O>(
         &self,
         stream: &Arc<CudaStream>,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         let pf = &self.pf;
-        pf.check_gpu_call::<T>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
+        pf.check_gpu_call::<T, C>(q.extent(), &kv, out.extent(), lse.as_ref().map(|l| l.len()))?;
         cuda_call!(
-            imp::forward::<T, I, O>,
+            imp::forward::<T, C, Q, K, O>,
             pf,
             &self.tables,
             stream,
@@ -155,12 +164,14 @@ impl PagedPrefillPlan {
 }
 
 /// Device copies of a prefill's block table (`[batch, max_pages_per_seq]`), `seqlens_k`
-/// (`[batch]`) and, varlen, `cu_seqlens_q` (`[batch + 1]`).
+/// (`[batch]`), the cache's `[2, heads_kv]` FP8 scales and, varlen, `cu_seqlens_q`
+/// (`[batch + 1]`).
 #[derive(Debug)]
 #[cfg_attr(not(longattn_cuda), allow(dead_code))]
 struct PrefillTables {
     block_table: CudaSlice<i32>,
     seqlens_k: CudaSlice<i32>,
+    kv_scales: CudaSlice<f32>,
     cu_seqlens_q: Option<CudaSlice<i32>>,
 }
 
@@ -170,6 +181,7 @@ impl PrefillTables {
         Ok(PrefillTables {
             block_table: stream.clone_htod(cache.block_table())?,
             seqlens_k: stream.clone_htod(cache.seqlens_k())?,
+            kv_scales: stream.clone_htod(&cache.kv_scales_flat())?,
             cu_seqlens_q: match pf.cu_seqlens_q() {
                 Some(cu) => Some(stream.clone_htod(cu)?),
                 None => None,
@@ -183,7 +195,7 @@ mod imp {
     use super::*;
     use crate::gpu::ptr_mut_or_null;
     use crate::gpu::{
-        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, la_dtype,
+        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, kv_params, la_dtype,
     };
     use cudarc::driver::DevicePtr;
 
@@ -192,18 +204,20 @@ mod imp {
         "PREFILL_ROWS_PER_BLOCK must equal LA_PAGED_PREFILL_ROWS (paged_prefill.h)"
     );
 
-    pub(super) fn forward<T, I, O>(
+    pub(super) fn forward<T, C, Q, K, O>(
         pf: &PagedPrefill,
         tables: &PrefillTables,
         stream: &Arc<CudaStream>,
-        q: Strided<&I>,
-        kv: KvPages<&I>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
-        I: DeviceBuffer<T>,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
         let cache = pf.cache();
@@ -220,6 +234,8 @@ mod imp {
         let (bt, _s6) = tables.block_table.device_ptr(stream);
         let (sl, _s7) = tables.seqlens_k.device_ptr(stream);
         let (cu, _s8) = crate::gpu::ptr_or_null(tables.cu_seqlens_q.as_ref(), stream);
+        let (ks, _s9) = tables.kv_scales.device_ptr(stream);
+        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let (wl, wr) = pf.mask().window.to_flash();
         let params = ffi::LaPagedPrefillParams {
             cache: ffi::LaPagedCache {
@@ -254,8 +270,8 @@ mod imp {
             scale: pf.scale(),
             softcap: pf.softcap().unwrap_or(0.0),
             dtype: la_dtype(T::DTYPE),
-            kv_dtype: la_dtype(T::DTYPE),
-            kv_scales: std::ptr::null(),
+            kv_dtype,
+            kv_scales,
         };
         // SAFETY: q/out extents, the LSE length, the cache lengths and every page id below
         // seqlens_k were validated on the host; the kernel reads q and the cache and writes
