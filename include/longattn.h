@@ -162,6 +162,29 @@ longattn_status longattn_paged_decode_cuda(const longattn_paged_desc *desc, long
                                            longattn_tensor_mut out, float *lse, size_t lse_len,
                                            int32_t device, void *stream);
 
+/* Paged prefill (chunked prefill, prefix caching): desc->q_len new query tokens per
+ * sequence, or with cu_seqlens_q ([batch + 1] host offsets, NULL for fixed q_len) packed
+ * rows q, out: [total_q, heads_q, head_dim]; the cache already holds the new tokens
+ * (seqlens_k counts them). Dense attention over each sequence's gathered tokens with the
+ * descriptor's window as given (-1 unbounded; causal is (-1, 0), bottom-right aligned).
+ * lse: [batch, heads_q, q_len], or [heads_q, total_q] with cu_seqlens_q. */
+longattn_status longattn_paged_prefill_sizes(const longattn_paged_desc *desc,
+                                             const int32_t *cu_seqlens_q, size_t *cache_len,
+                                             size_t *out_len, size_t *lse_len);
+longattn_status longattn_paged_prefill_cpu(const longattn_paged_desc *desc,
+                                           const int32_t *cu_seqlens_q, longattn_dtype dtype,
+                                           longattn_tensor q, const void *k_cache,
+                                           const void *v_cache, size_t cache_len,
+                                           longattn_tensor_mut out, float *lse, size_t lse_len);
+/* On the GPU (device buffers as longattn_paged_decode_cuda; f16 or bf16, head_dim 64, 128 or
+ * 256). The kernel's current version is not yet verified on a GPU. */
+longattn_status longattn_paged_prefill_cuda(const longattn_paged_desc *desc,
+                                            const int32_t *cu_seqlens_q, longattn_dtype dtype,
+                                            longattn_tensor q, const void *k_cache,
+                                            const void *v_cache, size_t cache_len,
+                                            longattn_tensor_mut out, float *lse, size_t lse_len,
+                                            int32_t device, void *stream);
+
 /* An FP8 e4m3 paged cache (docs/semantics.md, "FP8 KV cache": OCP e4m3fn, max 448):
  * k_cache, v_cache hold cache_len e4m3 bytes each ([num_pages, page_size, heads_kv,
  * head_dim]); a stored value means value * k_scales[kv head] (keys) or value *

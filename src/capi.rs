@@ -12,7 +12,9 @@ use crate::element::{Element, F8E4M3};
 use crate::error::Error;
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
-use crate::paged::{KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout};
+use crate::paged::{
+    KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+};
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::ffi::{CString, c_char};
@@ -724,6 +726,24 @@ unsafe fn paged_problem_with(
     desc: *const CPagedDesc,
     scales: Option<KvScales>,
 ) -> Result<PagedDecode, CallError> {
+    // SAFETY: forwarded contract.
+    let (desc, cache, options) = unsafe { paged_parts(desc, scales) }?;
+    Ok(PagedDecode::new(
+        &cache,
+        desc.heads_q,
+        desc.q_len,
+        &options,
+    )?)
+}
+
+/// The descriptor, its validated cache (with `scales`) and its options (window as given).
+///
+/// # Safety
+/// As [`paged_problem`].
+unsafe fn paged_parts<'a>(
+    desc: *const CPagedDesc,
+    scales: Option<KvScales>,
+) -> Result<(&'a CPagedDesc, PagedCache, AttentionOptions), CallError> {
     // SAFETY: NULL or valid by the contract.
     let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
     let entries = desc
@@ -764,12 +784,7 @@ unsafe fn paged_problem_with(
     if desc.softcap != 0.0 {
         options = options.with_softcap(desc.softcap);
     }
-    Ok(PagedDecode::new(
-        &cache,
-        desc.heads_q,
-        desc.q_len,
-        &options,
-    )?)
+    Ok((desc, cache, options))
 }
 
 /// `longattn_paged_sizes()`: elements of a cache buffer, the output and the LSE.
@@ -799,11 +814,50 @@ pub unsafe extern "C" fn longattn_paged_sizes(
     })
 }
 
+/// A validated paged call of the C API: a decode step or a prefill over the cache.
+enum PagedOp {
+    Decode(PagedDecode),
+    Prefill(PagedPrefill),
+}
+
+impl PagedOp {
+    fn forward_cpu<T: Element, C: Element>(
+        &self,
+        q: Strided<&[T]>,
+        kv: KvPages<&[C]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> crate::Result<()> {
+        match self {
+            PagedOp::Decode(d) => d.forward_cpu(q, kv, None, out, lse),
+            PagedOp::Prefill(p) => p.forward_cpu(q, kv, out, lse),
+        }
+    }
+
+    fn forward_gpu<T, C>(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        q: Strided<&cudarc::driver::CudaSlice<T>>,
+        kv: KvPages<&cudarc::driver::CudaSlice<C>>,
+        out: Strided<&mut cudarc::driver::CudaSlice<T>>,
+        lse: Option<&mut dyn crate::DeviceBufferMut<f32>>,
+    ) -> crate::Result<()>
+    where
+        T: Element + cudarc::driver::DeviceRepr,
+        C: Element + cudarc::driver::DeviceRepr,
+    {
+        match self {
+            PagedOp::Decode(d) => d.forward_gpu(stream, q, kv, None, out, lse),
+            PagedOp::Prefill(p) => p.forward_gpu(stream, q, kv, out, lse),
+        }
+    }
+}
+
 /// # Safety
 /// As [`longattn_paged_decode_cpu`], with `T` the element type of `dtype`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn paged_cpu_typed<T: Element, C: Element>(
-    decode: &PagedDecode,
+    op: &PagedOp,
     q: CTensor,
     (k_cache, v_cache, cache_len): (*const std::ffi::c_void, *const std::ffi::c_void, usize),
     out: CTensorMut,
@@ -828,10 +882,9 @@ unsafe fn paged_cpu_typed<T: Element, C: Element>(
             host_slice_mut::<T>(out.data, out.len, "out")?,
         )
     };
-    decode.forward_cpu(
+    op.forward_cpu(
         Strided::new(q_s, strides(q.strides)),
         KvPages { k: k_s, v: v_s },
-        None,
         Strided::new(out_s, strides(out.strides)),
         lse,
     )?;
@@ -859,13 +912,10 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
-        let decode = unsafe { paged_problem(desc) }?;
-        // SAFETY: NULL or `lse_len` writable floats by the contract.
-        let lse = unsafe { lse_slice(lse, lse_len) }?;
+        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?);
+        let kv = (k_cache, v_cache, cache_len);
         // SAFETY: buffers as documented for `dtype`.
-        unsafe {
-            with_dtype!(dtype, T => paged_cpu_typed::<T, T>(&decode, q, (k_cache, v_cache, cache_len), out, lse))
-        }
+        unsafe { paged_cpu_entry(&op, dtype, q, (kv, false), out, (lse, lse_len)) }
     })
 }
 
@@ -873,7 +923,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
 /// As [`longattn_paged_decode_cuda`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn paged_cuda_typed<T, C>(
-    decode: &PagedDecode,
+    op: &PagedOp,
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
     q: CTensor,
     (k_cache, v_cache, cache_len): (*const std::ffi::c_void, *const std::ffi::c_void, usize),
@@ -897,18 +947,82 @@ where
         .lse
         .as_mut()
         .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
-    decode.forward_gpu(
+    op.forward_gpu(
         stream,
         Strided::new(bq.get(), strides(q.strides)),
         KvPages {
             k: bk.get(),
             v: bv.get(),
         },
-        None,
         Strided::new(call.out.get_mut(), strides(out.strides)),
         lse_slice,
     )?;
     Ok(())
+}
+
+/// A paged C call on host buffers: `op` over the cache `kv` (`C` = the q type, or e4m3 with
+/// `fp8`), dispatched on `dtype`.
+///
+/// # Safety
+/// As [`longattn_paged_decode_cpu`] (or its FP8 / prefill twins) for the buffers.
+unsafe fn paged_cpu_entry(
+    op: &PagedOp,
+    dtype: DTypeCode,
+    q: CTensor,
+    (kv, fp8): (
+        (*const std::ffi::c_void, *const std::ffi::c_void, usize),
+        bool,
+    ),
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+) -> Result<(), CallError> {
+    // SAFETY: NULL or `lse_len` writable floats by the contract.
+    let lse = unsafe { lse_slice(lse, lse_len) }?;
+    // SAFETY: buffers as documented for `dtype` (and e4m3 bytes with `fp8`).
+    unsafe {
+        match fp8 {
+            true => with_dtype!(dtype, T => paged_cpu_typed::<T, F8E4M3>(op, q, kv, out, lse)),
+            false => with_dtype!(dtype, T => paged_cpu_typed::<T, T>(op, q, kv, out, lse)),
+        }
+    }
+}
+
+/// A paged C call on device buffers of GPU `device`, queued on `stream` (as
+/// [`paged_cpu_entry`]; every pointer checked non-NULL before the GPU is opened).
+///
+/// # Safety
+/// As [`longattn_paged_decode_cuda`] (or its FP8 / prefill twins) for the buffers.
+unsafe fn paged_cuda_entry(
+    op: &PagedOp,
+    dtype: DTypeCode,
+    q: CTensor,
+    (kv, fp8): (
+        (*const std::ffi::c_void, *const std::ffi::c_void, usize),
+        bool,
+    ),
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+    (device, stream): (i32, *mut std::ffi::c_void),
+) -> Result<(), CallError> {
+    let buffers = [
+        (q.data, "q"),
+        (kv.0, "k_cache"),
+        (kv.1, "v_cache"),
+        (out.data, "out"),
+    ];
+    // SAFETY: NULL or a live stream of that device's primary context by the contract.
+    let stream = unsafe { caller_stream(&buffers, device, stream) }?;
+    // SAFETY: device buffers as documented for `dtype` (and e4m3 bytes with `fp8`).
+    unsafe {
+        match fp8 {
+            true => {
+                with_dtype!(dtype, T => paged_cuda_typed::<T, F8E4M3>(op, &stream, q, kv, out, lse, lse_len))
+            }
+            false => {
+                with_dtype!(dtype, T => paged_cuda_typed::<T, T>(op, &stream, q, kv, out, lse, lse_len))
+            }
+        }
+    }
 }
 
 /// `longattn_paged_decode_cuda()`: paged decode on device buffers of GPU `device`, queued on
@@ -936,19 +1050,11 @@ pub unsafe extern "C" fn longattn_paged_decode_cuda(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
-        let decode = unsafe { paged_problem(desc) }?;
-        let buffers = [
-            (q.data, "q"),
-            (k_cache, "k_cache"),
-            (v_cache, "v_cache"),
-            (out.data, "out"),
-        ];
-        // SAFETY: NULL or a live stream of that device's primary context by the contract.
-        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
-        // SAFETY: device buffers as documented for `dtype`.
-        unsafe {
-            with_dtype!(dtype, T => paged_cuda_typed::<T, T>(&decode, &stream, q, (k_cache, v_cache, cache_len), out, lse, lse_len))
-        }
+        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?);
+        let kv = (k_cache, v_cache, cache_len);
+        let gpu = (device, stream);
+        // SAFETY: device buffers and stream as documented for `dtype`.
+        unsafe { paged_cuda_entry(&op, dtype, q, (kv, false), out, (lse, lse_len), gpu) }
     })
 }
 
@@ -1023,12 +1129,10 @@ pub unsafe extern "C" fn longattn_paged_decode_fp8_cpu(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor and scales by the contract.
-        let decode = unsafe { fp8_problem(desc, &cache) }?;
-        // SAFETY: NULL or `lse_len` writable floats by the contract.
-        let lse = unsafe { lse_slice(lse, lse_len) }?;
+        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?);
         let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
         // SAFETY: buffers as documented.
-        unsafe { with_dtype!(dtype, T => paged_cpu_typed::<T, F8E4M3>(&decode, q, kv, out, lse)) }
+        unsafe { paged_cpu_entry(&op, dtype, q, (kv, true), out, (lse, lse_len)) }
     })
 }
 
@@ -1054,20 +1158,11 @@ pub unsafe extern "C" fn longattn_paged_decode_fp8_cuda(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor and scales by the contract.
-        let decode = unsafe { fp8_problem(desc, &cache) }?;
-        let buffers = [
-            (q.data, "q"),
-            (cache.k_cache, "k_cache"),
-            (cache.v_cache, "v_cache"),
-            (out.data, "out"),
-        ];
-        // SAFETY: NULL or a live stream of that device's primary context by the contract.
-        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
+        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?);
         let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
-        // SAFETY: device buffers as documented.
-        unsafe {
-            with_dtype!(dtype, T => paged_cuda_typed::<T, F8E4M3>(&decode, &stream, q, kv, out, lse, lse_len))
-        }
+        let gpu = (device, stream);
+        // SAFETY: device buffers and stream as documented.
+        unsafe { paged_cuda_entry(&op, dtype, q, (kv, true), out, (lse, lse_len), gpu) }
     })
 }
 
@@ -1106,5 +1201,133 @@ pub unsafe extern "C" fn longattn_fp8_quantize(
             *d = F8E4M3::from_f32(x / scale).to_bits();
         }
         Ok(())
+    })
+}
+
+/// The validated paged prefill of `desc` (its window as given: `-1` unbounded, causal is
+/// `(-1, 0)`): `desc.q_len` rows per sequence, or with `cu_seqlens_q` (`batch + 1` offsets)
+/// packed rows of varying counts.
+///
+/// # Safety
+/// As [`paged_problem`]; `cu_seqlens_q` NULL or `batch + 1` readable values.
+unsafe fn prefill_problem(
+    desc: *const CPagedDesc,
+    cu_seqlens_q: *const i32,
+) -> Result<PagedPrefill, CallError> {
+    // SAFETY: forwarded contract.
+    let (desc, cache, options) = unsafe { paged_parts(desc, None) }?;
+    if cu_seqlens_q.is_null() {
+        return Ok(PagedPrefill::new(
+            &cache,
+            desc.heads_q,
+            desc.q_len,
+            &options,
+        )?);
+    }
+    let n = desc
+        .batch
+        .checked_add(1)
+        .ok_or_else(|| Error::Shape("batch + 1 overflows".into()))?;
+    // SAFETY: `batch + 1` values by the contract.
+    let cu = unsafe { table(cu_seqlens_q, n, "cu_seqlens_q") }?;
+    Ok(PagedPrefill::new_varlen(
+        &cache,
+        desc.heads_q,
+        cu,
+        &options,
+    )?)
+}
+
+/// `longattn_paged_prefill_sizes()`: elements of a cache buffer, the output and the LSE of a
+/// paged prefill.
+///
+/// # Safety
+/// As [`longattn_paged_prefill_cpu`] for `desc` and `cu_seqlens_q`; the outputs are NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn longattn_paged_prefill_sizes(
+    desc: *const CPagedDesc,
+    cu_seqlens_q: *const i32,
+    cache_len: *mut usize,
+    out_len: *mut usize,
+    lse_len: *mut usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor and offsets by the contract.
+        let pf = unsafe { prefill_problem(desc, cu_seqlens_q) }?;
+        let cache = pf.cache().layout().cache_len();
+        // SAFETY: NULL or writable by the contract.
+        unsafe {
+            write_sizes(&[
+                (cache_len, cache),
+                (out_len, pf.out_len()),
+                (lse_len, pf.lse_len()),
+            ])
+        };
+        Ok(())
+    })
+}
+
+/// `longattn_paged_prefill_cpu()`: attention of new query tokens over their sequences' paged
+/// K/V (chunked prefill, prefix caching; the cache already holds the new tokens), on host
+/// buffers: dense attention over the gathered tokens.
+///
+/// # Safety
+/// `desc` is a valid descriptor; `cu_seqlens_q` NULL or `batch + 1` readable offsets; `q`
+/// and `out` hold `len` elements of `dtype` (`out` writable, not overlapping the inputs);
+/// `k_cache` and `v_cache` hold `cache_len` elements; `lse`, when not NULL, `lse_len`
+/// writable floats.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_paged_prefill_cpu(
+    desc: *const CPagedDesc,
+    cu_seqlens_q: *const i32,
+    dtype: DTypeCode,
+    q: CTensor,
+    k_cache: *const std::ffi::c_void,
+    v_cache: *const std::ffi::c_void,
+    cache_len: usize,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor and offsets by the contract.
+        let op = PagedOp::Prefill(unsafe { prefill_problem(desc, cu_seqlens_q) }?);
+        let kv = (k_cache, v_cache, cache_len);
+        // SAFETY: buffers as documented for `dtype`.
+        unsafe { paged_cpu_entry(&op, dtype, q, (kv, false), out, (lse, lse_len)) }
+    })
+}
+
+/// `longattn_paged_prefill_cuda()`: [`longattn_paged_prefill_cpu`] on device buffers of GPU
+/// `device`, queued on `stream` (as [`longattn_paged_decode_cuda`]; f16 or bf16, head_dim
+/// 64/128/256). The paged prefill kernel's current version is **not yet verified on a GPU**.
+///
+/// # Safety
+/// As [`longattn_paged_decode_cuda`], with `cu_seqlens_q` NULL or `batch + 1` host offsets.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_paged_prefill_cuda(
+    desc: *const CPagedDesc,
+    cu_seqlens_q: *const i32,
+    dtype: DTypeCode,
+    q: CTensor,
+    k_cache: *const std::ffi::c_void,
+    v_cache: *const std::ffi::c_void,
+    cache_len: usize,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor and offsets by the contract.
+        let op = PagedOp::Prefill(unsafe { prefill_problem(desc, cu_seqlens_q) }?);
+        let kv = (k_cache, v_cache, cache_len);
+        let gpu = (device, stream);
+        // SAFETY: device buffers and stream as documented for `dtype`.
+        unsafe { paged_cuda_entry(&op, dtype, q, (kv, false), out, (lse, lse_len), gpu) }
     })
 }

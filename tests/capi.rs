@@ -921,3 +921,131 @@ fn c_api_fp8_cache() {
     };
     assert_eq!(st, 9, "{}", last_error());
 }
+
+/// The paged prefill C entry points equal the Rust API bit for bit (fixed `q_len` and varlen
+/// `cu_seqlens_q`), size queries agree, bad offsets and NULL pointers are refused with their
+/// codes, and the CUDA entry point refuses before touching a GPU.
+#[test]
+fn c_api_paged_prefill() {
+    let c = paged_case(31);
+    let d = CPagedDesc {
+        window_right: 0, // causal
+        ..c.desc
+    };
+    let (table, seqlens) = (&c._tables.0, &c._tables.1);
+    let layout = PagedLayout {
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        heads_kv: d.heads_kv,
+        head_dim: d.head_dim,
+    };
+    let pt = PageTable {
+        block_table: table,
+        max_pages_per_seq: d.max_pages_per_seq,
+        seqlens_k: seqlens,
+    };
+    let cache = PagedCache::new(layout, pt).unwrap();
+    let opts = AttentionOptions::causal();
+    // Varlen rows: 2, 0, 1 (each at most its sequence's keys).
+    let cu = [0i32, 2, 2, 3];
+    for varlen in [false, true] {
+        let cu_ptr = if varlen { cu.as_ptr() } else { ptr::null() };
+        let pf = if varlen {
+            PagedPrefill::new_varlen(&cache, d.heads_q, &cu, &opts).unwrap()
+        } else {
+            PagedPrefill::new(&cache, d.heads_q, d.q_len, &opts).unwrap()
+        };
+        let (mut cache_len, mut out_len, mut lse_len) = (0, 0, 0);
+        // SAFETY: valid descriptor and offsets, writable outputs.
+        let st = unsafe {
+            longattn_paged_prefill_sizes(&d, cu_ptr, &mut cache_len, &mut out_len, &mut lse_len)
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        assert_eq!((out_len, lse_len), (pf.out_len(), pf.lse_len()));
+        let rows = if varlen { 3 } else { d.batch * d.q_len };
+        let qs = if varlen {
+            Strides::contiguous(rows, d.heads_q, d.head_dim)
+        } else {
+            Strides::contiguous(d.q_len, d.heads_q, d.head_dim)
+        };
+        let q = &c.q[..rows * d.heads_q * d.head_dim];
+        let mut out = vec![f32::NAN; out_len];
+        let mut lse = vec![f32::NAN; lse_len];
+        // SAFETY: buffers sized by longattn_paged_prefill_sizes; distinct allocations.
+        let st = unsafe {
+            longattn_paged_prefill_cpu(
+                &d,
+                cu_ptr,
+                0,
+                tensor(q, qs),
+                c.k_cache.as_ptr().cast(),
+                c.v_cache.as_ptr().cast(),
+                cache_len,
+                tensor_mut(&mut out, qs),
+                lse.as_mut_ptr(),
+                lse.len(),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "varlen {varlen}: {}", last_error());
+        let mut want = vec![f32::NAN; out_len];
+        let mut want_lse = vec![f32::NAN; lse_len];
+        pf.forward_cpu(
+            Strided::new(q, qs),
+            KvPages {
+                k: &c.k_cache[..],
+                v: &c.v_cache[..],
+            },
+            Strided::new(&mut want[..], qs),
+            Some(&mut want_lse[..]),
+        )
+        .unwrap();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(
+            same(&out, &want) && same(&lse, &want_lse),
+            "varlen {varlen}"
+        );
+    }
+    // Refused: offsets that do not start at 0, a NULL cache pointer (CPU and CUDA).
+    let bad_cu = [1i32, 2, 2, 3];
+    let (mut a, mut b, mut e) = (0, 0, 0);
+    // SAFETY: valid descriptor and 4 offsets.
+    let st = unsafe { longattn_paged_prefill_sizes(&d, bad_cu.as_ptr(), &mut a, &mut b, &mut e) };
+    assert_ne!(st, LONGATTN_OK);
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![0.0f32; c.q.len()];
+    let n = c.k_cache.len();
+    // SAFETY: a NULL cache pointer is refused before any read.
+    let st = unsafe {
+        longattn_paged_prefill_cpu(
+            &d,
+            ptr::null(),
+            0,
+            tensor(&c.q, qs),
+            ptr::null(),
+            c.v_cache.as_ptr().cast(),
+            n,
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, 9, "{}", last_error());
+    // SAFETY: as above, before the GPU is opened.
+    let st = unsafe {
+        longattn_paged_prefill_cuda(
+            &d,
+            ptr::null(),
+            2,
+            tensor(&c.q, qs),
+            ptr::null(),
+            c.v_cache.as_ptr().cast(),
+            n,
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+            0,
+            ptr::null_mut(),
+        )
+    };
+    assert_eq!(st, 9, "{}", last_error());
+}
