@@ -393,6 +393,7 @@ fn paged_decode_cuda(
         (flat, vec![rows, max_pages]),
         seqlens_k,
         &opts,
+        None,
     )?;
     let (qs, os) = (strides4("q", &cq, false)?, strides4("out", &co, false)?);
     let s = stream_for(device, stream, &cq)?;

@@ -10,9 +10,9 @@
 mod cuda;
 
 use longattn::{
-    AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
-    NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode, PagedLayout, SeqLens,
-    Strided, Strides, Window, f16,
+    AttentionOptions, AttentionShape, Element, F8E4M3, FlashAttention, KvPages, KvScales,
+    NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode,
+    PagedLayout, SeqLens, Strided, Strides, Window, f16,
 };
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -254,6 +254,7 @@ pub(crate) fn decode_problem(
     block_table: (Vec<i32>, Vec<usize>),
     seqlens_k: Vec<i32>,
     opts: &AttentionOptions,
+    scales: Option<KvScales>,
 ) -> PyResult<PagedDecode> {
     let [b, q_len, hq, d] = dims_n::<4>("q", q_dims)?;
     let [num_pages, page_size, hkv, dk] = dims_n::<4>("k_cache", cache_dims)?;
@@ -278,9 +279,36 @@ pub(crate) fn decode_problem(
         seqlens_k: &seqlens_k,
     };
     let cache = PagedCache::new(layout, table).map_err(err)?;
+    let cache = match scales {
+        Some(s) => cache.with_kv_scales(s).map_err(err)?,
+        None => cache,
+    };
     PagedDecode::new(&cache, hq, q_len, opts).map_err(err)
 }
 
+/// A cache array as the decode reads it: elements of q's type `T`, or FP8 e4m3 codes (from a
+/// `uint8` array).
+enum CacheData<T> {
+    Same(Vec<T>),
+    Fp8(Vec<F8E4M3>),
+}
+
+fn cache_array<T: numpy::Element + Copy>(
+    name: &str,
+    a: &Bound<'_, PyAny>,
+    fp8: bool,
+) -> PyResult<(CacheData<T>, Vec<usize>)> {
+    if fp8 {
+        let h = host::<u8>(name, a)?;
+        let codes = h.data.into_iter().map(F8E4M3::from_bits).collect();
+        Ok((CacheData::Fp8(codes), h.dims))
+    } else {
+        let h = host::<T>(name, a)?;
+        Ok((CacheData::Same(h.data), h.dims))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn paged_impl<'py, T: Element + numpy::Element>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
@@ -289,49 +317,70 @@ fn paged_impl<'py, T: Element + numpy::Element>(
     block_table: &Bound<'py, PyAny>,
     seqlens_k: &Bound<'py, PyAny>,
     opts: AttentionOptions,
+    scales: Option<KvScales>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let q = host::<T>("q", q)?;
-    let (k, v) = (
-        host::<T>("k_cache", k_cache)?,
-        host::<T>("v_cache", v_cache)?,
-    );
-    if k.dims != v.dims {
+    // A uint8 cache holds e4m3 codes (torch.float8_e4m3fn viewed as uint8).
+    let fp8 = k_cache.extract::<PyReadonlyArrayDyn<u8>>().is_ok();
+    let (k, k_dims) = cache_array::<T>("k_cache", k_cache, fp8)?;
+    let (v, v_dims) = cache_array::<T>("v_cache", v_cache, fp8)?;
+    if k_dims != v_dims {
         return Err(PyValueError::new_err(
-            "k_cache and v_cache must have the same shape",
+            "k_cache and v_cache must have the same shape and dtype",
         ));
     }
     let decode = decode_problem(
         &q.dims,
-        &k.dims,
+        &k_dims,
         ints("block_table", block_table)?,
         ints("seqlens_k", seqlens_k)?.0,
         &opts,
+        scales,
     )?;
     let [_, q_len, hq, d] = dims_n::<4>("q", &q.dims)?;
     let qs = Strides::contiguous(q_len, hq, d);
     let mut out = vec![T::default(); decode.out_len()];
-    py.detach(|| {
-        decode.forward_cpu(
-            Strided::new(&q.data[..], qs),
+    let (qd, od) = (
+        Strided::new(&q.data[..], qs),
+        Strided::new(&mut out[..], qs),
+    );
+    py.detach(|| match (&k, &v) {
+        (CacheData::Same(k), CacheData::Same(v)) => decode.forward_cpu(
+            qd,
             KvPages {
-                k: &k.data[..],
-                v: &v.data[..],
+                k: &k[..],
+                v: &v[..],
             },
             None,
-            Strided::new(&mut out[..], qs),
+            od,
             None,
-        )
+        ),
+        (CacheData::Fp8(k), CacheData::Fp8(v)) => decode.forward_cpu(
+            qd,
+            KvPages {
+                k: &k[..],
+                v: &v[..],
+            },
+            None,
+            od,
+            None,
+        ),
+        _ => Err(longattn::Error::Shape(
+            "k_cache and v_cache must have the same dtype".into(),
+        )),
     })
     .map_err(err)?;
     to_py(py, out, &q.dims)
 }
 
 /// Decode over a paged KV cache on numpy arrays (CPU): `q (b, q_len, hq, d)` new tokens,
-/// `k_cache, v_cache (num_pages, page_size, hkv, d)`, `block_table (b, max_pages)` int32,
-/// `seqlens_k (b,)` int32 counting the new tokens. Causal among the new tokens; `window_left`
-/// bounds the window (`W - 1` for W tokens, -1 unbounded).
+/// `k_cache, v_cache (num_pages, page_size, hkv, d)` of q's dtype, or `uint8` arrays of FP8
+/// e4m3 codes with `k_scales, v_scales (hkv,)` dequantisation scales (default 1),
+/// `block_table (b, max_pages)` int32, `seqlens_k (b,)` int32 counting the new tokens. Causal
+/// among the new tokens; `window_left` bounds the window (`W - 1` for W tokens, -1
+/// unbounded).
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0))]
+#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, k_scales=None, v_scales=None))]
 #[allow(clippy::too_many_arguments)]
 fn paged_decode<'py>(
     py: Python<'py>,
@@ -344,13 +393,45 @@ fn paged_decode<'py>(
     window_left: i64,
     softcap: Option<f32>,
     sinks: usize,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
+    let scales = match (k_scales, v_scales) {
+        (None, None) => None,
+        (Some(k), Some(v)) => Some(KvScales::new(k, v).map_err(err)?),
+        _ => {
+            return Err(PyValueError::new_err("k_scales and v_scales go together"));
+        }
+    };
+    let tables = (block_table, seqlens_k);
     if is_f16(q) {
-        paged_impl::<f16>(py, q, k_cache, v_cache, block_table, seqlens_k, opts)
+        paged_impl::<f16>(py, q, k_cache, v_cache, tables.0, tables.1, opts, scales)
     } else {
-        paged_impl::<f32>(py, q, k_cache, v_cache, block_table, seqlens_k, opts)
+        paged_impl::<f32>(py, q, k_cache, v_cache, tables.0, tables.1, opts, scales)
     }
+}
+
+/// FP8 e4m3 codes of `x / scale` (float32 array in, uint8 array of the same shape out):
+/// round to nearest even, saturating at +-448, NaN kept; the bytes an FP8 cache holds.
+#[pyfunction]
+fn fp8_quantize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    scale: f32,
+) -> PyResult<Bound<'py, PyAny>> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(PyValueError::new_err(format!(
+            "scale {scale} must be finite and > 0"
+        )));
+    }
+    let x = host::<f32>("x", x)?;
+    let codes: Vec<u8> = x
+        .data
+        .iter()
+        .map(|&v| F8E4M3::from_f32(v / scale).to_bits())
+        .collect();
+    to_py(py, codes, &x.dims)
 }
 
 fn per_dim<T: Copy>(name: &str, v: Vec<T>, n: usize) -> PyResult<Vec<T>> {
@@ -464,6 +545,7 @@ fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense, m)?)?;
     m.add_function(wrap_pyfunction!(dense_varlen, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(fp8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
     cuda::register(m)?;
     Ok(())

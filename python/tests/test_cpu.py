@@ -161,6 +161,64 @@ def test_paged_decode():
             assert rel_l2(got[s:s + 1], want) < RTOL
 
 
+def e4m3_values():
+    """Values of the 256 e4m3 codes (OCP e4m3fn), from the format's definition."""
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    e, m = (codes >> 3) & 0xF, (codes & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7))
+    mag = np.where((codes & 0x7F) == 0x7F, np.nan, mag)
+    return sign * mag
+
+
+def test_fp8_quantize_is_nearest_even_with_saturation():
+    vals = e4m3_values()
+    finite = [(c, vals[c]) for c in range(0x7F)]  # non-negative, ascending
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0, 100, 2000), [0.0, 448.0, 464.0, 500.0, 1e30, 2.0 ** -10,
+                                                  2.0 ** -9, 3 * 2.0 ** -11]]).astype(np.float32)
+    scale = 0.5
+    got = longattn.fp8_quantize(x, scale)
+    assert got.dtype == np.uint8 and got.shape == x.shape
+    for xi, gi in zip(x, got):
+        a = abs(float(xi) / scale)
+        # Nearest finite code, ties to the even code; beyond 448 the nearest is 448.
+        best = 0x7E if a > 448 else min(finite, key=lambda cv: (abs(cv[1] - a), cv[0] % 2))[0]
+        want = best | (0x80 if np.signbit(xi) else 0)
+        assert gi == want, (xi, gi, want)
+
+
+def test_paged_decode_fp8_cache():
+    rng = np.random.default_rng(8)
+    num_pages, page, hkv, d, hq, b, q_len = 6, 4, 2, 8, 4, 2, 2
+    k = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((num_pages, page, hkv, d)).astype(np.float32)
+    k_scales, v_scales = [0.01, 0.004], [0.008, 0.02]
+    # Quantize per kv head, as the cache stores it.
+    k8 = np.stack([longattn.fp8_quantize(np.ascontiguousarray(k[:, :, h]), k_scales[h])
+                   for h in range(hkv)], axis=2)
+    v8 = np.stack([longattn.fp8_quantize(np.ascontiguousarray(v[:, :, h]), v_scales[h])
+                   for h in range(hkv)], axis=2)
+    vals = e4m3_values()
+    kd = vals[k8] * np.array(k_scales)[None, None, :, None]
+    vd = vals[v8] * np.array(v_scales)[None, None, :, None]
+    table = np.array([[4, 1, 3], [0, 5, 2]], np.int32)
+    lens = [10, 7]
+    q = rand(rng, b, q_len, hq, d)
+    got = longattn.paged_decode(q, k8, v8, table, np.array(lens, np.int32), scale=0.3,
+                                k_scales=k_scales, v_scales=v_scales)
+    for s in range(b):
+        pages = [table[s, t // page] for t in range(lens[s])]
+        ks = np.stack([kd[p, t % page] for t, p in enumerate(pages)])
+        vs = np.stack([vd[p, t % page] for t, p in enumerate(pages)])
+        want = ref_dense(q[s:s + 1], ks[None], vs[None], 0.3, True)
+        assert rel_l2(got[s:s + 1], want) < RTOL
+    with pytest.raises(ValueError):
+        longattn.paged_decode(q, k8, v8, table, np.array(lens, np.int32), k_scales=k_scales)
+    with pytest.raises(ValueError):
+        longattn.fp8_quantize(k, 0.0)
+
+
 def ref_neighborhood_1d(q, k, v, kernel, dilation, causal, scale):
     """NATTEN 1-D windows per semantics.md, then dense attention over the neighborhood."""
     b, n, hq, d = q.shape

@@ -1,7 +1,9 @@
 """longattn: hand-written CUDA attention kernels with f64-checked CPU references.
 
 CPU functions take numpy arrays (float32 or float16) and return new arrays:
-``dense``, ``dense_varlen``, ``paged_decode``, ``neighborhood``.
+``dense``, ``dense_varlen``, ``paged_decode`` (also over an FP8 e4m3 cache: ``uint8`` code
+arrays with per-kv-head ``k_scales``/``v_scales``; ``fp8_quantize`` makes the codes),
+``neighborhood``.
 
 CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
 CuPy arrays; float16) and write into a caller-allocated ``out`` on the tensors' current
@@ -17,6 +19,7 @@ from ._longattn import (
     dense,
     dense_varlen,
     paged_decode,
+    fp8_quantize,
     dense_cuda as _dense_cuda,
     dense_varlen_cuda as _dense_varlen_cuda,
     paged_decode_cuda as _paged_decode_cuda,
@@ -27,6 +30,7 @@ __all__ = [
     "dense",
     "dense_varlen",
     "paged_decode",
+    "fp8_quantize",
     "neighborhood",
     "dense_cuda",
     "dense_varlen_cuda",
