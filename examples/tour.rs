@@ -503,6 +503,97 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
         });
     }
 
+    // The same tokens appended into an FP8 e4m3 cache (per-kv-head scales: the largest |x|
+    // of the source, < 1, maps to 448): a full decode checked against the f64 reference of
+    // the dequantised cache; on a GPU the FP8 append and decode kernels (not yet verified on
+    // a GPU), checked against the CPU path too.
+    let fp8_cache =
+        cache
+            .clone()
+            .with_kv_scales(KvScales::uniform(hkv, 1.0 / 448.0, 1.0 / 448.0)?)?;
+    let mut k8 = vec![F8E4M3::default(); layout.cache_len()];
+    let mut v8 = vec![F8E4M3::default(); layout.cache_len()];
+    fp8_cache.append_cpu(
+        &cu_new,
+        Strided::new(&k_new[..], kv_strides),
+        Strided::new(&v_new[..], kv_strides),
+        KvPages {
+            k: &mut k8[..],
+            v: &mut v8[..],
+        },
+        None,
+    )?;
+    let fp8_full = PagedDecode::new(&fp8_cache, hq, 1, &AttentionOptions::causal())?;
+    let (want_fp8, _) = paged_decode_f64(
+        &fp8_full,
+        Strided::new(&q[..], q_strides),
+        KvPages {
+            k: &k8[..],
+            v: &v8[..],
+        },
+        decode_visible(&fp8_full, None),
+    )?;
+    let t = Instant::now();
+    let mut cpu_out = vec![bf16::NAN; fp8_full.out_len()];
+    fp8_full.forward_cpu(
+        Strided::new(&q[..], q_strides),
+        KvPages {
+            k: &k8[..],
+            v: &v8[..],
+        },
+        None,
+        Strided::new(&mut cpu_out[..], q_strides),
+        None,
+    )?;
+    let mut ms = t.elapsed().as_secs_f64() * 1e3;
+    let (out, vs_cpu) = match device {
+        Device::Cpu => (cpu_out, None),
+        Device::Cuda(ctx) => {
+            let s = ctx.default_stream();
+            let t = Instant::now();
+            let mut dk = s.alloc_zeros::<F8E4M3>(layout.cache_len())?;
+            let mut dv = s.alloc_zeros::<F8E4M3>(layout.cache_len())?;
+            let (kn, vn) = (s.clone_htod(&k_new)?, s.clone_htod(&v_new)?);
+            fp8_cache.append_gpu(
+                &s,
+                &cu_new,
+                Strided::new(&kn, kv_strides),
+                Strided::new(&vn, kv_strides),
+                KvPages {
+                    k: &mut dk,
+                    v: &mut dv,
+                },
+                None,
+            )?;
+            let dq = s.clone_htod(&q)?;
+            let mut dout = s.clone_htod(&vec![bf16::NAN; fp8_full.out_len()])?;
+            fp8_full.forward_gpu(
+                &s,
+                Strided::new(&dq, q_strides),
+                KvPages { k: &dk, v: &dv },
+                None,
+                Strided::new(&mut dout, q_strides),
+                None,
+            )?;
+            let out = s.clone_dtoh(&dout)?;
+            ms = t.elapsed().as_secs_f64() * 1e3;
+            let vs = gpu_vs_cpu(&out, &cpu_out);
+            (out, Some(vs))
+        }
+    };
+    let (max_err, rel_err) = errors(&to_f64(&out), &want_fp8);
+    rows.push(Row {
+        family: "paged",
+        dtype: "bf16/e4m3",
+        shape: format!("b2 sk{lens:?} h{hq}/{hkv} d{d} page{page_size}"),
+        options: "full decode, FP8 e4m3 cache".into(),
+        device: where_run(device),
+        max_err,
+        rel_err,
+        vs_cpu,
+        ms,
+    });
+
     // Paged prefill (chunked prefill over the cache): the last 64 appended tokens of each
     // sequence as queries, causal bottom-right; on a GPU the opt-in prefill kernel, checked
     // against the CPU path too.
@@ -1001,6 +1092,7 @@ fn main() -> Result<()> {
             let mut ran: Vec<&str> = of.iter().map(|r| r.device.as_str()).collect();
             ran.dedup();
             let mut dtypes: Vec<&str> = of.iter().map(|r| r.dtype).collect();
+            dtypes.sort_unstable();
             dtypes.dedup();
             // NaN-aware: a NaN error is the worst.
             let worst = of
@@ -1043,9 +1135,10 @@ fn main() -> Result<()> {
         "  ring         imb = load imbalance of the schedule (busiest rank's work / mean work,",
         "               1.00 = balanced); steps computed / all steps, sends needed / all sends",
         "  natten       neighborhood attention (NATTEN semantics)",
+        "  bf16/e4m3    bf16 queries over an FP8 e4m3 KV cache (per-kv-head scales)",
         "  max abs err  largest |result - f64 reference| over all output elements",
         "  rel L2 err   ||result - reference||_2 / ||reference||_2; check = ok when < 2e-2",
-        "  GPU vs CPU   where an opt-in GPU kernel ran (block-sparse, paged prefill, ring,",
+        "  GPU vs CPU   where an opt-in GPU kernel ran (block-sparse, paged prefill, FP8, ring,",
         "               natten): ||GPU result - CPU result||_2 / ||CPU result||_2, also < 2e-2",
         "  time ms      milliseconds per call: GPU dense = mean of 10 calls timed with device",
         "               events; otherwise the wall clock of one call (GPU: with uploads)",
