@@ -9,7 +9,8 @@
 //!   density;
 //! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256), one-shot
 //!   (tables uploaded per call) and through a plan, against the dense tensor-core kernel on
-//!   the same (contiguous) tokens and mask.
+//!   the same (contiguous) tokens and mask; at pages of 16 and 64 also over an FP8 e4m3
+//!   cache (`longattn-pprefill-mma-fp8`, kernel not yet verified on a GPU).
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
@@ -274,6 +275,40 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
                 ms,
                 flops,
             );
+            // Over an FP8 e4m3 copy of the cache (random codes, scale 1/448): half the K/V
+            // bytes, a conversion pass per tile.
+            if page_size == 16 || page_size == 64 {
+                let fp8 = cache.clone().with_kv_scales(KvScales::uniform(
+                    hkv,
+                    1.0 / 448.0,
+                    1.0 / 448.0,
+                )?)?;
+                let pf8 = PagedPrefill::new(&fp8, hq, q_len, &opts)?;
+                let codes = |seed: u64| -> Result<CudaSlice<F8E4M3>> {
+                    let mut st = seed;
+                    let host: Vec<F8E4M3> = (0..layout.cache_len())
+                        .map(|_| F8E4M3::from_bits((support::lcg(&mut st) >> 56) as u8 & 0x7e))
+                        .collect();
+                    Ok(stream.clone_htod(&host)?)
+                };
+                let (k8, v8) = (codes(5)?, codes(6)?);
+                let ms = time_ms(stream, || {
+                    pf8.forward_gpu::<bf16, F8E4M3, _, _, _>(
+                        stream,
+                        Strided::new(&q, qs),
+                        KvPages { k: &k8, v: &v8 },
+                        Strided::new(&mut o, qs),
+                        None,
+                    )
+                })?;
+                emit(
+                    &format!("{name}_ps{page_size}"),
+                    "longattn-pprefill-mma-fp8",
+                    (batch, q_len, hq, d),
+                    ms,
+                    flops,
+                );
+            }
         }
     }
     Ok(())
