@@ -5,8 +5,10 @@
 //! `cargo run --release --example tour`
 
 use longattn::cudarc::driver::sys::CUevent_flags;
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
 use longattn::reference::{dense_attention_f64, neighborhood_attention_f64};
 use longattn::*;
+use std::sync::Arc;
 use std::time::Instant;
 
 struct Row {
@@ -303,6 +305,38 @@ fn merge_case(device: &Device) -> Result<Row> {
     })
 }
 
+/// K, V, kmin and kmax of `cache` (element type `C`) on the device, filled by the GPU append
+/// kernel from the host tokens `new = (k, v): [total, heads_kv, head_dim]`.
+fn device_cache<C: Element + DeviceRepr + ValidAsZeroBits>(
+    s: &Arc<CudaStream>,
+    cache: &PagedCache,
+    cu_new: &[i32],
+    (k_new, v_new): (&[bf16], &[bf16]),
+    kv_strides: Strides,
+) -> Result<[CudaSlice<C>; 4]> {
+    let layout = cache.layout();
+    let mut k = s.alloc_zeros::<C>(layout.cache_len())?;
+    let mut v = s.alloc_zeros::<C>(layout.cache_len())?;
+    let mut kmin = s.alloc_zeros::<C>(layout.meta_len())?;
+    let mut kmax = s.alloc_zeros::<C>(layout.meta_len())?;
+    let (kn, vn) = (s.clone_htod(k_new)?, s.clone_htod(v_new)?);
+    cache.append_gpu(
+        s,
+        cu_new,
+        Strided::new(&kn, kv_strides),
+        Strided::new(&vn, kv_strides),
+        KvPages {
+            k: &mut k,
+            v: &mut v,
+        },
+        Some(PageMeta {
+            kmin: &mut kmin,
+            kmax: &mut kmax,
+        }),
+    )?;
+    Ok([k, v, kmin, kmax])
+}
+
 /// Paged decode over a cache filled by the append kernel (pages scattered by a
 /// permutation): a full decode checked against dense attention over the same tokens laid out
 /// contiguously, and a mixed-policy decode (kv head 0 streaming, kv head 1 Quest top-B)
@@ -452,25 +486,8 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
             Device::Cuda(ctx) => {
                 let s = ctx.default_stream();
                 // The device cache is filled by the GPU append kernel.
-                let mut dk = s.alloc_zeros::<bf16>(layout.cache_len())?;
-                let mut dv = s.alloc_zeros::<bf16>(layout.cache_len())?;
-                let mut dmin = s.alloc_zeros::<bf16>(layout.meta_len())?;
-                let mut dmax = s.alloc_zeros::<bf16>(layout.meta_len())?;
-                let (kn, vn) = (s.clone_htod(&k_new)?, s.clone_htod(&v_new)?);
-                cache.append_gpu(
-                    &s,
-                    &cu_new,
-                    Strided::new(&kn, kv_strides),
-                    Strided::new(&vn, kv_strides),
-                    KvPages {
-                        k: &mut dk,
-                        v: &mut dv,
-                    },
-                    Some(PageMeta {
-                        kmin: &mut dmin,
-                        kmax: &mut dmax,
-                    }),
-                )?;
+                let [dk, dv, dmin, dmax] =
+                    device_cache::<bf16>(&s, &cache, &cu_new, (&k_new, &v_new), kv_strides)?;
                 let dq = s.clone_htod(&q)?;
                 let mut dout = s.clone_htod(&vec![bf16::from_f32(f32::NAN); decode.out_len()])?;
                 decode.forward_gpu(
@@ -551,20 +568,8 @@ fn paged_cases(device: &Device) -> Result<Vec<Row>> {
         Device::Cuda(ctx) => {
             let s = ctx.default_stream();
             let t = Instant::now();
-            let mut dk = s.alloc_zeros::<F8E4M3>(layout.cache_len())?;
-            let mut dv = s.alloc_zeros::<F8E4M3>(layout.cache_len())?;
-            let (kn, vn) = (s.clone_htod(&k_new)?, s.clone_htod(&v_new)?);
-            fp8_cache.append_gpu(
-                &s,
-                &cu_new,
-                Strided::new(&kn, kv_strides),
-                Strided::new(&vn, kv_strides),
-                KvPages {
-                    k: &mut dk,
-                    v: &mut dv,
-                },
-                None,
-            )?;
+            let [dk, dv, ..] =
+                device_cache::<F8E4M3>(&s, &fp8_cache, &cu_new, (&k_new, &v_new), kv_strides)?;
             let dq = s.clone_htod(&q)?;
             let mut dout = s.clone_htod(&vec![bf16::NAN; fp8_full.out_len()])?;
             fp8_full.forward_gpu(

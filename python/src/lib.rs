@@ -344,27 +344,17 @@ fn paged_impl<'py, T: Element + numpy::Element>(
         Strided::new(&q.data[..], qs),
         Strided::new(&mut out[..], qs),
     );
+    fn run<T: Element, C: Element>(
+        decode: &PagedDecode,
+        q: Strided<&[T]>,
+        (k, v): (&[C], &[C]),
+        out: Strided<&mut [T]>,
+    ) -> longattn::Result<()> {
+        decode.forward_cpu(q, KvPages { k, v }, None, out, None)
+    }
     py.detach(|| match (&k, &v) {
-        (CacheData::Same(k), CacheData::Same(v)) => decode.forward_cpu(
-            qd,
-            KvPages {
-                k: &k[..],
-                v: &v[..],
-            },
-            None,
-            od,
-            None,
-        ),
-        (CacheData::Fp8(k), CacheData::Fp8(v)) => decode.forward_cpu(
-            qd,
-            KvPages {
-                k: &k[..],
-                v: &v[..],
-            },
-            None,
-            od,
-            None,
-        ),
+        (CacheData::Same(k), CacheData::Same(v)) => run(&decode, qd, (k, v), od),
+        (CacheData::Fp8(k), CacheData::Fp8(v)) => run(&decode, qd, (k, v), od),
         _ => Err(longattn::Error::Shape(
             "k_cache and v_cache must have the same dtype".into(),
         )),
