@@ -620,12 +620,36 @@ mod c_entry_checks {
             window_left: -1,
             window_right: 0,
             dtype: ffi::LaDtype::LA_BF16,
+            kv_dtype: ffi::LaDtype::LA_BF16,
             ..Default::default()
         };
-        // SAFETY: no GPU is usable, so no kernel runs and no pointer is read on a device; the
-        // host check reads only the params struct.
+        // SAFETY (all three calls): no GPU is usable, so no kernel runs and no pointer is
+        // read on a device; the host check reads only the params struct.
         let code = unsafe { ffi::la_paged_quest_select(&quest, std::ptr::null_mut()) };
         assert_ne!(code, INVALID_VALUE, "valid Quest arguments refused");
         assert_ne!(code, 0, "a launch without a GPU cannot succeed");
+        // FP8 bounds need their scales; a bounds type other than q's or e4m3 is refused.
+        let scales = [1.0f32; 2];
+        let fp8 = ffi::LaQuestParams {
+            kv_dtype: ffi::LaDtype::LA_F8E4M3,
+            ..quest
+        };
+        let code = unsafe { ffi::la_paged_quest_select(&fp8, std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE, "FP8 bounds without scales accepted");
+        let fp8 = ffi::LaQuestParams {
+            kv_scales: scales.as_ptr(),
+            ..fp8
+        };
+        let code = unsafe { ffi::la_paged_quest_select(&fp8, std::ptr::null_mut()) };
+        assert_ne!(code, INVALID_VALUE, "valid FP8 Quest arguments refused");
+        let f16_bounds = ffi::LaQuestParams {
+            kv_dtype: ffi::LaDtype::LA_F16,
+            ..quest
+        };
+        let code = unsafe { ffi::la_paged_quest_select(&f16_bounds, std::ptr::null_mut()) };
+        assert_eq!(
+            code, INVALID_VALUE,
+            "f16 bounds under bf16 queries accepted"
+        );
     }
 }
