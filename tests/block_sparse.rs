@@ -7,7 +7,8 @@ mod common;
 
 use common::*;
 use longattn::block_sparse::moba::{
-    MobaConfig, moba_attention, moba_block_mask, moba_select_blocks_cpu, moba_select_cpu,
+    GPU_TILE_ROWS, MobaConfig, MobaGpuDims, moba_attention, moba_block_mask, moba_pooled_keys_cpu,
+    moba_select_blocks_cpu, moba_select_cpu, moba_tile_unions,
 };
 use longattn::block_sparse::patterns::{self, PatternShape};
 use longattn::block_sparse::{BlockMaskError, ListId};
@@ -605,6 +606,182 @@ fn moba_attention_is_masked_per_row() {
         let union = moba_block_mask(&attn, &rows, bm).unwrap();
         assert!(union.nnz() > 0);
     }
+}
+
+/// The per-tile unions (the GPU attention's visiting lists) are the lists of the union block
+/// mask under causal options (where no selected block is hidden entirely), for fixed and
+/// varlen batches, seqlen_q != seqlen_k both ways, rows before key 0, and tiles of 64 rows
+/// and of other sizes; tiles past a varlen sequence's end are empty.
+#[test]
+fn moba_tile_unions_are_the_union_masks_lists() {
+    let cases = [
+        Case::fixed(60, 2, 150, 200, 4, 2, 8),
+        Case::fixed(61, 1, 130, 70, 2, 2, 8), // sq > sk: the first rows see nothing
+        Case::build(62, vec![(70, 90), (5, 300), (140, 140)], true, 4, 1, 8),
+    ];
+    for (n, case) in cases.iter().enumerate() {
+        let attn = case.attn(&AttentionOptions::causal());
+        let (qs, ks) = case.strides();
+        for (bn, top_k) in [(16, 3), (8, 1), (32, 40)] {
+            let cfg = MobaConfig { block_n: bn, top_k };
+            let rows = moba_select_cpu(
+                &attn,
+                &cfg,
+                Strided::new(&case.q[..], qs),
+                Strided::new(&case.k[..], ks),
+            )
+            .unwrap();
+            for tile in [GPU_TILE_ROWS, 16, 7] {
+                let unions = moba_tile_unions(&attn, &rows, tile).unwrap();
+                let mask = moba_block_mask(&attn, &rows, tile).unwrap();
+                let nt = attn.max_seqlen_q().div_ceil(tile);
+                assert_eq!(unions.len(), case.b * case.hq * nt, "case {n}");
+                for b in 0..case.b {
+                    let sq = attn.span(b).unwrap().seqlen_q;
+                    for h in 0..case.hq {
+                        for x in 0..nt {
+                            let got = &unions[(b * case.hq + h) * nt + x];
+                            let want: Vec<i32> = mask.list(b, h, x).unwrap().indices.to_vec();
+                            assert_eq!(got, &want, "case {n} bn {bn} tile {tile} ({b}, {h}, {x})");
+                            if x * tile >= sq {
+                                assert!(got.is_empty());
+                            }
+                            assert!(
+                                got.len() <= (tile * rows.top_k()).min(sq.max(1) * rows.top_k())
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let attn = cases[0].attn(&AttentionOptions::causal());
+    let rows = longattn::block_sparse::RowBlocks::new(16, 1, vec![-1; attn.lse_len()]).unwrap();
+    assert!(matches!(
+        moba_tile_unions(&attn, &rows, 0),
+        Err(BlockMaskError::BadDim { .. })
+    ));
+    let short = longattn::block_sparse::RowBlocks::new(16, 1, vec![-1; 3]).unwrap();
+    assert!(matches!(
+        moba_tile_unions(&attn, &short, 64),
+        Err(BlockMaskError::Mismatch { .. })
+    ));
+}
+
+/// The pooled keys are the blocks' means (the last block short), 0 past a varlen
+/// sequence's end, in `[batch, heads_kv, num_k_blocks, d]`.
+#[test]
+fn moba_pooled_keys_are_block_means() {
+    let case = Case::build(63, vec![(10, 50), (10, 20)], true, 2, 2, 8);
+    let attn = case.attn(&AttentionOptions::causal());
+    let (qs, ks) = case.strides();
+    let bn = 16;
+    let cfg = MobaConfig {
+        block_n: bn,
+        top_k: 2,
+    };
+    let pooled = moba_pooled_keys_cpu(
+        &attn,
+        &cfg,
+        Strided::new(&case.q[..], qs),
+        Strided::new(&case.k[..], ks),
+    )
+    .unwrap();
+    let (hkv, d, nk) = (2, 8, 50usize.div_ceil(bn));
+    assert_eq!(pooled.len(), 2 * hkv * nk * d);
+    let k0 = [0, 50];
+    for (b, &sk) in [50usize, 20].iter().enumerate() {
+        for kvh in 0..hkv {
+            for kb in 0..nk {
+                for c in 0..d {
+                    let js = kb * bn..((kb + 1) * bn).min(sk);
+                    let want = if js.is_empty() {
+                        0.0
+                    } else {
+                        let n = js.len() as f64;
+                        js.map(|j| case.k[((k0[b] + j) * hkv + kvh) * d + c] as f64)
+                            .sum::<f64>()
+                            / n
+                    };
+                    let got = pooled[((b * hkv + kvh) * nk + kb) * d + c];
+                    assert!((got - want).abs() < 1e-12, "({b}, {kvh}, {kb}, {c})");
+                }
+            }
+        }
+    }
+    // Bad config and short buffers are errors.
+    let bad = MobaConfig {
+        block_n: 0,
+        top_k: 2,
+    };
+    let r = moba_pooled_keys_cpu(
+        &attn,
+        &bad,
+        Strided::new(&case.q[..], qs),
+        Strided::new(&case.k[..], ks),
+    );
+    assert!(matches!(r, Err(Error::InvalidOption(_))), "{r:?}");
+    let r = moba_pooled_keys_cpu(
+        &attn,
+        &cfg,
+        Strided::new(&case.q[..], qs),
+        Strided::new(&case.k[..10], ks),
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+}
+
+/// The GPU path's host validation runs without a GPU: what it takes and what it refuses.
+#[test]
+fn moba_gpu_dims_validate_on_the_host() {
+    let case = Case::fixed(64, 1, 300, 1000, 4, 2, 64);
+    let attn = case.attn(&AttentionOptions::causal());
+    let d = MobaGpuDims::new(
+        &attn,
+        &MobaConfig {
+            block_n: 128,
+            top_k: 4,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (d.num_k_blocks, d.slots, d.num_tiles, d.union_width),
+        (8, 4, 5, 8)
+    );
+    let r = MobaGpuDims::new(
+        &attn,
+        &MobaConfig {
+            block_n: 96,
+            top_k: 4,
+        },
+    );
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("multiple of 64")),
+        "{r:?}"
+    );
+    // top_k 33 is capped at the 16 key blocks of this problem, but not at 40.
+    let many = MobaConfig {
+        block_n: 64,
+        top_k: 33,
+    };
+    assert_eq!(MobaGpuDims::new(&attn, &many).unwrap().slots, 16);
+    let long = Case::fixed(66, 1, 64, 64 * 40, 1, 1, 64).attn(&AttentionOptions::causal());
+    let r = MobaGpuDims::new(&long, &many);
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("top_k")),
+        "{r:?}"
+    );
+    let odd = Case::fixed(65, 1, 64, 64, 1, 1, 40).attn(&AttentionOptions::causal());
+    let r = MobaGpuDims::new(
+        &odd,
+        &MobaConfig {
+            block_n: 64,
+            top_k: 1,
+        },
+    );
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("head_dim")),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -11,6 +11,10 @@
 mod common;
 
 use common::*;
+use longattn::block_sparse::moba::{
+    GPU_TILE_ROWS, MobaConfig, MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask,
+    moba_pooled_keys_cpu, moba_select_cpu, moba_tile_unions,
+};
 use longattn::block_sparse::patterns::{self, PatternShape};
 use longattn::block_sparse::{GPU_BLOCK_MULTIPLE, ListId};
 use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
@@ -555,4 +559,494 @@ fn gpu_block_sparse_refuses_what_it_cannot_run() {
         None,
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}
+
+// ---- MoBA on the GPU (MobaGpuPlan: gating + per-row attention) ----------------------------
+
+/// A MoBA problem: per-sequence `(seqlen_q, seqlen_k)`, fixed or varlen, heads, head dim,
+/// `block_n`, `top_k`, options (causal unless stated).
+struct MobaCase {
+    name: &'static str,
+    lens: Vec<(usize, usize)>,
+    varlen: bool,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    block_n: usize,
+    top_k: usize,
+    opts: AttentionOptions,
+}
+
+impl MobaCase {
+    fn case(&self) -> Case {
+        // An empty mask of the right dims: Case binds one; MoBA builds its own.
+        let sq = self.lens.iter().map(|l| l.0).max().unwrap();
+        let sk = self.lens.iter().map(|l| l.1).max().unwrap();
+        let dims = BlockMaskDims::for_lengths(1, 1, sq, sk, 64, 64).unwrap();
+        Case {
+            name: self.name.into(),
+            lens: self.lens.clone(),
+            varlen: self.varlen,
+            hq: self.hq,
+            hkv: self.hkv,
+            d: self.d,
+            opts: self.opts,
+            mask: BlockMask::from_lists(dims, |_| Vec::new()).unwrap(),
+        }
+    }
+    fn config(&self) -> MobaConfig {
+        MobaConfig {
+            block_n: self.block_n,
+            top_k: self.top_k,
+        }
+    }
+}
+
+/// Shapes: lengths not multiples of the block or the 64-row tile, seqlen_q != seqlen_k both
+/// ways (rows before key 0 see nothing), a single row, GQA, varlen with a short sequence,
+/// top_k 1 (own block only), top_k above the block count, top_k 32, no key at all, a sliding
+/// window on top.
+fn moba_cases() -> Vec<MobaCase> {
+    let c = |name, lens: Vec<(usize, usize)>, varlen, hq, hkv, d, block_n, top_k| MobaCase {
+        name,
+        lens,
+        varlen,
+        hq,
+        hkv,
+        d,
+        block_n,
+        top_k,
+        opts: AttentionOptions::causal(),
+    };
+    let mut v = vec![
+        c("square", vec![(300, 300); 2], false, 4, 2, 64, 64, 3),
+        c("sk > sq", vec![(100, 613); 1], false, 2, 1, 128, 64, 4),
+        c("sq > sk", vec![(333, 150); 2], false, 2, 2, 64, 64, 2),
+        c("one row", vec![(1, 700); 1], false, 2, 1, 256, 128, 3),
+        c("own only", vec![(200, 260); 1], false, 3, 1, 128, 64, 1),
+        c("k > blocks", vec![(190, 190); 1], false, 2, 2, 64, 64, 10),
+        c(
+            "top 32",
+            vec![(130, 64 * 40 + 7); 1],
+            false,
+            1,
+            1,
+            64,
+            64,
+            32,
+        ),
+        c("block 192", vec![(260, 900); 1], false, 2, 1, 256, 192, 3),
+        c("no keys", vec![(50, 0); 2], false, 2, 1, 64, 64, 3),
+        c(
+            "varlen",
+            vec![(70, 500), (5, 64), (129, 129), (40, 10)],
+            true,
+            4,
+            2,
+            128,
+            64,
+            3,
+        ),
+    ];
+    let mut w = c("window", vec![(256, 640); 1], false, 2, 1, 64, 64, 4);
+    w.opts = AttentionOptions::causal().with_window(Window::new(Some(150), Some(0)));
+    v.push(w);
+    v
+}
+
+/// The GPU gating and attention of one case in dtype `T`: pooled keys against the CPU's
+/// (f64) within a tolerance; the selection against the CPU's, a difference accepted only as
+/// a near-tie (both blocks' f64 scores within the f32 error bound of each other: f32 GPU
+/// scores vs f64 CPU scores can flip those); the tile unions exactly those of the GPU's own
+/// selection; the attention against the f64 reference on the GPU's own selection.
+/// Outputs and LSE are NaN-poisoned. Returns (rel. error, near-tie flips).
+fn moba_run<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    mc: &MobaCase,
+) -> (f64, usize) {
+    let x = mc.case().inputs::<T>(seed);
+    let attn = x.bs.attention().clone();
+    let cfg = mc.config();
+    let what = format!("moba {} d{} {}", mc.name, mc.d, T::DTYPE);
+    let dq = stream.clone_htod(&x.q).unwrap();
+    let dk = stream.clone_htod(&x.k).unwrap();
+    let dv = stream.clone_htod(&x.v).unwrap();
+    let mut dout = stream
+        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
+        .unwrap();
+    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    let mut plan = MobaGpuPlan::new(&attn, &cfg, stream).unwrap();
+    plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
+        stream,
+        Strided::new(&dq, x.qs),
+        Strided::new(&dk, x.ks),
+        Strided::new(&dv, x.ks),
+        Strided::new(&mut dout, x.qs),
+        Some(&mut dlse),
+    )
+    .unwrap();
+    let got = MobaResult {
+        pooled: plan.pooled_keys(stream).unwrap(),
+        rows: plan.row_blocks(stream).unwrap(),
+        unions: plan.tile_unions(stream).unwrap(),
+        out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
+        lse: stream.clone_dtoh(&dlse).unwrap(),
+    };
+    moba_check(mc, &x, got, &what)
+}
+
+/// What a MoBA run produced (GPU, or the CPU path for the checker's own test).
+struct MobaResult {
+    pooled: Vec<f32>,
+    rows: RowBlocks,
+    unions: Vec<Vec<i32>>,
+    out: Vec<f64>,
+    lse: Vec<f32>,
+}
+
+/// The checks of [`moba_run`] on a result; returns (rel. error, near-tie flips).
+fn moba_check<T: Element>(
+    mc: &MobaCase,
+    x: &Inputs<T>,
+    got: MobaResult,
+    what: &str,
+) -> (f64, usize) {
+    let attn = x.bs.attention().clone();
+    let cfg = mc.config();
+    let q = || Strided::new(&x.q[..], x.qs);
+    let k = || Strided::new(&x.k[..], x.ks);
+    let nk = attn.max_seqlen_k().div_ceil(mc.block_n);
+    // Pooled keys, for the blocks inside each sequence.
+    let got_pool = &got.pooled;
+    let want_pool = moba_pooled_keys_cpu(&attn, &cfg, q(), k()).unwrap();
+    let (d, hkv) = (mc.d, mc.hkv);
+    for (b, span) in attn.spans().enumerate() {
+        for kvh in 0..hkv {
+            for kb in 0..span.seqlen_k.div_ceil(mc.block_n) {
+                for ch in 0..d {
+                    let o = ((b * hkv + kvh) * nk + kb) * d + ch;
+                    let (g, w) = (got_pool[o] as f64, want_pool[o]);
+                    assert!(
+                        (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                        "{what}: pooled ({b}, {kvh}, {kb}, {ch}) {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    // Selection: equal to the CPU's up to near-ties.
+    let got_rows = got.rows;
+    let want_rows = moba_select_cpu(&attn, &cfg, q(), k()).unwrap();
+    assert_eq!(got_rows.top_k(), want_rows.top_k(), "{what}: slots");
+    let mut flips = 0;
+    for (b, span) in attn.spans().enumerate() {
+        for h in 0..mc.hq {
+            let kvh = h / (mc.hq / hkv);
+            for i in 0..span.seqlen_q {
+                let r = lse_index(&attn, b, h, i);
+                let (g, w) = (got_rows.row(r).unwrap(), want_rows.row(r).unwrap());
+                if g == w {
+                    continue;
+                }
+                assert_eq!(
+                    g.len(),
+                    w.len(),
+                    "{what}: row ({b}, {h}, {i}) {g:?} vs {w:?}"
+                );
+                // Scores in f64 from the CPU's pooled keys, with the f32 error bound.
+                let bb = if attn.is_varlen() { 0 } else { b } as i64;
+                let qo = (bb * x.qs.batch
+                    + (span.q_start + i) as i64 * x.qs.seq
+                    + h as i64 * x.qs.head) as usize;
+                let score = |kb: i32| -> (f64, f64) {
+                    let po = ((b * hkv + kvh) * nk + kb as usize) * d;
+                    let (mut s, mut mag) = (0.0, 0.0);
+                    for ch in 0..d {
+                        let t = x.q[qo + ch].to_f64() * want_pool[po + ch];
+                        s += t;
+                        mag += t.abs();
+                    }
+                    (s, mag)
+                };
+                let only_g: Vec<i32> = g.iter().copied().filter(|kb| !w.contains(kb)).collect();
+                let only_w: Vec<i32> = w.iter().copied().filter(|kb| !g.contains(kb)).collect();
+                for &a in &only_g {
+                    let (sa, ma) = score(a);
+                    // Each GPU-only block must be as good as some CPU-only block, up to the
+                    // f32 accumulation error of both scores.
+                    let ok = only_w.iter().any(|&bb| {
+                        let (sb, mb) = score(bb);
+                        (sa - sb).abs() <= 1e-5 * (ma + mb) + 1e-6
+                    });
+                    assert!(
+                        ok,
+                        "{what}: row ({b}, {h}, {i}) GPU {g:?} vs CPU {w:?} is not a near-tie"
+                    );
+                }
+                flips += 1;
+            }
+        }
+    }
+
+    // Tile unions: exactly those of the GPU's own selection.
+    assert_eq!(
+        got.unions,
+        moba_tile_unions(&attn, &got_rows, GPU_TILE_ROWS).unwrap(),
+        "{what}: tile unions"
+    );
+
+    // Attention against the f64 reference on the GPU's selection.
+    let mask = moba_block_mask(&attn, &got_rows, GPU_TILE_ROWS).unwrap();
+    let bs = BlockSparseAttention::new(attn.clone(), mask)
+        .unwrap()
+        .with_row_blocks(got_rows)
+        .unwrap();
+    let (want, want_lse) =
+        block_sparse_attention_f64(&bs, q(), k(), Strided::new(&x.v[..], x.ks)).unwrap();
+    let (got, lse) = (got.out, got.lse);
+    let nan = got.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
+    let err = rel_l2(&got, &want);
+    assert!(err < tolerance::<T>(), "{what}: rel err {err}");
+    for (r, &l) in want_lse.iter().enumerate() {
+        if l == f64::NEG_INFINITY {
+            let (h, row) = lse_row(&bs, r);
+            let o = (row * mc.hq + h) * d;
+            assert!(
+                got[o..o + d].iter().all(|&v| v == 0.0),
+                "{what}: empty row {row} head {h} not 0"
+            );
+        }
+    }
+    let lse_tol = 2e-3
+        * (1.0
+            + want_lse
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, |a, &b| a.max(b.abs())));
+    check_lse(&lse, &want_lse, lse_tol, what);
+    (err, flips)
+}
+
+/// LSE index of (sequence `b`, head `h`, row `i`).
+fn lse_index(attn: &FlashAttention, b: usize, h: usize, i: usize) -> usize {
+    if attn.is_varlen() {
+        h * attn.total_q() + attn.span(b).unwrap().q_start + i
+    } else {
+        (b * attn.heads_q() + h) * attn.max_seqlen_q() + i
+    }
+}
+
+/// The MoBA sweep is made of valid problems the GPU path takes, and the checker of
+/// [`moba_run`] accepts the CPU path's own results (pooled keys rounded to f32, the CPU
+/// selection and unions, the CPU attention): runs without a GPU.
+#[test]
+fn moba_cases_are_valid_gpu_problems() {
+    for (i, mc) in moba_cases().iter().enumerate() {
+        let x = mc.case().inputs::<bf16>(40 + i as u64);
+        let attn = x.bs.attention();
+        let cfg = mc.config();
+        let dims = MobaGpuDims::new(attn, &cfg).unwrap();
+        assert!(dims.slots <= mc.top_k.max(1), "{}", mc.name);
+        let q = || Strided::new(&x.q[..], x.qs);
+        let k = || Strided::new(&x.k[..], x.ks);
+        let rows = moba_select_cpu(attn, &cfg, q(), k()).unwrap();
+        let bs = moba_attention(attn, &cfg, GPU_TILE_ROWS, q(), k()).unwrap();
+        let mut out = vec![bf16::from_f32(f32::NAN); attn.out_len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        bs.forward_cpu(
+            q(),
+            k(),
+            Strided::new(&x.v[..], x.ks),
+            Strided::new(&mut out[..], x.qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let got = MobaResult {
+            pooled: moba_pooled_keys_cpu(attn, &cfg, q(), k())
+                .unwrap()
+                .iter()
+                .map(|&v| v as f32)
+                .collect(),
+            unions: moba_tile_unions(attn, &rows, GPU_TILE_ROWS).unwrap(),
+            rows,
+            out: to_f64(&out),
+            lse,
+        };
+        let (err, flips) = moba_check(mc, &x, got, mc.name);
+        assert_eq!(flips, 0, "{}", mc.name);
+        assert!(err < 1e-2, "{}: {err}", mc.name);
+    }
+}
+
+fn moba_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (mut worst, mut flips) = (0.0f64, 0);
+    for (i, mc) in moba_cases().iter().enumerate() {
+        let (e, f) = moba_run::<T>(&stream, seed + i as u64, mc);
+        worst = worst.max(e);
+        flips += f;
+    }
+    eprintln!(
+        "moba gpu {}: worst rel err {worst:.2e}, near-tie flips {flips}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn gpu_moba_matches_cpu_selection_and_reference_bf16() {
+    moba_sweep::<bf16>("gpu_moba_matches_cpu_selection_and_reference_bf16", 2000);
+}
+
+#[test]
+fn gpu_moba_matches_cpu_selection_and_reference_f16() {
+    moba_sweep::<f16>("gpu_moba_matches_cpu_selection_and_reference_f16", 3000);
+}
+
+/// Exact ties and NaN scores: with q = +-1 and every key 1 all scores of a row are equal in
+/// f32 and f64 alike, so the GPU must pick the lowest block indices exactly as the CPU; a
+/// key block holding a NaN has a NaN score, which ranks as -inf (picked last, only when slots
+/// remain). Only the selection is compared (NaN keys make the attention NaN).
+#[test]
+fn gpu_moba_ties_and_nan_follow_the_rule() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_ties_and_nan_follow_the_rule") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mc = MobaCase {
+        name: "ties",
+        lens: vec![(200, 640)],
+        varlen: false,
+        hq: 2,
+        hkv: 1,
+        d: 64,
+        block_n: 64,
+        top_k: 4,
+        opts: AttentionOptions::causal(),
+    };
+    let c = mc.case();
+    for nan_block in [None, Some(0usize), Some(5)] {
+        let mut x = c.inputs::<bf16>(7);
+        x.q.iter_mut()
+            .for_each(|v| *v = bf16::from_f32(if v.to_f32() < 0.0 { -1.0 } else { 1.0 }));
+        x.k.iter_mut().for_each(|v| *v = bf16::ONE);
+        if let Some(kb) = nan_block {
+            let at = (kb * 64) * mc.hkv * mc.d;
+            x.k[at] = bf16::NAN;
+        }
+        let attn = x.bs.attention().clone();
+        let cfg = mc.config();
+        let dq = stream.clone_htod(&x.q).unwrap();
+        let dk = stream.clone_htod(&x.k).unwrap();
+        let dv = stream.clone_htod(&x.v).unwrap();
+        let mut dout: CudaSlice<bf16> = stream.alloc_zeros(attn.out_len()).unwrap();
+        let mut plan = MobaGpuPlan::new(&attn, &cfg, &stream).unwrap();
+        plan.forward::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            None,
+        )
+        .unwrap();
+        let got = plan.row_blocks(&stream).unwrap();
+        let want = moba_select_cpu(
+            &attn,
+            &cfg,
+            Strided::new(&x.q[..], x.qs),
+            Strided::new(&x.k[..], x.ks),
+        )
+        .unwrap();
+        assert_eq!(got, want, "nan block {nan_block:?}");
+        // The last row (position 639, own block 9) takes blocks 0, 1, 2 by index, or skips a
+        // NaN block among them.
+        let last = got.row(attn.max_seqlen_q() - 1).unwrap();
+        let expect: &[i32] = match nan_block {
+            Some(0) => &[1, 2, 3, 9],
+            _ => &[0, 1, 2, 9],
+        };
+        assert_eq!(last, expect, "nan block {nan_block:?}");
+    }
+}
+
+/// A plan is reusable: a second forward on other inputs overwrites the first's selection
+/// (its result equals a fresh plan's, bit for bit); host refusals need no pointer.
+#[test]
+fn gpu_moba_plan_reuse_and_refusals() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_plan_reuse_and_refusals") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mc = &moba_cases()[0];
+    let c = mc.case();
+    let cfg = mc.config();
+    let run = |plan: &mut MobaGpuPlan, seed: u64| {
+        let x = c.inputs::<bf16>(seed);
+        let dq = stream.clone_htod(&x.q).unwrap();
+        let dk = stream.clone_htod(&x.k).unwrap();
+        let dv = stream.clone_htod(&x.v).unwrap();
+        let mut dout: CudaSlice<bf16> = stream.alloc_zeros(x.bs.attention().out_len()).unwrap();
+        plan.forward::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            None,
+        )
+        .unwrap();
+        (
+            stream.clone_dtoh(&dout).unwrap(),
+            plan.row_blocks(&stream).unwrap(),
+        )
+    };
+    let attn = c.inputs::<bf16>(1).bs.attention().clone();
+    let mut reused = MobaGpuPlan::new(&attn, &cfg, &stream).unwrap();
+    let _ = run(&mut reused, 11);
+    let second = run(&mut reused, 12);
+    let fresh = run(&mut MobaGpuPlan::new(&attn, &cfg, &stream).unwrap(), 12);
+    assert_eq!(second, fresh);
+
+    // f32 and short buffers are refused before any pointer is taken.
+    let x = c.inputs::<bf16>(1);
+    let f: CudaSlice<f32> = stream.alloc_zeros(attn.out_len()).unwrap();
+    let mut fo: CudaSlice<f32> = stream.alloc_zeros(attn.out_len()).unwrap();
+    let r = reused.forward::<f32, _, _>(
+        &stream,
+        Strided::new(&f, x.qs),
+        Strided::new(&f, x.ks),
+        Strided::new(&f, x.ks),
+        Strided::new(&mut fo, x.qs),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+    let short: CudaSlice<bf16> = stream.alloc_zeros(10).unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(attn.out_len()).unwrap();
+    let r = reused.forward::<bf16, _, _>(
+        &stream,
+        Strided::new(&short, x.qs),
+        Strided::new(&short, x.ks),
+        Strided::new(&short, x.ks),
+        Strided::new(&mut out, x.qs),
+        None,
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+    let mut lse: CudaSlice<f32> = stream.alloc_zeros(3).unwrap();
+    let buf: CudaSlice<bf16> = stream.alloc_zeros(attn.out_len()).unwrap();
+    let kv: CudaSlice<bf16> = stream.alloc_zeros(x.k.len()).unwrap();
+    let r = reused.forward::<bf16, _, _>(
+        &stream,
+        Strided::new(&buf, x.qs),
+        Strided::new(&kv, x.ks),
+        Strided::new(&kv, x.ks),
+        Strided::new(&mut out, x.qs),
+        Some(&mut lse),
+    );
+    assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
 }

@@ -29,8 +29,9 @@ impl BlockSparseAttention {
     /// device buffers with element strides, pointers 16-byte aligned, strides multiples of 8
     /// elements; f16 and bf16; `head_dim` 64, 128 or 256; block sizes multiples of
     /// [`GPU_BLOCK_MULTIPLE`](super::GPU_BLOCK_MULTIPLE); a device of compute capability 8.0
-    /// or newer. A per-row selection ([`RowBlocks`](super::RowBlocks), MoBA) runs on the CPU
-    /// only. Anything else the kernel does not take is `Error::Unsupported` (checked before
+    /// or newer. A per-row selection ([`RowBlocks`](super::RowBlocks), MoBA) attached to the
+    /// problem runs on the CPU only (MoBA on the GPU is
+    /// [`MobaGpuPlan`](super::moba::MobaGpuPlan)). Anything else the kernel does not take is `Error::Unsupported` (checked before
     /// any pointer is touched).
     ///
     /// The block mask (CSR offsets, indices, full flags) and the varlen offsets are copied to

@@ -17,6 +17,13 @@
 //!
 //! With GQA each query head selects on its kv head's pooled keys, independently of the other
 //! heads of its group.
+//!
+//! On the GPU, [`MobaGpuPlan`] runs the same per-token selection (f32 pooled keys and scores,
+//! same tie rule) and the attention over it on device buffers (**not yet run on a GPU**; see
+//! `src/block_sparse/moba_gpu.rs`). [`moba_pooled_keys_cpu`] and [`moba_tile_unions`] are the
+//! CPU counterparts of its intermediate results. Query-block granularity
+//! ([`moba_select_blocks_cpu`]) selects on the CPU; its [`BlockMask`] runs on the GPU through
+//! [`BlockSparseAttention::forward_gpu`].
 
 use super::{
     BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks, classify,
@@ -26,6 +33,10 @@ use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
 use std::cmp::Ordering;
+
+pub use super::moba_gpu::{
+    GPU_MAX_K_BLOCKS, GPU_MAX_TOP_K, GPU_TILE_ROWS, MobaGpuDims, MobaGpuPlan,
+};
 
 /// MoBA's two knobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +48,7 @@ pub struct MobaConfig {
 }
 
 impl MobaConfig {
-    fn check(&self) -> Result<(), BlockMaskError> {
+    pub(crate) fn check(&self) -> Result<(), BlockMaskError> {
         for (name, value) in [("block_n", self.block_n), ("top_k", self.top_k)] {
             if value == 0 {
                 return Err(BlockMaskError::BadDim {
@@ -202,6 +213,86 @@ pub fn moba_block_mask(
                 .collect()
         },
     )
+}
+
+/// The mean of every key block per (sequence, kv head) in f64, `[batch, heads_kv,
+/// num_k_blocks, head_dim]` with `num_k_blocks = ceil(max_seqlen_k / block_n)` (blocks past a
+/// varlen sequence's end are 0): the pooled keys MoBA's gate scores against, in the layout of
+/// [`MobaGpuPlan::pooled_keys`]. `q` is only validated (the signature of
+/// [`moba_select_cpu`]).
+pub fn moba_pooled_keys_cpu<T: Element>(
+    attn: &FlashAttention,
+    config: &MobaConfig,
+    q: Strided<&[T]>,
+    k: Strided<&[T]>,
+) -> Result<Vec<f64>> {
+    config.check()?;
+    check_qk(attn, &q, &k)?;
+    let (d, nk) = (
+        attn.head_dim(),
+        attn.max_seqlen_k().div_ceil(config.block_n),
+    );
+    let len = [attn.batch(), attn.heads_kv(), nk, d]
+        .iter()
+        .try_fold(1usize, |a, &x| a.checked_mul(x))
+        .ok_or(BlockMaskError::TooLarge {
+            what: "pooled keys",
+        })?;
+    let mut out = vec![0.0f64; len];
+    for (b, span) in attn.spans().enumerate() {
+        for kvh in 0..attn.heads_kv() {
+            let pk = pooled(
+                attn,
+                &k,
+                b,
+                kvh,
+                span.k_start,
+                span.seqlen_k,
+                config.block_n,
+            );
+            let at = (b * attn.heads_kv() + kvh) * nk * d;
+            out[at..at + pk.len()].copy_from_slice(&pk);
+        }
+    }
+    Ok(out)
+}
+
+/// The key blocks each query tile of `tile_rows` rows must visit for per-row selections
+/// `rows`: the sorted union of its rows' lists, one list per (sequence, query head, tile),
+/// row-major over `[batch, heads_q, ceil(max_seqlen_q / tile_rows)]` (tiles past a varlen
+/// sequence's end are empty). With `tile_rows = GPU_TILE_ROWS` this is what
+/// [`MobaGpuPlan::tile_unions`] returns; it is also the block list of [`moba_block_mask`]
+/// before the options' mask drops blocks it hides entirely.
+pub fn moba_tile_unions(
+    attn: &FlashAttention,
+    rows: &RowBlocks,
+    tile_rows: usize,
+) -> Result<Vec<Vec<i32>>, BlockMaskError> {
+    if tile_rows == 0 {
+        return Err(BlockMaskError::BadDim {
+            name: "tile_rows",
+            value: 0,
+            why: "must be >= 1",
+        });
+    }
+    super::check_row_blocks(attn, rows)?;
+    let nt = attn.max_seqlen_q().div_ceil(tile_rows);
+    let mut lists = Vec::new();
+    for (b, span) in attn.spans().enumerate() {
+        for h in 0..attn.heads_q() {
+            for x in 0..nt {
+                let tile =
+                    (x * tile_rows).min(span.seqlen_q)..((x + 1) * tile_rows).min(span.seqlen_q);
+                let mut union: Vec<i32> = tile
+                    .flat_map(|i| rows.row_at(attn.lse_index(b, h, i)).iter().copied())
+                    .collect();
+                union.sort_unstable();
+                union.dedup();
+                lists.push(union);
+            }
+        }
+    }
+    Ok(lists)
 }
 
 /// MoBA attention as a block-sparse problem: the per-token selection, its per-tile block

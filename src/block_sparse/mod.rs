@@ -21,10 +21,14 @@
 //! The CPU path here and `reference::block_sparse_attention_f64` implement exactly this; the
 //! GPU path ([`BlockSparseAttention::forward_gpu`], explicit opt-in, **verified on an H200
 //! (2026-12-04)**) iterates the same lists as the key-tile schedule of the shared tensor-core
-//! mainloop (`kernels/block_sparse_mma.cu`); per-row selections run on the CPU only.
+//! mainloop (`kernels/block_sparse_mma.cu`). MoBA's per-row selections run on the GPU only
+//! through [`moba::MobaGpuPlan`] (gating and per-row-masked attention on device buffers,
+//! `kernels/moba.cu`, **not yet run on a GPU**); attached to a [`BlockSparseAttention`] they
+//! run on the CPU.
 
 mod gpu;
 pub mod moba;
+mod moba_gpu;
 pub mod patterns;
 
 pub use gpu::{BlockSparseGpuPlan, GPU_HEAD_DIMS};

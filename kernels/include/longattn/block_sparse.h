@@ -45,6 +45,53 @@ typedef struct LaBlockSparseParams {
  * on. */
 int la_block_sparse_mma_forward(const LaBlockSparseParams *params, cudaStream_t stream);
 
+/* MoBA on the GPU (semantics.md "MoBA selection"; kernels/moba.cu). A dense problem (the
+ * dense params: q, k, v, o, lse, lengths, GQA, varlen, scale, softcap, element mask) whose
+ * query row i of (sequence b, query head h) sees key j iff key block j / block_n is in the
+ * row's own selection and the element mask shows (i, j). Rows are in LSE order: row
+ * r = lse_base(b, h) + i ([batch, heads_q, seqlen_q], or [heads_q, total_q] with varlen).
+ * Query tiles are 64 rows (tile x of (b, h) holds rows 64x .. 64x + 63).
+ *
+ * la_moba_select writes, from q and k:
+ *   pooled       [batch, heads_kv, num_k_blocks, head_dim] f32: the mean of each key block
+ *                 (blocks past a sequence's end are not written);
+ *   row_blocks   [rows, top_k] i32: each row's selection, increasing, -1 padded (the
+ *                 RowBlocks layout): its own block (position p = i + sk - sq, own = p /
+ *                 block_n; no block when p < 0) and the top_k - 1 best blocks before it by
+ *                 q_i . pooled (f32), higher score first, lower block index on ties, NaN as
+ *                 -inf;
+ *   union_blocks [batch, heads_q, num_tiles, union_width] i32 and union_count [batch,
+ *                 heads_q, num_tiles]: each 64-row tile's union of its rows' blocks,
+ *                 increasing (tiles past a sequence's end are not written).
+ * la_moba_attention reads row_blocks, union_blocks and union_count and writes o and lse. */
+#define LA_MOBA_MAX_TOP_K 32
+#define LA_MOBA_MAX_K_BLOCKS 65536
+#define LA_MOBA_TILE_ROWS 64
+
+typedef struct LaMobaParams {
+  LaDenseParams dense;
+  float *pooled;
+  int32_t *row_blocks;
+  int32_t *union_blocks;
+  int32_t *union_count;
+  /* num_k_blocks = ceil(dense.seqlen_k / block_n) (<= LA_MOBA_MAX_K_BLOCKS); block_n a
+   * multiple of 64; top_k = min(MoBA's top_k, num_k_blocks) in 1..=LA_MOBA_MAX_TOP_K (the
+   * row stride of row_blocks); num_tiles = ceil(dense.seqlen_q / 64); union_width =
+   * min(num_k_blocks, 64 * top_k). */
+  int32_t num_k_blocks, block_n, top_k, num_tiles, union_width;
+} LaMobaParams;
+
+/* Gating (sm_80+, f16 / bf16, head_dim 64, 128 or 256): two launches (pool, then select +
+ * union). Returns a cudaError_t value and never synchronizes: cudaErrorInvalidValue for
+ * invalid params (checked before any CUDA call), LA_DENSE_KERNEL_UNSUPPORTED for f32,
+ * another head_dim or a device it cannot run on. NOT YET RUN ON A GPU. */
+int la_moba_select(const LaMobaParams *params, cudaStream_t stream);
+
+/* Attention over the selections of la_moba_select (same params; the mma.sync mainloop of
+ * block_sparse_mma.cu over each tile's union, each row masked to its own selection). Same
+ * return values. NOT YET RUN ON A GPU. */
+int la_moba_attention(const LaMobaParams *params, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,562 @@
+//! MoBA on the GPU (`kernels/moba.cu`): gating (mean-pooled keys, per-row top-k, per-tile
+//! unions) and the attention over the per-row selections, on device buffers.
+//!
+//! **NOT YET RUN ON A GPU** (compiled and register-checked only, 2026-12-04). Explicit
+//! opt-in: only [`MobaGpuPlan::forward`] runs it; the CPU path ([`moba_attention`](super::moba::moba_attention),
+//! [`BlockSparseAttention::forward_cpu`](super::BlockSparseAttention::forward_cpu))
+//! is unchanged and remains the fallback.
+//!
+//! The selection is MoBA's per-token rule of [`moba_select_cpu`](super::moba::moba_select_cpu) with the same tie
+//! rule (higher score first, lower block index on ties, NaN as `-inf`), but pooled keys and
+//! scores are f32 (the CPU's are f64): a near-tie can flip between the two. The GPU tests
+//! therefore compare the GPU's pooled keys with the CPU's within a tolerance, accept a GPU
+//! choice that differs from the CPU's only where the two blocks' f64 scores are within a
+//! tolerance of each other, and check the attention against the f64 reference run on the
+//! GPU's own selection.
+
+use super::RowBlocks;
+use super::moba::MobaConfig;
+use crate::dense::FlashAttention;
+use crate::element::{DType, Element};
+use crate::error::{Error, Result};
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
+};
+use crate::layout::{Strided, Strides};
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
+use std::sync::Arc;
+
+/// Largest `min(top_k, num_k_blocks)` the GPU gating takes (`LA_MOBA_MAX_TOP_K`).
+pub const GPU_MAX_TOP_K: usize = 32;
+/// Largest number of key blocks (`ceil(max_seqlen_k / block_n)`) the GPU gating takes
+/// (`LA_MOBA_MAX_K_BLOCKS`: the per-tile union bitset lives in shared memory, 8 KiB).
+pub const GPU_MAX_K_BLOCKS: usize = 65536;
+/// Query rows per tile of the GPU kernels (`LA_MOBA_TILE_ROWS`): the unions are per tile of
+/// this many rows, counted from row 0 of each sequence.
+pub const GPU_TILE_ROWS: usize = 64;
+
+/// The sizes of the GPU buffers of a MoBA problem, validated on the host
+/// ([`MobaGpuDims::new`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MobaGpuDims {
+    /// `ceil(max_seqlen_k / block_n)`.
+    pub num_k_blocks: usize,
+    /// Slots per row of the selection: `min(top_k, num_k_blocks)` (at least 1), the
+    /// [`RowBlocks::top_k`] of the result, as [`moba_select_cpu`](super::moba::moba_select_cpu).
+    pub slots: usize,
+    /// Query tiles per (sequence, head): `ceil(max_seqlen_q / GPU_TILE_ROWS)`.
+    pub num_tiles: usize,
+    /// Entries per tile union: `min(num_k_blocks, GPU_TILE_ROWS * slots)`.
+    pub union_width: usize,
+}
+
+impl MobaGpuDims {
+    /// Checks everything the GPU path needs that is independent of the buffers and the
+    /// dtype, and sizes its buffers: `config` valid, `block_n` a multiple of
+    /// [`GPU_BLOCK_MULTIPLE`](super::GPU_BLOCK_MULTIPLE), head dim 64/128/256,
+    /// `min(top_k, num_k_blocks) <= GPU_MAX_TOP_K`, `num_k_blocks <= GPU_MAX_K_BLOCKS`, batch
+    /// and heads within the grid, buffer sizes within `i32`/`usize`. What the kernels do not
+    /// take is `Error::Unsupported`; a bad config is `Error::InvalidOption`.
+    pub fn new(attn: &FlashAttention, config: &MobaConfig) -> Result<Self> {
+        config.check()?;
+        let block_n = config.block_n;
+        if !block_n.is_multiple_of(super::GPU_BLOCK_MULTIPLE) {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: block_n = {block_n} must be a multiple of 64"
+            )));
+        }
+        check_tensor_core_head_dim("MoBA on the GPU takes", attn.head_dim())?;
+        crate::gpu::check_grid_yz(attn.batch(), ("heads_q", attn.heads_q()))?;
+        let num_k_blocks = attn.max_seqlen_k().div_ceil(block_n);
+        if num_k_blocks > GPU_MAX_K_BLOCKS {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: {num_k_blocks} key blocks, at most {GPU_MAX_K_BLOCKS}"
+            )));
+        }
+        let slots = config.top_k.min(num_k_blocks).max(1);
+        if slots > GPU_MAX_TOP_K {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: top_k = {slots} (after the cap at the key block count), at \
+                 most {GPU_MAX_TOP_K}"
+            )));
+        }
+        let num_tiles = attn.max_seqlen_q().div_ceil(GPU_TILE_ROWS);
+        let union_width = num_k_blocks.min(GPU_TILE_ROWS * slots);
+        let dims = MobaGpuDims {
+            num_k_blocks,
+            slots,
+            num_tiles,
+            union_width,
+        };
+        // Every buffer's element count fits i32 index math in the kernels' 64-bit offsets;
+        // the counts themselves must fit usize and the tile count i32.
+        dims.pooled_len(attn)?;
+        dims.rows_len(attn)?;
+        dims.unions_len(attn)?;
+        i32::try_from(num_tiles).map_err(|_| Error::Shape("MoBA: too many query tiles".into()))?;
+        Ok(dims)
+    }
+
+    fn product(what: &str, dims: &[usize]) -> Result<usize> {
+        dims.iter()
+            .try_fold(1usize, |a, &x| a.checked_mul(x))
+            .filter(|&n| n <= i64::MAX as usize)
+            .ok_or_else(|| Error::Shape(format!("MoBA on the GPU: {what} overflows")))
+    }
+    /// `[batch, heads_kv, num_k_blocks, head_dim]` f32.
+    fn pooled_len(&self, attn: &FlashAttention) -> Result<usize> {
+        let d = [
+            attn.batch(),
+            attn.heads_kv(),
+            self.num_k_blocks,
+            attn.head_dim(),
+        ];
+        Self::product("pooled keys", &d)
+    }
+    /// `[rows, slots]` i32 (rows in LSE order).
+    fn rows_len(&self, attn: &FlashAttention) -> Result<usize> {
+        Self::product("row selections", &[attn.lse_len(), self.slots])
+    }
+    /// `[batch, heads_q, num_tiles]` (times `union_width` for the lists).
+    fn unions_len(&self, attn: &FlashAttention) -> Result<usize> {
+        let d = [
+            attn.batch(),
+            attn.heads_q(),
+            self.num_tiles,
+            self.union_width,
+        ];
+        Self::product("tile unions", &d)?;
+        Self::product("tile unions", &d[..3])
+    }
+}
+
+/// MoBA (gating + attention) on the GPU for one problem, with its device scratch buffers:
+/// the pooled keys `[batch, heads_kv, num_k_blocks, head_dim]` f32, the per-row selections
+/// `[rows, slots]` i32 ([`RowBlocks`] layout, rows in LSE order), and the per-64-row-tile
+/// unions `[batch, heads_q, num_tiles, union_width]` i32 with their counts
+/// `[batch, heads_q, num_tiles]` ([`MobaGpuDims`]). [`MobaGpuPlan::forward`] allocates and
+/// copies nothing (CUDA-graph capturable). The buffers live on the stream that built the
+/// plan; use the plan on that stream. **NOT YET RUN ON A GPU.**
+#[derive(Debug)]
+pub struct MobaGpuPlan {
+    attn: FlashAttention,
+    config: MobaConfig,
+    dims: MobaGpuDims,
+    bufs: Buffers,
+}
+
+#[derive(Debug)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct Buffers {
+    pooled: CudaSlice<f32>,
+    rows: CudaSlice<i32>,
+    union_blocks: CudaSlice<i32>,
+    union_count: CudaSlice<i32>,
+    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+impl MobaGpuPlan {
+    /// Validates `attn` and `config` on the host ([`MobaGpuDims::new`]), then allocates the
+    /// scratch buffers and copies the varlen offsets on `stream`. `attn`'s options are the
+    /// element mask applied with the selection (MoBA's are causal).
+    pub fn new(
+        attn: &FlashAttention,
+        config: &MobaConfig,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self> {
+        let dims = MobaGpuDims::new(attn, config)?;
+        // At least one element each, so the kernels never see a null array.
+        let n = |len: usize| len.max(1);
+        let bufs = Buffers {
+            pooled: stream.alloc_zeros::<f32>(n(dims.pooled_len(attn)?))?,
+            rows: stream.alloc_zeros::<i32>(n(dims.rows_len(attn)?))?,
+            union_blocks: stream
+                .alloc_zeros::<i32>(n(dims.unions_len(attn)? * dims.union_width))?,
+            union_count: stream.alloc_zeros::<i32>(n(dims.unions_len(attn)?))?,
+            cu_seqlens: match &attn.varlen {
+                Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+                None => None,
+            },
+        };
+        Ok(MobaGpuPlan {
+            attn: attn.clone(),
+            config: *config,
+            dims,
+            bufs,
+        })
+    }
+
+    /// The problem.
+    pub fn problem(&self) -> &FlashAttention {
+        &self.attn
+    }
+    /// The MoBA configuration.
+    pub fn config(&self) -> MobaConfig {
+        self.config
+    }
+    /// The buffer sizes.
+    pub fn dims(&self) -> MobaGpuDims {
+        self.dims
+    }
+
+    /// Gating then attention on `stream` (the caller's; nothing is synchronized), two kernel
+    /// launches for the gating and one for the attention:
+    /// - `q: [batch, seqlen_q, heads_q, head_dim]` (or `[total_q, heads_q, head_dim]` with
+    ///   varlen), `k, v: [batch, seqlen_k, heads_kv, head_dim]` (or `[total_k, ...]`), `out`
+    ///   like `q`, `lse: [batch, heads_q, seqlen_q]` (or `[heads_q, total_q]`) f32, optional;
+    ///   element strides, pointers 16-byte aligned, strides multiples of 8 elements;
+    /// - f16 or bf16; a device of compute capability 8.0 or newer.
+    ///
+    /// Row `i` sees key `j` iff `j`'s block is in the row's selection (its own block plus the
+    /// `top_k - 1` best earlier blocks by `q_i . mean(k[block])`) and the options' element
+    /// mask shows `(i, j)`; a row that sees nothing gets output 0 and LSE `-inf`. The
+    /// selection stays in the plan ([`MobaGpuPlan::row_blocks`]). Every check happens on the
+    /// host before any device pointer is taken; errors, never panics.
+    pub fn forward<T, I, O>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check(
+            T::DTYPE,
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        cuda_call!(launch, self, stream, q, k, v, out, lse)
+    }
+
+    /// Every check of [`MobaGpuPlan::forward`] that needs no device pointer: the buffers'
+    /// extents and strides (as the CPU path), then dtype, head dim and grid limits.
+    pub(crate) fn check(
+        &self,
+        dtype: DType,
+        bufs: [(usize, &Strides); 4],
+        lse_len: Option<usize>,
+    ) -> Result<()> {
+        let a = &self.attn;
+        a.check_buffers(bufs[0], bufs[1], bufs[2], bufs[3], lse_len)?;
+        check_attention_gpu("MoBA", dtype, a.head_dim, a.batch, a.heads_q)
+    }
+
+    /// The selection of the last [`MobaGpuPlan::forward`], copied to the host (synchronizes
+    /// `stream`): [`RowBlocks`] with `block_n` and [`MobaGpuDims::slots`] slots per row,
+    /// validated against the problem.
+    pub fn row_blocks(&self, stream: &Arc<CudaStream>) -> Result<RowBlocks> {
+        let mut blocks = stream.clone_dtoh(&self.bufs.rows)?;
+        blocks.truncate(self.dims.rows_len(&self.attn)?);
+        let rows = RowBlocks::new(self.config.block_n, self.dims.slots, blocks)?;
+        super::check_row_blocks(&self.attn, &rows)?;
+        Ok(rows)
+    }
+
+    /// The pooled keys of the last [`MobaGpuPlan::forward`] (synchronizes `stream`):
+    /// `[batch, heads_kv, num_k_blocks, head_dim]` f32, the mean of each key block (blocks
+    /// past a varlen sequence's end hold stale values), the layout of
+    /// [`moba_pooled_keys_cpu`](super::moba::moba_pooled_keys_cpu).
+    pub fn pooled_keys(&self, stream: &Arc<CudaStream>) -> Result<Vec<f32>> {
+        let mut pooled = stream.clone_dtoh(&self.bufs.pooled)?;
+        pooled.truncate(self.dims.pooled_len(&self.attn)?);
+        Ok(pooled)
+    }
+
+    /// The key blocks each 64-row tile visited in the last [`MobaGpuPlan::forward`]
+    /// (synchronizes `stream`): one increasing list per (sequence, query head, tile),
+    /// row-major over `[batch, heads_q, num_tiles]`, empty for tiles past a varlen
+    /// sequence's end; the layout of [`moba_tile_unions`](super::moba::moba_tile_unions).
+    pub fn tile_unions(&self, stream: &Arc<CudaStream>) -> Result<Vec<Vec<i32>>> {
+        let counts = stream.clone_dtoh(&self.bufs.union_count)?;
+        let blocks = stream.clone_dtoh(&self.bufs.union_blocks)?;
+        let (nt, w) = (self.dims.num_tiles, self.dims.union_width);
+        let mut lists = Vec::with_capacity(self.dims.unions_len(&self.attn)?);
+        for (b, span) in self.attn.spans().enumerate() {
+            for h in 0..self.attn.heads_q() {
+                for x in 0..nt {
+                    let t = (b * self.attn.heads_q() + h) * nt + x;
+                    if x * GPU_TILE_ROWS >= span.seqlen_q {
+                        lists.push(Vec::new());
+                        continue;
+                    }
+                    let n = usize::try_from(counts[t]).unwrap_or(0).min(w);
+                    lists.push(blocks[t * w..t * w + n].to_vec());
+                }
+            }
+        }
+        Ok(lists)
+    }
+}
+
+#[cfg(longattn_cuda)]
+fn launch<T, I, O>(
+    plan: &mut MobaGpuPlan,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
+{
+    use crate::dense::gpu::ffi_params;
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use cudarc::driver::DevicePtrMut;
+    let attn = &plan.attn;
+    if attn.total_q == 0 {
+        return Ok(());
+    }
+    let ptrs = QkvoPtrs::new(stream, &q, &k, &v, (&mut *out.data, &out.strides))?;
+    let bufs = &mut plan.bufs;
+    let cu = bufs.cu_seqlens.as_ref();
+    let (cu_q, _cq_sync) = ptr_or_null(cu.map(|(cq, _)| cq), stream);
+    let (cu_k, _ck_sync) = ptr_or_null(cu.map(|(_, ck)| ck), stream);
+    let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
+    let (pooled, _pooled_sync) = bufs.pooled.device_ptr_mut(stream);
+    let (rows, _rows_sync) = bufs.rows.device_ptr_mut(stream);
+    let (union_blocks, _ub_sync) = bufs.union_blocks.device_ptr_mut(stream);
+    let (union_count, _uc_sync) = bufs.union_count.device_ptr_mut(stream);
+    let strides = [&q.strides, &k.strides, &v.strides, &out.strides];
+    let d = plan.dims;
+    // Dims fit i32: MobaGpuDims::new bounds the block and tile counts, top_k and the width.
+    let params = ffi::LaMobaParams {
+        dense: ffi_params::<T>(attn, &ptrs, strides, (cu_q, cu_k), lse_ptr),
+        pooled: pooled as *mut f32,
+        row_blocks: rows as *mut i32,
+        union_blocks: union_blocks as *mut i32,
+        union_count: union_count as *mut i32,
+        num_k_blocks: d.num_k_blocks as i32,
+        block_n: plan.config.block_n as i32,
+        top_k: d.slots as i32,
+        num_tiles: d.num_tiles as i32,
+        union_width: d.union_width as i32,
+    };
+    let unsupported = |code: i32| {
+        (code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32).then(|| {
+            Error::Unsupported(
+                "MoBA on the GPU needs a device of compute capability 8.0 or newer with its \
+                 shared memory"
+                    .into(),
+            )
+        })
+    };
+    // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
+    // the strides (q, k, v, out, lse) or that the plan sized from the same validated dims
+    // (pooled, rows, unions); both launches are ordered on `stream`, and the sync guards
+    // keep cudarc's event tracking correct until they are queued.
+    let code = unsafe { ffi::la_moba_select(&params, stream.cu_stream() as _) };
+    if let Some(e) = unsupported(code) {
+        return Err(e);
+    }
+    check_launch("la_moba_select", code)?;
+    // SAFETY: as above; the attention reads the selections the select launch writes, in
+    // stream order.
+    let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
+    if let Some(e) = unsupported(code) {
+        return Err(e);
+    }
+    check_launch("la_moba_attention", code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dense::{AttentionOptions, AttentionShape};
+    use crate::layout::SeqLens;
+
+    fn attn(sq: usize, sk: usize, d: usize) -> FlashAttention {
+        FlashAttention::new(
+            &AttentionShape {
+                batch: 2,
+                heads_q: 4,
+                heads_kv: 2,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                },
+            },
+            &AttentionOptions::causal(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn dims_size_the_buffers() {
+        let cfg = MobaConfig {
+            block_n: 128,
+            top_k: 3,
+        };
+        let d = MobaGpuDims::new(&attn(200, 1000, 64), &cfg).unwrap();
+        assert_eq!(
+            d,
+            MobaGpuDims {
+                num_k_blocks: 8,
+                slots: 3,
+                num_tiles: 4,
+                union_width: 8,
+            }
+        );
+        // top_k capped at the key block count; an empty key side keeps one slot.
+        let d = MobaGpuDims::new(&attn(64, 100, 128), &cfg).unwrap();
+        assert_eq!((d.num_k_blocks, d.slots, d.union_width), (1, 1, 1));
+        let d = MobaGpuDims::new(&attn(64, 0, 256), &cfg).unwrap();
+        assert_eq!((d.num_k_blocks, d.slots, d.union_width), (0, 1, 0));
+        let cfg = MobaConfig {
+            block_n: 64,
+            top_k: 32,
+        };
+        let d = MobaGpuDims::new(&attn(10, 1 << 16, 64), &cfg).unwrap();
+        assert_eq!((d.slots, d.union_width), (32, 1024));
+    }
+
+    #[test]
+    fn dims_refuse_what_the_kernels_do_not_take() {
+        let ok = MobaConfig {
+            block_n: 128,
+            top_k: 4,
+        };
+        let unsupported = |a: &FlashAttention, c: &MobaConfig, what: &str| {
+            let r = MobaGpuDims::new(a, c);
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains(what)),
+                "{what}: {r:?}"
+            );
+        };
+        for block_n in [32, 96, 100] {
+            unsupported(
+                &attn(64, 512, 64),
+                &MobaConfig { block_n, ..ok },
+                "multiple of 64",
+            );
+        }
+        for d in [32, 96, 40] {
+            unsupported(&attn(64, 512, d), &ok, "head_dim");
+        }
+        let big = MobaConfig {
+            block_n: 64,
+            top_k: 33,
+        };
+        unsupported(&attn(64, 64 * 40, 64), &big, "top_k = 33");
+        // 33 requested but only 20 blocks: 20 slots, accepted.
+        MobaGpuDims::new(&attn(64, 64 * 20, 64), &big).unwrap();
+        let many = MobaConfig {
+            block_n: 64,
+            top_k: 2,
+        };
+        unsupported(&attn(64, 64 * 65537, 64), &many, "key blocks");
+        for bad in [
+            MobaConfig {
+                block_n: 0,
+                top_k: 1,
+            },
+            MobaConfig {
+                block_n: 64,
+                top_k: 0,
+            },
+        ] {
+            let r = MobaGpuDims::new(&attn(64, 64, 64), &bad);
+            assert!(matches!(r, Err(Error::InvalidOption(_))), "{bad:?}: {r:?}");
+        }
+    }
+
+    /// The C launchers refuse bad params before any CUDA call (so this runs without a GPU).
+    #[cfg(longattn_cuda)]
+    #[test]
+    fn c_entries_refuse_bad_params() {
+        use crate::gpu::ffi;
+        const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+        let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
+        let dense = ffi::LaDenseParams {
+            q: fake as *const _,
+            k: fake as *const _,
+            v: fake as *const _,
+            o: fake as *mut _,
+            batch: 1,
+            seqlen_q: 100,
+            seqlen_k: 300,
+            heads_q: 2,
+            heads_kv: 1,
+            head_dim: 64,
+            total_q: 100,
+            total_k: 300,
+            window_left: -1,
+            window_right: 0,
+            scale: 0.125,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        let ok = ffi::LaMobaParams {
+            dense,
+            pooled: fake as *mut f32,
+            row_blocks: fake as *mut i32,
+            union_blocks: fake as *mut i32,
+            union_count: fake as *mut i32,
+            num_k_blocks: 5,
+            block_n: 64,
+            top_k: 3,
+            num_tiles: 2,
+            union_width: 5,
+        };
+        let cases = [
+            ffi::LaMobaParams {
+                pooled: std::ptr::null_mut(),
+                ..ok
+            },
+            ffi::LaMobaParams {
+                union_count: std::ptr::null_mut(),
+                ..ok
+            },
+            ffi::LaMobaParams { block_n: 96, ..ok },
+            ffi::LaMobaParams {
+                num_k_blocks: 4,
+                ..ok
+            },
+            ffi::LaMobaParams { top_k: 0, ..ok },
+            ffi::LaMobaParams { top_k: 6, ..ok },
+            ffi::LaMobaParams { num_tiles: 1, ..ok },
+            ffi::LaMobaParams {
+                union_width: 4,
+                ..ok
+            },
+            ffi::LaMobaParams {
+                dense: ffi::LaDenseParams {
+                    heads_kv: 0,
+                    ..dense
+                },
+                ..ok
+            },
+        ];
+        for (i, p) in cases.iter().enumerate() {
+            // SAFETY: the params are refused before any pointer is read or CUDA is called.
+            let (s, a) = unsafe {
+                (
+                    ffi::la_moba_select(p, std::ptr::null_mut()),
+                    ffi::la_moba_attention(p, std::ptr::null_mut()),
+                )
+            };
+            assert_eq!((s, a), (INVALID_VALUE, INVALID_VALUE), "case {i}");
+        }
+        // SAFETY: a NULL params pointer is refused.
+        let code = unsafe { ffi::la_moba_select(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // No work (batch 0): success without a launch.
+        let empty = ffi::LaMobaParams {
+            dense: ffi::LaDenseParams { batch: 0, ..dense },
+            ..ok
+        };
+        // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
+        let code = unsafe { ffi::la_moba_select(&empty, std::ptr::null_mut()) };
+        assert_eq!(code, 0);
+    }
+}
