@@ -17,6 +17,7 @@
 //    Each row then adds its own block, sorts its list by index, writes it (RowBlocks layout)
 //    and sets its blocks in a shared bitset of the tile's key blocks, which warp 0 compacts
 //    (popc + warp scan) into the tile's increasing union list.
+// 2b. moba_select_blocks_kernel: the same at query-block granularity (below).
 // 3. moba_attention_kernel: the mma.sync mainloop (mma_mainloop.cuh) with MobaProblem, the
 //    block-sparse problem of block_sparse_mma.cu whose list is the tile's union and whose
 //    mask adds each row's selection: the 64 rows' lists are copied into dynamic shared
@@ -255,6 +256,107 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
   }
 }
 
+// ---- 2b. Selection at query-block granularity ------------------------------------------
+// Grid (num_tiles, heads_q, batch), 128 threads: the CTA of a 64-row tile computes its query
+// block's list (every tile of a block computes the same one, in the same order): the f32 mean
+// of the block's rows (thread per channel, rows in order), then the scores of the candidate
+// blocks in chunks of 32 (warp per block, lanes over channels, butterfly sum), merged by
+// thread 0 into the top list with the rule of moba_select_kernel; the diagonal blocks are
+// appended and the list sorted. The tile's rows and union get the list.
+template <typename T, int D>
+__global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const __grid_constant__ LaMobaParams p) {
+  __shared__ float qm[D];
+  __shared__ float sc[kChunk];
+  __shared__ uint32_t key_s[kMaxTopK];
+  __shared__ int idx_s[kMaxTopK];
+  __shared__ int n_list;
+  const int x = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const SeqInfo s = seq_info(p.dense, b, h);
+  const int m0 = x * kTileRows;
+  if (m0 >= s.sq) return;
+  const HeadTensors<T> head = head_tensors<T>(p.dense, s, b, h);
+  const int kvh = h / (p.dense.heads_q / p.dense.heads_kv);
+  const int r0 = m0 / p.block_m * p.block_m, r1 = min(r0 + p.block_m, s.sq);
+  const int shift = s.sk - s.sq;
+  const int p1 = r1 - 1 + shift;
+  if (p1 >= 0) {
+    const int p0 = max(r0 + shift, 0);
+    const int diag0 = p0 / p.block_n, n_diag = p1 / p.block_n - diag0 + 1;
+    const int take = min(max(p.select_k - n_diag, 0), diag0);  // candidates: 0..diag0
+    int filled = 0;
+    if (take > 0) {
+      for (int ch = tid; ch < D; ch += kSelThreads) {
+        float sum = 0.0f;
+        for (int r = r0; r < r1; ++r)
+          sum += Elem<T>::to_float(head.q[(long long)r * p.dense.q_row_stride + ch]);
+        qm[ch] = sum / (r1 - r0);
+      }
+      const float *pooled =
+          p.pooled + ((long long)b * p.dense.heads_kv + kvh) * p.num_k_blocks * (long long)D;
+      for (int c0 = 0; c0 < diag0; c0 += kChunk) {
+        const int nc = min(kChunk, diag0 - c0);
+        __syncthreads();  // qm written; the previous chunk merged
+        for (int c = warp; c < nc; c += kSelThreads / 32) {
+          const float *pk = pooled + (long long)(c0 + c) * D;
+          float part = 0.0f;
+#pragma unroll
+          for (int ch = lane; ch < D; ch += 32) part = fmaf(qm[ch], pk[ch], part);
+          part = warp_sum(part);
+          if (lane == 0) sc[c] = part;
+        }
+        __syncthreads();
+        if (tid == 0) {
+          for (int c = 0; c < nc; ++c) {
+            const uint32_t key = rank_key(sc[c]);
+            int pos;
+            if (filled < take) {
+              pos = filled++;
+            } else if (key > key_s[take - 1]) {
+              pos = take - 1;
+            } else {
+              continue;
+            }
+            while (pos > 0 && key_s[pos - 1] < key) {
+              key_s[pos] = key_s[pos - 1];
+              idx_s[pos] = idx_s[pos - 1];
+              --pos;
+            }
+            key_s[pos] = key;
+            idx_s[pos] = c0 + c;
+          }
+        }
+      }
+    }
+    if (tid == 0) {
+      // The ranked blocks (all below diag0) by index, then the diagonal blocks.
+      for (int i = 1; i < filled; ++i) {
+        const int v = idx_s[i];
+        int j = i;
+        while (j > 0 && idx_s[j - 1] > v) {
+          idx_s[j] = idx_s[j - 1];
+          --j;
+        }
+        idx_s[j] = v;
+      }
+      for (int i = 0; i < n_diag; ++i) idx_s[filled + i] = diag0 + i;
+      n_list = filled + n_diag;
+    }
+  } else if (tid == 0) {
+    n_list = 0;
+  }
+  __syncthreads();
+  const int n = n_list, rows = min(kTileRows, s.sq - m0);
+  int32_t *out = p.row_blocks + (s.lse_base + m0) * (long long)p.top_k;
+  for (int e = tid; e < rows * p.top_k; e += kSelThreads) {
+    const int j = e % p.top_k;
+    out[e] = j < n ? idx_s[j] : -1;
+  }
+  const long long tile = ((long long)b * p.dense.heads_q + h) * p.num_tiles + x;
+  for (int j = tid; j < n; j += kSelThreads) p.union_blocks[tile * p.union_width + j] = idx_s[j];
+  if (tid == 0) p.union_count[tile] = n;
+}
+
 // ---- 3. Attention ---------------------------------------------------------------------
 // Query rows [m0, m0 + 64) of one (sequence, query head) over the tile's union list, each row
 // masked to its own selection (rows_s: the 64 rows' lists, top_k each, -1 past the end).
@@ -401,6 +503,20 @@ cudaError_t launch_select(const LaMobaParams &p, cudaStream_t stream) {
 }
 
 template <typename T, class Tr>
+cudaError_t launch_select_blocks(const LaMobaParams &p, cudaStream_t stream) {
+  constexpr int D = Tr::kHeadDim;
+  const LaDenseParams &d = p.dense;
+  if (p.num_k_blocks > 0) {
+    const cudaError_t err = launch_smem(moba_pool_kernel<T, D>,
+                                        dim3(p.num_k_blocks, d.heads_kv, d.batch), kPoolThreads,
+                                        0, p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_smem(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, 0, p, stream);
+}
+
+template <typename T, class Tr>
 cudaError_t launch_attention(const LaMobaParams &p, cudaStream_t stream) {
   const dim3 grid(p.num_tiles, p.dense.heads_q, p.dense.batch);
   return launch_smem(moba_attention_kernel<T, Tr>, grid, Tr::kThreads,
@@ -428,10 +544,18 @@ bool params_ok(const LaMobaParams &p) {
                    p.union_blocks != nullptr && p.union_count != nullptr);
 }
 
+// la_moba_select_blocks: block_m a multiple of 64, select_k >= 1, top_k the longest list.
+bool blocks_ok(const LaMobaParams &p) {
+  if (p.block_m <= 0 || p.block_m % 64 != 0 || p.select_k < 1 || p.block_n <= 0) return false;
+  const long long longest = max((long long)p.select_k, (long long)(p.block_m - 1) / p.block_n + 2);
+  return p.num_k_blocks == 0 || p.top_k == min((long long)p.num_k_blocks, longest);
+}
+
 template <class F>
-int run(const LaMobaParams *params, F &&f) {
+int run(const LaMobaParams *params, F &&f, bool blocks = false) {
   static_assert(LA_DENSE_KERNEL_UNSUPPORTED == cudaErrorNotSupported, "documented in dense.h");
-  if (params == nullptr || !params_ok(*params)) return cudaErrorInvalidValue;
+  if (params == nullptr || !params_ok(*params) || (blocks && !blocks_ok(*params)))
+    return cudaErrorInvalidValue;
   const LaMobaParams &p = *params;
   if (p.dense.batch == 0 || p.dense.seqlen_q == 0) return cudaSuccess;
   cudaError_t err = cudaErrorNotSupported;  // f32, or a head_dim without a configuration
@@ -448,6 +572,17 @@ extern "C" int la_moba_select(const LaMobaParams *params, cudaStream_t stream) {
   return run(params, [&](auto t, auto tr, const LaMobaParams &p) {
     return launch_select<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
   });
+}
+
+extern "C" int la_moba_select_blocks(const LaMobaParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  return run(
+      params,
+      [&](auto t, auto tr, const LaMobaParams &p) {
+        return launch_select_blocks<typename decltype(t)::type, typename decltype(tr)::type>(
+            p, stream);
+      },
+      true);
 }
 
 extern "C" int la_moba_attention(const LaMobaParams *params, cudaStream_t stream) {

@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use longattn::block_sparse::moba::{
     GPU_TILE_ROWS, MobaConfig, MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask,
-    moba_pooled_keys_cpu, moba_select_cpu, moba_tile_unions,
+    moba_pooled_keys_cpu, moba_select_blocks_cpu, moba_select_cpu, moba_tile_unions,
 };
 use longattn::block_sparse::patterns::{self, PatternShape};
 use longattn::block_sparse::{GPU_BLOCK_MULTIPLE, ListId};
@@ -1049,4 +1049,284 @@ fn gpu_moba_plan_reuse_and_refusals() {
         Some(&mut lse),
     );
     assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
+}
+
+// ---- MoBA at query-block granularity on the GPU ------------------------------------------
+
+/// Query-block cases: the per-token shapes, each with a query block size (64, 128, 192),
+/// causal only (under a window `moba_select_blocks_cpu` drops selected blocks the window hides
+/// entirely, which the GPU lists keep and the element mask hides: same attention, different
+/// lists; the per-token sweep covers the window).
+fn moba_block_cases() -> Vec<(MobaCase, usize)> {
+    let sizes = [64, 128, 64, 192, 64, 128, 64, 128, 64, 192];
+    moba_cases()
+        .into_iter()
+        .filter(|mc| mc.name != "window")
+        .zip(sizes)
+        .collect()
+}
+
+/// The query-block lists of a result, per (sequence, head, query block): the union of the
+/// block's first 64-row tile (every tile of the block holds the same list, checked).
+fn block_lists(
+    attn: &FlashAttention,
+    unions: &[Vec<i32>],
+    rows: &RowBlocks,
+    bm: usize,
+    what: &str,
+) -> Vec<Vec<i32>> {
+    let nt = attn.max_seqlen_q().div_ceil(GPU_TILE_ROWS);
+    let nqb = attn.max_seqlen_q().div_ceil(bm);
+    let mut lists = Vec::new();
+    for (b, span) in attn.spans().enumerate() {
+        for h in 0..attn.heads_q() {
+            for qb in 0..nqb {
+                let tiles = (qb * bm / GPU_TILE_ROWS..((qb + 1) * bm / GPU_TILE_ROWS).min(nt))
+                    .map(|x| &unions[(b * attn.heads_q() + h) * nt + x])
+                    .collect::<Vec<_>>();
+                let list = if qb * bm >= span.seqlen_q {
+                    Vec::new()
+                } else {
+                    tiles[0].clone()
+                };
+                for x in qb * bm / GPU_TILE_ROWS..((qb + 1) * bm / GPU_TILE_ROWS).min(nt) {
+                    if x * GPU_TILE_ROWS < span.seqlen_q {
+                        assert_eq!(
+                            unions[(b * attn.heads_q() + h) * nt + x],
+                            list,
+                            "{what}: tile {x} of block {qb}"
+                        );
+                    }
+                }
+                for i in qb * bm..((qb + 1) * bm).min(span.seqlen_q) {
+                    let r = lse_index(attn, b, h, i);
+                    assert_eq!(rows.row(r).unwrap(), &list[..], "{what}: row {i}");
+                }
+                lists.push(list);
+            }
+        }
+    }
+    lists
+}
+
+/// Checks a query-block result against `moba_select_blocks_cpu` (up to near-ties of the
+/// f64 gate on the block's mean query) and its attention against the f64 reference on its
+/// own lists. Returns (rel. error, near-tie flips).
+fn moba_blocks_check<T: Element>(
+    mc: &MobaCase,
+    bm: usize,
+    x: &Inputs<T>,
+    got: MobaResult,
+    what: &str,
+) -> (f64, usize) {
+    let attn = x.bs.attention().clone();
+    let cfg = mc.config();
+    let q = || Strided::new(&x.q[..], x.qs);
+    let k = || Strided::new(&x.k[..], x.ks);
+    let (d, hkv, bn) = (mc.d, mc.hkv, mc.block_n);
+    let nk = attn.max_seqlen_k().div_ceil(bn);
+    let nqb = attn.max_seqlen_q().div_ceil(bm);
+    let lists = block_lists(&attn, &got.unions, &got.rows, bm, what);
+    let want = moba_select_blocks_cpu(&attn, &cfg, bm, q(), k()).unwrap();
+    let pool = moba_pooled_keys_cpu(&attn, &cfg, q(), k()).unwrap();
+    let mut flips = 0;
+    for (b, span) in attn.spans().enumerate() {
+        for h in 0..mc.hq {
+            let kvh = h / (mc.hq / hkv);
+            for qb in 0..nqb {
+                let g = &lists[(b * mc.hq + h) * nqb + qb];
+                let w = want.list(b, h, qb).unwrap().indices;
+                if &g[..] == w {
+                    continue;
+                }
+                assert_eq!(
+                    g.len(),
+                    w.len(),
+                    "{what}: block ({b}, {h}, {qb}) {g:?} vs {w:?}"
+                );
+                // The block's mean query (f64) against the CPU's pooled keys.
+                let rows = qb * bm..((qb + 1) * bm).min(span.seqlen_q);
+                let bb = if attn.is_varlen() { 0 } else { b } as i64;
+                let mq: Vec<f64> = (0..d)
+                    .map(|ch| {
+                        rows.clone()
+                            .map(|i| {
+                                let o = bb * x.qs.batch
+                                    + (span.q_start + i) as i64 * x.qs.seq
+                                    + h as i64 * x.qs.head;
+                                x.q[o as usize + ch].to_f64()
+                            })
+                            .sum::<f64>()
+                            / rows.len() as f64
+                    })
+                    .collect();
+                let score = |kb: i32| -> (f64, f64) {
+                    let po = ((b * hkv + kvh) * nk + kb as usize) * d;
+                    (0..d).fold((0.0, 0.0), |(s, m), ch| {
+                        let t = mq[ch] * pool[po + ch];
+                        (s + t, m + t.abs())
+                    })
+                };
+                let only_w: Vec<i32> = w.iter().copied().filter(|kb| !g.contains(kb)).collect();
+                for a in g.iter().copied().filter(|kb| !w.contains(kb)) {
+                    let (sa, ma) = score(a);
+                    assert!(
+                        only_w.iter().any(|&o| {
+                            let (so, mo) = score(o);
+                            (sa - so).abs() <= 1e-5 * (ma + mo) + 1e-6
+                        }),
+                        "{what}: block ({b}, {h}, {qb}) GPU {g:?} vs CPU {w:?} is not a near-tie"
+                    );
+                }
+                flips += 1;
+            }
+        }
+    }
+    // Attention: the f64 reference on the result's own lists (all partial: the element
+    // mask applies, as in the kernel).
+    let dims = BlockMaskDims::for_lengths(
+        attn.batch(),
+        attn.heads_q(),
+        attn.max_seqlen_q(),
+        attn.max_seqlen_k(),
+        bm,
+        bn,
+    )
+    .unwrap();
+    let mask = BlockMask::from_lists(dims, |id| {
+        lists[(id.batch * mc.hq + id.head) * nqb + id.q_block]
+            .iter()
+            .map(|&kb| (kb as usize, BlockKind::Partial))
+            .collect()
+    })
+    .unwrap();
+    let bs = BlockSparseAttention::new(attn.clone(), mask).unwrap();
+    let (want_o, want_lse) =
+        block_sparse_attention_f64(&bs, q(), k(), Strided::new(&x.v[..], x.ks)).unwrap();
+    let nan = got.out.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
+    let err = rel_l2(&got.out, &want_o);
+    assert!(err < tolerance::<T>(), "{what}: rel err {err}");
+    let lse_tol = 2e-3
+        * (1.0
+            + want_lse
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0.0f64, |a, &b| a.max(b.abs())));
+    check_lse(&got.lse, &want_lse, lse_tol, what);
+    (err, flips)
+}
+
+/// The query-block checker accepts the CPU path's own results (runs without a GPU).
+#[test]
+fn moba_block_cases_are_valid_gpu_problems() {
+    for (i, (mc, bm)) in moba_block_cases().iter().enumerate() {
+        let x = mc.case().inputs::<bf16>(80 + i as u64);
+        let attn = x.bs.attention();
+        let cfg = mc.config();
+        let dims = MobaGpuDims::for_query_blocks(attn, &cfg, *bm).unwrap();
+        let q = || Strided::new(&x.q[..], x.qs);
+        let k = || Strided::new(&x.k[..], x.ks);
+        let mask = moba_select_blocks_cpu(attn, &cfg, *bm, q(), k()).unwrap();
+        // What the GPU writes, from the CPU lists: each row its block's list, each tile its
+        // block's list.
+        let nt = attn.max_seqlen_q().div_ceil(GPU_TILE_ROWS);
+        let mut blocks = vec![-1i32; attn.lse_len() * dims.slots];
+        let mut unions = Vec::new();
+        for (b, span) in attn.spans().enumerate() {
+            for h in 0..mc.hq {
+                for i in 0..span.seqlen_q {
+                    let l = mask.list(b, h, i / bm).unwrap().indices;
+                    let r = lse_index(attn, b, h, i);
+                    blocks[r * dims.slots..][..l.len()].copy_from_slice(l);
+                }
+                for t in 0..nt {
+                    unions.push(if t * GPU_TILE_ROWS < span.seqlen_q {
+                        mask.list(b, h, t * GPU_TILE_ROWS / bm)
+                            .unwrap()
+                            .indices
+                            .to_vec()
+                    } else {
+                        Vec::new()
+                    });
+                }
+            }
+        }
+        let bs = BlockSparseAttention::new(attn.clone(), mask).unwrap();
+        let mut out = vec![bf16::from_f32(f32::NAN); attn.out_len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        bs.forward_cpu(
+            q(),
+            k(),
+            Strided::new(&x.v[..], x.ks),
+            Strided::new(&mut out[..], x.qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let got = MobaResult {
+            pooled: Vec::new(),
+            rows: RowBlocks::new(mc.block_n, dims.slots, blocks).unwrap(),
+            unions,
+            out: to_f64(&out),
+            lse,
+        };
+        let (err, flips) = moba_blocks_check(mc, *bm, &x, got, mc.name);
+        assert_eq!(flips, 0, "{}", mc.name);
+        assert!(err < 1e-2, "{}: {err}", mc.name);
+    }
+}
+
+fn moba_blocks_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (mut worst, mut flips) = (0.0f64, 0);
+    for (i, (mc, bm)) in moba_block_cases().iter().enumerate() {
+        let x = mc.case().inputs::<T>(seed + i as u64);
+        let attn = x.bs.attention().clone();
+        let what = format!("moba blocks {} bm {bm} d{} {}", mc.name, mc.d, T::DTYPE);
+        let dq = stream.clone_htod(&x.q).unwrap();
+        let dk = stream.clone_htod(&x.k).unwrap();
+        let dv = stream.clone_htod(&x.v).unwrap();
+        let mut dout = stream
+            .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
+            .unwrap();
+        let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+        let mut plan = MobaGpuPlan::with_query_blocks(&attn, &mc.config(), *bm, &stream).unwrap();
+        assert_eq!(plan.query_block(), Some(*bm));
+        plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        let got = MobaResult {
+            pooled: plan.pooled_keys(&stream).unwrap(),
+            rows: plan.row_blocks(&stream).unwrap(),
+            unions: plan.tile_unions(&stream).unwrap(),
+            out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
+            lse: stream.clone_dtoh(&dlse).unwrap(),
+        };
+        let (e, f) = moba_blocks_check(mc, *bm, &x, got, &what);
+        worst = worst.max(e);
+        flips += f;
+    }
+    eprintln!(
+        "moba blocks gpu {}: worst rel err {worst:.2e}, near-tie flips {flips}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn gpu_moba_query_blocks_match_cpu_bf16() {
+    moba_blocks_sweep::<bf16>("gpu_moba_query_blocks_match_cpu_bf16", 4000);
+}
+
+#[test]
+fn gpu_moba_query_blocks_match_cpu_f16() {
+    moba_blocks_sweep::<f16>("gpu_moba_query_blocks_match_cpu_f16", 5000);
 }

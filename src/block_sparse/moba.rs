@@ -22,8 +22,7 @@
 //! same tie rule) and the attention over it on device buffers (**not yet run on a GPU**; see
 //! `src/block_sparse/moba_gpu.rs`). [`moba_pooled_keys_cpu`] and [`moba_tile_unions`] are the
 //! CPU counterparts of its intermediate results. Query-block granularity
-//! ([`moba_select_blocks_cpu`]) selects on the CPU; its [`BlockMask`] runs on the GPU through
-//! [`BlockSparseAttention::forward_gpu`].
+//! ([`moba_select_blocks_cpu`]) runs on the GPU through [`MobaGpuPlan::with_query_blocks`].
 
 use super::{
     BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks, classify,

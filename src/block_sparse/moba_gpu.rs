@@ -1,5 +1,6 @@
 //! MoBA on the GPU (`kernels/moba.cu`): gating (mean-pooled keys, per-row top-k, per-tile
-//! unions) and the attention over the per-row selections, on device buffers.
+//! unions; or per query block, [`MobaGpuPlan::with_query_blocks`]) and the attention over the
+//! per-row selections, on device buffers.
 //!
 //! **NOT YET RUN ON A GPU** (compiled and register-checked only, 2026-12-04). Explicit
 //! opt-in: only [`MobaGpuPlan::forward`] runs it; the CPU path ([`moba_attention`](super::moba::moba_attention),
@@ -97,6 +98,48 @@ impl MobaGpuDims {
         Ok(dims)
     }
 
+    /// [`MobaGpuDims::new`] for selection at query-block granularity
+    /// ([`moba_select_blocks_cpu`](super::moba::moba_select_blocks_cpu)) with query blocks of
+    /// `block_m` rows: `block_m` a multiple of 64 as well, and the slots hold the longest list,
+    /// `min(num_k_blocks, max(top_k, (block_m - 1) / block_n + 2))` (the diagonal blocks of a
+    /// query block count against `top_k` but are always listed), at most [`GPU_MAX_TOP_K`].
+    pub fn for_query_blocks(
+        attn: &FlashAttention,
+        config: &MobaConfig,
+        block_m: usize,
+    ) -> Result<Self> {
+        config.check()?;
+        if block_m == 0 || !block_m.is_multiple_of(super::GPU_BLOCK_MULTIPLE) {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: block_m = {block_m} must be a multiple of 64"
+            )));
+        }
+        let token = Self::new(
+            attn,
+            &MobaConfig {
+                top_k: 1,
+                ..*config
+            },
+        )?;
+        let diag = (block_m - 1) / config.block_n + 2;
+        let slots = config.top_k.max(diag).min(token.num_k_blocks).max(1);
+        if slots > GPU_MAX_TOP_K {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: {slots} blocks per query block list (top_k {} or the {diag} \
+                 diagonal blocks, capped at the key block count), at most {GPU_MAX_TOP_K}",
+                config.top_k
+            )));
+        }
+        let dims = MobaGpuDims {
+            slots,
+            union_width: token.num_k_blocks.min(GPU_TILE_ROWS * slots),
+            ..token
+        };
+        dims.rows_len(attn)?;
+        dims.unions_len(attn)?;
+        Ok(dims)
+    }
+
     fn product(what: &str, dims: &[usize]) -> Result<usize> {
         dims.iter()
             .try_fold(1usize, |a, &x| a.checked_mul(x))
@@ -141,6 +184,8 @@ impl MobaGpuDims {
 pub struct MobaGpuPlan {
     attn: FlashAttention,
     config: MobaConfig,
+    /// Query-block granularity: rows per query block (else per-token selection).
+    block_m: Option<usize>,
     dims: MobaGpuDims,
     bufs: Buffers,
 }
@@ -165,6 +210,30 @@ impl MobaGpuPlan {
         stream: &Arc<CudaStream>,
     ) -> Result<Self> {
         let dims = MobaGpuDims::new(attn, config)?;
+        Self::build(attn, config, None, dims, stream)
+    }
+
+    /// [`MobaGpuPlan::new`] with selection at query-block granularity: each query block of
+    /// `block_m` rows (a multiple of 64) selects once, on the mean of its rows, exactly as
+    /// [`moba_select_blocks_cpu`](super::moba::moba_select_blocks_cpu) (f32 here), and all its
+    /// rows get its list ([`MobaGpuDims::for_query_blocks`]). The attention is the same.
+    pub fn with_query_blocks(
+        attn: &FlashAttention,
+        config: &MobaConfig,
+        block_m: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self> {
+        let dims = MobaGpuDims::for_query_blocks(attn, config, block_m)?;
+        Self::build(attn, config, Some(block_m), dims, stream)
+    }
+
+    fn build(
+        attn: &FlashAttention,
+        config: &MobaConfig,
+        block_m: Option<usize>,
+        dims: MobaGpuDims,
+        stream: &Arc<CudaStream>,
+    ) -> Result<Self> {
         // At least one element each, so the kernels never see a null array.
         let n = |len: usize| len.max(1);
         let bufs = Buffers {
@@ -181,6 +250,7 @@ impl MobaGpuPlan {
         Ok(MobaGpuPlan {
             attn: attn.clone(),
             config: *config,
+            block_m,
             dims,
             bufs,
         })
@@ -197,6 +267,10 @@ impl MobaGpuPlan {
     /// The buffer sizes.
     pub fn dims(&self) -> MobaGpuDims {
         self.dims
+    }
+    /// Rows per query block at query-block granularity; `None` for per-token selection.
+    pub fn query_block(&self) -> Option<usize> {
+        self.block_m
     }
 
     /// Gating then attention on `stream` (the caller's; nothing is synchronized), two kernel
@@ -340,6 +414,8 @@ where
         top_k: d.slots as i32,
         num_tiles: d.num_tiles as i32,
         union_width: d.union_width as i32,
+        block_m: plan.block_m.unwrap_or(0) as i32,
+        select_k: plan.config.top_k.min(i32::MAX as usize) as i32,
     };
     let unsupported = |code: i32| {
         (code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32).then(|| {
@@ -350,15 +426,24 @@ where
             )
         })
     };
+    let s = stream.cu_stream() as _;
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides (q, k, v, out, lse) or that the plan sized from the same validated dims
     // (pooled, rows, unions); both launches are ordered on `stream`, and the sync guards
     // keep cudarc's event tracking correct until they are queued.
-    let code = unsafe { ffi::la_moba_select(&params, stream.cu_stream() as _) };
+    let (code, what) = unsafe {
+        match plan.block_m {
+            None => (ffi::la_moba_select(&params, s), "la_moba_select"),
+            Some(_) => (
+                ffi::la_moba_select_blocks(&params, s),
+                "la_moba_select_blocks",
+            ),
+        }
+    };
     if let Some(e) = unsupported(code) {
         return Err(e);
     }
-    check_launch("la_moba_select", code)?;
+    check_launch(what, code)?;
     // SAFETY: as above; the attention reads the selections the select launch writes, in
     // stream order.
     let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
@@ -418,6 +503,47 @@ mod tests {
         };
         let d = MobaGpuDims::new(&attn(10, 1 << 16, 64), &cfg).unwrap();
         assert_eq!((d.slots, d.union_width), (32, 1024));
+    }
+
+    #[test]
+    fn query_block_dims_hold_the_longest_list() {
+        let cfg = MobaConfig {
+            block_n: 64,
+            top_k: 2,
+        };
+        // block_m 128 over 64-key blocks: up to 3 diagonal blocks, more than top_k.
+        let d = MobaGpuDims::for_query_blocks(&attn(200, 1000, 64), &cfg, 128).unwrap();
+        assert_eq!((d.num_k_blocks, d.slots, d.union_width), (16, 3, 16));
+        let cfg = MobaConfig {
+            block_n: 64,
+            top_k: 6,
+        };
+        let d = MobaGpuDims::for_query_blocks(&attn(200, 1000, 64), &cfg, 64).unwrap();
+        assert_eq!(d.slots, 6);
+        // Capped at the key block count.
+        let d = MobaGpuDims::for_query_blocks(&attn(200, 130, 64), &cfg, 64).unwrap();
+        assert_eq!(d.slots, 3);
+        for bm in [0, 32, 96] {
+            let r = MobaGpuDims::for_query_blocks(&attn(200, 1000, 64), &cfg, bm);
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains("block_m")),
+                "{bm}: {r:?}"
+            );
+        }
+        // 64 * 31 = 1984 rows over 64-key blocks: 32 diagonal blocks fit, 33 do not.
+        let cfg1 = MobaConfig {
+            block_n: 64,
+            top_k: 1,
+        };
+        let long = attn(64, 64 * 40, 64);
+        assert_eq!(
+            MobaGpuDims::for_query_blocks(&long, &cfg1, 64 * 31)
+                .unwrap()
+                .slots,
+            32
+        );
+        let r = MobaGpuDims::for_query_blocks(&long, &cfg1, 64 * 32);
+        assert!(matches!(&r, Err(Error::Unsupported(_))), "{r:?}");
     }
 
     #[test]
@@ -507,6 +633,8 @@ mod tests {
             top_k: 3,
             num_tiles: 2,
             union_width: 5,
+            block_m: 128,
+            select_k: 3,
         };
         let cases = [
             ffi::LaMobaParams {
@@ -546,6 +674,18 @@ mod tests {
                 )
             };
             assert_eq!((s, a), (INVALID_VALUE, INVALID_VALUE), "case {i}");
+        }
+        // Query-block granularity: block_m and the list width (top_k) checked too. Here
+        // (block_m 128, block_n 64) a list holds up to 3 diagonal blocks.
+        for p in [
+            ffi::LaMobaParams { block_m: 96, ..ok },
+            ffi::LaMobaParams { block_m: 0, ..ok },
+            ffi::LaMobaParams { select_k: 0, ..ok },
+            ffi::LaMobaParams { select_k: 4, ..ok },
+        ] {
+            // SAFETY: refused before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_moba_select_blocks(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{p:?}");
         }
         // SAFETY: a NULL params pointer is refused.
         let code = unsafe { ffi::la_moba_select(std::ptr::null(), std::ptr::null_mut()) };

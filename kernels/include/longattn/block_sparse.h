@@ -63,7 +63,14 @@ int la_block_sparse_mma_forward(const LaBlockSparseParams *params, cudaStream_t 
  *   union_blocks [batch, heads_q, num_tiles, union_width] i32 and union_count [batch,
  *                 heads_q, num_tiles]: each 64-row tile's union of its rows' blocks,
  *                 increasing (tiles past a sequence's end are not written).
- * la_moba_attention reads row_blocks, union_blocks and union_count and writes o and lse. */
+ * la_moba_attention reads row_blocks, union_blocks and union_count and writes o and lse.
+ *
+ * la_moba_select_blocks is la_moba_select at query-block granularity (semantics.md, "Query-block
+ * granularity"): query block qb (block_m rows, a multiple of 64) gates on the f32 mean of its
+ * rows; its rows occupy positions p0..=p1 (p0 clamped at 0; nothing when p1 < 0); the key
+ * blocks meeting [p0, p1] are listed, and select_k minus their number (saturating) more among
+ * the blocks before p0's block, by the same ranking. Every row of the block gets the block's
+ * list in row_blocks, and every 64-row tile of it has it as its union. */
 #define LA_MOBA_MAX_TOP_K 32
 #define LA_MOBA_MAX_K_BLOCKS 65536
 #define LA_MOBA_TILE_ROWS 64
@@ -79,6 +86,10 @@ typedef struct LaMobaParams {
    * row stride of row_blocks); num_tiles = ceil(dense.seqlen_q / 64); union_width =
    * min(num_k_blocks, 64 * top_k). */
   int32_t num_k_blocks, block_n, top_k, num_tiles, union_width;
+  /* la_moba_select_blocks only (ignored by the others): rows per query block (a multiple of
+   * 64) and MoBA's top_k as configured; then top_k = min(num_k_blocks, max(select_k,
+   * (block_m - 1) / block_n + 2)), the longest list. */
+  int32_t block_m, select_k;
 } LaMobaParams;
 
 /* Gating (sm_80+, f16 / bf16, head_dim 64, 128 or 256): two launches (pool, then select +
@@ -87,9 +98,13 @@ typedef struct LaMobaParams {
  * another head_dim or a device it cannot run on. NOT YET RUN ON A GPU. */
 int la_moba_select(const LaMobaParams *params, cudaStream_t stream);
 
-/* Attention over the selections of la_moba_select (same params; the mma.sync mainloop of
- * block_sparse_mma.cu over each tile's union, each row masked to its own selection). Same
- * return values. NOT YET RUN ON A GPU. */
+/* Gating at query-block granularity (pool, then select): same params (block_m, select_k set),
+ * same return values. NOT YET RUN ON A GPU. */
+int la_moba_select_blocks(const LaMobaParams *params, cudaStream_t stream);
+
+/* Attention over the selections of la_moba_select or la_moba_select_blocks (same params; the
+ * mma.sync mainloop of block_sparse_mma.cu over each tile's union, each row masked to its own
+ * selection). Same return values. NOT YET RUN ON A GPU. */
 int la_moba_attention(const LaMobaParams *params, cudaStream_t stream);
 
 #ifdef __cplusplus
