@@ -84,6 +84,7 @@ pub mod reference;
 pub mod ring;
 pub mod softmax;
 
+pub use block_sparse::moba::{MobaConfig, MobaGpuPlan};
 pub use block_sparse::{
     BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, BlockSparseGpuPlan,
     FlexParts, RowBlocks,
