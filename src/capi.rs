@@ -1090,6 +1090,11 @@ unsafe fn fp8_problem(
     let heads_kv = unsafe { desc.as_ref() }
         .ok_or(CallError::Null("desc"))?
         .heads_kv;
+    // Bounded before the scales are read and copied (the kernels' grid limit).
+    if heads_kv > u16::MAX as usize {
+        let msg = format!("heads_kv = {heads_kv}: at most {} kv heads", u16::MAX);
+        return Err(Error::Shape(msg).into());
+    }
     let scales = match (cache.k_scales.is_null(), cache.v_scales.is_null()) {
         (true, true) => None,
         (false, true) => return Err(CallError::Null("v_scales (k_scales is set)")),

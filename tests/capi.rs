@@ -897,6 +897,25 @@ fn c_api_fp8_cache() {
     };
     assert_eq!(call(bad_scale, 0, &mut out), 3, "{}", last_error());
     assert_eq!(call(cache, 7, &mut out), 5, "{}", last_error());
+    // A descriptor whose heads_kv could not be a real cache is refused before the scales
+    // are read (nothing allocated for them).
+    let huge = CPagedDesc {
+        heads_kv: usize::MAX / 8,
+        ..d
+    };
+    // SAFETY: refused before any scale is read.
+    let st = unsafe {
+        longattn_paged_decode_fp8_cpu(
+            &huge,
+            0,
+            tensor(&c.q, qs),
+            cache,
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, 1, "{}", last_error());
     // SAFETY: a zero scale is refused before any pointer is read.
     let st = unsafe { longattn_fp8_quantize(c.q.as_ptr(), 4, 0.0, k8.as_ptr().cast_mut()) };
     assert_eq!(st, 3, "{}", last_error());

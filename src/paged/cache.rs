@@ -144,11 +144,13 @@ impl KvScales {
         }
         Ok(KvScales { k, v })
     }
-    /// The same scales for every one of `heads_kv` heads (a per-layer scale).
+    /// The same scales for every one of `heads_kv` heads (a per-layer scale); `heads_kv` at
+    /// most 65535 (the kernels' grid limit), checked before anything is allocated.
     pub fn uniform(heads_kv: usize, k: f32, v: f32) -> Result<Self> {
-        if heads_kv > i32::MAX as usize {
+        if heads_kv > u16::MAX as usize {
             return Err(Error::Shape(format!(
-                "heads_kv = {heads_kv} must fit in i32"
+                "heads_kv = {heads_kv}: at most {} kv heads",
+                u16::MAX
             )));
         }
         Self::new(vec![k; heads_kv], vec![v; heads_kv])
@@ -302,8 +304,8 @@ impl PagedCache {
             None => vec![1.0; 2 * self.layout.heads_kv],
         }
     }
-    /// (k, v) scales of kv head `kvh` for a cache of element type `cache`: those set for an
-    /// FP8 cache (1 when none are), 1 for any other type, which refuses scales.
+    /// The (k, v) scales of every kv head for a cache of element type `cache`: those set for
+    /// an FP8 cache (1 when none are), 1 for any other type, which refuses scales.
     pub(crate) fn scales_for(&self, cache: DType) -> Result<Vec<(f32, f32)>> {
         let heads = self.layout.heads_kv;
         match (&self.kv_scales, cache) {
