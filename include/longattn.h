@@ -188,8 +188,8 @@ longattn_status longattn_paged_prefill_cuda(const longattn_paged_desc *desc,
 /* An FP8 e4m3 paged cache (docs/semantics.md, "FP8 KV cache": OCP e4m3fn, max 448):
  * k_cache, v_cache hold cache_len e4m3 bytes each ([num_pages, page_size, heads_kv,
  * head_dim]); a stored value means value * k_scales[kv head] (keys) or value *
- * v_scales[kv head] (values). The scales are host arrays of heads_kv floats, finite and > 0,
- * or both NULL (scale 1). */
+ * v_scales[kv head] (values). The scales are host arrays of heads_kv floats, > 0 and at
+ * most FLT_MAX / 448 (every code dequantises to a finite float), or both NULL (scale 1). */
 typedef struct longattn_fp8_cache {
   const void *k_cache;
   const void *v_cache;

@@ -825,7 +825,7 @@ pub fn paged_attn_decode(
 
 /// [`paged_attn_decode`] over an FP8 cache: `k_cache, v_cache` of dtype `F8E4M3` (q and the
 /// result f32, f16 or bf16), a stored value meaning `value * k_scales[kv head]` (keys) or
-/// `value * v_scales[kv head]` (values), `k_scales, v_scales: [heads_kv]` finite and > 0
+/// `value * v_scales[kv head]` (values), `k_scales, v_scales: [heads_kv]` > 0 and at most `f32::MAX / 448`
 /// (vLLM's `k_scale`/`v_scale`, per head; repeat one value for a per-layer scale).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attn_decode_fp8(

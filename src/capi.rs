@@ -1062,7 +1062,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cuda(
 /// `k_cache`, `v_cache` hold `cache_len` e4m3 bytes each (`[num_pages, page_size, heads_kv,
 /// head_dim]`); a stored value means `value * k_scales[kv head]` (keys) or
 /// `value * v_scales[kv head]` (values). The scales are host arrays of `heads_kv` floats,
-/// finite and > 0, or both NULL (scale 1).
+/// > 0 and at most `f32::MAX / 448`, or both NULL (scale 1).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct CFp8Cache {

@@ -1961,3 +1961,120 @@ fn prop_capi_paged() {
         },
     );
 }
+
+/// FP8 cache: `KvScales` accepts exactly finite positive scales for 1..=65535 heads (nothing
+/// allocated otherwise), and a decode over arbitrary e4m3 bytes (NaN and +-448 codes
+/// included) with arbitrary valid scales is an error or the f64 reference's result of the
+/// dequantised cache; `F8E4M3::from_f32` of any f32 decodes back to a value no farther from
+/// it than the neighbouring codes (or saturates at +-448, or stays NaN).
+#[test]
+fn prop_fp8_cache_is_an_error_or_correct() {
+    use longattn::reference::paged::{decode_visible, paged_decode_f64};
+    let case = (
+        (size(), float(), float()),
+        (0usize..13, 1usize..5, any::<u64>()),
+        (any::<u32>(), float()),
+    );
+    run(
+        400,
+        case,
+        |((heads, ks, vs), (seqlen, page_size, seed), (bits, scale))| {
+            // Scales: > 0 and every code finite once scaled (448 * x finite).
+            let valid = |x: f32| x > 0.0 && (x * F8E4M3::MAX).is_finite();
+            let uniform = KvScales::uniform(heads, ks, vs);
+            prop_assert_eq!(
+                uniform.is_ok(),
+                (1..=65535).contains(&heads) && valid(ks) && valid(vs),
+                "uniform({}, {}, {})",
+                heads,
+                ks,
+                vs
+            );
+            // The conversion: a decoded code is the nearest (or saturated / NaN).
+            let x = f32::from_bits(bits);
+            let y = F8E4M3::from_f32(x).to_f32();
+            if x.is_nan() {
+                prop_assert!(y.is_nan());
+            } else if x.abs() >= 464.0 {
+                prop_assert_eq!(y, 448.0f32.copysign(x));
+            } else {
+                // The spacing of e4m3 around |x| is at most 2^(e-3) with e = floor(log2 |x|)
+                // (2^-9 below 2^-6): the rounding error is at most half of it.
+                let e = (x.abs().max(2f32.powi(-6))).log2().floor();
+                prop_assert!(
+                    (y - x).abs() <= 2f32.powf(e - 4.0) * 1.0001,
+                    "{} -> {}",
+                    x,
+                    y
+                );
+            }
+            // A decode over hostile codes with valid scales.
+            let (Ok(scales), true) = (KvScales::uniform(2, ks, vs), scale.min(8.0) > 0.0) else {
+                return Ok(());
+            };
+            let layout = PagedLayout {
+                num_pages: 4,
+                page_size,
+                heads_kv: 2,
+                head_dim: 8,
+            };
+            let table = [2i32, 0, 3, 1];
+            let max_pages = 4;
+            if seqlen.div_ceil(page_size) > max_pages {
+                return Ok(());
+            }
+            let sl = [seqlen as i32];
+            let pt = PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &sl,
+            };
+            let cache = PagedCache::new(layout, pt)
+                .unwrap()
+                .with_kv_scales(scales)
+                .unwrap();
+            let mut st = seed;
+            let mut byte = || {
+                st = st
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                F8E4M3::from_bits((st >> 56) as u8)
+            };
+            let n = layout.cache_len();
+            let (k, v): (Vec<F8E4M3>, Vec<F8E4M3>) = (
+                (0..n).map(|_| byte()).collect(),
+                (0..n).map(|_| byte()).collect(),
+            );
+            let opts = AttentionOptions::default().with_scale(scale.min(8.0));
+            let dec = PagedDecode::new(&cache, 4, 1, &opts).unwrap();
+            let q = data(4 * 8, 0.37);
+            let qs = Strides::contiguous(1, 4, 8);
+            let mut out = vec![f32::NAN; dec.out_len()];
+            let r = dec.forward_cpu(
+                Strided::new(&q[..], qs),
+                KvPages {
+                    k: &k[..],
+                    v: &v[..],
+                },
+                None,
+                Strided::new(&mut out[..], qs),
+                None,
+            );
+            prop_assert!(r.is_ok(), "{:?}", r);
+            let (want, _) = paged_decode_f64(
+                &dec,
+                Strided::new(&q[..], qs),
+                KvPages {
+                    k: &k[..],
+                    v: &v[..],
+                },
+                decode_visible(&dec, None),
+            )
+            .unwrap();
+            if comparable(scale * ks * 448.0) {
+                check_close(&out, &want, "fp8 decode")?;
+            }
+            Ok(())
+        },
+    );
+}

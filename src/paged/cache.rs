@@ -1,7 +1,7 @@
 //! The paged KV cache: geometry, validated tables, and appending new tokens with their
 //! Quest page metadata.
 
-use crate::element::{DType, Element};
+use crate::element::{DType, Element, F8E4M3};
 use crate::error::{Error, Result};
 use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_cu_seqlens, check_extent};
@@ -122,7 +122,8 @@ pub struct KvScales {
 }
 
 impl KvScales {
-    /// Per-kv-head scales, `k, v: [heads_kv]`, each finite and > 0.
+    /// Per-kv-head scales, `k, v: [heads_kv]`, each > 0 and at most `f32::MAX / 448` (so
+    /// that every e4m3 code dequantises to a finite f32).
     pub fn new(k: Vec<f32>, v: Vec<f32>) -> Result<Self> {
         if k.is_empty() || k.len() != v.len() {
             return Err(Error::Shape(format!(
@@ -135,10 +136,11 @@ impl KvScales {
             if let Some((g, x)) = xs
                 .iter()
                 .enumerate()
-                .find(|(_, x)| !(x.is_finite() && **x > 0.0))
+                .find(|(_, x)| !(**x > 0.0 && (**x * F8E4M3::MAX).is_finite()))
             {
                 return Err(Error::InvalidOption(format!(
-                    "kv scales: {name}[{g}] = {x} must be finite and > 0"
+                    "kv scales: {name}[{g}] = {x} must be > 0 and at most f32::MAX / 448 (every \
+                     e4m3 code then dequantises to a finite f32)"
                 )));
             }
         }
