@@ -1,0 +1,123 @@
+// Host side of the Hopper kernels' bulk tensor copies (TMA): the driver's tensor-map encoder
+// (looked up through the runtime, no libcuda link) and the 4-D maps of the dense params' Q, K
+// and V (head_dim, rows, heads, batch). Shared by dense_wgmma.cu and block_sparse_wgmma.cu.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "longattn/dense.h"
+
+namespace longattn {
+namespace tma_host {
+
+using EncodeTiled = CUresult (*)(CUtensorMap *, CUtensorMapDataType, cuuint32_t, void *,
+                                 const cuuint64_t *, const cuuint64_t *, const cuuint32_t *,
+                                 const cuuint32_t *, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// The driver's cuTensorMapEncodeTiled through the runtime (no libcuda link), looked up once;
+// null if the driver lacks it.
+inline EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void *ptr = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return static_cast<EncodeTiled>(nullptr);
+    }
+    return reinterpret_cast<EncodeTiled>(ptr);
+  }();
+  return fn;
+}
+
+// One operand as a 4-D tensor (head_dim, rows, heads, batch) with byte strides, boxes of 64
+// channels x box_rows rows. Returns false where the copy engine cannot address it (pointer
+// not 16-byte aligned, a stride that is not a multiple of 16 bytes or is 0 over more than one
+// index, an extent the map cannot hold).
+struct OperandShape {
+  const void *base;
+  long long rows, heads, batch;
+  long long row_stride, head_stride, batch_stride;  // elements
+};
+
+inline bool operand_mappable(const OperandShape &x, int head_dim) {
+  auto stride_ok = [](long long stride, long long extent) {
+    return extent <= 1 || (stride > 0 && (stride * 2) % 16 == 0 && stride * 2 < (1LL << 40));
+  };
+  return (reinterpret_cast<uintptr_t>(x.base) % 16) == 0 && head_dim % 64 == 0 &&
+         x.rows < (1LL << 31) && x.heads < (1LL << 31) && x.batch < (1LL << 31) &&
+         stride_ok(x.row_stride, x.rows) && stride_ok(x.head_stride, x.heads) &&
+         stride_ok(x.batch_stride, x.batch);
+}
+
+inline bool encode_operand(CUtensorMap *map, const OperandShape &x, LaDtype dtype, int head_dim,
+                    int box_rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr || !operand_mappable(x, head_dim)) return false;
+  // Strides of extent-1 dimensions are never stepped; give them any valid value.
+  auto stride_bytes = [](long long stride, long long extent) {
+    return (cuuint64_t)(extent <= 1 ? 16 : stride * 2);
+  };
+  const cuuint64_t dims[4] = {(cuuint64_t)head_dim, (cuuint64_t)max(x.rows, 1LL),
+                              (cuuint64_t)max(x.heads, 1LL), (cuuint64_t)max(x.batch, 1LL)};
+  const cuuint64_t strides[3] = {stride_bytes(x.row_stride, x.rows),
+                                 stride_bytes(x.head_stride, x.heads),
+                                 stride_bytes(x.batch_stride, x.batch)};
+  const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType type =
+      dtype == LA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  return encode(map, type, 4, const_cast<void *>(x.base), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// Q, K, V of `p` as tensors: fixed lengths are (batch, seqlen) with the batch stride; packed
+// batches are one sequence of total rows (each block adds its sequence's first row).
+inline OperandShape q_shape(const LaDenseParams &p) {
+  const bool packed = p.cu_seqlens_q != nullptr;
+  return {p.q, packed ? p.total_q : p.seqlen_q, p.heads_q, packed ? 1 : p.batch,
+          p.q_row_stride, p.q_head_stride, p.q_batch_stride};
+}
+inline OperandShape kv_shape(const LaDenseParams &p, const void *base, long long row_stride,
+                      long long head_stride, long long batch_stride) {
+  const bool packed = p.cu_seqlens_k != nullptr;
+  return {base, packed ? p.total_k : p.seqlen_k, p.heads_kv, packed ? 1 : p.batch, row_stride,
+          head_stride, batch_stride};
+}
+
+inline bool tensors_mappable(const LaDenseParams &p) {
+  return encode_tiled() != nullptr && operand_mappable(q_shape(p), p.head_dim) &&
+         operand_mappable(kv_shape(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride),
+                          p.head_dim) &&
+         operand_mappable(kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
+                          p.head_dim);
+}
+
+// The three tensor maps of a dense problem (Q, K, V as [batch, rows, heads, head_dim] with
+// element strides, boxes of 64 channels x block_m or block_n rows), passed to a kernel by value
+// (__grid_constant__).
+struct QkvMaps {
+  CUtensorMap q, k, v;
+};
+
+// Encodes `maps` for `p` (Q boxes of block_m rows, K/V boxes of block_n rows); false where the
+// copy engine cannot address an operand.
+inline bool encode_qkv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int block_m,
+                       int block_n) {
+  return encode_operand(&maps->q, q_shape(p), p.dtype, head_dim, block_m) &&
+         encode_operand(&maps->k,
+                        kv_shape(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride),
+                        p.dtype, head_dim, block_n) &&
+         encode_operand(&maps->v,
+                        kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
+                        p.dtype, head_dim, block_n);
+}
+
+}  // namespace tma_host
+}  // namespace longattn
