@@ -10,6 +10,12 @@
 // FlashAttention-2 does: the 16-byte chunks past head_dim are zero-filled by the copies
 // (they add 0 to Q K^T and give 0 columns of O) and are never written back, so the caller's
 // tensors are read and written at their own head_dim (docs/design/kernels.md).
+//
+// Head dims that are not a multiple of 8 (59, 111, ...): rows are then not 16-byte aligned,
+// so DenseAnyDimProblem moves them element by element through registers (synchronous loads
+// into the same swizzled tiles, elements past head_dim zero; stores of the valid elements
+// only). Same mainloop, same tiles; compiled, **not yet run on a GPU**, reached only through
+// LA_DENSE_MMA_PADDED (never AUTO).
 
 #include "longattn/common.cuh"
 #include "longattn/dense_mask.cuh"
@@ -72,6 +78,87 @@ struct DenseProblem {
   }
 };
 
+// Rows [row0, row0 + kRows) of a (rows, head_dim) global tile of 2-byte T with element row
+// stride `stride`, element by element into the swizzled shared tile at `dst` (the thread ->
+// (row, chunk) mapping of load_rows); elements past head_dim and rows >= valid_rows are zero.
+// Synchronous: the mainloop's barrier before a tile is read orders these stores.
+template <class Tr, int kRows, typename T>
+__device__ __forceinline__ void load_rows_elementwise(uint32_t dst, const T *src, long long stride,
+                                                      int row0, int valid_rows, int tid,
+                                                      int head_dim) {
+  constexpr int kCpr = Tr::kChunksPerRow;
+  const int chunk = tid % kCpr, r0 = tid / kCpr;
+  const int valid = min(max(head_dim - chunk * 8, 0), 8);  // elements of this chunk
+  const unsigned short *s = reinterpret_cast<const unsigned short *>(src);
+  // Rows in flight per iteration, as many as the registers left by the O accumulator allow
+  // without spilling (ptxas, sm_80 and sm_90a): all at d128, 2 at d64 (168-register cap of 3
+  // blocks per SM), 1 at d256 (128 accumulator registers).
+  constexpr int kUnroll = Tr::kHeadDim == 128 ? kRows / Tr::kRowsPerPass : Tr::kHeadDim == 64 ? 2 : 1;
+#pragma unroll kUnroll
+  for (int pass = 0; pass < kRows / Tr::kRowsPerPass; ++pass) {
+    const int r = r0 + pass * Tr::kRowsPerPass;
+    const bool ok = row0 + r < valid_rows;
+    const unsigned short *row = s + (long long)(row0 + r) * stride + chunk * 8;
+    uint32_t w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t lo = ok && 2 * e < valid ? row[2 * e] : 0u;
+      const uint32_t hi = ok && 2 * e + 1 < valid ? row[2 * e + 1] : 0u;
+      w[e] = lo | (hi << 16);
+    }
+    const uint32_t a = dst + swizzled_elem<Tr::kHeadDim>(r, chunk) * (int)sizeof(T);
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(a), "r"(w[0]), "r"(w[1]),
+                 "r"(w[2]), "r"(w[3]));
+  }
+}
+
+// The dense problem for head dims that are not a multiple of 8 (see the file comment): the
+// same schedule and mask, rows moved element by element.
+template <typename T, class Tr>
+struct DenseAnyDimProblem : DenseProblem<T, Tr> {
+  using Base = DenseProblem<T, Tr>;
+  using Base::head;
+  using Base::m0;
+  using Base::p;
+  using Base::s;
+
+  __device__ __forceinline__ void load_q(uint32_t q_smem, int tid) {
+    load_rows_elementwise<Tr, Tr::kBlockM>(q_smem, head.q, p.q_row_stride, m0, s.sq, tid,
+                                           p.head_dim);
+  }
+  __device__ __forceinline__ void load_kv(uint32_t k_smem, uint32_t v_smem, int t, int tid) {
+    const int n0 = this->key0(t);
+    load_rows_elementwise<Tr, Tr::kBlockN>(k_smem, head.k, p.k_row_stride, n0, s.sk, tid,
+                                           p.head_dim);
+    load_rows_elementwise<Tr, Tr::kBlockN>(v_smem, head.v, p.v_row_stride, n0, s.sk, tid,
+                                           p.head_dim);
+  }
+  __device__ __forceinline__ void store_o(int row, int chunk, const uint4 *staged) {
+    const int i = m0 + row;
+    if (i >= s.sq || chunk * 8 >= p.head_dim) return;
+    const uint4 v = *staged;
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    unsigned short *o =
+        reinterpret_cast<unsigned short *>(head.o + i * p.o_row_stride + chunk * 8);
+    const int valid = min(p.head_dim - chunk * 8, 8);
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      if (e < valid) o[e] = (unsigned short)(w[e / 2] >> (16 * (e % 2)));
+  }
+};
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
+    dense_mma_any_dim_kernel(const __grid_constant__ LaDenseParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b, h);
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBlockM;
+  if (m0 >= s.sq) return;
+  DenseAnyDimProblem<T, Tr> pb{{p, s, head_tensors<T>(p, s, b, h), m0, (p.head_dim + 7) / 8}};
+  mma_attention<T, Tr>(pb, smem_raw);
+}
+
 template <typename T, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
     dense_mma_padded_kernel(const __grid_constant__ LaDenseParams p) {
@@ -85,11 +172,11 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   mma_attention<T, Tr>(pb, smem_raw);
 }
 
-// The dtype x padded-head-dim configuration of `p` (head_dim a multiple of 8 in [8, 256]):
-// calls f(Tag<T>{}, Tag<Traits>{}), or returns false.
+// The dtype x padded-head-dim configuration of `p` (head_dim in [1, 256]): calls
+// f(Tag<T>{}, Tag<Traits>{}), or returns false.
 template <class F>
 bool with_config(const LaDenseParams &p, F &&f) {
-  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) return false;
+  if (p.head_dim <= 0 || p.head_dim > 256) return false;
   return with_dtype<__half, __nv_bfloat16>(p.dtype, false, [&](auto t) {
     if (p.head_dim <= 64) f(t, Tag<Traits64>{});
     else if (p.head_dim <= 128) f(t, Tag<Traits128>{});
@@ -100,15 +187,21 @@ bool with_config(const LaDenseParams &p, F &&f) {
 
 }  // namespace
 
+// The kernel of `p`'s head dim: the element-wise one where it is not a multiple of 8.
+template <typename T, class Tr>
+auto *kernel_for(const LaDenseParams &p) {
+  return p.head_dim % 8 == 0 ? dense_mma_padded_kernel<T, Tr> : dense_mma_any_dim_kernel<T, Tr>;
+}
+
 const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p) {
   size_t smem = 0;
   const void *kernel = nullptr;
   const bool known = with_config(p, [&](auto t, auto tr) {
     using Tr = typename decltype(tr)::type;
     smem = Tr::kSmemBytes;
-    kernel = reinterpret_cast<const void *>(dense_mma_padded_kernel<typename decltype(t)::type, Tr>);
+    kernel = reinterpret_cast<const void *>(kernel_for<typename decltype(t)::type, Tr>(p));
   });
-  if (!known) return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
+  if (!known) return "it takes f16 or bf16 with head_dim up to 256 only";
   return device_unsupported_reason(kernel, smem, [](int major, int) { return major >= 8; });
 }
 
@@ -116,8 +209,8 @@ cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream
   cudaError_t err = cudaErrorInvalidValue;
   with_config(p, [&](auto t, auto tr) {
     using Tr = typename decltype(tr)::type;
-    err = launch_query_tiles(dense_mma_padded_kernel<typename decltype(t)::type, Tr>,
-                             Tr::kSmemBytes, Tr::kBlockM, Tr::kThreads, p, stream);
+    err = launch_query_tiles(kernel_for<typename decltype(t)::type, Tr>(p), Tr::kSmemBytes,
+                             Tr::kBlockM, Tr::kThreads, p, stream);
   });
   return err;
 }
