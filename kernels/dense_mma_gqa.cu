@@ -124,38 +124,27 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
   mma_attention<T, Tr>(pb, smem_raw);
 }
 
-// The dtype x padded-head-dim configuration of `p` (head_dim a multiple of 8 in [8, 256]):
-// calls f(Tag<T>{}, Tag<Traits>{}), or returns false.
-template <class F>
-bool with_config(const LaDenseParams &p, F &&f) {
-  if (p.head_dim <= 0 || p.head_dim > 256 || p.head_dim % 8 != 0) return false;
-  return with_dtype<__half, __nv_bfloat16>(p.dtype, false, [&](auto t) {
-    if (p.head_dim <= 64) f(t, Tag<DenseTraits64>{});
-    else if (p.head_dim <= 128) f(t, Tag<DenseTraits128>{});
-    else f(t, Tag<DenseTraits256>{});
-    return true;
-  });
-}
-
 }  // namespace
 
 const char *dense_mma_gqa_unsupported_reason(const LaDenseParams &p) {
   if (p.heads_q / p.heads_kv > DenseTraits64::kBlockM)
     return "it packs at most 64 query heads per kv head into a tile";
+  if (p.head_dim % 8 != 0) return "it takes head_dim a multiple of 8 only";
   size_t smem = 0;
   const void *kernel = nullptr;
-  const bool known = with_config(p, [&](auto t, auto tr) {
+  const bool known = with_padded_config(p.head_dim, p.dtype, [&](auto t, auto tr) {
     using Tr = typename decltype(tr)::type;
     smem = Tr::kSmemBytes;
     kernel = reinterpret_cast<const void *>(dense_mma_gqa_kernel<typename decltype(t)::type, Tr>);
   });
-  if (!known) return "it takes f16 or bf16 with head_dim a multiple of 8 up to 256 only";
+  if (!known) return "it takes f16 or bf16 with head_dim up to 256 only";
   return device_unsupported_reason(kernel, smem, [](int major, int) { return major >= 8; });
 }
 
 cudaError_t dense_mma_gqa_forward(const LaDenseParams &p, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  with_config(p, [&](auto t, auto tr) {
+  if (p.head_dim % 8 != 0) return err;
+  with_padded_config(p.head_dim, p.dtype, [&](auto t, auto tr) {
     using Tr = typename decltype(tr)::type;
     auto kernel = dense_mma_gqa_kernel<typename decltype(t)::type, Tr>;
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -42,7 +42,7 @@ pub enum DenseKernel {
     /// head dims that are multiples of 8; its sm_80 code has not run on an Ampere card.
     /// Head dims that are not a multiple of 8 (59, 111, ...) run only here, explicitly: their
     /// rows are not 16-byte aligned, so a variant moves them element by element
-    /// (`dense_mma_any_dim_kernel`, **not yet run on a GPU**; `Auto` refuses those head dims).
+    /// (`dense_mma_padded_kernel<T, Tr, true>`, **not yet run on a GPU**; `Auto` refuses those head dims).
     TensorCorePadded,
     /// Tensor-core kernel (`mma.sync`, sm_80+) packing the `heads_q / heads_kv` query heads
     /// that share a kv head into one 64-row tile (`kernels/dense_mma_gqa.cu`): for short query

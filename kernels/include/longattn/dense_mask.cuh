@@ -41,9 +41,10 @@ struct WarpWindowMask {
     diag_last = (long long)min(warp_row0 + 15, sq - 1) + sk - sq;
   }
 
-  // The same for rows at query positions pos[0], pos[1] (not necessarily rows g and g + 8 of
-  // a sequence: the GQA-packed tiles of dense_mma_gqa.cu hold several heads per position);
-  // `first` and `last` are the smallest and largest valid positions among the warp's rows.
+  // The same for rows at query positions pos[0], pos[1] (the GQA-packed tiles of
+  // dense_mma_gqa.cu hold several heads per position); `first` and `last` are the smallest
+  // and largest valid positions among the warp's rows. prepare() stays written out: calling
+  // this from it changes the SASS of the verified kernels that use it (sass-diff, 2026-12-05).
   __device__ __forceinline__ void prepare_positions(const Mask &mask, const int (&pos)[2],
                                                     int first, int last, int sq, int sk_) {
     left = mask.left;
