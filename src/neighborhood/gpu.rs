@@ -120,6 +120,78 @@ impl NeighborhoodAttention {
         cuda_call!(launch_fused, self, &sched, stream, q, k, v, out, lse)
     }
 
+    /// GPU forward pass with the Hopper kernel (`kernels/neighborhood_wgmma.cu`: wgmma + TMA,
+    /// warp-specialised, sm_90a): 128-row query boxes of one dilation group and 128-key boxes
+    /// over the union of their windows, each loaded by one bulk tensor copy, shapes from
+    /// [`HopperTiles`](super::schedule::HopperTiles). **Compiled, not yet run on a GPU**;
+    /// explicit opt-in only ([`NeighborhoodAttention::forward_gpu`] never picks it). Same
+    /// arguments and checks as `forward_gpu`, and before any device call
+    /// `Error::Unsupported` for: `head_dim` other than 64 or 128, a dilation above 8 or one no
+    /// box shape fits (1-D dilation above 2), q/k/v strides the copy engine cannot step
+    /// (positive multiples of 8 elements below 2^39 over every extent above 1); at launch,
+    /// a device other than compute capability 9.0.
+    pub fn forward_gpu_hopper<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check_gpu_args::<T>(
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        let tiles = self.hopper_tiles([&q.strides, &k.strides, &v.strides])?;
+        cuda_call!(launch_hopper, self, &tiles, stream, q, k, v, out, lse)
+    }
+
+    /// The Hopper kernel's box shapes, or why it cannot take this problem with these q/k/v
+    /// strides (host-only checks; see [`NeighborhoodAttention::forward_gpu_hopper`]).
+    pub(crate) fn hopper_tiles(
+        &self,
+        strides: [&crate::layout::Strides; 3],
+    ) -> Result<super::schedule::HopperTiles> {
+        if !FUSED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(Error::Unsupported(format!(
+                "the Hopper neighborhood kernel takes head_dim 64 or 128, not {}",
+                self.head_dim
+            )));
+        }
+        let tiles = super::schedule::HopperTiles::new(self)?;
+        // Every stride the tensor maps step: token, the inner dims' pitches (products of the
+        // token stride and lengths), head, and batch (the 3-D launches offset pointers by it).
+        let steppable = |stride: i64, extent: usize| {
+            extent <= 1 || (stride > 0 && stride % 8 == 0 && stride < (1i64 << 39))
+        };
+        for (name, s, heads) in [
+            ("q", strides[0], self.heads_q),
+            ("k", strides[1], self.heads_kv),
+            ("v", strides[2], self.heads_kv),
+        ] {
+            let mut ok = steppable(s.head, heads) && steppable(s.batch, self.batch);
+            let mut pitch = s.seq;
+            for d in self.dims.iter().rev() {
+                ok &= steppable(pitch, d.length);
+                pitch = pitch.saturating_mul(d.length as i64);
+            }
+            if !ok {
+                return Err(Error::Unsupported(format!(
+                    "the Hopper neighborhood kernel's copy engine cannot step {name}'s strides \
+                     {s:?} (positive multiples of 8 elements below 2^39 over every extent above \
+                     1, the grid dims' pitches included)"
+                )));
+            }
+        }
+        Ok(tiles)
+    }
+
     /// Where the fused kernel applies (head_dim 64 or 128), builds its schedule and copies
     /// it to the device once, on `stream`, for [`NeighborhoodGpuPlan::forward`] (the buffers
     /// and dtype are checked per call, as for `forward_gpu`): per call that saves the host
@@ -402,6 +474,44 @@ where
             ));
         }
         check_launch("la_neighborhood_mma_forward", code)
+    })
+}
+
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_hopper<T, I, O>(
+    attn: &NeighborhoodAttention,
+    tiles: &super::schedule::HopperTiles,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
+{
+    use crate::gpu::{check_launch, ffi};
+    let (query_log2, key_log2) = tiles.log2();
+    let c_tiles = ffi::LaNaHopperTiles {
+        rank: tiles.rank as i32,
+        query_log2,
+        key_log2,
+    };
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: as in `launch`; `c_tiles` lives until the call returns.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(params, &c_tiles, cu_stream) };
+        if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+            return Err(Error::Unsupported(
+                "the Hopper neighborhood kernel needs a device of compute capability 9.0 and \
+                 q/k/v the copy engine can address (16-byte aligned)"
+                    .into(),
+            ));
+        }
+        check_launch("la_neighborhood_wgmma_forward", code)
     })
 }
 
