@@ -814,6 +814,50 @@ mod host_checks {
     }
 
     #[test]
+    fn hopper_refusals_are_decided_on_the_host() {
+        let a = attn(64, 2);
+        let (_, qs, _, ks) = bufs(&a);
+        let tiles = a.hopper_tiles([&qs, &ks, &ks]).unwrap();
+        assert_eq!(tiles.rank, 2);
+        assert_eq!(tiles.query.iter().product::<usize>(), 128);
+        for d in [32, 256] {
+            let b = attn(d, 1);
+            let (_, qs, _, ks) = bufs(&b);
+            assert!(matches!(
+                b.hopper_tiles([&qs, &ks, &ks]),
+                Err(Error::Unsupported(_))
+            ));
+        }
+        // Strides the copy engine cannot step: not a multiple of 8 elements, zero (broadcast)
+        // over more than one entry.
+        for bad in [
+            Strides { seq: 132, ..qs },
+            Strides { head: 0, ..qs },
+            Strides { batch: 0, ..qs },
+        ] {
+            assert!(
+                matches!(a.hopper_tiles([&bad, &ks, &ks]), Err(Error::Unsupported(_))),
+                "{bad:?}"
+            );
+        }
+        // k/v have one head here: a zero head stride is never stepped, a bad token stride is.
+        let zero_head = Strides { head: 0, ..ks };
+        a.hopper_tiles([&qs, &zero_head, &zero_head]).unwrap();
+        let odd_seq = Strides { seq: 68, ..ks };
+        assert!(matches!(
+            a.hopper_tiles([&qs, &ks, &odd_seq]),
+            Err(Error::Unsupported(_))
+        ));
+        // Padded rows (a multiple of 8 elements) are fine.
+        let padded = Strides {
+            seq: qs.seq + 8,
+            batch: (qs.seq + 8) * a.tokens() as i64,
+            ..qs
+        };
+        a.hopper_tiles([&padded, &ks, &ks]).unwrap();
+    }
+
+    #[test]
     fn unsupported_problems_are_refused() {
         let a = attn(64, 1);
         assert!(matches!(check::<f32>(&a, None), Err(Error::Unsupported(_))));
