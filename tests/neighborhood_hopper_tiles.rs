@@ -125,9 +125,9 @@ fn check(attn: &NeighborhoodAttention, what: &str) -> (u128, u128) {
         "{what}"
     );
     assert_eq!(t.key.iter().product::<usize>(), HOPPER_KEY_TILE, "{what}");
-    for a in 0..3 {
-        assert!(t.query[a] * dims[a].dilation <= 256, "{what}: {t:?}");
-        assert!(t.key[a] * dims[a].dilation <= 256, "{what}: {t:?}");
+    for (a, dim) in dims.iter().enumerate() {
+        assert!(t.query[a] * dim.dilation <= 256, "{what}: {t:?}");
+        assert!(t.key[a] * dim.dilation <= 256, "{what}: {t:?}");
         if a < 3 - attn.dims().len() {
             assert_eq!((t.query[a], t.key[a]), (1, 1), "{what}: padded dim");
         }

@@ -451,6 +451,15 @@ pub struct HopperBlock {
     pub tiles: [usize; MAX_NEIGHBORHOOD_DIMS],
 }
 
+/// One dim's share of a [`HopperBlock`].
+struct DimBlock {
+    group: usize,
+    origin: usize,
+    valid: usize,
+    keys: Range<usize>,
+    tiles: usize,
+}
+
 impl HopperTiles {
     /// The box shapes with the fewest computed (row, key) pairs for `attn` among those the
     /// copy engine can load (`extent * dilation <= 256` per dim); `Error::Unsupported` where
@@ -546,20 +555,25 @@ impl HopperTiles {
     /// The active blocks in the device's order (block index per dim: group-major, then box;
     /// the last dim fastest), as the kernel computes them.
     pub fn blocks(&self) -> Vec<HopperBlock> {
-        let per_dim: Vec<Vec<(usize, usize, usize, Range<usize>, usize)>> = (0
-            ..MAX_NEIGHBORHOOD_DIMS)
+        // Per dim, its (group, box) pairs: (group, origin, valid, key range, key boxes).
+        let per_dim: Vec<Vec<DimBlock>> = (0..MAX_NEIGHBORHOOD_DIMS)
             .map(|a| {
                 let dim = &self.dims[a];
                 let mut v = Vec::new();
                 for g in 0..dim.dilation {
                     for t in 0..self.boxes(a) {
-                        let lg = group_len(dim, g);
-                        if t * self.query[a] >= lg {
+                        if t * self.query[a] >= group_len(dim, g) {
                             continue; // inactive: past this group's end
                         }
                         let (origin, valid, keys, _) = dim_tile(dim, g, self.query[a], t);
                         let tiles = keys.len().div_ceil(self.key[a]);
-                        v.push((g, origin, valid, keys, tiles));
+                        v.push(DimBlock {
+                            group: g,
+                            origin,
+                            valid,
+                            keys,
+                            tiles,
+                        });
                     }
                 }
                 v
@@ -571,11 +585,11 @@ impl HopperTiles {
                 for b2 in &per_dim[2] {
                     let p = [b0, b1, b2];
                     out.push(HopperBlock {
-                        group: p.map(|x| x.0),
-                        origin: p.map(|x| x.1),
-                        valid: p.map(|x| x.2),
-                        keys: p.map(|x| x.3.clone()),
-                        tiles: p.map(|x| x.4),
+                        group: p.map(|x| x.group),
+                        origin: p.map(|x| x.origin),
+                        valid: p.map(|x| x.valid),
+                        keys: p.map(|x| x.keys.clone()),
+                        tiles: p.map(|x| x.tiles),
                     });
                 }
             }
