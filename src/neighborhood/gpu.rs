@@ -727,6 +727,72 @@ mod c_entry_checks {
         let code = unsafe { ffi::la_neighborhood_forward(std::ptr::null(), std::ptr::null_mut()) };
         assert_eq!(code, INVALID_VALUE);
     }
+
+    /// The Hopper entry refuses invalid params and tiles that break `LaNaHopperTiles`'
+    /// promises before any CUDA call.
+    #[test]
+    fn hopper_entry_refuses_bad_tiles() {
+        // No work (batch 0): null pointers are valid, so only the tiles decide.
+        let v = ffi::LaNeighborhoodParams {
+            batch: 0,
+            ..valid()
+        };
+        // Rank 2 (dims 9x7, dilation 2 on the first): 8 x 16 boxes fit (8 * 2 <= 256).
+        let good = ffi::LaNaHopperTiles {
+            rank: 2,
+            query_log2: [0, 3, 4],
+            key_log2: [0, 3, 4],
+        };
+        let bad_tiles = [
+            ffi::LaNaHopperTiles { rank: 0, ..good },
+            ffi::LaNaHopperTiles { rank: 4, ..good },
+            ffi::LaNaHopperTiles {
+                query_log2: [0, 3, 3],
+                ..good
+            },
+            ffi::LaNaHopperTiles {
+                key_log2: [1, 3, 3],
+                ..good
+            },
+            ffi::LaNaHopperTiles {
+                query_log2: [0, 8, -1],
+                ..good
+            },
+            // Rank 1 with a padded dim of length 9.
+            ffi::LaNaHopperTiles {
+                rank: 1,
+                query_log2: [0, 0, 7],
+                key_log2: [0, 0, 7],
+            },
+        ];
+        for (i, t) in bad_tiles.iter().enumerate() {
+            // SAFETY: refused before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_neighborhood_wgmma_forward(&v, t, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "bad tiles {i}");
+        }
+        // SAFETY: no work: success before any CUDA call.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(&v, &good, std::ptr::null_mut()) };
+        assert_eq!(code, 0);
+        // Dilation 16 along the first dim: past the copy engine's element stride.
+        let mut far = v;
+        far.length[1] = 60;
+        far.dilation[1] = 16;
+        far.tokens = 60 * 7;
+        // SAFETY: as above.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(&far, &good, std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // Valid tiles, invalid params (null pointers with work).
+        let work = valid();
+        // SAFETY: as above.
+        let code =
+            unsafe { ffi::la_neighborhood_wgmma_forward(&work, &good, std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // SAFETY: NULL pointers are refused.
+        let code = unsafe {
+            ffi::la_neighborhood_wgmma_forward(std::ptr::null(), &good, std::ptr::null_mut())
+        };
+        assert_eq!(code, INVALID_VALUE);
+    }
 }
 
 /// The host-side checks of `forward_gpu`, which need no device.
