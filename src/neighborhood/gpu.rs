@@ -5,6 +5,9 @@
 //! **Verified on an H200 (sm_90a build) on 2026-12-04**: `tests/neighborhood_gpu.rs` passed
 //! and compute-sanitizer memcheck was clean (racecheck of the fused test was cut off by its
 //! time limit: incomplete). The sm_80 (Ampere) build has not run on a GPU.
+//!
+//! `forward_gpu_hopper` (`kernels/neighborhood_wgmma.cu`, wgmma + TMA, sm_90a) is compiled
+//! but **not yet run on a GPU**: explicit opt-in only, never picked by `forward_gpu`.
 
 #[cfg(longattn_cuda)]
 use crate::element::DType;
