@@ -7,14 +7,17 @@
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head, for dense the
 //! whole grid squared. Both neighborhood kernels are timed (`longattn-na-simt`, the portable
 //! one; `longattn-na-mma`, the fused tensor-core one, head_dim 64/128, one-shot, and
-//! `longattn-na-mma-plan`, the same through `plan_gpu`); the `NA` line's
-//! speedup uses the faster, and gives the 64-row schedule's computed / visible pair ratio
-//! (the fused kernel's overhead in FLOPs).
+//! `longattn-na-mma-plan`, the same through `plan_gpu`; `longattn-na-hopper`, the Hopper
+//! wgmma + TMA kernel, opt-in `forward_gpu_hopper`, compute capability 9.0 only, not yet
+//! verified: timed only, never the `NA` line's pick); the `NA` line's
+//! speedup uses the fastest verified one, and gives the 64-row schedule's computed / visible
+//! pair ratio (the fused kernel's overhead in FLOPs) and the Hopper boxes' ratio.
 //! `cargo run --release --example neighborhood_bench [-- --quick]`.
 
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::neighborhood::schedule::{
-    MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule, flop_bound_ratio, visible_flops,
+    HopperTiles, MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule, flop_bound_ratio,
+    visible_flops,
 };
 use longattn::*;
 use std::sync::Arc;
@@ -92,6 +95,25 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     } else {
         None
     };
+    // The Hopper kernel where it runs (compute capability 9.0, head_dim 64/128); a refusal
+    // is printed, not fatal.
+    let hopper_ms = match time_ms(stream, || {
+        na.forward_gpu_hopper(
+            stream,
+            Strided::new(&q, st),
+            Strided::new(&k, st),
+            Strided::new(&v, st),
+            Strided::new(&mut o, st),
+            None,
+        )
+    }) {
+        Ok(ms) => Some(ms),
+        Err(Error::Unsupported(why)) => {
+            println!("# {}: longattn-na-hopper not run: {why}", p.name);
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let na_flops = visible_flops(&na);
     let line = |imp: &str, ms: f64, flops: f64| {
         println!(
@@ -108,6 +130,9 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     }
     if let Some(ms) = plan_ms {
         line("longattn-na-mma-plan", ms, na_flops);
+    }
+    if let Some(ms) = hopper_ms {
+        line("longattn-na-hopper", ms, na_flops);
     }
 
     let dense = FlashAttention::new(
@@ -144,12 +169,20 @@ fn bench(stream: &Arc<CudaStream>, p: &Problem) -> Result<()> {
     let speedup = dense_ms / best_ms;
     let sched = NeighborhoodSchedule::new(&na, MMA_QUERY_ROWS, MMA_KEY_TILE)?;
     let computed = sched.computed_pairs() as f64 * (p.heads) as f64 * 4.0 * p.d as f64;
+    let hopper = HopperTiles::new(&na).ok();
+    let hopper_computed = hopper.map_or(0.0, |t| {
+        t.computed_pairs() as f64 * (p.heads) as f64 * 4.0 * p.d as f64
+    });
+    let hopper_speedup = hopper_ms.map_or(0.0, |ms| dense_ms / ms);
     println!(
-        "NA {{\"name\":\"{}\",\"speedup_over_dense\":{speedup:.2},\"flop_bound_ratio\":{ratio:.2},\"fraction_of_bound\":{:.3},\"mma_tile\":\"{:?}\",\"mma_computed_over_visible\":{:.2}}}",
+        "NA {{\"name\":\"{}\",\"speedup_over_dense\":{speedup:.2},\"flop_bound_ratio\":{ratio:.2},\"fraction_of_bound\":{:.3},\"mma_tile\":\"{:?}\",\"mma_computed_over_visible\":{:.2},\"hopper_speedup_over_dense\":{hopper_speedup:.2},\"hopper_query_box\":\"{:?}\",\"hopper_key_box\":\"{:?}\",\"hopper_computed_over_visible\":{:.2}}}",
         p.name,
         speedup / ratio,
         sched.tile,
-        computed / na_flops
+        computed / na_flops,
+        hopper.map(|t| t.query),
+        hopper.map(|t| t.key),
+        hopper_computed / na_flops
     );
     Ok(())
 }
@@ -191,7 +224,7 @@ fn main() -> Result<()> {
     let ctx = longattn::device::open_gpu(0)?;
     let stream = ctx.default_stream();
     println!(
-        "# neighborhood_bench on {} (neighborhood: portable and fused kernels)",
+        "# neighborhood_bench on {} (neighborhood: portable, fused and Hopper kernels)",
         Device::Cuda(ctx.clone()).describe()
     );
     for p in problems(quick) {

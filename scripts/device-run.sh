@@ -64,6 +64,7 @@ if command -v compute-sanitizer > /dev/null; then
   # mbarrier rings, decode, the ring); a timeout still reports the hazards found until then.
   for spec in block_sparse_gpu:gpu_block_sparse_plan_matches_one_shot \
     neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
+    neighborhood_gpu:gpu_neighborhood_hopper_matches_reference \
     paged_prefill:gpu_prefill_matches_reference_f16 \
     dense_gpu:gpu_hopper_varlen_many_query_tiles paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \

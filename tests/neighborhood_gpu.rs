@@ -1,5 +1,6 @@
 //! GPU neighborhood attention (`forward_gpu_portable`, the portable kernel in
-//! `kernels/neighborhood.cu`; `forward_gpu_fused`; `forward_gpu`, which picks one) against
+//! `kernels/neighborhood.cu`; `forward_gpu_fused`; `forward_gpu`, which picks one;
+//! `forward_gpu_hopper`, on compute capability 9.0 only, else a SKIP line) against
 //! the f64 reference over a sweep: ranks 1/2/3, odd and even kernels, kernel == length,
 //! dilation > 1 with lengths it does not divide, causal per dim, stride, GQA, softcap, grids
 //! that are not multiples of any tile, head dims 8 to 256,
@@ -57,6 +58,8 @@ enum Kernel {
     Portable,
     /// `forward_gpu_fused`.
     Fused,
+    /// `forward_gpu_hopper` (compute capability 9.0 only).
+    Hopper,
     /// `plan_gpu` then `NeighborhoodGpuPlan::forward` (what `forward_gpu` picks, schedule
     /// uploaded once).
     Plan,
@@ -116,6 +119,7 @@ fn run_case<T: Element + DeviceRepr>(
     let gout = Strided::new(&mut dout, qs);
     match kernel {
         Kernel::Fused => attn.forward_gpu_fused(stream, gq, gk, gv, gout, Some(&mut dlse)),
+        Kernel::Hopper => attn.forward_gpu_hopper(stream, gq, gk, gv, gout, Some(&mut dlse)),
         Kernel::Portable => attn.forward_gpu_portable(stream, gq, gk, gv, gout, Some(&mut dlse)),
         Kernel::Auto => attn.forward_gpu(stream, gq, gk, gv, gout, Some(&mut dlse)),
         Kernel::Plan => {
@@ -239,7 +243,12 @@ fn fused_extra() -> Vec<Case> {
 /// with the f64 reference on it (so a GPU failure points at the GPU path).
 #[test]
 fn sweep_cases_are_valid_problems() {
-    for (i, c) in sweep().iter().chain(&fused_extra()).enumerate() {
+    for (i, c) in sweep()
+        .iter()
+        .chain(&fused_extra())
+        .chain(&hopper_extra())
+        .enumerate()
+    {
         let shape = NeighborhoodShape {
             batch: c.batch,
             heads_q: c.hq,
@@ -341,6 +350,113 @@ fn gpu_neighborhood_fused_matches_reference() {
         worst = worst.max(run_case::<f16>(&stream, 1900 + i as u64, c, Kernel::Fused));
     }
     eprintln!("neighborhood gpu fused: worst rel err {worst:.2e}");
+}
+
+/// Problems for the Hopper kernel (`forward_gpu_hopper`, 128-row query boxes, 128-key
+/// boxes): several blocks per grid, boxes past the grid's end, interior key boxes (kernels
+/// larger than the boxes), dilation up to 8 in 2-D/3-D (2 in 1-D) with lengths it does not
+/// divide, causal and strided dims, kernel == length, GQA, softcap, batch > 1 (a 3-D batch
+/// runs one launch per element), padded rows.
+fn hopper_extra() -> Vec<Case> {
+    let nd = NeighborhoodDim::new;
+    let mut cases = vec![
+        case(vec![nd(1000, 300)], 64),
+        case(vec![nd(301, 7).with_dilation(2)], 128),
+        case(vec![nd(257, 257)], 64),
+        case(vec![nd(500, 200).with_causal(true)], 128),
+        case(vec![nd(333, 65).with_stride(16)], 64),
+        case(vec![nd(40, 31), nd(37, 29)], 64),
+        case(vec![nd(45, 13), nd(50, 13)], 128),
+        case(
+            vec![nd(70, 5).with_dilation(8), nd(33, 4).with_dilation(5)],
+            64,
+        ),
+        case(
+            vec![nd(30, 7).with_causal(true), nd(41, 9).with_stride(3)],
+            128,
+        ),
+        case(vec![nd(6, 5), nd(20, 17), nd(19, 16)], 128),
+        case(
+            vec![
+                nd(9, 3).with_causal(true),
+                nd(21, 6).with_dilation(2),
+                nd(18, 5),
+            ],
+            64,
+        ),
+    ];
+    let mut gqa = case(vec![nd(33, 9), nd(35, 7).with_dilation(2)], 128);
+    (gqa.batch, gqa.hq, gqa.hkv, gqa.row_pad) = (2, 4, 2, 8);
+    cases.push(gqa);
+    let mut batch3 = case(vec![nd(5, 3), nd(12, 5), nd(13, 8)], 64);
+    (batch3.batch, batch3.hq, batch3.hkv) = (3, 4, 1);
+    batch3.softcap = Some(4.0);
+    cases.push(batch3);
+    let mut cap = case(vec![nd(400, 129)], 128);
+    cap.softcap = Some(5.0);
+    cases.push(cap);
+    cases
+}
+
+/// Whether GPU 0 is compute capability 9.0, where the Hopper kernel runs.
+fn is_hopper(ctx: &Arc<longattn::cudarc::driver::CudaContext>) -> bool {
+    ctx.compute_capability().ok() == Some((9, 0))
+}
+
+/// The Hopper kernel (head_dim 64 and 128, not yet verified on a GPU) on the sweep (cases
+/// it refuses on the host, e.g. 1-D dilation 3, must be refused with `Error::Unsupported`)
+/// plus [`hopper_extra`], bf16 and f16.
+#[test]
+fn gpu_neighborhood_hopper_matches_reference() {
+    let Some(ctx) = gpu_or_skip("gpu_neighborhood_hopper_matches_reference") else {
+        return;
+    };
+    if !is_hopper(&ctx) {
+        println!("SKIP gpu_neighborhood_hopper_matches_reference: not compute capability 9.0");
+        return;
+    }
+    let stream = ctx.default_stream();
+    let mut cases: Vec<Case> = sweep()
+        .into_iter()
+        .filter(|c| c.d == 64 || c.d == 128)
+        .collect();
+    cases.extend(hopper_extra());
+    let mut worst: f64 = 0.0;
+    let mut refused = 0;
+    for (i, c) in cases.iter().enumerate() {
+        let attn = NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: c.batch,
+                heads_q: c.hq,
+                heads_kv: c.hkv,
+                head_dim: c.d,
+                dims: &c.dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap();
+        match longattn::neighborhood::schedule::HopperTiles::new(&attn) {
+            Err(Error::Unsupported(_)) => {
+                refused += 1;
+                continue;
+            }
+            other => {
+                other.unwrap();
+            }
+        }
+        worst = worst.max(run_case::<bf16>(
+            &stream,
+            3100 + i as u64,
+            c,
+            Kernel::Hopper,
+        ));
+        worst = worst.max(run_case::<f16>(&stream, 4100 + i as u64, c, Kernel::Hopper));
+    }
+    assert!(
+        refused <= 1,
+        "only the 1-D dilation-3 case is refused ({refused})"
+    );
+    eprintln!("neighborhood gpu hopper: worst rel err {worst:.2e}");
 }
 
 #[test]

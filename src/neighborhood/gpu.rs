@@ -5,6 +5,9 @@
 //! **Verified on an H200 (sm_90a build) on 2026-12-04**: `tests/neighborhood_gpu.rs` passed
 //! and compute-sanitizer memcheck was clean (racecheck of the fused test was cut off by its
 //! time limit: incomplete). The sm_80 (Ampere) build has not run on a GPU.
+//!
+//! `forward_gpu_hopper` (`kernels/neighborhood_wgmma.cu`, wgmma + TMA, sm_90a) is compiled
+//! but **not yet run on a GPU**: explicit opt-in only, never picked by `forward_gpu`.
 
 #[cfg(longattn_cuda)]
 use crate::element::DType;
@@ -118,6 +121,78 @@ impl NeighborhoodAttention {
         }
         let sched = DeviceSchedule::upload(&FusedSchedule::new(self)?, stream)?;
         cuda_call!(launch_fused, self, &sched, stream, q, k, v, out, lse)
+    }
+
+    /// GPU forward pass with the Hopper kernel (`kernels/neighborhood_wgmma.cu`: wgmma + TMA,
+    /// warp-specialised, sm_90a): 128-row query boxes of one dilation group and 128-key boxes
+    /// over the union of their windows, each loaded by one bulk tensor copy, shapes from
+    /// [`HopperTiles`](super::schedule::HopperTiles). **Compiled, not yet run on a GPU**;
+    /// explicit opt-in only ([`NeighborhoodAttention::forward_gpu`] never picks it). Same
+    /// arguments and checks as `forward_gpu`, and before any device call
+    /// `Error::Unsupported` for: `head_dim` other than 64 or 128, a dilation above 8 or one no
+    /// box shape fits (1-D dilation above 2), q/k/v strides the copy engine cannot step
+    /// (positive multiples of 8 elements below 2^39 over every extent above 1); at launch,
+    /// a device other than compute capability 9.0.
+    pub fn forward_gpu_hopper<T, I, O>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check_gpu_args::<T>(
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        let tiles = self.hopper_tiles([&q.strides, &k.strides, &v.strides])?;
+        cuda_call!(launch_hopper, self, &tiles, stream, q, k, v, out, lse)
+    }
+
+    /// The Hopper kernel's box shapes, or why it cannot take this problem with these q/k/v
+    /// strides (host-only checks; see [`NeighborhoodAttention::forward_gpu_hopper`]).
+    pub(crate) fn hopper_tiles(
+        &self,
+        strides: [&crate::layout::Strides; 3],
+    ) -> Result<super::schedule::HopperTiles> {
+        if !FUSED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(Error::Unsupported(format!(
+                "the Hopper neighborhood kernel takes head_dim 64 or 128, not {}",
+                self.head_dim
+            )));
+        }
+        let tiles = super::schedule::HopperTiles::new(self)?;
+        // Every stride the tensor maps step: token, the inner dims' pitches (products of the
+        // token stride and lengths), head, and batch (the 3-D launches offset pointers by it).
+        let steppable = |stride: i64, extent: usize| {
+            extent <= 1 || (stride > 0 && stride % 8 == 0 && stride < (1i64 << 39))
+        };
+        for (name, s, heads) in [
+            ("q", strides[0], self.heads_q),
+            ("k", strides[1], self.heads_kv),
+            ("v", strides[2], self.heads_kv),
+        ] {
+            let mut ok = steppable(s.head, heads) && steppable(s.batch, self.batch);
+            let mut pitch = s.seq;
+            for d in self.dims.iter().rev() {
+                ok &= steppable(pitch, d.length);
+                pitch = pitch.saturating_mul(d.length as i64);
+            }
+            if !ok {
+                return Err(Error::Unsupported(format!(
+                    "the Hopper neighborhood kernel's copy engine cannot step {name}'s strides \
+                     {s:?} (positive multiples of 8 elements below 2^39 over every extent above \
+                     1, the grid dims' pitches included)"
+                )));
+            }
+        }
+        Ok(tiles)
     }
 
     /// Where the fused kernel applies (head_dim 64 or 128), builds its schedule and copies
@@ -405,6 +480,44 @@ where
     })
 }
 
+#[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
+fn launch_hopper<T, I, O>(
+    attn: &NeighborhoodAttention,
+    tiles: &super::schedule::HopperTiles,
+    stream: &Arc<CudaStream>,
+    q: Strided<&I>,
+    k: Strided<&I>,
+    v: Strided<&I>,
+    out: Strided<&mut O>,
+    lse: Option<&mut dyn DeviceBufferMut<f32>>,
+) -> Result<()>
+where
+    T: Element + DeviceRepr,
+    I: DeviceBuffer<T>,
+    O: DeviceBufferMut<T>,
+{
+    use crate::gpu::{check_launch, ffi};
+    let (query_log2, key_log2) = tiles.log2();
+    let c_tiles = ffi::LaNaHopperTiles {
+        rank: tiles.rank as i32,
+        query_log2,
+        key_log2,
+    };
+    launch_with(attn, stream, q, k, v, out, lse, |params, cu_stream| {
+        // SAFETY: as in `launch`; `c_tiles` lives until the call returns.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(params, &c_tiles, cu_stream) };
+        if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+            return Err(Error::Unsupported(
+                "the Hopper neighborhood kernel needs a device of compute capability 9.0 and \
+                 q/k/v the copy engine can address (16-byte aligned)"
+                    .into(),
+            ));
+        }
+        check_launch("la_neighborhood_wgmma_forward", code)
+    })
+}
+
 /// The kernel's params with null pointers: dims padded in front to three (see
 /// `kernels/include/longattn/neighborhood.h`), strides and options from `attn`.
 #[cfg(longattn_cuda)]
@@ -617,6 +730,72 @@ mod c_entry_checks {
         let code = unsafe { ffi::la_neighborhood_forward(std::ptr::null(), std::ptr::null_mut()) };
         assert_eq!(code, INVALID_VALUE);
     }
+
+    /// The Hopper entry refuses invalid params and tiles that break `LaNaHopperTiles`'
+    /// promises before any CUDA call.
+    #[test]
+    fn hopper_entry_refuses_bad_tiles() {
+        // No work (batch 0): null pointers are valid, so only the tiles decide.
+        let v = ffi::LaNeighborhoodParams {
+            batch: 0,
+            ..valid()
+        };
+        // Rank 2 (dims 9x7, dilation 2 on the first): 8 x 16 boxes fit (8 * 2 <= 256).
+        let good = ffi::LaNaHopperTiles {
+            rank: 2,
+            query_log2: [0, 3, 4],
+            key_log2: [0, 3, 4],
+        };
+        let bad_tiles = [
+            ffi::LaNaHopperTiles { rank: 0, ..good },
+            ffi::LaNaHopperTiles { rank: 4, ..good },
+            ffi::LaNaHopperTiles {
+                query_log2: [0, 3, 3],
+                ..good
+            },
+            ffi::LaNaHopperTiles {
+                key_log2: [1, 3, 3],
+                ..good
+            },
+            ffi::LaNaHopperTiles {
+                query_log2: [0, 8, -1],
+                ..good
+            },
+            // Rank 1 with a padded dim of length 9.
+            ffi::LaNaHopperTiles {
+                rank: 1,
+                query_log2: [0, 0, 7],
+                key_log2: [0, 0, 7],
+            },
+        ];
+        for (i, t) in bad_tiles.iter().enumerate() {
+            // SAFETY: refused before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_neighborhood_wgmma_forward(&v, t, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "bad tiles {i}");
+        }
+        // SAFETY: no work: success before any CUDA call.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(&v, &good, std::ptr::null_mut()) };
+        assert_eq!(code, 0);
+        // Dilation 16 along the first dim: past the copy engine's element stride.
+        let mut far = v;
+        far.length[1] = 60;
+        far.dilation[1] = 16;
+        far.tokens = 60 * 7;
+        // SAFETY: as above.
+        let code = unsafe { ffi::la_neighborhood_wgmma_forward(&far, &good, std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // Valid tiles, invalid params (null pointers with work).
+        let work = valid();
+        // SAFETY: as above.
+        let code =
+            unsafe { ffi::la_neighborhood_wgmma_forward(&work, &good, std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // SAFETY: NULL pointers are refused.
+        let code = unsafe {
+            ffi::la_neighborhood_wgmma_forward(std::ptr::null(), &good, std::ptr::null_mut())
+        };
+        assert_eq!(code, INVALID_VALUE);
+    }
 }
 
 /// The host-side checks of `forward_gpu`, which need no device.
@@ -701,6 +880,50 @@ mod host_checks {
             assert_eq!(rec[16] as usize, t.key_count().div_ceil(64));
             assert_eq!(rec[15] as usize, t.key_tiles.start);
         }
+    }
+
+    #[test]
+    fn hopper_refusals_are_decided_on_the_host() {
+        let a = attn(64, 2);
+        let (_, qs, _, ks) = bufs(&a);
+        let tiles = a.hopper_tiles([&qs, &ks, &ks]).unwrap();
+        assert_eq!(tiles.rank, 2);
+        assert_eq!(tiles.query.iter().product::<usize>(), 128);
+        for d in [32, 256] {
+            let b = attn(d, 1);
+            let (_, qs, _, ks) = bufs(&b);
+            assert!(matches!(
+                b.hopper_tiles([&qs, &ks, &ks]),
+                Err(Error::Unsupported(_))
+            ));
+        }
+        // Strides the copy engine cannot step: not a multiple of 8 elements, zero (broadcast)
+        // over more than one entry.
+        for bad in [
+            Strides { seq: 132, ..qs },
+            Strides { head: 0, ..qs },
+            Strides { batch: 0, ..qs },
+        ] {
+            assert!(
+                matches!(a.hopper_tiles([&bad, &ks, &ks]), Err(Error::Unsupported(_))),
+                "{bad:?}"
+            );
+        }
+        // k/v have one head here: a zero head stride is never stepped, a bad token stride is.
+        let zero_head = Strides { head: 0, ..ks };
+        a.hopper_tiles([&qs, &zero_head, &zero_head]).unwrap();
+        let odd_seq = Strides { seq: 68, ..ks };
+        assert!(matches!(
+            a.hopper_tiles([&qs, &ks, &odd_seq]),
+            Err(Error::Unsupported(_))
+        ));
+        // Padded rows (a multiple of 8 elements) are fine.
+        let padded = Strides {
+            seq: qs.seq + 8,
+            batch: (qs.seq + 8) * a.tokens() as i64,
+            ..qs
+        };
+        a.hopper_tiles([&padded, &ks, &ks]).unwrap();
     }
 
     #[test]

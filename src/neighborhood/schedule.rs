@@ -408,6 +408,230 @@ fn push_key_tiles(qt: &QueryTile, key_tile: usize, out: &mut Vec<KeyTile>) {
     }
 }
 
+/// Query rows per block of the Hopper kernel (`kernels/neighborhood_wgmma.cu`: two consumer
+/// warpgroups of 64 rows).
+pub const HOPPER_QUERY_ROWS: usize = 128;
+/// Keys per key box of the Hopper kernel (the n of its `S = Q K^T` wgmma).
+pub const HOPPER_KEY_TILE: usize = 128;
+/// Largest dilation the Hopper kernel takes: its tensor maps sample one dilation group with
+/// `elementStrides = dilation`, which the copy engine bounds by 8.
+pub const HOPPER_MAX_DILATION: usize = 8;
+/// Most positions one tensor-map box dim spans (`extent * dilation`), the copy engine's bound.
+const TMA_BOX_SPAN: usize = 256;
+
+/// The Hopper kernel's box shapes for one problem (`LaNaHopperTiles`): a block owns a box of
+/// `query` in-group positions per (padded) dim, 128 in all, of one dilation group, and visits
+/// the union of its rows' windows per dim in boxes of `key` keys per dim, 128 in all. Each box
+/// is one bulk tensor copy, so per dim `extent * dilation <= 256`. The device computes the
+/// same blocks, key ranges and key boxes ([`HopperTiles::blocks`], [`HopperTiles::key_boxes`]
+/// mirror it for the tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HopperTiles {
+    dims: [NeighborhoodDim; MAX_NEIGHBORHOOD_DIMS],
+    /// The problem's rank (1 to 3); dims before the last `rank` are padding.
+    pub rank: usize,
+    /// Query box extents per padded dim (powers of two, product 128).
+    pub query: [usize; MAX_NEIGHBORHOOD_DIMS],
+    /// Key box extents per padded dim (powers of two, product 128).
+    pub key: [usize; MAX_NEIGHBORHOOD_DIMS],
+}
+
+/// One block of the Hopper kernel: a query box of one dilation group and its key range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopperBlock {
+    /// Dilation group per dim.
+    pub group: [usize; MAX_NEIGHBORHOOD_DIMS],
+    /// In-group index of the box's first row per dim.
+    pub origin: [usize; MAX_NEIGHBORHOOD_DIMS],
+    /// Rows of the box inside the group per dim (the rest are padding, zero-filled).
+    pub valid: [usize; MAX_NEIGHBORHOOD_DIMS],
+    /// Union of the valid rows' windows per dim (in-group key indices).
+    pub keys: [Range<usize>; MAX_NEIGHBORHOOD_DIMS],
+    /// Key boxes per dim over `keys` (the last may run past the union: masked).
+    pub tiles: [usize; MAX_NEIGHBORHOOD_DIMS],
+}
+
+/// One dim's share of a [`HopperBlock`].
+struct DimBlock {
+    group: usize,
+    origin: usize,
+    valid: usize,
+    keys: Range<usize>,
+    tiles: usize,
+}
+
+impl HopperTiles {
+    /// The box shapes with the fewest computed (row, key) pairs for `attn` among those the
+    /// copy engine can load (`extent * dilation <= 256` per dim); `Error::Unsupported` where
+    /// a dilation exceeds [`HOPPER_MAX_DILATION`] or no box shape fits (1-D dilation above 2:
+    /// 128 positions times the dilation pass 256), with the reason.
+    pub fn new(attn: &NeighborhoodAttention) -> Result<Self> {
+        let dims = padded_dims(attn);
+        let rank = attn.dims.len();
+        let off = MAX_NEIGHBORHOOD_DIMS - rank;
+        if let Some((a, d)) = attn
+            .dims
+            .iter()
+            .enumerate()
+            .find(|(_, d)| d.dilation > HOPPER_MAX_DILATION)
+        {
+            return Err(Error::Unsupported(format!(
+                "the Hopper neighborhood kernel takes dilation <= {HOPPER_MAX_DILATION} (the \
+                 copy engine's element stride); dim {a} has {}",
+                d.dilation
+            )));
+        }
+        let log = HOPPER_QUERY_ROWS.trailing_zeros() as usize;
+        // Per dim and exponent pair, the key boxes summed over the dim's (group, box) pairs:
+        // the schedule is separable, so the total is their product.
+        let per_dim_cost = |a: usize, eq: usize, ek: usize| -> Option<u128> {
+            let dim = &dims[a];
+            let (tq, tk) = (1usize << eq, 1usize << ek);
+            if tq * dim.dilation > TMA_BOX_SPAN || tk * dim.dilation > TMA_BOX_SPAN {
+                return None;
+            }
+            let mut sum = 0u128;
+            for g in 0..dim.dilation {
+                for t in 0..group_len(dim, g).div_ceil(tq) {
+                    sum += dim_tile(dim, g, tq, t).2.len().div_ceil(tk) as u128;
+                }
+            }
+            Some(sum)
+        };
+        let splits: Vec<[usize; MAX_NEIGHBORHOOD_DIMS]> = (0..=log)
+            .flat_map(|e0| (0..=log - e0).map(move |e1| [e0, e1, log - e0 - e1]))
+            .filter(|e| e[..off].iter().all(|&x| x == 0))
+            .collect();
+        let mut best: Option<(u128, [usize; 3], [usize; 3])> = None;
+        for eq in &splits {
+            for ek in &splits {
+                let cost = (0..MAX_NEIGHBORHOOD_DIMS)
+                    .map(|a| per_dim_cost(a, eq[a], ek[a]))
+                    .try_fold(1u128, |acc, c| c.map(|c| acc.saturating_mul(c)));
+                if let Some(cost) = cost
+                    && best.as_ref().is_none_or(|(c, _, _)| cost < *c)
+                {
+                    best = Some((cost, *eq, *ek));
+                }
+            }
+        }
+        let Some((_, eq, ek)) = best else {
+            return Err(Error::Unsupported(format!(
+                "the Hopper neighborhood kernel loads boxes of 128 positions with extent * \
+                 dilation <= {TMA_BOX_SPAN} per dim; no box shape fits the dilations {:?}",
+                attn.dims.iter().map(|d| d.dilation).collect::<Vec<_>>()
+            )));
+        };
+        let tiles = HopperTiles {
+            dims,
+            rank,
+            query: eq.map(|e| 1 << e),
+            key: ek.map(|e| 1 << e),
+        };
+        if tiles.grid_blocks().is_none_or(|b| b > i32::MAX as usize) {
+            return Err(Error::Unsupported(
+                "the Hopper neighborhood kernel's grid would exceed 2^31 - 1 blocks per (batch, \
+                 head)"
+                    .into(),
+            ));
+        }
+        Ok(tiles)
+    }
+
+    /// Query boxes per dim of the longest (first) dilation group: the device's blocks per dim
+    /// and group.
+    fn boxes(&self, a: usize) -> usize {
+        group_len(&self.dims[a], 0).div_ceil(self.query[a])
+    }
+
+    /// Blocks of the launch per (batch, head), those past a shorter group's end included
+    /// (they exit at once); `None` on overflow.
+    pub fn grid_blocks(&self) -> Option<usize> {
+        (0..MAX_NEIGHBORHOOD_DIMS).try_fold(1usize, |acc, a| {
+            acc.checked_mul(self.boxes(a).checked_mul(self.dims[a].dilation)?)
+        })
+    }
+
+    /// The active blocks in the device's order (block index per dim: group-major, then box;
+    /// the last dim fastest), as the kernel computes them.
+    pub fn blocks(&self) -> Vec<HopperBlock> {
+        // Per dim, its (group, box) pairs: (group, origin, valid, key range, key boxes).
+        let per_dim: Vec<Vec<DimBlock>> = (0..MAX_NEIGHBORHOOD_DIMS)
+            .map(|a| {
+                let dim = &self.dims[a];
+                let mut v = Vec::new();
+                for g in 0..dim.dilation {
+                    for t in 0..self.boxes(a) {
+                        if t * self.query[a] >= group_len(dim, g) {
+                            continue; // inactive: past this group's end
+                        }
+                        let (origin, valid, keys, _) = dim_tile(dim, g, self.query[a], t);
+                        let tiles = keys.len().div_ceil(self.key[a]);
+                        v.push(DimBlock {
+                            group: g,
+                            origin,
+                            valid,
+                            keys,
+                            tiles,
+                        });
+                    }
+                }
+                v
+            })
+            .collect();
+        let mut out = Vec::new();
+        for b0 in &per_dim[0] {
+            for b1 in &per_dim[1] {
+                for b2 in &per_dim[2] {
+                    let p = [b0, b1, b2];
+                    out.push(HopperBlock {
+                        group: p.map(|x| x.group),
+                        origin: p.map(|x| x.origin),
+                        valid: p.map(|x| x.valid),
+                        keys: p.map(|x| x.keys.clone()),
+                        tiles: p.map(|x| x.tiles),
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// First in-group key per dim of every key box of `block` (row-major over the per-dim
+    /// box counts, the kernel's order).
+    pub fn key_boxes(&self, block: &HopperBlock) -> Vec<[usize; MAX_NEIGHBORHOOD_DIMS]> {
+        let mut out = Vec::new();
+        for t0 in 0..block.tiles[0] {
+            for t1 in 0..block.tiles[1] {
+                for t2 in 0..block.tiles[2] {
+                    let t = [t0, t1, t2];
+                    out.push(std::array::from_fn(|a| {
+                        block.keys[a].start + t[a] * self.key[a]
+                    }));
+                }
+            }
+        }
+        out
+    }
+
+    /// (row, key) pairs the kernel computes per (batch, head): 128 x 128 per key box.
+    pub fn computed_pairs(&self) -> u128 {
+        self.blocks()
+            .iter()
+            .map(|b| b.tiles.iter().product::<usize>() as u128)
+            .sum::<u128>()
+            * (HOPPER_QUERY_ROWS * HOPPER_KEY_TILE) as u128
+    }
+
+    /// `log2` of the extents, as `LaNaHopperTiles` takes them.
+    pub fn log2(&self) -> ([i32; MAX_NEIGHBORHOOD_DIMS], [i32; MAX_NEIGHBORHOOD_DIMS]) {
+        (
+            self.query.map(|t| t.trailing_zeros() as i32),
+            self.key.map(|t| t.trailing_zeros() as i32),
+        )
+    }
+}
+
 /// Visible (query, key) pairs of one (batch, head): the sum over queries of their
 /// neighborhood sizes. The grid is a product of dims and a neighborhood a product of
 /// per-dim windows, so this is the product over dims of the per-dim window-length sums.

@@ -91,6 +91,29 @@ typedef struct LaNaSchedule {
 int la_neighborhood_mma_forward(const LaNeighborhoodParams *params, const LaNaSchedule *schedule,
                                 cudaStream_t stream);
 
+/* Box shapes of the Hopper kernel (kernels/neighborhood_wgmma.cu), chosen on the host
+ * (src/neighborhood/schedule.rs, HopperTiles): a block owns a box of 2^query_log2[a]
+ * in-group positions per dim (128 rows in all) of one dilation group, and visits the key
+ * range its rows' windows cover per dim in key boxes of 2^key_log2[a] keys per dim (128 in
+ * all). Padded dims (before the last `rank` dims: length 1, kernel 1) have log2 0. Each box
+ * is one TMA copy, so per dim the box extent times the dilation is at most 256 and the
+ * dilation at most 8. */
+typedef struct LaNaHopperTiles {
+  /* The problem's rank (1 to 3): the tensor maps have its dims only. */
+  int32_t rank;
+  int32_t query_log2[LA_NA_DIMS];
+  int32_t key_log2[LA_NA_DIMS];
+} LaNaHopperTiles;
+
+/* Hopper kernel (wgmma + TMA, sm_90a only; compiled, NOT YET RUN ON A GPU): head_dim 64 or
+ * 128, f16 or bf16, boxes from `tiles`. Returns LA_DENSE_KERNEL_UNSUPPORTED when the device
+ * is not compute capability 9.0, or the copy engine cannot address the tensors (pointers
+ * 16-byte aligned, strides positive multiples of 16 bytes below 2^40 bytes);
+ * cudaErrorInvalidValue for invalid params or tiles. One launch per batch element for a 3-D
+ * grid (the tensor map has at most 5 dims); never synchronizes. */
+int la_neighborhood_wgmma_forward(const LaNeighborhoodParams *params,
+                                  const LaNaHopperTiles *tiles, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
