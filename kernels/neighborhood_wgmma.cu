@@ -32,22 +32,6 @@
 #include "longattn/wgmma_mainloop.cuh"
 
 namespace longattn {
-namespace na_tma {
-
-// Copies the box at coordinates (c0 innermost .. c4) of the 5-D tensor map `map` to shared
-// memory at `dst`, completing on mbarrier `bar` (tma::load_4d with one more dim).
-__device__ __forceinline__ void load_5d(uint32_t dst, const void *map, uint32_t bar, int c0,
-                                        int c1, int c2, int c3, int c4) {
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4, %5, %6, %7}], [%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
-      "r"(c4)
-      : "memory");
-}
-
-}  // namespace na_tma
-
 namespace {
 
 // Tiles: 128 query rows (two consumer warpgroups) and 128-key boxes, the dense d64/d128 rings.
@@ -153,9 +137,9 @@ struct NaWgProblem {
       if (a.geo.rank == 1) {
         tma::load_4d(at, map, full, 64 * pn, x[2], head, bc);
       } else if (a.geo.rank == 2) {
-        na_tma::load_5d(at, map, full, 64 * pn, x[2], x[1], head, bc);
+        tma::load_5d(at, map, full, 64 * pn, x[2], x[1], head, bc);
       } else {
-        na_tma::load_5d(at, map, full, 64 * pn, x[2], x[1], x[0], head);
+        tma::load_5d(at, map, full, 64 * pn, x[2], x[1], x[0], head);
       }
     }
   }
