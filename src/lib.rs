@@ -106,7 +106,7 @@ pub use neighborhood::{
 };
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
-    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillPlan,
+    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillKernel, PagedPrefillPlan,
     QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
 pub use ring::{
