@@ -419,7 +419,10 @@ mod kernel_choice {
     fn default_kernel_is_the_tensor_core_one() {
         let pf = prefill(16, PagedPrefillKernel::TensorCore);
         assert_eq!(pf.kernel(), PagedPrefillKernel::TensorCore);
-        assert_eq!(PagedPrefillKernel::default(), PagedPrefillKernel::TensorCore);
+        assert_eq!(
+            PagedPrefillKernel::default(),
+            PagedPrefillKernel::TensorCore
+        );
         let built = PagedPrefill::new(pf.cache(), 2, 3, &AttentionOptions::causal()).unwrap();
         assert_eq!(built.kernel(), PagedPrefillKernel::TensorCore);
         assert_eq!(
@@ -611,7 +614,11 @@ mod c_entry_checks {
             "FP8",
         );
         for ps in [1, 8, 24, 48, 100] {
-            add("page size", &move |p| p.cache.page_size = ps, "powers of two");
+            add(
+                "page size",
+                &move |p| p.cache.page_size = ps,
+                "powers of two",
+            );
         }
         for (name, p, why) in &cases {
             assert!(reason(p).contains(why), "{name}: {}", reason(p));
