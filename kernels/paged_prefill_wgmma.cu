@@ -126,10 +126,11 @@ struct PagedPrefillWgProblem {
   // Key tile t: keys [n0, n0 + kBlockN).
   __device__ __forceinline__ int kv_coords(int t) const { return tiles.key0(t); }
   // The boxes of tile n0 that hold a key below sk (all of them but in the tail tile), each
-  // through the page table, completing on `bar` (expect_tx of the bytes issued).
+  // through the page table, completing on `bar` (expect_tx of the bytes issued; none, a
+  // plain arrival, for a tile at or past sk, which the schedule never visits).
   __device__ __forceinline__ void load_boxes(const CUtensorMap *map, int n0, uint32_t dst,
                                              uint32_t bar) const {
-    const int boxes = min(boxes_per_tile, (sk - n0 + box_rows - 1) / box_rows);
+    const int boxes = max(0, min(boxes_per_tile, (sk - n0 + box_rows - 1) / box_rows));
     tma::arrive_expect_tx(bar, (uint32_t)(boxes * box_rows) * (Tr::kHeadDim * 2));
     for (int i = 0; i < boxes; ++i) {
       const int j = n0 + i * box_rows;  // first key of the box
@@ -151,7 +152,7 @@ struct PagedPrefillWgProblem {
     load_boxes(&maps.v, n0, dst, tail_bar);
     tma::wait(tail_bar, 0);
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    for (int r = sk - n0; r < Tr::kBlockN; ++r)
+    for (int r = max(sk - n0, 0); r < Tr::kBlockN; ++r)
 #pragma unroll
       for (int pn = 0; pn < Tr::kPanels; ++pn)
 #pragma unroll
