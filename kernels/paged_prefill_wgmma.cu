@@ -308,19 +308,27 @@ const char *unsupported_reason(const LaPagedPrefillParams &p) {
   return nullptr;
 }
 
+// What la_paged_prefill takes: its scalar checks, q/o f16 or bf16, a cache of q's dtype or
+// e4m3 with scales (which this kernel then refuses as unsupported, not as invalid).
+bool params_valid(const LaPagedPrefillParams *p) {
+  return p != nullptr && paged_prefill_params_ok(*p) &&
+         (p->dtype == LA_F16 || p->dtype == LA_BF16) &&
+         (p->kv_dtype == p->dtype || (p->kv_dtype == LA_F8E4M3 && p->kv_scales != nullptr));
+}
+
 }  // namespace
 }  // namespace longattn
 
 extern "C" const char *la_paged_prefill_wgmma_unsupported_reason(
     const LaPagedPrefillParams *params) {
   using namespace longattn;
-  if (params == nullptr || !paged_prefill_params_ok(*params)) return "its parameters are invalid";
+  if (!params_valid(params)) return "its parameters are invalid";
   return unsupported_reason(*params);
 }
 
 extern "C" int la_paged_prefill_wgmma(const LaPagedPrefillParams *params, cudaStream_t stream) {
   using namespace longattn;
-  if (params == nullptr || !paged_prefill_params_ok(*params)) return cudaErrorInvalidValue;
+  if (!params_valid(params)) return cudaErrorInvalidValue;
   if (unsupported_reason(*params) != nullptr) return cudaErrorNotSupported;
   cudaError_t err = cudaErrorInvalidValue;
   with_config(*params, [&](auto t, auto tr) {

@@ -629,5 +629,21 @@ mod c_entry_checks {
         // SAFETY: a null params pointer is refused.
         let r = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(std::ptr::null()) };
         assert!(!r.is_null());
+        // Cache types that la_paged_prefill refuses as invalid are invalid here too.
+        let mut mixed = valid();
+        mixed.kv_dtype = ffi::LaDtype::LA_F16;
+        let mut fp8_no_scales = valid();
+        fp8_no_scales.kv_dtype = ffi::LaDtype::LA_F8E4M3;
+        for (name, p) in [
+            ("f16 cache, bf16 q", mixed),
+            ("fp8 without scales", fp8_no_scales),
+        ] {
+            // SAFETY: refused before any pointer is read.
+            let code = unsafe { ffi::la_paged_prefill_wgmma(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+            // SAFETY: as above.
+            let code = unsafe { ffi::la_paged_prefill(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "mma {name}");
+        }
     }
 }
