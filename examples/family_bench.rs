@@ -1,8 +1,9 @@
 //! GPU throughput of the opt-in kernels on the shared tensor-core mainloop, each against the
 //! dense kernels on the same work in the same run (bf16). Prints one `BENCH {json}` line per
 //! (case, implementation), in the style of gpu_bench:
-//! - `padded_*`: `DenseKernel::TensorCorePadded` at head dims 64..256 (96 and 192 padded to
-//!   128 and 256) against `TensorCore` and `Hopper` where they serve the head dim;
+//! - `padded_*`: `DenseKernel::TensorCorePadded` at head dims 59..256 (96 and 192 padded to
+//!   128 and 256; 59 and 111, not multiples of 8, on its element-wise variant, not yet
+//!   verified on a GPU) against `TensorCore` and `Hopper` where they serve the head dim;
 //! - `bsparse_*`: `BlockSparseAttention` through a plan (128 x 128 blocks, random lists of a
 //!   given density, all blocks Full) against dense full attention on the same sequence;
 //!   `tflops` counts the visible pairs only, so equal TFLOP/s means time in proportion to
@@ -76,7 +77,7 @@ fn dense_ms(
 /// the head dim today, on 16k tokens (4 x 4096) and 2048 / d heads (rounded).
 fn padded(stream: &Arc<CudaStream>) {
     let s = 4096;
-    for d in [64usize, 96, 128, 192, 256] {
+    for d in [59usize, 64, 96, 111, 128, 192, 256] {
         for causal in [false, true] {
             let h = 2048usize.div_ceil(d);
             let shape = AttentionShape {
@@ -107,8 +108,11 @@ fn padded(stream: &Arc<CudaStream>) {
                 (DenseKernel::Hopper, "longattn-wgmma"),
                 (DenseKernel::Simt, "longattn-simt"),
             ] {
-                // SIMT only where no tensor-core kernel but the padded one serves the dim.
-                if kernel == DenseKernel::Simt && [64, 128, 256].contains(&d) {
+                // SIMT only where no tensor-core kernel but the padded one serves the dim (and
+                // only the padded kernel takes head dims that are not multiples of 8).
+                if kernel == DenseKernel::Simt
+                    && ([64, 128, 256].contains(&d) || !d.is_multiple_of(8))
+                {
                     continue;
                 }
                 match dense_ms(stream, &shape, &opts, kernel) {

@@ -5,6 +5,11 @@
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt`
 //! (default: all three) picks the kernels to time.
+//!
+//! `shortq_*` rows: short query sequences (1-64 new tokens) over 4k-32k keys with GQA (32
+//! query / 8 kv heads, d128, no mask), as chunked prefill and speculative decoding run them:
+//! `DenseKernel::TensorCoreGqa` (query heads of a group packed into one tile; not yet run on
+//! a GPU) against the per-head kernels.
 
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
@@ -56,6 +61,47 @@ fn time_case(stream: &Arc<CudaStream>, c: &Case, kernel: DenseKernel) -> Result<
     let flops = 4.0
         * (c.b * c.h * c.d) as f64
         * support::visible_pairs(&c.opts.effective_mask(), c.s, c.s) as f64;
+    Ok((ms, flops / ms / 1e9))
+}
+
+/// Short queries: `sq` new tokens of 32 query heads over `sk` keys of 8 kv heads, d128, full
+/// attention, batch 16; returns (ms, TFLOP/s over the sq * sk pairs).
+fn time_short_query(
+    stream: &Arc<CudaStream>,
+    (sq, sk): (usize, usize),
+    kernel: DenseKernel,
+) -> Result<(f64, f64)> {
+    let (b, hq, hkv, d) = (16usize, 32usize, 8usize, 128usize);
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::default())?.with_kernel(kernel);
+    let (qs, ks) = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    let q: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(b * sq * hq * d, 1))?;
+    let k: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(b * sk * hkv * d, 2))?;
+    let v: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(b * sk * hkv * d, 3))?;
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(b * sq * hq * d)?;
+    let ms = support::time_ms(stream, 300.0, 50, || {
+        attn.forward_gpu(
+            stream,
+            Strided::new(&q, qs),
+            Strided::new(&k, ks),
+            Strided::new(&v, ks),
+            Strided::new(&mut o, qs),
+            None,
+        )
+    })?;
+    let flops = 4.0 * (b * hq * d) as f64 * (sq * sk) as f64;
     Ok((ms, flops / ms / 1e9))
 }
 
@@ -126,6 +172,23 @@ fn main() -> Result<()> {
                     c.name, c.b, c.s, c.h, c.d
                 ),
                 Err(e) => println!("# {} {label}: {e}", c.name),
+            }
+        }
+    }
+    for sk in [4096usize, 32768] {
+        for sq in [1usize, 4, 16, 64] {
+            let name = format!("shortq_q{sq}_k{sk}_d128");
+            for (kernel, label) in [
+                (DenseKernel::TensorCoreGqa, "longattn-mma-gqa"),
+                (DenseKernel::Hopper, "longattn-wgmma"),
+                (DenseKernel::TensorCore, "longattn-mma"),
+            ] {
+                match time_short_query(&stream, (sq, sk), kernel) {
+                    Ok((ms, tflops)) => println!(
+                        "BENCH {{\"name\":\"{name}\",\"impl\":\"{label}\",\"b\":16,\"s\":{sk},\"h\":32,\"d\":128,\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+                    ),
+                    Err(e) => println!("# {name} {label}: {e}"),
+                }
             }
         }
     }

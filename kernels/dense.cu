@@ -245,6 +245,7 @@ extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *p
       return longattn::dense_mma_padded_unsupported_reason(*params);
     case LA_DENSE_WGMMA: return longattn::dense_wgmma_unsupported_reason(*params);
     case LA_DENSE_MMA_PADDED: return longattn::dense_mma_padded_unsupported_reason(*params);
+    case LA_DENSE_MMA_GQA: return longattn::dense_mma_gqa_unsupported_reason(*params);
   }
   return "unknown kernel";
 }
@@ -264,7 +265,10 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
   switch (kernel) {
     case LA_DENSE_AUTO:
       // Fastest first (H200, 2026-12-04): wgmma, then the mma.sync kernel (any head dim, padded
-      // to the tile: 18x the SIMT kernel at d96), SIMT where no tensor core runs.
+      // to the tile: 18x the SIMT kernel at d96), SIMT where no tensor core runs. Head dims
+      // that are not a multiple of 8 run only on LA_DENSE_MMA_PADDED, by name: its
+      // element-wise variant has not run on a GPU yet.
+      if (p.head_dim % 8 != 0) return kKernelUnsupported;
       if (dense_wgmma_supports(p)) return dense_wgmma_forward(p, stream);
       if (dense_mma_padded_unsupported_reason(p) == nullptr) return dense_mma_padded_forward(p, stream);
       return dense_simt_forward(p, stream);
@@ -278,6 +282,9 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
     case LA_DENSE_MMA_PADDED:
       return dense_mma_padded_unsupported_reason(p) == nullptr ? dense_mma_padded_forward(p, stream)
                                                                : kKernelUnsupported;
+    case LA_DENSE_MMA_GQA:
+      return dense_mma_gqa_unsupported_reason(p) == nullptr ? dense_mma_gqa_forward(p, stream)
+                                                            : kKernelUnsupported;
   }
   return cudaErrorInvalidValue;
 }

@@ -47,8 +47,9 @@ def dense_table():
     names = [n for n in order if any("tflops" in r for r in rows[n].values())]
     if not names:
         return
-    impls = ["longattn-wgmma", "longattn-mma", "longattn-simt", "sdpa-flash", "sdpa-cudnn", "flex"]
-    ours_impls = ("longattn-wgmma", "longattn-mma")
+    impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-simt", "sdpa-flash",
+             "sdpa-cudnn", "flex"]
+    ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa")
     print(f"{'case':<28}" + "".join(f"{i:>15}" for i in impls)
           + f"{'wgmma/mma':>11}{'best/flash':>11}{'best/cudnn':>11}{'best/flex':>10}")
     for name in names:

@@ -66,6 +66,23 @@ def main():
                     except Exception as e:  # backend not available for this shape
                         print(f"# {name} {impl}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             del q, k, v
+    # Short queries with GQA (gpu_bench shortq_* rows): 32 query / 8 kv heads, d128, batch 16,
+    # no mask (so that SDPA's top-left causal alignment does not matter).
+    for sk in (4096, 32768):
+        for sq in (1, 4, 16, 64):
+            name = f"shortq_q{sq}_k{sk}_d128"
+            q = torch.randn(16, 32, sq, 128, device=dev, dtype=torch.bfloat16)
+            k, v = (torch.randn(16, 8, sk, 128, device=dev, dtype=torch.bfloat16) for _ in range(2))
+            for impl, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                                  ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                try:
+                    with sdpa_kernel(backend):
+                        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                    emit(name, impl, 16, sk, 32, 128, ms, sq * sk)
+                except Exception as e:  # backend not available for this shape
+                    print(f"# {name} {impl}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            del q, k, v
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)

@@ -295,13 +295,31 @@ pub(crate) struct QkvoPtrs<'a> {
 #[cfg(longattn_cuda)]
 impl<'a> QkvoPtrs<'a> {
     /// Takes the pointers of `q`, `k`, `v`, `out` (in that order) on `stream`, then checks
-    /// them and their strides (in that order).
+    /// them and their strides (in that order) for the kernels' 16-byte vector accesses.
     pub(crate) fn new<T, I, O>(
         stream: &'a CudaStream,
         q: &'a Strided<&I>,
         k: &'a Strided<&I>,
         v: &'a Strided<&I>,
+        out: (&'a mut O, &Strides),
+    ) -> Result<Self>
+    where
+        T: Element,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        Self::with_access(stream, q, k, v, out, true)
+    }
+
+    /// [`QkvoPtrs::new`], checking the 16-byte vector accesses only when `vector` (a kernel
+    /// that moves single elements needs none: cudarc's typed buffers are element-aligned).
+    pub(crate) fn with_access<T, I, O>(
+        stream: &'a CudaStream,
+        q: &'a Strided<&I>,
+        k: &'a Strided<&I>,
+        v: &'a Strided<&I>,
         (out, out_strides): (&'a mut O, &Strides),
+        vector: bool,
     ) -> Result<Self>
     where
         T: Element,
@@ -313,10 +331,12 @@ impl<'a> QkvoPtrs<'a> {
         let (k_ptr, k_sync) = k.data.device_ptr(stream);
         let (v_ptr, v_sync) = v.data.device_ptr(stream);
         let (o_ptr, o_sync) = out.device_ptr_mut(stream);
-        check_vector_access("q", q_ptr, &q.strides, bytes)?;
-        check_vector_access("k", k_ptr, &k.strides, bytes)?;
-        check_vector_access("v", v_ptr, &v.strides, bytes)?;
-        check_vector_access("out", o_ptr, out_strides, bytes)?;
+        if vector {
+            check_vector_access("q", q_ptr, &q.strides, bytes)?;
+            check_vector_access("k", k_ptr, &k.strides, bytes)?;
+            check_vector_access("v", v_ptr, &v.strides, bytes)?;
+            check_vector_access("out", o_ptr, out_strides, bytes)?;
+        }
         Ok(QkvoPtrs {
             q: q_ptr,
             k: k_ptr,

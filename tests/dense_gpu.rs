@@ -138,13 +138,15 @@ fn is_hopper() -> bool {
     })
 }
 
-/// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt` and `TensorCorePadded`
-/// at every head dim of the sweeps (each a multiple of 8), the others at 64, 128, 256.
+/// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
+/// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), the others at 64,
+/// 128, 256.
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
         DenseKernel::Simt,
         DenseKernel::TensorCorePadded,
+        DenseKernel::TensorCoreGqa,
     ];
     if [64, 128, 256].contains(&d) {
         k.push(DenseKernel::TensorCore);
@@ -230,6 +232,97 @@ fn gpu_dense_matches_reference_sweep() {
         }
     }
     println!("gpu_dense_matches_reference_sweep: worst rel err {worst:.3e}");
+}
+
+/// The GQA-packed kernel where it matters: short query sequences (1-33 rows, chunked prefill
+/// and speculative decoding) over longer K/V, groups that divide the 64-row tile and groups
+/// that do not (7, 6, 3), MQA up to 64 heads, against the f64 reference.
+#[test]
+fn gpu_dense_gqa_packed_short_queries() {
+    let Some(ctx) = gpu_or_skip("gpu_dense_gqa_packed_short_queries") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut worst = 0.0f64;
+    let mut n = 0u64;
+    for &(hq, hkv) in &[(8, 1), (32, 8), (7, 1), (12, 2), (64, 1), (3, 3)] {
+        for &(sq, sk) in &[(1, 1), (1, 300), (4, 1000), (17, 129), (33, 64), (70, 200)] {
+            for d in [40, 64, 128, 256] {
+                let x = Dims {
+                    b: 2,
+                    sq,
+                    sk,
+                    hq,
+                    hkv,
+                    d,
+                };
+                for opts in options().iter().step_by(2) {
+                    n += 1;
+                    let k = DenseKernel::TensorCoreGqa;
+                    worst = worst.max(run_case::<bf16>(&stream, 9000 + n, x, opts, k));
+                }
+                n += 1;
+                let opts = AttentionOptions::causal();
+                let k = DenseKernel::TensorCoreGqa;
+                worst = worst.max(run_case::<f16>(&stream, 9000 + n, x, &opts, k));
+            }
+        }
+    }
+    println!("gpu_dense_gqa_packed_short_queries: {n} cases, worst rel err {worst:.3e}");
+}
+
+/// Head dims that are not a multiple of 8 (FlashAttention-2 pads them with a copy; here the
+/// element-wise variant of the padded kernel reads the caller's rows in place): explicit
+/// `TensorCorePadded` only, against the f64 reference; `Auto` refuses them.
+#[test]
+fn gpu_dense_any_head_dim() {
+    let Some(ctx) = gpu_or_skip("gpu_dense_any_head_dim") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut worst = 0.0f64;
+    for (n, &(d, sq, sk, hq, hkv)) in [
+        (1, 5, 9, 2, 1),
+        (3, 64, 64, 1, 1),
+        (59, 77, 130, 4, 2),
+        (111, 1, 300, 2, 2),
+        (200, 65, 33, 3, 1),
+        (255, 129, 129, 2, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = Dims {
+            b: 2,
+            sq,
+            sk,
+            hq,
+            hkv,
+            d,
+        };
+        for (o, opts) in options().iter().enumerate() {
+            let seed = (5000 + n * 100 + o) as u64;
+            let k = DenseKernel::TensorCorePadded;
+            worst = worst.max(run_case::<bf16>(&stream, seed, x, opts, k));
+            worst = worst.max(run_case::<f16>(&stream, seed + 7, x, opts, k));
+        }
+        let attn = FlashAttention::new(&fixed_shape(x), &AttentionOptions::causal()).unwrap();
+        let mut r = rng(n as u64);
+        let q: Vec<bf16> = random_vec(&mut r, x.b * x.sq * x.hq * x.d);
+        let kv: Vec<bf16> = random_vec(&mut r, x.b * x.sk * x.hkv * x.d);
+        let got = gpu_forward(
+            &stream,
+            &attn,
+            (&q, &kv, &kv),
+            Strides::contiguous(x.sq, x.hq, x.d),
+            Strides::contiguous(x.sk, x.hkv, x.d),
+        );
+        assert!(
+            matches!(&got, Err(Error::Unsupported(m)) if m.contains("TensorCorePadded")),
+            "Auto at d{d}: {got:?}"
+        );
+    }
+    println!("gpu_dense_any_head_dim: worst rel err {worst:.3e}");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! `FlashAttention::forward_gpu`: validation, then the dense launcher.
 
 use crate::dense::{DenseKernel, FlashAttention};
+use crate::element::DType;
 use crate::element::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{
-    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_tensor_core_head_dim, cuda_call,
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_grid_yz, check_half,
+    check_tensor_core_head_dim, cuda_call,
 };
 use crate::layout::Strided;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
@@ -18,7 +20,9 @@ impl FlashAttention {
     ///
     /// `q`, `k`, `v`, `out` are device buffers with element strides as for the CPU path;
     /// on the GPU pointers must be 16-byte aligned, strides multiples of 8 elements and
-    /// `head_dim` a multiple of 8 up to 256; f16 and bf16 only. `lse`, when given, receives
+    /// `head_dim` a multiple of 8 up to 256; f16 and bf16 only. Head dims that are not a
+    /// multiple of 8 (any up to 256, any strides) run with `DenseKernel::TensorCorePadded`
+    /// only (explicit opt-in; not yet run on a GPU). `lse`, when given, receives
     /// the natural-log LSE in the layout of [`FlashAttention::lse_len`] (a `CudaSlice` or a
     /// view of a larger buffer). Varlen offsets are copied to the device on `stream` on every
     /// call; for CUDA-graph capture build a [`DenseGpuPlan`] once and call
@@ -68,13 +72,59 @@ impl FlashAttention {
         O: DeviceBufferMut<T>,
     {
         self.check_buffers(q.extent(), k.extent(), v.extent(), out.extent(), lse_len)?;
-        check_attention_gpu("dense", T::DTYPE, self.head_dim, self.batch, self.heads_q)?;
-        if matches!(self.kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
-            check_tensor_core_head_dim("the tensor-core kernels take", self.head_dim)?;
-        }
-        Ok(())
+        check_dense_gpu(
+            self.kernel,
+            T::DTYPE,
+            self.head_dim,
+            self.batch,
+            (self.heads_q, self.heads_kv),
+        )
     }
 }
+
+/// The checks of a dense GPU call that do not depend on the buffers: dtype, grid limits, and
+/// the head dims of `kernel`. Any head_dim up to 256 runs on `TensorCorePadded` (those that
+/// are not multiples of 8 on its element-wise variant, explicitly only); the other kernels
+/// take multiples of 8 (the tensor-core ones 64, 128 or 256).
+pub(crate) fn check_dense_gpu(
+    kernel: DenseKernel,
+    dtype: DType,
+    head_dim: usize,
+    batch: usize,
+    (heads_q, heads_kv): (usize, usize),
+) -> Result<()> {
+    if kernel == DenseKernel::TensorCorePadded {
+        check_half(dtype, "dense attention on the GPU takes", "path")?;
+        if head_dim == 0 || head_dim > GPU_MAX_HEAD_DIM {
+            return Err(Error::Unsupported(format!(
+                "head_dim {head_dim} on the GPU: must be at most {GPU_MAX_HEAD_DIM}"
+            )));
+        }
+        return check_grid_yz(batch, ("heads_q", heads_q));
+    }
+    if !head_dim.is_multiple_of(8) && head_dim <= GPU_MAX_HEAD_DIM {
+        return Err(Error::Unsupported(format!(
+            "head_dim {head_dim} on the GPU: the {kernel:?} kernel takes multiples of 8 only; \
+             other head dims run on DenseKernel::TensorCorePadded (explicit opt-in, not yet \
+             verified on a GPU)"
+        )));
+    }
+    check_attention_gpu("dense", dtype, head_dim, batch, heads_q)?;
+    if matches!(kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
+        check_tensor_core_head_dim("the tensor-core kernels take", head_dim)?;
+    }
+    if kernel == DenseKernel::TensorCoreGqa && heads_q / heads_kv.max(1) > GQA_MAX_GROUP {
+        return Err(Error::Unsupported(format!(
+            "the TensorCoreGqa kernel packs at most {GQA_MAX_GROUP} query heads per kv head \
+             into a tile, not {}",
+            heads_q / heads_kv.max(1)
+        )));
+    }
+    Ok(())
+}
+
+/// Query heads per kv head that [`DenseKernel::TensorCoreGqa`] packs into one 64-row tile.
+const GQA_MAX_GROUP: usize = 64;
 
 /// A dense problem bound to device-resident varlen offsets (FlashInfer's plan/run split):
 /// [`DenseGpuPlan::forward`] makes no allocation and no host-device copy, so a CUDA graph
@@ -145,12 +195,13 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::error::Error;
     use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
     if attn.total_q == 0 {
         return Ok(());
     }
-    let ptrs = QkvoPtrs::new(stream, &q, &k, &v, (&mut *out.data, &out.strides))?;
+    // The element-wise variant (head dims not a multiple of 8) needs no 16-byte alignment.
+    let vector = attn.kernel != DenseKernel::TensorCorePadded || attn.head_dim.is_multiple_of(8);
+    let ptrs = QkvoPtrs::with_access(stream, &q, &k, &v, (&mut *out.data, &out.strides), vector)?;
     // A plan's offsets are already on the device; a one-shot call uploads them here.
     let uploaded = match (&attn.varlen, planned) {
         (Some((cq, ck)), None) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
@@ -168,6 +219,7 @@ where
         DenseKernel::TensorCore => ffi::LaDenseKernel::LA_DENSE_MMA,
         DenseKernel::Hopper => ffi::LaDenseKernel::LA_DENSE_WGMMA,
         DenseKernel::TensorCorePadded => ffi::LaDenseKernel::LA_DENSE_MMA_PADDED,
+        DenseKernel::TensorCoreGqa => ffi::LaDenseKernel::LA_DENSE_MMA_GQA,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
@@ -241,5 +293,53 @@ pub(crate) fn ffi_params<T: Element>(
         scale: attn.scale,
         softcap: attn.softcap.unwrap_or(0.0),
         dtype: crate::gpu::la_dtype(T::DTYPE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which kernels take which head dims, decided before any device call (no GPU needed).
+    #[test]
+    fn head_dims_per_kernel() {
+        let ok = |k, d| check_dense_gpu(k, DType::BF16, d, 1, (1, 1)).is_ok();
+        for d in [1, 3, 59, 111, 200, 255, 256, 8, 96] {
+            assert!(ok(DenseKernel::TensorCorePadded, d), "padded d{d}");
+        }
+        assert!(!ok(DenseKernel::TensorCorePadded, 0));
+        assert!(!ok(DenseKernel::TensorCorePadded, 257));
+        for k in [DenseKernel::Auto, DenseKernel::Simt] {
+            assert!(ok(k, 96) && ok(k, 8) && ok(k, 256), "{k:?}");
+            for d in [1, 59, 111, 255] {
+                let e = check_dense_gpu(k, DType::BF16, d, 1, (1, 1)).unwrap_err();
+                assert!(
+                    matches!(&e, Error::Unsupported(m) if m.contains("TensorCorePadded")),
+                    "{k:?} d{d}: {e:?}"
+                );
+            }
+            assert!(!ok(k, 264));
+        }
+        for k in [DenseKernel::TensorCore, DenseKernel::Hopper] {
+            assert!(ok(k, 128) && !ok(k, 96) && !ok(k, 59), "{k:?}");
+        }
+        // f32, and grids the kernels cannot index, stay refused on the padded kernel too.
+        let padded = |t, b| check_dense_gpu(DenseKernel::TensorCorePadded, t, 59, b, (1, 1));
+        assert!(padded(DType::F32, 1).is_err() && padded(DType::F16, 1 << 20).is_err());
+    }
+
+    /// The GQA-packed kernel: multiples of 8 up to 256, at most 64 query heads per kv head.
+    #[test]
+    fn gqa_packing_limits() {
+        let gqa =
+            |d, hq, hkv| check_dense_gpu(DenseKernel::TensorCoreGqa, DType::F16, d, 2, (hq, hkv));
+        assert!(gqa(128, 32, 8).is_ok() && gqa(40, 7, 1).is_ok() && gqa(256, 64, 1).is_ok());
+        assert!(gqa(64, 1, 1).is_ok()); // no GQA: one head per tile row
+        let e = gqa(128, 128, 1).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("at most 64")),
+            "{e:?}"
+        );
+        assert!(gqa(59, 8, 1).is_err() && gqa(264, 8, 1).is_err());
     }
 }

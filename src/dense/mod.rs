@@ -36,11 +36,22 @@ pub enum DenseKernel {
     /// Hopper tensor-core kernel (`wgmma`, sm_90a: compute capability 9.0 only): head_dim 64,
     /// 128 or 256. `Auto` prefers it where it runs.
     Hopper,
-    /// Tensor-core kernel on the shared mainloop (`mma.sync`, sm_80+): any head_dim multiple
-    /// of 8 up to 256, padded inside the kernel to 64, 128 or 256. `Auto` picks it wherever
-    /// `Hopper` does not run (d96 on an H200: 236 TFLOP/s, 18x `Simt`). Verified on an H200
-    /// (2026-12-04); its sm_80 code has not run on an Ampere card.
+    /// Tensor-core kernel on the shared mainloop (`mma.sync`, sm_80+): any head_dim up to 256,
+    /// padded inside the kernel to 64, 128 or 256. `Auto` picks it wherever `Hopper` does not
+    /// run (d96 on an H200: 236 TFLOP/s, 18x `Simt`). Verified on an H200 (2026-12-04) for
+    /// head dims that are multiples of 8; its sm_80 code has not run on an Ampere card.
+    /// Head dims that are not a multiple of 8 (59, 111, ...) run only here, explicitly: their
+    /// rows are not 16-byte aligned, so a variant moves them element by element
+    /// (`dense_mma_padded_kernel<T, Tr, true>`, **not yet run on a GPU**; `Auto` refuses those head dims).
     TensorCorePadded,
+    /// Tensor-core kernel (`mma.sync`, sm_80+) packing the `heads_q / heads_kv` query heads
+    /// that share a kv head into one 64-row tile (`kernels/dense_mma_gqa.cu`): for short query
+    /// sequences over a long K/V (chunked prefill, speculative decoding), where the other
+    /// kernels' per-head tiles would be mostly empty rows, each tile holds `64 / group`
+    /// positions of every head of the group and the group's K/V is read once. At most 64
+    /// query heads per kv head; head_dim a multiple of 8 up to 256. Explicit opt-in: **not
+    /// yet run on a GPU**, never picked by `Auto`.
+    TensorCoreGqa,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

@@ -65,10 +65,17 @@ typedef enum LaDenseKernel {
   /* Hopper tensor-core kernel (wgmma, sm_90a: compute capability 9.0 only): head_dim 64, 128,
    * 256. */
   LA_DENSE_WGMMA = 3,
-  /* Tensor-core kernel on the shared mainloop (mma.sync, sm_80+): any head_dim multiple of 8
-   * up to 256, padded inside the kernel (verified on an H200, 2026-12-04). AUTO picks it on
-   * sm_80+ wherever LA_DENSE_WGMMA does not run. */
-  LA_DENSE_MMA_PADDED = 4
+  /* Tensor-core kernel on the shared mainloop (mma.sync, sm_80+): any head_dim up to 256,
+   * padded inside the kernel (verified on an H200, 2026-12-04, for multiples of 8). AUTO picks
+   * it on sm_80+ wherever LA_DENSE_WGMMA does not run. Head dims that are not a multiple of 8
+   * run here only (by name; AUTO refuses them): an element-wise variant without 16-byte
+   * alignment needs, not yet run on a GPU. */
+  LA_DENSE_MMA_PADDED = 4,
+  /* Tensor-core kernel (mma.sync, sm_80+) packing the heads_q / heads_kv query heads that
+   * share a kv head into one 64-row tile (at most 64 of them; head_dim a multiple of 8 up to
+   * 256): short query sequences (chunked prefill, speculative decoding) fill the tile instead
+   * of leaving most of its rows empty. By name only; not yet run on a GPU. */
+  LA_DENSE_MMA_GQA = 5
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these

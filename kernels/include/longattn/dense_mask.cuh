@@ -41,6 +41,30 @@ struct WarpWindowMask {
     diag_last = (long long)min(warp_row0 + 15, sq - 1) + sk - sq;
   }
 
+  // The same for rows at query positions pos[0], pos[1] (the GQA-packed tiles of
+  // dense_mma_gqa.cu hold several heads per position); `first` and `last` are the smallest
+  // and largest valid positions among the warp's rows. prepare() stays written out: calling
+  // this from it changes the SASS of the verified kernels that use it (sass-diff, 2026-12-05).
+  __device__ __forceinline__ void prepare_positions(const Mask &mask, const int (&pos)[2],
+                                                    int first, int last, int sq, int sk_) {
+    left = mask.left;
+    right = mask.right;
+    sinks = mask.sinks;
+    sk = sk_;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const long long diag = (long long)pos[r] + sk - sq;
+      long long hr = sk - 1;
+      if (right >= 0) hr = min(hr, diag + right);
+      long long lr = 0;
+      if (left >= 0) lr = min(max(diag - left, 0LL), (long long)sk);
+      hi[r] = (int)max(hr, -1LL);
+      lo[r] = (int)lr;
+    }
+    diag_first = (long long)first + sk - sq;
+    diag_last = (long long)last + sk - sq;
+  }
+
   // Whether every key of the tile [n0, n0 + kBlockN) is visible to every valid row of the
   // warp (hi and lo grow with the row: the first row bounds the right edge, the last the
   // left), so that the tile needs no per-element mask.

@@ -85,10 +85,14 @@ inline bool dense_wgmma_supports(const LaDenseParams &p) {
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
 // Head dims the tensor-core kernels have tiles for (others are padded up to one).
 inline bool tensor_core_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
-// The mma.sync kernel on the shared mainloop, any head_dim multiple of 8 up to 256 (padded in
-// the kernel): LA_DENSE_MMA (at 64/128/256), LA_DENSE_MMA_PADDED, and AUTO below sm_90.
+// The mma.sync kernel on the shared mainloop, any head_dim up to 256 (padded in the kernel):
+// LA_DENSE_MMA (at 64/128/256), LA_DENSE_MMA_PADDED, and AUTO below sm_90.
 const char *dense_mma_padded_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream);
+// The mma.sync kernel with a GQA group's query heads packed into one tile (dense_mma_gqa.cu):
+// LA_DENSE_MMA_GQA only.
+const char *dense_mma_gqa_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_mma_gqa_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr
 // when it has: `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the
 // compute capabilities it accepts.

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "longattn/common.cuh"
+#include "longattn/dtype.cuh"
 #include "longattn/mma.cuh"
 #include "longattn/softmax.cuh"
 #include "longattn/swizzle.cuh"
@@ -86,6 +87,20 @@ struct MmaTraits {
 using DenseTraits64 = MmaTraits<64, 64, 3, true, 3>;
 using DenseTraits128 = MmaTraits<128, 64, 2, true, 2>;
 using DenseTraits256 = MmaTraits<256, 32, 2, false, 1>;
+
+// The dtype x padded-head-dim switch of the kernels that pad the head dim inside the kernel
+// (head_dim 1..256 onto the DenseTraits* tiles, f16/bf16; dense_mma_padded.cu,
+// dense_mma_gqa.cu): calls f(Tag<T>{}, Tag<Traits>{}), or returns false. Host code.
+template <class F>
+bool with_padded_config(int head_dim, LaDtype dtype, F &&f) {
+  if (head_dim <= 0 || head_dim > 256) return false;
+  return with_dtype<__half, __nv_bfloat16>(dtype, false, [&](auto t) {
+    if (head_dim <= 64) f(t, Tag<DenseTraits64>{});
+    else if (head_dim <= 128) f(t, Tag<DenseTraits128>{});
+    else f(t, Tag<DenseTraits256>{});
+    return true;
+  });
+}
 
 // Shared memory of the mainloop, for 2-byte T.
 template <typename T, class Tr>
