@@ -11,7 +11,9 @@
 //! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256), one-shot
 //!   (tables uploaded per call) and through a plan, against the dense tensor-core kernel on
 //!   the same (contiguous) tokens and mask; at pages of 16 and 64 also over an FP8 e4m3
-//!   cache (`longattn-pprefill-mma-fp8`, kernel not yet verified on a GPU).
+//!   cache (`longattn-pprefill-mma-fp8`, kernel not yet verified on a GPU); at pages of 16 and
+//!   more also the Hopper kernel through a plan (`longattn-pprefill-wgmma-plan`, not yet run
+//!   on a GPU) against the dense Hopper kernel on the same tokens (`longattn-wgmma`).
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
@@ -214,6 +216,11 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
             Ok(ms) => emit(&name, "longattn-mma", (batch, q_len, hq, d), ms, flops),
             Err(e) => println!("# {name} dense: {e}"),
         }
+        // The reference of the Hopper paged prefill: the dense Hopper kernel, same tokens.
+        match dense_ms(stream, &shape, &opts, DenseKernel::Hopper) {
+            Ok(ms) => emit(&name, "longattn-wgmma", (batch, q_len, hq, d), ms, flops),
+            Err(e) => println!("# {name} dense wgmma: {e}"),
+        }
         for page_size in [1usize, 16, 64, 256] {
             let per_seq = context.div_ceil(page_size);
             let num_pages = batch * per_seq;
@@ -279,6 +286,32 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
                 ms,
                 flops,
             );
+            // The Hopper kernel (TMA copies of whole pages, not yet run on a GPU) through a
+            // plan, at the page sizes it takes (powers of two from 16).
+            if page_size >= 16 {
+                let hopper = pf.clone().with_kernel(PagedPrefillKernel::Hopper);
+                let ran = hopper.plan_gpu(stream).and_then(|plan| {
+                    time_ms(stream, || {
+                        plan.forward::<bf16, bf16, _, _, _>(
+                            stream,
+                            Strided::new(&q, qs),
+                            KvPages { k: &kc, v: &vc },
+                            Strided::new(&mut o, qs),
+                            None,
+                        )
+                    })
+                });
+                match ran {
+                    Ok(ms) => emit(
+                        &format!("{name}_ps{page_size}"),
+                        "longattn-pprefill-wgmma-plan",
+                        (batch, q_len, hq, d),
+                        ms,
+                        flops,
+                    ),
+                    Err(e) => println!("# {name}_ps{page_size} wgmma: {e}"),
+                }
+            }
             // Over an FP8 e4m3 copy of the cache (random codes, scale 1/448): half the K/V
             // bytes, a conversion pass per tile.
             if page_size == 16 || page_size == 64 {

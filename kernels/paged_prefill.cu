@@ -359,6 +359,9 @@ bool params_ok(const LaPagedPrefillParams &p) {
 }
 
 }  // namespace
+
+bool paged_prefill_params_ok(const LaPagedPrefillParams &p) { return params_ok(p); }
+
 }  // namespace longattn
 
 extern "C" int la_paged_prefill(const LaPagedPrefillParams *params, cudaStream_t stream) {

@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 # A dense kernel that hangs (rc 124 from timeout) must not eat the rest of the device time:
 # the dense steps after the tests are then skipped and the paged ones still run.
 DENSE_OK=1
-FIRST="block_sparse_gpu paged_prefill neighborhood_gpu ring_gpu dense_gpu paged_gpu"
+FIRST="paged_prefill_gpu block_sparse_gpu paged_prefill neighborhood_gpu ring_gpu dense_gpu paged_gpu"
 REST=$(for f in "$HERE"/tests/*; do
   case " $FIRST " in *" $(basename "$f") "*) ;; *) basename "$f" ;; esac
 done)
@@ -52,8 +52,8 @@ done
 
 if command -v compute-sanitizer > /dev/null; then
   # Test-name filters: the GPU tests of each binary (all of ring_gpu's need the GPU).
-  for spec in block_sparse_gpu:gpu paged_prefill:gpu neighborhood_gpu:gpu ring_gpu: \
-    dense_gpu:gpu; do
+  for spec in paged_prefill_gpu:gpu_hopper block_sparse_gpu:gpu paged_prefill:gpu \
+    neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     [ "$t" = dense_gpu ] && [ "$DENSE_OK" = 0 ] && continue
@@ -66,6 +66,7 @@ if command -v compute-sanitizer > /dev/null; then
     neighborhood_gpu:gpu_neighborhood_fused_matches_reference \
     neighborhood_gpu:gpu_neighborhood_hopper_matches_reference \
     paged_prefill:gpu_prefill_matches_reference_f16 \
+    paged_prefill_gpu:gpu_hopper_prefill_matches_reference_f16 \
     dense_gpu:gpu_hopper_varlen_many_query_tiles paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \
     ring_gpu:in_process_ring_moves_only_the_needed_shards; do
@@ -89,7 +90,7 @@ if [ "$DENSE_OK" = 1 ]; then
   # Why paged prefill trails the dense kernel on the same tokens (issue 17): one launch of
   # each under ncu (issue stalls, instruction counts, memory traffic), clocks left alone.
   if command -v ncu > /dev/null; then
-    for k in paged_prefill_kernel dense_mma_padded_kernel; do
+    for k in paged_prefill_kernel paged_prefill_wgmma_kernel dense_mma_padded_kernel; do
       step "ncu-$k" 60 env FAMILY_BENCH=pprefill ncu --clock-control none -k "regex:$k" -c 1 \
         --section SpeedOfLight --section WarpStateStats --section InstructionStats \
         --section MemoryWorkloadAnalysis --section Occupancy "$HERE/examples/family_bench"

@@ -106,8 +106,8 @@ pub use neighborhood::{
 };
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
-    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillPlan,
-    QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
+    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillKernel,
+    PagedPrefillPlan, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,

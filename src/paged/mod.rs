@@ -25,7 +25,7 @@ mod select;
 pub use cache::{KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedLayout};
 pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
 pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
-pub use prefill::PagedPrefill;
+pub use prefill::{PagedPrefill, PagedPrefillKernel};
 pub use prefill_gpu::PagedPrefillPlan;
 pub use select::{
     HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,

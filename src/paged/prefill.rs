@@ -40,6 +40,23 @@ pub struct PagedPrefill {
     /// The per-head dense problem (scale, softcap, mask, head dim) the CPU path runs on the
     /// gathered K/V of each sequence.
     pub(crate) dense: FlashAttention,
+    /// The GPU kernel `forward_gpu` / `plan_gpu` run (the CPU path ignores it).
+    pub(crate) kernel: PagedPrefillKernel,
+}
+
+/// Which GPU kernel runs a [`PagedPrefill`] ([`PagedPrefill::with_kernel`]); the CPU path is
+/// the same for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PagedPrefillKernel {
+    /// The tensor-core kernel (`mma.sync`, sm_80+, `kernels/paged_prefill.cu`): any page
+    /// size, f16/bf16 or FP8 (e4m3) caches. The default.
+    #[default]
+    TensorCore,
+    /// The Hopper kernel (`wgmma` + TMA bulk copies of whole pages, compute capability 9.0
+    /// only, `kernels/paged_prefill_wgmma.cu`): f16/bf16 caches of q's dtype, head_dim 64,
+    /// 128 or 256, page sizes that are powers of two from 16. Compiled, **not yet run on a
+    /// GPU**; an explicit opt-in, never chosen automatically.
+    Hopper,
 }
 
 impl PagedPrefill {
@@ -173,7 +190,20 @@ impl PagedPrefill {
             out_len,
             lse_len,
             dense,
+            kernel: PagedPrefillKernel::default(),
         })
+    }
+
+    /// The same problem on GPU kernel `kernel` (default [`PagedPrefillKernel::TensorCore`]).
+    /// What a kernel cannot take is refused by `forward_gpu` / `plan_gpu` with
+    /// [`Error::Unsupported`] before any device work.
+    pub fn with_kernel(mut self, kernel: PagedPrefillKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+    /// The GPU kernel `forward_gpu` / `plan_gpu` run.
+    pub fn kernel(&self) -> PagedPrefillKernel {
+        self.kernel
     }
 
     /// The validated cache description.

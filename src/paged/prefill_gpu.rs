@@ -1,5 +1,6 @@
 //! GPU entry point of paged prefill: `PagedPrefill::forward_gpu`, the tensor-core kernel in
-//! `kernels/paged_prefill.cu`. Its previous version passed the GPU tests and memcheck on an
+//! `kernels/paged_prefill.cu` (default) or, opted into with [`PagedPrefillKernel::Hopper`],
+//! the Hopper kernel in `kernels/paged_prefill_wgmma.cu` (compiled only, never run on a GPU). Its previous version passed the GPU tests and memcheck on an
 //! H200 (sm_90a build, 2026-12-04); the current `load_kv` (table reads before copies,
 //! FastDiv) is **not yet verified on a GPU**, nor is the sm_80 build, nor the FP8 (e4m3)
 //! cache kernels. Reachable only through this explicit call (nothing picks it automatically).
@@ -9,7 +10,7 @@
 //! temporaries stream-ordered after the launch (see `paged/gpu.rs`). `plan_gpu` uploads them
 //! once into a [`PagedPrefillPlan`].
 
-use super::prefill::PagedPrefill;
+use super::prefill::{PagedPrefill, PagedPrefillKernel};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -33,6 +34,11 @@ impl PagedPrefill {
     ///
     /// The cache (type `C`) holds `T`, or [`F8E4M3`](crate::F8E4M3) with the cache's
     /// [`KvScales`](super::KvScales) (dequantised in the kernel).
+    ///
+    /// Runs the kernel of [`PagedPrefill::kernel`]: the tensor-core kernel by default, the
+    /// Hopper kernel ([`PagedPrefillKernel::Hopper`], compute capability 9.0, f16/bf16 caches
+    /// of `T`, page sizes powers of two from 16; never run on a GPU yet) when asked for with
+    /// [`PagedPrefill::with_kernel`]; what it cannot take is an [`Error::Unsupported`].
     ///
     /// Not yet verified on a GPU in its current form (the previous kernel was, on an H200,
     /// 2026-12-04; the FP8 kernels never ran; see the README): an explicit opt-in, never
@@ -88,7 +94,8 @@ impl PagedPrefill {
     ) -> Result<()> {
         self.check_forward(q, out, lse_len, (kv.k.len(), kv.v.len()))?;
         self.check_gpu(T::DTYPE)?;
-        super::gpu::check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)
+        super::gpu::check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
+        check_kernel_cache(self.kernel, T::DTYPE, C::DTYPE)
     }
 
     /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
@@ -110,8 +117,40 @@ impl PagedPrefill {
                 layout.page_size
             )));
         }
-        Ok(())
+        check_kernel_page_size(self.kernel, layout.page_size)
     }
+}
+
+/// The page sizes `kernel` takes: any for the tensor-core kernel; powers of two from 16 for
+/// the Hopper kernel, which copies each page of a key tile (or the part of a page a tile
+/// covers) as one bulk tensor copy whose box rows must divide, or be divided by, its key
+/// tile (64 or 128 keys) and start on a 1024-byte swizzle atom (16 rows of 128 bytes are
+/// 2048 bytes).
+pub(crate) fn check_kernel_page_size(kernel: PagedPrefillKernel, page_size: usize) -> Result<()> {
+    if kernel == PagedPrefillKernel::Hopper && (page_size < 16 || !page_size.is_power_of_two()) {
+        return Err(Error::Unsupported(format!(
+            "the Hopper paged prefill takes page sizes that are powers of two from 16 (one bulk \
+             copy per page); page_size = {page_size} runs on PagedPrefillKernel::TensorCore"
+        )));
+    }
+    Ok(())
+}
+
+/// The cache types `kernel` takes for queries of `dtype`: the tensor-core kernel any that
+/// `check_gpu_cache` accepts; the Hopper kernel only a cache of `dtype` itself (its copies
+/// land in the wgmma tiles unconverted, so an FP8 cache stays on the tensor-core kernel).
+pub(crate) fn check_kernel_cache(
+    kernel: PagedPrefillKernel,
+    dtype: DType,
+    cache: DType,
+) -> Result<()> {
+    if kernel == PagedPrefillKernel::Hopper && cache != dtype {
+        return Err(Error::Unsupported(format!(
+            "the Hopper paged prefill reads caches of q's dtype ({dtype:?}) only; a {cache:?} \
+             cache runs on PagedPrefillKernel::TensorCore"
+        )));
+    }
+    Ok(())
 }
 
 /// A [`PagedPrefill`] bound to device copies of its block table and `seqlens_k` (a snapshot
@@ -273,11 +312,37 @@ mod imp {
             kv_dtype,
             kv_scales,
         };
-        // SAFETY: q/out extents, the LSE length, the cache lengths and every page id below
-        // seqlens_k were validated on the host; the kernel reads q and the cache and writes
-        // out/lse only, ordered on `stream` after the table uploads.
-        let code = unsafe { ffi::la_paged_prefill(&params, stream.cu_stream() as _) };
-        check_launch("la_paged_prefill", code)
+        let cu_stream = stream.cu_stream() as _;
+        match pf.kernel {
+            PagedPrefillKernel::TensorCore => {
+                // SAFETY: q/out extents, the LSE length, the cache lengths and every page id
+                // below seqlens_k were validated on the host; the kernel reads q and the cache
+                // and writes out/lse only, ordered on `stream` after the table uploads.
+                let code = unsafe { ffi::la_paged_prefill(&params, cu_stream) };
+                check_launch("la_paged_prefill", code)
+            }
+            PagedPrefillKernel::Hopper => {
+                // SAFETY: as above (the same params; the kernel reads only the pages of keys
+                // below seqlens_k).
+                let code = unsafe { ffi::la_paged_prefill_wgmma(&params, cu_stream) };
+                // cudaErrorNotSupported: refused before any launch, with a reason.
+                if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
+                    // SAFETY: the params just passed; the query reads their scalars and
+                    // pointer values only and returns a static NUL-terminated string or NULL.
+                    let reason = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(&params) };
+                    let why = if reason.is_null() {
+                        "the device rejected it".into()
+                    } else {
+                        // SAFETY: non-null, static and NUL-terminated (see above).
+                        unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
+                    };
+                    return Err(Error::Unsupported(format!(
+                        "the Hopper paged prefill kernel cannot run this problem here: {why}"
+                    )));
+                }
+                check_launch("la_paged_prefill_wgmma", code)
+            }
+        }
     }
 }
 
@@ -315,6 +380,97 @@ mod slot_limit {
         if let Err(e) = prefill((i32::MAX as usize) / 4, 4).check_gpu(DType::BF16) {
             assert!(!e.to_string().contains("token slots"), "{e}");
         }
+    }
+}
+
+/// The host-side checks of the kernel choice (no GPU needed).
+#[cfg(test)]
+mod kernel_choice {
+    use super::{check_kernel_cache, check_kernel_page_size};
+    use crate::paged::{PageTable, PagedCache, PagedLayout, PagedPrefill, PagedPrefillKernel};
+    use crate::{AttentionOptions, DType, Error};
+
+    fn prefill(page_size: usize, kernel: PagedPrefillKernel) -> PagedPrefill {
+        let layout = PagedLayout {
+            num_pages: 4,
+            page_size,
+            heads_kv: 1,
+            head_dim: 128,
+        };
+        let table = PageTable {
+            block_table: &[3, 1],
+            max_pages_per_seq: 2,
+            seqlens_k: &[page_size as i32 + 1],
+        };
+        let cache = PagedCache::new(layout, table).unwrap();
+        PagedPrefill::new(&cache, 2, 3, &AttentionOptions::causal())
+            .unwrap()
+            .with_kernel(kernel)
+    }
+
+    fn unsupported(r: crate::Result<()>, what: &str) {
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains(what)),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn default_kernel_is_the_tensor_core_one() {
+        let pf = prefill(16, PagedPrefillKernel::TensorCore);
+        assert_eq!(pf.kernel(), PagedPrefillKernel::TensorCore);
+        assert_eq!(
+            PagedPrefillKernel::default(),
+            PagedPrefillKernel::TensorCore
+        );
+        let built = PagedPrefill::new(pf.cache(), 2, 3, &AttentionOptions::causal()).unwrap();
+        assert_eq!(built.kernel(), PagedPrefillKernel::TensorCore);
+        assert_eq!(
+            built.with_kernel(PagedPrefillKernel::Hopper).kernel(),
+            PagedPrefillKernel::Hopper
+        );
+    }
+
+    #[test]
+    fn hopper_takes_power_of_two_pages_from_16() {
+        for ps in [16, 32, 64, 128, 256, 512, 1024] {
+            check_kernel_page_size(PagedPrefillKernel::Hopper, ps).unwrap();
+            prefill(ps, PagedPrefillKernel::Hopper)
+                .check_gpu(DType::BF16)
+                .unwrap();
+        }
+        for ps in [1, 2, 4, 8, 12, 24, 48, 96, 100, 129, 192, 384] {
+            unsupported(
+                check_kernel_page_size(PagedPrefillKernel::Hopper, ps),
+                "powers of two from 16",
+            );
+            // The whole GPU check refuses it too (plan_gpu and forward_gpu run it first).
+            unsupported(
+                prefill(ps, PagedPrefillKernel::Hopper).check_gpu(DType::F16),
+                "powers of two from 16",
+            );
+            // The tensor-core kernel takes any page size.
+            check_kernel_page_size(PagedPrefillKernel::TensorCore, ps).unwrap();
+            prefill(ps, PagedPrefillKernel::TensorCore)
+                .check_gpu(DType::F16)
+                .unwrap();
+        }
+    }
+
+    #[test]
+    fn hopper_reads_caches_of_q_dtype_only() {
+        for t in [DType::F16, DType::BF16] {
+            check_kernel_cache(PagedPrefillKernel::Hopper, t, t).unwrap();
+            check_kernel_cache(PagedPrefillKernel::TensorCore, t, DType::F8E4M3).unwrap();
+            unsupported(
+                check_kernel_cache(PagedPrefillKernel::Hopper, t, DType::F8E4M3),
+                "caches of q's dtype",
+            );
+        }
+        unsupported(
+            check_kernel_cache(PagedPrefillKernel::Hopper, DType::F16, DType::BF16),
+            "caches of q's dtype",
+        );
     }
 }
 
@@ -411,5 +567,83 @@ mod c_entry_checks {
         // SAFETY: a null params pointer is refused.
         let code = unsafe { ffi::la_paged_prefill(std::ptr::null(), std::ptr::null_mut()) };
         assert_eq!(code, INVALID_VALUE, "null params");
+        // The Hopper launcher runs the same check first.
+        for (name, p) in &cases {
+            // SAFETY: as above.
+            let code = unsafe { ffi::la_paged_prefill_wgmma(p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "wgmma {name}");
+            assert_eq!(reason(p), "its parameters are invalid", "wgmma {name}");
+        }
+        // SAFETY: a null params pointer is refused.
+        let code = unsafe { ffi::la_paged_prefill_wgmma(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE, "wgmma null params");
+    }
+
+    /// The Hopper launcher's reason for `p` ("" for none).
+    fn reason(p: *const ffi::LaPagedPrefillParams) -> String {
+        // SAFETY: the query reads the params' scalars only (and device attributes) and
+        // returns a static NUL-terminated string or NULL.
+        let r = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(p) };
+        if r.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-null, static and NUL-terminated.
+            unsafe { std::ffi::CStr::from_ptr(r) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    }
+
+    /// Valid params the Hopper kernel does not take are refused with cudaErrorNotSupported
+    /// (801) and a reason, before any device call (these checks precede the device query).
+    #[test]
+    fn paged_prefill_wgmma_refuses_what_it_does_not_take() {
+        const NOT_SUPPORTED: i32 = ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32;
+        let mut cases: Vec<(&str, ffi::LaPagedPrefillParams, &str)> = Vec::new();
+        let mut add = |name, f: &dyn Fn(&mut ffi::LaPagedPrefillParams), why| {
+            let mut p = valid();
+            f(&mut p);
+            cases.push((name, p, why));
+        };
+        add(
+            "fp8 cache",
+            &|p| {
+                p.kv_dtype = ffi::LaDtype::LA_F8E4M3;
+                p.kv_scales = 256usize as *const f32;
+            },
+            "FP8",
+        );
+        for ps in [1, 8, 24, 48, 100] {
+            add(
+                "page size",
+                &move |p| p.cache.page_size = ps,
+                "powers of two",
+            );
+        }
+        for (name, p, why) in &cases {
+            assert!(reason(p).contains(why), "{name}: {}", reason(p));
+            // SAFETY: refused before any pointer is read or any launch.
+            let code = unsafe { ffi::la_paged_prefill_wgmma(p, std::ptr::null_mut()) };
+            assert_eq!(code, NOT_SUPPORTED, "{name}");
+        }
+        // SAFETY: a null params pointer is refused.
+        let r = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(std::ptr::null()) };
+        assert!(!r.is_null());
+        // Cache types that la_paged_prefill refuses as invalid are invalid here too.
+        let mut mixed = valid();
+        mixed.kv_dtype = ffi::LaDtype::LA_F16;
+        let mut fp8_no_scales = valid();
+        fp8_no_scales.kv_dtype = ffi::LaDtype::LA_F8E4M3;
+        for (name, p) in [
+            ("f16 cache, bf16 q", mixed),
+            ("fp8 without scales", fp8_no_scales),
+        ] {
+            // SAFETY: refused before any pointer is read.
+            let code = unsafe { ffi::la_paged_prefill_wgmma(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "{name}");
+            // SAFETY: as above.
+            let code = unsafe { ffi::la_paged_prefill(&p, std::ptr::null_mut()) };
+            assert_eq!(code, INVALID_VALUE, "mma {name}");
+        }
     }
 }

@@ -1,10 +1,11 @@
-// Pieces shared by the paged-cache kernels (paged_append.cu, paged_quest.cu,
+// Pieces shared by the paged-cache kernels (paged_append.cu, paged_quest.cu, the prefills,
 // paged_decode.cu): block shapes, 8-element (16-byte) pack/unpack, the cache slot offset and
 // the host-side cache dimension check.
 #pragma once
 
 #include "longattn/common.cuh"
 #include "longattn/paged.h"
+#include "longattn/paged_prefill.h"
 
 namespace longattn {
 
@@ -75,5 +76,9 @@ inline bool table_ok(const LaPagedCache &c) {
 inline bool dims_ok(const LaPagedCache &c) {
   return table_ok(c) && (c.num_pages == 0 || (c.k_cache != nullptr && c.v_cache != nullptr));
 }
+
+// The scalar arguments of a paged prefill the Rust API validates (the mma.sync launcher's
+// check, paged_prefill.cu; the Hopper launcher runs it too). Null pointers of q/o/tables fail.
+bool paged_prefill_params_ok(const LaPagedPrefillParams &p);
 
 }  // namespace longattn

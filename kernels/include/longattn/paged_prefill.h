@@ -62,6 +62,20 @@ typedef struct LaPagedPrefillParams {
  * the device cannot run it) and never synchronizes. */
 int la_paged_prefill(const LaPagedPrefillParams *params, cudaStream_t stream);
 
+/* Hopper tensor cores (wgmma + TMA bulk copies of whole pages, sm_90a: compute capability 9.0
+ * only; kernels/paged_prefill_wgmma.cu), the same params and semantics as la_paged_prefill:
+ * f16/bf16 caches of q's dtype (no FP8), head_dim 64, 128 or 256, page_size a power of two
+ * >= 16, 16-byte aligned q/k_cache/v_cache/o and strides the copy engine can address.
+ * COMPILED ONLY, NOT YET RUN ON A GPU. Returns cudaErrorInvalidValue for bad arguments (as
+ * la_paged_prefill), cudaErrorNotSupported (801) where it cannot run these params on the
+ * current device (la_paged_prefill_wgmma_unsupported_reason says why), else the launch's
+ * cudaError_t value; never synchronizes. */
+int la_paged_prefill_wgmma(const LaPagedPrefillParams *params, cudaStream_t stream);
+/* Why la_paged_prefill_wgmma cannot run these params on the current device (a static
+ * string completing "the kernel cannot run this problem here: ..."), or NULL when it can.
+ * Reads the scalars and pointer values only, never device memory. */
+const char *la_paged_prefill_wgmma_unsupported_reason(const LaPagedPrefillParams *params);
+
 #ifdef __cplusplus
 }
 #endif
