@@ -50,6 +50,10 @@ impl BlockSparseAttention {
     /// [`MobaGpuPlan`](super::moba::MobaGpuPlan)). Anything else the kernel does not take is `Error::Unsupported` (checked before
     /// any pointer is touched).
     ///
+    /// Runs the kernel chosen with [`BlockSparseAttention::with_kernel`]: the verified
+    /// mma.sync kernel by default, [`BlockSparseKernel::Hopper`] (not yet run on a GPU) only
+    /// when asked for, with its own restrictions checked here too.
+    ///
     /// The block mask (CSR offsets, indices, full flags) and the varlen offsets are copied to
     /// the device on `stream` on every call; [`BlockSparseAttention::plan_gpu`] copies them
     /// once for repeated calls (and CUDA-graph capture).
@@ -751,7 +755,8 @@ mod tests {
         let bad = ffi::LaBlockSparseParams { block_m: 0, ..ok };
         // SAFETY: invalid params are named without reading a pointer; NULL likewise.
         let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&bad) };
-        // SAFETY: non-null (asserted below by the comparison), static, NUL-terminated.
+        assert!(!reason.is_null());
+        // SAFETY: non-null, static, NUL-terminated.
         let reason = unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy();
         assert!(reason.contains("invalid"), "{reason}");
         // SAFETY: a NULL params pointer is refused.
