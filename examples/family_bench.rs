@@ -5,9 +5,10 @@
 //!   128 and 256; 59 and 111, not multiples of 8, on its element-wise variant, not yet
 //!   verified on a GPU) against `TensorCore` and `Hopper` where they serve the head dim;
 //! - `bsparse_*`: `BlockSparseAttention` through a plan (128 x 128 blocks, random lists of a
-//!   given density, all blocks Full) against dense full attention on the same sequence;
-//!   `tflops` counts the visible pairs only, so equal TFLOP/s means time in proportion to
-//!   density;
+//!   given density, all blocks Full; 16k, and 32k / 128k in group `bsparse_long`) on the
+//!   mma.sync kernel and the Hopper kernel (`longattn-bsparse-wgmma`, not yet verified on a
+//!   GPU), against dense full attention on the same sequence; `tflops` counts the visible
+//!   pairs only, so equal TFLOP/s means time in proportion to density;
 //! - `pprefill_*`: `PagedPrefill` over a shuffled page table (page sizes 1..256), one-shot
 //!   (tables uploaded per call) and through a plan, against the dense tensor-core kernel on
 //!   the same (contiguous) tokens and mask; at pages of 16 and 64 also over an FP8 e4m3
@@ -16,8 +17,8 @@
 //!   on a GPU) against the dense Hopper kernel on the same tokens (`longattn-wgmma`).
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
-//! `cargo run --release --example family_bench`; `FAMILY_BENCH=padded,bsparse,pprefill`
-//! (default: all) picks the groups.
+//! `cargo run --release --example family_bench`;
+//! `FAMILY_BENCH=padded,bsparse,pprefill,bsparse_long` (default: all) picks the groups.
 
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
@@ -125,9 +126,26 @@ fn padded(stream: &Arc<CudaStream>) {
 }
 
 /// Random 128 x 128 block lists of `density` over one 16k sequence, 16 heads, d 128; every
-/// listed block Full (no element mask), one list set per head.
+/// listed block Full (no element mask), one list set per head. Each mask runs on the mma.sync
+/// kernel (`longattn-bsparse-mma`) and the Hopper kernel (`longattn-bsparse-wgmma`, not yet
+/// verified on a GPU; a line `# ...` where it cannot run), next to the dense kernels on the
+/// same sequence.
 fn block_sparse(stream: &Arc<CudaStream>) -> Result<()> {
-    let (s, h, d, blk) = (16384usize, 16usize, 128usize, 128usize);
+    block_sparse_at(stream, 16384, &[0.05, 0.1, 0.25, 0.5, 1.0])
+}
+
+/// [`block_sparse`] at the long lengths, 32k and 128k tokens, densities 5-50% (group
+/// `bsparse_long`, run last: it takes longest).
+fn block_sparse_long(stream: &Arc<CudaStream>) -> Result<()> {
+    for s in [32768usize, 131072] {
+        block_sparse_at(stream, s, &[0.05, 0.1, 0.25, 0.5])?;
+    }
+    Ok(())
+}
+
+/// The block-sparse rows of one sequence length `s` (see [`block_sparse`]).
+fn block_sparse_at(stream: &Arc<CudaStream>, s: usize, densities: &[f64]) -> Result<()> {
+    let (h, d, blk) = (16usize, 128usize, 128usize);
     let shape = AttentionShape {
         batch: 1,
         heads_q: h,
@@ -153,11 +171,17 @@ fn block_sparse(stream: &Arc<CudaStream>) -> Result<()> {
         (DenseKernel::Hopper, "longattn-wgmma"),
     ] {
         match dense_ms(stream, &shape, &opts, kernel) {
-            Ok(ms) => emit("bsparse_dense_s16384", imp, (1, s, h, d), ms, dense_flops),
-            Err(e) => println!("# bsparse_dense {imp}: {e}"),
+            Ok(ms) => emit(
+                &format!("bsparse_dense_s{s}"),
+                imp,
+                (1, s, h, d),
+                ms,
+                dense_flops,
+            ),
+            Err(e) => println!("# bsparse_dense_s{s} {imp}: {e}"),
         }
     }
-    for density in [0.05f64, 0.1, 0.25, 0.5, 1.0] {
+    for &density in densities {
         let dims = BlockMaskDims::for_lengths(1, h, s, s, blk, blk)?;
         let nk = dims.num_k_blocks;
         let mut state = 7u64 + (density * 1000.0) as u64;
@@ -173,20 +197,33 @@ fn block_sparse(stream: &Arc<CudaStream>) -> Result<()> {
             kept
         })?;
         let bs = BlockSparseAttention::new(FlashAttention::new(&shape, &opts)?, mask)?;
-        let plan = bs.plan_gpu(stream)?;
         let flops = 4.0 * d as f64 * (listed * (blk * blk) as u64) as f64;
         let name = format!("bsparse_b128_density{}_s{s}", (density * 100.0).round());
-        let ms = time_ms(stream, || {
-            plan.forward::<bf16, _, _>(
-                stream,
-                Strided::new(&q, st),
-                Strided::new(&k, st),
-                Strided::new(&v, st),
-                Strided::new(&mut o, st),
-                None,
-            )
-        })?;
-        emit(&name, "longattn-bsparse-mma", (1, s, h, d), ms, flops);
+        for (kernel, imp) in [
+            (BlockSparseKernel::TensorCore, "longattn-bsparse-mma"),
+            (BlockSparseKernel::Hopper, "longattn-bsparse-wgmma"),
+        ] {
+            let timed = bs
+                .clone()
+                .with_kernel(kernel)
+                .plan_gpu(stream)
+                .and_then(|plan| {
+                    time_ms(stream, || {
+                        plan.forward::<bf16, _, _>(
+                            stream,
+                            Strided::new(&q, st),
+                            Strided::new(&k, st),
+                            Strided::new(&v, st),
+                            Strided::new(&mut o, st),
+                            None,
+                        )
+                    })
+                });
+            match timed {
+                Ok(ms) => emit(&name, imp, (1, s, h, d), ms, flops),
+                Err(e) => println!("# {name} {imp}: {e}"),
+            }
+        }
     }
     Ok(())
 }
@@ -358,7 +395,8 @@ fn main() -> Result<()> {
         "# family_bench on {} (opt-in kernels, first GPU runs)",
         Device::Cuda(ctx.clone()).describe()
     );
-    let wanted = std::env::var("FAMILY_BENCH").unwrap_or_else(|_| "padded,bsparse,pprefill".into());
+    let wanted = std::env::var("FAMILY_BENCH")
+        .unwrap_or_else(|_| "padded,bsparse,pprefill,bsparse_long".into());
     let on = |g: &str| wanted.split(',').any(|w| w.trim() == g);
     if on("padded") {
         padded(&stream);
@@ -372,6 +410,11 @@ fn main() -> Result<()> {
         && let Err(e) = paged_prefill(&stream)
     {
         println!("# pprefill: {e}");
+    }
+    if on("bsparse_long")
+        && let Err(e) = block_sparse_long(&stream)
+    {
+        println!("# bsparse_long: {e}");
     }
     Ok(())
 }

@@ -154,8 +154,11 @@ constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)
 
 long long blocks_of(int32_t len, int32_t block) { return ((long long)len + block - 1) / block; }
 
-// Every check that needs no device memory (the lists' contents are the Rust side's).
-bool params_ok(const LaBlockSparseParams &p) {
+}  // namespace
+
+// Every check that needs no device memory (the lists' contents are the Rust side's); shared
+// with block_sparse_wgmma.cu (dispatch.cuh).
+bool block_sparse_params_ok(const LaBlockSparseParams &p) {
   const LaDenseParams &d = p.dense;
   if (!dense_params_ok(&d) || d.batch > kGridLimit || d.heads_q > kGridLimit) return false;
   if (p.block_m <= 0 || p.block_n <= 0 || p.block_m % 64 != 0 || p.block_n % 64 != 0)
@@ -171,14 +174,13 @@ bool params_ok(const LaBlockSparseParams &p) {
   return !work || (p.offsets != nullptr && p.indices != nullptr && p.full != nullptr);
 }
 
-}  // namespace
 }  // namespace longattn
 
 extern "C" int la_block_sparse_mma_forward(const LaBlockSparseParams *params,
                                            cudaStream_t stream) {
   using namespace longattn;
   static_assert(LA_DENSE_KERNEL_UNSUPPORTED == cudaErrorNotSupported, "documented in dense.h");
-  if (params == nullptr || !params_ok(*params)) return cudaErrorInvalidValue;
+  if (params == nullptr || !block_sparse_params_ok(*params)) return cudaErrorInvalidValue;
   const LaBlockSparseParams &p = *params;
   if (p.dense.batch == 0 || p.dense.seqlen_q == 0) return cudaSuccess;
   cudaError_t err = cudaErrorNotSupported;  // f32, or a head_dim without a configuration

@@ -87,7 +87,7 @@ pub mod softmax;
 pub use block_sparse::moba::{MobaConfig, MobaGpuPlan};
 pub use block_sparse::{
     BlockKind, BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, BlockSparseGpuPlan,
-    FlexParts, RowBlocks,
+    BlockSparseKernel, FlexParts, RowBlocks,
 };
 pub use cudarc;
 pub use dense::{

@@ -16,7 +16,9 @@ use longattn::block_sparse::moba::{
     moba_pooled_keys_cpu, moba_select_blocks_cpu, moba_select_cpu, moba_tile_unions,
 };
 use longattn::block_sparse::patterns::{self, PatternShape};
-use longattn::block_sparse::{GPU_BLOCK_MULTIPLE, ListId};
+use longattn::block_sparse::{
+    GPU_BLOCK_MULTIPLE, HOPPER_BLOCK_M_MULTIPLE, ListId, hopper_block_n_multiple,
+};
 use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::reference::block_sparse_attention_f64;
 use longattn::*;
@@ -140,34 +142,50 @@ fn gpu_run<T: Element + DeviceRepr>(
 /// Runs case `c` in dtype `T` on the GPU and checks it against the reference; returns the
 /// relative error.
 fn run_case<T: Element + DeviceRepr>(stream: &Arc<CudaStream>, seed: u64, c: &Case) -> f64 {
-    let x = c.inputs::<T>(seed);
+    check_case::<T>(stream, seed, c, &[BlockSparseKernel::TensorCore])[0].0
+}
+
+/// [`run_case`] on each of `kernels` (one set of inputs, one reference); returns each kernel's
+/// relative error and outputs.
+fn check_case<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    c: &Case,
+    kernels: &[BlockSparseKernel],
+) -> Vec<(f64, Vec<f64>)> {
+    let mut x = c.inputs::<T>(seed);
     let (want, want_lse) = x.reference();
-    let (got, lse) = gpu_run(stream, &x, None).unwrap();
-    let what = format!("{} d{} {}", c.name, c.d, T::DTYPE);
-    let nan = got.iter().filter(|v| v.is_nan()).count();
-    assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
-    let err = rel_l2(&got, &want);
-    assert!(err < tolerance::<T>(), "{what}: rel err {err}");
-    // Rows without a visible key are exactly 0.
-    let d = c.d;
-    for (r, &l) in want_lse.iter().enumerate() {
-        if l == f64::NEG_INFINITY {
-            let (h, row) = lse_row(&x.bs, r);
-            let o = (row * c.hq + h) * d;
-            assert!(
-                got[o..o + d].iter().all(|&v| v == 0.0),
-                "{what}: empty row {row} head {h} not 0"
-            );
-        }
-    }
     let lse_tol = 2e-3
         * (1.0
             + want_lse
                 .iter()
                 .filter(|v| v.is_finite())
                 .fold(0.0f64, |a, &b| a.max(b.abs())));
-    check_lse(&lse, &want_lse, lse_tol, &what);
-    err
+    let mut results = Vec::new();
+    for &kernel in kernels {
+        x.bs = x.bs.clone().with_kernel(kernel);
+        let (got, lse) = gpu_run(stream, &x, None).unwrap();
+        let what = format!("{} d{} {} {kernel:?}", c.name, c.d, T::DTYPE);
+        let nan = got.iter().filter(|v| v.is_nan()).count();
+        assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
+        let err = rel_l2(&got, &want);
+        assert!(err < tolerance::<T>(), "{what}: rel err {err}");
+        // Rows without a visible key are exactly 0.
+        let d = c.d;
+        for (r, &l) in want_lse.iter().enumerate() {
+            if l == f64::NEG_INFINITY {
+                let (h, row) = lse_row(&x.bs, r);
+                let o = (row * c.hq + h) * d;
+                assert!(
+                    got[o..o + d].iter().all(|&v| v == 0.0),
+                    "{what}: empty row {row} head {h} not 0"
+                );
+            }
+        }
+        check_lse(&lse, &want_lse, lse_tol, &what);
+        results.push((err, got));
+    }
+    results
 }
 
 /// (head, packed query row) of LSE index `r`.
@@ -559,6 +577,372 @@ fn gpu_block_sparse_refuses_what_it_cannot_run() {
         None,
     );
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+}
+
+// ---- The Hopper kernel (BlockSparseKernel::Hopper, block_sparse_wgmma.cu) -----------------
+
+/// Whether GPU 0 is a Hopper (compute capability 9.0), where the wgmma kernel runs.
+fn is_hopper() -> bool {
+    static HOPPER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOPPER.get_or_init(|| {
+        longattn::device::open_gpu(0)
+            .ok()
+            .and_then(|ctx| ctx.compute_capability().ok())
+            == Some((9, 0))
+    })
+}
+
+/// The GPU, if it is a Hopper; else prints why the test is skipped (a missing GPU fails with
+/// `LONGATTN_REQUIRE_GPU=1`, a GPU of another compute capability does not).
+fn hopper_or_skip(test: &str) -> Option<Arc<longattn::cudarc::driver::CudaContext>> {
+    let ctx = gpu_or_skip(test)?;
+    if !is_hopper() {
+        println!("SKIP {test}: the Hopper kernel needs compute capability 9.0");
+        return None;
+    }
+    Some(ctx)
+}
+
+/// Problems the Hopper kernel takes (block_m a multiple of 128, block_n of its key tile):
+/// every pattern constructor at 128 x 128 blocks, with and without causal, over head dims
+/// 64/128/256; random lists (empty ones included, random kinds) over shapes of 1 row, odd
+/// lengths, seqlen_q above and below seqlen_k, block sizes up to 384 and several key tiles per
+/// block, GQA, per-head and broadcast lists, under no mask, causal, window + sinks and window +
+/// softcap; a varlen batch (a sequence of 0 queries, a 0-key sequence's empty lists); every
+/// list empty; Full blocks above a causal diagonal; every block Partial.
+fn hopper_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // Patterns: 128-token blocks, seqlen_k - seqlen_q = 1 block (the constructors' rule),
+    // neither length a multiple of 128.
+    let (sq, sk, bl, hq) = (200usize, 328usize, 128usize, 4usize);
+    let nk = sk.div_ceil(bl);
+    for (o, opts) in [AttentionOptions::default(), AttentionOptions::causal()]
+        .into_iter()
+        .enumerate()
+    {
+        let shape = PatternShape {
+            heads: hq,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            block: bl,
+            mask: opts.effective_mask(),
+        };
+        let masks = vec![
+            ("longformer", patterns::longformer(&shape, 1, 1).unwrap()),
+            ("bigbird", patterns::bigbird(&shape, 1, 1, 1, 42).unwrap()),
+            (
+                "strided",
+                patterns::sparse_transformer_strided(&shape, 2).unwrap(),
+            ),
+            (
+                "fixed",
+                patterns::sparse_transformer_fixed(&shape, 2, 1).unwrap(),
+            ),
+            (
+                "block-attention",
+                patterns::block_attention(&shape, &[1, 1, nk - 2]).unwrap(),
+            ),
+            (
+                "mswa",
+                patterns::per_head_windows(&shape, &[1, 2, 3, 4]).unwrap(),
+            ),
+            (
+                "duo",
+                patterns::streaming_heads(&shape, &[true, false, true, false], 1, 1).unwrap(),
+            ),
+        ];
+        for (i, (name, mask)) in masks.into_iter().enumerate() {
+            cases.push(Case {
+                name: format!("hopper {name} opts {o}"),
+                lens: vec![(sq, sk)],
+                varlen: false,
+                hq,
+                hkv: 2,
+                d: [64, 128, 256][(i + o) % 3],
+                opts,
+                mask,
+            });
+        }
+    }
+    // Random lists. (b, sq, sk, hq, hkv, d, block_m, block_n)
+    let shapes = [
+        (1, 1, 1, 1, 1, 64, 128, 128),
+        (2, 37, 300, 2, 1, 128, 128, 256),
+        (1, 300, 77, 4, 2, 64, 256, 128),
+        (1, 130, 300, 2, 2, 256, 128, 192),
+        (2, 128, 128, 3, 1, 128, 128, 128),
+        (1, 257, 255, 2, 1, 256, 384, 64),
+    ];
+    for (n, &(b, sq, sk, hq, hkv, d, bm, bn)) in shapes.iter().enumerate() {
+        for (o, (oname, opts)) in option_sets().into_iter().enumerate() {
+            let (mb, mh) = if n % 2 == 0 { (b, hq) } else { (1, 1) };
+            let dims = BlockMaskDims::for_lengths(mb, mh, sq, sk, bm, bn).unwrap();
+            let nk = dims.num_k_blocks;
+            cases.push(Case {
+                name: format!("hopper random shape {n} {oname}"),
+                lens: vec![(sq, sk); b],
+                varlen: false,
+                hq,
+                hkv,
+                d,
+                opts,
+                mask: random_mask((500 + n * 10 + o) as u64, dims, |_| nk),
+            });
+        }
+    }
+    // Varlen: each sequence's lists cover its own blocks.
+    let lens: Vec<(usize, usize)> = vec![(100, 130), (7, 300), (0, 5), (260, 200), (30, 0)];
+    let (bm, bn) = (128, 128);
+    let dims = BlockMaskDims::for_lengths(5, 2, 260, 300, bm, bn).unwrap();
+    let varlen_mask = {
+        let lens = lens.clone();
+        let mut r = rng(78);
+        BlockMask::from_lists(dims, |id| {
+            let (sq, sk) = lens[id.batch];
+            if id.q_block >= sq.div_ceil(bm) {
+                return vec![];
+            }
+            (0..sk.div_ceil(bn))
+                .filter_map(|kb| {
+                    if !r.random_bool(0.7) {
+                        return None;
+                    }
+                    let kind = if r.random_bool(0.3) {
+                        BlockKind::Full
+                    } else {
+                        BlockKind::Partial
+                    };
+                    Some((kb, kind))
+                })
+                .collect()
+        })
+        .unwrap()
+    };
+    for (oname, opts) in option_sets() {
+        cases.push(Case {
+            name: format!("hopper varlen {oname}"),
+            lens: lens.clone(),
+            varlen: true,
+            hq: 2,
+            hkv: 1,
+            d: 128,
+            opts,
+            mask: varlen_mask.clone(),
+        });
+    }
+    let empty_dims = BlockMaskDims::for_lengths(1, 1, 150, 90, 128, 128).unwrap();
+    cases.push(Case {
+        name: "hopper all lists empty".into(),
+        lens: vec![(150, 90); 2],
+        varlen: false,
+        hq: 2,
+        hkv: 2,
+        d: 64,
+        opts: AttentionOptions::causal(),
+        mask: BlockMask::from_lists(empty_dims, |_| vec![]).unwrap(),
+    });
+    let full_dims = BlockMaskDims::for_lengths(1, 1, 384, 384, 128, 128).unwrap();
+    cases.push(Case {
+        name: "hopper full skips the element mask".into(),
+        lens: vec![(384, 384)],
+        varlen: false,
+        hq: 1,
+        hkv: 1,
+        d: 256,
+        opts: AttentionOptions::causal(),
+        mask: BlockMask::from_lists(full_dims, |id| {
+            (0..3)
+                .map(|kb| {
+                    let kind = if kb > id.q_block {
+                        BlockKind::Full
+                    } else {
+                        BlockKind::Partial
+                    };
+                    (kb, kind)
+                })
+                .collect()
+        })
+        .unwrap(),
+    });
+    for (oname, opts) in option_sets() {
+        let dims = BlockMaskDims::for_lengths(1, 1, 300, 333, 128, 128).unwrap();
+        cases.push(Case {
+            name: format!("hopper dense partial {oname}"),
+            lens: vec![(300, 333)],
+            varlen: false,
+            hq: 2,
+            hkv: 1,
+            d: 64,
+            opts,
+            mask: BlockMask::dense(dims, BlockKind::Partial).unwrap(),
+        });
+    }
+    cases
+}
+
+/// Runs without a GPU: every Hopper case is a valid problem whose block sizes the Hopper
+/// kernel takes, and the CPU path agrees with the f64 reference on it.
+#[test]
+fn hopper_cases_are_valid_problems() {
+    for (i, c) in hopper_cases().iter().enumerate() {
+        let x = c.inputs::<f32>(4000 + i as u64);
+        let (want, want_lse) = x.reference();
+        let attn = x.bs.attention();
+        let mut out = vec![f32::NAN; attn.out_len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        x.bs.forward_cpu(
+            Strided::new(&x.q[..], x.qs),
+            Strided::new(&x.k[..], x.ks),
+            Strided::new(&x.v[..], x.ks),
+            Strided::new(&mut out[..], x.qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let err = rel_l2(&to_f64(&out), &want);
+        assert!(err < 2e-5, "{}: CPU rel err {err}", c.name);
+        check_lse(&lse, &want_lse, 1e-4, &c.name);
+        let dims = x.bs.block_mask().dims();
+        assert_eq!(dims.block_m % HOPPER_BLOCK_M_MULTIPLE, 0, "{}", c.name);
+        assert_eq!(dims.block_n % hopper_block_n_multiple(c.d), 0, "{}", c.name);
+    }
+}
+
+/// The Hopper kernel against the f64 reference over [`hopper_cases`] (NaN-poisoned outputs,
+/// empty rows exactly 0 with LSE -inf), and against the verified mma.sync kernel on the same
+/// inputs: the two differ only by accumulation order and tile sizes.
+fn hopper_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+    let Some(ctx) = hopper_or_skip(test) else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (mut worst, mut worst_vs_mma): (f64, f64) = (0.0, 0.0);
+    for (i, c) in hopper_cases().iter().enumerate() {
+        let kernels = [BlockSparseKernel::Hopper, BlockSparseKernel::TensorCore];
+        let r = check_case::<T>(&stream, seed + i as u64, c, &kernels);
+        let (err, vs) = (r[0].0, rel_l2(&r[0].1, &r[1].1));
+        assert!(
+            vs < tolerance::<T>() / 2.0,
+            "{} d{} {}: Hopper vs mma.sync rel diff {vs}",
+            c.name,
+            c.d,
+            T::DTYPE
+        );
+        worst = worst.max(err);
+        worst_vs_mma = worst_vs_mma.max(vs);
+    }
+    eprintln!(
+        "block-sparse hopper {}: worst rel err {worst:.2e}, worst vs mma.sync {worst_vs_mma:.2e}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn gpu_hopper_block_sparse_matches_reference_bf16() {
+    hopper_sweep::<bf16>("gpu_hopper_block_sparse_matches_reference_bf16", 1100);
+}
+
+#[test]
+fn gpu_hopper_block_sparse_matches_reference_f16() {
+    hopper_sweep::<f16>("gpu_hopper_block_sparse_matches_reference_f16", 1600);
+}
+
+/// A Hopper plan replays the one-shot call bit for bit, twice (also the racecheck target of
+/// the device script: the TMA rings and the list reads).
+#[test]
+fn gpu_hopper_block_sparse_plan_matches_one_shot() {
+    let Some(ctx) = hopper_or_skip("gpu_hopper_block_sparse_plan_matches_one_shot") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let cases = hopper_cases();
+    for c in cases
+        .iter()
+        .filter(|c| c.name.starts_with("hopper varlen"))
+        .take(2)
+    {
+        let mut x = c.inputs::<bf16>(43);
+        x.bs = x.bs.clone().with_kernel(BlockSparseKernel::Hopper);
+        let plan = x.bs.plan_gpu(&stream).unwrap();
+        let once = gpu_run(&stream, &x, None).unwrap();
+        for _ in 0..2 {
+            let planned = gpu_run(&stream, &x, Some(&plan)).unwrap();
+            assert_eq!(
+                once.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                planned.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{}",
+                c.name
+            );
+            assert_eq!(
+                once.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                planned.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{}",
+                c.name
+            );
+        }
+    }
+}
+
+/// Refusals of the Hopper kernel that need device buffers: on a Hopper, K/V shared by the
+/// batch (batch stride 0: legal, the mma.sync kernel runs it) and block sizes it does not take;
+/// on any other GPU, every problem, naming the compute capability. All named
+/// `Error::Unsupported`, never a launch.
+#[test]
+fn gpu_hopper_block_sparse_refuses_what_it_cannot_run() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_block_sparse_refuses_what_it_cannot_run") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (b, s, hq, hkv, d) = (2usize, 200usize, 4usize, 2usize, 128usize);
+    let attn = FlashAttention::new(
+        &AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: s,
+                seqlen_k: s,
+            },
+        },
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    let dims = BlockMaskDims::for_lengths(1, 1, s, s, 128, 128).unwrap();
+    let bs = BlockSparseAttention::new(attn, BlockMask::dense(dims, BlockKind::Partial).unwrap())
+        .unwrap();
+    let hopper = bs.clone().with_kernel(BlockSparseKernel::Hopper);
+    let qs = Strides::contiguous(s, hq, d);
+    let ks = Strides::contiguous(s, hkv, d);
+    let q: CudaSlice<bf16> = stream.alloc_zeros(b * s * hq * d).unwrap();
+    let kv: CudaSlice<bf16> = stream.alloc_zeros(b * s * hkv * d).unwrap();
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(b * s * hq * d).unwrap();
+    let run = |bs: &BlockSparseAttention, ks: Strides, out: &mut CudaSlice<bf16>| {
+        bs.forward_gpu(
+            &stream,
+            Strided::new(&q, qs),
+            Strided::new(&kv, ks),
+            Strided::new(&kv, ks),
+            Strided::new(out, qs),
+            None,
+        )
+    };
+    let broadcast = Strides { batch: 0, ..ks };
+    run(&bs, broadcast, &mut out).unwrap();
+    let r = run(&hopper, broadcast, &mut out);
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("batch stride")),
+        "{r:?}"
+    );
+    let r = run(&hopper, ks, &mut out);
+    if is_hopper() {
+        r.unwrap();
+    } else {
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("compute capability")),
+            "{r:?}"
+        );
+    }
+    stream.synchronize().unwrap();
 }
 
 // ---- MoBA on the GPU (MobaGpuPlan: gating + per-row attention) ----------------------------

@@ -1,6 +1,8 @@
 //! `BlockSparseAttention::forward_gpu`: validation, then the block-sparse tensor-core kernel
 //! (`kernels/block_sparse_mma.cu`, the shared mma.sync mainloop iterating each query block's
-//! listed key blocks).
+//! listed key blocks), or, asked for by name ([`BlockSparseKernel::Hopper`]), the Hopper kernel
+//! (`kernels/block_sparse_wgmma.cu`, the wgmma mainloop over the same lists; **not yet run on
+//! a GPU**).
 //!
 //! **Verified on an H200 (sm_90a build) on 2026-12-04**: `tests/block_sparse_gpu.rs` passed
 //! (worst rel. error bf16 2.38e-3, f16 3.03e-4), compute-sanitizer memcheck clean, racecheck
@@ -8,7 +10,7 @@
 //! when a caller asks for it by calling [`BlockSparseAttention::forward_gpu`] or a
 //! [`BlockSparseGpuPlan`]; nothing in the crate picks it automatically.
 
-use super::BlockSparseAttention;
+use super::{BlockSparseAttention, BlockSparseKernel};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -18,8 +20,22 @@ use crate::layout::{Strided, Strides};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
-/// Head dims of the block-sparse kernel.
+/// Head dims of the block-sparse kernels.
 pub const GPU_HEAD_DIMS: [usize; 3] = crate::gpu::TENSOR_CORE_HEAD_DIMS;
+
+/// [`BlockSparseKernel::Hopper`] takes `block_m` multiples of this: its query tile (128 rows,
+/// one wgmma row block per consumer warpgroup), so that a tile lies inside one query block.
+pub const HOPPER_BLOCK_M_MULTIPLE: usize = 128;
+
+/// [`BlockSparseKernel::Hopper`] takes `block_n` multiples of this at `head_dim`: its key tile
+/// (128 keys at head_dim 64 and 128, 64 at 256, where the shared-memory rings hold less), so
+/// that a key tile lies inside one key block.
+pub const fn hopper_block_n_multiple(head_dim: usize) -> usize {
+    if head_dim > 128 { 64 } else { 128 }
+}
+
+/// Largest stride, in bytes, of a tensor map dimension (the copy engine's 2^40 limit).
+const TMA_MAX_STRIDE_BYTES: i64 = 1 << 40;
 
 impl BlockSparseAttention {
     /// GPU forward pass on `stream` (the caller's; nothing is synchronized). **Verified on an
@@ -33,6 +49,10 @@ impl BlockSparseAttention {
     /// problem runs on the CPU only (MoBA on the GPU is
     /// [`MobaGpuPlan`](super::moba::MobaGpuPlan)). Anything else the kernel does not take is `Error::Unsupported` (checked before
     /// any pointer is touched).
+    ///
+    /// Runs the kernel chosen with [`BlockSparseAttention::with_kernel`]: the verified
+    /// mma.sync kernel by default, [`BlockSparseKernel::Hopper`] (not yet run on a GPU) only
+    /// when asked for, with its own restrictions checked here too.
     ///
     /// The block mask (CSR offsets, indices, full flags) and the varlen offsets are copied to
     /// the device on `stream` on every call; [`BlockSparseAttention::plan_gpu`] copies them
@@ -71,23 +91,77 @@ impl BlockSparseAttention {
     }
 
     /// What the kernel takes, independent of the buffers: no per-row selection, block sizes
-    /// multiples of 64, head dim 64/128/256.
+    /// multiples of 64, head dim 64/128/256; for [`BlockSparseKernel::Hopper`] also block
+    /// sizes multiples of its tiles ([`HOPPER_BLOCK_M_MULTIPLE`], [`hopper_block_n_multiple`]).
     fn check_gpu_problem(&self) -> Result<()> {
         if self.rows.is_some() {
             return Err(Error::Unsupported(
                 "per-row block selection runs on the CPU only".into(),
             ));
         }
-        self.mask
-            .dims
-            .check_gpu_block_sizes()
+        let d = self.mask.dims;
+        d.check_gpu_block_sizes()
             .map_err(|e| Error::Unsupported(e.to_string()))?;
-        check_tensor_core_head_dim("the block-sparse kernel takes", self.attn.head_dim)
+        check_tensor_core_head_dim("the block-sparse kernel takes", self.attn.head_dim)?;
+        if self.kernel == BlockSparseKernel::Hopper {
+            let tile_n = hopper_block_n_multiple(self.attn.head_dim);
+            for (name, value, tile, what) in [
+                ("block_m", d.block_m, HOPPER_BLOCK_M_MULTIPLE, "query tile"),
+                ("block_n", d.block_n, tile_n, "key tile at this head_dim"),
+            ] {
+                if !value.is_multiple_of(tile) {
+                    return Err(Error::Unsupported(format!(
+                        "the Hopper block-sparse kernel takes {name} a multiple of {tile} (its \
+                         {what}), not {value}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// For [`BlockSparseKernel::Hopper`]: whether the copy engine can address q, k and v
+    /// (`bufs`: q, k, v, out as for [`Self::check_gpu`]), as `tma_host::operand_mappable`:
+    /// every stride of a dimension longer than 1 positive and below 2^40 bytes (the 16-byte
+    /// multiples are every GPU kernel's rule, checked with the pointers). Elements are 2 bytes
+    /// (f16 / bf16, checked before).
+    fn check_hopper_strides(&self, bufs: &[(usize, &Strides); 4]) -> Result<()> {
+        let a = &self.attn;
+        let varlen = a.is_varlen();
+        let (q_rows, k_rows) = if varlen {
+            (a.total_q, a.total_k)
+        } else {
+            (a.max_seqlen_q, a.max_seqlen_k)
+        };
+        let batch = if varlen { 1 } else { a.batch };
+        let operands = [
+            ("q", bufs[0].1, q_rows, a.heads_q),
+            ("k", bufs[1].1, k_rows, a.heads_kv),
+            ("v", bufs[2].1, k_rows, a.heads_kv),
+        ];
+        for (name, st, rows, heads) in operands {
+            for (dim, stride, extent) in [
+                ("seq", st.seq, rows),
+                ("head", st.head, heads),
+                ("batch", st.batch, batch),
+            ] {
+                let bytes = stride.checked_mul(2);
+                let ok = extent <= 1 || bytes.is_some_and(|b| b > 0 && b < TMA_MAX_STRIDE_BYTES);
+                if !ok {
+                    return Err(Error::Unsupported(format!(
+                        "the Hopper block-sparse kernel's copy engine cannot address {name}: its \
+                         {dim} stride {stride} must be positive and below 2^40 bytes"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every check of a GPU call that needs no device pointer, in this order: the problem
     /// ([`Self::check_gpu_problem`]), the buffers' extents and strides (as the CPU path), then
-    /// dtype, head dim and grid limits.
+    /// dtype, head dim and grid limits, and for [`BlockSparseKernel::Hopper`] the strides its
+    /// copy engine needs.
     pub(crate) fn check_gpu(
         &self,
         dtype: DType,
@@ -97,7 +171,11 @@ impl BlockSparseAttention {
         self.check_gpu_problem()?;
         let a = &self.attn;
         a.check_buffers(bufs[0], bufs[1], bufs[2], bufs[3], lse_len)?;
-        check_attention_gpu("block-sparse", dtype, a.head_dim, a.batch, a.heads_q)
+        check_attention_gpu("block-sparse", dtype, a.head_dim, a.batch, a.heads_q)?;
+        if self.kernel == BlockSparseKernel::Hopper {
+            self.check_hopper_strides(&bufs)?;
+        }
+        Ok(())
     }
 }
 
@@ -243,15 +321,43 @@ where
     // dims were checked against the problem in `BlockSparseAttention::new`); the launch is
     // ordered on `stream`, and the sync guards keep cudarc's event tracking correct until it
     // is queued.
-    let code = unsafe { ffi::la_block_sparse_mma_forward(&params, stream.cu_stream() as _) };
+    let code = match bs.kernel {
+        // SAFETY: see above.
+        BlockSparseKernel::TensorCore => unsafe {
+            ffi::la_block_sparse_mma_forward(&params, stream.cu_stream() as _)
+        },
+        // SAFETY: see above.
+        BlockSparseKernel::Hopper => unsafe {
+            ffi::la_block_sparse_wgmma_forward(&params, stream.cu_stream() as _)
+        },
+    };
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
-        return Err(Error::Unsupported(
-            "the block-sparse kernel needs a device of compute capability 8.0 or newer with \
-             its shared memory"
+        return Err(Error::Unsupported(match bs.kernel {
+            BlockSparseKernel::TensorCore => "the block-sparse kernel needs a device of compute \
+                                              capability 8.0 or newer with its shared memory"
                 .into(),
-        ));
+            BlockSparseKernel::Hopper => {
+                // SAFETY: `params` is the struct just launched with; the query reads only its
+                // scalars and pointer values (for the tensor maps), never device memory, and
+                // returns a static NUL-terminated string or NULL.
+                let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&params) };
+                let why = if reason.is_null() {
+                    "the device rejected it".into()
+                } else {
+                    // SAFETY: non-null, static and NUL-terminated (see above).
+                    unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
+                };
+                format!("the Hopper block-sparse kernel cannot run this problem here: {why}")
+            }
+        }));
     }
-    check_launch("la_block_sparse_mma_forward", code)
+    check_launch(
+        match bs.kernel {
+            BlockSparseKernel::TensorCore => "la_block_sparse_mma_forward",
+            BlockSparseKernel::Hopper => "la_block_sparse_wgmma_forward",
+        },
+        code,
+    )
 }
 
 #[cfg(test)]
@@ -361,14 +467,169 @@ mod tests {
         );
     }
 
-    /// The C launcher refuses bad params before any CUDA call (so this runs without a GPU).
-    #[cfg(longattn_cuda)]
     #[test]
-    fn c_entry_refuses_bad_params() {
+    fn hopper_checks_accept_what_the_kernel_runs() {
+        assert_eq!(
+            problem(64, 64, 64, (64, 64)).kernel(),
+            BlockSparseKernel::TensorCore
+        );
+        for d in GPU_HEAD_DIMS {
+            let bn = hopper_block_n_multiple(d);
+            for block in [(128, bn), (256, bn), (128, 2 * bn), (384, 3 * bn)] {
+                let bs = problem(200, 300, d, block).with_kernel(BlockSparseKernel::Hopper);
+                assert_eq!(bs.kernel(), BlockSparseKernel::Hopper);
+                check(&bs, DType::BF16).unwrap();
+                check(&bs, DType::F16).unwrap();
+            }
+        }
+        // Varlen: the batch stride is never used (0 is fine), as for the copy engine's map.
+        let cu_q = [0, 70, 200];
+        let cu_k = [0, 300, 310];
+        let attn = FlashAttention::new(
+            &AttentionShape {
+                batch: 2,
+                heads_q: 2,
+                heads_kv: 1,
+                head_dim: 128,
+                seqlens: SeqLens::Varlen {
+                    cu_seqlens_q: &cu_q,
+                    cu_seqlens_k: &cu_k,
+                },
+            },
+            &AttentionOptions::causal(),
+        )
+        .unwrap();
+        let dims = BlockMaskDims::for_lengths(1, 1, 130, 300, 128, 128).unwrap();
+        // Sequence 0 has one query block: the second block's list stays empty.
+        let mask = BlockMask::from_lists(dims, |id| {
+            if id.q_block == 0 {
+                vec![(0, BlockKind::Partial)]
+            } else {
+                vec![]
+            }
+        })
+        .unwrap();
+        let bs = BlockSparseAttention::new(attn, mask)
+            .unwrap()
+            .with_kernel(BlockSparseKernel::Hopper);
+        let qs = Strides {
+            batch: 0,
+            ..Strides::contiguous(0, 2, 128)
+        };
+        let ks = Strides {
+            batch: 0,
+            ..Strides::contiguous(0, 1, 128)
+        };
+        let (nq, nk) = (200 * 2 * 128, 310 * 128);
+        bs.check_gpu(
+            DType::BF16,
+            [(nq, &qs), (nk, &ks), (nk, &ks), (nq, &qs)],
+            Some(bs.attention().lse_len()),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn hopper_checks_refuse_before_any_device_call() {
+        // Block sizes the mma.sync kernel takes and the Hopper kernel does not.
+        for (d, block, why) in [
+            (64, (64, 128), "block_m a multiple of 128"),
+            (128, (192, 128), "block_m a multiple of 128"),
+            (256, (64, 64), "block_m a multiple of 128"),
+            (64, (128, 64), "block_n a multiple of 128"),
+            (128, (128, 192), "block_n a multiple of 128"),
+            (128, (256, 320), "block_n a multiple of 128"),
+        ] {
+            let bs = problem(200, 300, d, block);
+            check(&bs, DType::BF16).unwrap();
+            let r = check(&bs.with_kernel(BlockSparseKernel::Hopper), DType::BF16);
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains(why)),
+                "d{d} {block:?}: {r:?}"
+            );
+        }
+        // What both kernels refuse stays refused first (block sizes of 64, head dims, f32).
+        let r = check(
+            &problem(64, 64, 64, (32, 64)).with_kernel(BlockSparseKernel::Hopper),
+            DType::BF16,
+        );
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("multiple of 64")),
+            "{r:?}"
+        );
+        let r = check(
+            &problem(64, 64, 96, (128, 128)).with_kernel(BlockSparseKernel::Hopper),
+            DType::BF16,
+        );
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("head_dim")),
+            "{r:?}"
+        );
+        let r = check(
+            &problem(64, 64, 64, (128, 128)).with_kernel(BlockSparseKernel::Hopper),
+            DType::F32,
+        );
+        assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
+        // Strides the copy engine cannot address: K and V shared by the batch (batch stride 0)
+        // and a K whose rows all alias (seq stride 0). The mma.sync kernel takes both.
+        let bs = problem(200, 300, 64, (128, 128));
+        let hopper = bs.clone().with_kernel(BlockSparseKernel::Hopper);
+        let a = bs.attention();
+        let qs = Strides::contiguous(200, 4, 64);
+        let ks = Strides::contiguous(300, 2, 64);
+        let nk = 2 * 300 * 2 * 64;
+        for (name, kst, vst, why) in [
+            (
+                "batch-broadcast k/v",
+                Strides { batch: 0, ..ks },
+                Strides { batch: 0, ..ks },
+                "cannot address k: its batch stride 0",
+            ),
+            (
+                "aliased v rows",
+                ks,
+                Strides { seq: 0, ..ks },
+                "cannot address v: its seq stride 0",
+            ),
+        ] {
+            let bufs = [
+                (a.out_len(), &qs),
+                (nk, &kst),
+                (nk, &vst),
+                (a.out_len(), &qs),
+            ];
+            bs.check_gpu(DType::BF16, bufs, Some(a.lse_len())).unwrap();
+            let r = hopper.check_gpu(DType::BF16, bufs, Some(a.lse_len()));
+            assert!(
+                matches!(&r, Err(Error::Unsupported(m)) if m.contains(why)),
+                "{name}: {r:?}"
+            );
+        }
+        // plan_gpu's check (before it uploads anything) refuses the same block sizes.
+        let r = problem(200, 300, 64, (64, 64))
+            .with_kernel(BlockSparseKernel::Hopper)
+            .check_gpu_problem();
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("Hopper")),
+            "{r:?}"
+        );
+    }
+
+    /// A block-sparse C launcher (`la_block_sparse_*_forward`).
+    #[cfg(longattn_cuda)]
+    type CLauncher = unsafe extern "C" fn(
+        *const crate::gpu::ffi::LaBlockSparseParams,
+        crate::gpu::ffi::cudaStream_t,
+    ) -> std::os::raw::c_int;
+
+    #[cfg(longattn_cuda)]
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    /// Valid params over dangling (non-null) pointers: 100 x 200, 2 query heads, d64, bf16,
+    /// 64 x 64 blocks. Every use below returns before a pointer is read.
+    #[cfg(longattn_cuda)]
+    fn c_params() -> crate::gpu::ffi::LaBlockSparseParams {
         use crate::gpu::ffi;
-        const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
-        // Dangling but non-null: every case below is refused for its own reason before a
-        // pointer is read.
         let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
         let dense = ffi::LaDenseParams {
             q: fake as *const _,
@@ -389,7 +650,7 @@ mod tests {
             dtype: ffi::LaDtype::LA_BF16,
             ..Default::default()
         };
-        let ok = ffi::LaBlockSparseParams {
+        ffi::LaBlockSparseParams {
             dense,
             offsets: fake as *const i32,
             indices: fake as *const i32,
@@ -400,7 +661,116 @@ mod tests {
             num_k_blocks: 4,
             block_m: 64,
             block_n: 64,
+        }
+    }
+
+    /// The C launcher refuses bad params before any CUDA call (so this runs without a GPU).
+    #[cfg(longattn_cuda)]
+    #[test]
+    fn c_entry_refuses_bad_params() {
+        c_launcher_refuses_bad_params(crate::gpu::ffi::la_block_sparse_mma_forward);
+    }
+
+    /// The Hopper launcher refuses the same bad params, and what it does not take (block
+    /// sizes, f32, head dims) with LA_DENSE_KERNEL_UNSUPPORTED and a reason, before any CUDA
+    /// call.
+    #[cfg(longattn_cuda)]
+    #[test]
+    fn c_hopper_entry_refuses_bad_params_and_unsupported_shapes() {
+        use crate::gpu::ffi;
+        c_launcher_refuses_bad_params(ffi::la_block_sparse_wgmma_forward);
+        let ok = c_params();
+        let unsupported = ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32;
+        let with_dense = |f: &dyn Fn(&mut ffi::LaDenseParams)| {
+            let mut p = ffi::LaBlockSparseParams {
+                block_m: 128,
+                block_n: 128,
+                num_q_blocks: 1,
+                num_k_blocks: 2,
+                ..ok
+            };
+            f(&mut p.dense);
+            p
         };
+        let cases: Vec<(&str, ffi::LaBlockSparseParams, &str)> = vec![
+            ("block_m 64", ok, "block_m a multiple of 128"),
+            (
+                "block_m 192",
+                ffi::LaBlockSparseParams {
+                    block_m: 192,
+                    num_q_blocks: 1,
+                    block_n: 128,
+                    num_k_blocks: 2,
+                    ..ok
+                },
+                "block_m a multiple of 128",
+            ),
+            (
+                "block_n 64 at d64",
+                ffi::LaBlockSparseParams {
+                    block_m: 128,
+                    num_q_blocks: 1,
+                    ..ok
+                },
+                "block_n a multiple of its key tile",
+            ),
+            (
+                "block_n 192 at d128",
+                ffi::LaBlockSparseParams {
+                    block_m: 128,
+                    num_q_blocks: 1,
+                    block_n: 192,
+                    num_k_blocks: 2,
+                    dense: ffi::LaDenseParams {
+                        head_dim: 128,
+                        scale: 0.08,
+                        ..ok.dense
+                    },
+                    ..ok
+                },
+                "block_n a multiple of its key tile",
+            ),
+            (
+                "f32",
+                with_dense(&|d| d.dtype = ffi::LaDtype::LA_F32),
+                "f16 or bf16",
+            ),
+            (
+                "head_dim 96",
+                with_dense(&|d| d.head_dim = 96),
+                "head_dim 64",
+            ),
+        ];
+        for (name, p, why) in cases {
+            // SAFETY: refused on its scalars before any pointer is read or CUDA is called.
+            let code = unsafe { ffi::la_block_sparse_wgmma_forward(&p, std::ptr::null_mut()) };
+            assert_eq!(code, unsupported, "{name}");
+            // SAFETY: as above; returns a static NUL-terminated string.
+            let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&p) };
+            assert!(!reason.is_null(), "{name}");
+            // SAFETY: non-null, static, NUL-terminated.
+            let reason = unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy();
+            assert!(reason.contains(why), "{name}: {reason}");
+        }
+        let bad = ffi::LaBlockSparseParams { block_m: 0, ..ok };
+        // SAFETY: invalid params are named without reading a pointer; NULL likewise.
+        let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&bad) };
+        assert!(!reason.is_null());
+        // SAFETY: non-null, static, NUL-terminated.
+        let reason = unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy();
+        assert!(reason.contains("invalid"), "{reason}");
+        // SAFETY: a NULL params pointer is refused.
+        let null = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(std::ptr::null()) };
+        assert!(!null.is_null());
+    }
+
+    /// The checks both launchers share: each case is refused with cudaErrorInvalidValue, NULL
+    /// params too, and batch 0 succeeds without a launch.
+    #[cfg(longattn_cuda)]
+    fn c_launcher_refuses_bad_params(launch: CLauncher) {
+        use crate::gpu::ffi;
+        let ok = c_params();
+        let dense = ok.dense;
         let cases: Vec<(&str, ffi::LaBlockSparseParams)> = vec![
             (
                 "null offsets",
@@ -497,12 +867,11 @@ mod tests {
         ];
         for (name, p) in cases {
             // SAFETY: the params are refused before any pointer is read or CUDA is called.
-            let code = unsafe { ffi::la_block_sparse_mma_forward(&p, std::ptr::null_mut()) };
+            let code = unsafe { launch(&p, std::ptr::null_mut()) };
             assert_eq!(code, INVALID_VALUE, "{name}");
         }
         // SAFETY: a NULL params pointer is refused.
-        let code =
-            unsafe { ffi::la_block_sparse_mma_forward(std::ptr::null(), std::ptr::null_mut()) };
+        let code = unsafe { launch(std::ptr::null(), std::ptr::null_mut()) };
         assert_eq!(code, INVALID_VALUE);
         // No work (batch 0): success without a launch, whatever the pointers.
         let empty = ffi::LaBlockSparseParams {
@@ -511,7 +880,7 @@ mod tests {
             ..ok
         };
         // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
-        let code = unsafe { ffi::la_block_sparse_mma_forward(&empty, std::ptr::null_mut()) };
+        let code = unsafe { launch(&empty, std::ptr::null_mut()) };
         assert_eq!(code, 0);
     }
 }

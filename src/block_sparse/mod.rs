@@ -21,7 +21,9 @@
 //! The CPU path here and `reference::block_sparse_attention_f64` implement exactly this; the
 //! GPU path ([`BlockSparseAttention::forward_gpu`], explicit opt-in, **verified on an H200
 //! (2026-12-04)**) iterates the same lists as the key-tile schedule of the shared tensor-core
-//! mainloop (`kernels/block_sparse_mma.cu`). MoBA's per-row selections run on the GPU only
+//! mainloop (`kernels/block_sparse_mma.cu`); [`BlockSparseKernel::Hopper`] (explicit opt-in,
+//! **not yet run on a GPU**) runs the same lists on the Hopper wgmma mainloop
+//! (`kernels/block_sparse_wgmma.cu`). MoBA's per-row selections run on the GPU only
 //! through [`moba::MobaGpuPlan`] (gating and per-row-masked attention on device buffers,
 //! `kernels/moba.cu`, **not yet run on a GPU**); attached to a [`BlockSparseAttention`] they
 //! run on the CPU.
@@ -31,7 +33,9 @@ pub mod moba;
 mod moba_gpu;
 pub mod patterns;
 
-pub use gpu::{BlockSparseGpuPlan, GPU_HEAD_DIMS};
+pub use gpu::{
+    BlockSparseGpuPlan, GPU_HEAD_DIMS, HOPPER_BLOCK_M_MULTIPLE, hopper_block_n_multiple,
+};
 
 use crate::dense::{CPU_TILE_N, FlashAttention};
 use crate::element::Element;
@@ -733,6 +737,25 @@ pub(crate) fn check_row_blocks(
     Ok(())
 }
 
+/// Which GPU kernel [`BlockSparseAttention::forward_gpu`] (and its plan) runs. Nothing picks
+/// [`BlockSparseKernel::Hopper`] automatically: it runs only when asked for by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlockSparseKernel {
+    /// The tensor-core kernel on the shared mma.sync mainloop (`kernels/block_sparse_mma.cu`,
+    /// sm_80+): block sizes multiples of [`GPU_BLOCK_MULTIPLE`]. Verified on an H200
+    /// (2026-12-04; its sm_80 code has not run on an Ampere card).
+    #[default]
+    TensorCore,
+    /// The Hopper kernel on the wgmma mainloop (`kernels/block_sparse_wgmma.cu`, sm_90a:
+    /// compute capability 9.0 only; TMA loads). **Not yet run on a GPU.** It takes less than
+    /// `TensorCore`: `block_m` a multiple of [`HOPPER_BLOCK_M_MULTIPLE`] (its 128-row query
+    /// tile) and `block_n` a multiple of [`hopper_block_n_multiple`] of the head dim (its key
+    /// tile: 128 at head_dim 64 and 128, 64 at 256), and q, k, v strides the copy engine can
+    /// address (positive wherever the dimension is longer than 1); anything else is
+    /// [`Error::Unsupported`](crate::Error::Unsupported) before any device call.
+    Hopper,
+}
+
 /// A dense attention problem restricted to the blocks of a [`BlockMask`] (and, for MoBA, to
 /// each row's own [`RowBlocks`]). Scale, softcap, GQA, varlen and the element mask come from
 /// the [`FlashAttention`] problem.
@@ -741,6 +764,7 @@ pub struct BlockSparseAttention {
     attn: FlashAttention,
     mask: BlockMask,
     rows: Option<RowBlocks>,
+    kernel: BlockSparseKernel,
 }
 
 impl BlockSparseAttention {
@@ -816,7 +840,19 @@ impl BlockSparseAttention {
             attn,
             mask,
             rows: None,
+            kernel: BlockSparseKernel::TensorCore,
         })
+    }
+
+    /// Chooses the GPU kernel (benches and tests compare them); [`BlockSparseKernel::TensorCore`]
+    /// by default. What the chosen kernel takes is checked by the GPU calls, not here.
+    pub fn with_kernel(mut self, kernel: BlockSparseKernel) -> Self {
+        self.kernel = kernel;
+        self
+    }
+    /// The GPU kernel the GPU calls run.
+    pub fn kernel(&self) -> BlockSparseKernel {
+        self.kernel
     }
 
     /// Attaches a per-row selection (MoBA): one padded list per LSE row, `block_n` equal to

@@ -45,6 +45,20 @@ typedef struct LaBlockSparseParams {
  * on. */
 int la_block_sparse_mma_forward(const LaBlockSparseParams *params, cudaStream_t stream);
 
+/* Hopper kernel (wgmma + TMA, sm_90a: compute capability 9.0 only; kernels/block_sparse_wgmma.cu).
+ * NOT YET RUN ON A GPU. Same params, same semantics and the same cudaErrorInvalidValue checks
+ * as la_block_sparse_mma_forward; it takes less: head_dim 64, 128 or 256, f16 or bf16,
+ * block_m a multiple of 128 (its query tile), block_n a multiple of its key tile (128 at
+ * head_dim 64 and 128, 64 at head_dim 256), q/k/v the copy engine can address (16-byte aligned
+ * pointers, every stride of a dimension longer than 1 a positive multiple of 16 bytes).
+ * Anything else returns LA_DENSE_KERNEL_UNSUPPORTED before any launch (the caller keeps
+ * la_block_sparse_mma_forward for it). Never synchronizes. */
+int la_block_sparse_wgmma_forward(const LaBlockSparseParams *params, cudaStream_t stream);
+/* Why la_block_sparse_wgmma_forward cannot run these params on the current device, completing
+ * "the kernel cannot run this problem here: ..." (a static string), or NULL when it can. Reads
+ * no device memory. */
+const char *la_block_sparse_wgmma_unsupported_reason(const LaBlockSparseParams *params);
+
 /* MoBA on the GPU (semantics.md "MoBA selection"; kernels/moba.cu). A dense problem (the
  * dense params: q, k, v, o, lse, lengths, GQA, varlen, scale, softcap, element mask) whose
  * query row i of (sequence b, query head h) sees key j iff key block j / block_n is in the

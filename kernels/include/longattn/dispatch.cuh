@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "longattn/block_sparse.h"
 #include "longattn/dense.h"
 #include "longattn/dtype.cuh"
 
@@ -56,6 +57,9 @@ const char *device_unsupported_reason(const void *kernel, size_t smem, CcOk &&cc
 // Every scalar of the params the Rust API validates, and the pointers a launch reads
 // (la_dense_forward's check; kernels/dense.cu). Null is not ok.
 bool dense_params_ok(const LaDenseParams *p);
+// The block-sparse launchers' check (la_block_sparse_mma_forward's, kernels/block_sparse_mma.cu):
+// the dense params, grid limits, block sizes and counts, mask dims, list pointers.
+bool block_sparse_params_ok(const LaBlockSparseParams &p);
 
 // Launches a kernel of the mma.sync mainloop (mma_mainloop.cuh) with traits Tr over `grid`:
 // cudaErrorNotSupported where the device cannot run it (below sm_80, too little shared
