@@ -241,6 +241,42 @@ fn option_sets() -> Vec<(&'static str, AttentionOptions)> {
     ]
 }
 
+/// Every pattern constructor over `shape` (4 heads), named: `bigbird_random` random blocks,
+/// `fixed` the Sparse Transformer's (stride, summary) and `passages` the Block-Attention
+/// passages (in blocks), chosen per block size so that every pattern is valid.
+fn pattern_masks(
+    shape: &PatternShape,
+    bigbird_random: usize,
+    fixed: (usize, usize),
+    passages: &[usize],
+    windows: &[usize],
+) -> Vec<(&'static str, BlockMask)> {
+    vec![
+        ("longformer", patterns::longformer(shape, 1, 1).unwrap()),
+        (
+            "bigbird",
+            patterns::bigbird(shape, 1, 1, bigbird_random, 42).unwrap(),
+        ),
+        (
+            "strided",
+            patterns::sparse_transformer_strided(shape, 2).unwrap(),
+        ),
+        (
+            "fixed",
+            patterns::sparse_transformer_fixed(shape, fixed.0, fixed.1).unwrap(),
+        ),
+        (
+            "block-attention",
+            patterns::block_attention(shape, passages).unwrap(),
+        ),
+        ("mswa", patterns::per_head_windows(shape, windows).unwrap()),
+        (
+            "duo",
+            patterns::streaming_heads(shape, &[true, false, true, false], 1, 1).unwrap(),
+        ),
+    ]
+}
+
 /// Every pattern constructor, with and without causal, head dims 64 and 128.
 fn pattern_cases() -> Vec<Case> {
     // seqlen_k - seqlen_q = 2 blocks of 64; neither length a multiple of 64.
@@ -258,30 +294,7 @@ fn pattern_cases() -> Vec<Case> {
             block: bl,
             mask: opts.effective_mask(),
         };
-        let masks = vec![
-            ("longformer", patterns::longformer(&shape, 1, 1).unwrap()),
-            ("bigbird", patterns::bigbird(&shape, 1, 1, 2, 42).unwrap()),
-            (
-                "strided",
-                patterns::sparse_transformer_strided(&shape, 2).unwrap(),
-            ),
-            (
-                "fixed",
-                patterns::sparse_transformer_fixed(&shape, 3, 1).unwrap(),
-            ),
-            (
-                "block-attention",
-                patterns::block_attention(&shape, &[2, 1, nk - 3]).unwrap(),
-            ),
-            (
-                "mswa",
-                patterns::per_head_windows(&shape, &[1, 2, 3, 6]).unwrap(),
-            ),
-            (
-                "duo",
-                patterns::streaming_heads(&shape, &[true, false, true, false], 1, 1).unwrap(),
-            ),
-        ];
+        let masks = pattern_masks(&shape, 2, (3, 1), &[2, 1, nk - 3], &[1, 2, 3, 6]);
         for (i, (name, mask)) in masks.into_iter().enumerate() {
             cases.push(Case {
                 name: format!("{name} opts {o}"),
@@ -627,30 +640,7 @@ fn hopper_cases() -> Vec<Case> {
             block: bl,
             mask: opts.effective_mask(),
         };
-        let masks = vec![
-            ("longformer", patterns::longformer(&shape, 1, 1).unwrap()),
-            ("bigbird", patterns::bigbird(&shape, 1, 1, 1, 42).unwrap()),
-            (
-                "strided",
-                patterns::sparse_transformer_strided(&shape, 2).unwrap(),
-            ),
-            (
-                "fixed",
-                patterns::sparse_transformer_fixed(&shape, 2, 1).unwrap(),
-            ),
-            (
-                "block-attention",
-                patterns::block_attention(&shape, &[1, 1, nk - 2]).unwrap(),
-            ),
-            (
-                "mswa",
-                patterns::per_head_windows(&shape, &[1, 2, 3, 4]).unwrap(),
-            ),
-            (
-                "duo",
-                patterns::streaming_heads(&shape, &[true, false, true, false], 1, 1).unwrap(),
-            ),
-        ];
+        let masks = pattern_masks(&shape, 1, (2, 1), &[1, 1, nk - 2], &[1, 2, 3, 4]);
         for (i, (name, mask)) in masks.into_iter().enumerate() {
             cases.push(Case {
                 name: format!("hopper {name} opts {o}"),

@@ -10,53 +10,14 @@
 
 mod common;
 
+use common::neighborhood::{bench_problems, problem, random_dim};
 use common::rng;
 use longattn::neighborhood::schedule::{
     HOPPER_KEY_TILE, HOPPER_QUERY_ROWS, HopperBlock, HopperTiles, visible_pairs,
 };
 use longattn::*;
 use rand::Rng;
-use rand::rngs::SmallRng;
 use std::collections::{HashMap, HashSet};
-
-fn problem(dims: &[NeighborhoodDim]) -> NeighborhoodAttention {
-    NeighborhoodAttention::new(
-        &NeighborhoodShape {
-            batch: 1,
-            heads_q: 1,
-            heads_kv: 1,
-            head_dim: 64,
-            dims,
-        },
-        &AttentionOptions::default(),
-    )
-    .unwrap()
-}
-
-fn random_dim(r: &mut SmallRng, max_len: usize, max_dilation: usize) -> NeighborhoodDim {
-    loop {
-        let length = r.random_range(1..=max_len);
-        let dilation = if r.random_bool(0.3) {
-            r.random_range(1..=max_dilation)
-        } else {
-            1
-        };
-        if dilation > length {
-            continue;
-        }
-        let kernel = r.random_range(1..=length / dilation);
-        let causal = r.random_bool(0.25);
-        let stride = if !causal && r.random_bool(0.3) {
-            r.random_range(1..=kernel)
-        } else {
-            1
-        };
-        return NeighborhoodDim::new(length, kernel)
-            .with_dilation(dilation)
-            .with_causal(causal)
-            .with_stride(stride);
-    }
-}
 
 /// The problem's dims padded in front to three (length 1, kernel 1), as the kernel sees them.
 fn padded(attn: &NeighborhoodAttention) -> [NeighborhoodDim; 3] {
@@ -291,28 +252,7 @@ fn hopper_tiles_refuse_what_the_copy_engine_cannot_load() {
 
 #[test]
 fn hopper_tile_waste_of_the_benchmark_problems() {
-    let problems: Vec<(&str, Vec<NeighborhoodDim>)> = vec![
-        ("1-D 32k w2048", vec![NeighborhoodDim::new(32768, 2048)]),
-        ("2-D 128x128 k13", vec![NeighborhoodDim::new(128, 13); 2]),
-        ("2-D 64x64 k7", vec![NeighborhoodDim::new(64, 7); 2]),
-        ("2-D 128x128 k31", vec![NeighborhoodDim::new(128, 31); 2]),
-        (
-            "3-D 16x64x64 k3x7x7",
-            vec![
-                NeighborhoodDim::new(16, 3),
-                NeighborhoodDim::new(64, 7),
-                NeighborhoodDim::new(64, 7),
-            ],
-        ),
-        (
-            "3-D 16x64x64 k8x16x16",
-            vec![
-                NeighborhoodDim::new(16, 8),
-                NeighborhoodDim::new(64, 16),
-                NeighborhoodDim::new(64, 16),
-            ],
-        ),
-    ];
+    let problems = bench_problems();
     for (name, dims) in problems {
         let attn = problem(&dims);
         let t = HopperTiles::new(&attn).unwrap();

@@ -7,53 +7,13 @@
 
 mod common;
 
+use common::neighborhood::{bench_problems, problem, random_dim};
 use common::rng;
 use longattn::neighborhood::schedule::{
     MMA_KEY_TILE, MMA_QUERY_ROWS, NeighborhoodSchedule, dense_pairs, visible_pairs,
 };
 use longattn::*;
-use rand::Rng;
-use rand::rngs::SmallRng;
 use std::collections::HashSet;
-
-fn problem(dims: &[NeighborhoodDim]) -> NeighborhoodAttention {
-    NeighborhoodAttention::new(
-        &NeighborhoodShape {
-            batch: 1,
-            heads_q: 1,
-            heads_kv: 1,
-            head_dim: 8,
-            dims,
-        },
-        &AttentionOptions::default(),
-    )
-    .unwrap()
-}
-
-fn random_dim(r: &mut SmallRng, max_len: usize) -> NeighborhoodDim {
-    loop {
-        let length = r.random_range(1..=max_len);
-        let dilation = if r.random_bool(0.3) {
-            r.random_range(1..=3)
-        } else {
-            1
-        };
-        if dilation > length {
-            continue;
-        }
-        let kernel = r.random_range(1..=length / dilation);
-        let causal = r.random_bool(0.25);
-        let stride = if !causal && r.random_bool(0.3) {
-            r.random_range(1..=kernel)
-        } else {
-            1
-        };
-        return NeighborhoodDim::new(length, kernel)
-            .with_dilation(dilation)
-            .with_causal(causal)
-            .with_stride(stride);
-    }
-}
 
 /// Checks `sched` against `attn.neighbors` exhaustively; returns (computed, visible) pairs.
 fn check(attn: &NeighborhoodAttention, sched: &NeighborhoodSchedule, what: &str) -> (u64, u64) {
@@ -140,7 +100,8 @@ fn schedule_covers_exactly_the_neighborhoods() {
     for case in 0..120 {
         let rank = 1 + case % 3;
         let max_len = [40, 14, 7][rank - 1];
-        let dims: Vec<NeighborhoodDim> = (0..rank).map(|_| random_dim(&mut r, max_len)).collect();
+        let dims: Vec<NeighborhoodDim> =
+            (0..rank).map(|_| random_dim(&mut r, max_len, 3)).collect();
         let attn = problem(&dims);
         for (rows, key_tile) in [(MMA_QUERY_ROWS, MMA_KEY_TILE), (128, 64), (16, 8), (4, 5)] {
             let sched = NeighborhoodSchedule::new(&attn, rows, key_tile).unwrap();
@@ -199,28 +160,7 @@ fn schedule_rejects_bad_tiles() {
 /// visible pairs, and the FLOP-bound ratio over dense attention.
 #[test]
 fn schedule_efficiency_on_the_bench_problems() {
-    let problems: Vec<(&str, Vec<NeighborhoodDim>)> = vec![
-        ("1-D 32k w2k", vec![NeighborhoodDim::new(32768, 2048)]),
-        ("2-D 64x64 7x7", vec![NeighborhoodDim::new(64, 7); 2]),
-        ("2-D 128x128 13x13", vec![NeighborhoodDim::new(128, 13); 2]),
-        ("2-D 128x128 31x31", vec![NeighborhoodDim::new(128, 31); 2]),
-        (
-            "3-D 16x64x64 3x7x7",
-            vec![
-                NeighborhoodDim::new(16, 3),
-                NeighborhoodDim::new(64, 7),
-                NeighborhoodDim::new(64, 7),
-            ],
-        ),
-        (
-            "3-D 16x64x64 8x16x16",
-            vec![
-                NeighborhoodDim::new(16, 8),
-                NeighborhoodDim::new(64, 16),
-                NeighborhoodDim::new(64, 16),
-            ],
-        ),
-    ];
+    let problems = bench_problems();
     for (name, dims) in problems {
         let attn = problem(&dims);
         for rows in [64, 128] {

@@ -16,39 +16,6 @@ mod common;
 use common::paged::*;
 use common::*;
 
-/// Masks of a prefill: causal, non-causal, windows with and without sinks (rows that see
-/// nothing come from sequences shorter than `q_len`), softcap, an explicit scale.
-fn prefill_masks() -> Vec<(&'static str, AttentionOptions)> {
-    vec![
-        ("causal", AttentionOptions::causal()),
-        ("full", AttentionOptions::default()),
-        (
-            "causal window 1",
-            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
-        ),
-        (
-            "causal window 5 + sinks 2",
-            AttentionOptions::causal()
-                .with_window(Window::causal_tokens(5).unwrap())
-                .with_sinks(2),
-        ),
-        (
-            "window (3, 2) + sinks 1 + softcap",
-            AttentionOptions::default()
-                .with_window(Window::new(Some(3), Some(2)))
-                .with_sinks(1)
-                .with_softcap(4.0),
-        ),
-        (
-            "causal window 70 + softcap + scale",
-            AttentionOptions::causal()
-                .with_window(Window::causal_tokens(70).unwrap())
-                .with_softcap(8.0)
-                .with_scale(0.3),
-        ),
-    ]
-}
-
 /// Sequence lengths for a prefill of `q_len` tokens: an empty sequence and one shorter than
 /// `q_len` (rows that see nothing under causal), `q_len == sk`, and longer prefixes.
 fn seqlens_for(q_len: usize) -> Vec<usize> {
@@ -146,7 +113,7 @@ fn cpu_matches_reference_and_dense_over_gathered_tokens() {
                 let mut r = rng(seed + 1);
                 let q: Vec<f32> = random_vec(&mut r, seqlens.len() * q_len * hq * d);
                 let st = q_strides(q_len, hq, d);
-                for (name, opts) in prefill_masks() {
+                for (name, opts) in prefill_masks((5, 2)) {
                     let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
                     let what = format!("ps {ps} q_len {q_len} hkv {hkv} hq {hq} d {d} {name}");
                     let (out, lse) = run_cpu(&pf, &sc, &q, st, pf.out_len());
@@ -180,7 +147,7 @@ fn cpu_matches_reference_and_dense_over_gathered_tokens() {
             }
         }
     }
-    assert_eq!(cases, 4 * 4 * 3 * prefill_masks().len());
+    assert_eq!(cases, 4 * 4 * 3 * prefill_masks((5, 2)).len());
 }
 
 /// Row offsets of packed queries with these per-sequence counts.
@@ -225,7 +192,7 @@ fn cpu_varlen_matches_each_sequence_alone() {
             let sc = scenario::<f32>(&seqlens, ps, hkv, d, seed);
             let q: Vec<f32> = random_vec(&mut rng(seed + 1), total * hq * d);
             let st = Strides::contiguous(total, hq, d);
-            for (name, opts) in prefill_masks() {
+            for (name, opts) in prefill_masks((5, 2)) {
                 let what = format!("varlen ps {ps} hkv {hkv} hq {hq} d {d} {name}");
                 let pf = PagedPrefill::new_varlen(&sc.cache, hq, &cu, &opts).unwrap();
                 assert_eq!((pf.q_len(), pf.total_q()), (97, total), "{what}");
@@ -341,7 +308,7 @@ fn cpu_strided_views_and_half_types() {
         };
         let len = 3 * st.batch as usize;
         let q: Vec<T> = random_vec(&mut rng(22), len);
-        for (name, opts) in prefill_masks() {
+        for (name, opts) in prefill_masks((5, 2)) {
             let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
             let (out, lse) = run_cpu(&pf, &sc, &q, st, len);
             let (want, want_lse) =
@@ -349,7 +316,7 @@ fn cpu_strided_views_and_half_types() {
             let got = view(&out, st, [3, q_len, hq, d]);
             let err = rel_l2(&got, &want);
             assert!(err < tol, "{name}: rel err {err}");
-            check_lse(&lse, &want_lse, 1e-3, name);
+            check_lse(&lse, &want_lse, 1e-3, &name);
         }
     }
     check::<f32>(1e-5);
@@ -604,7 +571,7 @@ fn gpu_sweep_over<T: Element + DeviceRepr, C: Element + DeviceRepr>(
                 let sc = scenario_with::<T, C>(&seqlens, ps, hkv, d, seed, scales(hkv));
                 let q: Vec<T> = random_vec(&mut rng(seed + 1), seqlens.len() * q_len * hq * d);
                 let st = q_strides(q_len, hq, d);
-                for (name, opts) in prefill_masks() {
+                for (name, opts) in prefill_masks((5, 2)) {
                     let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts).unwrap();
                     let what = format!("gpu ps {ps} hkv {hkv} hq {hq} d {d} q_len {q_len} {name}");
                     let (out, lse) = run_gpu(s, &pf, &sc, &q, false);
@@ -646,7 +613,7 @@ fn gpu_varlen_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>) {
             let sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
             let q: Vec<T> = random_vec(&mut rng(seed + 1), total * hq * d);
             let st = Strides::contiguous(total, hq, d);
-            for (name, opts) in prefill_masks() {
+            for (name, opts) in prefill_masks((5, 2)) {
                 let pf = PagedPrefill::new_varlen(&sc.cache, hq, &cu, &opts).unwrap();
                 let (want, want_lse) =
                     paged_prefill_f64(&pf, Strided::new(&q[..], st), sc.kv()).unwrap();

@@ -105,39 +105,6 @@ fn run<T: Element + DeviceRepr>(
     Ok((s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap()))
 }
 
-/// Masks: causal, full, windows with and without sinks (rows that see nothing come from
-/// sequences shorter than q_len), softcap, an explicit scale.
-fn masks() -> Vec<(&'static str, AttentionOptions)> {
-    vec![
-        ("causal", AttentionOptions::causal()),
-        ("full", AttentionOptions::default()),
-        (
-            "causal window 1",
-            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
-        ),
-        (
-            "causal window 150 + sinks 3",
-            AttentionOptions::causal()
-                .with_window(Window::causal_tokens(150).unwrap())
-                .with_sinks(3),
-        ),
-        (
-            "window (3, 2) + sinks 1 + softcap",
-            AttentionOptions::default()
-                .with_window(Window::new(Some(3), Some(2)))
-                .with_sinks(1)
-                .with_softcap(4.0),
-        ),
-        (
-            "causal window 70 + softcap + scale",
-            AttentionOptions::causal()
-                .with_window(Window::causal_tokens(70).unwrap())
-                .with_softcap(8.0)
-                .with_scale(0.3),
-        ),
-    ]
-}
-
 /// Checks one problem against the f64 reference: no NaN (the poison), relative L2 error and
 /// LSE within bf16/f16 tolerance.
 fn check<T: Element + DeviceRepr>(
@@ -180,7 +147,7 @@ fn sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>, page_sizes: &[usize], q_l
                 let mut sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
                 poison_unused_slots(&mut sc);
                 let q: Vec<T> = random_vec(&mut rng(seed + 1), seqlens.len() * q_len * hq * d);
-                for (name, opts) in masks() {
+                for (name, opts) in prefill_masks((150, 3)) {
                     let pf = PagedPrefill::new(&sc.cache, hq, q_len, &opts)
                         .unwrap()
                         .with_kernel(PagedPrefillKernel::Hopper);
@@ -209,7 +176,7 @@ fn varlen_sweep<T: Element + DeviceRepr>(s: &Arc<CudaStream>, page_sizes: &[usiz
             let mut sc = scenario::<T>(&seqlens, ps, hkv, d, seed);
             poison_unused_slots(&mut sc);
             let q: Vec<T> = random_vec(&mut rng(seed + 1), total * hq * d);
-            for (name, opts) in masks() {
+            for (name, opts) in prefill_masks((150, 3)) {
                 let pf = PagedPrefill::new_varlen(&sc.cache, hq, &cu, &opts)
                     .unwrap()
                     .with_kernel(PagedPrefillKernel::Hopper);

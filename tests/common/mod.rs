@@ -2,6 +2,7 @@
 //! GPU gate that skips loudly (or fails under LONGATTN_REQUIRE_GPU=1).
 #![allow(dead_code)]
 
+pub mod neighborhood;
 pub mod paged;
 pub mod ring;
 

@@ -330,3 +330,37 @@ pub fn mixed_decode(
         .with_page_lists(PageLists::new(cache.batch(), 4, lists).unwrap())
         .unwrap()
 }
+
+/// Masks of a prefill: causal, non-causal, windows with and without sinks (rows that see
+/// nothing come from sequences shorter than `q_len`), softcap, an explicit scale; the causal
+/// window of `window` tokens with `sinks` sinks is sized to the test's sequences.
+pub fn prefill_masks((window, sinks): (usize, usize)) -> Vec<(String, AttentionOptions)> {
+    vec![
+        ("causal".into(), AttentionOptions::causal()),
+        ("full".into(), AttentionOptions::default()),
+        (
+            "causal window 1".into(),
+            AttentionOptions::causal().with_window(Window::causal_tokens(1).unwrap()),
+        ),
+        (
+            format!("causal window {window} + sinks {sinks}"),
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(window).unwrap())
+                .with_sinks(sinks),
+        ),
+        (
+            "window (3, 2) + sinks 1 + softcap".into(),
+            AttentionOptions::default()
+                .with_window(Window::new(Some(3), Some(2)))
+                .with_sinks(1)
+                .with_softcap(4.0),
+        ),
+        (
+            "causal window 70 + softcap + scale".into(),
+            AttentionOptions::causal()
+                .with_window(Window::causal_tokens(70).unwrap())
+                .with_softcap(8.0)
+                .with_scale(0.3),
+        ),
+    ]
+}
