@@ -345,15 +345,33 @@ fn random_cases() -> Vec<Case> {
     cases
 }
 
+/// The block sizes and shapes of [`special_cases_with`].
+struct Special {
+    prefix: &'static str,
+    /// Varlen batch: (seqlen_q, seqlen_k) per sequence, block sizes, list seed and the chance
+    /// that a key block is listed.
+    lens: Vec<(usize, usize)>,
+    block: (usize, usize),
+    seed: u64,
+    listed: f64,
+    /// Block size of the all-empty and Full-above-the-diagonal cases; the latter's length
+    /// (three blocks) and head dim.
+    edge_block: usize,
+    full_len: usize,
+    full_d: usize,
+}
+
 /// Varlen batch (a sequence of 0 queries included): each sequence's lists cover its own
-/// blocks; every list empty; the upper-right blocks listed Full under causal options.
-fn special_cases() -> Vec<Case> {
-    let lens: Vec<(usize, usize)> = vec![(100, 130), (7, 300), (0, 5), (64, 64)];
-    let (bm, bn) = (64, 64);
-    let dims = BlockMaskDims::for_lengths(4, 2, 100, 300, bm, bn).unwrap();
+/// blocks; every list empty; the upper-right blocks listed Full under causal options; every
+/// block Partial (dense attention under the options' mask, several key tiles per row).
+fn special_cases_with(sp: Special) -> Vec<Case> {
+    let (bm, bn) = sp.block;
+    let max_q = sp.lens.iter().map(|l| l.0).max().unwrap();
+    let max_k = sp.lens.iter().map(|l| l.1).max().unwrap();
+    let dims = BlockMaskDims::for_lengths(sp.lens.len(), 2, max_q, max_k, bm, bn).unwrap();
     let varlen_mask = {
-        let lens = lens.clone();
-        let mut r = rng(77);
+        let lens = sp.lens.clone();
+        let mut r = rng(sp.seed);
         BlockMask::from_lists(dims, |id| {
             let (sq, sk) = lens[id.batch];
             if id.q_block >= sq.div_ceil(bm) {
@@ -361,7 +379,7 @@ fn special_cases() -> Vec<Case> {
             }
             (0..sk.div_ceil(bn))
                 .filter_map(|kb| {
-                    if !r.random_bool(0.6) {
+                    if !r.random_bool(sp.listed) {
                         return None;
                     }
                     let kind = if r.random_bool(0.3) {
@@ -375,11 +393,12 @@ fn special_cases() -> Vec<Case> {
         })
         .unwrap()
     };
+    let p = sp.prefix;
     let mut cases = vec![];
     for (oname, opts) in option_sets() {
         cases.push(Case {
-            name: format!("varlen {oname}"),
-            lens: lens.clone(),
+            name: format!("{p}varlen {oname}"),
+            lens: sp.lens.clone(),
             varlen: true,
             hq: 2,
             hkv: 1,
@@ -388,9 +407,10 @@ fn special_cases() -> Vec<Case> {
             mask: varlen_mask.clone(),
         });
     }
-    let empty_dims = BlockMaskDims::for_lengths(1, 1, 150, 90, 64, 64).unwrap();
+    let eb = sp.edge_block;
+    let empty_dims = BlockMaskDims::for_lengths(1, 1, 150, 90, eb, eb).unwrap();
     cases.push(Case {
-        name: "all lists empty".into(),
+        name: format!("{p}all lists empty"),
         lens: vec![(150, 90); 2],
         varlen: false,
         hq: 2,
@@ -400,14 +420,15 @@ fn special_cases() -> Vec<Case> {
         mask: BlockMask::from_lists(empty_dims, |_| vec![]).unwrap(),
     });
     // Causal options with the blocks above the diagonal listed Full: their keys are visible.
-    let full_dims = BlockMaskDims::for_lengths(1, 1, 192, 192, 64, 64).unwrap();
+    let n = sp.full_len;
+    let full_dims = BlockMaskDims::for_lengths(1, 1, n, n, eb, eb).unwrap();
     cases.push(Case {
-        name: "full skips the element mask".into(),
-        lens: vec![(192, 192)],
+        name: format!("{p}full skips the element mask"),
+        lens: vec![(n, n)],
         varlen: false,
         hq: 1,
         hkv: 1,
-        d: 64,
+        d: sp.full_d,
         opts: AttentionOptions::causal(),
         mask: BlockMask::from_lists(full_dims, |id| {
             (0..3)
@@ -423,12 +444,10 @@ fn special_cases() -> Vec<Case> {
         })
         .unwrap(),
     });
-    // Every block Partial: dense attention under the options' mask, several key tiles per
-    // row (interior-tile shortcut and boundary tiles).
     for (oname, opts) in option_sets() {
         let dims = BlockMaskDims::for_lengths(1, 1, 300, 333, 128, 128).unwrap();
         cases.push(Case {
-            name: format!("dense partial {oname}"),
+            name: format!("{p}dense partial {oname}"),
             lens: vec![(300, 333)],
             varlen: false,
             hq: 2,
@@ -439,6 +458,20 @@ fn special_cases() -> Vec<Case> {
         });
     }
     cases
+}
+
+/// [`special_cases_with`] at 64 x 64 blocks (the mma.sync kernel).
+fn special_cases() -> Vec<Case> {
+    special_cases_with(Special {
+        prefix: "",
+        lens: vec![(100, 130), (7, 300), (0, 5), (64, 64)],
+        block: (64, 64),
+        seed: 77,
+        listed: 0.6,
+        edge_block: 64,
+        full_len: 192,
+        full_d: 64,
+    })
 }
 
 fn all_cases() -> Vec<Case> {
@@ -680,93 +713,16 @@ fn hopper_cases() -> Vec<Case> {
             });
         }
     }
-    // Varlen: each sequence's lists cover its own blocks.
-    let lens: Vec<(usize, usize)> = vec![(100, 130), (7, 300), (0, 5), (260, 200), (30, 0)];
-    let (bm, bn) = (128, 128);
-    let dims = BlockMaskDims::for_lengths(5, 2, 260, 300, bm, bn).unwrap();
-    let varlen_mask = {
-        let lens = lens.clone();
-        let mut r = rng(78);
-        BlockMask::from_lists(dims, |id| {
-            let (sq, sk) = lens[id.batch];
-            if id.q_block >= sq.div_ceil(bm) {
-                return vec![];
-            }
-            (0..sk.div_ceil(bn))
-                .filter_map(|kb| {
-                    if !r.random_bool(0.7) {
-                        return None;
-                    }
-                    let kind = if r.random_bool(0.3) {
-                        BlockKind::Full
-                    } else {
-                        BlockKind::Partial
-                    };
-                    Some((kb, kind))
-                })
-                .collect()
-        })
-        .unwrap()
-    };
-    for (oname, opts) in option_sets() {
-        cases.push(Case {
-            name: format!("hopper varlen {oname}"),
-            lens: lens.clone(),
-            varlen: true,
-            hq: 2,
-            hkv: 1,
-            d: 128,
-            opts,
-            mask: varlen_mask.clone(),
-        });
-    }
-    let empty_dims = BlockMaskDims::for_lengths(1, 1, 150, 90, 128, 128).unwrap();
-    cases.push(Case {
-        name: "hopper all lists empty".into(),
-        lens: vec![(150, 90); 2],
-        varlen: false,
-        hq: 2,
-        hkv: 2,
-        d: 64,
-        opts: AttentionOptions::causal(),
-        mask: BlockMask::from_lists(empty_dims, |_| vec![]).unwrap(),
-    });
-    let full_dims = BlockMaskDims::for_lengths(1, 1, 384, 384, 128, 128).unwrap();
-    cases.push(Case {
-        name: "hopper full skips the element mask".into(),
-        lens: vec![(384, 384)],
-        varlen: false,
-        hq: 1,
-        hkv: 1,
-        d: 256,
-        opts: AttentionOptions::causal(),
-        mask: BlockMask::from_lists(full_dims, |id| {
-            (0..3)
-                .map(|kb| {
-                    let kind = if kb > id.q_block {
-                        BlockKind::Full
-                    } else {
-                        BlockKind::Partial
-                    };
-                    (kb, kind)
-                })
-                .collect()
-        })
-        .unwrap(),
-    });
-    for (oname, opts) in option_sets() {
-        let dims = BlockMaskDims::for_lengths(1, 1, 300, 333, 128, 128).unwrap();
-        cases.push(Case {
-            name: format!("hopper dense partial {oname}"),
-            lens: vec![(300, 333)],
-            varlen: false,
-            hq: 2,
-            hkv: 1,
-            d: 64,
-            opts,
-            mask: BlockMask::dense(dims, BlockKind::Partial).unwrap(),
-        });
-    }
+    cases.extend(special_cases_with(Special {
+        prefix: "hopper ",
+        lens: vec![(100, 130), (7, 300), (0, 5), (260, 200), (30, 0)],
+        block: (128, 128),
+        seed: 78,
+        listed: 0.7,
+        edge_block: 128,
+        full_len: 384,
+        full_d: 256,
+    }));
     cases
 }
 
