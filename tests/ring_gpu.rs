@@ -14,7 +14,7 @@ mod common;
 use common::ring::{RingInputs, ring_inputs};
 use common::*;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
-use longattn::ring::{RankBuffers, RingElement, RingGpuReport, RingRank, SelfComm};
+use longattn::ring::{InProcessRing, RankBuffers, RingElement, RingGpuReport, RingRank, SelfComm};
 use longattn::*;
 use std::sync::Arc;
 
@@ -79,11 +79,12 @@ fn case<T: RingElement>(
     }
 }
 
-/// Runs the in-process ring on `c` and checks it against the single kernel; returns the
-/// launch report.
+/// Runs the in-process ring on `c` (on `ws` when given, else one-shot) and checks it against
+/// the single kernel; returns the launch report.
 fn run_in_process<T: RingElement>(
     stream: &Arc<CudaStream>,
     c: &Case<T>,
+    ws: Option<&mut InProcessRing<T>>,
     what: &str,
 ) -> RingGpuReport {
     let layout = *c.ring.layout();
@@ -128,7 +129,10 @@ fn run_in_process<T: RingElement>(
                 }
             })
             .collect();
-        c.ring.forward_gpu_in_process(stream, &mut ranks).unwrap()
+        match ws {
+            Some(ws) => ws.forward(stream, &mut ranks).unwrap(),
+            None => c.ring.forward_gpu_in_process(stream, &mut ranks).unwrap(),
+        }
     };
     let outs: Vec<Vec<T>> = dout.iter().map(|o| stream.clone_dtoh(o).unwrap()).collect();
     let got = to_f64(&layout.unshard(&outs, batch, heads_q * d).unwrap());
@@ -197,7 +201,7 @@ fn in_process_ring_equals_the_single_kernel() {
                     seed += 1;
                     let c = case::<f16>(&stream, layout, shape, &opts, seed);
                     let what = format!("f16 d {d} world {world} {sharding:?} {name}");
-                    run_in_process(&stream, &c, &what);
+                    run_in_process(&stream, &c, None, &what);
                 }
             }
         }
@@ -210,7 +214,42 @@ fn in_process_ring_equals_the_single_kernel() {
     };
     let layout = RingLayout::new(1000, 4, Sharding::Zigzag).unwrap();
     let c = case::<bf16>(&stream, layout, shape, &AttentionOptions::causal(), 99);
-    run_in_process(&stream, &c, "bf16 MQA zigzag causal");
+    run_in_process(&stream, &c, None, "bf16 MQA zigzag causal");
+}
+
+/// One working set, several calls: fresh inputs each time (poisoned outputs), the caller's
+/// stream alternating between the default stream and a stream of its own, every mask of a
+/// zigzag and a stripe ring; each call equals the single kernel, and the report does not
+/// change between calls.
+#[test]
+fn in_process_ring_reuses_its_working_set() {
+    let Some(ctx) = gpu_or_skip("in_process_ring_reuses_its_working_set") else {
+        return;
+    };
+    let streams = [ctx.default_stream(), ctx.new_stream().unwrap()];
+    let shape = RingShape {
+        batch: 2,
+        heads_q: 4,
+        heads_kv: 1,
+        head_dim: 64,
+    };
+    let mut seed = 300;
+    for (world, sharding) in [(3, Sharding::Zigzag), (4, Sharding::Stripe)] {
+        for (name, opts) in masks() {
+            let layout = RingLayout::new(389, world, sharding).unwrap();
+            let first = case::<bf16>(&streams[0], layout, shape, &opts, seed);
+            let mut ws = InProcessRing::<bf16>::new(&first.ring, &streams[0]).unwrap();
+            let what = format!("world {world} {sharding:?} {name}, call 0");
+            let report = run_in_process(&streams[0], &first, Some(&mut ws), &what);
+            for call in 1..4 {
+                seed += 1;
+                let stream = &streams[call % 2];
+                let c = case::<bf16>(stream, layout, shape, &opts, seed);
+                let what = format!("world {world} {sharding:?} {name}, call {call}");
+                assert_eq!(run_in_process(stream, &c, Some(&mut ws), &what), report);
+            }
+        }
+    }
 }
 
 #[test]
@@ -228,7 +267,7 @@ fn in_process_ring_moves_only_the_needed_shards() {
     let opts = AttentionOptions::default().with_window(Window::causal_tokens(4096).unwrap());
     let layout = RingLayout::new(16384, 8, Sharding::Contiguous).unwrap();
     let c = case::<f16>(&stream, layout, shape, &opts, 7);
-    let report = run_in_process(&stream, &c, "window 4k over 8 ranks");
+    let report = run_in_process(&stream, &c, None, "window 4k over 8 ranks");
     assert_eq!(report.transfers.received, vec![0, 1, 2, 2, 2, 2, 2, 2]);
 }
 
@@ -371,6 +410,48 @@ fn ring_rank_world_one_equals_the_single_kernel() {
     let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
     let err = rel_l2(&got, &c.want);
     assert!(err < tolerance::<f16>(), "world 1 rank driver: {err}");
+    // One working set, fresh inputs each run, poisoned outputs and LSE.
+    let mut ws = rank.workspace::<f16>(&stream).unwrap();
+    for seed in 4..7 {
+        let c = case::<f16>(&stream, layout, shape, &AttentionOptions::causal(), seed);
+        let (dq, dk, dv) = (
+            stream.clone_htod(&c.q[0]).unwrap(),
+            stream.clone_htod(&c.k[0]).unwrap(),
+            stream.clone_htod(&c.v[0]).unwrap(),
+        );
+        let mut dout = stream
+            .clone_htod(&vec![f16::NAN; c.ring.out_len(0)])
+            .unwrap();
+        let mut dlse = stream
+            .clone_htod(&vec![f32::NAN; c.ring.lse_len(0)])
+            .unwrap();
+        rank.run_in(
+            &mut ws,
+            &stream,
+            RankBuffers {
+                q: Strided::new(&dq, st),
+                k: &dk,
+                v: &dv,
+                out: Strided::new(&mut dout, st),
+                lse: Some(&mut dlse),
+            },
+        )
+        .unwrap();
+        let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
+        let err = rel_l2(&got, &c.want);
+        assert!(
+            err < tolerance::<f16>(),
+            "world 1 rank workspace, seed {seed}: {err}"
+        );
+        let want_lse: Vec<f64> = c.want_lse.iter().map(|&x| x as f64).collect();
+        let got_lse = stream.clone_dtoh(&dlse).unwrap();
+        check_lse(
+            &got_lse,
+            &want_lse,
+            2e-3,
+            &format!("world 1 workspace seed {seed}"),
+        );
+    }
 }
 
 /// NCCL: world 1 on one GPU, and world N over every visible GPU (one thread per rank).

@@ -22,7 +22,7 @@
 use super::plan::{KvBuffer, PlannedStep, RankPlan, TransferCount};
 use super::{RingAttention, RingShape};
 use crate::dense::FlashAttention;
-use crate::element::{DType, Element};
+use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceBuffer, check_half, cuda_call};
 use crate::layout::{Strided, Strides};
@@ -87,12 +87,28 @@ pub(crate) struct MergeState<T> {
     acc_lse: CudaSlice<f32>,
     piece_o: CudaSlice<T>,
     piece_lse: CudaSlice<f32>,
+    /// `batch * heads_q * L_r`: the state's rows.
+    rows: usize,
+    head_dim: usize,
 }
 
 impl<T: RingElement> MergeState<T> {
     /// An empty state of `len` rows (per batch entry and head) with scratch for pieces of up
-    /// to `piece_rows` rows, allocated and initialised on `stream`.
+    /// to `piece_rows` rows, allocated and set to empty on `stream`.
     pub(crate) fn new(
+        stream: &Arc<CudaStream>,
+        shape: RingShape,
+        len: usize,
+        piece_rows: usize,
+    ) -> Result<Self> {
+        let mut acc = Self::alloc(stream, shape, len, piece_rows)?;
+        acc.reset(stream)?;
+        Ok(acc)
+    }
+
+    /// [`MergeState::new`] without the reset (zeroed memory; [`MergeState::reset`] before
+    /// the first piece).
+    fn alloc(
         stream: &Arc<CudaStream>,
         shape: RingShape,
         len: usize,
@@ -106,21 +122,26 @@ impl<T: RingElement> MergeState<T> {
         } = shape;
         let rows = batch * heads_q * len;
         let piece_rows = piece_rows.max(1);
-        let mut acc = MergeState {
+        Ok(MergeState {
             acc_o: stream.alloc_zeros::<f32>((rows * d).max(1))?,
             acc_lse: stream.alloc_zeros::<f32>(rows.max(1))?,
             piece_o: stream.alloc_zeros::<T>(batch * piece_rows * heads_q * d)?,
             piece_lse: stream.alloc_zeros::<f32>(batch * heads_q * piece_rows)?,
-        };
-        let () = cuda_call!(
+            rows,
+            head_dim: d,
+        })
+    }
+
+    /// Sets the state to empty (`o` 0, `lse` -inf) on `stream`.
+    fn reset(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        cuda_call!(
             launch::state_init,
             stream,
-            &mut acc.acc_o,
-            &mut acc.acc_lse,
-            rows,
-            d
-        )?;
-        Ok(acc)
+            &mut self.acc_o,
+            &mut self.acc_lse,
+            self.rows,
+            self.head_dim
+        )
     }
 
     /// Runs `attn` (its queries are rows `row0..row0 + sq` of the state) into the scratch
@@ -223,8 +244,9 @@ impl RingAttention {
         self.check_shards(&qd, &kd, &vd, &od, lse.as_deref())
     }
 
-    /// Allocates rank `r`'s working set on `stream` and sets its state to empty.
-    pub(crate) fn rank_state<T: RingElement>(
+    /// Allocates rank `r`'s working set on `stream` (zeroed; the state is reset by each
+    /// run).
+    fn rank_state<T: RingElement>(
         &self,
         r: usize,
         plan: &RankPlan,
@@ -235,7 +257,7 @@ impl RingAttention {
             .max()
             .unwrap_or(0)
             .max(1);
-        let acc = MergeState::new(
+        let acc = MergeState::alloc(
             stream,
             self.shape,
             self.layout.shard_len(r),
@@ -248,14 +270,24 @@ impl RingAttention {
         })
     }
 
-    /// Queues one planned step's pieces of rank `r` on `stream`: each piece as a dense call on
-    /// row views of `q` and of the held shard `(k, v)` (whose shard is `step.source`), into
-    /// the scratch output, then merged into the running state. Returns the launches.
+    /// Every piece of `plan` as a dense problem, `[step][piece]`, built once per driver.
+    fn plan_problems(&self, plan: &RankPlan) -> Result<Vec<Vec<FlashAttention>>> {
+        plan.steps
+            .iter()
+            .map(|s| s.pieces.iter().map(|p| self.piece_attention(p)).collect())
+            .collect()
+    }
+
+    /// Queues one planned step's pieces of rank `r` on `stream`: each piece (`problems[i]`
+    /// is `step.pieces[i]`'s dense problem) as a dense call on row views of `q` and of the
+    /// held shard `(k, v)` (whose shard is `step.source`), into the scratch output, then
+    /// merged into the running state. Returns the launches.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gpu_step<T: RingElement>(
+    fn gpu_step<T: RingElement>(
         &self,
         r: usize,
         step: &PlannedStep,
+        problems: &[FlashAttention],
         stream: &Arc<CudaStream>,
         q: &Strided<&CudaSlice<T>>,
         k: CudaView<'_, T>,
@@ -265,14 +297,13 @@ impl RingAttention {
         let ks = self.kv_strides(step.source);
         let row = |s: &Strides, r0: usize| (r0 as i64 * s.seq) as usize;
         let len = self.layout.shard_len(r);
-        for piece in &step.pieces {
-            let attn = self.piece_attention(piece)?;
+        for (piece, attn) in step.pieces.iter().zip(problems) {
             let qv = q.data.slice(row(&q.strides, piece.q_rows.start)..);
             let kv = k.slice(row(&ks, piece.k_rows.start)..);
             let vv = v.slice(row(&ks, piece.k_rows.start)..);
             st.add_piece(
                 stream,
-                &attn,
+                attn,
                 Strided::new(&qv, q.strides),
                 Strided::new(&kv, ks),
                 Strided::new(&vv, ks),
@@ -291,30 +322,111 @@ impl RingAttention {
     /// Ordered after the work already queued on `stream`; `stream` waits for the whole ring
     /// (nothing is synchronised on the host). Equal to single-device attention over the
     /// whole sequence within the dense tolerance.
+    ///
+    /// One-shot: it builds an [`InProcessRing`] (streams, buffers, plans) for this call.
+    /// cudarc synchronises the whole context when a context gets its first extra stream
+    /// (event tracking), so a call on a context without other streams first waits for the
+    /// device; a caller that runs the ring more than once keeps an [`InProcessRing`].
     pub fn forward_gpu_in_process<T: RingElement>(
         &self,
         stream: &Arc<CudaStream>,
         ranks: &mut [RankBuffers<'_, T>],
     ) -> Result<RingGpuReport> {
+        // Validated before anything is allocated.
         self.check_gpu::<T>(ranks)?;
-        let n = self.layout.world();
-        let plans = self.plans()?;
-        let transfers = Self::check_plans(&plans)?;
+        InProcessRing::new(self, stream)?.forward(stream, ranks)
+    }
+}
+
+/// The in-process ring's reusable working set: per rank a compute and a communication stream,
+/// the f32 running state, the piece scratch and two ring buffers, and every rank's plan with
+/// each piece's dense problem, built once by [`InProcessRing::new`].
+/// [`InProcessRing::forward`] then only queues work (no allocation, no stream creation, no
+/// host synchronisation), which is what an engine (or a bench) repeating the ring wants.
+/// The ring's kernels and schedule are **verified on an H200 (2026-12-04)**; running one
+/// working set for several calls is **not yet run on a GPU**.
+pub struct InProcessRing<T> {
+    ring: RingAttention,
+    plans: Vec<RankPlan>,
+    /// `[rank][step][piece]`: the pieces' dense problems.
+    problems: Vec<Vec<Vec<FlashAttention>>>,
+    transfers: TransferCount,
+    compute: Vec<Arc<CudaStream>>,
+    comm: Vec<Arc<CudaStream>>,
+    states: Vec<RankState<T>>,
+    /// Recorded on the caller's stream after the last call (or the allocation): every
+    /// stream of the next call waits for it, so a call on another stream never overwrites a
+    /// buffer the previous call still reads.
+    done: CudaEvent,
+}
+
+impl<T: RingElement> InProcessRing<T> {
+    /// Plans `ring` and allocates its working set on `stream`'s context (ordered on
+    /// `stream`): per rank `batch * heads_q * L_r * (head_dim + 1)` f32 of state, the largest
+    /// piece's scratch and four buffers of the largest K/V shard.
+    pub fn new(ring: &RingAttention, stream: &Arc<CudaStream>) -> Result<Self> {
+        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        let plans = ring.plans()?;
+        let transfers = RingAttention::check_plans(&plans)?;
+        let problems = plans
+            .iter()
+            .map(|p| ring.plan_problems(p))
+            .collect::<Result<Vec<_>>>()?;
         let ctx = stream.context();
         let start = stream.record_event(None)?;
-        let mut compute = Vec::with_capacity(n);
-        let mut comm = Vec::with_capacity(n);
-        let mut states = Vec::with_capacity(n);
+        let n = plans.len();
+        let (mut compute, mut comm, mut states) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for (r, plan) in plans.iter().enumerate() {
             let (c, m) = (ctx.new_stream()?, ctx.new_stream()?);
             c.wait(&start)?;
-            m.wait(&start)?;
-            states.push(self.rank_state::<T>(r, plan, &c)?);
-            // The ring buffers are written on the communication stream: after their
-            // allocation and the state init on the compute stream.
-            m.join(&c)?;
+            states.push(ring.rank_state::<T>(r, plan, &c)?);
+            stream.join(&c)?;
             compute.push(c);
             comm.push(m);
+        }
+        let done = stream.record_event(None)?;
+        Ok(InProcessRing {
+            ring: ring.clone(),
+            plans,
+            problems,
+            transfers,
+            compute,
+            comm,
+            states,
+            done,
+        })
+    }
+
+    /// The ring this working set runs.
+    pub fn ring(&self) -> &RingAttention {
+        &self.ring
+    }
+
+    /// Runs the ring of [`RingAttention::forward_gpu_in_process`] on this working set:
+    /// ordered after the work queued on `stream` and after this working set's previous call;
+    /// `stream` waits for the whole ring.
+    pub fn forward(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        ranks: &mut [RankBuffers<'_, T>],
+    ) -> Result<RingGpuReport> {
+        let ring = &self.ring;
+        ring.check_gpu::<T>(ranks)?;
+        let n = self.plans.len();
+        let plans = &self.plans;
+        let states = &mut self.states;
+        let (compute, comm) = (&self.compute, &self.comm);
+        let start = stream.record_event(None)?;
+        for r in 0..n {
+            for s in [&compute[r], &comm[r]] {
+                s.wait(&start)?;
+                s.wait(&self.done)?;
+            }
+            states[r].acc.reset(&compute[r])?;
         }
         // [rank]: the event recorded after the receive of the shard of step t (t >= 1), and
         // after each computing step.
@@ -349,10 +461,10 @@ impl RingAttention {
                 if let (KvBuffer::Ring(_), Some(e)) = (send.buffer, arrived[from][t].as_ref()) {
                     m.wait(e)?;
                 }
-                let len = self.kv_len(send.shard);
+                let len = ring.kv_len(send.shard);
                 // The sender's buffers and the receiver's ring buffers belong to different
                 // ranks (a transfer needs world >= 2, and goes from r - 1 to r).
-                let (src_state, dst_state) = pair_mut(&mut states, from, r)?;
+                let (src_state, dst_state) = pair_mut(states, from, r)?;
                 let (src_k, src_v): (CudaView<'_, T>, CudaView<'_, T>) = match send.buffer {
                     KvBuffer::Local => (ranks[from].k.slice(..len), ranks[from].v.slice(..len)),
                     KvBuffer::Ring(b) => (
@@ -383,31 +495,32 @@ impl RingAttention {
                     ring_k,
                     ring_v,
                 } = &mut states[r];
-                let len = self.kv_len(st.source);
+                let len = ring.kv_len(st.source);
                 let (k, v) = match st.kv {
                     KvBuffer::Local => (ranks[r].k.slice(..len), ranks[r].v.slice(..len)),
                     KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
                 };
-                let launched = self.gpu_step(r, st, c, &ranks[r].q, k, v, acc)?;
-                pieces += launched;
+                let problems = &self.problems[r][t];
+                pieces += ring.gpu_step(r, st, problems, c, &ranks[r].q, k, v, acc)?;
                 computing_steps += 1;
                 computed[r][t] = Some(c.record_event(None)?);
             }
         }
         for (r, b) in ranks.iter_mut().enumerate() {
-            let len = self.layout.shard_len(r);
+            let len = ring.layout.shard_len(r);
             states[r].acc.finalize(
                 &compute[r],
                 &mut b.out,
                 b.lse.as_deref_mut(),
-                self.shape,
+                ring.shape,
                 len,
             )?;
             stream.join(&compute[r])?;
             stream.join(&comm[r])?;
         }
+        self.done = stream.record_event(None)?;
         Ok(RingGpuReport {
-            transfers,
+            transfers: self.transfers.clone(),
             pieces,
             computing_steps,
         })
@@ -455,12 +568,22 @@ fn copy_dtod<T>(
 }
 
 /// One rank of a real ring (one process per GPU, or one thread per GPU of a process): its
-/// plan, streams and working set. **Verified on an H200 (2026-12-04) for world 1
+/// plan and its pieces' dense problems. **Verified on an H200 (2026-12-04) for world 1
 /// ([`super::SelfComm`]) only; the NCCL ring over several GPUs is not verified.**
 pub struct RingRank<'c, C: super::comm::RingComm> {
     attn: RingAttention,
     comm: &'c C,
     plan: RankPlan,
+    /// `[step][piece]`: the pieces' dense problems.
+    problems: Vec<Vec<FlashAttention>>,
+}
+
+/// A rank's reusable working set for [`RingRank::run_in`]: the f32 running state, the piece
+/// scratch and two ring buffers (**not yet run on a GPU** across several calls).
+pub struct RingRankWorkspace<T> {
+    state: RankState<T>,
+    /// Recorded on the caller's stream after the last run (or the allocation).
+    done: CudaEvent,
 }
 
 impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
@@ -473,10 +596,12 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                 attn.layout.world()
             )));
         }
+        let plan = attn.rank_plan(comm.rank())?;
         Ok(RingRank {
+            problems: attn.plan_problems(&plan)?,
             attn: attn.clone(),
             comm,
-            plan: attn.rank_plan(comm.rank())?,
+            plan,
         })
     }
 
@@ -485,30 +610,37 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         &self.plan
     }
 
-    /// **Verified on an H200 for world 1 only (NCCL multi-GPU not verified).** Runs this
-    /// rank's ring: pieces on `stream` (ordered after the work queued there), transfers on
-    /// the communicator's stream; `stream` waits for both at the end. Every rank of the world
-    /// must call it (the transfers pair up).
-    pub fn run<T: RingElement>(
+    /// This rank's working set, allocated on `stream` (ordered there): `batch * heads_q *
+    /// L_r * (head_dim + 1)` f32 of state, the largest piece's scratch and four buffers of
+    /// the largest K/V shard.
+    pub fn workspace<T: RingElement>(
         &self,
         stream: &Arc<CudaStream>,
-        mut bufs: RankBuffers<'_, T>,
-    ) -> Result<usize> {
+    ) -> Result<RingRankWorkspace<T>> {
+        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        let state = self
+            .attn
+            .rank_state::<T>(self.plan.rank, &self.plan, stream)?;
+        Ok(RingRankWorkspace {
+            state,
+            done: stream.record_event(None)?,
+        })
+    }
+
+    /// Checks one run's buffers: `k`, `v` the contiguous shard, every extent against the
+    /// rank's shapes, f16 or bf16.
+    fn check_buffers<T: RingElement>(&self, bufs: &RankBuffers<'_, T>) -> Result<()> {
         let attn = &self.attn;
         let r = self.plan.rank;
         let kv_len = attn.kv_len(r);
-        let (ql, ol) = (bufs.q.data.len(), bufs.out.data.len());
         let (kl, vl) = (bufs.k.len(), bufs.v.len());
-        let lse_len = bufs.lse.as_ref().map(|l| l.len());
         if kl != kv_len || vl != kv_len {
             return Err(Error::Shape(format!(
                 "ring rank {r}: k and v must hold the contiguous shard ({kv_len} elements), not \
                  {kl} and {vl}"
             )));
         }
-        if T::DTYPE == DType::F32 {
-            return Err(Error::Unsupported("the GPU ring takes f16 or bf16".into()));
-        }
+        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
         let len = attn.layout.shard_len(r);
         let RingShape {
             batch,
@@ -519,20 +651,54 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         crate::layout::check_attention_args(
             &format!("[{r}]"),
             [
-                (ql, &bufs.q.strides),
+                (bufs.q.data.len(), &bufs.q.strides),
                 (kl, &attn.kv_strides(r)),
                 (vl, &attn.kv_strides(r)),
-                (ol, &bufs.out.strides),
+                (bufs.out.data.len(), &bufs.out.strides),
             ],
             [batch, len, heads_q, head_dim],
             [batch, len, heads_kv, head_dim],
-            lse_len.map(|l| (l, attn.lse_len(r), "[batch, heads_q, L_r]")),
-        )?;
+            bufs.lse
+                .as_ref()
+                .map(|l| (l.len(), attn.lse_len(r), "[batch, heads_q, L_r]")),
+        )
+    }
+
+    /// **Verified on an H200 for world 1 only (NCCL multi-GPU not verified).** Runs this
+    /// rank's ring with a working set of its own (validated first, then allocated): see
+    /// [`RingRank::run_in`]. Returns the dense launches.
+    pub fn run<T: RingElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        bufs: RankBuffers<'_, T>,
+    ) -> Result<usize> {
+        self.check_buffers(&bufs)?;
+        let mut ws = self.workspace::<T>(stream)?;
+        self.run_in(&mut ws, stream, bufs)
+    }
+
+    /// Runs this rank's ring on `ws`: pieces on `stream` (ordered after the work queued there
+    /// and after `ws`'s previous run), transfers on the communicator's stream; `stream` waits
+    /// for both at the end. Every rank of the world must call it (the transfers pair up).
+    /// Returns the dense launches.
+    pub fn run_in<T: RingElement>(
+        &self,
+        ws: &mut RingRankWorkspace<T>,
+        stream: &Arc<CudaStream>,
+        mut bufs: RankBuffers<'_, T>,
+    ) -> Result<usize> {
+        self.check_buffers(&bufs)?;
+        let attn = &self.attn;
+        let r = self.plan.rank;
+        let len = attn.layout.shard_len(r);
         let m = self.comm.stream();
         let start = stream.record_event(None)?;
-        m.wait(&start)?;
-        let mut st = attn.rank_state::<T>(r, &self.plan, stream)?;
-        m.join(stream)?;
+        for s in [stream, m] {
+            s.wait(&start)?;
+            s.wait(&ws.done)?;
+        }
+        let st = &mut ws.state;
+        st.acc.reset(stream)?;
         let n = self.plan.world;
         let mut arrived: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
         let mut computed: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
@@ -544,7 +710,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
             if step.send.is_some() || step.recv.is_some() {
                 let len_s = step.send.map(|s| attn.kv_len(s.shard)).unwrap_or(0);
                 let len_r = step.recv.map(|s| attn.kv_len(s.shard)).unwrap_or(0);
-                let RankState { ring_k, ring_v, .. } = &mut st;
+                let RankState { ring_k, ring_v, .. } = &mut *st;
                 let [rk0, rk1] = ring_k;
                 let [rv0, rv1] = ring_v;
                 // The send's buffer and the receive's buffer are never the same one.
@@ -581,17 +747,18 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                     })?;
                     stream.wait(e)?;
                 }
-                let len = attn.kv_len(step.source);
+                let kv_len = attn.kv_len(step.source);
                 let RankState {
                     acc,
                     ring_k,
                     ring_v,
-                } = &mut st;
+                } = &mut *st;
                 let (k, v) = match step.kv {
-                    KvBuffer::Local => (bufs.k.slice(..len), bufs.v.slice(..len)),
-                    KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
+                    KvBuffer::Local => (bufs.k.slice(..kv_len), bufs.v.slice(..kv_len)),
+                    KvBuffer::Ring(b) => (ring_k[b].slice(..kv_len), ring_v[b].slice(..kv_len)),
                 };
-                launched += attn.gpu_step(r, step, stream, &bufs.q, k, v, acc)?;
+                let problems = &self.problems[t];
+                launched += attn.gpu_step(r, step, problems, stream, &bufs.q, k, v, acc)?;
                 computed[t] = Some(stream.record_event(None)?);
             }
         }
@@ -603,6 +770,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
             len,
         )?;
         stream.join(m)?;
+        ws.done = stream.record_event(None)?;
         Ok(launched)
     }
 }

@@ -30,7 +30,9 @@ pub mod plan;
 pub mod star;
 
 pub use comm::{Bootstrap, RingComm, SelfComm};
-pub use gpu::{RankBuffers, RingElement, RingGpuReport, RingRank};
+pub use gpu::{
+    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingRank, RingRankWorkspace,
+};
 pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
 pub use star::StarAttention;
 
