@@ -6,6 +6,8 @@
 //!   merges and copies: on one GPU the ranks share the device, so the ring does the dense
 //!   call's work plus that overhead); `ring_ms` runs one [`InProcessRing`] working set built
 //!   before the timing (what an engine repeating the ring does);
+//! - `deferred_ms`, `deferred_overhead_pct`: the same with `RingMerge::Deferred` (each piece
+//!   into a slot of its own, one gather per rank at the end) instead of a merge per piece;
 //! - `oneshot_ms`: `RingAttention::forward_gpu_in_process`, which builds the working set per
 //!   call (streams, allocations; its first stream synchronises the context);
 //! - `pieces` (dense launches, one merge each), `transfers` / `unskipped` (shards moved);
@@ -17,7 +19,7 @@
 
 use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
-use longattn::ring::{InProcessRing, RankBuffers};
+use longattn::ring::{InProcessRing, RankBuffers, RingMerge};
 use longattn::*;
 use std::sync::Arc;
 
@@ -140,6 +142,12 @@ fn bench(
         Ok(())
     })?;
     drop(ws);
+    let mut ws = InProcessRing::<bf16>::with_merge(&ring, stream, RingMerge::Deferred)?;
+    let deferred_ms = time_ms(stream, || {
+        ws.forward(stream, &mut rank_buffers(&layout, shape, shards, &mut ro))?;
+        Ok(())
+    })?;
+    drop(ws);
     let oneshot_ms = time_ms(stream, || {
         ring.forward_gpu_in_process(stream, &mut rank_buffers(&layout, shape, shards, &mut ro))?;
         Ok(())
@@ -166,7 +174,8 @@ fn bench(
         1.0
     };
     Ok(format!(
-        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-ring-inprocess\",\"s\":{seqlen},\"world\":{world},\"h\":{hq},\"hkv\":{hkv},\"d\":{d},\"ring_ms\":{ring_ms:.4},\"oneshot_ms\":{oneshot_ms:.4},\"dense_ms\":{dense_ms:.4},\"overhead_pct\":{:.1},\"pieces\":{},\"transfers\":{},\"unskipped\":{},\"copy_ms\":{copy_ms:.4},\"overlap\":{overlap:.2}}}",
+        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-ring-inprocess\",\"s\":{seqlen},\"world\":{world},\"h\":{hq},\"hkv\":{hkv},\"d\":{d},\"ring_ms\":{ring_ms:.4},\"deferred_ms\":{deferred_ms:.4},\"deferred_overhead_pct\":{:.1},\"oneshot_ms\":{oneshot_ms:.4},\"dense_ms\":{dense_ms:.4},\"overhead_pct\":{:.1},\"pieces\":{},\"transfers\":{},\"unskipped\":{},\"copy_ms\":{copy_ms:.4},\"overlap\":{overlap:.2}}}",
+        (deferred_ms / dense_ms - 1.0) * 100.0,
         (ring_ms / dense_ms - 1.0) * 100.0,
         report.pieces,
         report.transfers.total,

@@ -64,6 +64,62 @@ __global__ void __launch_bounds__(kRingWarps * 32)
   if (lane == 0 && p.lse != nullptr) p.lse[item] = p.acc_lse[item];
 }
 
+// Most channels a lane of the gather holds (head_dim <= 256 over 32 lanes).
+constexpr int kGatherPerLane = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kRingWarps * 32)
+    ring_gather_kernel(const __grid_constant__ LaRingGatherParams p) {
+  const long long item = (long long)blockIdx.x * kRingWarps + threadIdx.x / 32;
+  if (item >= (long long)p.batch * p.heads * p.len) return;
+  const int lane = threadIdx.x % 32;
+  const int i = (int)(item % p.len);
+  const long long bh = item / p.len;
+  const int h = (int)(bh % p.heads);
+  const long long b = bh / p.heads;
+  // The segment holding row i (sorted, tiling [0, len)).
+  int lo = 0, hi = p.segment_count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (p.segments[4 * mid] <= i) lo = mid; else hi = mid - 1;
+  }
+  const int first = p.segments[4 * lo + 2], count = p.segments[4 * lo + 3];
+  // Slot s: (o_offset, lse_offset, row0, rows); its row i's lse and o.
+  const auto lse_of = [&](const int64_t *s) {
+    return p.slots_lse[s[1] + bh * s[3] + (i - s[2])];
+  };
+  const auto o_of = [&](const int64_t *s) {
+    return static_cast<const T *>(p.slots_o) + s[0] + ((b * s[3] + (i - s[2])) * p.heads + h) *
+                                                          p.head_dim;
+  };
+  float m = kNegInf;
+  for (int x = 0; x < count; ++x) m = fmaxf(m, lse_of(p.slots + 4 * p.slot_list[first + x]));
+  float acc[kGatherPerLane] = {};
+  float sum = 0.0f;
+  if (m != kNegInf) {
+    for (int x = 0; x < count; ++x) {
+      const int64_t *s = p.slots + 4 * p.slot_list[first + x];
+      const float w = expf(lse_of(s) - m);
+      sum += w;
+      const T *o = o_of(s);
+#pragma unroll
+      for (int c = 0; c < kGatherPerLane; ++c) {
+        const int ch = lane + 32 * c;
+        if (ch < p.head_dim) acc[c] += w * Elem<T>::to_float(o[ch]);
+      }
+    }
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  T *out = static_cast<T *>(p.out) + b * p.out_batch_stride + (long long)i * p.out_row_stride +
+           (long long)h * p.out_head_stride;
+#pragma unroll
+  for (int c = 0; c < kGatherPerLane; ++c) {
+    const int ch = lane + 32 * c;
+    if (ch < p.head_dim) out[ch] = Elem<T>::from_float(acc[c] * inv);
+  }
+  if (lane == 0 && p.lse != nullptr) p.lse[item] = m == kNegInf ? kNegInf : m + logf(sum);
+}
+
 long long warp_blocks(long long items) { return (items + kRingWarps - 1) / kRingWarps; }
 
 template <typename T>
@@ -81,6 +137,18 @@ cudaError_t launch_ring_finalize(const LaRingFinalizeParams &p, cudaStream_t str
   if (blocks == 0) return cudaSuccess;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   ring_finalize_kernel<T><<<(unsigned)blocks, kRingWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_ring_gather(const LaRingGatherParams &p, cudaStream_t stream) {
+  if (p.head_dim <= 0 || p.head_dim > 32 * kGatherPerLane || p.segment_count <= 0 ||
+      p.batch < 0 || p.heads < 0 || p.len < 0)
+    return cudaErrorInvalidValue;
+  const long long blocks = warp_blocks((long long)p.batch * p.heads * p.len);
+  if (blocks == 0) return cudaSuccess;
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  ring_gather_kernel<T><<<(unsigned)blocks, kRingWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -110,5 +178,13 @@ extern "C" int la_ring_finalize(const LaRingFinalizeParams *params, cudaStream_t
   using namespace longattn;
   return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
     return launch_ring_finalize<typename decltype(t)::type>(*params, stream);
+  });
+}
+
+extern "C" int la_ring_gather(const LaRingGatherParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr) return cudaErrorInvalidValue;
+  return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_ring_gather<typename decltype(t)::type>(*params, stream);
   });
 }

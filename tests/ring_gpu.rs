@@ -14,7 +14,9 @@ mod common;
 use common::ring::{RingInputs, ring_inputs};
 use common::*;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
-use longattn::ring::{InProcessRing, RankBuffers, RingElement, RingGpuReport, RingRank, SelfComm};
+use longattn::ring::{
+    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingMerge, RingRank, SelfComm,
+};
 use longattn::*;
 use std::sync::Arc;
 
@@ -252,6 +254,42 @@ fn in_process_ring_reuses_its_working_set() {
     }
 }
 
+/// The deferred merge (`RingMerge::Deferred`, one gather per rank at the end): every
+/// world, sharding and mask of the running merge's sweep at 389 tokens (odd, not divisible
+/// by the world), d 64 and 128, GQA; each working set runs twice on fresh inputs.
+#[test]
+fn in_process_ring_deferred_merge_equals_the_single_kernel() {
+    let Some(ctx) = gpu_or_skip("in_process_ring_deferred_merge_equals_the_single_kernel") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut seed = 500;
+    for d in [64, 128] {
+        let shape = RingShape {
+            batch: 2,
+            heads_q: 4,
+            heads_kv: 2,
+            head_dim: d,
+        };
+        for world in [1, 2, 3, 4, 8] {
+            for sharding in [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe] {
+                for (name, opts) in masks() {
+                    let layout = RingLayout::new(389, world, sharding).unwrap();
+                    seed += 1;
+                    let c = case::<f16>(&stream, layout, shape, &opts, seed);
+                    let mut ws =
+                        InProcessRing::<f16>::with_merge(&c.ring, &stream, RingMerge::Deferred)
+                            .unwrap();
+                    let what = format!("deferred d {d} world {world} {sharding:?} {name}");
+                    run_in_process(&stream, &c, Some(&mut ws), &what);
+                    let c = case::<f16>(&stream, layout, shape, &opts, seed + 1000);
+                    run_in_process(&stream, &c, Some(&mut ws), &format!("{what}, again"));
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn in_process_ring_moves_only_the_needed_shards() {
     let Some(ctx) = gpu_or_skip("in_process_ring_moves_only_the_needed_shards") else {
@@ -410,47 +448,49 @@ fn ring_rank_world_one_equals_the_single_kernel() {
     let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
     let err = rel_l2(&got, &c.want);
     assert!(err < tolerance::<f16>(), "world 1 rank driver: {err}");
-    // One working set, fresh inputs each run, poisoned outputs and LSE.
-    let mut ws = rank.workspace::<f16>(&stream).unwrap();
-    for seed in 4..7 {
-        let c = case::<f16>(&stream, layout, shape, &AttentionOptions::causal(), seed);
-        let (dq, dk, dv) = (
-            stream.clone_htod(&c.q[0]).unwrap(),
-            stream.clone_htod(&c.k[0]).unwrap(),
-            stream.clone_htod(&c.v[0]).unwrap(),
-        );
-        let mut dout = stream
-            .clone_htod(&vec![f16::NAN; c.ring.out_len(0)])
+    // One working set per merge, fresh inputs each run, poisoned outputs and LSE.
+    for (merge, seeds) in [(RingMerge::Running, 4..7), (RingMerge::Deferred, 7..10)] {
+        let mut ws = rank.workspace_with::<f16>(&stream, merge).unwrap();
+        for seed in seeds {
+            let c = case::<f16>(&stream, layout, shape, &AttentionOptions::causal(), seed);
+            let (dq, dk, dv) = (
+                stream.clone_htod(&c.q[0]).unwrap(),
+                stream.clone_htod(&c.k[0]).unwrap(),
+                stream.clone_htod(&c.v[0]).unwrap(),
+            );
+            let mut dout = stream
+                .clone_htod(&vec![f16::NAN; c.ring.out_len(0)])
+                .unwrap();
+            let mut dlse = stream
+                .clone_htod(&vec![f32::NAN; c.ring.lse_len(0)])
+                .unwrap();
+            rank.run_in(
+                &mut ws,
+                &stream,
+                RankBuffers {
+                    q: Strided::new(&dq, st),
+                    k: &dk,
+                    v: &dv,
+                    out: Strided::new(&mut dout, st),
+                    lse: Some(&mut dlse),
+                },
+            )
             .unwrap();
-        let mut dlse = stream
-            .clone_htod(&vec![f32::NAN; c.ring.lse_len(0)])
-            .unwrap();
-        rank.run_in(
-            &mut ws,
-            &stream,
-            RankBuffers {
-                q: Strided::new(&dq, st),
-                k: &dk,
-                v: &dv,
-                out: Strided::new(&mut dout, st),
-                lse: Some(&mut dlse),
-            },
-        )
-        .unwrap();
-        let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
-        let err = rel_l2(&got, &c.want);
-        assert!(
-            err < tolerance::<f16>(),
-            "world 1 rank workspace, seed {seed}: {err}"
-        );
-        let want_lse: Vec<f64> = c.want_lse.iter().map(|&x| x as f64).collect();
-        let got_lse = stream.clone_dtoh(&dlse).unwrap();
-        check_lse(
-            &got_lse,
-            &want_lse,
-            2e-3,
-            &format!("world 1 workspace seed {seed}"),
-        );
+            let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
+            let err = rel_l2(&got, &c.want);
+            assert!(
+                err < tolerance::<f16>(),
+                "world 1 rank {merge:?}, seed {seed}: {err}"
+            );
+            let want_lse: Vec<f64> = c.want_lse.iter().map(|&x| x as f64).collect();
+            let got_lse = stream.clone_dtoh(&dlse).unwrap();
+            check_lse(
+                &got_lse,
+                &want_lse,
+                2e-3,
+                &format!("world 1 {merge:?} seed {seed}"),
+            );
+        }
     }
 }
 

@@ -20,6 +20,7 @@
 //! flat buffers); q and out take any strides the dense kernels take.
 
 use super::plan::{KvBuffer, PlannedStep, RankPlan, TransferCount};
+use super::slots::SlotTable;
 use super::{RingAttention, RingShape};
 use crate::dense::FlashAttention;
 use crate::element::Element;
@@ -71,12 +72,107 @@ pub struct RingGpuReport {
     pub computing_steps: usize,
 }
 
-/// A rank's device-side working set: the f32 running state, one piece's scratch output, the
-/// two ring buffers for K and V.
+/// How a GPU ring rank combines its pieces' partial results `(o, lse)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RingMerge {
+    /// Each piece's output merged into an f32 running state right after the piece
+    /// (`la_ring_merge`): per piece row, the piece read (2 bytes per channel) and the state
+    /// read and written (8). Memory: `batch * heads_q * L_r * (head_dim + 1)` f32 and the
+    /// largest piece's output. **Verified on an H200 (2026-12-04).**
+    #[default]
+    Running,
+    /// Each piece writes its output into a slot of its own; one launch per rank combines
+    /// every row's slots at the end (`la_ring_gather`): per piece row 2 bytes per channel
+    /// read (a fifth of `Running`'s merge traffic) and one launch per piece instead of two.
+    /// Memory: the sum over the rank's pieces of `rows * batch * heads_q * (2 head_dim + 4)`
+    /// bytes (about `world / 2` to `world` shards' outputs for a causal ring). **Not yet run
+    /// on a GPU.**
+    Deferred,
+}
+
+/// A rank's device-side working set: the merge state and two ring buffers for K and V.
 pub(crate) struct RankState<T> {
-    acc: MergeState<T>,
+    merge: RankMerge<T>,
     ring_k: [CudaSlice<T>; 2],
     ring_v: [CudaSlice<T>; 2],
+}
+
+/// A rank's merge state, per [`RingMerge`].
+enum RankMerge<T> {
+    Running(MergeState<T>),
+    Deferred(DeferredMerge<T>),
+}
+
+/// [`RingMerge::Deferred`]'s device state: the slots of [`SlotTable`] and its tables.
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct DeferredMerge<T> {
+    table: SlotTable,
+    o: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+    slots: CudaSlice<i64>,
+    segments: CudaSlice<i32>,
+    list: CudaSlice<i32>,
+}
+
+impl<T: RingElement> RankMerge<T> {
+    /// Empties the state before a run (the deferred slots are overwritten by the pieces).
+    fn reset(&mut self, stream: &Arc<CudaStream>) -> Result<()> {
+        match self {
+            RankMerge::Running(st) => st.reset(stream),
+            RankMerge::Deferred(_) => Ok(()),
+        }
+    }
+
+    /// Runs piece `slot` of the rank's plan (`attn`; its queries are rows `row0..` of the
+    /// shard) and merges it (running) or leaves it in its slot (deferred), on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_piece<I: DeviceBuffer<T>>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        slot: usize,
+        attn: &FlashAttention,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        shape: RingShape,
+        row0: usize,
+        len: usize,
+    ) -> Result<()> {
+        match self {
+            RankMerge::Running(st) => st.add_piece(stream, attn, q, k, v, shape, row0, len),
+            RankMerge::Deferred(dm) => {
+                let [oo, lo, _, rows] = dm.table.slot(slot);
+                let strides = Strides::contiguous(rows, shape.heads_q, shape.head_dim);
+                let mut o = dm.o.slice_mut(oo..oo + attn.out_len());
+                let mut lse = dm.lse.slice_mut(lo..lo + attn.lse_len());
+                attn.forward_gpu::<T, _, _>(
+                    stream,
+                    q,
+                    k,
+                    v,
+                    Strided::new(&mut o, strides),
+                    Some(&mut lse),
+                )
+            }
+        }
+    }
+
+    /// Writes the combined result (`len` rows) into `out` (and `lse`) on `stream`.
+    fn finalize(
+        &self,
+        stream: &Arc<CudaStream>,
+        out: &mut Strided<&mut CudaSlice<T>>,
+        lse: Option<&mut CudaSlice<f32>>,
+        shape: RingShape,
+        len: usize,
+    ) -> Result<()> {
+        match self {
+            RankMerge::Running(st) => st.finalize(stream, out, lse, shape, len),
+            RankMerge::Deferred(dm) => {
+                cuda_call!(launch::gather::<T>, stream, dm, out, lse, shape, len)
+            }
+        }
+    }
 }
 
 /// The f32 running state `(o [batch, heads_q, L_r, head_dim], lse [batch, heads_q, L_r])`
@@ -250,6 +346,7 @@ impl RingAttention {
         &self,
         r: usize,
         plan: &RankPlan,
+        merge: RingMerge,
         stream: &Arc<CudaStream>,
     ) -> Result<RankState<T>> {
         let cap = (0..self.layout.world())
@@ -257,14 +354,28 @@ impl RingAttention {
             .max()
             .unwrap_or(0)
             .max(1);
-        let acc = MergeState::alloc(
-            stream,
-            self.shape,
-            self.layout.shard_len(r),
-            plan.max_piece_rows(),
-        )?;
+        let len = self.layout.shard_len(r);
+        let merge = match merge {
+            RingMerge::Running => RankMerge::Running(MergeState::alloc(
+                stream,
+                self.shape,
+                len,
+                plan.max_piece_rows(),
+            )?),
+            RingMerge::Deferred => {
+                let table = SlotTable::new(plan, self.shape, len)?;
+                RankMerge::Deferred(DeferredMerge {
+                    o: stream.alloc_zeros::<T>(table.o_elems.max(1))?,
+                    lse: stream.alloc_zeros::<f32>(table.lse_elems.max(1))?,
+                    slots: stream.clone_htod(&nonempty(&table.slots))?,
+                    segments: stream.clone_htod(&table.segments)?,
+                    list: stream.clone_htod(&nonempty(&table.list))?,
+                    table,
+                })
+            }
+        };
         Ok(RankState {
-            acc,
+            merge,
             ring_k: [stream.alloc_zeros::<T>(cap)?, stream.alloc_zeros::<T>(cap)?],
             ring_v: [stream.alloc_zeros::<T>(cap)?, stream.alloc_zeros::<T>(cap)?],
         })
@@ -280,8 +391,8 @@ impl RingAttention {
 
     /// Queues one planned step's pieces of rank `r` on `stream`: each piece (`problems[i]`
     /// is `step.pieces[i]`'s dense problem) as a dense call on row views of `q` and of the
-    /// held shard `(k, v)` (whose shard is `step.source`), into the scratch output, then
-    /// merged into the running state. Returns the launches.
+    /// held shard `(k, v)` (whose shard is `step.source`), combined by `merge`. Returns the
+    /// launches.
     #[allow(clippy::too_many_arguments)]
     fn gpu_step<T: RingElement>(
         &self,
@@ -292,17 +403,22 @@ impl RingAttention {
         q: &Strided<&CudaSlice<T>>,
         k: CudaView<'_, T>,
         v: CudaView<'_, T>,
-        st: &mut MergeState<T>,
+        merge: &mut RankMerge<T>,
     ) -> Result<usize> {
         let ks = self.kv_strides(step.source);
         let row = |s: &Strides, r0: usize| (r0 as i64 * s.seq) as usize;
         let len = self.layout.shard_len(r);
-        for (piece, attn) in step.pieces.iter().zip(problems) {
+        let first = match merge {
+            RankMerge::Deferred(dm) => dm.table.step_first[step.step],
+            RankMerge::Running(_) => 0,
+        };
+        for (i, (piece, attn)) in step.pieces.iter().zip(problems).enumerate() {
             let qv = q.data.slice(row(&q.strides, piece.q_rows.start)..);
             let kv = k.slice(row(&ks, piece.k_rows.start)..);
             let vv = v.slice(row(&ks, piece.k_rows.start)..);
-            st.add_piece(
+            merge.run_piece(
                 stream,
+                first + i,
                 attn,
                 Strided::new(&qv, q.strides),
                 Strided::new(&kv, ks),
@@ -362,9 +478,20 @@ pub struct InProcessRing<T> {
 
 impl<T: RingElement> InProcessRing<T> {
     /// Plans `ring` and allocates its working set on `stream`'s context (ordered on
-    /// `stream`): per rank `batch * heads_q * L_r * (head_dim + 1)` f32 of state, the largest
-    /// piece's scratch and four buffers of the largest K/V shard.
+    /// `stream`), merging with [`RingMerge::Running`]: per rank `batch * heads_q * L_r *
+    /// (head_dim + 1)` f32 of state, the largest piece's scratch and four buffers of the
+    /// largest K/V shard.
     pub fn new(ring: &RingAttention, stream: &Arc<CudaStream>) -> Result<Self> {
+        Self::with_merge(ring, stream, RingMerge::Running)
+    }
+
+    /// [`InProcessRing::new`] with the pieces combined by `merge` (see [`RingMerge`] for each
+    /// one's memory).
+    pub fn with_merge(
+        ring: &RingAttention,
+        stream: &Arc<CudaStream>,
+        merge: RingMerge,
+    ) -> Result<Self> {
         check_half(T::DTYPE, "the GPU ring takes", "ring")?;
         let plans = ring.plans()?;
         let transfers = RingAttention::check_plans(&plans)?;
@@ -383,7 +510,7 @@ impl<T: RingElement> InProcessRing<T> {
         for (r, plan) in plans.iter().enumerate() {
             let (c, m) = (ctx.new_stream()?, ctx.new_stream()?);
             c.wait(&start)?;
-            states.push(ring.rank_state::<T>(r, plan, &c)?);
+            states.push(ring.rank_state::<T>(r, plan, merge, &c)?);
             stream.join(&c)?;
             compute.push(c);
             comm.push(m);
@@ -426,7 +553,7 @@ impl<T: RingElement> InProcessRing<T> {
                 s.wait(&start)?;
                 s.wait(&self.done)?;
             }
-            states[r].acc.reset(&compute[r])?;
+            states[r].merge.reset(&compute[r])?;
         }
         // [rank]: the event recorded after the receive of the shard of step t (t >= 1), and
         // after each computing step.
@@ -491,7 +618,7 @@ impl<T: RingElement> InProcessRing<T> {
                     c.wait(e)?;
                 }
                 let RankState {
-                    acc,
+                    merge,
                     ring_k,
                     ring_v,
                 } = &mut states[r];
@@ -501,14 +628,14 @@ impl<T: RingElement> InProcessRing<T> {
                     KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
                 };
                 let problems = &self.problems[r][t];
-                pieces += ring.gpu_step(r, st, problems, c, &ranks[r].q, k, v, acc)?;
+                pieces += ring.gpu_step(r, st, problems, c, &ranks[r].q, k, v, merge)?;
                 computing_steps += 1;
                 computed[r][t] = Some(c.record_event(None)?);
             }
         }
         for (r, b) in ranks.iter_mut().enumerate() {
             let len = ring.layout.shard_len(r);
-            states[r].acc.finalize(
+            states[r].merge.finalize(
                 &compute[r],
                 &mut b.out,
                 b.lse.as_deref_mut(),
@@ -524,6 +651,15 @@ impl<T: RingElement> InProcessRing<T> {
             pieces,
             computing_steps,
         })
+    }
+}
+
+/// `xs`, or one zero where it is empty (a device table is never a null allocation).
+fn nonempty<X: Copy + Default>(xs: &[X]) -> Vec<X> {
+    if xs.is_empty() {
+        vec![X::default()]
+    } else {
+        xs.to_vec()
     }
 }
 
@@ -610,17 +746,26 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         &self.plan
     }
 
-    /// This rank's working set, allocated on `stream` (ordered there): `batch * heads_q *
-    /// L_r * (head_dim + 1)` f32 of state, the largest piece's scratch and four buffers of
-    /// the largest K/V shard.
+    /// This rank's working set, allocated on `stream` (ordered there), merging with
+    /// [`RingMerge::Running`]: `batch * heads_q * L_r * (head_dim + 1)` f32 of state, the
+    /// largest piece's scratch and four buffers of the largest K/V shard.
     pub fn workspace<T: RingElement>(
         &self,
         stream: &Arc<CudaStream>,
     ) -> Result<RingRankWorkspace<T>> {
+        self.workspace_with(stream, RingMerge::Running)
+    }
+
+    /// [`RingRank::workspace`] with the pieces combined by `merge`.
+    pub fn workspace_with<T: RingElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        merge: RingMerge,
+    ) -> Result<RingRankWorkspace<T>> {
         check_half(T::DTYPE, "the GPU ring takes", "ring")?;
         let state = self
             .attn
-            .rank_state::<T>(self.plan.rank, &self.plan, stream)?;
+            .rank_state::<T>(self.plan.rank, &self.plan, merge, stream)?;
         Ok(RingRankWorkspace {
             state,
             done: stream.record_event(None)?,
@@ -698,7 +843,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
             s.wait(&ws.done)?;
         }
         let st = &mut ws.state;
-        st.acc.reset(stream)?;
+        st.merge.reset(stream)?;
         let n = self.plan.world;
         let mut arrived: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
         let mut computed: Vec<Option<CudaEvent>> = (0..n).map(|_| None).collect();
@@ -749,7 +894,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                 }
                 let kv_len = attn.kv_len(step.source);
                 let RankState {
-                    acc,
+                    merge,
                     ring_k,
                     ring_v,
                 } = &mut *st;
@@ -758,11 +903,11 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                     KvBuffer::Ring(b) => (ring_k[b].slice(..kv_len), ring_v[b].slice(..kv_len)),
                 };
                 let problems = &self.problems[t];
-                launched += attn.gpu_step(r, step, problems, stream, &bufs.q, k, v, acc)?;
+                launched += attn.gpu_step(r, step, problems, stream, &bufs.q, k, v, merge)?;
                 computed[t] = Some(stream.record_event(None)?);
             }
         }
-        st.acc.finalize(
+        st.merge.finalize(
             stream,
             &mut bufs.out,
             bufs.lse.as_deref_mut(),
@@ -845,6 +990,48 @@ mod launch {
         // head_dim] with row0 + rows <= len (pieces lie in the shard).
         let code = unsafe { ffi::la_ring_merge(&params, stream.cu_stream() as _) };
         check_launch("la_ring_merge", code)
+    }
+
+    pub(super) fn gather<T: RingElement>(
+        stream: &Arc<CudaStream>,
+        dm: &super::DeferredMerge<T>,
+        out: &mut Strided<&mut CudaSlice<T>>,
+        lse: Option<&mut CudaSlice<f32>>,
+        shape: RingShape,
+        len: usize,
+    ) -> Result<()> {
+        let (so, _s1) = dm.o.device_ptr(stream);
+        let (sl, _s2) = dm.lse.device_ptr(stream);
+        let (slots, _s3) = dm.slots.device_ptr(stream);
+        let (segments, _s4) = dm.segments.device_ptr(stream);
+        let (list, _s5) = dm.list.device_ptr(stream);
+        let strides = out.strides;
+        let (op, _s6) = out.data.device_ptr_mut(stream);
+        let (lp, _s7) = ptr_mut_or_null(lse, stream);
+        let params = ffi::LaRingGatherParams {
+            slots_o: so as *const _,
+            slots_lse: sl as *const f32,
+            slots: slots as *const i64,
+            segments: segments as *const i32,
+            slot_list: list as *const i32,
+            out: op as *mut _,
+            lse: lp as *mut f32,
+            out_batch_stride: strides.batch,
+            out_row_stride: strides.seq,
+            out_head_stride: strides.head,
+            segment_count: (dm.table.segments.len() / 4) as i32,
+            batch: shape.batch as i32,
+            heads: shape.heads_q as i32,
+            len: len as i32,
+            head_dim: shape.head_dim as i32,
+            dtype: la_dtype(T::DTYPE),
+        };
+        // SAFETY: the slot buffers hold the table's o_elems / lse_elems, every slot and
+        // segment of the table lies in them and in [0, len) (SlotTable::new, tested), the
+        // pieces wrote every slot before this launch on `stream`; out / lse were checked
+        // against [batch, len, heads_q, head_dim] / [batch, heads_q, len].
+        let code = unsafe { ffi::la_ring_gather(&params, stream.cu_stream() as _) };
+        check_launch("la_ring_gather", code)
     }
 
     pub(super) fn finalize<T: RingElement>(

@@ -27,11 +27,12 @@ use std::ops::Range;
 pub mod comm;
 pub mod gpu;
 pub mod plan;
+mod slots;
 pub mod star;
 
 pub use comm::{Bootstrap, RingComm, SelfComm};
 pub use gpu::{
-    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingRank, RingRankWorkspace,
+    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingMerge, RingRank, RingRankWorkspace,
 };
 pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
 pub use star::StarAttention;
