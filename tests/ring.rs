@@ -489,6 +489,85 @@ fn block_pieces_reproduce_the_global_mask() {
     }
 }
 
+/// A ring step's pieces (block pieces with every pair whose union is one band problem
+/// merged) reproduce the global mask exactly: key row `j` of the held shard is visible to
+/// query row `i` of the rank iff exactly one piece covers `(i, j)` and shows it under its
+/// local window; pieces carry no sinks. A causal zigzag ring runs one piece per computing
+/// step (its two chunks coalesce), a causal contiguous one one piece per step.
+#[test]
+fn ring_pieces_reproduce_the_global_mask() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 1,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let w = |l, r| Window::new(l, r);
+    let mut all = masks();
+    all.extend([
+        (
+            "W9",
+            AttentionOptions::default().with_window(Window::causal_tokens(9).unwrap()),
+        ),
+        (
+            "(0,7)",
+            AttentionOptions::default().with_window(w(Some(0), Some(7))),
+        ),
+        (
+            "(12,3)+1sink",
+            AttentionOptions::default()
+                .with_window(w(Some(12), Some(3)))
+                .with_sinks(1),
+        ),
+    ]);
+    for (seqlen, world) in [(37, 3), (64, 4), (61, 5), (40, 8), (7, 2)] {
+        for layout in layouts(seqlen, world) {
+            for (name, opts) in &all {
+                let ring = RingAttention::new(layout, shape, opts).unwrap();
+                let s = layout.seqlen();
+                let mask = ring.mask();
+                for r in 0..world {
+                    let qpos = layout.positions(r);
+                    for t in 0..world {
+                        let kpos = layout.positions(layout.kv_source(r, t));
+                        let pieces = ring.pieces(r, t);
+                        if layout.sharding() != Sharding::Stripe
+                            && (*name == "causal" || *name == "full")
+                        {
+                            assert!(pieces.len() <= 1, "{layout:?} {name} {r} {t}: {pieces:?}");
+                        }
+                        for p in &pieces {
+                            assert_eq!(p.mask.sinks, 0);
+                        }
+                        for (i, &pi) in qpos.iter().enumerate() {
+                            for (j, &pj) in kpos.iter().enumerate() {
+                                let want = mask.visible(pi, pj, s, s);
+                                let seen = pieces
+                                    .iter()
+                                    .filter(|p| p.q_rows.contains(&i) && p.k_rows.contains(&j))
+                                    .filter(|p| {
+                                        p.mask.visible(
+                                            i - p.q_rows.start,
+                                            j - p.k_rows.start,
+                                            p.q_rows.len(),
+                                            p.k_rows.len(),
+                                        )
+                                    })
+                                    .count();
+                                assert_eq!(
+                                    seen,
+                                    usize::from(want),
+                                    "{layout:?} {name} rank {r} step {t}: ({i}, {j}) {pieces:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A step computes iff it has pieces.
 #[test]
 fn pieces_match_the_schedule() {

@@ -402,6 +402,118 @@ fn pieces_unchecked(q: GlobalBlock, k: GlobalBlock, mask: Mask) -> Vec<RingPiece
     pieces
 }
 
+/// The pieces of one ring step with every pair whose union is itself one band problem
+/// merged into it, until no pair merges: fewer, larger dense calls and fewer merges (a
+/// zigzag shard's two chunks against an earlier shard are one full piece instead of two,
+/// its own diagonal step one causal piece instead of three). Exact: [`union_piece`] merges
+/// only when the union's window shows every key each piece showed and nothing else.
+fn coalesce(mut pieces: Vec<RingPiece>) -> Vec<RingPiece> {
+    'merge: loop {
+        for a in 0..pieces.len() {
+            for b in a + 1..pieces.len() {
+                if let Some(u) = union_piece(&pieces[a], &pieces[b]) {
+                    pieces[a] = u;
+                    pieces.remove(b);
+                    continue 'merge;
+                }
+            }
+        }
+        return pieces;
+    }
+}
+
+/// One piece over the bounding rectangle of `a` and `b` whose local window reproduces both
+/// (and shows nothing in the rectangle's cells neither covers), if there is one.
+///
+/// In the rectangle's bottom-right aligned coordinates a key `j` is visible to row `i` iff
+/// `d = j - i - (sk - sq)` lies in `[-left, right]`; each piece's window is such an interval
+/// of `d` shifted by its offset in the rectangle. Within any sub-rectangle every `d` between
+/// its corners occurs, so two windows agree there iff their intervals clipped to that range
+/// agree: the union's interval is the hull of the pieces' clipped intervals, checked against
+/// each piece and each uncovered cell.
+fn union_piece(a: &RingPiece, b: &RingPiece) -> Option<RingPiece> {
+    let overlap = |x: &Range<usize>, y: &Range<usize>| x.start < y.end && y.start < x.end;
+    if overlap(&a.q_rows, &b.q_rows) && overlap(&a.k_rows, &b.k_rows) {
+        return None;
+    }
+    let (q0, q1) = (
+        a.q_rows.start.min(b.q_rows.start),
+        a.q_rows.end.max(b.q_rows.end),
+    );
+    let (k0, k1) = (
+        a.k_rows.start.min(b.k_rows.start),
+        a.k_rows.end.max(b.k_rows.end),
+    );
+    let c = (k1 - k0) as i64 - (q1 - q0) as i64;
+    // The range of d over rows `qr` and keys `kr` of the rectangle.
+    let span = |qr: &Range<usize>, kr: &Range<usize>| {
+        let (qs, ks) = ((qr.start - q0) as i64, (kr.start - k0) as i64);
+        (
+            ks - (qs + qr.len() as i64 - 1) - c,
+            ks + kr.len() as i64 - 1 - qs - c,
+        )
+    };
+    // A piece's visible interval of d, clipped to its rectangle.
+    let clipped = |p: &RingPiece| {
+        let (lo, hi) = span(&p.q_rows, &p.k_rows);
+        let shift = lo - (1 - p.k_rows.len() as i64); // its own d is the union's d - shift
+        let l = p.mask.window.left.map_or(lo, |l| lo.max(shift - l as i64));
+        let h = p.mask.window.right.map_or(hi, |r| hi.min(shift + r as i64));
+        (l, h)
+    };
+    let (ca, cb) = (clipped(a), clipped(b));
+    if ca.0 > ca.1 || cb.0 > cb.1 || a.mask.sinks != 0 || b.mask.sinks != 0 {
+        return None;
+    }
+    let (lo, hi) = (ca.0.min(cb.0), ca.1.max(cb.1));
+    // The union's interval clipped to a cell, `None` if empty.
+    let within =
+        |(cl, ch): (i64, i64)| (lo.max(cl) <= hi.min(ch)).then(|| (lo.max(cl), hi.min(ch)));
+    for (p, cp) in [(a, ca), (b, cb)] {
+        if within(span(&p.q_rows, &p.k_rows)) != Some(cp) {
+            return None;
+        }
+    }
+    let cuts = |x: &Range<usize>, y: &Range<usize>, s: usize, e: usize| {
+        let mut v = vec![s, e, x.start, x.end, y.start, y.end];
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    let (qc, kc) = (
+        cuts(&a.q_rows, &b.q_rows, q0, q1),
+        cuts(&a.k_rows, &b.k_rows, k0, k1),
+    );
+    for qw in qc.windows(2) {
+        for kw in kc.windows(2) {
+            let (qr, kr) = (qw[0]..qw[1], kw[0]..kw[1]);
+            let inside = |p: &RingPiece| {
+                p.q_rows.start <= qr.start
+                    && qr.end <= p.q_rows.end
+                    && p.k_rows.start <= kr.start
+                    && kr.end <= p.k_rows.end
+            };
+            if !inside(a) && !inside(b) && within(span(&qr, &kr)).is_some() {
+                return None;
+            }
+        }
+    }
+    let (dmin, dmax) = (1 - (k1 - k0) as i64, (q1 - q0) as i64 - 1);
+    let left = (lo > dmin).then_some(-lo);
+    let right = (hi < dmax).then_some(hi);
+    if left.is_some_and(|l| l < 0) || right.is_some_and(|r| r < 0) {
+        return None;
+    }
+    Some(RingPiece {
+        q_rows: q0..q1,
+        k_rows: k0..k1,
+        mask: Mask::new(
+            Window::new(left.map(|l| l as usize), right.map(|r| r as usize)),
+            0,
+        ),
+    })
+}
+
 /// What the ring does, decided from the layout and the mask alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RingSchedule {
@@ -667,20 +779,23 @@ impl RingAttention {
 
     /// The dense problems rank `rank` runs at ring step `step` (none when the step is
     /// skipped): [`block_pieces`] of each of its query blocks against each block of the
-    /// shard it holds then ([`RingLayout::kv_source`]).
+    /// shard it holds then ([`RingLayout::kv_source`]), with every two whose union is one
+    /// band problem merged (exactly the same visible pairs, fewer and larger calls).
     pub fn pieces(&self, rank: usize, step: usize) -> Vec<RingPiece> {
         if rank >= self.layout.world || step >= self.layout.world {
             return Vec::new();
         }
         let kv = self.layout.blocks(self.layout.kv_source(rank, step));
-        self.layout
-            .blocks(rank)
-            .into_iter()
-            .flat_map(|q| {
-                kv.iter()
-                    .flat_map(move |&k| pieces_unchecked(q, k, self.mask))
-            })
-            .collect()
+        coalesce(
+            self.layout
+                .blocks(rank)
+                .into_iter()
+                .flat_map(|q| {
+                    kv.iter()
+                        .flat_map(move |&k| pieces_unchecked(q, k, self.mask))
+                })
+                .collect(),
+        )
     }
 
     /// CPU ring over simulated ranks: every rank runs the ring steps in order; each step's
