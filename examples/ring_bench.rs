@@ -11,15 +11,18 @@
 //! - `oneshot_ms`: `RingAttention::forward_gpu_in_process`, which builds the working set per
 //!   call (streams, allocations; its first stream synchronises the context);
 //! - `pieces` (dense launches, one merge each), `transfers` / `unskipped` (shards moved);
-//! - `copy_ms`: the plan's copies alone, serially on one stream; `overlap` = the share of
-//!   `copy_ms` hidden under compute, `(dense_ms + copy_ms - ring_ms) / copy_ms` clamped to
-//!   [0, 1] (an estimate: it charges all non-copy overhead to the compute).
+//! - `copy_ms`: the plan's copies alone, serially on one stream;
+//! - from one `forward_timed` run of the deferred working set (events around each step's
+//!   compute and each copy): `step_copy_ms` (the copies, timed where they ran), `wait_ms`
+//!   (the time compute streams stood still before a step, waiting for its shard),
+//!   `max_copy_over_compute` (the largest copy / compute ratio of a step: above 1 a copy
+//!   cannot hide), `overlap` = `1 - exposed / step_copy_ms` (`RingTimeline::overlap`).
 //!
 //! `cargo run --release --example ring_bench [-- --quick]` (quick: 32k tokens only).
 
 use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
-use longattn::ring::{InProcessRing, RankBuffers, RingMerge};
+use longattn::ring::{InProcessRing, RankBuffers, RingMerge, RingStepTime, RingTimeline};
 use longattn::*;
 use std::sync::Arc;
 
@@ -147,6 +150,18 @@ fn bench(
         ws.forward(stream, &mut rank_buffers(&layout, shape, shards, &mut ro))?;
         Ok(())
     })?;
+    // One timed run: per step, compute time, the wait for its shard, the copy's time.
+    let (_, timeline) =
+        ws.forward_timed(stream, &mut rank_buffers(&layout, shape, shards, &mut ro))?;
+    let steps = timeline.steps()?;
+    let overlap = RingTimeline::overlap(&steps);
+    let sum = |f: fn(&RingStepTime) -> f32| steps.iter().map(|s| f(s) as f64).sum::<f64>();
+    let (wait_ms, step_copy_ms) = (sum(|s| s.wait_ms), sum(|s| s.copy_ms));
+    let copy_over_compute = steps
+        .iter()
+        .filter(|s| s.copy_ms > 0.0)
+        .map(|s| s.copy_ms / s.compute_ms.max(1e-6))
+        .fold(0.0f32, f32::max);
     drop(ws);
     let oneshot_ms = time_ms(stream, || {
         ring.forward_gpu_in_process(stream, &mut rank_buffers(&layout, shape, shards, &mut ro))?;
@@ -168,13 +183,8 @@ fn bench(
         }
         Ok(())
     })?;
-    let overlap = if copy_ms > 0.0 {
-        ((dense_ms + copy_ms - ring_ms) / copy_ms).clamp(0.0, 1.0)
-    } else {
-        1.0
-    };
     Ok(format!(
-        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-ring-inprocess\",\"s\":{seqlen},\"world\":{world},\"h\":{hq},\"hkv\":{hkv},\"d\":{d},\"ring_ms\":{ring_ms:.4},\"deferred_ms\":{deferred_ms:.4},\"deferred_overhead_pct\":{:.1},\"oneshot_ms\":{oneshot_ms:.4},\"dense_ms\":{dense_ms:.4},\"overhead_pct\":{:.1},\"pieces\":{},\"transfers\":{},\"unskipped\":{},\"copy_ms\":{copy_ms:.4},\"overlap\":{overlap:.2}}}",
+        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-ring-inprocess\",\"s\":{seqlen},\"world\":{world},\"h\":{hq},\"hkv\":{hkv},\"d\":{d},\"ring_ms\":{ring_ms:.4},\"deferred_ms\":{deferred_ms:.4},\"deferred_overhead_pct\":{:.1},\"oneshot_ms\":{oneshot_ms:.4},\"dense_ms\":{dense_ms:.4},\"overhead_pct\":{:.1},\"pieces\":{},\"transfers\":{},\"unskipped\":{},\"copy_ms\":{copy_ms:.4},\"step_copy_ms\":{step_copy_ms:.4},\"wait_ms\":{wait_ms:.4},\"max_copy_over_compute\":{copy_over_compute:.2},\"overlap\":{overlap:.2}}}",
         (deferred_ms / dense_ms - 1.0) * 100.0,
         (ring_ms / dense_ms - 1.0) * 100.0,
         report.pieces,

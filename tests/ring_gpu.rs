@@ -15,7 +15,8 @@ use common::ring::{RingInputs, ring_inputs};
 use common::*;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::ring::{
-    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingMerge, RingRank, SelfComm,
+    InProcessRing, RankBuffers, RingElement, RingGpuReport, RingMerge, RingRank, RingTimeline,
+    SelfComm,
 };
 use longattn::*;
 use std::sync::Arc;
@@ -287,6 +288,82 @@ fn in_process_ring_deferred_merge_equals_the_single_kernel() {
                 }
             }
         }
+    }
+}
+
+/// A timed run equals the single kernel like any other, and its timeline has one entry per
+/// computing step of every rank, with finite, non-negative times and a copy exactly where
+/// the step computes on a received shard.
+#[test]
+fn in_process_ring_timeline_covers_every_computing_step() {
+    let Some(ctx) = gpu_or_skip("in_process_ring_timeline_covers_every_computing_step") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 4,
+        heads_kv: 2,
+        head_dim: 64,
+    };
+    for (sharding, opts) in [
+        (Sharding::Zigzag, AttentionOptions::causal()),
+        (
+            Sharding::Contiguous,
+            AttentionOptions::default().with_window(Window::causal_tokens(300).unwrap()),
+        ),
+    ] {
+        let layout = RingLayout::new(2000, 4, sharding).unwrap();
+        let c = case::<f16>(&stream, layout, shape, &opts, 41);
+        let mut ws = InProcessRing::<f16>::new(&c.ring, &stream).unwrap();
+        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..4 {
+            dq.push(stream.clone_htod(&c.q[r]).unwrap());
+            dk.push(stream.clone_htod(&c.k[r]).unwrap());
+            dv.push(stream.clone_htod(&c.v[r]).unwrap());
+        }
+        let mut dout: Vec<CudaSlice<f16>> = (0..4)
+            .map(|r| {
+                stream
+                    .clone_htod(&vec![f16::NAN; c.ring.out_len(r)])
+                    .unwrap()
+            })
+            .collect();
+        let (report, timeline) = {
+            let mut ranks: Vec<RankBuffers<'_, f16>> = dout
+                .iter_mut()
+                .enumerate()
+                .map(|(r, o)| {
+                    let st = Strides::contiguous(layout.shard_len(r), 4, 64);
+                    RankBuffers {
+                        q: Strided::new(&dq[r], st),
+                        k: &dk[r],
+                        v: &dv[r],
+                        out: Strided::new(o, st),
+                        lse: None,
+                    }
+                })
+                .collect();
+            ws.forward_timed(&stream, &mut ranks).unwrap()
+        };
+        let outs: Vec<Vec<f16>> = dout.iter().map(|o| stream.clone_dtoh(o).unwrap()).collect();
+        let got = to_f64(&layout.unshard(&outs, 1, 4 * 64).unwrap());
+        let err = rel_l2(&got, &c.want);
+        assert!(err < tolerance::<f16>(), "timed {sharding:?}: {err}");
+        let steps = timeline.steps().unwrap();
+        assert_eq!(steps.len(), report.computing_steps);
+        let plans = c.ring.plans().unwrap();
+        for s in &steps {
+            let planned = &plans[s.rank].steps[s.step];
+            assert!(planned.computes(), "{s:?}");
+            for x in [s.compute_ms, s.wait_ms, s.copy_ms] {
+                assert!(x.is_finite() && x >= 0.0, "{s:?}");
+            }
+            assert!(s.compute_ms > 0.0, "{s:?}");
+            assert_eq!(s.copy_ms > 0.0, planned.compute_after_recv, "{s:?}");
+        }
+        let overlap = RingTimeline::overlap(&steps);
+        assert!((0.0..=1.0).contains(&overlap), "{overlap}");
     }
 }
 

@@ -27,6 +27,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceBuffer, check_half, cuda_call};
 use crate::layout::{Strided, Strides};
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
     ValidAsZeroBits,
@@ -541,13 +542,44 @@ impl<T: RingElement> InProcessRing<T> {
         stream: &Arc<CudaStream>,
         ranks: &mut [RankBuffers<'_, T>],
     ) -> Result<RingGpuReport> {
+        self.run(stream, ranks, None)
+    }
+
+    /// [`InProcessRing::forward`] with timing events around every step's compute and every
+    /// transfer (a bench's view of the overlap; the events cost a few microseconds per step).
+    pub fn forward_timed(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        ranks: &mut [RankBuffers<'_, T>],
+    ) -> Result<(RingGpuReport, RingTimeline)> {
+        let n = self.plans.len();
+        let mut timeline = RingTimeline {
+            start: None,
+            compute: (0..n).map(|_| (0..n).map(|_| None).collect()).collect(),
+            copy: (0..n).map(|_| (0..n).map(|_| None).collect()).collect(),
+        };
+        let report = self.run(stream, ranks, Some(&mut timeline))?;
+        Ok((report, timeline))
+    }
+
+    /// The ring, timed into `timeline` when given.
+    fn run(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        ranks: &mut [RankBuffers<'_, T>],
+        mut timeline: Option<&mut RingTimeline>,
+    ) -> Result<RingGpuReport> {
         let ring = &self.ring;
         ring.check_gpu::<T>(ranks)?;
         let n = self.plans.len();
         let plans = &self.plans;
         let states = &mut self.states;
         let (compute, comm) = (&self.compute, &self.comm);
-        let start = stream.record_event(None)?;
+        // Timing events where timed (cudarc's default events carry no timestamps).
+        let flags = timeline
+            .is_some()
+            .then_some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(flags)?;
         for r in 0..n {
             for s in [&compute[r], &comm[r]] {
                 s.wait(&start)?;
@@ -601,9 +633,14 @@ impl<T: RingElement> InProcessRing<T> {
                 };
                 let RankState { ring_k, ring_v, .. } = dst_state;
                 let (mut dk, mut dv) = (ring_k[dst].slice_mut(..), ring_v[dst].slice_mut(..));
+                let copy_start = flags.map(|f| m.record_event(Some(f))).transpose()?;
                 copy_dtod::<T>(m, &src_k, &mut dk, len)?;
                 copy_dtod::<T>(m, &src_v, &mut dv, len)?;
-                arrived[r][t + 1] = Some(m.record_event(None)?);
+                let done = m.record_event(flags)?;
+                if let (Some(tl), Some(begin)) = (timeline.as_deref_mut(), copy_start) {
+                    tl.copy[r][t + 1] = Some((begin, m.record_event(flags)?));
+                }
+                arrived[r][t + 1] = Some(done);
             }
             for r in 0..n {
                 let st = &plans[r].steps[t];
@@ -628,9 +665,14 @@ impl<T: RingElement> InProcessRing<T> {
                     KvBuffer::Ring(b) => (ring_k[b].slice(..len), ring_v[b].slice(..len)),
                 };
                 let problems = &self.problems[r][t];
+                let step_start = flags.map(|f| c.record_event(Some(f))).transpose()?;
                 pieces += ring.gpu_step(r, st, problems, c, &ranks[r].q, k, v, merge)?;
                 computing_steps += 1;
-                computed[r][t] = Some(c.record_event(None)?);
+                let done = c.record_event(flags)?;
+                if let (Some(tl), Some(begin)) = (timeline.as_deref_mut(), step_start) {
+                    tl.compute[r][t] = Some((begin, c.record_event(flags)?));
+                }
+                computed[r][t] = Some(done);
             }
         }
         for (r, b) in ranks.iter_mut().enumerate() {
@@ -646,11 +688,85 @@ impl<T: RingElement> InProcessRing<T> {
             stream.join(&comm[r])?;
         }
         self.done = stream.record_event(None)?;
+        if let Some(tl) = timeline {
+            tl.start = Some(start);
+        }
         Ok(RingGpuReport {
             transfers: self.transfers.clone(),
             pieces,
             computing_steps,
         })
+    }
+}
+
+/// The timing events of one [`InProcessRing::forward_timed`] run; [`RingTimeline::steps`]
+/// reads them (waiting for the run).
+pub struct RingTimeline {
+    start: Option<CudaEvent>,
+    /// `[rank][step]`: start and end of the step's pieces on the rank's compute stream.
+    compute: Vec<Vec<Option<(CudaEvent, CudaEvent)>>>,
+    /// `[rank][step]`: start and end of the copy that delivered the step's shard.
+    copy: Vec<Vec<Option<(CudaEvent, CudaEvent)>>>,
+}
+
+/// One computing step of one rank, timed on the device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RingStepTime {
+    /// The rank.
+    pub rank: usize,
+    /// The ring step.
+    pub step: usize,
+    /// From the step's first piece to its last merge.
+    pub compute_ms: f32,
+    /// From the end of the rank's previous computing step (or the run's start) to this
+    /// step's start: the time the compute stream stood still waiting for the step's shard
+    /// (or for the host to queue the step).
+    pub wait_ms: f32,
+    /// The copy that delivered the step's shard (0 for the rank's own shard).
+    pub copy_ms: f32,
+}
+
+impl RingTimeline {
+    /// Every computing step's times, by rank then step (waits for the run to finish).
+    pub fn steps(&self) -> Result<Vec<RingStepTime>> {
+        let start = self
+            .start
+            .as_ref()
+            .ok_or_else(|| Error::Shape("ring timeline: the run did not finish".into()))?;
+        let mut out = Vec::new();
+        for (rank, (steps, copies)) in self.compute.iter().zip(&self.copy).enumerate() {
+            let mut prev_end = start;
+            for (step, (times, copy)) in steps.iter().zip(copies).enumerate() {
+                let Some((begin, end)) = times else { continue };
+                out.push(RingStepTime {
+                    rank,
+                    step,
+                    compute_ms: begin.elapsed_ms(end)?,
+                    wait_ms: prev_end.elapsed_ms(begin)?.max(0.0),
+                    copy_ms: match copy {
+                        Some((a, b)) => a.elapsed_ms(b)?,
+                        None => 0.0,
+                    },
+                });
+                prev_end = end;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The share of the copy time hidden behind compute: `1 - sum(wait) / sum(copy)` over
+    /// the steps that waited for a copy, clamped to `[0, 1]` (1 when nothing was copied).
+    pub fn overlap(steps: &[RingStepTime]) -> f64 {
+        let copy: f64 = steps.iter().map(|s| s.copy_ms as f64).sum();
+        if copy <= 0.0 {
+            return 1.0;
+        }
+        let exposed: f64 = steps
+            .iter()
+            .filter(|s| s.copy_ms > 0.0)
+            .map(|s| s.wait_ms.min(s.copy_ms) as f64)
+            .sum();
+        (1.0 - exposed / copy).clamp(0.0, 1.0)
     }
 }
 

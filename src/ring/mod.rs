@@ -33,6 +33,7 @@ pub mod star;
 pub use comm::{Bootstrap, RingComm, SelfComm};
 pub use gpu::{
     InProcessRing, RankBuffers, RingElement, RingGpuReport, RingMerge, RingRank, RingRankWorkspace,
+    RingStepTime, RingTimeline,
 };
 pub use plan::{KvBuffer, PlannedStep, RankPlan, Transfer, TransferCount};
 pub use star::StarAttention;
