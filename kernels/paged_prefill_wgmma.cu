@@ -123,33 +123,53 @@ struct PagedPrefillWgProblem {
       tma::load_4d(dst + pn * (Tr::kBlockM * 128), &maps.q, full, 64 * pn, q0 + m0, h,
                    varlen ? 0 : b);
   }
-  // Key tile t: keys [n0, n0 + kBlockN).
-  __device__ __forceinline__ int kv_coords(int t) const { return tiles.key0(t); }
-  // The boxes of tile n0 that hold a key below sk (all of them but in the tail tile), each
-  // through the page table, completing on `bar` (expect_tx of the bytes issued; none, a
-  // plain arrival, for a tile at or past sk, which the schedule never visits).
-  __device__ __forceinline__ void load_boxes(const CUtensorMap *map, int n0, uint32_t dst,
-                                             uint32_t bar) const {
-    const int boxes = max(0, min(boxes_per_tile, (sk - n0 + box_rows - 1) / box_rows));
-    tma::arrive_expect_tx(bar, (uint32_t)(boxes * box_rows) * (Tr::kHeadDim * 2));
-    for (int i = 0; i < boxes; ++i) {
-      const int j = n0 + i * box_rows;  // first key of the box
-      const int row = (pages[j >> page_shift] << page_shift) + (j & ((1 << page_shift) - 1));
+  // Key tile t: keys [n0, n0 + kBlockN), its boxes that hold a key below sk (all of them but
+  // in the tail tile) and each box's pool row through the page table. The table reads of a
+  // tile are issued together here, before the producer waits for the tile's ring stage, so
+  // their latency overlaps that wait instead of serialising one read per box between copies.
+  static constexpr int kMaxBoxes = Tr::kBlockN / 16;  // pages of >= 16 rows
+  struct TileBoxes {
+    int n0, boxes;
+    int row[kMaxBoxes];
+  };
+  __device__ __forceinline__ TileBoxes kv_coords(int t) const {
+    TileBoxes c;
+    c.n0 = tiles.key0(t);
+    c.boxes = max(0, min(boxes_per_tile, (sk - c.n0 + box_rows - 1) / box_rows));
+#pragma unroll
+    for (int i = 0; i < kMaxBoxes; ++i) {
+      const int j = c.n0 + i * box_rows;  // first key of box i
+      c.row[i] = i < c.boxes
+                     ? (pages[j >> page_shift] << page_shift) + (j & ((1 << page_shift) - 1))
+                     : 0;
+    }
+    return c;
+  }
+  // Copies tile c's boxes, completing on `bar` (expect_tx of the bytes issued; none, a plain
+  // arrival, for a tile at or past sk, which the schedule never visits).
+  __device__ __forceinline__ void load_boxes(const CUtensorMap *map, const TileBoxes &c,
+                                             uint32_t dst, uint32_t bar) const {
+    tma::arrive_expect_tx(bar, (uint32_t)(c.boxes * box_rows) * (Tr::kHeadDim * 2));
+#pragma unroll
+    for (int i = 0; i < kMaxBoxes; ++i) {
+      if (i >= c.boxes) break;
 #pragma unroll
       for (int pn = 0; pn < Tr::kPanels; ++pn)
-        tma::load_4d(dst + pn * kPanelBytes + i * box_rows * 128, map, bar, 64 * pn, row, kvh, 0);
+        tma::load_4d(dst + pn * kPanelBytes + i * box_rows * 128, map, bar, 64 * pn, c.row[i],
+                     kvh, 0);
     }
   }
-  __device__ __forceinline__ void load_k(int n0, uint32_t dst, uint32_t full) const {
-    load_boxes(&maps.k, n0, dst, full);
+  __device__ __forceinline__ void load_k(const TileBoxes &c, uint32_t dst, uint32_t full) const {
+    load_boxes(&maps.k, c, dst, full);
   }
-  __device__ __forceinline__ void load_v(int n0, uint32_t dst, uint32_t full) const {
+  __device__ __forceinline__ void load_v(const TileBoxes &c, uint32_t dst, uint32_t full) const {
+    const int n0 = c.n0;
     if (n0 + Tr::kBlockN <= sk) {
-      load_boxes(&maps.v, n0, dst, full);
+      load_boxes(&maps.v, c, dst, full);
       return;
     }
     // The tail tile (see the file comment): copy, wait, zero the rows past sk, then release.
-    load_boxes(&maps.v, n0, dst, tail_bar);
+    load_boxes(&maps.v, c, dst, tail_bar);
     tma::wait(tail_bar, 0);
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     for (int r = max(sk - n0, 0); r < Tr::kBlockN; ++r)
