@@ -6,8 +6,11 @@
 //! The in-process ring (every rank on one GPU, transfers as device-to-device copies) equals
 //! one dense kernel call over the whole sequence within the dense tolerance, for 1, 2, 3, 4
 //! and 8 ranks, every sharding, several masks, lengths not divisible by the world, GQA, head
-//! dims 64 and 128; a window moves only the shards it needs; Star Attention's GPU phases
-//! equal the CPU ones; the NCCL backend (feature `nccl`) runs world 1 on one GPU.
+//! dims 64 and 128, with the running and the deferred merge; a window moves only the shards
+//! it needs; Star Attention's GPU phases equal the CPU ones; the NCCL backend (feature
+//! `nccl`) runs world 1 on one GPU. Added on 2026-12-05 and not yet run on a GPU: the
+//! reusable working sets (`InProcessRing`, `RingRankWorkspace`), the deferred merge, the
+//! timeline, and the coalesced pieces every test now runs.
 
 mod common;
 
@@ -205,6 +208,15 @@ fn in_process_ring_equals_the_single_kernel() {
                     let c = case::<f16>(&stream, layout, shape, &opts, seed);
                     let what = format!("f16 d {d} world {world} {sharding:?} {name}");
                     run_in_process(&stream, &c, None, &what);
+                    // The deferred merge (one gather per rank at the end) on a working set
+                    // of its own, twice: the second time on fresh inputs.
+                    let mut ws =
+                        InProcessRing::<f16>::with_merge(&c.ring, &stream, RingMerge::Deferred)
+                            .unwrap();
+                    run_in_process(&stream, &c, Some(&mut ws), &format!("{what}, deferred"));
+                    let c = case::<f16>(&stream, layout, shape, &opts, seed + 1000);
+                    let what = format!("{what}, deferred, fresh inputs");
+                    run_in_process(&stream, &c, Some(&mut ws), &what);
                 }
             }
         }
@@ -250,42 +262,6 @@ fn in_process_ring_reuses_its_working_set() {
                 let c = case::<bf16>(stream, layout, shape, &opts, seed);
                 let what = format!("world {world} {sharding:?} {name}, call {call}");
                 assert_eq!(run_in_process(stream, &c, Some(&mut ws), &what), report);
-            }
-        }
-    }
-}
-
-/// The deferred merge (`RingMerge::Deferred`, one gather per rank at the end): every
-/// world, sharding and mask of the running merge's sweep at 389 tokens (odd, not divisible
-/// by the world), d 64 and 128, GQA; each working set runs twice on fresh inputs.
-#[test]
-fn in_process_ring_deferred_merge_equals_the_single_kernel() {
-    let Some(ctx) = gpu_or_skip("in_process_ring_deferred_merge_equals_the_single_kernel") else {
-        return;
-    };
-    let stream = ctx.default_stream();
-    let mut seed = 500;
-    for d in [64, 128] {
-        let shape = RingShape {
-            batch: 2,
-            heads_q: 4,
-            heads_kv: 2,
-            head_dim: d,
-        };
-        for world in [1, 2, 3, 4, 8] {
-            for sharding in [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe] {
-                for (name, opts) in masks() {
-                    let layout = RingLayout::new(389, world, sharding).unwrap();
-                    seed += 1;
-                    let c = case::<f16>(&stream, layout, shape, &opts, seed);
-                    let mut ws =
-                        InProcessRing::<f16>::with_merge(&c.ring, &stream, RingMerge::Deferred)
-                            .unwrap();
-                    let what = format!("deferred d {d} world {world} {sharding:?} {name}");
-                    run_in_process(&stream, &c, Some(&mut ws), &what);
-                    let c = case::<f16>(&stream, layout, shape, &opts, seed + 1000);
-                    run_in_process(&stream, &c, Some(&mut ws), &format!("{what}, again"));
-                }
             }
         }
     }

@@ -222,10 +222,11 @@ mod tests {
     }
 
     /// The deferred merge on the CPU: every piece into its slot (the dense CPU path, f32),
-    /// then each row combined from its segment's slots as the gather kernel does; equal to
-    /// the CPU ring.
+    /// then each row combined from its segment's slots with the gather kernel's arithmetic;
+    /// equal to the running merge of the same pieces (the CPU ring's `merge_piece_cpu`),
+    /// output and LSE.
     #[test]
-    fn gathered_slots_equal_the_cpu_ring() {
+    fn gathered_slots_equal_the_running_merge() {
         use rand::{Rng, SeedableRng};
         for (n, ring) in rings().into_iter().enumerate() {
             let RingShape {
@@ -235,119 +236,100 @@ mod tests {
                 head_dim: d,
             } = ring.shape();
             let layout = *ring.layout();
-            let s = layout.seqlen();
             let mut g = rand::rngs::StdRng::seed_from_u64(n as u64);
-            let mut gen_vec =
-                |len: usize| -> Vec<f32> { (0..len).map(|_| g.random_range(-1.0..1.0)).collect() };
-            let (q, k, v) = (
-                gen_vec(batch * s * heads_q * d),
-                gen_vec(batch * s * heads_kv * d),
-                gen_vec(batch * s * heads_kv * d),
-            );
-            let qs = layout.shard(&q, batch, heads_q * d).unwrap();
-            let ks = layout.shard(&k, batch, heads_kv * d).unwrap();
-            let vs = layout.shard(&v, batch, heads_kv * d).unwrap();
+            let mut shard = |r: usize, heads: usize| -> Vec<f32> {
+                (0..batch * layout.shard_len(r) * heads * d)
+                    .map(|_| g.random_range(-1.0..1.0))
+                    .collect()
+            };
             let world = layout.world();
-            let mut want: Vec<Vec<f32>> = (0..world).map(|r| vec![0.0; ring.out_len(r)]).collect();
-            {
-                let qv: Vec<_> = (0..world)
-                    .map(|r| {
-                        Strided::new(
-                            &qs[r][..],
-                            Strides::contiguous(layout.shard_len(r), heads_q, d),
-                        )
-                    })
-                    .collect();
-                let kv: Vec<_> = (0..world)
-                    .map(|r| Strided::new(&ks[r][..], ring.kv_strides(r)))
-                    .collect();
-                let vv: Vec<_> = (0..world)
-                    .map(|r| Strided::new(&vs[r][..], ring.kv_strides(r)))
-                    .collect();
-                let mut ov: Vec<_> = want
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(r, o)| {
-                        Strided::new(
-                            &mut o[..],
-                            Strides::contiguous(layout.shard_len(r), heads_q, d),
-                        )
-                    })
-                    .collect();
-                ring.forward_cpu(&qv, &kv, &vv, &mut ov, None).unwrap();
-            }
+            let qs: Vec<_> = (0..world).map(|r| shard(r, heads_q)).collect();
+            let ks: Vec<_> = (0..world).map(|r| shard(r, heads_kv)).collect();
+            let vs: Vec<_> = (0..world).map(|r| shard(r, heads_kv)).collect();
             for plan in ring.plans().unwrap() {
                 let r = plan.rank;
                 let len = layout.shard_len(r);
                 let t = SlotTable::new(&plan, ring.shape(), len).unwrap();
+                let qst = Strides::contiguous(len, heads_q, d);
+                let q = Strided::new(&qs[r][..], qst);
                 let (mut so, mut sl) = (vec![f32::NAN; t.o_elems], vec![f32::NAN; t.lse_elems]);
-                let mut slot = 0;
-                for step in &plan.steps {
-                    let src = step.source;
-                    for piece in &step.pieces {
-                        let [oo, lo, _, rows] = t.slot(slot);
-                        let attn = ring.piece_attention(piece).unwrap();
-                        let qst = Strides::contiguous(len, heads_q, d);
-                        let kst = ring.kv_strides(src);
-                        let at = |st: &Strides, r0: usize| (r0 as i64 * st.seq) as usize;
-                        attn.forward_cpu(
-                            Strided::new(&qs[r][at(&qst, piece.q_rows.start)..], qst),
-                            Strided::new(&ks[src][at(&kst, piece.k_rows.start)..], kst),
-                            Strided::new(&vs[src][at(&kst, piece.k_rows.start)..], kst),
-                            Strided::new(
-                                &mut so[oo..oo + attn.out_len()],
-                                Strides::contiguous(rows, heads_q, d),
-                            ),
-                            Some(&mut sl[lo..lo + attn.lse_len()]),
-                        )
+                let (mut want_o, mut want_l) = ring.empty_state(r);
+                let pieces = plan
+                    .steps
+                    .iter()
+                    .flat_map(|st| st.pieces.iter().map(|p| (st.source, p)));
+                for (slot, (src, piece)) in pieces.enumerate() {
+                    let kst = ring.kv_strides(src);
+                    let (k, v) = (
+                        Strided::new(&ks[src][..], kst),
+                        Strided::new(&vs[src][..], kst),
+                    );
+                    ring.merge_piece_cpu(r, piece, &q, &k, &v, &mut want_o, &mut want_l)
                         .unwrap();
-                        slot += 1;
-                    }
+                    let [oo, lo, _, rows] = t.slot(slot);
+                    let attn = ring.piece_attention(piece).unwrap();
+                    let row = |st: &Strides, r0: usize| (r0 as i64 * st.seq) as usize;
+                    attn.forward_cpu(
+                        Strided::new(&qs[r][row(&qst, piece.q_rows.start)..], qst),
+                        Strided::new(&ks[src][row(&kst, piece.k_rows.start)..], kst),
+                        Strided::new(&vs[src][row(&kst, piece.k_rows.start)..], kst),
+                        Strided::new(
+                            &mut so[oo..oo + attn.out_len()],
+                            Strides::contiguous(rows, heads_q, d),
+                        ),
+                        Some(&mut sl[lo..lo + attn.lse_len()]),
+                    )
+                    .unwrap();
                 }
-                // The gather kernel's arithmetic, row by row.
-                let mut got = vec![f32::NAN; ring.out_len(r)];
+                // The gather kernel's arithmetic, row by row; the running state's layout is
+                // [batch, heads_q, len, head_dim] and [batch, heads_q, len].
+                let mut err = 0.0f32;
                 for (start, end, slots) in t.segments() {
                     for i in start..end {
-                        for b in 0..batch {
-                            for h in 0..heads_q {
-                                let bh = b * heads_q + h;
-                                let parts: Vec<(f32, usize)> = slots
-                                    .iter()
-                                    .map(|&x| {
-                                        let [oo, lo, row0, rows] = t.slot(x as usize);
-                                        let li = i - row0;
-                                        (
-                                            sl[lo + bh * rows + li],
-                                            oo + ((b * rows + li) * heads_q + h) * d,
-                                        )
-                                    })
-                                    .collect();
-                                let m = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
-                                let dst = ((b * len + i) * heads_q + h) * d;
-                                for c in 0..d {
-                                    let (mut acc, mut sum) = (0.0f32, 0.0f32);
-                                    if m != f32::NEG_INFINITY {
-                                        for &(l, o) in &parts {
-                                            let w = (l - m).exp();
-                                            sum += w;
-                                            acc += w * so[o + c];
-                                        }
-                                    }
-                                    got[dst + c] = if sum > 0.0 { acc / sum } else { 0.0 };
+                        for bh in 0..batch * heads_q {
+                            let (b, h) = (bh / heads_q, bh % heads_q);
+                            let parts: Vec<(f32, usize)> = slots
+                                .iter()
+                                .map(|&x| {
+                                    let [oo, lo, row0, rows] = t.slot(x as usize);
+                                    let li = i - row0;
+                                    (
+                                        sl[lo + bh * rows + li],
+                                        oo + ((b * rows + li) * heads_q + h) * d,
+                                    )
+                                })
+                                .collect();
+                            let m = parts.iter().fold(f32::NEG_INFINITY, |a, p| a.max(p.0));
+                            let w = |l: f32| {
+                                if m == f32::NEG_INFINITY {
+                                    0.0
+                                } else {
+                                    (l - m).exp()
                                 }
+                            };
+                            let sum: f32 = parts.iter().map(|p| w(p.0)).sum();
+                            let lse = if sum > 0.0 {
+                                m + sum.ln()
+                            } else {
+                                f32::NEG_INFINITY
+                            };
+                            let si = bh * len + i;
+                            assert!(
+                                lse == want_l[si] || (lse - want_l[si]).abs() < 1e-5,
+                                "{layout:?} rank {r} row {i}: lse {lse} vs {}",
+                                want_l[si]
+                            );
+                            for c in 0..d {
+                                let acc: f32 = parts.iter().map(|&(l, o)| w(l) * so[o + c]).sum();
+                                let got = if sum > 0.0 { acc / sum } else { 0.0 };
+                                err = err.max((got - want_o[si * d + c]).abs());
                             }
                         }
                     }
                 }
-                let err = got
-                    .iter()
-                    .zip(&want[r])
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
                 assert!(
                     err < 1e-5,
-                    "{:?} rank {r}: max |gathered - ring| = {err}",
-                    layout
+                    "{layout:?} rank {r}: max |gathered - running| = {err}"
                 );
             }
         }
