@@ -501,6 +501,27 @@ fn ring_rank_world_one_equals_the_single_kernel() {
     let got = to_f64(&stream.clone_dtoh(&dout).unwrap());
     let err = rel_l2(&got, &c.want);
     assert!(err < tolerance::<f16>(), "world 1 rank driver: {err}");
+    // A working set built for another ring (longer shards) is refused before any launch.
+    let other = RingAttention::new(
+        RingLayout::new(778, 1, Sharding::Contiguous).unwrap(),
+        shape,
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    let other_rank = RingRank::new(&other, &comm).unwrap();
+    let mut foreign = other_rank.workspace::<f16>(&stream).unwrap();
+    let refused = rank.run_in(
+        &mut foreign,
+        &stream,
+        RankBuffers {
+            q: Strided::new(&dq, st),
+            k: &dk,
+            v: &dv,
+            out: Strided::new(&mut dout, st),
+            lse: None,
+        },
+    );
+    assert!(matches!(refused, Err(Error::Shape(_))), "{refused:?}");
     // One working set per merge, fresh inputs each run, poisoned outputs and LSE.
     for (merge, seeds) in [(RingMerge::Running, 4..7), (RingMerge::Deferred, 7..10)] {
         let mut ws = rank.workspace_with::<f16>(&stream, merge).unwrap();

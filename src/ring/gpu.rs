@@ -21,12 +21,13 @@
 
 use super::plan::{KvBuffer, PlannedStep, RankPlan, TransferCount};
 use super::slots::SlotTable;
-use super::{RingAttention, RingShape};
+use super::{RingAttention, RingLayout, RingShape};
 use crate::dense::FlashAttention;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::{DeviceBuffer, check_half, cuda_call};
 use crate::layout::{Strided, Strides};
+use crate::mask::Mask;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{
     CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
@@ -834,6 +835,8 @@ pub struct RingRank<'c, C: super::comm::RingComm> {
 /// scratch and two ring buffers (**not yet run on a GPU** across several calls).
 pub struct RingRankWorkspace<T> {
     state: RankState<T>,
+    /// What the buffers were sized for: the ring (layout, shape, mask) and the rank.
+    sized_for: (RingLayout, RingShape, Mask, usize),
     /// Recorded on the caller's stream after the last run (or the allocation).
     done: CudaEvent,
 }
@@ -882,8 +885,10 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         let state = self
             .attn
             .rank_state::<T>(self.plan.rank, &self.plan, merge, stream)?;
+        let a = &self.attn;
         Ok(RingRankWorkspace {
             state,
+            sized_for: (a.layout, a.shape, a.mask, self.plan.rank),
             done: stream.record_event(None)?,
         })
     }
@@ -951,6 +956,12 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         self.check_buffers(&bufs)?;
         let attn = &self.attn;
         let r = self.plan.rank;
+        if ws.sized_for != (attn.layout, attn.shape, attn.mask, r) {
+            return Err(Error::Shape(format!(
+                "ring rank {r}: the workspace was built for another ring or rank ({:?})",
+                ws.sized_for
+            )));
+        }
         let len = attn.layout.shard_len(r);
         let m = self.comm.stream();
         let start = stream.record_event(None)?;
