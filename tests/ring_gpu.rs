@@ -85,14 +85,24 @@ fn case<T: RingElement>(
     }
 }
 
-/// Runs the in-process ring on `c` (on `ws` when given, else one-shot) and checks it against
-/// the single kernel; returns the launch report.
+/// How [`run_in_process`] runs the ring.
+enum Run<'a, T> {
+    /// `RingAttention::forward_gpu_in_process`.
+    OneShot,
+    /// `InProcessRing::forward` on a working set.
+    On(&'a mut InProcessRing<T>),
+    /// `InProcessRing::forward_timed` on a working set.
+    Timed(&'a mut InProcessRing<T>),
+}
+
+/// Runs the in-process ring on `c` as `run` says and checks it (output and LSE) against the
+/// single kernel; returns the launch report and, for a timed run, the timeline.
 fn run_in_process<T: RingElement>(
     stream: &Arc<CudaStream>,
     c: &Case<T>,
-    ws: Option<&mut InProcessRing<T>>,
+    run: Run<'_, T>,
     what: &str,
-) -> RingGpuReport {
+) -> (RingGpuReport, Option<RingTimeline>) {
     let layout = *c.ring.layout();
     let RingShape {
         batch,
@@ -135,9 +145,16 @@ fn run_in_process<T: RingElement>(
                 }
             })
             .collect();
-        match ws {
-            Some(ws) => ws.forward(stream, &mut ranks).unwrap(),
-            None => c.ring.forward_gpu_in_process(stream, &mut ranks).unwrap(),
+        match run {
+            Run::OneShot => (
+                c.ring.forward_gpu_in_process(stream, &mut ranks).unwrap(),
+                None,
+            ),
+            Run::On(ws) => (ws.forward(stream, &mut ranks).unwrap(), None),
+            Run::Timed(ws) => {
+                let (report, timeline) = ws.forward_timed(stream, &mut ranks).unwrap();
+                (report, Some(timeline))
+            }
         }
     };
     let outs: Vec<Vec<T>> = dout.iter().map(|o| stream.clone_dtoh(o).unwrap()).collect();
@@ -207,16 +224,16 @@ fn in_process_ring_equals_the_single_kernel() {
                     seed += 1;
                     let c = case::<f16>(&stream, layout, shape, &opts, seed);
                     let what = format!("f16 d {d} world {world} {sharding:?} {name}");
-                    run_in_process(&stream, &c, None, &what);
+                    run_in_process(&stream, &c, Run::OneShot, &what);
                     // The deferred merge (one gather per rank at the end) on a working set
                     // of its own, twice: the second time on fresh inputs.
                     let mut ws =
                         InProcessRing::<f16>::with_merge(&c.ring, &stream, RingMerge::Deferred)
                             .unwrap();
-                    run_in_process(&stream, &c, Some(&mut ws), &format!("{what}, deferred"));
+                    run_in_process(&stream, &c, Run::On(&mut ws), &format!("{what}, deferred"));
                     let c = case::<f16>(&stream, layout, shape, &opts, seed + 1000);
                     let what = format!("{what}, deferred, fresh inputs");
-                    run_in_process(&stream, &c, Some(&mut ws), &what);
+                    run_in_process(&stream, &c, Run::On(&mut ws), &what);
                 }
             }
         }
@@ -229,7 +246,7 @@ fn in_process_ring_equals_the_single_kernel() {
     };
     let layout = RingLayout::new(1000, 4, Sharding::Zigzag).unwrap();
     let c = case::<bf16>(&stream, layout, shape, &AttentionOptions::causal(), 99);
-    run_in_process(&stream, &c, None, "bf16 MQA zigzag causal");
+    run_in_process(&stream, &c, Run::OneShot, "bf16 MQA zigzag causal");
 }
 
 /// One working set, several calls: fresh inputs each time (poisoned outputs), the caller's
@@ -255,21 +272,24 @@ fn in_process_ring_reuses_its_working_set() {
             let first = case::<bf16>(&streams[0], layout, shape, &opts, seed);
             let mut ws = InProcessRing::<bf16>::new(&first.ring, &streams[0]).unwrap();
             let what = format!("world {world} {sharding:?} {name}, call 0");
-            let report = run_in_process(&streams[0], &first, Some(&mut ws), &what);
+            let (report, _) = run_in_process(&streams[0], &first, Run::On(&mut ws), &what);
             for call in 1..4 {
                 seed += 1;
                 let stream = &streams[call % 2];
                 let c = case::<bf16>(stream, layout, shape, &opts, seed);
                 let what = format!("world {world} {sharding:?} {name}, call {call}");
-                assert_eq!(run_in_process(stream, &c, Some(&mut ws), &what), report);
+                assert_eq!(
+                    run_in_process(stream, &c, Run::On(&mut ws), &what).0,
+                    report
+                );
             }
         }
     }
 }
 
 /// A timed run equals the single kernel like any other, and its timeline has one entry per
-/// computing step of every rank, with finite, non-negative times and a copy exactly where
-/// the step computes on a received shard.
+/// computing step of every rank, with finite, non-negative times and no copy where the step
+/// computes on the rank's own shard.
 #[test]
 fn in_process_ring_timeline_covers_every_computing_step() {
     let Some(ctx) = gpu_or_skip("in_process_ring_timeline_covers_every_computing_step") else {
@@ -292,40 +312,9 @@ fn in_process_ring_timeline_covers_every_computing_step() {
         let layout = RingLayout::new(2000, 4, sharding).unwrap();
         let c = case::<f16>(&stream, layout, shape, &opts, 41);
         let mut ws = InProcessRing::<f16>::new(&c.ring, &stream).unwrap();
-        let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
-        for r in 0..4 {
-            dq.push(stream.clone_htod(&c.q[r]).unwrap());
-            dk.push(stream.clone_htod(&c.k[r]).unwrap());
-            dv.push(stream.clone_htod(&c.v[r]).unwrap());
-        }
-        let mut dout: Vec<CudaSlice<f16>> = (0..4)
-            .map(|r| {
-                stream
-                    .clone_htod(&vec![f16::NAN; c.ring.out_len(r)])
-                    .unwrap()
-            })
-            .collect();
-        let (report, timeline) = {
-            let mut ranks: Vec<RankBuffers<'_, f16>> = dout
-                .iter_mut()
-                .enumerate()
-                .map(|(r, o)| {
-                    let st = Strides::contiguous(layout.shard_len(r), 4, 64);
-                    RankBuffers {
-                        q: Strided::new(&dq[r], st),
-                        k: &dk[r],
-                        v: &dv[r],
-                        out: Strided::new(o, st),
-                        lse: None,
-                    }
-                })
-                .collect();
-            ws.forward_timed(&stream, &mut ranks).unwrap()
-        };
-        let outs: Vec<Vec<f16>> = dout.iter().map(|o| stream.clone_dtoh(o).unwrap()).collect();
-        let got = to_f64(&layout.unshard(&outs, 1, 4 * 64).unwrap());
-        let err = rel_l2(&got, &c.want);
-        assert!(err < tolerance::<f16>(), "timed {sharding:?}: {err}");
+        let what = format!("timed {sharding:?}");
+        let (report, timeline) = run_in_process(&stream, &c, Run::Timed(&mut ws), &what);
+        let timeline = timeline.expect("a timed run returns its timeline");
         let steps = timeline.steps().unwrap();
         assert_eq!(steps.len(), report.computing_steps);
         let plans = c.ring.plans().unwrap();
@@ -336,7 +325,9 @@ fn in_process_ring_timeline_covers_every_computing_step() {
                 assert!(x.is_finite() && x >= 0.0, "{s:?}");
             }
             assert!(s.compute_ms > 0.0, "{s:?}");
-            assert_eq!(s.copy_ms > 0.0, planned.compute_after_recv, "{s:?}");
+            // A step on the rank's own shard had no copy (a received one's copy may time
+            // as 0 at the events' resolution).
+            assert!(planned.compute_after_recv || s.copy_ms == 0.0, "{s:?}");
         }
         let overlap = RingTimeline::overlap(&steps);
         assert!((0.0..=1.0).contains(&overlap), "{overlap}");
@@ -358,7 +349,7 @@ fn in_process_ring_moves_only_the_needed_shards() {
     let opts = AttentionOptions::default().with_window(Window::causal_tokens(4096).unwrap());
     let layout = RingLayout::new(16384, 8, Sharding::Contiguous).unwrap();
     let c = case::<f16>(&stream, layout, shape, &opts, 7);
-    let report = run_in_process(&stream, &c, None, "window 4k over 8 ranks");
+    let (report, _) = run_in_process(&stream, &c, Run::OneShot, "window 4k over 8 ranks");
     assert_eq!(report.transfers.received, vec![0, 1, 2, 2, 2, 2, 2, 2]);
 }
 
