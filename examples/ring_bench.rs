@@ -18,7 +18,8 @@
 //!   `max_copy_over_compute` (the largest copy / compute ratio of a step: above 1 a copy
 //!   cannot hide), `overlap` = `1 - exposed / step_copy_ms` (`RingTimeline::overlap`).
 //!
-//! `cargo run --release --example ring_bench [-- --quick]` (quick: 32k tokens only).
+//! `cargo run --release --example ring_bench [-- --quick]` (quick: 32k tokens, plus 8 ranks
+//! at 64k causal zigzag and at 128k with the 4k window, the two targets).
 
 use longattn::cudarc::driver::sys::CUevent_flags;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
@@ -201,32 +202,44 @@ fn main() -> Result<()> {
         "# ring_bench on {} (in-process ring)",
         Device::Cuda(ctx.clone()).describe()
     );
-    let seqs: &[usize] = if quick {
-        &[32768]
-    } else {
-        &[32768, 65536, 131072]
+    let zigzag = || {
+        (
+            "causal_zigzag",
+            Sharding::Zigzag,
+            AttentionOptions::causal(),
+        )
     };
-    for &s in seqs {
-        for world in [2usize, 4, 8] {
-            let cases = [
-                (
-                    "causal_zigzag",
-                    Sharding::Zigzag,
-                    AttentionOptions::causal(),
-                ),
-                (
-                    "window4096_contiguous",
-                    Sharding::Contiguous,
-                    AttentionOptions::default().with_window(Window::causal_tokens(4096)?),
-                ),
-            ];
-            for (name, sharding, opts) in cases {
-                let name = format!("ring_{name}_s{s}_w{world}");
-                match bench(&stream, &name, s, world, sharding, &opts) {
-                    Ok(line) => println!("{line}"),
-                    Err(e) => println!("# {name}: {e}"),
-                }
+    let window = || -> Result<_> {
+        Ok((
+            "window4096_contiguous",
+            Sharding::Contiguous,
+            AttentionOptions::default().with_window(Window::causal_tokens(4096)?),
+        ))
+    };
+    // (tokens, ranks, case): every case at 32k, and the two targets (8 ranks: causal
+    // zigzag at 64k, window 4k at 16k tokens per rank) in the quick run; 64k and 128k at
+    // every world otherwise.
+    let mut runs = Vec::new();
+    for world in [2usize, 4, 8] {
+        runs.push((32768, world, zigzag()));
+        runs.push((32768, world, window()?));
+    }
+    if quick {
+        runs.push((65536, 8, zigzag()));
+        runs.push((131072, 8, window()?));
+    } else {
+        for s in [65536, 131072] {
+            for world in [2usize, 4, 8] {
+                runs.push((s, world, zigzag()));
+                runs.push((s, world, window()?));
             }
+        }
+    }
+    for (s, world, (name, sharding, opts)) in runs {
+        let name = format!("ring_{name}_s{s}_w{world}");
+        match bench(&stream, &name, s, world, sharding, &opts) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("# {name}: {e}"),
         }
     }
     Ok(())
