@@ -46,6 +46,40 @@ fn window_4k_over_8_ranks_receives_only_needed_shards() {
 }
 
 #[test]
+fn window_4k_over_8_ranks_of_16k_receives_only_from_the_neighbour() {
+    // The target case: 8 ranks x 16k tokens, causal window of 4k tokens: rank r
+    // needs only shard r - 1 (its first token sees 4k back, inside its neighbour's 16k),
+    // which it receives at step 1 and computes on; every later step and transfer is skipped.
+    let attn = ring(8 * 16384, 8, Sharding::Contiguous, &window(4096));
+    let plans = attn.plans().unwrap();
+    let count = RingAttention::check_plans(&plans).unwrap();
+    assert_eq!(count.received, vec![0, 1, 1, 1, 1, 1, 1, 1]);
+    assert_eq!(count.total, 7);
+    for p in &plans {
+        let r = p.rank;
+        let want: Vec<usize> = r.checked_sub(1).into_iter().collect();
+        assert_eq!(p.received(), want, "rank {r}");
+        assert_eq!(
+            p.computing_steps(),
+            (0..=1.min(r)).collect::<Vec<_>>(),
+            "rank {r}"
+        );
+        let sent: Vec<usize> = if r + 1 < 8 { vec![r] } else { vec![] };
+        assert_eq!(p.sent(), sent, "rank {r}");
+        // One dense piece per computing step: the band of the local shard, then the
+        // neighbour's last 4k keys against the first 4k - 1 rows.
+        for s in &p.steps {
+            assert!(
+                s.pieces.len() <= 1,
+                "rank {r} step {}: {:?}",
+                s.step,
+                s.pieces
+            );
+        }
+    }
+}
+
+#[test]
 fn causal_contiguous_skips_future_steps_and_transfers() {
     let attn = ring(64, 4, Sharding::Contiguous, &AttentionOptions::causal());
     let plans = attn.plans().unwrap();
