@@ -457,8 +457,9 @@ impl RingAttention {
 }
 
 /// The in-process ring's reusable working set: per rank a compute and a communication stream,
-/// the f32 running state, the piece scratch and two ring buffers, and every rank's plan with
-/// each piece's dense problem, built once by [`InProcessRing::new`].
+/// the merge state ([`RingMerge`]) and two ring buffers, and every rank's plan with each
+/// piece's dense problem, built once by [`InProcessRing::new`] or
+/// [`InProcessRing::with_merge`].
 /// [`InProcessRing::forward`] then only queues work (no allocation, no stream creation, no
 /// host synchronisation), which is what an engine (or a bench) repeating the ring wants.
 /// The ring's kernels and schedule are **verified on an H200 (2026-12-04)**; running one
