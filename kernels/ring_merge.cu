@@ -64,8 +64,11 @@ __global__ void __launch_bounds__(kRingWarps * 32)
   if (lane == 0 && p.lse != nullptr) p.lse[item] = p.acc_lse[item];
 }
 
-// Most channels a lane of the gather holds (head_dim <= 256 over 32 lanes).
-constexpr int kGatherPerLane = 8;
+// The gather reads slot rows in 4-channel (8-byte) chunks: chunk c of a row is channels
+// 4c..4c+3, lane l holds chunks l and l + 32 (head_dim <= 256; the GPU ring's head dims are
+// multiples of 8, and every slot row starts at a multiple of head_dim elements of a
+// cudaMalloc'd buffer, so each chunk is 8-byte aligned).
+constexpr int kGatherChunks = 2;
 
 template <typename T>
 __global__ void __launch_bounds__(kRingWarps * 32)
@@ -94,18 +97,25 @@ __global__ void __launch_bounds__(kRingWarps * 32)
   };
   float m = kNegInf;
   for (int x = 0; x < count; ++x) m = fmaxf(m, lse_of(p.slots + 4 * p.slot_list[first + x]));
-  float acc[kGatherPerLane] = {};
+  const int chunks = p.head_dim / 4;
+  float acc[kGatherChunks][4] = {};
   float sum = 0.0f;
   if (m != kNegInf) {
     for (int x = 0; x < count; ++x) {
       const int64_t *s = p.slots + 4 * p.slot_list[first + x];
       const float w = expf(lse_of(s) - m);
       sum += w;
-      const T *o = o_of(s);
+      const uint2 *o = reinterpret_cast<const uint2 *>(o_of(s));
 #pragma unroll
-      for (int c = 0; c < kGatherPerLane; ++c) {
-        const int ch = lane + 32 * c;
-        if (ch < p.head_dim) acc[c] += w * Elem<T>::to_float(o[ch]);
+      for (int c = 0; c < kGatherChunks; ++c) {
+        if (lane + 32 * c >= chunks) break;
+        const uint2 v = o[lane + 32 * c];
+        const float2 x0 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.x));
+        const float2 x1 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.y));
+        acc[c][0] += w * x0.x;
+        acc[c][1] += w * x0.y;
+        acc[c][2] += w * x1.x;
+        acc[c][3] += w * x1.y;
       }
     }
   }
@@ -113,9 +123,10 @@ __global__ void __launch_bounds__(kRingWarps * 32)
   T *out = static_cast<T *>(p.out) + b * p.out_batch_stride + (long long)i * p.out_row_stride +
            (long long)h * p.out_head_stride;
 #pragma unroll
-  for (int c = 0; c < kGatherPerLane; ++c) {
-    const int ch = lane + 32 * c;
-    if (ch < p.head_dim) out[ch] = Elem<T>::from_float(acc[c] * inv);
+  for (int c = 0; c < kGatherChunks; ++c) {
+    if (lane + 32 * c >= chunks) break;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[4 * (lane + 32 * c) + e] = Elem<T>::from_float(acc[c][e] * inv);
   }
   if (lane == 0 && p.lse != nullptr) p.lse[item] = m == kNegInf ? kNegInf : m + logf(sum);
 }
@@ -142,7 +153,8 @@ cudaError_t launch_ring_finalize(const LaRingFinalizeParams &p, cudaStream_t str
 
 template <typename T>
 cudaError_t launch_ring_gather(const LaRingGatherParams &p, cudaStream_t stream) {
-  if (p.head_dim <= 0 || p.head_dim > 32 * kGatherPerLane || p.segment_count <= 0 ||
+  if (p.head_dim <= 0 || p.head_dim % 4 != 0 || p.head_dim > 32 * 4 * kGatherChunks ||
+      p.segment_count <= 0 ||
       p.batch < 0 || p.heads < 0 || p.len < 0)
     return cudaErrorInvalidValue;
   const long long blocks = warp_blocks((long long)p.batch * p.heads * p.len);

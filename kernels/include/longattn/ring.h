@@ -52,7 +52,8 @@ typedef struct LaRingFinalizeParams {
  * segments [segment_count][4] = (start, end, first, count): shard rows [start, end) are
  * covered by the slots slot_list[first .. first + count) (count 0: no key, o = 0, lse = -inf);
  * sorted, tiling [0, len). out (dtype, element strides) and, when lse is not NULL, lse
- * [batch, heads, len] = the LSE merge of the covering slots, one pass per row; head_dim <= 256. */
+ * [batch, heads, len] = the LSE merge of the covering slots, one pass per row; head_dim a
+ * multiple of 4 up to 256. */
 typedef struct LaRingGatherParams {
   const void *slots_o;
   const float *slots_lse;
