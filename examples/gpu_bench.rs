@@ -6,6 +6,9 @@
 //! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt`
 //! (default: all three) picks the kernels to time.
 //!
+//! `varlen64_d128_causal`: one packed batch of 64 sequences of 100-2000 tokens (a fixed
+//! spread), 16 heads, causal, as a serving engine's prefill batch packs them.
+//!
 //! `shortq_*` rows: short query sequences (1-64 new tokens) over 4k-32k keys with GQA (32
 //! query / 8 kv heads, d128, no mask), as chunked prefill and speculative decoding run them:
 //! `DenseKernel::TensorCoreGqa` (query heads of a group packed into one tile; not yet run on
@@ -105,6 +108,53 @@ fn time_short_query(
     Ok((ms, flops / ms / 1e9))
 }
 
+/// The varlen batch of the `varlen64_*` rows: 64 sequence lengths spread over 100..=2000
+/// tokens by a fixed formula (`scripts/torch_baseline.py` uses the same one).
+fn varlen_lengths() -> Vec<usize> {
+    (0..64).map(|i| 100 + (i * 7919 + 13) % 1901).collect()
+}
+
+/// One packed varlen batch ([`varlen_lengths`], 16 heads, d128, causal, bf16, `[total,
+/// heads, head_dim]`); returns (ms, TFLOP/s over the visible pairs of every sequence).
+fn time_varlen(stream: &Arc<CudaStream>, kernel: DenseKernel) -> Result<(f64, f64)> {
+    let (h, d) = (16usize, 128usize);
+    let lens = varlen_lengths();
+    let mut cu = vec![0i32];
+    for &l in &lens {
+        cu.push(cu[cu.len() - 1] + l as i32);
+    }
+    let total = *cu.last().unwrap_or(&0) as usize;
+    let shape = AttentionShape {
+        batch: lens.len(),
+        heads_q: h,
+        heads_kv: h,
+        head_dim: d,
+        seqlens: SeqLens::Varlen {
+            cu_seqlens_q: &cu,
+            cu_seqlens_k: &cu,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?.with_kernel(kernel);
+    let st = Strides::contiguous(total, h, d);
+    let n = total * h * d;
+    let q: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 1))?;
+    let k: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 2))?;
+    let v: CudaSlice<bf16> = stream.clone_htod(&lcg_fill(n, 3))?;
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(n)?;
+    let ms = support::time_ms(stream, 300.0, 50, || {
+        attn.forward_gpu(
+            stream,
+            Strided::new(&q, st),
+            Strided::new(&k, st),
+            Strided::new(&v, st),
+            Strided::new(&mut o, st),
+            None,
+        )
+    })?;
+    let pairs: usize = lens.iter().map(|&l| l * (l + 1) / 2).sum();
+    Ok((ms, 4.0 * (h * d) as f64 * pairs as f64 / ms / 1e9))
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let ctx = longattn::device::open_gpu(0)?;
@@ -173,6 +223,19 @@ fn main() -> Result<()> {
                 ),
                 Err(e) => println!("# {} {label}: {e}", c.name),
             }
+        }
+    }
+    // A packed varlen batch of 64 sequences of 100-2000 tokens (issue 16's varlen target).
+    let total: usize = varlen_lengths().iter().sum();
+    for (kernel, label) in [
+        (DenseKernel::Hopper, "longattn-wgmma"),
+        (DenseKernel::TensorCore, "longattn-mma"),
+    ] {
+        match time_varlen(&stream, kernel) {
+            Ok((ms, tflops)) => println!(
+                "BENCH {{\"name\":\"varlen64_d128_causal\",\"impl\":\"{label}\",\"b\":64,\"s\":{total},\"h\":16,\"d\":128,\"ms\":{ms:.4},\"tflops\":{tflops:.2}}}"
+            ),
+            Err(e) => println!("# varlen64_d128_causal {label}: {e}"),
         }
     }
     for sk in [4096usize, 32768] {

@@ -2,7 +2,8 @@
 """PyTorch baselines on the shapes of examples/gpu_bench.rs, printed as `BENCH {json}` lines.
 
 SDPA with the flash and cuDNN backends (full and causal), FlexAttention with causal and
-sliding-window block masks. TFLOP/s counts 4*d FLOPs per visible (query, key) pair and
+sliding-window block masks; the packed varlen batch (SDPA on jagged nested tensors,
+FlexAttention with a document mask). TFLOP/s counts 4*d FLOPs per visible (query, key) pair and
 head, like gpu_bench. Run on the GPU machine: python3 torch_baseline.py [--budget SECONDS]
 """
 import argparse
@@ -19,6 +20,11 @@ def visible_pairs(s, window=None, causal=False):
         w = window
         return sum(min(i + 1, w) for i in range(s))
     return s * (s + 1) // 2 if causal else s * s
+
+
+def varlen_lengths():
+    """The 64 sequence lengths (100-2000 tokens) of gpu_bench's varlen64_d128_causal row."""
+    return [100 + (i * 7919 + 13) % 1901 for i in range(64)]
 
 
 def bench(fn, reps=None):
@@ -83,12 +89,46 @@ def main():
                 except Exception as e:  # backend not available for this shape
                     print(f"# {name} {impl}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             del q, k, v
+    # The packed varlen batch of gpu_bench's varlen64_d128_causal row (same lengths): SDPA on
+    # a jagged nested tensor (its flash backend runs varlen batches without padding).
+    lens = varlen_lengths()
+    total, pairs = sum(lens), sum(l * (l + 1) // 2 for l in lens)
+    name = "varlen64_d128_causal"
+    try:
+        q, k, v = (torch.nested.nested_tensor(
+            [torch.randn(l, 16, 128, device=dev, dtype=torch.bfloat16) for l in lens],
+            layout=torch.jagged).transpose(1, 2) for _ in range(3))
+        for impl, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                              ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            try:
+                with sdpa_kernel(backend):
+                    ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+                emit(name, impl, 64, total, 16, 128, ms, pairs)
+            except Exception as e:  # backend not available for jagged inputs
+                print(f"# {name} {impl}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        del q, k, v
+    except Exception as e:
+        print(f"# {name} nested tensors: {type(e).__name__}: {str(e)[:120]}", flush=True)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         flex = torch.compile(flex_attention, dynamic=False)
     except Exception as e:
         print(f"# flex unavailable: {e}")
         return
+    # FlexAttention on the same packed batch: a document mask (causal within a sequence).
+    try:
+        doc = torch.repeat_interleave(torch.arange(len(lens), device=dev),
+                                      torch.tensor(lens, device=dev))
+        def doc_mask(bi, hi, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+        bm = create_block_mask(doc_mask, B=None, H=None, Q_LEN=total, KV_LEN=total, device="cuda")
+        q, k, v = (torch.randn(1, 16, total, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        ms = bench(lambda: flex(q, k, v, block_mask=bm))
+        emit(name, "flex", 64, total, 16, 128, ms, pairs)
+        del q, k, v
+    except Exception as e:
+        print(f"# {name} flex: {type(e).__name__}: {str(e)[:160]}", flush=True)
     cases = [("dense_d128_s16384_causal", 16384, None)]
     for s in (16384, 65536):
         for w in (256, 1024, 4096):
