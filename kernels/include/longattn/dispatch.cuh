@@ -87,6 +87,10 @@ inline bool dense_wgmma_supports(const LaDenseParams &p) {
   return dense_wgmma_unsupported_reason(p) == nullptr;
 }
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
+// The Hopper kernel for short sliding windows (dense_wgmma_window.cu: 64-key tiles, per-consumer
+// key ranges, persistent blocks): LA_DENSE_WGMMA_WINDOW only, head_dim 64 or 128.
+const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream);
 // Head dims the tensor-core kernels have tiles for (others are padded up to one).
 inline bool tensor_core_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
 // The mma.sync kernel on the shared mainloop, any head_dim up to 256 (padded in the kernel):

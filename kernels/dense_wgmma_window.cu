@@ -1,0 +1,499 @@
+// Hopper dense attention for short sliding windows (wgmma.mma_async + TMA, sm_90a only):
+// LA_DENSE_WGMMA_WINDOW, by name only, not yet run on a GPU. Semantics are exactly those of
+// the SIMT kernel in dense.cu (any window, sinks, softcap, GQA, varlen, LSE); what differs
+// from dense_wgmma.cu is the work each block does, shaped for windows of a few hundred keys.
+//
+// Under a causal window W a 128-row query tile spans W + 127 keys, and dense_wgmma.cu's
+// block computes every one of them for every row: with 128-key tiles that is (W + 128) keys
+// per row for W visible (67% useful at W = 256), and its three or four key tiles barely
+// amortise the block's fixed costs (launch, the Q copy, the ring's first tiles in flight,
+// the O write-back) while the block holds the whole SM. This kernel changes three things:
+//
+// 1. 64-key tiles, and each consumer warpgroup visits only the key tiles its own 64 rows can
+//    see. The block still loads the union (the producer's schedule is Mask::key_tiles of all
+//    128 rows, as in dense_wgmma.cu); a consumer skips the tiles outside its rows' reach
+//    (consumer 0 the window's last tile, consumer 1 its first): W + 64 keys per row instead of
+//    W + 128 (80% useful at W = 256, 94% at W = 1024).
+// 2. Persistent blocks: one block per SM walks work items (128-row query tile, head,
+//    sequence), item w = block, block + grid, ..., the query tiles of one head adjacent (the
+//    blocks running at once read overlapping windows of the same K/V from L2) and each head's
+//    last tile first. The K/V ring runs on across items, and Q is double-buffered: the
+//    producer loads the next item's Q and first key tiles while the consumers finish the
+//    current item, so pipeline fill and launch are paid once per SM, not once per tile.
+// 3. The ping-pong turns are taken per tile of the block's schedule by both consumers alike,
+//    whether or not a consumer computes that tile (an empty turn), so both take the same
+//    number of turns whatever their own ranges.
+//
+// Per consumer and turn k (k = 0..n, n = the item's key tiles): it issues S_k = Q K_k^T if
+// it needs tile k, and O += P V for its pending tile if it has one; a tile it does not need
+// is released (both ring barriers) after it is loaded, once any pending PV has completed, so
+// that its arrivals never count toward the stage's previous use. Everything else (scale,
+// softcap, per-element mask of boundary tiles only, online softmax overlapping the PV
+// wgmma, O staged in the consumer's own Q rows) is the mainloop of wgmma_mainloop.cuh.
+//
+// Shared memory (bytes, 1024-aligned): Q buffers 0 and 1 (128, D) each; the K ring and the V
+// ring (kStages, 64, D); mbarriers: Q full and Q empty per buffer, then K full, V full,
+// K empty, V empty per stage. Named barriers as in WgTraits (turns 1, 2; staging 3, 4).
+
+#include <cuda.h>
+
+#include "longattn/common.cuh"
+#include "longattn/dense_tensors.cuh"
+#include "longattn/dispatch.cuh"
+#include "longattn/mask.cuh"
+#include "longattn/schedule.cuh"
+#include "longattn/tma_host.cuh"
+#include "longattn/wgmma_mainloop.cuh"
+
+namespace longattn {
+namespace {
+
+// WgTraits with 64-key tiles and two Q buffers (the shared-memory layout above).
+template <int kHeadDim_, int kStages_>
+struct WgWindowTraits : WgTraits<kHeadDim_, 64, kStages_> {
+  using Base = WgTraits<kHeadDim_, 64, kStages_>;
+  static constexpr uint32_t kKBase = 2 * Base::kQBytes;
+  static constexpr uint32_t kVBase = kKBase + kStages_ * Base::kKvBytes;
+  static constexpr uint32_t kBarrierOffset = kVBase + kStages_ * Base::kKvBytes;
+  static constexpr uint32_t kBarrierBytes = 8 * (4 + 4 * kStages_);
+  static constexpr size_t kSmemBytes = (size_t)kBarrierOffset + kBarrierBytes + 1024;
+  static_assert(kSmemBytes <= 232448, "fits the 227 KB a Hopper block may opt in to");
+};
+
+using WgWindow64 = WgWindowTraits<64, 8>;    // 161 KB shared: 32 KB Q, 8 stages of 16 KB
+using WgWindow128 = WgWindowTraits<128, 4>;  // 193 KB shared: 64 KB Q, 4 stages of 32 KB
+
+// Work item w of the persistent walk: query rows [m0, m0 + 128) of head h of sequence b, with
+// its key-tile schedule (the union over the 128 rows, as dense_wgmma.cu's block).
+template <class Tr>
+struct WindowItem {
+  int b, h, m0;
+  SeqInfo s;
+  WindowTiles tiles;
+
+  // `q_tiles`: query tiles per head (of the longest sequence with varlen).
+  __device__ __forceinline__ WindowItem(const LaDenseParams &p, long long w, int q_tiles) {
+    const long long per_seq = (long long)q_tiles * p.heads_q;
+    b = (int)(w / per_seq);
+    const long long rem = w - (long long)b * per_seq;
+    h = (int)(rem / q_tiles);
+    m0 = (q_tiles - 1 - (int)(rem - (long long)h * q_tiles)) * Tr::kBlockM;
+    s = seq_info(p, b, h);
+    const Mask mask{p.window_left, p.window_right, p.sinks};
+    tiles = WindowTiles::of(mask, m0, min(m0 + Tr::kBlockM, s.sq), s.sq, s.sk, Tr::kBlockN);
+  }
+  __device__ __forceinline__ bool active() const { return m0 < s.sq; }
+};
+
+// One consumer's rows of an item: the per-thread visible ranges and per-warp bounds of
+// dense_wgmma.cu's mask, plus the consumer's own reach, which decides the tiles it skips.
+struct ConsumerRows {
+  int warp_row0, hi[2], lo[2];
+  long long diag_first, diag_last;
+  // Keys the consumer's rows can see lie in [0, reach_hi] and in [reach_lo, reach_hi] or
+  // below `sinks`; reach_hi < 0 when the consumer has no valid row (or sees nothing).
+  long long reach_lo, reach_hi;
+};
+
+template <class Tr>
+__device__ __forceinline__ ConsumerRows consumer_rows(const LaDenseParams &p, const SeqInfo &s,
+                                                      int m0, int wg, int warp, int g) {
+  ConsumerRows w;
+  const int warp_row0 = m0 + 64 * wg + 16 * warp;
+  w.warp_row0 = warp_row0;
+  const long long shift = (long long)s.sk - s.sq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const long long diag = (long long)(warp_row0 + g + 8 * r) + shift;
+    long long hr = s.sk - 1;
+    if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
+    long long lr = 0;
+    if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
+    w.hi[r] = (int)max(hr, -1LL);
+    w.lo[r] = (int)lr;
+  }
+  const int warp_last = min(warp_row0 + 15, s.sq - 1);
+  w.diag_first = (long long)warp_row0 + shift;
+  w.diag_last = (long long)warp_last + shift;
+  // hi and lo grow with the row: the first row bounds the left reach, the last the right.
+  const int first = m0 + 64 * wg, last = min(first + 63, s.sq - 1);
+  w.reach_hi = -1;
+  w.reach_lo = 0;
+  if (first <= last) {
+    long long hr = s.sk - 1;
+    if (p.window_right >= 0) hr = min(hr, (long long)last + shift + p.window_right);
+    w.reach_hi = hr;
+    if (p.window_left >= 0) w.reach_lo = max((long long)first + shift - p.window_left, 0LL);
+  }
+  return w;
+}
+
+// Whether key tile [n0, n0 + kBlockN) holds a key some row of the consumer can see.
+template <class Tr>
+__device__ __forceinline__ bool consumer_needs(const ConsumerRows &w, int sinks, int n0) {
+  return (long long)n0 <= w.reach_hi &&
+         ((long long)n0 + Tr::kBlockN - 1 >= w.reach_lo || n0 < sinks);
+}
+
+// dense_wgmma.cu's mask: interior tiles (every key visible to every valid row of the warp)
+// skip it; boundary tiles, including the ragged last tile, mask per element.
+template <class Tr>
+__device__ __forceinline__ void mask_tile(const LaDenseParams &p, const SeqInfo &s,
+                                          float (&sacc)[Tr::kSRegs], const ConsumerRows &w,
+                                          int n0, int tq) {
+  const int n_end = n0 + Tr::kBlockN;
+  const bool interior =
+      n_end <= s.sk &&
+      (p.window_right < 0 || (long long)n_end - 1 <= w.diag_first + p.window_right) &&
+      (p.window_left < 0 || (long long)n0 >= w.diag_last - p.window_left || n_end <= p.sinks);
+  if (interior) return;
+#pragma unroll
+  for (int i = 0; i < Tr::kSRegs / 4; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
+      if (!(j <= w.hi[r] && (j >= w.lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
+    }
+}
+
+template <typename T, class Tr>
+__device__ __forceinline__ void window_attention(unsigned char *smem_raw, const LaDenseParams &p,
+                                                 const tma_host::QkvMaps &maps, int q_tiles,
+                                                 long long n_items) {
+  constexpr int D = Tr::kHeadDim, BM = Tr::kBlockM, BN = Tr::kBlockN;
+  constexpr int kStages = Tr::kStages;
+  using SMma = wgmma::Mma<T, BN>;
+  using OMma = wgmma::Mma<T, D>;
+  const uint32_t raw_addr = mma::smem_addr(smem_raw);
+  const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
+  unsigned char *smem = smem_raw + pad;
+  const uint32_t q_base = raw_addr + pad;
+  const uint32_t k_base = q_base + Tr::kKBase;
+  const uint32_t v_base = q_base + Tr::kVBase;
+  const uint32_t bar_base = q_base + Tr::kBarrierOffset;
+  auto q_full = [&](int qb) { return bar_base + 8u * qb; };
+  auto q_empty = [&](int qb) { return bar_base + 8u * (2 + qb); };
+  auto k_full = [&](int st) { return bar_base + 8u * (4 + st); };
+  auto v_full = [&](int st) { return bar_base + 8u * (4 + kStages + st); };
+  auto k_empty = [&](int st) { return bar_base + 8u * (4 + 2 * kStages + st); };
+  auto v_empty = [&](int st) { return bar_base + 8u * (4 + 3 * kStages + st); };
+  // Ring use c (counted over the whole walk) is stage c % kStages, phase parity (c / kStages).
+  auto parity = [](int c) { return (uint32_t)((c / kStages) & 1); };
+
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int qb = 0; qb < 2; ++qb) {
+      tma::barrier_init(q_full(qb), 1);
+      tma::barrier_init(q_empty(qb), Tr::kConsumerThreads);
+    }
+    for (int st = 0; st < kStages; ++st) {
+      tma::barrier_init(k_full(st), 1);
+      tma::barrier_init(v_full(st), 1);
+      tma::barrier_init(k_empty(st), Tr::kConsumerThreads);
+      tma::barrier_init(v_empty(st), Tr::kConsumerThreads);
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ---- producer warpgroup: one thread issues every copy of every item ------------------
+    tma::release_registers<Tr::kProducerRegs>();
+    if (tid == 0) {
+      tma::prefetch_map(&maps.q);
+      tma::prefetch_map(&maps.k);
+      tma::prefetch_map(&maps.v);
+      const int kvh_div = p.heads_q / p.heads_kv;
+      int c = 0, qi = 0;  // ring uses and Q loads so far
+      for (long long w = blockIdx.x; w < n_items; w += gridDim.x) {
+        const WindowItem<Tr> it(p, w, q_tiles);
+        if (!it.active()) continue;
+        const int batch_coord = p.cu_seqlens_q != nullptr ? 0 : it.b;
+        const int kvh = it.h / kvh_div;
+        const int qb = qi & 1;
+        if (qi >= 2) tma::wait(q_empty(qb), ((qi >> 1) - 1) & 1);
+        tma::arrive_expect_tx(q_full(qb), Tr::kQBytes);
+#pragma unroll
+        for (int pn = 0; pn < Tr::kPanels; ++pn)
+          tma::load_4d(q_base + qb * Tr::kQBytes + pn * (BM * 128), &maps.q, q_full(qb), 64 * pn,
+                       (int)it.s.q_row0 + it.m0, it.h, batch_coord);
+        ++qi;
+        const int n = it.tiles.count();
+        for (int t = 0; t < n; ++t, ++c) {
+          const int st = c % kStages, row = (int)it.s.k_row0 + it.tiles.key0(t);
+          const uint32_t reuse_parity = ((c / kStages) - 1) & 1;
+          if (c >= kStages) tma::wait(k_empty(st), reuse_parity);
+          tma::arrive_expect_tx(k_full(st), Tr::kKvBytes);
+#pragma unroll
+          for (int pn = 0; pn < Tr::kPanels; ++pn)
+            tma::load_4d(k_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.k, k_full(st),
+                         64 * pn, row, kvh, batch_coord);
+          if (c >= kStages) tma::wait(v_empty(st), reuse_parity);
+          tma::arrive_expect_tx(v_full(st), Tr::kKvBytes);
+#pragma unroll
+          for (int pn = 0; pn < Tr::kPanels; ++pn)
+            tma::load_4d(v_base + st * Tr::kKvBytes + pn * (BN * 128), &maps.v, v_full(st),
+                         64 * pn, row, kvh, batch_coord);
+        }
+      }
+    }
+  } else {
+    // ---- consumer warpgroups -----------------------------------------------------------
+    tma::claim_registers<Tr::kConsumerRegs>();
+    const int wg = tid / 128 - 1, warp = (tid / 32) % 4, lane = tid % 32;
+    const int ctid = tid - 128 * (wg + 1);
+    const int g = lane / 4, tq = lane % 4;
+    const float scale_log2 = p.scale * kLog2e;
+    const bool softcap = p.softcap > 0.0f;
+    const float cap_pre = softcap ? (p.scale / p.softcap) : 0.0f;
+    const float cap_post = p.softcap * kLog2e;
+
+    auto take_turn = [&]() { tma::named_sync(Tr::kTurnBarrier + wg, Tr::kConsumerThreads); };
+    auto pass_turn = [&]() { tma::named_arrive(Tr::kTurnBarrier + (1 - wg), Tr::kConsumerThreads); };
+    // Consumer 0 takes the first turn; consumer 1 passes after every turn, and consumer 0
+    // takes one last turn after the walk to consume its final pass.
+    if (wg == 1) pass_turn();
+
+    auto k_desc = [&](uint32_t ks, int kk) {
+      return wgmma::make_desc(ks + (kk / 4) * (BN * 128) + (kk % 4) * 32, 16, 1024);
+    };
+    auto v_desc = [&](uint32_t vs, int kk) {
+      return wgmma::make_desc(vs + kk * 2048, BN * 128, 1024);
+    };
+
+    int c0 = 0, qi = 0;  // ring uses before this item, items so far
+    for (long long w = blockIdx.x; w < n_items; w += gridDim.x) {
+      const WindowItem<Tr> it(p, w, q_tiles);
+      if (!it.active()) continue;
+      const int qb = qi & 1;
+      const uint32_t q_buf = q_base + qb * Tr::kQBytes;
+      unsigned char *q_smem = smem + qb * Tr::kQBytes;
+      const uint32_t q_wg = q_buf + wg * 64 * 128;
+      auto q_desc = [&](int kk) {
+        return wgmma::make_desc(q_wg + (kk / 4) * (BM * 128) + (kk % 4) * 32, 16, 1024);
+      };
+      const ConsumerRows rows = consumer_rows<Tr>(p, it.s, it.m0, wg, warp, g);
+      const int n = it.tiles.count();
+
+      float m[2] = {kNegInf, kNegInf};
+      float l[2] = {0.0f, 0.0f};
+      float oacc[Tr::kORegs];
+      float sacc[Tr::kSRegs];
+      uint32_t pf[Tr::kPvSteps][4];
+#pragma unroll
+      for (int i = 0; i < Tr::kORegs; ++i) oacc[i] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < Tr::kPvSteps; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) pf[kk][e] = 0u;
+
+      // The Q copy completes before any S and before O is staged over it.
+      tma::wait(q_full(qb), (qi >> 1) & 1);
+      int prev = -1;  // this consumer's tile whose P awaits its PV wgmma
+      for (int k = 0; n > 0 && k <= n; ++k) {
+        const bool s_now = k < n && consumer_needs<Tr>(rows, p.sinks, it.tiles.key0(k));
+        const bool pv_now = prev >= 0;
+        const int ck = c0 + k, cp = c0 + prev;
+        if (s_now) tma::wait(k_full(ck % kStages), parity(ck));
+        if (pv_now) tma::wait(v_full(cp % kStages), parity(cp));
+        take_turn();
+        if (s_now || pv_now) wgmma::fence();
+        if (s_now) {
+          const uint32_t ks = k_base + (ck % kStages) * Tr::kKvBytes;
+#pragma unroll
+          for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
+            if (kk == 0) {
+              SMma::template ss<0>(sacc, q_desc(kk), k_desc(ks, kk));
+            } else {
+              SMma::template ss<1>(sacc, q_desc(kk), k_desc(ks, kk));
+            }
+          }
+          wgmma::commit();
+        }
+        if (pv_now) {
+          const uint32_t vs = v_base + (cp % kStages) * Tr::kKvBytes;
+#pragma unroll
+          for (int kk = 0; kk < Tr::kPvSteps; ++kk) OMma::rs_bt(oacc, pf[kk], v_desc(vs, kk));
+          wgmma::commit();
+        }
+        pass_turn();
+        float alpha[2] = {1.0f, 1.0f};
+        if (s_now) {
+          if (pv_now) {
+            wgmma::wait<1>();
+          } else {
+            wgmma::wait<0>();
+          }
+          wgmma::fence_operands(sacc);
+          tma::arrive(k_empty(ck % kStages));
+          if (softcap) {
+#pragma unroll
+            for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
+          } else {
+#pragma unroll
+            for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
+          }
+          mask_tile<Tr>(p, it.s, sacc, rows, it.tiles.key0(k), tq);
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            alpha[r] =
+                softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
+        }
+        if (pv_now) {
+          wgmma::wait<0>();
+          wgmma::fence_operands(oacc);
+          tma::arrive(v_empty(cp % kStages));
+        }
+        if (s_now) {
+          // O holds the tiles before k (or zeros: m was -inf, alpha 0 or 1).
+#pragma unroll
+          for (int i = 0; i < Tr::kORegs / 4; ++i) {
+            oacc[4 * i + 0] *= alpha[0];
+            oacc[4 * i + 1] *= alpha[0];
+            oacc[4 * i + 2] *= alpha[1];
+            oacc[4 * i + 3] *= alpha[1];
+          }
+#pragma unroll
+          for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
+            pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+            pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+            pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+            pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+          }
+          prev = k;
+        } else {
+          prev = -1;  // any pending PV was flushed in this turn
+          if (k < n) {
+            // A tile this consumer skips: release it once loaded (its stage's previous use is
+            // then released by both consumers, so these arrivals count toward this use).
+            tma::wait(k_full(ck % kStages), parity(ck));
+            tma::arrive(k_empty(ck % kStages));
+            tma::wait(v_full(ck % kStages), parity(ck));
+            tma::arrive(v_empty(ck % kStages));
+          }
+        }
+      }
+      c0 += n;
+
+      // Epilogue: stage O in this consumer's rows of the item's Q buffer (its wgmmas are
+      // done), write 16-byte vectors, then hand the buffer back to the producer.
+      float inv[2];
+      softmax_finalize(l, inv);
+#pragma unroll
+      for (int i = 0; i < Tr::kORegs / 4; ++i)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = 64 * wg + 16 * warp + g + 8 * r;
+          *reinterpret_cast<uint32_t *>(q_smem + panel_offset<BM>(row, i) + 4 * tq) =
+              pack2<T>(oacc[4 * i + 2 * r] * inv[r], oacc[4 * i + 2 * r + 1] * inv[r]);
+        }
+      tma::named_sync(Tr::kStagingBarrier + wg, 128);
+      T *o = head_tensors<T>(p, it.s, it.b, it.h).o;
+      constexpr int kCpr = Tr::kChunksPerRow;
+#pragma unroll
+      for (int pass = 0; pass < 64 * kCpr / 128; ++pass) {
+        const int idx = ctid + 128 * pass, r = 64 * wg + idx / kCpr, chunk = idx % kCpr;
+        const int i = it.m0 + r;
+        if (i < it.s.sq)
+          *reinterpret_cast<uint4 *>(o + i * p.o_row_stride + chunk * 8) =
+              *reinterpret_cast<const uint4 *>(q_smem + panel_offset<BM>(r, chunk));
+      }
+      if (p.lse != nullptr && tq == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int i = rows.warp_row0 + g + 8 * r;
+          if (i < it.s.sq) p.lse[it.s.lse_base + i] = lse_from_log2(m[r], l[r]);
+        }
+      }
+      // The staging writes and reads precede the next copy into this buffer (async proxy).
+      wgmma::fence_proxy_async();
+      tma::arrive(q_empty(qb));
+      ++qi;
+    }
+    if (wg == 0) take_turn();
+  }
+}
+
+template <typename T, class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    dense_wgmma_window_kernel(const __grid_constant__ LaDenseParams p,
+                              const __grid_constant__ tma_host::QkvMaps maps, int q_tiles,
+                              long long n_items) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  window_attention<T, Tr>(smem_raw, p, maps, q_tiles, n_items);
+#endif
+}
+
+// The head dims this kernel has tiles for (f16/bf16): f(Tag<T>, Tag<Traits>), or false.
+template <class F>
+bool with_window_config(const LaDenseParams &p, F &&f) {
+  auto by_dim = [&](auto t) {
+    switch (p.head_dim) {
+      case 64: f(t, Tag<WgWindow64>{}); return true;
+      case 128: f(t, Tag<WgWindow128>{}); return true;
+    }
+    return false;
+  };
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, false, by_dim);
+}
+
+// Query tiles per head (of the longest sequence) and work items (tile, head, sequence).
+// dense_params_ok bounds seqlen_q, heads_q and batch to int, so the product fits easily.
+long long window_items(const LaDenseParams &p, int *q_tiles) {
+  *q_tiles = (int)(((long long)p.seqlen_q + 127) / 128);
+  return (long long)*q_tiles * p.heads_q * p.batch;
+}
+
+template <typename T, class Tr>
+cudaError_t launch_window(const LaDenseParams &p, cudaStream_t stream) {
+  tma_host::QkvMaps maps;
+  if (!tma_host::encode_qkv(&maps, p, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN))
+    return cudaErrorNotSupported;
+  auto kernel = dense_wgmma_window_kernel<T, Tr>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int)Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  int dev = 0, sms = 0;
+  err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err != cudaSuccess) return err;
+  int q_tiles = 0;
+  const long long items = window_items(p, &q_tiles);
+  const long long blocks = items < sms ? items : sms;  // one block per SM (shared memory)
+  kernel<<<(unsigned)blocks, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps, q_tiles, items);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p) {
+  size_t smem = 0;
+  const void *kernel = nullptr;
+  const bool known = with_window_config(p, [&](auto t, auto tr) {
+    using Tr = typename decltype(tr)::type;
+    smem = Tr::kSmemBytes;
+    kernel = reinterpret_cast<const void *>(
+        dense_wgmma_window_kernel<typename decltype(t)::type, Tr>);
+  });
+  if (!known) return "the Hopper window kernel takes f16 or bf16 with head_dim 64 or 128 only";
+  const char *why = device_unsupported_reason(
+      kernel, smem, [](int major, int minor) { return major == 9 && minor == 0; });
+  if (why != nullptr) return why;
+  if (!tma_host::tensors_mappable(p))
+    return "the TMA copy engine cannot address q/k/v with these strides (it needs positive "
+           "multiples of 16 bytes for every dimension longer than 1)";
+  return nullptr;
+}
+
+cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream) {
+  cudaError_t err = cudaErrorInvalidValue;
+  with_window_config(p, [&](auto t, auto tr) {
+    err = launch_window<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
+  });
+  return err;
+}
+
+}  // namespace longattn
