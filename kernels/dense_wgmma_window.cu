@@ -291,63 +291,104 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
 
       // The Q copy completes before any S and before O is staged over it.
       tma::wait(q_full(qb), (qi >> 1) & 1);
-      int prev = -1;  // this consumer's tile whose P awaits its PV wgmma
-      for (int k = 0; n > 0 && k <= n; ++k) {
-        const bool s_now = k < n && consumer_needs<Tr>(rows, p.sinks, it.tiles.key0(k));
-        const bool pv_now = prev >= 0;
-        const int ck = c0 + k, cp = c0 + prev;
-        if (s_now) tma::wait(k_full(ck % kStages), parity(ck));
-        if (pv_now) tma::wait(v_full(cp % kStages), parity(cp));
+      // This consumer computes tiles [lo, hi) of the item's schedule: from the first to the
+      // last tile its rows can see (a tile between them that none can see, past the sink
+      // tiles, is masked like any boundary tile). Turn k of the n + 1 is S_k (k = lo), S_k and
+      // PV_{k-1} (lo < k < hi), PV_{hi-1} (k = hi) or empty; an empty turn's tile (k < lo or
+      // k > hi: tile k - 1) is released unread. Every wgmma sits in straight-line code, as in
+      // wgmma_mainloop.cuh (a wgmma under a data-dependent branch is serialised by ptxas).
+      int lo = n, hi = n;
+      for (int k = 0; k < n; ++k)
+        if (consumer_needs<Tr>(rows, p.sinks, it.tiles.key0(k))) {
+          if (lo == n) lo = k;
+          hi = k + 1;
+        }
+      auto empty_turn = [&]() {
         take_turn();
-        if (s_now || pv_now) wgmma::fence();
-        if (s_now) {
-          const uint32_t ks = k_base + (ck % kStages) * Tr::kKvBytes;
-#pragma unroll
-          for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
-            if (kk == 0) {
-              SMma::template ss<0>(sacc, q_desc(kk), k_desc(ks, kk));
-            } else {
-              SMma::template ss<1>(sacc, q_desc(kk), k_desc(ks, kk));
-            }
-          }
-          wgmma::commit();
-        }
-        if (pv_now) {
-          const uint32_t vs = v_base + (cp % kStages) * Tr::kKvBytes;
-#pragma unroll
-          for (int kk = 0; kk < Tr::kPvSteps; ++kk) OMma::rs_bt(oacc, pf[kk], v_desc(vs, kk));
-          wgmma::commit();
-        }
         pass_turn();
-        float alpha[2] = {1.0f, 1.0f};
-        if (s_now) {
-          if (pv_now) {
-            wgmma::wait<1>();
+      };
+      auto release = [&](int k) {  // a tile this consumer skips, once loaded (see above)
+        const int ck = c0 + k;
+        tma::wait(k_full(ck % kStages), parity(ck));
+        tma::arrive(k_empty(ck % kStages));
+        tma::wait(v_full(ck % kStages), parity(ck));
+        tma::arrive(v_empty(ck % kStages));
+      };
+      auto stage = [&](int t) { return (c0 + t) % kStages; };
+      auto phase = [&](int t) { return parity(c0 + t); };
+      auto issue_s = [&](int t) {
+        const uint32_t ks = k_base + stage(t) * Tr::kKvBytes;
+#pragma unroll
+        for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
+          if (kk == 0) {
+            SMma::template ss<0>(sacc, q_desc(kk), k_desc(ks, kk));
           } else {
-            wgmma::wait<0>();
+            SMma::template ss<1>(sacc, q_desc(kk), k_desc(ks, kk));
           }
-          wgmma::fence_operands(sacc);
-          tma::arrive(k_empty(ck % kStages));
-          if (softcap) {
-#pragma unroll
-            for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-          } else {
-#pragma unroll
-            for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-          }
-          mask_tile<Tr>(p, it.s, sacc, rows, it.tiles.key0(k), tq);
-#pragma unroll
-          for (int r = 0; r < 2; ++r)
-            alpha[r] =
-                softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
         }
-        if (pv_now) {
+        wgmma::commit();
+      };
+      auto issue_pv = [&](int t) {
+        const uint32_t vs = v_base + stage(t) * Tr::kKvBytes;
+#pragma unroll
+        for (int kk = 0; kk < Tr::kPvSteps; ++kk) OMma::rs_bt(oacc, pf[kk], v_desc(vs, kk));
+        wgmma::commit();
+      };
+      auto softmax = [&](int t, float (&alpha)[2]) {
+        if (softcap) {
+#pragma unroll
+          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
+        } else {
+#pragma unroll
+          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
+        }
+        mask_tile<Tr>(p, it.s, sacc, rows, it.tiles.key0(t), tq);
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          alpha[r] =
+              softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
+      };
+      auto pack_p = [&]() {
+#pragma unroll
+        for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
+          pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
+          pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
+          pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
+          pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
+        }
+      };
+
+      for (int k = 0; k < lo; ++k) {
+        empty_turn();
+        release(k);
+      }
+      if (lo < hi) {
+        float alpha[2];
+        tma::wait(k_full(stage(lo)), phase(lo));
+        take_turn();
+        wgmma::fence();
+        issue_s(lo);
+        pass_turn();
+        wgmma::wait<0>();
+        wgmma::fence_operands(sacc);
+        tma::arrive(k_empty(stage(lo)));
+        softmax(lo, alpha);
+        pack_p();
+        for (int t = lo + 1; t < hi; ++t) {
+          tma::wait(k_full(stage(t)), phase(t));
+          tma::wait(v_full(stage(t - 1)), phase(t - 1));
+          take_turn();
+          wgmma::fence();
+          issue_s(t);
+          issue_pv(t - 1);
+          pass_turn();
+          wgmma::wait<1>();
+          wgmma::fence_operands(sacc);
+          tma::arrive(k_empty(stage(t)));
+          softmax(t, alpha);
           wgmma::wait<0>();
           wgmma::fence_operands(oacc);
-          tma::arrive(v_empty(cp % kStages));
-        }
-        if (s_now) {
-          // O holds the tiles before k (or zeros: m was -inf, alpha 0 or 1).
+          tma::arrive(v_empty(stage(t - 1)));
 #pragma unroll
           for (int i = 0; i < Tr::kORegs / 4; ++i) {
             oacc[4 * i + 0] *= alpha[0];
@@ -355,25 +396,22 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
             oacc[4 * i + 2] *= alpha[1];
             oacc[4 * i + 3] *= alpha[1];
           }
-#pragma unroll
-          for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
-            pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-            pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-            pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-            pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-          }
-          prev = k;
-        } else {
-          prev = -1;  // any pending PV was flushed in this turn
-          if (k < n) {
-            // A tile this consumer skips: release it once loaded (its stage's previous use is
-            // then released by both consumers, so these arrivals count toward this use).
-            tma::wait(k_full(ck % kStages), parity(ck));
-            tma::arrive(k_empty(ck % kStages));
-            tma::wait(v_full(ck % kStages), parity(ck));
-            tma::arrive(v_empty(ck % kStages));
-          }
+          pack_p();
         }
+        tma::wait(v_full(stage(hi - 1)), phase(hi - 1));
+        take_turn();
+        wgmma::fence();
+        issue_pv(hi - 1);
+        pass_turn();
+        wgmma::wait<0>();
+        wgmma::fence_operands(oacc);
+        tma::arrive(v_empty(stage(hi - 1)));  // the ring runs on into the next tiles and items
+      } else if (n > 0) {
+        empty_turn();  // nothing to compute: n + 1 empty turns in all
+      }
+      for (int k = hi; k < n; ++k) {
+        empty_turn();
+        release(k);
       }
       c0 += n;
 

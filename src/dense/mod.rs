@@ -52,6 +52,16 @@ pub enum DenseKernel {
     /// query heads per kv head; head_dim a multiple of 8 up to 256. Explicit opt-in: **not
     /// yet run on a GPU**, never picked by `Auto`.
     TensorCoreGqa,
+    /// Hopper tensor-core kernel for short sliding windows (`kernels/dense_wgmma_window.cu`,
+    /// `wgmma`, sm_90a: compute capability 9.0 only), head_dim 64 or 128. Where `Hopper`
+    /// computes all `W + 128` keys a 128-row query tile spans for every row, with 128-key
+    /// tiles, this kernel uses 64-key tiles and lets each 64-row half of the tile visit only
+    /// the tiles its rows see (`W + 64` keys per row), and its blocks are persistent (one per
+    /// SM, walking query tiles with the next tile's Q and first keys in flight), so per-tile
+    /// fixed costs no longer dominate windows of a few hundred keys. Every mask runs (same
+    /// semantics as the other kernels). Explicit opt-in: **not yet run on a GPU**, never
+    /// picked by `Auto`.
+    HopperWindow,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

@@ -75,7 +75,13 @@ typedef enum LaDenseKernel {
    * share a kv head into one 64-row tile (at most 64 of them; head_dim a multiple of 8 up to
    * 256): short query sequences (chunked prefill, speculative decoding) fill the tile instead
    * of leaving most of its rows empty. By name only; not yet run on a GPU. */
-  LA_DENSE_MMA_GQA = 5
+  LA_DENSE_MMA_GQA = 5,
+  /* Hopper tensor-core kernel for short sliding windows (wgmma, sm_90a: compute capability 9.0
+   * only), head_dim 64 or 128: 64-key tiles, each 64-row half of a query tile visiting only the
+   * key tiles its rows see, persistent blocks walking query tiles with the next one's loads in
+   * flight. Any mask runs; it is built for windows of 256 to a few thousand keys. By name
+   * only; not yet run on a GPU. */
+  LA_DENSE_WGMMA_WINDOW = 6
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these
