@@ -3,8 +3,11 @@
 //! with the PyTorch baselines measured in the same run.
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
-//! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt`
-//! (default: all three) picks the kernels to time.
+//! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt,
+//! wgmma-window` (default: all four) picks the kernels to time.
+//!
+//! `window*` rows also time `DenseKernel::HopperWindow` (`longattn-wgmma-window`: 64-key
+//! tiles, per-half key ranges, persistent blocks; not yet run on a GPU), on those rows only.
 //!
 //! `varlen64_d128_causal`: one packed batch of 64 sequences of 100-2000 tokens (a fixed
 //! spread), 16 heads, causal, as a serving engine's prefill batch packs them.
@@ -199,12 +202,14 @@ fn main() -> Result<()> {
             });
         }
     }
-    // GPU_BENCH_KERNELS=wgmma,mma,simt (default: all) picks the kernels to time.
-    let wanted = std::env::var("GPU_BENCH_KERNELS").unwrap_or_else(|_| "wgmma,mma,simt".into());
+    // GPU_BENCH_KERNELS=wgmma,mma,simt,wgmma-window (default: all) picks the kernels to time.
+    let wanted =
+        std::env::var("GPU_BENCH_KERNELS").unwrap_or_else(|_| "wgmma,mma,simt,wgmma-window".into());
     let kernels: Vec<(DenseKernel, &str)> = [
         (DenseKernel::Hopper, "wgmma"),
         (DenseKernel::TensorCore, "mma"),
         (DenseKernel::Simt, "simt"),
+        (DenseKernel::HopperWindow, "wgmma-window"),
     ]
     .into_iter()
     .filter(|(_, name)| wanted.split(',').any(|w| w.trim() == *name))
@@ -214,6 +219,10 @@ fn main() -> Result<()> {
             let label = format!("longattn-{name}");
             // The SIMT kernel is a correctness baseline: time it on the smaller cases only.
             if kernel == DenseKernel::Simt && c.s > 4096 && !c.name.starts_with("window") {
+                continue;
+            }
+            // The window kernel is built for windows: time it on those rows only.
+            if kernel == DenseKernel::HopperWindow && !c.name.starts_with("window") {
                 continue;
             }
             match time_case(&stream, c, kernel) {

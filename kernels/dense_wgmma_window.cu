@@ -20,16 +20,18 @@
 //    last tile first. The K/V ring runs on across items, and Q is double-buffered: the
 //    producer loads the next item's Q and first key tiles while the consumers finish the
 //    current item, so pipeline fill and launch are paid once per SM, not once per tile.
-// 3. The ping-pong turns are taken per tile of the block's schedule by both consumers alike,
-//    whether or not a consumer computes that tile (an empty turn), so both take the same
-//    number of turns whatever their own ranges.
+// 3. The ping-pong turns are taken per tile of the block's schedule by both consumers alike
+//    (n + 1 turns for n tiles), whether or not a consumer computes that tile (an empty
+//    turn), so the two stay in step whatever their own ranges.
 //
-// Per consumer and turn k (k = 0..n, n = the item's key tiles): it issues S_k = Q K_k^T if
-// it needs tile k, and O += P V for its pending tile if it has one; a tile it does not need
-// is released (both ring barriers) after it is loaded, once any pending PV has completed, so
-// that its arrivals never count toward the stage's previous use. Everything else (scale,
-// softcap, per-element mask of boundary tiles only, online softmax overlapping the PV
-// wgmma, O staged in the consumer's own Q rows) is the mainloop of wgmma_mainloop.cuh.
+// Consumer c computes tiles [lo, hi) of the item's schedule, from the first to the last tile
+// its rows can see, in wgmma_mainloop.cuh's order (S_lo alone; S_t with PV_{t-1}; PV_{hi-1}
+// alone), every wgmma in straight-line code (ptxas serialises wgmmas under a data-dependent
+// branch). A tile outside [lo, hi) is released (both ring barriers) once it is loaded and,
+// past hi, once the last PV has completed, so its arrivals never count toward the stage's
+// previous use. Scale, softcap, the per-element mask of boundary tiles only, the online
+// softmax overlapping the PV wgmma, and O staged in the consumer's own Q rows are those of
+// wgmma_mainloop.cuh.
 //
 // Shared memory (bytes, 1024-aligned): Q buffers 0 and 1 (128, D) each; the K ring and the V
 // ring (kStages, 64, D); mbarriers: Q full and Q empty per buffer, then K full, V full,

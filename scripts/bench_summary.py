@@ -47,14 +47,15 @@ def dense_table():
     names = [n for n in order if any("tflops" in r for r in rows[n].values())]
     if not names:
         return
-    impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-simt", "sdpa-flash",
-             "sdpa-cudnn", "flex"]
-    ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa")
-    print(f"{'case':<28}" + "".join(f"{i:>15}" for i in impls)
+    impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
+             "longattn-simt", "sdpa-flash", "sdpa-cudnn", "flex"]
+    ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window")
+    widths = [max(15, len(i) + 1) for i in impls]
+    print(f"{'case':<28}" + "".join(f"{i:>{w}}" for i, w in zip(impls, widths))
           + f"{'wgmma/mma':>11}{'best/flash':>11}{'best/cudnn':>11}{'best/flex':>10}")
     for name in names:
         by = rows[name]
-        cells = "".join(fmt(by.get(i, {}).get("tflops"), 15, 1) for i in impls)
+        cells = "".join(fmt(by.get(i, {}).get("tflops"), w, 1) for i, w in zip(impls, widths))
         wg = by.get("longattn-wgmma", {}).get("tflops")
         mma = by.get("longattn-mma", {}).get("tflops")
         ratios = fmt(wg / mma if wg and mma else None, 11, 2)
@@ -63,8 +64,29 @@ def dense_table():
             other = by.get(base, {}).get("tflops")
             ratios += fmt(ours / other if ours and other else None, width, 2)
         print(f"{name:<28}{cells}{ratios}")
-    print("(TFLOP/s over visible pairs, bf16; best = the faster of longattn-wgmma and "
-          "longattn-mma; ratios = best / baseline, same run)")
+    print("(TFLOP/s over visible pairs, bf16; best = the fastest longattn kernel; "
+          "ratios = best / baseline, same run)")
+    window_fractions()
+
+
+def window_fractions():
+    """Sliding-window rows as a fraction of dense d128 16k (the faster of full and causal on
+    the Hopper kernel), for the Hopper kernel and the window kernel: the targets are W 1k
+    >= 85% and W 256 >= 60%."""
+    dense = max((rows.get(f"dense_d128_s16384_{m}", {}).get("longattn-wgmma", {}).get("tflops")
+                 or 0.0 for m in ("full", "causal")), default=0.0)
+    wins = [n for n in order if n.startswith("window")]
+    if not dense or not wins:
+        return
+    print(f"\n{'window case':<28}{'wgmma':>10}{'wgmma-window':>14}  (% of dense d128 16k, "
+          f"{dense:.1f} TFLOP/s)")
+    for name in wins:
+        by = rows[name]
+        cells = ""
+        for impl, width in (("longattn-wgmma", 10), ("longattn-wgmma-window", 14)):
+            t = by.get(impl, {}).get("tflops")
+            cells += fmt(100.0 * t / dense if t else None, width, 1)
+        print(f"{name:<28}{cells}")
 
 
 def target(r):

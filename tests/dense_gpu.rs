@@ -140,7 +140,7 @@ fn is_hopper() -> bool {
 
 /// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
 /// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), the others at 64,
-/// 128, 256.
+/// 128, 256 (`HopperWindow` at 64 and 128).
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
@@ -152,6 +152,9 @@ fn kernels_for(d: usize) -> Vec<DenseKernel> {
         k.push(DenseKernel::TensorCore);
         if is_hopper() {
             k.push(DenseKernel::Hopper);
+            if d != 256 {
+                k.push(DenseKernel::HopperWindow);
+            }
         }
     }
     k
@@ -410,7 +413,14 @@ fn gpu_hopper_varlen_many_query_tiles() {
         AttentionOptions::causal().with_sinks(4),
         AttentionOptions::default().with_window(Window::new(Some(200), Some(0))),
     ];
-    for (d, hq, hkv) in [(64usize, 8usize, 2usize), (128, 8, 2), (256, 4, 1)] {
+    let runs = [
+        (64usize, 8usize, 2usize, DenseKernel::Hopper),
+        (128, 8, 2, DenseKernel::Hopper),
+        (256, 4, 1, DenseKernel::Hopper),
+        (64, 8, 2, DenseKernel::HopperWindow),
+        (128, 8, 2, DenseKernel::HopperWindow),
+    ];
+    for (d, hq, hkv, kernel) in runs {
         let mut r = rng(1000 + d as u64);
         let q: Vec<bf16> = random_vec(&mut r, tq * hq * d);
         let k: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
@@ -440,7 +450,7 @@ fn gpu_hopper_varlen_many_query_tiles() {
                 o,
             )
             .unwrap()
-            .with_kernel(DenseKernel::Hopper);
+            .with_kernel(kernel);
             let (want, want_lse) = dense_attention_f64(
                 &attn,
                 Strided::new(&q[..], qs),
@@ -450,18 +460,78 @@ fn gpu_hopper_varlen_many_query_tiles() {
             .unwrap();
             let (got, lse) = gpu_forward(&stream, &attn, (&q, &k, &v), qs, ks).unwrap();
             let nan = got.iter().filter(|x| x.is_nan()).count();
-            assert_eq!(nan, 0, "d={d} {o:?}: {nan} outputs unwritten or NaN");
+            assert_eq!(
+                nan, 0,
+                "{kernel:?} d={d} {o:?}: {nan} outputs unwritten or NaN"
+            );
             let err = rel_l2(&got, &want);
-            assert!(err < 2e-2, "d={d} {o:?}: rel err {err}");
+            assert!(err < 2e-2, "{kernel:?} d={d} {o:?}: rel err {err}");
             check_lse(
                 &lse,
                 &want_lse,
                 2e-2,
-                &format!("many query tiles d={d} {o:?}"),
+                &format!("many query tiles {kernel:?} d={d} {o:?}"),
             );
-            println!("many query tiles d={d} {o:?}: rel err {err:.3e}");
+            println!("many query tiles {kernel:?} d={d} {o:?}: rel err {err:.3e}");
         }
     }
+}
+
+/// The Hopper window kernel where its schedule matters: causal windows of 1 to 1,025 keys
+/// (odd sizes, sizes one off the 64-key tile and the 128-row query tile), windows with a
+/// right side, sinks, seqlen_q != seqlen_k both ways, GQA 4:2, f16 and bf16, head dims 64
+/// and 128, against the f64 reference (NaN-poisoned output, LSE checked). The batch has more
+/// query tiles (2 x 4 heads x 18) than an H200 has SMs, so each persistent block walks several
+/// tiles and carries its key-tile ring and Q buffers from one to the next; each 64-row half of
+/// a tile skips the key tiles its rows cannot see.
+#[test]
+fn gpu_hopper_window_short_windows() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_window_short_windows") else {
+        return;
+    };
+    if !is_hopper() {
+        println!("SKIP gpu_hopper_window_short_windows: not compute capability 9.0");
+        return;
+    }
+    let stream = ctx.default_stream();
+    let causal_window =
+        |w: usize| AttentionOptions::default().with_window(Window::causal_tokens(w).unwrap());
+    let two_sided = |l, r| AttentionOptions::default().with_window(Window::new(Some(l), Some(r)));
+    let mut opts: Vec<AttentionOptions> = [1usize, 2, 63, 64, 65, 127, 129, 255, 256, 257, 1025]
+        .iter()
+        .map(|&w| causal_window(w))
+        .collect();
+    opts.extend([
+        two_sided(255, 5),
+        two_sided(100, 67),
+        two_sided(0, 200),
+        causal_window(256).with_sinks(3),
+        causal_window(300).with_sinks(70),
+        causal_window(129).with_softcap(0.5).with_scale(3.0),
+    ]);
+    let shapes = [
+        (2200usize, 2200usize, 128usize),
+        (2200, 2600, 64),
+        (2200, 1700, 128),
+    ];
+    let mut worst = 0.0f64;
+    for (n, &(sq, sk, d)) in shapes.iter().enumerate() {
+        let x = Dims {
+            b: 2,
+            sq,
+            sk,
+            hq: 4,
+            hkv: 2,
+            d,
+        };
+        for (o, opts) in opts.iter().enumerate() {
+            let seed = (n * 100 + o) as u64;
+            let k = DenseKernel::HopperWindow;
+            worst = worst.max(run_case::<bf16>(&stream, seed, x, opts, k));
+            worst = worst.max(run_case::<f16>(&stream, seed + 50, x, opts, k));
+        }
+    }
+    println!("gpu_hopper_window_short_windows: worst rel err {worst:.3e}");
 }
 
 /// K and V shared by every sequence of the batch (batch stride 0): legal strides that the
@@ -503,7 +573,7 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
     .unwrap();
     let mut kernels = vec![DenseKernel::Auto, DenseKernel::TensorCore];
     if is_hopper() {
-        kernels.push(DenseKernel::Hopper);
+        kernels.extend([DenseKernel::Hopper, DenseKernel::HopperWindow]);
     }
     for kernel in kernels {
         let r = gpu_forward(
@@ -513,7 +583,7 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
             qs,
             ks,
         );
-        if kernel == DenseKernel::Hopper {
+        if matches!(kernel, DenseKernel::Hopper | DenseKernel::HopperWindow) {
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
             continue;
         }
@@ -784,7 +854,11 @@ fn gpu_rejects_bad_inputs() {
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let x40 = Dims { d: 40, ..x };
     let s40 = Strides::contiguous(8, 2, 40);
-    for kernel in [DenseKernel::TensorCore, DenseKernel::Hopper] {
+    for kernel in [
+        DenseKernel::TensorCore,
+        DenseKernel::Hopper,
+        DenseKernel::HopperWindow,
+    ] {
         let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
             .unwrap()
             .with_kernel(kernel);
