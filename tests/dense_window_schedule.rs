@@ -52,7 +52,7 @@ fn consumer_range(
     };
     let needs = |t: usize| {
         let n0 = (t * BLOCK_N) as i64;
-        n0 <= reach_hi && (n0 + BLOCK_N as i64 - 1 >= reach_lo || n0 < mask.sinks as i64)
+        n0 <= reach_hi && (n0 + BLOCK_N as i64 > reach_lo || n0 < mask.sinks as i64)
     };
     let needed: Vec<usize> = (0..tiles.len()).filter(|&k| needs(tiles[k])).collect();
     match (needed.first(), needed.last()) {
