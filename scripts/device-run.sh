@@ -68,7 +68,8 @@ if command -v compute-sanitizer > /dev/null; then
     neighborhood_gpu:gpu_neighborhood_hopper_matches_reference \
     paged_prefill:gpu_prefill_matches_reference_f16 \
     paged_prefill_gpu:gpu_hopper_prefill_matches_reference_f16 \
-    dense_gpu:gpu_hopper_varlen_many_query_tiles paged_gpu:gpu_plan_reuse_matches_one_shot \
+    dense_gpu:gpu_hopper_varlen_many_query_tiles dense_gpu:gpu_hopper_window_short_windows \
+    paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \
     ring_gpu:in_process_ring_moves_only_the_needed_shards; do
     t=${spec%%:*}
