@@ -1660,3 +1660,93 @@ fn gpu_moba_query_blocks_match_cpu_bf16() {
 fn gpu_moba_query_blocks_match_cpu_f16() {
     moba_blocks_sweep::<f16>("gpu_moba_query_blocks_match_cpu_f16", 5000);
 }
+
+/// `MobaGpuPlan::select` (the gate alone, which `family_bench` times for the gate share):
+/// per-token and query-block plans, every per-token shape; after `select` the plan holds the
+/// same pooled keys, row selections and tile unions as after `forward` on the same inputs
+/// (bit for bit: the same launches), and the NaN-poisoned output and LSE are untouched (bit
+/// for bit); a short buffer is refused by `select` as by `forward`.
+#[test]
+fn gpu_moba_select_alone_matches_forward() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_select_alone_matches_forward") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let nan = bf16::from_f32(f32::NAN);
+    for (mc, bm) in moba_cases()
+        .iter()
+        .zip([None, Some(64), Some(128)].iter().cycle())
+    {
+        let x = mc.case().inputs::<bf16>(61);
+        let attn = x.bs.attention().clone();
+        let cfg = mc.config();
+        // Query-block plans take causal lists only (see moba_block_cases).
+        let bm = if mc.name == "window" { None } else { *bm };
+        let what = format!("select {} block_m {bm:?}", mc.name);
+        let plan = || match bm {
+            None => MobaGpuPlan::new(&attn, &cfg, &stream).unwrap(),
+            Some(m) => MobaGpuPlan::with_query_blocks(&attn, &cfg, m, &stream).unwrap(),
+        };
+        let dq = stream.clone_htod(&x.q).unwrap();
+        let dk = stream.clone_htod(&x.k).unwrap();
+        let dv = stream.clone_htod(&x.v).unwrap();
+        let mut dout = stream.clone_htod(&vec![nan; attn.out_len()]).unwrap();
+        let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+        let mut gate = plan();
+        gate.select::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        let out: Vec<bf16> = stream.clone_dtoh(&dout).unwrap();
+        let lse: Vec<f32> = stream.clone_dtoh(&dlse).unwrap();
+        assert!(
+            out.iter().all(|o| o.to_f32().is_nan()),
+            "{what}: out written"
+        );
+        assert!(lse.iter().all(|l| l.is_nan()), "{what}: lse written");
+        let mut full = plan();
+        full.forward::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        assert_eq!(
+            gate.row_blocks(&stream).unwrap(),
+            full.row_blocks(&stream).unwrap(),
+            "{what}: rows"
+        );
+        assert_eq!(
+            gate.tile_unions(&stream).unwrap(),
+            full.tile_unions(&stream).unwrap(),
+            "{what}: unions"
+        );
+        let (pg, pf) = (
+            gate.pooled_keys(&stream).unwrap(),
+            full.pooled_keys(&stream).unwrap(),
+        );
+        // Blocks past a varlen sequence's end hold stale values (zeros in both fresh plans).
+        assert!(
+            pg.iter().zip(&pf).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: pooled keys"
+        );
+        let short: CudaSlice<bf16> = stream.alloc_zeros(10).unwrap();
+        let r = gate.select::<bf16, _, _>(
+            &stream,
+            Strided::new(&short, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            None,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{what}: {r:?}");
+    }
+}

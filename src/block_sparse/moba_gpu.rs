@@ -305,7 +305,45 @@ impl MobaGpuPlan {
             [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
-        cuda_call!(launch, self, stream, q, k, v, out, lse)
+        cuda_call!(
+            launch,
+            self,
+            stream,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            Stages::GateAndAttention
+        )
+    }
+
+    /// The gating of [`MobaGpuPlan::forward`] alone (pooling and selection, the same
+    /// launches; the attention is not launched): the selection is left in the plan
+    /// ([`MobaGpuPlan::row_blocks`]) and `out` and `lse` are not written. It takes
+    /// `forward`'s arguments and runs its checks, so that a caller times the gate of exactly
+    /// the call it makes (`family_bench` reports the gate's share of the end-to-end time
+    /// this way). **NOT YET RUN ON A GPU.**
+    pub fn select<T, I, O>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check(
+            T::DTYPE,
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        cuda_call!(launch, self, stream, q, k, v, out, lse, Stages::Gate)
     }
 
     /// Every check of [`MobaGpuPlan::forward`] that needs no device pointer: the buffers'
@@ -368,7 +406,15 @@ impl MobaGpuPlan {
     }
 }
 
+/// The launches of one call: [`MobaGpuPlan::select`] stops after the gating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stages {
+    Gate,
+    GateAndAttention,
+}
+
 #[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
 fn launch<T, I, O>(
     plan: &mut MobaGpuPlan,
     stream: &Arc<CudaStream>,
@@ -377,6 +423,7 @@ fn launch<T, I, O>(
     v: Strided<&I>,
     out: Strided<&mut O>,
     lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    stages: Stages,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
@@ -444,6 +491,9 @@ where
         return Err(e);
     }
     check_launch(what, code)?;
+    if stages == Stages::Gate {
+        return Ok(());
+    }
     // SAFETY: as above; the attention reads the selections the select launch writes, in
     // stream order.
     let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
