@@ -18,7 +18,9 @@
 //! - `moba_*` (group `moba`): MoBA end to end through `MobaGpuPlan` (gating + attention, not
 //!   yet run on a GPU) at 32k and 128k tokens, causal, GQA 32/8, d 128, blocks of 512 and
 //!   4096 keys top-3 (and 128 top-8 at 32k), with the gate alone timed on the same call
-//!   (`longattn-moba-gate`, its `gate_frac` of the end-to-end time), against the dense
+//!   (`longattn-moba-gate`, its `gate_frac` of the end-to-end time; `longattn-moba-tc-gate`:
+//!   the opt-in tensor-core gate alone, not yet run on a GPU, its `gate_frac` of the
+//!   end-to-end time with the CUDA-core gate's time replaced by its own), against the dense
 //!   causal kernels on the same sequence (`moba_dense_s*`). `tflops` counts the pairs the
 //!   selection shows (see [`moba_pairs`]); `visit_frac` is those pairs over the pairs the
 //!   attention kernel computes (64-row tiles x the keys of their unions).
@@ -27,7 +29,7 @@
 //! `cargo run --release --example family_bench`;
 //! `FAMILY_BENCH=padded,bsparse,pprefill,bsparse_long,moba` (default: all) picks the groups.
 
-use longattn::block_sparse::moba::GPU_TILE_ROWS;
+use longattn::block_sparse::moba::{GPU_TILE_ROWS, MobaGate};
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
 use std::sync::Arc;
@@ -470,16 +472,28 @@ fn moba(stream: &Arc<CudaStream>) -> Result<()> {
                     )
                 })?;
                 let (shown, computed) = moba_pairs(&plan, stream, s)?;
-                let gate = time_ms(stream, || {
-                    plan.select::<bf16, _, _>(
-                        stream,
-                        Strided::new(&q, qs),
-                        Strided::new(&k, ks),
-                        Strided::new(&v, ks),
-                        Strided::new(&mut o, qs),
-                        None,
-                    )
-                })?;
+                let mut select = |plan: &mut MobaGpuPlan| {
+                    time_ms(stream, || {
+                        plan.select::<bf16, _, _>(
+                            stream,
+                            Strided::new(&q, qs),
+                            Strided::new(&k, ks),
+                            Strided::new(&v, ks),
+                            Strided::new(&mut o, qs),
+                            None,
+                        )
+                    })
+                };
+                let gate = select(&mut plan)?;
+                // The opt-in tensor-core gate (not yet run on a GPU), timed alone.
+                let mut tc = plan.with_gate(MobaGate::TensorCore)?;
+                match select(&mut tc) {
+                    Ok(tc_gate) => println!(
+                        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-moba-tc-gate\",\"b\":1,\"s\":{s},\"h\":{hq},\"d\":{d},\"ms\":{tc_gate:.4},\"gate_frac\":{:.4}}}",
+                        tc_gate / (e2e - gate + tc_gate)
+                    ),
+                    Err(e) => println!("# {name} longattn-moba-tc-gate: {e}"),
+                }
                 Ok((e2e, gate, shown, computed))
             })();
             match ran {

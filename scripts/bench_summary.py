@@ -168,12 +168,14 @@ def moba_table():
         return
     print()
     print(f"{'case':<26}{'ms':>9}{'TF/s':>7}{'visit':>7}{'gate ms':>9}{'gate':>6}"
+          f"{'tc gate':>9}{'tc':>6}"
           f"{'flex ms':>10}{'TF/s':>7}{'visit':>7}{'gate':>6}{'cbm ms':>10}{'x flex':>8}"
           f"{'x dense':>8}{'x sdpa':>8}  target")
     misses = 0
     for name in names:
         by = rows[name]
         ours, gate = by.get("longattn-moba", {}), by.get("longattn-moba-gate", {})
+        tc = by.get("longattn-moba-tc-gate", {})
         flex, fgate, cbm = by.get("flex", {}), by.get("flex-gate", {}), by.get("flex-cbm", {})
         ms = ours.get("ms")
         dense = rows.get(f"moba_dense_s{name.rsplit('_s', 1)[-1]}", {})
@@ -187,6 +189,7 @@ def moba_table():
         pct = lambda f, w: fmt(100 * f if f is not None else None, w - 1, 0) + ("%" if f is not None else " ")
         cells = (f"{name:<26}{fmt(ms, 9, 3)}{fmt(ours.get('tflops'), 7, 1)}"
                  f"{pct(ours.get('visit_frac'), 7)}{fmt(gate.get('ms'), 9, 3)}{pct(frac, 6)}"
+                 f"{fmt(tc.get('ms'), 9, 3)}{pct(tc.get('gate_frac'), 6)}"
                  f"{fmt(flex.get('ms'), 10, 3)}{fmt(flex.get('tflops'), 7, 1)}"
                  f"{pct(flex.get('visit_frac'), 7)}{pct(fgate.get('gate_frac'), 6)}"
                  f"{fmt(cbm.get('ms'), 10, 3)}{fmt(x_flex, 8, 2)}"
@@ -203,7 +206,8 @@ def moba_table():
         print(f"{cells}  {t}")
     print("(ms end to end, gating included; TF/s over the pairs the selection shows; visit = "
           "shown / computed pairs (64-row tiles, flex 128 x 128 blocks); gate = gate ms / "
-          "end-to-end ms; x flex = faster flex ms / ours; x dense, x sdpa = fastest dense "
+          "end-to-end ms; tc = the opt-in tensor-core gate alone, its share with it in place of "
+          "the CUDA-core gate (the target uses the default gate); x flex = faster flex ms / ours; x dense, x sdpa = fastest dense "
           f"causal ms (ours, SDPA) / ours; {misses} target(s) missed)")
 
 
