@@ -15,11 +15,21 @@
 //!   cache (`longattn-pprefill-mma-fp8`, kernel not yet verified on a GPU); at pages of 16 and
 //!   more also the Hopper kernel through a plan (`longattn-pprefill-wgmma-plan`, not yet run
 //!   on a GPU) against the dense Hopper kernel on the same tokens (`longattn-wgmma`).
+//! - `moba_*` (group `moba`): MoBA end to end through `MobaGpuPlan` (gating + attention, not
+//!   yet run on a GPU) at 32k and 128k tokens, causal, GQA 32/8, d 128, blocks of 512 and
+//!   4096 keys top-3 (and 128 top-8 at 32k), with the gate alone timed on the same call
+//!   (`longattn-moba-gate`, its `gate_frac` of the end-to-end time; `longattn-moba-tc-gate`:
+//!   the opt-in tensor-core gate alone, not yet run on a GPU, its `gate_frac` of the
+//!   end-to-end time with the CUDA-core gate's time replaced by its own), against the dense
+//!   causal kernels on the same sequence (`moba_dense_s*`). `tflops` counts the pairs the
+//!   selection shows (see [`moba_pairs`]); `visit_frac` is those pairs over the pairs the
+//!   attention kernel computes (64-row tiles x the keys of their unions).
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example family_bench`;
-//! `FAMILY_BENCH=padded,bsparse,pprefill,bsparse_long` (default: all) picks the groups.
+//! `FAMILY_BENCH=padded,bsparse,pprefill,bsparse_long,moba` (default: all) picks the groups.
 
+use longattn::block_sparse::moba::{GPU_TILE_ROWS, MobaGate};
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
 use std::sync::Arc;
@@ -42,7 +52,7 @@ fn upload(stream: &Arc<CudaStream>, n: usize, seed: u64) -> Result<CudaSlice<bf1
     Ok(stream.clone_htod(&support::uniform::<bf16>(n, seed))?)
 }
 
-/// Times one dense kernel on `shape` (fixed lengths, heads_q = heads_kv) under `opts`.
+/// Times one dense kernel on `shape` (fixed lengths, GQA as the shape says) under `opts`.
 fn dense_ms(
     stream: &Arc<CudaStream>,
     shape: &AttentionShape,
@@ -388,6 +398,140 @@ fn paged_prefill(stream: &Arc<CudaStream>) -> Result<()> {
     Ok(())
 }
 
+/// The (query, key) pairs MoBA shows and the pairs its attention kernel computes, from the
+/// plan's selection after a forward, for one sequence (`batch` 1, `seqlen_q == seqlen_k ==
+/// s`, causal, the only shape the `moba` rows run):
+/// - shown: row `i` (position `p = i`) sees key `j` of each selected block `kb` iff `j <= p`,
+///   so a block adds `min((kb + 1) * block_n, s, p + 1) - kb * block_n` keys (saturating).
+///   Every row selects `min(top_k, own + 1)` blocks, its own among them, so the count does
+///   not depend on which blocks win; the PyTorch baseline counts the same pairs from its own
+///   selection;
+/// - computed: each 64-row tile visits every key of its union's blocks (masked per row), so
+///   a tile adds 64 x the keys of its union (clipped at `s`).
+fn moba_pairs(plan: &MobaGpuPlan, stream: &Arc<CudaStream>, s: usize) -> Result<(u64, u64)> {
+    let bn = plan.config().block_n;
+    let keys = |kb: usize, end: usize| end.min((kb + 1) * bn).saturating_sub(kb * bn) as u64;
+    let rows = plan.row_blocks(stream)?;
+    let mut shown = 0u64;
+    for r in 0..plan.problem().lse_len() {
+        let p = r % s; // rows in LSE order [batch 1, heads_q, s]
+        let list = rows.row(r).unwrap_or_default();
+        shown += list.iter().map(|&kb| keys(kb as usize, p + 1)).sum::<u64>();
+    }
+    let computed = plan
+        .tile_unions(stream)?
+        .iter()
+        .map(|u| GPU_TILE_ROWS as u64 * u.iter().map(|&kb| keys(kb as usize, s)).sum::<u64>())
+        .sum();
+    Ok((shown, computed))
+}
+
+/// MoBA end to end (gating + attention, `MobaGpuPlan::forward`) and its gate alone
+/// (`MobaGpuPlan::select`, the same launches without the attention) on one 32k or 128k
+/// sequence, causal, 32 query / 8 kv heads, d 128, uniform random inputs; then the dense
+/// causal kernels on the same sequence (`moba_dense_s*`: what MoBA saves).
+fn moba(stream: &Arc<CudaStream>) -> Result<()> {
+    let (hq, hkv, d) = (32usize, 8usize, 128usize);
+    let opts = AttentionOptions::causal();
+    for s in [32768usize, 131072] {
+        let shape = AttentionShape {
+            batch: 1,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: s,
+                seqlen_k: s,
+            },
+        };
+        let attn = FlashAttention::new(&shape, &opts)?;
+        let (qs, ks) = (
+            Strides::contiguous(s, hq, d),
+            Strides::contiguous(s, hkv, d),
+        );
+        let q = upload(stream, s * hq * d, 1)?;
+        let k = upload(stream, s * hkv * d, 2)?;
+        let v = upload(stream, s * hkv * d, 3)?;
+        let mut o: CudaSlice<bf16> = stream.alloc_zeros(s * hq * d)?;
+        let mut configs = vec![(512usize, 3usize), (4096, 3)];
+        if s == 32768 {
+            configs.insert(0, (128, 8));
+        }
+        for (block_n, top_k) in configs {
+            let name = format!("moba_b{block_n}_top{top_k}_s{s}");
+            let ran = (|| -> Result<(f64, f64, u64, u64)> {
+                let mut plan = MobaGpuPlan::new(&attn, &MobaConfig { block_n, top_k }, stream)?;
+                let e2e = time_ms(stream, || {
+                    plan.forward::<bf16, _, _>(
+                        stream,
+                        Strided::new(&q, qs),
+                        Strided::new(&k, ks),
+                        Strided::new(&v, ks),
+                        Strided::new(&mut o, qs),
+                        None,
+                    )
+                })?;
+                let (shown, computed) = moba_pairs(&plan, stream, s)?;
+                let mut select = |plan: &mut MobaGpuPlan| {
+                    time_ms(stream, || {
+                        plan.select::<bf16, _, _>(
+                            stream,
+                            Strided::new(&q, qs),
+                            Strided::new(&k, ks),
+                            Strided::new(&v, ks),
+                            Strided::new(&mut o, qs),
+                            None,
+                        )
+                    })
+                };
+                let gate = select(&mut plan)?;
+                // The opt-in tensor-core gate (not yet run on a GPU), timed alone.
+                let mut tc = plan.with_gate(MobaGate::TensorCore)?;
+                match select(&mut tc) {
+                    Ok(tc_gate) => println!(
+                        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-moba-tc-gate\",\"b\":1,\"s\":{s},\"h\":{hq},\"d\":{d},\"ms\":{tc_gate:.4},\"gate_frac\":{:.4}}}",
+                        tc_gate / (e2e - gate + tc_gate)
+                    ),
+                    Err(e) => println!("# {name} longattn-moba-tc-gate: {e}"),
+                }
+                Ok((e2e, gate, shown, computed))
+            })();
+            match ran {
+                Ok((e2e, gate, shown, computed)) => {
+                    println!(
+                        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-moba\",\"b\":1,\"s\":{s},\"h\":{hq},\"d\":{d},\"ms\":{e2e:.4},\"tflops\":{:.2},\"visit_frac\":{:.4}}}",
+                        4.0 * d as f64 * shown as f64 / e2e / 1e9,
+                        shown as f64 / computed.max(1) as f64
+                    );
+                    println!(
+                        "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-moba-gate\",\"b\":1,\"s\":{s},\"h\":{hq},\"d\":{d},\"ms\":{gate:.4},\"gate_frac\":{:.4}}}",
+                        gate / e2e
+                    );
+                }
+                Err(e) => println!("# {name} longattn-moba: {e}"),
+            }
+        }
+        let dense_flops =
+            4.0 * (hq * d) as f64 * support::visible_pairs(&opts.effective_mask(), s, s) as f64;
+        for (kernel, imp) in [
+            (DenseKernel::TensorCore, "longattn-mma"),
+            (DenseKernel::Hopper, "longattn-wgmma"),
+        ] {
+            match dense_ms(stream, &shape, &opts, kernel) {
+                Ok(ms) => emit(
+                    &format!("moba_dense_s{s}"),
+                    imp,
+                    (1, s, hq, d),
+                    ms,
+                    dense_flops,
+                ),
+                Err(e) => println!("# moba_dense_s{s} {imp}: {e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let ctx = longattn::device::open_gpu(0)?;
     let stream = ctx.default_stream();
@@ -396,7 +540,7 @@ fn main() -> Result<()> {
         Device::Cuda(ctx.clone()).describe()
     );
     let wanted = std::env::var("FAMILY_BENCH")
-        .unwrap_or_else(|_| "padded,bsparse,pprefill,bsparse_long".into());
+        .unwrap_or_else(|_| "padded,bsparse,pprefill,bsparse_long,moba".into());
     let on = |g: &str| wanted.split(',').any(|w| w.trim() == g);
     if on("padded") {
         padded(&stream);
@@ -415,6 +559,11 @@ fn main() -> Result<()> {
         && let Err(e) = block_sparse_long(&stream)
     {
         println!("# bsparse_long: {e}");
+    }
+    if on("moba")
+        && let Err(e) = moba(&stream)
+    {
+        println!("# moba: {e}");
     }
     Ok(())
 }

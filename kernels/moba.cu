@@ -18,6 +18,8 @@
 //    and sets its blocks in a shared bitset of the tile's key blocks, which warp 0 compacts
 //    (popc + warp scan) into the tile's increasing union list.
 // 2b. moba_select_blocks_kernel: the same at query-block granularity (below).
+// 2c. moba_select_tc_kernel: moba_select_kernel with the scores on tensor cores (opt-in,
+//    la_moba_select_tc; below).
 // 3. moba_attention_kernel: the mma.sync mainloop (mma_mainloop.cuh) with MobaProblem, the
 //    block-sparse problem of block_sparse_mma.cu whose list is the tile's union and whose
 //    mask adds each row's selection: the 64 rows' lists are copied into dynamic shared
@@ -357,6 +359,189 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const _
   if (tid == 0) p.union_count[tile] = n;
 }
 
+// ---- 2c. Selection on tensor cores (opt-in) ---------------------------------------------
+// moba_select_tc_kernel: moba_select_kernel with the scores on tensor cores (mma.sync
+// m16n8k16, T inputs, f32 accumulators); the merge, the row lists and the union are the same
+// code. Each chunk's f32 pooled keys are split into two T values, hi = T(p) and
+// lo = T(p - hi), so that hi + lo carries about 16 significant bits of p (T's 8 or 11 alone
+// would reorder many near-ties): the scores are q . hi + q . lo (two MMAs per tile), within
+// about 2^-16 sum |q p| of the f32 dot product (q is exact in T). Warp w scores rows
+// 16w..16w+15 against the chunk's 32 blocks (4 n-tiles of 8), A fragments (Q) and B
+// fragments (pooled keys, [block][channel], i.e. column-major B) read as 32-bit pairs from
+// shared memory with row strides of D + 8 elements (D / 2 + 4 words: the 8 rows x 4 words of
+// a fragment load hit 32 distinct banks).
+template <typename T, int D>
+struct SelTcSmem {
+  static constexpr int kStride = D + 8;  // T elements, Q rows and pooled-key rows
+  static constexpr int kSStride = kChunk + 1;
+  static constexpr int kTop = kMaxTopK + 1;
+  static constexpr size_t kQ = (sizeof(T) * kTileRows * kStride + 15) / 16 * 16;
+  static constexpr size_t kP = (sizeof(T) * kChunk * kStride + 15) / 16 * 16;  // hi, then lo
+  static constexpr size_t kS = sizeof(float) * kTileRows * kSStride;
+  static constexpr size_t kTopBytes = sizeof(uint32_t) * kTileRows * kTop;
+  static constexpr size_t kFixed = kQ + 2 * kP + kS + 2 * kTopBytes;
+  static size_t bytes(int num_k_blocks) {
+    return kFixed + sizeof(uint32_t) * ((num_k_blocks + 31) / 32);
+  }
+};
+static_assert(kTileRows == 16 * (kSelThreads / 32) && kChunk == 32,
+              "one 16-row m-tile per warp, four 8-block n-tiles per chunk");
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kSelThreads) moba_select_tc_kernel(const __grid_constant__ LaMobaParams p) {
+  using Sm = SelTcSmem<T, D>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  uint16_t *q_s = reinterpret_cast<uint16_t *>(smem_raw);  // T's bits
+  T *hi_s = reinterpret_cast<T *>(smem_raw + Sm::kQ);
+  T *lo_s = reinterpret_cast<T *>(smem_raw + Sm::kQ + Sm::kP);
+  float *s_s = reinterpret_cast<float *>(smem_raw + Sm::kQ + 2 * Sm::kP);
+  uint32_t *topk_s = reinterpret_cast<uint32_t *>(smem_raw + Sm::kQ + 2 * Sm::kP + Sm::kS);
+  int *topi_s =
+      reinterpret_cast<int *>(smem_raw + Sm::kQ + 2 * Sm::kP + Sm::kS + Sm::kTopBytes);
+  uint32_t *bits_s = reinterpret_cast<uint32_t *>(smem_raw + Sm::kFixed);
+
+  const int x = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const SeqInfo s = seq_info(p.dense, b, h);
+  const int m0 = x * kTileRows;
+  if (m0 >= s.sq) return;
+  const HeadTensors<T> head = head_tensors<T>(p.dense, s, b, h);
+  const int kvh = h / (p.dense.heads_q / p.dense.heads_kv);
+  const int rows = min(kTileRows, s.sq - m0);
+  const int shift = s.sk - s.sq;
+  const int p_last = m0 + rows - 1 + shift;
+  const int own_last = p_last >= 0 ? p_last / p.block_n : -1;
+  const int cap = p.top_k - 1;
+  const int n_cand = cap > 0 ? max(own_last, 0) : 0;
+
+  for (int e = tid; e < kTileRows * D; e += kSelThreads) {
+    const int r = e / D, c = e % D;
+    const uint16_t *q = reinterpret_cast<const uint16_t *>(head.q);
+    q_s[r * Sm::kStride + c] = r < rows ? q[(long long)(m0 + r) * p.dense.q_row_stride + c] : 0;
+  }
+  const int words = own_last >= 0 ? own_last / 32 + 1 : 0;
+  for (int w = tid; w < words; w += kSelThreads) bits_s[w] = 0u;
+  __syncthreads();
+
+  const int my_p = m0 + tid + shift;
+  const int my_own = (tid < rows && my_p >= 0) ? my_p / p.block_n : -1;
+  int filled = 0;
+  uint32_t *my_key = topk_s + tid * Sm::kTop;
+  int *my_idx = topi_s + tid * Sm::kTop;
+
+  const float *pooled =
+      p.pooled + ((long long)b * p.dense.heads_kv + kvh) * p.num_k_blocks * (long long)D;
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t *q_w = reinterpret_cast<const uint32_t *>(q_s);
+  const uint32_t *hi_w = reinterpret_cast<const uint32_t *>(hi_s);
+  const uint32_t *lo_w = reinterpret_cast<const uint32_t *>(lo_s);
+  constexpr int kW = Sm::kStride / 2;  // words per row
+  for (int c0 = 0; c0 < n_cand; c0 += kChunk) {
+    const int nc = min(kChunk, n_cand - c0);
+    __syncthreads();  // the previous chunk's scores are merged, hi_s / lo_s are free
+    for (int e = tid; e < kChunk * D; e += kSelThreads) {
+      const int c = e / D, ch = e % D;
+      const float v = c < nc ? pooled[(long long)(c0 + c) * D + ch] : 0.0f;
+      const T hv = Elem<T>::from_float(v);
+      hi_s[c * Sm::kStride + ch] = hv;
+      lo_s[c * Sm::kStride + ch] = Elem<T>::from_float(v - Elem<T>::to_float(hv));
+    }
+    __syncthreads();
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
+    const int ra = 16 * warp + g;  // A rows ra and ra + 8
+#pragma unroll 2
+    for (int k0 = 0; k0 < D; k0 += 16) {
+      const int kw = k0 / 2 + t;  // word of channels k0 + 2t, k0 + 2t + 1
+      const uint32_t a[4] = {q_w[ra * kW + kw], q_w[(ra + 8) * kW + kw], q_w[ra * kW + kw + 4],
+                             q_w[(ra + 8) * kW + kw + 4]};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int n = 8 * j + g;  // B column (block of the chunk)
+        mma::Mma<T>::run(acc[j], a, hi_w[n * kW + kw], hi_w[n * kW + kw + 4]);
+        mma::Mma<T>::run(acc[j], a, lo_w[n * kW + kw], lo_w[n * kW + kw + 4]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float *row = s_s + ra * Sm::kSStride + 8 * j + 2 * t;
+      row[0] = acc[j][0];
+      row[1] = acc[j][1];
+      row[8 * Sm::kSStride] = acc[j][2];
+      row[8 * Sm::kSStride + 1] = acc[j][3];
+    }
+    __syncthreads();
+    if (tid < kTileRows) {
+      const int n_mine = min(nc, my_own - c0);
+      for (int c = 0; c < n_mine; ++c) {
+        const uint32_t key = rank_key(s_s[tid * Sm::kSStride + c]);
+        int pos;
+        if (filled < cap) {
+          pos = filled++;
+        } else if (key > my_key[cap - 1]) {
+          pos = cap - 1;
+        } else {
+          continue;
+        }
+        while (pos > 0 && my_key[pos - 1] < key) {
+          my_key[pos] = my_key[pos - 1];
+          my_idx[pos] = my_idx[pos - 1];
+          --pos;
+        }
+        my_key[pos] = key;
+        my_idx[pos] = c0 + c;
+      }
+    }
+  }
+
+  if (tid < rows) {
+    const SeqInfo s2 = seq_info(p.dense, b, h);
+    int32_t *out = p.row_blocks + (s2.lse_base + m0 + tid) * (long long)p.top_k;
+    int n = 0;
+    if (my_own >= 0) {
+      my_idx[filled] = my_own;
+      n = filled + 1;
+      for (int i = 1; i < n; ++i) {
+        const int v = my_idx[i];
+        int j = i;
+        while (j > 0 && my_idx[j - 1] > v) {
+          my_idx[j] = my_idx[j - 1];
+          --j;
+        }
+        my_idx[j] = v;
+      }
+      for (int i = 0; i < n; ++i) {
+        out[i] = my_idx[i];
+        atomicOr(&bits_s[my_idx[i] / 32], 1u << (my_idx[i] % 32));
+      }
+    }
+    for (int i = n; i < p.top_k; ++i) out[i] = -1;
+  }
+  __syncthreads();
+  if (tid < 32) {
+    const long long tile = ((long long)b * p.dense.heads_q + h) * p.num_tiles + x;
+    int32_t *list = p.union_blocks + tile * p.union_width;
+    int base = 0;
+    for (int w0 = 0; w0 < words; w0 += 32) {
+      const uint32_t word = w0 + lane < words ? bits_s[w0 + lane] : 0u;
+      const int cnt = __popc(word);
+      int incl = cnt;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+      }
+      int at = base + incl - cnt;
+      for (uint32_t m = word; m != 0u; m &= m - 1u) list[at++] = 32 * (w0 + lane) + __ffs(m) - 1;
+      base += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) p.union_count[tile] = base;
+  }
+}
+
 // ---- 3. Attention ---------------------------------------------------------------------
 // Query rows [m0, m0 + 64) of one (sequence, query head) over the tile's union list, each row
 // masked to its own selection (rows_s: the 64 rows' lists, top_k each, -1 past the end).
@@ -503,6 +688,20 @@ cudaError_t launch_select(const LaMobaParams &p, cudaStream_t stream) {
 }
 
 template <typename T, class Tr>
+cudaError_t launch_select_tc(const LaMobaParams &p, cudaStream_t stream) {
+  constexpr int D = Tr::kHeadDim;
+  const LaDenseParams &d = p.dense;
+  if (p.num_k_blocks > 0) {
+    const cudaError_t err = launch_smem(moba_pool_kernel<T, D>,
+                                        dim3(p.num_k_blocks, d.heads_kv, d.batch), kPoolThreads,
+                                        0, p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_smem(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), p, stream);
+}
+
+template <typename T, class Tr>
 cudaError_t launch_select_blocks(const LaMobaParams &p, cudaStream_t stream) {
   constexpr int D = Tr::kHeadDim;
   const LaDenseParams &d = p.dense;
@@ -571,6 +770,13 @@ extern "C" int la_moba_select(const LaMobaParams *params, cudaStream_t stream) {
   using namespace longattn;
   return run(params, [&](auto t, auto tr, const LaMobaParams &p) {
     return launch_select<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
+  });
+}
+
+extern "C" int la_moba_select_tc(const LaMobaParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  return run(params, [&](auto t, auto tr, const LaMobaParams &p) {
+    return launch_select_tc<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
   });
 }
 

@@ -9,6 +9,10 @@
    FlexAttention) over the same tokens, Quest's speedup over full decode and the selection's
    share of the Quest time, and the performance targets (examples/paged_bench.rs,
    torch_decode_baseline.py).
+3. The opt-in kernels of examples/family_bench.rs and torch_family_baseline.py, then MoBA
+   (rows `moba_*`): end-to-end time and TFLOP/s over the pairs the selection shows, the
+   gate's share, against FlexAttention's MoBA and the dense causal kernels on the same
+   sequence, and the issue-15 targets.
 """
 import json
 import sys
@@ -17,6 +21,9 @@ import sys
 FULL_FRAC_TARGET = 0.85  # full decode at batch 1 x 64k and batch 64 x 8k
 QUEST_SPEEDUP_TARGET = 6.0  # Quest top-2048 at 64k and 128k, vs full decode
 SELECT_FRAC_TARGET = 0.15  # selection share of the Quest decode time
+# MoBA targets (issue 15), at 128k tokens.
+MOBA_VS_FLEX_TARGET = 1.5  # end to end, gating included, vs FlexAttention's MoBA
+MOBA_GATE_FRAC_TARGET = 0.10  # gating share of MoBA's end-to-end time
 
 rows = {}
 order = []
@@ -44,7 +51,8 @@ def fmt(x, width, prec):
 
 
 def dense_table():
-    names = [n for n in order if any("tflops" in r for r in rows[n].values())]
+    names = [n for n in order if any("tflops" in r for r in rows[n].values())
+             and not n.startswith("moba_")]  # MoBA has a table of its own
     if not names:
         return
     impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
@@ -170,6 +178,62 @@ def family_table():
           "random mask of the same density)")
 
 
+def moba_table():
+    """MoBA end to end (family_bench group `moba`, torch_family_baseline.py `moba`): per case
+    our time, TFLOP/s over the shown pairs and the share of the kernel's computed pairs that
+    are shown, the gate's ms and share; FlexAttention's MoBA likewise (flex: BlockMask built
+    from the selection; flex-cbm: through create_block_mask), the ratio flex ms / ours (the
+    faster flex), and the speedup over the fastest dense causal kernel of the same run
+    (moba_dense_s*, ours and SDPA)."""
+    names = [n for n in order if n.startswith("moba_b")]
+    if not names:
+        return
+    print()
+    print(f"{'case':<26}{'ms':>9}{'TF/s':>7}{'visit':>7}{'gate ms':>9}{'gate':>6}"
+          f"{'tc gate':>9}{'tc':>6}"
+          f"{'flex ms':>10}{'TF/s':>7}{'visit':>7}{'gate':>6}{'cbm ms':>10}{'x flex':>8}"
+          f"{'x dense':>8}{'x sdpa':>8}  target")
+    misses = 0
+    for name in names:
+        by = rows[name]
+        ours, gate = by.get("longattn-moba", {}), by.get("longattn-moba-gate", {})
+        tc = by.get("longattn-moba-tc-gate", {})
+        flex, fgate, cbm = by.get("flex", {}), by.get("flex-gate", {}), by.get("flex-cbm", {})
+        ms = ours.get("ms")
+        dense = rows.get(f"moba_dense_s{name.rsplit('_s', 1)[-1]}", {})
+        ours_dense = min((dense[i]["ms"] for i in ("longattn-mma", "longattn-wgmma")
+                          if i in dense), default=None)
+        sdpa = min((dense[i]["ms"] for i in ("sdpa-flash", "sdpa-cudnn") if i in dense),
+                   default=None)
+        best_flex = min((r["ms"] for r in (flex, cbm) if "ms" in r), default=None)
+        x_flex = best_flex / ms if ms and best_flex else None
+        frac = gate.get("gate_frac")
+        pct = lambda f, w: fmt(100 * f if f is not None else None, w - 1, 0) + ("%" if f is not None else " ")
+        cells = (f"{name:<26}{fmt(ms, 9, 3)}{fmt(ours.get('tflops'), 7, 1)}"
+                 f"{pct(ours.get('visit_frac'), 7)}{fmt(gate.get('ms'), 9, 3)}{pct(frac, 6)}"
+                 f"{fmt(tc.get('ms'), 9, 3)}{pct(tc.get('gate_frac'), 6)}"
+                 f"{fmt(flex.get('ms'), 10, 3)}{fmt(flex.get('tflops'), 7, 1)}"
+                 f"{pct(flex.get('visit_frac'), 7)}{pct(fgate.get('gate_frac'), 6)}"
+                 f"{fmt(cbm.get('ms'), 10, 3)}{fmt(x_flex, 8, 2)}"
+                 f"{fmt(ours_dense / ms if ms and ours_dense else None, 8, 2)}"
+                 f"{fmt(sdpa / ms if ms and sdpa else None, 8, 2)}")
+        t = ""
+        if name.endswith("_s131072") and ms:
+            if x_flex is None or frac is None:
+                t = "?"
+            else:
+                ok = x_flex >= MOBA_VS_FLEX_TARGET and frac <= MOBA_GATE_FRAC_TARGET
+                t = ("ok" if ok else "MISS") + f" x>={MOBA_VS_FLEX_TARGET:g},gate<={MOBA_GATE_FRAC_TARGET}"
+                misses += not ok
+        print(f"{cells}  {t}")
+    print("(ms end to end, gating included; TF/s over the pairs the selection shows; visit = "
+          "shown / computed pairs (64-row tiles, flex 128 x 128 blocks); gate = gate ms / "
+          "end-to-end ms; tc = the opt-in tensor-core gate alone, its share with it in place of "
+          "the CUDA-core gate (the target uses the default gate); x flex = faster flex ms / ours; x dense, x sdpa = fastest dense "
+          f"causal ms (ours, SDPA) / ours; {misses} target(s) missed)")
+
+
 dense_table()
 paged_table()
 family_table()
+moba_table()

@@ -12,7 +12,7 @@ mod common;
 
 use common::*;
 use longattn::block_sparse::moba::{
-    GPU_TILE_ROWS, MobaConfig, MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask,
+    GPU_TILE_ROWS, MobaConfig, MobaGate, MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask,
     moba_pooled_keys_cpu, moba_select_blocks_cpu, moba_select_cpu, moba_tile_unions,
 };
 use longattn::block_sparse::patterns::{self, PatternShape};
@@ -995,10 +995,19 @@ fn moba_run<T: Element + DeviceRepr>(
     seed: u64,
     mc: &MobaCase,
 ) -> (f64, usize) {
-    let x = mc.case().inputs::<T>(seed);
+    moba_run_on(stream, mc, mc.case().inputs::<T>(seed), MobaGate::Simt)
+}
+
+/// [`moba_run`] on given inputs with the given gate.
+fn moba_run_on<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    mc: &MobaCase,
+    x: Inputs<T>,
+    gate: MobaGate,
+) -> (f64, usize) {
     let attn = x.bs.attention().clone();
     let cfg = mc.config();
-    let what = format!("moba {} d{} {}", mc.name, mc.d, T::DTYPE);
+    let what = format!("moba {} d{} {} {gate:?}", mc.name, mc.d, T::DTYPE);
     let dq = stream.clone_htod(&x.q).unwrap();
     let dk = stream.clone_htod(&x.k).unwrap();
     let dv = stream.clone_htod(&x.v).unwrap();
@@ -1006,7 +1015,11 @@ fn moba_run<T: Element + DeviceRepr>(
         .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
         .unwrap();
     let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
-    let mut plan = MobaGpuPlan::new(&attn, &cfg, stream).unwrap();
+    let mut plan = MobaGpuPlan::new(&attn, &cfg, stream)
+        .unwrap()
+        .with_gate(gate)
+        .unwrap();
+    assert_eq!(plan.gate(), gate);
     plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
         stream,
         Strided::new(&dq, x.qs),
@@ -1659,4 +1672,251 @@ fn gpu_moba_query_blocks_match_cpu_bf16() {
 #[test]
 fn gpu_moba_query_blocks_match_cpu_f16() {
     moba_blocks_sweep::<f16>("gpu_moba_query_blocks_match_cpu_f16", 5000);
+}
+
+/// `MobaGpuPlan::select` (the gate alone, which `family_bench` times for the gate share):
+/// per-token and query-block plans, every per-token shape; after `select` the plan holds the
+/// same pooled keys, row selections and tile unions as after `forward` on the same inputs
+/// (bit for bit: the same launches), and the NaN-poisoned output and LSE are untouched (bit
+/// for bit); a short buffer is refused by `select` as by `forward`.
+#[test]
+fn gpu_moba_select_alone_matches_forward() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_select_alone_matches_forward") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let nan = bf16::from_f32(f32::NAN);
+    for (mc, bm) in moba_cases()
+        .iter()
+        .zip([None, Some(64), Some(128)].iter().cycle())
+    {
+        let x = mc.case().inputs::<bf16>(61);
+        let attn = x.bs.attention().clone();
+        let cfg = mc.config();
+        // Query-block plans take causal lists only (see moba_block_cases).
+        let bm = if mc.name == "window" { None } else { *bm };
+        let what = format!("select {} block_m {bm:?}", mc.name);
+        let plan = || match bm {
+            None => MobaGpuPlan::new(&attn, &cfg, &stream).unwrap(),
+            Some(m) => MobaGpuPlan::with_query_blocks(&attn, &cfg, m, &stream).unwrap(),
+        };
+        let dq = stream.clone_htod(&x.q).unwrap();
+        let dk = stream.clone_htod(&x.k).unwrap();
+        let dv = stream.clone_htod(&x.v).unwrap();
+        let mut dout = stream.clone_htod(&vec![nan; attn.out_len()]).unwrap();
+        let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+        let mut gate = plan();
+        gate.select::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        let out: Vec<bf16> = stream.clone_dtoh(&dout).unwrap();
+        let lse: Vec<f32> = stream.clone_dtoh(&dlse).unwrap();
+        assert!(
+            out.iter().all(|o| o.to_f32().is_nan()),
+            "{what}: out written"
+        );
+        assert!(lse.iter().all(|l| l.is_nan()), "{what}: lse written");
+        let mut full = plan();
+        full.forward::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        assert_eq!(
+            gate.row_blocks(&stream).unwrap(),
+            full.row_blocks(&stream).unwrap(),
+            "{what}: rows"
+        );
+        assert_eq!(
+            gate.tile_unions(&stream).unwrap(),
+            full.tile_unions(&stream).unwrap(),
+            "{what}: unions"
+        );
+        let (pg, pf) = (
+            gate.pooled_keys(&stream).unwrap(),
+            full.pooled_keys(&stream).unwrap(),
+        );
+        // Blocks past a varlen sequence's end hold stale values (zeros in both fresh plans).
+        assert!(
+            pg.iter().zip(&pf).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: pooled keys"
+        );
+        let short: CudaSlice<bf16> = stream.alloc_zeros(10).unwrap();
+        let r = gate.select::<bf16, _, _>(
+            &stream,
+            Strided::new(&short, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            None,
+        );
+        assert!(matches!(r, Err(Error::Shape(_))), "{what}: {r:?}");
+    }
+}
+
+// ---- The tensor-core gate (MobaGate::TensorCore, opt-in) ---------------------------------
+
+/// The tensor-core gate on random inputs, every per-token shape (head dims 64/128/256, GQA,
+/// varlen, top_k 1..32, a window): the full check of [`moba_run`] (pooled keys, selection
+/// equal to the f64 CPU selection up to near-ties, unions of its own selection, attention vs
+/// the f64 reference, NaN-poisoned outputs). Its split pooled keys keep each score within
+/// about 2^-16 of the magnitude sum, inside the near-tie bound of the check.
+fn moba_tc_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let (mut worst, mut flips) = (0.0f64, 0);
+    for (i, mc) in moba_cases().iter().enumerate() {
+        let x = mc.case().inputs::<T>(seed + i as u64);
+        let (e, f) = moba_run_on(&stream, mc, x, MobaGate::TensorCore);
+        worst = worst.max(e);
+        flips += f;
+    }
+    eprintln!(
+        "moba tc gate {}: worst rel err {worst:.2e}, near-tie flips {flips}",
+        T::DTYPE
+    );
+}
+
+#[test]
+fn gpu_moba_tc_gate_matches_cpu_selection_and_reference_bf16() {
+    moba_tc_sweep::<bf16>(
+        "gpu_moba_tc_gate_matches_cpu_selection_and_reference_bf16",
+        7000,
+    );
+}
+
+#[test]
+fn gpu_moba_tc_gate_matches_cpu_selection_and_reference_f16() {
+    moba_tc_sweep::<f16>(
+        "gpu_moba_tc_gate_matches_cpu_selection_and_reference_f16",
+        8000,
+    );
+}
+
+/// Inputs on which every path scores exactly: queries with entries in {-2, ..., 2}, and each
+/// key block's rows one vector with entries in {-2, ..., 2} (a different one per sequence, kv
+/// head and block), so that the pooled keys are those integers exactly (f32 and f64) and
+/// every score is an integer below 2^24 (exact in f32 whatever the order). The CPU selection
+/// (ties to the lower block index among the many equal integer scores) is then the only
+/// right answer for both gates: a wrong fragment, row, channel or block mapping changes the
+/// scores and shows.
+fn integer_inputs<T: Element>(mc: &MobaCase, seed: u64) -> Inputs<T> {
+    let mut x = mc.case().inputs::<T>(seed);
+    let mut r = rng(seed ^ 0x5eed);
+    let mut int = || T::from_f32(r.random_range(-2i32..=2) as f32);
+    for v in x.q.iter_mut() {
+        *v = int();
+    }
+    let attn = x.bs.attention().clone();
+    for (b, span) in attn.spans().enumerate() {
+        let bb = if attn.is_varlen() { 0 } else { b } as i64;
+        for kvh in 0..mc.hkv {
+            for kb in 0..span.seqlen_k.div_ceil(mc.block_n) {
+                let vec: Vec<T> = (0..mc.d).map(|_| int()).collect();
+                for j in kb * mc.block_n..((kb + 1) * mc.block_n).min(span.seqlen_k) {
+                    let o = (bb * x.ks.batch
+                        + (span.k_start + j) as i64 * x.ks.seq
+                        + kvh as i64 * x.ks.head) as usize;
+                    x.k[o..o + mc.d].copy_from_slice(&vec);
+                }
+            }
+        }
+    }
+    x
+}
+
+/// On [`integer_inputs`] both gates select exactly the CPU selection (no near-tie allowed)
+/// and the same lists as each other, bf16 and f16, every per-token shape; the attention is
+/// checked as in [`moba_run`].
+#[test]
+fn gpu_moba_tc_gate_exact_on_integer_scores() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_tc_gate_exact_on_integer_scores") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    fn both<T: Element + DeviceRepr>(stream: &Arc<CudaStream>, mc: &MobaCase, seed: u64) {
+        for gate in [MobaGate::Simt, MobaGate::TensorCore] {
+            let (_, flips) = moba_run_on(stream, mc, integer_inputs::<T>(mc, seed), gate);
+            assert_eq!(
+                flips,
+                0,
+                "{} {} {gate:?}: selection differs",
+                mc.name,
+                T::DTYPE
+            );
+        }
+    }
+    for (i, mc) in moba_cases().iter().enumerate() {
+        both::<bf16>(&stream, mc, 9000 + i as u64);
+        both::<f16>(&stream, mc, 9100 + i as u64);
+    }
+}
+
+/// `with_gate`: the default is `Simt`; a query-block plan refuses `TensorCore` (named error)
+/// and keeps `Simt`.
+#[test]
+fn gpu_moba_gate_option() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_gate_option") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mc = &moba_cases()[0];
+    let attn = mc.case().attn();
+    let cfg = mc.config();
+    let plan = MobaGpuPlan::new(&attn, &cfg, &stream).unwrap();
+    assert_eq!(plan.gate(), MobaGate::Simt);
+    let blocks = MobaGpuPlan::with_query_blocks(&attn, &cfg, 64, &stream).unwrap();
+    let r = blocks.with_gate(MobaGate::TensorCore);
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("tensor-core")),
+        "{r:?}"
+    );
+    let blocks = MobaGpuPlan::with_query_blocks(&attn, &cfg, 64, &stream).unwrap();
+    assert_eq!(
+        blocks.with_gate(MobaGate::Simt).unwrap().gate(),
+        MobaGate::Simt
+    );
+}
+
+/// The premise of [`gpu_moba_tc_gate_exact_on_integer_scores`], on the CPU: the pooled keys
+/// of [`integer_inputs`] are integers (exact in f32), and the selections are not the trivial
+/// lowest-index lists (so that a mis-mapped score would change them).
+#[test]
+fn integer_inputs_pool_to_integers() {
+    let mut nontrivial = 0;
+    for (i, mc) in moba_cases().iter().enumerate() {
+        let x = integer_inputs::<f16>(mc, 9100 + i as u64);
+        let attn = x.bs.attention();
+        let cfg = mc.config();
+        let q = || Strided::new(&x.q[..], x.qs);
+        let k = || Strided::new(&x.k[..], x.ks);
+        let pooled = moba_pooled_keys_cpu(attn, &cfg, q(), k()).unwrap();
+        assert!(
+            pooled.iter().all(|v| v.fract() == 0.0 && v.abs() <= 2.0),
+            "{}: pooled keys not integers",
+            mc.name
+        );
+        let rows = moba_select_cpu(attn, &cfg, q(), k()).unwrap();
+        for r in 0..attn.lse_len() {
+            let row = rows.row(r).unwrap();
+            let Some((&own, earlier)) = row.split_last() else {
+                continue;
+            };
+            let lowest: Vec<i32> = (0..earlier.len() as i32).collect();
+            nontrivial += usize::from(earlier != &lowest[..] && own >= 0);
+        }
+    }
+    assert!(nontrivial > 100, "{nontrivial} non-trivial rows");
 }

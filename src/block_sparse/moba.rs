@@ -34,7 +34,7 @@ use crate::layout::Strided;
 use std::cmp::Ordering;
 
 pub use super::moba_gpu::{
-    GPU_MAX_K_BLOCKS, GPU_MAX_TOP_K, GPU_TILE_ROWS, MobaGpuDims, MobaGpuPlan,
+    GPU_MAX_K_BLOCKS, GPU_MAX_TOP_K, GPU_TILE_ROWS, MobaGate, MobaGpuDims, MobaGpuPlan,
 };
 
 /// MoBA's two knobs.

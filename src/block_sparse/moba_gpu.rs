@@ -1,6 +1,8 @@
 //! MoBA on the GPU (`kernels/moba.cu`): gating (mean-pooled keys, per-row top-k, per-tile
 //! unions; or per query block, [`MobaGpuPlan::with_query_blocks`]) and the attention over the
-//! per-row selections, on device buffers.
+//! per-row selections, on device buffers. The per-token gate scores on CUDA cores by
+//! default, on tensor cores with [`MobaGate::TensorCore`] (opt-in, added 2026-12-05, also not
+//! yet run on a GPU).
 //!
 //! **NOT YET RUN ON A GPU** (compiled and register-checked only, 2026-12-04). Explicit
 //! opt-in: only [`MobaGpuPlan::forward`] runs it; the CPU path ([`moba_attention`](super::moba::moba_attention),
@@ -35,6 +37,22 @@ pub const GPU_MAX_K_BLOCKS: usize = 65536;
 /// Query rows per tile of the GPU kernels (`LA_MOBA_TILE_ROWS`): the unions are per tile of
 /// this many rows, counted from row 0 of each sequence.
 pub const GPU_TILE_ROWS: usize = 64;
+
+/// How [`MobaGpuPlan`] scores the query rows against the pooled keys (per-token selection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MobaGate {
+    /// f32 FMAs on CUDA cores (`moba_select_kernel`): the default.
+    #[default]
+    Simt,
+    /// Tensor cores (`moba_select_tc_kernel`, mma.sync m16n8k16, f32 accumulators), **not
+    /// yet run on a GPU**, explicit opt-in ([`MobaGpuPlan::with_gate`]). Each f32 pooled key
+    /// is split into two f16/bf16 parts (`hi = T(p)`, `lo = T(p - hi)`) and the score is
+    /// `q . hi + q . lo`: within about `2^-16 * sum |q_c p_c|` of the f32 score (the query
+    /// is exact in its dtype), so the selection equals [`MobaGate::Simt`]'s except at
+    /// near-ties (the same tie rule applies to the scores it computes). Per-token selection
+    /// only.
+    TensorCore,
+}
 
 /// The sizes of the GPU buffers of a MoBA problem, validated on the host
 /// ([`MobaGpuDims::new`]).
@@ -186,6 +204,7 @@ pub struct MobaGpuPlan {
     config: MobaConfig,
     /// Query-block granularity: rows per query block (else per-token selection).
     block_m: Option<usize>,
+    gate: MobaGate,
     dims: MobaGpuDims,
     bufs: Buffers,
 }
@@ -251,6 +270,7 @@ impl MobaGpuPlan {
             attn: attn.clone(),
             config: *config,
             block_m,
+            gate: MobaGate::Simt,
             dims,
             bufs,
         })
@@ -271,6 +291,26 @@ impl MobaGpuPlan {
     /// Rows per query block at query-block granularity; `None` for per-token selection.
     pub fn query_block(&self) -> Option<usize> {
         self.block_m
+    }
+    /// How the gate scores ([`MobaGate::Simt`] unless [`MobaGpuPlan::with_gate`] chose).
+    pub fn gate(&self) -> MobaGate {
+        self.gate
+    }
+
+    /// The plan with its per-token gate scored by `gate`; [`MobaGate::TensorCore`] is the
+    /// opt-in tensor-core gate (**not yet run on a GPU**). A query-block plan
+    /// ([`MobaGpuPlan::with_query_blocks`]) takes [`MobaGate::Simt`] only
+    /// (`Error::Unsupported` otherwise: its gate scores one mean query per block, not a tile).
+    pub fn with_gate(mut self, gate: MobaGate) -> Result<Self> {
+        if gate == MobaGate::TensorCore && self.block_m.is_some() {
+            return Err(Error::Unsupported(
+                "MoBA on the GPU: the tensor-core gate scores per-token selection only, not \
+                 query blocks"
+                    .into(),
+            ));
+        }
+        self.gate = gate;
+        Ok(self)
     }
 
     /// Gating then attention on `stream` (the caller's; nothing is synchronized), two kernel
@@ -305,7 +345,45 @@ impl MobaGpuPlan {
             [q.extent(), k.extent(), v.extent(), out.extent()],
             lse.as_ref().map(|l| l.len()),
         )?;
-        cuda_call!(launch, self, stream, q, k, v, out, lse)
+        cuda_call!(
+            launch,
+            self,
+            stream,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            Stages::GateAndAttention
+        )
+    }
+
+    /// The gating of [`MobaGpuPlan::forward`] alone (pooling and selection, the same
+    /// launches; the attention is not launched): the selection is left in the plan
+    /// ([`MobaGpuPlan::row_blocks`]) and `out` and `lse` are not written. It takes
+    /// `forward`'s arguments and runs its checks, so that a caller times the gate of exactly
+    /// the call it makes (`family_bench` reports the gate's share of the end-to-end time
+    /// this way). **NOT YET RUN ON A GPU.**
+    pub fn select<T, I, O>(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&I>,
+        k: Strided<&I>,
+        v: Strided<&I>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<T>,
+    {
+        self.check(
+            T::DTYPE,
+            [q.extent(), k.extent(), v.extent(), out.extent()],
+            lse.as_ref().map(|l| l.len()),
+        )?;
+        cuda_call!(launch, self, stream, q, k, v, out, lse, Stages::Gate)
     }
 
     /// Every check of [`MobaGpuPlan::forward`] that needs no device pointer: the buffers'
@@ -368,7 +446,15 @@ impl MobaGpuPlan {
     }
 }
 
+/// The launches of one call: [`MobaGpuPlan::select`] stops after the gating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stages {
+    Gate,
+    GateAndAttention,
+}
+
 #[cfg(longattn_cuda)]
+#[allow(clippy::too_many_arguments)]
 fn launch<T, I, O>(
     plan: &mut MobaGpuPlan,
     stream: &Arc<CudaStream>,
@@ -377,6 +463,7 @@ fn launch<T, I, O>(
     v: Strided<&I>,
     out: Strided<&mut O>,
     lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    stages: Stages,
 ) -> Result<()>
 where
     T: Element + DeviceRepr,
@@ -432,9 +519,12 @@ where
     // (pooled, rows, unions); both launches are ordered on `stream`, and the sync guards
     // keep cudarc's event tracking correct until they are queued.
     let (code, what) = unsafe {
-        match plan.block_m {
-            None => (ffi::la_moba_select(&params, s), "la_moba_select"),
-            Some(_) => (
+        match (plan.block_m, plan.gate) {
+            (None, MobaGate::Simt) => (ffi::la_moba_select(&params, s), "la_moba_select"),
+            (None, MobaGate::TensorCore) => {
+                (ffi::la_moba_select_tc(&params, s), "la_moba_select_tc")
+            }
+            (Some(_), _) => (
                 ffi::la_moba_select_blocks(&params, s),
                 "la_moba_select_blocks",
             ),
@@ -444,6 +534,9 @@ where
         return Err(e);
     }
     check_launch(what, code)?;
+    if stages == Stages::Gate {
+        return Ok(());
+    }
     // SAFETY: as above; the attention reads the selections the select launch writes, in
     // stream order.
     let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
@@ -667,13 +760,18 @@ mod tests {
         ];
         for (i, p) in cases.iter().enumerate() {
             // SAFETY: the params are refused before any pointer is read or CUDA is called.
-            let (s, a) = unsafe {
+            let (s, t, a) = unsafe {
                 (
                     ffi::la_moba_select(p, std::ptr::null_mut()),
+                    ffi::la_moba_select_tc(p, std::ptr::null_mut()),
                     ffi::la_moba_attention(p, std::ptr::null_mut()),
                 )
             };
-            assert_eq!((s, a), (INVALID_VALUE, INVALID_VALUE), "case {i}");
+            assert_eq!(
+                (s, t, a),
+                (INVALID_VALUE, INVALID_VALUE, INVALID_VALUE),
+                "case {i}"
+            );
         }
         // Query-block granularity: block_m and the list width (top_k) checked too. Here
         // (block_m 128, block_n 64) a list holds up to 3 diagonal blocks.
@@ -690,6 +788,9 @@ mod tests {
         // SAFETY: a NULL params pointer is refused.
         let code = unsafe { ffi::la_moba_select(std::ptr::null(), std::ptr::null_mut()) };
         assert_eq!(code, INVALID_VALUE);
+        // SAFETY: as above.
+        let code = unsafe { ffi::la_moba_select_tc(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
         // No work (batch 0): success without a launch.
         let empty = ffi::LaMobaParams {
             dense: ffi::LaDenseParams { batch: 0, ..dense },
@@ -697,6 +798,9 @@ mod tests {
         };
         // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
         let code = unsafe { ffi::la_moba_select(&empty, std::ptr::null_mut()) };
+        assert_eq!(code, 0);
+        // SAFETY: as above.
+        let code = unsafe { ffi::la_moba_select_tc(&empty, std::ptr::null_mut()) };
         assert_eq!(code, 0);
     }
 }

@@ -112,6 +112,11 @@ typedef struct LaMobaParams {
  * another head_dim or a device it cannot run on. NOT YET RUN ON A GPU. */
 int la_moba_select(const LaMobaParams *params, cudaStream_t stream);
 
+/* la_moba_select with the scores on tensor cores (mma.sync m16n8k16; pooled keys split into
+ * two f16/bf16 parts, f32 accumulation; opt-in): same params, same outputs up to near-ties of
+ * the scores, same return values. NOT YET RUN ON A GPU. */
+int la_moba_select_tc(const LaMobaParams *params, cudaStream_t stream);
+
 /* Gating at query-block granularity (pool, then select): same params (block_m, select_k set),
  * same return values. NOT YET RUN ON A GPU. */
 int la_moba_select_blocks(const LaMobaParams *params, cudaStream_t stream);
