@@ -81,6 +81,99 @@ __device__ __forceinline__ uint32_t rank_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Row tid's merge of one chunk's scores (`scores[0..n]`, blocks c0..c0 + n) into its top
+// list (`key`/`idx`, `filled` of `cap` ranked, best first): a block enters when the list is
+// not full or it beats the last entry, and passes only strictly worse entries, so equal
+// scores keep the lower block index first.
+__device__ __forceinline__ void merge_chunk(const float *scores, int n, int c0, int cap,
+                                            int &filled, uint32_t *key_list, int *idx) {
+  for (int c = 0; c < n; ++c) {
+    const uint32_t key = rank_key(scores[c]);
+    int pos;
+    if (filled < cap) {
+      pos = filled++;
+    } else if (key > key_list[cap - 1]) {
+      pos = cap - 1;
+    } else {
+      continue;
+    }
+    while (pos > 0 && key_list[pos - 1] < key) {
+      key_list[pos] = key_list[pos - 1];
+      idx[pos] = idx[pos - 1];
+      --pos;
+    }
+    key_list[pos] = key;
+    idx[pos] = c0 + c;
+  }
+}
+
+// Row tid's selection: the ranked blocks plus its own (own >= 0; none when the row sees no
+// key), in increasing index, written to `out` and padded with -1 to top_k; each block's bit
+// set in the tile's union bitset.
+__device__ __forceinline__ void write_row(int32_t *out, int top_k, int own, int filled,
+                                          int *idx, uint32_t *bits) {
+  int n = 0;
+  if (own >= 0) {
+    idx[filled] = own;  // filled <= cap < kMaxTopK
+    n = filled + 1;
+    for (int i = 1; i < n; ++i) {  // insertion sort
+      const int v = idx[i];
+      int j = i;
+      while (j > 0 && idx[j - 1] > v) {
+        idx[j] = idx[j - 1];
+        --j;
+      }
+      idx[j] = v;
+    }
+    for (int i = 0; i < n; ++i) {
+      out[i] = idx[i];
+      atomicOr(&bits[idx[i] / 32], 1u << (idx[i] % 32));
+    }
+  }
+  for (int i = n; i < top_k; ++i) out[i] = -1;
+}
+
+// Warp 0 (all 32 lanes): tile `tile`'s union list from its bitset of `words` words, in
+// increasing block index, and its count.
+__device__ __forceinline__ void write_union(const LaMobaParams &p, long long tile,
+                                            const uint32_t *bits, int words, int lane) {
+  int32_t *list = p.union_blocks + tile * p.union_width;
+  int base = 0;
+  for (int w0 = 0; w0 < words; w0 += 32) {
+    const uint32_t word = w0 + lane < words ? bits[w0 + lane] : 0u;
+    const int cnt = __popc(word);
+    int incl = cnt;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    int at = base + incl - cnt;
+    for (uint32_t m = word; m != 0u; m &= m - 1u) list[at++] = 32 * (w0 + lane) + __ffs(m) - 1;
+    base += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (lane == 0) p.union_count[tile] = base;
+}
+
+// The end of a selection block (every thread; the per-row state of the thread's row, rows
+// < rows): each row's selection written (write_row), then warp 0 the tile's union
+// (write_union).
+__device__ __forceinline__ void finish_tile(const LaMobaParams &p, int b, int h, int x, int m0,
+                                            int rows, int my_own, int filled, int *my_idx,
+                                            uint32_t *bits_s, int words) {
+  const int tid = threadIdx.x;
+  if (tid < rows) {
+    // The sequence's placement again (a few cached loads): keeping lse_base live across the
+    // score loop made ptxas spill it (sm_90a, f16).
+    const SeqInfo s = seq_info(p.dense, b, h);
+    write_row(p.row_blocks + (s.lse_base + m0 + tid) * (long long)p.top_k, p.top_k, my_own,
+              filled, my_idx, bits_s);
+  }
+  __syncthreads();
+  if (tid < 32)
+    write_union(p, ((long long)b * p.dense.heads_q + h) * p.num_tiles + x, bits_s, words, tid);
+}
+
 // A 16-bit element's bits as f32 (exact).
 template <typename T>
 __device__ __forceinline__ float bits_to_float(uint16_t u);
@@ -123,7 +216,7 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
   uint32_t *bits_s = reinterpret_cast<uint32_t *>(smem_raw + Sm::kFixed);
 
   const int x = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int tid = threadIdx.x, lane = tid % 32;
+  const int tid = threadIdx.x;
   const SeqInfo s = seq_info(p.dense, b, h);
   const int m0 = x * kTileRows;
   if (m0 >= s.sq) return;
@@ -186,76 +279,11 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
 #pragma unroll
       for (int c = 0; c < 4; ++c) s_s[(ty + 16 * a) * Sm::kSStride + tx + 8 * c] = acc[a][c];
     __syncthreads();
-    if (tid < kTileRows) {
-      const int n_mine = min(nc, my_own - c0);  // candidates of this row in the chunk
-      for (int c = 0; c < n_mine; ++c) {
-        const uint32_t key = rank_key(s_s[tid * Sm::kSStride + c]);
-        int pos;
-        if (filled < cap) {
-          pos = filled++;
-        } else if (key > my_key[cap - 1]) {
-          pos = cap - 1;
-        } else {
-          continue;
-        }
-        // Strictly better than the entries it passes (they have lower indices).
-        while (pos > 0 && my_key[pos - 1] < key) {
-          my_key[pos] = my_key[pos - 1];
-          my_idx[pos] = my_idx[pos - 1];
-          --pos;
-        }
-        my_key[pos] = key;
-        my_idx[pos] = c0 + c;
-      }
-    }
+    if (tid < kTileRows)
+      merge_chunk(s_s + tid * Sm::kSStride, min(nc, my_own - c0), c0, cap, filled, my_key, my_idx);
   }
 
-  if (tid < rows) {
-    // The sequence's placement again (a few cached loads): keeping lse_base live across the
-    // score loop made ptxas spill it (sm_90a, f16).
-    const SeqInfo s2 = seq_info(p.dense, b, h);
-    int32_t *out = p.row_blocks + (s2.lse_base + m0 + tid) * (long long)p.top_k;
-    int n = 0;
-    if (my_own >= 0) {
-      // The ranked blocks plus the own block, in increasing index (insertion sort).
-      my_idx[filled] = my_own;  // filled <= cap < kMaxTopK
-      n = filled + 1;
-      for (int i = 1; i < n; ++i) {
-        const int v = my_idx[i];
-        int j = i;
-        while (j > 0 && my_idx[j - 1] > v) {
-          my_idx[j] = my_idx[j - 1];
-          --j;
-        }
-        my_idx[j] = v;
-      }
-      for (int i = 0; i < n; ++i) {
-        out[i] = my_idx[i];
-        atomicOr(&bits_s[my_idx[i] / 32], 1u << (my_idx[i] % 32));
-      }
-    }
-    for (int i = n; i < p.top_k; ++i) out[i] = -1;
-  }
-  __syncthreads();
-  if (tid < 32) {
-    const long long tile = ((long long)b * p.dense.heads_q + h) * p.num_tiles + x;
-    int32_t *list = p.union_blocks + tile * p.union_width;
-    int base = 0;
-    for (int w0 = 0; w0 < words; w0 += 32) {
-      const uint32_t word = w0 + lane < words ? bits_s[w0 + lane] : 0u;
-      const int cnt = __popc(word);
-      int incl = cnt;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      int at = base + incl - cnt;
-      for (uint32_t m = word; m != 0u; m &= m - 1u) list[at++] = 32 * (w0 + lane) + __ffs(m) - 1;
-      base += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) p.union_count[tile] = base;
-  }
+  finish_tile(p, b, h, x, m0, rows, my_own, filled, my_idx, bits_s, words);
 }
 
 // ---- 2b. Selection at query-block granularity ------------------------------------------
@@ -362,7 +390,7 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const _
 // ---- 2c. Selection on tensor cores (opt-in) ---------------------------------------------
 // moba_select_tc_kernel: moba_select_kernel with the scores on tensor cores (mma.sync
 // m16n8k16, T inputs, f32 accumulators); the merge, the row lists and the union are the same
-// code. Each chunk's f32 pooled keys are split into two T values, hi = T(p) and
+// functions (merge_chunk, finish_tile). Each chunk's f32 pooled keys are split into two T values, hi = T(p) and
 // lo = T(p - hi), so that hi + lo carries about 16 significant bits of p (T's 8 or 11 alone
 // would reorder many near-ties): the scores are q . hi + q . lo (two MMAs per tile), within
 // about 2^-16 sum |q p| of the f32 dot product (q is exact in T). Warp w scores rows
@@ -474,72 +502,11 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_tc_kernel(const __gri
       row[8 * Sm::kSStride + 1] = acc[j][3];
     }
     __syncthreads();
-    if (tid < kTileRows) {
-      const int n_mine = min(nc, my_own - c0);
-      for (int c = 0; c < n_mine; ++c) {
-        const uint32_t key = rank_key(s_s[tid * Sm::kSStride + c]);
-        int pos;
-        if (filled < cap) {
-          pos = filled++;
-        } else if (key > my_key[cap - 1]) {
-          pos = cap - 1;
-        } else {
-          continue;
-        }
-        while (pos > 0 && my_key[pos - 1] < key) {
-          my_key[pos] = my_key[pos - 1];
-          my_idx[pos] = my_idx[pos - 1];
-          --pos;
-        }
-        my_key[pos] = key;
-        my_idx[pos] = c0 + c;
-      }
-    }
+    if (tid < kTileRows)
+      merge_chunk(s_s + tid * Sm::kSStride, min(nc, my_own - c0), c0, cap, filled, my_key, my_idx);
   }
 
-  if (tid < rows) {
-    const SeqInfo s2 = seq_info(p.dense, b, h);
-    int32_t *out = p.row_blocks + (s2.lse_base + m0 + tid) * (long long)p.top_k;
-    int n = 0;
-    if (my_own >= 0) {
-      my_idx[filled] = my_own;
-      n = filled + 1;
-      for (int i = 1; i < n; ++i) {
-        const int v = my_idx[i];
-        int j = i;
-        while (j > 0 && my_idx[j - 1] > v) {
-          my_idx[j] = my_idx[j - 1];
-          --j;
-        }
-        my_idx[j] = v;
-      }
-      for (int i = 0; i < n; ++i) {
-        out[i] = my_idx[i];
-        atomicOr(&bits_s[my_idx[i] / 32], 1u << (my_idx[i] % 32));
-      }
-    }
-    for (int i = n; i < p.top_k; ++i) out[i] = -1;
-  }
-  __syncthreads();
-  if (tid < 32) {
-    const long long tile = ((long long)b * p.dense.heads_q + h) * p.num_tiles + x;
-    int32_t *list = p.union_blocks + tile * p.union_width;
-    int base = 0;
-    for (int w0 = 0; w0 < words; w0 += 32) {
-      const uint32_t word = w0 + lane < words ? bits_s[w0 + lane] : 0u;
-      const int cnt = __popc(word);
-      int incl = cnt;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, o);
-        if (lane >= o) incl += y;
-      }
-      int at = base + incl - cnt;
-      for (uint32_t m = word; m != 0u; m &= m - 1u) list[at++] = 32 * (w0 + lane) + __ffs(m) - 1;
-      base += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) p.union_count[tile] = base;
-  }
+  finish_tile(p, b, h, x, m0, rows, my_own, filled, my_idx, bits_s, words);
 }
 
 // ---- 3. Attention ---------------------------------------------------------------------
