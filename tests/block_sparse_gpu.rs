@@ -984,21 +984,13 @@ fn moba_cases() -> Vec<MobaCase> {
     v
 }
 
-/// The GPU gating and attention of one case in dtype `T`: pooled keys against the CPU's
-/// (f64) within a tolerance; the selection against the CPU's, a difference accepted only as
-/// a near-tie (both blocks' f64 scores within the f32 error bound of each other: f32 GPU
-/// scores vs f64 CPU scores can flip those); the tile unions exactly those of the GPU's own
-/// selection; the attention against the f64 reference on the GPU's own selection.
-/// Outputs and LSE are NaN-poisoned. Returns (rel. error, near-tie flips).
-fn moba_run<T: Element + DeviceRepr>(
-    stream: &Arc<CudaStream>,
-    seed: u64,
-    mc: &MobaCase,
-) -> (f64, usize) {
-    moba_run_on(stream, mc, mc.case().inputs::<T>(seed), MobaGate::Simt)
-}
-
-/// [`moba_run`] on given inputs with the given gate.
+/// The GPU gating (with `gate`) and attention of one case on inputs `x` of dtype `T`: pooled
+/// keys against the CPU's (f64) within a tolerance; the selection against the CPU's, a
+/// difference accepted only as a near-tie (both blocks' f64 scores within the f32 error
+/// bound of each other: f32 GPU scores vs f64 CPU scores can flip those); the tile unions
+/// exactly those of the GPU's own selection; the attention against the f64 reference on the
+/// GPU's own selection. Outputs and LSE are NaN-poisoned. Returns (rel. error, near-tie
+/// flips).
 fn moba_run_on<T: Element + DeviceRepr>(
     stream: &Arc<CudaStream>,
     mc: &MobaCase,
@@ -1048,7 +1040,7 @@ struct MobaResult {
     lse: Vec<f32>,
 }
 
-/// The checks of [`moba_run`] on a result; returns (rel. error, near-tie flips).
+/// The checks of [`moba_run_on`] on a result; returns (rel. error, near-tie flips).
 fn moba_check<T: Element>(
     mc: &MobaCase,
     x: &Inputs<T>,
@@ -1183,7 +1175,7 @@ fn lse_index(attn: &FlashAttention, b: usize, h: usize, i: usize) -> usize {
 }
 
 /// The MoBA sweep is made of valid problems the GPU path takes, and the checker of
-/// [`moba_run`] accepts the CPU path's own results (pooled keys rounded to f32, the CPU
+/// [`moba_run_on`] accepts the CPU path's own results (pooled keys rounded to f32, the CPU
 /// selection and unions, the CPU attention): runs without a GPU.
 #[test]
 fn moba_cases_are_valid_gpu_problems() {
@@ -1224,31 +1216,41 @@ fn moba_cases_are_valid_gpu_problems() {
     }
 }
 
-fn moba_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+/// [`moba_run_on`] over every MoBA case with `gate`, fresh inputs per case.
+fn moba_sweep<T: Element + DeviceRepr>(test: &str, seed: u64, gate: MobaGate) {
     let Some(ctx) = gpu_or_skip(test) else {
         return;
     };
     let stream = ctx.default_stream();
     let (mut worst, mut flips) = (0.0f64, 0);
     for (i, mc) in moba_cases().iter().enumerate() {
-        let (e, f) = moba_run::<T>(&stream, seed + i as u64, mc);
+        let x = mc.case().inputs::<T>(seed + i as u64);
+        let (e, f) = moba_run_on(&stream, mc, x, gate);
         worst = worst.max(e);
         flips += f;
     }
     eprintln!(
-        "moba gpu {}: worst rel err {worst:.2e}, near-tie flips {flips}",
+        "moba gpu {} {gate:?}: worst rel err {worst:.2e}, near-tie flips {flips}",
         T::DTYPE
     );
 }
 
 #[test]
 fn gpu_moba_matches_cpu_selection_and_reference_bf16() {
-    moba_sweep::<bf16>("gpu_moba_matches_cpu_selection_and_reference_bf16", 2000);
+    moba_sweep::<bf16>(
+        "gpu_moba_matches_cpu_selection_and_reference_bf16",
+        2000,
+        MobaGate::Simt,
+    );
 }
 
 #[test]
 fn gpu_moba_matches_cpu_selection_and_reference_f16() {
-    moba_sweep::<f16>("gpu_moba_matches_cpu_selection_and_reference_f16", 3000);
+    moba_sweep::<f16>(
+        "gpu_moba_matches_cpu_selection_and_reference_f16",
+        3000,
+        MobaGate::Simt,
+    );
 }
 
 /// Exact ties and NaN scores: with q = +-1 and every key 1 all scores of a row are equal in
@@ -1767,41 +1769,25 @@ fn gpu_moba_select_alone_matches_forward() {
 // ---- The tensor-core gate (MobaGate::TensorCore, opt-in) ---------------------------------
 
 /// The tensor-core gate on random inputs, every per-token shape (head dims 64/128/256, GQA,
-/// varlen, top_k 1..32, a window): the full check of [`moba_run`] (pooled keys, selection
+/// varlen, top_k 1..32, a window): the full check of [`moba_run_on`] (pooled keys, selection
 /// equal to the f64 CPU selection up to near-ties, unions of its own selection, attention vs
 /// the f64 reference, NaN-poisoned outputs). Its split pooled keys keep each score within
 /// about 2^-16 of the magnitude sum, inside the near-tie bound of the check.
-fn moba_tc_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
-    let Some(ctx) = gpu_or_skip(test) else {
-        return;
-    };
-    let stream = ctx.default_stream();
-    let (mut worst, mut flips) = (0.0f64, 0);
-    for (i, mc) in moba_cases().iter().enumerate() {
-        let x = mc.case().inputs::<T>(seed + i as u64);
-        let (e, f) = moba_run_on(&stream, mc, x, MobaGate::TensorCore);
-        worst = worst.max(e);
-        flips += f;
-    }
-    eprintln!(
-        "moba tc gate {}: worst rel err {worst:.2e}, near-tie flips {flips}",
-        T::DTYPE
-    );
-}
-
 #[test]
 fn gpu_moba_tc_gate_matches_cpu_selection_and_reference_bf16() {
-    moba_tc_sweep::<bf16>(
+    moba_sweep::<bf16>(
         "gpu_moba_tc_gate_matches_cpu_selection_and_reference_bf16",
         7000,
+        MobaGate::TensorCore,
     );
 }
 
 #[test]
 fn gpu_moba_tc_gate_matches_cpu_selection_and_reference_f16() {
-    moba_tc_sweep::<f16>(
+    moba_sweep::<f16>(
         "gpu_moba_tc_gate_matches_cpu_selection_and_reference_f16",
         8000,
+        MobaGate::TensorCore,
     );
 }
 
@@ -1839,7 +1825,7 @@ fn integer_inputs<T: Element>(mc: &MobaCase, seed: u64) -> Inputs<T> {
 
 /// On [`integer_inputs`] both gates select exactly the CPU selection (no near-tie allowed)
 /// and the same lists as each other, bf16 and f16, every per-token shape; the attention is
-/// checked as in [`moba_run`].
+/// checked as in [`moba_run_on`].
 #[test]
 fn gpu_moba_tc_gate_exact_on_integer_scores() {
     let Some(ctx) = gpu_or_skip("gpu_moba_tc_gate_exact_on_integer_scores") else {
