@@ -287,15 +287,9 @@ extern "C" const char *la_block_sparse_wgmma_unsupported_reason(
     return reinterpret_cast<const void *>(
         block_sparse_wgmma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
   };
-  // sm_90a code runs on compute capability 9.0 only; other devices would load the empty
-  // sm_80 body. The copy engine must be able to address every operand.
   why = tensor_core_unsupported_reason<WgDense64, WgDense128, WgDense256>(
-      p.dense, kernel_of, [](int major, int minor) { return major == 9 && minor == 0; });
-  if (why != nullptr) return why;
-  if (!tma_host::tensors_mappable(p.dense))
-    return "the TMA copy engine cannot address q/k/v with these strides (it needs positive "
-           "multiples of 16 bytes for every dimension longer than 1)";
-  return nullptr;
+      p.dense, kernel_of, tma_host::is_sm90);
+  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p.dense);
 }
 
 extern "C" int la_block_sparse_wgmma_forward(const LaBlockSparseParams *params,

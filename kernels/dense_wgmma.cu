@@ -179,15 +179,9 @@ const char *dense_wgmma_unsupported_reason(const LaDenseParams &p) {
     return reinterpret_cast<const void *>(
         dense_wgmma_kernel<typename decltype(t)::type, typename decltype(tr)::type>);
   };
-  // sm_90a code runs on compute capability 9.0 only; other devices would load the
-  // empty sm_80 body. The copy engine must be able to address every operand.
   const char *why = tensor_core_unsupported_reason<WgDense64, WgDense128, WgDense256>(
-      p, kernel_of, [](int major, int minor) { return major == 9 && minor == 0; });
-  if (why != nullptr) return why;
-  if (!tma_host::tensors_mappable(p))
-    return "the TMA copy engine cannot address q/k/v with these strides (it needs positive "
-           "multiples of 16 bytes for every dimension longer than 1)";
-  return nullptr;
+      p, kernel_of, tma_host::is_sm90);
+  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p);
 }
 
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream) {

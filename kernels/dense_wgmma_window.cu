@@ -519,13 +519,8 @@ const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p) {
         dense_wgmma_window_kernel<typename decltype(t)::type, Tr>);
   });
   if (!known) return "the Hopper window kernel takes f16 or bf16 with head_dim 64 or 128 only";
-  const char *why = device_unsupported_reason(
-      kernel, smem, [](int major, int minor) { return major == 9 && minor == 0; });
-  if (why != nullptr) return why;
-  if (!tma_host::tensors_mappable(p))
-    return "the TMA copy engine cannot address q/k/v with these strides (it needs positive "
-           "multiples of 16 bytes for every dimension longer than 1)";
-  return nullptr;
+  const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
+  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p);
 }
 
 cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream) {

@@ -340,8 +340,7 @@ template <typename T, class Tr>
 cudaError_t launch(const LaNeighborhoodParams &p, const LaNaHopperTiles &t, cudaStream_t stream) {
   auto kernel = neighborhood_wgmma_kernel<T, Tr>;
   if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
-                                [](int major, int minor) { return major == 9 && minor == 0; }) !=
-      nullptr)
+                                tma_host::is_sm90) != nullptr)
     return cudaErrorNotSupported;
   const int rank = t.rank;
   NaWgArgs args;

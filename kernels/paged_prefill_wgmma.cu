@@ -312,10 +312,7 @@ const char *unsupported_reason(const LaPagedPrefillParams &p) {
         paged_prefill_wgmma_kernel<typename decltype(t)::type, Tr>);
   });
   if (!known) return "the Hopper paged prefill takes f16 or bf16 with head_dim 64, 128 or 256";
-  // sm_90a code runs on compute capability 9.0 only (other devices would load the empty
-  // sm_80 body).
-  const char *why = device_unsupported_reason(
-      kernel, smem, [](int major, int minor) { return major == 9 && minor == 0; });
+  const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
   if (why != nullptr) return why;
   if (tma_host::encode_tiled() == nullptr)
     return "the driver has no tensor-map encoder (cuTensorMapEncodeTiled)";

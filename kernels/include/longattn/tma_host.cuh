@@ -99,6 +99,18 @@ inline bool tensors_mappable(const LaDenseParams &p) {
                           p.head_dim);
 }
 
+// Why the copy engine cannot address q, k and v of `p`, or nullptr.
+inline const char *tensors_unmappable_reason(const LaDenseParams &p) {
+  return tensors_mappable(p) ? nullptr
+                             : "the TMA copy engine cannot address q/k/v with these strides (it "
+                               "needs positive multiples of 16 bytes for every dimension "
+                               "longer than 1)";
+}
+
+// sm_90a code runs on compute capability 9.0 only: other devices would load a Hopper
+// kernel's empty sm_80 body (the device check of every Hopper launcher).
+inline bool is_sm90(int major, int minor) { return major == 9 && minor == 0; }
+
 // The three tensor maps of a dense problem (Q, K, V as [batch, rows, heads, head_dim] with
 // element strides, boxes of 64 channels x block_m or block_n rows), passed to a kernel by value
 // (__grid_constant__).
