@@ -291,7 +291,7 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
 // block's list (every tile of a block computes the same one, in the same order): the f32 mean
 // of the block's rows (thread per channel, rows in order), then the scores of the candidate
 // blocks in chunks of 32 (warp per block, lanes over channels, butterfly sum), merged by
-// thread 0 into the top list with the rule of moba_select_kernel; the diagonal blocks are
+// thread 0 into the top list by merge_chunk (the rule of moba_select_kernel); the diagonal blocks are
 // appended and the list sorted. The tile's rows and union get the list.
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const __grid_constant__ LaMobaParams p) {
@@ -336,26 +336,7 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const _
           if (lane == 0) sc[c] = part;
         }
         __syncthreads();
-        if (tid == 0) {
-          for (int c = 0; c < nc; ++c) {
-            const uint32_t key = rank_key(sc[c]);
-            int pos;
-            if (filled < take) {
-              pos = filled++;
-            } else if (key > key_s[take - 1]) {
-              pos = take - 1;
-            } else {
-              continue;
-            }
-            while (pos > 0 && key_s[pos - 1] < key) {
-              key_s[pos] = key_s[pos - 1];
-              idx_s[pos] = idx_s[pos - 1];
-              --pos;
-            }
-            key_s[pos] = key;
-            idx_s[pos] = c0 + c;
-          }
-        }
+        if (tid == 0) merge_chunk(sc, nc, c0, take, filled, key_s, idx_s);
       }
     }
     if (tid == 0) {
