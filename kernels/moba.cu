@@ -291,8 +291,8 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
 // block's list (every tile of a block computes the same one, in the same order): the f32 mean
 // of the block's rows (thread per channel, rows in order), then the scores of the candidate
 // blocks in chunks of 32 (warp per block, lanes over channels, butterfly sum), merged by
-// thread 0 into the top list by merge_chunk (the rule of moba_select_kernel); the diagonal blocks are
-// appended and the list sorted. The tile's rows and union get the list.
+// thread 0 into the top list by merge_chunk (the rule of moba_select_kernel); the diagonal
+// blocks are appended and the list sorted. The tile's rows and union get the list.
 template <typename T, int D>
 __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const __grid_constant__ LaMobaParams p) {
   __shared__ float qm[D];
