@@ -48,6 +48,31 @@ struct Inputs<T> {
     ks: Strides,
 }
 
+/// A case's inputs on the device, the output and LSE NaN-poisoned.
+struct OnDevice<T> {
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    out: CudaSlice<T>,
+    lse: CudaSlice<f32>,
+}
+
+impl<T: Element + DeviceRepr> Inputs<T> {
+    /// `q`, `k`, `v` uploaded on `stream`, the output and LSE filled with NaN.
+    fn upload(&self, stream: &Arc<CudaStream>) -> OnDevice<T> {
+        let attn = self.bs.attention();
+        OnDevice {
+            q: stream.clone_htod(&self.q).unwrap(),
+            k: stream.clone_htod(&self.k).unwrap(),
+            v: stream.clone_htod(&self.v).unwrap(),
+            out: stream
+                .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
+                .unwrap(),
+            lse: stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap(),
+        }
+    }
+}
+
 impl Case {
     fn attn(&self) -> FlashAttention {
         let cu_q = cu_seqlens(&self.lens.iter().map(|l| l.0).collect::<Vec<_>>());
@@ -115,14 +140,13 @@ fn gpu_run<T: Element + DeviceRepr>(
     x: &Inputs<T>,
     plan: Option<&BlockSparseGpuPlan>,
 ) -> Result<(Vec<f64>, Vec<f32>)> {
-    let attn = x.bs.attention();
-    let dq = stream.clone_htod(&x.q).unwrap();
-    let dk = stream.clone_htod(&x.k).unwrap();
-    let dv = stream.clone_htod(&x.v).unwrap();
-    let mut dout = stream
-        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
-        .unwrap();
-    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    let OnDevice {
+        q: dq,
+        k: dk,
+        v: dv,
+        out: mut dout,
+        lse: mut dlse,
+    } = x.upload(stream);
     let (q, k, v) = (
         Strided::new(&dq, x.qs),
         Strided::new(&dk, x.ks),
@@ -1000,13 +1024,13 @@ fn moba_run_on<T: Element + DeviceRepr>(
     let attn = x.bs.attention().clone();
     let cfg = mc.config();
     let what = format!("moba {} d{} {} {gate:?}", mc.name, mc.d, T::DTYPE);
-    let dq = stream.clone_htod(&x.q).unwrap();
-    let dk = stream.clone_htod(&x.k).unwrap();
-    let dv = stream.clone_htod(&x.v).unwrap();
-    let mut dout = stream
-        .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
-        .unwrap();
-    let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+    let OnDevice {
+        q: dq,
+        k: dk,
+        v: dv,
+        out: mut dout,
+        lse: mut dlse,
+    } = x.upload(stream);
     let mut plan = MobaGpuPlan::new(&attn, &cfg, stream)
         .unwrap()
         .with_gate(gate)
@@ -1631,13 +1655,13 @@ fn moba_blocks_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
         let x = mc.case().inputs::<T>(seed + i as u64);
         let attn = x.bs.attention().clone();
         let what = format!("moba blocks {} bm {bm} d{} {}", mc.name, mc.d, T::DTYPE);
-        let dq = stream.clone_htod(&x.q).unwrap();
-        let dk = stream.clone_htod(&x.k).unwrap();
-        let dv = stream.clone_htod(&x.v).unwrap();
-        let mut dout = stream
-            .clone_htod(&vec![T::from_f32(f32::NAN); attn.out_len()])
-            .unwrap();
-        let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+        let OnDevice {
+            q: dq,
+            k: dk,
+            v: dv,
+            out: mut dout,
+            lse: mut dlse,
+        } = x.upload(&stream);
         let mut plan = MobaGpuPlan::with_query_blocks(&attn, &mc.config(), *bm, &stream).unwrap();
         assert_eq!(plan.query_block(), Some(*bm));
         plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
@@ -1687,7 +1711,6 @@ fn gpu_moba_select_alone_matches_forward() {
         return;
     };
     let stream = ctx.default_stream();
-    let nan = bf16::from_f32(f32::NAN);
     for (mc, bm) in moba_cases()
         .iter()
         .zip([None, Some(64), Some(128)].iter().cycle())
@@ -1702,11 +1725,13 @@ fn gpu_moba_select_alone_matches_forward() {
             None => MobaGpuPlan::new(&attn, &cfg, &stream).unwrap(),
             Some(m) => MobaGpuPlan::with_query_blocks(&attn, &cfg, m, &stream).unwrap(),
         };
-        let dq = stream.clone_htod(&x.q).unwrap();
-        let dk = stream.clone_htod(&x.k).unwrap();
-        let dv = stream.clone_htod(&x.v).unwrap();
-        let mut dout = stream.clone_htod(&vec![nan; attn.out_len()]).unwrap();
-        let mut dlse = stream.clone_htod(&vec![f32::NAN; attn.lse_len()]).unwrap();
+        let OnDevice {
+            q: dq,
+            k: dk,
+            v: dv,
+            out: mut dout,
+            lse: mut dlse,
+        } = x.upload(&stream);
         let mut gate = plan();
         gate.select::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
             &stream,
