@@ -562,6 +562,19 @@ fn gpu_block_sparse_matches_reference_f16() {
 }
 
 /// A plan replays the one-shot call bit for bit (same kernel, same inputs), twice.
+/// `x` run twice through a plan equals its one-shot run bit for bit (output and LSE).
+fn plan_replays_one_shot(stream: &Arc<CudaStream>, x: &Inputs<bf16>, name: &str) {
+    let plan = x.bs.plan_gpu(stream).unwrap();
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let bits32 = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let once = gpu_run(stream, x, None).unwrap();
+    for _ in 0..2 {
+        let planned = gpu_run(stream, x, Some(&plan)).unwrap();
+        assert_eq!(bits(&once.0), bits(&planned.0), "{name}");
+        assert_eq!(bits32(&once.1), bits32(&planned.1), "{name}");
+    }
+}
+
 #[test]
 fn gpu_block_sparse_plan_matches_one_shot() {
     let Some(ctx) = gpu_or_skip("gpu_block_sparse_plan_matches_one_shot") else {
@@ -570,23 +583,7 @@ fn gpu_block_sparse_plan_matches_one_shot() {
     let stream = ctx.default_stream();
     for c in special_cases().iter().take(2) {
         let x = c.inputs::<bf16>(42);
-        let plan = x.bs.plan_gpu(&stream).unwrap();
-        let once = gpu_run(&stream, &x, None).unwrap();
-        for _ in 0..2 {
-            let planned = gpu_run(&stream, &x, Some(&plan)).unwrap();
-            assert_eq!(
-                once.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                planned.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{}",
-                c.name
-            );
-            assert_eq!(
-                once.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                planned.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{}",
-                c.name
-            );
-        }
+        plan_replays_one_shot(&stream, &x, &c.name);
     }
 }
 
@@ -832,23 +829,7 @@ fn gpu_hopper_block_sparse_plan_matches_one_shot() {
     {
         let mut x = c.inputs::<bf16>(43);
         x.bs = x.bs.clone().with_kernel(BlockSparseKernel::Hopper);
-        let plan = x.bs.plan_gpu(&stream).unwrap();
-        let once = gpu_run(&stream, &x, None).unwrap();
-        for _ in 0..2 {
-            let planned = gpu_run(&stream, &x, Some(&plan)).unwrap();
-            assert_eq!(
-                once.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                planned.0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{}",
-                c.name
-            );
-            assert_eq!(
-                once.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                planned.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{}",
-                c.name
-            );
-        }
+        plan_replays_one_shot(&stream, &x, &c.name);
     }
 }
 
