@@ -119,7 +119,7 @@ command -v compute-sanitizer > /dev/null && [ -x "$HERE/tests/paged_gpu" ] &&
     --skip fp8_decode_matches
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
   "$OUT/torch_decode_baseline.log" "$OUT/family_bench.log" "$OUT/torch_family_baseline.log" \
-  "$OUT/neighborhood_bench.log" "$OUT/torch_neighborhood_baseline.log" \
+  "$OUT/neighborhood_bench.log" "$OUT/torch_neighborhood_baseline.log" "$OUT/ring_bench.log" \
   > "$OUT/summary.log" 2>&1
 # SVG bar charts (stdlib only) of TFLOP/s and GB/s vs the PyTorch baselines, and the numbers
 # as CSV: OUT/plots/dense_tflops.svg, OUT/plots/decode_gbps.svg, OUT/bench.csv.
