@@ -621,16 +621,21 @@ cudaError_t launch_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
   return cudaGetLastError();
 }
 
+// The pooled keys of every gate (no key: nothing to pool, and an empty grid is an error).
+template <typename T, int D>
+cudaError_t launch_pool(const LaMobaParams &p, cudaStream_t stream) {
+  if (p.num_k_blocks <= 0) return cudaSuccess;
+  const LaDenseParams &d = p.dense;
+  return launch_smem(moba_pool_kernel<T, D>, dim3(p.num_k_blocks, d.heads_kv, d.batch),
+                     kPoolThreads, 0, p, stream);
+}
+
 template <typename T, class Tr>
 cudaError_t launch_select(const LaMobaParams &p, cudaStream_t stream) {
   constexpr int D = Tr::kHeadDim;
   const LaDenseParams &d = p.dense;
-  if (p.num_k_blocks > 0) {  // no key: nothing to pool (and an empty grid is an error)
-    const cudaError_t err = launch_smem(moba_pool_kernel<T, D>,
-                                        dim3(p.num_k_blocks, d.heads_kv, d.batch), kPoolThreads,
-                                        0, p, stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = launch_pool<T, D>(p, stream);
+  if (err != cudaSuccess) return err;
   return launch_smem(moba_select_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch), kSelThreads,
                      SelSmem<T, D>::bytes(p.num_k_blocks), p, stream);
 }
@@ -639,12 +644,8 @@ template <typename T, class Tr>
 cudaError_t launch_select_tc(const LaMobaParams &p, cudaStream_t stream) {
   constexpr int D = Tr::kHeadDim;
   const LaDenseParams &d = p.dense;
-  if (p.num_k_blocks > 0) {
-    const cudaError_t err = launch_smem(moba_pool_kernel<T, D>,
-                                        dim3(p.num_k_blocks, d.heads_kv, d.batch), kPoolThreads,
-                                        0, p, stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = launch_pool<T, D>(p, stream);
+  if (err != cudaSuccess) return err;
   return launch_smem(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
                      kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), p, stream);
 }
@@ -653,12 +654,8 @@ template <typename T, class Tr>
 cudaError_t launch_select_blocks(const LaMobaParams &p, cudaStream_t stream) {
   constexpr int D = Tr::kHeadDim;
   const LaDenseParams &d = p.dense;
-  if (p.num_k_blocks > 0) {
-    const cudaError_t err = launch_smem(moba_pool_kernel<T, D>,
-                                        dim3(p.num_k_blocks, d.heads_kv, d.batch), kPoolThreads,
-                                        0, p, stream);
-    if (err != cudaSuccess) return err;
-  }
+  const cudaError_t err = launch_pool<T, D>(p, stream);
+  if (err != cudaSuccess) return err;
   return launch_smem(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
                      kSelThreads, 0, p, stream);
 }

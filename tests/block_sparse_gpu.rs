@@ -505,27 +505,33 @@ fn all_cases() -> Vec<Case> {
     cases
 }
 
+/// The CPU path on `x` (f32) against the f64 reference: output within 2e-5 relative L2,
+/// LSE within 1e-4.
+fn cpu_matches_reference(x: &Inputs<f32>, name: &str) {
+    let (want, want_lse) = x.reference();
+    let attn = x.bs.attention();
+    let mut out = vec![f32::NAN; attn.out_len()];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    x.bs.forward_cpu(
+        Strided::new(&x.q[..], x.qs),
+        Strided::new(&x.k[..], x.ks),
+        Strided::new(&x.v[..], x.ks),
+        Strided::new(&mut out[..], x.qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let err = rel_l2(&to_f64(&out), &want);
+    assert!(err < 2e-5, "{name}: CPU rel err {err}");
+    check_lse(&lse, &want_lse, 1e-4, name);
+}
+
 /// Runs without a GPU: every case of the sweep is a valid problem and the CPU path agrees
 /// with the f64 reference on it (so a GPU failure points at the GPU path).
 #[test]
 fn sweep_cases_are_valid_problems() {
     for (i, c) in all_cases().iter().enumerate() {
         let x = c.inputs::<f32>(3000 + i as u64);
-        let (want, want_lse) = x.reference();
-        let attn = x.bs.attention();
-        let mut out = vec![f32::NAN; attn.out_len()];
-        let mut lse = vec![f32::NAN; attn.lse_len()];
-        x.bs.forward_cpu(
-            Strided::new(&x.q[..], x.qs),
-            Strided::new(&x.k[..], x.ks),
-            Strided::new(&x.v[..], x.ks),
-            Strided::new(&mut out[..], x.qs),
-            Some(&mut lse),
-        )
-        .unwrap();
-        let err = rel_l2(&to_f64(&out), &want);
-        assert!(err < 2e-5, "{}: CPU rel err {err}", c.name);
-        check_lse(&lse, &want_lse, 1e-4, &c.name);
+        cpu_matches_reference(&x, &c.name);
         assert_eq!(
             x.bs.block_mask().dims().block_m % GPU_BLOCK_MULTIPLE,
             0,
@@ -753,21 +759,7 @@ fn hopper_cases() -> Vec<Case> {
 fn hopper_cases_are_valid_problems() {
     for (i, c) in hopper_cases().iter().enumerate() {
         let x = c.inputs::<f32>(4000 + i as u64);
-        let (want, want_lse) = x.reference();
-        let attn = x.bs.attention();
-        let mut out = vec![f32::NAN; attn.out_len()];
-        let mut lse = vec![f32::NAN; attn.lse_len()];
-        x.bs.forward_cpu(
-            Strided::new(&x.q[..], x.qs),
-            Strided::new(&x.k[..], x.ks),
-            Strided::new(&x.v[..], x.ks),
-            Strided::new(&mut out[..], x.qs),
-            Some(&mut lse),
-        )
-        .unwrap();
-        let err = rel_l2(&to_f64(&out), &want);
-        assert!(err < 2e-5, "{}: CPU rel err {err}", c.name);
-        check_lse(&lse, &want_lse, 1e-4, &c.name);
+        cpu_matches_reference(&x, &c.name);
         let dims = x.bs.block_mask().dims();
         assert_eq!(dims.block_m % HOPPER_BLOCK_M_MULTIPLE, 0, "{}", c.name);
         assert_eq!(dims.block_n % hopper_block_n_multiple(c.d), 0, "{}", c.name);
