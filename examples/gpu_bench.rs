@@ -4,10 +4,13 @@
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt,
-//! wgmma-window` (default: all four) picks the kernels to time.
+//! wgmma-window,wgmma-persistent` (default: all five) picks the kernels to time.
 //!
 //! `window*` rows also time `DenseKernel::HopperWindow` (`longattn-wgmma-window`: 64-key
 //! tiles, per-half key ranges, persistent blocks; not yet run on a GPU), on those rows only.
+//! Every dense, window and varlen row also times `DenseKernel::HopperPersistent`
+//! (`longattn-wgmma-persistent`: the same persistent walk with 128-key tiles; not yet run on
+//! a GPU).
 //!
 //! `varlen64_d128_causal`: one packed batch of 64 sequences of 100-2000 tokens (a fixed
 //! spread), 16 heads, causal, as a serving engine's prefill batch packs them.
@@ -202,14 +205,16 @@ fn main() -> Result<()> {
             });
         }
     }
-    // GPU_BENCH_KERNELS=wgmma,mma,simt,wgmma-window (default: all) picks the kernels to time.
-    let wanted =
-        std::env::var("GPU_BENCH_KERNELS").unwrap_or_else(|_| "wgmma,mma,simt,wgmma-window".into());
+    // GPU_BENCH_KERNELS=wgmma,mma,simt,wgmma-window,wgmma-persistent (default: all) picks the
+    // kernels to time.
+    let wanted = std::env::var("GPU_BENCH_KERNELS")
+        .unwrap_or_else(|_| "wgmma,mma,simt,wgmma-window,wgmma-persistent".into());
     let kernels: Vec<(DenseKernel, &str)> = [
         (DenseKernel::Hopper, "wgmma"),
         (DenseKernel::TensorCore, "mma"),
         (DenseKernel::Simt, "simt"),
         (DenseKernel::HopperWindow, "wgmma-window"),
+        (DenseKernel::HopperPersistent, "wgmma-persistent"),
     ]
     .into_iter()
     .filter(|(_, name)| wanted.split(',').any(|w| w.trim() == *name))
@@ -238,6 +243,7 @@ fn main() -> Result<()> {
     let total: usize = varlen_lengths().iter().sum();
     for (kernel, label) in [
         (DenseKernel::Hopper, "longattn-wgmma"),
+        (DenseKernel::HopperPersistent, "longattn-wgmma-persistent"),
         (DenseKernel::TensorCore, "longattn-mma"),
     ] {
         match time_varlen(&stream, kernel) {

@@ -247,6 +247,8 @@ extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *p
     case LA_DENSE_MMA_PADDED: return longattn::dense_mma_padded_unsupported_reason(*params);
     case LA_DENSE_MMA_GQA: return longattn::dense_mma_gqa_unsupported_reason(*params);
     case LA_DENSE_WGMMA_WINDOW: return longattn::dense_wgmma_window_unsupported_reason(*params);
+    case LA_DENSE_WGMMA_PERSISTENT:
+      return longattn::dense_wgmma_persistent_unsupported_reason(*params);
   }
   return "unknown kernel";
 }
@@ -289,6 +291,10 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
     case LA_DENSE_WGMMA_WINDOW:
       return dense_wgmma_window_unsupported_reason(p) == nullptr
                  ? dense_wgmma_window_forward(p, stream)
+                 : kKernelUnsupported;
+    case LA_DENSE_WGMMA_PERSISTENT:
+      return dense_wgmma_persistent_unsupported_reason(p) == nullptr
+                 ? dense_wgmma_persistent_forward(p, stream)
                  : kKernelUnsupported;
   }
   return cudaErrorInvalidValue;

@@ -1,7 +1,10 @@
-// Hopper dense attention for short sliding windows (wgmma.mma_async + TMA, sm_90a only):
-// LA_DENSE_WGMMA_WINDOW, by name only, not yet run on a GPU. Semantics are exactly those of
-// the SIMT kernel in dense.cu (any window, sinks, softcap, GQA, varlen, LSE); what differs
-// from dense_wgmma.cu is the work each block does, shaped for windows of a few hundred keys.
+// Persistent Hopper dense attention (wgmma.mma_async + TMA, sm_90a only), two walks of one
+// kernel, by name only, not yet run on a GPU: LA_DENSE_WGMMA_WINDOW (64-key tiles, for short
+// sliding windows) and LA_DENSE_WGMMA_PERSISTENT (dense_wgmma.cu's 128-key tiles, for any
+// dense problem: points 2 and 3 below are what it adds to dense_wgmma.cu, aimed at the
+// per-tile prologue and epilogue that 1k-token problems lose most to). Semantics are exactly
+// those of the SIMT kernel in dense.cu (any window, sinks, softcap, GQA, varlen, LSE); what
+// differs from dense_wgmma.cu is the work each block does.
 //
 // Under a causal window W a 128-row query tile spans W + 127 keys, and dense_wgmma.cu's
 // block computes every one of them for every row: with 128-key tiles that is (W + 128) keys
@@ -50,10 +53,11 @@
 namespace longattn {
 namespace {
 
-// WgTraits with 64-key tiles and two Q buffers (the shared-memory layout above).
-template <int kHeadDim_, int kStages_>
-struct WgWindowTraits : WgTraits<kHeadDim_, 64, kStages_> {
-  using Base = WgTraits<kHeadDim_, 64, kStages_>;
+// WgTraits with two Q buffers (the shared-memory layout above), for either walk: 64-key tiles
+// (LA_DENSE_WGMMA_WINDOW) or the Hopper kernel's 128-key tiles (LA_DENSE_WGMMA_PERSISTENT).
+template <int kHeadDim_, int kBlockN_, int kStages_>
+struct WgWalkTraits : WgTraits<kHeadDim_, kBlockN_, kStages_> {
+  using Base = WgTraits<kHeadDim_, kBlockN_, kStages_>;
   static constexpr uint32_t kKBase = 2 * Base::kQBytes;
   static constexpr uint32_t kVBase = kKBase + kStages_ * Base::kKvBytes;
   static constexpr uint32_t kBarrierOffset = kVBase + kStages_ * Base::kKvBytes;
@@ -62,8 +66,12 @@ struct WgWindowTraits : WgTraits<kHeadDim_, 64, kStages_> {
   static_assert(kSmemBytes <= 232448, "fits the 227 KB a Hopper block may opt in to");
 };
 
-using WgWindow64 = WgWindowTraits<64, 8>;    // 161 KB shared: 32 KB Q, 8 stages of 16 KB
-using WgWindow128 = WgWindowTraits<128, 4>;  // 193 KB shared: 64 KB Q, 4 stages of 32 KB
+using WgWindow64 = WgWalkTraits<64, 64, 8>;    // 161 KB shared: 32 KB Q, 8 stages of 16 KB
+using WgWindow128 = WgWalkTraits<128, 64, 4>;  // 193 KB shared: 64 KB Q, 4 stages of 32 KB
+// The persistent dense walk keeps dense_wgmma.cu's 128-key tiles; the second Q buffer costs
+// d128 its third stage (FlashAttention-3 also runs d128 with two).
+using WgPersistent64 = WgWalkTraits<64, 128, 4>;    // 161 KB shared: 32 KB Q, 4 stages of 32 KB
+using WgPersistent128 = WgWalkTraits<128, 128, 2>;  // 193 KB shared: 64 KB Q, 2 stages of 64 KB
 
 // Work item w of the persistent walk: query rows [m0, m0 + 128) of head h of sequence b, with
 // its key-tile schedule (the union over the 128 rows, as dense_wgmma.cu's block).
@@ -467,13 +475,20 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-// The head dims this kernel has tiles for (f16/bf16): f(Tag<T>, Tag<Traits>), or false.
+// The tiles of one walk for these params (f16/bf16; head_dim 64 or 128): f(Tag<T>,
+// Tag<Traits>), or false. `wide`: 128-key tiles (the persistent dense walk), else 64.
 template <class F>
-bool with_window_config(const LaDenseParams &p, F &&f) {
+bool with_walk_config(const LaDenseParams &p, bool wide, F &&f) {
   auto by_dim = [&](auto t) {
     switch (p.head_dim) {
-      case 64: f(t, Tag<WgWindow64>{}); return true;
-      case 128: f(t, Tag<WgWindow128>{}); return true;
+      case 64:
+        if (wide) f(t, Tag<WgPersistent64>{});
+        else f(t, Tag<WgWindow64>{});
+        return true;
+      case 128:
+        if (wide) f(t, Tag<WgPersistent128>{});
+        else f(t, Tag<WgWindow128>{});
+        return true;
     }
     return false;
   };
@@ -507,28 +522,44 @@ cudaError_t launch_window(const LaDenseParams &p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-}  // namespace
-
-const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p) {
+const char *walk_unsupported_reason(const LaDenseParams &p, bool wide) {
   size_t smem = 0;
   const void *kernel = nullptr;
-  const bool known = with_window_config(p, [&](auto t, auto tr) {
+  const bool known = with_walk_config(p, wide, [&](auto t, auto tr) {
     using Tr = typename decltype(tr)::type;
     smem = Tr::kSmemBytes;
     kernel = reinterpret_cast<const void *>(
         dense_wgmma_window_kernel<typename decltype(t)::type, Tr>);
   });
-  if (!known) return "the Hopper window kernel takes f16 or bf16 with head_dim 64 or 128 only";
+  if (!known) return "the persistent Hopper kernels take f16 or bf16 with head_dim 64 or 128 only";
   const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
   return why != nullptr ? why : tma_host::tensors_unmappable_reason(p);
 }
 
-cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream) {
+cudaError_t walk_forward(const LaDenseParams &p, bool wide, cudaStream_t stream) {
   cudaError_t err = cudaErrorInvalidValue;
-  with_window_config(p, [&](auto t, auto tr) {
+  with_walk_config(p, wide, [&](auto t, auto tr) {
     err = launch_window<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
   });
   return err;
+}
+
+}  // namespace
+
+const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p) {
+  return walk_unsupported_reason(p, false);
+}
+
+cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream) {
+  return walk_forward(p, false, stream);
+}
+
+const char *dense_wgmma_persistent_unsupported_reason(const LaDenseParams &p) {
+  return walk_unsupported_reason(p, true);
+}
+
+cudaError_t dense_wgmma_persistent_forward(const LaDenseParams &p, cudaStream_t stream) {
+  return walk_forward(p, true, stream);
 }
 
 }  // namespace longattn

@@ -56,8 +56,9 @@ def dense_table():
     if not names:
         return
     impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
-             "longattn-simt", "sdpa-flash", "sdpa-cudnn", "flex"]
-    ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window")
+             "longattn-wgmma-persistent", "longattn-simt", "sdpa-flash", "sdpa-cudnn", "flex"]
+    ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
+                  "longattn-wgmma-persistent")
     widths = [max(15, len(i) + 1) for i in impls]
     print(f"{'case':<28}" + "".join(f"{i:>{w}}" for i, w in zip(impls, widths))
           + f"{'wgmma/mma':>11}{'best/flash':>11}{'best/cudnn':>11}{'best/flex':>10}")
@@ -86,12 +87,13 @@ def window_fractions():
     wins = [n for n in order if n.startswith("window")]
     if not dense or not wins:
         return
-    print(f"\n{'window case':<28}{'wgmma':>10}{'wgmma-window':>14}  (% of dense d128 16k, "
-          f"{dense:.1f} TFLOP/s)")
+    print(f"\n{'window case':<28}{'wgmma':>10}{'wgmma-window':>14}{'wgmma-persistent':>18}"
+          f"  (% of dense d128 16k, {dense:.1f} TFLOP/s)")
     for name in wins:
         by = rows[name]
         cells = ""
-        for impl, width in (("longattn-wgmma", 10), ("longattn-wgmma-window", 14)):
+        for impl, width in (("longattn-wgmma", 10), ("longattn-wgmma-window", 14),
+                            ("longattn-wgmma-persistent", 18)):
             t = by.get(impl, {}).get("tflops")
             cells += fmt(100.0 * t / dense if t else None, width, 1)
         print(f"{name:<28}{cells}")

@@ -103,7 +103,7 @@ if [ "$DENSE_OK" = 1 ]; then
   step neighborhood_bench 60 "$HERE/examples/neighborhood_bench" --quick
   step torch_neighborhood_baseline 60 python3 "$HERE/torch_neighborhood_baseline.py" --quick --budget 40
   step ring_bench 60 "$HERE/examples/ring_bench" --quick
-  step gpu_bench 120 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
+  step gpu_bench 140 "$HERE/examples/gpu_bench" "${BENCH_ARGS[@]}"
   step torch_baseline 150 python3 "$HERE/torch_baseline.py" --budget 80 "${BENCH_ARGS[@]}"
 fi
 # The split sweeps re-tune splits_for (printed as "# split sweep" lines in the log): full

@@ -140,7 +140,7 @@ fn is_hopper() -> bool {
 
 /// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
 /// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), the others at 64,
-/// 128, 256 (`HopperWindow` at 64 and 128).
+/// 128, 256 (`HopperWindow` and `HopperPersistent` at 64 and 128).
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
@@ -153,7 +153,7 @@ fn kernels_for(d: usize) -> Vec<DenseKernel> {
         if is_hopper() {
             k.push(DenseKernel::Hopper);
             if d != 256 {
-                k.push(DenseKernel::HopperWindow);
+                k.extend([DenseKernel::HopperWindow, DenseKernel::HopperPersistent]);
             }
         }
     }
@@ -419,6 +419,8 @@ fn gpu_hopper_varlen_many_query_tiles() {
         (256, 4, 1, DenseKernel::Hopper),
         (64, 8, 2, DenseKernel::HopperWindow),
         (128, 8, 2, DenseKernel::HopperWindow),
+        (64, 8, 2, DenseKernel::HopperPersistent),
+        (128, 8, 2, DenseKernel::HopperPersistent),
     ];
     for (d, hq, hkv, kernel) in runs {
         let mut r = rng(1000 + d as u64);
@@ -527,7 +529,13 @@ fn gpu_hopper_window_short_windows() {
             hkv: 2,
             d,
         };
-        let k = DenseKernel::HopperWindow;
+        // Every fourth option or so also on the persistent dense walk (128-key tiles): the
+        // same walk and per-consumer ranges with another tile width.
+        let k = if o % 4 == 3 {
+            DenseKernel::HopperPersistent
+        } else {
+            DenseKernel::HopperWindow
+        };
         let err = if o % 2 == 0 {
             run_case::<bf16>(&stream, o as u64, x, opts, k)
         } else {
@@ -577,7 +585,11 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
     .unwrap();
     let mut kernels = vec![DenseKernel::Auto, DenseKernel::TensorCore];
     if is_hopper() {
-        kernels.extend([DenseKernel::Hopper, DenseKernel::HopperWindow]);
+        kernels.extend([
+            DenseKernel::Hopper,
+            DenseKernel::HopperWindow,
+            DenseKernel::HopperPersistent,
+        ]);
     }
     for kernel in kernels {
         let r = gpu_forward(
@@ -587,7 +599,10 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
             qs,
             ks,
         );
-        if matches!(kernel, DenseKernel::Hopper | DenseKernel::HopperWindow) {
+        if matches!(
+            kernel,
+            DenseKernel::Hopper | DenseKernel::HopperWindow | DenseKernel::HopperPersistent
+        ) {
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
             continue;
         }
@@ -862,6 +877,7 @@ fn gpu_rejects_bad_inputs() {
         DenseKernel::TensorCore,
         DenseKernel::Hopper,
         DenseKernel::HopperWindow,
+        DenseKernel::HopperPersistent,
     ] {
         let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
             .unwrap()

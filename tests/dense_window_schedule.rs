@@ -7,6 +7,8 @@
 //! (row, key) pair of a consumer must fall in a tile of its range; and on the benchmark's
 //! causal windows the computed pairs per visible pair are the ones the kernel's design
 //! counts on (W + 64 keys per row in steady state, against W + 128 for the Hopper kernel).
+//! The persistent dense walk (`DenseKernel::HopperPersistent`) is the same code with 128-key
+//! tiles: its ranges are checked the same way.
 
 mod common;
 
@@ -16,21 +18,25 @@ use rand::Rng;
 
 const BLOCK_M: usize = 128;
 const CONSUMER_ROWS: usize = 64;
+/// The window kernel's key tile.
 const BLOCK_N: usize = 64;
+/// The persistent dense walk's key tile (the Hopper kernel's).
+const PERSISTENT_BLOCK_N: usize = 128;
 
-/// The block's key tiles (tile indices, in visiting order) for query rows `[m0, m0 + 128)`.
-fn block_tiles(mask: &Mask, m0: usize, sq: usize, sk: usize) -> Vec<usize> {
-    mask.key_tiles(m0..(m0 + BLOCK_M).min(sq), sq, sk, BLOCK_N)
+/// The block's key tiles of `bn` keys (tile indices, in visiting order) for query rows
+/// `[m0, m0 + 128)`.
+fn block_tiles(mask: &Mask, m0: usize, sq: usize, sk: usize, bn: usize) -> Vec<usize> {
+    mask.key_tiles(m0..(m0 + BLOCK_M).min(sq), sq, sk, bn)
         .iter()
         .collect()
 }
 
-/// Positions `[lo, hi)` in `tiles` that consumer `wg` of the block at `m0` computes: the
-/// kernel's rule (reach of the consumer's first and last valid rows, sink keys below
-/// `sinks`), empty when it needs none.
+/// Positions `[lo, hi)` in `tiles` (of `bn` keys) that consumer `wg` of the block at `m0`
+/// computes: the kernel's rule (reach of the consumer's first and last valid rows, sink keys
+/// below `sinks`), empty when it needs none.
 fn consumer_range(
     mask: &Mask,
-    tiles: &[usize],
+    (tiles, bn): (&[usize], usize),
     m0: usize,
     wg: usize,
     sq: usize,
@@ -51,8 +57,8 @@ fn consumer_range(
         None => 0,
     };
     let needs = |t: usize| {
-        let n0 = (t * BLOCK_N) as i64;
-        n0 <= reach_hi && (n0 + BLOCK_N as i64 > reach_lo || n0 < mask.sinks as i64)
+        let n0 = (t * bn) as i64;
+        n0 <= reach_hi && (n0 + bn as i64 > reach_lo || n0 < mask.sinks as i64)
     };
     let needed: Vec<usize> = (0..tiles.len()).filter(|&k| needs(tiles[k])).collect();
     match (needed.first(), needed.last()) {
@@ -90,20 +96,21 @@ fn every_visible_pair_is_in_its_consumers_range() {
         let sq = r.random_range(1..700usize);
         let sk = r.random_range(0..700usize);
         let mask = random_mask(&mut r);
+        let bn = [BLOCK_N, PERSISTENT_BLOCK_N][case % 2];
         for m0 in (0..sq).step_by(BLOCK_M) {
-            let tiles = block_tiles(&mask, m0, sq, sk);
+            let tiles = block_tiles(&mask, m0, sq, sk, bn);
             for wg in 0..2 {
-                let (lo, hi) = consumer_range(&mask, &tiles, m0, wg, sq, sk);
+                let (lo, hi) = consumer_range(&mask, (&tiles, bn), m0, wg, sq, sk);
                 assert!(lo <= hi && hi <= tiles.len());
                 let rows = m0 + CONSUMER_ROWS * wg..(m0 + CONSUMER_ROWS * (wg + 1)).min(sq);
                 for i in rows {
                     for j in (0..sk).filter(|&j| mask.visible(i, j, sq, sk)) {
-                        let pos = tiles.iter().position(|&t| t == j / BLOCK_N);
+                        let pos = tiles.iter().position(|&t| t == j / bn);
                         assert!(
                             pos.is_some_and(|k| (lo..hi).contains(&k)),
                             "case {case}: {mask:?} sq {sq} sk {sk} m0 {m0} consumer {wg}: row \
-                             {i} key {j} (tile {}) outside {:?} of {tiles:?}",
-                            j / BLOCK_N,
+                             {i} key {j} (tile {} of {bn}) outside {:?} of {tiles:?}",
+                            j / bn,
                             lo..hi
                         );
                     }
@@ -122,9 +129,9 @@ fn waste(s: usize, w: usize) -> (f64, f64) {
     let mut window_kernel = 0usize;
     let mut hopper = 0usize;
     for m0 in (0..s).step_by(BLOCK_M) {
-        let tiles = block_tiles(&mask, m0, s, s);
+        let tiles = block_tiles(&mask, m0, s, s, BLOCK_N);
         for wg in 0..2 {
-            let (lo, hi) = consumer_range(&mask, &tiles, m0, wg, s, s);
+            let (lo, hi) = consumer_range(&mask, (&tiles, BLOCK_N), m0, wg, s, s);
             window_kernel += (hi - lo) * BLOCK_N * CONSUMER_ROWS;
         }
         hopper += mask.key_tiles(m0..m0 + BLOCK_M, s, s, 128).count() * 128 * BLOCK_M;
@@ -153,10 +160,10 @@ fn benchmark_windows_compute_w_plus_64_keys_per_row() {
             // A consumer of an interior block computes W / 64 + 1 tiles of the block's W / 64 + 2.
             let mask = Mask::new(Window::causal_tokens(w).unwrap(), 0);
             let m0 = s / 2;
-            let tiles = block_tiles(&mask, m0, s, s);
+            let tiles = block_tiles(&mask, m0, s, s, BLOCK_N);
             assert_eq!(tiles.len(), steady_tiles + 1);
             for wg in 0..2 {
-                let (lo, hi) = consumer_range(&mask, &tiles, m0, wg, s, s);
+                let (lo, hi) = consumer_range(&mask, (&tiles, BLOCK_N), m0, wg, s, s);
                 assert_eq!((lo, hi), (wg, wg + steady_tiles), "w {w} consumer {wg}");
             }
         }

@@ -113,9 +113,11 @@ pub(crate) fn check_dense_gpu(
     if matches!(kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
         check_tensor_core_head_dim("the tensor-core kernels take", head_dim)?;
     }
-    if kernel == DenseKernel::HopperWindow && ![64, 128].contains(&head_dim) {
+    if matches!(kernel, DenseKernel::HopperWindow | DenseKernel::HopperPersistent)
+        && ![64, 128].contains(&head_dim)
+    {
         return Err(Error::Unsupported(format!(
-            "the HopperWindow kernel takes head_dim 64 or 128, not {head_dim}"
+            "the {kernel:?} kernel takes head_dim 64 or 128, not {head_dim}"
         )));
     }
     if kernel == DenseKernel::TensorCoreGqa && heads_q / heads_kv.max(1) > GQA_MAX_GROUP {
@@ -226,6 +228,7 @@ where
         DenseKernel::TensorCorePadded => ffi::LaDenseKernel::LA_DENSE_MMA_PADDED,
         DenseKernel::TensorCoreGqa => ffi::LaDenseKernel::LA_DENSE_MMA_GQA,
         DenseKernel::HopperWindow => ffi::LaDenseKernel::LA_DENSE_WGMMA_WINDOW,
+        DenseKernel::HopperPersistent => ffi::LaDenseKernel::LA_DENSE_WGMMA_PERSISTENT,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
@@ -349,20 +352,22 @@ mod tests {
         assert!(gqa(59, 8, 1).is_err() && gqa(264, 8, 1).is_err());
     }
 
-    /// The Hopper window kernel has tiles for head_dim 64 and 128 only, and refuses the rest
-    /// by name before any device call.
+    /// The persistent Hopper kernels (window and dense walks) have tiles for head_dim 64 and
+    /// 128 only, and refuse the rest by name before any device call.
     #[test]
-    fn hopper_window_head_dims() {
-        let win = |d| check_dense_gpu(DenseKernel::HopperWindow, DType::BF16, d, 1, (4, 2));
-        assert!(win(64).is_ok() && win(128).is_ok());
-        for d in [8, 96, 256, 59] {
-            let e = win(d).unwrap_err();
-            assert!(
-                matches!(&e, Error::Unsupported(m) if m.contains("HopperWindow") || m.contains("multiples of 8")),
-                "d{d}: {e:?}"
-            );
+    fn hopper_walk_head_dims() {
+        for kernel in [DenseKernel::HopperWindow, DenseKernel::HopperPersistent] {
+            let walk = |d| check_dense_gpu(kernel, DType::BF16, d, 1, (4, 2));
+            assert!(walk(64).is_ok() && walk(128).is_ok());
+            let name = format!("{kernel:?}");
+            for d in [8, 96, 256, 59] {
+                let e = walk(d).unwrap_err();
+                assert!(
+                    matches!(&e, Error::Unsupported(m) if m.contains(&name) || m.contains("multiples of 8")),
+                    "{name} d{d}: {e:?}"
+                );
+            }
+            assert!(check_dense_gpu(kernel, DType::F32, 128, 1, (1, 1)).is_err());
         }
-        let f32_call = check_dense_gpu(DenseKernel::HopperWindow, DType::F32, 128, 1, (1, 1));
-        assert!(f32_call.is_err());
     }
 }

@@ -62,6 +62,15 @@ pub enum DenseKernel {
     /// semantics as the other kernels). Explicit opt-in: **not yet run on a GPU**, never
     /// picked by `Auto`.
     HopperWindow,
+    /// `HopperWindow`'s persistent walk with `Hopper`'s 128-key tiles, for any dense problem
+    /// (`kernels/dense_wgmma_window.cu`, sm_90a, head_dim 64 or 128): one block per SM walks
+    /// the query tiles (each head's last tile first), the producer loading the next tile's Q
+    /// (double-buffered) and first keys while the consumers finish the current one, so the
+    /// launch, pipeline fill and O write-back of each tile overlap work instead of idling the
+    /// SM; this is what 1k-token problems lose most to (issue 16). Every mask runs. d128 keeps
+    /// two K/V stages (the second Q buffer takes the third). Explicit opt-in: **not yet run on
+    /// a GPU**, never picked by `Auto`.
+    HopperPersistent,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

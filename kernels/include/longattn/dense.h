@@ -81,7 +81,13 @@ typedef enum LaDenseKernel {
    * key tiles its rows see, persistent blocks walking query tiles with the next one's loads in
    * flight. Any mask runs; it is built for windows of 256 to a few thousand keys. By name
    * only; not yet run on a GPU. */
-  LA_DENSE_WGMMA_WINDOW = 6
+  LA_DENSE_WGMMA_WINDOW = 6,
+  /* LA_DENSE_WGMMA_WINDOW's persistent walk with LA_DENSE_WGMMA's 128-key tiles, for any dense
+   * problem (sm_90a, head_dim 64 or 128): one block per SM walks the query tiles, loading the
+   * next tile's Q and first keys while it finishes the current one, so the per-tile prologue
+   * and epilogue that dominate 1k-token problems overlap work. By name only; not yet run on a
+   * GPU. */
+  LA_DENSE_WGMMA_PERSISTENT = 7
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these

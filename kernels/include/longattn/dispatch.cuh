@@ -91,6 +91,10 @@ cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
 // key ranges, persistent blocks): LA_DENSE_WGMMA_WINDOW only, head_dim 64 or 128.
 const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream);
+// The same persistent walk with dense_wgmma.cu's 128-key tiles, for any dense problem
+// (dense_wgmma_window.cu): LA_DENSE_WGMMA_PERSISTENT only, head_dim 64 or 128.
+const char *dense_wgmma_persistent_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_wgmma_persistent_forward(const LaDenseParams &p, cudaStream_t stream);
 // Head dims the tensor-core kernels have tiles for (others are padded up to one).
 inline bool tensor_core_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
 // The mma.sync kernel on the shared mainloop, any head_dim up to 256 (padded in the kernel):
