@@ -113,8 +113,10 @@ pub(crate) fn check_dense_gpu(
     if matches!(kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
         check_tensor_core_head_dim("the tensor-core kernels take", head_dim)?;
     }
-    if matches!(kernel, DenseKernel::HopperWindow | DenseKernel::HopperPersistent)
-        && ![64, 128].contains(&head_dim)
+    if matches!(
+        kernel,
+        DenseKernel::HopperWindow | DenseKernel::HopperPersistent
+    ) && ![64, 128].contains(&head_dim)
     {
         return Err(Error::Unsupported(format!(
             "the {kernel:?} kernel takes head_dim 64 or 128, not {head_dim}"
