@@ -3,7 +3,9 @@
 //! (case, implementation), in the style of gpu_bench:
 //! - `padded_*`: `DenseKernel::TensorCorePadded` at head dims 59..256 (96 and 192 padded to
 //!   128 and 256; 59 and 111, not multiples of 8, on its element-wise variant, not yet
-//!   verified on a GPU) against `TensorCore` and `Hopper` where they serve the head dim;
+//!   verified on a GPU) against `TensorCore` and `Hopper` where they serve the head dim, and
+//!   `HopperPersistent` (`longattn-wgmma-persistent`, head dims multiples of 8 up to 192,
+//!   padded to 64 / 128 / 192 channels; not yet verified on a GPU);
 //! - `bsparse_*`: `BlockSparseAttention` through a plan (128 x 128 blocks, random lists of a
 //!   given density, all blocks Full; 16k, and 32k / 128k in group `bsparse_long`) on the
 //!   mma.sync kernel and the Hopper kernel (`longattn-bsparse-wgmma`, not yet verified on a
@@ -117,6 +119,7 @@ fn padded(stream: &Arc<CudaStream>) {
                 (DenseKernel::TensorCorePadded, "longattn-mma-padded"),
                 (DenseKernel::TensorCore, "longattn-mma"),
                 (DenseKernel::Hopper, "longattn-wgmma"),
+                (DenseKernel::HopperPersistent, "longattn-wgmma-persistent"),
                 (DenseKernel::Simt, "longattn-simt"),
             ] {
                 // SIMT only where no tensor-core kernel but the padded one serves the dim (and

@@ -72,6 +72,9 @@ using WgWindow128 = WgWalkTraits<128, 64, 4>;  // 193 KB shared: 64 KB Q, 4 stag
 // d128 its third stage (FlashAttention-3 also runs d128 with two).
 using WgPersistent64 = WgWalkTraits<64, 128, 4>;    // 161 KB shared: 32 KB Q, 4 stages of 32 KB
 using WgPersistent128 = WgWalkTraits<128, 128, 2>;  // 193 KB shared: 64 KB Q, 2 stages of 64 KB
+// Head dims 136-192 (both walks): three 64-channel panels; two Q buffers of 48 KB leave room
+// for two stages of 64-key tiles only.
+using WgWalk192 = WgWalkTraits<192, 64, 2>;  // 193 KB shared: 96 KB Q, 2 stages of 48 KB
 
 // Work item w of the persistent walk: query rows [m0, m0 + 128) of head h of sequence b, with
 // its key-tile schedule (the union over the 128 rows, as dense_wgmma.cu's block).
@@ -440,13 +443,23 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
       tma::named_sync(Tr::kStagingBarrier + wg, 128);
       T *o = head_tensors<T>(p, it.s, it.b, it.h).o;
       constexpr int kCpr = Tr::kChunksPerRow;
+      const int chunks = p.head_dim / 8;  // the caller's channels (the tile's may be padded)
+      // Thread ctid writes chunks ctid, ctid + 128, ... of the consumer's 64 x kCpr, its
+      // (row, chunk) stepped incrementally: with 24 chunks per row (d192) per-pass divisions
+      // hoisted out of the walk would hold a register per pass.
+      int r = 64 * wg + ctid / kCpr, chunk = ctid % kCpr;
 #pragma unroll
       for (int pass = 0; pass < 64 * kCpr / 128; ++pass) {
-        const int idx = ctid + 128 * pass, r = 64 * wg + idx / kCpr, chunk = idx % kCpr;
         const int i = it.m0 + r;
-        if (i < it.s.sq)
+        if (i < it.s.sq && chunk < chunks)
           *reinterpret_cast<uint4 *>(o + i * p.o_row_stride + chunk * 8) =
               *reinterpret_cast<const uint4 *>(q_smem + panel_offset<BM>(r, chunk));
+        r += 128 / kCpr;
+        chunk += 128 % kCpr;
+        if (chunk >= kCpr) {
+          chunk -= kCpr;
+          ++r;
+        }
       }
       if (p.lse != nullptr && tq == 0) {
 #pragma unroll
@@ -475,22 +488,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 #endif
 }
 
-// The tiles of one walk for these params (f16/bf16; head_dim 64 or 128): f(Tag<T>,
-// Tag<Traits>), or false. `wide`: 128-key tiles (the persistent dense walk), else 64.
+// The tiles of one walk for these params (f16/bf16; head_dim a multiple of 8 up to 192,
+// padded to the tile's 64, 128 or 192 channels): f(Tag<T>, Tag<Traits>), or false. `wide`:
+// 128-key tiles (the persistent dense walk) where the head dim leaves room, else 64.
 template <class F>
 bool with_walk_config(const LaDenseParams &p, bool wide, F &&f) {
   auto by_dim = [&](auto t) {
-    switch (p.head_dim) {
-      case 64:
-        if (wide) f(t, Tag<WgPersistent64>{});
-        else f(t, Tag<WgWindow64>{});
-        return true;
-      case 128:
-        if (wide) f(t, Tag<WgPersistent128>{});
-        else f(t, Tag<WgWindow128>{});
-        return true;
+    const int d = p.head_dim;
+    if (d <= 0 || d % 8 != 0 || d > 192) return false;
+    if (d <= 64) {
+      if (wide) f(t, Tag<WgPersistent64>{});
+      else f(t, Tag<WgWindow64>{});
+    } else if (d <= 128) {
+      if (wide) f(t, Tag<WgPersistent128>{});
+      else f(t, Tag<WgWindow128>{});
+    } else {
+      f(t, Tag<WgWalk192>{});
     }
-    return false;
+    return true;
   };
   return with_dtype<__half, __nv_bfloat16>(p.dtype, false, by_dim);
 }
@@ -505,7 +520,8 @@ long long window_items(const LaDenseParams &p, int *q_tiles) {
 template <typename T, class Tr>
 cudaError_t launch_window(const LaDenseParams &p, cudaStream_t stream) {
   tma_host::QkvMaps maps;
-  if (!tma_host::encode_qkv(&maps, p, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN))
+  // Maps over the caller's head_dim channels: a panel past them arrives zero-filled.
+  if (!tma_host::encode_qkv(&maps, p, p.head_dim, Tr::kBlockM, Tr::kBlockN, 8))
     return cudaErrorNotSupported;
   auto kernel = dense_wgmma_window_kernel<T, Tr>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -531,9 +547,11 @@ const char *walk_unsupported_reason(const LaDenseParams &p, bool wide) {
     kernel = reinterpret_cast<const void *>(
         dense_wgmma_window_kernel<typename decltype(t)::type, Tr>);
   });
-  if (!known) return "the persistent Hopper kernels take f16 or bf16 with head_dim 64 or 128 only";
+  if (!known)
+    return "the persistent Hopper kernels take f16 or bf16 with head_dim a multiple of 8 up to "
+           "192 only";
   const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
-  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p);
+  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p, 8);
 }
 
 cudaError_t walk_forward(const LaDenseParams &p, bool wide, cudaStream_t stream) {

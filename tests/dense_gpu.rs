@@ -139,8 +139,8 @@ fn is_hopper() -> bool {
 }
 
 /// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
-/// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), the others at 64,
-/// 128, 256 (`HopperWindow` and `HopperPersistent` at 64 and 128).
+/// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), `TensorCore` and
+/// `Hopper` at 64, 128, 256, and on Hopper `HopperWindow` and `HopperPersistent` up to 192.
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
@@ -152,10 +152,10 @@ fn kernels_for(d: usize) -> Vec<DenseKernel> {
         k.push(DenseKernel::TensorCore);
         if is_hopper() {
             k.push(DenseKernel::Hopper);
-            if d != 256 {
-                k.extend([DenseKernel::HopperWindow, DenseKernel::HopperPersistent]);
-            }
         }
+    }
+    if is_hopper() && d.is_multiple_of(8) && d <= 192 {
+        k.extend([DenseKernel::HopperWindow, DenseKernel::HopperPersistent]);
     }
     k
 }
@@ -326,6 +326,58 @@ fn gpu_dense_any_head_dim() {
         );
     }
     println!("gpu_dense_any_head_dim: worst rel err {worst:.3e}");
+}
+
+/// The persistent Hopper walks at head dims they pad (8, 40 -> 64 channels; 96 -> 128; 136,
+/// 160, 192 -> 192, 64-key tiles in both walks): the copy engine zero-fills the channels past
+/// head_dim, and only the caller's channels may be written (outputs NaN-poisoned).
+#[test]
+fn gpu_hopper_walks_padded_head_dims() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_walks_padded_head_dims") else {
+        return;
+    };
+    if !is_hopper() {
+        println!("SKIP gpu_hopper_walks_padded_head_dims: not compute capability 9.0");
+        return;
+    }
+    let stream = ctx.default_stream();
+    let mut worst = 0.0f64;
+    for (n, &(d, sq, sk, hq, hkv)) in [
+        (8, 130, 77, 2, 1),
+        (40, 1, 129, 2, 2),
+        (96, 300, 300, 4, 2),
+        (136, 65, 200, 2, 2),
+        (160, 257, 129, 3, 1),
+        (192, 200, 450, 4, 4),
+        (192, 1, 1, 1, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = Dims {
+            b: 2,
+            sq,
+            sk,
+            hq,
+            hkv,
+            d,
+        };
+        for (o, opts) in options().iter().enumerate() {
+            let k = if (n + o) % 2 == 0 {
+                DenseKernel::HopperPersistent
+            } else {
+                DenseKernel::HopperWindow
+            };
+            let seed = (7000 + n * 100 + o) as u64;
+            let err = if o % 2 == 0 {
+                run_case::<bf16>(&stream, seed, x, opts, k)
+            } else {
+                run_case::<f16>(&stream, seed, x, opts, k)
+            };
+            worst = worst.max(err);
+        }
+    }
+    println!("gpu_hopper_walks_padded_head_dims: worst rel err {worst:.3e}");
 }
 
 #[test]

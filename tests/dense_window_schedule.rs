@@ -450,12 +450,9 @@ mod walk_protocol {
                     continue;
                 }
                 match programs[a].get(pc[a]) {
+                    // Done, or waiting for the phase of that parity to complete.
                     None => {}
-                    Some(Op::Wait(bar, parity, _)) => {
-                        if bars[*bar].phase & 1 != *parity {
-                            enabled.push(a);
-                        }
-                    }
+                    Some(Op::Wait(bar, parity, _)) if bars[*bar].phase & 1 == *parity => {}
                     Some(_) => enabled.push(a),
                 }
             }

@@ -116,10 +116,10 @@ pub(crate) fn check_dense_gpu(
     if matches!(
         kernel,
         DenseKernel::HopperWindow | DenseKernel::HopperPersistent
-    ) && ![64, 128].contains(&head_dim)
+    ) && head_dim > WALK_MAX_HEAD_DIM
     {
         return Err(Error::Unsupported(format!(
-            "the {kernel:?} kernel takes head_dim 64 or 128, not {head_dim}"
+            "the {kernel:?} kernel takes head_dim up to {WALK_MAX_HEAD_DIM}, not {head_dim}"
         )));
     }
     if kernel == DenseKernel::TensorCoreGqa && heads_q / heads_kv.max(1) > GQA_MAX_GROUP {
@@ -134,6 +134,10 @@ pub(crate) fn check_dense_gpu(
 
 /// Query heads per kv head that [`DenseKernel::TensorCoreGqa`] packs into one 64-row tile.
 const GQA_MAX_GROUP: usize = 64;
+/// Largest head dim of the persistent Hopper walks ([`DenseKernel::HopperWindow`],
+/// [`DenseKernel::HopperPersistent`]): their two Q buffers and two K/V stages of 64 keys
+/// fill the shared memory at 192 channels.
+const WALK_MAX_HEAD_DIM: usize = 192;
 
 /// A dense problem bound to device-resident varlen offsets (FlashInfer's plan/run split):
 /// [`DenseGpuPlan::forward`] makes no allocation and no host-device copy, so a CUDA graph
@@ -354,15 +358,18 @@ mod tests {
         assert!(gqa(59, 8, 1).is_err() && gqa(264, 8, 1).is_err());
     }
 
-    /// The persistent Hopper kernels (window and dense walks) have tiles for head_dim 64 and
-    /// 128 only, and refuse the rest by name before any device call.
+    /// The persistent Hopper kernels (window and dense walks) take head dims that are
+    /// multiples of 8 up to 192 (padded to 64, 128 or 192 channels), and refuse the rest by
+    /// name before any device call.
     #[test]
     fn hopper_walk_head_dims() {
         for kernel in [DenseKernel::HopperWindow, DenseKernel::HopperPersistent] {
             let walk = |d| check_dense_gpu(kernel, DType::BF16, d, 1, (4, 2));
-            assert!(walk(64).is_ok() && walk(128).is_ok());
+            for d in [8, 40, 64, 96, 128, 136, 160, 192] {
+                assert!(walk(d).is_ok(), "{kernel:?} d{d}");
+            }
             let name = format!("{kernel:?}");
-            for d in [8, 96, 256, 59] {
+            for d in [200, 256, 59, 193] {
                 let e = walk(d).unwrap_err();
                 assert!(
                     matches!(&e, Error::Unsupported(m) if m.contains(&name) || m.contains("multiples of 8")),

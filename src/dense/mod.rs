@@ -53,7 +53,9 @@ pub enum DenseKernel {
     /// yet run on a GPU**, never picked by `Auto`.
     TensorCoreGqa,
     /// Hopper tensor-core kernel for short sliding windows (`kernels/dense_wgmma_window.cu`,
-    /// `wgmma`, sm_90a: compute capability 9.0 only), head_dim 64 or 128. Where `Hopper`
+    /// `wgmma`, sm_90a: compute capability 9.0 only), head_dim a multiple of 8 up to 192
+    /// (padded inside the kernel to 64, 128 or 192 channels: the copy engine zero-fills the
+    /// channels past head_dim; 192 runs 64-key tiles in both walks). Where `Hopper`
     /// computes all `W + 128` keys a 128-row query tile spans for every row, with 128-key
     /// tiles, this kernel uses 64-key tiles and lets each 64-row half of the tile visit only
     /// the tiles its rows see (`W + 64` keys per row), and its blocks are persistent (one per
@@ -63,7 +65,7 @@ pub enum DenseKernel {
     /// picked by `Auto`.
     HopperWindow,
     /// `HopperWindow`'s persistent walk with `Hopper`'s 128-key tiles, for any dense problem
-    /// (`kernels/dense_wgmma_window.cu`, sm_90a, head_dim 64 or 128): one block per SM walks
+    /// (`kernels/dense_wgmma_window.cu`, sm_90a, the head dims `HopperWindow` takes): one block per SM walks
     /// the query tiles (each head's last tile first), the producer loading the next tile's Q
     /// (double-buffered) and first keys while the consumers finish the current one, so the
     /// launch, pipeline fill and O write-back of each tile overlap work instead of idling the

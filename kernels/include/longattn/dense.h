@@ -77,16 +77,17 @@ typedef enum LaDenseKernel {
    * of leaving most of its rows empty. By name only; not yet run on a GPU. */
   LA_DENSE_MMA_GQA = 5,
   /* Hopper tensor-core kernel for short sliding windows (wgmma, sm_90a: compute capability 9.0
-   * only), head_dim 64 or 128: 64-key tiles, each 64-row half of a query tile visiting only the
-   * key tiles its rows see, persistent blocks walking query tiles with the next one's loads in
-   * flight. Any mask runs; it is built for windows of 256 to a few thousand keys. By name
-   * only; not yet run on a GPU. */
-  LA_DENSE_WGMMA_WINDOW = 6,
-  /* LA_DENSE_WGMMA_WINDOW's persistent walk with LA_DENSE_WGMMA's 128-key tiles, for any dense
-   * problem (sm_90a, head_dim 64 or 128): one block per SM walks the query tiles, loading the
-   * next tile's Q and first keys while it finishes the current one, so the per-tile prologue
-   * and epilogue that dominate 1k-token problems overlap work. By name only; not yet run on a
+   * only), head_dim a multiple of 8 up to 192 (padded inside to 64, 128 or 192 channels):
+   * 64-key tiles, each 64-row half of a query tile visiting only the key tiles its rows see,
+   * persistent blocks walking query tiles with the next one's loads in flight. Any mask runs;
+   * it is built for windows of 256 to a few thousand keys. By name only; not yet run on a
    * GPU. */
+  LA_DENSE_WGMMA_WINDOW = 6,
+  /* LA_DENSE_WGMMA_WINDOW's persistent walk with LA_DENSE_WGMMA's 128-key tiles (64 at head
+   * dims above 128), for any dense problem (sm_90a, head dims as LA_DENSE_WGMMA_WINDOW): one
+   * block per SM walks the query tiles, loading the next tile's Q and first keys while it
+   * finishes the current one, so the per-tile prologue and epilogue that dominate 1k-token
+   * problems overlap work. By name only; not yet run on a GPU. */
   LA_DENSE_WGMMA_PERSISTENT = 7
 } LaDenseKernel;
 

@@ -88,11 +88,11 @@ inline bool dense_wgmma_supports(const LaDenseParams &p) {
 }
 cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream);
 // The Hopper kernel for short sliding windows (dense_wgmma_window.cu: 64-key tiles, per-consumer
-// key ranges, persistent blocks): LA_DENSE_WGMMA_WINDOW only, head_dim 64 or 128.
+// key ranges, persistent blocks): LA_DENSE_WGMMA_WINDOW only, head_dim a multiple of 8 up to 192.
 const char *dense_wgmma_window_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stream);
 // The same persistent walk with dense_wgmma.cu's 128-key tiles, for any dense problem
-// (dense_wgmma_window.cu): LA_DENSE_WGMMA_PERSISTENT only, head_dim 64 or 128.
+// (dense_wgmma_window.cu): LA_DENSE_WGMMA_PERSISTENT only, head dims as above.
 const char *dense_wgmma_persistent_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_wgmma_persistent_forward(const LaDenseParams &p, cudaStream_t stream);
 // Head dims the tensor-core kernels have tiles for (others are padded up to one).

@@ -37,27 +37,30 @@ inline EncodeTiled encode_tiled() {
 // One operand as a 4-D tensor (head_dim, rows, heads, batch) with byte strides, boxes of 64
 // channels x box_rows rows. Returns false where the copy engine cannot address it (pointer
 // not 16-byte aligned, a stride that is not a multiple of 16 bytes or is 0 over more than one
-// index, an extent the map cannot hold).
+// index, an extent the map cannot hold). head_dim must be a multiple of `channel_multiple`:
+// 64 for kernels whose tiles hold head_dim channels exactly; 8 (16-byte rows) for kernels
+// that pad head_dim to their tile, the copy engine zero-filling the channels past head_dim.
 struct OperandShape {
   const void *base;
   long long rows, heads, batch;
   long long row_stride, head_stride, batch_stride;  // elements
 };
 
-inline bool operand_mappable(const OperandShape &x, int head_dim) {
+inline bool operand_mappable(const OperandShape &x, int head_dim, int channel_multiple = 64) {
   auto stride_ok = [](long long stride, long long extent) {
     return extent <= 1 || (stride > 0 && (stride * 2) % 16 == 0 && stride * 2 < (1LL << 40));
   };
-  return (reinterpret_cast<uintptr_t>(x.base) % 16) == 0 && head_dim % 64 == 0 &&
+  return (reinterpret_cast<uintptr_t>(x.base) % 16) == 0 && head_dim > 0 &&
+         head_dim % channel_multiple == 0 && head_dim % 8 == 0 &&
          x.rows < (1LL << 31) && x.heads < (1LL << 31) && x.batch < (1LL << 31) &&
          stride_ok(x.row_stride, x.rows) && stride_ok(x.head_stride, x.heads) &&
          stride_ok(x.batch_stride, x.batch);
 }
 
 inline bool encode_operand(CUtensorMap *map, const OperandShape &x, LaDtype dtype, int head_dim,
-                    int box_rows) {
+                           int box_rows, int channel_multiple = 64) {
   const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr || !operand_mappable(x, head_dim)) return false;
+  if (encode == nullptr || !operand_mappable(x, head_dim, channel_multiple)) return false;
   // Strides of extent-1 dimensions are never stepped; give them any valid value.
   auto stride_bytes = [](long long stride, long long extent) {
     return (cuuint64_t)(extent <= 1 ? 16 : stride * 2);
@@ -91,17 +94,17 @@ inline OperandShape kv_shape(const LaDenseParams &p, const void *base, long long
           head_stride, batch_stride};
 }
 
-inline bool tensors_mappable(const LaDenseParams &p) {
-  return encode_tiled() != nullptr && operand_mappable(q_shape(p), p.head_dim) &&
+inline bool tensors_mappable(const LaDenseParams &p, int channel_multiple = 64) {
+  return encode_tiled() != nullptr && operand_mappable(q_shape(p), p.head_dim, channel_multiple) &&
          operand_mappable(kv_shape(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride),
-                          p.head_dim) &&
+                          p.head_dim, channel_multiple) &&
          operand_mappable(kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
-                          p.head_dim);
+                          p.head_dim, channel_multiple);
 }
 
 // Why the copy engine cannot address q, k and v of `p`, or nullptr.
-inline const char *tensors_unmappable_reason(const LaDenseParams &p) {
-  return tensors_mappable(p) ? nullptr
+inline const char *tensors_unmappable_reason(const LaDenseParams &p, int channel_multiple = 64) {
+  return tensors_mappable(p, channel_multiple) ? nullptr
                              : "the TMA copy engine cannot address q/k/v with these strides (it "
                                "needs positive multiples of 16 bytes for every dimension "
                                "longer than 1)";
@@ -119,16 +122,16 @@ struct QkvMaps {
 };
 
 // Encodes `maps` for `p` (Q boxes of block_m rows, K/V boxes of block_n rows); false where the
-// copy engine cannot address an operand.
+// copy engine cannot address an operand. `channel_multiple` as for operand_mappable.
 inline bool encode_qkv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int block_m,
-                       int block_n) {
-  return encode_operand(&maps->q, q_shape(p), p.dtype, head_dim, block_m) &&
+                       int block_n, int channel_multiple = 64) {
+  return encode_operand(&maps->q, q_shape(p), p.dtype, head_dim, block_m, channel_multiple) &&
          encode_operand(&maps->k,
                         kv_shape(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride),
-                        p.dtype, head_dim, block_n) &&
+                        p.dtype, head_dim, block_n, channel_multiple) &&
          encode_operand(&maps->v,
                         kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
-                        p.dtype, head_dim, block_n);
+                        p.dtype, head_dim, block_n, channel_multiple);
 }
 
 }  // namespace tma_host

@@ -1,5 +1,5 @@
 // Inline-PTX wrappers for the Hopper warpgroup MMA (wgmma.mma_async, sm_90a only): m64nNk16
-// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 256. Only instantiate these from code
+// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 192, 256. Only instantiate these from code
 // compiled for sm_90a (guard with __CUDA_ARCH_FEAT_SM90_ALL).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment D"), per thread of the
@@ -57,7 +57,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 // registers and B MN-major (transposed) in shared memory.
 template <typename T, int N> struct Mma;
 
-// The six specialisations differ only in the PTX type, N and the operand numbering, so one
+// The eight specialisations differ only in the PTX type, N and the operand numbering, so one
 // macro writes them. Operands: the N / 2 accumulators d[] are %0 .. %(N/2 - 1); then ss takes
 // the two descriptors and the scale-d flag, rs_bt the four A registers, the B descriptor and a
 // constant 1 (its scale-d is always on).
@@ -66,6 +66,8 @@ template <typename T, int N> struct Mma;
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define LA_WG_D32 LA_WG_D8(0), LA_WG_D8(8), LA_WG_D8(16), LA_WG_D8(24)
 #define LA_WG_D64 LA_WG_D32, LA_WG_D8(32), LA_WG_D8(40), LA_WG_D8(48), LA_WG_D8(56)
+#define LA_WG_D96 \
+  LA_WG_D64, LA_WG_D8(64), LA_WG_D8(72), LA_WG_D8(80), LA_WG_D8(88)
 #define LA_WG_D128                                                                         \
   LA_WG_D64, LA_WG_D8(64), LA_WG_D8(72), LA_WG_D8(80), LA_WG_D8(88), LA_WG_D8(96),          \
       LA_WG_D8(104), LA_WG_D8(112), LA_WG_D8(120)
@@ -76,6 +78,10 @@ template <typename T, int N> struct Mma;
   LA_WG_R32 \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define LA_WG_R96 \
+  LA_WG_R64 \
+  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
 #define LA_WG_R128 \
   LA_WG_R64 \
   ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
@@ -107,16 +113,20 @@ template <typename T, int N> struct Mma;
 
 LA_WG_MMA(__half, "f16", 64, 32, LA_WG_R32, LA_WG_D32, 32, 33, 34, 35, 36, 37)
 LA_WG_MMA(__half, "f16", 128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 68, 69)
+LA_WG_MMA(__half, "f16", 192, 96, LA_WG_R96, LA_WG_D96, 96, 97, 98, 99, 100, 101)
 LA_WG_MMA(__half, "f16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 LA_WG_MMA(__nv_bfloat16, "bf16", 64, 32, LA_WG_R32, LA_WG_D32, 32, 33, 34, 35, 36, 37)
 LA_WG_MMA(__nv_bfloat16, "bf16", 128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 68, 69)
+LA_WG_MMA(__nv_bfloat16, "bf16", 192, 96, LA_WG_R96, LA_WG_D96, 96, 97, 98, 99, 100, 101)
 LA_WG_MMA(__nv_bfloat16, "bf16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 
 #undef LA_WG_MMA
 #undef LA_WG_R128
+#undef LA_WG_R96
 #undef LA_WG_R64
 #undef LA_WG_R32
 #undef LA_WG_D128
+#undef LA_WG_D96
 #undef LA_WG_D64
 #undef LA_WG_D32
 #undef LA_WG_D8
