@@ -33,6 +33,10 @@ use crate::error::Result;
 use crate::layout::Strided;
 use std::cmp::Ordering;
 
+pub use super::moba_gather::{
+    GPU_GATHER_CHUNK_ROWS, GPU_GATHER_ITEM_ROWS, GPU_GATHER_MAX_K_BLOCKS, MobaAttention,
+    MobaGatherDims, MobaGatherIndex, moba_gather_index_cpu,
+};
 pub use super::moba_gpu::{
     GPU_MAX_K_BLOCKS, GPU_MAX_TOP_K, GPU_TILE_ROWS, MobaGate, MobaGpuDims, MobaGpuPlan,
 };

@@ -2,7 +2,9 @@
 //! unions; or per query block, [`MobaGpuPlan::with_query_blocks`]) and the attention over the
 //! per-row selections, on device buffers. The per-token gate scores on CUDA cores by
 //! default, on tensor cores with [`MobaGate::TensorCore`] (opt-in, added 2026-12-05, also not
-//! yet run on a GPU).
+//! yet run on a GPU). The attention over a per-token selection is the per-tile union by
+//! default, or the gather formulation with [`MobaAttention::Gather`] (opt-in, added
+//! 2026-12-05, not yet run on a GPU; `super::moba_gather`).
 //!
 //! **NOT YET RUN ON A GPU** (compiled and register-checked only, 2026-12-04). Explicit
 //! opt-in: only [`MobaGpuPlan::forward`] runs it; the CPU path ([`moba_attention`](super::moba::moba_attention),
@@ -19,6 +21,7 @@
 
 use super::RowBlocks;
 use super::moba::MobaConfig;
+use super::moba_gather::{MobaAttention, MobaGatherDims, MobaGatherIndex};
 use crate::dense::FlashAttention;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
@@ -158,7 +161,7 @@ impl MobaGpuDims {
         Ok(dims)
     }
 
-    fn product(what: &str, dims: &[usize]) -> Result<usize> {
+    pub(crate) fn product(what: &str, dims: &[usize]) -> Result<usize> {
         dims.iter()
             .try_fold(1usize, |a, &x| a.checked_mul(x))
             .filter(|&n| n <= i64::MAX as usize)
@@ -207,6 +210,8 @@ pub struct MobaGpuPlan {
     gate: MobaGate,
     dims: MobaGpuDims,
     bufs: Buffers,
+    /// The gather attention's scratch ([`MobaAttention::Gather`]); `None`: the union path.
+    gather: Option<GatherBuffers>,
 }
 
 #[derive(Debug)]
@@ -217,6 +222,45 @@ struct Buffers {
     union_blocks: CudaSlice<i32>,
     union_count: CudaSlice<i32>,
     cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+}
+
+/// The gather attention's scratch ([`MobaGatherDims`], `LaMobaGatherParams`): the transpose
+/// (counts, entries, work items and their counts), the partials (`[slots, rows, head_dim]` in
+/// the output dtype, 2 bytes, and `[slots, rows]` f32) and the merge's slot table
+/// ([`super::moba_gather::merge_table`]).
+#[derive(Debug)]
+#[cfg_attr(not(longattn_cuda), allow(dead_code))]
+struct GatherBuffers {
+    dims: MobaGatherDims,
+    counts: CudaSlice<i32>,
+    entries: CudaSlice<i32>,
+    work: CudaSlice<i32>,
+    work_count: CudaSlice<i32>,
+    partial_o: CudaSlice<u16>,
+    partial_lse: CudaSlice<f32>,
+    slots: CudaSlice<i64>,
+    segments: CudaSlice<i32>,
+    slot_list: CudaSlice<i32>,
+}
+
+impl GatherBuffers {
+    fn new(attn: &FlashAttention, dims: &MobaGpuDims, stream: &Arc<CudaStream>) -> Result<Self> {
+        let g = MobaGatherDims::new(attn, dims)?;
+        let (slots, segments, slot_list) = super::moba_gather::merge_table(attn, dims, &g)?;
+        let n = |len: usize| len.max(1);
+        Ok(GatherBuffers {
+            dims: g,
+            counts: stream.alloc_zeros::<i32>(n(g.counts_len(attn, dims)?))?,
+            entries: stream.alloc_zeros::<i32>(n(g.entries_len(dims)?))?,
+            work: stream.alloc_zeros::<i32>(n(g.work_len(attn)?))?,
+            work_count: stream.alloc_zeros::<i32>(n(attn.batch() * attn.heads_q()))?,
+            partial_o: stream.alloc_zeros::<u16>(n(g.partial_o_len(attn, dims)?))?,
+            partial_lse: stream.alloc_zeros::<f32>(n(g.partial_lse_len(dims)?))?,
+            slots: stream.clone_htod(&slots)?,
+            segments: stream.clone_htod(&segments)?,
+            slot_list: stream.clone_htod(&slot_list)?,
+        })
+    }
 }
 
 impl MobaGpuPlan {
@@ -273,6 +317,7 @@ impl MobaGpuPlan {
             gate: MobaGate::Simt,
             dims,
             bufs,
+            gather: None,
         })
     }
 
@@ -297,6 +342,60 @@ impl MobaGpuPlan {
         self.gate
     }
 
+    /// How the attention runs ([`MobaAttention::Union`] unless
+    /// [`MobaGpuPlan::with_attention`] chose).
+    pub fn attention(&self) -> MobaAttention {
+        if self.gather.is_some() {
+            MobaAttention::Gather
+        } else {
+            MobaAttention::Union
+        }
+    }
+    /// The gather attention's scratch sizes (`None` on the union path).
+    pub fn gather_dims(&self) -> Option<MobaGatherDims> {
+        self.gather.as_ref().map(|g| g.dims)
+    }
+
+    /// The plan with its attention run as `attention`: [`MobaAttention::Gather`] is the
+    /// opt-in gather formulation (**not yet run on a GPU**), which allocates its scratch
+    /// here ([`MobaGatherDims::new`], on the stream that built the plan); per-token
+    /// selection only (`Error::Unsupported` for a query-block plan, whose rows share their
+    /// lists, so the union path computes no pair it does not show). [`MobaAttention::Union`]
+    /// frees that scratch.
+    pub fn with_attention(mut self, attention: MobaAttention) -> Result<Self> {
+        self.gather = match attention {
+            MobaAttention::Union => None,
+            MobaAttention::Gather => {
+                if self.block_m.is_some() {
+                    return Err(Error::Unsupported(
+                        "MoBA on the GPU: the gather attention takes per-token selection only; \
+                         query blocks keep the union attention"
+                            .into(),
+                    ));
+                }
+                let stream = self.bufs.pooled.stream().clone();
+                Some(GatherBuffers::new(&self.attn, &self.dims, &stream)?)
+            }
+        };
+        Ok(self)
+    }
+
+    /// The transpose of the last [`MobaGpuPlan::forward`]'s selection on the gather path,
+    /// copied to the host (synchronizes `stream`; [`MobaGatherIndex`], equal to
+    /// [`moba_gather_index_cpu`](super::moba::moba_gather_index_cpu) of
+    /// [`MobaGpuPlan::row_blocks`]). `Error::InvalidOption` on the union path.
+    pub fn gather_index(&self, stream: &Arc<CudaStream>) -> Result<MobaGatherIndex> {
+        let g = self.gather.as_ref().ok_or_else(|| {
+            Error::InvalidOption("MoBA: gather_index needs MobaAttention::Gather".into())
+        })?;
+        let entries = stream.clone_dtoh(&g.entries)?;
+        let work = stream.clone_dtoh(&g.work)?;
+        let count = stream.clone_dtoh(&g.work_count)?;
+        super::moba_gather::index_from_device(
+            &self.attn, &self.dims, &g.dims, &entries, &work, &count,
+        )
+    }
+
     /// The plan with its per-token gate scored by `gate`; [`MobaGate::TensorCore`] is the
     /// opt-in tensor-core gate (**not yet run on a GPU**). A query-block plan
     /// ([`MobaGpuPlan::with_query_blocks`]) takes [`MobaGate::Simt`] only
@@ -314,7 +413,8 @@ impl MobaGpuPlan {
     }
 
     /// Gating then attention on `stream` (the caller's; nothing is synchronized), two kernel
-    /// launches for the gating and one for the attention:
+    /// launches for the gating and one for the attention (the gather attention: three for
+    /// the transpose, one for the attention, one for the merge):
     /// - `q: [batch, seqlen_q, heads_q, head_dim]` (or `[total_q, heads_q, head_dim]` with
     ///   varlen), `k, v: [batch, seqlen_k, heads_kv, head_dim]` (or `[total_k, ...]`), `out`
     ///   like `q`, `lse: [batch, heads_q, seqlen_q]` (or `[heads_q, total_q]`) f32, optional;
@@ -472,7 +572,7 @@ where
 {
     use crate::dense::gpu::ffi_params;
     use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
-    use cudarc::driver::DevicePtrMut;
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
     let attn = &plan.attn;
     if attn.total_q == 0 {
         return Ok(());
@@ -537,13 +637,81 @@ where
     if stages == Stages::Gate {
         return Ok(());
     }
-    // SAFETY: as above; the attention reads the selections the select launch writes, in
-    // stream order.
-    let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
+    let Some(g) = plan.gather.as_mut() else {
+        // SAFETY: as above; the attention reads the selections the select launch writes, in
+        // stream order.
+        let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
+        if let Some(e) = unsupported(code) {
+            return Err(e);
+        }
+        return check_launch("la_moba_attention", code);
+    };
+    let (counts, _c_sync) = g.counts.device_ptr_mut(stream);
+    let (entries, _e_sync) = g.entries.device_ptr_mut(stream);
+    let (work, _w_sync) = g.work.device_ptr_mut(stream);
+    let (work_count, _wc_sync) = g.work_count.device_ptr_mut(stream);
+    let (partial_o, _po_sync) = g.partial_o.device_ptr_mut(stream);
+    let (partial_lse, _pl_sync) = g.partial_lse.device_ptr_mut(stream);
+    let gd = g.dims;
+    // Fit i32 / i64: MobaGatherDims::new checked them.
+    let gp = ffi::LaMobaGatherParams {
+        moba: params,
+        counts: counts as *mut i32,
+        entries: entries as *mut i32,
+        work: work as *mut i32,
+        work_count: work_count as *mut i32,
+        partial_o: partial_o as *mut _,
+        partial_lse: partial_lse as *mut f32,
+        rows: gd.rows as i64,
+        num_chunks: gd.num_chunks as i32,
+        max_work: gd.max_work as i32,
+    };
+    // SAFETY: as above; the scratch was sized by MobaGatherDims from the same dims and
+    // problem; the transpose reads the selections of the select launch, in stream order.
+    let code = unsafe { ffi::la_moba_gather_index(&gp, s) };
     if let Some(e) = unsupported(code) {
         return Err(e);
     }
-    check_launch("la_moba_attention", code)
+    check_launch("la_moba_gather_index", code)?;
+    // SAFETY: as above; the attention reads the transpose, in stream order.
+    let code = unsafe { ffi::la_moba_gather_attention(&gp, s) };
+    if let Some(e) = unsupported(code) {
+        return Err(e);
+    }
+    check_launch("la_moba_gather_attention", code)?;
+    // The merge: every (row, slot) partial was written (chosen slots by the attention,
+    // padding slots by the transpose), one segment lists all slots (merge_table).
+    let (slots, _s_sync) = g.slots.device_ptr(stream);
+    let (segments, _sg_sync) = g.segments.device_ptr(stream);
+    let (slot_list, _sl_sync) = g.slot_list.device_ptr(stream);
+    let os = &out.strides;
+    let merge = ffi::LaRingGatherParams {
+        slots_o: partial_o as *const _,
+        slots_lse: partial_lse as *const f32,
+        slots: slots as *const i64,
+        segments: segments as *const i32,
+        slot_list: slot_list as *const i32,
+        out: params.dense.o,
+        lse: params.dense.lse,
+        out_batch_stride: if attn.is_varlen() { 0 } else { os.batch },
+        out_row_stride: os.seq,
+        out_head_stride: os.head,
+        segment_count: 1,
+        batch: if attn.is_varlen() {
+            1
+        } else {
+            attn.batch() as i32
+        },
+        heads: attn.heads_q() as i32,
+        len: super::moba_gather::merge_len(attn) as i32,
+        head_dim: attn.head_dim() as i32,
+        dtype: params.dense.dtype,
+    };
+    // SAFETY: out and lse were checked against the problem (forward's check); the slot
+    // table lies in the partial buffers (merge_table, tested); in stream order after the
+    // attention.
+    let code = unsafe { ffi::la_ring_gather(&merge, s) };
+    check_launch("la_ring_gather", code)
 }
 
 #[cfg(test)]

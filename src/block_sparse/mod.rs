@@ -25,11 +25,13 @@
 //! **not yet run on a GPU**) runs the same lists on the Hopper wgmma mainloop
 //! (`kernels/block_sparse_wgmma.cu`). MoBA's per-row selections run on the GPU only
 //! through [`moba::MobaGpuPlan`] (gating and per-row-masked attention on device buffers,
-//! `kernels/moba.cu`, **not yet run on a GPU**); attached to a [`BlockSparseAttention`] they
+//! `kernels/moba.cu`, **not yet run on a GPU**; the opt-in gather attention,
+//! [`moba::MobaAttention::Gather`], `kernels/moba_gather.cu`, likewise); attached to a [`BlockSparseAttention`] they
 //! run on the CPU.
 
 mod gpu;
 pub mod moba;
+mod moba_gather;
 mod moba_gpu;
 pub mod patterns;
 

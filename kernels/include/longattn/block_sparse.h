@@ -126,6 +126,49 @@ int la_moba_select_blocks(const LaMobaParams *params, cudaStream_t stream);
  * selection). Same return values. NOT YET RUN ON A GPU. */
 int la_moba_attention(const LaMobaParams *params, cudaStream_t stream);
 
+/* MoBA's gather attention (opt-in; kernels/moba_gather.cu): the per-token selections of
+ * la_moba_select (params `moba`; its union buffers are not read) transposed, per (sequence,
+ * query head, key block), into the list of rows that chose the block, and each block attended
+ * by its rows only, one partial (o, lse) per (row, selection slot); la_ring_gather merges them
+ * (slot j of every row is plane j below). rows = the LSE row count ([batch, heads_q, seqlen_q]
+ * or [heads_q, total_q]); row r = lse_base(b, h) + i as in la_moba_select; slots = moba.top_k.
+ *   counts      [batch, heads_q, num_chunks, num_k_blocks] i32: per chunk of
+ *                LA_MOBA_GATHER_CHUNK_ROWS rows, how many rows chose each block, then the
+ *                first entry of each (block, chunk) run;
+ *   entries     [rows, slots] i32: (b, h)'s entries at lse_base * slots, block by block
+ *                (increasing), each block's rows increasing, entry = i * slots + j (j: the
+ *                slot of row i holding the block);
+ *   work        [batch, heads_q, max_work, 4] i32: (block, first entry, rows <= 64, 0), block
+ *                by block; work_count [batch, heads_q] of them;
+ *   partial_o   [slots][batch * seqlen_q or total_q, heads_q, head_dim] (moba.dense.dtype):
+ *                row i of slot j's block (padding slots: 0);
+ *   partial_lse [slots][rows] f32 (padding slots: -inf).
+ * num_chunks = ceil(seqlen_q / LA_MOBA_GATHER_CHUNK_ROWS); max_work = ceil(seqlen_q * slots /
+ * 64) + num_k_blocks; num_k_blocks <= LA_MOBA_GATHER_MAX_K_BLOCKS; seqlen_q * slots < 2^31. */
+#define LA_MOBA_GATHER_CHUNK_ROWS 512
+#define LA_MOBA_GATHER_MAX_K_BLOCKS 8192
+
+typedef struct LaMobaGatherParams {
+  LaMobaParams moba;
+  int32_t *counts;
+  int32_t *entries;
+  int32_t *work;
+  int32_t *work_count;
+  void *partial_o;
+  float *partial_lse;
+  int64_t rows;
+  int32_t num_chunks, max_work;
+} LaMobaGatherParams;
+
+/* The transpose (after la_moba_select on the same stream): counts, entries, work, work_count
+ * and the padding slots' partials; three launches. Same return values as la_moba_select.
+ * NOT YET RUN ON A GPU. */
+int la_moba_gather_index(const LaMobaGatherParams *params, cudaStream_t stream);
+
+/* The attention over the gathered rows (after la_moba_gather_index): partial_o and
+ * partial_lse of every chosen (row, slot). Same return values. NOT YET RUN ON A GPU. */
+int la_moba_gather_attention(const LaMobaGatherParams *params, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif
