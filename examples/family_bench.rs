@@ -26,12 +26,16 @@
 //!   causal kernels on the same sequence (`moba_dense_s*`). `tflops` counts the pairs the
 //!   selection shows (see [`moba_pairs`]); `visit_frac` is those pairs over the pairs the
 //!   attention kernel computes (64-row tiles x the keys of their unions).
+//!   `longattn-moba-gather`: the same problems end to end (gate included) with the opt-in
+//!   gather attention (`MobaAttention::Gather`, not yet run on a GPU); its `visit_frac` is
+//!   the shown pairs over its work items' (64 rows x their block's keys, see
+//!   [`moba_gather_pairs`]).
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example family_bench`;
 //! `FAMILY_BENCH=padded,bsparse,pprefill,bsparse_long,moba` (default: all) picks the groups.
 
-use longattn::block_sparse::moba::{GPU_TILE_ROWS, MobaGate};
+use longattn::block_sparse::moba::{GPU_GATHER_ITEM_ROWS, GPU_TILE_ROWS, MobaAttention, MobaGate};
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
 use std::sync::Arc;
@@ -429,6 +433,21 @@ fn moba_pairs(plan: &MobaGpuPlan, stream: &Arc<CudaStream>, s: usize) -> Result<
     Ok((shown, computed))
 }
 
+/// The pairs the gather attention computes (`MobaAttention::Gather`, after a forward): each
+/// work item is a full 64-row tile over its block's keys (clipped at `s`; a short item
+/// repeats a row), so an item adds 64 x the block's keys.
+fn moba_gather_pairs(plan: &MobaGpuPlan, stream: &Arc<CudaStream>, s: usize) -> Result<u64> {
+    let bn = plan.config().block_n;
+    let keys = |kb: usize| s.min((kb + 1) * bn).saturating_sub(kb * bn) as u64;
+    Ok(plan
+        .gather_index(stream)?
+        .work
+        .iter()
+        .flatten()
+        .map(|it| GPU_GATHER_ITEM_ROWS as u64 * keys(it[0] as usize))
+        .sum())
+}
+
 /// MoBA end to end (gating + attention, `MobaGpuPlan::forward`) and its gate alone
 /// (`MobaGpuPlan::select`, the same launches without the attention) on one 32k or 128k
 /// sequence, causal, 32 query / 8 kv heads, d 128, uniform random inputs; then the dense
@@ -512,6 +531,31 @@ fn moba(stream: &Arc<CudaStream>) -> Result<()> {
                     );
                 }
                 Err(e) => println!("# {name} longattn-moba: {e}"),
+            }
+            // The opt-in gather attention (not yet run on a GPU), end to end with its gate.
+            let gathered = (|| -> Result<(f64, u64, u64)> {
+                let mut plan = MobaGpuPlan::new(&attn, &MobaConfig { block_n, top_k }, stream)?
+                    .with_attention(MobaAttention::Gather)?;
+                let e2e = time_ms(stream, || {
+                    plan.forward::<bf16, _, _>(
+                        stream,
+                        Strided::new(&q, qs),
+                        Strided::new(&k, ks),
+                        Strided::new(&v, ks),
+                        Strided::new(&mut o, qs),
+                        None,
+                    )
+                })?;
+                let (shown, _) = moba_pairs(&plan, stream, s)?;
+                Ok((e2e, shown, moba_gather_pairs(&plan, stream, s)?))
+            })();
+            match gathered {
+                Ok((e2e, shown, computed)) => println!(
+                    "BENCH {{\"name\":\"{name}\",\"impl\":\"longattn-moba-gather\",\"b\":1,\"s\":{s},\"h\":{hq},\"d\":{d},\"ms\":{e2e:.4},\"tflops\":{:.2},\"visit_frac\":{:.4}}}",
+                    4.0 * d as f64 * shown as f64 / e2e / 1e9,
+                    shown as f64 / computed.max(1) as f64
+                ),
+                Err(e) => println!("# {name} longattn-moba-gather: {e}"),
             }
         }
         let dense_flops =

@@ -192,14 +192,15 @@ def moba_table():
         return
     print()
     print(f"{'case':<26}{'ms':>9}{'TF/s':>7}{'visit':>7}{'gate ms':>9}{'gate':>6}"
-          f"{'tc gate':>9}{'tc':>6}"
-          f"{'flex ms':>10}{'TF/s':>7}{'visit':>7}{'gate':>6}{'cbm ms':>10}{'x flex':>8}"
+          f"{'tc gate':>9}{'tc':>6}{'gth ms':>9}{'TF/s':>7}{'visit':>7}"
+          f"{'flex ms':>10}{'TF/s':>7}{'visit':>7}{'gate':>6}{'cbm ms':>10}{'x flex':>8}{'g xflex':>8}"
           f"{'x dense':>8}{'x sdpa':>8}  target")
     misses = 0
     for name in names:
         by = rows[name]
         ours, gate = by.get("longattn-moba", {}), by.get("longattn-moba-gate", {})
         tc = by.get("longattn-moba-tc-gate", {})
+        gth = by.get("longattn-moba-gather", {})
         flex, fgate, cbm = by.get("flex", {}), by.get("flex-gate", {}), by.get("flex-cbm", {})
         ms = ours.get("ms")
         dense = rows.get(f"moba_dense_s{name.rsplit('_s', 1)[-1]}", {})
@@ -209,14 +210,17 @@ def moba_table():
                    default=None)
         best_flex = min((r["ms"] for r in (flex, cbm) if "ms" in r), default=None)
         x_flex = best_flex / ms if ms and best_flex else None
+        g_ms = gth.get("ms")
+        g_x_flex = best_flex / g_ms if g_ms and best_flex else None
         frac = gate.get("gate_frac")
         pct = lambda f, w: fmt(100 * f if f is not None else None, w - 1, 0) + ("%" if f is not None else " ")
         cells = (f"{name:<26}{fmt(ms, 9, 3)}{fmt(ours.get('tflops'), 7, 1)}"
                  f"{pct(ours.get('visit_frac'), 7)}{fmt(gate.get('ms'), 9, 3)}{pct(frac, 6)}"
                  f"{fmt(tc.get('ms'), 9, 3)}{pct(tc.get('gate_frac'), 6)}"
+                 f"{fmt(g_ms, 9, 3)}{fmt(gth.get('tflops'), 7, 1)}{pct(gth.get('visit_frac'), 7)}"
                  f"{fmt(flex.get('ms'), 10, 3)}{fmt(flex.get('tflops'), 7, 1)}"
                  f"{pct(flex.get('visit_frac'), 7)}{pct(fgate.get('gate_frac'), 6)}"
-                 f"{fmt(cbm.get('ms'), 10, 3)}{fmt(x_flex, 8, 2)}"
+                 f"{fmt(cbm.get('ms'), 10, 3)}{fmt(x_flex, 8, 2)}{fmt(g_x_flex, 8, 2)}"
                  f"{fmt(ours_dense / ms if ms and ours_dense else None, 8, 2)}"
                  f"{fmt(sdpa / ms if ms and sdpa else None, 8, 2)}")
         t = ""
@@ -231,7 +235,9 @@ def moba_table():
     print("(ms end to end, gating included; TF/s over the pairs the selection shows; visit = "
           "shown / computed pairs (64-row tiles, flex 128 x 128 blocks); gate = gate ms / "
           "end-to-end ms; tc = the opt-in tensor-core gate alone, its share with it in place of "
-          "the CUDA-core gate (the target uses the default gate); x flex = faster flex ms / ours; x dense, x sdpa = fastest dense "
+          "the CUDA-core gate (the target uses the default gate); gth = the opt-in gather attention "
+          "end to end (longattn-moba-gather: ms, TF/s, shown / computed pairs, 64-row work "
+          "items), g xflex = faster flex ms / gather ms; x flex = faster flex ms / ours; x dense, x sdpa = fastest dense "
           f"causal ms (ours, SDPA) / ours; {misses} target(s) missed)")
 
 

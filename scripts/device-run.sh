@@ -51,6 +51,11 @@ done
 [ "$DENSE_OK" = 1 ] || SUMMARY+=("dense_gpu timed out: dense memcheck, tour and dense benches skipped")
 
 if command -v compute-sanitizer > /dev/null; then
+  # The opt-in MoBA gather attention (not yet run on a GPU): its own memcheck first, so that
+  # the whole-binary run below cannot time out before reaching it.
+  [ -x "$HERE/tests/block_sparse_gpu" ] &&
+    step memcheck-moba-gather 50 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$HERE/tests/block_sparse_gpu" gpu_moba_gather --test-threads=1
   # Test-name filters: the GPU tests of each binary (all of ring_gpu's need the GPU).
   for spec in paged_prefill_gpu:gpu_hopper block_sparse_gpu:gpu paged_prefill:gpu \
     neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu; do
@@ -71,6 +76,7 @@ if command -v compute-sanitizer > /dev/null; then
     dense_gpu:gpu_hopper_varlen_many_query_tiles dense_gpu:gpu_hopper_window_short_windows \
     paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \
+    block_sparse_gpu:gpu_moba_gather_plan_replay_and_refusals \
     ring_gpu:in_process_ring_moves_only_the_needed_shards; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue

@@ -4,7 +4,9 @@
 //! window + sinks and window + softcap, shapes of 1 row, odd lengths, seqlen_q != seqlen_k in
 //! both directions, lengths that are not multiples of the 64-row/64-key tiles, block sizes
 //! 64/128/192/256, head dims 64/128/256, GQA, broadcast and per-head lists, varlen, f16 and
-//! bf16, and the plan path. Outputs and LSE are NaN-poisoned before each run. Without a GPU
+//! bf16, and the plan path; MoBA's gating and both of its attentions (union, and the opt-in
+//! gather, against the f64 reference, the union path and the CPU model of its transpose).
+//! Outputs and LSE are NaN-poisoned before each run. Without a GPU
 //! every GPU test prints a `SKIP (no GPU)` line (with `LONGATTN_REQUIRE_GPU=1` a missing GPU
 //! fails instead); the sweep's problems are still built and checked on the CPU here.
 
@@ -12,7 +14,8 @@ mod common;
 
 use common::*;
 use longattn::block_sparse::moba::{
-    GPU_TILE_ROWS, MobaConfig, MobaGate, MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask,
+    GPU_GATHER_MAX_K_BLOCKS, GPU_TILE_ROWS, MobaAttention, MobaConfig, MobaGate, MobaGatherDims,
+    MobaGpuDims, MobaGpuPlan, moba_attention, moba_block_mask, moba_gather_index_cpu,
     moba_pooled_keys_cpu, moba_select_blocks_cpu, moba_select_cpu, moba_tile_unions,
 };
 use longattn::block_sparse::patterns::{self, PatternShape};
@@ -1903,4 +1906,284 @@ fn integer_inputs_pool_to_integers() {
         }
     }
     assert!(nontrivial > 100, "{nontrivial} non-trivial rows");
+}
+
+// ---- MoBA's gather attention on the GPU (MobaAttention::Gather) ---------------------------
+
+/// The gather sweep: every per-token case (GQA, varlen, window, seqlen_q != seqlen_k both
+/// ways, no key, top_k 1 and 32) plus block sizes 64/128/512 at top_k 1..5 over lengths
+/// that are not multiples of the block (the last block, a causal row's own, is partial),
+/// a varlen batch with a sequence inside one block, head dims 64/128/256.
+fn moba_gather_cases() -> Vec<MobaCase> {
+    let mut v = moba_cases();
+    let c = |name, lens: Vec<(usize, usize)>, varlen, hq, hkv, d, block_n, top_k| MobaCase {
+        name,
+        lens,
+        varlen,
+        hq,
+        hkv,
+        d,
+        block_n,
+        top_k,
+        opts: AttentionOptions::causal(),
+    };
+    let names512 = [
+        "b512 top1",
+        "b512 top2",
+        "b512 top3",
+        "b512 top4",
+        "b512 top5",
+    ];
+    for (t, name) in names512.into_iter().enumerate() {
+        v.push(c(name, vec![(2600, 2600)], false, 4, 2, 64, 512, t + 1));
+    }
+    let names128 = [
+        "b128 top1",
+        "b128 top2",
+        "b128 top3",
+        "b128 top4",
+        "b128 top5",
+    ];
+    for (t, name) in names128.into_iter().enumerate() {
+        v.push(c(
+            name,
+            vec![(700, 900), (130, 130), (64, 300), (1, 1)],
+            true,
+            4,
+            1,
+            128,
+            128,
+            t + 1,
+        ));
+    }
+    v.push(c(
+        "b64 top5 d256",
+        vec![(1000, 1000); 2],
+        false,
+        2,
+        1,
+        256,
+        64,
+        5,
+    ));
+    v.push(c(
+        "b64 top2 sq>sk",
+        vec![(1100, 700)],
+        false,
+        2,
+        2,
+        128,
+        64,
+        2,
+    ));
+    v
+}
+
+/// Both attentions of one case on the same inputs (the same gate, hence the same
+/// selection): the gather result through [`moba_check`] (selection vs the CPU's, attention
+/// vs the f64 reference on the GPU's own selection, NaN-poisoned outputs, empty rows 0 /
+/// -inf), its transpose equal to the CPU model of the GPU's selection, and its output and
+/// LSE against the union path's. Returns the gather path's relative error.
+fn moba_gather_run_on<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    mc: &MobaCase,
+    x: Inputs<T>,
+) -> f64 {
+    let attn = x.bs.attention().clone();
+    let cfg = mc.config();
+    let what = format!("moba gather {} d{} {}", mc.name, mc.d, T::DTYPE);
+    let run = |attention: MobaAttention| {
+        let OnDevice {
+            q: dq,
+            k: dk,
+            v: dv,
+            out: mut dout,
+            lse: mut dlse,
+        } = x.upload(stream);
+        let mut plan = MobaGpuPlan::new(&attn, &cfg, stream)
+            .unwrap()
+            .with_attention(attention)
+            .unwrap();
+        assert_eq!(plan.attention(), attention);
+        plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
+            stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        let res = MobaResult {
+            pooled: plan.pooled_keys(stream).unwrap(),
+            rows: plan.row_blocks(stream).unwrap(),
+            unions: plan.tile_unions(stream).unwrap(),
+            out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
+            lse: stream.clone_dtoh(&dlse).unwrap(),
+        };
+        let index =
+            (attention == MobaAttention::Gather).then(|| plan.gather_index(stream).unwrap());
+        (res, index)
+    };
+    let (union, _) = run(MobaAttention::Union);
+    let (gather, index) = run(MobaAttention::Gather);
+    assert_eq!(
+        gather.rows, union.rows,
+        "{what}: the same gate must select the same blocks"
+    );
+    assert_eq!(
+        index.unwrap(),
+        moba_gather_index_cpu(&attn, &gather.rows).unwrap(),
+        "{what}: transpose vs the CPU model"
+    );
+    let diff = rel_l2(&gather.out, &union.out);
+    assert!(
+        diff < tolerance::<T>(),
+        "{what}: gather vs union rel err {diff}"
+    );
+    for (r, (&g, &u)) in gather.lse.iter().zip(&union.lse).enumerate() {
+        assert!(
+            (g == u) || (g - u).abs() <= 1e-3 * (1.0 + u.abs()),
+            "{what}: lse[{r}] gather {g} vs union {u}"
+        );
+    }
+    moba_check(mc, &x, gather, &what).0
+}
+
+/// [`moba_gather_run_on`] over every gather case, fresh inputs per case.
+fn moba_gather_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
+    let Some(ctx) = gpu_or_skip(test) else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mut worst = 0.0f64;
+    for (i, mc) in moba_gather_cases().iter().enumerate() {
+        let x = mc.case().inputs::<T>(seed + i as u64);
+        worst = worst.max(moba_gather_run_on(&stream, mc, x));
+    }
+    eprintln!("moba gather gpu {}: worst rel err {worst:.2e}", T::DTYPE);
+}
+
+/// The gather sweep's problems are valid gather problems: sized by `MobaGatherDims`, and
+/// the CPU model of the transpose covers the CPU selection (runs without a GPU).
+#[test]
+fn moba_gather_cases_are_valid_gpu_problems() {
+    for (i, mc) in moba_gather_cases().iter().enumerate() {
+        let x = mc.case().inputs::<bf16>(70 + i as u64);
+        let attn = x.bs.attention();
+        let cfg = mc.config();
+        let dims = MobaGpuDims::new(attn, &cfg).unwrap();
+        let g = MobaGatherDims::new(attn, &dims).unwrap();
+        let rows = moba_select_cpu(
+            attn,
+            &cfg,
+            Strided::new(&x.q[..], x.qs),
+            Strided::new(&x.k[..], x.ks),
+        )
+        .unwrap();
+        let index = moba_gather_index_cpu(attn, &rows).unwrap();
+        let chosen = (0..attn.lse_len())
+            .map(|r| rows.row(r).unwrap().iter().filter(|&&kb| kb >= 0).count())
+            .sum::<usize>();
+        assert_eq!(
+            index.entries.iter().map(Vec::len).sum::<usize>(),
+            chosen,
+            "{}",
+            mc.name
+        );
+        for w in &index.work {
+            assert!(w.len() <= g.max_work, "{}", mc.name);
+        }
+    }
+}
+
+#[test]
+fn gpu_moba_gather_matches_reference_and_union_bf16() {
+    moba_gather_sweep::<bf16>("gpu_moba_gather_matches_reference_and_union_bf16", 5000);
+}
+
+#[test]
+fn gpu_moba_gather_matches_reference_and_union_f16() {
+    moba_gather_sweep::<f16>("gpu_moba_gather_matches_reference_and_union_f16", 6000);
+}
+
+/// A gather plan is reusable and deterministic: a second forward on other inputs equals a
+/// fresh plan's, bit for bit (output and LSE), and a repeated forward repeats it; the
+/// refusals: a query-block plan, `gather_index` on the union path, too many key blocks.
+#[test]
+fn gpu_moba_gather_plan_replay_and_refusals() {
+    let Some(ctx) = gpu_or_skip("gpu_moba_gather_plan_replay_and_refusals") else {
+        return;
+    };
+    let stream = ctx.default_stream();
+    let mc = &moba_gather_cases()[0];
+    let c = mc.case();
+    let cfg = mc.config();
+    let run = |plan: &mut MobaGpuPlan, seed: u64| {
+        let x = c.inputs::<bf16>(seed);
+        let d = x.upload(&stream);
+        let (dq, dk, dv, mut dout, mut dlse) = (d.q, d.k, d.v, d.out, d.lse);
+        plan.forward::<bf16, CudaSlice<bf16>, CudaSlice<bf16>>(
+            &stream,
+            Strided::new(&dq, x.qs),
+            Strided::new(&dk, x.ks),
+            Strided::new(&dv, x.ks),
+            Strided::new(&mut dout, x.qs),
+            Some(&mut dlse),
+        )
+        .unwrap();
+        (
+            stream.clone_dtoh(&dout).unwrap(),
+            stream.clone_dtoh(&dlse).unwrap(),
+        )
+    };
+    let attn = c.inputs::<bf16>(1).bs.attention().clone();
+    let gather = |s: &Arc<CudaStream>| {
+        MobaGpuPlan::new(&attn, &cfg, s)
+            .unwrap()
+            .with_attention(MobaAttention::Gather)
+            .unwrap()
+    };
+    let mut reused = gather(&stream);
+    let _ = run(&mut reused, 21);
+    let second = run(&mut reused, 22);
+    let again = run(&mut reused, 22);
+    let fresh = run(&mut gather(&stream), 22);
+    assert_eq!(second.0, fresh.0);
+    assert_eq!(
+        second.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        fresh.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    assert_eq!(second.0, again.0);
+    // Back to the union path: the scratch is dropped, gather_index refused.
+    let union = reused.with_attention(MobaAttention::Union).unwrap();
+    assert_eq!(union.gather_dims(), None);
+    let r = union.gather_index(&stream);
+    assert!(matches!(r, Err(Error::InvalidOption(_))), "{r:?}");
+    // Query blocks keep the union attention.
+    let r = MobaGpuPlan::with_query_blocks(&attn, &cfg, 128, &stream)
+        .unwrap()
+        .with_attention(MobaAttention::Gather);
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("per-token")),
+        "{r:?}"
+    );
+    // 8193 key blocks: the union path takes them, the gather path does not.
+    let many = MobaCase {
+        lens: vec![(64, 64 * GPU_GATHER_MAX_K_BLOCKS + 1)],
+        ..moba_cases().remove(0)
+    }
+    .case()
+    .attn();
+    let cfg64 = MobaConfig {
+        block_n: 64,
+        top_k: 2,
+    };
+    let r = MobaGpuPlan::new(&many, &cfg64, &stream)
+        .unwrap()
+        .with_attention(MobaAttention::Gather);
+    assert!(
+        matches!(&r, Err(Error::Unsupported(m)) if m.contains("key blocks")),
+        "{r:?}"
+    );
 }
