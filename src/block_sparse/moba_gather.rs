@@ -370,9 +370,9 @@ mod tests {
         assert_eq!(segments, vec![0, 100, 0, 3]);
         assert_eq!(list, vec![0, 1, 2]);
         // The last slot's last row ends inside the partial buffers.
-        let last_o = slots[8] as usize + ((1 * 100 + 99) * 4 + 3) * 128 + 128;
+        let last_o = slots[8] as usize + ((100 + 99) * 4 + 3) * 128 + 128;
         assert_eq!(last_o, g.partial_o_len(&a, &d).unwrap());
-        let last_lse = slots[9] as usize + (1 * 4 + 3) * 100 + 99 + 1;
+        let last_lse = slots[9] as usize + (4 + 3) * 100 + 99 + 1;
         assert_eq!(last_lse, g.partial_lse_len(&d).unwrap());
     }
 
@@ -481,6 +481,143 @@ mod tests {
         assert!(idx.entries[0].is_empty() && idx.work[0].is_empty());
         counts[0] = g.max_work as i32 + 1;
         assert!(index_from_device(&a, &d, &g, &entries, &work, &counts).is_err());
+    }
+
+    /// The C launchers refuse bad params before any CUDA call (so this runs without a GPU).
+    #[cfg(longattn_cuda)]
+    #[test]
+    fn c_entries_refuse_bad_params() {
+        use crate::gpu::ffi;
+        const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+        let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
+        let dense = ffi::LaDenseParams {
+            q: fake as *const _,
+            k: fake as *const _,
+            v: fake as *const _,
+            o: fake as *mut _,
+            batch: 1,
+            seqlen_q: 100,
+            seqlen_k: 300,
+            heads_q: 2,
+            heads_kv: 1,
+            head_dim: 64,
+            total_q: 100,
+            total_k: 300,
+            window_left: -1,
+            window_right: 0,
+            scale: 0.125,
+            dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        let moba = ffi::LaMobaParams {
+            dense,
+            pooled: fake as *mut f32,
+            row_blocks: fake as *mut i32,
+            union_blocks: fake as *mut i32,
+            union_count: fake as *mut i32,
+            num_k_blocks: 5,
+            block_n: 64,
+            top_k: 3,
+            num_tiles: 2,
+            union_width: 5,
+            block_m: 0,
+            select_k: 3,
+        };
+        // 100 rows x 3 slots: 5 items of 64, plus 5 blocks; rows = 2 heads x 100.
+        let ok = ffi::LaMobaGatherParams {
+            moba,
+            counts: fake as *mut i32,
+            entries: fake as *mut i32,
+            work: fake as *mut i32,
+            work_count: fake as *mut i32,
+            partial_o: fake as *mut _,
+            partial_lse: fake as *mut f32,
+            rows: 200,
+            num_chunks: 1,
+            max_work: 10,
+        };
+        let cases = [
+            ffi::LaMobaGatherParams {
+                entries: std::ptr::null_mut(),
+                ..ok
+            },
+            ffi::LaMobaGatherParams {
+                partial_o: std::ptr::null_mut(),
+                ..ok
+            },
+            ffi::LaMobaGatherParams {
+                partial_lse: std::ptr::null_mut(),
+                ..ok
+            },
+            ffi::LaMobaGatherParams { rows: 199, ..ok },
+            ffi::LaMobaGatherParams {
+                num_chunks: 2,
+                ..ok
+            },
+            ffi::LaMobaGatherParams { max_work: 9, ..ok },
+            ffi::LaMobaGatherParams {
+                moba: ffi::LaMobaParams { top_k: 6, ..moba },
+                ..ok
+            },
+            ffi::LaMobaGatherParams {
+                moba: ffi::LaMobaParams {
+                    num_k_blocks: 4,
+                    ..moba
+                },
+                ..ok
+            },
+            ffi::LaMobaGatherParams {
+                moba: ffi::LaMobaParams {
+                    row_blocks: std::ptr::null_mut(),
+                    ..moba
+                },
+                ..ok
+            },
+            // 8193 key blocks of 64: over the transpose's shared-memory counters.
+            ffi::LaMobaGatherParams {
+                moba: ffi::LaMobaParams {
+                    dense: ffi::LaDenseParams {
+                        seqlen_k: 64 * 8193,
+                        total_k: 64 * 8193,
+                        ..dense
+                    },
+                    num_k_blocks: 8193,
+                    ..moba
+                },
+                max_work: 5 + 8193,
+                ..ok
+            },
+        ];
+        for (i, p) in cases.iter().enumerate() {
+            // SAFETY: the params are refused before any pointer is read or CUDA is called.
+            let (x, a) = unsafe {
+                (
+                    ffi::la_moba_gather_index(p, std::ptr::null_mut()),
+                    ffi::la_moba_gather_attention(p, std::ptr::null_mut()),
+                )
+            };
+            assert_eq!((x, a), (INVALID_VALUE, INVALID_VALUE), "case {i}");
+        }
+        // SAFETY: a NULL params pointer is refused.
+        let code = unsafe { ffi::la_moba_gather_index(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(code, INVALID_VALUE);
+        // No work (batch 0): success without a launch.
+        let empty = ffi::LaMobaGatherParams {
+            moba: ffi::LaMobaParams {
+                dense: ffi::LaDenseParams { batch: 0, ..dense },
+                ..moba
+            },
+            rows: 0,
+            ..ok
+        };
+        // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
+        let codes = unsafe {
+            (
+                ffi::la_moba_gather_index(&empty, std::ptr::null_mut()),
+                ffi::la_moba_gather_attention(&empty, std::ptr::null_mut()),
+            )
+        };
+        assert_eq!(codes, (0, 0));
     }
 
     /// The Rust constants are the C header's.
