@@ -11,6 +11,11 @@
 //! (`_full_fp8`: appended with `append_gpu` at scale 1/448, half the bytes; target >= 1.8x the
 //! bf16 full decode at batch 64 x 8k), Quest top-2048 tokens (selection + decode; selection
 //! alone via `PagedDecodePlan::select`), streaming (4 sinks + 2048-token window) for reference.
+//! Opt-ins of issue 17 (not yet run on a GPU), in the same run: `_full_inmerge` (full decode
+//! with `SplitMerge::InKernel`: one launch per step) and `_quest_v5` (Quest with
+//! `QuestKernel::V5` selection and the in-kernel merge: two launches per step instead of
+//! four; its row also prints the byte-bound speedup `full bytes / (bound bytes + selected
+//! bytes)` of issue 17 and the fraction of it reached).
 //!
 //! Bandwidth convention: `kv_bytes` is [`PagedDecode::kv_bytes_read`] (K and V bytes of the
 //! selected pages; Quest's kmin/kmax reads, bf16 like the cache, are reported apart as
@@ -29,7 +34,7 @@
 //! (host-bound if the host side is the bottleneck).
 //!
 //! Diagnostics: "# fixed-cost fit" lines time the full decode at batch 1 for 1 to 128k
-//! tokens and fit `ms = F + kv_bytes / rate`; `PAGED_BENCH_SPLITS=16,33,66` (every shape) and
+//! tokens and fit `ms = F + kv_bytes / rate`, for the merge kernel and the in-kernel merge; `PAGED_BENCH_SPLITS=16,33,66` (every shape) and
 //! `PAGED_BENCH_SPARSE_SPLITS=4,8,16` (Quest and streaming heads at batch 1) add
 //! "# split sweep" lines with forced split counts.
 //!
@@ -392,7 +397,8 @@ fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
     let q_st = Strides::contiguous(1, HQ, D);
     let q: CudaSlice<bf16> = stream.clone_htod(&random_bf16(HQ * D, 3))?;
     let mut out = stream.alloc_zeros::<bf16>(HQ * D)?;
-    let mut points = Vec::new();
+    // Points (bytes, ms) of the merge kernel and of the in-kernel merge.
+    let mut points = [Vec::new(), Vec::new()];
     for s in [1usize, 2048, 8192, 16384, 32768, 65536, 131072] {
         let Some(bc) = build_cache(ctx, 1, s, 16)? else {
             continue;
@@ -407,19 +413,31 @@ fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
             },
         };
         let full = PagedDecode::new(&bc.cache, HQ, 1, &AttentionOptions::causal())?;
-        let t = time_plan(timer, &mut full.plan_gpu(&stream)?, &inputs, &mut out)?;
         let bytes = full.kv_bytes_read(2) as f64;
-        println!(
-            "# fixed-cost fit point: s {s}: {:.4} ms, {} splits, {:.0} GB/s",
-            t.ms,
-            full.splits_for(ctx.sm_count),
-            bytes / t.ms / 1e6
-        );
-        if s >= 8192 {
-            points.push((bytes, t.ms));
+        for (i, merge) in [SplitMerge::Kernel, SplitMerge::InKernel]
+            .into_iter()
+            .enumerate()
+        {
+            let dec = full.clone().with_merge(merge);
+            let t = time_plan(timer, &mut dec.plan_gpu(&stream)?, &inputs, &mut out)?;
+            println!(
+                "# fixed-cost fit point ({merge:?} merge): s {s}: {:.4} ms, {} splits, {:.0} GB/s",
+                t.ms,
+                full.splits_for(ctx.sm_count),
+                bytes / t.ms / 1e6
+            );
+            if s >= 8192 {
+                points[i].push((bytes, t.ms));
+            }
         }
     }
-    if points.len() >= 2 {
+    for (points, merge) in points
+        .iter()
+        .zip([SplitMerge::Kernel, SplitMerge::InKernel])
+    {
+        if points.len() < 2 {
+            continue;
+        }
         let n = points.len() as f64;
         let (sx, sy) = points
             .iter()
@@ -430,7 +448,8 @@ fn fixed_cost_fit(ctx: &Ctx, timer: &mut Timer) -> Result<()> {
         let slope = sxy / sxx; // ms per byte
         let fixed_ms = my - slope * mx;
         println!(
-            "# fixed-cost fit: F = {:.1} us, streaming rate {:.0} GB/s ({} points, s >= 8k)",
+            "# fixed-cost fit ({merge:?} merge): F = {:.1} us, streaming rate {:.0} GB/s ({} \
+             points, s >= 8k)",
             fixed_ms * 1e3,
             1.0 / slope / 1e6,
             points.len()
@@ -626,6 +645,24 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
         target,
     );
 
+    // Full decode with the in-kernel split merge (opt-in, one launch per step).
+    let inmerge = full.clone().with_merge(SplitMerge::InKernel);
+    let t_inmerge = time_plan(timer, &mut inmerge.plan_gpu(&stream)?, &inputs, &mut out)?;
+    let one_inmerge = time_oneshot(timer, &stream, &inmerge, &inputs, &mut out)?;
+    let gain = t_full.ms / t_inmerge.ms;
+    emit(
+        ctx,
+        &format!("paged_{shape}_full_inmerge"),
+        &inmerge,
+        2,
+        t_inmerge,
+        one_inmerge,
+        up_full,
+        &format!(",\"vs_merge_kernel\":{gain:.3}"),
+        format!("x{gain:.2} vs the merge kernel"),
+        String::new(),
+    );
+
     fp8_full(ctx, timer, &cache, (b, s), &q, q_st, t_full.ms)?;
 
     // Quest top-2048 tokens: selection + decode, and the selection alone.
@@ -716,6 +753,67 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
                 100.0 * sel_frac
             ),
             target,
+        );
+
+        // Quest v5 selection + in-kernel merge (opt-ins): 2 launches instead of 4.
+        let v5 = quest
+            .clone()
+            .with_quest_kernel(QuestKernel::V5)
+            .with_merge(SplitMerge::InKernel);
+        let mut v5_plan = v5.plan_gpu(&stream)?;
+        let t_v5 = time_plan(timer, &mut v5_plan, &inputs, &mut out)?;
+        let one_v5 = time_oneshot(timer, &stream, &v5, &inputs, &mut out)?;
+        let t_v5_sel = timer.time(|| {
+            v5_plan
+                .select::<bf16, bf16, _>(
+                    Strided::new(&q, q_st),
+                    PageMeta {
+                        kmin: &kmin,
+                        kmax: &kmax,
+                    },
+                )
+                .map(drop)
+        })?;
+        // The v5 selection must equal the two-kernel one on these inputs.
+        let v5_counts = {
+            let sel = v5_plan.selection().expect("Quest heads");
+            (
+                stream.clone_dtoh(sel.page_count)?,
+                stream.clone_dtoh(sel.page_list)?,
+            )
+        };
+        let two = (
+            stream.clone_dtoh(&sel.page_count)?,
+            stream.clone_dtoh(&sel.page_list)?,
+        );
+        if v5_counts != two {
+            println!("# paged_{shape}_quest_v5: selection differs from the two-kernel path");
+        }
+        let speedup = t_full.ms / t_v5.ms;
+        // Issue 17's byte bound: full K/V bytes over (bounds + selected K/V bytes).
+        let full_bytes = full.kv_bytes_read(2) as f64;
+        let bound = full_bytes / (meta_bytes as f64 + v5.kv_bytes_read(2) as f64);
+        emit(
+            ctx,
+            &format!("paged_{shape}_quest_v5"),
+            &v5,
+            2,
+            t_v5,
+            one_v5,
+            up_quest,
+            &format!(
+                ",\"token_budget\":{QUEST_BUDGET},\"select_ms\":{:.5},\"select_frac\":{:.3},\"speedup_vs_full\":{speedup:.2},\"byte_bound_speedup\":{bound:.2},\"of_bound\":{:.3},\"meta_bytes\":{meta_bytes}",
+                t_v5_sel.ms,
+                t_v5_sel.ms / t_v5.ms,
+                speedup / bound
+            ),
+            format!(
+                "x{speedup:.2} vs full (bound x{bound:.1}: {:.0}%), select {:.4} ms = {:.0}%",
+                100.0 * speedup / bound,
+                t_v5_sel.ms,
+                100.0 * t_v5_sel.ms / t_v5.ms
+            ),
+            String::new(),
         );
     }
 

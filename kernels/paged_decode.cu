@@ -127,9 +127,95 @@ __device__ __forceinline__ bool warp_any(bool x) {
   return r != 0;
 }
 
-template <typename T, int DB, typename KV = T>
-__global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
-    decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+// The decode block (see above). kMerge: the in-kernel split merge (decode_merge_kernel,
+// below); counters is its merge_counters (unused otherwise).
+// ---- in-kernel split merge (decode_merge_kernel; NOT YET RUN ON A GPU) -----------------
+// Run by every block of a split-KV launch after it wrote its partial rows [row0, row0 + nrows)
+// of (sequence b, kv head kvh). Release: each thread fences its partial writes device-wide,
+// then one thread takes a ticket on the counter of the block's (sequence, kv head, row group)
+// (blockIdx.z, blockIdx.y). The block that draws ticket num_splits - 1 is the last of its
+// group: every other split's partial is written and fenced before its ticket. It fences
+// again (acquire) and merges the group's rows: per row, m = max_s lse_s and wsum = sum_s
+// exp(lse_s - m) (a split with lse = -inf weighs 0), o = sum_s w_s o_s / wsum and lse =
+// m + ln(wsum), or o = 0 and lse = -inf when wsum = 0: split_merge_kernel's algebra, summed
+// in split order per element (split_merge_kernel sums per warp first, so the two agree to
+// f32 rounding). Partials are read with ld.global.cg (L2: other SMs wrote them in this grid).
+// Finally the counter goes back to 0: the next launch touches it only after this grid
+// completes (stream order; a dependent launch's griddepcontrol.wait), so plans replay and
+// CUDA graphs capture. Cost in the last block: nrows * d * num_splits * 4 bytes of L2 reads
+// (8 rows x d128 x 33 splits: 135 KB), instead of a second launch.
+// m_s, l_s: >= kRows floats of shared memory each that the block no longer reads.
+template <typename T>
+__device__ __forceinline__ void merge_in_block(const LaPagedDecodeParams &p, int32_t *counters,
+                                               int b, int kvh, int row0, int nrows, float *m_s,
+                                               float *l_s) {
+  __shared__ int last_s;
+  const LaPagedCache &c = p.cache;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int32_t *counter = counters + (long long)blockIdx.z * gridDim.y + blockIdx.y;
+  __threadfence();
+  __syncthreads();  // every partial row written and fenced; m_s / l_s no longer read
+  if (tid == 0) last_s = atomicAdd(counter, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  const int group = p.heads_q / c.heads_kv, sq = p.q_len, d = c.head_dim, ns = p.num_splits;
+  const long long split_rows = (long long)c.batch * p.heads_q * sq;  // rows per split
+  auto row_of = [&](int r) {  // (b, h, qi) of block row r, as an lse index
+    const int rr = row0 + r, h = kvh * group + rr % group;
+    return ((long long)b * p.heads_q + h) * sq + rr / group;
+  };
+  for (int r = warp; r < nrows; r += kWarps) {
+    const long long row = row_of(r);
+    float m = kNegInf;
+    for (int s = lane; s < ns; s += 32) m = fmaxf(m, __ldcg(p.lse_partial + s * split_rows + row));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float wsum = 0.0f;
+    for (int s = lane; s < ns; s += 32) {
+      const float ls = __ldcg(p.lse_partial + s * split_rows + row);
+      wsum += ls == kNegInf ? 0.0f : expf(ls - m);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, o);
+    if (lane == 0) {
+      m_s[r] = m;
+      l_s[r] = wsum;
+    }
+  }
+  __syncthreads();
+  using Pair = typename Elem<T>::Pair;
+  const int vecs = d / 4;
+  for (int e = tid; e < nrows * vecs; e += kThreads) {
+    const int r = e / vecs, v = e % vecs;
+    const long long row = row_of(r);
+    const float m = m_s[r], wsum = l_s[r];
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8  // 8 splits' loads in flight: ~5 L2 round trips at 33 splits
+    for (int s = 0; s < ns; ++s) {
+      const long long rs = s * split_rows + row;
+      const float ls = __ldcg(p.lse_partial + rs);
+      const float4 x = __ldcg(reinterpret_cast<const float4 *>(p.o_partial + rs * d) + v);
+      const float w = ls == kNegInf ? 0.0f : expf(ls - m);
+      a.x += w * x.x;
+      a.y += w * x.y;
+      a.z += w * x.z;
+      a.w += w * x.w;
+    }
+    const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
+    T *o = static_cast<T *>(p.o) + (long long)b * p.o_batch_stride + qi * p.o_row_stride +
+           h * p.o_head_stride;
+    Pair *dst = reinterpret_cast<Pair *>(o + 4 * v);  // 8-byte aligned: strides are multiples of 8
+    dst[0] = Elem<T>::from_float2(make_float2(a.x * inv, a.y * inv));
+    dst[1] = Elem<T>::from_float2(make_float2(a.z * inv, a.w * inv));
+    if (v == 0 && p.lse != nullptr) p.lse[row] = wsum > 0.0f ? m + logf(wsum) : kNegInf;
+  }
+  if (tid == 0) *counter = 0;
+}
+
+template <typename T, int DB, typename KV, bool kMerge>
+__device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32_t *counters) {
   wait_for_previous_grid();
   allow_next_grid();
   using Cfg = DecodeCfg<DB, sizeof(KV)>;
@@ -487,6 +573,23 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlock
       if (ch == 0) p.lse_partial[row] = lse;
     }
   }
+  if constexpr (kMerge) {
+    if (p.num_splits > 1) merge_in_block<T>(p, counters, b, kvh, row0, nrows, m_s, l_s);
+  }
+}
+
+template <typename T, int DB, typename KV = T>
+__global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
+    decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
+  decode_block<T, DB, KV, false>(p, nullptr);
+}
+
+// Split-KV decode with the in-kernel merge (la_paged_decode_inmerge; NOT YET RUN ON A GPU):
+// decode_kernel's block, then merge_in_block.
+template <typename T, int DB, typename KV = T>
+__global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
+    decode_merge_kernel(const __grid_constant__ LaPagedDecodeMergeParams p) {
+  decode_block<T, DB, KV, true>(p.decode, p.merge_counters);
 }
 
 // Merge of the split partials, one block of kWarps warps per (b, h, qi) row: warp w
@@ -624,7 +727,7 @@ enum KernelSetup : int { kSetupPending = 0, kSetupDone = 1, kSetupTooLarge = 2 }
 // opt-in shared memory per block and sets the kernel's dynamic shared-memory size and
 // carveout. The attribute calls are idempotent, so two threads racing on a device's first
 // launch both set the same values; the result is published with release/acquire.
-template <typename T, int DB, typename KV>
+template <typename T, int DB, typename KV, bool kMerge = false>
 cudaError_t prepare_decode_kernel() {
   constexpr size_t smem = DecodeCfg<DB, sizeof(KV)>::kSmemBytes;
   static std::atomic<int> setup[kMaxCachedDevices];
@@ -646,7 +749,8 @@ cudaError_t prepare_decode_kernel() {
     if (cached) setup[dev].store(kSetupTooLarge, std::memory_order_release);
     return cudaErrorNotSupported;
   }
-  auto kernel = decode_kernel<T, DB, KV>;
+  const void *kernel = kMerge ? reinterpret_cast<const void *>(decode_merge_kernel<T, DB, KV>)
+                              : reinterpret_cast<const void *>(decode_kernel<T, DB, KV>);
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   // Ask for the largest shared-memory carveout so that as many blocks as possible fit per SM
@@ -666,14 +770,30 @@ cudaError_t launch_decode_kernel(const LaPagedDecodeParams &p, dim3 grid, cudaSt
                           DecodeCfg<DB, sizeof(KV)>::kSmemBytes, stream, p);
 }
 
-// KV: the cache's element type, T or __nv_fp8_e4m3.
-template <typename T, typename KV>
-cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
+template <typename T, int DB, typename KV>
+cudaError_t launch_decode_merge_kernel(const LaPagedDecodeMergeParams &p, dim3 grid,
+                                       cudaStream_t stream) {
+  const cudaError_t err = prepare_decode_kernel<T, DB, KV, true>();
+  if (err != cudaSuccess) return err;
+  return launch_dependent(decode_merge_kernel<T, DB, KV>, grid, dim3(kThreads),
+                          DecodeCfg<DB, sizeof(KV)>::kSmemBytes, stream, p);
+}
+
+// The decode grid (splits, heads_kv * row groups, batch); false when it exceeds the limits.
+inline bool decode_grid(const LaPagedDecodeParams &p, dim3 &grid) {
   const int rows = p.q_len * (p.heads_q / p.cache.heads_kv);
   const int row_groups = (rows + kRows - 1) / kRows;
   const long long gy = (long long)p.cache.heads_kv * row_groups;
-  if (gy > 65535 || p.num_splits < 1 || p.num_splits > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(p.num_splits, (unsigned)gy, p.cache.batch);
+  if (gy > 65535 || p.num_splits < 1 || p.num_splits > 65535) return false;
+  grid = dim3(p.num_splits, (unsigned)gy, p.cache.batch);
+  return true;
+}
+
+// KV: the cache's element type, T or __nv_fp8_e4m3.
+template <typename T, typename KV>
+cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
+  dim3 grid;
+  if (!decode_grid(p, grid)) return cudaErrorInvalidConfiguration;
   const int d = p.cache.head_dim;
   cudaError_t err = d <= 64    ? launch_decode_kernel<T, 64, KV>(p, grid, stream)
                     : d <= 128 ? launch_decode_kernel<T, 128, KV>(p, grid, stream)
@@ -685,11 +805,20 @@ cudaError_t launch_decode(const LaPagedDecodeParams &p, cudaStream_t stream) {
                           stream, p);
 }
 
-}  // namespace
-}  // namespace longattn
+// One launch: the plain kernel when there is one split, else decode_merge_kernel.
+template <typename T, typename KV>
+cudaError_t launch_decode_inmerge(const LaPagedDecodeMergeParams &p, cudaStream_t stream) {
+  if (p.decode.num_splits == 1) return launch_decode<T, KV>(p.decode, stream);
+  dim3 grid;
+  if (!decode_grid(p.decode, grid)) return cudaErrorInvalidConfiguration;
+  const int d = p.decode.cache.head_dim;
+  return d <= 64    ? launch_decode_merge_kernel<T, 64, KV>(p, grid, stream)
+         : d <= 128 ? launch_decode_merge_kernel<T, 128, KV>(p, grid, stream)
+                    : launch_decode_merge_kernel<T, 256, KV>(p, grid, stream);
+}
 
-extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t stream) {
-  using namespace longattn;
+// The scalar and pointer checks of every decode entry point.
+bool decode_params_ok(const LaPagedDecodeParams *params) {
   if (params == nullptr || !dims_ok(params->cache) || params->q_len <= 0 ||
       params->q == nullptr || params->o == nullptr ||
       !check::heads(params->heads_q, params->cache.heads_kv, params->cache.head_dim) ||
@@ -700,13 +829,36 @@ extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t s
       (params->page_list == nullptr) != (params->page_count == nullptr) ||
       !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride) ||
       !check::strides(params->o_batch_stride, params->o_row_stride, params->o_head_stride))
-    return cudaErrorInvalidValue;
+    return false;
   // The cache holds q's dtype, or e4m3 with its scales.
-  const bool fp8 = params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr;
-  if (params->kv_dtype != params->dtype && !fp8) return cudaErrorInvalidValue;
+  return params->kv_dtype == params->dtype ||
+         (params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr);
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (!decode_params_ok(params)) return cudaErrorInvalidValue;
+  const bool fp8 = params->kv_dtype == LA_F8E4M3;
   return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
     using T = typename decltype(t)::type;
     return fp8 ? launch_decode<T, __nv_fp8_e4m3>(*params, stream)
                : launch_decode<T, T>(*params, stream);
+  });
+}
+
+extern "C" int la_paged_decode_inmerge(const LaPagedDecodeMergeParams *params,
+                                       cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr || !decode_params_ok(&params->decode) ||
+      (params->decode.num_splits > 1 && params->merge_counters == nullptr))
+    return cudaErrorInvalidValue;
+  const bool fp8 = params->decode.kv_dtype == LA_F8E4M3;
+  return with_dtype<__half, __nv_bfloat16>(params->decode.dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return fp8 ? launch_decode_inmerge<T, __nv_fp8_e4m3>(*params, stream)
+               : launch_decode_inmerge<T, T>(*params, stream);
   });
 }

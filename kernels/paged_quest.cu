@@ -320,6 +320,335 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
 }
 
+// ---- Quest selection v5 (la_paged_quest_select_v5; NOT YET RUN ON A GPU) ----------------
+// One launch instead of score + select. Grid (ceil(max_pages_per_seq / chunk), heads_kv,
+// batch), chunk = pages_per_block (host-sized so the launch covers ~2 blocks per SM), 256
+// threads. A block of a Quest head:
+// 1. Loads the page ids of its chunk's candidate pages (one load per thread, all in flight,
+//    issued together with the query rows' loads) into shared memory: no warp waits on a
+//    table read before its metadata loads.
+// 2. Warp w scores page groups w, w + 8, ... of kInFlight consecutive pages: it issues the
+//    kmin/kmax loads of the whole group (kInFlight pages x 2 bounds x kLaneVecs 4-channel
+//    vectors per lane) before converting any, so a warp has kInFlight pages' metadata in
+//    flight instead of one page's after a dependent table read. The score arithmetic is
+//    quest_score_kernel's, term for term (same per-lane sums, same warp_sum, the same k_scale
+//    product for e4m3), so the scores are bit-identical to the two-kernel path's. Rows
+//    beyond kQuestRows take further passes over the bounds, as there.
+// 3. Writes the chunk's scores (-inf for non-candidates; the documented scores output), then
+//    takes a ticket on its (sequence, kv head)'s counter after a __threadfence (release).
+// 4. The block that draws the last ticket (gridDim.x - 1) fences (acquire) and selects the
+//    row's pages from the row's scores (read from L2 with ld.global.cg, staged as
+//    order-preserving keys in shared memory up to kV5Staged pages) with quest_kernel's
+//    algorithm (4-pass 8-bit radix select of the threshold key over the ranked pages, ties
+//    to the lower page index, compaction in ascending page order through a block scan)
+//    on 256 threads, so the selection is the same; then it resets the counter to 0 (plans
+//    replay, CUDA graphs capture). Blocks of non-Quest heads write -inf and leave.
+// Shared memory: the scoring buffers (q rows 16 KB, chunk page ids and scores 8 KB) alias
+// the selection's staged keys (32 KB).
+constexpr int kV5Threads = 256;
+constexpr int kV5Warps = kV5Threads / 32;
+constexpr int kV5MaxChunk = LA_QUEST_V5_MAX_CHUNK;
+constexpr int kV5Staged = 8192;  // 32 KB of keys (128k tokens at page 16)
+constexpr size_t kV5SmemBytes = kV5Staged * sizeof(uint32_t);
+static_assert(sizeof(float) * kQuestRows * kMaxDim + 2 * sizeof(int) * kV5MaxChunk <= kV5SmemBytes,
+              "the scoring buffers fit in the staged keys' space");
+static_assert(LA_QUEST_V5_MAX_CHUNK % LA_QUEST_V5_CHUNK_ALIGN == 0, "chunk bounds");
+
+// Raw bounds of one lane's 4 channels: 8 bytes (T) or 4 bytes (e4m3), converted by cvt4.
+template <typename KV>
+using Raw4 = std::conditional_t<kIsFp8<KV>, uint32_t, uint2>;
+template <typename KV>
+__device__ __forceinline__ Raw4<KV> raw4(const KV *src) {
+  return *reinterpret_cast<const Raw4<KV> *>(src);
+}
+// The same conversion as load4 (exact).
+template <typename KV>
+__device__ __forceinline__ float4 cvt4(const Raw4<KV> &raw) {
+  if constexpr (kIsFp8<KV>) {
+    const float2 a = e4m3x2_to_float2(raw), b = e4m3x2_to_float2(raw >> 16);
+    return make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    using Pair = typename Elem<KV>::Pair;
+    const float2 a = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+    const float2 b = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+}
+
+// Step 4: the row's selection into page_list / page_count (quest_kernel's algorithm on
+// kV5Threads threads; see there for the order and the radix select).
+__device__ __forceinline__ void v5_select(const LaQuestParams &p, int b, int kvh,
+                                          const QuestCandidates &cand, int n_pages,
+                                          const float *scores, uint32_t *keys_s) {
+  __shared__ int hist[2][256];
+  __shared__ uint32_t sel_prefix;
+  __shared__ int sel_remaining;
+  __shared__ uint2 warp_total[kV5Warps];  // (taken, ties) per warp
+  const LaPagedCache &c = p.cache;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  int n_kept = 0;
+  for (int pg = 0; pg < min(p.sink_pages, n_pages); ++pg) n_kept += cand.contains(pg);
+  if (cand.newest >= p.sink_pages && cand.contains(cand.newest)) ++n_kept;
+  const int n_cand = cand.count();
+  const int k_sel = min(max(p.budget_pages, n_kept), n_cand);
+  const int n_ranked = n_cand - n_kept, take_ranked = k_sel - n_kept;
+  auto kept = [&](int pg) { return pg < p.sink_pages || pg == cand.newest; };
+  const bool partial = take_ranked > 0 && take_ranked < n_ranked;
+  const bool staged = n_pages <= kV5Staged;
+  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(__ldcg(scores + pg)); };
+
+  uint32_t kth = 0;
+  int ties_taken = 0;
+  if (partial) {
+    if (staged)
+      for (int pg = tid; pg < n_pages; pg += kV5Threads) keys_s[pg] = ordered_bits(__ldcg(scores + pg));
+    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
+    __syncthreads();  // keys staged, histograms cleared
+    uint32_t prefix = 0, prefix_mask = 0;
+    int remaining = take_ranked;
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = 24 - 8 * pass;
+      int *h = hist[pass & 1];
+      for (int base = 0; base < n_pages; base += kV5Threads) {
+        const int pg = base + tid;
+        uint32_t digit = 256;  // not counted
+        if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
+          const uint32_t key = key_of(pg);
+          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
+        }
+        const unsigned peers = __match_any_sync(0xffffffffu, digit);
+        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
+      }
+      __syncthreads();  // histogram complete
+      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
+      if (warp == 0) {
+        int cnt[8], own = 0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          cnt[k] = h[255 - 8 * lane - k];
+          own += cnt[k];
+        }
+        int incl = own;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+          const int y = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += y;
+        }
+        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
+        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
+          int cum = incl - own, digit = 255 - 8 * lane;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            digit = 255 - 8 * lane - k;
+            if (digit == 0 || cum + cnt[k] >= remaining) break;
+            cum += cnt[k];
+          }
+          sel_remaining = remaining - cum;
+          sel_prefix = prefix | ((uint32_t)digit << shift);
+        }
+      }
+      __syncthreads();
+      remaining = sel_remaining;
+      prefix = sel_prefix;
+      prefix_mask |= 0xffu << shift;
+    }
+    kth = prefix;
+    ties_taken = remaining;
+  }
+
+  auto classify = [&](int pg, bool &taken, bool &tie) {
+    taken = tie = false;
+    if (!cand.contains(pg)) return;
+    if (kept(pg)) {
+      taken = true;
+    } else if (!partial) {
+      taken = take_ranked > 0;
+    } else {
+      const uint32_t key = key_of(pg);
+      taken = key > kth;
+      tie = key == kth;
+    }
+  };
+  const int per = (n_pages + kV5Threads - 1) / kV5Threads;
+  const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
+  uint32_t n_taken = 0, n_tie = 0;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    n_taken += taken;
+    n_tie += tie;
+  }
+  auto warp_incl_scan = [&](uint32_t x) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    return x;
+  };
+  const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
+  if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
+  __syncthreads();
+  const uint2 total = lane < kV5Warps ? warp_total[lane] : make_uint2(0u, 0u);
+  const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
+  const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
+  uint32_t taken_before = __shfl_sync(0xffffffffu, taken_warps, warp) + taken_incl - n_taken;
+  int tie_before = (int)(__shfl_sync(0xffffffffu, tie_warps, warp) + tie_incl - n_tie);
+  int32_t *out = p.page_list + ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
+  for (int pg = p0; pg < p1; ++pg) {
+    bool taken, tie;
+    classify(pg, taken, tie);
+    if (taken) {
+      out[taken_before + min(tie_before, ties_taken)] = pg;
+      ++taken_before;
+    } else if (tie) {
+      if (tie_before < ties_taken) out[taken_before + tie_before] = pg;
+      ++tie_before;
+    }
+  }
+  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
+}
+
+// kLaneVecs: 4-channel vectors per lane (1: head_dim <= 128, 2: <= 256); kInFlight: pages
+// whose bounds one warp loads together.
+template <typename T, typename KV, int kLaneVecs>
+__global__ void __launch_bounds__(kV5Threads, 2) quest_v5_kernel(const __grid_constant__ LaQuestV5Params v) {
+  constexpr int kInFlight = kLaneVecs == 1 ? 8 : 4;
+  constexpr bool kFp8 = kIsFp8<KV>;
+  static_assert(kFp8 || std::is_same_v<KV, T>, "metadata type");
+  wait_for_previous_grid();
+  allow_next_grid();
+  const LaQuestParams &p = v.quest;
+  const LaPagedCache &c = p.cache;
+  const int kvh = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int mp = c.max_pages_per_seq;
+  const long long row = (long long)b * c.heads_kv + kvh;
+  float *scores = p.scores + row * mp;
+  const int pg0 = blockIdx.x * v.pages_per_block;
+  const int pg1 = min(pg0 + v.pages_per_block, mp);
+  if (p.head_kind[kvh] != LA_HEAD_QUEST) {
+    for (int pg = pg0 + tid; pg < pg1; pg += kV5Threads) scores[pg] = kNegInf;
+    return;
+  }
+  __shared__ __align__(16) unsigned char smem[kV5SmemBytes];
+  __shared__ int last_s;
+  float *q_s = reinterpret_cast<float *>(smem);                      // [kQuestRows, d]
+  int *phys_s = reinterpret_cast<int *>(smem + sizeof(float) * kQuestRows * kMaxDim);
+  float *best_s = reinterpret_cast<float *>(phys_s + kV5MaxChunk);  // [chunk]
+
+  const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
+  const int group = p.heads_q / c.heads_kv;
+  const int rows = p.q_len * group;
+  const Mask mask{p.window_left, p.window_right, p.sinks};
+  QuestCandidates cand;
+  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
+  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
+  const int n_pages = (sk + ps - 1) / ps;
+  const int n_local = max(min(pg1, n_pages) - pg0, 0);  // the chunk's pages of the sequence
+
+  const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
+  const KV *kmin = static_cast<const KV *>(p.kmin), *kmax = static_cast<const KV *>(p.kmax);
+  float k_scale = 1.0f;  // e4m3 bounds: kv_scales [2, heads_kv], k scales first
+  if constexpr (kFp8) k_scale = p.kv_scales[kvh];
+  const int32_t *table = c.block_table + (long long)b * mp;
+  for (int i = tid; i < n_local; i += kV5Threads) {
+    const int pg = pg0 + i;
+    phys_s[i] = cand.contains(pg) ? table[pg] : -1;  // -1: not a candidate
+    best_s[i] = kNegInf;
+  }
+  for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
+    const int nr = min(kQuestRows, rows - r0);
+    if (r0 > 0) __syncthreads();  // the previous pass is done with q_s
+    for (int e = tid; e < kQuestRows * d; e += kV5Threads) {
+      const int r = e / d, ch = e % d;
+      float x = 0.0f;
+      if (r < nr) {
+        const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
+        x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
+      }
+      q_s[r * d + ch] = x;
+    }
+    __syncthreads();  // q rows, page ids (and the -inf scores) staged
+    for (int g0 = warp * kInFlight; g0 < n_local; g0 += kV5Warps * kInFlight) {
+      Raw4<KV> lo[kInFlight][kLaneVecs], hi[kInFlight][kLaneVecs];
+      int phys[kInFlight];
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) phys[j] = g0 + j < n_local ? phys_s[g0 + j] : -1;
+      // Every load of the group before any use.
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const long long m_off = ((long long)max(phys[j], 0) * c.heads_kv + kvh) * d;
+#pragma unroll
+        for (int x = 0; x < kLaneVecs; ++x) {
+          const int ch = 4 * lane + 128 * x;
+          lo[j][x] = hi[j][x] = Raw4<KV>{};
+          if (phys[j] >= 0 && ch < d) {
+            lo[j][x] = raw4<KV>(kmin + m_off + ch);
+            hi[j][x] = raw4<KV>(kmax + m_off + ch);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        if (phys[j] < 0) continue;  // uniform over the warp
+        float4 lf[kLaneVecs], hf[kLaneVecs];
+#pragma unroll
+        for (int x = 0; x < kLaneVecs; ++x) {
+          lf[x] = cvt4<KV>(lo[j][x]);
+          hf[x] = cvt4<KV>(hi[j][x]);
+        }
+        float best = best_s[g0 + j];
+        for (int r = 0; r < nr; ++r) {
+          float s = 0.0f;
+#pragma unroll
+          for (int x = 0; x < kLaneVecs; ++x) {
+            const int ch = 4 * lane + 128 * x;
+            if (ch < d) {
+              const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
+              s += fmaxf(qv.x * hf[x].x, qv.x * lf[x].x) + fmaxf(qv.y * hf[x].y, qv.y * lf[x].y) +
+                   fmaxf(qv.z * hf[x].z, qv.z * lf[x].z) + fmaxf(qv.w * hf[x].w, qv.w * lf[x].w);
+            }
+          }
+          if constexpr (kFp8) {
+            best = fmaxf(best, warp_sum(s) * k_scale);
+          } else {
+            best = fmaxf(best, warp_sum(s));
+          }
+        }
+        __syncwarp();  // every lane read best_s[g0 + j] before lane 0 overwrites it
+        if (lane == 0) best_s[g0 + j] = best;
+      }
+    }
+  }
+  __syncthreads();  // every page's score in best_s
+  for (int pg = pg0 + tid; pg < pg1; pg += kV5Threads) {
+    const int i = pg - pg0;
+    scores[pg] = i < n_local && phys_s[i] >= 0 ? best_s[i] : kNegInf;
+  }
+
+  // Ticket: the last block of the row selects.
+  __threadfence();
+  __syncthreads();  // every score of this block written and fenced
+  int32_t *counter = v.select_counters + row;
+  if (tid == 0) last_s = atomicAdd(counter, 1) == (int)gridDim.x - 1;
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  v5_select(p, b, kvh, cand, n_pages, scores, reinterpret_cast<uint32_t *>(smem));
+  if (tid == 0) *counter = 0;
+}
+
+template <typename T, typename KV>
+cudaError_t launch_quest_v5(const LaQuestV5Params &v, cudaStream_t stream) {
+  const LaPagedCache &c = v.quest.cache;
+  const int chunks = (c.max_pages_per_seq + v.pages_per_block - 1) / v.pages_per_block;
+  const dim3 grid(chunks, c.heads_kv, c.batch);
+  return c.head_dim <= 128
+             ? launch_dependent(quest_v5_kernel<T, KV, 1>, grid, dim3(kV5Threads), 0, stream, v)
+             : launch_dependent(quest_v5_kernel<T, KV, 2>, grid, dim3(kV5Threads), 0, stream, v);
+}
+
 // KV: the type of kmin/kmax, T or __nv_fp8_e4m3.
 template <typename T, typename KV>
 cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
@@ -332,11 +661,8 @@ cudaError_t launch_quest(const LaQuestParams &p, cudaStream_t stream) {
                           dim3(kSelectThreads), 0, stream, p);
 }
 
-}  // namespace
-}  // namespace longattn
-
-extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
-  using namespace longattn;
+// The checks of both Quest entry points.
+bool quest_params_ok(const LaQuestParams *params) {
   if (params == nullptr || !table_ok(params->cache) || params->q_len <= 0 ||
       params->head_kind == nullptr || params->q == nullptr || params->kmin == nullptr ||
       params->kmax == nullptr || params->scores == nullptr || params->page_list == nullptr ||
@@ -345,14 +671,40 @@ extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t s
       !check::mask(params->window_left, params->window_right, params->sinks) ||
       params->budget_pages < 0 || params->sink_pages < 0 ||
       !check::strides(params->q_batch_stride, params->q_row_stride, params->q_head_stride))
-    return cudaErrorInvalidValue;
+    return false;
   // The metadata holds q's dtype, or e4m3 with the cache's scales.
-  const bool fp8 = params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr;
-  if (params->kv_dtype != params->dtype && !fp8) return cudaErrorInvalidValue;
+  return params->kv_dtype == params->dtype ||
+         (params->kv_dtype == LA_F8E4M3 && params->kv_scales != nullptr);
+}
+
+}  // namespace
+}  // namespace longattn
+
+extern "C" int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (!quest_params_ok(params)) return cudaErrorInvalidValue;
+  const bool fp8 = params->kv_dtype == LA_F8E4M3;
   if (params->cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
   return with_dtype<__half, __nv_bfloat16>(params->dtype, cudaErrorInvalidValue, [&](auto t) {
     using T = typename decltype(t)::type;
     return fp8 ? launch_quest<T, __nv_fp8_e4m3>(*params, stream)
                : launch_quest<T, T>(*params, stream);
+  });
+}
+
+extern "C" int la_paged_quest_select_v5(const LaQuestV5Params *params, cudaStream_t stream) {
+  using namespace longattn;
+  if (params == nullptr || !quest_params_ok(&params->quest) ||
+      params->select_counters == nullptr ||
+      params->pages_per_block < LA_QUEST_V5_CHUNK_ALIGN ||
+      params->pages_per_block > LA_QUEST_V5_MAX_CHUNK ||
+      params->pages_per_block % LA_QUEST_V5_CHUNK_ALIGN != 0)
+    return cudaErrorInvalidValue;
+  if (params->quest.cache.heads_kv > 65535) return cudaErrorInvalidConfiguration;
+  const bool fp8 = params->quest.kv_dtype == LA_F8E4M3;
+  return with_dtype<__half, __nv_bfloat16>(params->quest.dtype, cudaErrorInvalidValue, [&](auto t) {
+    using T = typename decltype(t)::type;
+    return fp8 ? launch_quest_v5<T, __nv_fp8_e4m3>(*params, stream)
+               : launch_quest_v5<T, T>(*params, stream);
   });
 }

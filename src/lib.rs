@@ -107,7 +107,8 @@ pub use neighborhood::{
 pub use paged::{
     GpuSelection, GpuSelectionRef, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
     PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, PagedPrefill, PagedPrefillKernel,
-    PagedPrefillPlan, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
+    PagedPrefillPlan, QuestConfig, QuestKernel, QuestSelection, SparsePolicy, SplitMerge,
+    StreamingConfig,
 };
 pub use ring::{
     GlobalBlock, KvBuffer, MAX_RING_WORLD, PlannedStep, RankPlan, RingAttention, RingLayout,

@@ -23,6 +23,41 @@ pub const MIN_KEYS_PER_SPLIT: usize = 256;
 /// Upper bound on splits.
 pub const MAX_SPLITS: usize = 64;
 
+/// Width of the Quest v5 scoring chunk: pages per block are a multiple of this
+/// (`LA_QUEST_V5_CHUNK_ALIGN` in paged.h).
+pub const QUEST_V5_CHUNK_ALIGN: usize = 64;
+/// Most pages one Quest v5 block scores (`LA_QUEST_V5_MAX_CHUNK` in paged.h).
+pub const QUEST_V5_MAX_CHUNK: usize = 1024;
+
+/// How a split-KV GPU decode combines its splits' partial `(o, lse)` (the result is the
+/// same up to f32 summation order; the CPU path merges in split order either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum SplitMerge {
+    /// A second kernel merges the partials (two launches per decode step).
+    #[default]
+    Kernel,
+    /// The decode kernel merges them itself (one launch per step): each split block writes
+    /// its partial and takes a ticket on its (sequence, kv head, row group)'s counter in the
+    /// plan's scratch; the block that draws the last ticket merges the group's rows and
+    /// resets the counter. Every head kind and cache type the decode serves. **Opt-in, not
+    /// yet run on a GPU.**
+    InKernel,
+}
+
+/// Which kernels run the Quest selection on the GPU (the selection is the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum QuestKernel {
+    /// A score kernel writes every page's score, then a radix-select kernel (one block per
+    /// (sequence, kv head)) selects the pages: two launches.
+    #[default]
+    ScoreThenSelect,
+    /// Selection v5, one launch: blocks score chunks of
+    /// [`PagedDecode::quest_v5_pages_per_block`] pages with several pages' bounds in flight
+    /// per warp; the last block of each (sequence, kv head) (a ticket counter in the plan's
+    /// scratch) selects its pages. **Opt-in, not yet run on a GPU.**
+    V5,
+}
+
 /// A validated decode problem over a paged cache.
 ///
 /// `q, out: [batch, q_len, heads_q, head_dim]` (element strides), causal among the new
@@ -46,6 +81,8 @@ pub struct PagedDecode {
     pub(crate) policy: SparsePolicy,
     pub(crate) lists: Option<PageLists>,
     pub(crate) num_splits: Option<usize>,
+    pub(crate) merge: SplitMerge,
+    pub(crate) quest_kernel: QuestKernel,
 }
 
 impl PagedDecode {
@@ -102,6 +139,8 @@ impl PagedDecode {
             policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
             lists: None,
             num_splits: None,
+            merge: SplitMerge::Kernel,
+            quest_kernel: QuestKernel::ScoreThenSelect,
         })
     }
 
@@ -181,6 +220,54 @@ impl PagedDecode {
         }
         self.num_splits = splits;
         Ok(self)
+    }
+
+    /// How the GPU decode merges its splits (default [`SplitMerge::Kernel`]; the CPU path
+    /// ignores it).
+    pub fn with_merge(mut self, merge: SplitMerge) -> Self {
+        self.merge = merge;
+        self
+    }
+
+    /// Which kernels run the GPU Quest selection (default
+    /// [`QuestKernel::ScoreThenSelect`]; the CPU path ignores it).
+    pub fn with_quest_kernel(mut self, kernel: QuestKernel) -> Self {
+        self.quest_kernel = kernel;
+        self
+    }
+
+    /// The split merge of the GPU decode.
+    pub fn merge(&self) -> SplitMerge {
+        self.merge
+    }
+
+    /// The kernels of the GPU Quest selection.
+    pub fn quest_kernel(&self) -> QuestKernel {
+        self.quest_kernel
+    }
+
+    /// Ticket counters of [`SplitMerge::InKernel`]: one per decode block row, i.e. per
+    /// (sequence, kv head, group of [`DECODE_ROWS_PER_BLOCK`] query rows):
+    /// `batch * heads_kv * ceil(q_len * group / DECODE_ROWS_PER_BLOCK)`.
+    pub fn merge_counters_len(&self) -> usize {
+        let row_groups = (self.q_len * self.group()).div_ceil(DECODE_ROWS_PER_BLOCK);
+        self.cache.batch() * self.cache.heads_kv() * row_groups
+    }
+
+    /// Pages one [`QuestKernel::V5`] block scores: enough blocks per (sequence, kv head) row
+    /// that the launch covers about 2 blocks per SM (`sm_count`), a multiple of
+    /// [`QUEST_V5_CHUNK_ALIGN`] (every warp keeps several pages in flight) and at most
+    /// [`QUEST_V5_MAX_CHUNK`] (the chunk's page ids and scores sit in shared memory). The
+    /// launch has `ceil(max_pages_per_seq / pages_per_block)` blocks per row; more blocks
+    /// per row mean more tickets and a shorter scoring chain, fewer mean more pages per warp.
+    pub fn quest_v5_pages_per_block(&self, sm_count: usize) -> usize {
+        let rows = (self.cache.batch() * self.cache.heads_kv()).max(1);
+        let per_row = sm_count.max(1).saturating_mul(2).div_ceil(rows).max(1);
+        self.cache
+            .max_pages_per_seq()
+            .div_ceil(per_row)
+            .next_multiple_of(QUEST_V5_CHUNK_ALIGN)
+            .clamp(QUEST_V5_CHUNK_ALIGN, QUEST_V5_MAX_CHUNK)
     }
 
     /// The validated cache description.
@@ -678,5 +765,121 @@ impl PagedDecode {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paged::{PageTable, PagedLayout};
+
+    /// A cache of `batch` sequences of `seqlen` tokens, pages in order.
+    fn decode(
+        batch: usize,
+        heads_kv: usize,
+        seqlen: usize,
+        ps: usize,
+        hq: usize,
+        q_len: usize,
+    ) -> PagedDecode {
+        let mp = seqlen.div_ceil(ps).max(1);
+        let table: Vec<i32> = (0..(batch * mp) as i32).collect();
+        let sl = vec![seqlen as i32; batch];
+        let cache = PagedCache::new(
+            PagedLayout {
+                num_pages: batch * mp,
+                page_size: ps,
+                heads_kv,
+                head_dim: 64,
+            },
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: mp,
+                seqlens_k: &sl,
+            },
+        )
+        .unwrap();
+        PagedDecode::new(&cache, hq, q_len, &AttentionOptions::default()).unwrap()
+    }
+
+    /// Both opt-ins default off and round-trip through the builders; the CPU path ignores
+    /// them (same output).
+    #[test]
+    fn merge_and_quest_kernel_options() {
+        let d = decode(2, 2, 100, 16, 4, 1);
+        assert_eq!(d.merge(), SplitMerge::Kernel);
+        assert_eq!(d.quest_kernel(), QuestKernel::ScoreThenSelect);
+        let e = d
+            .clone()
+            .with_merge(SplitMerge::InKernel)
+            .with_quest_kernel(QuestKernel::V5);
+        assert_eq!(e.merge(), SplitMerge::InKernel);
+        assert_eq!(e.quest_kernel(), QuestKernel::V5);
+        assert_eq!(SplitMerge::default(), SplitMerge::Kernel);
+        assert_eq!(QuestKernel::default(), QuestKernel::ScoreThenSelect);
+    }
+
+    /// One merge counter per decode block row: (sequence, kv head, group of 8 query rows),
+    /// the grid's y * z.
+    #[test]
+    fn merge_counters_cover_the_decode_grid() {
+        for (batch, hkv, hq, q_len) in [(1, 8, 32, 1), (3, 2, 4, 5), (2, 1, 16, 3), (5, 4, 4, 16)] {
+            let d = decode(batch, hkv, 300, 16, hq, q_len);
+            let rows = q_len * hq / hkv;
+            let row_groups = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
+            assert_eq!(d.merge_counters_len(), batch * hkv * row_groups);
+            // Every block (b, y) maps to a distinct counter b * gridDim.y + y below the length.
+            let gy = hkv * row_groups;
+            let last = (batch - 1) * gy + (gy - 1);
+            assert_eq!(last + 1, d.merge_counters_len());
+        }
+    }
+
+    /// Quest v5 chunks: multiples of the alignment within the kernel's bounds, the blocks of
+    /// a row cover its max_pages_per_seq, and small grids spread to about 2 blocks per SM.
+    #[test]
+    fn quest_v5_chunks_cover_the_rows() {
+        for &(batch, hkv, seqlen, ps) in &[
+            (1, 8, 65536, 16),
+            (1, 8, 131072, 16),
+            (1, 8, 65536, 64),
+            (64, 8, 8192, 16),
+            (1, 1, 1, 1),
+            (3, 2, 200_000, 1),
+            (2, 3, 777, 16),
+        ] {
+            let d = decode(batch, hkv, seqlen, ps, hkv, 1);
+            let mp = d.cache().max_pages_per_seq();
+            for sms in [1, 78, 132, 1000] {
+                let chunk = d.quest_v5_pages_per_block(sms);
+                assert!(chunk.is_multiple_of(QUEST_V5_CHUNK_ALIGN), "{chunk}");
+                assert!((QUEST_V5_CHUNK_ALIGN..=QUEST_V5_MAX_CHUNK).contains(&chunk));
+                let blocks = mp.div_ceil(chunk);
+                assert!(blocks * chunk >= mp && (blocks - 1) * chunk < mp);
+                // Unless the chunk is clamped to its maximum, a row has at most
+                // ceil(2 * sms / rows) blocks: the grid stays near 2 blocks per SM.
+                if chunk < QUEST_V5_MAX_CHUNK {
+                    let total = blocks * batch * hkv;
+                    assert!(
+                        total <= 2 * sms + batch * hkv,
+                        "batch {batch} hkv {hkv} mp {mp} sms {sms}: {total} blocks of {chunk}"
+                    );
+                }
+            }
+        }
+        // The measured shapes (132 SMs): 64k page 16 -> 128 pages per block, 32 blocks per
+        // (sequence, kv head); batch 64 x 8k -> one block of 512 pages per row.
+        assert_eq!(
+            decode(1, 8, 65536, 16, 8, 1).quest_v5_pages_per_block(132),
+            128
+        );
+        assert_eq!(
+            decode(1, 8, 65536, 64, 8, 1).quest_v5_pages_per_block(132),
+            64
+        );
+        assert_eq!(
+            decode(64, 8, 8192, 16, 8, 1).quest_v5_pages_per_block(132),
+            512
+        );
     }
 }

@@ -26,7 +26,7 @@ use crate::gpu::{
     DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim, cuda_call,
 };
 use crate::layout::Strided;
-use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
+use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode, QuestKernel, SplitMerge};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
@@ -93,6 +93,12 @@ pub struct PagedDecodePlan {
     append_cu: Option<(Vec<i32>, CudaSlice<i32>)>,
     /// `[2, heads_kv]` K then V scales of an FP8 cache (ones when the cache has none).
     kv_scales: CudaSlice<f32>,
+    /// [`SplitMerge::InKernel`] with `splits > 1`: the ticket counters
+    /// (`[merge_counters_len]` i32), zeroed here once; every launch leaves them 0.
+    merge_counters: Option<CudaSlice<i32>>,
+    /// [`QuestKernel::V5`] with Quest heads: the ticket counters (`[batch, heads_kv]` i32,
+    /// zeroed once, left 0 by every launch) and the pages per block.
+    quest_v5: Option<(CudaSlice<i32>, usize)>,
 }
 
 /// What a plan allocates scratch for.
@@ -331,6 +337,16 @@ impl PagedDecodePlan {
     pub fn splits(&self) -> usize {
         self.splits
     }
+    /// Whether [`PagedDecodePlan::forward`] merges its splits inside the decode kernel (one
+    /// launch): [`SplitMerge::InKernel`] and more than one split.
+    pub fn merges_in_kernel(&self) -> bool {
+        self.merge_counters.is_some()
+    }
+    /// Pages per block of the [`QuestKernel::V5`] selection (`None`: the two-kernel
+    /// selection, or no Quest heads).
+    pub fn quest_v5_pages_per_block(&self) -> Option<usize> {
+        self.quest_v5.as_ref().map(|(_, chunk)| *chunk)
+    }
     /// Device copies of the block table and `seqlens_k`.
     pub fn tables(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>) {
         (&self.block_table, &self.seqlens_k)
@@ -478,6 +494,12 @@ mod imp {
         ffi::LA_PAGED_DECODE_ROWS as usize == crate::paged::DECODE_ROWS_PER_BLOCK,
         "DECODE_ROWS_PER_BLOCK must equal LA_PAGED_DECODE_ROWS (paged.h)"
     );
+    // The Quest v5 chunk sizing (quest_v5_pages_per_block) assumes the kernel's bounds.
+    const _: () = assert!(
+        ffi::LA_QUEST_V5_CHUNK_ALIGN as usize == crate::paged::QUEST_V5_CHUNK_ALIGN
+            && ffi::LA_QUEST_V5_MAX_CHUNK as usize == crate::paged::QUEST_V5_MAX_CHUNK,
+        "QUEST_V5_* must equal LA_QUEST_V5_* (paged.h)"
+    );
 
     fn la_cache(cache: &PagedCache, k: u64, v: u64, bt: u64, sl: u64) -> ffi::LaPagedCache {
         ffi::LaPagedCache {
@@ -545,6 +567,16 @@ mod imp {
         let kv_scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let quest = decode.needs_meta();
         let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
+        let sm_count = stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
+            as usize;
+        let quest_v5 = if quest && decode.quest_kernel() == QuestKernel::V5 {
+            let chunk = decode.quest_v5_pages_per_block(sm_count);
+            Some((stream.alloc_zeros::<i32>(n)?, chunk))
+        } else {
+            None
+        };
         let (lists, scores, splits, partial) = match what {
             PlanFor::Select => (
                 Some((
@@ -567,10 +599,6 @@ mod imp {
                 } else {
                     None
                 };
-                let sm_count = stream
-                    .context()
-                    .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
-                    as usize;
                 let splits = decode.splits_for(sm_count);
                 let partial = if splits > 1 {
                     let rows = splits * decode.lse_len();
@@ -584,6 +612,12 @@ mod imp {
                 (lists, scores, splits, partial)
             }
         };
+        let merge_counters =
+            if what == PlanFor::Decode && splits > 1 && decode.merge() == SplitMerge::InKernel {
+                Some(stream.alloc_zeros::<i32>(decode.merge_counters_len())?)
+            } else {
+                None
+            };
         Ok(PagedDecodePlan {
             decode: decode.clone(),
             stream: stream.clone(),
@@ -597,6 +631,8 @@ mod imp {
             partial,
             append_cu: None,
             kv_scales,
+            merge_counters,
+            quest_v5,
         })
     }
 
@@ -776,6 +812,7 @@ mod imp {
             lists,
             scores,
             kv_scales,
+            quest_v5,
             ..
         } = plan;
         let (Some(scores), Some((page_list, page_count))) = (scores.as_mut(), lists.as_mut())
@@ -823,6 +860,18 @@ mod imp {
             kv_dtype,
             kv_scales,
         };
+        if let Some((counters, chunk)) = quest_v5.as_mut() {
+            let (ct, _s11) = counters.device_ptr_mut(stream);
+            let params = ffi::LaQuestV5Params {
+                quest: params,
+                select_counters: ct as *mut i32,
+                pages_per_block: *chunk as i32,
+            };
+            // SAFETY: as below; the counters are the plan's [batch, heads_kv] scratch, zero
+            // between launches (zeroed at plan creation, reset by each launch's last blocks).
+            let code = unsafe { ffi::la_paged_quest_select_v5(&params, stream.cu_stream() as _) };
+            return check_launch("la_paged_quest_select_v5", code);
+        }
         // SAFETY: q extent and the metadata length were validated; the kernel writes only
         // within the plan's [batch, heads_kv, max_pages_per_seq] buffers (Quest heads' rows
         // of the lists), ordered on the plan's stream.
@@ -859,6 +908,7 @@ mod imp {
             lists,
             partial,
             kv_scales,
+            merge_counters,
             ..
         } = plan;
         let splits = *splits;
@@ -928,6 +978,18 @@ mod imp {
             kv_dtype,
             kv_scales,
         };
+        if let Some(counters) = merge_counters.as_mut() {
+            let (ct, _s14) = counters.device_ptr_mut(stream);
+            let params = ffi::LaPagedDecodeMergeParams {
+                decode: params,
+                merge_counters: ct as *mut i32,
+            };
+            // SAFETY: as below; the counters are the plan's [merge_counters_len] scratch for
+            // this plan's grid, zero between launches (zeroed at plan creation, reset by each
+            // launch's merging blocks).
+            let code = unsafe { ffi::la_paged_decode_inmerge(&params, stream.cu_stream() as _) };
+            return check_launch("la_paged_decode_inmerge", code);
+        }
         // SAFETY: every extent, page id and page list was validated on the host (at plan
         // creation for the tables and lists, per call for the tensors); the split scratch
         // was sized for `splits` at plan creation; the kernels read the cache and write
@@ -984,5 +1046,183 @@ mod tests {
         // The query side stays f16/bf16 only, whatever the cache.
         assert!(check_gpu_dtype(DType::F8E4M3).is_err());
         assert!(check_gpu_dtype(DType::F32).is_err());
+    }
+}
+
+/// The opt-in entry points (`la_paged_decode_inmerge`, `la_paged_quest_select_v5`) refuse
+/// bad arguments before any CUDA call and accept good ones (without a GPU the call then
+/// fails in CUDA with another code), so these run without a GPU.
+#[cfg(all(test, longattn_cuda))]
+mod c_entry_checks {
+    use crate::gpu::ffi;
+
+    const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
+
+    #[test]
+    fn opt_in_entries_check_their_arguments() {
+        if crate::device::open_gpu(0).is_ok() {
+            return;
+        }
+        let (table, seqlens, kind) = ([0i32], [16i32], [3i32]); // LA_HEAD_QUEST
+        let (q, meta) = ([0u16; 64], [0u16; 64]);
+        let (mut o, mut kv) = ([0u16; 64], [0u16; 16 * 64]);
+        let (mut scores, mut list, mut count) = ([0f32; 1], [0i32; 1], [0i32; 1]);
+        let (mut o_part, mut lse_part, mut counters) = ([0f32; 128], [0f32; 2], [0i32; 1]);
+        let cache = ffi::LaPagedCache {
+            k_cache: kv.as_mut_ptr().cast(),
+            v_cache: kv.as_mut_ptr().cast(),
+            batch: 1,
+            num_pages: 1,
+            page_size: 16,
+            heads_kv: 1,
+            head_dim: 64,
+            max_pages_per_seq: 1,
+            block_table: table.as_ptr(),
+            seqlens_k: seqlens.as_ptr(),
+        };
+        let decode = ffi::LaPagedDecodeParams {
+            cache,
+            q: q.as_ptr().cast(),
+            o: o.as_mut_ptr().cast(),
+            q_batch_stride: 64,
+            q_row_stride: 64,
+            q_head_stride: 64,
+            o_batch_stride: 64,
+            o_row_stride: 64,
+            o_head_stride: 64,
+            q_len: 1,
+            heads_q: 1,
+            window_left: -1,
+            window_right: 0,
+            streaming_window: 1,
+            scale: 0.125,
+            num_splits: 2,
+            o_partial: o_part.as_mut_ptr(),
+            lse_partial: lse_part.as_mut_ptr(),
+            dtype: ffi::LaDtype::LA_BF16,
+            kv_dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        let merged = ffi::LaPagedDecodeMergeParams {
+            decode,
+            merge_counters: counters.as_mut_ptr(),
+        };
+        // SAFETY (every call below): no GPU is usable, so no kernel runs and no pointer is
+        // read on a device; the host checks read only the params structs.
+        let run = |p: &ffi::LaPagedDecodeMergeParams| unsafe {
+            ffi::la_paged_decode_inmerge(p, std::ptr::null_mut())
+        };
+        let code = run(&merged);
+        assert_ne!(
+            code, INVALID_VALUE,
+            "valid in-kernel merge arguments refused"
+        );
+        assert_ne!(code, 0, "a launch without a GPU cannot succeed");
+        // SAFETY: as above.
+        let null = unsafe { ffi::la_paged_decode_inmerge(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(null, INVALID_VALUE);
+        let no_counters = ffi::LaPagedDecodeMergeParams {
+            merge_counters: std::ptr::null_mut(),
+            ..merged
+        };
+        assert_eq!(
+            run(&no_counters),
+            INVALID_VALUE,
+            "split merge without counters"
+        );
+        // One split needs no counters (the plain kernel runs).
+        let one_split = ffi::LaPagedDecodeMergeParams {
+            decode: ffi::LaPagedDecodeParams {
+                num_splits: 1,
+                ..decode
+            },
+            merge_counters: std::ptr::null_mut(),
+        };
+        assert_ne!(run(&one_split), INVALID_VALUE);
+        // The decode checks apply: no partials with splits, an FP8 cache without scales.
+        for bad in [
+            ffi::LaPagedDecodeParams {
+                o_partial: std::ptr::null_mut(),
+                ..decode
+            },
+            ffi::LaPagedDecodeParams {
+                kv_dtype: ffi::LaDtype::LA_F8E4M3,
+                ..decode
+            },
+            ffi::LaPagedDecodeParams {
+                scale: 0.0,
+                ..decode
+            },
+        ] {
+            let p = ffi::LaPagedDecodeMergeParams {
+                decode: bad,
+                ..merged
+            };
+            assert_eq!(run(&p), INVALID_VALUE);
+        }
+
+        let quest = ffi::LaQuestParams {
+            cache,
+            q: q.as_ptr().cast(),
+            q_row_stride: 64,
+            q_head_stride: 64,
+            q_batch_stride: 64,
+            q_len: 1,
+            heads_q: 1,
+            kmin: meta.as_ptr().cast(),
+            kmax: meta.as_ptr().cast(),
+            head_kind: kind.as_ptr(),
+            scores: scores.as_mut_ptr(),
+            page_list: list.as_mut_ptr(),
+            page_count: count.as_mut_ptr(),
+            budget_pages: 1,
+            window_left: -1,
+            window_right: 0,
+            dtype: ffi::LaDtype::LA_BF16,
+            kv_dtype: ffi::LaDtype::LA_BF16,
+            ..Default::default()
+        };
+        let v5 = ffi::LaQuestV5Params {
+            quest,
+            select_counters: counters.as_mut_ptr(),
+            pages_per_block: 64,
+        };
+        // SAFETY: as above.
+        let run = |p: &ffi::LaQuestV5Params| unsafe {
+            ffi::la_paged_quest_select_v5(p, std::ptr::null_mut())
+        };
+        let code = run(&v5);
+        assert_ne!(code, INVALID_VALUE, "valid v5 arguments refused");
+        assert_ne!(code, 0, "a launch without a GPU cannot succeed");
+        for chunk in [64, 128, 1024] {
+            let p = ffi::LaQuestV5Params {
+                pages_per_block: chunk,
+                ..v5
+            };
+            assert_ne!(run(&p), INVALID_VALUE, "chunk {chunk} refused");
+        }
+        for chunk in [0, -64, 32, 65, 100, 1088, 2048] {
+            let p = ffi::LaQuestV5Params {
+                pages_per_block: chunk,
+                ..v5
+            };
+            assert_eq!(run(&p), INVALID_VALUE, "chunk {chunk} accepted");
+        }
+        let no_counters = ffi::LaQuestV5Params {
+            select_counters: std::ptr::null_mut(),
+            ..v5
+        };
+        assert_eq!(run(&no_counters), INVALID_VALUE);
+        let no_scores = ffi::LaQuestV5Params {
+            quest: ffi::LaQuestParams {
+                scores: std::ptr::null_mut(),
+                ..quest
+            },
+            ..v5
+        };
+        assert_eq!(run(&no_scores), INVALID_VALUE);
+        // SAFETY: as above.
+        let null = unsafe { ffi::la_paged_quest_select_v5(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(null, INVALID_VALUE);
     }
 }

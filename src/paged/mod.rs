@@ -23,7 +23,10 @@ mod prefill_gpu;
 mod select;
 
 pub use cache::{KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedLayout};
-pub use decode::{DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode};
+pub use decode::{
+    DECODE_ROWS_PER_BLOCK, MAX_Q_LEN, MAX_SPLITS, MIN_KEYS_PER_SPLIT, PagedDecode,
+    QUEST_V5_CHUNK_ALIGN, QUEST_V5_MAX_CHUNK, QuestKernel, SplitMerge,
+};
 pub use gpu::{GpuSelection, GpuSelectionRef, PagedDecodePlan};
 pub use prefill::{PagedPrefill, PagedPrefillKernel};
 pub use prefill_gpu::PagedPrefillPlan;

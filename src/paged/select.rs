@@ -214,3 +214,126 @@ pub(crate) fn select_top(
     out.sort_unstable();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+
+    /// `ordered_bits` of paged_quest.cu: a float onto u32, order-preserving (the float total
+    /// order: -NaN < -inf < ... < -0 < +0 < ... < +inf < +NaN).
+    fn ordered_bits(f: f32) -> u32 {
+        let u = f.to_bits();
+        if u & 0x8000_0000 != 0 {
+            !u
+        } else {
+            u | 0x8000_0000
+        }
+    }
+
+    /// The GPU selection's threshold search (quest_kernel and quest_v5_kernel's v5_select,
+    /// sequentially): a 4-pass radix select of 8-bit digits, most significant first, over
+    /// the ranked (candidate, not kept) pages' keys finds the take-th largest key `kth` and
+    /// how many pages at `kth` are taken; taken pages are the kept ones, those above `kth`
+    /// and the lowest-indexed `ties_taken` at `kth`. Returns the pages ascending.
+    fn radix_model(
+        cand: &Candidates,
+        scores: &[f32],
+        sink_pages: usize,
+        budget: usize,
+    ) -> Vec<u32> {
+        let kept = |p: usize| p < sink_pages || Some(p) == cand.newest;
+        let all: Vec<usize> = cand.iter().collect();
+        let n_kept = all.iter().filter(|&&p| kept(p)).count();
+        let k_sel = budget.max(n_kept).min(all.len());
+        let ranked: Vec<usize> = all.iter().copied().filter(|&p| !kept(p)).collect();
+        let take = k_sel - n_kept;
+        let partial = take > 0 && take < ranked.len();
+        let (mut prefix, mut mask, mut remaining) = (0u32, 0u32, take);
+        if partial {
+            for pass in 0..4 {
+                let shift = 24 - 8 * pass;
+                let mut hist = [0usize; 256];
+                for &p in &ranked {
+                    let key = ordered_bits(scores[p]);
+                    if key & mask == prefix {
+                        hist[((key >> shift) & 0xff) as usize] += 1;
+                    }
+                }
+                // First digit from 255 down whose running count reaches `remaining`.
+                let (mut cum, mut digit) = (0usize, 255usize);
+                while digit > 0 && cum + hist[digit] < remaining {
+                    cum += hist[digit];
+                    digit -= 1;
+                }
+                remaining -= cum;
+                prefix |= (digit as u32) << shift;
+                mask |= 0xff << shift;
+            }
+        }
+        let (kth, ties_taken) = (prefix, remaining);
+        let mut ties = 0;
+        let mut out = Vec::new();
+        for &p in &all {
+            let take_it = if kept(p) {
+                true
+            } else if !partial {
+                take > 0
+            } else {
+                let key = ordered_bits(scores[p]);
+                let tie = key == kth && ties < ties_taken;
+                ties += usize::from(key == kth);
+                key > kth || tie
+            };
+            if take_it {
+                out.push(p as u32);
+            }
+        }
+        out
+    }
+
+    /// The kernels' radix threshold search selects exactly what the documented order does
+    /// (`select_top`): random scores from small sets (many exact ties), with -0.0 / +0.0,
+    /// infinities and NaNs of both signs, candidates with and without sink pages and
+    /// windows, budgets from 1 to beyond the candidates.
+    #[test]
+    fn radix_select_model_is_the_documented_order() {
+        let mut r = SmallRng::seed_from_u64(17);
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1.0,
+            -1.0,
+            1.0e-40,
+        ];
+        for case in 0..3000 {
+            let n_pages = r.random_range(1..300usize);
+            let sink = r.random_range(0..4usize).min(n_pages);
+            let first = r.random_range(sink..=n_pages);
+            let cand = Candidates {
+                sink_pages: sink,
+                window: first..n_pages,
+                newest: Some(n_pages - 1),
+            };
+            let distinct = r.random_range(1..40usize);
+            let scores: Vec<f32> = (0..n_pages)
+                .map(|_| match r.random_range(0..4) {
+                    0 => specials[r.random_range(0..specials.len())],
+                    _ => r.random_range(0..distinct) as f32 * 0.37 - 3.0,
+                })
+                .collect();
+            let sink_pages = r.random_range(0..5usize);
+            let budget = r.random_range(1..n_pages + 5);
+            assert_eq!(
+                radix_model(&cand, &scores, sink_pages, budget),
+                select_top(&cand, &scores, sink_pages, budget),
+                "case {case}: n_pages {n_pages} budget {budget} sink pages {sink_pages}"
+            );
+        }
+    }
+}

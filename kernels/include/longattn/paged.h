@@ -157,10 +157,44 @@ typedef struct LaPagedDecodeParams {
  * blocks, each reading its pages again. */
 #define LA_PAGED_DECODE_ROWS 8
 
+/* Split-KV decode with the split merge inside the decode kernel (one launch per step;
+ * la_paged_decode_inmerge; NOT YET RUN ON A GPU). Each block writes its split's partial to
+ * o_partial / lse_partial as la_paged_decode does, then takes a ticket on the counter of its
+ * (sequence, kv head, row group); the block that draws the last ticket merges the group's
+ * rows over all splits (split_merge_kernel's algebra) and sets the counter back to 0.
+ * merge_counters: [batch, heads_kv * ceil(q_len * heads_q / heads_kv / LA_PAGED_DECODE_ROWS)]
+ * i32, all 0 before the launch and 0 again when it completes (zero them once; a launch that
+ * fails midway leaves them unspecified). Unused when num_splits == 1 (then the plain decode
+ * kernel runs). */
+typedef struct LaPagedDecodeMergeParams {
+  LaPagedDecodeParams decode;
+  int32_t *merge_counters;
+} LaPagedDecodeMergeParams;
+
+/* Quest selection v5 (la_paged_quest_select_v5; NOT YET RUN ON A GPU): same inputs, outputs
+ * and selection as la_paged_quest_select, in one launch. Grid (ceil(max_pages_per_seq /
+ * pages_per_block), heads_kv, batch): a block scores a chunk of pages_per_block pages (the
+ * chunk's page ids loaded together, then several pages' bounds in flight per warp), writes
+ * their scores, and takes a ticket on its (sequence, kv head)'s counter; the last block of a
+ * Quest head selects its pages from the row's scores and sets the counter back to 0.
+ * select_counters: [batch, heads_kv] i32, all 0 before the launch and 0 again after it.
+ * pages_per_block: a multiple of LA_QUEST_V5_CHUNK_ALIGN in [LA_QUEST_V5_CHUNK_ALIGN,
+ * LA_QUEST_V5_MAX_CHUNK]. */
+typedef struct LaQuestV5Params {
+  LaQuestParams quest;
+  int32_t *select_counters;
+  int32_t pages_per_block;
+} LaQuestV5Params;
+
+#define LA_QUEST_V5_CHUNK_ALIGN 64
+#define LA_QUEST_V5_MAX_CHUNK 1024
+
 /* All launchers return a cudaError_t value (0 on success) and never synchronize. */
 int la_paged_append(const LaPagedAppendParams *params, cudaStream_t stream);
 int la_paged_quest_select(const LaQuestParams *params, cudaStream_t stream);
 int la_paged_decode(const LaPagedDecodeParams *params, cudaStream_t stream);
+int la_paged_decode_inmerge(const LaPagedDecodeMergeParams *params, cudaStream_t stream);
+int la_paged_quest_select_v5(const LaQuestV5Params *params, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
