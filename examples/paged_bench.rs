@@ -34,7 +34,8 @@
 //! (host-bound if the host side is the bottleneck).
 //!
 //! Diagnostics: "# fixed-cost fit" lines time the full decode at batch 1 for 1 to 128k
-//! tokens and fit `ms = F + kv_bytes / rate`, for the merge kernel and the in-kernel merge; `PAGED_BENCH_SPLITS=16,33,66` (every shape) and
+//! tokens and fit `ms = F + kv_bytes / rate`, for the merge kernel and the in-kernel merge;
+//! `PAGED_BENCH_SPLITS=16,33,66` (every shape) and
 //! `PAGED_BENCH_SPARSE_SPLITS=4,8,16` (Quest and streaming heads at batch 1) add
 //! "# split sweep" lines with forced split counts.
 //!

@@ -26,7 +26,7 @@ use crate::gpu::{
     DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim, cuda_call,
 };
 use crate::layout::Strided;
-use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode, QuestKernel, SplitMerge};
+use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
@@ -93,11 +93,13 @@ pub struct PagedDecodePlan {
     append_cu: Option<(Vec<i32>, CudaSlice<i32>)>,
     /// `[2, heads_kv]` K then V scales of an FP8 cache (ones when the cache has none).
     kv_scales: CudaSlice<f32>,
-    /// [`SplitMerge::InKernel`] with `splits > 1`: the ticket counters
-    /// (`[merge_counters_len]` i32), zeroed here once; every launch leaves them 0.
+    /// [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) with `splits > 1`: the
+    /// ticket counters (`[merge_counters_len]` i32), zeroed here once; every launch leaves
+    /// them 0.
     merge_counters: Option<CudaSlice<i32>>,
-    /// [`QuestKernel::V5`] with Quest heads: the ticket counters (`[batch, heads_kv]` i32,
-    /// zeroed once, left 0 by every launch) and the pages per block.
+    /// [`QuestKernel::V5`](crate::paged::QuestKernel::V5) with Quest heads: the ticket
+    /// counters (`[batch, heads_kv]` i32, zeroed once, left 0 by every launch) and the pages
+    /// per block.
     quest_v5: Option<(CudaSlice<i32>, usize)>,
 }
 
@@ -338,12 +340,13 @@ impl PagedDecodePlan {
         self.splits
     }
     /// Whether [`PagedDecodePlan::forward`] merges its splits inside the decode kernel (one
-    /// launch): [`SplitMerge::InKernel`] and more than one split.
+    /// launch): [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) and more than
+    /// one split.
     pub fn merges_in_kernel(&self) -> bool {
         self.merge_counters.is_some()
     }
-    /// Pages per block of the [`QuestKernel::V5`] selection (`None`: the two-kernel
-    /// selection, or no Quest heads).
+    /// Pages per block of the [`QuestKernel::V5`](crate::paged::QuestKernel::V5) selection
+    /// (`None`: the two-kernel selection, or no Quest heads).
     pub fn quest_v5_pages_per_block(&self) -> Option<usize> {
         self.quest_v5.as_ref().map(|(_, chunk)| *chunk)
     }
@@ -485,7 +488,7 @@ mod imp {
         ptr_mut_or_null, ptr_or_null,
     };
     use crate::layout::Strides;
-    use crate::paged::HeadPolicy;
+    use crate::paged::{HeadPolicy, QuestKernel, SplitMerge};
     use cudarc::driver::sys::CUdevice_attribute;
     use cudarc::driver::{DevicePtr, DevicePtrMut};
 
