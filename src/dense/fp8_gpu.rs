@@ -34,10 +34,12 @@ impl FlashAttention {
     ///
     /// Every length, stride, type and shape is checked before any pointer is taken. The
     /// descale *values* live on the device and are not inspected (that would need a
-    /// device-to-host copy per call): the caller guarantees what the CPU path checks (finite,
-    /// > 0, at most [`crate::dense::FP8_MAX_DESCALE`]). A scratch of `heads_kv * 128 *
-    /// vt_keys` bytes (about the size of v) for V^T is allocated on `stream` (stream-ordered)
-    /// and freed after the launch; varlen offsets are uploaded on `stream` per call.
+    /// device-to-host copy per call): the caller guarantees what the CPU path checks
+    /// (finite, positive, at most [`crate::dense::FP8_MAX_DESCALE`]). A scratch of
+    /// `heads_kv * 128 * vt_keys` bytes (about the size of v) for V^T is allocated on
+    /// `stream` (stream-ordered) and freed after the launch; varlen offsets are uploaded on
+    /// `stream` per call.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_gpu_fp8<O, I, OB, D>(
         &self,
         stream: &Arc<CudaStream>,
