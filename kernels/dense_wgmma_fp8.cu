@@ -90,11 +90,31 @@ struct Fp8Traits {
 };
 using Tr = Fp8Traits;
 
-// The V^T column (within a group of 32) that holds key kv_slot_key(s): see the file comment.
-__host__ __device__ __forceinline__ int kv_slot_key(int s) {
-  const int x = s & 3, t = (s >> 2) & 3;
-  return (s & ~15) + 2 * t + (x & 1) + 8 * (x >> 1);
+// The key (within a group of 32) that V^T column s (< 32) holds: see the file comment.
+__host__ __device__ constexpr int kv_slot_key(int s) {
+  return (s & 16) + 2 * ((s >> 2) & 3) + (s & 1) + 8 * ((s >> 1) & 1);
 }
+
+// Compile-time proof that pack_p and the pre-pass agree: for thread t of a quad, A column
+// 4 t + x (register 0 / 1, byte x) and 16 + 4 t + x (register 2 / 3) hold the keys that
+// pack_p converts into that byte, i.e. S columns 2 t, 2 t + 1 of n8 blocks 0 and 1 (bytes
+// 0-1, 2-3) and of blocks 2 and 3; and every key of the group has exactly one column.
+constexpr bool kv_slots_match_pack_p() {
+  for (int t = 0; t < 4; ++t)
+    for (int x = 0; x < 4; ++x)
+      for (int half = 0; half < 2; ++half) {
+        const int block = 2 * half + (x >> 1);  // n8 block of byte x: pack_p's x[0..], x[4..]
+        const int s_key = 8 * block + 2 * t + (x & 1);
+        if (kv_slot_key(16 * half + 4 * t + x) != s_key) return false;
+      }
+  for (int key = 0; key < 32; ++key) {
+    int hits = 0;
+    for (int s = 0; s < 32; ++s) hits += kv_slot_key(s) == key;
+    if (hits != 1) return false;
+  }
+  return true;
+}
+static_assert(kv_slots_match_pack_p(), "the V^T key permutation is the A fragment of S");
 
 // First V^T column of sequence b (dense_fp8.h).
 __device__ __forceinline__ long long vt_start(const LaDenseParams &p, int b) {
