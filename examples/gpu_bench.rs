@@ -19,6 +19,11 @@
 //! query / 8 kv heads, d128, no mask), as chunked prefill and speculative decoding run them:
 //! `DenseKernel::TensorCoreGqa` (query heads of a group packed into one tile; not yet run on
 //! a GPU) against the per-head kernels.
+//!
+//! `fp8_d128_*` rows: the FP8 (e4m3) forward (`FlashAttention::forward_gpu_fp8`, Hopper,
+//! `longattn-wgmma-fp8`; not yet run on a GPU), V^T pre-pass and scratch included, with the
+//! bf16 Hopper kernel timed on the same shape in the same run (`bf16_tflops`, `ratio_bf16`;
+//! issue 16's target is ratio >= 1.5 at 16k).
 
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::*;
@@ -161,6 +166,54 @@ fn time_varlen(stream: &Arc<CudaStream>, kernel: DenseKernel) -> Result<(f64, f6
     Ok((ms, 4.0 * (h * d) as f64 * pairs as f64 / ms / 1e9))
 }
 
+/// The FP8 forward on `c` (d128, bf16 output): e4m3 codes of the bench's uniform values
+/// times 8, descales 1/8; returns (ms, TFLOP/s over the visible pairs).
+fn time_fp8(stream: &Arc<CudaStream>, c: &Case) -> Result<(f64, f64)> {
+    let shape = AttentionShape {
+        batch: c.b,
+        heads_q: c.h,
+        heads_kv: c.h,
+        head_dim: c.d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: c.s,
+            seqlen_k: c.s,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &c.opts)?;
+    let st = Strides::contiguous(c.s, c.h, c.d);
+    let n = c.b * c.s * c.h * c.d;
+    let codes = |seed| -> Vec<F8E4M3> {
+        lcg_fill(n, seed)
+            .iter()
+            .map(|x| F8E4M3::from_f32(x.to_f32() * 8.0))
+            .collect()
+    };
+    let q: CudaSlice<F8E4M3> = stream.clone_htod(&codes(1))?;
+    let k: CudaSlice<F8E4M3> = stream.clone_htod(&codes(2))?;
+    let v: CudaSlice<F8E4M3> = stream.clone_htod(&codes(3))?;
+    let descale: CudaSlice<f32> = stream.clone_htod(&vec![0.125f32; c.b * c.h])?;
+    let mut o: CudaSlice<bf16> = stream.alloc_zeros(n)?;
+    let ms = support::time_ms(stream, 300.0, 50, || {
+        attn.forward_gpu_fp8(
+            stream,
+            Strided::new(&q, st),
+            Strided::new(&k, st),
+            Strided::new(&v, st),
+            Fp8Descales {
+                q: &descale,
+                k: &descale,
+                v: &descale,
+            },
+            Strided::new(&mut o, st),
+            None,
+        )
+    })?;
+    let flops = 4.0
+        * (c.b * c.h * c.d) as f64
+        * support::visible_pairs(&c.opts.effective_mask(), c.s, c.s) as f64;
+    Ok((ms, flops / ms / 1e9))
+}
+
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
     let ctx = longattn::device::open_gpu(0)?;
@@ -236,6 +289,32 @@ fn main() -> Result<()> {
                     c.name, c.b, c.s, c.h, c.d
                 ),
                 Err(e) => println!("# {} {label}: {e}", c.name),
+            }
+        }
+    }
+    // FP8 (e4m3) d128 against the bf16 Hopper kernel on the same shape, in this run.
+    for &s in &[1024usize, 16384] {
+        for causal in [false, true] {
+            let c = Case {
+                name: format!("fp8_d128_s{s}_{}", if causal { "causal" } else { "full" }),
+                b: 16384 / s,
+                s,
+                h: 16,
+                d: 128,
+                opts: AttentionOptions::default().with_causal(causal),
+            };
+            let bf16_tflops = time_case(&stream, &c, DenseKernel::Hopper).map(|r| r.1);
+            match (time_fp8(&stream, &c), bf16_tflops) {
+                (Ok((ms, tflops)), Ok(bf)) => println!(
+                    "BENCH {{\"name\":\"{}\",\"impl\":\"longattn-wgmma-fp8\",\"b\":{},\"s\":{},\"h\":{},\"d\":{},\"ms\":{ms:.4},\"tflops\":{tflops:.2},\"bf16_tflops\":{bf:.2},\"ratio_bf16\":{:.3}}}",
+                    c.name,
+                    c.b,
+                    c.s,
+                    c.h,
+                    c.d,
+                    tflops / bf
+                ),
+                (Err(e), _) | (_, Err(e)) => println!("# {} longattn-wgmma-fp8: {e}", c.name),
             }
         }
     }

@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 # A dense kernel that hangs (rc 124 from timeout) must not eat the rest of the device time:
 # the dense steps after the tests are then skipped and the paged ones still run.
 DENSE_OK=1
-FIRST="paged_prefill_gpu block_sparse_gpu paged_prefill neighborhood_gpu ring_gpu dense_gpu paged_gpu"
+FIRST="dense_fp8 paged_prefill_gpu block_sparse_gpu paged_prefill neighborhood_gpu ring_gpu dense_gpu paged_gpu"
 REST=$(for f in "$HERE"/tests/*; do
   case " $FIRST " in *" $(basename "$f") "*) ;; *) basename "$f" ;; esac
 done)
@@ -58,7 +58,7 @@ if command -v compute-sanitizer > /dev/null; then
       "$HERE/tests/block_sparse_gpu" gpu_moba_gather --test-threads=1
   # Test-name filters: the GPU tests of each binary (all of ring_gpu's need the GPU).
   for spec in paged_prefill_gpu:gpu_hopper block_sparse_gpu:gpu paged_prefill:gpu \
-    neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu; do
+    neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu dense_fp8:gpu; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     [ "$t" = dense_gpu ] && [ "$DENSE_OK" = 0 ] && continue
@@ -77,7 +77,8 @@ if command -v compute-sanitizer > /dev/null; then
     paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \
     block_sparse_gpu:gpu_moba_gather_plan_replay_and_refusals \
-    ring_gpu:in_process_ring_moves_only_the_needed_shards; do
+    ring_gpu:in_process_ring_moves_only_the_needed_shards \
+    dense_fp8:gpu_fp8_matches_reference; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     step "racecheck-$t-${spec#*:}" 25 compute-sanitizer --tool racecheck --error-exitcode 9 \

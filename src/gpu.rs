@@ -313,7 +313,8 @@ impl<'a> QkvoPtrs<'a> {
 
     /// [`QkvoPtrs::new`], checking the 16-byte vector accesses only when `vector` (a kernel
     /// that moves single elements needs none: cudarc's typed buffers are element-aligned).
-    pub(crate) fn with_access<T, I, O>(
+    /// The output's element type `U` may differ from the inputs' `T` (the FP8 forward).
+    pub(crate) fn with_access<T, U, I, O>(
         stream: &'a CudaStream,
         q: &'a Strided<&I>,
         k: &'a Strided<&I>,
@@ -323,8 +324,9 @@ impl<'a> QkvoPtrs<'a> {
     ) -> Result<Self>
     where
         T: Element,
+        U: Element,
         I: DeviceBuffer<T>,
-        O: DeviceBufferMut<T>,
+        O: DeviceBufferMut<U>,
     {
         let bytes = dtype_bytes(T::DTYPE);
         let (q_ptr, q_sync) = q.data.device_ptr(stream);
@@ -335,7 +337,7 @@ impl<'a> QkvoPtrs<'a> {
             check_vector_access("q", q_ptr, &q.strides, bytes)?;
             check_vector_access("k", k_ptr, &k.strides, bytes)?;
             check_vector_access("v", v_ptr, &v.strides, bytes)?;
-            check_vector_access("out", o_ptr, out_strides, bytes)?;
+            check_vector_access("out", o_ptr, out_strides, dtype_bytes(U::DTYPE))?;
         }
         Ok(QkvoPtrs {
             q: q_ptr,

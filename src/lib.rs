@@ -91,7 +91,8 @@ pub use block_sparse::{
 };
 pub use cudarc;
 pub use dense::{
-    AttentionOptions, AttentionShape, DenseGpuPlan, DenseKernel, FlashAttention, MAX_SCALE,
+    AttentionOptions, AttentionShape, DenseGpuPlan, DenseKernel, FP8_KEY_TILE, FP8_MAX_DESCALE,
+    FlashAttention, Fp8Descales, MAX_SCALE,
 };
 pub use device::Device;
 pub use element::{DType, Element, F8E4M3};

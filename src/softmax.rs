@@ -34,7 +34,19 @@ impl OnlineSoftmax {
     /// whole row NaN, output and LSE, and stays NaN through later tiles; a NaN in a visible
     /// value row makes the affected output elements NaN. `f32::max` ignores NaN, so the NaN
     /// is caught explicitly instead of being skipped.
-    pub fn update<'v>(&mut self, scores: &[f32], mut values: impl FnMut(usize) -> &'v [f32]) {
+    pub fn update<'v>(&mut self, scores: &[f32], values: impl FnMut(usize) -> &'v [f32]) {
+        self.update_weighted(scores, values, |p| p);
+    }
+
+    /// [`OnlineSoftmax::update`] where value `j` enters `acc` with weight `weight(p_j)`
+    /// instead of `p_j = exp(s_j - m)`, while `l` sums the unquantised `p_j`: the FP8
+    /// forward's P quantised for the PV product (docs/semantics.md, "FP8 dense forward").
+    pub fn update_weighted<'v>(
+        &mut self,
+        scores: &[f32],
+        mut values: impl FnMut(usize) -> &'v [f32],
+        weight: impl Fn(f32) -> f32,
+    ) {
         if self.l.is_nan() {
             return;
         }
@@ -59,8 +71,9 @@ impl OnlineSoftmax {
             }
             let p = (s - new_m).exp();
             self.l += p;
+            let w = weight(p);
             for (a, &v) in self.acc.iter_mut().zip(values(j)) {
-                *a += p * v;
+                *a += w * v;
             }
         }
         self.m = new_m;

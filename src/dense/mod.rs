@@ -1,8 +1,12 @@
 //! Dense (flash) attention: the validated problem, the CPU path (tiled online softmax, the
 //! same algorithm and tile schedule as the CUDA kernels) and the GPU entry point.
 
+pub(crate) mod fp8;
+pub(crate) mod fp8_gpu;
 pub(crate) mod gpu;
 
+pub use fp8::{FP8_KEY_TILE, FP8_MAX_DESCALE, Fp8Descales};
+pub use fp8_gpu::FP8_GPU_HEAD_DIM;
 pub use gpu::{DenseGpuPlan, GPU_MAX_HEAD_DIM};
 
 use crate::element::Element;
@@ -479,17 +483,17 @@ impl FlashAttention {
         Ok(())
     }
 
-    /// The CPU driver shared by the dense and block-sparse paths (buffers already checked):
-    /// gathers each (sequence `b`, query head `h`) as f32 (`q: [sq, d]`, `k, v: [sk, d]`),
+    /// The CPU driver shared by the dense, FP8 and block-sparse paths (buffers already
+    /// checked): gathers each (sequence `b`, query head `h`) as f32 (`q: [sq, d]`, `k, v: [sk, d]`),
     /// runs `head(b, h, q, k, v, sq, sk) -> (o [sq, d], lse [sq])` in parallel over
     /// (batch, head), and stores the results.
     #[allow(clippy::type_complexity)]
-    pub(crate) fn run_heads_cpu<T: Element>(
+    pub(crate) fn run_heads_cpu<T: Element, O: Element>(
         &self,
         q: Strided<&[T]>,
         k: Strided<&[T]>,
         v: Strided<&[T]>,
-        out: Strided<&mut [T]>,
+        out: Strided<&mut [O]>,
         lse: Option<&mut [f32]>,
         head: impl Fn(usize, usize, &[f32], &[f32], &[f32], usize, usize) -> (Vec<f32>, Vec<f32>) + Sync,
     ) {

@@ -4,11 +4,13 @@
 
 pub mod block_sparse;
 pub mod dense;
+pub mod dense_fp8;
 pub mod neighborhood;
 pub mod paged;
 
 pub use block_sparse::block_sparse_attention_f64;
 pub use dense::dense_attention_f64;
+pub use dense_fp8::{Fp8PRule, dense_fp8_attention_f64};
 pub use neighborhood::neighborhood_attention_f64;
 
 use crate::element::Element;
