@@ -52,7 +52,7 @@ def fmt(x, width, prec):
 
 def dense_table():
     names = [n for n in order if any("tflops" in r for r in rows[n].values())
-             and not n.startswith("moba_")]  # MoBA has a table of its own
+             and not n.startswith(("moba_", "fp8_"))]  # MoBA and FP8 have tables of their own
     if not names:
         return
     impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
@@ -97,6 +97,23 @@ def window_fractions():
             t = by.get(impl, {}).get("tflops")
             cells += fmt(100.0 * t / dense if t else None, width, 1)
         print(f"{name:<28}{cells}")
+
+
+def fp8_table():
+    """FP8 (e4m3) forward rows against our bf16 Hopper kernel on the same problem, measured in
+    the same gpu_bench run (issue 16 target: >= 1.5x at d128 16k)."""
+    names = [n for n in order if n.startswith("fp8_")]
+    if not names:
+        return
+    print(f"\n{'fp8 case':<28}{'fp8 TFLOP/s':>12}{'bf16 TFLOP/s':>13}{'fp8/bf16':>10}  target")
+    for name in names:
+        r = rows[name].get("longattn-wgmma-fp8", {})
+        ratio = r.get("ratio_bf16")
+        mark = ""
+        if "s16384" in name and ratio is not None:
+            mark = "ok >=1.5x" if ratio >= 1.5 else "MISS >=1.5x"
+        print(f"{name:<28}{fmt(r.get('tflops'), 12, 1)}{fmt(r.get('bf16_tflops'), 13, 1)}"
+              f"{fmt(ratio, 10, 2)}  {mark}")
 
 
 def target(r):
@@ -287,6 +304,7 @@ def ring_table():
 
 
 dense_table()
+fp8_table()
 paged_table()
 family_table()
 moba_table()
