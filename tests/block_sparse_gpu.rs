@@ -1000,34 +1000,12 @@ fn moba_run_on<T: Element + DeviceRepr>(
     let attn = x.bs.attention().clone();
     let cfg = mc.config();
     let what = format!("moba {} d{} {} {gate:?}", mc.name, mc.d, T::DTYPE);
-    let OnDevice {
-        q: dq,
-        k: dk,
-        v: dv,
-        out: mut dout,
-        lse: mut dlse,
-    } = x.upload(stream);
-    let mut plan = MobaGpuPlan::new(&attn, &cfg, stream)
+    let plan = MobaGpuPlan::new(&attn, &cfg, stream)
         .unwrap()
         .with_gate(gate)
         .unwrap();
     assert_eq!(plan.gate(), gate);
-    plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
-        stream,
-        Strided::new(&dq, x.qs),
-        Strided::new(&dk, x.ks),
-        Strided::new(&dv, x.ks),
-        Strided::new(&mut dout, x.qs),
-        Some(&mut dlse),
-    )
-    .unwrap();
-    let got = MobaResult {
-        pooled: plan.pooled_keys(stream).unwrap(),
-        rows: plan.row_blocks(stream).unwrap(),
-        unions: plan.tile_unions(stream).unwrap(),
-        out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
-        lse: stream.clone_dtoh(&dlse).unwrap(),
-    };
+    let (got, _) = moba_forward(stream, plan, &x);
     moba_check(mc, &x, got, &what)
 }
 
@@ -1038,6 +1016,39 @@ struct MobaResult {
     unions: Vec<Vec<i32>>,
     out: Vec<f64>,
     lse: Vec<f32>,
+}
+
+/// Uploads `x` (NaN-poisoned outputs), runs `plan` on it and reads everything back; returns
+/// the plan too, for what else a caller reads from it.
+fn moba_forward<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    mut plan: MobaGpuPlan,
+    x: &Inputs<T>,
+) -> (MobaResult, MobaGpuPlan) {
+    let OnDevice {
+        q: dq,
+        k: dk,
+        v: dv,
+        out: mut dout,
+        lse: mut dlse,
+    } = x.upload(stream);
+    plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
+        stream,
+        Strided::new(&dq, x.qs),
+        Strided::new(&dk, x.ks),
+        Strided::new(&dv, x.ks),
+        Strided::new(&mut dout, x.qs),
+        Some(&mut dlse),
+    )
+    .unwrap();
+    let res = MobaResult {
+        pooled: plan.pooled_keys(stream).unwrap(),
+        rows: plan.row_blocks(stream).unwrap(),
+        unions: plan.tile_unions(stream).unwrap(),
+        out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
+        lse: stream.clone_dtoh(&dlse).unwrap(),
+    };
+    (res, plan)
 }
 
 /// The checks of [`moba_run_on`] on a result; returns (rel. error, near-tie flips).
@@ -1993,34 +2004,12 @@ fn moba_gather_run_on<T: Element + DeviceRepr>(
     let cfg = mc.config();
     let what = format!("moba gather {} d{} {}", mc.name, mc.d, T::DTYPE);
     let run = |attention: MobaAttention| {
-        let OnDevice {
-            q: dq,
-            k: dk,
-            v: dv,
-            out: mut dout,
-            lse: mut dlse,
-        } = x.upload(stream);
-        let mut plan = MobaGpuPlan::new(&attn, &cfg, stream)
+        let plan = MobaGpuPlan::new(&attn, &cfg, stream)
             .unwrap()
             .with_attention(attention)
             .unwrap();
         assert_eq!(plan.attention(), attention);
-        plan.forward::<T, CudaSlice<T>, CudaSlice<T>>(
-            stream,
-            Strided::new(&dq, x.qs),
-            Strided::new(&dk, x.ks),
-            Strided::new(&dv, x.ks),
-            Strided::new(&mut dout, x.qs),
-            Some(&mut dlse),
-        )
-        .unwrap();
-        let res = MobaResult {
-            pooled: plan.pooled_keys(stream).unwrap(),
-            rows: plan.row_blocks(stream).unwrap(),
-            unions: plan.tile_unions(stream).unwrap(),
-            out: to_f64(&stream.clone_dtoh(&dout).unwrap()),
-            lse: stream.clone_dtoh(&dlse).unwrap(),
-        };
+        let (res, plan) = moba_forward(stream, plan, &x);
         let index =
             (attention == MobaAttention::Gather).then(|| plan.gather_index(stream).unwrap());
         (res, index)
