@@ -490,39 +490,7 @@ mod tests {
         use crate::gpu::ffi;
         const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
         let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
-        let dense = ffi::LaDenseParams {
-            q: fake as *const _,
-            k: fake as *const _,
-            v: fake as *const _,
-            o: fake as *mut _,
-            batch: 1,
-            seqlen_q: 100,
-            seqlen_k: 300,
-            heads_q: 2,
-            heads_kv: 1,
-            head_dim: 64,
-            total_q: 100,
-            total_k: 300,
-            window_left: -1,
-            window_right: 0,
-            scale: 0.125,
-            dtype: ffi::LaDtype::LA_BF16,
-            ..Default::default()
-        };
-        let moba = ffi::LaMobaParams {
-            dense,
-            pooled: fake as *mut f32,
-            row_blocks: fake as *mut i32,
-            union_blocks: fake as *mut i32,
-            union_count: fake as *mut i32,
-            num_k_blocks: 5,
-            block_n: 64,
-            top_k: 3,
-            num_tiles: 2,
-            union_width: 5,
-            block_m: 0,
-            select_k: 3,
-        };
+        let moba = crate::block_sparse::moba_gpu::fake_moba_params(0);
         // 100 rows x 3 slots: 5 items of 64, plus 5 blocks; rows = 2 heads x 100.
         let ok = ffi::LaMobaGatherParams {
             moba,
@@ -579,7 +547,7 @@ mod tests {
                     dense: ffi::LaDenseParams {
                         seqlen_k: 64 * 8193,
                         total_k: 64 * 8193,
-                        ..dense
+                        ..moba.dense
                     },
                     num_k_blocks: 8193,
                     ..moba
@@ -604,7 +572,10 @@ mod tests {
         // No work (batch 0): success without a launch.
         let empty = ffi::LaMobaGatherParams {
             moba: ffi::LaMobaParams {
-                dense: ffi::LaDenseParams { batch: 0, ..dense },
+                dense: ffi::LaDenseParams {
+                    batch: 0,
+                    ..moba.dense
+                },
                 ..moba
             },
             rows: 0,

@@ -714,6 +714,48 @@ where
     check_launch("la_ring_gather", code)
 }
 
+/// Valid-looking MoBA params over dangling pointers (batch 1, 100 x 300 tokens, 2/1 heads,
+/// d64, bf16, causal, 5 key blocks of 64, top-3), for tests of the C launchers' argument
+/// checks, which refuse bad params before any pointer is touched.
+#[cfg(all(test, longattn_cuda))]
+pub(super) fn fake_moba_params(block_m: i32) -> crate::gpu::ffi::LaMobaParams {
+    use crate::gpu::ffi;
+    let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
+    let dense = ffi::LaDenseParams {
+        q: fake as *const _,
+        k: fake as *const _,
+        v: fake as *const _,
+        o: fake as *mut _,
+        batch: 1,
+        seqlen_q: 100,
+        seqlen_k: 300,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 64,
+        total_q: 100,
+        total_k: 300,
+        window_left: -1,
+        window_right: 0,
+        scale: 0.125,
+        dtype: ffi::LaDtype::LA_BF16,
+        ..Default::default()
+    };
+    ffi::LaMobaParams {
+        dense,
+        pooled: fake as *mut f32,
+        row_blocks: fake as *mut i32,
+        union_blocks: fake as *mut i32,
+        union_count: fake as *mut i32,
+        num_k_blocks: 5,
+        block_n: 64,
+        top_k: 3,
+        num_tiles: 2,
+        union_width: 5,
+        block_m,
+        select_k: 3,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -863,40 +905,7 @@ mod tests {
     fn c_entries_refuse_bad_params() {
         use crate::gpu::ffi;
         const INVALID_VALUE: i32 = 1; // cudaErrorInvalidValue
-        let fake = std::ptr::NonNull::<u64>::dangling().as_ptr();
-        let dense = ffi::LaDenseParams {
-            q: fake as *const _,
-            k: fake as *const _,
-            v: fake as *const _,
-            o: fake as *mut _,
-            batch: 1,
-            seqlen_q: 100,
-            seqlen_k: 300,
-            heads_q: 2,
-            heads_kv: 1,
-            head_dim: 64,
-            total_q: 100,
-            total_k: 300,
-            window_left: -1,
-            window_right: 0,
-            scale: 0.125,
-            dtype: ffi::LaDtype::LA_BF16,
-            ..Default::default()
-        };
-        let ok = ffi::LaMobaParams {
-            dense,
-            pooled: fake as *mut f32,
-            row_blocks: fake as *mut i32,
-            union_blocks: fake as *mut i32,
-            union_count: fake as *mut i32,
-            num_k_blocks: 5,
-            block_n: 64,
-            top_k: 3,
-            num_tiles: 2,
-            union_width: 5,
-            block_m: 128,
-            select_k: 3,
-        };
+        let ok = fake_moba_params(128);
         let cases = [
             ffi::LaMobaParams {
                 pooled: std::ptr::null_mut(),
@@ -921,7 +930,7 @@ mod tests {
             ffi::LaMobaParams {
                 dense: ffi::LaDenseParams {
                     heads_kv: 0,
-                    ..dense
+                    ..ok.dense
                 },
                 ..ok
             },
@@ -961,7 +970,10 @@ mod tests {
         assert_eq!(code, INVALID_VALUE);
         // No work (batch 0): success without a launch.
         let empty = ffi::LaMobaParams {
-            dense: ffi::LaDenseParams { batch: 0, ..dense },
+            dense: ffi::LaDenseParams {
+                batch: 0,
+                ..ok.dense
+            },
             ..ok
         };
         // SAFETY: nothing to run: returns before any pointer is read or CUDA is called.
