@@ -3,7 +3,9 @@
 //! cargo warning says how to get a toolkit); `LONGATTN_REQUIRE_CUDA=1` makes that an error and
 //! `LONGATTN_NO_CUDA=1` skips the search (CPU-only build even where nvcc exists).
 //! nvcc runs at most `NUM_JOBS` (cargo's `-j`) processes at a time, each with `--threads=1`
-//! unless spare jobs remain for its gencodes.
+//! unless spare jobs remain for its gencodes, largest file first, a worker taking the next file
+//! as soon as it is free. An object is kept while its source, the headers, the flags and the
+//! nvcc version are unchanged, so editing one kernel file recompiles that file only.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -154,40 +156,87 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
     let processes = jobs.min(sources.len()).max(1);
     flags.push(format!("--threads={}", (jobs / processes).max(1)));
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
-    let mut archive = cc::Build::new();
-    let mut failed = Vec::new();
-    for batch in sources.chunks(processes) {
-        let running: Vec<_> = batch
-            .iter()
-            .map(|source| {
-                let object = out_dir
-                    .join(source.file_stem().unwrap())
-                    .with_extension("o");
-                let child = std::process::Command::new(nvcc)
-                    .args(&flags)
-                    .arg(source)
-                    .arg("-o")
-                    .arg(&object)
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
-                (source, object, child)
+
+    // An object is reused while its key holds: the source, every header under kernels/include,
+    // the flags and the nvcc version (touching one kernel file recompiles that file only).
+    let version = std::process::Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| o.stdout)
+        .unwrap_or_default();
+    let mut shared = Vec::new();
+    hash_tree(include, &mut shared);
+    shared.extend_from_slice(&version);
+    shared.extend(flags.iter().flat_map(|f| f.bytes().chain([0])));
+    let units: Vec<(PathBuf, PathBuf, String)> = sources
+        .iter()
+        .map(|source| {
+            let object = out_dir
+                .join(source.file_stem().unwrap())
+                .with_extension("o");
+            let text = std::fs::read(source).expect("read a kernel source");
+            (source.clone(), object, content_key(&[&shared, &text]))
+        })
+        .collect();
+    // Largest sources first (a proxy for their compile time), each worker taking the next
+    // file as soon as its last one is done, so no core waits for a slow neighbour.
+    let mut order: Vec<usize> = (0..units.len()).collect();
+    order
+        .sort_by_key(|&i| std::cmp::Reverse(std::fs::metadata(&units[i].0).map_or(0, |m| m.len())));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(usize, bool, String)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..processes)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = order.get(n) else { break };
+                        let (source, object, key) = &units[i];
+                        let stamp = object.with_extension("key");
+                        if object.is_file()
+                            && std::fs::read_to_string(&stamp).is_ok_and(|k| k == *key)
+                        {
+                            done.push((i, true, String::new()));
+                            continue;
+                        }
+                        let _ = std::fs::remove_file(&stamp);
+                        let output = std::process::Command::new(nvcc)
+                            .args(&flags)
+                            .arg(source)
+                            .arg("-o")
+                            .arg(object)
+                            .output()
+                            .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+                        let ok = output.status.success();
+                        if ok {
+                            std::fs::write(&stamp, key).expect("write the object's key");
+                        }
+                        let log = String::from_utf8_lossy(&output.stderr).into_owned()
+                            + &String::from_utf8_lossy(&output.stdout);
+                        done.push((i, ok, log));
+                    }
+                    done
+                })
             })
             .collect();
-        for (source, object, child) in running {
-            let output = child.wait_with_output().expect("nvcc ran");
-            for line in String::from_utf8_lossy(&output.stderr)
-                .lines()
-                .chain(String::from_utf8_lossy(&output.stdout).lines())
-            {
-                println!("cargo::warning={line}");
-            }
-            if !output.status.success() {
-                failed.push(source.display().to_string());
-            }
-            archive.object(object);
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("an nvcc worker panicked"))
+            .collect()
+    });
+    let mut archive = cc::Build::new();
+    let mut failed = Vec::new();
+    let mut results = results;
+    results.sort_by_key(|r| r.0);
+    for (i, ok, log) in results {
+        for line in log.lines() {
+            println!("cargo::warning={line}");
         }
+        if !ok {
+            failed.push(units[i].0.display().to_string());
+        }
+        archive.object(&units[i].1);
     }
     if !failed.is_empty() {
         panic!("nvcc failed on {}", failed.join(", "));
@@ -211,6 +260,35 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
     for lib in ["dl", "rt", "pthread", "stdc++"] {
         println!("cargo::rustc-link-lib={lib}");
     }
+}
+
+/// Appends the path and content of every file under `dir`, in name order.
+fn hash_tree(dir: &Path, into: &mut Vec<u8>) {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("kernels/include is readable")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            hash_tree(&path, into);
+        } else {
+            into.extend(path.to_string_lossy().bytes().chain([0]));
+            into.extend(std::fs::read(&path).expect("read a kernel header"));
+        }
+    }
+}
+
+/// A 128-bit FNV-1a digest of `parts`, in hex: stable across toolchains, unlike `Hasher`.
+fn content_key(parts: &[&[u8]]) -> String {
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for part in parts {
+        for &b in part.iter().chain(&[0xff]) {
+            h ^= b as u128;
+            h = h.wrapping_mul(0x0000000001000000000000000000013b);
+        }
+    }
+    format!("{h:032x}")
 }
 
 fn generate_bindings(include: &Path) {
