@@ -9,7 +9,7 @@ use crate::dense::{CPU_TILE_M, FlashAttention};
 use crate::element::{DType, Element, F8E4M3};
 use crate::error::{Error, Result};
 use crate::layout::Strided;
-use crate::softmax::{OnlineSoftmax, softcapped};
+use crate::softmax::{OnlineSoftmax, dot, softcapped};
 
 /// Keys per tile of the FP8 definition: P is quantised against the running row max after
 /// each tile of this many keys (aligned at key 0 of the sequence). The Hopper kernel's key
@@ -128,8 +128,7 @@ impl FlashAttention {
                     for (s, j) in scores.iter_mut().zip(keys.clone()) {
                         *s = if self.mask.visible(i, j, sq, sk) {
                             let kj = &k[j * d..(j + 1) * d];
-                            let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                            softcapped(dot * qk_scale, self.softcap)
+                            softcapped(dot(qi, kj) * qk_scale, self.softcap)
                         } else {
                             f32::NEG_INFINITY
                         };

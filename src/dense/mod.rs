@@ -16,7 +16,7 @@ use crate::layout::{
     checked_elems,
 };
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, softcapped};
+use crate::softmax::{OnlineSoftmax, dot, softcapped};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -556,8 +556,7 @@ impl FlashAttention {
         for (s, j) in scores.iter_mut().zip(keys) {
             *s = if visible(j) {
                 let kj = &k[j * d..(j + 1) * d];
-                let dot: f32 = qi.iter().zip(kj).map(|(a, b)| a * b).sum();
-                softcapped(dot * self.scale, self.softcap)
+                softcapped(dot(qi, kj) * self.scale, self.softcap)
             } else {
                 f32::NEG_INFINITY
             };

@@ -24,7 +24,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{Strided, check_attention_args, check_heads};
 use crate::mask::Mask;
-use crate::softmax::{OnlineSoftmax, softcapped};
+use crate::softmax::{OnlineSoftmax, dot, softcapped};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -427,12 +427,7 @@ impl NeighborhoodAttention {
                     let qt = &qh[t * d..(t + 1) * d];
                     scores.clear();
                     scores.extend(keys.iter().map(|&j| {
-                        let dot: f32 = qt
-                            .iter()
-                            .zip(&kh[j * d..(j + 1) * d])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        softcapped(dot * self.scale, self.softcap)
+                        softcapped(dot(qt, &kh[j * d..(j + 1) * d]) * self.scale, self.softcap)
                     }));
                     let mut state = OnlineSoftmax::new(d);
                     state.update(&scores, |i| &vh[keys[i] * d..(keys[i] + 1) * d]);

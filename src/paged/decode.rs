@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, merge_into_row, softcapped};
+use crate::softmax::{OnlineSoftmax, dot_by, merge_into_row, softcapped};
 use rayon::prelude::*;
 
 /// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
@@ -731,11 +731,7 @@ impl PagedDecode {
                         for (t, j) in keys.clone().enumerate() {
                             let off = self.cache.token_at(b, j, kvh);
                             scores[t] = if mask.visible(i, j, self.q_len, sk) {
-                                let dot: f32 = qi
-                                    .iter()
-                                    .zip(&kv.k[off..off + d])
-                                    .map(|(a, k)| a * k.to_f32())
-                                    .sum();
+                                let dot = dot_by(&qi, &kv.k[off..off + d], |k| k.to_f32());
                                 softcapped(dot * score_scale, self.softcap)
                             } else {
                                 f32::NEG_INFINITY
