@@ -343,7 +343,7 @@ fn reused_page_forgets_its_previous_owner() {
         append_kv_same(
             &cache,
             &[0, tokens as i32],
-            &data,
+            data,
             s,
             (&mut kc, &mut vc),
             Some((&mut kmin, &mut kmax)),
