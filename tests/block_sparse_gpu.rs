@@ -126,6 +126,23 @@ impl Case {
 }
 
 impl<T: Element> Inputs<T> {
+    /// `bs` (this problem, or another mask over it) on the CPU with these q, k, v, into a
+    /// NaN-filled output and LSE; returns them (output as f64).
+    fn forward_cpu(&self, bs: &BlockSparseAttention) -> (Vec<f64>, Vec<f32>) {
+        let attn = bs.attention();
+        let mut out = vec![T::from_f32(f32::NAN); attn.out_len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        bs.forward_cpu(
+            Strided::new(&self.q[..], self.qs),
+            Strided::new(&self.k[..], self.ks),
+            Strided::new(&self.v[..], self.ks),
+            Strided::new(&mut out[..], self.qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        (to_f64(&out), lse)
+    }
+
     fn reference(&self) -> (Vec<f64>, Vec<f64>) {
         block_sparse_attention_f64(
             &self.bs,
@@ -164,6 +181,25 @@ fn gpu_run<T: Element + DeviceRepr>(
     }?;
     let out = stream.clone_dtoh(&dout).unwrap();
     Ok((to_f64(&out), stream.clone_dtoh(&dlse).unwrap()))
+}
+
+/// `bs.forward_gpu` reading q, k and v from `x` (strides `qs`, `ks`) and writing `out`, no
+/// LSE (the refusals do not depend on the contents).
+fn forward_one_buffer<T: Element + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    bs: &BlockSparseAttention,
+    x: &CudaSlice<T>,
+    out: &mut CudaSlice<T>,
+    (qs, ks): (Strides, Strides),
+) -> Result<()> {
+    bs.forward_gpu(
+        stream,
+        Strided::new(x, qs),
+        Strided::new(x, ks),
+        Strided::new(x, ks),
+        Strided::new(out, qs),
+        None,
+    )
 }
 
 /// Runs case `c` in dtype `T` on the GPU and checks it against the reference; returns the
@@ -512,18 +548,8 @@ fn all_cases() -> Vec<Case> {
 /// LSE within 1e-4.
 fn cpu_matches_reference(x: &Inputs<f32>, name: &str) {
     let (want, want_lse) = x.reference();
-    let attn = x.bs.attention();
-    let mut out = vec![f32::NAN; attn.out_len()];
-    let mut lse = vec![f32::NAN; attn.lse_len()];
-    x.bs.forward_cpu(
-        Strided::new(&x.q[..], x.qs),
-        Strided::new(&x.k[..], x.ks),
-        Strided::new(&x.v[..], x.ks),
-        Strided::new(&mut out[..], x.qs),
-        Some(&mut lse),
-    )
-    .unwrap();
-    let err = rel_l2(&to_f64(&out), &want);
+    let (out, lse) = x.forward_cpu(&x.bs);
+    let err = rel_l2(&out, &want);
     assert!(err < 2e-5, "{name}: CPU rel err {err}");
     check_lse(&lse, &want_lse, 1e-4, name);
 }
@@ -546,10 +572,9 @@ fn sweep_cases_are_valid_problems() {
 }
 #[test]
 fn gpu_block_sparse_matches_reference_bf16() {
-    let Some(ctx) = gpu_or_skip("gpu_block_sparse_matches_reference_bf16") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_block_sparse_matches_reference_bf16") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in all_cases().iter().enumerate() {
         worst = worst.max(run_case::<bf16>(&stream, 100 + i as u64, c));
@@ -559,10 +584,9 @@ fn gpu_block_sparse_matches_reference_bf16() {
 
 #[test]
 fn gpu_block_sparse_matches_reference_f16() {
-    let Some(ctx) = gpu_or_skip("gpu_block_sparse_matches_reference_f16") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_block_sparse_matches_reference_f16") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in all_cases().iter().enumerate() {
         worst = worst.max(run_case::<f16>(&stream, 600 + i as u64, c));
@@ -586,10 +610,9 @@ fn plan_replays_one_shot(stream: &Arc<CudaStream>, x: &Inputs<bf16>, name: &str)
 
 #[test]
 fn gpu_block_sparse_plan_matches_one_shot() {
-    let Some(ctx) = gpu_or_skip("gpu_block_sparse_plan_matches_one_shot") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_block_sparse_plan_matches_one_shot") else {
         return;
     };
-    let stream = ctx.default_stream();
     for c in special_cases().iter().take(2) {
         let x = c.inputs::<bf16>(42);
         plan_replays_one_shot(&stream, &x, &c.name);
@@ -600,23 +623,15 @@ fn gpu_block_sparse_plan_matches_one_shot() {
 /// `src/block_sparse/gpu.rs`): f32, a misaligned pointer, MoBA rows, block sizes.
 #[test]
 fn gpu_block_sparse_refuses_what_it_cannot_run() {
-    let Some(ctx) = gpu_or_skip("gpu_block_sparse_refuses_what_it_cannot_run") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_block_sparse_refuses_what_it_cannot_run") else {
         return;
     };
-    let stream = ctx.default_stream();
     let c = &random_cases()[16]; // shape 4, no mask: b 2, 64 x 64, hq 3, hkv 1, d 128
     let x = c.inputs::<bf16>(1);
     let a = x.bs.attention();
     let f: CudaSlice<f32> = stream.alloc_zeros(a.out_len()).unwrap();
     let mut fo: CudaSlice<f32> = stream.alloc_zeros(a.out_len()).unwrap();
-    let r = x.bs.forward_gpu(
-        &stream,
-        Strided::new(&f, x.qs),
-        Strided::new(&f, x.ks),
-        Strided::new(&f, x.ks),
-        Strided::new(&mut fo, x.qs),
-        None,
-    );
+    let r = forward_one_buffer(&stream, &x.bs, &f, &mut fo, (x.qs, x.ks));
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let buf: CudaSlice<bf16> = stream.alloc_zeros(a.out_len() + 8).unwrap();
     let mut out: CudaSlice<bf16> = stream.alloc_zeros(a.out_len()).unwrap();
@@ -631,42 +646,17 @@ fn gpu_block_sparse_refuses_what_it_cannot_run() {
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let rows = RowBlocks::new(64, 1, vec![0; a.lse_len()]).unwrap();
     let moba = x.bs.clone().with_row_blocks(rows).unwrap();
-    let r = moba.forward_gpu(
-        &stream,
-        Strided::new(&buf, x.qs),
-        Strided::new(&buf, x.ks),
-        Strided::new(&buf, x.ks),
-        Strided::new(&mut out, x.qs),
-        None,
-    );
+    let r = forward_one_buffer(&stream, &moba, &buf, &mut out, (x.qs, x.ks));
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
     let dims = BlockMaskDims::for_lengths(1, 1, 64, 64, 32, 32).unwrap();
     let small =
         BlockSparseAttention::new(a.clone(), BlockMask::dense(dims, BlockKind::Full).unwrap())
             .unwrap();
-    let r = small.forward_gpu(
-        &stream,
-        Strided::new(&buf, x.qs),
-        Strided::new(&buf, x.ks),
-        Strided::new(&buf, x.ks),
-        Strided::new(&mut out, x.qs),
-        None,
-    );
+    let r = forward_one_buffer(&stream, &small, &buf, &mut out, (x.qs, x.ks));
     assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
 }
 
 // ---- The Hopper kernel (BlockSparseKernel::Hopper, block_sparse_wgmma.cu) -----------------
-
-/// Whether GPU 0 is a Hopper (compute capability 9.0), where the wgmma kernel runs.
-fn is_hopper() -> bool {
-    static HOPPER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *HOPPER.get_or_init(|| {
-        longattn::device::open_gpu(0)
-            .ok()
-            .and_then(|ctx| ctx.compute_capability().ok())
-            == Some((9, 0))
-    })
-}
 
 /// The GPU, if it is a Hopper; else prints why the test is skipped (a missing GPU fails with
 /// `LONGATTN_REQUIRE_GPU=1`, a GPU of another compute capability does not).
@@ -834,10 +824,10 @@ fn gpu_hopper_block_sparse_plan_matches_one_shot() {
 /// `Error::Unsupported`, never a launch.
 #[test]
 fn gpu_hopper_block_sparse_refuses_what_it_cannot_run() {
-    let Some(ctx) = gpu_or_skip("gpu_hopper_block_sparse_refuses_what_it_cannot_run") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_hopper_block_sparse_refuses_what_it_cannot_run")
+    else {
         return;
     };
-    let stream = ctx.default_stream();
     let (b, s, hq, hkv, d) = (2usize, 200usize, 4usize, 2usize, 128usize);
     let attn = FlashAttention::new(
         &AttentionShape {
@@ -932,12 +922,19 @@ impl MobaCase {
     }
 }
 
-/// Shapes: lengths not multiples of the block or the 64-row tile, seqlen_q != seqlen_k both
-/// ways (rows before key 0 see nothing), a single row, GQA, varlen with a short sequence,
-/// top_k 1 (own block only), top_k above the block count, top_k 32, no key at all, a sliding
-/// window on top.
-fn moba_cases() -> Vec<MobaCase> {
-    let c = |name, lens: Vec<(usize, usize)>, varlen, hq, hkv, d, block_n, top_k| MobaCase {
+/// A causal MoBA case.
+#[allow(clippy::too_many_arguments)]
+fn moba_case(
+    name: &'static str,
+    lens: Vec<(usize, usize)>,
+    varlen: bool,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    block_n: usize,
+    top_k: usize,
+) -> MobaCase {
+    MobaCase {
         name,
         lens,
         varlen,
@@ -947,7 +944,15 @@ fn moba_cases() -> Vec<MobaCase> {
         block_n,
         top_k,
         opts: AttentionOptions::causal(),
-    };
+    }
+}
+
+/// Shapes: lengths not multiples of the block or the 64-row tile, seqlen_q != seqlen_k both
+/// ways (rows before key 0 see nothing), a single row, GQA, varlen with a short sequence,
+/// top_k 1 (own block only), top_k above the block count, top_k 32, no key at all, a sliding
+/// window on top.
+fn moba_cases() -> Vec<MobaCase> {
+    let c = moba_case;
     let mut v = vec![
         c("square", vec![(300, 300); 2], false, 4, 2, 64, 64, 3),
         c("sk > sq", vec![(100, 613); 1], false, 2, 1, 128, 64, 4),
@@ -1200,16 +1205,7 @@ fn moba_cases_are_valid_gpu_problems() {
         let k = || Strided::new(&x.k[..], x.ks);
         let rows = moba_select_cpu(attn, &cfg, q(), k()).unwrap();
         let bs = moba_attention(attn, &cfg, GPU_TILE_ROWS, q(), k()).unwrap();
-        let mut out = vec![bf16::from_f32(f32::NAN); attn.out_len()];
-        let mut lse = vec![f32::NAN; attn.lse_len()];
-        bs.forward_cpu(
-            q(),
-            k(),
-            Strided::new(&x.v[..], x.ks),
-            Strided::new(&mut out[..], x.qs),
-            Some(&mut lse),
-        )
-        .unwrap();
+        let (out, lse) = x.forward_cpu(&bs);
         let got = MobaResult {
             pooled: moba_pooled_keys_cpu(attn, &cfg, q(), k())
                 .unwrap()
@@ -1218,7 +1214,7 @@ fn moba_cases_are_valid_gpu_problems() {
                 .collect(),
             unions: moba_tile_unions(attn, &rows, GPU_TILE_ROWS).unwrap(),
             rows,
-            out: to_f64(&out),
+            out,
             lse,
         };
         let (err, flips) = moba_check(mc, &x, got, mc.name);
@@ -1229,10 +1225,9 @@ fn moba_cases_are_valid_gpu_problems() {
 
 /// [`moba_run_on`] over every MoBA case with `gate`, fresh inputs per case.
 fn moba_sweep<T: Element + DeviceRepr>(test: &str, seed: u64, gate: MobaGate) {
-    let Some(ctx) = gpu_or_skip(test) else {
+    let Some(stream) = gpu_stream_or_skip(test) else {
         return;
     };
-    let stream = ctx.default_stream();
     let (mut worst, mut flips) = (0.0f64, 0);
     for (i, mc) in moba_cases().iter().enumerate() {
         let x = mc.case().inputs::<T>(seed + i as u64);
@@ -1270,21 +1265,10 @@ fn gpu_moba_matches_cpu_selection_and_reference_f16() {
 /// remain). Only the selection is compared (NaN keys make the attention NaN).
 #[test]
 fn gpu_moba_ties_and_nan_follow_the_rule() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_ties_and_nan_follow_the_rule") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_ties_and_nan_follow_the_rule") else {
         return;
     };
-    let stream = ctx.default_stream();
-    let mc = MobaCase {
-        name: "ties",
-        lens: vec![(200, 640)],
-        varlen: false,
-        hq: 2,
-        hkv: 1,
-        d: 64,
-        block_n: 64,
-        top_k: 4,
-        opts: AttentionOptions::causal(),
-    };
+    let mc = moba_case("ties", vec![(200, 640)], false, 2, 1, 64, 64, 4);
     let c = mc.case();
     for nan_block in [None, Some(0usize), Some(5)] {
         let mut x = c.inputs::<bf16>(7);
@@ -1335,10 +1319,9 @@ fn gpu_moba_ties_and_nan_follow_the_rule() {
 /// (its result equals a fresh plan's, bit for bit); host refusals need no pointer.
 #[test]
 fn gpu_moba_plan_reuse_and_refusals() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_plan_reuse_and_refusals") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_plan_reuse_and_refusals") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mc = &moba_cases()[0];
     let c = mc.case();
     let cfg = mc.config();
@@ -1609,21 +1592,12 @@ fn moba_block_cases_are_valid_gpu_problems() {
             }
         }
         let bs = BlockSparseAttention::new(attn.clone(), mask).unwrap();
-        let mut out = vec![bf16::from_f32(f32::NAN); attn.out_len()];
-        let mut lse = vec![f32::NAN; attn.lse_len()];
-        bs.forward_cpu(
-            q(),
-            k(),
-            Strided::new(&x.v[..], x.ks),
-            Strided::new(&mut out[..], x.qs),
-            Some(&mut lse),
-        )
-        .unwrap();
+        let (out, lse) = x.forward_cpu(&bs);
         let got = MobaResult {
             pooled: Vec::new(),
             rows: RowBlocks::new(mc.block_n, dims.slots, blocks).unwrap(),
             unions,
-            out: to_f64(&out),
+            out,
             lse,
         };
         let (err, flips) = moba_blocks_check(mc, *bm, &x, got, mc.name);
@@ -1633,10 +1607,9 @@ fn moba_block_cases_are_valid_gpu_problems() {
 }
 
 fn moba_blocks_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
-    let Some(ctx) = gpu_or_skip(test) else {
+    let Some(stream) = gpu_stream_or_skip(test) else {
         return;
     };
-    let stream = ctx.default_stream();
     let (mut worst, mut flips) = (0.0f64, 0);
     for (i, (mc, bm)) in moba_block_cases().iter().enumerate() {
         let x = mc.case().inputs::<T>(seed + i as u64);
@@ -1694,10 +1667,9 @@ fn gpu_moba_query_blocks_match_cpu_f16() {
 /// for bit); a short buffer is refused by `select` as by `forward`.
 #[test]
 fn gpu_moba_select_alone_matches_forward() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_select_alone_matches_forward") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_select_alone_matches_forward") else {
         return;
     };
-    let stream = ctx.default_stream();
     for (mc, bm) in moba_cases()
         .iter()
         .zip([None, Some(64), Some(128)].iter().cycle())
@@ -1840,10 +1812,9 @@ fn integer_inputs<T: Element>(mc: &MobaCase, seed: u64) -> Inputs<T> {
 /// checked as in [`moba_run_on`].
 #[test]
 fn gpu_moba_tc_gate_exact_on_integer_scores() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_tc_gate_exact_on_integer_scores") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_tc_gate_exact_on_integer_scores") else {
         return;
     };
-    let stream = ctx.default_stream();
     fn both<T: Element + DeviceRepr>(stream: &Arc<CudaStream>, mc: &MobaCase, seed: u64) {
         for gate in [MobaGate::Simt, MobaGate::TensorCore] {
             let (_, flips) = moba_run_on(stream, mc, integer_inputs::<T>(mc, seed), gate);
@@ -1866,10 +1837,9 @@ fn gpu_moba_tc_gate_exact_on_integer_scores() {
 /// and keeps `Simt`.
 #[test]
 fn gpu_moba_gate_option() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_gate_option") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_gate_option") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mc = &moba_cases()[0];
     let attn = mc.case().attn();
     let cfg = mc.config();
@@ -1927,17 +1897,7 @@ fn integer_inputs_pool_to_integers() {
 /// a varlen batch with a sequence inside one block, head dims 64/128/256.
 fn moba_gather_cases() -> Vec<MobaCase> {
     let mut v = moba_cases();
-    let c = |name, lens: Vec<(usize, usize)>, varlen, hq, hkv, d, block_n, top_k| MobaCase {
-        name,
-        lens,
-        varlen,
-        hq,
-        hkv,
-        d,
-        block_n,
-        top_k,
-        opts: AttentionOptions::causal(),
-    };
+    let c = moba_case;
     let names512 = [
         "b512 top1",
         "b512 top2",
@@ -2041,10 +2001,9 @@ fn moba_gather_run_on<T: Element + DeviceRepr>(
 
 /// [`moba_gather_run_on`] over every gather case, fresh inputs per case.
 fn moba_gather_sweep<T: Element + DeviceRepr>(test: &str, seed: u64) {
-    let Some(ctx) = gpu_or_skip(test) else {
+    let Some(stream) = gpu_stream_or_skip(test) else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut worst = 0.0f64;
     for (i, mc) in moba_gather_cases().iter().enumerate() {
         let x = mc.case().inputs::<T>(seed + i as u64);
@@ -2101,10 +2060,9 @@ fn gpu_moba_gather_matches_reference_and_union_f16() {
 /// refusals: a query-block plan, `gather_index` on the union path, too many key blocks.
 #[test]
 fn gpu_moba_gather_plan_replay_and_refusals() {
-    let Some(ctx) = gpu_or_skip("gpu_moba_gather_plan_replay_and_refusals") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_moba_gather_plan_replay_and_refusals") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mc = &moba_gather_cases()[0];
     let c = mc.case();
     let cfg = mc.config();

@@ -53,6 +53,23 @@ fn tensor_mut<T>(data: &mut [T], s: Strides) -> CTensorMut {
     }
 }
 
+/// A C tensor over the device address `p` (a cudarc `device_ptr`) of `len` elements.
+fn device_tensor(p: u64, len: usize, s: Strides) -> CTensor {
+    CTensor {
+        data: p as *const _,
+        len,
+        strides: cstrides(s),
+    }
+}
+
+fn device_tensor_mut(p: u64, len: usize, s: Strides) -> CTensorMut {
+    CTensorMut {
+        data: p as *mut _,
+        len,
+        strides: cstrides(s),
+    }
+}
+
 fn last_error() -> String {
     // SAFETY: longattn_last_error returns a valid NUL-terminated string.
     unsafe { CStr::from_ptr(longattn_last_error()) }
@@ -562,10 +579,9 @@ fn c_api_cuda_refuses_before_touching_a_gpu() {
 #[test]
 fn c_api_cuda_matches_the_f64_reference() {
     use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
-    let Some(ctx) = common::gpu_or_skip("c_api_cuda_matches_the_f64_reference") else {
+    let Some(stream) = common::gpu_stream_or_skip("c_api_cuda_matches_the_f64_reference") else {
         return;
     };
-    let stream = ctx.default_stream();
     for (n, d) in [
         desc(2, 37, 70, 4, 2, 64),
         CDenseDesc {
@@ -588,11 +604,6 @@ fn c_api_cuda_matches_the_f64_reference() {
         let mut dout = stream.clone_htod(&vec![bf16::NAN; q.len()]).unwrap();
         let lse_len = d.batch * d.heads_q * d.seqlen_q;
         let mut dlse = stream.clone_htod(&vec![f32::NAN; lse_len]).unwrap();
-        let raw = |p: u64, len: usize, s: Strides| CTensor {
-            data: p as *const _,
-            len,
-            strides: cstrides(s),
-        };
         let st = {
             let (pq, _g1) = dq.device_ptr(&stream);
             let (pk, _g2) = dk.device_ptr(&stream);
@@ -605,14 +616,10 @@ fn c_api_cuda_matches_the_f64_reference() {
                 longattn_dense_forward_cuda(
                     &d,
                     2,
-                    raw(pq, q.len(), c.qs),
-                    raw(pk, k.len(), c.ks),
-                    raw(pv, v.len(), c.ks),
-                    CTensorMut {
-                        data: po as *mut _,
-                        len: q.len(),
-                        strides: cstrides(c.qs),
-                    },
+                    device_tensor(pq, q.len(), c.qs),
+                    device_tensor(pk, k.len(), c.ks),
+                    device_tensor(pv, v.len(), c.ks),
+                    device_tensor_mut(po, q.len(), c.qs),
                     pl as *mut f32,
                     lse_len,
                     0,
@@ -714,19 +721,11 @@ fn c_api_paged_decode_cuda() {
             longattn_paged_decode_cuda(
                 &d,
                 2,
-                CTensor {
-                    data: pq as *const _,
-                    len: q.len(),
-                    strides: cstrides(qs),
-                },
+                device_tensor(pq, q.len(), qs),
                 pk as *const _,
                 pv as *const _,
                 kc.len(),
-                CTensorMut {
-                    data: po as *mut _,
-                    len: q.len(),
-                    strides: cstrides(qs),
-                },
+                device_tensor_mut(po, q.len(), qs),
                 ptr::null_mut(),
                 0,
                 0,

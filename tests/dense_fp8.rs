@@ -457,14 +457,6 @@ fn bad_descales_are_errors() {
     assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
 }
 
-/// Whether GPU 0 is a Hopper (compute capability 9.0), where the FP8 kernel runs.
-fn is_hopper() -> bool {
-    longattn::device::open_gpu(0)
-        .ok()
-        .and_then(|ctx| ctx.compute_capability().ok())
-        == Some((9, 0))
-}
-
 /// Uploads the case, runs the GPU FP8 kernel into NaN-poisoned output and LSE buffers and
 /// returns them (output as f64, unwritten padding heads zeroed), or the call's error.
 fn gpu_fp8<O: Element + longattn::cudarc::driver::DeviceRepr>(
@@ -504,10 +496,9 @@ fn gpu_fp8<O: Element + longattn::cudarc::driver::DeviceRepr>(
 /// must be a named `Unsupported`.
 #[test]
 fn gpu_fp8_matches_reference() {
-    let Some(ctx) = gpu_or_skip("gpu_fp8_matches_reference") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_fp8_matches_reference") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut cases = sweep(128);
     let causal = AttentionOptions::causal();
     cases.push(case(
@@ -555,10 +546,9 @@ fn gpu_fp8_matches_reference() {
 /// (`Unsupported`), descale lengths (`Shape`), f32 output (`Unsupported`).
 #[test]
 fn gpu_fp8_refusals() {
-    let Some(ctx) = gpu_or_skip("gpu_fp8_refusals") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_fp8_refusals") else {
         return;
     };
-    let stream = ctx.default_stream();
     let d64 = case(
         "d64",
         (1, 5, 7),

@@ -40,6 +40,49 @@ fn case(dims: Vec<NeighborhoodDim>, d: usize) -> Case {
     }
 }
 
+impl Case {
+    /// The case's shape (`batch` sequences over the grid `dims`).
+    fn shape(&self) -> NeighborhoodShape<'_> {
+        NeighborhoodShape {
+            batch: self.batch,
+            heads_q: self.hq,
+            heads_kv: self.hkv,
+            head_dim: self.d,
+            dims: &self.dims,
+        }
+    }
+
+    /// The problem (with the case's softcap), the strides of q/out and of k/v (rows padded by
+    /// `row_pad`), and q, k, v drawn in that order from `rng(seed)`.
+    fn inputs<T: Element>(
+        &self,
+        seed: u64,
+    ) -> (
+        NeighborhoodAttention,
+        Strides,
+        Strides,
+        Vec<T>,
+        Vec<T>,
+        Vec<T>,
+    ) {
+        let mut opts = AttentionOptions::default();
+        if let Some(cap) = self.softcap {
+            opts = opts.with_softcap(cap);
+        }
+        let attn = NeighborhoodAttention::new(&self.shape(), &opts).unwrap();
+        let n = attn.tokens();
+        let (qs, ks) = (
+            strides(n, self.hq, self.d, self.row_pad),
+            strides(n, self.hkv, self.d, self.row_pad),
+        );
+        let mut r = rng(seed);
+        let q: Vec<T> = random_vec(&mut r, self.batch * qs.batch as usize);
+        let k: Vec<T> = random_vec(&mut r, self.batch * ks.batch as usize);
+        let v: Vec<T> = random_vec(&mut r, self.batch * ks.batch as usize);
+        (attn, qs, ks, q, k, v)
+    }
+}
+
 fn strides(n: usize, heads: usize, d: usize, pad: usize) -> Strides {
     let row = heads * d + pad;
     Strides {
@@ -73,27 +116,8 @@ fn run_case<T: Element + DeviceRepr>(
     c: &Case,
     kernel: Kernel,
 ) -> f64 {
-    let shape = NeighborhoodShape {
-        batch: c.batch,
-        heads_q: c.hq,
-        heads_kv: c.hkv,
-        head_dim: c.d,
-        dims: &c.dims,
-    };
-    let mut opts = AttentionOptions::default();
-    if let Some(cap) = c.softcap {
-        opts = opts.with_softcap(cap);
-    }
-    let attn = NeighborhoodAttention::new(&shape, &opts).unwrap();
+    let (attn, qs, ks, q, k, v) = c.inputs::<T>(seed);
     let n = attn.tokens();
-    let (qs, ks) = (
-        strides(n, c.hq, c.d, c.row_pad),
-        strides(n, c.hkv, c.d, c.row_pad),
-    );
-    let mut r = rng(seed);
-    let q: Vec<T> = random_vec(&mut r, c.batch * qs.batch as usize);
-    let k: Vec<T> = random_vec(&mut r, c.batch * ks.batch as usize);
-    let v: Vec<T> = random_vec(&mut r, c.batch * ks.batch as usize);
     let (want, want_lse) = neighborhood_attention_f64(
         &attn,
         Strided::new(&q[..], qs),
@@ -162,13 +186,12 @@ fn run_case<T: Element + DeviceRepr>(
         "{c:?} {kernel:?} {}: rel err {err}",
         T::DTYPE
     );
-    let lse_tol = 2e-3
-        * (1.0
-            + want_lse
-                .iter()
-                .filter(|x| x.is_finite())
-                .fold(0.0f64, |a, &b| a.max(b.abs())));
-    check_lse(&lse, &want_lse, lse_tol, &format!("{c:?} {kernel:?}"));
+    check_lse(
+        &lse,
+        &want_lse,
+        lse_tol(&want_lse),
+        &format!("{c:?} {kernel:?}"),
+    );
     err
 }
 
@@ -249,27 +272,8 @@ fn sweep_cases_are_valid_problems() {
         .chain(&hopper_extra())
         .enumerate()
     {
-        let shape = NeighborhoodShape {
-            batch: c.batch,
-            heads_q: c.hq,
-            heads_kv: c.hkv,
-            head_dim: c.d,
-            dims: &c.dims,
-        };
-        let mut opts = AttentionOptions::default();
-        if let Some(cap) = c.softcap {
-            opts = opts.with_softcap(cap);
-        }
-        let attn = NeighborhoodAttention::new(&shape, &opts).unwrap();
+        let (attn, qs, ks, q, k, v) = c.inputs::<f32>(7000 + i as u64);
         let n = attn.tokens();
-        let (qs, ks) = (
-            strides(n, c.hq, c.d, c.row_pad),
-            strides(n, c.hkv, c.d, c.row_pad),
-        );
-        let mut r = rng(7000 + i as u64);
-        let q: Vec<f32> = random_vec(&mut r, c.batch * qs.batch as usize);
-        let k: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
-        let v: Vec<f32> = random_vec(&mut r, c.batch * ks.batch as usize);
         let (want, _) = neighborhood_attention_f64(
             &attn,
             Strided::new(&q[..], qs),
@@ -294,10 +298,9 @@ fn sweep_cases_are_valid_problems() {
 
 #[test]
 fn gpu_neighborhood_matches_reference_bf16() {
-    let Some(ctx) = gpu_or_skip("gpu_neighborhood_matches_reference_bf16") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_neighborhood_matches_reference_bf16") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in sweep().iter().enumerate() {
         worst = worst.max(run_case::<bf16>(
@@ -315,10 +318,9 @@ fn gpu_neighborhood_matches_reference_bf16() {
 
 #[test]
 fn gpu_neighborhood_matches_reference_f16() {
-    let Some(ctx) = gpu_or_skip("gpu_neighborhood_matches_reference_f16") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_neighborhood_matches_reference_f16") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut worst: f64 = 0.0;
     for (i, c) in sweep().iter().enumerate() {
         worst = worst.max(run_case::<f16>(
@@ -335,10 +337,9 @@ fn gpu_neighborhood_matches_reference_f16() {
 /// [`fused_extra`].
 #[test]
 fn gpu_neighborhood_fused_matches_reference() {
-    let Some(ctx) = gpu_or_skip("gpu_neighborhood_fused_matches_reference") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_neighborhood_fused_matches_reference") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut cases: Vec<Case> = sweep()
         .into_iter()
         .filter(|c| c.d == 64 || c.d == 128)
@@ -398,11 +399,6 @@ fn hopper_extra() -> Vec<Case> {
     cases
 }
 
-/// Whether GPU 0 is compute capability 9.0, where the Hopper kernel runs.
-fn is_hopper(ctx: &Arc<longattn::cudarc::driver::CudaContext>) -> bool {
-    ctx.compute_capability().ok() == Some((9, 0))
-}
-
 /// The Hopper kernel (head_dim 64 and 128, not yet verified on a GPU) on the sweep (cases
 /// it refuses on the host, e.g. 1-D dilation 3, must be refused with `Error::Unsupported`)
 /// plus [`hopper_extra`], bf16 and f16.
@@ -411,7 +407,7 @@ fn gpu_neighborhood_hopper_matches_reference() {
     let Some(ctx) = gpu_or_skip("gpu_neighborhood_hopper_matches_reference") else {
         return;
     };
-    if !is_hopper(&ctx) {
+    if !is_hopper() {
         println!("SKIP gpu_neighborhood_hopper_matches_reference: not compute capability 9.0");
         return;
     }
@@ -424,17 +420,7 @@ fn gpu_neighborhood_hopper_matches_reference() {
     let mut worst: f64 = 0.0;
     let mut refused = 0;
     for (i, c) in cases.iter().enumerate() {
-        let attn = NeighborhoodAttention::new(
-            &NeighborhoodShape {
-                batch: c.batch,
-                heads_q: c.hq,
-                heads_kv: c.hkv,
-                head_dim: c.d,
-                dims: &c.dims,
-            },
-            &AttentionOptions::default(),
-        )
-        .unwrap();
+        let attn = NeighborhoodAttention::new(&c.shape(), &AttentionOptions::default()).unwrap();
         match longattn::neighborhood::schedule::HopperTiles::new(&attn) {
             Err(Error::Unsupported(_)) => {
                 refused += 1;
@@ -461,10 +447,9 @@ fn gpu_neighborhood_hopper_matches_reference() {
 
 #[test]
 fn gpu_neighborhood_refuses_what_it_cannot_run() {
-    let Some(ctx) = gpu_or_skip("gpu_neighborhood_refuses_what_it_cannot_run") else {
+    let Some(stream) = gpu_stream_or_skip("gpu_neighborhood_refuses_what_it_cannot_run") else {
         return;
     };
-    let stream = ctx.default_stream();
     let dims = [NeighborhoodDim::new(8, 3)];
     let attn = |d| {
         NeighborhoodAttention::new(

@@ -17,6 +17,25 @@ mod common;
 use common::paged::*;
 use common::*;
 
+/// `cache.append_cpu` of the new tokens `kv` (offsets `cu`, strides `s`) as both K and V
+/// into `kc`, `vc`, and into the page bounds `(kmin, kmax)` when given.
+fn append_kv_same(
+    cache: &PagedCache,
+    cu: &[i32],
+    kv: &[f32],
+    s: Strides,
+    (kc, vc): (&mut [f32], &mut [f32]),
+    meta: Option<(&mut [f32], &mut [f32])>,
+) -> longattn::Result<()> {
+    cache.append_cpu(
+        cu,
+        Strided::new(kv, s),
+        Strided::new(kv, s),
+        KvPages { k: kc, v: vc },
+        meta.map(|(kmin, kmax)| PageMeta { kmin, kmax }),
+    )
+}
+
 /// Dense f64 reference over the contiguous tokens (varlen batch): out `[batch * q_len,
 /// heads_q, d]` and LSE re-laid out as `[batch, heads_q, q_len]`.
 fn dense_reference<T: Element>(
@@ -261,28 +280,10 @@ fn validation_errors_not_panics() {
     let mut vc = kv.clone();
     let kn = vec![0.0f32; 41 * 16];
     let ns = Strides::contiguous(1, 2, 8);
-    let r = cache.append_cpu(
-        &[0, 41],
-        Strided::new(&kn[..], ns),
-        Strided::new(&kn[..], ns),
-        KvPages {
-            k: &mut kc[..],
-            v: &mut vc[..],
-        },
-        None,
-    );
+    let r = append_kv_same(&cache, &[0, 41], &kn, ns, (&mut kc, &mut vc), None);
     assert!(matches!(r, Err(Error::Index(_))));
     let shared = ok(layout, &[0, 1, 0, 2], 2, &[3, 3]).unwrap();
-    let r = shared.append_cpu(
-        &[0, 1, 2],
-        Strided::new(&kn[..], ns),
-        Strided::new(&kn[..], ns),
-        KvPages {
-            k: &mut kc[..],
-            v: &mut vc[..],
-        },
-        None,
-    );
+    let r = append_kv_same(&shared, &[0, 1, 2], &kn, ns, (&mut kc, &mut vc), None);
     assert!(matches!(r, Err(Error::Index(_))));
 }
 
@@ -339,21 +340,15 @@ fn reused_page_forgets_its_previous_owner() {
             },
         )
         .unwrap();
-        cache
-            .append_cpu(
-                &[0, tokens as i32],
-                Strided::new(&data[..], s),
-                Strided::new(&data[..], s),
-                KvPages {
-                    k: &mut kc[..],
-                    v: &mut vc[..],
-                },
-                Some(PageMeta {
-                    kmin: &mut kmin[..],
-                    kmax: &mut kmax[..],
-                }),
-            )
-            .unwrap();
+        append_kv_same(
+            &cache,
+            &[0, tokens as i32],
+            data,
+            s,
+            (&mut kc, &mut vc),
+            Some((&mut kmin, &mut kmax)),
+        )
+        .unwrap();
     }
     for c in 0..8 {
         assert_eq!(kmin[c], small[c].min(small[8 + c]));
@@ -514,21 +509,15 @@ fn quest_aggregates_the_group_by_max() {
     let mut kmin = vec![0.0f32; layout.meta_len()];
     let mut kmax = kmin.clone();
     let s = Strides::contiguous(1, 1, d);
-    cache
-        .append_cpu(
-            &[0, 24],
-            Strided::new(&k[..], s),
-            Strided::new(&k[..], s),
-            KvPages {
-                k: &mut kc[..],
-                v: &mut vc[..],
-            },
-            Some(PageMeta {
-                kmin: &mut kmin[..],
-                kmax: &mut kmax[..],
-            }),
-        )
-        .unwrap();
+    append_kv_same(
+        &cache,
+        &[0, 24],
+        &k,
+        s,
+        (&mut kc, &mut vc),
+        Some((&mut kmin, &mut kmax)),
+    )
+    .unwrap();
     let mut q = vec![0.0f32; 2 * d];
     q[0] = 1.0; // head 0 wants page 1
     q[d + 1] = 1.0; // head 1 wants page 3

@@ -7,9 +7,9 @@ use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::PagedDecodePlan;
 use longattn::reference::paged::{page_bounds, quest_scores_f64, quest_select_brute};
 use longattn::{
-    AttentionOptions, Element, Error, F8E4M3, HeadPolicy, KvPages, KvScales, PageLists, PageMeta,
-    PageTable, PagedCache, PagedDecode, PagedLayout, SparsePolicy, StreamingConfig, Strided,
-    Strides, bf16, f16,
+    AttentionOptions, Element, Error, F8E4M3, GpuSelection, HeadPolicy, KvPages, KvScales,
+    PageLists, PageMeta, PageTable, PagedCache, PagedDecode, SparsePolicy, StreamingConfig,
+    Strided, Strides, bf16, f16,
 };
 use rand::Rng;
 use std::sync::Arc;
@@ -19,11 +19,23 @@ use common::paged::*;
 use common::*;
 
 fn stream() -> Option<Arc<CudaStream>> {
-    gpu_or_skip("paged GPU test").map(|ctx| ctx.default_stream())
+    gpu_stream_or_skip("paged GPU test")
 }
 
 fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
     s.clone_htod(x).unwrap()
+}
+
+/// `dec.select_gpu` on the device queries `qd` (strides `st`) and page bounds `kmin`, `kmax`.
+fn select<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    dec: &PagedDecode,
+    qd: &CudaSlice<T>,
+    st: Strides,
+    (kmin, kmax): (&CudaSlice<C>, &CudaSlice<C>),
+) -> GpuSelection {
+    dec.select_gpu(s, Strided::new(qd, st), PageMeta { kmin, kmax })
+        .unwrap()
 }
 
 /// bf16/f16 inputs, f32 accumulation: relative L2 bound vs the f64 reference.
@@ -149,16 +161,7 @@ fn gpu_fp8_quest_matches_cpu() {
         let st = q_strides(1, hq, d);
         let cpu = dec.select_cpu(Strided::new(&q[..], st), sc.meta()).unwrap();
         let (qd, mn, mx) = (up(&s, &q), up(&s, &sc.kmin), up(&s, &sc.kmax));
-        let gpu = dec
-            .select_gpu(
-                &s,
-                Strided::new(&qd, st),
-                PageMeta {
-                    kmin: &mn,
-                    kmax: &mx,
-                },
-            )
-            .unwrap();
+        let gpu = select(&s, &dec, &qd, st, (&mn, &mx));
         let scores = s.clone_dtoh(&gpu.scores).unwrap();
         let (pl, pc) = (
             s.clone_dtoh(&gpu.page_list).unwrap(),
@@ -378,24 +381,9 @@ fn gpu_quest_selection_long_rows_and_ties() {
     let (hkv, ratio, d, ps) = (2, 2, 8, 1);
     let hq = hkv * ratio;
     let mut r = rng(4242);
-    let (num_pages, max_pages, table) = table_for(&seqlens, ps, 0, &mut r);
-    let layout = PagedLayout {
-        num_pages,
-        page_size: ps,
-        heads_kv: hkv,
-        head_dim: d,
-    };
-    let sl: Vec<i32> = seqlens.iter().map(|&n| n as i32).collect();
-    let cache = PagedCache::new(
-        layout,
-        PageTable {
-            block_table: &table,
-            max_pages_per_seq: max_pages,
-            seqlens_k: &sl,
-        },
-    )
-    .unwrap();
-    let kmin: Vec<bf16> = (0..layout.meta_len())
+    let cache = table_cache(&seqlens, ps, hkv, d, &mut r);
+    let max_pages = cache.max_pages_per_seq();
+    let kmin: Vec<bf16> = (0..cache.layout().meta_len())
         .map(|_| bf16::from_f32(r.random_range(-1i32..=1) as f32))
         .collect();
     let kmax = kmin.clone();
@@ -413,16 +401,7 @@ fn gpu_quest_selection_long_rows_and_ties() {
                 .with_policy(quest_policy(hkv, budget, sinkp))
                 .unwrap();
             let qd = up(&s, q);
-            let g = dec
-                .select_gpu(
-                    &s,
-                    Strided::new(&qd, q_strides(1, hq, d)),
-                    PageMeta {
-                        kmin: &mind,
-                        kmax: &maxd,
-                    },
-                )
-                .unwrap();
+            let g = select(&s, &dec, &qd, q_strides(1, hq, d), (&mind, &maxd));
             let scores = s.clone_dtoh(&g.scores).unwrap();
             let list = s.clone_dtoh(&g.page_list).unwrap();
             let count = s.clone_dtoh(&g.page_count).unwrap();
@@ -465,16 +444,7 @@ fn gpu_quest_selection_is_top_b_of_its_scores() {
                 let st = q_strides(q_len, hq, d);
                 let qd = up(&s, &q);
                 let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
-                let g = dec
-                    .select_gpu(
-                        &s,
-                        Strided::new(&qd, st),
-                        PageMeta {
-                            kmin: &mind,
-                            kmax: &maxd,
-                        },
-                    )
-                    .unwrap();
+                let g = select(&s, &dec, &qd, st, (&mind, &maxd));
                 let scores = s.clone_dtoh(&g.scores).unwrap();
                 let list = s.clone_dtoh(&g.page_list).unwrap();
                 let count = s.clone_dtoh(&g.page_count).unwrap();
@@ -524,16 +494,7 @@ fn gpu_mixed_policies_match_reference() {
             // The GPU's own Quest selection defines the visible pages of the Quest head.
             let qd = up(&s, &q);
             let (mind, maxd) = (up(&s, &sc.kmin), up(&s, &sc.kmax));
-            let g = dec
-                .select_gpu(
-                    &s,
-                    Strided::new(&qd, st),
-                    PageMeta {
-                        kmin: &mind,
-                        kmax: &maxd,
-                    },
-                )
-                .unwrap();
+            let g = select(&s, &dec, &qd, st, (&mind, &maxd));
             let list = s.clone_dtoh(&g.page_list).unwrap();
             let count = s.clone_dtoh(&g.page_count).unwrap();
             let mp = sc.cache.max_pages_per_seq();
@@ -573,7 +534,7 @@ fn gpu_mixed_policies_match_reference() {
 fn plan_forward<T: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     plan: &mut PagedDecodePlan,
-    bufs: &GpuBufs<T>,
+    bufs: &DeviceCache<T>,
     q: &CudaSlice<T>,
 ) -> (Vec<T>, Vec<f32>) {
     let dec = plan.decode().clone();
@@ -582,26 +543,13 @@ fn plan_forward<T: Element + DeviceRepr>(
     let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
     plan.forward(
         Strided::new(q, st),
-        KvPages {
-            k: &bufs.k,
-            v: &bufs.v,
-        },
-        Some(PageMeta {
-            kmin: &bufs.kmin,
-            kmax: &bufs.kmax,
-        }),
+        bufs.kv(),
+        Some(bufs.meta()),
         Strided::new(&mut od, st),
         Some(&mut ld),
     )
     .unwrap();
     (s.clone_dtoh(&od).unwrap(), s.clone_dtoh(&ld).unwrap())
-}
-
-struct GpuBufs<T> {
-    k: CudaSlice<T>,
-    v: CudaSlice<T>,
-    kmin: CudaSlice<T>,
-    kmax: CudaSlice<T>,
 }
 
 fn same<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32>), what: &str) {
@@ -633,12 +581,7 @@ fn gpu_paged_plan_replays_in_a_cuda_graph() {
     let (hkv, ratio, d, ps, q_len) = (4, 2, 128, 16, 2);
     let hq = hkv * ratio;
     let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 77);
-    let bufs = GpuBufs {
-        k: up(&s, &sc.k_cache),
-        v: up(&s, &sc.v_cache),
-        kmin: up(&s, &sc.kmin),
-        kmax: up(&s, &sc.kmax),
-    };
+    let bufs = DeviceCache::upload(&s, &sc);
     let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal())
         .with_splits(Some(3))
         .unwrap();
@@ -651,14 +594,8 @@ fn gpu_paged_plan_replays_in_a_cuda_graph() {
     let graph = capture_graph(&s, || {
         plan.forward(
             Strided::new(&qd, st),
-            KvPages {
-                k: &bufs.k,
-                v: &bufs.v,
-            },
-            Some(PageMeta {
-                kmin: &bufs.kmin,
-                kmax: &bufs.kmax,
-            }),
+            bufs.kv(),
+            Some(bufs.meta()),
             Strided::new(&mut od, st),
             Some(&mut ld),
         )
@@ -691,12 +628,7 @@ fn gpu_plan_reuse_matches_one_shot() {
     let (hkv, ratio, d, ps) = (4, 2, 128, 16);
     let hq = hkv * ratio;
     let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 2024);
-    let bufs = GpuBufs {
-        k: up(&s, &sc.k_cache),
-        v: up(&s, &sc.v_cache),
-        kmin: up(&s, &sc.kmin),
-        kmax: up(&s, &sc.kmax),
-    };
+    let bufs = DeviceCache::upload(&s, &sc);
     for q_len in [1, 3] {
         let n = seqlens.len() * q_len * hq * d;
         let q1: Vec<bf16> = random_vec(&mut rng(71 + q_len as u64), n);
@@ -751,16 +683,12 @@ fn gpu_plan_reuse_matches_one_shot() {
             if dec.needs_meta() {
                 // The plan's selection equals the one-shot selection (both q).
                 let st = q_strides(q_len, hq, d);
-                let meta = || PageMeta {
-                    kmin: &bufs.kmin,
-                    kmax: &bufs.kmax,
-                };
                 for qd in [&qd2, &qd1] {
                     let g = dec
-                        .select_gpu::<bf16, bf16, _>(&s, Strided::new(qd, st), meta())
+                        .select_gpu::<bf16, bf16, _>(&s, Strided::new(qd, st), bufs.meta())
                         .unwrap();
                     let sel = plan
-                        .select::<bf16, bf16, _>(Strided::new(qd, st), meta())
+                        .select::<bf16, bf16, _>(Strided::new(qd, st), bufs.meta())
                         .unwrap();
                     let count = s.clone_dtoh(sel.page_count).unwrap();
                     let list = s.clone_dtoh(sel.page_list).unwrap();
@@ -785,13 +713,7 @@ fn gpu_plan_reuse_matches_one_shot() {
                 same(&plan_forward(&s, &mut plan, &bufs, &qd2), &one2, &what);
             } else {
                 let st = q_strides(q_len, hq, d);
-                let r = plan.select::<bf16, bf16, _>(
-                    Strided::new(&qd1, st),
-                    PageMeta {
-                        kmin: &bufs.kmin,
-                        kmax: &bufs.kmax,
-                    },
-                );
+                let r = plan.select::<bf16, bf16, _>(Strided::new(&qd1, st), bufs.meta());
                 assert!(r.is_err(), "{what}: select without Quest heads");
             }
             // Bad tensors are still rejected per call.
@@ -800,14 +722,8 @@ fn gpu_plan_reuse_matches_one_shot() {
             let st = q_strides(q_len, hq, d);
             let r = plan.forward(
                 Strided::new(&short, st),
-                KvPages {
-                    k: &bufs.k,
-                    v: &bufs.v,
-                },
-                Some(PageMeta {
-                    kmin: &bufs.kmin,
-                    kmax: &bufs.kmax,
-                }),
+                bufs.kv(),
+                Some(bufs.meta()),
                 Strided::new(&mut od, st),
                 None,
             );

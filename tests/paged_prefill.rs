@@ -495,7 +495,7 @@ fn forward_cpu_refuses_bad_buffers() {
 // GPU (explicit opt-in kernel; skipped without a GPU).
 
 fn stream() -> Option<Arc<CudaStream>> {
-    gpu_or_skip("paged prefill GPU test").map(|ctx| ctx.default_stream())
+    gpu_stream_or_skip("paged prefill GPU test")
 }
 
 fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {

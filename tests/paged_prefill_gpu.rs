@@ -260,10 +260,9 @@ fn gpu_hopper_prefill_long_sequences() {
 /// tensor-core kernel serving the same problem.
 #[test]
 fn gpu_hopper_prefill_refuses_what_it_does_not_take() {
-    let Some(ctx) = gpu_or_skip("gpu_hopper_prefill_refuses_what_it_does_not_take") else {
+    let Some(s) = gpu_stream_or_skip("gpu_hopper_prefill_refuses_what_it_does_not_take") else {
         return;
     };
-    let s = ctx.default_stream();
     // Page sizes that are not powers of two from 16.
     for ps in [8, 24] {
         let sc = scenario::<bf16>(&[50, 7], ps, 1, 64, 11);

@@ -10,9 +10,8 @@
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::reference::paged::quest_select_brute;
 use longattn::{
-    AttentionOptions, Element, F8E4M3, KvPages, KvScales, PageLists, PageMeta, PageTable,
-    PagedCache, PagedDecode, PagedDecodePlan, PagedLayout, QuestKernel, SplitMerge, Strided, bf16,
-    f16,
+    AttentionOptions, Element, F8E4M3, KvScales, PageLists, PageMeta, PagedDecode, PagedDecodePlan,
+    QuestKernel, SplitMerge, Strided, bf16, f16,
 };
 use rand::Rng;
 use std::sync::Arc;
@@ -22,7 +21,7 @@ use common::paged::*;
 use common::*;
 
 fn stream() -> Option<Arc<CudaStream>> {
-    gpu_or_skip("paged v5 GPU test").map(|ctx| ctx.default_stream())
+    gpu_stream_or_skip("paged v5 GPU test")
 }
 
 fn up<T: DeviceRepr>(s: &Arc<CudaStream>, x: &[T]) -> CudaSlice<T> {
@@ -35,28 +34,11 @@ const HALF_TOL: f64 = 2e-2;
 /// rounded to bf16/f16 (an element may move by one unit in the last place).
 const SAME_TOL: f64 = 4e-3;
 
-/// The cache, metadata and query buffers of one scenario on the device.
-struct Bufs<C> {
-    k: CudaSlice<C>,
-    v: CudaSlice<C>,
-    kmin: CudaSlice<C>,
-    kmax: CudaSlice<C>,
-}
-
-fn bufs<T: Element, C: Element + DeviceRepr>(s: &Arc<CudaStream>, sc: &Scenario<T, C>) -> Bufs<C> {
-    Bufs {
-        k: up(s, &sc.k_cache),
-        v: up(s, &sc.v_cache),
-        kmin: up(s, &sc.kmin),
-        kmax: up(s, &sc.kmax),
-    }
-}
-
 /// One `plan.forward` into NaN-poisoned out/lse; asserts every element was written.
 fn forward<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     plan: &mut PagedDecodePlan,
-    b: &Bufs<C>,
+    b: &DeviceCache<C>,
     q: &[T],
     what: &str,
 ) -> (Vec<T>, Vec<f32>) {
@@ -67,11 +49,8 @@ fn forward<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     let mut ld = up(s, &vec![f32::NAN; dec.lse_len()]);
     plan.forward(
         Strided::new(&qd, st),
-        KvPages { k: &b.k, v: &b.v },
-        Some(PageMeta {
-            kmin: &b.kmin,
-            kmax: &b.kmax,
-        }),
+        b.kv(),
+        Some(b.meta()),
         Strided::new(&mut od, st),
         Some(&mut ld),
     )
@@ -111,7 +90,7 @@ fn check_inmerge<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     dec: &PagedDecode,
     sc: &Scenario<T, C>,
-    b: &Bufs<C>,
+    b: &DeviceCache<C>,
     seed: u64,
     replays: u64,
     what: &str,
@@ -158,7 +137,7 @@ fn gpu_inkernel_merge_matches_reference() {
             let hq = hkv * ratio;
             let seed = 7 + ps as u64 + d as u64;
             let sc = scenario::<bf16>(seqlens, ps, hkv, d, seed);
-            let b = bufs(&s, &sc);
+            let b = DeviceCache::upload(&s, &sc);
             for q_len in [1, 4] {
                 for (name, opts) in masks().into_iter().step_by(2) {
                     for splits in [None, Some(2), Some(5), Some(33)] {
@@ -187,7 +166,7 @@ fn gpu_inkernel_merge_f16_fp8_and_replays() {
     let seqlens = [3usize, 900, 2600];
     let (hkv, hq, d, ps) = (2, 8, 128, 16);
     let sc = scenario::<f16>(&seqlens, ps, hkv, d, 31);
-    let b = bufs(&s, &sc);
+    let b = DeviceCache::upload(&s, &sc);
     let dec = PagedDecode::new(&sc.cache, hq, 2, &AttentionOptions::causal())
         .unwrap()
         .with_splits(Some(7))
@@ -197,7 +176,7 @@ fn gpu_inkernel_merge_f16_fp8_and_replays() {
     let scales = KvScales::uniform(hkv, 1.0 / 400.0, 1.0 / 300.0).unwrap();
     for (d, ps) in [(128, 16), (72, 1), (64, 64)] {
         let sc = scenario_with::<bf16, F8E4M3>(&seqlens, ps, hkv, d, 32, Some(scales.clone()));
-        let b = bufs(&s, &sc);
+        let b = DeviceCache::upload(&s, &sc);
         let dec = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
             .unwrap()
             .with_splits(Some(9))
@@ -219,7 +198,7 @@ fn gpu_both_opt_ins_mixed_policies_and_graph() {
         let (hkv, ratio, d, q_len) = (4, 2, 128, 3);
         let hq = hkv * ratio;
         let sc = scenario::<bf16>(&seqlens, ps, hkv, d, 4321 + ps as u64);
-        let b = bufs(&s, &sc);
+        let b = DeviceCache::upload(&s, &sc);
         let dec = mixed_decode(&sc.cache, hq, q_len, &AttentionOptions::causal())
             .with_splits(Some(4))
             .unwrap();
@@ -249,11 +228,8 @@ fn gpu_both_opt_ins_mixed_policies_and_graph() {
         let graph = capture_graph(&s, || {
             plan.forward(
                 Strided::new(&qd, st),
-                KvPages { k: &b.k, v: &b.v },
-                Some(PageMeta {
-                    kmin: &b.kmin,
-                    kmax: &b.kmax,
-                }),
+                b.kv(),
+                Some(b.meta()),
                 Strided::new(&mut od, st),
                 Some(&mut ld),
             )
@@ -411,24 +387,8 @@ fn gpu_quest_v5_long_rows_ties_and_fp8() {
     let (hkv, ratio, d, ps) = (2, 2, 8, 1);
     let hq = hkv * ratio;
     let mut r = rng(4243);
-    let (num_pages, max_pages, table) = table_for(&seqlens, ps, 0, &mut r);
-    let layout = PagedLayout {
-        num_pages,
-        page_size: ps,
-        heads_kv: hkv,
-        head_dim: d,
-    };
-    let sl: Vec<i32> = seqlens.iter().map(|&n| n as i32).collect();
-    let cache = PagedCache::new(
-        layout,
-        PageTable {
-            block_table: &table,
-            max_pages_per_seq: max_pages,
-            seqlens_k: &sl,
-        },
-    )
-    .unwrap();
-    let kmin: Vec<f16> = (0..layout.meta_len())
+    let cache = table_cache(&seqlens, ps, hkv, d, &mut r);
+    let kmin: Vec<f16> = (0..cache.layout().meta_len())
         .map(|_| f16::from_f32(r.random_range(-1i32..=1) as f32))
         .collect();
     let (mn, mx) = (up(&s, &kmin), up(&s, &kmin));
@@ -471,7 +431,7 @@ fn gpu_quest_v5_decode_matches_reference() {
     for (seqlens, ps) in [(&[9000usize][..], 16), (&[40, 3000, 1030][..], 64)] {
         let (hkv, hq, d) = (2, 8, 128);
         let sc = scenario::<bf16>(seqlens, ps, hkv, d, 77);
-        let b = bufs(&s, &sc);
+        let b = DeviceCache::upload(&s, &sc);
         let q: Vec<bf16> = random_vec(&mut rng(3), seqlens.len() * hq * d);
         let dec = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal())
             .unwrap()

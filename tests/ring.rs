@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::ring::{RingInputs, ring_inputs};
+use common::ring::{RingInputs, ring_inputs, ring_shape};
 use common::{check_lse, random_vec, rel_l2, rng, to_f64};
 use longattn::reference::dense_attention_f64;
 use longattn::*;
@@ -174,20 +174,7 @@ fn layouts_partition_the_sequence() {
 
 #[test]
 fn ring_equals_single_device_attention() {
-    let shapes = [
-        RingShape {
-            batch: 1,
-            heads_q: 2,
-            heads_kv: 2,
-            head_dim: 16,
-        },
-        RingShape {
-            batch: 2,
-            heads_q: 4,
-            heads_kv: 1,
-            head_dim: 8,
-        },
-    ];
+    let shapes = [ring_shape(1, 2, 2, 16), ring_shape(2, 4, 1, 8)];
     let mut seed = 0;
     for s in [1, 2, 7, 33, 64] {
         for world in [1, 2, 3, 4] {
@@ -206,12 +193,7 @@ fn ring_equals_single_device_attention() {
 
 #[test]
 fn ring_half_precision_matches() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 32,
-    };
+    let shape = ring_shape(1, 4, 2, 32);
     for layout in layouts(130, 4) {
         for (name, opts) in masks() {
             let what = format!("{layout:?} {name}");
@@ -223,12 +205,7 @@ fn ring_half_precision_matches() {
 
 #[test]
 fn schedule_skips_masked_steps_and_transfers() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 1, 1, 8);
     // Causal, contiguous: rank r sees shards 0..=r, i.e. steps 0..=r; shard s is needed by
     // ranks s..world, so it is sent on only while it has not reached the last rank.
     let world = 4;
@@ -289,12 +266,7 @@ fn schedule_skips_masked_steps_and_transfers() {
 
 #[test]
 fn zigzag_balances_causal_work() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 1, 1, 8);
     let world = 8;
     let imbalance = |sharding| {
         let layout = RingLayout::new(4096, world, sharding).unwrap();
@@ -319,12 +291,7 @@ fn zigzag_balances_causal_work() {
 
 #[test]
 fn bad_ring_inputs_are_errors() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 4, 2, 8);
     let opts = AttentionOptions::causal();
     assert!(matches!(
         RingLayout::new(0, 2, Sharding::Zigzag),
@@ -496,12 +463,7 @@ fn block_pieces_reproduce_the_global_mask() {
 /// step (its two chunks coalesce), a causal contiguous one one piece per step.
 #[test]
 fn ring_pieces_reproduce_the_global_mask() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 1, 1, 8);
     let w = |l, r| Window::new(l, r);
     let mut all = masks();
     all.extend([
@@ -571,12 +533,7 @@ fn ring_pieces_reproduce_the_global_mask() {
 /// A step computes iff it has pieces.
 #[test]
 fn pieces_match_the_schedule() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 1, 1, 8);
     for layout in layouts(37, 3).into_iter().chain(layouts(64, 4)) {
         for (name, opts) in masks() {
             let ring = RingAttention::new(layout, shape, &opts).unwrap();
@@ -610,12 +567,7 @@ fn huge_windows_map_onto_valid_pieces() {
             .with_window(window)
             .with_sinks(sinks);
         for layout in layouts(9, 2).into_iter().chain(layouts(4, 2)) {
-            let shape = RingShape {
-                batch: 1,
-                heads_q: 2,
-                heads_kv: 1,
-                head_dim: 8,
-            };
+            let shape = ring_shape(1, 2, 1, 8);
             let ring = RingAttention::new(layout, shape, &opts).unwrap();
             for r in 0..layout.world() {
                 for t in 0..layout.world() {
@@ -675,12 +627,7 @@ fn block_pieces_and_pieces_check_their_inputs() {
         RingLayout::new(16, MAX_RING_WORLD + 1, Sharding::Stripe),
         Err(Error::Unsupported(_))
     ));
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 1,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 1, 1, 8);
     let ring = RingAttention::new(layout, shape, &AttentionOptions::causal()).unwrap();
     assert!(ring.pieces(usize::MAX, 0).is_empty());
     assert!(ring.pieces(0, usize::MAX).is_empty());
@@ -696,12 +643,7 @@ fn block_pieces_and_pieces_check_their_inputs() {
 #[test]
 fn strided_shards_match_contiguous_shards() {
     let (b, hq, hkv, d, pad) = (2, 4, 2, 8, 8);
-    let shape = RingShape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-    };
+    let shape = ring_shape(b, hq, hkv, d);
     let opts = AttentionOptions::default()
         .with_window(Window::causal_tokens(9).unwrap())
         .with_sinks(2);

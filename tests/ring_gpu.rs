@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::ring::{RingInputs, ring_inputs};
+use common::ring::{RingInputs, ring_inputs, ring_shape};
 use common::*;
 use longattn::cudarc::driver::{CudaSlice, CudaStream};
 use longattn::ring::{
@@ -204,18 +204,12 @@ fn masks() -> Vec<(&'static str, AttentionOptions)> {
 
 #[test]
 fn in_process_ring_equals_the_single_kernel() {
-    let Some(ctx) = gpu_or_skip("in_process_ring_equals_the_single_kernel") else {
+    let Some(stream) = gpu_stream_or_skip("in_process_ring_equals_the_single_kernel") else {
         return;
     };
-    let stream = ctx.default_stream();
     let mut seed = 1;
     for d in [64, 128] {
-        let shape = RingShape {
-            batch: 2,
-            heads_q: 4,
-            heads_kv: 2,
-            head_dim: d,
-        };
+        let shape = ring_shape(2, 4, 2, d);
         for world in [1, 2, 3, 4, 8] {
             for sharding in [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe] {
                 for (name, opts) in masks() {
@@ -238,12 +232,7 @@ fn in_process_ring_equals_the_single_kernel() {
             }
         }
     }
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 8,
-        heads_kv: 1,
-        head_dim: 128,
-    };
+    let shape = ring_shape(1, 8, 1, 128);
     let layout = RingLayout::new(1000, 4, Sharding::Zigzag).unwrap();
     let c = case::<bf16>(&stream, layout, shape, &AttentionOptions::causal(), 99);
     run_in_process(&stream, &c, Run::OneShot, "bf16 MQA zigzag causal");
@@ -259,12 +248,7 @@ fn in_process_ring_reuses_its_working_set() {
         return;
     };
     let streams = [ctx.default_stream(), ctx.new_stream().unwrap()];
-    let shape = RingShape {
-        batch: 2,
-        heads_q: 4,
-        heads_kv: 1,
-        head_dim: 64,
-    };
+    let shape = ring_shape(2, 4, 1, 64);
     let mut seed = 300;
     for (world, sharding) in [(3, Sharding::Zigzag), (4, Sharding::Stripe)] {
         for (name, opts) in masks() {
@@ -292,16 +276,11 @@ fn in_process_ring_reuses_its_working_set() {
 /// computes on the rank's own shard.
 #[test]
 fn in_process_ring_timeline_covers_every_computing_step() {
-    let Some(ctx) = gpu_or_skip("in_process_ring_timeline_covers_every_computing_step") else {
+    let Some(stream) = gpu_stream_or_skip("in_process_ring_timeline_covers_every_computing_step")
+    else {
         return;
     };
-    let stream = ctx.default_stream();
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 64,
-    };
+    let shape = ring_shape(1, 4, 2, 64);
     for (sharding, opts) in [
         (Sharding::Zigzag, AttentionOptions::causal()),
         (
@@ -336,16 +315,10 @@ fn in_process_ring_timeline_covers_every_computing_step() {
 
 #[test]
 fn in_process_ring_moves_only_the_needed_shards() {
-    let Some(ctx) = gpu_or_skip("in_process_ring_moves_only_the_needed_shards") else {
+    let Some(stream) = gpu_stream_or_skip("in_process_ring_moves_only_the_needed_shards") else {
         return;
     };
-    let stream = ctx.default_stream();
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 64,
-    };
+    let shape = ring_shape(1, 2, 1, 64);
     let opts = AttentionOptions::default().with_window(Window::causal_tokens(4096).unwrap());
     let layout = RingLayout::new(16384, 8, Sharding::Contiguous).unwrap();
     let c = case::<f16>(&stream, layout, shape, &opts, 7);
@@ -355,16 +328,10 @@ fn in_process_ring_moves_only_the_needed_shards() {
 
 #[test]
 fn star_attention_gpu_equals_cpu() {
-    let Some(ctx) = gpu_or_skip("star_attention_gpu_equals_cpu") else {
+    let Some(stream) = gpu_stream_or_skip("star_attention_gpu_equals_cpu") else {
         return;
     };
-    let stream = ctx.default_stream();
-    let shape = RingShape {
-        batch: 2,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 64,
-    };
+    let shape = ring_shape(2, 4, 2, 64);
     let (context, world, nq) = (1000, 4, 17);
     let star = StarAttention::new(context, world, nq, shape, &AttentionOptions::causal()).unwrap();
     let layout = RingLayout::new(context, world, Sharding::Contiguous).unwrap();
@@ -461,12 +428,7 @@ fn ring_rank_world_one_equals_the_single_kernel() {
         return;
     };
     let stream = ctx.default_stream();
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 4,
-        heads_kv: 4,
-        head_dim: 128,
-    };
+    let shape = ring_shape(1, 4, 4, 128);
     let layout = RingLayout::new(777, 1, Sharding::Contiguous).unwrap();
     let c = case::<f16>(&stream, layout, shape, &AttentionOptions::causal(), 3);
     let comm = SelfComm::new(ctx.new_stream().unwrap());
@@ -579,12 +541,7 @@ fn nccl_ring_equals_the_single_kernel() {
         let ctxs: Vec<_> = (0..world)
             .map(|i| longattn::device::open_gpu(i).unwrap())
             .collect();
-        let shape = RingShape {
-            batch: 1,
-            heads_q: 4,
-            heads_kv: 2,
-            head_dim: 64,
-        };
+        let shape = ring_shape(1, 4, 2, 64);
         let layout = RingLayout::new(1031, world, Sharding::Zigzag).unwrap();
         let c = case::<f16>(
             &ctx.default_stream(),

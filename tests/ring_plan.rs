@@ -4,17 +4,13 @@
 
 mod common;
 
+use common::ring::ring_shape;
 use common::{random_vec, rng};
 use longattn::*;
 
 fn ring(seqlen: usize, world: usize, sharding: Sharding, opts: &AttentionOptions) -> RingAttention {
     let layout = RingLayout::new(seqlen, world, sharding).unwrap();
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 2, 1, 8);
     RingAttention::new(layout, shape, opts).unwrap()
 }
 
@@ -247,12 +243,7 @@ fn planned_equals_ring<T: Element>(
 
 #[test]
 fn planned_execution_equals_cpu_ring() {
-    let shape = RingShape {
-        batch: 2,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-    };
+    let shape = ring_shape(2, 4, 2, 16);
     let opts = [
         AttentionOptions::default(),
         AttentionOptions::causal(),

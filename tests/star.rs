@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::ring::ring_shape;
 use common::{check_lse, random_vec, rel_l2, rng, to_f64};
 use longattn::reference::dense_attention_f64;
 use longattn::*;
@@ -109,12 +110,7 @@ fn check_star<T: Element>(context: usize, world: usize, nq: usize, shape: RingSh
 
 #[test]
 fn star_attention_matches_its_definition() {
-    let shape = RingShape {
-        batch: 2,
-        heads_q: 4,
-        heads_kv: 2,
-        head_dim: 16,
-    };
+    let shape = ring_shape(2, 4, 2, 16);
     for world in [1, 2, 3, 4, 8] {
         check_star::<f32>(61, world, 5, shape, 1e-5);
     }
@@ -124,12 +120,7 @@ fn star_attention_matches_its_definition() {
 
 #[test]
 fn star_attention_rejects_bad_setups() {
-    let shape = RingShape {
-        batch: 1,
-        heads_q: 2,
-        heads_kv: 1,
-        head_dim: 8,
-    };
+    let shape = ring_shape(1, 2, 1, 8);
     let o = AttentionOptions::causal();
     assert!(StarAttention::new(3, 4, 1, shape, &o).is_err());
     assert!(StarAttention::new(10, 0, 1, shape, &o).is_err());

@@ -65,6 +65,16 @@ pub fn check_lse(got: &[f32], want: &[f64], tol: f64, what: &str) {
     }
 }
 
+/// LSE tolerance of a GPU run against the f64 reference `want_lse`: 2e-3 relative to the
+/// largest finite |LSE| (plus 1), since the f32 LSE rounds relative to its magnitude.
+pub fn lse_tol(want_lse: &[f64]) -> f64 {
+    2e-3 * (1.0
+        + want_lse
+            .iter()
+            .filter(|x| x.is_finite())
+            .fold(0.0f64, |a, &b| a.max(b.abs())))
+}
+
 /// Packed-batch offsets `[0, l0, l0 + l1, ...]` (length `lens.len() + 1`) of a varlen batch.
 pub fn cu_seqlens(lens: &[usize]) -> Vec<i32> {
     std::iter::once(0)
@@ -95,6 +105,23 @@ pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaCont
             None
         }
     }
+}
+
+/// [`gpu_or_skip`], then GPU 0's default stream (the stream of a test that needs no other).
+pub fn gpu_stream_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
+    gpu_or_skip(test).map(|ctx| ctx.default_stream())
+}
+
+/// Whether GPU 0 is a Hopper (compute capability 9.0), where the sm_90a kernels (wgmma, FP8)
+/// run; false without a GPU. Asked once per test binary.
+pub fn is_hopper() -> bool {
+    static HOPPER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HOPPER.get_or_init(|| {
+        longattn::device::open_gpu(0)
+            .ok()
+            .and_then(|ctx| ctx.compute_capability().ok())
+            == Some((9, 0))
+    })
 }
 
 /// A fresh stream on `ctx` for CUDA-graph capture (capture needs a non-default stream), with

@@ -1,7 +1,9 @@
-//! The paged-cache fixtures of the paged tests (`paged_cpu.rs`, `paged_gpu.rs`) and the
-//! shuffled block table that the semantics tests' hand-built cache uses too.
+//! The paged-cache fixtures of the paged tests (`paged_cpu.rs`, `paged_gpu.rs`,
+//! `paged_v5_gpu.rs`) and the shuffled block table that the semantics tests' hand-built cache
+//! uses too.
 
 use super::{random_vec, rng};
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use longattn::reference::paged::{decode_visible, paged_decode_f64};
 use longattn::{
     AttentionOptions, Element, HeadPolicy, KvPages, KvScales, PageLists, PageMeta, PageTable,
@@ -11,6 +13,7 @@ use longattn::{
 use rand::Rng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
+use std::sync::Arc;
 
 /// A block table `[pages.len(), max_pages]` (-1 past each sequence's pages): the page ids are
 /// a random permutation of `0..num_pages`, handed out in order, `pages[b]` to sequence `b`.
@@ -58,6 +61,34 @@ pub fn table_for(
     let num_pages = pages.iter().sum::<usize>() + extra_pages;
     let table = shuffled_block_table(&pages, max_pages, num_pages, rng);
     (num_pages.max(1), max_pages, table)
+}
+
+/// The cache description alone (no K/V, for the selection tests, which draw their own page
+/// bounds): `seqlens` tokens per sequence on a table from [`table_for`] without spare pages.
+pub fn table_cache(
+    seqlens: &[usize],
+    page_size: usize,
+    heads_kv: usize,
+    head_dim: usize,
+    rng: &mut SmallRng,
+) -> PagedCache {
+    let (num_pages, max_pages, table) = table_for(seqlens, page_size, 0, rng);
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv,
+        head_dim,
+    };
+    let sl: Vec<i32> = seqlens.iter().map(|&n| n as i32).collect();
+    PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &table,
+            max_pages_per_seq: max_pages,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap()
 }
 
 pub fn scenario<T: Element>(
@@ -184,6 +215,37 @@ impl<T, C: Element> Scenario<T, C> {
         }
     }
     pub fn meta(&self) -> PageMeta<&[C]> {
+        PageMeta {
+            kmin: &self.kmin,
+            kmax: &self.kmax,
+        }
+    }
+}
+
+/// A scenario's cache and page bounds on the device (uploaded in the order k, v, kmin, kmax).
+pub struct DeviceCache<C> {
+    pub k: CudaSlice<C>,
+    pub v: CudaSlice<C>,
+    pub kmin: CudaSlice<C>,
+    pub kmax: CudaSlice<C>,
+}
+
+impl<C: DeviceRepr> DeviceCache<C> {
+    pub fn upload<T>(s: &Arc<CudaStream>, sc: &Scenario<T, C>) -> Self {
+        DeviceCache {
+            k: s.clone_htod(&sc.k_cache).unwrap(),
+            v: s.clone_htod(&sc.v_cache).unwrap(),
+            kmin: s.clone_htod(&sc.kmin).unwrap(),
+            kmax: s.clone_htod(&sc.kmax).unwrap(),
+        }
+    }
+    pub fn kv(&self) -> KvPages<&CudaSlice<C>> {
+        KvPages {
+            k: &self.k,
+            v: &self.v,
+        }
+    }
+    pub fn meta(&self) -> PageMeta<&CudaSlice<C>> {
         PageMeta {
             kmin: &self.kmin,
             kmax: &self.kmax,

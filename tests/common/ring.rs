@@ -1,4 +1,5 @@
-//! The inputs of a ring test (`ring.rs`, `ring_gpu.rs`): random q, k, v over the whole
+//! The inputs of a ring test (`ring.rs`, `ring_gpu.rs`; the shape also `star.rs`,
+//! `ring_plan.rs`): random q, k, v over the whole
 //! sequence and its single-call dense definition.
 
 use super::{random_vec, rng};
@@ -16,6 +17,16 @@ pub struct RingInputs<T> {
     pub dense: FlashAttention,
     pub qs: Strides,
     pub ks: Strides,
+}
+
+/// A [`RingShape`] in field order: batch, heads_q, heads_kv, head_dim.
+pub fn ring_shape(batch: usize, heads_q: usize, heads_kv: usize, head_dim: usize) -> RingShape {
+    RingShape {
+        batch,
+        heads_q,
+        heads_kv,
+        head_dim,
+    }
 }
 
 /// Random q, k, v (seeded, drawn in that order) for `shape` over `layout.seqlen()` tokens,
