@@ -281,7 +281,7 @@ where
     O: DeviceBufferMut<T>,
 {
     use crate::dense::gpu::ffi_params;
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     use cudarc::driver::DevicePtr;
     let attn = &bs.attn;
     if attn.total_q == 0 {
@@ -340,13 +340,8 @@ where
                 // SAFETY: `params` is the struct just launched with; the query reads only its
                 // scalars and pointer values (for the tensor maps), never device memory, and
                 // returns a static NUL-terminated string or NULL.
-                let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&params) };
-                let why = if reason.is_null() {
-                    "the device rejected it".into()
-                } else {
-                    // SAFETY: non-null, static and NUL-terminated (see above).
-                    unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-                };
+                let why =
+                    unsafe { reason_text(ffi::la_block_sparse_wgmma_unsupported_reason(&params)) };
                 format!("the Hopper block-sparse kernel cannot run this problem here: {why}")
             }
         }));

@@ -132,7 +132,7 @@ where
     D: DeviceBuffer<f32>,
 {
     use crate::dense::gpu::ffi_params;
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -177,13 +177,7 @@ where
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
         // SAFETY: `params` as launched; the query reads only scalars and pointer values and
         // returns a static NUL-terminated string or NULL.
-        let reason = unsafe { ffi::la_dense_fp8_unsupported_reason(&params) };
-        let why = if reason.is_null() {
-            "the device rejected it".into()
-        } else {
-            // SAFETY: non-null, static and NUL-terminated (see above).
-            unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-        };
+        let why = unsafe { reason_text(ffi::la_dense_fp8_unsupported_reason(&params)) };
         return Err(Error::Unsupported(format!(
             "the FP8 dense kernel cannot run this problem here: {why}"
         )));

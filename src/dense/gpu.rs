@@ -208,7 +208,7 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -245,13 +245,7 @@ where
         // SAFETY: `params` is the struct just launched with; the query reads only its scalars
         // and pointer values (for the TMA descriptors), never device memory, and returns a
         // static NUL-terminated string or NULL.
-        let reason = unsafe { ffi::la_dense_kernel_unsupported_reason(&params, kernel) };
-        let why = if reason.is_null() {
-            "the device rejected it".into()
-        } else {
-            // SAFETY: non-null, static and NUL-terminated (see above).
-            unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-        };
+        let why = unsafe { reason_text(ffi::la_dense_kernel_unsupported_reason(&params, kernel)) };
         return Err(Error::Unsupported(format!(
             "the {:?} dense kernel cannot run this problem here: {why}",
             attn.kernel

@@ -232,7 +232,7 @@ impl PrefillTables {
 #[cfg(longattn_cuda)]
 mod imp {
     use super::*;
-    use crate::gpu::{check_launch, ffi, la_dtype, ptr_or_null};
+    use crate::gpu::{check_launch, ffi, la_dtype, ptr_or_null, reason_text};
     use crate::paged::gpu::imp::AttnPtrs;
 
     const _: () = assert!(
@@ -303,12 +303,8 @@ mod imp {
                 if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
                     // SAFETY: the params just passed; the query reads their scalars and
                     // pointer values only and returns a static NUL-terminated string or NULL.
-                    let reason = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(&params) };
-                    let why = if reason.is_null() {
-                        "the device rejected it".into()
-                    } else {
-                        // SAFETY: non-null, static and NUL-terminated (see above).
-                        unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
+                    let why = unsafe {
+                        reason_text(ffi::la_paged_prefill_wgmma_unsupported_reason(&params))
                     };
                     return Err(Error::Unsupported(format!(
                         "the Hopper paged prefill kernel cannot run this problem here: {why}"
