@@ -11,6 +11,7 @@
 //! [`BlockSparseGpuPlan`]; nothing in the crate picks it automatically.
 
 use super::{BlockSparseAttention, BlockSparseKernel};
+use crate::dense::gpu::CuSeqlens;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -239,7 +240,7 @@ struct DeviceMask {
     offsets: CudaSlice<i32>,
     indices: CudaSlice<i32>,
     full: CudaSlice<u8>,
-    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    cu_seqlens: Option<CuSeqlens>,
 }
 
 impl DeviceMask {
@@ -250,15 +251,11 @@ impl DeviceMask {
         } else {
             (stream.clone_htod(&m.indices)?, stream.clone_htod(&m.full)?)
         };
-        let cu_seqlens = match &bs.attn.varlen {
-            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-            None => None,
-        };
         Ok(DeviceMask {
             offsets: stream.clone_htod(&m.offsets)?,
             indices,
             full,
-            cu_seqlens,
+            cu_seqlens: bs.attn.upload_varlen(stream)?,
         })
     }
 }

@@ -144,10 +144,7 @@ where
         (&mut *out.data, &out.strides),
         true,
     )?;
-    let uploaded = match &attn.varlen {
-        Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-        None => None,
-    };
+    let uploaded = attn.upload_varlen(stream)?;
     let (cu_q, _cq_sync) = ptr_or_null(uploaded.as_ref().map(|(cq, _)| cq), stream);
     let (cu_k, _ck_sync) = ptr_or_null(uploaded.as_ref().map(|(_, ck)| ck), stream);
     let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);

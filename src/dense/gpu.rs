@@ -47,13 +47,9 @@ impl FlashAttention {
 
     /// Uploads the varlen offsets (if any) once, on `stream`, for [`DenseGpuPlan::forward`].
     pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<DenseGpuPlan> {
-        let cu_seqlens = match &self.varlen {
-            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-            None => None,
-        };
         Ok(DenseGpuPlan {
             attn: self.clone(),
-            cu_seqlens,
+            cu_seqlens: self.upload_varlen(stream)?,
         })
     }
 
@@ -151,7 +147,17 @@ pub struct DenseGpuPlan {
 }
 
 /// Varlen offsets on the device: `cu_seqlens_q`, `cu_seqlens_k`.
-type CuSeqlens = (CudaSlice<i32>, CudaSlice<i32>);
+pub(crate) type CuSeqlens = (CudaSlice<i32>, CudaSlice<i32>);
+
+impl FlashAttention {
+    /// Copies the varlen offsets to the device on `stream` (`None` for fixed lengths).
+    pub(crate) fn upload_varlen(&self, stream: &Arc<CudaStream>) -> Result<Option<CuSeqlens>> {
+        Ok(match &self.varlen {
+            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+            None => None,
+        })
+    }
+}
 
 impl DenseGpuPlan {
     /// The validated problem.
@@ -216,9 +222,9 @@ where
     let vector = attn.kernel != DenseKernel::TensorCorePadded || attn.head_dim.is_multiple_of(8);
     let ptrs = QkvoPtrs::with_access(stream, &q, &k, &v, (&mut *out.data, &out.strides), vector)?;
     // A plan's offsets are already on the device; a one-shot call uploads them here.
-    let uploaded = match (&attn.varlen, planned) {
-        (Some((cq, ck)), None) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-        _ => None,
+    let uploaded = match planned {
+        Some(_) => None,
+        None => attn.upload_varlen(stream)?,
     };
     let cu_seqlens = planned.or(uploaded.as_ref());
     let (cu_q, _cq_sync) = ptr_or_null(cu_seqlens.map(|(cq, _)| cq), stream);
