@@ -365,43 +365,32 @@ fn dense_cpu(
     Ok((out, p.out_shape))
 }
 
-impl CustomOp3 for FlashAttn {
-    fn name(&self) -> &'static str {
-        "longattn-flash-attn"
-    }
+/// The `CustomOp3` of a dense op (one with a `problem` method): the CPU forward of its
+/// validated problem, named `$name`.
+macro_rules! dense_op3 {
+    ($op:ty, $name:literal) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = self.problem(q_l, k_l, v_l)?;
-        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
-    }
+            fn cpu_fwd(
+                &self,
+                q: &CpuStorage,
+                q_l: &Layout,
+                k: &CpuStorage,
+                k_l: &Layout,
+                v: &CpuStorage,
+                v_l: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                let p = self.problem(q_l, k_l, v_l)?;
+                dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+            }
+        }
+    };
 }
-
-impl CustomOp3 for FlashAttnVarlen {
-    fn name(&self) -> &'static str {
-        "longattn-flash-attn-varlen"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = self.problem(q_l, k_l, v_l)?;
-        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
-    }
-}
+dense_op3!(FlashAttn, "longattn-flash-attn");
+dense_op3!(FlashAttnVarlen, "longattn-flash-attn-varlen");
 
 fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
     if alibi_slopes.is_some() {
