@@ -591,12 +591,13 @@ pub struct PagedAttnDecode {
 }
 
 impl PagedAttnDecode {
-    /// The op's tables from `block_table: (batch, max_pages_per_seq)` and `seqlens_k:
-    /// (batch,)` tensors (scale, window and softcap set by the caller).
+    /// The op over `block_table: (batch, max_pages_per_seq)` and `seqlens_k: (batch,)`
+    /// tensors, with the scale, left window and softcap of `paged_attn_decode`.
     fn from_tables(
         block_table: &Tensor,
         seqlens_k: &Tensor,
         kv_scales: Option<KvScales>,
+        (softmax_scale, window_size_left, softcap): (f32, Option<usize>, Option<f32>),
     ) -> Result<Self> {
         if block_table.rank() != 2 {
             bail!(
@@ -605,9 +606,9 @@ impl PagedAttnDecode {
             )
         }
         Ok(PagedAttnDecode {
-            softmax_scale: 0.0,
-            window_size_left: None,
-            softcap: None,
+            softmax_scale,
+            window_size_left,
+            softcap,
             block_table: host_i32("block_table", &block_table.flatten_all()?)?,
             max_pages_per_seq: block_table.dim(1)?,
             seqlens_k: host_i32("seqlens_k", seqlens_k)?,
@@ -802,13 +803,8 @@ pub fn paged_attn_decode(
     window_size_left: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, None)?;
-    let op = PagedAttnDecode {
-        softmax_scale,
-        window_size_left,
-        softcap,
-        ..op
-    };
+    let settings = (softmax_scale, window_size_left, softcap);
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, None, settings)?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
@@ -834,12 +830,7 @@ pub fn paged_attn_decode_fp8(
         }
     }
     let scales = KvScales::new(k_scales.to_vec(), v_scales.to_vec()).map_err(wrap)?;
-    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales))?;
-    let op = PagedAttnDecode {
-        softmax_scale,
-        window_size_left,
-        softcap,
-        ..op
-    };
+    let settings = (softmax_scale, window_size_left, softcap);
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales), settings)?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
