@@ -25,7 +25,8 @@
 //! ([`moba_select_blocks_cpu`]) runs on the GPU through [`MobaGpuPlan::with_query_blocks`].
 
 use super::{
-    BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks, classify,
+    BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks,
+    classify_blocks,
 };
 use crate::dense::FlashAttention;
 use crate::element::Element;
@@ -201,19 +202,7 @@ pub fn moba_block_mask(
                 .collect();
             union.sort_unstable();
             union.dedup();
-            union
-                .into_iter()
-                .filter_map(|kb| {
-                    classify(
-                        &mask,
-                        tile.clone(),
-                        kb * block_n..(kb + 1) * block_n,
-                        sq,
-                        sk,
-                    )
-                    .map(|kind| (kb, kind))
-                })
-                .collect()
+            classify_blocks(&mask, tile, union, block_n, (sq, sk))
         },
     )
 }
@@ -387,18 +376,7 @@ pub fn moba_select_blocks_cpu<T: Element>(
             let mut sel = top_n(cands, top_k.saturating_sub(diag.len()));
             sel.extend(diag);
             sel.sort_unstable();
-            sel.into_iter()
-                .filter_map(|kb| {
-                    classify(
-                        &mask,
-                        tile.clone(),
-                        kb * block_n..(kb + 1) * block_n,
-                        sq,
-                        sk,
-                    )
-                    .map(|kind| (kb, kind))
-                })
-                .collect()
+            classify_blocks(&mask, tile, sel, block_n, (sq, sk))
         },
     )?)
 }
