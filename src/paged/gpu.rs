@@ -113,9 +113,12 @@ enum PlanFor {
     Select,
 }
 
-fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
-    check_gpu_dtype(dtype)?;
-    check_gpu_shape(cache)
+/// Every GPU check of a call with `T` queries over a cache of `C`, in this order: the query
+/// type, the cache's head dim and grid, the cache type.
+fn check_gpu_types<T: Element, C: Element>(cache: &PagedCache) -> Result<()> {
+    check_gpu_dtype(T::DTYPE)?;
+    check_gpu_shape(cache)?;
+    check_gpu_cache(cache, T::DTYPE, C::DTYPE)
 }
 
 fn check_gpu_dtype(dtype: DType) -> Result<()> {
@@ -161,8 +164,7 @@ where
         (kv.k.len(), kv.v.len()),
         meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
-    check_gpu_dims(cache, T::DTYPE)?;
-    check_gpu_cache(cache, T::DTYPE, C::DTYPE)?;
+    check_gpu_types::<T, C>(cache)?;
     Ok(max_touched)
 }
 
@@ -253,8 +255,7 @@ impl PagedDecode {
         I: DeviceBuffer<T>,
     {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_dims(&self.cache, T::DTYPE)?;
-        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
+        check_gpu_types::<T, C>(&self.cache)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
         let () = cuda_call!(imp::select::<T, C, I>, &mut plan, &q, &meta)?;
         plan.into_selection()
@@ -321,8 +322,7 @@ impl PagedDecode {
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        check_gpu_dims(&self.cache, T::DTYPE)?;
-        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)
+        check_gpu_types::<T, C>(&self.cache)
     }
 }
 
@@ -397,8 +397,7 @@ impl PagedDecodePlan {
     {
         self.decode
             .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_dtype(T::DTYPE)?;
-        check_gpu_cache(&self.decode.cache, T::DTYPE, C::DTYPE)?;
+        check_gpu_types::<T, C>(&self.decode.cache)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "this plan has no Quest heads to select pages for".into(),
