@@ -164,6 +164,16 @@ pub fn moba_select_cpu<T: Element>(
     Ok(RowBlocks::new(block_n, top_k, blocks)?)
 }
 
+/// The dims of a block mask over `attn`'s lengths, one list set per query head.
+fn mask_dims(
+    attn: &FlashAttention,
+    block_m: usize,
+    block_n: usize,
+) -> Result<BlockMaskDims, BlockMaskError> {
+    let (sq, sk) = (attn.max_seqlen_q(), attn.max_seqlen_k());
+    BlockMaskDims::for_lengths(attn.batch(), attn.heads_q(), sq, sk, block_m, block_n)
+}
+
 /// The block mask of per-tile unions for per-row selections `rows` (from
 /// [`moba_select_cpu`]): query block `qb` (of `block_m` rows) lists the union of its rows'
 /// blocks, each `Full` when the options' element mask shows all of it to every row of the
@@ -175,14 +185,7 @@ pub fn moba_block_mask(
     block_m: usize,
 ) -> Result<BlockMask, BlockMaskError> {
     let block_n = rows.block_n();
-    let dims = BlockMaskDims::for_lengths(
-        attn.batch(),
-        attn.heads_q(),
-        attn.max_seqlen_q(),
-        attn.max_seqlen_k(),
-        block_m,
-        block_n,
-    )?;
+    let dims = mask_dims(attn, block_m, block_n)?;
     super::check_row_blocks(attn, rows)?;
     let mask = attn.mask();
     BlockMask::from_lists(
@@ -319,14 +322,7 @@ pub fn moba_select_blocks_cpu<T: Element>(
     config.check()?;
     check_qk(attn, &q, &k)?;
     let MobaConfig { block_n, top_k } = *config;
-    let dims = BlockMaskDims::for_lengths(
-        attn.batch(),
-        attn.heads_q(),
-        attn.max_seqlen_q(),
-        attn.max_seqlen_k(),
-        block_m,
-        block_n,
-    )?;
+    let dims = mask_dims(attn, block_m, block_n)?;
     let mask = attn.mask();
     let d = attn.head_dim();
     Ok(BlockMask::from_lists(
