@@ -365,43 +365,32 @@ fn dense_cpu(
     Ok((out, p.out_shape))
 }
 
-impl CustomOp3 for FlashAttn {
-    fn name(&self) -> &'static str {
-        "longattn-flash-attn"
-    }
+/// The `CustomOp3` of a dense op (one with a `problem` method): the CPU forward of its
+/// validated problem, named `$name`.
+macro_rules! dense_op3 {
+    ($op:ty, $name:literal) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = self.problem(q_l, k_l, v_l)?;
-        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
-    }
+            fn cpu_fwd(
+                &self,
+                q: &CpuStorage,
+                q_l: &Layout,
+                k: &CpuStorage,
+                k_l: &Layout,
+                v: &CpuStorage,
+                v_l: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                let p = self.problem(q_l, k_l, v_l)?;
+                dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+            }
+        }
+    };
 }
-
-impl CustomOp3 for FlashAttnVarlen {
-    fn name(&self) -> &'static str {
-        "longattn-flash-attn-varlen"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = self.problem(q_l, k_l, v_l)?;
-        dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
-    }
-}
+dense_op3!(FlashAttn, "longattn-flash-attn");
+dense_op3!(FlashAttnVarlen, "longattn-flash-attn-varlen");
 
 fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
     if alibi_slopes.is_some() {
@@ -602,12 +591,13 @@ pub struct PagedAttnDecode {
 }
 
 impl PagedAttnDecode {
-    /// The op's tables from `block_table: (batch, max_pages_per_seq)` and `seqlens_k:
-    /// (batch,)` tensors (scale, window and softcap set by the caller).
+    /// The op over `block_table: (batch, max_pages_per_seq)` and `seqlens_k: (batch,)`
+    /// tensors, with the scale, left window and softcap of `paged_attn_decode`.
     fn from_tables(
         block_table: &Tensor,
         seqlens_k: &Tensor,
         kv_scales: Option<KvScales>,
+        (softmax_scale, window_size_left, softcap): (f32, Option<usize>, Option<f32>),
     ) -> Result<Self> {
         if block_table.rank() != 2 {
             bail!(
@@ -616,9 +606,9 @@ impl PagedAttnDecode {
             )
         }
         Ok(PagedAttnDecode {
-            softmax_scale: 0.0,
-            window_size_left: None,
-            softcap: None,
+            softmax_scale,
+            window_size_left,
+            softcap,
             block_table: host_i32("block_table", &block_table.flatten_all()?)?,
             max_pages_per_seq: block_table.dim(1)?,
             seqlens_k: host_i32("seqlens_k", seqlens_k)?,
@@ -813,13 +803,8 @@ pub fn paged_attn_decode(
     window_size_left: Option<usize>,
     softcap: Option<f32>,
 ) -> Result<Tensor> {
-    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, None)?;
-    let op = PagedAttnDecode {
-        softmax_scale,
-        window_size_left,
-        softcap,
-        ..op
-    };
+    let settings = (softmax_scale, window_size_left, softcap);
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, None, settings)?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
@@ -845,12 +830,7 @@ pub fn paged_attn_decode_fp8(
         }
     }
     let scales = KvScales::new(k_scales.to_vec(), v_scales.to_vec()).map_err(wrap)?;
-    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales))?;
-    let op = PagedAttnDecode {
-        softmax_scale,
-        window_size_left,
-        softcap,
-        ..op
-    };
+    let settings = (softmax_scale, window_size_left, softcap);
+    let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales), settings)?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }

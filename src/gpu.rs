@@ -266,6 +266,22 @@ pub(crate) fn check_launch(what: &str, code: i32) -> Result<()> {
     })
 }
 
+/// The text of a launcher's `la_*_unsupported_reason` answer: the reason it gave, or "the
+/// device rejected it" for none.
+///
+/// # Safety
+/// `reason` is NULL or a static NUL-terminated string (what those queries return).
+#[cfg(longattn_cuda)]
+pub(crate) unsafe fn reason_text(
+    reason: *const std::ffi::c_char,
+) -> std::borrow::Cow<'static, str> {
+    if reason.is_null() {
+        return "the device rejected it".into();
+    }
+    // SAFETY: non-null, static and NUL-terminated by the contract.
+    unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
+}
+
 #[cfg(longattn_cuda)]
 /// Bytes per element of `dtype`.
 pub(crate) fn dtype_bytes(dtype: DType) -> usize {

@@ -11,6 +11,7 @@
 //! [`BlockSparseGpuPlan`]; nothing in the crate picks it automatically.
 
 use super::{BlockSparseAttention, BlockSparseKernel};
+use crate::dense::gpu::CuSeqlens;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -239,7 +240,7 @@ struct DeviceMask {
     offsets: CudaSlice<i32>,
     indices: CudaSlice<i32>,
     full: CudaSlice<u8>,
-    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    cu_seqlens: Option<CuSeqlens>,
 }
 
 impl DeviceMask {
@@ -250,15 +251,11 @@ impl DeviceMask {
         } else {
             (stream.clone_htod(&m.indices)?, stream.clone_htod(&m.full)?)
         };
-        let cu_seqlens = match &bs.attn.varlen {
-            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-            None => None,
-        };
         Ok(DeviceMask {
             offsets: stream.clone_htod(&m.offsets)?,
             indices,
             full,
-            cu_seqlens,
+            cu_seqlens: bs.attn.upload_varlen(stream)?,
         })
     }
 }
@@ -281,7 +278,7 @@ where
     O: DeviceBufferMut<T>,
 {
     use crate::dense::gpu::ffi_params;
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     use cudarc::driver::DevicePtr;
     let attn = &bs.attn;
     if attn.total_q == 0 {
@@ -340,13 +337,8 @@ where
                 // SAFETY: `params` is the struct just launched with; the query reads only its
                 // scalars and pointer values (for the tensor maps), never device memory, and
                 // returns a static NUL-terminated string or NULL.
-                let reason = unsafe { ffi::la_block_sparse_wgmma_unsupported_reason(&params) };
-                let why = if reason.is_null() {
-                    "the device rejected it".into()
-                } else {
-                    // SAFETY: non-null, static and NUL-terminated (see above).
-                    unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-                };
+                let why =
+                    unsafe { reason_text(ffi::la_block_sparse_wgmma_unsupported_reason(&params)) };
                 format!("the Hopper block-sparse kernel cannot run this problem here: {why}")
             }
         }));

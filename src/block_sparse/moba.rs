@@ -25,7 +25,8 @@
 //! ([`moba_select_blocks_cpu`]) runs on the GPU through [`MobaGpuPlan::with_query_blocks`].
 
 use super::{
-    BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks, classify,
+    BlockMask, BlockMaskDims, BlockMaskError, BlockSparseAttention, ListId, RowBlocks,
+    classify_blocks,
 };
 use crate::dense::FlashAttention;
 use crate::element::Element;
@@ -163,6 +164,16 @@ pub fn moba_select_cpu<T: Element>(
     Ok(RowBlocks::new(block_n, top_k, blocks)?)
 }
 
+/// The dims of a block mask over `attn`'s lengths, one list set per query head.
+fn mask_dims(
+    attn: &FlashAttention,
+    block_m: usize,
+    block_n: usize,
+) -> Result<BlockMaskDims, BlockMaskError> {
+    let (sq, sk) = (attn.max_seqlen_q(), attn.max_seqlen_k());
+    BlockMaskDims::for_lengths(attn.batch(), attn.heads_q(), sq, sk, block_m, block_n)
+}
+
 /// The block mask of per-tile unions for per-row selections `rows` (from
 /// [`moba_select_cpu`]): query block `qb` (of `block_m` rows) lists the union of its rows'
 /// blocks, each `Full` when the options' element mask shows all of it to every row of the
@@ -174,14 +185,7 @@ pub fn moba_block_mask(
     block_m: usize,
 ) -> Result<BlockMask, BlockMaskError> {
     let block_n = rows.block_n();
-    let dims = BlockMaskDims::for_lengths(
-        attn.batch(),
-        attn.heads_q(),
-        attn.max_seqlen_q(),
-        attn.max_seqlen_k(),
-        block_m,
-        block_n,
-    )?;
+    let dims = mask_dims(attn, block_m, block_n)?;
     super::check_row_blocks(attn, rows)?;
     let mask = attn.mask();
     BlockMask::from_lists(
@@ -201,19 +205,7 @@ pub fn moba_block_mask(
                 .collect();
             union.sort_unstable();
             union.dedup();
-            union
-                .into_iter()
-                .filter_map(|kb| {
-                    classify(
-                        &mask,
-                        tile.clone(),
-                        kb * block_n..(kb + 1) * block_n,
-                        sq,
-                        sk,
-                    )
-                    .map(|kind| (kb, kind))
-                })
-                .collect()
+            classify_blocks(&mask, tile, union, block_n, (sq, sk))
         },
     )
 }
@@ -330,14 +322,7 @@ pub fn moba_select_blocks_cpu<T: Element>(
     config.check()?;
     check_qk(attn, &q, &k)?;
     let MobaConfig { block_n, top_k } = *config;
-    let dims = BlockMaskDims::for_lengths(
-        attn.batch(),
-        attn.heads_q(),
-        attn.max_seqlen_q(),
-        attn.max_seqlen_k(),
-        block_m,
-        block_n,
-    )?;
+    let dims = mask_dims(attn, block_m, block_n)?;
     let mask = attn.mask();
     let d = attn.head_dim();
     Ok(BlockMask::from_lists(
@@ -387,18 +372,7 @@ pub fn moba_select_blocks_cpu<T: Element>(
             let mut sel = top_n(cands, top_k.saturating_sub(diag.len()));
             sel.extend(diag);
             sel.sort_unstable();
-            sel.into_iter()
-                .filter_map(|kb| {
-                    classify(
-                        &mask,
-                        tile.clone(),
-                        kb * block_n..(kb + 1) * block_n,
-                        sq,
-                        sk,
-                    )
-                    .map(|kind| (kb, kind))
-                })
-                .collect()
+            classify_blocks(&mask, tile, sel, block_n, (sq, sk))
         },
     )?)
 }

@@ -23,6 +23,7 @@ use super::RowBlocks;
 use super::moba::MobaConfig;
 use super::moba_gather::{MobaAttention, MobaGatherDims, MobaGatherIndex};
 use crate::dense::FlashAttention;
+use crate::dense::gpu::CuSeqlens;
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
@@ -221,7 +222,7 @@ struct Buffers {
     rows: CudaSlice<i32>,
     union_blocks: CudaSlice<i32>,
     union_count: CudaSlice<i32>,
-    cu_seqlens: Option<(CudaSlice<i32>, CudaSlice<i32>)>,
+    cu_seqlens: Option<CuSeqlens>,
 }
 
 /// The gather attention's scratch ([`MobaGatherDims`], `LaMobaGatherParams`): the transpose
@@ -305,10 +306,7 @@ impl MobaGpuPlan {
             union_blocks: stream
                 .alloc_zeros::<i32>(n(dims.unions_len(attn)? * dims.union_width))?,
             union_count: stream.alloc_zeros::<i32>(n(dims.unions_len(attn)?))?,
-            cu_seqlens: match &attn.varlen {
-                Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-                None => None,
-            },
+            cu_seqlens: attn.upload_varlen(stream)?,
         };
         Ok(MobaGpuPlan {
             attn: attn.clone(),

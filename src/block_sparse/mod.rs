@@ -560,10 +560,28 @@ pub struct FlexParts {
     pub full_kv_indices: Vec<i32>,
 }
 
+/// The list entries of key blocks `kbs` (`block_n` keys each) for query rows `rows` of a
+/// `sq` x `sk` sequence, in `kbs` order: `(kb, kind)` with the kind of [`classify`], the
+/// blocks the element mask hides dropped.
+pub(crate) fn classify_blocks(
+    mask: &Mask,
+    rows: std::ops::Range<usize>,
+    kbs: impl IntoIterator<Item = usize>,
+    block_n: usize,
+    (sq, sk): (usize, usize),
+) -> Vec<(usize, BlockKind)> {
+    kbs.into_iter()
+        .filter_map(|kb| {
+            classify(mask, rows.clone(), kb * block_n..(kb + 1) * block_n, sq, sk)
+                .map(|kind| (kb, kind))
+        })
+        .collect()
+}
+
 /// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
 /// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
 /// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
-pub(crate) fn classify(
+fn classify(
     mask: &Mask,
     rows: std::ops::Range<usize>,
     keys: std::ops::Range<usize>,

@@ -12,7 +12,7 @@
 //! the constructors require `seqlen_q <= seqlen_k` with a block-aligned difference (prefill,
 //! or chunked prefill with block-aligned chunks). "Distance" below is `qb + shift - kb`.
 
-use super::{BlockMask, BlockMaskDims, BlockMaskError, ListId, classify};
+use super::{BlockMask, BlockMaskDims, BlockMaskError, ListId, classify_blocks};
 use crate::mask::Mask;
 use std::cell::RefCell;
 
@@ -64,13 +64,8 @@ fn build(
     let shift = (sk - sq) / block;
     BlockMask::from_lists(dims, |ListId { head, q_block, .. }| {
         let rows = q_block * block..((q_block + 1) * block).min(sq);
-        (0..dims.num_k_blocks)
-            .filter(|&kb| pred(head, q_block + shift, kb))
-            .filter_map(|kb| {
-                classify(&mask, rows.clone(), kb * block..(kb + 1) * block, sq, sk)
-                    .map(|kind| (kb, kind))
-            })
-            .collect()
+        let kbs = (0..dims.num_k_blocks).filter(|&kb| pred(head, q_block + shift, kb));
+        classify_blocks(&mask, rows, kbs, block, (sq, sk))
     })
 }
 

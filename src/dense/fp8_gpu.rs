@@ -132,7 +132,7 @@ where
     D: DeviceBuffer<f32>,
 {
     use crate::dense::gpu::ffi_params;
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -144,10 +144,7 @@ where
         (&mut *out.data, &out.strides),
         true,
     )?;
-    let uploaded = match &attn.varlen {
-        Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-        None => None,
-    };
+    let uploaded = attn.upload_varlen(stream)?;
     let (cu_q, _cq_sync) = ptr_or_null(uploaded.as_ref().map(|(cq, _)| cq), stream);
     let (cu_k, _ck_sync) = ptr_or_null(uploaded.as_ref().map(|(_, ck)| ck), stream);
     let (lse_ptr, _lse_sync) = ptr_mut_or_null(lse, stream);
@@ -177,13 +174,7 @@ where
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
         // SAFETY: `params` as launched; the query reads only scalars and pointer values and
         // returns a static NUL-terminated string or NULL.
-        let reason = unsafe { ffi::la_dense_fp8_unsupported_reason(&params) };
-        let why = if reason.is_null() {
-            "the device rejected it".into()
-        } else {
-            // SAFETY: non-null, static and NUL-terminated (see above).
-            unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-        };
+        let why = unsafe { reason_text(ffi::la_dense_fp8_unsupported_reason(&params)) };
         return Err(Error::Unsupported(format!(
             "the FP8 dense kernel cannot run this problem here: {why}"
         )));

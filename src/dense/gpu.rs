@@ -47,13 +47,9 @@ impl FlashAttention {
 
     /// Uploads the varlen offsets (if any) once, on `stream`, for [`DenseGpuPlan::forward`].
     pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<DenseGpuPlan> {
-        let cu_seqlens = match &self.varlen {
-            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-            None => None,
-        };
         Ok(DenseGpuPlan {
             attn: self.clone(),
-            cu_seqlens,
+            cu_seqlens: self.upload_varlen(stream)?,
         })
     }
 
@@ -151,7 +147,17 @@ pub struct DenseGpuPlan {
 }
 
 /// Varlen offsets on the device: `cu_seqlens_q`, `cu_seqlens_k`.
-type CuSeqlens = (CudaSlice<i32>, CudaSlice<i32>);
+pub(crate) type CuSeqlens = (CudaSlice<i32>, CudaSlice<i32>);
+
+impl FlashAttention {
+    /// Copies the varlen offsets to the device on `stream` (`None` for fixed lengths).
+    pub(crate) fn upload_varlen(&self, stream: &Arc<CudaStream>) -> Result<Option<CuSeqlens>> {
+        Ok(match &self.varlen {
+            Some((cq, ck)) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
+            None => None,
+        })
+    }
+}
 
 impl DenseGpuPlan {
     /// The validated problem.
@@ -208,7 +214,7 @@ where
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<T>,
 {
-    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null};
+    use crate::gpu::{QkvoPtrs, check_launch, ffi, ptr_mut_or_null, ptr_or_null, reason_text};
     if attn.total_q == 0 {
         return Ok(());
     }
@@ -216,9 +222,9 @@ where
     let vector = attn.kernel != DenseKernel::TensorCorePadded || attn.head_dim.is_multiple_of(8);
     let ptrs = QkvoPtrs::with_access(stream, &q, &k, &v, (&mut *out.data, &out.strides), vector)?;
     // A plan's offsets are already on the device; a one-shot call uploads them here.
-    let uploaded = match (&attn.varlen, planned) {
-        (Some((cq, ck)), None) => Some((stream.clone_htod(cq)?, stream.clone_htod(ck)?)),
-        _ => None,
+    let uploaded = match planned {
+        Some(_) => None,
+        None => attn.upload_varlen(stream)?,
     };
     let cu_seqlens = planned.or(uploaded.as_ref());
     let (cu_q, _cq_sync) = ptr_or_null(cu_seqlens.map(|(cq, _)| cq), stream);
@@ -245,13 +251,7 @@ where
         // SAFETY: `params` is the struct just launched with; the query reads only its scalars
         // and pointer values (for the TMA descriptors), never device memory, and returns a
         // static NUL-terminated string or NULL.
-        let reason = unsafe { ffi::la_dense_kernel_unsupported_reason(&params, kernel) };
-        let why = if reason.is_null() {
-            "the device rejected it".into()
-        } else {
-            // SAFETY: non-null, static and NUL-terminated (see above).
-            unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
-        };
+        let why = unsafe { reason_text(ffi::la_dense_kernel_unsupported_reason(&params, kernel)) };
         return Err(Error::Unsupported(format!(
             "the {:?} dense kernel cannot run this problem here: {why}",
             attn.kernel

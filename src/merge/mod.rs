@@ -81,10 +81,17 @@ impl MergeShape {
         Ok(())
     }
 
-    /// Index of the LSE value of row `r = b * seqlen + s`, head `h`.
-    fn lse_index(&self, r: usize, h: usize) -> usize {
-        let (b, s) = (r / self.seqlen, r % self.seqlen);
-        (b * self.heads + h) * self.seqlen + s
+    /// Every (row `r = b * seqlen + s`, head `h`) in `o` order: the index of its LSE value
+    /// and the range of its `head_dim` output elements.
+    fn row_heads(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        let d = self.head_dim;
+        (0..self.batch * self.seqlen).flat_map(move |r| {
+            let (b, s) = (r / self.seqlen, r % self.seqlen);
+            (0..self.heads).map(move |h| {
+                let base = (r * self.heads + h) * d;
+                ((b * self.heads + h) * self.seqlen + s, base..base + d)
+            })
+        })
     }
 
     /// `out = merge(a, b)` on the CPU.
@@ -100,17 +107,12 @@ impl MergeShape {
         if self.o_len() == 0 {
             return Ok(()); // no row holds an element (the row loop would not be bounded)
         }
-        let d = self.head_dim;
-        for r in 0..self.batch * self.seqlen {
-            for h in 0..self.heads {
-                let li = self.lse_index(r, h);
-                let (wa, wb, lse) = merge_weights(a.lse[li], b.lse[li]);
-                let base = (r * self.heads + h) * d;
-                for x in base..base + d {
-                    out.o[x] = T::from_f32(wa * a.o[x].to_f32() + wb * b.o[x].to_f32());
-                }
-                out.lse[li] = lse;
+        for (li, xs) in self.row_heads() {
+            let (wa, wb, lse) = merge_weights(a.lse[li], b.lse[li]);
+            for x in xs {
+                out.o[x] = T::from_f32(wa * a.o[x].to_f32() + wb * b.o[x].to_f32());
             }
+            out.lse[li] = lse;
         }
         Ok(())
     }
@@ -126,17 +128,12 @@ impl MergeShape {
         if self.o_len() == 0 {
             return Ok(()); // no row holds an element (the row loop would not be bounded)
         }
-        let d = self.head_dim;
-        for r in 0..self.batch * self.seqlen {
-            for h in 0..self.heads {
-                let li = self.lse_index(r, h);
-                let (wa, wb, lse) = merge_weights(acc.lse[li], part.lse[li]);
-                let base = (r * self.heads + h) * d;
-                for x in base..base + d {
-                    acc.o[x] = T::from_f32(wa * acc.o[x].to_f32() + wb * part.o[x].to_f32());
-                }
-                acc.lse[li] = lse;
+        for (li, xs) in self.row_heads() {
+            let (wa, wb, lse) = merge_weights(acc.lse[li], part.lse[li]);
+            for x in xs {
+                acc.o[x] = T::from_f32(wa * acc.o[x].to_f32() + wb * part.o[x].to_f32());
             }
+            acc.lse[li] = lse;
         }
         Ok(())
     }

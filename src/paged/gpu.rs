@@ -113,9 +113,12 @@ enum PlanFor {
     Select,
 }
 
-fn check_gpu_dims(cache: &PagedCache, dtype: DType) -> Result<()> {
-    check_gpu_dtype(dtype)?;
-    check_gpu_shape(cache)
+/// Every GPU check of a call with `T` queries over a cache of `C`, in this order: the query
+/// type, the cache's head dim and grid, the cache type.
+fn check_gpu_types<T: Element, C: Element>(cache: &PagedCache) -> Result<()> {
+    check_gpu_dtype(T::DTYPE)?;
+    check_gpu_shape(cache)?;
+    check_gpu_cache(cache, T::DTYPE, C::DTYPE)
 }
 
 fn check_gpu_dtype(dtype: DType) -> Result<()> {
@@ -161,8 +164,7 @@ where
         (kv.k.len(), kv.v.len()),
         meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
-    check_gpu_dims(cache, T::DTYPE)?;
-    check_gpu_cache(cache, T::DTYPE, C::DTYPE)?;
+    check_gpu_types::<T, C>(cache)?;
     Ok(max_touched)
 }
 
@@ -253,8 +255,7 @@ impl PagedDecode {
         I: DeviceBuffer<T>,
     {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_dims(&self.cache, T::DTYPE)?;
-        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)?;
+        check_gpu_types::<T, C>(&self.cache)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
         let () = cuda_call!(imp::select::<T, C, I>, &mut plan, &q, &meta)?;
         plan.into_selection()
@@ -321,8 +322,7 @@ impl PagedDecode {
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        check_gpu_dims(&self.cache, T::DTYPE)?;
-        check_gpu_cache(&self.cache, T::DTYPE, C::DTYPE)
+        check_gpu_types::<T, C>(&self.cache)
     }
 }
 
@@ -397,8 +397,7 @@ impl PagedDecodePlan {
     {
         self.decode
             .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_dtype(T::DTYPE)?;
-        check_gpu_cache(&self.decode.cache, T::DTYPE, C::DTYPE)?;
+        check_gpu_types::<T, C>(&self.decode.cache)?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "this plan has no Quest heads to select pages for".into(),
@@ -481,7 +480,7 @@ impl PagedDecodePlan {
 }
 
 #[cfg(longattn_cuda)]
-mod imp {
+pub(super) mod imp {
     use super::*;
     use crate::gpu::{
         check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, kv_params, la_dtype,
@@ -490,7 +489,7 @@ mod imp {
     use crate::layout::Strides;
     use crate::paged::{HeadPolicy, QuestKernel, SplitMerge};
     use cudarc::driver::sys::CUdevice_attribute;
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use cudarc::driver::{DevicePtr, DevicePtrMut, SyncOnDrop};
 
     // The host's split and grid arithmetic assumes the kernel's rows per decode block.
     const _: () = assert!(
@@ -516,6 +515,75 @@ mod imp {
             heads_kv: cache.heads_kv() as i32,
             head_dim: cache.head_dim() as i32,
             max_pages_per_seq: cache.max_pages_per_seq() as i32,
+        }
+    }
+
+    /// A cache's device tables: the block table, `seqlens_k` and the `[2, heads_kv]` FP8
+    /// scales (ones when the cache has none).
+    pub(in crate::paged) type DeviceTables<'a> =
+        (&'a CudaSlice<i32>, &'a CudaSlice<i32>, &'a CudaSlice<f32>);
+
+    /// The pointers every paged attention launch (decode and prefill) passes: `q` and `out`
+    /// checked for the kernels' 16-byte vector access, then the K/V caches for 16-byte
+    /// alignment (in that order), the optional LSE, and the cache with the device tables
+    /// (block table, `seqlens_k`, the `[2, heads_kv]` FP8 scales), with the sync guards
+    /// that keep cudarc's event tracking correct until the launch is queued (keep the value
+    /// alive until then).
+    pub(in crate::paged) struct AttnPtrs<'a> {
+        /// The cache: K/V pointers, tables and geometry.
+        pub cache: ffi::LaPagedCache,
+        /// Device pointer of `q`.
+        pub q: u64,
+        /// Device pointer of `out`.
+        pub o: u64,
+        /// Device pointer of the LSE output (0: none).
+        pub lse: u64,
+        /// `kv_dtype` and `kv_scales` of the params (see [`kv_params`]).
+        pub kv: (ffi::LaDtype, *const f32),
+        _sync: [SyncOnDrop<'a>; 7],
+        _lse_sync: Option<SyncOnDrop<'a>>,
+    }
+
+    impl<'a> AttnPtrs<'a> {
+        /// Takes the pointers on `stream` and checks them (see the type's docs).
+        pub(in crate::paged) fn new<T, C, Q, K, O, L>(
+            cache: &PagedCache,
+            stream: &'a CudaStream,
+            (block_table, seqlens_k, kv_scales): DeviceTables<'a>,
+            (q, kv): (&'a Strided<&Q>, &'a KvPages<&K>),
+            (out, out_strides): (&'a mut O, &Strides),
+            lse: Option<&'a mut L>,
+        ) -> Result<Self>
+        where
+            T: Element,
+            C: Element,
+            Q: DeviceBuffer<T>,
+            K: DeviceBuffer<C>,
+            O: DeviceBufferMut<T>,
+            L: DevicePtrMut<f32> + ?Sized,
+        {
+            let bytes = dtype_bytes(T::DTYPE);
+            let (qp, s1) = q.data.device_ptr(stream);
+            let (kc, s2) = kv.k.device_ptr(stream);
+            let (vc, s3) = kv.v.device_ptr(stream);
+            let (op, s4) = out.device_ptr_mut(stream);
+            check_vector_access("q", qp, &q.strides, bytes)?;
+            check_vector_access("out", op, out_strides, bytes)?;
+            check_aligned("k_cache", kc)?;
+            check_aligned("v_cache", vc)?;
+            let (lp, lse_sync) = ptr_mut_or_null(lse, stream);
+            let (bt, s5) = block_table.device_ptr(stream);
+            let (sl, s6) = seqlens_k.device_ptr(stream);
+            let (ks, s7) = kv_scales.device_ptr(stream);
+            Ok(AttnPtrs {
+                cache: la_cache(cache, kc, vc, bt, sl),
+                q: qp,
+                o: op,
+                lse: lp,
+                kv: kv_params::<C>(ks),
+                _sync: [s1, s2, s3, s4, s5, s6, s7],
+                _lse_sync: lse_sync,
+            })
         }
     }
 
@@ -650,7 +718,7 @@ mod imp {
     fn append_launch<T, C, I, O>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
-        (block_table, seqlens_k, kv_scales): (&CudaSlice<i32>, &CudaSlice<i32>, &CudaSlice<f32>),
+        (block_table, seqlens_k, kv_scales): DeviceTables<'_>,
         cu: &CudaSlice<i32>,
         k_new: Strided<&I>,
         v_new: Strided<&I>,
@@ -915,23 +983,11 @@ mod imp {
             ..
         } = plan;
         let splits = *splits;
-        let cache = decode.cache();
-        let bytes = dtype_bytes(T::DTYPE);
-        let mp = cache.max_pages_per_seq();
-        let (qp, _s1) = q.data.device_ptr(stream);
-        let (kc, _s2) = kv.k.device_ptr(stream);
-        let (vc, _s3) = kv.v.device_ptr(stream);
-        let (op, _s4) = out.data.device_ptr_mut(stream);
-        check_vector_access("q", qp, &q.strides, bytes)?;
-        check_vector_access("out", op, &out.strides, bytes)?;
-        check_aligned("k_cache", kc)?;
-        check_aligned("v_cache", vc)?;
-        let (lp, _s5) = ptr_mut_or_null(lse, stream);
-        let (bt, _s6) = block_table.device_ptr(stream);
-        let (sl, _s7) = seqlens_k.device_ptr(stream);
+        let mp = decode.cache().max_pages_per_seq();
+        let tables = (&*block_table, &*seqlens_k, &*kv_scales);
+        let out_ptr = (&mut *out.data, &out.strides);
+        let ptrs = AttnPtrs::new(decode.cache(), stream, tables, (&q, &kv), out_ptr, lse)?;
         let (kd, _s8) = head_kind.device_ptr(stream);
-        let (ks, _s13) = kv_scales.device_ptr(stream);
-        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let lists = lists.as_ref();
         let (pl, _s9) = ptr_or_null(lists.map(|(pl, _)| pl), stream);
         let (pc, _s10) = ptr_or_null(lists.map(|(_, pc)| pc), stream);
@@ -947,10 +1003,10 @@ mod imp {
         let streaming = decode.policy().streaming;
         let has_streaming = decode.policy().heads.contains(&HeadPolicy::Streaming);
         let params = ffi::LaPagedDecodeParams {
-            cache: la_cache(cache, kc, vc, bt, sl),
-            q: qp as *const _,
-            o: op as *mut _,
-            lse: lp as *mut f32,
+            cache: ptrs.cache,
+            q: ptrs.q as *const _,
+            o: ptrs.o as *mut _,
+            lse: ptrs.lse as *mut f32,
             q_batch_stride: q.strides.batch,
             q_row_stride: q.strides.seq,
             q_head_stride: q.strides.head,
@@ -978,8 +1034,8 @@ mod imp {
             o_partial: opart as *mut f32,
             lse_partial: lpart as *mut f32,
             dtype: la_dtype(T::DTYPE),
-            kv_dtype,
-            kv_scales,
+            kv_dtype: ptrs.kv.0,
+            kv_scales: ptrs.kv.1,
         };
         if let Some(counters) = merge_counters.as_mut() {
             let (ct, _s14) = counters.device_ptr_mut(stream);

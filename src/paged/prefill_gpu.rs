@@ -232,11 +232,8 @@ impl PrefillTables {
 #[cfg(longattn_cuda)]
 mod imp {
     use super::*;
-    use crate::gpu::ptr_mut_or_null;
-    use crate::gpu::{
-        check_aligned, check_launch, check_vector_access, dtype_bytes, ffi, kv_params, la_dtype,
-    };
-    use cudarc::driver::DevicePtr;
+    use crate::gpu::{check_launch, ffi, la_dtype, ptr_or_null, reason_text};
+    use crate::paged::gpu::imp::AttnPtrs;
 
     const _: () = assert!(
         ffi::LA_PAGED_PREFILL_ROWS as usize == PREFILL_ROWS_PER_BLOCK,
@@ -259,39 +256,16 @@ mod imp {
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
-        let cache = pf.cache();
-        let bytes = dtype_bytes(T::DTYPE);
-        let (qp, _s1) = q.data.device_ptr(stream);
-        let (kc, _s2) = kv.k.device_ptr(stream);
-        let (vc, _s3) = kv.v.device_ptr(stream);
-        let (op, _s4) = out.data.device_ptr_mut(stream);
-        check_vector_access("q", qp, &q.strides, bytes)?;
-        check_vector_access("out", op, &out.strides, bytes)?;
-        check_aligned("k_cache", kc)?;
-        check_aligned("v_cache", vc)?;
-        let (lp, _s5) = ptr_mut_or_null(lse, stream);
-        let (bt, _s6) = tables.block_table.device_ptr(stream);
-        let (sl, _s7) = tables.seqlens_k.device_ptr(stream);
-        let (cu, _s8) = crate::gpu::ptr_or_null(tables.cu_seqlens_q.as_ref(), stream);
-        let (ks, _s9) = tables.kv_scales.device_ptr(stream);
-        let (kv_dtype, kv_scales) = kv_params::<C>(ks);
+        let device_tables = (&tables.block_table, &tables.seqlens_k, &tables.kv_scales);
+        let out_ptr = (&mut *out.data, &out.strides);
+        let ptrs = AttnPtrs::new(pf.cache(), stream, device_tables, (&q, &kv), out_ptr, lse)?;
+        let (cu, _cu_sync) = ptr_or_null(tables.cu_seqlens_q.as_ref(), stream);
         let (wl, wr) = pf.mask().window.to_flash();
         let params = ffi::LaPagedPrefillParams {
-            cache: ffi::LaPagedCache {
-                k_cache: kc as *mut _,
-                v_cache: vc as *mut _,
-                block_table: bt as *const i32,
-                seqlens_k: sl as *const i32,
-                batch: cache.batch() as i32,
-                num_pages: cache.layout().num_pages as i32,
-                page_size: cache.page_size() as i32,
-                heads_kv: cache.heads_kv() as i32,
-                head_dim: cache.head_dim() as i32,
-                max_pages_per_seq: cache.max_pages_per_seq() as i32,
-            },
-            q: qp as *const _,
-            o: op as *mut _,
-            lse: lp as *mut f32,
+            cache: ptrs.cache,
+            q: ptrs.q as *const _,
+            o: ptrs.o as *mut _,
+            lse: ptrs.lse as *mut f32,
             q_batch_stride: q.strides.batch,
             q_row_stride: q.strides.seq,
             q_head_stride: q.strides.head,
@@ -309,8 +283,8 @@ mod imp {
             scale: pf.scale(),
             softcap: pf.softcap().unwrap_or(0.0),
             dtype: la_dtype(T::DTYPE),
-            kv_dtype,
-            kv_scales,
+            kv_dtype: ptrs.kv.0,
+            kv_scales: ptrs.kv.1,
         };
         let cu_stream = stream.cu_stream() as _;
         match pf.kernel {
@@ -329,12 +303,8 @@ mod imp {
                 if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
                     // SAFETY: the params just passed; the query reads their scalars and
                     // pointer values only and returns a static NUL-terminated string or NULL.
-                    let reason = unsafe { ffi::la_paged_prefill_wgmma_unsupported_reason(&params) };
-                    let why = if reason.is_null() {
-                        "the device rejected it".into()
-                    } else {
-                        // SAFETY: non-null, static and NUL-terminated (see above).
-                        unsafe { std::ffi::CStr::from_ptr(reason) }.to_string_lossy()
+                    let why = unsafe {
+                        reason_text(ffi::la_paged_prefill_wgmma_unsupported_reason(&params))
                     };
                     return Err(Error::Unsupported(format!(
                         "the Hopper paged prefill kernel cannot run this problem here: {why}"

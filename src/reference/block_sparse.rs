@@ -6,8 +6,8 @@
 use crate::block_sparse::{BlockKind, BlockSparseAttention};
 use crate::element::Element;
 use crate::error::Result;
-use crate::layout::{Strided, Strides};
-use crate::reference::attend_row;
+use crate::layout::Strided;
+use crate::reference::{attend_row, checked_out_strides};
 
 /// Reference output of `bs`: `out` contiguous `[rows, heads_q, head_dim]` (rows =
 /// `batch * seqlen_q`, or `total_q` with varlen) and LSE in the problem's LSE layout.
@@ -19,17 +19,7 @@ pub fn block_sparse_attention_f64<T: Element>(
     v: Strided<&[T]>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let attn = bs.attention();
-    let mut out_strides = Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
-    if attn.is_varlen() {
-        out_strides.batch = 0;
-    }
-    attn.check_buffers(
-        q.extent(),
-        k.extent(),
-        v.extent(),
-        (attn.out_len(), &out_strides),
-        None,
-    )?;
+    let out_strides = checked_out_strides(attn, &q, &k, &v)?;
     let d = attn.head_dim();
     let dims = bs.block_mask().dims();
     let mut out = vec![0.0f64; attn.out_len()];

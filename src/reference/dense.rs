@@ -4,7 +4,7 @@ use crate::dense::FlashAttention;
 use crate::element::Element;
 use crate::error::Result;
 use crate::layout::Strided;
-use crate::reference::attend_row;
+use crate::reference::{attend_row, checked_out_strides};
 
 /// Reference output of `attn`: `out` contiguous `[rows, heads_q, head_dim]` (rows =
 /// `batch * seqlen_q`, or `total_q` with varlen) and LSE in the problem's LSE layout.
@@ -15,23 +15,7 @@ pub fn dense_attention_f64<T: Element>(
     k: Strided<&[T]>,
     v: Strided<&[T]>,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let out_strides =
-        crate::layout::Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
-    let out_strides = if attn.is_varlen() {
-        crate::layout::Strides {
-            batch: 0,
-            ..out_strides
-        }
-    } else {
-        out_strides
-    };
-    attn.check_buffers(
-        q.extent(),
-        k.extent(),
-        v.extent(),
-        (attn.out_len(), &out_strides),
-        None,
-    )?;
+    let out_strides = checked_out_strides(attn, &q, &k, &v)?;
     let d = attn.head_dim();
     let mut out = vec![0.0f64; attn.out_len()];
     let mut lse = vec![f64::NEG_INFINITY; attn.lse_len()];

@@ -9,7 +9,8 @@ use crate::dense::fp8::check_descales_host;
 use crate::dense::{FP8_KEY_TILE, FlashAttention, Fp8Descales};
 use crate::element::{DType, Element, F8E4M3};
 use crate::error::Result;
-use crate::layout::{Strided, Strides};
+use crate::layout::Strided;
+use crate::reference::checked_out_strides;
 
 /// How the reference weights value `j` in the PV sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,22 +58,7 @@ pub fn dense_fp8_attention_f64(
     descales: Fp8Descales<&[f32]>,
     rule: Fp8PRule,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    let out_strides = Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
-    let out_strides = if attn.is_varlen() {
-        Strides {
-            batch: 0,
-            ..out_strides
-        }
-    } else {
-        out_strides
-    };
-    attn.check_buffers(
-        q.extent(),
-        k.extent(),
-        v.extent(),
-        (attn.out_len(), &out_strides),
-        None,
-    )?;
+    let out_strides = checked_out_strides(attn, &q, &k, &v)?;
     check_descales_host(attn, DType::BF16, &descales)?;
     let d = attn.head_dim();
     let mut out = vec![0.0f64; attn.out_len()];

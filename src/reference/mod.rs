@@ -13,7 +13,28 @@ pub use dense::dense_attention_f64;
 pub use dense_fp8::{Fp8PRule, dense_fp8_attention_f64};
 pub use neighborhood::neighborhood_attention_f64;
 
+use crate::dense::FlashAttention;
 use crate::element::Element;
+use crate::error::Result;
+use crate::layout::{Strided, Strides};
+
+/// The references' output strides for `attn` (contiguous `[batch, seqlen_q, heads_q,
+/// head_dim]`, batch stride 0 with varlen), once `q`, `k`, `v` passed the CPU path's
+/// argument checks against them.
+pub(crate) fn checked_out_strides<T>(
+    attn: &FlashAttention,
+    q: &Strided<&[T]>,
+    k: &Strided<&[T]>,
+    v: &Strided<&[T]>,
+) -> Result<Strides> {
+    let mut out = Strides::contiguous(attn.max_seqlen_q(), attn.heads_q(), attn.head_dim());
+    if attn.is_varlen() {
+        out.batch = 0;
+    }
+    let out_extent = (attn.out_len(), &out);
+    attn.check_buffers(q.extent(), k.extent(), v.extent(), out_extent, None)?;
+    Ok(out)
+}
 
 /// One query row `q` over keys `0..n`, two passes in f64: `key(j)` is key `j`'s row, or
 /// `None` where the mask hides it; `value(j)` its value row. Adds the normalised output into
