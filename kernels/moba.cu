@@ -607,26 +607,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 }
 
 // ---- Launchers ------------------------------------------------------------------------
-template <class Kernel>
-cudaError_t launch_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
-                        const LaMobaParams &p, cudaStream_t stream) {
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), smem,
-                                [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // The pooled keys of every gate (no key: nothing to pool, and an empty grid is an error).
 template <typename T, int D>
 cudaError_t launch_pool(const LaMobaParams &p, cudaStream_t stream) {
   if (p.num_k_blocks <= 0) return cudaSuccess;
   const LaDenseParams &d = p.dense;
-  return launch_smem(moba_pool_kernel<T, D>, dim3(p.num_k_blocks, d.heads_kv, d.batch),
-                     kPoolThreads, 0, p, stream);
+  return launch_sm80(moba_pool_kernel<T, D>, dim3(p.num_k_blocks, d.heads_kv, d.batch),
+                     kPoolThreads, 0, stream, p);
 }
 
 template <typename T, class Tr>
@@ -635,8 +622,8 @@ cudaError_t launch_select(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch), kSelThreads,
-                     SelSmem<T, D>::bytes(p.num_k_blocks), p, stream);
+  return launch_sm80(moba_select_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch), kSelThreads,
+                     SelSmem<T, D>::bytes(p.num_k_blocks), stream, p);
 }
 
 template <typename T, class Tr>
@@ -645,8 +632,8 @@ cudaError_t launch_select_tc(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
-                     kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), p, stream);
+  return launch_sm80(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), stream, p);
 }
 
 template <typename T, class Tr>
@@ -655,15 +642,15 @@ cudaError_t launch_select_blocks(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
-                     kSelThreads, 0, p, stream);
+  return launch_sm80(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, 0, stream, p);
 }
 
 template <typename T, class Tr>
 cudaError_t launch_attention(const LaMobaParams &p, cudaStream_t stream) {
   const dim3 grid(p.num_tiles, p.dense.heads_q, p.dense.batch);
-  return launch_smem(moba_attention_kernel<T, Tr>, grid, Tr::kThreads,
-                     Tr::kSmemBytes + sizeof(int32_t) * Tr::kBlockM * p.top_k, p, stream);
+  return launch_sm80(moba_attention_kernel<T, Tr>, grid, Tr::kThreads,
+                     Tr::kSmemBytes + sizeof(int32_t) * Tr::kBlockM * p.top_k, stream, p);
 }
 
 constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)
