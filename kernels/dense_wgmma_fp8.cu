@@ -48,6 +48,7 @@
 
 #include "longattn/common.cuh"
 #include "longattn/dense_fp8.h"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
@@ -344,23 +345,11 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   const float cap_pre = softcap ? qk_scale / d.softcap : 0.0f;
   const float cap_post = d.softcap * kLog2e;
 
-  // This thread's two rows' visible keys: j visible iff j <= hi && (j >= lo || j < sinks);
-  // the same bounds for the warp's first and last valid rows decide whether a tile needs
-  // per-element masking at all (as dense_wgmma.cu).
+  // This thread's two rows' visible keys, and the warp's bounds that decide whether a tile
+  // needs per-element masking at all (dense_mask.cuh, as dense_wgmma.cu).
   const int warp_row0 = m0 + 64 * wg + 16 * warp;
-  int hi[2], lo[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
-    long long hr = s.sk - 1;
-    if (d.window_right >= 0) hr = min(hr, diag + d.window_right);
-    long long lr = 0;
-    if (d.window_left >= 0) lr = min(max(diag - d.window_left, 0LL), (long long)s.sk);
-    hi[r] = (int)max(hr, -1LL);
-    lo[r] = (int)lr;
-  }
-  const long long diag_first = (long long)warp_row0 + s.sk - s.sq;
-  const long long diag_last = (long long)min(warp_row0 + 15, s.sq - 1) + s.sk - s.sq;
+  WarpWindowMask<WgMaskShape<Tr>> window;
+  window.prepare(mask, warp_row0, g, s.sq, s.sk);
 
   // Descriptors: every tile row is one 128-byte swizzle row; k32 step kk is 32 bytes in.
   const uint32_t q_wg = q_base + wg * 64 * 128;
@@ -415,20 +404,7 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
 #pragma unroll
       for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
     }
-    const int n_end = n0 + BN;
-    const bool interior =
-        n_end <= s.sk &&
-        (d.window_right < 0 || (long long)n_end - 1 <= diag_first + d.window_right) &&
-        (d.window_left < 0 || (long long)n0 >= diag_last - d.window_left || n_end <= d.sinks);
-    if (!interior) {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs / 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-          if (!(j <= hi[r] && (j >= lo[r] || j < d.sinks))) sacc[4 * i + e] = kNegInf;
-        }
-    }
+    window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), n0, tq);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       alpha[r] = softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));

@@ -43,6 +43,7 @@
 #include <cuda.h>
 
 #include "longattn/common.cuh"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
@@ -98,37 +99,28 @@ struct WindowItem {
   __device__ __forceinline__ bool active() const { return m0 < s.sq; }
 };
 
-// One consumer's rows of an item: the per-thread visible ranges and per-warp bounds of
-// dense_wgmma.cu's mask, plus the consumer's own reach, which decides the tiles it skips.
+// One consumer's rows of an item: the window mask of this thread's rows (dense_mask.cuh: the
+// per-thread visible ranges and per-warp bounds of dense_wgmma.cu's mask), plus the
+// consumer's own reach, which decides the tiles it skips.
+template <class Tr>
 struct ConsumerRows {
-  int warp_row0, hi[2], lo[2];
-  long long diag_first, diag_last;
+  int warp_row0;
+  WarpWindowMask<WgMaskShape<Tr>> window;
   // Keys the consumer's rows can see lie in [0, reach_hi] and in [reach_lo, reach_hi] or
   // below `sinks`; reach_hi < 0 when the consumer has no valid row (or sees nothing).
   long long reach_lo, reach_hi;
 };
 
 template <class Tr>
-__device__ __forceinline__ ConsumerRows consumer_rows(const LaDenseParams &p, const SeqInfo &s,
-                                                      int m0, int wg, int warp, int g) {
-  ConsumerRows w;
-  const int warp_row0 = m0 + 64 * wg + 16 * warp;
-  w.warp_row0 = warp_row0;
+__device__ __forceinline__ ConsumerRows<Tr> consumer_rows(const LaDenseParams &p,
+                                                          const SeqInfo &s, int m0, int wg,
+                                                          int warp, int g) {
+  ConsumerRows<Tr> w;
+  w.warp_row0 = m0 + 64 * wg + 16 * warp;
+  w.window.prepare(Mask{p.window_left, p.window_right, p.sinks}, w.warp_row0, g, s.sq, s.sk);
   const long long shift = (long long)s.sk - s.sq;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long diag = (long long)(warp_row0 + g + 8 * r) + shift;
-    long long hr = s.sk - 1;
-    if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
-    long long lr = 0;
-    if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
-    w.hi[r] = (int)max(hr, -1LL);
-    w.lo[r] = (int)lr;
-  }
-  const int warp_last = min(warp_row0 + 15, s.sq - 1);
-  w.diag_first = (long long)warp_row0 + shift;
-  w.diag_last = (long long)warp_last + shift;
-  // hi and lo grow with the row: the first row bounds the left reach, the last the right.
+  // A row's visible range grows with the row: the first row bounds the left reach, the last
+  // the right.
   const int first = m0 + 64 * wg, last = min(first + 63, s.sq - 1);
   w.reach_hi = -1;
   w.reach_lo = 0;
@@ -143,30 +135,9 @@ __device__ __forceinline__ ConsumerRows consumer_rows(const LaDenseParams &p, co
 
 // Whether key tile [n0, n0 + kBlockN) holds a key some row of the consumer can see.
 template <class Tr>
-__device__ __forceinline__ bool consumer_needs(const ConsumerRows &w, int sinks, int n0) {
+__device__ __forceinline__ bool consumer_needs(const ConsumerRows<Tr> &w, int sinks, int n0) {
   return (long long)n0 <= w.reach_hi &&
          ((long long)n0 + Tr::kBlockN - 1 >= w.reach_lo || n0 < sinks);
-}
-
-// dense_wgmma.cu's mask: interior tiles (every key visible to every valid row of the warp)
-// skip it; boundary tiles, including the ragged last tile, mask per element.
-template <class Tr>
-__device__ __forceinline__ void mask_tile(const LaDenseParams &p, const SeqInfo &s,
-                                          float (&sacc)[Tr::kSRegs], const ConsumerRows &w,
-                                          int n0, int tq) {
-  const int n_end = n0 + Tr::kBlockN;
-  const bool interior =
-      n_end <= s.sk &&
-      (p.window_right < 0 || (long long)n_end - 1 <= w.diag_first + p.window_right) &&
-      (p.window_left < 0 || (long long)n0 >= w.diag_last - p.window_left || n_end <= p.sinks);
-  if (interior) return;
-#pragma unroll
-  for (int i = 0; i < Tr::kSRegs / 4; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-      if (!(j <= w.hi[r] && (j >= w.lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
-    }
 }
 
 template <typename T, class Tr>
@@ -285,7 +256,7 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
       auto q_desc = [&](int kk) {
         return wgmma::make_desc(q_wg + (kk / 4) * (BM * 128) + (kk % 4) * 32, 16, 1024);
       };
-      const ConsumerRows rows = consumer_rows<Tr>(p, it.s, it.m0, wg, warp, g);
+      const ConsumerRows<Tr> rows = consumer_rows<Tr>(p, it.s, it.m0, wg, warp, g);
       const int n = it.tiles.count();
 
       float m[2] = {kNegInf, kNegInf};
@@ -355,7 +326,10 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
 #pragma unroll
           for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
         }
-        mask_tile<Tr>(p, it.s, sacc, rows, it.tiles.key0(t), tq);
+        // Interior tiles skip the mask; boundary tiles, the ragged last one included, mask
+        // per element.
+        rows.window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), it.tiles.key0(t),
+                          tq);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           alpha[r] =

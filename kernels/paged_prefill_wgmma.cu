@@ -58,14 +58,6 @@ struct PagedMaps {
   CUtensorMap q, k, v;
 };
 
-// The shape WarpWindowMask reads: kBlockN keys, kSBlocks n8 blocks of m16n8 accumulators
-// (the wgmma S registers are that layout: register 4 i + e is block i, element e).
-template <class Tr>
-struct WgMaskShape {
-  static constexpr int kBlockN = Tr::kBlockN;
-  static constexpr int kSBlocks = Tr::kSRegs / 4;
-};
-
 template <typename T, class Tr>
 struct PagedPrefillWgProblem {
   using WindowMask = WarpWindowMask<WgMaskShape<Tr>>;
