@@ -236,14 +236,9 @@ cudaError_t launch(const LaBlockSparseParams &p, cudaStream_t stream) {
   tma_host::QkvMaps maps;
   if (!tma_host::encode_qkv(&maps, p.dense, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN))
     return cudaErrorNotSupported;
-  auto kernel = block_sparse_wgmma_kernel<T, Tr>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.dense.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.dense.heads_q,
                   p.dense.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(block_sparse_wgmma_kernel<T, Tr>, grid, stream, p, maps);
 }
 
 template <class F>

@@ -554,13 +554,8 @@ cudaError_t launch(const LaDenseFp8Params &p, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  auto kernel = dense_fp8_kernel<To>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((d.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, d.heads_q, d.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(dense_fp8_kernel<To>, grid, stream, p, maps);
 }
 
 }  // namespace fp8dense

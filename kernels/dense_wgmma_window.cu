@@ -497,19 +497,15 @@ cudaError_t launch_window(const LaDenseParams &p, cudaStream_t stream) {
   // Maps over the caller's head_dim channels: a panel past them arrives zero-filled.
   if (!tma_host::encode_qkv(&maps, p, p.head_dim, Tr::kBlockM, Tr::kBlockN, 8))
     return cudaErrorNotSupported;
-  auto kernel = dense_wgmma_window_kernel<T, Tr>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   int dev = 0, sms = 0;
-  err = cudaGetDevice(&dev);
+  cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   int q_tiles = 0;
   const long long items = window_items(p, &q_tiles);
   const long long blocks = items < sms ? items : sms;  // one block per SM (shared memory)
-  kernel<<<(unsigned)blocks, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps, q_tiles, items);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(dense_wgmma_window_kernel<T, Tr>, dim3((unsigned)blocks), stream, p,
+                              maps, q_tiles, items);
 }
 
 const char *walk_unsupported_reason(const LaDenseParams &p, bool wide) {
