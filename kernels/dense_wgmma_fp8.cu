@@ -397,13 +397,7 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   // ragged last tile whose keys past sk are zeros or the next packed sequence's, mask.
   auto softmax = [&](int t, float (&alpha)[2]) {
     const int n0 = tiles.key0(t);
-    if (softcap) {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-    }
+    wgmma::scale_scores(sacc, softcap, cap_pre, cap_post, scale_log2);
     window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), n0, tq);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
@@ -454,13 +448,7 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
       wgmma::wait<0>();
       wgmma::fence_operands(oacc);
       tma::arrive(v_empty((t - 1) % kStages));
-#pragma unroll
-      for (int i = 0; i < Tr::kORegs / 4; ++i) {
-        oacc[4 * i + 0] *= alpha[0];
-        oacc[4 * i + 1] *= alpha[0];
-        oacc[4 * i + 2] *= alpha[1];
-        oacc[4 * i + 3] *= alpha[1];
-      }
+      wgmma::scale_rows(oacc, alpha);
       pack_p();
     }
     tma::wait(v_full((n_tiles - 1) % kStages), parity(n_tiles - 1));

@@ -319,13 +319,7 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
         wgmma::commit();
       };
       auto softmax = [&](int t, float (&alpha)[2]) {
-        if (softcap) {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-        } else {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-        }
+        wgmma::scale_scores(sacc, softcap, cap_pre, cap_post, scale_log2);
         // Interior tiles skip the mask; boundary tiles, the ragged last one included, mask
         // per element.
         rows.window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), it.tiles.key0(t),
@@ -334,15 +328,6 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
         for (int r = 0; r < 2; ++r)
           alpha[r] =
               softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
-      };
-      auto pack_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
-          pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-          pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-          pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-          pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-        }
       };
 
       for (int k = 0; k < lo; ++k) {
@@ -360,7 +345,7 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
         wgmma::fence_operands(sacc);
         tma::arrive(k_empty(stage(lo)));
         softmax(lo, alpha);
-        pack_p();
+        wgmma::pack_p<T>(pf, sacc);
         for (int t = lo + 1; t < hi; ++t) {
           tma::wait(k_full(stage(t)), phase(t));
           tma::wait(v_full(stage(t - 1)), phase(t - 1));
@@ -376,14 +361,8 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
           wgmma::wait<0>();
           wgmma::fence_operands(oacc);
           tma::arrive(v_empty(stage(t - 1)));
-#pragma unroll
-          for (int i = 0; i < Tr::kORegs / 4; ++i) {
-            oacc[4 * i + 0] *= alpha[0];
-            oacc[4 * i + 1] *= alpha[0];
-            oacc[4 * i + 2] *= alpha[1];
-            oacc[4 * i + 3] *= alpha[1];
-          }
-          pack_p();
+          wgmma::scale_rows(oacc, alpha);
+          wgmma::pack_p<T>(pf, sacc);
         }
         tma::wait(v_full(stage(hi - 1)), phase(hi - 1));
         take_turn();
