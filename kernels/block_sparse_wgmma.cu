@@ -40,14 +40,6 @@
 namespace longattn {
 namespace {
 
-// The window mask of dense_mask.cuh over the mainloop's flat S registers: the same m16n8
-// layout (register 4 i + e is element [i][e]), kSRegs / 4 n8 blocks.
-template <class Tr>
-struct WgMaskTraits {
-  static constexpr int kBlockN = Tr::kBlockN;
-  static constexpr int kSBlocks = Tr::kSRegs / 4;
-};
-
 // Query rows [m0, m0 + kBlockM) of one (sequence b, query head h) over the key blocks listed
 // for their query block.
 template <typename T, class Tr>
@@ -157,7 +149,7 @@ struct BlockSparseWgProblem {
   // ---- consumers ----
   __device__ __forceinline__ T *output() const { return head_tensors<T>(p.dense, s, b, h).o; }
   struct Rows {
-    WarpWindowMask<WgMaskTraits<Tr>> window;  // the options' mask of this thread's two rows
+    WarpWindowMask<WgMaskShape<Tr>> window;  // the options' mask of this thread's two rows
     int warp_row0;
   };
   // This thread's rows, and the first entry's key block and kind (loaded here, long before
@@ -244,14 +236,9 @@ cudaError_t launch(const LaBlockSparseParams &p, cudaStream_t stream) {
   tma_host::QkvMaps maps;
   if (!tma_host::encode_qkv(&maps, p.dense, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN))
     return cudaErrorNotSupported;
-  auto kernel = block_sparse_wgmma_kernel<T, Tr>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.dense.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.dense.heads_q,
                   p.dense.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(block_sparse_wgmma_kernel<T, Tr>, grid, stream, p, maps);
 }
 
 template <class F>

@@ -158,13 +158,8 @@ cudaError_t launch_wgmma(const LaDenseParams &p, cudaStream_t stream) {
   tma_host::QkvMaps maps;
   if (!tma_host::encode_qkv(&maps, p, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN))
     return cudaErrorNotSupported;
-  auto kernel = dense_wgmma_kernel<T, Tr>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.heads_q, p.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(dense_wgmma_kernel<T, Tr>, grid, stream, p, maps);
 }
 
 template <class F>

@@ -48,6 +48,7 @@
 
 #include "longattn/common.cuh"
 #include "longattn/dense_fp8.h"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
@@ -344,23 +345,11 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   const float cap_pre = softcap ? qk_scale / d.softcap : 0.0f;
   const float cap_post = d.softcap * kLog2e;
 
-  // This thread's two rows' visible keys: j visible iff j <= hi && (j >= lo || j < sinks);
-  // the same bounds for the warp's first and last valid rows decide whether a tile needs
-  // per-element masking at all (as dense_wgmma.cu).
+  // This thread's two rows' visible keys, and the warp's bounds that decide whether a tile
+  // needs per-element masking at all (dense_mask.cuh, as dense_wgmma.cu).
   const int warp_row0 = m0 + 64 * wg + 16 * warp;
-  int hi[2], lo[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long diag = (long long)(warp_row0 + g + 8 * r) + s.sk - s.sq;
-    long long hr = s.sk - 1;
-    if (d.window_right >= 0) hr = min(hr, diag + d.window_right);
-    long long lr = 0;
-    if (d.window_left >= 0) lr = min(max(diag - d.window_left, 0LL), (long long)s.sk);
-    hi[r] = (int)max(hr, -1LL);
-    lo[r] = (int)lr;
-  }
-  const long long diag_first = (long long)warp_row0 + s.sk - s.sq;
-  const long long diag_last = (long long)min(warp_row0 + 15, s.sq - 1) + s.sk - s.sq;
+  WarpWindowMask<WgMaskShape<Tr>> window;
+  window.prepare(mask, warp_row0, g, s.sq, s.sk);
 
   // Descriptors: every tile row is one 128-byte swizzle row; k32 step kk is 32 bytes in.
   const uint32_t q_wg = q_base + wg * 64 * 128;
@@ -408,27 +397,8 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   // ragged last tile whose keys past sk are zeros or the next packed sequence's, mask.
   auto softmax = [&](int t, float (&alpha)[2]) {
     const int n0 = tiles.key0(t);
-    if (softcap) {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-    } else {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-    }
-    const int n_end = n0 + BN;
-    const bool interior =
-        n_end <= s.sk &&
-        (d.window_right < 0 || (long long)n_end - 1 <= diag_first + d.window_right) &&
-        (d.window_left < 0 || (long long)n0 >= diag_last - d.window_left || n_end <= d.sinks);
-    if (!interior) {
-#pragma unroll
-      for (int i = 0; i < Tr::kSRegs / 4; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-          if (!(j <= hi[r] && (j >= lo[r] || j < d.sinks))) sacc[4 * i + e] = kNegInf;
-        }
-    }
+    wgmma::scale_scores(sacc, softcap, cap_pre, cap_post, scale_log2);
+    window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), n0, tq);
 #pragma unroll
     for (int r = 0; r < 2; ++r)
       alpha[r] = softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
@@ -478,13 +448,7 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
       wgmma::wait<0>();
       wgmma::fence_operands(oacc);
       tma::arrive(v_empty((t - 1) % kStages));
-#pragma unroll
-      for (int i = 0; i < Tr::kORegs / 4; ++i) {
-        oacc[4 * i + 0] *= alpha[0];
-        oacc[4 * i + 1] *= alpha[0];
-        oacc[4 * i + 2] *= alpha[1];
-        oacc[4 * i + 3] *= alpha[1];
-      }
+      wgmma::scale_rows(oacc, alpha);
       pack_p();
     }
     tma::wait(v_full((n_tiles - 1) % kStages), parity(n_tiles - 1));
@@ -578,13 +542,8 @@ cudaError_t launch(const LaDenseFp8Params &p, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  auto kernel = dense_fp8_kernel<To>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((d.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, d.heads_q, d.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(dense_fp8_kernel<To>, grid, stream, p, maps);
 }
 
 }  // namespace fp8dense

@@ -43,6 +43,7 @@
 #include <cuda.h>
 
 #include "longattn/common.cuh"
+#include "longattn/dense_mask.cuh"
 #include "longattn/dense_tensors.cuh"
 #include "longattn/dispatch.cuh"
 #include "longattn/mask.cuh"
@@ -98,37 +99,28 @@ struct WindowItem {
   __device__ __forceinline__ bool active() const { return m0 < s.sq; }
 };
 
-// One consumer's rows of an item: the per-thread visible ranges and per-warp bounds of
-// dense_wgmma.cu's mask, plus the consumer's own reach, which decides the tiles it skips.
+// One consumer's rows of an item: the window mask of this thread's rows (dense_mask.cuh: the
+// per-thread visible ranges and per-warp bounds of dense_wgmma.cu's mask), plus the
+// consumer's own reach, which decides the tiles it skips.
+template <class Tr>
 struct ConsumerRows {
-  int warp_row0, hi[2], lo[2];
-  long long diag_first, diag_last;
+  int warp_row0;
+  WarpWindowMask<WgMaskShape<Tr>> window;
   // Keys the consumer's rows can see lie in [0, reach_hi] and in [reach_lo, reach_hi] or
   // below `sinks`; reach_hi < 0 when the consumer has no valid row (or sees nothing).
   long long reach_lo, reach_hi;
 };
 
 template <class Tr>
-__device__ __forceinline__ ConsumerRows consumer_rows(const LaDenseParams &p, const SeqInfo &s,
-                                                      int m0, int wg, int warp, int g) {
-  ConsumerRows w;
-  const int warp_row0 = m0 + 64 * wg + 16 * warp;
-  w.warp_row0 = warp_row0;
+__device__ __forceinline__ ConsumerRows<Tr> consumer_rows(const LaDenseParams &p,
+                                                          const SeqInfo &s, int m0, int wg,
+                                                          int warp, int g) {
+  ConsumerRows<Tr> w;
+  w.warp_row0 = m0 + 64 * wg + 16 * warp;
+  w.window.prepare(Mask{p.window_left, p.window_right, p.sinks}, w.warp_row0, g, s.sq, s.sk);
   const long long shift = (long long)s.sk - s.sq;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const long long diag = (long long)(warp_row0 + g + 8 * r) + shift;
-    long long hr = s.sk - 1;
-    if (p.window_right >= 0) hr = min(hr, diag + p.window_right);
-    long long lr = 0;
-    if (p.window_left >= 0) lr = min(max(diag - p.window_left, 0LL), (long long)s.sk);
-    w.hi[r] = (int)max(hr, -1LL);
-    w.lo[r] = (int)lr;
-  }
-  const int warp_last = min(warp_row0 + 15, s.sq - 1);
-  w.diag_first = (long long)warp_row0 + shift;
-  w.diag_last = (long long)warp_last + shift;
-  // hi and lo grow with the row: the first row bounds the left reach, the last the right.
+  // A row's visible range grows with the row: the first row bounds the left reach, the last
+  // the right.
   const int first = m0 + 64 * wg, last = min(first + 63, s.sq - 1);
   w.reach_hi = -1;
   w.reach_lo = 0;
@@ -143,30 +135,9 @@ __device__ __forceinline__ ConsumerRows consumer_rows(const LaDenseParams &p, co
 
 // Whether key tile [n0, n0 + kBlockN) holds a key some row of the consumer can see.
 template <class Tr>
-__device__ __forceinline__ bool consumer_needs(const ConsumerRows &w, int sinks, int n0) {
+__device__ __forceinline__ bool consumer_needs(const ConsumerRows<Tr> &w, int sinks, int n0) {
   return (long long)n0 <= w.reach_hi &&
          ((long long)n0 + Tr::kBlockN - 1 >= w.reach_lo || n0 < sinks);
-}
-
-// dense_wgmma.cu's mask: interior tiles (every key visible to every valid row of the warp)
-// skip it; boundary tiles, including the ragged last tile, mask per element.
-template <class Tr>
-__device__ __forceinline__ void mask_tile(const LaDenseParams &p, const SeqInfo &s,
-                                          float (&sacc)[Tr::kSRegs], const ConsumerRows &w,
-                                          int n0, int tq) {
-  const int n_end = n0 + Tr::kBlockN;
-  const bool interior =
-      n_end <= s.sk &&
-      (p.window_right < 0 || (long long)n_end - 1 <= w.diag_first + p.window_right) &&
-      (p.window_left < 0 || (long long)n0 >= w.diag_last - p.window_left || n_end <= p.sinks);
-  if (interior) return;
-#pragma unroll
-  for (int i = 0; i < Tr::kSRegs / 4; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = n0 + 8 * i + 2 * tq + (e & 1), r = e >> 1;
-      if (!(j <= w.hi[r] && (j >= w.lo[r] || j < p.sinks))) sacc[4 * i + e] = kNegInf;
-    }
 }
 
 template <typename T, class Tr>
@@ -285,7 +256,7 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
       auto q_desc = [&](int kk) {
         return wgmma::make_desc(q_wg + (kk / 4) * (BM * 128) + (kk % 4) * 32, 16, 1024);
       };
-      const ConsumerRows rows = consumer_rows<Tr>(p, it.s, it.m0, wg, warp, g);
+      const ConsumerRows<Tr> rows = consumer_rows<Tr>(p, it.s, it.m0, wg, warp, g);
       const int n = it.tiles.count();
 
       float m[2] = {kNegInf, kNegInf};
@@ -348,27 +319,15 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
         wgmma::commit();
       };
       auto softmax = [&](int t, float (&alpha)[2]) {
-        if (softcap) {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-        } else {
-#pragma unroll
-          for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-        }
-        mask_tile<Tr>(p, it.s, sacc, rows, it.tiles.key0(t), tq);
+        wgmma::scale_scores(sacc, softcap, cap_pre, cap_post, scale_log2);
+        // Interior tiles skip the mask; boundary tiles, the ragged last one included, mask
+        // per element.
+        rows.window.apply(reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc), it.tiles.key0(t),
+                          tq);
 #pragma unroll
         for (int r = 0; r < 2; ++r)
           alpha[r] =
               softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
-      };
-      auto pack_p = [&]() {
-#pragma unroll
-        for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
-          pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-          pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-          pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-          pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-        }
       };
 
       for (int k = 0; k < lo; ++k) {
@@ -386,7 +345,7 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
         wgmma::fence_operands(sacc);
         tma::arrive(k_empty(stage(lo)));
         softmax(lo, alpha);
-        pack_p();
+        wgmma::pack_p<T>(pf, sacc);
         for (int t = lo + 1; t < hi; ++t) {
           tma::wait(k_full(stage(t)), phase(t));
           tma::wait(v_full(stage(t - 1)), phase(t - 1));
@@ -402,14 +361,8 @@ __device__ __forceinline__ void window_attention(unsigned char *smem_raw, const 
           wgmma::wait<0>();
           wgmma::fence_operands(oacc);
           tma::arrive(v_empty(stage(t - 1)));
-#pragma unroll
-          for (int i = 0; i < Tr::kORegs / 4; ++i) {
-            oacc[4 * i + 0] *= alpha[0];
-            oacc[4 * i + 1] *= alpha[0];
-            oacc[4 * i + 2] *= alpha[1];
-            oacc[4 * i + 3] *= alpha[1];
-          }
-          pack_p();
+          wgmma::scale_rows(oacc, alpha);
+          wgmma::pack_p<T>(pf, sacc);
         }
         tma::wait(v_full(stage(hi - 1)), phase(hi - 1));
         take_turn();
@@ -523,19 +476,15 @@ cudaError_t launch_window(const LaDenseParams &p, cudaStream_t stream) {
   // Maps over the caller's head_dim channels: a panel past them arrives zero-filled.
   if (!tma_host::encode_qkv(&maps, p, p.head_dim, Tr::kBlockM, Tr::kBlockN, 8))
     return cudaErrorNotSupported;
-  auto kernel = dense_wgmma_window_kernel<T, Tr>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   int dev = 0, sms = 0;
-  err = cudaGetDevice(&dev);
+  cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
   int q_tiles = 0;
   const long long items = window_items(p, &q_tiles);
   const long long blocks = items < sms ? items : sms;  // one block per SM (shared memory)
-  kernel<<<(unsigned)blocks, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps, q_tiles, items);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(dense_wgmma_window_kernel<T, Tr>, dim3((unsigned)blocks), stream, p,
+                              maps, q_tiles, items);
 }
 
 const char *walk_unsupported_reason(const LaDenseParams &p, bool wide) {

@@ -155,23 +155,65 @@ __device__ __forceinline__ void write_union(const LaMobaParams &p, long long til
   if (lane == 0) p.union_count[tile] = base;
 }
 
+// The setup of a row-wise gate block (moba_select_kernel, moba_select_tc_kernel): the tile's
+// rows [m0, m0 + rows) of (sequence b, query head h), whose candidates are the key blocks
+// before the own block of the tile's last row (own_last; n_cand of them, none when
+// top_k == 1). begin() stages the tile's Q rows in q_s (T's bits, row stride q_stride, zero
+// rows past `rows`), clears the union bitset (`words` words: blocks 0..own_last) and ends
+// with a barrier (bits cleared before any row sets its blocks: there may be no chunk).
+struct GateTile {
+  int rows, cap, n_cand, words;  // cap: ranked slots per row
+  int my_own;           // own block of row threadIdx.x (-1: no such row, or it sees no key)
+  const float *pooled;  // the kv head's pooled keys [num_k_blocks, D]
+
+  template <typename T, int D>
+  __device__ __forceinline__ static GateTile begin(const LaMobaParams &p, const SeqInfo &s, int b,
+                                                   int h, int m0, uint16_t *q_s, int q_stride,
+                                                   uint32_t *bits_s) {
+    GateTile t;
+    const int tid = threadIdx.x;
+    const HeadTensors<T> head = head_tensors<T>(p.dense, s, b, h);
+    const int kvh = h / (p.dense.heads_q / p.dense.heads_kv);
+    t.rows = min(kTileRows, s.sq - m0);
+    const int shift = s.sk - s.sq;  // position of row i is i + shift
+    // Own block of the tile's last row: every row's candidates lie below it.
+    const int p_last = m0 + t.rows - 1 + shift;
+    const int own_last = p_last >= 0 ? p_last / p.block_n : -1;
+    t.cap = p.top_k - 1;
+    t.n_cand = t.cap > 0 ? max(own_last, 0) : 0;
+    for (int e = tid; e < kTileRows * D; e += kSelThreads) {
+      const int r = e / D, c = e % D;
+      const uint16_t *q = reinterpret_cast<const uint16_t *>(head.q);
+      q_s[r * q_stride + c] = r < t.rows ? q[(long long)(m0 + r) * p.dense.q_row_stride + c] : 0;
+    }
+    t.words = own_last >= 0 ? own_last / 32 + 1 : 0;
+    for (int w = tid; w < t.words; w += kSelThreads) bits_s[w] = 0u;
+    __syncthreads();
+    const int my_p = m0 + tid + shift;
+    t.my_own = (tid < t.rows && my_p >= 0) ? my_p / p.block_n : -1;
+    t.pooled = p.pooled + ((long long)b * p.dense.heads_kv + kvh) * p.num_k_blocks * (long long)D;
+    return t;
+  }
+};
+
 // The end of a selection block (every thread; the per-row state of the thread's row, rows
-// < rows): each row's selection written (write_row), then warp 0 the tile's union
+// < tile.rows): each row's selection written (write_row), then warp 0 the tile's union
 // (write_union).
 __device__ __forceinline__ void finish_tile(const LaMobaParams &p, int b, int h, int x, int m0,
-                                            int rows, int my_own, int filled, int *my_idx,
-                                            uint32_t *bits_s, int words) {
+                                            const GateTile &tile, int filled, int *my_idx,
+                                            uint32_t *bits_s) {
   const int tid = threadIdx.x;
-  if (tid < rows) {
+  if (tid < tile.rows) {
     // The sequence's placement again (a few cached loads): keeping lse_base live across the
     // score loop made ptxas spill it (sm_90a, f16).
     const SeqInfo s = seq_info(p.dense, b, h);
-    write_row(p.row_blocks + (s.lse_base + m0 + tid) * (long long)p.top_k, p.top_k, my_own,
+    write_row(p.row_blocks + (s.lse_base + m0 + tid) * (long long)p.top_k, p.top_k, tile.my_own,
               filled, my_idx, bits_s);
   }
   __syncthreads();
   if (tid < 32)
-    write_union(p, ((long long)b * p.dense.heads_q + h) * p.num_tiles + x, bits_s, words, tid);
+    write_union(p, ((long long)b * p.dense.heads_q + h) * p.num_tiles + x, bits_s, tile.words,
+                tid);
 }
 
 // A 16-bit element's bits as f32 (exact).
@@ -220,41 +262,18 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
   const SeqInfo s = seq_info(p.dense, b, h);
   const int m0 = x * kTileRows;
   if (m0 >= s.sq) return;
-  const HeadTensors<T> head = head_tensors<T>(p.dense, s, b, h);
-  const int kvh = h / (p.dense.heads_q / p.dense.heads_kv);
-  const int rows = min(kTileRows, s.sq - m0);
-  const int shift = s.sk - s.sq;  // position of row i is i + shift
-  // Own block of the tile's last row: every row's candidates lie below it.
-  const int p_last = m0 + rows - 1 + shift;
-  const int own_last = p_last >= 0 ? p_last / p.block_n : -1;
-  const int cap = p.top_k - 1;  // ranked slots per row
-  const int n_cand = cap > 0 ? max(own_last, 0) : 0;
-
-  for (int e = tid; e < kTileRows * D; e += kSelThreads) {
-    const int r = e / D, c = e % D;
-    const uint16_t *q = reinterpret_cast<const uint16_t *>(head.q);
-    q_s[r * Sm::kQStride + c] = r < rows ? q[(long long)(m0 + r) * p.dense.q_row_stride + c] : 0;
-  }
-  const int words = own_last >= 0 ? own_last / 32 + 1 : 0;
-  for (int w = tid; w < words; w += kSelThreads) bits_s[w] = 0u;
-  __syncthreads();  // bits cleared before any row sets its blocks (there may be no chunk)
-
-  // Row tid's state (threads < 64).
-  const int my_p = m0 + tid + shift;
-  const int my_own = (tid < rows && my_p >= 0) ? my_p / p.block_n : -1;
+  const GateTile tile = GateTile::begin<T, D>(p, s, b, h, m0, q_s, Sm::kQStride, bits_s);
+  // Row tid's top list (threads < 64).
   int filled = 0;
   uint32_t *my_key = topk_s + tid * Sm::kTop;
   int *my_idx = topi_s + tid * Sm::kTop;
-
-  const float *pooled =
-      p.pooled + ((long long)b * p.dense.heads_kv + kvh) * p.num_k_blocks * (long long)D;
   const int ty = tid / 8, tx = tid % 8;
-  for (int c0 = 0; c0 < n_cand; c0 += kChunk) {
-    const int nc = min(kChunk, n_cand - c0);
+  for (int c0 = 0; c0 < tile.n_cand; c0 += kChunk) {
+    const int nc = min(kChunk, tile.n_cand - c0);
     __syncthreads();  // the previous chunk's scores are merged, p_s is free
     for (int e = tid; e < kChunk * D; e += kSelThreads) {
       const int c = e / D, ch = e % D;
-      p_s[c * Sm::kPStride + ch] = c < nc ? pooled[(long long)(c0 + c) * D + ch] : 0.0f;
+      p_s[c * Sm::kPStride + ch] = c < nc ? tile.pooled[(long long)(c0 + c) * D + ch] : 0.0f;
     }
     __syncthreads();
     float acc[4][4];
@@ -280,10 +299,11 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_kernel(const __grid_c
       for (int c = 0; c < 4; ++c) s_s[(ty + 16 * a) * Sm::kSStride + tx + 8 * c] = acc[a][c];
     __syncthreads();
     if (tid < kTileRows)
-      merge_chunk(s_s + tid * Sm::kSStride, min(nc, my_own - c0), c0, cap, filled, my_key, my_idx);
+      merge_chunk(s_s + tid * Sm::kSStride, min(nc, tile.my_own - c0), c0, tile.cap, filled,
+                  my_key, my_idx);
   }
 
-  finish_tile(p, b, h, x, m0, rows, my_own, filled, my_idx, bits_s, words);
+  finish_tile(p, b, h, x, m0, tile, filled, my_idx, bits_s);
 }
 
 // ---- 2b. Selection at query-block granularity ------------------------------------------
@@ -369,15 +389,15 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_blocks_kernel(const _
 }
 
 // ---- 2c. Selection on tensor cores (opt-in) ---------------------------------------------
-// moba_select_tc_kernel: moba_select_kernel with the scores on tensor cores (mma.sync
-// m16n8k16, T inputs, f32 accumulators); the merge, the row lists and the union are the same
-// functions (merge_chunk, finish_tile). Each chunk's f32 pooled keys are split into two T values, hi = T(p) and
-// lo = T(p - hi), so that hi + lo carries about 16 significant bits of p (T's 8 or 11 alone
-// would reorder many near-ties): the scores are q . hi + q . lo (two MMAs per tile), within
-// about 2^-16 sum |q p| of the f32 dot product (q is exact in T). Warp w scores rows
-// 16w..16w+15 against the chunk's 32 blocks (4 n-tiles of 8), A fragments (Q) and B
-// fragments (pooled keys, [block][channel], i.e. column-major B) read as 32-bit pairs from
-// shared memory with row strides of D + 8 elements (D / 2 + 4 words: the 8 rows x 4 words of
+// moba_select_tc_kernel: moba_select_kernel with the scores on tensor cores (mma.sync m16n8k16, T
+// inputs, f32 accumulators); the tile setup, the merge, the row lists and the union are the same
+// functions (GateTile::begin, merge_chunk, finish_tile). Each chunk's f32 pooled keys are split
+// into two T values, hi = T(p) and lo = T(p - hi), so that hi + lo carries about 16 significant
+// bits of p (T's 8 or 11 alone would reorder many near-ties): the scores are q . hi + q . lo (two
+// MMAs per tile), within about 2^-16 sum |q p| of the f32 dot product (q is exact in T). Warp w
+// scores rows 16w..16w+15 against the chunk's 32 blocks (4 n-tiles of 8), A fragments (Q) and B
+// fragments (pooled keys, [block][channel], i.e. column-major B) read as 32-bit pairs from shared
+// memory with row strides of D + 8 elements (D / 2 + 4 words: the 8 rows x 4 words of
 // a fragment load hit 32 distinct banks).
 template <typename T, int D>
 struct SelTcSmem {
@@ -414,43 +434,21 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_tc_kernel(const __gri
   const SeqInfo s = seq_info(p.dense, b, h);
   const int m0 = x * kTileRows;
   if (m0 >= s.sq) return;
-  const HeadTensors<T> head = head_tensors<T>(p.dense, s, b, h);
-  const int kvh = h / (p.dense.heads_q / p.dense.heads_kv);
-  const int rows = min(kTileRows, s.sq - m0);
-  const int shift = s.sk - s.sq;
-  const int p_last = m0 + rows - 1 + shift;
-  const int own_last = p_last >= 0 ? p_last / p.block_n : -1;
-  const int cap = p.top_k - 1;
-  const int n_cand = cap > 0 ? max(own_last, 0) : 0;
-
-  for (int e = tid; e < kTileRows * D; e += kSelThreads) {
-    const int r = e / D, c = e % D;
-    const uint16_t *q = reinterpret_cast<const uint16_t *>(head.q);
-    q_s[r * Sm::kStride + c] = r < rows ? q[(long long)(m0 + r) * p.dense.q_row_stride + c] : 0;
-  }
-  const int words = own_last >= 0 ? own_last / 32 + 1 : 0;
-  for (int w = tid; w < words; w += kSelThreads) bits_s[w] = 0u;
-  __syncthreads();
-
-  const int my_p = m0 + tid + shift;
-  const int my_own = (tid < rows && my_p >= 0) ? my_p / p.block_n : -1;
+  const GateTile tile = GateTile::begin<T, D>(p, s, b, h, m0, q_s, Sm::kStride, bits_s);
   int filled = 0;
   uint32_t *my_key = topk_s + tid * Sm::kTop;
   int *my_idx = topi_s + tid * Sm::kTop;
-
-  const float *pooled =
-      p.pooled + ((long long)b * p.dense.heads_kv + kvh) * p.num_k_blocks * (long long)D;
   const int g = lane / 4, t = lane % 4;
   const uint32_t *q_w = reinterpret_cast<const uint32_t *>(q_s);
   const uint32_t *hi_w = reinterpret_cast<const uint32_t *>(hi_s);
   const uint32_t *lo_w = reinterpret_cast<const uint32_t *>(lo_s);
   constexpr int kW = Sm::kStride / 2;  // words per row
-  for (int c0 = 0; c0 < n_cand; c0 += kChunk) {
-    const int nc = min(kChunk, n_cand - c0);
+  for (int c0 = 0; c0 < tile.n_cand; c0 += kChunk) {
+    const int nc = min(kChunk, tile.n_cand - c0);
     __syncthreads();  // the previous chunk's scores are merged, hi_s / lo_s are free
     for (int e = tid; e < kChunk * D; e += kSelThreads) {
       const int c = e / D, ch = e % D;
-      const float v = c < nc ? pooled[(long long)(c0 + c) * D + ch] : 0.0f;
+      const float v = c < nc ? tile.pooled[(long long)(c0 + c) * D + ch] : 0.0f;
       const T hv = Elem<T>::from_float(v);
       hi_s[c * Sm::kStride + ch] = hv;
       lo_s[c * Sm::kStride + ch] = Elem<T>::from_float(v - Elem<T>::to_float(hv));
@@ -484,10 +482,11 @@ __global__ void __launch_bounds__(kSelThreads) moba_select_tc_kernel(const __gri
     }
     __syncthreads();
     if (tid < kTileRows)
-      merge_chunk(s_s + tid * Sm::kSStride, min(nc, my_own - c0), c0, cap, filled, my_key, my_idx);
+      merge_chunk(s_s + tid * Sm::kSStride, min(nc, tile.my_own - c0), c0, tile.cap, filled,
+                  my_key, my_idx);
   }
 
-  finish_tile(p, b, h, x, m0, rows, my_own, filled, my_idx, bits_s, words);
+  finish_tile(p, b, h, x, m0, tile, filled, my_idx, bits_s);
 }
 
 // ---- 3. Attention ---------------------------------------------------------------------
@@ -608,26 +607,13 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 }
 
 // ---- Launchers ------------------------------------------------------------------------
-template <class Kernel>
-cudaError_t launch_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
-                        const LaMobaParams &p, cudaStream_t stream) {
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), smem,
-                                [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 // The pooled keys of every gate (no key: nothing to pool, and an empty grid is an error).
 template <typename T, int D>
 cudaError_t launch_pool(const LaMobaParams &p, cudaStream_t stream) {
   if (p.num_k_blocks <= 0) return cudaSuccess;
   const LaDenseParams &d = p.dense;
-  return launch_smem(moba_pool_kernel<T, D>, dim3(p.num_k_blocks, d.heads_kv, d.batch),
-                     kPoolThreads, 0, p, stream);
+  return launch_sm80(moba_pool_kernel<T, D>, dim3(p.num_k_blocks, d.heads_kv, d.batch),
+                     kPoolThreads, 0, stream, p);
 }
 
 template <typename T, class Tr>
@@ -636,8 +622,8 @@ cudaError_t launch_select(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch), kSelThreads,
-                     SelSmem<T, D>::bytes(p.num_k_blocks), p, stream);
+  return launch_sm80(moba_select_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch), kSelThreads,
+                     SelSmem<T, D>::bytes(p.num_k_blocks), stream, p);
 }
 
 template <typename T, class Tr>
@@ -646,8 +632,8 @@ cudaError_t launch_select_tc(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
-                     kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), p, stream);
+  return launch_sm80(moba_select_tc_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, SelTcSmem<T, D>::bytes(p.num_k_blocks), stream, p);
 }
 
 template <typename T, class Tr>
@@ -656,15 +642,15 @@ cudaError_t launch_select_blocks(const LaMobaParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.dense;
   const cudaError_t err = launch_pool<T, D>(p, stream);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
-                     kSelThreads, 0, p, stream);
+  return launch_sm80(moba_select_blocks_kernel<T, D>, dim3(p.num_tiles, d.heads_q, d.batch),
+                     kSelThreads, 0, stream, p);
 }
 
 template <typename T, class Tr>
 cudaError_t launch_attention(const LaMobaParams &p, cudaStream_t stream) {
   const dim3 grid(p.num_tiles, p.dense.heads_q, p.dense.batch);
-  return launch_smem(moba_attention_kernel<T, Tr>, grid, Tr::kThreads,
-                     Tr::kSmemBytes + sizeof(int32_t) * Tr::kBlockM * p.top_k, p, stream);
+  return launch_sm80(moba_attention_kernel<T, Tr>, grid, Tr::kThreads,
+                     Tr::kSmemBytes + sizeof(int32_t) * Tr::kBlockM * p.top_k, stream, p);
 }
 
 constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)

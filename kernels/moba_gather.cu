@@ -309,39 +309,25 @@ __global__ void __launch_bounds__(Tr::kThreads, Tr::kMinBlocks)
 }
 
 // ---- Launchers -----------------------------------------------------------------------
-template <class Kernel>
-cudaError_t launch_smem(Kernel kernel, dim3 grid, int threads, size_t smem,
-                        const LaMobaGatherParams &p, cudaStream_t stream) {
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), smem,
-                                [](int major, int) { return major >= 8; }) != nullptr)
-    return cudaErrorNotSupported;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  if (err != cudaSuccess) return err;
-  kernel<<<grid, threads, smem, stream>>>(p);
-  return cudaGetLastError();
-}
-
 template <typename T, class Tr>
 cudaError_t launch_index(const LaMobaGatherParams &p, cudaStream_t stream) {
   const LaDenseParams &d = p.moba.dense;
   const size_t nkb = (size_t)p.moba.num_k_blocks;
   const dim3 chunks(p.num_chunks, d.heads_q, d.batch);
-  cudaError_t err = launch_smem(moba_gather_count_kernel<T, Tr::kHeadDim>, chunks, kCountThreads,
-                                sizeof(int32_t) * nkb, p, stream);
+  cudaError_t err = launch_sm80(moba_gather_count_kernel<T, Tr::kHeadDim>, chunks, kCountThreads,
+                                sizeof(int32_t) * nkb, stream, p);
   if (err != cudaSuccess) return err;
-  err = launch_smem(moba_gather_scan_kernel, dim3(d.heads_q, d.batch), kScanThreads, 0, p,
-                    stream);
+  err = launch_sm80(moba_gather_scan_kernel, dim3(d.heads_q, d.batch), kScanThreads, 0, stream, p);
   if (err != cudaSuccess) return err;
-  return launch_smem(moba_gather_scatter_kernel, chunks, 32,
-                     sizeof(int32_t) * (nkb + 2 * 32 * (size_t)p.moba.top_k), p, stream);
+  return launch_sm80(moba_gather_scatter_kernel, chunks, 32,
+                     sizeof(int32_t) * (nkb + 2 * 32 * (size_t)p.moba.top_k), stream, p);
 }
 
 template <typename T, class Tr>
 cudaError_t launch_attention(const LaMobaGatherParams &p, cudaStream_t stream) {
   const dim3 grid(p.max_work, p.moba.dense.heads_q, p.moba.dense.batch);
-  return launch_smem(moba_gather_attention_kernel<T, Tr>, grid, Tr::kThreads,
-                     Tr::kSmemBytes + 2 * sizeof(int32_t) * Tr::kBlockM, p, stream);
+  return launch_sm80(moba_gather_attention_kernel<T, Tr>, grid, Tr::kThreads,
+                     Tr::kSmemBytes + 2 * sizeof(int32_t) * Tr::kBlockM, stream, p);
 }
 
 constexpr int kGridLimit = 65535;  // grid y (heads) and z (batch)

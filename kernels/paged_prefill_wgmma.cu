@@ -58,14 +58,6 @@ struct PagedMaps {
   CUtensorMap q, k, v;
 };
 
-// The shape WarpWindowMask reads: kBlockN keys, kSBlocks n8 blocks of m16n8 accumulators
-// (the wgmma S registers are that layout: register 4 i + e is block i, element e).
-template <class Tr>
-struct WgMaskShape {
-  static constexpr int kBlockN = Tr::kBlockN;
-  static constexpr int kSBlocks = Tr::kSRegs / 4;
-};
-
 template <typename T, class Tr>
 struct PagedPrefillWgProblem {
   using WindowMask = WarpWindowMask<WgMaskShape<Tr>>;
@@ -284,14 +276,9 @@ cudaError_t launch(const LaPagedPrefillParams &p, cudaStream_t stream) {
       !tma_host::encode_operand(&maps.v, pool_shape(p, p.cache.v_cache), p.dtype, Tr::kHeadDim,
                                 box_rows<Tr>(p)))
     return cudaErrorNotSupported;
-  auto kernel = paged_prefill_wgmma_kernel<T, Tr>;
-  const cudaError_t err = cudaFuncSetAttribute(
-      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
-  if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)(((long long)p.q_len + Tr::kBlockM - 1) / Tr::kBlockM), p.heads_q,
                   p.cache.batch);
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  return tma_host::launch<Tr>(paged_prefill_wgmma_kernel<T, Tr>, grid, stream, p, maps);
 }
 
 // Why the Hopper kernel cannot run valid params `p` here (a static string), or nullptr.

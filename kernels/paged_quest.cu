@@ -29,27 +29,88 @@ __device__ __forceinline__ uint32_t ordered_bits(float f) {
 struct QuestCandidates {
   int sink_pages, first, last;  // candidates: [0, sink_pages) and [first, last)
   int newest;                   // page of the newest token, -1 if none
+  int n_pages;                  // pages of the sequence
+  // The candidate pages of sequence b: the key tiles (pages) that p's mask lets its q_len
+  // newest queries see.
+  __device__ __forceinline__ static QuestCandidates of(const LaQuestParams &p, int b) {
+    const int ps = p.cache.page_size, sk = p.cache.seqlens_k[b];
+    const Mask mask{p.window_left, p.window_right, p.sinks};
+    QuestCandidates cand;
+    mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
+    cand.newest = sk > 0 ? (sk - 1) / ps : -1;
+    cand.n_pages = (sk + ps - 1) / ps;
+    return cand;
+  }
   __device__ __forceinline__ bool contains(int page) const {
     return page < sink_pages || (page >= first && page < last);
   }
   __device__ __forceinline__ int count() const { return sink_pages + (last - first); }
 };
 
-// Four consecutive elements (8-byte aligned) as floats.
-template <typename T>
-__device__ __forceinline__ float4 load4(const T *src) {
-  using Pair = typename Elem<T>::Pair;
-  const uint2 raw = *reinterpret_cast<const uint2 *>(src);
-  const float2 a = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
-  const float2 b = Elem<T>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
-  return make_float4(a.x, a.y, b.x, b.y);
+// Raw bounds of one lane's 4 consecutive channels: 8 bytes (T, 8-byte aligned) or 4 bytes
+// (e4m3, 4-byte aligned), converted by cvt4.
+template <typename KV>
+using Raw4 = std::conditional_t<kIsFp8<KV>, uint32_t, uint2>;
+template <typename KV>
+__device__ __forceinline__ Raw4<KV> raw4(const KV *src) {
+  return *reinterpret_cast<const Raw4<KV> *>(src);
 }
-// Four consecutive e4m3 values (4-byte aligned) as floats, exact.
-template <>
-__device__ __forceinline__ float4 load4<__nv_fp8_e4m3>(const __nv_fp8_e4m3 *src) {
-  const uint32_t raw = *reinterpret_cast<const uint32_t *>(src);
-  const float2 a = e4m3x2_to_float2(raw), b = e4m3x2_to_float2(raw >> 16);
-  return make_float4(a.x, a.y, b.x, b.y);
+// Converted to floats (e4m3: exactly).
+template <typename KV>
+__device__ __forceinline__ float4 cvt4(const Raw4<KV> &raw) {
+  if constexpr (kIsFp8<KV>) {
+    const float2 a = e4m3x2_to_float2(raw), b = e4m3x2_to_float2(raw >> 16);
+    return make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    using Pair = typename Elem<KV>::Pair;
+    const float2 a = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
+    const float2 b = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+  }
+}
+
+// Stages query rows [r0, r0 + nr) of the block's (sequence, kv head) as floats in q_s
+// [kQuestRows, d]: row rr is query rr / group of head kvh * group + rr % group; rows past nr
+// are zero.
+template <typename T, int kThreads>
+__device__ __forceinline__ void stage_q_rows(const LaQuestParams &p, const T *q, int kvh,
+                                             int group, int r0, int nr, int d, float *q_s) {
+  for (int e = threadIdx.x; e < kQuestRows * d; e += kThreads) {
+    const int r = e / d, ch = e % d;
+    float x = 0.0f;
+    if (r < nr) {
+      const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
+      x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
+    }
+    q_s[r * d + ch] = x;
+  }
+}
+
+// One page's score, warp-wide: the max of `best` and, over the staged rows q_s [nr, d], the
+// warp's sum of max(q * hi, q * lo) (times k_scale for e4m3 bounds, kFp8). The lane holds
+// the page's bounds of channels 4 * lane + 128 * x (zero past d).
+template <bool kFp8, int kVecs>
+__device__ __forceinline__ float page_score(float best, const float *q_s, int nr, int d,
+                                            int lane, const float4 (&lo)[kVecs],
+                                            const float4 (&hi)[kVecs], float k_scale) {
+  for (int r = 0; r < nr; ++r) {
+    float s = 0.0f;
+#pragma unroll
+    for (int x = 0; x < kVecs; ++x) {
+      const int ch = 4 * lane + 128 * x;
+      if (ch < d) {
+        const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
+        s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
+             fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
+      }
+    }
+    if constexpr (kFp8) {
+      best = fmaxf(best, warp_sum(s) * k_scale);
+    } else {
+      best = fmaxf(best, warp_sum(s));
+    }
+  }
+  return best;
 }
 
 // Scoring, grid (page chunks, heads_kv, batch): one block per (sequence, kv head, chunk of
@@ -74,15 +135,11 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
   __shared__ __align__(16) float q_s[kQuestRows * kMaxDim];
 
-  const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
+  const int d = c.head_dim;
   const int group = p.heads_q / c.heads_kv;
   const int rows = p.q_len * group;
-  const Mask mask{p.window_left, p.window_right, p.sinks};
-  QuestCandidates cand;
-  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
-  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
-  const int n_pages = (sk + ps - 1) / ps;
-  const int pg_end = min(pg1, n_pages);
+  const QuestCandidates cand = QuestCandidates::of(p, b);
+  const int pg_end = min(pg1, cand.n_pages);
   if (pg0 >= pg_end) return;
 
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
@@ -94,15 +151,7 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     __syncthreads();  // previous pass done with q_s (and the -inf fill is visible)
-    for (int e = tid; e < kQuestRows * d; e += kQuestThreads) {
-      const int r = e / d, ch = e % d;
-      float x = 0.0f;
-      if (r < nr) {
-        const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
-        x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
-      }
-      q_s[r * d + ch] = x;
-    }
+    stage_q_rows<T, kQuestThreads>(p, q, kvh, group, r0, nr, d, q_s);
     __syncthreads();
     // Warp per page; lane owns channels 4 * lane + 128 * x.
     for (int pg = pg0 + warp; pg < pg_end; pg += kQuestWarps) {
@@ -115,39 +164,24 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
         const int ch = 4 * lane + 128 * x;
         lo[x] = hi[x] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (ch < d) {
-          lo[x] = load4<KV>(kmin + m_off + ch);
-          hi[x] = load4<KV>(kmax + m_off + ch);
+          lo[x] = cvt4<KV>(raw4<KV>(kmin + m_off + ch));
+          hi[x] = cvt4<KV>(raw4<KV>(kmax + m_off + ch));
         }
       }
-      float best = scores[pg];
-      for (int r = 0; r < nr; ++r) {
-        float s = 0.0f;
-#pragma unroll
-        for (int x = 0; x < kMaxDim / 128; ++x) {
-          const int ch = 4 * lane + 128 * x;
-          if (ch < d) {
-            const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
-            s += fmaxf(qv.x * hi[x].x, qv.x * lo[x].x) + fmaxf(qv.y * hi[x].y, qv.y * lo[x].y) +
-                 fmaxf(qv.z * hi[x].z, qv.z * lo[x].z) + fmaxf(qv.w * hi[x].w, qv.w * lo[x].w);
-          }
-        }
-        if constexpr (kFp8) {
-          best = fmaxf(best, warp_sum(s) * k_scale);
-        } else {
-          best = fmaxf(best, warp_sum(s));
-        }
-      }
+      const float best = page_score<kFp8>(scores[pg], q_s, nr, d, lane, lo, hi, k_scale);
       __syncwarp();  // every lane read scores[pg] before lane 0 overwrites it
       if (lane == 0) scores[pg] = best;
     }
   }
 }
 
-// Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
-// a Quest head, on the scores of quest_score_kernel. The order is: kept pages, then higher
-// score (the float total order: ordered_bits), then lower page index. k_sel >= #kept, so
-// every kept page is taken and the other candidates ("ranked" pages) compete for the
-// take_ranked = k_sel - #kept remaining places:
+// Selection of the pages of (sequence b, kv head kvh) from its row of scores
+// (quest_score_kernel's) into page_list and page_count, by a block of kThreads threads (whole
+// warps, at most 32 of them); returns at once (uniform over the block) when kvh is not a
+// Quest head. The order is: kept pages, then higher score (the float total order:
+// ordered_bits), then lower page index. k_sel >= #kept, so every kept page is taken and the
+// other candidates ("ranked" pages) compete for the take_ranked = k_sel - #kept remaining
+// places:
 // 1. A 4-pass radix select (8-bit digits, most significant first) over the ranked pages'
 //    32-bit keys finds the threshold key kth (the take_ranked-th largest) and how many of
 //    the pages whose key equals kth are taken (ties_taken): pages above kth are all taken,
@@ -157,34 +191,36 @@ __global__ void __launch_bounds__(kQuestThreads) quest_score_kernel(const __grid
 //    (t + 1) * per), so one block-wide exclusive scan of (other taken pages, ties) per thread
 //    gives each taken page its output position: #taken non-ties before it plus
 //    min(#ties before it, ties_taken).
-// Keys are staged in shared memory when the sequence has at most kStagedPages pages (128k
-// tokens at page 16) and recomputed from the scores (L2) otherwise.
-constexpr int kSelectThreads = 1024;
-constexpr int kSelectWarps = kSelectThreads / 32;
+// Keys are staged in keys_s (shared, kStagedPages entries) when the sequence has at most
+// kStagedPages pages (128k tokens at page 16) and recomputed from the scores (L2)
+// otherwise. kCg: the scores were written by other blocks of this grid, read with
+// ld.global.cg (L2). The prologue (row offsets, head check, candidates) stands where
+// quest_kernel had it: moved later, quest_kernel's SASS changes.
 constexpr int kStagedPages = 8192;  // 32 KB of keys
-static_assert(kSelectWarps == 32, "one warp scans the per-warp totals");
 
-__global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
-  wait_for_previous_grid();
-  allow_next_grid();
+template <int kThreads, bool kCg>
+__device__ __forceinline__ void quest_select(const LaQuestParams &p, int kvh, int b,
+                                             uint32_t *keys_s) {
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kWarps * 32 == kThreads && kWarps <= 32, "one warp scans the per-warp totals");
   const LaPagedCache &c = p.cache;
-  const int kvh = blockIdx.x, b = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const long long row_base = ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
   const float *scores = p.scores + row_base;
   if (p.head_kind[kvh] != LA_HEAD_QUEST) return;
-  __shared__ uint32_t keys_s[kStagedPages];
   __shared__ int hist[2][256];
   __shared__ uint32_t sel_prefix;
   __shared__ int sel_remaining;
-  __shared__ uint2 warp_total[kSelectWarps];  // (taken, ties) per warp
-
-  const int ps = c.page_size, sk = c.seqlens_k[b];
-  const Mask mask{p.window_left, p.window_right, p.sinks};
-  QuestCandidates cand;
-  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
-  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
-  const int n_pages = (sk + ps - 1) / ps;
+  __shared__ uint2 warp_total[kWarps];  // (taken, ties) per warp
+  const QuestCandidates cand = QuestCandidates::of(p, b);
+  const int n_pages = cand.n_pages;
+  auto score = [&](int pg) {
+    if constexpr (kCg) {
+      return __ldcg(scores + pg);
+    } else {
+      return scores[pg];
+    }
+  };
 
   // How many pages to take: the budget, or every kept page if more, at most the candidates.
   int n_kept = 0;
@@ -197,13 +233,13 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   // Only a partial take of the ranked pages needs their keys (uniform over the block).
   const bool partial = take_ranked > 0 && take_ranked < n_ranked;
   const bool staged = n_pages <= kStagedPages;
-  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(scores[pg]); };
+  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(score(pg)); };
 
   uint32_t kth = 0;
   int ties_taken = 0;
   if (partial) {
     if (staged)
-      for (int pg = tid; pg < n_pages; pg += kSelectThreads) keys_s[pg] = ordered_bits(scores[pg]);
+      for (int pg = tid; pg < n_pages; pg += kThreads) keys_s[pg] = ordered_bits(score(pg));
     if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
     __syncthreads();  // keys staged, histograms cleared
     uint32_t prefix = 0, prefix_mask = 0;
@@ -211,7 +247,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
     for (int pass = 0; pass < 4; ++pass) {
       const int shift = 24 - 8 * pass;
       int *h = hist[pass & 1];
-      for (int base = 0; base < n_pages; base += kSelectThreads) {
+      for (int base = 0; base < n_pages; base += kThreads) {
         const int pg = base + tid;
         uint32_t digit = 256;  // not counted
         if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
@@ -277,7 +313,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
       tie = key == kth;
     }
   };
-  const int per = (n_pages + kSelectThreads - 1) / kSelectThreads;
+  const int per = (n_pages + kThreads - 1) / kThreads;
   const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
   uint32_t n_taken = 0, n_tie = 0;
   for (int pg = p0; pg < p1; ++pg) {
@@ -299,7 +335,7 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
   if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
   __syncthreads();
-  const uint2 total = warp_total[lane];  // kSelectWarps == 32: lane L reads warp L's
+  const uint2 total = kWarps == 32 || lane < kWarps ? warp_total[lane] : make_uint2(0u, 0u);
   const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
   const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
   uint32_t taken_before =
@@ -320,6 +356,17 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
   if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
 }
 
+// Selection, grid (heads_kv, batch): one block of kSelectThreads per (sequence, kv head) of
+// a Quest head, on the scores of quest_score_kernel (quest_select).
+constexpr int kSelectThreads = 1024;
+
+__global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_constant__ LaQuestParams p) {
+  wait_for_previous_grid();
+  allow_next_grid();
+  __shared__ uint32_t keys_s[kStagedPages];
+  quest_select<kSelectThreads, false>(p, blockIdx.x, blockIdx.y, keys_s);
+}
+
 // ---- Quest selection v5 (la_paged_quest_select_v5; NOT YET RUN ON A GPU) ----------------
 // One launch instead of score + select. Grid (ceil(max_pages_per_seq / chunk), heads_kv,
 // batch), chunk = pages_per_block (host-sized so the launch covers ~2 blocks per SM), 256
@@ -338,176 +385,18 @@ __global__ void __launch_bounds__(kSelectThreads) quest_kernel(const __grid_cons
 //    takes a ticket on its (sequence, kv head)'s counter after a __threadfence (release).
 // 4. The block that draws the last ticket (gridDim.x - 1) fences (acquire) and selects the
 //    row's pages from the row's scores (read from L2 with ld.global.cg, staged as
-//    order-preserving keys in shared memory up to kV5Staged pages) with quest_kernel's
-//    algorithm (4-pass 8-bit radix select of the threshold key over the ranked pages, ties
-//    to the lower page index, compaction in ascending page order through a block scan)
-//    on 256 threads, so the selection is the same; then it resets the counter to 0 (plans
+//    order-preserving keys in shared memory up to kStagedPages pages) with quest_kernel's
+//    quest_select on 256 threads, so the selection is the same; then it resets the counter to 0 (plans
 //    replay, CUDA graphs capture). Blocks of non-Quest heads write -inf and leave.
 // Shared memory: the scoring buffers (q rows 16 KB, chunk page ids and scores 8 KB) alias
 // the selection's staged keys (32 KB).
 constexpr int kV5Threads = 256;
 constexpr int kV5Warps = kV5Threads / 32;
 constexpr int kV5MaxChunk = LA_QUEST_V5_MAX_CHUNK;
-constexpr int kV5Staged = 8192;  // 32 KB of keys (128k tokens at page 16)
-constexpr size_t kV5SmemBytes = kV5Staged * sizeof(uint32_t);
+constexpr size_t kV5SmemBytes = kStagedPages * sizeof(uint32_t);
 static_assert(sizeof(float) * kQuestRows * kMaxDim + 2 * sizeof(int) * kV5MaxChunk <= kV5SmemBytes,
               "the scoring buffers fit in the staged keys' space");
 static_assert(LA_QUEST_V5_MAX_CHUNK % LA_QUEST_V5_CHUNK_ALIGN == 0, "chunk bounds");
-
-// Raw bounds of one lane's 4 channels: 8 bytes (T) or 4 bytes (e4m3), converted by cvt4.
-template <typename KV>
-using Raw4 = std::conditional_t<kIsFp8<KV>, uint32_t, uint2>;
-template <typename KV>
-__device__ __forceinline__ Raw4<KV> raw4(const KV *src) {
-  return *reinterpret_cast<const Raw4<KV> *>(src);
-}
-// The same conversion as load4 (exact).
-template <typename KV>
-__device__ __forceinline__ float4 cvt4(const Raw4<KV> &raw) {
-  if constexpr (kIsFp8<KV>) {
-    const float2 a = e4m3x2_to_float2(raw), b = e4m3x2_to_float2(raw >> 16);
-    return make_float4(a.x, a.y, b.x, b.y);
-  } else {
-    using Pair = typename Elem<KV>::Pair;
-    const float2 a = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.x));
-    const float2 b = Elem<KV>::to_float2(*reinterpret_cast<const Pair *>(&raw.y));
-    return make_float4(a.x, a.y, b.x, b.y);
-  }
-}
-
-// Step 4: the row's selection into page_list / page_count (quest_kernel's algorithm on
-// kV5Threads threads; see there for the order and the radix select).
-__device__ __forceinline__ void v5_select(const LaQuestParams &p, int b, int kvh,
-                                          const QuestCandidates &cand, int n_pages,
-                                          const float *scores, uint32_t *keys_s) {
-  __shared__ int hist[2][256];
-  __shared__ uint32_t sel_prefix;
-  __shared__ int sel_remaining;
-  __shared__ uint2 warp_total[kV5Warps];  // (taken, ties) per warp
-  const LaPagedCache &c = p.cache;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  int n_kept = 0;
-  for (int pg = 0; pg < min(p.sink_pages, n_pages); ++pg) n_kept += cand.contains(pg);
-  if (cand.newest >= p.sink_pages && cand.contains(cand.newest)) ++n_kept;
-  const int n_cand = cand.count();
-  const int k_sel = min(max(p.budget_pages, n_kept), n_cand);
-  const int n_ranked = n_cand - n_kept, take_ranked = k_sel - n_kept;
-  auto kept = [&](int pg) { return pg < p.sink_pages || pg == cand.newest; };
-  const bool partial = take_ranked > 0 && take_ranked < n_ranked;
-  const bool staged = n_pages <= kV5Staged;
-  auto key_of = [&](int pg) { return staged ? keys_s[pg] : ordered_bits(__ldcg(scores + pg)); };
-
-  uint32_t kth = 0;
-  int ties_taken = 0;
-  if (partial) {
-    if (staged)
-      for (int pg = tid; pg < n_pages; pg += kV5Threads) keys_s[pg] = ordered_bits(__ldcg(scores + pg));
-    if (tid < 256) hist[0][tid] = hist[1][tid] = 0;
-    __syncthreads();  // keys staged, histograms cleared
-    uint32_t prefix = 0, prefix_mask = 0;
-    int remaining = take_ranked;
-    for (int pass = 0; pass < 4; ++pass) {
-      const int shift = 24 - 8 * pass;
-      int *h = hist[pass & 1];
-      for (int base = 0; base < n_pages; base += kV5Threads) {
-        const int pg = base + tid;
-        uint32_t digit = 256;  // not counted
-        if (pg < n_pages && cand.contains(pg) && !kept(pg)) {
-          const uint32_t key = key_of(pg);
-          if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
-        }
-        const unsigned peers = __match_any_sync(0xffffffffu, digit);
-        if (digit < 256 && lane == __ffs(peers) - 1) atomicAdd(&h[digit], __popc(peers));
-      }
-      __syncthreads();  // histogram complete
-      if (tid < 256) hist[(pass + 1) & 1][tid] = 0;
-      if (warp == 0) {
-        int cnt[8], own = 0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-          cnt[k] = h[255 - 8 * lane - k];
-          own += cnt[k];
-        }
-        int incl = own;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int y = __shfl_up_sync(0xffffffffu, incl, o);
-          if (lane >= o) incl += y;
-        }
-        const unsigned hit = __ballot_sync(0xffffffffu, incl >= remaining);
-        if (lane == (hit != 0 ? __ffs(hit) - 1 : 31)) {
-          int cum = incl - own, digit = 255 - 8 * lane;
-#pragma unroll
-          for (int k = 0; k < 8; ++k) {
-            digit = 255 - 8 * lane - k;
-            if (digit == 0 || cum + cnt[k] >= remaining) break;
-            cum += cnt[k];
-          }
-          sel_remaining = remaining - cum;
-          sel_prefix = prefix | ((uint32_t)digit << shift);
-        }
-      }
-      __syncthreads();
-      remaining = sel_remaining;
-      prefix = sel_prefix;
-      prefix_mask |= 0xffu << shift;
-    }
-    kth = prefix;
-    ties_taken = remaining;
-  }
-
-  auto classify = [&](int pg, bool &taken, bool &tie) {
-    taken = tie = false;
-    if (!cand.contains(pg)) return;
-    if (kept(pg)) {
-      taken = true;
-    } else if (!partial) {
-      taken = take_ranked > 0;
-    } else {
-      const uint32_t key = key_of(pg);
-      taken = key > kth;
-      tie = key == kth;
-    }
-  };
-  const int per = (n_pages + kV5Threads - 1) / kV5Threads;
-  const int p0 = min(tid * per, n_pages), p1 = min(p0 + per, n_pages);
-  uint32_t n_taken = 0, n_tie = 0;
-  for (int pg = p0; pg < p1; ++pg) {
-    bool taken, tie;
-    classify(pg, taken, tie);
-    n_taken += taken;
-    n_tie += tie;
-  }
-  auto warp_incl_scan = [&](uint32_t x) {
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    return x;
-  };
-  const uint32_t taken_incl = warp_incl_scan(n_taken), tie_incl = warp_incl_scan(n_tie);
-  if (lane == 31) warp_total[warp] = make_uint2(taken_incl, tie_incl);
-  __syncthreads();
-  const uint2 total = lane < kV5Warps ? warp_total[lane] : make_uint2(0u, 0u);
-  const uint32_t taken_warps = warp_incl_scan(total.x) - total.x;
-  const uint32_t tie_warps = warp_incl_scan(total.y) - total.y;
-  uint32_t taken_before = __shfl_sync(0xffffffffu, taken_warps, warp) + taken_incl - n_taken;
-  int tie_before = (int)(__shfl_sync(0xffffffffu, tie_warps, warp) + tie_incl - n_tie);
-  int32_t *out = p.page_list + ((long long)b * c.heads_kv + kvh) * c.max_pages_per_seq;
-  for (int pg = p0; pg < p1; ++pg) {
-    bool taken, tie;
-    classify(pg, taken, tie);
-    if (taken) {
-      out[taken_before + min(tie_before, ties_taken)] = pg;
-      ++taken_before;
-    } else if (tie) {
-      if (tie_before < ties_taken) out[taken_before + tie_before] = pg;
-      ++tie_before;
-    }
-  }
-  if (tid == 0) p.page_count[(long long)b * c.heads_kv + kvh] = k_sel;
-}
 
 // kLaneVecs: 4-channel vectors per lane (1: head_dim <= 128, 2: <= 256); kInFlight: pages
 // whose bounds one warp loads together.
@@ -537,15 +426,11 @@ __global__ void __launch_bounds__(kV5Threads, 2) quest_v5_kernel(const __grid_co
   int *phys_s = reinterpret_cast<int *>(smem + sizeof(float) * kQuestRows * kMaxDim);
   float *best_s = reinterpret_cast<float *>(phys_s + kV5MaxChunk);  // [chunk]
 
-  const int d = c.head_dim, ps = c.page_size, sk = c.seqlens_k[b];
+  const int d = c.head_dim;
   const int group = p.heads_q / c.heads_kv;
   const int rows = p.q_len * group;
-  const Mask mask{p.window_left, p.window_right, p.sinks};
-  QuestCandidates cand;
-  mask.key_tiles(0, p.q_len, p.q_len, sk, ps, cand.sink_pages, cand.first, cand.last);
-  cand.newest = sk > 0 ? (sk - 1) / ps : -1;
-  const int n_pages = (sk + ps - 1) / ps;
-  const int n_local = max(min(pg1, n_pages) - pg0, 0);  // the chunk's pages of the sequence
+  const QuestCandidates cand = QuestCandidates::of(p, b);
+  const int n_local = max(min(pg1, cand.n_pages) - pg0, 0);  // the chunk's pages of the sequence
 
   const T *q = static_cast<const T *>(p.q) + (long long)b * p.q_batch_stride;
   const KV *kmin = static_cast<const KV *>(p.kmin), *kmax = static_cast<const KV *>(p.kmax);
@@ -560,15 +445,7 @@ __global__ void __launch_bounds__(kV5Threads, 2) quest_v5_kernel(const __grid_co
   for (int r0 = 0; r0 < rows; r0 += kQuestRows) {
     const int nr = min(kQuestRows, rows - r0);
     if (r0 > 0) __syncthreads();  // the previous pass is done with q_s
-    for (int e = tid; e < kQuestRows * d; e += kV5Threads) {
-      const int r = e / d, ch = e % d;
-      float x = 0.0f;
-      if (r < nr) {
-        const int rr = r0 + r, qi = rr / group, h = kvh * group + rr % group;
-        x = Elem<T>::to_float(q[qi * p.q_row_stride + h * p.q_head_stride + ch]);
-      }
-      q_s[r * d + ch] = x;
-    }
+    stage_q_rows<T, kV5Threads>(p, q, kvh, group, r0, nr, d, q_s);
     __syncthreads();  // q rows, page ids (and the -inf scores) staged
     for (int g0 = warp * kInFlight; g0 < n_local; g0 += kV5Warps * kInFlight) {
       Raw4<KV> lo[kInFlight][kLaneVecs], hi[kInFlight][kLaneVecs];
@@ -598,24 +475,7 @@ __global__ void __launch_bounds__(kV5Threads, 2) quest_v5_kernel(const __grid_co
           lf[x] = cvt4<KV>(lo[j][x]);
           hf[x] = cvt4<KV>(hi[j][x]);
         }
-        float best = best_s[g0 + j];
-        for (int r = 0; r < nr; ++r) {
-          float s = 0.0f;
-#pragma unroll
-          for (int x = 0; x < kLaneVecs; ++x) {
-            const int ch = 4 * lane + 128 * x;
-            if (ch < d) {
-              const float4 qv = *reinterpret_cast<const float4 *>(q_s + r * d + ch);
-              s += fmaxf(qv.x * hf[x].x, qv.x * lf[x].x) + fmaxf(qv.y * hf[x].y, qv.y * lf[x].y) +
-                   fmaxf(qv.z * hf[x].z, qv.z * lf[x].z) + fmaxf(qv.w * hf[x].w, qv.w * lf[x].w);
-            }
-          }
-          if constexpr (kFp8) {
-            best = fmaxf(best, warp_sum(s) * k_scale);
-          } else {
-            best = fmaxf(best, warp_sum(s));
-          }
-        }
+        const float best = page_score<kFp8>(best_s[g0 + j], q_s, nr, d, lane, lf, hf, k_scale);
         __syncwarp();  // every lane read best_s[g0 + j] before lane 0 overwrites it
         if (lane == 0) best_s[g0 + j] = best;
       }
@@ -635,7 +495,7 @@ __global__ void __launch_bounds__(kV5Threads, 2) quest_v5_kernel(const __grid_co
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  v5_select(p, b, kvh, cand, n_pages, scores, reinterpret_cast<uint32_t *>(smem));
+  quest_select<kV5Threads, true>(p, kvh, b, reinterpret_cast<uint32_t *>(smem));
   if (tid == 0) *counter = 0;
 }
 

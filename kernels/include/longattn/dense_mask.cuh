@@ -3,7 +3,9 @@
 // (mma_mainloop.cuh) whose keys are the sequence's positions: dense, block-sparse, paged
 // prefill. A thread holds rows g and g + 8 of the warp (g = lane / 4); element [i][e] of a
 // score tile starting at key n0 is row g + 8 (e / 2), key n0 + 8 i + 2 tq + e % 2.
-// (dense_wgmma.cu spells the same rule out inline: its SASS is verified.)
+// The wgmma mainloops' flat S registers are the same layout (register 4 i + e is element
+// [i][e]): WarpWindowMask<WgMaskShape<Tr>> masks them. (dense_wgmma.cu spells the same rule
+// out inline: its SASS is verified.)
 #pragma once
 
 #include "longattn/common.cuh"
@@ -85,6 +87,14 @@ struct WarpWindowMask {
         if (!(j <= hi[r] && (j >= lo[r] || j < sinks))) sc[i][e] = kNegInf;
       }
   }
+};
+
+// The shape WarpWindowMask reads, of a wgmma traits type: kBlockN keys, kSBlocks n8 blocks of
+// the consumer's kSRegs S registers.
+template <class Tr>
+struct WgMaskShape {
+  static constexpr int kBlockN = Tr::kBlockN;
+  static constexpr int kSBlocks = Tr::kSRegs / 4;
 };
 
 }  // namespace longattn

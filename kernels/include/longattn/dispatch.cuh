@@ -61,21 +61,28 @@ bool dense_params_ok(const LaDenseParams *p);
 // the dense params, grid limits, block sizes and counts, mask dims, list pointers.
 bool block_sparse_params_ok(const LaBlockSparseParams &p);
 
-// Launches a kernel of the mma.sync mainloop (mma_mainloop.cuh) with traits Tr over `grid`:
-// cudaErrorNotSupported where the device cannot run it (below sm_80, too little shared
-// memory, no code for it), else raises its dynamic shared-memory limit and launches
-// kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args...).
-template <class Tr, class Kernel, class... Args>
-cudaError_t launch_mma_kernel(Kernel kernel, dim3 grid, cudaStream_t stream,
-                              const Args &...args) {
-  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), Tr::kSmemBytes,
+// Launches kernel<<<grid, threads, smem, stream>>>(args...): cudaErrorNotSupported where the
+// device cannot run it (below sm_80, less opt-in shared memory than `smem`, no code for it),
+// else raises its dynamic shared-memory limit to `smem` first.
+template <class Kernel, class... Args>
+cudaError_t launch_sm80(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                        const Args &...args) {
+  if (device_unsupported_reason(reinterpret_cast<const void *>(kernel), smem,
                                 [](int major, int) { return major >= 8; }) != nullptr)
     return cudaErrorNotSupported;
   const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args...);
+  kernel<<<grid, threads, smem, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// Launches a kernel of the mma.sync mainloop (mma_mainloop.cuh) with traits Tr over `grid`
+// (launch_sm80 with Tr::kThreads threads and Tr::kSmemBytes of shared memory).
+template <class Tr, class Kernel, class... Args>
+cudaError_t launch_mma_kernel(Kernel kernel, dim3 grid, cudaStream_t stream,
+                              const Args &...args) {
+  return launch_sm80(kernel, grid, Tr::kThreads, Tr::kSmemBytes, stream, args...);
 }
 
 cudaError_t dense_simt_forward(const LaDenseParams &p, cudaStream_t stream);

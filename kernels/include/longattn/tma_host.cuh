@@ -1,6 +1,7 @@
 // Host side of the Hopper kernels' bulk tensor copies (TMA): the driver's tensor-map encoder
 // (looked up through the runtime, no libcuda link) and the 4-D maps of the dense params' Q, K
-// and V (head_dim, rows, heads, batch). Shared by dense_wgmma.cu and block_sparse_wgmma.cu.
+// and V (head_dim, rows, heads, batch), and the launch of a Hopper kernel. Shared by the
+// Hopper kernels (*_wgmma*.cu).
 #pragma once
 
 #include <cuda.h>
@@ -132,6 +133,18 @@ inline bool encode_qkv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int 
          encode_operand(&maps->v,
                         kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
                         p.dtype, head_dim, block_n, channel_multiple);
+}
+
+// Launches a Hopper kernel with traits Tr (Tr::kThreads threads, Tr::kSmemBytes of dynamic
+// shared memory, its limit raised first) over `grid`. The caller has checked the device
+// (device_unsupported_reason with is_sm90).
+template <class Tr, class Kernel, class... Args>
+cudaError_t launch(Kernel kernel, dim3 grid, cudaStream_t stream, const Args &...args) {
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)Tr::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args...);
+  return cudaGetLastError();
 }
 
 }  // namespace tma_host

@@ -17,6 +17,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include "longattn/common.cuh"
+
 namespace longattn {
 namespace wgmma {
 
@@ -130,6 +132,47 @@ LA_WG_MMA(__nv_bfloat16, "bf16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130
 #undef LA_WG_D64
 #undef LA_WG_D32
 #undef LA_WG_D8
+
+// ---- The online softmax's steps on a consumer's accumulator fragments ---------------------
+// Scores s into log2 units: s * scale_log2, or under a softcap cap_post * tanh(s * cap_pre)
+// (cap_pre = scale / softcap, cap_post = softcap * log2(e)).
+template <int N>
+__device__ __forceinline__ void scale_scores(float (&s)[N], bool softcap, float cap_pre,
+                                             float cap_post, float scale_log2) {
+  if (softcap) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] = cap_post * tanhf(s[i] * cap_pre);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) s[i] *= scale_log2;
+  }
+}
+
+// Rescales the thread's two rows of O: registers 4 i, 4 i + 1 by alpha[0] (row g), 4 i + 2,
+// 4 i + 3 by alpha[1] (row g + 8).
+template <int N>
+__device__ __forceinline__ void scale_rows(float (&o)[N], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    o[4 * i + 0] *= alpha[0];
+    o[4 * i + 1] *= alpha[0];
+    o[4 * i + 2] *= alpha[1];
+    o[4 * i + 3] *= alpha[1];
+  }
+}
+
+// P (the exponentials in the S registers) as the 16-bit A fragments of O += P V: the S
+// accumulators of n8 blocks 2 kk and 2 kk + 1 are the A fragment of k16 step kk.
+template <typename T, int kSteps>
+__device__ __forceinline__ void pack_p(uint32_t (&pf)[kSteps][4], const float (&s)[8 * kSteps]) {
+#pragma unroll
+  for (int kk = 0; kk < kSteps; ++kk) {
+    pf[kk][0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
+    pf[kk][1] = pack2<T>(s[8 * kk + 2], s[8 * kk + 3]);
+    pf[kk][2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
+    pf[kk][3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
 
 }  // namespace wgmma
 }  // namespace longattn

@@ -246,29 +246,13 @@ __device__ __forceinline__ void wgmma_attention(unsigned char *smem_raw, const A
     // Scores of tile t (S_t waited) -> exponentials in sacc, running max/sum, rescale factors.
     auto softmax = [&](int t, float (&alpha)[2]) {
       const auto info = pb.tile_info(t);
-      if (softcap) {
-#pragma unroll
-        for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] = cap_post * tanhf(sacc[i] * cap_pre);
-      } else {
-#pragma unroll
-        for (int i = 0; i < Tr::kSRegs; ++i) sacc[i] *= scale_log2;
-      }
+      wgmma::scale_scores(sacc, softcap, cap_pre, cap_post, scale_log2);
       pb.mask_tile(sacc, rows, info, tq);
       // Online softmax per row; the 4 threads of a quad share a row. sacc is the m16n8
       // layout of n8 blocks (4 registers each), as softmax.cuh expects.
 #pragma unroll
       for (int r = 0; r < 2; ++r)
         alpha[r] = softmax_update(m[r], l[r], r, reinterpret_cast<float(&)[Tr::kSRegs / 4][4]>(sacc));
-    };
-    // The S accumulators of n8 blocks 2kk and 2kk+1 are the A fragment of k16 step kk.
-    auto pack_p = [&]() {
-#pragma unroll
-      for (int kk = 0; kk < Tr::kPvSteps; ++kk) {
-        pf[kk][0] = pack2<T>(sacc[8 * kk + 0], sacc[8 * kk + 1]);
-        pf[kk][1] = pack2<T>(sacc[8 * kk + 2], sacc[8 * kk + 3]);
-        pf[kk][2] = pack2<T>(sacc[8 * kk + 4], sacc[8 * kk + 5]);
-        pf[kk][3] = pack2<T>(sacc[8 * kk + 6], sacc[8 * kk + 7]);
-      }
     };
 
     if (n_tiles > 0) {
@@ -286,7 +270,7 @@ __device__ __forceinline__ void wgmma_attention(unsigned char *smem_raw, const A
       wgmma::fence_operands(sacc);
       tma::arrive(k_empty(0));
       softmax(0, alpha);
-      pack_p();
+      wgmma::pack_p<T>(pf, sacc);
       // Tiles 1..n-1: issue S_t, then O += P_{t-1} V_{t-1}; the exponentials of S_t overlap
       // the PV wgmma, which is waited before O is rescaled and P overwritten.
       for (int t = 1; t < n_tiles; ++t) {
@@ -304,14 +288,8 @@ __device__ __forceinline__ void wgmma_attention(unsigned char *smem_raw, const A
         wgmma::wait<0>();
         wgmma::fence_operands(oacc);
         tma::arrive(v_empty((t - 1) % kStages));
-#pragma unroll
-        for (int i = 0; i < Tr::kORegs / 4; ++i) {
-          oacc[4 * i + 0] *= alpha[0];
-          oacc[4 * i + 1] *= alpha[0];
-          oacc[4 * i + 2] *= alpha[1];
-          oacc[4 * i + 3] *= alpha[1];
-        }
-        pack_p();
+        wgmma::scale_rows(oacc, alpha);
+        wgmma::pack_p<T>(pf, sacc);
       }
       // The last PV. Consumer 1 passes no turn after it: consumer 0 takes no further one.
       tma::wait(v_full((n_tiles - 1) % kStages), parity(n_tiles - 1));
