@@ -1459,7 +1459,7 @@ fn quest_selection_matches_oracle() {
                 let case = decode_case(&p, hq, q_len, seed);
                 seed += 1;
                 for base in [spec(-1, 0, 0), spec(39, 0, 3)] {
-                    for token_budget in [1, 3 * ps, 50, 1000] {
+                    for token_budget in [0, 1, 3 * ps, 50, 1000] {
                         for sink_pages in [0, 1, 2] {
                             let cfg = QuestConfig {
                                 token_budget,

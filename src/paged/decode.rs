@@ -166,12 +166,10 @@ impl PagedDecode {
         }
         let q = policy.quest;
         if policy.heads.contains(&HeadPolicy::Quest)
-            && (q.token_budget == 0
-                || q.token_budget > i32::MAX as usize
-                || q.sink_pages > i32::MAX as usize)
+            && (q.token_budget > i32::MAX as usize || q.sink_pages > i32::MAX as usize)
         {
             return Err(Error::InvalidOption(format!(
-                "quest token_budget = {} must be in 1..={} and sink_pages = {} fit in i32",
+                "quest token_budget = {} must be at most {} and sink_pages = {} fit in i32",
                 q.token_budget,
                 i32::MAX,
                 q.sink_pages

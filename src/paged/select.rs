@@ -10,7 +10,9 @@
 //! Selection per (sequence, kv head): candidates are the pages holding a key that the base
 //! mask leaves visible to at least one row. Always kept: the page holding the newest token and
 //! the first `sink_pages` pages (when candidates). `K = min(max(B, #kept), #candidates)` pages
-//! are taken with `B = max(1, token_budget / page_size)`: kept pages first, then higher score,
+//! are taken with `B = max(1, token_budget / page_size)` (a budget below one page, 0 included,
+//! keeps the newest page alone: the specification's `B = 0` plus the newest page): kept
+//! pages first, then higher score,
 //! then lower page index (ties are deterministic). Lists are in ascending page order.
 
 use crate::error::{Error, Result};
@@ -49,7 +51,8 @@ impl Default for StreamingConfig {
     }
 }
 
-/// Quest budget: `token_budget / page_size` pages (at least 1) per (sequence, kv head), plus
+/// Quest budget: `token_budget / page_size` pages (at least 1: the newest page is always
+/// kept, so a budget below one page, 0 included, keeps it alone) per (sequence, kv head), plus
 /// the always-kept pages if they do not fit; `sink_pages` leading pages are always kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct QuestConfig {
