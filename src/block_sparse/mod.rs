@@ -916,13 +916,7 @@ impl BlockSparseAttention {
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
         let attn = &self.attn;
-        attn.check_buffers(
-            q.extent(),
-            k.extent(),
-            v.extent(),
-            out.extent(),
-            lse.as_ref().map(|l| l.len()),
-        )?;
+        attn.check_host_buffers(&q, &k, &v, &out, lse.as_deref())?;
         attn.run_heads_cpu(q, k, v, out, lse, |b, h, qh, kh, vh, sq, sk| {
             self.head_cpu(b, h, qh, kh, vh, sq, sk)
         });

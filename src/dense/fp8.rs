@@ -81,13 +81,7 @@ impl FlashAttention {
         out: Strided<&mut [O]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
-        self.check_buffers(
-            q.extent(),
-            k.extent(),
-            v.extent(),
-            out.extent(),
-            lse.as_ref().map(|l| l.len()),
-        )?;
+        self.check_host_buffers(&q, &k, &v, &out, lse.as_deref())?;
         check_descales_host(self, O::DTYPE, &descales)?;
         let group = self.heads_q / self.heads_kv;
         self.run_heads_cpu(q, k, v, out, lse, |b, h, qh, kh, vh, sq, sk| {

@@ -460,6 +460,25 @@ impl FlashAttention {
         )
     }
 
+    /// [`Self::check_buffers`] of the CPU entry points' host tensors (dense, FP8,
+    /// block-sparse): their lengths and strides, the LSE's length.
+    pub(crate) fn check_host_buffers<I, O>(
+        &self,
+        q: &Strided<&[I]>,
+        k: &Strided<&[I]>,
+        v: &Strided<&[I]>,
+        out: &Strided<&mut [O]>,
+        lse: Option<&[f32]>,
+    ) -> Result<()> {
+        self.check_buffers(
+            q.extent(),
+            k.extent(),
+            v.extent(),
+            out.extent(),
+            lse.map(<[f32]>::len),
+        )
+    }
+
     /// CPU forward pass (also the fallback when no GPU is present): the tiled online
     /// softmax, f32 accumulation, parallel over (batch, head).
     pub fn forward_cpu<T: Element>(
@@ -470,13 +489,7 @@ impl FlashAttention {
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> Result<()> {
-        self.check_buffers(
-            q.extent(),
-            k.extent(),
-            v.extent(),
-            out.extent(),
-            lse.as_ref().map(|l| l.len()),
-        )?;
+        self.check_host_buffers(&q, &k, &v, &out, lse.as_deref())?;
         self.run_heads_cpu(q, k, v, out, lse, |_, _, qh, kh, vh, sq, sk| {
             self.tiled_head(qh, kh, vh, sq, sk)
         });
