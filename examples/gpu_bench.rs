@@ -20,7 +20,7 @@
 //! `DenseKernel::TensorCoreGqa` (query heads of a group packed into one tile; not yet run on
 //! a GPU) against the per-head kernels.
 //!
-//! `fp8_d128_*` rows: the FP8 (e4m3) forward (`FlashAttention::forward_gpu_fp8`, Hopper,
+//! `fp8_d{64,128,256}_*` rows: the FP8 (e4m3) forward (`FlashAttention::forward_gpu_fp8`, Hopper,
 //! `longattn-wgmma-fp8`; not yet run on a GPU), V^T pre-pass and scratch included, with the
 //! bf16 Hopper kernel timed on the same shape in the same run (`bf16_tflops`, `ratio_bf16`;
 //! issue 16's target is ratio >= 1.5 at 16k).
@@ -292,29 +292,31 @@ fn main() -> Result<()> {
             }
         }
     }
-    // FP8 (e4m3) d128 against the bf16 Hopper kernel on the same shape, in this run.
-    for &s in &[1024usize, 16384] {
-        for causal in [false, true] {
-            let c = Case {
-                name: format!("fp8_d128_s{s}_{}", if causal { "causal" } else { "full" }),
-                b: 16384 / s,
-                s,
-                h: 16,
-                d: 128,
-                opts: AttentionOptions::default().with_causal(causal),
-            };
-            let bf16_tflops = time_case(&stream, &c, DenseKernel::Hopper).map(|r| r.1);
-            match (time_fp8(&stream, &c), bf16_tflops) {
-                (Ok((ms, tflops)), Ok(bf)) => println!(
-                    "BENCH {{\"name\":\"{}\",\"impl\":\"longattn-wgmma-fp8\",\"b\":{},\"s\":{},\"h\":{},\"d\":{},\"ms\":{ms:.4},\"tflops\":{tflops:.2},\"bf16_tflops\":{bf:.2},\"ratio_bf16\":{:.3}}}",
-                    c.name,
-                    c.b,
-                    c.s,
-                    c.h,
-                    c.d,
-                    tflops / bf
-                ),
-                (Err(e), _) | (_, Err(e)) => println!("# {} longattn-wgmma-fp8: {e}", c.name),
+    // FP8 (e4m3) at d 64/128/256 against the bf16 Hopper kernel on the same shape, in this run.
+    for &d in &[64usize, 128, 256] {
+        for &s in &[1024usize, 16384] {
+            for causal in [false, true] {
+                let c = Case {
+                    name: format!("fp8_d{d}_s{s}_{}", if causal { "causal" } else { "full" }),
+                    b: 16384 / s,
+                    s,
+                    h: 16,
+                    d,
+                    opts: AttentionOptions::default().with_causal(causal),
+                };
+                let bf16_tflops = time_case(&stream, &c, DenseKernel::Hopper).map(|r| r.1);
+                match (time_fp8(&stream, &c), bf16_tflops) {
+                    (Ok((ms, tflops)), Ok(bf)) => println!(
+                        "BENCH {{\"name\":\"{}\",\"impl\":\"longattn-wgmma-fp8\",\"b\":{},\"s\":{},\"h\":{},\"d\":{},\"ms\":{ms:.4},\"tflops\":{tflops:.2},\"bf16_tflops\":{bf:.2},\"ratio_bf16\":{:.3}}}",
+                        c.name,
+                        c.b,
+                        c.s,
+                        c.h,
+                        c.d,
+                        tflops / bf
+                    ),
+                    (Err(e), _) | (_, Err(e)) => println!("# {} longattn-wgmma-fp8: {e}", c.name),
+                }
             }
         }
     }

@@ -1,5 +1,7 @@
 // FP8 (e4m3) dense attention forward on Hopper (wgmma.mma_async with e4m3 operands + TMA,
-// warp-specialised, sm_90a only), head_dim 128. Semantics: docs/semantics.md, "FP8 dense
+// warp-specialised, sm_90a only), any head_dim that is a multiple of 16 up to 256, padded inside
+// the kernel to 64, 128 or 256 channels (the copy engine zero-fills channels past head_dim, as
+// the 16-bit persistent kernels do; no copy of the caller's tensors). Semantics: docs/semantics.md, "FP8 dense
 // forward" (FlashAttention-3's descales [batch, heads_kv], P quantised to e4m3 per 128-key
 // tile against the running row max, l from the unquantised P, bf16/f16 output, natural-log
 // LSE). **Not yet run on a GPU.**
@@ -31,17 +33,21 @@
 // 2. dense_fp8_kernel: block (x, h, b) owns query rows [m0, m0 + 128) of head h of sequence b
 //    (m0 in reverse order), one producer warpgroup (one thread issues every bulk tensor copy:
 //    Q once, then per key tile K [128 keys, 128 channels] and V^T [128 channels, 128 keys],
-//    kStages-deep rings with full/empty mbarriers) and two consumer warpgroups of 64 rows each
+//    kStages-deep rings with full/empty mbarriers; a Q or K tile of 256 channels is two copies of
+//    128-byte panels) and two consumer warpgroups of 64 rows each
 //    (S, P and O in registers; ping-pong turns and the S_t / PV_{t-1} overlap of the 16-bit
 //    Hopper mainloop). Key tiles are the definition's 128-key tiles, visited in increasing
 //    order (WindowTiles: sink tiles, then the window); a tile no row of the block sees is
 //    skipped, which the definition makes exact. Per tile: S = Q K^T over the codes (4 k32
-//    steps), scores scaled by scale * q_descale * k_descale (log2 units), softcap, mask,
+//    steps per 128 channels), scores scaled by scale * q_descale * k_descale (log2 units), softcap, mask,
 //    the online softmax (softmax.cuh: running max m_t, l += unquantised p), P rounded to e4m3
 //    (cvt.rn.satfinite: p is in [0, 1]) straight into the A registers, O += P V^T (4 k32
-//    steps). Epilogue: O * v_descale / l written from registers, LSE = m + ln l.
-// With 1-byte elements and head_dim 128 every tile row is exactly one 128-byte swizzle row,
-// so Q, K and V^T tiles share the descriptor form of the 16-bit kernels' 64-channel panels.
+//    steps, n = the padded head dim). Epilogue: O * v_descale / l written from registers for
+//    the caller's channels, LSE = m + ln l.
+// With 1-byte elements a V^T tile row (128 keys) is exactly one 128-byte swizzle row, and so is
+// every 128-channel panel of a Q or K row; at 64 channels Q and K rows are 64-byte swizzle rows
+// (wgmma::make_desc_k_major<64>). Shared memory: 144 KB at 128 channels (4 stages), 72 KB at 64
+// (4 stages), 225 KB at 256 (3 stages, 64 KB per stage).
 
 #include <cuda.h>
 #include <cuda_fp8.h>
@@ -62,34 +68,47 @@
 namespace longattn {
 namespace fp8dense {
 
+// D: the padded head dim (64, 128 or 256).
+template <int D>
 struct Fp8Traits {
-  static constexpr int kHeadDim = 128;
+  static constexpr int kHeadDim = D;
   static constexpr int kBlockM = 128;  // two consumers of 64 rows
   static constexpr int kBlockN = LA_FP8_KEY_TILE;
-  static constexpr int kStages = 4;
+  static constexpr int kStages = D == 256 ? 3 : 4;
+  // Q and K tiles are kPanels panels of kPanelBytes-byte swizzle rows (channel panels).
+  static constexpr int kPanelBytes = D < 128 ? D : 128;
+  static constexpr int kPanels = D / kPanelBytes;
+  // S_t issued together with P_{t-1} V_{t-1} (S, the previous P and O live at once: 64 + 16 +
+  // D / 2 registers), except at 256 channels, where that spills under the 240-register budget
+  // and each tile runs S, softmax, P V in turn.
+  static constexpr bool kOverlapPv = D != 256;
   static constexpr int kConsumerThreads = 256;
   static constexpr int kThreads = 128 + kConsumerThreads;
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
   static constexpr uint32_t kTurnBarrier = 1;  // 1 + consumer (0 is __syncthreads)
   static constexpr int kSRegs = kBlockN / 2;   // S: (64, 128) f32 per consumer
-  static constexpr int kORegs = kHeadDim / 2;  // O: (64, 128) f32 per consumer
+  static constexpr int kORegs = kHeadDim / 2;  // O: (64, D) f32 per consumer
   static constexpr int kQkSteps = kHeadDim / 32;  // k32 steps of Q K^T
   static constexpr int kPvSteps = kBlockN / 32;   // k32 steps of P V
-  // Shared memory: Q (128 rows x 128 B), kStages K tiles (128 keys x 128 B) and V^T tiles
-  // (128 channels x 128 B), the mbarriers (Q full; K full, V full, K empty, V empty per stage),
-  // slack to align the base to 1024 bytes.
+  static constexpr int kQkStepsPerPanel = kPanelBytes / 32;
+  // Shared memory: Q (128 rows x D B), kStages K tiles (128 keys x D B) and V^T tiles
+  // (D channels x 128 B), the mbarriers (Q full; K full, V full, K empty, V empty per stage),
+  // slack to align the base to 1024 bytes. Every tile and panel is a whole number of 1024-byte
+  // atoms.
   static constexpr uint32_t kQBytes = kBlockM * kHeadDim;
-  static constexpr uint32_t kTileBytes = kBlockN * kHeadDim;
+  static constexpr uint32_t kTileBytes = kBlockN * kHeadDim;  // a K tile and a V^T tile alike
+  static constexpr uint32_t kPanelTileBytes = 128 * kPanelBytes;  // one panel of Q or K
   static constexpr uint32_t kBarrierOffset = kQBytes + 2 * kStages * kTileBytes;
   static constexpr size_t kSmemBytes = (size_t)kBarrierOffset + 8 * (1 + 4 * kStages) + 1024;
-  static_assert(kHeadDim == 128 && kBlockN == 128,
-                "one 128-byte swizzle row per tile row: 128 one-byte channels or keys");
+  static_assert(D == 64 || D == 128 || D == 256, "64, 128 or 256 channels");
+  static_assert(kBlockM == 128 && kBlockN == 128,
+                "a V^T row and a Q/K panel row are one 128-byte swizzle row (panel offsets use 128 "
+                "rows)");
   static_assert(kSmemBytes <= 232448, "fits the 227 KB a Hopper block may opt in to");
   static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536,
                 "the register budgets fit the register file");
 };
-using Tr = Fp8Traits;
 
 // The key (within a group of 32) that V^T column s (< 32) holds: see the file comment.
 __host__ __device__ constexpr int kv_slot_key(int s) {
@@ -124,43 +143,6 @@ __device__ __forceinline__ long long vt_start(const LaDenseParams &p, int b) {
   return ((k0 + 15) & ~15LL) + (long long)LA_FP8_VT_SEQ_GAP * b;
 }
 
-// ---- FP8 wgmma (m64n128k32, f32 accumulators, e4m3 x e4m3) ---------------------------------
-#define LA_F8_D8(i)                                                                           \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-      "+f"(d[i + 6]), "+f"(d[i + 7])
-#define LA_F8_D64                                                                          \
-  LA_F8_D8(0), LA_F8_D8(8), LA_F8_D8(16), LA_F8_D8(24), LA_F8_D8(32), LA_F8_D8(40),         \
-      LA_F8_D8(48), LA_F8_D8(56)
-#define LA_F8_R64                                                                          \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "          \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "          \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-
-// d = A B (+ d if kScaleD): A (64 x 32) and B (32 x 128) from shared memory, both K-major.
-template <int kScaleD>
-__device__ __forceinline__ void mma_ss(float (&d)[64], uint64_t a, uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" LA_F8_R64 "}, %64, %65, p, 1, "
-      "1;\n}\n"
-      : LA_F8_D64
-      : "l"(a), "l"(b), "r"(kScaleD));
-}
-// d += A B: A (64 x 32, four registers of four e4m3 each) from registers, B K-major in shared
-// memory.
-__device__ __forceinline__ void mma_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {" LA_F8_R64
-      "}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-      : LA_F8_D64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
-}
-#undef LA_F8_R64
-#undef LA_F8_D64
-#undef LA_F8_D8
-
 // Two probabilities in [0, 1] -> two e4m3 codes, x in the low byte (round to nearest even).
 __device__ __forceinline__ uint32_t e4m3x2(float x, float y) {
   return (uint32_t)__nv_cvt_float2_to_fp8x2(make_float2(x, y), __NV_SATFINITE, __NV_E4M3);
@@ -173,11 +155,12 @@ struct Fp8Maps {
 };
 
 // One 1-byte-element tensor (dims innermost first, byte strides of dims 1..3) as a map of
-// 128 x box_rows boxes; false where the copy engine cannot address it (base not 16-byte
+// box_cols x box_rows boxes, box_cols 64 or 128 bytes (the swizzle row: 64- or 128-byte
+// swizzle); elements past the tensor's extents arrive as zeros. False where the copy engine cannot address it (base not 16-byte
 // aligned, a stride of an extent > 1 not a positive multiple of 16 below 2^40, an extent of
 // 2^31 or more).
 bool encode_bytes(CUtensorMap *map, const void *base, const long long (&dims)[4],
-                  const long long (&strides)[3], int box_rows) {
+                  const long long (&strides)[3], int box_cols, int box_rows) {
   const tma_host::EncodeTiled encode = tma_host::encode_tiled();
   if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
   cuuint64_t gdims[4];
@@ -192,14 +175,19 @@ bool encode_bytes(CUtensorMap *map, const void *base, const long long (&dims)[4]
       return false;
     gstrides[i] = (cuuint64_t)(stepped ? strides[i] : 16);
   }
-  const cuuint32_t box[4] = {128, (cuuint32_t)box_rows, 1, 1};
+  const cuuint32_t box[4] = {(cuuint32_t)box_cols, (cuuint32_t)box_rows, 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapSwizzle swizzle =
+      box_cols == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B;
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void *>(base), gdims, gstrides,
-                box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle,
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// Q and K in boxes of one channel panel (Tr::kPanelBytes) by 128 rows; V^T in boxes of 128 keys
+// by Tr::kHeadDim channels (those past head_dim are zeros).
+template <class Tr>
 bool encode_maps(Fp8Maps *maps, const LaDenseFp8Params &p) {
   const LaDenseParams &d = p.base;
   const bool packed = d.cu_seqlens_q != nullptr;
@@ -212,22 +200,24 @@ bool encode_maps(Fp8Maps *maps, const LaDenseFp8Params &p) {
   const long long vt_dims[4] = {p.vt_keys, d.head_dim, d.heads_kv, 1};
   const long long vt_strides[3] = {p.vt_keys, p.vt_keys * d.head_dim,
                                    p.vt_keys * d.head_dim * d.heads_kv};
-  return encode_bytes(&maps->q, d.q, q_dims, q_strides, Tr::kBlockM) &&
-         encode_bytes(&maps->k, d.k, k_dims, k_strides, Tr::kBlockN) &&
-         encode_bytes(&maps->vt, p.vt, vt_dims, vt_strides, Tr::kHeadDim);
+  return encode_bytes(&maps->q, d.q, q_dims, q_strides, Tr::kPanelBytes, Tr::kBlockM) &&
+         encode_bytes(&maps->k, d.k, k_dims, k_strides, Tr::kPanelBytes, Tr::kBlockN) &&
+         encode_bytes(&maps->vt, p.vt, vt_dims, vt_strides, 128, Tr::kHeadDim);
 }
 
 // ---- pre-pass: V^T with permuted keys ------------------------------------------------------
-// Block (t, g, b) writes key tile t (128 keys) of kv head g of sequence b: V rows in 16-byte
-// vectors (zeros past the sequence's end) into shared memory, then each thread gathers 16
-// permuted keys of one channel and stores them as one 16-byte vector of V^T.
+// Block (t, g, b) writes key tile t (128 keys) of kv head g of sequence b: V rows (head_dim
+// channels, a multiple of 16) in 16-byte vectors (zeros past the sequence's end) into shared
+// memory, then each thread gathers 16 permuted keys of one channel and stores them as one
+// 16-byte vector of V^T. One kernel for every head dim.
 constexpr int kPrepassThreads = 256;
 
 __global__ void __launch_bounds__(kPrepassThreads)
     vt_prepass_kernel(const __grid_constant__ LaDenseFp8Params p) {
-  constexpr int D = Tr::kHeadDim, BN = Tr::kBlockN, kRow = D + 16;
+  constexpr int BN = LA_FP8_KEY_TILE, kRow = 256 + 16;  // rows of up to 256 channels
   __shared__ __align__(16) uint8_t tile[BN * kRow];
   const LaDenseParams &d = p.base;
+  const int D = d.head_dim, chunks = D / 16;
   const int t = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
   const bool packed = d.cu_seqlens_k != nullptr;
   const int k0 = packed ? d.cu_seqlens_k[b] : 0;
@@ -235,8 +225,8 @@ __global__ void __launch_bounds__(kPrepassThreads)
   if (t * BN >= sk) return;  // uniform over the block
   const uint8_t *v = static_cast<const uint8_t *>(d.v) + (packed ? 0 : b * d.v_batch_stride) +
                      ((long long)k0 + (long long)t * BN) * d.v_row_stride + g * d.v_head_stride;
-  for (int idx = threadIdx.x; idx < BN * (D / 16); idx += kPrepassThreads) {
-    const int key = idx / (D / 16), chunk = idx % (D / 16);
+  for (int idx = threadIdx.x; idx < BN * chunks; idx += kPrepassThreads) {
+    const int key = idx / chunks, chunk = idx % chunks;
     uint4 x = make_uint4(0u, 0u, 0u, 0u);
     if (t * BN + key < sk) x = *reinterpret_cast<const uint4 *>(v + key * d.v_row_stride + 16 * chunk);
     *reinterpret_cast<uint4 *>(tile + key * kRow + 16 * chunk) = x;
@@ -268,7 +258,7 @@ __device__ __forceinline__ float fp8_lse(float m_log2, float l) {
   return l != l ? l : lse_from_log2(m_log2, l);
 }
 
-template <typename To>
+template <typename To, class Tr>
 __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDenseFp8Params &p,
                                           const Fp8Maps &maps) {
   constexpr int BM = Tr::kBlockM, BN = Tr::kBlockN, kStages = Tr::kStages;
@@ -316,15 +306,20 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
       tma::prefetch_map(&maps.k);
       tma::prefetch_map(&maps.vt);
       tma::arrive_expect_tx(q_full, Tr::kQBytes);
-      tma::load_4d(q_base, &maps.q, q_full, 0, (int)s.q_row0 + m0, h, batch_coord);
+#pragma unroll
+      for (int pn = 0; pn < Tr::kPanels; ++pn)
+        tma::load_4d(q_base + pn * Tr::kPanelTileBytes, &maps.q, q_full, pn * Tr::kPanelBytes,
+                     (int)s.q_row0 + m0, h, batch_coord);
       for (int t = 0; t < n_tiles; ++t) {
         const int st = t % kStages;
         const uint32_t reuse_parity = ((t / kStages) - 1) & 1;  // previous use's release
         const int key0 = tiles.key0(t);
         if (t >= kStages) tma::wait(k_empty(st), reuse_parity);
         tma::arrive_expect_tx(k_full(st), Tr::kTileBytes);
-        tma::load_4d(k_base + st * Tr::kTileBytes, &maps.k, k_full(st), 0, k_row0 + key0, kvh,
-                     batch_coord);
+#pragma unroll
+        for (int pn = 0; pn < Tr::kPanels; ++pn)
+          tma::load_4d(k_base + st * Tr::kTileBytes + pn * Tr::kPanelTileBytes, &maps.k,
+                       k_full(st), pn * Tr::kPanelBytes, k_row0 + key0, kvh, batch_coord);
         if (t >= kStages) tma::wait(v_empty(st), reuse_parity);
         tma::arrive_expect_tx(v_full(st), Tr::kTileBytes);
         tma::load_4d(v_base + st * Tr::kTileBytes, &maps.vt, v_full(st), vt0 + key0, 0, kvh, 0);
@@ -351,9 +346,20 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   WarpWindowMask<WgMaskShape<Tr>> window;
   window.prepare(mask, warp_row0, g, s.sq, s.sk);
 
-  // Descriptors: every tile row is one 128-byte swizzle row; k32 step kk is 32 bytes in.
-  const uint32_t q_wg = q_base + wg * 64 * 128;
-  auto desc = [](uint32_t base, int kk) { return wgmma::make_desc(base + kk * 32, 16, 1024); };
+  // Descriptors: k32 step kk of Q K^T is 32 bytes into the row of channel panel kk /
+  // kQkStepsPerPanel (a 128- or 64-byte swizzle row); step kk of P V is 32 bytes (keys) into
+  // the V^T rows (128-byte swizzle rows, one per channel).
+  const uint32_t q_wg = q_base + wg * 64 * Tr::kPanelBytes;
+  auto qk_desc = [](uint32_t tile, int kk) {
+    return wgmma::make_desc_k_major<Tr::kPanelBytes>(
+        tile + (kk / Tr::kQkStepsPerPanel) * Tr::kPanelTileBytes +
+        (kk % Tr::kQkStepsPerPanel) * 32);
+  };
+  auto pv_desc = [](uint32_t tile, int kk) {
+    return wgmma::make_desc_k_major<128>(tile + kk * 32);
+  };
+  using MmaS = wgmma::MmaE4m3<Tr::kBlockN>;
+  using MmaO = wgmma::MmaE4m3<Tr::kHeadDim>;
 
   float m[2] = {kNegInf, kNegInf};  // row max, log2 units
   float l[2] = {0.0f, 0.0f};        // this thread's partial sum of the unquantised p
@@ -379,17 +385,17 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
 #pragma unroll
     for (int kk = 0; kk < Tr::kQkSteps; ++kk) {
       if (kk == 0) {
-        mma_ss<0>(sacc, desc(q_wg, kk), desc(ks, kk));
+        MmaS::template ss<0>(sacc, qk_desc(q_wg, kk), qk_desc(ks, kk));
       } else {
-        mma_ss<1>(sacc, desc(q_wg, kk), desc(ks, kk));
+        MmaS::template ss<1>(sacc, qk_desc(q_wg, kk), qk_desc(ks, kk));
       }
     }
     wgmma::commit();
   };
-  auto issue_pv = [&](int t) {  // O += P_t V_t (V^T tile: 128 channels x 128 permuted keys)
+  auto issue_pv = [&](int t) {  // O += P_t V_t (V^T tile: D channels x 128 permuted keys)
     const uint32_t vs = v_base + (t % kStages) * Tr::kTileBytes;
 #pragma unroll
-    for (int kk = 0; kk < Tr::kPvSteps; ++kk) mma_rs(oacc, pf[kk], desc(vs, kk));
+    for (int kk = 0; kk < Tr::kPvSteps; ++kk) MmaO::rs(oacc, pf[kk], pv_desc(vs, kk));
     wgmma::commit();
   };
   // Scores of tile t (S_t waited) -> exponentials in sacc, running max and sum (unquantised),
@@ -419,7 +425,34 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
     }
   };
 
-  if (n_tiles > 0) {
+  if (n_tiles > 0 && !Tr::kOverlapPv) {
+    // Tile by tile: S_t, its softmax, then P_t V_t, each wgmma group on its turn (two turns per
+    // tile; consumer 1's last P V passes to nobody).
+    if (wg == 1) pass_turn();  // consumer 0 takes the first turn
+    float alpha[2];
+    tma::wait(q_full, 0);
+    for (int t = 0; t < n_tiles; ++t) {
+      tma::wait(k_full(t % kStages), parity(t));
+      take_turn();
+      wgmma::fence();
+      issue_s(t);
+      pass_turn();
+      wgmma::wait<0>();
+      wgmma::fence_operands(sacc);
+      tma::arrive(k_empty(t % kStages));
+      softmax(t, alpha);
+      if (t > 0) wgmma::scale_rows(oacc, alpha);
+      pack_p();
+      tma::wait(v_full(t % kStages), parity(t));
+      take_turn();
+      wgmma::fence();
+      issue_pv(t);
+      if (wg == 0 || t + 1 < n_tiles) pass_turn();
+      wgmma::wait<0>();
+      wgmma::fence_operands(oacc);
+      tma::arrive(v_empty(t % kStages));
+    }
+  } else if (n_tiles > 0) {
     if (wg == 1) pass_turn();  // consumer 0 takes the first turn
     float alpha[2];
     tma::wait(q_full, 0);
@@ -461,7 +494,8 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
   }
 
   // Epilogue: O * v_descale / l straight from registers (each quad writes 16 contiguous bytes
-  // of a row); empty rows give 0 (inv = 0), NaN rows NaN.
+  // of a row) for the caller's head_dim channels (n8 blocks below it: head_dim is a multiple
+  // of 16); empty rows give 0 (inv = 0), NaN rows NaN.
   float inv[2];
   softmax_finalize(l, inv);
   To *o = static_cast<To *>(d.o) + b * d.o_batch_stride + s.q_row0 * d.o_row_stride +
@@ -473,29 +507,37 @@ __device__ __forceinline__ void fp8_block(unsigned char *smem_raw, const LaDense
     const float w = inv[r] * v_descale;
 #pragma unroll
     for (int n = 0; n < Tr::kORegs / 4; ++n)
-      *reinterpret_cast<uint32_t *>(o + i * d.o_row_stride + 8 * n + 2 * tq) =
-          pack2<To>(oacc[4 * n + 2 * r] * w, oacc[4 * n + 2 * r + 1] * w);
+      if (8 * n < d.head_dim)
+        *reinterpret_cast<uint32_t *>(o + i * d.o_row_stride + 8 * n + 2 * tq) =
+            pack2<To>(oacc[4 * n + 2 * r] * w, oacc[4 * n + 2 * r + 1] * w);
     if (d.lse != nullptr && tq == 0) d.lse[s.lse_base + i] = fp8_lse(m[r], l[r]);
   }
 }
 
-template <typename To>
+template <typename To, class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     dense_fp8_kernel(const __grid_constant__ LaDenseFp8Params p,
                      const __grid_constant__ Fp8Maps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  fp8_block<To>(smem_raw, p, maps);
+  fp8_block<To, Tr>(smem_raw, p, maps);
 #endif
 }
 
-// The output type's kernel, or null for a type the kernel does not write.
-const void *kernel_for(LaDtype dtype) {
-  switch (dtype) {
-    case LA_BF16: return reinterpret_cast<const void *>(dense_fp8_kernel<__nv_bfloat16>);
-    case LA_F16: return reinterpret_cast<const void *>(dense_fp8_kernel<__half>);
-    default: return nullptr;
-  }
+// Head dims the kernel takes: multiples of 16 (the pre-pass's 16-byte vectors) up to 256.
+bool head_dim_ok(int head_dim) { return head_dim > 0 && head_dim <= 256 && head_dim % 16 == 0; }
+
+// The output-type x padded-head-dim switch (head_dim_ok head dims onto 64, 128 or 256
+// channels): calls f(Tag<To>{}, Tag<Fp8Traits<D>>{}), or returns false for an output type the
+// kernel does not write.
+template <class F>
+bool with_fp8_config(const LaDenseParams &d, F &&f) {
+  return with_dtype<__half, __nv_bfloat16>(d.dtype, false, [&](auto t) {
+    if (d.head_dim <= 64) f(t, Tag<Fp8Traits<64>>{});
+    else if (d.head_dim <= 128) f(t, Tag<Fp8Traits<128>>{});
+    else f(t, Tag<Fp8Traits<256>>{});
+    return true;
+  });
 }
 
 // What la_dense_fp8_forward needs beyond the dense params' checks: descale pointers, and the
@@ -515,13 +557,22 @@ bool fp8_params_ok(const LaDenseFp8Params *p) {
 
 const char *unsupported_reason(const LaDenseFp8Params &p) {
   const LaDenseParams &d = p.base;
-  if (d.head_dim != Tr::kHeadDim) return "the FP8 kernel takes head_dim 128 only";
-  const void *kernel = kernel_for(d.dtype);
-  if (kernel == nullptr) return "the FP8 kernel writes bf16 or f16 output only";
-  const char *why = device_unsupported_reason(kernel, Tr::kSmemBytes, tma_host::is_sm90);
-  if (why != nullptr) return why;
+  if (!head_dim_ok(d.head_dim))
+    return "the FP8 kernel takes head dims that are multiples of 16 up to 256 only";
+  const void *kernel = nullptr;
+  size_t smem = 0;
+  bool mappable = false;
   Fp8Maps maps;
-  if (!encode_maps(&maps, p))
+  const bool known = with_fp8_config(d, [&](auto t, auto tr) {
+    using Tr = typename decltype(tr)::type;
+    kernel = reinterpret_cast<const void *>(dense_fp8_kernel<typename decltype(t)::type, Tr>);
+    smem = Tr::kSmemBytes;
+    mappable = encode_maps<Tr>(&maps, p);
+  });
+  if (!known) return "the FP8 kernel writes bf16 or f16 output only";
+  const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
+  if (why != nullptr) return why;
+  if (!mappable)
     return "the TMA copy engine cannot address q/k/v^T with these strides (it needs 16-byte "
            "aligned bases and positive multiples of 16 bytes for every dimension longer than 1)";
   const long long v_align = (long long)reinterpret_cast<uintptr_t>(d.v) | d.v_row_stride |
@@ -531,11 +582,11 @@ const char *unsupported_reason(const LaDenseFp8Params &p) {
   return nullptr;
 }
 
-template <typename To>
+template <typename To, class Tr>
 cudaError_t launch(const LaDenseFp8Params &p, cudaStream_t stream) {
   const LaDenseParams &d = p.base;
   Fp8Maps maps;
-  if (!encode_maps(&maps, p)) return cudaErrorNotSupported;
+  if (!encode_maps<Tr>(&maps, p)) return cudaErrorNotSupported;
   if (d.seqlen_k > 0) {
     const dim3 grid((d.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN, d.heads_kv, d.batch);
     vt_prepass_kernel<<<grid, kPrepassThreads, 0, stream>>>(p);
@@ -543,7 +594,7 @@ cudaError_t launch(const LaDenseFp8Params &p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const dim3 grid((d.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, d.heads_q, d.batch);
-  return tma_host::launch<Tr>(dense_fp8_kernel<To>, grid, stream, p, maps);
+  return tma_host::launch<Tr>(dense_fp8_kernel<To, Tr>, grid, stream, p, maps);
 }
 
 }  // namespace fp8dense
@@ -563,6 +614,9 @@ extern "C" int la_dense_fp8_forward(const LaDenseFp8Params *params, cudaStream_t
   const LaDenseParams &d = params->base;
   if (d.batch == 0 || d.seqlen_q == 0) return cudaSuccess;
   if (unsupported_reason(*params) != nullptr) return cudaErrorNotSupported;
-  return d.dtype == LA_BF16 ? launch<__nv_bfloat16>(*params, stream)
-                            : launch<__half>(*params, stream);
+  cudaError_t err = cudaErrorNotSupported;
+  with_fp8_config(d, [&](auto t, auto tr) {
+    err = launch<typename decltype(t)::type, typename decltype(tr)::type>(*params, stream);
+  });
+  return err;
 }

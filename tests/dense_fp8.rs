@@ -250,14 +250,16 @@ fn check_against(
 /// differences); the error of the format against unquantised attention is reported.
 #[test]
 fn cpu_matches_reference_sweep() {
-    for d in [64, 128] {
+    for d in [64, 96, 128] {
         for c in sweep(d) {
             let want = c.reference(Fp8PRule::TileRunningMax);
             let plain = c.reference(Fp8PRule::Unquantised);
             let (bf, bf_lse) = c.cpu::<bf16>().unwrap();
             let e_bf = check_against(&c, (&bf, &bf_lse), &want, 3e-3, "cpu bf16");
             let (hf, hf_lse) = c.cpu::<f16>().unwrap();
-            let e_hf = check_against(&c, (&hf, &hf_lse), &want, 4e-4, "cpu f16");
+            // f16 output: 2-2.7e-4 except where a score lands within f32 rounding of an e4m3
+            // boundary and flips one P code (a 1/16 step): 5.7e-4 measured at d96 softcap.
+            let e_hf = check_against(&c, (&hf, &hf_lse), &want, 1e-3, "cpu f16");
             // The format's error: P in e4m3 (3 mantissa bits); loosely bounded.
             let e_plain = rel_l2(&want.0, &plain.0);
             assert!(e_plain < 0.08, "{} d{d}: format error {e_plain:e}", c.name);
@@ -491,15 +493,19 @@ fn gpu_fp8<O: Element + longattn::cudarc::driver::DeviceRepr>(
 }
 
 /// The Hopper FP8 kernel against the f64 reference of the same quantisation over the sweep
-/// (plus longer sequences, several query tiles, GQA), bf16 and f16 output, NaN-poisoned
-/// outputs and LSE; the error against unquantised attention is printed. Off Hopper the call
-/// must be a named `Unsupported`.
+/// at every padded head dim (64, 128, 256) and two padded ones (96 -> 128, 192 -> 256), plus
+/// longer sequences (several query tiles, GQA) at 64, 128 and 256, bf16 and f16 output,
+/// NaN-poisoned outputs and LSE; the error against unquantised attention is printed. Off
+/// Hopper the call must be a named `Unsupported`.
 #[test]
 fn gpu_fp8_matches_reference() {
     let Some(stream) = gpu_stream_or_skip("gpu_fp8_matches_reference") else {
         return;
     };
-    let mut cases = sweep(128);
+    let mut cases: Vec<Fp8Case> = [64, 96, 128, 192, 256]
+        .into_iter()
+        .flat_map(sweep)
+        .collect();
     let causal = AttentionOptions::causal();
     cases.push(case(
         "long_causal",
@@ -520,6 +526,17 @@ fn gpu_fp8_matches_reference() {
         1,
         52,
     ));
+    for (d, seed) in [(64, 53), (256, 54)] {
+        cases.push(case(
+            "long_causal",
+            (1, 700, 1100),
+            None,
+            (4, 2, d),
+            causal,
+            0,
+            seed,
+        ));
+    }
     if !is_hopper() {
         let e = gpu_fp8::<bf16>(&stream, &cases[2]).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
@@ -534,33 +551,34 @@ fn gpu_fp8_matches_reference() {
         let (hf, hf_lse) = gpu_fp8::<f16>(&stream, c).unwrap();
         let e_hf = check_against(c, (&hf, &hf_lse), &want, 5e-3, "gpu f16");
         println!(
-            "{:>16} d128: gpu vs ref bf16 {e_bf:.2e} f16 {e_hf:.2e}; gpu f16 vs unquantised \
+            "{:>16} d{}: gpu vs ref bf16 {e_bf:.2e} f16 {e_hf:.2e}; gpu f16 vs unquantised \
              {:.2e}",
             c.name,
+            c.attn.head_dim(),
             rel_l2(&hf, &plain.0)
         );
     }
 }
 
-/// The GPU entry's refusals, before any pointer is touched: head dims other than 128
-/// (`Unsupported`), descale lengths (`Shape`), f32 output (`Unsupported`).
+/// The GPU entry's refusals, before any pointer is touched: head dims that are not
+/// multiples of 16 (`Unsupported`), descale lengths (`Shape`), f32 output (`Unsupported`).
 #[test]
 fn gpu_fp8_refusals() {
     let Some(stream) = gpu_stream_or_skip("gpu_fp8_refusals") else {
         return;
     };
-    let d64 = case(
-        "d64",
+    let d72 = case(
+        "d72",
         (1, 5, 7),
         None,
-        (2, 1, 64),
+        (2, 1, 72),
         AttentionOptions::default(),
         0,
         61,
     );
-    let e = gpu_fp8::<bf16>(&stream, &d64).unwrap_err();
+    let e = gpu_fp8::<bf16>(&stream, &d72).unwrap_err();
     assert!(
-        matches!(&e, Error::Unsupported(m) if m.contains("128")),
+        matches!(&e, Error::Unsupported(m) if m.contains("multiples of 16")),
         "{e:?}"
     );
     let mut short = case(
@@ -594,8 +612,10 @@ fn gpu_fp8_nan_codes() {
         println!("SKIP gpu_fp8_nan_codes: not compute capability 9.0");
         return;
     }
-    let c = nan_case(128);
-    let (out, lse) = gpu_fp8::<bf16>(&ctx.default_stream(), &c).unwrap();
-    let lse: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
-    check_nan_pattern(128, &out, &lse, "gpu");
+    for d in [64, 128, 256] {
+        let c = nan_case(d);
+        let (out, lse) = gpu_fp8::<bf16>(&ctx.default_stream(), &c).unwrap();
+        let lse: Vec<f64> = lse.iter().map(|&x| x as f64).collect();
+        check_nan_pattern(d, &out, &lse, &format!("gpu d{d}"));
+    }
 }

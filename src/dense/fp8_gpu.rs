@@ -10,8 +10,13 @@ use crate::layout::Strided;
 use cudarc::driver::{CudaStream, DeviceRepr};
 use std::sync::Arc;
 
-/// The only head dim of the FP8 kernel: one 128-byte swizzle row per Q/K row.
-pub const FP8_GPU_HEAD_DIM: usize = 128;
+/// The largest head dim of the FP8 kernel; it takes every multiple of
+/// [`FP8_GPU_HEAD_DIM_MULTIPLE`] up to this, padded inside the kernel to 64, 128 or 256
+/// channels (zero-filled by the copy engine, no copy of the caller's tensors).
+pub const FP8_GPU_MAX_HEAD_DIM: usize = 256;
+/// The FP8 kernel's head dims are multiples of this: its V^T pre-pass moves rows in 16-byte
+/// vectors and the copy engine needs row strides in multiples of 16 bytes.
+pub const FP8_GPU_HEAD_DIM_MULTIPLE: usize = 16;
 
 /// Keys between consecutive sequences' regions in the V^T scratch beyond their rounding to
 /// 16 (`LA_FP8_VT_SEQ_GAP` in `kernels/include/longattn/dense_fp8.h`): sequence `b` starts at
@@ -21,10 +26,12 @@ const VT_SEQ_GAP: usize = 144;
 
 impl FlashAttention {
     /// GPU FP8 forward on `stream` (the caller's; nothing is synchronized), Hopper only
-    /// (compute capability 9.0, sm_90a) and head_dim 128: **explicit opt-in, not yet run on
-    /// a GPU**; the CPU path [`FlashAttention::forward_cpu_fp8`] defines the same arithmetic.
+    /// (compute capability 9.0, sm_90a), head_dim a multiple of 16 up to 256 (64, 128 and 256
+    /// native; others padded inside the kernel to the next of them): **explicit opt-in, not
+    /// yet run on a GPU**; the CPU path [`FlashAttention::forward_cpu_fp8`] defines the same
+    /// arithmetic.
     ///
-    /// `q: [batch, seqlen_q, heads_q, 128]`, `k, v: [batch, seqlen_k, heads_kv, 128]` device
+    /// `q: [batch, seqlen_q, heads_q, d]`, `k, v: [batch, seqlen_k, heads_kv, d]` device
     /// e4m3 codes (or packed varlen rows) with 16-byte aligned pointers and strides that are
     /// multiples of 16 elements; `descales` device f32 buffers of `batch * heads_kv` values
     /// each ([`Fp8Descales`]: FlashAttention-3's shape, read by the kernel, so a CUDA graph
@@ -36,7 +43,7 @@ impl FlashAttention {
     /// descale *values* live on the device and are not inspected (that would need a
     /// device-to-host copy per call): the caller guarantees what the CPU path checks
     /// (finite, positive, at most [`crate::dense::FP8_MAX_DESCALE`]). A scratch of
-    /// `heads_kv * 128 * vt_keys` bytes (about the size of v) for V^T is allocated on
+    /// `heads_kv * d * vt_keys` bytes (about the size of v) for V^T is allocated on
     /// `stream` (stream-ordered) and freed after the launch; varlen offsets are uploaded on
     /// `stream` per call.
     #[allow(clippy::too_many_arguments)]
@@ -77,13 +84,16 @@ impl FlashAttention {
         )
     }
 
-    /// The shape checks of a GPU FP8 call (no device call): head_dim 128, the grid limits,
+    /// The shape checks of a GPU FP8 call (no device call): the head dim, the grid limits,
     /// and the V^T scratch's row length `vt_keys` (returned), which the kernel indexes with
     /// i32 and the copy engine needs below 2^31.
     pub(crate) fn check_fp8_gpu(&self) -> Result<usize> {
-        if self.head_dim != FP8_GPU_HEAD_DIM {
+        if self.head_dim > FP8_GPU_MAX_HEAD_DIM
+            || !self.head_dim.is_multiple_of(FP8_GPU_HEAD_DIM_MULTIPLE)
+        {
             return Err(Error::Unsupported(format!(
-                "the FP8 kernel takes head_dim {FP8_GPU_HEAD_DIM} only, not {}",
+                "the FP8 kernel takes head dims that are multiples of \
+                 {FP8_GPU_HEAD_DIM_MULTIPLE} up to {FP8_GPU_MAX_HEAD_DIM}, not {}",
                 self.head_dim
             )));
         }
@@ -168,7 +178,7 @@ where
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides (q, k, v, out, lse), the descale lengths against batch * heads_kv, and the
-    // scratch covers heads_kv * 128 * vt_keys bytes; both launches are ordered on `stream`,
+    // scratch covers heads_kv * head_dim * vt_keys bytes; both launches are ordered on `stream`,
     // and the sync guards keep cudarc's event tracking correct until they are queued.
     let code = unsafe { ffi::la_dense_fp8_forward(&params, stream.cu_stream() as _) };
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
@@ -199,20 +209,24 @@ mod tests {
         FlashAttention::new(&shape, &AttentionOptions::default()).unwrap()
     }
 
-    /// Head dims other than 128 are refused by name, and the scratch row length covers every
-    /// sequence's rounded keys plus the gaps (no GPU needed).
+    /// Head dims that are not multiples of 16 are refused by name, every multiple of 16 up
+    /// to 256 passes, and the scratch row length covers every sequence's rounded keys plus
+    /// the gaps (no GPU needed).
     #[test]
     fn fp8_gpu_shape_checks() {
         let fixed = |sk| SeqLens::Fixed {
             seqlen_q: 5,
             seqlen_k: sk,
         };
-        for d in [64, 96, 256] {
+        for d in [8, 40, 72, 136, 250] {
             let e = attn(1, d, fixed(1)).check_fp8_gpu().unwrap_err();
             assert!(
-                matches!(&e, Error::Unsupported(m) if m.contains("128")),
+                matches!(&e, Error::Unsupported(m) if m.contains("multiples of 16")),
                 "{e:?}"
             );
+        }
+        for d in (16..=256).step_by(16) {
+            assert_eq!(attn(1, d, fixed(1)).check_fp8_gpu().unwrap(), 160, "d{d}");
         }
         assert_eq!(attn(3, 128, fixed(100)).check_fp8_gpu().unwrap(), 304 + 432);
         assert_eq!(attn(1, 128, fixed(0)).check_fp8_gpu().unwrap(), 144);

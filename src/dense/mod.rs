@@ -6,7 +6,7 @@ pub(crate) mod fp8_gpu;
 pub(crate) mod gpu;
 
 pub use fp8::{FP8_KEY_TILE, FP8_MAX_DESCALE, Fp8Descales};
-pub use fp8_gpu::FP8_GPU_HEAD_DIM;
+pub use fp8_gpu::{FP8_GPU_HEAD_DIM_MULTIPLE, FP8_GPU_MAX_HEAD_DIM};
 pub use gpu::{DenseGpuPlan, GPU_MAX_HEAD_DIM};
 
 use crate::element::Element;

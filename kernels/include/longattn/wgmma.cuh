@@ -1,5 +1,6 @@
 // Inline-PTX wrappers for the Hopper warpgroup MMA (wgmma.mma_async, sm_90a only): m64nNk16
-// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 192, 256. Only instantiate these from code
+// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 192, 256, and m64nNk32 with e4m3
+// inputs (MmaE4m3), N = 64, 128, 256. Only instantiate these from code
 // compiled for sm_90a (guard with __CUDA_ARCH_FEAT_SM90_ALL).
 //
 // Accumulator fragment (PTX ISA, "wgmma .m64nNk16 register fragment D"), per thread of the
@@ -32,6 +33,18 @@ __device__ __forceinline__ uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_b
                                               uint32_t sbo_bytes) {
   return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo_bytes >> 4) & 0x3FFF) << 16) |
          ((uint64_t)((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// K-major descriptor of a tile whose rows are one swizzle row of kRowBytes each: 128 (mode 1,
+// make_desc above) or 64 (mode 2: 8 rows per 512-byte atom, atoms 512-byte aligned, 16-byte
+// chunk c of row r stored at chunk c ^ ((r / 2) % 4)). SBO = 8 rows; step K by adding bytes to
+// the start address. The FP8 kernel's 64-channel Q and K tiles are 64-byte rows.
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t make_desc_k_major(uint32_t smem_addr) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64, "a 128- or 64-byte swizzle row");
+  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : 2;
+  return (uint64_t)((smem_addr & 0x3FFFF) >> 4) | (1ull << 16) |
+         ((uint64_t)((8 * kRowBytes) >> 4) << 32) | (kMode << 62);
 }
 
 // Orders earlier register writes (accumulators, A fragments) before the next wgmma.
@@ -122,6 +135,38 @@ LA_WG_MMA(__nv_bfloat16, "bf16", 128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 
 LA_WG_MMA(__nv_bfloat16, "bf16", 192, 96, LA_WG_R96, LA_WG_D96, 96, 97, 98, 99, 100, 101)
 LA_WG_MMA(__nv_bfloat16, "bf16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 
+
+// MmaE4m3<N>::ss<kScaleD>(d, a_desc, b_desc): d = A B (+ d if kScaleD), e4m3 operands, A (64x32)
+// and B (32xN) from shared memory, both K-major (8-bit wgmma has no transpose bit). rs(d, a,
+// b_desc): d += A B with A from registers (4 x b32, four e4m3 each: the mma.sync m16n8k32 A
+// fragment of warp w's 16 rows, reg0 (g, 4t..), reg1 (g+8, 4t..), reg2 (g, 16+4t..), reg3
+// (g+8, 16+4t..)) and B K-major in shared memory. Operands as for Mma.
+template <int N> struct MmaE4m3;
+#define LA_WG_MMA_E4M3(N, NACC, REGS, DOPS, n0, n1, n2, n3, n4, n5)                          \
+  template <> struct MmaE4m3<N> {                                                          \
+    template <int kScaleD>                                                                 \
+    static __device__ __forceinline__ void ss(float (&d)[NACC], uint64_t a, uint64_t b) {  \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #n2 ", 0;\n"                        \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "                 \
+                   "{" REGS "}, %" #n0 ", %" #n1 ", p, 1, 1;\n}\n"                            \
+                   : DOPS                                                                  \
+                   : "l"(a), "l"(b), "r"(kScaleD));                                        \
+    }                                                                                      \
+    static __device__ __forceinline__ void rs(float (&d)[NACC], const uint32_t (&a)[4],    \
+                                              uint64_t b) {                                \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #n5 ", 0;\n"                        \
+                   "wgmma.mma_async.sync.aligned.m64n" #N "k32.f32.e4m3.e4m3 "                 \
+                   "{" REGS "}, {%" #n0 ", %" #n1 ", %" #n2 ", %" #n3 "}, %" #n4 ", p, 1, 1;\n}\n" \
+                   : DOPS                                                                  \
+                   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));          \
+    }                                                                                      \
+  };
+
+LA_WG_MMA_E4M3(64, 32, LA_WG_R32, LA_WG_D32, 32, 33, 34, 35, 36, 37)
+LA_WG_MMA_E4M3(128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 68, 69)
+LA_WG_MMA_E4M3(256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
+
+#undef LA_WG_MMA_E4M3
 #undef LA_WG_MMA
 #undef LA_WG_R128
 #undef LA_WG_R96
