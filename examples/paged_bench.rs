@@ -15,7 +15,9 @@
 //! with `SplitMerge::InKernel`: one launch per step) and `_quest_v5` (Quest with
 //! `QuestKernel::V5` selection and the in-kernel merge: two launches per step instead of
 //! four; its row also prints the byte-bound speedup `full bytes / (bound bytes + selected
-//! bytes)` of issue 17 and the fraction of it reached).
+//! bytes)` of issue 17 and the fraction of it reached). `paged_mixed_63x1k_64k_*` rows: a
+//! continuous batch of mixed lengths, equal split shares vs `SplitMerge::Balanced` (opt-in,
+//! not yet run on a GPU).
 //!
 //! Bandwidth convention: `kv_bytes` is [`PagedDecode::kv_bytes_read`] (K and V bytes of the
 //! selected pages; Quest's kmin/kmax reads, bf16 like the cache, are reported apart as
@@ -85,7 +87,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<i32> {
     v
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Timing {
     /// Median of per-call event timings.
     ms: f64,
@@ -311,7 +313,7 @@ struct BenchCache {
 fn filled<C: Element + DeviceRepr + ValidAsZeroBits>(
     ctx: &Ctx,
     cache: &PagedCache,
-    (b, s): (usize, usize),
+    lens: &[usize],
 ) -> Result<[CudaSlice<C>; 4]> {
     let stream = &ctx.stream;
     let layout = cache.layout();
@@ -319,7 +321,8 @@ fn filled<C: Element + DeviceRepr + ValidAsZeroBits>(
     let half = ctx.kv_src.len() / 2;
     if n > half {
         return Err(Error::Shape(format!(
-            "b{b} s{s}: the cache ({n} elements) is larger than the random source ({half})"
+            "{} sequences: the cache ({n} elements) is larger than the random source ({half})",
+            lens.len()
         )));
     }
     let mut k = stream.alloc_zeros::<C>(n)?;
@@ -327,8 +330,13 @@ fn filled<C: Element + DeviceRepr + ValidAsZeroBits>(
     let mut kmin = stream.alloc_zeros::<C>(layout.meta_len())?;
     let mut kmax = stream.alloc_zeros::<C>(layout.meta_len())?;
     let (k_src, v_src) = (ctx.kv_src.slice(0..n), ctx.kv_src.slice(half..half + n));
-    let cu: Vec<i32> = (0..=b).map(|i| (i * s) as i32).collect();
-    let new_st = Strides::contiguous(b * s, HKV, D);
+    let cu: Vec<i32> = std::iter::once(0)
+        .chain(lens.iter().scan(0, |t, &l| {
+            *t += l as i32;
+            Some(*t)
+        }))
+        .collect();
+    let new_st = Strides::contiguous(lens.iter().sum(), HKV, D);
     cache.append_gpu(
         stream,
         &cu,
@@ -346,9 +354,17 @@ fn filled<C: Element + DeviceRepr + ValidAsZeroBits>(
     Ok([k, v, kmin, kmax])
 }
 
-/// Builds the cache, or `None` (with a printed line) when GPU memory is short.
+/// Builds the cache of `b` sequences of `s` tokens, or `None` (with a printed line) when GPU
+/// memory is short.
 fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<BenchCache>> {
+    build_cache_lens(ctx, &vec![s; b], page)
+}
+
+/// [`build_cache`] for sequences of `lens` tokens (each sequence's table row holds the pages
+/// of the longest; a shorter one's rows past its end stay unused).
+fn build_cache_lens(ctx: &Ctx, lens: &[usize], page: usize) -> Result<Option<BenchCache>> {
     let stream = &ctx.stream;
+    let (b, s) = (lens.len(), lens.iter().copied().max().unwrap_or(0));
     let pages_per_seq = s.div_ceil(page);
     let num_pages = b * pages_per_seq;
     let layout = PagedLayout {
@@ -358,7 +374,7 @@ fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<Benc
         head_dim: D,
     };
     let table = shuffled(num_pages, 0x5eed ^ (b * s * page) as u64);
-    let seqlens = vec![s as i32; b];
+    let seqlens: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
     let cache = PagedCache::new(
         layout,
         PageTable {
@@ -378,7 +394,7 @@ fn build_cache(ctx: &Ctx, b: usize, s: usize, page: usize) -> Result<Option<Benc
         );
         return Ok(None);
     }
-    let [k, v, kmin, kmax] = filled::<bf16>(ctx, &cache, (b, s))?;
+    let [k, v, kmin, kmax] = filled::<bf16>(ctx, &cache, lens)?;
     stream.synchronize()?;
     Ok(Some(BenchCache {
         cache,
@@ -515,7 +531,7 @@ fn fp8_full(
     let cache = cache
         .clone()
         .with_kv_scales(KvScales::uniform(HKV, 1.0 / 448.0, 1.0 / 448.0)?)?;
-    let [k, v, kmin, kmax] = filled::<F8E4M3>(ctx, &cache, (b, s))?;
+    let [k, v, kmin, kmax] = filled::<F8E4M3>(ctx, &cache, &vec![s; b])?;
     let inputs = DecodeInputs {
         q,
         q_st,
@@ -857,6 +873,64 @@ fn run_case(ctx: &mut Ctx, timer: &mut Timer, b: usize, s: usize, page: usize) -
     Ok(())
 }
 
+/// A continuous batch of mixed lengths (63 sequences of 1k tokens and one of 64k, page
+/// `page`): full decode with equal split shares and the merge kernel (the default), with the
+/// in-kernel merge, and with balanced splits (`SplitMerge::Balanced`, opt-in, not yet run on
+/// a GPU). Equal shares give no split here (the 504 short blocks fill the GPU), so the 64k
+/// sequence's 8 blocks run alone at the end; balanced splits cut them into pieces of about
+/// one SM slot's share of the step's pages. Rows `paged_mixed_63x1k_64k_p{page}_*`, with
+/// `vs_equal_shares` = default ms / this ms.
+fn run_mixed(ctx: &mut Ctx, timer: &mut Timer, page: usize) -> Result<()> {
+    let stream = ctx.stream.clone();
+    let mut lens = vec![1024usize; 63];
+    lens.push(65536);
+    let Some(bc) = build_cache_lens(ctx, &lens, page)? else {
+        return Ok(());
+    };
+    let b = lens.len();
+    let q_st = Strides::contiguous(1, HQ, D);
+    let q: CudaSlice<bf16> = stream.clone_htod(&random_bf16(b * HQ * D, 11))?;
+    let mut out = stream.alloc_zeros::<bf16>(b * HQ * D)?;
+    let inputs = DecodeInputs {
+        q: &q,
+        q_st,
+        kv: KvPages { k: &bc.k, v: &bc.v },
+        meta: PageMeta {
+            kmin: &bc.kmin,
+            kmax: &bc.kmax,
+        },
+    };
+    let full = PagedDecode::new(&bc.cache, HQ, 1, &AttentionOptions::causal())?;
+    let mut default_ms = None;
+    for (merge, mode) in [
+        (SplitMerge::Kernel, "full"),
+        (SplitMerge::InKernel, "full_inmerge"),
+        (SplitMerge::Balanced, "full_balanced"),
+    ] {
+        let dec = full.clone().with_merge(merge);
+        let mut plan = dec.plan_gpu(&stream)?;
+        let (splits, per) = (plan.splits(), plan.pages_per_split().unwrap_or(0));
+        let t = time_plan(timer, &mut plan, &inputs, &mut out)?;
+        let one = time_oneshot(timer, &stream, &dec, &inputs, &mut out)?;
+        let gain = default_ms.get_or_insert(t.ms).to_owned() / t.ms;
+        emit(
+            ctx,
+            &format!("paged_mixed_63x1k_64k_p{page}_{mode}"),
+            &dec,
+            2,
+            t,
+            one,
+            Timing::default(),
+            &format!(
+                ",\"plan_splits\":{splits},\"pages_per_split\":{per},\"vs_equal_shares\":{gain:.3}"
+            ),
+            format!("{splits} splits of {per} pages: x{gain:.2} vs equal shares"),
+            String::new(),
+        );
+    }
+    Ok(())
+}
+
 fn run() -> Result<()> {
     let ctx = longattn::device::open_gpu(0)?;
     let stream = ctx.default_stream();
@@ -912,6 +986,15 @@ fn run() -> Result<()> {
                     println!("# paged_bench: the CUDA context is unusable ({sticky}); stopping");
                     return Err(e);
                 }
+            }
+        }
+    }
+    for page in [16usize, 64] {
+        if let Err(e) = run_mixed(&mut bench, &mut timer, page) {
+            println!("# paged_mixed_p{page}: error: {e}");
+            if let Err(sticky) = stream.synchronize() {
+                println!("# paged_bench: the CUDA context is unusable ({sticky}); stopping");
+                return Err(e);
             }
         }
     }

@@ -133,8 +133,9 @@ __device__ __forceinline__ bool warp_any(bool x) {
 // Run by every block of a split-KV launch after it wrote its partial rows [row0, row0 + nrows)
 // of (sequence b, kv head kvh). Release: each thread fences its partial writes device-wide,
 // then one thread takes a ticket on the counter of the block's (sequence, kv head, row group)
-// (blockIdx.z, blockIdx.y). The block that draws ticket num_splits - 1 is the last of its
-// group: every other split's partial is written and fenced before its ticket. It fences
+// (blockIdx.z, blockIdx.y). The block that draws ticket ns - 1 (ns: the group's split count,
+// num_splits, or fewer with balanced splits) is the last of its group: every other split's
+// partial is written and fenced before its ticket. It fences
 // again (acquire) and merges the group's rows: per row, m = max_s lse_s and wsum = sum_s
 // exp(lse_s - m) (a split with lse = -inf weighs 0), o = sum_s w_s o_s / wsum and lse =
 // m + ln(wsum), or o = 0 and lse = -inf when wsum = 0: split_merge_kernel's algebra, summed
@@ -147,19 +148,19 @@ __device__ __forceinline__ bool warp_any(bool x) {
 // m_s, l_s: >= kRows floats of shared memory each that the block no longer reads.
 template <typename T>
 __device__ __forceinline__ void merge_in_block(const LaPagedDecodeParams &p, int32_t *counters,
-                                               int b, int kvh, int row0, int nrows, float *m_s,
-                                               float *l_s) {
+                                               int ns, int b, int kvh, int row0, int nrows,
+                                               float *m_s, float *l_s) {
   __shared__ int last_s;
   const LaPagedCache &c = p.cache;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   int32_t *counter = counters + (long long)blockIdx.z * gridDim.y + blockIdx.y;
   __threadfence();
   __syncthreads();  // every partial row written and fenced; m_s / l_s no longer read
-  if (tid == 0) last_s = atomicAdd(counter, 1) == p.num_splits - 1;
+  if (tid == 0) last_s = atomicAdd(counter, 1) == ns - 1;
   __syncthreads();
   if (!last_s) return;
   __threadfence();
-  const int group = p.heads_q / c.heads_kv, sq = p.q_len, d = c.head_dim, ns = p.num_splits;
+  const int group = p.heads_q / c.heads_kv, sq = p.q_len, d = c.head_dim;
   const long long split_rows = (long long)c.batch * p.heads_q * sq;  // rows per split
   auto row_of = [&](int r) {  // (b, h, qi) of block row r, as an lse index
     const int rr = row0 + r, h = kvh * group + rr % group;
@@ -214,8 +215,10 @@ __device__ __forceinline__ void merge_in_block(const LaPagedDecodeParams &p, int
   if (tid == 0) *counter = 0;
 }
 
+// pages_per_split: LaPagedDecodeMergeParams.pages_per_split (kMerge only; 0 otherwise).
 template <typename T, int DB, typename KV, bool kMerge>
-__device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32_t *counters) {
+__device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32_t *counters,
+                                             int pages_per_split) {
   wait_for_previous_grid();
   allow_next_grid();
   using Cfg = DecodeCfg<DB, sizeof(KV)>;
@@ -313,8 +316,17 @@ __device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32
     mask.key_tiles(qi_lo, qi_hi, sq, sk, ps, sink_pages, first, last);
     n_work = sink_pages + (last - first);
   }
-  const int w0 = (int)((long long)split * n_work / p.num_splits);
-  const int w1 = (int)((long long)(split + 1) * n_work / p.num_splits);
+  int w0 = (int)((long long)split * n_work / p.num_splits);
+  int w1 = (int)((long long)(split + 1) * n_work / p.num_splits);
+  int splits_here = p.num_splits;  // splits of this block's work
+  if constexpr (kMerge) {
+    if (pages_per_split > 0) {  // balanced splits (paged.h): split * pages_per_split < n_work
+      splits_here = min(max(1, (n_work + pages_per_split - 1) / pages_per_split), p.num_splits);
+      if (split >= splits_here) return;  // uniform over the block, after its last barrier
+      w0 = split * pages_per_split;
+      w1 = split + 1 == splits_here ? n_work : w0 + pages_per_split;
+    }
+  }
   // max_pages_per_seq * page_size fits in i32 (checked on the host).
   const uint32_t n_keys = (uint32_t)(w1 - w0) * (uint32_t)ps;
   const int n_tiles = (int)((n_keys + kN - 1) / kN);
@@ -564,7 +576,7 @@ __device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32
     if constexpr (kFp8) out *= v_scale;
     const float lse = lse_from_log2(m_all, l_all);
     const int rr = row0 + r, qi = rr / group, h = kvh * group + rr % group;
-    if (p.num_splits == 1) {
+    if (kMerge ? splits_here == 1 : p.num_splits == 1) {
       o[qi * p.o_row_stride + h * p.o_head_stride + ch] = Elem<T>::from_float(out);
       if (ch == 0 && p.lse != nullptr) p.lse[((long long)b * p.heads_q + h) * sq + qi] = lse;
     } else {
@@ -574,14 +586,15 @@ __device__ __forceinline__ void decode_block(const LaPagedDecodeParams &p, int32
     }
   }
   if constexpr (kMerge) {
-    if (p.num_splits > 1) merge_in_block<T>(p, counters, b, kvh, row0, nrows, m_s, l_s);
+    if (splits_here > 1)
+      merge_in_block<T>(p, counters, splits_here, b, kvh, row0, nrows, m_s, l_s);
   }
 }
 
 template <typename T, int DB, typename KV = T>
 __global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
     decode_kernel(const __grid_constant__ LaPagedDecodeParams p) {
-  decode_block<T, DB, KV, false>(p, nullptr);
+  decode_block<T, DB, KV, false>(p, nullptr, 0);
 }
 
 // Split-KV decode with the in-kernel merge (la_paged_decode_inmerge; NOT YET RUN ON A GPU):
@@ -589,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlock
 template <typename T, int DB, typename KV = T>
 __global__ void __launch_bounds__(kThreads, DecodeCfg<DB, sizeof(KV)>::kMinBlocks)
     decode_merge_kernel(const __grid_constant__ LaPagedDecodeMergeParams p) {
-  decode_block<T, DB, KV, true>(p.decode, p.merge_counters);
+  decode_block<T, DB, KV, true>(p.decode, p.merge_counters, p.pages_per_split);
 }
 
 // Merge of the split partials, one block of kWarps warps per (b, h, qi) row: warp w
@@ -853,7 +866,8 @@ extern "C" int la_paged_decode_inmerge(const LaPagedDecodeMergeParams *params,
                                        cudaStream_t stream) {
   using namespace longattn;
   if (params == nullptr || !decode_params_ok(&params->decode) ||
-      (params->decode.num_splits > 1 && params->merge_counters == nullptr))
+      (params->decode.num_splits > 1 && params->merge_counters == nullptr) ||
+      params->pages_per_split < 0)
     return cudaErrorInvalidValue;
   const bool fp8 = params->decode.kv_dtype == LA_F8E4M3;
   return with_dtype<__half, __nv_bfloat16>(params->decode.dtype, cudaErrorInvalidValue, [&](auto t) {

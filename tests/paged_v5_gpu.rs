@@ -83,25 +83,28 @@ fn same_as_default<T: Element>(got: &(Vec<T>, Vec<f32>), want: &(Vec<T>, Vec<f32
     }
 }
 
-/// In-kernel merge vs the f64 reference and vs the merge kernel, one plan replayed
-/// `replays` times with new queries (the counters must reset after each launch).
+/// In-kernel merge (`merge`: `InKernel` or `Balanced`) vs the f64 reference and vs the
+/// merge kernel, one plan replayed `replays` times with new queries (the counters must reset
+/// after each launch).
 #[allow(clippy::too_many_arguments)]
-fn check_inmerge<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+fn check_merge<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     s: &Arc<CudaStream>,
     dec: &PagedDecode,
     sc: &Scenario<T, C>,
     b: &DeviceCache<C>,
+    merge: SplitMerge,
     seed: u64,
     replays: u64,
     what: &str,
 ) {
-    let mut merged = dec
-        .clone()
-        .with_merge(SplitMerge::InKernel)
-        .plan_gpu(s)
-        .unwrap();
+    let mut merged = dec.clone().with_merge(merge).plan_gpu(s).unwrap();
     let mut plain = dec.plan_gpu(s).unwrap();
-    assert_eq!(merged.splits(), plain.splits());
+    if merge == SplitMerge::InKernel {
+        assert_eq!(merged.splits(), plain.splits());
+        assert_eq!(merged.pages_per_split(), None);
+    } else {
+        assert!(merged.pages_per_split().is_some(), "{what}");
+    }
     assert_eq!(merged.merges_in_kernel(), merged.splits() > 1, "{what}");
     let n = dec.out_len();
     for round in 0..replays {
@@ -150,7 +153,7 @@ fn gpu_inkernel_merge_matches_reference() {
                              {name} splits {splits:?}",
                             seqlens.len()
                         );
-                        check_inmerge(&s, &dec, &sc, &b, seed, 1, &what);
+                        check_merge(&s, &dec, &sc, &b, SplitMerge::InKernel, seed, 1, &what);
                     }
                 }
             }
@@ -171,7 +174,16 @@ fn gpu_inkernel_merge_f16_fp8_and_replays() {
         .unwrap()
         .with_splits(Some(7))
         .unwrap();
-    check_inmerge(&s, &dec, &sc, &b, 40, 4, "f16 replays");
+    check_merge(
+        &s,
+        &dec,
+        &sc,
+        &b,
+        SplitMerge::InKernel,
+        40,
+        4,
+        "f16 replays",
+    );
 
     let scales = KvScales::uniform(hkv, 1.0 / 400.0, 1.0 / 300.0).unwrap();
     for (d, ps) in [(128, 16), (72, 1), (64, 64)] {
@@ -181,8 +193,75 @@ fn gpu_inkernel_merge_f16_fp8_and_replays() {
             .unwrap()
             .with_splits(Some(9))
             .unwrap();
-        check_inmerge(&s, &dec, &sc, &b, 50, 3, &format!("fp8 d {d} ps {ps}"));
+        let what = format!("fp8 d {d} ps {ps}");
+        check_merge(&s, &dec, &sc, &b, SplitMerge::InKernel, 50, 3, &what);
     }
+}
+
+/// Balanced splits (`SplitMerge::Balanced`): batches of mixed lengths (empty, 1-token and
+/// long sequences side by side, so some blocks run one split and write directly while others
+/// split and merge, and blocks past their own split count exit), page sizes 1/16/64, GQA
+/// ratios 1/4/8, head dims 64/128/256, q_len 1 and 3, masks, the automatic split count and
+/// forced ones; then an FP8 cache and an f16 plan replayed four times.
+#[test]
+fn gpu_balanced_splits_match_reference() {
+    let Some(s) = stream() else { return };
+    for (seqlens, ps) in [
+        (&[0usize, 1, 77, 300, 1030, 9000][..], 16),
+        (&[3, 700, 20000, 40][..], 64),
+        (&[0, 2, 3000][..], 1),
+    ] {
+        for &(hkv, ratio, d) in &[(2, 4, 128), (1, 8, 64), (2, 1, 256)] {
+            let hq = hkv * ratio;
+            let seed = 61 + ps as u64 + d as u64;
+            let sc = scenario::<bf16>(seqlens, ps, hkv, d, seed);
+            let b = DeviceCache::upload(&s, &sc);
+            for q_len in [1, 3] {
+                for (name, opts) in masks().into_iter().step_by(3) {
+                    for splits in [None, Some(3), Some(17)] {
+                        let dec = PagedDecode::new(&sc.cache, hq, q_len, &opts)
+                            .unwrap()
+                            .with_splits(splits)
+                            .unwrap();
+                        let what = format!(
+                            "balanced {seqlens:?} ps {ps} hkv {hkv} ratio {ratio} d {d} \
+                             q_len {q_len} {name} splits {splits:?}"
+                        );
+                        check_merge(&s, &dec, &sc, &b, SplitMerge::Balanced, seed, 1, &what);
+                    }
+                }
+            }
+        }
+    }
+    let seqlens = [1usize, 5000, 64, 300];
+    let (hkv, hq, ps) = (2, 8, 16);
+    let scales = KvScales::uniform(hkv, 1.0 / 400.0, 1.0 / 300.0).unwrap();
+    let sc = scenario_with::<bf16, F8E4M3>(&seqlens, ps, hkv, 128, 71, Some(scales));
+    let b = DeviceCache::upload(&s, &sc);
+    let dec = PagedDecode::new(&sc.cache, hq, 1, &AttentionOptions::causal()).unwrap();
+    check_merge(
+        &s,
+        &dec,
+        &sc,
+        &b,
+        SplitMerge::Balanced,
+        72,
+        2,
+        "balanced fp8",
+    );
+    let sc = scenario::<f16>(&seqlens, ps, hkv, 128, 73);
+    let b = DeviceCache::upload(&s, &sc);
+    let dec = PagedDecode::new(&sc.cache, hq, 2, &AttentionOptions::causal()).unwrap();
+    check_merge(
+        &s,
+        &dec,
+        &sc,
+        &b,
+        SplitMerge::Balanced,
+        74,
+        4,
+        "balanced f16 replays",
+    );
 }
 
 /// Every head kind in one launch (Full, Streaming, Quest, Listed) with both opt-ins, against

@@ -42,6 +42,15 @@ pub enum SplitMerge {
     /// resets the counter. Every head kind and cache type the decode serves. **Opt-in, not
     /// yet run on a GPU.**
     InKernel,
+    /// [`SplitMerge::InKernel`] with splits sized by pages rather than counted per block
+    /// ([`PagedDecode::balanced_splits`]): every split covers at most `pages_per_split` of
+    /// its block's work pages, chosen so that the step's pages spread over about two blocks
+    /// per SM. In a continuous batch of mixed lengths a long sequence is split while short
+    /// ones run whole and write their output directly (no partial, no merge), where equal
+    /// shares would give every block the long one's split count, or none at all once the
+    /// batch alone fills the GPU, leaving the long sequence's blocks as the tail. Blocks
+    /// past their own split count exit at once. **Opt-in, not yet run on a GPU.**
+    Balanced,
 }
 
 /// Which kernels run the Quest selection on the GPU (the selection is the same).
@@ -385,17 +394,55 @@ impl PagedDecode {
             .clamp(1, MAX_SPLITS)
     }
 
-    /// Most pages one GPU decode block (sequence, kv head, block of
-    /// [`DECODE_ROWS_PER_BLOCK`] query rows) visits: Full heads the pages of the base mask's
+    /// Split count and pages per split of [`SplitMerge::Balanced`] for a GPU with
+    /// `sm_count` SMs, `(splits, pages_per_split)`: `pages_per_split` is the step's work
+    /// pages over all blocks ([`PagedDecode::visit_block_work`]) spread over about 2 blocks
+    /// per SM (as [`PagedDecode::splits_for`]), never fewer pages than
+    /// [`MIN_KEYS_PER_SPLIT`] keys, never more than [`MAX_SPLITS`] splits of the largest
+    /// block; `splits` is what the largest block needs. A forced count
+    /// ([`PagedDecode::with_splits`]) divides the largest block's work into that many. A
+    /// block with `n` work pages runs `ceil(n / pages_per_split)` splits (at least one).
+    pub fn balanced_splits(&self, sm_count: usize) -> (usize, usize) {
+        let (mut total, mut most) = (0usize, 0usize);
+        self.visit_block_work(|n| {
+            total = total.saturating_add(n);
+            most = most.max(n);
+        });
+        if most == 0 {
+            return (1, 1);
+        }
+        let per = match self.num_splits {
+            Some(s) => most.div_ceil(s),
+            None => {
+                let target = sm_count.max(1).saturating_mul(2);
+                let min_pages = MIN_KEYS_PER_SPLIT.div_ceil(self.cache.page_size());
+                total
+                    .div_ceil(target)
+                    .max(min_pages)
+                    .max(most.div_ceil(MAX_SPLITS))
+            }
+        }
+        .min(most);
+        (most.div_ceil(per), per)
+    }
+
+    /// Most pages one GPU decode block visits ([`PagedDecode::visit_block_work`]).
+    pub fn max_block_work_pages(&self) -> usize {
+        let mut most = 0;
+        self.visit_block_work(|n| most = most.max(n));
+        most
+    }
+
+    /// Calls `visit` with the work pages of every GPU decode block (sequence, kv head, block
+    /// of [`DECODE_ROWS_PER_BLOCK`] query rows): Full heads the pages of the base mask's
     /// window/sinks for the block's rows, streaming heads their sinks + window pages, Listed
     /// heads their list, Quest heads the pages the selection keeps
     /// (`min(max(budget, #always-kept), #candidates)`, the exact selected count).
-    pub fn max_block_work_pages(&self) -> usize {
+    pub fn visit_block_work(&self, mut visit: impl FnMut(usize)) {
         let group = self.group();
         let rows = self.q_len * group;
         let row_blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
         let ps = self.cache.page_size();
-        let mut most = 0;
         for b in 0..self.cache.batch() {
             let sk = self.cache.seqlen_of(b);
             // Per-sequence values shared by the heads of one kind.
@@ -405,26 +452,24 @@ impl PagedDecode {
                 .contains(&HeadPolicy::Quest)
                 .then(|| self.quest_selected_count(b));
             for kvh in 0..self.cache.heads_kv() {
-                let n = match self.policy.heads[kvh] {
-                    HeadPolicy::Quest => quest.unwrap_or(0),
-                    HeadPolicy::Listed => self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()),
-                    HeadPolicy::Full | HeadPolicy::Streaming => {
-                        let mask = self.mask_at(kvh);
-                        (0..row_blocks)
-                            .map(|rb| {
-                                let r0 = rb * DECODE_ROWS_PER_BLOCK;
-                                let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
-                                let qi = r0 / group..(r1 - 1) / group + 1;
-                                mask.key_tiles(qi, self.q_len, sk, ps).count()
-                            })
-                            .max()
-                            .unwrap_or(0)
+                let listed = match self.policy.heads[kvh] {
+                    HeadPolicy::Quest => Some(quest.unwrap_or(0)),
+                    HeadPolicy::Listed => {
+                        Some(self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()))
                     }
+                    HeadPolicy::Full | HeadPolicy::Streaming => None,
                 };
-                most = most.max(n);
+                let mask = self.mask_at(kvh);
+                for rb in 0..row_blocks {
+                    visit(listed.unwrap_or_else(|| {
+                        let r0 = rb * DECODE_ROWS_PER_BLOCK;
+                        let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
+                        let qi = r0 / group..(r1 - 1) / group + 1;
+                        mask.key_tiles(qi, self.q_len, sk, ps).count()
+                    }));
+                }
             }
         }
-        most
     }
 
     /// Pages the Quest selection keeps for sequence `b` (the count [`select_top`] takes:
@@ -776,9 +821,21 @@ mod tests {
         hq: usize,
         q_len: usize,
     ) -> PagedDecode {
-        let mp = seqlen.div_ceil(ps).max(1);
+        decode_lens(&vec![seqlen; batch], heads_kv, ps, hq, q_len)
+    }
+
+    /// A cache of sequences of `seqlens` tokens, pages in order.
+    fn decode_lens(
+        seqlens: &[usize],
+        heads_kv: usize,
+        ps: usize,
+        hq: usize,
+        q_len: usize,
+    ) -> PagedDecode {
+        let batch = seqlens.len();
+        let mp = seqlens.iter().max().unwrap().div_ceil(ps).max(1);
         let table: Vec<i32> = (0..(batch * mp) as i32).collect();
-        let sl = vec![seqlen as i32; batch];
+        let sl: Vec<i32> = seqlens.iter().map(|&s| s as i32).collect();
         let cache = PagedCache::new(
             PagedLayout {
                 num_pages: batch * mp,
@@ -831,6 +888,65 @@ mod tests {
 
     /// Quest v5 chunks: multiples of the alignment within the kernel's bounds, the blocks of
     /// a row cover its max_pages_per_seq, and small grids spread to about 2 blocks per SM.
+    /// Balanced splits: uniform batches split as `splits_for` does at the measured shapes
+    /// (batch 1 x 64k: 33 splits on 132 SMs; batch 64 x 1k and 64 x 8k: none); a mixed batch
+    /// splits its long sequence while the short ones' blocks fit one split; `splits` splits
+    /// of `pages_per_split` cover every block's work, and no block needs fewer than
+    /// `splits - 1` of them unless it is shorter than the largest; a forced count divides
+    /// the largest block's work into at most that many.
+    #[test]
+    fn balanced_splits_follow_the_work() {
+        let sms = 132;
+        let uniform = decode(1, 8, 65536, 16, 32, 1);
+        assert_eq!(uniform.balanced_splits(sms).0, uniform.splits_for(sms));
+        assert_eq!(uniform.balanced_splits(sms), (33, 125));
+        for batch_of in [1024, 8192] {
+            let d = decode(64, 8, batch_of, 16, 32, 1);
+            assert_eq!(d.balanced_splits(sms).0, 1);
+            assert_eq!(d.splits_for(sms), 1);
+        }
+        // 63 sequences of 1k tokens and one of 64k, page 16: equal shares give no split
+        // (512 blocks fill 264 slots), leaving the 64k sequence's 8 blocks of 4096 pages as
+        // the tail; balanced splits cut them into ~250-page pieces.
+        let mut lens = vec![1024; 63];
+        lens.push(65536);
+        let mixed = decode_lens(&lens, 8, 16, 32, 1);
+        assert_eq!(mixed.splits_for(sms), 1);
+        let (splits, per) = mixed.balanced_splits(sms);
+        let total = 63 * 8 * 64 + 8 * 4096;
+        assert_eq!(per, usize::div_ceil(total, 2 * sms));
+        assert_eq!(splits, 4096usize.div_ceil(per));
+        let mut pieces = 0;
+        mixed.visit_block_work(|n| {
+            let s = n.div_ceil(per).max(1);
+            assert!(
+                s <= splits && s * per >= n,
+                "{n} pages: {s} splits of {per}"
+            );
+            pieces += s;
+        });
+        // Each short block one piece, each long block `splits`, none larger than one
+        // slot's share of the step's pages.
+        assert_eq!(pieces, 63 * 8 + 8 * splits);
+        for sms in [1, 78, 132, 1000] {
+            for d in [&uniform, &mixed, &decode_lens(&[0, 1, 17, 300], 2, 1, 8, 4)] {
+                let (splits, per) = d.balanced_splits(sms);
+                let most = d.max_block_work_pages();
+                assert!(per >= 1 && splits >= 1 && splits <= MAX_SPLITS.max(1));
+                assert!(splits * per >= most && (splits - 1) * per < most.max(1));
+                if most > 0 && splits > 1 {
+                    assert!(per * d.cache().page_size() >= MIN_KEYS_PER_SPLIT);
+                }
+            }
+        }
+        for forced in [1, 2, 5, 33, 5000] {
+            let d = mixed.clone().with_splits(Some(forced)).unwrap();
+            let (splits, per) = d.balanced_splits(sms);
+            assert!(splits <= forced && splits * per >= 4096, "forced {forced}");
+        }
+        assert_eq!(decode(2, 2, 0, 16, 4, 1).balanced_splits(sms), (1, 1));
+    }
+
     #[test]
     fn quest_v5_chunks_cover_the_rows() {
         for &(batch, hkv, seqlen, ps) in &[

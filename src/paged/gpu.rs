@@ -78,6 +78,9 @@ pub struct PagedDecodePlan {
     stream: Arc<CudaStream>,
     what: PlanFor,
     splits: usize,
+    /// [`SplitMerge::Balanced`](crate::paged::SplitMerge::Balanced): the pages per split
+    /// ([`PagedDecode::balanced_splits`]); 0 for equal shares.
+    pages_per_split: usize,
     block_table: CudaSlice<i32>,
     seqlens_k: CudaSlice<i32>,
     head_kind: CudaSlice<i32>,
@@ -93,7 +96,8 @@ pub struct PagedDecodePlan {
     append_cu: Option<(Vec<i32>, CudaSlice<i32>)>,
     /// `[2, heads_kv]` K then V scales of an FP8 cache (ones when the cache has none).
     kv_scales: CudaSlice<f32>,
-    /// [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) with `splits > 1`: the
+    /// [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) or
+    /// [`SplitMerge::Balanced`](crate::paged::SplitMerge::Balanced) with `splits > 1`: the
     /// ticket counters (`[merge_counters_len]` i32), zeroed here once; every launch leaves
     /// them 0.
     merge_counters: Option<CudaSlice<i32>>,
@@ -340,10 +344,15 @@ impl PagedDecodePlan {
         self.splits
     }
     /// Whether [`PagedDecodePlan::forward`] merges its splits inside the decode kernel (one
-    /// launch): [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) and more than
-    /// one split.
+    /// launch): [`SplitMerge::InKernel`](crate::paged::SplitMerge::InKernel) or
+    /// [`SplitMerge::Balanced`](crate::paged::SplitMerge::Balanced), and more than one split.
     pub fn merges_in_kernel(&self) -> bool {
         self.merge_counters.is_some()
+    }
+    /// Pages per split of [`SplitMerge::Balanced`](crate::paged::SplitMerge::Balanced)
+    /// (`None`: equal shares of each block's pages).
+    pub fn pages_per_split(&self) -> Option<usize> {
+        (self.pages_per_split > 0).then_some(self.pages_per_split)
     }
     /// Pages per block of the [`QuestKernel::V5`](crate::paged::QuestKernel::V5) selection
     /// (`None`: the two-kernel selection, or no Quest heads).
@@ -655,7 +664,7 @@ pub(super) mod imp {
                     stream.alloc_zeros::<i32>(n)?,
                 )),
                 Some(stream.alloc_zeros::<f32>(n * mp)?),
-                1,
+                (1, 0),
                 None,
             ),
             PlanFor::Decode => {
@@ -670,7 +679,10 @@ pub(super) mod imp {
                 } else {
                     None
                 };
-                let splits = decode.splits_for(sm_count);
+                let (splits, pages_per_split) = match decode.merge() {
+                    SplitMerge::Balanced => decode.balanced_splits(sm_count),
+                    SplitMerge::Kernel | SplitMerge::InKernel => (decode.splits_for(sm_count), 0),
+                };
                 let partial = if splits > 1 {
                     let rows = splits * decode.lse_len();
                     Some((
@@ -680,11 +692,12 @@ pub(super) mod imp {
                 } else {
                     None
                 };
-                (lists, scores, splits, partial)
+                (lists, scores, (splits, pages_per_split), partial)
             }
         };
+        let (splits, pages_per_split) = splits;
         let merge_counters =
-            if what == PlanFor::Decode && splits > 1 && decode.merge() == SplitMerge::InKernel {
+            if what == PlanFor::Decode && splits > 1 && decode.merge() != SplitMerge::Kernel {
                 Some(stream.alloc_zeros::<i32>(decode.merge_counters_len())?)
             } else {
                 None
@@ -694,6 +707,7 @@ pub(super) mod imp {
             stream: stream.clone(),
             what,
             splits,
+            pages_per_split,
             block_table,
             seqlens_k,
             head_kind,
@@ -980,6 +994,7 @@ pub(super) mod imp {
             partial,
             kv_scales,
             merge_counters,
+            pages_per_split,
             ..
         } = plan;
         let splits = *splits;
@@ -1042,6 +1057,8 @@ pub(super) mod imp {
             let params = ffi::LaPagedDecodeMergeParams {
                 decode: params,
                 merge_counters: ct as *mut i32,
+                // At most max_pages_per_seq (balanced_splits), which fits i32 (checked).
+                pages_per_split: *pages_per_split as i32,
             };
             // SAFETY: as below; the counters are the plan's [merge_counters_len] scratch for
             // this plan's grid, zero between launches (zeroed at plan creation, reset by each
@@ -1165,6 +1182,7 @@ mod c_entry_checks {
         let merged = ffi::LaPagedDecodeMergeParams {
             decode,
             merge_counters: counters.as_mut_ptr(),
+            pages_per_split: 0,
         };
         // SAFETY (every call below): no GPU is usable, so no kernel runs and no pointer is
         // read on a device; the host checks read only the params structs.
@@ -1189,6 +1207,16 @@ mod c_entry_checks {
             INVALID_VALUE,
             "split merge without counters"
         );
+        let balanced = ffi::LaPagedDecodeMergeParams {
+            pages_per_split: 3,
+            ..merged
+        };
+        assert_ne!(run(&balanced), INVALID_VALUE, "balanced splits refused");
+        let negative = ffi::LaPagedDecodeMergeParams {
+            pages_per_split: -1,
+            ..merged
+        };
+        assert_eq!(run(&negative), INVALID_VALUE, "negative pages per split");
         // One split needs no counters (the plain kernel runs).
         let one_split = ffi::LaPagedDecodeMergeParams {
             decode: ffi::LaPagedDecodeParams {
@@ -1196,6 +1224,7 @@ mod c_entry_checks {
                 ..decode
             },
             merge_counters: std::ptr::null_mut(),
+            pages_per_split: 0,
         };
         assert_ne!(run(&one_split), INVALID_VALUE);
         // The decode checks apply: no partials with splits, an FP8 cache without scales.

@@ -165,10 +165,17 @@ typedef struct LaPagedDecodeParams {
  * merge_counters: [batch, heads_kv * ceil(q_len * heads_q / heads_kv / LA_PAGED_DECODE_ROWS)]
  * i32, all 0 before the launch and 0 again when it completes (zero them once; a launch that
  * fails midway leaves them unspecified). Unused when num_splits == 1 (then the plain decode
- * kernel runs). */
+ * kernel runs).
+ * pages_per_split: 0 divides every block's work pages into num_splits equal shares (as
+ * la_paged_decode). > 0 sizes splits by pages instead (balanced splits for batches of mixed
+ * lengths): a block with n work pages runs s = min(max(1, ceil(n / pages_per_split)),
+ * num_splits) splits, split i covering pages [i * pages_per_split, ...) and the last one the
+ * rest; blocks with split >= s exit at once, a block with s == 1 writes o and lse directly
+ * (no partial, no ticket), and the merging block merges its group's s splits. */
 typedef struct LaPagedDecodeMergeParams {
   LaPagedDecodeParams decode;
   int32_t *merge_counters;
+  int32_t pages_per_split;
 } LaPagedDecodeMergeParams;
 
 /* Quest selection v5 (la_paged_quest_select_v5; NOT YET RUN ON A GPU): same inputs, outputs
