@@ -58,7 +58,7 @@ if command -v compute-sanitizer > /dev/null; then
       "$HERE/tests/block_sparse_gpu" gpu_moba_gather --test-threads=1
   # Test-name filters: the GPU tests of each binary (all of ring_gpu's need the GPU).
   for spec in paged_prefill_gpu:gpu_hopper block_sparse_gpu:gpu paged_prefill:gpu \
-    neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu dense_fp8:gpu; do
+    neighborhood_gpu:gpu ring_gpu: dense_gpu:gpu dense_fp8:gpu_fp8; do
     t=${spec%%:*}
     [ -x "$HERE/tests/$t" ] || continue
     [ "$t" = dense_gpu ] && [ "$DENSE_OK" = 0 ] && continue
@@ -124,11 +124,13 @@ command -v compute-sanitizer > /dev/null && [ -x "$HERE/tests/paged_gpu" ] &&
   step memcheck-paged_gpu 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$HERE/tests/paged_gpu" gpu --test-threads=1 --skip long --skip bad_inputs \
     --skip fp8_decode_matches
-# The decode opt-ins of issue 17 (in-kernel split merge, Quest v5: ticket counters written
-# and read across blocks): their replay, graph and end-to-end tests under memcheck.
+# The decode opt-ins of issue 17 (in-kernel split merge, balanced splits, Quest v5: ticket
+# counters written and read across blocks): their replay, graph and end-to-end tests under
+# memcheck.
 command -v compute-sanitizer > /dev/null && [ -x "$HERE/tests/paged_v5_gpu" ] &&
   step memcheck-paged_v5_gpu 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$HERE/tests/paged_v5_gpu" f16_fp8_and_replays both_opt_ins quest_v5_decode --test-threads=1
+    "$HERE/tests/paged_v5_gpu" f16_fp8_and_replays both_opt_ins quest_v5_decode \
+    balanced_splits_fp8 --test-threads=1
 python3 "$HERE/bench_summary.py" "$OUT/gpu_bench.log" "$OUT/torch_baseline.log" "$OUT/paged_bench.log" \
   "$OUT/torch_decode_baseline.log" "$OUT/family_bench.log" "$OUT/torch_family_baseline.log" \
   "$OUT/neighborhood_bench.log" "$OUT/torch_neighborhood_baseline.log" "$OUT/ring_bench.log" \

@@ -493,8 +493,7 @@ fn gpu_fp8<O: Element + longattn::cudarc::driver::DeviceRepr>(
 }
 
 /// The Hopper FP8 kernel against the f64 reference of the same quantisation over the sweep
-/// at every padded head dim (64, 128, 256) and two padded ones (96 -> 128, 192 -> 256), plus
-/// longer sequences (several query tiles, GQA) at 64, 128 and 256, bf16 and f16 output,
+/// (plus longer sequences, several query tiles, GQA) at head_dim 128, bf16 and f16 output,
 /// NaN-poisoned outputs and LSE; the error against unquantised attention is printed. Off
 /// Hopper the call must be a named `Unsupported`.
 #[test]
@@ -502,10 +501,7 @@ fn gpu_fp8_matches_reference() {
     let Some(stream) = gpu_stream_or_skip("gpu_fp8_matches_reference") else {
         return;
     };
-    let mut cases: Vec<Fp8Case> = [64, 96, 128, 192, 256]
-        .into_iter()
-        .flat_map(sweep)
-        .collect();
+    let mut cases = sweep(128);
     let causal = AttentionOptions::causal();
     cases.push(case(
         "long_causal",
@@ -526,29 +522,53 @@ fn gpu_fp8_matches_reference() {
         1,
         52,
     ));
+    check_gpu_fp8(&stream, &cases, "gpu_fp8_matches_reference");
+}
+
+/// The other instantiations (64 and 256 channels) and padded head dims (96 -> 128, 192 ->
+/// 256: channels past head_dim zero-filled by the copy engine, never written) over the same
+/// sweep, plus a longer causal case at 64 and 256, as `gpu_fp8_matches_reference`. (Not
+/// under memcheck in the device script, which runs the `gpu_fp8` tests: the NaN test covers
+/// the 64- and 256-channel kernels there.)
+#[test]
+fn gpu_padded_fp8_head_dims_match_reference() {
+    let Some(stream) = gpu_stream_or_skip("gpu_padded_fp8_head_dims_match_reference") else {
+        return;
+    };
+    let mut cases: Vec<Fp8Case> = [64, 96, 192, 256].into_iter().flat_map(sweep).collect();
     for (d, seed) in [(64, 53), (256, 54)] {
         cases.push(case(
             "long_causal",
             (1, 700, 1100),
             None,
             (4, 2, d),
-            causal,
+            AttentionOptions::causal(),
             0,
             seed,
         ));
     }
+    check_gpu_fp8(&stream, &cases, "gpu_padded_fp8_head_dims_match_reference");
+}
+
+/// Every case on the GPU against the f64 reference of the same quantisation (bf16 and f16
+/// output); off Hopper the first call must be a named `Unsupported`.
+fn check_gpu_fp8(
+    stream: &std::sync::Arc<longattn::cudarc::driver::CudaStream>,
+    cases: &[Fp8Case],
+    test: &str,
+) {
     if !is_hopper() {
-        let e = gpu_fp8::<bf16>(&stream, &cases[2]).unwrap_err();
+        let e = gpu_fp8::<bf16>(stream, &cases[2]).unwrap_err();
         assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
-        println!("SKIP gpu_fp8_matches_reference: not compute capability 9.0 (refused: {e})");
+        println!("SKIP {test}: not compute capability 9.0 (refused: {e})");
         return;
     }
-    for c in &cases {
+    for c in cases {
         let want = c.reference(Fp8PRule::TileRunningMax);
         let plain = c.reference(Fp8PRule::Unquantised);
-        let (bf, bf_lse) = gpu_fp8::<bf16>(&stream, c).unwrap();
+        let (bf, bf_lse) = gpu_fp8::<bf16>(stream, c).unwrap();
         let e_bf = check_against(c, (&bf, &bf_lse), &want, 1e-2, "gpu bf16");
-        let (hf, hf_lse) = gpu_fp8::<f16>(&stream, c).unwrap();
+        let (hf, hf_lse) = gpu_fp8::<f16>(stream, c).unwrap();
         let e_hf = check_against(c, (&hf, &hf_lse), &want, 5e-3, "gpu f16");
         println!(
             "{:>16} d{}: gpu vs ref bf16 {e_bf:.2e} f16 {e_hf:.2e}; gpu f16 vs unquantised \

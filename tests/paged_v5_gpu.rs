@@ -233,6 +233,13 @@ fn gpu_balanced_splits_match_reference() {
             }
         }
     }
+}
+
+/// Balanced splits over an FP8 cache and an f16 plan replayed four times (mixed lengths:
+/// one block splits and merges, the others write directly).
+#[test]
+fn gpu_balanced_splits_fp8_and_replays() {
+    let Some(s) = stream() else { return };
     let seqlens = [1usize, 5000, 64, 300];
     let (hkv, hq, ps) = (2, 8, 16);
     let scales = KvScales::uniform(hkv, 1.0 / 400.0, 1.0 / 300.0).unwrap();
