@@ -17,8 +17,8 @@
 //!
 //! `shortq_*` rows: short query sequences (1-64 new tokens) over 4k-32k keys with GQA (32
 //! query / 8 kv heads, d128, no mask), as chunked prefill and speculative decoding run them:
-//! `DenseKernel::TensorCoreGqa` (query heads of a group packed into one tile; not yet run on
-//! a GPU) against the per-head kernels.
+//! `DenseKernel::TensorCoreGqa` and `DenseKernel::HopperGqa` (query heads of a group packed
+//! into one tile, `mma.sync` and Hopper; not yet run on a GPU) against the per-head kernels.
 //!
 //! `fp8_d{64,128,256}_*` rows: the FP8 (e4m3) forward (`FlashAttention::forward_gpu_fp8`, Hopper,
 //! `longattn-wgmma-fp8`; not yet run on a GPU), V^T pre-pass and scratch included, with the
@@ -339,6 +339,7 @@ fn main() -> Result<()> {
             let name = format!("shortq_q{sq}_k{sk}_d128");
             for (kernel, label) in [
                 (DenseKernel::TensorCoreGqa, "longattn-mma-gqa"),
+                (DenseKernel::HopperGqa, "longattn-wgmma-gqa"),
                 (DenseKernel::Hopper, "longattn-wgmma"),
                 (DenseKernel::TensorCore, "longattn-mma"),
             ] {

@@ -159,7 +159,8 @@ fn options() -> Vec<AttentionOptions> {
 
 /// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
 /// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), `TensorCore` and
-/// `Hopper` at 64, 128, 256, and on Hopper `HopperWindow` and `HopperPersistent` up to 192.
+/// `Hopper` at 64, 128, 256 (and `HopperGqa` there on Hopper), and on Hopper `HopperWindow`
+/// and `HopperPersistent` up to 192.
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
@@ -170,7 +171,7 @@ fn kernels_for(d: usize) -> Vec<DenseKernel> {
     if [64, 128, 256].contains(&d) {
         k.push(DenseKernel::TensorCore);
         if is_hopper() {
-            k.push(DenseKernel::Hopper);
+            k.extend([DenseKernel::Hopper, DenseKernel::HopperGqa]);
         }
     }
     if is_hopper() && d.is_multiple_of(8) && d <= 192 {
@@ -206,9 +207,10 @@ fn gpu_dense_matches_reference_sweep() {
     println!("gpu_dense_matches_reference_sweep: worst rel err {worst:.3e}");
 }
 
-/// The GQA-packed kernel where it matters: short query sequences (1-33 rows, chunked prefill
-/// and speculative decoding) over longer K/V, groups that divide the 64-row tile and groups
-/// that do not (7, 6, 3), MQA up to 64 heads, against the f64 reference.
+/// The GQA-packed kernels where they matter: short query sequences (1-33 rows, chunked prefill
+/// and speculative decoding) over longer K/V, groups that divide the tile and groups that do
+/// not (7, 6, 3), MQA up to 64 heads (128 on Hopper), against the f64 reference; on Hopper
+/// `HopperGqa` at head dims 64/128/256 beside `TensorCoreGqa`.
 #[test]
 fn gpu_dense_gqa_packed_short_queries() {
     let Some(stream) = gpu_stream_or_skip("gpu_dense_gqa_packed_short_queries") else {
@@ -216,19 +218,26 @@ fn gpu_dense_gqa_packed_short_queries() {
     };
     let mut worst = 0.0f64;
     let mut n = 0u64;
-    for &(hq, hkv) in &[(8, 1), (32, 8), (7, 1), (12, 2), (64, 1), (3, 3)] {
+    for &(hq, hkv) in &[(8, 1), (32, 8), (7, 1), (12, 2), (64, 1), (3, 3), (128, 1)] {
         for &(sq, sk) in &[(1, 1), (1, 300), (4, 1000), (17, 129), (33, 64), (70, 200)] {
             for d in [40, 64, 128, 256] {
                 let x = Dims::new(2, sq, sk, hq, hkv, d);
-                for opts in options().iter().step_by(2) {
-                    n += 1;
-                    let k = DenseKernel::TensorCoreGqa;
-                    worst = worst.max(run_case::<bf16>(&stream, 9000 + n, x, opts, k));
+                let mut kernels = Vec::new();
+                if hq / hkv <= 64 {
+                    kernels.push(DenseKernel::TensorCoreGqa);
                 }
-                n += 1;
-                let opts = AttentionOptions::causal();
-                let k = DenseKernel::TensorCoreGqa;
-                worst = worst.max(run_case::<f16>(&stream, 9000 + n, x, &opts, k));
+                if is_hopper() && d != 40 {
+                    kernels.push(DenseKernel::HopperGqa);
+                }
+                for k in kernels {
+                    for opts in options().iter().step_by(2) {
+                        n += 1;
+                        worst = worst.max(run_case::<bf16>(&stream, 9000 + n, x, opts, k));
+                    }
+                    n += 1;
+                    let opts = AttentionOptions::causal();
+                    worst = worst.max(run_case::<f16>(&stream, 9000 + n, x, &opts, k));
+                }
             }
         }
     }
@@ -390,6 +399,7 @@ fn gpu_hopper_varlen_many_query_tiles() {
         (128, 8, 2, DenseKernel::HopperWindow),
         (64, 8, 2, DenseKernel::HopperPersistent),
         (128, 8, 2, DenseKernel::HopperPersistent),
+        (128, 8, 2, DenseKernel::HopperGqa),
     ];
     for (d, hq, hkv, kernel) in runs {
         let mut r = rng(1000 + d as u64);
@@ -539,6 +549,7 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
             DenseKernel::Hopper,
             DenseKernel::HopperWindow,
             DenseKernel::HopperPersistent,
+            DenseKernel::HopperGqa,
         ]);
     }
     for kernel in kernels {
@@ -551,7 +562,10 @@ fn gpu_broadcast_kv_falls_back_from_the_hopper_kernel() {
         );
         if matches!(
             kernel,
-            DenseKernel::Hopper | DenseKernel::HopperWindow | DenseKernel::HopperPersistent
+            DenseKernel::Hopper
+                | DenseKernel::HopperWindow
+                | DenseKernel::HopperPersistent
+                | DenseKernel::HopperGqa
         ) {
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
             continue;
@@ -811,6 +825,7 @@ fn gpu_rejects_bad_inputs() {
         DenseKernel::Hopper,
         DenseKernel::HopperWindow,
         DenseKernel::HopperPersistent,
+        DenseKernel::HopperGqa,
     ] {
         let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
             .unwrap()

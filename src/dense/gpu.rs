@@ -106,7 +106,10 @@ pub(crate) fn check_dense_gpu(
         )));
     }
     check_attention_gpu("dense", dtype, head_dim, batch, heads_q)?;
-    if matches!(kernel, DenseKernel::TensorCore | DenseKernel::Hopper) {
+    if matches!(
+        kernel,
+        DenseKernel::TensorCore | DenseKernel::Hopper | DenseKernel::HopperGqa
+    ) {
         check_tensor_core_head_dim("the tensor-core kernels take", head_dim)?;
     }
     if matches!(
@@ -118,10 +121,15 @@ pub(crate) fn check_dense_gpu(
             "the {kernel:?} kernel takes head_dim up to {WALK_MAX_HEAD_DIM}, not {head_dim}"
         )));
     }
-    if kernel == DenseKernel::TensorCoreGqa && heads_q / heads_kv.max(1) > GQA_MAX_GROUP {
+    let max_group = match kernel {
+        DenseKernel::TensorCoreGqa => GQA_MAX_GROUP,
+        DenseKernel::HopperGqa => HOPPER_GQA_MAX_GROUP,
+        _ => usize::MAX,
+    };
+    if heads_q / heads_kv.max(1) > max_group {
         return Err(Error::Unsupported(format!(
-            "the TensorCoreGqa kernel packs at most {GQA_MAX_GROUP} query heads per kv head \
-             into a tile, not {}",
+            "the {kernel:?} kernel packs at most {max_group} query heads per kv head into a \
+             tile, not {}",
             heads_q / heads_kv.max(1)
         )));
     }
@@ -130,6 +138,8 @@ pub(crate) fn check_dense_gpu(
 
 /// Query heads per kv head that [`DenseKernel::TensorCoreGqa`] packs into one 64-row tile.
 const GQA_MAX_GROUP: usize = 64;
+/// Query heads per kv head that [`DenseKernel::HopperGqa`] packs into one 128-row tile.
+const HOPPER_GQA_MAX_GROUP: usize = 128;
 /// Largest head dim of the persistent Hopper walks ([`DenseKernel::HopperWindow`],
 /// [`DenseKernel::HopperPersistent`]): their two Q buffers and two K/V stages of 64 keys
 /// fill the shared memory at 192 channels.
@@ -241,6 +251,7 @@ where
         DenseKernel::TensorCoreGqa => ffi::LaDenseKernel::LA_DENSE_MMA_GQA,
         DenseKernel::HopperWindow => ffi::LaDenseKernel::LA_DENSE_WGMMA_WINDOW,
         DenseKernel::HopperPersistent => ffi::LaDenseKernel::LA_DENSE_WGMMA_PERSISTENT,
+        DenseKernel::HopperGqa => ffi::LaDenseKernel::LA_DENSE_WGMMA_GQA,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
@@ -356,6 +367,18 @@ mod tests {
             "{e:?}"
         );
         assert!(gqa(59, 8, 1).is_err() && gqa(264, 8, 1).is_err());
+        // The Hopper packing: head_dim 64/128/256, at most 128 query heads per kv head.
+        let hopper =
+            |d, hq, hkv| check_dense_gpu(DenseKernel::HopperGqa, DType::BF16, d, 2, (hq, hkv));
+        assert!(
+            hopper(128, 28, 4).is_ok() && hopper(64, 128, 1).is_ok() && hopper(256, 8, 8).is_ok()
+        );
+        assert!(hopper(96, 8, 1).is_err() && hopper(40, 4, 1).is_err());
+        let e = hopper(128, 129, 1).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("at most 128")),
+            "{e:?}"
+        );
     }
 
     /// The persistent Hopper kernels (window and dense walks) take head dims that are

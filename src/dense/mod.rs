@@ -77,6 +77,14 @@ pub enum DenseKernel {
     /// two K/V stages (the second Q buffer takes the third). Explicit opt-in: **not yet run on
     /// a GPU**, never picked by `Auto`.
     HopperPersistent,
+    /// `TensorCoreGqa`'s packing on the Hopper mainloop (`kernels/dense_wgmma_gqa.cu`,
+    /// `wgmma` + TMA, sm_90a: compute capability 9.0 only): the `heads_q / heads_kv` query
+    /// heads that share a kv head (at most 128) fill one 128-row tile, `floor(128 / group)`
+    /// positions of every head of the group, and the kv head's K/V is streamed once for all
+    /// of them; for short query sequences over a long K/V (chunked prefill, speculative
+    /// decoding) at Hopper speed. head_dim 64, 128 or 256; every mask option. Explicit
+    /// opt-in: **not yet run on a GPU**, never picked by `Auto`.
+    HopperGqa,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

@@ -88,7 +88,12 @@ typedef enum LaDenseKernel {
    * block per SM walks the query tiles, loading the next tile's Q and first keys while it
    * finishes the current one, so the per-tile prologue and epilogue that dominate 1k-token
    * problems overlap work. By name only; not yet run on a GPU. */
-  LA_DENSE_WGMMA_PERSISTENT = 7
+  LA_DENSE_WGMMA_PERSISTENT = 7,
+  /* LA_DENSE_MMA_GQA's packing on the Hopper mainloop (wgmma, sm_90a: compute capability 9.0
+   * only): the heads_q / heads_kv query heads of a kv head (at most 128) share one 128-row
+   * tile, floor(128 / group) positions each; head_dim 64, 128 or 256. For short query
+   * sequences over a long K/V. By name only; not yet run on a GPU. */
+  LA_DENSE_WGMMA_GQA = 8
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these

@@ -112,6 +112,10 @@ cudaError_t dense_mma_padded_forward(const LaDenseParams &p, cudaStream_t stream
 // LA_DENSE_MMA_GQA only.
 const char *dense_mma_gqa_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_mma_gqa_forward(const LaDenseParams &p, cudaStream_t stream);
+// The Hopper kernel with a GQA group's query heads packed into one tile (dense_wgmma_gqa.cu):
+// LA_DENSE_WGMMA_GQA only.
+const char *dense_wgmma_gqa_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_wgmma_gqa_forward(const LaDenseParams &p, cudaStream_t stream);
 // Why a tensor-core kernel has no configuration for `p` that this device can run, or nullptr
 // when it has: `kernel_of(Tag<T>, Tag<Traits>)` names the kernel instantiation, `cc_ok` the
 // compute capabilities it accepts.

@@ -36,7 +36,8 @@ inline EncodeTiled encode_tiled() {
 }
 
 // One operand as a 4-D tensor (head_dim, rows, heads, batch) with byte strides, boxes of 64
-// channels x box_rows rows. Returns false where the copy engine cannot address it (pointer
+// channels x box_rows rows (x box_heads heads: the GQA-packed kernel maps q with rows and heads
+// swapped, boxes of {64, group heads, positions}). Returns false where the copy engine cannot address it (pointer
 // not 16-byte aligned, a stride that is not a multiple of 16 bytes or is 0 over more than one
 // index, an extent the map cannot hold). head_dim must be a multiple of `channel_multiple`:
 // 64 for kernels whose tiles hold head_dim channels exactly; 8 (16-byte rows) for kernels
@@ -59,7 +60,7 @@ inline bool operand_mappable(const OperandShape &x, int head_dim, int channel_mu
 }
 
 inline bool encode_operand(CUtensorMap *map, const OperandShape &x, LaDtype dtype, int head_dim,
-                           int box_rows, int channel_multiple = 64) {
+                           int box_rows, int channel_multiple = 64, int box_heads = 1) {
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr || !operand_mappable(x, head_dim, channel_multiple)) return false;
   // Strides of extent-1 dimensions are never stepped; give them any valid value.
@@ -71,7 +72,7 @@ inline bool encode_operand(CUtensorMap *map, const OperandShape &x, LaDtype dtyp
   const cuuint64_t strides[3] = {stride_bytes(x.row_stride, x.rows),
                                  stride_bytes(x.head_stride, x.heads),
                                  stride_bytes(x.batch_stride, x.batch)};
-  const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+  const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, (cuuint32_t)box_heads, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   const CUtensorMapDataType type =
       dtype == LA_BF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
