@@ -132,18 +132,11 @@ struct BlockSparseWgProblem {
     const int e = t / tiles_per_block;
     return k_row0 + key0(indices[e], t - e * tiles_per_block);
   }
-  __device__ __forceinline__ void load_rows(const CUtensorMap *map, int row, uint32_t dst,
-                                            uint32_t full_bar) const {
-    tma::arrive_expect_tx(full_bar, Tr::kKvBytes);
-#pragma unroll
-    for (int pn = 0; pn < Tr::kPanels; ++pn)
-      tma::load_4d(dst + pn * (Tr::kBlockN * 128), map, full_bar, 64 * pn, row, kvh, batch_coord);
-  }
   __device__ __forceinline__ void load_k(int row, uint32_t dst, uint32_t full_bar) const {
-    load_rows(&maps.k, row, dst, full_bar);
+    load_kv_rows<Tr>(&maps.k, row, kvh, batch_coord, dst, full_bar);
   }
   __device__ __forceinline__ void load_v(int row, uint32_t dst, uint32_t full_bar) const {
-    load_rows(&maps.v, row, dst, full_bar);
+    load_kv_rows<Tr>(&maps.v, row, kvh, batch_coord, dst, full_bar);
   }
 
   // ---- consumers ----

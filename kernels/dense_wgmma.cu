@@ -65,18 +65,11 @@ struct DenseWgProblem {
   }
   // Key tile t: kBlockN rows from this (absolute) row.
   __device__ __forceinline__ int kv_coords(int t) const { return k_row0 + tiles.key0(t); }
-  __device__ __forceinline__ void load_rows(const CUtensorMap *map, int row, uint32_t dst,
-                                            uint32_t full) const {
-    tma::arrive_expect_tx(full, Tr::kKvBytes);
-#pragma unroll
-    for (int pn = 0; pn < Tr::kPanels; ++pn)
-      tma::load_4d(dst + pn * (Tr::kBlockN * 128), map, full, 64 * pn, row, kvh, batch_coord);
-  }
   __device__ __forceinline__ void load_k(int row, uint32_t dst, uint32_t full) const {
-    load_rows(&maps.k, row, dst, full);
+    load_kv_rows<Tr>(&maps.k, row, kvh, batch_coord, dst, full);
   }
   __device__ __forceinline__ void load_v(int row, uint32_t dst, uint32_t full) const {
-    load_rows(&maps.v, row, dst, full);
+    load_kv_rows<Tr>(&maps.v, row, kvh, batch_coord, dst, full);
   }
 
   // ---- consumers ----

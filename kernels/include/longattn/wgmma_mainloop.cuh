@@ -114,6 +114,20 @@ struct WgTraits {
                 "distinct named barrier ids, at most 16");
 };
 
+// One K or V tile of a dense-layout operand (tensor map over (channel, row, head, batch),
+// tma_host.cuh): kBlockN rows from `row` of kv head `kvh`, one bulk copy per 64-channel panel,
+// completing on the ring barrier `full` (expect_tx of the whole tile first). The load_k /
+// load_v of every Problem whose key tiles are contiguous rows (dense, GQA-packed dense,
+// block-sparse).
+template <class Tr>
+__device__ __forceinline__ void load_kv_rows(const CUtensorMap *map, int row, int kvh,
+                                             int batch_coord, uint32_t dst, uint32_t full) {
+  tma::arrive_expect_tx(full, Tr::kKvBytes);
+#pragma unroll
+  for (int pn = 0; pn < Tr::kPanels; ++pn)
+    tma::load_4d(dst + pn * (Tr::kBlockN * 128), map, full, 64 * pn, row, kvh, batch_coord);
+}
+
 // The dense tile shapes (verified on an H200), used by every problem whose key tiles are
 // contiguous rows of a sequence: dense and block-sparse.
 using WgDense64 = WgTraits<64, 128, 4>;    // 145 KB shared
