@@ -193,6 +193,120 @@ fn dense_case(
     })
 }
 
+/// Dense FP8 (e4m3 q/k/v with FlashAttention-3 descales, bf16 out): the CPU path against
+/// the f64 reference of the same quantisation (docs/semantics.md, "FP8 dense forward"); on a
+/// Hopper GPU the opt-in FP8 kernel too, checked against the CPU path (elsewhere the CPU
+/// row alone: the kernel is Hopper-only).
+fn dense_fp8_case(device: &Device) -> Result<Row> {
+    use longattn::reference::{Fp8PRule, dense_fp8_attention_f64};
+    let (b, sq, sk, hq, hkv, d) = (1usize, 384usize, 640usize, 8usize, 2usize, 128usize);
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?;
+    let (qs, ks) = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    // Codes of values in [-8, 8) (q, k) and [-1, 1) (v): the bf16 randoms scaled, rounded.
+    let codes = |n, seed, amp: f32| -> Vec<F8E4M3> {
+        random(n, seed)
+            .iter()
+            .map(|x| F8E4M3::from_f32(x.to_f32() * amp))
+            .collect()
+    };
+    let (q, k, v) = (
+        codes(b * sq * hq * d, 61, 8.0),
+        codes(b * sk * hkv * d, 62, 8.0),
+        codes(b * sk * hkv * d, 63, 1.0),
+    );
+    let n = b * hkv;
+    let descales = [vec![0.25f32; n], vec![0.2f32; n], vec![1.5f32; n]];
+    let host = |i: usize| &descales[i][..];
+    let host_descales = || Fp8Descales {
+        q: host(0),
+        k: host(1),
+        v: host(2),
+    };
+    let mut cpu_out = vec![bf16::NAN; attn.out_len()];
+    let t = Instant::now();
+    attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        host_descales(),
+        Strided::new(&mut cpu_out[..], qs),
+        None,
+    )?;
+    let mut ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut ran = where_run(&Device::Cpu);
+    let (out, vs_cpu) = match device {
+        Device::Cuda(ctx) => {
+            let st = ctx.default_stream();
+            let t = Instant::now();
+            let (dq, dk, dv) = (st.clone_htod(&q)?, st.clone_htod(&k)?, st.clone_htod(&v)?);
+            let [qd, kd, vd] = [
+                st.clone_htod(&descales[0])?,
+                st.clone_htod(&descales[1])?,
+                st.clone_htod(&descales[2])?,
+            ];
+            let mut dout = st.clone_htod(&vec![bf16::NAN; cpu_out.len()])?;
+            match attn.forward_gpu_fp8(
+                &st,
+                Strided::new(&dq, qs),
+                Strided::new(&dk, ks),
+                Strided::new(&dv, ks),
+                Fp8Descales {
+                    q: &qd,
+                    k: &kd,
+                    v: &vd,
+                },
+                Strided::new(&mut dout, qs),
+                None,
+            ) {
+                Ok(()) => {
+                    let out = st.clone_dtoh(&dout)?;
+                    ms = t.elapsed().as_secs_f64() * 1e3;
+                    ran = where_run(device);
+                    let vs = gpu_vs_cpu(&out, &cpu_out);
+                    (out, Some(vs))
+                }
+                // Not a Hopper card: the CPU row stands.
+                Err(Error::Unsupported(_)) => (cpu_out, None),
+                Err(e) => return Err(e),
+            }
+        }
+        Device::Cpu => (cpu_out, None),
+    };
+    let (want, _) = dense_fp8_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        host_descales(),
+        Fp8PRule::TileRunningMax,
+    )?;
+    let (max_err, rel_err) = errors(&to_f64(&out), &want);
+    Ok(Row {
+        family: "dense",
+        dtype: "e4m3/bf16",
+        shape: format!("b{b} sq{sq} sk{sk} h{hq}/{hkv} d{d}"),
+        options: "FP8 e4m3 q/k/v, causal, GQA 4:1".into(),
+        device: ran,
+        max_err,
+        rel_err,
+        vs_cpu,
+        ms,
+    })
+}
+
 fn merge_case(device: &Device) -> Result<Row> {
     // Split the keys of one problem in two, attend to each half, merge, compare with the
     // unsplit f64 reference.
@@ -1015,6 +1129,7 @@ fn main() -> Result<()> {
     for (dims, opts, label) in cases {
         rows.push(dense_case(&device, dims, opts, label)?);
     }
+    rows.push(dense_fp8_case(&device)?);
     rows.push(merge_case(&device)?);
     rows.extend(paged_cases(&device)?);
     rows.push(block_sparse_case(&device)?);
@@ -1141,6 +1256,8 @@ fn main() -> Result<()> {
         "               1.00 = balanced); steps computed / all steps, sends needed / all sends",
         "  natten       neighborhood attention (NATTEN semantics)",
         "  bf16/e4m3    bf16 queries over an FP8 e4m3 KV cache (per-kv-head scales)",
+        "  e4m3/bf16    FP8 e4m3 q/k/v (FlashAttention-3 descales), bf16 output; reference of",
+        "               the same quantisation (docs/semantics.md, \"FP8 dense forward\")",
         "  max abs err  largest |result - f64 reference| over all output elements",
         "  rel L2 err   ||result - reference||_2 / ||reference||_2; check = ok when < 2e-2",
         "  GPU vs CPU   where an opt-in GPU kernel ran (block-sparse, paged prefill, FP8, ring,",
