@@ -211,6 +211,38 @@ longattn_status longattn_paged_decode_fp8_cuda(const longattn_paged_desc *desc, 
                                                longattn_tensor_mut out, float *lse, size_t lse_len,
                                                int32_t device, void *stream);
 
+/* FlashAttention-3's descales of an FP8 dense call (docs/semantics.md, "FP8 dense forward"):
+ * [batch, heads_kv] floats each; a q code of query head h means code * q[b, h / group], k and v
+ * codes of kv head g code * k[b, g] and code * v[b, g]. Host arrays for the CPU call, device
+ * arrays for the CUDA call. */
+typedef struct longattn_fp8_descales {
+  const float *q;
+  const float *k;
+  const float *v;
+} longattn_fp8_descales;
+
+/* Dense attention over FP8 e4m3 codes on the CPU: q, k, v hold len one-byte codes each
+ * (strides in elements = bytes; the layout and options of longattn_dense_forward_cpu), the
+ * descales finite, > 0 and at most FLT_MAX / 448; out of out_dtype (f16 or bf16; f32 is
+ * refused). P is quantised to e4m3 per 128-key tile as the definition says. */
+longattn_status longattn_dense_fp8_forward_cpu(const longattn_dense_desc *desc,
+                                               longattn_dtype out_dtype, longattn_tensor q,
+                                               longattn_tensor k, longattn_tensor v,
+                                               longattn_fp8_descales descales,
+                                               longattn_tensor_mut out, float *lse,
+                                               size_t lse_len);
+
+/* The same on device buffers of GPU `device` (the descales device arrays too, not inspected:
+ * the caller guarantees their values), queued on `stream` as longattn_dense_forward_cuda;
+ * Hopper (compute capability 9.0) only, head_dim a multiple of 16 up to 256. The FP8 kernel
+ * is not yet verified on a GPU. */
+longattn_status longattn_dense_fp8_forward_cuda(const longattn_dense_desc *desc,
+                                                longattn_dtype out_dtype, longattn_tensor q,
+                                                longattn_tensor k, longattn_tensor v,
+                                                longattn_fp8_descales descales,
+                                                longattn_tensor_mut out, float *lse,
+                                                size_t lse_len, int32_t device, void *stream);
+
 /* dst[i] = e4m3(src[i] / scale) for i < n (round to nearest even, saturating at +-448, NaN
  * kept): the bytes an FP8 cache holds for these values, as the crate's append writes them.
  * scale finite and > 0; dst must not overlap src. */

@@ -1336,3 +1336,217 @@ pub unsafe extern "C" fn longattn_paged_prefill_cuda(
         unsafe { paged_cuda_entry(&op, dtype, q, (kv, false), out, (lse, lse_len), gpu) }
     })
 }
+
+/// `longattn_fp8_descales`: FlashAttention-3's descale factors of an FP8 dense call (docs/
+/// semantics.md, "FP8 dense forward"), `[batch, heads_kv]` f32 each: a code of query head `h`
+/// means `code * q[b, h / group]`, key and value codes of kv head `g` `code * k[b, g]` and
+/// `code * v[b, g]`. Host arrays for the CPU call, device arrays for the CUDA call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct CFp8Descales {
+    /// Query descales.
+    pub q: *const f32,
+    /// Key descales.
+    pub k: *const f32,
+    /// Value descales.
+    pub v: *const f32,
+}
+
+/// Descales per tensor of an FP8 dense call: `batch * heads_kv`.
+fn descale_len(attn: &FlashAttention) -> Result<usize, CallError> {
+    attn.batch()
+        .checked_mul(attn.heads_kv())
+        .ok_or_else(|| Error::Shape("batch * heads_kv overflows".into()).into())
+}
+
+/// The inputs of an FP8 dense call as byte ranges (q, k, v: one byte per code; the three
+/// descale arrays: `n` floats each), for the overlap checks.
+fn fp8_input_ranges(
+    q: &CTensor,
+    k: &CTensor,
+    v: &CTensor,
+    descales: &CFp8Descales,
+    n: usize,
+) -> [((usize, usize), &'static str); 6] {
+    [
+        (byte_range(q.data, q.len, 1), "q"),
+        (byte_range(k.data, k.len, 1), "k"),
+        (byte_range(v.data, v.len, 1), "v"),
+        (byte_range(descales.q.cast(), n, 4), "q_descale"),
+        (byte_range(descales.k.cast(), n, 4), "k_descale"),
+        (byte_range(descales.v.cast(), n, 4), "v_descale"),
+    ]
+}
+
+/// # Safety
+/// As [`longattn_dense_fp8_forward_cpu`], with `O` the output's element type.
+unsafe fn dense_fp8_cpu_typed<O: Element>(
+    attn: &FlashAttention,
+    (q, k, v): (CTensor, CTensor, CTensor),
+    descales: CFp8Descales,
+    out: CTensorMut,
+    lse: Option<&mut [f32]>,
+) -> Result<(), CallError> {
+    let n = descale_len(attn)?;
+    check_writes_disjoint(
+        byte_range(out.data, out.len, std::mem::size_of::<O>()),
+        lse.as_deref(),
+        &fp8_input_ranges(&q, &k, &v, &descales, n),
+    )?;
+    // SAFETY (all): `len` codes, `n` descales and `out.len` elements by the contract; the
+    // output checked not to overlap any input above.
+    let (q_s, k_s, v_s, dq, dk, dv, out_s) = unsafe {
+        (
+            host_slice::<F8E4M3>(q.data, q.len, "q")?,
+            host_slice::<F8E4M3>(k.data, k.len, "k")?,
+            host_slice::<F8E4M3>(v.data, v.len, "v")?,
+            host_slice::<f32>(descales.q.cast(), n, "q_descale")?,
+            host_slice::<f32>(descales.k.cast(), n, "k_descale")?,
+            host_slice::<f32>(descales.v.cast(), n, "v_descale")?,
+            host_slice_mut::<O>(out.data, out.len, "out")?,
+        )
+    };
+    attn.forward_cpu_fp8(
+        Strided::new(q_s, strides(q.strides)),
+        Strided::new(k_s, strides(k.strides)),
+        Strided::new(v_s, strides(v.strides)),
+        crate::dense::Fp8Descales {
+            q: dq,
+            k: dk,
+            v: dv,
+        },
+        Strided::new(out_s, strides(out.strides)),
+        lse,
+    )?;
+    Ok(())
+}
+
+/// `longattn_dense_fp8_forward_cpu()`: dense attention over FP8 e4m3 codes (`q`, `k`, `v`:
+/// `len` one-byte codes each, strides in elements = bytes) with FlashAttention-3 descales,
+/// on the CPU; `out` of `out_dtype` (f16 or bf16; f32 is refused as by the Rust API).
+///
+/// # Safety
+/// `desc` is a valid descriptor; `q`, `k`, `v` point to `len` readable bytes each; the
+/// descales to `batch * heads_kv` readable floats each; `out` to `len` writable elements of
+/// `out_dtype`, overlapping no input; `lse`, when not NULL, to `lse_len` writable floats.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_dense_fp8_forward_cpu(
+    desc: *const CDenseDesc,
+    out_dtype: DTypeCode,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    descales: CFp8Descales,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor by the contract.
+        let attn = unsafe { dense_problem(desc) }?;
+        // SAFETY: NULL or `lse_len` writable floats by the contract.
+        let lse = unsafe { lse_slice(lse, lse_len) }?;
+        // SAFETY: the buffers as documented.
+        unsafe {
+            with_dtype!(out_dtype, O => dense_fp8_cpu_typed::<O>(&attn, (q, k, v), descales, out, lse))
+        }
+    })
+}
+
+/// # Safety
+/// As [`longattn_dense_fp8_forward_cuda`], with `O` the output's element type.
+unsafe fn dense_fp8_cuda_typed<O: Element + cudarc::driver::DeviceRepr>(
+    attn: &FlashAttention,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    (q, k, v): (CTensor, CTensor, CTensor),
+    descales: CFp8Descales,
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+) -> Result<(), CallError> {
+    let n = descale_len(attn)?;
+    check_device_writes_disjoint(
+        byte_range(out.data, out.len, std::mem::size_of::<O>()),
+        (lse, lse_len),
+        &fp8_input_ranges(&q, &k, &v, &descales, n),
+    )?;
+    // SAFETY (all): device allocations of the stated lengths by the contract, alive for the
+    // call; never freed here (Borrowed).
+    let (bq, bk, bv, dq, dk, dv, mut bout, mut blse) = unsafe {
+        (
+            borrow_device::<F8E4M3>(stream, q.data, q.len, "q")?,
+            borrow_device::<F8E4M3>(stream, k.data, k.len, "k")?,
+            borrow_device::<F8E4M3>(stream, v.data, v.len, "v")?,
+            borrow_device::<f32>(stream, descales.q.cast(), n, "q_descale")?,
+            borrow_device::<f32>(stream, descales.k.cast(), n, "k_descale")?,
+            borrow_device::<f32>(stream, descales.v.cast(), n, "v_descale")?,
+            borrow_device::<O>(stream, out.data, out.len, "out")?,
+            match lse.is_null() {
+                true => None,
+                false => Some(borrow_device::<f32>(stream, lse.cast(), lse_len, "lse")?),
+            },
+        )
+    };
+    attn.forward_gpu_fp8::<O, _, _, _>(
+        stream,
+        Strided::new(bq.get(), strides(q.strides)),
+        Strided::new(bk.get(), strides(k.strides)),
+        Strided::new(bv.get(), strides(v.strides)),
+        crate::dense::Fp8Descales {
+            q: dq.get(),
+            k: dk.get(),
+            v: dv.get(),
+        },
+        Strided::new(bout.get_mut(), strides(out.strides)),
+        blse.as_mut()
+            .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>),
+    )?;
+    Ok(())
+}
+
+/// `longattn_dense_fp8_forward_cuda()`: [`longattn_dense_fp8_forward_cpu`] on device buffers
+/// of GPU `device` (the descales too: device arrays, as FlashAttention-3 takes them, so a
+/// CUDA graph replays the call with new values), queued on `stream` (as
+/// [`longattn_dense_forward_cuda`]); Hopper only (compute capability 9.0). The FP8 kernel is
+/// **not yet verified on a GPU**. The descale values are not inspected (device memory): the
+/// caller guarantees finite values in (0, FLT_MAX / 448].
+///
+/// # Safety
+/// As [`longattn_dense_forward_cuda`], with `q`, `k`, `v` device allocations of `len` e4m3
+/// bytes, the descales of `batch * heads_kv` floats each, `out` of `out_dtype` elements.
+#[unsafe(no_mangle)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn longattn_dense_fp8_forward_cuda(
+    desc: *const CDenseDesc,
+    out_dtype: DTypeCode,
+    q: CTensor,
+    k: CTensor,
+    v: CTensor,
+    descales: CFp8Descales,
+    out: CTensorMut,
+    lse: *mut f32,
+    lse_len: usize,
+    device: i32,
+    stream: *mut std::ffi::c_void,
+) -> Status {
+    guarded(|| {
+        // SAFETY: NULL or a valid descriptor by the contract.
+        let attn = unsafe { dense_problem(desc) }?;
+        let buffers = [
+            (q.data, "q"),
+            (k.data, "k"),
+            (v.data, "v"),
+            (descales.q.cast(), "q_descale"),
+            (descales.k.cast(), "k_descale"),
+            (descales.v.cast(), "v_descale"),
+            (out.data.cast_const(), "out"),
+        ];
+        // SAFETY: NULL or a live stream of that device's primary context by the contract.
+        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
+        let lse = (lse, lse_len);
+        // SAFETY: the buffers as documented.
+        unsafe {
+            with_dtype!(out_dtype, O => dense_fp8_cuda_typed::<O>(&attn, &stream, (q, k, v), descales, out, lse))
+        }
+    })
+}

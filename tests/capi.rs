@@ -1067,3 +1067,161 @@ fn c_api_paged_prefill() {
     };
     assert_eq!(st, 9, "{}", last_error());
 }
+
+/// FP8 dense attention through the C API: the CPU entry equals the Rust API bit for bit and
+/// the f64 reference of the same quantisation within its tolerance; NULL descales, an output
+/// overlapping an input, f32 output and a zero descale are refused with their codes; the CUDA
+/// entry refuses NULLs before opening a GPU and, without one, says so.
+#[test]
+fn c_api_dense_fp8() {
+    use longattn::reference::{Fp8PRule, dense_fp8_attention_f64};
+    let (b, sq, sk, hq, hkv, d) = (2usize, 37usize, 150usize, 4usize, 2usize, 64usize);
+    let cd = CDenseDesc {
+        causal: 1,
+        ..desc(b, sq, sk, hq, hkv, d)
+    };
+    let (qs, ks) = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    let mut r = rng(41);
+    let codes = |r: &mut rand::rngs::SmallRng, n: usize, amp: f32| -> Vec<F8E4M3> {
+        let x: Vec<f32> = random_vec(r, n);
+        x.iter().map(|&x| F8E4M3::from_f32(x * amp)).collect()
+    };
+    let q = codes(&mut r, b * sq * hq * d, 8.0);
+    let k = codes(&mut r, b * sk * hkv * d, 8.0);
+    let v = codes(&mut r, b * sk * hkv * d, 1.0);
+    let ds = [
+        vec![0.3f32; b * hkv],
+        vec![0.2f32; b * hkv],
+        vec![1.5f32; b * hkv],
+    ];
+    let cdesc = |ds: &[Vec<f32>; 3]| CFp8Descales {
+        q: ds[0].as_ptr(),
+        k: ds[1].as_ptr(),
+        v: ds[2].as_ptr(),
+    };
+    let run = |dtype: i32, descales: CFp8Descales, out: CTensorMut, lse: &mut [f32]| {
+        // SAFETY: every buffer holds its stated length; out and lse are separate
+        // allocations unless a test makes them overlap on purpose (refused before use).
+        unsafe {
+            longattn_dense_fp8_forward_cpu(
+                &cd,
+                dtype,
+                tensor(&q, qs),
+                tensor(&k, ks),
+                tensor(&v, ks),
+                descales,
+                out,
+                lse.as_mut_ptr(),
+                lse.len(),
+            )
+        }
+    };
+    let attn = FlashAttention::new(
+        &AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: sq,
+                seqlen_k: sk,
+            },
+        },
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    let mut out = vec![bf16::NAN; attn.out_len()];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    assert_eq!(
+        run(2, cdesc(&ds), tensor_mut(&mut out, qs), &mut lse),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    let host = Fp8Descales {
+        q: &ds[0][..],
+        k: &ds[1][..],
+        v: &ds[2][..],
+    };
+    let mut want_out = vec![bf16::NAN; attn.out_len()];
+    let mut want_lse = vec![f32::NAN; attn.lse_len()];
+    attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        host,
+        Strided::new(&mut want_out[..], qs),
+        Some(&mut want_lse[..]),
+    )
+    .unwrap();
+    let bits = |x: &[bf16]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&out), bits(&want_out), "C and Rust outputs differ");
+    assert_eq!(
+        lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        want_lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    let (reference, _) = dense_fp8_attention_f64(
+        &attn,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        host,
+        Fp8PRule::TileRunningMax,
+    )
+    .unwrap();
+    let got: Vec<f64> = out.iter().map(|x| x.to_f64()).collect();
+    let err = rel_l2(&got, &reference);
+    assert!(err < 3e-3, "rel L2 {err:e}");
+
+    // NULL descales, f32 output, a zero descale, an output over q.
+    let null_k = CFp8Descales {
+        k: ptr::null(),
+        ..cdesc(&ds)
+    };
+    assert_eq!(run(2, null_k, tensor_mut(&mut out, qs), &mut lse), 9);
+    assert!(last_error().contains("k_descale"), "{}", last_error());
+    let mut out32 = vec![f32::NAN; attn.out_len()];
+    assert_eq!(run(0, cdesc(&ds), tensor_mut(&mut out32, qs), &mut lse), 5);
+    let zero = [ds[0].clone(), vec![0.0; b * hkv], ds[2].clone()];
+    assert_eq!(run(2, cdesc(&zero), tensor_mut(&mut out, qs), &mut lse), 3);
+    let over_q = CTensorMut {
+        data: q.as_ptr() as *mut _,
+        len: out.len(),
+        strides: cstrides(qs),
+    };
+    assert_eq!(run(2, cdesc(&ds), over_q, &mut lse), 1);
+    assert!(last_error().contains("overlaps"), "{}", last_error());
+
+    // The CUDA entry: NULLs refused before a GPU is opened; without one, a GPU error.
+    let call_cuda = |descales: CFp8Descales, out: CTensorMut| {
+        // SAFETY: refused before any pointer is used (or, without a GPU, never used).
+        unsafe {
+            longattn_dense_fp8_forward_cuda(
+                &cd,
+                2,
+                tensor(&q, qs),
+                tensor(&k, ks),
+                tensor(&v, ks),
+                descales,
+                out,
+                ptr::null_mut(),
+                0,
+                0,
+                ptr::null_mut(),
+            )
+        }
+    };
+    let null_v = CFp8Descales {
+        v: ptr::null(),
+        ..cdesc(&ds)
+    };
+    assert_eq!(call_cuda(null_v, tensor_mut(&mut out, qs)), 9);
+    assert!(last_error().contains("v_descale"), "{}", last_error());
+    if longattn::device::open_gpu(0).is_err() {
+        let st = call_cuda(cdesc(&ds), tensor_mut(&mut out, qs));
+        assert!(st == 6 || st == 7, "status {st}: {}", last_error());
+    }
+}
