@@ -1,0 +1,220 @@
+//! AVX2+FMA versions of the parent module's operations: the same contracts and summation
+//! orders, with fused multiply-adds. Callers check the features first (`use_avx2`).
+
+use std::arch::x86_64::*;
+
+/// The first eight values of `s` as one vector.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn load8(s: &[f32]) -> __m256 {
+    let s = &s[..8];
+    // SAFETY: `s` holds 8 f32 (the slice above checks it); `loadu` takes any alignment.
+    unsafe { _mm256_loadu_ps(s.as_ptr()) }
+}
+
+/// Writes `x` to the first eight values of `s`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn store8(s: &mut [f32], x: __m256) {
+    let s = &mut s[..8];
+    // SAFETY: `s` holds 8 f32 (the slice above checks it); `storeu` takes any alignment.
+    unsafe { _mm256_storeu_ps(s.as_mut_ptr(), x) }
+}
+
+/// `reduce_lanes` of the eight lanes of `x`: `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn reduce(x: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+    let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps::<1>(t, t)))
+}
+
+/// The dot product's tail: `s += a[c] * b[c]` (fused) channel by channel.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn tail(mut s: f32, a: &[f32], b: impl Iterator<Item = f32>) -> f32 {
+    for (&x, y) in a.iter().zip(b) {
+        s = x.mul_add(y, s);
+    }
+    s
+}
+
+/// `super::dot_by` (`a` and `b` of one length).
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dot_by<B: Copy>(a: &[f32], b: &[B], to_f32: impl Fn(B) -> f32) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (a8.remainder(), b8.remainder());
+    for (ca, cb) in a8.zip(b8) {
+        let mut row = [0.0f32; 8];
+        for (x, &y) in row.iter_mut().zip(cb) {
+            *x = to_f32(y);
+        }
+        acc = _mm256_fmadd_ps(load8(ca), load8(&row), acc);
+    }
+    tail(reduce(acc), ta, tb.iter().map(|&y| to_f32(y)))
+}
+
+/// `super::dot_block`: micro-tiles of 2 rows x 4 keys (8 accumulators, each key chunk
+/// loaded once for both rows), narrower ones at the edges.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn dot_block(q: &[f32], k: &[f32], d: usize, out: &mut [f32]) {
+    let (rows, keys) = (q.len() / d, k.len() / d);
+    let tile = Scores { q, k, d, keys };
+    for r in (0..rows).step_by(2) {
+        let two = r + 2 <= rows;
+        let mut j = 0;
+        while j + 4 <= keys {
+            if two {
+                tile.micro::<2, 4>(r, j, out);
+            } else {
+                tile.micro::<1, 4>(r, j, out);
+            }
+            j += 4;
+        }
+        for j in j..keys {
+            if two {
+                tile.micro::<2, 1>(r, j, out);
+            } else {
+                tile.micro::<1, 1>(r, j, out);
+            }
+        }
+    }
+}
+
+/// The operands of one `dot_block` call: `q: [rows, d]`, `k: [keys, d]`.
+struct Scores<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    d: usize,
+    keys: usize,
+}
+
+impl Scores<'_> {
+    /// Scores of rows `r0..r0 + R` against keys `j0..j0 + N` into `out: [rows, keys]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn micro<const R: usize, const N: usize>(&self, r0: usize, j0: usize, out: &mut [f32]) {
+        let d = self.d;
+        let q = &self.q[r0 * d..(r0 + R) * d];
+        let k = &self.k[j0 * d..(j0 + N) * d];
+        let body = d - d % 8;
+        let mut acc = [[_mm256_setzero_ps(); N]; R];
+        for c in (0..body).step_by(8) {
+            let mut kc = [_mm256_setzero_ps(); N];
+            for (j, x) in kc.iter_mut().enumerate() {
+                *x = load8(&k[j * d + c..]);
+            }
+            for (r, row) in acc.iter_mut().enumerate() {
+                let qc = load8(&q[r * d + c..]);
+                for (a, &x) in row.iter_mut().zip(&kc) {
+                    *a = _mm256_fmadd_ps(qc, x, *a);
+                }
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            let qr = &q[r * d + body..(r + 1) * d];
+            for (j, &a) in row.iter().enumerate() {
+                let kj = &k[j * d + body..(j + 1) * d];
+                out[(r0 + r) * self.keys + j0 + j] = tail(reduce(a), qr, kj.iter().copied());
+            }
+        }
+    }
+}
+
+/// `super::axpy` (`acc` and `v` of one length).
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
+    let wv = _mm256_set1_ps(w);
+    let mut a8 = acc.chunks_exact_mut(8);
+    let mut v8 = v.chunks_exact(8);
+    for (ca, cv) in (&mut a8).zip(&mut v8) {
+        store8(ca, _mm256_fmadd_ps(wv, load8(cv), load8(ca)));
+    }
+    for (a, &x) in a8.into_remainder().iter_mut().zip(v8.remainder()) {
+        *a = w.mul_add(x, *a);
+    }
+}
+
+/// `super::pv_block`: micro-tiles of 4 rows x 16 channels (8 accumulators held over the
+/// whole key tile, each value chunk loaded once for the 4 rows), narrower ones at the edges,
+/// and the channels past the last multiple of 8 one by one, in key order like `axpy`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn pv_block(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
+    let (rows, keys) = (acc.len() / d, v.len() / d);
+    let body = d - d % 8;
+    let tile = Values { p, v, d, keys };
+    for r in (0..rows).step_by(4) {
+        let four = r + 4 <= rows;
+        let mut c = 0;
+        while c + 16 <= body {
+            if four {
+                tile.micro::<4, 2>(acc, r, c);
+            } else {
+                for r in r..rows {
+                    tile.micro::<1, 2>(acc, r, c);
+                }
+            }
+            c += 16;
+        }
+        if c < body {
+            if four {
+                tile.micro::<4, 1>(acc, r, c);
+            } else {
+                for r in r..rows {
+                    tile.micro::<1, 1>(acc, r, c);
+                }
+            }
+        }
+        for r in r..(r + 4).min(rows) {
+            for c in body..d {
+                let mut a = acc[r * d + c];
+                for j in 0..keys {
+                    a = p[r * keys + j].mul_add(v[j * d + c], a);
+                }
+                acc[r * d + c] = a;
+            }
+        }
+    }
+}
+
+/// The operands of one `pv_block` call: `p: [rows, keys]`, `v: [keys, d]`.
+struct Values<'a> {
+    p: &'a [f32],
+    v: &'a [f32],
+    d: usize,
+    keys: usize,
+}
+
+impl Values<'_> {
+    /// Channels `c0..c0 + 8 * C` of rows `r0..r0 + R` of `acc: [rows, d]`, over every key.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn micro<const R: usize, const C: usize>(&self, acc: &mut [f32], r0: usize, c0: usize) {
+        let (d, keys) = (self.d, self.keys);
+        let mut a = [[_mm256_setzero_ps(); C]; R];
+        for (r, row) in a.iter_mut().enumerate() {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = load8(&acc[(r0 + r) * d + c0 + 8 * c..]);
+            }
+        }
+        for j in 0..keys {
+            let mut vc = [_mm256_setzero_ps(); C];
+            for (c, x) in vc.iter_mut().enumerate() {
+                *x = load8(&self.v[j * d + c0 + 8 * c..]);
+            }
+            for (r, row) in a.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(self.p[(r0 + r) * keys + j]);
+                for (x, &y) in row.iter_mut().zip(&vc) {
+                    *x = _mm256_fmadd_ps(w, y, *x);
+                }
+            }
+        }
+        for (r, row) in a.iter().enumerate() {
+            for (c, &x) in row.iter().enumerate() {
+                store8(&mut acc[(r0 + r) * d + c0 + 8 * c..], x);
+            }
+        }
+    }
+}
