@@ -7,7 +7,7 @@
 
 mod kernels;
 
-use kernels::{axpy, pv_block};
+use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
 pub(crate) use kernels::{dot, dot_block, dot_by};
 
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
@@ -52,16 +52,19 @@ impl OnlineSoftmax {
         mut values: impl FnMut(usize) -> &'v [f32],
         weight: impl Fn(f32) -> f32,
     ) {
-        let Some(m) = begin_tile(&mut self.m, &mut self.l, &mut self.acc, scores) else {
+        let t = scan(scores);
+        let Some(m) = begin_tile(&mut self.m, &mut self.l, &mut self.acc, &t) else {
             return;
         };
-        for (j, &s) in scores.iter().enumerate() {
-            if s == f32::NEG_INFINITY {
-                continue;
+        let mut buf = [0.0f32; WEIGHT_CHUNK];
+        for (c, s) in scores.chunks(WEIGHT_CHUNK).enumerate() {
+            let p = &mut buf[..s.len()];
+            fold_weights(&mut self.l, m, s, p);
+            for (j, (&s, &p)) in s.iter().zip(p.iter()).enumerate() {
+                if s != f32::NEG_INFINITY {
+                    axpy(&mut self.acc, weight(p), values(c * WEIGHT_CHUNK + j));
+                }
             }
-            let p = (s - m).exp();
-            self.l += p;
-            axpy(&mut self.acc, weight(p), values(j));
         }
     }
 
@@ -74,22 +77,22 @@ impl OnlineSoftmax {
     }
 }
 
-/// The start of one tile for one row state `(m, l, acc)` (NaN policy of
-/// [`OnlineSoftmax::update_weighted`]): poisons the row on a NaN score, else raises `m` to
-/// the tile's max and rescales `l` and `acc` to it. Returns the new max when the tile's
-/// keys are to be folded in (`None`: the row is NaN, or no key is visible so far).
-fn begin_tile(m: &mut f32, l: &mut f32, acc: &mut [f32], scores: &[f32]) -> Option<f32> {
+/// The start of one tile for one row state `(m, l, acc)` whose tile scores have the scan
+/// `t` (NaN policy of [`OnlineSoftmax::update_weighted`]): poisons the row on a NaN score,
+/// else raises `m` to the tile's max and rescales `l` and `acc` to it. Returns the new max
+/// when the tile's keys are to be folded in (`None`: the row is NaN, or no key is visible so
+/// far).
+fn begin_tile(m: &mut f32, l: &mut f32, acc: &mut [f32], t: &TileScan) -> Option<f32> {
     if l.is_nan() {
         return None;
     }
-    if scores.iter().any(|s| s.is_nan()) {
+    if t.nan {
         *m = f32::NAN;
         *l = f32::NAN;
         acc.iter_mut().for_each(|a| *a = f32::NAN);
         return None;
     }
-    let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let new_m = m.max(tile_max);
+    let new_m = m.max(t.max);
     if new_m == f32::NEG_INFINITY {
         // Fully masked so far: exp(-inf - -inf) would be NaN.
         return None;
@@ -99,6 +102,19 @@ fn begin_tile(m: &mut f32, l: &mut f32, acc: &mut [f32], scores: &[f32]) -> Opti
     acc.iter_mut().for_each(|a| *a *= alpha);
     *m = new_m;
     Some(new_m)
+}
+
+/// Keys per [`tile_weights`] call: a row's tile is weighted in chunks of this many keys.
+const WEIGHT_CHUNK: usize = 64;
+
+/// The weights of one row's tile after [`begin_tile`] returned the max `m`:
+/// `p[j] = exp(scores[j] - m)` (0 for `-inf`) and `l += sum p_j`, one [`tile_weights`] sum
+/// per `WEIGHT_CHUNK` keys. Shared by [`OnlineSoftmax`] and [`OnlineSoftmaxBlock`], so both
+/// sum `l` alike.
+fn fold_weights(l: &mut f32, m: f32, scores: &[f32], p: &mut [f32]) {
+    for (s, p) in scores.chunks(WEIGHT_CHUNK).zip(p.chunks_mut(WEIGHT_CHUNK)) {
+        *l += tile_weights(s, m, p);
+    }
 }
 
 /// Writes the normalised output of the row state `(m, l, acc)` into `o` and returns its
@@ -164,18 +180,13 @@ impl OnlineSoftmaxBlock {
             .enumerate()
         {
             let acc = &mut self.acc[r * d..(r + 1) * d];
-            let Some(m) = begin_tile(&mut self.m[r], &mut self.l[r], acc, s) else {
+            let t = scan(s);
+            let Some(m) = begin_tile(&mut self.m[r], &mut self.l[r], acc, &t) else {
                 every = false;
                 continue;
             };
-            for (p, &s) in p.iter_mut().zip(s) {
-                if s == f32::NEG_INFINITY {
-                    every = false;
-                    continue;
-                }
-                *p = (s - m).exp();
-                self.l[r] += *p;
-            }
+            fold_weights(&mut self.l[r], m, s, p);
+            every &= !t.skipped;
         }
         if every {
             pv_block(&mut self.acc, &self.p, values, d);

@@ -966,7 +966,10 @@ impl BlockSparseAttention {
                             k,
                             i..i + 1,
                             keys,
-                            |i, j| kind == BlockKind::Full || element.visible(i, j, sq, sk),
+                            |i| match kind {
+                                BlockKind::Full => (0..sk, 0),
+                                BlockKind::Partial => element.row_ranges(i, sq, sk),
+                            },
                             &mut scores[..n],
                         );
                         state.update(&scores[..n], |j| &v[(t + j) * d..(t + j + 1) * d]);

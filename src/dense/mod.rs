@@ -555,25 +555,34 @@ impl FlashAttention {
     }
 
     /// Scores of query rows `rows` (`q: [rows.len(), d]`) against keys `keys` (`k: [sk, d]`)
-    /// into `scores: [rows.len(), keys.len()]`: scaled, softcapped, and `-inf` where
-    /// `visible(i, j)` is false (masked keys never reach a score, whatever their values).
-    /// One tile of the online softmax, shared by the dense (row blocks) and block-sparse
-    /// (single rows) CPU paths.
+    /// into `scores: [rows.len(), keys.len()]`: scaled, softcapped, and `-inf` where the key
+    /// is not visible to the row; row `i` sees the keys of `seen(i) = (window, sink_end)`
+    /// (`j < sink_end || window.contains(&j)`, as [`Mask::row_ranges`]). Masked keys never
+    /// reach a score, whatever their values. One tile of the online softmax, shared by the
+    /// dense (row blocks) and block-sparse (single rows) CPU paths.
     pub(crate) fn tile_scores(
         &self,
         q: &[f32],
         k: &[f32],
         rows: Range<usize>,
         keys: Range<usize>,
-        visible: impl Fn(usize, usize) -> bool,
+        seen: impl Fn(usize) -> (Range<usize>, usize),
         scores: &mut [f32],
     ) {
         let d = self.head_dim;
         dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
+        let (scale, cap) = (self.scale, self.softcap);
         for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
+            let (window, sink_end) = seen(i);
+            let all =
+                keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
+            if all && cap.is_none() {
+                row.iter_mut().for_each(|s| *s *= scale);
+                continue;
+            }
             for (s, j) in row.iter_mut().zip(keys.clone()) {
-                *s = if visible(i, j) {
-                    softcapped(*s * self.scale, self.softcap)
+                *s = if j < sink_end || window.contains(&j) {
+                    softcapped(*s * scale, cap)
                 } else {
                     f32::NEG_INFINITY
                 };
@@ -604,6 +613,10 @@ impl FlashAttention {
                 let rows = blk * CPU_TILE_M..blk * CPU_TILE_M + l.len();
                 let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);
                 let q_rows = &q[rows.start * d..rows.end * d];
+                let seen: Vec<(Range<usize>, usize)> = rows
+                    .clone()
+                    .map(|i| self.mask.row_ranges(i, sq, sk))
+                    .collect();
                 let mut state = OnlineSoftmaxBlock::new(rows.len(), d);
                 let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
                 for t in tiles.iter() {
@@ -614,7 +627,7 @@ impl FlashAttention {
                         k,
                         rows.clone(),
                         keys.clone(),
-                        |i, j| self.mask.visible(i, j, sq, sk),
+                        |i| seen[i - rows.start].clone(),
                         scores,
                     );
                     state.update(scores, &v[keys.start * d..keys.end * d]);

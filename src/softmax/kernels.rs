@@ -124,6 +124,66 @@ pub(crate) fn pv_block(acc: &mut [f32], p: &[f32], v: &[f32], d: usize) {
     }
 }
 
+/// What the online softmax needs to know of one row's tile scores before weighting them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TileScan {
+    /// The largest score that is not NaN (`-inf` for an empty tile).
+    pub(crate) max: f32,
+    /// Whether a score is NaN.
+    pub(crate) nan: bool,
+    /// Whether a score is `-inf` (a key the row does not take).
+    pub(crate) skipped: bool,
+}
+
+/// The [`TileScan`] of the scores `s` of one row's tile (exact, so both versions agree).
+pub(crate) fn scan(s: &[f32]) -> TileScan {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
+        return unsafe { avx2::scan(s) };
+    }
+    scan_portable(s)
+}
+
+/// [`scan`] element by element (also the AVX2 version's tail).
+fn scan_portable(s: &[f32]) -> TileScan {
+    let mut t = TileScan {
+        max: f32::NEG_INFINITY,
+        nan: false,
+        skipped: false,
+    };
+    for &x in s {
+        t.max = t.max.max(x);
+        t.nan |= x.is_nan();
+        t.skipped |= x == f32::NEG_INFINITY;
+    }
+    t
+}
+
+/// `p[j] = exp(s[j] - m)` for the scores `s` of one row's tile (`p` as long as `s`; 0 where
+/// `s[j]` is `-inf`, a key the row does not take), returning `sum_j p[j]`: eight lanes over
+/// keys `8c + l` (the last chunk padded with `-inf`), combined as in the dot product. `m` is
+/// the row's running max (`s[j] - m <= 0`, or NaN when both are `+inf`). The AVX2 version
+/// evaluates `exp` as a degree-6 polynomial after range reduction (within 2 ulp of the
+/// correctly rounded value, `exp(0) = 1` exactly; 0 below `-87.3` instead of a subnormal),
+/// the portable version with `f32::exp`.
+pub(crate) fn tile_weights(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+    assert_eq!(s.len(), p.len(), "tile_weights: p is as long as s");
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
+        return unsafe { avx2::tile_weights(s, m, p) };
+    }
+    let mut lanes = [0.0f32; 8];
+    for (sc, pc) in s.chunks(8).zip(p.chunks_mut(8)) {
+        for (l, (&x, y)) in sc.iter().zip(pc).enumerate() {
+            *y = (x - m).exp();
+            lanes[l] += *y;
+        }
+    }
+    reduce_lanes(lanes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +236,38 @@ mod tests {
                 assert_eq!(bits(&acc), bits(&want), "d {d} rows {rows} keys {keys}");
             }
         }
+    }
+
+    /// The tile weights: close to `exp` in f64 (2 ulp), exact at the max and at `-inf`,
+    /// NaN where `s - m` is NaN, and the sum of the weights taken.
+    #[test]
+    fn tile_weights_are_exp_and_their_sum() {
+        for n in [1, 5, 8, 13, 32, 64] {
+            let mut s: Vec<f32> = data(n, 5).iter().map(|x| x * 40.0 - 20.0).collect();
+            s[0] = f32::NEG_INFINITY;
+            let m = s.iter().copied().fold(0.0, f32::max);
+            if n > 1 {
+                s[n - 1] = m;
+            }
+            let mut p = vec![0.0; n];
+            let sum = tile_weights(&s, m, &mut p);
+            assert_eq!(p[0], 0.0);
+            if n > 1 {
+                assert_eq!(p[n - 1], 1.0);
+            }
+            for (&x, &y) in s.iter().zip(&p) {
+                let want = ((x - m) as f64).exp();
+                assert!(
+                    (y as f64 - want).abs() <= 2.5e-7 * want,
+                    "exp({}) = {y}",
+                    x - m
+                );
+            }
+            let want: f64 = p.iter().map(|&x| x as f64).sum();
+            assert!((sum as f64 - want).abs() <= 1e-6 * want, "n {n}");
+        }
+        let mut p = [0.0; 3];
+        tile_weights(&[-100.0, f32::INFINITY, 0.0], f32::INFINITY, &mut p);
+        assert!(p.iter().all(|x| x.is_nan() || *x == 0.0) && p[1].is_nan());
     }
 }

@@ -218,3 +218,82 @@ impl Values<'_> {
         }
     }
 }
+
+/// `super::tile_weights` (`s` and `p` of one length): `exp` by `2^n * e^r` with
+/// `n = round(x / ln 2)`, `r = x - n ln 2` in two parts (Cody-Waite), and Cephes' `expf`
+/// polynomial for `e^r`; `x` below `ln 2^-126` (`-inf` included) gives 0. `max_ps` returns
+/// its second operand on NaN and the final mask keeps unordered lanes, so NaN stays NaN.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn tile_weights(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+    let mv = _mm256_set1_ps(m);
+    let mut sum = _mm256_setzero_ps();
+    for (sc, pc) in s.chunks(8).zip(p.chunks_mut(8)) {
+        let mut x = [f32::NEG_INFINITY; 8];
+        x[..sc.len()].copy_from_slice(sc);
+        let e = exp(_mm256_sub_ps(load8(&x), mv));
+        sum = _mm256_add_ps(sum, e);
+        let mut y = [0.0f32; 8];
+        store8(&mut y, e);
+        pc.copy_from_slice(&y[..pc.len()]);
+    }
+    reduce(sum)
+}
+
+/// `e^x` lane by lane for `x <= 0` (see `tile_weights`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp(x: __m256) -> __m256 {
+    let lo = _mm256_set1_ps(-87.336_54);
+    // Lanes not below `lo` (NaN included): the others are 0.
+    let keep = _mm256_cmp_ps::<_CMP_NLT_UQ>(x, lo);
+    let x = _mm256_max_ps(lo, x);
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        x,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+    let mut y = _mm256_set1_ps(1.987_569_1e-4);
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(two_n)), keep)
+}
+
+/// `super::scan`: eight lanes of max / NaN / `-inf` flags, then the tail element by element.
+#[target_feature(enable = "avx2,fma")]
+pub(super) fn scan(s: &[f32]) -> super::TileScan {
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let (mut max, mut nan, mut skipped) = (ninf, _mm256_setzero_ps(), _mm256_setzero_ps());
+    let chunks = s.chunks_exact(8);
+    let rest = super::scan_portable(chunks.remainder());
+    for c in chunks {
+        let x = load8(c);
+        // `max_ps` returns its second operand when one is NaN: `max` keeps its non-NaN lanes.
+        max = _mm256_max_ps(x, max);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        skipped = _mm256_or_ps(skipped, _mm256_cmp_ps::<_CMP_EQ_OQ>(x, ninf));
+    }
+    let mut lanes = [0.0f32; 8];
+    store8(&mut lanes, max);
+    super::TileScan {
+        max: lanes.iter().fold(rest.max, |a, &b| a.max(b)),
+        nan: rest.nan || _mm256_movemask_ps(nan) != 0,
+        skipped: rest.skipped || _mm256_movemask_ps(skipped) != 0,
+    }
+}
