@@ -480,7 +480,8 @@ impl FlashAttention {
     }
 
     /// CPU forward pass (also the fallback when no GPU is present): the tiled online
-    /// softmax, f32 accumulation, parallel over (batch, head).
+    /// softmax, f32 accumulation, parallel over (batch, head) and, inside
+    /// each head, over blocks of `CPU_TILE_M` query rows.
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
