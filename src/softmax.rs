@@ -8,7 +8,7 @@
 mod kernels;
 
 use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
-pub(crate) use kernels::{dot, dot_block, dot_by};
+pub(crate) use kernels::{dot, dot_block};
 
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
 /// un-normalised output `acc = sum exp(s - m) * v`.

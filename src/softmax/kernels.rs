@@ -3,7 +3,7 @@
 //! (one row, or a block of rows against a tile of value rows).
 //!
 //! Each operation has one rounding, whichever form computes it: element `(r, j)` of
-//! [`dot_block`] has the bits of [`dot_by`] of row `r` and key `j`, and [`pv_block`] adds
+//! [`dot_block`] has the bits of [`dot`] of row `r` and key `j`, and [`pv_block`] adds
 //! into each output element in key order exactly as [`axpy`] called key by key. So a blocked
 //! path (dense, paged prefill) and a row-by-row path (block-sparse, FP8, paged decode,
 //! neighborhood) that see the same scores agree bit for bit.
@@ -38,36 +38,30 @@ fn reduce_lanes(l: [f32; 8]) -> f32 {
     ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
-/// `sum_c a[c] * b[c]` over `min(a.len(), b.len())` channels, `b` converted by `to_f32`: the
-/// score dot product of every CPU path, in the order of the module docs.
+/// `sum_c a[c] * b[c]` over `min(a.len(), b.len())` channels: the score dot product of
+/// every CPU path, in the order of the module docs.
 #[inline]
-pub(crate) fn dot_by<B: Copy>(a: &[f32], b: &[B], to_f32: impl Fn(B) -> f32) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
-        return unsafe { avx2::dot_by(a, b, to_f32) };
+        return unsafe { avx2::dot(a, b) };
     }
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (a8.remainder(), b8.remainder());
     for (ca, cb) in a8.zip(b8) {
         for l in 0..8 {
-            lanes[l] += ca[l] * to_f32(cb[l]);
+            lanes[l] += ca[l] * cb[l];
         }
     }
     let mut s = reduce_lanes(lanes);
     for (&x, &y) in ta.iter().zip(tb) {
-        s += x * to_f32(y);
+        s += x * y;
     }
     s
-}
-
-/// [`dot_by`] of two f32 rows.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_by(a, b, |x| x)
 }
 
 /// `out[r * keys + j] = dot(q[r], k[j])` for the `rows = q.len() / d` rows of `q: [rows, d]`

@@ -40,20 +40,15 @@ fn tail(mut s: f32, a: &[f32], b: impl Iterator<Item = f32>) -> f32 {
     s
 }
 
-/// `super::dot_by` (`a` and `b` of one length).
+/// `super::dot` (`a` and `b` of one length).
 #[target_feature(enable = "avx2,fma")]
-pub(super) fn dot_by<B: Copy>(a: &[f32], b: &[B], to_f32: impl Fn(B) -> f32) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ta, tb) = (a8.remainder(), b8.remainder());
-    for (ca, cb) in a8.zip(b8) {
-        let mut row = [0.0f32; 8];
-        for (x, &y) in row.iter_mut().zip(cb) {
-            *x = to_f32(y);
-        }
-        acc = _mm256_fmadd_ps(load8(ca), load8(&row), acc);
+    for (ca, cb) in a8.clone().zip(b8.clone()) {
+        acc = _mm256_fmadd_ps(load8(ca), load8(cb), acc);
     }
-    tail(reduce(acc), ta, tb.iter().map(|&y| to_f32(y)))
+    tail(reduce(acc), a8.remainder(), b8.remainder().iter().copied())
 }
 
 /// `super::dot_block`: micro-tiles of 2 rows x 4 keys (8 accumulators, each key chunk
