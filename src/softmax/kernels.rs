@@ -49,6 +49,11 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
         return unsafe { avx2::dot(a, b) };
     }
+    dot_portable(a, b)
+}
+
+/// [`dot`] without SIMD intrinsics (`a` and `b` of one length).
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ta, tb) = (a8.remainder(), b8.remainder());
@@ -94,6 +99,11 @@ pub(crate) fn axpy(acc: &mut [f32], w: f32, v: &[f32]) {
         // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
         return unsafe { avx2::axpy(acc, w, v) };
     }
+    axpy_portable(acc, w, v);
+}
+
+/// [`axpy`] without SIMD intrinsics.
+fn axpy_portable(acc: &mut [f32], w: f32, v: &[f32]) {
     for (a, &x) in acc.iter_mut().zip(v) {
         *a += w * x;
     }
@@ -168,6 +178,11 @@ pub(crate) fn tile_weights(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
         // SAFETY: `use_avx2` checked that this CPU has AVX2 and FMA.
         return unsafe { avx2::tile_weights(s, m, p) };
     }
+    tile_weights_portable(s, m, p)
+}
+
+/// [`tile_weights`] with `f32::exp`.
+fn tile_weights_portable(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     for (sc, pc) in s.chunks(8).zip(p.chunks_mut(8)) {
         for (l, (&x, y)) in sc.iter().zip(pc).enumerate() {
@@ -229,6 +244,41 @@ mod tests {
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&acc), bits(&want), "d {d} rows {rows} keys {keys}");
             }
+        }
+    }
+
+    /// The portable versions (what aarch64 runs) agree with the dispatched ones: exactly
+    /// for the scan, to rounding (fused vs separate multiply-adds, polynomial vs libm exp)
+    /// for the rest.
+    #[test]
+    fn portable_versions_agree() {
+        let close = |x: f32, y: f32, tol: f32| (x - y).abs() <= tol * (1.0 + x.abs());
+        for n in [1, 7, 8, 13, 64, 111] {
+            let (a, b) = (data(n, 6), data(n, 7));
+            assert!(close(dot(&a, &b), dot_portable(&a, &b), 1e-5), "dot n {n}");
+            let (mut x, mut y) = (a.clone(), a.clone());
+            axpy(&mut x, 0.37, &b);
+            axpy_portable(&mut y, 0.37, &b);
+            assert!(
+                x.iter().zip(&y).all(|(&x, &y)| close(x, y, 1e-6)),
+                "axpy n {n}"
+            );
+            let mut s: Vec<f32> = a.iter().map(|v| v * 30.0 - 30.0).collect();
+            s[n / 2] = f32::NEG_INFINITY;
+            assert_eq!(scan(&s), scan_portable(&s), "scan n {n}");
+            // A finite running max (the tile of n = 1 is all -inf).
+            let m = scan(&s).max.max(-1.0);
+            let (mut p, mut q) = (vec![0.0; n], vec![0.0; n]);
+            let (sp, sq) = (
+                tile_weights(&s, m, &mut p),
+                tile_weights_portable(&s, m, &mut q),
+            );
+            assert!(close(sp, sq, 1e-6), "tile_weights sum n {n}");
+            assert!(
+                p.iter().zip(&q).all(|(&x, &y)| close(x, y, 3e-7)),
+                "weights n {n}"
+            );
+            assert_eq!((p[n / 2], q[n / 2]), (0.0, 0.0));
         }
     }
 
