@@ -130,6 +130,16 @@ impl Mask {
         self.window_range_rows(i..i + 1, sq, sk)
     }
 
+    /// The keys row `i` sees as two ranges, `(window_range(i), sink_end)`: key `j` is
+    /// visible exactly when `j < sink_end` or `window.contains(&j)` (what the CPU paths test
+    /// per key, without `visible`'s arithmetic).
+    pub(crate) fn row_ranges(&self, i: usize, sq: usize, sk: usize) -> (Range<usize>, usize) {
+        (
+            self.window_range(i, sq, sk),
+            self.sink_range_rows(i..i + 1, sq, sk).end,
+        )
+    }
+
     /// Union of the window ranges of rows `rows` (rows are contiguous, so the union is one
     /// range): from the first row's left edge to the last row's right edge.
     pub fn window_range_rows(&self, rows: Range<usize>, sq: usize, sk: usize) -> Range<usize> {
@@ -227,6 +237,37 @@ mod tests {
                             let mut dedup = got.clone();
                             dedup.dedup();
                             assert_eq!(dedup.len(), got.len(), "tile visited twice");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row sees exactly the keys of its `row_ranges` (the CPU paths test keys against
+    /// these two ranges instead of calling `visible`).
+    #[test]
+    fn visible_is_the_window_and_sink_ranges() {
+        for w in [
+            Window::FULL,
+            Window::CAUSAL,
+            Window::new(Some(0), Some(0)),
+            Window::new(Some(5), Some(3)),
+            Window::new(None, Some(7)),
+            Window::new(Some(9), None),
+            Window::new(Some(2), Some(0)),
+        ] {
+            for sinks in [0, 1, 4, 40] {
+                let mask = Mask::new(w, sinks);
+                for (sq, sk) in [(1, 1), (3, 17), (17, 3), (33, 33), (50, 130), (130, 50)] {
+                    for i in 0..sq {
+                        let (window, sink_end) = mask.row_ranges(i, sq, sk);
+                        for j in 0..sk + 2 {
+                            assert_eq!(
+                                mask.visible(i, j, sq, sk),
+                                j < sink_end || window.contains(&j),
+                                "{mask:?} {sq}x{sk} i {i} j {j}"
+                            );
                         }
                     }
                 }

@@ -5,6 +5,11 @@
 //! Empty rows (no visible key) are `(o = 0, lse = -inf)`; every merge keeps that form instead
 //! of producing `NaN` from `-inf - -inf`.
 
+mod kernels;
+
+use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
+pub(crate) use kernels::{dot, dot_block};
+
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
 /// un-normalised output `acc = sum exp(s - m) * v`.
 #[derive(Debug, Clone)]
@@ -47,85 +52,172 @@ impl OnlineSoftmax {
         mut values: impl FnMut(usize) -> &'v [f32],
         weight: impl Fn(f32) -> f32,
     ) {
-        if self.l.is_nan() {
+        let t = scan(scores);
+        let Some(m) = begin_tile(&mut self.m, &mut self.l, &mut self.acc, &t) else {
             return;
-        }
-        if scores.iter().any(|s| s.is_nan()) {
-            self.m = f32::NAN;
-            self.l = f32::NAN;
-            self.acc.iter_mut().for_each(|a| *a = f32::NAN);
-            return;
-        }
-        let tile_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let new_m = self.m.max(tile_max);
-        if new_m == f32::NEG_INFINITY {
-            // Fully masked so far: exp(-inf - -inf) would be NaN.
-            return;
-        }
-        let alpha = (self.m - new_m).exp();
-        self.l *= alpha;
-        self.acc.iter_mut().for_each(|a| *a *= alpha);
-        for (j, &s) in scores.iter().enumerate() {
-            if s == f32::NEG_INFINITY {
-                continue;
-            }
-            let p = (s - new_m).exp();
-            self.l += p;
-            let w = weight(p);
-            for (a, &v) in self.acc.iter_mut().zip(values(j)) {
-                *a += w * v;
+        };
+        let mut buf = [0.0f32; WEIGHT_CHUNK];
+        for (c, s) in scores.chunks(WEIGHT_CHUNK).enumerate() {
+            let p = &mut buf[..s.len()];
+            fold_weights(&mut self.l, m, s, p);
+            for (j, (&s, &p)) in s.iter().zip(p.iter()).enumerate() {
+                if s != f32::NEG_INFINITY {
+                    axpy(&mut self.acc, weight(p), values(c * WEIGHT_CHUNK + j));
+                }
             }
         }
-        self.m = new_m;
     }
 
     /// Normalised output and natural-log LSE; an empty row gives `(0, -inf)`, a row that
     /// met a NaN score `(NaN, NaN)`.
     pub fn finish(&self) -> (Vec<f32>, f32) {
-        if self.l.is_nan() {
-            return (vec![f32::NAN; self.acc.len()], f32::NAN);
-        }
-        if self.l == 0.0 {
-            return (vec![0.0; self.acc.len()], f32::NEG_INFINITY);
-        }
-        let inv = 1.0 / self.l;
-        (
-            self.acc.iter().map(|a| a * inv).collect(),
-            self.m + self.l.ln(),
-        )
+        let mut o = vec![0.0; self.acc.len()];
+        let lse = finish_row(self.m, self.l, &self.acc, &mut o);
+        (o, lse)
     }
 }
 
-/// `sum_c a[c] * b[c]` over `min(a.len(), b.len())` channels, `b` converted by `to_f32`:
-/// the score dot product of every CPU path (dense, FP8, paged decode, neighborhood), one
-/// summation order for all so that paths that must agree bit for bit do. Eight interleaved
-/// partial sums, combined pairwise, then the tail (vectorisable; the tour's CPU rows measured
-/// within run-to-run noise of the left-to-right sum it replaced, whose chains the CPU
-/// already overlapped across keys).
-#[inline]
-pub(crate) fn dot_by<B: Copy>(a: &[f32], b: &[B], to_f32: impl Fn(B) -> f32) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(&x, &y)| x * to_f32(y))
-        .sum();
-    for (ca, cb) in a8.zip(b8) {
-        for l in 0..8 {
-            acc[l] += ca[l] * to_f32(cb[l]);
-        }
+/// The start of one tile for one row state `(m, l, acc)` whose tile scores have the scan
+/// `t` (NaN policy of [`OnlineSoftmax::update_weighted`]): poisons the row on a NaN score,
+/// else raises `m` to the tile's max and rescales `l` and `acc` to it. Returns the new max
+/// when the tile's keys are to be folded in (`None`: the row is NaN, or no key is visible so
+/// far).
+fn begin_tile(m: &mut f32, l: &mut f32, acc: &mut [f32], t: &TileScan) -> Option<f32> {
+    if l.is_nan() {
+        return None;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    if t.nan {
+        *m = f32::NAN;
+        *l = f32::NAN;
+        acc.iter_mut().for_each(|a| *a = f32::NAN);
+        return None;
+    }
+    let new_m = m.max(t.max);
+    if new_m == f32::NEG_INFINITY {
+        // Fully masked so far: exp(-inf - -inf) would be NaN.
+        return None;
+    }
+    let alpha = (*m - new_m).exp();
+    *l *= alpha;
+    acc.iter_mut().for_each(|a| *a *= alpha);
+    *m = new_m;
+    Some(new_m)
 }
 
-/// [`dot_by`] of two f32 rows.
-#[inline]
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    dot_by(a, b, |x| x)
+/// Keys per [`tile_weights`] call: a row's tile is weighted in chunks of this many keys.
+const WEIGHT_CHUNK: usize = 64;
+
+/// The weights of one row's tile after [`begin_tile`] returned the max `m`:
+/// `p[j] = exp(scores[j] - m)` (0 for `-inf`) and `l += sum p_j`, one [`tile_weights`] sum
+/// per `WEIGHT_CHUNK` keys. Shared by [`OnlineSoftmax`] and [`OnlineSoftmaxBlock`], so both
+/// sum `l` alike.
+fn fold_weights(l: &mut f32, m: f32, scores: &[f32], p: &mut [f32]) {
+    for (s, p) in scores.chunks(WEIGHT_CHUNK).zip(p.chunks_mut(WEIGHT_CHUNK)) {
+        *l += tile_weights(s, m, p);
+    }
+}
+
+/// Writes the normalised output of the row state `(m, l, acc)` into `o` and returns its
+/// LSE: `(0, -inf)` for an empty row, `(NaN, NaN)` for a row that met a NaN score.
+fn finish_row(m: f32, l: f32, acc: &[f32], o: &mut [f32]) -> f32 {
+    if l.is_nan() {
+        o.fill(f32::NAN);
+        return f32::NAN;
+    }
+    if l == 0.0 {
+        o.fill(0.0);
+        return f32::NEG_INFINITY;
+    }
+    let inv = 1.0 / l;
+    for (o, a) in o.iter_mut().zip(acc) {
+        *o = a * inv;
+    }
+    m + l.ln()
+}
+
+/// The online-softmax states of a block of query rows that visit the same key tiles (the
+/// dense CPU path's row blocks): row `r` is an [`OnlineSoftmax`] with the bits it would
+/// have row by row, but each tile's P.V product runs as one [`pv_block`] (every value row
+/// loaded once for all rows) whenever every row of the block takes every key of the tile.
+pub(crate) struct OnlineSoftmaxBlock {
+    d: usize,
+    /// Running max per row, `[rows]`.
+    m: Vec<f32>,
+    /// Running `sum exp(s - m)` per row, `[rows]`.
+    l: Vec<f32>,
+    /// Un-normalised outputs, `[rows, d]`.
+    acc: Vec<f32>,
+    /// The tile's `exp(s - m)`, `[rows, keys]` (scratch).
+    p: Vec<f32>,
+}
+
+impl OnlineSoftmaxBlock {
+    /// Empty states of `rows` rows of `d` channels.
+    pub(crate) fn new(rows: usize, d: usize) -> Self {
+        OnlineSoftmaxBlock {
+            d,
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            acc: vec![0.0; rows * d],
+            p: Vec::new(),
+        }
+    }
+
+    /// Folds in one tile: `scores: [rows, keys]` (scaled, `-inf` where masked) and the value
+    /// rows `values: [keys, d]`. Row `r` ends with the bits of [`OnlineSoftmax::update`] on
+    /// `scores[r]`: the same rescale and `l` sum, and P.V adds in key order either way.
+    pub(crate) fn update(&mut self, scores: &[f32], values: &[f32]) {
+        let d = self.d;
+        let rows = self.m.len();
+        let keys = values.len() / d;
+        self.p.clear();
+        self.p.resize(rows * keys, 0.0);
+        // Every row takes every key: no NaN or empty row, no skipped (-inf) score.
+        let mut every = true;
+        for (r, (s, p)) in scores
+            .chunks_exact(keys)
+            .zip(self.p.chunks_exact_mut(keys))
+            .enumerate()
+        {
+            let acc = &mut self.acc[r * d..(r + 1) * d];
+            let t = scan(s);
+            let Some(m) = begin_tile(&mut self.m[r], &mut self.l[r], acc, &t) else {
+                every = false;
+                continue;
+            };
+            fold_weights(&mut self.l[r], m, s, p);
+            every &= !t.skipped;
+        }
+        if every {
+            pv_block(&mut self.acc, &self.p, values, d);
+            return;
+        }
+        // Row by row over the keys each row takes, as `OnlineSoftmax::update` does.
+        for r in 0..rows {
+            if self.l[r].is_nan() || self.m[r] == f32::NEG_INFINITY {
+                continue;
+            }
+            let acc = &mut self.acc[r * d..(r + 1) * d];
+            for (j, (&s, &p)) in scores[r * keys..(r + 1) * keys]
+                .iter()
+                .zip(&self.p[r * keys..(r + 1) * keys])
+                .enumerate()
+            {
+                if s != f32::NEG_INFINITY {
+                    axpy(acc, p, &values[j * d..(j + 1) * d]);
+                }
+            }
+        }
+    }
+
+    /// Normalised outputs into `out: [rows, d]` and LSEs into `lse: [rows]` (as
+    /// [`OnlineSoftmax::finish`]).
+    pub(crate) fn finish(&self, out: &mut [f32], lse: &mut [f32]) {
+        let d = self.d;
+        for (r, (o, lse)) in out.chunks_exact_mut(d).zip(lse).enumerate() {
+            *lse = finish_row(self.m[r], self.l[r], &self.acc[r * d..(r + 1) * d], o);
+        }
+    }
 }
 
 /// The attention score of one scaled logit `x = scale * q.k`: Gemma 2's softcap

@@ -964,9 +964,13 @@ impl BlockSparseAttention {
                         attn.tile_scores(
                             qi,
                             k,
+                            i..i + 1,
                             keys,
-                            |j| kind == BlockKind::Full || element.visible(i, j, sq, sk),
-                            &mut scores,
+                            |i| match kind {
+                                BlockKind::Full => (0..sk, 0),
+                                BlockKind::Partial => element.row_ranges(i, sq, sk),
+                            },
+                            &mut scores[..n],
                         );
                         state.update(&scores[..n], |j| &v[(t + j) * d..(t + j + 1) * d]);
                     }

@@ -16,7 +16,7 @@ use crate::layout::{
     checked_elems,
 };
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, dot, softcapped};
+use crate::softmax::{OnlineSoftmaxBlock, dot_block, softcapped};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -488,7 +488,8 @@ impl FlashAttention {
     }
 
     /// CPU forward pass (also the fallback when no GPU is present): the tiled online
-    /// softmax, f32 accumulation, parallel over (batch, head).
+    /// softmax, f32 accumulation, parallel over (batch, head) and, inside
+    /// each head, over blocks of `CPU_TILE_M` query rows.
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
@@ -562,32 +563,47 @@ impl FlashAttention {
         }
     }
 
-    /// Scores of row `i` (`qi: [d]`) against keys `keys` (`k: [sk, d]`) into `scores`
-    /// (`[keys.len()]`): scaled, softcapped, and `-inf` where `visible(j)` is false. One tile
-    /// of the online softmax, shared by the dense and block-sparse CPU paths.
+    /// Scores of query rows `rows` (`q: [rows.len(), d]`) against keys `keys` (`k: [sk, d]`)
+    /// into `scores: [rows.len(), keys.len()]`: scaled, softcapped, and `-inf` where the key
+    /// is not visible to the row; row `i` sees the keys of `seen(i) = (window, sink_end)`
+    /// (`j < sink_end || window.contains(&j)`, as [`Mask::row_ranges`]). Masked keys never
+    /// reach a score, whatever their values. One tile of the online softmax, shared by the
+    /// dense (row blocks) and block-sparse (single rows) CPU paths.
     pub(crate) fn tile_scores(
         &self,
-        qi: &[f32],
+        q: &[f32],
         k: &[f32],
+        rows: Range<usize>,
         keys: Range<usize>,
-        visible: impl Fn(usize) -> bool,
+        seen: impl Fn(usize) -> (Range<usize>, usize),
         scores: &mut [f32],
     ) {
         let d = self.head_dim;
-        for (s, j) in scores.iter_mut().zip(keys) {
-            *s = if visible(j) {
-                let kj = &k[j * d..(j + 1) * d];
-                softcapped(dot(qi, kj) * self.scale, self.softcap)
-            } else {
-                f32::NEG_INFINITY
-            };
+        dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
+        let (scale, cap) = (self.scale, self.softcap);
+        for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
+            let (window, sink_end) = seen(i);
+            let all =
+                keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
+            if all && cap.is_none() {
+                row.iter_mut().for_each(|s| *s *= scale);
+                continue;
+            }
+            for (s, j) in row.iter_mut().zip(keys.clone()) {
+                *s = if j < sink_end || window.contains(&j) {
+                    softcapped(*s * scale, cap)
+                } else {
+                    f32::NEG_INFINITY
+                };
+            }
         }
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
-    /// the mask leaves visible, tile by tile like the kernels. Returns `(o [sq, d], lse [sq])`.
-    /// Uses only the problem's head dim, scale, softcap and mask (paged prefill runs it on
-    /// K/V gathered from the pages).
+    /// the mask leaves visible, tile by tile like the kernels; the `CPU_TILE_M`-row blocks
+    /// run in parallel (one long sequence uses every core), each block's rows together
+    /// against each key tile. Returns `(o [sq, d], lse [sq])`. Uses only the problem's head
+    /// dim, scale, softcap and mask (paged prefill runs it on K/V gathered from the pages).
     pub(crate) fn tiled_head(
         &self,
         q: &[f32],
@@ -599,31 +615,34 @@ impl FlashAttention {
         let d = self.head_dim;
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];
-        let mut scores = [0.0f32; CPU_TILE_N];
-        for row0 in (0..sq).step_by(CPU_TILE_M) {
-            let rows = row0..(row0 + CPU_TILE_M).min(sq);
-            let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);
-            for i in rows {
-                let qi = &q[i * d..(i + 1) * d];
-                let mut state = OnlineSoftmax::new(d);
+        out.par_chunks_mut(CPU_TILE_M * d)
+            .zip(lse.par_chunks_mut(CPU_TILE_M))
+            .enumerate()
+            .for_each(|(blk, (o, l))| {
+                let rows = blk * CPU_TILE_M..blk * CPU_TILE_M + l.len();
+                let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);
+                let q_rows = &q[rows.start * d..rows.end * d];
+                let seen: Vec<(Range<usize>, usize)> = rows
+                    .clone()
+                    .map(|i| self.mask.row_ranges(i, sq, sk))
+                    .collect();
+                let mut state = OnlineSoftmaxBlock::new(rows.len(), d);
+                let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
                 for t in tiles.iter() {
                     let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
-                    let n = keys.len();
+                    let scores = &mut scores[..rows.len() * keys.len()];
                     self.tile_scores(
-                        qi,
+                        q_rows,
                         k,
+                        rows.clone(),
                         keys.clone(),
-                        |j| self.mask.visible(i, j, sq, sk),
-                        &mut scores,
+                        |i| seen[i - rows.start].clone(),
+                        scores,
                     );
-                    let base = keys.start;
-                    state.update(&scores[..n], |j| &v[(base + j) * d..(base + j + 1) * d]);
+                    state.update(scores, &v[keys.start * d..keys.end * d]);
                 }
-                let (o, l) = state.finish();
-                out[i * d..(i + 1) * d].copy_from_slice(&o);
-                lse[i] = l;
-            }
-        }
+                state.finish(o, l);
+            });
         (out, lse)
     }
 }

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::layout::checked_elems;
 use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmax, dot_by, merge_into_row, softcapped};
+use crate::softmax::{OnlineSoftmaxBlock, dot_block, merge_into_row, softcapped};
 use rayon::prelude::*;
 
 /// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
@@ -743,53 +743,73 @@ impl PagedDecode {
         let selected = self.selected_pages(&q, meta.as_ref())?;
         let splits = self.num_splits.unwrap_or(1);
         let (d, ps) = (self.cache.head_dim(), self.cache.page_size());
+        // One task per (sequence, query row, kv head): the `group` query heads that share a
+        // kv head share its pages and mask, so each page's keys and values are converted
+        // once and scored against all of them as one row block (the dense path's
+        // `dot_block` and `OnlineSoftmaxBlock`, whose rows have the bits of the row-by-row
+        // `dot` and `OnlineSoftmax`).
+        let group = self.group();
         let tasks: Vec<(usize, usize, usize)> = (0..self.cache.batch())
             .flat_map(|b| {
-                (0..self.q_len).flat_map(move |i| (0..self.heads_q).map(move |h| (b, i, h)))
+                (0..self.q_len)
+                    .flat_map(move |i| (0..self.cache.heads_kv()).map(move |kvh| (b, i, kvh)))
             })
             .collect();
-        let results: Vec<(Vec<f32>, f32)> = tasks
+        let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
-            .map(|&(b, i, h)| {
-                let kvh = self.kv_head(h);
+            .map(|&(b, i, kvh)| {
                 let (k_scale, v_scale) = scales[kvh];
                 let score_scale = self.scale * k_scale;
                 let mask = self.mask_at(kvh);
                 let sk = self.cache.seqlen_of(b);
-                let qi = self.q_row(&q, b, i, h);
+                let heads = kvh * group..(kvh + 1) * group;
+                let qg: Vec<f32> = heads.flat_map(|h| self.q_row(&q, b, i, h)).collect();
                 let pages = self.work_pages(b, kvh, i..i + 1, selected.as_ref());
                 let n = pages.len();
-                let mut acc = (vec![0.0f32; d], f32::NEG_INFINITY);
+                let mut acc = (vec![0.0f32; group * d], vec![f32::NEG_INFINITY; group]);
                 // A page holds at most `min(page_size, seqlen)` of this sequence's keys: the
                 // working rows are sized by what the step reads, not by the page size.
                 let per_page = ps.min(sk);
-                let mut scores = vec![0.0f32; per_page];
-                let mut vrows = vec![0.0f32; per_page * d];
+                let mut scores = vec![0.0f32; group * per_page];
+                let (mut krows, mut vrows) =
+                    (vec![0.0f32; per_page * d], vec![0.0f32; per_page * d]);
+                let (mut o, mut l) = (vec![0.0f32; group * d], vec![0.0f32; group]);
                 for s in 0..splits {
                     let part = &pages[s * n / splits..(s + 1) * n / splits];
-                    let mut state = OnlineSoftmax::new(d);
+                    let mut state = OnlineSoftmaxBlock::new(group, d);
                     for &p in part {
                         let p = p as usize;
                         let keys = p * ps..((p + 1) * ps).min(sk);
+                        let nk = keys.len();
                         for (t, j) in keys.clone().enumerate() {
                             let off = self.cache.token_at(b, j, kvh);
-                            scores[t] = if mask.visible(i, j, self.q_len, sk) {
-                                let dot = dot_by(&qi, &kv.k[off..off + d], |k| k.to_f32());
-                                softcapped(dot * score_scale, self.softcap)
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                            for (dst, x) in vrows[t * d..(t + 1) * d]
-                                .iter_mut()
-                                .zip(&kv.v[off..off + d])
-                            {
-                                *dst = x.to_f32();
+                            for (rows, cache) in [(&mut krows, kv.k), (&mut vrows, kv.v)] {
+                                for (dst, x) in rows[t * d..(t + 1) * d]
+                                    .iter_mut()
+                                    .zip(&cache[off..off + d])
+                                {
+                                    *dst = x.to_f32();
+                                }
                             }
                         }
-                        state.update(&scores[..keys.len()], |t| &vrows[t * d..(t + 1) * d]);
+                        let scores = &mut scores[..group * nk];
+                        dot_block(&qg, &krows[..nk * d], d, scores);
+                        for row in scores.chunks_exact_mut(nk) {
+                            for (x, j) in row.iter_mut().zip(keys.clone()) {
+                                *x = if mask.visible(i, j, self.q_len, sk) {
+                                    softcapped(*x * score_scale, self.softcap)
+                                } else {
+                                    f32::NEG_INFINITY
+                                };
+                            }
+                        }
+                        state.update(scores, &vrows[..nk * d]);
                     }
-                    let (o, l) = state.finish();
-                    merge_into_row(&mut acc.0, &mut acc.1, o, l);
+                    state.finish(&mut o, &mut l);
+                    for (r, &l) in l.iter().enumerate() {
+                        let (a, a_lse) = (&mut acc.0[r * d..(r + 1) * d], &mut acc.1[r]);
+                        merge_into_row(a, a_lse, o[r * d..(r + 1) * d].iter().copied(), l);
+                    }
                 }
                 acc.0.iter_mut().for_each(|x| *x *= v_scale);
                 acc
@@ -797,10 +817,12 @@ impl PagedDecode {
             .collect();
         let mut out = out;
         let mut lse = lse;
-        for (&(b, i, h), (o, l)) in tasks.iter().zip(results) {
-            out.store_head_rows(b, i..i + 1, h, d, &o);
-            if let Some(lse) = lse.as_deref_mut() {
-                lse[self.lse_index(b, h, i)] = l;
+        for (&(b, i, kvh), (o, l)) in tasks.iter().zip(results) {
+            for (r, h) in (kvh * group..(kvh + 1) * group).enumerate() {
+                out.store_head_rows(b, i..i + 1, h, d, &o[r * d..(r + 1) * d]);
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[self.lse_index(b, h, i)] = l[r];
+                }
             }
         }
         Ok(())
