@@ -122,31 +122,37 @@ fn run_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
         );
         return 0.0;
     }
+    let what = format!("{x:?} {opts:?} {kernel:?} {}", T::DTYPE);
+    let tol = tolerance::<T>();
+    matches_reference(stream, &attn, (&q, &k, &v), (qs, ks), (tol, None), &what)
+}
+
+/// Runs `attn` on the GPU on host `q`, `k`, `v` (strides `qs` for q and out, `ks` for k and
+/// v) and compares it with the f64 reference: no output left NaN (the output is poisoned),
+/// relative L2 error below `tol`, LSE within `lse_tol_or` (`None`: `lse_tol` of the
+/// reference's LSE). Returns the error; `what` names the case in failures.
+fn matches_reference<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    attn: &FlashAttention,
+    (q, k, v): (&[T], &[T], &[T]),
+    (qs, ks): (Strides, Strides),
+    (tol, lse_tol_or): (f64, Option<f64>),
+    what: &str,
+) -> f64 {
     let (want, want_lse) = dense_attention_f64(
-        &attn,
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
+        attn,
+        Strided::new(q, qs),
+        Strided::new(k, ks),
+        Strided::new(v, ks),
     )
     .unwrap();
-    let (got, lse) = gpu_forward(stream, &attn, (&q, &k, &v), qs, ks).unwrap();
+    let (got, lse) = gpu_forward(stream, attn, (q, k, v), qs, ks).unwrap();
     let nan = got.iter().filter(|x| x.is_nan()).count();
-    assert_eq!(
-        nan, 0,
-        "{x:?} {opts:?} {kernel:?}: {nan} outputs unwritten or NaN"
-    );
+    assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
     let err = rel_l2(&got, &want);
-    assert!(
-        err < tolerance::<T>(),
-        "{x:?} {opts:?} {kernel:?} {}: rel err {err}",
-        T::DTYPE
-    );
-    check_lse(
-        &lse,
-        &want_lse,
-        lse_tol(&want_lse),
-        &format!("{x:?} {opts:?} {kernel:?}"),
-    );
+    assert!(err < tol, "{what}: rel err {err}");
+    let lt = lse_tol_or.unwrap_or_else(|| lse_tol(&want_lse));
+    check_lse(&lse, &want_lse, lt, what);
     err
 }
 
@@ -401,9 +407,6 @@ fn gpu_hopper_varlen_many_query_tiles() {
     let stream = ctx.default_stream();
     let lens_q = [600usize, 0, 450, 129, 1, 300];
     let lens_k = [600usize, 7, 520, 129, 1, 0];
-    let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
-    let n = lens_q.len();
-    let (tq, tk) = (cq[n] as usize, ck[n] as usize);
     let opts = [
         AttentionOptions::default(),
         AttentionOptions::causal().with_sinks(4),
@@ -420,47 +423,55 @@ fn gpu_hopper_varlen_many_query_tiles() {
         (128, 8, 2, DenseKernel::HopperGqa),
     ];
     for (d, hq, hkv, kernel) in runs {
-        let mut r = rng(1000 + d as u64);
-        let q: Vec<bf16> = random_vec(&mut r, tq * hq * d);
-        let k: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
-        let v: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
-        let qs = Strides {
-            batch: 0,
-            seq: (hq * d) as i64,
-            head: d as i64,
-        };
-        let ks = Strides {
-            batch: 0,
-            seq: (hkv * d) as i64,
-            head: d as i64,
-        };
-        for o in &opts {
-            let attn = FlashAttention::new(&varlen_shape(n, hq, hkv, d, &cq, &ck), o)
-                .unwrap()
-                .with_kernel(kernel);
-            let (want, want_lse) = dense_attention_f64(
-                &attn,
-                Strided::new(&q[..], qs),
-                Strided::new(&k[..], ks),
-                Strided::new(&v[..], ks),
-            )
-            .unwrap();
-            let (got, lse) = gpu_forward(&stream, &attn, (&q, &k, &v), qs, ks).unwrap();
-            let nan = got.iter().filter(|x| x.is_nan()).count();
-            assert_eq!(
-                nan, 0,
-                "{kernel:?} d={d} {o:?}: {nan} outputs unwritten or NaN"
-            );
-            let err = rel_l2(&got, &want);
-            assert!(err < 2e-2, "{kernel:?} d={d} {o:?}: rel err {err}");
-            check_lse(
-                &lse,
-                &want_lse,
-                2e-2,
-                &format!("many query tiles {kernel:?} d={d} {o:?}"),
-            );
-            println!("many query tiles {kernel:?} d={d} {o:?}: rel err {err:.3e}");
-        }
+        let lens = (&lens_q[..], &lens_k[..]);
+        let seed = 1000 + d as u64;
+        varlen_case::<bf16>(&stream, seed, lens, (hq, hkv, d), kernel, &opts);
+    }
+}
+
+/// A packed varlen batch of sequences of `lens_q` queries and `lens_k` keys, `hq` query and
+/// `hkv` kv heads of head dim `d`, random data from `seed`, run with `kernel` under each of
+/// `opts` against the f64 reference: no output left NaN (the output is poisoned), relative
+/// L2 error and LSE within 2e-2.
+fn varlen_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    (lens_q, lens_k): (&[usize], &[usize]),
+    (hq, hkv, d): (usize, usize, usize),
+    kernel: DenseKernel,
+    opts: &[AttentionOptions],
+) {
+    let (cq, ck) = (cu_seqlens(lens_q), cu_seqlens(lens_k));
+    let n = lens_q.len();
+    let (tq, tk) = (cq[n] as usize, ck[n] as usize);
+    let mut r = rng(seed);
+    let q: Vec<T> = random_vec(&mut r, tq * hq * d);
+    let k: Vec<T> = random_vec(&mut r, tk * hkv * d);
+    let v: Vec<T> = random_vec(&mut r, tk * hkv * d);
+    let qs = Strides {
+        batch: 0,
+        seq: (hq * d) as i64,
+        head: d as i64,
+    };
+    let ks = Strides {
+        batch: 0,
+        seq: (hkv * d) as i64,
+        head: d as i64,
+    };
+    for o in opts {
+        let attn = FlashAttention::new(&varlen_shape(n, hq, hkv, d, &cq, &ck), o)
+            .unwrap()
+            .with_kernel(kernel);
+        let what = format!("many query tiles {kernel:?} d={d} {o:?}");
+        let err = matches_reference(
+            stream,
+            &attn,
+            (&q, &k, &v),
+            (qs, ks),
+            (2e-2, Some(2e-2)),
+            &what,
+        );
+        println!("many query tiles {kernel:?} d={d} {o:?}: rel err {err:.3e}");
     }
 }
 
@@ -565,50 +576,11 @@ fn gpu_hopper_wide_full_attention() {
     }
     println!("gpu_hopper_wide_full_attention: fixed lengths, worst rel err {worst:.3e}");
 
+    // Packed: a ragged last tile reads the next sequence's keys, which only the mask drops.
     let lens_q = [600usize, 0, 450, 177, 1, 300, 1200];
     let lens_k = [600usize, 7, 520, 176, 1, 0, 1199];
-    let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
-    let nseq = lens_q.len();
-    let (tq, tk) = (cq[nseq] as usize, ck[nseq] as usize);
-    let (hq, hkv, d) = (8usize, 2usize, 128usize);
-    let mut r = rng(8100);
-    let q: Vec<f16> = random_vec(&mut r, tq * hq * d);
-    let k: Vec<f16> = random_vec(&mut r, tk * hkv * d);
-    let v: Vec<f16> = random_vec(&mut r, tk * hkv * d);
-    let qs = Strides {
-        batch: 0,
-        seq: (hq * d) as i64,
-        head: d as i64,
-    };
-    let ks = Strides {
-        batch: 0,
-        seq: (hkv * d) as i64,
-        head: d as i64,
-    };
-    for o in [full, capped] {
-        let attn = FlashAttention::new(&varlen_shape(nseq, hq, hkv, d, &cq, &ck), &o)
-            .unwrap()
-            .with_kernel(wide);
-        let (want, want_lse) = dense_attention_f64(
-            &attn,
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..], ks),
-            Strided::new(&v[..], ks),
-        )
-        .unwrap();
-        let (got, lse) = gpu_forward(&stream, &attn, (&q, &k, &v), qs, ks).unwrap();
-        let nan = got.iter().filter(|x| x.is_nan()).count();
-        assert_eq!(nan, 0, "varlen {o:?}: {nan} outputs unwritten or NaN");
-        let err = rel_l2(&got, &want);
-        assert!(err < tolerance::<f16>(), "varlen {o:?}: rel err {err}");
-        check_lse(
-            &lse,
-            &want_lse,
-            lse_tol(&want_lse),
-            &format!("wide varlen {o:?}"),
-        );
-        println!("gpu_hopper_wide_full_attention: varlen {o:?}: rel err {err:.3e}");
-    }
+    let lens = (&lens_q[..], &lens_k[..]);
+    varlen_case::<f16>(&stream, 8100, lens, (8, 2, 128), wide, &[full, capped]);
 
     // Refusals: every mask in force (run_case checks the error names it), other head dims.
     let x = Dims::new(1, 200, 300, 2, 2, 128);
