@@ -1,5 +1,5 @@
 // Inline-PTX wrappers for the Hopper warpgroup MMA (wgmma.mma_async, sm_90a only): m64nNk16
-// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 192, 256, and m64nNk32 with e4m3
+// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 176, 192, 256, and m64nNk32 with e4m3
 // inputs (MmaE4m3), N = 64, 128, 256. Only instantiate these from code
 // compiled for sm_90a (guard with __CUDA_ARCH_FEAT_SM90_ALL).
 //
