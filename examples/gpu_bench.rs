@@ -4,13 +4,15 @@
 //!
 //! TFLOP/s counts `4 * head_dim` FLOPs per visible (query, key) pair and head.
 //! `cargo run --release --example gpu_bench [-- --quick]`; `GPU_BENCH_KERNELS=wgmma,mma,simt,
-//! wgmma-window,wgmma-persistent` (default: all five) picks the kernels to time.
+//! wgmma-window,wgmma-persistent,wgmma-wide` (default: all six) picks the kernels to time.
 //!
 //! `window*` rows also time `DenseKernel::HopperWindow` (`longattn-wgmma-window`: 64-key
 //! tiles, per-half key ranges, persistent blocks; not yet run on a GPU), on those rows only.
 //! Every dense, window and varlen row also times `DenseKernel::HopperPersistent`
 //! (`longattn-wgmma-persistent`: the same persistent walk with 128-key tiles; not yet run on
-//! a GPU).
+//! a GPU). The d128 rows without a mask (`dense_d128_*_full`) also time
+//! `DenseKernel::HopperWide` (`longattn-wgmma-wide`: 176-key tiles, full attention only; not
+//! yet run on a GPU).
 //!
 //! `varlen64_d128_causal`: one packed batch of 64 sequences of 100-2000 tokens (a fixed
 //! spread), 16 heads, causal, as a serving engine's prefill batch packs them.
@@ -258,16 +260,17 @@ fn main() -> Result<()> {
             });
         }
     }
-    // GPU_BENCH_KERNELS=wgmma,mma,simt,wgmma-window,wgmma-persistent (default: all) picks the
-    // kernels to time.
+    // GPU_BENCH_KERNELS=wgmma,mma,simt,wgmma-window,wgmma-persistent,wgmma-wide (default: all)
+    // picks the kernels to time.
     let wanted = std::env::var("GPU_BENCH_KERNELS")
-        .unwrap_or_else(|_| "wgmma,mma,simt,wgmma-window,wgmma-persistent".into());
+        .unwrap_or_else(|_| "wgmma,mma,simt,wgmma-window,wgmma-persistent,wgmma-wide".into());
     let kernels: Vec<(DenseKernel, &str)> = [
         (DenseKernel::Hopper, "wgmma"),
         (DenseKernel::TensorCore, "mma"),
         (DenseKernel::Simt, "simt"),
         (DenseKernel::HopperWindow, "wgmma-window"),
         (DenseKernel::HopperPersistent, "wgmma-persistent"),
+        (DenseKernel::HopperWide, "wgmma-wide"),
     ]
     .into_iter()
     .filter(|(_, name)| wanted.split(',').any(|w| w.trim() == *name))
@@ -281,6 +284,12 @@ fn main() -> Result<()> {
             }
             // The window kernel is built for windows: time it on those rows only.
             if kernel == DenseKernel::HopperWindow && !c.name.starts_with("window") {
+                continue;
+            }
+            // The wide-tile kernel runs d128 without a mask only.
+            if kernel == DenseKernel::HopperWide
+                && (c.d != 128 || c.opts.effective_mask() != Mask::default())
+            {
                 continue;
             }
             match time_case(&stream, c, kernel) {

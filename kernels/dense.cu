@@ -250,6 +250,7 @@ extern "C" const char *la_dense_kernel_unsupported_reason(const LaDenseParams *p
     case LA_DENSE_WGMMA_PERSISTENT:
       return longattn::dense_wgmma_persistent_unsupported_reason(*params);
     case LA_DENSE_WGMMA_GQA: return longattn::dense_wgmma_gqa_unsupported_reason(*params);
+    case LA_DENSE_WGMMA_WIDE: return longattn::dense_wgmma_wide_unsupported_reason(*params);
   }
   return "unknown kernel";
 }
@@ -300,6 +301,9 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
     case LA_DENSE_WGMMA_GQA:
       return dense_wgmma_gqa_unsupported_reason(p) == nullptr ? dense_wgmma_gqa_forward(p, stream)
                                                               : kKernelUnsupported;
+    case LA_DENSE_WGMMA_WIDE:
+      return dense_wgmma_wide_unsupported_reason(p) == nullptr ? dense_wgmma_wide_forward(p, stream)
+                                                               : kKernelUnsupported;
   }
   return cudaErrorInvalidValue;
 }

@@ -6,6 +6,9 @@
 // tensor copies of 4-D maps (tma_host.cuh); only the tiles that Mask::key_tiles leaves visible
 // are loaded (sink tiles, then the window), and only boundary tiles are masked per element.
 // Semantics are exactly those of the SIMT kernel in dense.cu. Verified on an H200 (2026-12-04).
+// LA_DENSE_WGMMA_WIDE runs the same problem with 176-key tiles (WgDenseWide, d128 only) where
+// no element mask is needed: full attention, where only the keys past seqlen_k of the ragged
+// last tile are masked (mask_tile's boundary case). Not yet run on a GPU.
 
 #include <cuda.h>
 
@@ -178,6 +181,26 @@ cudaError_t dense_wgmma_forward(const LaDenseParams &p, cudaStream_t stream) {
     err = launch_wgmma<typename decltype(t)::type, typename decltype(tr)::type>(p, stream);
   });
   return err;
+}
+
+const char *dense_wgmma_wide_unsupported_reason(const LaDenseParams &p) {
+  const void *kernel = with_dtype<__half, __nv_bfloat16>(p.dtype, (const void *)nullptr, [](auto t) {
+    return reinterpret_cast<const void *>(
+        dense_wgmma_kernel<typename decltype(t)::type, WgDenseWide>);
+  });
+  if (kernel == nullptr || p.head_dim != WgDenseWide::kHeadDim)
+    return "it takes f16 or bf16 with head_dim 128 only";
+  if (p.window_left >= 0 || p.window_right >= 0 || p.sinks > 0)
+    return "it runs full attention only (no causal mask, window or sinks): its 176-key tiles "
+           "mask only the keys past seqlen_k";
+  const char *why = device_unsupported_reason(kernel, WgDenseWide::kSmemBytes, tma_host::is_sm90);
+  return why != nullptr ? why : tma_host::tensors_unmappable_reason(p);
+}
+
+cudaError_t dense_wgmma_wide_forward(const LaDenseParams &p, cudaStream_t stream) {
+  return with_dtype<__half, __nv_bfloat16>(p.dtype, cudaErrorInvalidValue, [&](auto t) {
+    return launch_wgmma<typename decltype(t)::type, WgDenseWide>(p, stream);
+  });
 }
 
 }  // namespace longattn

@@ -56,9 +56,10 @@ def dense_table():
     if not names:
         return
     impls = ["longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
-             "longattn-wgmma-persistent", "longattn-simt", "sdpa-flash", "sdpa-cudnn", "flex"]
+             "longattn-wgmma-persistent", "longattn-wgmma-wide", "longattn-simt", "sdpa-flash",
+             "sdpa-cudnn", "flex"]
     ours_impls = ("longattn-wgmma", "longattn-mma", "longattn-mma-gqa", "longattn-wgmma-window",
-                  "longattn-wgmma-persistent")
+                  "longattn-wgmma-persistent", "longattn-wgmma-wide")
     widths = [max(15, len(i) + 1) for i in impls]
     print(f"{'case':<28}" + "".join(f"{i:>{w}}" for i, w in zip(impls, widths))
           + f"{'wgmma/mma':>11}{'best/flash':>11}{'best/cudnn':>11}{'best/flex':>10}")

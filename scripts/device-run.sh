@@ -74,6 +74,7 @@ if command -v compute-sanitizer > /dev/null; then
     paged_prefill:gpu_prefill_matches_reference_f16 \
     paged_prefill_gpu:gpu_hopper_prefill_matches_reference_f16 \
     dense_gpu:gpu_hopper_varlen_many_query_tiles dense_gpu:gpu_hopper_window_short_windows \
+    dense_gpu:gpu_hopper_wide_full_attention \
     paged_gpu:gpu_plan_reuse_matches_one_shot \
     paged_gpu:gpu_fp8_decode_one_case block_sparse_gpu:gpu_moba_ties_and_nan_follow_the_rule \
     block_sparse_gpu:gpu_moba_gather_plan_replay_and_refusals \

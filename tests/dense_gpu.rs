@@ -114,31 +114,45 @@ fn run_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
         .with_kernel(kernel);
     let qs = Strides::contiguous(x.sq, x.hq, x.d);
     let ks = Strides::contiguous(x.sk, x.hkv, x.d);
+    if wide_refuses(kernel, opts) {
+        let r = gpu_forward(stream, &attn, (&q, &k, &v), qs, ks);
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("full attention only")),
+            "{x:?} {opts:?} {kernel:?}: {r:?}"
+        );
+        return 0.0;
+    }
+    let what = format!("{x:?} {opts:?} {kernel:?} {}", T::DTYPE);
+    let tol = tolerance::<T>();
+    matches_reference(stream, &attn, (&q, &k, &v), (qs, ks), (tol, None), &what)
+}
+
+/// Runs `attn` on the GPU on host `q`, `k`, `v` (strides `qs` for q and out, `ks` for k and
+/// v) and compares it with the f64 reference: no output left NaN (the output is poisoned),
+/// relative L2 error below `tol`, LSE within `lse_tol_or` (`None`: `lse_tol` of the
+/// reference's LSE). Returns the error; `what` names the case in failures.
+fn matches_reference<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    attn: &FlashAttention,
+    (q, k, v): (&[T], &[T], &[T]),
+    (qs, ks): (Strides, Strides),
+    (tol, lse_tol_or): (f64, Option<f64>),
+    what: &str,
+) -> f64 {
     let (want, want_lse) = dense_attention_f64(
-        &attn,
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
+        attn,
+        Strided::new(q, qs),
+        Strided::new(k, ks),
+        Strided::new(v, ks),
     )
     .unwrap();
-    let (got, lse) = gpu_forward(stream, &attn, (&q, &k, &v), qs, ks).unwrap();
+    let (got, lse) = gpu_forward(stream, attn, (q, k, v), qs, ks).unwrap();
     let nan = got.iter().filter(|x| x.is_nan()).count();
-    assert_eq!(
-        nan, 0,
-        "{x:?} {opts:?} {kernel:?}: {nan} outputs unwritten or NaN"
-    );
+    assert_eq!(nan, 0, "{what}: {nan} outputs unwritten or NaN");
     let err = rel_l2(&got, &want);
-    assert!(
-        err < tolerance::<T>(),
-        "{x:?} {opts:?} {kernel:?} {}: rel err {err}",
-        T::DTYPE
-    );
-    check_lse(
-        &lse,
-        &want_lse,
-        lse_tol(&want_lse),
-        &format!("{x:?} {opts:?} {kernel:?}"),
-    );
+    assert!(err < tol, "{what}: rel err {err}");
+    let lt = lse_tol_or.unwrap_or_else(|| lse_tol(&want_lse));
+    check_lse(&lse, &want_lse, lt, what);
     err
 }
 
@@ -160,7 +174,8 @@ fn options() -> Vec<AttentionOptions> {
 /// The kernels that run head dim `d`: `Auto` (the dispatch), `Simt`, `TensorCorePadded` and
 /// `TensorCoreGqa` at every head dim of the sweeps (each a multiple of 8), `TensorCore` and
 /// `Hopper` at 64, 128, 256 (and `HopperGqa` there on Hopper), and on Hopper `HopperWindow`
-/// and `HopperPersistent` up to 192.
+/// and `HopperPersistent` up to 192, `HopperWide` at 128 (full attention only: see
+/// `wide_refuses`).
 fn kernels_for(d: usize) -> Vec<DenseKernel> {
     let mut k = vec![
         DenseKernel::Auto,
@@ -177,7 +192,16 @@ fn kernels_for(d: usize) -> Vec<DenseKernel> {
     if is_hopper() && d.is_multiple_of(8) && d <= 192 {
         k.extend([DenseKernel::HopperWindow, DenseKernel::HopperPersistent]);
     }
+    if is_hopper() && d == 128 {
+        k.push(DenseKernel::HopperWide);
+    }
     k
+}
+
+/// Whether `kernel` refuses `opts` by design: `HopperWide` runs full attention only (no
+/// causal mask, window or sinks in force).
+fn wide_refuses(kernel: DenseKernel, opts: &AttentionOptions) -> bool {
+    kernel == DenseKernel::HopperWide && opts.effective_mask() != Mask::default()
 }
 
 #[test]
@@ -383,9 +407,6 @@ fn gpu_hopper_varlen_many_query_tiles() {
     let stream = ctx.default_stream();
     let lens_q = [600usize, 0, 450, 129, 1, 300];
     let lens_k = [600usize, 7, 520, 129, 1, 0];
-    let (cq, ck) = (cu_seqlens(&lens_q), cu_seqlens(&lens_k));
-    let n = lens_q.len();
-    let (tq, tk) = (cq[n] as usize, ck[n] as usize);
     let opts = [
         AttentionOptions::default(),
         AttentionOptions::causal().with_sinks(4),
@@ -402,47 +423,55 @@ fn gpu_hopper_varlen_many_query_tiles() {
         (128, 8, 2, DenseKernel::HopperGqa),
     ];
     for (d, hq, hkv, kernel) in runs {
-        let mut r = rng(1000 + d as u64);
-        let q: Vec<bf16> = random_vec(&mut r, tq * hq * d);
-        let k: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
-        let v: Vec<bf16> = random_vec(&mut r, tk * hkv * d);
-        let qs = Strides {
-            batch: 0,
-            seq: (hq * d) as i64,
-            head: d as i64,
-        };
-        let ks = Strides {
-            batch: 0,
-            seq: (hkv * d) as i64,
-            head: d as i64,
-        };
-        for o in &opts {
-            let attn = FlashAttention::new(&varlen_shape(n, hq, hkv, d, &cq, &ck), o)
-                .unwrap()
-                .with_kernel(kernel);
-            let (want, want_lse) = dense_attention_f64(
-                &attn,
-                Strided::new(&q[..], qs),
-                Strided::new(&k[..], ks),
-                Strided::new(&v[..], ks),
-            )
-            .unwrap();
-            let (got, lse) = gpu_forward(&stream, &attn, (&q, &k, &v), qs, ks).unwrap();
-            let nan = got.iter().filter(|x| x.is_nan()).count();
-            assert_eq!(
-                nan, 0,
-                "{kernel:?} d={d} {o:?}: {nan} outputs unwritten or NaN"
-            );
-            let err = rel_l2(&got, &want);
-            assert!(err < 2e-2, "{kernel:?} d={d} {o:?}: rel err {err}");
-            check_lse(
-                &lse,
-                &want_lse,
-                2e-2,
-                &format!("many query tiles {kernel:?} d={d} {o:?}"),
-            );
-            println!("many query tiles {kernel:?} d={d} {o:?}: rel err {err:.3e}");
-        }
+        let lens = (&lens_q[..], &lens_k[..]);
+        let seed = 1000 + d as u64;
+        varlen_case::<bf16>(&stream, seed, lens, (hq, hkv, d), kernel, &opts);
+    }
+}
+
+/// A packed varlen batch of sequences of `lens_q` queries and `lens_k` keys, `hq` query and
+/// `hkv` kv heads of head dim `d`, random data from `seed`, run with `kernel` under each of
+/// `opts` against the f64 reference: no output left NaN (the output is poisoned), relative
+/// L2 error and LSE within 2e-2.
+fn varlen_case<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    seed: u64,
+    (lens_q, lens_k): (&[usize], &[usize]),
+    (hq, hkv, d): (usize, usize, usize),
+    kernel: DenseKernel,
+    opts: &[AttentionOptions],
+) {
+    let (cq, ck) = (cu_seqlens(lens_q), cu_seqlens(lens_k));
+    let n = lens_q.len();
+    let (tq, tk) = (cq[n] as usize, ck[n] as usize);
+    let mut r = rng(seed);
+    let q: Vec<T> = random_vec(&mut r, tq * hq * d);
+    let k: Vec<T> = random_vec(&mut r, tk * hkv * d);
+    let v: Vec<T> = random_vec(&mut r, tk * hkv * d);
+    let qs = Strides {
+        batch: 0,
+        seq: (hq * d) as i64,
+        head: d as i64,
+    };
+    let ks = Strides {
+        batch: 0,
+        seq: (hkv * d) as i64,
+        head: d as i64,
+    };
+    for o in opts {
+        let attn = FlashAttention::new(&varlen_shape(n, hq, hkv, d, &cq, &ck), o)
+            .unwrap()
+            .with_kernel(kernel);
+        let what = format!("many query tiles {kernel:?} d={d} {o:?}");
+        let err = matches_reference(
+            stream,
+            &attn,
+            (&q, &k, &v),
+            (qs, ks),
+            (2e-2, Some(2e-2)),
+            &what,
+        );
+        println!("many query tiles {kernel:?} d={d} {o:?}: rel err {err:.3e}");
     }
 }
 
@@ -504,6 +533,77 @@ fn gpu_hopper_window_short_windows() {
         worst = worst.max(err);
     }
     println!("gpu_hopper_window_short_windows: worst rel err {worst:.3e}");
+}
+
+/// The wide-tile Hopper kernel (176-key tiles, d128, full attention) where its tile width
+/// matters: key counts around multiples of 176 (the ragged last tile is the only one masked,
+/// its keys past seqlen_k zero-filled by the copy engine), one key, seqlen_q != seqlen_k
+/// both ways, GQA 4:1, softcap and scale, f16 and bf16; a packed varlen batch whose ragged
+/// tiles read the next sequence's keys (and an empty sequence, one without keys), with more
+/// query tiles than SMs; LSE checked, outputs NaN-poisoned. Then its refusals: every mask in
+/// force and the other head dims, by name.
+#[test]
+fn gpu_hopper_wide_full_attention() {
+    let Some(ctx) = gpu_or_skip("gpu_hopper_wide_full_attention") else {
+        return;
+    };
+    if !is_hopper() {
+        println!("SKIP gpu_hopper_wide_full_attention: not compute capability 9.0");
+        return;
+    }
+    let stream = ctx.default_stream();
+    let wide = DenseKernel::HopperWide;
+    let full = AttentionOptions::default();
+    let capped = full.with_softcap(0.5).with_scale(3.0);
+    let mut worst = 0.0f64;
+    for (n, &(sq, sk)) in [
+        (1usize, 1usize),
+        (130, 175),
+        (129, 176),
+        (300, 177),
+        (200, 352),
+        (64, 353),
+        (1000, 700),
+        (257, 2200),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = Dims::new(2, sq, sk, 4, 1, 128);
+        let seed = 8000 + n as u64;
+        worst = worst.max(run_case::<bf16>(&stream, seed, x, &full, wide));
+        worst = worst.max(run_case::<f16>(&stream, seed + 50, x, &capped, wide));
+    }
+    println!("gpu_hopper_wide_full_attention: fixed lengths, worst rel err {worst:.3e}");
+
+    // Packed: a ragged last tile reads the next sequence's keys, which only the mask drops.
+    let lens_q = [600usize, 0, 450, 177, 1, 300, 1200];
+    let lens_k = [600usize, 7, 520, 176, 1, 0, 1199];
+    let lens = (&lens_q[..], &lens_k[..]);
+    varlen_case::<f16>(&stream, 8100, lens, (8, 2, 128), wide, &[full, capped]);
+
+    // Refusals: every mask in force (run_case checks the error names it), other head dims.
+    let x = Dims::new(1, 200, 300, 2, 2, 128);
+    for (n, opts) in options().iter().enumerate() {
+        run_case::<bf16>(&stream, 8200 + n as u64, x, opts, wide);
+    }
+    for opts in [full.with_sinks(4), full.with_causal(true)] {
+        assert!(wide_refuses(wide, &opts), "{opts:?}");
+        run_case::<bf16>(&stream, 8300, x, &opts, wide);
+    }
+    for d in [64, 256] {
+        let x = Dims::new(1, 64, 64, 1, 1, d);
+        let attn = FlashAttention::new(&fixed_shape(x), &full)
+            .unwrap()
+            .with_kernel(wide);
+        let data: Vec<bf16> = random_vec(&mut rng(d as u64), 64 * d);
+        let s = Strides::contiguous(64, 1, d);
+        let r = gpu_forward(&stream, &attn, (&data, &data, &data), s, s);
+        assert!(
+            matches!(&r, Err(Error::Unsupported(m)) if m.contains("head_dim 128")),
+            "d{d}: {r:?}"
+        );
+    }
 }
 
 /// K and V shared by every sequence of the batch (batch stride 0): legal strides that the
@@ -607,6 +707,9 @@ fn gpu_varlen_strided_and_untouched_padding() {
         };
         for opts in options() {
             for kernel in kernels_for(d) {
+                if wide_refuses(kernel, &opts) {
+                    continue; // its refusals are checked in run_case
+                }
                 let attn = FlashAttention::new(&varlen_shape(5, hq, hkv, d, &cq, &ck), &opts)
                     .unwrap()
                     .with_kernel(kernel);
@@ -826,6 +929,7 @@ fn gpu_rejects_bad_inputs() {
         DenseKernel::HopperWindow,
         DenseKernel::HopperPersistent,
         DenseKernel::HopperGqa,
+        DenseKernel::HopperWide,
     ] {
         let a40 = FlashAttention::new(&fixed_shape(x40), &AttentionOptions::default())
             .unwrap()

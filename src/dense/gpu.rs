@@ -9,6 +9,7 @@ use crate::gpu::{
     check_tensor_core_head_dim, cuda_call,
 };
 use crate::layout::Strided;
+use crate::mask::Mask;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
 use std::sync::Arc;
 
@@ -74,7 +75,8 @@ impl FlashAttention {
             self.head_dim,
             self.batch,
             (self.heads_q, self.heads_kv),
-        )
+        )?;
+        check_dense_gpu_mask(self.kernel, &self.mask)
     }
 }
 
@@ -112,6 +114,11 @@ pub(crate) fn check_dense_gpu(
     ) {
         check_tensor_core_head_dim("the tensor-core kernels take", head_dim)?;
     }
+    if kernel == DenseKernel::HopperWide && head_dim != WIDE_HEAD_DIM {
+        return Err(Error::Unsupported(format!(
+            "the HopperWide kernel takes head_dim {WIDE_HEAD_DIM} only, not {head_dim}"
+        )));
+    }
     if matches!(
         kernel,
         DenseKernel::HopperWindow | DenseKernel::HopperPersistent
@@ -136,6 +143,22 @@ pub(crate) fn check_dense_gpu(
     Ok(())
 }
 
+/// The mask check of a dense GPU call: [`DenseKernel::HopperWide`] runs full attention only
+/// (`mask` is the mask in force, causal included): its 176-key tiles mask only the keys past
+/// seqlen_k, so a causal mask, a window or sinks are refused by name. Every other kernel runs
+/// every mask.
+pub(crate) fn check_dense_gpu_mask(kernel: DenseKernel, mask: &Mask) -> Result<()> {
+    if kernel == DenseKernel::HopperWide && *mask != Mask::default() {
+        return Err(Error::Unsupported(format!(
+            "the HopperWide kernel runs full attention only (no causal mask, window or sinks; \
+             its 176-key tiles mask only the keys past seqlen_k), not {mask:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The head dim of [`DenseKernel::HopperWide`] (its one tile, `WgDenseWide`).
+const WIDE_HEAD_DIM: usize = 128;
 /// Query heads per kv head that [`DenseKernel::TensorCoreGqa`] packs into one 64-row tile.
 const GQA_MAX_GROUP: usize = 64;
 /// Query heads per kv head that [`DenseKernel::HopperGqa`] packs into one 128-row tile.
@@ -252,6 +275,7 @@ where
         DenseKernel::HopperWindow => ffi::LaDenseKernel::LA_DENSE_WGMMA_WINDOW,
         DenseKernel::HopperPersistent => ffi::LaDenseKernel::LA_DENSE_WGMMA_PERSISTENT,
         DenseKernel::HopperGqa => ffi::LaDenseKernel::LA_DENSE_WGMMA_GQA,
+        DenseKernel::HopperWide => ffi::LaDenseKernel::LA_DENSE_WGMMA_WIDE,
     };
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
@@ -325,6 +349,7 @@ pub(crate) fn ffi_params<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mask::Window;
 
     /// Which kernels take which head dims, decided before any device call (no GPU needed).
     #[test]
@@ -400,6 +425,60 @@ mod tests {
                 );
             }
             assert!(check_dense_gpu(kernel, DType::F32, 128, 1, (1, 1)).is_err());
+        }
+    }
+
+    /// The wide-tile Hopper kernel: f16/bf16 at head_dim 128 only, full attention only (any
+    /// causal mask, window or sinks refused by name, before any device call); scale, softcap,
+    /// GQA and batch limits as the other kernels.
+    #[test]
+    fn hopper_wide_takes_d128_full_attention_only() {
+        let wide = DenseKernel::HopperWide;
+        let dims = |t, d| check_dense_gpu(wide, t, d, 2, (8, 2));
+        assert!(dims(DType::BF16, 128).is_ok() && dims(DType::F16, 128).is_ok());
+        for (t, d) in [
+            (DType::BF16, 64),
+            (DType::F16, 256),
+            (DType::BF16, 96),
+            (DType::F32, 128),
+        ] {
+            assert!(
+                matches!(dims(t, d), Err(Error::Unsupported(_))),
+                "{t:?} d{d}"
+            );
+        }
+        let e = dims(DType::BF16, 64).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("HopperWide") && m.contains("128")),
+            "{e:?}"
+        );
+        assert!(check_dense_gpu(wide, DType::BF16, 128, 1 << 20, (1, 1)).is_err());
+        let mask = |left, right, sinks| Mask {
+            window: Window::new(left, right),
+            sinks,
+        };
+        assert!(check_dense_gpu_mask(wide, &Mask::default()).is_ok());
+        for m in [
+            mask(None, Some(0), 0),
+            mask(Some(255), Some(0), 0),
+            mask(Some(100), None, 0),
+            mask(None, Some(5), 0),
+            mask(None, None, 4),
+            mask(None, Some(0), 4),
+        ] {
+            let e = check_dense_gpu_mask(wide, &m).unwrap_err();
+            assert!(
+                matches!(&e, Error::Unsupported(s) if s.contains("full attention only")),
+                "{m:?}: {e:?}"
+            );
+            // Every other kernel runs every mask.
+            for k in [
+                DenseKernel::Auto,
+                DenseKernel::Hopper,
+                DenseKernel::HopperPersistent,
+            ] {
+                assert!(check_dense_gpu_mask(k, &m).is_ok(), "{k:?} {m:?}");
+            }
         }
     }
 }

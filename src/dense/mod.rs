@@ -85,6 +85,15 @@ pub enum DenseKernel {
     /// decoding) at Hopper speed. head_dim 64, 128 or 256; every mask option. Explicit
     /// opt-in: **not yet run on a GPU**, never picked by `Auto`.
     HopperGqa,
+    /// `Hopper` with 176-key tiles instead of 128 (`kernels/dense_wgmma.cu`, `WgDenseWide`,
+    /// sm_90a), FlashAttention-3's head-dim-128 tile for problems without a mask: each tile
+    /// pays the same fixed costs (turn barriers, ring waits, row-max shuffles, the O rescale)
+    /// for 1.375x the keys. f16/bf16, head_dim 128, full attention only: no causal mask,
+    /// window or sinks, since only the keys past `seqlen_k` in the ragged last tile are masked
+    /// (softcap, scale, GQA, varlen and LSE run). Anything else is `Error::Unsupported`,
+    /// naming why. Two K/V stages of 88 KB (209 KB shared). Explicit opt-in: **not yet run on
+    /// a GPU**, never picked by `Auto`.
+    HopperWide,
 }
 
 /// Options shared by every attention family, on the CPU and the GPU. The default is full

@@ -93,7 +93,12 @@ typedef enum LaDenseKernel {
    * only): the heads_q / heads_kv query heads of a kv head (at most 128) share one 128-row
    * tile, floor(128 / group) positions each; head_dim 64, 128 or 256. For short query
    * sequences over a long K/V. By name only; not yet run on a GPU. */
-  LA_DENSE_WGMMA_GQA = 8
+  LA_DENSE_WGMMA_GQA = 8,
+  /* LA_DENSE_WGMMA with 176-key tiles (FlashAttention-3's d128 tile without a mask): f16/bf16,
+   * head_dim 128, full attention only (no causal mask, window or sinks; softcap runs), sm_90a.
+   * Fewer per-tile fixed costs per key than the 128-key tiles. By name only; not yet run on a
+   * GPU. */
+  LA_DENSE_WGMMA_WIDE = 9
 } LaDenseKernel;
 
 /* Returned by la_dense_forward when the kernel asked for by name (not AUTO) cannot run these

@@ -102,6 +102,10 @@ cudaError_t dense_wgmma_window_forward(const LaDenseParams &p, cudaStream_t stre
 // (dense_wgmma_window.cu): LA_DENSE_WGMMA_PERSISTENT only, head dims as above.
 const char *dense_wgmma_persistent_unsupported_reason(const LaDenseParams &p);
 cudaError_t dense_wgmma_persistent_forward(const LaDenseParams &p, cudaStream_t stream);
+// dense_wgmma.cu's kernel with 176-key tiles (WgDenseWide): LA_DENSE_WGMMA_WIDE only, f16/bf16,
+// head_dim 128, full attention (no window, causal mask or sinks).
+const char *dense_wgmma_wide_unsupported_reason(const LaDenseParams &p);
+cudaError_t dense_wgmma_wide_forward(const LaDenseParams &p, cudaStream_t stream);
 // Head dims the tensor-core kernels have tiles for (others are padded up to one).
 inline bool tensor_core_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
 // The mma.sync kernel on the shared mainloop, any head_dim up to 256 (padded in the kernel):

@@ -1,5 +1,5 @@
 // Inline-PTX wrappers for the Hopper warpgroup MMA (wgmma.mma_async, sm_90a only): m64nNk16
-// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 192, 256, and m64nNk32 with e4m3
+// with f32 accumulators and f16/bf16 inputs, N = 64, 128, 176, 192, 256, and m64nNk32 with e4m3
 // inputs (MmaE4m3), N = 64, 128, 256. Only instantiate these from code
 // compiled for sm_90a (guard with __CUDA_ARCH_FEAT_SM90_ALL).
 //
@@ -72,7 +72,7 @@ __device__ __forceinline__ void fence_proxy_async() {
 // registers and B MN-major (transposed) in shared memory.
 template <typename T, int N> struct Mma;
 
-// The eight specialisations differ only in the PTX type, N and the operand numbering, so one
+// The ten specialisations differ only in the PTX type, N and the operand numbering, so one
 // macro writes them. Operands: the N / 2 accumulators d[] are %0 .. %(N/2 - 1); then ss takes
 // the two descriptors and the scale-d flag, rs_bt the four A registers, the B descriptor and a
 // constant 1 (its scale-d is always on).
@@ -81,11 +81,10 @@ template <typename T, int N> struct Mma;
       "+f"(d[i + 6]), "+f"(d[i + 7])
 #define LA_WG_D32 LA_WG_D8(0), LA_WG_D8(8), LA_WG_D8(16), LA_WG_D8(24)
 #define LA_WG_D64 LA_WG_D32, LA_WG_D8(32), LA_WG_D8(40), LA_WG_D8(48), LA_WG_D8(56)
-#define LA_WG_D96 \
-  LA_WG_D64, LA_WG_D8(64), LA_WG_D8(72), LA_WG_D8(80), LA_WG_D8(88)
-#define LA_WG_D128                                                                         \
-  LA_WG_D64, LA_WG_D8(64), LA_WG_D8(72), LA_WG_D8(80), LA_WG_D8(88), LA_WG_D8(96),          \
-      LA_WG_D8(104), LA_WG_D8(112), LA_WG_D8(120)
+#define LA_WG_D88 LA_WG_D64, LA_WG_D8(64), LA_WG_D8(72), LA_WG_D8(80)
+#define LA_WG_D96 LA_WG_D88, LA_WG_D8(88)
+#define LA_WG_D128 \
+  LA_WG_D96, LA_WG_D8(96), LA_WG_D8(104), LA_WG_D8(112), LA_WG_D8(120)
 #define LA_WG_R32 \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
@@ -93,16 +92,18 @@ template <typename T, int N> struct Mma;
   LA_WG_R32 \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define LA_WG_R88 \
+  LA_WG_R64 \
+  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87"
 #define LA_WG_R96 \
-  LA_WG_R64 \
-  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+  LA_WG_R88 \
+  ", %88, %89, %90, %91, %92, %93, %94, %95"
 #define LA_WG_R128 \
-  LA_WG_R64 \
-  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+  LA_WG_R96 \
+  ", %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, " \
+  "%126, %127"
 // T, PTX element type, N, accumulator count (N / 2), its register list and operand list, and
 // the operand numbers after the accumulators: n0 = N / 2, n1 .. n5 = n0 + 1 .. n0 + 5.
 #define LA_WG_MMA(T, PTX, N, NACC, REGS, DOPS, n0, n1, n2, n3, n4, n5)                      \
@@ -128,10 +129,12 @@ template <typename T, int N> struct Mma;
 
 LA_WG_MMA(__half, "f16", 64, 32, LA_WG_R32, LA_WG_D32, 32, 33, 34, 35, 36, 37)
 LA_WG_MMA(__half, "f16", 128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 68, 69)
+LA_WG_MMA(__half, "f16", 176, 88, LA_WG_R88, LA_WG_D88, 88, 89, 90, 91, 92, 93)
 LA_WG_MMA(__half, "f16", 192, 96, LA_WG_R96, LA_WG_D96, 96, 97, 98, 99, 100, 101)
 LA_WG_MMA(__half, "f16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 LA_WG_MMA(__nv_bfloat16, "bf16", 64, 32, LA_WG_R32, LA_WG_D32, 32, 33, 34, 35, 36, 37)
 LA_WG_MMA(__nv_bfloat16, "bf16", 128, 64, LA_WG_R64, LA_WG_D64, 64, 65, 66, 67, 68, 69)
+LA_WG_MMA(__nv_bfloat16, "bf16", 176, 88, LA_WG_R88, LA_WG_D88, 88, 89, 90, 91, 92, 93)
 LA_WG_MMA(__nv_bfloat16, "bf16", 192, 96, LA_WG_R96, LA_WG_D96, 96, 97, 98, 99, 100, 101)
 LA_WG_MMA(__nv_bfloat16, "bf16", 256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 
@@ -170,10 +173,12 @@ LA_WG_MMA_E4M3(256, 128, LA_WG_R128, LA_WG_D128, 128, 129, 130, 131, 132, 133)
 #undef LA_WG_MMA
 #undef LA_WG_R128
 #undef LA_WG_R96
+#undef LA_WG_R88
 #undef LA_WG_R64
 #undef LA_WG_R32
 #undef LA_WG_D128
 #undef LA_WG_D96
+#undef LA_WG_D88
 #undef LA_WG_D64
 #undef LA_WG_D32
 #undef LA_WG_D8
