@@ -107,13 +107,16 @@ fn gpu_vs_cpu(gpu: &[bf16], cpu: &[bf16]) -> f64 {
     errors(&to_f64(gpu), &to_f64(cpu)).1
 }
 
-fn dense_case(
-    device: &Device,
-    (b, sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize, usize),
-    opts: AttentionOptions,
-    label: &str,
-) -> Result<Row> {
-    let shape = AttentionShape {
+/// `batch` sequences of `sq` query and `sk` key tokens, `hq` / `hkv` heads of `d` channels.
+fn fixed_shape(
+    b: usize,
+    sq: usize,
+    sk: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+) -> AttentionShape<'static> {
+    AttentionShape {
         batch: b,
         heads_q: hq,
         heads_kv: hkv,
@@ -122,7 +125,16 @@ fn dense_case(
             seqlen_q: sq,
             seqlen_k: sk,
         },
-    };
+    }
+}
+
+fn dense_case(
+    device: &Device,
+    (b, sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize, usize),
+    opts: AttentionOptions,
+    label: &str,
+) -> Result<Row> {
+    let shape = fixed_shape(b, sq, sk, hq, hkv, d);
     let attn = FlashAttention::new(&shape, &opts)?;
     let qs = Strides::contiguous(sq, hq, d);
     let ks = Strides::contiguous(sk, hkv, d);
@@ -200,16 +212,7 @@ fn dense_case(
 fn dense_fp8_case(device: &Device) -> Result<Row> {
     use longattn::reference::{Fp8PRule, dense_fp8_attention_f64};
     let (b, sq, sk, hq, hkv, d) = (1usize, 384usize, 640usize, 8usize, 2usize, 128usize);
-    let shape = AttentionShape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        seqlens: SeqLens::Fixed {
-            seqlen_q: sq,
-            seqlen_k: sk,
-        },
-    };
+    let shape = fixed_shape(b, sq, sk, hq, hkv, d);
     let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?;
     let (qs, ks) = (
         Strides::contiguous(sq, hq, d),
@@ -780,16 +783,7 @@ fn block_sparse_case(device: &Device) -> Result<Row> {
     use longattn::block_sparse::patterns::{self, PatternShape};
     let (b, s, hq, hkv, d, block) = (1, 1024, 4, 2, 64, 128);
     let opts = AttentionOptions::causal();
-    let shape = AttentionShape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        seqlens: SeqLens::Fixed {
-            seqlen_q: s,
-            seqlen_k: s,
-        },
-    };
+    let shape = fixed_shape(b, s, s, hq, hkv, d);
     let mask = patterns::bigbird(
         &PatternShape {
             heads: hq,
@@ -883,19 +877,7 @@ fn ring_case(
         random(b * s * hkv * d, 32),
         random(b * s * hkv * d, 33),
     );
-    let dense = FlashAttention::new(
-        &AttentionShape {
-            batch: b,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: s,
-                seqlen_k: s,
-            },
-        },
-        &opts,
-    )?;
+    let dense = FlashAttention::new(&fixed_shape(b, s, s, hq, hkv, d), &opts)?;
     let (qs, ks) = (
         Strides::contiguous(s, hq, d),
         Strides::contiguous(s, hkv, d),

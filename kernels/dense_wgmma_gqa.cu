@@ -157,15 +157,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 template <class Tr>
 bool encode_gqa_maps(tma_host::QkvMaps *maps, const LaDenseParams &p) {
   const int group = p.heads_q / p.heads_kv, positions = Tr::kBlockM / group;
-  tma_host::OperandShape q = tma_host::q_shape(p);
+  const tma_host::OperandShape q = tma_host::q_shape(p);
   const tma_host::OperandShape q_by_head{q.base,        q.heads,      q.rows,
                                          q.batch,       q.head_stride, q.row_stride,
                                          q.batch_stride};
-  tma_host::QkvMaps dense;
   return tma_host::encode_operand(&maps->q, q_by_head, p.dtype, Tr::kHeadDim, group, 64,
                                   positions) &&
-         tma_host::encode_qkv(&dense, p, Tr::kHeadDim, Tr::kBlockM, Tr::kBlockN) &&
-         (maps->k = dense.k, maps->v = dense.v, true);
+         tma_host::encode_kv(maps, p, Tr::kHeadDim, Tr::kBlockN);
 }
 
 template <typename T, class Tr>

@@ -125,15 +125,22 @@ struct QkvMaps {
 
 // Encodes `maps` for `p` (Q boxes of block_m rows, K/V boxes of block_n rows); false where the
 // copy engine cannot address an operand. `channel_multiple` as for operand_mappable.
-inline bool encode_qkv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int block_m,
-                       int block_n, int channel_multiple = 64) {
-  return encode_operand(&maps->q, q_shape(p), p.dtype, head_dim, block_m, channel_multiple) &&
-         encode_operand(&maps->k,
+// Encodes the K and V maps of `maps` for `p` (boxes of block_n rows); false where the copy
+// engine cannot address one. `channel_multiple` as for operand_mappable.
+inline bool encode_kv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int block_n,
+                      int channel_multiple = 64) {
+  return encode_operand(&maps->k,
                         kv_shape(p, p.k, p.k_row_stride, p.k_head_stride, p.k_batch_stride),
                         p.dtype, head_dim, block_n, channel_multiple) &&
          encode_operand(&maps->v,
                         kv_shape(p, p.v, p.v_row_stride, p.v_head_stride, p.v_batch_stride),
                         p.dtype, head_dim, block_n, channel_multiple);
+}
+
+inline bool encode_qkv(QkvMaps *maps, const LaDenseParams &p, int head_dim, int block_m,
+                       int block_n, int channel_multiple = 64) {
+  return encode_operand(&maps->q, q_shape(p), p.dtype, head_dim, block_m, channel_multiple) &&
+         encode_kv(maps, p, head_dim, block_n, channel_multiple);
 }
 
 // Launches a Hopper kernel with traits Tr (Tr::kThreads threads, Tr::kSmemBytes of dynamic
