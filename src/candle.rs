@@ -22,9 +22,12 @@
 //!
 //! Any strides with a contiguous last dim are accepted, and f32, f16 and bf16. The ops run on
 //! candle CPU tensors through [`FlashAttention::forward_cpu`] / [`PagedDecode::forward_cpu`]
-//! (f32 accumulation). No CUDA dispatch yet: candle-core's `cuda` feature enables cudarc's
-//! `dynamic-linking`, which cudarc refuses together with this crate's `dynamic-loading`, so
-//! on a candle CUDA tensor these ops return candle's "no cuda implementation" error.
+//! (f32 accumulation). With the feature `candle-cuda` they also run on candle CUDA tensors
+//! (f16/bf16), through this crate's GPU kernels on candle's stream (the `cuda` module; **not
+//! yet run on a GPU**). candle-core's `cuda` feature enables cudarc's `dynamic-linking` and
+//! `cuda-version-from-build-system`, which cudarc refuses next to this crate's default
+//! `dynamic-loading`: depend on longattn with `default-features = false` then. Without
+//! `candle-cuda`, a CUDA tensor gets candle's "no cuda implementation" error.
 //! Invalid inputs give a candle error, never a panic. Forward only: no backward.
 
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
@@ -34,6 +37,9 @@ use crate::mask::Window;
 use crate::paged::{KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 
 fn wrap(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("longattn: {e}")).bt()
@@ -385,6 +391,20 @@ macro_rules! dense_op3 {
             ) -> Result<(CpuStorage, Shape)> {
                 let p = self.problem(q_l, k_l, v_l)?;
                 dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                q: &candle_core::CudaStorage,
+                q_l: &Layout,
+                k: &candle_core::CudaStorage,
+                k_l: &Layout,
+                v: &candle_core::CudaStorage,
+                v_l: &Layout,
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                let p = self.problem(q_l, k_l, v_l)?;
+                cuda::dense(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
             }
         }
     };
@@ -781,6 +801,19 @@ impl CustomOp3 for PagedAttnDecode {
             ),
         };
         Ok((out, q_l.shape().clone()))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::paged_decode(self, (q, q_l), (k, k_l), (v, v_l))
     }
 }
 

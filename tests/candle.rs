@@ -492,3 +492,198 @@ fn bad_inputs_are_candle_errors() {
         fa::paged_attn_decode(&qd1, &kct, &kct, &bt(&[2, 0]), &sl(&[6]), 1.0, None, None).is_err()
     );
 }
+
+/// The same ops on candle CUDA tensors (feature `candle-cuda`), against the f64 reference of
+/// the half-precision inputs. Without a GPU each test prints a `SKIP (no GPU)` line; with
+/// `LONGATTN_REQUIRE_GPU=1` a missing GPU fails instead.
+#[cfg(feature = "candle-cuda")]
+mod gpu {
+    use super::*;
+
+    fn cuda_or_skip(test: &str) -> Option<Device> {
+        match Device::new_cuda(0) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(
+                    !longattn::device::gpu_required(),
+                    "{test}: LONGATTN_REQUIRE_GPU=1 but no GPU: {e}"
+                );
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "SKIP (no GPU) {test}: {e}");
+                None
+            }
+        }
+    }
+
+    /// A CPU tensor on the GPU, and a GPU result back on the CPU (copies only: the candle
+    /// kernels are not needed for either).
+    fn to(t: &Tensor, dev: &Device) -> Tensor {
+        t.to_device(dev).unwrap()
+    }
+
+    fn tol(dt: DType) -> f64 {
+        if dt == DType::BF16 { 2e-2 } else { 4e-3 }
+    }
+
+    #[test]
+    fn gpu_candle_dense_matches_reference() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_dense_matches_reference") else {
+            return;
+        };
+        for (case, &(b, sq, sk, hq, hkv, d)) in [
+            (2, 77, 130, 8, 2, 64),
+            (1, 130, 77, 4, 4, 128),
+            (1, 1, 300, 8, 1, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for dt in [DType::F16, DType::BF16] {
+                let half = |t: Tensor| t.to_dtype(dt).unwrap();
+                let q = half(randn(&[b, sq, hq, d], 100 + case as u64));
+                let k = half(randn(&[b, sk, hkv, d], 110 + case as u64));
+                let v = half(randn(&[b, sk, hkv, d], 120 + case as u64));
+                let (qg, kg, vg) = (to(&q, &gpu), to(&k, &gpu), to(&v, &gpu));
+                let fixed = SeqLens::Fixed {
+                    seqlen_q: sq,
+                    seqlen_k: sk,
+                };
+                for (left, right, cap) in [
+                    (None, None, 0.0),
+                    (None, Some(0), 0.0),
+                    (Some(31), Some(0), 0.0),
+                    (Some(5), Some(9), 0.6),
+                ] {
+                    let got = fa::flash_attn_alibi_windowed_softcap(
+                        &qg, &kg, &vg, None, SCALE, left, right, cap,
+                    )
+                    .unwrap();
+                    assert_eq!((got.dims(), got.dtype()), (q.dims(), dt));
+                    let softcap = (cap != 0.0).then_some(cap);
+                    let want = reference(&q, &k, &v, fixed, opts(left, right, softcap));
+                    let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+                    assert!(
+                        err < tol(dt),
+                        "case {case} {dt:?} {left:?},{right:?} cap {cap}: {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_candle_strided_and_varlen_match_reference() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_strided_and_varlen_match_reference") else {
+            return;
+        };
+        let (b, sq, sk, hq, hkv, d) = (2, 50, 70, 4, 2, 64);
+        let dt = DType::BF16;
+        // q as the transpose of a (b, h, s, d) tensor, k and v halves of one fused buffer.
+        let q = randn(&[b, hq, sq, d], 130).to_dtype(dt).unwrap();
+        let kv = randn(&[b, sk, 2 * hkv, d], 131).to_dtype(dt).unwrap();
+        let kvg = to(&kv, &gpu);
+        let qg = to(&q, &gpu).transpose(1, 2).unwrap();
+        let (kg, vg) = (
+            kvg.narrow(2, 0, hkv).unwrap(),
+            kvg.narrow(2, hkv, hkv).unwrap(),
+        );
+        let got = fa::flash_attn(&qg, &kg, &vg, SCALE, true).unwrap();
+        let qc = q.transpose(1, 2).unwrap().contiguous().unwrap();
+        let kc = kv.narrow(2, 0, hkv).unwrap().contiguous().unwrap();
+        let vc = kv.narrow(2, hkv, hkv).unwrap().contiguous().unwrap();
+        let fixed = SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        };
+        let want = reference(&qc, &kc, &vc, fixed, opts(None, Some(0), None));
+        let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+        assert!(err < tol(dt), "strided: {err}");
+        // Varlen with an empty key sequence (its rows are 0) and u32 offsets on the GPU.
+        let cu_q: Vec<u32> = vec![0, 3, 40, 41, 170];
+        let cu_k: Vec<u32> = vec![0, 65, 65, 130, 300];
+        let (tq, tk) = (cu_q[4] as usize, cu_k[4] as usize);
+        let q = randn(&[tq, hq, d], 132).to_dtype(dt).unwrap();
+        let k = randn(&[tk, hkv, d], 133).to_dtype(dt).unwrap();
+        let v = randn(&[tk, hkv, d], 134).to_dtype(dt).unwrap();
+        let (sq_t, sk_t) = (
+            Tensor::new(&cu_q[..], &gpu).unwrap(),
+            Tensor::new(&cu_k[..], &gpu).unwrap(),
+        );
+        let cq: Vec<i32> = cu_q.iter().map(|&x| x as i32).collect();
+        let ck: Vec<i32> = cu_k.iter().map(|&x| x as i32).collect();
+        let varlen = SeqLens::Varlen {
+            cu_seqlens_q: &cq,
+            cu_seqlens_k: &ck,
+        };
+        let (qg, kg, vg) = (to(&q, &gpu), to(&k, &gpu), to(&v, &gpu));
+        for (left, right) in [(None, Some(0)), (Some(20), Some(3)), (None, None)] {
+            let got = fa::flash_attn_varlen_windowed(
+                &qg, &kg, &vg, &sq_t, &sk_t, 129, 170, SCALE, left, right,
+            )
+            .unwrap();
+            let got = flat(&to(&got, &Device::Cpu));
+            assert!(got[40 * hq * d..41 * hq * d].iter().all(|&x| x == 0.0));
+            let want = reference(&q, &k, &v, varlen, opts(left, right, None));
+            let err = rel_l2(&got, &want);
+            assert!(err < tol(dt), "varlen {left:?},{right:?}: {err}");
+        }
+    }
+
+    /// Paged decode on the GPU equals the CPU op on the same tensors (the CPU op is checked
+    /// against the reference above), for a cache of q's dtype and an f8e4m3 cache.
+    #[test]
+    fn gpu_candle_paged_decode_matches_cpu_op() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_paged_decode_matches_cpu_op") else {
+            return;
+        };
+        let (b, q_len, hq, hkv, d, page_size, num_pages) = (3, 2, 8, 2, 128, 16, 40);
+        let shape = [num_pages, page_size, hkv, d];
+        let bt: Vec<i32> = (0..b * 12)
+            .map(|i| ((i * 7 + 3) % num_pages) as i32)
+            .collect();
+        let bt = Tensor::from_vec(bt, (b, 12), &Device::Cpu).unwrap();
+        let sl = Tensor::new(&[170i32, 1, 33], &Device::Cpu).unwrap();
+        let (btg, slg) = (to(&bt, &gpu), to(&sl, &gpu));
+        for dt in [DType::F16, DType::BF16] {
+            let q = randn(&[b, q_len, hq, d], 140).to_dtype(dt).unwrap();
+            let qg = to(&q, &gpu);
+            for cache in [dt, DType::F8E4M3] {
+                let k = randn(&shape, 141).to_dtype(cache).unwrap();
+                let v = randn(&shape, 142).to_dtype(cache).unwrap();
+                let (kg, vg) = (to(&k, &gpu), to(&v, &gpu));
+                for (left, softcap) in [(None, None), (Some(40), Some(0.9))] {
+                    let run = |q: &Tensor, k: &Tensor, v: &Tensor, bt: &Tensor, sl: &Tensor| {
+                        if cache == DType::F8E4M3 {
+                            let s = ([0.5f32, 2.0], [0.25f32, 4.0]);
+                            let s = (&s.0[..], &s.1[..]);
+                            fa::paged_attn_decode_fp8(q, k, v, bt, sl, s, SCALE, left, softcap)
+                        } else {
+                            fa::paged_attn_decode(q, k, v, bt, sl, SCALE, left, softcap)
+                        }
+                        .unwrap()
+                    };
+                    let got = run(&qg, &kg, &vg, &btg, &slg);
+                    assert_eq!((got.dims(), got.dtype()), (q.dims(), dt));
+                    let want = run(&q, &k, &v, &bt, &sl);
+                    let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+                    let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+                    assert!(err < tol(dt), "{dt:?} cache {cache:?} {left:?}: {err}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_candle_refuses_what_the_kernels_do_not_take() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_refuses_what_the_kernels_do_not_take") else {
+            return;
+        };
+        // f32 CUDA tensors: a named error (the kernels are half-precision), never a panic.
+        let q = to(&randn(&[1, 4, 2, 64], 150), &gpu);
+        let err = fa::flash_attn(&q, &q, &q, SCALE, true).unwrap_err();
+        assert!(err.to_string().contains("f16 or bf16"), "{err}");
+        // Mixed devices are candle's error.
+        let cpu = randn(&[1, 4, 2, 64], 151);
+        assert!(fa::flash_attn(&q, &cpu, &cpu, SCALE, true).is_err());
+    }
+}

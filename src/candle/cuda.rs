@@ -1,0 +1,169 @@
+//! The ops' `cuda_fwd` (feature `candle-cuda`): this crate's GPU kernels on candle CUDA
+//! tensors, launched on the tensors' device stream (candle's own), nothing synchronised, the
+//! output a fresh candle CUDA tensor of q's shape and dtype.
+//!
+//! - Dense ([`super::FlashAttn`], [`super::FlashAttnVarlen`]):
+//!   [`FlashAttention::forward_gpu`](crate::FlashAttention::forward_gpu) with the kernel that
+//!   `Auto` picks; f16 or bf16 (f32 CUDA tensors get a named error: the kernels are
+//!   half-precision), the GPU's stride and alignment rules (strides multiples of 8 elements).
+//! - Paged decode ([`super::PagedAttnDecode`]):
+//!   [`PagedDecode::forward_gpu`](crate::PagedDecode::forward_gpu) over an f16/bf16 cache of
+//!   q's dtype or an `F8E4M3` cache (candle's float8 storage reinterpreted as this crate's
+//!   [`F8E4M3`], the same bits).
+//!
+//! The tables (varlen offsets, block table, `seqlens_k`) are the host copies the op holds;
+//! the one-shot GPU entry points upload them per call, so these ops are not CUDA-graph
+//! capturable (engines capturing decode build a [`crate::PagedDecodePlan`] instead).
+//! **Not yet run on a GPU**: compiled and linted only (see the README).
+
+use super::{PagedAttnDecode, Problem, contiguous_out, wrap};
+use crate::element::{Element, F8E4M3};
+use crate::layout::{Strided, Strides};
+use crate::paged::{KvPages, PagedDecode};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice};
+use candle_core::{DType, Layout, Result, Shape, bail};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
+use half::{bf16, f16};
+
+/// A storage (one of a candle op's inputs) and its layout.
+type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+/// A storage's elements from the layout's start offset (strides are checked by the entry
+/// points against the view's length).
+fn view<'a, T: CudaDType>(name: &str, (s, l): Input<'a>) -> Result<CudaView<'a, T>> {
+    s.as_cuda_slice::<T>()?
+        .try_slice(l.start_offset()..)
+        .ok_or_else(|| starts_past(name))
+}
+
+fn starts_past(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("longattn: {name} starts past its storage")).bt()
+}
+
+/// An `F8E4M3` storage as this crate's [`F8E4M3`] from the layout's start offset.
+fn fp8_view<'a>(name: &str, (s, l): Input<'a>) -> Result<CudaView<'a, F8E4M3>> {
+    let CudaStorageSlice::F8E4M3(slice) = &s.slice else {
+        bail!("longattn: {name} must be f8e4m3, got {:?}", s.dtype())
+    };
+    let view = slice
+        .try_slice(l.start_offset()..)
+        .ok_or_else(|| starts_past(name))?;
+    // SAFETY: candle's and this crate's e4m3 types are both one byte, `repr(transparent)`
+    // over `u8`, and every bit pattern is a valid value of either; the length is unchanged.
+    unsafe { view.transmute::<F8E4M3>(view.len()) }.ok_or_else(|| starts_past(name))
+}
+
+/// A zeroed output of `len` elements on the storage's device (a row the kernels leave
+/// untouched, such as one past the last varlen offset, reads 0 as on the CPU path).
+fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &CudaStorage, len: usize) -> Result<CudaSlice<T>> {
+    s.device().alloc_zeros::<T>(len)
+}
+
+/// The dense op's GPU forward pass in `T` (f16 or bf16).
+fn dense_t<T>(p: &Problem, q: Input, k: Input, v: Input) -> Result<CudaSlice<T>>
+where
+    T: Element + CudaDType + DeviceRepr + ValidAsZeroBits,
+{
+    let stream = q.0.device().cuda_stream();
+    let (qv, kv, vv) = (view::<T>("q", q)?, view::<T>("k", k)?, view::<T>("v", v)?);
+    let mut out = zeros::<T>(q.0, p.attn.out_len())?;
+    let out_strides = contiguous_out(&p.attn, &p.out_shape);
+    p.attn
+        .forward_gpu::<T, _, _>(
+            &stream,
+            Strided::new(&qv, p.q),
+            Strided::new(&kv, p.k),
+            Strided::new(&vv, p.v),
+            Strided::new(&mut out, out_strides),
+            None,
+        )
+        .map_err(wrap)?;
+    Ok(out)
+}
+
+/// `cuda_fwd` of the dense ops: q, k, v of one half-precision dtype.
+pub(super) fn dense(
+    name: &str,
+    p: Problem,
+    q: Input,
+    k: Input,
+    v: Input,
+) -> Result<(CudaStorage, Shape)> {
+    let device = q.0.device().clone();
+    let out = match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
+        (DType::F16, DType::F16, DType::F16) => {
+            CudaStorage::wrap_cuda_slice(dense_t::<f16>(&p, q, k, v)?, device)
+        }
+        (DType::BF16, DType::BF16, DType::BF16) => {
+            CudaStorage::wrap_cuda_slice(dense_t::<bf16>(&p, q, k, v)?, device)
+        }
+        (a, b, c) => bail!(
+            "longattn {name} on CUDA: q, k, v must share f16 or bf16 (the GPU kernels' types; \
+             f32 runs on CPU tensors); got {a:?}, {b:?}, {c:?}"
+        ),
+    };
+    Ok((out, p.out_shape))
+}
+
+/// The paged decode of `q` (type `T`) over a cache of type `C`, on q's device stream.
+fn decode_t<T, C>(
+    decode: &PagedDecode,
+    qs: Strides,
+    q: Input,
+    kv: KvPages<CudaView<C>>,
+) -> Result<CudaSlice<T>>
+where
+    T: Element + CudaDType + DeviceRepr + ValidAsZeroBits,
+    C: Element + DeviceRepr,
+{
+    let stream = q.0.device().cuda_stream();
+    let qv = view::<T>("q", q)?;
+    let (hq, d) = (decode.heads_q(), decode.cache().head_dim());
+    let mut out = zeros::<T>(q.0, decode.out_len())?;
+    decode
+        .forward_gpu::<T, C, _, _, _>(
+            &stream,
+            Strided::new(&qv, qs),
+            KvPages { k: &kv.k, v: &kv.v },
+            None,
+            Strided::new(&mut out, Strides::contiguous(decode.q_len(), hq, d)),
+            None,
+        )
+        .map_err(wrap)?;
+    Ok(out)
+}
+
+/// `cuda_fwd` of [`PagedAttnDecode`]: q f16 or bf16, the cache of q's dtype or f8e4m3.
+pub(super) fn paged_decode(
+    op: &PagedAttnDecode,
+    q: Input,
+    k: Input,
+    v: Input,
+) -> Result<(CudaStorage, Shape)> {
+    let (decode, qs) = op.problem(q.1, k.1, v.1)?;
+    let device = q.0.device().clone();
+    // `$t` for q's element type, over a cache of `$c` read by `$view`.
+    macro_rules! run {
+        ($t:ty, $c:ty, $view:expr) => {{
+            let kv = KvPages {
+                k: $view("k_cache", k)?,
+                v: $view("v_cache", v)?,
+            };
+            CudaStorage::wrap_cuda_slice(decode_t::<$t, $c>(&decode, qs, q, kv)?, device)
+        }};
+    }
+    use DType::{BF16, F8E4M3 as E4M3, F16};
+    let (qt, kt, vt) = (q.0.dtype(), k.0.dtype(), v.0.dtype());
+    let out = match (qt, kt, vt) {
+        (F16, F16, F16) => run!(f16, f16, view::<f16>),
+        (BF16, BF16, BF16) => run!(bf16, bf16, view::<bf16>),
+        (F16, E4M3, E4M3) => run!(f16, F8E4M3, fp8_view),
+        (BF16, E4M3, E4M3) => run!(bf16, F8E4M3, fp8_view),
+        _ => bail!(
+            "longattn paged decode on CUDA: q must be f16 or bf16 and k_cache, v_cache of q's \
+             dtype or both f8e4m3; got {qt:?}, {kt:?}, {vt:?}"
+        ),
+    };
+    Ok((out, q.1.shape().clone()))
+}
