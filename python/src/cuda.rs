@@ -1,19 +1,24 @@
 //! CUDA entry points on any object exposing `__cuda_array_interface__` (torch CUDA tensors,
-//! CuPy arrays): the kernels read and write the caller's memory in place, ordered on the
-//! interface's stream (or an explicit `stream` handle). Compiled, not exercised without a GPU.
+//! CuPy arrays; float16) or, where that is missing or refuses the dtype (torch bfloat16),
+//! DLPack's `__dlpack__` (float16 and bfloat16): the kernels read and write the caller's
+//! memory in place, ordered on an explicit `stream` handle, else the interface's stream, else
+//! the legacy default stream (the Python wrappers pass torch's current stream). Compiled, not
+//! exercised without a GPU.
 //!
-//! What this relies on: the interface's `data` pointer and `strides` describe live device
-//! memory of the declared extent on device `device` (the caller keeps the tensors alive until
-//! the call returns; the launch is asynchronous and ordered on the stream, as for any CUDA
-//! library call); the stream handle belongs to that device's primary context (the one torch
-//! and CuPy use, which `CudaContext::new` retains). Nothing here allocates or frees the
-//! caller's memory: `RawDevice` borrows it for one call.
+//! What this relies on: the interface's `data` pointer and `strides` (or the DLPack tensor's)
+//! describe live device memory of the declared extent on device `device` (the caller keeps
+//! the tensors alive until the call returns; the launch is asynchronous and ordered on the
+//! stream, as for any CUDA library call); the stream handle belongs to that device's primary
+//! context (the one torch and CuPy use, which `CudaContext::new` retains). Nothing here
+//! allocates or frees the caller's memory: `RawDevice` borrows it for one call, and a DLPack
+//! capsule is kept unconsumed until the call returns (its producer frees only its own
+//! bookkeeping then, never the tensor).
 
 use crate::{decode_problem, dims_n, err, make_options};
 use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 use longattn::{
     AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, SeqLens, Strided, Strides,
-    f16,
+    bf16, f16,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -43,15 +48,24 @@ impl<T> Drop for RawDevice<T> {
     }
 }
 
-/// A parsed `__cuda_array_interface__` (v2/v3).
+/// The element types the GPU entry points take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dt {
+    F16,
+    BF16,
+}
+
+/// A CUDA tensor, from a parsed `__cuda_array_interface__` (v2/v3) or DLPack capsule.
 struct Cai {
     ptr: u64,
     readonly: bool,
     dims: Vec<usize>,
     /// Element strides (C-contiguous when the interface gives none).
     strides: Vec<i64>,
-    typestr: String,
+    dtype: Dt,
     stream: Option<usize>,
+    /// The DLPack capsule describing the tensor, alive (unconsumed) until the call returns.
+    _capsule: Option<Py<PyAny>>,
 }
 
 impl Cai {
@@ -74,23 +88,34 @@ fn item<'py>(d: &Bound<'py, PyDict>, name: &str, k: &str) -> PyResult<Bound<'py,
         .ok_or_else(|| PyValueError::new_err(format!("{name}: interface lacks '{k}'")))
 }
 
-fn cai(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cai> {
-    let iface = obj.getattr("__cuda_array_interface__").map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} has no __cuda_array_interface__ (a CUDA tensor?)"
-        ))
-    })?;
+/// `obj` as a CUDA tensor on `device`: its `__cuda_array_interface__`, else its DLPack
+/// capsule (made ready on `stream`, the handle the call runs on; `None` is the legacy default).
+fn cai(name: &str, obj: &Bound<'_, PyAny>, stream: Option<usize>, device: usize) -> PyResult<Cai> {
+    match obj.getattr("__cuda_array_interface__") {
+        Ok(iface) => cuda_array_interface(name, &iface),
+        Err(e) if obj.hasattr("__dlpack__")? => dlpack(name, obj, stream, device).map_err(|d| {
+            PyTypeError::new_err(format!(
+                "{name}: __cuda_array_interface__: {e}; DLPack: {d}"
+            ))
+        }),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} has no __cuda_array_interface__ or __dlpack__ (a CUDA tensor?)"
+        ))),
+    }
+}
+
+fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
     let d = iface.cast::<PyDict>()?;
     let get = |k: &str| item(d, name, k);
     let (ptr, readonly): (u64, bool) = get("data")?.extract()?;
     let dims: Vec<usize> = get("shape")?.extract()?;
     let typestr: String = get("typestr")?.extract()?;
-    let item = match typestr.as_str() {
-        "<f2" => 2,
-        "<f4" => 4,
+    let (dtype, item) = match typestr.as_str() {
+        "<f2" => (Dt::F16, 2),
         t => {
             return Err(PyTypeError::new_err(format!(
-                "{name}: dtype '{t}' unsupported (float16 on the GPU)"
+                "{name}: dtype '{t}' unsupported on the GPU (float16 here; bfloat16 through \
+                 DLPack; float32 runs on the CPU path)"
             )));
         }
     };
@@ -104,13 +129,7 @@ fn cai(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cai> {
             }
             bytes.iter().map(|b| b / item).collect()
         }
-        _ => {
-            let mut st = vec![1i64; dims.len()];
-            for i in (0..dims.len().saturating_sub(1)).rev() {
-                st[i] = st[i + 1] * dims[i + 1] as i64;
-            }
-            st
-        }
+        _ => contiguous_strides(&dims),
     };
     let stream = match d.get_item("stream")? {
         Some(s) if !s.is_none() => Some(s.extract()?),
@@ -121,8 +140,143 @@ fn cai(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Cai> {
         readonly,
         dims,
         strides,
-        typestr,
+        dtype,
         stream,
+        _capsule: None,
+    })
+}
+
+/// Row-major element strides of `dims`.
+fn contiguous_strides(dims: &[usize]) -> Vec<i64> {
+    let mut st = vec![1i64; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        st[i] = st[i + 1] * dims[i + 1] as i64;
+    }
+    st
+}
+
+/// DLPack's `DLDevice`, `DLDataType` and `DLTensor` (dlpack.h, ABI stable since v0.2) and the
+/// legacy `DLManagedTensor` a `"dltensor"` capsule holds.
+#[repr(C)]
+struct DlDevice {
+    device_type: i32,
+    device_id: i32,
+}
+#[repr(C)]
+struct DlDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+#[repr(C)]
+struct DlTensor {
+    data: *mut std::ffi::c_void,
+    device: DlDevice,
+    ndim: i32,
+    dtype: DlDataType,
+    shape: *const i64,
+    strides: *const i64,
+    byte_offset: u64,
+}
+#[repr(C)]
+struct DlManagedTensor {
+    dl_tensor: DlTensor,
+    manager_ctx: *mut std::ffi::c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
+}
+/// `kDLCUDA` and `kDLCUDAManaged`; `kDLFloat` and `kDLBfloat`.
+const DL_CUDA: i32 = 2;
+const DL_CUDA_MANAGED: i32 = 13;
+const DL_FLOAT: u8 = 2;
+const DL_BFLOAT: u8 = 4;
+
+fn dlpack(
+    name: &str,
+    obj: &Bound<'_, PyAny>,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<Cai> {
+    // The device first: a producer may refuse a stream argument for host memory.
+    let (device_type, device_id): (i32, i32) = obj.call_method0("__dlpack_device__")?.extract()?;
+    if device_type != DL_CUDA && device_type != DL_CUDA_MANAGED {
+        return Err(PyTypeError::new_err(format!(
+            "{name} lives on DLPack device type {device_type}, not CUDA (2)"
+        )));
+    }
+    if usize::try_from(device_id).ok() != Some(device) {
+        return Err(PyValueError::new_err(format!(
+            "{name} is on CUDA device {device_id}, the call runs on device {device}"
+        )));
+    }
+    // DLPack's stream numbering: 1 is the legacy default stream (0 is not allowed).
+    let kwargs = PyDict::new(obj.py());
+    kwargs.set_item(
+        "stream",
+        match stream {
+            None | Some(0) => 1,
+            Some(s) => s,
+        },
+    )?;
+    let capsule = obj.call_method("__dlpack__", (), Some(&kwargs))?;
+    // SAFETY: a `"dltensor"` capsule holds a live `DLManagedTensor` (DLPack's contract) until
+    // the capsule is consumed or destroyed; it is neither before `capsule` drops (held in the
+    // returned `Cai`), and nothing below writes through the pointer.
+    let managed = unsafe {
+        pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), c"dltensor".as_ptr())
+            .cast::<DlManagedTensor>()
+            .as_ref()
+    };
+    let Some(managed) = managed else {
+        // PyCapsule_GetPointer set an exception (a versioned or misnamed capsule).
+        return Err(PyErr::take(obj.py()).unwrap_or_else(|| {
+            PyTypeError::new_err(format!("{name}: __dlpack__ gave no \"dltensor\" capsule"))
+        }));
+    };
+    let t = &managed.dl_tensor;
+    let dtype = match (t.dtype.code, t.dtype.bits, t.dtype.lanes) {
+        (DL_FLOAT, 16, 1) => Dt::F16,
+        (DL_BFLOAT, 16, 1) => Dt::BF16,
+        (code, bits, lanes) => {
+            return Err(PyTypeError::new_err(format!(
+                "{name}: DLPack dtype (code {code}, {bits} bits, {lanes} lanes) unsupported on \
+                 the GPU (float16 or bfloat16)"
+            )));
+        }
+    };
+    let rank = usize::try_from(t.ndim)
+        .ok()
+        .filter(|&r| r <= 8 && (r == 0 || !t.shape.is_null()))
+        .ok_or_else(|| PyValueError::new_err(format!("{name}: DLPack ndim {}", t.ndim)))?;
+    // SAFETY: `shape` (and `strides` when not null) point to `ndim` values (DLPack).
+    let shape = unsafe { std::slice::from_raw_parts(t.shape, rank) };
+    let dims = shape
+        .iter()
+        .map(|&n| usize::try_from(n))
+        .collect::<Result<Vec<usize>, _>>()
+        .map_err(|_| PyValueError::new_err(format!("{name}: DLPack shape {shape:?}")))?;
+    let strides = if t.strides.is_null() {
+        contiguous_strides(&dims)
+    } else {
+        // SAFETY: as above.
+        let st = unsafe { std::slice::from_raw_parts(t.strides, rank) }.to_vec();
+        if st.iter().any(|&x| x < 0) {
+            return Err(PyValueError::new_err(format!(
+                "{name}: strides {st:?} must be non-negative"
+            )));
+        }
+        st
+    };
+    let ptr = (t.data as u64)
+        .checked_add(t.byte_offset)
+        .ok_or_else(|| PyValueError::new_err(format!("{name}: DLPack byte_offset overflows")))?;
+    Ok(Cai {
+        ptr,
+        readonly: false,
+        dims,
+        strides,
+        dtype,
+        stream: None,
+        _capsule: Some(capsule.unbind()),
     })
 }
 
@@ -171,10 +325,10 @@ fn raw<T>(c: &Cai, stream: &Arc<CudaStream>) -> RawDevice<T> {
 }
 
 fn check_same(name: &str, q: &Cai, x: &Cai) -> PyResult<()> {
-    if x.typestr != q.typestr {
+    if x.dtype != q.dtype {
         return Err(PyTypeError::new_err(format!(
-            "{name} has dtype {} but q has {}",
-            x.typestr, q.typestr
+            "{name} has dtype {:?} but q has {:?}",
+            x.dtype, q.dtype
         )));
     }
     Ok(())
@@ -217,7 +371,8 @@ fn dense_cuda_common(
     stream: Option<usize>,
     device: usize,
 ) -> PyResult<()> {
-    let (cq, ck, cv, co) = (cai("q", q)?, cai("k", k)?, cai("v", v)?, cai("out", out)?);
+    let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
+    let (cq, ck, cv, co) = (arr("q", q)?, arr("k", k)?, arr("v", v)?, arr("out", out)?);
     for (n, x) in [("k", &ck), ("v", &cv), ("out", &co)] {
         check_same(n, &cq, x)?;
     }
@@ -276,11 +431,10 @@ fn dense_cuda_common(
     };
     let attn = FlashAttention::new(&shape, &opts).map_err(err)?;
     let s = stream_for(device, stream, &cq)?;
-    match cq.typestr.as_str() {
-        "<f2" => dense_gpu::<f16>(&attn, &s, (&cq, qs), (&ck, ks), (&cv, vs), (&co, os)),
-        t => Err(PyTypeError::new_err(format!(
-            "dtype '{t}': the GPU kernels take float16 here (float32 runs on the CPU path)"
-        ))),
+    let args = ((&cq, qs), (&ck, ks), (&cv, vs), (&co, os));
+    match cq.dtype {
+        Dt::F16 => dense_gpu::<f16>(&attn, &s, args.0, args.1, args.2, args.3),
+        Dt::BF16 => dense_gpu::<bf16>(&attn, &s, args.0, args.1, args.2, args.3),
     }
 }
 
@@ -352,11 +506,12 @@ fn paged_decode_cuda(
     device: usize,
 ) -> PyResult<()> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
+    let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
     let (cq, ck, cv, co) = (
-        cai("q", q)?,
-        cai("k_cache", k_cache)?,
-        cai("v_cache", v_cache)?,
-        cai("out", out)?,
+        arr("q", q)?,
+        arr("k_cache", k_cache)?,
+        arr("v_cache", v_cache)?,
+        arr("out", out)?,
     );
     for (n, x) in [("k_cache", &ck), ("v_cache", &cv), ("out", &co)] {
         check_same(n, &cq, x)?;
@@ -397,32 +552,39 @@ fn paged_decode_cuda(
     )?;
     let (qs, os) = (strides4("q", &cq, false)?, strides4("out", &co, false)?);
     let s = stream_for(device, stream, &cq)?;
-    match cq.typestr.as_str() {
-        "<f2" => {
-            let (rq, rk, rv) = (
-                raw::<f16>(&cq, &s),
-                raw::<f16>(&ck, &s),
-                raw::<f16>(&cv, &s),
-            );
-            let mut ro = raw::<f16>(&co, &s);
-            decode
-                .forward_gpu::<f16, f16, _, _, _>(
-                    &s,
-                    Strided::new(rq.get(), qs),
-                    KvPages {
-                        k: rk.get(),
-                        v: rv.get(),
-                    },
-                    None,
-                    Strided::new(ro.get_mut(), os),
-                    None,
-                )
-                .map_err(err)
-        }
-        t => Err(PyTypeError::new_err(format!(
-            "dtype '{t}': the GPU kernels take float16 here"
-        ))),
+    match cq.dtype {
+        Dt::F16 => decode_gpu::<f16>(&decode, &s, (&cq, qs), (&ck, &cv), (&co, os)),
+        Dt::BF16 => decode_gpu::<bf16>(&decode, &s, (&cq, qs), (&ck, &cv), (&co, os)),
     }
+}
+
+/// The paged decode in `T` over a cache of `T`.
+fn decode_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    decode: &longattn::PagedDecode,
+    stream: &Arc<CudaStream>,
+    (q, qs): (&Cai, Strides),
+    (k, v): (&Cai, &Cai),
+    (o, os): (&Cai, Strides),
+) -> PyResult<()> {
+    let (rq, rk, rv) = (
+        raw::<T>(q, stream),
+        raw::<T>(k, stream),
+        raw::<T>(v, stream),
+    );
+    let mut ro = raw::<T>(o, stream);
+    decode
+        .forward_gpu::<T, T, _, _, _>(
+            stream,
+            Strided::new(rq.get(), qs),
+            KvPages {
+                k: rk.get(),
+                v: rv.get(),
+            },
+            None,
+            Strided::new(ro.get_mut(), os),
+            None,
+        )
+        .map_err(err)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -279,3 +279,20 @@ def test_bad_inputs_raise():
                               np.array([0, 6], np.int32))
     with pytest.raises(TypeError):
         longattn.dense_cuda(q, k, v, q)  # numpy arrays are not CUDA tensors
+
+
+def test_cuda_functions_refuse_host_arrays_and_unsupported_dtypes():
+    # Host memory through DLPack (numpy's __dlpack__): refused by device, before any stream use.
+    q = np.zeros((1, 4, 2, 8), np.float16)
+    with pytest.raises(TypeError, match="DLPack device type 1"):
+        longattn.dense_cuda(q, q, q, q)
+
+    class Interface:  # a CUDA array interface of float32: the GPU kernels are half-precision
+        __cuda_array_interface__ = {"data": (0, False), "shape": (1, 4, 2, 8), "typestr": "<f4",
+                                    "version": 3}
+
+    x = Interface()
+    with pytest.raises(TypeError, match="float16"):
+        longattn.dense_cuda(x, x, x, x)
+    with pytest.raises(TypeError, match="no __cuda_array_interface__ or __dlpack__"):
+        longattn.paged_decode_cuda([0.0], [0.0], [0.0], [0.0], [[0]], [1])

@@ -6,9 +6,10 @@ arrays with per-kv-head ``k_scales``/``v_scales``; ``fp8_quantize`` makes the co
 ``neighborhood``.
 
 CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
-CuPy arrays; float16) and write into a caller-allocated ``out`` on the tensors' current
-stream (or an explicit ``stream`` handle): ``dense_cuda``, ``dense_varlen_cuda``,
-``paged_decode_cuda``.
+CuPy arrays; float16) or DLPack's ``__dlpack__`` (float16 and bfloat16: torch bfloat16
+tensors come this way) and write into a caller-allocated ``out`` on the tensors' current
+stream (torch's current stream for torch tensors; or an explicit ``stream`` handle):
+``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda`` (not yet run on a GPU).
 
 Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
 seqlen_k, heads_kv, head_dim)``; windows are ``(left, right)`` with ``-1`` unbounded and
@@ -55,10 +56,24 @@ def _device_of(t, device):
     if device is not None:
         return device
     dev = getattr(t, "device", None)
-    index = getattr(dev, "index", None)  # torch
-    if index is None:
-        index = getattr(dev, "id", None)  # CuPy
-    return 0 if index is None else int(index)
+    for attr in ("index", "id"):  # torch, CuPy (numpy's device is the string "cpu")
+        index = getattr(dev, attr, None)
+        if isinstance(index, int):
+            return index
+    return 0
+
+
+def _stream_of(t, stream):
+    """``stream`` if given, else torch's current stream for a torch tensor (so that work
+    queued on it before and after the call stays ordered), else None (the interface's
+    stream, or the legacy default one)."""
+    if stream is not None:
+        return stream
+    if type(t).__module__.startswith("torch") and getattr(t, "is_cuda", False):
+        import torch
+
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return None
 
 
 def _ints(x):
@@ -69,7 +84,7 @@ def dense_cuda(q, k, v, out, *, scale=None, causal=False, window=None, softcap=N
                stream=None, device=None):
     """Dense attention on CUDA tensors into ``out`` (shaped like ``q``)."""
     _dense_cuda(q, k, v, out, scale=scale, causal=causal, window=window, softcap=softcap,
-                sinks=sinks, stream=stream, device=_device_of(q, device))
+                sinks=sinks, stream=_stream_of(q, stream), device=_device_of(q, device))
     return out
 
 
@@ -79,7 +94,7 @@ def dense_varlen_cuda(q, k, v, out, cu_seqlens_q, cu_seqlens_k, *, scale=None, c
     (they are read on the host)."""
     _dense_varlen_cuda(q, k, v, out, _ints(cu_seqlens_q), _ints(cu_seqlens_k), scale=scale,
                        causal=causal, window=window, softcap=softcap, sinks=sinks,
-                       stream=stream, device=_device_of(q, device))
+                       stream=_stream_of(q, stream), device=_device_of(q, device))
     return out
 
 
@@ -88,5 +103,5 @@ def paged_decode_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, scale
     """Paged decode on CUDA tensors into ``out``; the tables are read on the host."""
     _paged_decode_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
                        scale=scale, window_left=window_left, softcap=softcap, sinks=sinks,
-                       stream=stream, device=_device_of(q, device))
+                       stream=_stream_of(q, stream), device=_device_of(q, device))
     return out
