@@ -1666,3 +1666,432 @@ fn block_sparse_random_lists() {
         }
     }
 }
+
+// =======================================================================================
+// Random sweeps (shapes, masks and scores nobody chose)
+// =======================================================================================
+
+/// A random mask for lengths up to `n`: each side unbounded or a bound in `0..=n + 1`, sinks
+/// (often 0) up to `n + 1`, causal or not.
+fn random_vis(r: &mut SmallRng, n: usize) -> Vis {
+    let mut side = |r: &mut SmallRng| {
+        if r.random_bool(0.3) {
+            -1
+        } else {
+            r.random_range(0..=n as i64 + 1)
+        }
+    };
+    let (left, right) = (side(r), side(r));
+    let sinks = if r.random_bool(0.6) {
+        0
+    } else {
+        r.random_range(0..=n as i64 + 1)
+    };
+    vis(left, right, sinks, r.random_bool(0.5))
+}
+
+fn random_score(r: &mut SmallRng) -> Score {
+    Score {
+        scale: r.random_bool(0.5).then(|| r.random_range(0.05f32..2.0)),
+        cap: r.random_bool(0.4).then(|| r.random_range(0.3f32..5.0)),
+    }
+}
+
+fn random_heads(r: &mut SmallRng) -> (usize, usize, usize) {
+    let hkv = r.random_range(1..=3);
+    let d = [1usize, 3, 8, 16, 40][r.random_range(0..5)];
+    (hkv * r.random_range(1..=3), hkv, d)
+}
+
+/// Fixed-length dense problems of random lengths (0 to 48, unequal), heads, head dims (odd
+/// included), masks, scales, softcaps, element types and strides.
+#[test]
+fn dense_random_sweep() {
+    let mut r = rng(10_000);
+    for n in 0..300u64 {
+        let (sq, sk) = (r.random_range(1..=48), r.random_range(0..=48));
+        let (hq, hkv, d) = random_heads(&mut r);
+        let b = r.random_range(1..=2);
+        let m = random_vis(&mut r, sq.max(sk));
+        let sc = random_score(&mut r);
+        let dims = (b, sq, sk, hq, hkv, d);
+        let pad = r.random_bool(0.5);
+        let seed = r.random();
+        let what = format!("dense sweep {n} {dims:?} {m:?} {sc:?}");
+        match n % 3 {
+            0 => sweep_one::<f32>(seed, dims, m, sc, pad, &what),
+            1 => sweep_one::<f16>(seed, dims, m, sc, pad, &what),
+            _ => sweep_one::<bf16>(seed, dims, m, sc, pad, &what),
+        }
+    }
+}
+
+fn sweep_one<T: Element>(
+    seed: u64,
+    dims: (usize, usize, usize, usize, usize, usize),
+    m: Vis,
+    sc: Score,
+    pad: bool,
+    what: &str,
+) {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    let mut r = rng(seed);
+    let x = qkv::<T>(&mut r, b * sq * hq * d, b * sk * hkv * d);
+    let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, sq, sk));
+    let (got, glse) = dense_run::<T>(&x, dims, &m.options(sc), pad);
+    check(what, d, tol::<T>(), &got, &want, &glse, &wlse);
+}
+
+/// Random valid NATTEN dims (1-D to 3-D; kernel, dilation with `k * d <= L`, stride `<= k`
+/// on non-causal dims, causal per dim).
+#[test]
+fn neighborhood_random_sweep() {
+    let mut r = rng(11_000);
+    for n in 0..80u64 {
+        let rank = r.random_range(1..=3);
+        let dims: Vec<NeighborhoodDim> = (0..rank)
+            .map(|_| {
+                let l = r.random_range(1..=[24, 9, 5][rank - 1]);
+                let k = r.random_range(1..=l);
+                let dil = r.random_range(1..=l / k);
+                let causal = r.random_bool(0.3);
+                let s = if causal { 1 } else { r.random_range(1..=k) };
+                nd(l, k, dil, s, causal)
+            })
+            .collect();
+        let hkv = r.random_range(1..=2);
+        neighborhood_case(11_000 + n, &dims, (r.random_range(1..=2), 2 * hkv, hkv, 8));
+    }
+}
+
+/// Random ring problems: lengths 1 to 40, worlds 1 to 6 (ranks without tokens included),
+/// every sharding, random masks and scores.
+#[test]
+fn ring_random_sweep() {
+    let mut r = rng(12_000);
+    for n in 0..60u64 {
+        let s = r.random_range(1..=40);
+        let world = r.random_range(1..=6);
+        let sharding = [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe][n as usize % 3];
+        let (hq, hkv, d) = random_heads(&mut r);
+        let m = random_vis(&mut r, s);
+        let sc = random_score(&mut r);
+        let x = qkv::<f32>(&mut r, s * hq * d, s * hkv * d);
+        let (want, wlse) = oracle_fixed(&x, (1, s, s, hq, hkv, d), sc, &|_, _, i, j| {
+            m.sees(i, j, s, s)
+        });
+        let layout = RingLayout::new(s, world, sharding).unwrap();
+        let ring = RingAttention::new(
+            layout,
+            RingShape {
+                batch: 1,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+            },
+            &m.options(sc),
+        )
+        .unwrap();
+        let pos: Vec<Vec<usize>> = (0..world)
+            .map(|rk| ring_positions(s, world, sharding, rk))
+            .collect();
+        let shard = |t: &[f64], h: usize, p: &[usize]| -> Vec<f32> {
+            p.iter()
+                .flat_map(|&i| t[i * h * d..(i + 1) * h * d].iter().map(|&v| v as f32))
+                .collect()
+        };
+        let qs: Vec<_> = pos.iter().map(|p| shard(&x.q, hq, p)).collect();
+        let ks: Vec<_> = pos.iter().map(|p| shard(&x.k, hkv, p)).collect();
+        let vs: Vec<_> = pos.iter().map(|p| shard(&x.v, hkv, p)).collect();
+        let mut os: Vec<Vec<f32>> = pos
+            .iter()
+            .map(|p| vec![f32::NAN; p.len() * hq * d])
+            .collect();
+        let mut ls: Vec<Vec<f32>> = pos.iter().map(|p| vec![f32::NAN; hq * p.len()]).collect();
+        let st = |p: &[usize], h: usize| Strides::contiguous(p.len(), h, d);
+        let qv: Vec<_> = qs
+            .iter()
+            .zip(&pos)
+            .map(|(x, p)| Strided::new(&x[..], st(p, hq)))
+            .collect();
+        let kv: Vec<_> = ks
+            .iter()
+            .zip(&pos)
+            .map(|(x, p)| Strided::new(&x[..], st(p, hkv)))
+            .collect();
+        let vv: Vec<_> = vs
+            .iter()
+            .zip(&pos)
+            .map(|(x, p)| Strided::new(&x[..], st(p, hkv)))
+            .collect();
+        let mut ov: Vec<_> = os
+            .iter_mut()
+            .zip(&pos)
+            .map(|(x, p)| Strided::new(&mut x[..], st(p, hq)))
+            .collect();
+        let mut lv: Vec<&mut [f32]> = ls.iter_mut().map(|l| &mut l[..]).collect();
+        ring.forward_cpu(&qv, &kv, &vv, &mut ov, Some(&mut lv))
+            .unwrap();
+        let mut got = vec![f64::NAN; want.len()];
+        let mut glse = vec![f32::NAN; wlse.len()];
+        for (rk, p) in pos.iter().enumerate() {
+            for (li, &t) in p.iter().enumerate() {
+                for c in 0..hq * d {
+                    got[t * hq * d + c] = os[rk][li * hq * d + c] as f64;
+                }
+                for h in 0..hq {
+                    glse[h * s + t] = ls[rk][h * p.len() + li];
+                }
+            }
+        }
+        let what = format!("ring sweep {n} s {s} world {world} {sharding:?} {m:?} {sc:?}");
+        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+    }
+}
+
+/// Random paged decode problems: page sizes 1 to 20, q_len 1 to 16, random lengths (some
+/// shorter than q_len or empty), decode masks (right bound unbounded or 0), forced splits.
+#[test]
+fn paged_decode_random_sweep() {
+    let mut r = rng(13_000);
+    for n in 0..40u64 {
+        let ps = r.random_range(1..=20);
+        let (hq, hkv, d) = random_heads(&mut r);
+        let lens: Vec<usize> = (0..r.random_range(1..=4))
+            .map(|_| r.random_range(0..=60))
+            .collect();
+        let p = paged(&mut r, &lens, ps, hkv, d);
+        let q_len = r.random_range(1..=16);
+        // Causal clips any right bound to 0; without it only -1 and 0 are the specification's
+        // decode (a right bound > 0 without causal is a crate extension).
+        let mut m = random_vis(&mut r, 60);
+        if !m.causal {
+            m.right = [-1, 0][r.random_range(0..2)];
+        }
+        let sc = random_score(&mut r);
+        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
+        let causal = Vis { causal: true, ..m };
+        let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, _, i, j| {
+            causal.sees(i, j, q_len, p.lens[b])
+        });
+        let splits = r.random_bool(0.5).then(|| r.random_range(1..=8));
+        let dec = PagedDecode::new(&p.cache(&lens), hq, q_len, &m.options(sc))
+            .unwrap()
+            .with_splits(splits)
+            .unwrap();
+        let (got, glse) = decode_run(&p, &dec, &q, hq, q_len);
+        let what =
+            format!("decode sweep {n} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?} {splits:?}");
+        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+    }
+}
+
+/// Random paged prefill problems (dense semantics over the gathered tokens, any mask).
+#[test]
+fn paged_prefill_random_sweep() {
+    let mut r = rng(14_000);
+    for n in 0..40u64 {
+        let ps = r.random_range(1..=20);
+        let (hq, hkv, d) = random_heads(&mut r);
+        let lens: Vec<usize> = (0..r.random_range(1..=3))
+            .map(|_| r.random_range(0..=50))
+            .collect();
+        let p = paged(&mut r, &lens, ps, hkv, d);
+        let q_len = r.random_range(1..=20);
+        let m = random_vis(&mut r, 50);
+        let sc = random_score(&mut r);
+        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
+        let qf: Vec<f32> = elems(&q);
+        let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, _, i, j| {
+            m.sees(i, j, q_len, p.lens[b])
+        });
+        let pre = PagedPrefill::new(&p.cache(&lens), hq, q_len, &m.options(sc)).unwrap();
+        let qs = Strides::contiguous(q_len, hq, d);
+        let mut out = vec![f32::NAN; pre.out_len()];
+        let mut lse = vec![f32::NAN; pre.lse_len()];
+        pre.forward_cpu(
+            Strided::new(&qf[..], qs),
+            KvPages {
+                k: &p.k_cache[..],
+                v: &p.v_cache[..],
+            },
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let what = format!("prefill sweep {n} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?}");
+        check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+    }
+}
+
+/// Block-sparse over a varlen batch: each sequence uses the leading blocks of its own
+/// lengths (lists past its last query block empty, indices below its key block count).
+#[test]
+fn block_sparse_varlen() {
+    let (hq, hkv, d) = (2, 1, 8);
+    let mut r = rng(15_000);
+    for n in 0..12u64 {
+        let batch = r.random_range(1..=4);
+        let lq: Vec<usize> = (0..batch).map(|_| r.random_range(0..=30)).collect();
+        let lk: Vec<usize> = (0..batch).map(|_| r.random_range(0..=30)).collect();
+        let (cq, ck) = (cu(&lq), cu(&lk));
+        let (tq, tk) = (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize);
+        if tq == 0 {
+            continue;
+        }
+        let (bm, bn) = (r.random_range(1..=8), r.random_range(1..=8));
+        let m = random_vis(&mut r, 30);
+        let (mq, mk) = (*lq.iter().max().unwrap(), *lk.iter().max().unwrap());
+        let dims = BlockMaskDims::for_lengths(batch, hq, mq, mk, bm, bn).unwrap();
+        let mut lists = Vec::new();
+        let mask = BlockMask::from_lists(dims, |id| {
+            let mut l = Vec::new();
+            if id.q_block < lq[id.batch].div_ceil(bm) {
+                for kb in 0..lk[id.batch].div_ceil(bn) {
+                    if r.random_bool(0.6) {
+                        let full = r.random_bool(0.5);
+                        l.push((
+                            kb,
+                            if full {
+                                BlockKind::Full
+                            } else {
+                                BlockKind::Partial
+                            },
+                        ));
+                    }
+                }
+            }
+            lists.push(l.clone());
+            l
+        })
+        .unwrap();
+        let x = qkv::<f32>(&mut r, tq * hq * d, tk * hkv * d);
+        let mut want = vec![f64::NAN; tq * hq * d];
+        let mut wlse = vec![f64::NAN; hq * tq];
+        for b in 0..batch {
+            let (q0, k0, sq, sk) = (cq[b] as usize, ck[b] as usize, lq[b], lk[b]);
+            let (o, l) = attend_seq(
+                (
+                    &x.q[q0 * hq * d..(q0 + sq) * hq * d],
+                    &x.k[k0 * hkv * d..(k0 + sk) * hkv * d],
+                    &x.v[k0 * hkv * d..(k0 + sk) * hkv * d],
+                ),
+                (sq, sk, hq, hkv, d),
+                PLAIN,
+                &|h, i, j| {
+                    lists[(b * hq + h) * dims.num_q_blocks + i / bm]
+                        .iter()
+                        .any(|&(kb, kind)| {
+                            kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, sq, sk))
+                        })
+                },
+            );
+            want[q0 * hq * d..(q0 + sq) * hq * d].copy_from_slice(&o);
+            for h in 0..hq {
+                wlse[h * tq + q0..h * tq + q0 + sq].copy_from_slice(&l[h * sq..(h + 1) * sq]);
+            }
+        }
+        let attn = FlashAttention::new(
+            &AttentionShape {
+                batch,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+                seqlens: SeqLens::Varlen {
+                    cu_seqlens_q: &cq,
+                    cu_seqlens_k: &ck,
+                },
+            },
+            &m.options(PLAIN),
+        )
+        .unwrap();
+        let bs = BlockSparseAttention::new(attn, mask).unwrap();
+        let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (elems(&x.q), elems(&x.k), elems(&x.v));
+        let st = |h: usize| Strides {
+            batch: 0,
+            seq: (h * d) as i64,
+            head: d as i64,
+        };
+        let mut out = vec![f32::NAN; tq * hq * d];
+        let mut lse = vec![f32::NAN; hq * tq];
+        bs.forward_cpu(
+            Strided::new(&qf[..], st(hq)),
+            Strided::new(&kf[..], st(hkv)),
+            Strided::new(&vf[..], st(hkv)),
+            Strided::new(&mut out[..], st(hq)),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let what = format!("block-sparse varlen {n} {lq:?}/{lk:?} blocks {bm}x{bn} {m:?}");
+        check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+    }
+}
+
+/// The C entry point `longattn_dense_forward_cpu` with the specification's integers
+/// (`window_left/right`, `-1` unbounded, `causal`, `sinks`, scale and softcap 0 = default/off).
+#[test]
+fn c_dense_forward_random_sweep() {
+    use longattn::capi::{
+        CDenseDesc, CStrides, CTensor, CTensorMut, LONGATTN_OK, longattn_dense_forward_cpu,
+    };
+    let mut r = rng(16_000);
+    for n in 0..60u64 {
+        let (sq, sk) = (r.random_range(1..=40), r.random_range(0..=40));
+        let (hq, hkv, d) = random_heads(&mut r);
+        let b = r.random_range(1..=2);
+        let m = random_vis(&mut r, sq.max(sk));
+        let sc = random_score(&mut r);
+        let x = qkv::<f32>(&mut r, b * sq * hq * d, b * sk * hkv * d);
+        let dims = (b, sq, sk, hq, hkv, d);
+        let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, sq, sk));
+        let desc = CDenseDesc {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            cu_seqlens_q: std::ptr::null(),
+            cu_seqlens_k: std::ptr::null(),
+            scale: sc.scale.unwrap_or(0.0),
+            softcap: sc.cap.unwrap_or(0.0),
+            window_left: m.left,
+            window_right: m.right,
+            causal: i32::from(m.causal),
+            sinks: m.sinks as usize,
+        };
+        let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (elems(&x.q), elems(&x.k), elems(&x.v));
+        let cs = |s: usize, h: usize| CStrides {
+            batch: (s * h * d) as i64,
+            seq: (h * d) as i64,
+            head: d as i64,
+        };
+        let t = |x: &[f32], s, h| CTensor {
+            data: x.as_ptr().cast(),
+            len: x.len(),
+            strides: cs(s, h),
+        };
+        let mut out = vec![f32::NAN; b * sq * hq * d];
+        let mut lse = vec![f32::NAN; b * hq * sq];
+        // SAFETY: every pointer is a live buffer of the stated length; out does not alias.
+        let status = unsafe {
+            longattn_dense_forward_cpu(
+                &desc,
+                0,
+                t(&qf, sq, hq),
+                t(&kf, sk, hkv),
+                t(&vf, sk, hkv),
+                CTensorMut {
+                    data: out.as_mut_ptr().cast(),
+                    len: out.len(),
+                    strides: cs(sq, hq),
+                },
+                lse.as_mut_ptr(),
+                lse.len(),
+            )
+        };
+        let what = format!("C dense sweep {n} {dims:?} {m:?} {sc:?}");
+        assert_eq!(status, LONGATTN_OK, "{what}");
+        check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+    }
+}
