@@ -1708,7 +1708,7 @@ fn random_heads(r: &mut SmallRng) -> (usize, usize, usize) {
 #[test]
 fn dense_random_sweep() {
     let mut r = rng(10_000);
-    for n in 0..300u64 {
+    for n in 0..1200u64 {
         let (sq, sk) = (r.random_range(1..=48), r.random_range(0..=48));
         let (hq, hkv, d) = random_heads(&mut r);
         let b = r.random_range(1..=2);
@@ -1747,7 +1747,7 @@ fn sweep_one<T: Element>(
 #[test]
 fn neighborhood_random_sweep() {
     let mut r = rng(11_000);
-    for n in 0..80u64 {
+    for n in 0..200u64 {
         let rank = r.random_range(1..=3);
         let dims: Vec<NeighborhoodDim> = (0..rank)
             .map(|_| {
@@ -1769,7 +1769,7 @@ fn neighborhood_random_sweep() {
 #[test]
 fn ring_random_sweep() {
     let mut r = rng(12_000);
-    for n in 0..60u64 {
+    for n in 0..200u64 {
         let s = r.random_range(1..=40);
         let world = r.random_range(1..=6);
         let sharding = [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe][n as usize % 3];
@@ -1854,7 +1854,7 @@ fn ring_random_sweep() {
 #[test]
 fn paged_decode_random_sweep() {
     let mut r = rng(13_000);
-    for n in 0..40u64 {
+    for n in 0..150u64 {
         let ps = r.random_range(1..=20);
         let (hq, hkv, d) = random_heads(&mut r);
         let lens: Vec<usize> = (0..r.random_range(1..=4))
@@ -1890,7 +1890,7 @@ fn paged_decode_random_sweep() {
 #[test]
 fn paged_prefill_random_sweep() {
     let mut r = rng(14_000);
-    for n in 0..40u64 {
+    for n in 0..150u64 {
         let ps = r.random_range(1..=20);
         let (hq, hkv, d) = random_heads(&mut r);
         let lens: Vec<usize> = (0..r.random_range(1..=3))
@@ -1930,7 +1930,7 @@ fn paged_prefill_random_sweep() {
 fn block_sparse_varlen() {
     let (hq, hkv, d) = (2, 1, 8);
     let mut r = rng(15_000);
-    for n in 0..12u64 {
+    for n in 0..60u64 {
         let batch = r.random_range(1..=4);
         let lq: Vec<usize> = (0..batch).map(|_| r.random_range(0..=30)).collect();
         let lk: Vec<usize> = (0..batch).map(|_| r.random_range(0..=30)).collect();
@@ -2035,7 +2035,7 @@ fn c_dense_forward_random_sweep() {
         CDenseDesc, CStrides, CTensor, CTensorMut, LONGATTN_OK, longattn_dense_forward_cpu,
     };
     let mut r = rng(16_000);
-    for n in 0..60u64 {
+    for n in 0..200u64 {
         let (sq, sk) = (r.random_range(1..=40), r.random_range(0..=40));
         let (hq, hkv, d) = random_heads(&mut r);
         let b = r.random_range(1..=2);
@@ -2093,5 +2093,118 @@ fn c_dense_forward_random_sweep() {
         let what = format!("C dense sweep {n} {dims:?} {m:?} {sc:?}");
         assert_eq!(status, LONGATTN_OK, "{what}");
         check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+    }
+}
+
+/// Writes `x: [b, s, h, d]` (contiguous) into `buf` at `base` with element strides `st`.
+fn place(
+    x: &[f64],
+    (b, s, h, d): (usize, usize, usize, usize),
+    st: Strides,
+    buf: &mut [f32],
+    base: usize,
+) {
+    for bb in 0..b {
+        for t in 0..s {
+            for hh in 0..h {
+                let at = base
+                    + (bb as i64 * st.batch + t as i64 * st.seq + hh as i64 * st.head) as usize;
+                let src = ((bb * s + t) * h + hh) * d;
+                for c in 0..d {
+                    buf[at + c] = x[src + c] as f32;
+                }
+            }
+        }
+    }
+}
+
+/// "Batch/seq/head strides are arbitrary": q, k, v as slices of one fused QKV buffer
+/// `[b, s, hq + 2 hkv, d]` (GQA), and every tensor head-major `[b, h, s, d]`, output included.
+#[test]
+fn dense_fused_and_head_major_strides() {
+    let mut r = rng(17_000);
+    for n in 0..30u64 {
+        let s = r.random_range(1..=30);
+        let (hq, hkv, d) = random_heads(&mut r);
+        let b = r.random_range(1..=2);
+        let m = random_vis(&mut r, s);
+        let sc = random_score(&mut r);
+        let x = qkv::<f32>(&mut r, b * s * hq * d, b * s * hkv * d);
+        let dims = (b, s, s, hq, hkv, d);
+        let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, s, s));
+        let attn = FlashAttention::new(
+            &AttentionShape {
+                batch: b,
+                heads_q: hq,
+                heads_kv: hkv,
+                head_dim: d,
+                seqlens: SeqLens::Fixed {
+                    seqlen_q: s,
+                    seqlen_k: s,
+                },
+            },
+            &m.options(sc),
+        )
+        .unwrap();
+        // Fused QKV.
+        let row = (hq + 2 * hkv) * d;
+        let fused = Strides {
+            batch: (s * row) as i64,
+            seq: row as i64,
+            head: d as i64,
+        };
+        let mut buf = vec![f32::NAN; b * s * row];
+        place(&x.q, (b, s, hq, d), fused, &mut buf, 0);
+        place(&x.k, (b, s, hkv, d), fused, &mut buf, hq * d);
+        place(&x.v, (b, s, hkv, d), fused, &mut buf, (hq + hkv) * d);
+        let mut out = vec![f32::NAN; b * s * hq * d];
+        let mut lse = vec![f32::NAN; b * hq * s];
+        attn.forward_cpu(
+            Strided::new(&buf[..], fused),
+            Strided::new(&buf[hq * d..], fused),
+            Strided::new(&buf[(hq + hkv) * d..], fused),
+            Strided::new(&mut out[..], Strides::contiguous(s, hq, d)),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let what = format!("fused qkv {n} {dims:?} {m:?} {sc:?}");
+        check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+        // Head-major [b, h, s, d].
+        let hm = |h: usize| Strides {
+            batch: (h * s * d) as i64,
+            seq: d as i64,
+            head: (s * d) as i64,
+        };
+        let mut qb = vec![f32::NAN; b * s * hq * d];
+        let mut kb = vec![f32::NAN; b * s * hkv * d];
+        let mut vb = vec![f32::NAN; b * s * hkv * d];
+        place(&x.q, (b, s, hq, d), hm(hq), &mut qb, 0);
+        place(&x.k, (b, s, hkv, d), hm(hkv), &mut kb, 0);
+        place(&x.v, (b, s, hkv, d), hm(hkv), &mut vb, 0);
+        let mut out = vec![f32::NAN; b * s * hq * d];
+        let mut lse = vec![f32::NAN; b * hq * s];
+        attn.forward_cpu(
+            Strided::new(&qb[..], hm(hq)),
+            Strided::new(&kb[..], hm(hkv)),
+            Strided::new(&vb[..], hm(hkv)),
+            Strided::new(&mut out[..], hm(hq)),
+            Some(&mut lse),
+        )
+        .unwrap();
+        // Back to [b, s, hq, d].
+        let mut got = vec![f64::NAN; out.len()];
+        for bb in 0..b {
+            for t in 0..s {
+                for h in 0..hq {
+                    let src = ((bb * hq + h) * s + t) * d;
+                    let dst = ((bb * s + t) * hq + h) * d;
+                    for c in 0..d {
+                        got[dst + c] = out[src + c] as f64;
+                    }
+                }
+            }
+        }
+        let what = format!("head-major {n} {dims:?} {m:?} {sc:?}");
+        check(&what, d, 3e-5, &got, &want, &lse, &wlse);
     }
 }
