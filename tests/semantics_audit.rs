@@ -941,7 +941,7 @@ fn neighborhood_2d_3d() {
 
 /// Sequences' tokens (`[s, hkv, d]` each) placed by the crate's append into pages in random
 /// order; `block_table` rows padded with `-1`.
-struct Paged {
+struct Paged<C = f32> {
     lens: Vec<usize>,
     ps: usize,
     hkv: usize,
@@ -951,13 +951,13 @@ struct Paged {
     table: Vec<i32>,
     max_pages: usize,
     layout: PagedLayout,
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
-    kmin: Vec<f32>,
-    kmax: Vec<f32>,
+    k_cache: Vec<C>,
+    v_cache: Vec<C>,
+    kmin: Vec<C>,
+    kmax: Vec<C>,
 }
 
-impl Paged {
+impl<C: Element> Paged<C> {
     fn cache(&self, lens: &[usize]) -> PagedCache {
         let sl: Vec<i32> = lens.iter().map(|&s| s as i32).collect();
         PagedCache::new(
@@ -982,7 +982,13 @@ impl Paged {
 
 /// Builds a cache with two appends per sequence (a random prefix, then the rest) and checks
 /// the placement and the Quest bounds against the specification.
-fn paged(r: &mut SmallRng, lens: &[usize], ps: usize, hkv: usize, d: usize) -> Paged {
+fn paged<C: Element>(
+    r: &mut SmallRng,
+    lens: &[usize],
+    ps: usize,
+    hkv: usize,
+    d: usize,
+) -> Paged<C> {
     let pages: Vec<usize> = lens.iter().map(|s| s.div_ceil(ps)).collect();
     let max_pages = pages.iter().copied().max().unwrap_or(0) + 1;
     let num_pages = pages.iter().sum::<usize>() + 3;
@@ -1007,15 +1013,15 @@ fn paged(r: &mut SmallRng, lens: &[usize], ps: usize, hkv: usize, d: usize) -> P
         ps,
         hkv,
         d,
-        k_tok: lens.iter().map(|&s| values::<f32>(r, s * row)).collect(),
-        v_tok: lens.iter().map(|&s| values::<f32>(r, s * row)).collect(),
+        k_tok: lens.iter().map(|&s| values::<C>(r, s * row)).collect(),
+        v_tok: lens.iter().map(|&s| values::<C>(r, s * row)).collect(),
         table,
         max_pages,
         layout,
-        k_cache: vec![f32::NAN; num_pages * ps * row],
-        v_cache: vec![f32::NAN; num_pages * ps * row],
-        kmin: vec![f32::NAN; num_pages * row],
-        kmax: vec![f32::NAN; num_pages * row],
+        k_cache: vec![C::from_f32(f32::NAN); num_pages * ps * row],
+        v_cache: vec![C::from_f32(f32::NAN); num_pages * ps * row],
+        kmin: vec![C::from_f32(f32::NAN); num_pages * row],
+        kmax: vec![C::from_f32(f32::NAN); num_pages * row],
     };
     let cut: Vec<usize> = lens.iter().map(|&s| r.random_range(0..=s)).collect();
     for (from, to) in [(vec![0; lens.len()], cut.clone()), (cut, lens.to_vec())] {
@@ -1072,7 +1078,7 @@ fn paged(r: &mut SmallRng, lens: &[usize], ps: usize, hkv: usize, d: usize) -> P
                 let hi = xs.fold(f64::NEG_INFINITY, f64::max);
                 let at = page * row + c;
                 assert_eq!(
-                    (p.kmin[at] as f64, p.kmax[at] as f64),
+                    (p.kmin[at].to_f32() as f64, p.kmax[at].to_f32() as f64),
                     (lo, hi),
                     "append ps {ps}: bounds of page {lp} of sequence {b}, channel {c}"
                 );
@@ -1085,8 +1091,8 @@ fn paged(r: &mut SmallRng, lens: &[usize], ps: usize, hkv: usize, d: usize) -> P
 /// Oracle of `q_len` new rows per sequence (the last `q_len` positions): sequence `b`'s
 /// query head `h` sees key `j` when `sees(b, h, i, j)`. Out `[batch, q_len, hq, d]`, LSE
 /// `[batch, hq, q_len]`.
-fn paged_oracle(
-    p: &Paged,
+fn paged_oracle<C: Element>(
+    p: &Paged<C>,
     q: &[f64],
     hq: usize,
     q_len: usize,
@@ -1109,8 +1115,8 @@ fn paged_oracle(
     (out, lse)
 }
 
-fn decode_run(
-    p: &Paged,
+fn decode_run<T: Element, C: Element>(
+    p: &Paged<C>,
     dec: &PagedDecode,
     q: &[f64],
     hq: usize,
@@ -1118,8 +1124,8 @@ fn decode_run(
 ) -> (Vec<f64>, Vec<f32>) {
     let batch = p.lens.len();
     let qs = Strides::contiguous(q_len, hq, p.d);
-    let qf: Vec<f32> = elems(q);
-    let mut out = vec![f32::NAN; batch * q_len * hq * p.d];
+    let qf: Vec<T> = elems(q);
+    let mut out = vec![T::from_f32(f32::NAN); batch * q_len * hq * p.d];
     let mut lse = vec![f32::NAN; batch * hq * q_len];
     dec.forward_cpu(
         Strided::new(&qf[..], qs),
@@ -1161,7 +1167,7 @@ fn paged_decode() {
         for &(hq, hkv, d) in &[(4usize, 2usize, 8usize), (3, 1, 16)] {
             seed += 1;
             let mut r = rng(seed);
-            let p = paged(&mut r, &lens, ps, hkv, d);
+            let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
             for q_len in [1usize, 3] {
                 let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
                 for (mi, m) in DECODE_MASKS.iter().enumerate() {
@@ -1175,7 +1181,7 @@ fn paged_decode() {
                             .unwrap()
                             .with_splits(splits)
                             .unwrap();
-                        let (got, glse) = decode_run(&p, &dec, &q, hq, q_len);
+                        let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
                         let what = format!(
                             "decode ps {ps} hq {hq}/{hkv} q_len {q_len} {m:?} {sc:?} {splits:?}"
                         );
@@ -1192,8 +1198,8 @@ fn paged_decode() {
 /// token_budget / page_size` pages with the newest page always among them. Returns the
 /// selected logical pages per `(b, kv head)` and the pages whose rank is within `1e-5` of the
 /// cut (where f32 scores may order differently).
-fn quest_oracle(
-    p: &Paged,
+fn quest_oracle<C: Element>(
+    p: &Paged<C>,
     q: &[f64],
     hq: usize,
     q_len: usize,
@@ -1220,7 +1226,8 @@ fn quest_oracle(
                         let s: f64 = (0..d)
                             .map(|c| {
                                 let qc = q[qo + c];
-                                (qc * p.kmax[mo + c] as f64).max(qc * p.kmin[mo + c] as f64)
+                                (qc * p.kmax[mo + c].to_f32() as f64)
+                                    .max(qc * p.kmin[mo + c].to_f32() as f64)
                             })
                             .sum();
                         best = best.max(s);
@@ -1263,7 +1270,7 @@ fn paged_quest_and_streaming() {
     for ps in [1usize, 3, 16] {
         seed += 1;
         let mut r = rng(seed);
-        let p = paged(&mut r, &lens, ps, hkv, d);
+        let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
         for q_len in [1usize, 2] {
             let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
             let causal = vis(-1, 0, 0, false);
@@ -1311,7 +1318,7 @@ fn paged_quest_and_streaming() {
                     let got = sel.pages.get(b, g).unwrap();
                     causal.sees(i, j, q_len, p.lens[b]) && got.contains(&((j / ps) as u32))
                 });
-                let (got, glse) = decode_run(&p, &dec, &q, hq, q_len);
+                let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
                 check(&what, d, 3e-5, &got, &want, &glse, &wlse);
             }
             // Mixed heads in one launch: full, streaming, Quest.
@@ -1341,7 +1348,7 @@ fn paged_quest_and_streaming() {
                     g => causal.sees(i, j, q_len, sk) && qsel[b * hkv + g].0.contains(&(j / ps)),
                 }
             });
-            let (got, glse) = decode_run(&p, &dec, &q, hq, q_len);
+            let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
             check(
                 &format!("mixed ps {ps} q_len {q_len}"),
                 d,
@@ -1366,7 +1373,7 @@ fn paged_prefill() {
     for ps in [1usize, 3, 16] {
         seed += 1;
         let mut r = rng(seed);
-        let p = paged(&mut r, &lens, ps, hkv, d);
+        let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
         let q_len = 5;
         let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
         let qf: Vec<f32> = elems(&q);
@@ -1674,7 +1681,7 @@ fn block_sparse_random_lists() {
 /// A random mask for lengths up to `n`: each side unbounded or a bound in `0..=n + 1`, sinks
 /// (often 0) up to `n + 1`, causal or not.
 fn random_vis(r: &mut SmallRng, n: usize) -> Vis {
-    let mut side = |r: &mut SmallRng| {
+    let side = |r: &mut SmallRng| {
         if r.random_bool(0.3) {
             -1
         } else {
@@ -1770,13 +1777,25 @@ fn neighborhood_random_sweep() {
 fn ring_random_sweep() {
     let mut r = rng(12_000);
     for n in 0..200u64 {
+        match n % 4 {
+            1 => ring_one::<f16>(&mut r, n),
+            3 => ring_one::<bf16>(&mut r, n),
+            _ => ring_one::<f32>(&mut r, n),
+        }
+    }
+}
+
+/// One random ring problem in element type `T` (partials are rounded to `T` before each
+/// merge, as a dense call returns them: twice the dense tolerance).
+fn ring_one<T: Element>(r: &mut SmallRng, n: u64) {
+    {
         let s = r.random_range(1..=40);
         let world = r.random_range(1..=6);
         let sharding = [Sharding::Contiguous, Sharding::Zigzag, Sharding::Stripe][n as usize % 3];
-        let (hq, hkv, d) = random_heads(&mut r);
-        let m = random_vis(&mut r, s);
-        let sc = random_score(&mut r);
-        let x = qkv::<f32>(&mut r, s * hq * d, s * hkv * d);
+        let (hq, hkv, d) = random_heads(r);
+        let m = random_vis(r, s);
+        let sc = random_score(r);
+        let x = qkv::<T>(r, s * hq * d, s * hkv * d);
         let (want, wlse) = oracle_fixed(&x, (1, s, s, hq, hkv, d), sc, &|_, _, i, j| {
             m.sees(i, j, s, s)
         });
@@ -1795,17 +1814,19 @@ fn ring_random_sweep() {
         let pos: Vec<Vec<usize>> = (0..world)
             .map(|rk| ring_positions(s, world, sharding, rk))
             .collect();
-        let shard = |t: &[f64], h: usize, p: &[usize]| -> Vec<f32> {
-            p.iter()
-                .flat_map(|&i| t[i * h * d..(i + 1) * h * d].iter().map(|&v| v as f32))
-                .collect()
+        let shard = |t: &[f64], h: usize, p: &[usize]| -> Vec<T> {
+            elems(
+                &p.iter()
+                    .flat_map(|&i| t[i * h * d..(i + 1) * h * d].to_vec())
+                    .collect::<Vec<_>>(),
+            )
         };
         let qs: Vec<_> = pos.iter().map(|p| shard(&x.q, hq, p)).collect();
         let ks: Vec<_> = pos.iter().map(|p| shard(&x.k, hkv, p)).collect();
         let vs: Vec<_> = pos.iter().map(|p| shard(&x.v, hkv, p)).collect();
-        let mut os: Vec<Vec<f32>> = pos
+        let mut os: Vec<Vec<T>> = pos
             .iter()
-            .map(|p| vec![f32::NAN; p.len() * hq * d])
+            .map(|p| vec![T::from_f32(f32::NAN); p.len() * hq * d])
             .collect();
         let mut ls: Vec<Vec<f32>> = pos.iter().map(|p| vec![f32::NAN; hq * p.len()]).collect();
         let st = |p: &[usize], h: usize| Strides::contiguous(p.len(), h, d);
@@ -1837,15 +1858,18 @@ fn ring_random_sweep() {
         for (rk, p) in pos.iter().enumerate() {
             for (li, &t) in p.iter().enumerate() {
                 for c in 0..hq * d {
-                    got[t * hq * d + c] = os[rk][li * hq * d + c] as f64;
+                    got[t * hq * d + c] = os[rk][li * hq * d + c].to_f32() as f64;
                 }
                 for h in 0..hq {
                     glse[h * s + t] = ls[rk][h * p.len() + li];
                 }
             }
         }
-        let what = format!("ring sweep {n} s {s} world {world} {sharding:?} {m:?} {sc:?}");
-        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+        let what = format!(
+            "ring sweep {n} {:?} s {s} world {world} {sharding:?} {m:?} {sc:?}",
+            T::DTYPE
+        );
+        check(&what, d, 2.0 * tol::<T>(), &got, &want, &glse, &wlse);
     }
 }
 
@@ -1855,21 +1879,33 @@ fn ring_random_sweep() {
 fn paged_decode_random_sweep() {
     let mut r = rng(13_000);
     for n in 0..150u64 {
+        match n % 5 {
+            1 => decode_one::<f32, bf16>(&mut r, n),
+            2 => decode_one::<f16, f16>(&mut r, n),
+            3 => decode_one::<bf16, f32>(&mut r, n),
+            _ => decode_one::<f32, f32>(&mut r, n),
+        }
+    }
+}
+
+/// One random decode problem, queries and output in `T`, the cache in `C`.
+fn decode_one<T: Element, C: Element>(r: &mut SmallRng, n: u64) {
+    {
         let ps = r.random_range(1..=20);
-        let (hq, hkv, d) = random_heads(&mut r);
+        let (hq, hkv, d) = random_heads(r);
         let lens: Vec<usize> = (0..r.random_range(1..=4))
             .map(|_| r.random_range(0..=60))
             .collect();
-        let p = paged(&mut r, &lens, ps, hkv, d);
+        let p = paged::<C>(r, &lens, ps, hkv, d);
         let q_len = r.random_range(1..=16);
         // Causal clips any right bound to 0; without it only -1 and 0 are the specification's
         // decode (a right bound > 0 without causal is a crate extension).
-        let mut m = random_vis(&mut r, 60);
+        let mut m = random_vis(r, 60);
         if !m.causal {
             m.right = [-1, 0][r.random_range(0..2)];
         }
-        let sc = random_score(&mut r);
-        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
+        let sc = random_score(r);
+        let q = values::<T>(r, lens.len() * q_len * hq * d);
         let causal = Vis { causal: true, ..m };
         let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, _, i, j| {
             causal.sees(i, j, q_len, p.lens[b])
@@ -1879,10 +1915,13 @@ fn paged_decode_random_sweep() {
             .unwrap()
             .with_splits(splits)
             .unwrap();
-        let (got, glse) = decode_run(&p, &dec, &q, hq, q_len);
-        let what =
-            format!("decode sweep {n} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?} {splits:?}");
-        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+        let (got, glse) = decode_run::<T, C>(&p, &dec, &q, hq, q_len);
+        let what = format!(
+            "decode sweep {n} {:?}/{:?} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?} {splits:?}",
+            T::DTYPE,
+            C::DTYPE
+        );
+        check(&what, d, tol::<T>(), &got, &want, &glse, &wlse);
     }
 }
 
@@ -1896,7 +1935,7 @@ fn paged_prefill_random_sweep() {
         let lens: Vec<usize> = (0..r.random_range(1..=3))
             .map(|_| r.random_range(0..=50))
             .collect();
-        let p = paged(&mut r, &lens, ps, hkv, d);
+        let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
         let q_len = r.random_range(1..=20);
         let m = random_vis(&mut r, 50);
         let sc = random_score(&mut r);
