@@ -817,14 +817,14 @@ fn coords(dims: &[NeighborhoodDim], mut t: usize) -> Vec<usize> {
     c
 }
 
-fn neighborhood_case(
+fn neighborhood_case<T: Element>(
     seed: u64,
     dims: &[NeighborhoodDim],
     (b, hq, hkv, d): (usize, usize, usize, usize),
 ) {
     let n: usize = dims.iter().map(|x| x.length).product();
     let mut r = rng(seed);
-    let x = qkv::<f32>(&mut r, b * n * hq * d, b * n * hkv * d);
+    let x = qkv::<T>(&mut r, b * n * hq * d, b * n * hkv * d);
     let sc = if seed % 2 == 0 { CAPPED } else { PLAIN };
     let cs: Vec<Vec<usize>> = (0..n).map(|t| coords(dims, t)).collect();
     let sees = |_: usize, _: usize, i: usize, j: usize| {
@@ -855,18 +855,18 @@ fn neighborhood_case(
     )
     .unwrap();
     let pad = seed % 3 == 0;
-    let q = Padded::<f32>::new(&x.q, (b, n, hq, d), pad, f32::NAN);
-    let k = Padded::<f32>::new(&x.k, (b, n, hkv, d), pad, f32::NAN);
-    let v = Padded::<f32>::new(&x.v, (b, n, hkv, d), pad, f32::NAN);
-    let mut out = Padded::<f32>::new(&vec![f64::NAN; b * n * hq * d], (b, n, hq, d), pad, OUT_GAP);
+    let q = Padded::<T>::new(&x.q, (b, n, hq, d), pad, f32::NAN);
+    let k = Padded::<T>::new(&x.k, (b, n, hkv, d), pad, f32::NAN);
+    let v = Padded::<T>::new(&x.v, (b, n, hkv, d), pad, f32::NAN);
+    let mut out = Padded::<T>::new(&vec![f64::NAN; b * n * hq * d], (b, n, hq, d), pad, OUT_GAP);
     let mut lse = vec![f32::NAN; b * hq * n];
     attn.forward_cpu(q.view(), k.view(), v.view(), out.view_mut(), Some(&mut lse))
         .unwrap();
     let got = out.read((b, n, hq, d), "neighborhood");
     check(
-        &format!("NA {dims:?} {sc:?}"),
+        &format!("NA {:?} {dims:?} {sc:?}", T::DTYPE),
         d,
-        3e-5,
+        tol::<T>(),
         &got,
         &want,
         &lse,
@@ -902,7 +902,7 @@ fn neighborhood_1d() {
         nd(6, 6, 1, 1, true),
     ];
     for (n, dim) in cases.iter().enumerate() {
-        neighborhood_case(4000 + n as u64, &[*dim], (1 + n % 2, 2, 1, 8));
+        neighborhood_case::<f32>(4000 + n as u64, &[*dim], (1 + n % 2, 2, 1, 8));
     }
 }
 
@@ -931,7 +931,7 @@ fn neighborhood_2d_3d() {
         ],
     ];
     for (n, dims) in cases.iter().enumerate() {
-        neighborhood_case(4100 + n as u64, dims, (1, 4, 2, 8));
+        neighborhood_case::<f32>(4100 + n as u64, dims, (1, 4, 2, 8));
     }
 }
 
@@ -1767,7 +1767,12 @@ fn neighborhood_random_sweep() {
             })
             .collect();
         let hkv = r.random_range(1..=2);
-        neighborhood_case(11_000 + n, &dims, (r.random_range(1..=2), 2 * hkv, hkv, 8));
+        let case = match n % 4 {
+            1 => neighborhood_case::<f16>,
+            3 => neighborhood_case::<bf16>,
+            _ => neighborhood_case::<f32>,
+        };
+        case(11_000 + n, &dims, (r.random_range(1..=2), 2 * hkv, hkv, 8));
     }
 }
 
@@ -2245,5 +2250,113 @@ fn dense_fused_and_head_major_strides() {
         }
         let what = format!("head-major {n} {dims:?} {m:?} {sc:?}");
         check(&what, d, 3e-5, &got, &want, &lse, &wlse);
+    }
+}
+
+/// Random per-head policies in one launch (full, streaming with random sinks and window,
+/// Quest with random budgets), GQA, q_len up to 16, page sizes 1 to 20: Quest selections
+/// against the specification's top-B (newest page included) and every head's output against
+/// the oracle. With no Quest head, the base mask is a random decode mask (streaming heads
+/// replace it with their own).
+#[test]
+fn paged_policy_random_sweep() {
+    let mut r = rng(18_000);
+    for n in 0..80u64 {
+        let ps = r.random_range(1..=20);
+        let (hq, hkv, d) = random_heads(&mut r);
+        let lens: Vec<usize> = (0..r.random_range(1..=3))
+            .map(|_| r.random_range(0..=80))
+            .collect();
+        let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
+        let q_len = r.random_range(1..=16);
+        let heads: Vec<HeadPolicy> = (0..hkv)
+            .map(|_| {
+                [HeadPolicy::Full, HeadPolicy::Streaming, HeadPolicy::Quest][r.random_range(0..3)]
+            })
+            .collect();
+        let streaming = StreamingConfig {
+            sinks: r.random_range(0..=6),
+            window: r.random_range(1..=20),
+        };
+        let quest = QuestConfig {
+            token_budget: r.random_range(0..=100),
+            sink_pages: 0,
+        };
+        let base = if heads.contains(&HeadPolicy::Quest) {
+            vis(-1, -1, 0, true)
+        } else {
+            let mut m = random_vis(&mut r, 80);
+            if !m.causal {
+                m.right = [-1, 0][r.random_range(0..2)];
+            }
+            m
+        };
+        let sc = random_score(&mut r);
+        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
+        let dec = PagedDecode::new(&p.cache(&lens), hq, q_len, &base.options(sc))
+            .unwrap()
+            .with_policy(SparsePolicy {
+                heads: heads.clone(),
+                streaming,
+                quest,
+            })
+            .unwrap();
+        let what = format!(
+            "policy sweep {n} ps {ps} lens {lens:?} q_len {q_len} {heads:?} {streaming:?} {quest:?} {base:?}"
+        );
+        let qsel = quest_oracle(&p, &q, hq, q_len, quest.token_budget);
+        let mut pages: Vec<Vec<usize>> = qsel.iter().map(|x| x.0.clone()).collect();
+        if heads.contains(&HeadPolicy::Quest) {
+            let qf: Vec<f32> = elems(&q);
+            let sel = dec
+                .select_cpu(
+                    Strided::new(&qf[..], Strides::contiguous(q_len, hq, d)),
+                    PageMeta {
+                        kmin: &p.kmin[..],
+                        kmax: &p.kmax[..],
+                    },
+                )
+                .unwrap();
+            for b in 0..lens.len() {
+                for g in (0..hkv).filter(|&g| heads[g] == HeadPolicy::Quest) {
+                    let got: Vec<usize> = sel
+                        .pages
+                        .get(b, g)
+                        .unwrap()
+                        .iter()
+                        .map(|&x| x as usize)
+                        .collect();
+                    let (want, near) = &qsel[b * hkv + g];
+                    if near.is_empty() {
+                        assert_eq!(&got, want, "{what}: Quest pages of ({b}, {g})");
+                    } else {
+                        assert_eq!(got.len(), want.len(), "{what}: Quest count of ({b}, {g})");
+                    }
+                    pages[b * hkv + g] = got;
+                }
+            }
+        }
+        let base_dec = Vis {
+            causal: true,
+            ..base
+        };
+        let stream = vis(
+            streaming.window as i64 - 1,
+            0,
+            streaming.sinks as i64,
+            false,
+        );
+        let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, h, i, j| {
+            let (g, sk) = (h / (hq / hkv), p.lens[b]);
+            match heads[g] {
+                HeadPolicy::Streaming => stream.sees(i, j, q_len, sk),
+                HeadPolicy::Quest => {
+                    base_dec.sees(i, j, q_len, sk) && pages[b * hkv + g].contains(&(j / ps))
+                }
+                _ => base_dec.sees(i, j, q_len, sk),
+            }
+        });
+        let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
+        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
     }
 }
