@@ -1678,21 +1678,21 @@ fn block_sparse_random_lists() {
 // Random sweeps (shapes, masks and scores nobody chose)
 // =======================================================================================
 
-/// A random mask for lengths up to `n`: each side unbounded or a bound in `0..=n + 1`, sinks
-/// (often 0) up to `n + 1`, causal or not.
+/// A random mask for lengths up to `n`: each side unbounded or a bound in `0..=n + 1` (often
+/// small), sinks (often 0, often few) up to `n + 1`, causal or not.
 fn random_vis(r: &mut SmallRng, n: usize) -> Vis {
-    let side = |r: &mut SmallRng| {
-        if r.random_bool(0.3) {
-            -1
-        } else {
-            r.random_range(0..=n as i64 + 1)
-        }
+    let n = n as i64;
+    // Unbounded, a small bound (where off-by-ones live) or any bound up to n + 1.
+    let side = |r: &mut SmallRng| match r.random_range(0..20) {
+        0..6 => -1,
+        6..13 => r.random_range(0..=8),
+        _ => r.random_range(0..=n + 1),
     };
     let (left, right) = (side(r), side(r));
-    let sinks = if r.random_bool(0.6) {
-        0
-    } else {
-        r.random_range(0..=n as i64 + 1)
+    let sinks = match r.random_range(0..4) {
+        0 | 1 => 0,
+        2 => r.random_range(1..=8),
+        _ => r.random_range(0..=n + 1),
     };
     vis(left, right, sinks, r.random_bool(0.5))
 }
@@ -2358,5 +2358,47 @@ fn paged_policy_random_sweep() {
         });
         let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
         check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+    }
+}
+
+/// Longer sequences (CPU tiles of 16 rows x 32 keys, several sink tiles, windows starting
+/// inside a sink tile), dense and paged decode.
+#[test]
+fn long_sequences_sweep() {
+    let mut r = rng(19_000);
+    for n in 0..30u64 {
+        let (sq, sk) = (r.random_range(1..=200), r.random_range(1..=300));
+        let (hq, hkv) = (2, 1);
+        let m = random_vis(&mut r, sq.max(sk));
+        let sc = random_score(&mut r);
+        let dims = (1, sq, sk, hq, hkv, 8);
+        let seed = r.random();
+        let what = format!("long dense {n} {dims:?} {m:?} {sc:?}");
+        sweep_one::<f32>(seed, dims, m, sc, n % 2 == 0, &what);
+    }
+    for n in 0..20u64 {
+        let ps = r.random_range(1..=40);
+        let lens: Vec<usize> = (0..2).map(|_| r.random_range(0..=700)).collect();
+        let p = paged::<f32>(&mut r, &lens, ps, 1, 8);
+        let q_len = r.random_range(1..=16);
+        let mut m = random_vis(&mut r, 700);
+        if !m.causal {
+            m.right = [-1, 0][r.random_range(0..2)];
+        }
+        let sc = random_score(&mut r);
+        let q = values::<f32>(&mut r, lens.len() * q_len * 2 * 8);
+        let causal = Vis { causal: true, ..m };
+        let (want, wlse) = paged_oracle(&p, &q, 2, q_len, sc, &|b, _, i, j| {
+            causal.sees(i, j, q_len, p.lens[b])
+        });
+        let splits = r.random_bool(0.5).then(|| r.random_range(1..=16));
+        let dec = PagedDecode::new(&p.cache(&lens), 2, q_len, &m.options(sc))
+            .unwrap()
+            .with_splits(splits)
+            .unwrap();
+        let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, 2, q_len);
+        let what =
+            format!("long decode {n} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?} {splits:?}");
+        check(&what, 8, 3e-5, &got, &want, &glse, &wlse);
     }
 }
