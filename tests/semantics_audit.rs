@@ -2402,3 +2402,110 @@ fn long_sequences_sweep() {
         check(&what, 8, 3e-5, &got, &want, &glse, &wlse);
     }
 }
+
+/// The public helpers that expose the semantics agree with the oracle: `Mask::visible` of
+/// `AttentionOptions::effective_mask` (causal composition included), `Mask::window_range`
+/// (the window alone), `Mask::key_tiles` (every tile holding a visible key of the rows is
+/// visited, none twice), `NeighborhoodAttention::neighbors`, `PagedCache::token_offset`.
+#[test]
+fn public_helpers_match_the_oracle() {
+    let mut r = rng(20_000);
+    for n in 0..400 {
+        let (sq, sk) = (r.random_range(0..=40), r.random_range(0..=40));
+        let m = random_vis(&mut r, sq.max(sk));
+        let mask = m.options(PLAIN).effective_mask();
+        let what = format!("helpers {n} {sq}x{sk} {m:?}");
+        let alone = Vis { sinks: 0, ..m };
+        for i in 0..sq {
+            for j in 0..sk + 2 {
+                assert_eq!(
+                    mask.visible(i, j, sq, sk),
+                    m.sees(i, j, sq, sk),
+                    "{what}: ({i}, {j})"
+                );
+            }
+            let range = mask.window_range(i, sq, sk);
+            let want: Vec<usize> = (0..sk).filter(|&j| alone.sees(i, j, sq, sk)).collect();
+            assert_eq!(range.collect::<Vec<_>>(), want, "{what}: window_range({i})");
+        }
+        let bn = r.random_range(1..=9);
+        let lo = r.random_range(0..=sq);
+        let rows = lo..r.random_range(lo..=sq);
+        let tiles: Vec<usize> = mask.key_tiles(rows.clone(), sq, sk, bn).iter().collect();
+        let mut sorted = tiles.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(
+            sorted.len(),
+            tiles.len(),
+            "{what}: a tile visited twice: {tiles:?}"
+        );
+        for i in rows.clone() {
+            for j in (0..sk).filter(|&j| m.sees(i, j, sq, sk)) {
+                assert!(
+                    tiles.contains(&(j / bn)),
+                    "{what}: rows {rows:?} key {j} in tile {} not visited ({tiles:?}, bn {bn})",
+                    j / bn
+                );
+            }
+        }
+    }
+    for n in 0..100 {
+        let rank = r.random_range(1..=3);
+        let dims: Vec<NeighborhoodDim> = (0..rank)
+            .map(|_| {
+                let l = r.random_range(1..=[30, 10, 6][rank - 1]);
+                let k = r.random_range(1..=l);
+                let dil = r.random_range(1..=l / k);
+                let causal = r.random_bool(0.3);
+                let s = if causal { 1 } else { r.random_range(1..=k) };
+                nd(l, k, dil, s, causal)
+            })
+            .collect();
+        let attn = NeighborhoodAttention::new(
+            &NeighborhoodShape {
+                batch: 1,
+                heads_q: 1,
+                heads_kv: 1,
+                head_dim: 1,
+                dims: &dims,
+            },
+            &AttentionOptions::default(),
+        )
+        .unwrap();
+        let tokens: usize = dims.iter().map(|x| x.length).product();
+        for t in 0..tokens {
+            let ct = coords(&dims, t);
+            let want: Vec<usize> = (0..tokens)
+                .filter(|&u| {
+                    let cu = coords(&dims, u);
+                    dims.iter()
+                        .enumerate()
+                        .all(|(a, dim)| na_sees(dim, ct[a], cu[a]))
+                })
+                .collect();
+            let got: Vec<usize> = attn.neighbors(t).unwrap().collect();
+            assert_eq!(got, want, "neighbors {n} {dims:?} token {t}");
+        }
+    }
+    for ps in [1usize, 3, 16] {
+        let lens = [0usize, 5, 33, 1];
+        let p = paged::<f32>(&mut r, &lens, ps, 2, 4);
+        let cache = p.cache(&lens);
+        for (b, &s) in lens.iter().enumerate() {
+            for j in 0..s + 2 {
+                for g in 0..2 {
+                    let want = (j < s).then(|| {
+                        let (page, slot) = p.slot(b, j);
+                        ((page * ps + slot) * 2 + g) * 4
+                    });
+                    assert_eq!(
+                        cache.token_offset(b, j, g),
+                        want,
+                        "token_offset ps {ps} ({b}, {j}, {g})"
+                    );
+                }
+            }
+        }
+    }
+}
