@@ -2509,3 +2509,170 @@ fn public_helpers_match_the_oracle() {
         }
     }
 }
+
+/// Runs a block-sparse problem (fixed lengths, f32) and checks it against the oracle with
+/// `sees(b, h, i, j)`.
+fn block_sparse_check(
+    bs: &BlockSparseAttention,
+    x: &Qkv,
+    dims: (usize, usize, usize, usize, usize, usize),
+    sc: Score,
+    sees: &dyn Fn(usize, usize, usize, usize) -> bool,
+    what: &str,
+) {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    let (want, wlse) = oracle_fixed(x, dims, sc, sees);
+    let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (elems(&x.q), elems(&x.k), elems(&x.v));
+    let (qs, ks) = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    let mut out = vec![f32::NAN; b * sq * hq * d];
+    let mut lse = vec![f32::NAN; b * hq * sq];
+    bs.forward_cpu(
+        Strided::new(&qf[..], qs),
+        Strided::new(&kf[..], ks),
+        Strided::new(&vf[..], ks),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    check(what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+}
+
+fn dense_problem(
+    dims: (usize, usize, usize, usize, usize, usize),
+    opts: &AttentionOptions,
+) -> FlashAttention {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    FlashAttention::new(
+        &AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: sq,
+                seqlen_k: sk,
+            },
+        },
+        opts,
+    )
+    .unwrap()
+}
+
+/// Per-row selections (MoBA, `docs/semantics.md`): key `j` is visible to row `i` only if its
+/// block is also in row `i`'s padded list; and the pattern constructors (Longformer, Sparse
+/// Transformer strided / fixed, `qb' = qb + (sk - sq) / block`) list exactly their formula's
+/// pairs, marking full only blocks the element mask shows entirely (so the result is the
+/// formula AND the element mask).
+#[test]
+fn block_sparse_rows_and_patterns() {
+    use longattn::RowBlocks;
+    use longattn::block_sparse::patterns::{
+        PatternShape, longformer, sparse_transformer_fixed, sparse_transformer_strided,
+    };
+    let (hq, hkv, d) = (2, 1, 8);
+    let mut r = rng(21_000);
+    for n in 0..40u64 {
+        let (sq, sk) = (r.random_range(1..=40), r.random_range(1..=40));
+        let (bm, bn) = (r.random_range(1..=8), r.random_range(1..=8));
+        let b = 2;
+        let dims = (b, sq, sk, hq, hkv, d);
+        let m = random_vis(&mut r, 40);
+        let bd = BlockMaskDims::for_lengths(1, 1, sq, sk, bm, bn).unwrap();
+        let top_k = r.random_range(1..=4);
+        // Row lists: sorted random blocks, -1 padded.
+        let rows: Vec<Vec<usize>> = (0..b * hq * sq)
+            .map(|_| {
+                let mut l: Vec<usize> = (0..bd.num_k_blocks)
+                    .filter(|_| r.random_bool(0.5))
+                    .collect();
+                l.shuffle(&mut r);
+                l.truncate(top_k);
+                l.sort();
+                l
+            })
+            .collect();
+        let flat: Vec<i32> = rows
+            .iter()
+            .flat_map(|l| (0..top_k).map(|c| l.get(c).map_or(-1, |&x| x as i32)))
+            .collect();
+        let kinds: Vec<BlockKind> = (0..bd.num_k_blocks)
+            .map(|_| {
+                if r.random_bool(0.5) {
+                    BlockKind::Full
+                } else {
+                    BlockKind::Partial
+                }
+            })
+            .collect();
+        let mask =
+            BlockMask::from_lists(bd, |_| kinds.iter().copied().enumerate().collect()).unwrap();
+        let bs = BlockSparseAttention::new(dense_problem(dims, &m.options(PLAIN)), mask)
+            .unwrap()
+            .with_row_blocks(RowBlocks::new(bn, top_k, flat).unwrap())
+            .unwrap();
+        let x = qkv::<f32>(&mut r, b * sq * hq * d, b * sk * hkv * d);
+        let sees = |bb: usize, h: usize, i: usize, j: usize| {
+            rows[(bb * hq + h) * sq + i].contains(&(j / bn))
+                && (kinds[j / bn] == BlockKind::Full || m.sees(i, j, sq, sk))
+        };
+        block_sparse_check(
+            &bs,
+            &x,
+            dims,
+            PLAIN,
+            &sees,
+            &format!("row blocks {n} {dims:?} {bm}x{bn} top {top_k} {m:?}"),
+        );
+    }
+    for n in 0..60u64 {
+        let block = r.random_range(1..=6);
+        let sq = r.random_range(1..=36);
+        let sk = sq + block * r.random_range(0..=3);
+        let dims = (1, sq, sk, hq, hkv, d);
+        let m = random_vis(&mut r, sk);
+        let shape = PatternShape {
+            heads: 1,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            block,
+            mask: m.options(PLAIN).effective_mask(),
+        };
+        let (w, g, s, c) = (
+            r.random_range(0..=3),
+            r.random_range(0..=2),
+            r.random_range(1..=4),
+            r.random_range(0..=4),
+        );
+        let shift = (sk - sq) / block;
+        let (mask, pair): (BlockMask, Box<dyn Fn(usize, usize) -> bool>) = match n % 3 {
+            0 => (
+                longformer(&shape, w, g).unwrap(),
+                Box::new(move |qb, kb| qb.abs_diff(kb) <= w || kb < g || qb < g),
+            ),
+            1 => (
+                sparse_transformer_strided(&shape, s).unwrap(),
+                Box::new(move |qb, kb| kb <= qb && (qb - kb < s || (qb - kb) % s == 0)),
+            ),
+            _ => (
+                sparse_transformer_fixed(&shape, s, c).unwrap(),
+                Box::new(move |qb, kb| kb <= qb && (kb / s == qb / s || kb % s + c >= s)),
+            ),
+        };
+        let bs = BlockSparseAttention::new(dense_problem(dims, &m.options(PLAIN)), mask).unwrap();
+        let x = qkv::<f32>(&mut r, sq * hq * d, sk * hkv * d);
+        let sees = |_: usize, _: usize, i: usize, j: usize| {
+            pair(i / block + shift, j / block) && m.sees(i, j, sq, sk)
+        };
+        block_sparse_check(
+            &bs,
+            &x,
+            dims,
+            PLAIN,
+            &sees,
+            &format!("pattern {n} {dims:?} block {block} (w {w} g {g} s {s} c {c}) {m:?}"),
+        );
+    }
+}
