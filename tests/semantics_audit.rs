@@ -451,7 +451,7 @@ fn dense_case<T: Element>(seed: u64, dims: (usize, usize, usize, usize, usize, u
     let (b, sq, sk, hq, hkv, d) = dims;
     let mut r = rng(seed);
     let x = qkv::<T>(&mut r, b * sq * hq * d, b * sk * hkv * d);
-    let sc = if seed % 3 == 0 { CAPPED } else { PLAIN };
+    let sc = if seed.is_multiple_of(3) { CAPPED } else { PLAIN };
     let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, sq, sk));
     let (got, glse) = dense_run::<T>(&x, dims, &m.options(sc), seed % 2 == 1);
     let what = format!("dense {:?} {dims:?} {m:?} {sc:?}", T::DTYPE);
@@ -825,7 +825,7 @@ fn neighborhood_case<T: Element>(
     let n: usize = dims.iter().map(|x| x.length).product();
     let mut r = rng(seed);
     let x = qkv::<T>(&mut r, b * n * hq * d, b * n * hkv * d);
-    let sc = if seed % 2 == 0 { CAPPED } else { PLAIN };
+    let sc = if seed.is_multiple_of(2) { CAPPED } else { PLAIN };
     let cs: Vec<Vec<usize>> = (0..n).map(|t| coords(dims, t)).collect();
     let sees = |_: usize, _: usize, i: usize, j: usize| {
         dims.iter()
@@ -854,7 +854,7 @@ fn neighborhood_case<T: Element>(
         &Vis::options(&vis(-1, -1, 0, false), sc),
     )
     .unwrap();
-    let pad = seed % 3 == 0;
+    let pad = seed.is_multiple_of(3);
     let q = Padded::<T>::new(&x.q, (b, n, hq, d), pad, f32::NAN);
     let k = Padded::<T>::new(&x.k, (b, n, hkv, d), pad, f32::NAN);
     let v = Padded::<T>::new(&x.v, (b, n, hkv, d), pad, f32::NAN);
@@ -1650,7 +1650,7 @@ fn block_sparse_random_lists() {
                 )
                 .unwrap();
                 let bs = BlockSparseAttention::new(attn, mask).unwrap();
-                let pad = seed % 3 == 0;
+                let pad = seed.is_multiple_of(3);
                 let q = Padded::<f32>::new(&x.q, (b, sq, hq, d), pad, f32::NAN);
                 let k = Padded::<f32>::new(&x.k, (b, sk, hkv, d), pad, f32::NAN);
                 let v = Padded::<f32>::new(&x.v, (b, sk, hkv, d), pad, f32::NAN);
