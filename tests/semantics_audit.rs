@@ -451,7 +451,11 @@ fn dense_case<T: Element>(seed: u64, dims: (usize, usize, usize, usize, usize, u
     let (b, sq, sk, hq, hkv, d) = dims;
     let mut r = rng(seed);
     let x = qkv::<T>(&mut r, b * sq * hq * d, b * sk * hkv * d);
-    let sc = if seed.is_multiple_of(3) { CAPPED } else { PLAIN };
+    let sc = if seed.is_multiple_of(3) {
+        CAPPED
+    } else {
+        PLAIN
+    };
     let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, sq, sk));
     let (got, glse) = dense_run::<T>(&x, dims, &m.options(sc), seed % 2 == 1);
     let what = format!("dense {:?} {dims:?} {m:?} {sc:?}", T::DTYPE);
@@ -825,7 +829,11 @@ fn neighborhood_case<T: Element>(
     let n: usize = dims.iter().map(|x| x.length).product();
     let mut r = rng(seed);
     let x = qkv::<T>(&mut r, b * n * hq * d, b * n * hkv * d);
-    let sc = if seed.is_multiple_of(2) { CAPPED } else { PLAIN };
+    let sc = if seed.is_multiple_of(2) {
+        CAPPED
+    } else {
+        PLAIN
+    };
     let cs: Vec<Vec<usize>> = (0..n).map(|t| coords(dims, t)).collect();
     let sees = |_: usize, _: usize, i: usize, j: usize| {
         dims.iter()
