@@ -405,6 +405,50 @@ fn oracle_fixed(
     (out, lse)
 }
 
+/// Oracle of a packed batch: sequence `b` has `lq[b]` query rows (packed `[total_q, hq, d]`
+/// in `q`) and the keys / values `kv(b)` (`[lk[b], hkv, d]`). Out `[total_q, hq, d]`, LSE
+/// `[hq, total_q]`.
+fn oracle_varlen<'a>(
+    q: &[f64],
+    kv: &dyn Fn(usize) -> (&'a [f64], &'a [f64]),
+    (lq, lk): (&[usize], &[usize]),
+    (hq, hkv, d): (usize, usize, usize),
+    sc: Score,
+    sees: &dyn Fn(usize, usize, usize, usize) -> bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let tq: usize = lq.iter().sum();
+    let mut out = Vec::new();
+    let mut lse = vec![f64::NAN; hq * tq];
+    let mut q0 = 0;
+    for (b, (&sq, &sk)) in lq.iter().zip(lk).enumerate() {
+        let (k, v) = kv(b);
+        let (o, l) = attend_seq(
+            (&q[q0 * hq * d..(q0 + sq) * hq * d], k, v),
+            (sq, sk, hq, hkv, d),
+            sc,
+            &|h, i, j| sees(b, h, i, j),
+        );
+        out.extend(o);
+        for h in 0..hq {
+            lse[h * tq + q0..h * tq + q0 + sq].copy_from_slice(&l[h * sq..(h + 1) * sq]);
+        }
+        q0 += sq;
+    }
+    (out, lse)
+}
+
+/// A packed LSE `[hq, batch * q_len]` of equal lengths as `[batch, hq, q_len]`.
+fn lse_per_sequence(lse: &[f64], hq: usize, q_len: usize) -> Vec<f64> {
+    let batch = lse.len() / (hq * q_len).max(1);
+    let mut out = Vec::with_capacity(lse.len());
+    for b in 0..batch {
+        for h in 0..hq {
+            out.extend_from_slice(&lse[h * batch * q_len + b * q_len..][..q_len]);
+        }
+    }
+    out
+}
+
 // =======================================================================================
 // Dense
 // =======================================================================================
@@ -1107,20 +1151,10 @@ fn paged_oracle<C: Element>(
     sc: Score,
     sees: &dyn Fn(usize, usize, usize, usize) -> bool,
 ) -> (Vec<f64>, Vec<f64>) {
-    let d = p.d;
-    let (mut out, mut lse) = (Vec::new(), Vec::new());
-    for (b, &sk) in p.lens.iter().enumerate() {
-        let qn = q_len * hq * d;
-        let (o, l) = attend_seq(
-            (&q[b * qn..(b + 1) * qn], &p.k_tok[b], &p.v_tok[b]),
-            (q_len, sk, hq, p.hkv, d),
-            sc,
-            &|h, i, j| sees(b, h, i, j),
-        );
-        out.extend(o);
-        lse.extend(l);
-    }
-    (out, lse)
+    let lq = vec![q_len; p.lens.len()];
+    let kv = |b: usize| (&p.k_tok[b][..], &p.v_tok[b][..]);
+    let (out, lse) = oracle_varlen(q, &kv, (&lq, &p.lens), (hq, p.hkv, p.d), sc, sees);
+    (out, lse_per_sequence(&lse, hq, q_len))
 }
 
 fn decode_run<T: Element, C: Element>(
@@ -1387,6 +1421,55 @@ fn paged_quest_and_streaming() {
     }
 }
 
+/// Paged prefill of `q` over `p` == the oracle: `lq[b]` rows for sequence `b`, packed
+/// (`PagedPrefill::new_varlen`, LSE `[hq, total_q]`) when `varlen`, else `lq[0]` rows each
+/// (`PagedPrefill::new`, `[batch, q_len, hq, d]`, LSE `[batch, hq, q_len]`).
+fn prefill_check(
+    p: &Paged,
+    q: &[f64],
+    hq: usize,
+    (lq, varlen): (&[usize], bool),
+    m: Vis,
+    sc: Score,
+    what: &str,
+) {
+    let d = p.d;
+    let kv = |b: usize| (&p.k_tok[b][..], &p.v_tok[b][..]);
+    let (want, mut wlse) =
+        oracle_varlen(q, &kv, (lq, &p.lens), (hq, p.hkv, d), sc, &|b, _, i, j| {
+            m.sees(i, j, lq[b], p.lens[b])
+        });
+    let cache = p.cache(&p.lens);
+    let cq = cu(lq);
+    let pre = if varlen {
+        PagedPrefill::new_varlen(&cache, hq, &cq, &m.options(sc))
+    } else {
+        wlse = lse_per_sequence(&wlse, hq, lq[0]);
+        PagedPrefill::new(&cache, hq, lq[0], &m.options(sc))
+    }
+    .unwrap();
+    let qf: Vec<f32> = elems(q);
+    let qs = Strides {
+        batch: (lq[0] * hq * d) as i64,
+        seq: (hq * d) as i64,
+        head: d as i64,
+    };
+    let mut out = vec![f32::NAN; pre.out_len()];
+    let mut lse = vec![f32::NAN; pre.lse_len()];
+    pre.forward_cpu(
+        Strided::new(&qf[..], qs),
+        KvPages {
+            k: &p.k_cache[..],
+            v: &p.v_cache[..],
+        },
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let what = format!("{what} rows {lq:?} varlen {varlen} {m:?} {sc:?}");
+    check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+}
+
 /// Paged prefill == dense attention (`seqlen_q = q_len`, `seqlen_k = seqlens_k[b]`) over the
 /// gathered tokens: default not causal, every mask, sequences shorter than `q_len` and empty;
 /// varlen chunks with zero-length entries.
@@ -1394,87 +1477,38 @@ fn paged_quest_and_streaming() {
 fn paged_prefill() {
     let lens = [9usize, 0, 3, 33];
     let (hq, hkv, d) = (4, 2, 8);
-    let mut seed = 7000;
+    let mut r = rng(7000);
     for ps in [1usize, 3, 16] {
-        seed += 1;
-        let mut r = rng(seed);
         let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
-        let q_len = 5;
-        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
-        let qf: Vec<f32> = elems(&q);
-        let qs = Strides::contiguous(q_len, hq, d);
+        let q = values::<f32>(&mut r, lens.len() * 5 * hq * d);
         for (mi, m) in MASKS.iter().enumerate() {
             let sc = if mi % 5 == 2 { CAPPED } else { PLAIN };
-            let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, _, i, j| {
-                m.sees(i, j, q_len, p.lens[b])
-            });
-            let pre = PagedPrefill::new(&p.cache(&lens), hq, q_len, &m.options(sc)).unwrap();
-            let mut out = vec![f32::NAN; pre.out_len()];
-            let mut lse = vec![f32::NAN; pre.lse_len()];
-            pre.forward_cpu(
-                Strided::new(&qf[..], qs),
-                KvPages {
-                    k: &p.k_cache[..],
-                    v: &p.v_cache[..],
-                },
-                Strided::new(&mut out[..], qs),
-                Some(&mut lse),
-            )
-            .unwrap();
-            let what = format!("prefill ps {ps} {m:?} {sc:?}");
-            check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+            prefill_check(
+                &p,
+                &q,
+                hq,
+                (&[5; 4], false),
+                *m,
+                sc,
+                &format!("prefill ps {ps}"),
+            );
         }
-        // Varlen: q_len_b = 2, 0, 4, 1 (the rows packed [total_q, hq, d], LSE [hq, total_q]).
-        let ql = [2usize, 0, 4, 1];
-        let cq = cu(&ql);
-        let tq: usize = ql.iter().sum();
-        let qv = values::<f32>(&mut r, tq * hq * d);
-        let qvf: Vec<f32> = elems(&qv);
+        // Varlen: q_len_b = 2, 0, 4, 1.
+        let q = values::<f32>(&mut r, 7 * hq * d);
         for m in [
             vis(-1, -1, 0, true),
             vis(1, 1, 1, false),
             vis(-1, -1, 0, false),
         ] {
-            let mut want = Vec::new();
-            let mut wlse = vec![f64::NAN; hq * tq];
-            for (b, &sk) in lens.iter().enumerate() {
-                let (q0, n) = (cq[b] as usize, ql[b]);
-                let (o, l) = attend_seq(
-                    (
-                        &qv[q0 * hq * d..(q0 + n) * hq * d],
-                        &p.k_tok[b],
-                        &p.v_tok[b],
-                    ),
-                    (n, sk, hq, hkv, d),
-                    PLAIN,
-                    &|_, i, j| m.sees(i, j, n, sk),
-                );
-                want.extend(o);
-                for h in 0..hq {
-                    wlse[h * tq + q0..h * tq + q0 + n].copy_from_slice(&l[h * n..(h + 1) * n]);
-                }
-            }
-            let pre =
-                PagedPrefill::new_varlen(&p.cache(&lens), hq, &cq, &m.options(PLAIN)).unwrap();
-            let st = Strides {
-                batch: 0,
-                seq: (hq * d) as i64,
-                head: d as i64,
-            };
-            let mut out = vec![f32::NAN; pre.out_len()];
-            let mut lse = vec![f32::NAN; pre.lse_len()];
-            pre.forward_cpu(
-                Strided::new(&qvf[..], st),
-                KvPages {
-                    k: &p.k_cache[..],
-                    v: &p.v_cache[..],
-                },
-                Strided::new(&mut out[..], st),
-                Some(&mut lse),
-            )
-            .unwrap();
-            let what = format!("prefill varlen ps {ps} {m:?}");
-            check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+            prefill_check(
+                &p,
+                &q,
+                hq,
+                (&[2, 0, 4, 1], true),
+                m,
+                PLAIN,
+                &format!("prefill ps {ps}"),
+            );
         }
     }
 }
@@ -1894,34 +1928,23 @@ fn paged_prefill_random_sweep() {
     for n in 0..150u64 {
         let ps = r.random_range(1..=20);
         let (hq, hkv, d) = random_heads(&mut r);
-        let lens: Vec<usize> = (0..r.random_range(1..=3))
-            .map(|_| r.random_range(0..=50))
-            .collect();
+        let batch = r.random_range(1..=3);
+        let lens: Vec<usize> = (0..batch).map(|_| r.random_range(0..=50)).collect();
         let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
-        let q_len = r.random_range(1..=20);
+        let varlen = r.random_bool(0.3);
+        let lq: Vec<usize> = if varlen {
+            (0..batch).map(|_| r.random_range(0..=20)).collect()
+        } else {
+            vec![r.random_range(1..=20); batch]
+        };
+        if lq.iter().sum::<usize>() == 0 {
+            continue; // a prefill needs a query row
+        }
         let m = random_vis(&mut r, 50);
         let sc = random_score(&mut r);
-        let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
-        let qf: Vec<f32> = elems(&q);
-        let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, _, i, j| {
-            m.sees(i, j, q_len, p.lens[b])
-        });
-        let pre = PagedPrefill::new(&p.cache(&lens), hq, q_len, &m.options(sc)).unwrap();
-        let qs = Strides::contiguous(q_len, hq, d);
-        let mut out = vec![f32::NAN; pre.out_len()];
-        let mut lse = vec![f32::NAN; pre.lse_len()];
-        pre.forward_cpu(
-            Strided::new(&qf[..], qs),
-            KvPages {
-                k: &p.k_cache[..],
-                v: &p.v_cache[..],
-            },
-            Strided::new(&mut out[..], qs),
-            Some(&mut lse),
-        )
-        .unwrap();
-        let what = format!("prefill sweep {n} ps {ps} lens {lens:?} q_len {q_len} {m:?} {sc:?}");
-        check(&what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
+        let q = values::<f32>(&mut r, lq.iter().sum::<usize>() * hq * d);
+        let what = format!("prefill sweep {n} ps {ps} lens {lens:?} hq {hq}/{hkv}");
+        prefill_check(&p, &q, hq, (&lq, varlen), m, sc, &what);
     }
 }
 
