@@ -453,6 +453,69 @@ fn lse_per_sequence(lse: &[f64], hq: usize, q_len: usize) -> Vec<f64> {
 // Dense
 // =======================================================================================
 
+/// A validated dense problem.
+fn problem(
+    batch: usize,
+    seqlens: SeqLens,
+    (hq, hkv, d): (usize, usize, usize),
+    opts: &AttentionOptions,
+) -> FlashAttention {
+    FlashAttention::new(
+        &AttentionShape {
+            batch,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens,
+        },
+        opts,
+    )
+    .unwrap()
+}
+
+/// A validated dense problem of fixed lengths, `dims = (b, sq, sk, hq, hkv, d)`.
+fn dense_problem(
+    (b, sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize, usize),
+    opts: &AttentionOptions,
+) -> FlashAttention {
+    problem(
+        b,
+        SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+        (hq, hkv, d),
+        opts,
+    )
+}
+
+/// The four tensors of a forward call and its LSE.
+type Views<'a, T> = (
+    Strided<&'a [T]>,
+    Strided<&'a [T]>,
+    Strided<&'a [T]>,
+    Strided<&'a mut [T]>,
+    &'a mut [f32],
+);
+
+/// Runs `forward` on `x` in (optionally) padded buffers, `dims = (b, sq, sk, hq, hkv, d)`:
+/// `(out [b, sq, hq, d], lse [b, hq, sq])`; the output's gaps must stay untouched.
+fn run_padded<T: Element>(
+    x: &Qkv,
+    (b, sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize, usize),
+    pad: bool,
+    forward: impl FnOnce(Views<T>),
+) -> (Vec<f64>, Vec<f32>) {
+    let q = Padded::<T>::new(&x.q, (b, sq, hq, d), pad, f32::NAN);
+    let k = Padded::<T>::new(&x.k, (b, sk, hkv, d), pad, f32::NAN);
+    let v = Padded::<T>::new(&x.v, (b, sk, hkv, d), pad, f32::NAN);
+    let poison = vec![f64::NAN; b * sq * hq * d];
+    let mut out = Padded::<T>::new(&poison, (b, sq, hq, d), pad, OUT_GAP);
+    let mut lse = vec![f32::NAN; b * hq * sq];
+    forward((q.view(), k.view(), v.view(), out.view_mut(), &mut lse));
+    (out.read((b, sq, hq, d), "forward"), lse)
+}
+
 /// Runs the dense CPU forward on padded buffers: `(out [b, sq, hq, d], lse [b, hq, sq])`.
 fn dense_run<T: Element>(
     x: &Qkv,
@@ -460,35 +523,11 @@ fn dense_run<T: Element>(
     opts: &AttentionOptions,
     pad: bool,
 ) -> (Vec<f64>, Vec<f32>) {
-    let (b, sq, sk, hq, hkv, d) = dims;
-    let attn = FlashAttention::new(
-        &AttentionShape {
-            batch: b,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: sq,
-                seqlen_k: sk,
-            },
-        },
-        opts,
-    )
-    .unwrap();
-    let q = Padded::<T>::new(&x.q, (b, sq, hq, d), pad, f32::NAN);
-    let k = Padded::<T>::new(&x.k, (b, sk, hkv, d), pad, f32::NAN);
-    let v = Padded::<T>::new(&x.v, (b, sk, hkv, d), pad, f32::NAN);
-    let mut out = Padded::<T>::new(
-        &vec![f64::NAN; b * sq * hq * d],
-        (b, sq, hq, d),
-        pad,
-        OUT_GAP,
-    );
-    let mut lse = vec![f32::NAN; b * hq * sq];
-    assert_eq!(attn.lse_len(), lse.len());
-    attn.forward_cpu(q.view(), k.view(), v.view(), out.view_mut(), Some(&mut lse))
-        .unwrap();
-    (out.read((b, sq, hq, d), "dense"), lse)
+    let attn = dense_problem(dims, opts);
+    assert_eq!(attn.lse_len(), dims.0 * dims.3 * dims.1);
+    run_padded::<T>(x, dims, pad, |(q, k, v, o, l)| {
+        attn.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    })
 }
 
 fn dense_case<T: Element>(seed: u64, dims: (usize, usize, usize, usize, usize, usize), m: Vis) {
@@ -609,39 +648,23 @@ fn dense_varlen_with_empty_sequences() {
         let x = qkv::<f32>(&mut r, tq * hq * d, tk * hkv * d);
         for (mi, m) in MASKS.iter().enumerate() {
             let sc = if mi % 4 == 1 { CAPPED } else { PLAIN };
-            let mut want = vec![f64::NAN; tq * hq * d];
-            let mut wlse = vec![f64::NAN; hq * tq];
-            for bb in 0..lq.len() {
-                let (q0, k0, sq, sk) = (cq[bb] as usize, ck[bb] as usize, lq[bb], lk[bb]);
-                let (o, l) = attend_seq(
-                    (
-                        &x.q[q0 * hq * d..(q0 + sq) * hq * d],
-                        &x.k[k0 * hkv * d..(k0 + sk) * hkv * d],
-                        &x.v[k0 * hkv * d..(k0 + sk) * hkv * d],
-                    ),
-                    (sq, sk, hq, hkv, d),
-                    sc,
-                    &|_, i, j| m.sees(i, j, sq, sk),
-                );
-                want[q0 * hq * d..(q0 + sq) * hq * d].copy_from_slice(&o);
-                for h in 0..hq {
-                    wlse[h * tq + q0..h * tq + q0 + sq].copy_from_slice(&l[h * sq..(h + 1) * sq]);
-                }
-            }
-            let attn = FlashAttention::new(
-                &AttentionShape {
-                    batch: lq.len(),
-                    heads_q: hq,
-                    heads_kv: hkv,
-                    head_dim: d,
-                    seqlens: SeqLens::Varlen {
-                        cu_seqlens_q: &cq,
-                        cu_seqlens_k: &ck,
-                    },
+            let kv = |b: usize| {
+                let k = ck[b] as usize * hkv * d..ck[b + 1] as usize * hkv * d;
+                (&x.k[k.clone()], &x.v[k])
+            };
+            let (want, wlse) =
+                oracle_varlen(&x.q, &kv, (lq, lk), (hq, hkv, d), sc, &|b, _, i, j| {
+                    m.sees(i, j, lq[b], lk[b])
+                });
+            let attn = problem(
+                lq.len(),
+                SeqLens::Varlen {
+                    cu_seqlens_q: &cq,
+                    cu_seqlens_k: &ck,
                 },
+                (hq, hkv, d),
                 &m.options(sc),
-            )
-            .unwrap();
+            );
             let pad = mi % 2 == 1;
             let q = Padded::<f32>::new(&x.q, (1, tq, hq, d), pad, f32::NAN);
             let k = Padded::<f32>::new(&x.k, (1, tk, hkv, d), pad, f32::NAN);
@@ -906,15 +929,10 @@ fn neighborhood_case<T: Element>(
         &Vis::options(&vis(-1, -1, 0, false), sc),
     )
     .unwrap();
-    let pad = seed.is_multiple_of(3);
-    let q = Padded::<T>::new(&x.q, (b, n, hq, d), pad, f32::NAN);
-    let k = Padded::<T>::new(&x.k, (b, n, hkv, d), pad, f32::NAN);
-    let v = Padded::<T>::new(&x.v, (b, n, hkv, d), pad, f32::NAN);
-    let mut out = Padded::<T>::new(&vec![f64::NAN; b * n * hq * d], (b, n, hq, d), pad, OUT_GAP);
-    let mut lse = vec![f32::NAN; b * hq * n];
-    attn.forward_cpu(q.view(), k.view(), v.view(), out.view_mut(), Some(&mut lse))
-        .unwrap();
-    let got = out.read((b, n, hq, d), "neighborhood");
+    let dims = (b, n, n, hq, hkv, d);
+    let (got, lse) = run_padded::<T>(&x, dims, seed.is_multiple_of(3), |(q, k, v, o, l)| {
+        attn.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    });
     check(
         &format!("NA {:?} {dims:?} {sc:?}", T::DTYPE),
         d,
@@ -1714,46 +1732,20 @@ fn block_sparse_random_lists() {
                 let x = qkv::<f32>(&mut r, b * sq * hq * d, b * sk * hkv * d);
                 let sc = if mi % 2 == 0 { CAPPED } else { PLAIN };
                 let nqb = dims.num_q_blocks;
-                let (want, wlse) = oracle_fixed(&x, (b, sq, sk, hq, hkv, d), sc, &|bb, h, i, j| {
+                let sees = |bb: usize, h: usize, i: usize, j: usize| {
                     let l = ((bb % mb) * mh + h % mh) * nqb + i / bm;
                     lists[l].iter().any(|&(kb, kind)| {
                         kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, sq, sk))
                     })
-                });
-                let attn = FlashAttention::new(
-                    &AttentionShape {
-                        batch: b,
-                        heads_q: hq,
-                        heads_kv: hkv,
-                        head_dim: d,
-                        seqlens: SeqLens::Fixed {
-                            seqlen_q: sq,
-                            seqlen_k: sk,
-                        },
-                    },
-                    &m.options(sc),
-                )
-                .unwrap();
-                let bs = BlockSparseAttention::new(attn, mask).unwrap();
-                let pad = seed.is_multiple_of(3);
-                let q = Padded::<f32>::new(&x.q, (b, sq, hq, d), pad, f32::NAN);
-                let k = Padded::<f32>::new(&x.k, (b, sk, hkv, d), pad, f32::NAN);
-                let v = Padded::<f32>::new(&x.v, (b, sk, hkv, d), pad, f32::NAN);
-                let mut out = Padded::<f32>::new(
-                    &vec![f64::NAN; b * sq * hq * d],
-                    (b, sq, hq, d),
-                    pad,
-                    OUT_GAP,
-                );
-                let mut lse = vec![f32::NAN; b * hq * sq];
-                bs.forward_cpu(q.view(), k.view(), v.view(), out.view_mut(), Some(&mut lse))
+                };
+                let problem = (b, sq, sk, hq, hkv, d);
+                let bs = BlockSparseAttention::new(dense_problem(problem, &m.options(sc)), mask)
                     .unwrap();
-                let got = out.read((b, sq, hq, d), "block-sparse");
                 let what = format!(
                     "block-sparse {sq}x{sk} blocks {bm}x{bn} bcast {} {m:?}",
                     mb == 1
                 );
-                check(&what, d, 3e-5, &got, &want, &lse, &wlse);
+                block_sparse_check(&bs, &x, problem, (sc, seed.is_multiple_of(3)), &sees, &what);
             }
         }
     }
@@ -1990,45 +1982,27 @@ fn block_sparse_varlen() {
         })
         .unwrap();
         let x = qkv::<f32>(&mut r, tq * hq * d, tk * hkv * d);
-        let mut want = vec![f64::NAN; tq * hq * d];
-        let mut wlse = vec![f64::NAN; hq * tq];
-        for b in 0..batch {
-            let (q0, k0, sq, sk) = (cq[b] as usize, ck[b] as usize, lq[b], lk[b]);
-            let (o, l) = attend_seq(
-                (
-                    &x.q[q0 * hq * d..(q0 + sq) * hq * d],
-                    &x.k[k0 * hkv * d..(k0 + sk) * hkv * d],
-                    &x.v[k0 * hkv * d..(k0 + sk) * hkv * d],
-                ),
-                (sq, sk, hq, hkv, d),
-                PLAIN,
-                &|h, i, j| {
-                    lists[(b * hq + h) * dims.num_q_blocks + i / bm]
-                        .iter()
-                        .any(|&(kb, kind)| {
-                            kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, sq, sk))
-                        })
-                },
-            );
-            want[q0 * hq * d..(q0 + sq) * hq * d].copy_from_slice(&o);
-            for h in 0..hq {
-                wlse[h * tq + q0..h * tq + q0 + sq].copy_from_slice(&l[h * sq..(h + 1) * sq]);
-            }
-        }
-        let attn = FlashAttention::new(
-            &AttentionShape {
-                batch,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-                seqlens: SeqLens::Varlen {
-                    cu_seqlens_q: &cq,
-                    cu_seqlens_k: &ck,
-                },
+        let kv = |b: usize| {
+            let k = ck[b] as usize * hkv * d..ck[b + 1] as usize * hkv * d;
+            (&x.k[k.clone()], &x.v[k])
+        };
+        let (want, wlse) =
+            oracle_varlen(&x.q, &kv, (&lq, &lk), (hq, hkv, d), PLAIN, &|b, h, i, j| {
+                lists[(b * hq + h) * dims.num_q_blocks + i / bm]
+                    .iter()
+                    .any(|&(kb, kind)| {
+                        kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, lq[b], lk[b]))
+                    })
+            });
+        let attn = problem(
+            batch,
+            SeqLens::Varlen {
+                cu_seqlens_q: &cq,
+                cu_seqlens_k: &ck,
             },
+            (hq, hkv, d),
             &m.options(PLAIN),
-        )
-        .unwrap();
+        );
         let bs = BlockSparseAttention::new(attn, mask).unwrap();
         let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (elems(&x.q), elems(&x.k), elems(&x.v));
         let st = |h: usize| Strides {
@@ -2156,20 +2130,7 @@ fn dense_fused_and_head_major_strides() {
         let x = qkv::<f32>(&mut r, b * s * hq * d, b * s * hkv * d);
         let dims = (b, s, s, hq, hkv, d);
         let (want, wlse) = oracle_fixed(&x, dims, sc, &|_, _, i, j| m.sees(i, j, s, s));
-        let attn = FlashAttention::new(
-            &AttentionShape {
-                batch: b,
-                heads_q: hq,
-                heads_kv: hkv,
-                head_dim: d,
-                seqlens: SeqLens::Fixed {
-                    seqlen_q: s,
-                    seqlen_k: s,
-                },
-            },
-            &m.options(sc),
-        )
-        .unwrap();
+        let attn = dense_problem((b, s, s, hq, hkv, d), &m.options(sc));
         // Fused QKV.
         let row = (hq + 2 * hkv) * d;
         let fused = Strides {
@@ -2468,55 +2429,21 @@ fn public_helpers_match_the_oracle() {
     }
 }
 
-/// Runs a block-sparse problem (fixed lengths, f32) and checks it against the oracle with
-/// `sees(b, h, i, j)`.
+/// Runs a block-sparse problem (fixed lengths, f32, padded buffers when `pad`) and checks
+/// it against the oracle with `sees(b, h, i, j)`.
 fn block_sparse_check(
     bs: &BlockSparseAttention,
     x: &Qkv,
     dims: (usize, usize, usize, usize, usize, usize),
-    sc: Score,
+    (sc, pad): (Score, bool),
     sees: &dyn Fn(usize, usize, usize, usize) -> bool,
     what: &str,
 ) {
-    let (b, sq, sk, hq, hkv, d) = dims;
     let (want, wlse) = oracle_fixed(x, dims, sc, sees);
-    let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (elems(&x.q), elems(&x.k), elems(&x.v));
-    let (qs, ks) = (
-        Strides::contiguous(sq, hq, d),
-        Strides::contiguous(sk, hkv, d),
-    );
-    let mut out = vec![f32::NAN; b * sq * hq * d];
-    let mut lse = vec![f32::NAN; b * hq * sq];
-    bs.forward_cpu(
-        Strided::new(&qf[..], qs),
-        Strided::new(&kf[..], ks),
-        Strided::new(&vf[..], ks),
-        Strided::new(&mut out[..], qs),
-        Some(&mut lse),
-    )
-    .unwrap();
-    check(what, d, 3e-5, &to_f64(&out), &want, &lse, &wlse);
-}
-
-fn dense_problem(
-    dims: (usize, usize, usize, usize, usize, usize),
-    opts: &AttentionOptions,
-) -> FlashAttention {
-    let (b, sq, sk, hq, hkv, d) = dims;
-    FlashAttention::new(
-        &AttentionShape {
-            batch: b,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: sq,
-                seqlen_k: sk,
-            },
-        },
-        opts,
-    )
-    .unwrap()
+    let (got, lse) = run_padded::<f32>(x, dims, pad, |(q, k, v, o, l)| {
+        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    });
+    check(what, dims.5, 3e-5, &got, &want, &lse, &wlse);
 }
 
 /// Per-row selections (MoBA, `docs/semantics.md`): key `j` is visible to row `i` only if its
@@ -2580,7 +2507,7 @@ fn block_sparse_rows_and_patterns() {
             &bs,
             &x,
             dims,
-            PLAIN,
+            (PLAIN, n % 2 == 0),
             &sees,
             &format!("row blocks {n} {dims:?} {bm}x{bn} top {top_k} {m:?}"),
         );
@@ -2628,7 +2555,7 @@ fn block_sparse_rows_and_patterns() {
             &bs,
             &x,
             dims,
-            PLAIN,
+            (PLAIN, n % 2 == 0),
             &sees,
             &format!("pattern {n} {dims:?} block {block} (w {w} g {g} s {s} c {c}) {m:?}"),
         );
