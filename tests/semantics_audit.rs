@@ -1336,6 +1336,84 @@ fn quest_oracle<C: Element>(
     res
 }
 
+/// One decode launch under `policy` (full, streaming and Quest heads; base mask `base`):
+/// the Quest selections equal the specification's top-B with the newest page (where no
+/// near-tie of f32 scores makes the order ambiguous) and every head's output the oracle's.
+fn policy_check(
+    p: &Paged,
+    q: &[f64],
+    (hq, q_len): (usize, usize),
+    policy: &SparsePolicy,
+    (base, sc): (Vis, Score),
+    what: &str,
+) {
+    let (hkv, d, ps, lens) = (p.hkv, p.d, p.ps, &p.lens);
+    let SparsePolicy {
+        heads,
+        streaming,
+        quest,
+    } = policy;
+    let what = format!("{what} {heads:?} {streaming:?} {quest:?} {base:?} {sc:?}");
+    let dec = PagedDecode::new(&p.cache(&p.lens), hq, q_len, &base.options(sc))
+        .unwrap()
+        .with_policy(policy.clone())
+        .unwrap();
+    let qsel = quest_oracle(p, q, hq, q_len, quest.token_budget);
+    let mut pages: Vec<Vec<usize>> = qsel.iter().map(|x| x.0.clone()).collect();
+    if heads.contains(&HeadPolicy::Quest) {
+        let qf: Vec<f32> = elems(q);
+        let sel = dec
+            .select_cpu(
+                Strided::new(&qf[..], Strides::contiguous(q_len, hq, d)),
+                PageMeta {
+                    kmin: &p.kmin[..],
+                    kmax: &p.kmax[..],
+                },
+            )
+            .unwrap();
+        for b in 0..lens.len() {
+            for g in (0..hkv).filter(|&g| heads[g] == HeadPolicy::Quest) {
+                let got: Vec<usize> = sel
+                    .pages
+                    .get(b, g)
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as usize)
+                    .collect();
+                let (want, near) = &qsel[b * hkv + g];
+                if near.is_empty() {
+                    assert_eq!(&got, want, "{what}: Quest pages of ({b}, {g})");
+                } else {
+                    assert_eq!(got.len(), want.len(), "{what}: Quest count of ({b}, {g})");
+                }
+                pages[b * hkv + g] = got;
+            }
+        }
+    }
+    let base_dec = Vis {
+        causal: true,
+        ..base
+    };
+    let stream = vis(
+        streaming.window as i64 - 1,
+        0,
+        streaming.sinks as i64,
+        false,
+    );
+    let (want, wlse) = paged_oracle(p, q, hq, q_len, sc, &|b, h, i, j| {
+        let (g, sk) = (h / (hq / hkv), lens[b]);
+        match heads[g] {
+            HeadPolicy::Streaming => stream.sees(i, j, q_len, sk),
+            HeadPolicy::Quest => {
+                base_dec.sees(i, j, q_len, sk) && pages[b * hkv + g].contains(&(j / ps))
+            }
+            _ => base_dec.sees(i, j, q_len, sk),
+        }
+    });
+    let (got, glse) = decode_run::<f32, f32>(p, &dec, q, hq, q_len);
+    check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+}
+
 /// Quest selection and the attention over the selected pages, with budgets below one page,
 /// of a few pages and beyond the sequence; then one launch mixing full, streaming (sinks +
 /// recent window) and Quest heads.
@@ -1343,98 +1421,33 @@ fn quest_oracle<C: Element>(
 fn paged_quest_and_streaming() {
     let lens = [40usize, 7, 1, 0, 100];
     let (hq, hkv, d) = (6, 3, 8);
-    let mut seed = 6000;
+    let mut r = rng(6000);
+    let full = vis(-1, -1, 0, false);
     for ps in [1usize, 3, 16] {
-        seed += 1;
-        let mut r = rng(seed);
         let p = paged::<f32>(&mut r, &lens, ps, hkv, d);
         for q_len in [1usize, 2] {
             let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
-            let causal = vis(-1, 0, 0, false);
-            for budget in [0usize, 5, 16, 48, 1000] {
-                let cfg = QuestConfig {
-                    token_budget: budget,
-                    sink_pages: 0,
-                };
-                let dec =
-                    PagedDecode::new(&p.cache(&lens), hq, q_len, &AttentionOptions::default())
-                        .unwrap()
-                        .with_policy(SparsePolicy::uniform(hkv, HeadPolicy::Quest).with_quest(cfg))
-                        .unwrap();
-                let qf: Vec<f32> = elems(&q);
-                let sel = dec
-                    .select_cpu(
-                        Strided::new(&qf[..], Strides::contiguous(q_len, hq, d)),
-                        PageMeta {
-                            kmin: &p.kmin[..],
-                            kmax: &p.kmax[..],
-                        },
-                    )
-                    .unwrap();
-                let want = quest_oracle(&p, &q, hq, q_len, budget);
-                let what = format!("quest ps {ps} q_len {q_len} budget {budget}");
-                for b in 0..lens.len() {
-                    for g in 0..hkv {
-                        let got: Vec<usize> = sel
-                            .pages
-                            .get(b, g)
-                            .unwrap()
-                            .iter()
-                            .map(|&x| x as usize)
-                            .collect();
-                        let (w, near) = &want[b * hkv + g];
-                        if near.is_empty() {
-                            assert_eq!(&got, w, "{what}: pages of ({b}, {g})");
-                        } else {
-                            assert_eq!(got.len(), w.len(), "{what}: page count of ({b}, {g})");
-                        }
-                    }
-                }
-                let (want, wlse) = paged_oracle(&p, &q, hq, q_len, PLAIN, &|b, h, i, j| {
-                    let g = h / (hq / hkv);
-                    let got = sel.pages.get(b, g).unwrap();
-                    causal.sees(i, j, q_len, p.lens[b]) && got.contains(&((j / ps) as u32))
-                });
-                let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
-                check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+            let what = format!("quest ps {ps} q_len {q_len}");
+            for token_budget in [0usize, 5, 16, 48, 1000] {
+                let policy =
+                    SparsePolicy::uniform(hkv, HeadPolicy::Quest).with_quest(QuestConfig {
+                        token_budget,
+                        sink_pages: 0,
+                    });
+                policy_check(&p, &q, (hq, q_len), &policy, (full, PLAIN), &what);
             }
-            // Mixed heads in one launch: full, streaming, Quest.
-            let streaming = StreamingConfig {
-                sinks: 2,
-                window: 5,
+            let policy = SparsePolicy {
+                heads: vec![HeadPolicy::Full, HeadPolicy::Streaming, HeadPolicy::Quest],
+                streaming: StreamingConfig {
+                    sinks: 2,
+                    window: 5,
+                },
+                quest: QuestConfig {
+                    token_budget: 2 * ps,
+                    sink_pages: 0,
+                },
             };
-            let quest = QuestConfig {
-                token_budget: 2 * ps,
-                sink_pages: 0,
-            };
-            let dec = PagedDecode::new(&p.cache(&lens), hq, q_len, &AttentionOptions::default())
-                .unwrap()
-                .with_policy(SparsePolicy {
-                    heads: vec![HeadPolicy::Full, HeadPolicy::Streaming, HeadPolicy::Quest],
-                    streaming,
-                    quest,
-                })
-                .unwrap();
-            let qsel = quest_oracle(&p, &q, hq, q_len, quest.token_budget);
-            let stream = vis(4, 0, 2, false);
-            let (want, wlse) = paged_oracle(&p, &q, hq, q_len, PLAIN, &|b, h, i, j| {
-                let sk = p.lens[b];
-                match h / (hq / hkv) {
-                    0 => causal.sees(i, j, q_len, sk),
-                    1 => stream.sees(i, j, q_len, sk),
-                    g => causal.sees(i, j, q_len, sk) && qsel[b * hkv + g].0.contains(&(j / ps)),
-                }
-            });
-            let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
-            check(
-                &format!("mixed ps {ps} q_len {q_len}"),
-                d,
-                3e-5,
-                &got,
-                &want,
-                &glse,
-                &wlse,
-            );
+            policy_check(&p, &q, (hq, q_len), &policy, (full, CAPPED), &what);
         }
     }
 }
@@ -2234,71 +2247,13 @@ fn paged_policy_random_sweep() {
         };
         let sc = random_score(&mut r);
         let q = values::<f32>(&mut r, lens.len() * q_len * hq * d);
-        let dec = PagedDecode::new(&p.cache(&lens), hq, q_len, &base.options(sc))
-            .unwrap()
-            .with_policy(SparsePolicy {
-                heads: heads.clone(),
-                streaming,
-                quest,
-            })
-            .unwrap();
-        let what = format!(
-            "policy sweep {n} ps {ps} lens {lens:?} q_len {q_len} {heads:?} {streaming:?} {quest:?} {base:?}"
-        );
-        let qsel = quest_oracle(&p, &q, hq, q_len, quest.token_budget);
-        let mut pages: Vec<Vec<usize>> = qsel.iter().map(|x| x.0.clone()).collect();
-        if heads.contains(&HeadPolicy::Quest) {
-            let qf: Vec<f32> = elems(&q);
-            let sel = dec
-                .select_cpu(
-                    Strided::new(&qf[..], Strides::contiguous(q_len, hq, d)),
-                    PageMeta {
-                        kmin: &p.kmin[..],
-                        kmax: &p.kmax[..],
-                    },
-                )
-                .unwrap();
-            for b in 0..lens.len() {
-                for g in (0..hkv).filter(|&g| heads[g] == HeadPolicy::Quest) {
-                    let got: Vec<usize> = sel
-                        .pages
-                        .get(b, g)
-                        .unwrap()
-                        .iter()
-                        .map(|&x| x as usize)
-                        .collect();
-                    let (want, near) = &qsel[b * hkv + g];
-                    if near.is_empty() {
-                        assert_eq!(&got, want, "{what}: Quest pages of ({b}, {g})");
-                    } else {
-                        assert_eq!(got.len(), want.len(), "{what}: Quest count of ({b}, {g})");
-                    }
-                    pages[b * hkv + g] = got;
-                }
-            }
-        }
-        let base_dec = Vis {
-            causal: true,
-            ..base
+        let policy = SparsePolicy {
+            heads,
+            streaming,
+            quest,
         };
-        let stream = vis(
-            streaming.window as i64 - 1,
-            0,
-            streaming.sinks as i64,
-            false,
-        );
-        let (want, wlse) = paged_oracle(&p, &q, hq, q_len, sc, &|b, h, i, j| {
-            let (g, sk) = (h / (hq / hkv), p.lens[b]);
-            match heads[g] {
-                HeadPolicy::Streaming => stream.sees(i, j, q_len, sk),
-                HeadPolicy::Quest => {
-                    base_dec.sees(i, j, q_len, sk) && pages[b * hkv + g].contains(&(j / ps))
-                }
-                _ => base_dec.sees(i, j, q_len, sk),
-            }
-        });
-        let (got, glse) = decode_run::<f32, f32>(&p, &dec, &q, hq, q_len);
-        check(&what, d, 3e-5, &got, &want, &glse, &wlse);
+        let what = format!("policy sweep {n} ps {ps} lens {lens:?} hq {hq}/{hkv} q_len {q_len}");
+        policy_check(&p, &q, (hq, q_len), &policy, (base, sc), &what);
     }
 }
 
