@@ -1839,23 +1839,29 @@ fn sweep_one<T: Element>(
     check(what, d, tol::<T>(), &got, &want, &glse, &wlse);
 }
 
+/// 1 to 3 random valid NATTEN dims (lengths up to `most[rank - 1]`; kernel, dilation with
+/// `k * d <= L`, stride `<= k` on non-causal dims, causal per dim).
+fn random_na_dims(r: &mut SmallRng, most: [usize; 3]) -> Vec<NeighborhoodDim> {
+    let rank = r.random_range(1..=3);
+    (0..rank)
+        .map(|_| {
+            let l = r.random_range(1..=most[rank - 1]);
+            let k = r.random_range(1..=l);
+            let dil = r.random_range(1..=l / k);
+            let causal = r.random_bool(0.3);
+            let s = if causal { 1 } else { r.random_range(1..=k) };
+            nd(l, k, dil, s, causal)
+        })
+        .collect()
+}
+
 /// Random valid NATTEN dims (1-D to 3-D; kernel, dilation with `k * d <= L`, stride `<= k`
 /// on non-causal dims, causal per dim).
 #[test]
 fn neighborhood_random_sweep() {
     let mut r = rng(11_000);
     for n in 0..200u64 {
-        let rank = r.random_range(1..=3);
-        let dims: Vec<NeighborhoodDim> = (0..rank)
-            .map(|_| {
-                let l = r.random_range(1..=[24, 9, 5][rank - 1]);
-                let k = r.random_range(1..=l);
-                let dil = r.random_range(1..=l / k);
-                let causal = r.random_bool(0.3);
-                let s = if causal { 1 } else { r.random_range(1..=k) };
-                nd(l, k, dil, s, causal)
-            })
-            .collect();
+        let dims = random_na_dims(&mut r, [24, 9, 5]);
         let hkv = r.random_range(1..=2);
         let case = match n % 4 {
             1 => neighborhood_case::<f16>,
@@ -2325,17 +2331,7 @@ fn public_helpers_match_the_oracle() {
         }
     }
     for n in 0..100 {
-        let rank = r.random_range(1..=3);
-        let dims: Vec<NeighborhoodDim> = (0..rank)
-            .map(|_| {
-                let l = r.random_range(1..=[30, 10, 6][rank - 1]);
-                let k = r.random_range(1..=l);
-                let dil = r.random_range(1..=l / k);
-                let causal = r.random_bool(0.3);
-                let s = if causal { 1 } else { r.random_range(1..=k) };
-                nd(l, k, dil, s, causal)
-            })
-            .collect();
+        let dims = random_na_dims(&mut r, [30, 10, 6]);
         let attn = NeighborhoodAttention::new(
             &NeighborhoodShape {
                 batch: 1,
