@@ -24,6 +24,7 @@
 //! tolerance.
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
+use longattn::block_sparse::ListId;
 use longattn::{
     AttentionOptions, AttentionShape, BlockKind, BlockMask, BlockMaskDims, BlockSparseAttention,
     DType, Element, FlashAttention, HeadPolicy, KvPages, MergeShape, NeighborhoodAttention,
@@ -1705,6 +1706,46 @@ fn ring_equals_single_device() {
 // Block-sparse (docs/semantics.md, a crate extension of the specification)
 // =======================================================================================
 
+type Lists = Vec<Vec<(usize, BlockKind)>>;
+
+/// A block mask whose list `id` keeps each of the first `blocks(id)` key blocks with
+/// probability `density`, each full or partial at random; also returns the lists.
+fn random_lists(
+    r: &mut SmallRng,
+    dims: BlockMaskDims,
+    density: f64,
+    blocks: impl Fn(ListId) -> usize,
+) -> (BlockMask, Lists) {
+    let mut lists = Vec::new();
+    let mask = BlockMask::from_lists(dims, |id| {
+        let l: Vec<(usize, BlockKind)> = (0..blocks(id))
+            .filter(|_| r.random_bool(density))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|kb| {
+                (
+                    kb,
+                    [BlockKind::Full, BlockKind::Partial][r.random_range(0..2)],
+                )
+            })
+            .collect();
+        lists.push(l.clone());
+        l
+    })
+    .unwrap();
+    (mask, lists)
+}
+
+/// Whether key `j`'s block (of `bn` keys) is in `list`.
+fn listed(list: &[(usize, BlockKind)], bn: usize, j: usize) -> bool {
+    list.iter().any(|&(kb, _)| kb == j / bn)
+}
+
+/// Whether key `j`'s block is in `list` as a full block.
+fn listed_full(list: &[(usize, BlockKind)], bn: usize, j: usize) -> bool {
+    list.contains(&(j / bn, BlockKind::Full))
+}
+
 /// Random CSR lists (per batch entry and head, or broadcast) with random full / partial
 /// kinds, block sizes 1, 3, 16 and unequal lengths: the crate equals the oracle with key `j`
 /// visible to row `i` iff its block is listed for `i`'s block and (full, or the element mask
@@ -1722,34 +1763,14 @@ fn block_sparse_random_lists() {
                 let (mb, mh) = if seed % 2 == 0 { (b, hq) } else { (1, 1) };
                 let dims = BlockMaskDims::for_lengths(mb, mh, sq, sk, bm, bn).unwrap();
                 let density = [0.0, 0.3, 0.7, 1.0][mi % 4];
-                let mut lists: Vec<Vec<(usize, BlockKind)>> = Vec::new();
-                let mask = BlockMask::from_lists(dims, |_| {
-                    let mut l = Vec::new();
-                    for kb in 0..dims.num_k_blocks {
-                        if r.random_bool(density) {
-                            let full = r.random_bool(0.5);
-                            l.push((
-                                kb,
-                                if full {
-                                    BlockKind::Full
-                                } else {
-                                    BlockKind::Partial
-                                },
-                            ));
-                        }
-                    }
-                    lists.push(l.clone());
-                    l
-                })
-                .unwrap();
+                let (mask, lists) = random_lists(&mut r, dims, density, |_| dims.num_k_blocks);
                 let x = qkv::<f32>(&mut r, b * sq * hq * d, b * sk * hkv * d);
                 let sc = if mi % 2 == 0 { CAPPED } else { PLAIN };
                 let nqb = dims.num_q_blocks;
                 let sees = |bb: usize, h: usize, i: usize, j: usize| {
                     let l = ((bb % mb) * mh + h % mh) * nqb + i / bm;
-                    lists[l].iter().any(|&(kb, kind)| {
-                        kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, sq, sk))
-                    })
+                    listed(&lists[l], bn, j)
+                        && (listed_full(&lists[l], bn, j) || m.sees(i, j, sq, sk))
                 };
                 let problem = (b, sq, sk, hq, hkv, d);
                 let bs = BlockSparseAttention::new(dense_problem(problem, &m.options(sc)), mask)
@@ -1978,28 +1999,13 @@ fn block_sparse_varlen() {
         let m = random_vis(&mut r, 30);
         let (mq, mk) = (*lq.iter().max().unwrap(), *lk.iter().max().unwrap());
         let dims = BlockMaskDims::for_lengths(batch, hq, mq, mk, bm, bn).unwrap();
-        let mut lists = Vec::new();
-        let mask = BlockMask::from_lists(dims, |id| {
-            let mut l = Vec::new();
+        let (mask, lists) = random_lists(&mut r, dims, 0.6, |id| {
             if id.q_block < lq[id.batch].div_ceil(bm) {
-                for kb in 0..lk[id.batch].div_ceil(bn) {
-                    if r.random_bool(0.6) {
-                        let full = r.random_bool(0.5);
-                        l.push((
-                            kb,
-                            if full {
-                                BlockKind::Full
-                            } else {
-                                BlockKind::Partial
-                            },
-                        ));
-                    }
-                }
+                lk[id.batch].div_ceil(bn)
+            } else {
+                0
             }
-            lists.push(l.clone());
-            l
-        })
-        .unwrap();
+        });
         let x = qkv::<f32>(&mut r, tq * hq * d, tk * hkv * d);
         let kv = |b: usize| {
             let k = ck[b] as usize * hkv * d..ck[b + 1] as usize * hkv * d;
@@ -2007,11 +2013,8 @@ fn block_sparse_varlen() {
         };
         let (want, wlse) =
             oracle_varlen(&x.q, &kv, (&lq, &lk), (hq, hkv, d), PLAIN, &|b, h, i, j| {
-                lists[(b * hq + h) * dims.num_q_blocks + i / bm]
-                    .iter()
-                    .any(|&(kb, kind)| {
-                        kb == j / bn && (kind == BlockKind::Full || m.sees(i, j, lq[b], lk[b]))
-                    })
+                let l = &lists[(b * hq + h) * dims.num_q_blocks + i / bm];
+                listed(l, bn, j) && (listed_full(l, bn, j) || m.sees(i, j, lq[b], lk[b]))
             });
         let attn = problem(
             batch,
