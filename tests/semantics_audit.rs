@@ -21,7 +21,15 @@
 //! carry NaN in the inputs' gaps and a sentinel in the output's gaps. A result passes when
 //! nothing is NaN, rows the oracle leaves empty are exactly 0 with LSE exactly `-inf`, and the
 //! relative L2 error (overall and per row) and the LSE error are within the element type's
-//! tolerance.
+//! tolerance. Hand-picked edge cases come first in each family, seeded random sweeps (shapes,
+//! masks biased to small bounds, scales, softcaps, element types) after them.
+//!
+//! Where the specification is silent the crate's documented choices are what is checked:
+//! paged prefill is dense attention (not causal by default), varlen LSE is `[hq, total_q]`,
+//! uneven ring chunks end at `c * s / n`, Quest aggregates a group by max and keeps the
+//! newest page among its `max(1, B)` pages. Not driven here (crate extensions): a decode right
+//! bound > 0 without causal, Quest `sink_pages` and windowed Quest candidates, negative and
+//! zero strides, FP8, MoBA selection, the remaining block patterns, Star attention.
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
 use longattn::block_sparse::ListId;
