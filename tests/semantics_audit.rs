@@ -1583,7 +1583,8 @@ struct RingCase {
 /// Ring forward over simulated ranks (shards in `T`) == single-device attention over the
 /// whole sequence with the same (global-position) mask; the layout's positions are the
 /// specification's sharding; each rank meets every shard once and skips exactly the steps
-/// whose shard has no key visible to its queries. Partials are rounded to `T` before each
+/// whose shard has no key visible to its queries, and a shard is sent on exactly while a rank
+/// it reaches later needs it. Partials are rounded to `T` before each
 /// merge (as a dense call returns them): twice the dense tolerance.
 fn ring_check<T: Element>(r: &mut SmallRng, c: RingCase, m: Vis, sc: Score) {
     let RingCase {
@@ -1633,6 +1634,26 @@ fn ring_check<T: Element>(r: &mut SmallRng, c: RingCase, m: Vis, sc: Score) {
             (0..world).collect::<Vec<_>>(),
             "{what}: shards of rank {rk}"
         );
+    }
+    // A shard travels on after step t exactly when a rank holding it at a later step needs it.
+    let holder = |sh: usize, t: usize| {
+        (0..world)
+            .find(|&rk| layout.kv_source(rk, t) == sh)
+            .unwrap()
+    };
+    for t in 0..world.saturating_sub(1) {
+        for sh in 0..world {
+            let later = (t + 1..world).any(|u| {
+                let rk = holder(sh, u);
+                pos[rk]
+                    .iter()
+                    .any(|&i| pos[sh].iter().any(|&j| m.sees(i, j, s, s)))
+            });
+            assert_eq!(
+                sched.send[t][sh], later,
+                "{what}: send of shard {sh} after step {t}"
+            );
+        }
     }
     // Shards [b, shard_len, h, d] (outputs poisoned), then back to global order.
     let shard = |t: &[f64], h: usize, p: &[usize]| -> Padded<T> {
