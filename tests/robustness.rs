@@ -1,5 +1,7 @@
-//! Randomised robustness of the public CPU API: thousands of shapes, options, tables, policies
-//! and buffer lengths, most of them invalid, drawn from a fixed seed. Each call must return
+//! Randomised robustness of the public CPU API (dense, FP8 dense, block-sparse with per-row
+//! lists, paged decode and prefill, ring, neighborhood): thousands of shapes, options, block
+//! lists, tables, policies, descales and buffer lengths, most of them invalid, drawn from a
+//! fixed seed. Each call must return
 //! `Ok` or a named `Error`: never panic (overflow checks are on in the test profile), and an
 //! `Ok` result never holds NaN. The explicit bad-input cases live in `dense_cpu.rs`,
 //! `paged.rs`, `ring.rs` and `neighborhood.rs`; this sweeps the combinations between them.
@@ -61,47 +63,43 @@ fn report(family: &str, outcomes: [usize; 3]) {
     );
 }
 
-#[test]
-fn dense_api_never_panics_on_random_input() {
-    let mut r = rng(7);
-    let mut outcomes = [0usize; 3];
-    for case in 0..4000u64 {
-        let b = pick(&mut r, &[0, 1, 2, 3]);
-        let hq = pick(&mut r, &[0, 1, 2, 3, 4, 8]);
-        let hkv = pick(&mut r, &[0, 1, 2, 3, 4]);
-        let d = pick(&mut r, &[0, 1, 7, 8, 16, 64, 300]);
-        let sq = pick(&mut r, &[0, 1, 2, 5, 17]);
-        let sk = pick(&mut r, &[0, 1, 3, 17]);
+/// A random dense problem, most often invalid: shape, varlen offsets (sometimes decreasing or
+/// of the wrong length), window, sinks and odd scale/softcap values. Shared by the dense,
+/// FP8 and block-sparse sweeps.
+#[derive(Debug)]
+struct DenseCase {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    sq: usize,
+    sk: usize,
+    varlen: bool,
+    cq: Vec<i32>,
+    ck: Vec<i32>,
+    opts: AttentionOptions,
+}
+
+impl DenseCase {
+    /// Head dims from `dims`.
+    fn random(r: &mut SmallRng, dims: &[usize]) -> DenseCase {
+        let b = pick(r, &[0, 1, 2, 3]);
+        let hq = pick(r, &[0, 1, 2, 3, 4, 8]);
+        let hkv = pick(r, &[0, 1, 2, 3, 4]);
+        let d = pick(r, dims);
+        let sq = pick(r, &[0, 1, 2, 5, 17]);
+        let sk = pick(r, &[0, 1, 3, 17]);
         let varlen = r.random_bool(0.3);
-        // Offsets, sometimes decreasing or of the wrong length.
         let cq: Vec<i32> = (0..=b)
             .map(|i| (i * sq) as i32 - if r.random_bool(0.1) { 3 } else { 0 })
             .collect();
         let extra = usize::from(r.random_bool(0.1));
         let ck: Vec<i32> = (0..=b + extra).map(|i| (i * sk) as i32).collect();
-        let seqlens = if varlen {
-            SeqLens::Varlen {
-                cu_seqlens_q: &cq,
-                cu_seqlens_k: &ck,
-            }
-        } else {
-            SeqLens::Fixed {
-                seqlen_q: sq,
-                seqlen_k: sk,
-            }
-        };
-        let shape = AttentionShape {
-            batch: b,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens,
-        };
         let side = |r: &mut SmallRng| r.random_bool(0.5).then(|| pick(r, &[0, 1, 5, usize::MAX]));
-        let (left, right) = (side(&mut r), side(&mut r));
+        let (left, right) = (side(r), side(r));
         let mut opts = AttentionOptions::default()
             .with_window(Window::new(left, right))
-            .with_sinks(pick(&mut r, &[0, 1, 4, usize::MAX]));
+            .with_sinks(pick(r, &[0, 1, 4, usize::MAX]));
         let odd = [0.0f32, -1.0, f32::NAN, f32::INFINITY, 0.1, 30.0];
         if r.random_bool(0.2) {
             opts = opts.with_softcap(odd[r.random_range(0..odd.len())]);
@@ -109,32 +107,89 @@ fn dense_api_never_panics_on_random_input() {
         if r.random_bool(0.2) {
             opts = opts.with_scale(odd[r.random_range(0..odd.len())]);
         }
+        DenseCase {
+            b,
+            hq,
+            hkv,
+            d,
+            sq,
+            sk,
+            varlen,
+            cq,
+            ck,
+            opts,
+        }
+    }
+
+    fn shape(&self) -> AttentionShape<'_> {
+        AttentionShape {
+            batch: self.b,
+            heads_q: self.hq,
+            heads_kv: self.hkv,
+            head_dim: self.d,
+            seqlens: if self.varlen {
+                SeqLens::Varlen {
+                    cu_seqlens_q: &self.cq,
+                    cu_seqlens_k: &self.ck,
+                }
+            } else {
+                SeqLens::Fixed {
+                    seqlen_q: self.sq,
+                    seqlen_k: self.sk,
+                }
+            },
+        }
+    }
+
+    /// The validated problem, or `None` where `FlashAttention::new` refuses it.
+    fn attention(&self) -> Option<FlashAttention> {
+        FlashAttention::new(&self.shape(), &self.opts).ok()
+    }
+
+    /// Element counts of q and of k (= v) in the layout of [`DenseCase::strides`].
+    fn lens(&self, attn: &FlashAttention) -> (usize, usize) {
+        let (rows_q, rows_k) = if self.varlen {
+            (attn.total_q(), *self.ck.last().unwrap() as usize)
+        } else {
+            (self.b * self.sq, self.b * self.sk)
+        };
+        (rows_q * self.hq * self.d, rows_k * self.hkv * self.d)
+    }
+
+    /// Strides of q (and out) and of k (= v): contiguous, or packed rows for varlen.
+    fn strides(&self) -> (Strides, Strides) {
+        let d = self.d;
+        if self.varlen {
+            let packed = |h: usize| Strides {
+                batch: 0,
+                seq: (h * d) as i64,
+                head: d as i64,
+            };
+            (packed(self.hq), packed(self.hkv))
+        } else {
+            (
+                Strides::contiguous(self.sq, self.hq, d),
+                Strides::contiguous(self.sk, self.hkv, d),
+            )
+        }
+    }
+}
+
+#[test]
+fn dense_api_never_panics_on_random_input() {
+    let mut r = rng(7);
+    let mut outcomes = [0usize; 3];
+    for case in 0..4000u64 {
+        let c = DenseCase::random(&mut r, &[0, 1, 7, 8, 16, 64, 300]);
         let mut rr = rng(case);
         let run = catch_unwind(AssertUnwindSafe(|| {
-            let Ok(attn) = FlashAttention::new(&shape, &opts) else {
+            let Some(attn) = c.attention() else {
                 return Outcome::Rejected;
             };
-            let rows_q = if varlen { attn.total_q() } else { b * sq };
-            let rows_k = if varlen {
-                *ck.last().unwrap() as usize
-            } else {
-                b * sk
-            };
-            let (qs, ks) = if varlen {
-                let packed = |h: usize| Strides {
-                    batch: 0,
-                    seq: (h * d) as i64,
-                    head: d as i64,
-                };
-                (packed(hq), packed(hkv))
-            } else {
-                (
-                    Strides::contiguous(sq, hq, d),
-                    Strides::contiguous(sk, hkv, d),
-                )
-            };
-            let q_len = maybe_short(&mut rr, rows_q * hq * d, 0.2);
-            let kv_len = maybe_short(&mut rr, rows_k * hkv * d, 0.2);
+            let (qs, ks) = c.strides();
+            let (q_len, kv_len) = c.lens(&attn);
+            let q_len = maybe_short(&mut rr, q_len, 0.2);
+            let kv_len = maybe_short(&mut rr, kv_len, 0.2);
             let q: Vec<bf16> = random_vec(&mut rr, q_len);
             let k: Vec<bf16> = random_vec(&mut rr, kv_len);
             let v: Vec<bf16> = random_vec(&mut rr, kv_len);
@@ -160,19 +215,239 @@ fn dense_api_never_panics_on_random_input() {
         }));
         match run {
             Ok(o) => tally(&mut outcomes, o),
-            Err(_) => panic!(
-                "case {case} panicked: b={b} hq={hq} hkv={hkv} d={d} sq={sq} sk={sk} \
-                 varlen={varlen} cq={cq:?} ck={ck:?} {opts:?}"
-            ),
+            Err(_) => panic!("case {case} panicked: {c:?}"),
         }
     }
     report("dense", outcomes);
+}
+
+/// Random e4m3 codes without NaN (0x7f, 0xff): NaN inputs give NaN outputs by definition,
+/// and this sweep asserts that an `Ok` result holds none.
+fn random_codes(r: &mut SmallRng, n: usize) -> Vec<F8E4M3> {
+    (0..n)
+        .map(|_| F8E4M3::from_bits(r.random::<u8>() & 0xf7 | 0x08 * u8::from(r.random_bool(0.5))))
+        .map(|c| {
+            if c.to_bits() & 0x7f == 0x7f {
+                F8E4M3::from_bits(0)
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn fp8_dense_api_never_panics_on_random_input() {
+    let mut r = rng(13);
+    let mut outcomes = [0usize; 3];
+    let odd = [
+        0.0f32,
+        -1.0,
+        f32::NAN,
+        f32::INFINITY,
+        1e-3,
+        1.0,
+        0.5,
+        FP8_MAX_DESCALE * 2.0,
+    ];
+    for case in 0..3000u64 {
+        let c = DenseCase::random(&mut r, &[0, 1, 8, 16, 32]);
+        let mut rr = rng(case);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let Some(attn) = c.attention() else {
+                return Outcome::Rejected;
+            };
+            let (qs, ks) = c.strides();
+            let (q_len, kv_len) = c.lens(&attn);
+            let q_len = maybe_short(&mut rr, q_len, 0.1);
+            let q = random_codes(&mut rr, q_len);
+            let kv_len = maybe_short(&mut rr, kv_len, 0.1);
+            let (k, v) = (random_codes(&mut rr, kv_len), random_codes(&mut rr, kv_len));
+            // Descales: mostly valid, sometimes zero, negative, NaN, inf, too large or short.
+            let descale = |rr: &mut SmallRng| -> Vec<f32> {
+                let n = maybe_short(rr, c.b * c.hkv, 0.05);
+                (0..n)
+                    .map(|_| {
+                        if rr.random_bool(0.03) {
+                            odd[rr.random_range(0..odd.len())]
+                        } else {
+                            rr.random_range(0.1f32..2.0)
+                        }
+                    })
+                    .collect()
+            };
+            let (dq, dk, dv) = (descale(&mut rr), descale(&mut rr), descale(&mut rr));
+            let descales = Fp8Descales {
+                q: &dq[..],
+                k: &dk[..],
+                v: &dv[..],
+            };
+            let mut out = vec![bf16::ZERO; maybe_short(&mut rr, attn.out_len(), 0.1)];
+            let mut lse = vec![0f32; maybe_short(&mut rr, attn.lse_len(), 0.1)];
+            let done = attn.forward_cpu_fp8(
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks),
+                Strided::new(&v[..], ks),
+                descales,
+                Strided::new(&mut out[..], qs),
+                Some(&mut lse[..]),
+            );
+            outcome_of(done, &out, &lse, case)
+        }));
+        match run {
+            Ok(o) => tally(&mut outcomes, o),
+            Err(_) => panic!("case {case} panicked: {c:?}"),
+        }
+    }
+    report("fp8 dense", outcomes);
+}
+
+/// A random CSR block mask over `num_lists` lists: offsets sometimes decreasing, short or past
+/// the indices; indices sometimes out of range, unsorted or repeated; `full` sometimes of
+/// the wrong length.
+fn random_block_lists(
+    r: &mut SmallRng,
+    num_lists: usize,
+    num_k_blocks: usize,
+) -> (Vec<i32>, Vec<i32>, Vec<bool>) {
+    let mut offsets = vec![0i32];
+    let mut indices = Vec::new();
+    for _ in 0..num_lists {
+        let mut list: Vec<i32> = (0..num_k_blocks as i32)
+            .filter(|_| r.random_bool(0.4))
+            .collect();
+        match r.random_range(0..40) {
+            0 => list.reverse(),
+            1 => list.extend(list.first().copied()),
+            2 => list.push(num_k_blocks as i32),
+            3 => list.push(-1),
+            _ => {}
+        }
+        indices.extend(list);
+        offsets.push(indices.len() as i32);
+    }
+    match r.random_range(0..40) {
+        0 => offsets.pop().map(drop).unwrap_or(()),
+        1 => offsets.push(indices.len() as i32 + 1),
+        2 => offsets[0] = 1,
+        _ => {}
+    }
+    let full_len = if r.random_bool(0.03) {
+        indices.len() + 1
+    } else {
+        indices.len()
+    };
+    let full = (0..full_len).map(|_| r.random_bool(0.5)).collect();
+    (offsets, indices, full)
+}
+
+#[test]
+fn block_sparse_api_never_panics_on_random_input() {
+    let mut r = rng(17);
+    let mut outcomes = [0usize; 3];
+    for case in 0..8000u64 {
+        let c = DenseCase::random(&mut r, &[0, 1, 8, 16]);
+        let block_m = pick(&mut r, &[0, 1, 3, 8, 16]);
+        let block_n = pick(&mut r, &[0, 1, 3, 8, 16]);
+        // Mask dims: broadcast (1), the problem's, or off by one.
+        let near = |r: &mut SmallRng, n: usize| match r.random_range(0..10) {
+            0 => n + 1,
+            1..=4 => 1,
+            _ => n,
+        };
+        let (mb, mh) = (near(&mut r, c.b), near(&mut r, c.hq));
+        let max_sq = c.sq.max(
+            c.cq.windows(2)
+                .map(|w| (w[1] - w[0]).max(0) as usize)
+                .max()
+                .unwrap_or(0),
+        );
+        let max_sk = c.sk.max(
+            c.ck.windows(2)
+                .map(|w| (w[1] - w[0]).max(0) as usize)
+                .max()
+                .unwrap_or(0),
+        );
+        let num_q_blocks = max_sq.div_ceil(block_m.max(1)) + usize::from(r.random_bool(0.05));
+        let num_k_blocks = max_sk.div_ceil(block_n.max(1));
+        let lists = mb * mh * num_q_blocks;
+        let (offsets, indices, full) = random_block_lists(&mut r, lists, num_k_blocks);
+        let top_k = pick(&mut r, &[0, 1, 2]);
+        let with_rows = r.random_bool(0.2);
+        let mut rr = rng(case);
+        let run = catch_unwind(AssertUnwindSafe(|| {
+            let Some(attn) = c.attention() else {
+                return Outcome::Rejected;
+            };
+            let dims = BlockMaskDims {
+                batch: mb,
+                heads: mh,
+                num_q_blocks,
+                num_k_blocks,
+                block_m,
+                block_n,
+            };
+            let Ok(mask) =
+                BlockMask::from_csr(dims, offsets.clone(), indices.clone(), full.clone())
+            else {
+                return Outcome::Rejected;
+            };
+            let Ok(mut bs) = BlockSparseAttention::new(attn.clone(), mask) else {
+                return Outcome::Rejected;
+            };
+            if with_rows {
+                // Per-row lists: ascending blocks, -1 padding, the odd out-of-range entry.
+                let rows = attn.lse_len() * top_k;
+                let blocks = (0..rows)
+                    .map(|i| match rr.random_range(0..30) {
+                        0 => num_k_blocks as i32,
+                        1..=8 => -1,
+                        _ => (i % top_k.max(1)) as i32,
+                    })
+                    .collect();
+                let Ok(rows) = RowBlocks::new(block_n, top_k, blocks) else {
+                    return Outcome::Rejected;
+                };
+                let Ok(with) = bs.with_row_blocks(rows) else {
+                    return Outcome::Rejected;
+                };
+                bs = with;
+            }
+            let (qs, ks) = c.strides();
+            let (q_len, kv_len) = c.lens(&attn);
+            let q_len = maybe_short(&mut rr, q_len, 0.1);
+            let q: Vec<bf16> = random_vec(&mut rr, q_len);
+            let kv_len = maybe_short(&mut rr, kv_len, 0.1);
+            let k: Vec<bf16> = random_vec(&mut rr, kv_len);
+            let v: Vec<bf16> = random_vec(&mut rr, kv_len);
+            let mut out = vec![bf16::ZERO; maybe_short(&mut rr, attn.out_len(), 0.1)];
+            let mut lse = vec![0f32; maybe_short(&mut rr, attn.lse_len(), 0.1)];
+            let done = bs.forward_cpu(
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks),
+                Strided::new(&v[..], ks),
+                Strided::new(&mut out[..], qs),
+                Some(&mut lse[..]),
+            );
+            outcome_of(done, &out, &lse, case)
+        }));
+        match run {
+            Ok(o) => tally(&mut outcomes, o),
+            Err(_) => panic!(
+                "case {case} panicked: {c:?} block {block_m}x{block_n} mask ({mb}, {mh}, \
+                 {num_q_blocks}, {num_k_blocks}) offsets={offsets:?} indices={indices:?} \
+                 full={full:?} top_k={top_k} rows={with_rows}"
+            ),
+        }
+    }
+    report("block-sparse", outcomes);
 }
 
 #[test]
 fn paged_api_never_panics_on_random_input() {
     let mut r = rng(11);
     let mut outcomes = [0usize; 3];
+    let mut prefill_outcomes = [0usize; 3];
     for case in 0..3000u64 {
         let ps = pick(&mut r, &[0, 1, 1, 3, 3, 16, 16, 16]);
         let hkv = pick(&mut r, &[0, 1, 1, 1, 2, 2]);
@@ -226,6 +501,9 @@ fn paged_api_never_panics_on_random_input() {
                 return Outcome::Rejected;
             };
             let opts = AttentionOptions::causal().with_sinks(sinks);
+            if let Some(o) = prefill_never_panics(&cache, hq, q_len, &opts, &mut rr, case) {
+                tally(&mut prefill_outcomes, o);
+            }
             let decode = PagedDecode::new(&cache, hq, q_len, &opts).and_then(|dec| {
                 dec.with_policy(
                     SparsePolicy::uniform(hkv, policy)
@@ -284,6 +562,58 @@ fn paged_api_never_panics_on_random_input() {
         }
     }
     report("paged", outcomes);
+    report("paged prefill", prefill_outcomes);
+}
+
+/// Paged prefill over the paged sweep's cache: `q_len` new tokens per sequence, or packed
+/// chunks of random lengths (offsets sometimes decreasing or short). An `Ok` result holds
+/// no NaN. `None` where the prefill problem is refused.
+fn prefill_never_panics(
+    cache: &PagedCache,
+    hq: usize,
+    q_len: usize,
+    opts: &AttentionOptions,
+    rr: &mut SmallRng,
+    case: u64,
+) -> Option<Outcome> {
+    let batch = cache.batch();
+    let mut cu = vec![0i32];
+    for _ in 0..batch + usize::from(rr.random_bool(0.05)) {
+        let len = rr.random_range(-1..=q_len as i32 + 1);
+        cu.push(cu.last().unwrap() + len);
+    }
+    let d = cache.head_dim();
+    // Fixed: q_len rows per sequence; varlen: packed rows (batch stride 0).
+    let (prefill, rows, batch_stride) = if rr.random_bool(0.5) {
+        let prefill = PagedPrefill::new(cache, hq, q_len, opts);
+        (prefill, batch * q_len, q_len * hq * d)
+    } else {
+        let rows = (*cu.last().unwrap()).max(0) as usize;
+        (PagedPrefill::new_varlen(cache, hq, &cu, opts), rows, 0)
+    };
+    let prefill = prefill.ok()?;
+    let len = cache.layout().cache_len();
+    let q_elems = maybe_short(rr, rows * hq * d, 0.1);
+    let q: Vec<bf16> = random_vec(rr, q_elems);
+    let (k, v): (Vec<bf16>, Vec<bf16>) = (random_vec(rr, len), random_vec(rr, len));
+    let qs = Strides {
+        batch: batch_stride as i64,
+        seq: (hq * d) as i64,
+        head: d as i64,
+    };
+    let out_elems = maybe_short(rr, prefill.out_len(), 0.1);
+    let mut out = vec![bf16::ZERO; out_elems];
+    let mut lse = vec![0f32; prefill.lse_len()];
+    let done = prefill.forward_cpu(
+        Strided::new(&q[..], qs),
+        KvPages {
+            k: &k[..],
+            v: &v[..],
+        },
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse[..]),
+    );
+    Some(outcome_of(done, &out, &lse, case))
 }
 
 #[test]
