@@ -12,6 +12,9 @@
 //!   tensors (the cache layout of [`crate::PagedCache`]: `(num_pages, page_size, heads_kv,
 //!   head_dim)`); [`paged_attn_decode_fp8`] over a candle `F8E4M3` cache with per-kv-head
 //!   `k_scale`/`v_scale` (semantics.md, "FP8 KV cache").
+//! - [`paged_attn_prefill`]: chunked prefill / prefix caching over the same cache: any number
+//!   of new query tokens per sequence (fixed or packed with `seqlens_q`), any window, an f16,
+//!   bf16, f32 or `F8E4M3` cache.
 //!
 //! Semantics are FlashAttention-2's (`semantics.md`): `window_size_left/right` of `None` are
 //! unbounded, `Some(n)` keeps keys `i + sk - sq - left ..= i + sk - sq + right` (bottom-right
@@ -34,7 +37,9 @@ use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::{Element, F8E4M3};
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
-use crate::paged::{KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout};
+use crate::paged::{
+    KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 
@@ -610,6 +615,134 @@ pub struct PagedAttnDecode {
     pub kv_scales: Option<KvScales>,
 }
 
+/// Prefill over a paged KV cache (chunked prefill, prefix caching), as the `CustomOp3` on
+/// `(q, k_cache, v_cache)` that [`paged_attn_prefill`] applies. The tables are host copies.
+#[derive(Debug, Clone)]
+pub struct PagedAttnPrefill {
+    /// Multiplier on `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
+    pub softmax_scale: f32,
+    /// Keys visible to the left of the diagonal; `None` is unbounded.
+    pub window_size_left: Option<usize>,
+    /// Keys visible to the right of the diagonal; `None` is unbounded, `Some(0)` is causal.
+    pub window_size_right: Option<usize>,
+    /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
+    pub softcap: Option<f32>,
+    /// `(batch, max_pages_per_seq)` physical page ids, row-major.
+    pub block_table: Vec<i32>,
+    /// Columns of `block_table`: page slots per sequence.
+    pub max_pages_per_seq: usize,
+    /// Tokens in the cache per sequence, the new ones included.
+    pub seqlens_k: Vec<i32>,
+    /// Cumulative query rows (`batch + 1` values from 0) of a packed
+    /// `q: (total_q, heads_q, head_dim)`; `None`: `q: (batch, q_len, heads_q, head_dim)`.
+    pub cu_seqlens_q: Option<Vec<i32>>,
+    /// Dequantisation scales of an `F8E4M3` cache (`None`: scale 1; refused for other
+    /// cache dtypes).
+    pub kv_scales: Option<KvScales>,
+}
+
+/// `block_table: (batch, max_pages_per_seq)` and `seqlens_k: (batch,)` as host values:
+/// `(block_table, max_pages_per_seq, seqlens_k)`.
+fn host_tables(block_table: &Tensor, seqlens_k: &Tensor) -> Result<(Vec<i32>, usize, Vec<i32>)> {
+    if block_table.rank() != 2 {
+        bail!(
+            "longattn: block_table must be (batch, max_pages_per_seq), got {:?}",
+            block_table.shape()
+        )
+    }
+    Ok((
+        host_i32("block_table", &block_table.flatten_all()?)?,
+        block_table.dim(1)?,
+        host_i32("seqlens_k", seqlens_k)?,
+    ))
+}
+
+/// The validated cache of `k_cache, v_cache: (num_pages, page_size, heads_kv, head_dim)`
+/// (contiguous, alike, `head_dim` q's `d`) over the host tables, with an FP8 cache's scales.
+fn paged_cache(
+    (k_l, v_l): (&Layout, &Layout),
+    d: usize,
+    table: PageTable,
+    kv_scales: Option<&KvScales>,
+) -> Result<PagedCache> {
+    let (num_pages, page_size, hkv, dk) = k_l.shape().dims4()?;
+    if dk != d {
+        bail!(
+            "longattn: head_dim mismatch: q has {d}, k_cache {:?}",
+            k_l.shape()
+        )
+    }
+    if v_l.shape() != k_l.shape() {
+        bail!(
+            "longattn: shape mismatch k_cache {:?} and v_cache {:?}",
+            k_l.shape(),
+            v_l.shape()
+        )
+    }
+    for (name, l) in [("k_cache", k_l), ("v_cache", v_l)] {
+        if !l.is_contiguous() {
+            bail!("longattn: {name} must be contiguous (num_pages, page_size, heads_kv, head_dim)")
+        }
+    }
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let cache = PagedCache::new(layout, table).map_err(wrap)?;
+    match kv_scales {
+        Some(s) => cache.with_kv_scales(s.clone()).map_err(wrap),
+        None => Ok(cache),
+    }
+}
+
+/// The longest sequence of `seqlens_k` (negative values count as 0; they are refused later).
+fn longest(seqlens_k: &[i32]) -> usize {
+    seqlens_k
+        .iter()
+        .map(|&s| s.max(0) as usize)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A paged op's validated problem with the element strides of q and of its output (q's
+/// shape, contiguous).
+struct Paged {
+    problem: PagedProblem,
+    qs: Strides,
+    os: Strides,
+}
+
+enum PagedProblem {
+    Decode(PagedDecode),
+    Prefill(PagedPrefill),
+}
+
+impl Paged {
+    /// Output elements (those of q).
+    fn out_len(&self) -> usize {
+        match &self.problem {
+            PagedProblem::Decode(p) => p.out_len(),
+            PagedProblem::Prefill(p) => p.out_len(),
+        }
+    }
+
+    /// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
+    fn forward_cpu<T: Element, C: Element>(
+        &self,
+        q: &[T],
+        kv: KvPages<&[C]>,
+        out: &mut [T],
+    ) -> crate::Result<()> {
+        let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.os));
+        match &self.problem {
+            PagedProblem::Decode(p) => p.forward_cpu(q, kv, None, out, None),
+            PagedProblem::Prefill(p) => p.forward_cpu(q, kv, out, None),
+        }
+    }
+}
+
 impl PagedAttnDecode {
     /// The op over `block_table: (batch, max_pages_per_seq)` and `seqlens_k: (batch,)`
     /// tensors, with the scale, left window and softcap of `paged_attn_decode`.
@@ -619,98 +752,118 @@ impl PagedAttnDecode {
         kv_scales: Option<KvScales>,
         (softmax_scale, window_size_left, softcap): (f32, Option<usize>, Option<f32>),
     ) -> Result<Self> {
-        if block_table.rank() != 2 {
-            bail!(
-                "longattn: block_table must be (batch, max_pages_per_seq), got {:?}",
-                block_table.shape()
-            )
-        }
+        let (block_table, max_pages_per_seq, seqlens_k) = host_tables(block_table, seqlens_k)?;
         Ok(PagedAttnDecode {
             softmax_scale,
             window_size_left,
             softcap,
-            block_table: host_i32("block_table", &block_table.flatten_all()?)?,
-            max_pages_per_seq: block_table.dim(1)?,
-            seqlens_k: host_i32("seqlens_k", seqlens_k)?,
+            block_table,
+            max_pages_per_seq,
+            seqlens_k,
             kv_scales,
         })
     }
 
-    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<(PagedDecode, Strides)> {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
         let qs = strides_of("q", q_l, false)?;
         let (b, q_len, hq, d) = q_l.shape().dims4()?;
-        let (num_pages, page_size, hkv, dk) = k_l.shape().dims4()?;
-        if dk != d {
-            bail!(
-                "longattn: head_dim mismatch q {:?} and k_cache {:?}",
-                q_l.shape(),
-                k_l.shape()
-            )
-        }
-        if v_l.shape() != k_l.shape() {
-            bail!(
-                "longattn: shape mismatch k_cache {:?} and v_cache {:?}",
-                k_l.shape(),
-                v_l.shape()
-            )
-        }
-        for (name, l) in [("k_cache", k_l), ("v_cache", v_l)] {
-            if !l.is_contiguous() {
-                bail!(
-                    "longattn: {name} must be contiguous (num_pages, page_size, heads_kv, head_dim)"
-                )
-            }
-        }
         if self.seqlens_k.len() != b {
             bail!(
                 "longattn: seqlens_k has {} values but q has batch {b}",
                 self.seqlens_k.len()
             )
         }
-        let layout = PagedLayout {
-            num_pages,
-            page_size,
-            heads_kv: hkv,
-            head_dim: d,
+        let table = PageTable {
+            block_table: &self.block_table,
+            max_pages_per_seq: self.max_pages_per_seq,
+            seqlens_k: &self.seqlens_k,
+        };
+        let cache = paged_cache((k_l, v_l), d, table, self.kv_scales.as_ref())?;
+        let opts = options(
+            self.softmax_scale,
+            self.window_size_left,
+            Some(0),
+            self.softcap,
+            longest(&self.seqlens_k),
+        );
+        let decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        Ok(Paged {
+            problem: PagedProblem::Decode(decode),
+            qs,
+            os: Strides::contiguous(q_len, hq, d),
+        })
+    }
+}
+
+impl PagedAttnPrefill {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
+        let packed = self.cu_seqlens_q.is_some();
+        let qs = strides_of("q", q_l, packed)?;
+        // `rows`: total_q when packed, else the batch.
+        let (rows, q_len, hq, d) = if packed {
+            let (total, hq, d) = q_l.shape().dims3()?;
+            (total, 0, hq, d)
+        } else {
+            q_l.shape().dims4()?
         };
         let table = PageTable {
             block_table: &self.block_table,
             max_pages_per_seq: self.max_pages_per_seq,
             seqlens_k: &self.seqlens_k,
         };
-        let cache = PagedCache::new(layout, table).map_err(wrap)?;
-        let cache = match &self.kv_scales {
-            Some(s) => cache.with_kv_scales(s.clone()).map_err(wrap)?,
-            None => cache,
-        };
-        let max_k = self
-            .seqlens_k
-            .iter()
-            .map(|&s| s.max(0) as usize)
-            .max()
-            .unwrap_or(0);
+        let cache = paged_cache((k_l, v_l), d, table, self.kv_scales.as_ref())?;
         let opts = options(
             self.softmax_scale,
             self.window_size_left,
-            Some(0),
+            self.window_size_right,
             self.softcap,
-            max_k,
+            longest(&self.seqlens_k),
         );
-        let decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
-        Ok((decode, qs))
+        let prefill = match &self.cu_seqlens_q {
+            Some(cu) => {
+                let total = cu.last().map_or(0, |&t| t.max(0) as usize);
+                if total != rows {
+                    bail!("longattn: q has {rows} rows but seqlens_q ends at {total}")
+                }
+                PagedPrefill::new_varlen(&cache, hq, cu, &opts)
+            }
+            None => {
+                if rows != cache.batch() {
+                    bail!(
+                        "longattn: seqlens_k has {} values but q has batch {rows}",
+                        cache.batch()
+                    )
+                }
+                PagedPrefill::new(&cache, hq, q_len, &opts)
+            }
+        }
+        .map_err(wrap)?;
+        let os = if packed {
+            Strides {
+                batch: 0,
+                seq: (hq * d) as i64,
+                head: d as i64,
+            }
+        } else {
+            Strides::contiguous(q_len, hq, d)
+        };
+        Ok(Paged {
+            problem: PagedProblem::Prefill(prefill),
+            qs,
+            os,
+        })
     }
 }
 
 fn paged_cpu_t<T: Element + candle_core::WithDType>(
-    decode: &PagedDecode,
-    qs: Strides,
+    p: &Paged,
     q: (&CpuStorage, &Layout),
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
 ) -> Result<Vec<T>> {
     let k = cpu_slice::<T>("k_cache", k.0, k.1)?;
     let v = cpu_slice::<T>("v_cache", v.0, v.1)?;
-    paged_cpu_kv(decode, qs, q, KvPages { k, v })
+    paged_cpu_kv(p, q, KvPages { k, v })
 }
 
 /// An `F8E4M3` cache (candle's float8 type) as this crate's [`F8E4M3`], bit for bit.
@@ -725,97 +878,102 @@ fn fp8_cache(name: &str, s: &CpuStorage, l: &Layout) -> Result<Vec<F8E4M3>> {
 }
 
 fn paged_cpu_fp8<T: Element + candle_core::WithDType>(
-    decode: &PagedDecode,
-    qs: Strides,
+    p: &Paged,
     q: (&CpuStorage, &Layout),
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
 ) -> Result<Vec<T>> {
     let k = fp8_cache("k_cache", k.0, k.1)?;
     let v = fp8_cache("v_cache", v.0, v.1)?;
-    paged_cpu_kv(decode, qs, q, KvPages { k: &k, v: &v })
+    paged_cpu_kv(p, q, KvPages { k: &k, v: &v })
 }
 
-/// The CPU decode of `q` (type `T`) over a cache of type `C`.
+/// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
 fn paged_cpu_kv<T: Element + candle_core::WithDType, C: Element>(
-    decode: &PagedDecode,
-    qs: Strides,
+    p: &Paged,
     q: (&CpuStorage, &Layout),
     kv: KvPages<&[C]>,
 ) -> Result<Vec<T>> {
     let q = cpu_slice::<T>("q", q.0, q.1)?;
-    let KvPages { k, v } = kv;
-    let (hq, d) = (decode.heads_q(), decode.cache().head_dim());
-    let mut out = vec![T::default(); decode.out_len()];
-    decode
-        .forward_cpu(
-            Strided::new(q, qs),
-            KvPages { k, v },
-            None,
-            Strided::new(&mut out[..], Strides::contiguous(decode.q_len(), hq, d)),
-            None,
-        )
-        .map_err(wrap)?;
+    let mut out = vec![T::default(); p.out_len()];
+    p.forward_cpu(q, kv, &mut out).map_err(wrap)?;
     Ok(out)
 }
 
-impl CustomOp3 for PagedAttnDecode {
-    fn name(&self) -> &'static str {
-        "longattn-paged-attn-decode"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (decode, qs) = self.problem(q_l, k_l, v_l)?;
-        let (q, k, v) = ((q, q_l), (k, k_l), (v, v_l));
-        // The cache holds q's dtype, or f8e4m3; `$run::<T>` for q's element type `T`.
-        macro_rules! by_q_dtype {
-            ($run:ident) => {
-                match q.0 {
-                    CpuStorage::F32(_) => CpuStorage::F32($run::<f32>(&decode, qs, q, k, v)?),
-                    CpuStorage::F16(_) => CpuStorage::F16($run::<half::f16>(&decode, qs, q, k, v)?),
-                    CpuStorage::BF16(_) => {
-                        CpuStorage::BF16($run::<half::bf16>(&decode, qs, q, k, v)?)
-                    }
-                    other => bail!(
-                        "longattn paged decode: q must be f32, f16 or bf16, got {:?}",
-                        other.dtype()
-                    ),
-                }
-            };
-        }
-        let out = match (k.0.dtype(), v.0.dtype()) {
-            (DType::F8E4M3, DType::F8E4M3) => by_q_dtype!(paged_cpu_fp8),
-            (a, b) if a == q.0.dtype() && b == a => by_q_dtype!(paged_cpu_t),
-            (a, b) => bail!(
-                "longattn paged decode: k_cache, v_cache must be of q's dtype ({:?}) or both \
-                 f8e4m3; got {a:?}, {b:?}",
-                q.0.dtype()
-            ),
+/// `cpu_fwd` of the paged ops: the cache holds q's dtype, or f8e4m3.
+fn paged_cpu(
+    name: &str,
+    p: &Paged,
+    q: (&CpuStorage, &Layout),
+    k: (&CpuStorage, &Layout),
+    v: (&CpuStorage, &Layout),
+) -> Result<(CpuStorage, Shape)> {
+    // `$run::<T>` for q's element type `T`.
+    macro_rules! by_q_dtype {
+        ($run:ident) => {
+            match q.0 {
+                CpuStorage::F32(_) => CpuStorage::F32($run::<f32>(p, q, k, v)?),
+                CpuStorage::F16(_) => CpuStorage::F16($run::<half::f16>(p, q, k, v)?),
+                CpuStorage::BF16(_) => CpuStorage::BF16($run::<half::bf16>(p, q, k, v)?),
+                other => bail!(
+                    "longattn {name}: q must be f32, f16 or bf16, got {:?}",
+                    other.dtype()
+                ),
+            }
         };
-        Ok((out, q_l.shape().clone()))
     }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        q: &candle_core::CudaStorage,
-        q_l: &Layout,
-        k: &candle_core::CudaStorage,
-        k_l: &Layout,
-        v: &candle_core::CudaStorage,
-        v_l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::paged_decode(self, (q, q_l), (k, k_l), (v, v_l))
-    }
+    let out = match (k.0.dtype(), v.0.dtype()) {
+        (DType::F8E4M3, DType::F8E4M3) => by_q_dtype!(paged_cpu_fp8),
+        (a, b) if a == q.0.dtype() && b == a => by_q_dtype!(paged_cpu_t),
+        (a, b) => bail!(
+            "longattn {name}: k_cache, v_cache must be of q's dtype ({:?}) or both f8e4m3; \
+             got {a:?}, {b:?}",
+            q.0.dtype()
+        ),
+    };
+    Ok((out, q.1.shape().clone()))
 }
+
+/// The `CustomOp3` of a paged op (one with a `problem` method returning a [`Paged`]), named
+/// `$name`.
+macro_rules! paged_op3 {
+    ($op:ty, $name:literal) => {
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                q: &CpuStorage,
+                q_l: &Layout,
+                k: &CpuStorage,
+                k_l: &Layout,
+                v: &CpuStorage,
+                v_l: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                let p = self.problem(q_l, k_l, v_l)?;
+                paged_cpu(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
+            }
+
+            #[cfg(feature = "candle-cuda")]
+            fn cuda_fwd(
+                &self,
+                q: &candle_core::CudaStorage,
+                q_l: &Layout,
+                k: &candle_core::CudaStorage,
+                k_l: &Layout,
+                v: &candle_core::CudaStorage,
+                v_l: &Layout,
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                let p = self.problem(q_l, k_l, v_l)?;
+                cuda::paged(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
+            }
+        }
+    };
+}
+paged_op3!(PagedAttnDecode, "longattn-paged-attn-decode");
+paged_op3!(PagedAttnPrefill, "longattn-paged-attn-prefill");
 
 /// Decode attention over a paged KV cache (FlashAttention's `flash_attn_with_kvcache` with a
 /// `block_table`, cache already appended): `q: (batch, q_len, heads_q, head_dim)` new tokens
@@ -865,5 +1023,49 @@ pub fn paged_attn_decode_fp8(
     let scales = KvScales::new(k_scales.to_vec(), v_scales.to_vec()).map_err(wrap)?;
     let settings = (softmax_scale, window_size_left, softcap);
     let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales), settings)?;
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// Prefill attention over a paged KV cache (chunked prefill, prefix caching: FlashAttention's
+/// `flash_attn_with_kvcache` with a `block_table`, FlashInfer's batch prefill with paged KV),
+/// the cache already holding the new tokens: dense attention of each sequence's queries over
+/// its `seqlens_k[b]` tokens gathered from the pages, the new tokens being the last ones
+/// (causal, `window_size_right = Some(0)`, is bottom-right aligned).
+///
+/// `q: (batch, q_len, heads_q, head_dim)`, or with `seqlens_q` (cumulative row offsets,
+/// `batch + 1` values from 0, any integer dtype) packed `q: (total_q, heads_q, head_dim)`;
+/// `k_cache, v_cache: (num_pages, page_size, heads_kv, head_dim)` contiguous, of q's dtype or
+/// `F8E4M3` with `kv_scales = Some((k_scales, v_scales))` per kv head (`None`: scale 1);
+/// `block_table: (batch, max_pages_per_seq)`, `seqlens_k: (batch,)`. Windows as
+/// [`flash_attn_windowed`]; `softcap` `None` or `0.0` disables it. Result: the shape of `q`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_prefill(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    seqlens_q: Option<&Tensor>,
+    kv_scales: Option<(&[f32], &[f32])>,
+    softmax_scale: f32,
+    (window_size_left, window_size_right): (Option<usize>, Option<usize>),
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let (block_table, max_pages_per_seq, seqlens_k) = host_tables(block_table, seqlens_k)?;
+    let kv_scales = kv_scales
+        .map(|(k, v)| KvScales::new(k.to_vec(), v.to_vec()))
+        .transpose()
+        .map_err(wrap)?;
+    let op = PagedAttnPrefill {
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        softcap,
+        block_table,
+        max_pages_per_seq,
+        seqlens_k,
+        cu_seqlens_q: seqlens_q.map(|t| host_i32("seqlens_q", t)).transpose()?,
+        kv_scales,
+    };
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }

@@ -255,12 +255,20 @@ fn varlen_matches_reference() {
     assert!(rel_l2(&flat(&got), &want) < 1e-5);
 }
 
-#[test]
-fn paged_decode_matches_dense_reference() {
-    let (b, q_len, hq, hkv, d, page_size) = (3, 2, 4, 2, 16, 4);
-    let lens = [9usize, 1, 14];
-    let max_pages = 4;
-    let num_pages = 12;
+/// A paged cache holding random sequences of `lens` tokens in shuffled pages of 4 tokens
+/// (`heads_kv` 2, `head_dim` 16): the caches, `block_table`, `seqlens_k`, and each
+/// sequence's dense `(1, len, heads_kv, head_dim)` K and V.
+struct PagedFixture {
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_table: Tensor,
+    seqlens_k: Tensor,
+    dense_k: Vec<Tensor>,
+    dense_v: Vec<Tensor>,
+}
+
+fn paged_fixture(lens: &[usize]) -> PagedFixture {
+    let (b, hkv, d, page_size, max_pages, num_pages) = (lens.len(), 2, 16, 4, 4, 12);
     // Scatter each sequence's keys into shuffled pages.
     let perm: Vec<usize> = (0..num_pages).map(|p| (p * 5 + 3) % num_pages).collect();
     let mut table = vec![-1i32; b * max_pages];
@@ -288,32 +296,147 @@ fn paged_decode_matches_dense_reference() {
         }
     }
     let shape = [num_pages, page_size, hkv, d];
-    let k_cache = Tensor::from_vec(kc, &shape, &Device::Cpu).unwrap();
-    let v_cache = Tensor::from_vec(vc, &shape, &Device::Cpu).unwrap();
-    let bt = Tensor::from_vec(table, (b, max_pages), &Device::Cpu).unwrap();
     let lens_i: Vec<i32> = lens.iter().map(|&x| x as i32).collect();
-    let sl = Tensor::new(&lens_i[..], &Device::Cpu).unwrap();
+    PagedFixture {
+        k_cache: Tensor::from_vec(kc, &shape, &Device::Cpu).unwrap(),
+        v_cache: Tensor::from_vec(vc, &shape, &Device::Cpu).unwrap(),
+        block_table: Tensor::from_vec(table, (b, max_pages), &Device::Cpu).unwrap(),
+        seqlens_k: Tensor::new(&lens_i[..], &Device::Cpu).unwrap(),
+        dense_k: dense_k
+            .into_iter()
+            .map(|t| t.unsqueeze(0).unwrap())
+            .collect(),
+        dense_v: dense_v
+            .into_iter()
+            .map(|t| t.unsqueeze(0).unwrap())
+            .collect(),
+    }
+}
+
+impl PagedFixture {
+    /// The f64 reference of sequence `s`'s queries `q: (1, q_len, heads_q, head_dim)`.
+    fn reference(&self, s: usize, q: &Tensor, opts: AttentionOptions) -> Vec<f64> {
+        let fixed = SeqLens::Fixed {
+            seqlen_q: q.dim(1).unwrap(),
+            seqlen_k: self.dense_k[s].dim(1).unwrap(),
+        };
+        reference(q, &self.dense_k[s], &self.dense_v[s], fixed, opts)
+    }
+}
+
+#[test]
+fn paged_decode_matches_dense_reference() {
+    let (q_len, hq, d) = (2, 4, 16);
+    let lens = [9usize, 1, 14];
+    let f = paged_fixture(&lens);
     // Sequence 1 has one key but two new queries: its first query sees nothing.
-    let q = randn(&[b, q_len, hq, d], 60);
+    let q = randn(&[lens.len(), q_len, hq, d], 60);
     for (left, softcap) in [(None, None), (Some(2), None), (Some(0), Some(0.8))] {
-        let got =
-            fa::paged_attn_decode(&q, &k_cache, &v_cache, &bt, &sl, SCALE, left, softcap).unwrap();
+        let (kc, vc, bt, sl) = (&f.k_cache, &f.v_cache, &f.block_table, &f.seqlens_k);
+        let got = fa::paged_attn_decode(&q, kc, vc, bt, sl, SCALE, left, softcap).unwrap();
         assert_eq!(got.dims(), q.dims());
         let got = flat(&got);
-        for s in 0..b {
-            let qs = q.i(s..s + 1).unwrap();
-            let ks = dense_k[s].unsqueeze(0).unwrap();
-            let vs = dense_v[s].unsqueeze(0).unwrap();
-            let fixed = SeqLens::Fixed {
-                seqlen_q: q_len,
-                seqlen_k: lens[s],
-            };
-            let want = reference(&qs, &ks, &vs, fixed, opts(left, Some(0), softcap));
+        for s in 0..lens.len() {
+            let want = f.reference(s, &q.i(s..s + 1).unwrap(), opts(left, Some(0), softcap));
             let n = q_len * hq * d;
             let err = rel_l2(&got[s * n..(s + 1) * n], &want);
             assert!(err < 1e-5, "seq {s} left {left:?}: {err}");
         }
     }
+}
+
+/// Paged prefill equals dense attention over each sequence's gathered tokens, the new
+/// queries being the last positions (bottom-right), fixed and packed, any window.
+#[test]
+fn paged_prefill_matches_dense_reference() {
+    let (hq, d) = (4, 16);
+    let lens = [9usize, 3, 14];
+    let f = paged_fixture(&lens);
+    let (kc, vc, bt, sl) = (&f.k_cache, &f.v_cache, &f.block_table, &f.seqlens_k);
+    // Fixed: 5 new queries each (sequence 1 holds fewer tokens: dense's rule for sq > sk).
+    let q = randn(&[lens.len(), 5, hq, d], 61);
+    // Packed: 5, 0 and 4 new queries.
+    let cu_q: Vec<u32> = vec![0, 5, 5, 9];
+    let qp = randn(&[9, hq, d], 62);
+    let cu_t = Tensor::new(&cu_q[..], &Device::Cpu).unwrap();
+    for (left, right, softcap) in [
+        (None, Some(0), None),
+        (None, None, None),
+        (Some(2), Some(0), Some(0.7)),
+        (Some(3), Some(2), None),
+    ] {
+        let w = (left, right);
+        let got =
+            fa::paged_attn_prefill(&q, kc, vc, bt, sl, None, None, SCALE, w, softcap).unwrap();
+        assert_eq!(got.dims(), q.dims());
+        let got = flat(&got);
+        let n = 5 * hq * d;
+        for s in 0..lens.len() {
+            let want = f.reference(s, &q.i(s..s + 1).unwrap(), opts(left, right, softcap));
+            let err = rel_l2(&got[s * n..(s + 1) * n], &want);
+            assert!(err < 1e-5, "fixed seq {s} {w:?}: {err}");
+        }
+        let got = fa::paged_attn_prefill(&qp, kc, vc, bt, sl, Some(&cu_t), None, SCALE, w, softcap)
+            .unwrap();
+        assert_eq!(got.dims(), qp.dims());
+        let got = flat(&got);
+        for s in [0usize, 2] {
+            let rows = cu_q[s] as usize..cu_q[s + 1] as usize;
+            let qs = qp.i(rows.clone()).unwrap().unsqueeze(0).unwrap();
+            let want = f.reference(s, &qs, opts(left, right, softcap));
+            let err = rel_l2(&got[rows.start * hq * d..rows.end * hq * d], &want);
+            assert!(err < 1e-5, "packed seq {s} {w:?}: {err}");
+        }
+    }
+    // An F8E4M3 cache with scales equals the prefill over the dequantised cache.
+    let (ks, vs) = ([0.5f32, 2.0], [0.25f32, 4.0]);
+    let k8 = kc.to_dtype(DType::F8E4M3).unwrap();
+    let v8 = vc.to_dtype(DType::F8E4M3).unwrap();
+    let per_head = Tensor::new(&ks[..], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 2, 1))
+        .unwrap();
+    let kd = k8
+        .to_dtype(DType::F32)
+        .unwrap()
+        .broadcast_mul(&per_head)
+        .unwrap();
+    let per_head = Tensor::new(&vs[..], &Device::Cpu)
+        .unwrap()
+        .reshape((1, 1, 2, 1))
+        .unwrap();
+    let vd = v8
+        .to_dtype(DType::F32)
+        .unwrap()
+        .broadcast_mul(&per_head)
+        .unwrap();
+    let causal = (None, Some(0));
+    let scales = Some((&ks[..], &vs[..]));
+    let got =
+        fa::paged_attn_prefill(&q, &k8, &v8, bt, sl, None, scales, SCALE, causal, None).unwrap();
+    let want =
+        fa::paged_attn_prefill(&q, &kd, &vd, bt, sl, None, None, SCALE, causal, None).unwrap();
+    let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+    assert!(rel_l2(&flat(&got), &want) < 1e-5);
+    // Refused: packed rows that do not match the offsets, a batch that does not match the
+    // tables, scales on an f32 cache.
+    let short = qp.i(0..8).unwrap();
+    let bad = fa::paged_attn_prefill(
+        &short,
+        kc,
+        vc,
+        bt,
+        sl,
+        Some(&cu_t),
+        None,
+        SCALE,
+        causal,
+        None,
+    );
+    assert!(bad.unwrap_err().to_string().contains("rows"));
+    let q2 = q.i(0..2).unwrap();
+    assert!(fa::paged_attn_prefill(&q2, kc, vc, bt, sl, None, None, SCALE, causal, None).is_err());
+    assert!(fa::paged_attn_prefill(&q, kc, vc, bt, sl, None, scales, SCALE, causal, None).is_err());
 }
 
 /// An F8E4M3 cache (candle's dtype, converted by candle) with per-kv-head scales equals the
@@ -629,11 +752,12 @@ mod gpu {
         }
     }
 
-    /// Paged decode on the GPU equals the CPU op on the same tensors (the CPU op is checked
-    /// against the reference above), for a cache of q's dtype and an f8e4m3 cache.
+    /// Paged decode and prefill (fixed and packed queries) on the GPU equal the CPU ops on
+    /// the same tensors (the CPU ops are checked against the reference above), for a cache of
+    /// q's dtype and an f8e4m3 cache.
     #[test]
-    fn gpu_candle_paged_decode_matches_cpu_op() {
-        let Some(gpu) = cuda_or_skip("gpu_candle_paged_decode_matches_cpu_op") else {
+    fn gpu_candle_paged_ops_match_cpu_ops() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_paged_ops_match_cpu_ops") else {
             return;
         };
         let (b, q_len, hq, hkv, d, page_size, num_pages) = (3, 2, 8, 2, 128, 16, 40);
@@ -668,6 +792,37 @@ mod gpu {
                     let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
                     let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
                     assert!(err < tol(dt), "{dt:?} cache {cache:?} {left:?}: {err}");
+                    // Prefill: 37 new queries per sequence (sequence 1 holds one token), and
+                    // packed chunks of 37, 1 and 32.
+                    let scales = (cache == DType::F8E4M3)
+                        .then_some((&[0.5f32, 2.0][..], &[0.25f32, 4.0][..]));
+                    let w = (left, Some(0));
+                    let qf = randn(&[b, 37, hq, d], 143).to_dtype(dt).unwrap();
+                    let qp = randn(&[70, hq, d], 144).to_dtype(dt).unwrap();
+                    let cu = Tensor::new(&[0u32, 37, 38, 70], &Device::Cpu).unwrap();
+                    for (q, cu) in [(&qf, None), (&qp, Some(&cu))] {
+                        let (qg, cug) = (to(q, &gpu), cu.map(|c| to(c, &gpu)));
+                        let got = fa::paged_attn_prefill(
+                            &qg,
+                            &kg,
+                            &vg,
+                            &btg,
+                            &slg,
+                            cug.as_ref(),
+                            scales,
+                            SCALE,
+                            w,
+                            softcap,
+                        )
+                        .unwrap();
+                        let want = fa::paged_attn_prefill(
+                            q, &k, &v, &bt, &sl, cu, scales, SCALE, w, softcap,
+                        )
+                        .unwrap();
+                        let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+                        let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+                        assert!(err < tol(dt), "prefill {dt:?} {cache:?} {left:?}: {err}");
+                    }
                 }
             }
         }

@@ -6,9 +6,10 @@
 //!   [`FlashAttention::forward_gpu`](crate::FlashAttention::forward_gpu) with the kernel that
 //!   `Auto` picks; f16 or bf16 (f32 CUDA tensors get a named error: the kernels are
 //!   half-precision), the GPU's stride and alignment rules (strides multiples of 8 elements).
-//! - Paged decode ([`super::PagedAttnDecode`]):
-//!   [`PagedDecode::forward_gpu`](crate::PagedDecode::forward_gpu) over an f16/bf16 cache of
-//!   q's dtype or an `F8E4M3` cache (candle's float8 storage reinterpreted as this crate's
+//! - Paged decode and prefill ([`super::PagedAttnDecode`], [`super::PagedAttnPrefill`]):
+//!   [`PagedDecode::forward_gpu`](crate::PagedDecode::forward_gpu) /
+//!   [`PagedPrefill::forward_gpu`](crate::PagedPrefill::forward_gpu) over an f16/bf16 cache
+//!   of q's dtype or an `F8E4M3` cache (candle's float8 storage reinterpreted as this crate's
 //!   [`F8E4M3`], the same bits).
 //!
 //! The tables (varlen offsets, block table, `seqlens_k`) are the host copies the op holds;
@@ -16,15 +17,16 @@
 //! capturable (engines capturing decode build a [`crate::PagedDecodePlan`] instead).
 //! **Not yet run on a GPU**: compiled and linted only (see the README).
 
-use super::{PagedAttnDecode, Problem, contiguous_out, wrap};
+use super::{Paged, PagedProblem, Problem, contiguous_out, wrap};
 use crate::element::{Element, F8E4M3};
-use crate::layout::{Strided, Strides};
-use crate::paged::{KvPages, PagedDecode};
+use crate::layout::Strided;
+use crate::paged::KvPages;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result, Shape, bail};
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
+use std::sync::Arc;
 
 /// A storage (one of a candle op's inputs) and its layout.
 type Input<'a> = (&'a CudaStorage, &'a Layout);
@@ -106,42 +108,51 @@ pub(super) fn dense(
     Ok((out, p.out_shape))
 }
 
-/// The paged decode of `q` (type `T`) over a cache of type `C`, on q's device stream.
-fn decode_t<T, C>(
-    decode: &PagedDecode,
-    qs: Strides,
-    q: Input,
-    kv: KvPages<CudaView<C>>,
-) -> Result<CudaSlice<T>>
+impl Paged {
+    /// The GPU forward pass of `q` (type `T`) over a cache of type `C`, on `stream`.
+    fn forward_gpu<T, C>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaView<T>,
+        kv: KvPages<&CudaView<C>>,
+        out: &mut CudaSlice<T>,
+    ) -> crate::Result<()>
+    where
+        T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
+    {
+        let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.os));
+        match &self.problem {
+            PagedProblem::Decode(p) => {
+                p.forward_gpu::<T, C, _, _, _>(stream, q, kv, None, out, None)
+            }
+            PagedProblem::Prefill(p) => p.forward_gpu::<T, C, _, _, _>(stream, q, kv, out, None),
+        }
+    }
+}
+
+/// A paged op's forward pass of `q` (type `T`) over a cache of type `C`, on q's device stream.
+fn paged_t<T, C>(p: &Paged, q: Input, kv: KvPages<CudaView<C>>) -> Result<CudaSlice<T>>
 where
     T: Element + CudaDType + DeviceRepr + ValidAsZeroBits,
     C: Element + DeviceRepr,
 {
     let stream = q.0.device().cuda_stream();
     let qv = view::<T>("q", q)?;
-    let (hq, d) = (decode.heads_q(), decode.cache().head_dim());
-    let mut out = zeros::<T>(q.0, decode.out_len())?;
-    decode
-        .forward_gpu::<T, C, _, _, _>(
-            &stream,
-            Strided::new(&qv, qs),
-            KvPages { k: &kv.k, v: &kv.v },
-            None,
-            Strided::new(&mut out, Strides::contiguous(decode.q_len(), hq, d)),
-            None,
-        )
-        .map_err(wrap)?;
+    let mut out = zeros::<T>(q.0, p.out_len())?;
+    let kv = KvPages { k: &kv.k, v: &kv.v };
+    p.forward_gpu(&stream, &qv, kv, &mut out).map_err(wrap)?;
     Ok(out)
 }
 
-/// `cuda_fwd` of [`PagedAttnDecode`]: q f16 or bf16, the cache of q's dtype or f8e4m3.
-pub(super) fn paged_decode(
-    op: &PagedAttnDecode,
+/// `cuda_fwd` of the paged ops: q f16 or bf16, the cache of q's dtype or f8e4m3.
+pub(super) fn paged(
+    name: &str,
+    p: &Paged,
     q: Input,
     k: Input,
     v: Input,
 ) -> Result<(CudaStorage, Shape)> {
-    let (decode, qs) = op.problem(q.1, k.1, v.1)?;
     let device = q.0.device().clone();
     // `$t` for q's element type, over a cache of `$c` read by `$view`.
     macro_rules! run {
@@ -150,7 +161,7 @@ pub(super) fn paged_decode(
                 k: $view("k_cache", k)?,
                 v: $view("v_cache", v)?,
             };
-            CudaStorage::wrap_cuda_slice(decode_t::<$t, $c>(&decode, qs, q, kv)?, device)
+            CudaStorage::wrap_cuda_slice(paged_t::<$t, $c>(p, q, kv)?, device)
         }};
     }
     use DType::{BF16, F8E4M3 as E4M3, F16};
@@ -161,7 +172,7 @@ pub(super) fn paged_decode(
         (F16, E4M3, E4M3) => run!(f16, F8E4M3, fp8_view),
         (BF16, E4M3, E4M3) => run!(bf16, F8E4M3, fp8_view),
         _ => bail!(
-            "longattn paged decode on CUDA: q must be f16 or bf16 and k_cache, v_cache of q's \
+            "longattn {name} on CUDA: q must be f16 or bf16 and k_cache, v_cache of q's \
              dtype or both f8e4m3; got {qt:?}, {kt:?}, {vt:?}"
         ),
     };
