@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a build machine (Rust + the pinned toolkit): builds the release test, example and bench
-# binaries for the GPU machines into dist/ (git-ignored), with the scripts that run them.
+# binaries and the Python wheel for the GPU machines into dist/ (git-ignored), with the
+# scripts that run them.
 # Then, on a GPU machine with no Rust toolchain: dist/device-run.sh OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +44,16 @@ echo "bench binaries:"
 cargo bench --no-run --message-format=json | copy_executables "$DIST/benches" bench
 echo "examples:"
 cargo build --release --examples --message-format=json | copy_executables "$DIST/examples" example
+echo "python wheel (CUDA functions; python/tests/test_cuda.py runs them on the GPU machine):"
+MATURIN=${MATURIN:-$(command -v maturin || echo target/pyvenv/bin/maturin)}
+if [ ! -x "$MATURIN" ]; then
+  python3 -m venv target/pyvenv && target/pyvenv/bin/pip install -q maturin
+  MATURIN=target/pyvenv/bin/maturin
+fi
+# abi3 (CPython >= 3.9), a plain linux tag: installed there with pip --target, no index.
+CARGO_TARGET_DIR=target/pywheel "$MATURIN" build --release -m python/Cargo.toml \
+  --compatibility linux --out "$DIST/wheels"
+cp python/tests/test_cuda.py "$DIST/"
 cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline.py \
   scripts/torch_family_baseline.py scripts/torch_neighborhood_baseline.py \
   scripts/bench_summary.py scripts/plot_bench.py "$DIST/"

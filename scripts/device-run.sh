@@ -3,7 +3,8 @@
 #   dist/device-run.sh OUT_DIR [--quick]
 # Runs, most important first, inside one time budget (DEVICE_RUN_BUDGET_S seconds, default
 # 540; each step is cut to what is left): the GPU tests with LONGATTN_REQUIRE_GPU=1 (the
-# kernels that never ran on a GPU first), compute-sanitizer memcheck on every GPU test binary
+# kernels that never ran on a GPU first), the Python package's CUDA functions, compute-sanitizer
+# memcheck on every GPU test binary
 # and racecheck on the opt-in kernels, the tour, the benchmarks of every family and the
 # PyTorch baselines. Writes full logs to OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a
 # short table last.
@@ -49,6 +50,18 @@ for name in $FIRST $REST; do
   [ "$name" = dense_gpu ] && [ "$rc" = 124 ] && DENSE_OK=0
 done
 [ "$DENSE_OK" = 1 ] || SUMMARY+=("dense_gpu timed out: dense memcheck, tour and dense benches skipped")
+
+# The Python package's CUDA functions on torch tensors (float16 through the CUDA array
+# interface, bfloat16 through DLPack, a side stream): the wheel installed into a scratch dir
+# (outside OUT_DIR, whose files travel back).
+PYLIB=${TMPDIR:-/tmp}/longattn-pylib
+if ls "$HERE"/wheels/*.whl > /dev/null 2>&1 &&
+  python3 -m pip install -q --no-deps --no-index --target "$PYLIB" "$HERE"/wheels/*.whl \
+    > "$OUT/python_install.log" 2>&1; then
+  step python_cuda 60 env PYTHONPATH="$PYLIB" python3 "$HERE/test_cuda.py"
+else
+  SUMMARY+=("python_cuda: wheel missing or not installed (python_install.log)")
+fi
 
 if command -v compute-sanitizer > /dev/null; then
   # The opt-in MoBA gather attention (not yet run on a GPU): its own memcheck first, so that

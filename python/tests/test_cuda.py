@@ -1,0 +1,141 @@
+"""longattn's CUDA functions on torch tensors against its CPU functions (themselves checked
+against an f64 reference in test_cpu.py) on the same rounded inputs: float16 through
+``__cuda_array_interface__``, bfloat16 through DLPack, a non-contiguous q, a side stream.
+
+Needs torch with a GPU: skipped otherwise (failed with LONGATTN_REQUIRE_GPU=1). Runs under
+pytest or alone (``python3 test_cuda.py``, as the device script does: no pytest there).
+"""
+
+import os
+
+import numpy as np
+
+import longattn
+
+TOL = {"float16": 4e-3, "bfloat16": 2e-2}
+
+
+def _torch_or_skip():
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None and torch.cuda.is_available():
+        return torch
+    why = "no torch" if torch is None else "no GPU"
+    if os.environ.get("LONGATTN_REQUIRE_GPU") == "1":
+        raise RuntimeError(f"LONGATTN_REQUIRE_GPU=1 but {why}")
+    import pytest
+
+    pytest.skip(why)
+
+
+def rel_l2(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _host(t):
+    """A torch tensor (any dtype, any device) as float32 numpy."""
+    return t.detach().float().cpu().numpy()
+
+
+def _inputs(torch, dtype, shape_q, shape_kv, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=g).to(dtype)
+    k = torch.randn(shape_kv, generator=g).to(dtype)
+    v = torch.randn(shape_kv, generator=g).to(dtype)
+    return q, k, v
+
+
+def test_dense_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    cases = [(2, 77, 130, 8, 2, 64), (1, 130, 77, 4, 4, 128), (1, 1, 300, 8, 1, 128)]
+    options = [dict(causal=False), dict(causal=True), dict(causal=True, window=(31, 0)),
+               dict(window=(5, 9), softcap=0.6)]
+    for n, (b, sq, sk, hq, hkv, d) in enumerate(cases):
+        for dtype in (torch.float16, torch.bfloat16):
+            q, k, v = _inputs(torch, dtype, (b, sq, hq, d), (b, sk, hkv, d), n)
+            qg, kg, vg = (x.cuda() for x in (q, k, v))
+            for opts in options:
+                out = torch.full_like(qg, float("nan"))
+                longattn.dense_cuda(qg, kg, vg, out, scale=0.3, **opts)
+                torch.cuda.synchronize()
+                want = longattn.dense(_host(q), _host(k), _host(v), scale=0.3, **opts)
+                err = rel_l2(_host(out), want)
+                assert err < TOL[str(dtype)[6:]], (n, dtype, opts, err)
+
+
+def test_dense_cuda_strided_and_on_a_side_stream():
+    torch = _torch_or_skip()
+    b, sq, sk, hq, hkv, d = 2, 50, 70, 4, 2, 64
+    for dtype in (torch.float16, torch.bfloat16):
+        # q as the transpose of a (b, h, s, d) tensor, k and v halves of one fused buffer.
+        g = torch.Generator().manual_seed(7)
+        q_bhsd = torch.randn((b, hq, sq, d), generator=g).to(dtype)
+        kv = torch.randn((b, sk, 2 * hkv, d), generator=g).to(dtype)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            # Produced, consumed and read back on the side stream: the call must be ordered
+            # on torch's current stream, which is the side stream here.
+            qg = q_bhsd.cuda().transpose(1, 2)
+            kvg = kv.cuda()
+            kg, vg = kvg[:, :, :hkv], kvg[:, :, hkv:]
+            out = torch.empty((b, sq, hq, d), dtype=dtype, device="cuda")
+            longattn.dense_cuda(qg, kg, vg, out, causal=True)
+            got = out.float().cpu()
+        q = q_bhsd.transpose(1, 2)
+        want = longattn.dense(_host(q), _host(kv[:, :, :hkv]), _host(kv[:, :, hkv:]), causal=True)
+        err = rel_l2(got.numpy(), want)
+        assert err < TOL[str(dtype)[6:]], (dtype, err)
+
+
+def test_dense_varlen_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    hq, hkv, d = 4, 2, 64
+    cu_q, cu_k = [0, 3, 40, 41, 170], [0, 65, 65, 130, 300]
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _inputs(torch, dtype, (cu_q[-1], hq, d), (cu_k[-1], hkv, d), 11)
+        qg, kg, vg = (x.cuda() for x in (q, k, v))
+        for opts in (dict(causal=True), dict(window=(20, 3)), dict()):
+            out = torch.full_like(qg, float("nan"))
+            longattn.dense_varlen_cuda(qg, kg, vg, out, cu_q, cu_k, **opts)
+            torch.cuda.synchronize()
+            want = longattn.dense_varlen(_host(q), _host(k), _host(v), np.array(cu_q, np.int32),
+                                         np.array(cu_k, np.int32), **opts)
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
+
+
+def test_paged_decode_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    b, q_len, hq, hkv, d, page_size, num_pages = 3, 2, 8, 2, 128, 16, 40
+    table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(b)]
+    lens = [170, 1, 33]
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = _inputs(torch, dtype, (b, q_len, hq, d), (num_pages, page_size, hkv, d), 13)
+        qg, kg, vg = (x.cuda() for x in (q, k, v))
+        for opts in (dict(), dict(window_left=40, softcap=0.9)):
+            out = torch.full_like(qg, float("nan"))
+            longattn.paged_decode_cuda(qg, kg, vg, out, table, lens, **opts)
+            torch.cuda.synchronize()
+            want = longattn.paged_decode(_host(q), _host(k), _host(v),
+                                         np.array(table, np.int32), np.array(lens, np.int32),
+                                         **opts)
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
+
+
+if __name__ == "__main__":
+    tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_")]
+    failed = 0
+    for name, f in tests:
+        try:
+            f()
+            print(f"test {name} ... ok")
+        except Exception as e:  # noqa: BLE001 (report every failure, then the totals)
+            failed += 1
+            print(f"test {name} ... FAILED: {type(e).__name__}: {e}")
+    passed = len(tests) - failed
+    print(f"test result: {'ok' if failed == 0 else 'FAILED'}. {passed} passed; {failed} failed")
+    raise SystemExit(1 if failed else 0)
