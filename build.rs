@@ -159,6 +159,11 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
 
     // An object is reused while its key holds: the source, every header under kernels/include,
     // the flags and the nvcc version (touching one kernel file recompiles that file only).
+    // Objects live in one directory per target dir, named by file and key, so that every
+    // feature set and profile (each its own OUT_DIR) shares them: `--features nccl` after a
+    // default build compiles no kernel again.
+    let cache = kernel_cache_dir(&out_dir);
+    std::fs::create_dir_all(&cache).expect("create the kernel object cache");
     let version = std::process::Command::new(nvcc)
         .arg("--version")
         .output()
@@ -171,11 +176,11 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
     let units: Vec<(PathBuf, PathBuf, String)> = sources
         .iter()
         .map(|source| {
-            let object = out_dir
-                .join(source.file_stem().unwrap())
-                .with_extension("o");
             let text = std::fs::read(source).expect("read a kernel source");
-            (source.clone(), object, content_key(&[&shared, &text]))
+            let key = content_key(&[&shared, &text]);
+            let stem = source.file_stem().unwrap().to_string_lossy();
+            let object = cache.join(format!("{stem}-{key}.o"));
+            (source.clone(), object, key)
         })
         .collect();
     // Largest sources first (a proxy for their compile time), each worker taking the next
@@ -193,24 +198,23 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
                         let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         let Some(&i) = order.get(n) else { break };
                         let (source, object, key) = &units[i];
-                        let stamp = object.with_extension("key");
-                        if object.is_file()
-                            && std::fs::read_to_string(&stamp).is_ok_and(|k| k == *key)
-                        {
+                        if object.is_file() {
                             done.push((i, true, String::new()));
                             continue;
                         }
-                        let _ = std::fs::remove_file(&stamp);
+                        // Written aside, then renamed: a build running beside this one never
+                        // sees half an object under the key's name.
+                        let partial = out_dir.join(format!("{key}.o.partial"));
                         let output = std::process::Command::new(nvcc)
                             .args(&flags)
                             .arg(source)
                             .arg("-o")
-                            .arg(object)
+                            .arg(&partial)
                             .output()
                             .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
                         let ok = output.status.success();
                         if ok {
-                            std::fs::write(&stamp, key).expect("write the object's key");
+                            std::fs::rename(&partial, object).expect("store a kernel object");
                         }
                         let log = String::from_utf8_lossy(&output.stderr).into_owned()
                             + &String::from_utf8_lossy(&output.stdout);
@@ -259,6 +263,18 @@ fn compile_kernels(nvcc: &Path, kernels: &Path, include: &Path, toolkit_root: &P
     println!("cargo::rustc-link-lib=static=cudart_static");
     for lib in ["dl", "rt", "pthread", "stdc++"] {
         println!("cargo::rustc-link-lib={lib}");
+    }
+}
+
+/// `<target dir>/longattn-kernels` for an OUT_DIR of cargo's layout
+/// (`<target dir>/<profile>/build/<package>-<hash>/out`), else OUT_DIR itself.
+fn kernel_cache_dir(out_dir: &Path) -> PathBuf {
+    let build = out_dir.ancestors().nth(2);
+    match (build, out_dir.ancestors().nth(4)) {
+        (Some(b), Some(target)) if b.file_name().is_some_and(|n| n == "build") => {
+            target.join("longattn-kernels")
+        }
+        _ => out_dir.to_path_buf(),
     }
 }
 
