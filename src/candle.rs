@@ -351,20 +351,20 @@ fn contiguous_out(attn: &FlashAttention, out_shape: &Shape) -> Strides {
 
 fn dense_cpu(
     name: &str,
-    p: Problem,
+    p: &Problem,
     q: (&CpuStorage, &Layout),
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let out = match (q.0, k.0, v.0) {
         (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            CpuStorage::F32(dense_cpu_t::<f32>(&p, q, k, v)?)
+            CpuStorage::F32(dense_cpu_t::<f32>(p, q, k, v)?)
         }
         (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => {
-            CpuStorage::F16(dense_cpu_t::<half::f16>(&p, q, k, v)?)
+            CpuStorage::F16(dense_cpu_t::<half::f16>(p, q, k, v)?)
         }
         (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-            CpuStorage::BF16(dense_cpu_t::<half::bf16>(&p, q, k, v)?)
+            CpuStorage::BF16(dense_cpu_t::<half::bf16>(p, q, k, v)?)
         }
         (a, b, c) => bail!(
             "longattn {name}: q, k, v must share one of f32, f16, bf16; got {:?}, {:?}, {:?}",
@@ -373,13 +373,13 @@ fn dense_cpu(
             c.dtype()
         ),
     };
-    Ok((out, p.out_shape))
+    Ok((out, p.out_shape.clone()))
 }
 
-/// The `CustomOp3` of a dense op (one with a `problem` method): the CPU forward of its
-/// validated problem, named `$name`.
-macro_rules! dense_op3 {
-    ($op:ty, $name:literal) => {
+/// The `CustomOp3` named `$name` of an op whose `problem` method validates the layouts:
+/// `$cpu(name, &problem, q, k, v)` on CPU storage, `cuda::$cuda(...)` on CUDA storage.
+macro_rules! custom_op3 {
+    ($op:ty, $name:literal, $cpu:ident, $cuda:ident) => {
         impl CustomOp3 for $op {
             fn name(&self) -> &'static str {
                 $name
@@ -395,7 +395,7 @@ macro_rules! dense_op3 {
                 v_l: &Layout,
             ) -> Result<(CpuStorage, Shape)> {
                 let p = self.problem(q_l, k_l, v_l)?;
-                dense_cpu(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+                $cpu(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
             }
 
             #[cfg(feature = "candle-cuda")]
@@ -409,13 +409,18 @@ macro_rules! dense_op3 {
                 v_l: &Layout,
             ) -> Result<(candle_core::CudaStorage, Shape)> {
                 let p = self.problem(q_l, k_l, v_l)?;
-                cuda::dense(self.name(), p, (q, q_l), (k, k_l), (v, v_l))
+                cuda::$cuda(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
             }
         }
     };
 }
-dense_op3!(FlashAttn, "longattn-flash-attn");
-dense_op3!(FlashAttnVarlen, "longattn-flash-attn-varlen");
+custom_op3!(FlashAttn, "longattn-flash-attn", dense_cpu, dense);
+custom_op3!(
+    FlashAttnVarlen,
+    "longattn-flash-attn-varlen",
+    dense_cpu,
+    dense
+);
 
 fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
     if alibi_slopes.is_some() {
@@ -934,46 +939,18 @@ fn paged_cpu(
     Ok((out, q.1.shape().clone()))
 }
 
-/// The `CustomOp3` of a paged op (one with a `problem` method returning a [`Paged`]), named
-/// `$name`.
-macro_rules! paged_op3 {
-    ($op:ty, $name:literal) => {
-        impl CustomOp3 for $op {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                q: &CpuStorage,
-                q_l: &Layout,
-                k: &CpuStorage,
-                k_l: &Layout,
-                v: &CpuStorage,
-                v_l: &Layout,
-            ) -> Result<(CpuStorage, Shape)> {
-                let p = self.problem(q_l, k_l, v_l)?;
-                paged_cpu(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
-            }
-
-            #[cfg(feature = "candle-cuda")]
-            fn cuda_fwd(
-                &self,
-                q: &candle_core::CudaStorage,
-                q_l: &Layout,
-                k: &candle_core::CudaStorage,
-                k_l: &Layout,
-                v: &candle_core::CudaStorage,
-                v_l: &Layout,
-            ) -> Result<(candle_core::CudaStorage, Shape)> {
-                let p = self.problem(q_l, k_l, v_l)?;
-                cuda::paged(self.name(), &p, (q, q_l), (k, k_l), (v, v_l))
-            }
-        }
-    };
-}
-paged_op3!(PagedAttnDecode, "longattn-paged-attn-decode");
-paged_op3!(PagedAttnPrefill, "longattn-paged-attn-prefill");
+custom_op3!(
+    PagedAttnDecode,
+    "longattn-paged-attn-decode",
+    paged_cpu,
+    paged
+);
+custom_op3!(
+    PagedAttnPrefill,
+    "longattn-paged-attn-prefill",
+    paged_cpu,
+    paged
+);
 
 /// Decode attention over a paged KV cache (FlashAttention's `flash_attn_with_kvcache` with a
 /// `block_table`, cache already appended): `q: (batch, q_len, heads_q, head_dim)` new tokens

@@ -87,7 +87,7 @@ where
 /// `cuda_fwd` of the dense ops: q, k, v of one half-precision dtype.
 pub(super) fn dense(
     name: &str,
-    p: Problem,
+    p: &Problem,
     q: Input,
     k: Input,
     v: Input,
@@ -95,17 +95,17 @@ pub(super) fn dense(
     let device = q.0.device().clone();
     let out = match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
         (DType::F16, DType::F16, DType::F16) => {
-            CudaStorage::wrap_cuda_slice(dense_t::<f16>(&p, q, k, v)?, device)
+            CudaStorage::wrap_cuda_slice(dense_t::<f16>(p, q, k, v)?, device)
         }
         (DType::BF16, DType::BF16, DType::BF16) => {
-            CudaStorage::wrap_cuda_slice(dense_t::<bf16>(&p, q, k, v)?, device)
+            CudaStorage::wrap_cuda_slice(dense_t::<bf16>(p, q, k, v)?, device)
         }
         (a, b, c) => bail!(
             "longattn {name} on CUDA: q, k, v must share f16 or bf16 (the GPU kernels' types; \
              f32 runs on CPU tensors); got {a:?}, {b:?}, {c:?}"
         ),
     };
-    Ok((out, p.out_shape))
+    Ok((out, p.out_shape.clone()))
 }
 
 impl Paged {
