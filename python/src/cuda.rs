@@ -14,7 +14,7 @@
 //! capsule is kept unconsumed until the call returns (its producer frees only its own
 //! bookkeeping then, never the tensor).
 
-use crate::{decode_problem, dims_n, err, make_options};
+use crate::{Paged, PagedKind, PagedProblem, dims_n, err, make_options, paged_problem};
 use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
 use longattn::{
     AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, SeqLens, Strided, Strides,
@@ -506,6 +506,65 @@ fn paged_decode_cuda(
     device: usize,
 ) -> PyResult<()> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
+    let tensors = (q, k_cache, v_cache, out);
+    paged_cuda(
+        PagedKind::Decode,
+        tensors,
+        (block_table, seqlens_k),
+        &opts,
+        (stream, device),
+    )
+}
+
+/// Paged prefill on CUDA tensors (chunked prefill, prefix caching; see `paged_prefill`):
+/// `q`, `out` `(b, q_len, hq, d)` or packed `(total_q, hq, d)` with `cu_seqlens_q` (host ints,
+/// `b + 1` from 0), contiguous `k_cache`/`v_cache` of q's dtype, host tables as
+/// `paged_decode_cuda`. Not causal by default.
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None, scale=None, causal=false, window=None, softcap=None, sinks=0, stream=None, device=0))]
+#[allow(clippy::too_many_arguments)]
+fn paged_prefill_cuda(
+    q: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    block_table: Vec<Vec<i32>>,
+    seqlens_k: Vec<i32>,
+    cu_seqlens_q: Option<Vec<i32>>,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<()> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    let tensors = (q, k_cache, v_cache, out);
+    let kind = PagedKind::Prefill { cu_seqlens_q };
+    paged_cuda(
+        kind,
+        tensors,
+        (block_table, seqlens_k),
+        &opts,
+        (stream, device),
+    )
+}
+
+/// The paged problem of `kind` on CUDA tensors `(q, k_cache, v_cache, out)` with host tables
+/// `(block_table, seqlens_k)`, on `(stream, device)`.
+fn paged_cuda(
+    kind: PagedKind,
+    (q, k_cache, v_cache, out): (
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+    ),
+    (block_table, seqlens_k): (Vec<Vec<i32>>, Vec<i32>),
+    opts: &AttentionOptions,
+    (stream, device): (Option<usize>, usize),
+) -> PyResult<()> {
     let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
     let (cq, ck, cv, co) = (
         arr("q", q)?,
@@ -542,25 +601,33 @@ fn paged_decode_cuda(
         ));
     }
     let flat: Vec<i32> = block_table.into_iter().flatten().collect();
-    let decode = decode_problem(
+    let packed = matches!(
+        kind,
+        PagedKind::Prefill {
+            cu_seqlens_q: Some(_)
+        }
+    );
+    let paged = paged_problem(
+        kind,
         &cq.dims,
         &ck.dims,
         (flat, vec![rows, max_pages]),
         seqlens_k,
-        &opts,
+        opts,
         None,
     )?;
-    let (qs, os) = (strides4("q", &cq, false)?, strides4("out", &co, false)?);
+    let (qs, os) = (strides4("q", &cq, packed)?, strides4("out", &co, packed)?);
     let s = stream_for(device, stream, &cq)?;
+    let args = (&s, (&cq, qs), (&ck, &cv), (&co, os));
     match cq.dtype {
-        Dt::F16 => decode_gpu::<f16>(&decode, &s, (&cq, qs), (&ck, &cv), (&co, os)),
-        Dt::BF16 => decode_gpu::<bf16>(&decode, &s, (&cq, qs), (&ck, &cv), (&co, os)),
+        Dt::F16 => paged_gpu::<f16>(&paged, args.0, args.1, args.2, args.3),
+        Dt::BF16 => paged_gpu::<bf16>(&paged, args.0, args.1, args.2, args.3),
     }
 }
 
-/// The paged decode in `T` over a cache of `T`.
-fn decode_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
-    decode: &longattn::PagedDecode,
+/// A paged problem in `T` over a cache of `T`.
+fn paged_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
+    paged: &Paged,
     stream: &Arc<CudaStream>,
     (q, qs): (&Cai, Strides),
     (k, v): (&Cai, &Cai),
@@ -572,24 +639,22 @@ fn decode_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
         raw::<T>(v, stream),
     );
     let mut ro = raw::<T>(o, stream);
-    decode
-        .forward_gpu::<T, T, _, _, _>(
-            stream,
-            Strided::new(rq.get(), qs),
-            KvPages {
-                k: rk.get(),
-                v: rv.get(),
-            },
-            None,
-            Strided::new(ro.get_mut(), os),
-            None,
-        )
-        .map_err(err)
+    let (q, out) = (Strided::new(rq.get(), qs), Strided::new(ro.get_mut(), os));
+    let kv = KvPages {
+        k: rk.get(),
+        v: rv.get(),
+    };
+    match &paged.problem {
+        PagedProblem::Decode(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, None, out, None),
+        PagedProblem::Prefill(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, out, None),
+    }
+    .map_err(err)
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(dense_varlen_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_prefill_cuda, m)?)?;
     Ok(())
 }

@@ -12,7 +12,7 @@ mod cuda;
 use longattn::{
     AttentionOptions, AttentionShape, Element, F8E4M3, FlashAttention, KvPages, KvScales,
     NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode,
-    PagedLayout, SeqLens, Strided, Strides, Window, f16,
+    PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, f16,
 };
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
@@ -247,19 +247,77 @@ fn dense_varlen<'py>(
     }
 }
 
-/// The validated decode problem from host tables.
-pub(crate) fn decode_problem(
+/// Which paged problem: a decode step (`q (b, q_len, hq, d)`, causal among the new tokens by
+/// the options), or a prefill chunk (`q (b, q_len, hq, d)`, or packed `(total_q, hq, d)` with
+/// `cu_seqlens_q`).
+pub(crate) enum PagedKind {
+    Decode,
+    Prefill { cu_seqlens_q: Option<Vec<i32>> },
+}
+
+/// A validated paged problem with the element strides of q and of its output (q's shape,
+/// contiguous).
+pub(crate) struct Paged {
+    pub(crate) problem: PagedProblem,
+    pub(crate) qs: Strides,
+}
+
+pub(crate) enum PagedProblem {
+    Decode(PagedDecode),
+    Prefill(PagedPrefill),
+}
+
+impl Paged {
+    /// Output elements (those of q).
+    pub(crate) fn out_len(&self) -> usize {
+        match &self.problem {
+            PagedProblem::Decode(p) => p.out_len(),
+            PagedProblem::Prefill(p) => p.out_len(),
+        }
+    }
+
+    fn forward_cpu<T: Element, C: Element>(
+        &self,
+        q: &[T],
+        kv: KvPages<&[C]>,
+        out: &mut [T],
+    ) -> longattn::Result<()> {
+        let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.qs));
+        match &self.problem {
+            PagedProblem::Decode(p) => p.forward_cpu(q, kv, None, out, None),
+            PagedProblem::Prefill(p) => p.forward_cpu(q, kv, out, None),
+        }
+    }
+}
+
+/// The validated paged problem from host tables: `block_table (b, max_pages)` and
+/// `seqlens_k (b,)` over a cache `(num_pages, page_size, hkv, d)`.
+pub(crate) fn paged_problem(
+    kind: PagedKind,
     q_dims: &[usize],
     cache_dims: &[usize],
     block_table: (Vec<i32>, Vec<usize>),
     seqlens_k: Vec<i32>,
     opts: &AttentionOptions,
     scales: Option<KvScales>,
-) -> PyResult<PagedDecode> {
-    let [b, q_len, hq, d] = dims_n::<4>("q", q_dims)?;
+) -> PyResult<Paged> {
+    let packed = matches!(
+        kind,
+        PagedKind::Prefill {
+            cu_seqlens_q: Some(_)
+        }
+    );
+    // `rows`: the batch, or total_q when packed.
+    let (rows, q_len, hq, d) = if packed {
+        let [total, hq, d] = dims_n::<3>("q", q_dims)?;
+        (total, 0, hq, d)
+    } else {
+        let [b, q_len, hq, d] = dims_n::<4>("q", q_dims)?;
+        (b, q_len, hq, d)
+    };
     let [num_pages, page_size, hkv, dk] = dims_n::<4>("k_cache", cache_dims)?;
-    let [bt_b, max_pages] = dims_n::<2>("block_table", &block_table.1)?;
-    if dk != d || bt_b != b || seqlens_k.len() != b {
+    let [b, max_pages] = dims_n::<2>("block_table", &block_table.1)?;
+    if dk != d || seqlens_k.len() != b || (!packed && rows != b) {
         return Err(PyValueError::new_err(format!(
             "q {q_dims:?}, cache {cache_dims:?}, block_table {:?}, seqlens_k ({}): head_dim and \
              batch must agree",
@@ -283,7 +341,35 @@ pub(crate) fn decode_problem(
         Some(s) => cache.with_kv_scales(s).map_err(err)?,
         None => cache,
     };
-    PagedDecode::new(&cache, hq, q_len, opts).map_err(err)
+    let problem = match kind {
+        PagedKind::Decode => {
+            PagedProblem::Decode(PagedDecode::new(&cache, hq, q_len, opts).map_err(err)?)
+        }
+        PagedKind::Prefill { cu_seqlens_q: None } => {
+            PagedProblem::Prefill(PagedPrefill::new(&cache, hq, q_len, opts).map_err(err)?)
+        }
+        PagedKind::Prefill {
+            cu_seqlens_q: Some(cu),
+        } => {
+            if cu.last().is_none_or(|&t| t < 0 || t as usize != rows) {
+                return Err(PyValueError::new_err(format!(
+                    "q has {rows} rows but cu_seqlens_q ends at {:?}",
+                    cu.last()
+                )));
+            }
+            PagedProblem::Prefill(PagedPrefill::new_varlen(&cache, hq, &cu, opts).map_err(err)?)
+        }
+    };
+    let qs = if packed {
+        Strides {
+            batch: 0,
+            seq: (hq * d) as i64,
+            head: d as i64,
+        }
+    } else {
+        Strides::contiguous(q_len, hq, d)
+    };
+    Ok(Paged { problem, qs })
 }
 
 /// A cache array as the decode reads it: elements of q's type `T`, or FP8 e4m3 codes (from a
@@ -308,9 +394,11 @@ fn cache_array<T: numpy::Element + Copy>(
     }
 }
 
+/// The CPU forward pass of a paged problem of `kind` on numpy arrays.
 #[allow(clippy::too_many_arguments)]
 fn paged_impl<'py, T: Element + numpy::Element>(
     py: Python<'py>,
+    kind: PagedKind,
     q: &Bound<'py, PyAny>,
     k_cache: &Bound<'py, PyAny>,
     v_cache: &Bound<'py, PyAny>,
@@ -329,7 +417,8 @@ fn paged_impl<'py, T: Element + numpy::Element>(
             "k_cache and v_cache must have the same shape and dtype",
         ));
     }
-    let decode = decode_problem(
+    let paged = paged_problem(
+        kind,
         &q.dims,
         &k_dims,
         ints("block_table", block_table)?,
@@ -337,30 +426,29 @@ fn paged_impl<'py, T: Element + numpy::Element>(
         &opts,
         scales,
     )?;
-    let [_, q_len, hq, d] = dims_n::<4>("q", &q.dims)?;
-    let qs = Strides::contiguous(q_len, hq, d);
-    let mut out = vec![T::default(); decode.out_len()];
-    let (qd, od) = (
-        Strided::new(&q.data[..], qs),
-        Strided::new(&mut out[..], qs),
-    );
-    fn run<T: Element, C: Element>(
-        decode: &PagedDecode,
-        q: Strided<&[T]>,
-        (k, v): (&[C], &[C]),
-        out: Strided<&mut [T]>,
-    ) -> longattn::Result<()> {
-        decode.forward_cpu(q, KvPages { k, v }, None, out, None)
-    }
+    let mut out = vec![T::default(); paged.out_len()];
     py.detach(|| match (&k, &v) {
-        (CacheData::Same(k), CacheData::Same(v)) => run(&decode, qd, (k, v), od),
-        (CacheData::Fp8(k), CacheData::Fp8(v)) => run(&decode, qd, (k, v), od),
+        (CacheData::Same(k), CacheData::Same(v)) => {
+            paged.forward_cpu(&q.data, KvPages { k, v }, &mut out)
+        }
+        (CacheData::Fp8(k), CacheData::Fp8(v)) => {
+            paged.forward_cpu(&q.data, KvPages { k, v }, &mut out)
+        }
         _ => Err(longattn::Error::Shape(
             "k_cache and v_cache must have the same dtype".into(),
         )),
     })
     .map_err(err)?;
     to_py(py, out, &q.dims)
+}
+
+/// `k_scales`, `v_scales` of an FP8 cache: both or neither.
+fn kv_scales(k_scales: Option<Vec<f32>>, v_scales: Option<Vec<f32>>) -> PyResult<Option<KvScales>> {
+    match (k_scales, v_scales) {
+        (None, None) => Ok(None),
+        (Some(k), Some(v)) => Ok(Some(KvScales::new(k, v).map_err(err)?)),
+        _ => Err(PyValueError::new_err("k_scales and v_scales go together")),
+    }
 }
 
 /// Decode over a paged KV cache on numpy arrays (CPU): `q (b, q_len, hq, d)` new tokens,
@@ -387,18 +475,60 @@ fn paged_decode<'py>(
     v_scales: Option<Vec<f32>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
-    let scales = match (k_scales, v_scales) {
-        (None, None) => None,
-        (Some(k), Some(v)) => Some(KvScales::new(k, v).map_err(err)?),
-        _ => {
-            return Err(PyValueError::new_err("k_scales and v_scales go together"));
-        }
+    let scales = kv_scales(k_scales, v_scales)?;
+    let (kind, tables) = (PagedKind::Decode, (block_table, seqlens_k));
+    if is_f16(q) {
+        paged_impl::<f16>(
+            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
+        )
+    } else {
+        paged_impl::<f32>(
+            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
+        )
+    }
+}
+
+/// Prefill over a paged KV cache on numpy arrays (CPU; chunked prefill, prefix caching): the
+/// cache already holds the new tokens, each sequence's queries attend to its `seqlens_k`
+/// tokens gathered from the pages as dense attention does, the new tokens being the last ones
+/// (`causal` is bottom-right aligned). `q (b, q_len, hq, d)`, or packed `(total_q, hq, d)` with
+/// `cu_seqlens_q` int32 `(b + 1,)` from 0; cache and tables as `paged_decode`. Not causal by
+/// default (as `dense`).
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, cu_seqlens_q=None, scale=None, causal=false, window=None, softcap=None, sinks=0, k_scales=None, v_scales=None))]
+#[allow(clippy::too_many_arguments)]
+fn paged_prefill<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k_cache: &Bound<'py, PyAny>,
+    v_cache: &Bound<'py, PyAny>,
+    block_table: &Bound<'py, PyAny>,
+    seqlens_k: &Bound<'py, PyAny>,
+    cu_seqlens_q: Option<&Bound<'py, PyAny>>,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    let scales = kv_scales(k_scales, v_scales)?;
+    let cu_seqlens_q = match cu_seqlens_q {
+        Some(c) => Some(ints("cu_seqlens_q", c)?.0),
+        None => None,
     };
+    let kind = PagedKind::Prefill { cu_seqlens_q };
     let tables = (block_table, seqlens_k);
     if is_f16(q) {
-        paged_impl::<f16>(py, q, k_cache, v_cache, tables.0, tables.1, opts, scales)
+        paged_impl::<f16>(
+            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
+        )
     } else {
-        paged_impl::<f32>(py, q, k_cache, v_cache, tables.0, tables.1, opts, scales)
+        paged_impl::<f32>(
+            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
+        )
     }
 }
 
@@ -535,6 +665,7 @@ fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense, m)?)?;
     m.add_function(wrap_pyfunction!(dense_varlen, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
     cuda::register(m)?;

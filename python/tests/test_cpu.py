@@ -130,11 +130,10 @@ def test_dense_varlen():
     assert np.all(got[3:8] == 0)
 
 
-def test_paged_decode():
-    rng = np.random.default_rng(5)
-    b, q_len, hq, hkv, d, page = 3, 2, 4, 2, 16, 4
-    lens = [9, 1, 14]
-    num_pages, max_pages = 12, 4
+def paged_cache(rng, lens, hkv, d, page=4, num_pages=12, max_pages=4):
+    """Random sequences of `lens` tokens scattered into shuffled pages: the caches, the
+    block table, seqlens_k and each sequence's dense (len, hkv, d) K and V."""
+    b = len(lens)
     perm = rng.permutation(num_pages)
     k_cache = np.zeros((num_pages, page, hkv, d), np.float32)
     v_cache = np.zeros_like(k_cache)
@@ -150,7 +149,42 @@ def test_paged_decode():
                 nxt += 1
             k_cache[table[s, t // page], t % page] = kd[t]
             v_cache[table[s, t // page], t % page] = vd[t]
-    seqlens = np.array(lens, np.int32)
+    return k_cache, v_cache, table, np.array(lens, np.int32), ks, vs
+
+
+def test_paged_prefill():
+    rng = np.random.default_rng(6)
+    hq, hkv, d = 4, 2, 16
+    lens = [9, 3, 14]
+    k_cache, v_cache, table, seqlens, ks, vs = paged_cache(rng, lens, hkv, d)
+    q = rand(rng, 3, 5, hq, d)  # 5 new tokens each (sequence 1 holds only 3: dense's rule)
+    cu = np.array([0, 5, 5, 9], np.int32)  # packed: 5, 0 and 4 new tokens
+    qp = rand(rng, 9, hq, d)
+    for causal, window, softcap in [(True, (-1, -1), None), (False, (-1, -1), None),
+                                    (True, (2, -1), 0.7), (False, (3, 2), None)]:
+        opts = dict(scale=0.25, causal=causal, window=window, softcap=softcap)
+        got = longattn.paged_prefill(q, k_cache, v_cache, table, seqlens, **opts)
+        for s in range(3):
+            want = ref_dense(q[s:s + 1], ks[s][None], vs[s][None], 0.25, causal, window, softcap)
+            assert rel_l2(got[s:s + 1], want) < RTOL, (s, opts)
+        got = longattn.paged_prefill(qp, k_cache, v_cache, table, seqlens, cu_seqlens_q=cu, **opts)
+        assert got.shape == qp.shape
+        for s in (0, 2):
+            rows = slice(cu[s], cu[s + 1])
+            want = ref_dense(qp[rows][None], ks[s][None], vs[s][None], 0.25, causal, window,
+                             softcap)
+            assert rel_l2(got[rows][None], want) < RTOL, (s, opts)
+    with pytest.raises(ValueError):  # the packed rows must end where the offsets do
+        longattn.paged_prefill(qp[:8], k_cache, v_cache, table, seqlens, cu_seqlens_q=cu)
+    with pytest.raises(ValueError):  # one row of block_table per sequence
+        longattn.paged_prefill(q[:2], k_cache, v_cache, table, seqlens)
+
+
+def test_paged_decode():
+    rng = np.random.default_rng(5)
+    b, q_len, hq, hkv, d, page = 3, 2, 4, 2, 16, 4
+    lens = [9, 1, 14]
+    k_cache, v_cache, table, seqlens, ks, vs = paged_cache(rng, lens, hkv, d, page)
     q = rand(rng, b, q_len, hq, d)
     for window_left, softcap in [(-1, None), (2, None), (0, 0.8)]:
         got = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25,

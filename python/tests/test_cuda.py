@@ -126,6 +126,34 @@ def test_paged_decode_cuda_matches_cpu():
             assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
 
 
+def test_paged_prefill_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
+    table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
+    lens = [170, 1, 33]
+    cu = [0, 37, 38, 70]  # packed: 37, 1 and 32 new tokens
+    for dtype in (torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(17)
+        k, v = (torch.randn((num_pages, page_size, hkv, d), generator=g).to(dtype)
+                for _ in range(2))
+        kg, vg = k.cuda(), v.cuda()
+        for q_shape, cu_q in (((3, 37, hq, d), None), ((70, hq, d), cu)):
+            q = torch.randn(q_shape, generator=g).to(dtype)
+            qg = q.cuda()
+            for opts in (dict(causal=True), dict(causal=True, window=(40, -1), softcap=0.9)):
+                out = torch.full_like(qg, float("nan"))
+                longattn.paged_prefill_cuda(qg, kg, vg, out, table, lens, cu_seqlens_q=cu_q,
+                                            **opts)
+                torch.cuda.synchronize()
+                cu_np = None if cu_q is None else np.array(cu_q, np.int32)
+                want = longattn.paged_prefill(_host(q), _host(k), _host(v),
+                                              np.array(table, np.int32),
+                                              np.array(lens, np.int32), cu_seqlens_q=cu_np,
+                                              **opts)
+                err = rel_l2(_host(out), want)
+                assert err < TOL[str(dtype)[6:]], (dtype, q_shape, opts, err)
+
+
 if __name__ == "__main__":
     tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_")]
     failed = 0

@@ -1,15 +1,16 @@
 """longattn: hand-written CUDA attention kernels with f64-checked CPU references.
 
 CPU functions take numpy arrays (float32 or float16) and return new arrays:
-``dense``, ``dense_varlen``, ``paged_decode`` (also over an FP8 e4m3 cache: ``uint8`` code
-arrays with per-kv-head ``k_scales``/``v_scales``; ``fp8_quantize`` makes the codes),
-``neighborhood``.
+``dense``, ``dense_varlen``, ``paged_decode`` and ``paged_prefill`` (also over an FP8 e4m3
+cache: ``uint8`` code arrays with per-kv-head ``k_scales``/``v_scales``; ``fp8_quantize``
+makes the codes), ``neighborhood``.
 
 CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
 CuPy arrays; float16) or DLPack's ``__dlpack__`` (float16 and bfloat16: torch bfloat16
 tensors come this way) and write into a caller-allocated ``out`` on the tensors' current
 stream (torch's current stream for torch tensors; or an explicit ``stream`` handle):
-``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda`` (not yet run on a GPU).
+``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda``, ``paged_prefill_cuda`` (not yet
+run on a GPU).
 
 Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
 seqlen_k, heads_kv, head_dim)``; windows are ``(left, right)`` with ``-1`` unbounded and
@@ -20,10 +21,12 @@ from ._longattn import (
     dense,
     dense_varlen,
     paged_decode,
+    paged_prefill,
     fp8_quantize,
     dense_cuda as _dense_cuda,
     dense_varlen_cuda as _dense_varlen_cuda,
     paged_decode_cuda as _paged_decode_cuda,
+    paged_prefill_cuda as _paged_prefill_cuda,
 )
 from ._longattn import neighborhood as _neighborhood
 
@@ -31,11 +34,13 @@ __all__ = [
     "dense",
     "dense_varlen",
     "paged_decode",
+    "paged_prefill",
     "fp8_quantize",
     "neighborhood",
     "dense_cuda",
     "dense_varlen_cuda",
     "paged_decode_cuda",
+    "paged_prefill_cuda",
 ]
 
 
@@ -104,4 +109,17 @@ def paged_decode_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, scale
     _paged_decode_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
                        scale=scale, window_left=window_left, softcap=softcap, sinks=sinks,
                        stream=_stream_of(q, stream), device=_device_of(q, device))
+    return out
+
+
+def paged_prefill_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None,
+                       scale=None, causal=False, window=None, softcap=None, sinks=0, stream=None,
+                       device=None):
+    """Paged prefill (chunked prefill, prefix caching) on CUDA tensors into ``out``; the
+    tables and ``cu_seqlens_q`` are read on the host."""
+    cu = None if cu_seqlens_q is None else _ints(cu_seqlens_q)
+    _paged_prefill_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
+                        cu_seqlens_q=cu, scale=scale, causal=causal, window=window,
+                        softcap=softcap, sinks=sinks, stream=_stream_of(q, stream),
+                        device=_device_of(q, device))
     return out
