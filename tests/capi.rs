@@ -396,13 +396,20 @@ struct PagedCase {
     v_cache: Vec<f32>,
 }
 
+/// Geometry of a [`PagedCase`]: `[page_size, heads_kv, heads_q, head_dim, q_len,
+/// max_pages_per_seq, num_pages]`.
+type Geometry = [usize; 7];
+
 fn paged_case(seed: u64) -> PagedCase {
-    let (page_size, hkv, hq, d, q_len) = (3usize, 2usize, 4usize, 8usize, 2usize);
-    let seqlens = vec![7i32, 2, 9];
-    let max_pages = 3usize;
-    let num_pages = 10usize;
     // Pages handed out in a scrambled order; unused entries are -1.
     let order = [7i32, 2, 9, 0, 4, 1, 8, 3, 5];
+    paged_case_with(seed, [3, 2, 4, 8, 2, 3, 10], vec![7, 2, 9], &order)
+}
+
+/// A paged case of geometry `g` whose sequences hold `seqlens` tokens, pages handed out in
+/// the order `order`.
+fn paged_case_with(seed: u64, g: Geometry, seqlens: Vec<i32>, order: &[i32]) -> PagedCase {
+    let [page_size, hkv, hq, d, q_len, max_pages, num_pages] = g;
     let mut block_table = vec![-1i32; seqlens.len() * max_pages];
     let mut next = 0;
     for (b, &n) in seqlens.iter().enumerate() {
@@ -439,6 +446,57 @@ fn paged_case(seed: u64) -> PagedCase {
     }
 }
 
+/// Sequence `b`'s tokens, `[seqlens_k[b], heads_kv, head_dim]`, gathered from a paged cache.
+fn gather<T: Copy>(c: &PagedCase, cache: &[T], b: usize) -> Vec<T> {
+    let d = c.desc;
+    let (ps, row) = (d.page_size, d.heads_kv * d.head_dim);
+    let (table, seqlens) = (&c._tables.0, &c._tables.1);
+    (0..seqlens[b] as usize)
+        .flat_map(|t| {
+            let page = table[b * d.max_pages_per_seq + t / ps] as usize;
+            let off = (page * ps + t % ps) * row;
+            cache[off..off + row].to_vec()
+        })
+        .collect()
+}
+
+/// Checks a decode output `[batch, q_len, heads_q, head_dim]` of `c.q` against the f64
+/// reference of each sequence: causal (bottom-right) dense attention over its tokens
+/// (`k[b]`, `v[b]`: `[seqlens_k[b], heads_kv, head_dim]`).
+fn check_dense_twin(c: &PagedCase, out: &[f32], (k, v): (&Vec<Vec<f32>>, &Vec<Vec<f32>>)) {
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    for b in 0..d.batch {
+        let n = c._tables.1[b] as usize;
+        let shape = AttentionShape {
+            batch: 1,
+            heads_q: d.heads_q,
+            heads_kv: d.heads_kv,
+            head_dim: d.head_dim,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: d.q_len,
+                seqlen_k: n,
+            },
+        };
+        let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+        let rows = d.q_len * d.heads_q * d.head_dim;
+        let ks = Strides::contiguous(n, d.heads_kv, d.head_dim);
+        let (want, _) = reference::dense_attention_f64(
+            &attn,
+            Strided::new(&c.q[b * rows..(b + 1) * rows], qs),
+            Strided::new(&k[b][..], ks),
+            Strided::new(&v[b][..], ks),
+        )
+        .unwrap();
+        let got: Vec<f64> = out[b * rows..(b + 1) * rows]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = rel_l2(&got, &want);
+        assert!(err < 1e-5, "sequence {b}: rel L2 {err}");
+    }
+}
+
 #[test]
 fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
     let c = paged_case(11);
@@ -467,45 +525,8 @@ fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
     };
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
     // Dense twin per sequence: causal (bottom-right) over the gathered tokens.
-    let (ps, hkv, hd) = (d.page_size, d.heads_kv, d.head_dim);
-    let (table, seqlens) = (&c._tables.0, &c._tables.1);
-    for (b, &n) in seqlens.iter().enumerate() {
-        let n = n as usize;
-        let mut k = Vec::with_capacity(n * hkv * hd);
-        let mut v = Vec::with_capacity(n * hkv * hd);
-        for t in 0..n {
-            let page = table[b * d.max_pages_per_seq + t / ps] as usize;
-            let off = ((page * ps + t % ps) * hkv) * hd;
-            k.extend_from_slice(&c.k_cache[off..off + hkv * hd]);
-            v.extend_from_slice(&c.v_cache[off..off + hkv * hd]);
-        }
-        let shape = AttentionShape {
-            batch: 1,
-            heads_q: d.heads_q,
-            heads_kv: hkv,
-            head_dim: hd,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: d.q_len,
-                seqlen_k: n,
-            },
-        };
-        let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
-        let rows = d.q_len * d.heads_q * hd;
-        let ks = Strides::contiguous(n, hkv, hd);
-        let (want, _) = reference::dense_attention_f64(
-            &attn,
-            Strided::new(&c.q[b * rows..(b + 1) * rows], qs),
-            Strided::new(&k[..], ks),
-            Strided::new(&v[..], ks),
-        )
-        .unwrap();
-        let got: Vec<f64> = out[b * rows..(b + 1) * rows]
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let err = rel_l2(&got, &want);
-        assert!(err < 1e-5, "sequence {b}: rel L2 {err}");
-    }
+    let tokens = |cache: &[f32]| (0..d.batch).map(|b| gather(&c, cache, b)).collect();
+    check_dense_twin(&c, &out, (&tokens(&c.k_cache), &tokens(&c.v_cache)));
     // Bad tables and arguments come back as codes.
     let mut bad_table = c._tables.0.clone();
     bad_table[0] = 10; // page id == num_pages
@@ -1224,4 +1245,646 @@ fn c_api_dense_fp8() {
         let st = call_cuda(cdesc(&ds), tensor_mut(&mut out, qs));
         assert!(st == 6 || st == 7, "status {st}: {}", last_error());
     }
+}
+
+// ---- Paged append, per-kv-head decode policies, LSE merge ----
+
+/// The `longattn_dtype` code of `T`.
+fn dtype_code<T: Element>() -> i32 {
+    match T::DTYPE {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::F8E4M3 => unreachable!("not a q/out dtype"),
+    }
+}
+
+/// `f32` bits of each value (exact for every element type; no NaN in these tests).
+fn bits<T: Element>(x: &[T]) -> Vec<u32> {
+    x.iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// The Rust cache of `c`'s geometry and block table with `seqlens` tokens.
+fn rust_cache(c: &PagedCase, seqlens: &[i32], scales: Option<(&[f32], &[f32])>) -> PagedCache {
+    let d = c.desc;
+    let layout = PagedLayout {
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        heads_kv: d.heads_kv,
+        head_dim: d.head_dim,
+    };
+    let pt = PageTable {
+        block_table: &c._tables.0,
+        max_pages_per_seq: d.max_pages_per_seq,
+        seqlens_k: seqlens,
+    };
+    let cache = PagedCache::new(layout, pt).unwrap();
+    match scales {
+        Some((k, v)) => cache
+            .with_kv_scales(KvScales::new(k.to_vec(), v.to_vec()).unwrap())
+            .unwrap(),
+        None => cache,
+    }
+}
+
+/// `cu_seqlens_new` and the packed `[total_new, heads_kv, head_dim]` rows of the tokens
+/// `spans[b]` of each sequence's `tok[b]` (rows of `row` elements).
+fn packed<T: Copy>(tok: &[Vec<T>], row: usize, spans: &[(usize, usize)]) -> (Vec<i32>, Vec<T>) {
+    let mut cu = vec![0i32];
+    let mut rows = Vec::new();
+    for (t, &(lo, hi)) in tok.iter().zip(spans) {
+        rows.extend_from_slice(&t[lo * row..hi * row]);
+        cu.push(cu[cu.len() - 1] + (hi - lo) as i32);
+    }
+    (cu, rows)
+}
+
+/// The C view of a cache's buffers (`meta`: kmin, kmax).
+fn kv_mut<C>(k: &mut [C], v: &mut [C], meta: Option<(&mut [C], &mut [C])>) -> CPagedKvMut {
+    let (kmin, kmax, meta_len) = match meta {
+        Some((lo, hi)) => (lo.as_mut_ptr().cast(), hi.as_mut_ptr().cast(), lo.len()),
+        None => (ptr::null_mut(), ptr::null_mut(), 0),
+    };
+    CPagedKvMut {
+        k_cache: k.as_mut_ptr().cast(),
+        v_cache: v.as_mut_ptr().cast(),
+        cache_len: k.len(),
+        kmin,
+        kmax,
+        meta_len,
+    }
+}
+
+/// Tokens per sequence in the cache after the first of the two appends of [`append_both`].
+const BEFORE: [i32; 3] = [5, 0, 8];
+
+/// A cache's `[k_cache, v_cache, kmin, kmax]`.
+type CacheState<C> = [Vec<C>; 4];
+
+/// Fills an empty cache of `c`'s geometry with each sequence's tokens (`[seqlens_k[b],
+/// heads_kv, head_dim]`) in two appends (the first [`BEFORE`] tokens, then the rest, so pages
+/// are both restarted and widened), through the C API and through the Rust API; with
+/// `scales`, into an FP8 cache (`C` = e4m3). Returns the C state and the Rust state.
+fn append_both<T: Element, C: Element>(
+    c: &PagedCase,
+    (k_tok, v_tok): (&[Vec<T>], &[Vec<T>]),
+    scales: Option<(&[f32], &[f32])>,
+) -> (CacheState<C>, CacheState<C>) {
+    let d = c.desc;
+    let row = d.heads_kv * d.head_dim;
+    let (n, m) = (c.k_cache.len(), d.num_pages * row);
+    let zero = C::from_f32(0.0);
+    let fresh = || [vec![zero; n], vec![zero; n], vec![zero; m], vec![zero; m]];
+    let (mut cs, mut rs) = (fresh(), fresh());
+    let full = &c._tables.1;
+    for (step, lens) in [&BEFORE[..], &full[..]].into_iter().enumerate() {
+        let spans: Vec<(usize, usize)> = (0..d.batch)
+            .map(|b| {
+                (
+                    if step == 0 { 0 } else { BEFORE[b] as usize },
+                    lens[b] as usize,
+                )
+            })
+            .collect();
+        let ((cu, kn), (_, vn)) = (packed(k_tok, row, &spans), packed(v_tok, row, &spans));
+        let s = Strides::contiguous(cu[d.batch] as usize, d.heads_kv, d.head_dim);
+        let sd = CPagedDesc {
+            seqlens_k: lens.as_ptr(),
+            ..d
+        };
+        let [k, v, lo, hi] = &mut cs;
+        let kv = kv_mut(k, v, Some((lo, hi)));
+        let (kt, vt, code) = (tensor(&kn, s), tensor(&vn, s), dtype_code::<T>());
+        // SAFETY: buffers of the stated lengths; distinct allocations.
+        let st = unsafe {
+            match scales {
+                Some((ks, vs)) => longattn_paged_append_fp8_cpu(
+                    &sd,
+                    cu.as_ptr(),
+                    code,
+                    kt,
+                    vt,
+                    kv,
+                    ks.as_ptr(),
+                    vs.as_ptr(),
+                ),
+                None => longattn_paged_append_cpu(&sd, cu.as_ptr(), code, kt, vt, kv),
+            }
+        };
+        assert_eq!(st, LONGATTN_OK, "step {step}: {}", last_error());
+        let [k, v, lo, hi] = &mut rs;
+        rust_cache(c, lens, scales)
+            .append_cpu(
+                &cu,
+                Strided::new(&kn[..], s),
+                Strided::new(&vn[..], s),
+                KvPages { k, v },
+                Some(PageMeta { kmin: lo, kmax: hi }),
+            )
+            .unwrap();
+    }
+    (cs, rs)
+}
+
+/// Append through the C API (f32, bf16, FP8 with scales): the cache and its Quest metadata
+/// equal the Rust API's bit for bit, and a decode over the appended cache equals the f64
+/// dense reference over the tokens.
+#[test]
+fn c_api_paged_append_then_decode() {
+    let c = paged_case(41);
+    let d = c.desc;
+    let (mut cache_len, mut meta_len) = (0, 0);
+    // SAFETY: valid descriptor (tables alive in `c`), writable outputs.
+    let st = unsafe { longattn_paged_cache_sizes(&d, &mut cache_len, &mut meta_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!(
+        (cache_len, meta_len),
+        (c.k_cache.len(), d.num_pages * d.heads_kv * d.head_dim)
+    );
+    let mut r = rng(42);
+    let tok = |r: &mut _| -> Vec<Vec<f32>> {
+        (0..d.batch)
+            .map(|b| random_vec(r, c._tables.1[b] as usize * d.heads_kv * d.head_dim))
+            .collect()
+    };
+    let (k_tok, v_tok) = (tok(&mut r), tok(&mut r));
+    let (cs, rs) = append_both::<f32, f32>(&c, (&k_tok, &v_tok), None);
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "buffer {i} (k, v, kmin, kmax)");
+    }
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![f32::NAN; c.q.len()];
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            cs[0].as_ptr().cast(),
+            cs[1].as_ptr().cast(),
+            cache_len,
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    check_dense_twin(&c, &out, (&k_tok, &v_tok));
+    // bf16 tokens into a bf16 cache; f32 tokens into an FP8 cache.
+    let to_bf16 = |t: &Vec<Vec<f32>>| -> Vec<Vec<bf16>> {
+        t.iter()
+            .map(|x| x.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect()
+    };
+    let (kb, vb) = (to_bf16(&k_tok), to_bf16(&v_tok));
+    let (cs, rs) = append_both::<bf16, bf16>(&c, (&kb, &vb), None);
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "bf16 buffer {i}");
+    }
+    let scales = (&[0.004f32, 0.002][..], &[0.003f32, 0.005][..]);
+    let (cs, rs) = append_both::<f32, F8E4M3>(&c, (&k_tok, &v_tok), Some(scales));
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "FP8 buffer {i}");
+    }
+}
+
+/// Every bad argument of the append entry points comes back as its status with a message.
+#[test]
+fn c_api_paged_append_refusals() {
+    let c = paged_case(43);
+    let d = c.desc;
+    let row = d.heads_kv * d.head_dim;
+    let n = c.k_cache.len();
+    let m = d.num_pages * row;
+    let total = c._tables.1.iter().sum::<i32>() as usize;
+    let cu = [0i32, 7, 9, 18];
+    // One spare row, for the offsets that append more tokens than seqlens_k counts.
+    let kn = vec![0.5f32; (total + 1) * row];
+    let s = Strides::contiguous(total, d.heads_kv, d.head_dim);
+    let (mut k, mut v, mut lo, mut hi) =
+        (vec![0f32; n], vec![0f32; n], vec![0f32; m], vec![0f32; m]);
+    let kv = kv_mut(&mut k, &mut v, Some((&mut lo, &mut hi)));
+    let kt = tensor(&kn, s);
+    let run = |d: *const CPagedDesc, cu: *const i32, dtype: i32, kt: CTensor, kv: CPagedKvMut| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe { longattn_paged_append_cpu(d, cu, dtype, kt, kt, kv) }
+    };
+    assert_eq!(
+        run(&d, cu.as_ptr(), 0, kt, kv),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    let mut bad_table = c._tables.0.clone();
+    bad_table[0] = 10; // page id == num_pages
+    let mut shared = c._tables.0.clone();
+    shared[d.max_pages_per_seq] = shared[0]; // sequence 1 writes sequence 0's first page
+    let desc_with = |t: &Vec<i32>| CPagedDesc {
+        block_table: t.as_ptr(),
+        ..d
+    };
+    let (bad_d, shared_d) = (desc_with(&bad_table), desc_with(&shared));
+    let too_many = [0i32, 7, 10, 19];
+    let decreasing = [0i32, 7, 5, 18];
+    let short = CTensor {
+        len: total * row - 1,
+        ..kt
+    };
+    let cases: [(
+        &str,
+        *const CPagedDesc,
+        *const i32,
+        i32,
+        CTensor,
+        CPagedKvMut,
+        i32,
+    ); 13] = [
+        ("desc NULL", ptr::null(), cu.as_ptr(), 0, kt, kv, 9),
+        ("cu NULL", &d, ptr::null(), 0, kt, kv, 9),
+        (
+            "k_new NULL",
+            &d,
+            cu.as_ptr(),
+            0,
+            CTensor {
+                data: ptr::null(),
+                ..kt
+            },
+            kv,
+            9,
+        ),
+        (
+            "cache NULL",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                v_cache: ptr::null_mut(),
+                ..kv
+            },
+            9,
+        ),
+        (
+            "lone kmin",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                kmax: ptr::null_mut(),
+                ..kv
+            },
+            9,
+        ),
+        ("dtype", &d, cu.as_ptr(), 7, kt, kv, 5),
+        ("short k_new", &d, cu.as_ptr(), 0, short, kv, 1),
+        (
+            "cache_len",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                cache_len: n - 1,
+                ..kv
+            },
+            1,
+        ),
+        (
+            "meta_len",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                meta_len: m + 1,
+                ..kv
+            },
+            1,
+        ),
+        ("more than seqlens_k", &d, too_many.as_ptr(), 0, kt, kv, 4),
+        ("decreasing offsets", &d, decreasing.as_ptr(), 0, kt, kv, 4),
+        ("bad page id", &bad_d, cu.as_ptr(), 0, kt, kv, 4),
+        ("shared page", &shared_d, cu.as_ptr(), 0, kt, kv, 4),
+    ];
+    for (name, dp, cup, dtype, kt, kv, want) in cases {
+        assert_eq!(
+            run(dp, cup, dtype, kt, kv),
+            want,
+            "{name}: {}",
+            last_error()
+        );
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // Overlaps: the caches with each other, with the new tokens, the metadata.
+    let kp = kv.k_cache;
+    for (name, kv2) in [
+        ("v_cache = k_cache", CPagedKvMut { v_cache: kp, ..kv }),
+        (
+            "kmax = kmin",
+            CPagedKvMut {
+                kmax: kv.kmin,
+                ..kv
+            },
+        ),
+    ] {
+        assert_eq!(
+            run(&d, cu.as_ptr(), 0, kt, kv2),
+            1,
+            "{name}: {}",
+            last_error()
+        );
+        assert!(
+            last_error().contains("overlaps"),
+            "{name}: {}",
+            last_error()
+        );
+    }
+    let aliased = CTensor {
+        data: kp.cast_const(),
+        len: n,
+        strides: kt.strides,
+    };
+    assert_eq!(run(&d, cu.as_ptr(), 0, aliased, kv), 1, "{}", last_error());
+    // Sizes: NULL, zero and overflowing geometry.
+    let sizes = |d: *const CPagedDesc| {
+        // SAFETY: NULL or a valid descriptor; NULL outputs are skipped.
+        unsafe { longattn_paged_cache_sizes(d, ptr::null_mut(), ptr::null_mut()) }
+    };
+    assert_eq!(sizes(ptr::null()), 9);
+    assert_eq!(
+        sizes(&CPagedDesc { page_size: 0, ..d }),
+        1,
+        "{}",
+        last_error()
+    );
+    let huge = CPagedDesc {
+        max_pages_per_seq: usize::MAX,
+        ..d
+    };
+    assert_eq!(sizes(&huge), 1, "{}", last_error());
+    // FP8: bad and lone scales.
+    let k8 = vec![0u8; n];
+    let (mut k8a, mut v8a) = (k8.clone(), k8);
+    let kv8 = kv_mut(&mut k8a, &mut v8a, None);
+    let fp8 = |ks: *const f32, vs: *const f32| {
+        // SAFETY: buffers of the stated lengths; scales NULL or heads_kv floats.
+        unsafe { longattn_paged_append_fp8_cpu(&d, cu.as_ptr(), 0, kt, kt, kv8, ks, vs) }
+    };
+    let (good, zero) = ([0.01f32, 0.02], [0.0f32, 0.02]);
+    assert_eq!(
+        fp8(good.as_ptr(), good.as_ptr()),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        fp8(ptr::null(), ptr::null()),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(fp8(zero.as_ptr(), good.as_ptr()), 3, "{}", last_error());
+    assert_eq!(fp8(good.as_ptr(), ptr::null()), 9, "{}", last_error());
+}
+
+/// A decode case for the policies: 2 sequences of 37 and 22 tokens in pages of 4, 3 kv heads
+/// (GQA 2), q_len 2; the cache and its metadata written by the Rust append.
+struct PolicyCase {
+    c: PagedCase,
+    /// The appended tokens: `cu_seqlens_new`, packed K and V, their strides.
+    new: (Vec<i32>, Vec<f32>, Vec<f32>, Strides),
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kmin: Vec<f32>,
+    kmax: Vec<f32>,
+}
+
+fn policy_case(seed: u64) -> PolicyCase {
+    let order: Vec<i32> = (0..16).map(|p| (p * 7 + 3) % 16).collect();
+    let c = paged_case_with(seed, [4, 3, 6, 16, 2, 10, 16], vec![37, 22], &order);
+    let d = c.desc;
+    let spans: Vec<(usize, usize)> = c._tables.1.iter().map(|&n| (0, n as usize)).collect();
+    let tokens =
+        |cache: &[f32]| -> Vec<Vec<f32>> { (0..d.batch).map(|b| gather(&c, cache, b)).collect() };
+    let row = d.heads_kv * d.head_dim;
+    let ((cu, kn), (_, vn)) = (
+        packed(&tokens(&c.k_cache), row, &spans),
+        packed(&tokens(&c.v_cache), row, &spans),
+    );
+    let s = Strides::contiguous(cu[d.batch] as usize, d.heads_kv, d.head_dim);
+    let (n, m) = (c.k_cache.len(), d.num_pages * row);
+    let (mut k, mut v, mut kmin, mut kmax) =
+        (vec![0f32; n], vec![0f32; n], vec![0f32; m], vec![0f32; m]);
+    rust_cache(&c, &c._tables.1, None)
+        .append_cpu(
+            &cu,
+            Strided::new(&kn[..], s),
+            Strided::new(&vn[..], s),
+            KvPages {
+                k: &mut k[..],
+                v: &mut v[..],
+            },
+            Some(PageMeta {
+                kmin: &mut kmin[..],
+                kmax: &mut kmax[..],
+            }),
+        )
+        .unwrap();
+    PolicyCase {
+        c,
+        new: (cu, kn, vn, s),
+        k,
+        v,
+        kmin,
+        kmax,
+    }
+}
+
+/// Full, streaming and Quest heads in one call.
+const HEADS: [i32; 3] = [
+    LONGATTN_HEAD_FULL,
+    LONGATTN_HEAD_STREAMING,
+    LONGATTN_HEAD_QUEST,
+];
+
+fn c_policy<C>(kmin: &[C], kmax: &[C]) -> CDecodePolicy {
+    CDecodePolicy {
+        heads: HEADS.as_ptr(),
+        streaming_sinks: 2,
+        streaming_window: 7,
+        quest_token_budget: 12,
+        quest_sink_pages: 1,
+        kmin: kmin.as_ptr().cast(),
+        kmax: kmax.as_ptr().cast(),
+        meta_len: kmin.len(),
+    }
+}
+
+fn rust_policy() -> SparsePolicy {
+    SparsePolicy {
+        heads: vec![HeadPolicy::Full, HeadPolicy::Streaming, HeadPolicy::Quest],
+        streaming: StreamingConfig {
+            sinks: 2,
+            window: 7,
+        },
+        quest: QuestConfig {
+            token_budget: 12,
+            sink_pages: 1,
+        },
+    }
+}
+
+/// Policy decode through the C API equals the Rust `PagedDecode` with the same policy (bit
+/// for bit, output and LSE), for an f32 cache and an FP8 cache (metadata as each append
+/// writes it); the streaming and Quest heads differ from a full decode, the full head not.
+#[test]
+fn c_api_paged_decode_policy() {
+    let pc = policy_case(51);
+    let c = &pc.c;
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let (mut out_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor, writable outputs.
+    let st = unsafe { longattn_paged_sizes(&d, ptr::null_mut(), &mut out_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy = c_policy(&pc.kmin, &pc.kmax);
+    let mut out = vec![f32::NAN; out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &policy,
+            0,
+            tensor(&c.q, qs),
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let opts = AttentionOptions::default();
+    let dec = PagedDecode::new(
+        &rust_cache(c, &c._tables.1, None),
+        d.heads_q,
+        d.q_len,
+        &opts,
+    )
+    .unwrap()
+    .with_policy(rust_policy())
+    .unwrap();
+    let mut want = vec![f32::NAN; out_len];
+    let mut want_lse = vec![f32::NAN; lse_len];
+    dec.forward_cpu(
+        Strided::new(&c.q[..], qs),
+        KvPages {
+            k: &pc.k[..],
+            v: &pc.v[..],
+        },
+        Some(PageMeta {
+            kmin: &pc.kmin[..],
+            kmax: &pc.kmax[..],
+        }),
+        Strided::new(&mut want[..], qs),
+        Some(&mut want_lse[..]),
+    )
+    .unwrap();
+    assert_eq!(bits(&out), bits(&want));
+    assert_eq!(bits(&lse), bits(&want_lse));
+    // Against a full decode: the full kv head's query heads (0, 1) agree, the others not.
+    let mut full = vec![f32::NAN; out_len];
+    // SAFETY: as above.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            tensor_mut(&mut full, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let group = d.heads_q / d.heads_kv;
+    for kvh in 0..d.heads_kv {
+        let same = out
+            .chunks(d.head_dim)
+            .zip(full.chunks(d.head_dim))
+            .enumerate()
+            .filter(|(i, _)| (i % d.heads_q) / group == kvh)
+            .all(|(_, (a, b))| bits(a) == bits(b));
+        assert_eq!(same, kvh == 0, "kv head {kvh}");
+    }
+    // FP8: the cache and metadata written by the C FP8 append, decoded with the policy.
+    let (ks, vs) = ([0.004f32, 0.002, 0.003], [0.003f32, 0.005, 0.002]);
+    let (n, m) = (pc.k.len(), pc.kmin.len());
+    let z = F8E4M3::from_f32(0.0);
+    let (mut k8, mut v8, mut lo8, mut hi8) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let (cu, kn, vn, s) = &pc.new;
+    let kv8 = kv_mut(&mut k8, &mut v8, Some((&mut lo8, &mut hi8)));
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_append_fp8_cpu(
+            &d,
+            cu.as_ptr(),
+            0,
+            tensor(kn, *s),
+            tensor(vn, *s),
+            kv8,
+            ks.as_ptr(),
+            vs.as_ptr(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy8 = c_policy(&lo8, &hi8);
+    let cache8 = CFp8Cache {
+        k_cache: k8.as_ptr().cast(),
+        v_cache: v8.as_ptr().cast(),
+        cache_len: k8.len(),
+        k_scales: ks.as_ptr(),
+        v_scales: vs.as_ptr(),
+    };
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_fp8_policy_cpu(
+            &d,
+            &policy8,
+            0,
+            tensor(&c.q, qs),
+            cache8,
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let rc = rust_cache(c, &c._tables.1, Some((&ks, &vs)));
+    let dec8 = PagedDecode::new(&rc, d.heads_q, d.q_len, &opts)
+        .unwrap()
+        .with_policy(rust_policy())
+        .unwrap();
+    dec8.forward_cpu(
+        Strided::new(&c.q[..], qs),
+        KvPages {
+            k: &k8[..],
+            v: &v8[..],
+        },
+        Some(PageMeta {
+            kmin: &lo8[..],
+            kmax: &hi8[..],
+        }),
+        Strided::new(&mut want[..], qs),
+        Some(&mut want_lse[..]),
+    )
+    .unwrap();
+    assert_eq!(bits(&out), bits(&want));
+    assert_eq!(bits(&lse), bits(&want_lse));
 }
