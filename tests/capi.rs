@@ -1888,3 +1888,446 @@ fn c_api_paged_decode_policy() {
     assert_eq!(bits(&out), bits(&want));
     assert_eq!(bits(&lse), bits(&want_lse));
 }
+
+/// Bad policy arguments come back as their status with a message, before any buffer is read.
+#[test]
+fn c_api_paged_decode_policy_refusals() {
+    let pc = policy_case(53);
+    let d = pc.c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![0f32; pc.c.q.len()];
+    let good = c_policy(&pc.kmin, &pc.kmax);
+    let (q, o) = (tensor(&pc.c.q, qs), tensor_mut(&mut out, qs));
+    let run = |d: &CPagedDesc, p: *const CDecodePolicy| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe {
+            longattn_paged_decode_policy_cpu(
+                d,
+                p,
+                0,
+                q,
+                pc.k.as_ptr().cast(),
+                pc.v.as_ptr().cast(),
+                pc.k.len(),
+                o,
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    assert_eq!(run(&d, &good), LONGATTN_OK, "{}", last_error());
+    let bad_codes = [0i32, 3, 0]; // 3: page lists are Rust-only
+    let full_only = [LONGATTN_HEAD_FULL; 3];
+    let cases = [
+        ("policy NULL", d, None, 9),
+        (
+            "heads NULL",
+            d,
+            Some(CDecodePolicy {
+                heads: ptr::null(),
+                ..good
+            }),
+            9,
+        ),
+        (
+            "bad code",
+            d,
+            Some(CDecodePolicy {
+                heads: bad_codes.as_ptr(),
+                ..good
+            }),
+            3,
+        ),
+        (
+            "lone kmin",
+            d,
+            Some(CDecodePolicy {
+                kmax: ptr::null(),
+                ..good
+            }),
+            9,
+        ),
+        (
+            "Quest without metadata",
+            d,
+            Some(CDecodePolicy {
+                kmin: ptr::null(),
+                kmax: ptr::null(),
+                ..good
+            }),
+            3,
+        ),
+        (
+            "meta_len",
+            d,
+            Some(CDecodePolicy {
+                meta_len: good.meta_len - 1,
+                ..good
+            }),
+            1,
+        ),
+        (
+            "streaming window 0",
+            d,
+            Some(CDecodePolicy {
+                streaming_window: 0,
+                ..good
+            }),
+            3,
+        ),
+        ("descriptor", CPagedDesc { heads_q: 5, ..d }, Some(good), 1),
+    ];
+    for (name, d, p, want) in cases {
+        let p = p.as_ref().map_or(ptr::null(), |p| p as *const _);
+        assert_eq!(run(&d, p), want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // Without a Quest head the metadata may be left out.
+    let no_meta = CDecodePolicy {
+        heads: full_only.as_ptr(),
+        kmin: ptr::null(),
+        kmax: ptr::null(),
+        meta_len: 0,
+        ..good
+    };
+    assert_eq!(run(&d, &no_meta), LONGATTN_OK, "{}", last_error());
+    // The output may not overlap the metadata.
+    let alias = CTensorMut {
+        data: pc.kmin.as_ptr().cast_mut().cast(),
+        len: pc.kmin.len().min(out.len()),
+        strides: o.strides,
+    };
+    // SAFETY: refused before any buffer is written.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &good,
+            0,
+            q,
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            alias,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert!(
+        st == 1 && last_error().contains("overlaps"),
+        "{st}: {}",
+        last_error()
+    );
+}
+
+/// A dense problem split at key `split`: its two partial results through the C API (f32
+/// outputs and LSEs), and the f64 reference over all the keys.
+struct MergeCase {
+    desc: CMergeDesc,
+    a: (Vec<f32>, Vec<f32>),
+    b: (Vec<f32>, Vec<f32>),
+    want: (Vec<f64>, Vec<f64>),
+}
+
+fn merge_case(seed: u64) -> MergeCase {
+    let (batch, sq, sk, hq, hkv, hd, split) = (2, 3, 10, 4, 2, 16, 4);
+    let c = case(seed, desc(batch, sq, sk, hq, hkv, hd));
+    let part = |lo: usize, hi: usize| -> (Vec<f32>, Vec<f32>) {
+        // Keys lo..hi of each sequence: a view into the full K/V with its strides.
+        let off = lo * hkv * hd;
+        let view = |x: &[f32]| CTensor {
+            data: x[off..].as_ptr().cast(),
+            len: x.len() - off,
+            strides: cstrides(c.ks),
+        };
+        let pd = desc(batch, sq, hi - lo, hq, hkv, hd);
+        let mut o = vec![f32::NAN; c.q.len()];
+        let mut lse = vec![f32::NAN; batch * hq * sq];
+        // SAFETY: views within the buffers; distinct output allocations.
+        let st = unsafe {
+            longattn_dense_forward_cpu(
+                &pd,
+                0,
+                tensor(&c.q, c.qs),
+                view(&c.k),
+                view(&c.v),
+                tensor_mut(&mut o, c.qs),
+                lse.as_mut_ptr(),
+                lse.len(),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        (o, lse)
+    };
+    let shape = AttentionShape {
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: hd,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::default()).unwrap();
+    let want = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&c.q[..], c.qs),
+        Strided::new(&c.k[..], c.ks),
+        Strided::new(&c.v[..], c.ks),
+    )
+    .unwrap();
+    MergeCase {
+        desc: CMergeDesc {
+            batch,
+            seqlen: sq,
+            heads: hq,
+            head_dim: hd,
+        },
+        a: part(0, split),
+        b: part(split, sk),
+        want,
+    }
+}
+
+fn partial<T>((o, lse): &(Vec<T>, Vec<f32>)) -> CPartial {
+    CPartial {
+        o: o.as_ptr().cast(),
+        o_len: o.len(),
+        lse: lse.as_ptr(),
+        lse_len: lse.len(),
+    }
+}
+
+fn partial_mut<T>((o, lse): &mut (Vec<T>, Vec<f32>)) -> CPartialMut {
+    CPartialMut {
+        o: o.as_mut_ptr().cast(),
+        o_len: o.len(),
+        lse: lse.as_mut_ptr(),
+        lse_len: lse.len(),
+    }
+}
+
+/// Merging the partial results of a key split through the C API equals attention over the
+/// union of the keys (f64 reference), in place or not; f16 and bf16 merges equal the Rust
+/// API's bit for bit; two empty rows give 0 and -inf.
+#[test]
+fn c_api_merge_equals_attention_over_the_union() {
+    let mc = merge_case(61);
+    let (mut o_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor, writable outputs.
+    let st = unsafe { longattn_merge_sizes(&mc.desc, &mut o_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!((o_len, lse_len), (mc.a.0.len(), mc.a.1.len()));
+    let mut out = (vec![f32::NAN; o_len], vec![f32::NAN; lse_len]);
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_merge_cpu(
+            &mc.desc,
+            0,
+            partial(&mc.a),
+            partial(&mc.b),
+            partial_mut(&mut out),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let got: Vec<f64> = out.0.iter().map(|&x| x as f64).collect();
+    let err = rel_l2(&got, &mc.want.0);
+    assert!(err < 1e-5, "rel L2 {err}");
+    common::check_lse(&out.1, &mc.want.1, 1e-4, "merged lse");
+    let mut acc = mc.a.clone();
+    // SAFETY: as above.
+    let st = unsafe { longattn_merge_into_cpu(&mc.desc, 0, partial_mut(&mut acc), partial(&mc.b)) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!((bits(&acc.0), bits(&acc.1)), (bits(&out.0), bits(&out.1)));
+    // Half precision: the Rust merge on the same values.
+    let shape = MergeShape {
+        batch: mc.desc.batch,
+        seqlen: mc.desc.seqlen,
+        heads: mc.desc.heads,
+        head_dim: mc.desc.head_dim,
+    };
+    fn half_check<T: Element>(mc: &MergeCase, shape: &MergeShape) {
+        let conv = |p: &(Vec<f32>, Vec<f32>)| -> (Vec<T>, Vec<f32>) {
+            (p.0.iter().map(|&x| T::from_f32(x)).collect(), p.1.clone())
+        };
+        let (mut a, b) = (conv(&mc.a), conv(&mc.b));
+        // Row 0 of head 0 empty in both partials.
+        a.1[0] = f32::NEG_INFINITY;
+        let mut b = b;
+        b.1[0] = f32::NEG_INFINITY;
+        let n = a.0.len();
+        let mut out = (vec![T::from_f32(f32::NAN); n], vec![f32::NAN; a.1.len()]);
+        // SAFETY: buffers of the stated lengths; distinct allocations.
+        let st = unsafe {
+            longattn_merge_cpu(
+                &mc_desc(shape),
+                dtype_code::<T>(),
+                partial(&a),
+                partial(&b),
+                partial_mut(&mut out),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        let mut want = (vec![T::from_f32(f32::NAN); n], vec![f32::NAN; a.1.len()]);
+        shape
+            .merge_cpu(
+                Partial {
+                    o: &a.0[..],
+                    lse: &a.1[..],
+                },
+                Partial {
+                    o: &b.0[..],
+                    lse: &b.1[..],
+                },
+                Partial {
+                    o: &mut want.0[..],
+                    lse: &mut want.1[..],
+                },
+            )
+            .unwrap();
+        assert_eq!((bits(&out.0), bits(&out.1)), (bits(&want.0), bits(&want.1)));
+        assert!(
+            out.1[0] == f32::NEG_INFINITY
+                && out.0[..shape.head_dim].iter().all(|x| x.to_f32() == 0.0)
+        );
+        // In place.
+        // SAFETY: as above.
+        let st = unsafe {
+            longattn_merge_into_cpu(
+                &mc_desc(shape),
+                dtype_code::<T>(),
+                partial_mut(&mut a),
+                partial(&b),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        assert_eq!((bits(&a.0), bits(&a.1)), (bits(&want.0), bits(&want.1)));
+    }
+    half_check::<f16>(&mc, &shape);
+    half_check::<bf16>(&mc, &shape);
+}
+
+fn mc_desc(s: &MergeShape) -> CMergeDesc {
+    CMergeDesc {
+        batch: s.batch,
+        seqlen: s.seqlen,
+        heads: s.heads,
+        head_dim: s.head_dim,
+    }
+}
+
+/// Every bad merge argument comes back as its status with a message.
+#[test]
+fn c_api_merge_refusals() {
+    let mc = merge_case(63);
+    let d = mc.desc;
+    let mut out = (vec![0f32; mc.a.0.len()], vec![0f32; mc.a.1.len()]);
+    let (a, b, o) = (partial(&mc.a), partial(&mc.b), partial_mut(&mut out));
+    let run = |d: *const CMergeDesc, dtype: i32, a: CPartial, o: CPartialMut| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe { longattn_merge_cpu(d, dtype, a, b, o) }
+    };
+    assert_eq!(run(&d, 0, a, o), LONGATTN_OK, "{}", last_error());
+    let a_o = CPartialMut {
+        o: a.o.cast_mut(),
+        ..o
+    };
+    let lse_on_o = CPartialMut {
+        lse: o.o.cast(),
+        ..o
+    };
+    let cases = [
+        ("desc NULL", None, 0, a, o, 9),
+        (
+            "a.o NULL",
+            Some(d),
+            0,
+            CPartial {
+                o: ptr::null(),
+                ..a
+            },
+            o,
+            9,
+        ),
+        (
+            "out.lse NULL",
+            Some(d),
+            0,
+            a,
+            CPartialMut {
+                lse: ptr::null_mut(),
+                ..o
+            },
+            9,
+        ),
+        ("dtype", Some(d), 9, a, o, 5),
+        (
+            "a.o_len",
+            Some(d),
+            0,
+            CPartial {
+                o_len: a.o_len - 1,
+                ..a
+            },
+            o,
+            1,
+        ),
+        (
+            "out.lse_len",
+            Some(d),
+            0,
+            a,
+            CPartialMut { lse_len: 0, ..o },
+            1,
+        ),
+        (
+            "head_dim 0",
+            Some(CMergeDesc { head_dim: 0, ..d }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        (
+            "overflow",
+            Some(CMergeDesc {
+                batch: usize::MAX,
+                seqlen: usize::MAX,
+                ..d
+            }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        (
+            "huge dim",
+            Some(CMergeDesc {
+                seqlen: 1 << 40,
+                ..d
+            }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        ("out.o = a.o", Some(d), 0, a, a_o, 1),
+        ("out.lse on out.o", Some(d), 0, a, lse_on_o, 1),
+    ];
+    for (name, d, dtype, a, o, want) in cases {
+        let dp = d.as_ref().map_or(ptr::null(), |d| d as *const _);
+        assert_eq!(run(dp, dtype, a, o), want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // In place: acc may not overlap part.
+    // SAFETY: refused before use.
+    let st = unsafe { longattn_merge_into_cpu(&d, 0, a_o, a) };
+    assert!(
+        st == 1 && last_error().contains("overlaps"),
+        "{st}: {}",
+        last_error()
+    );
+    // SAFETY: NULL descriptor refused; NULL outputs skipped.
+    let st = unsafe { longattn_merge_sizes(ptr::null(), ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, 9);
+}
