@@ -2331,3 +2331,264 @@ fn c_api_merge_refusals() {
     let st = unsafe { longattn_merge_sizes(ptr::null(), ptr::null_mut(), ptr::null_mut()) };
     assert_eq!(st, 9);
 }
+
+/// The CUDA entry points of append, merge and policy decode: arguments refused before a GPU
+/// is opened (host pointers, never used); valid ones without a GPU give `NoGpu` (7) or
+/// `CudaNotCompiled` (6); on a GPU (not yet run there), the same cache and metadata bits as
+/// the C CPU append, and the results of the C CPU policy decode and merge.
+#[test]
+fn c_api_append_merge_policy_cuda() {
+    use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let pc = policy_case(71);
+    let d = pc.c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let (cu, kn, vn, s) = &pc.new;
+    let (s, cu) = (*s, cu.as_ptr());
+    let (q, kn, vn) = (to_bf16(&pc.c.q), to_bf16(kn), to_bf16(vn));
+    let (n, m, z) = (pc.k.len(), pc.kmin.len(), bf16::ZERO);
+    // The C CPU paths: append then policy decode (bf16), and a merge (f32).
+    let (mut k, mut v, mut lo, mut hi) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let kv = kv_mut(&mut k, &mut v, Some((&mut lo, &mut hi)));
+    let (kt, vt) = (tensor(&kn, s), tensor(&vn, s));
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe { longattn_paged_append_cpu(&d, cu, 2, kt, vt, kv) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy = c_policy(&lo, &hi);
+    let mut want = vec![bf16::NAN; q.len()];
+    let (kp, vp) = (k.as_ptr().cast(), v.as_ptr().cast());
+    // SAFETY: as above.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &policy,
+            2,
+            tensor(&q, qs),
+            kp,
+            vp,
+            n,
+            tensor_mut(&mut want, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let mc = merge_case(72);
+    let mut merged = (vec![f32::NAN; mc.a.0.len()], vec![f32::NAN; mc.a.1.len()]);
+    let (pa, pb) = (partial(&mc.a), partial(&mc.b));
+    // SAFETY: as above.
+    let st = unsafe { longattn_merge_cpu(&mc.desc, 0, pa, pb, partial_mut(&mut merged)) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+
+    // Host pointers given to the CUDA entry points: refused before use, or no GPU.
+    let (mut k2, mut v2, mut lo2, mut hi2) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let kv = kv_mut(&mut k2, &mut v2, Some((&mut lo2, &mut hi2)));
+    let mut out = vec![bf16::ZERO; q.len()];
+    let o = tensor_mut(&mut out, qs);
+    let mut scratch = (vec![0f32; mc.a.0.len()], vec![0f32; mc.a.1.len()]);
+    let po = partial_mut(&mut scratch);
+    let (ks, bad) = ([0.01f32; 3], [0.0f32; 3]);
+    let fp8 = CFp8Cache {
+        k_cache: kp,
+        v_cache: vp,
+        cache_len: n,
+        k_scales: ks.as_ptr(),
+        v_scales: ks.as_ptr(),
+    };
+    let null = ptr::null_mut();
+    let calls = |d: &CPagedDesc,
+                 p: &CDecodePolicy,
+                 kt: CTensor,
+                 kv: CPagedKvMut,
+                 scales: *const f32,
+                 md: &CMergeDesc,
+                 pa: CPartial|
+     -> [i32; 6] {
+        // SAFETY: host pointers: refused before they are used, or (no GPU) never used.
+        unsafe {
+            [
+                longattn_paged_append_cuda(d, cu, 2, kt, kt, kv, 0, null),
+                longattn_paged_append_fp8_cuda(d, cu, 2, kt, kt, kv, scales, scales, 0, null),
+                longattn_paged_decode_policy_cuda(
+                    d,
+                    p,
+                    2,
+                    kt,
+                    kp,
+                    vp,
+                    n,
+                    o,
+                    null.cast(),
+                    0,
+                    0,
+                    null,
+                ),
+                longattn_paged_decode_fp8_policy_cuda(d, p, 2, kt, fp8, o, null.cast(), 0, 0, null),
+                longattn_merge_cuda(md, 0, pa, pb, po, 0, null),
+                longattn_merge_into_cuda(md, 0, po, pa, 0, null),
+            ]
+        }
+    };
+    let bad_desc = CPagedDesc { page_size: 0, ..d };
+    let bad_merge = CMergeDesc {
+        head_dim: 0,
+        ..mc.desc
+    };
+    let st = calls(&bad_desc, &policy, kt, kv, ks.as_ptr(), &bad_merge, pa);
+    assert_eq!(st, [1; 6], "bad descriptors: {}", last_error());
+    let null_kt = CTensor {
+        data: ptr::null(),
+        ..kt
+    };
+    let null_a = CPartial {
+        lse: ptr::null(),
+        ..pa
+    };
+    let st = calls(&d, &policy, null_kt, kv, ks.as_ptr(), &mc.desc, null_a);
+    assert_eq!(st, [9; 6], "NULL buffers: {}", last_error());
+    let lone = CPagedKvMut {
+        kmax: null.cast(),
+        ..kv
+    };
+    let bad_code = [0i32, 7, 0];
+    let bad_policy = CDecodePolicy {
+        heads: bad_code.as_ptr(),
+        ..policy
+    };
+    let st = calls(&d, &bad_policy, kt, lone, bad.as_ptr(), &mc.desc, pa);
+    assert_eq!(
+        st[..4],
+        [9, 3, 3, 3],
+        "lone kmin, bad scales, bad policy: {}",
+        last_error()
+    );
+    let Some(ctx) = common::gpu_or_skip("c_api_append_merge_policy_cuda") else {
+        let st = calls(&d, &policy, kt, kv, ks.as_ptr(), &mc.desc, pa);
+        assert!(
+            st.iter().all(|&s| s == 6 || s == 7),
+            "{st:?}: {}",
+            last_error()
+        );
+        return;
+    };
+
+    let gs = ctx.default_stream();
+    let stream = gs.cu_stream() as *mut std::ffi::c_void;
+    let (dkn, dvn, dq) = (
+        gs.clone_htod(&kn).unwrap(),
+        gs.clone_htod(&vn).unwrap(),
+        gs.clone_htod(&q).unwrap(),
+    );
+    let mut dcache: Vec<_> = [n, n, m, m]
+        .iter()
+        .map(|&l| gs.alloc_zeros::<bf16>(l).unwrap())
+        .collect();
+    let st = {
+        let (pkn, _g1) = dkn.device_ptr(&gs);
+        let (pvn, _g2) = dvn.device_ptr(&gs);
+        let [dk, dv, dlo, dhi] = &mut dcache[..] else {
+            unreachable!()
+        };
+        let (pk, _g3) = dk.device_ptr_mut(&gs);
+        let (pv, _g4) = dv.device_ptr_mut(&gs);
+        let (plo, _g5) = dlo.device_ptr_mut(&gs);
+        let (phi, _g6) = dhi.device_ptr_mut(&gs);
+        let kv = CPagedKvMut {
+            k_cache: pk as *mut _,
+            v_cache: pv as *mut _,
+            cache_len: n,
+            kmin: plo as *mut _,
+            kmax: phi as *mut _,
+            meta_len: m,
+        };
+        let (kt, vt) = (
+            device_tensor(pkn, kn.len(), s),
+            device_tensor(pvn, vn.len(), s),
+        );
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe { longattn_paged_append_cuda(&d, cu, 2, kt, vt, kv, 0, stream) }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    for (name, dev, host) in [
+        ("k", 0, &k),
+        ("v", 1, &v),
+        ("kmin", 2, &lo),
+        ("kmax", 3, &hi),
+    ] {
+        let got = gs.clone_dtoh(&dcache[dev]).unwrap();
+        assert_eq!(bits(&got), bits(host), "GPU append: {name}");
+    }
+    let mut dout = gs.alloc_zeros::<bf16>(q.len()).unwrap();
+    let st = {
+        let (pq, _g1) = dq.device_ptr(&gs);
+        let (pk, _g2) = dcache[0].device_ptr(&gs);
+        let (pv, _g3) = dcache[1].device_ptr(&gs);
+        let (plo, _g4) = dcache[2].device_ptr(&gs);
+        let (phi, _g5) = dcache[3].device_ptr(&gs);
+        let (pout, _g6) = dout.device_ptr_mut(&gs);
+        let p = CDecodePolicy {
+            kmin: plo as *const _,
+            kmax: phi as *const _,
+            ..policy
+        };
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe {
+            longattn_paged_decode_policy_cuda(
+                &d,
+                &p,
+                2,
+                device_tensor(pq, q.len(), qs),
+                pk as *const _,
+                pv as *const _,
+                n,
+                device_tensor_mut(pout, q.len(), qs),
+                ptr::null_mut(),
+                0,
+                0,
+                stream,
+            )
+        }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let to_f64 = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+    let err = rel_l2(&to_f64(&gs.clone_dtoh(&dout).unwrap()), &to_f64(&want));
+    assert!(
+        err < 2e-2,
+        "GPU policy decode: rel L2 {err} vs the CPU path"
+    );
+    let up = |x: &Vec<f32>| gs.clone_htod(x).unwrap();
+    let (dao, dal, dbo, dbl) = (up(&mc.a.0), up(&mc.a.1), up(&mc.b.0), up(&mc.b.1));
+    let (mut doo, mut dol) = (up(&scratch.0), up(&scratch.1));
+    let st = {
+        let dev = |p: u64, l: &Vec<f32>| (p as *const std::ffi::c_void, l.len());
+        let (pao, _g1) = dao.device_ptr(&gs);
+        let (pal, _g2) = dal.device_ptr(&gs);
+        let (pbo, _g3) = dbo.device_ptr(&gs);
+        let (pbl, _g4) = dbl.device_ptr(&gs);
+        let (poo, _g5) = doo.device_ptr_mut(&gs);
+        let (pol, _g6) = dol.device_ptr_mut(&gs);
+        let part = |(o, ol): (*const std::ffi::c_void, usize),
+                    (l, ll): (*const std::ffi::c_void, usize)| CPartial {
+            o,
+            o_len: ol,
+            lse: l.cast(),
+            lse_len: ll,
+        };
+        let out = CPartialMut {
+            o: poo as *mut _,
+            o_len: scratch.0.len(),
+            lse: pol as *mut f32,
+            lse_len: scratch.1.len(),
+        };
+        let a = part(dev(pao, &mc.a.0), dev(pal, &mc.a.1));
+        let b = part(dev(pbo, &mc.b.0), dev(pbl, &mc.b.1));
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe { longattn_merge_cuda(&mc.desc, 0, a, b, out, 0, stream) }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let f64s = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<_>>();
+    let err = rel_l2(&f64s(gs.clone_dtoh(&doo).unwrap()), &f64s(merged.0.clone()));
+    assert!(err < 1e-5, "GPU merge: rel L2 {err} vs the CPU path");
+    let lse: Vec<f64> = f64s(merged.1.clone());
+    common::check_lse(&gs.clone_dtoh(&dol).unwrap(), &lse, 1e-4, "GPU merge lse");
+}
