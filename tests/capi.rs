@@ -1736,6 +1736,34 @@ fn rust_policy() -> SparsePolicy {
     }
 }
 
+/// The Rust decode of `c` with [`rust_policy`] over `[k_cache, v_cache, kmin, kmax]` (an FP8
+/// cache with `scales`): output and LSE.
+fn rust_policy_decode<C: Element>(
+    c: &PagedCase,
+    scales: Option<(&[f32], &[f32])>,
+    [k, v, kmin, kmax]: [&[C]; 4],
+) -> (Vec<f32>, Vec<f32>) {
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let cache = rust_cache(c, &c._tables.1, scales);
+    let opts = AttentionOptions::default();
+    let dec = PagedDecode::new(&cache, d.heads_q, d.q_len, &opts)
+        .unwrap()
+        .with_policy(rust_policy())
+        .unwrap();
+    let mut out = vec![f32::NAN; dec.out_len()];
+    let mut lse = vec![f32::NAN; dec.lse_len()];
+    dec.forward_cpu(
+        Strided::new(&c.q[..], qs),
+        KvPages { k, v },
+        Some(PageMeta { kmin, kmax }),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse[..]),
+    )
+    .unwrap();
+    (out, lse)
+}
+
 /// Policy decode through the C API equals the Rust `PagedDecode` with the same policy (bit
 /// for bit, output and LSE), for an f32 cache and an FP8 cache (metadata as each append
 /// writes it); the streaming and Quest heads differ from a full decode, the full head not.
@@ -1768,32 +1796,8 @@ fn c_api_paged_decode_policy() {
         )
     };
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
-    let opts = AttentionOptions::default();
-    let dec = PagedDecode::new(
-        &rust_cache(c, &c._tables.1, None),
-        d.heads_q,
-        d.q_len,
-        &opts,
-    )
-    .unwrap()
-    .with_policy(rust_policy())
-    .unwrap();
-    let mut want = vec![f32::NAN; out_len];
-    let mut want_lse = vec![f32::NAN; lse_len];
-    dec.forward_cpu(
-        Strided::new(&c.q[..], qs),
-        KvPages {
-            k: &pc.k[..],
-            v: &pc.v[..],
-        },
-        Some(PageMeta {
-            kmin: &pc.kmin[..],
-            kmax: &pc.kmax[..],
-        }),
-        Strided::new(&mut want[..], qs),
-        Some(&mut want_lse[..]),
-    )
-    .unwrap();
+    let state = [&pc.k[..], &pc.v[..], &pc.kmin[..], &pc.kmax[..]];
+    let (want, want_lse) = rust_policy_decode(c, None, state);
     assert_eq!(bits(&out), bits(&want));
     assert_eq!(bits(&lse), bits(&want_lse));
     // Against a full decode: the full kv head's query heads (0, 1) agree, the others not.
@@ -1866,25 +1870,7 @@ fn c_api_paged_decode_policy() {
         )
     };
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
-    let rc = rust_cache(c, &c._tables.1, Some((&ks, &vs)));
-    let dec8 = PagedDecode::new(&rc, d.heads_q, d.q_len, &opts)
-        .unwrap()
-        .with_policy(rust_policy())
-        .unwrap();
-    dec8.forward_cpu(
-        Strided::new(&c.q[..], qs),
-        KvPages {
-            k: &k8[..],
-            v: &v8[..],
-        },
-        Some(PageMeta {
-            kmin: &lo8[..],
-            kmax: &hi8[..],
-        }),
-        Strided::new(&mut want[..], qs),
-        Some(&mut want_lse[..]),
-    )
-    .unwrap();
+    let (want, want_lse) = rust_policy_decode(c, Some((&ks, &vs)), [&k8, &v8, &lo8, &hi8]);
     assert_eq!(bits(&out), bits(&want));
     assert_eq!(bits(&lse), bits(&want_lse));
 }

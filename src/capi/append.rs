@@ -83,6 +83,20 @@ impl Append<'_> {
         })
     }
 
+    /// [`Append::new`] into an FP8 cache with the scales `(k, v)` (NULL or `heads_kv` floats
+    /// each; both NULL: scale 1).
+    ///
+    /// # Safety
+    /// As [`Append::new`], plus the scales.
+    unsafe fn fp8(
+        desc: *const CPagedDesc,
+        cu_seqlens_new: *const i32,
+        (k, v): (*const f32, *const f32),
+    ) -> Result<Self, CallError> {
+        // SAFETY: forwarded contract.
+        unsafe { Self::new(desc, cu_seqlens_new, fp8_scales(desc, k, v)?) }
+    }
+
     /// Every written buffer (caches, metadata) must overlap no other buffer of the call.
     fn check_disjoint<T, C>(
         &self,
@@ -334,10 +348,7 @@ pub unsafe extern "C" fn longattn_paged_append_fp8_cpu(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor, offsets and scales by the contract.
-        let a = unsafe {
-            let scales = fp8_scales(desc, k_scales, v_scales)?;
-            Append::new(desc, cu_seqlens_new, scales)
-        }?;
+        let a = unsafe { Append::fp8(desc, cu_seqlens_new, (k_scales, v_scales)) }?;
         // SAFETY: buffers as documented.
         unsafe { append_cpu_entry(&a, dtype, (k_new, v_new), (cache, true)) }
     })
@@ -365,10 +376,7 @@ pub unsafe extern "C" fn longattn_paged_append_fp8_cuda(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor, offsets and scales by the contract.
-        let a = unsafe {
-            let scales = fp8_scales(desc, k_scales, v_scales)?;
-            Append::new(desc, cu_seqlens_new, scales)
-        }?;
+        let a = unsafe { Append::fp8(desc, cu_seqlens_new, (k_scales, v_scales)) }?;
         let gpu = (device, stream);
         // SAFETY: device buffers and stream as documented.
         unsafe { append_cuda_entry(&a, dtype, (k_new, v_new), (cache, true), gpu) }
