@@ -23,16 +23,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         random(b * sk * hkv * d),
         random(b * sk * hkv * d),
     );
-    let shape = AttentionShape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        seqlens: SeqLens::Fixed {
-            seqlen_q: sq,
-            seqlen_k: sk,
-        },
-    };
+    let shape = fixed_shape([b, hq, hkv, d], sq, sk);
     let opts = AttentionOptions::default().with_window(Window::new(Some(left), Some(0)));
     let attn = FlashAttention::new(&shape, &opts)?;
     let (qs, ks) = (
@@ -94,16 +85,7 @@ fn write_paged(
                 .collect()
         };
         let (k, v) = (gather(&kc), gather(&vc));
-        let shape = AttentionShape {
-            batch: 1,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: q_len,
-                seqlen_k: n,
-            },
-        };
+        let shape = fixed_shape([1, hq, hkv, d], q_len, n);
         // Decode: the new tokens are causal among themselves (bottom-right).
         let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?;
         let (qs, ks) = (
@@ -161,16 +143,7 @@ fn write_merge(
                 .flat_map(|seq| seq[lo * hkv * d..hi * hkv * d].to_vec())
                 .collect()
         };
-        let shape = AttentionShape {
-            batch: b,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: sq,
-                seqlen_k: hi - lo,
-            },
-        };
+        let shape = fixed_shape([b, hq, hkv, d], sq, hi - lo);
         let attn = FlashAttention::new(&shape, &AttentionOptions::default())?;
         let (qs, ks) = (
             Strides::contiguous(sq, hq, d),
@@ -197,4 +170,22 @@ fn write_merge(
         f.write_all(&x.to_le_bytes())?;
     }
     Ok(())
+}
+
+/// `[batch, heads_q, heads_kv, head_dim]` with fixed lengths `sq` queries, `sk` keys.
+fn fixed_shape(
+    [batch, heads_q, heads_kv, head_dim]: [usize; 4],
+    sq: usize,
+    sk: usize,
+) -> AttentionShape<'static> {
+    AttentionShape {
+        batch,
+        heads_q,
+        heads_kv,
+        head_dim,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    }
 }
