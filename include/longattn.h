@@ -324,10 +324,11 @@ typedef enum longattn_head_policy {
   LONGATTN_HEAD_STREAMING = 1, /* the first streaming_sinks tokens plus the streaming_window
                                 * most recent ones (the current one included); this mask
                                 * replaces the descriptor's for the head */
-  LONGATTN_HEAD_QUEST = 2      /* Quest: the top max(1, quest_token_budget / page_size) pages
-                                * by the score sum_c max(q_c kmax_c, q_c kmin_c) (max over the
-                                * group's query heads and rows), plus the newest page and the
-                                * first quest_sink_pages pages, among the visible pages */
+  LONGATTN_HEAD_QUEST = 2      /* Quest: max(1, quest_token_budget / page_size) of the visible
+                                * pages (more if the always-kept ones do not fit): the newest
+                                * page and the first quest_sink_pages pages, then the highest
+                                * scores sum_c max(q_c kmax_c, q_c kmin_c) (max over the
+                                * group's query heads and rows) */
 } longattn_head_policy;
 
 /* The policy of a decode step (docs/semantics.md, "Paged KV cache and decode"). A separate
