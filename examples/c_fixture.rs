@@ -1,7 +1,8 @@
 //! Writes the fixture that `examples/c/check.cpp` checks the C library against: a random
 //! causal-window dense problem and a paged decode step (pages in scrambled order), each with
-//! its f64 reference output (the paged one computed densely over the gathered tokens).
-//! Format in `examples/c/check.cpp`.
+//! its f64 reference output (the paged one computed densely over the gathered tokens), and
+//! the two partial results of a key split with the reference over all the keys (for the
+//! merge). Format in `examples/c/check.cpp`.
 //!
 //! `cargo run --example c_fixture -- FILE`
 
@@ -22,16 +23,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         random(b * sk * hkv * d),
         random(b * sk * hkv * d),
     );
-    let shape = AttentionShape {
-        batch: b,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        seqlens: SeqLens::Fixed {
-            seqlen_q: sq,
-            seqlen_k: sk,
-        },
-    };
+    let shape = fixed_shape([b, hq, hkv, d], sq, sk);
     let opts = AttentionOptions::default().with_window(Window::new(Some(left), Some(0)));
     let attn = FlashAttention::new(&shape, &opts)?;
     let (qs, ks) = (
@@ -55,6 +47,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         f.write_all(&x.to_le_bytes())?;
     }
     write_paged(&mut f, &mut random)?;
+    write_merge(&mut f, &mut random)?;
     f.flush()?;
     println!("wrote {path}: {b} x {sq} queries x {sk} keys, {hq}/{hkv} heads, d {d}");
     Ok(())
@@ -92,16 +85,7 @@ fn write_paged(
                 .collect()
         };
         let (k, v) = (gather(&kc), gather(&vc));
-        let shape = AttentionShape {
-            batch: 1,
-            heads_q: hq,
-            heads_kv: hkv,
-            head_dim: d,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: q_len,
-                seqlen_k: n,
-            },
-        };
+        let shape = fixed_shape([1, hq, hkv, d], q_len, n);
         // Decode: the new tokens are causal among themselves (bottom-right).
         let attn = FlashAttention::new(&shape, &AttentionOptions::causal())?;
         let (qs, ks) = (
@@ -138,4 +122,70 @@ fn write_paged(
         f.write_all(&x.to_le_bytes())?;
     }
     Ok(())
+}
+
+/// Two partial results of one attention problem, its keys split in two, each with its LSE
+/// (f64 reference, written as f32), and the reference output and LSE over all the keys.
+fn write_merge(
+    f: &mut impl Write,
+    random: &mut impl FnMut(usize) -> Vec<f32>,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let (b, sq, sk, hq, hkv, d, split) = (2usize, 5usize, 12usize, 4usize, 2usize, 16usize, 5usize);
+    let (q, k, v) = (
+        random(b * sq * hq * d),
+        random(b * sk * hkv * d),
+        random(b * sk * hkv * d),
+    );
+    // Attention of q over the keys lo..hi of each sequence (no mask).
+    let attend = |lo: usize, hi: usize| -> std::result::Result<(Vec<f64>, Vec<f64>), Error> {
+        let part = |x: &[f32]| -> Vec<f32> {
+            x.chunks(sk * hkv * d)
+                .flat_map(|seq| seq[lo * hkv * d..hi * hkv * d].to_vec())
+                .collect()
+        };
+        let shape = fixed_shape([b, hq, hkv, d], sq, hi - lo);
+        let attn = FlashAttention::new(&shape, &AttentionOptions::default())?;
+        let (qs, ks) = (
+            Strides::contiguous(sq, hq, d),
+            Strides::contiguous(hi - lo, hkv, d),
+        );
+        let (pk, pv) = (part(&k), part(&v));
+        reference::dense_attention_f64(
+            &attn,
+            Strided::new(&q[..], qs),
+            Strided::new(&pk[..], ks),
+            Strided::new(&pv[..], ks),
+        )
+    };
+    for x in [b, sq, hq, d] {
+        f.write_all(&(x as u64).to_le_bytes())?;
+    }
+    for (o, lse) in [attend(0, split)?, attend(split, sk)?] {
+        for x in o.iter().chain(&lse) {
+            f.write_all(&(*x as f32).to_le_bytes())?;
+        }
+    }
+    let (o, lse) = attend(0, sk)?;
+    for x in o.iter().chain(&lse) {
+        f.write_all(&x.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// `[batch, heads_q, heads_kv, head_dim]` with fixed lengths `sq` queries, `sk` keys.
+fn fixed_shape(
+    [batch, heads_q, heads_kv, head_dim]: [usize; 4],
+    sq: usize,
+    sk: usize,
+) -> AttentionShape<'static> {
+    AttentionShape {
+        batch,
+        heads_q,
+        heads_kv,
+        head_dim,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    }
 }

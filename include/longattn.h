@@ -123,7 +123,7 @@ longattn_status longattn_dense_forward_cuda(const longattn_dense_desc *desc,
  * seqlens_k: [batch] tokens per sequence (host), including the q_len new tokens, whose
  * K/V are already in the cache. q, out: [batch, q_len, heads_q, head_dim]. The new tokens
  * are causal among themselves (bottom-right): a right bound of -1 becomes 0. Every head
- * reads all its visible pages (the Quest and streaming policies are Rust-only for now). */
+ * reads all its visible pages (per-kv-head policies: longattn_paged_decode_policy_cpu). */
 typedef struct longattn_paged_desc {
   size_t num_pages;
   size_t page_size;
@@ -247,6 +247,204 @@ longattn_status longattn_dense_fp8_forward_cuda(const longattn_dense_desc *desc,
  * kept): the bytes an FP8 cache holds for these values, as the crate's append writes them.
  * scale finite and > 0; dst must not overlap src. */
 longattn_status longattn_fp8_quantize(const float *src, size_t n, float scale, uint8_t *dst);
+
+/* ---- Paged append: writing new tokens into a paged cache --------------------------------- */
+
+/* The writable buffers of a paged cache (host for the _cpu calls, device allocations of the
+ * call's GPU for the _cuda calls): k_cache, v_cache of cache_len elements each
+ * ([num_pages, page_size, heads_kv, head_dim]) and the optional Quest page metadata kmin,
+ * kmax of meta_len elements each ([num_pages, heads_kv, head_dim], per-channel min / max of
+ * each page's keys, in the cache's element type), or both NULL (not maintained). No two of
+ * the buffers may overlap. */
+typedef struct longattn_paged_kv_mut {
+  void *k_cache;
+  void *v_cache;
+  size_t cache_len;
+  void *kmin; /* NULL with kmax NULL: no metadata */
+  void *kmax;
+  size_t meta_len;
+} longattn_paged_kv_mut;
+
+/* Elements of one of k_cache / v_cache and of one of kmin / kmax of desc's cache. Only the
+ * cache fields of desc are read (num_pages, page_size, heads_kv, head_dim, batch,
+ * block_table, max_pages_per_seq, seqlens_k); heads_q, q_len and the options are not. */
+longattn_status longattn_paged_cache_sizes(const longattn_paged_desc *desc, size_t *cache_len,
+                                           size_t *meta_len);
+
+/* Appends new tokens: k_new, v_new: [total_new, heads_kv, head_dim] (element strides: seq is
+ * the token stride, head the head stride; batch unused) of dtype; cu_seqlens_new: [batch + 1]
+ * host offsets, sequence b's new rows cu_seqlens_new[b]..cu_seqlens_new[b + 1]. desc's
+ * seqlens_k already counts them: they go to positions seqlens_k[b] - n_b .. seqlens_k[b]
+ * (page block_table[b][t / page_size], slot t % page_size). Two sequences may not write one
+ * page. With kmin/kmax, each touched page's bounds are widened by the new keys (a write to
+ * slot 0 restarts the page: a reused page forgets its previous owner). Only desc's cache
+ * fields are read (as longattn_paged_cache_sizes). Host buffers; f32, f16 or bf16; the
+ * cache's dtype is the new tokens' dtype. */
+longattn_status longattn_paged_append_cpu(const longattn_paged_desc *desc,
+                                          const int32_t *cu_seqlens_new, longattn_dtype dtype,
+                                          longattn_tensor k_new, longattn_tensor v_new,
+                                          longattn_paged_kv_mut cache);
+
+/* The same on device buffers of GPU `device` (k_new, v_new and the cache's buffers; f16 or
+ * bf16, token and head strides multiples of 8 elements); cu_seqlens_new and desc's tables
+ * stay host arrays (validated, uploaded on `stream` per call). Stream, validation and
+ * lifetimes as longattn_dense_forward_cuda. Not yet run on a GPU through the C API. */
+longattn_status longattn_paged_append_cuda(const longattn_paged_desc *desc,
+                                           const int32_t *cu_seqlens_new, longattn_dtype dtype,
+                                           longattn_tensor k_new, longattn_tensor v_new,
+                                           longattn_paged_kv_mut cache, int32_t device,
+                                           void *stream);
+
+/* Appends into an FP8 e4m3 cache (the cache's buffers and kmin/kmax hold e4m3 bytes,
+ * cache_len / meta_len of them): a new value x of kv head g is stored as
+ * e4m3(x / k_scales[g]) (values: v_scales[g]), as longattn_fp8_quantize writes it; the
+ * metadata are the bounds of the stored codes. k_new, v_new of dtype (f32, f16 or bf16 on the
+ * CPU); k_scales, v_scales: host arrays of heads_kv floats as in longattn_fp8_cache, or both
+ * NULL (scale 1). Use the same scales for the decode. */
+longattn_status longattn_paged_append_fp8_cpu(const longattn_paged_desc *desc,
+                                              const int32_t *cu_seqlens_new, longattn_dtype dtype,
+                                              longattn_tensor k_new, longattn_tensor v_new,
+                                              longattn_paged_kv_mut cache, const float *k_scales,
+                                              const float *v_scales);
+
+/* The same on device buffers (k_new, v_new f16 or bf16; the scales stay host arrays), as
+ * longattn_paged_append_cuda. Not yet run on a GPU. */
+longattn_status longattn_paged_append_fp8_cuda(const longattn_paged_desc *desc,
+                                               const int32_t *cu_seqlens_new, longattn_dtype dtype,
+                                               longattn_tensor k_new, longattn_tensor v_new,
+                                               longattn_paged_kv_mut cache, const float *k_scales,
+                                               const float *v_scales, int32_t device,
+                                               void *stream);
+
+/* ---- Per-kv-head decode policies ---------------------------------------------------------- */
+
+/* How one kv head (and its query-head group) reads the cache in a decode step. */
+typedef enum longattn_head_policy {
+  LONGATTN_HEAD_FULL = 0,      /* every page the descriptor's mask leaves visible */
+  LONGATTN_HEAD_STREAMING = 1, /* the first streaming_sinks tokens plus the streaming_window
+                                * most recent ones (the current one included); this mask
+                                * replaces the descriptor's for the head */
+  LONGATTN_HEAD_QUEST = 2      /* Quest: max(1, quest_token_budget / page_size) of the visible
+                                * pages (more if the always-kept ones do not fit): the newest
+                                * page and the first quest_sink_pages pages, then the highest
+                                * scores sum_c max(q_c kmax_c, q_c kmin_c) (max over the
+                                * group's query heads and rows) */
+} longattn_head_policy;
+
+/* The policy of a decode step (docs/semantics.md, "Paged KV cache and decode"). A separate
+ * descriptor passed to new entry points, so longattn_paged_desc and the existing decode calls
+ * keep their layout and ABI (a field appended to longattn_paged_desc would be read past the
+ * end of an older caller's struct). heads: [heads_kv] host array of longattn_head_policy
+ * values (int32). kmin, kmax: the page metadata as the append maintains it (meta_len elements
+ * each of the cache's element type, e4m3 bytes for an FP8 cache; host arrays for the _cpu
+ * calls, device arrays for the _cuda calls), required when a head is LONGATTN_HEAD_QUEST,
+ * else may be NULL (both). The streaming fields are read when a head streams (window >= 1),
+ * the Quest fields when a head is Quest. */
+typedef struct longattn_decode_policy {
+  const int32_t *heads;
+  size_t streaming_sinks;
+  size_t streaming_window;
+  size_t quest_token_budget;
+  size_t quest_sink_pages;
+  const void *kmin;
+  const void *kmax;
+  size_t meta_len;
+} longattn_decode_policy;
+
+/* longattn_paged_decode_cpu with a policy per kv head (sizes from longattn_paged_sizes and
+ * longattn_paged_cache_sizes). */
+longattn_status longattn_paged_decode_policy_cpu(const longattn_paged_desc *desc,
+                                                 const longattn_decode_policy *policy,
+                                                 longattn_dtype dtype, longattn_tensor q,
+                                                 const void *k_cache, const void *v_cache,
+                                                 size_t cache_len, longattn_tensor_mut out,
+                                                 float *lse, size_t lse_len);
+
+/* longattn_paged_decode_cuda with a policy per kv head (kmin, kmax device arrays; heads a host
+ * array). Quest heads run the page-selection kernel first. Not yet run on a GPU through the
+ * C API. */
+longattn_status longattn_paged_decode_policy_cuda(const longattn_paged_desc *desc,
+                                                  const longattn_decode_policy *policy,
+                                                  longattn_dtype dtype, longattn_tensor q,
+                                                  const void *k_cache, const void *v_cache,
+                                                  size_t cache_len, longattn_tensor_mut out,
+                                                  float *lse, size_t lse_len, int32_t device,
+                                                  void *stream);
+
+/* longattn_paged_decode_fp8_cpu with a policy per kv head (kmin, kmax e4m3 bytes, as
+ * longattn_paged_append_fp8_cpu writes them). */
+longattn_status longattn_paged_decode_fp8_policy_cpu(const longattn_paged_desc *desc,
+                                                     const longattn_decode_policy *policy,
+                                                     longattn_dtype dtype, longattn_tensor q,
+                                                     longattn_fp8_cache cache,
+                                                     longattn_tensor_mut out, float *lse,
+                                                     size_t lse_len);
+
+/* longattn_paged_decode_fp8_cuda with a policy per kv head. Not yet run on a GPU. */
+longattn_status longattn_paged_decode_fp8_policy_cuda(const longattn_paged_desc *desc,
+                                                      const longattn_decode_policy *policy,
+                                                      longattn_dtype dtype, longattn_tensor q,
+                                                      longattn_fp8_cache cache,
+                                                      longattn_tensor_mut out, float *lse,
+                                                      size_t lse_len, int32_t device,
+                                                      void *stream);
+
+/* ---- Merging partial results (split-KV, cascades, ring attention) ------------------------- */
+
+/* Two results over disjoint key sets, (o_a, lse_a) and (o_b, lse_b), give
+ * M = max(lse_a, lse_b), lse = M + ln(exp(lse_a - M) + exp(lse_b - M)),
+ * o = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b; two empty rows (lse -inf) give o = 0,
+ * lse = -inf (docs/semantics.md, "Merging partial results"). o: [batch, seqlen, heads,
+ * head_dim] contiguous; lse: [batch, heads, seqlen] f32, natural log (the layout the dense and
+ * paged calls write; varlen: batch = 1, seqlen = total_q). Each dimension at most INT32_MAX,
+ * head_dim >= 1. */
+typedef struct longattn_merge_desc {
+  size_t batch;
+  size_t seqlen;
+  size_t heads;
+  size_t head_dim;
+} longattn_merge_desc;
+
+/* A partial result read by a merge: o_len elements of the call's dtype, lse_len floats. */
+typedef struct longattn_partial {
+  const void *o;
+  size_t o_len;
+  const float *lse;
+  size_t lse_len;
+} longattn_partial;
+
+/* A partial result written by a merge. */
+typedef struct longattn_partial_mut {
+  void *o;
+  size_t o_len;
+  float *lse;
+  size_t lse_len;
+} longattn_partial_mut;
+
+/* Elements of an o buffer and of an lse buffer. */
+longattn_status longattn_merge_sizes(const longattn_merge_desc *desc, size_t *o_len,
+                                     size_t *lse_len);
+
+/* out = merge(a, b) on host buffers (o of dtype: f32, f16 or bf16). out's buffers may overlap
+ * neither each other nor a or b (a and b may alias each other). */
+longattn_status longattn_merge_cpu(const longattn_merge_desc *desc, longattn_dtype dtype,
+                                   longattn_partial a, longattn_partial b,
+                                   longattn_partial_mut out);
+
+/* acc = merge(acc, part) in place on host buffers (a running result: ring steps, cascades).
+ * acc's buffers may overlap neither each other nor part's. */
+longattn_status longattn_merge_into_cpu(const longattn_merge_desc *desc, longattn_dtype dtype,
+                                        longattn_partial_mut acc, longattn_partial part);
+
+/* The same on device buffers of GPU `device` (f32, f16 or bf16), queued on `stream`; stream,
+ * validation and lifetimes as longattn_dense_forward_cuda. Not yet run on a GPU through the
+ * C API. */
+longattn_status longattn_merge_cuda(const longattn_merge_desc *desc, longattn_dtype dtype,
+                                    longattn_partial a, longattn_partial b,
+                                    longattn_partial_mut out, int32_t device, void *stream);
+longattn_status longattn_merge_into_cuda(const longattn_merge_desc *desc, longattn_dtype dtype,
+                                         longattn_partial_mut acc, longattn_partial part,
+                                         int32_t device, void *stream);
 
 #ifdef __cplusplus
 }

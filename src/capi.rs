@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
 use crate::paged::{
-    KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+    KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
 };
 use half::{bf16, f16};
 use std::cell::RefCell;
@@ -363,12 +363,20 @@ fn check_writes_disjoint(
     lse: Option<&[f32]>,
     inputs: &[((usize, usize), &str)],
 ) -> Result<(), CallError> {
-    let lse = lse.map(|l| byte_range(l.as_ptr().cast(), l.len(), 4));
-    let writes = [Some((out, "out")), lse.map(|r| (r, "lse"))];
-    let others = inputs.iter().copied().chain(lse.map(|r| (r, "lse")));
-    for (w, w_name) in writes.into_iter().flatten() {
-        for (r, r_name) in others.clone() {
-            if w_name != r_name && w.0 < r.1 && r.0 < w.1 {
+    let lse = lse.map(|l| (byte_range(l.as_ptr().cast(), l.len(), 4), "lse"));
+    check_disjoint(&[Some((out, "out")), lse], inputs)
+}
+
+/// Refuses a written byte range (the `Some` entries of `writes`) that overlaps an input or
+/// another written range; addresses only, nothing is read.
+fn check_disjoint(
+    writes: &[Option<((usize, usize), &str)>],
+    inputs: &[((usize, usize), &str)],
+) -> Result<(), CallError> {
+    let writes: Vec<_> = writes.iter().flatten().copied().collect();
+    for (i, &(w, w_name)) in writes.iter().enumerate() {
+        for &(r, r_name) in inputs.iter().chain(&writes[i + 1..]) {
+            if w.0 < r.1 && r.0 < w.1 {
                 return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
             }
         }
@@ -492,23 +500,15 @@ unsafe fn borrow_device<T>(
     })))
 }
 
-/// Device outputs (`out`, and `lse` when not NULL) must not overlap the inputs (addresses
-/// only: nothing is read).
+/// Device outputs (`out`, and `lse` when not NULL) must not overlap the inputs or each
+/// other (addresses only: nothing is read).
 fn check_device_writes_disjoint(
     out: (usize, usize),
     (lse, lse_len): (*mut f32, usize),
     inputs: &[((usize, usize), &str)],
 ) -> Result<(), CallError> {
-    let lse_range = (!lse.is_null()).then(|| byte_range(lse.cast(), lse_len, 4));
-    for (w, w_name) in [(Some(out), "out"), (lse_range, "lse")] {
-        let Some(w) = w else { continue };
-        for &(r, r_name) in inputs {
-            if w.0 < r.1 && r.0 < w.1 {
-                return Err(Error::Shape(format!("{w_name} overlaps {r_name}")).into());
-            }
-        }
-    }
-    Ok(())
+    let lse_range = (!lse.is_null()).then(|| (byte_range(lse.cast(), lse_len, 4), "lse"));
+    check_disjoint(&[Some((out, "out")), lse_range], inputs)
 }
 
 /// The device buffers of one C GPU call, borrowed for it: three inputs, the output and the
@@ -744,6 +744,29 @@ unsafe fn paged_parts<'a>(
     desc: *const CPagedDesc,
     scales: Option<KvScales>,
 ) -> Result<(&'a CPagedDesc, PagedCache, AttentionOptions), CallError> {
+    // SAFETY: forwarded contract.
+    let (desc, cache) = unsafe { paged_cache(desc, scales) }?;
+    let mut options = AttentionOptions::default()
+        .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
+        .with_sinks(desc.sinks);
+    if desc.scale != 0.0 {
+        options = options.with_scale(desc.scale);
+    }
+    if desc.softcap != 0.0 {
+        options = options.with_softcap(desc.softcap);
+    }
+    Ok((desc, cache, options))
+}
+
+/// The descriptor and its validated cache (geometry and tables, with `scales`); the decode
+/// fields (`heads_q`, `q_len`, the options) are not read.
+///
+/// # Safety
+/// As [`paged_problem`].
+unsafe fn paged_cache<'a>(
+    desc: *const CPagedDesc,
+    scales: Option<KvScales>,
+) -> Result<(&'a CPagedDesc, PagedCache), CallError> {
     // SAFETY: NULL or valid by the contract.
     let desc = unsafe { desc.as_ref() }.ok_or(CallError::Null("desc"))?;
     let entries = desc
@@ -775,16 +798,7 @@ unsafe fn paged_parts<'a>(
         Some(s) => cache.with_kv_scales(s)?,
         None => cache,
     };
-    let mut options = AttentionOptions::default()
-        .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
-        .with_sinks(desc.sinks);
-    if desc.scale != 0.0 {
-        options = options.with_scale(desc.scale);
-    }
-    if desc.softcap != 0.0 {
-        options = options.with_softcap(desc.softcap);
-    }
-    Ok((desc, cache, options))
+    Ok((desc, cache))
 }
 
 /// `longattn_paged_sizes()`: elements of a cache buffer, the output and the LSE.
@@ -814,22 +828,63 @@ pub unsafe extern "C" fn longattn_paged_sizes(
     })
 }
 
-/// A validated paged call of the C API: a decode step or a prefill over the cache.
+/// A validated paged call of the C API: a decode step (with the Quest metadata of a policy
+/// decode) or a prefill over the cache.
 enum PagedOp {
-    Decode(PagedDecode),
+    Decode(PagedDecode, Option<RawMeta>),
     Prefill(PagedPrefill),
 }
 
+/// Quest metadata buffers of a C call: `kmin`, `kmax` hold `len` elements of the cache's
+/// element type each (host or device, as the call's cache).
+#[derive(Debug, Clone, Copy)]
+struct RawMeta {
+    kmin: *const std::ffi::c_void,
+    kmax: *const std::ffi::c_void,
+    len: usize,
+}
+
+impl RawMeta {
+    /// Both pointers or neither: the metadata of `len` elements, or none.
+    fn new(
+        (kmin, kmax): (*const std::ffi::c_void, *const std::ffi::c_void),
+        len: usize,
+    ) -> Result<Option<Self>, CallError> {
+        match (kmin.is_null(), kmax.is_null()) {
+            (true, true) => Ok(None),
+            (false, false) => Ok(Some(RawMeta { kmin, kmax, len })),
+            (true, false) => Err(CallError::Null("kmin (kmax is set)")),
+            (false, true) => Err(CallError::Null("kmax (kmin is set)")),
+        }
+    }
+
+    /// The two buffers as byte ranges of `elem_bytes`-byte elements, for the overlap checks.
+    fn ranges(&self, elem_bytes: usize) -> [((usize, usize), &'static str); 2] {
+        [
+            (byte_range(self.kmin, self.len, elem_bytes), "kmin"),
+            (byte_range(self.kmax, self.len, elem_bytes), "kmax"),
+        ]
+    }
+}
+
 impl PagedOp {
+    fn meta(&self) -> Option<RawMeta> {
+        match self {
+            PagedOp::Decode(_, meta) => *meta,
+            PagedOp::Prefill(_) => None,
+        }
+    }
+
     fn forward_cpu<T: Element, C: Element>(
         &self,
         q: Strided<&[T]>,
         kv: KvPages<&[C]>,
+        meta: Option<PageMeta<&[C]>>,
         out: Strided<&mut [T]>,
         lse: Option<&mut [f32]>,
     ) -> crate::Result<()> {
         match self {
-            PagedOp::Decode(d) => d.forward_cpu(q, kv, None, out, lse),
+            PagedOp::Decode(d, _) => d.forward_cpu(q, kv, meta, out, lse),
             PagedOp::Prefill(p) => p.forward_cpu(q, kv, out, lse),
         }
     }
@@ -839,6 +894,7 @@ impl PagedOp {
         stream: &std::sync::Arc<cudarc::driver::CudaStream>,
         q: Strided<&cudarc::driver::CudaSlice<T>>,
         kv: KvPages<&cudarc::driver::CudaSlice<C>>,
+        meta: Option<PageMeta<&cudarc::driver::CudaSlice<C>>>,
         out: Strided<&mut cudarc::driver::CudaSlice<T>>,
         lse: Option<&mut dyn crate::DeviceBufferMut<f32>>,
     ) -> crate::Result<()>
@@ -847,7 +903,7 @@ impl PagedOp {
         C: Element + cudarc::driver::DeviceRepr,
     {
         match self {
-            PagedOp::Decode(d) => d.forward_gpu(stream, q, kv, None, out, lse),
+            PagedOp::Decode(d, _) => d.forward_gpu(stream, q, kv, meta, out, lse),
             PagedOp::Prefill(p) => p.forward_gpu(stream, q, kv, out, lse),
         }
     }
@@ -864,14 +920,17 @@ unsafe fn paged_cpu_typed<T: Element, C: Element>(
     lse: Option<&mut [f32]>,
 ) -> Result<(), CallError> {
     let (bytes, cache_bytes) = (std::mem::size_of::<T>(), std::mem::size_of::<C>());
+    let meta = op.meta();
+    let mut inputs = vec![
+        (byte_range(q.data, q.len, bytes), "q"),
+        (byte_range(k_cache, cache_len, cache_bytes), "k_cache"),
+        (byte_range(v_cache, cache_len, cache_bytes), "v_cache"),
+    ];
+    inputs.extend(meta.iter().flat_map(|m| m.ranges(cache_bytes)));
     check_writes_disjoint(
         byte_range(out.data, out.len, bytes),
         lse.as_deref(),
-        &[
-            (byte_range(q.data, q.len, bytes), "q"),
-            (byte_range(k_cache, cache_len, cache_bytes), "k_cache"),
-            (byte_range(v_cache, cache_len, cache_bytes), "v_cache"),
-        ],
+        &inputs,
     )?;
     // SAFETY: `len` elements each by the contract; `out` checked disjoint from the rest.
     let (q_s, k_s, v_s, out_s) = unsafe {
@@ -882,9 +941,20 @@ unsafe fn paged_cpu_typed<T: Element, C: Element>(
             host_slice_mut::<T>(out.data, out.len, "out")?,
         )
     };
+    let meta = match meta {
+        // SAFETY: `len` elements of the cache type each by the contract.
+        Some(m) => Some(unsafe {
+            PageMeta {
+                kmin: host_slice::<C>(m.kmin, m.len, "kmin")?,
+                kmax: host_slice::<C>(m.kmax, m.len, "kmax")?,
+            }
+        }),
+        None => None,
+    };
     op.forward_cpu(
         Strided::new(q_s, strides(q.strides)),
         KvPages { k: k_s, v: v_s },
+        meta,
         Strided::new(out_s, strides(out.strides)),
         lse,
     )?;
@@ -912,7 +982,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cpu(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
-        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?);
+        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?, None);
         let kv = (k_cache, v_cache, cache_len);
         // SAFETY: buffers as documented for `dtype`.
         unsafe { paged_cpu_entry(&op, dtype, q, (kv, false), out, (lse, lse_len)) }
@@ -942,6 +1012,21 @@ where
     // SAFETY: device allocations as documented by the caller's contract.
     let mut call =
         unsafe { borrow_call::<T, C>(stream, (q.data, q.len, "q"), kv, out, (lse, lse_len)) }?;
+    let meta = match op.meta() {
+        Some(m) => {
+            let out_range = byte_range(out.data, out.len, std::mem::size_of::<T>());
+            let ranges = m.ranges(std::mem::size_of::<C>());
+            check_device_writes_disjoint(out_range, (lse, lse_len), &ranges)?;
+            // SAFETY: device allocations of `len` cache elements by the contract.
+            Some(unsafe {
+                (
+                    borrow_device::<C>(stream, m.kmin, m.len, "kmin")?,
+                    borrow_device::<C>(stream, m.kmax, m.len, "kmax")?,
+                )
+            })
+        }
+        None => None,
+    };
     let (bq, [bk, bv]) = &call.inputs;
     let lse_slice = call
         .lse
@@ -954,6 +1039,10 @@ where
             k: bk.get(),
             v: bv.get(),
         },
+        meta.as_ref().map(|(kmin, kmax)| PageMeta {
+            kmin: kmin.get(),
+            kmax: kmax.get(),
+        }),
         Strided::new(call.out.get_mut(), strides(out.strides)),
         lse_slice,
     )?;
@@ -1004,12 +1093,17 @@ unsafe fn paged_cuda_entry(
     (lse, lse_len): (*mut f32, usize),
     (device, stream): (i32, *mut std::ffi::c_void),
 ) -> Result<(), CallError> {
-    let buffers = [
+    let mut buffers = vec![
         (q.data, "q"),
         (kv.0, "k_cache"),
         (kv.1, "v_cache"),
         (out.data, "out"),
     ];
+    buffers.extend(
+        op.meta()
+            .iter()
+            .flat_map(|m| [(m.kmin, "kmin"), (m.kmax, "kmax")]),
+    );
     // SAFETY: NULL or a live stream of that device's primary context by the contract.
     let stream = unsafe { caller_stream(&buffers, device, stream) }?;
     // SAFETY: device buffers as documented for `dtype` (and e4m3 bytes with `fp8`).
@@ -1050,7 +1144,7 @@ pub unsafe extern "C" fn longattn_paged_decode_cuda(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
-        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?);
+        let op = PagedOp::Decode(unsafe { paged_problem(desc) }?, None);
         let kv = (k_cache, v_cache, cache_len);
         let gpu = (device, stream);
         // SAFETY: device buffers and stream as documented for `dtype`.
@@ -1086,6 +1180,22 @@ unsafe fn fp8_problem(
     desc: *const CPagedDesc,
     cache: &CFp8Cache,
 ) -> Result<PagedDecode, CallError> {
+    // SAFETY: forwarded contract.
+    let scales = unsafe { fp8_scales(desc, cache.k_scales, cache.v_scales) }?;
+    // SAFETY: forwarded contract.
+    unsafe { paged_problem_with(desc, scales) }
+}
+
+/// The FP8 dequantisation scales of `desc`'s cache: `heads_kv` host floats each, or none
+/// (both NULL: scale 1).
+///
+/// # Safety
+/// `desc` NULL or valid; `k_scales`, `v_scales` NULL or `heads_kv` readable floats each.
+unsafe fn fp8_scales(
+    desc: *const CPagedDesc,
+    k_scales: *const f32,
+    v_scales: *const f32,
+) -> Result<Option<KvScales>, CallError> {
     // SAFETY: NULL or valid by the contract.
     let heads_kv = unsafe { desc.as_ref() }
         .ok_or(CallError::Null("desc"))?
@@ -1095,7 +1205,7 @@ unsafe fn fp8_problem(
         let msg = format!("heads_kv = {heads_kv}: at most {} kv heads", u16::MAX);
         return Err(Error::Shape(msg).into());
     }
-    let scales = match (cache.k_scales.is_null(), cache.v_scales.is_null()) {
+    Ok(match (k_scales.is_null(), v_scales.is_null()) {
         (true, true) => None,
         (false, true) => return Err(CallError::Null("v_scales (k_scales is set)")),
         (true, false) => return Err(CallError::Null("k_scales (v_scales is set)")),
@@ -1104,15 +1214,13 @@ unsafe fn fp8_problem(
             // by the descriptor's own checks only after this read: the caller's contract).
             let (k, v) = unsafe {
                 (
-                    host_slice::<f32>(cache.k_scales.cast(), heads_kv, "k_scales")?,
-                    host_slice::<f32>(cache.v_scales.cast(), heads_kv, "v_scales")?,
+                    host_slice::<f32>(k_scales.cast(), heads_kv, "k_scales")?,
+                    host_slice::<f32>(v_scales.cast(), heads_kv, "v_scales")?,
                 )
             };
             Some(KvScales::new(k.to_vec(), v.to_vec())?)
         }
-    };
-    // SAFETY: forwarded contract.
-    unsafe { paged_problem_with(desc, scales) }
+    })
 }
 
 /// `longattn_paged_decode_fp8_cpu()`: [`longattn_paged_decode_cpu`] over an FP8 e4m3 cache
@@ -1134,7 +1242,7 @@ pub unsafe extern "C" fn longattn_paged_decode_fp8_cpu(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor and scales by the contract.
-        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?);
+        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?, None);
         let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
         // SAFETY: buffers as documented.
         unsafe { paged_cpu_entry(&op, dtype, q, (kv, true), out, (lse, lse_len)) }
@@ -1163,7 +1271,7 @@ pub unsafe extern "C" fn longattn_paged_decode_fp8_cuda(
 ) -> Status {
     guarded(|| {
         // SAFETY: NULL or a valid descriptor and scales by the contract.
-        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?);
+        let op = PagedOp::Decode(unsafe { fp8_problem(desc, &cache) }?, None);
         let kv = (cache.k_cache, cache.v_cache, cache.cache_len);
         let gpu = (device, stream);
         // SAFETY: device buffers and stream as documented.
@@ -1550,3 +1658,11 @@ pub unsafe extern "C" fn longattn_dense_fp8_forward_cuda(
         }
     })
 }
+
+mod append;
+mod merge;
+mod policy;
+
+pub use append::*;
+pub use merge::*;
+pub use policy::*;

@@ -396,13 +396,20 @@ struct PagedCase {
     v_cache: Vec<f32>,
 }
 
+/// Geometry of a [`PagedCase`]: `[page_size, heads_kv, heads_q, head_dim, q_len,
+/// max_pages_per_seq, num_pages]`.
+type Geometry = [usize; 7];
+
 fn paged_case(seed: u64) -> PagedCase {
-    let (page_size, hkv, hq, d, q_len) = (3usize, 2usize, 4usize, 8usize, 2usize);
-    let seqlens = vec![7i32, 2, 9];
-    let max_pages = 3usize;
-    let num_pages = 10usize;
     // Pages handed out in a scrambled order; unused entries are -1.
     let order = [7i32, 2, 9, 0, 4, 1, 8, 3, 5];
+    paged_case_with(seed, [3, 2, 4, 8, 2, 3, 10], vec![7, 2, 9], &order)
+}
+
+/// A paged case of geometry `g` whose sequences hold `seqlens` tokens, pages handed out in
+/// the order `order`.
+fn paged_case_with(seed: u64, g: Geometry, seqlens: Vec<i32>, order: &[i32]) -> PagedCase {
+    let [page_size, hkv, hq, d, q_len, max_pages, num_pages] = g;
     let mut block_table = vec![-1i32; seqlens.len() * max_pages];
     let mut next = 0;
     for (b, &n) in seqlens.iter().enumerate() {
@@ -439,6 +446,57 @@ fn paged_case(seed: u64) -> PagedCase {
     }
 }
 
+/// Sequence `b`'s tokens, `[seqlens_k[b], heads_kv, head_dim]`, gathered from a paged cache.
+fn gather<T: Copy>(c: &PagedCase, cache: &[T], b: usize) -> Vec<T> {
+    let d = c.desc;
+    let (ps, row) = (d.page_size, d.heads_kv * d.head_dim);
+    let (table, seqlens) = (&c._tables.0, &c._tables.1);
+    (0..seqlens[b] as usize)
+        .flat_map(|t| {
+            let page = table[b * d.max_pages_per_seq + t / ps] as usize;
+            let off = (page * ps + t % ps) * row;
+            cache[off..off + row].to_vec()
+        })
+        .collect()
+}
+
+/// Checks a decode output `[batch, q_len, heads_q, head_dim]` of `c.q` against the f64
+/// reference of each sequence: causal (bottom-right) dense attention over its tokens
+/// (`k[b]`, `v[b]`: `[seqlens_k[b], heads_kv, head_dim]`).
+fn check_dense_twin(c: &PagedCase, out: &[f32], (k, v): (&Vec<Vec<f32>>, &Vec<Vec<f32>>)) {
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    for b in 0..d.batch {
+        let n = c._tables.1[b] as usize;
+        let shape = AttentionShape {
+            batch: 1,
+            heads_q: d.heads_q,
+            heads_kv: d.heads_kv,
+            head_dim: d.head_dim,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: d.q_len,
+                seqlen_k: n,
+            },
+        };
+        let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+        let rows = d.q_len * d.heads_q * d.head_dim;
+        let ks = Strides::contiguous(n, d.heads_kv, d.head_dim);
+        let (want, _) = reference::dense_attention_f64(
+            &attn,
+            Strided::new(&c.q[b * rows..(b + 1) * rows], qs),
+            Strided::new(&k[b][..], ks),
+            Strided::new(&v[b][..], ks),
+        )
+        .unwrap();
+        let got: Vec<f64> = out[b * rows..(b + 1) * rows]
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = rel_l2(&got, &want);
+        assert!(err < 1e-5, "sequence {b}: rel L2 {err}");
+    }
+}
+
 #[test]
 fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
     let c = paged_case(11);
@@ -467,45 +525,8 @@ fn c_api_paged_decode_equals_dense_over_gathered_tokens() {
     };
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
     // Dense twin per sequence: causal (bottom-right) over the gathered tokens.
-    let (ps, hkv, hd) = (d.page_size, d.heads_kv, d.head_dim);
-    let (table, seqlens) = (&c._tables.0, &c._tables.1);
-    for (b, &n) in seqlens.iter().enumerate() {
-        let n = n as usize;
-        let mut k = Vec::with_capacity(n * hkv * hd);
-        let mut v = Vec::with_capacity(n * hkv * hd);
-        for t in 0..n {
-            let page = table[b * d.max_pages_per_seq + t / ps] as usize;
-            let off = ((page * ps + t % ps) * hkv) * hd;
-            k.extend_from_slice(&c.k_cache[off..off + hkv * hd]);
-            v.extend_from_slice(&c.v_cache[off..off + hkv * hd]);
-        }
-        let shape = AttentionShape {
-            batch: 1,
-            heads_q: d.heads_q,
-            heads_kv: hkv,
-            head_dim: hd,
-            seqlens: SeqLens::Fixed {
-                seqlen_q: d.q_len,
-                seqlen_k: n,
-            },
-        };
-        let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
-        let rows = d.q_len * d.heads_q * hd;
-        let ks = Strides::contiguous(n, hkv, hd);
-        let (want, _) = reference::dense_attention_f64(
-            &attn,
-            Strided::new(&c.q[b * rows..(b + 1) * rows], qs),
-            Strided::new(&k[..], ks),
-            Strided::new(&v[..], ks),
-        )
-        .unwrap();
-        let got: Vec<f64> = out[b * rows..(b + 1) * rows]
-            .iter()
-            .map(|&x| x as f64)
-            .collect();
-        let err = rel_l2(&got, &want);
-        assert!(err < 1e-5, "sequence {b}: rel L2 {err}");
-    }
+    let tokens = |cache: &[f32]| (0..d.batch).map(|b| gather(&c, cache, b)).collect();
+    check_dense_twin(&c, &out, (&tokens(&c.k_cache), &tokens(&c.v_cache)));
     // Bad tables and arguments come back as codes.
     let mut bad_table = c._tables.0.clone();
     bad_table[0] = 10; // page id == num_pages
@@ -1224,4 +1245,1336 @@ fn c_api_dense_fp8() {
         let st = call_cuda(cdesc(&ds), tensor_mut(&mut out, qs));
         assert!(st == 6 || st == 7, "status {st}: {}", last_error());
     }
+}
+
+// ---- Paged append, per-kv-head decode policies, LSE merge ----
+
+/// The `longattn_dtype` code of `T`.
+fn dtype_code<T: Element>() -> i32 {
+    match T::DTYPE {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+        DType::F8E4M3 => unreachable!("not a q/out dtype"),
+    }
+}
+
+/// `f32` bits of each value (exact for every element type; no NaN in these tests).
+fn bits<T: Element>(x: &[T]) -> Vec<u32> {
+    x.iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// The Rust cache of `c`'s geometry and block table with `seqlens` tokens.
+fn rust_cache(c: &PagedCase, seqlens: &[i32], scales: Option<(&[f32], &[f32])>) -> PagedCache {
+    let d = c.desc;
+    let layout = PagedLayout {
+        num_pages: d.num_pages,
+        page_size: d.page_size,
+        heads_kv: d.heads_kv,
+        head_dim: d.head_dim,
+    };
+    let pt = PageTable {
+        block_table: &c._tables.0,
+        max_pages_per_seq: d.max_pages_per_seq,
+        seqlens_k: seqlens,
+    };
+    let cache = PagedCache::new(layout, pt).unwrap();
+    match scales {
+        Some((k, v)) => cache
+            .with_kv_scales(KvScales::new(k.to_vec(), v.to_vec()).unwrap())
+            .unwrap(),
+        None => cache,
+    }
+}
+
+/// `cu_seqlens_new` and the packed `[total_new, heads_kv, head_dim]` rows of the tokens
+/// `spans[b]` of each sequence's `tok[b]` (rows of `row` elements).
+fn packed<T: Copy>(tok: &[Vec<T>], row: usize, spans: &[(usize, usize)]) -> (Vec<i32>, Vec<T>) {
+    let mut cu = vec![0i32];
+    let mut rows = Vec::new();
+    for (t, &(lo, hi)) in tok.iter().zip(spans) {
+        rows.extend_from_slice(&t[lo * row..hi * row]);
+        cu.push(cu[cu.len() - 1] + (hi - lo) as i32);
+    }
+    (cu, rows)
+}
+
+/// The C view of a cache's buffers (`meta`: kmin, kmax).
+fn kv_mut<C>(k: &mut [C], v: &mut [C], meta: Option<(&mut [C], &mut [C])>) -> CPagedKvMut {
+    let (kmin, kmax, meta_len) = match meta {
+        Some((lo, hi)) => (lo.as_mut_ptr().cast(), hi.as_mut_ptr().cast(), lo.len()),
+        None => (ptr::null_mut(), ptr::null_mut(), 0),
+    };
+    CPagedKvMut {
+        k_cache: k.as_mut_ptr().cast(),
+        v_cache: v.as_mut_ptr().cast(),
+        cache_len: k.len(),
+        kmin,
+        kmax,
+        meta_len,
+    }
+}
+
+/// Tokens per sequence in the cache after the first of the two appends of [`append_both`].
+const BEFORE: [i32; 3] = [5, 0, 8];
+
+/// A cache's `[k_cache, v_cache, kmin, kmax]`.
+type CacheState<C> = [Vec<C>; 4];
+
+/// Fills an empty cache of `c`'s geometry with each sequence's tokens (`[seqlens_k[b],
+/// heads_kv, head_dim]`) in two appends (the first [`BEFORE`] tokens, then the rest, so pages
+/// are both restarted and widened), through the C API and through the Rust API; with
+/// `scales`, into an FP8 cache (`C` = e4m3). Returns the C state and the Rust state.
+fn append_both<T: Element, C: Element>(
+    c: &PagedCase,
+    (k_tok, v_tok): (&[Vec<T>], &[Vec<T>]),
+    scales: Option<(&[f32], &[f32])>,
+) -> (CacheState<C>, CacheState<C>) {
+    let d = c.desc;
+    let row = d.heads_kv * d.head_dim;
+    let (n, m) = (c.k_cache.len(), d.num_pages * row);
+    let zero = C::from_f32(0.0);
+    let fresh = || [vec![zero; n], vec![zero; n], vec![zero; m], vec![zero; m]];
+    let (mut cs, mut rs) = (fresh(), fresh());
+    let full = &c._tables.1;
+    for (step, lens) in [&BEFORE[..], &full[..]].into_iter().enumerate() {
+        let spans: Vec<(usize, usize)> = (0..d.batch)
+            .map(|b| {
+                (
+                    if step == 0 { 0 } else { BEFORE[b] as usize },
+                    lens[b] as usize,
+                )
+            })
+            .collect();
+        let ((cu, kn), (_, vn)) = (packed(k_tok, row, &spans), packed(v_tok, row, &spans));
+        let s = Strides::contiguous(cu[d.batch] as usize, d.heads_kv, d.head_dim);
+        let sd = CPagedDesc {
+            seqlens_k: lens.as_ptr(),
+            ..d
+        };
+        let [k, v, lo, hi] = &mut cs;
+        let kv = kv_mut(k, v, Some((lo, hi)));
+        let (kt, vt, code) = (tensor(&kn, s), tensor(&vn, s), dtype_code::<T>());
+        // SAFETY: buffers of the stated lengths; distinct allocations.
+        let st = unsafe {
+            match scales {
+                Some((ks, vs)) => longattn_paged_append_fp8_cpu(
+                    &sd,
+                    cu.as_ptr(),
+                    code,
+                    kt,
+                    vt,
+                    kv,
+                    ks.as_ptr(),
+                    vs.as_ptr(),
+                ),
+                None => longattn_paged_append_cpu(&sd, cu.as_ptr(), code, kt, vt, kv),
+            }
+        };
+        assert_eq!(st, LONGATTN_OK, "step {step}: {}", last_error());
+        let [k, v, lo, hi] = &mut rs;
+        rust_cache(c, lens, scales)
+            .append_cpu(
+                &cu,
+                Strided::new(&kn[..], s),
+                Strided::new(&vn[..], s),
+                KvPages { k, v },
+                Some(PageMeta { kmin: lo, kmax: hi }),
+            )
+            .unwrap();
+    }
+    (cs, rs)
+}
+
+/// Append through the C API (f32, bf16, FP8 with scales): the cache and its Quest metadata
+/// equal the Rust API's bit for bit, and a decode over the appended cache equals the f64
+/// dense reference over the tokens.
+#[test]
+fn c_api_paged_append_then_decode() {
+    let c = paged_case(41);
+    let d = c.desc;
+    let (mut cache_len, mut meta_len) = (0, 0);
+    // SAFETY: valid descriptor (tables alive in `c`), writable outputs.
+    let st = unsafe { longattn_paged_cache_sizes(&d, &mut cache_len, &mut meta_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!(
+        (cache_len, meta_len),
+        (c.k_cache.len(), d.num_pages * d.heads_kv * d.head_dim)
+    );
+    let mut r = rng(42);
+    let tok = |r: &mut _| -> Vec<Vec<f32>> {
+        (0..d.batch)
+            .map(|b| random_vec(r, c._tables.1[b] as usize * d.heads_kv * d.head_dim))
+            .collect()
+    };
+    let (k_tok, v_tok) = (tok(&mut r), tok(&mut r));
+    let (cs, rs) = append_both::<f32, f32>(&c, (&k_tok, &v_tok), None);
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "buffer {i} (k, v, kmin, kmax)");
+    }
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![f32::NAN; c.q.len()];
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            cs[0].as_ptr().cast(),
+            cs[1].as_ptr().cast(),
+            cache_len,
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    check_dense_twin(&c, &out, (&k_tok, &v_tok));
+    // bf16 tokens into a bf16 cache; f32 tokens into an FP8 cache.
+    let to_bf16 = |t: &Vec<Vec<f32>>| -> Vec<Vec<bf16>> {
+        t.iter()
+            .map(|x| x.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect()
+    };
+    let (kb, vb) = (to_bf16(&k_tok), to_bf16(&v_tok));
+    let (cs, rs) = append_both::<bf16, bf16>(&c, (&kb, &vb), None);
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "bf16 buffer {i}");
+    }
+    let scales = (&[0.004f32, 0.002][..], &[0.003f32, 0.005][..]);
+    let (cs, rs) = append_both::<f32, F8E4M3>(&c, (&k_tok, &v_tok), Some(scales));
+    for (i, (a, b)) in cs.iter().zip(&rs).enumerate() {
+        assert_eq!(bits(a), bits(b), "FP8 buffer {i}");
+    }
+}
+
+/// Every bad argument of the append entry points comes back as its status with a message.
+#[test]
+fn c_api_paged_append_refusals() {
+    let c = paged_case(43);
+    let d = c.desc;
+    let row = d.heads_kv * d.head_dim;
+    let n = c.k_cache.len();
+    let m = d.num_pages * row;
+    let total = c._tables.1.iter().sum::<i32>() as usize;
+    let cu = [0i32, 7, 9, 18];
+    // One spare row, for the offsets that append more tokens than seqlens_k counts.
+    let kn = vec![0.5f32; (total + 1) * row];
+    let s = Strides::contiguous(total, d.heads_kv, d.head_dim);
+    let (mut k, mut v, mut lo, mut hi) =
+        (vec![0f32; n], vec![0f32; n], vec![0f32; m], vec![0f32; m]);
+    let kv = kv_mut(&mut k, &mut v, Some((&mut lo, &mut hi)));
+    let kt = tensor(&kn, s);
+    let run = |d: *const CPagedDesc, cu: *const i32, dtype: i32, kt: CTensor, kv: CPagedKvMut| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe { longattn_paged_append_cpu(d, cu, dtype, kt, kt, kv) }
+    };
+    assert_eq!(
+        run(&d, cu.as_ptr(), 0, kt, kv),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    let mut bad_table = c._tables.0.clone();
+    bad_table[0] = 10; // page id == num_pages
+    let mut shared = c._tables.0.clone();
+    shared[d.max_pages_per_seq] = shared[0]; // sequence 1 writes sequence 0's first page
+    let desc_with = |t: &Vec<i32>| CPagedDesc {
+        block_table: t.as_ptr(),
+        ..d
+    };
+    let (bad_d, shared_d) = (desc_with(&bad_table), desc_with(&shared));
+    let too_many = [0i32, 7, 10, 19];
+    let decreasing = [0i32, 7, 5, 18];
+    let short = CTensor {
+        len: total * row - 1,
+        ..kt
+    };
+    let cases: [(
+        &str,
+        *const CPagedDesc,
+        *const i32,
+        i32,
+        CTensor,
+        CPagedKvMut,
+        i32,
+    ); 13] = [
+        ("desc NULL", ptr::null(), cu.as_ptr(), 0, kt, kv, 9),
+        ("cu NULL", &d, ptr::null(), 0, kt, kv, 9),
+        (
+            "k_new NULL",
+            &d,
+            cu.as_ptr(),
+            0,
+            CTensor {
+                data: ptr::null(),
+                ..kt
+            },
+            kv,
+            9,
+        ),
+        (
+            "cache NULL",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                v_cache: ptr::null_mut(),
+                ..kv
+            },
+            9,
+        ),
+        (
+            "lone kmin",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                kmax: ptr::null_mut(),
+                ..kv
+            },
+            9,
+        ),
+        ("dtype", &d, cu.as_ptr(), 7, kt, kv, 5),
+        ("short k_new", &d, cu.as_ptr(), 0, short, kv, 1),
+        (
+            "cache_len",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                cache_len: n - 1,
+                ..kv
+            },
+            1,
+        ),
+        (
+            "meta_len",
+            &d,
+            cu.as_ptr(),
+            0,
+            kt,
+            CPagedKvMut {
+                meta_len: m + 1,
+                ..kv
+            },
+            1,
+        ),
+        ("more than seqlens_k", &d, too_many.as_ptr(), 0, kt, kv, 4),
+        ("decreasing offsets", &d, decreasing.as_ptr(), 0, kt, kv, 4),
+        ("bad page id", &bad_d, cu.as_ptr(), 0, kt, kv, 4),
+        ("shared page", &shared_d, cu.as_ptr(), 0, kt, kv, 4),
+    ];
+    for (name, dp, cup, dtype, kt, kv, want) in cases {
+        assert_eq!(
+            run(dp, cup, dtype, kt, kv),
+            want,
+            "{name}: {}",
+            last_error()
+        );
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // Overlaps: the caches with each other, with the new tokens, the metadata.
+    let kp = kv.k_cache;
+    for (name, kv2) in [
+        ("v_cache = k_cache", CPagedKvMut { v_cache: kp, ..kv }),
+        (
+            "kmax = kmin",
+            CPagedKvMut {
+                kmax: kv.kmin,
+                ..kv
+            },
+        ),
+    ] {
+        assert_eq!(
+            run(&d, cu.as_ptr(), 0, kt, kv2),
+            1,
+            "{name}: {}",
+            last_error()
+        );
+        assert!(
+            last_error().contains("overlaps"),
+            "{name}: {}",
+            last_error()
+        );
+    }
+    let aliased = CTensor {
+        data: kp.cast_const(),
+        len: n,
+        strides: kt.strides,
+    };
+    assert_eq!(run(&d, cu.as_ptr(), 0, aliased, kv), 1, "{}", last_error());
+    // Sizes: NULL, zero and overflowing geometry.
+    let sizes = |d: *const CPagedDesc| {
+        // SAFETY: NULL or a valid descriptor; NULL outputs are skipped.
+        unsafe { longattn_paged_cache_sizes(d, ptr::null_mut(), ptr::null_mut()) }
+    };
+    assert_eq!(sizes(ptr::null()), 9);
+    assert_eq!(
+        sizes(&CPagedDesc { page_size: 0, ..d }),
+        1,
+        "{}",
+        last_error()
+    );
+    let huge = CPagedDesc {
+        max_pages_per_seq: usize::MAX,
+        ..d
+    };
+    assert_eq!(sizes(&huge), 1, "{}", last_error());
+    // FP8: bad and lone scales.
+    let k8 = vec![0u8; n];
+    let (mut k8a, mut v8a) = (k8.clone(), k8);
+    let kv8 = kv_mut(&mut k8a, &mut v8a, None);
+    let fp8 = |ks: *const f32, vs: *const f32| {
+        // SAFETY: buffers of the stated lengths; scales NULL or heads_kv floats.
+        unsafe { longattn_paged_append_fp8_cpu(&d, cu.as_ptr(), 0, kt, kt, kv8, ks, vs) }
+    };
+    let (good, zero) = ([0.01f32, 0.02], [0.0f32, 0.02]);
+    assert_eq!(
+        fp8(good.as_ptr(), good.as_ptr()),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(
+        fp8(ptr::null(), ptr::null()),
+        LONGATTN_OK,
+        "{}",
+        last_error()
+    );
+    assert_eq!(fp8(zero.as_ptr(), good.as_ptr()), 3, "{}", last_error());
+    assert_eq!(fp8(good.as_ptr(), ptr::null()), 9, "{}", last_error());
+}
+
+/// A decode case for the policies: 2 sequences of 37 and 22 tokens in pages of 4, 3 kv heads
+/// (GQA 2), q_len 2; the cache and its metadata written by the Rust append.
+struct PolicyCase {
+    c: PagedCase,
+    /// The appended tokens: `cu_seqlens_new`, packed K and V, their strides.
+    new: (Vec<i32>, Vec<f32>, Vec<f32>, Strides),
+    k: Vec<f32>,
+    v: Vec<f32>,
+    kmin: Vec<f32>,
+    kmax: Vec<f32>,
+}
+
+fn policy_case(seed: u64) -> PolicyCase {
+    let order: Vec<i32> = (0..16).map(|p| (p * 7 + 3) % 16).collect();
+    let c = paged_case_with(seed, [4, 3, 6, 16, 2, 10, 16], vec![37, 22], &order);
+    let d = c.desc;
+    let spans: Vec<(usize, usize)> = c._tables.1.iter().map(|&n| (0, n as usize)).collect();
+    let tokens =
+        |cache: &[f32]| -> Vec<Vec<f32>> { (0..d.batch).map(|b| gather(&c, cache, b)).collect() };
+    let row = d.heads_kv * d.head_dim;
+    let ((cu, kn), (_, vn)) = (
+        packed(&tokens(&c.k_cache), row, &spans),
+        packed(&tokens(&c.v_cache), row, &spans),
+    );
+    let s = Strides::contiguous(cu[d.batch] as usize, d.heads_kv, d.head_dim);
+    let (n, m) = (c.k_cache.len(), d.num_pages * row);
+    let (mut k, mut v, mut kmin, mut kmax) =
+        (vec![0f32; n], vec![0f32; n], vec![0f32; m], vec![0f32; m]);
+    rust_cache(&c, &c._tables.1, None)
+        .append_cpu(
+            &cu,
+            Strided::new(&kn[..], s),
+            Strided::new(&vn[..], s),
+            KvPages {
+                k: &mut k[..],
+                v: &mut v[..],
+            },
+            Some(PageMeta {
+                kmin: &mut kmin[..],
+                kmax: &mut kmax[..],
+            }),
+        )
+        .unwrap();
+    PolicyCase {
+        c,
+        new: (cu, kn, vn, s),
+        k,
+        v,
+        kmin,
+        kmax,
+    }
+}
+
+/// Full, streaming and Quest heads in one call.
+const HEADS: [i32; 3] = [
+    LONGATTN_HEAD_FULL,
+    LONGATTN_HEAD_STREAMING,
+    LONGATTN_HEAD_QUEST,
+];
+
+fn c_policy<C>(kmin: &[C], kmax: &[C]) -> CDecodePolicy {
+    CDecodePolicy {
+        heads: HEADS.as_ptr(),
+        streaming_sinks: 2,
+        streaming_window: 7,
+        quest_token_budget: 12,
+        quest_sink_pages: 1,
+        kmin: kmin.as_ptr().cast(),
+        kmax: kmax.as_ptr().cast(),
+        meta_len: kmin.len(),
+    }
+}
+
+fn rust_policy() -> SparsePolicy {
+    SparsePolicy {
+        heads: vec![HeadPolicy::Full, HeadPolicy::Streaming, HeadPolicy::Quest],
+        streaming: StreamingConfig {
+            sinks: 2,
+            window: 7,
+        },
+        quest: QuestConfig {
+            token_budget: 12,
+            sink_pages: 1,
+        },
+    }
+}
+
+/// The Rust decode of `c` with [`rust_policy`] over `[k_cache, v_cache, kmin, kmax]` (an FP8
+/// cache with `scales`): output and LSE.
+fn rust_policy_decode<C: Element>(
+    c: &PagedCase,
+    scales: Option<(&[f32], &[f32])>,
+    [k, v, kmin, kmax]: [&[C]; 4],
+) -> (Vec<f32>, Vec<f32>) {
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let cache = rust_cache(c, &c._tables.1, scales);
+    let opts = AttentionOptions::default();
+    let dec = PagedDecode::new(&cache, d.heads_q, d.q_len, &opts)
+        .unwrap()
+        .with_policy(rust_policy())
+        .unwrap();
+    let mut out = vec![f32::NAN; dec.out_len()];
+    let mut lse = vec![f32::NAN; dec.lse_len()];
+    dec.forward_cpu(
+        Strided::new(&c.q[..], qs),
+        KvPages { k, v },
+        Some(PageMeta { kmin, kmax }),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse[..]),
+    )
+    .unwrap();
+    (out, lse)
+}
+
+/// Policy decode through the C API equals the Rust `PagedDecode` with the same policy (bit
+/// for bit, output and LSE), for an f32 cache and an FP8 cache (metadata as each append
+/// writes it); the streaming and Quest heads differ from a full decode, the full head not.
+#[test]
+fn c_api_paged_decode_policy() {
+    let pc = policy_case(51);
+    let c = &pc.c;
+    let d = c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let (mut out_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor, writable outputs.
+    let st = unsafe { longattn_paged_sizes(&d, ptr::null_mut(), &mut out_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy = c_policy(&pc.kmin, &pc.kmax);
+    let mut out = vec![f32::NAN; out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &policy,
+            0,
+            tensor(&c.q, qs),
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let state = [&pc.k[..], &pc.v[..], &pc.kmin[..], &pc.kmax[..]];
+    let (want, want_lse) = rust_policy_decode(c, None, state);
+    assert_eq!(bits(&out), bits(&want));
+    assert_eq!(bits(&lse), bits(&want_lse));
+    // Against a full decode: the full kv head's query heads (0, 1) agree, the others not.
+    let mut full = vec![f32::NAN; out_len];
+    // SAFETY: as above.
+    let st = unsafe {
+        longattn_paged_decode_cpu(
+            &d,
+            0,
+            tensor(&c.q, qs),
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            tensor_mut(&mut full, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let group = d.heads_q / d.heads_kv;
+    for kvh in 0..d.heads_kv {
+        let same = out
+            .chunks(d.head_dim)
+            .zip(full.chunks(d.head_dim))
+            .enumerate()
+            .filter(|(i, _)| (i % d.heads_q) / group == kvh)
+            .all(|(_, (a, b))| bits(a) == bits(b));
+        assert_eq!(same, kvh == 0, "kv head {kvh}");
+    }
+    // FP8: the cache and metadata written by the C FP8 append, decoded with the policy.
+    let (ks, vs) = ([0.004f32, 0.002, 0.003], [0.003f32, 0.005, 0.002]);
+    let (n, m) = (pc.k.len(), pc.kmin.len());
+    let z = F8E4M3::from_f32(0.0);
+    let (mut k8, mut v8, mut lo8, mut hi8) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let (cu, kn, vn, s) = &pc.new;
+    let kv8 = kv_mut(&mut k8, &mut v8, Some((&mut lo8, &mut hi8)));
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_append_fp8_cpu(
+            &d,
+            cu.as_ptr(),
+            0,
+            tensor(kn, *s),
+            tensor(vn, *s),
+            kv8,
+            ks.as_ptr(),
+            vs.as_ptr(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy8 = c_policy(&lo8, &hi8);
+    let cache8 = CFp8Cache {
+        k_cache: k8.as_ptr().cast(),
+        v_cache: v8.as_ptr().cast(),
+        cache_len: k8.len(),
+        k_scales: ks.as_ptr(),
+        v_scales: vs.as_ptr(),
+    };
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_paged_decode_fp8_policy_cpu(
+            &d,
+            &policy8,
+            0,
+            tensor(&c.q, qs),
+            cache8,
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let (want, want_lse) = rust_policy_decode(c, Some((&ks, &vs)), [&k8, &v8, &lo8, &hi8]);
+    assert_eq!(bits(&out), bits(&want));
+    assert_eq!(bits(&lse), bits(&want_lse));
+}
+
+/// Bad policy arguments come back as their status with a message, before any buffer is read.
+#[test]
+fn c_api_paged_decode_policy_refusals() {
+    let pc = policy_case(53);
+    let d = pc.c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let mut out = vec![0f32; pc.c.q.len()];
+    let good = c_policy(&pc.kmin, &pc.kmax);
+    let (q, o) = (tensor(&pc.c.q, qs), tensor_mut(&mut out, qs));
+    let run = |d: &CPagedDesc, p: *const CDecodePolicy| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe {
+            longattn_paged_decode_policy_cpu(
+                d,
+                p,
+                0,
+                q,
+                pc.k.as_ptr().cast(),
+                pc.v.as_ptr().cast(),
+                pc.k.len(),
+                o,
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    assert_eq!(run(&d, &good), LONGATTN_OK, "{}", last_error());
+    let bad_codes = [0i32, 3, 0]; // 3: page lists are Rust-only
+    let full_only = [LONGATTN_HEAD_FULL; 3];
+    let cases = [
+        ("policy NULL", d, None, 9),
+        (
+            "heads NULL",
+            d,
+            Some(CDecodePolicy {
+                heads: ptr::null(),
+                ..good
+            }),
+            9,
+        ),
+        (
+            "bad code",
+            d,
+            Some(CDecodePolicy {
+                heads: bad_codes.as_ptr(),
+                ..good
+            }),
+            3,
+        ),
+        (
+            "lone kmin",
+            d,
+            Some(CDecodePolicy {
+                kmax: ptr::null(),
+                ..good
+            }),
+            9,
+        ),
+        (
+            "Quest without metadata",
+            d,
+            Some(CDecodePolicy {
+                kmin: ptr::null(),
+                kmax: ptr::null(),
+                ..good
+            }),
+            3,
+        ),
+        (
+            "meta_len",
+            d,
+            Some(CDecodePolicy {
+                meta_len: good.meta_len - 1,
+                ..good
+            }),
+            1,
+        ),
+        (
+            "streaming window 0",
+            d,
+            Some(CDecodePolicy {
+                streaming_window: 0,
+                ..good
+            }),
+            3,
+        ),
+        ("descriptor", CPagedDesc { heads_q: 5, ..d }, Some(good), 1),
+    ];
+    for (name, d, p, want) in cases {
+        let p = p.as_ref().map_or(ptr::null(), |p| p as *const _);
+        assert_eq!(run(&d, p), want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // Without a Quest head the metadata may be left out.
+    let no_meta = CDecodePolicy {
+        heads: full_only.as_ptr(),
+        kmin: ptr::null(),
+        kmax: ptr::null(),
+        meta_len: 0,
+        ..good
+    };
+    assert_eq!(run(&d, &no_meta), LONGATTN_OK, "{}", last_error());
+    // The output may not overlap the metadata.
+    let alias = CTensorMut {
+        data: pc.kmin.as_ptr().cast_mut().cast(),
+        len: pc.kmin.len().min(out.len()),
+        strides: o.strides,
+    };
+    // SAFETY: refused before any buffer is written.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &good,
+            0,
+            q,
+            pc.k.as_ptr().cast(),
+            pc.v.as_ptr().cast(),
+            pc.k.len(),
+            alias,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert!(
+        st == 1 && last_error().contains("overlaps"),
+        "{st}: {}",
+        last_error()
+    );
+}
+
+/// A dense problem split at key `split`: its two partial results through the C API (f32
+/// outputs and LSEs), and the f64 reference over all the keys.
+struct MergeCase {
+    desc: CMergeDesc,
+    a: (Vec<f32>, Vec<f32>),
+    b: (Vec<f32>, Vec<f32>),
+    want: (Vec<f64>, Vec<f64>),
+}
+
+fn merge_case(seed: u64) -> MergeCase {
+    let (batch, sq, sk, hq, hkv, hd, split) = (2, 3, 10, 4, 2, 16, 4);
+    let c = case(seed, desc(batch, sq, sk, hq, hkv, hd));
+    let part = |lo: usize, hi: usize| -> (Vec<f32>, Vec<f32>) {
+        // Keys lo..hi of each sequence: a view into the full K/V with its strides.
+        let off = lo * hkv * hd;
+        let view = |x: &[f32]| CTensor {
+            data: x[off..].as_ptr().cast(),
+            len: x.len() - off,
+            strides: cstrides(c.ks),
+        };
+        let pd = desc(batch, sq, hi - lo, hq, hkv, hd);
+        let mut o = vec![f32::NAN; c.q.len()];
+        let mut lse = vec![f32::NAN; batch * hq * sq];
+        // SAFETY: views within the buffers; distinct output allocations.
+        let st = unsafe {
+            longattn_dense_forward_cpu(
+                &pd,
+                0,
+                tensor(&c.q, c.qs),
+                view(&c.k),
+                view(&c.v),
+                tensor_mut(&mut o, c.qs),
+                lse.as_mut_ptr(),
+                lse.len(),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        (o, lse)
+    };
+    let shape = AttentionShape {
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: hd,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, &AttentionOptions::default()).unwrap();
+    let want = reference::dense_attention_f64(
+        &attn,
+        Strided::new(&c.q[..], c.qs),
+        Strided::new(&c.k[..], c.ks),
+        Strided::new(&c.v[..], c.ks),
+    )
+    .unwrap();
+    MergeCase {
+        desc: CMergeDesc {
+            batch,
+            seqlen: sq,
+            heads: hq,
+            head_dim: hd,
+        },
+        a: part(0, split),
+        b: part(split, sk),
+        want,
+    }
+}
+
+fn partial<T>((o, lse): &(Vec<T>, Vec<f32>)) -> CPartial {
+    CPartial {
+        o: o.as_ptr().cast(),
+        o_len: o.len(),
+        lse: lse.as_ptr(),
+        lse_len: lse.len(),
+    }
+}
+
+fn partial_mut<T>((o, lse): &mut (Vec<T>, Vec<f32>)) -> CPartialMut {
+    CPartialMut {
+        o: o.as_mut_ptr().cast(),
+        o_len: o.len(),
+        lse: lse.as_mut_ptr(),
+        lse_len: lse.len(),
+    }
+}
+
+/// Merging the partial results of a key split through the C API equals attention over the
+/// union of the keys (f64 reference), in place or not; f16 and bf16 merges equal the Rust
+/// API's bit for bit; two empty rows give 0 and -inf.
+#[test]
+fn c_api_merge_equals_attention_over_the_union() {
+    let mc = merge_case(61);
+    let (mut o_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor, writable outputs.
+    let st = unsafe { longattn_merge_sizes(&mc.desc, &mut o_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!((o_len, lse_len), (mc.a.0.len(), mc.a.1.len()));
+    let mut out = (vec![f32::NAN; o_len], vec![f32::NAN; lse_len]);
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe {
+        longattn_merge_cpu(
+            &mc.desc,
+            0,
+            partial(&mc.a),
+            partial(&mc.b),
+            partial_mut(&mut out),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let got: Vec<f64> = out.0.iter().map(|&x| x as f64).collect();
+    let err = rel_l2(&got, &mc.want.0);
+    assert!(err < 1e-5, "rel L2 {err}");
+    common::check_lse(&out.1, &mc.want.1, 1e-4, "merged lse");
+    let mut acc = mc.a.clone();
+    // SAFETY: as above.
+    let st = unsafe { longattn_merge_into_cpu(&mc.desc, 0, partial_mut(&mut acc), partial(&mc.b)) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    assert_eq!((bits(&acc.0), bits(&acc.1)), (bits(&out.0), bits(&out.1)));
+    // Half precision: the Rust merge on the same values.
+    let shape = MergeShape {
+        batch: mc.desc.batch,
+        seqlen: mc.desc.seqlen,
+        heads: mc.desc.heads,
+        head_dim: mc.desc.head_dim,
+    };
+    fn half_check<T: Element>(mc: &MergeCase, shape: &MergeShape) {
+        let conv = |p: &(Vec<f32>, Vec<f32>)| -> (Vec<T>, Vec<f32>) {
+            (p.0.iter().map(|&x| T::from_f32(x)).collect(), p.1.clone())
+        };
+        let (mut a, b) = (conv(&mc.a), conv(&mc.b));
+        // Row 0 of head 0 empty in both partials.
+        a.1[0] = f32::NEG_INFINITY;
+        let mut b = b;
+        b.1[0] = f32::NEG_INFINITY;
+        let n = a.0.len();
+        let mut out = (vec![T::from_f32(f32::NAN); n], vec![f32::NAN; a.1.len()]);
+        // SAFETY: buffers of the stated lengths; distinct allocations.
+        let st = unsafe {
+            longattn_merge_cpu(
+                &mc_desc(shape),
+                dtype_code::<T>(),
+                partial(&a),
+                partial(&b),
+                partial_mut(&mut out),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        let mut want = (vec![T::from_f32(f32::NAN); n], vec![f32::NAN; a.1.len()]);
+        shape
+            .merge_cpu(
+                Partial {
+                    o: &a.0[..],
+                    lse: &a.1[..],
+                },
+                Partial {
+                    o: &b.0[..],
+                    lse: &b.1[..],
+                },
+                Partial {
+                    o: &mut want.0[..],
+                    lse: &mut want.1[..],
+                },
+            )
+            .unwrap();
+        assert_eq!((bits(&out.0), bits(&out.1)), (bits(&want.0), bits(&want.1)));
+        assert!(
+            out.1[0] == f32::NEG_INFINITY
+                && out.0[..shape.head_dim].iter().all(|x| x.to_f32() == 0.0)
+        );
+        // In place.
+        // SAFETY: as above.
+        let st = unsafe {
+            longattn_merge_into_cpu(
+                &mc_desc(shape),
+                dtype_code::<T>(),
+                partial_mut(&mut a),
+                partial(&b),
+            )
+        };
+        assert_eq!(st, LONGATTN_OK, "{}", last_error());
+        assert_eq!((bits(&a.0), bits(&a.1)), (bits(&want.0), bits(&want.1)));
+    }
+    half_check::<f16>(&mc, &shape);
+    half_check::<bf16>(&mc, &shape);
+}
+
+fn mc_desc(s: &MergeShape) -> CMergeDesc {
+    CMergeDesc {
+        batch: s.batch,
+        seqlen: s.seqlen,
+        heads: s.heads,
+        head_dim: s.head_dim,
+    }
+}
+
+/// Every bad merge argument comes back as its status with a message.
+#[test]
+fn c_api_merge_refusals() {
+    let mc = merge_case(63);
+    let d = mc.desc;
+    let mut out = (vec![0f32; mc.a.0.len()], vec![0f32; mc.a.1.len()]);
+    let (a, b, o) = (partial(&mc.a), partial(&mc.b), partial_mut(&mut out));
+    let run = |d: *const CMergeDesc, dtype: i32, a: CPartial, o: CPartialMut| {
+        // SAFETY: buffers of the stated lengths (or refused before use).
+        unsafe { longattn_merge_cpu(d, dtype, a, b, o) }
+    };
+    assert_eq!(run(&d, 0, a, o), LONGATTN_OK, "{}", last_error());
+    let a_o = CPartialMut {
+        o: a.o.cast_mut(),
+        ..o
+    };
+    let lse_on_o = CPartialMut {
+        lse: o.o.cast(),
+        ..o
+    };
+    let cases = [
+        ("desc NULL", None, 0, a, o, 9),
+        (
+            "a.o NULL",
+            Some(d),
+            0,
+            CPartial {
+                o: ptr::null(),
+                ..a
+            },
+            o,
+            9,
+        ),
+        (
+            "out.lse NULL",
+            Some(d),
+            0,
+            a,
+            CPartialMut {
+                lse: ptr::null_mut(),
+                ..o
+            },
+            9,
+        ),
+        ("dtype", Some(d), 9, a, o, 5),
+        (
+            "a.o_len",
+            Some(d),
+            0,
+            CPartial {
+                o_len: a.o_len - 1,
+                ..a
+            },
+            o,
+            1,
+        ),
+        (
+            "out.lse_len",
+            Some(d),
+            0,
+            a,
+            CPartialMut { lse_len: 0, ..o },
+            1,
+        ),
+        (
+            "head_dim 0",
+            Some(CMergeDesc { head_dim: 0, ..d }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        (
+            "overflow",
+            Some(CMergeDesc {
+                batch: usize::MAX,
+                seqlen: usize::MAX,
+                ..d
+            }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        (
+            "huge dim",
+            Some(CMergeDesc {
+                seqlen: 1 << 40,
+                ..d
+            }),
+            0,
+            a,
+            o,
+            1,
+        ),
+        ("out.o = a.o", Some(d), 0, a, a_o, 1),
+        ("out.lse on out.o", Some(d), 0, a, lse_on_o, 1),
+    ];
+    for (name, d, dtype, a, o, want) in cases {
+        let dp = d.as_ref().map_or(ptr::null(), |d| d as *const _);
+        assert_eq!(run(dp, dtype, a, o), want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // In place: acc may not overlap part.
+    // SAFETY: refused before use.
+    let st = unsafe { longattn_merge_into_cpu(&d, 0, a_o, a) };
+    assert!(
+        st == 1 && last_error().contains("overlaps"),
+        "{st}: {}",
+        last_error()
+    );
+    // SAFETY: NULL descriptor refused; NULL outputs skipped.
+    let st = unsafe { longattn_merge_sizes(ptr::null(), ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, 9);
+}
+
+/// The CUDA entry points of append, merge and policy decode: arguments refused before a GPU
+/// is opened (host pointers, never used); valid ones without a GPU give `NoGpu` (7) or
+/// `CudaNotCompiled` (6); on a GPU (not yet run there), the same cache and metadata bits as
+/// the C CPU append, and the results of the C CPU policy decode and merge.
+#[test]
+fn c_api_append_merge_policy_cuda() {
+    use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let pc = policy_case(71);
+    let d = pc.c.desc;
+    let qs = Strides::contiguous(d.q_len, d.heads_q, d.head_dim);
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let (cu, kn, vn, s) = &pc.new;
+    let (s, cu) = (*s, cu.as_ptr());
+    let (q, kn, vn) = (to_bf16(&pc.c.q), to_bf16(kn), to_bf16(vn));
+    let (n, m, z) = (pc.k.len(), pc.kmin.len(), bf16::ZERO);
+    // The C CPU paths: append then policy decode (bf16), and a merge (f32).
+    let (mut k, mut v, mut lo, mut hi) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let kv = kv_mut(&mut k, &mut v, Some((&mut lo, &mut hi)));
+    let (kt, vt) = (tensor(&kn, s), tensor(&vn, s));
+    // SAFETY: buffers of the stated lengths; distinct allocations.
+    let st = unsafe { longattn_paged_append_cpu(&d, cu, 2, kt, vt, kv) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let policy = c_policy(&lo, &hi);
+    let mut want = vec![bf16::NAN; q.len()];
+    let (kp, vp) = (k.as_ptr().cast(), v.as_ptr().cast());
+    // SAFETY: as above.
+    let st = unsafe {
+        longattn_paged_decode_policy_cpu(
+            &d,
+            &policy,
+            2,
+            tensor(&q, qs),
+            kp,
+            vp,
+            n,
+            tensor_mut(&mut want, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let mc = merge_case(72);
+    let mut merged = (vec![f32::NAN; mc.a.0.len()], vec![f32::NAN; mc.a.1.len()]);
+    let (pa, pb) = (partial(&mc.a), partial(&mc.b));
+    // SAFETY: as above.
+    let st = unsafe { longattn_merge_cpu(&mc.desc, 0, pa, pb, partial_mut(&mut merged)) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+
+    // Host pointers given to the CUDA entry points: refused before use, or no GPU.
+    let (mut k2, mut v2, mut lo2, mut hi2) = (vec![z; n], vec![z; n], vec![z; m], vec![z; m]);
+    let kv = kv_mut(&mut k2, &mut v2, Some((&mut lo2, &mut hi2)));
+    let mut out = vec![bf16::ZERO; q.len()];
+    let o = tensor_mut(&mut out, qs);
+    let mut scratch = (vec![0f32; mc.a.0.len()], vec![0f32; mc.a.1.len()]);
+    let po = partial_mut(&mut scratch);
+    let (ks, bad) = ([0.01f32; 3], [0.0f32; 3]);
+    let fp8 = CFp8Cache {
+        k_cache: kp,
+        v_cache: vp,
+        cache_len: n,
+        k_scales: ks.as_ptr(),
+        v_scales: ks.as_ptr(),
+    };
+    let null = ptr::null_mut();
+    let calls = |d: &CPagedDesc,
+                 p: &CDecodePolicy,
+                 kt: CTensor,
+                 kv: CPagedKvMut,
+                 scales: *const f32,
+                 md: &CMergeDesc,
+                 pa: CPartial|
+     -> [i32; 6] {
+        // SAFETY: host pointers: refused before they are used, or (no GPU) never used.
+        unsafe {
+            [
+                longattn_paged_append_cuda(d, cu, 2, kt, kt, kv, 0, null),
+                longattn_paged_append_fp8_cuda(d, cu, 2, kt, kt, kv, scales, scales, 0, null),
+                longattn_paged_decode_policy_cuda(
+                    d,
+                    p,
+                    2,
+                    kt,
+                    kp,
+                    vp,
+                    n,
+                    o,
+                    null.cast(),
+                    0,
+                    0,
+                    null,
+                ),
+                longattn_paged_decode_fp8_policy_cuda(d, p, 2, kt, fp8, o, null.cast(), 0, 0, null),
+                longattn_merge_cuda(md, 0, pa, pb, po, 0, null),
+                longattn_merge_into_cuda(md, 0, po, pa, 0, null),
+            ]
+        }
+    };
+    let bad_desc = CPagedDesc { page_size: 0, ..d };
+    let bad_merge = CMergeDesc {
+        head_dim: 0,
+        ..mc.desc
+    };
+    let st = calls(&bad_desc, &policy, kt, kv, ks.as_ptr(), &bad_merge, pa);
+    assert_eq!(st, [1; 6], "bad descriptors: {}", last_error());
+    let null_kt = CTensor {
+        data: ptr::null(),
+        ..kt
+    };
+    let null_a = CPartial {
+        lse: ptr::null(),
+        ..pa
+    };
+    let st = calls(&d, &policy, null_kt, kv, ks.as_ptr(), &mc.desc, null_a);
+    assert_eq!(st, [9; 6], "NULL buffers: {}", last_error());
+    let lone = CPagedKvMut {
+        kmax: null.cast(),
+        ..kv
+    };
+    let bad_code = [0i32, 7, 0];
+    let bad_policy = CDecodePolicy {
+        heads: bad_code.as_ptr(),
+        ..policy
+    };
+    let st = calls(&d, &bad_policy, kt, lone, bad.as_ptr(), &mc.desc, pa);
+    assert_eq!(
+        st[..4],
+        [9, 3, 3, 3],
+        "lone kmin, bad scales, bad policy: {}",
+        last_error()
+    );
+    let Some(ctx) = common::gpu_or_skip("c_api_append_merge_policy_cuda") else {
+        let st = calls(&d, &policy, kt, kv, ks.as_ptr(), &mc.desc, pa);
+        assert!(
+            st.iter().all(|&s| s == 6 || s == 7),
+            "{st:?}: {}",
+            last_error()
+        );
+        return;
+    };
+
+    let gs = ctx.default_stream();
+    let stream = gs.cu_stream() as *mut std::ffi::c_void;
+    let (dkn, dvn, dq) = (
+        gs.clone_htod(&kn).unwrap(),
+        gs.clone_htod(&vn).unwrap(),
+        gs.clone_htod(&q).unwrap(),
+    );
+    let mut dcache: Vec<_> = [n, n, m, m]
+        .iter()
+        .map(|&l| gs.alloc_zeros::<bf16>(l).unwrap())
+        .collect();
+    let st = {
+        let (pkn, _g1) = dkn.device_ptr(&gs);
+        let (pvn, _g2) = dvn.device_ptr(&gs);
+        let [dk, dv, dlo, dhi] = &mut dcache[..] else {
+            unreachable!()
+        };
+        let (pk, _g3) = dk.device_ptr_mut(&gs);
+        let (pv, _g4) = dv.device_ptr_mut(&gs);
+        let (plo, _g5) = dlo.device_ptr_mut(&gs);
+        let (phi, _g6) = dhi.device_ptr_mut(&gs);
+        let kv = CPagedKvMut {
+            k_cache: pk as *mut _,
+            v_cache: pv as *mut _,
+            cache_len: n,
+            kmin: plo as *mut _,
+            kmax: phi as *mut _,
+            meta_len: m,
+        };
+        let (kt, vt) = (
+            device_tensor(pkn, kn.len(), s),
+            device_tensor(pvn, vn.len(), s),
+        );
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe { longattn_paged_append_cuda(&d, cu, 2, kt, vt, kv, 0, stream) }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    for (name, dev, host) in [
+        ("k", 0, &k),
+        ("v", 1, &v),
+        ("kmin", 2, &lo),
+        ("kmax", 3, &hi),
+    ] {
+        let got = gs.clone_dtoh(&dcache[dev]).unwrap();
+        assert_eq!(bits(&got), bits(host), "GPU append: {name}");
+    }
+    let mut dout = gs.alloc_zeros::<bf16>(q.len()).unwrap();
+    let st = {
+        let (pq, _g1) = dq.device_ptr(&gs);
+        let (pk, _g2) = dcache[0].device_ptr(&gs);
+        let (pv, _g3) = dcache[1].device_ptr(&gs);
+        let (plo, _g4) = dcache[2].device_ptr(&gs);
+        let (phi, _g5) = dcache[3].device_ptr(&gs);
+        let (pout, _g6) = dout.device_ptr_mut(&gs);
+        let p = CDecodePolicy {
+            kmin: plo as *const _,
+            kmax: phi as *const _,
+            ..policy
+        };
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe {
+            longattn_paged_decode_policy_cuda(
+                &d,
+                &p,
+                2,
+                device_tensor(pq, q.len(), qs),
+                pk as *const _,
+                pv as *const _,
+                n,
+                device_tensor_mut(pout, q.len(), qs),
+                ptr::null_mut(),
+                0,
+                0,
+                stream,
+            )
+        }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let to_f64 = |x: &[bf16]| x.iter().map(|v| v.to_f64()).collect::<Vec<_>>();
+    let err = rel_l2(&to_f64(&gs.clone_dtoh(&dout).unwrap()), &to_f64(&want));
+    assert!(
+        err < 2e-2,
+        "GPU policy decode: rel L2 {err} vs the CPU path"
+    );
+    let up = |x: &Vec<f32>| gs.clone_htod(x).unwrap();
+    let (dao, dal, dbo, dbl) = (up(&mc.a.0), up(&mc.a.1), up(&mc.b.0), up(&mc.b.1));
+    let (mut doo, mut dol) = (up(&scratch.0), up(&scratch.1));
+    let st = {
+        let dev = |p: u64, l: &Vec<f32>| (p as *const std::ffi::c_void, l.len());
+        let (pao, _g1) = dao.device_ptr(&gs);
+        let (pal, _g2) = dal.device_ptr(&gs);
+        let (pbo, _g3) = dbo.device_ptr(&gs);
+        let (pbl, _g4) = dbl.device_ptr(&gs);
+        let (poo, _g5) = doo.device_ptr_mut(&gs);
+        let (pol, _g6) = dol.device_ptr_mut(&gs);
+        let part = |(o, ol): (*const std::ffi::c_void, usize),
+                    (l, ll): (*const std::ffi::c_void, usize)| CPartial {
+            o,
+            o_len: ol,
+            lse: l.cast(),
+            lse_len: ll,
+        };
+        let out = CPartialMut {
+            o: poo as *mut _,
+            o_len: scratch.0.len(),
+            lse: pol as *mut f32,
+            lse_len: scratch.1.len(),
+        };
+        let a = part(dev(pao, &mc.a.0), dev(pal, &mc.a.1));
+        let b = part(dev(pbo, &mc.b.0), dev(pbl, &mc.b.1));
+        // SAFETY: live device allocations of the stated lengths on this context.
+        unsafe { longattn_merge_cuda(&mc.desc, 0, a, b, out, 0, stream) }
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let f64s = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<_>>();
+    let err = rel_l2(&f64s(gs.clone_dtoh(&doo).unwrap()), &f64s(merged.0.clone()));
+    assert!(err < 1e-5, "GPU merge: rel L2 {err} vs the CPU path");
+    let lse: Vec<f64> = f64s(merged.1.clone());
+    common::check_lse(&gs.clone_dtoh(&dol).unwrap(), &lse, 1e-4, "GPU merge lse");
 }
