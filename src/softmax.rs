@@ -9,6 +9,7 @@ mod kernels;
 
 use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
 pub(crate) use kernels::{dot, dot_block};
+use std::ops::Range;
 
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
 /// un-normalised output `acc = sum exp(s - m) * v`.
@@ -188,7 +189,11 @@ impl OnlineSoftmaxBlock {
             fold_weights(&mut self.l[r], m, s, p);
             every &= !t.skipped;
         }
-        if every {
+        // A key a row skips has weight 0, and `acc + 0 * v` is `acc` bit for bit when `v` is
+        // finite (`acc` is never -0: it starts at +0 and a sum is -0 only from two -0's),
+        // so a masked tile runs as one `pv_block` too unless a value row holds an inf or NaN,
+        // which only the rows that take it may see.
+        if every || all_finite(values) {
             pv_block(&mut self.acc, &self.p, values, d);
             return;
         }
@@ -216,6 +221,56 @@ impl OnlineSoftmaxBlock {
         let d = self.d;
         for (r, (o, lse)) in out.chunks_exact_mut(d).zip(lse).enumerate() {
             *lse = finish_row(self.m[r], self.l[r], &self.acc[r * d..(r + 1) * d], o);
+        }
+    }
+}
+
+/// Whether every value of `x` is finite: eight lanes of `x - x` (0, or NaN for an inf or a
+/// NaN) summed, so the check vectorizes instead of branching per value.
+fn all_finite(x: &[f32]) -> bool {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().all(|v| v.is_finite());
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v - v;
+        }
+    }
+    tail && lanes.iter().all(|&l| l == 0.0)
+}
+
+/// Scores of a block of query rows against a tile of keys, the first step of one tile of
+/// every blocked CPU path (dense, block-sparse, neighborhood): `q: [rows.len(), d]`, keys
+/// `keys` of `k: [_, d]`, into `scores: [rows.len(), keys.len()]`, scaled by `scale`,
+/// softcapped, and `-inf` where the key is not visible to the row. Row `i` sees the keys of
+/// `seen(i) = (window, sink_end)`: `j < sink_end || window.contains(&j)` (a dense row's
+/// window and sinks, a block-sparse row's block, a neighborhood row's window along a line
+/// of keys). Masked keys never reach a score, whatever their values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_scores(
+    q: &[f32],
+    k: &[f32],
+    d: usize,
+    (scale, cap): (f32, Option<f32>),
+    rows: Range<usize>,
+    keys: Range<usize>,
+    seen: impl Fn(usize) -> (Range<usize>, usize),
+    scores: &mut [f32],
+) {
+    dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
+    for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
+        let (window, sink_end) = seen(i);
+        let all = keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
+        if all && cap.is_none() {
+            row.iter_mut().for_each(|s| *s *= scale);
+            continue;
+        }
+        for (s, j) in row.iter_mut().zip(keys.clone()) {
+            *s = if j < sink_end || window.contains(&j) {
+                softcapped(*s * scale, cap)
+            } else {
+                f32::NEG_INFINITY
+            };
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::layout::{
     checked_elems,
 };
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmaxBlock, dot_block, softcapped};
+use crate::softmax::{OnlineSoftmaxBlock, tile_scores};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -572,12 +572,9 @@ impl FlashAttention {
         }
     }
 
-    /// Scores of query rows `rows` (`q: [rows.len(), d]`) against keys `keys` (`k: [sk, d]`)
-    /// into `scores: [rows.len(), keys.len()]`: scaled, softcapped, and `-inf` where the key
-    /// is not visible to the row; row `i` sees the keys of `seen(i) = (window, sink_end)`
-    /// (`j < sink_end || window.contains(&j)`, as [`Mask::row_ranges`]). Masked keys never
-    /// reach a score, whatever their values. One tile of the online softmax, shared by the
-    /// dense (row blocks) and block-sparse (single rows) CPU paths.
+    /// [`softmax::tile_scores`](crate::softmax::tile_scores) with this problem's head dim,
+    /// scale and softcap: row `i` of `rows` sees the keys of `seen(i) = (window, sink_end)`
+    /// (as [`Mask::row_ranges`]). Shared by the dense and block-sparse CPU paths.
     pub(crate) fn tile_scores(
         &self,
         q: &[f32],
@@ -587,25 +584,8 @@ impl FlashAttention {
         seen: impl Fn(usize) -> (Range<usize>, usize),
         scores: &mut [f32],
     ) {
-        let d = self.head_dim;
-        dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
-        let (scale, cap) = (self.scale, self.softcap);
-        for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
-            let (window, sink_end) = seen(i);
-            let all =
-                keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
-            if all && cap.is_none() {
-                row.iter_mut().for_each(|s| *s *= scale);
-                continue;
-            }
-            for (s, j) in row.iter_mut().zip(keys.clone()) {
-                *s = if j < sink_end || window.contains(&j) {
-                    softcapped(*s * scale, cap)
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-        }
+        let params = (self.scale, self.softcap);
+        tile_scores(q, k, self.head_dim, params, rows, keys, seen, scores);
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles

@@ -364,7 +364,10 @@ impl NeighborhoodSchedule {
 }
 
 /// Row-major coordinates of `n` in a box of extents `ext` (the last dim fastest).
-fn unravel(mut n: usize, ext: [usize; MAX_NEIGHBORHOOD_DIMS]) -> [usize; MAX_NEIGHBORHOOD_DIMS] {
+pub(super) fn unravel(
+    mut n: usize,
+    ext: [usize; MAX_NEIGHBORHOOD_DIMS],
+) -> [usize; MAX_NEIGHBORHOOD_DIMS] {
     let mut c = [0; MAX_NEIGHBORHOOD_DIMS];
     for a in (0..MAX_NEIGHBORHOOD_DIMS).rev() {
         c[a] = n % ext[a];
