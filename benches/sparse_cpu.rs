@@ -2,15 +2,46 @@
 //! Throughput is reported as "elements/s" where one element is one FLOP (`4 * head_dim` per
 //! visible query-key pair and head), i.e. FLOP/s over the pairs the problem makes visible.
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use longattn::neighborhood::schedule::visible_flops;
 use longattn::*;
 
 #[path = "../examples/support/mod.rs"]
 mod support;
 
-fn fill(n: usize, seed: u64) -> Vec<bf16> {
-    support::uniform(n, seed)
+/// Benches one CPU forward pass, `forward(q, k, v, out)`, on bf16 tensors of strides `st`
+/// (contiguous `[1, tokens, heads, head_dim]`), at `flops` FLOPs per call.
+fn bench_forward(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    id: BenchmarkId,
+    flops: u64,
+    st: Strides,
+    forward: impl Fn(
+        Strided<&[bf16]>,
+        Strided<&[bf16]>,
+        Strided<&[bf16]>,
+        Strided<&mut [bf16]>,
+    ) -> Result<()>,
+) {
+    // One sequence: its elements are the batch stride.
+    let n = st.batch as usize;
+    let [q, k, v] = [1, 2, 3].map(|seed| support::uniform::<bf16>(n, seed));
+    let mut out = vec![bf16::ZERO; n];
+    group.throughput(Throughput::Elements(flops));
+    group.bench_function(id, |bench| {
+        bench.iter(|| {
+            forward(
+                Strided::new(&q[..], st),
+                Strided::new(&k[..], st),
+                Strided::new(&v[..], st),
+                Strided::new(&mut out[..], st),
+            )
+            .unwrap()
+        })
+    });
 }
 
 /// Neighborhood problems: 1-D with a large kernel, 2-D with small and medium kernels, 3-D.
@@ -46,22 +77,11 @@ fn bench_neighborhood(c: &mut Criterion) {
             dims: &dims,
         };
         let attn = NeighborhoodAttention::new(&shape, &AttentionOptions::default()).unwrap();
-        let n = attn.tokens();
-        let st = Strides::contiguous(n, h, d);
-        let (q, k, v) = (fill(n * h * d, 1), fill(n * h * d, 2), fill(n * h * d, 3));
-        let mut out = vec![bf16::ZERO; n * h * d];
-        group.throughput(Throughput::Elements(visible_flops(&attn) as u64));
-        group.bench_function(BenchmarkId::new(name, format!("h{h}_d{d}")), |bench| {
-            bench.iter(|| {
-                attn.forward_cpu(
-                    Strided::new(&q[..], st),
-                    Strided::new(&k[..], st),
-                    Strided::new(&v[..], st),
-                    Strided::new(&mut out[..], st),
-                    None,
-                )
-                .unwrap()
-            })
+        let id = BenchmarkId::new(name, format!("h{h}_d{d}"));
+        let flops = visible_flops(&attn) as u64;
+        let st = Strides::contiguous(attn.tokens(), h, d);
+        bench_forward(&mut group, id, flops, st, |q, k, v, o| {
+            attn.forward_cpu(q, k, v, o, None)
         });
     }
     group.finish();
@@ -75,8 +95,6 @@ fn bench_block_sparse(c: &mut Criterion) {
     group.sample_size(10);
     let (s, h, d, blk) = (4096, 2, 64, 128);
     let st = Strides::contiguous(s, h, d);
-    let (q, k, v) = (fill(s * h * d, 1), fill(s * h * d, 2), fill(s * h * d, 3));
-    let mut out = vec![bf16::ZERO; s * h * d];
     let shape = AttentionShape {
         batch: 1,
         heads_q: h,
@@ -122,23 +140,12 @@ fn bench_block_sparse(c: &mut Criterion) {
         let attn =
             BlockSparseAttention::new(FlashAttention::new(&shape, &opts).unwrap(), mask.clone())
                 .unwrap();
-        group.throughput(Throughput::Elements((4 * h * d * pairs) as u64));
         let density = (100.0 * mask.density()).round();
-        group.bench_function(
-            BenchmarkId::new(format!("causal_{density}pct"), format!("s{s}_h{h}_d{d}")),
-            |bench| {
-                bench.iter(|| {
-                    attn.forward_cpu(
-                        Strided::new(&q[..], st),
-                        Strided::new(&k[..], st),
-                        Strided::new(&v[..], st),
-                        Strided::new(&mut out[..], st),
-                        None,
-                    )
-                    .unwrap()
-                })
-            },
-        );
+        let id = BenchmarkId::new(format!("causal_{density}pct"), format!("s{s}_h{h}_d{d}"));
+        let flops = (4 * h * d * pairs) as u64;
+        bench_forward(&mut group, id, flops, st, |q, k, v, o| {
+            attn.forward_cpu(q, k, v, o, None)
+        });
     }
     group.finish();
 }

@@ -225,7 +225,7 @@ impl OnlineSoftmaxBlock {
     }
 }
 
-/// Whether every value of `x` is finite: eight lanes of `x - x` (0, or NaN for an inf or a
+/// Whether every value of `x` is finite: eight lanes of `0 * x` (0, or NaN for an inf or a
 /// NaN) summed, so the check vectorizes instead of branching per value.
 fn all_finite(x: &[f32]) -> bool {
     let mut lanes = [0.0f32; 8];
@@ -233,7 +233,7 @@ fn all_finite(x: &[f32]) -> bool {
     let tail = chunks.remainder().iter().all(|v| v.is_finite());
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
-            *l += v - v;
+            *l += v * 0.0;
         }
     }
     tail && lanes.iter().all(|&l| l == 0.0)

@@ -1016,16 +1016,8 @@ impl BlockSparseAttention {
                 if !visible {
                     continue;
                 }
-                let scores = &mut scores[..rows.len() * keys.len()];
-                attn.tile_scores(
-                    q,
-                    k,
-                    rows.clone(),
-                    keys.clone(),
-                    |i| seen[i - rows.start].clone(),
-                    scores,
-                );
-                state.update(scores, &v[keys.start * d..keys.end * d]);
+                let (state, rows) = (&mut state, rows.clone());
+                attn.fold_tile(state, q, (k, v), rows, keys, &seen, &mut scores);
             }
         }
         state.finish(o, l);

@@ -572,20 +572,30 @@ impl FlashAttention {
         }
     }
 
+    /// One key tile of the blocked CPU paths (dense, block-sparse): the scores of query rows
+    /// `rows` (`q: [rows.len(), d]`) against keys `keys` of `k: [sk, d]` by
     /// [`softmax::tile_scores`](crate::softmax::tile_scores) with this problem's head dim,
-    /// scale and softcap: row `i` of `rows` sees the keys of `seen(i) = (window, sink_end)`
-    /// (as [`Mask::row_ranges`]). Shared by the dense and block-sparse CPU paths.
-    pub(crate) fn tile_scores(
+    /// scale and softcap, row `i` seeing the keys of `seen[i - rows.start] = (window,
+    /// sink_end)` (as [`Mask::row_ranges`]), folded into `state` with the value rows `keys`
+    /// of `v: [sk, d]`. `scores` is the scratch of one tile.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fold_tile(
         &self,
+        state: &mut OnlineSoftmaxBlock,
         q: &[f32],
-        k: &[f32],
+        (k, v): (&[f32], &[f32]),
         rows: Range<usize>,
         keys: Range<usize>,
-        seen: impl Fn(usize) -> (Range<usize>, usize),
-        scores: &mut [f32],
+        seen: &[(Range<usize>, usize)],
+        scores: &mut [f32; CPU_TILE_M * CPU_TILE_N],
     ) {
+        let d = self.head_dim;
+        let scores = &mut scores[..rows.len() * keys.len()];
         let params = (self.scale, self.softcap);
-        tile_scores(q, k, self.head_dim, params, rows, keys, seen, scores);
+        let first = rows.start;
+        let seen = |i: usize| seen[i - first].clone();
+        tile_scores(q, k, d, params, rows, keys.clone(), seen, scores);
+        state.update(scores, &v[keys.start * d..keys.end * d]);
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
@@ -619,16 +629,8 @@ impl FlashAttention {
                 let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
                 for t in tiles.iter() {
                     let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
-                    let scores = &mut scores[..rows.len() * keys.len()];
-                    self.tile_scores(
-                        q_rows,
-                        k,
-                        rows.clone(),
-                        keys.clone(),
-                        |i| seen[i - rows.start].clone(),
-                        scores,
-                    );
-                    state.update(scores, &v[keys.start * d..keys.end * d]);
+                    let (state, rows) = (&mut state, rows.clone());
+                    self.fold_tile(state, q_rows, (k, v), rows, keys, &seen, &mut scores);
                 }
                 state.finish(o, l);
             });
