@@ -493,7 +493,8 @@ impl NeighborhoodAttention {
         let dilation = dims[2].dilation;
         // Token of key `f` of the box (row-major, `line` keys per line).
         let key = |f: usize| sched.key_token(qt, f - f % line) + (f % line) * dilation;
-        let (mut kg, mut vg) = (Vec::new(), Vec::new());
+        let cap = NEIGHBORHOOD_CPU_KEY_TILE * d;
+        let (mut kg, mut vg) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
         let mut state = OnlineSoftmaxBlock::new(rows, d);
         let mut scores = [0.0f32; CPU_TILE_M * NEIGHBORHOOD_CPU_KEY_TILE];
         let params = (self.scale, self.softcap);
@@ -507,9 +508,18 @@ impl NeighborhoodAttention {
             } else {
                 kg.clear();
                 vg.clear();
-                for t in keys.clone().map(key) {
-                    kg.extend_from_slice(&k[t * d..(t + 1) * d]);
-                    vg.extend_from_slice(&v[t * d..(t + 1) * d]);
+                for (_, seg) in line_segments(keys.clone(), line) {
+                    let first = key(seg.start);
+                    if dilation == 1 {
+                        let run = first * d..(first + seg.len()) * d;
+                        kg.extend_from_slice(&k[run.clone()]);
+                        vg.extend_from_slice(&v[run]);
+                        continue;
+                    }
+                    for t in (0..seg.len()).map(|x| first + x * dilation) {
+                        kg.extend_from_slice(&k[t * d..(t + 1) * d]);
+                        vg.extend_from_slice(&v[t * d..(t + 1) * d]);
+                    }
                 }
                 (&kg[..], &vg[..])
             };
@@ -553,6 +563,18 @@ impl NeighborhoodAttention {
 /// stay in the L1 and L2 caches).
 const NEIGHBORHOOD_CPU_KEY_TILE: usize = 64;
 
+/// The pieces of keys `keys` of a key box of lines of `line` keys (row-major), one per line
+/// they touch: `(line n, its keys in keys)`.
+fn line_segments(keys: Range<usize>, line: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    let lines = keys.start / line..keys.end.div_ceil(line);
+    lines.map(move |n| {
+        (
+            n,
+            (n * line).max(keys.start)..((n + 1) * line).min(keys.end),
+        )
+    })
+}
+
 /// Sets to `-inf` the scores `row` of one query row for keys `keys` of a key box of lines of
 /// `line` keys, except on each line `n` the keys at positions `seen(n)` along the line.
 fn mask_lines(
@@ -561,17 +583,13 @@ fn mask_lines(
     line: usize,
     seen: impl Fn(usize) -> Range<usize>,
 ) {
-    let mut f = keys.start;
-    while f < keys.end {
-        let n = f / line;
-        let seg_end = ((n + 1) * line).min(keys.end);
+    for (n, seg) in line_segments(keys.clone(), line) {
         let w = seen(n);
-        let (lo, hi) = (n * line + w.start, n * line + w.end);
-        for g in f..seg_end {
-            if g < lo || g >= hi {
-                row[g - keys.start] = f32::NEG_INFINITY;
-            }
-        }
-        f = seg_end;
+        // The visible part of the segment, relative to the tile.
+        let lo = (n * line + w.start).clamp(seg.start, seg.end) - keys.start;
+        let hi = (n * line + w.end).clamp(seg.start, seg.end) - keys.start;
+        let (lo, hi) = (lo, hi.max(lo));
+        row[seg.start - keys.start..lo].fill(f32::NEG_INFINITY);
+        row[hi..seg.end - keys.start].fill(f32::NEG_INFINITY);
     }
 }
