@@ -137,9 +137,10 @@ fn finish_row(m: f32, l: f32, acc: &[f32], o: &mut [f32]) -> f32 {
 }
 
 /// The online-softmax states of a block of query rows that visit the same key tiles (the
-/// dense CPU path's row blocks): row `r` is an [`OnlineSoftmax`] with the bits it would
-/// have row by row, but each tile's P.V product runs as one [`pv_block`] (every value row
-/// loaded once for all rows) whenever every row of the block takes every key of the tile.
+/// row blocks of the dense, block-sparse and neighborhood CPU paths): row `r` is an
+/// [`OnlineSoftmax`] with the bits it would have row by row, but each tile's P.V product runs
+/// as one [`pv_block`] (every value row loaded once for all rows) whenever every row of the
+/// block takes every key of the tile or the tile's value rows are all finite.
 pub(crate) struct OnlineSoftmaxBlock {
     d: usize,
     /// Running max per row, `[rows]`.
@@ -330,6 +331,60 @@ mod tests {
         let (wa, wb, lse) = merge_weights(0.0, 0.0);
         assert!((wa - 0.5).abs() < 1e-7 && (wb - 0.5).abs() < 1e-7);
         assert!((lse - 2f32.ln()).abs() < 1e-7);
+    }
+
+    /// A block of rows that skip different keys (one row skipping every key of the first
+    /// tile) ends with the bits of each row alone, whether the tile's value rows are finite
+    /// (one `pv_block`) or a skipped one holds an inf or NaN (row by row, never seen).
+    #[test]
+    fn masked_row_blocks_equal_rows_alone() {
+        let (rows, keys, d) = (5, 9, 11);
+        let x = |i: usize| ((i * 37 % 17) as f32 - 8.0) / 7.0;
+        let scores: Vec<f32> = (0..rows * keys)
+            .map(|i| {
+                let (r, j) = (i / keys, i % keys);
+                if r == 0 || (j + r) % 3 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    x(i)
+                }
+            })
+            .collect();
+        for poison in [None, Some(f32::INFINITY), Some(f32::NAN)] {
+            let mut values: Vec<f32> = (0..keys * d).map(|i| x(i + 5)).collect();
+            if let Some(p) = poison {
+                // Key 0: skipped by rows 0 and 3 only.
+                values[2] = p;
+            }
+            let mut block = OnlineSoftmaxBlock::new(rows, d);
+            block.update(&scores, &values);
+            let second: Vec<f32> = scores.iter().map(|s| s * 0.5 + 1.0).collect();
+            block.update(&second, &values);
+            let (mut o, mut l) = (vec![0.0; rows * d], vec![0.0; rows]);
+            block.finish(&mut o, &mut l);
+            for r in 0..rows {
+                let mut one = OnlineSoftmax::new(d);
+                for s in [&scores, &second] {
+                    one.update(&s[r * keys..(r + 1) * keys], |j| {
+                        &values[j * d..(j + 1) * d]
+                    });
+                }
+                let (want, want_lse) = one.finish();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&o[r * d..(r + 1) * d]),
+                    bits(&want),
+                    "{poison:?} row {r}"
+                );
+                assert_eq!(l[r].to_bits(), want_lse.to_bits(), "{poison:?} row {r}");
+            }
+            if poison.is_some() {
+                assert!(
+                    o[3 * d..4 * d].iter().all(|v| v.is_finite()),
+                    "row 3 skips key 0"
+                );
+            }
+        }
     }
 
     #[test]

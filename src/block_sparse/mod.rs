@@ -906,9 +906,10 @@ impl BlockSparseAttention {
         self.rows.as_ref()
     }
 
-    /// CPU forward pass: the dense path's tiled online softmax (f32, `CPU_TILE_N`-key tiles,
-    /// parallel over (batch, head)) visiting only the listed key blocks of each query block,
-    /// in list order. Buffers as for [`FlashAttention::forward_cpu`].
+    /// CPU forward pass: the dense path's tiled online softmax (f32, blocks of `CPU_TILE_M`
+    /// rows against `CPU_TILE_N`-key tiles, parallel over (batch, head) and query blocks)
+    /// visiting only the listed key blocks of each query block, in list order. Buffers as
+    /// for [`FlashAttention::forward_cpu`].
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
