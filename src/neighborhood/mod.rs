@@ -410,7 +410,10 @@ impl NeighborhoodAttention {
         // Query tiles of `CPU_TILE_M` rows shaped for the fewest computed pairs (the CPU
         // scores no padding keys: a short last key tile stays short, hence key tile 1).
         let tile = schedule::choose_query_tile(self, CPU_TILE_M, 1)?;
-        let sched = NeighborhoodSchedule::with_tile(self, tile, NEIGHBORHOOD_CPU_KEY_TILE)?;
+        // The schedule's own key tiles are the largest it takes, so that it holds a few per
+        // query tile whatever the kernel; each query tile cuts its box into CPU key tiles
+        // when it runs (memory per tile, not per grid x kernel).
+        let sched = NeighborhoodSchedule::with_tile(self, tile, schedule::MAX_TILE)?;
         let group = self.heads_q / self.heads_kv;
         let tasks: Vec<(usize, usize)> = (0..self.batch)
             .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
@@ -499,7 +502,9 @@ impl NeighborhoodAttention {
         let mut scores = [0.0f32; CPU_TILE_M * NEIGHBORHOOD_CPU_KEY_TILE];
         let params = (self.scale, self.softcap);
         debug_assert!(rows <= CPU_TILE_M && e0 * e1 * line == qt.key_count());
-        for kt in sched.key_tiles_of(qt) {
+        let mut key_tiles = Vec::new();
+        schedule::push_key_tiles(qt, NEIGHBORHOOD_CPU_KEY_TILE, &mut key_tiles);
+        for kt in &key_tiles {
             let keys = kt.start..kt.start + kt.len;
             let (kt_k, kt_v) = if dilation == 1 && kt.start / line == (keys.end - 1) / line {
                 let first = key(kt.start);

@@ -164,7 +164,7 @@ pub fn choose_query_tile(
 }
 
 /// Most query rows or keys per tile a schedule takes (far above any kernel's tile).
-const MAX_TILE: usize = 1 << 12;
+pub(super) const MAX_TILE: usize = 1 << 12;
 
 fn check_tile_sizes(rows: usize, key_tile: usize) -> Result<()> {
     if !rows.is_power_of_two() || rows > MAX_TILE {
@@ -381,7 +381,7 @@ pub(super) fn unravel(
 /// box of a row-major range is exact in the dims before the first one where its ends
 /// differ, the ends' range in that dim, and the full extent after it (an over-estimate at
 /// worst, which only turns an interior chunk into a masked one).
-fn push_key_tiles(qt: &QueryTile, key_tile: usize, out: &mut Vec<KeyTile>) {
+pub(super) fn push_key_tiles(qt: &QueryTile, key_tile: usize, out: &mut Vec<KeyTile>) {
     let ext = qt.keys.each_ref().map(|r| r.len());
     let total = qt.key_count();
     let common_nonempty = qt.common.iter().all(|r| !r.is_empty());
