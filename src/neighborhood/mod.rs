@@ -564,9 +564,10 @@ impl NeighborhoodAttention {
 }
 
 /// Keys per key tile of the CPU path: the flat chunks of a query tile's key box that its
-/// rows score together (64: the scores of `CPU_TILE_M` rows and the tile's keys and values
-/// stay in the L1 and L2 caches).
-const NEIGHBORHOOD_CPU_KEY_TILE: usize = 64;
+/// rows score together. 128 (8 KiB of scores for `CPU_TILE_M` rows, 32 KiB each of keys and
+/// values at d64, in L2) measured a little faster than 64 on the 1-D and 2-D k13 benches
+/// (fewer short edge chunks and per-tile rescales) and level on the others.
+const NEIGHBORHOOD_CPU_KEY_TILE: usize = 128;
 
 /// The pieces of keys `keys` of a key box of lines of `line` keys (row-major), one per line
 /// they touch: `(line n, its keys in keys)`.
