@@ -388,8 +388,8 @@ impl NeighborhoodAttention {
     /// CPU forward pass, f32 accumulation, parallel over (batch, head) and over the query
     /// tiles of each head: the query tiles of [`NeighborhoodSchedule`] (boxes of
     /// `CPU_TILE_M` in-group positions of one dilation group), each tile's rows together
-    /// against its key box, one line of keys along the last dim at a time (see
-    /// [`Self::tile_cpu`]). A query always sees at least itself, so no row is empty.
+    /// against its key box in chunks of keys, masked per row (`tile_cpu`). A query always
+    /// sees at least itself, so no row is empty.
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
@@ -458,8 +458,8 @@ impl NeighborhoodAttention {
     /// One query tile `qt` of `sched` for one (batch, head) (`q, k, v: [tokens, d]` in f32):
     /// returns its valid rows' tokens, outputs `[rows, d]` and LSEs `[rows]`.
     ///
-    /// The rows visit the schedule's key tiles of `qt` (flat chunks of its key box) together:
-    /// a chunk inside one line of the box (fixed in-group indices in the outer dims) with no
+    /// The rows visit `qt`'s key box together in flat chunks of `NEIGHBORHOOD_CPU_KEY_TILE`
+    /// keys (`push_key_tiles`, which marks the interior ones): a chunk inside one line of the box (fixed in-group indices in the outer dims) with no
     /// dilation along the last dim is one run of rows of `k` and `v`, any other chunk is
     /// gathered. Per row, the keys it sees on a line of the box are one interval (its window
     /// along the last dim, when the line lies in its window in the outer dims; none
