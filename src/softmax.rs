@@ -9,6 +9,7 @@ mod kernels;
 
 use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
 pub(crate) use kernels::{dot, dot_block};
+use std::ops::Range;
 
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
 /// un-normalised output `acc = sum exp(s - m) * v`.
@@ -136,9 +137,10 @@ fn finish_row(m: f32, l: f32, acc: &[f32], o: &mut [f32]) -> f32 {
 }
 
 /// The online-softmax states of a block of query rows that visit the same key tiles (the
-/// dense CPU path's row blocks): row `r` is an [`OnlineSoftmax`] with the bits it would
-/// have row by row, but each tile's P.V product runs as one [`pv_block`] (every value row
-/// loaded once for all rows) whenever every row of the block takes every key of the tile.
+/// row blocks of the dense, block-sparse and neighborhood CPU paths): row `r` is an
+/// [`OnlineSoftmax`] with the bits it would have row by row, but each tile's P.V product runs
+/// as one [`pv_block`] (every value row loaded once for all rows) whenever every row of the
+/// block takes every key of the tile or the tile's value rows are all finite.
 pub(crate) struct OnlineSoftmaxBlock {
     d: usize,
     /// Running max per row, `[rows]`.
@@ -188,7 +190,11 @@ impl OnlineSoftmaxBlock {
             fold_weights(&mut self.l[r], m, s, p);
             every &= !t.skipped;
         }
-        if every {
+        // A key a row skips has weight 0, and `acc + 0 * v` is `acc` bit for bit when `v` is
+        // finite (`acc` is never -0: it starts at +0 and a sum is -0 only from two -0's),
+        // so a masked tile runs as one `pv_block` too unless a value row holds an inf or NaN,
+        // which only the rows that take it may see.
+        if every || all_finite(values) {
             pv_block(&mut self.acc, &self.p, values, d);
             return;
         }
@@ -216,6 +222,56 @@ impl OnlineSoftmaxBlock {
         let d = self.d;
         for (r, (o, lse)) in out.chunks_exact_mut(d).zip(lse).enumerate() {
             *lse = finish_row(self.m[r], self.l[r], &self.acc[r * d..(r + 1) * d], o);
+        }
+    }
+}
+
+/// Whether every value of `x` is finite: eight lanes of `0 * x` (0, or NaN for an inf or a
+/// NaN) summed, so the check vectorizes instead of branching per value.
+fn all_finite(x: &[f32]) -> bool {
+    let mut lanes = [0.0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder().iter().all(|v| v.is_finite());
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += v * 0.0;
+        }
+    }
+    tail && lanes.iter().all(|&l| l == 0.0)
+}
+
+/// Scores of a block of query rows against a tile of keys, the first step of one tile of
+/// every blocked CPU path (dense, block-sparse, neighborhood): `q: [rows.len(), d]`, keys
+/// `keys` of `k: [_, d]`, into `scores: [rows.len(), keys.len()]`, scaled by `scale`,
+/// softcapped, and `-inf` where the key is not visible to the row. Row `i` sees the keys of
+/// `seen(i) = (window, sink_end)`: `j < sink_end || window.contains(&j)` (a dense row's
+/// window and sinks, a block-sparse row's block, a neighborhood row's window along a line
+/// of keys). Masked keys never reach a score, whatever their values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tile_scores(
+    q: &[f32],
+    k: &[f32],
+    d: usize,
+    (scale, cap): (f32, Option<f32>),
+    rows: Range<usize>,
+    keys: Range<usize>,
+    seen: impl Fn(usize) -> (Range<usize>, usize),
+    scores: &mut [f32],
+) {
+    dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
+    for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
+        let (window, sink_end) = seen(i);
+        let all = keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
+        if all && cap.is_none() {
+            row.iter_mut().for_each(|s| *s *= scale);
+            continue;
+        }
+        for (s, j) in row.iter_mut().zip(keys.clone()) {
+            *s = if j < sink_end || window.contains(&j) {
+                softcapped(*s * scale, cap)
+            } else {
+                f32::NEG_INFINITY
+            };
         }
     }
 }
@@ -275,6 +331,60 @@ mod tests {
         let (wa, wb, lse) = merge_weights(0.0, 0.0);
         assert!((wa - 0.5).abs() < 1e-7 && (wb - 0.5).abs() < 1e-7);
         assert!((lse - 2f32.ln()).abs() < 1e-7);
+    }
+
+    /// A block of rows that skip different keys (one row skipping every key of the first
+    /// tile) ends with the bits of each row alone, whether the tile's value rows are finite
+    /// (one `pv_block`) or a skipped one holds an inf or NaN (row by row, never seen).
+    #[test]
+    fn masked_row_blocks_equal_rows_alone() {
+        let (rows, keys, d) = (5, 9, 11);
+        let x = |i: usize| ((i * 37 % 17) as f32 - 8.0) / 7.0;
+        let scores: Vec<f32> = (0..rows * keys)
+            .map(|i| {
+                let (r, j) = (i / keys, i % keys);
+                if r == 0 || (j + r) % 3 == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    x(i)
+                }
+            })
+            .collect();
+        for poison in [None, Some(f32::INFINITY), Some(f32::NAN)] {
+            let mut values: Vec<f32> = (0..keys * d).map(|i| x(i + 5)).collect();
+            if let Some(p) = poison {
+                // Key 0: skipped by rows 0 and 3 only.
+                values[2] = p;
+            }
+            let mut block = OnlineSoftmaxBlock::new(rows, d);
+            block.update(&scores, &values);
+            let second: Vec<f32> = scores.iter().map(|s| s * 0.5 + 1.0).collect();
+            block.update(&second, &values);
+            let (mut o, mut l) = (vec![0.0; rows * d], vec![0.0; rows]);
+            block.finish(&mut o, &mut l);
+            for r in 0..rows {
+                let mut one = OnlineSoftmax::new(d);
+                for s in [&scores, &second] {
+                    one.update(&s[r * keys..(r + 1) * keys], |j| {
+                        &values[j * d..(j + 1) * d]
+                    });
+                }
+                let (want, want_lse) = one.finish();
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&o[r * d..(r + 1) * d]),
+                    bits(&want),
+                    "{poison:?} row {r}"
+                );
+                assert_eq!(l[r].to_bits(), want_lse.to_bits(), "{poison:?} row {r}");
+            }
+            if poison.is_some() {
+                assert!(
+                    o[3 * d..4 * d].iter().all(|v| v.is_finite()),
+                    "row 3 skips key 0"
+                );
+            }
+        }
     }
 
     #[test]

@@ -39,13 +39,15 @@ pub use gpu::{
     BlockSparseGpuPlan, GPU_HEAD_DIMS, HOPPER_BLOCK_M_MULTIPLE, hopper_block_n_multiple,
 };
 
-use crate::dense::{CPU_TILE_N, FlashAttention};
+use crate::dense::{CPU_TILE_M, CPU_TILE_N, FlashAttention};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::Strided;
 use crate::mask::Mask;
-use crate::softmax::OnlineSoftmax;
+use crate::softmax::OnlineSoftmaxBlock;
+use rayon::prelude::*;
 use std::fmt;
+use std::ops::Range;
 
 /// Default query and key block size in tokens (FlexAttention's and FlashInfer's default).
 pub const DEFAULT_BLOCK: usize = 128;
@@ -904,9 +906,10 @@ impl BlockSparseAttention {
         self.rows.as_ref()
     }
 
-    /// CPU forward pass: the dense path's tiled online softmax (f32, `CPU_TILE_N`-key tiles,
-    /// parallel over (batch, head)) visiting only the listed key blocks of each query block,
-    /// in list order. Buffers as for [`FlashAttention::forward_cpu`].
+    /// CPU forward pass: the dense path's tiled online softmax (f32, blocks of `CPU_TILE_M`
+    /// rows against `CPU_TILE_N`-key tiles, parallel over (batch, head) and query blocks)
+    /// visiting only the listed key blocks of each query block, in list order. Buffers as
+    /// for [`FlashAttention::forward_cpu`].
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
@@ -923,7 +926,10 @@ impl BlockSparseAttention {
         Ok(())
     }
 
-    /// One (sequence `b`, head `h`): `q: [sq, d]`, `k, v: [sk, d]` in f32.
+    /// One (sequence `b`, head `h`): `q: [sq, d]`, `k, v: [sk, d]` in f32. The query blocks
+    /// run in parallel, each in row blocks of `CPU_TILE_M` rows (as the dense path's), every
+    /// row block against the `CPU_TILE_N`-key tiles of its listed key blocks in list order.
+    /// Returns `(o [sq, d], lse [sq])`.
     #[allow(clippy::too_many_arguments)]
     fn head_cpu(
         &self,
@@ -935,51 +941,86 @@ impl BlockSparseAttention {
         sq: usize,
         sk: usize,
     ) -> (Vec<f32>, Vec<f32>) {
-        let attn = &self.attn;
-        let d = attn.head_dim();
-        let element = attn.mask();
-        let BlockMaskDims {
-            block_m, block_n, ..
-        } = self.mask.dims;
+        let d = self.attn.head_dim();
+        let block_m = self.mask.dims.block_m;
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];
-        let mut scores = [0.0f32; CPU_TILE_N];
-        for qb in 0..sq.div_ceil(block_m) {
-            let list = self.mask.bound_list(b, h, qb);
-            for i in qb * block_m..((qb + 1) * block_m).min(sq) {
-                let qi = &q[i * d..(i + 1) * d];
-                let selected = self
-                    .rows
-                    .as_ref()
-                    .map(|r| r.row_at(attn.lse_index(b, h, i)));
-                let mut state = OnlineSoftmax::new(d);
-                for (kb, kind) in list.iter() {
-                    if selected.is_some_and(|s| s.binary_search(&(kb as i32)).is_err()) {
-                        continue;
-                    }
-                    let block = kb * block_n..((kb + 1) * block_n).min(sk);
-                    for t in block.clone().step_by(CPU_TILE_N) {
-                        let keys = t..(t + CPU_TILE_N).min(block.end);
-                        let n = keys.len();
-                        attn.tile_scores(
-                            qi,
-                            k,
-                            i..i + 1,
-                            keys,
-                            |i| match kind {
-                                BlockKind::Full => (0..sk, 0),
-                                BlockKind::Partial => element.row_ranges(i, sq, sk),
-                            },
-                            &mut scores[..n],
-                        );
-                        state.update(&scores[..n], |j| &v[(t + j) * d..(t + j + 1) * d]);
-                    }
+        out.par_chunks_mut(block_m * d)
+            .zip(lse.par_chunks_mut(block_m))
+            .enumerate()
+            .for_each(|(qb, (o, l))| {
+                let list = self.mask.bound_list(b, h, qb);
+                for (c, (o, l)) in o
+                    .chunks_mut(CPU_TILE_M * d)
+                    .zip(l.chunks_mut(CPU_TILE_M))
+                    .enumerate()
+                {
+                    let start = qb * block_m + c * CPU_TILE_M;
+                    let rows = start..start + l.len();
+                    let (q, kv) = (&q[rows.start * d..rows.end * d], (k, v));
+                    self.row_block(b, h, &list, rows, q, kv, (sq, sk), (o, l));
                 }
-                let (o, l) = state.finish();
-                out[i * d..(i + 1) * d].copy_from_slice(&o);
-                lse[i] = l;
+            });
+        (out, lse)
+    }
+
+    /// Query rows `rows` of one query block of (sequence `b`, head `h`) (`q: [rows.len(), d]`,
+    /// `k, v: [sk, d]`), whose key blocks are `list`, into `o: [rows.len(), d]` and
+    /// `lse: [rows.len()]`. Per key tile, row `i` sees nothing unless its own selection (if
+    /// any) holds the block, every key of a `Full` block, and the element mask's keys of a
+    /// `Partial` one; a tile no row sees is skipped (it would leave every state as it is).
+    #[allow(clippy::too_many_arguments)]
+    fn row_block(
+        &self,
+        b: usize,
+        h: usize,
+        list: &BlockList<'_>,
+        rows: Range<usize>,
+        q: &[f32],
+        (k, v): (&[f32], &[f32]),
+        (sq, sk): (usize, usize),
+        (o, l): (&mut [f32], &mut [f32]),
+    ) {
+        let attn = &self.attn;
+        let d = attn.head_dim();
+        let block_n = self.mask.dims.block_n;
+        let element: Vec<(Range<usize>, usize)> = rows
+            .clone()
+            .map(|i| attn.mask().row_ranges(i, sq, sk))
+            .collect();
+        let selected: Option<Vec<&[i32]>> = self.rows.as_ref().map(|sel| {
+            rows.clone()
+                .map(|i| sel.row_at(attn.lse_index(b, h, i)))
+                .collect()
+        });
+        let mut state = OnlineSoftmaxBlock::new(rows.len(), d);
+        let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
+        // Per row of the block: the keys it sees in the current key block.
+        let mut seen: Vec<(Range<usize>, usize)> = vec![(0..0, 0); rows.len()];
+        for (kb, kind) in list.iter() {
+            for (r, s) in seen.iter_mut().enumerate() {
+                let takes = selected
+                    .as_ref()
+                    .is_none_or(|sel| sel[r].binary_search(&(kb as i32)).is_ok());
+                *s = match (takes, kind) {
+                    (false, _) => (0..0, 0),
+                    (true, BlockKind::Full) => (0..sk, 0),
+                    (true, BlockKind::Partial) => element[r].clone(),
+                };
+            }
+            let block = kb * block_n..((kb + 1) * block_n).min(sk);
+            for t in block.clone().step_by(CPU_TILE_N) {
+                let keys = t..(t + CPU_TILE_N).min(block.end);
+                let visible = seen.iter().any(|(w, sink_end)| {
+                    keys.start < *sink_end || (w.start < keys.end && keys.start < w.end)
+                });
+                if !visible {
+                    continue;
+                }
+                let (state, rows) = (&mut state, rows.clone());
+                attn.fold_tile(state, q, (k, v), rows, keys, &seen, &mut scores);
             }
         }
-        (out, lse)
+        state.finish(o, l);
     }
 }

@@ -16,7 +16,7 @@ use crate::layout::{
     checked_elems,
 };
 use crate::mask::{Mask, Window};
-use crate::softmax::{OnlineSoftmaxBlock, dot_block, softcapped};
+use crate::softmax::{OnlineSoftmaxBlock, tile_scores};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -572,40 +572,30 @@ impl FlashAttention {
         }
     }
 
-    /// Scores of query rows `rows` (`q: [rows.len(), d]`) against keys `keys` (`k: [sk, d]`)
-    /// into `scores: [rows.len(), keys.len()]`: scaled, softcapped, and `-inf` where the key
-    /// is not visible to the row; row `i` sees the keys of `seen(i) = (window, sink_end)`
-    /// (`j < sink_end || window.contains(&j)`, as [`Mask::row_ranges`]). Masked keys never
-    /// reach a score, whatever their values. One tile of the online softmax, shared by the
-    /// dense (row blocks) and block-sparse (single rows) CPU paths.
-    pub(crate) fn tile_scores(
+    /// One key tile of the blocked CPU paths (dense, block-sparse): the scores of query rows
+    /// `rows` (`q: [rows.len(), d]`) against keys `keys` of `k: [sk, d]` by
+    /// [`softmax::tile_scores`](crate::softmax::tile_scores) with this problem's head dim,
+    /// scale and softcap, row `i` seeing the keys of `seen[i - rows.start] = (window,
+    /// sink_end)` (as [`Mask::row_ranges`]), folded into `state` with the value rows `keys`
+    /// of `v: [sk, d]`. `scores` is the scratch of one tile.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn fold_tile(
         &self,
+        state: &mut OnlineSoftmaxBlock,
         q: &[f32],
-        k: &[f32],
+        (k, v): (&[f32], &[f32]),
         rows: Range<usize>,
         keys: Range<usize>,
-        seen: impl Fn(usize) -> (Range<usize>, usize),
-        scores: &mut [f32],
+        seen: &[(Range<usize>, usize)],
+        scores: &mut [f32; CPU_TILE_M * CPU_TILE_N],
     ) {
         let d = self.head_dim;
-        dot_block(q, &k[keys.start * d..keys.end * d], d, scores);
-        let (scale, cap) = (self.scale, self.softcap);
-        for (i, row) in rows.zip(scores.chunks_exact_mut(keys.len())) {
-            let (window, sink_end) = seen(i);
-            let all =
-                keys.end <= sink_end || (window.start <= keys.start && keys.end <= window.end);
-            if all && cap.is_none() {
-                row.iter_mut().for_each(|s| *s *= scale);
-                continue;
-            }
-            for (s, j) in row.iter_mut().zip(keys.clone()) {
-                *s = if j < sink_end || window.contains(&j) {
-                    softcapped(*s * scale, cap)
-                } else {
-                    f32::NEG_INFINITY
-                };
-            }
-        }
+        let scores = &mut scores[..rows.len() * keys.len()];
+        let params = (self.scale, self.softcap);
+        let first = rows.start;
+        let seen = |i: usize| seen[i - first].clone();
+        tile_scores(q, k, d, params, rows, keys.clone(), seen, scores);
+        state.update(scores, &v[keys.start * d..keys.end * d]);
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
@@ -639,16 +629,8 @@ impl FlashAttention {
                 let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
                 for t in tiles.iter() {
                     let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
-                    let scores = &mut scores[..rows.len() * keys.len()];
-                    self.tile_scores(
-                        q_rows,
-                        k,
-                        rows.clone(),
-                        keys.clone(),
-                        |i| seen[i - rows.start].clone(),
-                        scores,
-                    );
-                    state.update(scores, &v[keys.start * d..keys.end * d]);
+                    let (state, rows) = (&mut state, rows.clone());
+                    self.fold_tile(state, q_rows, (k, v), rows, keys, &seen, &mut scores);
                 }
                 state.finish(o, l);
             });

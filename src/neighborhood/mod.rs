@@ -20,12 +20,14 @@ pub use gpu::NeighborhoodGpuPlan;
 pub mod schedule;
 
 use crate::dense::AttentionOptions;
+use crate::dense::CPU_TILE_M;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::{Strided, check_attention_args, check_heads};
 use crate::mask::Mask;
-use crate::softmax::{OnlineSoftmax, dot, softcapped};
+use crate::softmax::{OnlineSoftmaxBlock, tile_scores};
 use rayon::prelude::*;
+use schedule::{NeighborhoodSchedule, QueryTile, padded_dims, unravel};
 use std::ops::Range;
 
 /// Most grid dims (1-D, 2-D or 3-D).
@@ -383,9 +385,11 @@ impl NeighborhoodAttention {
         }
     }
 
-    /// CPU forward pass: per query token the online
-    /// softmax over its neighborhood, f32 accumulation, parallel over (batch, head). A
-    /// query always sees at least itself, so no row is empty.
+    /// CPU forward pass, f32 accumulation, parallel over (batch, head) and over the query
+    /// tiles of each head: the query tiles of [`NeighborhoodSchedule`] (boxes of
+    /// `CPU_TILE_M` in-group positions of one dilation group), each tile's rows together
+    /// against its key box in chunks of keys, masked per row (`tile_cpu`). A query always
+    /// sees at least itself, so no row is empty.
     pub fn forward_cpu<T: Element>(
         &self,
         q: Strided<&[T]>,
@@ -403,6 +407,13 @@ impl NeighborhoodAttention {
             lse.as_ref()
                 .map(|l| (l.len(), self.lse_len(), "[batch, heads_q, tokens]")),
         )?;
+        // Query tiles of `CPU_TILE_M` rows shaped for the fewest computed pairs (the CPU
+        // scores no padding keys: a short last key tile stays short, hence key tile 1).
+        let tile = schedule::choose_query_tile(self, CPU_TILE_M, 1)?;
+        // The schedule's own key tiles are the largest it takes, so that it holds a few per
+        // query tile whatever the kernel; each query tile cuts its box into CPU key tiles
+        // when it runs (memory per tile, not per grid x kernel).
+        let sched = NeighborhoodSchedule::with_tile(self, tile, schedule::MAX_TILE)?;
         let group = self.heads_q / self.heads_kv;
         let tasks: Vec<(usize, usize)> = (0..self.batch)
             .flat_map(|b| (0..self.heads_q).map(move |h| (b, h)))
@@ -416,24 +427,18 @@ impl NeighborhoodAttention {
                     k.head_rows_f32(b, 0..n, kvh, d),
                     v.head_rows_f32(b, 0..n, kvh, d),
                 );
+                let tiles: Vec<_> = sched
+                    .tiles
+                    .par_iter()
+                    .map(|t| self.tile_cpu(&sched, t, &qh, &kh, &vh))
+                    .collect();
                 let mut o = vec![0.0f32; n * d];
                 let mut l = vec![f32::NEG_INFINITY; n];
-                let (mut scores, mut keys) = (Vec::new(), Vec::new());
-                for t in 0..n {
-                    // Recomputed per (batch, head): a few index operations per key against
-                    // `head_dim` multiply-adds, and no memory that grows with tokens * keys.
-                    keys.clear();
-                    keys.extend(self.neighbors_unchecked(t));
-                    let qt = &qh[t * d..(t + 1) * d];
-                    scores.clear();
-                    scores.extend(keys.iter().map(|&j| {
-                        softcapped(dot(qt, &kh[j * d..(j + 1) * d]) * self.scale, self.softcap)
-                    }));
-                    let mut state = OnlineSoftmax::new(d);
-                    state.update(&scores, |i| &vh[keys[i] * d..(keys[i] + 1) * d]);
-                    let (ot, lt) = state.finish();
-                    o[t * d..(t + 1) * d].copy_from_slice(&ot);
-                    l[t] = lt;
+                for (tokens, ot, lt) in tiles {
+                    for (r, &t) in tokens.iter().enumerate() {
+                        o[t * d..(t + 1) * d].copy_from_slice(&ot[r * d..(r + 1) * d]);
+                        l[t] = lt[r];
+                    }
                 }
                 (o, l)
             })
@@ -448,5 +453,149 @@ impl NeighborhoodAttention {
             }
         }
         Ok(())
+    }
+
+    /// One query tile `qt` of `sched` for one (batch, head) (`q, k, v: [tokens, d]` in f32):
+    /// returns its valid rows' tokens, outputs `[rows, d]` and LSEs `[rows]`.
+    ///
+    /// The rows visit `qt`'s key box together in flat chunks of `NEIGHBORHOOD_CPU_KEY_TILE`
+    /// keys (`push_key_tiles`, which marks the interior ones): a chunk inside one line of the box (fixed in-group indices in the outer dims) with no
+    /// dilation along the last dim is one run of rows of `k` and `v`, any other chunk is
+    /// gathered. Per row, the keys it sees on a line of the box are one interval (its window
+    /// along the last dim, when the line lies in its window in the outer dims; none
+    /// otherwise): every other score of a boundary chunk is `-inf`, and an interior chunk
+    /// needs no mask.
+    fn tile_cpu(
+        &self,
+        sched: &NeighborhoodSchedule,
+        qt: &QueryTile,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> (Vec<usize>, Vec<f32>, Vec<f32>) {
+        let d = self.head_dim;
+        let dims = padded_dims(self);
+        let tokens: Vec<usize> = (0..sched.rows)
+            .filter_map(|r| sched.row_token(qt, r))
+            .collect();
+        let rows = tokens.len();
+        // Per row, its window per padded dim (in-group indices).
+        let lengths = dims.map(|dim| dim.length);
+        let windows: Vec<[Range<usize>; MAX_NEIGHBORHOOD_DIMS]> = tokens
+            .iter()
+            .map(|&t| {
+                let c = unravel(t, lengths);
+                std::array::from_fn(|a| dims[a].window_unchecked(c[a]).0)
+            })
+            .collect();
+        let mut qr = Vec::with_capacity(rows * d);
+        for &t in &tokens {
+            qr.extend_from_slice(&q[t * d..(t + 1) * d]);
+        }
+        let [e0, e1, line] = qt.keys.each_ref().map(|r| r.len());
+        let dilation = dims[2].dilation;
+        // Token of key `f` of the box (row-major, `line` keys per line).
+        let key = |f: usize| sched.key_token(qt, f - f % line) + (f % line) * dilation;
+        let cap = NEIGHBORHOOD_CPU_KEY_TILE * d;
+        let (mut kg, mut vg) = (Vec::with_capacity(cap), Vec::with_capacity(cap));
+        let mut state = OnlineSoftmaxBlock::new(rows, d);
+        let mut scores = [0.0f32; CPU_TILE_M * NEIGHBORHOOD_CPU_KEY_TILE];
+        let params = (self.scale, self.softcap);
+        debug_assert!(rows <= CPU_TILE_M && e0 * e1 * line == qt.key_count());
+        let mut key_tiles = Vec::new();
+        schedule::push_key_tiles(qt, NEIGHBORHOOD_CPU_KEY_TILE, &mut key_tiles);
+        for kt in &key_tiles {
+            let keys = kt.start..kt.start + kt.len;
+            let (kt_k, kt_v) = if dilation == 1 && kt.start / line == (keys.end - 1) / line {
+                let first = key(kt.start);
+                let run = first * d..(first + kt.len) * d;
+                (&k[run.clone()], &v[run])
+            } else {
+                kg.clear();
+                vg.clear();
+                for (_, seg) in line_segments(keys.clone(), line) {
+                    let first = key(seg.start);
+                    if dilation == 1 {
+                        let run = first * d..(first + seg.len()) * d;
+                        kg.extend_from_slice(&k[run.clone()]);
+                        vg.extend_from_slice(&v[run]);
+                        continue;
+                    }
+                    for t in (0..seg.len()).map(|x| first + x * dilation) {
+                        kg.extend_from_slice(&k[t * d..(t + 1) * d]);
+                        vg.extend_from_slice(&v[t * d..(t + 1) * d]);
+                    }
+                }
+                (&kg[..], &vg[..])
+            };
+            let scores = &mut scores[..rows * kt.len];
+            let all = 0..kt.len;
+            tile_scores(
+                &qr,
+                kt_k,
+                d,
+                params,
+                0..rows,
+                all.clone(),
+                |_| (all.clone(), 0),
+                scores,
+            );
+            if !kt.interior {
+                for (row, w) in scores.chunks_exact_mut(kt.len).zip(&windows) {
+                    mask_lines(row, keys.clone(), line, |n| {
+                        let (j0, j1) = (qt.keys[0].start + n / e1, qt.keys[1].start + n % e1);
+                        let on = w[0].contains(&j0) && w[1].contains(&j1);
+                        let start = qt.keys[2].start;
+                        if on {
+                            w[2].start - start..w[2].end - start
+                        } else {
+                            0..0
+                        }
+                    });
+                }
+            }
+            state.update(scores, kt_v);
+        }
+        let mut o = vec![0.0f32; rows * d];
+        let mut l = vec![f32::NEG_INFINITY; rows];
+        state.finish(&mut o, &mut l);
+        (tokens, o, l)
+    }
+}
+
+/// Keys per key tile of the CPU path: the flat chunks of a query tile's key box that its
+/// rows score together. 128 (8 KiB of scores for `CPU_TILE_M` rows, 32 KiB each of keys and
+/// values at d64, in L2) measured a little faster than 64 on the 1-D and 2-D k13 benches
+/// (fewer short edge chunks and per-tile rescales) and level on the others.
+const NEIGHBORHOOD_CPU_KEY_TILE: usize = 128;
+
+/// The pieces of keys `keys` of a key box of lines of `line` keys (row-major), one per line
+/// they touch: `(line n, its keys in keys)`.
+fn line_segments(keys: Range<usize>, line: usize) -> impl Iterator<Item = (usize, Range<usize>)> {
+    let lines = keys.start / line..keys.end.div_ceil(line);
+    lines.map(move |n| {
+        (
+            n,
+            (n * line).max(keys.start)..((n + 1) * line).min(keys.end),
+        )
+    })
+}
+
+/// Sets to `-inf` the scores `row` of one query row for keys `keys` of a key box of lines of
+/// `line` keys, except on each line `n` the keys at positions `seen(n)` along the line.
+fn mask_lines(
+    row: &mut [f32],
+    keys: Range<usize>,
+    line: usize,
+    seen: impl Fn(usize) -> Range<usize>,
+) {
+    for (n, seg) in line_segments(keys.clone(), line) {
+        let w = seen(n);
+        // The visible part of the segment, relative to the tile.
+        let lo = (n * line + w.start).clamp(seg.start, seg.end) - keys.start;
+        let hi = (n * line + w.end).clamp(seg.start, seg.end) - keys.start;
+        let (lo, hi) = (lo, hi.max(lo));
+        row[seg.start - keys.start..lo].fill(f32::NEG_INFINITY);
+        row[hi..seg.end - keys.start].fill(f32::NEG_INFINITY);
     }
 }

@@ -164,7 +164,7 @@ pub fn choose_query_tile(
 }
 
 /// Most query rows or keys per tile a schedule takes (far above any kernel's tile).
-const MAX_TILE: usize = 1 << 12;
+pub(super) const MAX_TILE: usize = 1 << 12;
 
 fn check_tile_sizes(rows: usize, key_tile: usize) -> Result<()> {
     if !rows.is_power_of_two() || rows > MAX_TILE {
@@ -364,7 +364,10 @@ impl NeighborhoodSchedule {
 }
 
 /// Row-major coordinates of `n` in a box of extents `ext` (the last dim fastest).
-fn unravel(mut n: usize, ext: [usize; MAX_NEIGHBORHOOD_DIMS]) -> [usize; MAX_NEIGHBORHOOD_DIMS] {
+pub(super) fn unravel(
+    mut n: usize,
+    ext: [usize; MAX_NEIGHBORHOOD_DIMS],
+) -> [usize; MAX_NEIGHBORHOOD_DIMS] {
     let mut c = [0; MAX_NEIGHBORHOOD_DIMS];
     for a in (0..MAX_NEIGHBORHOOD_DIMS).rev() {
         c[a] = n % ext[a];
@@ -378,7 +381,7 @@ fn unravel(mut n: usize, ext: [usize; MAX_NEIGHBORHOOD_DIMS]) -> [usize; MAX_NEI
 /// box of a row-major range is exact in the dims before the first one where its ends
 /// differ, the ends' range in that dim, and the full extent after it (an over-estimate at
 /// worst, which only turns an interior chunk into a masked one).
-fn push_key_tiles(qt: &QueryTile, key_tile: usize, out: &mut Vec<KeyTile>) {
+pub(super) fn push_key_tiles(qt: &QueryTile, key_tile: usize, out: &mut Vec<KeyTile>) {
     let ext = qt.keys.each_ref().map(|r| r.len());
     let total = qt.key_count();
     let common_nonempty = qt.common.iter().all(|r| !r.is_empty());
