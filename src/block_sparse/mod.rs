@@ -774,7 +774,7 @@ pub enum BlockSparseKernel {
     /// tile) and `block_n` a multiple of [`hopper_block_n_multiple`] of the head dim (its key
     /// tile: 128 at head_dim 64 and 128, 64 at 256), and q, k, v strides the copy engine can
     /// address (positive wherever the dimension is longer than 1); anything else is
-    /// [`Error::Unsupported`](crate::Error::Unsupported) before any device call.
+    /// [`Error::Unsupported`] before any device call.
     Hopper,
 }
 

@@ -6,9 +6,9 @@
 //! rank, the world, the stream transfers run on, and one `exchange` per step (send the held
 //! K/V to the next rank and receive the next K/V from the previous one, paired so that a ring
 //! of them cannot deadlock). Backends:
-//! - [`NcclComm`] (cargo feature `nccl`): NCCL point-to-point through cudarc, one per rank,
+//! - `NcclComm` (cargo feature `nccl`): NCCL point-to-point through cudarc, one per rank,
 //!   from a bootstrap ([`Bootstrap`], one process per GPU) or for every local GPU of one
-//!   process ([`NcclComm::local_ring`]).
+//!   process (`NcclComm::local_ring`).
 //! - [`SelfComm`]: a world of one (no transfers), to run a rank driver alone.
 //! - The in-process ring ([`super::RingAttention::forward_gpu_in_process`]): every rank on one
 //!   GPU, the transfers as device-to-device copies; it drives all ranks itself, so it needs no
@@ -21,7 +21,7 @@
 //! process starts, e.g.
 //! `mkdir -p ~/.local/nccl && ln -sf $SITE/nvidia/nccl/lib/libnccl.so.2 ~/.local/nccl/libnccl.so
 //! && export LD_LIBRARY_PATH=~/.local/nccl:$LD_LIBRARY_PATH` (system installs usually ship
-//! `libnccl.so` with the `-dev` package). [`nccl_available`] checks before a communicator is
+//! `libnccl.so` with the `-dev` package). `nccl_available` (feature `nccl`) checks before a communicator is
 //! made, so a missing library is an error, not cudarc's panic.
 
 use crate::error::{Error, Result};

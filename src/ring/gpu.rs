@@ -5,11 +5,11 @@
 //! shards, each piece's `(o, lse)` merged into an f32 running state on the GPU
 //! (`kernels/ring_merge.cu`), the final write in the output dtype.
 //!
-//! Two drivers execute the same plans with the same step code ([`RingAttention::gpu_step`]):
+//! Two drivers execute the same plans with the same step code (`RingAttention::gpu_step`):
 //! - [`RingAttention::forward_gpu_in_process`]: every rank on one GPU (its own compute and
 //!   communication streams, its own ring buffers), the transfers as device-to-device copies
 //!   on the receiver's communication stream. The whole ring, overlap included, on one GPU.
-//! - [`RingRank::run`]: one rank of a real ring, its transfers through a [`RingComm`]
+//! - [`RingRank::run`]: one rank of a real ring, its transfers through a [`RingComm`](super::comm::RingComm)
 //!   (NCCL with the `nccl` feature, see [`super::comm`]).
 //!
 //! Streams and events: step `t`'s transfers are queued on the communication stream before

@@ -10,7 +10,7 @@
 //! schedule ([`RingAttention::schedule`]: which steps compute, which transfers are needed,
 //! the work per rank), the decomposition of a step into plain dense attention calls
 //! ([`RingAttention::pieces`], [`block_pieces`]: a query block and a key block at global
-//! positions become at most two [`FlashAttention`](crate::FlashAttention) problems whose
+//! positions become at most two [`FlashAttention`] problems whose
 //! local `(left, right)` windows reproduce the global mask exactly), and the CPU driver over
 //! simulated ranks ([`RingAttention::forward_cpu`]), which runs those pieces and merges them,
 //! and equals single-device attention over the whole sequence with the same mask.
