@@ -191,9 +191,10 @@ impl OnlineSoftmaxBlock {
             every &= !t.skipped;
         }
         // A key a row skips has weight 0, and `acc + 0 * v` is `acc` bit for bit when `v` is
-        // finite (`acc` is never -0: it starts at +0 and a sum is -0 only from two -0's),
-        // so a masked tile runs as one `pv_block` too unless a value row holds an inf or NaN,
-        // which only the rows that take it may see.
+        // finite and `acc` is not -0 (it starts at +0, a sum is -0 only from two -0's; only a
+        // rescale that underflows a negative `acc` makes one, and then the two results differ
+        // in the sign of that zero alone), so a masked tile runs as one `pv_block` too unless
+        // a value row holds an inf or NaN, which only the rows that take it may see.
         if every || all_finite(values) {
             pv_block(&mut self.acc, &self.p, values, d);
             return;
