@@ -458,13 +458,13 @@ impl NeighborhoodAttention {
     /// One query tile `qt` of `sched` for one (batch, head) (`q, k, v: [tokens, d]` in f32):
     /// returns its valid rows' tokens, outputs `[rows, d]` and LSEs `[rows]`.
     ///
-    /// The rows visit `qt`'s key box together in flat chunks of `NEIGHBORHOOD_CPU_KEY_TILE`
-    /// keys (`push_key_tiles`, which marks the interior ones): a chunk inside one line of the
-    /// box (fixed in-group indices in the outer dims) with no dilation along the last dim is
-    /// one run of rows of `k` and `v`, any other chunk is gathered. Per row, the keys it sees on a line of the box are one interval (its window
-    /// along the last dim, when the line lies in its window in the outer dims; none
-    /// otherwise): every other score of a boundary chunk is `-inf`, and an interior chunk
-    /// needs no mask.
+    /// The rows visit `qt`'s key box together in flat chunks of `NEIGHBORHOOD_CPU_KEY_TILE` keys
+    /// (`push_key_tiles`, which marks the interior ones): a chunk inside one line of the box (fixed
+    /// in-group indices in the outer dims) with no dilation along the last dim is one run of rows
+    /// of `k` and `v`, any other chunk is gathered. Per row, the keys it sees on a line of the box
+    /// are one interval (its window along the last dim, when the line lies in its window in the
+    /// outer dims; none otherwise): every other score of a boundary chunk is `-inf`, and an
+    /// interior chunk needs no mask.
     fn tile_cpu(
         &self,
         sched: &NeighborhoodSchedule,
