@@ -54,6 +54,11 @@ fi
 CARGO_TARGET_DIR=target/pywheel "$MATURIN" build --release -m python/Cargo.toml \
   --compatibility linux --out "$DIST/wheels"
 cp python/tests/test_cuda.py "$DIST/"
+echo "candle ops on candle CUDA tensors (tests/candle.rs with candle-cuda; LONGATTN_DEVICE_CANDLE=0"
+echo "skips it: the first build compiles candle's own kernels, ~20 minutes on 2 cores):"
+if [ "${LONGATTN_DEVICE_CANDLE:-1}" = 1 ]; then
+  scripts/candle-cuda-test-build.sh "$DIST" || echo "  candle_cuda: build failed, left out"
+fi
 cp scripts/device-run.sh scripts/torch_baseline.py scripts/torch_decode_baseline.py \
   scripts/torch_family_baseline.py scripts/torch_neighborhood_baseline.py \
   scripts/bench_summary.py scripts/plot_bench.py "$DIST/"

@@ -63,6 +63,18 @@ else
   SUMMARY+=("python_cuda: wheel missing or not installed (python_install.log)")
 fi
 
+# The candle ops on candle CUDA tensors (built against stand-ins of the CUDA libraries by
+# scripts/candle-cuda-test-build.sh): the driver's libcuda and PyTorch's cu13 wheels' cuBLAS,
+# cuBLASLt, cuRAND, NVRTC and cudart at run time.
+if [ -x "$HERE/candle_cuda" ]; then
+  NV_LIBS=$(python3 -c '
+import glob, os, site
+bases = site.getsitepackages() + [site.getusersitepackages()]
+print(":".join(sorted({d for b in bases for d in glob.glob(os.path.join(b, "nvidia", "*", "lib"))})))')
+  step test-candle_cuda 60 env LD_LIBRARY_PATH="$NV_LIBS:${LD_LIBRARY_PATH:-}" \
+    "$HERE/candle_cuda" gpu --test-threads=1 --nocapture
+fi
+
 if command -v compute-sanitizer > /dev/null; then
   # The opt-in MoBA gather attention (not yet run on a GPU): its own memcheck first, so that
   # the whole-binary run below cannot time out before reaching it.
