@@ -109,7 +109,7 @@ impl FlashAttention {
         qk_scale: f32,
         v_descale: f32,
     ) -> (Vec<f32>, Vec<f32>) {
-        let quantise = |p: f32| F8E4M3::from_f32(p).to_f32();
+        let quantise = F8E4M3::round_f32;
         let arith = (qk_scale, quantise);
         let (mut out, lse) = self.blocked_head((q, k, v), sq, sk, FP8_KEY_TILE, &arith);
         out.iter_mut().for_each(|x| *x *= v_descale);
