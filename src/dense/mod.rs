@@ -660,10 +660,25 @@ impl FlashAttention {
                     .clone()
                     .map(|i| self.mask.row_ranges(i, sq, sk))
                     .collect();
+                // One past the last key a row of the block sees: a tile ends there at the
+                // latest. The keys cut off its end are skipped by every row (nothing in `l` or
+                // P.V, and the weights' lanes count from the tile's start), so each row keeps
+                // its bits; the diagonal tile of a causal block is mostly such keys.
+                let seen_end = seen
+                    .iter()
+                    .map(|(w, sink_end)| {
+                        if w.is_empty() {
+                            *sink_end
+                        } else {
+                            w.end.max(*sink_end)
+                        }
+                    })
+                    .max()
+                    .unwrap_or(0);
                 let mut state = OnlineSoftmaxBlock::new(rows.len(), d);
                 let mut scores = vec![0.0f32; rows.len() * tile_n];
                 for t in tiles.iter() {
-                    let keys = t * tile_n..((t + 1) * tile_n).min(sk);
+                    let keys = t * tile_n..((t + 1) * tile_n).min(seen_end);
                     let (state, rows) = (&mut state, rows.clone());
                     let kv = (k, v);
                     self.fold_tile_weighted(
