@@ -92,7 +92,12 @@ fn bench_cpu_fp8(c: &mut Criterion) {
     let n = CPU_SHAPE.0 * CPU_SHAPE.1 * CPU_SHAPE.2 * CPU_SHAPE.3;
     let codes = |seed| support::uniform::<F8E4M3>(n, seed);
     let (q, k, v) = (codes(1), codes(2), codes(3));
-    let (qd, kd, vd) = ([0.5f32; 4], [0.25f32; 4], [2.0f32; 4]);
+    let heads = CPU_SHAPE.0 * CPU_SHAPE.2;
+    let (qd, kd, vd) = (
+        vec![0.5f32; heads],
+        vec![0.25f32; heads],
+        vec![2.0f32; heads],
+    );
     let mut out = vec![bf16::ZERO; n];
     bench_cpu_group(c, "dense_cpu_fp8", |attn, st| {
         let descales = Fp8Descales {
