@@ -45,18 +45,16 @@ fn cases() -> Vec<(&'static str, AttentionOptions)> {
     ]
 }
 
-fn bench_cpu(c: &mut Criterion) {
-    let mut group = c.benchmark_group("dense_cpu_bf16");
+/// Batch, sequence length, heads and head dim of the CPU benches.
+const CPU_SHAPE: (usize, usize, usize, usize) = (1, 512, 4, 64);
+
+/// The CPU cases at [`CPU_SHAPE`] in group `name`: `run(attn, strides)` is one forward.
+fn bench_cpu_group(c: &mut Criterion, name: &str, mut run: impl FnMut(&FlashAttention, Strides)) {
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
-    let (b, s, h, d) = (1, 512, 4, 64);
+    let (b, s, h, d) = CPU_SHAPE;
     let st = Strides::contiguous(s, h, d);
-    let (q, k, v) = (
-        fill(b * s * h * d, 1),
-        fill(b * s * h * d, 2),
-        fill(b * s * h * d, 3),
-    );
-    let mut out = vec![bf16::ZERO; b * s * h * d];
-    for (name, opts) in cases() {
+    for (case, opts) in cases() {
         let attn = problem(b, s, h, d, opts);
         group.throughput(Throughput::Elements(flops(
             &opts.effective_mask(),
@@ -65,20 +63,58 @@ fn bench_cpu(c: &mut Criterion) {
             d,
             s,
         )));
-        group.bench_function(BenchmarkId::new(name, format!("s{s}_h{h}_d{d}")), |bench| {
-            bench.iter(|| {
-                attn.forward_cpu(
-                    Strided::new(&q[..], st),
-                    Strided::new(&k[..], st),
-                    Strided::new(&v[..], st),
-                    Strided::new(&mut out[..], st),
-                    None,
-                )
-                .unwrap()
-            })
+        group.bench_function(BenchmarkId::new(case, format!("s{s}_h{h}_d{d}")), |bench| {
+            bench.iter(|| run(&attn, st))
         });
     }
     group.finish();
+}
+
+fn bench_cpu(c: &mut Criterion) {
+    let n = CPU_SHAPE.0 * CPU_SHAPE.1 * CPU_SHAPE.2 * CPU_SHAPE.3;
+    let (q, k, v) = (fill(n, 1), fill(n, 2), fill(n, 3));
+    let mut out = vec![bf16::ZERO; n];
+    bench_cpu_group(c, "dense_cpu_bf16", |attn, st| {
+        attn.forward_cpu(
+            Strided::new(&q[..], st),
+            Strided::new(&k[..], st),
+            Strided::new(&v[..], st),
+            Strided::new(&mut out[..], st),
+            None,
+        )
+        .unwrap()
+    });
+}
+
+/// The FP8 CPU path on the cases of [`bench_cpu`]: e4m3 codes uniform in [-1, 1), per-tensor
+/// descales (one value per kv head), bf16 out.
+fn bench_cpu_fp8(c: &mut Criterion) {
+    let n = CPU_SHAPE.0 * CPU_SHAPE.1 * CPU_SHAPE.2 * CPU_SHAPE.3;
+    let codes = |seed| support::uniform::<F8E4M3>(n, seed);
+    let (q, k, v) = (codes(1), codes(2), codes(3));
+    let heads = CPU_SHAPE.0 * CPU_SHAPE.2;
+    let (qd, kd, vd) = (
+        vec![0.5f32; heads],
+        vec![0.25f32; heads],
+        vec![2.0f32; heads],
+    );
+    let mut out = vec![bf16::ZERO; n];
+    bench_cpu_group(c, "dense_cpu_fp8", |attn, st| {
+        let descales = Fp8Descales {
+            q: &qd[..],
+            k: &kd[..],
+            v: &vd[..],
+        };
+        attn.forward_cpu_fp8(
+            Strided::new(&q[..], st),
+            Strided::new(&k[..], st),
+            Strided::new(&v[..], st),
+            descales,
+            Strided::new(&mut out[..], st),
+            None,
+        )
+        .unwrap()
+    });
 }
 
 fn bench_gpu(c: &mut Criterion) {
@@ -134,5 +170,5 @@ fn bench_gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_cpu, bench_gpu);
+criterion_group!(benches, bench_cpu, bench_cpu_fp8, bench_gpu);
 criterion_main!(benches);

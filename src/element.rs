@@ -100,6 +100,30 @@ impl F8E4M3 {
     pub const fn is_nan(self) -> bool {
         self.0 & 0x7f == 0x7f
     }
+
+    /// `x` rounded to the nearest e4m3 value: the bits of `F8E4M3::from_f32(x).to_f32()`,
+    /// without the code in between and without branches or library calls, so a loop over
+    /// many values (the FP8 CPU path's P, one per query-key pair) vectorizes. In the normal
+    /// range (`|x| >= 2^-6`) the f32 significand is rounded to 3 bits (nearest even, a carry
+    /// moves into the exponent); below it `(|x| + 2^14) - 2^14` rounds to the subnormal
+    /// spacing 2^-9 (the f32 spacing at 2^14); at least 464 saturates to 448; NaN stays NaN.
+    #[inline]
+    pub(crate) fn round_f32(x: f32) -> f32 {
+        let a = x.abs();
+        let bits = a.to_bits();
+        let normal = f32::from_bits((bits + 0x7_ffff + ((bits >> 20) & 1)) & !0xf_ffff);
+        let sub = (a + 16384.0) - 16384.0;
+        let r = if a >= 464.0 {
+            Self::MAX
+        } else if a >= 1.0 / 64.0 {
+            normal
+        } else {
+            sub
+        };
+        // NaN fails both comparisons: `sub` is NaN, then the sign of x as `to_f32` gives it.
+        let r = if a.is_nan() { f32::NAN } else { r };
+        r.copysign(x)
+    }
 }
 
 // SAFETY: `F8E4M3` is `repr(transparent)` over `u8`: every bit pattern is a value (zero too).
@@ -142,5 +166,49 @@ impl Element for F8E4M3 {
         let units = (a * 2f64.powi(3 - e)).round_ties_even() as i32;
         let code = ((e + 7) * 8 + units - 8) as u8;
         F8E4M3(code | sign)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `round_f32` has the bits of `from_f32(x).to_f32()`: every value and midpoint of e4m3
+    /// and its neighbours (the ties, both signs, the saturation edge, zero, subnormals), the
+    /// infinities and NaN, and a stride through all f32 bit patterns.
+    #[test]
+    fn round_f32_equals_the_code_round_trip() {
+        let check = |x: f32| {
+            let want = F8E4M3::from_f32(x).to_f32();
+            let got = F8E4M3::round_f32(x);
+            assert!(
+                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                "{x:e} ({:#x}): {got:e}, want {want:e}",
+                x.to_bits()
+            );
+        };
+        let values: Vec<f32> = (0..=0x7eu8).map(|c| F8E4M3(c).to_f32()).collect();
+        let mut edges = values.clone();
+        edges.extend(values.windows(2).map(|w| (w[0] + w[1]) / 2.0));
+        edges.extend([
+            464.0,
+            480.0,
+            f32::MAX,
+            f32::INFINITY,
+            f32::MIN_POSITIVE,
+            1e-45,
+        ]);
+        for x in edges {
+            for y in [x, -x] {
+                for bits in y.to_bits().saturating_sub(2)..=y.to_bits().saturating_add(2) {
+                    check(f32::from_bits(bits));
+                }
+            }
+        }
+        for bits in (0..=u32::MAX).step_by(997) {
+            check(f32::from_bits(bits));
+        }
+        assert!(!F8E4M3::round_f32(f32::NAN).is_sign_negative());
+        assert!(F8E4M3::round_f32(-f32::NAN).is_sign_negative());
     }
 }

@@ -7,8 +7,8 @@
 
 mod kernels;
 
+pub(crate) use kernels::dot_block;
 use kernels::{TileScan, axpy, pv_block, scan, tile_weights};
-pub(crate) use kernels::{dot, dot_block};
 use std::ops::Range;
 
 /// Running state of one query row: max score `m`, sum of `exp(s - m)` `l`, and the
@@ -169,6 +169,19 @@ impl OnlineSoftmaxBlock {
     /// rows `values: [keys, d]`. Row `r` ends with the bits of [`OnlineSoftmax::update`] on
     /// `scores[r]`: the same rescale and `l` sum, and P.V adds in key order either way.
     pub(crate) fn update(&mut self, scores: &[f32], values: &[f32]) {
+        self.update_weighted(scores, values, |p| p);
+    }
+
+    /// [`OnlineSoftmaxBlock::update`] where value `j` enters row `r`'s `acc` with weight
+    /// `weight(p_rj)` while `l` sums the unquantised `p_rj` (the FP8 forward's e4m3 P): row
+    /// `r` ends with the bits of [`OnlineSoftmax::update_weighted`] on `scores[r]`. `weight`
+    /// must map 0 to +0 (a skipped key's weight then adds nothing, as below).
+    pub(crate) fn update_weighted(
+        &mut self,
+        scores: &[f32],
+        values: &[f32],
+        weight: impl Fn(f32) -> f32,
+    ) {
         let d = self.d;
         let rows = self.m.len();
         let keys = values.len() / d;
@@ -188,6 +201,7 @@ impl OnlineSoftmaxBlock {
                 continue;
             };
             fold_weights(&mut self.l[r], m, s, p);
+            p.iter_mut().for_each(|p| *p = weight(*p));
             every &= !t.skipped;
         }
         // A key a row skips has weight 0, and `acc + 0 * v` is `acc` bit for bit when `v` is
@@ -199,7 +213,7 @@ impl OnlineSoftmaxBlock {
             pv_block(&mut self.acc, &self.p, values, d);
             return;
         }
-        // Row by row over the keys each row takes, as `OnlineSoftmax::update` does.
+        // Row by row over the keys each row takes, as `OnlineSoftmax::update_weighted` does.
         for r in 0..rows {
             if self.l[r].is_nan() || self.m[r] == f32::NEG_INFINITY {
                 continue;
@@ -322,6 +336,7 @@ pub(crate) fn merge_into_row(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::element::{Element, F8E4M3};
 
     #[test]
     fn merge_weights_edge_cases() {
@@ -336,7 +351,8 @@ mod tests {
 
     /// A block of rows that skip different keys (one row skipping every key of the first
     /// tile) ends with the bits of each row alone, whether the tile's value rows are finite
-    /// (one `pv_block`) or a skipped one holds an inf or NaN (row by row, never seen).
+    /// (one `pv_block`) or a skipped one holds an inf or NaN (row by row, never seen), with
+    /// P as is and rounded to e4m3 for P.V (the FP8 path's `update_weighted`).
     #[test]
     fn masked_row_blocks_equal_rows_alone() {
         let (rows, keys, d) = (5, 9, 11);
@@ -351,24 +367,27 @@ mod tests {
                 }
             })
             .collect();
-        for poison in [None, Some(f32::INFINITY), Some(f32::NAN)] {
+        let weights: [fn(f32) -> f32; 2] = [|p| p, |p| F8E4M3::from_f32(p).to_f32()];
+        for (poison, weight) in [None, Some(f32::INFINITY), Some(f32::NAN)]
+            .into_iter()
+            .flat_map(|p| weights.map(|w| (p, w)))
+        {
             let mut values: Vec<f32> = (0..keys * d).map(|i| x(i + 5)).collect();
             if let Some(p) = poison {
                 // Key 0: skipped by rows 0 and 3 only.
                 values[2] = p;
             }
             let mut block = OnlineSoftmaxBlock::new(rows, d);
-            block.update(&scores, &values);
+            block.update_weighted(&scores, &values, weight);
             let second: Vec<f32> = scores.iter().map(|s| s * 0.5 + 1.0).collect();
-            block.update(&second, &values);
+            block.update_weighted(&second, &values, weight);
             let (mut o, mut l) = (vec![0.0; rows * d], vec![0.0; rows]);
             block.finish(&mut o, &mut l);
             for r in 0..rows {
                 let mut one = OnlineSoftmax::new(d);
                 for s in [&scores, &second] {
-                    one.update(&s[r * keys..(r + 1) * keys], |j| {
-                        &values[j * d..(j + 1) * d]
-                    });
+                    let values = |j: usize| &values[j * d..(j + 1) * d];
+                    one.update_weighted(&s[r * keys..(r + 1) * keys], values, weight);
                 }
                 let (want, want_lse) = one.finish();
                 let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();

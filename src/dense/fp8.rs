@@ -5,11 +5,10 @@
 //! shared by the CPU and GPU paths and the CPU path itself; the GPU entry is in
 //! `fp8_gpu.rs`, the f64 reference in `reference/dense_fp8.rs`.
 
-use crate::dense::{CPU_TILE_M, FlashAttention};
+use crate::dense::FlashAttention;
 use crate::element::{DType, Element, F8E4M3};
 use crate::error::{Error, Result};
 use crate::layout::Strided;
-use crate::softmax::{OnlineSoftmax, dot, softcapped};
 
 /// Keys per tile of the FP8 definition: P is quantised against the running row max after
 /// each tile of this many keys (aligned at key 0 of the sequence). The Hopper kernel's key
@@ -93,7 +92,12 @@ impl FlashAttention {
     }
 
     /// One (sequence, head) of the CPU FP8 path: `q: [sq, d]`, `k, v: [sk, d]` (codes as
-    /// f32, exact). Returns `(o [sq, d], lse [sq])`.
+    /// f32, exact). The dense path's row blocks (`CPU_TILE_M` rows in parallel, each against
+    /// its visible `FP8_KEY_TILE`-key tiles, scores by `dot_block` over the rows' visible
+    /// ranges) with the scores scaled by `qk_scale` and P rounded to e4m3 for the P.V sum
+    /// (`OnlineSoftmaxBlock::update_weighted`: every row has the bits of the row-by-row
+    /// `OnlineSoftmax::update_weighted`); the output then times `v_descale`. Returns
+    /// `(o [sq, d], lse [sq])`.
     #[allow(clippy::too_many_arguments)]
     fn fp8_head(
         &self,
@@ -105,41 +109,10 @@ impl FlashAttention {
         qk_scale: f32,
         v_descale: f32,
     ) -> (Vec<f32>, Vec<f32>) {
-        let d = self.head_dim;
-        let mut out = vec![0.0; sq * d];
-        let mut lse = vec![f32::NEG_INFINITY; sq];
-        let mut scores = [0.0f32; FP8_KEY_TILE];
-        let quantise = |p: f32| F8E4M3::from_f32(p).to_f32();
-        for row0 in (0..sq).step_by(CPU_TILE_M) {
-            let rows = row0..(row0 + CPU_TILE_M).min(sq);
-            let tiles = self.mask.key_tiles(rows.clone(), sq, sk, FP8_KEY_TILE);
-            for i in rows {
-                let qi = &q[i * d..(i + 1) * d];
-                let mut state = OnlineSoftmax::new(d);
-                for t in tiles.iter() {
-                    let keys = t * FP8_KEY_TILE..((t + 1) * FP8_KEY_TILE).min(sk);
-                    let base = keys.start;
-                    for (s, j) in scores.iter_mut().zip(keys.clone()) {
-                        *s = if self.mask.visible(i, j, sq, sk) {
-                            let kj = &k[j * d..(j + 1) * d];
-                            softcapped(dot(qi, kj) * qk_scale, self.softcap)
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                    }
-                    state.update_weighted(
-                        &scores[..keys.len()],
-                        |j| &v[(base + j) * d..(base + j + 1) * d],
-                        quantise,
-                    );
-                }
-                let (o, l) = state.finish();
-                for (dst, x) in out[i * d..(i + 1) * d].iter_mut().zip(o) {
-                    *dst = x * v_descale;
-                }
-                lse[i] = l;
-            }
-        }
+        let quantise = F8E4M3::round_f32;
+        let arith = (qk_scale, quantise);
+        let (mut out, lse) = self.blocked_head((q, k, v), sq, sk, FP8_KEY_TILE, &arith);
+        out.iter_mut().for_each(|x| *x *= v_descale);
         (out, lse)
     }
 }

@@ -577,9 +577,28 @@ impl FlashAttention {
     /// [`softmax::tile_scores`](crate::softmax::tile_scores) with this problem's head dim,
     /// scale and softcap, row `i` seeing the keys of `seen[i - rows.start] = (window,
     /// sink_end)` (as [`Mask::row_ranges`]), folded into `state` with the value rows `keys`
-    /// of `v: [sk, d]`. `scores` is the scratch of one tile.
+    /// of `v: [sk, d]`. `scores` is the scratch of one tile (at least `rows.len() *
+    /// keys.len()` values).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fold_tile(
+        &self,
+        state: &mut OnlineSoftmaxBlock,
+        q: &[f32],
+        kv: (&[f32], &[f32]),
+        rows: Range<usize>,
+        keys: Range<usize>,
+        seen: &[(Range<usize>, usize)],
+        scores: &mut [f32],
+    ) {
+        let arith = (self.scale, |p: f32| p);
+        self.fold_tile_weighted(state, q, kv, rows, keys, seen, scores, &arith);
+    }
+
+    /// [`Self::fold_tile`] with the scores scaled by `scale` instead of the problem's scale
+    /// and the P.V weights `weight(p)` ([`OnlineSoftmaxBlock::update_weighted`]): `arith =
+    /// (scale, weight)`, the FP8 path's descaled scale and e4m3 rounding of P.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_tile_weighted(
         &self,
         state: &mut OnlineSoftmaxBlock,
         q: &[f32],
@@ -587,15 +606,16 @@ impl FlashAttention {
         rows: Range<usize>,
         keys: Range<usize>,
         seen: &[(Range<usize>, usize)],
-        scores: &mut [f32; CPU_TILE_M * CPU_TILE_N],
+        scores: &mut [f32],
+        (scale, weight): &(f32, impl Fn(f32) -> f32),
     ) {
         let d = self.head_dim;
         let scores = &mut scores[..rows.len() * keys.len()];
-        let params = (self.scale, self.softcap);
+        let params = (*scale, self.softcap);
         let first = rows.start;
         let seen = |i: usize| seen[i - first].clone();
         tile_scores(q, k, d, params, rows, keys.clone(), seen, scores);
-        state.update(scores, &v[keys.start * d..keys.end * d]);
+        state.update_weighted(scores, &v[keys.start * d..keys.end * d], weight);
     }
 
     /// One (sequence, head): `q: [sq, d]`, `k, v: [sk, d]` in f32. Visits only the key tiles
@@ -611,6 +631,21 @@ impl FlashAttention {
         sq: usize,
         sk: usize,
     ) -> (Vec<f32>, Vec<f32>) {
+        self.blocked_head((q, k, v), sq, sk, CPU_TILE_N, &(self.scale, |p: f32| p))
+    }
+
+    /// [`Self::tiled_head`] with `tile_n`-key tiles (aligned at key 0), scores scaled by
+    /// `arith.0` and P.V weights `arith.1(p)` (as [`Self::fold_tile_weighted`]): the dense
+    /// path (`CPU_TILE_N`, the problem's scale, `p`) and the FP8 path (`FP8_KEY_TILE`, the
+    /// descaled scale, `e4m3(p)`).
+    pub(crate) fn blocked_head(
+        &self,
+        (q, k, v): (&[f32], &[f32], &[f32]),
+        sq: usize,
+        sk: usize,
+        tile_n: usize,
+        arith: &(f32, impl Fn(f32) -> f32 + Sync),
+    ) -> (Vec<f32>, Vec<f32>) {
         let d = self.head_dim;
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];
@@ -619,18 +654,43 @@ impl FlashAttention {
             .enumerate()
             .for_each(|(blk, (o, l))| {
                 let rows = blk * CPU_TILE_M..blk * CPU_TILE_M + l.len();
-                let tiles = self.mask.key_tiles(rows.clone(), sq, sk, CPU_TILE_N);
+                let tiles = self.mask.key_tiles(rows.clone(), sq, sk, tile_n);
                 let q_rows = &q[rows.start * d..rows.end * d];
                 let seen: Vec<(Range<usize>, usize)> = rows
                     .clone()
                     .map(|i| self.mask.row_ranges(i, sq, sk))
                     .collect();
+                // One past the last key a row of the block sees: a tile ends there at the
+                // latest. The keys cut off its end are skipped by every row (nothing in `l` or
+                // P.V, and the weights' lanes count from the tile's start), so each row keeps
+                // its bits; the diagonal tile of a causal block is mostly such keys.
+                let seen_end = seen
+                    .iter()
+                    .map(|(w, sink_end)| {
+                        if w.is_empty() {
+                            *sink_end
+                        } else {
+                            w.end.max(*sink_end)
+                        }
+                    })
+                    .max()
+                    .unwrap_or(0);
                 let mut state = OnlineSoftmaxBlock::new(rows.len(), d);
-                let mut scores = [0.0f32; CPU_TILE_M * CPU_TILE_N];
+                let mut scores = vec![0.0f32; rows.len() * tile_n];
                 for t in tiles.iter() {
-                    let keys = t * CPU_TILE_N..((t + 1) * CPU_TILE_N).min(sk);
+                    let keys = t * tile_n..((t + 1) * tile_n).min(seen_end);
                     let (state, rows) = (&mut state, rows.clone());
-                    self.fold_tile(state, q_rows, (k, v), rows, keys, &seen, &mut scores);
+                    let kv = (k, v);
+                    self.fold_tile_weighted(
+                        state,
+                        q_rows,
+                        kv,
+                        rows,
+                        keys,
+                        &seen,
+                        &mut scores,
+                        arith,
+                    );
                 }
                 state.finish(o, l);
             });

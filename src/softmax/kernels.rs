@@ -4,9 +4,9 @@
 //!
 //! Each operation has one rounding, whichever form computes it: element `(r, j)` of
 //! [`dot_block`] has the bits of [`dot`] of row `r` and key `j`, and [`pv_block`] adds
-//! into each output element in key order exactly as [`axpy`] called key by key. So a blocked
-//! path (dense, paged prefill, block-sparse, neighborhood) and a row-by-row path (FP8, paged
-//! decode) that see the same scores agree bit for bit.
+//! into each output element in key order exactly as [`axpy`] called key by key. So the
+//! blocked paths (dense, FP8, paged prefill and decode, block-sparse, neighborhood) agree bit
+//! for bit with the row-by-row `OnlineSoftmax` on the same scores.
 //!
 //! The dot product sums lane `l` of eight lanes over channels `8c + l`, then combines the
 //! lanes as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))` and adds the channels past
