@@ -394,6 +394,23 @@ fn cache_array<T: numpy::Element + Copy>(
     }
 }
 
+/// [`paged_impl`] in q's element type (float16, else float32).
+fn paged_run<'py>(
+    py: Python<'py>,
+    kind: PagedKind,
+    (q, k_cache, v_cache): (&Bound<'py, PyAny>, &Bound<'py, PyAny>, &Bound<'py, PyAny>),
+    (block_table, seqlens_k): (&Bound<'py, PyAny>, &Bound<'py, PyAny>),
+    opts: AttentionOptions,
+    scales: Option<KvScales>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (bt, sl) = (block_table, seqlens_k);
+    if is_f16(q) {
+        paged_impl::<f16>(py, kind, q, k_cache, v_cache, bt, sl, opts, scales)
+    } else {
+        paged_impl::<f32>(py, kind, q, k_cache, v_cache, bt, sl, opts, scales)
+    }
+}
+
 /// The CPU forward pass of a paged problem of `kind` on numpy arrays.
 #[allow(clippy::too_many_arguments)]
 fn paged_impl<'py, T: Element + numpy::Element>(
@@ -477,15 +494,7 @@ fn paged_decode<'py>(
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
     let scales = kv_scales(k_scales, v_scales)?;
     let (kind, tables) = (PagedKind::Decode, (block_table, seqlens_k));
-    if is_f16(q) {
-        paged_impl::<f16>(
-            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
-        )
-    } else {
-        paged_impl::<f32>(
-            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
-        )
-    }
+    paged_run(py, kind, (q, k_cache, v_cache), tables, opts, scales)
 }
 
 /// Prefill over a paged KV cache on numpy arrays (CPU; chunked prefill, prefix caching): the
@@ -521,15 +530,7 @@ fn paged_prefill<'py>(
     };
     let kind = PagedKind::Prefill { cu_seqlens_q };
     let tables = (block_table, seqlens_k);
-    if is_f16(q) {
-        paged_impl::<f16>(
-            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
-        )
-    } else {
-        paged_impl::<f32>(
-            py, kind, q, k_cache, v_cache, tables.0, tables.1, opts, scales,
-        )
-    }
+    paged_run(py, kind, (q, k_cache, v_cache), tables, opts, scales)
 }
 
 /// FP8 e4m3 codes of `x / scale` (float32 array in, uint8 array of the same shape out):
