@@ -3,11 +3,10 @@
 #   dist/device-run.sh OUT_DIR [--quick]
 # Runs, most important first, inside one time budget (DEVICE_RUN_BUDGET_S seconds, default
 # 540; each step is cut to what is left): the GPU tests with LONGATTN_REQUIRE_GPU=1 (the
-# kernels that never ran on a GPU first), the Python package's CUDA functions, compute-sanitizer
-# memcheck on every GPU test binary
-# and racecheck on the opt-in kernels, the tour, the benchmarks of every family and the
-# PyTorch baselines. Writes full logs to OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a
-# short table last.
+# kernels that never ran on a GPU first), the Python package's CUDA functions and the candle
+# ops on CUDA tensors, compute-sanitizer memcheck on every GPU test binary and racecheck on the
+# opt-in kernels, the tour, the benchmarks of every family and the PyTorch baselines. Writes
+# full logs to OUT_DIR, plots (OUT_DIR/plots/*.svg) and prints a short table last.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: device-run.sh OUT_DIR [--quick]}
@@ -55,6 +54,7 @@ done
 # interface, bfloat16 through DLPack, a side stream): the wheel installed into a scratch dir
 # (outside OUT_DIR, whose files travel back).
 PYLIB=${TMPDIR:-/tmp}/longattn-pylib
+rm -rf "$PYLIB"
 if ls "$HERE"/wheels/*.whl > /dev/null 2>&1 &&
   python3 -m pip install -q --no-deps --no-index --target "$PYLIB" "$HERE"/wheels/*.whl \
     > "$OUT/python_install.log" 2>&1; then
