@@ -969,6 +969,66 @@ mod tests {
         assert_eq!(decode(2, 2, 0, 16, 4, 1).balanced_splits(sms), (1, 1));
     }
 
+    /// `decode_block`'s balanced-split arithmetic (paged_decode.cu, i32 as there) for block
+    /// `split` of a row group with `n` work pages: its pages `[w0, w1)` and the group's
+    /// split count `s` (the ticket target), or `None` for a block that exits at once.
+    fn kernel_split(n: i32, split: i32, num_splits: i32, per: i32) -> Option<(i32, i32, i32)> {
+        let s = ((n + per - 1) / per).max(1).min(num_splits);
+        if split >= s {
+            return None;
+        }
+        let w0 = split * per;
+        Some((w0, if split + 1 == s { n } else { w0 + per }, s))
+    }
+
+    /// The kernel side of balanced splits, modelled on the host's numbers: the launched
+    /// splits of every block cover its work pages exactly once, in order, none more than
+    /// `pages_per_split`; the group's ticket target is the number of blocks that write a
+    /// partial (so the last one merges and the counter returns to 0); a block that needs one
+    /// split writes directly and takes no ticket. A C caller's count below what the pages
+    /// need still covers every page (the last split takes the rest).
+    #[test]
+    fn balanced_kernel_splits_cover_every_block() {
+        let mut lens = vec![1024; 7];
+        lens.push(65536);
+        for d in [
+            decode_lens(&lens, 8, 16, 32, 1),
+            decode_lens(&[0, 1, 77, 300, 1030, 9000], 2, 16, 8, 1),
+            decode_lens(&[3, 700, 20000, 40], 1, 64, 8, 3),
+            decode_lens(&[0, 2, 3000], 2, 1, 4, 4),
+            decode(1, 8, 65536, 16, 32, 1),
+        ] {
+            for forced in [None, Some(1), Some(3), Some(17), Some(5000)] {
+                let d = d.clone().with_splits(forced).unwrap();
+                for sms in [1, 78, 132] {
+                    let (splits, per) = d.balanced_splits(sms);
+                    let check = |n: usize, num_splits: usize, bounded: bool| {
+                        let (mut next, mut writers, mut target) = (0, 0, 0);
+                        for split in 0..num_splits as i32 {
+                            let Some((w0, w1, s)) =
+                                kernel_split(n as i32, split, num_splits as i32, per as i32)
+                            else {
+                                continue;
+                            };
+                            assert_eq!(w0, next, "n {n} split {split}: pages in order");
+                            assert!(w1 >= w0 && (w1 > w0 || n == 0), "n {n} split {split}");
+                            assert!(!bounded || (w1 - w0) as usize <= per, "n {n}");
+                            next = w1;
+                            writers += 1;
+                            target = s;
+                        }
+                        assert_eq!(next as usize, n, "every page of a {n}-page block");
+                        assert_eq!(writers, target, "n {n}: one ticket per partial");
+                    };
+                    d.visit_block_work(|n| check(n, splits, true));
+                    if splits > 1 {
+                        check(d.max_block_work_pages(), splits - 1, false);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn quest_v5_chunks_cover_the_rows() {
         for &(batch, hkv, seqlen, ps) in &[
