@@ -642,27 +642,48 @@ fn neighborhood_safe_and_reference(
     }
     let na = NeighborhoodAttention::new(&shape, &o).unwrap();
     let n = na.tokens();
-    let (qs, ks) = (
+    let strides = (
         Strides::contiguous(n, hq, d),
         Strides::contiguous(n, hkv, d),
     );
+    safe_and_reference(
+        (q, k, v),
+        strides,
+        |q, k, v, out| na.forward_cpu(q, k, v, out, None),
+        |q, k, v| reference::neighborhood_attention_f64(&na, q, k, v),
+    )
+}
+
+/// The output of a safe API's `forward` and of an f64 `reference` on contiguous f32 tensors
+/// `q`, `k`, `v` with element strides `(qs, ks)` (out like q, v like k).
+fn safe_and_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (qs, ks): (Strides, Strides),
+    forward: impl FnOnce(
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&mut [f32]>,
+    ) -> longattn::Result<()>,
+    reference: impl FnOnce(
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+    ) -> longattn::Result<(Vec<f64>, Vec<f64>)>,
+) -> (Vec<f32>, Vec<f64>) {
     let (qv, kv, vv) = (flat(q), flat(k), flat(v));
-    let mut out = vec![0.0f32; na.out_len()];
-    na.forward_cpu(
-        Strided::new(&qv[..], qs),
-        Strided::new(&kv[..], ks),
-        Strided::new(&vv[..], ks),
-        Strided::new(&mut out[..], qs),
-        None,
-    )
-    .unwrap();
-    let (want, _) = reference::neighborhood_attention_f64(
-        &na,
-        Strided::new(&qv[..], qs),
-        Strided::new(&kv[..], ks),
-        Strided::new(&vv[..], ks),
-    )
-    .unwrap();
+    let mut out = vec![0.0f32; qv.len()];
+    let views = || {
+        (
+            Strided::new(&qv[..], qs),
+            Strided::new(&kv[..], ks),
+            Strided::new(&vv[..], ks),
+        )
+    };
+    let (qa, ka, va) = views();
+    forward(qa, ka, va, Strided::new(&mut out[..], qs)).unwrap();
+    let (qa, ka, va) = views();
+    let (want, _) = reference(qa, ka, va).unwrap();
     (out, want)
 }
 
@@ -794,28 +815,16 @@ fn block_sparse_safe_and_reference(
     };
     let attn = FlashAttention::new(&shape, opts).unwrap();
     let bs = BlockSparseAttention::new(attn, mask.clone()).unwrap();
-    let (qs, ks) = (
+    let strides = (
         Strides::contiguous(sq, hq, d),
         Strides::contiguous(sk, hkv, d),
     );
-    let (qv, kv, vv) = (flat(q), flat(k), flat(v));
-    let mut out = vec![0.0f32; qv.len()];
-    bs.forward_cpu(
-        Strided::new(&qv[..], qs),
-        Strided::new(&kv[..], ks),
-        Strided::new(&vv[..], ks),
-        Strided::new(&mut out[..], qs),
-        None,
+    safe_and_reference(
+        (q, k, v),
+        strides,
+        |q, k, v, out| bs.forward_cpu(q, k, v, out, None),
+        |q, k, v| reference::block_sparse_attention_f64(&bs, q, k, v),
     )
-    .unwrap();
-    let (want, _) = reference::block_sparse_attention_f64(
-        &bs,
-        Strided::new(&qv[..], qs),
-        Strided::new(&kv[..], ks),
-        Strided::new(&vv[..], ks),
-    )
-    .unwrap();
-    (out, want)
 }
 
 /// Odd lengths and block sizes (short last blocks), per-(batch, head) and broadcast masks of

@@ -187,23 +187,20 @@ def test_neighborhood_cuda_matches_cpu():
             assert err < TOL[str(dtype)[6:]], (n, dtype, "strided q", err)
 
 
-def _csr_mask(rng, lists, num_k_blocks):
-    """A random CSR block mask: each key block of each list skipped, Full or Partial."""
-    offsets, indices, full = [0], [], []
-    for _ in range(lists):
-        for kb in range(num_k_blocks):
-            r = rng.random()
-            if r >= 0.4:
-                indices.append(kb)
-                full.append(r >= 0.75)
-        offsets.append(len(indices))
-    return np.array(offsets, np.int32), np.array(indices, np.int32), np.array(full, bool)
+def _block_lists(lists, num_k_blocks, seed):
+    """CSR arrays of a fixed mix of unlisted (2 in 5), Full and Partial key blocks."""
+    kind = [[(lst * 7 + kb * 3 + seed) % 5 for kb in range(num_k_blocks)]
+            for lst in range(lists)]
+    listed = [[(kb, c == 2) for kb, c in enumerate(row) if c >= 2] for row in kind]
+    offsets = np.cumsum([0] + [len(row) for row in listed]).astype(np.int32)
+    indices = np.array([kb for row in listed for kb, _ in row], np.int32)
+    full = np.array([f for row in listed for _, f in row], bool)
+    return offsets, indices, full
 
 
 def test_block_sparse_cuda_matches_cpu():
     torch = _torch_or_skip()
     b, sq, sk, hq, hkv = 2, 200, 300, 4, 2
-    rng = np.random.default_rng(23)
     # Mask (batch, heads), block sizes, options: per-(batch, head) lists of 64 x 64 blocks,
     # causal; broadcast lists of 64 x 128 blocks with a window and softcap.
     masks = [((b, hq), 64, 64, dict(causal=True)),
@@ -213,7 +210,8 @@ def test_block_sparse_cuda_matches_cpu():
             q, k, v = _inputs(torch, dtype, (b, sq, hq, d), (b, sk, hkv, d), d)
             qg, kg, vg = (x.cuda() for x in (q, k, v))
             for (mb, mh), bm, bn, opts in masks:
-                offsets, indices, full = _csr_mask(rng, mb * mh * -(-sq // bm), -(-sk // bn))
+                lists = mb * mh * -(-sq // bm)
+                offsets, indices, full = _block_lists(lists, -(-sk // bn), bm + bn)
                 mask = dict(full=full, block_m=bm, block_n=bn, mask_batch=mb, mask_heads=mh)
                 out = torch.full_like(qg, float("nan"))
                 longattn.block_sparse_cuda(qg, kg, vg, out, offsets, indices, scale=0.3, **mask,
