@@ -15,6 +15,12 @@
 //! - [`paged_attn_prefill`]: chunked prefill / prefix caching over the same cache: any number
 //!   of new query tokens per sequence (fixed or packed with `seqlens_q`), any window, an f16,
 //!   bf16, f32 or `F8E4M3` cache.
+//! - [`neighborhood_attn`]: neighborhood attention (NATTEN) over a 1-D, 2-D or 3-D grid,
+//!   `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v` alike with `heads_kv`, the
+//!   per-dim kernel, dilation, stride and causal flag as [`NeighborhoodDim`]s.
+//! - [`block_sparse_attn`]: block-sparse attention over a [`BlockMask`] (FlexAttention's
+//!   `BlockMask`), shapes as [`flash_attn`], scale, softcap and element mask from
+//!   [`AttentionOptions`].
 //!
 //! Semantics are FlashAttention-2's (`semantics.md`): `window_size_left/right` of `None` are
 //! unbounded, `Some(n)` keeps keys `i + sk - sq - left ..= i + sk - sq + right` (bottom-right
@@ -23,9 +29,11 @@
 //! `softcap` of `0.0` disables it (FA2's convention); ALiBi is not supported (an `alibi_slopes`
 //! of `Some` is an error).
 //!
-//! Any strides with a contiguous last dim are accepted, and f32, f16 and bf16. The ops run on
-//! candle CPU tensors through [`FlashAttention::forward_cpu`] / [`PagedDecode::forward_cpu`]
-//! (f32 accumulation). With the feature `candle-cuda` they also run on candle CUDA tensors
+//! Any strides with a contiguous last dim are accepted (for [`neighborhood_attn`], grid dims
+//! that flatten into one token axis), and f32, f16 and bf16. The ops run on
+//! candle CPU tensors through the problems' `forward_cpu` ([`FlashAttention::forward_cpu`],
+//! [`PagedDecode::forward_cpu`], [`NeighborhoodAttention::forward_cpu`], ...; f32
+//! accumulation). With the feature `candle-cuda` they also run on candle CUDA tensors
 //! (f16/bf16), through this crate's GPU kernels on candle's stream (the `cuda` module; **not
 //! yet run on a GPU**). candle-core's `cuda` feature enables cudarc's `dynamic-linking` and
 //! `cuda-version-from-build-system`, which cudarc refuses next to this crate's default
@@ -33,10 +41,14 @@
 //! `candle-cuda`, a CUDA tensor gets candle's "no cuda implementation" error.
 //! Invalid inputs give a candle error, never a panic. Forward only: no backward.
 
+use crate::block_sparse::{BlockMask, BlockSparseAttention};
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::{Element, F8E4M3};
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
+use crate::neighborhood::{
+    MAX_NEIGHBORHOOD_DIMS, NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape,
+};
 use crate::paged::{
     KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
 };
@@ -126,8 +138,7 @@ fn window(left: Option<usize>, right: Option<usize>, max_seqlen_k: usize) -> Win
 
 fn options(
     scale: f32,
-    left: Option<usize>,
-    right: Option<usize>,
+    (left, right): (Option<usize>, Option<usize>),
     softcap: Option<f32>,
     max_seqlen_k: usize,
 ) -> AttentionOptions {
@@ -175,16 +186,52 @@ pub struct FlashAttnVarlen {
     pub max_seqlen_k: usize,
 }
 
-/// The validated problem and the strides of q, k, v, plus the output shape.
-struct Problem {
-    attn: FlashAttention,
+/// A validated problem `A` (dense, block-sparse or neighborhood attention) with the element
+/// strides of q, k, v and of its output, a fresh contiguous tensor of q's shape holding
+/// `out_len` elements (the problem's `out_len`).
+struct Problem<A> {
+    attn: A,
     q: Strides,
     k: Strides,
     v: Strides,
+    out: Strides,
+    out_len: usize,
     out_shape: Shape,
 }
 
-impl Problem {
+/// The forward pass the q, k, v ops share (no LSE), over q, k, v and out with element strides;
+/// the GPU one is `cuda::QkvGpu`.
+trait QkvAttention {
+    /// [`FlashAttention::forward_cpu`] and its siblings.
+    fn run_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+    ) -> crate::Result<()>;
+}
+
+/// [`QkvAttention`] for types with the `forward_cpu(q, k, v, out, lse)` of the dense
+/// problems.
+macro_rules! qkv_attention {
+    ($($t:ty),*) => {$(
+        impl QkvAttention for $t {
+            fn run_cpu<T: Element>(
+                &self,
+                q: Strided<&[T]>,
+                k: Strided<&[T]>,
+                v: Strided<&[T]>,
+                out: Strided<&mut [T]>,
+            ) -> crate::Result<()> {
+                self.forward_cpu(q, k, v, out, None)
+            }
+        }
+    )*};
+}
+qkv_attention!(FlashAttention, BlockSparseAttention, NeighborhoodAttention);
+
+impl Problem<FlashAttention> {
     /// The strides of q, k, v (rank 4, or rank 3 with `packed`; last dim contiguous).
     fn strides(
         q_l: &Layout,
@@ -199,55 +246,38 @@ impl Problem {
         ))
     }
 
-    /// Errors unless `same` (q and k agree where they must) and v has the shape of k.
-    fn check_shapes(same: bool, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<()> {
-        if !same {
-            bail!(
-                "longattn: shape mismatch q {:?} and k {:?}",
-                q_l.shape(),
-                k_l.shape()
-            )
-        }
-        if v_l.shape() != k_l.shape() {
-            bail!(
-                "longattn: shape mismatch k {:?} and v {:?}",
-                k_l.shape(),
-                v_l.shape()
-            )
-        }
-        Ok(())
-    }
-
-    /// Validates `shape` with the op's options (window clamped by `max_seqlen_k`); the output
-    /// has the shape of q.
-    #[allow(clippy::too_many_arguments)]
+    /// Validates `shape` with `opts`; the output has the shape of q.
     fn new(
         shape: &AttentionShape,
         (q, k, v): (Strides, Strides, Strides),
         q_l: &Layout,
-        scale: f32,
-        (left, right): (Option<usize>, Option<usize>),
-        softcap: Option<f32>,
-        max_seqlen_k: usize,
-    ) -> Result<Problem> {
-        let opts = options(scale, left, right, softcap, max_seqlen_k);
-        let attn = FlashAttention::new(shape, &opts).map_err(wrap)?;
+        opts: &AttentionOptions,
+    ) -> Result<Self> {
+        let attn = FlashAttention::new(shape, opts).map_err(wrap)?;
+        let out_shape = q_l.shape().clone();
         Ok(Problem {
+            out: contiguous_out(&attn, &out_shape),
+            out_len: attn.out_len(),
             attn,
             q,
             k,
             v,
-            out_shape: q_l.shape().clone(),
+            out_shape,
         })
     }
-}
 
-impl FlashAttn {
-    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
-        let strides = Problem::strides(q_l, k_l, v_l, false)?;
+    /// The fixed-length problem of `q: (b, sq, hq, d)`, `k, v: (b, sk, hkv, d)` with `opts`
+    /// (`opts(sk)`: they may depend on the key length).
+    fn fixed(
+        q_l: &Layout,
+        k_l: &Layout,
+        v_l: &Layout,
+        opts: impl FnOnce(usize) -> AttentionOptions,
+    ) -> Result<Self> {
+        let strides = Self::strides(q_l, k_l, v_l, false)?;
         let (b, sq, hq, d) = q_l.shape().dims4()?;
         let (bk, sk, hkv, dk) = k_l.shape().dims4()?;
-        Problem::check_shapes((bk, dk) == (b, d), q_l, k_l, v_l)?;
+        check_shapes((bk, dk) == (b, d), q_l, k_l, v_l)?;
         let shape = AttentionShape {
             batch: b,
             heads_q: hq,
@@ -258,24 +288,44 @@ impl FlashAttn {
                 seqlen_k: sk,
             },
         };
-        Problem::new(
-            &shape,
-            strides,
-            q_l,
-            self.softmax_scale,
-            (self.window_size_left, self.window_size_right),
-            self.softcap,
-            sk,
+        Self::new(&shape, strides, q_l, &opts(sk))
+    }
+}
+
+/// Errors unless `same` (q and k agree where they must) and v has the shape of k.
+fn check_shapes(same: bool, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<()> {
+    if !same {
+        bail!(
+            "longattn: shape mismatch q {:?} and k {:?}",
+            q_l.shape(),
+            k_l.shape()
         )
+    }
+    if v_l.shape() != k_l.shape() {
+        bail!(
+            "longattn: shape mismatch k {:?} and v {:?}",
+            k_l.shape(),
+            v_l.shape()
+        )
+    }
+    Ok(())
+}
+
+impl FlashAttn {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem<FlashAttention>> {
+        let window = (self.window_size_left, self.window_size_right);
+        Problem::fixed(q_l, k_l, v_l, |sk| {
+            options(self.softmax_scale, window, self.softcap, sk)
+        })
     }
 }
 
 impl FlashAttnVarlen {
-    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem> {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Problem<FlashAttention>> {
         let strides = Problem::strides(q_l, k_l, v_l, true)?;
         let (_, hq, d) = q_l.shape().dims3()?;
         let (_, hkv, dk) = k_l.shape().dims3()?;
-        Problem::check_shapes(dk == d, q_l, k_l, v_l)?;
+        check_shapes(dk == d, q_l, k_l, v_l)?;
         if self.cu_seqlens_q.is_empty() || self.cu_seqlens_q.len() != self.cu_seqlens_k.len() {
             bail!(
                 "longattn: seqlens_q ({}) and seqlens_k ({}) must both have batch + 1 >= 1 values",
@@ -301,20 +351,14 @@ impl FlashAttnVarlen {
             .max()
             .unwrap_or(0)
             .max(self.max_seqlen_k);
-        Problem::new(
-            &shape,
-            strides,
-            q_l,
-            self.softmax_scale,
-            (self.window_size_left, self.window_size_right),
-            self.softcap,
-            max_k,
-        )
+        let window = (self.window_size_left, self.window_size_right);
+        let opts = options(self.softmax_scale, window, self.softcap, max_k);
+        Problem::new(&shape, strides, q_l, &opts)
     }
 }
 
-fn dense_cpu_t<T: Element + candle_core::WithDType>(
-    p: &Problem,
+fn qkv_cpu_t<A: QkvAttention, T: Element + candle_core::WithDType>(
+    p: &Problem<A>,
     q: (&CpuStorage, &Layout),
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
@@ -322,15 +366,13 @@ fn dense_cpu_t<T: Element + candle_core::WithDType>(
     let q = cpu_slice::<T>("q", q.0, q.1)?;
     let k = cpu_slice::<T>("k", k.0, k.1)?;
     let v = cpu_slice::<T>("v", v.0, v.1)?;
-    let mut out = vec![T::default(); p.attn.out_len()];
-    let out_strides = contiguous_out(&p.attn, &p.out_shape);
+    let mut out = vec![T::default(); p.out_len];
     p.attn
-        .forward_cpu(
+        .run_cpu(
             Strided::new(q, p.q),
             Strided::new(k, p.k),
             Strided::new(v, p.v),
-            Strided::new(&mut out[..], out_strides),
-            None,
+            Strided::new(&mut out[..], p.out),
         )
         .map_err(wrap)?;
     Ok(out)
@@ -349,22 +391,23 @@ fn contiguous_out(attn: &FlashAttention, out_shape: &Shape) -> Strides {
     }
 }
 
-fn dense_cpu(
+/// `cpu_fwd` of the q, k, v ops: q, k, v of one of f32, f16, bf16.
+fn qkv_cpu<A: QkvAttention>(
     name: &str,
-    p: &Problem,
+    p: &Problem<A>,
     q: (&CpuStorage, &Layout),
     k: (&CpuStorage, &Layout),
     v: (&CpuStorage, &Layout),
 ) -> Result<(CpuStorage, Shape)> {
     let out = match (q.0, k.0, v.0) {
         (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            CpuStorage::F32(dense_cpu_t::<f32>(p, q, k, v)?)
+            CpuStorage::F32(qkv_cpu_t::<A, f32>(p, q, k, v)?)
         }
         (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => {
-            CpuStorage::F16(dense_cpu_t::<half::f16>(p, q, k, v)?)
+            CpuStorage::F16(qkv_cpu_t::<A, half::f16>(p, q, k, v)?)
         }
         (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-            CpuStorage::BF16(dense_cpu_t::<half::bf16>(p, q, k, v)?)
+            CpuStorage::BF16(qkv_cpu_t::<A, half::bf16>(p, q, k, v)?)
         }
         (a, b, c) => bail!(
             "longattn {name}: q, k, v must share one of f32, f16, bf16; got {:?}, {:?}, {:?}",
@@ -414,13 +457,8 @@ macro_rules! custom_op3 {
         }
     };
 }
-custom_op3!(FlashAttn, "longattn-flash-attn", dense_cpu, dense);
-custom_op3!(
-    FlashAttnVarlen,
-    "longattn-flash-attn-varlen",
-    dense_cpu,
-    dense
-);
+custom_op3!(FlashAttn, "longattn-flash-attn", qkv_cpu, qkv);
+custom_op3!(FlashAttnVarlen, "longattn-flash-attn-varlen", qkv_cpu, qkv);
 
 fn no_alibi(alibi_slopes: Option<&Tensor>) -> Result<()> {
     if alibi_slopes.is_some() {
@@ -786,8 +824,7 @@ impl PagedAttnDecode {
         let cache = paged_cache((k_l, v_l), d, table, self.kv_scales.as_ref())?;
         let opts = options(
             self.softmax_scale,
-            self.window_size_left,
-            Some(0),
+            (self.window_size_left, Some(0)),
             self.softcap,
             longest(&self.seqlens_k),
         );
@@ -819,8 +856,7 @@ impl PagedAttnPrefill {
         let cache = paged_cache((k_l, v_l), d, table, self.kv_scales.as_ref())?;
         let opts = options(
             self.softmax_scale,
-            self.window_size_left,
-            self.window_size_right,
+            (self.window_size_left, self.window_size_right),
             self.softcap,
             longest(&self.seqlens_k),
         );
@@ -1045,4 +1081,188 @@ pub fn paged_attn_prefill(
         kv_scales,
     };
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// Neighborhood attention as the `CustomOp3` that [`neighborhood_attn`] applies:
+/// `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v` alike with `heads_kv`.
+#[derive(Debug, Clone)]
+pub struct NeighborhoodAttn {
+    /// One per grid dim, outermost first; each `length` is that dim of q.
+    pub dims: Vec<NeighborhoodDim>,
+    /// Multiplier on `q . k` before the softmax (usually `1 / sqrt(head_dim)`).
+    pub softmax_scale: f32,
+    /// Gemma-2 softcap; `None` or `Some(0.0)` disables it.
+    pub softcap: Option<f32>,
+}
+
+/// Element strides `(batch, token, head)` of a `(batch, X, (Y, (Z,)) heads, head_dim)` layout
+/// whose grid dims flatten into one token axis (row-major: a contiguous tensor, or a view of
+/// one that keeps the grid whole, such as a slice of heads or of the batch); the last dim
+/// must be contiguous.
+fn grid_strides(name: &str, l: &Layout) -> Result<Strides> {
+    let (dims, st) = (l.dims(), l.stride());
+    let r = dims.len();
+    if st[r - 1] != 1 && dims[r - 1] > 1 {
+        bail!("longattn: the last dim of {name} must be contiguous, strides {st:?}")
+    }
+    // The token stride is that of the innermost grid dim longer than 1; every outer one must
+    // step over the tokens inside it.
+    let (mut token, mut inner) = (None, 1usize);
+    for a in (1..r - 2).rev() {
+        if dims[a] > 1 {
+            let t = *token.get_or_insert(st[a]);
+            if t.checked_mul(inner) != Some(st[a]) {
+                bail!(
+                    "longattn: the grid dims of {name} must flatten into one token axis, \
+                     shape {:?} strides {st:?}",
+                    l.shape()
+                )
+            }
+        }
+        inner *= dims[a];
+    }
+    Ok(Strides {
+        batch: st[0] as i64,
+        seq: token.unwrap_or(st[r - 3]) as i64,
+        head: st[r - 2] as i64,
+    })
+}
+
+impl NeighborhoodAttn {
+    fn problem(
+        &self,
+        q_l: &Layout,
+        k_l: &Layout,
+        v_l: &Layout,
+    ) -> Result<Problem<NeighborhoodAttention>> {
+        let (qd, kd) = (q_l.dims(), k_l.dims());
+        let r = qd.len();
+        if !(4..=3 + MAX_NEIGHBORHOOD_DIMS).contains(&r) {
+            bail!(
+                "longattn: q must be (batch, X, (Y, (Z,)) heads, head_dim) with 1 to \
+                 {MAX_NEIGHBORHOOD_DIMS} grid dims, got shape {:?}",
+                q_l.shape()
+            )
+        }
+        let same = kd.len() == r && kd[..r - 2] == qd[..r - 2] && kd[r - 1] == qd[r - 1];
+        check_shapes(same, q_l, k_l, v_l)?;
+        let grid = &qd[1..r - 2];
+        if self.dims.len() != grid.len() || self.dims.iter().zip(grid).any(|(d, &l)| d.length != l)
+        {
+            bail!(
+                "longattn: the neighborhood dims' lengths {:?} must be q's grid {grid:?}",
+                self.dims.iter().map(|d| d.length).collect::<Vec<_>>()
+            )
+        }
+        let (q, k, v) = (
+            grid_strides("q", q_l)?,
+            grid_strides("k", k_l)?,
+            grid_strides("v", v_l)?,
+        );
+        let (hq, d) = (qd[r - 2], qd[r - 1]);
+        let shape = NeighborhoodShape {
+            batch: qd[0],
+            heads_q: hq,
+            heads_kv: kd[r - 2],
+            head_dim: d,
+            dims: &self.dims,
+        };
+        let opts = AttentionOptions {
+            scale: Some(self.softmax_scale),
+            softcap: self.softcap.filter(|&c| c != 0.0),
+            ..AttentionOptions::default()
+        };
+        let attn = NeighborhoodAttention::new(&shape, &opts).map_err(wrap)?;
+        Ok(Problem {
+            out: Strides::contiguous(attn.tokens(), hq, d),
+            out_len: attn.out_len(),
+            attn,
+            q,
+            k,
+            v,
+            out_shape: q_l.shape().clone(),
+        })
+    }
+}
+
+/// Block-sparse attention as the `CustomOp3` that [`block_sparse_attn`] applies:
+/// `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch, seqlen_k, heads_kv, head_dim)`.
+#[derive(Debug, Clone)]
+pub struct BlockSparseAttn {
+    /// The listed key blocks of each (batch, query head, query block), bound to the problem by
+    /// [`BlockSparseAttention::new`].
+    pub mask: BlockMask,
+    /// Scale, softcap and the element mask (window, sinks, causal) of `Partial` blocks.
+    pub options: AttentionOptions,
+}
+
+impl BlockSparseAttn {
+    fn problem(
+        &self,
+        q_l: &Layout,
+        k_l: &Layout,
+        v_l: &Layout,
+    ) -> Result<Problem<BlockSparseAttention>> {
+        let p = Problem::fixed(q_l, k_l, v_l, |_| self.options)?;
+        let attn =
+            BlockSparseAttention::new(p.attn, self.mask.clone()).map_err(|e| wrap(e.into()))?;
+        Ok(Problem {
+            attn,
+            q: p.q,
+            k: p.k,
+            v: p.v,
+            out: p.out,
+            out_len: p.out_len,
+            out_shape: p.out_shape,
+        })
+    }
+}
+
+custom_op3!(NeighborhoodAttn, "longattn-neighborhood-attn", qkv_cpu, qkv);
+custom_op3!(BlockSparseAttn, "longattn-block-sparse-attn", qkv_cpu, qkv);
+
+/// Neighborhood attention (NATTEN's semantics, `semantics.md`): every query token of a 1-D,
+/// 2-D or 3-D grid attends to the keys of its neighborhood, cut per grid dim by `dims`
+/// (kernel size, dilation, stride, causal; each `length` must be that dim of q).
+/// `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v: (batch, X, (Y, (Z,)) heads_kv,
+/// head_dim)` with `heads_q % heads_kv == 0`, the grid dims of each flattening into one token
+/// axis (row-major, as in a contiguous tensor); `softcap` `None` or `0.0` disables it. Result:
+/// the shape of `q`. On CUDA, [`NeighborhoodAttention::forward_gpu`] picks the kernel.
+pub fn neighborhood_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dims: &[NeighborhoodDim],
+    softmax_scale: f32,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let op = NeighborhoodAttn {
+        dims: dims.to_vec(),
+        softmax_scale,
+        softcap,
+    };
+    q.apply_op3_no_bwd(k, v, &op)
+}
+
+/// Block-sparse attention (FlexAttention's `BlockMask`, FlashInfer's BSR prefill): dense
+/// attention over the key blocks `mask` lists for each query block, `Full` blocks whole and
+/// `Partial` ones under the element mask of `options` (window, sinks, causal; scale and
+/// softcap too: [`crate::block_sparse`]). `q: (batch, seqlen_q, heads_q, head_dim)`,
+/// `k, v: (batch, seqlen_k, heads_kv, head_dim)`; `mask` covers `seqlen_q x seqlen_k`
+/// (`BlockMaskDims::for_lengths`) with batch and heads equal to the problem's or 1
+/// (broadcast). A row with no visible key gives 0. Result: the shape of `q`. On CUDA,
+/// [`BlockSparseAttention::forward_gpu`] (block sizes multiples of 64, head_dim 64, 128 or
+/// 256).
+pub fn block_sparse_attn(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &BlockMask,
+    options: &AttentionOptions,
+) -> Result<Tensor> {
+    let op = BlockSparseAttn {
+        mask: mask.clone(),
+        options: *options,
+    };
+    q.apply_op3_no_bwd(k, v, &op)
 }

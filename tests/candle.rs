@@ -616,6 +616,358 @@ fn bad_inputs_are_candle_errors() {
     );
 }
 
+/// The crate's safe API (`NeighborhoodAttention::forward_cpu`) and the f64 reference of
+/// contiguous f32 `(batch, *grid, heads, head_dim)` tensors.
+fn neighborhood_safe_and_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    dims: &[NeighborhoodDim],
+    softcap: Option<f32>,
+) -> (Vec<f32>, Vec<f64>) {
+    let r = q.rank();
+    let (hq, hkv, d) = (
+        q.dim(r - 2).unwrap(),
+        k.dim(r - 2).unwrap(),
+        q.dim(r - 1).unwrap(),
+    );
+    let shape = NeighborhoodShape {
+        batch: q.dim(0).unwrap(),
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        dims,
+    };
+    let mut o = AttentionOptions::default().with_scale(SCALE);
+    if let Some(c) = softcap {
+        o = o.with_softcap(c);
+    }
+    let na = NeighborhoodAttention::new(&shape, &o).unwrap();
+    let n = na.tokens();
+    let strides = (
+        Strides::contiguous(n, hq, d),
+        Strides::contiguous(n, hkv, d),
+    );
+    safe_and_reference(
+        (q, k, v),
+        strides,
+        |q, k, v, out| na.forward_cpu(q, k, v, out, None),
+        |q, k, v| reference::neighborhood_attention_f64(&na, q, k, v),
+    )
+}
+
+/// The output of a safe API's `forward` and of an f64 `reference` on contiguous f32 tensors
+/// `q`, `k`, `v` with element strides `(qs, ks)` (out like q, v like k).
+fn safe_and_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (qs, ks): (Strides, Strides),
+    forward: impl FnOnce(
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&mut [f32]>,
+    ) -> longattn::Result<()>,
+    reference: impl FnOnce(
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+        Strided<&[f32]>,
+    ) -> longattn::Result<(Vec<f64>, Vec<f64>)>,
+) -> (Vec<f32>, Vec<f64>) {
+    let (qv, kv, vv) = (flat(q), flat(k), flat(v));
+    let mut out = vec![0.0f32; qv.len()];
+    let views = || {
+        (
+            Strided::new(&qv[..], qs),
+            Strided::new(&kv[..], ks),
+            Strided::new(&vv[..], ks),
+        )
+    };
+    let (qa, ka, va) = views();
+    forward(qa, ka, va, Strided::new(&mut out[..], qs)).unwrap();
+    let (qa, ka, va) = views();
+    let (want, _) = reference(qa, ka, va).unwrap();
+    (out, want)
+}
+
+/// Odd 1-D, 2-D and 3-D grids (kernel, dilation, stride and causal mixed per dim, GQA,
+/// softcap): the op equals the crate's safe API bit for bit and the f64 reference; strided
+/// views (q a permuted `(b, h, *grid, d)` tensor, k and v halves of a fused buffer) give the
+/// contiguous result; f16 and bf16 match the reference of the rounded inputs.
+#[test]
+fn neighborhood_attn_matches_safe_api_and_reference() {
+    let nd = NeighborhoodDim::new;
+    let cases: Vec<(usize, Vec<NeighborhoodDim>, usize, usize, usize)> = vec![
+        (2, vec![nd(13, 5).with_dilation(2)], 4, 2, 8),
+        (1, vec![nd(13, 4).with_causal(true)], 2, 2, 16),
+        (2, vec![nd(11, 5).with_stride(2)], 3, 1, 8),
+        (
+            1,
+            vec![nd(5, 3).with_stride(2), nd(7, 3).with_causal(true)],
+            3,
+            1,
+            16,
+        ),
+        (1, vec![nd(6, 3).with_dilation(2), nd(9, 9)], 2, 2, 8),
+        (
+            2,
+            vec![
+                nd(3, 3),
+                nd(4, 2).with_causal(true),
+                nd(5, 3).with_dilation(1),
+            ],
+            2,
+            1,
+            8,
+        ),
+    ];
+    for (case, (b, dims, hq, hkv, d)) in cases.iter().enumerate() {
+        let grid: Vec<usize> = dims.iter().map(|x| x.length).collect();
+        let shape = |h: usize| [&[*b][..], &grid, &[h, *d]].concat();
+        let seed = 200 + 10 * case as u64;
+        let q = randn(&shape(*hq), seed);
+        let k = randn(&shape(*hkv), seed + 1);
+        let v = randn(&shape(*hkv), seed + 2);
+        for softcap in [None, Some(0.6)] {
+            let got = fa::neighborhood_attn(&q, &k, &v, dims, SCALE, softcap).unwrap();
+            assert_eq!((got.dims(), got.dtype()), (q.dims(), DType::F32));
+            let (safe, want) = neighborhood_safe_and_reference((&q, &k, &v), dims, softcap);
+            let got = flat(&got);
+            assert_eq!(
+                got, safe,
+                "case {case} softcap {softcap:?}: differs from the safe API"
+            );
+            let err = rel_l2(&got, &want);
+            assert!(err < 1e-5, "case {case} softcap {softcap:?}: rel L2 {err}");
+        }
+        // 0.0 disables the softcap.
+        let off = fa::neighborhood_attn(&q, &k, &v, dims, SCALE, Some(0.0)).unwrap();
+        let none = fa::neighborhood_attn(&q, &k, &v, dims, SCALE, None).unwrap();
+        assert_eq!(flat(&off), flat(&none));
+        // q as a permuted (b, h, *grid, d) tensor, k and v halves of one fused buffer.
+        let r = q.rank();
+        let mut perm: Vec<usize> = (0..r).collect();
+        perm[1..r - 1].rotate_right(1);
+        let mut inv = vec![0; r];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        let q_bh = q.permute(perm).unwrap().contiguous().unwrap();
+        let qs = q_bh.permute(inv).unwrap();
+        assert!(!qs.is_contiguous() || *hq == 1);
+        let kv = Tensor::cat(&[&k, &v], r - 2).unwrap();
+        let (ks, vs) = (
+            kv.narrow(r - 2, 0, *hkv).unwrap(),
+            kv.narrow(r - 2, *hkv, *hkv).unwrap(),
+        );
+        let strided = fa::neighborhood_attn(&qs, &ks, &vs, dims, SCALE, None).unwrap();
+        assert_eq!(flat(&strided), flat(&none), "case {case}: strided views");
+        for dt in [DType::F16, DType::BF16] {
+            let half = |t: &Tensor| t.to_dtype(dt).unwrap();
+            let (qh, kh, vh) = (half(&q), half(&k), half(&v));
+            let got = fa::neighborhood_attn(&qh, &kh, &vh, dims, SCALE, None).unwrap();
+            assert_eq!(got.dtype(), dt);
+            let (_, want) = neighborhood_safe_and_reference((&qh, &kh, &vh), dims, None);
+            let err = rel_l2(&flat(&got), &want);
+            assert!(err < 1e-2, "case {case} {dt:?}: {err}");
+        }
+    }
+}
+
+/// A block mask over `seqlen_q x seqlen_k` for (`batch`, `heads`) lists: a fixed
+/// pseudo-random mix of unlisted, `Full` and `Partial` key blocks (some lists empty).
+fn mixed_mask(
+    (batch, heads): (usize, usize),
+    (sq, sk): (usize, usize),
+    (block_m, block_n): (usize, usize),
+    seed: usize,
+) -> BlockMask {
+    let dims = BlockMaskDims::for_lengths(batch, heads, sq, sk, block_m, block_n).unwrap();
+    BlockMask::from_lists(dims, |id| {
+        (0..dims.num_k_blocks)
+            .filter_map(|kb| {
+                match (id.batch * 31 + id.head * 17 + id.q_block * 7 + kb * 3 + seed) % 5 {
+                    0 | 1 => None,
+                    2 => Some((kb, BlockKind::Full)),
+                    _ => Some((kb, BlockKind::Partial)),
+                }
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// The crate's safe API (`BlockSparseAttention::forward_cpu`) and the f64 reference of
+/// contiguous f32 `(b, s, h, d)` tensors.
+fn block_sparse_safe_and_reference(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    mask: &BlockMask,
+    opts: &AttentionOptions,
+) -> (Vec<f32>, Vec<f64>) {
+    let (b, sq, hq, d) = q.dims4().unwrap();
+    let (_, sk, hkv, _) = k.dims4().unwrap();
+    let shape = AttentionShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        },
+    };
+    let attn = FlashAttention::new(&shape, opts).unwrap();
+    let bs = BlockSparseAttention::new(attn, mask.clone()).unwrap();
+    let strides = (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    );
+    safe_and_reference(
+        (q, k, v),
+        strides,
+        |q, k, v, out| bs.forward_cpu(q, k, v, out, None),
+        |q, k, v| reference::block_sparse_attention_f64(&bs, q, k, v),
+    )
+}
+
+/// Odd lengths and block sizes (short last blocks), per-(batch, head) and broadcast masks of
+/// mixed `Full`/`Partial` blocks, GQA, causal, windows with sinks, softcap: the op equals the
+/// crate's safe API bit for bit and the f64 reference; a strided q gives the contiguous
+/// result; f16 and bf16 match the reference of the rounded inputs; an all-`Partial` dense mask
+/// is dense attention.
+#[test]
+fn block_sparse_attn_matches_safe_api_and_reference() {
+    let (b, sq, sk, hq, hkv, d) = (2, 37, 45, 4, 2, 16);
+    let q = randn(&[b, sq, hq, d], 300);
+    let k = randn(&[b, sk, hkv, d], 301);
+    let v = randn(&[b, sk, hkv, d], 302);
+    let options = [
+        AttentionOptions::default().with_scale(SCALE),
+        AttentionOptions::causal().with_scale(SCALE),
+        opts(Some(6), Some(2), Some(0.7)).with_sinks(3),
+        AttentionOptions::causal(),
+    ];
+    for (mb, mh) in [(b, hq), (1, 1), (1, hq)] {
+        for (blocks, seed) in [((8, 16), 1), ((5, 7), 2), ((64, 64), 3)] {
+            let mask = mixed_mask((mb, mh), (sq, sk), blocks, seed);
+            for (n, o) in options.iter().enumerate() {
+                let got = fa::block_sparse_attn(&q, &k, &v, &mask, o).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (q.dims(), DType::F32));
+                let (safe, want) = block_sparse_safe_and_reference((&q, &k, &v), &mask, o);
+                let got = flat(&got);
+                let at = format!("mask ({mb}, {mh}) blocks {blocks:?} options {n}");
+                assert_eq!(got, safe, "{at}: differs from the safe API");
+                let err = rel_l2(&got, &want);
+                assert!(err < 1e-5, "{at}: rel L2 {err}");
+            }
+        }
+    }
+    let mask = mixed_mask((b, hq), (sq, sk), (8, 16), 4);
+    let o = AttentionOptions::causal().with_scale(SCALE);
+    let contiguous = flat(&fa::block_sparse_attn(&q, &k, &v, &mask, &o).unwrap());
+    // q as the transpose of a (b, h, s, d) tensor.
+    let qt = q.transpose(1, 2).unwrap().contiguous().unwrap();
+    let qt = qt.transpose(1, 2).unwrap();
+    assert!(!qt.is_contiguous());
+    let strided = fa::block_sparse_attn(&qt, &k, &v, &mask, &o).unwrap();
+    assert_eq!(flat(&strided), contiguous);
+    for dt in [DType::F16, DType::BF16] {
+        let half = |t: &Tensor| t.to_dtype(dt).unwrap();
+        let (qh, kh, vh) = (half(&q), half(&k), half(&v));
+        let got = fa::block_sparse_attn(&qh, &kh, &vh, &mask, &o).unwrap();
+        assert_eq!(got.dtype(), dt);
+        let (_, want) = block_sparse_safe_and_reference((&qh, &kh, &vh), &mask, &o);
+        let err = rel_l2(&flat(&got), &want);
+        assert!(err < 1e-2, "{dt:?}: {err}");
+    }
+    // Every key block listed as Partial: dense attention under the options' mask.
+    let dims = BlockMaskDims::for_lengths(1, 1, sq, sk, 16, 16).unwrap();
+    let dense = BlockMask::dense(dims, BlockKind::Partial).unwrap();
+    let got = fa::block_sparse_attn(&q, &k, &v, &dense, &o).unwrap();
+    let fixed = SeqLens::Fixed {
+        seqlen_q: sq,
+        seqlen_k: sk,
+    };
+    let want = reference(&q, &k, &v, fixed, opts(None, Some(0), None));
+    assert!(rel_l2(&flat(&got), &want) < 1e-5);
+}
+
+/// Bad ranks, shapes, strides, dims, masks, options and dtypes of the neighborhood and
+/// block-sparse ops are candle errors, never panics.
+#[test]
+fn neighborhood_and_block_sparse_bad_inputs_are_candle_errors() {
+    let nd = NeighborhoodDim::new;
+    let dims = [nd(5, 3), nd(6, 3)];
+    let q = randn(&[1, 5, 6, 4, 8], 400);
+    let k = randn(&[1, 5, 6, 2, 8], 401);
+    let na = |q: &Tensor, k: &Tensor, v: &Tensor, dims: &[NeighborhoodDim]| {
+        fa::neighborhood_attn(q, k, v, dims, SCALE, None)
+    };
+    assert!(na(&q, &k, &k, &dims).is_ok());
+    // Ranks: no grid dim, four grid dims.
+    let q3 = randn(&[1, 4, 8], 402);
+    assert!(na(&q3, &q3, &q3, &[]).is_err());
+    let q7 = randn(&[1, 2, 2, 2, 2, 1, 8], 403);
+    let d4 = [nd(2, 1); 4];
+    assert!(na(&q7, &q7, &q7, &d4).is_err());
+    // Dims: too few, a length that is not q's, kernel * dilation past the length, a stride
+    // on a causal dim, a stride past the kernel.
+    assert!(na(&q, &k, &k, &dims[..1]).is_err());
+    assert!(na(&q, &k, &k, &[nd(5, 3), nd(7, 3)]).is_err());
+    assert!(na(&q, &k, &k, &[nd(5, 3).with_dilation(2), nd(6, 3)]).is_err());
+    let causal_stride = nd(6, 3).with_causal(true).with_stride(2);
+    assert!(na(&q, &k, &k, &[nd(5, 3), causal_stride]).is_err());
+    assert!(na(&q, &k, &k, &[nd(5, 3), nd(6, 3).with_stride(4)]).is_err());
+    // Shapes: k and v differ, heads_q not a multiple of heads_kv, grid or head_dim mismatch.
+    let k3 = randn(&[1, 5, 6, 3, 8], 404);
+    assert!(na(&q, &k, &k3, &dims).is_err());
+    assert!(na(&q, &k3, &k3, &dims).is_err());
+    let kg = randn(&[1, 6, 5, 2, 8], 405);
+    assert!(na(&q, &kg, &kg, &dims).is_err());
+    let kd = randn(&[1, 5, 6, 2, 4], 406);
+    assert!(na(&q, &kd, &kd, &dims).is_err());
+    // Strides: a grid that does not flatten (X and Y swapped), a strided last dim.
+    let qx = randn(&[1, 6, 5, 4, 8], 407).transpose(1, 2).unwrap();
+    let err = na(&qx, &k, &k, &dims).unwrap_err();
+    assert!(err.to_string().contains("flatten"), "{err}");
+    let ql = randn(&[1, 5, 6, 8, 4], 408).transpose(3, 4).unwrap();
+    assert!(na(&ql, &k, &k, &dims).is_err());
+    // Dtypes: f64, mixed; a non-finite scale, a negative softcap.
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    assert!(na(&f64s(&q), &f64s(&k), &f64s(&k), &dims).is_err());
+    assert!(na(&q, &k, &k.to_dtype(DType::F16).unwrap(), &dims).is_err());
+    assert!(fa::neighborhood_attn(&q, &k, &k, &dims, f32::NAN, None).is_err());
+    assert!(fa::neighborhood_attn(&q, &k, &k, &dims, SCALE, Some(-1.0)).is_err());
+
+    let (b, sq, sk, hq, hkv, d) = (2, 9, 12, 4, 2, 8);
+    let q = randn(&[b, sq, hq, d], 410);
+    let k = randn(&[b, sk, hkv, d], 411);
+    let o = AttentionOptions::causal();
+    let mask = mixed_mask((b, hq), (sq, sk), (4, 4), 1);
+    let bs = |q: &Tensor, k: &Tensor, v: &Tensor, mask: &BlockMask, o: &AttentionOptions| {
+        fa::block_sparse_attn(q, k, v, mask, o)
+    };
+    assert!(bs(&q, &k, &k, &mask, &o).is_ok());
+    // Ranks and shapes.
+    let qp = randn(&[sq, hq, d], 412);
+    assert!(bs(&qp, &k, &k, &mask, &o).is_err());
+    let k3 = randn(&[b, sk, 3, d], 413);
+    assert!(bs(&q, &k3, &k3, &mask, &o).is_err());
+    assert!(bs(&q, &k, &randn(&[b, sk + 1, hkv, d], 414), &mask, &o).is_err());
+    // Masks that do not fit: other query or key lengths, heads, batch.
+    for bad in [
+        mixed_mask((b, hq), (sq + 4, sk), (4, 4), 1),
+        mixed_mask((b, hq), (sq, sk + 8), (4, 4), 1),
+        mixed_mask((b, 2), (sq, sk), (4, 4), 1),
+        mixed_mask((3, hq), (sq, sk), (4, 4), 1),
+    ] {
+        assert!(bs(&q, &k, &k, &bad, &o).is_err(), "{:?}", bad.dims());
+    }
+    // Options and dtypes.
+    let nan = AttentionOptions::default().with_scale(f32::NAN);
+    assert!(bs(&q, &k, &k, &mask, &nan).is_err());
+    let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    assert!(bs(&f64s(&q), &f64s(&k), &f64s(&k), &mask, &o).is_err());
+    assert!(bs(&q, &k, &k.to_dtype(DType::BF16).unwrap(), &mask, &o).is_err());
+}
+
 /// The same ops on candle CUDA tensors (feature `candle-cuda`), against the f64 reference of
 /// the half-precision inputs. Without a GPU each test prints a `SKIP (no GPU)` line; with
 /// `LONGATTN_REQUIRE_GPU=1` a missing GPU fails instead.
@@ -828,6 +1180,96 @@ mod gpu {
         }
     }
 
+    /// Neighborhood attention on the GPU equals the CPU op on the same tensors (the CPU op is
+    /// checked against the reference above): 1-D, 2-D and 3-D grids with stride, dilation,
+    /// causal dims, GQA and softcap; head_dim 128 and 64 (the fused kernel) and 32 (the
+    /// portable one).
+    #[test]
+    fn gpu_candle_neighborhood_matches_cpu_op() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_neighborhood_matches_cpu_op") else {
+            return;
+        };
+        let nd = NeighborhoodDim::new;
+        let cases: Vec<(usize, Vec<NeighborhoodDim>, usize, usize, usize)> = vec![
+            (2, vec![nd(100, 13).with_stride(2)], 2, 1, 128),
+            (
+                1,
+                vec![nd(9, 5), nd(11, 3).with_dilation(2).with_causal(true)],
+                4,
+                2,
+                64,
+            ),
+            (
+                1,
+                vec![nd(4, 3), nd(5, 3), nd(6, 3).with_causal(true)],
+                2,
+                2,
+                32,
+            ),
+        ];
+        for (case, (b, dims, hq, hkv, d)) in cases.iter().enumerate() {
+            let grid: Vec<usize> = dims.iter().map(|x| x.length).collect();
+            let shape = |h: usize| [&[*b][..], &grid, &[h, *d]].concat();
+            for dt in [DType::F16, DType::BF16] {
+                let half = |t: Tensor| t.to_dtype(dt).unwrap();
+                let seed = 500 + 10 * case as u64;
+                let q = half(randn(&shape(*hq), seed));
+                let k = half(randn(&shape(*hkv), seed + 1));
+                let v = half(randn(&shape(*hkv), seed + 2));
+                let (qg, kg, vg) = (to(&q, &gpu), to(&k, &gpu), to(&v, &gpu));
+                for softcap in [None, Some(0.6)] {
+                    let got = fa::neighborhood_attn(&qg, &kg, &vg, dims, SCALE, softcap).unwrap();
+                    assert_eq!((got.dims(), got.dtype()), (q.dims(), dt));
+                    let want = fa::neighborhood_attn(&q, &k, &v, dims, SCALE, softcap).unwrap();
+                    let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+                    let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+                    assert!(
+                        err < tol(dt),
+                        "case {case} {dt:?} softcap {softcap:?}: {err}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Block-sparse attention on the GPU equals the CPU op on the same tensors: a per-(batch,
+    /// head) mask of 64 x 64 blocks with causal options and a broadcast mask of 64 x 128
+    /// blocks with a window and softcap, short last blocks, GQA, head_dim 64 and 128.
+    #[test]
+    fn gpu_candle_block_sparse_matches_cpu_op() {
+        let Some(gpu) = cuda_or_skip("gpu_candle_block_sparse_matches_cpu_op") else {
+            return;
+        };
+        let (b, sq, sk, hq, hkv) = (2, 200, 300, 4, 2);
+        let masks = [
+            (
+                mixed_mask((b, hq), (sq, sk), (64, 64), 1),
+                AttentionOptions::causal().with_scale(SCALE),
+            ),
+            (
+                mixed_mask((1, 1), (sq, sk), (64, 128), 2),
+                opts(Some(70), Some(10), Some(0.6)),
+            ),
+        ];
+        for d in [64, 128] {
+            for dt in [DType::F16, DType::BF16] {
+                let half = |t: Tensor| t.to_dtype(dt).unwrap();
+                let q = half(randn(&[b, sq, hq, d], 600 + d as u64));
+                let k = half(randn(&[b, sk, hkv, d], 601 + d as u64));
+                let v = half(randn(&[b, sk, hkv, d], 602 + d as u64));
+                let (qg, kg, vg) = (to(&q, &gpu), to(&k, &gpu), to(&v, &gpu));
+                for (n, (mask, o)) in masks.iter().enumerate() {
+                    let got = fa::block_sparse_attn(&qg, &kg, &vg, mask, o).unwrap();
+                    assert_eq!((got.dims(), got.dtype()), (q.dims(), dt));
+                    let want = fa::block_sparse_attn(&q, &k, &v, mask, o).unwrap();
+                    let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+                    let err = rel_l2(&flat(&to(&got, &Device::Cpu)), &want);
+                    assert!(err < tol(dt), "mask {n} d {d} {dt:?}: {err}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn gpu_candle_refuses_what_the_kernels_do_not_take() {
         let Some(gpu) = cuda_or_skip("gpu_candle_refuses_what_the_kernels_do_not_take") else {
@@ -840,5 +1282,17 @@ mod gpu {
         // Mixed devices are candle's error.
         let cpu = randn(&[1, 4, 2, 64], 151);
         assert!(fa::flash_attn(&q, &cpu, &cpu, SCALE, true).is_err());
+        // The neighborhood and block-sparse ops name f32 too; a block size the GPU kernel does
+        // not take (a multiple of 64) is an error before any launch.
+        let dims = [NeighborhoodDim::new(4, 3)];
+        let err = fa::neighborhood_attn(&q, &q, &q, &dims, SCALE, None).unwrap_err();
+        assert!(err.to_string().contains("f16 or bf16"), "{err}");
+        let mask = mixed_mask((1, 1), (4, 4), (64, 64), 2);
+        let o = AttentionOptions::causal();
+        let err = fa::block_sparse_attn(&q, &q, &q, &mask, &o).unwrap_err();
+        assert!(err.to_string().contains("f16 or bf16"), "{err}");
+        let qh = to(&cpu.to_dtype(DType::F16).unwrap(), &gpu);
+        let small = mixed_mask((1, 1), (4, 4), (16, 16), 2);
+        assert!(fa::block_sparse_attn(&qh, &qh, &qh, &small, &o).is_err());
     }
 }

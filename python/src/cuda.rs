@@ -14,11 +14,14 @@
 //! capsule is kept unconsumed until the call returns (its producer frees only its own
 //! bookkeeping then, never the tensor).
 
-use crate::{Paged, PagedKind, PagedProblem, dims_n, err, make_options, paged_problem};
-use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, sys};
+use crate::{
+    Blocks, DenseProblem, NeighborhoodSpec, Paged, PagedKind, PagedProblem, dims_n, err,
+    make_options, neighborhood_problem, paged_problem,
+};
+use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, sys};
 use longattn::{
-    AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, SeqLens, Strided, Strides,
-    bf16, f16,
+    AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
+    SeqLens, Strided, Strides, bf16, f16,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -334,43 +337,82 @@ fn check_same(name: &str, q: &Cai, x: &Cai) -> PyResult<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dense_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
-    attn: &FlashAttention,
-    stream: &Arc<CudaStream>,
-    (q, qs): (&Cai, Strides),
-    (k, ks): (&Cai, Strides),
-    (v, vs): (&Cai, Strides),
-    (o, os): (&Cai, Strides),
-) -> PyResult<()> {
-    let (rq, rk, rv) = (
-        raw::<T>(q, stream),
-        raw::<T>(k, stream),
-        raw::<T>(v, stream),
-    );
-    let mut ro = raw::<T>(o, stream);
-    attn.forward_gpu::<T, _, _>(
-        stream,
-        Strided::new(rq.get(), qs),
-        Strided::new(rk.get(), ks),
-        Strided::new(rv.get(), vs),
-        Strided::new(ro.get_mut(), os),
-        None,
-    )
-    .map_err(err)
+/// A problem over q, k, v and out with element strides: its `forward_gpu` (no LSE).
+trait QkvGpu {
+    fn forward<T: Element + DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        qkv: [Strided<&CudaSlice<T>>; 3],
+        out: Strided<&mut CudaSlice<T>>,
+    ) -> longattn::Result<()>;
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dense_cuda_common(
-    q: &Bound<'_, PyAny>,
-    k: &Bound<'_, PyAny>,
-    v: &Bound<'_, PyAny>,
-    out: &Bound<'_, PyAny>,
-    cu: Option<(Vec<i32>, Vec<i32>)>,
-    opts: AttentionOptions,
+impl QkvGpu for DenseProblem {
+    fn forward<T: Element + DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        [q, k, v]: [Strided<&CudaSlice<T>>; 3],
+        out: Strided<&mut CudaSlice<T>>,
+    ) -> longattn::Result<()> {
+        match self {
+            DenseProblem::Dense(a) => a.forward_gpu::<T, _, _>(stream, q, k, v, out, None),
+            DenseProblem::BlockSparse(bs) => bs.forward_gpu::<T, _, _>(stream, q, k, v, out, None),
+        }
+    }
+}
+
+impl QkvGpu for NeighborhoodAttention {
+    fn forward<T: Element + DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        [q, k, v]: [Strided<&CudaSlice<T>>; 3],
+        out: Strided<&mut CudaSlice<T>>,
+    ) -> longattn::Result<()> {
+        self.forward_gpu::<T, _, _>(stream, q, k, v, out, None)
+    }
+}
+
+/// CUDA tensors q, k, v and out with their element strides `(batch, seq, head)`.
+type QkvArgs<'a> = [(&'a Cai, Strides); 4];
+
+/// `p` on the caller's buffers of q, k, v and out, in q's dtype, on `stream`.
+fn qkv_gpu<P: QkvGpu>(p: &P, stream: &Arc<CudaStream>, args: QkvArgs) -> PyResult<()> {
+    fn run<P: QkvGpu, T: Element + DeviceRepr>(
+        p: &P,
+        stream: &Arc<CudaStream>,
+        [(q, qs), (k, ks), (v, vs), (o, os)]: QkvArgs,
+    ) -> PyResult<()> {
+        let (rq, rk, rv) = (
+            raw::<T>(q, stream),
+            raw::<T>(k, stream),
+            raw::<T>(v, stream),
+        );
+        let mut ro = raw::<T>(o, stream);
+        let qkv = [
+            Strided::new(rq.get(), qs),
+            Strided::new(rk.get(), ks),
+            Strided::new(rv.get(), vs),
+        ];
+        p.forward(stream, qkv, Strided::new(ro.get_mut(), os))
+            .map_err(err)
+    }
+    match args[0].0.dtype {
+        Dt::F16 => run::<P, f16>(p, stream, args),
+        Dt::BF16 => run::<P, bf16>(p, stream, args),
+    }
+}
+
+/// The CUDA tensors q, k, v, out of one dtype, `out` writable and shaped like q, v like k.
+fn qkv_tensors(
+    (q, k, v, out): (
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+    ),
     stream: Option<usize>,
     device: usize,
-) -> PyResult<()> {
+) -> PyResult<[Cai; 4]> {
     let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
     let (cq, ck, cv, co) = (arr("q", q)?, arr("k", k)?, arr("v", v)?, arr("out", out)?);
     for (n, x) in [("k", &ck), ("v", &cv), ("out", &co)] {
@@ -384,6 +426,24 @@ fn dense_cuda_common(
             "out must be shaped like q, and v like k",
         ));
     }
+    Ok([cq, ck, cv, co])
+}
+
+/// Dense attention (block-sparse with `blocks`) on CUDA tensors `(q, k, v, out)`, fixed
+/// lengths or packed with `cu`, on `(stream, device)`.
+fn dense_cuda_common(
+    tensors: (
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+        &Bound<'_, PyAny>,
+    ),
+    cu: Option<(Vec<i32>, Vec<i32>)>,
+    blocks: Option<Blocks>,
+    opts: AttentionOptions,
+    (stream, device): (Option<usize>, usize),
+) -> PyResult<()> {
+    let [cq, ck, cv, co] = qkv_tensors(tensors, stream, device)?;
     let packed = cu.is_some();
     let (qs, ks, vs, os) = (
         strides4("q", &cq, packed)?,
@@ -429,13 +489,9 @@ fn dense_cuda_common(
             }
         }
     };
-    let attn = FlashAttention::new(&shape, &opts).map_err(err)?;
+    let problem = DenseProblem::new(FlashAttention::new(&shape, &opts).map_err(err)?, blocks)?;
     let s = stream_for(device, stream, &cq)?;
-    let args = ((&cq, qs), (&ck, ks), (&cv, vs), (&co, os));
-    match cq.dtype {
-        Dt::F16 => dense_gpu::<f16>(&attn, &s, args.0, args.1, args.2, args.3),
-        Dt::BF16 => dense_gpu::<bf16>(&attn, &s, args.0, args.1, args.2, args.3),
-    }
+    qkv_gpu(&problem, &s, [(&cq, qs), (&ck, ks), (&cv, vs), (&co, os)])
 }
 
 /// Dense attention on CUDA tensors, written into `out` (shaped like q), ordered on the
@@ -457,7 +513,7 @@ fn dense_cuda(
     device: usize,
 ) -> PyResult<()> {
     let opts = make_options(scale, causal, window, softcap, sinks)?;
-    dense_cuda_common(q, k, v, out, None, opts, stream, device)
+    dense_cuda_common((q, k, v, out), None, None, opts, (stream, device))
 }
 
 /// Varlen dense attention on packed CUDA tensors; `cu_seqlens_q/k` are host int sequences
@@ -482,7 +538,118 @@ fn dense_varlen_cuda(
 ) -> PyResult<()> {
     let opts = make_options(scale, causal, window, softcap, sinks)?;
     let cu = Some((cu_seqlens_q, cu_seqlens_k));
-    dense_cuda_common(q, k, v, out, cu, opts, stream, device)
+    dense_cuda_common((q, k, v, out), cu, None, opts, (stream, device))
+}
+
+/// Block-sparse attention on CUDA tensors `(b, s, h, d)` (see `block_sparse`), written into
+/// `out` (shaped like q); `offsets`, `indices`, `full` are host sequences (copied to the
+/// device on the stream); block sizes multiples of 64, head_dim 64, 128 or 256.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, offsets, indices, *, full=None, block_m=128, block_n=128, mask_batch=1, mask_heads=1, scale=None, causal=false, window=None, softcap=None, sinks=0, stream=None, device=0))]
+#[allow(clippy::too_many_arguments)]
+fn block_sparse_cuda(
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    offsets: Vec<i32>,
+    indices: Vec<i32>,
+    full: Option<Vec<bool>>,
+    block_m: usize,
+    block_n: usize,
+    mask_batch: usize,
+    mask_heads: usize,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<()> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    let blocks = Blocks {
+        offsets,
+        indices,
+        full,
+        block_m,
+        block_n,
+        mask_batch,
+        mask_heads,
+    };
+    dense_cuda_common((q, k, v, out), None, Some(blocks), opts, (stream, device))
+}
+
+/// `(batch, token, head)` element strides of a `(batch, *grid, heads, head_dim)` tensor whose
+/// grid dims flatten into one token axis (row-major, as in a contiguous tensor or a slice of
+/// its heads) and whose last dim is contiguous.
+fn grid_strides(name: &str, c: &Cai) -> PyResult<Strides> {
+    let (dims, st, r) = (&c.dims, &c.strides, c.dims.len());
+    let bad = || {
+        PyValueError::new_err(format!(
+            "{name}: (batch, *grid, heads, head_dim) with a contiguous last dim and grid dims \
+             that flatten into one token axis expected, shape {dims:?} strides {st:?}"
+        ))
+    };
+    if r < 4 || (st[r - 1] != 1 && dims[r - 1] > 1) {
+        return Err(bad());
+    }
+    // The token stride is that of the innermost grid dim longer than 1; every outer one must
+    // step over the tokens inside it.
+    let (mut token, mut inner) = (None, 1i64);
+    for a in (1..r - 2).rev() {
+        if dims[a] > 1 {
+            let t = *token.get_or_insert(st[a]);
+            if t.checked_mul(inner) != Some(st[a]) {
+                return Err(bad());
+            }
+        }
+        inner = inner.saturating_mul(dims[a] as i64);
+    }
+    Ok(Strides {
+        batch: st[0],
+        seq: token.unwrap_or(st[r - 3]),
+        head: st[r - 2],
+    })
+}
+
+/// Neighborhood attention on CUDA tensors `(batch, *grid, heads, head_dim)` (see
+/// `neighborhood`), written into `out` (shaped like q); the kernel is the one
+/// `NeighborhoodAttention::forward_gpu` picks (head_dim a multiple of 8 up to 256).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, kernel_size, *, dilation=vec![1], causal=vec![false], stride=vec![1], scale=None, softcap=None, stream=None, device=0))]
+#[allow(clippy::too_many_arguments)]
+fn neighborhood_cuda(
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+    kernel_size: Vec<usize>,
+    dilation: Vec<usize>,
+    causal: Vec<bool>,
+    stride: Vec<usize>,
+    scale: Option<f32>,
+    softcap: Option<f32>,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<()> {
+    let opts = make_options(scale, false, None, softcap, 0)?;
+    let spec = NeighborhoodSpec {
+        kernel_size,
+        dilation,
+        causal,
+        stride,
+    };
+    let [cq, ck, cv, co] = qkv_tensors((q, k, v, out), stream, device)?;
+    let attn = neighborhood_problem((&cq.dims, &ck.dims, &cv.dims), spec, &opts)?;
+    let (qs, ks, vs, os) = (
+        grid_strides("q", &cq)?,
+        grid_strides("k", &ck)?,
+        grid_strides("v", &cv)?,
+        grid_strides("out", &co)?,
+    );
+    let s = stream_for(device, stream, &cq)?;
+    qkv_gpu(&attn, &s, [(&cq, qs), (&ck, ks), (&cv, vs), (&co, os)])
 }
 
 /// Paged decode on CUDA tensors (`q`, contiguous `k_cache`/`v_cache`, `out` like q);
@@ -656,5 +823,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense_varlen_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(paged_prefill_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(block_sparse_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(neighborhood_cuda, m)?)?;
     Ok(())
 }

@@ -4,13 +4,15 @@
 //! Layouts are FlashAttention's: `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch,
 //! seqlen_k, heads_kv, head_dim)`; varlen packs `(total, heads, head_dim)`; paged caches are
 //! `(num_pages, page_size, heads_kv, head_dim)`; neighborhood grids `(batch, *grid, heads,
-//! head_dim)`. Windows are FA2 `(left, right)` integers with `-1` unbounded; `causal` composes
-//! as in FA2 (right = min(right, 0), left kept).
+//! head_dim)`; block-sparse masks CSR arrays over `(mask_batch, mask_heads, num_q_blocks)`
+//! lists. Windows are FA2 `(left, right)` integers with `-1` unbounded; `causal` composes as in
+//! FA2 (right = min(right, 0), left kept).
 
 mod cuda;
 
 use longattn::{
-    AttentionOptions, AttentionShape, Element, F8E4M3, FlashAttention, KvPages, KvScales,
+    AttentionOptions, AttentionShape, BlockMask, BlockMaskDims, BlockMaskError,
+    BlockSparseAttention, Element, F8E4M3, FlashAttention, KvPages, KvScales,
     NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode,
     PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, f16,
 };
@@ -92,7 +94,81 @@ fn is_f16(q: &Bound<'_, PyAny>) -> bool {
     q.extract::<PyReadonlyArrayDyn<f16>>().is_ok()
 }
 
-/// Output (and LSE when asked) of a dense problem on host buffers.
+/// A block mask's CSR arrays and block sizes, bound to a dense problem by [`Blocks::bind`]:
+/// list `l` (row-major over `(mask_batch, mask_heads, num_q_blocks)`) is
+/// `indices[offsets[l]..offsets[l + 1]]`, strictly increasing key blocks, `full[e]` marking
+/// entry `e` Full (every key visible) rather than Partial (the options' element mask applies).
+pub(crate) struct Blocks {
+    pub(crate) offsets: Vec<i32>,
+    pub(crate) indices: Vec<i32>,
+    /// `None`: every entry Partial.
+    pub(crate) full: Option<Vec<bool>>,
+    pub(crate) block_m: usize,
+    pub(crate) block_n: usize,
+    pub(crate) mask_batch: usize,
+    pub(crate) mask_heads: usize,
+}
+
+fn mask_err(e: BlockMaskError) -> PyErr {
+    err(e.into())
+}
+
+impl Blocks {
+    /// The block-sparse problem of `attn` restricted to these lists (validated by
+    /// [`BlockMask::from_csr`] and [`BlockSparseAttention::new`]).
+    fn bind(self, attn: FlashAttention) -> PyResult<BlockSparseAttention> {
+        let dims = BlockMaskDims::for_lengths(
+            self.mask_batch,
+            self.mask_heads,
+            attn.max_seqlen_q(),
+            attn.max_seqlen_k(),
+            self.block_m,
+            self.block_n,
+        )
+        .map_err(mask_err)?;
+        let full = self.full.unwrap_or_else(|| vec![false; self.indices.len()]);
+        let mask = BlockMask::from_csr(dims, self.offsets, self.indices, full).map_err(mask_err)?;
+        BlockSparseAttention::new(attn, mask).map_err(mask_err)
+    }
+}
+
+/// A dense problem, or the block-sparse problem of one and a block mask: the same buffers.
+pub(crate) enum DenseProblem {
+    Dense(FlashAttention),
+    BlockSparse(BlockSparseAttention),
+}
+
+impl DenseProblem {
+    pub(crate) fn new(attn: FlashAttention, blocks: Option<Blocks>) -> PyResult<Self> {
+        Ok(match blocks {
+            None => DenseProblem::Dense(attn),
+            Some(b) => DenseProblem::BlockSparse(b.bind(attn)?),
+        })
+    }
+
+    /// The dense problem (shape and options).
+    pub(crate) fn attn(&self) -> &FlashAttention {
+        match self {
+            DenseProblem::Dense(a) => a,
+            DenseProblem::BlockSparse(bs) => bs.attention(),
+        }
+    }
+
+    fn forward_cpu<T: Element>(
+        &self,
+        [q, k, v]: [Strided<&[T]>; 3],
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> longattn::Result<()> {
+        match self {
+            DenseProblem::Dense(a) => a.forward_cpu(q, k, v, out, lse),
+            DenseProblem::BlockSparse(bs) => bs.forward_cpu(q, k, v, out, lse),
+        }
+    }
+}
+
+/// Output (and LSE when asked) of a dense problem (block-sparse with `blocks`) on host
+/// buffers.
 #[allow(clippy::too_many_arguments)]
 fn dense_impl<'py, T: Element + numpy::Element>(
     py: Python<'py>,
@@ -100,6 +176,7 @@ fn dense_impl<'py, T: Element + numpy::Element>(
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
     cu: Option<(&Bound<'py, PyAny>, &Bound<'py, PyAny>)>,
+    blocks: Option<Blocks>,
     opts: AttentionOptions,
     return_lse: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -167,17 +244,18 @@ fn dense_impl<'py, T: Element + numpy::Element>(
             (shape, packed(hq), packed(hkv))
         }
     };
-    let attn = FlashAttention::new(&shape, &opts).map_err(err)?;
+    let problem = DenseProblem::new(FlashAttention::new(&shape, &opts).map_err(err)?, blocks)?;
+    let attn = problem.attn();
     let mut out = vec![T::default(); attn.out_len()];
     let mut lse = vec![0.0f32; attn.lse_len()];
     py.detach(|| {
-        attn.forward_cpu(
-            Strided::new(&q.data[..], qs),
-            Strided::new(&k.data[..], ks),
-            Strided::new(&v.data[..], ks),
-            Strided::new(&mut out[..], qs),
-            Some(&mut lse[..]),
-        )
+        let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
+        let qkv = [
+            Strided::new(q, qs),
+            Strided::new(k, ks),
+            Strided::new(v, ks),
+        ];
+        problem.forward_cpu(qkv, Strided::new(&mut out[..], qs), Some(&mut lse[..]))
     })
     .map_err(err)?;
     let o = to_py(py, out, &q.dims)?;
@@ -212,9 +290,9 @@ fn dense<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = make_options(scale, causal, window, softcap, sinks)?;
     if is_f16(q) {
-        dense_impl::<f16>(py, q, k, v, None, opts, return_lse)
+        dense_impl::<f16>(py, q, k, v, None, None, opts, return_lse)
     } else {
-        dense_impl::<f32>(py, q, k, v, None, opts, return_lse)
+        dense_impl::<f32>(py, q, k, v, None, None, opts, return_lse)
     }
 }
 
@@ -241,9 +319,65 @@ fn dense_varlen<'py>(
     let opts = make_options(scale, causal, window, softcap, sinks)?;
     let cu = Some((cu_seqlens_q, cu_seqlens_k));
     if is_f16(q) {
-        dense_impl::<f16>(py, q, k, v, cu, opts, return_lse)
+        dense_impl::<f16>(py, q, k, v, cu, None, opts, return_lse)
     } else {
-        dense_impl::<f32>(py, q, k, v, cu, opts, return_lse)
+        dense_impl::<f32>(py, q, k, v, cu, None, opts, return_lse)
+    }
+}
+
+/// Block-sparse attention on numpy arrays (CPU; FlexAttention's `BlockMask`, FlashInfer's
+/// BSR): `dense` (`q (b, sq, hq, d)`, `k, v (b, sk, hkv, d)`, the same options) over the key
+/// blocks a CSR block mask lists for each query block. List `l`, row-major over `(mask_batch,
+/// mask_heads, ceil(sq / block_m))` (`mask_batch` 1 or b, `mask_heads` 1 or hq: 1
+/// broadcasts), is `indices[offsets[l]:offsets[l + 1]]` (int32 arrays), strictly increasing
+/// blocks of `block_n` keys; `full` (a bool array, one per index; `None`: all False) marks a
+/// block Full (every key visible) rather than Partial (window, causal and sinks apply). A row
+/// with no visible key gives 0 (LSE -inf).
+#[pyfunction]
+#[pyo3(signature = (q, k, v, offsets, indices, *, full=None, block_m=128, block_n=128, mask_batch=1, mask_heads=1, scale=None, causal=false, window=None, softcap=None, sinks=0, return_lse=false))]
+#[allow(clippy::too_many_arguments)]
+fn block_sparse<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    offsets: &Bound<'py, PyAny>,
+    indices: &Bound<'py, PyAny>,
+    full: Option<&Bound<'py, PyAny>>,
+    block_m: usize,
+    block_n: usize,
+    mask_batch: usize,
+    mask_heads: usize,
+    scale: Option<f32>,
+    causal: bool,
+    window: Option<(i64, i64)>,
+    softcap: Option<f32>,
+    sinks: usize,
+    return_lse: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let opts = make_options(scale, causal, window, softcap, sinks)?;
+    let full = match full {
+        Some(f) => {
+            let arr: PyReadonlyArrayDyn<bool> = f
+                .extract()
+                .map_err(|_| PyTypeError::new_err("full must be a numpy bool array"))?;
+            Some(arr.as_array().iter().copied().collect())
+        }
+        None => None,
+    };
+    let blocks = Some(Blocks {
+        offsets: ints("offsets", offsets)?.0,
+        indices: ints("indices", indices)?.0,
+        full,
+        block_m,
+        block_n,
+        mask_batch,
+        mask_heads,
+    });
+    if is_f16(q) {
+        dense_impl::<f16>(py, q, k, v, None, blocks, opts, return_lse)
+    } else {
+        dense_impl::<f32>(py, q, k, v, None, blocks, opts, return_lse)
     }
 }
 
@@ -565,39 +699,40 @@ fn per_dim<T: Copy>(name: &str, v: Vec<T>, n: usize) -> PyResult<Vec<T>> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn neighborhood_impl<'py, T: Element + numpy::Element>(
-    py: Python<'py>,
-    q: &Bound<'py, PyAny>,
-    k: &Bound<'py, PyAny>,
-    v: &Bound<'py, PyAny>,
-    kernel_size: Vec<usize>,
-    dilation: Vec<usize>,
-    causal: Vec<bool>,
-    stride: Vec<usize>,
-    opts: AttentionOptions,
-) -> PyResult<Bound<'py, PyAny>> {
-    let (q, k, v) = (host::<T>("q", q)?, host::<T>("k", k)?, host::<T>("v", v)?);
-    let r = q.dims.len();
-    if !(4..=6).contains(&r) || k.dims.len() != r || k.dims != v.dims {
+/// The per-grid-dim settings of a neighborhood call: one value for every dim or one per dim.
+pub(crate) struct NeighborhoodSpec {
+    pub(crate) kernel_size: Vec<usize>,
+    pub(crate) dilation: Vec<usize>,
+    pub(crate) causal: Vec<bool>,
+    pub(crate) stride: Vec<usize>,
+}
+
+/// The validated neighborhood problem of `q`, `k`, `v` shaped `(batch, *grid, heads,
+/// head_dim)` (1 to 3 grid dims; k and v alike, sharing q's batch, grid and head_dim).
+pub(crate) fn neighborhood_problem(
+    (q, k, v): (&[usize], &[usize], &[usize]),
+    spec: NeighborhoodSpec,
+    opts: &AttentionOptions,
+) -> PyResult<NeighborhoodAttention> {
+    let r = q.len();
+    if !(4..=6).contains(&r) || k.len() != r || k != v {
         return Err(PyValueError::new_err(format!(
-            "q {:?}, k {:?}, v {:?}: (batch, *grid, heads, head_dim) with 1 to 3 grid dims, k \
-             and v alike",
-            q.dims, k.dims, v.dims
+            "q {q:?}, k {k:?}, v {v:?}: (batch, *grid, heads, head_dim) with 1 to 3 grid dims, k \
+             and v alike"
         )));
     }
-    let grid = &q.dims[1..r - 2];
-    if k.dims[..r - 2] != q.dims[..r - 2] || k.dims[r - 1] != q.dims[r - 1] {
+    let grid = &q[1..r - 2];
+    if k[..r - 2] != q[..r - 2] || k[r - 1] != q[r - 1] {
         return Err(PyValueError::new_err(
             "q and k must share batch, grid and head_dim",
         ));
     }
     let n = grid.len();
     let (ks, ds, cs, ss) = (
-        per_dim("kernel_size", kernel_size, n)?,
-        per_dim("dilation", dilation, n)?,
-        per_dim("causal", causal, n)?,
-        per_dim("stride", stride, n)?,
+        per_dim("kernel_size", spec.kernel_size, n)?,
+        per_dim("dilation", spec.dilation, n)?,
+        per_dim("causal", spec.causal, n)?,
+        per_dim("stride", spec.stride, n)?,
     );
     let dims: Vec<NeighborhoodDim> = (0..n)
         .map(|i| {
@@ -607,19 +742,28 @@ fn neighborhood_impl<'py, T: Element + numpy::Element>(
                 .with_stride(ss[i])
         })
         .collect();
-    let (hq, hkv, d) = (q.dims[r - 2], k.dims[r - 2], q.dims[r - 1]);
     let shape = NeighborhoodShape {
-        batch: q.dims[0],
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
+        batch: q[0],
+        heads_q: q[r - 2],
+        heads_kv: k[r - 2],
+        head_dim: q[r - 1],
         dims: &dims,
     };
-    let attn = NeighborhoodAttention::new(&shape, &opts).map_err(err)?;
-    let tokens: usize = grid.iter().product();
+    NeighborhoodAttention::new(&shape, opts).map_err(err)
+}
+
+fn neighborhood_impl<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    (q, k, v): (&Bound<'py, PyAny>, &Bound<'py, PyAny>, &Bound<'py, PyAny>),
+    spec: NeighborhoodSpec,
+    opts: AttentionOptions,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (q, k, v) = (host::<T>("q", q)?, host::<T>("k", k)?, host::<T>("v", v)?);
+    let attn = neighborhood_problem((&q.dims, &k.dims, &v.dims), spec, &opts)?;
+    let (n, d) = (attn.tokens(), attn.head_dim());
     let (qs, kvs) = (
-        Strides::contiguous(tokens, hq, d),
-        Strides::contiguous(tokens, hkv, d),
+        Strides::contiguous(n, attn.heads_q(), d),
+        Strides::contiguous(n, attn.heads_kv(), d),
     );
     let mut out = vec![T::default(); attn.out_len()];
     py.detach(|| {
@@ -654,10 +798,16 @@ fn neighborhood<'py>(
     softcap: Option<f32>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = make_options(scale, false, None, softcap, 0)?;
+    let spec = NeighborhoodSpec {
+        kernel_size,
+        dilation,
+        causal,
+        stride,
+    };
     if is_f16(q) {
-        neighborhood_impl::<f16>(py, q, k, v, kernel_size, dilation, causal, stride, opts)
+        neighborhood_impl::<f16>(py, (q, k, v), spec, opts)
     } else {
-        neighborhood_impl::<f32>(py, q, k, v, kernel_size, dilation, causal, stride, opts)
+        neighborhood_impl::<f32>(py, (q, k, v), spec, opts)
     }
 }
 
@@ -669,6 +819,7 @@ fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(paged_prefill, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
+    m.add_function(wrap_pyfunction!(block_sparse, m)?)?;
     cuda::register(m)?;
     Ok(())
 }

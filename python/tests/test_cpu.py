@@ -297,6 +297,135 @@ def test_neighborhood_2d_full_is_dense():
     assert rel_l2(got.reshape(1, 20, 2, 8), want) < RTOL
 
 
+def ref_block_sparse(q, k, v, offsets, indices, full, block_m, block_n, mask_batch=1,
+                     mask_heads=1, scale=None, causal=False, window=(-1, -1), softcap=None,
+                     sinks=0):
+    """Key j is visible to row i iff its key block is listed for i's query block (list
+    (batch, head, query block), row-major; a mask dim of 1 broadcasts) and the block is Full
+    or the element mask (window, causal, sinks) shows (i, j)."""
+    q, k, v = (x.astype(np.float64) for x in (q, k, v))
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    nq = -(-sq // block_m)
+    elem = visible(sq, sk, window[0], window[1], causal, sinks)
+    full = np.zeros(len(indices), bool) if full is None else full
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for h in range(hq):
+            first = ((bi if mask_batch > 1 else 0) * mask_heads + (h if mask_heads > 1 else 0)) * nq
+            mask = np.zeros((sq, sk), bool)
+            for i in range(sq):
+                lst = first + i // block_m
+                for e in range(offsets[lst], offsets[lst + 1]):
+                    keys = slice(indices[e] * block_n, (indices[e] + 1) * block_n)
+                    mask[i, keys] = True if full[e] else elem[i, keys]
+            g = h // (hq // hkv)
+            out[bi, :, h] = attend(q[bi, :, h], k[bi, :, g], v[bi, :, g], mask, scale, softcap)
+    return out
+
+
+def csr_mask(rng, lists, num_k_blocks):
+    """A random CSR block mask: each key block of each list skipped, Full or Partial."""
+    offsets, indices, full = [0], [], []
+    for _ in range(lists):
+        for kb in range(num_k_blocks):
+            r = rng.random()
+            if r >= 0.4:
+                indices.append(kb)
+                full.append(r >= 0.75)
+        offsets.append(len(indices))
+    return np.array(offsets, np.int32), np.array(indices, np.int32), np.array(full, bool)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1), (2, 4), (1, 4)])
+@pytest.mark.parametrize("mask", MASKS)
+def test_block_sparse(mask_shape, mask):
+    # Odd lengths: the last query block (8 rows) and key block (16 keys) are short.
+    b, sq, sk, hq, hkv, d, bm, bn = 2, 37, 45, 4, 2, 16, 8, 16
+    causal, window, softcap, sinks = mask
+    mb, mh = mask_shape
+    rng = np.random.default_rng(mb * 10 + mh)
+    q, k, v = rand(rng, b, sq, hq, d), rand(rng, b, sk, hkv, d), rand(rng, b, sk, hkv, d)
+    offsets, indices, full = csr_mask(rng, mb * mh * -(-sq // bm), -(-sk // bn))
+    opts = dict(scale=0.3, causal=causal, window=window, softcap=softcap, sinks=sinks)
+    got = longattn.block_sparse(q, k, v, offsets, indices, full=full, block_m=bm, block_n=bn,
+                                mask_batch=mb, mask_heads=mh, **opts)
+    assert got.shape == q.shape and got.dtype == np.float32
+    want = ref_block_sparse(q, k, v, offsets, indices, full, bm, bn, mb, mh, **opts)
+    assert rel_l2(got, want) < RTOL
+    # float16 in, float16 out, against the reference of the rounded inputs.
+    qh, kh, vh = (x.astype(np.float16) for x in (q, k, v))
+    got = longattn.block_sparse(qh, kh, vh, offsets, indices, full=full, block_m=bm, block_n=bn,
+                                mask_batch=mb, mask_heads=mh, **opts)
+    assert got.dtype == np.float16
+    want = ref_block_sparse(qh, kh, vh, offsets, indices, full, bm, bn, mb, mh, **opts)
+    assert rel_l2(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_block_sparse_with_an_equivalent_mask_is_dense(mask):
+    # The blocks the element mask shows at all, Full where it shows all of them (as the
+    # pattern constructors mark them): the output and LSE of dense.
+    b, sq, sk, hq, hkv, d, bm, bn = 2, 33, 40, 6, 1, 32, 8, 8
+    causal, window, softcap, sinks = mask
+    rng = np.random.default_rng(17)
+    q, k, v = rand(rng, b, sq, hq, d), rand(rng, b, sk, hkv, d), rand(rng, b, sk, hkv, d)
+    elem = visible(sq, sk, window[0], window[1], causal, sinks)
+    offsets, indices, full = [0], [], []
+    for qb in range(-(-sq // bm)):
+        for kb in range(-(-sk // bn)):
+            blk = elem[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+            if blk.any():
+                indices.append(kb)
+                full.append(bool(blk.all()))
+        offsets.append(len(indices))
+    offsets, indices, full = (np.array(offsets, np.int32), np.array(indices, np.int32),
+                              np.array(full, bool))
+    opts = dict(scale=0.3, causal=causal, window=window, softcap=softcap, sinks=sinks,
+                return_lse=True)
+    got, lse = longattn.block_sparse(q, k, v, offsets, indices, full=full, block_m=bm,
+                                     block_n=bn, **opts)
+    want, want_lse = longattn.dense(q, k, v, **opts)
+    assert rel_l2(got, want) < 1e-6
+    assert np.allclose(lse, want_lse, rtol=1e-6, atol=1e-6)
+    # Every key block listed Partial (no `full`): dense attention too.
+    nq, nk = -(-sq // bm), -(-sk // bn)
+    every = np.tile(np.arange(nk, dtype=np.int32), nq)
+    got, _ = longattn.block_sparse(q, k, v, np.arange(nq + 1, dtype=np.int32) * nk, every,
+                                   block_m=bm, block_n=bn, **opts)
+    assert rel_l2(got, want) < 1e-6
+
+
+def test_block_sparse_bad_masks_raise():
+    rng = np.random.default_rng(2)
+    q, k, v = rand(rng, 1, 9, 2, 8), rand(rng, 1, 12, 1, 8), rand(rng, 1, 12, 1, 8)
+    i32 = lambda *x: np.array(x, np.int32)  # noqa: E731
+
+    def call(offsets, indices, **kw):
+        return longattn.block_sparse(q, k, v, offsets, indices, **{"block_m": 4, "block_n": 4,
+                                                                   **kw})
+
+    assert call(i32(0, 1, 2, 3), i32(0, 1, 2)).shape == q.shape
+    bad = [
+        (i32(0, 2, 2, 3), i32(1, 0, 2), {}),  # unsorted list
+        (i32(0, 2, 2, 3), i32(1, 1, 2), {}),  # a block listed twice
+        (i32(0, 1, 2, 3), i32(0, 1, 3), {}),  # key block 3 of 3
+        (i32(0, 1, 2), i32(0, 1), {}),  # 2 lists for 3 query blocks
+        (i32(0, 1, 2, 2), i32(0, 1, 2), {}),  # offsets end before the indices
+        (i32(0, 1, 2, 3), i32(0, 1, 2), {"mask_heads": 3}),  # 3 heads for 2
+        (i32(0, 1, 2, 3), i32(0, 1, 2), {"full": np.array([True])}),  # one flag per index
+        (i32(0, 1, 2, 3), i32(0, 1, 2), {"block_m": 0}),
+    ]
+    for offsets, indices, kw in bad:
+        with pytest.raises(ValueError):
+            call(offsets, indices, **kw)
+    with pytest.raises(TypeError):
+        call(np.array([0, 1, 2, 3]), i32(0, 1, 2))  # int64 offsets
+    with pytest.raises(TypeError):
+        call(i32(0, 1, 2, 3), i32(0, 1, 2), full=np.ones(3, np.int32))
+
+
 def test_bad_inputs_raise():
     rng = np.random.default_rng(1)
     q, k, v = rand(rng, 1, 4, 4, 8), rand(rng, 1, 6, 3, 8), rand(rng, 1, 6, 3, 8)
@@ -330,3 +459,23 @@ def test_cuda_functions_refuse_host_arrays_and_unsupported_dtypes():
         longattn.dense_cuda(x, x, x, x)
     with pytest.raises(TypeError, match="no __cuda_array_interface__ or __dlpack__"):
         longattn.paged_decode_cuda([0.0], [0.0], [0.0], [0.0], [[0]], [1])
+    with pytest.raises(TypeError, match="DLPack device type 1"):
+        longattn.neighborhood_cuda(q, q, q, q, 3)
+    with pytest.raises(TypeError, match="float16"):
+        longattn.block_sparse_cuda(x, x, x, x, [0, 0], [])
+
+    class Half:  # float16 CUDA array interfaces: refused by the checks, before any CUDA call
+        def __init__(self, shape, strides=None):
+            self.__cuda_array_interface__ = {"data": (0, False), "shape": shape,
+                                             "typestr": "<f2", "version": 3, "strides": strides}
+
+    grid = Half((1, 5, 6, 2, 8))
+    # (1, 6, 5, 2, 8) with the grid dims swapped: no single token axis (strides in bytes).
+    swapped = Half((1, 5, 6, 2, 8), tuple(2 * s for s in (480, 16, 80, 8, 1)))
+    with pytest.raises(ValueError, match="flatten"):
+        longattn.neighborhood_cuda(swapped, grid, grid, grid, 3)
+    with pytest.raises(ValueError):  # kernel 7 on a grid dim of 5
+        longattn.neighborhood_cuda(grid, grid, grid, grid, 7)
+    h = Half((1, 130, 2, 64))  # 3 query and 3 key blocks of 64
+    with pytest.raises(ValueError, match="not sorted"):
+        longattn.block_sparse_cuda(h, h, h, h, [0, 2, 2, 2], [1, 0], block_m=64, block_n=64)

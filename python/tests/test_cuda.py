@@ -154,6 +154,75 @@ def test_paged_prefill_cuda_matches_cpu():
                 assert err < TOL[str(dtype)[6:]], (dtype, q_shape, opts, err)
 
 
+def test_neighborhood_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    # (batch, *grid), heads_q, heads_kv, head_dim, per-dim settings: head_dim 128 and 64 take
+    # the fused kernel, 32 the portable one.
+    cases = [((2, 100), 2, 1, 128, dict(kernel_size=13, stride=2)),
+             ((1, 9, 11), 4, 2, 64, dict(kernel_size=(5, 3), dilation=(1, 2),
+                                         causal=(False, True))),
+             ((1, 4, 5, 6), 2, 2, 32, dict(kernel_size=3, causal=(False, False, True)))]
+    for n, (bgrid, hq, hkv, d, spec) in enumerate(cases):
+        for dtype in (torch.float16, torch.bfloat16):
+            q, k, v = _inputs(torch, dtype, (*bgrid, hq, d), (*bgrid, hkv, d), 20 + n)
+            qg, kg, vg = (x.cuda() for x in (q, k, v))
+            for softcap in (None, 0.6):
+                out = torch.full_like(qg, float("nan"))
+                longattn.neighborhood_cuda(qg, kg, vg, out, scale=0.3, softcap=softcap, **spec)
+                torch.cuda.synchronize()
+                want = longattn.neighborhood(_host(q), _host(k), _host(v), scale=0.3,
+                                             softcap=softcap, **spec)
+                err = rel_l2(_host(out), want)
+                assert err < TOL[str(dtype)[6:]], (n, dtype, softcap, err)
+            # q as a permuted (batch, heads, *grid, head_dim) tensor: the grid still flattens.
+            r = q.dim()
+            to_bh = (0, r - 2, *range(1, r - 2), r - 1)
+            back = (0, *range(2, r - 1), 1, r - 1)
+            qs = q.permute(to_bh).contiguous().cuda().permute(back)
+            out = torch.full_like(qg, float("nan"))
+            longattn.neighborhood_cuda(qs, kg, vg, out, scale=0.3, **spec)
+            torch.cuda.synchronize()
+            want = longattn.neighborhood(_host(q), _host(k), _host(v), scale=0.3, **spec)
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (n, dtype, "strided q", err)
+
+
+def _block_lists(lists, num_k_blocks, seed):
+    """CSR arrays of a fixed mix of unlisted (2 in 5), Full and Partial key blocks."""
+    kind = [[(lst * 7 + kb * 3 + seed) % 5 for kb in range(num_k_blocks)]
+            for lst in range(lists)]
+    listed = [[(kb, c == 2) for kb, c in enumerate(row) if c >= 2] for row in kind]
+    offsets = np.cumsum([0] + [len(row) for row in listed]).astype(np.int32)
+    indices = np.array([kb for row in listed for kb, _ in row], np.int32)
+    full = np.array([f for row in listed for _, f in row], bool)
+    return offsets, indices, full
+
+
+def test_block_sparse_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    b, sq, sk, hq, hkv = 2, 200, 300, 4, 2
+    # Mask (batch, heads), block sizes, options: per-(batch, head) lists of 64 x 64 blocks,
+    # causal; broadcast lists of 64 x 128 blocks with a window and softcap.
+    masks = [((b, hq), 64, 64, dict(causal=True)),
+             ((1, 1), 64, 128, dict(window=(70, 10), softcap=0.6))]
+    for d in (64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            q, k, v = _inputs(torch, dtype, (b, sq, hq, d), (b, sk, hkv, d), d)
+            qg, kg, vg = (x.cuda() for x in (q, k, v))
+            for (mb, mh), bm, bn, opts in masks:
+                lists = mb * mh * -(-sq // bm)
+                offsets, indices, full = _block_lists(lists, -(-sk // bn), bm + bn)
+                mask = dict(full=full, block_m=bm, block_n=bn, mask_batch=mb, mask_heads=mh)
+                out = torch.full_like(qg, float("nan"))
+                longattn.block_sparse_cuda(qg, kg, vg, out, offsets, indices, scale=0.3, **mask,
+                                           **opts)
+                torch.cuda.synchronize()
+                want = longattn.block_sparse(_host(q), _host(k), _host(v), offsets, indices,
+                                             scale=0.3, **mask, **opts)
+                err = rel_l2(_host(out), want)
+                assert err < TOL[str(dtype)[6:]], (d, dtype, bm, bn, opts, err)
+
+
 if __name__ == "__main__":
     tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_")]
     failed = 0

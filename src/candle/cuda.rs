@@ -6,20 +6,30 @@
 //!   [`FlashAttention::forward_gpu`](crate::FlashAttention::forward_gpu) with the kernel that
 //!   `Auto` picks; f16 or bf16 (f32 CUDA tensors get a named error: the kernels are
 //!   half-precision), the GPU's stride and alignment rules (strides multiples of 8 elements).
+//! - Block-sparse ([`super::BlockSparseAttn`]):
+//!   [`BlockSparseAttention::forward_gpu`](crate::BlockSparseAttention::forward_gpu) (the
+//!   mma.sync kernel; block sizes multiples of 64, head_dim 64, 128 or 256), f16 or bf16.
+//! - Neighborhood ([`super::NeighborhoodAttn`]):
+//!   [`NeighborhoodAttention::forward_gpu`](crate::NeighborhoodAttention::forward_gpu) with
+//!   the kernel it picks (fused at head_dim 64 and 128, else portable), f16 or bf16.
 //! - Paged decode and prefill ([`super::PagedAttnDecode`], [`super::PagedAttnPrefill`]):
 //!   [`PagedDecode::forward_gpu`](crate::PagedDecode::forward_gpu) /
 //!   [`PagedPrefill::forward_gpu`](crate::PagedPrefill::forward_gpu) over an f16/bf16 cache
 //!   of q's dtype or an `F8E4M3` cache (candle's float8 storage reinterpreted as this crate's
 //!   [`F8E4M3`], the same bits).
 //!
-//! The tables (varlen offsets, block table, `seqlens_k`) are the host copies the op holds;
-//! the one-shot GPU entry points upload them per call, so these ops are not CUDA-graph
-//! capturable (engines capturing decode build a [`crate::PagedDecodePlan`] instead).
+//! The tables (varlen offsets, block table, `seqlens_k`, the block mask) are the host copies
+//! the op holds; the one-shot GPU entry points upload them per call, so these ops are not
+//! CUDA-graph capturable (engines capturing decode build a [`crate::PagedDecodePlan`]
+//! instead).
 //! **Not yet run on a GPU**: compiled and linted only (see the README).
 
-use super::{Paged, PagedProblem, Problem, contiguous_out, wrap};
+use super::{Paged, PagedProblem, Problem, QkvAttention, wrap};
+use crate::block_sparse::BlockSparseAttention;
+use crate::dense::FlashAttention;
 use crate::element::{Element, F8E4M3};
 use crate::layout::Strided;
+use crate::neighborhood::NeighborhoodAttention;
 use crate::paged::KvPages;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice};
@@ -62,32 +72,65 @@ fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &CudaStorage, len: usize) -> Result
     s.device().alloc_zeros::<T>(len)
 }
 
-/// The dense op's GPU forward pass in `T` (f16 or bf16).
-fn dense_t<T>(p: &Problem, q: Input, k: Input, v: Input) -> Result<CudaSlice<T>>
+/// The GPU forward pass of the q, k, v ops' problems: their `forward_gpu` (no LSE), which
+/// picks the kernel.
+pub(super) trait QkvGpu {
+    fn run_gpu<T: Element + DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&CudaView<T>>,
+        k: Strided<&CudaView<T>>,
+        v: Strided<&CudaView<T>>,
+        out: Strided<&mut CudaSlice<T>>,
+    ) -> crate::Result<()>;
+}
+
+/// [`QkvGpu`] for types with the `forward_gpu(stream, q, k, v, out, lse)` of the dense
+/// problems.
+macro_rules! qkv_gpu {
+    ($($t:ty),*) => {$(
+        impl QkvGpu for $t {
+            fn run_gpu<T: Element + DeviceRepr>(
+                &self,
+                stream: &Arc<CudaStream>,
+                q: Strided<&CudaView<T>>,
+                k: Strided<&CudaView<T>>,
+                v: Strided<&CudaView<T>>,
+                out: Strided<&mut CudaSlice<T>>,
+            ) -> crate::Result<()> {
+                self.forward_gpu::<T, _, _>(stream, q, k, v, out, None)
+            }
+        }
+    )*};
+}
+qkv_gpu!(FlashAttention, BlockSparseAttention, NeighborhoodAttention);
+
+/// A q, k, v op's GPU forward pass in `T` (f16 or bf16).
+fn qkv_t<A, T>(p: &Problem<A>, q: Input, k: Input, v: Input) -> Result<CudaSlice<T>>
 where
+    A: QkvAttention + QkvGpu,
     T: Element + CudaDType + DeviceRepr + ValidAsZeroBits,
 {
     let stream = q.0.device().cuda_stream();
     let (qv, kv, vv) = (view::<T>("q", q)?, view::<T>("k", k)?, view::<T>("v", v)?);
-    let mut out = zeros::<T>(q.0, p.attn.out_len())?;
-    let out_strides = contiguous_out(&p.attn, &p.out_shape);
+    let mut out = zeros::<T>(q.0, p.out_len)?;
     p.attn
-        .forward_gpu::<T, _, _>(
+        .run_gpu(
             &stream,
             Strided::new(&qv, p.q),
             Strided::new(&kv, p.k),
             Strided::new(&vv, p.v),
-            Strided::new(&mut out, out_strides),
-            None,
+            Strided::new(&mut out, p.out),
         )
         .map_err(wrap)?;
     Ok(out)
 }
 
-/// `cuda_fwd` of the dense ops: q, k, v of one half-precision dtype.
-pub(super) fn dense(
+/// `cuda_fwd` of the q, k, v ops (dense, block-sparse, neighborhood): q, k, v of one
+/// half-precision dtype.
+pub(super) fn qkv<A: QkvAttention + QkvGpu>(
     name: &str,
-    p: &Problem,
+    p: &Problem<A>,
     q: Input,
     k: Input,
     v: Input,
@@ -95,10 +138,10 @@ pub(super) fn dense(
     let device = q.0.device().clone();
     let out = match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
         (DType::F16, DType::F16, DType::F16) => {
-            CudaStorage::wrap_cuda_slice(dense_t::<f16>(p, q, k, v)?, device)
+            CudaStorage::wrap_cuda_slice(qkv_t::<A, f16>(p, q, k, v)?, device)
         }
         (DType::BF16, DType::BF16, DType::BF16) => {
-            CudaStorage::wrap_cuda_slice(dense_t::<bf16>(p, q, k, v)?, device)
+            CudaStorage::wrap_cuda_slice(qkv_t::<A, bf16>(p, q, k, v)?, device)
         }
         (a, b, c) => bail!(
             "longattn {name} on CUDA: q, k, v must share f16 or bf16 (the GPU kernels' types; \
