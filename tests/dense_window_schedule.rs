@@ -529,20 +529,22 @@ mod walk_protocol {
     }
 }
 
-/// The walk's barrier program (model above) over random item lists of random problems, both
-/// tile widths and their stage counts, under random interleavings: no deadlock, no buffer read
-/// before its copy lands or after it is overwritten.
+/// The walk's barrier program (model above) over random item lists of random problems, every
+/// (key tile, stages) pair the kernel instantiates (`WgWindow64`, `WgWindow128`, `WgWalk192`
+/// with 64-key tiles; `WgPersistent64`, `WgPersistent128` with 128), under random
+/// interleavings: no deadlock, no buffer read before its copy lands or after it is overwritten.
 #[test]
 fn persistent_walk_barriers_never_deadlock_or_race() {
     use walk_protocol::{Item, run};
     let mut r = rng(17);
-    for case in 0..400 {
+    for case in 0..500 {
         let (bn, stages) = [
             (BLOCK_N, 8),
             (BLOCK_N, 4),
+            (BLOCK_N, 2),
             (PERSISTENT_BLOCK_N, 4),
             (PERSISTENT_BLOCK_N, 2),
-        ][case % 4];
+        ][case % 5];
         let sq = r.random_range(1..900usize);
         let sk = r.random_range(0..900usize);
         let mask = random_mask(&mut r);
