@@ -261,6 +261,9 @@ mod walk_protocol {
         NoTurnWithoutTiles,
         /// Q handed back to the producer before the item's last PV.
         QReleasedBeforeLastPv,
+        /// The wait for the first computed tile's K with the other parity (a ring use counted
+        /// off by one stage cycle).
+        KFullParityFlipped,
     }
 
     fn producer(items: &[Item], b: &Bars) -> Vec<Op> {
@@ -329,7 +332,8 @@ mod walk_protocol {
                 if matches!(bug, Some(Mutation::QReleasedBeforeLastPv)) {
                     ops.push(Op::Arrive(b.q_empty(qb), None));
                 }
-                ops.push(Op::Wait(b.k_full(st(lo)), ph(lo), k(lo)));
+                let flip = matches!(bug, Some(Mutation::KFullParityFlipped)) as u64;
+                ops.push(Op::Wait(b.k_full(st(lo)), ph(lo) ^ flip, k(lo)));
                 take(&mut ops);
                 ops.push(Op::Read(Buf::Q(qb), qi)); // S_lo
                 pass(&mut ops);
@@ -602,6 +606,7 @@ fn the_walk_model_catches_broken_programs() {
         Mutation::ReleaseLastVBeforeItLands,
         Mutation::NoTurnWithoutTiles,
         Mutation::QReleasedBeforeLastPv,
+        Mutation::KFullParityFlipped,
     ] {
         // In order first, then random interleavings: some interleaving must expose the bug.
         let caught = (0..200u64).any(|seed| {
