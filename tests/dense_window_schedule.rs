@@ -261,6 +261,9 @@ mod walk_protocol {
         NoTurnWithoutTiles,
         /// Q handed back to the producer before the item's last PV.
         QReleasedBeforeLastPv,
+        /// The wait for the first computed tile's K with the other parity (a ring use counted
+        /// off by one stage cycle).
+        KFullParityFlipped,
     }
 
     fn producer(items: &[Item], b: &Bars) -> Vec<Op> {
@@ -329,7 +332,8 @@ mod walk_protocol {
                 if matches!(bug, Some(Mutation::QReleasedBeforeLastPv)) {
                     ops.push(Op::Arrive(b.q_empty(qb), None));
                 }
-                ops.push(Op::Wait(b.k_full(st(lo)), ph(lo), k(lo)));
+                let flip = matches!(bug, Some(Mutation::KFullParityFlipped)) as u64;
+                ops.push(Op::Wait(b.k_full(st(lo)), ph(lo) ^ flip, k(lo)));
                 take(&mut ops);
                 ops.push(Op::Read(Buf::Q(qb), qi)); // S_lo
                 pass(&mut ops);
@@ -529,20 +533,22 @@ mod walk_protocol {
     }
 }
 
-/// The walk's barrier program (model above) over random item lists of random problems, both
-/// tile widths and their stage counts, under random interleavings: no deadlock, no buffer read
-/// before its copy lands or after it is overwritten.
+/// The walk's barrier program (model above) over random item lists of random problems, every
+/// (key tile, stages) pair the kernel instantiates (`WgWindow64`, `WgWindow128`, `WgWalk192`
+/// with 64-key tiles; `WgPersistent64`, `WgPersistent128` with 128), under random
+/// interleavings: no deadlock, no buffer read before its copy lands or after it is overwritten.
 #[test]
 fn persistent_walk_barriers_never_deadlock_or_race() {
     use walk_protocol::{Item, run};
     let mut r = rng(17);
-    for case in 0..400 {
+    for case in 0..500 {
         let (bn, stages) = [
             (BLOCK_N, 8),
             (BLOCK_N, 4),
+            (BLOCK_N, 2),
             (PERSISTENT_BLOCK_N, 4),
             (PERSISTENT_BLOCK_N, 2),
-        ][case % 4];
+        ][case % 5];
         let sq = r.random_range(1..900usize);
         let sk = r.random_range(0..900usize);
         let mask = random_mask(&mut r);
@@ -600,6 +606,7 @@ fn the_walk_model_catches_broken_programs() {
         Mutation::ReleaseLastVBeforeItLands,
         Mutation::NoTurnWithoutTiles,
         Mutation::QReleasedBeforeLastPv,
+        Mutation::KFullParityFlipped,
     ] {
         // In order first, then random interleavings: some interleaving must expose the bug.
         let caught = (0..200u64).any(|seed| {
