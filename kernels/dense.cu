@@ -274,6 +274,10 @@ extern "C" int la_dense_forward(const LaDenseParams *params, LaDenseKernel kerne
       // that are not a multiple of 8 run only on LA_DENSE_MMA_PADDED, by name: its
       // element-wise variant has not run on a GPU yet.
       if (p.head_dim % 8 != 0) return kKernelUnsupported;
+      // No key at all (fixed seqlen_k 0, or packed sequences without keys): every row is empty
+      // (0, LSE -inf). K and V may be null then, which the Hopper kernel's tensor maps would
+      // have to describe; the SIMT kernel writes those rows and reads no key.
+      if (p.total_k == 0) return dense_simt_forward(p, stream);
       if (dense_wgmma_supports(p)) return dense_wgmma_forward(p, stream);
       if (dense_mma_padded_unsupported_reason(p) == nullptr) return dense_mma_padded_forward(p, stream);
       return dense_simt_forward(p, stream);

@@ -231,6 +231,56 @@ fn gpu_dense_matches_reference_sweep() {
     println!("gpu_dense_matches_reference_sweep: worst rel err {worst:.3e}");
 }
 
+/// Problems without keys (`seqlen_k` 0, K/V buffers of one element or, where cudarc allocates
+/// them, empty): every row is empty, so each kernel either writes exactly 0 with LSE `-inf`
+/// into the poisoned buffers or refuses by name (`Unsupported`); `Auto` must run.
+#[test]
+fn gpu_dense_without_keys() {
+    let Some(stream) = gpu_stream_or_skip("gpu_dense_without_keys") else {
+        return;
+    };
+    for (d, sq) in [(64, 1), (128, 5), (64, 130)] {
+        for opts in [AttentionOptions::default(), AttentionOptions::causal()] {
+            let x = Dims::new(2, sq, 0, 4, 2, d);
+            let q: Vec<bf16> = random_vec(&mut rng(d as u64 + sq as u64), x.b * sq * 4 * d);
+            let qs = Strides::contiguous(sq, 4, d);
+            let ks = Strides::contiguous(0, 2, d);
+            for kv_len in [1usize, 0] {
+                let kv = vec![bf16::ZERO; kv_len];
+                for kernel in kernels_for(d) {
+                    let attn = FlashAttention::new(&fixed_shape(x), &opts)
+                        .unwrap()
+                        .with_kernel(kernel);
+                    let what = format!("{x:?} {opts:?} {kernel:?}, K/V of {kv_len} elements");
+                    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        gpu_forward(&stream, &attn, (&q, &kv, &kv), qs, ks)
+                    }));
+                    let Ok(got) = got else {
+                        // cudarc may refuse a zero-length allocation: then there is no empty
+                        // buffer to pass.
+                        assert_eq!(kv_len, 0, "{what}: panicked");
+                        println!("gpu_dense_without_keys: no empty device buffer ({what})");
+                        continue;
+                    };
+                    match got {
+                        Ok((out, lse)) => {
+                            assert!(out.iter().all(|&o| o == 0.0), "{what}: output not 0");
+                            assert!(
+                                lse.iter().all(|&l| l == f32::NEG_INFINITY),
+                                "{what}: LSE not -inf"
+                            );
+                        }
+                        Err(Error::Unsupported(m)) if kernel != DenseKernel::Auto => {
+                            println!("gpu_dense_without_keys: {what}: refused ({m})");
+                        }
+                        Err(e) => panic!("{what}: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The GQA-packed kernels where they matter: short query sequences (1-33 rows, chunked prefill
 /// and speculative decoding) over longer K/V, groups that divide the tile and groups that do
 /// not (7, 6, 3), MQA up to 64 heads (128 on Hopper), against the f64 reference; on Hopper
