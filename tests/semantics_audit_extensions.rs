@@ -1,0 +1,834 @@
+//! Independent audit of the crate's **extensions** of the shared specification: what
+//! `tests/semantics_audit.rs` lists as "Not driven here". The definitions are the crate
+//! extension sections of `docs/semantics.md` ("Extension: ...", "Decision: ...", "Block-sparse
+//! masks", "MoBA selection", "Patterns", "FP8 KV cache", "FP8 dense forward", the NaN policy)
+//! and the rustdoc of each public item; the specification at the top of that page wins.
+//!
+//! The oracle is written from those texts alone, brute force in f64, and shares nothing with
+//! the crate (not `longattn::reference`, `Mask::visible`, the pattern builders, `tests/common`
+//! or the other audit):
+//!
+//! - decode with an explicit right bound `r > 0` without causal (new token `i` sees up to `r`
+//!   new tokens after it, sinks never right of the bound);
+//! - Quest with `sink_pages` and candidates restricted to pages the base mask leaves visible:
+//!   `K = min(max(B, #kept), #candidates)`, kept pages first, then score, then page index;
+//! - strides: 0 broadcasts an input (an output that would alias itself is refused), a
+//!   negative stride is a `Stride` error, on every API that takes strides;
+//! - FP8: the e4m3 format from its bit layout, the dense FP8 forward's tiled P quantisation,
+//!   the FP8 paged cache (append quantisation bits with f32 division, Quest bounds of the
+//!   stored codes, decode / prefill over `code * scale`);
+//! - MoBA selection per token and per query block, and the attention over it;
+//! - the block patterns (Longformer, BigBird, Sparse Transformer strided / fixed,
+//!   Block-Attention, MSWA, DuoAttention): lists, kinds and the attention;
+//! - Star Attention's two phases.
+//!
+//! Inputs are seeded and rounded to the element type first; outputs are poisoned with NaN.
+//! A result passes when nothing is NaN, rows the oracle leaves empty are exactly 0 with LSE
+//! exactly `-inf`, and the relative L2 error (overall and per row) and the LSE error are
+//! within the element type's tolerance. Bad inputs must give an `Err` (a panic fails).
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+use longattn::block_sparse::moba::{moba_attention, moba_select_blocks_cpu, moba_select_cpu};
+use longattn::block_sparse::patterns::{
+    PatternShape, bigbird, bigbird_random_blocks, block_attention, longformer, per_head_windows,
+    sparse_transformer_fixed, sparse_transformer_strided, streaming_heads,
+};
+use longattn::{
+    AttentionOptions, AttentionShape, BlockKind, BlockMask, BlockSparseAttention, DType, Element,
+    Error, F8E4M3, FP8_KEY_TILE, FP8_MAX_DESCALE, FlashAttention, Fp8Descales, HeadPolicy,
+    KvPages, KvScales, MobaConfig, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
+    PagedPrefill, QuestConfig, RingShape, SeqLens, SparsePolicy, StarAttention, Strided, Strides,
+    Window, bf16, f16,
+};
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+// =======================================================================================
+// Oracle: visibility, attention, checks
+// =======================================================================================
+
+/// FlashAttention-2 `window_size = (lo, hi)` (`-1` unbounded), `sink` leading keys, causal.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Win {
+    lo: i64,
+    hi: i64,
+    sink: i64,
+    causal: bool,
+}
+
+const fn win(lo: i64, hi: i64, sink: i64, causal: bool) -> Win {
+    Win {
+        lo,
+        hi,
+        sink,
+        causal,
+    }
+}
+
+impl Win {
+    /// Right bound in force (`-1` unbounded): causal clips it to `min(hi, 0)`.
+    fn hi_bound(&self) -> i64 {
+        if !self.causal {
+            self.hi
+        } else if self.hi < 0 {
+            0
+        } else {
+            self.hi.min(0)
+        }
+    }
+
+    /// Key `j` visible to row `i` of an `sq` x `sk` problem (bottom-right aligned).
+    fn shows(&self, i: usize, j: usize, sq: usize, sk: usize) -> bool {
+        let (i, j, sq, sk) = (i as i64, j as i64, sq as i64, sk as i64);
+        let at = i + sk - sq;
+        let hi = self.hi_bound();
+        let below_hi = hi < 0 || j <= at + hi;
+        let above_lo = self.lo < 0 || j >= at - self.lo;
+        (0..sk).contains(&j) && below_hi && (above_lo || j < self.sink)
+    }
+
+    fn opts(&self) -> AttentionOptions {
+        AttentionOptions::default()
+            .with_window(Window::from_flash(self.lo, self.hi).unwrap())
+            .with_sinks(self.sink as usize)
+            .with_causal(self.causal)
+    }
+}
+
+/// A random mask for lengths up to `n`, bounds biased to small values.
+fn any_win(r: &mut SmallRng, n: usize) -> Win {
+    let mut side = |r: &mut SmallRng| match r.random_range(0..10) {
+        0..3 => -1,
+        3..7 => r.random_range(0..=4),
+        _ => r.random_range(0..=n as i64 + 1),
+    };
+    let (lo, hi) = (side(r), side(r));
+    let sink = [0, 0, 1, 3, n as i64][r.random_range(0..5)];
+    win(lo, hi, sink, r.random_bool(0.5))
+}
+
+/// Scale (`None`: `1/sqrt(d)`) and softcap of the scores.
+#[derive(Clone, Copy, Debug)]
+struct Sc {
+    scale: Option<f32>,
+    cap: Option<f32>,
+}
+
+const NO_CAP: Sc = Sc {
+    scale: None,
+    cap: None,
+};
+
+fn any_sc(r: &mut SmallRng) -> Sc {
+    Sc {
+        scale: r.random_bool(0.5).then(|| r.random_range(0.1f32..1.5)),
+        cap: r.random_bool(0.3).then(|| r.random_range(0.5f32..4.0)),
+    }
+}
+
+impl Sc {
+    fn apply(&self, o: AttentionOptions) -> AttentionOptions {
+        let o = self.scale.map_or(o, |s| o.with_scale(s));
+        self.cap.map_or(o, |c| o.with_softcap(c))
+    }
+
+    fn score(&self, d: usize, dot: f64) -> f64 {
+        let x = self.scale.map_or(1.0 / (d as f64).sqrt(), f64::from) * dot;
+        self.cap.map_or(x, |c| c as f64 * (x / c as f64).tanh())
+    }
+}
+
+/// Softmax attention of one query row over `(score, value)` pairs; `(0, -inf)` when empty.
+fn softmax_row(pairs: &[(f64, &[f64])], d: usize) -> (Vec<f64>, f64) {
+    let mut o = vec![0.0; d];
+    let Some(m) = pairs.iter().map(|p| p.0).reduce(f64::max) else {
+        return (o, f64::NEG_INFINITY);
+    };
+    let z: f64 = pairs.iter().map(|p| (p.0 - m).exp()).sum();
+    for (s, v) in pairs {
+        let w = (s - m).exp() / z;
+        o.iter_mut().zip(*v).for_each(|(a, b)| *a += w * b);
+    }
+    (o, m + z.ln())
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Contiguous f64 tensors of a fixed-length batch: `q [b, sq, hq, d]`, `k, v [b, sk, hkv, d]`.
+struct Tensors {
+    q: Vec<f64>,
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+/// `(b, sq, sk, hq, hkv, d)`.
+type Dims = (usize, usize, usize, usize, usize, usize);
+
+/// The f64 attention of a fixed-length batch where row `i` of head `h` of sequence `bb` sees
+/// key `j` iff `sees(bb, h, i, j)`: out `[b, sq, hq, d]`, LSE `[b, hq, sq]`.
+fn attend(
+    x: &Tensors,
+    (b, sq, sk, hq, hkv, d): Dims,
+    sc: Sc,
+    sees: &dyn Fn(usize, usize, usize, usize) -> bool,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![f64::NAN; b * sq * hq * d];
+    let mut lse = vec![f64::NAN; b * hq * sq];
+    for bb in 0..b {
+        for h in 0..hq {
+            let g = h * hkv / hq;
+            for i in 0..sq {
+                let qo = ((bb * sq + i) * hq + h) * d;
+                let qi = &x.q[qo..qo + d];
+                let pairs: Vec<(f64, &[f64])> = (0..sk)
+                    .filter(|&j| sees(bb, h, i, j))
+                    .map(|j| {
+                        let ko = ((bb * sk + j) * hkv + g) * d;
+                        (sc.score(d, dot(qi, &x.k[ko..ko + d])), &x.v[ko..ko + d])
+                    })
+                    .collect();
+                let (o, l) = softmax_row(&pairs, d);
+                out[qo..qo + d].copy_from_slice(&o);
+                lse[(bb * hq + h) * sq + i] = l;
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn seeded(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(0xa0d1_7e57 ^ seed.wrapping_mul(0x9e37_79b9))
+}
+
+/// `n` values uniform in `[-1, 1)` rounded to `T`, as exact f64.
+fn draw<T: Element>(r: &mut SmallRng, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| f64::from(T::from_f32(r.random_range(-1.0f32..1.0)).to_f32()))
+        .collect()
+}
+
+fn tensors<T: Element>(r: &mut SmallRng, (b, sq, sk, hq, hkv, d): Dims) -> Tensors {
+    Tensors {
+        q: draw::<T>(r, b * sq * hq * d),
+        k: draw::<T>(r, b * sk * hkv * d),
+        v: draw::<T>(r, b * sk * hkv * d),
+    }
+}
+
+fn cast<T: Element>(x: &[f64]) -> Vec<T> {
+    x.iter().map(|&v| T::from_f32(v as f32)).collect()
+}
+
+fn widen<T: Element>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|v| f64::from(v.to_f32())).collect()
+}
+
+fn tol_of(dt: DType) -> f64 {
+    match dt {
+        DType::F32 => 3e-5,
+        DType::F16 => 1.5e-3,
+        _ => 1e-2,
+    }
+}
+
+/// Compares `got` with the oracle: finite everywhere, oracle-empty rows (all 0) exactly 0,
+/// relative L2 under `tol` overall and per row (plus `slack[row]`, the oracle's own
+/// ambiguity, 0 unless given), LSE `-inf` exactly where the oracle's is, else within
+/// `1e-4 (1 + |lse|)`.
+fn verify(
+    what: &str,
+    d: usize,
+    tol: f64,
+    (got, glse): (&[f64], &[f32]),
+    (want, wlse): (&[f64], &[f64]),
+    slack: Option<&[f64]>,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: output length");
+    assert_eq!(glse.len(), wlse.len(), "{what}: LSE length");
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    let (mut err2, mut norm2) = (0.0, 0.0);
+    for (row, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
+        if w.iter().all(|&x| x == 0.0) {
+            assert!(g.iter().all(|&x| x == 0.0), "{what}: row {row} not 0: {g:?}");
+        }
+        let e: f64 = g.iter().zip(w).map(|(a, b)| (a - b).powi(2)).sum();
+        let n: f64 = w.iter().map(|b| b * b).sum();
+        let extra = slack.map_or(0.0, |s| s[row]);
+        assert!(
+            e.sqrt() <= 4.0 * tol * (n.sqrt() + 0.05) + extra,
+            "{what}: row {row}: error {:e}, norm {:e}",
+            e.sqrt(),
+            n.sqrt()
+        );
+        err2 += e;
+        norm2 += n;
+    }
+    if norm2 > 0.0 && slack.is_none() {
+        let rel = (err2 / norm2).sqrt();
+        assert!(rel <= tol, "{what}: relative L2 {rel:e} > {tol:e}");
+    }
+    for (n, (&g, &w)) in glse.iter().zip(wlse).enumerate() {
+        if w == f64::NEG_INFINITY {
+            assert_eq!(g, f32::NEG_INFINITY, "{what}: LSE {n} of an empty row");
+        } else {
+            assert!(
+                g.is_finite() && (f64::from(g) - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what}: LSE {n} = {g}, want {w}"
+            );
+        }
+    }
+}
+
+/// A validated dense problem of fixed lengths.
+fn dense(
+    (b, sq, sk, hq, hkv, d): Dims,
+    opts: &AttentionOptions,
+) -> Result<FlashAttention, Error> {
+    FlashAttention::new(
+        &AttentionShape {
+            batch: b,
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Fixed {
+                seqlen_q: sq,
+                seqlen_k: sk,
+            },
+        },
+        opts,
+    )
+}
+
+fn contiguous((_, sq, sk, hq, hkv, d): Dims) -> (Strides, Strides) {
+    (
+        Strides::contiguous(sq, hq, d),
+        Strides::contiguous(sk, hkv, d),
+    )
+}
+
+/// Runs a dense-like CPU forward `f(q, k, v, out, lse)` on contiguous `T` buffers (output and
+/// LSE poisoned): `(out [b, sq, hq, d], lse)`.
+fn run_contiguous<T: Element>(
+    x: &Tensors,
+    dims: Dims,
+    f: impl FnOnce(Strided<&[T]>, Strided<&[T]>, Strided<&[T]>, Strided<&mut [T]>, &mut [f32]),
+) -> (Vec<f64>, Vec<f32>) {
+    let (qs, ks) = contiguous(dims);
+    let (q, k, v): (Vec<T>, Vec<T>, Vec<T>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+    let mut out = vec![T::from_f32(f32::NAN); x.q.len()];
+    let mut lse = vec![f32::NAN; dims.0 * dims.3 * dims.1];
+    f(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        Strided::new(&mut out[..], qs),
+        &mut lse,
+    );
+    (widen(&out), lse)
+}
+
+/// `[0, a0, a0 + a1, ...]`.
+fn offsets(lens: &[usize]) -> Vec<i32> {
+    let mut v = vec![0i32];
+    for &l in lens {
+        v.push(v.last().unwrap() + l as i32);
+    }
+    v
+}
+
+fn is_stride_err<T>(r: Result<T, Error>) -> bool {
+    matches!(r, Err(Error::Stride(_)))
+}
+
+// =======================================================================================
+// Paged cache filled by the specification's mapping (not by the crate's append)
+// =======================================================================================
+
+/// Sequences of `lens[b]` tokens in pages of `ps` slots, placed by hand: token `t` of
+/// sequence `b` in page `table[b][t / ps]`, slot `t % ps` (pages in random order, unused
+/// slots and pages NaN). `k_val` / `v_val` hold what each token **means** (`code * scale`
+/// for an FP8 cache with scales), `[s, hkv, d]` per sequence.
+struct Pages<C> {
+    lens: Vec<usize>,
+    ps: usize,
+    hkv: usize,
+    d: usize,
+    max_pages: usize,
+    table: Vec<i32>,
+    layout: PagedLayout,
+    k_val: Vec<Vec<f64>>,
+    v_val: Vec<Vec<f64>>,
+    k: Vec<C>,
+    v: Vec<C>,
+    kmin: Vec<C>,
+    kmax: Vec<C>,
+    scales: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl<C: Element> Pages<C> {
+    /// Codes are `draw::<C>` values times `spread` (FP8: a wider range of codes), meaning
+    /// `code * scale[g]` with `scales` (FP8 caches only), else the code itself.
+    fn new(
+        r: &mut SmallRng,
+        lens: &[usize],
+        ps: usize,
+        (hkv, d): (usize, usize),
+        spread: f32,
+        scales: Option<(Vec<f32>, Vec<f32>)>,
+    ) -> Self {
+        let np: Vec<usize> = lens.iter().map(|l| l.div_ceil(ps)).collect();
+        let max_pages = np.iter().copied().max().unwrap_or(0) + 1;
+        let num_pages = np.iter().sum::<usize>() + 2;
+        let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+        ids.shuffle(r);
+        let mut table = vec![-1; lens.len() * max_pages];
+        let mut it = ids.into_iter();
+        for (b, &n) in np.iter().enumerate() {
+            for lp in 0..n {
+                table[b * max_pages + lp] = it.next().unwrap();
+            }
+        }
+        let row = hkv * d;
+        let nan = C::from_f32(f32::NAN);
+        let mut p = Pages {
+            lens: lens.to_vec(),
+            ps,
+            hkv,
+            d,
+            max_pages,
+            table,
+            layout: PagedLayout {
+                num_pages,
+                page_size: ps,
+                heads_kv: hkv,
+                head_dim: d,
+            },
+            k_val: Vec::new(),
+            v_val: Vec::new(),
+            k: vec![nan; num_pages * ps * row],
+            v: vec![nan; num_pages * ps * row],
+            kmin: vec![nan; num_pages * row],
+            kmax: vec![nan; num_pages * row],
+            scales,
+        };
+        for (b, &s) in lens.iter().enumerate() {
+            let mut kv = [Vec::new(), Vec::new()];
+            for (w, out) in kv.iter_mut().enumerate() {
+                for t in 0..s {
+                    for g in 0..hkv {
+                        let scale = p.scales.as_ref().map_or(1.0, |sc| [&sc.0, &sc.1][w][g]);
+                        for c in 0..d {
+                            let code = C::from_f32(r.random_range(-1.0f32..1.0) * spread);
+                            let at = p.at(b, t, g) + c;
+                            [&mut p.k, &mut p.v][w][at] = code;
+                            out.push(f64::from(code.to_f32()) * f64::from(scale));
+                        }
+                    }
+                }
+            }
+            let [kv0, kv1] = kv;
+            p.k_val.push(kv0);
+            p.v_val.push(kv1);
+            // Quest bounds: per-channel min / max of the stored codes of each page.
+            for lp in 0..s.div_ceil(ps) {
+                let page = p.table[b * max_pages + lp] as usize;
+                for g in 0..hkv {
+                    for c in 0..d {
+                        let xs: Vec<f32> = (lp * ps..((lp + 1) * ps).min(s))
+                            .map(|t| p.k[p.at(b, t, g) + c].to_f32())
+                            .collect();
+                        let m = (page * hkv + g) * d + c;
+                        p.kmin[m] = C::from_f32(xs.iter().copied().fold(f32::INFINITY, f32::min));
+                        p.kmax[m] =
+                            C::from_f32(xs.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// Offset of (sequence `b`, token `t`, kv head `g`, channel 0) by the specification.
+    fn at(&self, b: usize, t: usize, g: usize) -> usize {
+        let page = self.table[b * self.max_pages + t / self.ps] as usize;
+        ((page * self.ps + t % self.ps) * self.hkv + g) * self.d
+    }
+
+    fn cache_with(&self, lens: &[usize]) -> Result<PagedCache, Error> {
+        let sl: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+        let c = PagedCache::new(
+            self.layout,
+            PageTable {
+                block_table: &self.table,
+                max_pages_per_seq: self.max_pages,
+                seqlens_k: &sl,
+            },
+        )?;
+        match &self.scales {
+            Some((k, v)) => c.with_kv_scales(KvScales::new(k.clone(), v.clone())?),
+            None => Ok(c),
+        }
+    }
+
+    fn cache(&self) -> PagedCache {
+        self.cache_with(&self.lens).unwrap()
+    }
+
+    fn pages(&self) -> KvPages<&[C]> {
+        KvPages {
+            k: &self.k[..],
+            v: &self.v[..],
+        }
+    }
+
+    fn meta(&self) -> PageMeta<&[C]> {
+        PageMeta {
+            kmin: &self.kmin[..],
+            kmax: &self.kmax[..],
+        }
+    }
+
+    /// The f64 attention of `lq[b]` query rows per sequence (packed `[total, hq, d]` in
+    /// `q`) over the meaning of the cache: out packed like q, LSE `[hq, lq[b]]` per sequence
+    /// concatenated (decode's `[batch, hq, q_len]` when the lengths are equal).
+    fn attend(
+        &self,
+        q: &[f64],
+        hq: usize,
+        lq: &[usize],
+        sc: Sc,
+        sees: &dyn Fn(usize, usize, usize, usize) -> bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (hkv, d) = (self.hkv, self.d);
+        let (mut out, mut lse) = (Vec::new(), Vec::new());
+        let mut q0 = 0;
+        for (b, &n) in lq.iter().enumerate() {
+            let x = Tensors {
+                q: q[q0 * hq * d..(q0 + n) * hq * d].to_vec(),
+                k: self.k_val[b].clone(),
+                v: self.v_val[b].clone(),
+            };
+            let dims = (1, n, self.lens[b], hq, hkv, d);
+            let (o, l) = attend(&x, dims, sc, &|_, h, i, j| sees(b, h, i, j));
+            out.extend(o);
+            lse.extend(l);
+            q0 += n;
+        }
+        (out, lse)
+    }
+}
+
+/// Runs `dec.forward_cpu` (queries and output in `T`, contiguous, poisoned output).
+fn decode_cpu<T: Element, C: Element>(
+    p: &Pages<C>,
+    dec: &PagedDecode,
+    q: &[f64],
+) -> (Vec<f64>, Vec<f32>) {
+    let qs = Strides::contiguous(dec.q_len(), dec.heads_q(), p.d);
+    let qt: Vec<T> = cast(q);
+    let mut out = vec![T::from_f32(f32::NAN); dec.out_len()];
+    let mut lse = vec![f32::NAN; dec.lse_len()];
+    dec.forward_cpu(
+        Strided::new(&qt[..], qs),
+        p.pages(),
+        Some(p.meta()),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    (widen(&out), lse)
+}
+
+/// The decode mask of `m`: an unbounded right side becomes 0 (causal among the new tokens),
+/// an explicit right bound is kept (then clipped by causal as usual).
+fn decode_win(m: Win) -> Win {
+    Win {
+        hi: m.hi.max(0),
+        ..m
+    }
+}
+
+// =======================================================================================
+// Decode: an explicit right bound without causal (docs "Extension: decode and an explicit
+// right bound")
+// =======================================================================================
+
+fn decode_case<T: Element, C: Element>(
+    p: &Pages<C>,
+    q: &[f64],
+    (hq, q_len): (usize, usize),
+    (m, sc, splits): (Win, Sc, Option<usize>),
+    what: &str,
+) {
+    let dm = decode_win(m);
+    let lq = vec![q_len; p.lens.len()];
+    let (want, wlse) = p.attend(q, hq, &lq, sc, &|b, _, i, j| {
+        dm.shows(i, j, q_len, p.lens[b])
+    });
+    let dec = PagedDecode::new(&p.cache(), hq, q_len, &sc.apply(m.opts()))
+        .unwrap()
+        .with_splits(splits)
+        .unwrap();
+    let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
+    let what = format!("{what} {m:?} {sc:?} splits {splits:?}");
+    verify(&what, p.d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse), None);
+}
+
+/// New token `i` also sees up to `r` new tokens after it (never past the last key), sinks
+/// only up to the same bound; causal still clips `r` to 0 and an unbounded right side is 0.
+/// Page sizes 1 to 16, sequences empty and shorter than `q_len` (rows before key 0 empty),
+/// q_len up to 16, GQA, splits.
+#[test]
+fn decode_right_bound_without_causal() {
+    let masks = [
+        win(-1, 1, 0, false),
+        win(0, 2, 0, false),
+        win(3, 4, 2, false),
+        win(-1, 20, 3, false),
+        win(2, 1, 5, false),
+        win(0, 0, 1, false),
+        win(1, 3, 0, true),
+        win(-1, -1, 2, false),
+        win(4, -1, 0, true),
+    ];
+    let lens = [0usize, 1, 2, 3, 17, 40];
+    let mut r = seeded(1);
+    for (n, ps) in [1usize, 2, 5, 16].into_iter().enumerate() {
+        let (hq, hkv, d) = [(2, 1, 8), (6, 3, 5), (4, 4, 16), (3, 1, 1)][n];
+        let p = Pages::<f32>::new(&mut r, &lens, ps, (hkv, d), 1.0, None);
+        for q_len in [1usize, 2, 5, 16] {
+            let q = draw::<f32>(&mut r, lens.len() * q_len * hq * d);
+            for (mi, &m) in masks.iter().enumerate() {
+                let sc = if mi % 3 == 0 { any_sc(&mut r) } else { NO_CAP };
+                let splits = [None, Some(1), Some(3)][mi % 3];
+                let what = format!("decode r>0 ps {ps} q_len {q_len} hq {hq}/{hkv}");
+                decode_case::<f32, f32>(&p, &q, (hq, q_len), (m, sc, splits), &what);
+            }
+        }
+    }
+    // Half-precision queries and caches, random right bounds.
+    for n in 0..40u64 {
+        let ps = r.random_range(1..=9);
+        let lens: Vec<usize> = (0..r.random_range(1..=3))
+            .map(|_| r.random_range(0..=30))
+            .collect();
+        let q_len = r.random_range(1..=16);
+        let m = win(
+            [-1, 0, 2, 7][r.random_range(0..4)],
+            r.random_range(1..=18),
+            r.random_range(0..=4),
+            false,
+        );
+        let sc = any_sc(&mut r);
+        let what = format!("decode r>0 sweep {n} ps {ps} lens {lens:?} q_len {q_len}");
+        if n % 2 == 0 {
+            let p = Pages::<bf16>::new(&mut r, &lens, ps, (2, 8), 1.0, None);
+            let q = draw::<f16>(&mut r, lens.len() * q_len * 4 * 8);
+            decode_case::<f16, bf16>(&p, &q, (4, q_len), (m, sc, Some(2)), &what);
+        } else {
+            let p = Pages::<f16>::new(&mut r, &lens, ps, (1, 8), 1.0, None);
+            let q = draw::<bf16>(&mut r, lens.len() * q_len * 3 * 8);
+            decode_case::<bf16, f16>(&p, &q, (3, q_len), (m, sc, None), &what);
+        }
+    }
+}
+
+// =======================================================================================
+// Quest: sink pages and windowed candidates (docs "Decision: Quest GQA aggregation and ties")
+// =======================================================================================
+
+/// The documented selection of one (sequence, kv head): `(selected pages ascending, scores
+/// per logical page (None: not a candidate), ambiguous)`; ambiguous when a score at the cut
+/// is within f32 noise of the next one (then only the count and the kept pages are fixed).
+fn quest_pick<C: Element>(
+    p: &Pages<C>,
+    q: &[f64],
+    (hq, q_len): (usize, usize),
+    (base, cfg): (Win, QuestConfig),
+    (b, g): (usize, usize),
+) -> (Vec<usize>, Vec<Option<f64>>, bool) {
+    let (ps, d, hkv, sk) = (p.ps, p.d, p.hkv, p.lens[b]);
+    let np = sk.div_ceil(ps);
+    let group = hq / hkv;
+    let kscale = p.scales.as_ref().map_or(1.0, |s| f64::from(s.0[g]));
+    let score = |lp: usize| -> f64 {
+        let page = p.table[b * p.max_pages + lp] as usize;
+        let mo = (page * hkv + g) * d;
+        let mut best = f64::NEG_INFINITY;
+        for i in 0..q_len {
+            for h in g * group..(g + 1) * group {
+                let qo = ((b * q_len + i) * hq + h) * d;
+                let s: f64 = (0..d)
+                    .map(|c| {
+                        let (lo, hi) = (p.kmin[mo + c].to_f32(), p.kmax[mo + c].to_f32());
+                        (q[qo + c] * f64::from(hi)).max(q[qo + c] * f64::from(lo))
+                    })
+                    .sum();
+                best = best.max(kscale * s);
+            }
+        }
+        best
+    };
+    let cand: Vec<usize> = (0..np)
+        .filter(|&lp| {
+            (lp * ps..((lp + 1) * ps).min(sk))
+                .any(|j| (0..q_len).any(|i| base.shows(i, j, q_len, sk)))
+        })
+        .collect();
+    let mut scores = vec![None; np];
+    for &lp in &cand {
+        scores[lp] = Some(score(lp));
+    }
+    let newest = sk.checked_sub(1).map(|t| t / ps);
+    let kept = |lp: usize| lp < cfg.sink_pages || Some(lp) == newest;
+    let n_kept = cand.iter().filter(|&&lp| kept(lp)).count();
+    let budget = (cfg.token_budget / ps).max(1);
+    let k = budget.max(n_kept).min(cand.len());
+    let mut order: Vec<(bool, f64, usize)> = cand
+        .iter()
+        .map(|&lp| (kept(lp), scores[lp].unwrap(), lp))
+        .collect();
+    order.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then(b.1.total_cmp(&a.1))
+            .then(a.2.cmp(&b.2))
+    });
+    let ambiguous = k > n_kept
+        && k < order.len()
+        && (order[k - 1].1 - order[k].1).abs() <= 1e-4 * (1.0 + order[k].1.abs());
+    let mut sel: Vec<usize> = order[..k].iter().map(|x| x.2).collect();
+    sel.sort_unstable();
+    (sel, scores, ambiguous)
+}
+
+/// One decode under a per-head policy with Quest heads: the selection (pages and the
+/// reported scores, `-inf` off the candidates) and the attention (base mask AND selected
+/// page for Quest heads, base mask for Full heads).
+fn quest_case<T: Element, C: Element>(
+    p: &Pages<C>,
+    q: &[f64],
+    (hq, q_len): (usize, usize),
+    (base, sc, heads, cfg): (Win, Sc, Vec<HeadPolicy>, QuestConfig),
+    what: &str,
+) {
+    let (hkv, d, ps) = (p.hkv, p.d, p.ps);
+    let what = format!("{what} {base:?} {cfg:?} {heads:?}");
+    let policy = SparsePolicy {
+        heads: heads.clone(),
+        quest: cfg,
+        ..SparsePolicy::default()
+    };
+    let dec = PagedDecode::new(&p.cache(), hq, q_len, &sc.apply(base.opts()))
+        .unwrap()
+        .with_policy(policy)
+        .unwrap();
+    let dm = decode_win(base);
+    let qt: Vec<T> = cast(q);
+    let sel = dec
+        .select_cpu(
+            Strided::new(&qt[..], Strides::contiguous(q_len, hq, d)),
+            p.meta(),
+        )
+        .unwrap();
+    let mut chosen = vec![Vec::new(); p.lens.len() * hkv];
+    for b in 0..p.lens.len() {
+        for g in (0..hkv).filter(|&g| heads[g] == HeadPolicy::Quest) {
+            let (want, scores, ambiguous) = quest_pick(p, q, (hq, q_len), (dm, cfg), (b, g));
+            let got: Vec<usize> = sel
+                .pages
+                .get(b, g)
+                .unwrap()
+                .iter()
+                .map(|&x| x as usize)
+                .collect();
+            for (lp, s) in scores.iter().enumerate() {
+                let gs = sel.scores[(b * hkv + g) * p.max_pages + lp];
+                match s {
+                    None => assert_eq!(gs, f32::NEG_INFINITY, "{what}: score ({b},{g},{lp})"),
+                    Some(s) => assert!(
+                        (f64::from(gs) - s).abs() <= 1e-4 * (1.0 + s.abs()),
+                        "{what}: score ({b},{g},{lp}) {gs} vs {s}"
+                    ),
+                }
+            }
+            if ambiguous {
+                assert_eq!(got.len(), want.len(), "{what}: count ({b},{g})");
+            } else {
+                assert_eq!(got, want, "{what}: pages of ({b},{g})");
+            }
+            chosen[b * hkv + g] = got;
+        }
+    }
+    let lq = vec![q_len; p.lens.len()];
+    let (want, wlse) = p.attend(q, hq, &lq, sc, &|b, h, i, j| {
+        let g = h * hkv / hq;
+        dm.shows(i, j, q_len, p.lens[b])
+            && (heads[g] != HeadPolicy::Quest || chosen[b * hkv + g].contains(&(j / ps)))
+    });
+    let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
+    verify(&what, d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse), None);
+}
+
+/// Quest with `sink_pages` (kept beyond the budget) and windows / sinks in the base mask
+/// (candidates only the pages with a visible key): hand-picked cases, then a random sweep.
+#[test]
+fn quest_sink_pages_and_windowed_candidates() {
+    let mut r = seeded(2);
+    let lens = [37usize, 1, 0, 12, 64];
+    let (hq, hkv, d) = (4, 2, 8);
+    let bases = [
+        win(-1, -1, 0, false),
+        win(9, 0, 0, false),
+        win(5, -1, 4, true),
+        win(20, 2, 0, false),
+        win(0, 0, 1, false),
+        win(3, 1, 9, false),
+    ];
+    for ps in [1usize, 4, 7] {
+        let p = Pages::<f32>::new(&mut r, &lens, ps, (hkv, d), 1.0, None);
+        for q_len in [1usize, 3] {
+            let q = draw::<f32>(&mut r, lens.len() * q_len * hq * d);
+            for (bi, &base) in bases.iter().enumerate() {
+                for (token_budget, sink_pages) in [(0, 0), (0, 2), (8, 1), (16, 3), (1000, 2)] {
+                    let heads = if bi % 2 == 0 {
+                        vec![HeadPolicy::Quest; hkv]
+                    } else {
+                        vec![HeadPolicy::Full, HeadPolicy::Quest]
+                    };
+                    let cfg = QuestConfig {
+                        token_budget,
+                        sink_pages,
+                    };
+                    let what = format!("quest ps {ps} q_len {q_len}");
+                    quest_case::<f32, f32>(&p, &q, (hq, q_len), (base, NO_CAP, heads, cfg), &what);
+                }
+            }
+        }
+    }
+    for n in 0..120u64 {
+        let ps = r.random_range(1..=8);
+        let hkv = r.random_range(1..=3);
+        let (hq, d) = (hkv * r.random_range(1..=2), [1, 4, 8][r.random_range(0..3)]);
+        let lens: Vec<usize> = (0..r.random_range(1..=3))
+            .map(|_| r.random_range(0..=60))
+            .collect();
+        let q_len = r.random_range(1..=6);
+        let mut base = any_win(&mut r, 60);
+        base.hi = [-1, 0, 1, 3][r.random_range(0..4)];
+        let cfg = QuestConfig {
+            token_budget: r.random_range(0..=80),
+            sink_pages: r.random_range(0..=4),
+        };
+        let heads: Vec<HeadPolicy> = (0..hkv)
+            .map(|_| [HeadPolicy::Quest, HeadPolicy::Full][usize::from(r.random_bool(0.3))])
+            .collect();
+        let sc = any_sc(&mut r);
+        let p = Pages::<f32>::new(&mut r, &lens, ps, (hkv, d), 1.0, None);
+        let q = draw::<f32>(&mut r, lens.len() * q_len * hq * d);
+        let what = format!("quest sweep {n} ps {ps} lens {lens:?} q_len {q_len} hq {hq}/{hkv}");
+        quest_case::<f32, f32>(&p, &q, (hq, q_len), (base, sc, heads, cfg), &what);
+    }
+}
