@@ -832,3 +832,310 @@ fn quest_sink_pages_and_windowed_candidates() {
         quest_case::<f32, f32>(&p, &q, (hq, q_len), (base, sc, heads, cfg), &what);
     }
 }
+
+// =======================================================================================
+// FP8 e4m3 (docs "FP8 KV cache (e4m3) and its scales")
+// =======================================================================================
+
+/// The value of an e4m3 bit pattern, from the format: 1 sign, 4 exponent bits (bias 7), 3
+/// mantissa bits, exponent 0 subnormal (`m * 2^-9`), `S.1111.111` NaN, no infinities.
+fn e4m3_value(bits: u8) -> f64 {
+    let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+    let (e, m) = (i32::from((bits >> 3) & 15), f64::from(bits & 7));
+    if e == 15 && m == 7.0 {
+        return f64::NAN;
+    }
+    sign * if e == 0 {
+        m * 2f64.powi(-9)
+    } else {
+        (1.0 + m / 8.0) * 2f64.powi(e - 7)
+    }
+}
+
+/// The e4m3 code of `x`: the nearest finite value, ties to the even code; magnitudes of at
+/// least 464 and infinities saturate to 448; NaN stays NaN and the sign (of -0 too) is kept.
+fn e4m3_code(x: f64) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if x.is_nan() {
+        return 0x7f | sign;
+    }
+    if a >= 464.0 {
+        return 0x7e | sign;
+    }
+    let best = (0..=0x7eu8)
+        .min_by(|&c, &e| {
+            let (dc, de) = ((e4m3_value(c) - a).abs(), (e4m3_value(e) - a).abs());
+            dc.total_cmp(&de).then((c & 1).cmp(&(e & 1)))
+        })
+        .unwrap();
+    best | sign
+}
+
+fn e4m3_round(x: f64) -> f64 {
+    e4m3_value(e4m3_code(x))
+}
+
+/// Every code decodes as the format says; `from_f32` rounds every code value, every midpoint
+/// between neighbours, their f32 neighbours, the saturation edge, infinities, NaN, signed
+/// zeros and random values of every magnitude as the format says (round to nearest even,
+/// saturating).
+#[test]
+fn fp8_e4m3_conversions() {
+    for bits in 0..=255u8 {
+        let (got, want) = (F8E4M3::from_bits(bits).to_f32(), e4m3_value(bits));
+        assert!(
+            f64::from(got) == want || (got.is_nan() && want.is_nan()),
+            "code {bits:#x}: {got} vs {want}"
+        );
+        assert_eq!(F8E4M3::from_bits(bits).is_nan(), want.is_nan());
+    }
+    let vals: Vec<f64> = (0..=0x7eu8).map(e4m3_value).collect();
+    let mut xs: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
+    xs.extend(vals.windows(2).map(|w| ((w[0] + w[1]) / 2.0) as f32));
+    xs.extend([448.0, 463.99, 464.0, 465.0, 480.0, 1e30, f32::MAX, f32::INFINITY]);
+    xs.extend([f32::MIN_POSITIVE, 1e-45, 2f32.powi(-10), 2f32.powi(-10) * 1.0001]);
+    let mut r = seeded(3);
+    xs.extend((0..3000).map(|_| r.random_range(-1.0f32..1.0) * 2f32.powi(r.random_range(-12..10))));
+    for x in xs {
+        for y in [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().max(1) - 1)] {
+            for z in [y, -y] {
+                let got = F8E4M3::from_f32(z).to_bits();
+                assert_eq!(got, e4m3_code(f64::from(z)), "from_f32({z:e})");
+            }
+        }
+    }
+    assert_eq!(F8E4M3::from_f32(f32::NAN).to_bits() & 0x7f, 0x7f);
+    assert_eq!(F8E4M3::from_f32(-f32::NAN).to_bits(), 0xff);
+    assert_eq!(F8E4M3::from_f32(-0.0).to_bits(), 0x80);
+    assert_eq!(F8E4M3::from_f32(f32::NEG_INFINITY).to_bits(), 0xfe);
+}
+
+// =======================================================================================
+// FP8 dense forward (docs "FP8 dense forward")
+// =======================================================================================
+
+/// Whether f32 noise on `p` could round it to a different e4m3 value.
+fn fp8_ambiguous(p: f64) -> bool {
+    e4m3_code(p * (1.0 + 1e-5)) != e4m3_code(p * (1.0 - 1e-5))
+}
+
+/// The FP8 definition in f64 over codes: scores `scale * qd * kd * (q . k)` (softcap
+/// after), keys in tiles of `FP8_KEY_TILE` from key 0, per tile the running max `m`, `p =
+/// exp(s - m)` summed unquantised into `l`, `e4m3(p) * v` into `acc`; `o = acc * vd / l`,
+/// `lse = m + ln l`. Also returns per row the output change that a one-step e4m3 rounding
+/// difference of the near-midpoint `p` could make (f32 `p` may round the other way).
+fn fp8_attend(
+    x: &Tensors,
+    (b, sq, sk, hq, hkv, d): Dims,
+    (qd, kd, vd): (&[f32], &[f32], &[f32]),
+    sc: Sc,
+    sees: &dyn Fn(usize, usize, usize) -> bool,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let mut out = vec![0.0; b * sq * hq * d];
+    let mut lse = vec![f64::NEG_INFINITY; b * hq * sq];
+    let mut slack = vec![0.0; b * sq * hq];
+    for bb in 0..b {
+        for h in 0..hq {
+            let at = bb * hkv + h * hkv / hq;
+            let g = h * hkv / hq;
+            let qk = f64::from(qd[at]) * f64::from(kd[at]);
+            for i in 0..sq {
+                let qo = ((bb * sq + i) * hq + h) * d;
+                let (mut m, mut l, mut acc, mut amb) = (f64::NEG_INFINITY, 0.0, vec![0.0; d], 0.0);
+                for tile in (0..sk).step_by(FP8_KEY_TILE) {
+                    let js: Vec<usize> = (tile..(tile + FP8_KEY_TILE).min(sk))
+                        .filter(|&j| sees(h, i, j))
+                        .collect();
+                    if js.is_empty() {
+                        continue;
+                    }
+                    let ko = |j: usize| ((bb * sk + j) * hkv + g) * d;
+                    let s: Vec<f64> = js
+                        .iter()
+                        .map(|&j| {
+                            let raw = dot(&x.q[qo..qo + d], &x.k[ko(j)..ko(j) + d]);
+                            sc.score(d, qk * raw)
+                        })
+                        .collect();
+                    let mt = s.iter().copied().fold(m, f64::max);
+                    let decay = (m - mt).exp();
+                    l *= decay;
+                    amb *= decay;
+                    acc.iter_mut().for_each(|a| *a *= decay);
+                    for (&j, &sj) in js.iter().zip(&s) {
+                        let p = (sj - mt).exp();
+                        l += p;
+                        let v = &x.v[ko(j)..ko(j) + d];
+                        let p8 = e4m3_round(p);
+                        acc.iter_mut().zip(v).for_each(|(a, vc)| *a += p8 * vc);
+                        if fp8_ambiguous(p) {
+                            amb += p / 8.0 * dot(v, v).sqrt();
+                        }
+                    }
+                    m = mt;
+                }
+                if l > 0.0 {
+                    let v = f64::from(vd[at]);
+                    for c in 0..d {
+                        out[qo + c] = acc[c] * v / l;
+                    }
+                    lse[(bb * hq + h) * sq + i] = m + l.ln();
+                    slack[(bb * sq + i) * hq + h] = amb * v / l;
+                }
+            }
+        }
+    }
+    (out, lse, slack)
+}
+
+/// Random e4m3 codes, values in `[-spread, spread)`, as exact f64.
+fn codes(r: &mut SmallRng, n: usize, spread: f32) -> Vec<f64> {
+    (0..n)
+        .map(|_| f64::from(F8E4M3::from_f32(r.random_range(-spread..spread)).to_f32()))
+        .collect()
+}
+
+fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str) {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    let x = Tensors {
+        q: codes(r, b * sq * hq * d, 4.0),
+        k: codes(r, b * sk * hkv * d, 4.0),
+        v: codes(r, b * sk * hkv * d, 4.0),
+    };
+    let desc = |r: &mut SmallRng, lo: f32, hi: f32| -> Vec<f32> {
+        (0..b * hkv).map(|_| r.random_range(lo..hi)).collect()
+    };
+    let (qd, kd, vd) = (desc(r, 0.05, 0.5), desc(r, 0.05, 0.5), desc(r, 0.1, 2.0));
+    let (want, wlse, slack) = fp8_attend(&x, dims, (&qd, &kd, &vd), sc, &|_, i, j| {
+        m.shows(i, j, sq, sk)
+    });
+    let attn = dense(dims, &sc.apply(m.opts())).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+    let mut out = vec![O::from_f32(f32::NAN); x.q.len()];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        Fp8Descales {
+            q: &qd[..],
+            k: &kd[..],
+            v: &vd[..],
+        },
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let what = format!("{what} {:?} {dims:?} {m:?} {sc:?}", O::DTYPE);
+    let got = widen(&out);
+    // Rounding the output to O is within its tolerance of each row's norm.
+    let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
+    verify(&what, d, tol_of(O::DTYPE), (&got, &lse), (&want, &wlse), Some(&slack));
+    // Without near-midpoint P values the whole output is within the tolerance as well.
+    if slack.iter().all(|&s| s == 0.0) {
+        verify(&what, d, tol_of(O::DTYPE), (&got, &lse), (&want, &wlse), None);
+    }
+}
+
+/// The FP8 forward against the f64 definition: lengths crossing the 128-key tiles (1, 2,
+/// 127, 128, 129, 300), `sq != sk`, every kind of mask (rows before key 0 and rows whose
+/// keys all lie in a later tile included), GQA, softcap, descales per (batch, kv head), bf16
+/// and f16 output.
+#[test]
+fn fp8_dense_forward() {
+    let mut r = seeded(4);
+    let shapes = [
+        (1, 1, 1, 1, 1, 8),
+        (2, 2, 2, 4, 2, 16),
+        (1, 3, 129, 2, 1, 8),
+        (2, 130, 128, 2, 2, 4),
+        (1, 40, 300, 3, 1, 16),
+        (1, 300, 127, 1, 1, 3),
+        (2, 7, 257, 4, 1, 8),
+    ];
+    let masks = [
+        win(-1, -1, 0, false),
+        win(-1, -1, 0, true),
+        win(0, 0, 0, false),
+        win(130, 0, 2, false),
+        win(5, 140, 0, false),
+        win(1, -1, 129, true),
+    ];
+    for (n, &dims) in shapes.iter().enumerate() {
+        for (mi, &m) in masks.iter().enumerate() {
+            let sc = if (n + mi) % 3 == 0 { any_sc(&mut r) } else { NO_CAP };
+            if (n + mi) % 2 == 0 {
+                fp8_case::<bf16>(&mut r, dims, m, sc, "fp8 dense");
+            } else {
+                fp8_case::<f16>(&mut r, dims, m, sc, "fp8 dense");
+            }
+        }
+    }
+    for n in 0..30 {
+        let dims = (
+            r.random_range(1..=2),
+            r.random_range(1..=40),
+            r.random_range(0..=200),
+            2,
+            1,
+            [1, 5, 8][n % 3],
+        );
+        let m = any_win(&mut r, 200);
+        let sc = any_sc(&mut r);
+        fp8_case::<bf16>(&mut r, dims, m, sc, &format!("fp8 dense sweep {n}"));
+    }
+}
+
+/// NaN codes under the NaN policy: a NaN in a query row makes that row (and only it) NaN,
+/// output and LSE; a NaN key hidden from every other row changes nothing there.
+#[test]
+fn fp8_dense_nan_codes() {
+    let dims = (1, 6, 6, 2, 1, 8);
+    let mut r = seeded(5);
+    let mut x = Tensors {
+        q: codes(&mut r, 6 * 2 * 8, 2.0),
+        k: codes(&mut r, 6 * 8, 2.0),
+        v: codes(&mut r, 6 * 8, 2.0),
+    };
+    let ones = [1.0f32];
+    let causal = win(-1, -1, 0, true);
+    let (want, wlse, _) = fp8_attend(&x, dims, (&ones, &ones, &ones), NO_CAP, &|_, i, j| {
+        causal.shows(i, j, 6, 6)
+    });
+    x.q[3] = f64::NAN; // row 0, head 0
+    x.k[5 * 8 + 2] = f64::NAN; // key 5: visible to row 5 only
+    let attn = dense(dims, &causal.opts()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+    let mut out = vec![bf16::from_f32(f32::NAN); x.q.len()];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], ks),
+        Fp8Descales {
+            q: &ones[..],
+            k: &ones[..],
+            v: &ones[..],
+        },
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let got = widen(&out);
+    for i in 0..6 {
+        for h in 0..2 {
+            let o = (i * 2 + h) * 8;
+            let (row, l) = (&got[o..o + 8], lse[h * 6 + i]);
+            if (i, h) == (0, 0) || i == 5 {
+                assert!(row.iter().all(|x| x.is_nan()) && l.is_nan(), "row {i} head {h}");
+            } else {
+                let what = format!("fp8 NaN policy row {i} head {h}");
+                let wl = [wlse[h * 6 + i]];
+                verify(&what, 8, 1e-2, (row, &[l]), (&want[o..o + 8], &wl), None);
+            }
+        }
+    }
+}
