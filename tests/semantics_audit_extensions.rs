@@ -1139,3 +1139,301 @@ fn fp8_dense_nan_codes() {
         }
     }
 }
+
+// =======================================================================================
+// FP8 paged cache: append, Quest bounds, decode and prefill with scales
+// =======================================================================================
+
+/// Appends `T` tokens into an FP8 cache in two steps (a random prefix, then the rest) and
+/// checks every stored code against `e4m3(f32(x) / scale)` (f32 division; one head's scale
+/// small enough to saturate) and the Quest bounds against the min / max of the stored values
+/// of each page's filled slots. Without scales the scale is 1.
+fn fp8_append_case<T: Element>(r: &mut SmallRng, lens: &[usize], ps: usize, with_scales: bool) {
+    let (hkv, d) = (3, 5);
+    let row = hkv * d;
+    let np: Vec<usize> = lens.iter().map(|l| l.div_ceil(ps)).collect();
+    let max_pages = np.iter().copied().max().unwrap_or(0).max(1);
+    let num_pages = np.iter().sum::<usize>() + 1;
+    let mut ids: Vec<i32> = (0..num_pages as i32).collect();
+    ids.shuffle(r);
+    let mut table = vec![-1i32; lens.len() * max_pages];
+    let mut it = ids.into_iter();
+    for (b, &n) in np.iter().enumerate() {
+        for lp in 0..n {
+            table[b * max_pages + lp] = it.next().unwrap();
+        }
+    }
+    let scales = (vec![0.01f32, 0.0021, 1.0], vec![0.03f32, 0.5, 0.0017]);
+    let (ks, vs) = if with_scales {
+        scales.clone()
+    } else {
+        (vec![1.0; hkv], vec![1.0; hkv])
+    };
+    let layout = PagedLayout {
+        num_pages,
+        page_size: ps,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let toks: Vec<[Vec<f64>; 2]> = lens
+        .iter()
+        .map(|&s| [draw::<T>(r, s * row), draw::<T>(r, s * row)])
+        .collect();
+    let nan = F8E4M3::from_bits(0x7f);
+    let (mut kc, mut vc) = (vec![nan; num_pages * ps * row], vec![nan; num_pages * ps * row]);
+    let (mut kmin, mut kmax) = (vec![nan; num_pages * row], vec![nan; num_pages * row]);
+    let cut: Vec<usize> = lens.iter().map(|&s| r.random_range(0..=s)).collect();
+    for (from, to) in [(vec![0; lens.len()], cut.clone()), (cut, lens.to_vec())] {
+        let sl: Vec<i32> = to.iter().map(|&l| l as i32).collect();
+        let mut cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &sl,
+            },
+        )
+        .unwrap();
+        if with_scales {
+            cache = cache
+                .with_kv_scales(KvScales::new(scales.0.clone(), scales.1.clone()).unwrap())
+                .unwrap();
+        }
+        let n: Vec<usize> = from.iter().zip(&to).map(|(a, b)| b - a).collect();
+        let new = |w: usize| -> Vec<T> {
+            (0..lens.len())
+                .flat_map(|b| cast::<T>(&toks[b][w][from[b] * row..to[b] * row]))
+                .collect()
+        };
+        let (kn, vn) = (new(0), new(1));
+        let st = Strides::contiguous(0, hkv, d);
+        cache
+            .append_cpu(
+                &offsets(&n),
+                Strided::new(&kn[..], st),
+                Strided::new(&vn[..], st),
+                KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut kmin[..],
+                    kmax: &mut kmax[..],
+                }),
+            )
+            .unwrap();
+    }
+    let what = format!("fp8 append {:?} ps {ps} lens {lens:?} scales {with_scales}", T::DTYPE);
+    for (b, &s) in lens.iter().enumerate() {
+        for t in 0..s {
+            let page = table[b * max_pages + t / ps] as usize;
+            for g in 0..hkv {
+                let at = ((page * ps + t % ps) * hkv + g) * d;
+                for c in 0..d {
+                    let x = |w: usize| toks[b][w][(t * hkv + g) * d + c] as f32;
+                    let want_k = e4m3_code(f64::from(x(0) / ks[g]));
+                    let want_v = e4m3_code(f64::from(x(1) / vs[g]));
+                    assert_eq!(kc[at + c].to_bits(), want_k, "{what}: k ({b},{t},{g},{c})");
+                    assert_eq!(vc[at + c].to_bits(), want_v, "{what}: v ({b},{t},{g},{c})");
+                }
+            }
+        }
+        for lp in 0..s.div_ceil(ps) {
+            let page = table[b * max_pages + lp] as usize;
+            for g in 0..hkv {
+                for c in 0..d {
+                    let xs: Vec<f64> = (lp * ps..((lp + 1) * ps).min(s))
+                        .map(|t| e4m3_value(kc[((page * ps + t % ps) * hkv + g) * d + c].to_bits()))
+                        .collect();
+                    let lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+                    let hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let m = (page * hkv + g) * d + c;
+                    assert_eq!(
+                        (f64::from(kmin[m].to_f32()), f64::from(kmax[m].to_f32())),
+                        (lo, hi),
+                        "{what}: bounds of page {lp} of {b}, head {g}, channel {c}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_cache_append_quantisation() {
+    let mut r = seeded(6);
+    for ps in [1usize, 3, 8] {
+        for scales in [true, false] {
+            fp8_append_case::<f32>(&mut r, &[5, 0, 17, 1], ps, scales);
+            fp8_append_case::<bf16>(&mut r, &[9, 2], ps, scales);
+            fp8_append_case::<f16>(&mut r, &[0, 12], ps, scales);
+        }
+    }
+}
+
+/// Decode, Quest (scores are `k_scale * sum_c max(q_c kmax_c, q_c kmin_c)` over the stored
+/// codes) and paged prefill over an FP8 cache == attention over `code * scale`.
+#[test]
+fn fp8_cache_decode_quest_prefill() {
+    let mut r = seeded(7);
+    for n in 0..30u64 {
+        let ps = r.random_range(1..=9);
+        let hkv = r.random_range(1..=3);
+        let (hq, d) = (hkv * r.random_range(1..=2), [3, 8][r.random_range(0..2)]);
+        let lens: Vec<usize> = (0..r.random_range(1..=3))
+            .map(|_| r.random_range(0..=40))
+            .collect();
+        let scales = match n % 3 {
+            0 => None,
+            _ => Some((
+                (0..hkv).map(|_| r.random_range(0.01f32..0.2)).collect(),
+                (0..hkv).map(|_| r.random_range(0.01f32..0.2)).collect(),
+            )),
+        };
+        let p = Pages::<F8E4M3>::new(&mut r, &lens, ps, (hkv, d), 12.0, scales);
+        let q_len = r.random_range(1..=5);
+        let sc = any_sc(&mut r);
+        let what = format!("fp8 cache {n} ps {ps} lens {lens:?} hq {hq}/{hkv} q_len {q_len}");
+        let mut m = any_win(&mut r, 40);
+        m.hi = [-1, 0, 2][r.random_range(0..3)];
+        let q = draw::<f32>(&mut r, lens.len() * q_len * hq * d);
+        decode_case::<f32, F8E4M3>(&p, &q, (hq, q_len), (m, sc, Some(2)), &what);
+        let qh = draw::<bf16>(&mut r, lens.len() * q_len * hq * d);
+        let cfg = QuestConfig {
+            token_budget: r.random_range(0..=30),
+            sink_pages: r.random_range(0..=2),
+        };
+        let heads = vec![HeadPolicy::Quest; hkv];
+        quest_case::<bf16, F8E4M3>(&p, &qh, (hq, q_len), (m, sc, heads, cfg), &what);
+        // Prefill: dense semantics over the gathered tokens, packed rows per sequence.
+        let lq: Vec<usize> = lens.iter().map(|_| r.random_range(0..=6)).collect();
+        if lq.iter().sum::<usize>() > 0 {
+            let m = any_win(&mut r, 40);
+            let q = draw::<f16>(&mut r, lq.iter().sum::<usize>() * hq * d);
+            prefill_case::<f16, F8E4M3>(&p, &q, hq, &lq, (m, sc), &what);
+        }
+    }
+}
+
+/// Paged prefill (varlen, `lq[b]` rows of sequence `b`, LSE `[hq, total_q]`) == dense
+/// attention of the last `lq[b]` positions over the cache's meaning.
+fn prefill_case<T: Element, C: Element>(
+    p: &Pages<C>,
+    q: &[f64],
+    hq: usize,
+    lq: &[usize],
+    (m, sc): (Win, Sc),
+    what: &str,
+) {
+    let d = p.d;
+    let (want, wlse) = p.attend(q, hq, lq, sc, &|b, _, i, j| m.shows(i, j, lq[b], p.lens[b]));
+    // Per-sequence [hq, lq[b]] blocks into [hq, total_q].
+    let total: usize = lq.iter().sum();
+    let mut packed = vec![f64::NAN; hq * total];
+    let (mut q0, mut at) = (0, 0);
+    for &n in lq {
+        for h in 0..hq {
+            packed[h * total + q0..h * total + q0 + n].copy_from_slice(&wlse[at..at + n]);
+            at += n;
+        }
+        q0 += n;
+    }
+    let pre = PagedPrefill::new_varlen(&p.cache(), hq, &offsets(lq), &sc.apply(m.opts())).unwrap();
+    let qs = Strides::contiguous(0, hq, d);
+    let qt: Vec<T> = cast(q);
+    let mut out = vec![T::from_f32(f32::NAN); pre.out_len()];
+    let mut lse = vec![f32::NAN; pre.lse_len()];
+    pre.forward_cpu(
+        Strided::new(&qt[..], qs),
+        p.pages(),
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let what = format!("{what} prefill {lq:?} {m:?}");
+    verify(&what, d, tol_of(T::DTYPE), (&widen(&out), &lse), (&want, &packed), None);
+}
+
+/// Scales out of their domain, of the wrong length, or on a cache that is not FP8 are
+/// errors (at construction, or at append / decode / select / prefill time for the type).
+#[test]
+fn fp8_cache_scale_probes() {
+    let max = f32::MAX / 448.0;
+    for (k, v) in [
+        (vec![], vec![]),
+        (vec![1.0], vec![1.0, 1.0]),
+        (vec![0.0], vec![1.0]),
+        (vec![1.0], vec![-1.0]),
+        (vec![f32::NAN], vec![1.0]),
+        (vec![f32::INFINITY], vec![1.0]),
+        (vec![1.0], vec![max * 1.001]),
+    ] {
+        assert!(KvScales::new(k.clone(), v.clone()).is_err(), "{k:?} {v:?}");
+    }
+    assert!(KvScales::new(vec![max], vec![f32::MIN_POSITIVE]).is_ok());
+    assert!(KvScales::uniform(usize::MAX, 1.0, 1.0).is_err());
+    assert!(KvScales::uniform(2, 0.0, 1.0).is_err());
+    let mut r = seeded(8);
+    let p = Pages::<f32>::new(&mut r, &[5, 3], 2, (2, 4), 1.0, None);
+    let cache = p.cache();
+    assert!(
+        cache
+            .clone()
+            .with_kv_scales(KvScales::uniform(3, 1.0, 1.0).unwrap())
+            .is_err()
+    );
+    let scaled = cache
+        .with_kv_scales(KvScales::uniform(2, 0.5, 0.5).unwrap())
+        .unwrap();
+    let q = vec![0.5f32; 2 * 2 * 4];
+    let qs = Strides::contiguous(1, 2, 4);
+    let dec = PagedDecode::new(&scaled, 2, 1, &AttentionOptions::default()).unwrap();
+    let mut out = vec![0.0f32; q.len()];
+    let opt = |e: Result<(), Error>| matches!(e, Err(Error::InvalidOption(_)));
+    assert!(opt(dec.forward_cpu(
+        Strided::new(&q[..], qs),
+        p.pages(),
+        None,
+        Strided::new(&mut out[..], qs),
+        None,
+    )));
+    let quest = dec
+        .clone()
+        .with_policy(SparsePolicy::uniform(2, HeadPolicy::Quest))
+        .unwrap();
+    assert!(matches!(
+        quest.select_cpu(Strided::new(&q[..], qs), p.meta()),
+        Err(Error::InvalidOption(_))
+    ));
+    let pre = PagedPrefill::new(&scaled, 2, 1, &AttentionOptions::default()).unwrap();
+    assert!(opt(pre.forward_cpu(
+        Strided::new(&q[..], qs),
+        p.pages(),
+        Strided::new(&mut out[..], qs),
+        None,
+    )));
+    let (mut k, mut v) = (p.k.clone(), p.v.clone());
+    let new = vec![0.25f32; 2 * 4];
+    let sl = [5i32, 3];
+    let grown = PagedCache::new(
+        p.layout,
+        PageTable {
+            block_table: &p.table,
+            max_pages_per_seq: p.max_pages,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap()
+    .with_kv_scales(KvScales::uniform(2, 0.5, 0.5).unwrap())
+    .unwrap();
+    assert!(opt(grown.append_cpu(
+        &[0, 1, 1],
+        Strided::new(&new[..], Strides::contiguous(0, 2, 4)),
+        Strided::new(&new[..], Strides::contiguous(0, 2, 4)),
+        KvPages {
+            k: &mut k[..],
+            v: &mut v[..],
+        },
+        None::<PageMeta<&mut [f32]>>,
+    )));
+}
