@@ -1437,3 +1437,410 @@ fn fp8_cache_scale_probes() {
         None::<PageMeta<&mut [f32]>>,
     )));
 }
+
+// =======================================================================================
+// Strides (docs "Extension: strides"): 0 broadcasts an input, negative is a Stride error
+// =======================================================================================
+
+/// Broadcast inputs through stride 0: one query for every batch entry (batch stride 0), one
+/// key shared by both kv heads (head stride 0), one value row for every key (seq stride 0),
+/// against the oracle over the explicitly repeated tensors; the same in the FP8 forward,
+/// paged decode (one query for every sequence and head), prefill and append (one key vector
+/// for every kv head). An output with stride 0 on an axis longer than 1 aliases itself: a
+/// `Stride` error.
+#[test]
+fn zero_strides_broadcast() {
+    let mut r = seeded(9);
+    let (b, sq, sk, hq, hkv, d) = (3, 5, 7, 4, 2, 8);
+    let dims = (b, sq, sk, hq, hkv, d);
+    let qb = draw::<f32>(&mut r, sq * hq * d); // [sq, hq, d], batch stride 0
+    let kb = draw::<f32>(&mut r, b * sk * d); // [b, sk, d], head stride 0
+    let vb = draw::<f32>(&mut r, b * hkv * d); // [b, hkv, d], seq stride 0
+    let mut x = Tensors {
+        q: Vec::new(),
+        k: Vec::new(),
+        v: Vec::new(),
+    };
+    for bb in 0..b {
+        x.q.extend_from_slice(&qb);
+        for j in 0..sk {
+            for _ in 0..hkv {
+                x.k.extend_from_slice(&kb[(bb * sk + j) * d..][..d]);
+            }
+            x.v.extend_from_slice(&vb[bb * hkv * d..][..hkv * d]);
+        }
+    }
+    let qs = Strides {
+        batch: 0,
+        seq: (hq * d) as i64,
+        head: d as i64,
+    };
+    let ks = Strides {
+        batch: (sk * d) as i64,
+        seq: d as i64,
+        head: 0,
+    };
+    let vs = Strides {
+        batch: (hkv * d) as i64,
+        seq: 0,
+        head: d as i64,
+    };
+    let m = win(2, 1, 1, false);
+    let (want, wlse) = attend(&x, dims, NO_CAP, &|_, _, i, j| m.shows(i, j, sq, sk));
+    let attn = dense(dims, &m.opts()).unwrap();
+    let os = Strides::contiguous(sq, hq, d);
+    let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (cast(&qb), cast(&kb), cast(&vb));
+    let mut out = vec![f32::NAN; b * sq * hq * d];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    attn.forward_cpu(
+        Strided::new(&qf[..], qs),
+        Strided::new(&kf[..], ks),
+        Strided::new(&vf[..], vs),
+        Strided::new(&mut out[..], os),
+        Some(&mut lse),
+    )
+    .unwrap();
+    verify("dense broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    // The output may not alias itself: stride 0 on the batch, seq or head axis.
+    for bad in [
+        Strides { batch: 0, ..os },
+        Strides { seq: 0, ..os },
+        Strides { head: 0, ..os },
+        Strides { seq: 3, ..os },
+    ] {
+        let res = attn.forward_cpu(
+            Strided::new(&qf[..], qs),
+            Strided::new(&kf[..], ks),
+            Strided::new(&vf[..], vs),
+            Strided::new(&mut out[..], bad),
+            None,
+        );
+        assert!(is_stride_err(res), "dense output strides {bad:?}");
+    }
+    // FP8: the same broadcast of codes.
+    let c = |v: &[f64]| -> Vec<F8E4M3> { v.iter().map(|&x| F8E4M3::from_f32(x as f32 * 4.0)).collect() };
+    let (q8, k8, v8) = (c(&qb), c(&kb), c(&vb));
+    let x8 = Tensors {
+        q: x.q.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
+        k: x.k.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
+        v: x.v.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
+    };
+    let ones = vec![0.25f32; b * hkv];
+    let (want, wlse, slack) = fp8_attend(&x8, dims, (&ones, &ones, &ones), NO_CAP, &|_, i, j| {
+        m.shows(i, j, sq, sk)
+    });
+    let mut o16 = vec![bf16::from_f32(f32::NAN); b * sq * hq * d];
+    let desc = Fp8Descales {
+        q: &ones[..],
+        k: &ones[..],
+        v: &ones[..],
+    };
+    attn.forward_cpu_fp8(
+        Strided::new(&q8[..], qs),
+        Strided::new(&k8[..], ks),
+        Strided::new(&v8[..], vs),
+        desc,
+        Strided::new(&mut o16[..], os),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
+    verify("fp8 broadcast", d, 1e-2, (&widen(&o16), &lse), (&want, &wlse), Some(&slack));
+    let res = attn.forward_cpu_fp8(
+        Strided::new(&q8[..], qs),
+        Strided::new(&k8[..], ks),
+        Strided::new(&v8[..], vs),
+        desc,
+        Strided::new(&mut o16[..], Strides { seq: 0, ..os }),
+        None,
+    );
+    assert!(is_stride_err(res), "fp8 output stride 0");
+
+    // Paged decode and prefill: one query vector for every sequence, row and head.
+    let lens = [6usize, 0, 11];
+    let p = Pages::<f32>::new(&mut r, &lens, 4, (2, d), 1.0, None);
+    let one = draw::<f32>(&mut r, d);
+    let q_len = 3;
+    let q_all: Vec<f64> = (0..lens.len() * q_len * hq).flat_map(|_| one.clone()).collect();
+    let bq = Strides {
+        batch: 0,
+        seq: 0,
+        head: 0,
+    };
+    let qf: Vec<f32> = cast(&one);
+    let dec = PagedDecode::new(&p.cache(), hq, q_len, &AttentionOptions::default()).unwrap();
+    let dm = decode_win(win(-1, -1, 0, false));
+    let lq = vec![q_len; lens.len()];
+    let (want, wlse) = p.attend(&q_all, hq, &lq, NO_CAP, &|b, _, i, j| {
+        dm.shows(i, j, q_len, lens[b])
+    });
+    let dos = Strides::contiguous(q_len, hq, d);
+    let mut out = vec![f32::NAN; dec.out_len()];
+    let mut lse = vec![f32::NAN; dec.lse_len()];
+    dec.forward_cpu(
+        Strided::new(&qf[..], bq),
+        p.pages(),
+        None,
+        Strided::new(&mut out[..], dos),
+        Some(&mut lse),
+    )
+    .unwrap();
+    verify("decode broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    let res = dec.forward_cpu(
+        Strided::new(&qf[..], bq),
+        p.pages(),
+        None,
+        Strided::new(&mut out[..], Strides { head: 0, ..dos }),
+        None,
+    );
+    assert!(is_stride_err(res), "decode output head stride 0");
+    let pre = PagedPrefill::new(&p.cache(), hq, q_len, &AttentionOptions::causal()).unwrap();
+    let causal = win(-1, -1, 0, true);
+    let (want, wlse) = p.attend(&q_all, hq, &lq, NO_CAP, &|b, _, i, j| {
+        causal.shows(i, j, q_len, lens[b])
+    });
+    pre.forward_cpu(
+        Strided::new(&qf[..], bq),
+        p.pages(),
+        Strided::new(&mut out[..], dos),
+        Some(&mut lse),
+    )
+    .unwrap();
+    verify("prefill broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    let res = pre.forward_cpu(
+        Strided::new(&qf[..], bq),
+        p.pages(),
+        Strided::new(&mut out[..], Strides { batch: 0, ..dos }),
+        None,
+    );
+    assert!(is_stride_err(res), "prefill output batch stride 0");
+
+    // Append: one key / value vector for both kv heads of each new token.
+    let (ps, hkv) = (3, 2);
+    let sl = [4i32];
+    let layout = PagedLayout {
+        num_pages: 2,
+        page_size: ps,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &[1, 0],
+            max_pages_per_seq: 2,
+            seqlens_k: &sl,
+        },
+    )
+    .unwrap();
+    let kn = draw::<f32>(&mut r, 4 * d);
+    let knf: Vec<f32> = cast(&kn);
+    let st = Strides {
+        batch: 0,
+        seq: d as i64,
+        head: 0,
+    };
+    let (mut k, mut v) = (vec![f32::NAN; layout.cache_len()], vec![f32::NAN; layout.cache_len()]);
+    cache
+        .append_cpu(
+            &[0, 4],
+            Strided::new(&knf[..], st),
+            Strided::new(&knf[..], st),
+            KvPages {
+                k: &mut k[..],
+                v: &mut v[..],
+            },
+            None::<PageMeta<&mut [f32]>>,
+        )
+        .unwrap();
+    for t in 0..4 {
+        let page = [1, 0][t / ps];
+        for g in 0..hkv {
+            let at = ((page * ps + t % ps) * hkv + g) * d;
+            assert_eq!(widen(&k[at..at + d]), kn[t * d..(t + 1) * d], "append k ({t},{g})");
+            assert_eq!(widen(&v[at..at + d]), kn[t * d..(t + 1) * d], "append v ({t},{g})");
+        }
+    }
+}
+
+/// `s` with its `axis` (0 batch, 1 seq, 2 head) stride negated (made -1 when 0).
+fn negate(s: Strides, axis: usize) -> Strides {
+    let n = |x: i64| if x == 0 { -1 } else { -x };
+    match axis {
+        0 => Strides { batch: n(s.batch), ..s },
+        1 => Strides { seq: n(s.seq), ..s },
+        _ => Strides { head: n(s.head), ..s },
+    }
+}
+
+/// A negative stride on any axis of any tensor argument is a `Stride` error, never a panic:
+/// dense (16-bit and FP8), block-sparse, MoBA selection, paged decode / Quest selection /
+/// prefill / append, Star Attention's two phases.
+#[test]
+fn negative_strides_rejected() {
+    let mut r = seeded(10);
+    let dims = (2, 4, 6, 2, 1, 8);
+    let (qs, ks) = contiguous(dims);
+    let x = tensors::<f32>(&mut r, dims);
+    let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+    let (q8, k8): (Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k));
+    let attn = dense(dims, &AttentionOptions::causal()).unwrap();
+    let ones = [1.0f32; 2];
+    let desc = Fp8Descales {
+        q: &ones[..],
+        k: &ones[..],
+        v: &ones[..],
+    };
+    let bs = BlockSparseAttention::new(
+        attn.clone(),
+        BlockMask::dense(
+            longattn::BlockMaskDims::for_lengths(1, 1, 4, 6, 2, 3).unwrap(),
+            BlockKind::Partial,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let moba = MobaConfig {
+        block_n: 2,
+        top_k: 2,
+    };
+    for axis in 0..3 {
+        for arg in 0..4 {
+            let st = |n: usize, s: Strides| if n == arg { negate(s, axis) } else { s };
+            let mut out = vec![0.0f32; x.q.len()];
+            let mut o16 = vec![bf16::ZERO; x.q.len()];
+            let what = format!("axis {axis} argument {arg}");
+            let res = attn.forward_cpu(
+                Strided::new(&q[..], st(0, qs)),
+                Strided::new(&k[..], st(1, ks)),
+                Strided::new(&v[..], st(2, ks)),
+                Strided::new(&mut out[..], st(3, qs)),
+                None,
+            );
+            assert!(is_stride_err(res), "dense {what}");
+            let res = attn.forward_cpu_fp8(
+                Strided::new(&q8[..], st(0, qs)),
+                Strided::new(&k8[..], st(1, ks)),
+                Strided::new(&k8[..], st(2, ks)),
+                desc,
+                Strided::new(&mut o16[..], st(3, qs)),
+                None,
+            );
+            assert!(is_stride_err(res), "fp8 {what}");
+            let res = bs.forward_cpu(
+                Strided::new(&q[..], st(0, qs)),
+                Strided::new(&k[..], st(1, ks)),
+                Strided::new(&v[..], st(2, ks)),
+                Strided::new(&mut out[..], st(3, qs)),
+                None,
+            );
+            assert!(is_stride_err(res), "block-sparse {what}");
+            if arg < 2 {
+                let res = moba_select_cpu(
+                    &attn,
+                    &moba,
+                    Strided::new(&q[..], st(0, qs)),
+                    Strided::new(&k[..], st(1, ks)),
+                );
+                assert!(is_stride_err(res), "moba select {what}");
+                let res = moba_select_blocks_cpu(
+                    &attn,
+                    &moba,
+                    2,
+                    Strided::new(&q[..], st(0, qs)),
+                    Strided::new(&k[..], st(1, ks)),
+                );
+                assert!(is_stride_err(res), "moba blocks {what}");
+            }
+        }
+    }
+    // Paged.
+    let p = Pages::<f32>::new(&mut r, &[5, 2], 2, (1, 8), 1.0, None);
+    let hq = 2;
+    let qd = draw::<f32>(&mut r, 2 * 2 * hq * 8);
+    let qf: Vec<f32> = cast(&qd);
+    let ds = Strides::contiguous(2, hq, 8);
+    let dec = PagedDecode::new(&p.cache(), hq, 2, &AttentionOptions::default())
+        .unwrap()
+        .with_policy(SparsePolicy::uniform(1, HeadPolicy::Quest))
+        .unwrap();
+    let pre = PagedPrefill::new(&p.cache(), hq, 2, &AttentionOptions::default()).unwrap();
+    for axis in 0..3 {
+        let mut out = vec![0.0f32; qf.len()];
+        let bad = negate(ds, axis);
+        for (qs_, os_) in [(bad, ds), (ds, bad)] {
+            let res = dec.forward_cpu(
+                Strided::new(&qf[..], qs_),
+                p.pages(),
+                Some(p.meta()),
+                Strided::new(&mut out[..], os_),
+                None,
+            );
+            assert!(is_stride_err(res), "decode axis {axis}");
+            let res = pre.forward_cpu(
+                Strided::new(&qf[..], qs_),
+                p.pages(),
+                Strided::new(&mut out[..], os_),
+                None,
+            );
+            assert!(is_stride_err(res), "prefill axis {axis}");
+        }
+        let res = dec.select_cpu(Strided::new(&qf[..], bad), p.meta());
+        assert!(is_stride_err(res), "select axis {axis}");
+        let cache = p.cache_with(&[6, 2]).unwrap();
+        let new = vec![0.5f32; 8];
+        let ns = Strides::contiguous(0, 1, 8);
+        let (mut k, mut v) = (p.k.clone(), p.v.clone());
+        for (a, b_) in [(negate(ns, axis), ns), (ns, negate(ns, axis))] {
+            let res = cache.append_cpu(
+                &[0, 1, 1],
+                Strided::new(&new[..], a),
+                Strided::new(&new[..], b_),
+                KvPages {
+                    k: &mut k[..],
+                    v: &mut v[..],
+                },
+                None::<PageMeta<&mut [f32]>>,
+            );
+            assert!(is_stride_err(res), "append axis {axis}");
+        }
+    }
+    // Star.
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let star = StarAttention::new(4, 2, 2, shape, &AttentionOptions::causal()).unwrap();
+    let kv = vec![0.5f32; 2 * 8];
+    let qv = vec![0.5f32; 2 * 2 * 8];
+    let ss = Strides::contiguous(2, 2, 8);
+    for axis in 0..3 {
+        let bad = negate(ss, axis);
+        for (qs_, os_) in [(bad, ss), (ss, bad)] {
+            let mut out = vec![0.0f32; qv.len()];
+            let res = star.context_cpu(
+                1,
+                Strided::new(&qv[..], qs_),
+                &kv,
+                &kv,
+                &kv,
+                &kv,
+                Strided::new(&mut out[..], os_),
+                None,
+            );
+            assert!(is_stride_err(res), "star context axis {axis}");
+            let res = star.query_cpu(
+                Strided::new(&qv[..], qs_),
+                &[&kv[..], &kv[..]],
+                &[&kv[..], &kv[..]],
+                &kv,
+                &kv,
+                Strided::new(&mut out[..], os_),
+                None,
+            );
+            assert!(is_stride_err(res), "star query axis {axis}");
+        }
+    }
+}
