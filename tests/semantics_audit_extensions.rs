@@ -35,10 +35,10 @@ use longattn::block_sparse::patterns::{
 };
 use longattn::{
     AttentionOptions, AttentionShape, BlockKind, BlockMask, BlockSparseAttention, DType, Element,
-    Error, F8E4M3, FP8_KEY_TILE, FP8_MAX_DESCALE, FlashAttention, Fp8Descales, HeadPolicy,
-    KvPages, KvScales, MobaConfig, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout,
-    PagedPrefill, QuestConfig, RingShape, SeqLens, SparsePolicy, StarAttention, Strided, Strides,
-    Window, bf16, f16,
+    Error, F8E4M3, FP8_KEY_TILE, FP8_MAX_DESCALE, FlashAttention, Fp8Descales, HeadPolicy, KvPages,
+    KvScales, MobaConfig, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+    QuestConfig, RingShape, SeqLens, SparsePolicy, StarAttention, Strided, Strides, Window, bf16,
+    f16,
 };
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
@@ -248,11 +248,17 @@ fn verify(
 ) {
     assert_eq!(got.len(), want.len(), "{what}: output length");
     assert_eq!(glse.len(), wlse.len(), "{what}: LSE length");
-    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    assert!(
+        got.iter().all(|x| x.is_finite()),
+        "{what}: non-finite output"
+    );
     let (mut err2, mut norm2) = (0.0, 0.0);
     for (row, (g, w)) in got.chunks(d).zip(want.chunks(d)).enumerate() {
         if w.iter().all(|&x| x == 0.0) {
-            assert!(g.iter().all(|&x| x == 0.0), "{what}: row {row} not 0: {g:?}");
+            assert!(
+                g.iter().all(|&x| x == 0.0),
+                "{what}: row {row} not 0: {g:?}"
+            );
         }
         let e: f64 = g.iter().zip(w).map(|(a, b)| (a - b).powi(2)).sum();
         let n: f64 = w.iter().map(|b| b * b).sum();
@@ -283,10 +289,7 @@ fn verify(
 }
 
 /// A validated dense problem of fixed lengths.
-fn dense(
-    (b, sq, sk, hq, hkv, d): Dims,
-    opts: &AttentionOptions,
-) -> Result<FlashAttention, Error> {
+fn dense((b, sq, sk, hq, hkv, d): Dims, opts: &AttentionOptions) -> Result<FlashAttention, Error> {
     FlashAttention::new(
         &AttentionShape {
             batch: b,
@@ -574,7 +577,14 @@ fn decode_case<T: Element, C: Element>(
         .unwrap();
     let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
     let what = format!("{what} {m:?} {sc:?} splits {splits:?}");
-    verify(&what, p.d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse), None);
+    verify(
+        &what,
+        p.d,
+        tol_of(T::DTYPE),
+        (&got, &glse),
+        (&want, &wlse),
+        None,
+    );
 }
 
 /// New token `i` also sees up to `r` new tokens after it (never past the last key), sinks
@@ -691,11 +701,7 @@ fn quest_pick<C: Element>(
         .iter()
         .map(|&lp| (kept(lp), scores[lp].unwrap(), lp))
         .collect();
-    order.sort_by(|a, b| {
-        b.0.cmp(&a.0)
-            .then(b.1.total_cmp(&a.1))
-            .then(a.2.cmp(&b.2))
-    });
+    order.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.cmp(&b.2)));
     let ambiguous = k > n_kept
         && k < order.len()
         && (order[k - 1].1 - order[k].1).abs() <= 1e-4 * (1.0 + order[k].1.abs());
@@ -769,7 +775,14 @@ fn quest_case<T: Element, C: Element>(
             && (heads[g] != HeadPolicy::Quest || chosen[b * hkv + g].contains(&(j / ps)))
     });
     let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
-    verify(&what, d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse), None);
+    verify(
+        &what,
+        d,
+        tol_of(T::DTYPE),
+        (&got, &glse),
+        (&want, &wlse),
+        None,
+    );
 }
 
 /// Quest with `sink_pages` (kept beyond the budget) and windows / sinks in the base mask
@@ -893,12 +906,31 @@ fn fp8_e4m3_conversions() {
     let vals: Vec<f64> = (0..=0x7eu8).map(e4m3_value).collect();
     let mut xs: Vec<f32> = vals.iter().map(|&v| v as f32).collect();
     xs.extend(vals.windows(2).map(|w| ((w[0] + w[1]) / 2.0) as f32));
-    xs.extend([448.0, 463.99, 464.0, 465.0, 480.0, 1e30, f32::MAX, f32::INFINITY]);
-    xs.extend([f32::MIN_POSITIVE, 1e-45, 2f32.powi(-10), 2f32.powi(-10) * 1.0001]);
+    xs.extend([
+        448.0,
+        463.99,
+        464.0,
+        465.0,
+        480.0,
+        1e30,
+        f32::MAX,
+        f32::INFINITY,
+    ]);
+    xs.extend([
+        f32::MIN_POSITIVE,
+        1e-45,
+        2f32.powi(-10),
+        2f32.powi(-10) * 1.0001,
+    ]);
     let mut r = seeded(3);
     xs.extend((0..3000).map(|_| r.random_range(-1.0f32..1.0) * 2f32.powi(r.random_range(-12..10))));
     for x in xs {
-        for y in [x, -x, f32::from_bits(x.to_bits() + 1), f32::from_bits(x.to_bits().max(1) - 1)] {
+        for y in [
+            x,
+            -x,
+            f32::from_bits(x.to_bits() + 1),
+            f32::from_bits(x.to_bits().max(1) - 1),
+        ] {
             for z in [y, -y] {
                 let got = F8E4M3::from_f32(z).to_bits();
                 assert_eq!(got, e4m3_code(f64::from(z)), "from_f32({z:e})");
@@ -1032,10 +1064,24 @@ fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str
     let got = widen(&out);
     // Rounding the output to O is within its tolerance of each row's norm.
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
-    verify(&what, d, tol_of(O::DTYPE), (&got, &lse), (&want, &wlse), Some(&slack));
+    verify(
+        &what,
+        d,
+        tol_of(O::DTYPE),
+        (&got, &lse),
+        (&want, &wlse),
+        Some(&slack),
+    );
     // Without near-midpoint P values the whole output is within the tolerance as well.
     if slack.iter().all(|&s| s == 0.0) {
-        verify(&what, d, tol_of(O::DTYPE), (&got, &lse), (&want, &wlse), None);
+        verify(
+            &what,
+            d,
+            tol_of(O::DTYPE),
+            (&got, &lse),
+            (&want, &wlse),
+            None,
+        );
     }
 }
 
@@ -1065,7 +1111,11 @@ fn fp8_dense_forward() {
     ];
     for (n, &dims) in shapes.iter().enumerate() {
         for (mi, &m) in masks.iter().enumerate() {
-            let sc = if (n + mi) % 3 == 0 { any_sc(&mut r) } else { NO_CAP };
+            let sc = if (n + mi) % 3 == 0 {
+                any_sc(&mut r)
+            } else {
+                NO_CAP
+            };
             if (n + mi) % 2 == 0 {
                 fp8_case::<bf16>(&mut r, dims, m, sc, "fp8 dense");
             } else {
@@ -1130,7 +1180,10 @@ fn fp8_dense_nan_codes() {
             let o = (i * 2 + h) * 8;
             let (row, l) = (&got[o..o + 8], lse[h * 6 + i]);
             if (i, h) == (0, 0) || i == 5 {
-                assert!(row.iter().all(|x| x.is_nan()) && l.is_nan(), "row {i} head {h}");
+                assert!(
+                    row.iter().all(|x| x.is_nan()) && l.is_nan(),
+                    "row {i} head {h}"
+                );
             } else {
                 let what = format!("fp8 NaN policy row {i} head {h}");
                 let wl = [wlse[h * 6 + i]];
@@ -1180,7 +1233,10 @@ fn fp8_append_case<T: Element>(r: &mut SmallRng, lens: &[usize], ps: usize, with
         .map(|&s| [draw::<T>(r, s * row), draw::<T>(r, s * row)])
         .collect();
     let nan = F8E4M3::from_bits(0x7f);
-    let (mut kc, mut vc) = (vec![nan; num_pages * ps * row], vec![nan; num_pages * ps * row]);
+    let (mut kc, mut vc) = (
+        vec![nan; num_pages * ps * row],
+        vec![nan; num_pages * ps * row],
+    );
     let (mut kmin, mut kmax) = (vec![nan; num_pages * row], vec![nan; num_pages * row]);
     let cut: Vec<usize> = lens.iter().map(|&s| r.random_range(0..=s)).collect();
     for (from, to) in [(vec![0; lens.len()], cut.clone()), (cut, lens.to_vec())] {
@@ -1223,7 +1279,10 @@ fn fp8_append_case<T: Element>(r: &mut SmallRng, lens: &[usize], ps: usize, with
             )
             .unwrap();
     }
-    let what = format!("fp8 append {:?} ps {ps} lens {lens:?} scales {with_scales}", T::DTYPE);
+    let what = format!(
+        "fp8 append {:?} ps {ps} lens {lens:?} scales {with_scales}",
+        T::DTYPE
+    );
     for (b, &s) in lens.iter().enumerate() {
         for t in 0..s {
             let page = table[b * max_pages + t / ps] as usize;
@@ -1351,7 +1410,14 @@ fn prefill_case<T: Element, C: Element>(
     )
     .unwrap();
     let what = format!("{what} prefill {lq:?} {m:?}");
-    verify(&what, d, tol_of(T::DTYPE), (&widen(&out), &lse), (&want, &packed), None);
+    verify(
+        &what,
+        d,
+        tol_of(T::DTYPE),
+        (&widen(&out), &lse),
+        (&want, &packed),
+        None,
+    );
 }
 
 /// Scales out of their domain, of the wrong length, or on a cache that is not FP8 are
@@ -1500,7 +1566,14 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify("dense broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    verify(
+        "dense broadcast",
+        d,
+        3e-5,
+        (&widen(&out), &lse),
+        (&want, &wlse),
+        None,
+    );
     // The output may not alias itself: stride 0 on the batch, seq or head axis.
     for bad in [
         Strides { batch: 0, ..os },
@@ -1518,7 +1591,11 @@ fn zero_strides_broadcast() {
         assert!(is_stride_err(res), "dense output strides {bad:?}");
     }
     // FP8: the same broadcast of codes.
-    let c = |v: &[f64]| -> Vec<F8E4M3> { v.iter().map(|&x| F8E4M3::from_f32(x as f32 * 4.0)).collect() };
+    let c = |v: &[f64]| -> Vec<F8E4M3> {
+        v.iter()
+            .map(|&x| F8E4M3::from_f32(x as f32 * 4.0))
+            .collect()
+    };
     let (q8, k8, v8) = (c(&qb), c(&kb), c(&vb));
     let x8 = Tensors {
         q: x.q.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
@@ -1545,7 +1622,14 @@ fn zero_strides_broadcast() {
     )
     .unwrap();
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
-    verify("fp8 broadcast", d, 1e-2, (&widen(&o16), &lse), (&want, &wlse), Some(&slack));
+    verify(
+        "fp8 broadcast",
+        d,
+        1e-2,
+        (&widen(&o16), &lse),
+        (&want, &wlse),
+        Some(&slack),
+    );
     let res = attn.forward_cpu_fp8(
         Strided::new(&q8[..], qs),
         Strided::new(&k8[..], ks),
@@ -1561,7 +1645,9 @@ fn zero_strides_broadcast() {
     let p = Pages::<f32>::new(&mut r, &lens, 4, (2, d), 1.0, None);
     let one = draw::<f32>(&mut r, d);
     let q_len = 3;
-    let q_all: Vec<f64> = (0..lens.len() * q_len * hq).flat_map(|_| one.clone()).collect();
+    let q_all: Vec<f64> = (0..lens.len() * q_len * hq)
+        .flat_map(|_| one.clone())
+        .collect();
     let bq = Strides {
         batch: 0,
         seq: 0,
@@ -1585,7 +1671,14 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify("decode broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    verify(
+        "decode broadcast",
+        d,
+        3e-5,
+        (&widen(&out), &lse),
+        (&want, &wlse),
+        None,
+    );
     let res = dec.forward_cpu(
         Strided::new(&qf[..], bq),
         p.pages(),
@@ -1606,7 +1699,14 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify("prefill broadcast", d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+    verify(
+        "prefill broadcast",
+        d,
+        3e-5,
+        (&widen(&out), &lse),
+        (&want, &wlse),
+        None,
+    );
     let res = pre.forward_cpu(
         Strided::new(&qf[..], bq),
         p.pages(),
@@ -1640,7 +1740,10 @@ fn zero_strides_broadcast() {
         seq: d as i64,
         head: 0,
     };
-    let (mut k, mut v) = (vec![f32::NAN; layout.cache_len()], vec![f32::NAN; layout.cache_len()]);
+    let (mut k, mut v) = (
+        vec![f32::NAN; layout.cache_len()],
+        vec![f32::NAN; layout.cache_len()],
+    );
     cache
         .append_cpu(
             &[0, 4],
@@ -1657,8 +1760,16 @@ fn zero_strides_broadcast() {
         let page = [1, 0][t / ps];
         for g in 0..hkv {
             let at = ((page * ps + t % ps) * hkv + g) * d;
-            assert_eq!(widen(&k[at..at + d]), kn[t * d..(t + 1) * d], "append k ({t},{g})");
-            assert_eq!(widen(&v[at..at + d]), kn[t * d..(t + 1) * d], "append v ({t},{g})");
+            assert_eq!(
+                widen(&k[at..at + d]),
+                kn[t * d..(t + 1) * d],
+                "append k ({t},{g})"
+            );
+            assert_eq!(
+                widen(&v[at..at + d]),
+                kn[t * d..(t + 1) * d],
+                "append v ({t},{g})"
+            );
         }
     }
 }
@@ -1667,9 +1778,15 @@ fn zero_strides_broadcast() {
 fn negate(s: Strides, axis: usize) -> Strides {
     let n = |x: i64| if x == 0 { -1 } else { -x };
     match axis {
-        0 => Strides { batch: n(s.batch), ..s },
+        0 => Strides {
+            batch: n(s.batch),
+            ..s
+        },
         1 => Strides { seq: n(s.seq), ..s },
-        _ => Strides { head: n(s.head), ..s },
+        _ => Strides {
+            head: n(s.head),
+            ..s
+        },
     }
 }
 
@@ -1842,5 +1959,355 @@ fn negative_strides_rejected() {
             );
             assert!(is_stride_err(res), "star query axis {axis}");
         }
+    }
+}
+
+// =======================================================================================
+// Star Attention (src/ring/star.rs rustdoc)
+// =======================================================================================
+
+/// Rows `rows` of sequence-major `[b, len, h, d]` tensor `t` as `[b, rows.len(), h, d]`.
+fn take_rows(
+    t: &[f64],
+    (b, len, h, d): (usize, usize, usize, usize),
+    rows: std::ops::Range<usize>,
+) -> Vec<f64> {
+    (0..b)
+        .flat_map(|bb| t[(bb * len + rows.start) * h * d..(bb * len + rows.end) * h * d].to_vec())
+        .collect()
+}
+
+/// `lse [b, hq, len]` restricted to positions `rows`.
+fn take_lse(
+    l: &[f64],
+    (b, hq, len): (usize, usize, usize),
+    rows: std::ops::Range<usize>,
+) -> Vec<f64> {
+    (0..b * hq)
+        .flat_map(|bh| l[bh * len + rows.start..bh * len + rows.end].to_vec())
+        .collect()
+}
+
+/// Star Attention over `context` tokens on `world` ranks and `nq` query tokens: phase 1
+/// rank `r` (block `r * C / world .. (r + 1) * C / world`) gives its block's rows attention
+/// over the anchor (block 0, all visible) and its own block up to the row (causal); phase 2
+/// gives the query rows causal attention over the whole sequence. The oracle runs both on the
+/// global positions.
+fn star_case<T: Element>(
+    r: &mut SmallRng,
+    (context, world, nq): (usize, usize, usize),
+    (b, hq, hkv, d): (usize, usize, usize, usize),
+    sc: Sc,
+) {
+    let len = context + nq;
+    let dims = (b, len, len, hq, hkv, d);
+    let x = tensors::<T>(r, dims);
+    let block = |rank: usize| rank * context / world..(rank + 1) * context / world;
+    let rank_of = |i: usize| (0..world).find(|&rk| block(rk).contains(&i));
+    let anchor = block(0).end;
+    let (want, wlse) = attend(&x, dims, sc, &|_, _, i, j| match rank_of(i) {
+        Some(rk) => j <= i && (j < anchor || j >= block(rk).start),
+        None => j <= i,
+    });
+    let shape = RingShape {
+        batch: b,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let opts = if world % 2 == 0 {
+        AttentionOptions::causal()
+    } else {
+        AttentionOptions::default()
+    };
+    let star = StarAttention::new(context, world, nq, shape, &sc.apply(opts)).unwrap();
+    let what = format!(
+        "star C {context} world {world} nq {nq} {:?} {sc:?}",
+        T::DTYPE
+    );
+    let kv_rows = |t: &[f64], rows| -> Vec<T> { cast(&take_rows(t, (b, len, hkv, d), rows)) };
+    let (ak, av) = (kv_rows(&x.k, block(0)), kv_rows(&x.v, block(0)));
+    for rank in 0..world {
+        let rows = block(rank);
+        assert_eq!(star.block(rank), rows, "{what}: block {rank}");
+        let lr = rows.len();
+        let q: Vec<T> = cast(&take_rows(&x.q, (b, len, hq, d), rows.clone()));
+        let (k, v) = (kv_rows(&x.k, rows.clone()), kv_rows(&x.v, rows.clone()));
+        let qs = Strides::contiguous(lr, hq, d);
+        let mut out = vec![T::from_f32(f32::NAN); q.len()];
+        let mut lse = vec![f32::NAN; b * hq * lr];
+        star.context_cpu(
+            rank,
+            Strided::new(&q[..], qs),
+            &ak,
+            &av,
+            &k,
+            &v,
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let w = take_rows(&want, (b, len, hq, d), rows.clone());
+        let wl = take_lse(&wlse, (b, hq, len), rows);
+        let what = format!("{what}: phase 1 rank {rank}");
+        verify(
+            &what,
+            d,
+            tol_of(T::DTYPE),
+            (&widen(&out), &lse),
+            (&w, &wl),
+            None,
+        );
+    }
+    let blocks: Vec<[Vec<T>; 2]> = (0..world)
+        .map(|rk| [kv_rows(&x.k, block(rk)), kv_rows(&x.v, block(rk))])
+        .collect();
+    let kb: Vec<&[T]> = blocks.iter().map(|x| &x[0][..]).collect();
+    let vb: Vec<&[T]> = blocks.iter().map(|x| &x[1][..]).collect();
+    let q: Vec<T> = cast(&take_rows(&x.q, (b, len, hq, d), context..len));
+    let (kq, vq) = (kv_rows(&x.k, context..len), kv_rows(&x.v, context..len));
+    let qs = Strides::contiguous(nq, hq, d);
+    let mut out = vec![T::from_f32(f32::NAN); q.len()];
+    let mut lse = vec![f32::NAN; b * hq * nq];
+    star.query_cpu(
+        Strided::new(&q[..], qs),
+        &kb,
+        &vb,
+        &kq,
+        &vq,
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    )
+    .unwrap();
+    let w = take_rows(&want, (b, len, hq, d), context..len);
+    let wl = take_lse(&wlse, (b, hq, len), context..len);
+    // The partials are rounded to T before the merge: twice the tolerance.
+    let what = format!("{what}: phase 2");
+    verify(
+        &what,
+        d,
+        2.0 * tol_of(T::DTYPE),
+        (&widen(&out), &lse),
+        (&w, &wl),
+        None,
+    );
+}
+
+/// Both phases against the oracle: contexts of 1, 2, odd and uneven lengths over 1 to 4
+/// ranks, 1 to 5 query tokens, GQA, softcap, f32 and bf16.
+#[test]
+fn star_attention_phases() {
+    let mut r = seeded(11);
+    for context in [1usize, 2, 7, 13, 40] {
+        for world in (1..=4).filter(|&w| w <= context) {
+            for nq in [1usize, 2, 5] {
+                let sc = if (context + world + nq) % 3 == 0 {
+                    any_sc(&mut r)
+                } else {
+                    NO_CAP
+                };
+                star_case::<f32>(&mut r, (context, world, nq), (2, 4, 2, 8), sc);
+            }
+        }
+    }
+    for n in 0..10 {
+        let context = r.random_range(1..=30);
+        let world = r.random_range(1..=context.min(5));
+        let nq = r.random_range(1..=6);
+        let sc = any_sc(&mut r);
+        let heads = [(1, 1, 3), (3, 1, 8), (2, 2, 16)][n % 3];
+        star_case::<bf16>(
+            &mut r,
+            (context, world, nq),
+            (1, heads.0, heads.1, heads.2),
+            sc,
+        );
+    }
+}
+
+/// Star Attention is causal: the default and the causal options (however spelled) are
+/// accepted, anything else is an error; sizes that do not fit (no rank, ranks without a
+/// token, lengths past i32) and buffers of the wrong count or length are errors.
+#[test]
+fn star_attention_probes() {
+    let shape = RingShape {
+        batch: 1,
+        heads_q: 2,
+        heads_kv: 1,
+        head_dim: 4,
+    };
+    let new = |c, w, nq, o: &AttentionOptions| StarAttention::new(c, w, nq, shape, o);
+    let causal_spellings = [
+        AttentionOptions::default(),
+        AttentionOptions::causal(),
+        AttentionOptions::default().with_window(Window::CAUSAL),
+        AttentionOptions::causal().with_window(Window::CAUSAL),
+    ];
+    for o in &causal_spellings {
+        assert!(new(4, 2, 1, o).is_ok(), "{o:?}");
+    }
+    for o in [
+        AttentionOptions::default().with_window(Window::new(Some(3), Some(0))),
+        AttentionOptions::causal().with_sinks(2),
+        AttentionOptions::default().with_window(Window::new(None, Some(2))),
+        AttentionOptions::default().with_scale(f32::NAN),
+    ] {
+        assert!(new(4, 2, 1, &o).is_err(), "{o:?}");
+    }
+    let o = AttentionOptions::causal();
+    for (c, w, nq) in [
+        (4, 0, 1),
+        (3, 4, 1),
+        (0, 1, 1),
+        (i32::MAX as usize, 1, 1),
+        (usize::MAX, 1, usize::MAX),
+    ] {
+        assert!(new(c, w, nq, &o).is_err(), "C {c} world {w} nq {nq}");
+    }
+    for bad in [
+        RingShape { batch: 0, ..shape },
+        RingShape {
+            heads_kv: 0,
+            ..shape
+        },
+        RingShape {
+            heads_q: 3,
+            heads_kv: 2,
+            ..shape
+        },
+        RingShape {
+            head_dim: 0,
+            ..shape
+        },
+    ] {
+        assert!(StarAttention::new(4, 2, 1, bad, &o).is_err(), "{bad:?}");
+    }
+    let star = new(5, 2, 2, &o).unwrap();
+    let row = 4; // heads_kv * head_dim
+    let (b0, b1) = (star.block(0).len(), star.block(1).len());
+    assert_eq!((b0, b1), (2, 3));
+    assert!(star.block(2).is_empty() && star.block(usize::MAX).is_empty());
+    let kv0 = vec![0.5f32; b0 * row];
+    let kv1 = vec![0.5f32; b1 * row];
+    let kq = vec![0.5f32; 2 * row];
+    let q = vec![0.5f32; 3 * 2 * 4];
+    let qs = Strides::contiguous(3, 2, 4);
+    let mut out = vec![0.0f32; q.len()];
+    // Phase 1: a rank past the last, short block buffers, a short anchor.
+    assert!(
+        star.context_cpu(
+            2,
+            Strided::new(&q[..], qs),
+            &kv0,
+            &kv0,
+            &kv1,
+            &kv1,
+            Strided::new(&mut out[..], qs),
+            None
+        )
+        .is_err()
+    );
+    assert!(
+        star.context_cpu(
+            1,
+            Strided::new(&q[..], qs),
+            &kv0,
+            &kv0,
+            &kv0,
+            &kv1,
+            Strided::new(&mut out[..], qs),
+            None
+        )
+        .is_err()
+    );
+    assert!(
+        star.context_cpu(
+            1,
+            Strided::new(&q[..], qs),
+            &kv0[..row],
+            &kv0,
+            &kv1,
+            &kv1,
+            Strided::new(&mut out[..], qs),
+            None
+        )
+        .is_err()
+    );
+    let mut short = vec![0.0f32; 4];
+    assert!(
+        star.context_cpu(
+            1,
+            Strided::new(&q[..], qs),
+            &kv0,
+            &kv0,
+            &kv1,
+            &kv1,
+            Strided::new(&mut short[..], qs),
+            None
+        )
+        .is_err()
+    );
+    let mut lse = vec![0.0f32; 1];
+    assert!(
+        star.context_cpu(
+            1,
+            Strided::new(&q[..], qs),
+            &kv0,
+            &kv0,
+            &kv1,
+            &kv1,
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse)
+        )
+        .is_err()
+    );
+    // Phase 2: wrong block count, a short block, a short own K/V.
+    let q2 = vec![0.5f32; 2 * 2 * 4];
+    let q2s = Strides::contiguous(2, 2, 4);
+    let mut out2 = vec![0.0f32; q2.len()];
+    let calls: [(&[&[f32]], &[f32]); 4] = [
+        (&[&kv0[..]], &kq[..]),
+        (&[&kv0[..], &kv1[..], &kv1[..]], &kq[..]),
+        (&[&kv0[..], &kv0[..]], &kq[..]),
+        (&[&kv0[..], &kv1[..]], &kq[..row]),
+    ];
+    for (n, (blocks, own)) in calls.iter().enumerate() {
+        let res = star.query_cpu(
+            Strided::new(&q2[..], q2s),
+            blocks,
+            blocks,
+            own,
+            own,
+            Strided::new(&mut out2[..], q2s),
+            None,
+        );
+        assert!(res.is_err(), "phase 2 call {n}");
+    }
+    assert!(
+        star.query_cpu(
+            Strided::new(&q2[..], q2s),
+            &[&kv0[..], &kv1[..]],
+            &[&kv0[..], &kv1[..]],
+            &kq,
+            &kq,
+            Strided::new(&mut out2[..], q2s),
+            None
+        )
+        .is_ok()
+    );
+    // No query token: accepted or refused, never a panic.
+    if let Ok(s) = new(4, 2, 0, &o) {
+        let mut none: Vec<f32> = Vec::new();
+        let z = Strides::contiguous(0, 2, 4);
+        let kv = vec![0.5f32; 2 * row];
+        let _ = s.query_cpu(
+            Strided::new(&[][..], z),
+            &[&kv[..], &kv[..]],
+            &[&kv[..], &kv[..]],
+            &[],
+            &[],
+            Strided::new(&mut none[..], z),
+            None,
+        );
     }
 }
