@@ -2311,3 +2311,490 @@ fn star_attention_probes() {
         );
     }
 }
+
+// =======================================================================================
+// MoBA selection (docs "MoBA selection")
+// =======================================================================================
+
+/// Mean of key block `kb` (`bn` keys, the last one short) of kv head `g` over `[sk, hkv, d]`.
+fn block_mean(
+    k: &[f64],
+    (sk, hkv, d): (usize, usize, usize),
+    g: usize,
+    kb: usize,
+    bn: usize,
+) -> Vec<f64> {
+    let rows = kb * bn..((kb + 1) * bn).min(sk);
+    let mut m = vec![0.0; d];
+    for j in rows.clone() {
+        m.iter_mut()
+            .zip(&k[(j * hkv + g) * d..][..d])
+            .for_each(|(a, b)| *a += b);
+    }
+    m.iter_mut().for_each(|a| *a /= rows.len() as f64);
+    m
+}
+
+/// The `n` best blocks of `(score, block)`: higher score first (NaN as -inf), equal scores to
+/// the lower block; `None` when the cut falls between two scores that differ by f64
+/// rounding noise only (either order is right).
+fn best_blocks(mut c: Vec<(f64, usize)>, n: usize) -> Option<Vec<usize>> {
+    let key = |s: f64| if s.is_nan() { f64::NEG_INFINITY } else { s };
+    c.sort_by(|a, b| key(b.0).total_cmp(&key(a.0)).then(a.1.cmp(&b.1)));
+    if n > 0 && n < c.len() {
+        let (x, y) = (key(c[n - 1].0), key(c[n].0));
+        if x != y && (x - y).abs() <= 1e-9 * (1.0 + x.abs()) {
+            return None;
+        }
+    }
+    Some(c.into_iter().take(n).map(|x| x.1).collect())
+}
+
+/// MoBA's per-token selection of every row of one sequence (`q [sq, hq, d]`, `k [sk, hkv,
+/// d]`): `sel[h][i]` sorted (empty when `p < 0`), `None` where a near-tie makes it ambiguous.
+fn moba_rows(
+    q: &[f64],
+    k: &[f64],
+    (sq, sk, hq, hkv, d): (usize, usize, usize, usize, usize),
+    (bn, top_k): (usize, usize),
+) -> Vec<Vec<Option<Vec<usize>>>> {
+    (0..hq)
+        .map(|h| {
+            let g = h * hkv / hq;
+            (0..sq)
+                .map(|i| {
+                    let Some(p) = (i + sk).checked_sub(sq) else {
+                        return Some(Vec::new());
+                    };
+                    let own = p / bn;
+                    let qi = &q[(i * hq + h) * d..][..d];
+                    let c = (0..own)
+                        .map(|kb| (dot(qi, &block_mean(k, (sk, hkv, d), g, kb, bn)), kb))
+                        .collect();
+                    let mut sel = best_blocks(c, top_k - 1)?;
+                    sel.push(own);
+                    sel.sort_unstable();
+                    Some(sel)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Per-token MoBA: `moba_select_cpu` gives each row its own block plus the `top_k - 1` best
+/// earlier blocks (ties to the lower block, `min(top_k, blocks)` slots, `-1` padding), and
+/// `moba_attention` attends to the element mask AND the row's selection.
+fn moba_token_case(
+    r: &mut SmallRng,
+    dims: Dims,
+    (bn, top_k, bm): (usize, usize, usize),
+    m: Win,
+    tied: bool,
+    what: &str,
+) {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    let mut x = tensors::<f32>(r, dims);
+    if tied {
+        // Every key block a copy of the first: all gates tie.
+        for bb in 0..b {
+            for j in bn..sk {
+                for c in 0..hkv * d {
+                    x.k[(bb * sk + j) * hkv * d + c] = x.k[(bb * sk + j % bn) * hkv * d + c];
+                }
+            }
+        }
+    }
+    let attn = dense(dims, &m.opts()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let (qf, kf): (Vec<f32>, Vec<f32>) = (cast(&x.q), cast(&x.k));
+    let cfg = MobaConfig { block_n: bn, top_k };
+    let rows = moba_select_cpu(
+        &attn,
+        &cfg,
+        Strided::new(&qf[..], qs),
+        Strided::new(&kf[..], ks),
+    )
+    .unwrap();
+    let slots = top_k.min(sk.div_ceil(bn)).max(1);
+    assert_eq!(
+        (rows.block_n(), rows.top_k()),
+        (bn, slots),
+        "{what}: row list shape"
+    );
+    let mut sel = Vec::new();
+    for bb in 0..b {
+        let qn = sq * hq * d;
+        let kn = sk * hkv * d;
+        let want = moba_rows(
+            &x.q[bb * qn..][..qn],
+            &x.k[bb * kn..][..kn],
+            (sq, sk, hq, hkv, d),
+            (bn, top_k),
+        );
+        for h in 0..hq {
+            for i in 0..sq {
+                let at = (bb * hq + h) * sq + i;
+                let padded = &rows.blocks()[at * slots..(at + 1) * slots];
+                let got: Vec<usize> = padded
+                    .iter()
+                    .filter(|&&x| x >= 0)
+                    .map(|&x| x as usize)
+                    .collect();
+                assert!(
+                    padded[got.len()..].iter().all(|&x| x == -1),
+                    "{what}: padding of row ({bb},{h},{i}): {padded:?}"
+                );
+                if let Some(w) = &want[h][i] {
+                    assert_eq!(&got, w, "{what}: selection of row ({bb},{h},{i}) {m:?}");
+                }
+                sel.push(got);
+            }
+        }
+    }
+    let bs = moba_attention(
+        &attn,
+        &cfg,
+        bm,
+        Strided::new(&qf[..], qs),
+        Strided::new(&kf[..], ks),
+    )
+    .unwrap();
+    let (want, wlse) = attend(&x, dims, NO_CAP, &|bb, h, i, j| {
+        m.shows(i, j, sq, sk) && sel[(bb * hq + h) * sq + i].contains(&(j / bn))
+    });
+    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
+        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    });
+    verify(
+        &format!("{what} {m:?}"),
+        d,
+        3e-5,
+        (&got, &glse),
+        (&want, &wlse),
+        None,
+    );
+}
+
+/// MoBA's query-block selection: block `qb` of `bm` rows at positions `p0..=p1` (bottom-right,
+/// `p0` clamped at 0; nothing when `p1 < 0`) gates on the mean of its rows' queries; the key
+/// blocks meeting `[p0, p1]` are listed, plus `top_k - their number` best blocks ending at or
+/// before `p0`; pairs the element mask hides entirely are dropped, pairs it shows entirely
+/// are full. Then the attention over the mask.
+fn moba_block_case(
+    r: &mut SmallRng,
+    dims: Dims,
+    (bn, top_k, bm): (usize, usize, usize),
+    m: Win,
+    what: &str,
+) {
+    let (b, sq, sk, hq, hkv, d) = dims;
+    let x = tensors::<f32>(r, dims);
+    let attn = dense(dims, &m.opts()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let (qf, kf): (Vec<f32>, Vec<f32>) = (cast(&x.q), cast(&x.k));
+    let cfg = MobaConfig { block_n: bn, top_k };
+    let mask = moba_select_blocks_cpu(
+        &attn,
+        &cfg,
+        bm,
+        Strided::new(&qf[..], qs),
+        Strided::new(&kf[..], ks),
+    )
+    .unwrap();
+    let mut lists = Vec::new();
+    for bb in 0..b {
+        let kseq = &x.k[bb * sk * hkv * d..][..sk * hkv * d];
+        for h in 0..hq {
+            for qb in 0..sq.div_ceil(bm) {
+                let tile = qb * bm..((qb + 1) * bm).min(sq);
+                let got: Vec<(usize, BlockKind)> = mask.list(bb, h, qb).unwrap().iter().collect();
+                let Some(p1) = (tile.end - 1 + sk).checked_sub(sq) else {
+                    assert!(
+                        got.is_empty(),
+                        "{what}: block ({bb},{h},{qb}) before key 0: {got:?}"
+                    );
+                    lists.push(got);
+                    continue;
+                };
+                let p0 = (tile.start + sk).saturating_sub(sq);
+                let mut gate = vec![0.0; d];
+                for i in tile.clone() {
+                    let qi = &x.q[((bb * sq + i) * hq + h) * d..][..d];
+                    gate.iter_mut()
+                        .zip(qi)
+                        .for_each(|(a, b)| *a += b / tile.len() as f64);
+                }
+                let diag: Vec<usize> = (0..sk.div_ceil(bn))
+                    .filter(|&kb| kb * bn <= p1 && p0 < (kb + 1) * bn)
+                    .collect();
+                let cands = (0..sk.div_ceil(bn))
+                    .filter(|&kb| (kb + 1) * bn - 1 <= p0 && !diag.contains(&kb))
+                    .map(|kb| {
+                        (
+                            dot(&gate, &block_mean(kseq, (sk, hkv, d), h * hkv / hq, kb, bn)),
+                            kb,
+                        )
+                    })
+                    .collect();
+                let Some(mut want) = best_blocks(cands, top_k.saturating_sub(diag.len())) else {
+                    lists.push(got);
+                    continue;
+                };
+                want.extend(diag);
+                want.sort_unstable();
+                let want: Vec<(usize, BlockKind)> = want
+                    .into_iter()
+                    .filter_map(|kb| {
+                        classify_pair(m, tile.clone(), kb * bn..((kb + 1) * bn).min(sk), (sq, sk))
+                            .map(|k| (kb, k))
+                    })
+                    .collect();
+                assert_eq!(got, want, "{what}: list ({bb},{h},{qb}) {m:?}");
+                lists.push(got);
+            }
+        }
+    }
+    let nqb = sq.div_ceil(bm);
+    let bs = BlockSparseAttention::new(attn, mask).unwrap();
+    let (want, wlse) = attend(&x, dims, NO_CAP, &|bb, h, i, j| {
+        let l = &lists[(bb * hq + h) * nqb + i / bm];
+        l.iter()
+            .any(|&(kb, kind)| kb == j / bn && (kind == BlockKind::Full || m.shows(i, j, sq, sk)))
+    });
+    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
+        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    });
+    verify(
+        &format!("{what} {m:?}"),
+        d,
+        3e-5,
+        (&got, &glse),
+        (&want, &wlse),
+        None,
+    );
+}
+
+/// How the element mask covers `rows` x `keys`: `None` when it hides every pair, `Full` when
+/// it shows every pair, else `Partial`.
+fn classify_pair(
+    m: Win,
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    (sq, sk): (usize, usize),
+) -> Option<BlockKind> {
+    let seen: Vec<bool> = rows
+        .flat_map(|i| keys.clone().map(move |j| m.shows(i, j, sq, sk)))
+        .collect();
+    if !seen.contains(&true) {
+        None
+    } else if seen.iter().all(|&s| s) {
+        Some(BlockKind::Full)
+    } else {
+        Some(BlockKind::Partial)
+    }
+}
+
+#[test]
+fn moba_selection_and_attention() {
+    let mut r = seeded(12);
+    let causal = win(-1, -1, 0, true);
+    let cases = [
+        ((1, 1, 1, 1, 1, 4), (1, 1, 1)),
+        ((1, 2, 2, 2, 1, 4), (1, 3, 2)),
+        ((2, 9, 9, 2, 1, 8), (2, 2, 4)),
+        ((1, 13, 29, 4, 2, 8), (4, 3, 5)),
+        ((1, 29, 13, 2, 2, 3), (3, 8, 7)),
+        ((2, 33, 33, 2, 1, 8), (5, 1, 16)),
+        ((1, 17, 40, 1, 1, 8), (6, 100, 3)),
+    ];
+    for (n, &(dims, cfg)) in cases.iter().enumerate() {
+        for m in [causal, win(6, 0, 2, false), win(3, -1, 0, true)] {
+            let what = format!("moba token {n} {dims:?} {cfg:?}");
+            moba_token_case(&mut r, dims, cfg, m, false, &what);
+            moba_token_case(&mut r, dims, cfg, m, true, &format!("{what} tied"));
+            moba_block_case(
+                &mut r,
+                dims,
+                cfg,
+                m,
+                &format!("moba block {n} {dims:?} {cfg:?}"),
+            );
+        }
+    }
+    for n in 0..40 {
+        let dims = (
+            r.random_range(1..=2),
+            r.random_range(1..=40),
+            r.random_range(1..=40),
+            2,
+            [1, 2][n % 2],
+            8,
+        );
+        let cfg = (
+            r.random_range(1..=8),
+            r.random_range(1..=5),
+            r.random_range(1..=9),
+        );
+        let mut m = any_win(&mut r, 40);
+        m.causal = true;
+        moba_token_case(
+            &mut r,
+            dims,
+            cfg,
+            m,
+            n % 5 == 0,
+            &format!("moba token sweep {n}"),
+        );
+        moba_block_case(&mut r, dims, cfg, m, &format!("moba block sweep {n}"));
+    }
+}
+
+/// A NaN gate ranks as `-inf`: a key block holding a NaN is chosen only after every finite
+/// block (and still chosen when slots remain).
+#[test]
+fn moba_nan_gate_ranks_last() {
+    let (sq, sk, d, bn) = (1, 20, 4, 4);
+    let dims = (1, sq, sk, 1, 1, d);
+    let mut k: Vec<f32> = (0..sk * d).map(|i| (i as f32 * 0.37).sin()).collect();
+    k[d + 1] = f32::NAN; // block 0
+    let q = vec![1.0f32; d];
+    let attn = dense(dims, &AttentionOptions::causal()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let finite = |top_k| {
+        let c = MobaConfig { block_n: bn, top_k };
+        moba_select_cpu(
+            &attn,
+            &c,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+        )
+        .unwrap()
+    };
+    let row = |top_k| finite(top_k).row(0).unwrap().to_vec();
+    let kd: Vec<f64> = k.iter().map(|&x| f64::from(x)).collect();
+    let qd = vec![1.0; d];
+    let want = moba_rows(&qd, &kd, (sq, sk, 1, 1, d), (bn, 4))
+        .remove(0)
+        .remove(0)
+        .unwrap();
+    assert!(!want.contains(&0));
+    assert_eq!(row(4).iter().map(|&x| x as usize).collect::<Vec<_>>(), want);
+    assert!(
+        row(5).contains(&0),
+        "all blocks selected once the slots allow"
+    );
+}
+
+/// Bad MoBA arguments are errors: zero block or top-k, zero query block, buffers too short.
+#[test]
+fn moba_probes() {
+    let dims = (1, 4, 6, 2, 1, 4);
+    let attn = dense(dims, &AttentionOptions::causal()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let (q, k) = (vec![0.5f32; 4 * 2 * 4], vec![0.5f32; 6 * 4]);
+    let cfgs = [
+        MobaConfig {
+            block_n: 0,
+            top_k: 1,
+        },
+        MobaConfig {
+            block_n: 2,
+            top_k: 0,
+        },
+    ];
+    for c in cfgs {
+        assert!(
+            moba_select_cpu(
+                &attn,
+                &c,
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks)
+            )
+            .is_err()
+        );
+        assert!(
+            moba_select_blocks_cpu(
+                &attn,
+                &c,
+                2,
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks)
+            )
+            .is_err()
+        );
+        assert!(
+            moba_attention(
+                &attn,
+                &c,
+                2,
+                Strided::new(&q[..], qs),
+                Strided::new(&k[..], ks)
+            )
+            .is_err()
+        );
+    }
+    let c = MobaConfig {
+        block_n: 2,
+        top_k: 2,
+    };
+    assert!(
+        moba_select_blocks_cpu(
+            &attn,
+            &c,
+            0,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks)
+        )
+        .is_err()
+    );
+    assert!(
+        moba_attention(
+            &attn,
+            &c,
+            0,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks)
+        )
+        .is_err()
+    );
+    assert!(
+        moba_select_cpu(
+            &attn,
+            &c,
+            Strided::new(&q[..5], qs),
+            Strided::new(&k[..], ks)
+        )
+        .is_err()
+    );
+    assert!(
+        moba_select_cpu(
+            &attn,
+            &c,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..23], ks)
+        )
+        .is_err()
+    );
+    let huge = MobaConfig {
+        block_n: usize::MAX,
+        top_k: usize::MAX,
+    };
+    let rows = moba_select_cpu(
+        &attn,
+        &huge,
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+    )
+    .unwrap();
+    assert_eq!(rows.top_k(), 1, "one key block: one slot");
+    assert!(
+        moba_select_blocks_cpu(
+            &attn,
+            &huge,
+            usize::MAX,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks)
+        )
+        .is_ok()
+    );
+}
