@@ -2798,3 +2798,269 @@ fn moba_probes() {
         .is_ok()
     );
 }
+
+// =======================================================================================
+// Block patterns (docs "Patterns")
+// =======================================================================================
+
+/// A pattern's pairs at block granularity: `pair(head, qb', kb)` with `qb' = qb + (sk - sq) /
+/// block`, intersected with the element mask `m` (hidden pairs dropped, fully shown pairs
+/// full): the crate's lists must be exactly these, and the attention the element mask AND
+/// the listed blocks.
+fn pattern_check(
+    r: &mut SmallRng,
+    mask: &BlockMask,
+    (sq, sk, block, heads): (usize, usize, usize, usize),
+    m: Win,
+    pair: &dyn Fn(usize, usize, usize) -> bool,
+    what: &str,
+) {
+    let shift = (sk - sq) / block;
+    for h in 0..heads {
+        for qb in 0..sq.div_ceil(block) {
+            let rows = qb * block..((qb + 1) * block).min(sq);
+            let want: Vec<(usize, BlockKind)> = (0..sk.div_ceil(block))
+                .filter(|&kb| pair(h, qb + shift, kb))
+                .filter_map(|kb| {
+                    classify_pair(
+                        m,
+                        rows.clone(),
+                        kb * block..((kb + 1) * block).min(sk),
+                        (sq, sk),
+                    )
+                    .map(|k| (kb, k))
+                })
+                .collect();
+            let got: Vec<(usize, BlockKind)> = mask.list(0, h, qb).unwrap().iter().collect();
+            assert_eq!(got, want, "{what}: head {h} query block {qb} {m:?}");
+        }
+    }
+    let (hkv, d) = (1, 4);
+    let dims = (1, sq, sk, heads, hkv, d);
+    let x = tensors::<f32>(r, dims);
+    let bs = BlockSparseAttention::new(dense(dims, &m.opts()).unwrap(), mask.clone()).unwrap();
+    let (want, wlse) = attend(&x, dims, NO_CAP, &|_, h, i, j| {
+        pair(h, i / block + shift, j / block) && m.shows(i, j, sq, sk)
+    });
+    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
+        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
+    });
+    verify(
+        &format!("{what} {m:?}"),
+        d,
+        3e-5,
+        (&got, &glse),
+        (&want, &wlse),
+        None,
+    );
+}
+
+/// Every pattern constructor over random lengths (`sq <= sk`, block-aligned difference),
+/// blocks 1 to 6 (the last block short), random parameters and element masks.
+#[test]
+fn block_patterns() {
+    let mut r = seeded(13);
+    for n in 0..210u64 {
+        let block = r.random_range(1..=6);
+        let sq = r.random_range(1..=30);
+        let sk = sq + block * r.random_range(0..=3);
+        let heads = r.random_range(1..=3);
+        let m = if n % 4 == 0 {
+            win(-1, -1, 0, true)
+        } else {
+            any_win(&mut r, sk)
+        };
+        let shape = PatternShape {
+            heads,
+            seqlen_q: sq,
+            seqlen_k: sk,
+            block,
+            mask: m.opts().effective_mask(),
+        };
+        let nk = sk.div_ceil(block);
+        let (w, g) = (r.random_range(0..=3), r.random_range(0..=2));
+        let (s, c) = (r.random_range(1..=4), r.random_range(0..=4));
+        let what = format!("pattern {n} {sq}x{sk} block {block} heads {heads}");
+        match n % 7 {
+            0 => {
+                let mask = longformer(&shape, w, g).unwrap();
+                let pair =
+                    move |_: usize, qb: usize, kb: usize| qb.abs_diff(kb) <= w || kb < g || qb < g;
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} longformer w {w} g {g}"),
+                );
+            }
+            1 => {
+                let (rand, seed) = (r.random_range(0..=3), r.random());
+                let mask = bigbird(&shape, w, g, rand, seed).unwrap();
+                let pair = move |h: usize, qb: usize, kb: usize| {
+                    qb.abs_diff(kb) <= w
+                        || kb < g
+                        || qb < g
+                        || bigbird_random_blocks(seed, h, qb, nk, rand).contains(&kb)
+                };
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} bigbird w {w} g {g} r {rand}"),
+                );
+            }
+            2 => {
+                let mask = sparse_transformer_strided(&shape, s).unwrap();
+                let pair = move |_: usize, qb: usize, kb: usize| {
+                    kb <= qb && (qb - kb < s || (qb - kb) % s == 0)
+                };
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} strided s {s}"),
+                );
+            }
+            3 => {
+                let mask = sparse_transformer_fixed(&shape, s, c).unwrap();
+                let pair = move |_: usize, qb: usize, kb: usize| {
+                    kb <= qb && (kb / s == qb / s || (kb % s) as i64 >= s as i64 - c as i64)
+                };
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} fixed s {s} c {c}"),
+                );
+            }
+            4 => {
+                // Random passages summing to the key block count.
+                let mut passages = Vec::new();
+                let mut left = nk;
+                while left > 0 {
+                    let p = r.random_range(1..=left.min(3));
+                    passages.push(p);
+                    left -= p;
+                }
+                let mask = block_attention(&shape, &passages).unwrap();
+                let starts: Vec<usize> = passages
+                    .iter()
+                    .scan(0, |a, &p| {
+                        *a += p;
+                        Some(*a - p)
+                    })
+                    .collect();
+                let passage_of = move |kb: usize| starts.iter().rposition(|&st| st <= kb).unwrap();
+                let last = passages.len() - 1;
+                let pair = move |_: usize, qb: usize, kb: usize| {
+                    passage_of(qb) == last || passage_of(qb) == passage_of(kb)
+                };
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} block-attention {passages:?}"),
+                );
+            }
+            5 => {
+                let windows: Vec<usize> = (0..heads).map(|_| r.random_range(1..=4)).collect();
+                let mask = per_head_windows(&shape, &windows).unwrap();
+                let ws = windows.clone();
+                let pair = move |h: usize, qb: usize, kb: usize| kb <= qb && qb - kb < ws[h];
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} mswa {windows:?}"),
+                );
+            }
+            _ => {
+                let streaming: Vec<bool> = (0..heads).map(|_| r.random_bool(0.6)).collect();
+                let (sink, window) = (r.random_range(0..=2), r.random_range(0..=3));
+                let mask = streaming_heads(&shape, &streaming, sink, window).unwrap();
+                let st = streaming.clone();
+                let pair = move |h: usize, qb: usize, kb: usize| {
+                    kb <= qb && (!st[h] || kb < sink || qb - kb < window)
+                };
+                pattern_check(
+                    &mut r,
+                    &mask,
+                    (sq, sk, block, heads),
+                    m,
+                    &pair,
+                    &format!("{what} duo {streaming:?} sink {sink} w {window}"),
+                );
+            }
+        }
+    }
+}
+
+/// BigBird's documented generator: `min(count, blocks)` distinct sorted blocks in range,
+/// the same for the same `(seed, head, q_block)`, spread over every block.
+#[test]
+fn bigbird_random_blocks_contract() {
+    let mut hits = [0usize; 10];
+    for seed in 0..40u64 {
+        for h in 0..3 {
+            for qb in 0..5 {
+                for (nk, count) in [(10, 3), (4, 9), (1, 1), (7, 0), (0, 2)] {
+                    let v = bigbird_random_blocks(seed, h, qb, nk, count);
+                    assert_eq!(v.len(), count.min(nk), "{seed} {h} {qb} {nk} {count}");
+                    assert!(v.windows(2).all(|w| w[0] < w[1]) && v.iter().all(|&x| x < nk));
+                    assert_eq!(v, bigbird_random_blocks(seed, h, qb, nk, count));
+                    if nk == 10 {
+                        v.iter().for_each(|&x| hits[x] += 1);
+                    }
+                }
+            }
+        }
+    }
+    assert!(hits.iter().all(|&n| n > 100), "every block drawn: {hits:?}");
+    assert!(bigbird_random_blocks(1, usize::MAX, usize::MAX, usize::MAX, 3).len() == 3);
+}
+
+/// Bad pattern arguments are errors: `sq > sk`, a difference not a multiple of the block,
+/// block 0, stride 0, per-head arguments of the wrong length, windows of 0 blocks,
+/// passages not summing to the key blocks (or empty ones, or overflowing).
+#[test]
+fn block_pattern_probes() {
+    let shape = |sq, sk, block, heads| PatternShape {
+        heads,
+        seqlen_q: sq,
+        seqlen_k: sk,
+        block,
+        mask: AttentionOptions::causal().effective_mask(),
+    };
+    for s in [shape(9, 8, 2, 1), shape(4, 9, 2, 1), shape(4, 8, 0, 1)] {
+        assert!(longformer(&s, 1, 1).is_err(), "{s:?}");
+        assert!(bigbird(&s, 1, 1, 1, 7).is_err(), "{s:?}");
+        assert!(sparse_transformer_strided(&s, 2).is_err(), "{s:?}");
+        assert!(sparse_transformer_fixed(&s, 2, 1).is_err(), "{s:?}");
+        assert!(block_attention(&s, &[1, 1, 1, 1]).is_err(), "{s:?}");
+        assert!(per_head_windows(&s, &[1]).is_err(), "{s:?}");
+        assert!(streaming_heads(&s, &[true], 1, 1).is_err(), "{s:?}");
+    }
+    let s = shape(8, 8, 2, 2);
+    assert!(sparse_transformer_strided(&s, 0).is_err());
+    assert!(sparse_transformer_fixed(&s, 0, 1).is_err());
+    assert!(per_head_windows(&s, &[1]).is_err());
+    assert!(per_head_windows(&s, &[1, 0]).is_err());
+    assert!(streaming_heads(&s, &[true, false, true], 1, 1).is_err());
+    for passages in [&[1usize, 2][..], &[4, 0], &[], &[usize::MAX, 5], &[2, 2, 1]] {
+        assert!(block_attention(&s, passages).is_err(), "{passages:?}");
+    }
+    assert!(block_attention(&s, &[4]).is_ok());
+    assert!(longformer(&shape(0, 0, 3, 1), 1, 1).is_ok());
+}
