@@ -98,7 +98,7 @@ impl Win {
 
 /// A random mask for lengths up to `n`, bounds biased to small values.
 fn any_win(r: &mut SmallRng, n: usize) -> Win {
-    let mut side = |r: &mut SmallRng| match r.random_range(0..10) {
+    let side = |r: &mut SmallRng| match r.random_range(0..10) {
         0..3 => -1,
         3..7 => r.random_range(0..=4),
         _ => r.random_range(0..=n as i64 + 1),
@@ -1451,7 +1451,7 @@ fn fp8_cache_scale_probes() {
     let scaled = cache
         .with_kv_scales(KvScales::uniform(2, 0.5, 0.5).unwrap())
         .unwrap();
-    let q = vec![0.5f32; 2 * 2 * 4];
+    let q = [0.5f32; 2 * 2 * 4];
     let qs = Strides::contiguous(1, 2, 4);
     let dec = PagedDecode::new(&scaled, 2, 1, &AttentionOptions::default()).unwrap();
     let mut out = vec![0.0f32; q.len()];
@@ -1479,7 +1479,7 @@ fn fp8_cache_scale_probes() {
         None,
     )));
     let (mut k, mut v) = (p.k.clone(), p.v.clone());
-    let new = vec![0.25f32; 2 * 4];
+    let new = [0.25f32; 2 * 4];
     let sl = [5i32, 3];
     let grown = PagedCache::new(
         p.layout,
@@ -1905,7 +1905,7 @@ fn negative_strides_rejected() {
         let res = dec.select_cpu(Strided::new(&qf[..], bad), p.meta());
         assert!(is_stride_err(res), "select axis {axis}");
         let cache = p.cache_with(&[6, 2]).unwrap();
-        let new = vec![0.5f32; 8];
+        let new = [0.5f32; 8];
         let ns = Strides::contiguous(0, 1, 8);
         let (mut k, mut v) = (p.k.clone(), p.v.clone());
         for (a, b_) in [(negate(ns, axis), ns), (ns, negate(ns, axis))] {
@@ -1931,7 +1931,7 @@ fn negative_strides_rejected() {
     };
     let star = StarAttention::new(4, 2, 2, shape, &AttentionOptions::causal()).unwrap();
     let kv = vec![0.5f32; 2 * 8];
-    let qv = vec![0.5f32; 2 * 2 * 8];
+    let qv = [0.5f32; 2 * 2 * 8];
     let ss = Strides::contiguous(2, 2, 8);
     for axis in 0..3 {
         let bad = negate(ss, axis);
@@ -2190,7 +2190,7 @@ fn star_attention_probes() {
     let kv0 = vec![0.5f32; b0 * row];
     let kv1 = vec![0.5f32; b1 * row];
     let kq = vec![0.5f32; 2 * row];
-    let q = vec![0.5f32; 3 * 2 * 4];
+    let q = [0.5f32; 3 * 2 * 4];
     let qs = Strides::contiguous(3, 2, 4);
     let mut out = vec![0.0f32; q.len()];
     // Phase 1: a rank past the last, short block buffers, a short anchor.
@@ -2233,7 +2233,7 @@ fn star_attention_probes() {
         )
         .is_err()
     );
-    let mut short = vec![0.0f32; 4];
+    let mut short = [0.0f32; 4];
     assert!(
         star.context_cpu(
             1,
@@ -2262,7 +2262,7 @@ fn star_attention_probes() {
         .is_err()
     );
     // Phase 2: wrong block count, a short block, a short own K/V.
-    let q2 = vec![0.5f32; 2 * 2 * 4];
+    let q2 = [0.5f32; 2 * 2 * 4];
     let q2s = Strides::contiguous(2, 2, 4);
     let mut out2 = vec![0.0f32; q2.len()];
     let calls: [(&[&[f32]], &[f32]); 4] = [
@@ -2916,7 +2916,7 @@ fn block_patterns() {
             2 => {
                 let mask = sparse_transformer_strided(&shape, s).unwrap();
                 let pair = move |_: usize, qb: usize, kb: usize| {
-                    kb <= qb && (qb - kb < s || (qb - kb) % s == 0)
+                    kb <= qb && (qb - kb < s || (qb - kb).is_multiple_of(s))
                 };
                 pattern_check(
                     &mut r,
@@ -3063,4 +3063,342 @@ fn block_pattern_probes() {
     }
     assert!(block_attention(&s, &[4]).is_ok());
     assert!(longformer(&shape(0, 0, 3, 1), 1, 1).is_ok());
+}
+
+// =======================================================================================
+// Bad inputs: every one an Err, never a panic
+// =======================================================================================
+
+/// Paged decode / Quest / prefill / append and the cache itself on out-of-range, overflowing,
+/// zero and inconsistent sizes.
+#[test]
+fn paged_bad_inputs() {
+    let big = i32::MAX as usize + 1;
+    let layout = PagedLayout {
+        num_pages: 4,
+        page_size: 2,
+        heads_kv: 1,
+        head_dim: 4,
+    };
+    let table = [0i32, 1, 2, 3];
+    let sl = [3i32, 2];
+    let pt = |block_table, max_pages_per_seq, seqlens_k| PageTable {
+        block_table,
+        max_pages_per_seq,
+        seqlens_k,
+    };
+    let bad_layouts = [
+        PagedLayout {
+            page_size: 0,
+            ..layout
+        },
+        PagedLayout {
+            heads_kv: 0,
+            ..layout
+        },
+        PagedLayout {
+            head_dim: 0,
+            ..layout
+        },
+        PagedLayout {
+            num_pages: big,
+            ..layout
+        },
+        PagedLayout {
+            head_dim: usize::MAX,
+            heads_kv: usize::MAX,
+            ..layout
+        },
+        PagedLayout {
+            page_size: big,
+            ..layout
+        },
+    ];
+    for l in bad_layouts {
+        assert!(PagedCache::new(l, pt(&table, 2, &sl)).is_err(), "{l:?}");
+    }
+    let bad_tables: [(&[i32], usize, &[i32]); 7] = [
+        (&table, 0, &sl),
+        (&table, 2, &[]),
+        (&table[..3], 2, &sl),
+        (&table, 2, &[-1, 2]),
+        (&table, 2, &[5, 2]),
+        (&[0, 1, 4, 3], 2, &sl),
+        (&[0, 1, -1, 3], 2, &sl),
+    ];
+    for (t, mp, s) in bad_tables {
+        assert!(
+            PagedCache::new(layout, pt(t, mp, s)).is_err(),
+            "{t:?} {mp} {s:?}"
+        );
+    }
+    assert!(PagedCache::new(layout, pt(&[0; 2], 1, &[0, 0])).is_ok());
+    let cache = PagedCache::new(layout, pt(&table, 2, &sl)).unwrap();
+    let o = AttentionOptions::default();
+    assert!(PagedDecode::new(&cache, 0, 1, &o).is_err());
+    assert!(PagedDecode::new(&cache, big, 1, &o).is_err());
+    assert!(PagedDecode::new(&cache, 2, 0, &o).is_err());
+    assert!(PagedDecode::new(&cache, 2, 17, &o).is_err());
+    assert!(PagedDecode::new(&cache, 2, 1, &o.with_scale(0.0)).is_err());
+    assert!(PagedDecode::new(&cache, 2, 1, &o.with_sinks(big)).is_err());
+    assert!(
+        PagedDecode::new(
+            &cache,
+            2,
+            1,
+            &o.with_window(Window::new(Some(big), Some(1)))
+        )
+        .is_err()
+    );
+    assert!(PagedDecode::new(&cache, 2, 1, &o.with_window(Window::new(None, Some(big)))).is_err());
+    let dec = PagedDecode::new(&cache, 2, 2, &o).unwrap();
+    assert!(dec.clone().with_splits(Some(0)).is_err());
+    assert!(dec.clone().with_splits(Some(65536)).is_err());
+    let quest = |token_budget, sink_pages| {
+        SparsePolicy::uniform(1, HeadPolicy::Quest).with_quest(QuestConfig {
+            token_budget,
+            sink_pages,
+        })
+    };
+    assert!(
+        dec.clone()
+            .with_policy(SparsePolicy::uniform(2, HeadPolicy::Full))
+            .is_err()
+    );
+    assert!(dec.clone().with_policy(quest(big, 0)).is_err());
+    assert!(dec.clone().with_policy(quest(0, big)).is_err());
+    let streaming = |window| {
+        SparsePolicy::uniform(1, HeadPolicy::Streaming)
+            .with_streaming(longattn::StreamingConfig { sinks: 1, window })
+    };
+    assert!(dec.clone().with_policy(streaming(0)).is_err());
+    assert!(dec.clone().with_policy(streaming(big)).is_err());
+    // Buffers: q / out / lse / cache / meta of the wrong length; Quest without metadata.
+    let n = dec.out_len();
+    let (q, kc, meta) = (
+        vec![0.5f32; n],
+        vec![0.5f32; layout.cache_len()],
+        vec![0.5f32; layout.meta_len()],
+    );
+    let qs = Strides::contiguous(2, 2, 4);
+    let qdec = dec.clone().with_policy(quest(4, 1)).unwrap();
+    let run = |d: &PagedDecode, qn: usize, on: usize, ln: usize, kn: usize, mn: Option<usize>| {
+        let mut out = vec![0.0f32; on];
+        let mut lse = vec![0.0f32; ln];
+        d.forward_cpu(
+            Strided::new(&q[..qn], qs),
+            KvPages {
+                k: &kc[..kn],
+                v: &kc[..],
+            },
+            mn.map(|m| PageMeta {
+                kmin: &meta[..m],
+                kmax: &meta[..],
+            }),
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse),
+        )
+    };
+    let (ln, kn, mn) = (dec.lse_len(), kc.len(), meta.len());
+    assert!(run(&dec, n, n, ln, kn, None).is_ok());
+    assert!(run(&qdec, n, n, ln, kn, Some(mn)).is_ok());
+    for (qn, on, l, k, m) in [
+        (n - 1, n, ln, kn, None),
+        (n, n - 1, ln, kn, None),
+        (n, n, ln - 1, kn, None),
+        (n, n, ln, kn - 1, None),
+    ] {
+        assert!(
+            run(&dec, qn, on, l, k, m).is_err(),
+            "decode {qn} {on} {l} {k}"
+        );
+    }
+    assert!(
+        run(&qdec, n, n, ln, kn, None).is_err(),
+        "Quest without metadata"
+    );
+    assert!(
+        run(&qdec, n, n, ln, kn, Some(mn - 1)).is_err(),
+        "short metadata"
+    );
+    assert!(
+        qdec.select_cpu(
+            Strided::new(&q[..n - 1], qs),
+            PageMeta {
+                kmin: &meta[..],
+                kmax: &meta[..]
+            }
+        )
+        .is_err()
+    );
+    assert!(
+        qdec.select_cpu(
+            Strided::new(&q[..], qs),
+            PageMeta {
+                kmin: &meta[..1],
+                kmax: &meta[..]
+            }
+        )
+        .is_err()
+    );
+    // Prefill.
+    assert!(PagedPrefill::new(&cache, 2, 0, &o).is_err());
+    assert!(PagedPrefill::new(&cache, 0, 1, &o).is_err());
+    assert!(PagedPrefill::new(&cache, 2, 1, &o.with_sinks(big)).is_err());
+    for cu in [
+        &[0, 1][..],
+        &[0, 2, 1],
+        &[1, 2, 3],
+        &[0, 0, 0],
+        &[0, -1, 2],
+        &[0, i32::MAX, -2],
+    ] {
+        assert!(
+            PagedPrefill::new_varlen(&cache, 2, cu, &o).is_err(),
+            "{cu:?}"
+        );
+    }
+    let pre = PagedPrefill::new_varlen(&cache, 2, &[0, 1, 3], &o).unwrap();
+    let mut out = vec![0.0f32; pre.out_len()];
+    let ps = Strides::contiguous(0, 2, 4);
+    assert!(
+        pre.forward_cpu(
+            Strided::new(&q[..pre.out_len() - 1], ps),
+            KvPages {
+                k: &kc[..],
+                v: &kc[..]
+            },
+            Strided::new(&mut out[..], ps),
+            None
+        )
+        .is_err()
+    );
+    let mut short = vec![0.0f32; 1];
+    assert!(
+        pre.forward_cpu(
+            Strided::new(&q[..pre.out_len()], ps),
+            KvPages {
+                k: &kc[..],
+                v: &kc[..]
+            },
+            Strided::new(&mut out[..], ps),
+            Some(&mut short)
+        )
+        .is_err()
+    );
+    // Append: malformed cu_seqlens, more new tokens than the sequence holds, one page
+    // written by two sequences, short inputs, caches and metadata of the wrong length.
+    let (mut k, mut v) = (kc.clone(), kc.clone());
+    let (mut kmin, mut kmax) = (meta.clone(), meta.clone());
+    let new = [0.25f32; 5 * 4];
+    let ns = Strides::contiguous(0, 1, 4);
+    let shared = PagedCache::new(layout, pt(&[0, 1, 1, 3], 2, &[4, 4])).unwrap();
+    let mut append = |c: &PagedCache, cu: &[i32], nn: usize, kn: usize, mn: usize| {
+        c.append_cpu(
+            cu,
+            Strided::new(&new[..nn], ns),
+            Strided::new(&new[..], ns),
+            KvPages {
+                k: &mut k[..kn],
+                v: &mut v[..],
+            },
+            Some(PageMeta {
+                kmin: &mut kmin[..mn],
+                kmax: &mut kmax[..],
+            }),
+        )
+    };
+    let (kn, mn) = (kc.len(), meta.len());
+    assert!(append(&cache, &[0, 3, 5], 20, kn, mn).is_ok());
+    for (cu, nn, k_, m_) in [
+        (&[0, 3][..], 20, kn, mn),
+        (&[0, 4, 5], 20, kn, mn),
+        (&[1, 3, 5], 20, kn, mn),
+        (&[0, 3, 2], 20, kn, mn),
+        (&[0, 3, 5], 19, kn, mn),
+        (&[0, 3, 5], 20, kn - 1, mn),
+        (&[0, 3, 5], 20, kn, mn - 1),
+        (&[0, i32::MAX, 5], 20, kn, mn),
+    ] {
+        assert!(
+            append(&cache, cu, nn, k_, m_).is_err(),
+            "append {cu:?} {nn} {k_} {m_}"
+        );
+    }
+    assert!(
+        append(&shared, &[0, 1, 5], 20, kn, mn).is_err(),
+        "page 1 written twice"
+    );
+}
+
+/// The FP8 forward's own arguments: output type, descale counts and values.
+#[test]
+fn fp8_dense_bad_inputs() {
+    let dims = (2, 3, 5, 2, 1, 4);
+    let attn = dense(dims, &AttentionOptions::default()).unwrap();
+    let (qs, ks) = contiguous(dims);
+    let q = [F8E4M3::from_f32(0.5); 2 * 3 * 2 * 4];
+    let k = [F8E4M3::from_f32(0.5); 2 * 5 * 4];
+    let ok = [1.0f32; 2];
+    let run = |d: [&[f32]; 3], o: &mut [bf16]| {
+        attn.forward_cpu_fp8(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&k[..], ks),
+            Fp8Descales {
+                q: d[0],
+                k: d[1],
+                v: d[2],
+            },
+            Strided::new(o, qs),
+            None,
+        )
+    };
+    let mut out = vec![bf16::ZERO; q.len()];
+    assert!(run([&ok, &ok, &ok], &mut out).is_ok());
+    assert!(run([&[FP8_MAX_DESCALE, 1.0], &ok, &ok], &mut out).is_ok());
+    for bad in [
+        &[1.0f32][..],
+        &[1.0; 3],
+        &[0.0, 1.0],
+        &[-1.0, 1.0],
+        &[f32::NAN, 1.0],
+        &[f32::INFINITY, 1.0],
+        &[FP8_MAX_DESCALE * 1.01, 1.0],
+    ] {
+        for at in 0..3 {
+            let mut d = [&ok[..], &ok[..], &ok[..]];
+            d[at] = bad;
+            assert!(run(d, &mut out).is_err(), "descale {at} = {bad:?}");
+        }
+    }
+    assert!(run([&ok, &ok, &ok], &mut out[..5]).is_err());
+    let mut o32 = vec![0.0f32; q.len()];
+    let res = attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&k[..], ks),
+        Fp8Descales {
+            q: &ok[..],
+            k: &ok[..],
+            v: &ok[..],
+        },
+        Strided::new(&mut o32[..], qs),
+        None,
+    );
+    assert!(matches!(res, Err(Error::Unsupported(_))), "f32 output");
+    let mut lse = vec![0.0f32; attn.lse_len() - 1];
+    let res = attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&k[..], ks),
+        Fp8Descales {
+            q: &ok[..],
+            k: &ok[..],
+            v: &ok[..],
+        },
+        Strided::new(&mut out[..], qs),
+        Some(&mut lse),
+    );
+    assert!(res.is_err(), "short LSE");
 }
