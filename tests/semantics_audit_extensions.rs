@@ -1085,7 +1085,7 @@ fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str
     }
 }
 
-/// The FP8 forward against the f64 definition: lengths crossing the 128-key tiles (1, 2,
+/// The FP8 forward against the f64 definition: no key, lengths crossing the 128-key tiles (1, 2,
 /// 127, 128, 129, 300), `sq != sk`, every kind of mask (rows before key 0 and rows whose
 /// keys all lie in a later tile included), GQA, softcap, descales per (batch, kv head), bf16
 /// and f16 output.
@@ -1095,6 +1095,7 @@ fn fp8_dense_forward() {
     let shapes = [
         (1, 1, 1, 1, 1, 8),
         (2, 2, 2, 4, 2, 16),
+        (1, 3, 0, 2, 1, 8),
         (1, 3, 129, 2, 1, 8),
         (2, 130, 128, 2, 2, 4),
         (1, 40, 300, 3, 1, 16),
@@ -3401,4 +3402,308 @@ fn fp8_dense_bad_inputs() {
         Some(&mut lse),
     );
     assert!(res.is_err(), "short LSE");
+}
+
+// =======================================================================================
+// Varlen: FP8 descales per sequence, MoBA over packed sequences; NaN keys in Quest bounds
+// =======================================================================================
+
+/// A varlen dense problem over `lq`, `lk` (packed `[total, h, d]`).
+fn varlen(
+    lq: &[usize],
+    lk: &[usize],
+    (hq, hkv, d): (usize, usize, usize),
+    o: &AttentionOptions,
+) -> FlashAttention {
+    let (cq, ck) = (offsets(lq), offsets(lk));
+    FlashAttention::new(
+        &AttentionShape {
+            batch: lq.len(),
+            heads_q: hq,
+            heads_kv: hkv,
+            head_dim: d,
+            seqlens: SeqLens::Varlen {
+                cu_seqlens_q: &cq,
+                cu_seqlens_k: &ck,
+            },
+        },
+        o,
+    )
+    .unwrap()
+}
+
+/// Sequence `b`'s rows of a packed `[total, h, d]` tensor.
+fn seq_rows(t: &[f64], lens: &[usize], b: usize, hd: usize) -> Vec<f64> {
+    let s: usize = lens[..b].iter().sum();
+    t[s * hd..(s + lens[b]) * hd].to_vec()
+}
+
+/// FP8 over a packed batch: sequence `b` uses descales `[b, kv head]`; LSE `[hq, total_q]`.
+#[test]
+fn fp8_dense_varlen() {
+    let mut r = seeded(14);
+    let (hq, hkv, d) = (4, 2, 8);
+    for (lq, lk) in [
+        (vec![3usize, 0, 7], vec![5usize, 4, 0]),
+        (vec![1, 130], vec![200, 129]),
+    ] {
+        let (tq, tk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());
+        let x = Tensors {
+            q: codes(&mut r, tq * hq * d, 4.0),
+            k: codes(&mut r, tk * hkv * d, 4.0),
+            v: codes(&mut r, tk * hkv * d, 4.0),
+        };
+        let n = lq.len() * hkv;
+        let desc: Vec<Vec<f32>> = (0..3)
+            .map(|_| (0..n).map(|_| r.random_range(0.05f32..0.6)).collect())
+            .collect();
+        let m = win(-1, -1, 1, true);
+        let (mut want, mut wlse, mut slack) = (Vec::new(), vec![f64::NAN; hq * tq], Vec::new());
+        let mut q0 = 0;
+        for b in 0..lq.len() {
+            let xb = Tensors {
+                q: seq_rows(&x.q, &lq, b, hq * d),
+                k: seq_rows(&x.k, &lk, b, hkv * d),
+                v: seq_rows(&x.v, &lk, b, hkv * d),
+            };
+            let ds = |i: usize| &desc[i][b * hkv..(b + 1) * hkv];
+            let (o, l, s) = fp8_attend(
+                &xb,
+                (1, lq[b], lk[b], hq, hkv, d),
+                (ds(0), ds(1), ds(2)),
+                NO_CAP,
+                &|_, i, j| m.shows(i, j, lq[b], lk[b]),
+            );
+            want.extend(o);
+            slack.extend(s.iter().map(|s| s * 1.01));
+            for h in 0..hq {
+                wlse[h * tq + q0..h * tq + q0 + lq[b]]
+                    .copy_from_slice(&l[h * lq[b]..(h + 1) * lq[b]]);
+            }
+            q0 += lq[b];
+        }
+        let attn = varlen(&lq, &lk, (hq, hkv, d), &m.opts());
+        let (qs, ks) = (
+            Strides::contiguous(0, hq, d),
+            Strides::contiguous(0, hkv, d),
+        );
+        let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) =
+            (cast(&x.q), cast(&x.k), cast(&x.v));
+        let mut out = vec![f16::from_f32(f32::NAN); x.q.len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        attn.forward_cpu_fp8(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+            Fp8Descales {
+                q: &desc[0][..],
+                k: &desc[1][..],
+                v: &desc[2][..],
+            },
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let what = format!("fp8 varlen {lq:?}/{lk:?}");
+        verify(
+            &what,
+            d,
+            tol_of(DType::F16),
+            (&widen(&out), &lse),
+            (&want, &wlse),
+            Some(&slack),
+        );
+    }
+}
+
+/// MoBA over a packed batch: per-token lists in the varlen LSE row order (`[hq, total_q]`),
+/// per-block lists per sequence (empty past its last query block), and the attention.
+#[test]
+fn moba_varlen() {
+    let mut r = seeded(15);
+    let (hq, hkv, d) = (2, 1, 4);
+    for n in 0..12 {
+        let batch = r.random_range(1..=3);
+        let lq: Vec<usize> = (0..batch).map(|_| r.random_range(0..=20)).collect();
+        let lk: Vec<usize> = (0..batch).map(|_| r.random_range(1..=25)).collect();
+        let (tq, tk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());
+        if tq == 0 {
+            continue;
+        }
+        let (bn, top_k, bm) = (
+            r.random_range(1..=5),
+            r.random_range(1..=4),
+            r.random_range(1..=6),
+        );
+        let x = Tensors {
+            q: draw::<f32>(&mut r, tq * hq * d),
+            k: draw::<f32>(&mut r, tk * hkv * d),
+            v: draw::<f32>(&mut r, tk * hkv * d),
+        };
+        let m = win(-1, -1, 0, true);
+        let attn = varlen(&lq, &lk, (hq, hkv, d), &m.opts());
+        let (qs, ks) = (
+            Strides::contiguous(0, hq, d),
+            Strides::contiguous(0, hkv, d),
+        );
+        let (qf, kf, vf): (Vec<f32>, Vec<f32>, Vec<f32>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+        let cfg = MobaConfig { block_n: bn, top_k };
+        let what = format!("moba varlen {n} {lq:?}/{lk:?} bn {bn} top {top_k} bm {bm}");
+        let rows = moba_select_cpu(
+            &attn,
+            &cfg,
+            Strided::new(&qf[..], qs),
+            Strided::new(&kf[..], ks),
+        )
+        .unwrap();
+        let slots = rows.top_k();
+        let mut sel = vec![Vec::new(); hq * tq];
+        let mut q0 = 0;
+        for b in 0..batch {
+            let (qb, kb) = (
+                seq_rows(&x.q, &lq, b, hq * d),
+                seq_rows(&x.k, &lk, b, hkv * d),
+            );
+            let want = moba_rows(&qb, &kb, (lq[b], lk[b], hq, hkv, d), (bn, top_k));
+            for h in 0..hq {
+                for i in 0..lq[b] {
+                    let at = h * tq + q0 + i;
+                    let got: Vec<usize> = rows.blocks()[at * slots..(at + 1) * slots]
+                        .iter()
+                        .filter(|&&x| x >= 0)
+                        .map(|&x| x as usize)
+                        .collect();
+                    if let Some(w) = &want[h][i] {
+                        assert_eq!(&got, w, "{what}: row ({b},{h},{i})");
+                    }
+                    sel[at] = got;
+                }
+            }
+            q0 += lq[b];
+        }
+        let bs = moba_attention(
+            &attn,
+            &cfg,
+            bm,
+            Strided::new(&qf[..], qs),
+            Strided::new(&kf[..], ks),
+        )
+        .unwrap();
+        let mut out = vec![f32::NAN; x.q.len()];
+        let mut lse = vec![f32::NAN; attn.lse_len()];
+        bs.forward_cpu(
+            Strided::new(&qf[..], qs),
+            Strided::new(&kf[..], ks),
+            Strided::new(&vf[..], ks),
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse),
+        )
+        .unwrap();
+        let (mut want, mut wlse, mut q0) = (Vec::new(), vec![f64::NAN; hq * tq], 0);
+        for b in 0..batch {
+            let xb = Tensors {
+                q: seq_rows(&x.q, &lq, b, hq * d),
+                k: seq_rows(&x.k, &lk, b, hkv * d),
+                v: seq_rows(&x.v, &lk, b, hkv * d),
+            };
+            let (o, l) = attend(&xb, (1, lq[b], lk[b], hq, hkv, d), NO_CAP, &|_, h, i, j| {
+                m.shows(i, j, lq[b], lk[b]) && sel[h * tq + q0 + i].contains(&(j / bn))
+            });
+            want.extend(o);
+            for h in 0..hq {
+                wlse[h * tq + q0..h * tq + q0 + lq[b]]
+                    .copy_from_slice(&l[h * lq[b]..(h + 1) * lq[b]]);
+            }
+            q0 += lq[b];
+        }
+        verify(&what, d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+        // Query-block lists: per sequence, empty past its own last query block.
+        let mask = moba_select_blocks_cpu(
+            &attn,
+            &cfg,
+            bm,
+            Strided::new(&qf[..], qs),
+            Strided::new(&kf[..], ks),
+        )
+        .unwrap();
+        let nqb = lq.iter().max().unwrap().div_ceil(bm);
+        for b in 0..batch {
+            for h in 0..hq {
+                for qb in 0..nqb {
+                    let l = mask.list(b, h, qb).unwrap();
+                    if qb >= lq[b].div_ceil(bm) {
+                        assert!(
+                            l.is_empty(),
+                            "{what}: list ({b},{h},{qb}) past the sequence"
+                        );
+                    }
+                    assert!(
+                        l.indices
+                            .iter()
+                            .all(|&kb| (kb as usize) < lk[b].div_ceil(bn)),
+                        "{what}: list ({b},{h},{qb}) past the keys"
+                    );
+                }
+            }
+        }
+        BlockSparseAttention::new(attn, mask).unwrap();
+    }
+}
+
+/// A NaN key is skipped by the Quest bounds (docs "FP8 KV cache"): a channel whose keys in a
+/// page are all NaN has bounds `(+inf, -inf)`, which are `(448, -448)` in e4m3; other keys of
+/// the page still bound their channel.
+#[test]
+fn quest_bounds_skip_nan_keys() {
+    fn case<C: Element>(hi: f32) {
+        let layout = PagedLayout {
+            num_pages: 1,
+            page_size: 4,
+            heads_kv: 1,
+            head_dim: 2,
+        };
+        let cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &[0],
+                max_pages_per_seq: 1,
+                seqlens_k: &[3],
+            },
+        )
+        .unwrap();
+        // Channel 0 all NaN; channel 1 NaN, 0.5, -0.25.
+        let k = [f32::NAN, f32::NAN, f32::NAN, 0.5, f32::NAN, -0.25];
+        let st = Strides::contiguous(0, 1, 2);
+        let (mut kc, mut vc) = (vec![C::default(); 8], vec![C::default(); 8]);
+        let (mut lo, mut up) = (vec![C::default(); 2], vec![C::default(); 2]);
+        cache
+            .append_cpu(
+                &[0, 3],
+                Strided::new(&k[..], st),
+                Strided::new(&k[..], st),
+                KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut lo[..],
+                    kmax: &mut up[..],
+                }),
+            )
+            .unwrap();
+        let what = format!("{:?}", C::DTYPE);
+        assert_eq!(
+            (lo[0].to_f32(), up[0].to_f32()),
+            (hi, -hi),
+            "{what}: all-NaN channel"
+        );
+        assert_eq!(
+            (lo[1].to_f32(), up[1].to_f32()),
+            (-0.25, 0.5),
+            "{what}: NaN skipped"
+        );
+    }
+    case::<f32>(f32::INFINITY);
+    case::<f16>(f32::INFINITY);
+    case::<F8E4M3>(448.0);
 }
