@@ -2296,6 +2296,38 @@ fn star_attention_probes() {
         )
         .is_ok()
     );
+    // Sizes whose element counts overflow: refused at construction or by each call.
+    let huge = RingShape {
+        batch: 1 << 31,
+        heads_q: 1 << 20,
+        heads_kv: 1 << 20,
+        head_dim: 1 << 40,
+    };
+    if let Ok(s) = StarAttention::new(4, 2, 1, huge, &o) {
+        let mut out = vec![0.0f32; 8];
+        let z = Strides::contiguous(2, 1, 4);
+        let res = s.context_cpu(
+            1,
+            Strided::new(&q[..], z),
+            &kv0,
+            &kv0,
+            &kv1,
+            &kv1,
+            Strided::new(&mut out[..], z),
+            None,
+        );
+        assert!(res.is_err(), "huge phase 1");
+        let res = s.query_cpu(
+            Strided::new(&q[..], z),
+            &[&kv0[..], &kv1[..]],
+            &[&kv0[..], &kv1[..]],
+            &kq,
+            &kq,
+            Strided::new(&mut out[..], z),
+            None,
+        );
+        assert!(res.is_err(), "huge phase 2");
+    }
     // No query token: accepted or refused, never a panic.
     if let Ok(s) = new(4, 2, 0, &o) {
         let mut none: Vec<f32> = Vec::new();
@@ -3063,6 +3095,12 @@ fn block_pattern_probes() {
         assert!(block_attention(&s, passages).is_err(), "{passages:?}");
     }
     assert!(block_attention(&s, &[4]).is_ok());
+    for heads in [0, usize::MAX] {
+        let s = shape(8, 8, 2, heads);
+        assert!(bigbird(&s, 1, 1, 1, 3).is_err(), "heads {heads}");
+        assert!(per_head_windows(&s, &[]).is_err(), "heads {heads}");
+        assert!(streaming_heads(&s, &[], 1, 1).is_err(), "heads {heads}");
+    }
     assert!(longformer(&shape(0, 0, 3, 1), 1, 1).is_ok());
 }
 
