@@ -1028,6 +1028,33 @@ fn codes(r: &mut SmallRng, n: usize, spread: f32) -> Vec<f64> {
         .collect()
 }
 
+/// `attn.forward_cpu_fp8` over the codes of `x` (strides `[q, k, v, out]`, descales `[q, k,
+/// v]`) into a NaN-poisoned `O` output of `out_len` elements: `(out, lse)`.
+fn fp8_forward<O: Element>(
+    attn: &FlashAttention,
+    x: &Tensors,
+    [qs, ks, vs, os]: [Strides; 4],
+    [dq, dk, dv]: [&[f32]; 3],
+    out_len: usize,
+) -> Result<(Vec<f64>, Vec<f32>), Error> {
+    let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k), cast(&x.v));
+    let mut out = vec![O::from_f32(f32::NAN); out_len];
+    let mut lse = vec![f32::NAN; attn.lse_len()];
+    attn.forward_cpu_fp8(
+        Strided::new(&q[..], qs),
+        Strided::new(&k[..], ks),
+        Strided::new(&v[..], vs),
+        Fp8Descales {
+            q: dq,
+            k: dk,
+            v: dv,
+        },
+        Strided::new(&mut out[..], os),
+        Some(&mut lse),
+    )?;
+    Ok((widen(&out), lse))
+}
+
 fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str) {
     let (b, sq, sk, hq, hkv, d) = dims;
     let x = Tensors {
@@ -1044,24 +1071,9 @@ fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str
     });
     let attn = dense(dims, &sc.apply(m.opts())).unwrap();
     let (qs, ks) = contiguous(dims);
-    let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k), cast(&x.v));
-    let mut out = vec![O::from_f32(f32::NAN); x.q.len()];
-    let mut lse = vec![f32::NAN; attn.lse_len()];
-    attn.forward_cpu_fp8(
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
-        Fp8Descales {
-            q: &qd[..],
-            k: &kd[..],
-            v: &vd[..],
-        },
-        Strided::new(&mut out[..], qs),
-        Some(&mut lse),
-    )
-    .unwrap();
+    let (got, lse) =
+        fp8_forward::<O>(&attn, &x, [qs, ks, ks, qs], [&qd, &kd, &vd], x.q.len()).unwrap();
     let what = format!("{what} {:?} {dims:?} {m:?} {sc:?}", O::DTYPE);
-    let got = widen(&out);
     // Rounding the output to O is within its tolerance of each row's norm.
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
     verify(
@@ -1159,23 +1171,8 @@ fn fp8_dense_nan_codes() {
     x.k[5 * 8 + 2] = f64::NAN; // key 5: visible to row 5 only
     let attn = dense(dims, &causal.opts()).unwrap();
     let (qs, ks) = contiguous(dims);
-    let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) = (cast(&x.q), cast(&x.k), cast(&x.v));
-    let mut out = vec![bf16::from_f32(f32::NAN); x.q.len()];
-    let mut lse = vec![f32::NAN; attn.lse_len()];
-    attn.forward_cpu_fp8(
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
-        Fp8Descales {
-            q: &ones[..],
-            k: &ones[..],
-            v: &ones[..],
-        },
-        Strided::new(&mut out[..], qs),
-        Some(&mut lse),
-    )
-    .unwrap();
-    let got = widen(&out);
+    let st = [qs, ks, ks, qs];
+    let (got, lse) = fp8_forward::<bf16>(&attn, &x, st, [&ones; 3], x.q.len()).unwrap();
     for i in 0..6 {
         for h in 0..2 {
             let o = (i * 2 + h) * 8;
@@ -1375,6 +1372,21 @@ fn fp8_cache_decode_quest_prefill() {
     }
 }
 
+/// Per-sequence LSE blocks `[hq, lq[b]]` (concatenated) as one varlen LSE `[hq, total_q]`.
+fn pack_lse(blocks: &[f64], lq: &[usize], hq: usize) -> Vec<f64> {
+    let total: usize = lq.iter().sum();
+    let mut packed = vec![f64::NAN; hq * total];
+    let (mut q0, mut at) = (0, 0);
+    for &n in lq {
+        for h in 0..hq {
+            packed[h * total + q0..h * total + q0 + n].copy_from_slice(&blocks[at..at + n]);
+            at += n;
+        }
+        q0 += n;
+    }
+    packed
+}
+
 /// Paged prefill (varlen, `lq[b]` rows of sequence `b`, LSE `[hq, total_q]`) == dense
 /// attention of the last `lq[b]` positions over the cache's meaning.
 fn prefill_case<T: Element, C: Element>(
@@ -1387,17 +1399,7 @@ fn prefill_case<T: Element, C: Element>(
 ) {
     let d = p.d;
     let (want, wlse) = p.attend(q, hq, lq, sc, &|b, _, i, j| m.shows(i, j, lq[b], p.lens[b]));
-    // Per-sequence [hq, lq[b]] blocks into [hq, total_q].
-    let total: usize = lq.iter().sum();
-    let mut packed = vec![f64::NAN; hq * total];
-    let (mut q0, mut at) = (0, 0);
-    for &n in lq {
-        for h in 0..hq {
-            packed[h * total + q0..h * total + q0 + n].copy_from_slice(&wlse[at..at + n]);
-            at += n;
-        }
-        q0 += n;
-    }
+    let packed = pack_lse(&wlse, lq, hq);
     let pre = PagedPrefill::new_varlen(&p.cache(), hq, &offsets(lq), &sc.apply(m.opts())).unwrap();
     let qs = Strides::contiguous(0, hq, d);
     let qt: Vec<T> = cast(q);
@@ -1592,53 +1594,34 @@ fn zero_strides_broadcast() {
         assert!(is_stride_err(res), "dense output strides {bad:?}");
     }
     // FP8: the same broadcast of codes.
-    let c = |v: &[f64]| -> Vec<F8E4M3> {
-        v.iter()
-            .map(|&x| F8E4M3::from_f32(x as f32 * 4.0))
-            .collect()
-    };
-    let (q8, k8, v8) = (c(&qb), c(&kb), c(&vb));
+    let c = |v: &[f64]| -> Vec<f64> { v.iter().map(|&x| e4m3_round(x * 4.0)).collect() };
     let x8 = Tensors {
-        q: x.q.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
-        k: x.k.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
-        v: x.v.iter().map(|&v| e4m3_round(v * 4.0)).collect(),
+        q: c(&x.q),
+        k: c(&x.k),
+        v: c(&x.v),
+    };
+    let compact = Tensors {
+        q: c(&qb),
+        k: c(&kb),
+        v: c(&vb),
     };
     let ones = vec![0.25f32; b * hkv];
     let (want, wlse, slack) = fp8_attend(&x8, dims, (&ones, &ones, &ones), NO_CAP, &|_, i, j| {
         m.shows(i, j, sq, sk)
     });
-    let mut o16 = vec![bf16::from_f32(f32::NAN); b * sq * hq * d];
-    let desc = Fp8Descales {
-        q: &ones[..],
-        k: &ones[..],
-        v: &ones[..],
-    };
-    attn.forward_cpu_fp8(
-        Strided::new(&q8[..], qs),
-        Strided::new(&k8[..], ks),
-        Strided::new(&v8[..], vs),
-        desc,
-        Strided::new(&mut o16[..], os),
-        Some(&mut lse),
-    )
-    .unwrap();
+    let n = b * sq * hq * d;
+    let (got, lse) = fp8_forward::<bf16>(&attn, &compact, [qs, ks, vs, os], [&ones; 3], n).unwrap();
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
     verify(
         "fp8 broadcast",
         d,
         1e-2,
-        (&widen(&o16), &lse),
+        (&got, &lse),
         (&want, &wlse),
         Some(&slack),
     );
-    let res = attn.forward_cpu_fp8(
-        Strided::new(&q8[..], qs),
-        Strided::new(&k8[..], ks),
-        Strided::new(&v8[..], vs),
-        desc,
-        Strided::new(&mut o16[..], Strides { seq: 0, ..os }),
-        None,
-    );
+    let aliased = [qs, ks, vs, Strides { seq: 0, ..os }];
+    let res = fp8_forward::<bf16>(&attn, &compact, aliased, [&ones; 3], n);
     assert!(is_stride_err(res), "fp8 output stride 0");
 
     // Paged decode and prefill: one query vector for every sequence, row and head.
@@ -2193,75 +2176,31 @@ fn star_attention_probes() {
     let kq = vec![0.5f32; 2 * row];
     let q = [0.5f32; 3 * 2 * 4];
     let qs = Strides::contiguous(3, 2, 4);
-    let mut out = vec![0.0f32; q.len()];
-    // Phase 1: a rank past the last, short block buffers, a short anchor.
-    assert!(
-        star.context_cpu(
-            2,
+    // Phase 1: a rank past the last, a short block, a short anchor, a short output, a short
+    // LSE: `(rank, anchor k, block k, output length, LSE length)`.
+    type Call<'a> = (usize, &'a [f32], &'a [f32], usize, Option<usize>);
+    let calls: [Call; 5] = [
+        (2, &kv0, &kv1, q.len(), None),
+        (1, &kv0, &kv0, q.len(), None),
+        (1, &kv0[..row], &kv1, q.len(), None),
+        (1, &kv0, &kv1, 4, None),
+        (1, &kv0, &kv1, q.len(), Some(1)),
+    ];
+    for (n, (rank, anchor, k, out_len, lse_len)) in calls.into_iter().enumerate() {
+        let mut out = vec![0.0f32; out_len];
+        let mut lse = vec![0.0f32; lse_len.unwrap_or(0)];
+        let res = star.context_cpu(
+            rank,
             Strided::new(&q[..], qs),
+            anchor,
             &kv0,
-            &kv0,
-            &kv1,
+            k,
             &kv1,
             Strided::new(&mut out[..], qs),
-            None
-        )
-        .is_err()
-    );
-    assert!(
-        star.context_cpu(
-            1,
-            Strided::new(&q[..], qs),
-            &kv0,
-            &kv0,
-            &kv0,
-            &kv1,
-            Strided::new(&mut out[..], qs),
-            None
-        )
-        .is_err()
-    );
-    assert!(
-        star.context_cpu(
-            1,
-            Strided::new(&q[..], qs),
-            &kv0[..row],
-            &kv0,
-            &kv1,
-            &kv1,
-            Strided::new(&mut out[..], qs),
-            None
-        )
-        .is_err()
-    );
-    let mut short = [0.0f32; 4];
-    assert!(
-        star.context_cpu(
-            1,
-            Strided::new(&q[..], qs),
-            &kv0,
-            &kv0,
-            &kv1,
-            &kv1,
-            Strided::new(&mut short[..], qs),
-            None
-        )
-        .is_err()
-    );
-    let mut lse = vec![0.0f32; 1];
-    assert!(
-        star.context_cpu(
-            1,
-            Strided::new(&q[..], qs),
-            &kv0,
-            &kv0,
-            &kv1,
-            &kv1,
-            Strided::new(&mut out[..], qs),
-            Some(&mut lse)
-        )
-        .is_err()
-    );
+            lse_len.map(|_| &mut lse[..]),
+        );
+        assert!(res.is_err(), "phase 1 call {n}");
+    }
     // Phase 2: wrong block count, a short block, a short own K/V.
     let q2 = [0.5f32; 2 * 2 * 4];
     let q2s = Strides::contiguous(2, 2, 4);
@@ -2304,7 +2243,7 @@ fn star_attention_probes() {
         head_dim: 1 << 40,
     };
     if let Ok(s) = StarAttention::new(4, 2, 1, huge, &o) {
-        let mut out = vec![0.0f32; 8];
+        let mut out = [0.0f32; 8];
         let z = Strides::contiguous(2, 1, 4);
         let res = s.context_cpu(
             1,
@@ -2492,20 +2431,10 @@ fn moba_token_case(
         Strided::new(&kf[..], ks),
     )
     .unwrap();
-    let (want, wlse) = attend(&x, dims, NO_CAP, &|bb, h, i, j| {
+    let sees = |bb: usize, h: usize, i: usize, j: usize| {
         m.shows(i, j, sq, sk) && sel[(bb * hq + h) * sq + i].contains(&(j / bn))
-    });
-    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
-        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
-    });
-    verify(
-        &format!("{what} {m:?}"),
-        d,
-        3e-5,
-        (&got, &glse),
-        (&want, &wlse),
-        None,
-    );
+    };
+    block_sparse_vs(&bs, &x, dims, &sees, &format!("{what} {m:?}"));
 }
 
 /// MoBA's query-block selection: block `qb` of `bm` rows at positions `p0..=p1` (bottom-right,
@@ -2589,22 +2518,27 @@ fn moba_block_case(
     }
     let nqb = sq.div_ceil(bm);
     let bs = BlockSparseAttention::new(attn, mask).unwrap();
-    let (want, wlse) = attend(&x, dims, NO_CAP, &|bb, h, i, j| {
+    let sees = |bb: usize, h: usize, i: usize, j: usize| {
         let l = &lists[(bb * hq + h) * nqb + i / bm];
         l.iter()
             .any(|&(kb, kind)| kb == j / bn && (kind == BlockKind::Full || m.shows(i, j, sq, sk)))
-    });
-    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
+    };
+    block_sparse_vs(&bs, &x, dims, &sees, &format!("{what} {m:?}"));
+}
+
+/// Runs `bs` on `x` (f32, contiguous, poisoned output) against the oracle of `sees`.
+fn block_sparse_vs(
+    bs: &BlockSparseAttention,
+    x: &Tensors,
+    dims: Dims,
+    sees: &dyn Fn(usize, usize, usize, usize) -> bool,
+    what: &str,
+) {
+    let (want, wlse) = attend(x, dims, NO_CAP, sees);
+    let (got, glse) = run_contiguous::<f32>(x, dims, |q, k, v, o, l| {
         bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
     });
-    verify(
-        &format!("{what} {m:?}"),
-        d,
-        3e-5,
-        (&got, &glse),
-        (&want, &wlse),
-        None,
-    );
+    verify(what, dims.5, 3e-5, (&got, &glse), (&want, &wlse), None);
 }
 
 /// How the element mask covers `rows` x `keys`: `None` when it hides every pair, `Full` when
@@ -2724,89 +2658,27 @@ fn moba_probes() {
     let dims = (1, 4, 6, 2, 1, 4);
     let attn = dense(dims, &AttentionOptions::causal()).unwrap();
     let (qs, ks) = contiguous(dims);
-    let (q, k) = (vec![0.5f32; 4 * 2 * 4], vec![0.5f32; 6 * 4]);
-    let cfgs = [
-        MobaConfig {
-            block_n: 0,
-            top_k: 1,
-        },
-        MobaConfig {
-            block_n: 2,
-            top_k: 0,
-        },
-    ];
-    for c in cfgs {
-        assert!(
-            moba_select_cpu(
-                &attn,
-                &c,
-                Strided::new(&q[..], qs),
-                Strided::new(&k[..], ks)
-            )
-            .is_err()
-        );
-        assert!(
-            moba_select_blocks_cpu(
-                &attn,
-                &c,
-                2,
-                Strided::new(&q[..], qs),
-                Strided::new(&k[..], ks)
-            )
-            .is_err()
-        );
-        assert!(
-            moba_attention(
-                &attn,
-                &c,
-                2,
-                Strided::new(&q[..], qs),
-                Strided::new(&k[..], ks)
-            )
-            .is_err()
-        );
-    }
-    let c = MobaConfig {
-        block_n: 2,
-        top_k: 2,
+    let (q, k) = ([0.5f32; 4 * 2 * 4], [0.5f32; 6 * 4]);
+    // Whether each of the three entry points refuses `(config, block_m, q len, k len)`.
+    let refused = |(block_n, top_k, bm, qn, kn): (usize, usize, usize, usize, usize)| {
+        let c = MobaConfig { block_n, top_k };
+        let (qv, kv) = (|| Strided::new(&q[..qn], qs), || Strided::new(&k[..kn], ks));
+        [
+            moba_select_cpu(&attn, &c, qv(), kv()).is_err(),
+            moba_select_blocks_cpu(&attn, &c, bm, qv(), kv()).is_err(),
+            moba_attention(&attn, &c, bm, qv(), kv()).is_err(),
+        ]
     };
-    assert!(
-        moba_select_blocks_cpu(
-            &attn,
-            &c,
-            0,
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..], ks)
-        )
-        .is_err()
-    );
-    assert!(
-        moba_attention(
-            &attn,
-            &c,
-            0,
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..], ks)
-        )
-        .is_err()
-    );
-    assert!(
-        moba_select_cpu(
-            &attn,
-            &c,
-            Strided::new(&q[..5], qs),
-            Strided::new(&k[..], ks)
-        )
-        .is_err()
-    );
-    assert!(
-        moba_select_cpu(
-            &attn,
-            &c,
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..23], ks)
-        )
-        .is_err()
+    let (nq, nk) = (q.len(), k.len());
+    assert_eq!(refused((2, 2, 2, nq, nk)), [false; 3]);
+    assert_eq!(refused((0, 1, 2, nq, nk)), [true; 3], "block_n 0");
+    assert_eq!(refused((2, 0, 2, nq, nk)), [true; 3], "top_k 0");
+    assert_eq!(refused((2, 2, 0, nq, nk)), [false, true, true], "block_m 0");
+    assert_eq!(refused((2, 2, 2, 5, nk)), [true; 3], "short q");
+    assert_eq!(refused((2, 2, 2, nq, nk - 1)), [true; 3], "short k");
+    assert_eq!(
+        refused((usize::MAX, usize::MAX, usize::MAX, nq, nk)),
+        [false; 3]
     );
     let huge = MobaConfig {
         block_n: usize::MAX,
@@ -2817,19 +2689,8 @@ fn moba_probes() {
         &huge,
         Strided::new(&q[..], qs),
         Strided::new(&k[..], ks),
-    )
-    .unwrap();
-    assert_eq!(rows.top_k(), 1, "one key block: one slot");
-    assert!(
-        moba_select_blocks_cpu(
-            &attn,
-            &huge,
-            usize::MAX,
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..], ks)
-        )
-        .is_ok()
     );
+    assert_eq!(rows.unwrap().top_k(), 1, "one key block: one slot");
 }
 
 // =======================================================================================
@@ -2872,20 +2733,10 @@ fn pattern_check(
     let dims = (1, sq, sk, heads, hkv, d);
     let x = tensors::<f32>(r, dims);
     let bs = BlockSparseAttention::new(dense(dims, &m.opts()).unwrap(), mask.clone()).unwrap();
-    let (want, wlse) = attend(&x, dims, NO_CAP, &|_, h, i, j| {
+    let sees = |_: usize, h: usize, i: usize, j: usize| {
         pair(h, i / block + shift, j / block) && m.shows(i, j, sq, sk)
-    });
-    let (got, glse) = run_contiguous::<f32>(&x, dims, |q, k, v, o, l| {
-        bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
-    });
-    verify(
-        &format!("{what} {m:?}"),
-        d,
-        3e-5,
-        (&got, &glse),
-        (&want, &wlse),
-        None,
-    );
+    };
+    block_sparse_vs(&bs, &x, dims, &sees, &format!("{what} {m:?}"));
 }
 
 /// Every pattern constructor over random lengths (`sq <= sk`, block-aligned difference),
@@ -3476,6 +3327,21 @@ fn seq_rows(t: &[f64], lens: &[usize], b: usize, hd: usize) -> Vec<f64> {
     t[s * hd..(s + lens[b]) * hd].to_vec()
 }
 
+/// Sequence `b` of a packed batch (`lq`, `lk` rows per sequence) and its dims.
+fn seq_of(
+    x: &Tensors,
+    (lq, lk): (&[usize], &[usize]),
+    b: usize,
+    (hq, hkv, d): (usize, usize, usize),
+) -> (Tensors, Dims) {
+    let xb = Tensors {
+        q: seq_rows(&x.q, lq, b, hq * d),
+        k: seq_rows(&x.k, lk, b, hkv * d),
+        v: seq_rows(&x.v, lk, b, hkv * d),
+    };
+    (xb, (1, lq[b], lk[b], hq, hkv, d))
+}
+
 /// FP8 over a packed batch: sequence `b` uses descales `[b, kv head]`; LSE `[hq, total_q]`.
 #[test]
 fn fp8_dense_varlen() {
@@ -3496,58 +3362,31 @@ fn fp8_dense_varlen() {
             .map(|_| (0..n).map(|_| r.random_range(0.05f32..0.6)).collect())
             .collect();
         let m = win(-1, -1, 1, true);
-        let (mut want, mut wlse, mut slack) = (Vec::new(), vec![f64::NAN; hq * tq], Vec::new());
-        let mut q0 = 0;
+        let (mut want, mut blocks, mut slack) = (Vec::new(), Vec::new(), Vec::new());
         for b in 0..lq.len() {
-            let xb = Tensors {
-                q: seq_rows(&x.q, &lq, b, hq * d),
-                k: seq_rows(&x.k, &lk, b, hkv * d),
-                v: seq_rows(&x.v, &lk, b, hkv * d),
-            };
+            let (xb, db) = seq_of(&x, (&lq, &lk), b, (hq, hkv, d));
             let ds = |i: usize| &desc[i][b * hkv..(b + 1) * hkv];
-            let (o, l, s) = fp8_attend(
-                &xb,
-                (1, lq[b], lk[b], hq, hkv, d),
-                (ds(0), ds(1), ds(2)),
-                NO_CAP,
-                &|_, i, j| m.shows(i, j, lq[b], lk[b]),
-            );
+            let (o, l, s) = fp8_attend(&xb, db, (ds(0), ds(1), ds(2)), NO_CAP, &|_, i, j| {
+                m.shows(i, j, lq[b], lk[b])
+            });
             want.extend(o);
+            blocks.extend(l);
             slack.extend(s.iter().map(|s| s * 1.01));
-            for h in 0..hq {
-                wlse[h * tq + q0..h * tq + q0 + lq[b]]
-                    .copy_from_slice(&l[h * lq[b]..(h + 1) * lq[b]]);
-            }
-            q0 += lq[b];
         }
+        let wlse = pack_lse(&blocks, &lq, hq);
         let attn = varlen(&lq, &lk, (hq, hkv, d), &m.opts());
         let (qs, ks) = (
             Strides::contiguous(0, hq, d),
             Strides::contiguous(0, hkv, d),
         );
-        let (q, k, v): (Vec<F8E4M3>, Vec<F8E4M3>, Vec<F8E4M3>) =
-            (cast(&x.q), cast(&x.k), cast(&x.v));
-        let mut out = vec![f16::from_f32(f32::NAN); x.q.len()];
-        let mut lse = vec![f32::NAN; attn.lse_len()];
-        attn.forward_cpu_fp8(
-            Strided::new(&q[..], qs),
-            Strided::new(&k[..], ks),
-            Strided::new(&v[..], ks),
-            Fp8Descales {
-                q: &desc[0][..],
-                k: &desc[1][..],
-                v: &desc[2][..],
-            },
-            Strided::new(&mut out[..], qs),
-            Some(&mut lse),
-        )
-        .unwrap();
+        let ds = [&desc[0][..], &desc[1][..], &desc[2][..]];
+        let (got, lse) = fp8_forward::<f16>(&attn, &x, [qs, ks, ks, qs], ds, x.q.len()).unwrap();
         let what = format!("fp8 varlen {lq:?}/{lk:?}");
         verify(
             &what,
             d,
             tol_of(DType::F16),
-            (&widen(&out), &lse),
+            (&got, &lse),
             (&want, &wlse),
             Some(&slack),
         );
@@ -3637,23 +3476,17 @@ fn moba_varlen() {
             Some(&mut lse),
         )
         .unwrap();
-        let (mut want, mut wlse, mut q0) = (Vec::new(), vec![f64::NAN; hq * tq], 0);
+        let (mut want, mut blocks) = (Vec::new(), Vec::new());
         for b in 0..batch {
-            let xb = Tensors {
-                q: seq_rows(&x.q, &lq, b, hq * d),
-                k: seq_rows(&x.k, &lk, b, hkv * d),
-                v: seq_rows(&x.v, &lk, b, hkv * d),
-            };
-            let (o, l) = attend(&xb, (1, lq[b], lk[b], hq, hkv, d), NO_CAP, &|_, h, i, j| {
+            let (xb, db) = seq_of(&x, (&lq, &lk), b, (hq, hkv, d));
+            let q0: usize = lq[..b].iter().sum();
+            let (o, l) = attend(&xb, db, NO_CAP, &|_, h, i, j| {
                 m.shows(i, j, lq[b], lk[b]) && sel[h * tq + q0 + i].contains(&(j / bn))
             });
             want.extend(o);
-            for h in 0..hq {
-                wlse[h * tq + q0..h * tq + q0 + lq[b]]
-                    .copy_from_slice(&l[h * lq[b]..(h + 1) * lq[b]]);
-            }
-            q0 += lq[b];
+            blocks.extend(l);
         }
+        let wlse = pack_lse(&blocks, &lq, hq);
         verify(&what, d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
         // Query-block lists: per sequence, empty past its own last query block.
         let mask = moba_select_blocks_cpu(
