@@ -238,7 +238,7 @@ fn tol_of(dt: DType) -> f64 {
 /// relative L2 under `tol` overall and per row (plus `slack[row]`, the oracle's own
 /// ambiguity, 0 unless given), LSE `-inf` exactly where the oracle's is, else within
 /// `1e-4 (1 + |lse|)`.
-fn verify(
+fn verify_slack(
     what: &str,
     d: usize,
     tol: f64,
@@ -286,6 +286,11 @@ fn verify(
             );
         }
     }
+}
+
+/// [`verify_slack`] without slack.
+fn verify(what: &str, d: usize, tol: f64, got: (&[f64], &[f32]), want: (&[f64], &[f64])) {
+    verify_slack(what, d, tol, got, want, None);
 }
 
 /// A validated dense problem of fixed lengths.
@@ -577,14 +582,7 @@ fn decode_case<T: Element, C: Element>(
         .unwrap();
     let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
     let what = format!("{what} {m:?} {sc:?} splits {splits:?}");
-    verify(
-        &what,
-        p.d,
-        tol_of(T::DTYPE),
-        (&got, &glse),
-        (&want, &wlse),
-        None,
-    );
+    verify(&what, p.d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse));
 }
 
 /// New token `i` also sees up to `r` new tokens after it (never past the last key), sinks
@@ -775,14 +773,7 @@ fn quest_case<T: Element, C: Element>(
             && (heads[g] != HeadPolicy::Quest || chosen[b * hkv + g].contains(&(j / ps)))
     });
     let (got, glse) = decode_cpu::<T, C>(p, &dec, q);
-    verify(
-        &what,
-        d,
-        tol_of(T::DTYPE),
-        (&got, &glse),
-        (&want, &wlse),
-        None,
-    );
+    verify(&what, d, tol_of(T::DTYPE), (&got, &glse), (&want, &wlse));
 }
 
 /// Quest with `sink_pages` (kept beyond the budget) and windows / sinks in the base mask
@@ -1076,7 +1067,7 @@ fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str
     let what = format!("{what} {:?} {dims:?} {m:?} {sc:?}", O::DTYPE);
     // Rounding the output to O is within its tolerance of each row's norm.
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
-    verify(
+    verify_slack(
         &what,
         d,
         tol_of(O::DTYPE),
@@ -1086,14 +1077,7 @@ fn fp8_case<O: Element>(r: &mut SmallRng, dims: Dims, m: Win, sc: Sc, what: &str
     );
     // Without near-midpoint P values the whole output is within the tolerance as well.
     if slack.iter().all(|&s| s == 0.0) {
-        verify(
-            &what,
-            d,
-            tol_of(O::DTYPE),
-            (&got, &lse),
-            (&want, &wlse),
-            None,
-        );
+        verify(&what, d, tol_of(O::DTYPE), (&got, &lse), (&want, &wlse));
     }
 }
 
@@ -1185,7 +1169,7 @@ fn fp8_dense_nan_codes() {
             } else {
                 let what = format!("fp8 NaN policy row {i} head {h}");
                 let wl = [wlse[h * 6 + i]];
-                verify(&what, 8, 1e-2, (row, &[l]), (&want[o..o + 8], &wl), None);
+                verify(&what, 8, 1e-2, (row, &[l]), (&want[o..o + 8], &wl));
             }
         }
     }
@@ -1413,14 +1397,8 @@ fn prefill_case<T: Element, C: Element>(
     )
     .unwrap();
     let what = format!("{what} prefill {lq:?} {m:?}");
-    verify(
-        &what,
-        d,
-        tol_of(T::DTYPE),
-        (&widen(&out), &lse),
-        (&want, &packed),
-        None,
-    );
+    let got = widen(&out);
+    verify(&what, d, tol_of(T::DTYPE), (&got, &lse), (&want, &packed));
 }
 
 /// Scales out of their domain, of the wrong length, or on a cache that is not FP8 are
@@ -1569,14 +1547,8 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify(
-        "dense broadcast",
-        d,
-        3e-5,
-        (&widen(&out), &lse),
-        (&want, &wlse),
-        None,
-    );
+    let got = widen(&out);
+    verify("dense broadcast", d, 3e-5, (&got, &lse), (&want, &wlse));
     // The output may not alias itself: stride 0 on the batch, seq or head axis.
     for bad in [
         Strides { batch: 0, ..os },
@@ -1612,7 +1584,7 @@ fn zero_strides_broadcast() {
     let n = b * sq * hq * d;
     let (got, lse) = fp8_forward::<bf16>(&attn, &compact, [qs, ks, vs, os], [&ones; 3], n).unwrap();
     let slack: Vec<f64> = slack.iter().map(|s| s * 1.01).collect();
-    verify(
+    verify_slack(
         "fp8 broadcast",
         d,
         1e-2,
@@ -1655,14 +1627,8 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify(
-        "decode broadcast",
-        d,
-        3e-5,
-        (&widen(&out), &lse),
-        (&want, &wlse),
-        None,
-    );
+    let got = widen(&out);
+    verify("decode broadcast", d, 3e-5, (&got, &lse), (&want, &wlse));
     let res = dec.forward_cpu(
         Strided::new(&qf[..], bq),
         p.pages(),
@@ -1683,14 +1649,8 @@ fn zero_strides_broadcast() {
         Some(&mut lse),
     )
     .unwrap();
-    verify(
-        "prefill broadcast",
-        d,
-        3e-5,
-        (&widen(&out), &lse),
-        (&want, &wlse),
-        None,
-    );
+    let got = widen(&out);
+    verify("prefill broadcast", d, 3e-5, (&got, &lse), (&want, &wlse));
     let res = pre.forward_cpu(
         Strided::new(&qf[..], bq),
         p.pages(),
@@ -2034,14 +1994,7 @@ fn star_case<T: Element>(
         let w = take_rows(&want, (b, len, hq, d), rows.clone());
         let wl = take_lse(&wlse, (b, hq, len), rows);
         let what = format!("{what}: phase 1 rank {rank}");
-        verify(
-            &what,
-            d,
-            tol_of(T::DTYPE),
-            (&widen(&out), &lse),
-            (&w, &wl),
-            None,
-        );
+        verify(&what, d, tol_of(T::DTYPE), (&widen(&out), &lse), (&w, &wl));
     }
     let blocks: Vec<[Vec<T>; 2]> = (0..world)
         .map(|rk| [kv_rows(&x.k, block(rk)), kv_rows(&x.v, block(rk))])
@@ -2067,14 +2020,8 @@ fn star_case<T: Element>(
     let wl = take_lse(&wlse, (b, hq, len), context..len);
     // The partials are rounded to T before the merge: twice the tolerance.
     let what = format!("{what}: phase 2");
-    verify(
-        &what,
-        d,
-        2.0 * tol_of(T::DTYPE),
-        (&widen(&out), &lse),
-        (&w, &wl),
-        None,
-    );
+    let got = widen(&out);
+    verify(&what, d, 2.0 * tol_of(T::DTYPE), (&got, &lse), (&w, &wl));
 }
 
 /// Both phases against the oracle: contexts of 1, 2, odd and uneven lengths over 1 to 4
@@ -2538,7 +2485,7 @@ fn block_sparse_vs(
     let (got, glse) = run_contiguous::<f32>(x, dims, |q, k, v, o, l| {
         bs.forward_cpu(q, k, v, o, Some(l)).unwrap()
     });
-    verify(what, dims.5, 3e-5, (&got, &glse), (&want, &wlse), None);
+    verify(what, dims.5, 3e-5, (&got, &glse), (&want, &wlse));
 }
 
 /// How the element mask covers `rows` x `keys`: `None` when it hides every pair, `Full` when
@@ -3382,7 +3329,7 @@ fn fp8_dense_varlen() {
         let ds = [&desc[0][..], &desc[1][..], &desc[2][..]];
         let (got, lse) = fp8_forward::<f16>(&attn, &x, [qs, ks, ks, qs], ds, x.q.len()).unwrap();
         let what = format!("fp8 varlen {lq:?}/{lk:?}");
-        verify(
+        verify_slack(
             &what,
             d,
             tol_of(DType::F16),
@@ -3487,7 +3434,7 @@ fn moba_varlen() {
             blocks.extend(l);
         }
         let wlse = pack_lse(&blocks, &lq, hq);
-        verify(&what, d, 3e-5, (&widen(&out), &lse), (&want, &wlse), None);
+        verify(&what, d, 3e-5, (&widen(&out), &lse), (&want, &wlse));
         // Query-block lists: per sequence, empty past its own last query block.
         let mask = moba_select_blocks_cpu(
             &attn,
