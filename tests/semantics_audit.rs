@@ -27,9 +27,10 @@
 //! Where the specification is silent the crate's documented choices are what is checked:
 //! paged prefill is dense attention (not causal by default), varlen LSE is `[hq, total_q]`,
 //! uneven ring chunks end at `c * s / n`, Quest aggregates a group by max and keeps the
-//! newest page among its `max(1, B)` pages. Not driven here (crate extensions): a decode right
-//! bound > 0 without causal, Quest `sink_pages` and windowed Quest candidates, negative and
-//! zero strides, FP8, MoBA selection, the remaining block patterns, Star attention.
+//! newest page among its `max(1, B)` pages. Not driven here (crate extensions, audited the same
+//! way in `tests/semantics_audit_extensions.rs`): a decode right bound > 0 without causal, Quest
+//! `sink_pages` and windowed Quest candidates, negative and zero strides, FP8, MoBA selection,
+//! the remaining block patterns, Star attention.
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
 use longattn::block_sparse::ListId;

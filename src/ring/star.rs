@@ -42,7 +42,8 @@ pub struct StarAttention {
 
 impl StarAttention {
     /// `options` give the scale and softcap; Star Attention is causal, so the mask must be
-    /// the default (it is taken as causal) or causal.
+    /// the default (it is taken as causal) or causal, however spelled (`causal` flag, window
+    /// `(-1, 0)`, or both); any other window or sinks are an `InvalidOption` error.
     pub fn new(
         context_len: usize,
         world: usize,
@@ -68,8 +69,10 @@ impl StarAttention {
                  plus {query_len} query tokens must fit in i32"
             )));
         }
-        let m = options.mask;
-        if m != Mask::default() && m != AttentionOptions::causal().mask {
+        // Causal however spelled (the flag, the window `(-1, 0)`, or neither, which is
+        // taken as causal); a left bound, a right bound > 0 or sinks are not Star Attention.
+        let m = options.effective_mask();
+        if m.sinks != 0 || m.window.left.is_some() || !matches!(m.window.right, None | Some(0)) {
             return Err(Error::InvalidOption(format!(
                 "star attention is causal: mask {m:?} is not supported"
             )));
