@@ -10,7 +10,7 @@
 //! describe live device memory of the declared extent on device `device` (the caller keeps
 //! the tensors alive until the call returns; the launch is asynchronous and ordered on the
 //! stream, as for any CUDA library call); the stream handle belongs to that device's primary
-//! context (the one torch and CuPy use, which `CudaContext::new` retains). Nothing here
+//! context (the one torch and CuPy use, which `open_gpu` retains). Nothing here
 //! allocates or frees the caller's memory: `RawDevice` borrows it for one call, and a DLPack
 //! capsule is kept unconsumed until the call returns (its producer frees only its own
 //! bookkeeping then, never the tensor).
@@ -20,7 +20,8 @@ use crate::{
     check_meta_dims, dims_n, err, make_options, merge_shape, neighborhood_problem, paged_cache,
     paged_problem,
 };
-use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, sys};
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, sys};
+use longattn::device::open_gpu;
 use longattn::{
     AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
     PageMeta, Partial, SeqLens, Strided, Strides, bf16, f16,
@@ -334,7 +335,9 @@ fn strides4(name: &str, c: &Cai, packed: bool) -> PyResult<Strides> {
 /// The context of `device` and the stream to run on: `stream` if given, else the interface's
 /// (`None`: the legacy default stream, as the interface's v3 "no synchronization" means).
 fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<Arc<CudaStream>> {
-    let ctx = CudaContext::new(device).map_err(|e| PyValueError::new_err(format!("{e:?}")))?;
+    // `open_gpu`, not `CudaContext::new`: without libcuda cudarc panics on first use, and a
+    // build without the kernels should say so.
+    let ctx = open_gpu(device).map_err(err)?;
     let handle = stream.or(q.stream).unwrap_or(0);
     // SAFETY: the handle is the caller's stream on `device` (see the module docs); the
     // wrapper never destroys it.

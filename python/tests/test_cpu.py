@@ -595,6 +595,15 @@ def test_paged_append_fp8_codes_and_decode():
                        for h in range(hkv)], axis=1) * sv
         want = ref_dense(q[s:s + 1], kd[None], vd[None], 0.3, True)
         assert rel_l2(got[s:s + 1], want) < RTOL
+        # Quest over the FP8 bounds (codes; the scores scale by the K scale).
+        got_q = longattn.paged_decode(q[s:s + 1], k_cache, v_cache, table[s:s + 1], lens[s:s + 1],
+                                      scale=0.3, k_scales=k_scales, v_scales=v_scales,
+                                      policy="quest", quest_budget=8, kmin=kmin, kmax=kmax)
+        pages = table[s, :-(-int(lens[s]) // page)]
+        bounds = (vals[kmin[pages]] * sk, vals[kmax[pages]] * sk)
+        want = ref_policy_decode(q[s], kd, vd, ["quest"] * hkv, 0.3, page, quest=(8, 0),
+                                 bounds=bounds)
+        assert rel_l2(got_q[0], want) < RTOL
 
 
 def ref_policy_decode(q, ks, vs, heads, scale, page, streaming=(4, 1024), quest=None, bounds=None):
@@ -768,6 +777,22 @@ def test_append_policy_and_merge_refusals():
         longattn.merge(o, l, o[:, :1], l)
     with pytest.raises(TypeError):
         longattn.merge(o, l.astype(np.float64), o, l)
+
+
+def test_valid_cuda_calls_without_a_usable_gpu_raise():
+    # Valid arguments on device 10**6: "CUDA not compiled" (a CPU-only build) or no such GPU,
+    # a ValueError either way (never cudarc's panic without libcuda), before any launch.
+    class Iface:
+        def __init__(self, shape, typestr):
+            self.__cuda_array_interface__ = {"data": (0, False), "shape": shape,
+                                             "typestr": typestr, "version": 3}
+
+    o, lse = Iface((1, 2, 3, 8), "<f4"), Iface((1, 3, 2), "<f4")
+    with pytest.raises(ValueError, match="longattn"):
+        longattn.merge_cuda(o, lse, o, lse, o, lse, device=10**6)
+    h = Iface((1, 4, 2, 8), "<f2")
+    with pytest.raises(ValueError, match="longattn"):
+        longattn.dense_cuda(h, h, h, h, device=10**6)
 
 
 def test_new_cuda_functions_refuse_before_any_cuda_call():
