@@ -989,7 +989,9 @@ fn append_impl<T: Element + numpy::Element, C: CacheElem>(
 /// rounding). `kmin, kmax (num_pages, hkv, d)`, writable of the cache's dtype, are the Quest
 /// bounds: per channel, the min/max of the stored keys of each page's filled slots; an
 /// append writing slot 0 of a page restarts its bounds (a reused page forgets its previous
-/// owner), others widen them. Two sequences writing one page in one call are refused.
+/// owner), others widen them. Two sequences writing one page in one call are refused. The
+/// arrays are copied out and written back whole (the CPU functions copy their inputs): a
+/// reference path, linear in the cache size.
 #[pyfunction]
 #[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, k_scales=None, v_scales=None))]
 #[allow(clippy::too_many_arguments)]
