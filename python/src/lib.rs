@@ -3,10 +3,12 @@
 //!
 //! Layouts are FlashAttention's: `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch,
 //! seqlen_k, heads_kv, head_dim)`; varlen packs `(total, heads, head_dim)`; paged caches are
-//! `(num_pages, page_size, heads_kv, head_dim)`; neighborhood grids `(batch, *grid, heads,
-//! head_dim)`; block-sparse masks CSR arrays over `(mask_batch, mask_heads, num_q_blocks)`
-//! lists. Windows are FA2 `(left, right)` integers with `-1` unbounded; `causal` composes as in
-//! FA2 (right = min(right, 0), left kept).
+//! `(num_pages, page_size, heads_kv, head_dim)` with Quest bounds `(num_pages, heads_kv,
+//! head_dim)`, appended tokens packed `(total_new, heads_kv, head_dim)`; neighborhood grids
+//! `(batch, *grid, heads, head_dim)`; block-sparse masks CSR arrays over `(mask_batch,
+//! mask_heads, num_q_blocks)` lists; merged partials `o (batch, seqlen, heads, head_dim)` with
+//! `lse (batch, heads, seqlen)`. Windows are FA2 `(left, right)` integers with `-1`
+//! unbounded; `causal` composes as in FA2 (right = min(right, 0), left kept).
 
 mod cuda;
 
