@@ -540,9 +540,10 @@ pub(crate) fn paged_cache(
 }
 
 /// `kmin` and `kmax` must be shaped `(num_pages, heads_kv, head_dim)` of a cache shaped
-/// `cache` (`(num_pages, page_size, heads_kv, head_dim)`, validated).
+/// `cache` (`(num_pages, page_size, heads_kv, head_dim)`).
 pub(crate) fn check_meta_dims(cache: &[usize], kmin: &[usize], kmax: &[usize]) -> PyResult<()> {
-    let want = [cache[0], cache[2], cache[3]];
+    let [num_pages, _, heads_kv, head_dim] = dims_n::<4>("k_cache", cache)?;
+    let want = [num_pages, heads_kv, head_dim];
     if kmin != want || kmax != want {
         return Err(PyValueError::new_err(format!(
             "kmin {kmin:?} and kmax {kmax:?} must be (num_pages, heads_kv, head_dim) = {want:?}"
@@ -635,7 +636,7 @@ macro_rules! numpy_cache_elem {
     ($($t:ty),*) => {$(
         impl CacheElem for $t {
             type Np = $t;
-            const WHAT: &'static str = "of the same dtype as q";
+            const WHAT: &'static str = "of q's dtype (k_new's for an append)";
             fn from_np(x: $t) -> $t {
                 x
             }
