@@ -1,6 +1,7 @@
 //! CUDA entry points on any object exposing `__cuda_array_interface__` (torch CUDA tensors,
-//! CuPy arrays; float16) or, where that is missing or refuses the dtype (torch bfloat16),
-//! DLPack's `__dlpack__` (float16 and bfloat16): the kernels read and write the caller's
+//! CuPy arrays; float16, and float32 where a function takes it: LSEs, merged outputs) or,
+//! where that is missing or refuses the dtype (torch bfloat16), DLPack's `__dlpack__`
+//! (float16, bfloat16, float32): the kernels read and write the caller's
 //! memory in place, ordered on an explicit `stream` handle, else the interface's stream, else
 //! the legacy default stream (the Python wrappers pass torch's current stream). Compiled, not
 //! exercised without a GPU.
@@ -9,19 +10,21 @@
 //! describe live device memory of the declared extent on device `device` (the caller keeps
 //! the tensors alive until the call returns; the launch is asynchronous and ordered on the
 //! stream, as for any CUDA library call); the stream handle belongs to that device's primary
-//! context (the one torch and CuPy use, which `CudaContext::new` retains). Nothing here
+//! context (the one torch and CuPy use, which `open_gpu` retains). Nothing here
 //! allocates or frees the caller's memory: `RawDevice` borrows it for one call, and a DLPack
 //! capsule is kept unconsumed until the call returns (its producer frees only its own
 //! bookkeeping then, never the tensor).
 
 use crate::{
-    Blocks, DenseProblem, NeighborhoodSpec, Paged, PagedKind, PagedProblem, dims_n, err,
-    make_options, neighborhood_problem, paged_problem,
+    Blocks, DenseProblem, NeighborhoodSpec, Paged, PagedKind, PagedProblem, PolicyArgs,
+    check_meta_dims, dims_n, err, make_options, merge_shape, neighborhood_problem, paged_cache,
+    paged_problem,
 };
-use longattn::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, sys};
+use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, sys};
+use longattn::device::open_gpu;
 use longattn::{
     AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
-    SeqLens, Strided, Strides, bf16, f16,
+    PageMeta, Partial, SeqLens, Strided, Strides, bf16, f16,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -51,11 +54,29 @@ impl<T> Drop for RawDevice<T> {
     }
 }
 
-/// The element types the GPU entry points take.
+/// The element types the GPU entry points take: halves for attention, f32 for LSEs (and
+/// merged outputs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dt {
     F16,
     BF16,
+    F32,
+}
+
+/// The refusal of a float32 tensor where the kernels take halves (`name` is the tensor).
+fn f32_refused(name: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{name}: float32 unsupported here on the GPU (float16 or bfloat16; float32 runs on the \
+         CPU path)"
+    ))
+}
+
+/// `c` (named `name`) holds halves: checked before any CUDA call.
+fn check_half(name: &str, c: &Cai) -> PyResult<()> {
+    match c.dtype {
+        Dt::F16 | Dt::BF16 => Ok(()),
+        Dt::F32 => Err(f32_refused(name)),
+    }
 }
 
 /// A CUDA tensor, from a parsed `__cuda_array_interface__` (v2/v3) or DLPack capsule.
@@ -115,10 +136,11 @@ fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
     let typestr: String = get("typestr")?.extract()?;
     let (dtype, item) = match typestr.as_str() {
         "<f2" => (Dt::F16, 2),
+        "<f4" => (Dt::F32, 4),
         t => {
             return Err(PyTypeError::new_err(format!(
-                "{name}: dtype '{t}' unsupported on the GPU (float16 here; bfloat16 through \
-                 DLPack; float32 runs on the CPU path)"
+                "{name}: dtype '{t}' unsupported on the GPU (float16, float32 for LSEs; \
+                 bfloat16 through DLPack; uint8 FP8 caches run on the CPU path)"
             )));
         }
     };
@@ -239,10 +261,11 @@ fn dlpack(
     let dtype = match (t.dtype.code, t.dtype.bits, t.dtype.lanes) {
         (DL_FLOAT, 16, 1) => Dt::F16,
         (DL_BFLOAT, 16, 1) => Dt::BF16,
+        (DL_FLOAT, 32, 1) => Dt::F32,
         (code, bits, lanes) => {
             return Err(PyTypeError::new_err(format!(
                 "{name}: DLPack dtype (code {code}, {bits} bits, {lanes} lanes) unsupported on \
-                 the GPU (float16 or bfloat16)"
+                 the GPU (float16 or bfloat16; float32 for LSEs)"
             )));
         }
     };
@@ -312,7 +335,9 @@ fn strides4(name: &str, c: &Cai, packed: bool) -> PyResult<Strides> {
 /// The context of `device` and the stream to run on: `stream` if given, else the interface's
 /// (`None`: the legacy default stream, as the interface's v3 "no synchronization" means).
 fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<Arc<CudaStream>> {
-    let ctx = CudaContext::new(device).map_err(|e| PyValueError::new_err(format!("{e:?}")))?;
+    // `open_gpu`, not `CudaContext::new`: without libcuda cudarc panics on first use, and a
+    // build without the kernels should say so.
+    let ctx = open_gpu(device).map_err(err)?;
     let handle = stream.or(q.stream).unwrap_or(0);
     // SAFETY: the handle is the caller's stream on `device` (see the module docs); the
     // wrapper never destroys it.
@@ -399,6 +424,7 @@ fn qkv_gpu<P: QkvGpu>(p: &P, stream: &Arc<CudaStream>, args: QkvArgs) -> PyResul
     match args[0].0.dtype {
         Dt::F16 => run::<P, f16>(p, stream, args),
         Dt::BF16 => run::<P, bf16>(p, stream, args),
+        Dt::F32 => Err(f32_refused("q")),
     }
 }
 
@@ -415,6 +441,7 @@ fn qkv_tensors(
 ) -> PyResult<[Cai; 4]> {
     let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
     let (cq, ck, cv, co) = (arr("q", q)?, arr("k", k)?, arr("v", v)?, arr("out", out)?);
+    check_half("q", &cq)?;
     for (n, x) in [("k", &ck), ("v", &cv), ("out", &co)] {
         check_same(n, &cq, x)?;
     }
@@ -654,9 +681,10 @@ fn neighborhood_cuda(
 
 /// Paged decode on CUDA tensors (`q`, contiguous `k_cache`/`v_cache`, `out` like q);
 /// `block_table` (a host `(batch, max_pages)` nested int sequence) and `seqlens_k` (host ints)
-/// are the tables.
+/// are the tables. Head policies as `paged_decode`; `kmin`/`kmax` contiguous CUDA tensors of
+/// the cache's dtype.
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, stream=None, device=0))]
+#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, policy=None, quest_budget=None, quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None, kmax=None, stream=None, device=0))]
 #[allow(clippy::too_many_arguments)]
 fn paged_decode_cuda(
     q: &Bound<'_, PyAny>,
@@ -669,14 +697,27 @@ fn paged_decode_cuda(
     window_left: i64,
     softcap: Option<f32>,
     sinks: usize,
+    policy: Option<&Bound<'_, PyAny>>,
+    quest_budget: Option<usize>,
+    quest_sink_pages: usize,
+    streaming_sinks: usize,
+    streaming_window: usize,
+    kmin: Option<&Bound<'_, PyAny>>,
+    kmax: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
     device: usize,
 ) -> PyResult<()> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
+    let policy = PolicyArgs::new(
+        policy,
+        (quest_budget, quest_sink_pages),
+        (streaming_sinks, streaming_window),
+    )?;
     let tensors = (q, k_cache, v_cache, out);
     paged_cuda(
-        PagedKind::Decode,
+        PagedKind::Decode { policy },
         tensors,
+        crate::meta_pair(kmin, kmax)?,
         (block_table, seqlens_k),
         &opts,
         (stream, device),
@@ -712,14 +753,69 @@ fn paged_prefill_cuda(
     paged_cuda(
         kind,
         tensors,
+        None,
         (block_table, seqlens_k),
         &opts,
         (stream, device),
     )
 }
 
-/// The paged problem of `kind` on CUDA tensors `(q, k_cache, v_cache, out)` with host tables
-/// `(block_table, seqlens_k)`, on `(stream, device)`.
+/// Whether a tensor is C-contiguous (dims of 1 may have any stride).
+fn contiguous(c: &Cai) -> bool {
+    let mut st = 1i64;
+    c.dims.iter().zip(&c.strides).rev().all(|(&d, &s)| {
+        let ok = d <= 1 || s == st;
+        st *= d as i64;
+        ok
+    })
+}
+
+/// A host `(batch, max_pages)` block table as the flat table and its dims.
+fn flat_table(block_table: Vec<Vec<i32>>) -> PyResult<(Vec<i32>, Vec<usize>)> {
+    let rows = block_table.len();
+    let max_pages = block_table.first().map_or(0, |r| r.len());
+    if block_table.iter().any(|r| r.len() != max_pages) {
+        return Err(PyValueError::new_err(
+            "block_table rows must have one length",
+        ));
+    }
+    Ok((
+        block_table.into_iter().flatten().collect(),
+        vec![rows, max_pages],
+    ))
+}
+
+/// The CUDA tensors `kmin`, `kmax` (both or neither): contiguous, of the cache's dtype and,
+/// when `writable`, not read-only.
+fn meta_tensors(
+    meta: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
+    cache: &Cai,
+    writable: bool,
+    (stream, device): (Option<usize>, usize),
+) -> PyResult<Option<(Cai, Cai)>> {
+    let Some((lo, hi)) = meta else {
+        return Ok(None);
+    };
+    let (lo, hi) = (
+        cai("kmin", lo, stream, device)?,
+        cai("kmax", hi, stream, device)?,
+    );
+    for (n, x) in [("kmin", &lo), ("kmax", &hi)] {
+        check_same(n, cache, x)?;
+        if !contiguous(x) || (writable && x.readonly) {
+            return Err(PyValueError::new_err(format!(
+                "{n} must be contiguous{}",
+                if writable { " and writable" } else { "" }
+            )));
+        }
+    }
+    check_meta_dims(&cache.dims, &lo.dims, &hi.dims)?;
+    Ok(Some((lo, hi)))
+}
+
+/// The paged problem of `kind` on CUDA tensors `(q, k_cache, v_cache, out)` (and the Quest
+/// bounds `meta` of a decode) with host tables `(block_table, seqlens_k)`, on `(stream,
+/// device)`.
 fn paged_cuda(
     kind: PagedKind,
     (q, k_cache, v_cache, out): (
@@ -728,6 +824,7 @@ fn paged_cuda(
         &Bound<'_, PyAny>,
         &Bound<'_, PyAny>,
     ),
+    meta: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
     (block_table, seqlens_k): (Vec<Vec<i32>>, Vec<i32>),
     opts: &AttentionOptions,
     (stream, device): (Option<usize>, usize),
@@ -739,17 +836,10 @@ fn paged_cuda(
         arr("v_cache", v_cache)?,
         arr("out", out)?,
     );
+    check_half("q", &cq)?;
     for (n, x) in [("k_cache", &ck), ("v_cache", &cv), ("out", &co)] {
         check_same(n, &cq, x)?;
     }
-    let contiguous = |c: &Cai| {
-        let mut st = 1i64;
-        c.dims.iter().zip(&c.strides).rev().all(|(&d, &s)| {
-            let ok = d <= 1 || s == st;
-            st *= d as i64;
-            ok
-        })
-    };
     if co.readonly
         || co.dims != cq.dims
         || ck.dims != cv.dims
@@ -760,14 +850,6 @@ fn paged_cuda(
             "out must be writable and shaped like q; k_cache and v_cache contiguous and alike",
         ));
     }
-    let rows = block_table.len();
-    let max_pages = block_table.first().map_or(0, |r| r.len());
-    if block_table.iter().any(|r| r.len() != max_pages) {
-        return Err(PyValueError::new_err(
-            "block_table rows must have one length",
-        ));
-    }
-    let flat: Vec<i32> = block_table.into_iter().flatten().collect();
     let packed = matches!(
         kind,
         PagedKind::Prefill {
@@ -778,44 +860,204 @@ fn paged_cuda(
         kind,
         &cq.dims,
         &ck.dims,
-        (flat, vec![rows, max_pages]),
+        flat_table(block_table)?,
         seqlens_k,
         opts,
         None,
     )?;
+    let meta = meta_tensors(meta, &ck, false, (stream, device))?;
     let (qs, os) = (strides4("q", &cq, packed)?, strides4("out", &co, packed)?);
     let s = stream_for(device, stream, &cq)?;
-    let args = (&s, (&cq, qs), (&ck, &cv), (&co, os));
+    let args = (&s, (&cq, qs), (&ck, &cv), meta.as_ref(), (&co, os));
     match cq.dtype {
-        Dt::F16 => paged_gpu::<f16>(&paged, args.0, args.1, args.2, args.3),
-        Dt::BF16 => paged_gpu::<bf16>(&paged, args.0, args.1, args.2, args.3),
+        Dt::F16 => paged_gpu::<f16>(&paged, args),
+        Dt::BF16 => paged_gpu::<bf16>(&paged, args),
+        Dt::F32 => Err(f32_refused("q")),
     }
 }
 
-/// A paged problem in `T` over a cache of `T`.
-fn paged_gpu<T: Element + longattn::cudarc::driver::DeviceRepr>(
+/// The stream, q with its strides, the cache, the Quest bounds and out with its strides of a
+/// paged call.
+type PagedGpuArgs<'a> = (
+    &'a Arc<CudaStream>,
+    (&'a Cai, Strides),
+    (&'a Cai, &'a Cai),
+    Option<&'a (Cai, Cai)>,
+    (&'a Cai, Strides),
+);
+
+/// A paged problem in `T` over a cache (and Quest bounds) of `T`.
+fn paged_gpu<T: Element + DeviceRepr>(
     paged: &Paged,
-    stream: &Arc<CudaStream>,
-    (q, qs): (&Cai, Strides),
-    (k, v): (&Cai, &Cai),
-    (o, os): (&Cai, Strides),
+    (stream, (q, qs), (k, v), meta, (o, os)): PagedGpuArgs,
 ) -> PyResult<()> {
     let (rq, rk, rv) = (
         raw::<T>(q, stream),
         raw::<T>(k, stream),
         raw::<T>(v, stream),
     );
+    let rmeta = meta.map(|(lo, hi)| (raw::<T>(lo, stream), raw::<T>(hi, stream)));
     let mut ro = raw::<T>(o, stream);
     let (q, out) = (Strided::new(rq.get(), qs), Strided::new(ro.get_mut(), os));
     let kv = KvPages {
         k: rk.get(),
         v: rv.get(),
     };
+    let meta = rmeta.as_ref().map(|(lo, hi)| PageMeta {
+        kmin: lo.get(),
+        kmax: hi.get(),
+    });
     match &paged.problem {
-        PagedProblem::Decode(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, None, out, None),
+        PagedProblem::Decode(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, meta, out, None),
         PagedProblem::Prefill(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, out, None),
     }
     .map_err(err)
+}
+
+/// Appends new tokens to a paged cache of CUDA tensors in place (see `paged_append` for the
+/// semantics): `k_new, v_new (total_new, hkv, d)` (last dim contiguous, strides multiples of
+/// 8 elements) of the caches' dtype, contiguous writable `k_cache`/`v_cache` (float16 or
+/// bfloat16; FP8 `uint8` caches are refused here: the CPU `paged_append` writes them) and
+/// optional `kmin`/`kmax`; host tables as `paged_decode_cuda`, `cu_seqlens_new` host ints.
+#[pyfunction]
+#[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, stream=None, device=0))]
+#[allow(clippy::too_many_arguments)]
+fn paged_append_cuda(
+    k_new: &Bound<'_, PyAny>,
+    v_new: &Bound<'_, PyAny>,
+    k_cache: &Bound<'_, PyAny>,
+    v_cache: &Bound<'_, PyAny>,
+    block_table: Vec<Vec<i32>>,
+    seqlens_k: Vec<i32>,
+    cu_seqlens_new: Vec<i32>,
+    kmin: Option<&Bound<'_, PyAny>>,
+    kmax: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<()> {
+    let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
+    let (ck, cv) = (arr("k_cache", k_cache)?, arr("v_cache", v_cache)?);
+    let (kn, vn) = (arr("k_new", k_new)?, arr("v_new", v_new)?);
+    check_half("k_cache", &ck)?;
+    for (n, x) in [("v_cache", &cv), ("k_new", &kn), ("v_new", &vn)] {
+        check_same(n, &ck, x)?;
+    }
+    if [&ck, &cv].iter().any(|c| c.readonly || !contiguous(c)) || ck.dims != cv.dims {
+        return Err(PyValueError::new_err(
+            "k_cache and v_cache must be contiguous, writable and alike",
+        ));
+    }
+    let cache = paged_cache(&ck.dims, flat_table(block_table)?, &seqlens_k, None)?;
+    let meta = meta_tensors(crate::meta_pair(kmin, kmax)?, &ck, true, (stream, device))?;
+    crate::new_token_strides(&cache, &kn.dims, &vn.dims, &cu_seqlens_new)?;
+    let (ks, vs) = (strides4("k_new", &kn, true)?, strides4("v_new", &vn, true)?);
+    let s = stream_for(device, stream, &ck)?;
+    fn run<T: Element + DeviceRepr>(
+        cache: &longattn::PagedCache,
+        s: &Arc<CudaStream>,
+        cu: &[i32],
+        [(kn, ks), (vn, vs)]: [(&Cai, Strides); 2],
+        [k, v]: [&Cai; 2],
+        meta: Option<&(Cai, Cai)>,
+    ) -> PyResult<()> {
+        let (rkn, rvn) = (raw::<T>(kn, s), raw::<T>(vn, s));
+        let (mut rk, mut rv) = (raw::<T>(k, s), raw::<T>(v, s));
+        let mut rmeta = meta.map(|(lo, hi)| (raw::<T>(lo, s), raw::<T>(hi, s)));
+        let kv = KvPages {
+            k: rk.get_mut(),
+            v: rv.get_mut(),
+        };
+        let meta = rmeta.as_mut().map(|(lo, hi)| PageMeta {
+            kmin: lo.get_mut(),
+            kmax: hi.get_mut(),
+        });
+        let (kn, vn) = (Strided::new(rkn.get(), ks), Strided::new(rvn.get(), vs));
+        cache
+            .append_gpu::<T, T, _, _>(s, cu, kn, vn, kv, meta)
+            .map_err(err)
+    }
+    let args = ([(&kn, ks), (&vn, vs)], [&ck, &cv], meta.as_ref());
+    match ck.dtype {
+        Dt::F16 => run::<f16>(&cache, &s, &cu_seqlens_new, args.0, args.1, args.2),
+        Dt::BF16 => run::<bf16>(&cache, &s, &cu_seqlens_new, args.0, args.1, args.2),
+        Dt::F32 => Err(f32_refused("k_cache")),
+    }
+}
+
+/// Merges two partial results on CUDA tensors into `o_out`, `lse_out` (see `merge`):
+/// contiguous `o_* (batch, seqlen, heads, head_dim)` of one dtype (float16, bfloat16 or
+/// float32), contiguous float32 `lse_* (batch, heads, seqlen)`; the outputs may be `o_a` and
+/// `lse_a` themselves (accumulating in place).
+#[pyfunction]
+#[pyo3(signature = (o_a, lse_a, o_b, lse_b, o_out, lse_out, *, stream=None, device=0))]
+#[allow(clippy::too_many_arguments)]
+fn merge_cuda(
+    o_a: &Bound<'_, PyAny>,
+    lse_a: &Bound<'_, PyAny>,
+    o_b: &Bound<'_, PyAny>,
+    lse_b: &Bound<'_, PyAny>,
+    o_out: &Bound<'_, PyAny>,
+    lse_out: &Bound<'_, PyAny>,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<()> {
+    let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
+    let (oa, ob, oo) = (arr("o_a", o_a)?, arr("o_b", o_b)?, arr("o_out", o_out)?);
+    let (la, lb, lo) = (
+        arr("lse_a", lse_a)?,
+        arr("lse_b", lse_b)?,
+        arr("lse_out", lse_out)?,
+    );
+    check_same("o_b", &oa, &ob)?;
+    check_same("o_out", &oa, &oo)?;
+    for (n, x) in [("lse_a", &la), ("lse_b", &lb), ("lse_out", &lo)] {
+        if x.dtype != Dt::F32 {
+            return Err(PyTypeError::new_err(format!(
+                "{n} has dtype {:?}: LSEs are float32",
+                x.dtype
+            )));
+        }
+    }
+    let all = [&oa, &ob, &oo, &la, &lb, &lo];
+    if all.iter().any(|c| !contiguous(c)) || oo.readonly || lo.readonly {
+        return Err(PyValueError::new_err(
+            "merge tensors must be contiguous, o_out and lse_out writable",
+        ));
+    }
+    let shape = merge_shape([&oa.dims, &ob.dims], [&la.dims, &lb.dims])?;
+    if oo.dims != oa.dims || lo.dims != la.dims {
+        return Err(PyValueError::new_err(
+            "o_out must be shaped like o_a and lse_out like lse_a",
+        ));
+    }
+    let s = stream_for(device, stream, &oa)?;
+    fn run<T: Element + DeviceRepr>(
+        shape: &longattn::MergeShape,
+        s: &Arc<CudaStream>,
+        [oa, la, ob, lb, oo, lo]: [&Cai; 6],
+    ) -> PyResult<()> {
+        let (roa, rob, mut roo) = (raw::<T>(oa, s), raw::<T>(ob, s), raw::<T>(oo, s));
+        let (rla, rlb, mut rlo) = (raw::<f32>(la, s), raw::<f32>(lb, s), raw::<f32>(lo, s));
+        let a = Partial {
+            o: roa.get(),
+            lse: rla.get(),
+        };
+        let b = Partial {
+            o: rob.get(),
+            lse: rlb.get(),
+        };
+        let out = Partial {
+            o: roo.get_mut(),
+            lse: rlo.get_mut(),
+        };
+        shape.merge_gpu(s, a, b, out).map_err(err)
+    }
+    let args = [&oa, &la, &ob, &lb, &oo, &lo];
+    match oa.dtype {
+        Dt::F16 => run::<f16>(&shape, &s, args),
+        Dt::BF16 => run::<bf16>(&shape, &s, args),
+        Dt::F32 => run::<f32>(&shape, &s, args),
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -823,6 +1065,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense_varlen_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(paged_prefill_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_append_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(merge_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(block_sparse_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood_cuda, m)?)?;
     Ok(())

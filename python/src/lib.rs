@@ -3,21 +3,24 @@
 //!
 //! Layouts are FlashAttention's: `q: (batch, seqlen_q, heads_q, head_dim)`, `k, v: (batch,
 //! seqlen_k, heads_kv, head_dim)`; varlen packs `(total, heads, head_dim)`; paged caches are
-//! `(num_pages, page_size, heads_kv, head_dim)`; neighborhood grids `(batch, *grid, heads,
-//! head_dim)`; block-sparse masks CSR arrays over `(mask_batch, mask_heads, num_q_blocks)`
-//! lists. Windows are FA2 `(left, right)` integers with `-1` unbounded; `causal` composes as in
-//! FA2 (right = min(right, 0), left kept).
+//! `(num_pages, page_size, heads_kv, head_dim)` with Quest bounds `(num_pages, heads_kv,
+//! head_dim)`, appended tokens packed `(total_new, heads_kv, head_dim)`; neighborhood grids
+//! `(batch, *grid, heads, head_dim)`; block-sparse masks CSR arrays over `(mask_batch,
+//! mask_heads, num_q_blocks)` lists; merged partials `o (batch, seqlen, heads, head_dim)` with
+//! `lse (batch, heads, seqlen)`. Windows are FA2 `(left, right)` integers with `-1`
+//! unbounded; `causal` composes as in FA2 (right = min(right, 0), left kept).
 
 mod cuda;
 
 use longattn::{
     AttentionOptions, AttentionShape, BlockMask, BlockMaskDims, BlockMaskError,
-    BlockSparseAttention, Element, F8E4M3, FlashAttention, KvPages, KvScales,
-    NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, PageTable, PagedCache, PagedDecode,
-    PagedLayout, PagedPrefill, SeqLens, Strided, Strides, Window, f16,
+    BlockSparseAttention, Element, F8E4M3, FlashAttention, HeadPolicy, KvPages, KvScales,
+    MergeShape, NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape, PageMeta, PageTable,
+    PagedCache, PagedDecode, PagedLayout, PagedPrefill, Partial, QuestConfig, SeqLens,
+    SparsePolicy, StreamingConfig, Strided, Strides, Window, f16,
 };
 use numpy::ndarray::{ArrayD, IxDyn};
-use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
@@ -53,11 +56,18 @@ struct Host<T> {
 }
 
 fn host<T: numpy::Element + Copy>(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Host<T>> {
-    let arr: PyReadonlyArrayDyn<T> = a.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy array of the same dtype as q (float32 or float16)"
-        ))
-    })?;
+    host_as(name, a, "of the same dtype as q (float32 or float16)")
+}
+
+/// [`host`] with the expected dtype `what` in the error message.
+fn host_as<T: numpy::Element + Copy>(
+    name: &str,
+    a: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<Host<T>> {
+    let arr: PyReadonlyArrayDyn<T> = a
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array {what}")))?;
     let dims = arr.shape().to_vec();
     let view = arr.as_array();
     let data = match view.as_slice() {
@@ -382,11 +392,79 @@ fn block_sparse<'py>(
 }
 
 /// Which paged problem: a decode step (`q (b, q_len, hq, d)`, causal among the new tokens by
-/// the options), or a prefill chunk (`q (b, q_len, hq, d)`, or packed `(total_q, hq, d)` with
-/// `cu_seqlens_q`).
+/// the options; its kv heads follow `policy`, every head Full when `None`), or a prefill
+/// chunk (`q (b, q_len, hq, d)`, or packed `(total_q, hq, d)` with `cu_seqlens_q`).
 pub(crate) enum PagedKind {
-    Decode,
+    Decode { policy: Option<PolicyArgs> },
     Prefill { cu_seqlens_q: Option<Vec<i32>> },
+}
+
+/// The decode head policies of the Python keywords (see `paged_decode`), resolved against
+/// the cache's kv heads by [`PolicyArgs::build`].
+pub(crate) struct PolicyArgs {
+    /// `"full"`, `"streaming"` or `"quest"`: one name for every kv head, or one per kv head.
+    heads: Vec<String>,
+    /// Quest tokens kept per (sequence, kv head); required when a head is Quest.
+    quest_budget: Option<usize>,
+    quest_sink_pages: usize,
+    streaming: StreamingConfig,
+}
+
+impl PolicyArgs {
+    /// The keywords of a decode call; `None` (every head Full, the other keywords unused)
+    /// when `policy` is.
+    pub(crate) fn new(
+        policy: Option<&Bound<'_, PyAny>>,
+        (quest_budget, quest_sink_pages): (Option<usize>, usize),
+        (sinks, window): (usize, usize),
+    ) -> PyResult<Option<Self>> {
+        let Some(p) = policy else { return Ok(None) };
+        let heads = match p.extract::<String>() {
+            Ok(one) => vec![one],
+            Err(_) => p.extract::<Vec<String>>().map_err(|_| {
+                PyTypeError::new_err("policy must be a string or a list of strings (per kv head)")
+            })?,
+        };
+        Ok(Some(PolicyArgs {
+            heads,
+            quest_budget,
+            quest_sink_pages,
+            streaming: StreamingConfig { sinks, window },
+        }))
+    }
+
+    /// The policy of a cache with `heads_kv` kv heads (validated by
+    /// [`PagedDecode::with_policy`]).
+    fn build(self, heads_kv: usize) -> PyResult<SparsePolicy> {
+        let heads = per_dim("policy", self.heads, heads_kv, "kv heads")?
+            .iter()
+            .map(|name| match name.as_str() {
+                "full" => Ok(HeadPolicy::Full),
+                "streaming" => Ok(HeadPolicy::Streaming),
+                "quest" => Ok(HeadPolicy::Quest),
+                other => Err(PyValueError::new_err(format!(
+                    "policy '{other}': 'full', 'streaming' or 'quest'"
+                ))),
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let quest = match self.quest_budget {
+            Some(token_budget) => QuestConfig {
+                token_budget,
+                sink_pages: self.quest_sink_pages,
+            },
+            None if heads.contains(&HeadPolicy::Quest) => {
+                return Err(PyValueError::new_err(
+                    "quest heads need quest_budget (tokens kept per sequence and kv head)",
+                ));
+            }
+            None => QuestConfig::default(),
+        };
+        Ok(SparsePolicy {
+            heads,
+            streaming: self.streaming,
+            quest,
+        })
+    }
 }
 
 /// A validated paged problem with the element strides of q and of its output (q's shape,
@@ -410,18 +488,68 @@ impl Paged {
         }
     }
 
+    /// The CPU pass; `meta` (the Quest bounds) only for a decode.
     fn forward_cpu<T: Element, C: Element>(
         &self,
         q: &[T],
         kv: KvPages<&[C]>,
+        meta: Option<PageMeta<&[C]>>,
         out: &mut [T],
     ) -> longattn::Result<()> {
         let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.qs));
         match &self.problem {
-            PagedProblem::Decode(p) => p.forward_cpu(q, kv, None, out, None),
+            PagedProblem::Decode(p) => p.forward_cpu(q, kv, meta, out, None),
             PagedProblem::Prefill(p) => p.forward_cpu(q, kv, out, None),
         }
     }
+}
+
+/// The validated cache `(num_pages, page_size, hkv, d)` with host tables `block_table (b,
+/// max_pages)` and `seqlens_k (b,)`, and the scales of an FP8 cache.
+pub(crate) fn paged_cache(
+    cache_dims: &[usize],
+    block_table: (Vec<i32>, Vec<usize>),
+    seqlens_k: &[i32],
+    scales: Option<KvScales>,
+) -> PyResult<PagedCache> {
+    let [num_pages, page_size, heads_kv, head_dim] = dims_n::<4>("k_cache", cache_dims)?;
+    let [b, max_pages] = dims_n::<2>("block_table", &block_table.1)?;
+    if seqlens_k.len() != b {
+        return Err(PyValueError::new_err(format!(
+            "block_table {:?} and seqlens_k ({}): batch must agree",
+            block_table.1,
+            seqlens_k.len()
+        )));
+    }
+    let layout = PagedLayout {
+        num_pages,
+        page_size,
+        heads_kv,
+        head_dim,
+    };
+    let table = PageTable {
+        block_table: &block_table.0,
+        max_pages_per_seq: max_pages,
+        seqlens_k,
+    };
+    let cache = PagedCache::new(layout, table).map_err(err)?;
+    match scales {
+        Some(s) => cache.with_kv_scales(s).map_err(err),
+        None => Ok(cache),
+    }
+}
+
+/// `kmin` and `kmax` must be shaped `(num_pages, heads_kv, head_dim)` of a cache shaped
+/// `cache` (`(num_pages, page_size, heads_kv, head_dim)`).
+pub(crate) fn check_meta_dims(cache: &[usize], kmin: &[usize], kmax: &[usize]) -> PyResult<()> {
+    let [num_pages, _, heads_kv, head_dim] = dims_n::<4>("k_cache", cache)?;
+    let want = [num_pages, heads_kv, head_dim];
+    if kmin != want || kmax != want {
+        return Err(PyValueError::new_err(format!(
+            "kmin {kmin:?} and kmax {kmax:?} must be (num_pages, heads_kv, head_dim) = {want:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The validated paged problem from host tables: `block_table (b, max_pages)` and
@@ -449,35 +577,22 @@ pub(crate) fn paged_problem(
         let [b, q_len, hq, d] = dims_n::<4>("q", q_dims)?;
         (b, q_len, hq, d)
     };
-    let [num_pages, page_size, hkv, dk] = dims_n::<4>("k_cache", cache_dims)?;
-    let [b, max_pages] = dims_n::<2>("block_table", &block_table.1)?;
-    if dk != d || seqlens_k.len() != b || (!packed && rows != b) {
+    let cache = paged_cache(cache_dims, block_table, &seqlens_k, scales)?;
+    if cache.head_dim() != d || (!packed && rows != cache.batch()) {
         return Err(PyValueError::new_err(format!(
-            "q {q_dims:?}, cache {cache_dims:?}, block_table {:?}, seqlens_k ({}): head_dim and \
-             batch must agree",
-            block_table.1,
+            "q {q_dims:?}, cache {cache_dims:?}, seqlens_k ({}): head_dim and batch must agree",
             seqlens_k.len()
         )));
     }
-    let layout = PagedLayout {
-        num_pages,
-        page_size,
-        heads_kv: hkv,
-        head_dim: d,
-    };
-    let table = PageTable {
-        block_table: &block_table.0,
-        max_pages_per_seq: max_pages,
-        seqlens_k: &seqlens_k,
-    };
-    let cache = PagedCache::new(layout, table).map_err(err)?;
-    let cache = match scales {
-        Some(s) => cache.with_kv_scales(s).map_err(err)?,
-        None => cache,
-    };
     let problem = match kind {
-        PagedKind::Decode => {
-            PagedProblem::Decode(PagedDecode::new(&cache, hq, q_len, opts).map_err(err)?)
+        PagedKind::Decode { policy } => {
+            let decode = PagedDecode::new(&cache, hq, q_len, opts).map_err(err)?;
+            PagedProblem::Decode(match policy {
+                Some(p) => decode
+                    .with_policy(p.build(cache.heads_kv())?)
+                    .map_err(err)?,
+                None => decode,
+            })
         }
         PagedKind::Prefill { cu_seqlens_q: None } => {
             PagedProblem::Prefill(PagedPrefill::new(&cache, hq, q_len, opts).map_err(err)?)
@@ -506,88 +621,165 @@ pub(crate) fn paged_problem(
     Ok(Paged { problem, qs })
 }
 
-/// A cache array as the decode reads it: elements of q's type `T`, or FP8 e4m3 codes (from a
-/// `uint8` array).
-enum CacheData<T> {
-    Same(Vec<T>),
-    Fp8(Vec<F8E4M3>),
+/// An element type a cache array holds: q's own type, or FP8 e4m3 codes in a `uint8` array
+/// (`torch.float8_e4m3fn` viewed as `uint8`).
+trait CacheElem: Element {
+    /// The numpy element type of the array.
+    type Np: numpy::Element + Copy;
+    /// The array's dtype, for error messages.
+    const WHAT: &'static str;
+    fn from_np(x: Self::Np) -> Self;
+    fn to_np(self) -> Self::Np;
 }
 
-fn cache_array<T: numpy::Element + Copy>(
-    name: &str,
-    a: &Bound<'_, PyAny>,
-    fp8: bool,
-) -> PyResult<(CacheData<T>, Vec<usize>)> {
-    if fp8 {
-        let h = host::<u8>(name, a)?;
-        let codes = h.data.into_iter().map(F8E4M3::from_bits).collect();
-        Ok((CacheData::Fp8(codes), h.dims))
-    } else {
-        let h = host::<T>(name, a)?;
-        Ok((CacheData::Same(h.data), h.dims))
+macro_rules! numpy_cache_elem {
+    ($($t:ty),*) => {$(
+        impl CacheElem for $t {
+            type Np = $t;
+            const WHAT: &'static str = "of q's dtype (k_new's for an append)";
+            fn from_np(x: $t) -> $t {
+                x
+            }
+            fn to_np(self) -> $t {
+                self
+            }
+        }
+    )*};
+}
+numpy_cache_elem!(f32, f16);
+
+impl CacheElem for F8E4M3 {
+    type Np = u8;
+    const WHAT: &'static str = "uint8 (FP8 e4m3 codes, as k_cache)";
+    fn from_np(x: u8) -> Self {
+        F8E4M3::from_bits(x)
+    }
+    fn to_np(self) -> u8 {
+        self.to_bits()
     }
 }
 
-/// [`paged_impl`] in q's element type (float16, else float32).
+/// Whether a cache array holds FP8 e4m3 codes (a `uint8` array).
+fn is_fp8(k_cache: &Bound<'_, PyAny>) -> bool {
+    k_cache.extract::<PyReadonlyArrayDyn<u8>>().is_ok()
+}
+
+fn cache_host<C: CacheElem>(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Host<C>> {
+    let h = host_as::<C::Np>(name, a, C::WHAT)?;
+    let data = h.data.into_iter().map(C::from_np).collect();
+    Ok(Host { data, dims: h.dims })
+}
+
+/// A writable numpy array of `C` (copied out; [`Writable::store`] writes `data` back), held
+/// mutably borrowed from extraction to the write-back.
+struct Writable<'py, C: CacheElem> {
+    arr: PyReadwriteArrayDyn<'py, C::Np>,
+    data: Vec<C>,
+    dims: Vec<usize>,
+}
+
+fn writable<'py, C: CacheElem>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<Writable<'py, C>> {
+    let arr: PyReadwriteArrayDyn<'py, C::Np> = a.extract().map_err(|e| {
+        PyTypeError::new_err(format!(
+            "{name} must be a writable numpy array {}, no other argument's array: {e}",
+            C::WHAT
+        ))
+    })?;
+    let data = arr.as_array().iter().map(|&x| C::from_np(x)).collect();
+    let dims = arr.shape().to_vec();
+    Ok(Writable { arr, data, dims })
+}
+
+impl<C: CacheElem> Writable<'_, C> {
+    fn store(mut self) {
+        for (dst, x) in self.arr.as_array_mut().iter_mut().zip(self.data) {
+            *dst = x.to_np();
+        }
+    }
+}
+
+/// The numpy arguments of a paged decode or prefill.
+struct PagedArrays<'a, 'py> {
+    q: &'a Bound<'py, PyAny>,
+    kv: (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>),
+    /// `(block_table, seqlens_k)`.
+    tables: (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>),
+    /// The Quest bounds `(kmin, kmax)` (decode only).
+    meta: Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>,
+}
+
+/// `kmin` and `kmax`: both or neither.
+pub(crate) fn meta_pair<'a, 'py>(
+    kmin: Option<&'a Bound<'py, PyAny>>,
+    kmax: Option<&'a Bound<'py, PyAny>>,
+) -> PyResult<Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>> {
+    match (kmin, kmax) {
+        (None, None) => Ok(None),
+        (Some(lo), Some(hi)) => Ok(Some((lo, hi))),
+        _ => Err(PyValueError::new_err("kmin and kmax go together")),
+    }
+}
+
+/// [`paged_impl`] in q's element type (float16, else float32) over the cache's (q's, or FP8
+/// e4m3 from `uint8` arrays).
 fn paged_run<'py>(
     py: Python<'py>,
     kind: PagedKind,
-    (q, k_cache, v_cache): (&Bound<'py, PyAny>, &Bound<'py, PyAny>, &Bound<'py, PyAny>),
-    (block_table, seqlens_k): (&Bound<'py, PyAny>, &Bound<'py, PyAny>),
+    a: PagedArrays<'_, 'py>,
     opts: AttentionOptions,
     scales: Option<KvScales>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let (bt, sl) = (block_table, seqlens_k);
-    if is_f16(q) {
-        paged_impl::<f16>(py, kind, q, k_cache, v_cache, bt, sl, opts, scales)
-    } else {
-        paged_impl::<f32>(py, kind, q, k_cache, v_cache, bt, sl, opts, scales)
+    match (is_f16(a.q), is_fp8(a.kv.0)) {
+        (true, true) => paged_impl::<f16, F8E4M3>(py, kind, a, opts, scales),
+        (true, false) => paged_impl::<f16, f16>(py, kind, a, opts, scales),
+        (false, true) => paged_impl::<f32, F8E4M3>(py, kind, a, opts, scales),
+        (false, false) => paged_impl::<f32, f32>(py, kind, a, opts, scales),
     }
 }
 
 /// The CPU forward pass of a paged problem of `kind` on numpy arrays.
-#[allow(clippy::too_many_arguments)]
-fn paged_impl<'py, T: Element + numpy::Element>(
+fn paged_impl<'py, T: Element + numpy::Element, C: CacheElem>(
     py: Python<'py>,
     kind: PagedKind,
-    q: &Bound<'py, PyAny>,
-    k_cache: &Bound<'py, PyAny>,
-    v_cache: &Bound<'py, PyAny>,
-    block_table: &Bound<'py, PyAny>,
-    seqlens_k: &Bound<'py, PyAny>,
+    a: PagedArrays<'_, 'py>,
     opts: AttentionOptions,
     scales: Option<KvScales>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let q = host::<T>("q", q)?;
-    // A uint8 cache holds e4m3 codes (torch.float8_e4m3fn viewed as uint8).
-    let fp8 = k_cache.extract::<PyReadonlyArrayDyn<u8>>().is_ok();
-    let (k, k_dims) = cache_array::<T>("k_cache", k_cache, fp8)?;
-    let (v, v_dims) = cache_array::<T>("v_cache", v_cache, fp8)?;
-    if k_dims != v_dims {
+    let q = host::<T>("q", a.q)?;
+    let k = cache_host::<C>("k_cache", a.kv.0)?;
+    let v = cache_host::<C>("v_cache", a.kv.1)?;
+    if k.dims != v.dims {
         return Err(PyValueError::new_err(
             "k_cache and v_cache must have the same shape and dtype",
         ));
     }
+    let meta = match a.meta {
+        Some((lo, hi)) => Some((cache_host::<C>("kmin", lo)?, cache_host::<C>("kmax", hi)?)),
+        None => None,
+    };
     let paged = paged_problem(
         kind,
         &q.dims,
-        &k_dims,
-        ints("block_table", block_table)?,
-        ints("seqlens_k", seqlens_k)?.0,
+        &k.dims,
+        ints("block_table", a.tables.0)?,
+        ints("seqlens_k", a.tables.1)?.0,
         &opts,
         scales,
     )?;
+    if let Some((lo, hi)) = &meta {
+        check_meta_dims(&k.dims, &lo.dims, &hi.dims)?;
+    }
     let mut out = vec![T::default(); paged.out_len()];
-    py.detach(|| match (&k, &v) {
-        (CacheData::Same(k), CacheData::Same(v)) => {
-            paged.forward_cpu(&q.data, KvPages { k, v }, &mut out)
-        }
-        (CacheData::Fp8(k), CacheData::Fp8(v)) => {
-            paged.forward_cpu(&q.data, KvPages { k, v }, &mut out)
-        }
-        _ => Err(longattn::Error::Shape(
-            "k_cache and v_cache must have the same dtype".into(),
-        )),
+    let meta = meta.as_ref().map(|(lo, hi)| PageMeta {
+        kmin: &lo.data[..],
+        kmax: &hi.data[..],
+    });
+    py.detach(|| {
+        let kv = KvPages {
+            k: &k.data[..],
+            v: &v.data[..],
+        };
+        paged.forward_cpu(&q.data, kv, meta, &mut out)
     })
     .map_err(err)?;
     to_py(py, out, &q.dims)
@@ -608,8 +800,18 @@ fn kv_scales(k_scales: Option<Vec<f32>>, v_scales: Option<Vec<f32>>) -> PyResult
 /// `block_table (b, max_pages)` int32, `seqlens_k (b,)` int32 counting the new tokens. Causal
 /// among the new tokens; `window_left` bounds the window (`W - 1` for W tokens, -1
 /// unbounded).
+///
+/// Head policies (`None`: every kv head reads every visible page, as without them):
+/// `policy` is "full", "streaming" or "quest" for every kv head, or a list of one per kv
+/// head. A streaming head sees the first `streaming_sinks` tokens and the last
+/// `streaming_window` (the current one included) instead of the window above; a Quest head
+/// sees the visible keys of the `max(1, quest_budget // page_size)` pages of highest score
+/// `S(p) = sum_c max(q_c * kmax_c, q_c * kmin_c)` (max over the kv head's query heads and
+/// new tokens), the newest page and the first `quest_sink_pages` pages always kept; it needs
+/// `quest_budget` (tokens) and the bounds `kmin, kmax (num_pages, hkv, d)` of the cache's
+/// dtype that `paged_append` maintains.
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, k_scales=None, v_scales=None))]
+#[pyo3(signature = (q, k_cache, v_cache, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, k_scales=None, v_scales=None, policy=None, quest_budget=None, quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None, kmax=None))]
 #[allow(clippy::too_many_arguments)]
 fn paged_decode<'py>(
     py: Python<'py>,
@@ -624,11 +826,28 @@ fn paged_decode<'py>(
     sinks: usize,
     k_scales: Option<Vec<f32>>,
     v_scales: Option<Vec<f32>>,
+    policy: Option<&Bound<'py, PyAny>>,
+    quest_budget: Option<usize>,
+    quest_sink_pages: usize,
+    streaming_sinks: usize,
+    streaming_window: usize,
+    kmin: Option<&Bound<'py, PyAny>>,
+    kmax: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let opts = make_options(scale, true, Some((window_left, 0)), softcap, sinks)?;
     let scales = kv_scales(k_scales, v_scales)?;
-    let (kind, tables) = (PagedKind::Decode, (block_table, seqlens_k));
-    paged_run(py, kind, (q, k_cache, v_cache), tables, opts, scales)
+    let policy = PolicyArgs::new(
+        policy,
+        (quest_budget, quest_sink_pages),
+        (streaming_sinks, streaming_window),
+    )?;
+    let a = PagedArrays {
+        q,
+        kv: (k_cache, v_cache),
+        tables: (block_table, seqlens_k),
+        meta: meta_pair(kmin, kmax)?,
+    };
+    paged_run(py, PagedKind::Decode { policy }, a, opts, scales)
 }
 
 /// Prefill over a paged KV cache on numpy arrays (CPU; chunked prefill, prefix caching): the
@@ -662,9 +881,220 @@ fn paged_prefill<'py>(
         Some(c) => Some(ints("cu_seqlens_q", c)?.0),
         None => None,
     };
-    let kind = PagedKind::Prefill { cu_seqlens_q };
-    let tables = (block_table, seqlens_k);
-    paged_run(py, kind, (q, k_cache, v_cache), tables, opts, scales)
+    let a = PagedArrays {
+        q,
+        kv: (k_cache, v_cache),
+        tables: (block_table, seqlens_k),
+        meta: None,
+    };
+    paged_run(py, PagedKind::Prefill { cu_seqlens_q }, a, opts, scales)
+}
+
+/// `(rows, heads_kv, head_dim)` new tokens of a cache: `k_new` and `v_new` shaped
+/// `(cu_seqlens_new[-1], heads_kv, head_dim)`; returns their element strides.
+pub(crate) fn new_token_strides(
+    cache: &PagedCache,
+    k_new: &[usize],
+    v_new: &[usize],
+    cu_seqlens_new: &[i32],
+) -> PyResult<Strides> {
+    let (hkv, d) = (cache.heads_kv(), cache.head_dim());
+    let total = cu_seqlens_new.last().map(|&t| t as i64);
+    let want =
+        |dims: &[usize]| dims.len() == 3 && dims[1..] == [hkv, d] && Some(dims[0] as i64) == total;
+    if !want(k_new) || !want(v_new) {
+        return Err(PyValueError::new_err(format!(
+            "k_new {k_new:?} and v_new {v_new:?} must be (cu_seqlens_new[-1] = {total:?}, \
+             heads_kv = {hkv}, head_dim = {d})"
+        )));
+    }
+    Ok(Strides {
+        batch: 0,
+        seq: (hkv * d) as i64,
+        head: d as i64,
+    })
+}
+
+/// The numpy arguments of an append.
+struct AppendArrays<'a, 'py> {
+    kv_new: (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>),
+    kv: (&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>),
+    /// `(block_table, seqlens_k, cu_seqlens_new)`.
+    tables: [&'a Bound<'py, PyAny>; 3],
+    meta: Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>,
+}
+
+/// [`PagedCache::append_cpu`] of `T` tokens into a cache of `C`, written back in place.
+fn append_impl<T: Element + numpy::Element, C: CacheElem>(
+    py: Python<'_>,
+    a: AppendArrays<'_, '_>,
+    scales: Option<KvScales>,
+) -> PyResult<()> {
+    let (k_new, v_new) = (
+        host::<T>("k_new", a.kv_new.0)?,
+        host::<T>("v_new", a.kv_new.1)?,
+    );
+    let mut k = writable::<C>("k_cache", a.kv.0)?;
+    let mut v = writable::<C>("v_cache", a.kv.1)?;
+    let mut meta = match a.meta {
+        Some((lo, hi)) => Some((writable::<C>("kmin", lo)?, writable::<C>("kmax", hi)?)),
+        None => None,
+    };
+    if k.dims != v.dims {
+        return Err(PyValueError::new_err(
+            "k_cache and v_cache must have the same shape and dtype",
+        ));
+    }
+    let [bt, sl, cu] = a.tables;
+    let cu = ints("cu_seqlens_new", cu)?.0;
+    let cache = paged_cache(
+        &k.dims,
+        ints("block_table", bt)?,
+        &ints("seqlens_k", sl)?.0,
+        scales,
+    )?;
+    if let Some((lo, hi)) = &meta {
+        check_meta_dims(&k.dims, &lo.dims, &hi.dims)?;
+    }
+    let s = new_token_strides(&cache, &k_new.dims, &v_new.dims, &cu)?;
+    let m = meta.as_mut().map(|(lo, hi)| PageMeta {
+        kmin: &mut lo.data[..],
+        kmax: &mut hi.data[..],
+    });
+    let kv = KvPages {
+        k: &mut k.data[..],
+        v: &mut v.data[..],
+    };
+    py.detach(|| {
+        let (kn, vn) = (
+            Strided::new(&k_new.data[..], s),
+            Strided::new(&v_new.data[..], s),
+        );
+        cache.append_cpu(&cu, kn, vn, kv, m)
+    })
+    .map_err(err)?;
+    k.store();
+    v.store();
+    if let Some((lo, hi)) = meta {
+        lo.store();
+        hi.store();
+    }
+    Ok(())
+}
+
+/// Appends new tokens to a paged KV cache in place (CPU; the writes an engine does before
+/// `paged_decode` / `paged_prefill`): `k_new, v_new (total_new, hkv, d)` float32 or float16,
+/// sequence `b`'s rows `cu_seqlens_new[b]:cu_seqlens_new[b + 1]` (int32 `(b + 1,)` from 0)
+/// going to positions `seqlens_k[b] - n_b .. seqlens_k[b]`: **`seqlens_k` already counts the
+/// new tokens** (the lengths after the append, as the decode then reads them). The writable
+/// `k_cache, v_cache (num_pages, page_size, hkv, d)` hold the new tokens' dtype, or are `uint8`
+/// arrays of FP8 e4m3 codes of `x / k_scales[g]` (`v_scales` alike; `fp8_quantize`'s
+/// rounding). `kmin, kmax (num_pages, hkv, d)`, writable of the cache's dtype, are the Quest
+/// bounds: per channel, the min/max of the stored keys of each page's filled slots; an
+/// append writing slot 0 of a page restarts its bounds (a reused page forgets its previous
+/// owner), others widen them. Two sequences writing one page in one call are refused. The
+/// arrays are copied out and written back whole (the CPU functions copy their inputs): a
+/// reference path, linear in the cache size.
+#[pyfunction]
+#[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, k_scales=None, v_scales=None))]
+#[allow(clippy::too_many_arguments)]
+fn paged_append<'py>(
+    py: Python<'py>,
+    k_new: &Bound<'py, PyAny>,
+    v_new: &Bound<'py, PyAny>,
+    k_cache: &Bound<'py, PyAny>,
+    v_cache: &Bound<'py, PyAny>,
+    block_table: &Bound<'py, PyAny>,
+    seqlens_k: &Bound<'py, PyAny>,
+    cu_seqlens_new: &Bound<'py, PyAny>,
+    kmin: Option<&Bound<'py, PyAny>>,
+    kmax: Option<&Bound<'py, PyAny>>,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
+) -> PyResult<()> {
+    let scales = kv_scales(k_scales, v_scales)?;
+    let a = AppendArrays {
+        kv_new: (k_new, v_new),
+        kv: (k_cache, v_cache),
+        tables: [block_table, seqlens_k, cu_seqlens_new],
+        meta: meta_pair(kmin, kmax)?,
+    };
+    match (is_f16(k_new), is_fp8(k_cache)) {
+        (true, true) => append_impl::<f16, F8E4M3>(py, a, scales),
+        (true, false) => append_impl::<f16, f16>(py, a, scales),
+        (false, true) => append_impl::<f32, F8E4M3>(py, a, scales),
+        (false, false) => append_impl::<f32, f32>(py, a, scales),
+    }
+}
+
+/// The merge of `o (batch, seqlen, heads, head_dim)` partials (`o_a`, `o_b` alike) with LSE
+/// `(batch, heads, seqlen)`.
+pub(crate) fn merge_shape(o: [&[usize]; 2], lse: [&[usize]; 2]) -> PyResult<MergeShape> {
+    let [batch, seqlen, heads, head_dim] = dims_n::<4>("o_a", o[0])?;
+    let want = [batch, heads, seqlen];
+    if o[1] != o[0] || lse.iter().any(|l| *l != want) {
+        return Err(PyValueError::new_err(format!(
+            "o_a {:?}, o_b {:?}: (batch, seqlen, heads, head_dim) alike; lse_a {:?}, lse_b {:?}: \
+             (batch, heads, seqlen) = {want:?}",
+            o[0], o[1], lse[0], lse[1]
+        )));
+    }
+    Ok(MergeShape {
+        batch,
+        seqlen,
+        heads,
+        head_dim,
+    })
+}
+
+fn merge_impl<'py, T: Element + numpy::Element>(
+    py: Python<'py>,
+    [o_a, lse_a, o_b, lse_b]: [&Bound<'py, PyAny>; 4],
+) -> PyResult<Bound<'py, PyAny>> {
+    let (oa, ob) = (host::<T>("o_a", o_a)?, host::<T>("o_b", o_b)?);
+    let f32_array = "of float32";
+    let la = host_as::<f32>("lse_a", lse_a, f32_array)?;
+    let lb = host_as::<f32>("lse_b", lse_b, f32_array)?;
+    let shape = merge_shape([&oa.dims, &ob.dims], [&la.dims, &lb.dims])?;
+    let mut o = vec![T::default(); shape.o_len()];
+    let mut lse = vec![0.0f32; shape.lse_len()];
+    let a = Partial {
+        o: &oa.data[..],
+        lse: &la.data[..],
+    };
+    let b = Partial {
+        o: &ob.data[..],
+        lse: &lb.data[..],
+    };
+    let out = Partial {
+        o: &mut o[..],
+        lse: &mut lse[..],
+    };
+    py.detach(|| shape.merge_cpu(a, b, out)).map_err(err)?;
+    let (o, lse) = (to_py(py, o, &oa.dims)?, to_py(py, lse, &la.dims)?);
+    Ok((o, lse).into_pyobject(py)?.into_any())
+}
+
+/// Merges two partial attention results over disjoint key sets (CPU; split-KV, cascade or
+/// prefix + suffix attention): `o_a, o_b (batch, seqlen, heads, head_dim)` float32 or float16
+/// (one dtype), `lse_a, lse_b (batch, heads, seqlen)` float32 natural-log LSEs as `dense` and
+/// `paged_*` return them. Returns `(o, lse)`: `lse = log(exp(lse_a) + exp(lse_b))`, `o =
+/// exp(lse_a - lse) o_a + exp(lse_b - lse) o_b` (f32 arithmetic); two empty rows (both LSEs
+/// -inf) give `o = 0`, `lse = -inf`.
+#[pyfunction]
+fn merge<'py>(
+    py: Python<'py>,
+    o_a: &Bound<'py, PyAny>,
+    lse_a: &Bound<'py, PyAny>,
+    o_b: &Bound<'py, PyAny>,
+    lse_b: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let args = [o_a, lse_a, o_b, lse_b];
+    if is_f16(o_a) {
+        merge_impl::<f16>(py, args)
+    } else {
+        merge_impl::<f32>(py, args)
+    }
 }
 
 /// FP8 e4m3 codes of `x / scale` (float32 array in, uint8 array of the same shape out):
@@ -689,12 +1119,13 @@ fn fp8_quantize<'py>(
     to_py(py, codes, &x.dims)
 }
 
-fn per_dim<T: Copy>(name: &str, v: Vec<T>, n: usize) -> PyResult<Vec<T>> {
+/// One value for each of `n` `what`s: `v` itself, or its single value repeated.
+fn per_dim<T: Clone>(name: &str, v: Vec<T>, n: usize, what: &str) -> PyResult<Vec<T>> {
     match v.len() {
-        1 => Ok(vec![v[0]; n]),
+        1 => Ok(vec![v[0].clone(); n]),
         m if m == n => Ok(v),
         m => Err(PyValueError::new_err(format!(
-            "{name} has {m} values for {n} grid dims"
+            "{name} has {m} values for {n} {what}"
         ))),
     }
 }
@@ -729,10 +1160,10 @@ pub(crate) fn neighborhood_problem(
     }
     let n = grid.len();
     let (ks, ds, cs, ss) = (
-        per_dim("kernel_size", spec.kernel_size, n)?,
-        per_dim("dilation", spec.dilation, n)?,
-        per_dim("causal", spec.causal, n)?,
-        per_dim("stride", spec.stride, n)?,
+        per_dim("kernel_size", spec.kernel_size, n, "grid dims")?,
+        per_dim("dilation", spec.dilation, n, "grid dims")?,
+        per_dim("causal", spec.causal, n, "grid dims")?,
+        per_dim("stride", spec.stride, n, "grid dims")?,
     );
     let dims: Vec<NeighborhoodDim> = (0..n)
         .map(|i| {
@@ -817,6 +1248,8 @@ fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dense_varlen, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode, m)?)?;
     m.add_function(wrap_pyfunction!(paged_prefill, m)?)?;
+    m.add_function(wrap_pyfunction!(paged_append, m)?)?;
+    m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(fp8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
     m.add_function(wrap_pyfunction!(block_sparse, m)?)?;

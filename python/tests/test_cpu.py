@@ -479,3 +479,344 @@ def test_cuda_functions_refuse_host_arrays_and_unsupported_dtypes():
     h = Half((1, 130, 2, 64))  # 3 query and 3 key blocks of 64
     with pytest.raises(ValueError, match="not sorted"):
         longattn.block_sparse_cuda(h, h, h, h, [0, 2, 2, 2], [1, 0], block_m=64, block_n=64)
+
+
+def appended_cache(rng, lens_steps, hkv, d, page=4, num_pages=16, max_pages=6, dtype=np.float32,
+                   meta=True):
+    """Sequences grown by `paged_append` in steps: `lens_steps[t][s]` new tokens of sequence s
+    at step t, into shuffled pages. Returns the caches, kmin/kmax (or None), the table,
+    seqlens_k and each sequence's dense (len, hkv, d) K and V (float32, as appended)."""
+    b = len(lens_steps[0])
+    perm = rng.permutation(num_pages)
+    k_cache = np.zeros((num_pages, page, hkv, d), dtype)
+    v_cache = np.zeros_like(k_cache)
+    kmin = np.zeros((num_pages, hkv, d), dtype) if meta else None
+    kmax = np.zeros_like(kmin) if meta else None
+    total = [sum(step[s] for step in lens_steps) for s in range(b)]
+    table = np.full((b, max_pages), -1, np.int32)
+    nxt = 0
+    for s in range(b):
+        for lp in range(-(-total[s] // page)):
+            table[s, lp] = perm[nxt]
+            nxt += 1
+    seqlens = np.zeros(b, np.int32)
+    ks, vs = [np.zeros((0, hkv, d), np.float32)] * b, [np.zeros((0, hkv, d), np.float32)] * b
+    for step in lens_steps:
+        cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
+        k_new = rand(rng, int(cu[-1]), hkv, d).astype(dtype)
+        v_new = rand(rng, int(cu[-1]), hkv, d).astype(dtype)
+        seqlens = seqlens + np.array(step, np.int32)  # seqlens_k counts the new tokens
+        longattn.paged_append(k_new, v_new, k_cache, v_cache, table, seqlens, cu, kmin=kmin,
+                              kmax=kmax)
+        ks = [np.concatenate([ks[s], k_new[cu[s]:cu[s + 1]].astype(np.float32)]) for s in range(b)]
+        vs = [np.concatenate([vs[s], v_new[cu[s]:cu[s + 1]].astype(np.float32)]) for s in range(b)]
+    return k_cache, v_cache, kmin, kmax, table, seqlens, ks, vs
+
+
+STEPS = [[9, 0, 3], [1, 2, 1], [1, 1, 4]]  # prefill-like, then decode steps across pages
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_paged_append_then_decode_is_dense(dtype):
+    rng = np.random.default_rng(21)
+    hq, hkv, d, page = 4, 2, 16, 4
+    k_cache, v_cache, kmin, kmax, table, seqlens, ks, vs = appended_cache(
+        rng, STEPS, hkv, d, page, dtype=dtype)
+    assert list(seqlens) == [11, 3, 8]
+    q = rand(rng, 3, 2, hq, d).astype(dtype)
+    got = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25)
+    for s in range(3):
+        want = ref_dense(q[s:s + 1], ks[s][None], vs[s][None], 0.25, True)
+        assert rel_l2(got[s:s + 1], want) < (RTOL if dtype == np.float32 else 1e-2)
+    # The bounds: per channel, min/max of each page's stored keys (exact: they are stored).
+    for s in range(3):
+        for lp in range(-(-int(seqlens[s]) // page)):
+            keys = ks[s][lp * page:(lp + 1) * page].astype(dtype)
+            assert np.array_equal(kmin[table[s, lp]], keys.min(axis=0))
+            assert np.array_equal(kmax[table[s, lp]], keys.max(axis=0))
+
+
+def test_paged_append_slot_zero_restarts_a_reused_page():
+    rng = np.random.default_rng(22)
+    hkv, d, page = 1, 8, 4
+    k_cache = np.full((2, page, hkv, d), 100.0, np.float32)  # a previous owner's keys
+    v_cache = np.zeros_like(k_cache)
+    kmin, kmax = np.full((2, hkv, d), -100.0, np.float32), np.full((2, hkv, d), 100.0, np.float32)
+    table = np.array([[1, 0]], np.int32)
+    k_new, v_new = rand(rng, 2, hkv, d), rand(rng, 2, hkv, d)
+    longattn.paged_append(k_new, v_new, k_cache, v_cache, table, np.array([2], np.int32),
+                          np.array([0, 2], np.int32), kmin=kmin, kmax=kmax)
+    assert np.array_equal(k_cache[1, :2], k_new) and np.array_equal(v_cache[1, :2], v_new)
+    assert np.all(k_cache[1, 2:] == 100.0) and np.all(k_cache[0] == 100.0)  # untouched
+    assert np.array_equal(kmin[1], k_new.min(axis=0)) and np.array_equal(kmax[1], k_new.max(0))
+    assert np.all(kmin[0] == -100.0)
+    # A later append (not slot 0) widens the page's bounds.
+    k2 = np.full((1, hkv, d), 7.0, np.float32)
+    longattn.paged_append(k2, k2, k_cache, v_cache, table, np.array([3], np.int32),
+                          np.array([0, 1], np.int32), kmin=kmin, kmax=kmax)
+    assert np.array_equal(kmax[1], np.full((hkv, d), 7.0)) and np.array_equal(kmin[1],
+                                                                                 k_new.min(0))
+
+
+def test_paged_append_fp8_codes_and_decode():
+    rng = np.random.default_rng(23)
+    hq, hkv, d, page, num_pages = 4, 2, 8, 4, 6
+    k_scales, v_scales = [0.01, 0.004], [0.008, 0.02]
+    k_cache = np.zeros((num_pages, page, hkv, d), np.uint8)
+    v_cache = np.zeros_like(k_cache)
+    kmin, kmax = np.zeros((num_pages, hkv, d), np.uint8), np.zeros((num_pages, hkv, d), np.uint8)
+    table = np.array([[4, 1, 3], [0, 5, 2]], np.int32)
+    lens, cu = np.array([10, 7], np.int32), np.array([0, 10, 17], np.int32)
+    k_new, v_new = rand(rng, 17, hkv, d), rand(rng, 17, hkv, d)
+    longattn.paged_append(k_new, v_new, k_cache, v_cache, table, lens, cu, kmin=kmin, kmax=kmax,
+                          k_scales=k_scales, v_scales=v_scales)
+    vals = e4m3_values()
+    for s in range(2):
+        for t in range(lens[s]):
+            p, slot, row = table[s, t // page], t % page, cu[s] + t
+            for h in range(hkv):
+                assert np.array_equal(k_cache[p, slot, h],
+                                      longattn.fp8_quantize(k_new[row, h], k_scales[h]))
+                assert np.array_equal(v_cache[p, slot, h],
+                                      longattn.fp8_quantize(v_new[row, h], v_scales[h]))
+        for lp in range(-(-int(lens[s]) // page)):
+            stored = vals[k_cache[table[s, lp], :min(page, lens[s] - lp * page)]]
+            assert np.array_equal(vals[kmin[table[s, lp]]], stored.min(axis=0))
+            assert np.array_equal(vals[kmax[table[s, lp]]], stored.max(axis=0))
+    q = rand(rng, 2, 1, hq, d)
+    got = longattn.paged_decode(q, k_cache, v_cache, table, lens, scale=0.3, k_scales=k_scales,
+                                v_scales=v_scales)
+    sk, sv = np.array(k_scales)[None, :, None], np.array(v_scales)[None, :, None]
+    for s in range(2):
+        rows = slice(cu[s], cu[s + 1])
+        kd = np.stack([vals[longattn.fp8_quantize(k_new[rows, h], k_scales[h])]
+                       for h in range(hkv)], axis=1) * sk
+        vd = np.stack([vals[longattn.fp8_quantize(v_new[rows, h], v_scales[h])]
+                       for h in range(hkv)], axis=1) * sv
+        want = ref_dense(q[s:s + 1], kd[None], vd[None], 0.3, True)
+        assert rel_l2(got[s:s + 1], want) < RTOL
+        # Quest over the FP8 bounds (codes; the scores scale by the K scale).
+        got_q = longattn.paged_decode(q[s:s + 1], k_cache, v_cache, table[s:s + 1], lens[s:s + 1],
+                                      scale=0.3, k_scales=k_scales, v_scales=v_scales,
+                                      policy="quest", quest_budget=8, kmin=kmin, kmax=kmax)
+        pages = table[s, :-(-int(lens[s]) // page)]
+        bounds = (vals[kmin[pages]] * sk, vals[kmax[pages]] * sk)
+        want = ref_policy_decode(q[s], kd, vd, ["quest"] * hkv, 0.3, page, quest=(8, 0),
+                                 bounds=bounds)
+        assert rel_l2(got_q[0], want) < RTOL
+
+
+def ref_policy_decode(q, ks, vs, heads, scale, page, streaming=(4, 1024), quest=None, bounds=None):
+    """Decode of one sequence (`q (q_len, hq, d)`, `ks, vs (sk, hkv, d)`) with per-kv-head
+    policies: "full" (causal), "streaming" (sinks + the last `window` tokens), "quest" (the
+    selected pages: `quest = (budget_tokens, sink_pages)`, `bounds = (kmin, kmax)` per logical
+    page `(pages, hkv, d)`)."""
+    q, ks, vs = (x.astype(np.float64) for x in (q, ks, vs))
+    q_len, hq, d = q.shape
+    sk, hkv = ks.shape[0], ks.shape[1]
+    group = hq // hkv
+    out = np.zeros_like(q)
+    for g in range(hkv):
+        if heads[g] == "streaming":
+            mask = visible(q_len, sk, streaming[1] - 1, 0, True, streaming[0])
+        else:
+            mask = visible(q_len, sk, -1, 0, True)
+        if heads[g] == "quest":
+            budget, sink_pages = quest
+            n_pages = -(-sk // page)
+            lo, hi = (b[:, g].astype(np.float64) for b in bounds)
+            qg = q[:, g * group:(g + 1) * group].reshape(-1, d)  # every row of the group
+            score = np.maximum(qg[:, None] * hi[None], qg[:, None] * lo[None]).sum(-1).max(0)
+            kept = [p < sink_pages or p == n_pages - 1 for p in range(n_pages)]
+            k = min(max(max(1, budget // page), sum(kept)), n_pages)
+            order = sorted(range(n_pages), key=lambda p: (not kept[p], -score[p], p))
+            chosen = np.zeros(n_pages, bool)
+            chosen[order[:k]] = True
+            mask = mask & chosen[np.arange(sk) // page][None, :]
+        for h in range(g * group, (g + 1) * group):
+            out[:, h] = attend(q[:, h], ks[:, g], vs[:, g], mask, scale, None)
+    return out
+
+
+def test_paged_decode_streaming_heads():
+    rng = np.random.default_rng(24)
+    hq, hkv, d, page = 6, 3, 16, 4
+    steps = [[17, 6], [2, 1]]
+    k_cache, v_cache, _, _, table, seqlens, ks, vs = appended_cache(
+        rng, steps, hkv, d, page, meta=False)
+    q = rand(rng, 2, 2, hq, d)
+    heads = ["streaming", "full", "streaming"]
+    got = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25, policy=heads,
+                                streaming_sinks=2, streaming_window=5)
+    for s in range(2):
+        want = ref_policy_decode(q[s], ks[s], vs[s], heads, 0.25, page, streaming=(2, 5))
+        assert rel_l2(got[s], want) < RTOL
+    # One name for every head; the defaults (no policy, or all "full") are the plain decode.
+    got = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25,
+                                policy="streaming", streaming_sinks=0, streaming_window=3)
+    for s in range(2):
+        want = ref_policy_decode(q[s], ks[s], vs[s], ["streaming"] * 3, 0.25, page,
+                                 streaming=(0, 3))
+        assert rel_l2(got[s], want) < RTOL
+    plain = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25)
+    full = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25, policy="full")
+    assert np.array_equal(plain, full)
+
+
+@pytest.mark.parametrize("budget, sink_pages", [(8, 0), (8, 1), (12, 2), (3, 0), (100, 0)])
+def test_paged_decode_quest_heads(budget, sink_pages):
+    rng = np.random.default_rng(25)
+    hq, hkv, d, page = 4, 2, 16, 4
+    steps = [[22, 13], [1, 2]]
+    k_cache, v_cache, kmin, kmax, table, seqlens, ks, vs = appended_cache(
+        rng, steps, hkv, d, page, num_pages=20, max_pages=7)
+    q = rand(rng, 2, 2, hq, d)
+    heads = ["quest", "full"]
+    got = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25, policy=heads,
+                                quest_budget=budget, quest_sink_pages=sink_pages, kmin=kmin,
+                                kmax=kmax)
+    for s in range(2):
+        pages = table[s, :-(-int(seqlens[s]) // page)]
+        want = ref_policy_decode(q[s], ks[s], vs[s], heads, 0.25, page, quest=(budget, sink_pages),
+                                 bounds=(kmin[pages], kmax[pages]))
+        assert rel_l2(got[s], want) < RTOL, s
+    if budget < 100:  # the selection matters: all pages would give the dense result
+        dense = longattn.paged_decode(q, k_cache, v_cache, table, seqlens, scale=0.25)
+        assert rel_l2(got, dense.astype(np.float64)) > 1e-3
+
+
+def test_merge_is_the_formula_and_merges_dense_halves():
+    rng = np.random.default_rng(26)
+    b, s, h, d = 2, 3, 4, 8
+    o_a, o_b = rand(rng, b, s, h, d), rand(rng, b, s, h, d)
+    lse_a, lse_b = rand(rng, b, h, s), rand(rng, b, h, s)
+    lse_a[0, 1, 2] = -np.inf  # one side empty
+    lse_b[1, 3, 0] = -np.inf
+    lse_a[1, 0, 1] = lse_b[1, 0, 1] = -np.inf  # both empty: o = 0, lse = -inf
+    o, lse = longattn.merge(o_a, lse_a, o_b, lse_b)
+    assert o.dtype == np.float32 and lse.shape == (b, h, s)
+    la, lb = lse_a.astype(np.float64), lse_b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        m = np.maximum(la, lb)
+        want_lse = np.where(np.isfinite(m), m + np.log(np.exp(la - m) + np.exp(lb - m)), -np.inf)
+        wa = np.where(np.isfinite(want_lse), np.exp(la - want_lse), 0.0)
+        wb = np.where(np.isfinite(want_lse), np.exp(lb - want_lse), 0.0)
+    tr = lambda w: w.transpose(0, 2, 1)[..., None]  # (b, h, s) -> (b, s, h, 1)
+    want_o = tr(wa) * o_a + tr(wb) * o_b
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse))
+    fin = np.isfinite(want_lse)
+    assert np.allclose(lse[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
+    assert rel_l2(o, want_o) < RTOL
+    assert np.all(o[1, 1, 0] == 0) and lse[1, 0, 1] == -np.inf
+    # Dense attention over two halves of the keys, merged, is dense over all of them.
+    q, k, v = rand(rng, 1, 5, 4, 16), rand(rng, 1, 12, 2, 16), rand(rng, 1, 12, 2, 16)
+    parts = [longattn.dense(q, k[:, sl], v[:, sl], return_lse=True)
+             for sl in (slice(0, 7), slice(7, 12))]
+    o, lse = longattn.merge(parts[0][0], parts[0][1], parts[1][0], parts[1][1])
+    o_all, lse_all = longattn.dense(q, k, v, return_lse=True)
+    assert rel_l2(o, o_all.astype(np.float64)) < RTOL
+    assert np.allclose(lse, lse_all, rtol=1e-5, atol=1e-5)
+    o16, _ = longattn.merge(o_a.astype(np.float16), lse_a, o_b.astype(np.float16), lse_b)
+    assert o16.dtype == np.float16 and rel_l2(o16, want_o) < 1e-2
+
+
+def test_append_policy_and_merge_refusals():
+    rng = np.random.default_rng(27)
+    hkv, d, page = 2, 8, 4
+    k_cache = np.zeros((4, page, hkv, d), np.float32)
+    v_cache = np.zeros_like(k_cache)
+    kmin, kmax = np.zeros((4, hkv, d), np.float32), np.zeros((4, hkv, d), np.float32)
+    table, lens, cu = np.array([[0, 1], [2, 3]], np.int32), np.array([3, 2], np.int32), \
+        np.array([0, 3, 5], np.int32)
+    k_new = rand(rng, 5, hkv, d)
+    append = longattn.paged_append
+    with pytest.raises(ValueError, match="go together"):
+        append(k_new, k_new, k_cache, v_cache, table, lens, cu, kmin=kmin)
+    with pytest.raises(ValueError):  # k_new's heads differ from the cache's
+        append(k_new[:, :1], k_new[:, :1], k_cache, v_cache, table, lens, cu)
+    with pytest.raises(ValueError):  # rows != cu_seqlens_new[-1]
+        append(k_new[:4], k_new[:4], k_cache, v_cache, table, lens, cu)
+    with pytest.raises(ValueError, match="count the new tokens"):
+        append(k_new, k_new, k_cache, v_cache, table, np.array([2, 2], np.int32), cu)
+    with pytest.raises(ValueError, match="written by sequence 0"):  # two writers of page 0
+        append(k_new, k_new, k_cache, v_cache, np.array([[0, 1], [0, 3]], np.int32), lens, cu)
+    with pytest.raises(ValueError):  # kmin not (num_pages, heads_kv, head_dim)
+        append(k_new, k_new, k_cache, v_cache, table, lens, cu, kmin=kmin.reshape(4, d, hkv),
+               kmax=kmax)
+    frozen = k_cache.copy()
+    frozen.setflags(write=False)
+    with pytest.raises(TypeError, match="writable"):
+        append(k_new, k_new, frozen, v_cache, table, lens, cu)
+    with pytest.raises(TypeError, match="writable"):  # one array as both caches
+        append(k_new, k_new, k_cache, k_cache, table, lens, cu)
+    with pytest.raises(TypeError):  # an FP8 cache's bounds are codes too
+        append(k_new, k_new, k_cache.astype(np.uint8), v_cache.astype(np.uint8), table, lens, cu,
+               kmin=kmin, kmax=kmax)
+    with pytest.raises(ValueError):  # scales describe an FP8 cache
+        append(k_new, k_new, k_cache, v_cache, table, lens, cu, k_scales=[1, 1], v_scales=[1, 1])
+    assert np.all(k_cache == 0)  # nothing written by a refused call
+    append(k_new, k_new, k_cache, v_cache, table, lens, cu, kmin=kmin, kmax=kmax)
+    q = rand(rng, 2, 1, 4, d)
+    decode = lambda **kw: longattn.paged_decode(q, k_cache, v_cache, table, lens, **kw)
+    with pytest.raises(ValueError, match="'full', 'streaming' or 'quest'"):
+        decode(policy=["full", "sparse"])
+    with pytest.raises(ValueError):  # one name per kv head
+        decode(policy=["full", "full", "full"])
+    with pytest.raises(TypeError):
+        decode(policy=3)
+    with pytest.raises(ValueError, match="quest_budget"):
+        decode(policy="quest", kmin=kmin, kmax=kmax)
+    with pytest.raises(ValueError, match="metadata"):
+        decode(policy="quest", quest_budget=8)
+    with pytest.raises(ValueError, match="streaming window"):
+        decode(policy="streaming", streaming_window=0)
+    o, l = rand(rng, 1, 2, 3, 4), rand(rng, 1, 3, 2)
+    with pytest.raises(ValueError):  # lse must be (batch, heads, seqlen)
+        longattn.merge(o, l.transpose(0, 2, 1), o, l)
+    with pytest.raises(ValueError):
+        longattn.merge(o, l, o[:, :1], l)
+    with pytest.raises(TypeError):
+        longattn.merge(o, l.astype(np.float64), o, l)
+
+
+def test_valid_cuda_calls_without_a_usable_gpu_raise():
+    # Valid arguments on device 10**6: "CUDA not compiled" (a CPU-only build) or no such GPU,
+    # a ValueError either way (never cudarc's panic without libcuda), before any launch.
+    class Iface:
+        def __init__(self, shape, typestr):
+            self.__cuda_array_interface__ = {"data": (0, False), "shape": shape,
+                                             "typestr": typestr, "version": 3}
+
+    o, lse = Iface((1, 2, 3, 8), "<f4"), Iface((1, 3, 2), "<f4")
+    with pytest.raises(ValueError, match="longattn"):
+        longattn.merge_cuda(o, lse, o, lse, o, lse, device=10**6)
+    h = Iface((1, 4, 2, 8), "<f2")
+    with pytest.raises(ValueError, match="longattn"):
+        longattn.dense_cuda(h, h, h, h, device=10**6)
+
+
+def test_new_cuda_functions_refuse_before_any_cuda_call():
+    class Iface:
+        def __init__(self, shape, typestr="<f2"):
+            self.__cuda_array_interface__ = {"data": (0, False), "shape": shape,
+                                             "typestr": typestr, "version": 3}
+
+    c8 = Iface((4, 4, 2, 8), "|u1")
+    n = Iface((3, 2, 8))
+    with pytest.raises(TypeError, match="uint8"):
+        longattn.paged_append_cuda(n, n, c8, c8, [[0]], [3], [0, 3])
+    c32 = Iface((4, 4, 2, 8), "<f4")
+    with pytest.raises(TypeError, match="float32"):
+        longattn.paged_append_cuda(n, n, c32, c32, [[0]], [3], [0, 3])
+    c = Iface((4, 4, 2, 8))
+    with pytest.raises(ValueError):  # k_new is (total, heads_kv, head_dim) of the cache
+        longattn.paged_append_cuda(Iface((3, 1, 8)), Iface((3, 1, 8)), c, c, [[0]], [3], [0, 3])
+    o, lse16 = Iface((1, 2, 3, 8)), Iface((1, 3, 2))
+    with pytest.raises(TypeError, match="float32"):
+        longattn.merge_cuda(o, lse16, o, lse16, o, lse16)
+    lse = Iface((1, 2, 3), "<f4")  # (batch, seqlen, heads): not (batch, heads, seqlen)
+    with pytest.raises(ValueError):
+        longattn.merge_cuda(o, lse, o, lse, o, lse)
+    with pytest.raises(ValueError, match="quest_budget"):
+        longattn.paged_decode_cuda(Iface((1, 1, 4, 8)), c, c, Iface((1, 1, 4, 8)), [[0]], [3],
+                                   policy="quest")

@@ -223,6 +223,72 @@ def test_block_sparse_cuda_matches_cpu():
                 assert err < TOL[str(dtype)[6:]], (d, dtype, bm, bn, opts, err)
 
 
+
+def test_paged_append_and_policy_decode_cuda_match_cpu():
+    torch = _torch_or_skip()
+    hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
+    table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
+    steps = [[150, 1, 20], [1, 1, 13], [1, 1, 1]]  # prefill-like, then decode steps
+    tables = np.array(table, np.int32)
+    for dtype in (torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(19)
+        kc, vc = (torch.zeros((num_pages, page_size, hkv, d), dtype=dtype, device="cuda")
+                  for _ in range(2))
+        lo, hi = (torch.zeros((num_pages, hkv, d), dtype=dtype, device="cuda") for _ in range(2))
+        kc_cpu, vc_cpu = (np.zeros((num_pages, page_size, hkv, d), np.float32) for _ in range(2))
+        lo_cpu, hi_cpu = (np.zeros((num_pages, hkv, d), np.float32) for _ in range(2))
+        lens = np.zeros(3, np.int32)
+        for step in steps:
+            cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
+            lens = lens + np.array(step, np.int32)
+            k_new, v_new = (torch.randn((int(cu[-1]), hkv, d), generator=g).to(dtype)
+                            for _ in range(2))
+            longattn.paged_append_cuda(k_new.cuda(), v_new.cuda(), kc, vc, table, lens, cu,
+                                       kmin=lo, kmax=hi)
+            longattn.paged_append(_host(k_new), _host(v_new), kc_cpu, vc_cpu, tables, lens, cu,
+                                  kmin=lo_cpu, kmax=hi_cpu)
+        torch.cuda.synchronize()
+        # Copies and min/max of stored values: exact.
+        for got, want in ((kc, kc_cpu), (vc, vc_cpu), (lo, lo_cpu), (hi, hi_cpu)):
+            assert np.array_equal(_host(got), want), dtype
+        q = torch.randn((3, 2, hq, d), generator=g).to(dtype)
+        qg = q.cuda()
+        for opts in (dict(policy=["quest", "streaming"], quest_budget=64, quest_sink_pages=1,
+                          streaming_sinks=4, streaming_window=40),
+                     dict(policy="quest", quest_budget=32, window_left=100)):
+            out = torch.full_like(qg, float("nan"))
+            longattn.paged_decode_cuda(qg, kc, vc, out, table, lens, kmin=lo, kmax=hi, **opts)
+            torch.cuda.synchronize()
+            want = longattn.paged_decode(_host(q), kc_cpu, vc_cpu, tables, lens, kmin=lo_cpu,
+                                         kmax=hi_cpu, **opts)
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
+
+
+def test_merge_cuda_matches_cpu():
+    torch = _torch_or_skip()
+    b, s, h, d = 2, 33, 8, 128
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        g = torch.Generator().manual_seed(23)
+        o_a, o_b = (torch.randn((b, s, h, d), generator=g).to(dtype) for _ in range(2))
+        lse_a, lse_b = (torch.randn((b, h, s), generator=g) for _ in range(2))
+        lse_a[0, 1, :5] = float("-inf")
+        lse_b[0, 1, 3:7] = float("-inf")  # rows 3, 4: both empty
+        want_o, want_lse = longattn.merge(_host(o_a), _host(lse_a), _host(o_b), _host(lse_b))
+        ag, bg, lag, lbg = (x.cuda() for x in (o_a, o_b, lse_a, lse_b))
+        o_out, lse_out = torch.full_like(ag, float("nan")), torch.full_like(lag, float("nan"))
+        longattn.merge_cuda(ag, lag, bg, lbg, o_out, lse_out)
+        longattn.merge_cuda(ag, lag, bg, lbg, ag, lag)  # in place into a
+        torch.cuda.synchronize()
+        tol = TOL.get(str(dtype)[6:], 1e-6)
+        for o, lse in ((o_out, lse_out), (ag, lag)):
+            assert rel_l2(_host(o), want_o) < tol, dtype
+            got_lse = _host(lse)
+            assert np.array_equal(np.isinf(got_lse), np.isinf(want_lse))
+            fin = np.isfinite(want_lse)
+            assert np.allclose(got_lse[fin], want_lse[fin], rtol=1e-5, atol=1e-5), dtype
+
+
 if __name__ == "__main__":
     tests = [(name, f) for name, f in sorted(globals().items()) if name.startswith("test_")]
     failed = 0

@@ -4,13 +4,18 @@ CPU functions take numpy arrays (float32 or float16) and return new arrays:
 ``dense``, ``dense_varlen``, ``paged_decode`` and ``paged_prefill`` (also over an FP8 e4m3
 cache: ``uint8`` code arrays with per-kv-head ``k_scales``/``v_scales``; ``fp8_quantize``
 makes the codes), ``neighborhood``, ``block_sparse`` (a CSR block mask: int32 ``offsets``
-and ``indices``, optional bool ``full``, ``block_m``/``block_n``).
+and ``indices``, optional bool ``full``, ``block_m``/``block_n``), ``merge`` (two partial
+``(o, lse)`` results over disjoint keys into one). ``paged_append`` writes new tokens into
+the caller's writable cache arrays in place (and the Quest page bounds ``kmin``/``kmax``;
+``seqlens_k`` already counts the new tokens). ``paged_decode``'s ``policy`` ("full",
+"streaming" or "quest", per kv head) selects what each kv head reads.
 
 CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
-CuPy arrays; float16) or DLPack's ``__dlpack__`` (float16 and bfloat16: torch bfloat16
-tensors come this way) and write into a caller-allocated ``out`` on the tensors' current
-stream (torch's current stream for torch tensors; or an explicit ``stream`` handle):
-``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda``, ``paged_prefill_cuda``,
+CuPy arrays; float16, float32 for LSEs) or DLPack's ``__dlpack__`` (float16, bfloat16,
+float32: torch bfloat16 tensors come this way) and write into caller-allocated tensors on the
+tensors' current stream (torch's current stream for torch tensors; or an explicit ``stream``
+handle): ``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda``, ``paged_prefill_cuda``,
+``paged_append_cuda`` (in place; float16/bfloat16 caches), ``merge_cuda``,
 ``neighborhood_cuda``, ``block_sparse_cuda`` (not yet run on a GPU).
 
 Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
@@ -23,12 +28,16 @@ from ._longattn import (
     dense_varlen,
     paged_decode,
     paged_prefill,
+    paged_append,
+    merge,
     fp8_quantize,
     block_sparse,
     dense_cuda as _dense_cuda,
     dense_varlen_cuda as _dense_varlen_cuda,
     paged_decode_cuda as _paged_decode_cuda,
     paged_prefill_cuda as _paged_prefill_cuda,
+    paged_append_cuda as _paged_append_cuda,
+    merge_cuda as _merge_cuda,
     neighborhood_cuda as _neighborhood_cuda,
     block_sparse_cuda as _block_sparse_cuda,
 )
@@ -39,6 +48,8 @@ __all__ = [
     "dense_varlen",
     "paged_decode",
     "paged_prefill",
+    "paged_append",
+    "merge",
     "fp8_quantize",
     "neighborhood",
     "block_sparse",
@@ -46,6 +57,8 @@ __all__ = [
     "dense_varlen_cuda",
     "paged_decode_cuda",
     "paged_prefill_cuda",
+    "paged_append_cuda",
+    "merge_cuda",
     "neighborhood_cuda",
     "block_sparse_cuda",
 ]
@@ -111,12 +124,41 @@ def dense_varlen_cuda(q, k, v, out, cu_seqlens_q, cu_seqlens_k, *, scale=None, c
 
 
 def paged_decode_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None,
-                      window_left=-1, softcap=None, sinks=0, stream=None, device=None):
-    """Paged decode on CUDA tensors into ``out``; the tables are read on the host."""
+                      window_left=-1, softcap=None, sinks=0, policy=None, quest_budget=None,
+                      quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None,
+                      kmax=None, stream=None, device=None):
+    """Paged decode on CUDA tensors into ``out``; the tables are read on the host. Head
+    policies as ``paged_decode`` (``kmin``/``kmax``: contiguous CUDA tensors of the cache's
+    dtype, as ``paged_append_cuda`` maintains them)."""
     _paged_decode_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
                        scale=scale, window_left=window_left, softcap=softcap, sinks=sinks,
+                       policy=policy, quest_budget=quest_budget,
+                       quest_sink_pages=quest_sink_pages, streaming_sinks=streaming_sinks,
+                       streaming_window=streaming_window, kmin=kmin, kmax=kmax,
                        stream=_stream_of(q, stream), device=_device_of(q, device))
     return out
+
+
+def paged_append_cuda(k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new,
+                      *, kmin=None, kmax=None, stream=None, device=None):
+    """Appends ``k_new, v_new (total_new, heads_kv, head_dim)`` to CUDA caches in place (and
+    the Quest bounds ``kmin, kmax (num_pages, heads_kv, head_dim)`` when given), semantics as
+    ``paged_append``: ``seqlens_k`` already counts the new tokens, an append writing slot 0 of
+    a page restarts its bounds. float16/bfloat16 caches (``uint8`` FP8 caches are refused:
+    use the CPU ``paged_append``); the tables are read on the host."""
+    _paged_append_cuda(k_new, v_new, k_cache, v_cache, _ints(block_table), _ints(seqlens_k),
+                       _ints(cu_seqlens_new), kmin=kmin, kmax=kmax,
+                       stream=_stream_of(k_cache, stream), device=_device_of(k_cache, device))
+
+
+def merge_cuda(o_a, lse_a, o_b, lse_b, o_out, lse_out, *, stream=None, device=None):
+    """Merges two partial results (see ``merge``) on contiguous CUDA tensors into ``o_out``,
+    ``lse_out`` (which may be ``o_a``, ``lse_a``): ``o (batch, seqlen, heads, head_dim)``
+    float16, bfloat16 or float32, ``lse (batch, heads, seqlen)`` float32. Returns
+    ``(o_out, lse_out)``."""
+    _merge_cuda(o_a, lse_a, o_b, lse_b, o_out, lse_out, stream=_stream_of(o_a, stream),
+                device=_device_of(o_a, device))
+    return o_out, lse_out
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None,
