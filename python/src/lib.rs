@@ -630,6 +630,10 @@ trait CacheElem: Element {
     const WHAT: &'static str;
     fn from_np(x: Self::Np) -> Self;
     fn to_np(self) -> Self::Np;
+    /// The array's elements as `Self`, without a copy (`Self` has `Np`'s layout).
+    fn view(x: &[Self::Np]) -> &[Self];
+    /// [`CacheElem::view`], writable.
+    fn view_mut(x: &mut [Self::Np]) -> &mut [Self];
 }
 
 macro_rules! numpy_cache_elem {
@@ -642,6 +646,12 @@ macro_rules! numpy_cache_elem {
             }
             fn to_np(self) -> $t {
                 self
+            }
+            fn view(x: &[$t]) -> &[$t] {
+                x
+            }
+            fn view_mut(x: &mut [$t]) -> &mut [$t] {
+                x
             }
         }
     )*};
@@ -657,6 +667,14 @@ impl CacheElem for F8E4M3 {
     fn to_np(self) -> u8 {
         self.to_bits()
     }
+    fn view(x: &[u8]) -> &[F8E4M3] {
+        // SAFETY: F8E4M3 is `repr(transparent)` over u8: same size, alignment and validity.
+        unsafe { std::slice::from_raw_parts(x.as_ptr().cast(), x.len()) }
+    }
+    fn view_mut(x: &mut [u8]) -> &mut [F8E4M3] {
+        // SAFETY: as `view`; the borrow of `x` is moved into the result.
+        unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast(), x.len()) }
+    }
 }
 
 /// Whether a cache array holds FP8 e4m3 codes (a `uint8` array).
@@ -664,17 +682,43 @@ fn is_fp8(k_cache: &Bound<'_, PyAny>) -> bool {
     k_cache.extract::<PyReadonlyArrayDyn<u8>>().is_ok()
 }
 
-fn cache_host<C: CacheElem>(name: &str, a: &Bound<'_, PyAny>) -> PyResult<Host<C>> {
-    let h = host_as::<C::Np>(name, a, C::WHAT)?;
-    let data = h.data.into_iter().map(C::from_np).collect();
-    Ok(Host { data, dims: h.dims })
+/// A cache array (or Quest bounds) read as `&[C]`: borrowed from numpy without a copy when it
+/// is C-contiguous (a decode step must not cost the size of the whole cache), else copied.
+struct CacheArray<'py, C: CacheElem> {
+    arr: PyReadonlyArrayDyn<'py, C::Np>,
+    copy: Option<Vec<C>>,
+    dims: Vec<usize>,
 }
 
-/// A writable numpy array of `C` (copied out; [`Writable::store`] writes `data` back), held
-/// mutably borrowed from extraction to the write-back.
+fn cache_array<'py, C: CacheElem>(
+    name: &str,
+    a: &Bound<'py, PyAny>,
+) -> PyResult<CacheArray<'py, C>> {
+    let arr: PyReadonlyArrayDyn<'py, C::Np> = a
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array {}", C::WHAT)))?;
+    let copy =
+        (!arr.is_c_contiguous()).then(|| arr.as_array().iter().map(|&x| C::from_np(x)).collect());
+    let dims = arr.shape().to_vec();
+    Ok(CacheArray { arr, copy, dims })
+}
+
+impl<C: CacheElem> CacheArray<'_, C> {
+    fn data(&self) -> &[C] {
+        match &self.copy {
+            Some(v) => v,
+            // C-contiguous (checked at extraction): as_slice succeeds.
+            None => C::view(self.arr.as_slice().unwrap_or(&[])),
+        }
+    }
+}
+
+/// A writable numpy array of `C`, held mutably borrowed from extraction to
+/// [`Writable::store`]: written in place when C-contiguous, else through a copy that `store`
+/// writes back.
 struct Writable<'py, C: CacheElem> {
     arr: PyReadwriteArrayDyn<'py, C::Np>,
-    data: Vec<C>,
+    copy: Option<Vec<C>>,
     dims: Vec<usize>,
 }
 
@@ -685,15 +729,27 @@ fn writable<'py, C: CacheElem>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<Wr
             C::WHAT
         ))
     })?;
-    let data = arr.as_array().iter().map(|&x| C::from_np(x)).collect();
+    let copy =
+        (!arr.is_c_contiguous()).then(|| arr.as_array().iter().map(|&x| C::from_np(x)).collect());
     let dims = arr.shape().to_vec();
-    Ok(Writable { arr, data, dims })
+    Ok(Writable { arr, copy, dims })
 }
 
 impl<C: CacheElem> Writable<'_, C> {
+    fn data_mut(&mut self) -> &mut [C] {
+        match &mut self.copy {
+            Some(v) => v,
+            // C-contiguous (checked at extraction): as_slice_mut succeeds.
+            None => C::view_mut(self.arr.as_slice_mut().unwrap_or(&mut [])),
+        }
+    }
+
+    /// Writes a copy back (nothing to do for an array written in place).
     fn store(mut self) {
-        for (dst, x) in self.arr.as_array_mut().iter_mut().zip(self.data) {
-            *dst = x.to_np();
+        if let Some(copy) = self.copy.take() {
+            for (dst, x) in self.arr.as_array_mut().iter_mut().zip(copy) {
+                *dst = x.to_np();
+            }
         }
     }
 }
@@ -746,15 +802,15 @@ fn paged_impl<'py, T: Element + numpy::Element, C: CacheElem>(
     scales: Option<KvScales>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let q = host::<T>("q", a.q)?;
-    let k = cache_host::<C>("k_cache", a.kv.0)?;
-    let v = cache_host::<C>("v_cache", a.kv.1)?;
+    let k = cache_array::<C>("k_cache", a.kv.0)?;
+    let v = cache_array::<C>("v_cache", a.kv.1)?;
     if k.dims != v.dims {
         return Err(PyValueError::new_err(
             "k_cache and v_cache must have the same shape and dtype",
         ));
     }
     let meta = match a.meta {
-        Some((lo, hi)) => Some((cache_host::<C>("kmin", lo)?, cache_host::<C>("kmax", hi)?)),
+        Some((lo, hi)) => Some((cache_array::<C>("kmin", lo)?, cache_array::<C>("kmax", hi)?)),
         None => None,
     };
     let paged = paged_problem(
@@ -771,17 +827,15 @@ fn paged_impl<'py, T: Element + numpy::Element, C: CacheElem>(
     }
     let mut out = vec![T::default(); paged.out_len()];
     let meta = meta.as_ref().map(|(lo, hi)| PageMeta {
-        kmin: &lo.data[..],
-        kmax: &hi.data[..],
+        kmin: lo.data(),
+        kmax: hi.data(),
     });
-    py.detach(|| {
-        let kv = KvPages {
-            k: &k.data[..],
-            v: &v.data[..],
-        };
-        paged.forward_cpu(&q.data, kv, meta, &mut out)
-    })
-    .map_err(err)?;
+    let kv = KvPages {
+        k: k.data(),
+        v: v.data(),
+    };
+    py.detach(|| paged.forward_cpu(&q.data, kv, meta, &mut out))
+        .map_err(err)?;
     to_py(py, out, &q.dims)
 }
 
@@ -924,7 +978,7 @@ struct AppendArrays<'a, 'py> {
     meta: Option<(&'a Bound<'py, PyAny>, &'a Bound<'py, PyAny>)>,
 }
 
-/// [`PagedCache::append_cpu`] of `T` tokens into a cache of `C`, written back in place.
+/// [`PagedCache::append_cpu`] of `T` tokens into a cache of `C`, in place.
 fn append_impl<T: Element + numpy::Element, C: CacheElem>(
     py: Python<'_>,
     a: AppendArrays<'_, '_>,
@@ -958,12 +1012,12 @@ fn append_impl<T: Element + numpy::Element, C: CacheElem>(
     }
     let s = new_token_strides(&cache, &k_new.dims, &v_new.dims, &cu)?;
     let m = meta.as_mut().map(|(lo, hi)| PageMeta {
-        kmin: &mut lo.data[..],
-        kmax: &mut hi.data[..],
+        kmin: lo.data_mut(),
+        kmax: hi.data_mut(),
     });
     let kv = KvPages {
-        k: &mut k.data[..],
-        v: &mut v.data[..],
+        k: k.data_mut(),
+        v: v.data_mut(),
     };
     py.detach(|| {
         let (kn, vn) = (
@@ -993,8 +1047,8 @@ fn append_impl<T: Element + numpy::Element, C: CacheElem>(
 /// bounds: per channel, the min/max of the stored keys of each page's filled slots; an
 /// append writing slot 0 of a page restarts its bounds (a reused page forgets its previous
 /// owner), others widen them. Two sequences writing one page in one call are refused. The
-/// arrays are copied out and written back whole (the CPU functions copy their inputs): a
-/// reference path, linear in the cache size.
+/// arrays are written in place when C-contiguous (no copy of the cache: an append costs the
+/// new tokens), else through a copy written back whole.
 #[pyfunction]
 #[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, k_scales=None, v_scales=None))]
 #[allow(clippy::too_many_arguments)]
