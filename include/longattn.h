@@ -562,6 +562,37 @@ longattn_status longattn_block_sparse_forward_cuda(const longattn_dense_desc *de
                                                    longattn_tensor_mut out, float *lse,
                                                    size_t lse_len, int32_t device, void *stream);
 
+/* ---- MoBA (mixture of block attention) ---------------------------------------------------- */
+
+/* MoBA's knobs (docs/semantics.md, "MoBA selection"; Lu et al. 2025): keys in blocks of
+ * block_n; a query row at position p (bottom-right aligned) attends to its own block
+ * p / block_n and the top_k - 1 earlier blocks whose mean key scores highest against it (ties:
+ * the lower block; all of them when fewer exist), under the descriptor's element mask (MoBA's
+ * is causal). block_n and top_k >= 1 (0 is refused with LONGATTN_ERR_INVALID_OPTION). */
+typedef struct longattn_moba_config {
+  size_t block_n;
+  size_t top_k;
+} longattn_moba_config;
+
+/* MoBA on the CPU: per-token selection (f64 gating), then attention over each row's blocks;
+ * buffers, options and sizes (longattn_dense_sizes) as longattn_dense_forward_cpu; f32, f16 or
+ * bf16; lse may be NULL. */
+longattn_status longattn_moba_forward_cpu(const longattn_dense_desc *desc,
+                                          longattn_moba_config config, longattn_dtype dtype,
+                                          longattn_tensor q, longattn_tensor k, longattn_tensor v,
+                                          longattn_tensor_mut out, float *lse, size_t lse_len);
+
+/* The same on device buffers of GPU `device`, queued on `stream` as
+ * longattn_dense_forward_cuda (scratch for the selection is allocated per call): f16 or bf16,
+ * head_dim 64, 128 or 256, min(top_k, key blocks) at most 32. The gating runs in f32, so a
+ * near-tie may pick another block than the CPU's f64 gating. The MoBA kernels are not yet run
+ * on a GPU. */
+longattn_status longattn_moba_forward_cuda(const longattn_dense_desc *desc,
+                                           longattn_moba_config config, longattn_dtype dtype,
+                                           longattn_tensor q, longattn_tensor k, longattn_tensor v,
+                                           longattn_tensor_mut out, float *lse, size_t lse_len,
+                                           int32_t device, void *stream);
+
 #ifdef __cplusplus
 }
 #endif

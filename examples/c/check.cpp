@@ -1,8 +1,9 @@
 // Runs dense attention, a paged decode step, a paged append followed by the same decode, and
 // an LSE merge through the C API on the CPU and compares them with the f64 reference values
-// the Rust side wrote (`cargo run --example c_fixture -- FILE`); a neighborhood call and a
-// block-sparse call against the dense entry on problems where they equal it; then checks
-// that bad arguments come back as status codes with a message. Exit code 0 only if all hold.
+// the Rust side wrote (`cargo run --example c_fixture -- FILE`); a neighborhood, a
+// block-sparse and a MoBA call against the dense entry on problems where they equal it; then
+// checks that bad arguments come back as status codes with a message. Exit code 0 only if all
+// hold.
 //
 // Fixture (little-endian):
 // dense: 8 u64 [batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window_left + 1,
@@ -67,7 +68,8 @@ static std::vector<float> dense(const longattn_dense_desc &desc, const std::vect
 }
 
 // A 2-D neighborhood whose kernels span the grid is dense attention over the flattened grid;
-// a block mask listing every block as partial, with causal set, is dense causal attention.
+// a block mask listing every block as partial, or MoBA keeping every block, with causal set,
+// is dense causal attention.
 static bool check_neighborhood_and_block_sparse() {
   const size_t hq = 2, hkv = 1, d = 8, x = 3, y = 5, n = x * y;
   longattn_neighborhood_desc na = {};
@@ -149,7 +151,24 @@ static bool check_neighborhood_and_block_sparse() {
                                          {bk.data(), bk.size(), bks}, {bv.data(), bv.size(), bks},
                                          {bout.data(), bout.size(), bqs}, nullptr, 0);
   std::printf("unsorted block list: status %d (%s)\n", int(st), longattn_last_error());
-  return ok && berr < 1e-5 && st == LONGATTN_ERR_INDEX;
+  ok = ok && berr < 1e-5 && st == LONGATTN_ERR_INDEX;
+
+  // MoBA with top_k above the block count: every row sees its own and all earlier blocks,
+  // which with causal set is dense causal attention.
+  const longattn_moba_config all_blocks = {blk, 100};
+  std::vector<float> mout(bq.size(), NAN);
+  st = longattn_moba_forward_cpu(&dd, all_blocks, LONGATTN_F32, {bq.data(), bq.size(), bqs},
+                                 {bk.data(), bk.size(), bks}, {bv.data(), bv.size(), bks},
+                                 {mout.data(), mout.size(), bqs}, nullptr, 0);
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "moba: status %d: %s\n", int(st), longattn_last_error());
+    return false;
+  }
+  const double merr = bwant.empty() ? INFINITY : rel_l2(mout, bwant);
+  std::printf("moba cpu: block %zu, top_k 100 (all blocks) + causal, rel L2 vs the dense causal "
+              "entry %.3e\n",
+              blk, merr);
+  return ok && merr < 1e-5;
 }
 
 int main(int argc, char **argv) {
