@@ -2665,6 +2665,25 @@ fn na_inputs<T: Element>(seed: u64, c: &CNeighborhoodDesc) -> ([Vec<T>; 3], Stri
     )
 }
 
+/// A C entry's output and LSE in `T` (`out` with strides `qs`): bit for bit what the Rust
+/// API writes (`rust` into fresh buffers), and within `tol` (LSE: 1e-4) of the f64 reference.
+fn check_c_output<T: Element>(
+    (out, lse): (&[T], &[f32]),
+    qs: Strides,
+    (ref_out, ref_lse): (Vec<f64>, Vec<f64>),
+    tol: f64,
+    rust: impl FnOnce(Strided<&mut [T]>, &mut [f32]) -> longattn::Result<()>,
+) {
+    let (mut want, mut want_lse) = (vec![T::from_f32(0.0); out.len()], vec![0f32; lse.len()]);
+    rust(Strided::new(&mut want[..], qs), &mut want_lse).unwrap();
+    let dtype = T::DTYPE;
+    assert_eq!(bits(out), bits(&want), "{dtype:?}: out vs the Rust API");
+    assert_eq!(bits(lse), bits(&want_lse), "{dtype:?}: lse vs the Rust API");
+    let err = rel_l2(&common::to_f64(out), &ref_out);
+    assert!(err < tol, "{dtype:?}: rel L2 {err} vs the f64 reference");
+    common::check_lse(lse, &ref_lse, 1e-4, "lse vs the f64 reference");
+}
+
 /// The C neighborhood entry, the Rust API and the f64 reference on one problem in `T`: the
 /// C output and LSE equal the Rust API's bit for bit and the reference within `tol`.
 fn check_na_c<T: Element>(seed: u64, c: &CNeighborhoodDesc, tol: f64) {
@@ -2690,41 +2709,15 @@ fn check_na_c<T: Element>(seed: u64, c: &CNeighborhoodDesc, tol: f64) {
     };
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
     let na = rust_na(c);
-    let (mut want, mut want_lse) = (vec![T::from_f32(0.0); out_len], vec![0f32; lse_len]);
-    na.forward_cpu(
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
-        Strided::new(&mut want[..], qs),
-        Some(&mut want_lse),
-    )
-    .unwrap();
-    assert_eq!(
-        bits(&out),
-        bits(&want),
-        "{:?}: out vs the Rust API",
-        T::DTYPE
+    let (qv, kv, vv) = (
+        || Strided::new(&q[..], qs),
+        || Strided::new(&k[..], ks),
+        || Strided::new(&v[..], ks),
     );
-    assert_eq!(
-        bits(&lse),
-        bits(&want_lse),
-        "{:?}: lse vs the Rust API",
-        T::DTYPE
-    );
-    let (ref_out, ref_lse) = reference::neighborhood_attention_f64(
-        &na,
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&v[..], ks),
-    )
-    .unwrap();
-    let err = rel_l2(&common::to_f64(&out), &ref_out);
-    assert!(
-        err < tol,
-        "{:?}: rel L2 {err} vs the f64 reference",
-        T::DTYPE
-    );
-    common::check_lse(&lse, &ref_lse, 1e-4, "neighborhood lse");
+    let reference = reference::neighborhood_attention_f64(&na, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), qs, reference, tol, |o, l| {
+        na.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
 }
 
 #[test]
@@ -3137,41 +3130,15 @@ fn check_bs_c<T: Element>(c: &Case, mask: &BlockMask, tol: f64) {
     assert_eq!(st, LONGATTN_OK, "{}", last_error());
     let bs = BlockSparseAttention::new(rust_dense(&c.d), mask.clone()).unwrap();
     let [q, k, v] = &inputs;
-    let (mut want, mut want_lse) = (vec![T::from_f32(0.0); out.len()], vec![0f32; lse.len()]);
-    bs.forward_cpu(
-        Strided::new(&q[..], c.qs),
-        Strided::new(&k[..], c.ks),
-        Strided::new(&v[..], c.ks),
-        Strided::new(&mut want[..], c.qs),
-        Some(&mut want_lse),
-    )
-    .unwrap();
-    assert_eq!(
-        bits(&out),
-        bits(&want),
-        "{:?}: out vs the Rust API",
-        T::DTYPE
+    let (qv, kv, vv) = (
+        || Strided::new(&q[..], c.qs),
+        || Strided::new(&k[..], c.ks),
+        || Strided::new(&v[..], c.ks),
     );
-    assert_eq!(
-        bits(&lse),
-        bits(&want_lse),
-        "{:?}: lse vs the Rust API",
-        T::DTYPE
-    );
-    let (ref_out, ref_lse) = reference::block_sparse_attention_f64(
-        &bs,
-        Strided::new(&q[..], c.qs),
-        Strided::new(&k[..], c.ks),
-        Strided::new(&v[..], c.ks),
-    )
-    .unwrap();
-    let err = rel_l2(&common::to_f64(&out), &ref_out);
-    assert!(
-        err < tol,
-        "{:?}: rel L2 {err} vs the f64 reference",
-        T::DTYPE
-    );
-    common::check_lse(&lse, &ref_lse, 1e-4, "block-sparse lse");
+    let reference = reference::block_sparse_attention_f64(&bs, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), c.qs, reference, tol, |o, l| {
+        bs.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
 }
 
 #[test]
@@ -3427,35 +3394,10 @@ fn check_moba_c<T: Element>(c: &Case, config: CMobaConfig, tol: f64) {
         || Strided::new(&v[..], c.ks),
     );
     let bs = block_sparse::moba::moba_attention(&rust_dense(&c.d), &cfg, 64, qv(), kv()).unwrap();
-    let (mut want, mut want_lse) = (vec![T::from_f32(0.0); q.len()], vec![0f32; lse_len]);
-    bs.forward_cpu(
-        qv(),
-        kv(),
-        vv(),
-        Strided::new(&mut want[..], c.qs),
-        Some(&mut want_lse),
-    )
-    .unwrap();
-    assert_eq!(
-        bits(&out),
-        bits(&want),
-        "{:?}: out vs the Rust API",
-        T::DTYPE
-    );
-    assert_eq!(
-        bits(&lse),
-        bits(&want_lse),
-        "{:?}: lse vs the Rust API",
-        T::DTYPE
-    );
-    let (ref_out, ref_lse) = reference::block_sparse_attention_f64(&bs, qv(), kv(), vv()).unwrap();
-    let err = rel_l2(&common::to_f64(&out), &ref_out);
-    assert!(
-        err < tol,
-        "{:?}: rel L2 {err} vs the f64 reference",
-        T::DTYPE
-    );
-    common::check_lse(&lse, &ref_lse, 1e-4, "moba lse");
+    let reference = reference::block_sparse_attention_f64(&bs, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), c.qs, reference, tol, |o, l| {
+        bs.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
 }
 
 #[test]
