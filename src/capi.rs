@@ -325,9 +325,9 @@ type DeviceQkv<'a, T> = (
     Strided<&'a cudarc::driver::CudaSlice<T>>,
 );
 
-/// A validated problem whose Rust API maps `q, k, v` to `out` and the LSE with one signature
-/// (dense, neighborhood, block-sparse), so that their C entry points share one dtype
-/// dispatch and one set of buffer checks.
+/// A validated problem that maps `q, k, v` to `out` and the LSE with one signature (dense,
+/// neighborhood, block-sparse: their Rust API; MoBA: its selection, then attention), so that
+/// their C entry points share one dtype dispatch and one set of buffer checks.
 trait Forward {
     /// The problem's `forward_cpu`.
     fn run_cpu<T: Element>(
