@@ -469,7 +469,7 @@ typedef struct longattn_neighborhood_dim {
  * (Y, (Z,)) heads_kv, head_dim] with dims[0..rank) = X, Y, Z (outermost first; entries past
  * rank are not read): the grid is flattened into the seq axis of longattn_strides (tokens =
  * X * Y * Z, row-major, last dim fastest), so the strides are those of [batch, tokens, heads,
- * head_dim]. rank 1 to 3 (0 or more is refused); heads_kv divides heads_q; scale 0 means
+ * head_dim]. rank 1 to 3 (0 and above 3 are refused); heads_kv divides heads_q; scale 0 means
  * 1/sqrt(head_dim), softcap 0 means off. LSE: [batch, heads_q, tokens]. */
 typedef struct longattn_neighborhood_desc {
   size_t batch;
