@@ -32,7 +32,7 @@ typedef enum longattn_status {
   LONGATTN_ERR_SHAPE = 1,           /* a shape or buffer length does not match */
   LONGATTN_ERR_STRIDE = 2,          /* a stride is negative, non-contiguous or out of the buffer */
   LONGATTN_ERR_INVALID_OPTION = 3,  /* window, scale, softcap, sinks out of their domain */
-  LONGATTN_ERR_INDEX = 4,           /* cu_seqlens, block tables, page ids or block masks malformed */
+  LONGATTN_ERR_INDEX = 4,           /* malformed cu_seqlens, block tables, page ids, block masks */
   LONGATTN_ERR_UNSUPPORTED = 5,     /* valid, but no kernel implements it */
   LONGATTN_ERR_CUDA_NOT_COMPILED = 6,
   LONGATTN_ERR_NO_GPU = 7,
