@@ -32,7 +32,7 @@ typedef enum longattn_status {
   LONGATTN_ERR_SHAPE = 1,           /* a shape or buffer length does not match */
   LONGATTN_ERR_STRIDE = 2,          /* a stride is negative, non-contiguous or out of the buffer */
   LONGATTN_ERR_INVALID_OPTION = 3,  /* window, scale, softcap, sinks out of their domain */
-  LONGATTN_ERR_INDEX = 4,           /* cu_seqlens, block tables or page ids malformed */
+  LONGATTN_ERR_INDEX = 4,           /* malformed cu_seqlens, block tables, page ids, block masks */
   LONGATTN_ERR_UNSUPPORTED = 5,     /* valid, but no kernel implements it */
   LONGATTN_ERR_CUDA_NOT_COMPILED = 6,
   LONGATTN_ERR_NO_GPU = 7,
@@ -445,6 +445,153 @@ longattn_status longattn_merge_cuda(const longattn_merge_desc *desc, longattn_dt
 longattn_status longattn_merge_into_cuda(const longattn_merge_desc *desc, longattn_dtype dtype,
                                          longattn_partial_mut acc, longattn_partial part,
                                          int32_t device, void *stream);
+
+/* ---- Neighborhood attention (1-D, 2-D, 3-D grids) ------------------------------------------ */
+
+#define LONGATTN_MAX_NEIGHBORHOOD_DIMS 3
+
+/* One grid dim (docs/semantics.md, "Neighborhood attention (NATTEN semantics)"): a query at
+ * position x sees `kernel` keys along the dim, every `dilation`-th position of its
+ * dilation group (x mod dilation), the window shifted at the borders so that it always holds
+ * `kernel` keys (kernel * dilation <= length); with causal, only keys at or before x (fewer
+ * near the start). stride s: runs of s in-group positions share one window (non-causal dims
+ * only, s <= kernel). dilation 0 and stride 0 mean 1. kernel = length, dilation 1 on every
+ * dim and no causal dim is full self-attention over the grid. */
+typedef struct longattn_neighborhood_dim {
+  size_t length;
+  size_t kernel;
+  size_t dilation;
+  size_t stride;
+  int32_t causal;
+} longattn_neighborhood_dim;
+
+/* A neighborhood problem: q, out: [batch, X, (Y, (Z,)) heads_q, head_dim], k, v: [batch, X,
+ * (Y, (Z,)) heads_kv, head_dim] with dims[0..rank) = X, Y, Z (outermost first; entries past
+ * rank are not read): the grid is flattened into the seq axis of longattn_strides (tokens =
+ * X * Y * Z, row-major, last dim fastest), so the strides are those of [batch, tokens, heads,
+ * head_dim]. rank 1 to 3 (0 and above 3 are refused); heads_kv divides heads_q; scale 0 means
+ * 1/sqrt(head_dim), softcap 0 means off. LSE: [batch, heads_q, tokens]. */
+typedef struct longattn_neighborhood_desc {
+  size_t batch;
+  size_t heads_q;
+  size_t heads_kv;
+  size_t head_dim;
+  size_t rank;
+  longattn_neighborhood_dim dims[LONGATTN_MAX_NEIGHBORHOOD_DIMS];
+  float scale;
+  float softcap;
+} longattn_neighborhood_desc;
+
+/* Elements of the output (and of q) and of the LSE. */
+longattn_status longattn_neighborhood_sizes(const longattn_neighborhood_desc *desc,
+                                            size_t *out_len, size_t *lse_len);
+
+/* Neighborhood attention on the CPU (f32, f16 or bf16 host buffers; lse may be NULL). Refused:
+ * a bad rank, a dim of length 0 or above INT32_MAX, kernel/dilation/stride out of their
+ * domain (kernel * dilation > length, stride > kernel, stride > 1 on a causal dim), heads,
+ * lengths, strides or overlaps as longattn_dense_forward_cpu. */
+longattn_status longattn_neighborhood_forward_cpu(const longattn_neighborhood_desc *desc,
+                                                  longattn_dtype dtype, longattn_tensor q,
+                                                  longattn_tensor k, longattn_tensor v,
+                                                  longattn_tensor_mut out, float *lse,
+                                                  size_t lse_len);
+
+/* The same on device buffers of GPU `device` (f16 or bf16; head_dim a multiple of 8 up to 256,
+ * 16-byte aligned buffers, strides multiples of 8 elements), queued on `stream`; stream,
+ * validation and lifetimes as longattn_dense_forward_cuda. The fused tensor-core kernel runs
+ * at head_dim 64 and 128, the portable one otherwise. Not yet run on a GPU through the C
+ * API. */
+longattn_status longattn_neighborhood_forward_cuda(const longattn_neighborhood_desc *desc,
+                                                   longattn_dtype dtype, longattn_tensor q,
+                                                   longattn_tensor k, longattn_tensor v,
+                                                   longattn_tensor_mut out, float *lse,
+                                                   size_t lse_len, int32_t device, void *stream);
+
+/* ---- Block-sparse prefill ------------------------------------------------------------------ */
+
+/* A block mask in CSR form (docs/semantics.md, "Block-sparse masks"; FlexAttention's BlockMask,
+ * FlashInfer's BSR), host arrays for the CPU and CUDA calls alike. Query block qb holds
+ * rows qb * block_m .. (qb + 1) * block_m of each sequence, key block kb keys kb * block_n ..
+ * (kb + 1) * block_n (the last of each may be short). List l, row-major over [batch, heads,
+ * num_q_blocks], is indices[offsets[l] .. offsets[l + 1]]: strictly increasing key blocks in
+ * 0 .. num_k_blocks. offsets: batch * heads * num_q_blocks + 1 entries, offsets[0] = 0, never
+ * decreasing, the last = nnz. full: nnz flags, nonzero = the block is fully visible (the
+ * descriptor's causal/window/sinks mask is not applied inside it), 0 = partial (that mask
+ * applies), or NULL: every block partial. A key outside every listed block is hidden; a row
+ * that sees no key gives output 0 and LSE -inf. batch is the problem's or 1 (broadcast over
+ * sequences), heads its heads_q or 1; num_q_blocks = ceil(max seqlen_q / block_m),
+ * num_k_blocks = ceil(max seqlen_k / block_n) (varlen: each sequence uses the leading blocks
+ * of its own lengths; lists past its last query block must be empty). At most INT32_MAX lists
+ * and entries. */
+typedef struct longattn_block_mask {
+  size_t batch;
+  size_t heads;
+  size_t num_q_blocks;
+  size_t num_k_blocks;
+  size_t block_m;
+  size_t block_n;
+  const int32_t *offsets;
+  const int32_t *indices;
+  const uint8_t *full; /* NULL: every entry partial */
+  size_t nnz;
+} longattn_block_mask;
+
+/* Block-sparse attention on the CPU: the dense problem of desc (buffers, options, sizes from
+ * longattn_dense_sizes, as longattn_dense_forward_cpu) visiting only the listed key blocks;
+ * f32, f16 or bf16; lse may be NULL. A malformed mask (offsets length or order, an index out
+ * of range, unsorted or duplicated, dims that do not match the problem) is refused with
+ * LONGATTN_ERR_INDEX, LONGATTN_ERR_SHAPE or LONGATTN_ERR_INVALID_OPTION and a message naming
+ * the list. Every listed block partial with causal set equals longattn_dense_forward_cpu with
+ * causal set. */
+longattn_status longattn_block_sparse_forward_cpu(const longattn_dense_desc *desc,
+                                                  const longattn_block_mask *mask,
+                                                  longattn_dtype dtype, longattn_tensor q,
+                                                  longattn_tensor k, longattn_tensor v,
+                                                  longattn_tensor_mut out, float *lse,
+                                                  size_t lse_len);
+
+/* The same on device buffers of GPU `device` (q, k, v, out, lse; the mask and the varlen
+ * offsets stay host arrays, validated, then uploaded on `stream` per call), queued on
+ * `stream`; stream, validation and lifetimes as longattn_dense_forward_cuda. The tensor-core
+ * kernel: f16 or bf16, block_m and block_n multiples of 64, head_dim 64, 128 or 256. Not yet
+ * run on a GPU through the C API. */
+longattn_status longattn_block_sparse_forward_cuda(const longattn_dense_desc *desc,
+                                                   const longattn_block_mask *mask,
+                                                   longattn_dtype dtype, longattn_tensor q,
+                                                   longattn_tensor k, longattn_tensor v,
+                                                   longattn_tensor_mut out, float *lse,
+                                                   size_t lse_len, int32_t device, void *stream);
+
+/* ---- MoBA (mixture of block attention) ---------------------------------------------------- */
+
+/* MoBA's knobs (docs/semantics.md, "MoBA selection"; Lu et al. 2025): keys in blocks of
+ * block_n; a query row at position p (bottom-right aligned) attends to its own block
+ * p / block_n and the top_k - 1 earlier blocks whose mean key scores highest against it (ties:
+ * the lower block; all of them when fewer exist), under the descriptor's element mask (MoBA's
+ * is causal). block_n and top_k >= 1 (0 is refused with LONGATTN_ERR_INVALID_OPTION). */
+typedef struct longattn_moba_config {
+  size_t block_n;
+  size_t top_k;
+} longattn_moba_config;
+
+/* MoBA on the CPU: per-token selection (f64 gating), then attention over each row's blocks;
+ * buffers, options and sizes (longattn_dense_sizes) as longattn_dense_forward_cpu; f32, f16 or
+ * bf16; lse may be NULL. */
+longattn_status longattn_moba_forward_cpu(const longattn_dense_desc *desc,
+                                          longattn_moba_config config, longattn_dtype dtype,
+                                          longattn_tensor q, longattn_tensor k, longattn_tensor v,
+                                          longattn_tensor_mut out, float *lse, size_t lse_len);
+
+/* The same on device buffers of GPU `device`, queued on `stream` as
+ * longattn_dense_forward_cuda (scratch for the selection is allocated per call): f16 or bf16,
+ * head_dim 64, 128 or 256, min(top_k, key blocks) at most 32. The gating runs in f32, so a
+ * near-tie may pick another block than the CPU's f64 gating. The MoBA kernels are not yet run
+ * on a GPU. */
+longattn_status longattn_moba_forward_cuda(const longattn_dense_desc *desc,
+                                           longattn_moba_config config, longattn_dtype dtype,
+                                           longattn_tensor q, longattn_tensor k, longattn_tensor v,
+                                           longattn_tensor_mut out, float *lse, size_t lse_len,
+                                           int32_t device, void *stream);
 
 #ifdef __cplusplus
 }

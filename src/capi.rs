@@ -7,11 +7,13 @@
 //! thread. A panic (a bug) is caught and reported as `LONGATTN_ERR_INTERNAL`: nothing
 //! unwinds into C.
 
+use crate::block_sparse::BlockSparseAttention;
 use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
 use crate::element::{Element, F8E4M3};
 use crate::error::Error;
 use crate::layout::{SeqLens, Strided, Strides};
 use crate::mask::Window;
+use crate::neighborhood::NeighborhoodAttention;
 use crate::paged::{
     KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
 };
@@ -242,17 +244,23 @@ unsafe fn dense_problem(desc: *const CDenseDesc) -> Result<FlashAttention, CallE
         head_dim: desc.head_dim,
         seqlens,
     };
-    let mut options = AttentionOptions::default()
+    let options = AttentionOptions::default()
         .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
         .with_causal(desc.causal != 0)
         .with_sinks(desc.sinks);
-    if desc.scale != 0.0 {
-        options = options.with_scale(desc.scale);
-    }
-    if desc.softcap != 0.0 {
-        options = options.with_softcap(desc.softcap);
-    }
+    let options = scale_softcap(options, desc.scale, desc.softcap);
     Ok(FlashAttention::new(&shape, &options)?)
+}
+
+/// `options` with the C descriptors' `scale` (0: `1/sqrt(head_dim)`) and `softcap` (0: off).
+fn scale_softcap(mut options: AttentionOptions, scale: f32, softcap: f32) -> AttentionOptions {
+    if scale != 0.0 {
+        options = options.with_scale(scale);
+    }
+    if softcap != 0.0 {
+        options = options.with_softcap(softcap);
+    }
+    options
 }
 
 /// Writes each `(pointer, value)` whose pointer is not NULL.
@@ -310,10 +318,72 @@ pub unsafe extern "C" fn longattn_dense_sizes(
     })
 }
 
+/// `q`, `k`, `v` on the device.
+type DeviceQkv<'a, T> = (
+    Strided<&'a cudarc::driver::CudaSlice<T>>,
+    Strided<&'a cudarc::driver::CudaSlice<T>>,
+    Strided<&'a cudarc::driver::CudaSlice<T>>,
+);
+
+/// A validated problem that maps `q, k, v` to `out` and the LSE with one signature (dense,
+/// neighborhood, block-sparse: their Rust API; MoBA: its selection, then attention), so that
+/// their C entry points share one dtype dispatch and one set of buffer checks.
+trait Forward {
+    /// The problem's `forward_cpu`.
+    fn run_cpu<T: Element>(
+        &self,
+        q: Strided<&[T]>,
+        k: Strided<&[T]>,
+        v: Strided<&[T]>,
+        out: Strided<&mut [T]>,
+        lse: Option<&mut [f32]>,
+    ) -> crate::Result<()>;
+
+    /// The problem's `forward_gpu` on `stream`.
+    fn run_gpu<T: Element + cudarc::driver::DeviceRepr>(
+        &self,
+        stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+        qkv: DeviceQkv<'_, T>,
+        out: Strided<&mut cudarc::driver::CudaSlice<T>>,
+        lse: Option<&mut dyn crate::DeviceBufferMut<f32>>,
+    ) -> crate::Result<()>;
+}
+
+/// [`Forward`] for problem types whose inherent `forward_cpu` / `forward_gpu` have the
+/// shared signature.
+macro_rules! impl_forward {
+    ($($problem:ty),*) => {$(
+        impl Forward for $problem {
+            fn run_cpu<T: Element>(
+                &self,
+                q: Strided<&[T]>,
+                k: Strided<&[T]>,
+                v: Strided<&[T]>,
+                out: Strided<&mut [T]>,
+                lse: Option<&mut [f32]>,
+            ) -> crate::Result<()> {
+                self.forward_cpu(q, k, v, out, lse)
+            }
+
+            fn run_gpu<T: Element + cudarc::driver::DeviceRepr>(
+                &self,
+                stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+                (q, k, v): DeviceQkv<'_, T>,
+                out: Strided<&mut cudarc::driver::CudaSlice<T>>,
+                lse: Option<&mut dyn crate::DeviceBufferMut<f32>>,
+            ) -> crate::Result<()> {
+                self.forward_gpu(stream, q, k, v, out, lse)
+            }
+        }
+    )*};
+}
+
+impl_forward!(FlashAttention, NeighborhoodAttention, BlockSparseAttention);
+
 /// # Safety
 /// Each tensor's `data` points to `len` readable (writable for `out`) elements of `T`.
-unsafe fn dense_cpu_typed<T: Element>(
-    attn: &FlashAttention,
+unsafe fn forward_cpu_typed<T: Element>(
+    problem: &impl Forward,
     q: CTensor,
     k: CTensor,
     v: CTensor,
@@ -339,7 +409,7 @@ unsafe fn dense_cpu_typed<T: Element>(
             host_slice_mut::<T>(out.data, out.len, "out")?,
         )
     };
-    attn.forward_cpu(
+    problem.run_cpu(
         Strided::new(q_s, strides(q.strides)),
         Strided::new(k_s, strides(k.strides)),
         Strided::new(v_s, strides(v.strides)),
@@ -347,6 +417,25 @@ unsafe fn dense_cpu_typed<T: Element>(
         lse,
     )?;
     Ok(())
+}
+
+/// A `q, k, v -> out, lse` call on host buffers: `problem` run on the element type of
+/// `dtype` (f32, f16 or bf16).
+///
+/// # Safety
+/// Each tensor's `data` points to `len` elements of `dtype` (`out` writable and not
+/// overlapping the inputs); `lse` is NULL or `lse_len` writable floats.
+unsafe fn cpu_entry(
+    problem: &impl Forward,
+    dtype: DTypeCode,
+    (q, k, v): (CTensor, CTensor, CTensor),
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+) -> Result<(), CallError> {
+    // SAFETY: NULL or `lse_len` writable floats by the contract.
+    let lse = unsafe { lse_slice(lse, lse_len) }?;
+    // SAFETY: the tensors hold `len` elements of `dtype` by the contract.
+    unsafe { with_dtype!(dtype, T => forward_cpu_typed::<T>(problem, q, k, v, out, lse)) }
 }
 
 /// `[start, end)` byte addresses of a buffer (saturating: sizes are bounded later).
@@ -451,10 +540,8 @@ pub unsafe extern "C" fn longattn_dense_forward_cpu(
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
         let attn = unsafe { dense_problem(desc) }?;
-        // SAFETY: NULL or `lse_len` writable floats by the contract.
-        let lse = unsafe { lse_slice(lse, lse_len) }?;
-        // SAFETY: the tensors hold `len` elements of `dtype` by the contract.
-        unsafe { with_dtype!(dtype, T => dense_cpu_typed::<T>(&attn, q, k, v, out, lse)) }
+        // SAFETY: the buffers as documented.
+        unsafe { cpu_entry(&attn, dtype, (q, k, v), out, (lse, lse_len)) }
     })
 }
 
@@ -587,8 +674,8 @@ unsafe fn caller_stream(
 /// # Safety
 /// As [`longattn_dense_forward_cuda`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
-    attn: &FlashAttention,
+unsafe fn forward_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
+    problem: &impl Forward,
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
     q: CTensor,
     k: CTensor,
@@ -606,15 +693,45 @@ unsafe fn dense_cuda_typed<T: Element + cudarc::driver::DeviceRepr>(
         .lse
         .as_mut()
         .map(|b| b.get_mut() as &mut dyn crate::DeviceBufferMut<f32>);
-    attn.forward_gpu(
+    problem.run_gpu(
         stream,
-        Strided::new(bq.get(), strides(q.strides)),
-        Strided::new(bk.get(), strides(k.strides)),
-        Strided::new(bv.get(), strides(v.strides)),
+        (
+            Strided::new(bq.get(), strides(q.strides)),
+            Strided::new(bk.get(), strides(k.strides)),
+            Strided::new(bv.get(), strides(v.strides)),
+        ),
         Strided::new(call.out.get_mut(), strides(out.strides)),
         lse_slice,
     )?;
     Ok(())
+}
+
+/// A `q, k, v -> out, lse` call on device buffers of GPU `device`, queued on `stream`
+/// (every buffer pointer checked non-NULL before the GPU is opened): `problem` run on the
+/// element type of `dtype`.
+///
+/// # Safety
+/// As [`longattn_dense_forward_cuda`] for the buffers and the stream.
+unsafe fn cuda_entry(
+    problem: &impl Forward,
+    dtype: DTypeCode,
+    (q, k, v): (CTensor, CTensor, CTensor),
+    out: CTensorMut,
+    (lse, lse_len): (*mut f32, usize),
+    (device, stream): (i32, *mut std::ffi::c_void),
+) -> Result<(), CallError> {
+    let buffers = [
+        (q.data, "q"),
+        (k.data, "k"),
+        (v.data, "v"),
+        (out.data.cast_const(), "out"),
+    ];
+    // SAFETY: NULL or a live stream of that device's primary context by the contract.
+    let stream = unsafe { caller_stream(&buffers, device, stream) }?;
+    // SAFETY: the tensors are device allocations of `dtype` by the contract.
+    unsafe {
+        with_dtype!(dtype, T => forward_cuda_typed::<T>(problem, &stream, q, k, v, out, lse, lse_len))
+    }
 }
 
 /// `longattn_dense_forward_cuda()`: dense attention on device buffers of GPU `device`,
@@ -644,18 +761,9 @@ pub unsafe extern "C" fn longattn_dense_forward_cuda(
     guarded(|| {
         // SAFETY: NULL or a valid descriptor by the contract.
         let attn = unsafe { dense_problem(desc) }?;
-        let buffers = [
-            (q.data, "q"),
-            (k.data, "k"),
-            (v.data, "v"),
-            (out.data, "out"),
-        ];
-        // SAFETY: NULL or a live stream of that device's primary context by the contract.
-        let stream = unsafe { caller_stream(&buffers, device, stream) }?;
-        // SAFETY: the tensors are device allocations of `dtype` by the contract.
-        unsafe {
-            with_dtype!(dtype, T => dense_cuda_typed::<T>(&attn, &stream, q, k, v, out, lse, lse_len))
-        }
+        let gpu = (device, stream);
+        // SAFETY: device buffers and stream as documented.
+        unsafe { cuda_entry(&attn, dtype, (q, k, v), out, (lse, lse_len), gpu) }
     })
 }
 
@@ -746,16 +854,14 @@ unsafe fn paged_parts<'a>(
 ) -> Result<(&'a CPagedDesc, PagedCache, AttentionOptions), CallError> {
     // SAFETY: forwarded contract.
     let (desc, cache) = unsafe { paged_cache(desc, scales) }?;
-    let mut options = AttentionOptions::default()
+    let options = AttentionOptions::default()
         .with_window(Window::from_flash(desc.window_left, desc.window_right)?)
         .with_sinks(desc.sinks);
-    if desc.scale != 0.0 {
-        options = options.with_scale(desc.scale);
-    }
-    if desc.softcap != 0.0 {
-        options = options.with_softcap(desc.softcap);
-    }
-    Ok((desc, cache, options))
+    Ok((
+        desc,
+        cache,
+        scale_softcap(options, desc.scale, desc.softcap),
+    ))
 }
 
 /// The descriptor and its validated cache (geometry and tables, with `scales`); the decode
@@ -1660,9 +1766,13 @@ pub unsafe extern "C" fn longattn_dense_fp8_forward_cuda(
 }
 
 mod append;
+mod block_sparse;
 mod merge;
+mod neighborhood;
 mod policy;
 
 pub use append::*;
+pub use block_sparse::*;
 pub use merge::*;
+pub use neighborhood::*;
 pub use policy::*;

@@ -2578,3 +2578,1119 @@ fn c_api_append_merge_policy_cuda() {
     let lse: Vec<f64> = f64s(merged.1.clone());
     common::check_lse(&gs.clone_dtoh(&dol).unwrap(), &lse, 1e-4, "GPU merge lse");
 }
+
+// ---- Neighborhood attention, block-sparse prefill ----
+
+/// A C grid dim.
+fn na_dim(
+    length: usize,
+    kernel: usize,
+    dilation: usize,
+    stride: usize,
+    causal: bool,
+) -> CNeighborhoodDim {
+    CNeighborhoodDim {
+        length,
+        kernel,
+        dilation,
+        stride,
+        causal: causal as i32,
+    }
+}
+
+/// A C neighborhood descriptor of `dims` (rank = their count).
+fn na_desc(
+    batch: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    dims: &[CNeighborhoodDim],
+) -> CNeighborhoodDesc {
+    let mut all = [na_dim(0, 0, 0, 0, false); 3];
+    all[..dims.len()].copy_from_slice(dims);
+    CNeighborhoodDesc {
+        batch,
+        heads_q: hq,
+        heads_kv: hkv,
+        head_dim: d,
+        rank: dims.len(),
+        dims: all,
+        scale: 0.0,
+        softcap: 0.0,
+    }
+}
+
+/// The Rust problem the C descriptor means (dilation and stride 0 read as 1).
+fn rust_na(c: &CNeighborhoodDesc) -> NeighborhoodAttention {
+    let dims: Vec<NeighborhoodDim> = c.dims[..c.rank]
+        .iter()
+        .map(|d| {
+            NeighborhoodDim::new(d.length, d.kernel)
+                .with_dilation(d.dilation.max(1))
+                .with_stride(d.stride.max(1))
+                .with_causal(d.causal != 0)
+        })
+        .collect();
+    let mut opts = AttentionOptions::default();
+    if c.scale != 0.0 {
+        opts = opts.with_scale(c.scale);
+    }
+    if c.softcap != 0.0 {
+        opts = opts.with_softcap(c.softcap);
+    }
+    let shape = NeighborhoodShape {
+        batch: c.batch,
+        heads_q: c.heads_q,
+        heads_kv: c.heads_kv,
+        head_dim: c.head_dim,
+        dims: &dims,
+    };
+    NeighborhoodAttention::new(&shape, &opts).unwrap()
+}
+
+/// Random q, k, v of a neighborhood problem (contiguous) and their strides.
+fn na_inputs<T: Element>(seed: u64, c: &CNeighborhoodDesc) -> ([Vec<T>; 3], Strides, Strides) {
+    let tokens: usize = c.dims[..c.rank].iter().map(|d| d.length).product();
+    let mut r = rng(seed);
+    let nq = c.batch * tokens * c.heads_q * c.head_dim;
+    let nk = c.batch * tokens * c.heads_kv * c.head_dim;
+    (
+        [
+            random_vec(&mut r, nq),
+            random_vec(&mut r, nk),
+            random_vec(&mut r, nk),
+        ],
+        Strides::contiguous(tokens, c.heads_q, c.head_dim),
+        Strides::contiguous(tokens, c.heads_kv, c.head_dim),
+    )
+}
+
+/// A C entry's output and LSE in `T` (`out` with strides `qs`): bit for bit what the Rust
+/// API writes (`rust` into fresh buffers), and within `tol` (LSE: 1e-4) of the f64 reference.
+fn check_c_output<T: Element>(
+    (out, lse): (&[T], &[f32]),
+    qs: Strides,
+    (ref_out, ref_lse): (Vec<f64>, Vec<f64>),
+    tol: f64,
+    rust: impl FnOnce(Strided<&mut [T]>, &mut [f32]) -> longattn::Result<()>,
+) {
+    let (mut want, mut want_lse) = (vec![T::from_f32(0.0); out.len()], vec![0f32; lse.len()]);
+    rust(Strided::new(&mut want[..], qs), &mut want_lse).unwrap();
+    let dtype = T::DTYPE;
+    assert_eq!(bits(out), bits(&want), "{dtype:?}: out vs the Rust API");
+    assert_eq!(bits(lse), bits(&want_lse), "{dtype:?}: lse vs the Rust API");
+    let err = rel_l2(&common::to_f64(out), &ref_out);
+    assert!(err < tol, "{dtype:?}: rel L2 {err} vs the f64 reference");
+    common::check_lse(lse, &ref_lse, 1e-4, "lse vs the f64 reference");
+}
+
+/// The C neighborhood entry, the Rust API and the f64 reference on one problem in `T`: the
+/// C output and LSE equal the Rust API's bit for bit and the reference within `tol`.
+fn check_na_c<T: Element>(seed: u64, c: &CNeighborhoodDesc, tol: f64) {
+    let ([q, k, v], qs, ks) = na_inputs::<T>(seed, c);
+    let (mut out_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor and writable lengths.
+    let st = unsafe { longattn_neighborhood_sizes(c, &mut out_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let mut out = vec![T::from_f32(f32::NAN); out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: buffers of the stated lengths of `T`; distinct allocations.
+    let st = unsafe {
+        longattn_neighborhood_forward_cpu(
+            c,
+            dtype_code::<T>(),
+            tensor(&q, qs),
+            tensor(&k, ks),
+            tensor(&v, ks),
+            tensor_mut(&mut out, qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let na = rust_na(c);
+    let (qv, kv, vv) = (
+        || Strided::new(&q[..], qs),
+        || Strided::new(&k[..], ks),
+        || Strided::new(&v[..], ks),
+    );
+    let reference = reference::neighborhood_attention_f64(&na, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), qs, reference, tol, |o, l| {
+        na.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
+}
+
+#[test]
+fn c_api_neighborhood_matches_rust_and_reference() {
+    // 1-D dilated with GQA; 2-D with a causal dim, a strided dim, softcap and scale; 3-D
+    // with dilation; odd lengths throughout.
+    let one = na_desc(2, 4, 2, 8, &[na_dim(11, 5, 2, 0, false)]);
+    let two = CNeighborhoodDesc {
+        scale: 0.3,
+        softcap: 15.0,
+        ..na_desc(
+            1,
+            3,
+            1,
+            16,
+            &[na_dim(5, 3, 0, 1, true), na_dim(7, 5, 1, 2, false)],
+        )
+    };
+    let three = na_desc(
+        1,
+        2,
+        2,
+        8,
+        &[
+            na_dim(4, 3, 1, 1, false),
+            na_dim(3, 3, 0, 0, false),
+            na_dim(6, 3, 2, 0, false),
+        ],
+    );
+    for (n, c) in [one, two, three].iter().enumerate() {
+        let seed = 90 + n as u64;
+        check_na_c::<f32>(seed, c, 1e-5);
+        check_na_c::<f16>(seed, c, 4e-3);
+        check_na_c::<bf16>(seed, c, 2e-2);
+    }
+    // kernel = length on every dim, no dilation, no causal dim: the dense entry's
+    // non-causal attention over the flattened grid.
+    let full = na_desc(
+        1,
+        2,
+        1,
+        8,
+        &[na_dim(3, 3, 1, 1, false), na_dim(5, 5, 1, 1, false)],
+    );
+    let ([q, k, v], qs, ks) = na_inputs::<f32>(95, &full);
+    let mut out = vec![f32::NAN; q.len()];
+    // SAFETY: buffers of the stated lengths; no LSE.
+    let st = unsafe {
+        longattn_neighborhood_forward_cpu(
+            &full,
+            0,
+            tensor(&q, qs),
+            tensor(&k, ks),
+            tensor(&v, ks),
+            tensor_mut(&mut out, qs),
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let dense = Case {
+        d: desc(1, 15, 15, 2, 1, 8),
+        q,
+        k,
+        v,
+        qs,
+        ks,
+    };
+    let (st, want, _) = run_c(&dense);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let err = rel_l2(&common::to_f64(&out), &common::to_f64(&want));
+    assert!(
+        err < 1e-6,
+        "full-kernel neighborhood vs dense: rel L2 {err}"
+    );
+}
+
+#[test]
+fn c_api_neighborhood_refusals() {
+    let good = na_desc(
+        1,
+        2,
+        1,
+        8,
+        &[na_dim(6, 3, 1, 1, false), na_dim(5, 3, 1, 1, true)],
+    );
+    let ([q, k, v], qs, ks) = na_inputs::<f32>(96, &good);
+    let sizes = |c: &CNeighborhoodDesc| {
+        let (mut o, mut l) = (0, 0);
+        // SAFETY: NULL or valid descriptor; writable lengths.
+        unsafe { longattn_neighborhood_sizes(c, &mut o, &mut l) }
+    };
+    let dim = good.dims[0];
+    let with_dim0 = |d: CNeighborhoodDim| {
+        let mut c = good;
+        c.dims[0] = d;
+        c
+    };
+    let cases: Vec<(&str, CNeighborhoodDesc, i32)> = vec![
+        ("rank 0", CNeighborhoodDesc { rank: 0, ..good }, 1),
+        ("rank 4", CNeighborhoodDesc { rank: 4, ..good }, 5),
+        (
+            "rank huge",
+            CNeighborhoodDesc {
+                rank: usize::MAX,
+                ..good
+            },
+            5,
+        ),
+        (
+            "length 0",
+            with_dim0(CNeighborhoodDim { length: 0, ..dim }),
+            1,
+        ),
+        (
+            "length huge",
+            with_dim0(CNeighborhoodDim {
+                length: usize::MAX,
+                ..dim
+            }),
+            1,
+        ),
+        (
+            "kernel 0",
+            with_dim0(CNeighborhoodDim { kernel: 0, ..dim }),
+            3,
+        ),
+        (
+            "kernel > length",
+            with_dim0(CNeighborhoodDim { kernel: 7, ..dim }),
+            3,
+        ),
+        (
+            "kernel * dilation > length",
+            with_dim0(CNeighborhoodDim { dilation: 3, ..dim }),
+            3,
+        ),
+        (
+            "kernel * dilation overflows",
+            with_dim0(CNeighborhoodDim {
+                dilation: usize::MAX,
+                ..dim
+            }),
+            3,
+        ),
+        (
+            "stride > kernel",
+            with_dim0(CNeighborhoodDim { stride: 4, ..dim }),
+            3,
+        ),
+        (
+            "stride on a causal dim",
+            with_dim0(CNeighborhoodDim {
+                stride: 2,
+                causal: 1,
+                ..dim
+            }),
+            3,
+        ),
+        (
+            "heads_kv 0",
+            CNeighborhoodDesc {
+                heads_kv: 0,
+                ..good
+            },
+            1,
+        ),
+        (
+            "gqa ratio",
+            CNeighborhoodDesc {
+                heads_kv: 3,
+                ..good
+            },
+            1,
+        ),
+        (
+            "head_dim 0",
+            CNeighborhoodDesc {
+                head_dim: 0,
+                ..good
+            },
+            1,
+        ),
+        (
+            "batch huge",
+            CNeighborhoodDesc {
+                batch: usize::MAX,
+                ..good
+            },
+            1,
+        ),
+        (
+            "scale nan",
+            CNeighborhoodDesc {
+                scale: f32::NAN,
+                ..good
+            },
+            3,
+        ),
+        (
+            "softcap -1",
+            CNeighborhoodDesc {
+                softcap: -1.0,
+                ..good
+            },
+            3,
+        ),
+        (
+            "grid overflows",
+            na_desc(1, 1, 1, 8, &[na_dim(i32::MAX as usize, 1, 1, 1, false); 3]),
+            1,
+        ),
+    ];
+    for (name, c, want) in cases {
+        assert_eq!(sizes(&c), want, "{name}: {}", last_error());
+        assert!(!last_error().is_empty(), "{name}: no message");
+    }
+    // SAFETY: NULL descriptor is checked before use.
+    let st = unsafe { longattn_neighborhood_sizes(ptr::null(), ptr::null_mut(), ptr::null_mut()) };
+    assert_eq!(st, LONGATTN_ERR_NULL_POINTER);
+    assert_eq!(sizes(&good), LONGATTN_OK);
+    let mut out = vec![0f32; q.len()];
+    let mut lse = vec![0f32; 2 * 30];
+    let call =
+        |c: *const CNeighborhoodDesc, dtype: i32, q: CTensor, out: CTensorMut, lse: &mut [f32]| {
+            // SAFETY: every non-NULL buffer holds `len` f32s (or is refused first).
+            unsafe {
+                longattn_neighborhood_forward_cpu(
+                    c,
+                    dtype,
+                    q,
+                    tensor(&k, ks),
+                    tensor(&v, ks),
+                    out,
+                    lse.as_mut_ptr(),
+                    lse.len(),
+                )
+            }
+        };
+    let null_q = CTensor {
+        data: ptr::null(),
+        ..tensor(&q, qs)
+    };
+    assert_eq!(
+        call(
+            ptr::null(),
+            0,
+            tensor(&q, qs),
+            tensor_mut(&mut out, qs),
+            &mut lse
+        ),
+        9
+    );
+    assert_eq!(
+        call(&good, 0, null_q, tensor_mut(&mut out, qs), &mut lse),
+        9
+    );
+    assert!(last_error().contains('q'), "{}", last_error());
+    let null_out = CTensorMut {
+        data: ptr::null_mut(),
+        ..tensor_mut(&mut out, qs)
+    };
+    assert_eq!(call(&good, 0, tensor(&q, qs), null_out, &mut lse), 9);
+    assert_eq!(
+        call(&good, 9, tensor(&q, qs), tensor_mut(&mut out, qs), &mut lse),
+        5
+    );
+    let short = call(
+        &good,
+        0,
+        tensor(&q[..7], qs),
+        tensor_mut(&mut out, qs),
+        &mut lse,
+    );
+    assert_eq!(short, 1, "{}", last_error());
+    let short_lse = call(
+        &good,
+        0,
+        tensor(&q, qs),
+        tensor_mut(&mut out, qs),
+        &mut lse[..5],
+    );
+    assert_eq!(short_lse, 1, "{}", last_error());
+    let huge = CTensor {
+        len: usize::MAX,
+        ..tensor(&q, qs)
+    };
+    assert_eq!(call(&good, 0, huge, tensor_mut(&mut out, qs), &mut lse), 1);
+    let mut shared = q.clone();
+    let q_view = tensor(&shared, qs);
+    let out_view = tensor_mut(&mut shared, qs);
+    assert_eq!(
+        call(&good, 0, q_view, out_view, &mut lse),
+        1,
+        "{}",
+        last_error()
+    );
+    assert!(last_error().contains("overlaps"), "{}", last_error());
+    assert_eq!(
+        call(&good, 0, tensor(&q, qs), tensor_mut(&mut out, qs), &mut lse),
+        0
+    );
+    assert_eq!(last_error(), "");
+}
+
+/// A C block mask over the CSR arrays (which must outlive it).
+fn c_mask(
+    dims: BlockMaskDims,
+    offsets: &[i32],
+    indices: &[i32],
+    full: Option<&[u8]>,
+) -> CBlockMask {
+    CBlockMask {
+        batch: dims.batch,
+        heads: dims.heads,
+        num_q_blocks: dims.num_q_blocks,
+        num_k_blocks: dims.num_k_blocks,
+        block_m: dims.block_m,
+        block_n: dims.block_n,
+        offsets: offsets.as_ptr(),
+        indices: indices.as_ptr(),
+        full: full.map_or(ptr::null(), |f| f.as_ptr()),
+        nnz: indices.len(),
+    }
+}
+
+/// A random block mask of `dims`: each block listed with probability 1/2, a third of those
+/// full.
+fn random_mask(seed: u64, dims: BlockMaskDims) -> BlockMask {
+    use rand::Rng;
+    let mut r = rng(seed);
+    BlockMask::from_lists(dims, |_| {
+        (0..dims.num_k_blocks)
+            .filter_map(|kb| {
+                let kind = match r.random_range(0..6) {
+                    0 => BlockKind::Full,
+                    1 | 2 => BlockKind::Partial,
+                    _ => return None,
+                };
+                Some((kb, kind))
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// The Rust dense problem of a fixed-length C descriptor.
+fn rust_dense(d: &CDenseDesc) -> FlashAttention {
+    let window = Window::from_flash(d.window_left, d.window_right).unwrap();
+    let mut opts = AttentionOptions::default()
+        .with_window(window)
+        .with_causal(d.causal != 0)
+        .with_sinks(d.sinks);
+    if d.softcap != 0.0 {
+        opts = opts.with_softcap(d.softcap);
+    }
+    let shape = AttentionShape {
+        batch: d.batch,
+        heads_q: d.heads_q,
+        heads_kv: d.heads_kv,
+        head_dim: d.head_dim,
+        seqlens: SeqLens::Fixed {
+            seqlen_q: d.seqlen_q,
+            seqlen_k: d.seqlen_k,
+        },
+    };
+    FlashAttention::new(&shape, &opts).unwrap()
+}
+
+/// The C block-sparse entry on `mask` in `T`: returns the status, output and LSE.
+fn run_bs_c<T: Element>(
+    c: &Case,
+    mask: &CBlockMask,
+    inputs: &[Vec<T>; 3],
+) -> (i32, Vec<T>, Vec<f32>) {
+    let (mut out_len, mut lse_len) = (0, 0);
+    // SAFETY: valid descriptor and writable lengths.
+    let st = unsafe { longattn_dense_sizes(&c.d, &mut out_len, &mut lse_len) };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let mut out = vec![T::from_f32(f32::NAN); out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    let [q, k, v] = inputs;
+    // SAFETY: buffers of the stated lengths of `T`; the mask's arrays are alive.
+    let st = unsafe {
+        longattn_block_sparse_forward_cpu(
+            &c.d,
+            mask,
+            dtype_code::<T>(),
+            tensor(q, c.qs),
+            tensor(k, c.ks),
+            tensor(v, c.ks),
+            tensor_mut(&mut out, c.qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    (st, out, lse)
+}
+
+/// The C block-sparse entry vs the Rust API (bit for bit) and the f64 reference.
+fn check_bs_c<T: Element>(c: &Case, mask: &BlockMask, tol: f64) {
+    let inputs = [&c.q, &c.k, &c.v].map(|x| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>());
+    let cm = c_mask(
+        mask.dims(),
+        mask.offsets(),
+        mask.indices(),
+        Some(mask.full_flags()),
+    );
+    let (st, out, lse) = run_bs_c(c, &cm, &inputs);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let bs = BlockSparseAttention::new(rust_dense(&c.d), mask.clone()).unwrap();
+    let [q, k, v] = &inputs;
+    let (qv, kv, vv) = (
+        || Strided::new(&q[..], c.qs),
+        || Strided::new(&k[..], c.ks),
+        || Strided::new(&v[..], c.ks),
+    );
+    let reference = reference::block_sparse_attention_f64(&bs, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), c.qs, reference, tol, |o, l| {
+        bs.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
+}
+
+#[test]
+fn c_api_block_sparse_matches_rust_and_reference() {
+    // Odd lengths (short last blocks), GQA, causal + window + sinks + softcap intersected
+    // with per-(batch, head) lists; then one broadcast mask.
+    let d = CDenseDesc {
+        causal: 1,
+        window_left: 20,
+        sinks: 1,
+        softcap: 10.0,
+        ..desc(2, 37, 53, 4, 2, 16)
+    };
+    let c = case(97, d);
+    let dims = BlockMaskDims::for_lengths(2, 4, 37, 53, 8, 16).unwrap();
+    let mask = random_mask(98, dims);
+    check_bs_c::<f32>(&c, &mask, 1e-5);
+    check_bs_c::<f16>(&c, &mask, 4e-3);
+    check_bs_c::<bf16>(&c, &mask, 2e-2);
+    let broadcast = random_mask(99, BlockMaskDims::for_lengths(1, 1, 37, 53, 16, 8).unwrap());
+    check_bs_c::<f32>(&c, &broadcast, 1e-5);
+
+    // Every block listed as partial (full = NULL) with causal set: the dense causal entry.
+    let d = CDenseDesc {
+        causal: 1,
+        ..desc(1, 29, 41, 2, 1, 8)
+    };
+    let c = case(100, d);
+    let dims = BlockMaskDims::for_lengths(1, 1, 29, 41, 8, 8).unwrap();
+    let dense_mask = BlockMask::dense(dims, BlockKind::Partial).unwrap();
+    let cm = c_mask(dims, dense_mask.offsets(), dense_mask.indices(), None);
+    let inputs = [c.q.clone(), c.k.clone(), c.v.clone()];
+    let (st, out, lse) = run_bs_c(&c, &cm, &inputs);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let (st, want, want_lse) = run_c(&c);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let err = rel_l2(&common::to_f64(&out), &common::to_f64(&want));
+    assert!(
+        err < 1e-6,
+        "all-partial causal vs dense causal: rel L2 {err}"
+    );
+    common::check_lse(&lse, &common::to_f64(&want_lse), 1e-5, "all-partial lse");
+}
+
+#[test]
+fn c_api_block_sparse_refusals() {
+    let d = CDenseDesc {
+        causal: 1,
+        ..desc(1, 20, 20, 2, 1, 8)
+    };
+    let c = case(101, d);
+    let dims = BlockMaskDims::for_lengths(1, 2, 20, 20, 8, 8).unwrap(); // 3 x 3 blocks
+    // Lists: 3 per head, each [0..=qb] (lower triangle), head 1 like head 0.
+    let offsets = [0i32, 1, 3, 6, 7, 9, 12];
+    let indices = [0i32, 0, 1, 0, 1, 2, 0, 0, 1, 0, 1, 2];
+    let full = [1u8, 1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 0];
+    let good = c_mask(dims, &offsets, &indices, Some(&full));
+    let inputs = [c.q.clone(), c.k.clone(), c.v.clone()];
+    let run = |m: &CBlockMask| run_bs_c(&c, m, &inputs).0;
+    assert_eq!(run(&good), LONGATTN_OK, "{}", last_error());
+    let with = |offsets: &[i32], indices: &[i32]| CBlockMask {
+        offsets: offsets.as_ptr(),
+        indices: indices.as_ptr(),
+        nnz: indices.len(),
+        full: ptr::null(),
+        ..good
+    };
+    let mut o = offsets;
+    o[0] = 1;
+    let first_not_zero = with(&o, &indices);
+    let mut o = offsets;
+    o[2] = 0;
+    let decreasing = with(&o, &indices);
+    let last_off = with(&offsets, &indices[..11]);
+    let mut i = indices;
+    i[5] = 3;
+    let out_of_range = with(&offsets, &i);
+    let mut i = indices;
+    i[5] = -1;
+    let negative = with(&offsets, &i);
+    let mut i = indices;
+    (i[4], i[5]) = (2, 1);
+    let unsorted = with(&offsets, &i);
+    let mut i = indices;
+    i[5] = 1;
+    let duplicate = with(&offsets, &i);
+    // Dims that do not match the problem, with valid (empty) lists of their own count.
+    let empty = [0i32; 10];
+    let heads3 = CBlockMask {
+        heads: 3,
+        ..with(&empty, &[])
+    };
+    let q_blocks2 = CBlockMask {
+        num_q_blocks: 2,
+        ..with(&empty[..5], &[])
+    };
+    let cases: Vec<(&str, CBlockMask, i32, &str)> = vec![
+        ("offsets[0] != 0", first_not_zero, 4, "offsets[0]"),
+        ("offsets decrease", decreasing, 4, "decrease"),
+        ("last offset != nnz", last_off, 4, "last offset"),
+        ("index out of range", out_of_range, 4, "outside"),
+        ("negative index", negative, 4, "outside"),
+        ("unsorted list", unsorted, 4, "not sorted"),
+        ("duplicate index", duplicate, 4, "twice"),
+        ("heads mismatch", heads3, 1, "heads"),
+        ("num_q_blocks mismatch", q_blocks2, 1, "num_q_blocks"),
+        (
+            "num_k_blocks mismatch",
+            CBlockMask {
+                num_k_blocks: 4,
+                ..good
+            },
+            1,
+            "num_k_blocks",
+        ),
+        (
+            "num_k_blocks too small",
+            CBlockMask {
+                num_k_blocks: 2,
+                ..good
+            },
+            4,
+            "outside",
+        ),
+        ("block_m 0", CBlockMask { block_m: 0, ..good }, 3, "block_m"),
+        ("batch 0", CBlockMask { batch: 0, ..good }, 3, "batch"),
+        (
+            "lists overflow",
+            CBlockMask {
+                num_q_blocks: usize::MAX,
+                ..good
+            },
+            1,
+            "overflows",
+        ),
+        (
+            "lists above i32",
+            CBlockMask {
+                num_q_blocks: 1 << 31,
+                ..good
+            },
+            1,
+            "overflows",
+        ),
+        (
+            "nnz huge",
+            CBlockMask {
+                nnz: usize::MAX,
+                ..good
+            },
+            1,
+            "too large",
+        ),
+        (
+            "NULL offsets",
+            CBlockMask {
+                offsets: ptr::null(),
+                ..good
+            },
+            9,
+            "offsets",
+        ),
+        (
+            "NULL indices",
+            CBlockMask {
+                indices: ptr::null(),
+                ..good
+            },
+            9,
+            "indices",
+        ),
+    ];
+    for (name, m, want, msg) in cases {
+        assert_eq!(run(&m), want, "{name}: {}", last_error());
+        assert!(last_error().contains(msg), "{name}: {}", last_error());
+    }
+    // NULL mask, a bad descriptor, a bad dtype, overlapping out.
+    let call = |d: &CDenseDesc, m: *const CBlockMask, dtype: i32, out: CTensorMut| {
+        // SAFETY: every non-NULL buffer holds `len` f32s (or is refused first).
+        unsafe {
+            longattn_block_sparse_forward_cpu(
+                d,
+                m,
+                dtype,
+                tensor(&c.q, c.qs),
+                tensor(&c.k, c.ks),
+                tensor(&c.v, c.ks),
+                out,
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    let mut out = vec![0f32; c.q.len()];
+    assert_eq!(call(&c.d, ptr::null(), 0, tensor_mut(&mut out, c.qs)), 9);
+    assert!(last_error().contains("mask"), "{}", last_error());
+    let bad = CDenseDesc { heads_kv: 0, ..c.d };
+    assert_eq!(call(&bad, &good, 0, tensor_mut(&mut out, c.qs)), 1);
+    assert_eq!(call(&c.d, &good, 3, tensor_mut(&mut out, c.qs)), 5);
+    let mut shared = c.k.clone();
+    let out_over_k = CTensorMut {
+        len: c.q.len().min(shared.len()),
+        ..tensor_mut(&mut shared, c.qs)
+    };
+    // SAFETY: as above; `out` overlaps `k` and is refused before any slice is formed.
+    let st = unsafe {
+        longattn_block_sparse_forward_cpu(
+            &c.d,
+            &good,
+            0,
+            tensor(&c.q, c.qs),
+            tensor(&shared, c.ks),
+            tensor(&c.v, c.ks),
+            out_over_k,
+            ptr::null_mut(),
+            0,
+        )
+    };
+    assert_eq!(st, 1, "{}", last_error());
+    assert!(last_error().contains("overlaps"), "{}", last_error());
+}
+
+/// The C MoBA entry vs the Rust API's `moba_attention` + `forward_cpu` (bit for bit) and the
+/// f64 reference on the same selection.
+fn check_moba_c<T: Element>(c: &Case, config: CMobaConfig, tol: f64) {
+    let [q, k, v] =
+        [&c.q, &c.k, &c.v].map(|x| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>());
+    let mut out = vec![T::from_f32(f32::NAN); q.len()];
+    let lse_len = c.d.batch * c.d.heads_q * c.d.seqlen_q;
+    let mut lse = vec![f32::NAN; lse_len];
+    // SAFETY: buffers of the stated lengths of `T`; distinct allocations.
+    let st = unsafe {
+        longattn_moba_forward_cpu(
+            &c.d,
+            config,
+            dtype_code::<T>(),
+            tensor(&q, c.qs),
+            tensor(&k, c.ks),
+            tensor(&v, c.ks),
+            tensor_mut(&mut out, c.qs),
+            lse.as_mut_ptr(),
+            lse.len(),
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let cfg = MobaConfig {
+        block_n: config.block_n,
+        top_k: config.top_k,
+    };
+    let (qv, kv, vv) = (
+        || Strided::new(&q[..], c.qs),
+        || Strided::new(&k[..], c.ks),
+        || Strided::new(&v[..], c.ks),
+    );
+    let bs = block_sparse::moba::moba_attention(&rust_dense(&c.d), &cfg, 64, qv(), kv()).unwrap();
+    let reference = reference::block_sparse_attention_f64(&bs, qv(), kv(), vv()).unwrap();
+    check_c_output((&out, &lse), c.qs, reference, tol, |o, l| {
+        bs.forward_cpu(qv(), kv(), vv(), o, Some(l))
+    });
+}
+
+#[test]
+fn c_api_moba_matches_rust_and_reference() {
+    let d = CDenseDesc {
+        causal: 1,
+        ..desc(2, 37, 53, 4, 2, 16)
+    };
+    let c = case(105, d);
+    let config = CMobaConfig {
+        block_n: 8,
+        top_k: 3,
+    };
+    check_moba_c::<f32>(&c, config, 1e-5);
+    check_moba_c::<bf16>(&c, config, 2e-2);
+    // top_k above the block count: every earlier block (dense causal attention).
+    let all = CMobaConfig {
+        block_n: 16,
+        top_k: 100,
+    };
+    check_moba_c::<f16>(&c, all, 4e-3);
+    // Refusals: a zero knob, a bad descriptor, NULL buffers.
+    let mut out = vec![0f32; c.q.len()];
+    let mut call = |d: &CDenseDesc, config: CMobaConfig, q: CTensor| {
+        // SAFETY: every non-NULL buffer holds `len` f32s (or is refused first).
+        unsafe {
+            longattn_moba_forward_cpu(
+                d,
+                config,
+                0,
+                q,
+                tensor(&c.k, c.ks),
+                tensor(&c.v, c.ks),
+                tensor_mut(&mut out, c.qs),
+                ptr::null_mut(),
+                0,
+            )
+        }
+    };
+    let q = tensor(&c.q, c.qs);
+    for (name, cfg, want) in [
+        ("top_k 0", CMobaConfig { top_k: 0, ..config }, 3),
+        (
+            "block_n 0",
+            CMobaConfig {
+                block_n: 0,
+                ..config
+            },
+            3,
+        ),
+    ] {
+        assert_eq!(call(&c.d, cfg, q), want, "{name}: {}", last_error());
+        assert!(
+            last_error().contains(name.split(' ').next().unwrap()),
+            "{name}: {}",
+            last_error()
+        );
+    }
+    let bad = CDenseDesc { heads_kv: 3, ..c.d };
+    assert_eq!(call(&bad, config, q), 1, "{}", last_error());
+    let null_q = CTensor {
+        data: ptr::null(),
+        ..q
+    };
+    assert_eq!(call(&c.d, config, null_q), 9, "{}", last_error());
+    assert_eq!(
+        call(&c.d, config, tensor(&c.q[..5], c.qs)),
+        1,
+        "{}",
+        last_error()
+    );
+}
+
+/// The neighborhood, block-sparse and MoBA CUDA entries: arguments refused before a GPU is
+/// opened (host pointers, never used); valid ones without a GPU give `NoGpu` (7) or
+/// `CudaNotCompiled` (6); on a GPU (not yet run there), the results of the C CPU entries on
+/// the same bf16 values (MoBA: a finite result; its f32 gating may break a near-tie unlike
+/// the CPU's f64 gating, `tests/block_sparse_gpu.rs` checks its numerics).
+#[test]
+fn c_api_neighborhood_block_sparse_moba_cuda() {
+    use longattn::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let na = na_desc(
+        1,
+        2,
+        1,
+        64,
+        &[na_dim(9, 3, 1, 1, false), na_dim(10, 5, 2, 1, true)],
+    );
+    let ([nq, nk, nv], nqs, nks) = na_inputs::<bf16>(102, &na);
+    let d = CDenseDesc {
+        causal: 1,
+        ..desc(1, 150, 190, 2, 1, 64)
+    };
+    let dims = BlockMaskDims::for_lengths(1, 2, 150, 190, 64, 64).unwrap();
+    let mask = random_mask(103, dims);
+    let cm = c_mask(
+        dims,
+        mask.offsets(),
+        mask.indices(),
+        Some(mask.full_flags()),
+    );
+    let c = case(104, d);
+    let to_bf16 = |x: &[f32]| x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>();
+    let (bq, bk, bv) = (to_bf16(&c.q), to_bf16(&c.k), to_bf16(&c.v));
+    let null: *mut std::ffi::c_void = ptr::null_mut();
+    let moba = CMobaConfig {
+        block_n: 64,
+        top_k: 2,
+    };
+    let calls = |na_d: &CNeighborhoodDesc,
+                 (d, m, mc): (&CDenseDesc, &CBlockMask, CMobaConfig),
+                 q: [CTensor; 2]| {
+        let (mut o1, mut o2) = (vec![bf16::ZERO; nq.len()], vec![bf16::ZERO; bq.len()]);
+        // SAFETY: host pointers: refused before they are used, or (no GPU) never used.
+        unsafe {
+            [
+                longattn_neighborhood_forward_cuda(
+                    na_d,
+                    2,
+                    q[0],
+                    tensor(&nk, nks),
+                    tensor(&nv, nks),
+                    tensor_mut(&mut o1, nqs),
+                    null.cast(),
+                    0,
+                    0,
+                    null,
+                ),
+                longattn_block_sparse_forward_cuda(
+                    d,
+                    m,
+                    2,
+                    q[1],
+                    tensor(&bk, c.ks),
+                    tensor(&bv, c.ks),
+                    tensor_mut(&mut o2, c.qs),
+                    null.cast(),
+                    0,
+                    0,
+                    null,
+                ),
+                longattn_moba_forward_cuda(
+                    d,
+                    mc,
+                    2,
+                    q[1],
+                    tensor(&bk, c.ks),
+                    tensor(&bv, c.ks),
+                    tensor_mut(&mut o2, c.qs),
+                    null.cast(),
+                    0,
+                    0,
+                    null,
+                ),
+            ]
+        }
+    };
+    let good_q = [tensor(&nq, nqs), tensor(&bq, c.qs)];
+    let bad_na = CNeighborhoodDesc { rank: 0, ..na };
+    let bad_mask = CBlockMask { block_n: 0, ..cm };
+    let bad_moba = CMobaConfig { top_k: 0, ..moba };
+    assert_eq!(
+        calls(&bad_na, (&d, &bad_mask, bad_moba), good_q),
+        [1, 3, 3],
+        "{}",
+        last_error()
+    );
+    let null_q = good_q.map(|t| CTensor {
+        data: ptr::null(),
+        ..t
+    });
+    let good = (&d, &cm, moba);
+    assert_eq!(calls(&na, good, null_q), [9; 3], "{}", last_error());
+    let Some(stream) = common::gpu_stream_or_skip("c_api_neighborhood_block_sparse_moba_cuda")
+    else {
+        let st = calls(&na, good, good_q);
+        assert!(
+            st.iter().all(|&s| s == 6 || s == 7),
+            "{st:?}: {}",
+            last_error()
+        );
+        return;
+    };
+    // The C CPU entries on the same bf16 values.
+    let mut na_want = vec![bf16::NAN; nq.len()];
+    // SAFETY: host buffers of the stated lengths.
+    let st = unsafe {
+        longattn_neighborhood_forward_cpu(
+            &na,
+            2,
+            tensor(&nq, nqs),
+            tensor(&nk, nks),
+            tensor(&nv, nks),
+            tensor_mut(&mut na_want, nqs),
+            null.cast(),
+            0,
+        )
+    };
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let (st, bs_want, _) = run_bs_c(&c, &cm, &[bq.clone(), bk.clone(), bv.clone()]);
+    assert_eq!(st, LONGATTN_OK, "{}", last_error());
+    let s = stream.cu_stream() as *mut std::ffi::c_void;
+    for (name, (q, k, v), (qs, ks), want) in [
+        ("neighborhood", (&nq, &nk, &nv), (nqs, nks), Some(&na_want)),
+        (
+            "block-sparse",
+            (&bq, &bk, &bv),
+            (c.qs, c.ks),
+            Some(&bs_want),
+        ),
+        ("moba", (&bq, &bk, &bv), (c.qs, c.ks), None),
+    ] {
+        let (dq, dk, dv) = (
+            stream.clone_htod(q).unwrap(),
+            stream.clone_htod(k).unwrap(),
+            stream.clone_htod(v).unwrap(),
+        );
+        let mut dout = stream.alloc_zeros::<bf16>(q.len()).unwrap();
+        let st = {
+            let (pq, _g1) = dq.device_ptr(&stream);
+            let (pk, _g2) = dk.device_ptr(&stream);
+            let (pv, _g3) = dv.device_ptr(&stream);
+            let (po, _g4) = dout.device_ptr_mut(&stream);
+            let (tq, tk, tv, to) = (
+                device_tensor(pq, q.len(), qs),
+                device_tensor(pk, k.len(), ks),
+                device_tensor(pv, v.len(), ks),
+                device_tensor_mut(po, q.len(), qs),
+            );
+            // SAFETY: live device allocations of the stated lengths on this context.
+            unsafe {
+                match name {
+                    "neighborhood" => longattn_neighborhood_forward_cuda(
+                        &na,
+                        2,
+                        tq,
+                        tk,
+                        tv,
+                        to,
+                        null.cast(),
+                        0,
+                        0,
+                        s,
+                    ),
+                    "block-sparse" => longattn_block_sparse_forward_cuda(
+                        &d,
+                        &cm,
+                        2,
+                        tq,
+                        tk,
+                        tv,
+                        to,
+                        null.cast(),
+                        0,
+                        0,
+                        s,
+                    ),
+                    _ => longattn_moba_forward_cuda(
+                        &d,
+                        moba,
+                        2,
+                        tq,
+                        tk,
+                        tv,
+                        to,
+                        null.cast(),
+                        0,
+                        0,
+                        s,
+                    ),
+                }
+            }
+        };
+        assert_eq!(st, LONGATTN_OK, "{name}: {}", last_error());
+        let got = stream.clone_dtoh(&dout).unwrap();
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "{name}: output not finite"
+        );
+        if let Some(want) = want {
+            let err = rel_l2(&common::to_f64(&got), &common::to_f64(want));
+            assert!(err < 2e-2, "{name}: rel L2 {err} vs the C CPU entry");
+        }
+    }
+}
+
+#[test]
+fn c_header_neighborhood_dims_match_the_crate() {
+    let header = include_str!("../include/longattn.h");
+    let line = header
+        .lines()
+        .find(|l| l.starts_with("#define LONGATTN_MAX_NEIGHBORHOOD_DIMS "))
+        .expect("LONGATTN_MAX_NEIGHBORHOOD_DIMS missing");
+    let n: usize = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert_eq!(n, longattn::neighborhood::MAX_NEIGHBORHOOD_DIMS);
+}

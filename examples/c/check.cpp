@@ -1,7 +1,9 @@
 // Runs dense attention, a paged decode step, a paged append followed by the same decode, and
 // an LSE merge through the C API on the CPU and compares them with the f64 reference values
-// the Rust side wrote (`cargo run --example c_fixture -- FILE`); then checks that bad
-// arguments come back as status codes with a message. Exit code 0 only if all hold.
+// the Rust side wrote (`cargo run --example c_fixture -- FILE`); a neighborhood, a
+// block-sparse and a MoBA call against the dense entry on problems where they equal it; then
+// checks that bad arguments come back as status codes with a message. Exit code 0 only if all
+// hold.
 //
 // Fixture (little-endian):
 // dense: 8 u64 [batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, window_left + 1,
@@ -16,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <utility>
 #include <vector>
 
 static double rel_l2(const std::vector<float> &got, const std::vector<double> &want) {
@@ -31,6 +34,141 @@ static double rel_l2(const std::vector<float> &got, const std::vector<double> &w
 template <typename T> static bool read_vec(std::ifstream &f, std::vector<T> &v, size_t n) {
   v.resize(n);
   return bool(f.read(reinterpret_cast<char *>(v.data()), std::streamsize(n * sizeof(T))));
+}
+
+static double rel_l2(const std::vector<float> &got, const std::vector<float> &want) {
+  return rel_l2(got, std::vector<double>(want.begin(), want.end()));
+}
+
+// Deterministic values in [-1, 1).
+static std::vector<float> values(size_t n, uint32_t seed) {
+  std::vector<float> v(n);
+  for (auto &x : v) {
+    seed = seed * 1664525u + 1013904223u;
+    x = float(seed >> 8) / float(1u << 23) - 1.0f;
+  }
+  return v;
+}
+
+// Dense attention through the C API (f32, contiguous); empty on failure.
+static std::vector<float> dense(const longattn_dense_desc &desc, const std::vector<float> &q,
+                                const std::vector<float> &k, const std::vector<float> &v) {
+  const longattn_strides qs = {int64_t(desc.seqlen_q * desc.heads_q * desc.head_dim),
+                               int64_t(desc.heads_q * desc.head_dim), int64_t(desc.head_dim)};
+  const longattn_strides ks = {int64_t(desc.seqlen_k * desc.heads_kv * desc.head_dim),
+                               int64_t(desc.heads_kv * desc.head_dim), int64_t(desc.head_dim)};
+  std::vector<float> out(q.size(), NAN);
+  if (longattn_dense_forward_cpu(&desc, LONGATTN_F32, {q.data(), q.size(), qs},
+                                 {k.data(), k.size(), ks}, {v.data(), v.size(), ks},
+                                 {out.data(), out.size(), qs}, nullptr, 0) != LONGATTN_OK) {
+    std::fprintf(stderr, "dense: %s\n", longattn_last_error());
+    return {};
+  }
+  return out;
+}
+
+// A 2-D neighborhood whose kernels span the grid is dense attention over the flattened grid;
+// a block mask listing every block as partial, or MoBA keeping every block, with causal set,
+// is dense causal attention.
+static bool check_neighborhood_and_block_sparse() {
+  const size_t hq = 2, hkv = 1, d = 8, x = 3, y = 5, n = x * y;
+  longattn_neighborhood_desc na = {};
+  na.batch = 1;
+  na.heads_q = hq;
+  na.heads_kv = hkv;
+  na.head_dim = d;
+  na.rank = 2;
+  na.dims[0].length = x;
+  na.dims[0].kernel = x;
+  na.dims[1].length = y;
+  na.dims[1].kernel = y;
+  size_t out_len = 0, lse_len = 0;
+  if (longattn_neighborhood_sizes(&na, &out_len, &lse_len) != LONGATTN_OK) {
+    std::fprintf(stderr, "neighborhood sizes: %s\n", longattn_last_error());
+    return false;
+  }
+  const std::vector<float> q = values(out_len, 1), k = values(n * hkv * d, 2),
+                           v = values(n * hkv * d, 3);
+  const longattn_strides qs = {int64_t(n * hq * d), int64_t(hq * d), int64_t(d)};
+  const longattn_strides ks = {int64_t(n * hkv * d), int64_t(hkv * d), int64_t(d)};
+  std::vector<float> out(out_len, NAN), lse(lse_len, NAN);
+  longattn_status st = longattn_neighborhood_forward_cpu(
+      &na, LONGATTN_F32, {q.data(), q.size(), qs}, {k.data(), k.size(), ks},
+      {v.data(), v.size(), ks}, {out.data(), out.size(), qs}, lse.data(), lse.size());
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "neighborhood: status %d: %s\n", int(st), longattn_last_error());
+    return false;
+  }
+  longattn_dense_desc dd = {};
+  dd.batch = 1;
+  dd.heads_q = hq;
+  dd.heads_kv = hkv;
+  dd.head_dim = d;
+  dd.seqlen_q = n;
+  dd.seqlen_k = n;
+  dd.window_left = -1;
+  dd.window_right = -1;
+  const std::vector<float> want = dense(dd, q, k, v);
+  const double nerr = want.empty() ? INFINITY : rel_l2(out, want);
+  std::printf("neighborhood cpu: %zu x %zu grid, full kernels, rel L2 vs the dense entry %.3e\n",
+              x, y, nerr);
+  na.dims[1].kernel = y + 1;
+  st = longattn_neighborhood_sizes(&na, &out_len, &lse_len);
+  std::printf("kernel > length: status %d (%s)\n", int(st), longattn_last_error());
+  bool ok = nerr < 1e-5 && st == LONGATTN_ERR_INVALID_OPTION;
+
+  // Block-sparse: 29 queries, 41 keys, 8 x 8 blocks, every block listed (partial), causal.
+  const size_t sq = 29, sk = 41, blk = 8, nqb = (sq + blk - 1) / blk, nkb = (sk + blk - 1) / blk;
+  std::vector<int32_t> offsets(1, 0), indices;
+  for (size_t qb = 0; qb < nqb; ++qb) {
+    for (size_t kb = 0; kb < nkb; ++kb) indices.push_back(int32_t(kb));
+    offsets.push_back(int32_t(indices.size()));
+  }
+  longattn_block_mask mask = {1, 1, nqb, nkb, blk, blk, offsets.data(), indices.data(),
+                              nullptr, indices.size()};
+  dd.seqlen_q = sq;
+  dd.seqlen_k = sk;
+  dd.causal = 1;
+  const std::vector<float> bq = values(sq * hq * d, 4), bk = values(sk * hkv * d, 5),
+                           bv = values(sk * hkv * d, 6);
+  const longattn_strides bqs = {int64_t(sq * hq * d), int64_t(hq * d), int64_t(d)};
+  const longattn_strides bks = {int64_t(sk * hkv * d), int64_t(hkv * d), int64_t(d)};
+  std::vector<float> bout(bq.size(), NAN);
+  st = longattn_block_sparse_forward_cpu(&dd, &mask, LONGATTN_F32, {bq.data(), bq.size(), bqs},
+                                         {bk.data(), bk.size(), bks}, {bv.data(), bv.size(), bks},
+                                         {bout.data(), bout.size(), bqs}, nullptr, 0);
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "block-sparse: status %d: %s\n", int(st), longattn_last_error());
+    return false;
+  }
+  const std::vector<float> bwant = dense(dd, bq, bk, bv);
+  const double berr = bwant.empty() ? INFINITY : rel_l2(bout, bwant);
+  std::printf("block-sparse cpu: %zu x %zu, %zu x %zu blocks all partial + causal, rel L2 vs "
+              "the dense causal entry %.3e\n",
+              sq, sk, nqb, nkb, berr);
+  std::swap(indices[1], indices[2]);
+  st = longattn_block_sparse_forward_cpu(&dd, &mask, LONGATTN_F32, {bq.data(), bq.size(), bqs},
+                                         {bk.data(), bk.size(), bks}, {bv.data(), bv.size(), bks},
+                                         {bout.data(), bout.size(), bqs}, nullptr, 0);
+  std::printf("unsorted block list: status %d (%s)\n", int(st), longattn_last_error());
+  ok = ok && berr < 1e-5 && st == LONGATTN_ERR_INDEX;
+
+  // MoBA with top_k above the block count: every row sees its own and all earlier blocks,
+  // which with causal set is dense causal attention.
+  const longattn_moba_config all_blocks = {blk, 100};
+  std::vector<float> mout(bq.size(), NAN);
+  st = longattn_moba_forward_cpu(&dd, all_blocks, LONGATTN_F32, {bq.data(), bq.size(), bqs},
+                                 {bk.data(), bk.size(), bks}, {bv.data(), bv.size(), bks},
+                                 {mout.data(), mout.size(), bqs}, nullptr, 0);
+  if (st != LONGATTN_OK) {
+    std::fprintf(stderr, "moba: status %d: %s\n", int(st), longattn_last_error());
+    return false;
+  }
+  const double merr = bwant.empty() ? INFINITY : rel_l2(mout, bwant);
+  std::printf("moba cpu: block %zu, top_k 100 (all blocks) + causal, rel L2 vs the dense causal "
+              "entry %.3e\n",
+              blk, merr);
+  return ok && merr < 1e-5;
 }
 
 int main(int argc, char **argv) {
@@ -233,6 +371,7 @@ int main(int argc, char **argv) {
                           b2, {mo.data(), mo.size(), ml.data(), ml.size()});
   std::printf("merge with a short o: status %d (%s)\n", int(st), longattn_last_error());
   ok = ok && st == LONGATTN_ERR_SHAPE;
+  ok = check_neighborhood_and_block_sparse() && ok;
   std::printf("%s\n", ok ? "OK" : "FAILED");
   return ok ? 0 : 1;
 }
