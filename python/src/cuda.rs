@@ -1,10 +1,13 @@
 //! CUDA entry points on any object exposing `__cuda_array_interface__` (torch CUDA tensors,
-//! CuPy arrays; float16, and float32 where a function takes it: LSEs, merged outputs) or,
-//! where that is missing or refuses the dtype (torch bfloat16), DLPack's `__dlpack__`
-//! (float16, bfloat16, float32): the kernels read and write the caller's
-//! memory in place, ordered on an explicit `stream` handle, else the interface's stream, else
-//! the legacy default stream (the Python wrappers pass torch's current stream). Compiled, not
-//! exercised without a GPU.
+//! CuPy arrays; float16, float32 where a function takes it: LSEs, merged outputs, and uint8
+//! for the FP8 e4m3 codes of a paged cache and its Quest bounds) or, where that is missing or
+//! refuses the dtype (torch bfloat16), DLPack's `__dlpack__` (float16, bfloat16, float32,
+//! uint8): the kernels read and write the caller's memory in place, ordered on an explicit
+//! `stream` handle, else the interface's stream, else the legacy default stream (the Python
+//! wrappers pass torch's current stream). A uint8 tensor is borrowed as
+//! `CudaSlice<F8E4M3>` (`repr(transparent)` over u8) and only as a cache or its bounds; every
+//! other tensor refuses it by name. Compiled, not exercised without a GPU (the FP8 paths are
+//! not yet run on a GPU).
 //!
 //! What this relies on: the interface's `data` pointer and `strides` (or the DLPack tensor's)
 //! describe live device memory of the declared extent on device `device` (the caller keeps
@@ -17,14 +20,14 @@
 
 use crate::{
     Blocks, DenseProblem, NeighborhoodSpec, Paged, PagedKind, PagedProblem, PolicyArgs,
-    check_meta_dims, dims_n, err, make_options, merge_shape, neighborhood_problem, paged_cache,
-    paged_problem,
+    check_meta_dims, dims_n, err, kv_scales, make_options, merge_shape, neighborhood_problem,
+    paged_cache, paged_problem,
 };
 use longattn::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, sys};
 use longattn::device::open_gpu;
 use longattn::{
-    AttentionOptions, AttentionShape, Element, FlashAttention, KvPages, NeighborhoodAttention,
-    PageMeta, Partial, SeqLens, Strided, Strides, bf16, f16,
+    AttentionOptions, AttentionShape, Element, F8E4M3, FlashAttention, KvPages, KvScales,
+    NeighborhoodAttention, PageMeta, Partial, SeqLens, Strided, Strides, bf16, f16,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -55,27 +58,35 @@ impl<T> Drop for RawDevice<T> {
 }
 
 /// The element types the GPU entry points take: halves for attention, f32 for LSEs (and
-/// merged outputs).
+/// merged outputs), uint8 for the FP8 e4m3 codes of a paged cache (and its Quest bounds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dt {
     F16,
     BF16,
     F32,
+    U8,
 }
 
-/// The refusal of a float32 tensor where the kernels take halves (`name` is the tensor).
-fn f32_refused(name: &str) -> PyErr {
-    PyTypeError::new_err(format!(
-        "{name}: float32 unsupported here on the GPU (float16 or bfloat16; float32 runs on the \
-         CPU path)"
-    ))
+/// The refusal of a tensor `name` of dtype `dt` (float32 or uint8) where the kernels take
+/// halves.
+fn not_half(name: &str, dt: Dt) -> PyErr {
+    PyTypeError::new_err(match dt {
+        Dt::U8 => format!(
+            "{name}: uint8 (FP8 e4m3 codes) only for a paged cache (k_cache, v_cache) and its \
+             kmin/kmax; float16 or bfloat16 here"
+        ),
+        _ => format!(
+            "{name}: float32 unsupported here on the GPU (float16 or bfloat16; float32 runs on \
+             the CPU path)"
+        ),
+    })
 }
 
 /// `c` (named `name`) holds halves: checked before any CUDA call.
 fn check_half(name: &str, c: &Cai) -> PyResult<()> {
     match c.dtype {
         Dt::F16 | Dt::BF16 => Ok(()),
-        Dt::F32 => Err(f32_refused(name)),
+        dt => Err(not_half(name, dt)),
     }
 }
 
@@ -112,9 +123,25 @@ fn item<'py>(d: &Bound<'py, PyDict>, name: &str, k: &str) -> PyResult<Bound<'py,
         .ok_or_else(|| PyValueError::new_err(format!("{name}: interface lacks '{k}'")))
 }
 
-/// `obj` as a CUDA tensor on `device`: its `__cuda_array_interface__`, else its DLPack
-/// capsule (made ready on `stream`, the handle the call runs on; `None` is the legacy default).
+/// `obj` as a CUDA tensor on `device` of halves or float32 (uint8 refused by name: see
+/// [`cache_cai`]).
 fn cai(name: &str, obj: &Bound<'_, PyAny>, stream: Option<usize>, device: usize) -> PyResult<Cai> {
+    let c = cache_cai(name, obj, stream, device)?;
+    match c.dtype {
+        Dt::U8 => Err(not_half(name, c.dtype)),
+        _ => Ok(c),
+    }
+}
+
+/// `obj` as a CUDA tensor on `device`, uint8 (FP8 codes) included: its
+/// `__cuda_array_interface__`, else its DLPack capsule (made ready on `stream`, the handle the
+/// call runs on; `None` is the legacy default).
+fn cache_cai(
+    name: &str,
+    obj: &Bound<'_, PyAny>,
+    stream: Option<usize>,
+    device: usize,
+) -> PyResult<Cai> {
     match obj.getattr("__cuda_array_interface__") {
         Ok(iface) => cuda_array_interface(name, &iface),
         Err(e) if obj.hasattr("__dlpack__")? => dlpack(name, obj, stream, device).map_err(|d| {
@@ -137,10 +164,11 @@ fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
     let (dtype, item) = match typestr.as_str() {
         "<f2" => (Dt::F16, 2),
         "<f4" => (Dt::F32, 4),
+        "|u1" => (Dt::U8, 1),
         t => {
             return Err(PyTypeError::new_err(format!(
-                "{name}: dtype '{t}' unsupported on the GPU (float16, float32 for LSEs; \
-                 bfloat16 through DLPack; uint8 FP8 caches run on the CPU path)"
+                "{name}: dtype '{t}' unsupported on the GPU (float16, float32 for LSEs, uint8 \
+                 for FP8 cache codes; bfloat16 through DLPack)"
             )));
         }
     };
@@ -209,9 +237,10 @@ struct DlManagedTensor {
     manager_ctx: *mut std::ffi::c_void,
     deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
 }
-/// `kDLCUDA` and `kDLCUDAManaged`; `kDLFloat` and `kDLBfloat`.
+/// `kDLCUDA` and `kDLCUDAManaged`; `kDLUInt`, `kDLFloat` and `kDLBfloat`.
 const DL_CUDA: i32 = 2;
 const DL_CUDA_MANAGED: i32 = 13;
+const DL_UINT: u8 = 1;
 const DL_FLOAT: u8 = 2;
 const DL_BFLOAT: u8 = 4;
 
@@ -262,10 +291,11 @@ fn dlpack(
         (DL_FLOAT, 16, 1) => Dt::F16,
         (DL_BFLOAT, 16, 1) => Dt::BF16,
         (DL_FLOAT, 32, 1) => Dt::F32,
+        (DL_UINT, 8, 1) => Dt::U8,
         (code, bits, lanes) => {
             return Err(PyTypeError::new_err(format!(
                 "{name}: DLPack dtype (code {code}, {bits} bits, {lanes} lanes) unsupported on \
-                 the GPU (float16 or bfloat16; float32 for LSEs)"
+                 the GPU (float16 or bfloat16; float32 for LSEs; uint8 for FP8 cache codes)"
             )));
         }
     };
@@ -352,11 +382,12 @@ fn raw<T>(c: &Cai, stream: &Arc<CudaStream>) -> RawDevice<T> {
     }))
 }
 
-fn check_same(name: &str, q: &Cai, x: &Cai) -> PyResult<()> {
-    if x.dtype != q.dtype {
+/// `x` (named `name`) has the dtype of `like` (named `like_name`).
+fn check_same(name: &str, x: &Cai, (like_name, like): (&str, &Cai)) -> PyResult<()> {
+    if x.dtype != like.dtype {
         return Err(PyTypeError::new_err(format!(
-            "{name} has dtype {:?} but q has {:?}",
-            x.dtype, q.dtype
+            "{name} has dtype {:?} but {like_name} has {:?}",
+            x.dtype, like.dtype
         )));
     }
     Ok(())
@@ -424,7 +455,7 @@ fn qkv_gpu<P: QkvGpu>(p: &P, stream: &Arc<CudaStream>, args: QkvArgs) -> PyResul
     match args[0].0.dtype {
         Dt::F16 => run::<P, f16>(p, stream, args),
         Dt::BF16 => run::<P, bf16>(p, stream, args),
-        Dt::F32 => Err(f32_refused("q")),
+        dt => Err(not_half("q", dt)),
     }
 }
 
@@ -443,7 +474,7 @@ fn qkv_tensors(
     let (cq, ck, cv, co) = (arr("q", q)?, arr("k", k)?, arr("v", v)?, arr("out", out)?);
     check_half("q", &cq)?;
     for (n, x) in [("k", &ck), ("v", &cv), ("out", &co)] {
-        check_same(n, &cq, x)?;
+        check_same(n, x, ("q", &cq))?;
     }
     if co.readonly {
         return Err(PyValueError::new_err("out is read-only"));
@@ -681,10 +712,11 @@ fn neighborhood_cuda(
 
 /// Paged decode on CUDA tensors (`q`, contiguous `k_cache`/`v_cache`, `out` like q);
 /// `block_table` (a host `(batch, max_pages)` nested int sequence) and `seqlens_k` (host ints)
-/// are the tables. Head policies as `paged_decode`; `kmin`/`kmax` contiguous CUDA tensors of
-/// the cache's dtype.
+/// are the tables. The cache holds q's dtype, or FP8 e4m3 codes (`uint8`) with `k_scales`,
+/// `v_scales` as `paged_decode` takes them (default 1). Head policies as `paged_decode`;
+/// `kmin`/`kmax` contiguous CUDA tensors of the cache's dtype (e4m3 codes for an FP8 cache).
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, policy=None, quest_budget=None, quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None, kmax=None, stream=None, device=0))]
+#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None, window_left=-1, softcap=None, sinks=0, k_scales=None, v_scales=None, policy=None, quest_budget=None, quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None, kmax=None, stream=None, device=0))]
 #[allow(clippy::too_many_arguments)]
 fn paged_decode_cuda(
     q: &Bound<'_, PyAny>,
@@ -697,6 +729,8 @@ fn paged_decode_cuda(
     window_left: i64,
     softcap: Option<f32>,
     sinks: usize,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
     policy: Option<&Bound<'_, PyAny>>,
     quest_budget: Option<usize>,
     quest_sink_pages: usize,
@@ -719,6 +753,7 @@ fn paged_decode_cuda(
         tensors,
         crate::meta_pair(kmin, kmax)?,
         (block_table, seqlens_k),
+        kv_scales(k_scales, v_scales)?,
         &opts,
         (stream, device),
     )
@@ -726,10 +761,11 @@ fn paged_decode_cuda(
 
 /// Paged prefill on CUDA tensors (chunked prefill, prefix caching; see `paged_prefill`):
 /// `q`, `out` `(b, q_len, hq, d)` or packed `(total_q, hq, d)` with `cu_seqlens_q` (host ints,
-/// `b + 1` from 0), contiguous `k_cache`/`v_cache` of q's dtype, host tables as
-/// `paged_decode_cuda`. Not causal by default.
+/// `b + 1` from 0), contiguous `k_cache`/`v_cache` of q's dtype or FP8 e4m3 codes (`uint8`,
+/// with `k_scales`/`v_scales` as `paged_decode_cuda`), host tables as `paged_decode_cuda`.
+/// Not causal by default.
 #[pyfunction]
-#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None, scale=None, causal=false, window=None, softcap=None, sinks=0, stream=None, device=0))]
+#[pyo3(signature = (q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None, scale=None, causal=false, window=None, softcap=None, sinks=0, k_scales=None, v_scales=None, stream=None, device=0))]
 #[allow(clippy::too_many_arguments)]
 fn paged_prefill_cuda(
     q: &Bound<'_, PyAny>,
@@ -744,6 +780,8 @@ fn paged_prefill_cuda(
     window: Option<(i64, i64)>,
     softcap: Option<f32>,
     sinks: usize,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
     stream: Option<usize>,
     device: usize,
 ) -> PyResult<()> {
@@ -755,6 +793,7 @@ fn paged_prefill_cuda(
         tensors,
         None,
         (block_table, seqlens_k),
+        kv_scales(k_scales, v_scales)?,
         &opts,
         (stream, device),
     )
@@ -785,8 +824,56 @@ fn flat_table(block_table: Vec<Vec<i32>>) -> PyResult<(Vec<i32>, Vec<usize>)> {
     ))
 }
 
-/// The CUDA tensors `kmin`, `kmax` (both or neither): contiguous, of the cache's dtype and,
-/// when `writable`, not read-only.
+/// The caches `k`, `v` (`k_cache`, `v_cache`) of a call whose halves are `x` (named `name`):
+/// both of `x`'s dtype, or both FP8 e4m3 codes (`uint8`: the only caches that `scales`, when
+/// given, describe); contiguous, alike and, when `writable`, not read-only. Checked before
+/// any CUDA call.
+fn check_cache(
+    (name, x): (&str, &Cai),
+    [k, v]: [&Cai; 2],
+    scales: bool,
+    writable: bool,
+) -> PyResult<()> {
+    if k.dtype != Dt::U8 {
+        check_half("k_cache", k)?;
+        check_same("k_cache", k, (name, x))?;
+        if scales {
+            return Err(PyValueError::new_err(
+                "k_scales and v_scales describe an FP8 cache (uint8 e4m3 codes), but k_cache \
+                 holds halves",
+            ));
+        }
+    }
+    check_same("v_cache", v, ("k_cache", k))?;
+    if [k, v]
+        .iter()
+        .any(|c| !contiguous(c) || (writable && c.readonly))
+        || k.dims != v.dims
+    {
+        return Err(PyValueError::new_err(format!(
+            "k_cache and v_cache must be contiguous{} and alike",
+            if writable { ", writable" } else { "" }
+        )));
+    }
+    Ok(())
+}
+
+/// `$run::<T, C>($args)` with `T` the half type of `$x` (a [`Cai`] named `$name`) and `C` the
+/// element type of the cache `$cache`: `T`, or [`F8E4M3`] for `uint8` codes.
+macro_rules! paged_dispatch {
+    ($run:ident, $name:expr, $x:expr, $cache:expr, ($($arg:expr),* $(,)?)) => {
+        match ($x.dtype, $cache.dtype == Dt::U8) {
+            (Dt::F16, false) => $run::<f16, f16>($($arg),*),
+            (Dt::F16, true) => $run::<f16, F8E4M3>($($arg),*),
+            (Dt::BF16, false) => $run::<bf16, bf16>($($arg),*),
+            (Dt::BF16, true) => $run::<bf16, F8E4M3>($($arg),*),
+            (dt, _) => Err(not_half($name, dt)),
+        }
+    };
+}
+
+/// The CUDA tensors `kmin`, `kmax` (both or neither): contiguous, of the cache's dtype (e4m3
+/// codes for an FP8 cache) and, when `writable`, not read-only.
 fn meta_tensors(
     meta: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
     cache: &Cai,
@@ -797,11 +884,11 @@ fn meta_tensors(
         return Ok(None);
     };
     let (lo, hi) = (
-        cai("kmin", lo, stream, device)?,
-        cai("kmax", hi, stream, device)?,
+        cache_cai("kmin", lo, stream, device)?,
+        cache_cai("kmax", hi, stream, device)?,
     );
     for (n, x) in [("kmin", &lo), ("kmax", &hi)] {
-        check_same(n, cache, x)?;
+        check_same(n, x, ("k_cache", cache))?;
         if !contiguous(x) || (writable && x.readonly) {
             return Err(PyValueError::new_err(format!(
                 "{n} must be contiguous{}",
@@ -814,8 +901,8 @@ fn meta_tensors(
 }
 
 /// The paged problem of `kind` on CUDA tensors `(q, k_cache, v_cache, out)` (and the Quest
-/// bounds `meta` of a decode) with host tables `(block_table, seqlens_k)`, on `(stream,
-/// device)`.
+/// bounds `meta` of a decode) with host tables `(block_table, seqlens_k)` and the `scales` of
+/// an FP8 cache, on `(stream, device)`.
 fn paged_cuda(
     kind: PagedKind,
     (q, k_cache, v_cache, out): (
@@ -826,30 +913,24 @@ fn paged_cuda(
     ),
     meta: Option<(&Bound<'_, PyAny>, &Bound<'_, PyAny>)>,
     (block_table, seqlens_k): (Vec<Vec<i32>>, Vec<i32>),
+    scales: Option<KvScales>,
     opts: &AttentionOptions,
     (stream, device): (Option<usize>, usize),
 ) -> PyResult<()> {
     let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
-    let (cq, ck, cv, co) = (
-        arr("q", q)?,
-        arr("k_cache", k_cache)?,
-        arr("v_cache", v_cache)?,
-        arr("out", out)?,
+    let (cq, co) = (arr("q", q)?, arr("out", out)?);
+    let (ck, cv) = (
+        cache_cai("k_cache", k_cache, stream, device)?,
+        cache_cai("v_cache", v_cache, stream, device)?,
     );
     check_half("q", &cq)?;
-    for (n, x) in [("k_cache", &ck), ("v_cache", &cv), ("out", &co)] {
-        check_same(n, &cq, x)?;
-    }
-    if co.readonly
-        || co.dims != cq.dims
-        || ck.dims != cv.dims
-        || !contiguous(&ck)
-        || !contiguous(&cv)
-    {
+    check_same("out", &co, ("q", &cq))?;
+    if co.readonly || co.dims != cq.dims {
         return Err(PyValueError::new_err(
-            "out must be writable and shaped like q; k_cache and v_cache contiguous and alike",
+            "out must be writable and shaped like q",
         ));
     }
+    check_cache(("q", &cq), [&ck, &cv], scales.is_some(), false)?;
     let packed = matches!(
         kind,
         PagedKind::Prefill {
@@ -863,17 +944,13 @@ fn paged_cuda(
         flat_table(block_table)?,
         seqlens_k,
         opts,
-        None,
+        scales,
     )?;
     let meta = meta_tensors(meta, &ck, false, (stream, device))?;
     let (qs, os) = (strides4("q", &cq, packed)?, strides4("out", &co, packed)?);
     let s = stream_for(device, stream, &cq)?;
     let args = (&s, (&cq, qs), (&ck, &cv), meta.as_ref(), (&co, os));
-    match cq.dtype {
-        Dt::F16 => paged_gpu::<f16>(&paged, args),
-        Dt::BF16 => paged_gpu::<bf16>(&paged, args),
-        Dt::F32 => Err(f32_refused("q")),
-    }
+    paged_dispatch!(paged_gpu, "q", cq, ck, (&paged, args))
 }
 
 /// The stream, q with its strides, the cache, the Quest bounds and out with its strides of a
@@ -886,17 +963,17 @@ type PagedGpuArgs<'a> = (
     (&'a Cai, Strides),
 );
 
-/// A paged problem in `T` over a cache (and Quest bounds) of `T`.
-fn paged_gpu<T: Element + DeviceRepr>(
+/// A paged problem in `T` over a cache (and Quest bounds) of `C`.
+fn paged_gpu<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     paged: &Paged,
     (stream, (q, qs), (k, v), meta, (o, os)): PagedGpuArgs,
 ) -> PyResult<()> {
     let (rq, rk, rv) = (
         raw::<T>(q, stream),
-        raw::<T>(k, stream),
-        raw::<T>(v, stream),
+        raw::<C>(k, stream),
+        raw::<C>(v, stream),
     );
-    let rmeta = meta.map(|(lo, hi)| (raw::<T>(lo, stream), raw::<T>(hi, stream)));
+    let rmeta = meta.map(|(lo, hi)| (raw::<C>(lo, stream), raw::<C>(hi, stream)));
     let mut ro = raw::<T>(o, stream);
     let (q, out) = (Strided::new(rq.get(), qs), Strided::new(ro.get_mut(), os));
     let kv = KvPages {
@@ -908,19 +985,20 @@ fn paged_gpu<T: Element + DeviceRepr>(
         kmax: hi.get(),
     });
     match &paged.problem {
-        PagedProblem::Decode(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, meta, out, None),
-        PagedProblem::Prefill(p) => p.forward_gpu::<T, T, _, _, _>(stream, q, kv, out, None),
+        PagedProblem::Decode(p) => p.forward_gpu::<T, C, _, _, _>(stream, q, kv, meta, out, None),
+        PagedProblem::Prefill(p) => p.forward_gpu::<T, C, _, _, _>(stream, q, kv, out, None),
     }
     .map_err(err)
 }
 
 /// Appends new tokens to a paged cache of CUDA tensors in place (see `paged_append` for the
-/// semantics): `k_new, v_new (total_new, hkv, d)` (last dim contiguous, strides multiples of
-/// 8 elements) of the caches' dtype, contiguous writable `k_cache`/`v_cache` (float16 or
-/// bfloat16; FP8 `uint8` caches are refused here: the CPU `paged_append` writes them) and
-/// optional `kmin`/`kmax`; host tables as `paged_decode_cuda`, `cu_seqlens_new` host ints.
+/// semantics): `k_new, v_new (total_new, hkv, d)` float16 or bfloat16 (last dim contiguous,
+/// strides multiples of 8 elements), contiguous writable `k_cache`/`v_cache` of their dtype or
+/// of FP8 e4m3 codes (`uint8`, quantised with `k_scales`/`v_scales` as `paged_append` does)
+/// and optional `kmin`/`kmax` of the cache's dtype; host tables as `paged_decode_cuda`,
+/// `cu_seqlens_new` host ints.
 #[pyfunction]
-#[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, stream=None, device=0))]
+#[pyo3(signature = (k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new, *, kmin=None, kmax=None, k_scales=None, v_scales=None, stream=None, device=0))]
 #[allow(clippy::too_many_arguments)]
 fn paged_append_cuda(
     k_new: &Bound<'_, PyAny>,
@@ -932,27 +1010,27 @@ fn paged_append_cuda(
     cu_seqlens_new: Vec<i32>,
     kmin: Option<&Bound<'_, PyAny>>,
     kmax: Option<&Bound<'_, PyAny>>,
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
     stream: Option<usize>,
     device: usize,
 ) -> PyResult<()> {
     let arr = |name: &str, x: &Bound<'_, PyAny>| cai(name, x, stream, device);
-    let (ck, cv) = (arr("k_cache", k_cache)?, arr("v_cache", v_cache)?);
+    let (ck, cv) = (
+        cache_cai("k_cache", k_cache, stream, device)?,
+        cache_cai("v_cache", v_cache, stream, device)?,
+    );
     let (kn, vn) = (arr("k_new", k_new)?, arr("v_new", v_new)?);
-    check_half("k_cache", &ck)?;
-    for (n, x) in [("v_cache", &cv), ("k_new", &kn), ("v_new", &vn)] {
-        check_same(n, &ck, x)?;
-    }
-    if [&ck, &cv].iter().any(|c| c.readonly || !contiguous(c)) || ck.dims != cv.dims {
-        return Err(PyValueError::new_err(
-            "k_cache and v_cache must be contiguous, writable and alike",
-        ));
-    }
-    let cache = paged_cache(&ck.dims, flat_table(block_table)?, &seqlens_k, None)?;
+    check_half("k_new", &kn)?;
+    check_same("v_new", &vn, ("k_new", &kn))?;
+    let scales = kv_scales(k_scales, v_scales)?;
+    check_cache(("k_new", &kn), [&ck, &cv], scales.is_some(), true)?;
+    let cache = paged_cache(&ck.dims, flat_table(block_table)?, &seqlens_k, scales)?;
     let meta = meta_tensors(crate::meta_pair(kmin, kmax)?, &ck, true, (stream, device))?;
     crate::new_token_strides(&cache, &kn.dims, &vn.dims, &cu_seqlens_new)?;
     let (ks, vs) = (strides4("k_new", &kn, true)?, strides4("v_new", &vn, true)?);
     let s = stream_for(device, stream, &ck)?;
-    fn run<T: Element + DeviceRepr>(
+    fn run<T: Element + DeviceRepr, C: Element + DeviceRepr>(
         cache: &longattn::PagedCache,
         s: &Arc<CudaStream>,
         cu: &[i32],
@@ -961,8 +1039,8 @@ fn paged_append_cuda(
         meta: Option<&(Cai, Cai)>,
     ) -> PyResult<()> {
         let (rkn, rvn) = (raw::<T>(kn, s), raw::<T>(vn, s));
-        let (mut rk, mut rv) = (raw::<T>(k, s), raw::<T>(v, s));
-        let mut rmeta = meta.map(|(lo, hi)| (raw::<T>(lo, s), raw::<T>(hi, s)));
+        let (mut rk, mut rv) = (raw::<C>(k, s), raw::<C>(v, s));
+        let mut rmeta = meta.map(|(lo, hi)| (raw::<C>(lo, s), raw::<C>(hi, s)));
         let kv = KvPages {
             k: rk.get_mut(),
             v: rv.get_mut(),
@@ -973,15 +1051,12 @@ fn paged_append_cuda(
         });
         let (kn, vn) = (Strided::new(rkn.get(), ks), Strided::new(rvn.get(), vs));
         cache
-            .append_gpu::<T, T, _, _>(s, cu, kn, vn, kv, meta)
+            .append_gpu::<T, C, _, _>(s, cu, kn, vn, kv, meta)
             .map_err(err)
     }
-    let args = ([(&kn, ks), (&vn, vs)], [&ck, &cv], meta.as_ref());
-    match ck.dtype {
-        Dt::F16 => run::<f16>(&cache, &s, &cu_seqlens_new, args.0, args.1, args.2),
-        Dt::BF16 => run::<bf16>(&cache, &s, &cu_seqlens_new, args.0, args.1, args.2),
-        Dt::F32 => Err(f32_refused("k_cache")),
-    }
+    let (new, kv, meta) = ([(&kn, ks), (&vn, vs)], [&ck, &cv], meta.as_ref());
+    let cu = &cu_seqlens_new[..];
+    paged_dispatch!(run, "k_new", kn, ck, (&cache, &s, cu, new, kv, meta))
 }
 
 /// Merges two partial results on CUDA tensors into `o_out`, `lse_out` (see `merge`):
@@ -1008,8 +1083,8 @@ fn merge_cuda(
         arr("lse_b", lse_b)?,
         arr("lse_out", lse_out)?,
     );
-    check_same("o_b", &oa, &ob)?;
-    check_same("o_out", &oa, &oo)?;
+    check_same("o_b", &ob, ("o_a", &oa))?;
+    check_same("o_out", &oo, ("o_a", &oa))?;
     for (n, x) in [("lse_a", &la), ("lse_b", &lb), ("lse_out", &lo)] {
         if x.dtype != Dt::F32 {
             return Err(PyTypeError::new_err(format!(
@@ -1057,6 +1132,7 @@ fn merge_cuda(
         Dt::F16 => run::<f16>(&shape, &s, args),
         Dt::BF16 => run::<bf16>(&shape, &s, args),
         Dt::F32 => run::<f32>(&shape, &s, args),
+        Dt::U8 => Err(not_half("o_a", Dt::U8)),
     }
 }
 

@@ -840,7 +840,10 @@ fn paged_impl<'py, T: Element + numpy::Element, C: CacheElem>(
 }
 
 /// `k_scales`, `v_scales` of an FP8 cache: both or neither.
-fn kv_scales(k_scales: Option<Vec<f32>>, v_scales: Option<Vec<f32>>) -> PyResult<Option<KvScales>> {
+pub(crate) fn kv_scales(
+    k_scales: Option<Vec<f32>>,
+    v_scales: Option<Vec<f32>>,
+) -> PyResult<Option<KvScales>> {
     match (k_scales, v_scales) {
         (None, None) => Ok(None),
         (Some(k), Some(v)) => Ok(Some(KvScales::new(k, v).map_err(err)?)),

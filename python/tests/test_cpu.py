@@ -835,8 +835,8 @@ def test_new_cuda_functions_refuse_before_any_cuda_call():
 
     c8 = Iface((4, 4, 2, 8), "|u1")
     n = Iface((3, 2, 8))
-    with pytest.raises(TypeError, match="uint8"):
-        longattn.paged_append_cuda(n, n, c8, c8, [[0]], [3], [0, 3])
+    with pytest.raises(TypeError, match="k_new: uint8"):  # FP8 codes are for caches only
+        longattn.paged_append_cuda(c8, c8, c8, c8, [[0]], [3], [0, 3])
     c32 = Iface((4, 4, 2, 8), "<f4")
     with pytest.raises(TypeError, match="float32"):
         longattn.paged_append_cuda(n, n, c32, c32, [[0]], [3], [0, 3])
@@ -852,3 +852,86 @@ def test_new_cuda_functions_refuse_before_any_cuda_call():
     with pytest.raises(ValueError, match="quest_budget"):
         longattn.paged_decode_cuda(Iface((1, 1, 4, 8)), c, c, Iface((1, 1, 4, 8)), [[0]], [3],
                                    policy="quest")
+
+
+def test_fp8_cuda_caches_are_checked_before_any_cuda_call():
+    class Iface:
+        def __init__(self, shape, typestr="<f2"):
+            self.__cuda_array_interface__ = {"data": (0, False), "shape": shape,
+                                             "typestr": typestr, "version": 3}
+
+    hkv, d = 2, 8
+    c8, c16 = Iface((4, 4, hkv, d), "|u1"), Iface((4, 4, hkv, d))  # FP8 codes, halves
+    m8, m16 = Iface((4, hkv, d), "|u1"), Iface((4, hkv, d))  # Quest bounds alike
+    q, q8 = Iface((1, 1, 4, d)), Iface((1, 1, 4, d), "|u1")
+    n, n8 = Iface((3, hkv, d)), Iface((3, hkv, d), "|u1")
+    table, lens, cu = [[0]], [3], [0, 3]
+    decode, prefill = longattn.paged_decode_cuda, longattn.paged_prefill_cuda
+    append = longattn.paged_append_cuda
+    quest = dict(policy="quest", quest_budget=4)
+    # uint8 only as a cache or its bounds: q, out, new tokens and the other functions'
+    # tensors refuse it by name.
+    with pytest.raises(TypeError, match="q: uint8"):
+        decode(q8, c8, c8, q, table, lens)
+    with pytest.raises(TypeError, match="out: uint8"):
+        decode(q, c8, c8, q8, table, lens)
+    with pytest.raises(TypeError, match="q: uint8"):
+        prefill(q8, c8, c8, q8, table, lens)
+    with pytest.raises(TypeError, match="v_new: uint8"):
+        append(n, n8, c8, c8, table, lens, cu)
+    x8, x = Iface((1, 4, 2, 8), "|u1"), Iface((1, 4, 2, 8))
+    with pytest.raises(TypeError, match="k: uint8"):
+        longattn.dense_cuda(x, x8, x, x)
+    o8, lse = Iface((1, 2, 3, 8), "|u1"), Iface((1, 3, 2), "<f4")
+    with pytest.raises(TypeError, match="o_a: uint8"):
+        longattn.merge_cuda(o8, lse, o8, lse, o8, lse)
+    # Mismatched dtypes: k and v caches alike, bounds of the cache's dtype, halves of q's.
+    with pytest.raises(TypeError, match="v_cache has dtype"):
+        decode(q, c8, c16, q, table, lens)
+    with pytest.raises(TypeError, match="v_cache has dtype"):
+        append(n, n, c16, c8, table, lens, cu)
+    with pytest.raises(TypeError, match="kmin has dtype"):  # an FP8 cache's bounds are codes
+        decode(q, c8, c8, q, table, lens, kmin=m16, kmax=m16, **quest)
+    with pytest.raises(TypeError, match="kmin has dtype"):
+        append(n, n, c16, c16, table, lens, cu, kmin=m8, kmax=m8)
+    with pytest.raises(TypeError, match="k_cache: float32"):
+        prefill(q, Iface((4, 4, hkv, d), "<f4"), c16, q, table, lens)
+    # Scales: both or neither, one per kv head, > 0, and only for an FP8 cache.
+    with pytest.raises(ValueError, match="go together"):
+        decode(q, c8, c8, q, table, lens, k_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match="FP8"):
+        decode(q, c16, c16, q, table, lens, k_scales=[1.0, 1.0], v_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match="FP8"):
+        append(n, n, c16, c16, table, lens, cu, k_scales=[1.0, 1.0], v_scales=[1.0, 1.0])
+    with pytest.raises(ValueError, match="heads_kv"):
+        prefill(q, c8, c8, q, table, lens, k_scales=[1.0] * 3, v_scales=[1.0] * 3)
+    with pytest.raises(ValueError, match="> 0"):
+        append(n, n, c8, c8, table, lens, cu, k_scales=[1.0, 0.0], v_scales=[1.0, 1.0])
+    # Valid FP8 calls (scales 1 when not given, as on the CPU) pass every check and stop at
+    # the device: the kernels were not compiled, or there is no device 10**6.
+    no_device = "not compiled|no GPU"
+    for scales in ({}, dict(k_scales=[0.5, 2.0], v_scales=[1.0, 0.25])):
+        with pytest.raises(ValueError, match=no_device):
+            decode(q, c8, c8, q, table, lens, device=10**6, **scales)
+        with pytest.raises(ValueError, match=no_device):
+            decode(q, c8, c8, q, table, lens, kmin=m8, kmax=m8, device=10**6, **quest, **scales)
+        with pytest.raises(ValueError, match=no_device):
+            prefill(q, c8, c8, q, table, lens, causal=True, device=10**6, **scales)
+        with pytest.raises(ValueError, match=no_device):
+            append(n, n, c8, c8, table, lens, cu, kmin=m8, kmax=m8, device=10**6, **scales)
+
+    class DlpackU8:  # uint8 DLPack (code 1, 8 bits) on "CUDA device 10**6": parsed, never read
+        def __init__(self, shape):
+            self.a = np.zeros(shape, np.uint8)
+
+        def __dlpack_device__(self):
+            return (2, 10**6)
+
+        def __dlpack__(self, stream=None):
+            return self.a.__dlpack__()
+
+    with pytest.raises(TypeError, match="q: uint8"):
+        decode(DlpackU8((1, 1, 4, d)), c8, c8, q, table, lens, device=10**6)
+    k8 = DlpackU8((4, 4, hkv, d))
+    with pytest.raises(ValueError, match=no_device):
+        decode(q, k8, k8, q, table, lens, device=10**6)

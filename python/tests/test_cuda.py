@@ -1,6 +1,7 @@
 """longattn's CUDA functions on torch tensors against its CPU functions (themselves checked
 against an f64 reference in test_cpu.py) on the same rounded inputs: float16 through
-``__cuda_array_interface__``, bfloat16 through DLPack, a non-contiguous q, a side stream.
+``__cuda_array_interface__``, bfloat16 through DLPack, a non-contiguous q, a side stream, FP8
+e4m3 paged caches (uint8 codes).
 
 Needs torch with a GPU: skipped otherwise (failed with LONGATTN_REQUIRE_GPU=1). Runs under
 pytest or alone (``python3 test_cuda.py``, as the device script does: no pytest there).
@@ -263,6 +264,72 @@ def test_paged_append_and_policy_decode_cuda_match_cpu():
                                          kmax=hi_cpu, **opts)
             err = rel_l2(_host(out), want)
             assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
+
+
+def test_paged_fp8_cuda_matches_cpu():
+    # FP8 e4m3 caches (uint8 codes; a torch.float8_e4m3fn tensor for bfloat16, viewed as uint8
+    # by the wrapper) with power-of-two per-kv-head scales, so that every dequantised key is
+    # exact in float16 and bfloat16: the append quantises as the CPU does (bit for bit), the
+    # decode and prefill match the CPU functions on the same codes.
+    torch = _torch_or_skip()
+    hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
+    table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
+    steps = [[150, 1, 20], [1, 1, 13], [1, 1, 1]]  # prefill-like, then decode steps
+    tables = np.array(table, np.int32)
+    scales = dict(k_scales=[0.5, 0.125], v_scales=[0.25, 1.0])
+    for dtype in (torch.float16, torch.bfloat16):
+        g = torch.Generator().manual_seed(29)
+        codes = getattr(torch, "float8_e4m3fn", torch.uint8) if dtype == torch.bfloat16 \
+            else torch.uint8
+        kc, vc = (torch.zeros((num_pages, page_size, hkv, d), dtype=torch.uint8,
+                              device="cuda").view(codes) for _ in range(2))
+        lo, hi = (torch.zeros((num_pages, hkv, d), dtype=torch.uint8, device="cuda").view(codes)
+                  for _ in range(2))
+        kc_cpu, vc_cpu = (np.zeros((num_pages, page_size, hkv, d), np.uint8) for _ in range(2))
+        lo_cpu, hi_cpu = (np.zeros((num_pages, hkv, d), np.uint8) for _ in range(2))
+        lens = np.zeros(3, np.int32)
+        for step in steps:
+            cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
+            lens = lens + np.array(step, np.int32)
+            k_new, v_new = (torch.randn((int(cu[-1]), hkv, d), generator=g).to(dtype)
+                            for _ in range(2))
+            longattn.paged_append_cuda(k_new.cuda(), v_new.cuda(), kc, vc, table, lens, cu,
+                                       kmin=lo, kmax=hi, **scales)
+            longattn.paged_append(_host(k_new), _host(v_new), kc_cpu, vc_cpu, tables, lens, cu,
+                                  kmin=lo_cpu, kmax=hi_cpu, **scales)
+        torch.cuda.synchronize()
+        for got, want in ((kc, kc_cpu), (vc, vc_cpu), (lo, lo_cpu), (hi, hi_cpu)):
+            assert np.array_equal(got.view(torch.uint8).cpu().numpy(), want), dtype
+        q = torch.randn((3, 2, hq, d), generator=g).to(dtype)
+        qg = q.cuda()
+        quest = (dict(policy=["quest", "streaming"], quest_budget=64, quest_sink_pages=1,
+                      streaming_sinks=4, streaming_window=40),
+                 dict(policy="quest", quest_budget=32, window_left=100))
+        for opts in (dict(), dict(window_left=40, softcap=0.9), *quest):
+            bounds = "policy" in opts
+            out = torch.full_like(qg, float("nan"))
+            longattn.paged_decode_cuda(qg, kc, vc, out, table, lens, **scales, **opts,
+                                       **(dict(kmin=lo, kmax=hi) if bounds else {}))
+            torch.cuda.synchronize()
+            want = longattn.paged_decode(_host(q), kc_cpu, vc_cpu, tables, lens, **scales,
+                                         **opts,
+                                         **(dict(kmin=lo_cpu, kmax=hi_cpu) if bounds else {}))
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (dtype, "decode", opts, err)
+        cu_q = [0, 37, 38, 70]  # packed: 37, 1 and 32 new tokens of lens 152, 3 and 34
+        for q_shape, cu in (((3, 3, hq, d), None), ((70, hq, d), cu_q)):
+            q = torch.randn(q_shape, generator=g).to(dtype)
+            qg = q.cuda()
+            for opts in (dict(causal=True), dict(causal=True, window=(40, -1), softcap=0.9)):
+                out = torch.full_like(qg, float("nan"))
+                longattn.paged_prefill_cuda(qg, kc, vc, out, table, lens, cu_seqlens_q=cu,
+                                            **scales, **opts)
+                torch.cuda.synchronize()
+                cu_np = None if cu is None else np.array(cu, np.int32)
+                want = longattn.paged_prefill(_host(q), kc_cpu, vc_cpu, tables, lens,
+                                              cu_seqlens_q=cu_np, **scales, **opts)
+                err = rel_l2(_host(out), want)
+                assert err < TOL[str(dtype)[6:]], (dtype, "prefill", q_shape, opts, err)
 
 
 def test_merge_cuda_matches_cpu():

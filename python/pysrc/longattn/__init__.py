@@ -11,12 +11,16 @@ the caller's writable cache arrays in place (and the Quest page bounds ``kmin``/
 "streaming" or "quest", per kv head) selects what each kv head reads.
 
 CUDA functions take objects exposing ``__cuda_array_interface__`` (torch CUDA tensors,
-CuPy arrays; float16, float32 for LSEs) or DLPack's ``__dlpack__`` (float16, bfloat16,
-float32: torch bfloat16 tensors come this way) and write into caller-allocated tensors on the
-tensors' current stream (torch's current stream for torch tensors; or an explicit ``stream``
-handle): ``dense_cuda``, ``dense_varlen_cuda``, ``paged_decode_cuda``, ``paged_prefill_cuda``,
-``paged_append_cuda`` (in place; float16/bfloat16 caches), ``merge_cuda``,
-``neighborhood_cuda``, ``block_sparse_cuda`` (not yet run on a GPU).
+CuPy arrays; float16, float32 for LSEs, uint8 for FP8 cache codes) or DLPack's ``__dlpack__``
+(float16, bfloat16, float32, uint8: torch bfloat16 tensors come this way) and write into
+caller-allocated tensors on the tensors' current stream (torch's current stream for torch
+tensors; or an explicit ``stream`` handle): ``dense_cuda``, ``dense_varlen_cuda``,
+``paged_decode_cuda``, ``paged_prefill_cuda``, ``paged_append_cuda`` (in place),
+``merge_cuda``, ``neighborhood_cuda``, ``block_sparse_cuda`` (not yet run on a GPU). The paged
+ones also take an FP8 e4m3 cache as the CPU ones do: ``uint8`` code tensors (a
+``torch.float8_e4m3fn`` tensor is viewed as ``uint8``) with ``k_scales``/``v_scales``, Quest
+bounds in e4m3 codes too; q, out and new tokens stay float16/bfloat16 (FP8 on CUDA: not yet
+run on a GPU).
 
 Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
 seqlen_k, heads_kv, head_dim)``; windows are ``(left, right)`` with ``-1`` unbounded and
@@ -105,6 +109,16 @@ def _ints(x):
     return x.tolist() if hasattr(x, "tolist") else list(x)
 
 
+def _codes(t):
+    """A ``torch.float8_e4m3fn`` tensor as the ``uint8`` tensor of its codes (the same
+    memory; the array interface and DLPack take e4m3 codes as uint8); anything else as is."""
+    if str(getattr(t, "dtype", "")) == "torch.float8_e4m3fn":
+        import torch
+
+        return t.view(torch.uint8)
+    return t
+
+
 def dense_cuda(q, k, v, out, *, scale=None, causal=False, window=None, softcap=None, sinks=0,
                stream=None, device=None):
     """Dense attention on CUDA tensors into ``out`` (shaped like ``q``)."""
@@ -124,30 +138,38 @@ def dense_varlen_cuda(q, k, v, out, cu_seqlens_q, cu_seqlens_k, *, scale=None, c
 
 
 def paged_decode_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, scale=None,
-                      window_left=-1, softcap=None, sinks=0, policy=None, quest_budget=None,
-                      quest_sink_pages=0, streaming_sinks=4, streaming_window=1024, kmin=None,
-                      kmax=None, stream=None, device=None):
-    """Paged decode on CUDA tensors into ``out``; the tables are read on the host. Head
+                      window_left=-1, softcap=None, sinks=0, k_scales=None, v_scales=None,
+                      policy=None, quest_budget=None, quest_sink_pages=0, streaming_sinks=4,
+                      streaming_window=1024, kmin=None, kmax=None, stream=None, device=None):
+    """Paged decode on CUDA tensors into ``out``; the tables are read on the host. The cache
+    holds q's dtype, or FP8 e4m3 codes (``uint8`` or ``torch.float8_e4m3fn``) with
+    ``k_scales``/``v_scales`` as ``paged_decode`` takes them (not yet run on a GPU). Head
     policies as ``paged_decode`` (``kmin``/``kmax``: contiguous CUDA tensors of the cache's
     dtype, as ``paged_append_cuda`` maintains them)."""
-    _paged_decode_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
-                       scale=scale, window_left=window_left, softcap=softcap, sinks=sinks,
-                       policy=policy, quest_budget=quest_budget,
+    _paged_decode_cuda(q, _codes(k_cache), _codes(v_cache), out, _ints(block_table),
+                       _ints(seqlens_k), scale=scale, window_left=window_left, softcap=softcap,
+                       sinks=sinks, k_scales=k_scales, v_scales=v_scales, policy=policy,
+                       quest_budget=quest_budget,
                        quest_sink_pages=quest_sink_pages, streaming_sinks=streaming_sinks,
-                       streaming_window=streaming_window, kmin=kmin, kmax=kmax,
-                       stream=_stream_of(q, stream), device=_device_of(q, device))
+                       streaming_window=streaming_window, kmin=_codes(kmin),
+                       kmax=_codes(kmax), stream=_stream_of(q, stream),
+                       device=_device_of(q, device))
     return out
 
 
 def paged_append_cuda(k_new, v_new, k_cache, v_cache, block_table, seqlens_k, cu_seqlens_new,
-                      *, kmin=None, kmax=None, stream=None, device=None):
-    """Appends ``k_new, v_new (total_new, heads_kv, head_dim)`` to CUDA caches in place (and
-    the Quest bounds ``kmin, kmax (num_pages, heads_kv, head_dim)`` when given), semantics as
-    ``paged_append``: ``seqlens_k`` already counts the new tokens, an append writing slot 0 of
-    a page restarts its bounds. float16/bfloat16 caches (``uint8`` FP8 caches are refused:
-    use the CPU ``paged_append``); the tables are read on the host."""
-    _paged_append_cuda(k_new, v_new, k_cache, v_cache, _ints(block_table), _ints(seqlens_k),
-                       _ints(cu_seqlens_new), kmin=kmin, kmax=kmax,
+                      *, kmin=None, kmax=None, k_scales=None, v_scales=None, stream=None,
+                      device=None):
+    """Appends float16/bfloat16 ``k_new, v_new (total_new, heads_kv, head_dim)`` to CUDA
+    caches in place (and the Quest bounds ``kmin, kmax (num_pages, heads_kv, head_dim)`` when
+    given), semantics as ``paged_append``: ``seqlens_k`` already counts the new tokens, an
+    append writing slot 0 of a page restarts its bounds. Caches of the new tokens' dtype, or
+    FP8 e4m3 codes (``uint8`` or ``torch.float8_e4m3fn``; codes of ``x / k_scales[head]``,
+    the bounds codes too, as ``paged_append`` writes them; not yet run on a GPU); the tables
+    are read on the host."""
+    _paged_append_cuda(k_new, v_new, _codes(k_cache), _codes(v_cache), _ints(block_table),
+                       _ints(seqlens_k), _ints(cu_seqlens_new), kmin=_codes(kmin),
+                       kmax=_codes(kmax), k_scales=k_scales, v_scales=v_scales,
                        stream=_stream_of(k_cache, stream), device=_device_of(k_cache, device))
 
 
@@ -162,14 +184,16 @@ def merge_cuda(o_a, lse_a, o_b, lse_b, o_out, lse_out, *, stream=None, device=No
 
 
 def paged_prefill_cuda(q, k_cache, v_cache, out, block_table, seqlens_k, *, cu_seqlens_q=None,
-                       scale=None, causal=False, window=None, softcap=None, sinks=0, stream=None,
-                       device=None):
+                       scale=None, causal=False, window=None, softcap=None, sinks=0,
+                       k_scales=None, v_scales=None, stream=None, device=None):
     """Paged prefill (chunked prefill, prefix caching) on CUDA tensors into ``out``; the
-    tables and ``cu_seqlens_q`` are read on the host."""
+    tables and ``cu_seqlens_q`` are read on the host. The cache holds q's dtype, or FP8 e4m3
+    codes with ``k_scales``/``v_scales`` as ``paged_decode_cuda`` (not yet run on a GPU)."""
     cu = None if cu_seqlens_q is None else _ints(cu_seqlens_q)
-    _paged_prefill_cuda(q, k_cache, v_cache, out, _ints(block_table), _ints(seqlens_k),
-                        cu_seqlens_q=cu, scale=scale, causal=causal, window=window,
-                        softcap=softcap, sinks=sinks, stream=_stream_of(q, stream),
+    _paged_prefill_cuda(q, _codes(k_cache), _codes(v_cache), out, _ints(block_table),
+                        _ints(seqlens_k), cu_seqlens_q=cu, scale=scale, causal=causal,
+                        window=window, softcap=softcap, sinks=sinks, k_scales=k_scales,
+                        v_scales=v_scales, stream=_stream_of(q, stream),
                         device=_device_of(q, device))
     return out
 
