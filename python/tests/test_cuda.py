@@ -225,11 +225,30 @@ def test_block_sparse_cuda_matches_cpu():
 
 
 
+def _append_both(torch, g, dtype, gpu, cpu, table, **scales):
+    """Three append steps (prefill-like, then decodes) of random ``dtype`` tokens into the
+    CUDA caches and bounds ``gpu = (k, v, kmin, kmax)`` with ``paged_append_cuda`` and into
+    the numpy ones ``cpu`` with ``paged_append``, on the same values; returns ``seqlens_k``
+    after them."""
+    hkv, d = cpu[0].shape[2:]
+    lens = np.zeros(3, np.int32)
+    for step in ([150, 1, 20], [1, 1, 13], [1, 1, 1]):
+        cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
+        lens = lens + np.array(step, np.int32)
+        k_new, v_new = (torch.randn((int(cu[-1]), hkv, d), generator=g).to(dtype)
+                        for _ in range(2))
+        longattn.paged_append_cuda(k_new.cuda(), v_new.cuda(), *gpu[:2], table, lens, cu,
+                                   kmin=gpu[2], kmax=gpu[3], **scales)
+        longattn.paged_append(_host(k_new), _host(v_new), *cpu[:2], np.array(table, np.int32),
+                              lens, cu, kmin=cpu[2], kmax=cpu[3], **scales)
+    torch.cuda.synchronize()
+    return lens
+
+
 def test_paged_append_and_policy_decode_cuda_match_cpu():
     torch = _torch_or_skip()
     hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
     table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
-    steps = [[150, 1, 20], [1, 1, 13], [1, 1, 1]]  # prefill-like, then decode steps
     tables = np.array(table, np.int32)
     for dtype in (torch.float16, torch.bfloat16):
         g = torch.Generator().manual_seed(19)
@@ -238,17 +257,8 @@ def test_paged_append_and_policy_decode_cuda_match_cpu():
         lo, hi = (torch.zeros((num_pages, hkv, d), dtype=dtype, device="cuda") for _ in range(2))
         kc_cpu, vc_cpu = (np.zeros((num_pages, page_size, hkv, d), np.float32) for _ in range(2))
         lo_cpu, hi_cpu = (np.zeros((num_pages, hkv, d), np.float32) for _ in range(2))
-        lens = np.zeros(3, np.int32)
-        for step in steps:
-            cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
-            lens = lens + np.array(step, np.int32)
-            k_new, v_new = (torch.randn((int(cu[-1]), hkv, d), generator=g).to(dtype)
-                            for _ in range(2))
-            longattn.paged_append_cuda(k_new.cuda(), v_new.cuda(), kc, vc, table, lens, cu,
-                                       kmin=lo, kmax=hi)
-            longattn.paged_append(_host(k_new), _host(v_new), kc_cpu, vc_cpu, tables, lens, cu,
-                                  kmin=lo_cpu, kmax=hi_cpu)
-        torch.cuda.synchronize()
+        lens = _append_both(torch, g, dtype, (kc, vc, lo, hi), (kc_cpu, vc_cpu, lo_cpu, hi_cpu),
+                            table)
         # Copies and min/max of stored values: exact.
         for got, want in ((kc, kc_cpu), (vc, vc_cpu), (lo, lo_cpu), (hi, hi_cpu)):
             assert np.array_equal(_host(got), want), dtype
@@ -274,7 +284,6 @@ def test_paged_fp8_cuda_matches_cpu():
     torch = _torch_or_skip()
     hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
     table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
-    steps = [[150, 1, 20], [1, 1, 13], [1, 1, 1]]  # prefill-like, then decode steps
     tables = np.array(table, np.int32)
     scales = dict(k_scales=[0.5, 0.125], v_scales=[0.25, 1.0])
     for dtype in (torch.float16, torch.bfloat16):
@@ -287,17 +296,8 @@ def test_paged_fp8_cuda_matches_cpu():
                   for _ in range(2))
         kc_cpu, vc_cpu = (np.zeros((num_pages, page_size, hkv, d), np.uint8) for _ in range(2))
         lo_cpu, hi_cpu = (np.zeros((num_pages, hkv, d), np.uint8) for _ in range(2))
-        lens = np.zeros(3, np.int32)
-        for step in steps:
-            cu = np.concatenate([[0], np.cumsum(step)]).astype(np.int32)
-            lens = lens + np.array(step, np.int32)
-            k_new, v_new = (torch.randn((int(cu[-1]), hkv, d), generator=g).to(dtype)
-                            for _ in range(2))
-            longattn.paged_append_cuda(k_new.cuda(), v_new.cuda(), kc, vc, table, lens, cu,
-                                       kmin=lo, kmax=hi, **scales)
-            longattn.paged_append(_host(k_new), _host(v_new), kc_cpu, vc_cpu, tables, lens, cu,
-                                  kmin=lo_cpu, kmax=hi_cpu, **scales)
-        torch.cuda.synchronize()
+        lens = _append_both(torch, g, dtype, (kc, vc, lo, hi), (kc_cpu, vc_cpu, lo_cpu, hi_cpu),
+                            table, **scales)
         for got, want in ((kc, kc_cpu), (vc, vc_cpu), (lo, lo_cpu), (hi, hi_cpu)):
             assert np.array_equal(got.view(torch.uint8).cpu().numpy(), want), dtype
         q = torch.randn((3, 2, hq, d), generator=g).to(dtype)
