@@ -127,32 +127,39 @@ def test_paged_decode_cuda_matches_cpu():
             assert err < TOL[str(dtype)[6:]], (dtype, opts, err)
 
 
+def _prefill_both(torch, g, dtype, kv, kv_cpu, tables, q_shapes, **scales):
+    """``paged_prefill_cuda`` over the CUDA cache ``kv`` against ``paged_prefill`` over its
+    numpy copy ``kv_cpu`` (tables ``(block_table, seqlens_k)``), for random ``dtype``
+    queries of each ``(shape, cu_seqlens_q)`` in ``q_shapes``, causal with and without a
+    window and softcap."""
+    table, lens = tables
+    for q_shape, cu in q_shapes:
+        q = torch.randn(q_shape, generator=g).to(dtype)
+        qg = q.cuda()
+        for opts in (dict(causal=True), dict(causal=True, window=(40, -1), softcap=0.9)):
+            out = torch.full_like(qg, float("nan"))
+            longattn.paged_prefill_cuda(qg, *kv, out, table, lens, cu_seqlens_q=cu, **scales,
+                                        **opts)
+            torch.cuda.synchronize()
+            cu_np = None if cu is None else np.array(cu, np.int32)
+            want = longattn.paged_prefill(_host(q), *kv_cpu, np.array(table, np.int32),
+                                          np.array(lens, np.int32), cu_seqlens_q=cu_np,
+                                          **scales, **opts)
+            err = rel_l2(_host(out), want)
+            assert err < TOL[str(dtype)[6:]], (dtype, q_shape, opts, err)
+
+
 def test_paged_prefill_cuda_matches_cpu():
     torch = _torch_or_skip()
     hq, hkv, d, page_size, num_pages = 8, 2, 128, 16, 40
     table = [[(i * 7 + 3) % num_pages for i in range(s * 12, s * 12 + 12)] for s in range(3)]
-    lens = [170, 1, 33]
     cu = [0, 37, 38, 70]  # packed: 37, 1 and 32 new tokens
     for dtype in (torch.float16, torch.bfloat16):
         g = torch.Generator().manual_seed(17)
         k, v = (torch.randn((num_pages, page_size, hkv, d), generator=g).to(dtype)
                 for _ in range(2))
-        kg, vg = k.cuda(), v.cuda()
-        for q_shape, cu_q in (((3, 37, hq, d), None), ((70, hq, d), cu)):
-            q = torch.randn(q_shape, generator=g).to(dtype)
-            qg = q.cuda()
-            for opts in (dict(causal=True), dict(causal=True, window=(40, -1), softcap=0.9)):
-                out = torch.full_like(qg, float("nan"))
-                longattn.paged_prefill_cuda(qg, kg, vg, out, table, lens, cu_seqlens_q=cu_q,
-                                            **opts)
-                torch.cuda.synchronize()
-                cu_np = None if cu_q is None else np.array(cu_q, np.int32)
-                want = longattn.paged_prefill(_host(q), _host(k), _host(v),
-                                              np.array(table, np.int32),
-                                              np.array(lens, np.int32), cu_seqlens_q=cu_np,
-                                              **opts)
-                err = rel_l2(_host(out), want)
-                assert err < TOL[str(dtype)[6:]], (dtype, q_shape, opts, err)
+        _prefill_both(torch, g, dtype, (k.cuda(), v.cuda()), (_host(k), _host(v)),
+                      (table, [170, 1, 33]), (((3, 37, hq, d), None), ((70, hq, d), cu)))
 
 
 def test_neighborhood_cuda_matches_cpu():
@@ -317,19 +324,8 @@ def test_paged_fp8_cuda_matches_cpu():
             err = rel_l2(_host(out), want)
             assert err < TOL[str(dtype)[6:]], (dtype, "decode", opts, err)
         cu_q = [0, 37, 38, 70]  # packed: 37, 1 and 32 new tokens of lens 152, 3 and 34
-        for q_shape, cu in (((3, 3, hq, d), None), ((70, hq, d), cu_q)):
-            q = torch.randn(q_shape, generator=g).to(dtype)
-            qg = q.cuda()
-            for opts in (dict(causal=True), dict(causal=True, window=(40, -1), softcap=0.9)):
-                out = torch.full_like(qg, float("nan"))
-                longattn.paged_prefill_cuda(qg, kc, vc, out, table, lens, cu_seqlens_q=cu,
-                                            **scales, **opts)
-                torch.cuda.synchronize()
-                cu_np = None if cu is None else np.array(cu, np.int32)
-                want = longattn.paged_prefill(_host(q), kc_cpu, vc_cpu, tables, lens,
-                                              cu_seqlens_q=cu_np, **scales, **opts)
-                err = rel_l2(_host(out), want)
-                assert err < TOL[str(dtype)[6:]], (dtype, "prefill", q_shape, opts, err)
+        _prefill_both(torch, g, dtype, (kc, vc), (kc_cpu, vc_cpu), (table, lens),
+                      (((3, 3, hq, d), None), ((70, hq, d), cu_q)), **scales)
 
 
 def test_merge_cuda_matches_cpu():
