@@ -94,8 +94,11 @@ struct BlockSparseWgProblem {
     const int last = indices[count - 1];
     int drop = 0;
     if ((unsigned)last < (unsigned)seq_k_blocks) {
+      // Tiles of the last block that start before sk; only the sequence's final block has
+      // fewer than tiles_per_block (any other block's quotient exceeds it: no negative drop).
       const int start = last * p.block_n;  // < sk: no overflow
-      drop = tiles_per_block - (s.sk - start + BN - 1) / BN;
+      const int inside = (s.sk - start + BN - 1) / BN;
+      if (inside < tiles_per_block) drop = tiles_per_block - inside;
     }
     return count * tiles_per_block - drop;
   }
