@@ -97,7 +97,7 @@ struct BlockSparseWgProblem {
       // Tiles of the last block that start before sk; only the sequence's final block has
       // fewer than tiles_per_block (any other block's quotient exceeds it: no negative drop).
       const int start = last * p.block_n;  // < sk: no overflow
-      const int inside = (s.sk - start + BN - 1) / BN;
+      const int inside = (s.sk - start - 1) / BN + 1;  // sk - start >= 1: no overflow
       if (inside < tiles_per_block) drop = tiles_per_block - inside;
     }
     return count * tiles_per_block - drop;

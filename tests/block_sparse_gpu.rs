@@ -759,6 +759,41 @@ fn hopper_cases_are_valid_problems() {
     }
 }
 
+/// Runs without a GPU: the Hopper sweep reaches both cases of the kernel's tile count for a
+/// key block of several key tiles (block_n > its key tile): a list whose last block ends
+/// before the sequence's end (all its tiles visited; a negative tile drop there once scheduled
+/// tiles past the list) and a list whose last block is the short final one with whole key
+/// tiles past the end (those dropped).
+#[test]
+fn hopper_cases_reach_both_last_block_tile_counts() {
+    let (mut before_end, mut dropped) = (false, false);
+    for c in hopper_cases() {
+        let dims = c.mask.dims();
+        let tile = hopper_block_n_multiple(c.d);
+        if dims.block_n == tile {
+            continue;
+        }
+        for (b, &(sq, sk)) in c.lens.iter().enumerate() {
+            for h in 0..c.hq {
+                for qb in 0..sq.div_ceil(dims.block_m) {
+                    let list = c.mask.list(b, h, qb).unwrap();
+                    let Some((last, _)) = list.iter().last() else {
+                        continue;
+                    };
+                    let start = last * dims.block_n;
+                    before_end |= start + dims.block_n < sk;
+                    dropped |= start < sk && sk - start <= dims.block_n - tile;
+                }
+            }
+        }
+    }
+    assert!(
+        before_end,
+        "no multi-tile last block ending before the sequence's end"
+    );
+    assert!(dropped, "no short final block with key tiles past the end");
+}
+
 /// The Hopper kernel against the f64 reference over [`hopper_cases`] (NaN-poisoned outputs,
 /// empty rows exactly 0 with LSE -inf), and against the verified mma.sync kernel on the same
 /// inputs: the two differ only by accumulation order and tile sizes.
