@@ -3,9 +3,12 @@
 //! problems (ranks 1-3, odd and even kernels, dilation with lengths it does not divide,
 //! causal dims, strides, grids not multiples of the boxes): every query token is a valid row
 //! of exactly one block, each block's key range per dim is exactly the union of its rows'
-//! windows, its key boxes cover every key its rows see exactly once, the per-warp interior
-//! rule of the kernel (a key box inside the common window of the warp's valid rows skips the
-//! mask) never skips a masked key, and the box shapes respect the copy engine's bounds.
+//! windows, its key boxes cover every key its rows see exactly once, the kernel's element
+//! mask is exactly the neighbor list, its per-warp interior rule (a key box inside the common
+//! window of the warp's valid rows skips the mask) never skips a masked key, and the box
+//! shapes respect the copy engine's bounds.
+//! The kernel's own block decode (block index to group, origin, valid rows, key range) is
+//! replayed step by step and must give the same blocks in the same order.
 //! Prints the computed-vs-visible pair ratio of the benchmark problems.
 
 mod common;
@@ -76,6 +79,53 @@ fn window(
     dims[a].window(i * dims[a].dilation + b.group[a]).unwrap().0
 }
 
+/// The active blocks as the kernel decodes them (`NaWgProblem`'s constructor and
+/// `schedule()` in `kernels/neighborhood_wgmma.cu`, step by step): block index per dim
+/// `group * boxes + box` (boxes of the first group, the last dim fastest), valid rows
+/// `min(extent, group length - origin)` (inactive at <= 0), key range from the first row's
+/// window start to the last valid row's window end, key boxes over it.
+fn device_blocks(dims: &[NeighborhoodDim; 3], t: &HopperTiles) -> Vec<HopperBlock> {
+    let mut out = Vec::new();
+    for x in 0..t.grid_blocks().unwrap() {
+        let mut rest = x;
+        let mut group = [0usize; 3];
+        let mut origin = [0usize; 3];
+        let mut valid = [0isize; 3];
+        for d in (0..3).rev() {
+            let dil = dims[d].dilation;
+            let n = dims[d].length.div_ceil(dil).div_ceil(t.query[d]);
+            let u = rest % (n * dil);
+            rest /= n * dil;
+            group[d] = u / n;
+            origin[d] = (u % n) * t.query[d];
+            let lg = (dims[d].length - group[d]).div_ceil(dil);
+            valid[d] = (t.query[d] as isize).min(lg as isize - origin[d] as isize);
+        }
+        if valid.iter().any(|&v| v <= 0) {
+            continue;
+        }
+        let valid = valid.map(|v| v as usize);
+        let keys: [std::ops::Range<usize>; 3] = std::array::from_fn(|d| {
+            let dil = dims[d].dilation;
+            let first = dims[d].window(origin[d] * dil + group[d]).unwrap().0;
+            let last = dims[d]
+                .window((origin[d] + valid[d] - 1) * dil + group[d])
+                .unwrap()
+                .0;
+            first.start..last.end
+        });
+        let tiles = std::array::from_fn(|d| keys[d].len().div_ceil(t.key[d]));
+        out.push(HopperBlock {
+            group,
+            origin,
+            valid,
+            keys,
+            tiles,
+        });
+    }
+    out
+}
+
 /// Exhaustive check of `attn`'s Hopper tiling; returns (computed, visible) pairs.
 fn check(attn: &NeighborhoodAttention, what: &str) -> (u128, u128) {
     let t = HopperTiles::new(attn).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -95,6 +145,11 @@ fn check(attn: &NeighborhoodAttention, what: &str) -> (u128, u128) {
     }
     let blocks = t.blocks();
     assert!(blocks.len() <= t.grid_blocks().unwrap(), "{what}");
+    assert_eq!(
+        device_blocks(&dims, &t),
+        blocks,
+        "{what}: the kernel's block decode"
+    );
     let mut owner: HashMap<usize, usize> = HashMap::new();
     for (bi, b) in blocks.iter().enumerate() {
         // Key range per dim: the union of the valid rows' windows, exactly.
@@ -146,6 +201,22 @@ fn check(attn: &NeighborhoodAttention, what: &str) -> (u128, u128) {
                 }
                 (tok, nb)
             });
+            // The kernel's element mask (mask_tile): key column n of a box is visible iff
+            // inside the row's window along every dim; it must be exactly the neighbor list,
+            // and never pass a key past the grid (zero-filled).
+            if let Some((tok, nb)) = &row {
+                let c = unravel(r, t.query);
+                let win: [std::ops::Range<usize>; 3] =
+                    std::array::from_fn(|a| window(&dims, b, a, b.origin[a] + c[a]));
+                for (kb, keys) in boxes.iter().zip(&box_keys) {
+                    for (n, key) in keys.iter().enumerate() {
+                        let kc = unravel(n, t.key);
+                        let vis = (0..3).all(|a| win[a].contains(&(kb[a] + kc[a])));
+                        let want = key.is_some_and(|k| nb.contains(&k));
+                        assert_eq!(vis, want, "{what}: row {tok} key box {kb:?} column {n}");
+                    }
+                }
+            }
             rows.push(row);
         }
         // The kernel's per-warp interior rule: a key box inside the common window (per dim)
