@@ -156,13 +156,15 @@ struct Fp8Maps {
 
 // One 1-byte-element tensor (dims innermost first, byte strides of dims 1..3) as a map of
 // box_cols x box_rows boxes, box_cols 64 or 128 bytes (the swizzle row: 64- or 128-byte
-// swizzle); elements past the tensor's extents arrive as zeros. False where the copy engine cannot address it (base not 16-byte
-// aligned, a stride of an extent > 1 not a positive multiple of 16 below 2^40, an extent of
-// 2^31 or more).
+// swizzle); elements past the tensor's extents arrive as zeros. False where the copy engine
+// cannot address it (a null or not 16-byte aligned base, no rows: no keys at all, a stride of
+// an extent > 1 not a positive multiple of 16 below 2^40, an extent of 2^31 or more).
 bool encode_bytes(CUtensorMap *map, const void *base, const long long (&dims)[4],
                   const long long (&strides)[3], int box_cols, int box_rows) {
   const tma_host::EncodeTiled encode = tma_host::encode_tiled();
-  if (encode == nullptr || reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+  if (encode == nullptr || base == nullptr || dims[1] < 1 ||
+      reinterpret_cast<uintptr_t>(base) % 16 != 0)
+    return false;
   cuuint64_t gdims[4];
   cuuint64_t gstrides[3];
   for (int i = 0; i < 4; ++i) {
@@ -573,8 +575,9 @@ const char *unsupported_reason(const LaDenseFp8Params &p) {
   const char *why = device_unsupported_reason(kernel, smem, tma_host::is_sm90);
   if (why != nullptr) return why;
   if (!mappable)
-    return "the TMA copy engine cannot address q/k/v^T with these strides (it needs 16-byte "
-           "aligned bases and positive multiples of 16 bytes for every dimension longer than 1)";
+    return "the TMA copy engine cannot address q/k/v^T (it needs 16-byte aligned bases, at "
+           "least one key, and strides that are positive multiples of 16 bytes for every "
+           "dimension longer than 1)";
   const long long v_align = (long long)reinterpret_cast<uintptr_t>(d.v) | d.v_row_stride |
                             d.v_head_stride | d.v_batch_stride;
   if (v_align % 16 != 0)

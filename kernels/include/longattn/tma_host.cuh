@@ -37,11 +37,12 @@ inline EncodeTiled encode_tiled() {
 
 // One operand as a 4-D tensor (head_dim, rows, heads, batch) with byte strides, boxes of 64
 // channels x box_rows rows (x box_heads heads: the GQA-packed kernel maps q with rows and heads
-// swapped, boxes of {64, group heads, positions}). Returns false where the copy engine cannot address it (pointer
-// not 16-byte aligned, a stride that is not a multiple of 16 bytes or is 0 over more than one
-// index, an extent the map cannot hold). head_dim must be a multiple of `channel_multiple`:
-// 64 for kernels whose tiles hold head_dim channels exactly; 8 (16-byte rows) for kernels
-// that pad head_dim to their tile, the copy engine zero-filling the channels past head_dim.
+// swapped, boxes of {64, group heads, positions}). Returns false where the copy engine cannot
+// address it (a null or not 16-byte aligned pointer, no rows, a stride that is not a multiple
+// of 16 bytes or is 0 over more than one index, an extent the map cannot hold). head_dim must
+// be a multiple of `channel_multiple`: 64 for kernels whose tiles hold head_dim channels
+// exactly; 8 (16-byte rows) for kernels that pad head_dim to their tile, the copy engine
+// zero-filling the channels past head_dim.
 struct OperandShape {
   const void *base;
   long long rows, heads, batch;
@@ -52,8 +53,10 @@ inline bool operand_mappable(const OperandShape &x, int head_dim, int channel_mu
   auto stride_ok = [](long long stride, long long extent) {
     return extent <= 1 || (stride > 0 && (stride * 2) % 16 == 0 && stride * 2 < (1LL << 40));
   };
-  return (reinterpret_cast<uintptr_t>(x.base) % 16) == 0 && head_dim > 0 &&
-         head_dim % channel_multiple == 0 && head_dim % 8 == 0 &&
+  // A map needs a base and at least one row: an operand without rows (no keys at all; its
+  // buffer may be null or shorter than one row) has nothing the copy engine could load.
+  return x.base != nullptr && x.rows > 0 && (reinterpret_cast<uintptr_t>(x.base) % 16) == 0 &&
+         head_dim > 0 && head_dim % channel_multiple == 0 && head_dim % 8 == 0 &&
          x.rows < (1LL << 31) && x.heads < (1LL << 31) && x.batch < (1LL << 31) &&
          stride_ok(x.row_stride, x.rows) && stride_ok(x.head_stride, x.heads) &&
          stride_ok(x.batch_stride, x.batch);
@@ -107,9 +110,9 @@ inline bool tensors_mappable(const LaDenseParams &p, int channel_multiple = 64) 
 // Why the copy engine cannot address q, k and v of `p`, or nullptr.
 inline const char *tensors_unmappable_reason(const LaDenseParams &p, int channel_multiple = 64) {
   return tensors_mappable(p, channel_multiple) ? nullptr
-                             : "the TMA copy engine cannot address q/k/v with these strides (it "
-                               "needs positive multiples of 16 bytes for every dimension "
-                               "longer than 1)";
+                             : "the TMA copy engine cannot address q/k/v (it needs bases aligned "
+                               "to 16 bytes, at least one key, and strides that are positive "
+                               "multiples of 16 bytes for every dimension longer than 1)";
 }
 
 // sm_90a code runs on compute capability 9.0 only: other devices would load a Hopper
