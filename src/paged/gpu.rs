@@ -147,19 +147,20 @@ fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
 
 /// Validates an append's arguments (shared by the one-shot and the plan path); returns the
 /// most pages one sequence's new tokens touch.
-fn validate_append<T, C, I, O>(
+fn validate_append<T, C, I, O, M>(
     cache: &PagedCache,
     cu_seqlens_new: &[i32],
     k_new: &Strided<&I>,
     v_new: &Strided<&I>,
     kv: &KvPages<&mut O>,
-    meta: &Option<PageMeta<&mut CudaSlice<C>>>,
+    meta: &Option<PageMeta<&mut M>>,
 ) -> Result<usize>
 where
     T: Element + DeviceRepr,
     C: Element + DeviceRepr,
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<C>,
+    M: DeviceBufferMut<C>,
 {
     let max_touched = cache.check_append(
         cu_seqlens_new,
@@ -194,13 +195,41 @@ impl PagedCache {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
     {
+        self.append_gpu_into::<T, C, I, O, CudaSlice<C>>(
+            stream,
+            cu_seqlens_new,
+            k_new,
+            v_new,
+            cache,
+            meta,
+        )
+    }
+
+    /// [`PagedCache::append_gpu`] with bounds in any writable device buffer (views too: the
+    /// candle op's bounds are views of candle's storage).
+    pub(crate) fn append_gpu_into<T, C, I, O, M>(
+        &self,
+        stream: &Arc<CudaStream>,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&I>,
+        v_new: Strided<&I>,
+        cache: KvPages<&mut O>,
+        meta: Option<PageMeta<&mut M>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
+    {
         let max_touched =
-            validate_append::<T, C, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
+            validate_append::<T, C, I, O, M>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
         if max_touched == 0 {
             return Ok(());
         }
         cuda_call!(
-            imp::append_oneshot::<T, C, I, O>,
+            imp::append_oneshot::<T, C, I, O, M>,
             self,
             stream,
             cu_seqlens_new,
@@ -464,7 +493,7 @@ impl PagedDecodePlan {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
     {
-        let max_touched = validate_append::<T, C, I, O>(
+        let max_touched = validate_append::<T, C, I, O, CudaSlice<C>>(
             &self.decode.cache,
             cu_seqlens_new,
             &k_new,
@@ -476,7 +505,7 @@ impl PagedDecodePlan {
             return Ok(());
         }
         cuda_call!(
-            imp::append_plan::<T, C, I, O>,
+            imp::append_plan::<T, C, I, O, CudaSlice<C>>,
             self,
             cu_seqlens_new,
             k_new,
@@ -729,7 +758,7 @@ pub(super) mod imp {
 
     /// The append launch, with device tables and offsets already on `stream`.
     #[allow(clippy::too_many_arguments)]
-    fn append_launch<T, C, I, O>(
+    fn append_launch<T, C, I, O, M>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
         (block_table, seqlens_k, kv_scales): DeviceTables<'_>,
@@ -737,7 +766,7 @@ pub(super) mod imp {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -745,6 +774,7 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         let bytes = dtype_bytes(T::DTYPE);
         let (kn, _s1) = k_new.data.device_ptr(stream);
@@ -795,14 +825,14 @@ pub(super) mod imp {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn append_oneshot<T, C, I, O>(
+    pub(super) fn append_oneshot<T, C, I, O, M>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -810,13 +840,14 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         // Temporaries freed stream-ordered after the launch (see the module docs).
         let bt = stream.clone_htod(cache.block_table())?;
         let sl = stream.clone_htod(cache.seqlens_k())?;
         let scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let cu = stream.clone_htod(cu_seqlens_new)?;
-        append_launch::<T, C, I, O>(
+        append_launch::<T, C, I, O, M>(
             cache,
             stream,
             (&bt, &sl, &scales),
@@ -829,13 +860,13 @@ pub(super) mod imp {
         )
     }
 
-    pub(super) fn append_plan<T, C, I, O>(
+    pub(super) fn append_plan<T, C, I, O, M>(
         plan: &mut PagedDecodePlan,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -843,6 +874,7 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         let stale = plan
             .append_cu
@@ -863,7 +895,7 @@ pub(super) mod imp {
             ..
         } = plan;
         let (_, cu) = append_cu.as_ref().expect("uploaded above");
-        append_launch::<T, C, I, O>(
+        append_launch::<T, C, I, O, M>(
             &decode.cache,
             stream,
             (block_table, seqlens_k, kv_scales),
