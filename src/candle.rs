@@ -15,6 +15,9 @@
 //! - [`paged_attn_prefill`]: chunked prefill / prefix caching over the same cache: any number
 //!   of new query tokens per sequence (fixed or packed with `seqlens_q`), any window, an f16,
 //!   bf16, f32 or `F8E4M3` cache.
+//! - [`paged_attn_append`]: writes new tokens' K/V into that cache in place (and keeps the
+//!   pages' Quest bounds), as [`PagedCache::append_cpu`] / [`PagedCache::append_gpu`]; an
+//!   f16, bf16, f32 or `F8E4M3` cache.
 //! - [`neighborhood_attn`]: neighborhood attention (NATTEN) over a 1-D, 2-D or 3-D grid,
 //!   `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v` alike with `heads_kv`, the
 //!   per-dim kernel, dilation, stride and causal flag as [`NeighborhoodDim`]s.

@@ -39,9 +39,7 @@ use crate::paged::{KvPages, PageMeta};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice};
 use candle_core::{DType, Layout, Result, Shape, bail};
-use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, DeviceSlice, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use std::sync::Arc;
 
@@ -277,18 +275,23 @@ unsafe fn as_fp8<'b, S>(
 impl Append {
     /// [`PagedCache::append_gpu`](crate::PagedCache::append_gpu) of `T` tokens into a `C`
     /// cache, on `stream`.
-    fn gpu<T, C>(
+    fn gpu<'a, T, C>(
         &self,
         stream: &Arc<CudaStream>,
         new: KvPages<Input>,
-        kv: KvPages<&mut CudaViewMut<C>>,
-        meta: Option<PageMeta<&mut CudaViewMut<C>>>,
+        mut kv: KvPages<CudaViewMut<'a, C>>,
+        mut bounds: Option<(CudaViewMut<'a, C>, CudaViewMut<'a, C>)>,
     ) -> Result<()>
     where
         T: Element + CudaDType + DeviceRepr,
         C: Element + DeviceRepr,
     {
         let (k_new, v_new) = (view::<T>("k_new", new.k)?, view::<T>("v_new", new.v)?);
+        let kv = KvPages {
+            k: &mut kv.k,
+            v: &mut kv.v,
+        };
+        let meta = bounds.as_mut().map(|(kmin, kmax)| PageMeta { kmin, kmax });
         self.cache
             .append_gpu_into::<T, C, _, _, _>(
                 stream,
@@ -312,25 +315,18 @@ impl Append {
     where
         T: Element + CudaDType + DeviceRepr,
     {
-        let mut k = view_mut::<T>("k_cache", kv.k)?;
-        let mut v = view_mut::<T>("v_cache", kv.v)?;
-        let mut bounds = match meta {
+        let kv = KvPages {
+            k: view_mut::<T>("k_cache", kv.k)?,
+            v: view_mut::<T>("v_cache", kv.v)?,
+        };
+        let bounds = match meta {
             Some(m) => Some((
                 view_mut::<T>("kmin", m.kmin)?,
                 view_mut::<T>("kmax", m.kmax)?,
             )),
             None => None,
         };
-        let meta = bounds.as_mut().map(|(kmin, kmax)| PageMeta { kmin, kmax });
-        self.gpu::<T, T>(
-            stream,
-            new,
-            KvPages {
-                k: &mut k,
-                v: &mut v,
-            },
-            meta,
-        )
+        self.gpu::<T, T>(stream, new, kv, bounds)
     }
 
     /// The append into an `F8E4M3` cache.
@@ -351,21 +347,17 @@ impl Append {
             None => None,
         };
         // SAFETY (all): the views are of candle's `float8::F8E4M3` storage.
-        let (mut k, mut v) = unsafe { (as_fp8("k_cache", &mut k8)?, as_fp8("v_cache", &mut v8)?) };
-        let mut bounds = match bounds8.as_mut() {
+        let kv = unsafe {
+            KvPages {
+                k: as_fp8("k_cache", &mut k8)?,
+                v: as_fp8("v_cache", &mut v8)?,
+            }
+        };
+        let bounds = match bounds8.as_mut() {
             Some((a, b)) => Some(unsafe { (as_fp8("kmin", a)?, as_fp8("kmax", b)?) }),
             None => None,
         };
-        let meta = bounds.as_mut().map(|(kmin, kmax)| PageMeta { kmin, kmax });
-        self.gpu::<T, F8E4M3>(
-            stream,
-            new,
-            KvPages {
-                k: &mut k,
-                v: &mut v,
-            },
-            meta,
-        )
+        self.gpu::<T, F8E4M3>(stream, new, kv, bounds)
     }
 }
 
