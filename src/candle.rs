@@ -1223,8 +1223,7 @@ impl Append {
     fn cpu_t<T: Element + candle_core::WithDType, C: CpuCache>(
         &self,
         new: KvPages<(&CpuStorage, &Layout)>,
-        kv: KvPages<(&mut CpuStorage, &Layout)>,
-        meta: Option<PageMeta<(&mut CpuStorage, &Layout)>>,
+        Written { kv, meta }: Written<&mut CpuStorage>,
     ) -> Result<()> {
         let k_new = cpu_slice::<T>("k_new", new.k.0, new.k.1)?;
         let v_new = cpu_slice::<T>("v_new", new.v.0, new.v.1)?;
@@ -1252,33 +1251,42 @@ impl Append {
 
     /// The CPU append: new tokens f32, f16 or bf16, the cache (and bounds) of their dtype or
     /// f8e4m3 (dtypes checked by [`paged_attn_append`]).
-    fn cpu(
-        &self,
-        new: KvPages<(&CpuStorage, &Layout)>,
-        kv: KvPages<(&mut CpuStorage, &Layout)>,
-        meta: Option<PageMeta<(&mut CpuStorage, &Layout)>>,
-    ) -> Result<()> {
+    fn cpu(&self, new: KvPages<(&CpuStorage, &Layout)>, w: Written<&mut CpuStorage>) -> Result<()> {
         use half::{bf16, f16};
-        match (new.k.0.dtype(), kv.k.0.dtype()) {
-            (DType::F32, DType::F32) => self.cpu_t::<f32, f32>(new, kv, meta),
-            (DType::F16, DType::F16) => self.cpu_t::<f16, f16>(new, kv, meta),
-            (DType::BF16, DType::BF16) => self.cpu_t::<bf16, bf16>(new, kv, meta),
-            (DType::F32, DType::F8E4M3) => self.cpu_t::<f32, F8E4M3>(new, kv, meta),
-            (DType::F16, DType::F8E4M3) => self.cpu_t::<f16, F8E4M3>(new, kv, meta),
-            (DType::BF16, DType::F8E4M3) => self.cpu_t::<bf16, F8E4M3>(new, kv, meta),
+        match (new.k.0.dtype(), w.kv.k.0.dtype()) {
+            (DType::F32, DType::F32) => self.cpu_t::<f32, f32>(new, w),
+            (DType::F16, DType::F16) => self.cpu_t::<f16, f16>(new, w),
+            (DType::BF16, DType::BF16) => self.cpu_t::<bf16, bf16>(new, w),
+            (DType::F32, DType::F8E4M3) => self.cpu_t::<f32, F8E4M3>(new, w),
+            (DType::F16, DType::F8E4M3) => self.cpu_t::<f16, F8E4M3>(new, w),
+            (DType::BF16, DType::F8E4M3) => self.cpu_t::<bf16, F8E4M3>(new, w),
             (a, b) => bail!("longattn paged_attn_append: {a:?} tokens into a {b:?} cache"),
         }
     }
 
-    /// The append on the written storages (`written`: k_cache, v_cache and the bounds, with
+    /// The append on the written storages (`locked`: k_cache, v_cache and the bounds, with
     /// their roles 0..4, locked by [`with_written`]) and the read ones of `k_new`, `v_new`.
-    fn run(&self, t: &AppendTensors, mut written: Vec<(usize, StorageMut<'_>)>) -> Result<()> {
-        written.sort_by_key(|&(role, _)| role);
-        let mut written = written.into_iter().map(|(_, s)| s);
-        let (Some(k), Some(v)) = (written.next(), written.next()) else {
+    fn run(&self, t: &AppendTensors, mut locked: Vec<(usize, StorageMut<'_>)>) -> Result<()> {
+        locked.sort_by_key(|&(role, _)| role);
+        let mut locked = locked.into_iter().map(|(_, s)| s);
+        let (Some(k), Some(v)) = (locked.next(), locked.next()) else {
             bail!("longattn paged_attn_append: k_cache and v_cache are written")
         };
-        let bounds = written.next().zip(written.next()).zip(t.bounds);
+        let meta = locked
+            .next()
+            .zip(locked.next())
+            .zip(t.bounds)
+            .map(|((a, b), (al, bl))| PageMeta {
+                kmin: (a, al.layout()),
+                kmax: (b, bl.layout()),
+            });
+        let written = Written {
+            kv: KvPages {
+                k: (k, t.k_cache.layout()),
+                v: (v, t.v_cache.layout()),
+            },
+            meta,
+        };
         let (kg, kl) = t.k_new.storage_and_layout();
         // k_new and v_new may share a storage: one read lock then (a second `read` of one
         // lock could wait behind a queued writer).
@@ -1287,51 +1295,57 @@ impl Append {
         let vl = t.v_new.layout();
         match (&*kg, vn) {
             (Storage::Cpu(kn), Storage::Cpu(vn)) => {
-                let meta = match bounds {
-                    Some(((a, b), (al, bl))) => Some(PageMeta {
-                        kmin: (a.cpu()?, al.layout()),
-                        kmax: (b.cpu()?, bl.layout()),
-                    }),
-                    None => None,
-                };
-                let kv = KvPages {
-                    k: (k.cpu()?, t.k_cache.layout()),
-                    v: (v.cpu()?, t.v_cache.layout()),
-                };
+                let w = written.backend(StorageMut::cpu)?;
                 self.cpu(
                     KvPages {
                         k: (kn, kl),
                         v: (vn, vl),
                     },
-                    kv,
-                    meta,
+                    w,
                 )
             }
             #[cfg(feature = "candle-cuda")]
             (Storage::Cuda(kn), Storage::Cuda(vn)) => {
-                let meta = match bounds {
-                    Some(((a, b), (al, bl))) => Some(PageMeta {
-                        kmin: (a.cuda()?, al.layout()),
-                        kmax: (b.cuda()?, bl.layout()),
-                    }),
-                    None => None,
-                };
-                let kv = KvPages {
-                    k: (k.cuda()?, t.k_cache.layout()),
-                    v: (v.cuda()?, t.v_cache.layout()),
-                };
+                let w = written.backend(StorageMut::cuda)?;
                 cuda::append(
                     self,
                     KvPages {
                         k: (kn, kl),
                         v: (vn, vl),
                     },
-                    kv,
-                    meta,
+                    w,
                 )
             }
             _ => Err(devices_differ()),
         }
+    }
+}
+
+/// The written tensors' storages (`S`: [`StorageMut`], or `&mut` one backend's) with their
+/// layouts: the caches and, when kept, the Quest bounds.
+struct Written<'l, S> {
+    kv: KvPages<(S, &'l Layout)>,
+    meta: Option<PageMeta<(S, &'l Layout)>>,
+}
+
+impl<'l, 's> Written<'l, StorageMut<'s>> {
+    /// The storages of one backend (`take`: `S` or an error).
+    fn backend<S>(
+        self,
+        take: fn(StorageMut<'s>) -> Result<&'s mut S>,
+    ) -> Result<Written<'l, &'s mut S>> {
+        let kv = KvPages {
+            k: (take(self.kv.k.0)?, self.kv.k.1),
+            v: (take(self.kv.v.0)?, self.kv.v.1),
+        };
+        let meta = match self.meta {
+            Some(m) => Some(PageMeta {
+                kmin: (take(m.kmin.0)?, m.kmin.1),
+                kmax: (take(m.kmax.0)?, m.kmax.1),
+            }),
+            None => None,
+        };
+        Ok(Written { kv, meta })
     }
 }
 

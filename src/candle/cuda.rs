@@ -29,7 +29,7 @@
 //! instead).
 //! **Not yet run on a GPU**: compiled and linted only (see the README).
 
-use super::{Append, Paged, PagedProblem, Problem, QkvAttention, wrap};
+use super::{Append, Paged, PagedProblem, Problem, QkvAttention, Written, wrap};
 use crate::block_sparse::BlockSparseAttention;
 use crate::dense::FlashAttention;
 use crate::element::{Element, F8E4M3};
@@ -230,6 +230,9 @@ pub(super) fn paged(
 /// A written storage (held as `&mut` by candle's in-place op) and its layout.
 type Output<'a> = (&'a mut CudaStorage, &'a Layout);
 
+/// The caches and bounds on CUDA.
+type CudaWritten<'a> = Written<'a, &'a mut CudaStorage>;
+
 /// A written tensor's elements (contiguous from the layout's start offset) as a view.
 fn view_mut<'a, T: CudaDType>(name: &str, (s, l): Output<'a>) -> Result<CudaViewMut<'a, T>> {
     let start = l.start_offset();
@@ -309,8 +312,7 @@ impl Append {
         &self,
         stream: &Arc<CudaStream>,
         new: KvPages<Input>,
-        kv: KvPages<Output>,
-        meta: Option<PageMeta<Output>>,
+        Written { kv, meta }: CudaWritten,
     ) -> Result<()>
     where
         T: Element + CudaDType + DeviceRepr,
@@ -334,8 +336,7 @@ impl Append {
         &self,
         stream: &Arc<CudaStream>,
         new: KvPages<Input>,
-        kv: KvPages<Output>,
-        meta: Option<PageMeta<Output>>,
+        Written { kv, meta }: CudaWritten,
     ) -> Result<()>
     where
         T: Element + CudaDType + DeviceRepr,
@@ -363,19 +364,14 @@ impl Append {
 
 /// The paged append on CUDA storages: f16/bf16 tokens into a cache (and bounds) of their
 /// dtype or f8e4m3, on the cache's device stream.
-pub(super) fn append(
-    a: &Append,
-    new: KvPages<Input>,
-    kv: KvPages<Output>,
-    meta: Option<PageMeta<Output>>,
-) -> Result<()> {
-    let stream = kv.k.0.device().cuda_stream();
+pub(super) fn append(a: &Append, new: KvPages<Input>, w: CudaWritten) -> Result<()> {
+    let stream = w.kv.k.0.device().cuda_stream();
     use DType::{BF16, F8E4M3 as E4M3, F16};
-    match (new.k.0.dtype(), kv.k.0.dtype()) {
-        (F16, F16) => a.gpu_same::<f16>(&stream, new, kv, meta),
-        (BF16, BF16) => a.gpu_same::<bf16>(&stream, new, kv, meta),
-        (F16, E4M3) => a.gpu_fp8::<f16>(&stream, new, kv, meta),
-        (BF16, E4M3) => a.gpu_fp8::<bf16>(&stream, new, kv, meta),
+    match (new.k.0.dtype(), w.kv.k.0.dtype()) {
+        (F16, F16) => a.gpu_same::<f16>(&stream, new, w),
+        (BF16, BF16) => a.gpu_same::<bf16>(&stream, new, w),
+        (F16, E4M3) => a.gpu_fp8::<f16>(&stream, new, w),
+        (BF16, E4M3) => a.gpu_fp8::<bf16>(&stream, new, w),
         (t, c) => bail!(
             "longattn paged_attn_append on CUDA: f16 or bf16 tokens (the GPU kernels' types; \
              f32 runs on CPU tensors) into a cache of their dtype or f8e4m3; got {t:?} into {c:?}"
