@@ -54,10 +54,12 @@ use crate::neighborhood::{
 };
 use crate::paged::{
     KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+    SparsePolicy,
 };
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Result, Shape, Storage, Tensor, bail,
+    CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Result, Shape, Storage, StorageRef, Tensor,
+    bail,
 };
 use std::cell::Cell;
 
@@ -761,6 +763,9 @@ struct Paged {
     problem: PagedProblem,
     qs: Strides,
     os: Strides,
+    /// A decode's Quest bounds `(kmin, kmax)`, read in the forward pass (storages of their
+    /// own, checked by [`paged_attn_decode_with_policy`]).
+    bounds: Option<(Tensor, Tensor)>,
 }
 
 enum PagedProblem {
@@ -777,16 +782,25 @@ impl Paged {
         }
     }
 
+    /// Read locks on the bounds' storages, with their layouts.
+    fn read_bounds(&self) -> Option<PageMeta<(StorageRef<'_>, &Layout)>> {
+        self.bounds.as_ref().map(|(kmin, kmax)| PageMeta {
+            kmin: kmin.storage_and_layout(),
+            kmax: kmax.storage_and_layout(),
+        })
+    }
+
     /// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
     fn forward_cpu<T: Element, C: Element>(
         &self,
         q: &[T],
         kv: KvPages<&[C]>,
+        meta: Option<PageMeta<&[C]>>,
         out: &mut [T],
     ) -> crate::Result<()> {
         let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.os));
         match &self.problem {
-            PagedProblem::Decode(p) => p.forward_cpu(q, kv, None, out, None),
+            PagedProblem::Decode(p) => p.forward_cpu(q, kv, meta, out, None),
             PagedProblem::Prefill(p) => p.forward_cpu(q, kv, out, None),
         }
     }
@@ -814,6 +828,16 @@ impl PagedAttnDecode {
     }
 
     fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
+        self.problem_with(q_l, (k_l, v_l), None)
+    }
+
+    /// The decode problem, with per-kv-head `policy` and its bounds when given.
+    fn problem_with(
+        &self,
+        q_l: &Layout,
+        (k_l, v_l): (&Layout, &Layout),
+        policy: Option<&PolicyBounds>,
+    ) -> Result<Paged> {
         let qs = strides_of("q", q_l, false)?;
         let (b, q_len, hq, d) = q_l.shape().dims4()?;
         if self.seqlens_k.len() != b {
@@ -834,11 +858,15 @@ impl PagedAttnDecode {
             self.softcap,
             longest(&self.seqlens_k),
         );
-        let decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        let mut decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        if let Some(p) = policy {
+            decode = decode.with_policy(p.policy.clone()).map_err(wrap)?;
+        }
         Ok(Paged {
             problem: PagedProblem::Decode(decode),
             qs,
             os: Strides::contiguous(q_len, hq, d),
+            bounds: policy.and_then(|p| p.bounds.clone()),
         })
     }
 }
@@ -898,6 +926,7 @@ impl PagedAttnPrefill {
             problem: PagedProblem::Prefill(prefill),
             qs,
             os,
+            bounds: None,
         })
     }
 }
@@ -910,7 +939,35 @@ fn paged_cpu_t<T: Element + candle_core::WithDType>(
 ) -> Result<Vec<T>> {
     let k = cpu_slice::<T>("k_cache", k.0, k.1)?;
     let v = cpu_slice::<T>("v_cache", v.0, v.1)?;
-    paged_cpu_kv(p, q, KvPages { k, v })
+    let bounds = p.read_bounds();
+    let meta = match &bounds {
+        Some(m) => Some(PageMeta {
+            kmin: cpu_elems::<T>("kmin", &m.kmin)?,
+            kmax: cpu_elems::<T>("kmax", &m.kmax)?,
+        }),
+        None => None,
+    };
+    paged_cpu_kv(p, q, KvPages { k, v }, meta)
+}
+
+/// A bound's CPU storage.
+fn cpu_bound<'a>(name: &str, s: &'a Storage) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Ok(s),
+        _ => bail!("longattn: {name} must be on the CPU, as q"),
+    }
+}
+
+/// The elements of a contiguous read tensor (a bound), from its layout's start offset.
+fn cpu_elems<'a, T: candle_core::WithDType>(
+    name: &str,
+    (s, l): &'a (StorageRef<'_>, &Layout),
+) -> Result<&'a [T]> {
+    let data = cpu_slice::<T>(name, cpu_bound(name, s)?, l)?;
+    match data.get(..l.shape().elem_count()) {
+        Some(d) => Ok(d),
+        None => bail!("longattn: {name} ends past its storage"),
+    }
 }
 
 /// An `F8E4M3` cache (candle's float8 type) as this crate's [`F8E4M3`], bit for bit.
@@ -932,7 +989,22 @@ fn paged_cpu_fp8<T: Element + candle_core::WithDType>(
 ) -> Result<Vec<T>> {
     let k = fp8_cache("k_cache", k.0, k.1)?;
     let v = fp8_cache("v_cache", v.0, v.1)?;
-    paged_cpu_kv(p, q, KvPages { k: &k, v: &v })
+    let bounds = match p.read_bounds() {
+        Some(m) => {
+            let read = |name, (s, l): &(StorageRef, &Layout)| -> Result<Vec<F8E4M3>> {
+                let mut b = fp8_cache(name, cpu_bound(name, s)?, l)?;
+                b.truncate(l.shape().elem_count());
+                Ok(b)
+            };
+            Some((read("kmin", &m.kmin)?, read("kmax", &m.kmax)?))
+        }
+        None => None,
+    };
+    let meta = bounds.as_ref().map(|(kmin, kmax)| PageMeta {
+        kmin: &kmin[..],
+        kmax: &kmax[..],
+    });
+    paged_cpu_kv(p, q, KvPages { k: &k, v: &v }, meta)
 }
 
 /// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
@@ -940,10 +1012,11 @@ fn paged_cpu_kv<T: Element + candle_core::WithDType, C: Element>(
     p: &Paged,
     q: (&CpuStorage, &Layout),
     kv: KvPages<&[C]>,
+    meta: Option<PageMeta<&[C]>>,
 ) -> Result<Vec<T>> {
     let q = cpu_slice::<T>("q", q.0, q.1)?;
     let mut out = vec![T::default(); p.out_len()];
-    p.forward_cpu(q, kv, &mut out).map_err(wrap)?;
+    p.forward_cpu(q, kv, meta, &mut out).map_err(wrap)?;
     Ok(out)
 }
 
@@ -1043,6 +1116,110 @@ pub fn paged_attn_decode_fp8(
     let settings = (softmax_scale, window_size_left, softcap);
     let op = PagedAttnDecode::from_tables(block_table, seqlens_k, Some(scales), settings)?;
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// A decode's per-kv-head policy and the Quest bounds it reads.
+#[derive(Debug, Clone)]
+struct PolicyBounds {
+    policy: SparsePolicy,
+    bounds: Option<(Tensor, Tensor)>,
+}
+
+/// [`PagedAttnDecode`] with per-kv-head policies, as the `CustomOp3` on
+/// `(q, k_cache, v_cache)` that [`paged_attn_decode_with_policy`] applies.
+struct PagedAttnDecodePolicy {
+    decode: PagedAttnDecode,
+    policy: PolicyBounds,
+}
+
+impl PagedAttnDecodePolicy {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
+        self.decode
+            .problem_with(q_l, (k_l, v_l), Some(&self.policy))
+    }
+}
+
+custom_op3!(
+    PagedAttnDecodePolicy,
+    "longattn-paged-attn-decode-policy",
+    paged_cpu,
+    paged
+);
+
+/// [`paged_attn_decode`] (or, with `kv_scales`, [`paged_attn_decode_fp8`]) with a policy per
+/// kv head ([`PagedDecode::with_policy`]): `Full` heads attend to every visible page,
+/// `Streaming` heads to the sinks and recent window of `policy.streaming`, `Quest` heads to
+/// the top pages of `policy.quest` scored against the pages' key bounds
+/// `bounds = Some((kmin, kmax))`, contiguous `(num_pages, heads_kv, head_dim)` of the
+/// cache's dtype, as [`paged_attn_append`] keeps them (required when a head is `Quest`).
+/// `Listed` heads need page lists, which this op does not take (an error). The bounds are
+/// read in the forward pass and must not share a storage with q or the caches (refused).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_decode_with_policy(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    policy: &SparsePolicy,
+    bounds: Option<(&Tensor, &Tensor)>,
+    kv_scales: Option<(&[f32], &[f32])>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let kv_scales = kv_scales
+        .map(|(k, v)| KvScales::new(k.to_vec(), v.to_vec()))
+        .transpose()
+        .map_err(wrap)?;
+    let settings = (softmax_scale, window_size_left, softcap);
+    let decode = PagedAttnDecode::from_tables(block_table, seqlens_k, kv_scales, settings)?;
+    if let Some((kmin, kmax)) = bounds {
+        check_bounds((kmin, kmax), k_cache, &[q, k_cache, v_cache])?;
+    }
+    let op = PagedAttnDecodePolicy {
+        decode,
+        policy: PolicyBounds {
+            policy: policy.clone(),
+            bounds: bounds.map(|(a, b)| (a.clone(), b.clone())),
+        },
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// Refuses Quest bounds that are not contiguous `(num_pages, heads_kv, head_dim)` of
+/// `k_cache`'s dtype and device, or that share a storage with each other or with `others`.
+fn check_bounds(
+    (kmin, kmax): (&Tensor, &Tensor),
+    k_cache: &Tensor,
+    others: &[&Tensor],
+) -> Result<()> {
+    let (num_pages, _, hkv, d) = k_cache.dims4()?;
+    let mut seen: Vec<usize> = others.iter().map(|t| storage_id(t)).collect();
+    for (name, t) in [("kmin", kmin), ("kmax", kmax)] {
+        if t.dims() != [num_pages, hkv, d] || !t.is_contiguous() {
+            bail!(
+                "longattn: {name} must be contiguous (num_pages, heads_kv, head_dim) = {:?}, \
+                 got {:?} strides {:?}",
+                [num_pages, hkv, d],
+                t.shape(),
+                t.stride()
+            )
+        }
+        if t.dtype() != k_cache.dtype() || !t.device().same_device(k_cache.device()) {
+            bail!(
+                "longattn: {name} must have k_cache's dtype and device ({:?}), got {:?}",
+                k_cache.dtype(),
+                t.dtype()
+            )
+        }
+        let id = storage_id(t);
+        if seen.contains(&id) {
+            bail!("longattn: {name} shares its storage with another argument")
+        }
+        seen.push(id);
+    }
+    Ok(())
 }
 
 /// Prefill attention over a paged KV cache (chunked prefill, prefix caching: FlashAttention's
@@ -1449,14 +1626,10 @@ impl Append {
                 t.v_new.dtype()
             )
         }
-        let bounds = t.bounds.map_or(vec![], |(a, b)| vec![a.dtype(), b.dtype()]);
-        if (cache != new && cache != DType::F8E4M3)
-            || t.v_cache.dtype() != cache
-            || bounds.iter().any(|&b| b != cache)
-        {
+        if (cache != new && cache != DType::F8E4M3) || t.v_cache.dtype() != cache {
             bail!(
-                "longattn paged_attn_append: k_cache, v_cache (and kmin, kmax) must share the \
-                 new tokens' dtype ({new:?}) or f8e4m3; got {cache:?}, {:?}, bounds {bounds:?}",
+                "longattn paged_attn_append: k_cache, v_cache must share the new tokens' dtype \
+                 ({new:?}) or f8e4m3; got {cache:?}, {:?}",
                 t.v_cache.dtype()
             )
         }
@@ -1478,18 +1651,9 @@ impl Append {
                 )
             }
         }
-        if let Some((kmin, kmax)) = t.bounds {
-            let want = [cache.layout().num_pages, hkv, d];
-            for (name, x) in [("kmin", kmin), ("kmax", kmax)] {
-                if x.dims() != want || !x.is_contiguous() {
-                    bail!(
-                        "longattn paged_attn_append: {name} must be contiguous (num_pages, \
-                         heads_kv, head_dim) = {want:?}, got {:?} strides {:?}",
-                        x.shape(),
-                        x.stride()
-                    )
-                }
-            }
+        if let Some(bounds) = t.bounds {
+            // Their storages were checked by `check_storages`.
+            check_bounds(bounds, t.k_cache, &[])?;
         }
         Ok(Append {
             cache,

@@ -1355,8 +1355,12 @@ struct AppendRun<T> {
     v_tokens: Vec<Vec<T>>,
     k_cache: Tensor,
     v_cache: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
     block_table: Tensor,
     seqlens_k: Tensor,
+    /// The cache description after the last append (the scales included).
+    cache: PagedCache,
 }
 
 /// Runs [`APPEND_STEPS`] through `paged_attn_append` (new tokens `T`, cache `C`, with bounds)
@@ -1402,6 +1406,7 @@ where
     let bt = Tensor::from_vec(table.clone(), (3, max_pages), &Device::Cpu).unwrap();
     let scale_refs = scales.as_ref().map(|s| (s.k(), s.v()));
     let mut done = [0usize; 3];
+    let mut last = None;
     for step in APPEND_STEPS {
         let now: Vec<i32> = (0..3).map(|b| (done[b] + step[b]) as i32).collect();
         let cu = common::cu_seqlens(&step);
@@ -1473,14 +1478,18 @@ where
         for b in 0..3 {
             done[b] += step[b];
         }
+        last = Some(cache);
     }
     AppendRun {
         k_tokens,
         v_tokens,
         k_cache: tk,
         v_cache: tv,
+        kmin: tmin,
+        kmax: tmax,
         block_table: bt,
         seqlens_k: Tensor::new(&done.map(|n| n as i32)[..], &Device::Cpu).unwrap(),
+        cache: last.unwrap(),
     }
 }
 
@@ -1712,4 +1721,153 @@ fn paged_append_bad_inputs_are_candle_errors() {
     for (got, want) in [(&kc, &k), (&vc, &v), (&kmin, &lo), (&kmax, &hi)] {
         assert_eq!(bits(&flat(got)), bits(want));
     }
+}
+
+/// Heads Quest (2 pages of the sequence's up to 4) and Streaming (1 sink, window 3).
+fn quest_streaming_policy() -> SparsePolicy {
+    let mut policy = common::paged::quest_policy(2, 8, 0);
+    policy.heads[1] = HeadPolicy::Streaming;
+    policy.with_streaming(StreamingConfig {
+        sinks: 1,
+        window: 3,
+    })
+}
+
+/// The crate's decode with `policy` over an append run's cache (read back from the tensors),
+/// `q: (3, 1, hq, d)` f32.
+fn decode_with_policy_rust<C: CacheElem>(
+    run: &AppendRun<f32>,
+    q: &Tensor,
+    policy: &SparsePolicy,
+) -> Vec<f32> {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let hq = q.dim(2).unwrap();
+    let decode = PagedDecode::new(&run.cache, hq, 1, &opts(None, Some(0), None))
+        .unwrap()
+        .with_policy(policy.clone())
+        .unwrap();
+    let (k, v) = (C::read(&run.k_cache), C::read(&run.v_cache));
+    let (kmin, kmax) = (C::read(&run.kmin), C::read(&run.kmax));
+    let st = Strides::contiguous(1, hq, d);
+    let qv = flat(q);
+    let mut out = vec![f32::NAN; decode.out_len()];
+    decode
+        .forward_cpu(
+            Strided::new(&qv[..], st),
+            KvPages {
+                k: &k[..],
+                v: &v[..],
+            },
+            Some(PageMeta {
+                kmin: &kmin[..],
+                kmax: &kmax[..],
+            }),
+            Strided::new(&mut out[..], st),
+            None,
+        )
+        .unwrap();
+    assert_eq!(hkv, policy.heads.len());
+    out
+}
+
+/// `paged_attn_decode_with_policy` over the cache and Quest bounds that `paged_attn_append`
+/// filled equals the crate's `PagedDecode::with_policy` (bit for bit), f32 and FP8 caches;
+/// all-Full equals `paged_attn_decode`.
+#[test]
+fn paged_decode_with_policy_matches_rust_api() {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let q = randn(&[3, 1, 4, d], 13);
+    let policy = quest_streaming_policy();
+    let run = append_both_ways::<f32, f32>(14, None);
+    let (kc, vc, bt, sl) = (&run.k_cache, &run.v_cache, &run.block_table, &run.seqlens_k);
+    let bounds = Some((&run.kmin, &run.kmax));
+    let got = fa::paged_attn_decode_with_policy(
+        &q, kc, vc, bt, sl, &policy, bounds, None, SCALE, None, None,
+    )
+    .unwrap();
+    assert_eq!(
+        flat(&got),
+        decode_with_policy_rust::<f32>(&run, &q, &policy)
+    );
+    // The policy changes the result (Quest keeps 2 of sequence 0's 4 pages).
+    let full = fa::paged_attn_decode(&q, kc, vc, bt, sl, SCALE, None, None).unwrap();
+    assert_ne!(flat(&got), flat(&full));
+    let all_full = SparsePolicy::uniform(hkv, HeadPolicy::Full);
+    let got = fa::paged_attn_decode_with_policy(
+        &q, kc, vc, bt, sl, &all_full, None, None, SCALE, None, None,
+    )
+    .unwrap();
+    assert_eq!(flat(&got), flat(&full));
+    // FP8: the bounds of the stored e4m3 values, the scales per kv head.
+    let (ks, vs) = ([0.01f32, 0.02], [0.015f32, 0.005]);
+    let scales = KvScales::new(ks.to_vec(), vs.to_vec()).unwrap();
+    let run8 = append_both_ways::<f32, F8E4M3>(15, Some(scales));
+    let got = fa::paged_attn_decode_with_policy(
+        &q,
+        &run8.k_cache,
+        &run8.v_cache,
+        &run8.block_table,
+        &run8.seqlens_k,
+        &policy,
+        Some((&run8.kmin, &run8.kmax)),
+        Some((&ks, &vs)),
+        SCALE,
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        flat(&got),
+        decode_with_policy_rust::<F8E4M3>(&run8, &q, &policy)
+    );
+}
+
+#[test]
+fn paged_decode_with_policy_bad_inputs_are_candle_errors() {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let q = randn(&[3, 1, 4, d], 16);
+    let run = append_both_ways::<f32, f32>(17, None);
+    let (kc, vc, bt, sl) = (&run.k_cache, &run.v_cache, &run.block_table, &run.seqlens_k);
+    let policy = quest_streaming_policy();
+    let decode = |policy: &SparsePolicy, bounds: Option<(&Tensor, &Tensor)>| {
+        fa::paged_attn_decode_with_policy(
+            &q, kc, vc, bt, sl, policy, bounds, None, SCALE, None, None,
+        )
+    };
+    let refused = |r: candle_core::Result<Tensor>, what: &str| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("longattn"), "{what}: {e}");
+    };
+    let (kmin, kmax) = (&run.kmin, &run.kmax);
+    refused(decode(&policy, None), "Quest without bounds");
+    refused(
+        decode(&SparsePolicy::uniform(hkv, HeadPolicy::Listed), None),
+        "Listed",
+    );
+    refused(
+        decode(&SparsePolicy::uniform(3, HeadPolicy::Full), None),
+        "heads",
+    );
+    refused(decode(&policy, Some((kmin, kmin))), "kmin = kmax");
+    let n = kmin.elem_count();
+    let in_cache = kc.flatten_all().unwrap().narrow(0, 0, n).unwrap();
+    let in_cache = in_cache.reshape(kmin.dims()).unwrap();
+    refused(
+        decode(&policy, Some((&in_cache, kmax))),
+        "kmin views k_cache",
+    );
+    refused(
+        decode(&policy, Some((&kmin.to_dtype(DType::F16).unwrap(), kmax))),
+        "f16 bounds",
+    );
+    let short = kmin.narrow(0, 0, 2).unwrap();
+    refused(decode(&policy, Some((&short, kmax))), "bounds shape");
+    let t = kmin
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
+    refused(decode(&policy, Some((&t, kmax))), "non-contiguous bounds");
 }

@@ -38,7 +38,7 @@ use crate::neighborhood::NeighborhoodAttention;
 use crate::paged::{KvPages, PageMeta};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaStorage, CudaStorageSlice};
-use candle_core::{DType, Layout, Result, Shape, bail};
+use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, bail};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, ValidAsZeroBits};
 use half::{bf16, f16};
 use std::sync::Arc;
@@ -163,6 +163,7 @@ impl Paged {
         stream: &Arc<CudaStream>,
         q: &CudaView<T>,
         kv: KvPages<&CudaView<C>>,
+        meta: Option<PageMeta<&CudaView<C>>>,
         out: &mut CudaSlice<T>,
     ) -> crate::Result<()>
     where
@@ -172,7 +173,7 @@ impl Paged {
         let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.os));
         match &self.problem {
             PagedProblem::Decode(p) => {
-                p.forward_gpu::<T, C, _, _, _>(stream, q, kv, None, out, None)
+                p.forward_gpu_with::<T, C, _, _, _, _>(stream, q, kv, meta, out, None)
             }
             PagedProblem::Prefill(p) => p.forward_gpu::<T, C, _, _, _>(stream, q, kv, out, None),
         }
@@ -180,7 +181,12 @@ impl Paged {
 }
 
 /// A paged op's forward pass of `q` (type `T`) over a cache of type `C`, on q's device stream.
-fn paged_t<T, C>(p: &Paged, q: Input, kv: KvPages<CudaView<C>>) -> Result<CudaSlice<T>>
+fn paged_t<T, C>(
+    p: &Paged,
+    q: Input,
+    kv: KvPages<CudaView<C>>,
+    meta: Option<PageMeta<CudaView<C>>>,
+) -> Result<CudaSlice<T>>
 where
     T: Element + CudaDType + DeviceRepr + ValidAsZeroBits,
     C: Element + DeviceRepr,
@@ -189,8 +195,29 @@ where
     let qv = view::<T>("q", q)?;
     let mut out = zeros::<T>(q.0, p.out_len())?;
     let kv = KvPages { k: &kv.k, v: &kv.v };
-    p.forward_gpu(&stream, &qv, kv, &mut out).map_err(wrap)?;
+    let meta = meta.as_ref().map(|m| PageMeta {
+        kmin: &m.kmin,
+        kmax: &m.kmax,
+    });
+    p.forward_gpu(&stream, &qv, kv, meta, &mut out)
+        .map_err(wrap)?;
     Ok(out)
+}
+
+/// A bound (read under its own lock) as a CUDA storage with its layout.
+fn bound<'a>(name: &str, (s, l): &'a (StorageRef<'_>, &'a Layout)) -> Result<Input<'a>> {
+    match &**s {
+        Storage::Cuda(s) => Ok((s, l)),
+        _ => bail!("longattn: {name} must be on q's CUDA device"),
+    }
+}
+
+/// The first `l`'s element count of `v` (a contiguous bound's exact elements: the decode
+/// checks the bounds' lengths).
+fn elems<'a, C>(name: &str, v: CudaView<'a, C>, l: &Layout) -> Result<CudaView<'a, C>> {
+    v.try_slice(..l.shape().elem_count()).ok_or_else(|| {
+        candle_core::Error::Msg(format!("longattn: {name} ends past its storage")).bt()
+    })
 }
 
 /// `cuda_fwd` of the paged ops: q f16 or bf16, the cache of q's dtype or f8e4m3.
@@ -203,13 +230,25 @@ pub(super) fn paged(
 ) -> Result<(CudaStorage, Shape)> {
     let device = q.0.device().clone();
     // `$t` for q's element type, over a cache of `$c` read by `$view`.
+    let bounds = p.read_bounds();
     macro_rules! run {
         ($t:ty, $c:ty, $view:expr) => {{
             let kv = KvPages {
                 k: $view("k_cache", k)?,
                 v: $view("v_cache", v)?,
             };
-            CudaStorage::wrap_cuda_slice(paged_t::<$t, $c>(p, q, kv)?, device)
+            let read = |name, b| -> Result<CudaView<$c>> {
+                let (s, l) = bound(name, b)?;
+                elems(name, $view(name, (s, l))?, l)
+            };
+            let meta = match &bounds {
+                Some(m) => Some(PageMeta {
+                    kmin: read("kmin", &m.kmin)?,
+                    kmax: read("kmax", &m.kmax)?,
+                }),
+                None => None,
+            };
+            CudaStorage::wrap_cuda_slice(paged_t::<$t, $c>(p, q, kv, meta)?, device)
         }};
     }
     use DType::{BF16, F8E4M3 as E4M3, F16};

@@ -290,7 +290,7 @@ impl PagedDecode {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_types::<T, C>(&self.cache)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        let () = cuda_call!(imp::select::<T, C, I>, &mut plan, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I, CudaSlice<C>>, &mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
@@ -319,11 +319,33 @@ impl PagedDecode {
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
+        self.forward_gpu_with::<T, C, Q, K, O, CudaSlice<C>>(stream, q, kv, meta, out, lse)
+    }
+
+    /// [`PagedDecode::forward_gpu`] with bounds in any device buffer (views too: the candle
+    /// op's bounds are views of candle's storage).
+    pub(crate) fn forward_gpu_with<T, C, Q, K, O, M>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
+        meta: Option<PageMeta<&M>>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
+        O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
+    {
         // The tensor checks first, then the plan (tables, grid), then the launches.
-        self.validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
+        self.validate_forward::<T, C, Q, K, O, M>(&q, &kv, &meta, &out, &lse)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
         cuda_call!(
-            imp::decode::<T, C, Q, K, O>,
+            imp::decode::<T, C, Q, K, O, M>,
             &mut plan,
             q,
             kv,
@@ -333,11 +355,11 @@ impl PagedDecode {
         )
     }
 
-    fn validate_forward<T, C, Q, K, O>(
+    fn validate_forward<T, C, Q, K, O, M>(
         &self,
         q: &Strided<&Q>,
         kv: &KvPages<&K>,
-        meta: &Option<PageMeta<&CudaSlice<C>>>,
+        meta: &Option<PageMeta<&M>>,
         out: &Strided<&mut O>,
         lse: &Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
@@ -347,6 +369,7 @@ impl PagedDecode {
         Q: DeviceBuffer<T>,
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
     {
         self.check_forward(
             q.extent(),
@@ -441,7 +464,7 @@ impl PagedDecodePlan {
                 "this plan has no Quest heads to select pages for".into(),
             ));
         }
-        let () = cuda_call!(imp::select::<T, C, I>, self, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I, CudaSlice<C>>, self, &q, &meta)?;
         Ok(self.selection().expect("checked above"))
     }
 
@@ -465,13 +488,21 @@ impl PagedDecodePlan {
         O: DeviceBufferMut<T>,
     {
         self.decode
-            .validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
+            .validate_forward::<T, C, Q, K, O, CudaSlice<C>>(&q, &kv, &meta, &out, &lse)?;
         if self.what != PlanFor::Decode {
             return Err(Error::InvalidOption(
                 "a selection-only plan cannot run the decode".into(),
             ));
         }
-        cuda_call!(imp::decode::<T, C, Q, K, O>, self, q, kv, meta, out, lse)
+        cuda_call!(
+            imp::decode::<T, C, Q, K, O, CudaSlice<C>>,
+            self,
+            q,
+            kv,
+            meta,
+            out,
+            lse
+        )
     }
 
     /// Append on the plan's stream with the plan's device tables (see
@@ -910,15 +941,16 @@ pub(super) mod imp {
 
     /// Runs the Quest kernel into the plan's scores, page lists and counts; the bounds are
     /// of the cache's type `C` (`T` or FP8, checked by every caller).
-    pub(super) fn select<T, C, I>(
+    pub(super) fn select<T, C, I, M>(
         plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
-        meta: &PageMeta<&CudaSlice<C>>,
+        meta: &PageMeta<&M>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
+        M: DeviceBuffer<C>,
     {
         let PagedDecodePlan {
             decode,
@@ -996,11 +1028,11 @@ pub(super) mod imp {
         check_launch("la_paged_quest_select", code)
     }
 
-    pub(super) fn decode<T, C, Q, K, O>(
+    pub(super) fn decode<T, C, Q, K, O, M>(
         plan: &mut PagedDecodePlan,
         q: Strided<&Q>,
         kv: KvPages<&K>,
-        meta: Option<PageMeta<&CudaSlice<C>>>,
+        meta: Option<PageMeta<&M>>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
@@ -1010,10 +1042,11 @@ pub(super) mod imp {
         Q: DeviceBuffer<T>,
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
     {
         if plan.decode.needs_meta() {
             let m = meta.as_ref().expect("validated: Quest heads have metadata");
-            select::<T, C, Q>(plan, &q, m)?;
+            select::<T, C, Q, M>(plan, &q, m)?;
         }
         let PagedDecodePlan {
             decode,
