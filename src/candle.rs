@@ -18,6 +18,8 @@
 //! - [`paged_attn_append`]: writes new tokens' K/V into that cache in place (and keeps the
 //!   pages' Quest bounds), as [`PagedCache::append_cpu`] / [`PagedCache::append_gpu`]; an
 //!   f16, bf16, f32 or `F8E4M3` cache.
+//! - [`paged_attn_decode_with_policy`]: the decode with a policy per kv head (Full,
+//!   Streaming, Quest over those bounds; [`PagedDecode::with_policy`]).
 //! - [`neighborhood_attn`]: neighborhood attention (NATTEN) over a 1-D, 2-D or 3-D grid,
 //!   `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v` alike with `heads_kv`, the
 //!   per-dim kernel, dilation, stride and causal flag as [`NeighborhoodDim`]s.
@@ -1154,6 +1156,8 @@ custom_op3!(
 /// cache's dtype, as [`paged_attn_append`] keeps them (required when a head is `Quest`).
 /// `Listed` heads need page lists, which this op does not take (an error). The bounds are
 /// read in the forward pass and must not share a storage with q or the caches (refused).
+/// On CUDA the Quest heads run the selection kernel first, as
+/// [`PagedDecode::forward_gpu`] (**not yet run on a GPU** through this op).
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attn_decode_with_policy(
     q: &Tensor,

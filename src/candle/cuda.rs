@@ -17,7 +17,8 @@
 //!   [`PagedPrefill::forward_gpu`](crate::PagedPrefill::forward_gpu) over an f16/bf16 cache
 //!   of q's dtype or an `F8E4M3` cache (candle's float8 storage reinterpreted as this crate's
 //!   [`F8E4M3`], the same bits).
-//!
+//!   [`super::paged_attn_decode_with_policy`] passes the Quest bounds as views of their
+//!   storages (read-locked for the call).
 //! - Paged append ([`super::paged_attn_append`]):
 //!   [`PagedCache::append_gpu`](crate::PagedCache::append_gpu) from f16/bf16 tokens into
 //!   caches (and Quest bounds) of their dtype or `F8E4M3`, written through views of candle's
