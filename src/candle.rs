@@ -1375,6 +1375,10 @@ impl CpuCache for F8E4M3 {
         let CpuStorage::F8E4M3(data) = s else {
             return None;
         };
+        // One byte per element (as `repr(transparent)` over `u8` makes it), checked anyway.
+        if size_of_val(data.as_slice()) != data.len() {
+            return None;
+        }
         let (ptr, len) = (data.as_mut_ptr(), data.len());
         // SAFETY: candle's `float8::F8E4M3` and this crate's `F8E4M3` are both
         // `repr(transparent)` over `u8` (size and alignment 1) and every bit pattern is a
