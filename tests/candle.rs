@@ -1721,6 +1721,12 @@ fn paged_append_bad_inputs_are_candle_errors() {
     for (got, want) in [(&kc, &k), (&vc, &v), (&kmin, &lo), (&kmax, &hi)] {
         assert_eq!(bits(&flat(got)), bits(want));
     }
+    // Without bounds (two written tensors): the same caches.
+    let fresh = |x: &[f32]| Tensor::from_vec(x.to_vec(), kc.shape(), dev).unwrap();
+    let (kc2, vc2) = (fresh(&before[0]), fresh(&before[1]));
+    append(&kn, &vn, &kc2, &vc2, None, &cu, None).unwrap();
+    assert_eq!(bits(&flat(&kc2)), bits(&k));
+    assert_eq!(bits(&flat(&vc2)), bits(&v));
 }
 
 /// Heads Quest (2 pages of the sequence's up to 4) and Streaming (1 sink, window 3).
