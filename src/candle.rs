@@ -15,6 +15,11 @@
 //! - [`paged_attn_prefill`]: chunked prefill / prefix caching over the same cache: any number
 //!   of new query tokens per sequence (fixed or packed with `seqlens_q`), any window, an f16,
 //!   bf16, f32 or `F8E4M3` cache.
+//! - [`paged_attn_append`]: writes new tokens' K/V into that cache in place (and keeps the
+//!   pages' Quest bounds), as [`PagedCache::append_cpu`] / [`PagedCache::append_gpu`]; an
+//!   f16, bf16, f32 or `F8E4M3` cache.
+//! - [`paged_attn_decode_with_policy`]: the decode with a policy per kv head (Full,
+//!   Streaming, Quest over those bounds; [`PagedDecode::with_policy`]).
 //! - [`neighborhood_attn`]: neighborhood attention (NATTEN) over a 1-D, 2-D or 3-D grid,
 //!   `q: (batch, X, (Y, (Z,)) heads_q, head_dim)`, `k, v` alike with `heads_kv`, the
 //!   per-dim kernel, dilation, stride and causal flag as [`NeighborhoodDim`]s.
@@ -50,10 +55,15 @@ use crate::neighborhood::{
     MAX_NEIGHBORHOOD_DIMS, NeighborhoodAttention, NeighborhoodDim, NeighborhoodShape,
 };
 use crate::paged::{
-    KvPages, KvScales, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+    KvPages, KvScales, PageMeta, PageTable, PagedCache, PagedDecode, PagedLayout, PagedPrefill,
+    SparsePolicy,
 };
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, InplaceOp1, Layout, Result, Shape, Storage, StorageRef, Tensor,
+    bail,
+};
+use std::cell::Cell;
 
 #[cfg(feature = "candle-cuda")]
 mod cuda;
@@ -755,6 +765,9 @@ struct Paged {
     problem: PagedProblem,
     qs: Strides,
     os: Strides,
+    /// A decode's Quest bounds `(kmin, kmax)`, read in the forward pass (storages of their
+    /// own, checked by [`paged_attn_decode_with_policy`]).
+    bounds: Option<(Tensor, Tensor)>,
 }
 
 enum PagedProblem {
@@ -771,16 +784,25 @@ impl Paged {
         }
     }
 
+    /// Read locks on the bounds' storages, with their layouts.
+    fn read_bounds(&self) -> Option<PageMeta<(StorageRef<'_>, &Layout)>> {
+        self.bounds.as_ref().map(|(kmin, kmax)| PageMeta {
+            kmin: kmin.storage_and_layout(),
+            kmax: kmax.storage_and_layout(),
+        })
+    }
+
     /// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
     fn forward_cpu<T: Element, C: Element>(
         &self,
         q: &[T],
         kv: KvPages<&[C]>,
+        meta: Option<PageMeta<&[C]>>,
         out: &mut [T],
     ) -> crate::Result<()> {
         let (q, out) = (Strided::new(q, self.qs), Strided::new(out, self.os));
         match &self.problem {
-            PagedProblem::Decode(p) => p.forward_cpu(q, kv, None, out, None),
+            PagedProblem::Decode(p) => p.forward_cpu(q, kv, meta, out, None),
             PagedProblem::Prefill(p) => p.forward_cpu(q, kv, out, None),
         }
     }
@@ -808,6 +830,16 @@ impl PagedAttnDecode {
     }
 
     fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
+        self.problem_with(q_l, (k_l, v_l), None)
+    }
+
+    /// The decode problem, with per-kv-head `policy` and its bounds when given.
+    fn problem_with(
+        &self,
+        q_l: &Layout,
+        (k_l, v_l): (&Layout, &Layout),
+        policy: Option<&PolicyBounds>,
+    ) -> Result<Paged> {
         let qs = strides_of("q", q_l, false)?;
         let (b, q_len, hq, d) = q_l.shape().dims4()?;
         if self.seqlens_k.len() != b {
@@ -828,11 +860,15 @@ impl PagedAttnDecode {
             self.softcap,
             longest(&self.seqlens_k),
         );
-        let decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        let mut decode = PagedDecode::new(&cache, hq, q_len, &opts).map_err(wrap)?;
+        if let Some(p) = policy {
+            decode = decode.with_policy(p.policy.clone()).map_err(wrap)?;
+        }
         Ok(Paged {
             problem: PagedProblem::Decode(decode),
             qs,
             os: Strides::contiguous(q_len, hq, d),
+            bounds: policy.and_then(|p| p.bounds.clone()),
         })
     }
 }
@@ -892,6 +928,7 @@ impl PagedAttnPrefill {
             problem: PagedProblem::Prefill(prefill),
             qs,
             os,
+            bounds: None,
         })
     }
 }
@@ -904,7 +941,35 @@ fn paged_cpu_t<T: Element + candle_core::WithDType>(
 ) -> Result<Vec<T>> {
     let k = cpu_slice::<T>("k_cache", k.0, k.1)?;
     let v = cpu_slice::<T>("v_cache", v.0, v.1)?;
-    paged_cpu_kv(p, q, KvPages { k, v })
+    let bounds = p.read_bounds();
+    let meta = match &bounds {
+        Some(m) => Some(PageMeta {
+            kmin: cpu_elems::<T>("kmin", &m.kmin)?,
+            kmax: cpu_elems::<T>("kmax", &m.kmax)?,
+        }),
+        None => None,
+    };
+    paged_cpu_kv(p, q, KvPages { k, v }, meta)
+}
+
+/// A bound's CPU storage.
+fn cpu_bound<'a>(name: &str, s: &'a Storage) -> Result<&'a CpuStorage> {
+    match s {
+        Storage::Cpu(s) => Ok(s),
+        _ => bail!("longattn: {name} must be on the CPU, as q"),
+    }
+}
+
+/// The elements of a contiguous read tensor (a bound), from its layout's start offset.
+fn cpu_elems<'a, T: candle_core::WithDType>(
+    name: &str,
+    (s, l): &'a (StorageRef<'_>, &Layout),
+) -> Result<&'a [T]> {
+    let data = cpu_slice::<T>(name, cpu_bound(name, s)?, l)?;
+    match data.get(..l.shape().elem_count()) {
+        Some(d) => Ok(d),
+        None => bail!("longattn: {name} ends past its storage"),
+    }
 }
 
 /// An `F8E4M3` cache (candle's float8 type) as this crate's [`F8E4M3`], bit for bit.
@@ -926,7 +991,22 @@ fn paged_cpu_fp8<T: Element + candle_core::WithDType>(
 ) -> Result<Vec<T>> {
     let k = fp8_cache("k_cache", k.0, k.1)?;
     let v = fp8_cache("v_cache", v.0, v.1)?;
-    paged_cpu_kv(p, q, KvPages { k: &k, v: &v })
+    let bounds = match p.read_bounds() {
+        Some(m) => {
+            let read = |name, (s, l): &(StorageRef, &Layout)| -> Result<Vec<F8E4M3>> {
+                let mut b = fp8_cache(name, cpu_bound(name, s)?, l)?;
+                b.truncate(l.shape().elem_count());
+                Ok(b)
+            };
+            Some((read("kmin", &m.kmin)?, read("kmax", &m.kmax)?))
+        }
+        None => None,
+    };
+    let meta = bounds.as_ref().map(|(kmin, kmax)| PageMeta {
+        kmin: &kmin[..],
+        kmax: &kmax[..],
+    });
+    paged_cpu_kv(p, q, KvPages { k: &k, v: &v }, meta)
 }
 
 /// The CPU forward pass of `q` (type `T`) over a cache of type `C`.
@@ -934,10 +1014,11 @@ fn paged_cpu_kv<T: Element + candle_core::WithDType, C: Element>(
     p: &Paged,
     q: (&CpuStorage, &Layout),
     kv: KvPages<&[C]>,
+    meta: Option<PageMeta<&[C]>>,
 ) -> Result<Vec<T>> {
     let q = cpu_slice::<T>("q", q.0, q.1)?;
     let mut out = vec![T::default(); p.out_len()];
-    p.forward_cpu(q, kv, &mut out).map_err(wrap)?;
+    p.forward_cpu(q, kv, meta, &mut out).map_err(wrap)?;
     Ok(out)
 }
 
@@ -1039,6 +1120,112 @@ pub fn paged_attn_decode_fp8(
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
 
+/// A decode's per-kv-head policy and the Quest bounds it reads.
+#[derive(Debug, Clone)]
+struct PolicyBounds {
+    policy: SparsePolicy,
+    bounds: Option<(Tensor, Tensor)>,
+}
+
+/// [`PagedAttnDecode`] with per-kv-head policies, as the `CustomOp3` on
+/// `(q, k_cache, v_cache)` that [`paged_attn_decode_with_policy`] applies.
+struct PagedAttnDecodePolicy {
+    decode: PagedAttnDecode,
+    policy: PolicyBounds,
+}
+
+impl PagedAttnDecodePolicy {
+    fn problem(&self, q_l: &Layout, k_l: &Layout, v_l: &Layout) -> Result<Paged> {
+        self.decode
+            .problem_with(q_l, (k_l, v_l), Some(&self.policy))
+    }
+}
+
+custom_op3!(
+    PagedAttnDecodePolicy,
+    "longattn-paged-attn-decode-policy",
+    paged_cpu,
+    paged
+);
+
+/// [`paged_attn_decode`] (or, with `kv_scales`, [`paged_attn_decode_fp8`]) with a policy per
+/// kv head ([`PagedDecode::with_policy`]): `Full` heads attend to every visible page,
+/// `Streaming` heads to the sinks and recent window of `policy.streaming`, `Quest` heads to
+/// the top pages of `policy.quest` scored against the pages' key bounds
+/// `bounds = Some((kmin, kmax))`, contiguous `(num_pages, heads_kv, head_dim)` of the
+/// cache's dtype, as [`paged_attn_append`] keeps them (required when a head is `Quest`).
+/// `Listed` heads need page lists, which this op does not take (an error). The bounds are
+/// read in the forward pass and must not share a storage with q or the caches (refused).
+/// On CUDA the Quest heads run the selection kernel first, as
+/// [`PagedDecode::forward_gpu`] (**not yet run on a GPU** through this op).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_decode_with_policy(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    policy: &SparsePolicy,
+    bounds: Option<(&Tensor, &Tensor)>,
+    kv_scales: Option<(&[f32], &[f32])>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    let kv_scales = kv_scales
+        .map(|(k, v)| KvScales::new(k.to_vec(), v.to_vec()))
+        .transpose()
+        .map_err(wrap)?;
+    let settings = (softmax_scale, window_size_left, softcap);
+    let decode = PagedAttnDecode::from_tables(block_table, seqlens_k, kv_scales, settings)?;
+    if let Some((kmin, kmax)) = bounds {
+        check_bounds((kmin, kmax), k_cache, &[q, k_cache, v_cache])?;
+    }
+    let op = PagedAttnDecodePolicy {
+        decode,
+        policy: PolicyBounds {
+            policy: policy.clone(),
+            bounds: bounds.map(|(a, b)| (a.clone(), b.clone())),
+        },
+    };
+    q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// Refuses Quest bounds that are not contiguous `(num_pages, heads_kv, head_dim)` of
+/// `k_cache`'s dtype and device, or that share a storage with each other or with `others`.
+fn check_bounds(
+    (kmin, kmax): (&Tensor, &Tensor),
+    k_cache: &Tensor,
+    others: &[&Tensor],
+) -> Result<()> {
+    let (num_pages, _, hkv, d) = k_cache.dims4()?;
+    let mut seen: Vec<usize> = others.iter().map(|t| storage_id(t)).collect();
+    for (name, t) in [("kmin", kmin), ("kmax", kmax)] {
+        if t.dims() != [num_pages, hkv, d] || !t.is_contiguous() {
+            bail!(
+                "longattn: {name} must be contiguous (num_pages, heads_kv, head_dim) = {:?}, \
+                 got {:?} strides {:?}",
+                [num_pages, hkv, d],
+                t.shape(),
+                t.stride()
+            )
+        }
+        if t.dtype() != k_cache.dtype() || !t.device().same_device(k_cache.device()) {
+            bail!(
+                "longattn: {name} must have k_cache's dtype and device ({:?}), got {:?}",
+                k_cache.dtype(),
+                t.dtype()
+            )
+        }
+        let id = storage_id(t);
+        if seen.contains(&id) {
+            bail!("longattn: {name} shares its storage with another argument")
+        }
+        seen.push(id);
+    }
+    Ok(())
+}
+
 /// Prefill attention over a paged KV cache (chunked prefill, prefix caching: FlashAttention's
 /// `flash_attn_with_kvcache` with a `block_table`, FlashInfer's batch prefill with paged KV),
 /// the cache already holding the new tokens: dense attention of each sequence's queries over
@@ -1081,6 +1268,467 @@ pub fn paged_attn_prefill(
         kv_scales,
     };
     q.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
+
+/// A validated paged append: the cache (its `seqlens_k` counting the new tokens, an FP8
+/// cache's scales), the new tokens' offsets and the element strides of `k_new`, `v_new`.
+struct Append {
+    cache: PagedCache,
+    cu_seqlens_new: Vec<i32>,
+    k_new: Strides,
+    v_new: Strides,
+}
+
+/// A tensor's storage, write-locked by candle for an in-place op.
+enum StorageMut<'a> {
+    Cpu(&'a mut CpuStorage),
+    #[cfg(feature = "candle-cuda")]
+    Cuda(&'a mut candle_core::CudaStorage),
+}
+
+/// The in-place op that hands the storage of the tensor it is applied to (candle holds the
+/// write lock for the call) to `f`, once.
+struct WriteLock<F> {
+    f: Cell<Option<F>>,
+}
+
+impl<F: FnOnce(StorageMut<'_>) -> Result<()>> WriteLock<F> {
+    fn run(&self, s: StorageMut<'_>) -> Result<()> {
+        match self.f.take() {
+            Some(f) => f(s),
+            None => bail!("longattn paged_attn_append: a storage was handed over twice"),
+        }
+    }
+}
+
+impl<F: FnOnce(StorageMut<'_>) -> Result<()>> InplaceOp1 for WriteLock<F> {
+    fn name(&self) -> &'static str {
+        "longattn-paged-attn-append"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, _: &Layout) -> Result<()> {
+        self.run(StorageMut::Cpu(s))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, _: &Layout) -> Result<()> {
+        self.run(StorageMut::Cuda(s))
+    }
+}
+
+/// `f` on `t`'s storage under candle's write lock (the layout is `t.layout()`).
+fn with_storage_mut(t: &Tensor, f: impl FnOnce(StorageMut<'_>) -> Result<()>) -> Result<()> {
+    t.inplace_op1(&WriteLock {
+        f: Cell::new(Some(f)),
+    })
+}
+
+/// The identity of `t`'s storage (the address of the `Storage` behind its lock): equal for
+/// tensors that are views of one storage. The read lock is released before returning.
+fn storage_id(t: &Tensor) -> usize {
+    let (s, _) = t.storage_and_layout();
+    std::ptr::from_ref::<Storage>(&s).addr()
+}
+
+/// The written tensors (role index, tensor), in the order of their storage ids, locked one
+/// inside the other; `f` gets their storages with their roles.
+fn with_written(
+    written: &[(usize, &Tensor)],
+    f: impl FnOnce(Vec<(usize, StorageMut<'_>)>) -> Result<()>,
+) -> Result<()> {
+    match *written {
+        [(ra, a), (rb, b)] => {
+            with_storage_mut(a, |x| with_storage_mut(b, |y| f(vec![(ra, x), (rb, y)])))
+        }
+        [(ra, a), (rb, b), (rc, c), (rd, d)] => with_storage_mut(a, |x| {
+            with_storage_mut(b, |y| {
+                with_storage_mut(c, |z| {
+                    with_storage_mut(d, |w| f(vec![(ra, x), (rb, y), (rc, z), (rd, w)]))
+                })
+            })
+        }),
+        _ => bail!("longattn paged_attn_append: 2 or 4 written tensors"),
+    }
+}
+
+/// A CPU cache element: its candle storage as a `&mut` slice of `Self`.
+trait CpuCache: Element {
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! cpu_cache {
+    ($($t:ty => $v:ident),*) => {$(
+        impl CpuCache for $t {
+            fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                match s {
+                    CpuStorage::$v(v) => Some(v),
+                    _ => None,
+                }
+            }
+        }
+    )*};
+}
+cpu_cache!(f32 => F32, half::f16 => F16, half::bf16 => BF16);
+
+impl CpuCache for F8E4M3 {
+    fn slice_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+        let CpuStorage::F8E4M3(data) = s else {
+            return None;
+        };
+        // One byte per element (as `repr(transparent)` over `u8` makes it), checked anyway.
+        if size_of_val(data.as_slice()) != data.len() {
+            return None;
+        }
+        let (ptr, len) = (data.as_mut_ptr(), data.len());
+        // SAFETY: candle's `float8::F8E4M3` and this crate's `F8E4M3` are both
+        // `repr(transparent)` over `u8` (size and alignment 1) and every bit pattern is a
+        // valid value of either, so the same `len` bytes are `len` valid `F8E4M3`s; the result
+        // reborrows `data` exclusively for its own lifetime, so nothing else reads or writes
+        // them meanwhile.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr.cast::<F8E4M3>(), len) })
+    }
+}
+
+/// The `len` elements of a written tensor from its layout's start offset (caches and bounds
+/// are contiguous).
+fn cpu_mut<'a, C: CpuCache>(name: &str, s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [C]> {
+    let dtype = s.dtype();
+    let Some(data) = C::slice_mut(s) else {
+        bail!("longattn: {name} must be {}, got {dtype:?}", C::DTYPE)
+    };
+    let range = l.start_offset()..l.start_offset() + l.shape().elem_count();
+    match data.get_mut(range) {
+        Some(d) => Ok(d),
+        None => bail!("longattn: {name} ends past its storage"),
+    }
+}
+
+impl Append {
+    /// [`PagedCache::append_cpu`] of new tokens of type `T` into a cache of type `C`.
+    fn cpu_t<T: Element + candle_core::WithDType, C: CpuCache>(
+        &self,
+        new: KvPages<(&CpuStorage, &Layout)>,
+        Written { kv, meta }: Written<&mut CpuStorage>,
+    ) -> Result<()> {
+        let k_new = cpu_slice::<T>("k_new", new.k.0, new.k.1)?;
+        let v_new = cpu_slice::<T>("v_new", new.v.0, new.v.1)?;
+        let kv = KvPages {
+            k: cpu_mut::<C>("k_cache", kv.k.0, kv.k.1)?,
+            v: cpu_mut::<C>("v_cache", kv.v.0, kv.v.1)?,
+        };
+        let meta = match meta {
+            Some(m) => Some(PageMeta {
+                kmin: cpu_mut::<C>("kmin", m.kmin.0, m.kmin.1)?,
+                kmax: cpu_mut::<C>("kmax", m.kmax.0, m.kmax.1)?,
+            }),
+            None => None,
+        };
+        self.cache
+            .append_cpu(
+                &self.cu_seqlens_new,
+                Strided::new(k_new, self.k_new),
+                Strided::new(v_new, self.v_new),
+                kv,
+                meta,
+            )
+            .map_err(wrap)
+    }
+
+    /// The CPU append: new tokens f32, f16 or bf16, the cache (and bounds) of their dtype or
+    /// f8e4m3 (dtypes checked by [`paged_attn_append`]).
+    fn cpu(&self, new: KvPages<(&CpuStorage, &Layout)>, w: Written<&mut CpuStorage>) -> Result<()> {
+        use half::{bf16, f16};
+        match (new.k.0.dtype(), w.kv.k.0.dtype()) {
+            (DType::F32, DType::F32) => self.cpu_t::<f32, f32>(new, w),
+            (DType::F16, DType::F16) => self.cpu_t::<f16, f16>(new, w),
+            (DType::BF16, DType::BF16) => self.cpu_t::<bf16, bf16>(new, w),
+            (DType::F32, DType::F8E4M3) => self.cpu_t::<f32, F8E4M3>(new, w),
+            (DType::F16, DType::F8E4M3) => self.cpu_t::<f16, F8E4M3>(new, w),
+            (DType::BF16, DType::F8E4M3) => self.cpu_t::<bf16, F8E4M3>(new, w),
+            (a, b) => bail!("longattn paged_attn_append: {a:?} tokens into a {b:?} cache"),
+        }
+    }
+
+    /// The append on the written storages (`locked`: k_cache, v_cache and the bounds, with
+    /// their roles 0..4, locked by [`with_written`]) and the read ones of `k_new`, `v_new`.
+    fn run(&self, t: &AppendTensors, mut locked: Vec<(usize, StorageMut<'_>)>) -> Result<()> {
+        locked.sort_by_key(|&(role, _)| role);
+        let mut locked = locked.into_iter().map(|(_, s)| s);
+        let (Some(k), Some(v)) = (locked.next(), locked.next()) else {
+            bail!("longattn paged_attn_append: k_cache and v_cache are written")
+        };
+        let meta = locked
+            .next()
+            .zip(locked.next())
+            .zip(t.bounds)
+            .map(|((a, b), (al, bl))| PageMeta {
+                kmin: (a, al.layout()),
+                kmax: (b, bl.layout()),
+            });
+        let written = Written {
+            kv: KvPages {
+                k: (k, t.k_cache.layout()),
+                v: (v, t.v_cache.layout()),
+            },
+            meta,
+        };
+        let (kg, kl) = t.k_new.storage_and_layout();
+        // k_new and v_new may share a storage: one read lock then (a second `read` of one
+        // lock could wait behind a queued writer).
+        let vg = (!t.new_shared).then(|| t.v_new.storage_and_layout().0);
+        let vn: &Storage = vg.as_deref().unwrap_or(&kg);
+        let vl = t.v_new.layout();
+        match (&*kg, vn) {
+            (Storage::Cpu(kn), Storage::Cpu(vn)) => {
+                let w = written.backend(StorageMut::cpu)?;
+                self.cpu(
+                    KvPages {
+                        k: (kn, kl),
+                        v: (vn, vl),
+                    },
+                    w,
+                )
+            }
+            #[cfg(feature = "candle-cuda")]
+            (Storage::Cuda(kn), Storage::Cuda(vn)) => {
+                let w = written.backend(StorageMut::cuda)?;
+                cuda::append(
+                    self,
+                    KvPages {
+                        k: (kn, kl),
+                        v: (vn, vl),
+                    },
+                    w,
+                )
+            }
+            _ => Err(devices_differ()),
+        }
+    }
+}
+
+/// The written tensors' storages (`S`: [`StorageMut`], or `&mut` one backend's) with their
+/// layouts: the caches and, when kept, the Quest bounds.
+struct Written<'l, S> {
+    kv: KvPages<(S, &'l Layout)>,
+    meta: Option<PageMeta<(S, &'l Layout)>>,
+}
+
+impl<'l, 's> Written<'l, StorageMut<'s>> {
+    /// The storages of one backend (`take`: `S` or an error).
+    fn backend<S>(
+        self,
+        take: fn(StorageMut<'s>) -> Result<&'s mut S>,
+    ) -> Result<Written<'l, &'s mut S>> {
+        let kv = KvPages {
+            k: (take(self.kv.k.0)?, self.kv.k.1),
+            v: (take(self.kv.v.0)?, self.kv.v.1),
+        };
+        let meta = match self.meta {
+            Some(m) => Some(PageMeta {
+                kmin: (take(m.kmin.0)?, m.kmin.1),
+                kmax: (take(m.kmax.0)?, m.kmax.1),
+            }),
+            None => None,
+        };
+        Ok(Written { kv, meta })
+    }
+}
+
+fn devices_differ() -> candle_core::Error {
+    candle_core::Error::Msg(
+        "longattn paged_attn_append: k_new, v_new, k_cache, v_cache and the bounds must be \
+         on one device"
+            .into(),
+    )
+    .bt()
+}
+
+impl<'a> StorageMut<'a> {
+    fn cpu(self) -> Result<&'a mut CpuStorage> {
+        match self {
+            StorageMut::Cpu(s) => Ok(s),
+            #[cfg(feature = "candle-cuda")]
+            StorageMut::Cuda(_) => Err(devices_differ()),
+        }
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda(self) -> Result<&'a mut candle_core::CudaStorage> {
+        match self {
+            StorageMut::Cuda(s) => Ok(s),
+            StorageMut::Cpu(_) => Err(devices_differ()),
+        }
+    }
+}
+
+/// The tensors of one [`paged_attn_append`] call.
+struct AppendTensors<'t> {
+    k_new: &'t Tensor,
+    v_new: &'t Tensor,
+    k_cache: &'t Tensor,
+    v_cache: &'t Tensor,
+    bounds: Option<(&'t Tensor, &'t Tensor)>,
+    /// `k_new` and `v_new` are views of one storage.
+    new_shared: bool,
+}
+
+impl<'t> AppendTensors<'t> {
+    /// Refuses tensors on other devices than `k_cache`'s, and written tensors (caches,
+    /// bounds) that share their storage with any other argument: candle would deadlock on
+    /// the storage's lock, and the written data would alias. Returns the written tensors
+    /// (role, tensor) in the order of their storage ids, candle's locking order.
+    fn check_storages(&mut self) -> Result<Vec<(usize, &'t Tensor)>> {
+        let mut all = vec![("k_cache", self.k_cache), ("v_cache", self.v_cache)];
+        if let Some((kmin, kmax)) = self.bounds {
+            all.extend([("kmin", kmin), ("kmax", kmax)]);
+        }
+        let written = all.len();
+        all.extend([("k_new", self.k_new), ("v_new", self.v_new)]);
+        for (name, t) in &all {
+            if !t.device().same_device(self.k_cache.device()) {
+                bail!(
+                    "longattn paged_attn_append: {name} is on {:?}, k_cache on {:?}",
+                    t.device().location(),
+                    self.k_cache.device().location()
+                )
+            }
+        }
+        let ids: Vec<usize> = all.iter().map(|(_, t)| storage_id(t)).collect();
+        for w in 0..written {
+            if let Some(o) = (0..all.len()).find(|&o| o != w && ids[o] == ids[w]) {
+                bail!(
+                    "longattn paged_attn_append: {} and {} share one storage; the written \
+                     tensors (k_cache, v_cache, kmin, kmax) must each have their own",
+                    all[w].0,
+                    all[o].0
+                )
+            }
+        }
+        let mut order: Vec<(usize, &'t Tensor)> = all[..written]
+            .iter()
+            .enumerate()
+            .map(|(r, (_, t))| (r, *t))
+            .collect();
+        order.sort_by_key(|&(r, _)| ids[r]);
+        self.new_shared = ids[written] == ids[written + 1];
+        Ok(order)
+    }
+}
+
+impl Append {
+    /// Validates the tensors against the host tables: `k_new, v_new: (total_new, heads_kv,
+    /// head_dim)` (f32, f16 or bf16, last dim contiguous, `total_new` the last offset),
+    /// `k_cache, v_cache` contiguous of their dtype or f8e4m3 ([`paged_cache`]), the bounds
+    /// `(num_pages, heads_kv, head_dim)` contiguous of the cache's dtype.
+    fn new(
+        t: &AppendTensors,
+        table: PageTable,
+        cu_seqlens_new: Vec<i32>,
+        kv_scales: Option<&KvScales>,
+    ) -> Result<Self> {
+        let (new, cache) = (t.k_new.dtype(), t.k_cache.dtype());
+        if !matches!(new, DType::F32 | DType::F16 | DType::BF16) || t.v_new.dtype() != new {
+            bail!(
+                "longattn paged_attn_append: k_new, v_new must share f32, f16 or bf16; got \
+                 {new:?}, {:?}",
+                t.v_new.dtype()
+            )
+        }
+        if (cache != new && cache != DType::F8E4M3) || t.v_cache.dtype() != cache {
+            bail!(
+                "longattn paged_attn_append: k_cache, v_cache must share the new tokens' dtype \
+                 ({new:?}) or f8e4m3; got {cache:?}, {:?}",
+                t.v_cache.dtype()
+            )
+        }
+        let (_, _, hkv, d) = t.k_cache.dims4()?;
+        let cache = paged_cache(
+            (t.k_cache.layout(), t.v_cache.layout()),
+            d,
+            table,
+            kv_scales,
+        )?;
+        let total = cu_seqlens_new.last().map_or(0, |&n| n.max(0) as usize);
+        for (name, x) in [("k_new", t.k_new), ("v_new", t.v_new)] {
+            if x.dims() != [total, hkv, d] {
+                bail!(
+                    "longattn paged_attn_append: {name} must be (total_new, heads_kv, \
+                     head_dim) = {:?}, got {:?}",
+                    [total, hkv, d],
+                    x.shape()
+                )
+            }
+        }
+        if let Some(bounds) = t.bounds {
+            // Their storages were checked by `check_storages`.
+            check_bounds(bounds, t.k_cache, &[])?;
+        }
+        Ok(Append {
+            cache,
+            cu_seqlens_new,
+            k_new: strides_of("k_new", t.k_new.layout(), true)?,
+            v_new: strides_of("v_new", t.v_new.layout(), true)?,
+        })
+    }
+}
+
+/// Appends new tokens to a paged KV cache in place (vLLM's `reshape_and_cache_flash`,
+/// [`PagedCache::append_cpu`] / [`PagedCache::append_gpu`]): sequence `b`'s rows
+/// `cu_seqlens_new[b]..cu_seqlens_new[b + 1]` of `k_new, v_new: (total_new, heads_kv,
+/// head_dim)` go to its positions `seqlens_k[b] - n_b..seqlens_k[b]` (`seqlens_k: (batch,)`
+/// already counts them), through `block_table: (batch, max_pages_per_seq)`, in
+/// `k_cache, v_cache: (num_pages, page_size, heads_kv, head_dim)` (contiguous; the tensors
+/// [`paged_attn_decode`] takes). With `bounds = Some((kmin, kmax))`, contiguous
+/// `(num_pages, heads_kv, head_dim)` of the cache's dtype, the pages' Quest key bounds are
+/// kept too (an append writing slot 0 of a page restarts them). Integer tables in `u32`,
+/// `i32` or `i64`, read on the host.
+///
+/// The new tokens are f32, f16 or bf16 (f16 or bf16 on CUDA); the caches hold their dtype
+/// (copied exactly) or `F8E4M3`, storing `x / scale` of the kv head's `kv_scales`
+/// (`None`: scale 1; refused for other caches) as [`paged_attn_decode_fp8`] reads them.
+///
+/// Every written tensor (`k_cache`, `v_cache`, `kmin`, `kmax`) must have its own storage,
+/// shared with no other argument (not two views of one tensor): such calls are refused.
+/// candle's in-place ops write one tensor, so the op nests them: `k_cache`'s holds its
+/// storage's write lock while `v_cache`'s (then the bounds') run inside it, in the order of
+/// the storages' addresses (candle's own lock order), and the innermost reads `k_new`,
+/// `v_new`; the crate's safe append then gets every storage as `&mut`. On CUDA the append
+/// runs on candle's stream (**not yet run on a GPU**). Nothing is written when validation
+/// fails.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attn_append(
+    k_new: &Tensor,
+    v_new: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    block_table: &Tensor,
+    seqlens_k: &Tensor,
+    cu_seqlens_new: &Tensor,
+    bounds: Option<(&Tensor, &Tensor)>,
+    kv_scales: Option<(&[f32], &[f32])>,
+) -> Result<()> {
+    let (block_table, max_pages_per_seq, seqlens_k) = host_tables(block_table, seqlens_k)?;
+    let cu_seqlens_new = host_i32("cu_seqlens_new", cu_seqlens_new)?;
+    let kv_scales = kv_scales
+        .map(|(k, v)| KvScales::new(k.to_vec(), v.to_vec()))
+        .transpose()
+        .map_err(wrap)?;
+    let mut t = AppendTensors {
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        bounds,
+        new_shared: false,
+    };
+    let written = t.check_storages()?;
+    let table = PageTable {
+        block_table: &block_table,
+        max_pages_per_seq,
+        seqlens_k: &seqlens_k,
+    };
+    let append = Append::new(&t, table, cu_seqlens_new, kv_scales.as_ref())?;
+    with_written(&written, |w| append.run(&t, w))
 }
 
 /// Neighborhood attention as the `CustomOp3` that [`neighborhood_attn`] applies:

@@ -1,7 +1,9 @@
 //! `longattn::candle` on candle CPU tensors against the f64 reference (relative L2 error).
 #![cfg(feature = "candle")]
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+mod common;
+
+use candle_core::{DType, Device, IndexOp, Storage, Tensor};
 use longattn::candle as fa;
 use longattn::*;
 
@@ -1295,4 +1297,583 @@ mod gpu {
         let small = mixed_mask((1, 1), (4, 4), (16, 16), 2);
         assert!(fa::block_sparse_attn(&qh, &qh, &qh, &small, &o).is_err());
     }
+}
+
+/// A cache element type of the append tests: candle tensors of it from this crate's values and
+/// back, bit for bit (an `F8E4M3` tensor through its finite f32 values, exact in e4m3).
+trait CacheElem: Element {
+    const CANDLE: DType;
+    fn tensor(x: &[Self], shape: &[usize]) -> Tensor {
+        let f: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        Tensor::from_vec(f, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(Self::CANDLE)
+            .unwrap()
+    }
+    fn read(t: &Tensor) -> Vec<Self> {
+        flat(t).into_iter().map(Self::from_f32).collect()
+    }
+}
+impl CacheElem for f32 {
+    const CANDLE: DType = DType::F32;
+}
+impl CacheElem for half::f16 {
+    const CANDLE: DType = DType::F16;
+}
+impl CacheElem for half::bf16 {
+    const CANDLE: DType = DType::BF16;
+}
+impl CacheElem for F8E4M3 {
+    const CANDLE: DType = DType::F8E4M3;
+    fn read(t: &Tensor) -> Vec<Self> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cpu(candle_core::CpuStorage::F8E4M3(v)) = &*s else {
+            panic!("not an f8e4m3 CPU tensor")
+        };
+        let n = t.elem_count();
+        v[l.start_offset()..l.start_offset() + n]
+            .iter()
+            .map(|x| F8E4M3::from_bits(x.to_bits()))
+            .collect()
+    }
+}
+
+/// Bit patterns (through f32, injective on the non-NaN values of every cache type).
+fn bits<C: Element>(x: &[C]) -> Vec<u32> {
+    x.iter().map(|v| v.to_f32().to_bits()).collect()
+}
+
+/// The append scenario: 3 sequences ending at 13, 1 and 9 tokens on pages of 4, their pages a
+/// random permutation (with spares), appended in steps that cross page boundaries (0..6,
+/// 6..9, 9..13), fill a page exactly (0..4) then start the next one (4..5: bounds restart).
+const APPEND_STEPS: [[usize; 3]; 3] = [[6, 1, 4], [3, 0, 1], [4, 0, 4]];
+const APPEND_GEOMETRY: (usize, usize, usize) = (4, 2, 16); // page_size, heads_kv, head_dim
+
+struct AppendRun<T> {
+    /// All tokens of each sequence, `[len, heads_kv, head_dim]`.
+    k_tokens: Vec<Vec<T>>,
+    v_tokens: Vec<Vec<T>>,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    kmin: Tensor,
+    kmax: Tensor,
+    block_table: Tensor,
+    seqlens_k: Tensor,
+    /// The cache description after the last append (the scales included).
+    cache: PagedCache,
+}
+
+/// Runs [`APPEND_STEPS`] through `paged_attn_append` (new tokens `T`, cache `C`, with bounds)
+/// and through `PagedCache::append_cpu` on the same data, comparing caches and bounds bit for
+/// bit after every step.
+fn append_both_ways<T, C>(seed: u64, scales: Option<KvScales>) -> AppendRun<T>
+where
+    T: Element + candle_core::WithDType,
+    C: CacheElem,
+{
+    let (ps, hkv, d) = APPEND_GEOMETRY;
+    let lens: Vec<usize> = (0..3)
+        .map(|b| APPEND_STEPS.iter().map(|s| s[b]).sum())
+        .collect();
+    let mut r = common::rng(seed);
+    let pages: Vec<usize> = lens.iter().map(|l| l.div_ceil(ps)).collect();
+    let (max_pages, num_pages) = (5, pages.iter().sum::<usize>() + 2);
+    let table = common::paged::shuffled_block_table(&pages, max_pages, num_pages, &mut r);
+    let layout = PagedLayout {
+        num_pages,
+        page_size: ps,
+        heads_kv: hkv,
+        head_dim: d,
+    };
+    let row = hkv * d;
+    let k_tokens: Vec<Vec<T>> = lens
+        .iter()
+        .map(|&l| common::random_vec(&mut r, l * row))
+        .collect();
+    let v_tokens: Vec<Vec<T>> = lens
+        .iter()
+        .map(|&l| common::random_vec(&mut r, l * row))
+        .collect();
+    // Garbage everywhere first (bounds that a restart must forget).
+    let mut kc: Vec<C> = common::random_vec(&mut r, layout.cache_len());
+    let mut vc: Vec<C> = common::random_vec(&mut r, layout.cache_len());
+    let mut kmin = vec![C::from_f32(-0.25); layout.meta_len()];
+    let mut kmax = vec![C::from_f32(0.25); layout.meta_len()];
+    let cache_shape = [num_pages, ps, hkv, d];
+    let meta_shape = [num_pages, hkv, d];
+    let (tk, tv) = (C::tensor(&kc, &cache_shape), C::tensor(&vc, &cache_shape));
+    let (tmin, tmax) = (C::tensor(&kmin, &meta_shape), C::tensor(&kmax, &meta_shape));
+    let bt = Tensor::from_vec(table.clone(), (3, max_pages), &Device::Cpu).unwrap();
+    let scale_refs = scales.as_ref().map(|s| (s.k(), s.v()));
+    let mut done = [0usize; 3];
+    let mut last = None;
+    for step in APPEND_STEPS {
+        let now: Vec<i32> = (0..3).map(|b| (done[b] + step[b]) as i32).collect();
+        let cu = common::cu_seqlens(&step);
+        let (mut kn, mut vn) = (Vec::new(), Vec::new());
+        for b in 0..3 {
+            let rows = done[b] * row..(done[b] + step[b]) * row;
+            kn.extend_from_slice(&k_tokens[b][rows.clone()]);
+            vn.extend_from_slice(&v_tokens[b][rows]);
+        }
+        let total = cu[3] as usize;
+        // The op, with the tables in three integer dtypes.
+        let sl = Tensor::new(&now[..], &Device::Cpu).unwrap();
+        let cu_t = Tensor::new(&cu[..], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::U32)
+            .unwrap();
+        let bt_u = bt.to_dtype(DType::I64).unwrap();
+        let kn_t = Tensor::from_vec(kn.clone(), (total, hkv, d), &Device::Cpu).unwrap();
+        let vn_t = Tensor::from_vec(vn.clone(), (total, hkv, d), &Device::Cpu).unwrap();
+        fa::paged_attn_append(
+            &kn_t,
+            &vn_t,
+            &tk,
+            &tv,
+            &bt_u,
+            &sl,
+            &cu_t,
+            Some((&tmin, &tmax)),
+            scale_refs,
+        )
+        .unwrap();
+        // The crate's append on the same data.
+        let mut cache = PagedCache::new(
+            layout,
+            PageTable {
+                block_table: &table,
+                max_pages_per_seq: max_pages,
+                seqlens_k: &now,
+            },
+        )
+        .unwrap();
+        if let Some(s) = &scales {
+            cache = cache.with_kv_scales(s.clone()).unwrap();
+        }
+        let st = Strides::contiguous(1, hkv, d);
+        cache
+            .append_cpu(
+                &cu,
+                Strided::new(&kn[..], st),
+                Strided::new(&vn[..], st),
+                KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                Some(PageMeta {
+                    kmin: &mut kmin[..],
+                    kmax: &mut kmax[..],
+                }),
+            )
+            .unwrap();
+        for (name, got, want) in [
+            ("k_cache", &tk, &kc),
+            ("v_cache", &tv, &vc),
+            ("kmin", &tmin, &kmin),
+            ("kmax", &tmax, &kmax),
+        ] {
+            assert_eq!(bits(&C::read(got)), bits(want), "{name} after {step:?}");
+        }
+        for b in 0..3 {
+            done[b] += step[b];
+        }
+        last = Some(cache);
+    }
+    AppendRun {
+        k_tokens,
+        v_tokens,
+        k_cache: tk,
+        v_cache: tv,
+        kmin: tmin,
+        kmax: tmax,
+        block_table: bt,
+        seqlens_k: Tensor::new(&done.map(|n| n as i32)[..], &Device::Cpu).unwrap(),
+        cache: last.unwrap(),
+    }
+}
+
+/// `paged_attn_append` writes exactly what `PagedCache::append_cpu` writes (caches and Quest
+/// bounds, bit for bit): f32, f16, bf16 caches of the tokens' dtype and `F8E4M3` caches with
+/// per-kv-head scales, shuffled pages, appends crossing and starting pages.
+#[test]
+fn paged_append_equals_append_cpu() {
+    use half::{bf16, f16};
+    append_both_ways::<f32, f32>(1, None);
+    append_both_ways::<f16, f16>(2, None);
+    append_both_ways::<bf16, bf16>(3, None);
+    let scales = || Some(KvScales::new(vec![0.01, 0.02], vec![0.015, 0.005]).unwrap());
+    append_both_ways::<f32, F8E4M3>(4, scales());
+    append_both_ways::<f16, F8E4M3>(5, scales());
+    append_both_ways::<bf16, F8E4M3>(6, scales());
+    // Without scales an FP8 cache stores the values themselves.
+    append_both_ways::<f32, F8E4M3>(7, None);
+}
+
+/// Decode over the cache the op filled equals the f64 dense reference over each sequence's
+/// tokens (f32 cache), and equals the f32 decode over the dequantised cache for FP8.
+#[test]
+fn paged_decode_after_append_matches_reference() {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let hq = 4;
+    let run = append_both_ways::<f32, f32>(11, None);
+    let q = randn(&[3, 1, hq, d], 12);
+    let (kc, vc, bt, sl) = (&run.k_cache, &run.v_cache, &run.block_table, &run.seqlens_k);
+    let got = flat(&fa::paged_attn_decode(&q, kc, vc, bt, sl, SCALE, None, None).unwrap());
+    let n = hq * d;
+    for s in 0..3 {
+        let len = run.k_tokens[s].len() / (hkv * d);
+        let dense = |x: &[f32]| Tensor::from_vec(x.to_vec(), (1, len, hkv, d), &Device::Cpu);
+        let (k, v) = (
+            dense(&run.k_tokens[s]).unwrap(),
+            dense(&run.v_tokens[s]).unwrap(),
+        );
+        let fixed = SeqLens::Fixed {
+            seqlen_q: 1,
+            seqlen_k: len,
+        };
+        let qs = q.i(s..s + 1).unwrap();
+        let want = reference(&qs, &k, &v, fixed, opts(None, Some(0), None));
+        let err = rel_l2(&got[s * n..(s + 1) * n], &want);
+        assert!(err < 1e-5, "seq {s}: {err}");
+    }
+    let (ks, vs) = ([0.01f32, 0.02], [0.015f32, 0.005]);
+    let scales = KvScales::new(ks.to_vec(), vs.to_vec()).unwrap();
+    let run8 = append_both_ways::<f32, F8E4M3>(11, Some(scales));
+    let (k8, v8) = (&run8.k_cache, &run8.v_cache);
+    let got = fa::paged_attn_decode_fp8(&q, k8, v8, bt, sl, (&ks, &vs), SCALE, None, None);
+    let per_head = |x: &[f32]| {
+        Tensor::new(x, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, hkv, 1))
+            .unwrap()
+    };
+    let deq = |t: &Tensor, s: &[f32]| {
+        let f = t.to_dtype(DType::F32).unwrap();
+        f.broadcast_mul(&per_head(s)).unwrap()
+    };
+    let (kd, vd) = (deq(k8, &ks), deq(v8, &vs));
+    let want = fa::paged_attn_decode(&q, &kd, &vd, bt, sl, SCALE, None, None).unwrap();
+    let want: Vec<f64> = flat(&want).into_iter().map(f64::from).collect();
+    assert!(rel_l2(&flat(&got.unwrap()), &want) < 1e-5);
+}
+
+/// Invalid appends are candle errors that write nothing; `k_new` and `v_new` may be views of
+/// one tensor (read only), the written tensors may not share a storage with anything.
+#[test]
+fn paged_append_bad_inputs_are_candle_errors() {
+    let (num_pages, ps, hkv, d) = (4, 4, 2, 8);
+    let dev = &Device::Cpu;
+    let kc = randn(&[num_pages, ps, hkv, d], 20);
+    let vc = randn(&[num_pages, ps, hkv, d], 21);
+    let (kmin, kmax) = (
+        randn(&[num_pages, hkv, d], 22),
+        randn(&[num_pages, hkv, d], 23),
+    );
+    let bt = Tensor::new(&[[2i32, 0], [3, 1]], dev).unwrap();
+    let sl = Tensor::new(&[5i32, 2], dev).unwrap();
+    let cu = Tensor::new(&[0u32, 2, 3], dev).unwrap();
+    // k_new and v_new as halves of one (total, 2 * heads_kv, head_dim) tensor.
+    let kvn = randn(&[3, 2 * hkv, d], 24);
+    let (kn, vn) = (
+        kvn.narrow(1, 0, hkv).unwrap(),
+        kvn.narrow(1, hkv, hkv).unwrap(),
+    );
+    let before: Vec<Vec<f32>> = [&kc, &vc, &kmin, &kmax].iter().map(|t| flat(t)).collect();
+    let unchanged = || {
+        let now: Vec<Vec<f32>> = [&kc, &vc, &kmin, &kmax].iter().map(|t| flat(t)).collect();
+        assert_eq!(now, before, "a refused append wrote");
+    };
+    let bounds = Some((&kmin, &kmax));
+    let append = |kn: &Tensor, vn: &Tensor, kc: &Tensor, vc: &Tensor, b, cu: &Tensor, s| {
+        fa::paged_attn_append(kn, vn, kc, vc, &bt, &sl, cu, b, s)
+    };
+    let err = |r: candle_core::Result<()>, what: &str| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("longattn"), "{what}: {e}");
+        e
+    };
+    // Shapes: rows that are not the last offset, heads, head_dim, k/v mismatch, bounds.
+    let k4 = randn(&[4, hkv, d], 25);
+    err(append(&k4, &k4, &kc, &vc, bounds, &cu, None), "rows");
+    let kh = randn(&[3, 1, d], 26);
+    err(append(&kh, &kh, &kc, &vc, bounds, &cu, None), "heads");
+    let kd = randn(&[3, hkv, 4], 27);
+    err(append(&kd, &kd, &kc, &vc, bounds, &cu, None), "head_dim");
+    err(append(&kn, &kh, &kc, &vc, bounds, &cu, None), "v_new");
+    let small = randn(&[num_pages - 1, hkv, d], 28);
+    err(
+        append(&kn, &vn, &kc, &vc, Some((&small, &kmax)), &cu, None),
+        "kmin",
+    );
+    let vc3 = randn(&[num_pages, ps, hkv, 4], 29);
+    err(
+        append(&kn, &vn, &kc, &vc3, bounds, &cu, None),
+        "v_cache shape",
+    );
+    // Dtypes: f64 tokens, tokens and cache apart, bounds of another dtype, scales on f32.
+    let k64 = kn.to_dtype(DType::F64).unwrap();
+    err(append(&k64, &k64, &kc, &vc, bounds, &cu, None), "f64");
+    let kn16 = kn.to_dtype(DType::F16).unwrap();
+    err(
+        append(&kn16, &kn16, &kc, &vc, bounds, &cu, None),
+        "f16 into f32",
+    );
+    let min16 = kmin.to_dtype(DType::F16).unwrap();
+    err(
+        append(&kn, &vn, &kc, &vc, Some((&min16, &kmax)), &cu, None),
+        "f16 bounds",
+    );
+    let s = Some((&[1.0f32, 1.0][..], &[1.0f32, 1.0][..]));
+    err(append(&kn, &vn, &kc, &vc, bounds, &cu, s), "scales on f32");
+    // Layouts: a non-contiguous cache or bounds, a strided last dim.
+    let kct = randn(&[ps, num_pages, hkv, d], 30).transpose(0, 1).unwrap();
+    err(
+        append(&kn, &vn, &kct, &vc, bounds, &cu, None),
+        "non-contiguous cache",
+    );
+    let mint = randn(&[hkv, num_pages, d], 31).transpose(0, 1).unwrap();
+    err(
+        append(&kn, &vn, &kc, &vc, Some((&mint, &kmax)), &cu, None),
+        "bounds",
+    );
+    let knt = randn(&[3, d, hkv], 32).transpose(1, 2).unwrap();
+    err(append(&knt, &knt, &kc, &vc, bounds, &cu, None), "last dim");
+    // Tables: offsets that do not fit seqlens_k, decreasing, a page written by two sequences.
+    let cu_big = Tensor::new(&[0u32, 2, 6], dev).unwrap();
+    let kn6 = randn(&[6, hkv, d], 33);
+    err(
+        append(&kn6, &kn6, &kc, &vc, bounds, &cu_big, None),
+        "seqlens_k",
+    );
+    let cu_dec = Tensor::new(&[0u32, 3, 2], dev).unwrap();
+    let kn2 = randn(&[2, hkv, d], 34);
+    err(
+        append(&kn2, &kn2, &kc, &vc, bounds, &cu_dec, None),
+        "decreasing",
+    );
+    let shared = Tensor::new(&[[2i32, 0], [2, 1]], dev).unwrap();
+    let r = fa::paged_attn_append(&kn, &vn, &kc, &vc, &shared, &sl, &cu, bounds, None);
+    err(r, "one page, two sequences");
+    // Storages: k_cache and v_cache views of one tensor, a cache that k_new views, one
+    // tensor as both bounds.
+    let kv = randn(&[2, num_pages, ps, hkv, d], 35);
+    let (kv0, kv1) = (kv.i(0).unwrap(), kv.i(1).unwrap());
+    let e = err(append(&kn, &vn, &kv0, &kv1, None, &cu, None), "k/v views");
+    assert!(e.contains("share one storage"), "{e}");
+    let kview = kc
+        .reshape((num_pages * ps, hkv, d))
+        .unwrap()
+        .narrow(0, 0, 3)
+        .unwrap();
+    err(
+        append(&kview, &vn, &kc, &vc, None, &cu, None),
+        "k_new views k_cache",
+    );
+    err(
+        append(&kn, &vn, &kc, &vc, Some((&kmin, &kmin)), &cu, None),
+        "kmin = kmax",
+    );
+    err(
+        append(&kn, &vn, &kc, &kc, None, &cu, None),
+        "k_cache = v_cache",
+    );
+    unchanged();
+    // The same call with valid arguments works (k_new, v_new views of one tensor), and its
+    // result is append_cpu's.
+    append(&kn, &vn, &kc, &vc, bounds, &cu, None).unwrap();
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages,
+            page_size: ps,
+            heads_kv: hkv,
+            head_dim: d,
+        },
+        PageTable {
+            block_table: &[2, 0, 3, 1],
+            max_pages_per_seq: 2,
+            seqlens_k: &[5, 2],
+        },
+    )
+    .unwrap();
+    let [mut k, mut v, mut lo, mut hi] = before.clone().try_into().unwrap();
+    let kvn_f = flat(&kvn);
+    let st = Strides {
+        batch: 0,
+        seq: (2 * hkv * d) as i64,
+        head: d as i64,
+    };
+    cache
+        .append_cpu(
+            &[0, 2, 3],
+            Strided::new(&kvn_f[..], st),
+            Strided::new(&kvn_f[hkv * d..], st),
+            KvPages {
+                k: &mut k[..],
+                v: &mut v[..],
+            },
+            Some(PageMeta {
+                kmin: &mut lo[..],
+                kmax: &mut hi[..],
+            }),
+        )
+        .unwrap();
+    for (got, want) in [(&kc, &k), (&vc, &v), (&kmin, &lo), (&kmax, &hi)] {
+        assert_eq!(bits(&flat(got)), bits(want));
+    }
+    // Without bounds (two written tensors): the same caches.
+    let fresh = |x: &[f32]| Tensor::from_vec(x.to_vec(), kc.shape(), dev).unwrap();
+    let (kc2, vc2) = (fresh(&before[0]), fresh(&before[1]));
+    append(&kn, &vn, &kc2, &vc2, None, &cu, None).unwrap();
+    assert_eq!(bits(&flat(&kc2)), bits(&k));
+    assert_eq!(bits(&flat(&vc2)), bits(&v));
+}
+
+/// Heads Quest (2 pages of the sequence's up to 4) and Streaming (1 sink, window 3).
+fn quest_streaming_policy() -> SparsePolicy {
+    let mut policy = common::paged::quest_policy(2, 8, 0);
+    policy.heads[1] = HeadPolicy::Streaming;
+    policy.with_streaming(StreamingConfig {
+        sinks: 1,
+        window: 3,
+    })
+}
+
+/// The crate's decode with `policy` over an append run's cache (read back from the tensors),
+/// `q: (3, 1, hq, d)` f32.
+fn decode_with_policy_rust<C: CacheElem>(
+    run: &AppendRun<f32>,
+    q: &Tensor,
+    policy: &SparsePolicy,
+) -> Vec<f32> {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let hq = q.dim(2).unwrap();
+    let decode = PagedDecode::new(&run.cache, hq, 1, &opts(None, Some(0), None))
+        .unwrap()
+        .with_policy(policy.clone())
+        .unwrap();
+    let (k, v) = (C::read(&run.k_cache), C::read(&run.v_cache));
+    let (kmin, kmax) = (C::read(&run.kmin), C::read(&run.kmax));
+    let st = Strides::contiguous(1, hq, d);
+    let qv = flat(q);
+    let mut out = vec![f32::NAN; decode.out_len()];
+    decode
+        .forward_cpu(
+            Strided::new(&qv[..], st),
+            KvPages {
+                k: &k[..],
+                v: &v[..],
+            },
+            Some(PageMeta {
+                kmin: &kmin[..],
+                kmax: &kmax[..],
+            }),
+            Strided::new(&mut out[..], st),
+            None,
+        )
+        .unwrap();
+    assert_eq!(hkv, policy.heads.len());
+    out
+}
+
+/// `paged_attn_decode_with_policy` over the cache and Quest bounds that `paged_attn_append`
+/// filled equals the crate's `PagedDecode::with_policy` (bit for bit), f32 and FP8 caches;
+/// all-Full equals `paged_attn_decode`.
+#[test]
+fn paged_decode_with_policy_matches_rust_api() {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let q = randn(&[3, 1, 4, d], 13);
+    let policy = quest_streaming_policy();
+    let run = append_both_ways::<f32, f32>(14, None);
+    let (kc, vc, bt, sl) = (&run.k_cache, &run.v_cache, &run.block_table, &run.seqlens_k);
+    let bounds = Some((&run.kmin, &run.kmax));
+    let got = fa::paged_attn_decode_with_policy(
+        &q, kc, vc, bt, sl, &policy, bounds, None, SCALE, None, None,
+    )
+    .unwrap();
+    assert_eq!(
+        flat(&got),
+        decode_with_policy_rust::<f32>(&run, &q, &policy)
+    );
+    // The policy changes the result (Quest keeps 2 of sequence 0's 4 pages).
+    let full = fa::paged_attn_decode(&q, kc, vc, bt, sl, SCALE, None, None).unwrap();
+    assert_ne!(flat(&got), flat(&full));
+    let all_full = SparsePolicy::uniform(hkv, HeadPolicy::Full);
+    let got = fa::paged_attn_decode_with_policy(
+        &q, kc, vc, bt, sl, &all_full, None, None, SCALE, None, None,
+    )
+    .unwrap();
+    assert_eq!(flat(&got), flat(&full));
+    // FP8: the bounds of the stored e4m3 values, the scales per kv head.
+    let (ks, vs) = ([0.01f32, 0.02], [0.015f32, 0.005]);
+    let scales = KvScales::new(ks.to_vec(), vs.to_vec()).unwrap();
+    let run8 = append_both_ways::<f32, F8E4M3>(15, Some(scales));
+    let got = fa::paged_attn_decode_with_policy(
+        &q,
+        &run8.k_cache,
+        &run8.v_cache,
+        &run8.block_table,
+        &run8.seqlens_k,
+        &policy,
+        Some((&run8.kmin, &run8.kmax)),
+        Some((&ks, &vs)),
+        SCALE,
+        None,
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        flat(&got),
+        decode_with_policy_rust::<F8E4M3>(&run8, &q, &policy)
+    );
+}
+
+#[test]
+fn paged_decode_with_policy_bad_inputs_are_candle_errors() {
+    let (_, hkv, d) = APPEND_GEOMETRY;
+    let q = randn(&[3, 1, 4, d], 16);
+    let run = append_both_ways::<f32, f32>(17, None);
+    let (kc, vc, bt, sl) = (&run.k_cache, &run.v_cache, &run.block_table, &run.seqlens_k);
+    let policy = quest_streaming_policy();
+    let decode = |policy: &SparsePolicy, bounds: Option<(&Tensor, &Tensor)>| {
+        fa::paged_attn_decode_with_policy(
+            &q, kc, vc, bt, sl, policy, bounds, None, SCALE, None, None,
+        )
+    };
+    let refused = |r: candle_core::Result<Tensor>, what: &str| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("longattn"), "{what}: {e}");
+    };
+    let (kmin, kmax) = (&run.kmin, &run.kmax);
+    refused(decode(&policy, None), "Quest without bounds");
+    refused(
+        decode(&SparsePolicy::uniform(hkv, HeadPolicy::Listed), None),
+        "Listed",
+    );
+    refused(
+        decode(&SparsePolicy::uniform(3, HeadPolicy::Full), None),
+        "heads",
+    );
+    refused(decode(&policy, Some((kmin, kmin))), "kmin = kmax");
+    let n = kmin.elem_count();
+    let in_cache = kc.flatten_all().unwrap().narrow(0, 0, n).unwrap();
+    let in_cache = in_cache.reshape(kmin.dims()).unwrap();
+    refused(
+        decode(&policy, Some((&in_cache, kmax))),
+        "kmin views k_cache",
+    );
+    refused(
+        decode(&policy, Some((&kmin.to_dtype(DType::F16).unwrap(), kmax))),
+        "f16 bounds",
+    );
+    let short = kmin.narrow(0, 0, 2).unwrap();
+    refused(decode(&policy, Some((&short, kmax))), "bounds shape");
+    let t = kmin
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap();
+    refused(decode(&policy, Some((&t, kmax))), "non-contiguous bounds");
 }

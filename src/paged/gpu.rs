@@ -147,19 +147,20 @@ fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
 
 /// Validates an append's arguments (shared by the one-shot and the plan path); returns the
 /// most pages one sequence's new tokens touch.
-fn validate_append<T, C, I, O>(
+fn validate_append<T, C, I, O, M>(
     cache: &PagedCache,
     cu_seqlens_new: &[i32],
     k_new: &Strided<&I>,
     v_new: &Strided<&I>,
     kv: &KvPages<&mut O>,
-    meta: &Option<PageMeta<&mut CudaSlice<C>>>,
+    meta: &Option<PageMeta<&mut M>>,
 ) -> Result<usize>
 where
     T: Element + DeviceRepr,
     C: Element + DeviceRepr,
     I: DeviceBuffer<T>,
     O: DeviceBufferMut<C>,
+    M: DeviceBufferMut<C>,
 {
     let max_touched = cache.check_append(
         cu_seqlens_new,
@@ -194,13 +195,41 @@ impl PagedCache {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
     {
+        self.append_gpu_into::<T, C, I, O, CudaSlice<C>>(
+            stream,
+            cu_seqlens_new,
+            k_new,
+            v_new,
+            cache,
+            meta,
+        )
+    }
+
+    /// [`PagedCache::append_gpu`] with bounds in any writable device buffer (views too: the
+    /// candle op's bounds are views of candle's storage).
+    pub(crate) fn append_gpu_into<T, C, I, O, M>(
+        &self,
+        stream: &Arc<CudaStream>,
+        cu_seqlens_new: &[i32],
+        k_new: Strided<&I>,
+        v_new: Strided<&I>,
+        cache: KvPages<&mut O>,
+        meta: Option<PageMeta<&mut M>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
+        I: DeviceBuffer<T>,
+        O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
+    {
         let max_touched =
-            validate_append::<T, C, I, O>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
+            validate_append::<T, C, I, O, M>(self, cu_seqlens_new, &k_new, &v_new, &cache, &meta)?;
         if max_touched == 0 {
             return Ok(());
         }
         cuda_call!(
-            imp::append_oneshot::<T, C, I, O>,
+            imp::append_oneshot::<T, C, I, O, M>,
             self,
             stream,
             cu_seqlens_new,
@@ -261,7 +290,7 @@ impl PagedDecode {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
         check_gpu_types::<T, C>(&self.cache)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
-        let () = cuda_call!(imp::select::<T, C, I>, &mut plan, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I, CudaSlice<C>>, &mut plan, &q, &meta)?;
         plan.into_selection()
     }
 
@@ -290,11 +319,33 @@ impl PagedDecode {
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
     {
+        self.forward_gpu_with::<T, C, Q, K, O, CudaSlice<C>>(stream, q, kv, meta, out, lse)
+    }
+
+    /// [`PagedDecode::forward_gpu`] with bounds in any device buffer (views too: the candle
+    /// op's bounds are views of candle's storage).
+    pub(crate) fn forward_gpu_with<T, C, Q, K, O, M>(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: Strided<&Q>,
+        kv: KvPages<&K>,
+        meta: Option<PageMeta<&M>>,
+        out: Strided<&mut O>,
+        lse: Option<&mut dyn DeviceBufferMut<f32>>,
+    ) -> Result<()>
+    where
+        T: Element + DeviceRepr,
+        C: Element + DeviceRepr,
+        Q: DeviceBuffer<T>,
+        K: DeviceBuffer<C>,
+        O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
+    {
         // The tensor checks first, then the plan (tables, grid), then the launches.
-        self.validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
+        self.validate_forward::<T, C, Q, K, O, M>(&q, &kv, &meta, &out, &lse)?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Decode)?;
         cuda_call!(
-            imp::decode::<T, C, Q, K, O>,
+            imp::decode::<T, C, Q, K, O, M>,
             &mut plan,
             q,
             kv,
@@ -304,11 +355,11 @@ impl PagedDecode {
         )
     }
 
-    fn validate_forward<T, C, Q, K, O>(
+    fn validate_forward<T, C, Q, K, O, M>(
         &self,
         q: &Strided<&Q>,
         kv: &KvPages<&K>,
-        meta: &Option<PageMeta<&CudaSlice<C>>>,
+        meta: &Option<PageMeta<&M>>,
         out: &Strided<&mut O>,
         lse: &Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
@@ -318,6 +369,7 @@ impl PagedDecode {
         Q: DeviceBuffer<T>,
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
     {
         self.check_forward(
             q.extent(),
@@ -412,7 +464,7 @@ impl PagedDecodePlan {
                 "this plan has no Quest heads to select pages for".into(),
             ));
         }
-        let () = cuda_call!(imp::select::<T, C, I>, self, &q, &meta)?;
+        let () = cuda_call!(imp::select::<T, C, I, CudaSlice<C>>, self, &q, &meta)?;
         Ok(self.selection().expect("checked above"))
     }
 
@@ -436,13 +488,21 @@ impl PagedDecodePlan {
         O: DeviceBufferMut<T>,
     {
         self.decode
-            .validate_forward::<T, C, Q, K, O>(&q, &kv, &meta, &out, &lse)?;
+            .validate_forward::<T, C, Q, K, O, CudaSlice<C>>(&q, &kv, &meta, &out, &lse)?;
         if self.what != PlanFor::Decode {
             return Err(Error::InvalidOption(
                 "a selection-only plan cannot run the decode".into(),
             ));
         }
-        cuda_call!(imp::decode::<T, C, Q, K, O>, self, q, kv, meta, out, lse)
+        cuda_call!(
+            imp::decode::<T, C, Q, K, O, CudaSlice<C>>,
+            self,
+            q,
+            kv,
+            meta,
+            out,
+            lse
+        )
     }
 
     /// Append on the plan's stream with the plan's device tables (see
@@ -464,7 +524,7 @@ impl PagedDecodePlan {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
     {
-        let max_touched = validate_append::<T, C, I, O>(
+        let max_touched = validate_append::<T, C, I, O, CudaSlice<C>>(
             &self.decode.cache,
             cu_seqlens_new,
             &k_new,
@@ -476,7 +536,7 @@ impl PagedDecodePlan {
             return Ok(());
         }
         cuda_call!(
-            imp::append_plan::<T, C, I, O>,
+            imp::append_plan::<T, C, I, O, CudaSlice<C>>,
             self,
             cu_seqlens_new,
             k_new,
@@ -729,7 +789,7 @@ pub(super) mod imp {
 
     /// The append launch, with device tables and offsets already on `stream`.
     #[allow(clippy::too_many_arguments)]
-    fn append_launch<T, C, I, O>(
+    fn append_launch<T, C, I, O, M>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
         (block_table, seqlens_k, kv_scales): DeviceTables<'_>,
@@ -737,7 +797,7 @@ pub(super) mod imp {
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -745,6 +805,7 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         let bytes = dtype_bytes(T::DTYPE);
         let (kn, _s1) = k_new.data.device_ptr(stream);
@@ -795,14 +856,14 @@ pub(super) mod imp {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn append_oneshot<T, C, I, O>(
+    pub(super) fn append_oneshot<T, C, I, O, M>(
         cache: &PagedCache,
         stream: &Arc<CudaStream>,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -810,13 +871,14 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         // Temporaries freed stream-ordered after the launch (see the module docs).
         let bt = stream.clone_htod(cache.block_table())?;
         let sl = stream.clone_htod(cache.seqlens_k())?;
         let scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let cu = stream.clone_htod(cu_seqlens_new)?;
-        append_launch::<T, C, I, O>(
+        append_launch::<T, C, I, O, M>(
             cache,
             stream,
             (&bt, &sl, &scales),
@@ -829,13 +891,13 @@ pub(super) mod imp {
         )
     }
 
-    pub(super) fn append_plan<T, C, I, O>(
+    pub(super) fn append_plan<T, C, I, O, M>(
         plan: &mut PagedDecodePlan,
         cu_seqlens_new: &[i32],
         k_new: Strided<&I>,
         v_new: Strided<&I>,
         kv: KvPages<&mut O>,
-        meta: Option<PageMeta<&mut CudaSlice<C>>>,
+        meta: Option<PageMeta<&mut M>>,
         max_touched: usize,
     ) -> Result<()>
     where
@@ -843,6 +905,7 @@ pub(super) mod imp {
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<C>,
+        M: DeviceBufferMut<C>,
     {
         let stale = plan
             .append_cu
@@ -863,7 +926,7 @@ pub(super) mod imp {
             ..
         } = plan;
         let (_, cu) = append_cu.as_ref().expect("uploaded above");
-        append_launch::<T, C, I, O>(
+        append_launch::<T, C, I, O, M>(
             &decode.cache,
             stream,
             (block_table, seqlens_k, kv_scales),
@@ -878,15 +941,16 @@ pub(super) mod imp {
 
     /// Runs the Quest kernel into the plan's scores, page lists and counts; the bounds are
     /// of the cache's type `C` (`T` or FP8, checked by every caller).
-    pub(super) fn select<T, C, I>(
+    pub(super) fn select<T, C, I, M>(
         plan: &mut PagedDecodePlan,
         q: &Strided<&I>,
-        meta: &PageMeta<&CudaSlice<C>>,
+        meta: &PageMeta<&M>,
     ) -> Result<()>
     where
         T: Element + DeviceRepr,
         C: Element + DeviceRepr,
         I: DeviceBuffer<T>,
+        M: DeviceBuffer<C>,
     {
         let PagedDecodePlan {
             decode,
@@ -964,11 +1028,11 @@ pub(super) mod imp {
         check_launch("la_paged_quest_select", code)
     }
 
-    pub(super) fn decode<T, C, Q, K, O>(
+    pub(super) fn decode<T, C, Q, K, O, M>(
         plan: &mut PagedDecodePlan,
         q: Strided<&Q>,
         kv: KvPages<&K>,
-        meta: Option<PageMeta<&CudaSlice<C>>>,
+        meta: Option<PageMeta<&M>>,
         out: Strided<&mut O>,
         lse: Option<&mut dyn DeviceBufferMut<f32>>,
     ) -> Result<()>
@@ -978,10 +1042,11 @@ pub(super) mod imp {
         Q: DeviceBuffer<T>,
         K: DeviceBuffer<C>,
         O: DeviceBufferMut<T>,
+        M: DeviceBuffer<C>,
     {
         if plan.decode.needs_meta() {
             let m = meta.as_ref().expect("validated: Quest heads have metadata");
-            select::<T, C, Q>(plan, &q, m)?;
+            select::<T, C, Q, M>(plan, &q, m)?;
         }
         let PagedDecodePlan {
             decode,
