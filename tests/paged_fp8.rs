@@ -444,3 +444,116 @@ fn kv_scales_are_validated() {
     let (got, _) = decode_cpu(&dec, &raw, &q);
     assert!(rel_l2(&to_f64(&got), &want) < 2e-3);
 }
+
+/// A NaN keeps its sign when appended (docs/semantics.md: `F8E4M3::from_f32` of the
+/// quotient): 0x7f for +NaN, 0xff for -NaN, from f16 and bf16 rows, whatever the scale. The
+/// FP8 append kernel stores the same bits (`gpu_fp8_append_matches_cpu`), which the device's
+/// division and conversion alone would not: both give the canonical NaN, 0x7f.
+#[test]
+fn fp8_append_keeps_the_sign_of_nan() {
+    fn case<T: Element>() {
+        let layout = longattn::PagedLayout {
+            num_pages: 1,
+            page_size: 2,
+            heads_kv: 1,
+            head_dim: 8,
+        };
+        let cache = longattn::PagedCache::new(
+            layout,
+            longattn::PageTable {
+                block_table: &[0],
+                max_pages_per_seq: 1,
+                seqlens_k: &[2],
+            },
+        )
+        .unwrap()
+        .with_kv_scales(KvScales::uniform(1, 0.01, 3.0).unwrap())
+        .unwrap();
+        let (pos, neg) = (T::from_f32(f32::NAN), T::from_f32(-f32::NAN));
+        let k: Vec<T> = (0..16)
+            .map(|i| if i % 3 == 0 { neg } else { pos })
+            .collect();
+        let v: Vec<T> = (0..16)
+            .map(|i| if i % 3 == 0 { pos } else { neg })
+            .collect();
+        let (mut kc, mut vc) = (vec![F8E4M3::default(); 16], vec![F8E4M3::default(); 16]);
+        let st = longattn::Strides::contiguous(1, 1, 8);
+        cache
+            .append_cpu(
+                &[0, 2],
+                Strided::new(&k[..], st),
+                Strided::new(&v[..], st),
+                longattn::KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                None,
+            )
+            .unwrap();
+        for i in 0..16 {
+            let want = |neg_in: bool| if neg_in { 0xff } else { 0x7f };
+            assert_eq!(kc[i].to_bits(), want(i % 3 == 0), "{:?} k {i}", T::DTYPE);
+            assert_eq!(vc[i].to_bits(), want(i % 3 != 0), "{:?} v {i}", T::DTYPE);
+        }
+    }
+    case::<f16>();
+    case::<longattn::bf16>();
+}
+
+/// The append kernel's NaN-sign fix (`e4m3x8_nan_signs`, kernels/paged_append.cu) restated:
+/// 4 code bytes and the two 32-bit words of their 16-bit sources; every NaN code (low 7 bits
+/// set) takes the sign bit (bit 15) of its source, other codes are kept. Checked against the
+/// per-value rule for every code in every byte position, both source signs, and NaN codes
+/// next to each other (a carry across bytes would show there).
+#[test]
+fn fp8_nan_sign_fix_model_matches_the_per_value_rule() {
+    fn fix4(codes: u32, lo: u32, hi: u32) -> u32 {
+        let signs = ((lo >> 8) & 0x80)
+            | ((lo >> 16) & 0x8000)
+            | ((hi << 8) & 0x80_0000)
+            | (hi & 0x8000_0000);
+        let nan = ((codes & 0x7f7f_7f7f) + 0x0101_0101) & 0x8080_8080;
+        (codes & !nan) | (signs & nan)
+    }
+    fn rule(codes: u32, lo: u32, hi: u32) -> u32 {
+        (0..4)
+            .map(|x| {
+                let c = (codes >> (8 * x)) & 0xff;
+                let src = if x < 2 { lo } else { hi } >> (16 * (x % 2));
+                let sign = (src >> 15) & 1;
+                let c = if c & 0x7f == 0x7f {
+                    0x7f | (sign << 7)
+                } else {
+                    c
+                };
+                c << (8 * x)
+            })
+            .sum()
+    }
+    let fillers = [0x00u32, 0x7f, 0xff, 0x80, 0x7e, 0xfe, 0x01];
+    for pos in 0..4 {
+        for code in 0..=255u32 {
+            for &other in &fillers {
+                let codes = (0..4)
+                    .map(|x| (if x == pos { code } else { other }) << (8 * x))
+                    .sum::<u32>();
+                for signs in 0..16u32 {
+                    let half = |x: u32| {
+                        if signs >> x & 1 == 1 {
+                            0xfe01u32
+                        } else {
+                            0x7e01
+                        }
+                    };
+                    let lo = half(0) | half(1) << 16;
+                    let hi = half(2) | half(3) << 16;
+                    assert_eq!(
+                        fix4(codes, lo, hi),
+                        rule(codes, lo, hi),
+                        "{codes:#x} {signs:#b}"
+                    );
+                }
+            }
+        }
+    }
+}
