@@ -336,26 +336,29 @@ fn fp8_paged_prefill_equals_the_reference_of_the_dequantized_cache() {
     }
 }
 
+/// A cache of one page of `page_size` slots (one kv head, head_dim 8) holding `tokens` tokens of
+/// one sequence.
+fn one_page_cache(page_size: usize, tokens: i32) -> longattn::PagedCache {
+    let layout = longattn::PagedLayout {
+        num_pages: 1,
+        page_size,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let table = longattn::PageTable {
+        block_table: &[0],
+        max_pages_per_seq: 1,
+        seqlens_k: &[tokens],
+    };
+    longattn::PagedCache::new(layout, table).unwrap()
+}
+
 /// A channel whose keys in a page are all NaN: bounds (+inf, -inf) as the kernels and the
 /// reference fold them (+-448 in e4m3), not NaN; a NaN among numbers is skipped (fmin).
 #[test]
 fn nan_keys_leave_the_bounds_of_the_others() {
     fn case<C: Element + PartialEq>() {
-        let layout = longattn::PagedLayout {
-            num_pages: 1,
-            page_size: 4,
-            heads_kv: 1,
-            head_dim: 8,
-        };
-        let cache = longattn::PagedCache::new(
-            layout,
-            longattn::PageTable {
-                block_table: &[0],
-                max_pages_per_seq: 1,
-                seqlens_k: &[3],
-            },
-        )
-        .unwrap();
+        let cache = one_page_cache(4, 3);
         // Channel 0 all NaN; channel 1 NaN in the first token only; others numbers.
         let mut k = [f16::from_f32(0.25); 3 * 8];
         for t in 0..3 {
@@ -452,23 +455,9 @@ fn kv_scales_are_validated() {
 #[test]
 fn fp8_append_keeps_the_sign_of_nan() {
     fn case<T: Element>() {
-        let layout = longattn::PagedLayout {
-            num_pages: 1,
-            page_size: 2,
-            heads_kv: 1,
-            head_dim: 8,
-        };
-        let cache = longattn::PagedCache::new(
-            layout,
-            longattn::PageTable {
-                block_table: &[0],
-                max_pages_per_seq: 1,
-                seqlens_k: &[2],
-            },
-        )
-        .unwrap()
-        .with_kv_scales(KvScales::uniform(1, 0.01, 3.0).unwrap())
-        .unwrap();
+        let cache = one_page_cache(2, 2)
+            .with_kv_scales(KvScales::uniform(1, 0.01, 3.0).unwrap())
+            .unwrap();
         let (pos, neg) = (T::from_f32(f32::NAN), T::from_f32(-f32::NAN));
         let k: Vec<T> = (0..16)
             .map(|i| if i % 3 == 0 { neg } else { pos })

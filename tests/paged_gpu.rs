@@ -299,48 +299,22 @@ fn append_special_values<T: Element + DeviceRepr + PartialEq>(s: &Arc<CudaStream
         })
         .collect();
     let v: Vec<T> = k.iter().rev().copied().collect();
-    let st = Strides::contiguous(1, 1, d);
     let cu = [0i32, ps as i32];
     let zero = vec![F8E4M3::from_bits(0); layout.cache_len()];
     let (mut ck, mut cv) = (zero.clone(), zero.clone());
     let (mut lo, mut hi) = (vec![F8E4M3::default(); d], vec![F8E4M3::default(); d]);
-    cache
-        .append_cpu(
-            &cu,
-            Strided::new(&k[..], st),
-            Strided::new(&v[..], st),
-            KvPages {
-                k: &mut ck[..],
-                v: &mut cv[..],
-            },
-            Some(PageMeta {
-                kmin: &mut lo[..],
-                kmax: &mut hi[..],
-            }),
-        )
-        .unwrap();
-    assert_eq!(ck[7].to_bits(), 0x7f, "CPU: +NaN");
-    assert_eq!(ck[d + 7].to_bits(), 0xff, "CPU: -NaN keeps its sign");
     let (mut kd, mut vd) = (up(s, &zero), up(s, &zero));
     let nan = vec![F8E4M3::from_bits(0x7f); d];
     let (mut mind, mut maxd) = (up(s, &nan), up(s, &nan));
-    let (knd, vnd) = (up(s, &k), up(s, &v));
-    cache
-        .append_gpu(
-            s,
-            &cu,
-            Strided::new(&knd, st),
-            Strided::new(&vnd, st),
-            KvPages {
-                k: &mut kd,
-                v: &mut vd,
-            },
-            Some(PageMeta {
-                kmin: &mut mind,
-                kmax: &mut maxd,
-            }),
-        )
-        .unwrap();
+    append_both(
+        s,
+        &cache,
+        (&cu, &k, &v, Strides::contiguous(1, 1, d)),
+        [&mut ck, &mut cv, &mut lo, &mut hi],
+        [&mut kd, &mut vd, &mut mind, &mut maxd],
+    );
+    assert_eq!(ck[7].to_bits(), 0x7f, "CPU: +NaN");
+    assert_eq!(ck[d + 7].to_bits(), 0xff, "CPU: -NaN keeps its sign");
     let bits = |x: &[F8E4M3]| x.iter().map(|c| c.to_bits()).collect::<Vec<_>>();
     let what = format!("{:?} special values", T::DTYPE);
     assert_eq!(
@@ -423,39 +397,13 @@ fn append_replay<T: Element + DeviceRepr + PartialEq, C: Element + DeviceRepr + 
                 vn.extend_from_slice(&sc.v_tokens[b][from[b] * row..upto[b] * row]);
                 cu.push(cu[b] + (upto[b] - from[b]) as i32);
             }
-            let st = Strides::contiguous(1, hkv, d);
-            cache
-                .append_cpu(
-                    &cu,
-                    Strided::new(&kn[..], st),
-                    Strided::new(&vn[..], st),
-                    KvPages {
-                        k: &mut cpu_k[..],
-                        v: &mut cpu_v[..],
-                    },
-                    Some(PageMeta {
-                        kmin: &mut cpu_min[..],
-                        kmax: &mut cpu_max[..],
-                    }),
-                )
-                .unwrap();
-            let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
-            cache
-                .append_gpu(
-                    &s,
-                    &cu,
-                    Strided::new(&knd, st),
-                    Strided::new(&vnd, st),
-                    KvPages {
-                        k: &mut kd,
-                        v: &mut vd,
-                    },
-                    Some(PageMeta {
-                        kmin: &mut mind,
-                        kmax: &mut maxd,
-                    }),
-                )
-                .unwrap();
+            append_both(
+                &s,
+                &cache,
+                (&cu, &kn, &vn, Strides::contiguous(1, hkv, d)),
+                [&mut cpu_k, &mut cpu_v, &mut cpu_min, &mut cpu_max],
+                [&mut kd, &mut vd, &mut mind, &mut maxd],
+            );
         }
         let gk: Vec<C> = s.clone_dtoh(&kd).unwrap();
         let gv: Vec<C> = s.clone_dtoh(&vd).unwrap();
@@ -473,6 +421,48 @@ fn append_replay<T: Element + DeviceRepr + PartialEq, C: Element + DeviceRepr + 
             assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
         }
     }
+}
+
+/// Appends rows `k`, `v` (offsets `cu`, strides `st`) into `cache` on the CPU path (into
+/// `cpu`: k cache, v cache, kmin, kmax) and on the GPU (into `gpu`, the same four).
+fn append_both<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    cache: &PagedCache,
+    (cu, k, v, st): (&[i32], &[T], &[T], Strides),
+    cpu: [&mut Vec<C>; 4],
+    gpu: [&mut CudaSlice<C>; 4],
+) {
+    let [ck, cv, lo, hi] = cpu;
+    cache
+        .append_cpu(
+            cu,
+            Strided::new(k, st),
+            Strided::new(v, st),
+            KvPages {
+                k: &mut ck[..],
+                v: &mut cv[..],
+            },
+            Some(PageMeta {
+                kmin: &mut lo[..],
+                kmax: &mut hi[..],
+            }),
+        )
+        .unwrap();
+    let [kd, vd, mind, maxd] = gpu;
+    let (knd, vnd) = (up(s, k), up(s, v));
+    cache
+        .append_gpu(
+            s,
+            cu,
+            Strided::new(&knd, st),
+            Strided::new(&vnd, st),
+            KvPages { k: kd, v: vd },
+            Some(PageMeta {
+                kmin: mind,
+                kmax: maxd,
+            }),
+        )
+        .unwrap();
 }
 
 /// The documented selection order restated as a sort (kept pages, then higher score in
