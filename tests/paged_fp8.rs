@@ -546,3 +546,40 @@ fn fp8_nan_sign_fix_model_matches_the_per_value_rule() {
         }
     }
 }
+
+/// The branch-free e4m3 -> f16x2 conversion of the kernels' sm_80 build
+/// (`e4m3x2_to_f16x2_bits_sw`, kernels/include/longattn/fp8.cuh; sm_89+ use the cvt
+/// instruction) restated: the sign to bit 15 and the 7 other bits to bits 7-13 of each half,
+/// read as f16 (the e4m3 value / 2^8, subnormals included), times 2^8 (0x5c00, exact), the NaN
+/// codes replaced by 0x7fff. Every pair of the 256 codes gives the f16 of the CPU decoding
+/// (`F8E4M3::to_f32`): subnormals, the sign of zero, 448, and NaN for 0x7f and 0xff; and the
+/// bits above the pair are ignored.
+#[test]
+fn e4m3_to_f16_sm80_model_matches_the_cpu_decoding() {
+    fn sw(x2: u32) -> u32 {
+        let lanes = (x2 & 0xff) | ((x2 & 0xff00) << 8);
+        let mag = lanes & 0x007f_007f;
+        let bits = (mag << 7) | ((lanes & 0x0080_0080) << 8);
+        let scale = f16::from_bits(0x5c00);
+        let half = |b: u32| (f16::from_bits(b as u16) * scale).to_bits() as u32;
+        let v = half(bits & 0xffff) | (half(bits >> 16) << 16);
+        let nan = (((mag + 0x0001_0001) & 0x0080_0080) >> 7) * 0xffff;
+        (v & !nan) | (0x7fff_7fff & nan)
+    }
+    let want = |c: u32| {
+        let x = F8E4M3::from_bits(c as u8).to_f32();
+        if x.is_nan() {
+            0x7fff
+        } else {
+            u32::from(f16::from_f32(x).to_bits())
+        }
+    };
+    assert_eq!(f16::from_bits(0x5c00).to_f32(), 256.0);
+    for lo in 0..256u32 {
+        for hi in 0..256u32 {
+            let got = sw(0xa5c3_0000 | (hi << 8) | lo);
+            assert_eq!(got & 0xffff, want(lo), "code {lo:#x}");
+            assert_eq!(got >> 16, want(hi), "code {hi:#x}");
+        }
+    }
+}
