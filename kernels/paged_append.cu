@@ -8,6 +8,26 @@
 namespace longattn {
 namespace {
 
+// The codes `q` of 8 quantized values (byte x = value x) with every NaN code given the sign
+// of its source value in `raw` (8 f16/bf16 values, value x in bits 16 x .. 16 x + 15 of the
+// 128 bits: sign at bit 15 of its half). A NaN keeps its sign (docs/semantics.md, FP8 KV
+// cache; the CPU path's F8E4M3::from_f32 of the quotient), but the device's division yields
+// the canonical NaN and cvt.rn.satfinite.e4m3x2 (or <cuda_fp8.h>'s sm_80 path, which
+// canonicalises first) stores 0x7f: without this a NaN with the sign bit set was stored as
+// 0x7f on the GPU and 0xff on the CPU. A code is NaN exactly where its source is (scales are
+// finite and > 0), so the NaN codes pick the signs to copy.
+__device__ __forceinline__ uint2 e4m3x8_nan_signs(uint2 q, const uint4 &raw) {
+  auto fix4 = [](uint32_t codes, uint32_t lo, uint32_t hi) {
+    // Sign bits of the 4 sources at bit 7 of their bytes; bit 7 of each NaN byte (low 7 bits
+    // all set: +1 carries into bit 7, never into the next byte).
+    const uint32_t signs = ((lo >> 8) & 0x80u) | ((lo >> 16) & 0x8000u) |
+                           ((hi << 8) & 0x800000u) | (hi & 0x80000000u);
+    const uint32_t nan = ((codes & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;
+    return (codes & ~nan) | (signs & nan);
+  };
+  return make_uint2(fix4(q.x, raw.x, raw.y), fix4(q.y, raw.z, raw.w));
+}
+
 // ---- append -------------------------------------------------------------------------
 // Grid (max_pages_touched, batch): one block per (sequence, page touched by its new tokens).
 // A thread owns one (kv head, 8-channel vector) and walks the page's new slots in order, so
@@ -63,9 +83,9 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const __grid_constant_
       float f[kVec];
       if constexpr (kFp8) {
         unpack8<T>(kr, f);
-        const uint2 kq = quantize_e4m3x8(f, k_scale);
+        const uint2 kq = e4m3x8_nan_signs(quantize_e4m3x8(f, k_scale), kr);
         unpack8<T>(vr, f);
-        const uint2 vq = quantize_e4m3x8(f, v_scale);
+        const uint2 vq = e4m3x8_nan_signs(quantize_e4m3x8(f, v_scale), vr);
         *reinterpret_cast<uint2 *>(k_cache + dst) = kq;
         *reinterpret_cast<uint2 *>(v_cache + dst) = vq;
         e4m3x8_to_float(kq, f);  // the bounds are those of the stored values

@@ -336,26 +336,29 @@ fn fp8_paged_prefill_equals_the_reference_of_the_dequantized_cache() {
     }
 }
 
+/// A cache of one page of `page_size` slots (one kv head, head_dim 8) holding `tokens` tokens of
+/// one sequence.
+fn one_page_cache(page_size: usize, tokens: i32) -> longattn::PagedCache {
+    let layout = longattn::PagedLayout {
+        num_pages: 1,
+        page_size,
+        heads_kv: 1,
+        head_dim: 8,
+    };
+    let table = longattn::PageTable {
+        block_table: &[0],
+        max_pages_per_seq: 1,
+        seqlens_k: &[tokens],
+    };
+    longattn::PagedCache::new(layout, table).unwrap()
+}
+
 /// A channel whose keys in a page are all NaN: bounds (+inf, -inf) as the kernels and the
 /// reference fold them (+-448 in e4m3), not NaN; a NaN among numbers is skipped (fmin).
 #[test]
 fn nan_keys_leave_the_bounds_of_the_others() {
     fn case<C: Element + PartialEq>() {
-        let layout = longattn::PagedLayout {
-            num_pages: 1,
-            page_size: 4,
-            heads_kv: 1,
-            head_dim: 8,
-        };
-        let cache = longattn::PagedCache::new(
-            layout,
-            longattn::PageTable {
-                block_table: &[0],
-                max_pages_per_seq: 1,
-                seqlens_k: &[3],
-            },
-        )
-        .unwrap();
+        let cache = one_page_cache(4, 3);
         // Channel 0 all NaN; channel 1 NaN in the first token only; others numbers.
         let mut k = [f16::from_f32(0.25); 3 * 8];
         for t in 0..3 {
@@ -443,4 +446,140 @@ fn kv_scales_are_validated() {
     let (want, _) = decode_reference(&dec, &raw, &q, None);
     let (got, _) = decode_cpu(&dec, &raw, &q);
     assert!(rel_l2(&to_f64(&got), &want) < 2e-3);
+}
+
+/// A NaN keeps its sign when appended (docs/semantics.md: `F8E4M3::from_f32` of the
+/// quotient): 0x7f for +NaN, 0xff for -NaN, from f16 and bf16 rows, whatever the scale. The
+/// FP8 append kernel stores the same bits (`gpu_fp8_append_matches_cpu`), which the device's
+/// division and conversion alone would not: both give the canonical NaN, 0x7f.
+#[test]
+fn fp8_append_keeps_the_sign_of_nan() {
+    fn case<T: Element>() {
+        let cache = one_page_cache(2, 2)
+            .with_kv_scales(KvScales::uniform(1, 0.01, 3.0).unwrap())
+            .unwrap();
+        let (pos, neg) = (T::from_f32(f32::NAN), T::from_f32(-f32::NAN));
+        let k: Vec<T> = (0..16)
+            .map(|i| if i % 3 == 0 { neg } else { pos })
+            .collect();
+        let v: Vec<T> = (0..16)
+            .map(|i| if i % 3 == 0 { pos } else { neg })
+            .collect();
+        let (mut kc, mut vc) = (vec![F8E4M3::default(); 16], vec![F8E4M3::default(); 16]);
+        let st = longattn::Strides::contiguous(1, 1, 8);
+        cache
+            .append_cpu(
+                &[0, 2],
+                Strided::new(&k[..], st),
+                Strided::new(&v[..], st),
+                longattn::KvPages {
+                    k: &mut kc[..],
+                    v: &mut vc[..],
+                },
+                None,
+            )
+            .unwrap();
+        for i in 0..16 {
+            let want = |neg_in: bool| if neg_in { 0xff } else { 0x7f };
+            assert_eq!(kc[i].to_bits(), want(i % 3 == 0), "{:?} k {i}", T::DTYPE);
+            assert_eq!(vc[i].to_bits(), want(i % 3 != 0), "{:?} v {i}", T::DTYPE);
+        }
+    }
+    case::<f16>();
+    case::<longattn::bf16>();
+}
+
+/// The append kernel's NaN-sign fix (`e4m3x8_nan_signs`, kernels/paged_append.cu) restated:
+/// 4 code bytes and the two 32-bit words of their 16-bit sources; every NaN code (low 7 bits
+/// set) takes the sign bit (bit 15) of its source, other codes are kept. Checked against the
+/// per-value rule for every code in every byte position, both source signs, and NaN codes
+/// next to each other (a carry across bytes would show there).
+#[test]
+fn fp8_nan_sign_fix_model_matches_the_per_value_rule() {
+    fn fix4(codes: u32, lo: u32, hi: u32) -> u32 {
+        let signs = ((lo >> 8) & 0x80)
+            | ((lo >> 16) & 0x8000)
+            | ((hi << 8) & 0x80_0000)
+            | (hi & 0x8000_0000);
+        let nan = ((codes & 0x7f7f_7f7f) + 0x0101_0101) & 0x8080_8080;
+        (codes & !nan) | (signs & nan)
+    }
+    fn rule(codes: u32, lo: u32, hi: u32) -> u32 {
+        (0..4)
+            .map(|x| {
+                let c = (codes >> (8 * x)) & 0xff;
+                let src = if x < 2 { lo } else { hi } >> (16 * (x % 2));
+                let sign = (src >> 15) & 1;
+                let c = if c & 0x7f == 0x7f {
+                    0x7f | (sign << 7)
+                } else {
+                    c
+                };
+                c << (8 * x)
+            })
+            .sum()
+    }
+    let fillers = [0x00u32, 0x7f, 0xff, 0x80, 0x7e, 0xfe, 0x01];
+    for pos in 0..4 {
+        for code in 0..=255u32 {
+            for &other in &fillers {
+                let codes = (0..4)
+                    .map(|x| (if x == pos { code } else { other }) << (8 * x))
+                    .sum::<u32>();
+                for signs in 0..16u32 {
+                    let half = |x: u32| {
+                        if signs >> x & 1 == 1 {
+                            0xfe01u32
+                        } else {
+                            0x7e01
+                        }
+                    };
+                    let lo = half(0) | half(1) << 16;
+                    let hi = half(2) | half(3) << 16;
+                    assert_eq!(
+                        fix4(codes, lo, hi),
+                        rule(codes, lo, hi),
+                        "{codes:#x} {signs:#b}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The branch-free e4m3 -> f16x2 conversion of the kernels' sm_80 build
+/// (`e4m3x2_to_f16x2_bits_sw`, kernels/include/longattn/fp8.cuh; sm_89+ use the cvt
+/// instruction) restated: the sign to bit 15 and the 7 other bits to bits 7-13 of each half,
+/// read as f16 (the e4m3 value / 2^8, subnormals included), times 2^8 (0x5c00, exact), the NaN
+/// codes replaced by 0x7fff. Every pair of the 256 codes gives the f16 of the CPU decoding
+/// (`F8E4M3::to_f32`): subnormals, the sign of zero, 448, and NaN for 0x7f and 0xff; and the
+/// bits above the pair are ignored.
+#[test]
+fn e4m3_to_f16_sm80_model_matches_the_cpu_decoding() {
+    fn sw(x2: u32) -> u32 {
+        let lanes = (x2 & 0xff) | ((x2 & 0xff00) << 8);
+        let mag = lanes & 0x007f_007f;
+        let bits = (mag << 7) | ((lanes & 0x0080_0080) << 8);
+        let scale = f16::from_bits(0x5c00);
+        let half = |b: u32| (f16::from_bits(b as u16) * scale).to_bits() as u32;
+        let v = half(bits & 0xffff) | (half(bits >> 16) << 16);
+        let nan = (((mag + 0x0001_0001) & 0x0080_0080) >> 7) * 0xffff;
+        (v & !nan) | (0x7fff_7fff & nan)
+    }
+    let want = |c: u32| {
+        let x = F8E4M3::from_bits(c as u8).to_f32();
+        if x.is_nan() {
+            0x7fff
+        } else {
+            u32::from(f16::from_f32(x).to_bits())
+        }
+    };
+    assert_eq!(f16::from_bits(0x5c00).to_f32(), 256.0);
+    for lo in 0..256u32 {
+        for hi in 0..256u32 {
+            let got = sw(0xa5c3_0000 | (hi << 8) | lo);
+            assert_eq!(got & 0xffff, want(lo), "code {lo:#x}");
+            assert_eq!(got >> 16, want(hi), "code {hi:#x}");
+        }
+    }
 }

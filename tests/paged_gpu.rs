@@ -240,6 +240,103 @@ fn gpu_fp8_append_matches_cpu() {
     let Some(s) = stream() else { return };
     append_replay::<bf16, F8E4M3>(&s, |hkv| Some(fp8_scales(hkv)));
     append_replay::<f16, F8E4M3>(&s, |hkv| Some(fp8_scales(hkv)));
+    append_special_values::<f16>(&s);
+    append_special_values::<bf16>(&s);
+}
+
+/// FP8 append of the values where the device and the CPU could part: NaN of both signs (a
+/// NaN keeps its sign: the device's division and cvt give the canonical 0x7f), +-0,
+/// +-inf and magnitudes past 448 (saturation), the underflow edge 2^-10 and subnormals
+/// (scale 1), all in one page with a NaN-only channel; caches and bounds bit-identical.
+fn append_special_values<T: Element + DeviceRepr + PartialEq>(s: &Arc<CudaStream>) {
+    let (ps, d) = (4usize, 8usize);
+    let layout = longattn::PagedLayout {
+        num_pages: 1,
+        page_size: ps,
+        heads_kv: 1,
+        head_dim: d,
+    };
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[ps as i32],
+        },
+    )
+    .unwrap()
+    .with_kv_scales(KvScales::uniform(1, 1.0, 1.0).unwrap())
+    .unwrap();
+    let neg_nan = T::from_f32(-f32::NAN);
+    assert!(
+        neg_nan.to_f32().is_sign_negative(),
+        "{:?}: -NaN input",
+        T::DTYPE
+    );
+    let values = [
+        T::from_f32(f32::NAN),
+        neg_nan,
+        T::from_f32(0.0),
+        T::from_f32(-0.0),
+        T::from_f32(f32::INFINITY),
+        T::from_f32(f32::NEG_INFINITY),
+        T::from_f32(500.0),
+        T::from_f32(-470.0),
+        T::from_f32(2f32.powi(-10)),
+        T::from_f32(-3.0 * 2f32.powi(-10)),
+        T::from_f32(2f32.powi(-8)),
+        T::from_f32(-2f32.powi(-7) * 1.3),
+    ];
+    // Token t, channel c: values[(3 t + 5 c) % 12]; channel 7 NaN of alternating signs.
+    let k: Vec<T> = (0..ps * d)
+        .map(|i| {
+            let (t, c) = (i / d, i % d);
+            if c == 7 {
+                if t % 2 == 0 { values[0] } else { neg_nan }
+            } else {
+                values[(3 * t + 5 * c) % values.len()]
+            }
+        })
+        .collect();
+    let v: Vec<T> = k.iter().rev().copied().collect();
+    let cu = [0i32, ps as i32];
+    let zero = vec![F8E4M3::from_bits(0); layout.cache_len()];
+    let (mut ck, mut cv) = (zero.clone(), zero.clone());
+    let (mut lo, mut hi) = (vec![F8E4M3::default(); d], vec![F8E4M3::default(); d]);
+    let (mut kd, mut vd) = (up(s, &zero), up(s, &zero));
+    let nan = vec![F8E4M3::from_bits(0x7f); d];
+    let (mut mind, mut maxd) = (up(s, &nan), up(s, &nan));
+    append_both(
+        s,
+        &cache,
+        (&cu, &k, &v, Strides::contiguous(1, 1, d)),
+        [&mut ck, &mut cv, &mut lo, &mut hi],
+        [&mut kd, &mut vd, &mut mind, &mut maxd],
+    );
+    assert_eq!(ck[7].to_bits(), 0x7f, "CPU: +NaN");
+    assert_eq!(ck[d + 7].to_bits(), 0xff, "CPU: -NaN keeps its sign");
+    let bits = |x: &[F8E4M3]| x.iter().map(|c| c.to_bits()).collect::<Vec<_>>();
+    let what = format!("{:?} special values", T::DTYPE);
+    assert_eq!(
+        bits(&s.clone_dtoh(&kd).unwrap()),
+        bits(&ck),
+        "{what}: k cache"
+    );
+    assert_eq!(
+        bits(&s.clone_dtoh(&vd).unwrap()),
+        bits(&cv),
+        "{what}: v cache"
+    );
+    assert_eq!(
+        bits(&s.clone_dtoh(&mind).unwrap()),
+        bits(&lo),
+        "{what}: kmin"
+    );
+    assert_eq!(
+        bits(&s.clone_dtoh(&maxd).unwrap()),
+        bits(&hi),
+        "{what}: kmax"
+    );
 }
 
 /// Appends from garbage on both paths (a prefill, then a decode step) into a cache of type
@@ -300,39 +397,13 @@ fn append_replay<T: Element + DeviceRepr + PartialEq, C: Element + DeviceRepr + 
                 vn.extend_from_slice(&sc.v_tokens[b][from[b] * row..upto[b] * row]);
                 cu.push(cu[b] + (upto[b] - from[b]) as i32);
             }
-            let st = Strides::contiguous(1, hkv, d);
-            cache
-                .append_cpu(
-                    &cu,
-                    Strided::new(&kn[..], st),
-                    Strided::new(&vn[..], st),
-                    KvPages {
-                        k: &mut cpu_k[..],
-                        v: &mut cpu_v[..],
-                    },
-                    Some(PageMeta {
-                        kmin: &mut cpu_min[..],
-                        kmax: &mut cpu_max[..],
-                    }),
-                )
-                .unwrap();
-            let (knd, vnd) = (up(&s, &kn), up(&s, &vn));
-            cache
-                .append_gpu(
-                    &s,
-                    &cu,
-                    Strided::new(&knd, st),
-                    Strided::new(&vnd, st),
-                    KvPages {
-                        k: &mut kd,
-                        v: &mut vd,
-                    },
-                    Some(PageMeta {
-                        kmin: &mut mind,
-                        kmax: &mut maxd,
-                    }),
-                )
-                .unwrap();
+            append_both(
+                &s,
+                &cache,
+                (&cu, &kn, &vn, Strides::contiguous(1, hkv, d)),
+                [&mut cpu_k, &mut cpu_v, &mut cpu_min, &mut cpu_max],
+                [&mut kd, &mut vd, &mut mind, &mut maxd],
+            );
         }
         let gk: Vec<C> = s.clone_dtoh(&kd).unwrap();
         let gv: Vec<C> = s.clone_dtoh(&vd).unwrap();
@@ -350,6 +421,48 @@ fn append_replay<T: Element + DeviceRepr + PartialEq, C: Element + DeviceRepr + 
             assert_eq!(&cpu_min[mo..mo + d], &lo[..]);
         }
     }
+}
+
+/// Appends rows `k`, `v` (offsets `cu`, strides `st`) into `cache` on the CPU path (into
+/// `cpu`: k cache, v cache, kmin, kmax) and on the GPU (into `gpu`, the same four).
+fn append_both<T: Element + DeviceRepr, C: Element + DeviceRepr>(
+    s: &Arc<CudaStream>,
+    cache: &PagedCache,
+    (cu, k, v, st): (&[i32], &[T], &[T], Strides),
+    cpu: [&mut Vec<C>; 4],
+    gpu: [&mut CudaSlice<C>; 4],
+) {
+    let [ck, cv, lo, hi] = cpu;
+    cache
+        .append_cpu(
+            cu,
+            Strided::new(k, st),
+            Strided::new(v, st),
+            KvPages {
+                k: &mut ck[..],
+                v: &mut cv[..],
+            },
+            Some(PageMeta {
+                kmin: &mut lo[..],
+                kmax: &mut hi[..],
+            }),
+        )
+        .unwrap();
+    let [kd, vd, mind, maxd] = gpu;
+    let (knd, vnd) = (up(s, k), up(s, v));
+    cache
+        .append_gpu(
+            s,
+            cu,
+            Strided::new(&knd, st),
+            Strided::new(&vnd, st),
+            KvPages { k: kd, v: vd },
+            Some(PageMeta {
+                kmin: mind,
+                kmax: maxd,
+            }),
+        )
+        .unwrap();
 }
 
 /// The documented selection order restated as a sort (kept pages, then higher score in

@@ -737,3 +737,86 @@ fn gpu_prefill_refuses_what_it_cannot_run() {
     );
     assert!(matches!(r, Err(Error::Shape(_))), "{r:?}");
 }
+
+/// `FastDiv` (kernels/include/longattn/paged_common.cuh), the page-size division of the paged
+/// prefill's `load_kv` (not yet run on a GPU in that kernel) and of the decode kernel,
+/// restated: `l = ceil(log2 d)` by the kernel's loop, `mul = ceil(2^(31 + l) / d)` (stored in
+/// 32 bits), `u / d = (u * mul) >> (31 + l)`. The host passes every page size in `[1, 2^31)`
+/// (`num_pages * page_size <= i32::MAX`) and the kernels divide key indices `u < 2^31` (below
+/// `seqlens_k`, an i32). With `e = mul * d - 2^(31 + l)` (`0 <= e < d <= 2^l`) the quotient
+/// is exact for every such `u` iff `(u * e) < (d - u % d) * 2^(31 + l)`, which
+/// `e * (2^31 - 1) < 2^(31 + l)` guarantees: checked for every divisor up to 2^20, the
+/// divisors around each power of two up to `i32::MAX` and a pseudo-random sample; plus the
+/// quotients themselves for every page size up to 4096 (small dividends, and the largest
+/// ones of every residue below 2^31) and at the edges for the other divisors.
+#[test]
+fn fastdiv_model_is_exact_for_every_page_size() {
+    const LIMIT: u64 = 1 << 31; // dividends and divisors are below 2^31
+    let magic = |d: u64| -> (u64, u32) {
+        let mut l = 0u32;
+        while (1u64 << l) < d {
+            l += 1;
+        }
+        let mul = (1u64 << (31 + l)).div_ceil(d); // the kernel's (2^s + d - 1) / d
+        assert!(
+            mul <= u64::from(u32::MAX),
+            "d {d}: multiplier {mul} past 32 bits"
+        );
+        (mul, 31 + l)
+    };
+    let div = |u: u64, (mul, shift): (u64, u32)| (u * mul) >> shift;
+    let bound_holds = |d: u64| {
+        let (mul, shift) = magic(d);
+        let e = mul * d - (1u64 << shift);
+        assert!(e < d, "d {d}: e {e}");
+        assert!(
+            u128::from(e) * u128::from(LIMIT - 1) < 1u128 << shift,
+            "d {d}: the error term can reach the next integer"
+        );
+    };
+    let quotients_hold = |d: u64, us: &mut dyn Iterator<Item = u64>| {
+        let m = magic(d);
+        for u in us {
+            assert_eq!(div(u, m), u / d, "{u} / {d}");
+        }
+    };
+    for d in 1..=1u64 << 20 {
+        bound_holds(d);
+    }
+    let mut edges: Vec<u64> = (0..31)
+        .flat_map(|k| [(1u64 << k) - 1, 1 << k, (1 << k) + 1])
+        .chain([LIMIT - 1, LIMIT - 2, 3 * (1 << 29), 1_000_003, 123_456_789])
+        .filter(|&d| (1..LIMIT).contains(&d))
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    edges.extend((0..20_000).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        1 + x % (LIMIT - 1)
+    }));
+    for &d in &edges {
+        bound_holds(d);
+        let top = (LIMIT - 1) / d * d; // the largest multiple of d below 2^31
+        quotients_hold(
+            d,
+            &mut [
+                0,
+                1,
+                d - 1,
+                d,
+                d + 1,
+                2 * d - 1,
+                top.saturating_sub(1),
+                top,
+                LIMIT - 1,
+            ]
+            .into_iter()
+            .filter(|&u| u < LIMIT),
+        );
+    }
+    for d in 1..=4096u64 {
+        // Small dividends, then the last 2d below 2^31: the largest u of every residue.
+        quotients_hold(d, &mut (0..8 * d).chain(LIMIT - 2 * d..LIMIT));
+    }
+}
