@@ -10,7 +10,11 @@
 //!   `moba_gather_scatter_kernel`): per-chunk counts, block-major scans in batches of 256
 //!   blocks, work items, the warp's 32-row scatter steps;
 //! - the partial layout: where the gather attention and the count kernel store each (row,
-//!   slot)'s `(o, lse)` and where `la_ring_gather` reads it with the plan's slot table.
+//!   slot)'s `(o, lse)` and where `la_ring_gather` reads it with the plan's slot table;
+//! - both attentions' visits (`MobaProblem` over the tile unions, `GatherProblem` over the
+//!   work items: key tiles of 64 or 32 keys, the last block's dropped tiles, the per-row
+//!   list scan, `WarpWindowMask`) under random element masks: every pair the selection and
+//!   the mask show computed unmasked exactly once, no other pair.
 //!
 //! The scores are the CPU's own f64 scores (the GPU's are f32: near-ties may flip there, which
 //! the GPU tests accept; here the control flow and the indices are under test), so the model
@@ -77,6 +81,11 @@ impl Problem {
 /// `top_k` up to 12 (or 32). Inputs are small integers (ties everywhere) or uniform values;
 /// now and then a NaN key.
 fn problem(r: &mut SmallRng, max_q: usize, max_k: usize) -> Problem {
+    problem_with(r, max_q, max_k, AttentionOptions::causal())
+}
+
+/// [`problem`] under the element mask of `opts`.
+fn problem_with(r: &mut SmallRng, max_q: usize, max_k: usize, opts: AttentionOptions) -> Problem {
     let batch = r.random_range(1..=3usize);
     let varlen = r.random_bool(0.5);
     let (hq, hkv) = [(1, 1), (2, 1), (4, 2), (3, 3)][r.random_range(0..4)];
@@ -124,7 +133,7 @@ fn problem(r: &mut SmallRng, max_q: usize, max_k: usize) -> Problem {
         head_dim: d,
         seqlens,
     };
-    let attn = FlashAttention::new(&shape, &AttentionOptions::causal()).unwrap();
+    let attn = FlashAttention::new(&shape, &opts).unwrap();
     let (rows_q, rows_k) = if varlen {
         (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize)
     } else {
@@ -699,5 +708,274 @@ fn partial_layout_is_the_merge_layout() {
             seen_o.iter().all(|&s| s) && seen_l.iter().all(|&s| s),
             "case {case}: a partial the merge reads is never written"
         );
+    }
+}
+
+/// `WarpWindowMask` (dense_mask.cuh) for one warp's rows: `prepare` / `prepare_positions`
+/// with the launch's `window_left` / `window_right` / `sinks` (`Window::to_flash`), then
+/// `interior` and `apply`.
+struct WarpMask {
+    /// Per row of the warp (16): the last and first visible key of the window.
+    hi: Vec<i64>,
+    lo: Vec<i64>,
+    diag_first: i64,
+    diag_last: i64,
+    left: i64,
+    right: i64,
+    sinks: i64,
+    sk: i64,
+}
+
+impl WarpMask {
+    /// Rows at query positions `pos`, `first` / `last` the smallest / largest valid one.
+    fn new(mask: &Mask, pos: &[i64], (first, last): (i64, i64), sq: i64, sk: i64) -> Self {
+        let (left, right) = mask.window.to_flash();
+        let (mut hi, mut lo) = (Vec::new(), Vec::new());
+        for &p in pos {
+            let diag = p + sk - sq;
+            let mut hr = sk - 1;
+            if right >= 0 {
+                hr = hr.min(diag + right);
+            }
+            let lr = if left >= 0 {
+                (diag - left).max(0).min(sk)
+            } else {
+                0
+            };
+            hi.push(hr.max(-1));
+            lo.push(lr);
+        }
+        WarpMask {
+            hi,
+            lo,
+            diag_first: first + sk - sq,
+            diag_last: last + sk - sq,
+            left,
+            right,
+            sinks: mask.sinks as i64,
+            sk,
+        }
+    }
+    fn interior(&self, n0: i64, bn: i64) -> bool {
+        let n_end = n0 + bn;
+        n_end <= self.sk
+            && (self.right < 0 || n_end - 1 <= self.diag_first + self.right)
+            && (self.left < 0 || n0 >= self.diag_last - self.left || n_end <= self.sinks)
+    }
+    /// Whether `apply` leaves key `j` of the tile at `n0` to row `r` of the warp.
+    fn shows(&self, r: usize, n0: i64, bn: i64, j: i64) -> bool {
+        self.interior(n0, bn) || (j <= self.hi[r] && (j >= self.lo[r] || j < self.sinks))
+    }
+}
+
+/// Options of the attention models: causal, causal windows with and without sinks, a
+/// two-sided window and no mask at all (MoBA's are causal; the kernels take any).
+fn attention_options(r: &mut SmallRng) -> AttentionOptions {
+    let w = r.random_range(1..400usize);
+    match r.random_range(0..5) {
+        0 => AttentionOptions::causal(),
+        1 => AttentionOptions::causal().with_window(Window::new(Some(w), Some(0))),
+        2 => AttentionOptions::causal()
+            .with_window(Window::new(Some(w), Some(0)))
+            .with_sinks(r.random_range(1..100)),
+        3 => AttentionOptions::default().with_window(Window::new(Some(w), Some(w / 3))),
+        _ => AttentionOptions::default(),
+    }
+}
+
+/// For every (sequence, head): how often each (row, key) pair is computed unmasked, and
+/// whether the reference shows it (key in the row's selection, element mask).
+struct PairCount {
+    sq: usize,
+    sk: usize,
+    count: Vec<u32>,
+}
+
+impl PairCount {
+    fn new(sq: usize, sk: usize) -> Self {
+        PairCount {
+            sq,
+            sk,
+            count: vec![0; sq * sk],
+        }
+    }
+    /// A computed, unmasked pair: keys past the sequence's end must never be.
+    fn add(&mut self, i: usize, j: i64, what: &str) {
+        assert!(
+            j >= 0 && (j as usize) < self.sk,
+            "{what}: key {j} past sk {}",
+            self.sk
+        );
+        self.count[i * self.sk + j as usize] += 1;
+    }
+    /// Every shown pair computed exactly once, nothing else.
+    fn check(&self, x: &Problem, rows: &RowBlocks, (b, h): (usize, usize), what: &str) {
+        let (mask, bn) = (x.attn.mask(), x.cfg.block_n);
+        for i in 0..self.sq {
+            let list = rows.row(x.lse_base(b, h) + i).unwrap();
+            for j in 0..self.sk {
+                let want =
+                    list.contains(&((j / bn) as i32)) && mask.visible(i, j, self.sq, self.sk);
+                assert_eq!(
+                    self.count[i * self.sk + j],
+                    u32::from(want),
+                    "{what}: ({b}, {h}) row {i} key {j}"
+                );
+            }
+        }
+    }
+}
+
+/// `moba_attention_kernel`'s visits (`MobaProblem`: `schedule`, `key0`, the per-row list scan
+/// and the warp's skip, `WarpWindowMask::prepare` / `apply`) over the tile unions, with key
+/// tiles of `bn_tile` keys (64 at head_dim 64 and 128, 32 at 256).
+fn union_attention_model(x: &Problem, rows: &RowBlocks, bn_tile: usize, what: &str) {
+    let a = &x.attn;
+    let (bn, tk) = (x.cfg.block_n as i64, rows.top_k());
+    let unions = moba_tile_unions(a, rows, GPU_TILE_ROWS).unwrap();
+    let nt = a.max_seqlen_q().div_ceil(GPU_TILE_ROWS);
+    let (tpb, bt) = (bn / bn_tile as i64, bn_tile as i64);
+    let mask = a.mask();
+    for (b, span) in a.spans().enumerate() {
+        let (sq, sk) = (span.seqlen_q as i64, span.seqlen_k as i64);
+        for h in 0..a.heads_q() {
+            let mut pairs = PairCount::new(span.seqlen_q, span.seqlen_k);
+            for xt in 0..nt {
+                let m0 = (xt * GPU_TILE_ROWS) as i64;
+                if m0 >= sq {
+                    continue;
+                }
+                let list = &unions[(b * a.heads_q() + h) * nt + xt];
+                let count = list.len() as i64;
+                let n_tiles = if count == 0 {
+                    0
+                } else {
+                    let start = list[count as usize - 1] as i64 * bn;
+                    let drop = if start < sk && start + bn > sk {
+                        tpb - (sk - start + bt - 1) / bt
+                    } else {
+                        0
+                    };
+                    count * tpb - drop
+                };
+                // rows_s: the 64 rows' lists, -1 past the tile's rows.
+                let row_list = |r: i64| -> Vec<i32> {
+                    if m0 + r < sq {
+                        rows.row(x.lse_base(b, h) + (m0 + r) as usize)
+                            .unwrap()
+                            .to_vec()
+                    } else {
+                        vec![-1; tk]
+                    }
+                };
+                let warps: Vec<WarpMask> = (0..4i64)
+                    .map(|w| {
+                        let r0 = m0 + 16 * w;
+                        let pos: Vec<i64> = (r0..r0 + 16).collect();
+                        WarpMask::new(&mask, &pos, (r0, (r0 + 15).min(sq - 1)), sq, sk)
+                    })
+                    .collect();
+                for t in 0..n_tiles {
+                    let (e, sub) = (t / tpb, t % tpb);
+                    let kb = list[e as usize];
+                    let n0 = (kb as i64 * bn + sub * bt).min(sk);
+                    for (w, wm) in warps.iter().enumerate() {
+                        let sel: Vec<bool> = (0..16)
+                            .map(|r| {
+                                let row = 16 * w as i64 + r;
+                                if m0 + row >= sq {
+                                    return true;
+                                }
+                                let mut s = false;
+                                for &v in &row_list(row) {
+                                    if v < 0 || v > kb {
+                                        break;
+                                    }
+                                    s = v == kb;
+                                }
+                                s
+                            })
+                            .collect();
+                        let all = sel.iter().all(|&s| s);
+                        for (r, &s) in sel.iter().enumerate() {
+                            let i = m0 + 16 * w as i64 + r as i64;
+                            if i >= sq {
+                                continue; // never stored
+                            }
+                            for j in n0..n0 + bt {
+                                if (all || s) && wm.shows(r, n0, bt, j) {
+                                    pairs.add(i as usize, j, what);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            pairs.check(x, rows, (b, h), what);
+        }
+    }
+}
+
+/// `moba_gather_attention_kernel`'s visits (`GatherProblem`: the work item's rows, the last
+/// repeated to 64 and not stored; the block's key tiles; `prepare_positions` at the rows'
+/// own positions) over the transpose of `rows`.
+fn gather_attention_model(x: &Problem, rows: &RowBlocks, bn_tile: usize, what: &str) {
+    let a = &x.attn;
+    let (bn, tk, bt) = (x.cfg.block_n as i64, rows.top_k(), bn_tile as i64);
+    let index = moba_gather_index_cpu(a, rows).unwrap();
+    let mask = a.mask();
+    for (b, span) in a.spans().enumerate() {
+        let (sq, sk) = (span.seqlen_q as i64, span.seqlen_k as i64);
+        for h in 0..a.heads_q() {
+            let bh = b * a.heads_q() + h;
+            let mut pairs = PairCount::new(span.seqlen_q, span.seqlen_k);
+            for item in &index.work[bh] {
+                let [kb, first, n, _] = *item;
+                let ent = &index.entries[bh][first as usize..];
+                let item_rows: Vec<i64> = (0..GPU_GATHER_ITEM_ROWS)
+                    .map(|r| (ent[r.min(n as usize - 1)] as usize / tk) as i64)
+                    .collect();
+                let len = bn.min(sk - kb as i64 * bn);
+                assert!(len > 0, "{what}: block {kb} past the sequence");
+                for t in 0..(len + bt - 1) / bt {
+                    let n0 = kb as i64 * bn + t * bt;
+                    for w in 0..4 {
+                        let wr = &item_rows[16 * w..16 * w + 16];
+                        let bounds = (*wr.iter().min().unwrap(), *wr.iter().max().unwrap());
+                        let wm = WarpMask::new(&mask, wr, bounds, sq, sk);
+                        for (r, &i) in wr.iter().enumerate() {
+                            if 16 * w + r >= n as usize {
+                                continue; // the repeated row: computed, not stored
+                            }
+                            for j in n0..n0 + bt {
+                                // load_rows zero-fills keys past sk; the mask must hide them.
+                                if wm.shows(r, n0, bt, j) {
+                                    pairs.add(i as usize, j, what);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            pairs.check(x, rows, (b, h), what);
+        }
+    }
+}
+
+/// Both attentions' visits, on the reference selection under random element masks: every
+/// pair the selection and the mask show is computed unmasked exactly once, no other pair,
+/// no key past a sequence's end (last partial blocks, varlen, `seqlen_q != seqlen_k`).
+#[test]
+fn attention_models_compute_exactly_the_shown_pairs() {
+    let mut r = rng(0xa77e);
+    for case in 0..40 {
+        let opts = attention_options(&mut r);
+        let x = problem_with(&mut r, 260, 1300, opts);
+        let rows = moba_select_cpu(&x.attn, &x.cfg, x.q(), x.k()).unwrap();
+        for bn_tile in [64, 32] {
+            let what = format!("case {case} tile {bn_tile} {:?}", x.attn.mask());
+            union_attention_model(&x, &rows, bn_tile, &format!("union {what}"));
+            gather_attention_model(&x, &rows, bn_tile, &format!("gather {what}"));
+        }
     }
 }
