@@ -14,7 +14,9 @@
 //! - both attentions' visits (`MobaProblem` over the tile unions, `GatherProblem` over the
 //!   work items: key tiles of 64 or 32 keys, the last block's dropped tiles, the per-row
 //!   list scan, `WarpWindowMask`) under random element masks: every pair the selection and
-//!   the mask show computed unmasked exactly once, no other pair.
+//!   the mask show computed unmasked exactly once, no other pair;
+//! - the tensor-core gate's fragment words through the PTX m16n8k16 layout into the score
+//!   tile.
 //!
 //! The scores are the CPU's own f64 scores (the GPU's are f32: near-ties may flip there, which
 //! the GPU tests accept; here the control flow and the indices are under test), so the model
@@ -976,6 +978,95 @@ fn attention_models_compute_exactly_the_shown_pairs() {
             let what = format!("case {case} tile {bn_tile} {:?}", x.attn.mask());
             union_attention_model(&x, &rows, bn_tile, &format!("union {what}"));
             gather_attention_model(&x, &rows, bn_tile, &format!("gather {what}"));
+        }
+    }
+}
+
+/// `moba_select_tc_kernel`'s fragments: the 32-bit words each lane reads from the Q and
+/// pooled-key tiles (row stride `D + 8` elements), combined by `mma.sync.m16n8k16.row.col` as
+/// the PTX ISA lays out its fragments (lane `4g + t`: A rows `g`, `g + 8`, columns `2t, 2t + 1`
+/// and `+ 8`; B column `g`, rows `2t, 2t + 1` and `+ 8`; C rows `g`, `g + 8`, columns `2t,
+/// 2t + 1`), stored into the score tile as the kernel stores its accumulators: the tile must
+/// be Q x pooled^T, every (row, block) of the 64 x 32 chunk, at head dims 64, 128, 256.
+#[test]
+fn tc_gate_fragments_compute_the_score_tile() {
+    let mut r = rng(0x7c);
+    for d in [64usize, 128, 256] {
+        let stride = d + 8; // SelTcSmem::kStride, elements
+        let kw_row = stride / 2; // words per row
+        let val = |r: &mut SmallRng| r.random_range(-4i32..=4) as f64;
+        // Shared tiles as elements; word w of a row is elements (2w, 2w + 1).
+        let q: Vec<f64> = (0..GPU_TILE_ROWS * stride).map(|_| val(&mut r)).collect();
+        let p: Vec<f64> = (0..GATE_CHUNK * stride).map(|_| val(&mut r)).collect();
+        let word = |t: &[f64], w: usize| [t[2 * w], t[2 * w + 1]];
+        let s_stride = GATE_CHUNK + 1; // SelTcSmem::kSStride
+        let mut s = vec![f64::NAN; GPU_TILE_ROWS * s_stride];
+        for warp in 0..4 {
+            let mut acc = [[[0.0f64; 4]; 4]; 32]; // [lane][n-tile][c]
+            for k0 in (0..d).step_by(16) {
+                // Each lane's fragments, as the kernel indexes the words.
+                let mut a = [[[0.0f64; 2]; 4]; 32];
+                let mut bf = [[[[0.0f64; 2]; 2]; 4]; 32];
+                for lane in 0..32 {
+                    let (g, t) = (lane / 4, lane % 4);
+                    let ra = 16 * warp + g;
+                    let kw = k0 / 2 + t;
+                    a[lane] = [
+                        word(&q, ra * kw_row + kw),
+                        word(&q, (ra + 8) * kw_row + kw),
+                        word(&q, ra * kw_row + kw + 4),
+                        word(&q, (ra + 8) * kw_row + kw + 4),
+                    ];
+                    for (j, b) in bf[lane].iter_mut().enumerate() {
+                        let n = 8 * j + g;
+                        *b = [word(&p, n * kw_row + kw), word(&p, n * kw_row + kw + 4)];
+                    }
+                }
+                // The MMA per the PTX fragment layout.
+                for j in 0..4 {
+                    let (mut am, mut bm) = ([[0.0f64; 16]; 16], [[0.0f64; 8]; 16]);
+                    for lane in 0..32 {
+                        let (g, t) = (lane / 4, lane % 4);
+                        for e in 0..2 {
+                            am[g][2 * t + e] = a[lane][0][e];
+                            am[g + 8][2 * t + e] = a[lane][1][e];
+                            am[g][2 * t + 8 + e] = a[lane][2][e];
+                            am[g + 8][2 * t + 8 + e] = a[lane][3][e];
+                            bm[2 * t + e][g] = bf[lane][j][0][e];
+                            bm[2 * t + 8 + e][g] = bf[lane][j][1][e];
+                        }
+                    }
+                    let c = |row: usize, col: usize| {
+                        (0..16).map(|k| am[row][k] * bm[k][col]).sum::<f64>()
+                    };
+                    for (lane, acc_l) in acc.iter_mut().enumerate() {
+                        let (g, t) = (lane / 4, lane % 4);
+                        acc_l[j][0] += c(g, 2 * t);
+                        acc_l[j][1] += c(g, 2 * t + 1);
+                        acc_l[j][2] += c(g + 8, 2 * t);
+                        acc_l[j][3] += c(g + 8, 2 * t + 1);
+                    }
+                }
+            }
+            for (lane, acc_l) in acc.iter().enumerate() {
+                let (g, t) = (lane / 4, lane % 4);
+                let ra = 16 * warp + g;
+                for (j, aj) in acc_l.iter().enumerate() {
+                    let at = ra * s_stride + 8 * j + 2 * t;
+                    s[at] = aj[0];
+                    s[at + 1] = aj[1];
+                    s[at + 8 * s_stride] = aj[2];
+                    s[at + 8 * s_stride + 1] = aj[3];
+                }
+            }
+        }
+        for row in 0..GPU_TILE_ROWS {
+            for blk in 0..GATE_CHUNK {
+                let want: f64 = (0..d)
+                    .map(|c| q[row * stride + c] * p[blk * stride + c])
+                    .sum();
+                assert_eq!(s[row * s_stride + blk], want, "d{d}: row {row} block {blk}");
+            }
         }
     }
 }
