@@ -128,14 +128,17 @@ fn problem_with(r: &mut SmallRng, max_q: usize, max_k: usize, opts: AttentionOpt
             seqlen_k: lens[0].1,
         }
     };
-    let shape = AttentionShape {
-        batch,
-        heads_q: hq,
-        heads_kv: hkv,
-        head_dim: d,
-        seqlens,
-    };
-    let attn = FlashAttention::new(&shape, &opts).unwrap();
+    let attn = FlashAttention::new(
+        &AttentionShape {
+            seqlens,
+            batch,
+            head_dim: d,
+            heads_q: hq,
+            heads_kv: hkv,
+        },
+        &opts,
+    )
+    .unwrap();
     let (rows_q, rows_k) = if varlen {
         (*cq.last().unwrap() as usize, *ck.last().unwrap() as usize)
     } else {
