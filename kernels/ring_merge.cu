@@ -100,23 +100,25 @@ __global__ void __launch_bounds__(kRingWarps * 32)
   const int chunks = p.head_dim / 4;
   float acc[kGatherChunks][4] = {};
   float sum = 0.0f;
-  if (m != kNegInf) {
-    for (int x = 0; x < count; ++x) {
-      const int64_t *s = p.slots + 4 * p.slot_list[first + x];
-      const float w = expf(lse_of(s) - m);
-      sum += w;
-      const uint2 *o = reinterpret_cast<const uint2 *>(o_of(s));
+  // Every slot is read even when all are empty (m = -inf, weights 0): an empty slot's o is 0,
+  // but a partial whose scores were NaN (a NaN query row: the mainloops write o = NaN, lse =
+  // -inf) then gives 0 * NaN = NaN, as la_ring_merge's zero-weighted update and the union
+  // MoBA path do; skipping the reads wrote such a row as empty (0, -inf).
+  for (int x = 0; x < count; ++x) {
+    const int64_t *s = p.slots + 4 * p.slot_list[first + x];
+    const float w = m == kNegInf ? 0.0f : expf(lse_of(s) - m);
+    sum += w;
+    const uint2 *o = reinterpret_cast<const uint2 *>(o_of(s));
 #pragma unroll
-      for (int c = 0; c < kGatherChunks; ++c) {
-        if (lane + 32 * c >= chunks) break;
-        const uint2 v = o[lane + 32 * c];
-        const float2 x0 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.x));
-        const float2 x1 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.y));
-        acc[c][0] += w * x0.x;
-        acc[c][1] += w * x0.y;
-        acc[c][2] += w * x1.x;
-        acc[c][3] += w * x1.y;
-      }
+    for (int c = 0; c < kGatherChunks; ++c) {
+      if (lane + 32 * c >= chunks) break;
+      const uint2 v = o[lane + 32 * c];
+      const float2 x0 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.x));
+      const float2 x1 = Elem<T>::to_float2(*reinterpret_cast<const typename Elem<T>::Pair *>(&v.y));
+      acc[c][0] += w * x0.x;
+      acc[c][1] += w * x0.y;
+      acc[c][2] += w * x1.x;
+      acc[c][3] += w * x1.y;
     }
   }
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;

@@ -136,6 +136,14 @@ impl MobaGpuDims {
                 "MoBA on the GPU: block_m = {block_m} must be a multiple of 64"
             )));
         }
+        // LaMobaParams::block_m is i32: a larger block_m would reach the kernel truncated
+        // (2^32 + 64 as 64), and where the truncated list width still matched, the kernel
+        // would gate 64-row blocks instead of one block holding every row.
+        if i32::try_from(block_m).is_err() {
+            return Err(Error::Unsupported(format!(
+                "MoBA on the GPU: block_m = {block_m} does not fit i32"
+            )));
+        }
         let token = Self::new(
             attn,
             &MobaConfig {
@@ -824,7 +832,7 @@ mod tests {
         // Capped at the key block count.
         let d = MobaGpuDims::for_query_blocks(&attn(200, 130, 64), &cfg, 64).unwrap();
         assert_eq!(d.slots, 3);
-        for bm in [0, 32, 96] {
+        for bm in [0, 32, 96, (1 << 32) + 64] {
             let r = MobaGpuDims::for_query_blocks(&attn(200, 1000, 64), &cfg, bm);
             assert!(
                 matches!(&r, Err(Error::Unsupported(m)) if m.contains("block_m")),
