@@ -18,6 +18,36 @@ use cudarc::driver::{CudaStream, SyncOnDrop};
 /// Grid y/z limit: the dense and neighborhood kernels index heads and the batch with them.
 pub(crate) const GRID_LIMIT: usize = 65535;
 
+/// Headroom below `i32::MAX` that [`GPU_MAX_POSITIONS`] keeps for the kernels' 32-bit tile
+/// arithmetic. The kernels index keys, query rows and positions with `int`, and add at most a
+/// tile (a tile start plus a row or key inside it: 64 to 192 rows or keys, 176 for the
+/// widest key tile, a 128-row GQA-packed query tile, an 8x8x8 neighborhood query tile,
+/// a paged split's key chunk of whole tiles) to a value that the host bounds by a length, a
+/// packed total or a position; e.g. `j = n0 + r0 + ...` in `paged_prefill.cu`'s `load_kv_t`
+/// with `n0 < sk`. 2^16 covers every such tile with a wide margin. Windows and sinks need no
+/// margin: every kernel combines them with positions in 64-bit (`Mask::visible`,
+/// `WarpWindowMask::prepare`, the paged decode bounds) or only compares them.
+pub(crate) const GPU_POSITION_MARGIN: usize = 1 << 16;
+
+/// Most query rows, keys, positions (one past the last), packed totals (`total_q`,
+/// `total_k`) or paged capacity (`max_pages_per_seq * page_size`) per sequence that the GPU
+/// entry points take: `i32::MAX - ` [`GPU_POSITION_MARGIN`] (2^31 - 1 - 2^16), so that no
+/// `int` tile arithmetic of a kernel overflows. The CPU path takes lengths up to `i32::MAX`.
+pub(crate) const GPU_MAX_POSITIONS: usize = i32::MAX as usize - GPU_POSITION_MARGIN;
+
+/// `Error::Unsupported` naming the first `(name, value)` of `values` (lengths, key counts,
+/// packed totals, one past a largest position) above [`GPU_MAX_POSITIONS`]: every family's
+/// GPU validation calls this before any allocation, upload or launch.
+pub(crate) fn check_gpu_positions(who: &str, values: &[(&str, usize)]) -> Result<()> {
+    match values.iter().find(|&&(_, v)| v > GPU_MAX_POSITIONS) {
+        Some((name, v)) => Err(Error::Unsupported(format!(
+            "{who} on the GPU: {name} = {v} exceeds {GPU_MAX_POSITIONS} (i32::MAX - \
+             {GPU_POSITION_MARGIN}: the kernels' 32-bit tile arithmetic); the CPU path takes it"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Refuses every element type but f16 and bf16 on the GPU:
 /// `"{who} f16 or bf16 ({dtype} runs on the CPU {cpu})"`.
 pub(crate) fn check_half(dtype: DType, who: &str, cpu: &str) -> Result<()> {

@@ -91,10 +91,12 @@ impl BlockSparseAttention {
         })
     }
 
-    /// What the kernel takes, independent of the buffers: no per-row selection, block sizes
+    /// What the kernel takes, independent of the buffers: lengths within
+    /// [`crate::gpu::GPU_MAX_POSITIONS`], no per-row selection, block sizes
     /// multiples of 64, head dim 64/128/256; for [`BlockSparseKernel::Hopper`] also block
     /// sizes multiples of its tiles ([`HOPPER_BLOCK_M_MULTIPLE`], [`hopper_block_n_multiple`]).
     fn check_gpu_problem(&self) -> Result<()> {
+        self.attn.check_gpu_positions("block-sparse attention")?;
         if self.rows.is_some() {
             return Err(Error::Unsupported(
                 "per-row block selection runs on the CPU only".into(),

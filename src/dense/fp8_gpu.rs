@@ -84,10 +84,12 @@ impl FlashAttention {
         )
     }
 
-    /// The shape checks of a GPU FP8 call (no device call): the head dim, the grid limits,
+    /// The shape checks of a GPU FP8 call (no device call): the lengths (within
+    /// [`crate::gpu::GPU_MAX_POSITIONS`]), the head dim, the grid limits,
     /// and the V^T scratch's row length `vt_keys` (returned), which the kernel indexes with
     /// i32 and the copy engine needs below 2^31.
     pub(crate) fn check_fp8_gpu(&self) -> Result<usize> {
+        self.check_gpu_positions("FP8 attention")?;
         if self.head_dim > FP8_GPU_MAX_HEAD_DIM
             || !self.head_dim.is_multiple_of(FP8_GPU_HEAD_DIM_MULTIPLE)
         {

@@ -5,8 +5,8 @@ use crate::element::DType;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::gpu::{
-    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_grid_yz, check_half,
-    check_tensor_core_head_dim, cuda_call,
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_gpu_positions, check_grid_yz,
+    check_half, check_tensor_core_head_dim, cuda_call,
 };
 use crate::layout::Strided;
 use crate::mask::Mask;
@@ -48,13 +48,29 @@ impl FlashAttention {
 
     /// Uploads the varlen offsets (if any) once, on `stream`, for [`DenseGpuPlan::forward`].
     pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<DenseGpuPlan> {
+        self.check_gpu_positions("dense attention")?;
         Ok(DenseGpuPlan {
             attn: self.clone(),
             cu_seqlens: self.upload_varlen(stream)?,
         })
     }
 
-    /// Every check of a GPU call: buffer extents and strides, dtype, head dim, grid limits.
+    /// The lengths and packed totals within [`crate::gpu::GPU_MAX_POSITIONS`] (`who` names
+    /// the family in the error): every GPU entry point built on a `FlashAttention` runs this.
+    pub(crate) fn check_gpu_positions(&self, who: &str) -> Result<()> {
+        check_gpu_positions(
+            who,
+            &[
+                ("seqlen_q", self.max_seqlen_q),
+                ("seqlen_k", self.max_seqlen_k),
+                ("total_q", self.total_q),
+                ("total_k", self.total_k),
+            ],
+        )
+    }
+
+    /// Every check of a GPU call: lengths, buffer extents and strides, dtype, head dim, grid
+    /// limits.
     fn check_gpu<T, I, O>(
         &self,
         q: &Strided<&I>,
@@ -68,6 +84,7 @@ impl FlashAttention {
         I: DeviceBuffer<T>,
         O: DeviceBufferMut<T>,
     {
+        self.check_gpu_positions("dense attention")?;
         self.check_buffers(q.extent(), k.extent(), v.extent(), out.extent(), lse_len)?;
         check_dense_gpu(
             self.kernel,

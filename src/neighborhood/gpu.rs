@@ -13,7 +13,9 @@
 use crate::element::DType;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, DeviceBufferMut, check_attention_gpu, cuda_call};
+use crate::gpu::{
+    DeviceBuffer, DeviceBufferMut, check_attention_gpu, check_gpu_positions, cuda_call,
+};
 use crate::layout::{Strided, check_attention_args};
 use crate::neighborhood::NeighborhoodAttention;
 use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr};
@@ -201,6 +203,7 @@ impl NeighborhoodAttention {
     /// schedule build (0.5 ms for 1-D 32k tokens, 2 ms for 3-D 16x64x64 on a slow CPU) and
     /// the upload, and makes the call capturable in a CUDA graph.
     pub fn plan_gpu(&self, stream: &Arc<CudaStream>) -> Result<NeighborhoodGpuPlan> {
+        self.check_gpu_lengths()?;
         Ok(NeighborhoodGpuPlan {
             attn: self.clone(),
             schedule: self.device_schedule(stream)?,
@@ -268,13 +271,26 @@ impl NeighborhoodAttention {
         cuda_call!(launch, self, stream, q, k, v, out, lse)
     }
 
-    /// Every check of `forward_gpu` that needs no device pointer: the CPU path's argument
-    /// check, then what the kernel supports.
+    /// Each grid dim's length within [`crate::gpu::GPU_MAX_POSITIONS`]: the kernels hold a
+    /// position along a dim (and a tile's end) in `int`; the token count itself is 64-bit in
+    /// the portable kernel (the fused ones check their own 32-bit indexing and fall back).
+    fn check_gpu_lengths(&self) -> Result<()> {
+        let lengths: Vec<_> = self
+            .dims
+            .iter()
+            .map(|d| ("grid length", d.length))
+            .collect();
+        check_gpu_positions("neighborhood attention", &lengths)
+    }
+
+    /// Every check of `forward_gpu` that needs no device pointer: the grid lengths, the CPU
+    /// path's argument check, then what the kernel supports.
     fn check_gpu_args<T: Element>(
         &self,
         bufs: [(usize, &crate::layout::Strides); 4],
         lse_len: Option<usize>,
     ) -> Result<()> {
+        self.check_gpu_lengths()?;
         let n = self.tokens;
         check_attention_args(
             "",

@@ -23,7 +23,8 @@
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::gpu::{
-    DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_grid_yz, check_half, check_head_dim, cuda_call,
+    DeviceBuffer, DeviceBufferMut, GRID_LIMIT, check_gpu_positions, check_grid_yz, check_half,
+    check_head_dim, cuda_call,
 };
 use crate::layout::Strided;
 use crate::paged::{KvPages, PageMeta, PagedCache, PagedDecode};
@@ -118,10 +119,11 @@ enum PlanFor {
 }
 
 /// Every GPU check of a call with `T` queries over a cache of `C`, in this order: the query
-/// type, the cache's head dim and grid, the cache type.
-fn check_gpu_types<T: Element, C: Element>(cache: &PagedCache) -> Result<()> {
+/// type, the cache's positions (`rows`: see [`check_gpu_positions_of`]), head dim and grid, the
+/// cache type.
+fn check_gpu_types<T: Element, C: Element>(cache: &PagedCache, rows: (&str, usize)) -> Result<()> {
     check_gpu_dtype(T::DTYPE)?;
-    check_gpu_shape(cache)?;
+    check_gpu_shape(cache, rows)?;
     check_gpu_cache(cache, T::DTYPE, C::DTYPE)
 }
 
@@ -140,9 +142,28 @@ pub(super) fn check_gpu_cache(cache: &PagedCache, q: DType, kv: DType) -> Result
     cache.scales_for(kv).map(|_| ())
 }
 
-fn check_gpu_shape(cache: &PagedCache) -> Result<()> {
+/// The cache's positions within [`crate::gpu::GPU_MAX_POSITIONS`], then its head dim and
+/// grid; `rows` as for [`check_gpu_positions_of`].
+fn check_gpu_shape(cache: &PagedCache, rows: (&str, usize)) -> Result<()> {
+    check_gpu_positions_of(cache, rows)?;
     check_head_dim(cache.head_dim(), GPU_MAX_HEAD_DIM)?;
     check_grid_yz(cache.batch(), ("heads_kv", cache.heads_kv()))
+}
+
+/// A paged call's positions within [`crate::gpu::GPU_MAX_POSITIONS`]: a sequence's capacity
+/// `max_pages_per_seq * page_size` (which bounds its `seqlens_k` and every key position the
+/// kernels compute) and `rows`, the call's (name, query or new-token rows).
+pub(super) fn check_gpu_positions_of(cache: &PagedCache, rows: (&str, usize)) -> Result<()> {
+    check_gpu_positions(
+        "the paged kernels",
+        &[
+            (
+                "max_pages_per_seq * page_size",
+                cache.max_pages_per_seq() * cache.page_size(),
+            ),
+            rows,
+        ],
+    )
 }
 
 /// Validates an append's arguments (shared by the one-shot and the plan path); returns the
@@ -169,7 +190,8 @@ where
         (kv.k.len(), kv.v.len()),
         meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
     )?;
-    check_gpu_types::<T, C>(cache)?;
+    let total_new = cu_seqlens_new.last().map_or(0, |&n| n as usize);
+    check_gpu_types::<T, C>(cache, ("total_new", total_new))?;
     Ok(max_touched)
 }
 
@@ -254,7 +276,7 @@ impl PagedDecode {
     }
 
     fn plan_gpu_for(&self, stream: &Arc<CudaStream>, what: PlanFor) -> Result<PagedDecodePlan> {
-        check_gpu_shape(&self.cache)?;
+        check_gpu_shape(&self.cache, ("q_len", self.q_len))?;
         if what == PlanFor::Decode {
             self.check_lists_given()?;
             self.check_grid()?;
@@ -288,7 +310,7 @@ impl PagedDecode {
         I: DeviceBuffer<T>,
     {
         self.check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_types::<T, C>(&self.cache)?;
+        check_gpu_types::<T, C>(&self.cache, ("q_len", self.q_len))?;
         let mut plan = self.plan_gpu_for(stream, PlanFor::Select)?;
         let () = cuda_call!(imp::select::<T, C, I, CudaSlice<C>>, &mut plan, &q, &meta)?;
         plan.into_selection()
@@ -378,7 +400,7 @@ impl PagedDecode {
             (kv.k.len(), kv.v.len()),
             meta.as_ref().map(|m| (m.kmin.len(), m.kmax.len())),
         )?;
-        check_gpu_types::<T, C>(&self.cache)
+        check_gpu_types::<T, C>(&self.cache, ("q_len", self.q_len))
     }
 }
 
@@ -458,7 +480,7 @@ impl PagedDecodePlan {
     {
         self.decode
             .check_select(q.extent(), (meta.kmin.len(), meta.kmax.len()))?;
-        check_gpu_types::<T, C>(&self.decode.cache)?;
+        check_gpu_types::<T, C>(&self.decode.cache, ("q_len", self.decode.q_len))?;
         if self.scores.is_none() || self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "this plan has no Quest heads to select pages for".into(),

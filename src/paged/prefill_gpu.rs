@@ -98,11 +98,17 @@ impl PagedPrefill {
         check_kernel_cache(self.kernel, T::DTYPE, C::DTYPE)
     }
 
-    /// What the kernel supports: f16/bf16, batch and heads_q within the grid's y/z limits
+    /// What the kernel supports: the cache's capacity and the query rows (packed total)
+    /// within [`crate::gpu::GPU_MAX_POSITIONS`], f16/bf16, batch and heads_q within the grid's y/z limits
     /// (the dense checks), head_dim 64/128/256 (the CPU path takes any), and at most
     /// `i32::MAX` token slots in the cache (the kernel keeps a row's slot in 32 bits; at
     /// head_dim >= 64 that is a K cache of 256 GiB).
     fn check_gpu(&self, dtype: DType) -> Result<()> {
+        let total_q = self
+            .cu_q
+            .as_ref()
+            .map_or(self.q_len, |cu| cu.last().map_or(0, |&n| n as usize));
+        super::gpu::check_gpu_positions_of(&self.cache, ("total_q", total_q))?;
         let d = self.cache.head_dim();
         check_attention_gpu("paged prefill", dtype, d, self.cache.batch(), self.heads_q)?;
         check_tensor_core_head_dim("paged prefill on the GPU takes", d)?;

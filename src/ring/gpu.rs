@@ -25,7 +25,7 @@ use super::{RingAttention, RingLayout, RingShape};
 use crate::dense::FlashAttention;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::gpu::{DeviceBuffer, check_half, cuda_call};
+use crate::gpu::{DeviceBuffer, check_gpu_positions, check_half, cuda_call};
 use crate::layout::{Strided, Strides};
 use crate::mask::Mask;
 use cudarc::driver::sys::CUevent_flags;
@@ -303,11 +303,19 @@ impl<T: RingElement> MergeState<T> {
     }
 }
 
+/// The checks every GPU ring entry point runs first: f16 or bf16, and the global sequence
+/// length (which bounds every shard's and piece's positions) within
+/// [`crate::gpu::GPU_MAX_POSITIONS`].
+fn check_ring_gpu<T: Element>(layout: &RingLayout) -> Result<()> {
+    check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+    check_gpu_positions("the GPU ring", &[("seqlen", layout.seqlen())])
+}
+
 impl RingAttention {
     /// Checks the GPU ring's arguments: [`RingAttention::check_shards`] (K/V taken as
     /// contiguous shards) and f16 or bf16.
     fn check_gpu<T: Element>(&self, ranks: &[RankBuffers<'_, T>]) -> Result<()> {
-        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        check_ring_gpu::<T>(&self.layout)?;
         let qd: Vec<_> = ranks
             .iter()
             .map(|b| (b.q.data.len(), b.q.strides))
@@ -495,7 +503,7 @@ impl<T: RingElement> InProcessRing<T> {
         stream: &Arc<CudaStream>,
         merge: RingMerge,
     ) -> Result<Self> {
-        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        check_ring_gpu::<T>(&ring.layout)?;
         let plans = ring.plans()?;
         let transfers = RingAttention::check_plans(&plans)?;
         let problems = plans
@@ -882,7 +890,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
         stream: &Arc<CudaStream>,
         merge: RingMerge,
     ) -> Result<RingRankWorkspace<T>> {
-        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        check_ring_gpu::<T>(&self.attn.layout)?;
         let state = self
             .attn
             .rank_state::<T>(self.plan.rank, &self.plan, merge, stream)?;
@@ -907,7 +915,7 @@ impl<'c, C: super::comm::RingComm> RingRank<'c, C> {
                  {kl} and {vl}"
             )));
         }
-        check_half(T::DTYPE, "the GPU ring takes", "ring")?;
+        check_ring_gpu::<T>(&attn.layout)?;
         let len = attn.layout.shard_len(r);
         let RingShape {
             batch,

@@ -227,6 +227,7 @@ impl StarAttention {
         if rank >= self.world {
             return Err(Error::Shape(format!("star: rank {rank} of {}", self.world)));
         }
+        self.check_gpu_positions()?;
         let attn = self.context_attention(rank)?;
         let lr = self.block(rank).len();
         self.check_kv("block", lr, k.len(), v.len())?;
@@ -264,6 +265,7 @@ impl StarAttention {
             heads_kv,
             head_dim: d,
         } = self.shape;
+        self.check_gpu_positions()?;
         let nq = self.query_len;
         let parts = self.query_parts(
             q.extent(),
@@ -332,6 +334,15 @@ pub(crate) fn concat_rows<T: Copy>(
 }
 
 impl StarAttention {
+    /// The global positions (`context_len + query_len`, which bound every piece's lengths)
+    /// within [`crate::gpu::GPU_MAX_POSITIONS`]: both GPU phases run this first.
+    fn check_gpu_positions(&self) -> Result<()> {
+        crate::gpu::check_gpu_positions(
+            "star attention",
+            &[("context_len + query_len", self.context_len + self.query_len)],
+        )
+    }
+
     /// **Verified on an H200 (2026-12-04).** Phase 1 on the GPU for rank `rank` on `stream` (the
     /// anchor and block K/V are copied into one `[batch, la + lr, heads_kv, head_dim]`
     /// buffer, then one dense call). f16 or bf16.
