@@ -433,6 +433,70 @@ where
     }
 }
 
+#[cfg(test)]
+mod position_limit {
+    use super::*;
+    use crate::dense::{AttentionOptions, AttentionShape, FlashAttention};
+    use crate::layout::SeqLens;
+
+    /// The limit is `i32::MAX - 2^16`, inclusive; the first value past it is named.
+    #[test]
+    fn gpu_positions_limit_is_inclusive_and_named() {
+        assert_eq!(GPU_MAX_POSITIONS, (1 << 31) - 1 - (1 << 16));
+        assert!(check_gpu_positions("x", &[("a", 0), ("b", GPU_MAX_POSITIONS)]).is_ok());
+        let e = check_gpu_positions("x", &[("a", 1), ("b", GPU_MAX_POSITIONS + 1), ("c", 1)]);
+        let Err(Error::Unsupported(m)) = e else {
+            panic!("{e:?}")
+        };
+        assert!(
+            m.contains("b = 2147418112") && m.contains("2147418111"),
+            "{m}"
+        );
+    }
+
+    /// A dense problem of `i32::MAX` keys (reachable with broadcast K/V strides) is valid on
+    /// the CPU and refused for the GPU, by its lengths or its packed totals.
+    #[test]
+    fn dense_lengths_past_the_limit_are_refused_for_the_gpu() {
+        let attn = |batch, seqlens| {
+            let shape = AttentionShape {
+                batch,
+                heads_q: 1,
+                heads_kv: 1,
+                head_dim: 64,
+                seqlens,
+            };
+            FlashAttention::new(&shape, &AttentionOptions::default()).unwrap()
+        };
+        let fixed = |sq, sk| SeqLens::Fixed {
+            seqlen_q: sq,
+            seqlen_k: sk,
+        };
+        let refused = |a: FlashAttention, name: &str| {
+            let e = a.check_gpu_positions("dense attention");
+            assert!(
+                matches!(&e, Err(Error::Unsupported(m)) if m.contains(name)),
+                "{name}: {e:?}"
+            );
+        };
+        refused(attn(1, fixed(1, i32::MAX as usize)), "seqlen_k");
+        refused(attn(1, fixed(GPU_MAX_POSITIONS + 1, 1)), "seqlen_q");
+        assert!(
+            attn(3, fixed(GPU_MAX_POSITIONS, GPU_MAX_POSITIONS))
+                .check_gpu_positions("dense attention")
+                .is_ok()
+        );
+        // Varlen: each sequence within the limit, the packed keys past it.
+        let half = (GPU_MAX_POSITIONS / 2 + 1) as i32;
+        let (cq, ck) = ([0, 1, 2], [0, half, 2 * half]);
+        let varlen = SeqLens::Varlen {
+            cu_seqlens_q: &cq,
+            cu_seqlens_k: &ck,
+        };
+        refused(attn(2, varlen), "total_k");
+    }
+}
+
 /// The C launchers refuse bad arguments before any CUDA call, so these run without a GPU.
 #[cfg(all(test, longattn_cuda))]
 mod c_entry_checks {

@@ -238,11 +238,17 @@ mod tests {
             cu_seqlens_k: &ck,
         };
         assert_eq!(attn(2, 128, varlen).check_fp8_gpu().unwrap(), 144 + 288);
+        // Within the kernels' position limit, past the scratch's 2^31 rows.
+        let e = attn(2, 128, fixed(1 << 30)).check_fp8_gpu().unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("2^31")),
+            "{e:?}"
+        );
         let e = attn(1, 128, fixed(i32::MAX as usize))
             .check_fp8_gpu()
             .unwrap_err();
         assert!(
-            matches!(&e, Error::Unsupported(m) if m.contains("2^31")),
+            matches!(&e, Error::Unsupported(m) if m.contains("seqlen_k")),
             "{e:?}"
         );
         let e = attn(70000, 128, fixed(1)).check_fp8_gpu().unwrap_err();

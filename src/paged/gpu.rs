@@ -1168,6 +1168,37 @@ mod tests {
     use super::*;
     use crate::paged::{KvScales, PageTable, PagedLayout};
 
+    /// A cache whose per-sequence capacity (`max_pages_per_seq * page_size`) fits i32 but not
+    /// the GPU's position limit is refused for the GPU by name, before any device call; so
+    /// are query rows past the limit.
+    #[test]
+    fn paged_capacity_past_the_gpu_limit_is_refused() {
+        let layout = PagedLayout {
+            num_pages: 1,
+            page_size: (1 << 30) - 1,
+            heads_kv: 1,
+            head_dim: 64,
+        };
+        let table = PageTable {
+            block_table: &[0, 0],
+            max_pages_per_seq: 2,
+            seqlens_k: &[1],
+        };
+        let big = PagedCache::new(layout, table).unwrap();
+        let e = check_gpu_shape(&big, ("q_len", 1));
+        assert!(
+            matches!(&e, Err(Error::Unsupported(m)) if m.contains("max_pages_per_seq * page_size")),
+            "{e:?}"
+        );
+        let over = crate::gpu::GPU_MAX_POSITIONS + 1;
+        let e = check_gpu_shape(&cache(), ("q_len", over));
+        assert!(
+            matches!(&e, Err(Error::Unsupported(m)) if m.contains("q_len")),
+            "{e:?}"
+        );
+        assert!(check_gpu_shape(&cache(), ("q_len", 1)).is_ok());
+    }
+
     fn cache() -> PagedCache {
         let layout = PagedLayout {
             num_pages: 2,
