@@ -19,14 +19,14 @@ use cudarc::driver::{CudaStream, SyncOnDrop};
 pub(crate) const GRID_LIMIT: usize = 65535;
 
 /// Headroom below `i32::MAX` that [`GPU_MAX_POSITIONS`] keeps for the kernels' 32-bit tile
-/// arithmetic. The kernels index keys, query rows and positions with `int`, and add at most a
-/// tile (a tile start plus a row or key inside it: 64 to 192 rows or keys, 176 for the
-/// widest key tile, a 128-row GQA-packed query tile, an 8x8x8 neighborhood query tile,
-/// a paged split's key chunk of whole tiles) to a value that the host bounds by a length, a
-/// packed total or a position; e.g. `j = n0 + r0 + ...` in `paged_prefill.cu`'s `load_kv_t`
-/// with `n0 < sk`. 2^16 covers every such tile with a wide margin. Windows and sinks need no
-/// margin: every kernel combines them with positions in 64-bit (`Mask::visible`,
-/// `WarpWindowMask::prepare`, the paged decode bounds) or only compares them.
+/// arithmetic. The kernels hold keys, query rows and positions in `int` and add at most a
+/// tile to a value that the host bounds by a length, a packed total, a paged capacity or a
+/// position: a tile start plus a row or key inside it (query tiles of at most 192 rows,
+/// key tiles of at most 176 keys), e.g. `j = n0 + r0 + ...` in
+/// `paged_prefill.cu`'s `load_kv_t` with `n0 < sk`. 2^16 covers the largest tile more than
+/// 300 times over. Windows and sinks need no margin: every kernel combines them with positions
+/// in 64-bit (`Mask::visible` and `key_tiles` in `mask.cuh`, `WarpWindowMask::prepare`, the
+/// paged decode bounds) or only compares them.
 pub(crate) const GPU_POSITION_MARGIN: usize = 1 << 16;
 
 /// Most query rows, keys, positions (one past the last), packed totals (`total_q`,
