@@ -942,6 +942,33 @@ mod host_checks {
         a.hopper_tiles([&padded, &ks, &ks]).unwrap();
     }
 
+    /// A grid dim past the GPU's position limit is refused by name (the CPU takes it); a
+    /// token count past it with every dim within is not (the token index is 64-bit).
+    #[test]
+    fn grid_lengths_past_the_gpu_limit_are_refused() {
+        let na = |dims: &[NeighborhoodDim]| {
+            NeighborhoodAttention::new(
+                &NeighborhoodShape {
+                    batch: 1,
+                    heads_q: 1,
+                    heads_kv: 1,
+                    head_dim: 64,
+                    dims,
+                },
+                &AttentionOptions::default(),
+            )
+            .unwrap()
+        };
+        let e = na(&[NeighborhoodDim::new(i32::MAX as usize, 3)]).check_gpu_lengths();
+        assert!(
+            matches!(&e, Err(Error::Unsupported(m)) if m.contains("grid length")),
+            "{e:?}"
+        );
+        let wide = 1 << 16;
+        let long = [NeighborhoodDim::new(wide, 3), NeighborhoodDim::new(wide, 3)];
+        na(&long).check_gpu_lengths().unwrap();
+    }
+
     #[test]
     fn unsupported_problems_are_refused() {
         let a = attn(64, 1);

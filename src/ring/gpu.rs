@@ -1204,3 +1204,22 @@ mod launch {
         check_launch("la_ring_finalize", code)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::Sharding;
+
+    /// The ring's global length past the GPU's position limit is refused by name before
+    /// any device work (the CPU ring takes it); the limit itself is taken.
+    #[test]
+    fn ring_seqlen_past_the_gpu_limit_is_refused() {
+        let layout = |n| RingLayout::new(n, 2, Sharding::Zigzag).unwrap();
+        let e = check_ring_gpu::<half::bf16>(&layout(i32::MAX as usize));
+        assert!(
+            matches!(&e, Err(Error::Unsupported(m)) if m.contains("seqlen")),
+            "{e:?}"
+        );
+        check_ring_gpu::<half::bf16>(&layout(crate::gpu::GPU_MAX_POSITIONS)).unwrap();
+    }
+}
