@@ -825,13 +825,18 @@ mod host_checks {
 
     fn attn(head_dim: usize, batch: usize) -> NeighborhoodAttention {
         let dims = [NeighborhoodDim::new(6, 3), NeighborhoodDim::new(5, 2)];
+        attn_over(&dims, head_dim, batch)
+    }
+
+    /// Two query heads over one kv head on the grid `dims`.
+    fn attn_over(dims: &[NeighborhoodDim], head_dim: usize, batch: usize) -> NeighborhoodAttention {
         NeighborhoodAttention::new(
             &NeighborhoodShape {
                 batch,
                 heads_q: 2,
                 heads_kv: 1,
                 head_dim,
-                dims: &dims,
+                dims,
             },
             &AttentionOptions::default(),
         )
@@ -946,19 +951,7 @@ mod host_checks {
     /// token count past it with every dim within is not (the token index is 64-bit).
     #[test]
     fn grid_lengths_past_the_gpu_limit_are_refused() {
-        let na = |dims: &[NeighborhoodDim]| {
-            NeighborhoodAttention::new(
-                &NeighborhoodShape {
-                    batch: 1,
-                    heads_q: 1,
-                    heads_kv: 1,
-                    head_dim: 64,
-                    dims,
-                },
-                &AttentionOptions::default(),
-            )
-            .unwrap()
-        };
+        let na = |dims: &[NeighborhoodDim]| attn_over(dims, 64, 1);
         let e = na(&[NeighborhoodDim::new(i32::MAX as usize, 3)]).check_gpu_lengths();
         assert!(
             matches!(&e, Err(Error::Unsupported(m)) if m.contains("grid length")),
