@@ -647,7 +647,7 @@ fn dense_valid(r: &mut SmallRng) -> DenseCase {
 
 fn mutate_dense(r: &mut SmallRng, c: &mut DenseCase) {
     let d = &mut c.d;
-    match r.random_range(0..24) {
+    match r.random_range(0..25) {
         0 => d.batch = eu(r),
         1 => d.heads_q = eu(r),
         2 => d.heads_kv = eu(r),
@@ -675,6 +675,15 @@ fn mutate_dense(r: &mut SmallRng, c: &mut DenseCase) {
         }
         20 => c.lse = !c.lse,
         21 => c.null_desc = true,
+        22 => {
+            // An empty problem declaring many heads: must cost nothing.
+            d.heads_q = pick(r, &[1 << 20, i32::MAX as usize - 1, i32::MAX as usize]);
+            d.heads_kv = if r.random_bool(0.5) { 1 } else { d.heads_q / 2 };
+            match &mut c.cu {
+                Some(cu) => cu[0].iter_mut().for_each(|x| *x = 0),
+                None => d.seqlen_q = 0,
+            }
+        }
         _ => c.cu = None,
     }
 }
@@ -1222,7 +1231,7 @@ fn paged_valid(r: &mut SmallRng, varlen: bool) -> PagedCase {
 
 fn mutate_paged(r: &mut SmallRng, c: &mut PagedCase) {
     let d = &mut c.d;
-    match r.random_range(0..28) {
+    match r.random_range(0..29) {
         0 => d.num_pages = eu(r),
         1 => d.page_size = eu(r),
         2 => d.heads_kv = eu(r),
@@ -1255,6 +1264,14 @@ fn mutate_paged(r: &mut SmallRng, c: &mut PagedCase) {
             if !s.is_empty() {
                 let i = r.random_range(0..s.len());
                 s[i] = pick(r, F32S);
+            }
+        }
+        27 => {
+            // An empty step declaring many query heads: must cost nothing.
+            d.heads_q = pick(r, &[1 << 20, i32::MAX as usize - 1, i32::MAX as usize]);
+            d.q_len = 0;
+            if let Some(cu) = &mut c.cu {
+                cu.iter_mut().for_each(|x| *x = 0);
             }
         }
         26 if !c.table.is_empty() => {
