@@ -40,6 +40,16 @@ def pick(rng, xs):
     return xs[int(rng.integers(0, len(xs)))]
 
 
+def refused(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` must raise a clear error (aliased writable arrays; fake CUDA
+    tensors without a GPU)."""
+    try:
+        fn(*args, **kwargs)
+    except CLEAR:
+        return
+    raise AssertionError(f"{fn.__name__} accepted what it must refuse")
+
+
 def rand(rng, *shape, dtype=np.float32):
     return rng.standard_normal(shape).astype(dtype)
 
@@ -317,6 +327,15 @@ def test_fuzz_paged_append():
                     slot = k_cache[table[bi, t // page], t % page]
                     assert np.array_equal(slot, k_new[cu[bi] + j])
             continue
+        r = rng.random()
+        if r < 0.05:
+            args[3] = args[2]  # one array as both caches: two writers
+            refused(longattn.paged_append, *args, **kw)
+            continue
+        if r < 0.1 and kw:
+            kw["kmax"] = kw["kmin"]
+            refused(longattn.paged_append, *args, **kw)
+            continue
         args, kw = spoil(rng, args, kw, bad)
         if rng.random() < 0.1:
             args[2] = np.broadcast_to(k_cache, k_cache.shape)  # read-only cache
@@ -376,15 +395,6 @@ def test_fuzz_neighborhood():
             continue
         args, kw = spoil(rng, [q, k, v, kernel], kw, bad)
         call(longattn.neighborhood, *args, **kw)
-
-
-def refused(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` must raise a clear error (no GPU here: never a success)."""
-    try:
-        fn(*args, **kwargs)
-    except CLEAR:
-        return
-    raise AssertionError(f"{fn.__name__} accepted fake CUDA tensors without a GPU")
 
 
 class FakeCuda:
