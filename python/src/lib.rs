@@ -716,6 +716,22 @@ struct CacheArray<'py, C: CacheElem> {
     dims: Vec<usize>,
 }
 
+/// A copy of a cache array's elements when it is not C-contiguous (None when it is: used in
+/// place), allocated fallibly.
+fn strided_copy<C: CacheElem>(
+    name: &str,
+    c_contiguous: bool,
+    view: numpy::ndarray::ArrayViewD<'_, C::Np>,
+) -> PyResult<Option<Vec<C>>> {
+    match c_contiguous {
+        true => Ok(None),
+        false => Ok(Some(try_collect(
+            name,
+            view.iter().map(|&x| C::from_np(x)),
+        )?)),
+    }
+}
+
 fn cache_array<'py, C: CacheElem>(
     name: &str,
     a: &Bound<'py, PyAny>,
@@ -723,13 +739,7 @@ fn cache_array<'py, C: CacheElem>(
     let arr: PyReadonlyArrayDyn<'py, C::Np> = a
         .extract()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array {}", C::WHAT)))?;
-    let copy = match arr.is_c_contiguous() {
-        true => None,
-        false => Some(try_collect(
-            name,
-            arr.as_array().iter().map(|&x| C::from_np(x)),
-        )?),
-    };
+    let copy = strided_copy::<C>(name, arr.is_c_contiguous(), arr.as_array())?;
     let dims = arr.shape().to_vec();
     Ok(CacheArray { arr, copy, dims })
 }
@@ -760,13 +770,7 @@ fn writable<'py, C: CacheElem>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<Wr
             C::WHAT
         ))
     })?;
-    let copy = match arr.is_c_contiguous() {
-        true => None,
-        false => Some(try_collect(
-            name,
-            arr.as_array().iter().map(|&x| C::from_np(x)),
-        )?),
-    };
+    let copy = strided_copy::<C>(name, arr.is_c_contiguous(), arr.as_array())?;
     let dims = arr.shape().to_vec();
     Ok(Writable { arr, copy, dims })
 }
