@@ -6,9 +6,11 @@
 //! policy codes, varlen offsets, block tables and block masks with bad entries, NaN and
 //! infinite scales). Every call must return `LONGATTN_OK` or a refusal code (1 to 9) with a
 //! message from `longattn_last_error()`: never `LONGATTN_ERR_INTERNAL` (a caught panic; the
-//! test profile has overflow checks on), never a crash. An `Ok` result is finite (an LSE
-//! may be `-inf`), and a dense one equals the Rust API's bit for bit. The CUDA entry points
-//! get the same arguments where no GPU is usable (here: always) and must refuse them.
+//! test profile has overflow checks on), never a crash, and within 2 s (an empty problem
+//! declaring huge dims costs nothing). An `Ok` result is finite (an LSE may be `-inf`; with
+//! FP8 scales near `f32::MAX / 448` scores may overflow into NaN rows, as documented), and a
+//! dense or merge one equals the Rust API's bit for bit. The CUDA entry points get the same
+//! arguments where no GPU is usable (here: always) and must refuse them.
 //!
 //! Buffers are sized from what the descriptor promises (the C side cannot know a pointer's
 //! allocation): a claimed length never exceeds the storage behind the pointer, and a table
@@ -1582,6 +1584,47 @@ fn c_api_fuzz_paged_append() {
 
 // ---- Merge -------------------------------------------------------------------------------------
 
+/// The Rust API's merge (`into`: in place into a copy of a) of the inputs of an OK C call
+/// (`[a.o, a.lse, b.o, b.lse]` as f32): its output and LSE as f32.
+fn rust_merge<T: Element>(d: &CMergeDesc, inputs: &[Vec<f32>; 4], into: bool) -> [Vec<f32>; 2] {
+    let shape = MergeShape {
+        batch: d.batch,
+        seqlen: d.seqlen,
+        heads: d.heads,
+        head_dim: d.head_dim,
+    };
+    let typed = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+    let [a_o, a_l, b_o, b_l] = inputs;
+    let (mut o, mut lse) = (typed(a_o), a_l.clone());
+    let b = Partial {
+        o: &typed(b_o)[..],
+        lse: &b_l[..],
+    };
+    let done = match into {
+        true => shape.merge_into_cpu(
+            Partial {
+                o: &mut o[..],
+                lse: &mut lse[..],
+            },
+            b,
+        ),
+        false => {
+            let a = typed(a_o);
+            let a = Partial {
+                o: &a[..],
+                lse: &a_l[..],
+            };
+            let out = Partial {
+                o: &mut o[..],
+                lse: &mut lse[..],
+            };
+            shape.merge_cpu(a, b, out)
+        }
+    };
+    done.unwrap();
+    [o.iter().map(|x| x.to_f32()).collect(), lse]
+}
+
 #[test]
 fn c_api_fuzz_merge() {
     let cuda = fuzz_cuda("merge");
@@ -1649,6 +1692,12 @@ fn c_api_fuzz_merge() {
             "merge_sizes",
             case,
         );
+        let inputs = [
+            ao.values(dtype),
+            al.values(0),
+            bo.values(dtype),
+            bl.values(0),
+        ];
         let t0 = Instant::now();
         let st = unsafe {
             match into {
@@ -1666,6 +1715,15 @@ fn c_api_fuzz_merge() {
             };
             wo.check_written(dtype, FINITE, "merge", case);
             wl.check_written(0, LSE, "merge", case);
+            let want = match dtype {
+                0 => rust_merge::<f32>(&d, &inputs, into),
+                1 => rust_merge::<f16>(&d, &inputs, into),
+                _ => rust_merge::<bf16>(&d, &inputs, into),
+            };
+            let bits = |x: Vec<f32>| x.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+            let [want_o, want_lse] = want;
+            assert_eq!(bits(wo.values(dtype)), bits(want_o), "merge case {case}");
+            assert_eq!(bits(wl.values(0)), bits(want_lse), "merge case {case}");
         }
         if cuda {
             let s = ptr::null_mut();
