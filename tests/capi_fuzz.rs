@@ -110,6 +110,19 @@ const F32S: &[f32] = &[
 ];
 const BAD_DTYPES: &[i32] = &[-1, 3, 4, 255, i32::MAX, i32::MIN];
 
+/// A sweep's generator and case count: the fixed `seed` and `n` of CI, or, for longer hunts,
+/// `seed` mixed with `LONGATTN_FUZZ_SEED` and `n` times `LONGATTN_FUZZ_SCALE` (a failure
+/// prints its case number; rerun with the same variables to reproduce it).
+fn sweep(seed: u64, n: u64) -> (SmallRng, u64) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    let extra = var("LONGATTN_FUZZ_SEED").unwrap_or(0);
+    let scale = var("LONGATTN_FUZZ_SCALE").unwrap_or(1);
+    (
+        rng(seed ^ extra.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        n * scale,
+    )
+}
+
 fn pick<T: Copy>(r: &mut SmallRng, xs: &[T]) -> T {
     xs[r.random_range(0..xs.len())]
 }
@@ -891,7 +904,7 @@ fn wire_mask(r: &mut SmallRng, c: &mut MaskCase) -> CBlockMask {
 fn dense_sweep(entry: DenseEntry, seed: u64, n: u64) {
     let what = format!("{entry:?}");
     let cuda = fuzz_cuda(&what);
-    let mut r = rng(seed);
+    let (mut r, n) = sweep(seed, n);
     let mut oks = 0;
     for case in 0..n {
         let mut c = dense_valid(&mut r);
@@ -1035,8 +1048,8 @@ fn c_api_fuzz_moba() {
 #[test]
 fn c_api_fuzz_neighborhood() {
     let cuda = fuzz_cuda("neighborhood");
-    let mut r = rng(0x4A);
-    let (n, mut oks) = (30000, 0);
+    let (mut r, n) = sweep(0x4A, 30000);
+    let mut oks = 0;
     for case in 0..n {
         let hkv = r.random_range(1..=2);
         let hd = pick(&mut r, &[1, 2, 4, 8, 16]);
@@ -1323,7 +1336,7 @@ enum PagedEntry {
 #[test]
 fn c_api_fuzz_paged() {
     let cuda = fuzz_cuda("paged");
-    let mut r = rng(0x9A6E);
+    let (mut r, n) = sweep(0x9A6E, 60000);
     let entries = [
         PagedEntry::Decode,
         PagedEntry::DecodeFp8,
@@ -1331,7 +1344,6 @@ fn c_api_fuzz_paged() {
         PagedEntry::PolicyFp8,
         PagedEntry::Prefill,
     ];
-    let n = 60000;
     let mut oks = [0usize; 5];
     for case in 0..n {
         let e = r.random_range(0..entries.len());
@@ -1492,8 +1504,8 @@ fn c_api_fuzz_paged() {
 #[test]
 fn c_api_fuzz_paged_append() {
     let cuda = fuzz_cuda("paged_append");
-    let mut r = rng(0xA99E);
-    let (n, mut oks) = (40000, [0usize; 2]);
+    let (mut r, n) = sweep(0xA99E, 40000);
+    let mut oks = [0usize; 2];
     for case in 0..n {
         let fp8 = r.random_bool(0.5);
         let mut c = paged_valid(&mut r, false);
@@ -1628,8 +1640,8 @@ fn rust_merge<T: Element>(d: &CMergeDesc, inputs: &[Vec<f32>; 4], into: bool) ->
 #[test]
 fn c_api_fuzz_merge() {
     let cuda = fuzz_cuda("merge");
-    let mut r = rng(0x3E6);
-    let (n, mut oks) = (40000, [0usize; 2]);
+    let (mut r, n) = sweep(0x3E6, 40000);
+    let mut oks = [0usize; 2];
     for case in 0..n {
         let mut d = CMergeDesc {
             batch: r.random_range(1..=2),
@@ -1750,8 +1762,8 @@ fn c_api_fuzz_fp8_quantize_and_version() {
     // SAFETY: static NUL-terminated strings.
     let version = unsafe { CStr::from_ptr(longattn_version()) };
     assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
-    let mut r = rng(0xE4);
-    let (n, mut oks) = (50000, 0);
+    let (mut r, n) = sweep(0xE4, 50000);
+    let mut oks = 0;
     for case in 0..n {
         let len = r.random_range(0..40);
         let mut src: Vec<f32> = (0..len + 4)
