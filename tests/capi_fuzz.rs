@@ -377,7 +377,12 @@ impl Buf {
     }
 
     /// After an OK call: every element passes `fine` (see [`FINITE`], [`LSE`], [`ANY`]).
+    /// Not checked: a buffer placed in another's storage by [`alias`] (where the call does
+    /// not write, it holds that buffer's bytes, of another type).
     fn check_written(&mut self, dtype: i32, fine: fn(f32) -> bool, what: &str, case: u64) {
+        if self.at.is_some() {
+            return;
+        }
         for (i, x) in self.values(dtype).into_iter().enumerate() {
             assert!(fine(x), "{what} case {case}: element {i} is {x}");
         }

@@ -565,18 +565,19 @@ fn fuzz_block_sparse_block_m_beyond_seqlen_runs() {
     assert_eq!(got, want);
 }
 
-/// Fuzz finding (`tests/capi_fuzz.rs`, `c_api_fuzz_moba`, cases 3263 and 17225 of seed
-/// 0x30BA): an empty varlen problem (no query row) declaring `heads_q = i32::MAX` took 13 s:
-/// MoBA's CPU selection looped over every query head of every sequence (and over every query
-/// head per kv head: `heads_q * heads_kv` steps), the row checks and
-/// `BlockSparseAttention::new`'s varlen list check over every head, before noticing there
-/// were no rows; the dense path skips row-less sequences. Now it costs nothing, selection and
-/// attention alike.
+/// Fuzz findings (`tests/capi_fuzz.rs`, `c_api_fuzz_moba`: cases 3263 and 17225 of seed
+/// 0x30BA; case 10102 with `LONGATTN_FUZZ_SEED=1 LONGATTN_FUZZ_SCALE=3`): problems without
+/// a query row took 6 to 13 s in MoBA. An empty varlen sequence declaring `heads_q =
+/// i32::MAX`: the selection looped over every query head of every sequence (and over every
+/// query head per kv head: `heads_q * heads_kv` steps), the row checks and
+/// `BlockSparseAttention::new`'s varlen list check over every head. A fixed-length batch of
+/// `i32::MAX` sequences of 0 queries: the selection and the row checks walked every sequence.
+/// The dense path skips both in O(1); now MoBA does too, selection and attention alike.
 #[test]
 fn fuzz_moba_empty_problem_with_many_heads_costs_nothing() {
     use longattn::block_sparse::moba::moba_attention;
     let (cu_q, cu_k) = ([0i32, 0], [0i32, 3]);
-    let shape = AttentionShape {
+    let varlen = AttentionShape {
         batch: 1,
         heads_q: i32::MAX as usize,
         heads_kv: 1,
@@ -586,40 +587,48 @@ fn fuzz_moba_empty_problem_with_many_heads_costs_nothing() {
             cu_seqlens_k: &cu_k,
         },
     };
-    let opts = AttentionOptions::causal()
-        .with_window(Window::from_flash(5, 2).unwrap())
-        .with_sinks(2);
-    let attn = FlashAttention::new(&shape, &opts).unwrap();
-    let config = MobaConfig {
-        block_n: 63,
-        top_k: 1,
+    let fixed = AttentionShape {
+        heads_q: i32::MAX as usize - 1,
+        heads_kv: (i32::MAX as usize - 1) / 2,
+        ..fixed(i32::MAX as usize, 0, 0, 1, 1, 2)
     };
-    let (q, k) = (Vec::<f32>::new(), vec![0.5f32; 3 * 3]);
-    let qs = Strides {
-        batch: 0,
-        seq: 3,
-        head: 3,
-    };
-    let ks = Strides::contiguous(3, 1, 3);
-    let start = std::time::Instant::now();
-    let bs = moba_attention(
-        &attn,
-        &config,
-        64,
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-    )
-    .unwrap();
-    let mut out = Vec::<f32>::new();
-    let mut lse = Vec::<f32>::new();
-    bs.forward_cpu(
-        Strided::new(&q[..], qs),
-        Strided::new(&k[..], ks),
-        Strided::new(&k[..], ks),
-        Strided::new(&mut out[..], qs),
-        Some(&mut lse[..]),
-    )
-    .unwrap();
-    let took = start.elapsed();
-    assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+    for (shape, config) in [(varlen, (63, 1)), (fixed, (65536, 2))] {
+        let opts = AttentionOptions::causal()
+            .with_window(Window::from_flash(5, 2).unwrap())
+            .with_sinks(2);
+        let attn = FlashAttention::new(&shape, &opts).unwrap();
+        let config = MobaConfig {
+            block_n: config.0,
+            top_k: config.1,
+        };
+        let d = shape.head_dim as i64;
+        let (q, k) = (Vec::<f32>::new(), vec![0.5f32; 3 * 3]);
+        let qs = Strides {
+            batch: 0,
+            seq: d,
+            head: d,
+        };
+        let ks = Strides::contiguous(3, 1, 3);
+        let start = std::time::Instant::now();
+        let bs = moba_attention(
+            &attn,
+            &config,
+            64,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+        )
+        .unwrap();
+        let mut out = Vec::<f32>::new();
+        let mut lse = Vec::<f32>::new();
+        bs.forward_cpu(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&k[..], ks),
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse[..]),
+        )
+        .unwrap();
+        let took = start.elapsed();
+        assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+    }
 }

@@ -18,6 +18,9 @@ import longattn
 from test_cpu import ref_block_sparse, ref_dense, ref_neighborhood_1d, rel_l2
 
 CLEAR = (ValueError, TypeError, OverflowError)
+# Longer hunts: another seed and more cases (CI runs the defaults).
+SEED = int(os.environ.get("LONGATTN_FUZZ_SEED", "0"))
+SCALE = int(os.environ.get("LONGATTN_FUZZ_SCALE", "1"))
 INTS = [0, 1, -1, 2, 3, 7, 64, 2**31 - 1, 2**31, 2**32, 2**63 - 1, 2**63, -(2**63), 2**64]
 FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, 1e-45, 1e30, 3.4e38, np.inf, -np.inf, np.nan, 65536.0,
           65537.0]
@@ -169,9 +172,9 @@ def dense_case(rng):
 
 
 def test_fuzz_dense():
-    rng = np.random.default_rng(0xD)
+    rng = np.random.default_rng([0xD, SEED])
     oks = 0
-    for _ in range(4000):
+    for _ in range(4000 * SCALE):
         args, kw = dense_case(rng)
         if rng.random() < 0.15:
             got = longattn.dense(*args, **kw)
@@ -188,8 +191,8 @@ def test_fuzz_dense():
 
 
 def test_fuzz_dense_varlen():
-    rng = np.random.default_rng(0xE)
-    for _ in range(3000):
+    rng = np.random.default_rng([0xE, SEED])
+    for _ in range(3000 * SCALE):
         hkv, d = int(rng.integers(1, 3)), 4
         hq = hkv * int(rng.integers(1, 3))
         lq = rng.integers(0, 5, int(rng.integers(1, 4)))
@@ -219,10 +222,10 @@ def csr(rng, lists, nk):
 
 
 def test_fuzz_block_sparse():
-    rng = np.random.default_rng(0xB)
+    rng = np.random.default_rng([0xB, SEED])
     bad = dict(OPTS, block_m=INTS, block_n=INTS, mask_batch=INTS, mask_heads=INTS,
                full=[None, np.zeros(3, bool), np.ones(1000, bool), np.zeros(2, np.int32), [1]])
-    for _ in range(3000):
+    for _ in range(3000 * SCALE):
         (q, k, v), kw = dense_case(rng)
         q, k, v = (x.astype(np.float32) for x in (q, k, v))
         bm, bn = int(rng.integers(1, 5)), int(rng.integers(1, 5))
@@ -284,8 +287,8 @@ PREFILL_OPTS = dict(PAGED_OPTS, causal=OPTS["causal"], window=OPTS["window"],
 
 
 def test_fuzz_paged_decode_and_prefill():
-    rng = np.random.default_rng(0xA)
-    for i in range(5000):
+    rng = np.random.default_rng([0xA, SEED])
+    for i in range(5000 * SCALE):
         q, k_cache, v_cache, table, lens = paged_case(rng)
         decode = i % 2 == 0
         fn = longattn.paged_decode if decode else longattn.paged_prefill
@@ -304,11 +307,11 @@ def test_fuzz_paged_decode_and_prefill():
 
 
 def test_fuzz_paged_append():
-    rng = np.random.default_rng(0xAA)
+    rng = np.random.default_rng([0xAA, SEED])
     bad = {"kmin": [None, np.zeros((1, 1, 4), np.float32)],
            "kmax": [None, np.zeros((1, 1, 4), np.float32)],
            "k_scales": PAGED_OPTS["k_scales"], "v_scales": PAGED_OPTS["v_scales"]}
-    for _ in range(4000):
+    for _ in range(4000 * SCALE):
         _, k_cache, v_cache, table, lens = paged_case(rng)
         n = np.minimum(rng.integers(0, 3, len(lens)), lens)
         cu = np.concatenate([[0], np.cumsum(n)]).astype(np.int32)
@@ -343,8 +346,8 @@ def test_fuzz_paged_append():
 
 
 def test_fuzz_merge():
-    rng = np.random.default_rng(0x3)
-    for _ in range(4000):
+    rng = np.random.default_rng([0x3, SEED])
+    for _ in range(4000 * SCALE):
         b, s, h, d = (int(rng.integers(1, 4)) for _ in range(4))
         oa, ob = rand(rng, b, s, h, d), rand(rng, b, s, h, d)
         la, lb = rand(rng, b, h, s), rand(rng, b, h, s)
@@ -356,15 +359,15 @@ def test_fuzz_merge():
             wa = np.exp(la - want_lse).transpose(0, 2, 1)[..., None]
             wb = np.exp(lb - want_lse).transpose(0, 2, 1)[..., None]
             assert rel_l2(o, wa * oa + wb * ob) < 1e-5
-            assert rel_l2(lse, want_lse) < 1e-6
+            assert np.abs(lse - want_lse).max() < 1e-5
             continue
         args, kw = spoil(rng, args, {}, {})
         call(longattn.merge, *args, **kw)
 
 
 def test_fuzz_fp8_quantize():
-    rng = np.random.default_rng(0x8)
-    for _ in range(4000):
+    rng = np.random.default_rng([0x8, SEED])
+    for _ in range(4000 * SCALE):
         x = rand(rng, int(rng.integers(0, 20))) * 100
         scale = float(rng.uniform(0.01, 4))
         if rng.random() < 0.2:
@@ -376,12 +379,12 @@ def test_fuzz_fp8_quantize():
 
 
 def test_fuzz_neighborhood():
-    rng = np.random.default_rng(0x4)
+    rng = np.random.default_rng([0x4, SEED])
     bad = {"kernel_size": [0, -1, 2**64, (1, 1, 1, 1), (), None, 1.5, 9],
            "dilation": [0, -1, 2**64, (1, 2, 3, 4), 9], "stride": [0, -1, 2**64, 9],
            "causal": [True, (True, False, True, False), None],
            "scale": OPTS["scale"], "softcap": OPTS["softcap"]}
-    for _ in range(3000):
+    for _ in range(3000 * SCALE):
         length, d = int(rng.integers(1, 9)), 4
         kernel = int(rng.integers(1, length + 1))
         dilation = int(rng.integers(1, length // kernel + 1))
@@ -434,8 +437,8 @@ def fake(rng, shape, typestr="<f2"):
 def test_fuzz_cuda_functions_refuse_without_a_gpu():
     """Without libcuda every call raises a clear error; malformed interfaces, shapes and
     options are refused by the checks that run before the device is opened."""
-    rng = np.random.default_rng(0xC)
-    for _ in range(3000):
+    rng = np.random.default_rng([0xC, SEED])
+    for _ in range(3000 * SCALE):
         b, s, h, d = 1, int(rng.integers(1, 130)), 2, int(pick(rng, [8, 64, 128]))
         q = fake(rng, (b, s, h, d))
         kv = fake(rng, (b, s, h, d))

@@ -135,6 +135,11 @@ pub fn moba_select_cpu<T: Element>(
             what: "rows x top_k",
         })?;
     let mut blocks = vec![-1i32; len];
+    if attn.max_seqlen_q() == 0 {
+        // No query row anywhere: nothing to select. O(1): a fixed-length batch without rows
+        // may declare any number of sequences (nothing bounds it by memory).
+        return Ok(RowBlocks::new(block_n, top_k, blocks)?);
+    }
     let group = attn.heads_q() / attn.heads_kv();
     for (b, span) in attn.spans().enumerate() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);

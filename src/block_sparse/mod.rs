@@ -734,6 +734,10 @@ pub(crate) fn check_row_blocks(
             want,
         });
     }
+    if attn.max_seqlen_q() == 0 {
+        // No row to check, however many sequences a fixed-length batch declares.
+        return Ok(());
+    }
     let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
     // Sequences without query rows have no rows to check (and no per-head work).
     for (b, span) in attn.spans().enumerate().filter(|(_, s)| s.seqlen_q > 0) {
