@@ -60,7 +60,7 @@ def rand(rng, *shape, dtype=np.float32):
 def bad_array(rng, x):
     """``x`` spoiled one way: dtype, rank, shape, emptiness, layout, or not an array."""
     n = x.ndim
-    if x.size > 4096:
+    if x.size > 4096 or max(x.shape, default=0) > 4096:
         return x  # already a huge broadcast view: spoiling it further would copy it here
     choice = rng.integers(0, 16)
     if choice == 0:
@@ -91,7 +91,7 @@ def bad_array(rng, x):
     if choice == 9:
         # A broadcast view of one element claiming 2**44 or more elements: a copy (or an
         # output) of that size must be refused, not attempted.
-        big = [2**44] if n <= 1 else [2 ** -(-44 // (n - 1))] * (n - 1) + [x.shape[-1]]
+        big = [2**44] if n <= 1 else [2 ** -(-44 // (n - 1))] * (n - 1) + [max(x.shape[-1], 1)]
         return np.broadcast_to(np.zeros([1] * len(big), x.dtype), big)
     if choice == 10:
         return None
@@ -112,7 +112,7 @@ def bad_array(rng, x):
 def bad_table(rng, t):
     """An int32 table spoiled: an entry set to an edge value, a length changed, a dtype or
     rank changed."""
-    if t.size > 4096:
+    if t.size > 4096 or max(t.shape, default=0) > 4096:
         return t  # already a huge broadcast view
     t = np.array(t, np.int32)
     choice = rng.integers(0, 6)
