@@ -522,3 +522,113 @@ fn props_block_patterns_never_overflow() {
     assert!(wide.visible(3, 0, 4, 4));
     assert_eq!(wide.window_range(3, 4, 4), 0..4);
 }
+
+/// Fuzz finding (`tests/capi_fuzz.rs`, `c_api_fuzz_block_sparse`, case 4327 of seed 0xB5): a
+/// valid mask whose `block_m` exceeds `seqlen_q` (one query block) with `block_m *
+/// head_dim` beyond `usize` overflowed in the CPU path's row chunking (a panic; through the
+/// C API, `LONGATTN_ERR_INTERNAL`). It now runs and equals dense attention (one partial
+/// block over every key).
+#[test]
+fn fuzz_block_sparse_block_m_beyond_seqlen_runs() {
+    let (sq, sk, d) = (3, 4, 4);
+    let attn =
+        FlashAttention::new(&fixed(1, sq, sk, 1, 1, d), &AttentionOptions::default()).unwrap();
+    let dims = BlockMaskDims {
+        batch: 1,
+        heads: 1,
+        num_q_blocks: 1,
+        num_k_blocks: 1,
+        block_m: usize::MAX / 2 + 1,
+        block_n: sk,
+    };
+    let mask = BlockMask::from_csr(dims, vec![0, 1], vec![0], vec![false]).unwrap();
+    let bs = BlockSparseAttention::new(attn.clone(), mask).unwrap();
+    let mut r = rng(11);
+    let q: Vec<f32> = random_vec(&mut r, sq * d);
+    let (k, v): (Vec<f32>, Vec<f32>) = (random_vec(&mut r, sk * d), random_vec(&mut r, sk * d));
+    let (qs, ks) = (Strides::contiguous(sq, 1, d), Strides::contiguous(sk, 1, d));
+    let mut got = (vec![0f32; sq * d], vec![0f32; sq]);
+    let mut want = got.clone();
+    for (problem, (out, lse)) in [(true, &mut got), (false, &mut want)] {
+        let (q, k, v) = (
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&v[..], ks),
+        );
+        let out = Strided::new(&mut out[..], qs);
+        match problem {
+            true => bs.forward_cpu(q, k, v, out, Some(lse)),
+            false => attn.forward_cpu(q, k, v, out, Some(lse)),
+        }
+        .unwrap();
+    }
+    assert_eq!(got, want);
+}
+
+/// Fuzz findings (`tests/capi_fuzz.rs`, `c_api_fuzz_moba`: cases 3263 and 17225 of seed
+/// 0x30BA; case 10102 with `LONGATTN_FUZZ_SEED=1 LONGATTN_FUZZ_SCALE=3`): problems without
+/// a query row took 6 to 13 s in MoBA. An empty varlen sequence declaring `heads_q =
+/// i32::MAX`: the selection looped over every query head of every sequence (and over every
+/// query head per kv head: `heads_q * heads_kv` steps), the row checks and
+/// `BlockSparseAttention::new`'s varlen list check over every head. A fixed-length batch of
+/// `i32::MAX` sequences of 0 queries: the selection and the row checks walked every sequence.
+/// The dense path skips both in O(1); now MoBA does too, selection and attention alike.
+#[test]
+fn fuzz_moba_empty_problem_with_many_heads_costs_nothing() {
+    use longattn::block_sparse::moba::moba_attention;
+    let (cu_q, cu_k) = ([0i32, 0], [0i32, 3]);
+    let varlen = AttentionShape {
+        batch: 1,
+        heads_q: i32::MAX as usize,
+        heads_kv: 1,
+        head_dim: 3,
+        seqlens: SeqLens::Varlen {
+            cu_seqlens_q: &cu_q,
+            cu_seqlens_k: &cu_k,
+        },
+    };
+    let fixed = AttentionShape {
+        heads_q: i32::MAX as usize - 1,
+        heads_kv: (i32::MAX as usize - 1) / 2,
+        ..fixed(i32::MAX as usize, 0, 0, 1, 1, 2)
+    };
+    for (shape, config) in [(varlen, (63, 1)), (fixed, (65536, 2))] {
+        let opts = AttentionOptions::causal()
+            .with_window(Window::from_flash(5, 2).unwrap())
+            .with_sinks(2);
+        let attn = FlashAttention::new(&shape, &opts).unwrap();
+        let config = MobaConfig {
+            block_n: config.0,
+            top_k: config.1,
+        };
+        let d = shape.head_dim as i64;
+        let (q, k) = (Vec::<f32>::new(), vec![0.5f32; 3 * 3]);
+        let qs = Strides {
+            batch: 0,
+            seq: d,
+            head: d,
+        };
+        let ks = Strides::contiguous(3, 1, 3);
+        let start = std::time::Instant::now();
+        let bs = moba_attention(
+            &attn,
+            &config,
+            64,
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+        )
+        .unwrap();
+        let mut out = Vec::<f32>::new();
+        let mut lse = Vec::<f32>::new();
+        bs.forward_cpu(
+            Strided::new(&q[..], qs),
+            Strided::new(&k[..], ks),
+            Strided::new(&k[..], ks),
+            Strided::new(&mut out[..], qs),
+            Some(&mut lse[..]),
+        )
+        .unwrap();
+        let took = start.elapsed();
+        assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+    }
+}

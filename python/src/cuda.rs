@@ -104,17 +104,19 @@ struct Cai {
 }
 
 impl Cai {
-    /// Elements from the pointer to one past the last element.
+    /// Elements from the pointer to one past the last element (strides are non-negative;
+    /// saturated at `usize::MAX`, a length the stride checks then refuse).
     fn extent(&self) -> usize {
         if self.dims.contains(&0) {
             return 0;
         }
-        1 + self
+        let last = self
             .dims
             .iter()
             .zip(&self.strides)
-            .map(|(&d, &s)| (d - 1) * s as usize)
-            .sum::<usize>()
+            .map(|(&d, &s)| (d as u128 - 1) * s.max(0) as u128)
+            .sum::<u128>();
+        usize::try_from(last + 1).unwrap_or(usize::MAX)
     }
 }
 
@@ -175,6 +177,11 @@ fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
     let strides = match d.get_item("strides")? {
         Some(s) if !s.is_none() => {
             let bytes: Vec<i64> = s.extract()?;
+            if bytes.len() != dims.len() {
+                return Err(PyValueError::new_err(format!(
+                    "{name}: strides {bytes:?} for shape {dims:?}: one stride per dim"
+                )));
+            }
             if bytes.iter().any(|&b| b < 0 || b % item != 0) {
                 return Err(PyValueError::new_err(format!(
                     "{name}: strides {bytes:?} must be non-negative multiples of {item} bytes"
@@ -203,7 +210,9 @@ fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
 fn contiguous_strides(dims: &[usize]) -> Vec<i64> {
     let mut st = vec![1i64; dims.len()];
     for i in (0..dims.len().saturating_sub(1)).rev() {
-        st[i] = st[i + 1] * dims[i + 1] as i64;
+        // Saturated: a shape beyond i64 elements gives a stride the length checks refuse.
+        let d = i64::try_from(dims[i + 1]).unwrap_or(i64::MAX);
+        st[i] = st[i + 1].saturating_mul(d);
     }
     st
 }
@@ -662,7 +671,7 @@ fn grid_strides(name: &str, c: &Cai) -> PyResult<Strides> {
                 return Err(bad());
             }
         }
-        inner = inner.saturating_mul(dims[a] as i64);
+        inner = inner.saturating_mul(i64::try_from(dims[a]).unwrap_or(i64::MAX));
     }
     Ok(Strides {
         batch: st[0],
@@ -804,7 +813,7 @@ fn contiguous(c: &Cai) -> bool {
     let mut st = 1i64;
     c.dims.iter().zip(&c.strides).rev().all(|(&d, &s)| {
         let ok = d <= 1 || s == st;
-        st *= d as i64;
+        st = st.saturating_mul(i64::try_from(d).unwrap_or(i64::MAX));
         ok
     })
 }

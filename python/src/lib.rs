@@ -21,7 +21,7 @@ use longattn::{
 };
 use numpy::ndarray::{ArrayD, IxDyn};
 use numpy::{IntoPyArray, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyAny;
 
@@ -50,6 +50,32 @@ pub(crate) fn make_options(
 }
 
 /// A numpy array as a contiguous host buffer of `T` and its dims.
+/// `n` copies of `fill` (an output buffer), or a `MemoryError` when they do not fit: a
+/// problem over broadcast views may be valid yet far beyond memory, and an infallible
+/// allocation would abort the interpreter.
+fn try_filled<T: Clone>(name: &str, n: usize, fill: T) -> PyResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| too_big(name, n))?;
+    v.resize(n, fill);
+    Ok(v)
+}
+
+/// An array's elements copied into a new vector, or a `MemoryError` when they do not fit (a
+/// broadcast view, e.g. `np.broadcast_to`, claims a shape whose copy may exceed memory).
+fn try_collect<T>(name: &str, items: impl ExactSizeIterator<Item = T>) -> PyResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(items.len())
+        .map_err(|_| too_big(name, items.len()))?;
+    v.extend(items);
+    Ok(v)
+}
+
+fn too_big(name: &str, n: usize) -> PyErr {
+    PyMemoryError::new_err(format!(
+        "longattn: {name}: {n} elements do not fit in memory"
+    ))
+}
+
 struct Host<T> {
     data: Vec<T>,
     dims: Vec<usize>,
@@ -72,7 +98,7 @@ fn host_as<T: numpy::Element + Copy>(
     let view = arr.as_array();
     let data = match view.as_slice() {
         Some(s) => s.to_vec(),
-        None => view.iter().copied().collect(),
+        None => try_collect(name, view.iter().copied())?,
     };
     Ok(Host { data, dims })
 }
@@ -82,7 +108,7 @@ fn ints(name: &str, a: &Bound<'_, PyAny>) -> PyResult<(Vec<i32>, Vec<usize>)> {
         .extract()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy int32 array")))?;
     let dims = arr.shape().to_vec();
-    Ok((arr.as_array().iter().copied().collect(), dims))
+    Ok((try_collect(name, arr.as_array().iter().copied())?, dims))
 }
 
 fn dims_n<const N: usize>(name: &str, d: &[usize]) -> PyResult<[usize; N]> {
@@ -256,8 +282,8 @@ fn dense_impl<'py, T: Element + numpy::Element>(
     };
     let problem = DenseProblem::new(FlashAttention::new(&shape, &opts).map_err(err)?, blocks)?;
     let attn = problem.attn();
-    let mut out = vec![T::default(); attn.out_len()];
-    let mut lse = vec![0.0f32; attn.lse_len()];
+    let mut out = try_filled("out", attn.out_len(), T::default())?;
+    let mut lse = try_filled("lse", attn.lse_len(), 0.0f32)?;
     py.detach(|| {
         let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
         let qkv = [
@@ -371,7 +397,7 @@ fn block_sparse<'py>(
             let arr: PyReadonlyArrayDyn<bool> = f
                 .extract()
                 .map_err(|_| PyTypeError::new_err("full must be a numpy bool array"))?;
-            Some(arr.as_array().iter().copied().collect())
+            Some(try_collect("full", arr.as_array().iter().copied())?)
         }
         None => None,
     };
@@ -690,6 +716,22 @@ struct CacheArray<'py, C: CacheElem> {
     dims: Vec<usize>,
 }
 
+/// A copy of a cache array's elements when it is not C-contiguous (None when it is: used in
+/// place), allocated fallibly.
+fn strided_copy<C: CacheElem>(
+    name: &str,
+    c_contiguous: bool,
+    view: numpy::ndarray::ArrayViewD<'_, C::Np>,
+) -> PyResult<Option<Vec<C>>> {
+    match c_contiguous {
+        true => Ok(None),
+        false => Ok(Some(try_collect(
+            name,
+            view.iter().map(|&x| C::from_np(x)),
+        )?)),
+    }
+}
+
 fn cache_array<'py, C: CacheElem>(
     name: &str,
     a: &Bound<'py, PyAny>,
@@ -697,8 +739,7 @@ fn cache_array<'py, C: CacheElem>(
     let arr: PyReadonlyArrayDyn<'py, C::Np> = a
         .extract()
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array {}", C::WHAT)))?;
-    let copy =
-        (!arr.is_c_contiguous()).then(|| arr.as_array().iter().map(|&x| C::from_np(x)).collect());
+    let copy = strided_copy::<C>(name, arr.is_c_contiguous(), arr.as_array())?;
     let dims = arr.shape().to_vec();
     Ok(CacheArray { arr, copy, dims })
 }
@@ -729,8 +770,7 @@ fn writable<'py, C: CacheElem>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<Wr
             C::WHAT
         ))
     })?;
-    let copy =
-        (!arr.is_c_contiguous()).then(|| arr.as_array().iter().map(|&x| C::from_np(x)).collect());
+    let copy = strided_copy::<C>(name, arr.is_c_contiguous(), arr.as_array())?;
     let dims = arr.shape().to_vec();
     Ok(Writable { arr, copy, dims })
 }
@@ -825,7 +865,7 @@ fn paged_impl<'py, T: Element + numpy::Element, C: CacheElem>(
     if let Some((lo, hi)) = &meta {
         check_meta_dims(&k.dims, &lo.dims, &hi.dims)?;
     }
-    let mut out = vec![T::default(); paged.out_len()];
+    let mut out = try_filled("out", paged.out_len(), T::default())?;
     let meta = meta.as_ref().map(|(lo, hi)| PageMeta {
         kmin: lo.data(),
         kmax: hi.data(),
@@ -1113,8 +1153,8 @@ fn merge_impl<'py, T: Element + numpy::Element>(
     let la = host_as::<f32>("lse_a", lse_a, f32_array)?;
     let lb = host_as::<f32>("lse_b", lse_b, f32_array)?;
     let shape = merge_shape([&oa.dims, &ob.dims], [&la.dims, &lb.dims])?;
-    let mut o = vec![T::default(); shape.o_len()];
-    let mut lse = vec![0.0f32; shape.lse_len()];
+    let mut o = try_filled("o", shape.o_len(), T::default())?;
+    let mut lse = try_filled("lse", shape.lse_len(), 0.0f32)?;
     let a = Partial {
         o: &oa.data[..],
         lse: &la.data[..],
@@ -1253,7 +1293,7 @@ fn neighborhood_impl<'py, T: Element + numpy::Element>(
         Strides::contiguous(n, attn.heads_q(), d),
         Strides::contiguous(n, attn.heads_kv(), d),
     );
-    let mut out = vec![T::default(); attn.out_len()];
+    let mut out = try_filled("out", attn.out_len(), T::default())?;
     py.detach(|| {
         attn.forward_cpu(
             Strided::new(&q.data[..], qs),

@@ -135,11 +135,22 @@ pub fn moba_select_cpu<T: Element>(
             what: "rows x top_k",
         })?;
     let mut blocks = vec![-1i32; len];
+    if attn.max_seqlen_q() == 0 {
+        // No query row anywhere: nothing to select. O(1): a fixed-length batch without rows
+        // may declare any number of sequences (nothing bounds it by memory).
+        return Ok(RowBlocks::new(block_n, top_k, blocks)?);
+    }
+    let group = attn.heads_q() / attn.heads_kv();
     for (b, span) in attn.spans().enumerate() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);
+        // A sequence without query rows selects nothing: no per-head work, so an empty
+        // problem costs nothing however many heads it declares (as the dense path).
+        if sq == 0 {
+            continue;
+        }
         for kvh in 0..attn.heads_kv() {
             let pk = pooled(attn, &k, b, kvh, span.k_start, sk, block_n);
-            for h in (0..attn.heads_q()).filter(|&h| attn.kv_head(h) == kvh) {
+            for h in kvh * group..(kvh + 1) * group {
                 for i in 0..sq {
                     let Some(p) = (i + sk).checked_sub(sq) else {
                         continue;
@@ -273,6 +284,10 @@ pub fn moba_tile_unions(
     super::check_row_blocks(attn, rows)?;
     let nt = attn.max_seqlen_q().div_ceil(tile_rows);
     let mut lists = Vec::new();
+    if nt == 0 {
+        // No query row anywhere: no list, whatever the heads (their loop would be empty).
+        return Ok(lists);
+    }
     for (b, span) in attn.spans().enumerate() {
         for h in 0..attn.heads_q() {
             for x in 0..nt {

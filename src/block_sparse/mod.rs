@@ -734,8 +734,13 @@ pub(crate) fn check_row_blocks(
             want,
         });
     }
+    if attn.max_seqlen_q() == 0 {
+        // No row to check, however many sequences a fixed-length batch declares.
+        return Ok(());
+    }
     let bad = |row: usize, why: String| BlockMaskError::BadRow { row, why };
-    for (b, span) in attn.spans().enumerate() {
+    // Sequences without query rows have no rows to check (and no per-head work).
+    for (b, span) in attn.spans().enumerate().filter(|(_, s)| s.seqlen_q > 0) {
         let nk = span.seqlen_k.div_ceil(rows.block_n);
         for h in 0..attn.heads_q() {
             for i in 0..span.seqlen_q {
@@ -821,7 +826,9 @@ impl BlockSparseAttention {
                 return Err(BlockMaskError::Mismatch { what, got, want });
             }
         }
-        if attn.is_varlen() {
+        // Without query blocks there is no list to check (and the loop over heads below
+        // would cost `heads` steps for nothing).
+        if attn.is_varlen() && d.num_q_blocks > 0 {
             let mb = if d.batch == 1 { 1 } else { attn.batch() };
             for b in 0..mb {
                 // A broadcast mask must fit the shortest sequence.
@@ -943,10 +950,13 @@ impl BlockSparseAttention {
     ) -> (Vec<f32>, Vec<f32>) {
         let d = self.attn.head_dim();
         let block_m = self.mask.dims.block_m;
+        // Rows per query block that exist: a block_m above sq (one block) would overflow
+        // `block_m * d`; at least 1 so that an empty sequence still has a chunk size.
+        let block_rows = block_m.min(sq).max(1);
         let mut out = vec![0.0; sq * d];
         let mut lse = vec![f32::NEG_INFINITY; sq];
-        out.par_chunks_mut(block_m * d)
-            .zip(lse.par_chunks_mut(block_m))
+        out.par_chunks_mut(block_rows * d)
+            .zip(lse.par_chunks_mut(block_rows))
             .enumerate()
             .for_each(|(qb, (o, l))| {
                 let list = self.mask.bound_list(b, h, qb);
