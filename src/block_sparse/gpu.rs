@@ -92,7 +92,7 @@ impl BlockSparseAttention {
     }
 
     /// What the kernel takes, independent of the buffers: lengths within
-    /// [`crate::gpu::GPU_MAX_POSITIONS`], no per-row selection, block sizes
+    /// `i32::MAX - 2^16` (the GPU position limit, docs/semantics.md), no per-row selection, block sizes
     /// multiples of 64, head dim 64/128/256; for [`BlockSparseKernel::Hopper`] also block
     /// sizes multiples of its tiles ([`HOPPER_BLOCK_M_MULTIPLE`], [`hopper_block_n_multiple`]).
     fn check_gpu_problem(&self) -> Result<()> {

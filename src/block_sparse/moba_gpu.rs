@@ -76,7 +76,7 @@ pub struct MobaGpuDims {
 impl MobaGpuDims {
     /// Checks everything the GPU path needs that is independent of the buffers and the
     /// dtype, and sizes its buffers: `config` valid, lengths within
-    /// [`crate::gpu::GPU_MAX_POSITIONS`], `block_n` a multiple of
+    /// `i32::MAX - 2^16` (the GPU position limit), `block_n` a multiple of
     /// [`GPU_BLOCK_MULTIPLE`](super::GPU_BLOCK_MULTIPLE), head dim 64/128/256,
     /// `min(top_k, num_k_blocks) <= GPU_MAX_TOP_K`, `num_k_blocks <= GPU_MAX_K_BLOCKS`, batch
     /// and heads within the grid, buffer sizes within `i32`/`usize`. What the kernels do not
