@@ -191,6 +191,13 @@ fn cuda_array_interface(name: &str, iface: &Bound<'_, PyAny>) -> PyResult<Cai> {
         }
         _ => contiguous_strides(&dims),
     };
+    // v3: a `mask` other than None makes a masked array, whose masked-out elements the
+    // kernels would read as data.
+    if d.get_item("mask")?.is_some_and(|m| !m.is_none()) {
+        return Err(PyValueError::new_err(format!(
+            "{name}: masked arrays (__cuda_array_interface__ 'mask') are unsupported"
+        )));
+    }
     let stream = match d.get_item("stream")? {
         Some(s) if !s.is_none() => Some(s.extract()?),
         _ => None,
@@ -383,12 +390,43 @@ fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<Arc<Cud
     Ok(unsafe { ctx.wrap_borrowed_stream(handle as sys::CUstream) })
 }
 
-fn raw<T>(c: &Cai, stream: &Arc<CudaStream>) -> RawDevice<T> {
+/// `c` borrowed on `stream` once its pointer is known to be memory of the stream's device.
+///
+/// `__cuda_array_interface__` names no device: a tensor of another GPU (torch `cuda:1` with
+/// `device=0`) would otherwise reach a kernel of this device, whose reads of the peer's memory
+/// fault (a sticky error that ends the process's context) or return garbage. The DLPack
+/// path checked `device_id` already; its managed memory is left to that check.
+fn raw<T>(name: &str, c: &Cai, stream: &Arc<CudaStream>) -> PyResult<RawDevice<T>> {
+    if c._capsule.is_none() && c.extent() > 0 {
+        let mut ordinal: i32 = -1;
+        // SAFETY: the attribute is an `int`; `ordinal` outlives the call; `open_gpu` (in
+        // `stream_for`) initialised the driver. Any pointer value is a valid query.
+        let code = unsafe {
+            sys::cuPointerGetAttribute(
+                (&raw mut ordinal).cast(),
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                c.ptr as sys::CUdeviceptr,
+            )
+        };
+        let device = stream.context().ordinal();
+        if code != sys::CUresult::CUDA_SUCCESS {
+            return Err(PyValueError::new_err(format!(
+                "{name}: {:#x} is not CUDA device memory ({code:?})",
+                c.ptr
+            )));
+        }
+        if usize::try_from(ordinal).ok() != Some(device) {
+            return Err(PyValueError::new_err(format!(
+                "{name} is on CUDA device {ordinal}, the call runs on device {device}"
+            )));
+        }
+    }
     // SAFETY: the interface describes live device memory of this extent on the stream's
-    // device (see the module docs); `RawDevice` never frees it.
-    RawDevice(Some(unsafe {
+    // device (checked above for the interface; see the module docs); `RawDevice` never
+    // frees it.
+    Ok(RawDevice(Some(unsafe {
         stream.upgrade_device_ptr::<T>(c.ptr as sys::CUdeviceptr, c.extent())
-    }))
+    })))
 }
 
 /// `x` (named `name`) has the dtype of `like` (named `like_name`).
@@ -448,11 +486,11 @@ fn qkv_gpu<P: QkvGpu>(p: &P, stream: &Arc<CudaStream>, args: QkvArgs) -> PyResul
         [(q, qs), (k, ks), (v, vs), (o, os)]: QkvArgs,
     ) -> PyResult<()> {
         let (rq, rk, rv) = (
-            raw::<T>(q, stream),
-            raw::<T>(k, stream),
-            raw::<T>(v, stream),
+            raw::<T>("q", q, stream)?,
+            raw::<T>("k", k, stream)?,
+            raw::<T>("v", v, stream)?,
         );
-        let mut ro = raw::<T>(o, stream);
+        let mut ro = raw::<T>("out", o, stream)?;
         let qkv = [
             Strided::new(rq.get(), qs),
             Strided::new(rk.get(), ks),
@@ -978,12 +1016,16 @@ fn paged_gpu<T: Element + DeviceRepr, C: Element + DeviceRepr>(
     (stream, (q, qs), (k, v), meta, (o, os)): PagedGpuArgs,
 ) -> PyResult<()> {
     let (rq, rk, rv) = (
-        raw::<T>(q, stream),
-        raw::<C>(k, stream),
-        raw::<C>(v, stream),
+        raw::<T>("q", q, stream)?,
+        raw::<C>("k_cache", k, stream)?,
+        raw::<C>("v_cache", v, stream)?,
     );
-    let rmeta = meta.map(|(lo, hi)| (raw::<C>(lo, stream), raw::<C>(hi, stream)));
-    let mut ro = raw::<T>(o, stream);
+    let rmeta = meta
+        .map(|(lo, hi)| {
+            PyResult::Ok((raw::<C>("kmin", lo, stream)?, raw::<C>("kmax", hi, stream)?))
+        })
+        .transpose()?;
+    let mut ro = raw::<T>("out", o, stream)?;
     let (q, out) = (Strided::new(rq.get(), qs), Strided::new(ro.get_mut(), os));
     let kv = KvPages {
         k: rk.get(),
@@ -1047,9 +1089,11 @@ fn paged_append_cuda(
         [k, v]: [&Cai; 2],
         meta: Option<&(Cai, Cai)>,
     ) -> PyResult<()> {
-        let (rkn, rvn) = (raw::<T>(kn, s), raw::<T>(vn, s));
-        let (mut rk, mut rv) = (raw::<C>(k, s), raw::<C>(v, s));
-        let mut rmeta = meta.map(|(lo, hi)| (raw::<C>(lo, s), raw::<C>(hi, s)));
+        let (rkn, rvn) = (raw::<T>("k_new", kn, s)?, raw::<T>("v_new", vn, s)?);
+        let (mut rk, mut rv) = (raw::<C>("k_cache", k, s)?, raw::<C>("v_cache", v, s)?);
+        let mut rmeta = meta
+            .map(|(lo, hi)| PyResult::Ok((raw::<C>("kmin", lo, s)?, raw::<C>("kmax", hi, s)?)))
+            .transpose()?;
         let kv = KvPages {
             k: rk.get_mut(),
             v: rv.get_mut(),
@@ -1120,8 +1164,16 @@ fn merge_cuda(
         s: &Arc<CudaStream>,
         [oa, la, ob, lb, oo, lo]: [&Cai; 6],
     ) -> PyResult<()> {
-        let (roa, rob, mut roo) = (raw::<T>(oa, s), raw::<T>(ob, s), raw::<T>(oo, s));
-        let (rla, rlb, mut rlo) = (raw::<f32>(la, s), raw::<f32>(lb, s), raw::<f32>(lo, s));
+        let (roa, rob, mut roo) = (
+            raw::<T>("o_a", oa, s)?,
+            raw::<T>("o_b", ob, s)?,
+            raw::<T>("o_out", oo, s)?,
+        );
+        let (rla, rlb, mut rlo) = (
+            raw::<f32>("lse_a", la, s)?,
+            raw::<f32>("lse_b", lb, s)?,
+            raw::<f32>("lse_out", lo, s)?,
+        );
         let a = Partial {
             o: roa.get(),
             lse: rla.get(),
