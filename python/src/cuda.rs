@@ -421,12 +421,37 @@ fn raw<T>(name: &str, c: &Cai, stream: &Arc<CudaStream>) -> PyResult<RawDevice<T
             )));
         }
     }
+    follow_producer(name, c, stream)?;
     // SAFETY: the interface describes live device memory of this extent on the stream's
     // device (checked above for the interface; see the module docs); `RawDevice` never
     // frees it.
     Ok(RawDevice(Some(unsafe {
         stream.upgrade_device_ptr::<T>(c.ptr as sys::CUdeviceptr, c.extent())
     })))
+}
+
+/// The same stream for the array interface (1: legacy default, 2: per-thread default) and
+/// for the driver (0, the NULL handle, is the legacy default stream too).
+fn same_stream(interface: usize, run: usize) -> bool {
+    let legacy = |h: usize| if h == 0 { 1 } else { h };
+    legacy(interface) == legacy(run)
+}
+
+/// Orders `stream` after the work queued so far on the stream `c`'s interface names (v3:
+/// "the consumer must synchronise on it" before reading). A call on an explicit stream, or
+/// on q's, would otherwise race a k, v or out still being produced on another stream.
+fn follow_producer(name: &str, c: &Cai, stream: &Arc<CudaStream>) -> PyResult<()> {
+    let Some(h) = c.stream else { return Ok(()) };
+    if same_stream(h, stream.cu_stream() as usize) {
+        return Ok(());
+    }
+    // SAFETY: the interface's stream is a live stream of this device's primary context (the
+    // protocol; see the module docs); the wrapper never destroys it.
+    let producer = unsafe { stream.context().wrap_borrowed_stream(h as sys::CUstream) };
+    let sync = || -> Result<(), longattn::cudarc::driver::DriverError> {
+        stream.wait(&producer.record_event(None)?)
+    };
+    sync().map_err(|e| PyValueError::new_err(format!("{name}: waiting for its stream {h:#x}: {e}")))
 }
 
 /// `x` (named `name`) has the dtype of `like` (named `like_name`).
@@ -1207,4 +1232,18 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_sparse_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood_cuda, m)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_stream;
+
+    /// The interface's 1 and the driver's NULL are both the legacy default stream; 2 (per
+    /// thread) and real handles compare as they are.
+    #[test]
+    fn interface_stream_numbers_match_driver_handles() {
+        assert!(same_stream(1, 0) && same_stream(1, 1));
+        assert!(same_stream(2, 2) && !same_stream(2, 0) && !same_stream(1, 2));
+        assert!(same_stream(0x7f00, 0x7f00) && !same_stream(0x7f00, 0));
+    }
 }
