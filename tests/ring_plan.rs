@@ -297,6 +297,43 @@ fn bootstrap_shares_the_id_over_tcp() {
     }
 }
 
+/// Rank 0's server answers a peer that sends a rank outside the world, or closes after a
+/// partial rank, with an error (no panic, no hang); a world of none or a non-zero rank
+/// cannot serve.
+#[test]
+fn bootstrap_server_refuses_bad_peers() {
+    use longattn::ring::comm::{Bootstrap, NCCL_ID_BYTES};
+    use std::io::Write;
+    use std::time::Duration;
+    let id = [7u8; NCCL_ID_BYTES];
+    let timeout = Duration::from_secs(20);
+    let boot = |rank, world, port| Bootstrap {
+        rank,
+        world,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+    };
+    for peer_sends in [&5u32.to_le_bytes()[..], &[1u8, 0][..]] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bytes = peer_sends.to_vec();
+        let peer = std::thread::spawn(move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(&bytes).unwrap();
+            // Closing the connection ends a partial rank.
+        });
+        let served = boot(0, 2, port).serve_id(&listener, id, timeout);
+        peer.join().unwrap();
+        assert!(served.is_err(), "{peer_sends:?}: {served:?}");
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    for (rank, world) in [(0, 0), (1, 2)] {
+        let served = boot(rank, world, 1).serve_id(&listener, id, Duration::from_millis(50));
+        assert!(served.is_err(), "rank {rank} of {world}");
+    }
+}
+
 #[test]
 fn bootstrap_reads_torchrun_variables_and_rejects_bad_ones() {
     use longattn::ring::comm::Bootstrap;

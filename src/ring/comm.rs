@@ -186,6 +186,14 @@ impl Bootstrap {
         id: [u8; NCCL_ID_BYTES],
         timeout: Duration,
     ) -> Result<()> {
+        // The fields are public: a world of none (or a server that is not rank 0) would
+        // index `seen` out of bounds or underflow `left` below.
+        if self.world == 0 || self.rank != 0 {
+            return Err(Error::InvalidOption(format!(
+                "bootstrap: rank {} of a world of {} cannot serve the id (rank 0 does)",
+                self.rank, self.world
+            )));
+        }
         let deadline = Instant::now() + timeout;
         listener
             .set_nonblocking(true)
@@ -370,16 +378,30 @@ impl RingComm for NcclComm {
         let (next, prev) = ((self.rank() + 1) % n, (self.rank() + n - 1) % n);
         // One group: the send to the next rank and the receive from the previous one are
         // matched by NCCL together, so a ring of blocking sends cannot deadlock.
-        let mut g = self.comm.group();
-        if let Some([k, v]) = send {
-            g.send(k, next as i32).map_err(nccl_err)?;
-            g.send(v, next as i32).map_err(nccl_err)?;
-        }
-        if let Some([k, v]) = recv {
-            g.recv(k, prev as i32).map_err(nccl_err)?;
-            g.recv(v, prev as i32).map_err(nccl_err)?;
-        }
-        drop(g);
-        Ok(())
+        let group = || -> Result<()> {
+            let mut g = self.comm.group();
+            if let Some([k, v]) = send {
+                g.send(k, next as i32).map_err(nccl_err)?;
+                g.send(v, next as i32).map_err(nccl_err)?;
+            }
+            if let Some([k, v]) = recv {
+                g.recv(k, prev as i32).map_err(nccl_err)?;
+                g.recv(v, prev as i32).map_err(nccl_err)?;
+            }
+            drop(g);
+            Ok(())
+        };
+        // cudarc's `Group` unwraps ncclGroupStart and, in its drop, ncclGroupEnd, which is
+        // where NCCL reports a failed peer or a bad argument: caught here, so that an NCCL
+        // failure is this call's error rather than a panic through the rank's driver. The
+        // closure's state (views, the group) is dropped either way.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(group)).unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("panic");
+            Err(Error::Cuda(format!("nccl group send/recv: {why}")))
+        })
     }
 }
