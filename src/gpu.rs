@@ -241,6 +241,19 @@ pub(crate) fn check_vector_access(
     Ok(())
 }
 
+/// `stream`'s handle for a launcher, with the stream's context made current on this thread
+/// first. The launchers use the CUDA runtime, which works in the thread's current context (or
+/// makes device 0's primary context current when there is none): a caller that last touched
+/// another GPU on this thread, or a fresh thread whose first CUDA call is the launch, would
+/// otherwise set kernel attributes and query limits on another device and queue on a stream
+/// of a context that is not current. cudarc binds before its own calls; the launchers are
+/// not cudarc's, so every launch site takes its handle here.
+#[cfg(longattn_cuda)]
+pub(crate) fn launch_stream(stream: &CudaStream) -> Result<cudarc::driver::sys::CUstream> {
+    stream.context().bind_to_thread()?;
+    Ok(stream.cu_stream())
+}
+
 #[cfg(longattn_cuda)]
 pub(crate) fn la_dtype(dtype: DType) -> ffi::LaDtype {
     match dtype {

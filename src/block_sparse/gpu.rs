@@ -323,11 +323,11 @@ where
     let code = match bs.kernel {
         // SAFETY: see above.
         BlockSparseKernel::TensorCore => unsafe {
-            ffi::la_block_sparse_mma_forward(&params, stream.cu_stream() as _)
+            ffi::la_block_sparse_mma_forward(&params, crate::gpu::launch_stream(stream)? as _)
         },
         // SAFETY: see above.
         BlockSparseKernel::Hopper => unsafe {
-            ffi::la_block_sparse_wgmma_forward(&params, stream.cu_stream() as _)
+            ffi::la_block_sparse_wgmma_forward(&params, crate::gpu::launch_stream(stream)? as _)
         },
     };
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {

@@ -621,7 +621,7 @@ where
             )
         })
     };
-    let s = stream.cu_stream() as _;
+    let s = crate::gpu::launch_stream(stream)? as _;
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides (q, k, v, out, lse) or that the plan sized from the same validated dims
     // (pooled, rows, unions); both launches are ordered on `stream`, and the sync guards
@@ -648,7 +648,8 @@ where
     let Some(g) = plan.gather.as_mut() else {
         // SAFETY: as above; the attention reads the selections the select launch writes, in
         // stream order.
-        let code = unsafe { ffi::la_moba_attention(&params, stream.cu_stream() as _) };
+        let code =
+            unsafe { ffi::la_moba_attention(&params, crate::gpu::launch_stream(stream)? as _) };
         if let Some(e) = unsupported(code) {
             return Err(e);
         }

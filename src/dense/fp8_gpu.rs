@@ -182,7 +182,8 @@ where
     // the strides (q, k, v, out, lse), the descale lengths against batch * heads_kv, and the
     // scratch covers heads_kv * head_dim * vt_keys bytes; both launches are ordered on `stream`,
     // and the sync guards keep cudarc's event tracking correct until they are queued.
-    let code = unsafe { ffi::la_dense_fp8_forward(&params, stream.cu_stream() as _) };
+    let code =
+        unsafe { ffi::la_dense_fp8_forward(&params, crate::gpu::launch_stream(stream)? as _) };
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
         // SAFETY: `params` as launched; the query reads only scalars and pointer values and
         // returns a static NUL-terminated string or NULL.

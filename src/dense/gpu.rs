@@ -297,7 +297,8 @@ where
     // SAFETY: every pointer comes from a live cudarc buffer whose extent was checked against
     // the strides above; the launch is ordered on `stream`, and the sync guards keep
     // cudarc's event tracking correct until the launch is queued.
-    let code = unsafe { ffi::la_dense_forward(&params, kernel, stream.cu_stream() as _) };
+    let code =
+        unsafe { ffi::la_dense_forward(&params, kernel, crate::gpu::launch_stream(stream)? as _) };
     // A kernel chosen by name that cannot take this problem here (Auto always finds one).
     if code == ffi::LA_DENSE_KERNEL_UNSUPPORTED as i32 {
         // SAFETY: `params` is the struct just launched with; the query reads only its scalars

@@ -87,6 +87,6 @@ fn launch<T: Element>(shape: &MergeShape, stream: &Arc<CudaStream>, ptrs: [u64; 
     };
     // SAFETY: buffer lengths were checked against the shape; the kernel reads and writes
     // each element once, so out aliasing a is safe.
-    let code = unsafe { ffi::la_merge(&params, stream.cu_stream() as _) };
+    let code = unsafe { ffi::la_merge(&params, crate::gpu::launch_stream(stream)? as _) };
     check_launch("la_merge", code)
 }

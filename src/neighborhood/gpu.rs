@@ -633,7 +633,7 @@ where
         o_head_stride: out.strides.head,
         ..params(attn, T::DTYPE)
     };
-    call(&params, stream.cu_stream() as _)
+    call(&params, crate::gpu::launch_stream(stream)? as _)
 }
 
 /// The C launcher refuses what the Rust API refuses before any CUDA call, so this runs

@@ -873,7 +873,8 @@ pub(super) mod imp {
         };
         // SAFETY: extents, page ids and writer uniqueness were validated on the host; the
         // launch is ordered on `stream` after the uploads of the tables and offsets.
-        let code = unsafe { ffi::la_paged_append(&params, stream.cu_stream() as _) };
+        let code =
+            unsafe { ffi::la_paged_append(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_paged_append", code)
     }
 
@@ -1040,13 +1041,16 @@ pub(super) mod imp {
             };
             // SAFETY: as below; the counters are the plan's [batch, heads_kv] scratch, zero
             // between launches (zeroed at plan creation, reset by each launch's last blocks).
-            let code = unsafe { ffi::la_paged_quest_select_v5(&params, stream.cu_stream() as _) };
+            let code = unsafe {
+                ffi::la_paged_quest_select_v5(&params, crate::gpu::launch_stream(stream)? as _)
+            };
             return check_launch("la_paged_quest_select_v5", code);
         }
         // SAFETY: q extent and the metadata length were validated; the kernel writes only
         // within the plan's [batch, heads_kv, max_pages_per_seq] buffers (Quest heads' rows
         // of the lists), ordered on the plan's stream.
-        let code = unsafe { ffi::la_paged_quest_select(&params, stream.cu_stream() as _) };
+        let code =
+            unsafe { ffi::la_paged_quest_select(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_paged_quest_select", code)
     }
 
@@ -1150,7 +1154,9 @@ pub(super) mod imp {
             // SAFETY: as below; the counters are the plan's [merge_counters_len] scratch for
             // this plan's grid, zero between launches (zeroed at plan creation, reset by each
             // launch's merging blocks).
-            let code = unsafe { ffi::la_paged_decode_inmerge(&params, stream.cu_stream() as _) };
+            let code = unsafe {
+                ffi::la_paged_decode_inmerge(&params, crate::gpu::launch_stream(stream)? as _)
+            };
             return check_launch("la_paged_decode_inmerge", code);
         }
         // SAFETY: every extent, page id and page list was validated on the host (at plan
@@ -1158,7 +1164,8 @@ pub(super) mod imp {
         // was sized for `splits` at plan creation; the kernels read the cache and write
         // out/lse (and the scratch) only, ordered on the plan's stream after its uploads and
         // the Quest selection.
-        let code = unsafe { ffi::la_paged_decode(&params, stream.cu_stream() as _) };
+        let code =
+            unsafe { ffi::la_paged_decode(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_paged_decode", code)
     }
 }

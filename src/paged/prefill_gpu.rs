@@ -292,7 +292,7 @@ mod imp {
             kv_dtype: ptrs.kv.0,
             kv_scales: ptrs.kv.1,
         };
-        let cu_stream = stream.cu_stream() as _;
+        let cu_stream = crate::gpu::launch_stream(stream)? as _;
         match pf.kernel {
             PagedPrefillKernel::TensorCore => {
                 // SAFETY: q/out extents, the LSE length, the cache lengths and every page id

@@ -1082,7 +1082,7 @@ mod launch {
                 l as *mut f32,
                 rows as i64,
                 head_dim as i32,
-                stream.cu_stream() as _,
+                crate::gpu::launch_stream(stream)? as _,
             )
         };
         check_launch("la_ring_state_init", code)
@@ -1124,7 +1124,7 @@ mod launch {
         // SAFETY: the piece buffers hold [batch, rows, heads_q, head_dim] / [batch, heads_q,
         // rows] (the dense call's extents were checked), the state [batch, heads_q, len,
         // head_dim] with row0 + rows <= len (pieces lie in the shard).
-        let code = unsafe { ffi::la_ring_merge(&params, stream.cu_stream() as _) };
+        let code = unsafe { ffi::la_ring_merge(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_ring_merge", code)
     }
 
@@ -1166,7 +1166,7 @@ mod launch {
         // segment of the table lies in them and in [0, len) (SlotTable::new, tested), the
         // pieces wrote every slot before this launch on `stream`; out / lse were checked
         // against [batch, len, heads_q, head_dim] / [batch, heads_q, len].
-        let code = unsafe { ffi::la_ring_gather(&params, stream.cu_stream() as _) };
+        let code = unsafe { ffi::la_ring_gather(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_ring_gather", code)
     }
 
@@ -1200,7 +1200,8 @@ mod launch {
         };
         // SAFETY: out's extent was checked against [batch, len, heads_q, head_dim] and its
         // strides, lse's length against [batch, heads_q, len]; the state is that size.
-        let code = unsafe { ffi::la_ring_finalize(&params, stream.cu_stream() as _) };
+        let code =
+            unsafe { ffi::la_ring_finalize(&params, crate::gpu::launch_stream(stream)? as _) };
         check_launch("la_ring_finalize", code)
     }
 }
