@@ -650,9 +650,42 @@ unsafe fn borrow_call<T, K>(
     }
 }
 
+/// The caller's stream of one C call (derefs to it), and the CUDA context that was current
+/// on the calling thread before the call, made current again when dropped.
+///
+/// Opening the GPU and every cudarc call make `device`'s primary context current on the
+/// thread. The CUDA runtime's current device *is* the thread's current context: a caller
+/// that had selected another GPU (`cudaSetDevice(1)`, then a call with `device` 0), or a
+/// driver-API caller with a context of its own, would otherwise find its later allocations
+/// and launches on our device after the call returned.
+pub(crate) struct CallerStream {
+    stream: std::mem::ManuallyDrop<std::sync::Arc<cudarc::driver::CudaStream>>,
+    /// The caller's context (NULL: none was current).
+    saved: cudarc::driver::sys::CUcontext,
+}
+
+impl std::ops::Deref for CallerStream {
+    type Target = std::sync::Arc<cudarc::driver::CudaStream>;
+    fn deref(&self) -> &Self::Target {
+        &self.stream
+    }
+}
+
+impl Drop for CallerStream {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here, and never used after. First: the last reference to
+        // our context binds it again when it drops (cudarc), which must precede the restore.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.stream) };
+        // SAFETY: the caller's own context (alive: it was current when the call began) or
+        // NULL, which unbinds ours; libcuda is loaded (the GPU was opened). An error cannot
+        // be reported from here and leaves our context current.
+        let _ = unsafe { cudarc::driver::result::ctx::set_current(self.saved) };
+    }
+}
+
 /// The caller's stream on GPU `device` (its primary context), wrapped without ownership,
 /// once every required buffer pointer is known non-NULL (so a NULL is refused before the
-/// GPU is opened).
+/// GPU is opened); the thread's current context is restored when it drops.
 ///
 /// # Safety
 /// `stream` is NULL (the legacy default stream) or a live stream of that context.
@@ -660,15 +693,21 @@ unsafe fn caller_stream(
     buffers: &[(*const std::ffi::c_void, &'static str)],
     device: i32,
     stream: *mut std::ffi::c_void,
-) -> Result<std::sync::Arc<cudarc::driver::CudaStream>, CallError> {
+) -> Result<CallerStream, CallError> {
     if let Some(&(_, name)) = buffers.iter().find(|(data, _)| data.is_null()) {
         return Err(CallError::Null(name));
     }
     let ordinal = usize::try_from(device)
         .map_err(|_| Error::NoGpu(format!("device {device} is not a device ordinal")))?;
+    // Before `open_gpu` binds its context; only read once the driver is known to load.
+    let saved = crate::device::current_context();
     let ctx = crate::device::open_gpu(ordinal)?;
     // SAFETY: by the contract; the wrapper does not own the stream.
-    Ok(unsafe { ctx.wrap_borrowed_stream(stream as _) })
+    let stream = unsafe { ctx.wrap_borrowed_stream(stream as _) };
+    Ok(CallerStream {
+        stream: std::mem::ManuallyDrop::new(stream),
+        saved,
+    })
 }
 
 /// # Safety

@@ -25,6 +25,24 @@ pub const fn cuda_compiled() -> bool {
     cfg!(longattn_cuda)
 }
 
+/// The thread's current CUDA context, NULL when none is (or the driver is not initialised),
+/// and NULL without reading it when this build has no kernels or libcuda does not load (so
+/// that the C API can restore what it found, see `capi::CallerStream`).
+pub(crate) fn current_context() -> cudarc::driver::sys::CUcontext {
+    #[cfg(feature = "dynamic-loading")]
+    // SAFETY: only probes for the driver library.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    #[cfg(not(feature = "dynamic-loading"))]
+    let present = true;
+    if !cuda_compiled() || !present {
+        return std::ptr::null_mut();
+    }
+    cudarc::driver::result::ctx::get_current()
+        .ok()
+        .flatten()
+        .unwrap_or(std::ptr::null_mut())
+}
+
 /// Opens GPU `ordinal` if it can run the kernels (compute capability 8.x or 9.0).
 pub fn open_gpu(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !cuda_compiled() {

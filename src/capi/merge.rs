@@ -282,7 +282,7 @@ unsafe fn borrow_partial<T>(
 unsafe fn merge_stream(
     parts: &[(&CPartial, [&'static str; 2])],
     (device, stream): (i32, *mut std::ffi::c_void),
-) -> Result<std::sync::Arc<cudarc::driver::CudaStream>, CallError> {
+) -> Result<super::CallerStream, CallError> {
     let buffers: Vec<_> = parts
         .iter()
         .flat_map(|(p, n)| [(p.o, n[0]), (p.lse.cast(), n[1])])
