@@ -380,14 +380,57 @@ fn strides4(name: &str, c: &Cai, packed: bool) -> PyResult<Strides> {
 
 /// The context of `device` and the stream to run on: `stream` if given, else the interface's
 /// (`None`: the legacy default stream, as the interface's v3 "no synchronization" means).
-fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<Arc<CudaStream>> {
+fn stream_for(device: usize, stream: Option<usize>, q: &Cai) -> PyResult<CallStream> {
+    // Read before `open_gpu` binds its context, and only once libcuda is known to load.
+    // SAFETY: only probes for the driver library.
+    let saved = if longattn::device::cuda_compiled() && unsafe { sys::is_culib_present() } {
+        longattn::cudarc::driver::result::ctx::get_current()
+            .ok()
+            .flatten()
+            .unwrap_or(std::ptr::null_mut())
+    } else {
+        std::ptr::null_mut()
+    };
     // `open_gpu`, not `CudaContext::new`: without libcuda cudarc panics on first use, and a
     // build without the kernels should say so.
     let ctx = open_gpu(device).map_err(err)?;
     let handle = stream.or(q.stream).unwrap_or(0);
     // SAFETY: the handle is the caller's stream on `device` (see the module docs); the
     // wrapper never destroys it.
-    Ok(unsafe { ctx.wrap_borrowed_stream(handle as sys::CUstream) })
+    let stream = unsafe { ctx.wrap_borrowed_stream(handle as sys::CUstream) };
+    Ok(CallStream {
+        stream: std::mem::ManuallyDrop::new(stream),
+        saved,
+    })
+}
+
+/// The stream of one call (derefs to it), and the CUDA context that was current on the
+/// thread before it, made current again when dropped. Opening the GPU and cudarc's calls
+/// make `device`'s primary context current, and the CUDA runtime's current device is the
+/// thread's current context: after `torch.cuda.set_device(1)` (or CuPy's `Device(1)`), a
+/// call with `device=0` would otherwise leave torch's and CuPy's later allocations on GPU 0.
+struct CallStream {
+    stream: std::mem::ManuallyDrop<Arc<CudaStream>>,
+    /// The caller's context (NULL: none was current).
+    saved: sys::CUcontext,
+}
+
+impl std::ops::Deref for CallStream {
+    type Target = Arc<CudaStream>;
+    fn deref(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        // SAFETY: dropped once, here, never used after. First, because the last reference
+        // to our context binds it again as it drops (cudarc).
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.stream) };
+        // SAFETY: the caller's context (current, so alive, when the call began) or NULL
+        // (unbinds ours); libcuda is loaded. A failure leaves our context current.
+        let _ = unsafe { longattn::cudarc::driver::result::ctx::set_current(self.saved) };
+    }
 }
 
 /// `c` borrowed on `stream` once its pointer is known to be memory of the stream's device.
@@ -1021,7 +1064,7 @@ fn paged_cuda(
     let meta = meta_tensors(meta, &ck, false, (stream, device))?;
     let (qs, os) = (strides4("q", &cq, packed)?, strides4("out", &co, packed)?);
     let s = stream_for(device, stream, &cq)?;
-    let args = (&s, (&cq, qs), (&ck, &cv), meta.as_ref(), (&co, os));
+    let args = (&*s, (&cq, qs), (&ck, &cv), meta.as_ref(), (&co, os));
     paged_dispatch!(paged_gpu, "q", cq, ck, (&paged, args))
 }
 
