@@ -2,7 +2,9 @@
 //! 2026-12-04; the **NCCL modes are not verified**: never run on a GPU). Three modes:
 //! - torchrun-style, one process per GPU (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
 //!   `MASTER_PORT` set; needs `--features nccl`): rank 0 hands out the NCCL id over TCP,
-//!   every rank runs its shard and checks it against single-device attention on its GPU;
+//!   every rank runs its shard and checks it against single-device attention on its GPU
+//!   (launched by torchrun, whose store holds `MASTER_PORT`: set `LONGATTN_RING_PORT` to a
+//!   free port);
 //! - one process driving all local GPUs (`--features nccl`, no `RANK`): one thread per GPU;
 //! - without the `nccl` feature: the in-process ring on GPU 0 (ranks as streams), 4 ranks.
 //!

@@ -366,6 +366,23 @@ fn bootstrap_reads_torchrun_variables_and_rejects_bad_ones() {
         ]))
         .is_err()
     );
+    // LONGATTN_RING_PORT (torchrun's store holds MASTER_PORT) wins over MASTER_PORT.
+    let b = Bootstrap::from_vars(get(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_PORT", "29500"),
+        ("LONGATTN_RING_PORT", "29517"),
+    ]))
+    .unwrap();
+    assert_eq!(b.master_port, 29517);
+    assert!(
+        Bootstrap::from_vars(get(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LONGATTN_RING_PORT", "0")
+        ]))
+        .is_err()
+    );
     // A rank that never gets an answer times out instead of hanging.
     let lonely = Bootstrap::from_vars(get(&[
         ("RANK", "1"),

@@ -89,9 +89,11 @@ impl RingComm for SelfComm {
 pub const NCCL_ID_BYTES: usize = 128;
 
 /// A rank's place in a multi-process run, read torchrun-style from the environment
-/// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`). Rank 0 hands the NCCL
-/// unique id to every other rank over TCP ([`Bootstrap::share_id`]); this part needs no
-/// NCCL and no GPU.
+/// (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, and
+/// `LONGATTN_RING_PORT`). Rank 0 hands the NCCL unique id to every other rank over TCP
+/// ([`Bootstrap::share_id`]); this part needs no NCCL and no GPU. Under torchrun, whose own
+/// store already listens on `MASTER_PORT` on rank 0's node, set `LONGATTN_RING_PORT` (the
+/// same on every rank) to a free port for the id server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bootstrap {
     /// This process's rank (`RANK`).
@@ -102,7 +104,7 @@ pub struct Bootstrap {
     pub local_rank: usize,
     /// Address of rank 0 (`MASTER_ADDR`), which serves the NCCL id.
     pub master_addr: String,
-    /// Port of rank 0's id server (`MASTER_PORT`).
+    /// Port of rank 0's id server (`LONGATTN_RING_PORT`, else `MASTER_PORT`).
     pub master_port: u16,
 }
 
@@ -113,7 +115,8 @@ impl Bootstrap {
     }
 
     /// From any variable source (`get(name)`); `LOCAL_RANK` defaults to `RANK`,
-    /// `MASTER_ADDR` to `127.0.0.1`, `MASTER_PORT` to 29500 (torchrun's default).
+    /// `MASTER_ADDR` to `127.0.0.1`, the port to `LONGATTN_RING_PORT`, else `MASTER_PORT`,
+    /// else 29500 (torchrun's default).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let num = |name: &str, default: Option<usize>| -> Result<usize> {
             match get(name) {
@@ -128,10 +131,14 @@ impl Bootstrap {
         let rank = num("RANK", None)?;
         let world = num("WORLD_SIZE", None)?;
         let local_rank = num("LOCAL_RANK", Some(rank))?;
-        let port = num("MASTER_PORT", Some(29500))?;
+        let port_var = match get("LONGATTN_RING_PORT") {
+            Some(_) => "LONGATTN_RING_PORT",
+            None => "MASTER_PORT",
+        };
+        let port = num(port_var, Some(29500))?;
         if world == 0 || rank >= world || port == 0 || port > u16::MAX as usize {
             return Err(Error::InvalidOption(format!(
-                "RANK={rank} must be below WORLD_SIZE={world} (>= 1) and MASTER_PORT={port} \
+                "RANK={rank} must be below WORLD_SIZE={world} (>= 1) and {port_var}={port} \
                  in 1..=65535"
             )));
         }
@@ -167,8 +174,13 @@ impl Bootstrap {
     ) -> Result<[u8; NCCL_ID_BYTES]> {
         match (self.rank, id) {
             (0, Some(id)) => {
-                let listener = TcpListener::bind(self.master()?)
-                    .map_err(|e| io_err("bind MASTER_ADDR:MASTER_PORT", e))?;
+                let listener = TcpListener::bind(self.master()?).map_err(|e| {
+                    io_err(
+                        "bind MASTER_ADDR and the id port (under torchrun, whose store holds \
+                             MASTER_PORT, set LONGATTN_RING_PORT to a free port on every rank)",
+                        e,
+                    )
+                })?;
                 self.serve_id(&listener, id, timeout)?;
                 Ok(id)
             }
