@@ -29,12 +29,7 @@ pub const fn cuda_compiled() -> bool {
 /// and NULL without reading it when this build has no kernels or libcuda does not load (so
 /// that the C API can restore what it found, see `capi::CallerStream`).
 pub(crate) fn current_context() -> cudarc::driver::sys::CUcontext {
-    #[cfg(feature = "dynamic-loading")]
-    // SAFETY: only probes for the driver library.
-    let present = unsafe { cudarc::driver::sys::is_culib_present() };
-    #[cfg(not(feature = "dynamic-loading"))]
-    let present = true;
-    if !cuda_compiled() || !present {
+    if !cuda_compiled() || !libcuda_present() {
         return std::ptr::null_mut();
     }
     cudarc::driver::result::ctx::get_current()
@@ -43,16 +38,28 @@ pub(crate) fn current_context() -> cudarc::driver::sys::CUcontext {
         .unwrap_or(std::ptr::null_mut())
 }
 
+/// Whether libcuda loads, probed once per process: a failed probe tries every library name
+/// on every search path again, milliseconds per call, and every GPU entry point (each C API
+/// CUDA call twice) asks. With `dynamic-linking`/`static-linking` (chosen by the top crate)
+/// libcuda is linked and there is nothing to probe: a binary without it does not start.
+fn libcuda_present() -> bool {
+    #[cfg(feature = "dynamic-loading")]
+    {
+        static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        // SAFETY: only probes for the driver library.
+        *PRESENT.get_or_init(|| unsafe { cudarc::driver::sys::is_culib_present() })
+    }
+    #[cfg(not(feature = "dynamic-loading"))]
+    true
+}
+
 /// Opens GPU `ordinal` if it can run the kernels (compute capability 8.x or 9.0).
 pub fn open_gpu(ordinal: usize) -> Result<Arc<CudaContext>> {
     if !cuda_compiled() {
         return Err(Error::CudaNotCompiled);
     }
-    // SAFETY: only probes for the driver library; cudarc panics on first use without it.
-    // With `dynamic-linking`/`static-linking` (chosen by the top crate) libcuda is linked and
-    // the probe does not exist: a binary without libcuda does not start.
-    #[cfg(feature = "dynamic-loading")]
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    // cudarc panics on first use without libcuda.
+    if !libcuda_present() {
         return Err(Error::NoGpu("libcuda could not be loaded".into()));
     }
     let count = CudaContext::device_count().map_err(|e| Error::NoGpu(e.to_string()))?;
