@@ -49,13 +49,11 @@ pub(crate) fn make_options(
     Ok(o)
 }
 
-/// A numpy array as a contiguous host buffer of `T` and its dims.
 /// `n` copies of `fill` (an output buffer), or a `MemoryError` when they do not fit: a
 /// problem over broadcast views may be valid yet far beyond memory, and an infallible
 /// allocation would abort the interpreter.
 fn try_filled<T: Clone>(name: &str, n: usize, fill: T) -> PyResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| too_big(name, n))?;
+    let mut v = reserve(name, n)?;
     v.resize(n, fill);
     Ok(v)
 }
@@ -63,11 +61,68 @@ fn try_filled<T: Clone>(name: &str, n: usize, fill: T) -> PyResult<Vec<T>> {
 /// An array's elements copied into a new vector, or a `MemoryError` when they do not fit (a
 /// broadcast view, e.g. `np.broadcast_to`, claims a shape whose copy may exceed memory).
 fn try_collect<T>(name: &str, items: impl ExactSizeIterator<Item = T>) -> PyResult<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(items.len())
-        .map_err(|_| too_big(name, items.len()))?;
+    let mut v = reserve(name, items.len())?;
     v.extend(items);
     Ok(v)
+}
+
+/// An empty vector with room for `n` elements, or a `MemoryError`: when the allocator refuses,
+/// and, for a large request, when it exceeds what the machine has left ([`memory_left`]).
+/// Linux overcommits: an allocation beyond free memory succeeds and the OOM killer ends the
+/// process while the copy fills it, so the request is weighed before it is made.
+fn reserve<T>(name: &str, n: usize) -> PyResult<Vec<T>> {
+    let bytes = (n as u128) * (std::mem::size_of::<T>() as u128);
+    if bytes >= GATED_BYTES && memory_left().is_some_and(|left| bytes > left as u128) {
+        return Err(too_big(name, n));
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| too_big(name, n))?;
+    Ok(v)
+}
+
+/// Requests from this size on are weighed against [`memory_left`] (smaller ones skip reading
+/// /proc: a whole decode step's buffers are usually below it).
+const GATED_BYTES: u128 = 64 << 20;
+
+/// Bytes this process can still fill before the kernel's OOM killer stops it: the smaller of
+/// the machine's (`MemAvailable + SwapFree` of /proc/meminfo) and its cgroup's (v2
+/// `memory.max - memory.current`, else v1 `memory.limit_in_bytes - memory.usage_in_bytes`);
+/// `None` where neither can be read (not Linux). Python: `longattn._longattn._memory_left()`.
+#[pyfunction]
+#[pyo3(name = "_memory_left")]
+fn memory_left() -> Option<u64> {
+    let machine = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let field = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+                    .and_then(|rest| rest.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+                    .map(|kib| kib.saturating_mul(1024))
+            };
+            Some(field("MemAvailable")?.saturating_add(field("SwapFree").unwrap_or(0)))
+        });
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    let cgroup = [
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        ),
+    ]
+    .iter()
+    // "max" (no limit) does not parse: no cgroup bound.
+    .find_map(|(limit, used)| Some(read(limit)?.saturating_sub(read(used)?)));
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
 }
 
 fn too_big(name: &str, n: usize) -> PyErr {
@@ -76,6 +131,7 @@ fn too_big(name: &str, n: usize) -> PyErr {
     ))
 }
 
+/// A numpy array as a contiguous host buffer of `T` and its dims.
 struct Host<T> {
     data: Vec<T>,
     dims: Vec<usize>,
@@ -96,10 +152,11 @@ fn host_as<T: numpy::Element + Copy>(
         .map_err(|_| PyTypeError::new_err(format!("{name} must be a numpy array {what}")))?;
     let dims = arr.shape().to_vec();
     let view = arr.as_array();
-    let data = match view.as_slice() {
-        Some(s) => s.to_vec(),
-        None => try_collect(name, view.iter().copied())?,
-    };
+    let mut data = reserve(name, view.len())?;
+    match view.as_slice() {
+        Some(s) => data.extend_from_slice(s),
+        None => data.extend(view.iter().copied()),
+    }
     Ok(Host { data, dims })
 }
 
@@ -1341,6 +1398,7 @@ fn neighborhood<'py>(
 
 #[pymodule]
 fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(memory_left, m)?)?;
     m.add_function(wrap_pyfunction!(dense, m)?)?;
     m.add_function(wrap_pyfunction!(dense_varlen, m)?)?;
     m.add_function(wrap_pyfunction!(paged_decode, m)?)?;

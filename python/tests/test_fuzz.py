@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import longattn
+from longattn import _longattn
 from test_cpu import ref_block_sparse, ref_dense, ref_neighborhood_1d, rel_l2
 
 CLEAR = (ValueError, TypeError, OverflowError)
@@ -488,6 +489,34 @@ def test_regression_broadcast_view_claiming_a_huge_shape_is_refused():
     cache = np.zeros((4, 2, 2, 8), np.float32)
     with pytest.raises(MemoryError, match="block_table"):
         longattn.paged_decode(q[:, :1], cache, cache, table, np.ones(1, np.int32))
+
+
+def meminfo_bytes(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_regression_copy_beyond_free_memory_is_refused_before_it_is_made():
+    """Noticed after the fuzz finding above: a broadcast view claiming more than the memory
+    left, but less than RAM + swap, was allocated (Linux overcommits) and then filled until
+    the OOM killer ended the interpreter. A large copy or output is now weighed against
+    ``_memory_left()`` (free memory and swap, within the cgroup's limit) first. Were the check
+    broken, this test would be killed, not pass. Where the claimed size also exceeds RAM +
+    swap the allocator refuses it too, and the test checks less."""
+    left = _longattn._memory_left()
+    if left is None:
+        pytest.skip("neither /proc/meminfo nor a cgroup limit to read (not Linux)")
+    total = meminfo_bytes("MemTotal") + meminfo_bytes("SwapTotal")
+    assert 0 < left and (total == 0 or left <= total)
+    claimed = left + max((total - left) // 2, 256 << 20)
+    rows = claimed // (4 * 2 * 8) + 1
+    big = np.broadcast_to(np.zeros((1, 1, 1, 1), np.float32), (1, rows, 2, 8))
+    small = np.zeros((1, 4, 2, 8), np.float32)
+    with pytest.raises(MemoryError, match="longattn: q"):
+        longattn.dense(big, small, small)
 
 
 @pytest.mark.skipif(os.path.exists("/dev/nvidia0"),
