@@ -66,3 +66,42 @@ pub fn buffer(u: &mut Unstructured, len: usize) -> Result<Option<Vec<f32>>> {
         .collect::<Result<Vec<_>>>()
         .map(Some)
 }
+
+/// A paged cache with extreme geometry and arbitrary tables; with `scales`, per-kv-head FP8
+/// scales of arbitrary values (including 0, NaN, infinities) are attached when valid.
+pub fn paged_cache(u: &mut Unstructured) -> Result<Option<longattn::PagedCache>> {
+    let layout = longattn::PagedLayout {
+        num_pages: size(u)?,
+        page_size: size(u)?,
+        heads_kv: size(u)?,
+        head_dim: size(u)?,
+    };
+    let bt: Vec<i32> = u.arbitrary()?;
+    let sl: Vec<i32> = u.arbitrary()?;
+    let Ok(cache) = longattn::PagedCache::new(
+        layout,
+        longattn::PageTable {
+            block_table: &bt,
+            max_pages_per_seq: size(u)?,
+            seqlens_k: &sl,
+        },
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(if u.arbitrary()? {
+        let n = u.int_in_range(0..=8usize)?;
+        let k = (0..n).map(|_| float(u)).collect::<Result<Vec<_>>>()?;
+        let v = (0..n).map(|_| float(u)).collect::<Result<Vec<_>>>()?;
+        match longattn::KvScales::new(k, v).and_then(|s| cache.clone().with_kv_scales(s)) {
+            Ok(c) => c,
+            Err(_) => cache,
+        }
+    } else {
+        cache
+    }))
+}
+
+/// Whether every value is finite and small enough that attention stays finite.
+pub fn tame(xs: &[f32]) -> bool {
+    xs.iter().all(|x| x.is_finite() && x.abs() < 1e4)
+}
