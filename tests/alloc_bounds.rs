@@ -1,10 +1,11 @@
 //! Allocation bounds (issue 11, findings 2 and 5): nothing is allocated in proportion to a
 //! size that validation did not bound. A counting global allocator records the largest
-//! single allocation while each case runs; one test function runs the cases in turn so that
-//! no other test of this binary allocates meanwhile.
+//! single allocation while each case runs; each test function holds `SERIAL` throughout, so
+//! that no other test of this binary allocates meanwhile.
 
 use longattn::*;
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 struct Counting;
@@ -41,8 +42,12 @@ fn largest_allocation(f: impl FnOnce()) -> usize {
 
 const MIB: usize = 1 << 20;
 
+/// Held by each test for its whole run (see the module docs).
+static SERIAL: Mutex<()> = Mutex::new(());
+
 #[test]
 fn no_allocation_proportional_to_unvalidated_sizes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Finding 2: a problem of 2^26 sequences is described, not materialised (the old code
     // kept one 32-byte span per sequence: 2 GiB).
     let bytes = largest_allocation(|| {
@@ -132,4 +137,58 @@ fn no_allocation_proportional_to_unvalidated_sizes() {
     });
     assert!(bytes < MIB, "paged decode allocated {bytes} bytes");
     assert!((out[0].to_f32() - 0.25).abs() < 1e-3);
+}
+
+#[test]
+fn fuzz_empty_append_allocates_nothing_per_kv_head() {
+    // Found by fuzz/paged_append: a cache without pages may declare up to i32::MAX kv heads;
+    // an append of no token built a table of every head's (k, v) scales first (16 GiB at
+    // i32::MAX heads; 128 MiB at the 2^24 here).
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let layout = PagedLayout {
+        num_pages: 0,
+        page_size: 1,
+        heads_kv: 1 << 24,
+        head_dim: 1,
+    };
+    let cache = PagedCache::new(
+        layout,
+        PageTable {
+            block_table: &[-1],
+            max_pages_per_seq: 1,
+            seqlens_k: &[0],
+        },
+    )
+    .unwrap();
+    let fp8 = cache
+        .clone()
+        .with_kv_scales(KvScales::new(vec![1.0; 1 << 24], vec![1.0; 1 << 24]).unwrap())
+        .unwrap();
+    let s = Strides::contiguous(0, 1 << 24, 1);
+    let bytes = largest_allocation(|| {
+        cache
+            .append_cpu::<f32, f32>(
+                &[0, 0],
+                Strided::new(&[], s),
+                Strided::new(&[], s),
+                KvPages {
+                    k: &mut [],
+                    v: &mut [],
+                },
+                None,
+            )
+            .unwrap();
+        fp8.append_cpu::<f32, F8E4M3>(
+            &[0, 0],
+            Strided::new(&[], s),
+            Strided::new(&[], s),
+            KvPages {
+                k: &mut [],
+                v: &mut [],
+            },
+            None,
+        )
+        .unwrap();
+    });
+    assert!(bytes < MIB, "an empty append allocated {bytes} bytes");
 }

@@ -632,3 +632,34 @@ fn fuzz_moba_empty_problem_with_many_heads_costs_nothing() {
         assert!(took.as_secs_f64() < 2.0, "took {took:?}");
     }
 }
+
+#[test]
+fn fuzz_moba_pooled_keys_of_keyless_batch_cost_nothing() {
+    use longattn::block_sparse::moba::moba_pooled_keys_cpu;
+    // Found by fuzz/block_sparse: a fixed-length batch without keys may declare any number of
+    // sequences; there is no pooled key to compute, but the loop visited every (sequence, kv
+    // head) pair (2^61 here: forever).
+    let max = i32::MAX as usize;
+    let attn = FlashAttention::new(
+        &fixed(max, 0, 0, max - 1, (max - 1) / 2, 2),
+        &AttentionOptions::causal(),
+    )
+    .unwrap();
+    let config = MobaConfig {
+        block_n: 4,
+        top_k: 2,
+    };
+    let (q, k) = (Vec::<f32>::new(), Vec::<f32>::new());
+    let s = Strides::contiguous(0, 1, 2);
+    let start = std::time::Instant::now();
+    let pooled = moba_pooled_keys_cpu(
+        &attn,
+        &config,
+        Strided::new(&q[..], s),
+        Strided::new(&k[..], s),
+    )
+    .unwrap();
+    assert!(pooled.is_empty());
+    let took = start.elapsed();
+    assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+}

@@ -245,6 +245,12 @@ pub fn moba_pooled_keys_cpu<T: Element>(
             what: "pooled keys",
         })?;
     let mut out = vec![0.0f64; len];
+    if len == 0 {
+        // No key block or no channel: nothing to pool. O(1): a fixed-length batch without
+        // keys may declare any number of sequences and heads (nothing bounds them by memory),
+        // while otherwise the (sequence, kv head) pairs are bounded by `len`.
+        return Ok(out);
+    }
     for (b, span) in attn.spans().enumerate() {
         for kvh in 0..attn.heads_kv() {
             let pk = pooled(

@@ -176,6 +176,18 @@ impl PartialEq for KvScales {
 }
 impl Eq for KvScales {}
 
+/// The `(k, v)` dequantisation scales of a cache's kv heads as its CPU paths read them
+/// (see [`PagedCache::scales_for`]): the [`KvScales`] of an FP8 cache, else 1.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadScales<'a>(Option<&'a KvScales>);
+
+impl HeadScales<'_> {
+    /// The `(k, v)` scales of kv head `kvh` (`kvh < heads_kv`).
+    pub(crate) fn of(&self, kvh: usize) -> (f32, f32) {
+        self.0.map_or((1.0, 1.0), |s| (s.k[kvh], s.v[kvh]))
+    }
+}
+
 /// A validated paged KV cache description: the geometry plus a copy of the tables, and the
 /// dequantisation scales of an FP8 cache ([`PagedCache::with_kv_scales`]).
 /// Every page id a sequence uses (tokens `0..seqlens_k[b]`) is in `0..num_pages`, so the
@@ -306,13 +318,14 @@ impl PagedCache {
             None => vec![1.0; 2 * self.layout.heads_kv],
         }
     }
-    /// The (k, v) scales of every kv head for a cache of element type `cache`: those set for
-    /// an FP8 cache (1 when none are), 1 for any other type, which refuses scales.
-    pub(crate) fn scales_for(&self, cache: DType) -> Result<Vec<(f32, f32)>> {
-        let heads = self.layout.heads_kv;
+    /// The (k, v) scales of the kv heads for a cache of element type `cache`: those set for
+    /// an FP8 cache (1 when none are), 1 for any other type, which refuses scales. A lookup,
+    /// not a table: a cache may declare up to `i32::MAX` kv heads without a page (nothing
+    /// bounds them by memory), and an empty append or prefill must not allocate per head.
+    pub(crate) fn scales_for(&self, cache: DType) -> Result<HeadScales<'_>> {
         match (&self.kv_scales, cache) {
-            (Some(s), DType::F8E4M3) => Ok(s.k.iter().copied().zip(s.v.iter().copied()).collect()),
-            (None, _) => Ok(vec![(1.0, 1.0); heads]),
+            (Some(s), DType::F8E4M3) => Ok(HeadScales(Some(s))),
+            (None, _) => Ok(HeadScales(None)),
             (Some(_), other) => Err(Error::InvalidOption(format!(
                 "kv scales describe an FP8 (f8e4m3) cache, but this cache holds {other}"
             ))),
@@ -521,7 +534,8 @@ impl PagedCache {
                 let (lp, slot) = (pos / ps, pos % ps);
                 let id = self.page_at(b, lp);
                 let t = t0 + pos - start;
-                for (h, &(k_scale, v_scale)) in scales.iter().enumerate() {
+                for h in 0..self.layout.heads_kv {
+                    let (k_scale, v_scale) = scales.of(h);
                     let dst = self.layout.slot_at(id, slot, h);
                     let ks = row(&k_new.strides, t, h);
                     let vs = row(&v_new.strides, t, h);

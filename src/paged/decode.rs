@@ -654,7 +654,7 @@ impl PagedDecode {
                                 .sum::<f32>()
                         })
                         .fold(f32::NEG_INFINITY, f32::max)
-                        * scales[kvh].0;
+                        * scales.of(kvh).0;
                 }
                 let sel = select_top(&cand, &scores, self.policy.quest.sink_pages, budget);
                 (scores, sel)
@@ -758,7 +758,7 @@ impl PagedDecode {
         let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()
             .map(|&(b, i, kvh)| {
-                let (k_scale, v_scale) = scales[kvh];
+                let (k_scale, v_scale) = scales.of(kvh);
                 let score_scale = self.scale * k_scale;
                 let mask = self.mask_at(kvh);
                 let sk = self.cache.seqlen_of(b);

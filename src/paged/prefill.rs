@@ -359,7 +359,7 @@ impl PagedPrefill {
             .map(|&(b, kvh)| {
                 let sk = self.cache.seqlen_of(b);
                 let (qb, r0, sq) = self.rows_of(b);
-                let [kh, vh] = self.gather_f32(&kv, b, kvh, scales[kvh]);
+                let [kh, vh] = self.gather_f32(&kv, b, kvh, scales.of(kvh));
                 (kvh * group..(kvh + 1) * group)
                     .map(|h| {
                         let qh = q.head_rows_f32(qb, r0..r0 + sq, h, d);

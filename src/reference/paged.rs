@@ -65,7 +65,7 @@ pub fn paged_decode_f64<T: Element, C: Element>(
                     sk,
                     |j| visible(b, kvh, i, j).then(|| &kd[at(j)..at(j) + d]),
                     |j| &vd[at(j)..at(j) + d],
-                    scales[kvh],
+                    scales(kvh),
                     scale,
                     decode.softcap(),
                     &mut out[oo..oo + d],
@@ -106,7 +106,7 @@ pub fn quest_scores_f64<T: Element, C: Element>(
                         let sc: f64 = (0..d)
                             .map(|c| {
                                 let x = q.data[qo + c].to_f64();
-                                let ks = scales[kvh].0;
+                                let ks = scales(kvh).0;
                                 (x * (meta.kmax[mo + c].to_f64() * ks))
                                     .max(x * (meta.kmin[mo + c].to_f64() * ks))
                             })
@@ -185,12 +185,12 @@ pub fn page_bounds<T: Element>(
 
 /// The cache's `(k, v)` dequantisation scales per kv head in f64 (1 for a cache without
 /// [`KvScales`](crate::paged::KvScales)).
-fn f64_scales<C: Element>(cache: &PagedCache) -> Result<Vec<(f64, f64)>> {
-    Ok(cache
-        .scales_for(C::DTYPE)?
-        .into_iter()
-        .map(|(k, v)| (f64::from(k), f64::from(v)))
-        .collect())
+fn f64_scales<C: Element>(cache: &PagedCache) -> Result<impl Fn(usize) -> (f64, f64) + '_> {
+    let scales = cache.scales_for(C::DTYPE)?;
+    Ok(move |kvh| {
+        let (k, v) = scales.of(kvh);
+        (f64::from(k), f64::from(v))
+    })
 }
 
 /// Two-pass f64 paged prefill: every key `0..seqlens_k[b]` of the sequence read through the
@@ -233,7 +233,7 @@ pub fn paged_prefill_f64<T: Element, C: Element>(
                     sk,
                     |j| mask.visible(i, j, sq, sk).then(|| &kd[at(j)..at(j) + d]),
                     |j| &vd[at(j)..at(j) + d],
-                    scales[kvh],
+                    scales(kvh),
                     scale,
                     prefill.softcap(),
                     &mut out[oo..oo + d],
