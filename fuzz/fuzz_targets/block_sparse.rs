@@ -190,7 +190,8 @@ fn run(u: &mut arbitrary::Unstructured) -> arbitrary::Result<()> {
                 block_n: common::size(u)?,
                 top_k: common::size(u)?,
             };
-            if attn.max_seqlen_k().div_ceil(config.block_n.max(1)) > WORK {
+            let nk = attn.max_seqlen_k().div_ceil(config.block_n.max(1));
+            if nk > WORK || attn.lse_len().saturating_mul(nk) > WORK {
                 return Ok(());
             }
             let _ = moba::moba_pooled_keys_cpu(&attn, &config, qv(), kv());
@@ -232,6 +233,15 @@ fn forward(
     dense_partial: bool,
 ) -> arbitrary::Result<()> {
     let attn = bs.attention();
+    // Work (rows x keys x head_dim, and a per-(sequence, head) overhead) a run spends in a
+    // moment.
+    let work = attn
+        .lse_len()
+        .saturating_mul(attn.max_seqlen_k())
+        .saturating_mul(attn.head_dim());
+    if work > 1 << 20 || attn.batch().saturating_mul(attn.heads_q()) > 1 << 9 {
+        return Ok(());
+    }
     let short: usize = u.int_in_range(0..=1)?;
     let mut out = vec![0.0f32; attn.out_len().saturating_sub(short)];
     let mut lse = vec![0.0f32; attn.lse_len()];
