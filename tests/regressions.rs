@@ -663,3 +663,29 @@ fn fuzz_moba_pooled_keys_of_keyless_batch_cost_nothing() {
     let took = start.elapsed();
     assert!(took.as_secs_f64() < 2.0, "took {took:?}");
 }
+
+#[test]
+fn fuzz_pattern_block_of_huge_size_classifies_without_walking_its_rows() {
+    use longattn::block_sparse::patterns::{PatternShape, longformer};
+    // Found by fuzz/block_sparse (a timeout): the pattern builders classified each listed block
+    // row by row, so one block of 2^40 tokens took 2^40 steps; now O(log rows) per block.
+    let n = 1usize << 40;
+    for (options, kind) in [
+        (AttentionOptions::causal(), BlockKind::Partial),
+        (AttentionOptions::default(), BlockKind::Full),
+    ] {
+        let shape = PatternShape {
+            heads: 1,
+            seqlen_q: n,
+            seqlen_k: n,
+            block: n,
+            mask: options.effective_mask(),
+        };
+        let start = std::time::Instant::now();
+        let mask = longformer(&shape, 1, 1).unwrap();
+        let list = mask.list(0, 0, 0).unwrap();
+        assert_eq!(list.iter().collect::<Vec<_>>(), vec![(0, kind)]);
+        let took = start.elapsed();
+        assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+    }
+}

@@ -582,7 +582,17 @@ pub(crate) fn classify_blocks(
 
 /// How the element mask `mask` covers query rows `rows` x keys `keys` of a `sq` x `sk`
 /// sequence: `Full` when every element is visible, `Partial` when some are, `None` when none.
-/// Costs O(rows): each row's visible keys are a sink prefix plus one window range.
+///
+/// O(log rows), whatever the block size. Row `i` sees the sink prefix `[0, s(i))` and the
+/// window `[lo(i), hi(i))`, all three bounds nondecreasing in `i` and the window one key
+/// wider than the previous row's shifted by at most one, so:
+/// - some element is visible iff the keys meet the union of the rows' windows (one range,
+///   [`Mask::window_range_rows`]) or of their sink prefixes;
+/// - a row misses a key iff the sinks leave part of the block (`s(i) < keys.end`: a prefix
+///   `P` of the rows) and the window misses that part: `hi(i) < keys.end` (a prefix of the
+///   rows) or `lo(i) > max(keys.start, s(i))` (a suffix: false while `lo` is clamped at 0,
+///   then `lo` grows by one per row and `s` by at most one). So some row misses a key iff
+///   the first row or the last row of `P` does.
 fn classify(
     mask: &Mask,
     rows: std::ops::Range<usize>,
@@ -594,22 +604,33 @@ fn classify(
     if keys.is_empty() || rows.is_empty() {
         return None;
     }
-    let (mut any, mut all) = (false, true);
-    for i in rows {
-        let w = mask.window_range(i, sq, sk);
-        let s = mask.sink_range_rows(i..i + 1, sq, sk);
-        let overlap = |r: &std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
-        any |= overlap(&w) || overlap(&s);
-        // The union of the sink prefix and the window covers `keys` iff the window covers
-        // what the sinks leave of it.
-        let rest = keys.start.max(s.end)..keys.end;
-        all &= rest.is_empty() || (w.start <= rest.start && rest.end <= w.end);
+    let meets = |r: std::ops::Range<usize>| r.start < keys.end && keys.start < r.end;
+    if !meets(mask.window_range_rows(rows.clone(), sq, sk))
+        && !meets(mask.sink_range_rows(rows.clone(), sq, sk))
+    {
+        return None;
     }
-    match (any, all) {
-        (_, true) => Some(BlockKind::Full),
-        (true, false) => Some(BlockKind::Partial),
-        (false, false) => None,
+    // The keys of the block that row `i`'s sinks leave to its window.
+    let rest = |i: usize| keys.start.max(mask.sink_range_rows(i..i + 1, sq, sk).end)..keys.end;
+    let covered = |i: usize| {
+        let (rest, w) = (rest(i), mask.window_range(i, sq, sk));
+        rest.is_empty() || (w.start <= rest.start && rest.end <= w.end)
+    };
+    // P = rows[..p]: the rows whose sinks leave part of the block (binary search).
+    let (mut lo, mut hi) = (rows.start, rows.end);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match rest(mid).is_empty() {
+            true => hi = mid,
+            false => lo = mid + 1,
+        }
     }
+    let all = covered(rows.start) && (lo == rows.start || covered(lo - 1));
+    Some(if all {
+        BlockKind::Full
+    } else {
+        BlockKind::Partial
+    })
 }
 
 /// Checks one list: in range, strictly increasing (unsorted vs duplicate told apart).
@@ -1032,5 +1053,55 @@ impl BlockSparseAttention {
             }
         }
         state.finish(o, l);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Window, mask::Mask};
+
+    /// `classify` against every element of small blocks, for every window, sink count and
+    /// length pair in range (the per-element rule of `Mask::visible`).
+    #[test]
+    fn classify_matches_every_element() {
+        let bounds = [None, Some(0), Some(1), Some(2), Some(3), Some(5)];
+        let mut cases = 0;
+        for (sq, sk) in (1..=7).flat_map(|q| (1..=9).map(move |k| (q, k))) {
+            for (left, right, sinks) in bounds
+                .iter()
+                .flat_map(|&l| bounds.iter().map(move |&r| (l, r)))
+                .flat_map(|(l, r)| (0..4).map(move |s| (l, r, s)))
+            {
+                let mask = Mask {
+                    window: Window { left, right },
+                    sinks,
+                };
+                for (r0, r1) in (0..sq).flat_map(|a| (a + 1..=sq).map(move |b| (a, b))) {
+                    for (k0, k1) in (0..sk).flat_map(|a| (a + 1..=sk + 1).map(move |b| (a, b))) {
+                        let seen = (r0..r1)
+                            .flat_map(|i| (k0..k1.min(sk)).map(move |j| (i, j)))
+                            .map(|(i, j)| mask.visible(i, j, sq, sk));
+                        let (mut any, mut all) = (false, true);
+                        for v in seen {
+                            any |= v;
+                            all &= v;
+                        }
+                        let want = match (any, all) {
+                            (false, _) => None,
+                            (true, true) => Some(BlockKind::Full),
+                            (true, false) => Some(BlockKind::Partial),
+                        };
+                        let got = classify(&mask, r0..r1, k0..k1, sq, sk);
+                        assert_eq!(
+                            got, want,
+                            "{mask:?} sq {sq} sk {sk} rows {r0}..{r1} keys {k0}..{k1}"
+                        );
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert!(cases > 100_000, "{cases} cases");
     }
 }
