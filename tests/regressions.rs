@@ -689,3 +689,44 @@ fn fuzz_pattern_block_of_huge_size_classifies_without_walking_its_rows() {
         assert!(took.as_secs_f64() < 2.0, "took {took:?}");
     }
 }
+
+#[test]
+fn pattern_cost_follows_listed_blocks_not_key_blocks() {
+    use longattn::block_sparse::patterns::{
+        PatternShape, bigbird, longformer, per_head_windows, sparse_transformer_fixed,
+        sparse_transformer_strided, streaming_heads,
+    };
+    // The pattern builders tested every key block for every query block (O(q blocks x k
+    // blocks)): four query blocks at the end of 2^28 key blocks took 2^30 tests. Now each list
+    // costs its ranges and listed blocks.
+    let (block, nk) = (64usize, 1usize << 28);
+    let shape = |heads| PatternShape {
+        heads,
+        seqlen_q: 4 * block,
+        seqlen_k: nk * block,
+        block,
+        mask: AttentionOptions::causal().effective_mask(),
+    };
+    let start = std::time::Instant::now();
+    let last = nk - 1;
+    let blocks = |m: &BlockMask, h, q| {
+        let list = m.list(0, h, q).unwrap();
+        list.iter().map(|(kb, _)| kb).collect::<Vec<_>>()
+    };
+    let m = longformer(&shape(1), 2, 1).unwrap();
+    assert_eq!(blocks(&m, 0, 3), vec![0, last - 2, last - 1, last]);
+    let m = bigbird(&shape(2), 1, 1, 3, 7).unwrap();
+    let drawn = blocks(&m, 1, 3);
+    assert!(drawn.len() <= 6 && drawn.starts_with(&[0]) && drawn.ends_with(&[last - 1, last]));
+    let m = sparse_transformer_strided(&shape(1), 1 << 16).unwrap();
+    assert_eq!(blocks(&m, 0, 3).len(), (1 << 16) + (nk >> 16) - 1);
+    let m = sparse_transformer_fixed(&shape(1), 1 << 16, 1).unwrap();
+    assert_eq!(blocks(&m, 0, 3).len(), (1 << 16) + (nk >> 16) - 1);
+    let m = per_head_windows(&shape(2), &[3, 1]).unwrap();
+    assert_eq!(blocks(&m, 0, 3), vec![last - 2, last - 1, last]);
+    assert_eq!(blocks(&m, 1, 0), vec![last - 3]);
+    let m = streaming_heads(&shape(1), &[true], 2, 2).unwrap();
+    assert_eq!(blocks(&m, 0, 3), vec![0, 1, last - 1, last]);
+    let took = start.elapsed();
+    assert!(took.as_secs_f64() < 5.0, "took {took:?}");
+}

@@ -2733,7 +2733,9 @@ fn block_patterns() {
                     qb.abs_diff(kb) <= w
                         || kb < g
                         || qb < g
-                        || bigbird_random_blocks(seed, h, qb, nk, rand).contains(&kb)
+                        || bigbird_random_blocks(seed, h, qb, nk, rand)
+                            .unwrap()
+                            .contains(&kb)
                 };
                 pattern_check(
                     &mut r,
@@ -2847,10 +2849,10 @@ fn bigbird_random_blocks_contract() {
         for h in 0..3 {
             for qb in 0..5 {
                 for (nk, count) in [(10, 3), (4, 9), (1, 1), (7, 0), (0, 2)] {
-                    let v = bigbird_random_blocks(seed, h, qb, nk, count);
+                    let v = bigbird_random_blocks(seed, h, qb, nk, count).unwrap();
                     assert_eq!(v.len(), count.min(nk), "{seed} {h} {qb} {nk} {count}");
                     assert!(v.windows(2).all(|w| w[0] < w[1]) && v.iter().all(|&x| x < nk));
-                    assert_eq!(v, bigbird_random_blocks(seed, h, qb, nk, count));
+                    assert_eq!(v, bigbird_random_blocks(seed, h, qb, nk, count).unwrap());
                     if nk == 10 {
                         v.iter().for_each(|&x| hits[x] += 1);
                     }
@@ -2859,7 +2861,17 @@ fn bigbird_random_blocks_contract() {
         }
     }
     assert!(hits.iter().all(|&n| n > 100), "every block drawn: {hits:?}");
-    assert!(bigbird_random_blocks(1, usize::MAX, usize::MAX, usize::MAX, 3).len() == 3);
+    assert!(
+        bigbird_random_blocks(1, usize::MAX, usize::MAX, usize::MAX, 3)
+            .unwrap()
+            .len()
+            == 3
+    );
+    // More blocks than a list can hold: refused before anything is allocated.
+    assert!(matches!(
+        bigbird_random_blocks(1, 0, 0, usize::MAX, usize::MAX),
+        Err(longattn::BlockMaskError::TooLarge { .. })
+    ));
 }
 
 /// Bad pattern arguments are errors: `sq > sk`, a difference not a multiple of the block,
