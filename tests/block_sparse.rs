@@ -1021,7 +1021,7 @@ fn flex_parts_split_lists_by_kind() {
         _ => vec![],
     })
     .unwrap();
-    let p = mask.to_flex_parts();
+    let p = mask.to_flex_parts().unwrap();
     assert_eq!(p.kv_num_blocks, vec![1, 0, 0, 1]);
     assert_eq!(p.full_kv_num_blocks, vec![1, 0, 0, 2]);
     assert_eq!(&p.kv_indices[..3], &[2, 0, 0]);

@@ -1381,7 +1381,7 @@ fn prop_block_mask_constructors() {
                 let dense = BlockMask::dense(dims, BlockKind::Partial).unwrap();
                 prop_assert_eq!(dense.nnz(), lists * dims.num_k_blocks);
                 if lists * dims.num_k_blocks <= 4096 {
-                    let _ = dense.to_flex_parts();
+                    prop_assert!(dense.to_flex_parts().is_ok());
                 }
             }
             // Lists that name blocks past the end are refused (a valid mask costs its lists:

@@ -730,3 +730,22 @@ fn pattern_cost_follows_listed_blocks_not_key_blocks() {
     let took = start.elapsed();
     assert!(took.as_secs_f64() < 5.0, "took {took:?}");
 }
+
+#[test]
+fn flex_parts_of_many_lists_over_many_key_blocks_are_refused_not_allocated() {
+    // `to_flex_parts` allocated `lists x num_k_blocks` i32 twice unchecked: 2^16 empty lists
+    // over 2^24 key blocks asked for 2 x 256 GiB (an abort), 2^31 x 2^31 overflowed.
+    let dims = BlockMaskDims::for_lengths(1, 1, 1 << 16, 1 << 24, 1, 1).unwrap();
+    let mask = BlockMask::from_lists(dims, |_| Vec::new()).unwrap();
+    assert!(matches!(
+        mask.to_flex_parts(),
+        Err(BlockMaskError::TooLarge { .. })
+    ));
+    let small = BlockMaskDims::for_lengths(1, 2, 3, 5, 1, 1).unwrap();
+    let parts = BlockMask::dense(small, BlockKind::Full)
+        .unwrap()
+        .to_flex_parts()
+        .unwrap();
+    assert_eq!(parts.full_kv_num_blocks, vec![5; 6]);
+    assert_eq!(parts.kv_indices, vec![0; 30]);
+}

@@ -517,15 +517,30 @@ impl BlockMask {
     /// interop): each list split by kind, partial blocks as `kv_num_blocks` / `kv_indices`
     /// and full blocks as `full_kv_num_blocks` / `full_kv_indices`; counts are
     /// `[batch, heads, num_q_blocks]` and indices `[batch, heads, num_q_blocks, num_k_blocks]`
-    /// with the unused tail of each row set to 0. Allocates `2 x lists x num_k_blocks` i32.
-    pub fn to_flex_parts(&self) -> FlexParts {
+    /// with the unused tail of each row set to 0. Allocates `2 x lists x num_k_blocks` i32:
+    /// above [`MAX_BLOCK_ENTRIES`] each (a sparse mask of many lists over many key blocks), or
+    /// when that cannot be allocated, [`BlockMaskError::TooLarge`].
+    pub fn to_flex_parts(&self) -> Result<FlexParts, BlockMaskError> {
         let nk = self.dims.num_k_blocks;
         let lists = self.offsets.len() - 1;
+        let too_large = || BlockMaskError::TooLarge {
+            what: "lists x key blocks (FlexAttention's index tensors)",
+        };
+        let dense_len = lists
+            .checked_mul(nk)
+            .filter(|&n| n <= MAX_BLOCK_ENTRIES)
+            .ok_or_else(too_large)?;
+        let zeros = |n: usize| {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| too_large())?;
+            v.resize(n, 0i32);
+            Ok::<_, BlockMaskError>(v)
+        };
         let mut parts = FlexParts {
-            kv_num_blocks: vec![0; lists],
-            kv_indices: vec![0; lists * nk],
-            full_kv_num_blocks: vec![0; lists],
-            full_kv_indices: vec![0; lists * nk],
+            kv_num_blocks: zeros(lists)?,
+            kv_indices: zeros(dense_len)?,
+            full_kv_num_blocks: zeros(lists)?,
+            full_kv_indices: zeros(dense_len)?,
         };
         for l in 0..lists {
             for e in self.offsets[l] as usize..self.offsets[l + 1] as usize {
@@ -538,7 +553,7 @@ impl BlockMask {
                 count[l] += 1;
             }
         }
-        parts
+        Ok(parts)
     }
 
     /// [`BlockMask::list`] for indices a bound problem guarantees in range (its dims were
