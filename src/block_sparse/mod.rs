@@ -432,6 +432,14 @@ impl BlockMask {
         dims: BlockMaskDims,
         mut list: impl FnMut(ListId) -> Vec<(usize, BlockKind)>,
     ) -> Result<Self, BlockMaskError> {
+        Self::try_from_lists(dims, |id| Ok(list(id)))
+    }
+
+    /// [`BlockMask::from_lists`] with lists that may fail: the first error is returned.
+    pub(crate) fn try_from_lists(
+        dims: BlockMaskDims,
+        mut list: impl FnMut(ListId) -> Result<Vec<(usize, BlockKind)>, BlockMaskError>,
+    ) -> Result<Self, BlockMaskError> {
         dims.check()?;
         let lists = dims.num_lists()?;
         let mut offsets = vec![0i32];
@@ -439,7 +447,7 @@ impl BlockMask {
         let mut full = Vec::new();
         for l in 0..lists {
             let id = dims.list_id(l);
-            for (kb, kind) in list(id) {
+            for (kb, kind) in list(id)? {
                 let kb = i32::try_from(kb).map_err(|_| BlockMaskError::IndexOutOfRange {
                     list: id,
                     index: i64::try_from(kb).unwrap_or(i64::MAX),

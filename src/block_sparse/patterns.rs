@@ -66,28 +66,11 @@ fn build(
     let dims =
         BlockMaskDims::for_lengths(1, if per_head { heads } else { 1 }, sq, sk, block, block)?;
     let shift = (sk - sq) / block;
-    // `from_lists` takes infallible lists: the first error is kept and ends every later list.
-    let mut failed = None;
-    let built = BlockMask::from_lists(dims, |ListId { head, q_block, .. }| {
-        if failed.is_some() {
-            return Vec::new();
-        }
-        match ranges(head, q_block + shift) {
-            Ok(r) => {
-                let rows = q_block * block..((q_block + 1) * block).min(sq);
-                let kbs = sorted_union(r, dims.num_k_blocks);
-                classify_blocks(&mask, rows, kbs, block, (sq, sk))
-            }
-            Err(e) => {
-                failed = Some(e);
-                Vec::new()
-            }
-        }
-    });
-    match failed {
-        Some(e) => Err(e),
-        None => built,
-    }
+    BlockMask::try_from_lists(dims, |ListId { head, q_block, .. }| {
+        let rows = q_block * block..((q_block + 1) * block).min(sq);
+        let kbs = sorted_union(ranges(head, q_block + shift)?, dims.num_k_blocks);
+        Ok(classify_blocks(&mask, rows, kbs, block, (sq, sk)))
+    })
 }
 
 /// The blocks of `ranges` below `num_k_blocks`, increasing, each once.
