@@ -192,3 +192,86 @@ fn fuzz_empty_append_allocates_nothing_per_kv_head() {
     });
     assert!(bytes < MIB, "an empty append allocated {bytes} bytes");
 }
+
+#[test]
+fn capi_fuzz_decode_problem_allocates_nothing_per_kv_head() {
+    // Found by tests/capi_fuzz.rs (seed 119, a 2.4 s call): a decode step over a cache
+    // declaring i32::MAX kv heads (3 pages) built a per-head policy table of every head
+    // (2 GiB, memset) before the call's buffers were checked; the default policy is now no
+    // table at all.
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let heads = i32::MAX as usize;
+    let (table, seqlens) = ([0i32, 1], [3i32, 2]);
+    let layout = PagedLayout {
+        num_pages: 3,
+        page_size: 3,
+        heads_kv: heads,
+        head_dim: 2,
+    };
+    let page_table = PageTable {
+        block_table: &table,
+        max_pages_per_seq: 1,
+        seqlens_k: &seqlens,
+    };
+    let mut made = None;
+    let bytes = largest_allocation(|| {
+        let cache = PagedCache::new(layout, page_table).unwrap();
+        made = Some(PagedDecode::new(&cache, heads, 1, &AttentionOptions::default()).unwrap());
+    });
+    assert!(bytes < MIB, "the decode problem allocated {bytes} bytes");
+    let decode = made.unwrap();
+    assert_eq!(decode.head_policy(heads - 1), Some(HeadPolicy::Full));
+    assert_eq!(decode.head_policy(heads), None);
+    assert!(decode.policy().is_none() && !decode.needs_meta());
+    // The C door, with buffers far smaller than the descriptor: refused, nothing per head.
+    let desc = longattn::capi::CPagedDesc {
+        num_pages: 3,
+        page_size: 3,
+        heads_kv: heads,
+        head_dim: 2,
+        batch: 2,
+        block_table: table.as_ptr(),
+        max_pages_per_seq: 1,
+        seqlens_k: seqlens.as_ptr(),
+        heads_q: heads,
+        q_len: 1,
+        scale: 0.0,
+        softcap: 0.0,
+        window_left: 3,
+        window_right: 0,
+        sinks: 2,
+    };
+    let (q, cache) = (vec![0f32; 37], vec![0f32; 56]);
+    let mut out = vec![0f32; 21];
+    let strides = longattn::capi::CStrides {
+        batch: 8,
+        seq: 4,
+        head: 2,
+    };
+    let bytes = largest_allocation(|| {
+        // SAFETY: every buffer holds the length it claims; the descriptor's tables are alive.
+        let st = unsafe {
+            longattn::capi::longattn_paged_decode_cpu(
+                &desc,
+                2,
+                longattn::capi::CTensor {
+                    data: q.as_ptr().cast(),
+                    len: q.len(),
+                    strides,
+                },
+                cache.as_ptr().cast(),
+                cache.as_ptr().cast(),
+                cache.len(),
+                longattn::capi::CTensorMut {
+                    data: out.as_mut_ptr().cast(),
+                    len: out.len(),
+                    strides,
+                },
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_ne!(st, longattn::capi::LONGATTN_OK);
+    });
+    assert!(bytes < MIB, "the refused C call allocated {bytes} bytes");
+}

@@ -812,7 +812,7 @@ fn gpu_plan_reuse_matches_one_shot() {
                     let mp = sc.cache.max_pages_per_seq();
                     for b in 0..seqlens.len() {
                         for h in 0..hkv {
-                            if dec.policy().heads[h] != HeadPolicy::Quest {
+                            if dec.head_policy(h) != Some(HeadPolicy::Quest) {
                                 continue;
                             }
                             let i = b * hkv + h;

@@ -856,7 +856,7 @@ fn prop_paged_forward_append_select() {
                 let mut merged: Vec<Vec<usize>> = Vec::new();
                 for bi in 0..b {
                     for kvh in 0..hkv {
-                        let l = match dec.policy().heads[kvh] {
+                        let l = match dec.head_policy(kvh).unwrap() {
                             HeadPolicy::Quest => sel.pages.get(bi, kvh).unwrap(),
                             _ => lists.get(bi, kvh).unwrap(),
                         };

@@ -2,7 +2,10 @@
 //! path (split-KV with the same page partition and merge as the kernels).
 
 use super::cache::{KvPages, PageMeta, PagedCache};
-use super::select::{Candidates, HeadPolicy, PageLists, QuestSelection, SparsePolicy, select_top};
+use super::select::{
+    Candidates, HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, StreamingConfig,
+    select_top,
+};
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -87,7 +90,10 @@ pub struct PagedDecode {
     pub(crate) scale: f32,
     pub(crate) softcap: Option<f32>,
     pub(crate) mask: Mask,
-    pub(crate) policy: SparsePolicy,
+    /// `None`: every kv head [`HeadPolicy::Full`], with no per-head table (a cache may
+    /// declare up to `i32::MAX` kv heads; nothing is allocated per head before a call's
+    /// buffers bound them).
+    pub(crate) policy: Option<SparsePolicy>,
     pub(crate) lists: Option<PageLists>,
     pub(crate) num_splits: Option<usize>,
     pub(crate) merge: SplitMerge,
@@ -145,7 +151,7 @@ impl PagedDecode {
                 ),
                 ..options.effective_mask()
             },
-            policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
+            policy: None,
             lists: None,
             num_splits: None,
             merge: SplitMerge::Kernel,
@@ -184,7 +190,7 @@ impl PagedDecode {
                 q.sink_pages
             )));
         }
-        self.policy = policy;
+        self.policy = Some(policy);
         Ok(self)
     }
 
@@ -297,9 +303,39 @@ impl PagedDecode {
     pub fn softcap(&self) -> Option<f32> {
         self.softcap
     }
-    /// The sparse page-selection policy (streaming heads, Quest).
-    pub fn policy(&self) -> &SparsePolicy {
-        &self.policy
+    /// The sparse page-selection policy set by [`Self::with_policy`] (streaming heads,
+    /// Quest); `None`: every kv head reads all its visible pages.
+    pub fn policy(&self) -> Option<&SparsePolicy> {
+        self.policy.as_ref()
+    }
+    /// The policy of kv head `kvh`; `None` when `kvh` is not a kv head of the cache.
+    pub fn head_policy(&self, kvh: usize) -> Option<HeadPolicy> {
+        (kvh < self.cache.heads_kv()).then(|| self.head_policy_at(kvh))
+    }
+    /// [`Self::head_policy`] for a kv head the caller has checked.
+    pub(crate) fn head_policy_at(&self, kvh: usize) -> HeadPolicy {
+        self.policy
+            .as_ref()
+            .map_or(HeadPolicy::Full, |p| p.heads[kvh])
+    }
+    /// Whether some kv head follows `kind`.
+    pub fn has_heads(&self, kind: HeadPolicy) -> bool {
+        match &self.policy {
+            Some(p) => p.heads.contains(&kind),
+            None => kind == HeadPolicy::Full,
+        }
+    }
+    /// The Quest budget in force (the default when no policy is set).
+    pub fn quest_config(&self) -> QuestConfig {
+        self.policy
+            .as_ref()
+            .map_or_else(Default::default, |p| p.quest)
+    }
+    /// The streaming heads' mask in force (the default when no policy is set).
+    pub fn streaming_config(&self) -> StreamingConfig {
+        self.policy
+            .as_ref()
+            .map_or_else(Default::default, |p| p.streaming)
     }
     /// Query heads per kv head.
     pub fn group(&self) -> usize {
@@ -322,7 +358,7 @@ impl PagedDecode {
     }
     /// Whether some head needs the Quest metadata.
     pub fn needs_meta(&self) -> bool {
-        self.policy.heads.contains(&HeadPolicy::Quest)
+        self.has_heads(HeadPolicy::Quest)
     }
 
     /// The decode mask of Full, Quest and Listed heads (and of the Quest candidates): the
@@ -335,16 +371,19 @@ impl PagedDecode {
     /// The mask kv head `kvh` applies (streaming heads use their own); `None` when `kvh` is
     /// not a kv head of the cache.
     pub fn mask_of(&self, kvh: usize) -> Option<Mask> {
-        (kvh < self.policy.heads.len()).then(|| self.mask_at(kvh))
+        (kvh < self.cache.heads_kv()).then(|| self.mask_at(kvh))
     }
 
     /// [`Self::mask_of`] for a kv head the caller has checked.
     pub(crate) fn mask_at(&self, kvh: usize) -> Mask {
-        match self.policy.heads[kvh] {
-            HeadPolicy::Streaming => Mask {
-                window: Window::new(Some(self.policy.streaming.window - 1), Some(0)),
-                sinks: self.policy.streaming.sinks,
-            },
+        match self.head_policy_at(kvh) {
+            HeadPolicy::Streaming => {
+                let streaming = self.streaming_config();
+                Mask {
+                    window: Window::new(Some(streaming.window - 1), Some(0)),
+                    sinks: streaming.sinks,
+                }
+            }
             _ => self.mask,
         }
     }
@@ -447,12 +486,10 @@ impl PagedDecode {
             let sk = self.cache.seqlen_of(b);
             // Per-sequence values shared by the heads of one kind.
             let quest = self
-                .policy
-                .heads
-                .contains(&HeadPolicy::Quest)
+                .has_heads(HeadPolicy::Quest)
                 .then(|| self.quest_selected_count(b));
             for kvh in 0..self.cache.heads_kv() {
-                let listed = match self.policy.heads[kvh] {
+                let listed = match self.head_policy_at(kvh) {
                     HeadPolicy::Quest => Some(quest.unwrap_or(0)),
                     HeadPolicy::Listed => {
                         Some(self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()))
@@ -476,7 +513,8 @@ impl PagedDecode {
     /// `min(max(budget, #kept), #candidates)`), in closed form.
     fn quest_selected_count(&self, b: usize) -> usize {
         let cand = self.candidates(b);
-        let sink_pages = self.policy.quest.sink_pages;
+        let quest = self.quest_config();
+        let sink_pages = quest.sink_pages;
         let n_cand = cand.sink_pages + cand.window.len();
         // Kept candidates: those below `sink_pages` (in the sink range or the window, which
         // are disjoint), plus the newest page when it is a candidate not counted yet.
@@ -489,7 +527,7 @@ impl PagedDecode {
         let newest = cand
             .newest
             .is_some_and(|p| p >= sink_pages && (p < cand.sink_pages || cand.window.contains(&p)));
-        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        let budget = quest.budget_pages(self.cache.page_size());
         budget.max(below + usize::from(newest)).min(n_cand)
     }
 
@@ -502,7 +540,7 @@ impl PagedDecode {
         let mut tokens = 0;
         for b in 0..self.cache.batch() {
             for kvh in 0..self.cache.heads_kv() {
-                let pages = match self.policy.heads[kvh] {
+                let pages = match self.head_policy_at(kvh) {
                     HeadPolicy::Listed => lists.map_or(0, |l| l.list(b, kvh).len()),
                     HeadPolicy::Quest => self.quest_selected_count(b),
                     _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
@@ -525,7 +563,7 @@ impl PagedDecode {
         rows: std::ops::Range<usize>,
         selected: Option<&PageLists>,
     ) -> Vec<u32> {
-        match self.policy.heads[kvh] {
+        match self.head_policy_at(kvh) {
             HeadPolicy::Quest | HeadPolicy::Listed => {
                 selected.map_or_else(Vec::new, |l| l.list(b, kvh).to_vec())
             }
@@ -599,7 +637,7 @@ impl PagedDecode {
 
     /// Listed heads need their page lists.
     pub(crate) fn check_lists_given(&self) -> Result<()> {
-        if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
+        if self.has_heads(HeadPolicy::Listed) && self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
             ));
@@ -627,13 +665,14 @@ impl PagedDecode {
             self.cache.max_pages_per_seq(),
         );
         let layout = self.cache.layout();
-        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        let quest = self.quest_config();
+        let budget = quest.budget_pages(self.cache.page_size());
         let per: Vec<(Vec<f32>, Vec<u32>)> = (0..self.cache.batch() * hkv)
             .into_par_iter()
             .map(|bg| {
                 let (b, kvh) = (bg / hkv, bg % hkv);
                 let mut scores = vec![f32::NEG_INFINITY; mp];
-                if self.policy.heads[kvh] != HeadPolicy::Quest {
+                if self.head_policy_at(kvh) != HeadPolicy::Quest {
                     return (scores, Vec::new());
                 }
                 let rows: Vec<Vec<f32>> = (0..self.q_len)
@@ -656,7 +695,7 @@ impl PagedDecode {
                         .fold(f32::NEG_INFINITY, f32::max)
                         * scales.of(kvh).0;
                 }
-                let sel = select_top(&cand, &scores, self.policy.quest.sink_pages, budget);
+                let sel = select_top(&cand, &scores, quest.sink_pages, budget);
                 (scores, sel)
             })
             .collect();
@@ -707,7 +746,7 @@ impl PagedDecode {
         if let Some(given) = &self.lists {
             for b in 0..self.cache.batch() {
                 for kvh in 0..hkv {
-                    if self.policy.heads[kvh] == HeadPolicy::Listed {
+                    if self.head_policy_at(kvh) == HeadPolicy::Listed {
                         lists.lists[b * hkv + kvh] = given.list(b, kvh).to_vec();
                     }
                 }

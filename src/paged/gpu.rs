@@ -679,11 +679,8 @@ pub(super) mod imp {
     }
 
     fn head_kinds(decode: &PagedDecode) -> Vec<i32> {
-        decode
-            .policy()
-            .heads
-            .iter()
-            .map(|p| match p {
+        (0..decode.cache().heads_kv())
+            .map(|kvh| match decode.head_policy_at(kvh) {
                 HeadPolicy::Full => ffi::LaHeadKind::LA_HEAD_FULL as i32,
                 HeadPolicy::Listed => ffi::LaHeadKind::LA_HEAD_PAGES as i32,
                 HeadPolicy::Streaming => ffi::LaHeadKind::LA_HEAD_STREAMING as i32,
@@ -701,7 +698,7 @@ pub(super) mod imp {
         if let Some(given) = decode.lists.as_ref() {
             for b in 0..cache.batch() {
                 for kvh in 0..hkv {
-                    if decode.policy().heads[kvh] == HeadPolicy::Listed {
+                    if decode.head_policy_at(kvh) == HeadPolicy::Listed {
                         let l = given.list(b, kvh);
                         let row = (b * hkv + kvh) * mp;
                         for (dst, &p) in pl[row..row + l.len()].iter_mut().zip(l) {
@@ -728,7 +725,7 @@ pub(super) mod imp {
         let head_kind = stream.clone_htod(&head_kinds(decode))?;
         let kv_scales = stream.clone_htod(&cache.kv_scales_flat())?;
         let quest = decode.needs_meta();
-        let listed = decode.policy().heads.contains(&HeadPolicy::Listed);
+        let listed = decode.has_heads(HeadPolicy::Listed);
         let sm_count = stream
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?
@@ -1008,7 +1005,7 @@ pub(super) mod imp {
         let (ks, _s10) = kv_scales.device_ptr(stream);
         let (kv_dtype, kv_scales) = kv_params::<C>(ks);
         let (wl, wr) = decode.base_mask().window.to_flash();
-        let quest = decode.policy().quest;
+        let quest = decode.quest_config();
         let params = ffi::LaQuestParams {
             cache: la_cache(cache, 0, 0, bt, sl),
             q: qp as *const _,
@@ -1106,8 +1103,8 @@ pub(super) mod imp {
             _ => (0, None, 0, None),
         };
         let (wl, wr) = decode.base_mask().window.to_flash();
-        let streaming = decode.policy().streaming;
-        let has_streaming = decode.policy().heads.contains(&HeadPolicy::Streaming);
+        let streaming = decode.streaming_config();
+        let has_streaming = decode.has_heads(HeadPolicy::Streaming);
         let params = ffi::LaPagedDecodeParams {
             cache: ptrs.cache,
             q: ptrs.q as *const _,

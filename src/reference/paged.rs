@@ -22,7 +22,7 @@ pub fn decode_visible<'a>(
         let in_mask = decode.mask_at(kvh).visible(i, j, decode.q_len(), sk);
         let page = (j / decode.cache().page_size()) as u32;
         in_mask
-            && match decode.policy().heads[kvh] {
+            && match decode.head_policy_at(kvh) {
                 HeadPolicy::Quest | HeadPolicy::Listed => {
                     selected.is_some_and(|s| s.list(b, kvh).contains(&page))
                 }
@@ -134,7 +134,7 @@ pub fn quest_select_brute(decode: &PagedDecode, b: usize, scores: &[f64]) -> Vec
             (p * ps..((p + 1) * ps).min(sk)).any(|j| (0..sq).any(|i| base.visible(i, j, sq, sk)))
         })
         .collect();
-    let quest = decode.policy().quest;
+    let quest = decode.quest_config();
     let newest = (sk > 0).then(|| (sk - 1) / ps);
     let kept = |p: usize| p < quest.sink_pages || Some(p) == newest;
     let n_kept = cand.iter().filter(|&&p| kept(p)).count();
