@@ -16,60 +16,49 @@ use longattn::{BlockMask, BlockMaskError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-/// The element-mask keywords of a constructor (those of `block_sparse`).
-struct ElementMask {
-    causal: bool,
-    window: Option<(i64, i64)>,
-    sinks: usize,
-}
+/// A constructor's lengths, heads and block size: `(seqlen_q, seqlen_k, heads, block)`.
+type Dims = (usize, usize, usize, usize);
+/// A constructor's element-mask keywords, as `block_sparse` takes them: `(causal, window,
+/// sinks)`.
+type ElementMask = (bool, Option<(i64, i64)>, usize);
 
-impl ElementMask {
-    /// The pattern's shape with this element mask (as `block_sparse` builds its options).
-    fn shape(
-        &self,
-        seqlen_q: usize,
-        seqlen_k: usize,
-        heads: usize,
-        block: usize,
-    ) -> PyResult<PatternShape> {
-        let opts = make_options(None, self.causal, self.window, None, self.sinks)?;
-        Ok(PatternShape {
-            heads,
-            seqlen_q,
-            seqlen_k,
-            block,
-            mask: opts.effective_mask(),
-        })
-    }
-
-    /// The keyword arguments of `block_sparse` for `built` (built without the GIL): `offsets`
-    /// `(lists + 1,)` int32, `indices (nnz,)` int32, `full (nnz,)` bool, `block_m`, `block_n`,
-    /// `mask_batch` (1), `mask_heads`, and these element-mask keywords.
-    fn kwargs<'py>(
-        &self,
-        py: Python<'py>,
-        built: impl FnOnce() -> Result<BlockMask, BlockMaskError> + Send,
-    ) -> PyResult<Bound<'py, PyDict>> {
-        let m = py.detach(built).map_err(mask_err)?;
-        let dims = m.dims();
-        let copy = |name, x: &[i32]| {
-            let data = try_collect(name, x.iter().copied())?;
-            to_py(py, data, &[x.len()])
-        };
-        let full = try_collect("full", m.full_flags().iter().map(|&f| f != 0))?;
-        let kw = PyDict::new(py);
-        kw.set_item("offsets", copy("offsets", m.offsets())?)?;
-        kw.set_item("indices", copy("indices", m.indices())?)?;
-        kw.set_item("full", to_py(py, full, &[m.nnz()])?)?;
-        kw.set_item("block_m", dims.block_m)?;
-        kw.set_item("block_n", dims.block_n)?;
-        kw.set_item("mask_batch", dims.batch)?;
-        kw.set_item("mask_heads", dims.heads)?;
-        kw.set_item("causal", self.causal)?;
-        kw.set_item("window", self.window)?;
-        kw.set_item("sinks", self.sinks)?;
-        Ok(kw)
-    }
+/// The keyword arguments of `block_sparse` for the mask `build` makes (without the GIL) of
+/// the pattern shape of `dims` and the element mask of the keywords (built as
+/// `block_sparse` builds its options): `offsets (lists + 1,)` int32, `indices (nnz,)` int32,
+/// `full (nnz,)` bool, `block_m`, `block_n`, `mask_batch` (1), `mask_heads`, and the
+/// element-mask keywords.
+fn mask_kwargs<'py>(
+    py: Python<'py>,
+    (seqlen_q, seqlen_k, heads, block): Dims,
+    (causal, window, sinks): ElementMask,
+    build: impl FnOnce(&PatternShape) -> Result<BlockMask, BlockMaskError> + Send,
+) -> PyResult<Bound<'py, PyDict>> {
+    let shape = PatternShape {
+        heads,
+        seqlen_q,
+        seqlen_k,
+        block,
+        mask: make_options(None, causal, window, None, sinks)?.effective_mask(),
+    };
+    let m = py.detach(|| build(&shape)).map_err(mask_err)?;
+    let dims = m.dims();
+    let copy = |name, x: &[i32]| {
+        let data = try_collect(name, x.iter().copied())?;
+        to_py(py, data, &[x.len()])
+    };
+    let full = try_collect("full", m.full_flags().iter().map(|&f| f != 0))?;
+    let kw = PyDict::new(py);
+    kw.set_item("offsets", copy("offsets", m.offsets())?)?;
+    kw.set_item("indices", copy("indices", m.indices())?)?;
+    kw.set_item("full", to_py(py, full, &[m.nnz()])?)?;
+    kw.set_item("block_m", dims.block_m)?;
+    kw.set_item("block_n", dims.block_n)?;
+    kw.set_item("mask_batch", dims.batch)?;
+    kw.set_item("mask_heads", dims.heads)?;
+    kw.set_item("causal", causal)?;
+    kw.set_item("window", window)?;
+    kw.set_item("sinks", sinks)?;
+    Ok(kw)
 }
 
 /// Longformer (Beltagy et al. 2020, "Longformer: The Long-Document Transformer"), in blocks:
@@ -97,14 +86,9 @@ fn longformer_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, 1, block)?;
-    em.kwargs(py, || {
-        patterns::longformer(&shape, window_blocks, global_blocks)
+    let dims = (seqlen_q, seqlen_k, 1, block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::longformer(s, window_blocks, global_blocks)
     })
 }
 
@@ -133,14 +117,9 @@ fn bigbird_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, heads, block)?;
-    em.kwargs(py, || {
-        patterns::bigbird(&shape, window_blocks, global_blocks, random_blocks, seed)
+    let dims = (seqlen_q, seqlen_k, heads, block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::bigbird(s, window_blocks, global_blocks, random_blocks, seed)
     })
 }
 
@@ -177,13 +156,10 @@ fn sparse_transformer_strided_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, 1, block)?;
-    em.kwargs(py, || patterns::sparse_transformer_strided(&shape, stride))
+    let dims = (seqlen_q, seqlen_k, 1, block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::sparse_transformer_strided(s, stride)
+    })
 }
 
 /// Sparse Transformer, fixed (Child et al. 2019), in blocks: chunks of `stride` blocks;
@@ -206,14 +182,9 @@ fn sparse_transformer_fixed_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, 1, block)?;
-    em.kwargs(py, || {
-        patterns::sparse_transformer_fixed(&shape, stride, summary)
+    let dims = (seqlen_q, seqlen_k, 1, block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::sparse_transformer_fixed(s, stride, summary)
     })
 }
 
@@ -237,13 +208,10 @@ fn block_attention_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, 1, block)?;
-    em.kwargs(py, || patterns::block_attention(&shape, &passages))
+    let dims = (seqlen_q, seqlen_k, 1, block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::block_attention(s, &passages)
+    })
 }
 
 /// Per-head windows (MSWA: Xu et al. 2025, "MSWA: Refining Local Attention with Multi-Scale
@@ -267,13 +235,10 @@ fn per_head_windows_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, heads.unwrap_or(windows.len()), block)?;
-    em.kwargs(py, || patterns::per_head_windows(&shape, &windows))
+    let dims = (seqlen_q, seqlen_k, heads.unwrap_or(windows.len()), block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::per_head_windows(s, &windows)
+    })
 }
 
 /// DuoAttention at prefill (Xiao et al. 2024, "DuoAttention: Efficient Long-Context LLM
@@ -301,14 +266,9 @@ fn streaming_heads_mask<'py>(
     window: Option<(i64, i64)>,
     sinks: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let em = ElementMask {
-        causal,
-        window,
-        sinks,
-    };
-    let shape = em.shape(seqlen_q, seqlen_k, heads.unwrap_or(streaming.len()), block)?;
-    em.kwargs(py, || {
-        patterns::streaming_heads(&shape, &streaming, sink_blocks, window_blocks)
+    let dims = (seqlen_q, seqlen_k, heads.unwrap_or(streaming.len()), block);
+    mask_kwargs(py, dims, (causal, window, sinks), |s| {
+        patterns::streaming_heads(s, &streaming, sink_blocks, window_blocks)
     })
 }
 
