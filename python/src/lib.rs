@@ -11,6 +11,7 @@
 //! unbounded; `causal` composes as in FA2 (right = min(right, 0), left kept).
 
 mod cuda;
+mod patterns;
 
 use longattn::{
     AttentionOptions, AttentionShape, BlockMask, BlockMaskDims, BlockMaskError,
@@ -1408,6 +1409,7 @@ fn _longattn(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fp8_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(neighborhood, m)?)?;
     m.add_function(wrap_pyfunction!(block_sparse, m)?)?;
+    patterns::register(m)?;
     cuda::register(m)?;
     Ok(())
 }

@@ -231,6 +231,27 @@ def test_block_sparse_cuda_matches_cpu():
                 assert err < TOL[str(dtype)[6:]], (d, dtype, bm, bn, opts, err)
 
 
+def test_block_sparse_cuda_under_patterns_matches_cpu():
+    # The pattern constructors' keywords splatted into both functions (blocks of 64, seqlen_q
+    # two blocks below seqlen_k, odd lengths): per-head BigBird and DuoAttention, causal;
+    # broadcast Longformer under a two-sided window with sinks.
+    torch = _torch_or_skip()
+    b, sq, sk, hq, hkv, d = 2, 171, 299, 4, 2, 64
+    masks = [longattn.bigbird_mask(sq, sk, 1, 1, 2, heads=hq, seed=3, block=64, causal=True),
+             longattn.streaming_heads_mask(sq, sk, [True, False, True, True], 1, 1, block=64,
+                                           causal=True, sinks=5),
+             longattn.longformer_mask(sq, sk, 1, 1, block=64, window=(70, 10), sinks=3)]
+    q, k, v = _inputs(torch, torch.float16, (b, sq, hq, d), (b, sk, hkv, d), 5)
+    qg, kg, vg = (x.cuda() for x in (q, k, v))
+    for mask in masks:
+        out = torch.full_like(qg, float("nan"))
+        longattn.block_sparse_cuda(qg, kg, vg, out, **mask, scale=0.3)
+        torch.cuda.synchronize()
+        want = longattn.block_sparse(_host(q), _host(k), _host(v), **mask, scale=0.3)
+        err = rel_l2(_host(out), want)
+        assert err < TOL["float16"], (mask["mask_heads"], mask["causal"], err)
+
+
 
 def _append_both(torch, g, dtype, gpu, cpu, table, **scales):
     """Three append steps (prefill-like, then decodes) of random ``dtype`` tokens into the

@@ -22,6 +22,17 @@ ones also take an FP8 e4m3 cache as the CPU ones do: ``uint8`` code tensors (a
 bounds in e4m3 codes too; q, out and new tokens stay float16/bfloat16 (FP8 on CUDA: not yet
 run on a GPU).
 
+Block-sparse patterns (square blocks of ``block`` tokens, parameters in blocks, query block
+``qb`` at key block position ``qb + (seqlen_k - seqlen_q) // block``): ``longformer_mask``,
+``bigbird_mask`` (random blocks from ``bigbird_random_blocks``),
+``sparse_transformer_strided_mask``, ``sparse_transformer_fixed_mask``,
+``block_attention_mask``, ``per_head_windows_mask`` (MSWA), ``streaming_heads_mask``
+(DuoAttention) each return a dict of ``block_sparse``'s keyword arguments: ``offsets``,
+``indices`` (int32), ``full`` (bool: the element mask shows every element of the block),
+``block_m``, ``block_n``, ``mask_batch`` (1), ``mask_heads`` (1 when the pattern is the
+same for every head), and the ``causal``, ``window``, ``sinks`` they were built for (the
+mask is "the pattern AND that element mask"): ``block_sparse(q, k, v, **mask, scale=...)``.
+
 Layouts follow FlashAttention: ``q (batch, seqlen_q, heads_q, head_dim)``, ``k, v (batch,
 seqlen_k, heads_kv, head_dim)``; windows are ``(left, right)`` with ``-1`` unbounded and
 ``causal`` sets ``right = min(right, 0)``; a row with no visible key gives 0.
@@ -36,6 +47,14 @@ from ._longattn import (
     merge,
     fp8_quantize,
     block_sparse,
+    longformer_mask,
+    bigbird_mask,
+    bigbird_random_blocks,
+    sparse_transformer_strided_mask,
+    sparse_transformer_fixed_mask,
+    block_attention_mask,
+    per_head_windows_mask,
+    streaming_heads_mask,
     dense_cuda as _dense_cuda,
     dense_varlen_cuda as _dense_varlen_cuda,
     paged_decode_cuda as _paged_decode_cuda,
@@ -57,6 +76,14 @@ __all__ = [
     "fp8_quantize",
     "neighborhood",
     "block_sparse",
+    "longformer_mask",
+    "bigbird_mask",
+    "bigbird_random_blocks",
+    "sparse_transformer_strided_mask",
+    "sparse_transformer_fixed_mask",
+    "block_attention_mask",
+    "per_head_windows_mask",
+    "streaming_heads_mask",
     "dense_cuda",
     "dense_varlen_cuda",
     "paged_decode_cuda",
