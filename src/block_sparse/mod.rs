@@ -445,9 +445,21 @@ impl BlockMask {
         let mut offsets = vec![0i32];
         let mut indices = Vec::new();
         let mut full = Vec::new();
+        let too_large = || BlockMaskError::TooLarge {
+            what: "the number of listed blocks",
+        };
         for l in 0..lists {
             let id = dims.list_id(l);
-            for (kb, kind) in list(id)? {
+            let entries = list(id)?;
+            // Within the i32 limit, and grown fallibly (a huge valid mask is an error, not
+            // an abort).
+            if entries.len() > MAX_BLOCK_ENTRIES - indices.len() {
+                return Err(too_large());
+            }
+            (indices.try_reserve(entries.len()))
+                .and_then(|()| full.try_reserve(entries.len()))
+                .map_err(|_| too_large())?;
+            for (kb, kind) in entries {
                 let kb = i32::try_from(kb).map_err(|_| BlockMaskError::IndexOutOfRange {
                     list: id,
                     index: i64::try_from(kb).unwrap_or(i64::MAX),
@@ -455,11 +467,6 @@ impl BlockMask {
                 })?;
                 indices.push(kb);
                 full.push(kind == BlockKind::Full);
-                if indices.len() > MAX_BLOCK_ENTRIES {
-                    return Err(BlockMaskError::TooLarge {
-                        what: "the number of listed blocks",
-                    });
-                }
             }
             offsets.push(indices.len() as i32);
         }
