@@ -760,3 +760,38 @@ fn fuzz_references_of_rowless_problem_cost_nothing() {
         assert!(took.as_secs_f64() < 2.0, "took {took:?}");
     }
 }
+
+#[test]
+fn fuzz_paged_decode_of_many_kv_heads_costs_nothing() {
+    // Found by fuzz/paged (a timeout): `PagedDecode::new` allocated a per-kv-head policy for
+    // the declared `heads_kv` (2^31 - 1 here: 2 GiB) before any buffer bounded it, and the
+    // reports (`kv_bytes_read`, `splits_for`, `balanced_splits`) walked every (sequence, kv
+    // head) pair, collecting each one's pages. Heads that follow one policy share their pages.
+    let heads = i32::MAX as usize;
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages: 1,
+            page_size: 3,
+            heads_kv: heads,
+            head_dim: 1,
+        },
+        PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[3],
+        },
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let decode = PagedDecode::new(&cache, heads, 1, &AttentionOptions::default()).unwrap();
+    // One page of 3 tokens per kv head, one block of rows, K and V, head_dim 1, 2 bytes.
+    assert_eq!(decode.kv_bytes_read(2), heads * 3 * 2 * 2);
+    assert_eq!(decode.max_block_work_pages(), 1);
+    assert_eq!(decode.splits_for(usize::MAX), 1);
+    assert_eq!(decode.balanced_splits(usize::MAX), (1, 1));
+    assert!(!decode.needs_meta());
+    assert_eq!(decode.mask_of(heads - 1), Some(decode.base_mask()));
+    assert_eq!(decode.mask_of(heads), None);
+    let took = start.elapsed();
+    assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+}

@@ -2,7 +2,9 @@
 //! path (split-KV with the same page partition and merge as the kernels).
 
 use super::cache::{KvPages, PageMeta, PagedCache};
-use super::select::{Candidates, HeadPolicy, PageLists, QuestSelection, SparsePolicy, select_top};
+use super::select::{
+    Candidates, HeadPolicy, PageLists, QuestConfig, QuestSelection, SparsePolicy, select_top,
+};
 use crate::dense::AttentionOptions;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -11,6 +13,7 @@ use crate::layout::{Strided, Strides, check_extent, check_no_overlap};
 use crate::mask::{Mask, Window};
 use crate::softmax::{OnlineSoftmaxBlock, dot_block, merge_into_row, softcapped};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Query rows (`q_len * heads_q / heads_kv`) one GPU decode block serves
 /// (`LA_PAGED_DECODE_ROWS` in paged.h): a page is read once per block.
@@ -87,7 +90,12 @@ pub struct PagedDecode {
     pub(crate) scale: f32,
     pub(crate) softcap: Option<f32>,
     pub(crate) mask: Mask,
-    pub(crate) policy: SparsePolicy,
+    /// The policy given to [`PagedDecode::with_policy`]; `None`: every kv head is
+    /// [`HeadPolicy::Full`] (no per-head list: `heads_kv` is declared, not memory the caller
+    /// holds, so neither the constructor nor the reports may cost `heads_kv`).
+    pub(crate) policy: Option<SparsePolicy>,
+    /// [`PagedDecode::policy`] of a decode without a given policy, built on its first call.
+    pub(crate) uniform: OnceLock<SparsePolicy>,
     pub(crate) lists: Option<PageLists>,
     pub(crate) num_splits: Option<usize>,
     pub(crate) merge: SplitMerge,
@@ -145,7 +153,8 @@ impl PagedDecode {
                 ),
                 ..options.effective_mask()
             },
-            policy: SparsePolicy::uniform(heads_kv, HeadPolicy::Full),
+            policy: None,
+            uniform: OnceLock::new(),
             lists: None,
             num_splits: None,
             merge: SplitMerge::Kernel,
@@ -184,7 +193,7 @@ impl PagedDecode {
                 q.sink_pages
             )));
         }
-        self.policy = policy;
+        self.policy = Some(policy);
         Ok(self)
     }
 
@@ -297,9 +306,51 @@ impl PagedDecode {
     pub fn softcap(&self) -> Option<f32> {
         self.softcap
     }
-    /// The sparse page-selection policy (streaming heads, Quest).
+    /// The sparse page-selection policy (streaming heads, Quest). Without
+    /// [`PagedDecode::with_policy`], every kv head [`HeadPolicy::Full`] (that list of
+    /// `heads_kv` entries is built on the first call).
     pub fn policy(&self) -> &SparsePolicy {
-        &self.policy
+        match &self.policy {
+            Some(p) => p,
+            None => self
+                .uniform
+                .get_or_init(|| SparsePolicy::uniform(self.cache.heads_kv(), HeadPolicy::Full)),
+        }
+    }
+    /// The policy of kv head `kvh` (checked by the caller).
+    pub(crate) fn head_policy(&self, kvh: usize) -> HeadPolicy {
+        self.policy
+            .as_ref()
+            .map_or(HeadPolicy::Full, |p| p.heads[kvh])
+    }
+    /// Whether some kv head follows `kind`.
+    pub(crate) fn has_heads(&self, kind: HeadPolicy) -> bool {
+        match &self.policy {
+            Some(p) => p.heads.contains(&kind),
+            None => kind == HeadPolicy::Full,
+        }
+    }
+    /// The Quest budget (the default without a given policy, which has no Quest head).
+    fn quest(&self) -> QuestConfig {
+        self.policy.as_ref().map(|p| p.quest).unwrap_or_default()
+    }
+    /// Kv heads per policy, `[Full, Streaming, Quest]` (heads of one kind share their
+    /// pages), and the Listed heads. O(1) without a given policy, else O(`heads_kv`): the
+    /// caller's list.
+    fn heads_by_kind(&self) -> ([usize; 3], Vec<usize>) {
+        let Some(p) = &self.policy else {
+            return ([self.cache.heads_kv(), 0, 0], Vec::new());
+        };
+        let (mut counts, mut listed) = ([0; 3], Vec::new());
+        for (kvh, &h) in p.heads.iter().enumerate() {
+            match h {
+                HeadPolicy::Full => counts[0] += 1,
+                HeadPolicy::Streaming => counts[1] += 1,
+                HeadPolicy::Quest => counts[2] += 1,
+                HeadPolicy::Listed => listed.push(kvh),
+            }
+        }
+        (counts, listed)
     }
     /// Query heads per kv head.
     pub fn group(&self) -> usize {
@@ -322,7 +373,7 @@ impl PagedDecode {
     }
     /// Whether some head needs the Quest metadata.
     pub fn needs_meta(&self) -> bool {
-        self.policy.heads.contains(&HeadPolicy::Quest)
+        self.has_heads(HeadPolicy::Quest)
     }
 
     /// The decode mask of Full, Quest and Listed heads (and of the Quest candidates): the
@@ -335,17 +386,27 @@ impl PagedDecode {
     /// The mask kv head `kvh` applies (streaming heads use their own); `None` when `kvh` is
     /// not a kv head of the cache.
     pub fn mask_of(&self, kvh: usize) -> Option<Mask> {
-        (kvh < self.policy.heads.len()).then(|| self.mask_at(kvh))
+        (kvh < self.cache.heads_kv()).then(|| self.mask_at(kvh))
     }
 
     /// [`Self::mask_of`] for a kv head the caller has checked.
     pub(crate) fn mask_at(&self, kvh: usize) -> Mask {
-        match self.policy.heads[kvh] {
-            HeadPolicy::Streaming => Mask {
-                window: Window::new(Some(self.policy.streaming.window - 1), Some(0)),
-                sinks: self.policy.streaming.sinks,
-            },
+        match self.head_policy(kvh) {
+            HeadPolicy::Streaming => self.streaming_mask(),
             _ => self.mask,
+        }
+    }
+
+    /// The mask of the [`HeadPolicy::Streaming`] heads.
+    fn streaming_mask(&self) -> Mask {
+        let s = self
+            .policy
+            .as_ref()
+            .map(|p| p.streaming)
+            .unwrap_or_default();
+        Mask {
+            window: Window::new(Some(s.window - 1), Some(0)),
+            sinks: s.sinks,
         }
     }
 
@@ -404,8 +465,8 @@ impl PagedDecode {
     /// block with `n` work pages runs `ceil(n / pages_per_split)` splits (at least one).
     pub fn balanced_splits(&self, sm_count: usize) -> (usize, usize) {
         let (mut total, mut most) = (0usize, 0usize);
-        self.visit_block_work(|n| {
-            total = total.saturating_add(n);
+        self.visit_work_groups(|n, blocks| {
+            total = total.saturating_add(n.saturating_mul(blocks));
             most = most.max(n);
         });
         if most == 0 {
@@ -429,7 +490,7 @@ impl PagedDecode {
     /// Most pages one GPU decode block visits ([`PagedDecode::visit_block_work`]).
     pub fn max_block_work_pages(&self) -> usize {
         let mut most = 0;
-        self.visit_block_work(|n| most = most.max(n));
+        self.visit_work_groups(|n, _| most = most.max(n));
         most
     }
 
@@ -439,35 +500,41 @@ impl PagedDecode {
     /// heads their list, Quest heads the pages the selection keeps
     /// (`min(max(budget, #always-kept), #candidates)`, the exact selected count).
     pub fn visit_block_work(&self, mut visit: impl FnMut(usize)) {
+        self.visit_work_groups(|n, blocks| (0..blocks).for_each(|_| visit(n)));
+    }
+
+    /// [`Self::visit_block_work`] with the blocks that share their pages merged, `visit(pages,
+    /// blocks)`: the kv heads of one kind (Full, Streaming, Quest) read the same pages for the
+    /// same rows, so the cost follows the sequences, row blocks and the caller's policy and
+    /// lists, never the declared `heads_kv` alone.
+    fn visit_work_groups(&self, mut visit: impl FnMut(usize, usize)) {
         let group = self.group();
         let rows = self.q_len * group;
         let row_blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
         let ps = self.cache.page_size();
+        let ([full, streaming, quest], listed) = self.heads_by_kind();
         for b in 0..self.cache.batch() {
             let sk = self.cache.seqlen_of(b);
-            // Per-sequence values shared by the heads of one kind.
-            let quest = self
-                .policy
-                .heads
-                .contains(&HeadPolicy::Quest)
-                .then(|| self.quest_selected_count(b));
-            for kvh in 0..self.cache.heads_kv() {
-                let listed = match self.policy.heads[kvh] {
-                    HeadPolicy::Quest => Some(quest.unwrap_or(0)),
-                    HeadPolicy::Listed => {
-                        Some(self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()))
-                    }
-                    HeadPolicy::Full | HeadPolicy::Streaming => None,
-                };
-                let mask = self.mask_at(kvh);
-                for rb in 0..row_blocks {
-                    visit(listed.unwrap_or_else(|| {
-                        let r0 = rb * DECODE_ROWS_PER_BLOCK;
-                        let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
-                        let qi = r0 / group..(r1 - 1) / group + 1;
-                        mask.key_tiles(qi, self.q_len, sk, ps).count()
-                    }));
+            for (mask, heads) in [(self.mask, full), (self.streaming_mask(), streaming)] {
+                if heads == 0 {
+                    continue;
                 }
+                for rb in 0..row_blocks {
+                    let r0 = rb * DECODE_ROWS_PER_BLOCK;
+                    let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
+                    let qi = r0 / group..(r1 - 1) / group + 1;
+                    visit(mask.key_tiles(qi, self.q_len, sk, ps).count(), heads);
+                }
+            }
+            if quest > 0 {
+                visit(self.quest_selected_count(b), quest * row_blocks);
+            }
+            match &self.lists {
+                Some(l) => listed
+                    .iter()
+                    .for_each(|&kvh| visit(l.list(b, kvh).len(), row_blocks)),
+                None if !listed.is_empty() => visit(0, listed.len() * row_blocks),
+                None => {}
             }
         }
     }
@@ -476,7 +543,7 @@ impl PagedDecode {
     /// `min(max(budget, #kept), #candidates)`), in closed form.
     fn quest_selected_count(&self, b: usize) -> usize {
         let cand = self.candidates(b);
-        let sink_pages = self.policy.quest.sink_pages;
+        let sink_pages = self.quest().sink_pages;
         let n_cand = cand.sink_pages + cand.window.len();
         // Kept candidates: those below `sink_pages` (in the sink range or the window, which
         // are disjoint), plus the newest page when it is a candidate not counted yet.
@@ -489,7 +556,7 @@ impl PagedDecode {
         let newest = cand
             .newest
             .is_some_and(|p| p >= sink_pages && (p < cand.sink_pages || cand.window.contains(&p)));
-        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        let budget = self.quest().budget_pages(self.cache.page_size());
         budget.max(below + usize::from(newest)).min(n_cand)
     }
 
@@ -498,16 +565,27 @@ impl PagedDecode {
     pub fn kv_bytes_read(&self, elem_bytes: usize) -> usize {
         let rows = self.q_len * self.group();
         let blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
-        let lists = self.lists.as_ref();
-        let mut tokens = 0;
+        let ps = self.cache.page_size();
+        // Heads of one kind read the same pages: O(batch), plus the caller's policy and lists.
+        let ([full, streaming, quest], listed) = self.heads_by_kind();
+        let mut tokens = 0usize;
         for b in 0..self.cache.batch() {
-            for kvh in 0..self.cache.heads_kv() {
-                let pages = match self.policy.heads[kvh] {
-                    HeadPolicy::Listed => lists.map_or(0, |l| l.list(b, kvh).len()),
-                    HeadPolicy::Quest => self.quest_selected_count(b),
-                    _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
-                };
-                tokens += pages * self.cache.page_size();
+            let sk = self.cache.seqlen_of(b);
+            let pages = |mask: Mask, heads: usize| {
+                (heads > 0).then(|| mask.key_tiles(0..self.q_len, self.q_len, sk, ps).count())
+            };
+            let listed_pages = self
+                .lists
+                .as_ref()
+                .map_or(0, |l| listed.iter().map(|&kvh| l.list(b, kvh).len()).sum());
+            for (n, heads) in [
+                (pages(self.mask, full), full),
+                (pages(self.streaming_mask(), streaming), streaming),
+                ((quest > 0).then(|| self.quest_selected_count(b)), quest),
+                (Some(listed_pages), 1),
+            ] {
+                let n = n.unwrap_or(0).saturating_mul(heads).saturating_mul(ps);
+                tokens = tokens.saturating_add(n);
             }
         }
         // Saturating: `elem_bytes` is the caller's (a report, never a size to allocate).
@@ -525,7 +603,7 @@ impl PagedDecode {
         rows: std::ops::Range<usize>,
         selected: Option<&PageLists>,
     ) -> Vec<u32> {
-        match self.policy.heads[kvh] {
+        match self.head_policy(kvh) {
             HeadPolicy::Quest | HeadPolicy::Listed => {
                 selected.map_or_else(Vec::new, |l| l.list(b, kvh).to_vec())
             }
@@ -599,7 +677,7 @@ impl PagedDecode {
 
     /// Listed heads need their page lists.
     pub(crate) fn check_lists_given(&self) -> Result<()> {
-        if self.policy.heads.contains(&HeadPolicy::Listed) && self.lists.is_none() {
+        if self.has_heads(HeadPolicy::Listed) && self.lists.is_none() {
             return Err(Error::InvalidOption(
                 "Listed heads need page lists (PagedDecode::with_page_lists)".into(),
             ));
@@ -627,13 +705,13 @@ impl PagedDecode {
             self.cache.max_pages_per_seq(),
         );
         let layout = self.cache.layout();
-        let budget = self.policy.quest.budget_pages(self.cache.page_size());
+        let budget = self.quest().budget_pages(self.cache.page_size());
         let per: Vec<(Vec<f32>, Vec<u32>)> = (0..self.cache.batch() * hkv)
             .into_par_iter()
             .map(|bg| {
                 let (b, kvh) = (bg / hkv, bg % hkv);
                 let mut scores = vec![f32::NEG_INFINITY; mp];
-                if self.policy.heads[kvh] != HeadPolicy::Quest {
+                if self.head_policy(kvh) != HeadPolicy::Quest {
                     return (scores, Vec::new());
                 }
                 let rows: Vec<Vec<f32>> = (0..self.q_len)
@@ -656,7 +734,7 @@ impl PagedDecode {
                         .fold(f32::NEG_INFINITY, f32::max)
                         * scales.of(kvh).0;
                 }
-                let sel = select_top(&cand, &scores, self.policy.quest.sink_pages, budget);
+                let sel = select_top(&cand, &scores, self.quest().sink_pages, budget);
                 (scores, sel)
             })
             .collect();
@@ -707,7 +785,7 @@ impl PagedDecode {
         if let Some(given) = &self.lists {
             for b in 0..self.cache.batch() {
                 for kvh in 0..hkv {
-                    if self.policy.heads[kvh] == HeadPolicy::Listed {
+                    if self.head_policy(kvh) == HeadPolicy::Listed {
                         lists.lists[b * hkv + kvh] = given.list(b, kvh).to_vec();
                     }
                 }
