@@ -397,7 +397,9 @@ impl PagedDecode {
         }
     }
 
-    /// The mask of the [`HeadPolicy::Streaming`] heads.
+    /// The mask of the [`HeadPolicy::Streaming`] heads. Their window is validated (>= 1)
+    /// only when such a head exists; without one the mask is unused, and an unchecked window
+    /// of 0 must not underflow.
     fn streaming_mask(&self) -> Mask {
         let s = self
             .policy
@@ -405,7 +407,7 @@ impl PagedDecode {
             .map(|p| p.streaming)
             .unwrap_or_default();
         Mask {
-            window: Window::new(Some(s.window - 1), Some(0)),
+            window: Window::new(Some(s.window.saturating_sub(1)), Some(0)),
             sinks: s.sinks,
         }
     }
