@@ -749,3 +749,109 @@ fn flex_parts_of_many_lists_over_many_key_blocks_are_refused_not_allocated() {
     assert_eq!(parts.full_kv_num_blocks, vec![5; 6]);
     assert_eq!(parts.kv_indices, vec![0; 30]);
 }
+
+#[test]
+fn fuzz_references_of_rowless_problem_cost_nothing() {
+    use longattn::reference::{
+        Fp8PRule, block_sparse_attention_f64, dense_attention_f64, dense_fp8_attention_f64,
+    };
+    // Found by fuzz/dense (a timeout): the f64 references visited every (sequence, query
+    // head) pair, rows or not, so `i32::MAX` sequences of 0 queries with 65536 heads took
+    // 2^47 steps (forward_cpu skips such pairs). A packed batch of one empty sequence with
+    // `i32::MAX` query heads (one kv head, so the FP8 descales are one value each) likewise.
+    let max = i32::MAX as usize;
+    let (cu_q, cu_k) = ([0i32, 0], [0i32, 3]);
+    let varlen = AttentionShape {
+        batch: 1,
+        heads_q: max,
+        heads_kv: 1,
+        head_dim: 2,
+        seqlens: SeqLens::Varlen {
+            cu_seqlens_q: &cu_q,
+            cu_seqlens_k: &cu_k,
+        },
+    };
+    let opts = AttentionOptions::default();
+    for shape in [varlen, fixed(max, 0, 0, 65536, 65536, 2)] {
+        let attn = FlashAttention::new(&shape, &opts).unwrap();
+        let kv = [0.5f32; 3 * 2];
+        let s = Strides::contiguous(0, 1, 2);
+        let ks = Strides {
+            batch: 0,
+            ..Strides::contiguous(3, 1, 2)
+        };
+        let (q, k) = (|| Strided::new(&[][..], s), || Strided::new(&kv[..], ks));
+        let start = std::time::Instant::now();
+        let (out, lse) = dense_attention_f64(&attn, q(), k(), k()).unwrap();
+        assert!(out.is_empty() && lse.is_empty());
+        let dims = BlockMaskDims {
+            batch: 1,
+            heads: 1,
+            num_q_blocks: 0,
+            num_k_blocks: attn.max_seqlen_k().div_ceil(4),
+            block_m: 4,
+            block_n: 4,
+        };
+        let mask = BlockMask::dense(dims, BlockKind::Full).unwrap();
+        let bs = BlockSparseAttention::new(attn.clone(), mask).unwrap();
+        let (out, lse) = block_sparse_attention_f64(&bs, q(), k(), k()).unwrap();
+        assert!(out.is_empty() && lse.is_empty());
+        if shape.batch == 1 {
+            let kv8 = [F8E4M3::from_f32(0.5); 3 * 2];
+            let one = [1.0f32];
+            let descales = Fp8Descales {
+                q: &one[..],
+                k: &one[..],
+                v: &one[..],
+            };
+            let (q8, k8) = (|| Strided::new(&[][..], s), || Strided::new(&kv8[..], ks));
+            let (out, lse) = dense_fp8_attention_f64(
+                &attn,
+                q8(),
+                k8(),
+                k8(),
+                descales,
+                Fp8PRule::TileRunningMax,
+            )
+            .unwrap();
+            assert!(out.is_empty() && lse.is_empty());
+        }
+        let took = start.elapsed();
+        assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+    }
+}
+
+#[test]
+fn fuzz_paged_decode_of_many_kv_heads_costs_nothing() {
+    // Found by fuzz/paged (a timeout): `PagedDecode::new` allocated a per-kv-head policy for
+    // the declared `heads_kv` (2^31 - 1 here: 2 GiB) before any buffer bounded it, and the
+    // reports (`kv_bytes_read`, `splits_for`, `balanced_splits`) walked every (sequence, kv
+    // head) pair, collecting each one's pages. Heads that follow one policy share their pages.
+    let heads = i32::MAX as usize;
+    let cache = PagedCache::new(
+        PagedLayout {
+            num_pages: 1,
+            page_size: 3,
+            heads_kv: heads,
+            head_dim: 1,
+        },
+        PageTable {
+            block_table: &[0],
+            max_pages_per_seq: 1,
+            seqlens_k: &[3],
+        },
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let decode = PagedDecode::new(&cache, heads, 1, &AttentionOptions::default()).unwrap();
+    // One page of 3 tokens per kv head, one block of rows, K and V, head_dim 1, 2 bytes.
+    assert_eq!(decode.kv_bytes_read(2), heads * 3 * 2 * 2);
+    assert_eq!(decode.max_block_work_pages(), 1);
+    assert_eq!(decode.splits_for(usize::MAX), 1);
+    assert_eq!(decode.balanced_splits(usize::MAX), (1, 1));
+    assert!(!decode.needs_meta());
+    assert_eq!(decode.mask_of(heads - 1), Some(decode.base_mask()));
+    assert_eq!(decode.mask_of(heads), None);
+    let took = start.elapsed();
+    assert!(took.as_secs_f64() < 2.0, "took {took:?}");
+}

@@ -44,8 +44,11 @@ fn run(u: &mut arbitrary::Unstructured) -> arbitrary::Result<()> {
             let sch = ring.schedule();
             assert_eq!(sch.compute.len(), world);
             let _ = ring.plans().map(|p| RingAttention::check_plans(&p));
+            let _ = ring.rank_plan(rank);
+        } else if rank >= world {
+            // A rank outside the world is refused before the schedule is computed.
+            assert!(ring.rank_plan(rank).is_err());
         }
-        let _ = ring.rank_plan(rank);
     }
     Ok(())
 }

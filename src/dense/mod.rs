@@ -400,6 +400,20 @@ impl FlashAttention {
     pub fn spans(&self) -> impl ExactSizeIterator<Item = SeqSpan> + '_ {
         (0..self.batch).map(|b| self.span_of(b))
     }
+    /// The sequences with query rows, `(index, span)` in order: the only ones with work.
+    /// Costs nothing when no sequence has rows, however many a fixed-length batch declares
+    /// (nothing bounds that count by memory); otherwise the count is bounded by the q buffer
+    /// (fixed) or the `cu_seqlens` (varlen).
+    pub(crate) fn spans_with_rows(&self) -> impl Iterator<Item = (usize, SeqSpan)> + '_ {
+        let batch = if self.max_seqlen_q == 0 {
+            0
+        } else {
+            self.batch
+        };
+        (0..batch)
+            .map(|b| (b, self.span_of(b)))
+            .filter(|(_, span)| span.seqlen_q > 0)
+    }
     /// Span of a sequence index already known to be in range.
     pub(crate) fn span_of(&self, b: usize) -> SeqSpan {
         self.fixed.unwrap_or_else(|| self.spans[b])
@@ -531,18 +545,9 @@ impl FlashAttention {
         let d = self.head_dim;
         // Only (sequence, head) pairs with query rows: their count is bounded by the q
         // buffer just checked (an empty sequence does no work, however many there are).
-        let with_rows: Vec<usize> = if self.max_seqlen_q == 0 {
-            Vec::new()
-        } else if self.fixed.is_some() {
-            (0..self.batch).collect()
-        } else {
-            (0..self.batch)
-                .filter(|&b| self.spans[b].seqlen_q > 0)
-                .collect()
-        };
-        let tasks: Vec<(usize, usize)> = with_rows
-            .iter()
-            .flat_map(|&b| (0..self.heads_q).map(move |h| (b, h)))
+        let tasks: Vec<(usize, usize)> = self
+            .spans_with_rows()
+            .flat_map(|(b, _)| (0..self.heads_q).map(move |h| (b, h)))
             .collect();
         let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
             .par_iter()

@@ -337,6 +337,24 @@ impl PagedDecode {
             .as_ref()
             .map_or_else(Default::default, |p| p.streaming)
     }
+    /// Kv heads per policy, `[Full, Streaming, Quest]` (heads of one kind share their
+    /// pages), and the Listed heads. O(1) without a given policy, else O(`heads_kv`): the
+    /// caller's list.
+    fn heads_by_kind(&self) -> ([usize; 3], Vec<usize>) {
+        let Some(p) = &self.policy else {
+            return ([self.cache.heads_kv(), 0, 0], Vec::new());
+        };
+        let (mut counts, mut listed) = ([0; 3], Vec::new());
+        for (kvh, &h) in p.heads.iter().enumerate() {
+            match h {
+                HeadPolicy::Full => counts[0] += 1,
+                HeadPolicy::Streaming => counts[1] += 1,
+                HeadPolicy::Quest => counts[2] += 1,
+                HeadPolicy::Listed => listed.push(kvh),
+            }
+        }
+        (counts, listed)
+    }
     /// Query heads per kv head.
     pub fn group(&self) -> usize {
         self.heads_q / self.cache.heads_kv()
@@ -377,14 +395,19 @@ impl PagedDecode {
     /// [`Self::mask_of`] for a kv head the caller has checked.
     pub(crate) fn mask_at(&self, kvh: usize) -> Mask {
         match self.head_policy_at(kvh) {
-            HeadPolicy::Streaming => {
-                let streaming = self.streaming_config();
-                Mask {
-                    window: Window::new(Some(streaming.window - 1), Some(0)),
-                    sinks: streaming.sinks,
-                }
-            }
+            HeadPolicy::Streaming => self.streaming_mask(),
             _ => self.mask,
+        }
+    }
+
+    /// The mask of the [`HeadPolicy::Streaming`] heads. Their window is validated (>= 1)
+    /// only when such a head exists; without one the mask is unused, and an unchecked window
+    /// of 0 must not underflow.
+    fn streaming_mask(&self) -> Mask {
+        let s = self.streaming_config();
+        Mask {
+            window: Window::new(Some(s.window.saturating_sub(1)), Some(0)),
+            sinks: s.sinks,
         }
     }
 
@@ -443,8 +466,8 @@ impl PagedDecode {
     /// block with `n` work pages runs `ceil(n / pages_per_split)` splits (at least one).
     pub fn balanced_splits(&self, sm_count: usize) -> (usize, usize) {
         let (mut total, mut most) = (0usize, 0usize);
-        self.visit_block_work(|n| {
-            total = total.saturating_add(n);
+        self.visit_work_groups(|n, blocks| {
+            total = total.saturating_add(n.saturating_mul(blocks));
             most = most.max(n);
         });
         if most == 0 {
@@ -468,7 +491,7 @@ impl PagedDecode {
     /// Most pages one GPU decode block visits ([`PagedDecode::visit_block_work`]).
     pub fn max_block_work_pages(&self) -> usize {
         let mut most = 0;
-        self.visit_block_work(|n| most = most.max(n));
+        self.visit_work_groups(|n, _| most = most.max(n));
         most
     }
 
@@ -478,33 +501,41 @@ impl PagedDecode {
     /// heads their list, Quest heads the pages the selection keeps
     /// (`min(max(budget, #always-kept), #candidates)`, the exact selected count).
     pub fn visit_block_work(&self, mut visit: impl FnMut(usize)) {
+        self.visit_work_groups(|n, blocks| (0..blocks).for_each(|_| visit(n)));
+    }
+
+    /// [`Self::visit_block_work`] with the blocks that share their pages merged, `visit(pages,
+    /// blocks)`: the kv heads of one kind (Full, Streaming, Quest) read the same pages for the
+    /// same rows, so the cost follows the sequences, row blocks and the caller's policy and
+    /// lists, never the declared `heads_kv` alone.
+    fn visit_work_groups(&self, mut visit: impl FnMut(usize, usize)) {
         let group = self.group();
         let rows = self.q_len * group;
         let row_blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
         let ps = self.cache.page_size();
+        let ([full, streaming, quest], listed) = self.heads_by_kind();
         for b in 0..self.cache.batch() {
             let sk = self.cache.seqlen_of(b);
-            // Per-sequence values shared by the heads of one kind.
-            let quest = self
-                .has_heads(HeadPolicy::Quest)
-                .then(|| self.quest_selected_count(b));
-            for kvh in 0..self.cache.heads_kv() {
-                let listed = match self.head_policy_at(kvh) {
-                    HeadPolicy::Quest => Some(quest.unwrap_or(0)),
-                    HeadPolicy::Listed => {
-                        Some(self.lists.as_ref().map_or(0, |l| l.list(b, kvh).len()))
-                    }
-                    HeadPolicy::Full | HeadPolicy::Streaming => None,
-                };
-                let mask = self.mask_at(kvh);
-                for rb in 0..row_blocks {
-                    visit(listed.unwrap_or_else(|| {
-                        let r0 = rb * DECODE_ROWS_PER_BLOCK;
-                        let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
-                        let qi = r0 / group..(r1 - 1) / group + 1;
-                        mask.key_tiles(qi, self.q_len, sk, ps).count()
-                    }));
+            for (mask, heads) in [(self.mask, full), (self.streaming_mask(), streaming)] {
+                if heads == 0 {
+                    continue;
                 }
+                for rb in 0..row_blocks {
+                    let r0 = rb * DECODE_ROWS_PER_BLOCK;
+                    let r1 = (r0 + DECODE_ROWS_PER_BLOCK).min(rows);
+                    let qi = r0 / group..(r1 - 1) / group + 1;
+                    visit(mask.key_tiles(qi, self.q_len, sk, ps).count(), heads);
+                }
+            }
+            if quest > 0 {
+                visit(self.quest_selected_count(b), quest * row_blocks);
+            }
+            match &self.lists {
+                Some(l) => listed
+                    .iter()
+                    .for_each(|&kvh| visit(l.list(b, kvh).len(), row_blocks)),
+                None if !listed.is_empty() => visit(0, listed.len() * row_blocks),
+                None => {}
             }
         }
     }
@@ -536,16 +567,27 @@ impl PagedDecode {
     pub fn kv_bytes_read(&self, elem_bytes: usize) -> usize {
         let rows = self.q_len * self.group();
         let blocks = rows.div_ceil(DECODE_ROWS_PER_BLOCK);
-        let lists = self.lists.as_ref();
-        let mut tokens = 0;
+        let ps = self.cache.page_size();
+        // Heads of one kind read the same pages: O(batch), plus the caller's policy and lists.
+        let ([full, streaming, quest], listed) = self.heads_by_kind();
+        let mut tokens = 0usize;
         for b in 0..self.cache.batch() {
-            for kvh in 0..self.cache.heads_kv() {
-                let pages = match self.head_policy_at(kvh) {
-                    HeadPolicy::Listed => lists.map_or(0, |l| l.list(b, kvh).len()),
-                    HeadPolicy::Quest => self.quest_selected_count(b),
-                    _ => self.work_pages(b, kvh, 0..self.q_len, None).len(),
-                };
-                tokens += pages * self.cache.page_size();
+            let sk = self.cache.seqlen_of(b);
+            let pages = |mask: Mask, heads: usize| {
+                (heads > 0).then(|| mask.key_tiles(0..self.q_len, self.q_len, sk, ps).count())
+            };
+            let listed_pages = self
+                .lists
+                .as_ref()
+                .map_or(0, |l| listed.iter().map(|&kvh| l.list(b, kvh).len()).sum());
+            for (n, heads) in [
+                (pages(self.mask, full), full),
+                (pages(self.streaming_mask(), streaming), streaming),
+                ((quest > 0).then(|| self.quest_selected_count(b)), quest),
+                (Some(listed_pages), 1),
+            ] {
+                let n = n.unwrap_or(0).saturating_mul(heads).saturating_mul(ps);
+                tokens = tokens.saturating_add(n);
             }
         }
         // Saturating: `elem_bytes` is the caller's (a report, never a size to allocate).

@@ -25,7 +25,9 @@ pub fn block_sparse_attention_f64<T: Element>(
     let mut out = vec![0.0f64; attn.out_len()];
     let mut lse = vec![f64::NEG_INFINITY; attn.lse_len()];
     let mask = attn.mask();
-    for (b, span) in attn.spans().enumerate() {
+    // Only sequences with query rows: an empty one has nothing to compute, however many
+    // heads (or, fixed-length, sequences) the problem declares.
+    for (b, span) in attn.spans_with_rows() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);
         let bb = attn.batch_entry(b);
         for h in 0..attn.heads_q() {

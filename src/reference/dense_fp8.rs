@@ -66,7 +66,9 @@ pub fn dense_fp8_attention_f64(
     let mask = attn.mask();
     let group = attn.heads_q() / attn.heads_kv();
     let code = |x: &F8E4M3| x.to_f64();
-    for (b, span) in attn.spans().enumerate() {
+    // Only sequences with query rows: an empty one has nothing to compute, however many
+    // heads (or, fixed-length, sequences) the problem declares.
+    for (b, span) in attn.spans_with_rows() {
         let (sq, sk) = (span.seqlen_q, span.seqlen_k);
         let bb = attn.batch_entry(b);
         for h in 0..attn.heads_q() {
